@@ -1,0 +1,129 @@
+"""Configuration files of the domain's processes (JSON), shared by their writers and readers.
+
+`hsm-domain init` writes one file per process; `hsa-node --config` and
+`domain-coordinator --config` read them. Relative paths in a file are relative to the
+directory holding the file. Unknown keys are refused, so a typo is a clear error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+from domain_core.errors import InvalidInputError
+from domain_core.model import validate_domain_id
+
+_C = TypeVar("_C", bound="_ConfigBase")
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """Where a process's TLS material lives (PEM files)."""
+
+    ca: str
+    cert: str
+    key: str
+
+
+class _ConfigBase:
+    """Load/save helpers common to every config file."""
+
+    @classmethod
+    def load(cls: type[_C], path: Path) -> _C:
+        """Read and validate a config file; errors name the file and the problem."""
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise InvalidInputError(f"config file {path} does not exist") from None
+        except json.JSONDecodeError as error:
+            raise InvalidInputError(f"config file {path} is not valid JSON: {error}") from None
+        if not isinstance(raw, dict):
+            raise InvalidInputError(f"config file {path} must hold a JSON object")
+        config = cls._from_dict(raw, path)
+        object.__setattr__(config, "base_dir", path.parent.resolve())
+        return config
+
+    @classmethod
+    def _from_dict(cls: type[_C], raw: Mapping[str, Any], path: Path) -> _C:
+        known = {f.name for f in fields(cls) if f.name != "base_dir"}  # type: ignore[arg-type]
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise InvalidInputError(f"config file {path}: unknown keys {', '.join(unknown)}")
+        values = dict(raw)
+        if "tls" in values:
+            tls = values["tls"]
+            if not isinstance(tls, dict) or set(tls) != {"ca", "cert", "key"}:
+                raise InvalidInputError(f"config file {path}: tls needs exactly ca, cert, key")
+            values["tls"] = TlsFiles(**tls)
+        try:
+            config = cls(**values)
+        except TypeError as error:
+            raise InvalidInputError(f"config file {path}: {error}") from None
+        return config
+
+    def save(self, path: Path) -> None:
+        """Write the config as JSON (mode 0644: configs hold paths, never secrets)."""
+        data = {k: v for k, v in asdict(self).items() if k != "base_dir"}  # type: ignore[call-overload]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+
+    def path(self, relative: str) -> Path:
+        """Resolve a path from the config against the config file's directory."""
+        base: Path = getattr(self, "base_dir", None) or Path.cwd()
+        return (base / relative).resolve()
+
+
+@dataclass(frozen=True)
+class NodeConfig(_ConfigBase):
+    """Config of one HSA (`hsa-node --config FILE`)."""
+
+    domain_id: str
+    genesis_hash: str  # hex; the trust anchor
+    host_id: str
+    identity_dir: str  # HostIdentity.save() directory
+    data_dir: str  # verified states, peer cache, audit log
+    genesis_state: str  # serialized genesis SealedState
+    tls: TlsFiles
+    listen: str = "127.0.0.1:0"
+    coordinator: str = ""  # host:port of the coordinator's mutual-TLS listener
+    pull_interval_seconds: float = 2.0
+    gossip_interval_seconds: float = 2.0
+    base_dir: Path | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        validate_domain_id(self.domain_id)
+        _check_hash(self.genesis_hash)
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig(_ConfigBase):
+    """Config of a coordinator (`domain-coordinator --config FILE`)."""
+
+    domain_id: str
+    genesis_hash: str
+    name: str
+    genesis_state: str
+    tls: TlsFiles
+    store: str = "sqlite:coordinator.db"  # "sqlite:PATH" now; "etcd:HOST:PORT" later
+    listen: str = "127.0.0.1:0"  # mutual TLS: HSAs
+    operator_listen: str = "127.0.0.1:0"  # server-auth TLS: operators sign what they submit
+    hsa_call_timeout_seconds: float = 10.0
+    base_dir: Path | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        validate_domain_id(self.domain_id)
+        _check_hash(self.genesis_hash)
+
+
+def _check_hash(value: str) -> None:
+    try:
+        ok = len(bytes.fromhex(value)) == 32
+    except ValueError:
+        ok = False
+    if not ok:
+        raise InvalidInputError("genesis_hash must be 64 hex characters")

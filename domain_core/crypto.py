@@ -1,0 +1,113 @@
+"""Cryptographic primitives the domain uses, in one place.
+
+Only this module and `signers` import `cryptography.hazmat` or `nacl`. Every failure to open
+sealed data raises one exception type with no detail, so callers cannot build an oracle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+
+import nacl.exceptions
+import nacl.public
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from domain_core.errors import InvalidKeyTokenError
+
+AES_KEY_BYTES = 32
+GCM_NONCE_BYTES = 12
+GCM_TAG_BYTES = 16
+X25519_KEY_BYTES = 32
+
+
+def random_bytes(n: int) -> bytes:
+    """Bytes from the OS CSPRNG."""
+    if n < 0:
+        raise ValueError("n must be >= 0")
+    return os.urandom(n)
+
+
+def new_aes_key() -> bytes:
+    """A fresh 256-bit AES key."""
+    return os.urandom(AES_KEY_BYTES)
+
+
+def sha256(data: bytes) -> bytes:
+    """SHA-256 digest."""
+    return hashlib.sha256(data).digest()
+
+
+def constant_time_equal(a: bytes, b: bytes) -> bool:
+    """Compare two byte strings without leaking where they differ."""
+    return hmac.compare_digest(a, b)
+
+
+def aes_gcm_seal(key: bytes, plaintext: bytes, associated_data: bytes, nonce: bytes) -> bytes:
+    """AES-256-GCM encrypt; returns ciphertext || tag. The caller supplies a unique nonce."""
+    if len(key) != AES_KEY_BYTES:
+        raise ValueError("AES-256-GCM needs a 32-byte key")
+    if len(nonce) != GCM_NONCE_BYTES:
+        raise ValueError("AES-256-GCM needs a 12-byte nonce")
+    return AESGCM(key).encrypt(nonce, plaintext, associated_data)
+
+
+def aes_gcm_open(
+    key: bytes,
+    ciphertext_and_tag: bytes,
+    associated_data: bytes,
+    nonce: bytes,
+    error: type[Exception] = InvalidKeyTokenError,
+) -> bytes:
+    """AES-256-GCM decrypt; any failure raises `error()` with its fixed, detail-free message."""
+    if (
+        len(key) != AES_KEY_BYTES
+        or len(nonce) != GCM_NONCE_BYTES
+        or len(ciphertext_and_tag) < GCM_TAG_BYTES
+    ):
+        raise error()
+    try:
+        return AESGCM(key).decrypt(nonce, ciphertext_and_tag, associated_data)
+    except InvalidTag:
+        raise error() from None
+
+
+def hkdf_sha256(key: bytes, *, salt: bytes, info: bytes, length: int = 32) -> bytes:
+    """HKDF-SHA256 (RFC 5869)."""
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(key)
+
+
+def x25519_generate() -> tuple[bytes, bytes]:
+    """A new X25519 keypair as (private, public) raw 32-byte strings."""
+    private = nacl.public.PrivateKey.generate()
+    return bytes(private), bytes(private.public_key)
+
+
+def x25519_public_from_private(private_key: bytes) -> bytes:
+    """The public half of a raw X25519 private key."""
+    if len(private_key) != X25519_KEY_BYTES:
+        raise ValueError("X25519 private keys are 32 bytes")
+    return bytes(nacl.public.PrivateKey(private_key).public_key)
+
+
+def seal_to_host(recipient_public_key: bytes, plaintext: bytes) -> bytes:
+    """Anonymous sealed box (X25519 + XSalsa20-Poly1305) that only the recipient opens."""
+    if len(recipient_public_key) != X25519_KEY_BYTES:
+        raise ValueError("X25519 public keys are 32 bytes")
+    return bytes(
+        nacl.public.SealedBox(nacl.public.PublicKey(recipient_public_key)).encrypt(plaintext)
+    )
+
+
+def open_sealed_box(private_key: bytes, sealed: bytes) -> bytes:
+    """Open a sealed box addressed to `private_key`; any failure is InvalidKeyTokenError."""
+    if len(private_key) != X25519_KEY_BYTES:
+        raise ValueError("X25519 private keys are 32 bytes")
+    try:
+        return bytes(nacl.public.SealedBox(nacl.public.PrivateKey(private_key)).decrypt(sealed))
+    except (nacl.exceptions.CryptoError, ValueError, TypeError):
+        raise InvalidKeyTokenError() from None

@@ -1,0 +1,249 @@
+"""One exception hierarchy for the whole domain, each class mapped to one gRPC status.
+
+Invariants kept here:
+- every error a server can return is a subclass of `HsmDomainError` and carries exactly one
+  `grpc.StatusCode` (`grpc_status`), so servers map errors in one place (an interceptor);
+- messages say what was wrong and what to do, and never hold key material, plaintext,
+  passphrases or PINs;
+- ciphertext and key-token failures collapse into `InvalidCiphertextError` / `InvalidKeyTokenError`
+  with a fixed message, so they cannot serve as an oracle;
+- programming errors are `TypeError` / `ValueError` / `RuntimeError`, never a domain error.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import grpc
+
+
+class HsmDomainError(Exception):
+    """Base of every error the domain reports to a person or a peer."""
+
+    grpc_status: ClassVar[grpc.StatusCode] = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+# --- bad input -------------------------------------------------------------------------------
+
+
+class InvalidInputError(HsmDomainError):
+    """A request or document is malformed or out of range; fix the input and retry."""
+
+    grpc_status = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class MalformedMessageError(InvalidInputError):
+    """Bytes that should hold a protocol message do not parse or miss required fields."""
+
+
+class LimitExceededError(InvalidInputError):
+    """An input is larger than a configured limit (message size, hosts, operators, ...)."""
+
+
+class WrongDomainError(InvalidInputError):
+    """A document names another domain than the one it was sent to."""
+
+
+class InvalidCiphertextError(InvalidInputError):
+    """Any ciphertext that does not open. Deliberately carries no detail (no oracle)."""
+
+    def __init__(self, message: str = "invalid ciphertext") -> None:
+        super().__init__(message)
+
+
+class InvalidKeyTokenError(InvalidInputError):
+    """A key token or sealed secret that does not open. Carries no detail (no oracle)."""
+
+    def __init__(self, message: str = "invalid key token") -> None:
+        super().__init__(message)
+
+
+# --- verification ----------------------------------------------------------------------------
+
+
+class VerificationError(HsmDomainError):
+    """Something signed or chained did not verify; the data must not be believed."""
+
+    grpc_status = grpc.StatusCode.PERMISSION_DENIED
+
+
+class BadSignatureError(VerificationError):
+    """A signature does not verify under the key it claims."""
+
+
+class UnknownSignerError(VerificationError):
+    """A signature comes from a key that is not trusted here (unknown or removed)."""
+
+
+class QuorumNotMetError(VerificationError):
+    """Fewer valid approvals than the threshold; more operators must approve."""
+
+    grpc_status = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class ChainError(VerificationError):
+    """A domain state does not extend the verified chain."""
+
+    grpc_status = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class RollbackError(ChainError):
+    """A state older than the current one was offered."""
+
+
+class ForkError(ChainError):
+    """Two different states claim the same version, or a state does not follow its parent."""
+
+
+class ChainGapError(ChainError):
+    """A state skips versions; the missing states must be fetched first."""
+
+
+class GenesisMismatchError(ChainError):
+    """The genesis state does not hash to the pinned genesis hash."""
+
+
+class TransitionMismatchError(ChainError):
+    """A state's manifest is not what its proposal produces from the previous state."""
+
+
+# --- proposals -------------------------------------------------------------------------------
+
+
+class ProposalError(HsmDomainError):
+    """A proposal cannot be applied as it is."""
+
+    grpc_status = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class ProposalExpiredError(ProposalError):
+    """The proposal's expiry has passed; propose again."""
+
+
+class StaleProposalError(ProposalError):
+    """The proposal was made for an older domain version; propose again against the current one."""
+
+    grpc_status = grpc.StatusCode.ABORTED
+
+
+class RotationNotDueError(ProposalError):
+    """A domain key rotation without quorum was requested before the rotation interval passed."""
+
+
+# --- invariants of the state transition ------------------------------------------------------
+
+
+class InvariantViolation(HsmDomainError):
+    """A change would break one of the domain's invariants; the proposal must be changed."""
+
+    grpc_status = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class NoHostsError(InvariantViolation):
+    """The change would leave the domain without a trusted host."""
+
+
+class ThresholdOutOfRangeError(InvariantViolation):
+    """A quorum threshold is below 1 or above the number of operators."""
+
+
+class QuorumUnreachableError(InvariantViolation):
+    """After the change, fewer operators would remain than some threshold needs."""
+
+
+class DuplicateHostError(InvariantViolation):
+    """A host id, host key or TLS fingerprint is already in the domain."""
+
+
+class DuplicateOperatorError(InvariantViolation):
+    """An operator id, name or key is already in the domain."""
+
+
+class UnknownHostError(InvariantViolation):
+    """A change names a host that is not in the domain."""
+
+
+class UnknownOperatorError(InvariantViolation):
+    """A change names an operator that is not in the domain."""
+
+
+class InvalidSettingsError(InvariantViolation):
+    """Domain settings out of their allowed range."""
+
+
+# --- lookup, concurrency, access, availability -----------------------------------------------
+
+
+class NotFoundError(HsmDomainError):
+    """The named object does not exist."""
+
+    grpc_status = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyExistsError(HsmDomainError):
+    """The object to create exists already."""
+
+    grpc_status = grpc.StatusCode.ALREADY_EXISTS
+
+
+class ConflictError(HsmDomainError):
+    """A compare-and-swap lost against a concurrent writer; re-read and retry."""
+
+    grpc_status = grpc.StatusCode.ABORTED
+
+
+class FailedPreconditionError(HsmDomainError):
+    """The object is in a state that does not allow the operation (disabled, pending deletion)."""
+
+    grpc_status = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class PermissionDeniedError(HsmDomainError):
+    """The caller's identity is not allowed to do this."""
+
+    grpc_status = grpc.StatusCode.PERMISSION_DENIED
+
+
+class UnauthenticatedError(HsmDomainError):
+    """The caller presented no usable identity."""
+
+    grpc_status = grpc.StatusCode.UNAUTHENTICATED
+
+
+class UnavailableError(HsmDomainError):
+    """A service this call needs cannot be reached now; retry later or use another node."""
+
+    grpc_status = grpc.StatusCode.UNAVAILABLE
+
+
+# --- operator tokens (local, client side) ----------------------------------------------------
+
+
+class TokenError(HsmDomainError):
+    """An operator or host token cannot be opened or used."""
+
+    grpc_status = grpc.StatusCode.UNAUTHENTICATED
+
+
+class WrongPassphraseError(TokenError):
+    """The passphrase or PIN does not open the token."""
+
+
+class TokenNotFoundError(TokenError):
+    """No token at the given path, URI or label."""
+
+    grpc_status = grpc.StatusCode.NOT_FOUND
+
+
+def status_for(error: BaseException) -> grpc.StatusCode:
+    """The one gRPC status an error maps to; anything not ours is INTERNAL."""
+    if isinstance(error, HsmDomainError):
+        return error.grpc_status
+    return grpc.StatusCode.INTERNAL

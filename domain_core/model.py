@@ -1,0 +1,504 @@
+"""Domain objects wrapping the generated messages; constructors validate.
+
+Invariants:
+- a `Proposal`, `Manifest` or `SealedState` object exists only for bytes that parsed and
+  passed structural validation (sizes, formats, ids that match keys);
+- signed things keep the exact bytes they were received as (`raw`); digests and ids are
+  computed from those bytes, never from a re-serialization;
+- semantic checks that need the current domain state (quorum, transition rules) live in
+  `quorum` and `transition`, not here.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import TypeVar
+
+from google.protobuf.message import DecodeError
+
+from domain_core import canonical
+from domain_core.canonical import PayloadType
+from domain_core.errors import LimitExceededError, MalformedMessageError
+from domain_core.limits import DEFAULT_LIMITS, Limits
+from domain_core.pb import domain_pb2
+from domain_core.signers import PublicKey, SignatureAlgorithm
+
+ChangeType = domain_pb2.ChangeType
+_M = TypeVar(
+    "_M", domain_pb2.Manifest, domain_pb2.Proposal, domain_pb2.SealedSecrets, domain_pb2.Host
+)
+
+HOST_ID_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+DOMAIN_ID_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$")
+OPERATOR_ID_PATTERN = re.compile(r"^[0-9a-f]{64}$")
+NONCE_BYTES = 16
+
+DEFAULT_ROTATION_INTERVAL_SECONDS = 24 * 3600
+DEFAULT_GENERATIONS_RETAINED = 7
+DEFAULT_MAX_PROPOSAL_LIFETIME_SECONDS = 7 * 24 * 3600
+
+CHANGE_TYPE_NAMES: dict[int, str] = {
+    domain_pb2.CHANGE_TYPE_ADD_HOST: "add-host",
+    domain_pb2.CHANGE_TYPE_REMOVE_HOST: "remove-host",
+    domain_pb2.CHANGE_TYPE_ADD_OPERATOR: "add-operator",
+    domain_pb2.CHANGE_TYPE_REMOVE_OPERATOR: "remove-operator",
+    domain_pb2.CHANGE_TYPE_SET_QUORUM: "set-quorum",
+    domain_pb2.CHANGE_TYPE_SET_SETTINGS: "set-settings",
+    domain_pb2.CHANGE_TYPE_ROTATE_DOMAIN_KEY: "rotate-domain-key",
+}
+CHANGE_TYPES_BY_NAME: dict[str, int] = {name: value for value, name in CHANGE_TYPE_NAMES.items()}
+
+_ONEOF_TO_TYPE: dict[str, int] = {
+    "add_host": domain_pb2.CHANGE_TYPE_ADD_HOST,
+    "remove_host": domain_pb2.CHANGE_TYPE_REMOVE_HOST,
+    "add_operator": domain_pb2.CHANGE_TYPE_ADD_OPERATOR,
+    "remove_operator": domain_pb2.CHANGE_TYPE_REMOVE_OPERATOR,
+    "set_quorum": domain_pb2.CHANGE_TYPE_SET_QUORUM,
+    "set_settings": domain_pb2.CHANGE_TYPE_SET_SETTINGS,
+    "rotate_domain_key": domain_pb2.CHANGE_TYPE_ROTATE_DOMAIN_KEY,
+}
+
+_ALGORITHMS: dict[domain_pb2.SignatureAlgorithm, SignatureAlgorithm] = {
+    domain_pb2.SIGNATURE_ALGORITHM_ED25519: SignatureAlgorithm.ED25519,
+    domain_pb2.SIGNATURE_ALGORITHM_ECDSA_P256: SignatureAlgorithm.ECDSA_P256,
+}
+_ALGORITHM_VALUES: dict[SignatureAlgorithm, domain_pb2.SignatureAlgorithm] = {
+    v: k for k, v in _ALGORITHMS.items()
+}
+
+
+def change_type_of(change: domain_pb2.Change) -> int:
+    """The ChangeType of one change; MalformedMessageError if none is set."""
+    which = change.WhichOneof("change")
+    if which is None:
+        raise MalformedMessageError("a change in the proposal has no type set")
+    return _ONEOF_TO_TYPE[which]
+
+
+def change_type_name(change_type: int) -> str:
+    """Human name of a change type, e.g. 'add-host'."""
+    return CHANGE_TYPE_NAMES.get(change_type, f"unknown-{change_type}")
+
+
+def algorithm_to_proto(algorithm: SignatureAlgorithm) -> domain_pb2.SignatureAlgorithm:
+    """Protocol enum value of a signature algorithm."""
+    return _ALGORITHM_VALUES[algorithm]
+
+
+def _parse(message_type: type[_M], raw: bytes, what: str, limits: Limits) -> _M:
+    if not isinstance(raw, bytes):
+        raise TypeError(f"{what} must be bytes")
+    if len(raw) > limits.max_message_bytes:
+        raise LimitExceededError(
+            f"{what} is {len(raw)} bytes, above the limit of {limits.max_message_bytes}"
+        )
+    message = message_type()
+    try:
+        message.ParseFromString(raw)
+    except DecodeError:
+        raise MalformedMessageError(
+            f"{what} does not parse as hsmdomain.v1.{message_type.__name__}"
+        ) from None
+    return message
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise MalformedMessageError(message)
+
+
+def validate_domain_id(domain_id: str) -> None:
+    """Domain ids are DNS-label-like: lowercase letters, digits, '.', '-', at most 63."""
+    _require(
+        bool(DOMAIN_ID_PATTERN.match(domain_id)),
+        f"domain id {domain_id[:80]!r} is not valid: use 1-63 of [a-z0-9.-]",
+    )
+
+
+def host_spiffe_id(domain_id: str, host_id: str) -> str:
+    """The SPIFFE-style URI a host's TLS certificate must carry."""
+    return f"spiffe://{domain_id}/hsa/{host_id}"
+
+
+def validate_host(host: domain_pb2.Host, domain_id: str) -> None:
+    """Structural checks of a host record: id format, key formats, SPIFFE id."""
+    _require(
+        bool(HOST_ID_PATTERN.match(host.host_id)),
+        f"host id {host.host_id[:80]!r} is not valid: use 1-63 of [a-z0-9-]",
+    )
+    try:
+        PublicKey(SignatureAlgorithm.ED25519, host.signing_public_key)
+    except MalformedMessageError:
+        raise MalformedMessageError(
+            f"host {host.host_id}: signing key is not an Ed25519 public key"
+        ) from None
+    _require(
+        len(host.agreement_public_key) == 32,
+        f"host {host.host_id}: agreement key must be a raw 32-byte X25519 key",
+    )
+    _require(
+        len(host.tls_certificate_fingerprint) == 32,
+        f"host {host.host_id}: TLS fingerprint must be a 32-byte SHA-256",
+    )
+    expected = host_spiffe_id(domain_id, host.host_id)
+    _require(
+        host.spiffe_id == expected,
+        f"host {host.host_id}: SPIFFE id {host.spiffe_id[:120]!r} should be {expected!r}",
+    )
+
+
+def operator_public_key(operator: domain_pb2.Operator) -> PublicKey:
+    """The verified public key of an operator record."""
+    algorithm = _ALGORITHMS.get(operator.algorithm)
+    if algorithm is None:
+        raise MalformedMessageError(f"operator {operator.name!r}: unknown signature algorithm")
+    try:
+        return PublicKey(algorithm, operator.public_key)
+    except MalformedMessageError:
+        raise MalformedMessageError(
+            f"operator {operator.name!r}: public key is not a valid {algorithm.value} key"
+        ) from None
+
+
+def validate_operator(operator: domain_pb2.Operator, limits: Limits = DEFAULT_LIMITS) -> None:
+    """Structural checks of an operator record: id = SHA-256 of the key, name, algorithm."""
+    _require(
+        0 < len(operator.name) <= limits.max_name_chars and operator.name.isprintable(),
+        f"operator name must be 1-{limits.max_name_chars} printable characters",
+    )
+    key = operator_public_key(operator)
+    _require(
+        operator.operator_id == key.key_id,
+        f"operator {operator.name!r}: id must be the SHA-256 of its public key ({key.key_id})",
+    )
+
+
+def make_operator(name: str, public_key: PublicKey) -> domain_pb2.Operator:
+    """An operator record for a public key (id = SHA-256 of the key's SPKI DER)."""
+    operator = domain_pb2.Operator(
+        operator_id=public_key.key_id,
+        name=name,
+        algorithm=algorithm_to_proto(public_key.algorithm),
+        public_key=public_key.spki_der,
+    )
+    validate_operator(operator)
+    return operator
+
+
+def make_host(
+    domain_id: str,
+    host_id: str,
+    signing_public_key: PublicKey,
+    agreement_public_key: bytes,
+    tls_certificate_fingerprint: bytes,
+) -> domain_pb2.Host:
+    """A host record, validated."""
+    host = domain_pb2.Host(
+        host_id=host_id,
+        signing_public_key=signing_public_key.spki_der,
+        agreement_public_key=agreement_public_key,
+        tls_certificate_fingerprint=tls_certificate_fingerprint,
+        spiffe_id=host_spiffe_id(domain_id, host_id),
+    )
+    validate_host(host, domain_id)
+    return host
+
+
+def default_settings() -> domain_pb2.DomainSettings:
+    """The settings of DESIGN.md: 24 h rotation, 7 generations, 7-day proposals."""
+    return domain_pb2.DomainSettings(
+        key_rotation_interval_seconds=DEFAULT_ROTATION_INTERVAL_SECONDS,
+        key_generations_retained=DEFAULT_GENERATIONS_RETAINED,
+        max_proposal_lifetime_seconds=DEFAULT_MAX_PROPOSAL_LIFETIME_SECONDS,
+    )
+
+
+def _validate_change(change: domain_pb2.Change, domain_id: str, limits: Limits) -> None:
+    kind = change_type_of(change)
+    if kind == domain_pb2.CHANGE_TYPE_ADD_HOST:
+        validate_host(change.add_host.host, domain_id)
+    elif kind == domain_pb2.CHANGE_TYPE_REMOVE_HOST:
+        _require(
+            bool(HOST_ID_PATTERN.match(change.remove_host.host_id)),
+            "remove-host names no valid host id",
+        )
+    elif kind == domain_pb2.CHANGE_TYPE_ADD_OPERATOR:
+        validate_operator(change.add_operator.operator, limits)
+    elif kind == domain_pb2.CHANGE_TYPE_REMOVE_OPERATOR:
+        _require(
+            bool(OPERATOR_ID_PATTERN.match(change.remove_operator.operator_id)),
+            "remove-operator names no valid operator id (64 hex characters)",
+        )
+    elif kind == domain_pb2.CHANGE_TYPE_SET_QUORUM:
+        _require(
+            change.set_quorum.change_type in CHANGE_TYPE_NAMES
+            or change.set_quorum.change_type == domain_pb2.CHANGE_TYPE_UNSPECIFIED,
+            "set-quorum names an unknown change type",
+        )
+        _require(
+            change.set_quorum.threshold >= 1
+            or change.set_quorum.change_type != domain_pb2.CHANGE_TYPE_UNSPECIFIED,
+            "set-quorum needs a threshold of at least 1",
+        )
+    elif kind == domain_pb2.CHANGE_TYPE_SET_SETTINGS:
+        _require(change.set_settings.HasField("settings"), "set-settings carries no settings")
+
+
+@dataclass(frozen=True, eq=False)
+class Proposal:
+    """A proposal as signed: its exact bytes, the parsed message and its id."""
+
+    raw: bytes
+    message: domain_pb2.Proposal = field(repr=False)
+
+    @classmethod
+    def from_bytes(cls, raw: bytes, limits: Limits = DEFAULT_LIMITS) -> Proposal:
+        """Parse and structurally validate a serialized proposal."""
+        message = _parse(domain_pb2.Proposal, raw, "proposal", limits)
+        validate_domain_id(message.domain_id)
+        _require(
+            len(message.base_state_hash) == canonical.DIGEST_BYTES,
+            "proposal base state hash must be 32 bytes",
+        )
+        _require(
+            0 < len(message.changes) <= limits.max_changes_per_proposal,
+            f"a proposal carries 1 to {limits.max_changes_per_proposal} changes",
+        )
+        _require(
+            bool(OPERATOR_ID_PATTERN.match(message.proposer_id)),
+            "proposer id must be an operator id (64 hex characters)",
+        )
+        _require(message.expires_at > message.created_at, "proposal expires before it is created")
+        _require(
+            len(message.reason) <= limits.max_reason_chars,
+            f"proposal reason is longer than {limits.max_reason_chars} characters",
+        )
+        _require(len(message.nonce) == NONCE_BYTES, f"proposal nonce must be {NONCE_BYTES} bytes")
+        for change in message.changes:
+            _validate_change(change, message.domain_id, limits)
+        return cls(raw=raw, message=message)
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        domain_id: str,
+        base_version: int,
+        base_state_hash: bytes,
+        changes: Iterable[domain_pb2.Change],
+        proposer_id: str,
+        created_at: int,
+        expires_at: int,
+        reason: str = "",
+        nonce: bytes,
+    ) -> Proposal:
+        """Serialize a new proposal once; the result's bytes are what operators sign."""
+        message = domain_pb2.Proposal(
+            domain_id=domain_id,
+            base_version=base_version,
+            base_state_hash=base_state_hash,
+            changes=list(changes),
+            proposer_id=proposer_id,
+            created_at=created_at,
+            expires_at=expires_at,
+            reason=reason,
+            nonce=nonce,
+        )
+        return cls.from_bytes(message.SerializeToString(deterministic=True))
+
+    @cached_property
+    def id(self) -> bytes:
+        """SHA-256 of the proposal bytes."""
+        return canonical.proposal_id(self.raw)
+
+    @property
+    def domain_id(self) -> str:
+        return self.message.domain_id
+
+    @property
+    def base_version(self) -> int:
+        return self.message.base_version
+
+    @property
+    def base_state_hash(self) -> bytes:
+        return self.message.base_state_hash
+
+    @property
+    def proposer_id(self) -> str:
+        return self.message.proposer_id
+
+    @property
+    def created_at(self) -> int:
+        return self.message.created_at
+
+    @property
+    def expires_at(self) -> int:
+        return self.message.expires_at
+
+    @property
+    def changes(self) -> Sequence[domain_pb2.Change]:
+        return self.message.changes
+
+    @cached_property
+    def change_types(self) -> frozenset[int]:
+        """The distinct change types this proposal carries."""
+        return frozenset(change_type_of(c) for c in self.message.changes)
+
+
+@dataclass(frozen=True, eq=False)
+class Manifest:
+    """A manifest as received: exact bytes, parsed message, and its digest."""
+
+    raw: bytes
+    message: domain_pb2.Manifest = field(repr=False)
+
+    @classmethod
+    def from_bytes(cls, raw: bytes, limits: Limits = DEFAULT_LIMITS) -> Manifest:
+        """Parse and structurally validate a serialized manifest."""
+        message = _parse(domain_pb2.Manifest, raw, "manifest", limits)
+        validate_domain_id(message.domain_id)
+        _require(message.version >= 1, "manifest version must be at least 1")
+        _require(
+            len(message.previous_state_hash) == canonical.DIGEST_BYTES,
+            "manifest previous state hash must be 32 bytes",
+        )
+        if len(message.hosts) > limits.max_hosts:
+            raise LimitExceededError(f"manifest lists more than {limits.max_hosts} hosts")
+        if len(message.operators) > limits.max_operators:
+            raise LimitExceededError(f"manifest lists more than {limits.max_operators} operators")
+        for host in message.hosts:
+            validate_host(host, message.domain_id)
+        for operator in message.operators:
+            validate_operator(operator, limits)
+        _require(len(message.key_generations) >= 1, "manifest lists no domain key generation")
+        generations = [g.generation for g in message.key_generations]
+        _require(
+            generations == sorted(set(generations)) and generations[0] >= 1,
+            "manifest key generations must be ascending, unique and at least 1",
+        )
+        _require(message.HasField("quorum"), "manifest has no quorum policy")
+        _require(message.HasField("settings"), "manifest has no settings")
+        return cls(raw=raw, message=message)
+
+    @classmethod
+    def from_message(cls, message: domain_pb2.Manifest) -> Manifest:
+        """Serialize a freshly computed manifest once (by the producing HSA)."""
+        return cls.from_bytes(message.SerializeToString(deterministic=True))
+
+    @cached_property
+    def hash(self) -> bytes:
+        """Domain-separated digest of the manifest bytes (associated data of the secrets)."""
+        return canonical.digest(PayloadType.MANIFEST, self.raw)
+
+    @property
+    def domain_id(self) -> str:
+        return self.message.domain_id
+
+    @property
+    def version(self) -> int:
+        return self.message.version
+
+    @property
+    def created_at(self) -> int:
+        return self.message.created_at
+
+    @property
+    def current_generation(self) -> int:
+        """The domain key generation new key tokens are sealed under."""
+        return self.message.key_generations[-1].generation
+
+    @cached_property
+    def hosts_by_id(self) -> dict[str, domain_pb2.Host]:
+        return {h.host_id: h for h in self.message.hosts}
+
+    @cached_property
+    def operators_by_id(self) -> dict[str, domain_pb2.Operator]:
+        return {o.operator_id: o for o in self.message.operators}
+
+    @cached_property
+    def operator_keys(self) -> dict[str, PublicKey]:
+        """Verified public keys of the current operators, by operator id."""
+        return {o.operator_id: operator_public_key(o) for o in self.message.operators}
+
+    @cached_property
+    def host_fingerprints(self) -> frozenset[bytes]:
+        """TLS certificate fingerprints of the trusted hosts (peer authorisation)."""
+        return frozenset(h.tls_certificate_fingerprint for h in self.message.hosts)
+
+    def host_signing_key(self, host_id: str) -> PublicKey | None:
+        """The Ed25519 key of a trusted host, or None if the host is not trusted here."""
+        host = self.hosts_by_id.get(host_id)
+        if host is None:
+            return None
+        return PublicKey(SignatureAlgorithm.ED25519, host.signing_public_key)
+
+
+@dataclass(frozen=True, eq=False)
+class SealedState:
+    """One link of the chain: the exact bytes of its parts, parsed and hashed."""
+
+    message: domain_pb2.SealedState = field(repr=False)
+    manifest: Manifest
+    secrets: domain_pb2.SealedSecrets = field(repr=False)
+    proposal: Proposal | None
+
+    @classmethod
+    def from_message(
+        cls, message: domain_pb2.SealedState, limits: Limits = DEFAULT_LIMITS
+    ) -> SealedState:
+        """Parse and structurally validate a sealed state as received."""
+        if not isinstance(message, domain_pb2.SealedState):
+            raise TypeError("expected an hsmdomain.v1.SealedState")
+        manifest = Manifest.from_bytes(message.manifest, limits)
+        secrets = _parse(domain_pb2.SealedSecrets, message.secrets, "sealed secrets", limits)
+        _require(
+            secrets.generation == manifest.current_generation,
+            "sealed secrets are not under the manifest's current key generation",
+        )
+        proposal = Proposal.from_bytes(message.proposal, limits) if message.proposal else None
+        if len(message.approvals) > limits.max_approvals_per_proposal:
+            raise LimitExceededError(
+                f"more than {limits.max_approvals_per_proposal} approvals in one state"
+            )
+        _require(bool(message.producer_host_id), "sealed state names no producing host")
+        _require(bool(message.producer_signature), "sealed state is not signed")
+        return cls(message=message, manifest=manifest, secrets=secrets, proposal=proposal)
+
+    @classmethod
+    def from_bytes(cls, raw: bytes, limits: Limits = DEFAULT_LIMITS) -> SealedState:
+        """Parse a serialized SealedState (as stored on disk or by the coordinator)."""
+        if len(raw) > limits.max_message_bytes:
+            raise LimitExceededError(
+                f"sealed state is {len(raw)} bytes, above the limit of {limits.max_message_bytes}"
+            )
+        message = domain_pb2.SealedState()
+        try:
+            message.ParseFromString(raw)
+        except DecodeError:
+            raise MalformedMessageError("sealed state does not parse") from None
+        return cls.from_message(message, limits)
+
+    def to_bytes(self) -> bytes:
+        """Serialize for storage; the signed parts are carried as the bytes received."""
+        return self.message.SerializeToString(deterministic=True)
+
+    @cached_property
+    def hash(self) -> bytes:
+        """The state hash: covers the manifest and sealed secrets bytes."""
+        return state_hash(self.message.manifest, self.message.secrets)
+
+    @property
+    def version(self) -> int:
+        return self.manifest.version
+
+    @property
+    def approvals(self) -> Sequence[domain_pb2.Approval]:
+        return self.message.approvals
+
+
+def state_hash(manifest_raw: bytes, secrets_raw: bytes) -> bytes:
+    """Hash of one domain state (what the chain links, what the producer signs)."""
+    return canonical.digest(PayloadType.SEALED_STATE, manifest_raw, secrets_raw)

@@ -1,0 +1,309 @@
+"""The state transition function: (state, proposal, approvals, now) -> next manifest.
+
+Invariants every resulting manifest keeps (each violation is its own error type):
+- at least one trusted host; 1 <= every threshold <= number of operators;
+- no duplicate host id, host key, agreement key, TLS fingerprint, operator id or operator name;
+- removing a host rotates the domain key in the same transition;
+- a proposal applies only with a quorum of the *current* operators (genesis: all of them);
+- version + 1, previous hash = hash of the current state, created_at never goes back.
+
+The function is deterministic: every verifier recomputes the manifest from the previous state
+and the proposal and compares it with the one it was given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from domain_core import canonical
+from domain_core.errors import (
+    DuplicateHostError,
+    DuplicateOperatorError,
+    InvalidSettingsError,
+    LimitExceededError,
+    NoHostsError,
+    ProposalError,
+    QuorumNotMetError,
+    QuorumUnreachableError,
+    RotationNotDueError,
+    ThresholdOutOfRangeError,
+    UnknownHostError,
+    UnknownOperatorError,
+)
+from domain_core.limits import DEFAULT_LIMITS, Limits
+from domain_core.model import (
+    Manifest,
+    Proposal,
+    change_type_name,
+    change_type_of,
+    default_settings,
+    operator_public_key,
+)
+from domain_core.pb import domain_pb2
+from domain_core.quorum import QuorumResult, count_approvals, verify_quorum
+
+MIN_ROTATION_INTERVAL_SECONDS = 60
+MAX_GENERATIONS_RETAINED = 100
+MIN_PROPOSAL_LIFETIME_SECONDS = 60
+MAX_PROPOSAL_LIFETIME_SECONDS = 30 * 24 * 3600
+
+
+@dataclass(frozen=True)
+class StateHead:
+    """The verified head of a chain: its manifest and state hash."""
+
+    manifest: Manifest
+    state_hash: bytes
+
+
+def validate_settings(settings: domain_pb2.DomainSettings) -> None:
+    """Raise InvalidSettingsError if domain settings are outside their allowed ranges."""
+    if settings.key_rotation_interval_seconds < MIN_ROTATION_INTERVAL_SECONDS:
+        raise InvalidSettingsError(
+            f"key rotation interval must be at least {MIN_ROTATION_INTERVAL_SECONDS}s"
+        )
+    if not 1 <= settings.key_generations_retained <= MAX_GENERATIONS_RETAINED:
+        raise InvalidSettingsError(
+            f"key generations retained must be 1 to {MAX_GENERATIONS_RETAINED}"
+        )
+    if not (
+        MIN_PROPOSAL_LIFETIME_SECONDS
+        <= settings.max_proposal_lifetime_seconds
+        <= MAX_PROPOSAL_LIFETIME_SECONDS
+    ):
+        raise InvalidSettingsError(
+            f"proposal lifetime must be {MIN_PROPOSAL_LIFETIME_SECONDS}s to "
+            f"{MAX_PROPOSAL_LIFETIME_SECONDS}s"
+        )
+
+
+def _add_host(manifest: domain_pb2.Manifest, host: domain_pb2.Host) -> None:
+    for existing in manifest.hosts:
+        if existing.host_id == host.host_id:
+            raise DuplicateHostError(f"host {host.host_id} is already in the domain")
+        if existing.signing_public_key == host.signing_public_key:
+            raise DuplicateHostError(
+                f"host {host.host_id} has the same signing key as host {existing.host_id}"
+            )
+        if existing.agreement_public_key == host.agreement_public_key:
+            raise DuplicateHostError(
+                f"host {host.host_id} has the same agreement key as host {existing.host_id}"
+            )
+        if existing.tls_certificate_fingerprint == host.tls_certificate_fingerprint:
+            raise DuplicateHostError(
+                f"host {host.host_id} has the same TLS certificate as host {existing.host_id}"
+            )
+    manifest.hosts.append(host)
+
+
+def _remove_host(manifest: domain_pb2.Manifest, host_id: str) -> None:
+    for index, host in enumerate(manifest.hosts):
+        if host.host_id == host_id:
+            del manifest.hosts[index]
+            return
+    raise UnknownHostError(f"host {host_id} is not in the domain; check `domain status`")
+
+
+def _add_operator(manifest: domain_pb2.Manifest, operator: domain_pb2.Operator) -> None:
+    for existing in manifest.operators:
+        if existing.operator_id == operator.operator_id:
+            raise DuplicateOperatorError(
+                f"operator {operator.operator_id[:16]} ({existing.name}) is already in the domain"
+            )
+        if existing.name == operator.name:
+            raise DuplicateOperatorError(f"an operator named {operator.name!r} already exists")
+    manifest.operators.append(operator)
+
+
+def _remove_operator(manifest: domain_pb2.Manifest, operator_id: str) -> None:
+    for index, operator in enumerate(manifest.operators):
+        if operator.operator_id == operator_id:
+            del manifest.operators[index]
+            return
+    raise UnknownOperatorError(
+        f"operator {operator_id[:16]} is not in the domain; check `domain status`"
+    )
+
+
+def _set_quorum(manifest: domain_pb2.Manifest, change: domain_pb2.SetQuorum) -> None:
+    if change.change_type == domain_pb2.CHANGE_TYPE_UNSPECIFIED:
+        manifest.quorum.threshold = change.threshold
+        return
+    kept = [t for t in manifest.quorum.change_thresholds if t.change_type != change.change_type]
+    if change.threshold > 0:
+        kept.append(
+            domain_pb2.ChangeThreshold(change_type=change.change_type, threshold=change.threshold)
+        )
+    kept.sort(key=lambda t: t.change_type)
+    del manifest.quorum.change_thresholds[:]
+    manifest.quorum.change_thresholds.extend(kept)
+
+
+def _add_generation(manifest: domain_pb2.Manifest, now: int) -> None:
+    """Append a new domain key generation; keep only the newest `retained` generations."""
+    newest = manifest.key_generations[-1].generation if manifest.key_generations else 0
+    manifest.key_generations.append(domain_pb2.KeyGeneration(generation=newest + 1, created_at=now))
+    retained = manifest.settings.key_generations_retained
+    excess = len(manifest.key_generations) - retained
+    if excess > 0:
+        del manifest.key_generations[:excess]
+
+
+def _check_invariants(
+    manifest: domain_pb2.Manifest, removed_operators: bool, limits: Limits
+) -> None:
+    if not manifest.hosts:
+        raise NoHostsError("the change would leave the domain with no trusted host; keep one")
+    if len(manifest.hosts) > limits.max_hosts:
+        raise LimitExceededError(f"a domain holds at most {limits.max_hosts} hosts")
+    if len(manifest.operators) > limits.max_operators:
+        raise LimitExceededError(f"a domain holds at most {limits.max_operators} operators")
+    count = len(manifest.operators)
+    thresholds = [("default", manifest.quorum.threshold)] + [
+        (change_type_name(t.change_type), t.threshold) for t in manifest.quorum.change_thresholds
+    ]
+    for label, threshold in thresholds:
+        if threshold < 1:
+            raise ThresholdOutOfRangeError(f"the {label} threshold must be at least 1")
+        if threshold > count:
+            if removed_operators:
+                raise QuorumUnreachableError(
+                    f"after the change {count} operators would remain but the {label} "
+                    f"threshold is {threshold}: lower the threshold first"
+                )
+            raise ThresholdOutOfRangeError(
+                f"the {label} threshold {threshold} is above the {count} operators"
+            )
+    validate_settings(manifest.settings)
+
+
+def apply_changes(
+    base: domain_pb2.Manifest, proposal: Proposal, *, now: int, limits: Limits = DEFAULT_LIMITS
+) -> tuple[domain_pb2.Manifest, bool]:
+    """Apply a proposal's changes in order to a copy of `base`; returns (manifest, rotated)."""
+    manifest = domain_pb2.Manifest()
+    manifest.CopyFrom(base)
+    rotate = False
+    removed_operators = False
+    for change in proposal.changes:
+        kind = change_type_of(change)
+        if kind == domain_pb2.CHANGE_TYPE_ADD_HOST:
+            _add_host(manifest, change.add_host.host)
+        elif kind == domain_pb2.CHANGE_TYPE_REMOVE_HOST:
+            _remove_host(manifest, change.remove_host.host_id)
+            rotate = True
+        elif kind == domain_pb2.CHANGE_TYPE_ADD_OPERATOR:
+            _add_operator(manifest, change.add_operator.operator)
+        elif kind == domain_pb2.CHANGE_TYPE_REMOVE_OPERATOR:
+            _remove_operator(manifest, change.remove_operator.operator_id)
+            removed_operators = True
+        elif kind == domain_pb2.CHANGE_TYPE_SET_QUORUM:
+            _set_quorum(manifest, change.set_quorum)
+        elif kind == domain_pb2.CHANGE_TYPE_SET_SETTINGS:
+            manifest.settings.CopyFrom(change.set_settings.settings)
+        elif kind == domain_pb2.CHANGE_TYPE_ROTATE_DOMAIN_KEY:
+            rotate = True
+    _check_invariants(manifest, removed_operators, limits)
+    if rotate:
+        _add_generation(manifest, now)
+    return manifest, rotate
+
+
+def _empty_manifest(domain_id: str) -> domain_pb2.Manifest:
+    return domain_pb2.Manifest(
+        domain_id=domain_id,
+        version=0,
+        previous_state_hash=canonical.ZERO_HASH,
+        quorum=domain_pb2.QuorumPolicy(threshold=0),
+        settings=default_settings(),
+    )
+
+
+def genesis_manifest(
+    proposal: Proposal,
+    approvals: Sequence[domain_pb2.Approval],
+    *,
+    now: int,
+    limits: Limits = DEFAULT_LIMITS,
+) -> tuple[domain_pb2.Manifest, QuorumResult]:
+    """Genesis: the proposal builds the domain from nothing and every listed operator signs."""
+    if proposal.base_version != 0 or proposal.base_state_hash != canonical.ZERO_HASH:
+        raise ProposalError("a genesis proposal has base version 0 and a zero base hash")
+    if now >= proposal.expires_at:
+        raise ProposalError("the genesis proposal has expired; run the ceremony again")
+    base = _empty_manifest(proposal.domain_id)
+    # The genesis proposal must set the default threshold itself; the empty state has 0.
+    manifest, _ = apply_changes(base, proposal, now=now, limits=limits)
+    operator_keys = {o.operator_id: operator_public_key(o) for o in manifest.operators}
+    if proposal.proposer_id not in operator_keys:
+        raise ProposalError("the genesis proposer is not one of the genesis operators")
+    result = count_approvals(
+        manifest.operators, operator_keys, proposal.id, approvals, len(manifest.operators)
+    )
+    if not result.met:
+        raise QuorumNotMetError(
+            f"genesis needs every operator's approval: {len(result.approved_by)} of "
+            f"{len(manifest.operators)}"
+        )
+    del manifest.key_generations[:]
+    manifest.key_generations.append(domain_pb2.KeyGeneration(generation=1, created_at=now))
+    manifest.version = 1
+    manifest.previous_state_hash = canonical.ZERO_HASH
+    manifest.created_at = now
+    manifest.proposal_id = proposal.id
+    return manifest, result
+
+
+def next_manifest(
+    head: StateHead,
+    proposal: Proposal,
+    approvals: Sequence[domain_pb2.Approval],
+    *,
+    now: int,
+    limits: Limits = DEFAULT_LIMITS,
+) -> tuple[domain_pb2.Manifest, QuorumResult]:
+    """The manifest that an approved proposal produces from the head of the chain."""
+    current = head.manifest
+    if now < current.created_at:
+        raise ProposalError(
+            "this node's clock is behind the current domain state; fix the clock and retry"
+        )
+    result = verify_quorum(current, head.state_hash, proposal, approvals, now=now)
+    manifest, _ = apply_changes(current.message, proposal, now=now, limits=limits)
+    manifest.version = current.version + 1
+    manifest.previous_state_hash = head.state_hash
+    manifest.created_at = now
+    manifest.proposal_id = proposal.id
+    return manifest, result
+
+
+def rotation_due_at(manifest: Manifest) -> int:
+    """When the current domain key generation becomes due for scheduled rotation."""
+    return (
+        manifest.message.key_generations[-1].created_at
+        + manifest.message.settings.key_rotation_interval_seconds
+    )
+
+
+def scheduled_rotation_manifest(head: StateHead, *, now: int) -> domain_pb2.Manifest:
+    """The next manifest of a scheduled rotation (no proposal): refused before it is due."""
+    current = head.manifest
+    if now < current.created_at:
+        raise ProposalError(
+            "this node's clock is behind the current domain state; fix the clock and retry"
+        )
+    due = rotation_due_at(current)
+    if now < due:
+        raise RotationNotDueError(
+            f"domain key rotation is due in {due - now}s; a quorum-approved "
+            "rotate-domain-key proposal can rotate earlier"
+        )
+    manifest = domain_pb2.Manifest()
+    manifest.CopyFrom(current.message)
+    _add_generation(manifest, now)
+    manifest.version = current.version + 1
+    manifest.previous_state_hash = head.state_hash
+    manifest.created_at = now
+    manifest.proposal_id = b""
+    return manifest

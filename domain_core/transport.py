@@ -1,0 +1,223 @@
+"""gRPC transport shared by every process: mutual TLS, limits, and error mapping.
+
+Invariants:
+- servers require a client certificate from the domain CA (mutual TLS) unless a listener is
+  explicitly created as `server_auth_only` (the coordinator's operator port, where operators
+  authenticate by signatures over what they submit, not by TLS);
+- every error raised by a servicer is mapped to a gRPC status in one place
+  (`ErrorMappingInterceptor`): an `HsmDomainError` to its own status and message, anything
+  else to INTERNAL with a generic message (the details go to the log, never to the peer);
+- message sizes and concurrent RPCs are bounded by `Limits`; channels reconnect quickly.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from domain_core.errors import HsmDomainError, PermissionDeniedError, UnauthenticatedError
+from domain_core.limits import DEFAULT_LIMITS, Limits
+from domain_core.pki import PeerIdentity, peer_identity
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DEADLINE_SECONDS = 5.0
+_CHANNEL_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.enable_retries", 0),  # retries are ours (tenacity), only where safe
+]
+
+
+@dataclass(frozen=True)
+class TlsMaterial:
+    """A process's TLS identity: the domain CA certificate and its own certificate and key."""
+
+    ca_pem: bytes
+    cert_pem: bytes
+    key_pem: bytes
+
+    @classmethod
+    def from_files(cls, ca: Path, cert: Path, key: Path) -> TlsMaterial:
+        """Read PEM files (the key file must not be readable by others)."""
+        if key.stat().st_mode & 0o077:
+            raise UnauthenticatedError(f"{key} is readable by others; chmod 600 it")
+        return cls(ca_pem=ca.read_bytes(), cert_pem=cert.read_bytes(), key_pem=key.read_bytes())
+
+    def __repr__(self) -> str:
+        return "TlsMaterial(<redacted>)"
+
+
+def server_credentials(
+    tls: TlsMaterial, *, server_auth_only: bool = False
+) -> grpc.ServerCredentials:
+    """Server credentials; client certificates from the CA are required unless told otherwise."""
+    return grpc.ssl_server_credentials(
+        [(tls.key_pem, tls.cert_pem)],
+        root_certificates=tls.ca_pem,
+        require_client_auth=not server_auth_only,
+    )
+
+
+def channel_credentials(
+    ca_pem: bytes, cert_pem: bytes | None = None, key_pem: bytes | None = None
+) -> grpc.ChannelCredentials:
+    """Channel credentials; with a certificate and key the channel authenticates as that peer."""
+    return grpc.ssl_channel_credentials(
+        root_certificates=ca_pem, private_key=key_pem, certificate_chain=cert_pem
+    )
+
+
+def secure_channel(
+    target: str,
+    credentials: grpc.ChannelCredentials,
+    limits: Limits = DEFAULT_LIMITS,
+) -> grpc.Channel:
+    """A channel to `target` (host:port) with fast reconnects and the message-size limits."""
+    return grpc.secure_channel(
+        target, credentials, options=[*_CHANNEL_OPTIONS, *limits.grpc_options()]
+    )
+
+
+def mtls_channel(target: str, tls: TlsMaterial, limits: Limits = DEFAULT_LIMITS) -> grpc.Channel:
+    """A mutually authenticated channel as the holder of `tls`."""
+    return secure_channel(
+        target, channel_credentials(tls.ca_pem, tls.cert_pem, tls.key_pem), limits
+    )
+
+
+def caller(context: grpc.ServicerContext) -> PeerIdentity:
+    """The authenticated peer of a call, from its client certificate."""
+    return peer_identity(cast(Mapping[str, Sequence[bytes]], context.auth_context()))
+
+
+def require_caller(context: grpc.ServicerContext, *kinds: str) -> PeerIdentity:
+    """The caller's identity, refused with PERMISSION_DENIED unless it is of one of `kinds`."""
+    identity = caller(context)
+    if identity.spiffe.kind not in kinds:
+        raise PermissionDeniedError(
+            f"{identity.spiffe.uri} may not call this; it is for {' or '.join(kinds)} identities"
+        )
+    return identity
+
+
+def _abort_for(error: Exception, context: grpc.ServicerContext, method: str) -> None:
+    """Abort the call with the status `error` maps to; re-raise an abort already under way."""
+    if isinstance(error, HsmDomainError):
+        context.abort(error.grpc_status, error.message)
+    if cast(Any, context).code() is not None:
+        # The servicer aborted with its own status (context.abort raises a bare Exception).
+        raise error
+    log.exception("internal error in %s", method)
+    context.abort(grpc.StatusCode.INTERNAL, "internal error; the server logged the details")
+
+
+def _wrap_unary(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
+    def wrapper(request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return behavior(request, context)
+        except Exception as error:
+            _abort_for(error, context, method)
+            raise  # unreachable: abort raises
+
+    return wrapper
+
+
+def _wrap_stream(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
+    def wrapper(request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            yield from behavior(request, context)
+        except Exception as error:
+            _abort_for(error, context, method)
+            raise
+
+    return wrapper
+
+
+class ErrorMappingInterceptor(grpc.ServerInterceptor[Any, Any]):
+    """Maps every error from a servicer to exactly one gRPC status, in one place."""
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap_unary(handler.unary_unary, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_stream(handler.unary_stream, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+
+def make_server(
+    *,
+    limits: Limits = DEFAULT_LIMITS,
+    max_workers: int = 16,
+    max_concurrent_rpcs: int = 256,
+    interceptors: Sequence[grpc.ServerInterceptor[Any, Any]] = (),
+) -> grpc.Server:
+    """A gRPC server with the error-mapping interceptor and the limits applied."""
+    return grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
+        interceptors=[ErrorMappingInterceptor(), *interceptors],
+        options=limits.grpc_options(),
+        maximum_concurrent_rpcs=max_concurrent_rpcs,
+    )
+
+
+def add_health_and_reflection(
+    server: grpc.Server, service_names: Iterable[str]
+) -> health.HealthServicer:
+    """Register standard health checking and reflection; returns the health servicer."""
+    names = list(service_names)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    )
+    return health_servicer
+
+
+def set_serving(
+    health_servicer: health.HealthServicer, names: Iterable[str], serving: bool
+) -> None:
+    """Mark the overall server ("") and the named services SERVING or NOT_SERVING."""
+    status = (
+        health_pb2.HealthCheckResponse.SERVING
+        if serving
+        else health_pb2.HealthCheckResponse.NOT_SERVING
+    )
+    for name in ["", *names]:
+        health_servicer.set(name, status)
+
+
+def check_health(channel: grpc.Channel, service: str = "", timeout: float = 2.0) -> bool:
+    """True if the server behind `channel` reports SERVING for `service`."""
+    stub = health_pb2_grpc.HealthStub(channel)
+    try:
+        response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+    except grpc.RpcError:
+        return False
+    return bool(response.status == health_pb2.HealthCheckResponse.SERVING)

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Install the project into ./.venv and start a local domain: `hsm-domain up`.
+# Usage: bash scripts/up.sh [hsm-domain up ARGS...]
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+# shellcheck source=scripts/_venv.sh
+source scripts/_venv.sh
+
+hsm_ensure_venv '.'
+if [ ! -x "$HSM_VENV/bin/hsm-domain" ] ||
+  ! "$HSM_VENV/bin/python" -c 'import importlib.util as u, sys; sys.exit(u.find_spec("deploy.cli") is None)' 2>/dev/null; then
+  hsm_die "the hsm-domain command (deploy/cli.py) does not exist yet: it arrives with the running-domain work. The venv is ready at $HSM_VENV."
+fi
+exec "$HSM_VENV/bin/hsm-domain" up "$@"
