@@ -21,12 +21,14 @@ from domain_core.errors import (
     BadSignatureError,
     ChainGapError,
     ForkError,
+    FutureStateError,
     GenesisMismatchError,
     RollbackError,
     TransitionMismatchError,
     UnknownSignerError,
     WrongDomainError,
 )
+from domain_core.limits import DEFAULT_LIMITS
 from domain_core.model import SealedState
 from domain_core.quorum import QuorumResult
 from domain_core.sealing import state_signing_message
@@ -39,13 +41,23 @@ from domain_core.transition import (
 
 
 def _check_producer(state: SealedState, trusted_in: SealedState | None) -> None:
-    """The producer must be a host of the previous state (of genesis itself for genesis)."""
+    """The producer must be a host of the previous state and of the state it produced.
+
+    A host that the state removes must not produce it: it would know the new domain key.
+    For genesis, the producer must be a genesis host.
+    """
     manifest = trusted_in.manifest if trusted_in is not None else state.manifest
-    key = manifest.host_signing_key(state.message.producer_host_id)
+    producer = state.message.producer_host_id
+    key = manifest.host_signing_key(producer)
     if key is None:
         raise UnknownSignerError(
             f"state version {state.version} is signed by host "
-            f"{state.message.producer_host_id[:64]!r}, which the domain does not trust"
+            f"{producer[:64]!r}, which the domain does not trust"
+        )
+    if producer not in state.manifest.hosts_by_id:
+        raise UnknownSignerError(
+            f"state version {state.version} is signed by host {producer!r}, which that state "
+            "removes: a removed host must not produce the state that removes it"
         )
     try:
         key.verify(state.message.producer_signature, state_signing_message(state.hash))
@@ -81,8 +93,26 @@ def verify_genesis(state: SealedState, domain_id: str, genesis_hash: bytes) -> Q
     return result
 
 
-def verify_successor(head: SealedState, state: SealedState) -> QuorumResult | None:
-    """Verify that `state` is a valid direct successor of the verified `head`."""
+def verify_successor(
+    head: SealedState,
+    state: SealedState,
+    *,
+    now: int | None = None,
+    max_clock_skew: int = DEFAULT_LIMITS.max_clock_skew_seconds,
+) -> QuorumResult | None:
+    """Verify that `state` is a valid direct successor of the verified `head`.
+
+    The state's own `created_at` is the time its proposal's lifetime and a scheduled
+    rotation's due date are judged at; with `now` (the verifier's clock) a state dated more
+    than `max_clock_skew` seconds in the future is refused, so a producer cannot post-date a
+    state to make a rotation due early or to stall honest producers.
+    """
+    if now is not None and state.manifest.created_at > now + max_clock_skew:
+        raise FutureStateError(
+            f"state version {state.version} is dated "
+            f"{state.manifest.created_at - now}s in the future; check the clocks of this node "
+            f"and of host {state.message.producer_host_id}"
+        )
     if state.manifest.domain_id != head.manifest.domain_id:
         raise WrongDomainError(
             f"state is for domain {state.manifest.domain_id!r}, expected "
@@ -195,8 +225,11 @@ class TrustedChain:
                 "fetch the states in between first"
             )
 
-    def update(self, state: SealedState) -> bool:
+    def update(self, state: SealedState, *, now: int | None = None) -> bool:
         """Accept the next state. True if the chain advanced; False if it is the current head.
+
+        Pass `now` (this node's clock) for states that arrive from others; replaying states
+        this node verified before needs no clock.
 
         Raises a ChainError (rollback, fork, gap, mismatch) or a signature/quorum error; the
         chain is unchanged whenever this raises.
@@ -204,7 +237,7 @@ class TrustedChain:
         if state.version == self.version and state.hash == self._head.hash:
             return False
         self.classify(state)
-        verify_successor(self._head, state)
+        verify_successor(self._head, state, now=now)
         self._head = state
         self._known[state.version] = state.hash
         return True

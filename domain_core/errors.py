@@ -110,6 +110,10 @@ class GenesisMismatchError(ChainError):
     """The genesis state does not hash to the pinned genesis hash."""
 
 
+class FutureStateError(ChainError):
+    """A state is dated later than this node's clock allows; one of the two clocks is wrong."""
+
+
 class TransitionMismatchError(ChainError):
     """A state's manifest is not what its proposal produces from the previous state."""
 
@@ -215,6 +219,12 @@ class UnauthenticatedError(HsmDomainError):
     """The caller presented no usable identity."""
 
     grpc_status = grpc.StatusCode.UNAUTHENTICATED
+
+
+class ResourceExhaustedError(HsmDomainError):
+    """A bounded resource (streams, concurrent calls) is used up; retry later."""
+
+    grpc_status = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 class UnavailableError(HsmDomainError):

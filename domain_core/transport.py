@@ -144,7 +144,7 @@ def _wrap_stream(behavior: Callable[..., Any], method: str) -> Callable[..., Any
     return wrapper
 
 
-class ErrorMappingInterceptor(grpc.ServerInterceptor[Any, Any]):
+class ErrorMappingInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
     """Maps every error from a servicer to exactly one gRPC status, in one place."""
 
     def intercept_service(
@@ -182,7 +182,8 @@ def make_server(
     return grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
         interceptors=[ErrorMappingInterceptor(), *interceptors],
-        options=limits.grpc_options(),
+        # No port sharing: a second process must not silently bind a port that is in use.
+        options=[*limits.grpc_options(), ("grpc.so_reuseport", 0)],
         maximum_concurrent_rpcs=max_concurrent_rpcs,
     )
 

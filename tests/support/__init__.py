@@ -1,0 +1,1 @@
+"""Test support code shared by unit, integration and cluster tests (importable as `support`)."""

@@ -1,0 +1,177 @@
+"""domain_core.errors: one hierarchy, one gRPC status per class, no detail in crypto errors."""
+
+from __future__ import annotations
+
+import importlib
+
+import grpc
+import pytest
+
+from domain_core import errors
+from domain_core.errors import HsmDomainError, status_for
+
+pytestmark = pytest.mark.unit
+
+
+# Library modules whose error classes must follow the rules too (import-safe, no I/O).
+DOMAIN_CORE_MODULES = (
+    "errors",
+    "canonical",
+    "crypto",
+    "model",
+    "quorum",
+    "transition",
+    "sealing",
+    "chain",
+    "genesis",
+    "limits",
+    "signers",
+    "identity",
+    "pki",
+)
+
+
+def _import_domain_core_modules() -> None:
+    """Subclasses defined elsewhere in domain_core count, not just those in errors.py."""
+    for name in DOMAIN_CORE_MODULES:
+        importlib.import_module(f"domain_core.{name}")
+
+
+def _all_subclasses(cls: type) -> list[type]:
+    found: list[type] = []
+    sub: type
+    for sub in cls.__subclasses__():
+        found.append(sub)
+        found.extend(_all_subclasses(sub))
+    return found
+
+
+_import_domain_core_modules()
+# Only domain_core's own classes: which other packages happen to be imported depends on which
+# tests ran first, and a parametrization must not change with that.
+ALL_ERRORS = sorted(
+    {c for c in _all_subclasses(HsmDomainError) if c.__module__.startswith("domain_core.")},
+    key=lambda c: c.__qualname__,
+)
+
+
+def _instance(cls: type[HsmDomainError]) -> HsmDomainError:
+    try:
+        return cls("what went wrong; what to do")
+    except TypeError:
+        return cls()
+
+
+def test_hierarchy_is_not_empty() -> None:
+    assert len(ALL_ERRORS) >= 30
+
+
+@pytest.mark.parametrize("cls", ALL_ERRORS, ids=lambda c: c.__qualname__)
+def test_every_error_maps_to_one_status(cls: type[HsmDomainError]) -> None:
+    assert isinstance(cls.grpc_status, grpc.StatusCode)
+    # INTERNAL is for bugs, not for errors the domain raises on purpose.
+    assert cls.grpc_status is not grpc.StatusCode.INTERNAL, f"{cls.__name__} maps to INTERNAL"
+    error = cls.__new__(cls)  # whatever its constructor needs, the status is per class
+    assert status_for(error) is cls.grpc_status
+    assert not isinstance(error, ValueError | TypeError | RuntimeError)
+    assert (cls.__doc__ or "").strip(), f"{cls.__name__} has no docstring"
+
+
+EXPECTED = {
+    "InvalidInputError": grpc.StatusCode.INVALID_ARGUMENT,
+    "MalformedMessageError": grpc.StatusCode.INVALID_ARGUMENT,
+    "LimitExceededError": grpc.StatusCode.INVALID_ARGUMENT,
+    "WrongDomainError": grpc.StatusCode.INVALID_ARGUMENT,
+    "InvalidCiphertextError": grpc.StatusCode.INVALID_ARGUMENT,
+    "InvalidKeyTokenError": grpc.StatusCode.INVALID_ARGUMENT,
+    "VerificationError": grpc.StatusCode.PERMISSION_DENIED,
+    "BadSignatureError": grpc.StatusCode.PERMISSION_DENIED,
+    "UnknownSignerError": grpc.StatusCode.PERMISSION_DENIED,
+    "QuorumNotMetError": grpc.StatusCode.FAILED_PRECONDITION,
+    "ChainError": grpc.StatusCode.FAILED_PRECONDITION,
+    "RollbackError": grpc.StatusCode.FAILED_PRECONDITION,
+    "ForkError": grpc.StatusCode.FAILED_PRECONDITION,
+    "ChainGapError": grpc.StatusCode.FAILED_PRECONDITION,
+    "GenesisMismatchError": grpc.StatusCode.FAILED_PRECONDITION,
+    "TransitionMismatchError": grpc.StatusCode.FAILED_PRECONDITION,
+    "ProposalError": grpc.StatusCode.FAILED_PRECONDITION,
+    "ProposalExpiredError": grpc.StatusCode.FAILED_PRECONDITION,
+    "StaleProposalError": grpc.StatusCode.ABORTED,
+    "RotationNotDueError": grpc.StatusCode.FAILED_PRECONDITION,
+    "InvariantViolation": grpc.StatusCode.FAILED_PRECONDITION,
+    "NoHostsError": grpc.StatusCode.FAILED_PRECONDITION,
+    "ThresholdOutOfRangeError": grpc.StatusCode.FAILED_PRECONDITION,
+    "QuorumUnreachableError": grpc.StatusCode.FAILED_PRECONDITION,
+    "DuplicateHostError": grpc.StatusCode.FAILED_PRECONDITION,
+    "DuplicateOperatorError": grpc.StatusCode.FAILED_PRECONDITION,
+    "UnknownHostError": grpc.StatusCode.FAILED_PRECONDITION,
+    "UnknownOperatorError": grpc.StatusCode.FAILED_PRECONDITION,
+    "InvalidSettingsError": grpc.StatusCode.FAILED_PRECONDITION,
+    "NotFoundError": grpc.StatusCode.NOT_FOUND,
+    "AlreadyExistsError": grpc.StatusCode.ALREADY_EXISTS,
+    "ConflictError": grpc.StatusCode.ABORTED,
+    "FailedPreconditionError": grpc.StatusCode.FAILED_PRECONDITION,
+    "PermissionDeniedError": grpc.StatusCode.PERMISSION_DENIED,
+    "UnauthenticatedError": grpc.StatusCode.UNAUTHENTICATED,
+    "UnavailableError": grpc.StatusCode.UNAVAILABLE,
+    "TokenError": grpc.StatusCode.UNAUTHENTICATED,
+    "WrongPassphraseError": grpc.StatusCode.UNAUTHENTICATED,
+    "TokenNotFoundError": grpc.StatusCode.NOT_FOUND,
+}
+
+
+@pytest.mark.parametrize(("name", "status"), sorted(EXPECTED.items()))
+def test_status_table(name: str, status: grpc.StatusCode) -> None:
+    cls = getattr(errors, name)
+    assert cls.grpc_status is status
+    assert status_for(_instance(cls)) is status
+
+
+@pytest.mark.parametrize(
+    ("cls", "family"),
+    [
+        (errors.BadSignatureError, errors.VerificationError),
+        (errors.UnknownSignerError, errors.VerificationError),
+        (errors.QuorumNotMetError, errors.VerificationError),
+        (errors.RollbackError, errors.ChainError),
+        (errors.ForkError, errors.ChainError),
+        (errors.ChainGapError, errors.ChainError),
+        (errors.GenesisMismatchError, errors.ChainError),
+        (errors.TransitionMismatchError, errors.ChainError),
+        (errors.ChainError, errors.VerificationError),
+        (errors.StaleProposalError, errors.ProposalError),
+        (errors.ProposalExpiredError, errors.ProposalError),
+        (errors.RotationNotDueError, errors.ProposalError),
+        (errors.NoHostsError, errors.InvariantViolation),
+        (errors.MalformedMessageError, errors.InvalidInputError),
+        (errors.InvalidKeyTokenError, errors.InvalidInputError),
+        (errors.InvalidCiphertextError, errors.InvalidInputError),
+        (errors.WrongPassphraseError, errors.TokenError),
+    ],
+)
+def test_families(cls: type, family: type) -> None:
+    assert issubclass(cls, family)
+
+
+def test_crypto_errors_carry_fixed_messages() -> None:
+    assert str(errors.InvalidCiphertextError()) == "invalid ciphertext"
+    assert errors.InvalidCiphertextError().message == "invalid ciphertext"
+    assert errors.InvalidCiphertextError().args == ("invalid ciphertext",)
+    assert str(errors.InvalidKeyTokenError()) == "invalid key token"
+    assert errors.InvalidKeyTokenError().args == ("invalid key token",)
+
+
+def test_message_is_the_string() -> None:
+    error = errors.QuorumNotMetError("1 of 2 approvals")
+    assert str(error) == error.message == "1 of 2 approvals"
+
+
+@pytest.mark.parametrize(
+    "error", [ValueError(), TypeError("x"), RuntimeError(), KeyError("k"), Exception()]
+)
+def test_foreign_errors_are_internal(error: BaseException) -> None:
+    assert status_for(error) is grpc.StatusCode.INTERNAL
+
+
+def test_base_error_is_internal() -> None:
+    assert status_for(HsmDomainError("bug")) is grpc.StatusCode.INTERNAL

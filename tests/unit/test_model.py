@@ -1,0 +1,568 @@
+"""domain_core.model: only structurally valid bytes become Proposal/Manifest/SealedState."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Callable
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from support.simulator import SimulatedDomain, new_host, new_operator
+
+from domain_core import canonical, model
+from domain_core.canonical import PayloadType
+from domain_core.errors import InvalidInputError, LimitExceededError, MalformedMessageError
+from domain_core.limits import DEFAULT_LIMITS, Limits
+from domain_core.model import Manifest, Proposal, SealedState
+from domain_core.pb import domain_pb2
+from domain_core.signers import InMemorySigner, SignatureAlgorithm
+
+pytestmark = pytest.mark.unit
+
+SIM = SimulatedDomain.create()
+NEW_HOST = new_host("test", "hsa-9")
+NEW_OP = new_operator("dave", SignatureAlgorithm.ECDSA_P256)
+ECDSA_KEY = InMemorySigner.generate(SignatureAlgorithm.ECDSA_P256).public_key
+ED_KEY = InMemorySigner.generate(SignatureAlgorithm.ED25519).public_key
+
+# One change of every type, at fixed indexes so that mutations can reach into them.
+I_ADD_HOST, I_REMOVE_HOST, I_ADD_OP, I_REMOVE_OP, I_QUORUM, I_QUORUM_TYPED, I_SETTINGS = range(7)
+BASE_CHANGES = [
+    SIM.add_host_change(host=NEW_HOST.record),
+    SIM.remove_host_change("hsa-3"),
+    SIM.add_operator_change(operator=NEW_OP.record),
+    SIM.remove_operator_change(2),
+    SIM.set_quorum_change(2),
+    SIM.set_quorum_change(3, domain_pb2.CHANGE_TYPE_REMOVE_HOST),
+    SIM.set_settings_change(),
+    SIM.rotate_domain_key_change(),
+]
+BASE_PROPOSAL = SIM.propose(BASE_CHANGES, reason="all change types")
+
+
+def _proposal_message() -> domain_pb2.Proposal:
+    message = domain_pb2.Proposal()
+    message.CopyFrom(BASE_PROPOSAL.message)
+    return message
+
+
+def _manifest_message() -> domain_pb2.Manifest:
+    message = domain_pb2.Manifest()
+    message.CopyFrom(SIM.head.manifest.message)
+    return message
+
+
+def _ser(message: object) -> bytes:
+    return message.SerializeToString(deterministic=True)  # type: ignore[attr-defined]
+
+
+# --- Proposal ------------------------------------------------------------------------------
+
+
+def test_base_proposal_is_valid() -> None:
+    parsed = Proposal.from_bytes(BASE_PROPOSAL.raw)
+    assert parsed.id == BASE_PROPOSAL.id == hashlib.sha256(BASE_PROPOSAL.raw).digest()
+    assert parsed.change_types == frozenset(model.CHANGE_TYPE_NAMES)
+
+
+def _set_nested(path: str, value: object) -> Callable[[domain_pb2.Proposal], None]:
+    def mutate(message: domain_pb2.Proposal) -> None:
+        target: object = message
+        *parents, last = path.split(".")
+        for part in parents:
+            target = target.changes[int(part)] if part.isdigit() else getattr(target, part)  # type: ignore[attr-defined]
+        setattr(target, last, value)
+
+    return mutate
+
+
+def _clear_changes(m: domain_pb2.Proposal) -> None:
+    del m.changes[:]
+
+
+def _too_many_changes(m: domain_pb2.Proposal) -> None:
+    del m.changes[:]
+    m.changes.extend(
+        [SIM.rotate_domain_key_change()] * (DEFAULT_LIMITS.max_changes_per_proposal + 1)
+    )
+
+
+def _untyped_change(m: domain_pb2.Proposal) -> None:
+    m.changes.append(domain_pb2.Change())
+
+
+def _settings_cleared(m: domain_pb2.Proposal) -> None:
+    m.changes[I_SETTINGS].set_settings.ClearField("settings")
+
+
+PROPOSAL_MUTATIONS: dict[str, Callable[[domain_pb2.Proposal], None]] = {
+    "domain id uppercase": _set_nested("domain_id", "Test"),
+    "domain id empty": _set_nested("domain_id", ""),
+    "domain id leading dash": _set_nested("domain_id", "-test"),
+    "domain id 64 chars": _set_nested("domain_id", "a" * 64),
+    "domain id underscore": _set_nested("domain_id", "a_b"),
+    "base hash empty": _set_nested("base_state_hash", b""),
+    "base hash 31 bytes": _set_nested("base_state_hash", bytes(31)),
+    "base hash 33 bytes": _set_nested("base_state_hash", bytes(33)),
+    "no changes": _clear_changes,
+    "too many changes": _too_many_changes,
+    "change with no type": _untyped_change,
+    "proposer empty": _set_nested("proposer_id", ""),
+    "proposer uppercase hex": _set_nested("proposer_id", "A" * 64),
+    "proposer 63 hex": _set_nested("proposer_id", "a" * 63),
+    "proposer 65 hex": _set_nested("proposer_id", "a" * 65),
+    "proposer not hex": _set_nested("proposer_id", "g" * 64),
+    "nonce empty": _set_nested("nonce", b""),
+    "nonce 15 bytes": _set_nested("nonce", bytes(15)),
+    "nonce 17 bytes": _set_nested("nonce", bytes(17)),
+    "expires at creation": _set_nested("expires_at", BASE_PROPOSAL.created_at),
+    "expires before creation": _set_nested("expires_at", BASE_PROPOSAL.created_at - 1),
+    "reason too long": _set_nested("reason", "x" * (DEFAULT_LIMITS.max_reason_chars + 1)),
+    "host spiffe of another domain": _set_nested(
+        f"{I_ADD_HOST}.add_host.host.spiffe_id", "spiffe://other/hsa/hsa-9"
+    ),
+    "host spiffe of another host": _set_nested(
+        f"{I_ADD_HOST}.add_host.host.spiffe_id", "spiffe://test/hsa/hsa-1"
+    ),
+    "host id invalid": _set_nested(f"{I_ADD_HOST}.add_host.host.host_id", "HSA_9"),
+    "host signing key is ecdsa": _set_nested(
+        f"{I_ADD_HOST}.add_host.host.signing_public_key", ECDSA_KEY.spki_der
+    ),
+    "host signing key garbage": _set_nested(
+        f"{I_ADD_HOST}.add_host.host.signing_public_key", b"\x30\x00"
+    ),
+    "host agreement key 31 bytes": _set_nested(
+        f"{I_ADD_HOST}.add_host.host.agreement_public_key", bytes(31)
+    ),
+    "host fingerprint 31 bytes": _set_nested(
+        f"{I_ADD_HOST}.add_host.host.tls_certificate_fingerprint", bytes(31)
+    ),
+    "operator id not sha256 of its key": _set_nested(
+        f"{I_ADD_OP}.add_operator.operator.operator_id", ED_KEY.key_id
+    ),
+    "operator id uppercase": _set_nested(
+        f"{I_ADD_OP}.add_operator.operator.operator_id", NEW_OP.operator_id.upper()
+    ),
+    "operator name empty": _set_nested(f"{I_ADD_OP}.add_operator.operator.name", ""),
+    "operator name not printable": _set_nested(f"{I_ADD_OP}.add_operator.operator.name", "dave\n"),
+    "operator name too long": _set_nested(
+        f"{I_ADD_OP}.add_operator.operator.name", "d" * (DEFAULT_LIMITS.max_name_chars + 1)
+    ),
+    "operator algorithm unspecified": _set_nested(
+        f"{I_ADD_OP}.add_operator.operator.algorithm", domain_pb2.SIGNATURE_ALGORITHM_UNSPECIFIED
+    ),
+    "operator algorithm unknown value": _set_nested(
+        f"{I_ADD_OP}.add_operator.operator.algorithm", 99
+    ),
+    "operator algorithm does not match key": _set_nested(
+        f"{I_ADD_OP}.add_operator.operator.algorithm", domain_pb2.SIGNATURE_ALGORITHM_ED25519
+    ),
+    "operator key garbage": _set_nested(f"{I_ADD_OP}.add_operator.operator.public_key", b"junk"),
+    "remove-operator id invalid": _set_nested(f"{I_REMOVE_OP}.remove_operator.operator_id", "op2"),
+    "remove-host id invalid": _set_nested(f"{I_REMOVE_HOST}.remove_host.host_id", "Bad Host"),
+    "remove-host id empty": _set_nested(f"{I_REMOVE_HOST}.remove_host.host_id", ""),
+    "set-quorum default threshold 0": _set_nested(f"{I_QUORUM}.set_quorum.threshold", 0),
+    "set-quorum unknown change type": _set_nested(f"{I_QUORUM_TYPED}.set_quorum.change_type", 99),
+    "set-settings without settings": _settings_cleared,
+}
+
+
+@pytest.mark.parametrize("case", list(PROPOSAL_MUTATIONS))
+def test_proposal_from_bytes_rejects(case: str) -> None:
+    message = _proposal_message()
+    PROPOSAL_MUTATIONS[case](message)
+    with pytest.raises(MalformedMessageError):
+        Proposal.from_bytes(_ser(message))
+
+
+def _rename_domain(domain_id: str) -> Callable[[domain_pb2.Proposal], None]:
+    def mutate(message: domain_pb2.Proposal) -> None:
+        message.domain_id = domain_id
+        host = message.changes[I_ADD_HOST].add_host.host
+        host.spiffe_id = model.host_spiffe_id(domain_id, host.host_id)
+
+    return mutate
+
+
+@pytest.mark.parametrize(
+    "mutation",
+    [
+        _set_nested("reason", "x" * DEFAULT_LIMITS.max_reason_chars),
+        _rename_domain("a" * 63),
+        _rename_domain("a.b-c.9"),
+        _set_nested("expires_at", BASE_PROPOSAL.created_at + 1),
+        _set_nested(f"{I_QUORUM_TYPED}.set_quorum.threshold", 0),  # removes a typed threshold
+    ],
+    ids=["reason at limit", "domain id 63", "domain id dots", "one second", "typed threshold 0"],
+)
+def test_proposal_from_bytes_accepts_boundaries(
+    mutation: Callable[[domain_pb2.Proposal], None],
+) -> None:
+    message = _proposal_message()
+    mutation(message)
+    Proposal.from_bytes(_ser(message))
+
+
+@pytest.mark.parametrize("garbage", [b"\xff", b"\xff\xff\xff\xff", b"\x0a\x05ab", b"\x08"])
+def test_proposal_from_bytes_rejects_garbage(garbage: bytes) -> None:
+    with pytest.raises(MalformedMessageError):
+        Proposal.from_bytes(garbage)
+
+
+def test_proposal_from_bytes_rejects_oversized() -> None:
+    raw = BASE_PROPOSAL.raw
+    with pytest.raises(LimitExceededError):
+        Proposal.from_bytes(raw, Limits(max_message_bytes=len(raw) - 1))
+    Proposal.from_bytes(raw, Limits(max_message_bytes=len(raw)))
+    with pytest.raises(LimitExceededError):
+        Proposal.from_bytes(b"\x00" * (DEFAULT_LIMITS.max_message_bytes + 1))
+
+
+def test_proposal_change_limit_is_configurable() -> None:
+    with pytest.raises(MalformedMessageError, match="1 to 7 changes"):
+        Proposal.from_bytes(BASE_PROPOSAL.raw, Limits(max_changes_per_proposal=7))
+
+
+def test_proposal_from_bytes_needs_bytes() -> None:
+    with pytest.raises(TypeError):
+        Proposal.from_bytes(BASE_PROPOSAL.raw.decode("latin-1"))
+
+
+def test_proposal_id_is_over_received_bytes_not_a_reserialization() -> None:
+    # Concatenated protobuf messages merge: same message, different (non-canonical) bytes.
+    message = BASE_PROPOSAL.message
+    head = domain_pb2.Proposal(domain_id=message.domain_id, base_version=message.base_version)
+    tail = domain_pb2.Proposal()
+    tail.CopyFrom(message)
+    tail.ClearField("domain_id")
+    tail.ClearField("base_version")
+    raw = _ser(tail) + _ser(head)
+    assert raw != BASE_PROPOSAL.raw
+    parsed = Proposal.from_bytes(raw)
+    assert parsed.message == BASE_PROPOSAL.message
+    assert parsed.raw == raw
+    assert parsed.id == hashlib.sha256(raw).digest()
+    assert parsed.id != BASE_PROPOSAL.id
+
+
+# --- hypothesis: Proposal roundtrip ---------------------------------------------------------
+
+OPERATOR_IDS = [o.operator_id for o in SIM.operators]
+DOMAIN_CHANGES = [c for i, c in enumerate(BASE_CHANGES) if i != I_ADD_HOST]
+
+
+def _host_change_for(domain_id: str) -> domain_pb2.Change:
+    host = domain_pb2.Host()
+    host.CopyFrom(NEW_HOST.record)
+    host.spiffe_id = model.host_spiffe_id(domain_id, host.host_id)
+    return domain_pb2.Change(add_host=domain_pb2.AddHost(host=host))
+
+
+@settings(max_examples=75, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    domain_id=st.from_regex(model.DOMAIN_ID_PATTERN, fullmatch=True),
+    base_version=st.integers(min_value=0, max_value=2**64 - 1),
+    base_state_hash=st.binary(min_size=32, max_size=32),
+    changes=st.lists(st.sampled_from(DOMAIN_CHANGES), min_size=1, max_size=6),
+    with_host=st.booleans(),
+    proposer_id=st.sampled_from(OPERATOR_IDS),
+    created_at=st.integers(min_value=-(2**62), max_value=2**62),
+    lifetime=st.integers(min_value=1, max_value=10**9),
+    reason=st.text(max_size=40),
+    nonce=st.binary(min_size=16, max_size=16),
+)
+def test_proposal_roundtrip(
+    domain_id: str,
+    base_version: int,
+    base_state_hash: bytes,
+    changes: list[domain_pb2.Change],
+    with_host: bool,
+    proposer_id: str,
+    created_at: int,
+    lifetime: int,
+    reason: str,
+    nonce: bytes,
+) -> None:
+    if with_host:
+        changes = [*changes, _host_change_for(domain_id)]
+    created = Proposal.create(
+        domain_id=domain_id,
+        base_version=base_version,
+        base_state_hash=base_state_hash,
+        changes=changes,
+        proposer_id=proposer_id,
+        created_at=created_at,
+        expires_at=created_at + lifetime,
+        reason=reason,
+        nonce=nonce,
+    )
+    parsed = Proposal.from_bytes(created.raw)
+    assert parsed.raw == created.raw
+    assert parsed.id == created.id == hashlib.sha256(created.raw).digest()
+    assert parsed.message == created.message
+    assert (parsed.domain_id, parsed.base_version, parsed.base_state_hash) == (
+        domain_id,
+        base_version,
+        base_state_hash,
+    )
+    assert (parsed.proposer_id, parsed.created_at, parsed.expires_at) == (
+        proposer_id,
+        created_at,
+        created_at + lifetime,
+    )
+    assert parsed.message.reason == reason
+    assert parsed.message.nonce == nonce
+    assert list(parsed.changes) == changes
+    assert parsed.change_types == frozenset(model.change_type_of(c) for c in changes)
+
+
+# --- Manifest ------------------------------------------------------------------------------
+
+
+def _m(path: str, value: object) -> Callable[[domain_pb2.Manifest], None]:
+    def mutate(message: domain_pb2.Manifest) -> None:
+        target: object = message
+        *parents, last = path.split(".")
+        for part in parents:
+            target = target[int(part)] if part.isdigit() else getattr(target, part)  # type: ignore[index]
+        setattr(target, last, value)
+
+    return mutate
+
+
+def _generations(*numbers: int) -> Callable[[domain_pb2.Manifest], None]:
+    def mutate(message: domain_pb2.Manifest) -> None:
+        del message.key_generations[:]
+        message.key_generations.extend(
+            domain_pb2.KeyGeneration(generation=n, created_at=1) for n in numbers
+        )
+
+    return mutate
+
+
+def _clear(name: str) -> Callable[[domain_pb2.Manifest], None]:
+    def mutate(message: domain_pb2.Manifest) -> None:
+        message.ClearField(name)
+
+    return mutate
+
+
+MANIFEST_MUTATIONS: dict[str, Callable[[domain_pb2.Manifest], None]] = {
+    "domain id invalid": _m("domain_id", "Not Valid"),
+    "version 0": _m("version", 0),
+    "previous hash empty": _m("previous_state_hash", b""),
+    "previous hash 31 bytes": _m("previous_state_hash", bytes(31)),
+    "no key generations": _generations(),
+    "generations descending": _generations(2, 1),
+    "generations duplicated": _generations(1, 1),
+    "generation 0": _generations(0, 1),
+    "no quorum policy": _clear("quorum"),
+    "no settings": _clear("settings"),
+    "host spiffe of another domain": _m("hosts.0.spiffe_id", "spiffe://other/hsa/hsa-1"),
+    "host agreement key short": _m("hosts.0.agreement_public_key", bytes(16)),
+    "host signing key garbage": _m("hosts.0.signing_public_key", b"nope"),
+    "operator id not sha256 of key": _m("operators.0.operator_id", ED_KEY.key_id),
+    "operator name empty": _m("operators.0.name", ""),
+}
+
+
+@pytest.mark.parametrize("case", list(MANIFEST_MUTATIONS))
+def test_manifest_from_bytes_rejects(case: str) -> None:
+    message = _manifest_message()
+    MANIFEST_MUTATIONS[case](message)
+    with pytest.raises(MalformedMessageError):
+        Manifest.from_bytes(_ser(message))
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [
+        Limits(max_hosts=2),
+        Limits(max_operators=2),
+        Limits(max_message_bytes=100),
+    ],
+    ids=["hosts", "operators", "bytes"],
+)
+def test_manifest_from_bytes_enforces_limits(limits: Limits) -> None:
+    raw = SIM.head.manifest.raw
+    with pytest.raises(LimitExceededError):
+        Manifest.from_bytes(raw, limits)
+
+
+def test_manifest_hash_is_typed_digest_of_raw_bytes() -> None:
+    manifest = SIM.head.manifest
+    assert manifest.hash == canonical.digest(PayloadType.MANIFEST, manifest.raw)
+    assert Manifest.from_bytes(manifest.raw).hash == manifest.hash
+    assert manifest.current_generation == 1
+    assert set(manifest.hosts_by_id) == {"hsa-1", "hsa-2", "hsa-3"}
+    assert manifest.host_signing_key("hsa-1") == SIM.hosts["hsa-1"].signer.public_key
+    assert manifest.host_signing_key("nobody") is None
+    assert manifest.host_fingerprints == frozenset(
+        h.tls_certificate_fingerprint for h in SIM.hosts.values()
+    )
+
+
+@pytest.mark.parametrize("garbage", [b"\xff", b"\x12\x7f", b""])
+def test_manifest_from_bytes_rejects_garbage(garbage: bytes) -> None:
+    with pytest.raises(MalformedMessageError):
+        Manifest.from_bytes(garbage)
+
+
+# --- SealedState ---------------------------------------------------------------------------
+
+
+def _state_message() -> domain_pb2.SealedState:
+    message = domain_pb2.SealedState()
+    message.CopyFrom(SIM.head.message)
+    return message
+
+
+def _secrets_generation(n: int) -> Callable[[domain_pb2.SealedState], None]:
+    def mutate(message: domain_pb2.SealedState) -> None:
+        secrets = domain_pb2.SealedSecrets()
+        secrets.ParseFromString(message.secrets)
+        secrets.generation = n
+        message.secrets = _ser(secrets)
+
+    return mutate
+
+
+def _s(name: str, value: object) -> Callable[[domain_pb2.SealedState], None]:
+    def mutate(message: domain_pb2.SealedState) -> None:
+        setattr(message, name, value)
+
+    return mutate
+
+
+STATE_MUTATIONS: dict[str, Callable[[domain_pb2.SealedState], None]] = {
+    "manifest empty": _s("manifest", b""),
+    "manifest garbage": _s("manifest", b"\xff\xff"),
+    "secrets garbage": _s("secrets", b"\xff\xff"),
+    "secrets under another generation": _secrets_generation(2),
+    "secrets empty": _s("secrets", b""),
+    "proposal garbage": _s("proposal", b"\xff"),
+    "proposal invalid": _s("proposal", _ser(domain_pb2.Proposal(domain_id="test"))),
+    "no producer": _s("producer_host_id", ""),
+    "no signature": _s("producer_signature", b""),
+}
+
+
+@pytest.mark.parametrize("case", list(STATE_MUTATIONS))
+def test_sealed_state_rejects(case: str) -> None:
+    message = _state_message()
+    STATE_MUTATIONS[case](message)
+    with pytest.raises(MalformedMessageError):
+        SealedState.from_bytes(_ser(message))
+    with pytest.raises(MalformedMessageError):
+        SealedState.from_message(message)
+
+
+def test_sealed_state_limits() -> None:
+    raw = SIM.head.to_bytes()
+    with pytest.raises(LimitExceededError):
+        SealedState.from_bytes(raw, Limits(max_message_bytes=len(raw) - 1))
+    with pytest.raises(LimitExceededError, match="approvals"):
+        SealedState.from_bytes(raw, Limits(max_approvals_per_proposal=2))
+    SealedState.from_bytes(raw, Limits(max_approvals_per_proposal=3))
+
+
+def test_sealed_state_rejects_garbage_and_wrong_types() -> None:
+    with pytest.raises(MalformedMessageError):
+        SealedState.from_bytes(b"\xff\xff")
+    with pytest.raises(TypeError):
+        SealedState.from_message(SIM.head.manifest.message)
+
+
+def test_sealed_state_roundtrip_keeps_bytes_and_hash() -> None:
+    state = SIM.head
+    again = SealedState.from_bytes(state.to_bytes())
+    assert again.to_bytes() == state.to_bytes()
+    assert (
+        again.hash == state.hash == model.state_hash(state.message.manifest, state.message.secrets)
+    )
+    assert again.proposal is not None
+    assert state.proposal is not None
+    assert again.proposal.id == state.proposal.id
+    assert list(again.approvals) == list(state.approvals)
+
+
+def test_state_hash_covers_both_parts_with_boundaries() -> None:
+    a = model.state_hash(b"ab", b"c")
+    assert a != model.state_hash(b"a", b"bc")
+    assert a != canonical.digest(PayloadType.MANIFEST, b"ab", b"c")
+
+
+# --- hypothesis: parsing arbitrary or damaged bytes only ever raises InvalidInputError --------
+
+
+def _only_input_errors(parse: Callable[[bytes], object], data: bytes) -> None:
+    with contextlib.suppress(InvalidInputError):
+        parse(data)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.binary(max_size=200))
+def test_arbitrary_bytes_never_crash_parsers(data: bytes) -> None:
+    _only_input_errors(Proposal.from_bytes, data)
+    _only_input_errors(Manifest.from_bytes, data)
+    _only_input_errors(SealedState.from_bytes, data)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.data())
+def test_damaged_valid_bytes_never_crash_parsers(data: st.DataObject) -> None:
+    raw = data.draw(
+        st.sampled_from([BASE_PROPOSAL.raw, SIM.head.manifest.raw, SIM.head.to_bytes()])
+    )
+    position = data.draw(st.integers(min_value=0, max_value=len(raw) - 1))
+    mode = data.draw(st.sampled_from(["flip", "truncate", "byte"]))
+    if mode == "flip":
+        damaged = bytearray(raw)
+        damaged[position] ^= 1 << data.draw(st.integers(min_value=0, max_value=7))
+        damaged_bytes = bytes(damaged)
+    elif mode == "truncate":
+        damaged_bytes = raw[:position]
+    else:
+        damaged = bytearray(raw)
+        damaged[position] = data.draw(st.integers(min_value=0, max_value=255))
+        damaged_bytes = bytes(damaged)
+    _only_input_errors(Proposal.from_bytes, damaged_bytes)
+    _only_input_errors(Manifest.from_bytes, damaged_bytes)
+    _only_input_errors(SealedState.from_bytes, damaged_bytes)
+
+
+# --- record helpers ------------------------------------------------------------------------
+
+
+def test_make_operator_id_is_sha256_of_spki() -> None:
+    operator = model.make_operator("erin", ECDSA_KEY)
+    assert operator.operator_id == hashlib.sha256(ECDSA_KEY.spki_der).hexdigest()
+    assert operator.algorithm == domain_pb2.SIGNATURE_ALGORITHM_ECDSA_P256
+    assert model.operator_public_key(operator) == ECDSA_KEY
+
+
+@pytest.mark.parametrize("name", ["", "x" * 65, "tab\there"])
+def test_make_operator_rejects_bad_names(name: str) -> None:
+    with pytest.raises(MalformedMessageError):
+        model.make_operator(name, ECDSA_KEY)
+
+
+def test_make_host_requires_ed25519_signing_key_and_valid_id() -> None:
+    with pytest.raises(MalformedMessageError, match="Ed25519"):
+        model.make_host("test", "hsa-7", ECDSA_KEY, bytes(32), bytes(32))
+    with pytest.raises(MalformedMessageError):
+        model.make_host("test", "hsa_7", ED_KEY, bytes(32), bytes(32))
+    host = model.make_host("test", "hsa-7", ED_KEY, bytes(32), bytes(32))
+    assert host.spiffe_id == "spiffe://test/hsa/hsa-7"
+
+
+def test_change_type_helpers() -> None:
+    assert model.change_type_name(domain_pb2.CHANGE_TYPE_REMOVE_HOST) == "remove-host"
+    assert model.change_type_name(99) == "unknown-99"
+    with pytest.raises(MalformedMessageError, match="no type"):
+        model.change_type_of(domain_pb2.Change())
+    assert model.CHANGE_TYPES_BY_NAME["rotate-domain-key"] == (
+        domain_pb2.CHANGE_TYPE_ROTATE_DOMAIN_KEY
+    )

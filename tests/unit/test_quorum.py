@@ -1,0 +1,412 @@
+"""domain_core.quorum: only distinct current operators' valid approvals of this proposal count."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from support.simulator import SimulatedDomain, new_operator
+
+from domain_core import quorum
+from domain_core.errors import (
+    MalformedMessageError,
+    ProposalExpiredError,
+    QuorumNotMetError,
+    StaleProposalError,
+    WrongDomainError,
+)
+from domain_core.model import Proposal, operator_public_key
+from domain_core.pb import domain_pb2
+from domain_core.signers import SignatureAlgorithm
+
+pytestmark = pytest.mark.unit
+
+ADD_HOST = domain_pb2.CHANGE_TYPE_ADD_HOST
+REMOVE_HOST = domain_pb2.CHANGE_TYPE_REMOVE_HOST
+ADD_OPERATOR = domain_pb2.CHANGE_TYPE_ADD_OPERATOR
+SET_QUORUM = domain_pb2.CHANGE_TYPE_SET_QUORUM
+
+# --- keys and approvals, made once per module ------------------------------------------------
+
+SIM = SimulatedDomain.create(operators=5, threshold=3)
+OPS = SIM.operators  # op0..op4, Ed25519 and ECDSA P-256 alternating
+OUTSIDER = new_operator("mallory", SignatureAlgorithm.ECDSA_P256)
+OTHER_DOMAIN = SimulatedDomain.create(domain_id="other", operators=1, threshold=1)
+
+PROPOSAL = SIM.propose([SIM.rotate_domain_key_change()])
+OTHER_PROPOSAL = SIM.propose([SIM.rotate_domain_key_change()])  # same content, other nonce
+FOREIGN_PROPOSAL = Proposal.create(
+    domain_id="other",
+    base_version=PROPOSAL.base_version,
+    base_state_hash=PROPOSAL.base_state_hash,
+    changes=PROPOSAL.changes,
+    proposer_id=PROPOSAL.proposer_id,
+    created_at=PROPOSAL.created_at,
+    expires_at=PROPOSAL.expires_at,
+    nonce=PROPOSAL.message.nonce,
+)
+
+VALID = [quorum.approve(PROPOSAL, o.signer) for o in OPS]
+OVER_OTHER = [quorum.approve(OTHER_PROPOSAL, o.signer) for o in OPS]
+OVER_FOREIGN = [quorum.approve(FOREIGN_PROPOSAL, o.signer) for o in OPS]
+
+
+def _approval(operator_id: str, proposal_id: bytes, signature: bytes) -> domain_pb2.Approval:
+    return domain_pb2.Approval(
+        proposal_id=proposal_id, operator_id=operator_id, signature=signature
+    )
+
+
+def _kind(spec: tuple[object, ...]) -> domain_pb2.Approval:
+    """Build one approval from a table token."""
+    kind = spec[0]
+    i = int(spec[1]) if len(spec) > 1 else 0  # type: ignore[call-overload]
+    op = OPS[i]
+    if kind == "ok":
+        return VALID[i]
+    if kind == "outsider":  # a valid signature by a key that is no operator
+        return quorum.approve(PROPOSAL, OUTSIDER.signer)
+    if kind == "other-proposal":  # op signed another proposal; moved onto this one
+        return _approval(op.operator_id, PROPOSAL.id, OVER_OTHER[i].signature)
+    if kind == "other-proposal-as-is":  # op's approval of another proposal, unchanged
+        return OVER_OTHER[i]
+    if kind == "other-domain":  # op signed the same proposal for another domain
+        return _approval(op.operator_id, PROPOSAL.id, OVER_FOREIGN[i].signature)
+    if kind == "moved":  # signature bytes of op i's valid approval, attributed to op j
+        j = int(spec[2])  # type: ignore[call-overload]
+        return _approval(OPS[j].operator_id, PROPOSAL.id, VALID[i].signature)
+    if kind == "cancel":  # op signed a cancel of this proposal, not an approval
+        return _approval(
+            op.operator_id, PROPOSAL.id, op.signer.sign(quorum.cancel_message(PROPOSAL.id))
+        )
+    if kind == "id-mismatch":  # valid signature over this proposal, but the id field lies
+        return _approval(op.operator_id, OTHER_PROPOSAL.id, VALID[i].signature)
+    if kind == "garbage":
+        return _approval(op.operator_id, PROPOSAL.id, b"\x00" * 64)
+    if kind == "empty":
+        return _approval(op.operator_id, PROPOSAL.id, b"")
+    if kind == "other-domain-operator":  # an operator of another domain
+        return quorum.approve(PROPOSAL, OTHER_DOMAIN.operators[0].signer)
+    raise AssertionError(f"unknown token {spec}")
+
+
+def _count(
+    approvals: Sequence[domain_pb2.Approval], threshold: int, n_operators: int = 5
+) -> quorum.QuorumResult:
+    operators = [o.record for o in OPS[:n_operators]]
+    keys = {o.operator_id: operator_public_key(o) for o in operators}
+    return quorum.count_approvals(operators, keys, PROPOSAL.id, approvals, threshold)
+
+
+# --- table-driven cases ----------------------------------------------------------------------
+
+Token = tuple[object, ...]
+CASES: list[tuple[str, int, int, list[Token], int]] = [
+    # (name, operators, threshold, approvals, expected count)
+    ("exactly M", 3, 2, [("ok", 0), ("ok", 1)], 2),
+    ("other M", 3, 2, [("ok", 2), ("ok", 0)], 2),
+    ("all", 5, 5, [("ok", i) for i in range(5)], 5),
+    ("M-1", 3, 2, [("ok", 1)], 1),
+    ("none", 3, 1, [], 0),
+    ("M-1 of 5", 5, 3, [("ok", 3), ("ok", 4)], 2),
+    ("duplicate counts once", 3, 2, [("ok", 0), ("ok", 0)], 1),
+    ("triple and one", 3, 2, [("ok", 0), ("ok", 0), ("ok", 0), ("ok", 1)], 2),
+    ("outsider", 3, 2, [("ok", 0), ("outsider",)], 1),
+    ("other domain's operator", 3, 2, [("ok", 0), ("other-domain-operator",)], 1),
+    ("operator beyond this set", 2, 2, [("ok", 0), ("ok", 2)], 1),
+    ("signature over other proposal", 3, 2, [("ok", 0), ("other-proposal", 1)], 1),
+    ("approval of other proposal", 3, 2, [("ok", 0), ("other-proposal-as-is", 1)], 1),
+    ("signature over other domain", 3, 2, [("ok", 0), ("other-domain", 1)], 1),
+    ("signature moved to other op", 3, 2, [("ok", 0), ("moved", 0, 1)], 1),
+    ("moved ecdsa to ed25519 op", 3, 2, [("ok", 2), ("moved", 1, 0)], 1),
+    ("cancel is not approve", 3, 2, [("ok", 0), ("cancel", 1)], 1),
+    ("id field lies", 3, 2, [("ok", 0), ("id-mismatch", 1)], 1),
+    ("garbage signature", 3, 2, [("ok", 0), ("garbage", 1)], 1),
+    ("empty signature", 3, 2, [("ok", 0), ("empty", 1)], 1),
+    ("forgery before real one", 3, 2, [("garbage", 0), ("ok", 0), ("ok", 1)], 2),
+    ("forgeries only", 3, 1, [("garbage", 0), ("moved", 0, 1), ("other-domain", 2)], 0),
+    (
+        "many forgeries, M real",
+        5,
+        3,
+        [("outsider",), ("ok", 4), ("moved", 4, 3), ("ok", 1), ("cancel", 2), ("ok", 2)],
+        3,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("n_operators", "threshold", "tokens", "expected"),
+    [pytest.param(n, m, tokens, expected, id=name) for name, n, m, tokens, expected in CASES],
+)
+def test_quorum_table(n_operators: int, threshold: int, tokens: list[Token], expected: int) -> None:
+    approvals = [_kind(t) for t in tokens]
+    result = _count(approvals, threshold, n_operators)
+    assert len(result.approved_by) == expected
+    assert result.met is (expected >= threshold)
+    assert result.needed == max(0, threshold - expected)
+    assert result.threshold == threshold
+    current = [o.operator_id for o in OPS[:n_operators]]
+    assert set(result.approved_by) | set(result.missing) == set(current)
+    assert not set(result.approved_by) & set(result.missing)
+    # Ordered by the operator list, never by the submitted approvals.
+    assert list(result.approved_by) == [o for o in current if o in result.approved_by]
+    assert result.describe() == f"{expected} of {threshold} approvals"
+
+
+def test_rejections_are_reported() -> None:
+    result = _count([_kind(("outsider",)), _kind(("ok", 0)), _kind(("ok", 0))], 2)
+    reasons = dict(result.rejected)
+    assert reasons[OUTSIDER.operator_id] == "not an operator of this domain state"
+    assert reasons[OPS[0].operator_id] == "duplicate approval ignored"
+    result = _count([_kind(("id-mismatch", 1))], 1)
+    assert result.rejected == ((OPS[1].operator_id, "the approval is for another proposal"),)
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5])
+def test_any_m_distinct_operators_pass_and_m_minus_1_fail(m: int) -> None:
+    rng = random.Random(m)
+    for _ in range(5):
+        chosen = rng.sample(range(5), m)
+        assert _count([VALID[i] for i in chosen], m).met
+        assert not _count([VALID[i] for i in chosen[:-1]], m).met
+
+
+# --- removed operators -----------------------------------------------------------------------
+
+
+def test_approval_from_removed_operator_does_not_count() -> None:
+    sim = SimulatedDomain.create()  # 3 operators, threshold 2
+    v1 = sim.head
+    sim.transition([sim.remove_operator_change(2)], approvers=[0, 1])
+    v2 = sim.head
+    proposal = sim.propose([sim.rotate_domain_key_change()])
+    approvals = sim.approve(proposal, [0, 2])
+    # op2's signature is valid and would count under the old operator set ...
+    assert len(quorum.evaluate(v1.manifest, proposal, approvals).approved_by) == 2
+    # ... but op2 is not an operator of the state the proposal applies to.
+    result = quorum.evaluate(v2.manifest, proposal, approvals)
+    assert result.approved_by == (sim.operators[0].operator_id,)
+    assert not result.met
+    with pytest.raises(QuorumNotMetError, match="1 of 2 approvals"):
+        quorum.verify_quorum(v2.manifest, v2.hash, proposal, approvals, now=sim.now)
+
+
+# --- hypothesis properties ------------------------------------------------------------------
+
+FORGERY_TOKENS: list[Token] = [
+    ("outsider",),
+    ("other-domain-operator",),
+    *[
+        (k, i)
+        for k in ("other-proposal", "other-domain", "cancel", "id-mismatch", "garbage")
+        for i in range(5)
+    ],
+    *[("moved", i, j) for i in range(5) for j in range(5) if i != j],
+]
+FORGERIES = [_kind(t) for t in FORGERY_TOKENS]
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    valid=st.lists(st.integers(min_value=0, max_value=4), max_size=8),
+    forged=st.lists(st.sampled_from(range(len(FORGERIES))), max_size=6),
+    threshold=st.integers(min_value=1, max_value=5),
+    seed=st.integers(min_value=0, max_value=2**16),
+)
+def test_count_is_distinct_valid_current_operators(
+    valid: list[int], forged: list[int], threshold: int, seed: int
+) -> None:
+    approvals = [VALID[i] for i in valid] + [FORGERIES[f] for f in forged]
+    random.Random(seed).shuffle(approvals)
+    result = _count(approvals, threshold)
+    expected = {OPS[i].operator_id for i in valid}
+    assert set(result.approved_by) == expected
+    assert len(result.approved_by) == len(expected)
+    assert result.met is (len(expected) >= threshold)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    valid=st.sets(st.integers(min_value=0, max_value=4)),
+    forged=st.lists(st.sampled_from(range(len(FORGERIES))), min_size=1, max_size=6),
+)
+def test_forgeries_never_add_and_order_never_matters(valid: set[int], forged: list[int]) -> None:
+    honest = [VALID[i] for i in sorted(valid)]
+    base = _count(honest, 1)
+    mixed = honest + [FORGERIES[f] for f in forged]
+    assert set(_count(mixed, 1).approved_by) == set(base.approved_by)
+    assert _count(list(reversed(mixed)), 1).approved_by == base.approved_by
+
+
+# --- per-change-type thresholds ---------------------------------------------------------------
+
+
+def _policy(default: int, **typed: int) -> domain_pb2.QuorumPolicy:
+    names = {"add_host": ADD_HOST, "remove_host": REMOVE_HOST, "add_operator": ADD_OPERATOR}
+    return domain_pb2.QuorumPolicy(
+        threshold=default,
+        change_thresholds=[
+            domain_pb2.ChangeThreshold(change_type=names[k], threshold=v)
+            for k, v in sorted(typed.items(), key=lambda kv: names[kv[0]])
+        ],
+    )
+
+
+@pytest.mark.parametrize(
+    ("policy", "types", "expected"),
+    [
+        (_policy(2), {ADD_HOST}, 2),
+        (_policy(2, remove_host=3), {ADD_HOST}, 2),
+        (_policy(2, remove_host=3), {REMOVE_HOST}, 3),
+        (_policy(2, remove_host=3), {ADD_HOST, REMOVE_HOST}, 3),
+        (_policy(2, remove_host=3, add_operator=4), {ADD_OPERATOR, REMOVE_HOST}, 4),
+        (_policy(3, add_operator=1), {ADD_OPERATOR}, 3),  # a typed threshold never lowers
+        (_policy(2, remove_host=3), set(), 2),
+        (_policy(1, add_host=2), {SET_QUORUM, ADD_HOST}, 2),
+    ],
+)
+def test_required_threshold_is_highest_of_change_types(
+    policy: domain_pb2.QuorumPolicy, types: set[int], expected: int
+) -> None:
+    assert quorum.required_threshold(policy, types) == expected
+
+
+def test_proposal_needs_highest_threshold_of_its_changes() -> None:
+    sim = SimulatedDomain.create(
+        operators=4,
+        threshold=2,
+        change_thresholds=[domain_pb2.ChangeThreshold(change_type=REMOVE_HOST, threshold=3)],
+    )
+    add_op = sim.add_operator_change("eve")
+    plain = sim.propose([add_op])
+    quorum.verify_quorum(
+        sim.head.manifest, sim.head.hash, plain, sim.approve(plain, [0, 1]), now=sim.now
+    )
+    mixed = sim.propose([add_op, sim.remove_host_change("hsa-3")])
+    with pytest.raises(QuorumNotMetError, match="2 of 3 approvals") as info:
+        quorum.verify_quorum(
+            sim.head.manifest, sim.head.hash, mixed, sim.approve(mixed, [0, 1]), now=sim.now
+        )
+    assert "add-operator, remove-host" in str(info.value)
+    result = quorum.verify_quorum(
+        sim.head.manifest, sim.head.hash, mixed, sim.approve(mixed, [0, 1, 3]), now=sim.now
+    )
+    assert result.met
+    assert result.threshold == 3
+
+
+# --- check_applicable --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def advanced() -> SimulatedDomain:
+    """A domain at version 2 (genesis + one transition), never changed by tests."""
+    sim = SimulatedDomain.create()
+    sim.advance(10)
+    sim.transition([sim.rotate_domain_key_change()])
+    return sim
+
+
+def _check(sim: SimulatedDomain, proposal: Proposal, now: int | None = None) -> None:
+    quorum.check_applicable(
+        sim.head.manifest, sim.head.hash, proposal, now=sim.now if now is None else now
+    )
+
+
+def test_applicable_proposal_passes(advanced: SimulatedDomain) -> None:
+    _check(advanced, advanced.propose([advanced.rotate_domain_key_change()]))
+
+
+def test_wrong_domain(advanced: SimulatedDomain) -> None:
+    p = advanced.propose([advanced.rotate_domain_key_change()], domain_id="other")
+    with pytest.raises(WrongDomainError, match="'other'"):
+        _check(advanced, p)
+
+
+def test_old_base_version_is_stale(advanced: SimulatedDomain) -> None:
+    p = advanced.propose([advanced.rotate_domain_key_change()], base=advanced.genesis)
+    with pytest.raises(StaleProposalError) as info:
+        _check(advanced, p)
+    assert str(info.value) == "domain is at version 2, this proposal is for 1: propose again"
+
+
+def test_future_base_version_is_stale(advanced: SimulatedDomain) -> None:
+    p = advanced.propose([advanced.rotate_domain_key_change()], base_version=3)
+    with pytest.raises(StaleProposalError, match="at version 2, this proposal is for 3"):
+        _check(advanced, p)
+
+
+def test_same_version_other_hash_is_stale(advanced: SimulatedDomain) -> None:
+    p = advanced.propose([advanced.rotate_domain_key_change()], base_state_hash=b"\x01" * 32)
+    with pytest.raises(StaleProposalError, match="another state hash"):
+        _check(advanced, p)
+
+
+def test_expired(advanced: SimulatedDomain) -> None:
+    p = advanced.propose([advanced.rotate_domain_key_change()], expires_in=600)
+    _check(advanced, p, now=p.expires_at - 1)
+    with pytest.raises(ProposalExpiredError):
+        _check(advanced, p, now=p.expires_at)
+    with pytest.raises(ProposalExpiredError, match="expired 100s ago"):
+        _check(advanced, p, now=p.expires_at + 100)
+
+
+def test_lifetime_longer_than_settings(advanced: SimulatedDomain) -> None:
+    lifetime = advanced.head.manifest.message.settings.max_proposal_lifetime_seconds
+    _check(advanced, advanced.propose([advanced.rotate_domain_key_change()], expires_in=lifetime))
+    p = advanced.propose([advanced.rotate_domain_key_change()], expires_in=lifetime + 1)
+    with pytest.raises(MalformedMessageError, match="shorter expiry"):
+        _check(advanced, p)
+
+
+def test_future_dated(advanced: SimulatedDomain) -> None:
+    skew = 300
+    ok = advanced.propose([advanced.rotate_domain_key_change()], now=advanced.now + skew)
+    _check(advanced, ok)
+    p = advanced.propose([advanced.rotate_domain_key_change()], now=advanced.now + skew + 1)
+    with pytest.raises(MalformedMessageError, match="future"):
+        _check(advanced, p)
+
+
+def test_verify_quorum_message(advanced: SimulatedDomain) -> None:
+    p = advanced.propose([advanced.rotate_domain_key_change()], expires_in=3600)
+    with pytest.raises(QuorumNotMetError) as info:
+        quorum.verify_quorum(
+            advanced.head.manifest,
+            advanced.head.hash,
+            p,
+            advanced.approve(p, [0]),
+            now=advanced.now,
+        )
+    message = str(info.value)
+    assert "1 of 2 approvals" in message
+    assert "rotate-domain-key" in message
+    assert "1 more needed" in message
+    assert "expires in 60 min" in message
+
+
+def test_verify_quorum_checks_applicability_first(advanced: SimulatedDomain) -> None:
+    p = advanced.propose([advanced.rotate_domain_key_change()], base=advanced.genesis)
+    with pytest.raises(StaleProposalError):
+        quorum.verify_quorum(
+            advanced.head.manifest,
+            advanced.head.hash,
+            p,
+            advanced.approve(p, [0, 1, 2]),
+            now=advanced.now,
+        )
+
+
+# --- messages signed ---------------------------------------------------------------------------
+
+
+def test_approve_signs_domain_separated_id() -> None:
+    approval = VALID[1]
+    assert approval.proposal_id == PROPOSAL.id
+    assert approval.operator_id == OPS[1].operator_id
+    OPS[1].signer.public_key.verify(approval.signature, quorum.approval_message(PROPOSAL.id))
+    assert quorum.approval_message(PROPOSAL.id) != quorum.cancel_message(PROPOSAL.id)
