@@ -1,0 +1,21 @@
+"""The local cluster launcher behind `hsm-domain`: init, up, down, status, add-node.
+
+Public API: `init_domain`, `load_layout`, `add_node`, `DomainLayout` (files of a local domain),
+`read_enrollment` (verify a new host's enrollment), and `deploy.cluster` for running the
+processes. This package imports only `domain_core`, never the process packages.
+"""
+
+from __future__ import annotations
+
+from deploy.enrollment import parse_enrollment, read_enrollment
+from deploy.init import DomainLayout, add_node, init_domain, load_layout, read_passphrase
+
+__all__ = [
+    "DomainLayout",
+    "add_node",
+    "init_domain",
+    "load_layout",
+    "parse_enrollment",
+    "read_enrollment",
+    "read_passphrase",
+]

@@ -1,0 +1,479 @@
+"""`hsm-domain init`: create every file of a local domain, genesis ceremony included.
+
+Invariants kept here:
+- the tree is exactly the one docs/runtime.md lists ("Files of a local domain"); paths inside
+  config files are relative to the config file, so a domain directory can be moved;
+- every private key, token and passphrase file is created 0600 and never overwritten; the
+  domain directory and every directory holding secrets is 0700;
+- a domain directory appears complete or not at all: a new one is built in a temporary
+  sibling and renamed into place; an existing empty one is filled in place and emptied again
+  if `init` fails; `init` refuses a directory that is not empty;
+- the genesis state written is approved by every genesis operator (each token opened with its
+  passphrase, as at a real ceremony), sealed by hsa-1, and verified against its own hash
+  before `domain.json` pins that hash.
+
+Passphrase files are a LOCAL DEMO convenience: a real domain never writes them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
+
+from deploy._files import make_private_dir, replace_file, write_json, write_secret_file
+from deploy._tls import new_tls_key_pem, tls_public_key
+from deploy.enrollment import enrollment_signing_input
+from domain_core import canonical, genesis, model, quorum
+from domain_core.chain import TrustedChain
+from domain_core.config import CoordinatorConfig, NodeConfig, TlsFiles
+from domain_core.errors import AlreadyExistsError, InvalidInputError, NotFoundError
+from domain_core.identity import TLS_CERTIFICATE_FILE, TLS_KEY_FILE, HostIdentity
+from domain_core.limits import DEFAULT_LIMITS
+from domain_core.model import SealedState
+from domain_core.pb import domain_pb2
+from domain_core.pki import DomainCA, SpiffeId, certificate_fingerprint, is_valid_trust_domain
+from domain_core.signers import SignatureAlgorithm, create_file_token, load_file_token
+
+__all__ = [
+    "COORDINATOR_NAME",
+    "DEMO_CLIENT",
+    "DomainLayout",
+    "add_node",
+    "init_domain",
+    "load_layout",
+    "operator_names",
+    "read_passphrase",
+]
+
+DOMAIN_FILE: Final = "domain.json"
+GENESIS_FILE: Final = "genesis.state"
+ENROLLMENT_FILE: Final = "enrollment.bin"
+COORDINATOR_NAME: Final = "coordinator"
+DEMO_CLIENT: Final = "demo-app"
+_OPERATOR_NAMES: Final = (
+    "alice",
+    "bob",
+    "carol",
+    "dave",
+    "erin",
+    "frank",
+    "grace",
+    "heidi",
+    "ivan",
+    "judy",
+)
+_HOST_PREFIX: Final = "hsa-"
+_HOST_NUMBER: Final = re.compile(r"^hsa-(\d+)$")
+_DOMAIN_FORMAT: Final = "hsm-domain-local"
+
+
+def operator_names(count: int) -> list[str]:
+    """The demo operator names: alice, bob, ... judy, then op-11, op-12, ..."""
+    return [_OPERATOR_NAMES[i] if i < len(_OPERATOR_NAMES) else f"op-{i + 1}" for i in range(count)]
+
+
+def read_passphrase(path: Path) -> bytes:
+    """The passphrase stored in a demo passphrase file (surrounding whitespace stripped)."""
+    return Path(path).read_bytes().strip()
+
+
+@dataclass(frozen=True)
+class DomainLayout:
+    """Where everything of one local domain lives; read back with `load_layout`.
+
+    `node_configs` lists every node that has a config: the genesis hosts in order, then the
+    hosts added later with `add_node` (which join the domain only once operators approve).
+    """
+
+    root: Path
+    domain_id: str
+    genesis_hash: bytes
+    coordinator_config: Path
+    node_configs: dict[str, Path]
+    operator_tokens: dict[str, tuple[Path, Path]]
+    client_dir: Path
+    ca_cert: Path
+    genesis_nodes: tuple[str, ...] = ()
+    quorum: int = 0
+
+    @property
+    def genesis_state(self) -> Path:
+        """The serialized genesis SealedState."""
+        return self.root / GENESIS_FILE
+
+    @property
+    def run_dir(self) -> Path:
+        """Ready files and pid files of running processes."""
+        return self.root / "run"
+
+    @property
+    def log_dir(self) -> Path:
+        """One log per process."""
+        return self.root / "logs"
+
+    @property
+    def client_cert(self) -> Path:
+        """The demo application's TLS certificate (spiffe://<domain>/client/demo-app)."""
+        return self.client_dir / "tls.crt"
+
+    @property
+    def client_key(self) -> Path:
+        """The demo application's TLS key (0600)."""
+        return self.client_dir / "tls.key"
+
+    def ready_file(self, name: str) -> Path:
+        """The ready file a process writes once serving (`coordinator` or a host id)."""
+        return self.run_dir / f"{name}.json"
+
+    def pid_file(self, name: str) -> Path:
+        """The pid file of a detached process."""
+        return self.run_dir / f"{name}.pid"
+
+    def log_file(self, name: str) -> Path:
+        """Where a process's stdout and stderr go."""
+        return self.log_dir / f"{name}.log"
+
+    def node_dir(self, host_id: str) -> Path:
+        """The directory of one node (its config, identity and data)."""
+        return self.root / "nodes" / host_id
+
+    @property
+    def process_names(self) -> list[str]:
+        """Every process of the domain: the coordinator, then the nodes."""
+        return [COORDINATOR_NAME, *self.node_configs]
+
+
+def _validate_counts(nodes: int, operators: int, threshold: int, domain_id: str) -> None:
+    if not isinstance(nodes, int) or not 1 <= nodes <= DEFAULT_LIMITS.max_hosts:
+        raise InvalidInputError(
+            f"--nodes must be between 1 and {DEFAULT_LIMITS.max_hosts}, not {nodes}"
+        )
+    if not isinstance(operators, int) or not 1 <= operators <= DEFAULT_LIMITS.max_operators:
+        raise InvalidInputError(
+            f"--operators must be between 1 and {DEFAULT_LIMITS.max_operators}, not {operators}"
+        )
+    if not isinstance(threshold, int) or not 1 <= threshold <= operators:
+        raise InvalidInputError(
+            f"--quorum must be between 1 and the number of operators ({operators}), not {threshold}"
+        )
+    if not is_valid_trust_domain(domain_id) or len(domain_id) > 63:
+        raise InvalidInputError(
+            f"invalid domain id {str(domain_id)[:80]!r}: use 1-63 lower-case letters, digits, "
+            "'-' and '.'"
+        )
+
+
+def _check_target(directory: Path) -> None:
+    if directory.exists():
+        if not directory.is_dir():
+            raise AlreadyExistsError(f"{directory} exists and is not a directory")
+        if any(directory.iterdir()):
+            what = "a domain" if (directory / DOMAIN_FILE).exists() else "files (it is not empty)"
+            raise AlreadyExistsError(
+                f"{directory} holds {what} already; choose a new directory "
+                "(init never overwrites a domain)"
+            )
+
+
+def _issue_client_files(ca: DomainCA, spiffe: SpiffeId, directory: Path, now: datetime) -> None:
+    """A fresh P-256 key (0600) and a CA-issued certificate in `directory`."""
+    make_private_dir(directory)
+    key_pem = new_tls_key_pem()
+    cert_pem = ca.issue(spiffe, tls_public_key(key_pem), now=now)
+    write_secret_file(directory / TLS_KEY_FILE, key_pem)
+    replace_file(directory / TLS_CERTIFICATE_FILE, cert_pem)
+
+
+def _node_config(domain_id: str, genesis_hash: bytes, host_id: str, coordinator: str) -> NodeConfig:
+    return NodeConfig(
+        domain_id=domain_id,
+        genesis_hash=genesis_hash.hex(),
+        host_id=host_id,
+        identity_dir="identity",
+        data_dir="data",
+        genesis_state=f"../../{GENESIS_FILE}",
+        tls=TlsFiles(
+            ca="../../ca/ca.crt",
+            cert=f"identity/{TLS_CERTIFICATE_FILE}",
+            key=f"identity/{TLS_KEY_FILE}",
+        ),
+        coordinator=coordinator,
+    )
+
+
+def _create_host(
+    root: Path, ca: DomainCA, domain_id: str, host_id: str, now: datetime
+) -> tuple[HostIdentity, bytes, domain_pb2.Host]:
+    """Identity, CA-issued TLS certificate and host record of one new node under `root`."""
+    node_dir = make_private_dir(root / "nodes" / host_id)
+    identity_dir = node_dir / "identity"
+    identity = HostIdentity.generate(host_id)
+    identity.save(identity_dir)
+    cert_pem = ca.issue(identity.spiffe_id(domain_id), identity.tls_public_key, now=now)
+    identity.save_certificate(identity_dir, cert_pem)
+    make_private_dir(node_dir / "data")
+    host = model.make_host(
+        domain_id,
+        host_id,
+        identity.signing_public_key,
+        identity.agreement_public_key,
+        certificate_fingerprint(cert_pem),
+    )
+    return identity, cert_pem, host
+
+
+def init_domain(
+    directory: Path,
+    *,
+    nodes: int = 3,
+    operators: int = 3,
+    quorum: int = 2,
+    domain_id: str = "local",
+    now: datetime | None = None,
+    scrypt_n: int = 2**15,
+) -> DomainLayout:
+    """Create a local domain in `directory` (absent or empty) and return its layout.
+
+    Creates the CA, `nodes` hosts (hsa-1..hsa-N), the coordinator's and the demo client's TLS
+    files, `operators` file tokens with demo passphrase files, and the genesis state approved
+    by every operator and sealed by hsa-1. Refuses a non-empty directory.
+    """
+    _validate_counts(nodes, operators, quorum, domain_id)
+    now = now or datetime.now(UTC)
+    if now.tzinfo is None:
+        raise ValueError("now must be timezone-aware")
+    directory = Path(directory).absolute()
+    _check_target(directory)
+    if directory.exists():
+        # An existing empty directory (maybe the caller's cwd) is filled in place and emptied
+        # again on failure, rather than replaced.
+        directory.chmod(0o700)
+        try:
+            _build(directory, nodes, operators, quorum, domain_id, now, scrypt_n)
+        except BaseException:
+            for child in directory.iterdir():
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child, ignore_errors=True)
+                else:
+                    child.unlink(missing_ok=True)
+            raise
+        return load_layout(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = directory.parent / f".{directory.name}.init-{secrets.token_hex(4)}"
+    make_private_dir(staging)
+    try:
+        _build(staging, nodes, operators, quorum, domain_id, now, scrypt_n)
+        os.rename(staging, directory)  # refuses a non-empty directory that appeared meanwhile
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return load_layout(directory)
+
+
+def _build(
+    root: Path,
+    node_count: int,
+    operator_count: int,
+    threshold: int,
+    domain_id: str,
+    now: datetime,
+    scrypt_n: int,
+) -> None:
+    ca = DomainCA.create(domain_id, now=now)
+    ca.save(root / "ca")
+
+    identities: dict[str, HostIdentity] = {}
+    hosts: list[domain_pb2.Host] = []
+    for index in range(1, node_count + 1):
+        host_id = f"{_HOST_PREFIX}{index}"
+        identity, _, host = _create_host(root, ca, domain_id, host_id, now)
+        identities[host_id] = identity
+        hosts.append(host)
+
+    _issue_client_files(
+        ca,
+        SpiffeId(domain_id, "coordinator", COORDINATOR_NAME),
+        root / COORDINATOR_NAME,
+        now,
+    )
+    _issue_client_files(
+        ca, SpiffeId(domain_id, "client", DEMO_CLIENT), root / "clients" / DEMO_CLIENT, now
+    )
+
+    operators_dir = make_private_dir(root / "operators")
+    tokens: list[tuple[str, Path, bytes]] = []
+    records: list[domain_pb2.Operator] = []
+    for name in operator_names(operator_count):
+        passphrase = secrets.token_urlsafe(32).encode("ascii")
+        token_path = operators_dir / f"{name}.token"
+        write_secret_file(operators_dir / f"{name}.passphrase", passphrase + b"\n")
+        public_key = create_file_token(
+            token_path, SignatureAlgorithm.ED25519, passphrase, name=name, scrypt_n=scrypt_n
+        )
+        records.append(model.make_operator(name, public_key))
+        tokens.append((name, token_path, passphrase))
+
+    # The ceremony: every operator opens their token and approves; hsa-1 seals.
+    timestamp = int(now.timestamp())
+    proposal = genesis.genesis_proposal(
+        domain_id, hosts, records, threshold, proposer_id=records[0].operator_id, now=timestamp
+    )
+    approvals = [
+        quorum.approve(proposal, load_file_token(path, passphrase))
+        for _, path, passphrase in tokens
+    ]
+    first = hosts[0].host_id
+    state = genesis.seal_genesis(
+        proposal,
+        approvals,
+        producer_host_id=first,
+        producer=identities[first].signer,
+        now=timestamp,
+    )
+    TrustedChain.from_genesis(domain_id, state.hash, SealedState.from_bytes(state.to_bytes()))
+    replace_file(root / GENESIS_FILE, state.to_bytes())
+
+    for host in hosts:
+        config = _node_config(domain_id, state.hash, host.host_id, coordinator="")
+        config.save(root / "nodes" / host.host_id / "config.json")
+    CoordinatorConfig(
+        domain_id=domain_id,
+        genesis_hash=state.hash.hex(),
+        name=COORDINATOR_NAME,
+        genesis_state=f"../{GENESIS_FILE}",
+        tls=TlsFiles(ca="../ca/ca.crt", cert=TLS_CERTIFICATE_FILE, key=TLS_KEY_FILE),
+        store="sqlite:coordinator.db",
+    ).save(root / COORDINATOR_NAME / "config.json")
+    for name in ("run", "logs"):
+        make_private_dir(root / name)
+    write_json(
+        root / DOMAIN_FILE,
+        {
+            "format": _DOMAIN_FORMAT,
+            "domain_id": domain_id,
+            "genesis_hash": state.hash.hex(),
+            "nodes": [host.host_id for host in hosts],
+            "operators": [{"name": r.name, "operator_id": r.operator_id} for r in records],
+            "quorum": threshold,
+        },
+    )
+
+
+def _read_domain_file(root: Path) -> dict[str, Any]:
+    path = root / DOMAIN_FILE
+    try:
+        document = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise NotFoundError(
+            f"{root} holds no local domain ({DOMAIN_FILE} is missing); "
+            f"create one with `hsm-domain init {root}`"
+        ) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InvalidInputError(f"{path} is not valid JSON: {error}") from None
+    required = {"domain_id", "genesis_hash", "nodes", "operators", "quorum"}
+    if not isinstance(document, dict) or not required <= set(document):
+        raise InvalidInputError(f"{path} must be an object with {', '.join(sorted(required))}")
+    return document
+
+
+def _host_sort_key(host_id: str) -> tuple[int, str]:
+    match = _HOST_NUMBER.match(host_id)
+    return (int(match.group(1)) if match else 1 << 30, host_id)
+
+
+def load_layout(directory: Path) -> DomainLayout:
+    """Read `domain.json` of a domain made by `init_domain` and locate its files."""
+    root = Path(directory).absolute()
+    document = _read_domain_file(root)
+    try:
+        genesis_hash = bytes.fromhex(str(document["genesis_hash"]))
+        genesis_nodes = tuple(str(n) for n in document["nodes"])
+        operator_list = [str(o["name"]) for o in document["operators"]]
+        threshold = int(document["quorum"])
+    except (ValueError, TypeError, KeyError) as error:
+        raise InvalidInputError(f"{root / DOMAIN_FILE} is malformed: {error}") from None
+    if len(genesis_hash) != canonical.DIGEST_BYTES:
+        raise InvalidInputError(f"{root / DOMAIN_FILE}: genesis_hash is not 64 hex characters")
+    nodes_dir = root / "nodes"
+    found = (
+        sorted((p.parent.name for p in nodes_dir.glob("*/config.json")), key=_host_sort_key)
+        if nodes_dir.is_dir()
+        else []
+    )
+    ordered = [h for h in genesis_nodes if h in found] + [
+        h for h in found if h not in genesis_nodes
+    ]
+    operators_dir = root / "operators"
+    return DomainLayout(
+        root=root,
+        domain_id=str(document["domain_id"]),
+        genesis_hash=genesis_hash,
+        coordinator_config=root / COORDINATOR_NAME / "config.json",
+        node_configs={h: nodes_dir / h / "config.json" for h in ordered},
+        operator_tokens={
+            name: (operators_dir / f"{name}.token", operators_dir / f"{name}.passphrase")
+            for name in operator_list
+        },
+        client_dir=root / "clients" / DEMO_CLIENT,
+        ca_cert=root / "ca" / "ca.crt",
+        genesis_nodes=genesis_nodes,
+        quorum=threshold,
+    )
+
+
+def _next_host_id(layout: DomainLayout) -> str:
+    taken = set(layout.node_configs) | set(layout.genesis_nodes)
+    if (layout.root / "nodes").is_dir():
+        taken |= {p.name for p in (layout.root / "nodes").iterdir()}
+    numbers = [int(m.group(1)) for h in taken if (m := _HOST_NUMBER.match(h))]
+    return f"{_HOST_PREFIX}{max(numbers, default=0) + 1}"
+
+
+def add_node(directory: Path, host_id: str | None = None, *, now: datetime | None = None) -> Path:
+    """Prepare a new node (not yet in the domain) and return its enrollment file's path.
+
+    Creates `nodes/<host>/` with a fresh identity, a CA-issued TLS certificate, a config and
+    `enrollment.bin` (a signed `HostEnrollment`) that operators turn into an add-host proposal.
+    The host id defaults to the next free `hsa-N`.
+    """
+    layout = load_layout(directory)
+    now = now or datetime.now(UTC)
+    if host_id is None:
+        host_id = _next_host_id(layout)
+    try:
+        SpiffeId(layout.domain_id, "hsa", host_id)
+    except InvalidInputError as error:
+        raise InvalidInputError(f"invalid host id: {error.message}") from None
+    node_dir = layout.node_dir(host_id)
+    if node_dir.exists():
+        raise AlreadyExistsError(f"{node_dir} exists already; choose another host id")
+    ca = DomainCA.load(layout.root / "ca")
+    coordinator = ""
+    for path in layout.node_configs.values():
+        coordinator = NodeConfig.load(path).coordinator
+        if coordinator:
+            break
+    try:
+        identity, cert_pem, host = _create_host(layout.root, ca, layout.domain_id, host_id, now)
+        _node_config(layout.domain_id, layout.genesis_hash, host_id, coordinator).save(
+            node_dir / "config.json"
+        )
+        host_bytes = host.SerializeToString(deterministic=True)
+        enrollment = domain_pb2.HostEnrollment(
+            host=host_bytes,
+            tls_certificate_pem=cert_pem,
+            signature=identity.signer.sign(enrollment_signing_input(host_bytes)),
+        )
+        path = node_dir / ENROLLMENT_FILE
+        replace_file(path, enrollment.SerializeToString(deterministic=True))
+    except BaseException:
+        shutil.rmtree(node_dir, ignore_errors=True)
+        raise
+    return path

@@ -1,0 +1,213 @@
+"""What the processes of a local domain report about themselves (`hsm-domain status`).
+
+Invariant: collecting status never raises because a process is down or slow; an unreachable
+process is reported as down with the reason, and every call has a deadline. Nothing read here
+is trusted for security decisions: it is a display of what each process claims.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import grpc
+
+from deploy.cluster import (
+    coordinator_operator_channel,
+    is_alive,
+    live_pids,
+    node_channel,
+    read_ready_file,
+)
+from deploy.init import COORDINATOR_NAME, DomainLayout
+from domain_core import transport
+from domain_core.errors import HsmDomainError
+from domain_core.model import SealedState
+from domain_core.pb import services_pb2, services_pb2_grpc
+
+__all__ = [
+    "CoordinatorView",
+    "DomainReport",
+    "ProcessReport",
+    "collect_status",
+    "coordinator_members",
+]
+
+
+@dataclass
+class ProcessReport:
+    """One process as seen from outside: reachable, healthy, on which state."""
+
+    name: str
+    kind: str  # "coordinator" or "hsa"
+    running: bool = False
+    pid: int | None = None
+    address: str = ""
+    operator_address: str = ""
+    healthy: bool = False
+    version: int | None = None
+    state_hash: str = ""  # hex
+    member: bool | None = None
+    expected: bool = True  # whether this process must be healthy for the domain to be
+    detail: str = ""
+
+
+@dataclass
+class CoordinatorView:
+    """The coordinator's own account of the domain (GetDomainStatus, ListProposals)."""
+
+    reachable: bool = False
+    version: int | None = None
+    state_hash: str = ""
+    pending_proposals: int = 0
+    pending_proposal_ids: list[str] = field(default_factory=list)
+    registered_hsas: dict[str, str] = field(default_factory=dict)
+    members: list[str] | None = None
+    detail: str = ""
+
+
+@dataclass
+class DomainReport:
+    """Status of every process of a local domain and the coordinator's view."""
+
+    domain_id: str
+    genesis_hash: str
+    quorum: int
+    operators: int
+    processes: list[ProcessReport]
+    coordinator: CoordinatorView
+
+    @property
+    def all_healthy(self) -> bool:
+        """True if every process that should be serving is healthy."""
+        return all(p.healthy for p in self.processes if p.expected)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready document (full hashes)."""
+        return {
+            "domain_id": self.domain_id,
+            "genesis_hash": self.genesis_hash,
+            "quorum": self.quorum,
+            "operators": self.operators,
+            "all_healthy": self.all_healthy,
+            "processes": [asdict(p) for p in self.processes],
+            "coordinator": asdict(self.coordinator),
+        }
+
+
+def _error_text(error: grpc.RpcError) -> str:
+    code = error.code() if hasattr(error, "code") else None
+    details = error.details() if hasattr(error, "details") else ""
+    name = code.name if code is not None else "ERROR"
+    return f"{name}: {details}" if details else name
+
+
+def coordinator_members(
+    layout: DomainLayout, operator_address: str, timeout: float = 2.0
+) -> list[str] | None:
+    """Host ids in the coordinator's latest state (None if it cannot be read).
+
+    Used only to decide which nodes `up` waits for; the nodes verify every state themselves.
+    """
+    try:
+        with coordinator_operator_channel(layout, operator_address) as channel:
+            stub = services_pb2_grpc.CoordinatorStub(channel)  # type: ignore[no-untyped-call]
+            message = stub.GetLatestState(services_pb2.LatestStateRequest(), timeout=timeout)
+        state = SealedState.from_message(message)
+    except (grpc.RpcError, HsmDomainError):
+        return None
+    return [host.host_id for host in state.manifest.message.hosts]
+
+
+def _coordinator_view(layout: DomainLayout, operator_address: str) -> CoordinatorView:
+    view = CoordinatorView()
+    try:
+        with coordinator_operator_channel(layout, operator_address) as channel:
+            stub = services_pb2_grpc.CoordinatorStub(channel)  # type: ignore[no-untyped-call]
+            status = stub.GetDomainStatus(services_pb2.DomainStatusRequest(), timeout=2.0)
+            proposals = stub.ListProposals(
+                services_pb2.ListProposalsRequest(include_closed=False), timeout=2.0
+            )
+    except grpc.RpcError as error:
+        view.detail = f"operator port {operator_address}: {_error_text(error)}"
+        return view
+    view.reachable = True
+    view.version = int(status.version)
+    view.state_hash = bytes(status.state_hash).hex()
+    view.pending_proposals = int(status.pending_proposals)
+    view.pending_proposal_ids = [
+        bytes(p.proposal_id).hex()
+        for p in proposals.proposals
+        if p.state == services_pb2.PROPOSAL_STATE_PENDING
+    ]
+    view.registered_hsas = {h.host_id: h.address for h in status.hsas}
+    view.members = coordinator_members(layout, operator_address)
+    return view
+
+
+def _probe_coordinator(layout: DomainLayout, report: ProcessReport) -> CoordinatorView:
+    info = read_ready_file(layout.ready_file(COORDINATOR_NAME))
+    if info is None or not is_alive(info.pid):
+        report.detail = "not running"
+        return CoordinatorView(detail="the coordinator is not running")
+    report.running = True
+    report.pid = info.pid
+    report.address = info.address
+    report.operator_address = info.operator_address
+    with node_channel(layout, info.address) as channel:
+        report.healthy = transport.check_health(channel, timeout=2.0)
+    if not report.healthy:
+        report.detail = "health check is not SERVING"
+    view = _coordinator_view(layout, info.operator_address)
+    report.version = view.version
+    report.state_hash = view.state_hash
+    if not view.reachable:
+        report.detail = view.detail
+    return view
+
+
+def _probe_node(layout: DomainLayout, report: ProcessReport) -> None:
+    info = read_ready_file(layout.ready_file(report.name))
+    if info is None or not is_alive(info.pid):
+        report.detail = "not running"
+        return
+    report.running = True
+    report.pid = info.pid
+    report.address = info.address
+    try:
+        with node_channel(layout, info.address) as channel:
+            stub = services_pb2_grpc.HsaAdminStub(channel)  # type: ignore[no-untyped-call]
+            status = stub.GetStatus(services_pb2.HsaStatusRequest(), timeout=2.0)
+    except grpc.RpcError as error:
+        report.detail = f"does not answer: {_error_text(error)}"
+        return
+    report.healthy = bool(status.healthy)
+    report.version = int(status.version)
+    report.state_hash = bytes(status.state_hash).hex()
+    report.member = bool(status.member)
+    report.detail = status.detail
+
+
+def collect_status(layout: DomainLayout, operator_count: int = 0) -> DomainReport:
+    """Ask every process of the domain how it is; never raises for a process that is down."""
+    coordinator = ProcessReport(name=COORDINATOR_NAME, kind="coordinator")
+    view = _probe_coordinator(layout, coordinator)
+    pids = live_pids(layout)
+    if coordinator.pid is None and COORDINATOR_NAME in pids:
+        coordinator.pid = pids[COORDINATOR_NAME]
+    members = set(view.members) if view.members is not None else set(layout.genesis_nodes)
+    processes = [coordinator]
+    for host in layout.node_configs:
+        report = ProcessReport(name=host, kind="hsa", expected=host in members)
+        _probe_node(layout, report)
+        if not report.expected and not report.detail:
+            report.detail = "not a member of the domain's latest state"
+        processes.append(report)
+    return DomainReport(
+        domain_id=layout.domain_id,
+        genesis_hash=layout.genesis_hash.hex(),
+        quorum=layout.quorum,
+        operators=operator_count or len(layout.operator_tokens),
+        processes=processes,
+        coordinator=view,
+    )

@@ -1,0 +1,31 @@
+"""The domain coordinator: an untrusted relay and durable store for an HSM domain.
+
+It keeps pending proposals and approvals, the chain of sealed domain states, key records and
+the registry of HSA addresses; it believes nothing it is told without verification and
+holds nothing secret. `CoordinatorStore` is its storage interface and `SqliteStore` the default
+backend (exported here); `service.CoordinatorService` is the gRPC servicer,
+`server.CoordinatorServer` one running process and `__main__.main` the `domain-coordinator`
+command (imported from their modules, so that using the store does not load gRPC servers).
+"""
+
+from __future__ import annotations
+
+from domain_coordinator.sqlite_store import SqliteStore
+from domain_coordinator.store import (
+    CoordinatorStore,
+    HsaRecord,
+    KeyEntry,
+    ProposalRecord,
+    ProposalState,
+    open_store,
+)
+
+__all__ = [
+    "CoordinatorStore",
+    "HsaRecord",
+    "KeyEntry",
+    "ProposalRecord",
+    "ProposalState",
+    "SqliteStore",
+    "open_store",
+]

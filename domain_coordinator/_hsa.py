@@ -1,0 +1,111 @@
+"""Calls from the coordinator to HSAs (`HsaAdmin`), over mutual TLS as the coordinator.
+
+Invariants: every call carries a deadline; one channel per HSA address, reused; nothing an
+HSA returns is believed here (the caller verifies returned states against its own chain).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any, cast
+
+import grpc
+
+from domain_core.limits import DEFAULT_LIMITS, Limits
+from domain_core.pb import domain_pb2, services_pb2, services_pb2_grpc
+from domain_core.transport import TlsMaterial, mtls_channel
+
+STATUS_TIMEOUT_SECONDS = 2.0
+
+
+def rpc_code(error: grpc.RpcError) -> grpc.StatusCode | None:
+    """The status code of a failed call, if it has one."""
+    call = cast(Any, error)
+    code = call.code() if hasattr(call, "code") else None
+    return code if isinstance(code, grpc.StatusCode) else None
+
+
+def rpc_details(error: grpc.RpcError) -> str:
+    """The server's message of a failed call (at most 500 characters)."""
+    call = cast(Any, error)
+    details = call.details() if hasattr(call, "details") else None
+    return str(details or "")[:500]
+
+
+def describe_rpc_error(error: grpc.RpcError) -> str:
+    """'CODE: details' of a failed call, short enough for a log line or a proposal detail."""
+    code = rpc_code(error)
+    return f"{code.name if code is not None else 'UNKNOWN'}: {rpc_details(error)[:300]}"
+
+
+class HsaConnections:
+    """Channels to HSAs by address, and the four `HsaAdmin` calls with deadlines."""
+
+    def __init__(self, tls: TlsMaterial, timeout: float, limits: Limits = DEFAULT_LIMITS) -> None:
+        self._tls = tls
+        self._timeout = timeout
+        self._limits = limits
+        self._lock = threading.Lock()
+        self._channels: dict[str, grpc.Channel] = {}
+        self._closed = False
+
+    def _stub(self, address: str) -> Any:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the HSA connections are closed")
+            channel = self._channels.get(address)
+            if channel is None:
+                channel = mtls_channel(address, self._tls, self._limits)
+                self._channels[address] = channel
+        return services_pb2_grpc.HsaAdminStub(channel)  # type: ignore[no-untyped-call]
+
+    def get_status(self, address: str) -> services_pb2.HsaStatus:
+        """The HSA's own report of its version, health and membership."""
+        timeout = min(STATUS_TIMEOUT_SECONDS, self._timeout)
+        status: services_pb2.HsaStatus = self._stub(address).GetStatus(
+            services_pb2.HsaStatusRequest(), timeout=timeout
+        )
+        return status
+
+    def apply_proposal(
+        self, address: str, proposal: bytes, approvals: Sequence[domain_pb2.Approval]
+    ) -> domain_pb2.SealedState:
+        """Ask the HSA to compute, seal and sign the next state (it does not install it)."""
+        request = services_pb2.ApplyProposalRequest(proposal=proposal, approvals=list(approvals))
+        state: domain_pb2.SealedState = self._stub(address).ApplyProposal(
+            request, timeout=self._timeout
+        )
+        return state
+
+    def rotate_domain_key(self, address: str) -> domain_pb2.SealedState:
+        """Ask the HSA for a scheduled domain key rotation (it refuses one not yet due)."""
+        state: domain_pb2.SealedState = self._stub(address).RotateDomainKey(
+            services_pb2.ScheduledRotationRequest(), timeout=self._timeout
+        )
+        return state
+
+    def install_state(
+        self, address: str, state: domain_pb2.SealedState
+    ) -> services_pb2.InstallStateResponse:
+        """Push a stored state to the HSA, which verifies it before installing."""
+        response: services_pb2.InstallStateResponse = self._stub(address).InstallState(
+            services_pb2.InstallStateRequest(state=state), timeout=self._timeout
+        )
+        return response
+
+    def forget(self, address: str) -> None:
+        """Close the channel to an address no HSA uses any more."""
+        with self._lock:
+            channel = self._channels.pop(address, None)
+        if channel is not None:
+            channel.close()
+
+    def close(self) -> None:
+        """Close every channel."""
+        with self._lock:
+            self._closed = True
+            channels = list(self._channels.values())
+            self._channels.clear()
+        for channel in channels:
+            channel.close()

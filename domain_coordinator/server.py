@@ -1,0 +1,274 @@
+"""One coordinator process: config, TLS, store, verified chain, and one gRPC server on two ports.
+
+Invariants:
+- the server starts only on a chain it verified from the pinned genesis (`load_chain`);
+- `listen` requires client certificates from the domain CA (mutual TLS: HSAs); the
+  `operator_listen` port is server-authenticated TLS only (operators sign what they submit);
+  both serve the same `Coordinator` service, health and reflection;
+- the bound addresses are remembered next to the store and bound again on restart when the
+  configured port is 0 and the remembered port is free, so HSAs and operators keep reaching
+  the coordinator; a port already in use is never shared (SO_REUSEPORT off);
+- the ready file is written atomically, only once the server is serving.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health as grpc_health
+
+from domain_coordinator._chain import load_chain
+from domain_coordinator._hsa import HsaConnections
+from domain_coordinator.service import (
+    DEFAULT_MAX_STREAMS,
+    DEFAULT_SWEEP_INTERVAL_SECONDS,
+    SERVICE_NAME,
+    CoordinatorService,
+)
+from domain_coordinator.store import CoordinatorStore, open_store, state_directory
+from domain_core.config import CoordinatorConfig
+from domain_core.errors import InvalidInputError
+from domain_core.limits import DEFAULT_LIMITS, Limits
+from domain_core.pb import services_pb2_grpc
+from domain_core.transport import (
+    TlsMaterial,
+    add_health_and_reflection,
+    make_server,
+    server_credentials,
+    set_serving,
+)
+
+log = logging.getLogger(__name__)
+
+ADDRESS_FILE = "coordinator.address.json"
+MAX_CONCURRENT_RPCS = 256
+
+
+@dataclass(frozen=True)
+class BoundAddresses:
+    """Where a running coordinator listens."""
+
+    address: str  # mutual TLS, for HSAs
+    operator_address: str  # server-auth TLS, for operators
+
+
+def _split(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise InvalidInputError(f"listen address {address[:80]!r} is not HOST:PORT")
+    return host, int(port)
+
+
+def _bind(
+    server: grpc.Server, configured: str, remembered: str | None, creds: grpc.ServerCredentials
+) -> str:
+    """Bind `configured`, or the remembered address when the configured port is 0 and free."""
+    host, port = _split(configured)
+    if port == 0 and remembered:
+        try:
+            remembered_host, remembered_port = _split(remembered)
+        except InvalidInputError:
+            remembered_host, remembered_port = "", 0
+        if remembered_host == host and remembered_port:
+            try:
+                bound = server.add_secure_port(remembered, creds)
+            except RuntimeError:
+                bound = 0
+            if bound:
+                return f"{host}:{bound}"
+            log.info("the remembered address %s is taken; binding a new port", remembered)
+    try:
+        bound = server.add_secure_port(configured, creds)
+    except RuntimeError:
+        bound = 0
+    if not bound:
+        raise OSError(f"cannot listen on {configured}: the address is in use or not local")
+    return f"{host}:{bound}"
+
+
+def _read_remembered(path: Path) -> dict[str, str]:
+    try:
+        document = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(document, dict):
+        return {}
+    return {k: v for k, v in document.items() if isinstance(k, str) and isinstance(v, str)}
+
+
+def write_json_atomically(path: Path, document: object, mode: int = 0o644) -> None:
+    """Write JSON to a temp file in the same directory and rename it into place."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, mode)
+    try:
+        with os.fdopen(fd, "w") as out:
+            json.dump(document, out, indent=2, sort_keys=True)
+            out.write("\n")
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+class CoordinatorServer:
+    """A running coordinator: `start` verifies and serves, `stop` shuts down cleanly."""
+
+    def __init__(
+        self,
+        config: CoordinatorConfig,
+        *,
+        limits: Limits = DEFAULT_LIMITS,
+        clock: Callable[[], float] = time.time,
+        max_streams: int = DEFAULT_MAX_STREAMS,
+        sweep_interval: float = DEFAULT_SWEEP_INTERVAL_SECONDS,
+    ) -> None:
+        self.config = config
+        self._limits = limits
+        self._clock = clock
+        self._max_streams = max_streams
+        self._sweep_interval = sweep_interval
+        self._store: CoordinatorStore | None = None
+        self._hsas: HsaConnections | None = None
+        self._server: grpc.Server | None = None
+        self._service: CoordinatorService | None = None
+        self._health: grpc_health.HealthServicer | None = None
+        self.addresses: BoundAddresses | None = None
+
+    @property
+    def service(self) -> CoordinatorService:
+        """The servicer (for in-process tests)."""
+        if self._service is None:
+            raise RuntimeError("the coordinator is not started")
+        return self._service
+
+    def _tls(self) -> TlsMaterial:
+        files = self.config.tls
+        try:
+            return TlsMaterial.from_files(
+                self.config.path(files.ca),
+                self.config.path(files.cert),
+                self.config.path(files.key),
+            )
+        except FileNotFoundError as error:
+            raise InvalidInputError(f"missing TLS file {error.filename}") from None
+
+    def start(self) -> BoundAddresses:
+        """Open the store, verify the chain, bind both ports and serve."""
+        config = self.config
+        base_dir = config.base_dir or Path.cwd()
+        tls = self._tls()
+        genesis_path = config.path(config.genesis_state)
+        try:
+            genesis_raw = genesis_path.read_bytes()
+        except OSError as error:
+            raise InvalidInputError(
+                f"cannot read the genesis state {genesis_path}: {error.strerror}"
+            ) from None
+        store = open_store(config.store, base_dir)
+        self._store = store
+        try:
+            chain = load_chain(
+                store,
+                config.domain_id,
+                bytes.fromhex(config.genesis_hash),
+                genesis_raw,
+                self._limits,
+            )
+            log.info(
+                "verified the stored chain of %s up to version %d (%s)",
+                config.domain_id,
+                chain.version,
+                chain.head.hash.hex()[:16],
+            )
+            self._hsas = HsaConnections(tls, config.hsa_call_timeout_seconds, self._limits)
+            service = CoordinatorService(
+                chain=chain,
+                store=store,
+                hsas=self._hsas,
+                limits=self._limits,
+                clock=self._clock,
+                max_streams=self._max_streams,
+                sweep_interval=self._sweep_interval,
+            )
+            self._service = service
+            # Room for every WatchStates stream plus the unary calls beside them.
+            server = make_server(
+                limits=self._limits,
+                max_workers=self._max_streams + 32,
+                max_concurrent_rpcs=MAX_CONCURRENT_RPCS,
+            )
+            self._server = server
+            services_pb2_grpc.add_CoordinatorServicer_to_server(  # type: ignore[no-untyped-call]
+                service, server
+            )
+            health = add_health_and_reflection(server, [SERVICE_NAME])
+            address_file = state_directory(config.store, base_dir) / ADDRESS_FILE
+            remembered = _read_remembered(address_file)
+            addresses = BoundAddresses(
+                address=_bind(
+                    server, config.listen, remembered.get("listen"), server_credentials(tls)
+                ),
+                operator_address=_bind(
+                    server,
+                    config.operator_listen,
+                    remembered.get("operator_listen"),
+                    server_credentials(tls, server_auth_only=True),
+                ),
+            )
+            server.start()
+            set_serving(health, [SERVICE_NAME], True)
+            self._health = health
+            service.start_background()
+            write_json_atomically(
+                address_file,
+                {"listen": addresses.address, "operator_listen": addresses.operator_address},
+            )
+        except BaseException:
+            self.stop(grace=0)
+            raise
+        self.addresses = addresses
+        log.info(
+            "serving HSAs (mutual TLS) on %s and operators (TLS) on %s",
+            addresses.address,
+            addresses.operator_address,
+        )
+        return addresses
+
+    def stop(self, grace: float = 2.0) -> None:
+        """Stop serving (streams end), then close HSA channels and the store."""
+        if self._health is not None:
+            set_serving(self._health, [SERVICE_NAME], False)
+        if self._service is not None:
+            self._service.stop()
+        if self._server is not None:
+            self._server.stop(grace).wait(grace + 5)
+            self._server = None
+        if self._hsas is not None:
+            self._hsas.close()
+            self._hsas = None
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+
+def write_ready_file(path: Path, name: str, addresses: BoundAddresses) -> None:
+    """The ready file of docs/runtime.md, written atomically once the server is serving."""
+    write_json_atomically(
+        path,
+        {
+            "pid": os.getpid(),
+            "address": addresses.address,
+            "operator_address": addresses.operator_address,
+            "name": name,
+        },
+    )

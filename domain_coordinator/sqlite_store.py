@@ -1,0 +1,411 @@
+"""`CoordinatorStore` on one SQLite file: WAL journal, synchronous=FULL, one lock.
+
+Invariants (on top of those of `domain_coordinator.store`):
+- the database file is created 0600 before SQLite opens it (it holds nothing secret, but
+  nothing anyone else should edit either); WAL and shared-memory files inherit its mode;
+- every write runs in its own `BEGIN IMMEDIATE` transaction and is committed, with
+  `synchronous=FULL`, before the method returns: an acknowledged write survives a crash or a
+  power loss;
+- compare-and-swap checks (state version, key revision, one approval per operator) run inside
+  the same transaction as the write they guard, so they hold across threads and processes;
+- one connection shared by all threads, serialised by a lock.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from domain_coordinator.store import HsaRecord, KeyEntry, ProposalRecord, ProposalState
+from domain_core.errors import AlreadyExistsError, ConflictError, NotFoundError
+
+SCHEMA_VERSION = 1
+_BUSY_TIMEOUT_MS = 10_000
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    name TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS states (
+    version INTEGER PRIMARY KEY,
+    state BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS proposals (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    proposal_id BLOB NOT NULL UNIQUE,
+    proposal BLOB NOT NULL,
+    state TEXT NOT NULL,
+    detail TEXT NOT NULL DEFAULT '',
+    applied_version INTEGER NOT NULL DEFAULT 0,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS proposals_by_state ON proposals (state, seq);
+CREATE TABLE IF NOT EXISTS approvals (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    proposal_id BLOB NOT NULL REFERENCES proposals (proposal_id),
+    operator_id TEXT NOT NULL,
+    approval BLOB NOT NULL,
+    UNIQUE (proposal_id, operator_id)
+);
+CREATE TABLE IF NOT EXISTS hsas (
+    host_id TEXT PRIMARY KEY,
+    address TEXT NOT NULL,
+    registered_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS keys (
+    key_id TEXT PRIMARY KEY,
+    record BLOB NOT NULL,
+    revision INTEGER NOT NULL
+);
+"""
+
+
+def _check_bytes(value: object, what: str) -> None:
+    if not isinstance(value, bytes) or not value:
+        raise TypeError(f"{what} must be non-empty bytes")
+
+
+def _check_version(version: object) -> None:
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ValueError("a state version is an integer of at least 1")
+
+
+class SqliteStore:
+    """A `CoordinatorStore` in one SQLite file (see the module invariants)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.exists():
+            fd = os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600)
+            os.close(fd)
+        os.chmod(self.path, 0o600)
+        self._lock = threading.Lock()
+        self._closed = False
+        self._db = sqlite3.connect(
+            str(self.path), check_same_thread=False, isolation_level=None, timeout=10.0
+        )
+        try:
+            self._db.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+            mode = self._db.execute("PRAGMA journal_mode = WAL").fetchone()
+            if mode is None or str(mode[0]).lower() != "wal":
+                raise RuntimeError(f"{self.path}: SQLite refused the WAL journal mode")
+            self._db.execute("PRAGMA synchronous = FULL")
+            self._db.execute("PRAGMA foreign_keys = ON")
+            self._create_schema()
+        except BaseException:
+            self._db.close()
+            raise
+
+    def __repr__(self) -> str:
+        return f"SqliteStore({str(self.path)!r})"
+
+    def _create_schema(self) -> None:
+        with self._lock:
+            # executescript commits on its own; every statement is idempotent.
+            self._db.executescript(_SCHEMA)
+            with self._tx_unlocked() as db:
+                row = db.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()
+                if row is None:
+                    db.execute(
+                        "INSERT INTO meta (name, value) VALUES ('schema', ?)",
+                        (str(SCHEMA_VERSION),),
+                    )
+                elif row[0] != str(SCHEMA_VERSION):
+                    raise RuntimeError(
+                        f"{self.path} has store schema {row[0]}, this coordinator "
+                        f"understands {SCHEMA_VERSION}"
+                    )
+
+    @contextmanager
+    def _tx_unlocked(self) -> Iterator[sqlite3.Connection]:
+        """One immediate (write-locking) transaction; the caller holds `_lock`."""
+        if self._closed:
+            raise RuntimeError("the store is closed")
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction under the lock, committed (durably) on success."""
+        with self._lock, self._tx_unlocked() as db:
+            yield db
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        """A consistent read: a deferred transaction under the lock."""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the store is closed")
+            self._db.execute("BEGIN")
+            try:
+                yield self._db
+            finally:
+                self._db.execute("COMMIT")
+
+    # --- the chain of sealed states --------------------------------------------------------
+
+    def latest_version(self) -> int:
+        with self._read() as db:
+            return self._latest_version(db)
+
+    @staticmethod
+    def _latest_version(db: sqlite3.Connection) -> int:
+        row = db.execute("SELECT MAX(version) FROM states").fetchone()
+        return int(row[0]) if row is not None and row[0] is not None else 0
+
+    def latest_state(self) -> bytes | None:
+        with self._read() as db:
+            row = db.execute("SELECT state FROM states ORDER BY version DESC LIMIT 1").fetchone()
+        return bytes(row[0]) if row is not None else None
+
+    def get_state(self, version: int) -> bytes | None:
+        with self._read() as db:
+            row = db.execute("SELECT state FROM states WHERE version = ?", (version,)).fetchone()
+        return bytes(row[0]) if row is not None else None
+
+    def states_after(self, version: int, limit: int) -> list[bytes]:
+        if limit < 1:
+            return []
+        with self._read() as db:
+            rows = db.execute(
+                "SELECT state FROM states WHERE version > ? ORDER BY version LIMIT ?",
+                (max(version, 0), limit),
+            ).fetchall()
+        return [bytes(row[0]) for row in rows]
+
+    @staticmethod
+    def _append(db: sqlite3.Connection, version: int, state: bytes) -> None:
+        latest = SqliteStore._latest_version(db)
+        if version != latest + 1:
+            raise ConflictError(
+                f"cannot store state version {version}: the store is at version {latest}"
+            )
+        db.execute("INSERT INTO states (version, state) VALUES (?, ?)", (version, state))
+
+    def append_state(self, version: int, state: bytes) -> None:
+        _check_version(version)
+        _check_bytes(state, "state")
+        with self._transaction() as db:
+            self._append(db, version, state)
+
+    def append_state_and_close_proposal(
+        self, version: int, state: bytes, proposal_id: bytes
+    ) -> None:
+        _check_version(version)
+        _check_bytes(state, "state")
+        _check_bytes(proposal_id, "proposal_id")
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT 1 FROM proposals WHERE proposal_id = ?", (proposal_id,)
+            ).fetchone()
+            if row is None:
+                raise NotFoundError(f"no proposal {proposal_id.hex()} in the store")
+            self._append(db, version, state)
+            db.execute(
+                "UPDATE proposals SET state = ?, detail = '', applied_version = ? "
+                "WHERE proposal_id = ?",
+                (ProposalState.APPLIED.value, version, proposal_id),
+            )
+
+    # --- proposals and approvals -----------------------------------------------------------
+
+    def put_proposal(
+        self,
+        proposal_id: bytes,
+        proposal: bytes,
+        created_at: int,
+        expires_at: int,
+        approvals: Sequence[tuple[str, bytes]] = (),
+    ) -> bool:
+        _check_bytes(proposal_id, "proposal_id")
+        _check_bytes(proposal, "proposal")
+        with self._transaction() as db:
+            exists = db.execute(
+                "SELECT 1 FROM proposals WHERE proposal_id = ?", (proposal_id,)
+            ).fetchone()
+            if exists is not None:
+                return False
+            db.execute(
+                "INSERT INTO proposals (proposal_id, proposal, state, created_at, expires_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (proposal_id, proposal, ProposalState.PENDING.value, created_at, expires_at),
+            )
+            seen: set[str] = set()
+            for operator_id, approval in approvals:
+                _check_bytes(approval, "approval")
+                if operator_id in seen:
+                    raise ValueError("two initial approvals from one operator")
+                seen.add(operator_id)
+                db.execute(
+                    "INSERT INTO approvals (proposal_id, operator_id, approval) VALUES (?, ?, ?)",
+                    (proposal_id, operator_id, approval),
+                )
+        return True
+
+    def add_approval(self, proposal_id: bytes, operator_id: str, approval: bytes) -> bool:
+        _check_bytes(proposal_id, "proposal_id")
+        _check_bytes(approval, "approval")
+        if not isinstance(operator_id, str) or not operator_id:
+            raise TypeError("operator_id must be a non-empty string")
+        with self._transaction() as db:
+            exists = db.execute(
+                "SELECT 1 FROM proposals WHERE proposal_id = ?", (proposal_id,)
+            ).fetchone()
+            if exists is None:
+                raise NotFoundError(f"no proposal {proposal_id.hex()} in the store")
+            cursor = db.execute(
+                "INSERT OR IGNORE INTO approvals (proposal_id, operator_id, approval) "
+                "VALUES (?, ?, ?)",
+                (proposal_id, operator_id, approval),
+            )
+            return cursor.rowcount == 1
+
+    @staticmethod
+    def _record(db: sqlite3.Connection, row: tuple[object, ...]) -> ProposalRecord:
+        proposal_id = bytes(row[0])  # type: ignore[call-overload]
+        approvals = db.execute(
+            "SELECT approval FROM approvals WHERE proposal_id = ? ORDER BY seq", (proposal_id,)
+        ).fetchall()
+        return ProposalRecord(
+            proposal_id=proposal_id,
+            proposal=bytes(row[1]),  # type: ignore[call-overload]
+            approvals=tuple(bytes(a[0]) for a in approvals),
+            state=ProposalState(str(row[2])),
+            detail=str(row[3]),
+            applied_version=int(row[4]),  # type: ignore[call-overload]
+            created_at=int(row[5]),  # type: ignore[call-overload]
+            expires_at=int(row[6]),  # type: ignore[call-overload]
+        )
+
+    _COLUMNS = "proposal_id, proposal, state, detail, applied_version, created_at, expires_at"
+
+    def get_proposal(self, proposal_id: bytes) -> ProposalRecord | None:
+        with self._read() as db:
+            row = db.execute(
+                f"SELECT {self._COLUMNS} FROM proposals WHERE proposal_id = ?",  # noqa: S608
+                (proposal_id,),
+            ).fetchone()
+            return self._record(db, row) if row is not None else None
+
+    def list_proposals(self, include_closed: bool = False) -> list[ProposalRecord]:
+        with self._read() as db:
+            if include_closed:
+                rows = db.execute(
+                    f"SELECT {self._COLUMNS} FROM proposals ORDER BY seq"  # noqa: S608
+                ).fetchall()
+            else:
+                rows = db.execute(
+                    f"SELECT {self._COLUMNS} FROM proposals WHERE state = ? "  # noqa: S608
+                    "ORDER BY seq",
+                    (ProposalState.PENDING.value,),
+                ).fetchall()
+            return [self._record(db, row) for row in rows]
+
+    def set_proposal_state(
+        self,
+        proposal_id: bytes,
+        state: ProposalState,
+        detail: str = "",
+        applied_version: int = 0,
+    ) -> bool:
+        state = ProposalState(state)
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT state FROM proposals WHERE proposal_id = ?", (proposal_id,)
+            ).fetchone()
+            if row is None:
+                raise NotFoundError(f"no proposal {proposal_id.hex()} in the store")
+            if ProposalState(str(row[0])).closed:
+                return False
+            db.execute(
+                "UPDATE proposals SET state = ?, detail = ?, applied_version = ? "
+                "WHERE proposal_id = ?",
+                (state.value, detail, applied_version, proposal_id),
+            )
+        return True
+
+    # --- HSA registry ----------------------------------------------------------------------
+
+    def register_hsa(self, host_id: str, address: str, registered_at: int = 0) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO hsas (host_id, address, registered_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (host_id) DO UPDATE SET address = excluded.address, "
+                "registered_at = excluded.registered_at",
+                (host_id, address, registered_at),
+            )
+
+    def list_hsas(self) -> list[HsaRecord]:
+        with self._read() as db:
+            rows = db.execute(
+                "SELECT host_id, address, registered_at FROM hsas ORDER BY host_id"
+            ).fetchall()
+        return [HsaRecord(str(r[0]), str(r[1]), int(r[2])) for r in rows]
+
+    # --- key records -----------------------------------------------------------------------
+
+    def get_key(self, key_id: str) -> KeyEntry | None:
+        with self._read() as db:
+            row = db.execute(
+                "SELECT record, revision FROM keys WHERE key_id = ?", (key_id,)
+            ).fetchone()
+        return KeyEntry(key_id, bytes(row[0]), int(row[1])) if row is not None else None
+
+    def put_key(self, key_id: str, record: bytes, expected_revision: int) -> int:
+        if not isinstance(key_id, str) or not key_id:
+            raise TypeError("key_id must be a non-empty string")
+        _check_bytes(record, "record")
+        if expected_revision < 0:
+            raise ValueError("expected_revision is 0 (create) or a stored revision")
+        with self._transaction() as db:
+            row = db.execute("SELECT revision FROM keys WHERE key_id = ?", (key_id,)).fetchone()
+            if expected_revision == 0:
+                if row is not None:
+                    raise AlreadyExistsError(f"key {key_id} exists already")
+                db.execute(
+                    "INSERT INTO keys (key_id, record, revision) VALUES (?, ?, 1)",
+                    (key_id, record),
+                )
+                return 1
+            if row is None:
+                raise NotFoundError(f"key {key_id} does not exist")
+            current = int(row[0])
+            if current != expected_revision:
+                raise ConflictError(
+                    f"key {key_id} is at revision {current}, not {expected_revision}: "
+                    "it changed meanwhile; read it again and retry"
+                )
+            db.execute(
+                "UPDATE keys SET record = ?, revision = ? WHERE key_id = ?",
+                (record, current + 1, key_id),
+            )
+            return current + 1
+
+    def list_keys(self, limit: int, after_key_id: str = "") -> list[KeyEntry]:
+        if limit < 1:
+            return []
+        with self._read() as db:
+            rows = db.execute(
+                "SELECT key_id, record, revision FROM keys WHERE key_id > ? "
+                "ORDER BY key_id LIMIT ?",
+                (after_key_id, limit),
+            ).fetchall()
+        return [KeyEntry(str(r[0]), bytes(r[1]), int(r[2])) for r in rows]
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._db.close()

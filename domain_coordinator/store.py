@@ -1,0 +1,232 @@
+"""The coordinator's durable store: the interface every backend implements.
+
+The coordinator is an untrusted relay, so the store holds only public or self-verifying data:
+the chain of sealed states (as serialized bytes), proposals and approvals (as signed bytes),
+the registry of HSA addresses and the key records (EKTs and metadata) HSAs put there.
+
+Invariants every implementation keeps:
+- every write is durable (committed, synced) before the method returns, so anything the
+  coordinator acknowledged survives a crash;
+- states form a gap-free sequence 1, 2, 3, ...: `append_state(version, ...)` succeeds only
+  when `version` is the latest version + 1 (compare-and-swap), so two writers can never store
+  two states for one version;
+- `append_state_and_close_proposal` stores a state and marks its proposal APPLIED in one
+  transaction: "state stored" and "proposal applied" never diverge, even after a crash;
+- a proposal leaves PENDING at most once: APPLIED, EXPIRED, CANCELLED, STALE and REJECTED are
+  final, and `set_proposal_state` does not touch a closed proposal;
+- one approval per operator per proposal; a second one is refused, not replaced;
+- key records are written with a compare-and-swap on their revision (0 = create).
+
+`SqliteStore` (one file) is the default; an etcd implementation fits the same interface.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from domain_core.errors import InvalidInputError
+
+
+class ProposalState(enum.StrEnum):
+    """Where a stored proposal stands. Everything but PENDING is final."""
+
+    PENDING = "pending"
+    APPLIED = "applied"
+    EXPIRED = "expired"
+    CANCELLED = "cancelled"
+    STALE = "stale"
+    REJECTED = "rejected"
+
+    @property
+    def closed(self) -> bool:
+        """True for every final state."""
+        return self is not ProposalState.PENDING
+
+
+@dataclass(frozen=True)
+class ProposalRecord:
+    """A stored proposal: the signed bytes, its approvals in arrival order, and its state."""
+
+    proposal_id: bytes
+    proposal: bytes
+    approvals: tuple[bytes, ...]  # serialized hsmdomain.v1.Approval messages
+    state: ProposalState
+    detail: str
+    applied_version: int
+    created_at: int
+    expires_at: int
+
+
+@dataclass(frozen=True)
+class HsaRecord:
+    """One registered HSA: where its services listen, and when it last registered."""
+
+    host_id: str
+    address: str
+    registered_at: int
+
+
+@dataclass(frozen=True)
+class KeyEntry:
+    """A stored key record (serialized KeyRecord, as the HSA put it) and its revision."""
+
+    key_id: str
+    record: bytes
+    revision: int
+
+
+@runtime_checkable
+class CoordinatorStore(Protocol):
+    """What the coordinator needs from durable storage; see the module invariants."""
+
+    # --- the chain of sealed states --------------------------------------------------------
+
+    def latest_version(self) -> int:
+        """The version of the newest stored state, 0 when the store is empty."""
+        ...
+
+    def latest_state(self) -> bytes | None:
+        """The newest stored state (serialized SealedState), or None when empty."""
+        ...
+
+    def get_state(self, version: int) -> bytes | None:
+        """The stored state with this version, or None."""
+        ...
+
+    def states_after(self, version: int, limit: int) -> list[bytes]:
+        """Up to `limit` states with versions above `version`, oldest first."""
+        ...
+
+    def append_state(self, version: int, state: bytes) -> None:
+        """Store the state `version`; ConflictError unless it is latest + 1 (genesis: 1)."""
+        ...
+
+    def append_state_and_close_proposal(
+        self, version: int, state: bytes, proposal_id: bytes
+    ) -> None:
+        """`append_state` and mark the proposal APPLIED at `version`, in one transaction.
+
+        ConflictError if the version is not latest + 1; NotFoundError if the proposal is
+        unknown. Either both writes happen or neither does.
+        """
+        ...
+
+    # --- proposals and approvals -----------------------------------------------------------
+
+    def put_proposal(
+        self,
+        proposal_id: bytes,
+        proposal: bytes,
+        created_at: int,
+        expires_at: int,
+        approvals: Sequence[tuple[str, bytes]] = (),
+    ) -> bool:
+        """Store a new PENDING proposal with its first approvals ((operator id, bytes)).
+
+        Returns False (and changes nothing) if a proposal with this id exists already.
+        """
+        ...
+
+    def add_approval(self, proposal_id: bytes, operator_id: str, approval: bytes) -> bool:
+        """Add one operator's approval; False if that operator already approved.
+
+        NotFoundError if the proposal is unknown. Does not look at the proposal's state: the
+        caller checks that it is PENDING.
+        """
+        ...
+
+    def get_proposal(self, proposal_id: bytes) -> ProposalRecord | None:
+        """The stored proposal with its approvals, or None."""
+        ...
+
+    def list_proposals(self, include_closed: bool = False) -> list[ProposalRecord]:
+        """Proposals, oldest first; only PENDING ones unless `include_closed`."""
+        ...
+
+    def set_proposal_state(
+        self,
+        proposal_id: bytes,
+        state: ProposalState,
+        detail: str = "",
+        applied_version: int = 0,
+    ) -> bool:
+        """Move a PENDING proposal to `state` (or update its detail while PENDING).
+
+        Returns False, changing nothing, when the proposal is already closed (final).
+        NotFoundError if the proposal is unknown.
+        """
+        ...
+
+    # --- HSA registry ----------------------------------------------------------------------
+
+    def register_hsa(self, host_id: str, address: str, registered_at: int = 0) -> None:
+        """Record (or replace) where an HSA listens, and when (unix seconds) it said so."""
+        ...
+
+    def list_hsas(self) -> list[HsaRecord]:
+        """Every registered HSA, by host id."""
+        ...
+
+    # --- key records -----------------------------------------------------------------------
+
+    def get_key(self, key_id: str) -> KeyEntry | None:
+        """The stored key record and its revision, or None."""
+        ...
+
+    def put_key(self, key_id: str, record: bytes, expected_revision: int) -> int:
+        """Write a key record with a compare-and-swap; returns the new revision.
+
+        `expected_revision` 0 creates the key (AlreadyExistsError if it exists); otherwise it
+        must equal the stored revision (ConflictError if it does not, NotFoundError if the
+        key does not exist).
+        """
+        ...
+
+    def list_keys(self, limit: int, after_key_id: str = "") -> list[KeyEntry]:
+        """Up to `limit` key records with ids above `after_key_id`, ordered by key id."""
+        ...
+
+    def close(self) -> None:
+        """Release the store's resources; later calls are programming errors."""
+        ...
+
+
+def open_store(spec: str, base_dir: Path) -> CoordinatorStore:
+    """Open the store named by a config's `store` value, e.g. "sqlite:coordinator.db".
+
+    Relative paths are relative to `base_dir` (the config file's directory).
+    """
+    scheme, sep, rest = spec.partition(":")
+    if not sep or not rest:
+        raise InvalidInputError(
+            f"store {spec[:120]!r} is not of the form SCHEME:VALUE, e.g. sqlite:coordinator.db"
+        )
+    if scheme == "sqlite":
+        from domain_coordinator.sqlite_store import SqliteStore
+
+        path = Path(rest)
+        if not path.is_absolute():
+            path = Path(base_dir) / path
+        return SqliteStore(path)
+    if scheme == "etcd":
+        raise InvalidInputError(
+            f"store {spec[:120]!r}: the etcd store is not available in this build; use sqlite:PATH"
+        )
+    raise InvalidInputError(
+        f"store {spec[:120]!r}: unknown scheme {scheme[:20]!r}; use sqlite:PATH"
+    )
+
+
+def state_directory(spec: str, base_dir: Path) -> Path:
+    """Where a coordinator keeps its small local files (remembered addresses): next to the db."""
+    scheme, _, rest = spec.partition(":")
+    if scheme == "sqlite" and rest:
+        path = Path(rest)
+        if not path.is_absolute():
+            path = Path(base_dir) / path
+        return path.parent
+    return Path(base_dir)

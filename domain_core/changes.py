@@ -1,0 +1,116 @@
+"""Builders for the changes a proposal carries (`hsmdomain.v1.Change`).
+
+Pure functions: each returns one `Change` message and validates what it can without the
+current domain state (formats, ranges); whether a change applies to the domain (no duplicate,
+a reachable quorum, ...) is decided by `transition` when the proposal is checked.
+"""
+
+from __future__ import annotations
+
+from typing import cast
+
+from domain_core.errors import InvalidInputError
+from domain_core.model import (
+    CHANGE_TYPE_NAMES,
+    CHANGE_TYPES_BY_NAME,
+    HOST_ID_PATTERN,
+    OPERATOR_ID_PATTERN,
+    default_settings,
+)
+from domain_core.pb import domain_pb2
+
+__all__ = [
+    "add_host",
+    "add_operator",
+    "remove_host",
+    "remove_operator",
+    "rotate_domain_key",
+    "set_quorum",
+    "set_settings",
+]
+
+
+def add_host(host: domain_pb2.Host) -> domain_pb2.Change:
+    """Trust a new host (its record comes from its verified enrollment)."""
+    if not isinstance(host, domain_pb2.Host):
+        raise TypeError("host must be an hsmdomain.v1.Host")
+    return domain_pb2.Change(add_host=domain_pb2.AddHost(host=host))
+
+
+def remove_host(host_id: str) -> domain_pb2.Change:
+    """Stop trusting a host; the transition also rotates the domain key."""
+    if not HOST_ID_PATTERN.match(host_id):
+        raise InvalidInputError(f"{host_id[:70]!r} is not a host id")
+    return domain_pb2.Change(remove_host=domain_pb2.RemoveHost(host_id=host_id))
+
+
+def add_operator(operator: domain_pb2.Operator) -> domain_pb2.Change:
+    """Add an operator (make the record with `model.make_operator`)."""
+    if not isinstance(operator, domain_pb2.Operator):
+        raise TypeError("operator must be an hsmdomain.v1.Operator")
+    return domain_pb2.Change(add_operator=domain_pb2.AddOperator(operator=operator))
+
+
+def remove_operator(operator_id: str) -> domain_pb2.Change:
+    """Remove an operator by id (64 hex characters)."""
+    if not OPERATOR_ID_PATTERN.match(operator_id):
+        raise InvalidInputError(f"{operator_id[:70]!r} is not an operator id (64 hex characters)")
+    return domain_pb2.Change(remove_operator=domain_pb2.RemoveOperator(operator_id=operator_id))
+
+
+def set_quorum(threshold: int, change_type: int | str | None = None) -> domain_pb2.Change:
+    """Set the default threshold, or (with `change_type`) the threshold of one change type.
+
+    `change_type` is a ChangeType value or its name ("add-host", ...); a threshold of 0 with
+    a change type removes that type's own threshold.
+    """
+    if isinstance(change_type, str):
+        if change_type not in CHANGE_TYPES_BY_NAME:
+            raise InvalidInputError(
+                f"unknown change type {change_type[:40]!r}; use one of "
+                f"{', '.join(sorted(CHANGE_TYPES_BY_NAME))}"
+            )
+        kind = CHANGE_TYPES_BY_NAME[change_type]
+    elif change_type is None:
+        kind = domain_pb2.CHANGE_TYPE_UNSPECIFIED
+    elif change_type in CHANGE_TYPE_NAMES:
+        kind = change_type
+    else:
+        raise InvalidInputError(f"unknown change type {change_type}")
+    if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 0:
+        raise InvalidInputError("a threshold is a whole number of operators")
+    if threshold == 0 and kind == domain_pb2.CHANGE_TYPE_UNSPECIFIED:
+        raise InvalidInputError("the default threshold must be at least 1")
+    return domain_pb2.Change(
+        set_quorum=domain_pb2.SetQuorum(
+            threshold=threshold, change_type=cast(domain_pb2.ChangeType, kind)
+        )
+    )
+
+
+def set_settings(
+    *,
+    base: domain_pb2.DomainSettings | None = None,
+    key_rotation_interval_seconds: int | None = None,
+    key_generations_retained: int | None = None,
+    max_proposal_lifetime_seconds: int | None = None,
+) -> domain_pb2.Change:
+    """Replace the domain settings; unnamed values are kept from `base` (the current ones).
+
+    Without `base` the defaults of DESIGN.md fill the unnamed values, so pass the current
+    manifest's settings to change one value only.
+    """
+    settings = domain_pb2.DomainSettings()
+    settings.CopyFrom(base if base is not None else default_settings())
+    if key_rotation_interval_seconds is not None:
+        settings.key_rotation_interval_seconds = key_rotation_interval_seconds
+    if key_generations_retained is not None:
+        settings.key_generations_retained = key_generations_retained
+    if max_proposal_lifetime_seconds is not None:
+        settings.max_proposal_lifetime_seconds = max_proposal_lifetime_seconds
+    return domain_pb2.Change(set_settings=domain_pb2.SetSettings(settings=settings))
+
+
+def rotate_domain_key() -> domain_pb2.Change:
+    """Rotate the domain key now (before the scheduled rotation is due)."""
+    return domain_pb2.Change(rotate_domain_key=domain_pb2.RotateDomainKey())

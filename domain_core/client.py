@@ -1,0 +1,324 @@
+"""The quorum-flow client of the coordinator: propose, review, approve, cancel, read the chain.
+
+Used by the operator CLI and by tests. Invariants:
+- one channel per client, reused; every call carries a deadline;
+- only idempotent reads are retried (tenacity, a few attempts with short backoff) and only on
+  UNAVAILABLE; a submission is never retried behind the caller's back;
+- `approve` signs only a proposal whose bytes it checked against the id it was asked to
+  approve (SHA-256), so a coordinator cannot swap what an operator signs;
+- the coordinator is untrusted: states it returns are parsed and structurally validated here
+  (`SealedState`), and HSAs verify the chain; nothing here trusts a state for its content;
+- every gRPC failure comes back as the matching `domain_core.errors` class with the server's
+  message, so a CLI prints one line.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, cast
+
+import grpc
+import tenacity
+
+from domain_core import canonical, crypto, quorum
+from domain_core.changes import (
+    add_host,
+    add_operator,
+    remove_host,
+    remove_operator,
+    rotate_domain_key,
+    set_quorum,
+    set_settings,
+)
+from domain_core.errors import (
+    AlreadyExistsError,
+    BadSignatureError,
+    FailedPreconditionError,
+    HsmDomainError,
+    InvalidInputError,
+    NotFoundError,
+    PermissionDeniedError,
+    StaleProposalError,
+    UnauthenticatedError,
+    UnavailableError,
+)
+from domain_core.limits import DEFAULT_LIMITS, Limits
+from domain_core.model import NONCE_BYTES, Proposal, SealedState
+from domain_core.pb import domain_pb2, services_pb2, services_pb2_grpc
+from domain_core.signers import Signer
+from domain_core.transport import channel_credentials, secure_channel
+
+__all__ = [
+    "CoordinatorClient",
+    "ProposalView",
+    "add_host",
+    "add_operator",
+    "error_from_rpc",
+    "remove_host",
+    "remove_operator",
+    "rotate_domain_key",
+    "set_quorum",
+    "set_settings",
+]
+
+DEFAULT_PROPOSAL_LIFETIME_SECONDS = 3600
+READ_ATTEMPTS = 3
+
+_ERRORS_BY_CODE: dict[grpc.StatusCode, type[HsmDomainError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidInputError,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPreconditionError,
+    grpc.StatusCode.ABORTED: StaleProposalError,
+    grpc.StatusCode.NOT_FOUND: NotFoundError,
+    grpc.StatusCode.ALREADY_EXISTS: AlreadyExistsError,
+    grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
+    grpc.StatusCode.UNAVAILABLE: UnavailableError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: UnavailableError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: UnavailableError,
+}
+
+_STATE_NAMES: dict[int, str] = {
+    services_pb2.PROPOSAL_STATE_PENDING: "pending",
+    services_pb2.PROPOSAL_STATE_APPLIED: "applied",
+    services_pb2.PROPOSAL_STATE_EXPIRED: "expired",
+    services_pb2.PROPOSAL_STATE_CANCELLED: "cancelled",
+    services_pb2.PROPOSAL_STATE_STALE: "stale",
+    services_pb2.PROPOSAL_STATE_REJECTED: "rejected",
+}
+
+
+def _code(error: grpc.RpcError) -> grpc.StatusCode | None:
+    call = cast(Any, error)
+    code = call.code() if hasattr(call, "code") else None
+    return code if isinstance(code, grpc.StatusCode) else None
+
+
+def error_from_rpc(error: grpc.RpcError, address: str) -> HsmDomainError:
+    """The `domain_core.errors` exception a failed call stands for, with the server's message."""
+    code = _code(error)
+    call = cast(Any, error)
+    details = str(call.details() if hasattr(call, "details") else "") or ""
+    cls = _ERRORS_BY_CODE.get(code, HsmDomainError) if code is not None else HsmDomainError
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        what = "is unreachable" if code is grpc.StatusCode.UNAVAILABLE else "did not answer in time"
+        return cls(f"the coordinator at {address} {what} ({details[:200]}); check that it runs")
+    if cls is HsmDomainError:
+        name = code.name if code is not None else "UNKNOWN"
+        return HsmDomainError(f"the coordinator at {address} failed: {name}: {details[:300]}")
+    return cls(details or f"the coordinator refused the call ({code.name if code else '?'})")
+
+
+def _unavailable(error: BaseException) -> bool:
+    return isinstance(error, grpc.RpcError) and _code(error) is grpc.StatusCode.UNAVAILABLE
+
+
+@dataclass(frozen=True)
+class ProposalView:
+    """A proposal as the coordinator reports it, with its bytes checked against its id."""
+
+    proposal_id: bytes
+    proposal: Proposal
+    state: str  # pending, applied, expired, cancelled, stale, rejected
+    approvals: tuple[domain_pb2.Approval, ...]
+    threshold: int
+    applied_version: int
+    detail: str
+
+    @classmethod
+    def from_status(
+        cls, status: services_pb2.ProposalStatus, limits: Limits = DEFAULT_LIMITS
+    ) -> ProposalView:
+        """Parse a ProposalStatus; BadSignatureError if its bytes do not hash to its id."""
+        if canonical.proposal_id(status.proposal) != status.proposal_id:
+            raise BadSignatureError(
+                "the coordinator returned proposal bytes that do not match the proposal id"
+            )
+        return cls(
+            proposal_id=status.proposal_id,
+            proposal=Proposal.from_bytes(status.proposal, limits),
+            state=_STATE_NAMES.get(status.state, "unknown"),
+            approvals=tuple(status.approvals),
+            threshold=status.threshold,
+            applied_version=status.applied_version,
+            detail=status.detail,
+        )
+
+    @property
+    def approved_by(self) -> tuple[str, ...]:
+        """Operator ids of the approvals the coordinator holds (each verified on arrival)."""
+        return tuple(a.operator_id for a in self.approvals)
+
+    @property
+    def applied(self) -> bool:
+        """True once the proposal produced a stored state."""
+        return self.state == "applied"
+
+
+class CoordinatorClient:
+    """A client of one coordinator (use as a context manager, or call `close`)."""
+
+    def __init__(
+        self,
+        address: str,
+        ca_pem: bytes,
+        *,
+        cert_pem: bytes | None = None,
+        key_pem: bytes | None = None,
+        timeout: float = 5.0,
+        limits: Limits = DEFAULT_LIMITS,
+    ) -> None:
+        if (cert_pem is None) != (key_pem is None):
+            raise ValueError("give both cert_pem and key_pem, or neither")
+        self.address = address
+        self._timeout = timeout
+        self._limits = limits
+        self._channel = secure_channel(
+            address, channel_credentials(ca_pem, cert_pem, key_pem), limits
+        )
+        self._stub: Any = services_pb2_grpc.CoordinatorStub(  # type: ignore[no-untyped-call]
+            self._channel
+        )
+
+    def __enter__(self) -> CoordinatorClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the channel."""
+        self._channel.close()
+
+    # --- calls ---------------------------------------------------------------------------
+
+    def _call(self, method: str, request: Any) -> Any:
+        """One call with the deadline; failures become domain errors."""
+        try:
+            return getattr(self._stub, method)(request, timeout=self._timeout)
+        except grpc.RpcError as error:
+            raise error_from_rpc(error, self.address) from None
+
+    def _read(self, method: str, request: Any) -> Any:
+        """An idempotent read, retried a few times on UNAVAILABLE only."""
+        call: Callable[[Any], Any] = getattr(self._stub, method)
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception(_unavailable),
+            stop=tenacity.stop_after_attempt(READ_ATTEMPTS),
+            wait=tenacity.wait_exponential(multiplier=0.1, max=1.0),
+            reraise=True,
+        )
+        try:
+            return retrying(call, request, timeout=self._timeout)
+        except grpc.RpcError as error:
+            raise error_from_rpc(error, self.address) from None
+
+    # --- the chain -----------------------------------------------------------------------
+
+    def latest_state(self) -> SealedState:
+        """The coordinator's newest state (structurally valid; verify it before trusting it)."""
+        message = self._read("GetLatestState", services_pb2.LatestStateRequest())
+        return SealedState.from_message(message, self._limits)
+
+    def states_after(self, version: int, limit: int = 0) -> list[SealedState]:
+        """States after `version`, oldest first (one page; ask again after the last one)."""
+        response = self._read(
+            "GetStatesAfter", services_pb2.StatesAfterRequest(after_version=version, limit=limit)
+        )
+        return [SealedState.from_message(s, self._limits) for s in response.states]
+
+    def domain_status(self) -> services_pb2.DomainStatusResponse:
+        """Domain id, head version and hash, registered HSAs, number of pending proposals."""
+        status: services_pb2.DomainStatusResponse = self._read(
+            "GetDomainStatus", services_pb2.DomainStatusRequest()
+        )
+        return status
+
+    def list_hsas(self) -> list[services_pb2.HsaEndpoint]:
+        """The HSAs registered with the coordinator."""
+        response = self._read("ListHsas", services_pb2.ListHsasRequest())
+        return list(response.hsas)
+
+    # --- the quorum flow -----------------------------------------------------------------
+
+    def propose(
+        self,
+        changes: Iterable[domain_pb2.Change],
+        signer: Signer,
+        *,
+        reason: str = "",
+        expires_in: int = DEFAULT_PROPOSAL_LIFETIME_SECONDS,
+        now: int | None = None,
+    ) -> ProposalView:
+        """Build a proposal against the latest state, sign it as its proposer, and submit it."""
+        head = self.latest_state()
+        created_at = int(time.time()) if now is None else now
+        proposal = Proposal.create(
+            domain_id=head.manifest.domain_id,
+            base_version=head.version,
+            base_state_hash=head.hash,
+            changes=list(changes),
+            proposer_id=signer.public_key.key_id,
+            created_at=created_at,
+            expires_at=created_at + expires_in,
+            reason=reason,
+            nonce=crypto.random_bytes(NONCE_BYTES),
+        )
+        return self.submit_proposal(proposal, quorum.approve(proposal, signer))
+
+    def submit_proposal(self, proposal: Proposal, approval: domain_pb2.Approval) -> ProposalView:
+        """Submit a signed proposal with its proposer's approval (e.g. signed offline)."""
+        status = self._call(
+            "SubmitProposal",
+            services_pb2.SubmitProposalRequest(proposal=proposal.raw, proposer_approval=approval),
+        )
+        return self._view(status, proposal.id)
+
+    def get_proposal(self, proposal_id: bytes) -> ProposalView:
+        """A proposal by id, its bytes checked against the id."""
+        status = self._read("GetProposal", services_pb2.ProposalIdRequest(proposal_id=proposal_id))
+        return self._view(status, proposal_id)
+
+    def list_proposals(self, include_closed: bool = False) -> list[ProposalView]:
+        """Pending proposals (and closed ones when asked), oldest first."""
+        response = self._read(
+            "ListProposals", services_pb2.ListProposalsRequest(include_closed=include_closed)
+        )
+        return [ProposalView.from_status(s, self._limits) for s in response.proposals]
+
+    def approve(self, proposal_id: bytes, signer: Signer) -> ProposalView:
+        """Fetch a proposal, check its bytes hash to `proposal_id`, sign and submit."""
+        view = self.get_proposal(proposal_id)
+        if view.proposal.id != proposal_id:
+            raise BadSignatureError("the coordinator returned another proposal than asked for")
+        return self.submit_approval(quorum.approve(view.proposal, signer))
+
+    def submit_approval(self, approval: domain_pb2.Approval) -> ProposalView:
+        """Submit an approval (e.g. signed offline with `quorum.approve`)."""
+        status = self._call("SubmitApproval", services_pb2.SubmitApprovalRequest(approval=approval))
+        return self._view(status, approval.proposal_id)
+
+    def cancel(self, proposal_id: bytes, signer: Signer) -> ProposalView:
+        """Cancel a pending proposal with a current operator's signature."""
+        status = self._call(
+            "CancelProposal",
+            services_pb2.CancelProposalRequest(
+                proposal_id=proposal_id,
+                operator_id=signer.public_key.key_id,
+                signature=signer.sign(quorum.cancel_message(proposal_id)),
+            ),
+        )
+        return self._view(status, proposal_id)
+
+    def _view(self, status: services_pb2.ProposalStatus, proposal_id: bytes) -> ProposalView:
+        view = ProposalView.from_status(status, self._limits)
+        if view.proposal_id != proposal_id:
+            raise BadSignatureError("the coordinator answered about another proposal")
+        return view

@@ -1,0 +1,276 @@
+"""Exported key tokens (EKTs): how a backing key leaves an HSA, and how a key record is checked.
+
+A token is AES-256-GCM of one 32-byte backing key under one domain key generation, with a
+fresh 12-byte random nonce, and with associated data
+
+    binding = SHA-256( KEY_TOKEN_CONTEXT
+                       || lp(key id, UTF-8) || lp(u32 backing version)
+                       || lp(u32 domain key generation) || lp(SHA-256(metadata bytes)) )
+
+where `lp(x)` is `x` preceded by its length as a u64, big-endian (as in `canonical.digest`).
+The context string differs from every context in `canonical`, so a binding can never equal a
+digest or signing input made there.
+
+Invariants kept here:
+- a token opens only for the key id, backing version and generation it names, and only
+  together with the exact metadata bytes it was sealed with: moving a token to another key or
+  version, relabelling its generation, or changing the stored metadata (the policy, the state,
+  anything) makes it fail. So every metadata change re-seals the record (`seal_record`);
+- a key record verifies only if its metadata names the expected key and it holds exactly one
+  token for each backing version 1..current_backing_version, every one of which opens. This is
+  how an HSA catches a coordinator that swaps tokens between keys or edits a stored policy;
+- every failure is `InvalidKeyTokenError` with its one fixed message (no oracle), whatever went
+  wrong: a node that lacks the token's generation gets the same error, and should sync the
+  domain state and retry;
+- metadata is serialized exactly once per change (deterministically) and carried as bytes from
+  then on; nothing here re-serializes metadata that it verifies.
+
+What a token cannot show: a whole record replaced by an *older* complete record (an earlier
+policy with its own valid tokens). HSAs defend against that with `metadata_version`, which
+grows with every change: an HSA must refuse a record older than one it has already seen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Mapping
+from typing import Final
+
+from google.protobuf.message import DecodeError
+
+from domain_core import crypto
+from domain_core.ciphertext import validate_key_id
+from domain_core.errors import InvalidKeyTokenError
+from domain_core.pb import keys_pb2
+
+__all__ = [
+    "KEY_TOKEN_CONTEXT",
+    "key_token_binding",
+    "needs_rewrap",
+    "rewrap_record",
+    "seal_record",
+    "unwrap_backing_key",
+    "verify_key_record",
+    "wrap_backing_key",
+]
+
+# Part of the format: never change.
+KEY_TOKEN_CONTEXT: Final = b"hsm-domain/v1 key-token\x00"
+
+_MAX_U32: Final = 0xFFFFFFFF
+_SEALED_BYTES: Final = crypto.AES_KEY_BYTES + crypto.GCM_TAG_BYTES
+
+
+def _lp(data: bytes) -> bytes:
+    return struct.pack(">Q", len(data)) + data
+
+
+def _check_u32(value: int, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{what} must be an int")
+    if not 1 <= value <= _MAX_U32:
+        raise ValueError(f"{what} must be between 1 and 2**32 - 1")
+
+
+def _check_key(key: bytes, what: str) -> None:
+    if not isinstance(key, bytes) or len(key) != crypto.AES_KEY_BYTES:
+        raise ValueError(f"{what} must be {crypto.AES_KEY_BYTES} bytes")
+
+
+def key_token_binding(
+    key_id: str, backing_version: int, generation: int, metadata_bytes: bytes
+) -> bytes:
+    """The 32-byte associated data of a token: what the token is about, domain-separated."""
+    h = hashlib.sha256(KEY_TOKEN_CONTEXT)
+    h.update(_lp(key_id.encode("utf-8")))
+    h.update(_lp(struct.pack(">I", backing_version)))
+    h.update(_lp(struct.pack(">I", generation)))
+    h.update(_lp(crypto.sha256(metadata_bytes)))
+    return h.digest()
+
+
+def wrap_backing_key(
+    domain_key: bytes,
+    generation: int,
+    metadata_bytes: bytes,
+    key_id: str,
+    backing_version: int,
+    backing_key: bytes,
+    *,
+    nonce: bytes | None = None,
+) -> keys_pb2.KeyToken:
+    """Seal one backing key under a domain key generation, bound to the key and its metadata.
+
+    `nonce` exists ONLY for the golden test vectors; production code leaves it unset so that
+    a fresh random nonce is drawn for every token.
+    """
+    _check_key(domain_key, "domain_key")
+    _check_key(backing_key, "backing_key")
+    _check_u32(generation, "generation")
+    _check_u32(backing_version, "backing_version")
+    if not isinstance(metadata_bytes, bytes):
+        raise TypeError("metadata_bytes must be bytes")
+    if not isinstance(key_id, str) or not key_id:
+        raise ValueError("key_id must be a non-empty str")
+    if nonce is None:
+        nonce = crypto.random_bytes(crypto.GCM_NONCE_BYTES)
+    binding = key_token_binding(key_id, backing_version, generation, metadata_bytes)
+    return keys_pb2.KeyToken(
+        key_id=key_id,
+        backing_version=backing_version,
+        domain_key_generation=generation,
+        nonce=nonce,
+        ciphertext=crypto.aes_gcm_seal(domain_key, backing_key, binding, nonce),
+    )
+
+
+def unwrap_backing_key(
+    token: keys_pb2.KeyToken,
+    domain_keys: Mapping[int, bytes],
+    metadata_bytes: bytes,
+    expected_key_id: str,
+) -> bytes:
+    """Open a token of `expected_key_id` sealed with `metadata_bytes`; InvalidKeyTokenError else.
+
+    `domain_keys` maps the generations this node holds to their keys.
+    """
+    if not isinstance(token, keys_pb2.KeyToken):
+        raise TypeError("token must be a KeyToken")
+    if not isinstance(metadata_bytes, bytes):
+        raise TypeError("metadata_bytes must be bytes")
+    domain_key = domain_keys.get(token.domain_key_generation)
+    if (
+        not expected_key_id
+        or token.key_id != expected_key_id
+        or token.backing_version == 0
+        or token.domain_key_generation == 0
+        or domain_key is None
+        or len(domain_key) != crypto.AES_KEY_BYTES
+        or len(token.nonce) != crypto.GCM_NONCE_BYTES
+        or len(token.ciphertext) != _SEALED_BYTES
+    ):
+        raise InvalidKeyTokenError()
+    binding = key_token_binding(
+        token.key_id, token.backing_version, token.domain_key_generation, metadata_bytes
+    )
+    return crypto.aes_gcm_open(
+        domain_key, token.ciphertext, binding, token.nonce, error=InvalidKeyTokenError
+    )
+
+
+def _parse_metadata(metadata_bytes: bytes) -> keys_pb2.KeyMetadata:
+    metadata = keys_pb2.KeyMetadata()
+    try:
+        metadata.ParseFromString(metadata_bytes)
+    except DecodeError:
+        raise InvalidKeyTokenError() from None
+    return metadata
+
+
+def verify_key_record(
+    record: keys_pb2.KeyRecord,
+    domain_keys: Mapping[int, bytes],
+    expected_key_id: str,
+) -> tuple[keys_pb2.KeyMetadata, dict[int, bytes]]:
+    """Check a stored key record end to end; returns its metadata and backing keys by version.
+
+    The metadata must parse and name `expected_key_id`; there must be exactly one token per
+    backing version 1..current_backing_version, each naming `expected_key_id`, and each must
+    open under a domain key this node holds together with the record's metadata bytes.
+    Anything else is InvalidKeyTokenError.
+    """
+    if not isinstance(record, keys_pb2.KeyRecord):
+        raise TypeError("record must be a KeyRecord")
+    metadata = _parse_metadata(record.metadata)
+    current = metadata.current_backing_version
+    if (
+        not expected_key_id
+        or metadata.key_id != expected_key_id
+        or current == 0
+        or len(record.tokens) != current
+    ):
+        raise InvalidKeyTokenError()
+    tokens_by_version: dict[int, keys_pb2.KeyToken] = {}
+    for token in record.tokens:
+        if token.backing_version in tokens_by_version or not 1 <= token.backing_version <= current:
+            raise InvalidKeyTokenError()
+        tokens_by_version[token.backing_version] = token
+    backing_keys = {
+        version: unwrap_backing_key(
+            tokens_by_version[version], domain_keys, record.metadata, expected_key_id
+        )
+        for version in range(1, current + 1)
+    }
+    return metadata, backing_keys
+
+
+def seal_record(
+    metadata: keys_pb2.KeyMetadata,
+    backing_keys: Mapping[int, bytes],
+    domain_key: bytes,
+    generation: int,
+) -> keys_pb2.KeyRecord:
+    """A new key record: the metadata serialized once (deterministically) and one fresh token
+    per backing version, all under `generation`.
+
+    Call it for every change of a key (create, rotate, policy, state): the tokens bind the
+    metadata bytes, so old tokens do not open with new metadata. `backing_keys` must hold
+    exactly the versions 1..metadata.current_backing_version. The record's revision is left 0
+    for the caller (the coordinator assigns revisions).
+    """
+    if not isinstance(metadata, keys_pb2.KeyMetadata):
+        raise TypeError("metadata must be a KeyMetadata")
+    validate_key_id(metadata.key_id)
+    current = metadata.current_backing_version
+    if current == 0 or set(backing_keys) != set(range(1, current + 1)):
+        raise ValueError(
+            "backing_keys must hold exactly the versions 1..current_backing_version "
+            f"(1..{current}), got {sorted(backing_keys)[:10]}"
+        )
+    metadata_bytes = metadata.SerializeToString(deterministic=True)
+    return keys_pb2.KeyRecord(
+        metadata=metadata_bytes,
+        tokens=[
+            wrap_backing_key(domain_key, generation, metadata_bytes, metadata.key_id, version, key)
+            for version, key in sorted(backing_keys.items())
+        ],
+    )
+
+
+def needs_rewrap(record: keys_pb2.KeyRecord, generation: int) -> bool:
+    """Whether any token of `record` is sealed under another generation than `generation`."""
+    return any(token.domain_key_generation != generation for token in record.tokens)
+
+
+def rewrap_record(
+    record: keys_pb2.KeyRecord,
+    domain_keys: Mapping[int, bytes],
+    new_generation: int,
+    expected_key_id: str | None = None,
+) -> keys_pb2.KeyRecord:
+    """The same record with every token re-sealed under `new_generation` (after a domain key
+    rotation, before old generations are dropped).
+
+    The record is verified first (with `expected_key_id`, or else the key id its metadata
+    names, which still catches tokens of other keys); the metadata bytes and the revision are
+    kept unchanged, so the coordinator can compare-and-swap on the revision.
+    """
+    if not isinstance(record, keys_pb2.KeyRecord):
+        raise TypeError("record must be a KeyRecord")
+    if expected_key_id is None:
+        expected_key_id = _parse_metadata(record.metadata).key_id
+    metadata, backing_keys = verify_key_record(record, domain_keys, expected_key_id)
+    domain_key = domain_keys.get(new_generation)
+    if domain_key is None:
+        raise ValueError(f"this node holds no domain key of generation {new_generation}")
+    return keys_pb2.KeyRecord(
+        metadata=record.metadata,
+        tokens=[
+            wrap_backing_key(
+                domain_key, new_generation, record.metadata, metadata.key_id, version, key
+            )
+            for version, key in sorted(backing_keys.items())
+        ],
+        revision=record.revision,
+    )

@@ -1,0 +1,25 @@
+"""An HSA of the domain: verifies and keeps the chain of sealed states, holds the domain keys
+in memory, seals quorum-approved transitions, and serves peers and the coordinator.
+
+Public API: `DomainNode` (the verified state of one HSA; every state enters through
+`DomainNode.offer`), `NodeStore` (its files), `Syncer` (the stream, pull and gossip threads),
+`HsaServer` / `load_node` (one process), and `main` (the `hsa-node` command).
+"""
+
+from __future__ import annotations
+
+from hsa_node.node import DomainNode, NodeStatus, StoredStateError
+from hsa_node.server import HsaServer, load_node
+from hsa_node.storage import NodeStore, Peer
+from hsa_node.sync import Syncer
+
+__all__ = [
+    "DomainNode",
+    "HsaServer",
+    "NodeStatus",
+    "NodeStore",
+    "Peer",
+    "StoredStateError",
+    "Syncer",
+    "load_node",
+]

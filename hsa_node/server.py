@@ -1,0 +1,235 @@
+"""One HSA process: load its files, verify its chain, serve gRPC, keep current, stop cleanly.
+
+Startup order (each step refuses to continue with a one-line reason):
+config -> host identity and its TLS certificate -> TLS material -> genesis pinned by the
+config -> stored states replayed through the verifier -> domain keys unsealed (in memory) ->
+server bound (the remembered address first, when free) -> sync threads -> ready file.
+
+Invariants: the server requires mutual TLS from the domain CA on every call; it listens only
+where the config says (127.0.0.1 by default); shutdown stops the sync threads before the server
+(grace 2 s) so no state arrives half-way.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health
+
+from domain_core import transport
+from domain_core.config import NodeConfig
+from domain_core.errors import InvalidInputError, UnavailableError
+from domain_core.identity import HostIdentity
+from domain_core.limits import DEFAULT_LIMITS, Limits
+from domain_core.model import SealedState
+from domain_core.pb import services_pb2, services_pb2_grpc
+from domain_core.pki import certificate_fingerprint
+from domain_core.transport import TlsMaterial
+from hsa_node.node import DomainNode
+from hsa_node.servicers import DiagnosticsServicer, HsaAdminServicer, HsaPeerServicer
+from hsa_node.storage import NodeStore, write_atomically
+from hsa_node.sync import Syncer
+
+__all__ = ["SERVICE_NAMES", "HsaServer", "load_node", "split_address"]
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES: tuple[str, ...] = tuple(
+    services_pb2.DESCRIPTOR.services_by_name[name].full_name
+    for name in ("HsaAdmin", "HsaPeer", "Diagnostics")
+)
+SHUTDOWN_GRACE_SECONDS = 2.0
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """(host, port) of "host:port" or "[v6]:port"; InvalidInputError when malformed."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise InvalidInputError(f"{address!r} is not an address of the form host:port")
+    return host, int(port)
+
+
+def _port_is_free(address: str) -> bool:
+    """Whether a plain listening socket could bind `address` now (no SO_REUSEPORT sharing)."""
+    host, port = split_address(address)
+    family = socket.AF_INET6 if host.startswith("[") else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host.strip("[]"), port))
+        except OSError:
+            return False
+    return True
+
+
+@dataclass
+class LoadedNode:
+    """Everything `load_node` read and verified."""
+
+    config: NodeConfig
+    identity: HostIdentity
+    tls: TlsMaterial
+    store: NodeStore
+    node: DomainNode
+
+
+def load_node(config: NodeConfig, limits: Limits = DEFAULT_LIMITS) -> LoadedNode:
+    """Read and verify everything an HSA needs before it may serve."""
+    identity_dir = config.path(config.identity_dir)
+    identity = HostIdentity.load(identity_dir)
+    if identity.host_id != config.host_id:
+        raise InvalidInputError(
+            f"{identity_dir} holds host {identity.host_id}, but the config is for {config.host_id}"
+        )
+    host_certificate = identity.load_certificate(identity_dir)
+    tls = TlsMaterial.from_files(
+        config.path(config.tls.ca), config.path(config.tls.cert), config.path(config.tls.key)
+    )
+    if certificate_fingerprint(tls.cert_pem) != certificate_fingerprint(host_certificate):
+        raise InvalidInputError(
+            f"the TLS certificate {config.path(config.tls.cert)} is not the host's certificate "
+            f"in {identity_dir}"
+        )
+    genesis_path = config.path(config.genesis_state)
+    try:
+        genesis = SealedState.from_bytes(genesis_path.read_bytes(), limits)
+    except FileNotFoundError:
+        raise InvalidInputError(f"genesis state file {genesis_path} does not exist") from None
+    store = NodeStore(config.path(config.data_dir), limits)
+    node = DomainNode.open(
+        domain_id=config.domain_id,
+        genesis_hash=bytes.fromhex(config.genesis_hash),
+        genesis=genesis,
+        identity=identity,
+        tls_certificate_pem=host_certificate,
+        store=store,
+    )
+    return LoadedNode(config=config, identity=identity, tls=tls, store=store, node=node)
+
+
+class HsaServer:
+    """The gRPC server and sync threads of one loaded HSA."""
+
+    def __init__(self, loaded: LoadedNode, limits: Limits = DEFAULT_LIMITS) -> None:
+        self._loaded = loaded
+        self._limits = limits
+        self._server: grpc.Server | None = None
+        self._syncer: Syncer | None = None
+        self._health: health.HealthServicer | None = None
+        self.address = ""
+
+    def _bind(self, server: grpc.Server) -> str:
+        config, store = self._loaded.config, self._loaded.store
+        host, port = split_address(config.listen)
+        credentials = transport.server_credentials(self._loaded.tls)
+        candidates = []
+        remembered = store.load_address()
+        if port == 0 and remembered:
+            try:
+                same_host = split_address(remembered)[0] == host
+            except InvalidInputError:
+                same_host = False
+            if same_host and _port_is_free(remembered):
+                candidates.append(remembered)
+        if port != 0 and not _port_is_free(config.listen):
+            # gRPC binds with SO_REUSEPORT: without this check two processes could share a port.
+            raise UnavailableError(f"cannot listen on {config.listen}: the address is in use")
+        candidates.append(config.listen)
+        for candidate in candidates:
+            try:
+                bound = server.add_secure_port(candidate, credentials)
+            except RuntimeError:
+                bound = 0
+            if bound:
+                return f"{host}:{bound}"
+            log.info("could not bind %s", candidate)
+        raise UnavailableError(f"cannot listen on {config.listen}: address in use or invalid")
+
+    def start(self) -> str:
+        """Bind, start serving, start the sync threads; returns the bound address."""
+        loaded = self._loaded
+        node = loaded.node
+        server = transport.make_server(limits=self._limits)
+        syncer_ref: list[Syncer] = []
+
+        def catch_up() -> int:
+            return syncer_ref[0].catch_up_from_coordinator()
+
+        admin = HsaAdminServicer(node, catch_up, self._limits)
+        peer = HsaPeerServicer(node, self._limits)
+        services_pb2_grpc.add_HsaAdminServicer_to_server(admin, server)  # type: ignore[no-untyped-call]
+        services_pb2_grpc.add_HsaPeerServicer_to_server(peer, server)  # type: ignore[no-untyped-call]
+        services_pb2_grpc.add_DiagnosticsServicer_to_server(  # type: ignore[no-untyped-call]
+            DiagnosticsServicer(), server
+        )
+        health_servicer = transport.add_health_and_reflection(server, SERVICE_NAMES)
+        self.address = self._bind(server)
+        loaded.store.save_address(self.address)
+        syncer = Syncer(
+            node=node,
+            store=loaded.store,
+            tls=loaded.tls,
+            coordinator=loaded.config.coordinator,
+            pull_interval=loaded.config.pull_interval_seconds,
+            gossip_interval=loaded.config.gossip_interval_seconds,
+            address=self.address,
+            limits=self._limits,
+        )
+        syncer_ref.append(syncer)
+
+        def on_serving(serving: bool) -> None:
+            transport.set_serving(health_servicer, SERVICE_NAMES, serving)
+
+        node.add_listener(on_serving)
+        server.start()
+        self._server, self._syncer, self._health = server, syncer, health_servicer
+        syncer.start()
+        status = node.status()
+        log.info(
+            "serving on %s: domain %s version %d, member %s, healthy %s%s",
+            self.address,
+            status.domain_id,
+            status.version,
+            status.member,
+            status.healthy,
+            f" ({status.detail})" if status.detail else "",
+        )
+        return self.address
+
+    def stop(self) -> None:
+        """Stop the sync threads, then the server (grace 2 s)."""
+        if self._syncer is not None:
+            self._syncer.stop()
+        if self._health is not None:
+            self._health.enter_graceful_shutdown()
+        if self._server is not None:
+            self._server.stop(grace=SHUTDOWN_GRACE_SECONDS).wait()
+        log.info("stopped")
+
+
+def write_ready_file(path: Path, address: str, name: str) -> None:
+    """The ready file of docs/runtime.md, written atomically (public content)."""
+    document = {"pid": os.getpid(), "address": address, "name": name}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(path, (json.dumps(document, sort_keys=True) + "\n").encode(), 0o644)
+
+
+def serve(config: NodeConfig, ready_file: Path | None, stop: threading.Event) -> None:
+    """Load, serve until `stop` is set, and shut down cleanly."""
+    loaded = load_node(config)
+    server = HsaServer(loaded)
+    address = server.start()
+    try:
+        if ready_file is not None:
+            write_ready_file(ready_file, address, loaded.config.host_id)
+        while not stop.wait(0.5):
+            pass
+    finally:
+        server.stop()

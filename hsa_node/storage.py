@@ -1,0 +1,173 @@
+"""What an HSA keeps on its own disk: verified states, its last address, and its peers.
+
+Layout of `data_dir` (created 0700):
+- `states/<version, 12 digits>.state`: one serialized `SealedState` per verified version,
+- `removal.state`: the verified state that removed this host (it stops following),
+- `address`: the address the gRPC server last bound (reused on restart when free),
+- `peers.json`: `{"peers": [{"host_id": ..., "address": ...}]}`, the HSAs the coordinator
+  listed last time (gossip works while the coordinator is down).
+
+Invariants:
+- every file is written to a temp file (0600, O_EXCL) in the same directory, fsynced, renamed
+  over its name, and the directory is fsynced: a reader sees the old or the new content;
+- nothing read from here is believed without verification: states are replayed through the
+  chain verifier at startup, so a tampered disk is detected, and peers are only addresses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from domain_core.errors import MalformedMessageError
+from domain_core.limits import DEFAULT_LIMITS, Limits
+from domain_core.model import SealedState
+
+__all__ = ["NodeStore", "Peer", "write_atomically"]
+
+STATES_DIR: Final = "states"
+STATE_SUFFIX: Final = ".state"
+REMOVAL_FILE: Final = "removal.state"
+ADDRESS_FILE: Final = "address"
+PEERS_FILE: Final = "peers.json"
+_STATE_NAME: Final = re.compile(r"^(\d{12})\.state$")
+_MAX_SMALL_FILE: Final = 1024 * 1024
+_FILE_MODE: Final = 0o600
+_DIR_MODE: Final = 0o700
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomically(path: Path, content: bytes, mode: int = _FILE_MODE) -> None:
+    """Write `content` to `path` durably: temp file with `mode`, fsync, rename, fsync dir."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, mode)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            os.fchmod(out.fileno(), mode)
+            out.write(content)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Another HSA of the domain, as the coordinator listed it (an address, not a trust)."""
+
+    host_id: str
+    address: str
+
+
+class NodeStore:
+    """The files of one HSA's `data_dir`."""
+
+    def __init__(self, data_dir: Path, limits: Limits = DEFAULT_LIMITS) -> None:
+        self.data_dir = data_dir
+        self.states_dir = data_dir / STATES_DIR
+        self._limits = limits
+        for directory in (self.data_dir, self.states_dir):
+            directory.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
+            directory.chmod(_DIR_MODE)
+
+    # --- states --------------------------------------------------------------------------
+
+    def state_path(self, version: int) -> Path:
+        """Where the state of `version` is kept."""
+        return self.states_dir / f"{version:012d}{STATE_SUFFIX}"
+
+    def save_state(self, state: SealedState) -> None:
+        """Persist a verified state (durable when this returns)."""
+        write_atomically(self.state_path(state.version), state.to_bytes())
+
+    def stored_versions(self) -> list[int]:
+        """Versions with a state file, ascending."""
+        versions = []
+        for entry in self.states_dir.iterdir():
+            match = _STATE_NAME.match(entry.name)
+            if match:
+                versions.append(int(match.group(1)))
+        return sorted(versions)
+
+    def load_state(self, version: int) -> SealedState:
+        """Parse the stored state of `version` (not verified: the caller replays it)."""
+        path = self.state_path(version)
+        state = SealedState.from_bytes(path.read_bytes(), self._limits)
+        if state.version != version:
+            raise MalformedMessageError(f"{path} holds version {state.version}, not {version}")
+        return state
+
+    def save_removal(self, state: SealedState) -> None:
+        """Keep the verified state that removed this host, so a restart still knows it."""
+        write_atomically(self.data_dir / REMOVAL_FILE, state.to_bytes())
+
+    def load_removal(self) -> SealedState | None:
+        """The stored removing state, if any (not verified: the caller checks it)."""
+        path = self.data_dir / REMOVAL_FILE
+        if not path.exists():
+            return None
+        return SealedState.from_bytes(path.read_bytes(), self._limits)
+
+    # --- address and peers ---------------------------------------------------------------
+
+    def load_address(self) -> str | None:
+        """The address the server bound last time, if remembered."""
+        path = self.data_dir / ADDRESS_FILE
+        try:
+            text = path.read_bytes()[:256].decode("ascii").strip()
+        except (FileNotFoundError, UnicodeDecodeError):
+            return None
+        return text or None
+
+    def save_address(self, address: str) -> None:
+        """Remember the bound address for the next start."""
+        write_atomically(self.data_dir / ADDRESS_FILE, address.encode("ascii") + b"\n")
+
+    def load_peers(self) -> list[Peer]:
+        """The cached peer list; empty when missing or unreadable (it is only a hint)."""
+        path = self.data_dir / PEERS_FILE
+        try:
+            document = json.loads(path.read_bytes()[:_MAX_SMALL_FILE])
+        except (FileNotFoundError, ValueError, UnicodeDecodeError):
+            return []
+        entries = document.get("peers") if isinstance(document, dict) else None
+        if not isinstance(entries, list):
+            return []
+        peers = []
+        for entry in entries:
+            if (
+                isinstance(entry, dict)
+                and isinstance(entry.get("host_id"), str)
+                and isinstance(entry.get("address"), str)
+                and entry["address"]
+            ):
+                peers.append(Peer(host_id=entry["host_id"], address=entry["address"]))
+        return peers
+
+    def save_peers(self, peers: list[Peer]) -> None:
+        """Replace the cached peer list."""
+        document = {
+            "peers": [
+                {"host_id": p.host_id, "address": p.address}
+                for p in sorted(peers, key=lambda p: p.host_id)
+            ]
+        }
+        write_atomically(
+            self.data_dir / PEERS_FILE,
+            (json.dumps(document, indent=2, sort_keys=True) + "\n").encode(),
+        )

@@ -1,0 +1,317 @@
+"""Keeping an HSA current: the coordinator stream, the periodic pull, and gossip with peers.
+
+Three background threads feed `DomainNode.offer`, each state in version order:
+1. `WatchStates(after_version)` from the coordinator (reconnects with backoff);
+2. every `pull_interval_seconds`: `RegisterHsa` (so the coordinator knows where this host
+   listens), `GetStatesAfter(version)` and `ListHsas` (cached in `peers.json`);
+3. every `gossip_interval_seconds`: `GetStatesAfter(version)` from one random peer HSA over
+   mutual TLS as this host (works while the coordinator is down).
+
+Invariants: nothing a source returns is believed before `offer` verified it; every call has
+a deadline except the stream, which is cancelled on shutdown; an error of one path is logged
+(each distinct message at most once a minute) and never stops its thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any, Final, cast
+
+import grpc
+
+from domain_core import transport
+from domain_core.errors import (
+    ChainGapError,
+    HsmDomainError,
+    RollbackError,
+    UnavailableError,
+)
+from domain_core.limits import DEFAULT_LIMITS, Limits
+from domain_core.model import SealedState
+from domain_core.pb import domain_pb2, services_pb2, services_pb2_grpc
+from domain_core.transport import TlsMaterial
+from hsa_node._logging import ThrottledLog
+from hsa_node.node import DomainNode
+from hsa_node.storage import NodeStore, Peer
+
+__all__ = ["CALL_DEADLINE_SECONDS", "Syncer", "pull_states"]
+
+log = logging.getLogger(__name__)
+
+CALL_DEADLINE_SECONDS: Final = 3.0
+_BACKOFF_FIRST: Final = 0.2
+_BACKOFF_MAX: Final = 5.0
+
+FetchStates = Callable[[int], Sequence[domain_pb2.SealedState]]
+
+
+def _rpc_reason(error: grpc.RpcError) -> str:
+    """The "CODE: details" of a failed call (errors raised by calls are also grpc.Call)."""
+    call = cast(Any, error)
+    code = call.code() if hasattr(call, "code") else None
+    details = call.details() if hasattr(call, "details") else str(error)
+    name = code.name if code is not None else "ERROR"
+    return f"{name}: {details}"
+
+
+def pull_states(node: DomainNode, fetch: FetchStates, source: str) -> int:
+    """Fetch states after the node's version in batches and offer them in order.
+
+    Returns how many states were installed. Stops at the first refused state (raising its
+    error) or when a batch brings nothing new (a source may return fewer than `limit` states
+    per batch to stay under the message size limit, so a short batch is not the end).
+    """
+    installed = 0
+    while True:
+        before = node.version
+        messages = fetch(before)
+        for message in messages:
+            state = SealedState.from_message(message)
+            try:
+                if node.offer(state, source=source, quiet_repeats=True):
+                    installed += 1
+            except RollbackError:
+                if node.removed_at is not None:
+                    return installed
+                continue  # a state we hold already; the next ones may be new
+        if node.removed_at is not None or not messages or node.version == before:
+            return installed
+
+
+class Syncer:
+    """The background threads that keep one node current, and on-demand catch-up."""
+
+    def __init__(
+        self,
+        *,
+        node: DomainNode,
+        store: NodeStore,
+        tls: TlsMaterial,
+        coordinator: str,
+        pull_interval: float,
+        gossip_interval: float,
+        address: str,
+        limits: Limits = DEFAULT_LIMITS,
+    ) -> None:
+        self._node = node
+        self._store = store
+        self._tls = tls
+        self._coordinator_address = coordinator
+        self._pull_interval = max(pull_interval, 0.05)
+        self._gossip_interval = max(gossip_interval, 0.05)
+        self._address = address
+        self._limits = limits
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._watch_call: Any = None  # the stream call, cancelled on stop
+        self._peer_channels: dict[str, grpc.Channel] = {}
+        self._throttled = ThrottledLog(log)
+        self._coordinator_channel: grpc.Channel | None = None
+        self._coordinator: services_pb2_grpc.CoordinatorStub | None = None
+        if coordinator:
+            self._coordinator_channel = transport.mtls_channel(coordinator, tls, limits)
+            self._coordinator = services_pb2_grpc.CoordinatorStub(  # type: ignore[no-untyped-call]
+                self._coordinator_channel
+            )
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the threads (the coordinator ones only when a coordinator is configured)."""
+        loops: list[tuple[str, Callable[[], None]]] = [("gossip", self._gossip_loop)]
+        if self._coordinator is not None:
+            loops += [("watch", self._watch_loop), ("pull", self._pull_loop)]
+        for name, target in loops:
+            thread = threading.Thread(target=target, name=f"sync-{name}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self, timeout: float = 3.0) -> None:
+        """Stop every thread, cancel the stream, close the channels."""
+        self._stop.set()
+        with self._lock:
+            call = self._watch_call
+        if call is not None:
+            call.cancel()
+        for thread in self._threads:
+            thread.join(timeout)
+        with self._lock:
+            channels = list(self._peer_channels.values())
+            self._peer_channels.clear()
+        for channel in channels:
+            channel.close()
+        if self._coordinator_channel is not None:
+            self._coordinator_channel.close()
+
+    # --- coordinator ---------------------------------------------------------------------
+
+    def catch_up_from_coordinator(self) -> int:
+        """Pull the states the node misses from the coordinator now; how many it installed.
+
+        Raises UnavailableError when no coordinator is configured or it cannot be reached,
+        and the verification error of a refused state.
+        """
+        stub = self._coordinator
+        if stub is None:
+            raise UnavailableError(
+                "no coordinator is configured on this HSA to fetch the missing states from"
+            )
+        limit = self._limits.max_states_per_response
+
+        def fetch(after: int) -> Sequence[domain_pb2.SealedState]:
+            try:
+                response = stub.GetStatesAfter(
+                    services_pb2.StatesAfterRequest(after_version=after, limit=limit),
+                    timeout=CALL_DEADLINE_SECONDS,
+                )
+            except grpc.RpcError as error:
+                raise UnavailableError(
+                    f"cannot fetch states from the coordinator at {self._coordinator_address}: "
+                    f"{_rpc_reason(error)}"
+                ) from None
+            return list(response.states)
+
+        return pull_states(self._node, fetch, "coordinator")
+
+    def _report(self, path: str, message: str) -> None:
+        self._throttled.warning(f"{path}: {message}")
+
+    def _catch_up_quietly(self) -> None:
+        """Catch up from the coordinator; report unreachability (offer logs refusals)."""
+        try:
+            self.catch_up_from_coordinator()
+        except UnavailableError as error:
+            self._report("pull", str(error))
+        except HsmDomainError as error:
+            log.debug("pull stopped at a refused state: %s", error)
+
+    def _offer_from_stream(self, message: domain_pb2.SealedState) -> None:
+        try:
+            state = SealedState.from_message(message)
+            self._node.offer(state, source="coordinator stream", quiet_repeats=True)
+        except ChainGapError:
+            self._catch_up_quietly()
+        except HsmDomainError as error:
+            log.debug("stream state not installed (offer logged why): %s", error)
+
+    def _watch_loop(self) -> None:
+        stub = self._coordinator
+        assert stub is not None
+        backoff = _BACKOFF_FIRST
+        while not self._stop.is_set():
+            if self._node.removed_at is not None:
+                self._stop.wait(1.0)
+                continue
+            try:
+                call = stub.WatchStates(
+                    services_pb2.WatchStatesRequest(after_version=self._node.version)
+                )
+                with self._lock:
+                    self._watch_call = call
+                if self._stop.is_set():
+                    call.cancel()
+                for message in call:
+                    backoff = _BACKOFF_FIRST
+                    self._offer_from_stream(message)
+            except grpc.RpcError as error:
+                if self._stop.is_set():
+                    break
+                self._report("coordinator stream", _rpc_reason(error))
+            except Exception:
+                log.exception("coordinator stream: unexpected error")
+            finally:
+                with self._lock:
+                    self._watch_call = None
+            self._stop.wait(backoff)
+            backoff = min(backoff * 2, _BACKOFF_MAX)
+
+    def _pull_round(self) -> None:
+        stub = self._coordinator
+        assert stub is not None
+        if self._node.removed_at is None:
+            try:
+                stub.RegisterHsa(
+                    services_pb2.RegisterHsaRequest(
+                        host_id=self._node.host_id, address=self._address
+                    ),
+                    timeout=CALL_DEADLINE_SECONDS,
+                )
+            except grpc.RpcError as error:
+                self._report("register", _rpc_reason(error))
+            self._catch_up_quietly()
+        try:
+            listed = stub.ListHsas(services_pb2.ListHsasRequest(), timeout=CALL_DEADLINE_SECONDS)
+        except grpc.RpcError as error:
+            self._report("list peers", _rpc_reason(error))
+            return
+        peers = [Peer(host_id=h.host_id, address=h.address) for h in listed.hsas if h.address]
+        if sorted(peers, key=lambda p: p.host_id) != sorted(
+            self._store.load_peers(), key=lambda p: p.host_id
+        ):
+            self._store.save_peers(peers)
+            log.info("peer list updated: %s", ", ".join(p.host_id for p in peers) or "(none)")
+
+    def _pull_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._pull_round()
+            except Exception:
+                log.exception("pull: unexpected error")
+            self._stop.wait(self._pull_interval)
+
+    # --- gossip --------------------------------------------------------------------------
+
+    def _peer_channel(self, address: str, known: set[str]) -> grpc.Channel:
+        """A reused channel to `address`; channels to addresses no longer listed are closed."""
+        with self._lock:
+            for stale in [a for a in self._peer_channels if a not in known]:
+                self._peer_channels.pop(stale).close()
+            channel = self._peer_channels.get(address)
+            if channel is None:
+                channel = transport.mtls_channel(address, self._tls, self._limits)
+                self._peer_channels[address] = channel
+            return channel
+
+    def gossip_once(self) -> int:
+        """Fetch newer states from one random peer; how many were installed (0 if no peer)."""
+        peers = [
+            p
+            for p in self._store.load_peers()
+            if p.host_id != self._node.host_id and p.address != self._address
+        ]
+        if not peers or self._node.removed_at is not None:
+            return 0
+        peer = secrets.choice(peers)
+        stub = services_pb2_grpc.HsaPeerStub(  # type: ignore[no-untyped-call]
+            self._peer_channel(peer.address, {p.address for p in peers})
+        )
+        limit = self._limits.max_states_per_response
+
+        def fetch(after: int) -> Sequence[domain_pb2.SealedState]:
+            try:
+                response = stub.GetStatesAfter(
+                    services_pb2.StatesAfterRequest(after_version=after, limit=limit),
+                    timeout=CALL_DEADLINE_SECONDS,
+                )
+            except grpc.RpcError as error:
+                raise UnavailableError(
+                    f"peer {peer.host_id} at {peer.address}: {_rpc_reason(error)}"
+                ) from None
+            return list(response.states)
+
+        return pull_states(self._node, fetch, f"peer {peer.host_id}")
+
+    def _gossip_loop(self) -> None:
+        while not self._stop.wait(self._gossip_interval):
+            try:
+                self.gossip_once()
+            except UnavailableError as error:
+                self._report("gossip", str(error))
+            except HsmDomainError as error:
+                log.debug("gossip stopped at a refused state (offer logged why): %s", error)
+            except Exception:
+                log.exception("gossip: unexpected error")

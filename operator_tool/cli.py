@@ -1,0 +1,369 @@
+"""`hsm-operator`: an operator's tool for tokens, proposals and approvals.
+
+Command groups live in their own modules, each exposing `register(subparsers)`; this module
+holds what they share: the parser with its global options, how a token is named and opened,
+where secrets come from, how results are printed, and `main`.
+
+Exit status: 0 on success, 1 when the command was refused or failed (a one-line cause on
+stderr; `-v` adds the traceback), 2 on a usage error. Only `domain_core.errors.HsmDomainError`
+and `OSError` are caught, once, in `main`; anything else is a bug and shows its traceback.
+
+Secrets (file token passphrase, PKCS#11 PIN) come from a file named on the command line or in
+the environment, or from a prompt on a terminal; never from an argument, and a passphrase file
+is never used as a PIN (a wrong PIN counts towards locking a smart card). Nothing printed here
+holds a key, passphrase or PIN.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import importlib
+import json
+import os
+import sys
+import textwrap
+import traceback
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, Protocol, TextIO
+
+from domain_core.errors import HsmDomainError, TokenError
+from domain_core.signers import Signer
+from domain_core.tokens import FileTokenRef, TokenRef, open_token, parse_token_uri
+
+__all__ = [
+    "COMMAND_MODULES",
+    "PROG",
+    "CommandContext",
+    "UsageError",
+    "add_command",
+    "add_group",
+    "build_parser",
+    "main",
+    "read_secret_file",
+]
+
+PROG: Final = "hsm-operator"
+
+# Each module exposes `register(subparsers)`; a new command group is one more entry here.
+COMMAND_MODULES: Final[tuple[str, ...]] = ("operator_tool.token_commands",)
+
+TOKEN_ENV: Final = "HSM_TOKEN"  # noqa: S105 (names a variable, holds no secret)
+PASSPHRASE_FILE_ENV: Final = "HSM_TOKEN_PASSPHRASE_FILE"  # noqa: S105 (a variable name)
+PIN_FILE_ENV: Final = "HSM_TOKEN_PIN_FILE"
+_MAX_SECRET_FILE_SIZE: Final = 4096
+
+Subparsers = Any  # argparse._SubParsersAction[argparse.ArgumentParser] (a private class)
+
+
+class UsageError(Exception):
+    """The command line is inconsistent in a way argparse cannot see; exit status 2."""
+
+
+class Handler(Protocol):
+    def __call__(self, ctx: CommandContext) -> int: ...
+
+
+# --- parser ----------------------------------------------------------------------------------
+
+
+def _global_options(*, suppress_defaults: bool) -> argparse.ArgumentParser:
+    """Options accepted before or after the command (`hsm-operator --json token show` or
+    `hsm-operator token show --json`). Defaults are applied once, after parsing."""
+    default: Any = argparse.SUPPRESS if suppress_defaults else None
+    options = argparse.ArgumentParser(add_help=False)
+    group = options.add_argument_group("global options")
+    group.add_argument(
+        "--json", action="store_true", default=default or False, help="print JSON for scripts"
+    )
+    group.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=default or False,
+        help="show the traceback of a failure",
+    )
+    group.add_argument(
+        "--token",
+        metavar="REF",
+        default=default,
+        help=f"your token: a file path, file:PATH or pkcs11: URI (default: ${TOKEN_ENV})",
+    )
+    group.add_argument(
+        "--passphrase-file",
+        metavar="FILE",
+        default=default,
+        help=f"read a file token's passphrase from FILE (default: ${PASSPHRASE_FILE_ENV}; "
+        "otherwise asked on the terminal)",
+    )
+    group.add_argument(
+        "--pin-file",
+        metavar="FILE",
+        default=default,
+        help=f"read a PKCS#11 token's PIN from FILE (default: ${PIN_FILE_ENV}; otherwise asked "
+        "on the terminal)",
+    )
+    return options
+
+
+def _epilog(example: str, more: str = "") -> str:
+    text = "Example:\n" + textwrap.indent(textwrap.dedent(example).strip(), "  ")
+    if more:
+        text += "\n\n" + textwrap.dedent(more).strip()
+    return text
+
+
+def add_group(
+    subparsers: Subparsers, name: str, *, help: str, description: str, example: str
+) -> Subparsers:
+    """Add a command group (`hsm-operator NAME ...`); returns its subparsers for `add_command`."""
+    parser = subparsers.add_parser(
+        name,
+        help=help,
+        description=description,
+        epilog=_epilog(example),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[_global_options(suppress_defaults=True)],
+    )
+    parser.set_defaults(_parser=parser)
+    return parser.add_subparsers(dest=f"{name}_command", metavar="COMMAND", required=True)
+
+
+def add_command(
+    subparsers: Subparsers,
+    name: str,
+    handler: Handler,
+    *,
+    help: str,
+    description: str,
+    example: str,
+    notes: str = "",
+) -> argparse.ArgumentParser:
+    """Add a command that runs `handler(ctx)`; `example` is shown under "Example:" in --help."""
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        name,
+        help=help,
+        description=description,
+        epilog=_epilog(example, notes),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[_global_options(suppress_defaults=True)],
+    )
+    parser.set_defaults(_handler=handler, _parser=parser)
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole `hsm-operator` parser, every command group registered."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Hold an operator token and approve changes of an HSM domain with it.",
+        epilog=_epilog(
+            """
+            hsm-operator token init --out alice.token --name alice
+            hsm-operator --token alice.token token export-public --out alice.pub.json
+            """,
+            """
+            Exit status: 0 success, 1 refused or failed (cause on stderr), 2 usage error.
+            Secrets come from --passphrase-file / --pin-file or a terminal prompt, never
+            from an argument.
+            """,
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[_global_options(suppress_defaults=False)],
+    )
+    parser.set_defaults(_parser=parser)
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module_name in COMMAND_MODULES:
+        importlib.import_module(module_name).register(subparsers)
+    return parser
+
+
+# --- secrets ---------------------------------------------------------------------------------
+
+
+def read_secret_file(path: str | Path, what: str) -> bytes:
+    """A secret from a file: its bytes, without one trailing newline; TokenError if empty."""
+    path = Path(path)
+    with path.open("rb") as f:
+        data = f.read(_MAX_SECRET_FILE_SIZE + 1)
+    if len(data) > _MAX_SECRET_FILE_SIZE:
+        raise TokenError(f"{what} file {path} is larger than {_MAX_SECRET_FILE_SIZE} bytes")
+    if data.endswith(b"\r\n"):
+        data = data[:-2]
+    elif data.endswith(b"\n"):
+        data = data[:-1]
+    if not data:
+        raise TokenError(f"{what} file {path} is empty")
+    return data
+
+
+def _prompt(prompt: str, missing: str, stdin: TextIO) -> bytes:
+    if not stdin.isatty():
+        raise TokenError(missing)
+    value = getpass.getpass(prompt)
+    if not value:
+        raise TokenError(f"nothing was entered at {prompt.strip()!r}; nothing was done")
+    return value.encode("utf-8")
+
+
+# --- what a command gets -------------------------------------------------------------------
+
+
+@dataclass
+class CommandContext:
+    """Parsed arguments plus the shared plumbing every command uses."""
+
+    args: argparse.Namespace
+    json: bool
+    verbose: bool
+    token: str | None
+    passphrase_file: str | None
+    pin_file: str | None
+    environ: Mapping[str, str]
+    stdin: TextIO = field(default_factory=lambda: sys.stdin)
+    stdout: TextIO = field(default_factory=lambda: sys.stdout)
+    stderr: TextIO = field(default_factory=lambda: sys.stderr)
+
+    @classmethod
+    def from_args(
+        cls,
+        args: argparse.Namespace,
+        environ: Mapping[str, str],
+        *,
+        stdin: TextIO | None = None,
+        stdout: TextIO | None = None,
+        stderr: TextIO | None = None,
+    ) -> CommandContext:
+        def option(name: str, env: str) -> str | None:
+            value = getattr(args, name, None)
+            return value if value else (environ.get(env) or None)
+
+        return cls(
+            args=args,
+            json=bool(getattr(args, "json", False)),
+            verbose=bool(getattr(args, "verbose", False)),
+            token=option("token", TOKEN_ENV),
+            passphrase_file=option("passphrase_file", PASSPHRASE_FILE_ENV),
+            pin_file=option("pin_file", PIN_FILE_ENV),
+            environ=environ,
+            stdin=stdin or sys.stdin,
+            stdout=stdout or sys.stdout,
+            stderr=stderr or sys.stderr,
+        )
+
+    # secrets
+
+    def passphrase_callback(self, prompt: str = "Token passphrase: ") -> Callable[[], bytes]:
+        """Returns a file token's passphrase: --passphrase-file, else a terminal prompt."""
+
+        def secret() -> bytes:
+            if self.passphrase_file:
+                return read_secret_file(self.passphrase_file, "passphrase")
+            return _prompt(
+                prompt, "no passphrase: use --passphrase-file or run in a terminal", self.stdin
+            )
+
+        return secret
+
+    def new_passphrase(self) -> bytes:
+        """A passphrase for a new file token: --passphrase-file, else asked twice."""
+        if self.passphrase_file:
+            return read_secret_file(self.passphrase_file, "passphrase")
+        missing = "no passphrase: use --passphrase-file or run in a terminal"
+        first = _prompt("Passphrase for the new token: ", missing, self.stdin)
+        second = _prompt("Repeat the passphrase: ", missing, self.stdin)
+        if first != second:
+            raise TokenError("the two passphrases differ; nothing was created")
+        return first
+
+    def pin_callback(self, token_label: str) -> Callable[[], bytes]:
+        """Returns a PKCS#11 token's PIN: --pin-file, else a terminal prompt."""
+
+        def secret() -> bytes:
+            if self.pin_file:
+                return read_secret_file(self.pin_file, "PIN")
+            return _prompt(
+                f"PIN for token {token_label}: ",
+                "no PIN: use --pin-file or run in a terminal",
+                self.stdin,
+            )
+
+        return secret
+
+    # tokens
+
+    def token_ref(self) -> TokenRef:
+        """The token named by --token or $HSM_TOKEN, parsed (UsageError if none)."""
+        if not self.token:
+            raise UsageError(f"no token: use --token REF or set {TOKEN_ENV}")
+        return parse_token_uri(self.token, environ=self.environ)
+
+    @contextmanager
+    def opened_token(self, ref: TokenRef | None = None) -> Iterator[Signer]:
+        """Open the operator's token (asking for its secret) and close it afterwards."""
+        ref = self.token_ref() if ref is None else ref
+        if isinstance(ref, FileTokenRef):
+            secret = self.passphrase_callback(f"Passphrase for token {ref.path}: ")
+        else:
+            secret = self.pin_callback(ref.token_label)
+        signer = open_token(ref, secret, environ=self.environ)
+        try:
+            yield signer
+        finally:
+            close = getattr(signer, "close", None)
+            if callable(close):
+                close()
+
+    # output
+
+    def emit(self, document: Mapping[str, Any], text: str) -> None:
+        """Print `document` as JSON under --json, else `text`."""
+        if self.json:
+            self.stdout.write(json.dumps(document, indent=2, sort_keys=True) + "\n")
+        else:
+            self.stdout.write(text.rstrip("\n") + "\n")
+        self.stdout.flush()
+
+
+# --- main ------------------------------------------------------------------------------------
+
+
+def _one_line(error: BaseException) -> str:
+    if isinstance(error, HsmDomainError):
+        text = error.message
+    elif isinstance(error, OSError) and error.strerror:
+        text = error.strerror
+        if error.filename is not None:
+            text = f"{text}: {error.filename}"
+    else:
+        text = str(error) or type(error).__name__
+    return " ".join(text.split())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one `hsm-operator` command; return its exit status (0, 1 or 2)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: 0 after --help, 2 on a usage error
+        return exc.code if isinstance(exc.code, int) else 2
+    ctx = CommandContext.from_args(args, os.environ)
+    handler: Handler = args._handler
+    try:
+        return int(handler(ctx))
+    except UsageError as exc:
+        command_parser: argparse.ArgumentParser = args._parser
+        command_parser.print_usage(sys.stderr)
+        print(f"{command_parser.prog}: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except (HsmDomainError, OSError) as exc:
+        if ctx.verbose:
+            traceback.print_exc(file=sys.stderr)
+        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130

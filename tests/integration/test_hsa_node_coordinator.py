@@ -1,0 +1,142 @@
+"""`hsa-node` processes keeping current from a real `domain-coordinator` process.
+
+The nodes register with the coordinator (RegisterHsa), cache its peer list (ListHsas ->
+peers.json), seal the states the coordinator asks for (ApplyProposal after the operators'
+quorum), and catch up through the pull (a restarted node) and the WatchStates stream (a node
+the coordinator cannot push to).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from support.hsa_nodes import (
+    COORDINATOR,
+    DEADLINE,
+    HOSTS,
+    ROTATE,
+    Domain,
+    Processes,
+    copy_domain,
+    make_domain_template,
+    propose,
+    stub,
+    wait_for,
+)
+
+from domain_core.model import Proposal, SealedState
+from domain_core.pb import domain_pb2, services_pb2, services_pb2_grpc
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def domain_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_domain_template(tmp_path_factory.mktemp("template") / "d")
+
+
+@pytest.fixture
+def domain(domain_template: Path, tmp_path: Path) -> Domain:
+    return copy_domain(domain_template, tmp_path / "d")
+
+
+@pytest.fixture
+def procs(domain: Domain) -> Iterator[Processes]:
+    """The coordinator running, node configs pointing at it (nodes not started yet)."""
+    running = Processes(domain)
+    try:
+        running.start(COORDINATOR)
+        domain.configure_nodes(coordinator=running.addresses[COORDINATOR])
+        yield running
+    finally:
+        running.kill_all()
+
+
+def submit(procs: Processes, proposal: Proposal, approvals: list[domain_pb2.Approval]) -> None:
+    """The operators' side of the quorum flow: propose, then approve until the quorum."""
+    coordinator = stub(services_pb2_grpc.CoordinatorStub, procs.operator_channel())
+    coordinator.SubmitProposal(
+        services_pb2.SubmitProposalRequest(proposal=proposal.raw, proposer_approval=approvals[0]),
+        timeout=DEADLINE,
+    )
+    for approval in approvals[1:]:
+        coordinator.SubmitApproval(
+            services_pb2.SubmitApprovalRequest(approval=approval), timeout=DEADLINE
+        )
+
+
+def versions(procs: Processes, hosts: tuple[str, ...] = HOSTS) -> list[int]:
+    return [procs.status(host).version for host in hosts]
+
+
+def registered(procs: Processes) -> dict[str, str]:
+    coordinator = stub(services_pb2_grpc.CoordinatorStub, procs.operator_channel())
+    listed = coordinator.ListHsas(services_pb2.ListHsasRequest(), timeout=DEADLINE)
+    return {h.host_id: h.address for h in listed.hsas}
+
+
+def peers_file(domain: Domain, host: str) -> dict[str, str]:
+    path = domain.data_dir(host) / "peers.json"
+    if not path.exists():
+        return {}
+    return {p["host_id"]: p["address"] for p in json.loads(path.read_text())["peers"]}
+
+
+def test_nodes_register_apply_and_catch_up_through_the_coordinator(
+    domain: Domain, procs: Processes
+) -> None:
+    procs.start(*HOSTS)
+    expected = {host: procs.addresses[host] for host in HOSTS}
+    wait_for(lambda: registered(procs) == expected, what="every node to register")
+    wait_for(
+        lambda: all(peers_file(domain, host) == expected for host in HOSTS),
+        what="every node to cache the peer list",
+    )
+
+    # Quorum through the coordinator: it asks an HSA to seal, stores, and every node installs.
+    proposal, approvals = propose(domain, domain.genesis, ROTATE)
+    submit(procs, proposal, approvals)
+    wait_for(lambda: versions(procs) == [2, 2, 2], what="every node at version 2")
+    hashes = {procs.status(host).state_hash for host in HOSTS}
+    assert len(hashes) == 1
+
+    # A node that was down while the domain moved on catches up from the coordinator.
+    assert procs.stop("hsa-3") == 0
+    coordinator = stub(services_pb2_grpc.CoordinatorStub, procs.operator_channel())
+    latest = coordinator.GetLatestState(services_pb2.LatestStateRequest(), timeout=DEADLINE)
+    head = SealedState.from_message(latest)
+    assert head.version == 2
+    proposal, approvals = propose(domain, head, ROTATE)
+    submit(procs, proposal, approvals)
+    wait_for(lambda: versions(procs, ("hsa-1", "hsa-2")) == [3, 3], what="hsa-1/2 at 3")
+    procs.start("hsa-3")
+    wait_for(lambda: procs.status("hsa-3").version == 3, what="hsa-3 to catch up to 3")
+    assert procs.status("hsa-3").healthy
+
+
+def test_the_watch_stream_delivers_states_the_coordinator_cannot_push(
+    domain: Domain, procs: Processes
+) -> None:
+    # Slow pull and gossip: after their first round, only the stream brings new states.
+    domain.configure_nodes(pull_interval_seconds=60.0, gossip_interval_seconds=60.0)
+    procs.start(*HOSTS)
+    wait_for(lambda: len(registered(procs)) == 3, what="every node to register")
+    wait_for(
+        lambda: "hsa-3 watches states" in procs.log_text(COORDINATOR),
+        what="hsa-3 to open its stream",
+    )
+    # Register hsa-3 at an address where nothing listens: the coordinator's push fails.
+    as_hsa3 = stub(services_pb2_grpc.CoordinatorStub, procs.channel(COORDINATOR, "hsa-3"))
+    as_hsa3.RegisterHsa(
+        services_pb2.RegisterHsaRequest(host_id="hsa-3", address="127.0.0.1:9"),
+        timeout=DEADLINE,
+    )
+
+    proposal, approvals = propose(domain, domain.genesis, ROTATE)
+    submit(procs, proposal, approvals)
+    wait_for(lambda: versions(procs) == [2, 2, 2], what="every node at version 2")
+    assert "version 2" in procs.log_text("hsa-3")
+    assert "from coordinator stream" in procs.log_text("hsa-3")

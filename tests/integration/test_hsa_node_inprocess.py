@@ -1,0 +1,210 @@
+"""HSA nodes loaded in this process from real files: paths that need a controlled clock, a
+fake coordinator, or a misbehaving producer host, which are awkward to reach across processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import grpc
+import pytest
+from support.hsa_nodes import ROTATE, Domain, copy_domain, make_domain_template, propose
+
+from domain_core import crypto, sealing
+from domain_core.config import NodeConfig
+from domain_core.errors import (
+    ChainGapError,
+    InvalidKeyTokenError,
+    PermissionDeniedError,
+    RollbackError,
+    UnavailableError,
+)
+from domain_core.identity import HostIdentity
+from domain_core.model import SealedState
+from domain_core.pb import domain_pb2, services_pb2
+from domain_core.transition import rotation_due_at
+from hsa_node._logging import ThrottledLog
+from hsa_node.server import LoadedNode, load_node
+from hsa_node.servicers import HsaAdminServicer, HsaPeerServicer
+from hsa_node.sync import pull_states
+
+pytestmark = pytest.mark.integration
+
+
+class FakeContext:
+    """The part of a grpc.ServicerContext the servicers read: the verified peer certificate."""
+
+    def __init__(self, cert_pem: bytes) -> None:
+        self._cert_pem = cert_pem
+
+    def auth_context(self) -> Mapping[str, Sequence[bytes]]:
+        return {"x509_pem_cert": [self._cert_pem]}
+
+
+@pytest.fixture(scope="module")
+def domain_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_domain_template(tmp_path_factory.mktemp("template") / "d")
+
+
+@pytest.fixture
+def domain(domain_template: Path, tmp_path: Path) -> Domain:
+    return copy_domain(domain_template, tmp_path / "d")
+
+
+def load(domain: Domain, host: str) -> LoadedNode:
+    return load_node(NodeConfig.load(domain.layout.node_configs[host]))
+
+
+def as_caller(domain: Domain, who: str) -> grpc.ServicerContext:
+    context: grpc.ServicerContext = FakeContext(domain.tls(who).cert_pem)  # type: ignore[assignment]
+    return context
+
+
+def unavailable() -> int:
+    raise UnavailableError("no coordinator in this test")
+
+
+def test_install_state_fetches_the_missing_states_on_a_gap(domain: Domain) -> None:
+    first, second = load(domain, "hsa-1").node, load(domain, "hsa-2").node
+    admin1 = HsaAdminServicer(first, unavailable)
+    coordinator = as_caller(domain, "coordinator")
+    head = domain.genesis
+    for _ in range(2):
+        proposal, approvals = propose(domain, head, ROTATE)
+        request = services_pb2.ApplyProposalRequest(proposal=proposal.raw, approvals=approvals)
+        head = SealedState.from_message(admin1.ApplyProposal(request, coordinator))
+        assert first.offer(head)
+    assert first.version == 3
+
+    without_coordinator = HsaAdminServicer(second, unavailable)
+    install = services_pb2.InstallStateRequest(state=head.message)
+    with pytest.raises(ChainGapError):
+        without_coordinator.InstallState(install, coordinator)
+    assert second.version == 1
+
+    calls: list[int] = []
+
+    def fetch(after: int) -> list[domain_pb2.SealedState]:
+        calls.append(after)
+        return [s.message for s in first.states_after(after, 100)]
+
+    def catch_up() -> int:
+        return pull_states(second, fetch, "test coordinator")
+
+    response = HsaAdminServicer(second, catch_up).InstallState(install, coordinator)
+    assert (response.version, response.state_hash) == (3, head.hash)
+    assert calls == [1, 3]  # the second batch is empty: caught up
+    assert second.status().healthy
+
+    # Offering an already-installed older state is a rollback, and changes nothing.
+    with pytest.raises(RollbackError):
+        second.offer(first.states_after(1, 1)[0])
+    assert second.version == 3
+
+
+def test_scheduled_rotation_is_sealed_only_when_due(domain: Domain) -> None:
+    node = load(domain, "hsa-1").node
+    due = rotation_due_at(domain.genesis.manifest)
+    coordinator = as_caller(domain, "coordinator")
+    early = HsaAdminServicer(node, unavailable, clock=lambda: float(due - 10))
+    with pytest.raises(Exception, match="due in 10s"):
+        early.RotateDomainKey(services_pb2.ScheduledRotationRequest(), coordinator)
+
+    on_time = HsaAdminServicer(node, unavailable, clock=lambda: float(due + 1))
+    message = on_time.RotateDomainKey(services_pb2.ScheduledRotationRequest(), coordinator)
+    state = SealedState.from_message(message)
+    assert state.proposal is None
+    assert state.manifest.current_generation == 2
+    assert node.version == 1  # sealed, not installed
+    node.clock = lambda: float(due + 1)  # this node's clock agrees that the rotation is due
+    assert node.offer(state)
+    assert node.status().domain_key_generation == 2
+
+
+def test_a_state_whose_key_wrap_this_host_cannot_open_is_refused(
+    domain: Domain, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A trusted but misbehaving producer wraps garbage to hsa-2: hsa-2 keeps its last state."""
+    producer = HostIdentity.load(domain.node_dir("hsa-1") / "identity")
+    second, third = load(domain, "hsa-2").node, load(domain, "hsa-3").node
+    proposal, approvals = propose(domain, domain.genesis, ROTATE)
+    honest = SealedState.from_message(
+        HsaAdminServicer(load(domain, "hsa-1").node, unavailable).ApplyProposal(
+            services_pb2.ApplyProposalRequest(proposal=proposal.raw, approvals=approvals),
+            as_caller(domain, "coordinator"),
+        )
+    )
+    secrets = domain_pb2.SealedSecrets.FromString(honest.message.secrets)
+    _, stranger = crypto.x25519_generate()
+    for wrap in secrets.wraps:
+        if wrap.host_id == "hsa-2":
+            wrap.wrapped_key = crypto.seal_to_host(stranger, crypto.new_aes_key())
+    forged = domain_pb2.SealedState()
+    forged.CopyFrom(honest.message)
+    forged.secrets = secrets.SerializeToString(deterministic=True)
+    digest = SealedState.from_message(forged).hash
+    forged.producer_signature = producer.signer.sign(sealing.state_signing_message(digest))
+    state = SealedState.from_message(forged)
+
+    with caplog.at_level(logging.WARNING), pytest.raises(InvalidKeyTokenError):
+        second.offer(state, source="test")
+    assert second.version == 1
+    assert second.status().healthy
+    assert "refused state version 2 from test: InvalidKeyTokenError" in caplog.text
+    assert not (domain.data_dir("hsa-2") / "states" / f"{2:012d}.state").exists()
+    assert third.offer(state)  # the chain itself is valid; only hsa-2's wrap is bad
+
+
+def test_peer_service_serves_only_hosts_of_the_verified_state(domain: Domain) -> None:
+    node = load(domain, "hsa-1").node
+    peer = HsaPeerServicer(node)
+    response = peer.GetStatesAfter(
+        services_pb2.StatesAfterRequest(after_version=0, limit=5), as_caller(domain, "hsa-2")
+    )
+    assert [SealedState.from_message(s).version for s in response.states] == [1]
+    assert (
+        peer.GetStatesAfter(
+            services_pb2.StatesAfterRequest(after_version=1), as_caller(domain, "hsa-2")
+        ).states
+        == []
+    )
+    for outsider in ("coordinator", "demo-app"):
+        with pytest.raises(PermissionDeniedError):
+            peer.GetLatestState(services_pb2.LatestStateRequest(), as_caller(domain, outsider))
+
+
+def test_throttled_log_writes_each_distinct_message_once_per_window(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    now = [1000.0]
+    throttled = ThrottledLog(logging.getLogger("test.throttled"), window=60, clock=lambda: now[0])
+    with caplog.at_level(logging.INFO, logger="test.throttled"):
+        assert throttled.warning("peer hsa-2: UNAVAILABLE")
+        assert not throttled.warning("peer hsa-2: UNAVAILABLE")
+        assert throttled.warning("peer hsa-3: UNAVAILABLE")
+        now[0] += 59
+        assert not throttled.warning("peer hsa-2: UNAVAILABLE")
+        now[0] += 2
+        assert throttled.warning("peer hsa-2: UNAVAILABLE")
+    assert caplog.text.count("peer hsa-2: UNAVAILABLE") == 2
+    assert caplog.text.count("peer hsa-3: UNAVAILABLE") == 1
+
+
+def test_loading_twice_replays_the_stored_chain(domain: Domain) -> None:
+    loaded = load(domain, "hsa-1")
+    proposal, approvals = propose(domain, domain.genesis, ROTATE)
+    state = SealedState.from_message(
+        HsaAdminServicer(loaded.node, unavailable).ApplyProposal(
+            services_pb2.ApplyProposalRequest(proposal=proposal.raw, approvals=approvals),
+            as_caller(domain, "coordinator"),
+        )
+    )
+    assert loaded.node.offer(state)
+    started = time.monotonic()
+    again = load(domain, "hsa-1").node
+    assert time.monotonic() - started < 5
+    assert (again.version, again.head.hash) == (2, state.hash)
+    assert again.serving

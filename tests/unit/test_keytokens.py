@@ -1,0 +1,390 @@
+"""domain_core.keytokens: a key token opens only for its key, version, generation and metadata.
+
+These are the checks that catch a lying coordinator: tokens moved between keys or versions,
+edited policies, relabelled generations, and records with missing or extra tokens.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from domain_core import keytokens
+from domain_core.errors import InvalidKeyTokenError
+from domain_core.keytokens import (
+    rewrap_record,
+    seal_record,
+    unwrap_backing_key,
+    verify_key_record,
+    wrap_backing_key,
+)
+from domain_core.pb import keys_pb2
+from domain_core.policy import default_policy
+
+pytestmark = pytest.mark.unit
+
+VECTORS = Path(__file__).resolve().parents[1] / "vectors"
+KEY_ID = "0f5a3c9e-1b2d-4e6f-8a7b-9c0d1e2f3a4b"
+OTHER_KEY_ID = "9a8b7c6d-5e4f-4a3b-8c2d-1e0f9a8b7c6d"
+APP = "spiffe://test/client/app"
+DOMAIN_KEYS = {1: bytes(range(32)), 2: bytes(range(1, 33)), 3: bytes(range(2, 34))}
+BACKING_KEYS = {1: b"\x11" * 32, 2: b"\x22" * 32, 3: b"\x33" * 32}
+
+
+def _metadata(key_id: str = KEY_ID, versions: int = 3, **changes: Any) -> keys_pb2.KeyMetadata:
+    metadata = keys_pb2.KeyMetadata(
+        key_id=key_id,
+        description="test key",
+        state=keys_pb2.KEY_STATE_ENABLED,
+        created_at=1_767_225_600,
+        policy=default_policy(APP),
+        current_backing_version=versions,
+        creator=APP,
+        metadata_version=1,
+        domain_id="test",
+    )
+    for name, value in changes.items():
+        setattr(metadata, name, value)
+    return metadata
+
+
+def _record(
+    key_id: str = KEY_ID, generation: int = 2, backing_keys: dict[int, bytes] | None = None
+) -> keys_pb2.KeyRecord:
+    keys = BACKING_KEYS if backing_keys is None else backing_keys
+    return seal_record(_metadata(key_id, len(keys)), keys, DOMAIN_KEYS[generation], generation)
+
+
+RECORD = _record()
+
+
+def _expect_invalid(
+    record: keys_pb2.KeyRecord, domain_keys: dict[int, bytes] = DOMAIN_KEYS, key_id: str = KEY_ID
+) -> None:
+    with pytest.raises(InvalidKeyTokenError) as info:
+        verify_key_record(record, domain_keys, key_id)
+    assert str(info.value) == "invalid key token"
+    assert info.value.__cause__ is None
+
+
+def _copy(record: keys_pb2.KeyRecord) -> keys_pb2.KeyRecord:
+    out = keys_pb2.KeyRecord()
+    out.CopyFrom(record)
+    return out
+
+
+# --- single tokens -------------------------------------------------------------------------
+
+
+def test_wrap_unwrap_roundtrip() -> None:
+    metadata = b"metadata bytes"
+    token = wrap_backing_key(DOMAIN_KEYS[1], 1, metadata, KEY_ID, 4, BACKING_KEYS[1])
+    assert (token.key_id, token.backing_version, token.domain_key_generation) == (KEY_ID, 4, 1)
+    assert len(token.nonce) == 12
+    assert len(token.ciphertext) == 48
+    assert BACKING_KEYS[1] not in token.SerializeToString()
+    assert unwrap_backing_key(token, DOMAIN_KEYS, metadata, KEY_ID) == BACKING_KEYS[1]
+
+
+def test_tokens_use_fresh_nonces() -> None:
+    tokens = [
+        wrap_backing_key(DOMAIN_KEYS[1], 1, b"m", KEY_ID, 1, BACKING_KEYS[1]) for _ in range(10)
+    ]
+    assert len({t.nonce for t in tokens}) == 10
+
+
+def _token() -> keys_pb2.KeyToken:
+    return wrap_backing_key(DOMAIN_KEYS[1], 1, b"metadata", KEY_ID, 1, BACKING_KEYS[1])
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda t: setattr(t, "key_id", OTHER_KEY_ID),
+        lambda t: setattr(t, "backing_version", 2),
+        lambda t: setattr(t, "backing_version", 0),
+        lambda t: setattr(t, "domain_key_generation", 2),  # relabelled generation
+        lambda t: setattr(t, "domain_key_generation", 9),  # a generation this node lacks
+        lambda t: setattr(t, "domain_key_generation", 0),
+        lambda t: setattr(t, "nonce", bytes(12)),
+        lambda t: setattr(t, "nonce", t.nonce[:11]),
+        lambda t: setattr(t, "ciphertext", t.ciphertext[:-1]),
+        lambda t: setattr(t, "ciphertext", t.ciphertext + b"\x00"),
+        lambda t: setattr(t, "ciphertext", bytes([t.ciphertext[0] ^ 1]) + t.ciphertext[1:]),
+        lambda t: setattr(t, "ciphertext", t.ciphertext[:-1] + bytes([t.ciphertext[-1] ^ 0x80])),
+    ],
+)
+def test_any_edit_of_a_token_fails(edit: Any) -> None:
+    token = _token()
+    edit(token)
+    with pytest.raises(InvalidKeyTokenError):
+        unwrap_backing_key(token, DOMAIN_KEYS, b"metadata", KEY_ID)
+
+
+def test_token_opens_only_with_its_key_id_metadata_and_domain_key() -> None:
+    token = _token()
+    with pytest.raises(InvalidKeyTokenError):
+        unwrap_backing_key(token, DOMAIN_KEYS, b"metadata", OTHER_KEY_ID)
+    with pytest.raises(InvalidKeyTokenError):
+        unwrap_backing_key(token, DOMAIN_KEYS, b"metadatA", KEY_ID)
+    with pytest.raises(InvalidKeyTokenError):
+        unwrap_backing_key(token, {1: DOMAIN_KEYS[2]}, b"metadata", KEY_ID)
+    with pytest.raises(InvalidKeyTokenError):
+        unwrap_backing_key(token, {}, b"metadata", KEY_ID)
+    with pytest.raises(InvalidKeyTokenError):
+        unwrap_backing_key(token, DOMAIN_KEYS, b"metadata", "")
+
+
+def test_binding_covers_every_field() -> None:
+    base = keytokens.key_token_binding(KEY_ID, 1, 1, b"m")
+    assert len(base) == 32
+    others = {
+        keytokens.key_token_binding(OTHER_KEY_ID, 1, 1, b"m"),
+        keytokens.key_token_binding(KEY_ID, 2, 1, b"m"),
+        keytokens.key_token_binding(KEY_ID, 1, 2, b"m"),
+        keytokens.key_token_binding(KEY_ID, 1, 1, b"n"),
+    }
+    assert base not in others
+    assert len(others) == 4
+
+
+def test_wrap_rejects_programming_errors() -> None:
+    with pytest.raises(ValueError, match="domain_key"):
+        wrap_backing_key(bytes(16), 1, b"m", KEY_ID, 1, BACKING_KEYS[1])
+    with pytest.raises(ValueError, match="backing_key"):
+        wrap_backing_key(DOMAIN_KEYS[1], 1, b"m", KEY_ID, 1, bytes(31))
+    with pytest.raises(ValueError, match="generation"):
+        wrap_backing_key(DOMAIN_KEYS[1], 0, b"m", KEY_ID, 1, BACKING_KEYS[1])
+    with pytest.raises(ValueError, match="backing_version"):
+        wrap_backing_key(DOMAIN_KEYS[1], 1, b"m", KEY_ID, 2**32, BACKING_KEYS[1])
+
+
+# --- records -------------------------------------------------------------------------------
+
+
+def test_sealed_record_verifies() -> None:
+    metadata, keys = verify_key_record(RECORD, DOMAIN_KEYS, KEY_ID)
+    assert metadata == _metadata()
+    assert keys == BACKING_KEYS
+    assert [t.backing_version for t in RECORD.tokens] == [1, 2, 3]
+    assert {t.domain_key_generation for t in RECORD.tokens} == {2}
+    assert RECORD.revision == 0
+
+
+def test_metadata_is_serialized_once_and_deterministically() -> None:
+    again = _record()
+    assert again.metadata == RECORD.metadata
+    assert again.metadata == _metadata().SerializeToString(deterministic=True)
+    assert [t.nonce for t in again.tokens] != [t.nonce for t in RECORD.tokens]
+
+
+def test_verify_only_needs_the_generations_in_use() -> None:
+    verify_key_record(RECORD, {2: DOMAIN_KEYS[2]}, KEY_ID)
+    _expect_invalid(RECORD, {1: DOMAIN_KEYS[1], 3: DOMAIN_KEYS[3]})
+
+
+def test_record_of_another_key_fails() -> None:
+    other = _record(OTHER_KEY_ID)
+    _expect_invalid(other)
+    verify_key_record(other, DOMAIN_KEYS, OTHER_KEY_ID)
+
+
+def test_metadata_naming_another_key_fails_even_with_matching_tokens() -> None:
+    # Tokens that say KEY_ID and are bound to metadata bytes that name OTHER_KEY_ID: only a
+    # faulty HSA could make them, but the metadata must still name the key asked for.
+    metadata_bytes = _metadata(OTHER_KEY_ID).SerializeToString(deterministic=True)
+    record = keys_pb2.KeyRecord(
+        metadata=metadata_bytes,
+        tokens=[
+            wrap_backing_key(DOMAIN_KEYS[1], 1, metadata_bytes, KEY_ID, version, key)
+            for version, key in BACKING_KEYS.items()
+        ],
+    )
+    _expect_invalid(record)
+
+
+def test_token_moved_from_another_key_fails() -> None:
+    other = _record(OTHER_KEY_ID, backing_keys=BACKING_KEYS)
+    moved = _copy(RECORD)
+    moved.tokens[1].CopyFrom(other.tokens[1])
+    _expect_invalid(moved)
+    # Even relabelled with this key's id, it is bound to the other key.
+    moved.tokens[1].key_id = KEY_ID
+    _expect_invalid(moved)
+
+
+def test_changed_policy_fails() -> None:
+    metadata = _metadata()
+    grant = metadata.policy.grants.add()
+    grant.principals.append("spiffe://test/client/attacker")
+    grant.operations.append(keys_pb2.KEY_OPERATION_DECRYPT)
+    edited = _copy(RECORD)
+    edited.metadata = metadata.SerializeToString(deterministic=True)
+    _expect_invalid(edited)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"state": keys_pb2.KEY_STATE_DISABLED},
+        {"description": "changed"},
+        {"metadata_version": 2},
+        {"creator": "spiffe://test/client/other"},
+    ],
+)
+def test_any_metadata_change_fails(changes: dict[str, Any]) -> None:
+    edited = _copy(RECORD)
+    edited.metadata = _metadata(**changes).SerializeToString(deterministic=True)
+    _expect_invalid(edited)
+
+
+def test_metadata_bytes_are_not_reserialized() -> None:
+    # Same message, different (non-deterministic but valid) encoding: an unknown field
+    # appended. The token binds the bytes, so this is a different record.
+    edited = _copy(RECORD)
+    edited.metadata = RECORD.metadata + b"\xf8\x07\x01"  # field 127, varint 1
+    _expect_invalid(edited)
+
+
+def test_swapped_tokens_between_versions_fail() -> None:
+    swapped = _copy(RECORD)
+    first, second = keys_pb2.KeyToken(), keys_pb2.KeyToken()
+    first.CopyFrom(RECORD.tokens[0])
+    second.CopyFrom(RECORD.tokens[1])
+    # Swap the sealed contents but keep the version labels.
+    swapped.tokens[0].nonce, swapped.tokens[0].ciphertext = second.nonce, second.ciphertext
+    swapped.tokens[1].nonce, swapped.tokens[1].ciphertext = first.nonce, first.ciphertext
+    _expect_invalid(swapped)
+    # Swap the labels but keep the contents.
+    relabelled = _copy(RECORD)
+    relabelled.tokens[0].backing_version = 2
+    relabelled.tokens[1].backing_version = 1
+    _expect_invalid(relabelled)
+
+
+def test_reordered_tokens_are_fine() -> None:
+    reordered = _copy(RECORD)
+    del reordered.tokens[:]
+    reordered.tokens.extend(reversed(RECORD.tokens))
+    assert verify_key_record(reordered, DOMAIN_KEYS, KEY_ID)[1] == BACKING_KEYS
+
+
+def test_wrong_generation_fails() -> None:
+    relabelled = _copy(RECORD)
+    for token in relabelled.tokens:
+        token.domain_key_generation = 3
+    _expect_invalid(relabelled)
+
+
+def test_missing_duplicate_and_extra_tokens_fail() -> None:
+    missing = _copy(RECORD)
+    del missing.tokens[2]
+    _expect_invalid(missing)
+
+    duplicate = _copy(RECORD)
+    duplicate.tokens[2].CopyFrom(RECORD.tokens[1])
+    _expect_invalid(duplicate)
+
+    extra = _copy(RECORD)
+    token = extra.tokens.add()
+    token.CopyFrom(wrap_backing_key(DOMAIN_KEYS[2], 2, RECORD.metadata, KEY_ID, 4, b"\x44" * 32))
+    _expect_invalid(extra)
+
+    no_tokens = _copy(RECORD)
+    del no_tokens.tokens[:]
+    _expect_invalid(no_tokens)
+
+
+def test_current_version_rolled_back_fails() -> None:
+    # A coordinator that hides the newest backing key by editing the metadata.
+    rolled = _copy(RECORD)
+    rolled.metadata = _metadata(versions=2).SerializeToString(deterministic=True)
+    del rolled.tokens[2]
+    _expect_invalid(rolled)
+
+
+@pytest.mark.parametrize("metadata", [b"\xff\xff\xff", b"\x0a\x05ab", b""])
+def test_unparsable_or_empty_metadata_fails(metadata: bytes) -> None:
+    broken = _copy(RECORD)
+    broken.metadata = metadata
+    _expect_invalid(broken)
+
+
+def test_seal_record_requires_exactly_the_current_versions() -> None:
+    with pytest.raises(ValueError, match=r"versions 1\.\.current_backing_version"):
+        seal_record(_metadata(versions=3), {1: BACKING_KEYS[1]}, DOMAIN_KEYS[1], 1)
+    with pytest.raises(ValueError, match=r"versions 1\.\.current_backing_version"):
+        seal_record(_metadata(versions=1), BACKING_KEYS, DOMAIN_KEYS[1], 1)
+    with pytest.raises(ValueError, match=r"versions 1\.\.current_backing_version"):
+        seal_record(_metadata(versions=0), {}, DOMAIN_KEYS[1], 1)
+
+
+# --- rewrap --------------------------------------------------------------------------------
+
+
+def test_rewrap_moves_every_token_to_the_new_generation() -> None:
+    old = _record(generation=1)
+    assert keytokens.needs_rewrap(old, 3)
+    new = rewrap_record(old, DOMAIN_KEYS, 3)
+    assert not keytokens.needs_rewrap(new, 3)
+    assert new.metadata == old.metadata
+    assert {t.domain_key_generation for t in new.tokens} == {3}
+    # The new record opens with generation 3 alone; the old one still with generation 1 alone.
+    assert verify_key_record(new, {3: DOMAIN_KEYS[3]}, KEY_ID)[1] == BACKING_KEYS
+    assert verify_key_record(old, {1: DOMAIN_KEYS[1]}, KEY_ID)[1] == BACKING_KEYS
+    _expect_invalid(new, {1: DOMAIN_KEYS[1]})
+    # The old token opens only with the old key, not with another key under its number.
+    _expect_invalid(old, {1: DOMAIN_KEYS[3]})
+
+
+def test_rewrap_keeps_the_revision_and_verifies_first() -> None:
+    old = _record(generation=1)
+    old.revision = 17
+    assert rewrap_record(old, DOMAIN_KEYS, 2).revision == 17
+    tampered = _copy(old)
+    tampered.metadata = _metadata(description="x").SerializeToString(deterministic=True)
+    with pytest.raises(InvalidKeyTokenError):
+        rewrap_record(tampered, DOMAIN_KEYS, 2)
+    with pytest.raises(InvalidKeyTokenError):
+        rewrap_record(old, DOMAIN_KEYS, 2, expected_key_id=OTHER_KEY_ID)
+    with pytest.raises(ValueError, match="generation 9"):
+        rewrap_record(old, DOMAIN_KEYS, 9)
+
+
+# --- golden vector -------------------------------------------------------------------------
+
+
+def _generator() -> Any:
+    spec = importlib.util.spec_from_file_location(
+        "ciphertext_vector_generator_kt", VECTORS / "generate_ciphertext.py"
+    )
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["ciphertext_vector_generator_kt"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_committed_key_token_vector_opens() -> None:
+    committed = json.loads((VECTORS / "ciphertext_vectors.json").read_text("utf-8"))
+    keys, vector = committed["keys"], committed["key_token"]
+    assert vector == _generator().build()["key_token"]
+    token = keys_pb2.KeyToken()
+    token.ParseFromString(bytes.fromhex(vector["token"]))
+    metadata = bytes.fromhex(vector["metadata"])
+    assert (
+        keytokens.key_token_binding(
+            token.key_id, token.backing_version, token.domain_key_generation, metadata
+        ).hex()
+        == vector["binding"]
+    )
+    domain_keys = {keys["domain_key_generation"]: bytes.fromhex(keys["domain_key"])}
+    assert unwrap_backing_key(token, domain_keys, metadata, keys["key_id"]) == bytes.fromhex(
+        keys["backing_key"]
+    )

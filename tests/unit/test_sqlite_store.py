@@ -1,0 +1,269 @@
+"""SqliteStore keeps the store invariants: CAS on versions and revisions, one approval per
+operator, final proposal states, atomic append+close, durability across reopen, thread safety."""
+
+from __future__ import annotations
+
+import sqlite3
+import stat
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from domain_coordinator.sqlite_store import SqliteStore
+from domain_coordinator.store import CoordinatorStore, ProposalState, open_store
+from domain_core.errors import (
+    AlreadyExistsError,
+    ConflictError,
+    InvalidInputError,
+    NotFoundError,
+)
+
+pytestmark = pytest.mark.unit
+
+PID = b"\x01" * 32
+OTHER = b"\x02" * 32
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "coordinator.db"
+
+
+@pytest.fixture
+def store(db_path: Path) -> Iterator[SqliteStore]:
+    s = SqliteStore(db_path)
+    yield s
+    s.close()
+
+
+def test_is_a_coordinator_store(store: SqliteStore) -> None:
+    assert isinstance(store, CoordinatorStore)
+
+
+def test_file_mode_and_pragmas(store: SqliteStore, db_path: Path) -> None:
+    store.append_state(1, b"genesis")
+    for path in (db_path, db_path.with_name(db_path.name + "-wal")):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    with sqlite3.connect(db_path) as other:
+        assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_empty_store(store: SqliteStore) -> None:
+    assert store.latest_version() == 0
+    assert store.latest_state() is None
+    assert store.get_state(1) is None
+    assert store.states_after(0, 10) == []
+    assert store.list_proposals(include_closed=True) == []
+    assert store.list_hsas() == []
+    assert store.list_keys(10) == []
+
+
+def test_append_is_compare_and_swap(store: SqliteStore) -> None:
+    with pytest.raises(ConflictError, match="store is at version 0"):
+        store.append_state(2, b"two")
+    store.append_state(1, b"one")
+    with pytest.raises(ConflictError, match="cannot store state version 1"):
+        store.append_state(1, b"other one")
+    store.append_state(2, b"two")
+    with pytest.raises(ConflictError):
+        store.append_state(4, b"four")
+    assert store.latest_version() == 2
+    assert store.latest_state() == b"two"
+    assert store.get_state(1) == b"one"
+    assert store.states_after(0, 10) == [b"one", b"two"]
+    assert store.states_after(1, 10) == [b"two"]
+    assert store.states_after(0, 1) == [b"one"]
+    assert store.states_after(2, 10) == []
+
+
+@pytest.mark.parametrize("version", [0, -1, True])
+def test_append_refuses_bad_versions(store: SqliteStore, version: int) -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        store.append_state(version, b"x")
+
+
+def test_approvals_one_per_operator(store: SqliteStore) -> None:
+    assert store.put_proposal(PID, b"proposal", 10, 20, [("op-a", b"approval-a")])
+    assert not store.put_proposal(PID, b"proposal", 10, 20)
+    assert store.add_approval(PID, "op-b", b"approval-b")
+    assert not store.add_approval(PID, "op-b", b"another-b")
+    assert not store.add_approval(PID, "op-a", b"another-a")
+    record = store.get_proposal(PID)
+    assert record is not None
+    assert record.approvals == (b"approval-a", b"approval-b")
+    assert record.state is ProposalState.PENDING
+    assert (record.created_at, record.expires_at, record.proposal) == (10, 20, b"proposal")
+    with pytest.raises(NotFoundError):
+        store.add_approval(OTHER, "op-a", b"x")
+    assert store.get_proposal(OTHER) is None
+
+
+def test_closed_states_are_final(store: SqliteStore) -> None:
+    store.put_proposal(PID, b"p", 1, 2)
+    assert store.set_proposal_state(PID, ProposalState.PENDING, "waiting for an HSA")
+    record = store.get_proposal(PID)
+    assert record is not None
+    assert record.detail == "waiting for an HSA"
+    assert store.set_proposal_state(PID, ProposalState.CANCELLED, "by op-a")
+    assert not store.set_proposal_state(PID, ProposalState.EXPIRED)
+    record = store.get_proposal(PID)
+    assert record is not None
+    assert (record.state, record.detail) == (ProposalState.CANCELLED, "by op-a")
+    assert store.list_proposals() == []
+    assert [r.proposal_id for r in store.list_proposals(include_closed=True)] == [PID]
+    with pytest.raises(NotFoundError):
+        store.set_proposal_state(OTHER, ProposalState.STALE)
+
+
+def test_list_proposals_oldest_first(store: SqliteStore) -> None:
+    ids = [bytes([i]) * 32 for i in (5, 3, 9)]
+    for i in ids:
+        store.put_proposal(i, b"p", 1, 2)
+    store.set_proposal_state(ids[1], ProposalState.STALE)
+    assert [r.proposal_id for r in store.list_proposals()] == [ids[0], ids[2]]
+    assert [r.proposal_id for r in store.list_proposals(True)] == ids
+
+
+def test_append_and_close_is_atomic(store: SqliteStore) -> None:
+    store.append_state(1, b"genesis")
+    store.put_proposal(PID, b"p", 1, 2)
+    # A lost CAS changes neither the chain nor the proposal.
+    with pytest.raises(ConflictError):
+        store.append_state_and_close_proposal(3, b"three", PID)
+    record = store.get_proposal(PID)
+    assert record is not None
+    assert record.state is ProposalState.PENDING
+    assert store.latest_version() == 1
+    # An unknown proposal stores no state.
+    with pytest.raises(NotFoundError):
+        store.append_state_and_close_proposal(2, b"two", OTHER)
+    assert store.latest_version() == 1
+    store.append_state_and_close_proposal(2, b"two", PID)
+    record = store.get_proposal(PID)
+    assert record is not None
+    assert (record.state, record.applied_version) == (ProposalState.APPLIED, 2)
+    assert store.latest_state() == b"two"
+    assert not store.set_proposal_state(PID, ProposalState.STALE)
+
+
+def test_persists_across_reopen(db_path: Path) -> None:
+    first = SqliteStore(db_path)
+    first.append_state(1, b"genesis")
+    first.put_proposal(PID, b"p", 1, 2, [("op-a", b"a")])
+    first.add_approval(PID, "op-b", b"b")
+    first.append_state_and_close_proposal(2, b"two", PID)
+    first.register_hsa("hsa-1", "127.0.0.1:1000", 5)
+    first.put_key("k1", b"record", 0)
+    first.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        first.latest_version()
+
+    second = SqliteStore(db_path)
+    try:
+        assert second.states_after(0, 10) == [b"genesis", b"two"]
+        record = second.get_proposal(PID)
+        assert record is not None
+        assert record.approvals == (b"a", b"b")
+        assert (record.state, record.applied_version) == (ProposalState.APPLIED, 2)
+        assert [(h.host_id, h.address) for h in second.list_hsas()] == [("hsa-1", "127.0.0.1:1000")]
+        entry = second.get_key("k1")
+        assert entry is not None
+        assert (entry.record, entry.revision) == (b"record", 1)
+    finally:
+        second.close()
+
+
+def test_registry_replaces_address(store: SqliteStore) -> None:
+    store.register_hsa("hsa-2", "127.0.0.1:2", 1)
+    store.register_hsa("hsa-1", "127.0.0.1:1", 1)
+    store.register_hsa("hsa-2", "127.0.0.1:22", 3)
+    assert [(h.host_id, h.address, h.registered_at) for h in store.list_hsas()] == [
+        ("hsa-1", "127.0.0.1:1", 1),
+        ("hsa-2", "127.0.0.1:22", 3),
+    ]
+
+
+def test_key_records_compare_and_swap(store: SqliteStore) -> None:
+    assert store.put_key("k1", b"v1", 0) == 1
+    with pytest.raises(AlreadyExistsError):
+        store.put_key("k1", b"again", 0)
+    with pytest.raises(ConflictError, match="revision 1, not 7"):
+        store.put_key("k1", b"v2", 7)
+    assert store.put_key("k1", b"v2", 1) == 2
+    with pytest.raises(ConflictError):
+        store.put_key("k1", b"v3", 1)
+    with pytest.raises(NotFoundError):
+        store.put_key("nope", b"v", 3)
+    entry = store.get_key("k1")
+    assert entry is not None
+    assert (entry.record, entry.revision) == (b"v2", 2)
+    assert store.get_key("nope") is None
+
+
+def test_list_keys_pages_by_id(store: SqliteStore) -> None:
+    for key_id in ("c", "a", "b", "d"):
+        store.put_key(key_id, key_id.encode(), 0)
+    page = store.list_keys(2)
+    assert [e.key_id for e in page] == ["a", "b"]
+    page = store.list_keys(2, after_key_id=page[-1].key_id)
+    assert [e.key_id for e in page] == ["c", "d"]
+    assert store.list_keys(2, after_key_id="d") == []
+
+
+def test_concurrent_appenders_one_winner_per_version(store: SqliteStore) -> None:
+    store.append_state(1, b"genesis")
+    threads = 8
+    versions = 20
+    wins: dict[int, list[int]] = {v: [] for v in range(2, versions + 2)}
+    barrier = threading.Barrier(threads)
+
+    def writer(index: int) -> None:
+        barrier.wait()
+        for version in range(2, versions + 2):
+            try:
+                store.append_state(version, f"{version}-{index}".encode())
+            except ConflictError:
+                continue
+            wins[version].append(index)
+
+    workers = [threading.Thread(target=writer, args=(i,)) for i in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=30)
+    assert all(not w.is_alive() for w in workers)
+    assert all(len(winners) == 1 for winners in wins.values()), wins
+    stored = store.states_after(1, 100)
+    assert len(stored) == versions
+    for version, state in zip(range(2, versions + 2), stored, strict=True):
+        assert state == f"{version}-{wins[version][0]}".encode()
+
+
+def test_two_stores_on_one_file_share_the_cas(db_path: Path) -> None:
+    first, second = SqliteStore(db_path), SqliteStore(db_path)
+    try:
+        first.append_state(1, b"genesis")
+        with pytest.raises(ConflictError):
+            second.append_state(1, b"other genesis")
+        second.append_state(2, b"two")
+        assert first.latest_state() == b"two"
+    finally:
+        first.close()
+        second.close()
+
+
+def test_open_store(tmp_path: Path) -> None:
+    store = open_store("sqlite:sub/c.db", tmp_path)
+    try:
+        assert isinstance(store, SqliteStore)
+        assert (tmp_path / "sub" / "c.db").exists()
+    finally:
+        store.close()
+    with pytest.raises(InvalidInputError, match="unknown scheme 'mysql'"):
+        open_store("mysql:x", tmp_path)
+    with pytest.raises(InvalidInputError, match="etcd store is not available"):
+        open_store("etcd:127.0.0.1:2379", tmp_path)
+    with pytest.raises(InvalidInputError, match="SCHEME:VALUE"):
+        open_store("coordinator.db", tmp_path)

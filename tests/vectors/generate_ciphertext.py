@@ -1,0 +1,174 @@
+"""Generate the golden vectors of the ciphertext, envelope and key token formats.
+
+Run `python tests/vectors/generate_ciphertext.py` to rewrite tests/vectors/ciphertext_vectors.json.
+The unit tests regenerate them in memory and compare byte for byte, and open the committed
+bytes, so a change of a format (layout, context strings, key derivation, associated data)
+cannot go unnoticed. Every key, nonce and IV here is fixed: never use them anywhere else.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from domain_core import ciphertext, envelope, keytokens
+from domain_core.pb import keys_pb2
+
+OUT = Path(__file__).with_name("ciphertext_vectors.json")
+
+BACKING_KEY = bytes(range(0x00, 0x20))
+KEY_ID = "0f5a3c9e-1b2d-4e6f-8a7b-9c0d1e2f3a4b"
+BACKING_VERSION = 3
+DATA_KEY = bytes(range(0x80, 0xA0))
+DOMAIN_KEY = bytes(range(0xC0, 0xE0))
+DOMAIN_KEY_GENERATION = 5
+
+
+def _ciphertext_case(
+    name: str, plaintext: bytes, context: dict[str, str], nonce: bytes, iv: bytes
+) -> dict[str, Any]:
+    blob = ciphertext.encrypt(
+        BACKING_KEY, KEY_ID, BACKING_VERSION, plaintext, context, nonce=nonce, iv=iv
+    )
+    header = ciphertext.parse_header(blob)
+    encoded_context = ciphertext.encode_context(context)
+    return {
+        "name": name,
+        "plaintext": plaintext.hex(),
+        "context": context,
+        "nonce": nonce.hex(),
+        "iv": iv.hex(),
+        "prefix": header.prefix.hex(),
+        "header": header.header.hex(),
+        "hkdf_info": (ciphertext.ENCRYPT_INFO + header.prefix).hex(),
+        "one_time_key": ciphertext.derive_one_time_key(BACKING_KEY, nonce, header.prefix).hex(),
+        "encoded_context": encoded_context.hex(),
+        "associated_data": (header.header + encoded_context).hex(),
+        "blob": blob.hex(),
+    }
+
+
+def _envelope_case(
+    name: str,
+    plaintext: bytes,
+    context: dict[str, str],
+    chunk_size: int,
+    nonce_prefix: bytes,
+    encrypted_data_key: bytes,
+) -> dict[str, Any]:
+    encryptor = envelope.EnvelopeEncryptor(
+        DATA_KEY, encrypted_data_key, context, chunk_size, nonce_prefix=nonce_prefix
+    )
+    header = encryptor.header()
+    sealed = header + encryptor.update(plaintext) + encryptor.finalize()
+    return {
+        "name": name,
+        "plaintext": plaintext.hex(),
+        "context": context,
+        "chunk_size": chunk_size,
+        "nonce_prefix": nonce_prefix.hex(),
+        "header": header.hex(),
+        "header_digest": envelope.parse_envelope_header(sealed).digest.hex(),
+        "envelope": sealed.hex(),
+    }
+
+
+def build() -> dict[str, Any]:
+    """Every vector, as hex strings (and contexts as JSON objects)."""
+    context = {"tenant": "zürich-42", "purpose": "golden vector", "b": "2"}
+    ciphertexts = [
+        _ciphertext_case(
+            "with-context",
+            b"hsm-domain ciphertext vector",
+            context,
+            bytes(range(0x20, 0x40)),
+            bytes(range(0x40, 0x4C)),
+        ),
+        _ciphertext_case("empty", b"", {}, bytes(range(0x60, 0x80)), bytes(range(0x50, 0x5C))),
+        _ciphertext_case(
+            "data-key", DATA_KEY, context, bytes(range(0xA0, 0xC0)), bytes(range(0x70, 0x7C))
+        ),
+    ]
+    encrypted_data_key = bytes.fromhex(ciphertexts[2]["blob"])
+    envelopes = [
+        _envelope_case(
+            "two-chunks-and-a-short-final",
+            b"envelope vector: forty bytes of payload!",
+            context,
+            16,
+            bytes(range(0xE0, 0xE8)),
+            encrypted_data_key,
+        ),
+        _envelope_case(
+            "exact-multiple-empty-final",
+            bytes(range(32)),
+            context,
+            16,
+            bytes(range(0xE8, 0xF0)),
+            encrypted_data_key,
+        ),
+        _envelope_case("empty", b"", context, 16, bytes(range(0xF0, 0xF8)), encrypted_data_key),
+    ]
+    metadata = keys_pb2.KeyMetadata(
+        key_id=KEY_ID,
+        description="golden vector key",
+        state=keys_pb2.KEY_STATE_ENABLED,
+        created_at=1_767_225_600,
+        current_backing_version=BACKING_VERSION,
+        creator="spiffe://vectors/client/app",
+        metadata_version=4,
+        domain_id="vectors",
+        policy=keys_pb2.KeyPolicy(
+            grants=[
+                keys_pb2.PolicyGrant(
+                    principals=["spiffe://vectors/client/app"],
+                    operations=[keys_pb2.KEY_OPERATION_ENCRYPT, keys_pb2.KEY_OPERATION_ADMIN],
+                )
+            ]
+        ),
+    )
+    metadata_bytes = metadata.SerializeToString(deterministic=True)
+    token_nonce = bytes(range(0x10, 0x1C))
+    token = keytokens.wrap_backing_key(
+        DOMAIN_KEY,
+        DOMAIN_KEY_GENERATION,
+        metadata_bytes,
+        KEY_ID,
+        BACKING_VERSION,
+        BACKING_KEY,
+        nonce=token_nonce,
+    )
+    return {
+        "keys": {
+            "backing_key": BACKING_KEY.hex(),
+            "key_id": KEY_ID,
+            "backing_version": BACKING_VERSION,
+            "data_key": DATA_KEY.hex(),
+            "domain_key": DOMAIN_KEY.hex(),
+            "domain_key_generation": DOMAIN_KEY_GENERATION,
+        },
+        "ciphertexts": ciphertexts,
+        "envelopes": envelopes,
+        "key_token": {
+            "metadata": metadata_bytes.hex(),
+            "nonce": token_nonce.hex(),
+            "binding": keytokens.key_token_binding(
+                KEY_ID, BACKING_VERSION, DOMAIN_KEY_GENERATION, metadata_bytes
+            ).hex(),
+            "token": token.SerializeToString(deterministic=True).hex(),
+            "ciphertext": token.ciphertext.hex(),
+        },
+    }
+
+
+def main() -> int:
+    """Write the vectors file."""
+    OUT.write_text(json.dumps(build(), indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+    print(f"wrote {OUT}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
