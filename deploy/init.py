@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any, Final
 
 from deploy._files import make_private_dir, replace_file, write_json, write_secret_file
-from deploy._tls import new_tls_key_pem, tls_public_key
 from deploy.enrollment import enrollment_signing_input
 from domain_core import canonical, genesis, model, quorum
 from domain_core.chain import TrustedChain
@@ -38,7 +37,14 @@ from domain_core.identity import TLS_CERTIFICATE_FILE, TLS_KEY_FILE, HostIdentit
 from domain_core.limits import DEFAULT_LIMITS
 from domain_core.model import SealedState
 from domain_core.pb import domain_pb2
-from domain_core.pki import DomainCA, SpiffeId, certificate_fingerprint, is_valid_trust_domain
+from domain_core.pki import (
+    DomainCA,
+    SpiffeId,
+    certificate_fingerprint,
+    is_valid_trust_domain,
+    new_tls_key_pem,
+    tls_public_key,
+)
 from domain_core.signers import SignatureAlgorithm, create_file_token, load_file_token
 
 __all__ = [

@@ -8,13 +8,13 @@ directory holding the file. Unknown keys are refused, so a typo is a clear error
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
 from domain_core.errors import InvalidInputError
+from domain_core.files import replace_file
 from domain_core.model import validate_domain_id
 
 _C = TypeVar("_C", bound="_ConfigBase")
@@ -68,9 +68,7 @@ class _ConfigBase:
     def save(self, path: Path) -> None:
         """Write the config as JSON (mode 0644: configs hold paths, never secrets)."""
         data = {k: v for k, v in asdict(self).items() if k != "base_dir"}  # type: ignore[call-overload]
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
+        replace_file(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
 
     def path(self, relative: str) -> Path:
         """Resolve a path from the config against the config file's directory."""

@@ -16,8 +16,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import os
-import secrets
 from pathlib import Path
 from typing import Final
 
@@ -32,6 +30,7 @@ from domain_core.errors import (
     TokenError,
     TokenNotFoundError,
 )
+from domain_core.files import fsync_directory, read_secret_file, replace_file
 from domain_core.pki import SpiffeId, is_valid_name
 from domain_core.signers import InMemorySigner, PublicKey, SignatureAlgorithm, Signer
 
@@ -81,48 +80,6 @@ def _tls_public_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-
-
-def _write_atomically(path: Path, content: bytes, mode: int) -> None:
-    """Write a temp file with `mode` in the same directory, fsync it, and rename it to `path`."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, mode)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            os.fchmod(out.fileno(), mode)  # exactly `mode`, whatever the umask
-            out.write(content)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _read_secret_file(path: Path) -> bytes:
-    """Read a private-key file, refusing one that group or others may access."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        raise TokenNotFoundError(f"missing key file {path}") from None
-    except OSError as exc:
-        raise TokenError(f"cannot read key file {path}: {exc.strerror}") from None
-    with os.fdopen(fd, "rb") as f:
-        mode = os.fstat(f.fileno()).st_mode & 0o777
-        if mode & 0o077:
-            raise TokenError(
-                f"key file {path} is accessible by group or others (mode {mode:04o}); "
-                f"run `chmod 600 {path}`"
-            )
-        return f.read(_MAX_FILE_SIZE)
 
 
 class HostIdentity:
@@ -247,11 +204,11 @@ class HostIdentity:
             TLS_KEY_FILE: self.tls_private_key_pem(),
         }
         for name, content in secrets_content.items():
-            _write_atomically(directory / name, content, 0o600)
+            replace_file(directory / name, content, 0o600)
         # host.json last: its presence marks a complete identity.
         public = json.dumps(self._public_document(), indent=2, sort_keys=True) + "\n"
-        _write_atomically(directory / HOST_FILE, public.encode("ascii"), 0o644)
-        _fsync_directory(directory)
+        replace_file(directory / HOST_FILE, public.encode("ascii"), 0o644)
+        fsync_directory(directory)
 
     @classmethod
     def load(cls, directory: Path) -> HostIdentity:
@@ -274,9 +231,9 @@ class HostIdentity:
         if not is_valid_name(host_id):
             raise TokenError(f"{host_path} holds an invalid host id")
 
-        signing_pem = _read_secret_file(directory / SIGNING_KEY_FILE)
-        agreement_text = _read_secret_file(directory / AGREEMENT_KEY_FILE)
-        tls_pem = _read_secret_file(directory / TLS_KEY_FILE)
+        signing_pem = read_secret_file(directory / SIGNING_KEY_FILE, _MAX_FILE_SIZE)
+        agreement_text = read_secret_file(directory / AGREEMENT_KEY_FILE, _MAX_FILE_SIZE)
+        tls_pem = read_secret_file(directory / TLS_KEY_FILE, _MAX_FILE_SIZE)
         try:
             signer = InMemorySigner.from_pkcs8(signing_pem)
         except MalformedMessageError:
@@ -310,7 +267,7 @@ class HostIdentity:
         cert = self._certificate_for_key(cert_pem)
         if cert is None:
             raise ValueError("the certificate is not for this host's TLS key")
-        _write_atomically(
+        replace_file(
             Path(directory) / TLS_CERTIFICATE_FILE,
             cert.public_bytes(serialization.Encoding.PEM),
             0o644,

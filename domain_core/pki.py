@@ -18,7 +18,6 @@ Time is always passed in (`now=`, timezone-aware) so tests control it.
 from __future__ import annotations
 
 import ipaddress
-import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from domain_core.errors import (
     UnauthenticatedError,
     WrongPassphraseError,
 )
+from domain_core.files import read_secret_file, write_new_file
 
 __all__ = [
     "CA_CERTIFICATE_FILE",
@@ -277,39 +277,29 @@ def _common_name(cert: x509.Certificate) -> str:
     return value if isinstance(value, str) else value.decode("utf-8", "replace")
 
 
+# --- TLS keys ----------------------------------------------------------------------------
+
+
+def new_tls_key_pem() -> bytes:
+    """A fresh P-256 TLS private key as unencrypted PKCS#8 PEM (as gRPC reads it). SECRET.
+
+    TLS keys are P-256: gRPC's TLS stack refuses Ed25519 leaves. Store the result 0600.
+    """
+    key = ec.generate_private_key(ec.SECP256R1())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def tls_public_key(key_pem: bytes) -> ec.EllipticCurvePublicKey:
+    """The public half of a P-256 key made by `new_tls_key_pem` (to have it certified)."""
+    key = serialization.load_pem_private_key(key_pem, password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ValueError("not an EC private key")
+    return key.public_key()
+
+
 # --- the domain CA ---------------------------------------------------------------------------
-
-
-def _write_new_file(path: Path, content: bytes, mode: int) -> None:
-    """Create `path` with `mode` (never overwriting) and its content, durably."""
-    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, mode)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            os.fchmod(out.fileno(), mode)  # exactly `mode`, whatever the umask
-            out.write(content)
-            out.flush()
-            os.fsync(out.fileno())
-    except BaseException:
-        path.unlink(missing_ok=True)
-        raise
-
-
-def _read_secret_file(path: Path) -> bytes:
-    """Read a private-key file, refusing one that group or others may access."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        raise TokenNotFoundError(f"missing key file {path}") from None
-    except OSError as exc:
-        raise TokenError(f"cannot read key file {path}: {exc.strerror}") from None
-    with os.fdopen(fd, "rb") as f:
-        mode = os.fstat(f.fileno()).st_mode & 0o777
-        if mode & 0o077:
-            raise TokenError(
-                f"key file {path} is accessible by group or others (mode {mode:04o}); "
-                f"run `chmod 600 {path}`"
-            )
-        return f.read()
 
 
 class DomainCA:
@@ -429,8 +419,8 @@ class DomainCA:
         key_pem = self._key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
         )
-        _write_new_file(key_path, key_pem, 0o600)
-        _write_new_file(cert_path, self.certificate_pem, 0o644)
+        write_new_file(key_path, key_pem, 0o600)
+        write_new_file(cert_path, self.certificate_pem, 0o644)
 
     @classmethod
     def load(
@@ -443,7 +433,7 @@ class DomainCA:
             cert_data = cert_path.read_bytes()
         except FileNotFoundError:
             raise TokenNotFoundError(f"no CA certificate at {cert_path}") from None
-        key_pem = _read_secret_file(key_path)
+        key_pem = read_secret_file(key_path)
         try:
             certificate = _load_certificate(cert_data)
         except MalformedMessageError:

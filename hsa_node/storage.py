@@ -17,14 +17,13 @@ Invariants:
 from __future__ import annotations
 
 import json
-import os
 import re
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
 from domain_core.errors import MalformedMessageError
+from domain_core.files import replace_file
 from domain_core.limits import DEFAULT_LIMITS, Limits
 from domain_core.model import SealedState
 
@@ -41,29 +40,9 @@ _FILE_MODE: Final = 0o600
 _DIR_MODE: Final = 0o700
 
 
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_atomically(path: Path, content: bytes, mode: int = _FILE_MODE) -> None:
-    """Write `content` to `path` durably: temp file with `mode`, fsync, rename, fsync dir."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, mode)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            os.fchmod(out.fileno(), mode)
-            out.write(content)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_directory(path.parent)
+    """Write `content` to `path` durably (temp file with `mode`, fsync, rename, fsync dir)."""
+    replace_file(path, content, mode)
 
 
 @dataclass(frozen=True)

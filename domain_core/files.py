@@ -1,0 +1,82 @@
+"""File helpers for secrets and durable state, shared by every package.
+
+Invariants:
+- a new file gets exactly its mode whatever the umask, is created with O_EXCL (never
+  overwriting, never briefly readable by others) and is fsynced before it is reported written;
+- a replaced file is written to a temp file in the same directory, fsynced and renamed over
+  its name, then the directory is fsynced: a reader sees the old or the new content, never a
+  torn one, also after a crash;
+- a secret file that group or others may access is refused when read.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+from domain_core.errors import TokenError, TokenNotFoundError
+
+SECRET_MODE = 0o600
+PUBLIC_MODE = 0o644
+PRIVATE_DIR_MODE = 0o700
+
+
+def write_new_file(path: Path, content: bytes, mode: int) -> None:
+    """Create `path` with exactly `mode` and `content`, durably; FileExistsError if it exists."""
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, mode)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            os.fchmod(out.fileno(), mode)  # exactly `mode`, whatever the umask
+            out.write(content)
+            out.flush()
+            os.fsync(out.fileno())
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make a rename or creation in `directory` durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replace_file(path: Path, content: bytes, mode: int = PUBLIC_MODE) -> None:
+    """Atomically and durably replace `path` with `content` (temp file, fsync, rename)."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    write_new_file(tmp, content, mode)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_directory(path.parent)
+
+
+def make_private_dir(path: Path) -> Path:
+    """Create a directory (and parents) that only its owner may use; return it."""
+    path.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
+    path.chmod(PRIVATE_DIR_MODE)
+    return path
+
+
+def read_secret_file(path: Path, max_size: int = 1 << 20) -> bytes:
+    """Read a key file, refusing one that group or others may access."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise TokenNotFoundError(f"missing key file {path}") from None
+    except OSError as exc:
+        raise TokenError(f"cannot read key file {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(f.fileno()).st_mode & 0o777
+        if mode & 0o077:
+            raise TokenError(
+                f"key file {path} is accessible by group or others (mode {mode:04o}); "
+                f"run `chmod 600 {path}`"
+            )
+        return f.read(max_size)
