@@ -25,7 +25,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Final, TextIO
 
-from deploy import cluster
+from deploy import audit, cluster
+from deploy.chaos import cli as chaos_cli
 from deploy.cluster import ProcessStartError
 from deploy.init import (
     COORDINATOR_NAME,
@@ -613,6 +614,24 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--start", action="store_true", help="start the node (detached) right away")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(handler=_cmd_add_node)
+
+    p = command(
+        "audit",
+        "check the nodes' audit logs (hash chain and signed checkpoints)",
+        """
+        example:
+          hsm-domain audit verify ./demo
+        """,
+    )
+    audit.register(p, [verbose])
+
+    p = command(
+        "chaos",
+        "run the domain under load and faults (kill, pause, coordinator, partition), "
+        "then check its invariants",
+        chaos_cli.EXAMPLES,
+    )
+    chaos_cli.register(p)
     return parser
 
 

@@ -30,6 +30,7 @@ from datetime import UTC, datetime
 from typing import cast
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from domain_coordinator import _requests as check
 from domain_coordinator._hsa import HsaConnections, describe_rpc_error, rpc_code, rpc_details
@@ -51,6 +52,7 @@ from domain_core.errors import (
     StaleProposalError,
     UnknownSignerError,
 )
+from domain_core.faults import unsafe_crash_point, warn_if_enabled
 from domain_core.limits import DEFAULT_LIMITS, Limits
 from domain_core.model import Manifest, Proposal, SealedState
 from domain_core.pb import domain_pb2, keys_pb2, services_pb2, services_pb2_grpc
@@ -153,6 +155,7 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
         self._stopping = threading.Event()
         self._sweeper: threading.Thread | None = None
         self._throttled = _ThrottledLog()
+        warn_if_enabled(log)
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -357,6 +360,7 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
             raise AlreadyExistsError(
                 f"already approved by you (operator {name}); one approval per operator counts"
             )
+        unsafe_crash_point("after_approval_stored")
         log.info("proposal %s approved by %s", approval.proposal_id.hex()[:16], name)
         return self._status(self._apply_if_met(approval.proposal_id))
 
@@ -429,6 +433,7 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
             result = quorum.evaluate(head.manifest, proposal, approvals)
             if not result.met:
                 return record
+            unsafe_crash_point("after_quorum_before_apply")
             # Send only the approvals that count, in the operators' order.
             counted = [a for a in approvals if a.operator_id in result.approved_by]
             # A host that the proposal removes must not produce the state that removes it.
@@ -441,6 +446,7 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
                 exclude=removed,
             )
             if outcome.state is not None:
+                unsafe_crash_point("after_apply_before_store")
                 try:
                     self._store.append_state_and_close_proposal(
                         outcome.state.version, outcome.state.to_bytes(), proposal.id
@@ -460,6 +466,7 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
                     outcome.state.version,
                     outcome.state.hash.hex()[:16],
                 )
+                unsafe_crash_point("after_store_before_push")
                 self._advance(outcome.state)
             elif outcome.refused_by:
                 detail = f"{outcome.refused_by} refused to apply it: {outcome.reason}"
@@ -570,6 +577,7 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
             pass  # shutting down
         else:
             log.info("pushed version %d to %s", state.version, host_id)
+            unsafe_crash_point("during_push")
 
     def _refresh_chain(self) -> None:
         """Verify and adopt states another coordinator stored (a shared store)."""
@@ -791,3 +799,51 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
         if len(entries) > limit:
             response.next_page_token = last_key
         return response
+
+    def DeleteKeyRecord(
+        self, request: services_pb2.DeleteKeyRecordRequest, context: grpc.ServicerContext
+    ) -> services_pb2.DeleteKeyRecordResponse:
+        """Delete a key whose scheduled deletion date has passed (compare-and-swap).
+
+        An honest coordinator checks what it can: the stored metadata must say PENDING_DELETION
+        with a deletion date that has passed by this coordinator's clock. (It cannot verify the
+        metadata: the HSAs that read the record do.)
+        """
+        identity = self._require_hsa(context)
+        key_id = check.key_id(request.key_id)
+        if request.expected_revision == 0:
+            raise InvalidInputError(
+                "expected_revision is missing: give the revision of the record you read"
+            )
+        entry = self._store.get_key(key_id)
+        if entry is None:
+            raise NotFoundError(f"key {key_id} does not exist")
+        if entry.revision != request.expected_revision:
+            raise ConflictError(
+                f"key {key_id} is at revision {entry.revision}, not "
+                f"{request.expected_revision}: it changed meanwhile; read it again and retry"
+            )
+        metadata = keys_pb2.KeyMetadata()
+        try:
+            metadata.ParseFromString(keys_pb2.KeyRecord.FromString(entry.record).metadata)
+        except DecodeError:
+            raise FailedPreconditionError(
+                f"the stored record of key {key_id} does not parse; not deleting it"
+            ) from None
+        now = self._now()
+        if metadata.state != keys_pb2.KEY_STATE_PENDING_DELETION:
+            raise FailedPreconditionError(f"key {key_id} is not pending deletion")
+        if metadata.deletion_at > now:
+            raise FailedPreconditionError(
+                f"key {key_id} is scheduled for deletion at {_iso(metadata.deletion_at)}, "
+                "which has not passed yet"
+            )
+        self._store.delete_key(key_id, request.expected_revision)
+        log.info(
+            "key %s deleted at revision %d by %s (scheduled for %s)",
+            key_id,
+            request.expected_revision,
+            identity.spiffe.name,
+            _iso(metadata.deletion_at),
+        )
+        return services_pb2.DeleteKeyRecordResponse()

@@ -404,6 +404,23 @@ class SqliteStore:
             ).fetchall()
         return [KeyEntry(str(r[0]), bytes(r[1]), int(r[2])) for r in rows]
 
+    def delete_key(self, key_id: str, expected_revision: int) -> None:
+        if not isinstance(key_id, str) or not key_id:
+            raise TypeError("key_id must be a non-empty string")
+        if expected_revision < 1:
+            raise ValueError("expected_revision is the stored revision the caller read")
+        with self._transaction() as db:
+            row = db.execute("SELECT revision FROM keys WHERE key_id = ?", (key_id,)).fetchone()
+            if row is None:
+                raise NotFoundError(f"key {key_id} does not exist")
+            current = int(row[0])
+            if current != expected_revision:
+                raise ConflictError(
+                    f"key {key_id} is at revision {current}, not {expected_revision}: "
+                    "it changed meanwhile; read it again and retry"
+                )
+            db.execute("DELETE FROM keys WHERE key_id = ?", (key_id,))
+
     def close(self) -> None:
         with self._lock:
             if not self._closed:

@@ -15,7 +15,7 @@ Invariants every implementation keeps:
 - a proposal leaves PENDING at most once: APPLIED, EXPIRED, CANCELLED, STALE and REJECTED are
   final, and `set_proposal_state` does not touch a closed proposal;
 - one approval per operator per proposal; a second one is refused, not replaced;
-- key records are written with a compare-and-swap on their revision (0 = create).
+- key records are written and deleted with a compare-and-swap on their revision (0 = create).
 
 `SqliteStore` (one file) is the default; an etcd implementation fits the same interface.
 """
@@ -188,6 +188,14 @@ class CoordinatorStore(Protocol):
 
     def list_keys(self, limit: int, after_key_id: str = "") -> list[KeyEntry]:
         """Up to `limit` key records with ids above `after_key_id`, ordered by key id."""
+        ...
+
+    def delete_key(self, key_id: str, expected_revision: int) -> None:
+        """Delete a key record with a compare-and-swap on its revision.
+
+        NotFoundError if the key does not exist; ConflictError if the stored revision is not
+        `expected_revision` (the record changed since the caller read it).
+        """
         ...
 
     def close(self) -> None:

@@ -15,7 +15,7 @@ Used by the operator CLI and by tests. Invariants:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, cast
@@ -38,6 +38,7 @@ from domain_core.errors import (
     BadSignatureError,
     FailedPreconditionError,
     HsmDomainError,
+    InvalidCiphertextError,
     InvalidInputError,
     NotFoundError,
     PermissionDeniedError,
@@ -96,19 +97,34 @@ def _code(error: grpc.RpcError) -> grpc.StatusCode | None:
     return code if isinstance(code, grpc.StatusCode) else None
 
 
-def error_from_rpc(error: grpc.RpcError, address: str) -> HsmDomainError:
-    """The `domain_core.errors` exception a failed call stands for, with the server's message."""
+def error_from_rpc(
+    error: grpc.RpcError,
+    address: str,
+    *,
+    peer: str = "the coordinator",
+    overrides: Mapping[grpc.StatusCode, type[HsmDomainError]] | None = None,
+) -> HsmDomainError:
+    """The `domain_core.errors` exception a failed call stands for, with the server's message.
+
+    `peer` names the server in messages ("the coordinator", "the HSA"); `overrides` replaces
+    the class of some codes for a service whose codes mean something else (ABORTED is a stale
+    proposal at the coordinator, a lost compare-and-swap at the key service). The fixed
+    "invalid ciphertext" message comes back as `InvalidCiphertextError`, with no more detail.
+    """
     code = _code(error)
     call = cast(Any, error)
     details = str(call.details() if hasattr(call, "details") else "") or ""
-    cls = _ERRORS_BY_CODE.get(code, HsmDomainError) if code is not None else HsmDomainError
+    codes = {**_ERRORS_BY_CODE, **overrides} if overrides else _ERRORS_BY_CODE
+    cls = codes.get(code, HsmDomainError) if code is not None else HsmDomainError
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         what = "is unreachable" if code is grpc.StatusCode.UNAVAILABLE else "did not answer in time"
-        return cls(f"the coordinator at {address} {what} ({details[:200]}); check that it runs")
+        return cls(f"{peer} at {address} {what} ({details[:200]}); check that it runs")
     if cls is HsmDomainError:
         name = code.name if code is not None else "UNKNOWN"
-        return HsmDomainError(f"the coordinator at {address} failed: {name}: {details[:300]}")
-    return cls(details or f"the coordinator refused the call ({code.name if code else '?'})")
+        return HsmDomainError(f"{peer} at {address} failed: {name}: {details[:300]}")
+    if issubclass(InvalidCiphertextError, cls) and details == InvalidCiphertextError().message:
+        return InvalidCiphertextError()
+    return cls(details or f"{peer} refused the call ({code.name if code else '?'})")
 
 
 def _unavailable(error: BaseException) -> bool:

@@ -13,6 +13,7 @@ Invariants:
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass
@@ -122,8 +123,54 @@ def _abort_for(error: Exception, context: grpc.ServicerContext, method: str) -> 
     context.abort(grpc.StatusCode.INTERNAL, "internal error; the server logged the details")
 
 
+@dataclass(frozen=True)
+class _Unparsed:
+    """A request body that does not parse as the method's request message."""
+
+    type_name: str
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """`deserializer`, but bytes that do not parse give an `_Unparsed` instead of raising.
+
+    gRPC answers INTERNAL ("Exception deserializing request!") when a deserializer raises;
+    a request that does not parse is bad input, INVALID_ARGUMENT.
+    """
+    if deserializer is None:
+        return None
+    descriptor = getattr(getattr(deserializer, "__self__", None), "DESCRIPTOR", None)
+    type_name = str(getattr(descriptor, "full_name", "the request message"))
+
+    def parse(raw: bytes) -> Any:
+        try:
+            return deserializer(raw)
+        except Exception:
+            return _Unparsed(type_name)
+
+    return parse
+
+
+_UNPARSED_LOG_INTERVAL_SECONDS = 60.0
+_unparsed_logged: dict[str, float] = {}
+
+
+def _refuse_unparsed(request: Any, context: grpc.ServicerContext, method: str) -> None:
+    """Refuse a request that did not parse: INVALID_ARGUMENT, logged once a minute per method."""
+    if not isinstance(request, _Unparsed):
+        return
+    message = f"the request does not parse as {request.type_name}"
+    now = time.monotonic()
+    if now - _unparsed_logged.get(method, -_UNPARSED_LOG_INTERVAL_SECONDS) >= (
+        _UNPARSED_LOG_INTERVAL_SECONDS
+    ):
+        _unparsed_logged[method] = now
+        log.warning("refused a call to %s: %s", method, message)
+    context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
 def _wrap_unary(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
     def wrapper(request: Any, context: grpc.ServicerContext) -> Any:
+        _refuse_unparsed(request, context, method)
         try:
             return behavior(request, context)
         except Exception as error:
@@ -135,6 +182,7 @@ def _wrap_unary(behavior: Callable[..., Any], method: str) -> Callable[..., Any]
 
 def _wrap_stream(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
     def wrapper(request: Any, context: grpc.ServicerContext) -> Any:
+        _refuse_unparsed(request, context, method)
         try:
             yield from behavior(request, context)
         except Exception as error:
@@ -159,13 +207,13 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 _wrap_unary(handler.unary_unary, method),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
                 _wrap_stream(handler.unary_stream, method),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         return handler

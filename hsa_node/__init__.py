@@ -3,12 +3,17 @@ in memory, seals quorum-approved transitions, and serves peers and the coordinat
 
 Public API: `DomainNode` (the verified state of one HSA; every state enters through
 `DomainNode.offer`), `NodeStore` (its files), `Syncer` (the stream, pull and gossip threads),
-`HsaServer` / `load_node` (one process), and `main` (the `hsa-node` command).
+`HsaServer` / `load_node` (one process), and `main` (the `hsa-node` command). The key service:
+`KeyServiceServicer` (the KeyService of DESIGN.md), `KeyCache` (verified key records from the
+coordinator), `KeyMaintainer` (re-wrap, automatic rotation and deletion in the background).
 """
 
 from __future__ import annotations
 
+from hsa_node.keycache import KeyCache
+from hsa_node.keyservice import KeyServiceServicer
 from hsa_node.node import DomainNode, NodeStatus, StoredStateError
+from hsa_node.rewrap import KeyMaintainer
 from hsa_node.server import HsaServer, load_node
 from hsa_node.storage import NodeStore, Peer
 from hsa_node.sync import Syncer
@@ -16,6 +21,9 @@ from hsa_node.sync import Syncer
 __all__ = [
     "DomainNode",
     "HsaServer",
+    "KeyCache",
+    "KeyMaintainer",
+    "KeyServiceServicer",
     "NodeStatus",
     "NodeStore",
     "Peer",

@@ -28,15 +28,18 @@ from domain_core.errors import (
     FailedPreconditionError,
     HsmDomainError,
     RollbackError,
+    UnavailableError,
 )
+from domain_core.faults import unsafe_crash_point
 from domain_core.identity import HostIdentity
+from domain_core.limits import DEFAULT_LIMITS, Limits
 from domain_core.model import SealedState
 from domain_core.pb import domain_pb2
 from domain_core.pki import certificate_fingerprint
 from hsa_node._logging import ThrottledLog
 from hsa_node.storage import NodeStore
 
-__all__ = ["DomainNode", "NodeStatus", "StoredStateError"]
+__all__ = ["DomainKeys", "DomainNode", "NodeStatus", "StoredStateError"]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +60,17 @@ class NodeStatus:
     domain_key_generation: int
     member: bool
     detail: str
+
+
+@dataclass(frozen=True)
+class DomainKeys:
+    """The domain keys this node holds, by generation, and the one new key tokens use."""
+
+    generation: int
+    keys: dict[int, bytes]
+
+    def __repr__(self) -> str:
+        return f"DomainKeys(generation={self.generation}, generations={sorted(self.keys)})"
 
 
 @dataclass(frozen=True)
@@ -256,6 +270,22 @@ class DomainNode:
                 )
             return SigningSnapshot(head=self._chain.head, keys=dict(self._keys))
 
+    def domain_keys(self) -> DomainKeys:
+        """A copy of the domain keys of the head, for sealing and opening key tokens.
+
+        Raises UnavailableError when this host cannot serve keys (not a member, no keys).
+        """
+        with self._lock:
+            if not self._is_member_locked() or not self._keys:
+                raise UnavailableError(
+                    f"{self._identity.host_id} is not serving (not a member of the domain at "
+                    f"version {self._chain.version}, or its domain keys are not unsealed); "
+                    "use another HSA"
+                )
+            return DomainKeys(
+                generation=self._chain.head.manifest.current_generation, keys=dict(self._keys)
+            )
+
     def states_after(self, after_version: int, limit: int) -> list[SealedState]:
         """Verified states with versions above `after_version`, oldest first, at most `limit`."""
         if limit <= 0:
@@ -278,6 +308,19 @@ class DomainNode:
         listener(serving)
 
     # --- the one way in ------------------------------------------------------------------
+
+    def parse_offered(
+        self, message: domain_pb2.SealedState, *, source: str, limits: Limits = DEFAULT_LIMITS
+    ) -> SealedState:
+        """Parse a state offered by `source`; one that does not parse is refused and logged."""
+        try:
+            return SealedState.from_message(message, limits)
+        except HsmDomainError as error:
+            self._throttled.warning(
+                f"refused a state from {source} that does not parse: {type(error).__name__}: "
+                f"{error}; keeping version {self.version}"
+            )
+            raise
 
     def offer(self, state: SealedState, *, source: str = "", quiet_repeats: bool = False) -> bool:
         """Verify, persist and install `state` if it is the next one.
@@ -335,6 +378,7 @@ class DomainNode:
                     self._refused(state, origin, error)
                     raise
             self._store.save_state(state)
+            unsafe_crash_point("hsa_install_after_persist")
             self._chain.update(state)
             self._states.append(state)
             self._keys = keys

@@ -3,11 +3,13 @@
 Startup order (each step refuses to continue with a one-line reason):
 config -> host identity and its TLS certificate -> TLS material -> genesis pinned by the
 config -> stored states replayed through the verifier -> domain keys unsealed (in memory) ->
-server bound (the remembered address first, when free) -> sync threads -> ready file.
+key service (audit log verified and opened, version floor, key cache) -> server bound (the
+remembered address first, when free) -> sync threads and key upkeep -> ready file.
 
 Invariants: the server requires mutual TLS from the domain CA on every call; it listens only
-where the config says (127.0.0.1 by default); shutdown stops the sync threads before the server
-(grace 2 s) so no state arrives half-way.
+where the config says (127.0.0.1 by default); shutdown stops the sync threads and the key
+upkeep before the server (grace 2 s) so no state arrives half-way, and closes the audit log
+(a final signed checkpoint) after it.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from domain_core.model import SealedState
 from domain_core.pb import services_pb2, services_pb2_grpc
 from domain_core.pki import certificate_fingerprint
 from domain_core.transport import TlsMaterial
+from hsa_node.keyhost import KeyServiceHost
 from hsa_node.node import DomainNode
 from hsa_node.servicers import DiagnosticsServicer, HsaAdminServicer, HsaPeerServicer
 from hsa_node.storage import NodeStore, write_atomically
@@ -43,7 +46,7 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAMES: tuple[str, ...] = tuple(
     services_pb2.DESCRIPTOR.services_by_name[name].full_name
-    for name in ("HsaAdmin", "HsaPeer", "Diagnostics")
+    for name in ("HsaAdmin", "HsaPeer", "Diagnostics", "KeyService")
 )
 SHUTDOWN_GRACE_SECONDS = 2.0
 
@@ -123,6 +126,7 @@ class HsaServer:
         self._server: grpc.Server | None = None
         self._syncer: Syncer | None = None
         self._health: health.HealthServicer | None = None
+        self._keys: KeyServiceHost | None = None
         self.address = ""
 
     def _bind(self, server: grpc.Server) -> str:
@@ -156,7 +160,12 @@ class HsaServer:
         """Bind, start serving, start the sync threads; returns the bound address."""
         loaded = self._loaded
         node = loaded.node
-        server = transport.make_server(limits=self._limits)
+        keys = KeyServiceHost.open(
+            config=loaded.config, node=node, tls=loaded.tls, limits=self._limits
+        )
+        self._keys = keys
+        server = transport.make_server(limits=self._limits, interceptors=keys.interceptors())
+        keys.register(server)
         syncer_ref: list[Syncer] = []
 
         def catch_up() -> int:
@@ -191,6 +200,7 @@ class HsaServer:
         server.start()
         self._server, self._syncer, self._health = server, syncer, health_servicer
         syncer.start()
+        keys.start()
         status = node.status()
         log.info(
             "serving on %s: domain %s version %d, member %s, healthy %s%s",
@@ -204,13 +214,18 @@ class HsaServer:
         return self.address
 
     def stop(self) -> None:
-        """Stop the sync threads, then the server (grace 2 s)."""
+        """Stop the background threads, then the server (grace 2 s), then the key service's
+        files (the audit log gets its final checkpoint)."""
+        if self._keys is not None:
+            self._keys.stop_upkeep()
         if self._syncer is not None:
             self._syncer.stop()
         if self._health is not None:
             self._health.enter_graceful_shutdown()
         if self._server is not None:
             self._server.stop(grace=SHUTDOWN_GRACE_SECONDS).wait()
+        if self._keys is not None:
+            self._keys.close()
         log.info("stopped")
 
 

@@ -27,8 +27,9 @@ from domain_core.errors import (
     LimitExceededError,
     PermissionDeniedError,
 )
+from domain_core.faults import unsafe_crash_point, warn_if_enabled
 from domain_core.limits import DEFAULT_LIMITS, Limits
-from domain_core.model import Proposal, SealedState
+from domain_core.model import Proposal
 from domain_core.pb import domain_pb2, services_pb2, services_pb2_grpc
 from domain_core.pki import PeerIdentity
 from domain_core.transition import StateHead, next_manifest, scheduled_rotation_manifest
@@ -69,6 +70,7 @@ class HsaAdminServicer(services_pb2_grpc.HsaAdminServicer):
         self._catch_up = catch_up
         self._limits = limits
         self._clock = clock
+        warn_if_enabled(log)
 
     def _coordinator(self, context: grpc.ServicerContext) -> PeerIdentity:
         return _require_domain_caller(context, self._node.domain_id, "coordinator")
@@ -131,6 +133,7 @@ class HsaAdminServicer(services_pb2_grpc.HsaAdminServicer):
             proposal.id.hex()[:16],
             result.describe(),
         )
+        unsafe_crash_point("hsa_apply_after_seal")
         return sealed.message
 
     def RotateDomainKey(
@@ -169,7 +172,7 @@ class HsaAdminServicer(services_pb2_grpc.HsaAdminServicer):
     ) -> services_pb2.InstallStateResponse:
         """Verify, persist and install a state the coordinator stored; catch up on a gap."""
         self._coordinator(context)
-        state = SealedState.from_message(request.state, self._limits)
+        state = self._node.parse_offered(request.state, source="InstallState", limits=self._limits)
         try:
             self._node.offer(state, source="InstallState")
         except ChainGapError:

@@ -30,7 +30,6 @@ from domain_core.errors import (
     UnavailableError,
 )
 from domain_core.limits import DEFAULT_LIMITS, Limits
-from domain_core.model import SealedState
 from domain_core.pb import domain_pb2, services_pb2, services_pb2_grpc
 from domain_core.transport import TlsMaterial
 from hsa_node._logging import ThrottledLog
@@ -69,7 +68,7 @@ def pull_states(node: DomainNode, fetch: FetchStates, source: str) -> int:
         before = node.version
         messages = fetch(before)
         for message in messages:
-            state = SealedState.from_message(message)
+            state = node.parse_offered(message, source=source)
             try:
                 if node.offer(state, source=source, quiet_repeats=True):
                     installed += 1
@@ -191,7 +190,7 @@ class Syncer:
 
     def _offer_from_stream(self, message: domain_pb2.SealedState) -> None:
         try:
-            state = SealedState.from_message(message)
+            state = self._node.parse_offered(message, source="coordinator stream")
             self._node.offer(state, source="coordinator stream", quiet_repeats=True)
         except ChainGapError:
             self._catch_up_quietly()
@@ -292,9 +291,11 @@ class Syncer:
         limit = self._limits.max_states_per_response
 
         def fetch(after: int) -> Sequence[domain_pb2.SealedState]:
+            # From the peer's copy of our own head on: a different state for the version we
+            # hold is a fork (a coordinator that told the two of us different things).
             try:
                 response = stub.GetStatesAfter(
-                    services_pb2.StatesAfterRequest(after_version=after, limit=limit),
+                    services_pb2.StatesAfterRequest(after_version=max(after - 1, 0), limit=limit),
                     timeout=CALL_DEADLINE_SECONDS,
                 )
             except grpc.RpcError as error:

@@ -49,7 +49,13 @@ __all__ = [
 PROG: Final = "hsm-operator"
 
 # Each module exposes `register(subparsers)`; a new command group is one more entry here.
-COMMAND_MODULES: Final[tuple[str, ...]] = ("operator_tool.token_commands",)
+COMMAND_MODULES: Final[tuple[str, ...]] = (
+    "operator_tool.token_commands",
+    "operator_tool.proposal_commands",
+    "operator_tool.approval_commands",
+    "operator_tool.offline",
+    "operator_tool.domain_commands",
+)
 
 TOKEN_ENV: Final = "HSM_TOKEN"  # noqa: S105 (names a variable, holds no secret)
 PASSPHRASE_FILE_ENV: Final = "HSM_TOKEN_PASSPHRASE_FILE"  # noqa: S105 (a variable name)

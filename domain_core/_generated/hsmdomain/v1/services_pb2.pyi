@@ -443,3 +443,15 @@ class ListKeyRecordsResponse(_message.Message):
     records: _containers.RepeatedCompositeFieldContainer[_keys_pb2.KeyRecord]
     next_page_token: str
     def __init__(self, records: _Optional[_Iterable[_Union[_keys_pb2.KeyRecord, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class DeleteKeyRecordRequest(_message.Message):
+    __slots__ = ("key_id", "expected_revision")
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_REVISION_FIELD_NUMBER: _ClassVar[int]
+    key_id: str
+    expected_revision: int
+    def __init__(self, key_id: _Optional[str] = ..., expected_revision: _Optional[int] = ...) -> None: ...
+
+class DeleteKeyRecordResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

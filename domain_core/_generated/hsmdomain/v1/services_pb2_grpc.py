@@ -1179,6 +1179,11 @@ class CoordinatorStub:
                 request_serializer=hsmdomain_dot_v1_dot_services__pb2.ListKeyRecordsRequest.SerializeToString,
                 response_deserializer=hsmdomain_dot_v1_dot_services__pb2.ListKeyRecordsResponse.FromString,
                 _registered_method=True)
+        self.DeleteKeyRecord = channel.unary_unary(
+                '/hsmdomain.v1.Coordinator/DeleteKeyRecord',
+                request_serializer=hsmdomain_dot_v1_dot_services__pb2.DeleteKeyRecordRequest.SerializeToString,
+                response_deserializer=hsmdomain_dot_v1_dot_services__pb2.DeleteKeyRecordResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -1273,6 +1278,12 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteKeyRecord(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -1345,6 +1356,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.ListKeyRecords,
                     request_deserializer=hsmdomain_dot_v1_dot_services__pb2.ListKeyRecordsRequest.FromString,
                     response_serializer=hsmdomain_dot_v1_dot_services__pb2.ListKeyRecordsResponse.SerializeToString,
+            ),
+            'DeleteKeyRecord': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteKeyRecord,
+                    request_deserializer=hsmdomain_dot_v1_dot_services__pb2.DeleteKeyRecordRequest.FromString,
+                    response_serializer=hsmdomain_dot_v1_dot_services__pb2.DeleteKeyRecordResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1726,6 +1742,33 @@ class Coordinator:
             '/hsmdomain.v1.Coordinator/ListKeyRecords',
             hsmdomain_dot_v1_dot_services__pb2.ListKeyRecordsRequest.SerializeToString,
             hsmdomain_dot_v1_dot_services__pb2.ListKeyRecordsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteKeyRecord(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hsmdomain.v1.Coordinator/DeleteKeyRecord',
+            hsmdomain_dot_v1_dot_services__pb2.DeleteKeyRecordRequest.SerializeToString,
+            hsmdomain_dot_v1_dot_services__pb2.DeleteKeyRecordResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,216 @@
+"""The `hsm-domain chaos` command: arguments, the run, the report and the exit status.
+
+Exit status: 0 when every invariant held, 1 when one broke (or the run could not be made),
+2 on a usage error. The report goes to stdout; `--json FILE` writes it as JSON as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import secrets
+import sys
+from pathlib import Path
+from typing import Final
+
+from deploy.chaos.faults import FAULT_TYPES, FaultConfig, parse_fault_types
+from deploy.chaos.runner import ChaosInterrupted, ChaosOptions, run_chaos
+from deploy.chaos.workload import WorkloadConfig
+
+__all__ = ["EXIT_BROKEN", "EXIT_HELD", "EXIT_USAGE", "register"]
+
+EXIT_HELD: Final = 0
+EXIT_BROKEN: Final = 1
+EXIT_USAGE: Final = 2
+
+EXAMPLES: Final = """\
+example:
+  hsm-domain init ./demo && hsm-domain chaos ./demo --duration 60 --seed 7
+  hsm-domain chaos ./demo --duration 300 --seed 1 --faults kill,partition --json report.json
+exit status 0 if every invariant held, 1 if one broke, 2 on a usage error.
+The history (every operation and fault, JSON lines) goes to DIR/chaos/history-<seed>.jsonl."""
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} must be positive")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} cannot be negative")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} cannot be negative")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} must be between 0 and 1")
+    return value
+
+
+def _fault_types(text: str) -> tuple[str, ...]:
+    try:
+        return parse_fault_types(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    """Add the `chaos` arguments to its parser (made by `hsm-domain`'s main parser)."""
+    parser.epilog = EXAMPLES
+    parser.add_argument("directory", metavar="DIR", help="domain directory (not running)")
+    parser.add_argument(
+        "--duration",
+        type=_positive,
+        default=60.0,
+        metavar="S",
+        help="seconds of faults (default 60)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        metavar="N",
+        help="seed of the fault schedule and the workload (default: a new one, printed)",
+    )
+    parser.add_argument(
+        "--faults",
+        type=_fault_types,
+        default=FAULT_TYPES,
+        metavar="LIST",
+        help=f"comma-separated fault types: {','.join(FAULT_TYPES)} (default all)",
+    )
+    parser.add_argument(
+        "--fault-interval",
+        type=_positive,
+        default=2.0,
+        metavar="S",
+        help="mean seconds between two faults (default 2)",
+    )
+    parser.add_argument(
+        "--fault-duration",
+        type=_positive,
+        nargs=2,
+        metavar=("MIN", "MAX"),
+        default=(0.5, 3.0),
+        help="how long a fault lasts before it is repaired, in seconds (default 0.5 3)",
+    )
+    parser.add_argument(
+        "--max-down",
+        type=_count,
+        default=None,
+        metavar="N",
+        help="HSAs unreachable by clients at once (default: all but one)",
+    )
+    parser.add_argument(
+        "--clients",
+        type=_count,
+        default=3,
+        metavar="N",
+        help="data-plane client threads (default 3)",
+    )
+    parser.add_argument(
+        "--control-interval",
+        type=_positive,
+        default=2.0,
+        metavar="S",
+        help="seconds between two quorum-approved domain changes (default 2)",
+    )
+    parser.add_argument(
+        "--client-timeout",
+        type=_positive,
+        default=2.0,
+        metavar="S",
+        help="seconds per client attempt before failing over (default 2)",
+    )
+    parser.add_argument(
+        "--think-time",
+        type=_non_negative,
+        default=0.005,
+        metavar="S",
+        help="seconds a client waits between operations (default 0.005)",
+    )
+    parser.add_argument(
+        "--settle-timeout",
+        type=_positive,
+        default=30.0,
+        metavar="S",
+        help="bound on convergence after the faults stop, in seconds (default 30)",
+    )
+    parser.add_argument(
+        "--min-availability",
+        type=_fraction,
+        default=0.9,
+        metavar="F",
+        help="fraction of data-plane operations that must succeed while an HSA is "
+        "reachable (default 0.9)",
+    )
+    parser.add_argument(
+        "--history", type=Path, default=None, metavar="FILE", help="history file (JSON lines)"
+    )
+    parser.add_argument(
+        "--json", type=Path, default=None, metavar="FILE", help="write the report as JSON"
+    )
+    parser.set_defaults(handler=_cmd_chaos)
+
+
+def _cmd_chaos(args: argparse.Namespace) -> int:
+    directory = Path(args.directory)
+    low, high = args.fault_duration
+    if low > high:
+        print("hsm-domain chaos: error: --fault-duration MIN must not exceed MAX", file=sys.stderr)
+        return EXIT_USAGE
+    seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
+    options = ChaosOptions(
+        directory=directory,
+        duration=args.duration,
+        seed=seed,
+        faults=FaultConfig(
+            types=args.faults,
+            interval=args.fault_interval,
+            min_duration=low,
+            max_duration=high,
+            max_down=args.max_down,
+        ),
+        workload=WorkloadConfig(
+            clients=args.clients,
+            think_time=args.think_time,
+            client_timeout=args.client_timeout,
+            control_interval=args.control_interval,
+        ),
+        settle_timeout=args.settle_timeout,
+        min_availability=args.min_availability,
+        history_path=args.history,
+    )
+    try:
+        report = run_chaos(options, sys.stdout)
+    except ChaosInterrupted as stop:
+        print(f"hsm-domain chaos: {stop}: stopped without checking", file=sys.stderr)
+        return EXIT_BROKEN
+    print(report.render(), flush=True)
+    if args.json is not None:
+        args.json.write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    return EXIT_HELD if report.held else EXIT_BROKEN

@@ -1,0 +1,643 @@
+"""Verified customer keys on an HSA: the coordinator's key records, checked, cached and written.
+
+The coordinator stores every customer key as a `KeyRecord` (metadata bytes and one exported
+key token per backing version) and is not trusted. This module is the only way the key service
+reads or writes those records:
+
+- `KeyRecordClient` calls the coordinator's key-record RPCs (GetKey, PutKey, ListKeyRecords,
+  DeleteKeyRecord) over mutual TLS as this host, each with a deadline, and maps failures to
+  domain errors (`CoordinatorUnreachableError` when it cannot be reached);
+- `MetadataVersionFloor` remembers, on disk, the highest `metadata_version` (and the hash of
+  its metadata bytes) this HSA has accepted for each key;
+- `KeyCache` verifies records (`keytokens.verify_key_record` with this node's domain keys, the
+  domain id, and the version floor) and keeps the verified keys in a bounded LRU cache.
+
+Invariants:
+- a backing key reaches the cache only from a record that verified end to end: its metadata
+  names the expected key and this domain, it has exactly one token per backing version and
+  every token opens under a domain key this node holds, bound to the record's metadata bytes.
+  A coordinator that edits a policy or a state, or swaps, drops or adds tokens, is refused
+  with FAILED_PRECONDITION (and a WARNING with the reason in the log);
+- no rollback: a record whose `metadata_version` is below the highest one accepted for that
+  key, or equal to it with other metadata bytes, is refused. The floor is persisted
+  (`key_versions.db`, 0600, synchronous writes) so a restarted HSA still refuses it;
+- bounded staleness: an entry is re-read from the coordinator when it is older than `ttl`
+  seconds (default 2 s) at its next use. While the coordinator cannot be reached, cached
+  entries keep being served (the data plane survives a control-plane outage), so a change made
+  through another HSA (a disabled key, a narrowed policy) reaches this HSA at most `ttl`
+  seconds after the coordinator is reachable again, and not before. A key that is not cached
+  cannot be served without the coordinator (UNAVAILABLE). A ciphertext that names a newer
+  backing version than the cached one (a rotation through another HSA) makes the key be
+  re-read at once (`get_newer`);
+- writes (`store`) go to the coordinator with a compare-and-swap on the revision that was read,
+  and reach the cache only once the coordinator acknowledged them (it stores durably first);
+- the cache holds at most `max_entries` keys (least recently used are dropped first) and
+  never logs or returns key material (`CachedKey.__repr__` leaves it out).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final, cast
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from domain_core import keytokens
+from domain_core.errors import (
+    AlreadyExistsError,
+    ConflictError,
+    FailedPreconditionError,
+    InvalidInputError,
+    InvalidKeyTokenError,
+    NotFoundError,
+    UnavailableError,
+)
+from domain_core.pb import keys_pb2, services_pb2, services_pb2_grpc
+from hsa_node._logging import ThrottledLog
+from hsa_node.node import DomainKeys
+
+__all__ = [
+    "CALL_DEADLINE_SECONDS",
+    "DEFAULT_MAX_ENTRIES",
+    "DEFAULT_TTL_SECONDS",
+    "FLOOR_FILE",
+    "CachedKey",
+    "CoordinatorUnreachableError",
+    "KeyCache",
+    "KeyRecordClient",
+    "MetadataVersionFloor",
+    "iso_date",
+    "parse_metadata",
+]
+
+log = logging.getLogger(__name__)
+
+CALL_DEADLINE_SECONDS: Final = 3.0
+# A cached key is re-read with a shorter deadline: if the coordinator is slow, serve the cache.
+REFRESH_DEADLINE_SECONDS: Final = 1.0
+DEFAULT_TTL_SECONDS: Final = 2.0
+DEFAULT_MAX_ENTRIES: Final = 100_000
+# After the coordinator failed to answer, cached keys are served without asking it again for
+# this long, so that a paused coordinator does not add its deadline to every call.
+OUTAGE_HOLD_SECONDS: Final = 2.0
+FLOOR_FILE: Final = "key_versions.db"
+_FETCH_LOCKS: Final = 64
+_SHOWN: Final = 200
+
+
+class CoordinatorUnreachableError(UnavailableError):
+    """The coordinator did not answer a key-record call (down, paused, or refusing us)."""
+
+
+def iso_date(timestamp: int) -> str:
+    """A unix time as an ISO 8601 UTC date and time, for messages."""
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_metadata(record: keys_pb2.KeyRecord) -> keys_pb2.KeyMetadata | None:
+    """The metadata a record carries, or None if its bytes do not parse."""
+    metadata = keys_pb2.KeyMetadata()
+    try:
+        metadata.ParseFromString(record.metadata)
+    except DecodeError:
+        return None
+    return metadata
+
+
+def _metadata_digest(record: keys_pb2.KeyRecord) -> bytes:
+    return hashlib.sha256(record.metadata).digest()
+
+
+# --- the coordinator's key-record RPCs -----------------------------------------------------
+
+
+def _rpc_code(error: grpc.RpcError) -> grpc.StatusCode | None:
+    code = cast(Any, error).code() if hasattr(error, "code") else None
+    return code if isinstance(code, grpc.StatusCode) else None
+
+
+def _rpc_details(error: grpc.RpcError) -> str:
+    details = cast(Any, error).details() if hasattr(error, "details") else None
+    return str(details or "")[:_SHOWN]
+
+
+class KeyRecordClient:
+    """The coordinator's key-record calls, as this host, each with a deadline.
+
+    Failures become domain errors: NOT_FOUND -> NotFoundError (None for `get`), ABORTED ->
+    ConflictError, ALREADY_EXISTS -> AlreadyExistsError, FAILED_PRECONDITION ->
+    FailedPreconditionError, INVALID_ARGUMENT -> InvalidInputError, anything else
+    (unreachable, deadline exceeded, refused, internal) -> CoordinatorUnreachableError.
+    Nothing is retried here: callers decide (only idempotent calls may be retried).
+    """
+
+    def __init__(
+        self,
+        channel: grpc.Channel | None,
+        address: str,
+        *,
+        deadline: float = CALL_DEADLINE_SECONDS,
+    ) -> None:
+        """`channel` None: no coordinator is configured, and every call is unreachable."""
+        self._stub = (
+            services_pb2_grpc.CoordinatorStub(channel)  # type: ignore[no-untyped-call]
+            if channel is not None
+            else None
+        )
+        self._address = address
+        self._deadline = deadline
+
+    @property
+    def address(self) -> str:
+        """The coordinator's address, for messages."""
+        return self._address
+
+    def _call(self, method: str, request: Any, timeout: float | None) -> Any:
+        if self._stub is None:
+            raise CoordinatorUnreachableError(
+                f"no coordinator is configured on this HSA to call {method}"
+            )
+        try:
+            return getattr(self._stub, method)(
+                request, timeout=self._deadline if timeout is None else timeout
+            )
+        except grpc.RpcError as error:
+            raise self._error(method, error) from None
+
+    def _error(self, method: str, error: grpc.RpcError) -> Exception:
+        code, details = _rpc_code(error), _rpc_details(error)
+        if code is grpc.StatusCode.NOT_FOUND:
+            return NotFoundError(details or "not found at the coordinator")
+        if code is grpc.StatusCode.ABORTED:
+            return ConflictError(details or "the record changed meanwhile")
+        if code is grpc.StatusCode.ALREADY_EXISTS:
+            return AlreadyExistsError(details or "the key exists already")
+        if code is grpc.StatusCode.FAILED_PRECONDITION:
+            return FailedPreconditionError(f"the coordinator refused {method}: {details}")
+        if code is grpc.StatusCode.INVALID_ARGUMENT:
+            return InvalidInputError(f"the coordinator refused {method}: {details}")
+        name = code.name if code is not None else "ERROR"
+        return CoordinatorUnreachableError(
+            f"the coordinator at {self._address} did not answer {method} ({name}: {details})"
+        )
+
+    def get(self, key_id: str, *, timeout: float | None = None) -> keys_pb2.KeyRecord | None:
+        """The stored record of `key_id` with its revision, or None if there is none."""
+        try:
+            record: keys_pb2.KeyRecord = self._call(
+                "GetKey", services_pb2.GetKeyRequest(key_id=key_id), timeout
+            )
+        except NotFoundError:
+            return None
+        return record
+
+    def put(self, record: keys_pb2.KeyRecord, expected_revision: int) -> int:
+        """Store `record` if the stored revision is `expected_revision` (0: create); the new
+        revision, once the coordinator committed it."""
+        response: services_pb2.PutKeyResponse = self._call(
+            "PutKey",
+            services_pb2.PutKeyRequest(record=record, expected_revision=expected_revision),
+            None,
+        )
+        return int(response.revision)
+
+    def list(self, limit: int, page_token: str = "") -> tuple[list[keys_pb2.KeyRecord], str]:
+        """One page of stored records (with revisions) and the token of the next page."""
+        response: services_pb2.ListKeyRecordsResponse = self._call(
+            "ListKeyRecords",
+            services_pb2.ListKeyRecordsRequest(limit=limit, page_token=page_token),
+            None,
+        )
+        return list(response.records), response.next_page_token
+
+    def delete(self, key_id: str, expected_revision: int) -> None:
+        """Delete a key whose deletion date has passed, if it is still at `expected_revision`."""
+        self._call(
+            "DeleteKeyRecord",
+            services_pb2.DeleteKeyRecordRequest(key_id=key_id, expected_revision=expected_revision),
+            None,
+        )
+
+
+# --- the version floor ---------------------------------------------------------------------
+
+
+_FLOOR_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS floors (
+    key_id TEXT PRIMARY KEY,
+    metadata_version INTEGER NOT NULL,
+    metadata_hash BLOB NOT NULL
+);
+"""
+
+
+class MetadataVersionFloor:
+    """The highest metadata version (and its metadata hash) accepted per key, on disk.
+
+    One SQLite file (WAL, synchronous=FULL, 0600), so that the floor survives a restart and a
+    coordinator cannot roll a key back to an older record by waiting for the HSA to restart.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.exists():
+            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
+        os.chmod(self.path, 0o600)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(
+            str(self.path), check_same_thread=False, isolation_level=None, timeout=10.0
+        )
+        try:
+            self._db.execute("PRAGMA journal_mode = WAL")
+            self._db.execute("PRAGMA synchronous = FULL")
+            self._db.executescript(_FLOOR_SCHEMA)
+        except BaseException:
+            self._db.close()
+            raise
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"MetadataVersionFloor({str(self.path)!r})"
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the version floor is closed")
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def highest(self, key_id: str) -> tuple[int, bytes] | None:
+        """(metadata version, metadata hash) of the newest record accepted for `key_id`."""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the version floor is closed")
+            row = self._db.execute(
+                "SELECT metadata_version, metadata_hash FROM floors WHERE key_id = ?", (key_id,)
+            ).fetchone()
+        return (int(row[0]), bytes(row[1])) if row is not None else None
+
+    def admit(self, key_id: str, version: int, digest: bytes, *, remember: bool = True) -> None:
+        """Refuse a record older than (or forked from) the newest accepted one; else, with
+        `remember`, make it the newest. FailedPreconditionError on a refusal."""
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT metadata_version, metadata_hash FROM floors WHERE key_id = ?", (key_id,)
+            ).fetchone()
+            if row is not None:
+                highest, known = int(row[0]), bytes(row[1])
+                if version < highest:
+                    raise FailedPreconditionError(
+                        f"the coordinator returned an older record of key {key_id} (metadata "
+                        f"version {version}) than this HSA accepted before (version {highest}); "
+                        "the coordinator may be compromised or restored from an old backup"
+                    )
+                if version == highest:
+                    if known != digest:
+                        raise FailedPreconditionError(
+                            f"the coordinator returned another record of key {key_id} with the "
+                            f"same metadata version {version} as one this HSA accepted; the "
+                            "coordinator may be compromised"
+                        )
+                    return
+            if remember:
+                db.execute(
+                    "INSERT INTO floors (key_id, metadata_version, metadata_hash) "
+                    "VALUES (?, ?, ?) ON CONFLICT (key_id) DO UPDATE SET "
+                    "metadata_version = excluded.metadata_version, "
+                    "metadata_hash = excluded.metadata_hash",
+                    (key_id, version, digest),
+                )
+
+    def close(self) -> None:
+        """Release the file. Idempotent."""
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._db.close()
+
+
+# --- verified keys -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CachedKey:
+    """A customer key whose record verified: metadata, backing keys by version, the record.
+
+    Treat `metadata` and `record` as read-only (copy before changing them).
+    """
+
+    key_id: str
+    metadata: keys_pb2.KeyMetadata
+    backing_keys: Mapping[int, bytes]
+    record: keys_pb2.KeyRecord
+    checked_at: float
+    """When (the cache's monotonic clock) the coordinator last confirmed this record."""
+
+    @property
+    def revision(self) -> int:
+        """The coordinator's revision of the record, for compare-and-swap."""
+        return int(self.record.revision)
+
+    @property
+    def current_version(self) -> int:
+        """The backing-key version new ciphertexts use."""
+        return int(self.metadata.current_backing_version)
+
+    def __repr__(self) -> str:
+        return (
+            f"CachedKey({self.key_id}, metadata version {self.metadata.metadata_version}, "
+            f"backing versions {sorted(self.backing_keys)}, revision {self.revision})"
+        )
+
+
+def _same_content(a: keys_pb2.KeyRecord, b: keys_pb2.KeyRecord) -> bool:
+    """Whether two records carry the same metadata bytes and tokens (revisions aside)."""
+    return a.metadata == b.metadata and list(a.tokens) == list(b.tokens)
+
+
+def _diagnose(record: keys_pb2.KeyRecord, key_id: str, domain_id: str, keys: DomainKeys) -> str:
+    """Why a record does not verify, for the log (the caller gets no detail)."""
+    metadata = parse_metadata(record)
+    if metadata is None:
+        return "its metadata does not parse"
+    if metadata.key_id != key_id:
+        return f"its metadata names key {metadata.key_id[:_SHOWN]!r}"
+    if metadata.domain_id != domain_id:
+        return f"its metadata names domain {metadata.domain_id[:_SHOWN]!r}"
+    versions = sorted(t.backing_version for t in record.tokens)
+    if versions != list(range(1, metadata.current_backing_version + 1)):
+        return (
+            f"it holds tokens for backing versions {versions[:20]}, not 1.."
+            f"{metadata.current_backing_version}"
+        )
+    for token in record.tokens:
+        if token.key_id != key_id:
+            return f"a token names key {token.key_id[:_SHOWN]!r}"
+        try:
+            keytokens.unwrap_backing_key(token, keys.keys, record.metadata, key_id)
+        except InvalidKeyTokenError:
+            return (
+                f"the token of backing version {token.backing_version} (domain key generation "
+                f"{token.domain_key_generation}) does not open with these metadata bytes"
+            )
+    return "unknown"
+
+
+class KeyCache:
+    """Verified keys by id (LRU, bounded), read through from the coordinator; see the module
+    invariants."""
+
+    def __init__(
+        self,
+        *,
+        domain_id: str,
+        domain_keys: Callable[[], DomainKeys],
+        records: KeyRecordClient,
+        floor: MetadataVersionFloor,
+        ttl: float = DEFAULT_TTL_SECONDS,
+        max_entries: int = DEFAULT_MAX_ENTRIES,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_entries < 1:
+            raise ValueError("max_entries must be at least 1")
+        self._domain_id = domain_id
+        self._domain_keys = domain_keys
+        self._records = records
+        self._floor = floor
+        self._ttl = ttl
+        self._max_entries = max_entries
+        self._clock = clock
+        self._entries: OrderedDict[str, CachedKey] = OrderedDict()
+        self._lock = threading.Lock()
+        self._fetch_locks = [threading.Lock() for _ in range(_FETCH_LOCKS)]
+        self._outage_until = 0.0
+        self._throttled = ThrottledLog(log)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+    @property
+    def records(self) -> KeyRecordClient:
+        """The coordinator's key-record calls this cache reads through."""
+        return self._records
+
+    @property
+    def domain_id(self) -> str:
+        """The domain whose keys this cache holds."""
+        return self._domain_id
+
+    def domain_keys(self) -> DomainKeys:
+        """The node's domain keys now (UnavailableError when it is not serving)."""
+        return self._domain_keys()
+
+    # --- the entries ---------------------------------------------------------------------
+
+    def _peek(self, key_id: str) -> CachedKey | None:
+        with self._lock:
+            entry = self._entries.get(key_id)
+            if entry is not None:
+                self._entries.move_to_end(key_id)
+            return entry
+
+    def _insert(self, entry: CachedKey) -> CachedKey:
+        with self._lock:
+            self._entries[entry.key_id] = entry
+            self._entries.move_to_end(entry.key_id)
+            while len(self._entries) > self._max_entries:
+                self._entries.popitem(last=False)
+        return entry
+
+    def cached(self, key_id: str) -> CachedKey | None:
+        """The cached entry of `key_id` as it is (however old), or None."""
+        return self._peek(key_id)
+
+    def forget(self, key_id: str) -> None:
+        """Drop one key (deleted, or unknown to the coordinator)."""
+        with self._lock:
+            self._entries.pop(key_id, None)
+
+    def mark_stale(self, key_id: str) -> None:
+        """Make the next use of `key_id` re-read it (it changed at the coordinator), while
+        keeping the entry to serve if the coordinator becomes unreachable meanwhile."""
+        with self._lock:
+            entry = self._entries.get(key_id)
+            if entry is not None:
+                self._entries[key_id] = replace(entry, checked_at=float("-inf"))
+
+    def clear(self) -> None:
+        """Drop every key (this host stopped serving)."""
+        with self._lock:
+            self._entries.clear()
+
+    # --- reading -------------------------------------------------------------------------
+
+    def get(self, key_id: str, *, fresh: bool = False) -> CachedKey:
+        """The verified key `key_id`: from the cache while fresh, else from the coordinator.
+
+        With `fresh` the coordinator is always asked (writes need the current revision) and
+        CoordinatorUnreachableError is raised if it does not answer. Without it, a cached key
+        is served while the coordinator is unreachable. NotFoundError for a key the
+        coordinator does not hold; FailedPreconditionError for a record that does not verify.
+        """
+        entry = self._peek(key_id)
+        if entry is not None and not fresh and self._clock() - entry.checked_at < self._ttl:
+            return entry
+        with self._fetch_locks[hash(key_id) % _FETCH_LOCKS]:
+            entry = self._peek(key_id)
+            now = self._clock()
+            if (
+                entry is not None
+                and not fresh
+                and (now - entry.checked_at < self._ttl or now < self._outage_until)
+            ):
+                return entry
+            timeout = REFRESH_DEADLINE_SECONDS if entry is not None and not fresh else None
+            try:
+                record = self._records.get(key_id, timeout=timeout)
+            except CoordinatorUnreachableError as error:
+                self._outage_until = self._clock() + OUTAGE_HOLD_SECONDS
+                if fresh:
+                    raise
+                if entry is not None:
+                    self._throttled.warning(f"serving cached keys: {error}")
+                    return entry
+                raise UnavailableError(
+                    f"key {key_id} is not cached on this HSA and the coordinator is "
+                    "unreachable: retry on another HSA or later"
+                ) from None
+            self._outage_until = 0.0
+            if record is None:
+                self.forget(key_id)
+                raise NotFoundError(f"key {key_id} does not exist")
+            if entry is not None and _same_content(record, entry.record):
+                return self._insert(replace(entry, record=record, checked_at=self._clock()))
+            metadata, backing_keys = self.verify(record, key_id)
+            return self._insert(
+                CachedKey(
+                    key_id=key_id,
+                    metadata=metadata,
+                    backing_keys=backing_keys,
+                    record=record,
+                    checked_at=self._clock(),
+                )
+            )
+
+    def get_newer(self, key_id: str, backing_version: int) -> CachedKey:
+        """The key re-read from the coordinator, for a ciphertext that names a backing version
+        newer than the cached one (the key was rotated through another HSA within the TTL).
+
+        UnavailableError when the coordinator cannot be reached (the version may exist).
+        """
+        if self._clock() >= self._outage_until:
+            try:
+                return self.get(key_id, fresh=True)
+            except CoordinatorUnreachableError:
+                self._outage_until = self._clock() + OUTAGE_HOLD_SECONDS
+        raise UnavailableError(
+            f"the ciphertext names backing version {backing_version} of key {key_id}, newer "
+            "than this HSA has cached, and the coordinator is unreachable: retry on another "
+            "HSA or later"
+        )
+
+    def verify(
+        self, record: keys_pb2.KeyRecord, key_id: str, *, remember: bool = True
+    ) -> tuple[keys_pb2.KeyMetadata, dict[int, bytes]]:
+        """Verify a record of `key_id` end to end and against the version floor.
+
+        With `remember` the record becomes the key's floor when it is newer. Raises
+        FailedPreconditionError for a record that does not verify (logged at WARNING with the
+        reason), UnavailableError when it is sealed under a domain key generation newer than
+        this node holds (it is catching up).
+        """
+        keys = self._domain_keys()
+        try:
+            metadata, backing_keys = keytokens.verify_key_record(record, keys.keys, key_id)
+            if metadata.domain_id != self._domain_id:
+                raise InvalidKeyTokenError()
+        except InvalidKeyTokenError:
+            raise self._refusal(record, key_id, keys) from None
+        self._floor.admit(
+            key_id, int(metadata.metadata_version), _metadata_digest(record), remember=remember
+        )
+        return metadata, backing_keys
+
+    def _refusal(
+        self, record: keys_pb2.KeyRecord, key_id: str, keys: DomainKeys
+    ) -> UnavailableError | FailedPreconditionError:
+        generations = {t.domain_key_generation for t in record.tokens}
+        missing = sorted(g for g in generations if g not in keys.keys)
+        if missing and missing[-1] > keys.generation:
+            return UnavailableError(
+                f"key {key_id} is sealed under domain key generation {missing[-1]}, newer than "
+                f"this HSA holds ({keys.generation}); it is catching up: retry"
+            )
+        if missing and missing[0] < min(keys.keys):
+            self._throttled.warning(
+                f"the record of key {key_id} needs domain key generation {missing[0]}, which "
+                "this HSA no longer holds (the domain retired it before the record was "
+                "re-wrapped)"
+            )
+            return FailedPreconditionError(
+                f"key {key_id} is sealed under domain key generation {missing[0]}, which the "
+                "domain has retired; it cannot be opened"
+            )
+        self._throttled.warning(
+            f"the stored record of key {key_id} does not verify "
+            f"({_diagnose(record, key_id, self._domain_id, keys)}); the coordinator may be "
+            "compromised"
+        )
+        return FailedPreconditionError(
+            f"the stored record of key {key_id} does not verify; the coordinator may be compromised"
+        )
+
+    # --- writing -------------------------------------------------------------------------
+
+    def store(
+        self,
+        metadata: keys_pb2.KeyMetadata,
+        backing_keys: Mapping[int, bytes],
+        expected_revision: int,
+    ) -> CachedKey:
+        """Seal a record under the current domain key generation and put it at the coordinator
+        with a compare-and-swap on `expected_revision` (0: create); cache it once stored.
+
+        Raises ConflictError (the record changed meanwhile), AlreadyExistsError,
+        NotFoundError (deleted meanwhile) or CoordinatorUnreachableError; nothing is cached
+        then.
+        """
+        keys = self._domain_keys()
+        record = keytokens.seal_record(
+            metadata, backing_keys, keys.keys[keys.generation], keys.generation
+        )
+        record.revision = self._records.put(record, expected_revision)
+        stored = keys_pb2.KeyMetadata.FromString(record.metadata)
+        self._floor.admit(stored.key_id, int(stored.metadata_version), _metadata_digest(record))
+        return self._insert(
+            CachedKey(
+                key_id=stored.key_id,
+                metadata=stored,
+                backing_keys=dict(backing_keys),
+                record=record,
+                checked_at=self._clock(),
+            )
+        )

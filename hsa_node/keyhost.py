@@ -1,0 +1,127 @@
+"""The key service's parts in one HSA process, opened and closed together.
+
+`KeyServiceHost.open` opens the audit log (`data_dir/audit.log`), the version floor
+(`data_dir/key_versions.db`), a mutual-TLS channel to the coordinator as this host, the key
+cache, the `KeyService` servicer, the admin-call audit interceptor and the background key
+upkeep. `hsa_node.server` registers the servicer and the interceptor, starts the upkeep after
+the server, and closes everything after the server stopped.
+
+Invariants: an HSA whose audit log does not verify does not start (the audit log refuses to
+extend a broken chain); the cache is emptied when the node stops serving (removed from the
+domain), so no key outlives the membership that let it be opened; the upkeep runs only when a
+coordinator is configured.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from domain_core import transport
+from domain_core.audit import AUDIT_LOG_FILE, AuditLog
+from domain_core.config import NodeConfig
+from domain_core.limits import DEFAULT_LIMITS, Limits
+from domain_core.pb import services_pb2_grpc
+from domain_core.transport import TlsMaterial
+from hsa_node.admin_audit import AdminAuditInterceptor
+from hsa_node.keycache import FLOOR_FILE, KeyCache, KeyRecordClient, MetadataVersionFloor
+from hsa_node.keyservice import KeyServiceServicer
+from hsa_node.node import DomainNode
+from hsa_node.rewrap import KeyMaintainer
+
+__all__ = ["KeyServiceHost"]
+
+
+class KeyServiceHost:
+    """The audit log, key cache, KeyService servicer and key upkeep of one HSA."""
+
+    def __init__(
+        self,
+        *,
+        audit: AuditLog,
+        floor: MetadataVersionFloor,
+        channel: grpc.Channel | None,
+        cache: KeyCache,
+        servicer: KeyServiceServicer,
+        maintainer: KeyMaintainer | None,
+    ) -> None:
+        """Use `open`."""
+        self.audit = audit
+        self.floor = floor
+        self.cache = cache
+        self.servicer = servicer
+        self.maintainer = maintainer
+        self._channel = channel
+
+    @classmethod
+    def open(
+        cls,
+        *,
+        config: NodeConfig,
+        node: DomainNode,
+        tls: TlsMaterial,
+        limits: Limits = DEFAULT_LIMITS,
+    ) -> KeyServiceHost:
+        """Open every part (AuditLogError if the audit log does not verify)."""
+        data_dir = config.path(config.data_dir)
+        audit = AuditLog(
+            data_dir / AUDIT_LOG_FILE, host_id=node.host_id, signer=node.identity.signer
+        )
+        try:
+            floor = MetadataVersionFloor(data_dir / FLOOR_FILE)
+        except BaseException:
+            audit.close()
+            raise
+        channel = (
+            transport.mtls_channel(config.coordinator, tls, limits) if config.coordinator else None
+        )
+        cache = KeyCache(
+            domain_id=node.domain_id,
+            domain_keys=node.domain_keys,
+            records=KeyRecordClient(channel, config.coordinator),
+            floor=floor,
+        )
+        servicer = KeyServiceServicer(node=node, cache=cache, audit=audit, limits=limits)
+        maintainer = KeyMaintainer(node=node, cache=cache, audit=audit) if channel else None
+
+        def on_serving(serving: bool) -> None:
+            if not serving:
+                cache.clear()
+
+        node.add_listener(on_serving)
+        return cls(
+            audit=audit,
+            floor=floor,
+            channel=channel,
+            cache=cache,
+            servicer=servicer,
+            maintainer=maintainer,
+        )
+
+    def interceptors(self) -> list[grpc.ServerInterceptor]:  # type: ignore[type-arg]
+        """Server interceptors to install (the admin-call audit)."""
+        return [AdminAuditInterceptor(self.audit)]
+
+    def register(self, server: grpc.Server) -> None:
+        """Add the KeyService to `server`."""
+        services_pb2_grpc.add_KeyServiceServicer_to_server(  # type: ignore[no-untyped-call]
+            self.servicer, server
+        )
+
+    def start(self) -> None:
+        """Start the background key upkeep."""
+        if self.maintainer is not None:
+            self.maintainer.start()
+
+    def stop_upkeep(self) -> None:
+        """Stop the background key upkeep (before the server stops)."""
+        if self.maintainer is not None:
+            self.maintainer.stop()
+
+    def close(self) -> None:
+        """Stop the upkeep, then close the channel, the floor and the audit log (a final
+        signed checkpoint). Call after the server stopped."""
+        self.stop_upkeep()
+        if self._channel is not None:
+            self._channel.close()
+        self.floor.close()
+        self.audit.close()

@@ -1,0 +1,341 @@
+"""What an operator reviews before signing: a proposal judged against verified states.
+
+`review` takes a proposal whose bytes were checked against its id, the approvals the
+coordinator relays, and the states this operator verified (from its trust anchor), and
+works out by itself:
+- the proposal's state: applied only if the verified chain holds the state it produced; stale
+  if it is not for the verified head; expired by the operator's clock; the coordinator's
+  word is taken only for closing states (cancelled, rejected, expired, stale), which can only
+  make the operator refuse to sign;
+- the diff: `transition.apply_changes` on the verified base state (never the coordinator's
+  description);
+- the quorum: approvals counted with `quorum.evaluate` under the base state's operators, so a
+  forged or foreign approval the coordinator relays does not count.
+Pure: no I/O, time passed in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+from domain_core import quorum, transition
+from domain_core.errors import (
+    AlreadyExistsError,
+    FailedPreconditionError,
+    HsmDomainError,
+    ProposalExpiredError,
+    StaleProposalError,
+    UnknownSignerError,
+)
+from domain_core.model import Manifest, Proposal, SealedState
+from domain_core.pb import domain_pb2
+from operator_tool._render import (
+    ManifestDiff,
+    change_json,
+    change_lines,
+    diff_json,
+    diff_lines,
+    fingerprint,
+    iso,
+    manifest_diff,
+    relative,
+)
+
+__all__ = ["Review", "operator_names", "review", "review_json", "review_lines", "summary_json"]
+
+CLOSING_STATES: Final = frozenset({"cancelled", "rejected", "expired", "stale"})
+
+
+@dataclass(frozen=True)
+class Review:
+    """A proposal as this operator sees it (see the module docstring)."""
+
+    proposal: Proposal
+    state: str  # pending, applied, stale, expired, cancelled, rejected
+    detail: str
+    coordinator_state: str
+    head: SealedState
+    base: SealedState | None
+    diff: ManifestDiff | None
+    diff_error: str
+    result: quorum.QuorumResult | None
+    applied_version: int
+    names: Mapping[str, str]
+    now: int
+
+    @property
+    def proposal_id(self) -> bytes:
+        return self.proposal.id
+
+    @property
+    def pending(self) -> bool:
+        return self.state == "pending"
+
+    @property
+    def voters(self) -> Manifest:
+        """The operators whose approvals count: those of the base state (else the head)."""
+        return self.base.manifest if self.base is not None else self.head.manifest
+
+    @property
+    def approved_by(self) -> tuple[str, ...]:
+        return self.result.approved_by if self.result is not None else ()
+
+    @property
+    def can_approve(self) -> tuple[str, ...]:
+        """Operators who may still approve (none once the proposal is closed)."""
+        if not self.pending or self.result is None:
+            return ()
+        return self.result.missing
+
+    @property
+    def threshold(self) -> int:
+        return self.result.threshold if self.result is not None else 0
+
+    @property
+    def needed(self) -> int:
+        return self.result.needed if self.result is not None and self.pending else 0
+
+    def name(self, operator_id: str) -> str:
+        return self.names.get(operator_id) or fingerprint(operator_id, 16)
+
+    def require_pending(self) -> None:
+        """Raise the one-line reason why this proposal cannot be signed any more."""
+        if self.pending:
+            return
+        if self.state == "stale":
+            raise StaleProposalError(self.detail)
+        if self.state == "expired":
+            raise ProposalExpiredError(self.detail)
+        if self.state == "rejected":
+            raise FailedPreconditionError(f"the proposal was rejected: {self.detail}")
+        raise FailedPreconditionError(f"the proposal was {self.detail}")
+
+    def require_can_sign(self, operator_id: str) -> None:
+        """Raise unless `operator_id` is an operator who has not approved yet."""
+        if operator_id not in self.voters.operators_by_id:
+            raise UnknownSignerError(
+                f"you are not an operator of this domain (operator id {operator_id[:16]}... is "
+                f"not in version {self.voters.version})"
+            )
+        if operator_id in self.approved_by:
+            raise AlreadyExistsError(
+                f"already approved by you (operator {self.name(operator_id)}); one approval "
+                "per operator counts"
+            )
+
+
+def operator_names(
+    states: Sequence[SealedState], proposal: Proposal | None = None
+) -> dict[str, str]:
+    """Operator id -> name from every state given and the operators a proposal adds."""
+    names: dict[str, str] = {}
+    for state in states:
+        for operator in state.manifest.message.operators:
+            names[operator.operator_id] = operator.name
+    if proposal is not None:
+        for change in proposal.changes:
+            if change.HasField("add_operator"):
+                operator = change.add_operator.operator
+                names.setdefault(operator.operator_id, operator.name)
+    return names
+
+
+def _stale_detail(proposal: Proposal, head: SealedState) -> str:
+    if proposal.base_version == head.version:
+        return (
+            f"this proposal names version {proposal.base_version} with another state hash: it "
+            "was made for a different history; do not sign it, propose again"
+        )
+    if proposal.base_version > head.version:
+        return (
+            f"this proposal is for version {proposal.base_version}, past the verified version "
+            f"{head.version}: the coordinator did not serve the states in between"
+        )
+    return (
+        f"domain is at version {head.version}, this proposal is for {proposal.base_version}: "
+        "propose again"
+    )
+
+
+def review(
+    proposal: Proposal,
+    approvals: Sequence[domain_pb2.Approval],
+    *,
+    head: SealedState,
+    states: Mapping[int, SealedState],
+    now: int,
+    coordinator_state: str = "pending",
+    coordinator_detail: str = "",
+) -> Review:
+    """Judge a proposal against the verified `head` and the verified `states` by version."""
+    base = states.get(proposal.base_version)
+    if base is not None and base.hash != proposal.base_state_hash:
+        base = None
+    successor = states.get(proposal.base_version + 1)
+    applied = (
+        base is not None
+        and successor is not None
+        and successor.proposal is not None
+        and successor.proposal.id == proposal.id
+    )
+    at_head = proposal.base_version == head.version and proposal.base_state_hash == head.hash
+    if applied:
+        assert successor is not None
+        state, detail, applied_version = (
+            "applied",
+            f"applied as version {successor.version}",
+            successor.version,
+        )
+    elif coordinator_state in ("cancelled", "rejected"):
+        state, detail, applied_version = (
+            coordinator_state,
+            coordinator_detail or coordinator_state,
+            0,
+        )
+    elif not at_head:
+        state, detail, applied_version = "stale", _stale_detail(proposal, head), 0
+    elif now >= proposal.expires_at:
+        state = "expired"
+        detail = (
+            f"the proposal expired at {iso(proposal.expires_at)} "
+            f"({relative(proposal.expires_at, now)}): propose again"
+        )
+        applied_version = 0
+    elif coordinator_state in CLOSING_STATES:
+        state, detail, applied_version = (
+            coordinator_state,
+            coordinator_detail or coordinator_state,
+            0,
+        )
+    else:
+        state, detail, applied_version = "pending", "", 0
+
+    diff: ManifestDiff | None = None
+    diff_error = ""
+    if base is None:
+        diff_error = (
+            f"the base state (version {proposal.base_version}) is not in the chain verified from "
+            "your trust anchor, so the change cannot be shown"
+        )
+    else:
+        try:
+            if applied and successor is not None:
+                after = successor.manifest.message
+            else:
+                after, _ = transition.apply_changes(base.manifest.message, proposal, now=now)
+            diff = manifest_diff(base.manifest.message, after)
+        except HsmDomainError as error:
+            diff_error = f"the changes do not apply to version {base.version}: {error.message}"
+    voters = base.manifest if base is not None else head.manifest
+    result = quorum.evaluate(voters, proposal, approvals)
+    seen = [s for s in (base, head, successor) if s is not None]
+    return Review(
+        proposal=proposal,
+        state=state,
+        detail=detail,
+        coordinator_state=coordinator_state,
+        head=head,
+        base=base,
+        diff=diff,
+        diff_error=diff_error,
+        result=result,
+        applied_version=applied_version,
+        names=operator_names(seen, proposal),
+        now=now,
+    )
+
+
+# --- rendering -------------------------------------------------------------------------------
+
+
+def _status_line(r: Review) -> str:
+    if r.pending:
+        more = f"{r.needed} more needed" if r.needed else "quorum reached, applying"
+        return f"pending: {len(r.approved_by)} of {r.threshold} approvals, {more}"
+    return f"{r.state}: {r.detail}"
+
+
+def review_lines(r: Review, *, diff: bool = True) -> list[str]:
+    """The text of `proposals show` (and what `approve` shows before asking)."""
+    p = r.proposal
+    rows = [
+        ("proposal", p.id.hex()),
+        ("state", _status_line(r)),
+        ("proposer", f"{r.name(p.proposer_id)} ({fingerprint(p.proposer_id, 16)})"),
+        ("reason", p.message.reason or "(none given)"),
+        ("created", iso(p.created_at)),
+        ("expires", f"{iso(p.expires_at)} ({relative(p.expires_at, r.now)})"),
+        (
+            "base",
+            f"version {p.base_version} (state {p.base_state_hash.hex()[:16]}); the verified "
+            f"domain is at version {r.head.version}",
+        ),
+    ]
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{k.ljust(width)}  {v}" for k, v in rows]
+    lines += ["", "changes:"]
+    lines += [f"  {line}" for line in change_lines(p.changes, r.names)]
+    if diff:
+        lines += ["", f"what changes (computed here from verified version {p.base_version}):"]
+        if r.diff is not None:
+            lines += [f"  {line}" for line in diff_lines(r.diff)]
+        else:
+            lines.append(f"  {r.diff_error}")
+    lines += [
+        "",
+        f"approvals: {len(r.approved_by)} of {r.threshold}"
+        + (f", {r.needed} more needed" if r.needed else ""),
+    ]
+    approved = ", ".join(r.name(i) for i in r.approved_by) or "nobody yet"
+    lines.append(f"  approved by      {approved}")
+    if r.pending:
+        lines.append(
+            f"  can approve      {', '.join(r.name(i) for i in r.can_approve) or 'nobody'}"
+        )
+    if r.result is not None and r.result.rejected:
+        ignored = ", ".join(f"{r.name(i)} ({why})" for i, why in r.result.rejected)
+        lines.append(f"  not counted      {ignored}")
+    return lines
+
+
+def summary_json(r: Review) -> dict[str, Any]:
+    """One proposal in `proposals list --json` (and the head of `proposals show --json`)."""
+    p = r.proposal
+    return {
+        "proposal_id": p.id.hex(),
+        "state": r.state,
+        "detail": r.detail,
+        "coordinator_state": r.coordinator_state,
+        "domain_id": p.domain_id,
+        "base_version": p.base_version,
+        "base_state_hash": p.base_state_hash.hex(),
+        "proposer_id": p.proposer_id,
+        "proposer": r.names.get(p.proposer_id),
+        "reason": p.message.reason,
+        "created_at": iso(p.created_at),
+        "expires_at": iso(p.expires_at),
+        "expires_in_seconds": p.expires_at - r.now,
+        "changes": change_json(p.changes, r.names),
+        "threshold": r.threshold,
+        "approvals": len(r.approved_by),
+        "approved_by": [{"operator_id": i, "name": r.names.get(i)} for i in r.approved_by],
+        "can_approve": [{"operator_id": i, "name": r.names.get(i)} for i in r.can_approve],
+        "needed": r.needed,
+        "applied_version": r.applied_version,
+    }
+
+
+def review_json(r: Review) -> dict[str, Any]:
+    """`proposals show --json`: the summary plus the diff computed here."""
+    document = summary_json(r)
+    document["head_version"] = r.head.version
+    document["diff"] = diff_json(r.diff) if r.diff is not None else None
+    document["diff_error"] = r.diff_error or None
+    document["not_counted"] = (
+        [{"operator_id": i, "reason": why} for i, why in r.result.rejected]
+        if r.result is not None
+        else []
+    )
+    return document

@@ -1,0 +1,260 @@
+"""`hsm-operator approve ID`, `cancel ID` and `approvals submit FILE`, with `--wait`.
+
+Invariants kept here:
+- an approval is signed only for a proposal whose bytes hash to its id, that is pending for
+  the head verified from the operator's trust anchor, not expired, after the operator saw the
+  diff computed here and said yes (or gave --yes), and only by a current operator who has not
+  approved it yet (each refusal is one line: stale, expired, already approved by you, you are
+  not an operator of this domain, wrong PIN, token not found);
+- an approval file is checked here (signature under a current operator's key) before it is
+  relayed, so a broken one is refused with a reason rather than by the coordinator;
+- `--wait` returns 0 only once the change is applied everywhere (see `wait_applied`), and
+  gives up with status 1 after --timeout.
+
+"Applied everywhere" means, as far as an operator can observe without a TLS client
+certificate: the coordinator reports the proposal applied as version V; this tool fetched
+state V and verified it from its trust anchor; and every host of state V is registered with the
+coordinator, which pushes each stored state to every registered member (HSAs also pull it
+every few seconds). An HSA's own version is shown only to CA-certified callers
+(`HsaAdmin.GetStatus`); `hsm-domain status DIR` shows it for a local domain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import time
+from typing import Any, Final, TextIO
+
+from domain_core import quorum
+from domain_core.client import ProposalView
+from domain_core.errors import BadSignatureError, UnavailableError, UnknownSignerError
+from domain_core.pb import domain_pb2
+from operator_tool._review import Review, review_lines, summary_json
+from operator_tool._signing import add_yes_option, confirm, human_stream, operator_token
+from operator_tool._where import Connection, add_domain_options, connect
+from operator_tool.cli import CommandContext, Subparsers, add_command, add_group
+from operator_tool.offline import read_approval_file
+from operator_tool.proposal_commands import submitted_text
+
+__all__ = ["register", "wait_applied"]
+
+DEFAULT_WAIT_SECONDS: Final = 60.0
+_POLL_SECONDS: Final = 0.25
+_FRAMES: Final = "|/-\\"
+
+
+class _Progress:
+    """A spinner on a terminal; otherwise one line per change of what is being waited for."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._tty = stream.isatty()
+        self._frames = itertools.cycle(_FRAMES)
+        self._last = ""
+
+    def update(self, text: str) -> None:
+        if self._tty:
+            self._stream.write(f"\r{next(self._frames)} {text}\x1b[K")
+        elif text != self._last:
+            self._stream.write(f"waiting: {text}\n")
+        self._last = text
+        self._stream.flush()
+
+    def done(self) -> None:
+        if self._tty and self._last:
+            self._stream.write("\r\x1b[K")
+            self._stream.flush()
+
+
+def wait_applied(
+    ctx: CommandContext, conn: Connection, proposal_id: bytes, timeout: float
+) -> dict[str, Any]:
+    """Poll until the proposal is applied everywhere (module docstring); its facts as JSON."""
+    deadline = time.monotonic() + timeout
+    progress = _Progress(ctx.stderr)
+    try:
+        while True:
+            r = conn.review(conn.client.get_proposal(proposal_id))
+            if r.state == "applied":
+                state = conn.verified().states[r.applied_version]
+                members = [h.host_id for h in state.manifest.message.hosts]
+                registered = {e.host_id for e in conn.client.list_hsas()}
+                missing = [m for m in members if m not in registered]
+                if not missing:
+                    return {
+                        "applied_version": r.applied_version,
+                        "state_hash": state.hash.hex(),
+                        "hosts": members,
+                    }
+                text = (
+                    f"version {r.applied_version} verified; waiting for "
+                    f"{', '.join(missing)} to register with the coordinator"
+                )
+            elif r.pending:
+                text = (
+                    f"{len(r.approved_by)} of {r.threshold} approvals; waiting for {r.needed} more"
+                    if r.needed
+                    else "quorum reached; waiting for an HSA to apply it"
+                )
+            else:
+                r.require_pending()
+                text = r.state
+            if time.monotonic() >= deadline:
+                raise UnavailableError(f"gave up waiting after {timeout:g} s: {text}")
+            progress.update(text)
+            time.sleep(_POLL_SECONDS)
+    finally:
+        progress.done()
+
+
+def _finish(ctx: CommandContext, conn: Connection, view: ProposalView) -> int:
+    """Report a submission, and with --wait wait until the change is applied everywhere."""
+    r = conn.review(view)
+    document = summary_json(r)
+    text = submitted_text(r)
+    if ctx.args.wait:
+        if not ctx.json:
+            ctx.stdout.write(text + "\n")
+            ctx.stdout.flush()
+        applied = wait_applied(ctx, conn, r.proposal_id, ctx.args.timeout)
+        document = summary_json(conn.review(conn.client.get_proposal(r.proposal_id)))
+        document["applied_everywhere"] = applied
+        text = (
+            f"applied everywhere: version {applied['applied_version']} is verified and every "
+            f"host of it ({', '.join(applied['hosts'])}) is registered with the coordinator"
+        )
+    ctx.emit(document, text)
+    return 0
+
+
+def _show_and_confirm(ctx: CommandContext, r: Review, question: str) -> None:
+    if not ctx.json or not ctx.args.yes:
+        out = human_stream(ctx)
+        out.write("\n".join(review_lines(r)) + "\n")
+        out.flush()
+    confirm(ctx, question)
+
+
+def _approve(ctx: CommandContext) -> int:
+    with connect(ctx) as conn:
+        r = conn.review(conn.proposal(ctx.args.id))
+        r.require_pending()
+        _show_and_confirm(ctx, r, f"Approve proposal {r.proposal_id.hex()[:16]} with your token?")
+        with operator_token(ctx) as signer:
+            r.require_can_sign(signer.public_key.key_id)
+            approval = quorum.approve(r.proposal, signer)
+        return _finish(ctx, conn, conn.client.submit_approval(approval))
+
+
+def _cancel(ctx: CommandContext) -> int:
+    with connect(ctx) as conn:
+        r = conn.review(conn.proposal(ctx.args.id))
+        r.require_pending()
+        _show_and_confirm(ctx, r, f"Cancel proposal {r.proposal_id.hex()[:16]}?")
+        head = conn.verified().head
+        with operator_token(ctx) as signer:
+            operator_id = signer.public_key.key_id
+            if operator_id not in head.manifest.operators_by_id:
+                raise UnknownSignerError(
+                    f"you are not an operator of this domain (operator id {operator_id[:16]}... "
+                    f"is not in version {head.version})"
+                )
+            view = conn.client.cancel(r.proposal_id, signer)
+        result = conn.review(view)
+    ctx.emit(
+        summary_json(result),
+        f"proposal {result.proposal_id.hex()[:16]} {result.state}: {result.detail}",
+    )
+    return 0
+
+
+def _submit(ctx: CommandContext) -> int:
+    approval: domain_pb2.Approval = read_approval_file(ctx.args.file)
+    with connect(ctx) as conn:
+        r = conn.review(conn.client.get_proposal(approval.proposal_id))
+        r.require_pending()
+        r.require_can_sign(approval.operator_id)
+        key = r.voters.operator_keys[approval.operator_id]
+        try:
+            quorum.verify_approval_signature(approval, r.proposal_id, key)
+        except BadSignatureError:
+            raise BadSignatureError(
+                f"the approval in {ctx.args.file} does not verify under the key of operator "
+                f"{r.name(approval.operator_id)}: it was altered or signed another proposal"
+            ) from None
+        return _finish(ctx, conn, conn.client.submit_approval(approval))
+
+
+def _wait_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--wait",
+        action="store_true",
+        help="wait until the change is applied everywhere (a spinner on a terminal)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_WAIT_SECONDS,
+        metavar="SECONDS",
+        help=f"give up waiting after this long (default {DEFAULT_WAIT_SECONDS:g})",
+    )
+
+
+_WAIT_NOTES = """
+    --wait: "applied everywhere" means the coordinator reports the proposal applied as
+    version V, this tool verified state V from your trust anchor, and every host of V is
+    registered with the coordinator (which pushes V to each of them).
+    """
+
+
+def register(subparsers: Subparsers) -> None:
+    """Add `approve`, `cancel` and `approvals submit` to the `hsm-operator` parser."""
+    parser = add_command(
+        subparsers,
+        "approve",
+        _approve,
+        help="review a proposal and approve it with your token",
+        description="Show what the proposal changes (computed here from the verified state), "
+        "ask for confirmation unless --yes, sign it with your token and submit the approval.",
+        example="hsm-operator approve 3f2a9c1e --cluster hsm-cluster --token bob.token --wait",
+        notes=_WAIT_NOTES,
+    )
+    parser.add_argument("id", metavar="ID", help="proposal id (or 6+ leading hex digits)")
+    add_yes_option(parser, "approve")
+    _wait_options(parser)
+    add_domain_options(parser)
+
+    parser = add_command(
+        subparsers,
+        "cancel",
+        _cancel,
+        help="cancel a pending proposal (any current operator may)",
+        description="Cancel a pending proposal: your token signs the cancel message.",
+        example="hsm-operator cancel 3f2a9c1e --cluster hsm-cluster --token alice.token --yes",
+    )
+    parser.add_argument("id", metavar="ID", help="proposal id (or 6+ leading hex digits)")
+    add_yes_option(parser, "cancel")
+    add_domain_options(parser)
+
+    approvals = add_group(
+        subparsers,
+        "approvals",
+        help="submit an approval signed offline",
+        description="Relay approvals made with `sign-offline` on an air-gapped machine.",
+        example="hsm-operator approvals submit approval.json --cluster hsm-cluster",
+    )
+    parser = add_command(
+        approvals,
+        "submit",
+        _submit,
+        help="check an approval file and submit it to the coordinator",
+        description="Check an approval file from `sign-offline` (its signature under a current "
+        "operator's key, for a pending proposal of the verified head) and submit it. Needs no "
+        "token: the signature was made offline.",
+        example="hsm-operator approvals submit approval.json --cluster hsm-cluster --wait",
+        notes=_WAIT_NOTES,
+    )
+    parser.add_argument("file", metavar="APPROVAL", help="the approval file sign-offline wrote")
+    _wait_options(parser)
+    add_domain_options(parser)

@@ -1,0 +1,422 @@
+"""The real `hsm-operator` executable against a real local domain (coordinator + 3 HSAs).
+
+A full ceremony with three operators on file tokens and a fourth on a SoftHSM2 token; the
+offline signing path; every one-line refusal with its exit status; the --json documents the
+README lists. Each test gets its own cluster from the `local_cluster` fixture (every process is
+killed at teardown, and the logs are printed when a test fails).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support.cluster import LocalCluster
+
+from operator_tool.cli import build_parser, main
+
+pytestmark = pytest.mark.cluster
+
+HSM_OPERATOR = Path(sys.executable).parent / "hsm-operator"
+DAVE_PIN = "2468"
+SO_PIN = "13572468"
+
+# The --json fields documented in README.md ("Operators").
+PROPOSAL_FIELDS = {
+    "proposal_id", "state", "detail", "coordinator_state", "domain_id", "base_version",
+    "base_state_hash", "proposer_id", "proposer", "reason", "created_at", "expires_at",
+    "expires_in_seconds", "changes", "threshold", "approvals", "approved_by", "can_approve",
+    "needed", "applied_version",
+}  # fmt: skip
+SHOW_FIELDS = PROPOSAL_FIELDS | {"head_version", "diff", "diff_error", "not_counted"}
+DIFF_FIELDS = {"hosts", "operators", "quorum", "settings", "key_generation"}
+LIST_FIELDS = {"domain_id", "version", "state_hash", "proposals"}
+STATUS_FIELDS = {
+    "domain_id", "version", "state_hash", "created_at", "verified_from", "hosts",
+    "other_registered_hsas", "operators", "quorum", "settings", "key_generation", "coordinator",
+}  # fmt: skip
+
+
+@dataclass
+class Operators:
+    """Runs `hsm-operator` against one cluster, as its operators would."""
+
+    cluster: LocalCluster
+    workdir: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+    def run(
+        self, *args: str, env: Mapping[str, str] | None = None, cluster: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        base = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("HSM_TOKEN", "HSM_PKCS11", "HSM_CLUSTER", "HSM_COORDINATOR"))
+        }
+        if cluster:
+            base["HSM_CLUSTER"] = str(self.cluster.directory)
+        return subprocess.run(
+            [str(HSM_OPERATOR), *args],
+            env={**base, **self.env, **(env or {})},
+            cwd=self.workdir,
+            stdin=subprocess.DEVNULL,  # no terminal: nothing may be prompted for
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    def ok(self, *args: str, **kwargs: Any) -> str:
+        result = self.run(*args, **kwargs)
+        assert result.returncode == 0, f"{args}: {result.stderr}"
+        return result.stdout
+
+    def json(self, *args: str, **kwargs: Any) -> dict[str, Any]:
+        document: dict[str, Any] = json.loads(self.ok(*args, "--json", **kwargs))
+        return document
+
+    def refused(self, *args: str, status: int = 1, **kwargs: Any) -> str:
+        """Run a command that must fail with `status`; return its one-line cause."""
+        result = self.run(*args, **kwargs)
+        assert result.returncode == status, (result.returncode, result.stdout, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert lines, result
+        if status == 1:
+            assert len(lines) == 1, lines
+            assert lines[0].startswith("hsm-operator: error: ")
+        return lines[-1]
+
+    def token(self, name: str) -> tuple[str, ...]:
+        token, passphrase = self.cluster.layout.operator_tokens[name]
+        return ("--token", str(token), "--passphrase-file", str(passphrase))
+
+    def propose(self, name: str, *args: str) -> dict[str, Any]:
+        return self.json("propose", *args, *self.token(name), "--yes")
+
+    def status(self) -> dict[str, Any]:
+        return self.json("domain", "status")
+
+
+@pytest.fixture
+def ops(local_cluster: Any, tmp_path: Path) -> Operators:
+    if not HSM_OPERATOR.is_file():
+        pytest.fail(f"{HSM_OPERATOR} is missing: run `pip install -e '.[test]'`")
+    cluster: LocalCluster = local_cluster(nodes=3, operators=3, quorum=2)
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    return Operators(cluster, workdir)
+
+
+def _names(entries: list[dict[str, Any]]) -> list[str]:
+    return [e["name"] for e in entries]
+
+
+# --- the ceremony ----------------------------------------------------------------------------
+
+
+@pytest.mark.pkcs11
+def test_ceremony_with_file_tokens_and_a_softhsm2_token(
+    ops: Operators, softhsm2_util_bin: str, softhsm2_module: str, tmp_path: Path
+) -> None:
+    # dave's hardware token: SoftHSM2 in a private token directory.
+    tokens = tmp_path / "softhsm" / "tokens"
+    tokens.mkdir(parents=True)
+    conf = tmp_path / "softhsm" / "softhsm2.conf"
+    conf.write_text(
+        f"directories.tokendir = {tokens}\nobjectstore.backend = file\nlog.level = ERROR\n"
+    )
+    ops.env["SOFTHSM2_CONF"] = str(conf)
+    subprocess.run(
+        [softhsm2_util_bin, "--init-token", "--free", "--label", "dave",
+         "--so-pin", SO_PIN, "--pin", DAVE_PIN],
+        env={**os.environ, "SOFTHSM2_CONF": str(conf)}, check=True, capture_output=True,
+        timeout=60,
+    )  # fmt: skip
+    pin = ops.workdir / "dave.pin"
+    pin.write_text(DAVE_PIN + "\n")
+    pin.chmod(0o600)
+    created = ops.json(
+        "token", "init", "--pkcs11", "--module", softhsm2_module, "--token-label", "dave",
+        "--key-label", "operator", "--algorithm", "ecdsa-p256", "--pin-file", str(pin),
+        cluster=False,
+    )  # fmt: skip
+    dave = ("--token", str(created["token"]), "--pin-file", str(pin))
+    ops.ok("token", "export-public", *dave, "--name", "dave", "--out", "dave.pub.json")
+
+    # alice proposes adding dave; her signature is the first approval.
+    proposed = ops.propose(
+        "alice", "add-operator", "--public-key", "dave.pub.json", "--reason", "dave joins"
+    )
+    assert set(proposed) >= PROPOSAL_FIELDS
+    assert proposed["state"] == "pending"
+    assert (proposed["approvals"], proposed["threshold"], proposed["needed"]) == (1, 2, 1)
+    assert _names(proposed["approved_by"]) == ["alice"]
+    assert _names(proposed["can_approve"]) == ["bob", "carol"]
+    assert proposed["changes"][0]["type"] == "add-operator"
+    first = proposed["proposal_id"]
+
+    # bob reviews and approves; --wait returns once the change is applied everywhere.
+    out = ops.ok("approve", first[:12], *ops.token("bob"), "--yes", "--wait")
+    assert "operators: 3 -> 4" in out
+    assert "+ dave" in out
+    assert "applied everywhere: version 2" in out
+    status = ops.status()
+    assert status["version"] == 2
+    assert _names(status["operators"]) == ["alice", "bob", "carol", "dave"]
+    assert status["operators"][3] == {
+        "operator_id": created["operator_id"], "name": "dave", "algorithm": "ecdsa-p256",
+    }  # fmt: skip
+
+    # A proposal approved with dave's PKCS#11 token.
+    rotate = ops.propose("alice", "rotate-domain-key", "--reason", "routine")["proposal_id"]
+    wrong_pin = ops.workdir / "wrong.pin"
+    wrong_pin.write_text("0000\n")
+    cause = ops.refused(
+        "approve", rotate, "--token", str(created["token"]), "--pin-file", str(wrong_pin), "--yes"
+    )
+    assert cause == "hsm-operator: error: wrong PIN for token dave"
+    absent = str(created["token"]).replace("token=dave", "token=nobody")
+    cause = ops.refused("approve", rotate, "--token", absent, "--pin-file", str(pin), "--yes")
+    assert cause.startswith("hsm-operator: error: token not found: no token labelled 'nobody'")
+    approved = ops.json("approve", rotate, *dave, "--yes", "--wait")
+    assert approved["state"] == "applied"
+    assert _names(approved["approved_by"]) == ["alice", "dave"]
+    assert approved["applied_everywhere"]["applied_version"] == 3
+    assert approved["applied_everywhere"]["hosts"] == ["hsa-1", "hsa-2", "hsa-3"]
+    assert ops.status()["key_generation"]["current"] == 2
+
+    # set-quorum 3, approved by carol.
+    quorum = ops.propose("alice", "set-quorum", "3")["proposal_id"]
+    shown = ops.json("proposals", "show", quorum)
+    assert shown["diff"]["quorum"]["before"]["threshold"] == 2
+    assert shown["diff"]["quorum"]["after"]["threshold"] == 3
+    ops.ok("approve", quorum, *ops.token("carol"), "--yes", "--wait")
+    assert ops.status()["quorum"] == {"threshold": 3, "per_change_type": {}, "operators": 4}
+
+    # remove-operator carol (by name): now three approvals are needed.
+    removal = ops.propose("alice", "remove-operator", "carol")
+    assert (removal["threshold"], removal["needed"]) == (3, 2)
+    ops.ok("approve", removal["proposal_id"], *ops.token("bob"), "--yes")
+    done = ops.json("approve", removal["proposal_id"], *dave, "--yes", "--wait")
+    assert done["state"] == "applied"
+    status = ops.status()
+    assert status["version"] == 5
+    assert _names(status["operators"]) == ["alice", "bob", "dave"]
+    # carol is not an operator any more.
+    late = ops.propose("alice", "rotate-domain-key")["proposal_id"]
+    cause = ops.refused("approve", late, *ops.token("carol"), "--yes")
+    assert "you are not an operator of this domain" in cause
+
+
+# --- offline signing -----------------------------------------------------------------------
+
+
+def test_offline_signing(ops: Operators) -> None:
+    ops.ok("domain", "export-state", "--out", "v1.state")
+    node = ops.cluster.add_node()  # hsa-4: started, not yet a member
+    enrollment = ops.cluster.layout.node_dir(node.host_id) / "enrollment.bin"
+    proposal = ops.propose("alice", "add-host", "--enrollment", str(enrollment))
+    pid = proposal["proposal_id"]
+    ops.ok("proposals", "export", pid, "--out", "proposal.json")
+    export = json.loads((ops.workdir / "proposal.json").read_text())
+    assert export["format"] == "hsm-domain-proposal-export"
+    assert (export["proposal_id"], export["base_version"]) == (pid, 1)
+
+    # On the "offline machine": no --cluster, no coordinator; bob brings his state file.
+    out = ops.ok(
+        "sign-offline", "proposal.json", "--state", "v1.state", "--out", "approval.json",
+        *ops.token("bob"), "--yes", cluster=False,
+    )  # fmt: skip
+    assert "hosts: 3 -> 4" in out
+    assert f"+ {node.host_id}" in out
+    approval = json.loads((ops.workdir / "approval.json").read_text())
+    assert set(approval) == {"format", "version", "proposal_id", "operator_id", "signature"}
+    assert approval["proposal_id"] == pid
+
+    # Refusals offline: altered bytes, another manifest in the export, a state of another
+    # version, and a second signature by the same operator.
+    altered = dict(export)
+    raw = bytearray(base64.b64decode(export["proposal"]))
+    raw[-1] ^= 1
+    altered["proposal"] = base64.b64encode(bytes(raw)).decode()
+    (ops.workdir / "altered.json").write_text(json.dumps(altered))
+    cause = ops.refused(
+        "sign-offline", "altered.json", "--state", "v1.state", "--out", "x.json",
+        *ops.token("carol"), "--yes", cluster=False,
+    )  # fmt: skip
+    assert "do not hash to the proposal id" in cause
+
+    ops.ok("approvals", "submit", "approval.json", "--wait")
+    assert [h["host_id"] for h in ops.status()["hosts"]] == ["hsa-1", "hsa-2", "hsa-3", "hsa-4"]
+    cause = ops.refused("approvals", "submit", "approval.json")
+    assert "the proposal was applied as version 2" in cause
+
+    # A proposal for version 2 against bob's old state (version 1).
+    ops.ok("domain", "export-state", "--out", "v2.state")
+    second = ops.propose("alice", "set-quorum", "3")["proposal_id"]
+    ops.ok("proposals", "export", second, "--out", "second.json")
+    cause = ops.refused(
+        "sign-offline", "second.json", "--state", "v1.state", "--out", "x.json",
+        *ops.token("bob"), "--yes", cluster=False,
+    )  # fmt: skip
+    assert cause == (
+        "hsm-operator: error: your state file is at version 1, this proposal is for 2: export "
+        "your state again (`hsm-operator domain export-state`) on a connected machine"
+    )
+    swapped = json.loads((ops.workdir / "second.json").read_text())
+    swapped["base_manifest"] = export["base_manifest"]  # version 1's manifest
+    (ops.workdir / "swapped.json").write_text(json.dumps(swapped))
+    result = ops.run(
+        "sign-offline", "swapped.json", "--state", "v2.state", "--out", "x.json",
+        *ops.token("bob"), "--yes", cluster=False,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.startswith("WARNING: the base manifest in the export file differs")
+    assert "refusing to sign" in result.stderr
+    assert not (ops.workdir / "x.json").exists()
+    cause = ops.refused(
+        "sign-offline", "second.json", "--state", "v2.state", "--out", "x.json",
+        *ops.token("alice"), "--yes", cluster=False,
+    )  # fmt: skip
+    assert "already approved by you (operator alice)" in cause
+
+
+# --- every refusal, one line each ----------------------------------------------------------
+
+
+def test_refusals_and_exit_statuses(ops: Operators) -> None:
+    # Stale: P1 is made for version 1, then another change is applied.
+    first = ops.propose("alice", "rotate-domain-key")["proposal_id"]
+    other = ops.propose("alice", "set-quorum", "1")["proposal_id"]
+    ops.ok("approve", other, *ops.token("bob"), "--yes", "--wait")
+    cause = ops.refused("approve", first, *ops.token("bob"), "--yes")
+    assert (
+        cause
+        == "hsm-operator: error: domain is at version 2, this proposal is for 1: propose again"
+    )
+
+    # Quorum is 1 now: set it back to 2 (applies at once, with the proposer's approval).
+    assert ops.propose("alice", "set-quorum", "2")["state"] == "applied"
+
+    # Expired.
+    short = ops.propose("alice", "rotate-domain-key", "--expires-in", "2s")["proposal_id"]
+    time.sleep(2.2)
+    cause = ops.refused("approve", short, *ops.token("bob"), "--yes")
+    assert cause.startswith("hsm-operator: error: the proposal expired at ")
+    assert cause.endswith(": propose again")
+
+    pending = ops.propose("alice", "rotate-domain-key")["proposal_id"]
+    # Already approved by you.
+    cause = ops.refused("approve", pending, *ops.token("alice"), "--yes")
+    assert cause == (
+        "hsm-operator: error: already approved by you (operator alice); one approval per "
+        "operator counts"
+    )
+    # Not an operator: a fresh token.
+    passphrase = ops.workdir / "mallory.pass"
+    passphrase.write_text("mallory's passphrase\n")
+    passphrase.chmod(0o600)
+    fresh = ("--token", "mallory.token", "--passphrase-file", str(passphrase))
+    ops.ok("token", "init", "--out", "mallory.token", "--name", "mallory",
+           "--passphrase-file", str(passphrase), cluster=False)  # fmt: skip
+    cause = ops.refused("approve", pending, *fresh, "--yes")
+    assert cause.startswith("hsm-operator: error: you are not an operator of this domain")
+    cause = ops.refused("propose", "rotate-domain-key", *fresh, "--yes")
+    assert cause.startswith("hsm-operator: error: you are not an operator of this domain")
+    # Wrong passphrase, token not found.
+    bob_token = str(ops.cluster.layout.operator_tokens["bob"][0])
+    cause = ops.refused(
+        "approve", pending, "--token", bob_token, "--passphrase-file", str(passphrase), "--yes"
+    )
+    assert cause.startswith("hsm-operator: error: wrong passphrase: ")
+    cause = ops.refused("approve", pending, "--token", "absent.token", "--yes")
+    assert cause.startswith("hsm-operator: error: token not found: no token file at absent.token")
+    # An impossible change is refused before anything is signed.
+    cause = ops.refused("propose", "remove-host", "hsa-9", *ops.token("alice"), "--yes")
+    assert "hsa-9 is not in the domain" in cause
+
+    # Cancel, then approving is refused.
+    ops.ok("cancel", pending, *ops.token("carol"), "--yes")
+    cause = ops.refused("approve", pending, *ops.token("bob"), "--yes")
+    assert cause == "hsm-operator: error: the proposal was cancelled by operator carol"
+
+    # Usage errors: exit 2.
+    last = ops.propose("alice", "rotate-domain-key")["proposal_id"]
+    cause = ops.refused("approve", last, *ops.token("bob"), status=2)  # no --yes, no terminal
+    assert "not confirmed" in cause
+    ops.refused("approve", status=2)
+    ops.refused("proposals", "list", status=2, cluster=False)  # where is the domain?
+    ops.refused("propose", "set-quorum", "two", status=2)
+    assert "no proposal id starts with" in ops.refused("proposals", "show", "abcdef12")
+
+
+# --- --json documents ------------------------------------------------------------------------
+
+
+def test_json_of_read_commands(ops: Operators) -> None:
+    empty = ops.json("proposals", "list")
+    assert set(empty) == LIST_FIELDS
+    assert empty["proposals"] == []
+    proposal = ops.propose("alice", "set-quorum", "3", "--for", "add-host", "--reason", "safer")
+    listed = ops.json("proposals", "list")
+    assert set(listed) == LIST_FIELDS
+    (entry,) = listed["proposals"]
+    assert set(entry) == PROPOSAL_FIELDS
+    assert entry["proposal_id"] == proposal["proposal_id"]
+    assert (entry["state"], entry["reason"], entry["proposer"]) == ("pending", "safer", "alice")
+
+    shown = ops.json("proposals", "show", proposal["proposal_id"][:8])
+    assert set(shown) == SHOW_FIELDS
+    assert set(shown["diff"]) == DIFF_FIELDS
+    assert shown["diff"]["quorum"]["after"]["per_change_type"] == {"add-host": 3}
+    assert shown["diff"]["quorum"]["changed"] is True
+    assert shown["diff"]["hosts"]["added"] == shown["diff"]["hosts"]["removed"] == []
+    assert shown["head_version"] == 1
+    text = ops.ok("proposals", "show", proposal["proposal_id"])
+    assert "  + add-host: 3 of 3 operators" in text
+    assert "can approve      bob, carol" in text
+
+    status = ops.status()
+    assert set(status) == STATUS_FIELDS
+    assert status["coordinator"]["agrees"] is True
+    assert status["coordinator"]["pending_proposals"] == 1
+    assert all(h["registered"] for h in status["hosts"])
+    assert status["verified_from"].startswith("the pinned genesis")
+    # The same, verified from an exported state instead of the genesis (another domain's way).
+    ops.ok("domain", "export-state", "--out", "pin.state")
+    again = ops.json(
+        "domain", "status", "--coordinator", ops.cluster.coordinator_operator_address,
+        "--ca", str(ops.cluster.layout.ca_cert), "--state", "pin.state", cluster=False,
+    )  # fmt: skip
+    assert again["state_hash"] == status["state_hash"]
+    assert again["verified_from"].startswith("your state file pin.state")
+
+
+def test_every_command_has_help_with_an_example(capsys: pytest.CaptureFixture[str]) -> None:
+    parser = build_parser()
+    commands: list[list[str]] = []
+
+    def walk(p: Any, prefix: list[str]) -> None:
+        for action in p._actions:
+            if action.__class__.__name__ == "_SubParsersAction":
+                for name, sub in action.choices.items():
+                    walk(sub, [*prefix, name])
+                return
+        commands.append(prefix)
+
+    walk(parser, [])
+    assert ["approve"] in commands
+    assert ["sign-offline"] in commands
+    for command in commands:
+        assert main([*command, "--help"]) == 0
+        out = capsys.readouterr().out
+        assert "Example:\n  hsm-operator " in out, command

@@ -1,0 +1,581 @@
+"""The operator's diff renderer and proposal review, table-driven (no processes, no network).
+
+`_render` turns two manifests into the before/after text and JSON that `proposals show`,
+`approve` and `sign-offline` print; `_review` judges a proposal against verified states; the
+offline export and approval files refuse what was altered.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from support.simulator import SimulatedDomain, new_operator
+
+from domain_core import quorum
+from domain_core.errors import (
+    AlreadyExistsError,
+    FailedPreconditionError,
+    HsmDomainError,
+    InvalidInputError,
+    MalformedMessageError,
+    ProposalExpiredError,
+    StaleProposalError,
+    UnknownSignerError,
+)
+from domain_core.model import SealedState, default_settings
+from domain_core.pb import domain_pb2
+from operator_tool._render import (
+    change_json,
+    change_lines,
+    change_short,
+    diff_json,
+    diff_lines,
+    format_duration,
+    manifest_diff,
+    relative,
+    table,
+)
+from operator_tool._review import review, review_json, review_lines
+from operator_tool._signing import parse_duration
+from operator_tool.offline import (
+    approval_document,
+    export_document,
+    read_approval_file,
+    read_export_file,
+    write_document,
+)
+
+pytestmark = pytest.mark.unit
+
+ED = domain_pb2.SIGNATURE_ALGORITHM_ED25519
+P256 = domain_pb2.SIGNATURE_ALGORITHM_ECDSA_P256
+
+
+# --- hand-made manifests (the renderer reads fields only, so fixed fake keys are fine) -------
+
+
+def _host(host_id: str, seed: int) -> domain_pb2.Host:
+    return domain_pb2.Host(
+        host_id=host_id,
+        signing_public_key=bytes([seed]) * 44,
+        agreement_public_key=bytes([seed]) * 32,
+        tls_certificate_fingerprint=bytes([seed]) * 32,
+        spiffe_id=f"spiffe://t/hsa/{host_id}",
+    )
+
+
+def _key(seed: int) -> str:
+    return hashlib.sha256(bytes([seed]) * 44).hexdigest()[:16]
+
+
+def _tls(seed: int) -> str:
+    return (bytes([seed]) * 32).hex()[:16]
+
+
+def _op(
+    name: str, digit: str, algorithm: domain_pb2.SignatureAlgorithm = ED
+) -> domain_pb2.Operator:
+    return domain_pb2.Operator(operator_id=digit * 64, name=name, algorithm=algorithm)
+
+
+def _manifest(
+    hosts: list[domain_pb2.Host],
+    operators: list[domain_pb2.Operator],
+    threshold: int,
+    per_type: dict[int, int] | None = None,
+    generation: int = 1,
+    settings: domain_pb2.DomainSettings | None = None,
+) -> domain_pb2.Manifest:
+    return domain_pb2.Manifest(
+        domain_id="t",
+        version=1,
+        hosts=hosts,
+        operators=operators,
+        quorum=domain_pb2.QuorumPolicy(
+            threshold=threshold,
+            change_thresholds=[
+                domain_pb2.ChangeThreshold(change_type=k, threshold=v)
+                for k, v in sorted((per_type or {}).items())
+            ],
+        ),
+        settings=settings or default_settings(),
+        key_generations=[domain_pb2.KeyGeneration(generation=g) for g in range(1, generation + 1)],
+    )
+
+
+H1, H2, H3 = _host("hsa-1", 1), _host("hsa-2", 2), _host("hsa-3", 3)
+ALICE, BOB, CAROL = _op("alice", "a"), _op("bob", "b"), _op("carol", "c", P256)
+BASE = _manifest([H1, H2], [ALICE, BOB, CAROL], 2)
+
+HOSTS_UNCHANGED = [
+    "hosts: 2, unchanged",
+    f"    hsa-1  tls {_tls(1)}  key {_key(1)}",
+    f"    hsa-2  tls {_tls(2)}  key {_key(2)}",
+]
+OPERATORS_UNCHANGED = [
+    "operators: 3, unchanged",
+    "    alice  aaaa aaaa aaaa aaaa  ed25519",
+    "    bob    bbbb bbbb bbbb bbbb  ed25519",
+    "    carol  cccc cccc cccc cccc  ecdsa-p256",
+]
+QUORUM_UNCHANGED = ["quorum: unchanged", "    default: 2 of 3 operators"]
+TAIL_UNCHANGED = ["settings: unchanged", "domain key: generation 1, unchanged"]
+
+
+@dataclass(frozen=True)
+class DiffCase:
+    name: str
+    after: domain_pb2.Manifest
+    expected: list[str]
+
+
+def _settings(**values: int) -> domain_pb2.DomainSettings:
+    settings = default_settings()
+    for key, value in values.items():
+        setattr(settings, key, value)
+    return settings
+
+
+DIFF_CASES = [
+    DiffCase(
+        "nothing changes",
+        BASE,
+        HOSTS_UNCHANGED + OPERATORS_UNCHANGED + QUORUM_UNCHANGED + TAIL_UNCHANGED,
+    ),
+    DiffCase(
+        "add an operator: the effective quorum changes with the operator count",
+        _manifest([H1, H2], [ALICE, BOB, CAROL, _op("dave", "d", P256)], 2),
+        [
+            *HOSTS_UNCHANGED,
+            "operators: 3 -> 4",
+            "    alice  aaaa aaaa aaaa aaaa  ed25519",
+            "    bob    bbbb bbbb bbbb bbbb  ed25519",
+            "    carol  cccc cccc cccc cccc  ecdsa-p256",
+            "  + dave   dddd dddd dddd dddd  ecdsa-p256",
+            "quorum:",
+            "  - default: 2 of 3 operators",
+            "  + default: 2 of 4 operators",
+            *TAIL_UNCHANGED,
+        ],
+    ),
+    DiffCase(
+        "remove a host: the domain key rotates",
+        _manifest([H1], [ALICE, BOB, CAROL], 2, generation=2),
+        [
+            "hosts: 2 -> 1",
+            f"    hsa-1  tls {_tls(1)}  key {_key(1)}",
+            f"  - hsa-2  tls {_tls(2)}  key {_key(2)}",
+            *OPERATORS_UNCHANGED,
+            *QUORUM_UNCHANGED,
+            "settings: unchanged",
+            "domain key: generation 1 -> 2 (rotated: new key tokens are sealed under the new "
+            "generation)",
+        ],
+    ),
+    DiffCase(
+        "a host keeps its id but gets another key: shown as removed and added",
+        _manifest([H1, _host("hsa-2", 9)], [ALICE, BOB, CAROL], 2),
+        [
+            "hosts: 2, unchanged (members change)",
+            f"    hsa-1  tls {_tls(1)}  key {_key(1)}",
+            f"  - hsa-2  tls {_tls(2)}  key {_key(2)}",
+            f"  + hsa-2  tls {_tls(9)}  key {_key(9)}",
+            *OPERATORS_UNCHANGED,
+            *QUORUM_UNCHANGED,
+            *TAIL_UNCHANGED,
+        ],
+    ),
+    DiffCase(
+        "a per-change-type threshold",
+        _manifest([H1, H2], [ALICE, BOB, CAROL], 2, {domain_pb2.CHANGE_TYPE_ADD_HOST: 3}),
+        HOSTS_UNCHANGED
+        + OPERATORS_UNCHANGED
+        + [
+            "quorum:",
+            "    default: 2 of 3 operators",
+            "  + add-host: 3 of 3 operators",
+        ]
+        + TAIL_UNCHANGED,
+    ),
+    DiffCase(
+        "settings: only the changed values are listed",
+        _manifest([H1, H2], [ALICE, BOB, CAROL], 2, settings=_settings(key_generations_retained=3)),
+        HOSTS_UNCHANGED
+        + OPERATORS_UNCHANGED
+        + QUORUM_UNCHANGED
+        + [
+            "settings:",
+            "  - key generations retained: 7",
+            "  + key generations retained: 3",
+            "domain key: generation 1, unchanged",
+        ],
+    ),
+    DiffCase(
+        "remove an operator, shorten the rotation interval",
+        _manifest(
+            [H1, H2], [ALICE, CAROL], 2, settings=_settings(key_rotation_interval_seconds=3600)
+        ),
+        [
+            *HOSTS_UNCHANGED,
+            "operators: 3 -> 2",
+            "    alice  aaaa aaaa aaaa aaaa  ed25519",
+            "  - bob    bbbb bbbb bbbb bbbb  ed25519",
+            "    carol  cccc cccc cccc cccc  ecdsa-p256",
+            "quorum:",
+            "  - default: 2 of 3 operators",
+            "  + default: 2 of 2 operators",
+            "settings:",
+            "  - key rotation interval: 24 h",
+            "  + key rotation interval: 60 min",
+            "domain key: generation 1, unchanged",
+        ],
+    ),
+]
+
+
+@pytest.mark.parametrize("case", DIFF_CASES, ids=lambda c: c.name)
+def test_diff_lines(case: DiffCase) -> None:
+    assert diff_lines(manifest_diff(BASE, case.after)) == case.expected
+
+
+@pytest.mark.parametrize("case", DIFF_CASES, ids=lambda c: c.name)
+def test_diff_json_holds_the_same_facts(case: DiffCase) -> None:
+    diff = manifest_diff(BASE, case.after)
+    document = diff_json(diff)
+    assert document["hosts"]["added"] == [r.host_id for r in diff.hosts_added]
+    assert document["hosts"]["removed"] == [r.host_id for r in diff.hosts_removed]
+    assert document["operators"]["added"] == [r.operator_id for r in diff.operators_added]
+    assert document["operators"]["removed"] == [r.operator_id for r in diff.operators_removed]
+    assert [h["host_id"] for h in document["hosts"]["after"]] == [
+        h.host_id for h in case.after.hosts
+    ]
+    assert document["quorum"]["after"]["threshold"] == case.after.quorum.threshold
+    assert document["quorum"]["after"]["operators"] == len(case.after.operators)
+    assert document["quorum"]["changed"] == ("quorum:" in case.expected)
+    assert document["settings"]["changed"] == ("settings:" in case.expected)
+    assert document["key_generation"]["rotated"] == diff.rotated
+    assert diff.empty == (case.after is BASE)
+
+
+# --- the changes a proposal carries ---------------------------------------------------------
+
+NAMES = {"a" * 64: "alice", "b" * 64: "bob"}
+CHANGE_CASES: list[tuple[str, domain_pb2.Change, list[str], str]] = [
+    (
+        "add-host",
+        domain_pb2.Change(add_host=domain_pb2.AddHost(host=H3)),
+        ["add-host hsa-3", "  TLS certificate fingerprint " + " ".join(["0303"] * 16)],
+        "add-host hsa-3",
+    ),
+    (
+        "remove-host",
+        domain_pb2.Change(remove_host=domain_pb2.RemoveHost(host_id="hsa-2")),
+        ["remove-host hsa-2 (the domain key rotates with it)"],
+        "remove-host hsa-2",
+    ),
+    (
+        "add-operator",
+        domain_pb2.Change(add_operator=domain_pb2.AddOperator(operator=_op("dave", "d", P256))),
+        [
+            "add-operator dave (ecdsa-p256)",
+            "  fingerprint " + " ".join(["dddd"] * 16) + " (compare it with dave)",
+        ],
+        "add-operator dave",
+    ),
+    (
+        "remove a known operator",
+        domain_pb2.Change(remove_operator=domain_pb2.RemoveOperator(operator_id="b" * 64)),
+        ["remove-operator bob (bbbb bbbb bbbb bbbb)"],
+        "remove-operator bob",
+    ),
+    (
+        "remove an unknown operator",
+        domain_pb2.Change(remove_operator=domain_pb2.RemoveOperator(operator_id="e" * 64)),
+        ["remove-operator unknown operator eeee eeee eeee eeee"],
+        "remove-operator eeeeeeeeeeeeeeee",
+    ),
+    (
+        "default threshold",
+        domain_pb2.Change(set_quorum=domain_pb2.SetQuorum(threshold=3)),
+        ["set-quorum: default threshold 3"],
+        "set-quorum 3",
+    ),
+    (
+        "per-type threshold",
+        domain_pb2.Change(
+            set_quorum=domain_pb2.SetQuorum(
+                threshold=3, change_type=domain_pb2.CHANGE_TYPE_REMOVE_HOST
+            )
+        ),
+        ["set-quorum: remove-host needs 3"],
+        "set-quorum 3 --for remove-host",
+    ),
+    (
+        "per-type threshold removed",
+        domain_pb2.Change(
+            set_quorum=domain_pb2.SetQuorum(
+                threshold=0, change_type=domain_pb2.CHANGE_TYPE_ADD_HOST
+            )
+        ),
+        ["set-quorum: add-host uses the default threshold again"],
+        "set-quorum 0 --for add-host",
+    ),
+    (
+        "settings",
+        domain_pb2.Change(
+            set_settings=domain_pb2.SetSettings(settings=_settings(key_generations_retained=2))
+        ),
+        [
+            "set-settings: key rotation interval: 24 h, key generations retained: 2, "
+            "longest proposal lifetime: 7 d"
+        ],
+        "set-settings",
+    ),
+    (
+        "rotate",
+        domain_pb2.Change(rotate_domain_key=domain_pb2.RotateDomainKey()),
+        ["rotate-domain-key now"],
+        "rotate-domain-key",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("change", "lines", "short"),
+    [c[1:] for c in CHANGE_CASES],
+    ids=[c[0] for c in CHANGE_CASES],
+)
+def test_change_lines(change: domain_pb2.Change, lines: list[str], short: str) -> None:
+    assert change_lines([change], NAMES) == lines
+    assert change_short([change], NAMES) == short
+    (document,) = change_json([change], NAMES)
+    assert document["summary"] == lines[0]
+    assert document["detail"] == (lines[1].strip() if len(lines) > 1 else "")
+
+
+def test_changes_are_listed_in_order() -> None:
+    changes = [c[1] for c in CHANGE_CASES[:3]]
+    assert change_short(changes, NAMES) == "add-host hsa-3, remove-host hsa-2, add-operator dave"
+
+
+# --- small formats ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (0, "0 s"),
+        (45, "45 s"),
+        (119, "119 s"),
+        (120, "2 min"),
+        (3599, "59 min"),
+        (7199, "119 min"),
+        (7200, "2 h"),
+        (7500, "2 h 5 min"),
+        (86400, "24 h"),
+        (172800, "2 d"),
+        (7 * 86400 + 3600, "7 d 1 h"),
+        (-5, "0 s"),
+    ],
+)
+def test_format_duration(seconds: int, text: str) -> None:
+    assert format_duration(seconds) == text
+
+
+@pytest.mark.parametrize(
+    ("at", "now", "text"), [(160, 100, "in 60 s"), (100, 100, "in 0 s"), (88, 100, "12 s ago")]
+)
+def test_relative(at: int, now: int, text: str) -> None:
+    assert relative(at, now) == text
+
+
+def test_table_aligns_columns_without_trailing_blanks() -> None:
+    assert table([["ID", "STATE", "X"], ["abc", "pending", ""], ["a", "s", "long"]], "  ") == [
+        "  ID   STATE    X",
+        "  abc  pending",
+        "  a    s        long",
+    ]
+    assert table([]) == []
+
+
+# --- review: judged against verified states --------------------------------------------------
+
+
+@pytest.fixture
+def sim() -> SimulatedDomain:
+    return SimulatedDomain.create(operators=3, threshold=2)
+
+
+def _states(sim: SimulatedDomain) -> dict[int, SealedState]:
+    return {s.version: s for s in sim.states}
+
+
+def test_review_pending_counts_only_valid_approvals(sim: SimulatedDomain) -> None:
+    dave = new_operator("dave")
+    proposal = sim.propose([sim.add_operator_change(operator=dave.record)])
+    approvals = sim.approve(proposal, [0])
+    # A relayed approval by someone who is not an operator does not count.
+    approvals.append(quorum.approve(proposal, dave.signer))
+    r = review(proposal, approvals, head=sim.head, states=_states(sim), now=sim.now)
+    assert r.state == "pending"
+    assert r.approved_by == (sim.operators[0].operator_id,)
+    assert r.can_approve == (sim.operators[1].operator_id, sim.operators[2].operator_id)
+    assert (r.threshold, r.needed) == (2, 1)
+    assert r.diff is not None
+    assert [o.name for o in r.diff.operators_added] == ["dave"]
+    text = "\n".join(review_lines(r))
+    assert "pending: 1 of 2 approvals, 1 more needed" in text
+    assert "  + dave" in text
+    assert "approved by      op0" in text
+    assert "can approve      op1, op2" in text
+    assert "not counted" in text
+    document = review_json(r)
+    assert document["approvals"] == 1
+    assert document["needed"] == 1
+    assert [a["name"] for a in document["can_approve"]] == ["op1", "op2"]
+    assert document["diff"]["operators"]["added"] == [dave.operator_id]
+    r.require_pending()
+    r.require_can_sign(sim.operators[1].operator_id)
+    with pytest.raises(AlreadyExistsError, match="already approved by you"):
+        r.require_can_sign(sim.operators[0].operator_id)
+    with pytest.raises(UnknownSignerError, match="you are not an operator of this domain"):
+        r.require_can_sign(dave.operator_id)
+
+
+def test_review_applied_stale_expired(sim: SimulatedDomain) -> None:
+    first = sim.propose([sim.rotate_domain_key_change()])
+    second = sim.propose([sim.set_quorum_change(3)])
+    sim.apply(second, sim.approve_quorum(second))
+    states = _states(sim)
+    applied = review(second, [], head=sim.head, states=states, now=sim.now)
+    assert (applied.state, applied.applied_version) == ("applied", 2)
+    assert applied.diff is not None
+    assert applied.diff.quorum_changed
+    with pytest.raises(FailedPreconditionError, match="applied as version 2"):
+        applied.require_pending()
+
+    stale = review(first, [], head=sim.head, states=states, now=sim.now)
+    assert stale.state == "stale"
+    assert stale.can_approve == ()
+    with pytest.raises(
+        StaleProposalError, match=r"^domain is at version 2, this proposal is for 1: propose again$"
+    ):
+        stale.require_pending()
+
+    late = sim.propose([sim.rotate_domain_key_change()], expires_in=60)
+    expired = review(late, [], head=sim.head, states=states, now=sim.now + 61)
+    assert expired.state == "expired"
+    with pytest.raises(ProposalExpiredError, match=r"expired at .* \(1 s ago\): propose again"):
+        expired.require_pending()
+
+
+def test_review_trusts_the_coordinator_only_to_close(sim: SimulatedDomain) -> None:
+    proposal = sim.propose([sim.rotate_domain_key_change()])
+    states = _states(sim)
+    # Claimed applied, but the verified chain does not hold it: still pending here.
+    claimed = review(
+        proposal, [], head=sim.head, states=states, now=sim.now, coordinator_state="applied"
+    )
+    assert claimed.state == "pending"
+    cancelled = review(
+        proposal,
+        [],
+        head=sim.head,
+        states=states,
+        now=sim.now,
+        coordinator_state="cancelled",
+        coordinator_detail="cancelled by operator op1",
+    )
+    with pytest.raises(
+        FailedPreconditionError, match=r"^the proposal was cancelled by operator op1$"
+    ):
+        cancelled.require_pending()
+
+
+def test_review_of_a_change_that_does_not_apply(sim: SimulatedDomain) -> None:
+    proposal = sim.propose([sim.set_quorum_change(2)])
+    # Its base is the genesis; show it against that even once the domain moved on.
+    broken = sim.propose([domain_pb2.Change(remove_host=domain_pb2.RemoveHost(host_id="hsa-9"))])
+    r = review(broken, [], head=sim.head, states=_states(sim), now=sim.now)
+    assert r.diff is None
+    assert "the changes do not apply to version 1" in r.diff_error
+    assert "hsa-9 is not in the domain" in "\n".join(review_lines(r))
+    unknown_base = review(proposal, [], head=sim.head, states={}, now=sim.now)
+    assert unknown_base.diff is None
+    assert "not in the chain verified from your trust anchor" in unknown_base.diff_error
+
+
+# --- offline files and durations -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("90", 90), ("90s", 90), ("30m", 1800), ("30 min", 1800), ("2h", 7200), ("7d", 604800)],
+)
+def test_parse_duration(text: str, seconds: int) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "0", "-5", "1w", "2.5h", "h"])
+def test_parse_duration_refuses(text: str) -> None:
+    with pytest.raises(InvalidInputError):
+        parse_duration(text)
+
+
+def _export(sim: SimulatedDomain, tmp_path: Path, **changes: object) -> Path:
+    proposal = sim.propose([sim.rotate_domain_key_change()])
+    document = export_document(proposal, sim.head, sim.approve(proposal, [0]), sim.now)
+    document.update(changes)
+    path = tmp_path / f"export-{len(list(tmp_path.iterdir()))}.json"
+    path.write_text(json.dumps(document))
+    return path
+
+
+def test_export_file_round_trip(sim: SimulatedDomain, tmp_path: Path) -> None:
+    path = _export(sim, tmp_path)
+    proposal, manifest_raw, approvals = read_export_file(path)
+    assert manifest_raw == sim.head.message.manifest
+    assert proposal.base_version == 1
+    assert [a.operator_id for a in approvals] == [sim.operators[0].operator_id]
+    r = review(proposal, approvals, head=sim.head, states={1: sim.head}, now=sim.now)
+    assert r.approved_by == (sim.operators[0].operator_id,)
+
+
+@pytest.mark.parametrize(
+    ("changes", "cause"),
+    [
+        ({"format": "other"}, "format is not"),
+        ({"version": 2}, "version is not 1"),
+        ({"extra": 1}, "unexpected ['extra']"),
+        ({"proposal_id": "00" * 32}, "do not hash to the proposal id"),
+        ({"base_version": 7}, "differ from the proposal's own"),
+        ({"domain_id": "other"}, "differ from the proposal's own"),
+        ({"proposal": "not base64!"}, "not valid base64"),
+        ({"approvals": [{"operator_id": "x"}]}, "needs operator_id and signature"),
+    ],
+)
+def test_export_file_refusals(
+    sim: SimulatedDomain, tmp_path: Path, changes: dict[str, object], cause: str
+) -> None:
+    with pytest.raises(HsmDomainError) as raised:
+        read_export_file(_export(sim, tmp_path, **changes))
+    assert cause in raised.value.message
+
+
+def test_approval_file(sim: SimulatedDomain, tmp_path: Path) -> None:
+    proposal = sim.propose([sim.rotate_domain_key_change()])
+    (approval,) = sim.approve(proposal, [1])
+    path = tmp_path / "approval.json"
+    write_document(path, approval_document(approval))
+    assert read_approval_file(path) == approval
+    with pytest.raises(AlreadyExistsError):
+        write_document(path, approval_document(approval))
+    document = json.loads(path.read_text())
+    document["operator_id"] = "Z" * 64
+    path.write_text(json.dumps(document))
+    with pytest.raises(MalformedMessageError, match="operator_id is not 64 lowercase hex"):
+        read_approval_file(path)
