@@ -1,4 +1,5 @@
-"""The local cluster launcher behind `hsm-domain`: init, up, down, status, add-node.
+"""The local cluster launcher behind `hsm-domain`: init, up, down, status, add-node, audit
+verify and chaos.
 
 Public API: `init_domain`, `load_layout`, `add_node`, `DomainLayout` (files of a local domain),
 `read_enrollment` (verify a new host's enrollment), and `deploy.cluster` for running the

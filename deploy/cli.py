@@ -425,7 +425,7 @@ def _print_status(report: DomainReport) -> None:
             f"{p.name:<12} {p.address or '-':<22} {healthy:<8} {version:<8} "
             f"{_short(p.state_hash):<13} {_yes_no(p.member)}"
         )
-        if p.detail and not p.healthy:
+        if p.detail:  # why it is unhealthy, or a warning it gives while healthy (a fork)
             line += f"  ({p.detail})"
         elif not p.expected:
             line += "  (not in the domain's state)"
@@ -439,6 +439,11 @@ def _print_status(report: DomainReport) -> None:
         )
         for proposal_id in view.pending_proposal_ids:
             print(f"  pending {proposal_id}")
+        for host, said in sorted(view.reported.items()):
+            print(
+                f"  {host} reports version {said['version'] or '-'}, "
+                f"state {_short(said['state_hash'])}"
+            )
     else:
         print(f"coordinator: unreachable ({view.detail})")
     print("all healthy" if report.all_healthy else "NOT all healthy")

@@ -62,6 +62,9 @@ class CoordinatorView:
     pending_proposals: int = 0
     pending_proposal_ids: list[str] = field(default_factory=list)
     registered_hsas: dict[str, str] = field(default_factory=dict)
+    # What each HSA last told the coordinator it has installed (relayed, not verified):
+    # host id -> {"version", "state_hash" (hex), "reported_at" (unix seconds)}.
+    reported: dict[str, dict[str, Any]] = field(default_factory=dict)
     members: list[str] | None = None
     detail: str = ""
 
@@ -141,6 +144,14 @@ def _coordinator_view(layout: DomainLayout, operator_address: str) -> Coordinato
         if p.state == services_pb2.PROPOSAL_STATE_PENDING
     ]
     view.registered_hsas = {h.host_id: h.address for h in status.hsas}
+    view.reported = {
+        h.host_id: {
+            "version": int(h.version),
+            "state_hash": bytes(h.state_hash).hex(),
+            "reported_at": int(h.reported_at),
+        }
+        for h in status.hsas
+    }
     view.members = coordinator_members(layout, operator_address)
     return view
 

@@ -17,6 +17,8 @@ from domain_core.model import HOST_ID_PATTERN, OPERATOR_ID_PATTERN
 from domain_core.pb import domain_pb2, keys_pb2
 
 PROPOSAL_ID_BYTES = 32
+STATE_HASH_BYTES = 32
+MAX_REPORTED_VERSION = 2**63 - 1  # what the store's integer columns hold
 MAX_SIGNATURE_BYTES = 512
 MAX_ADDRESS_CHARS = 255
 MAX_KEY_RECORD_BYTES = 1024 * 1024
@@ -92,6 +94,21 @@ def address(value: str, field: str = "address") -> str:
     if match is None or not 1 <= int(match.group(3)) <= 65535:
         raise InvalidInputError(f"{field} {value[:70]!r} is not a HOST:PORT address (port 1-65535)")
     return value
+
+
+def reported_state(version: int, state_hash: bytes) -> tuple[int, bytes]:
+    """A version and state hash an HSA reports about itself: both given, or neither (0, b"").
+
+    Only the form is checked; what an HSA reports is relayed, never believed.
+    """
+    if version > MAX_REPORTED_VERSION:
+        raise InvalidInputError(f"version {version} is out of range")
+    if (version == 0) != (not state_hash) or len(state_hash) not in (0, STATE_HASH_BYTES):
+        raise InvalidInputError(
+            "version and state_hash go together: a version of at least 1 with the 32-byte "
+            "hash of that state, or neither"
+        )
+    return version, state_hash
 
 
 def key_id(value: str, field: str = "key_id") -> str:

@@ -13,6 +13,9 @@ operators get a clear answer early. Invariants:
   marks its proposal APPLIED; only then is it pushed to HSAs and streams;
 - one apply or rotation runs at a time (`_apply_lock`); a lost compare-and-swap makes the
   proposal STALE and re-reads the chain from the store;
+- the version and state hash listed for each HSA (`ListHsas`, `GetDomainStatus`) are that
+  HSA's self-report (in `RegisterHsa`, or its answer to an `InstallState` push), relayed for
+  operators to see; nothing here or anywhere else bases a trust decision on them;
 - HSA-only calls need an `hsa` certificate of this domain, which only the mutual-TLS port
   carries; errors are raised as `domain_core.errors` exceptions and mapped to statuses by the
   transport's interceptor, never aborted here.
@@ -20,6 +23,7 @@ operators get a clear answer early. Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import threading
@@ -565,7 +569,7 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
 
     def _push_one(self, host_id: str, address: str, state: SealedState) -> None:
         try:
-            self._hsas.install_state(address, state.message)
+            response = self._hsas.install_state(address, state.message)
         except grpc.RpcError as error:
             log.info(
                 "pushing version %d to %s failed (%s); it will pull",
@@ -578,6 +582,30 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
         else:
             log.info("pushed version %d to %s", state.version, host_id)
             unsafe_crash_point("during_push")
+            self._record_report(host_id, response.version, response.state_hash, "InstallState")
+
+    def _record_report(self, host_id: str, version: int, state_hash: bytes, how: str) -> None:
+        """Keep the version an HSA acknowledged; a malformed one is logged and dropped."""
+        try:
+            version, state_hash = check.reported_state(version, state_hash)
+        except InvalidInputError as error:
+            log.warning("%s answered %s with a malformed version: %s", host_id, how, error)
+            return
+        if version:
+            self._warn_if_fork(host_id, version, state_hash)
+            with contextlib.suppress(RuntimeError):  # the store closed: shutting down
+                self._store.record_hsa_version(host_id, version, state_hash, self._now())
+
+    def _warn_if_fork(self, host_id: str, version: int, state_hash: bytes) -> None:
+        """Log an HSA that reports another state than this coordinator's for a version."""
+        with self._chain_lock:
+            known = self._chain.known_hash(version)
+        if known is not None and known != state_hash:
+            self._throttled.warning(
+                f"fork:{host_id}",
+                f"{host_id} reports state {state_hash.hex()[:16]} at version {version}, but "
+                f"this coordinator's chain has {known.hex()[:16]} there: a fork; investigate",
+            )
 
     def _refresh_chain(self) -> None:
         """Verify and adopt states another coordinator stored (a shared store)."""
@@ -723,8 +751,15 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
     # --- HSA registry --------------------------------------------------------------------
 
     def _endpoints(self) -> list[services_pb2.HsaEndpoint]:
+        """Every registered HSA with the version it last reported (relayed, not verified)."""
         return [
-            services_pb2.HsaEndpoint(host_id=h.host_id, address=h.address)
+            services_pb2.HsaEndpoint(
+                host_id=h.host_id,
+                address=h.address,
+                version=h.version,
+                state_hash=h.state_hash,
+                reported_at=h.reported_at,
+            )
             for h in self._store.list_hsas()
         ]
 
@@ -739,8 +774,11 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
                 f"{identity.spiffe.uri} may not register as host {host_id}: the host id must "
                 "match the certificate"
             )
+        version, state_hash = check.reported_state(request.version, request.state_hash)
+        if version:
+            self._warn_if_fork(host_id, version, state_hash)
         previous = {h.host_id: h.address for h in self._store.list_hsas()}.get(host_id)
-        self._store.register_hsa(host_id, address, self._now())
+        self._store.register_hsa(host_id, address, self._now(), version, state_hash)
         if previous != address:
             log.info("%s registered at %s", host_id, address)
             if previous is not None and previous not in {

@@ -56,7 +56,10 @@ CREATE TABLE IF NOT EXISTS approvals (
 CREATE TABLE IF NOT EXISTS hsas (
     host_id TEXT PRIMARY KEY,
     address TEXT NOT NULL,
-    registered_at INTEGER NOT NULL
+    registered_at INTEGER NOT NULL,
+    version INTEGER NOT NULL DEFAULT 0,
+    state_hash BLOB NOT NULL DEFAULT x'',
+    reported_at INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS keys (
     key_id TEXT PRIMARY KEY,
@@ -64,6 +67,26 @@ CREATE TABLE IF NOT EXISTS keys (
     revision INTEGER NOT NULL
 );
 """
+
+# Columns added after schema 1 was first released, each with a default, so that a file made
+# by an older coordinator gains them on open (ALTER TABLE ... ADD COLUMN) and an older
+# coordinator still reads and writes a file that has them: the schema number stays 1.
+_ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("hsas", "version", "INTEGER NOT NULL DEFAULT 0"),
+    ("hsas", "state_hash", "BLOB NOT NULL DEFAULT x''"),
+    ("hsas", "reported_at", "INTEGER NOT NULL DEFAULT 0"),
+)
+_MAX_SQLITE_INTEGER = 2**63 - 1
+
+
+def _check_report(version: int, state_hash: bytes, when: int) -> None:
+    for value in (version, when):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError("a reported version and time are integers")
+        if not 0 <= value <= _MAX_SQLITE_INTEGER:
+            raise ValueError("a reported version or time is out of range")
+    if not isinstance(state_hash, bytes):
+        raise TypeError("a reported state hash is bytes")
 
 
 def _check_bytes(value: object, what: str) -> None:
@@ -111,6 +134,10 @@ class SqliteStore:
             # executescript commits on its own; every statement is idempotent.
             self._db.executescript(_SCHEMA)
             with self._tx_unlocked() as db:
+                for table, column, definition in _ADDED_COLUMNS:
+                    present = {str(r[1]) for r in db.execute(f"PRAGMA table_info({table})")}
+                    if column not in present:
+                        db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
                 row = db.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()
                 if row is None:
                     db.execute(
@@ -338,21 +365,54 @@ class SqliteStore:
 
     # --- HSA registry ----------------------------------------------------------------------
 
-    def register_hsa(self, host_id: str, address: str, registered_at: int = 0) -> None:
+    def register_hsa(
+        self,
+        host_id: str,
+        address: str,
+        registered_at: int = 0,
+        version: int = 0,
+        state_hash: bytes = b"",
+    ) -> None:
+        _check_report(version, state_hash, registered_at)
         with self._transaction() as db:
             db.execute(
-                "INSERT INTO hsas (host_id, address, registered_at) VALUES (?, ?, ?) "
+                "INSERT INTO hsas (host_id, address, registered_at, version, state_hash, "
+                "reported_at) VALUES (?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (host_id) DO UPDATE SET address = excluded.address, "
-                "registered_at = excluded.registered_at",
-                (host_id, address, registered_at),
+                "registered_at = excluded.registered_at, version = excluded.version, "
+                "state_hash = excluded.state_hash, reported_at = excluded.reported_at",
+                (
+                    host_id,
+                    address,
+                    registered_at,
+                    version,
+                    state_hash,
+                    registered_at if version else 0,
+                ),
             )
+
+    def record_hsa_version(
+        self, host_id: str, version: int, state_hash: bytes, reported_at: int
+    ) -> bool:
+        _check_report(version, state_hash, reported_at)
+        with self._transaction() as db:
+            cursor = db.execute(
+                "UPDATE hsas SET version = ?, state_hash = ?, reported_at = ? "
+                "WHERE host_id = ? AND version <= ?",
+                (version, state_hash, reported_at, host_id, version),
+            )
+            return cursor.rowcount > 0
 
     def list_hsas(self) -> list[HsaRecord]:
         with self._read() as db:
             rows = db.execute(
-                "SELECT host_id, address, registered_at FROM hsas ORDER BY host_id"
+                "SELECT host_id, address, registered_at, version, state_hash, reported_at "
+                "FROM hsas ORDER BY host_id"
             ).fetchall()
-        return [HsaRecord(str(r[0]), str(r[1]), int(r[2])) for r in rows]
+        return [
+            HsaRecord(str(r[0]), str(r[1]), int(r[2]), int(r[3]), bytes(r[4]), int(r[5]))
+            for r in rows
+        ]
 
     # --- key records -----------------------------------------------------------------------
 

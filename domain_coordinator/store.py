@@ -15,7 +15,9 @@ Invariants every implementation keeps:
 - a proposal leaves PENDING at most once: APPLIED, EXPIRED, CANCELLED, STALE and REJECTED are
   final, and `set_proposal_state` does not touch a closed proposal;
 - one approval per operator per proposal; a second one is refused, not replaced;
-- key records are written and deleted with a compare-and-swap on their revision (0 = create).
+- key records are written and deleted with a compare-and-swap on their revision (0 = create);
+- an HSA's reported version is what that HSA said (`register_hsa` replaces it, an InstallState
+  answer only raises it): informational, never used for a trust decision.
 
 `SqliteStore` (one file) is the default; an etcd implementation fits the same interface.
 """
@@ -63,11 +65,20 @@ class ProposalRecord:
 
 @dataclass(frozen=True)
 class HsaRecord:
-    """One registered HSA: where its services listen, and when it last registered."""
+    """One registered HSA: where its services listen, when it last registered, and the
+    state it last said it has installed.
+
+    `version`, `state_hash` and `reported_at` are the HSA's own report (0, b"" and 0 until it
+    made one), kept for operators to see; the coordinator relays them and nobody bases a
+    trust decision on them.
+    """
 
     host_id: str
     address: str
     registered_at: int
+    version: int = 0
+    state_hash: bytes = b""
+    reported_at: int = 0
 
 
 @dataclass(frozen=True)
@@ -163,8 +174,27 @@ class CoordinatorStore(Protocol):
 
     # --- HSA registry ----------------------------------------------------------------------
 
-    def register_hsa(self, host_id: str, address: str, registered_at: int = 0) -> None:
-        """Record (or replace) where an HSA listens, and when (unix seconds) it said so."""
+    def register_hsa(
+        self,
+        host_id: str,
+        address: str,
+        registered_at: int = 0,
+        version: int = 0,
+        state_hash: bytes = b"",
+    ) -> None:
+        """Record (or replace) where an HSA listens, when (unix seconds) it said so, and the
+        version and state hash it reported with it (`reported_at` becomes `registered_at`, or
+        0 with version 0: an HSA that reports no version)."""
+        ...
+
+    def record_hsa_version(
+        self, host_id: str, version: int, state_hash: bytes, reported_at: int
+    ) -> bool:
+        """Record the version an HSA acknowledged (an InstallState answer) at `reported_at`.
+
+        Changes nothing, returning False, for an unregistered host or a version below the
+        one recorded, so a late answer to an older push never hides a newer report.
+        """
         ...
 
     def list_hsas(self) -> list[HsaRecord]:

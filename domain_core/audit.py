@@ -31,9 +31,11 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import hashlib
 import hmac
 import json
+import math
 import os
 import re
 import threading
@@ -124,30 +126,43 @@ def _canonical_json(value: object) -> bytes:
 _encode_str: Final[Callable[[str], str]] = json.encoder.encode_basestring_ascii
 
 
-def _record_json(record: Mapping[str, Any], *, with_hash: bool) -> bytes:
-    """The canonical JSON of a well-formed record (with or without `hash`), built directly.
+def _record_parts(record: Mapping[str, Any]) -> tuple[str, str]:
+    """The canonical JSON of a well-formed record without `hash`, built directly and split
+    where `hash` goes (after `detail`): joined, the unhashed form; with `"hash":...` between
+    them, the line.
 
     Byte for byte what `_canonical_json` gives (sorted keys, no spaces, ASCII escapes), at a
-    third of the cost: this runs on every Encrypt and Decrypt. The verifier checks each line
-    against the generic encoder, and a test checks that both agree on arbitrary strings.
+    fraction of the cost: this runs on every Encrypt and Decrypt. The verifier checks each
+    line against the generic encoder, and a test checks that both agree on arbitrary strings.
     """
     e = _encode_str
     context = ",".join(f"{e(k)}:{e(v)}" for k, v in sorted(record["context"].items()))
-    middle = f',"hash":{e(record["hash"])}' if with_hash else ""
-    return (
-        f'{{"context":{{{context}}},"detail":{e(record["detail"])}{middle}'
+    head = f'{{"context":{{{context}}},"detail":{e(record["detail"])}'
+    tail = (
         f',"host":{e(record["host"])},"key_id":{e(record["key_id"])}'
         f',"operation":{e(record["operation"])},"prev":{e(record["prev"])}'
         f',"principal":{e(record["principal"])},"result":{e(record["result"])}'
         f',"seq":{int(record["seq"])},"time":{e(record["time"])}}}'
-    ).encode("ascii")
+    )
+    return head, tail
+
+
+def _record_json(record: Mapping[str, Any], *, with_hash: bool) -> bytes:
+    """The canonical JSON of a well-formed record, with or without its `hash` field."""
+    head, tail = _record_parts(record)
+    middle = f',"hash":{_encode_str(record["hash"])}' if with_hash else ""
+    return (head + middle + tail).encode("ascii")
+
+
+def _hash_of_unhashed(unhashed: bytes) -> str:
+    return hashlib.sha256(RECORD_HASH_CONTEXT + unhashed).hexdigest()
 
 
 def record_hash(record: Mapping[str, Any]) -> str:
     """Hex SHA-256 of a record: a fixed context string, then the canonical JSON of every field
     but `hash`. The one definition, used by the writer to make a record and by the verifier
     (after checking the record's fields and types) to check one."""
-    return hashlib.sha256(RECORD_HASH_CONTEXT + _record_json(record, with_hash=False)).hexdigest()
+    return _hash_of_unhashed(_record_json(record, with_hash=False))
 
 
 def checkpoint_digest(checkpoint: Mapping[str, Any]) -> bytes:
@@ -158,12 +173,28 @@ def checkpoint_digest(checkpoint: Mapping[str, Any]) -> bytes:
 
 
 def format_time(seconds: float) -> str:
-    """RFC 3339 UTC with milliseconds, e.g. `2026-01-01T00:00:00.123Z`."""
-    moment = datetime.fromtimestamp(seconds, UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    """RFC 3339 UTC with milliseconds, e.g. `2026-01-01T00:00:00.123Z`.
+
+    Exactly what `datetime.fromtimestamp(seconds, UTC)` shows (microseconds rounded half to
+    even, then cut to milliseconds), with the whole-second part formatted once per second.
+    """
+    fraction, whole = math.modf(seconds)
+    micro = round(fraction * 1e6)
+    if micro >= 1_000_000:
+        whole, micro = whole + 1, micro - 1_000_000
+    elif micro < 0:
+        whole, micro = whole - 1, micro + 1_000_000
+    return f"{_format_second(int(whole))}.{micro // 1000:03d}Z"
+
+
+@functools.lru_cache(maxsize=4)
+def _format_second(second: int) -> str:
+    return datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
 
 
 def _clip(value: str, limit: int, name: str) -> str:
+    if type(value) is str and len(value) <= limit:
+        return value  # the common case, first
     if not isinstance(value, str):
         raise TypeError(f"{name} must be a str, not {type(value).__name__}")
     if len(value) <= limit:
@@ -172,7 +203,7 @@ def _clip(value: str, limit: int, name: str) -> str:
 
 
 def _clip_context(context: Mapping[str, str] | None) -> dict[str, str]:
-    if context is None:
+    if context is None or (type(context) is dict and not context):
         return {}
     if not isinstance(context, Mapping):
         raise TypeError("encryption_context must be a mapping of str to str")
@@ -631,16 +662,22 @@ class AuditLog:
         `detail` is a short status or error text, never secret material. Over-long values are
         cut (and marked) rather than refused. Raises AuditLogError if the log cannot be written.
         """
+        # Everything that does not depend on the chain is done before taking the lock.
         record_context = _clip_context(encryption_context)
+        principal = _clip(principal, _MAX_PRINCIPAL, "principal")
+        operation = _clip(operation, _MAX_OPERATION, "operation")
+        key_id = _clip(key_id, _MAX_KEY_ID, "key_id")
+        result = _clip(result, _MAX_RESULT, "result")
+        detail = _clip(detail, _MAX_DETAIL, "detail")
         with self._lock:
             self._check_writable()
             seq = self._append_locked(
-                principal=_clip(principal, _MAX_PRINCIPAL, "principal"),
-                operation=_clip(operation, _MAX_OPERATION, "operation"),
-                key_id=_clip(key_id, _MAX_KEY_ID, "key_id"),
+                principal=principal,
+                operation=operation,
+                key_id=key_id,
                 context=record_context,
-                result=_clip(result, _MAX_RESULT, "result"),
-                detail=_clip(detail, _MAX_DETAIL, "detail"),
+                result=result,
+                detail=detail,
             )
             if (
                 self._since_checkpoint >= self._every
@@ -706,10 +743,12 @@ class AuditLog:
             "detail": detail,
             "prev": self._head,
         }
-        record["hash"] = record_hash(record)
-        self._write(_record_json(record, with_hash=True) + b"\n")
+        # record_hash(record), and the line, from one encoding of the fields.
+        head, tail = _record_parts(record)
+        digest = _hash_of_unhashed((head + tail).encode("ascii"))
+        self._write(f'{head},"hash":"{digest}"{tail}\n'.encode("ascii"))
         self._seq = seq
-        self._head = record["hash"]
+        self._head = digest
         self._since_checkpoint += 1
         return seq
 
@@ -741,8 +780,13 @@ class AuditLog:
 
     def _write(self, line: bytes) -> None:
         """One write of a whole line; any failure leaves the log refusing further appends."""
-        view = memoryview(line)
         try:
+            written = os.write(self._fd, line)
+            if written == len(line):
+                return  # the usual case: the whole line in one write
+            if written <= 0:
+                raise OSError(errno.EIO, "short write")
+            view = memoryview(line)[written:]
             while view:
                 written = os.write(self._fd, view)
                 if written <= 0:

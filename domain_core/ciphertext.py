@@ -29,6 +29,7 @@ Invariants kept here:
 
 from __future__ import annotations
 
+import functools
 import re
 import struct
 import uuid
@@ -51,9 +52,11 @@ __all__ = [
     "CiphertextHeader",
     "decode_context",
     "decrypt",
+    "decrypt_encoded",
     "derive_one_time_key",
     "encode_context",
     "encrypt",
+    "encrypt_encoded",
     "new_key_id",
     "parse_header",
     "validate_key_id",
@@ -108,7 +111,7 @@ def encode_context(context: Mapping[str, str], limits: Limits = DEFAULT_LIMITS) 
     `limits.max_encryption_context_bytes` bytes (the sum of the UTF-8 lengths of all keys and
     values). The result does not depend on the order of `context`.
     """
-    if not isinstance(context, Mapping):
+    if type(context) is not dict and not isinstance(context, Mapping):
         raise TypeError("an encryption context is a mapping of str to str")
     if len(context) > limits.max_encryption_context_entries:
         raise LimitExceededError(
@@ -212,6 +215,23 @@ def _require_key(key: bytes, what: str) -> None:
 
 
 def _prefix(key_id: str, backing_version: int) -> bytes:
+    if type(key_id) is str and type(backing_version) is int:
+        return _cached_prefix(key_id, backing_version)
+    return _make_prefix(key_id, backing_version)
+
+
+# The prefix is public and a pure function of (key id, version); a key's current version is
+# sealed under again and again. Only exact str and int reach the cache, so that a value that
+# merely compares equal (True == 1) is checked, not looked up; errors are never cached.
+_PREFIX_CACHE_ENTRIES: Final = 4096
+
+
+@functools.lru_cache(maxsize=_PREFIX_CACHE_ENTRIES)
+def _cached_prefix(key_id: str, backing_version: int) -> bytes:
+    return _make_prefix(key_id, backing_version)
+
+
+def _make_prefix(key_id: str, backing_version: int) -> bytes:
     encoded = validate_key_id(key_id).encode("ascii")
     if isinstance(backing_version, bool) or not isinstance(backing_version, int):
         raise TypeError("backing_version must be an int")
@@ -223,7 +243,22 @@ def _prefix(key_id: str, backing_version: int) -> bytes:
 def derive_one_time_key(backing_key: bytes, nonce: bytes, prefix: bytes) -> bytes:
     """HKDF-SHA256(backing key, salt=nonce, info=ENCRYPT_INFO || prefix): one key per blob."""
     _require_key(backing_key, "backing_key")
+    return _one_time_key(backing_key, nonce, prefix)
+
+
+def _one_time_key(backing_key: bytes, nonce: bytes, prefix: bytes) -> bytes:
+    # The one definition of the derivation (the caller checked the backing key).
     return crypto.hkdf_sha256(backing_key, salt=nonce, info=ENCRYPT_INFO + prefix)
+
+
+def _check_plaintext(backing_key: bytes, plaintext: bytes, limits: Limits) -> None:
+    _require_key(backing_key, "backing_key")
+    if not isinstance(plaintext, bytes):
+        raise TypeError("plaintext must be bytes")
+    if len(plaintext) > limits.max_plaintext_bytes:
+        raise LimitExceededError(
+            f"plaintext is {len(plaintext)} bytes; the limit is {limits.max_plaintext_bytes}"
+        )
 
 
 def encrypt(
@@ -244,15 +279,42 @@ def encrypt(
     makes every blob's one-time key unique. A caller that passes a fixed nonce reuses a
     one-time key and, with a fixed IV too, breaks AES-GCM.
     """
-    _require_key(backing_key, "backing_key")
-    if not isinstance(plaintext, bytes):
-        raise TypeError("plaintext must be bytes")
-    if len(plaintext) > limits.max_plaintext_bytes:
-        raise LimitExceededError(
-            f"plaintext is {len(plaintext)} bytes; the limit is {limits.max_plaintext_bytes}"
-        )
+    _check_plaintext(backing_key, plaintext, limits)
     encoded_context = encode_context(context, limits)
+    return _seal(backing_key, key_id, backing_version, plaintext, encoded_context, nonce, iv)
+
+
+def encrypt_encoded(
+    backing_key: bytes,
+    key_id: str,
+    backing_version: int,
+    plaintext: bytes,
+    encoded_context: bytes,
+    *,
+    limits: Limits = DEFAULT_LIMITS,
+) -> bytes:
+    """`encrypt` (fresh nonce and IV), with the context given as the bytes `encode_context`
+    returned for it: for a caller that encoded, and so checked, the context already."""
+    _check_plaintext(backing_key, plaintext, limits)
+    if not isinstance(encoded_context, bytes):
+        raise TypeError("encoded_context must be the bytes encode_context returned")
+    return _seal(backing_key, key_id, backing_version, plaintext, encoded_context, None, None)
+
+
+def _seal(
+    backing_key: bytes,
+    key_id: str,
+    backing_version: int,
+    plaintext: bytes,
+    encoded_context: bytes,
+    nonce: bytes | None,
+    iv: bytes | None,
+) -> bytes:
     prefix = _prefix(key_id, backing_version)
+    if nonce is None and iv is None:
+        # Both from one draw of the CSPRNG: one system call (which releases the GIL) per blob.
+        fresh = crypto.random_bytes(NONCE_BYTES + IV_BYTES)
+        nonce, iv = fresh[:NONCE_BYTES], fresh[NONCE_BYTES:]
     if nonce is None:
         nonce = crypto.random_bytes(NONCE_BYTES)
     elif not isinstance(nonce, bytes) or len(nonce) != NONCE_BYTES:
@@ -262,7 +324,7 @@ def encrypt(
     elif not isinstance(iv, bytes) or len(iv) != IV_BYTES:
         raise ValueError(f"iv must be {IV_BYTES} bytes")
     header = prefix + nonce + iv
-    one_time_key = derive_one_time_key(backing_key, nonce, prefix)
+    one_time_key = _one_time_key(backing_key, nonce, prefix)
     return header + crypto.aes_gcm_seal(one_time_key, plaintext, header + encoded_context, iv)
 
 
@@ -327,8 +389,32 @@ def decrypt(
     """
     _require_key(backing_key, "backing_key")
     encoded_context = encode_context(context, limits)
-    header = parse_header(blob, limits)
-    one_time_key = derive_one_time_key(backing_key, header.nonce, header.prefix)
+    return _open(backing_key, blob, encoded_context, parse_header(blob, limits))
+
+
+def decrypt_encoded(
+    backing_key: bytes,
+    blob: bytes,
+    encoded_context: bytes,
+    header: CiphertextHeader,
+) -> bytes:
+    """`decrypt`, with the context given as the bytes `encode_context` returned for it and the
+    header `parse_header` returned for this very blob (so that neither is done twice).
+
+    A header that is not the one of `blob` opens nothing (InvalidCiphertextError).
+    """
+    _require_key(backing_key, "backing_key")
+    if not isinstance(encoded_context, bytes):
+        raise TypeError("encoded_context must be the bytes encode_context returned")
+    if not isinstance(blob, bytes) or not blob.startswith(header.header):
+        raise InvalidCiphertextError()
+    return _open(backing_key, blob, encoded_context, header)
+
+
+def _open(
+    backing_key: bytes, blob: bytes, encoded_context: bytes, header: CiphertextHeader
+) -> bytes:
+    one_time_key = _one_time_key(backing_key, header.nonce, header.prefix)
     return crypto.aes_gcm_open(
         one_time_key,
         blob[len(header.header) :],

@@ -11,12 +11,15 @@ Invariants kept here:
   {hsa, coordinator, client}, one lower-case name; nothing else (no port, query, extra path);
 - a peer identity comes from the certificate gRPC verified in the handshake; a peer with no
   certificate, or whose certificate carries no or several SPIFFE ids, is UnauthenticatedError.
+  Parsed identities are remembered by the certificate's exact bytes (bounded LRU), so a
+  cached identity is only ever returned for the very bytes it was parsed from.
 
 Time is always passed in (`now=`, timezone-aware) so tests control it.
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -45,6 +48,7 @@ from domain_core.files import read_secret_file, write_new_file
 __all__ = [
     "CA_CERTIFICATE_FILE",
     "CA_KEY_FILE",
+    "PEER_IDENTITY_CACHE_ENTRIES",
     "SPIFFE_KINDS",
     "DomainCA",
     "PeerIdentity",
@@ -69,6 +73,8 @@ _LABEL: Final = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
 _NAME_RE: Final = re.compile(_LABEL)
 _TRUST_DOMAIN_RE: Final = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
 _SPIFFE_PREFIX: Final = "spiffe://"
+# Peer certificates whose parsed identity is kept (`peer_identity`); one per client usually.
+PEER_IDENTITY_CACHE_ENTRIES: Final = 1024
 
 
 def is_valid_name(name: object) -> bool:
@@ -222,7 +228,19 @@ def peer_identity(auth_context: Mapping[str, Iterable[bytes] | bytes]) -> PeerId
         raise UnauthenticatedError("the peer presented no client certificate")
     if len(certs) != 1:
         raise UnauthenticatedError("the peer presented more than one leaf certificate")
-    pem = bytes(certs[0]).rstrip(b"\x00")
+    return _identity_of_certificate(bytes(certs[0]).rstrip(b"\x00"))
+
+
+@functools.lru_cache(maxsize=PEER_IDENTITY_CACHE_ENTRIES)
+def _identity_of_certificate(pem: bytes) -> PeerIdentity:
+    """The identity a verified peer certificate carries, remembered by its exact bytes.
+
+    Parsing a certificate costs more than the rest of a key-service call's bookkeeping, and
+    every call of a connection presents the same bytes. The result is a pure function of the
+    bytes (the handshake, not this, decides whether they are trusted), so a cache keyed on
+    them returns exactly what parsing would; a certificate that does not parse raises every
+    time (exceptions are not cached). Bounded, least recently used first out; thread-safe.
+    """
     spiffe = spiffe_id_from_certificate(pem)
     return PeerIdentity(
         spiffe=spiffe, certificate_pem=pem, fingerprint=certificate_fingerprint(pem)

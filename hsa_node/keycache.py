@@ -22,13 +22,15 @@ Invariants:
   key, or equal to it with other metadata bytes, is refused. The floor is persisted
   (`key_versions.db`, 0600, synchronous writes) so a restarted HSA still refuses it;
 - bounded staleness: an entry is re-read from the coordinator when it is older than `ttl`
-  seconds (default 2 s) at its next use. While the coordinator cannot be reached, cached
-  entries keep being served (the data plane survives a control-plane outage), so a change made
-  through another HSA (a disabled key, a narrowed policy) reaches this HSA at most `ttl`
-  seconds after the coordinator is reachable again, and not before. A key that is not cached
-  cannot be served without the coordinator (UNAVAILABLE). A ciphertext that names a newer
-  backing version than the cached one (a rotation through another HSA) makes the key be
-  re-read at once (`get_newer`);
+  seconds (default 2 s) at its next use. Before that, once it is older than half the TTL, one
+  call at a time re-reads it while the others go on using it (still within the TTL), so the
+  calls of a busy key do not all wait for the coordinator when the entry expires. While the
+  coordinator cannot be reached, cached entries keep being served (the data plane survives a
+  control-plane outage), so a change made through another HSA (a disabled key, a narrowed
+  policy) reaches this HSA at most `ttl` seconds after the coordinator is reachable again,
+  and not before. A key that is not cached cannot be served without the coordinator
+  (UNAVAILABLE). A ciphertext that names a newer backing version than the cached one (a
+  rotation through another HSA) makes the key be re-read at once (`get_newer`);
 - writes (`store`) go to the coordinator with a compare-and-swap on the revision that was read,
   and reach the cache only once the coordinator acknowledged them (it stores durably first);
 - the cache holds at most `max_entries` keys (least recently used are dropped first) and
@@ -46,7 +48,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, cast
@@ -54,7 +56,7 @@ from typing import Any, Final, cast
 import grpc
 from google.protobuf.message import DecodeError
 
-from domain_core import keytokens
+from domain_core import keytokens, policy
 from domain_core.errors import (
     AlreadyExistsError,
     ConflictError,
@@ -88,6 +90,8 @@ CALL_DEADLINE_SECONDS: Final = 3.0
 # A cached key is re-read with a shorter deadline: if the coordinator is slow, serve the cache.
 REFRESH_DEADLINE_SECONDS: Final = 1.0
 DEFAULT_TTL_SECONDS: Final = 2.0
+# Past this fraction of the TTL, one call re-reads a key while the others go on using it.
+REFRESH_AHEAD_FRACTION: Final = 0.5
 DEFAULT_MAX_ENTRIES: Final = 100_000
 # After the coordinator failed to answer, cached keys are served without asking it again for
 # this long, so that a paused coordinator does not add its deadline to every call.
@@ -351,6 +355,11 @@ class CachedKey:
     record: keys_pb2.KeyRecord
     checked_at: float
     """When (the cache's monotonic clock) the coordinator last confirmed this record."""
+    grants: Mapping[str, frozenset[int]] = field(init=False, repr=False, compare=False)
+    """The key policy's decisions (`policy.granted_operations`), made once per entry."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "grants", policy.granted_operations(self.metadata.policy))
 
     @property
     def revision(self) -> int:
@@ -500,8 +509,12 @@ class KeyCache:
         coordinator does not hold; FailedPreconditionError for a record that does not verify.
         """
         entry = self._peek(key_id)
-        if entry is not None and not fresh and self._clock() - entry.checked_at < self._ttl:
-            return entry
+        if entry is not None and not fresh:
+            age = self._clock() - entry.checked_at
+            if age < self._ttl:
+                if age < self._ttl * REFRESH_AHEAD_FRACTION:
+                    return entry
+                return self._refresh_ahead(key_id, entry)
         with self._fetch_locks[hash(key_id) % _FETCH_LOCKS]:
             entry = self._peek(key_id)
             now = self._clock()
@@ -511,36 +524,56 @@ class KeyCache:
                 and (now - entry.checked_at < self._ttl or now < self._outage_until)
             ):
                 return entry
-            timeout = REFRESH_DEADLINE_SECONDS if entry is not None and not fresh else None
-            try:
-                record = self._records.get(key_id, timeout=timeout)
-            except CoordinatorUnreachableError as error:
-                self._outage_until = self._clock() + OUTAGE_HOLD_SECONDS
-                if fresh:
-                    raise
-                if entry is not None:
-                    self._throttled.warning(f"serving cached keys: {error}")
-                    return entry
-                raise UnavailableError(
-                    f"key {key_id} is not cached on this HSA and the coordinator is "
-                    "unreachable: retry on another HSA or later"
-                ) from None
-            self._outage_until = 0.0
-            if record is None:
-                self.forget(key_id)
-                raise NotFoundError(f"key {key_id} does not exist")
-            if entry is not None and _same_content(record, entry.record):
-                return self._insert(replace(entry, record=record, checked_at=self._clock()))
-            metadata, backing_keys = self.verify(record, key_id)
-            return self._insert(
-                CachedKey(
-                    key_id=key_id,
-                    metadata=metadata,
-                    backing_keys=backing_keys,
-                    record=record,
-                    checked_at=self._clock(),
-                )
+            return self._read(key_id, entry, fresh=fresh)
+
+    def _refresh_ahead(self, key_id: str, entry: CachedKey) -> CachedKey:
+        """Re-read a key past half its TTL, by one caller at a time, without making the others
+        wait: they go on using the entry, which is still within its TTL. So the calls of a busy
+        key do not all queue for the coordinator when the entry expires."""
+        lock = self._fetch_locks[hash(key_id) % _FETCH_LOCKS]
+        if self._clock() < self._outage_until or not lock.acquire(blocking=False):
+            return entry
+        try:
+            current = self._peek(key_id)
+            if current is not None and current is not entry:
+                return current  # re-read (or changed) by another call meanwhile
+            return self._read(key_id, current, fresh=False)
+        finally:
+            lock.release()
+
+    def _read(self, key_id: str, entry: CachedKey | None, *, fresh: bool) -> CachedKey:
+        """Read `key_id` from the coordinator (under its fetch lock) and cache it verified;
+        `entry` is what the cache holds, served if the coordinator does not answer."""
+        timeout = REFRESH_DEADLINE_SECONDS if entry is not None and not fresh else None
+        try:
+            record = self._records.get(key_id, timeout=timeout)
+        except CoordinatorUnreachableError as error:
+            self._outage_until = self._clock() + OUTAGE_HOLD_SECONDS
+            if fresh:
+                raise
+            if entry is not None:
+                self._throttled.warning(f"serving cached keys: {error}")
+                return entry
+            raise UnavailableError(
+                f"key {key_id} is not cached on this HSA and the coordinator is "
+                "unreachable: retry on another HSA or later"
+            ) from None
+        self._outage_until = 0.0
+        if record is None:
+            self.forget(key_id)
+            raise NotFoundError(f"key {key_id} does not exist")
+        if entry is not None and _same_content(record, entry.record):
+            return self._insert(replace(entry, record=record, checked_at=self._clock()))
+        metadata, backing_keys = self.verify(record, key_id)
+        return self._insert(
+            CachedKey(
+                key_id=key_id,
+                metadata=metadata,
+                backing_keys=backing_keys,
+                record=record,
+                checked_at=self._clock(),
             )
+        )
 
     def get_newer(self, key_id: str, backing_version: int) -> CachedKey:
         """The key re-read from the coordinator, for a ciphertext that names a backing version
@@ -576,9 +609,13 @@ class KeyCache:
                 raise InvalidKeyTokenError()
         except InvalidKeyTokenError:
             raise self._refusal(record, key_id, keys) from None
-        self._floor.admit(
-            key_id, int(metadata.metadata_version), _metadata_digest(record), remember=remember
-        )
+        try:
+            self._floor.admit(
+                key_id, int(metadata.metadata_version), _metadata_digest(record), remember=remember
+            )
+        except FailedPreconditionError as error:
+            self._throttled.warning(f"refused the stored record of key {key_id}: {error.message}")
+            raise
         return metadata, backing_keys
 
     def _refusal(
@@ -587,6 +624,11 @@ class KeyCache:
         generations = {t.domain_key_generation for t in record.tokens}
         missing = sorted(g for g in generations if g not in keys.keys)
         if missing and missing[-1] > keys.generation:
+            self._throttled.warning(
+                f"the record of key {key_id} is sealed under domain key generation "
+                f"{missing[-1]}, newer than this HSA holds ({keys.generation}); if no domain "
+                "state brings that generation, the coordinator may be compromised"
+            )
             return UnavailableError(
                 f"key {key_id} is sealed under domain key generation {missing[-1]}, newer than "
                 f"this HSA holds ({keys.generation}); it is catching up: retry"

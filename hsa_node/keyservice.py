@@ -53,6 +53,7 @@ from domain_core.errors import (
 )
 from domain_core.limits import DEFAULT_LIMITS, Limits
 from domain_core.pb import keys_pb2, services_pb2, services_pb2_grpc
+from hsa_node._logging import ThrottledLog
 from hsa_node.keycache import (
     CachedKey,
     CoordinatorUnreachableError,
@@ -191,6 +192,7 @@ class KeyServiceServicer(services_pb2_grpc.KeyServiceServicer):
         self._audit = audit
         self._limits = limits
         self._clock = clock
+        self._throttled = ThrottledLog(log)
 
     # --- the frame of every call ---------------------------------------------------------
 
@@ -247,7 +249,7 @@ class KeyServiceServicer(services_pb2_grpc.KeyServiceServicer):
             log.error("could not audit a failed %s: %s", call.operation, audit_error)
 
     def _authorize(self, entry: CachedKey, call: _Call, operation: int) -> None:
-        policy.require(entry.metadata.policy, call.principal, operation, entry.key_id)
+        policy.require_granted(entry.grants, call.principal, operation, entry.key_id)
 
     def _usable(self, key_id: str, call: _Call, operation: int) -> CachedKey:
         """The key, if the caller may do `operation` with it and it is enabled."""
@@ -256,12 +258,12 @@ class KeyServiceServicer(services_pb2_grpc.KeyServiceServicer):
         require_enabled(entry.metadata)
         return entry
 
-    def _context(self, call: _Call, values: Mapping[str, str]) -> dict[str, str]:
-        """The request's encryption context, recorded for the audit and checked."""
+    def _context(self, call: _Call, values: Mapping[str, str]) -> bytes:
+        """The request's encryption context, recorded for the audit; its canonical encoding
+        (which checks it), encoded once per call."""
         context = dict(values)
         call.context = context
-        ciphertext.encode_context(context, self._limits)
-        return context
+        return ciphertext.encode_context(context, self._limits)
 
     def _key_id(self, call: _Call, value: str, what: str = "key_id") -> str:
         try:
@@ -279,10 +281,17 @@ class KeyServiceServicer(services_pb2_grpc.KeyServiceServicer):
         return count
 
     def _open(
-        self, call: _Call, blob: bytes, context: Mapping[str, str], operation: int
+        self,
+        call: _Call,
+        blob: bytes,
+        encoded_context: bytes,
+        operation: int,
+        header: ciphertext.CiphertextHeader | None = None,
     ) -> tuple[CachedKey, bytes]:
-        """Authorise and open a ciphertext blob: (its key, the plaintext)."""
-        header = ciphertext.parse_header(blob, self._limits)
+        """Authorise and open a ciphertext blob: (its key, the plaintext). `header`, if given,
+        is what `parse_header` returned for `blob`."""
+        if header is None:
+            header = ciphertext.parse_header(blob, self._limits)
         call.key_id = header.key_id
         entry = self._usable(header.key_id, call, operation)
         if header.backing_version > entry.current_version:
@@ -295,16 +304,16 @@ class KeyServiceServicer(services_pb2_grpc.KeyServiceServicer):
         backing_key = entry.backing_keys.get(header.backing_version)
         if backing_key is None:
             raise InvalidCiphertextError()
-        return entry, ciphertext.decrypt(backing_key, blob, context, limits=self._limits)
+        return entry, ciphertext.decrypt_encoded(backing_key, blob, encoded_context, header)
 
-    def _seal(self, entry: CachedKey, plaintext: bytes, context: Mapping[str, str]) -> bytes:
+    def _seal(self, entry: CachedKey, plaintext: bytes, encoded_context: bytes) -> bytes:
         version = entry.current_version
-        return ciphertext.encrypt(
+        return ciphertext.encrypt_encoded(
             entry.backing_keys[version],
             entry.key_id,
             version,
             plaintext,
-            context,
+            encoded_context,
             limits=self._limits,
         )
 
@@ -317,7 +326,7 @@ class KeyServiceServicer(services_pb2_grpc.KeyServiceServicer):
 
         def body(call: _Call) -> services_pb2.EncryptResponse:
             key_id = self._key_id(call, request.key_id)
-            encryption_context = self._context(call, request.encryption_context)
+            encoded_context = self._context(call, request.encryption_context)
             if len(request.plaintext) > self._limits.max_plaintext_bytes:
                 raise LimitExceededError(
                     f"plaintext is {len(request.plaintext)} bytes; the limit is "
@@ -325,7 +334,7 @@ class KeyServiceServicer(services_pb2_grpc.KeyServiceServicer):
                     "GenerateDataKey for more)"
                 )
             entry = self._usable(key_id, call, keys_pb2.KEY_OPERATION_ENCRYPT)
-            blob = self._seal(entry, request.plaintext, encryption_context)
+            blob = self._seal(entry, request.plaintext, encoded_context)
             call.detail = f"backing version {entry.current_version}"
             return services_pb2.EncryptResponse(
                 key_id=key_id, ciphertext_blob=blob, backing_version=entry.current_version
@@ -339,7 +348,7 @@ class KeyServiceServicer(services_pb2_grpc.KeyServiceServicer):
         """Open a blob; the key comes from its header (`key_id`, if given, must match)."""
 
         def body(call: _Call) -> services_pb2.DecryptResponse:
-            encryption_context = self._context(call, request.encryption_context)
+            encoded_context = self._context(call, request.encryption_context)
             expected = ""
             if request.key_id:
                 expected = ciphertext.validate_key_id(request.key_id)
@@ -351,7 +360,11 @@ class KeyServiceServicer(services_pb2_grpc.KeyServiceServicer):
                     f"{expected}; call Decrypt without key_id or with the key it names"
                 )
             entry, plaintext = self._open(
-                call, request.ciphertext_blob, encryption_context, keys_pb2.KEY_OPERATION_DECRYPT
+                call,
+                request.ciphertext_blob,
+                encoded_context,
+                keys_pb2.KEY_OPERATION_DECRYPT,
+                header,
             )
             return services_pb2.DecryptResponse(key_id=entry.key_id, plaintext=plaintext)
 
@@ -368,18 +381,18 @@ class KeyServiceServicer(services_pb2_grpc.KeyServiceServicer):
             call.context = {f"source:{k}": v for k, v in source_context.items()} | {
                 f"destination:{k}": v for k, v in destination_context.items()
             }
-            ciphertext.encode_context(source_context, self._limits)
-            ciphertext.encode_context(destination_context, self._limits)
+            encoded_source = ciphertext.encode_context(source_context, self._limits)
+            encoded_destination = ciphertext.encode_context(destination_context, self._limits)
             destination_id = ciphertext.validate_key_id(request.destination_key_id)
             source, plaintext = self._open(
                 call,
                 request.ciphertext_blob,
-                source_context,
+                encoded_source,
                 keys_pb2.KEY_OPERATION_RE_ENCRYPT_FROM,
             )
             call.key_id = destination_id
             destination = self._usable(destination_id, call, keys_pb2.KEY_OPERATION_RE_ENCRYPT_TO)
-            blob = self._seal(destination, plaintext, destination_context)
+            blob = self._seal(destination, plaintext, encoded_destination)
             call.detail = (
                 f"from key {source.key_id} to backing version {destination.current_version}"
             )
@@ -397,11 +410,11 @@ class KeyServiceServicer(services_pb2_grpc.KeyServiceServicer):
         with_plaintext: bool,
     ) -> services_pb2.GenerateDataKeyResponse:
         key_id = self._key_id(call, request.key_id)
-        encryption_context = self._context(call, request.encryption_context)
+        encoded_context = self._context(call, request.encryption_context)
         count = self._byte_count(request.number_of_bytes, DEFAULT_DATA_KEY_BYTES)
         entry = self._usable(key_id, call, keys_pb2.KEY_OPERATION_GENERATE_DATA_KEY)
         data_key = crypto.random_bytes(count)
-        blob = self._seal(entry, data_key, encryption_context)
+        blob = self._seal(entry, data_key, encoded_context)
         call.detail = f"{count} bytes, backing version {entry.current_version}"
         return services_pb2.GenerateDataKeyResponse(
             key_id=key_id, plaintext=data_key if with_plaintext else b"", ciphertext_blob=blob
@@ -485,7 +498,14 @@ class KeyServiceServicer(services_pb2_grpc.KeyServiceServicer):
             for record in records:
                 # Unverified: only to skip keys the caller may not see before verifying.
                 metadata = parse_metadata(record)
-                if metadata is None or not policy.allowed(
+                if metadata is None:
+                    refused += 1
+                    self._throttled.warning(
+                        "the coordinator listed a key record whose metadata does not parse; "
+                        "the coordinator may be compromised"
+                    )
+                    continue
+                if not policy.allowed(
                     metadata.policy, call.principal, keys_pb2.KEY_OPERATION_DESCRIBE
                 ):
                     continue

@@ -9,7 +9,11 @@ Invariants:
 - the domain keys exist only in memory, unsealed from the verified head;
 - a verified state that no longer lists this host is not installed: the node stops following
   (member False, NOT_SERVING), keeps its last state, and remembers the removing state on disk;
-- a refused state leaves the node unchanged and is logged with its reason.
+- a refused state leaves the node unchanged and is logged with its reason;
+- a fork seen with a peer (`record_fork`: the peer holds another state for a version this
+  node holds) changes nothing in the chain: the node keeps serving its verified chain (the
+  data plane must not stop because a peer is wrong), stays healthy, and says so in its status
+  detail until it restarts; each fork is logged at ERROR once.
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ from hsa_node.storage import NodeStore
 __all__ = ["DomainKeys", "DomainNode", "NodeStatus", "StoredStateError"]
 
 log = logging.getLogger(__name__)
+
+_MAX_FORKS_KEPT = 64  # distinct (version, peer) forks remembered; the first one is shown
 
 
 class StoredStateError(ChainError):
@@ -107,6 +113,7 @@ class DomainNode:
         self._removed_at = removed_at
         self._lock = threading.RLock()
         self._listeners: list[Callable[[bool], None]] = []
+        self._forks: dict[tuple[int, str], None] = {}  # (version, peer host id), in order seen
         self._throttled = ThrottledLog(log)
 
     # --- startup -------------------------------------------------------------------------
@@ -245,7 +252,7 @@ class DomainNode:
             elif not self._keys:
                 detail = "the domain keys are not unsealed"
             else:
-                detail = ""
+                detail = self._fork_detail_locked()
             return NodeStatus(
                 host_id=self._identity.host_id,
                 domain_id=self._chain.domain_id,
@@ -256,6 +263,34 @@ class DomainNode:
                 member=member,
                 detail=detail,
             )
+
+    def record_fork(self, version: int, peer_host_id: str) -> None:
+        """Remember that peer `peer_host_id` holds another state than ours for `version`.
+
+        The chain is not touched: this node keeps serving the chain it verified. The fork is
+        logged at ERROR the first time it is seen and shown in the status detail.
+        """
+        with self._lock:
+            if (version, peer_host_id) in self._forks or len(self._forks) >= _MAX_FORKS_KEPT:
+                return
+            self._forks[(version, peer_host_id)] = None
+            ours = self._chain.known_hash(version)
+        log.error(
+            "fork detected at version %d with peer %s: it holds another state for that version "
+            "than this host (%s); keeping the verified chain and serving it: investigate which "
+            "states the coordinator handed out",
+            version,
+            peer_host_id,
+            ours.hex()[:16] if ours is not None else "not held here",
+        )
+
+    def _fork_detail_locked(self) -> str:
+        if not self._forks:
+            return ""
+        version, peer = next(iter(self._forks))
+        more = len(self._forks) - 1
+        also = f" (and {more} more)" if more else ""
+        return f"fork detected at version {version} with peer {peer}{also}: investigate"
 
     def signing_snapshot(self) -> SigningSnapshot:
         """The head and a copy of its domain keys, to compute and seal a successor.

@@ -3,9 +3,15 @@
 Three background threads feed `DomainNode.offer`, each state in version order:
 1. `WatchStates(after_version)` from the coordinator (reconnects with backoff);
 2. every `pull_interval_seconds`: `RegisterHsa` (so the coordinator knows where this host
-   listens), `GetStatesAfter(version)` and `ListHsas` (cached in `peers.json`);
+   listens, and which version and state hash it has installed), `GetStatesAfter(version)`
+   and `ListHsas` (cached in `peers.json`); the same thread registers again as soon as the
+   node installs a state (the node's listener only sets an event), so operators waiting for
+   a change see it reported within a round trip;
 3. every `gossip_interval_seconds`: `GetStatesAfter(version)` from one random peer HSA over
-   mutual TLS as this host (works while the coordinator is down).
+   mutual TLS as this host (works while the coordinator is down). A peer that holds another
+   state for a version this node holds (a fork: somebody told the two of them different
+   things) is recorded on the node (`DomainNode.record_fork`), which keeps serving its own
+   verified chain and says so in its status.
 
 Invariants: nothing a source returns is believed before `offer` verified it; every call has
 a deadline except the stream, which is cancelled on shutdown; an error of one path is logged
@@ -17,6 +23,7 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, Final, cast
 
@@ -25,11 +32,13 @@ import grpc
 from domain_core import transport
 from domain_core.errors import (
     ChainGapError,
+    ForkError,
     HsmDomainError,
     RollbackError,
     UnavailableError,
 )
 from domain_core.limits import DEFAULT_LIMITS, Limits
+from domain_core.model import SealedState
 from domain_core.pb import domain_pb2, services_pb2, services_pb2_grpc
 from domain_core.transport import TlsMaterial
 from hsa_node._logging import ThrottledLog
@@ -56,12 +65,18 @@ def _rpc_reason(error: grpc.RpcError) -> str:
     return f"{name}: {details}"
 
 
-def pull_states(node: DomainNode, fetch: FetchStates, source: str) -> int:
+def pull_states(
+    node: DomainNode,
+    fetch: FetchStates,
+    source: str,
+    on_fork: Callable[[SealedState], None] | None = None,
+) -> int:
     """Fetch states after the node's version in batches and offer them in order.
 
     Returns how many states were installed. Stops at the first refused state (raising its
-    error) or when a batch brings nothing new (a source may return fewer than `limit` states
-    per batch to stay under the message size limit, so a short batch is not the end).
+    error, after calling `on_fork` with the state when the refusal is a ForkError) or when a
+    batch brings nothing new (a source may return fewer than `limit` states per batch to stay
+    under the message size limit, so a short batch is not the end).
     """
     installed = 0
     while True:
@@ -76,6 +91,10 @@ def pull_states(node: DomainNode, fetch: FetchStates, source: str) -> int:
                 if node.removed_at is not None:
                     return installed
                 continue  # a state we hold already; the next ones may be new
+            except ForkError:
+                if on_fork is not None:
+                    on_fork(state)
+                raise
         if node.removed_at is not None or not messages or node.version == before:
             return installed
 
@@ -111,6 +130,7 @@ class Syncer:
         self._throttled = ThrottledLog(log)
         self._coordinator_channel: grpc.Channel | None = None
         self._coordinator: services_pb2_grpc.CoordinatorStub | None = None
+        self._state_changed = threading.Event()  # set by the node: register again soon
         if coordinator:
             self._coordinator_channel = transport.mtls_channel(coordinator, tls, limits)
             self._coordinator = services_pb2_grpc.CoordinatorStub(  # type: ignore[no-untyped-call]
@@ -124,6 +144,8 @@ class Syncer:
         loops: list[tuple[str, Callable[[], None]]] = [("gossip", self._gossip_loop)]
         if self._coordinator is not None:
             loops += [("watch", self._watch_loop), ("pull", self._pull_loop)]
+            # Called under the node's lock after every install: it must not block.
+            self._node.add_listener(lambda _serving: self._state_changed.set())
         for name, target in loops:
             thread = threading.Thread(target=target, name=f"sync-{name}", daemon=True)
             thread.start()
@@ -132,6 +154,7 @@ class Syncer:
     def stop(self, timeout: float = 3.0) -> None:
         """Stop every thread, cancel the stream, close the channels."""
         self._stop.set()
+        self._state_changed.set()  # wakes the pull thread
         with self._lock:
             call = self._watch_call
         if call is not None:
@@ -228,19 +251,36 @@ class Syncer:
             self._stop.wait(backoff)
             backoff = min(backoff * 2, _BACKOFF_MAX)
 
+    def _register(self) -> None:
+        """Tell the coordinator where this host listens and which state it has installed.
+
+        Clears the state-changed event first, so an install after the head was read here
+        triggers another registration.
+        """
+        stub = self._coordinator
+        assert stub is not None
+        self._state_changed.clear()
+        if self._node.removed_at is not None:
+            return
+        head = self._node.head
+        try:
+            stub.RegisterHsa(
+                services_pb2.RegisterHsaRequest(
+                    host_id=self._node.host_id,
+                    address=self._address,
+                    version=head.version,
+                    state_hash=head.hash,
+                ),
+                timeout=CALL_DEADLINE_SECONDS,
+            )
+        except grpc.RpcError as error:
+            self._report("register", _rpc_reason(error))
+
     def _pull_round(self) -> None:
         stub = self._coordinator
         assert stub is not None
         if self._node.removed_at is None:
-            try:
-                stub.RegisterHsa(
-                    services_pb2.RegisterHsaRequest(
-                        host_id=self._node.host_id, address=self._address
-                    ),
-                    timeout=CALL_DEADLINE_SECONDS,
-                )
-            except grpc.RpcError as error:
-                self._report("register", _rpc_reason(error))
+            self._register()
             self._catch_up_quietly()
         try:
             listed = stub.ListHsas(services_pb2.ListHsasRequest(), timeout=CALL_DEADLINE_SECONDS)
@@ -260,7 +300,16 @@ class Syncer:
                 self._pull_round()
             except Exception:
                 log.exception("pull: unexpected error")
-            self._stop.wait(self._pull_interval)
+            next_round = time.monotonic() + self._pull_interval
+            while not self._stop.is_set():
+                remaining = next_round - time.monotonic()
+                if remaining <= 0:
+                    break
+                if self._state_changed.wait(remaining) and not self._stop.is_set():
+                    try:
+                        self._register()  # a state was installed: report it now
+                    except Exception:
+                        log.exception("register: unexpected error")
 
     # --- gossip --------------------------------------------------------------------------
 
@@ -304,7 +353,10 @@ class Syncer:
                 ) from None
             return list(response.states)
 
-        return pull_states(self._node, fetch, f"peer {peer.host_id}")
+        def on_fork(state: SealedState) -> None:
+            self._node.record_fork(state.version, peer.host_id)
+
+        return pull_states(self._node, fetch, f"peer {peer.host_id}", on_fork)
 
     def _gossip_loop(self) -> None:
         while not self._stop.wait(self._gossip_interval):

@@ -9,14 +9,15 @@ Invariants kept here:
 - an approval file is checked here (signature under a current operator's key) before it is
   relayed, so a broken one is refused with a reason rather than by the coordinator;
 - `--wait` returns 0 only once the change is applied everywhere (see `wait_applied`), and
-  gives up with status 1 after --timeout.
+  gives up with status 1 after --timeout, naming the hosts still behind.
 
-"Applied everywhere" means, as far as an operator can observe without a TLS client
-certificate: the coordinator reports the proposal applied as version V; this tool fetched
-state V and verified it from its trust anchor; and every host of state V is registered with the
-coordinator, which pushes each stored state to every registered member (HSAs also pull it
-every few seconds). An HSA's own version is shown only to CA-certified callers
-(`HsaAdmin.GetStatus`); `hsm-domain status DIR` shows it for a local domain.
+"Applied everywhere" means: the coordinator reports the proposal applied as version V; this
+tool fetched state V and verified it from its trust anchor; and every host of state V reports
+(through the coordinator's `ListHsas`) that it has installed version V with exactly the
+verified hash of V, or a later version. Operators have no TLS client certificate to ask HSAs
+themselves, so those reports are the HSAs' own words relayed by the untrusted coordinator:
+they tell an operator when to stop waiting, never what to trust. `hsm-domain status DIR` asks
+each HSA of a local domain directly.
 """
 
 from __future__ import annotations
@@ -24,12 +25,14 @@ from __future__ import annotations
 import argparse
 import itertools
 import time
+from collections.abc import Sequence
 from typing import Any, Final, TextIO
 
 from domain_core import quorum
 from domain_core.client import ProposalView
 from domain_core.errors import BadSignatureError, UnavailableError, UnknownSignerError
-from domain_core.pb import domain_pb2
+from domain_core.model import SealedState
+from domain_core.pb import domain_pb2, services_pb2
 from operator_tool._review import Review, review_lines, summary_json
 from operator_tool._signing import add_yes_option, confirm, human_stream, operator_token
 from operator_tool._where import Connection, add_domain_options, connect
@@ -37,7 +40,7 @@ from operator_tool.cli import CommandContext, Subparsers, add_command, add_group
 from operator_tool.offline import read_approval_file
 from operator_tool.proposal_commands import submitted_text
 
-__all__ = ["register", "wait_applied"]
+__all__ = ["hosts_behind", "register", "wait_applied"]
 
 DEFAULT_WAIT_SECONDS: Final = 60.0
 _POLL_SECONDS: Final = 0.25
@@ -67,6 +70,41 @@ class _Progress:
             self._stream.flush()
 
 
+def _age(reported_at: int, now: float) -> str:
+    seconds = max(0, int(now) - reported_at)
+    return f"{seconds} s ago" if seconds < 120 else f"{seconds // 60} min ago"
+
+
+def hosts_behind(
+    state: SealedState,
+    reports: Sequence[services_pb2.HsaEndpoint],
+    now: float | None = None,
+) -> list[str]:
+    """The hosts of `state` that do not report it (or a later version) yet, each with what
+    it last reported; with `now`, how long ago it reported that."""
+    by_host = {e.host_id: e for e in reports}
+    behind = []
+    for host in (h.host_id for h in state.manifest.message.hosts):
+        entry = by_host.get(host)
+        if entry is None:
+            behind.append(f"{host} (not registered with the coordinator)")
+            continue
+        if entry.version > state.version or (
+            entry.version == state.version and entry.state_hash == state.hash
+        ):
+            continue
+        if entry.version == state.version:
+            what = f"reports another state for version {state.version}: investigate"
+        elif entry.version == 0:
+            what = "has not reported a version"
+        else:
+            what = f"at version {entry.version}"
+        if now is not None and entry.reported_at:
+            what += f", reported {_age(entry.reported_at, now)}"
+        behind.append(f"{host} ({what})")
+    return behind
+
+
 def wait_applied(
     ctx: CommandContext, conn: Connection, proposal_id: bytes, timeout: float
 ) -> dict[str, Any]:
@@ -75,21 +113,26 @@ def wait_applied(
     progress = _Progress(ctx.stderr)
     try:
         while True:
+            last_round = time.monotonic() >= deadline
             r = conn.review(conn.client.get_proposal(proposal_id))
             if r.state == "applied":
                 state = conn.verified().states[r.applied_version]
                 members = [h.host_id for h in state.manifest.message.hosts]
-                registered = {e.host_id for e in conn.client.list_hsas()}
-                missing = [m for m in members if m not in registered]
-                if not missing:
+                reports = conn.client.list_hsas()
+                # Report ages only in the final message: a progress line is printed each
+                # time its text changes, and that should mean the facts changed.
+                behind = hosts_behind(state, reports, time.time() if last_round else None)
+                if not behind:
+                    reported = {e.host_id: e.version for e in reports if e.host_id in members}
                     return {
                         "applied_version": r.applied_version,
                         "state_hash": state.hash.hex(),
                         "hosts": members,
+                        "reported_versions": reported,
                     }
                 text = (
-                    f"version {r.applied_version} verified; waiting for "
-                    f"{', '.join(missing)} to register with the coordinator"
+                    f"version {r.applied_version} is applied and verified; not reported yet by "
+                    + ", ".join(behind)
                 )
             elif r.pending:
                 text = (
@@ -100,10 +143,10 @@ def wait_applied(
             else:
                 r.require_pending()
                 text = r.state
-            if time.monotonic() >= deadline:
+            if last_round:
                 raise UnavailableError(f"gave up waiting after {timeout:g} s: {text}")
             progress.update(text)
-            time.sleep(_POLL_SECONDS)
+            time.sleep(min(_POLL_SECONDS, max(0.0, deadline - time.monotonic())))
     finally:
         progress.done()
 
@@ -122,7 +165,7 @@ def _finish(ctx: CommandContext, conn: Connection, view: ProposalView) -> int:
         document["applied_everywhere"] = applied
         text = (
             f"applied everywhere: version {applied['applied_version']} is verified and every "
-            f"host of it ({', '.join(applied['hosts'])}) is registered with the coordinator"
+            f"host of it ({', '.join(applied['hosts'])}) reports it installed"
         )
     ctx.emit(document, text)
     return 0
@@ -190,7 +233,9 @@ def _wait_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--wait",
         action="store_true",
-        help="wait until the change is applied everywhere (a spinner on a terminal)",
+        help="wait until the change is applied everywhere: every host of the new state "
+        "reports it installed (a spinner on a terminal; exit 1 naming the hosts behind after "
+        "--timeout)",
     )
     parser.add_argument(
         "--timeout",
@@ -203,8 +248,11 @@ def _wait_options(parser: argparse.ArgumentParser) -> None:
 
 _WAIT_NOTES = """
     --wait: "applied everywhere" means the coordinator reports the proposal applied as
-    version V, this tool verified state V from your trust anchor, and every host of V is
-    registered with the coordinator (which pushes V to each of them).
+    version V, this tool verified state V from your trust anchor, and every host of V
+    reports (as relayed by the coordinator's ListHsas) version V with the verified hash of
+    V, or a later version. After --timeout it exits 1 naming the hosts still behind; the
+    approval was submitted all the same. The reports are the HSAs' own words passed on by
+    the untrusted coordinator: they end the wait, they are not verified.
     """
 
 

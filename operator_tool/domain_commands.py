@@ -2,8 +2,9 @@
 
 Invariants: what `status` reports about the domain's trust structure (hosts, operators,
 quorum, settings, key generation) comes from the head this tool verified from its trust
-anchor; the coordinator's own report (its version, registered HSAs, pending count) is shown
-beside it, marked as the coordinator's, with whether it agrees. `export-state` writes only a
+anchor; the coordinator's own report (its version, registered HSAs and the version each HSA
+says it has installed, pending count) is shown beside it, marked as the coordinator's, with
+whether it agrees. `export-state` writes only a
 verified state, never overwriting a file; that file is what an operator takes to an offline
 machine for `sign-offline --state`, and what `--state` pins on a connected one.
 """
@@ -38,6 +39,7 @@ def _status(ctx: CommandContext) -> int:
     head = domain.head
     manifest = head.manifest.message
     registered = {e.host_id: e.address for e in reported.hsas}
+    said = {e.host_id: int(e.version) for e in reported.hsas}  # self-reports, relayed
     hosts = [HostRow.of(h) for h in manifest.hosts]
     operators = [OperatorRow.of(o) for o in manifest.operators]
     quorum = quorum_view(manifest)
@@ -56,6 +58,7 @@ def _status(ctx: CommandContext) -> int:
                 **row.to_json(),
                 "registered": row.host_id in registered,
                 "address": registered.get(row.host_id),
+                "reported_version": said.get(row.host_id) or None,
             }
             for row in hosts
         ],
@@ -90,12 +93,13 @@ def _status(ctx: CommandContext) -> int:
         "",
         f"hosts ({len(hosts)}):",
         *table(
-            [["HOST", "REGISTERED", "ADDRESS", "TLS CERTIFICATE"]]
+            [["HOST", "REGISTERED", "ADDRESS", "REPORTS VERSION", "TLS CERTIFICATE"]]
             + [
                 [
                     row.host_id,
                     "yes" if row.host_id in registered else "no",
                     registered.get(row.host_id, "-"),
+                    str(said.get(row.host_id) or "-"),
                     row.tls_fingerprint[:16],
                 ]
                 for row in hosts

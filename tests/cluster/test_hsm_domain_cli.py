@@ -199,11 +199,22 @@ def test_up_detached_status_and_down(
     assert report["coordinator"]["reachable"] is True
     assert report["coordinator"]["version"] == 1
     assert report["coordinator"]["pending_proposals"] == 0
+    # What each HSA told the coordinator it has installed (each registers as it starts).
+    expected = {h: (1, report["genesis_hash"]) for h in ("hsa-1", "hsa-2", "hsa-3")}
+    deadline = time.monotonic() + 10
+    while True:
+        reported = report["coordinator"]["reported"]
+        if {h: (r["version"], r["state_hash"]) for h, r in reported.items()} == expected:
+            break
+        assert time.monotonic() < deadline, reported
+        time.sleep(0.2)
+        report = json.loads(run("status", directory, "--json").stdout)
     assert {p["name"]: p["pid"] for p in report["processes"]} == pids
 
     text = run("status", directory)
     assert text.returncode == 0
     assert "all healthy" in text.stdout
+    assert f"  hsa-2 reports version 1, state {report['genesis_hash'][:12]}" in text.stdout
 
     refused = run("up", directory, "--detach")
     assert refused.returncode == 1

@@ -359,6 +359,48 @@ def test_refusals_and_exit_statuses(ops: Operators) -> None:
     assert "no proposal id starts with" in ops.refused("proposals", "show", "abcdef12")
 
 
+# --- --wait: until every host reports the new state -----------------------------------------
+
+
+def test_approve_wait_ends_when_every_host_reports_the_new_state(ops: Operators) -> None:
+    hosts = ["hsa-1", "hsa-2", "hsa-3"]
+    pid = ops.propose("alice", "rotate-domain-key")["proposal_id"]
+    done = ops.json("approve", pid, *ops.token("bob"), "--yes", "--wait", "--timeout", "30")
+    applied = done["applied_everywhere"]
+    assert (applied["applied_version"], applied["hosts"]) == (2, hosts)
+    assert applied["reported_versions"] == dict.fromkeys(hosts, 2)
+    for host in hosts:  # what they reported through the coordinator is what they hold
+        status = ops.cluster.node_status(host)
+        assert (status.version, status.state_hash.hex()) == (2, applied["state_hash"])
+
+    # hsa-3 is down: the change applies (quorum does not need it) but never reaches it, and
+    # the wait gives up naming it and what it last reported.
+    assert ops.cluster.stop_node("hsa-3") == 0
+    pid = ops.propose("alice", "rotate-domain-key")["proposal_id"]
+    result = ops.run("approve", pid, *ops.token("bob"), "--yes", "--wait", "--timeout", "3")
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    *progress, cause = result.stderr.strip().splitlines()
+    assert cause.startswith(
+        "hsm-operator: error: gave up waiting after 3 s: version 3 is applied and verified; "
+        "not reported yet by hsa-3 (at version 2, reported "
+    ), cause
+    assert cause.endswith(" ago)")
+    assert "hsa-1" not in cause
+    assert "hsa-2" not in cause
+    # Without a terminal: one progress line per change of what is awaited, no spinner.
+    assert progress == [
+        "waiting: version 3 is applied and verified; not reported yet by hsa-3 (at version 2)"
+    ]
+    assert ops.status()["version"] == 3  # the approval counted all the same
+
+    # hsa-3 comes back, catches up and reports: the next change waits for all three again.
+    ops.cluster.start_node("hsa-3")
+    pid = ops.propose("alice", "rotate-domain-key")["proposal_id"]
+    done = ops.json("approve", pid, *ops.token("bob"), "--yes", "--wait", "--timeout", "30")
+    assert done["applied_everywhere"]["reported_versions"] == dict.fromkeys(hosts, 4)
+    assert ops.cluster.node_status("hsa-3").version == 4
+
+
 # --- --json documents ------------------------------------------------------------------------
 
 
@@ -390,6 +432,7 @@ def test_json_of_read_commands(ops: Operators) -> None:
     assert status["coordinator"]["agrees"] is True
     assert status["coordinator"]["pending_proposals"] == 1
     assert all(h["registered"] for h in status["hosts"])
+    assert [h["reported_version"] for h in status["hosts"]] == [1, 1, 1]
     assert status["verified_from"].startswith("the pinned genesis")
     # The same, verified from an exported state instead of the genesis (another domain's way).
     ops.ok("domain", "export-state", "--out", "pin.state")

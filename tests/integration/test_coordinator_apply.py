@@ -278,3 +278,70 @@ def test_approvals_of_expired_and_stale_proposals_are_refused(
     assert setup.client.get_proposal(expiring.proposal_id).state == "expired"
     assert setup.client.get_proposal(overtaken.proposal_id).state == "stale"
     assert setup.client.list_proposals() == []
+
+
+def test_each_hsas_reported_version_is_listed_for_operators(
+    tmp_path: Path, cleanup: list[Callable[[], None]], caplog: pytest.LogCaptureFixture
+) -> None:
+    setup = start(tmp_path, cleanup)
+    alice, bob = setup.domain.operators["alice"], setup.domain.operators["bob"]
+    genesis = setup.client.latest_state()
+    # The scripted HSA registered without saying which version it has installed.
+    [listed] = setup.client.list_hsas()
+    assert listed.host_id == "hsa-1"
+    assert (listed.version, listed.state_hash, listed.reported_at) == (0, b"", 0)
+
+    # The push: the coordinator keeps the version the HSA acknowledges in InstallState.
+    view = setup.client.propose([rotate_domain_key()], alice)
+    assert setup.client.approve(view.proposal_id, bob).applied
+    head = setup.client.latest_state()
+    wait_for("the push", lambda: setup.hsa.installed == [2])
+    wait_for("the acknowledged version", lambda: setup.client.list_hsas()[0].version == 2)
+    [listed] = setup.client.list_hsas()
+    assert listed.state_hash == head.hash
+    assert abs(listed.reported_at - time.time()) < 60
+    [status_entry] = setup.client.domain_status().hsas
+    assert (status_entry.version, status_entry.state_hash) == (2, head.hash)
+
+    addresses = setup.coordinator.addresses
+    assert addresses is not None
+    with mtls_channel(addresses.address, setup.domain.tls("hsa", "hsa-1")) as channel:
+        stub: Any = services_pb2_grpc.CoordinatorStub(channel)  # type: ignore[no-untyped-call]
+
+        def register(version: int, state_hash: bytes) -> Any:
+            return stub.RegisterHsa(
+                services_pb2.RegisterHsaRequest(
+                    host_id="hsa-1",
+                    address=listed.address,
+                    version=version,
+                    state_hash=state_hash,
+                ),
+                timeout=5,
+            )
+
+        # A version without its hash, a hash of the wrong size, a version out of range.
+        for version, state_hash in (
+            (2, b""),
+            (0, head.hash),
+            (2, b"\x01" * 31),
+            (2**63, head.hash),
+        ):
+            with pytest.raises(grpc.RpcError) as bad:
+                register(version, state_hash)
+            assert bad.value.code() is grpc.StatusCode.INVALID_ARGUMENT, (version, state_hash)
+        assert setup.client.list_hsas()[0].version == 2  # unchanged by the refused calls
+
+        # RegisterHsa is the HSA's own latest word: it replaces the report.
+        def reported() -> tuple[int, bytes]:
+            [entry] = setup.client.list_hsas()
+            return entry.version, entry.state_hash
+
+        register(1, genesis.hash)
+        assert reported() == (1, genesis.hash)
+
+        # A report that contradicts the coordinator's chain is relayed as said, and logged.
+        with caplog.at_level("WARNING", logger="domain_coordinator.service"):
+            register(2, b"\x07" * 32)
+        assert reported() == (2, b"\x07" * 32)
+        assert "hsa-1 reports state 0707070707070707 at version 2" in caplog.text
+        assert "a fork; investigate" in caplog.text

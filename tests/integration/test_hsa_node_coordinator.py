@@ -78,6 +78,13 @@ def registered(procs: Processes) -> dict[str, str]:
     return {h.host_id: h.address for h in listed.hsas}
 
 
+def reports(procs: Processes) -> dict[str, tuple[str, int, bytes]]:
+    """What the coordinator lists for each node: address, reported version and state hash."""
+    coordinator = stub(services_pb2_grpc.CoordinatorStub, procs.operator_channel())
+    listed = coordinator.ListHsas(services_pb2.ListHsasRequest(), timeout=DEADLINE)
+    return {h.host_id: (h.address, h.version, h.state_hash) for h in listed.hsas}
+
+
 def peers_file(domain: Domain, host: str) -> dict[str, str]:
     path = domain.data_dir(host) / "peers.json"
     if not path.exists():
@@ -91,6 +98,11 @@ def test_nodes_register_apply_and_catch_up_through_the_coordinator(
     procs.start(*HOSTS)
     expected = {host: procs.addresses[host] for host in HOSTS}
     wait_for(lambda: registered(procs) == expected, what="every node to register")
+    genesis = (1, domain.genesis.hash)
+    wait_for(
+        lambda: {h: r[1:] for h, r in reports(procs).items()} == dict.fromkeys(HOSTS, genesis),
+        what="every node to report the genesis state it holds",
+    )
     wait_for(
         lambda: all(peers_file(domain, host) == expected for host in HOSTS),
         what="every node to cache the peer list",
@@ -140,3 +152,13 @@ def test_the_watch_stream_delivers_states_the_coordinator_cannot_push(
     wait_for(lambda: versions(procs) == [2, 2, 2], what="every node at version 2")
     assert "version 2" in procs.log_text("hsa-3")
     assert "from coordinator stream" in procs.log_text("hsa-3")
+
+    # Each node registered again as soon as it installed version 2, not at its next pull
+    # (60 s away): the coordinator lists hsa-3 back at its own address, and every node
+    # reporting version 2 with the hash of the state it installed.
+    head_hash = procs.status("hsa-3").state_hash
+    wait_for(
+        lambda: reports(procs) == {host: (procs.addresses[host], 2, head_hash) for host in HOSTS},
+        timeout=10.0,
+        what="every node to report version 2 to the coordinator",
+    )

@@ -17,6 +17,7 @@ from domain_core import crypto, sealing
 from domain_core.config import NodeConfig
 from domain_core.errors import (
     ChainGapError,
+    ForkError,
     InvalidKeyTokenError,
     PermissionDeniedError,
     RollbackError,
@@ -208,3 +209,52 @@ def test_loading_twice_replays_the_stored_chain(domain: Domain) -> None:
     assert time.monotonic() - started < 5
     assert (again.version, again.head.hash) == (2, state.hash)
     assert again.serving
+
+
+def test_a_fork_with_a_peer_is_recorded_and_the_node_keeps_serving(
+    domain: Domain, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two valid versions 2 (say an equivocating coordinator gave one to each host): pulling
+    from the peer that holds the other one records the fork on the node, which stays on its
+    own verified chain, healthy, and says so in its status."""
+    nodes = {host: load(domain, host).node for host in ("hsa-1", "hsa-2", "hsa-3")}
+    coordinator = as_caller(domain, "coordinator")
+    heads = {}
+    for host, node in nodes.items():
+        proposal, approvals = propose(domain, domain.genesis, ROTATE)
+        request = services_pb2.ApplyProposalRequest(proposal=proposal.raw, approvals=approvals)
+        state = SealedState.from_message(
+            HsaAdminServicer(node, unavailable).ApplyProposal(request, coordinator)
+        )
+        assert node.offer(state)
+        heads[host] = state
+    assert len({s.hash for s in heads.values()}) == 3
+    first = nodes["hsa-1"]
+    assert first.status().detail == ""
+
+    def gossip_with(peer: str) -> None:
+        """What `Syncer.gossip_once` does with one peer."""
+
+        def fetch(after: int) -> list[domain_pb2.SealedState]:
+            return [s.message for s in nodes[peer].states_after(max(after - 1, 0), 100)]
+
+        with pytest.raises(ForkError, match="two different states claim version 2"):
+            pull_states(first, fetch, f"peer {peer}", lambda s: first.record_fork(s.version, peer))
+
+    with caplog.at_level(logging.ERROR, logger="hsa_node.node"):
+        for _ in range(3):
+            gossip_with("hsa-2")
+        status = first.status()
+        assert (status.version, status.state_hash) == (2, heads["hsa-1"].hash)
+        assert (status.healthy, status.member, first.serving) == (True, True, True)
+        assert status.detail == "fork detected at version 2 with peer hsa-2: investigate"
+        gossip_with("hsa-3")
+        assert first.status().detail == (
+            "fork detected at version 2 with peer hsa-2 (and 1 more): investigate"
+        )
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 2, errors  # once per fork, however often gossip meets it
+    assert errors[0].startswith("fork detected at version 2 with peer hsa-2:")
+    assert heads["hsa-1"].hash.hex()[:16] in errors[0]
+    assert errors[1].startswith("fork detected at version 2 with peer hsa-3:")
+    assert first.domain_keys().generation == 2  # the data plane keeps its keys

@@ -220,7 +220,7 @@ class Processes:
 
     def status(self, host: str) -> services_pb2.HsaStatus:
         response: services_pb2.HsaStatus = self.admin(host).GetStatus(
-            services_pb2.HsaStatusRequest(), timeout=DEADLINE
+            services_pb2.HsaStatusRequest(), timeout=DEADLINE, wait_for_ready=True
         )
         return response
 

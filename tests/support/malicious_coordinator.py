@@ -15,8 +15,16 @@ holding the real hosts' and operators' keys (from the identity directories and t
 passphrase files), so `SimulatedDomain` builds honest states for the real domain and
 `support.simulator.MaliciousCoordinator` tampers with them.
 
+`KeyRecordCoordinatorServer` is the same server with a key-record store (`KeyRecordStore`):
+it keeps the records HSAs put honestly (compare-and-swap on revisions, as the real
+coordinator), and a test makes it lie about one key (`lie`): GetKey and ListKeyRecords then
+serve the scripted record instead, until `tell_truth`. The record forgers below it
+(`swap_tokens`, `with_metadata`, `reseal`, `relabel_generation`, `flip_token_bit`) build the
+lies from honest records.
+
 Invariants: the server and every channel it opens are closed by `stop()` (also on leaving a
-`with` block); nothing here changes the domain's files.
+`with` block); nothing here changes the domain's files; a lie never changes the honest record
+underneath it.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -33,8 +41,13 @@ from typing import Any, cast
 import grpc
 
 from deploy.init import COORDINATOR_NAME, DomainLayout, read_passphrase
-from domain_core import transport
-from domain_core.errors import NotFoundError
+from domain_core import keytokens, transport
+from domain_core.errors import (
+    AlreadyExistsError,
+    ConflictError,
+    InvalidInputError,
+    NotFoundError,
+)
 from domain_core.identity import HostIdentity
 from domain_core.model import SealedState
 from domain_core.pb import domain_pb2, keys_pb2, services_pb2, services_pb2_grpc
@@ -45,13 +58,22 @@ from support.simulator import MaliciousCoordinator, SimHost, SimOperator, Simula
 
 __all__ = [
     "Attack",
+    "KeyRecordChain",
+    "KeyRecordCoordinatorServer",
+    "KeyRecordStore",
     "LogWatch",
     "MaliciousCoordinatorServer",
     "ScriptedChain",
+    "backing_keys_of",
     "coordinator_tls",
     "echo",
+    "flip_token_bit",
     "forging_domain",
+    "relabel_generation",
+    "reseal",
+    "swap_tokens",
     "wait_until",
+    "with_metadata",
 ]
 
 CALL_TIMEOUT = 5.0
@@ -419,3 +441,282 @@ def wait_until(condition: Any, what: str, timeout: float = 15.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
         time.sleep(0.05)
+
+
+# --- key records: an honest store that lies on request ---------------------------------------
+
+
+def _key_id_of(record: keys_pb2.KeyRecord) -> str:
+    """The key id a record's metadata names (InvalidInputError when it does not parse)."""
+    metadata = keys_pb2.KeyMetadata()
+    try:
+        metadata.ParseFromString(record.metadata)
+    except Exception:
+        raise InvalidInputError("record.metadata does not parse") from None
+    if not metadata.key_id:
+        raise InvalidInputError("record.metadata names no key")
+    return metadata.key_id
+
+
+class KeyRecordStore:
+    """Key records as an honest coordinator keeps them, plus scripted lies about some keys.
+
+    Honest part: `put` creates (expected revision 0) or replaces a record with a
+    compare-and-swap on its revision, `get` returns it with its revision, `list` pages by key
+    id, `delete` removes it with a compare-and-swap. Lies: `lie(key_id, record)` makes GetKey
+    and ListKeyRecords serve `record` for `key_id` (with the honest revision unless the lie
+    sets one) while the honest record stays stored underneath; `tell_truth` ends lies.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._records: dict[str, keys_pb2.KeyRecord] = {}
+        self._lies: dict[str, keys_pb2.KeyRecord] = {}
+        self.puts: Counter[str] = Counter()
+
+    # --- scripting -------------------------------------------------------------------------
+
+    def honest(self, key_id: str) -> keys_pb2.KeyRecord:
+        """A copy of the honest record of `key_id`, with its revision (KeyError if none)."""
+        with self._lock:
+            record = keys_pb2.KeyRecord()
+            record.CopyFrom(self._records[key_id])
+            return record
+
+    def honest_records(self) -> list[keys_pb2.KeyRecord]:
+        """Copies of every honest record."""
+        with self._lock:
+            return [self._copy(r) for r in self._records.values()]
+
+    def lie(self, key_id: str, record: keys_pb2.KeyRecord) -> None:
+        """Serve `record` for `key_id` on GetKey and ListKeyRecords from now on."""
+        with self._lock:
+            lie = self._copy(record)
+            if not lie.revision and key_id in self._records:
+                lie.revision = self._records[key_id].revision
+            self._lies[key_id] = lie
+
+    def tell_truth(self, key_id: str | None = None) -> None:
+        """Stop lying about `key_id` (or about every key)."""
+        with self._lock:
+            if key_id is None:
+                self._lies.clear()
+            else:
+                self._lies.pop(key_id, None)
+
+    @staticmethod
+    def _copy(record: keys_pb2.KeyRecord) -> keys_pb2.KeyRecord:
+        copy = keys_pb2.KeyRecord()
+        copy.CopyFrom(record)
+        return copy
+
+    def _served(self, key_id: str) -> keys_pb2.KeyRecord | None:
+        record = self._lies.get(key_id)
+        if record is None:
+            record = self._records.get(key_id)
+        return self._copy(record) if record is not None else None
+
+    # --- the coordinator's calls -----------------------------------------------------------
+
+    def get(self, key_id: str) -> keys_pb2.KeyRecord:
+        """What GetKey answers (NotFoundError when there is neither a record nor a lie)."""
+        with self._lock:
+            record = self._served(key_id)
+        if record is None:
+            raise NotFoundError(f"key {key_id[:80]} does not exist")
+        return record
+
+    def put(self, record: keys_pb2.KeyRecord, expected_revision: int) -> int:
+        """Store honestly with a compare-and-swap; the new revision."""
+        key_id = _key_id_of(record)
+        with self._lock:
+            current = self._records.get(key_id)
+            if expected_revision == 0 and current is not None:
+                raise AlreadyExistsError(f"key {key_id} exists already")
+            if expected_revision != 0:
+                if current is None:
+                    raise NotFoundError(f"key {key_id} does not exist")
+                if current.revision != expected_revision:
+                    raise ConflictError(
+                        f"key {key_id} is at revision {current.revision}, not "
+                        f"{expected_revision}: it changed meanwhile; read it again and retry"
+                    )
+            stored = self._copy(record)
+            stored.revision = (current.revision if current is not None else 0) + 1
+            self._records[key_id] = stored
+            self.puts[key_id] += 1
+            return int(stored.revision)
+
+    def list(self, limit: int, after: str) -> tuple[list[keys_pb2.KeyRecord], str]:
+        """One page in key-id order (lies in place of the honest records), and the next token."""
+        limit = limit or 100
+        with self._lock:
+            ids = sorted(set(self._records) | set(self._lies))
+            chosen = [k for k in ids if k > after]
+            page = chosen[:limit]
+            records = [r for r in (self._served(k) for k in page) if r is not None]
+        return records, (page[-1] if len(chosen) > limit else "")
+
+    def delete(self, key_id: str, expected_revision: int) -> None:
+        """Delete honestly with a compare-and-swap."""
+        with self._lock:
+            current = self._records.get(key_id)
+            if current is None:
+                raise NotFoundError(f"key {key_id} does not exist")
+            if current.revision != expected_revision:
+                raise ConflictError(
+                    f"key {key_id} is at revision {current.revision}, not {expected_revision}"
+                )
+            del self._records[key_id]
+            self._lies.pop(key_id, None)
+
+
+@dataclass
+class KeyRecordChain(ScriptedChain):
+    """`ScriptedChain` that also serves key records from a `KeyRecordStore`."""
+
+    keys: KeyRecordStore = field(default_factory=KeyRecordStore)
+
+    def GetKey(
+        self, request: services_pb2.GetKeyRequest, context: grpc.ServicerContext
+    ) -> keys_pb2.KeyRecord:
+        self.calls["GetKey"] += 1
+        return self.keys.get(request.key_id)
+
+    def PutKey(
+        self, request: services_pb2.PutKeyRequest, context: grpc.ServicerContext
+    ) -> services_pb2.PutKeyResponse:
+        self.calls["PutKey"] += 1
+        revision = self.keys.put(request.record, request.expected_revision)
+        return services_pb2.PutKeyResponse(revision=revision)
+
+    def ListKeyRecords(
+        self, request: services_pb2.ListKeyRecordsRequest, context: grpc.ServicerContext
+    ) -> services_pb2.ListKeyRecordsResponse:
+        self.calls["ListKeyRecords"] += 1
+        records, next_token = self.keys.list(request.limit, request.page_token)
+        return services_pb2.ListKeyRecordsResponse(records=records, next_page_token=next_token)
+
+    def DeleteKeyRecord(
+        self, request: services_pb2.DeleteKeyRecordRequest, context: grpc.ServicerContext
+    ) -> services_pb2.DeleteKeyRecordResponse:
+        self.calls["DeleteKeyRecord"] += 1
+        self.keys.delete(request.key_id, request.expected_revision)
+        return services_pb2.DeleteKeyRecordResponse()
+
+
+class KeyRecordCoordinatorServer(MaliciousCoordinatorServer):
+    """`MaliciousCoordinatorServer` whose chain also keeps key records and lies about them."""
+
+    def __init__(self, layout: DomainLayout) -> None:
+        super().__init__(layout)
+        self.chain: KeyRecordChain = KeyRecordChain()
+
+    @property
+    def keys(self) -> KeyRecordStore:
+        """The key records it serves (honest ones, and the lies a test scripts)."""
+        return self.chain.keys
+
+
+# --- forging key records -------------------------------------------------------------------------
+
+
+def _metadata(record: keys_pb2.KeyRecord) -> keys_pb2.KeyMetadata:
+    return keys_pb2.KeyMetadata.FromString(record.metadata)
+
+
+def swap_tokens(
+    record: keys_pb2.KeyRecord, other: keys_pb2.KeyRecord, *, relabel: bool = True
+) -> keys_pb2.KeyRecord:
+    """`record`'s metadata with `other`'s tokens; `relabel` makes the tokens name `record`'s
+    key (as a careful liar would), else they still name the other key."""
+    forged = keys_pb2.KeyRecord(metadata=record.metadata, revision=record.revision)
+    key_id = _metadata(record).key_id
+    for token in other.tokens:
+        forged.tokens.add().CopyFrom(token)
+        if relabel:
+            forged.tokens[-1].key_id = key_id
+    return forged
+
+
+def with_metadata(
+    record: keys_pb2.KeyRecord, mutate: Callable[[keys_pb2.KeyMetadata], None]
+) -> keys_pb2.KeyRecord:
+    """The record with its metadata edited by `mutate` and the original tokens kept."""
+    metadata = _metadata(record)
+    mutate(metadata)
+    forged = keys_pb2.KeyRecord()
+    forged.CopyFrom(record)
+    forged.metadata = metadata.SerializeToString(deterministic=True)
+    return forged
+
+
+def backing_keys_of(
+    record: keys_pb2.KeyRecord, domain_keys: Mapping[int, bytes]
+) -> dict[int, bytes]:
+    """The backing keys of an honest record, opened with the domain keys (for secrecy checks
+    and for `reseal`)."""
+    _, keys = keytokens.verify_key_record(record, domain_keys, _metadata(record).key_id)
+    return keys
+
+
+def reseal(
+    record: keys_pb2.KeyRecord,
+    domain_keys: Mapping[int, bytes],
+    mutate: Callable[[keys_pb2.KeyMetadata], None],
+    generation: int | None = None,
+) -> keys_pb2.KeyRecord:
+    """The record with edited metadata and valid tokens over it, sealed with the real domain
+    key (`generation`, default the newest held): what only someone holding the domain keys
+    could write, to reach the checks behind the token check."""
+    backing = backing_keys_of(record, domain_keys)
+    metadata = _metadata(record)
+    mutate(metadata)
+    generation = max(domain_keys) if generation is None else generation
+    forged = keys_pb2.KeyRecord(revision=record.revision)
+    metadata_bytes = metadata.SerializeToString(deterministic=True)
+    forged.metadata = metadata_bytes
+    for version, key in sorted(backing.items()):
+        forged.tokens.add().CopyFrom(
+            keytokens.wrap_backing_key(
+                domain_keys[generation],
+                generation,
+                metadata_bytes,
+                metadata.key_id,
+                version,
+                key,
+            )
+        )
+    return forged
+
+
+def relabel_generation(record: keys_pb2.KeyRecord, generation: int) -> keys_pb2.KeyRecord:
+    """The record with every token claiming domain key generation `generation`."""
+    forged = keys_pb2.KeyRecord()
+    forged.CopyFrom(record)
+    for token in forged.tokens:
+        token.domain_key_generation = generation
+    return forged
+
+
+def flip_token_bit(
+    record: keys_pb2.KeyRecord, index: int, part: str, bit: int
+) -> keys_pb2.KeyRecord:
+    """The record with one bit flipped in token `index`: `part` is "ciphertext", "nonce" or
+    "key_id" (bytes or text, `bit` counted from the start), or "backing_version" (an int)."""
+    forged = keys_pb2.KeyRecord()
+    forged.CopyFrom(record)
+    token = forged.tokens[index]
+    if part == "backing_version":
+        token.backing_version ^= 1 << bit
+    elif part == "key_id":
+        raw = bytearray(token.key_id.encode())
+        raw[bit // 8] ^= 1 << (bit % 8)
+        token.key_id = raw.decode(errors="replace")
+    elif part in ("ciphertext", "nonce"):
+        raw = bytearray(getattr(token, part))
+        raw[bit // 8] ^= 1 << (bit % 8)
+        setattr(token, part, bytes(raw))
+    else:
+        raise ValueError(f"no token part {part!r}")
+    return forged

@@ -14,6 +14,7 @@ import os
 import stat
 import threading
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +158,21 @@ def test_file_is_private(standard_log: Path) -> None:
 
 def test_format_time_is_rfc3339_utc_with_milliseconds() -> None:
     assert format_time(T0 + 1.2345) == "2026-01-01T00:00:01.234Z"
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.one_of(
+        st.floats(min_value=0, max_value=2**33, allow_nan=False),
+        # just below a millisecond or a second, where rounding to microseconds carries over
+        st.integers(0, 2**33).map(lambda s: s + 0.9999995),
+        st.integers(0, 2**33).map(lambda s: s + 0.0009995),
+    )
+)
+def test_format_time_is_what_datetime_shows(seconds: float) -> None:
+    moment = datetime.fromtimestamp(seconds, UTC)
+    expected = moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    assert format_time(seconds) == expected
 
 
 def sample_record() -> dict[str, Any]:

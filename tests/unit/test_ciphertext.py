@@ -260,6 +260,61 @@ def test_programming_errors_are_not_domain_errors() -> None:
         decrypt(bytes(31), BLOB, CONTEXT)
 
 
+# --- the pre-encoded paths of the key service ---------------------------------------------
+
+
+def test_encoded_paths_make_and_open_the_same_blobs() -> None:
+    encoded = ciphertext.encode_context(CONTEXT)
+    sealed = ciphertext.encrypt_encoded(KEY, KEY_ID, 2, PLAINTEXT, encoded)
+    assert parse_header(sealed).key_id == KEY_ID
+    assert decrypt(KEY, sealed, CONTEXT) == PLAINTEXT
+    for blob in (BLOB, sealed):
+        header = parse_header(blob)
+        assert ciphertext.decrypt_encoded(KEY, blob, encoded, header) == PLAINTEXT
+    # The encoding is the associated data: another context's encoding opens nothing.
+    with pytest.raises(InvalidCiphertextError) as info:
+        ciphertext.decrypt_encoded(KEY, BLOB, ciphertext.encode_context({}), parse_header(BLOB))
+    _assert_no_detail(info.value)
+
+
+def test_decrypt_encoded_refuses_the_header_of_another_blob() -> None:
+    encoded = ciphertext.encode_context(CONTEXT)
+    other = encrypt(KEY, KEY_ID, 2, PLAINTEXT, CONTEXT)
+    for blob, header in ((BLOB, parse_header(other)), (other, parse_header(BLOB))):
+        with pytest.raises(InvalidCiphertextError) as info:
+            ciphertext.decrypt_encoded(KEY, blob, encoded, header)
+        _assert_no_detail(info.value)
+    with pytest.raises(ValueError, match="backing_key"):
+        ciphertext.decrypt_encoded(bytes(31), BLOB, encoded, parse_header(BLOB))
+    with pytest.raises(TypeError):
+        ciphertext.decrypt_encoded(KEY, BLOB, CONTEXT, parse_header(BLOB))  # type: ignore[arg-type]
+
+
+def test_encrypt_encoded_checks_as_encrypt_does() -> None:
+    encoded = ciphertext.encode_context({})
+    with pytest.raises(ValueError, match="backing_key"):
+        ciphertext.encrypt_encoded(bytes(16), KEY_ID, 1, b"p", encoded)
+    with pytest.raises(LimitExceededError, match="plaintext"):
+        ciphertext.encrypt_encoded(KEY, KEY_ID, 1, bytes(4097), encoded)
+    with pytest.raises(TypeError):
+        ciphertext.encrypt_encoded(KEY, KEY_ID, 1, b"p", {})  # type: ignore[arg-type]
+    with pytest.raises(InvalidInputError, match="invalid key id"):
+        ciphertext.encrypt_encoded(KEY, KEY_ID.upper(), 1, b"p", encoded)
+
+
+def test_remembered_prefixes_still_check_their_inputs() -> None:
+    # The prefix of (key id, version 1) is remembered after this; True == 1 must still be
+    # refused, and bad values refused every time.
+    assert parse_header(encrypt(KEY, KEY_ID, 1, b"p", {})).backing_version == 1
+    for _ in range(2):
+        with pytest.raises(TypeError, match="backing_version"):
+            encrypt(KEY, KEY_ID, True, b"p", {})
+        with pytest.raises(ValueError, match="backing_version"):
+            encrypt(KEY, KEY_ID, 0, b"p", {})
+        with pytest.raises(InvalidInputError, match="invalid key id"):
+            encrypt(KEY, KEY_ID + " ", 1, b"p", {})
+
+
 # --- every failure is one error ------------------------------------------------------------
 
 

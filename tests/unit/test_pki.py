@@ -400,6 +400,37 @@ def test_peer_identity_accepts_a_bare_bytes_value_and_tuples(ca: DomainCA) -> No
         peer_identity({"x509_pem_cert": [pem, pem]})
 
 
+def test_peer_identity_cache_never_answers_for_another_certificate(ca: DomainCA) -> None:
+    # Same SPIFFE id, different keys: the parsed identity is remembered by the exact bytes,
+    # so each certificate keeps its own fingerprint however often they alternate.
+    spiffe = SpiffeId(DOMAIN, "hsa", "rotated")
+    first = ca.issue(spiffe, p256_public(), now=NOW)
+    second = ca.issue(spiffe, p256_public(), now=NOW)
+    other = ca.issue(SpiffeId(DOMAIN, "client", "other"), p256_public(), now=NOW)
+    for _ in range(3):
+        for pem in (first, second, other):
+            peer = peer_identity({"x509_pem_cert": [pem]})
+            assert peer.certificate_pem == pem
+            assert peer.fingerprint == certificate_fingerprint(pem)
+    assert peer_identity({"x509_pem_cert": [other]}).spiffe == SpiffeId(DOMAIN, "client", "other")
+    # One byte more (a trailing newline) is other bytes: parsed, not looked up.
+    assert peer_identity({"x509_pem_cert": [first + b"\n"]}).certificate_pem == first + b"\n"
+
+
+def test_peer_identity_cache_is_bounded_and_keeps_no_failure(ca: DomainCA) -> None:
+    from domain_core import pki
+
+    bad = self_signed([x509.DNSName("localhost")])
+    for _ in range(2):  # a refusal is not remembered: it is refused again, with its reason
+        with pytest.raises(UnauthenticatedError, match="no SPIFFE id"):
+            peer_identity({"x509_pem_cert": [bad]})
+    with pytest.raises(UnauthenticatedError, match="does not parse"):
+        peer_identity({"x509_pem_cert": [b"-----BEGIN CERTIFICATE-----\ngarbage"]})
+    info = pki._identity_of_certificate.cache_info()
+    assert info.maxsize == pki.PEER_IDENTITY_CACHE_ENTRIES
+    assert info.currsize <= info.maxsize
+
+
 # --- chain verification ----------------------------------------------------------------------
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from domain_core.errors import InvalidInputError, LimitExceededError, PermissionDeniedError
 from domain_core.limits import Limits
@@ -13,8 +15,10 @@ from domain_core.policy import (
     ALL_OPERATIONS,
     allowed,
     default_policy,
+    granted_operations,
     operation_name,
     require,
+    require_granted,
     validate_policy,
 )
 
@@ -104,6 +108,50 @@ def test_require_names_principal_operation_and_key() -> None:
     assert OPS not in str(info.value)
     with pytest.raises(PermissionDeniedError, match=f"principal {APP} may not administer with key"):
         require(POLICY, APP, ADMIN, KEY_ID)
+
+
+_PRINCIPALS = [APP, OPS, AUDITOR, "*", "", APP.upper()]
+_OPERATIONS = [*ALL_OPERATIONS, UNSPECIFIED, 99]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    grants=st.lists(
+        st.tuples(
+            st.lists(st.sampled_from(_PRINCIPALS), max_size=3),
+            st.lists(st.sampled_from(_OPERATIONS), max_size=4),
+        ),
+        max_size=4,
+    ),
+    principal=st.sampled_from(_PRINCIPALS),
+    operation=st.sampled_from(_OPERATIONS),
+)
+def test_granted_operations_decide_as_the_policy_does(
+    grants: list[tuple[list[str], list[int]]], principal: str, operation: int
+) -> None:
+    policy = _policy(*grants)
+    granted = granted_operations(policy)
+    expected = allowed(policy, principal, operation)
+    assert (operation in granted.get(principal, frozenset())) is expected
+    if expected:
+        require_granted(granted, principal, operation, KEY_ID)
+    else:
+        with pytest.raises(PermissionDeniedError) as via_set:
+            require_granted(granted, principal, operation, KEY_ID)
+        with pytest.raises(PermissionDeniedError) as via_policy:
+            require(policy, principal, operation, KEY_ID)
+        assert str(via_set.value) == str(via_policy.value)
+
+
+def test_granted_operations_cannot_be_changed() -> None:
+    granted = granted_operations(POLICY)
+    assert dict(granted) == {
+        APP: frozenset({ENCRYPT, DECRYPT}),
+        OPS: frozenset({DESCRIBE, ADMIN}),
+        AUDITOR: frozenset({DESCRIBE}),
+    }
+    with pytest.raises(TypeError):
+        granted[APP] = frozenset(ALL_OPERATIONS)  # type: ignore[index]
 
 
 def test_operation_names() -> None:

@@ -185,6 +185,80 @@ def test_registry_replaces_address(store: SqliteStore) -> None:
     ]
 
 
+def test_registry_keeps_the_version_each_hsa_reports(store: SqliteStore) -> None:
+    h2, h3, h4 = b"\x22" * 32, b"\x33" * 32, b"\x44" * 32
+    store.register_hsa("hsa-1", "127.0.0.1:1", 10, 2, h2)
+    store.register_hsa("hsa-2", "127.0.0.1:2", 10)  # an HSA that reports no version
+    [one, two] = store.list_hsas()
+    assert (one.version, one.state_hash, one.reported_at) == (2, h2, 10)
+    assert (two.version, two.state_hash, two.reported_at) == (0, b"", 0)
+
+    # An InstallState answer raises the version, never lowers it (a late answer to an
+    # older push), and only for a registered HSA.
+    assert store.record_hsa_version("hsa-1", 4, h4, 20)
+    assert not store.record_hsa_version("hsa-1", 3, h3, 21)
+    assert not store.record_hsa_version("hsa-9", 4, h4, 21)
+    [one, _] = store.list_hsas()
+    assert (one.version, one.state_hash, one.reported_at, one.registered_at) == (4, h4, 20, 10)
+    assert [h.host_id for h in store.list_hsas()] == ["hsa-1", "hsa-2"]
+
+    # The HSA's own registration is its latest word: it replaces the report, even a lower
+    # version (a host restored from an older disk says so).
+    store.register_hsa("hsa-1", "127.0.0.1:1", 30, 3, h3)
+    [one, _] = store.list_hsas()
+    assert (one.version, one.state_hash, one.reported_at, one.registered_at) == (3, h3, 30, 30)
+
+    with pytest.raises(ValueError, match="out of range"):
+        store.record_hsa_version("hsa-1", 2**63, h4, 40)
+    with pytest.raises(ValueError, match="out of range"):
+        store.register_hsa("hsa-1", "127.0.0.1:1", 40, -1, h4)
+
+
+def test_a_store_file_without_the_reported_version_columns_is_migrated(db_path: Path) -> None:
+    # The hsas table as the first coordinator releases made it, with a registered HSA.
+    with sqlite3.connect(db_path) as old:
+        old.executescript(
+            """
+            CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+            INSERT INTO meta (name, value) VALUES ('schema', '1');
+            CREATE TABLE states (version INTEGER PRIMARY KEY, state BLOB NOT NULL);
+            INSERT INTO states (version, state) VALUES (1, x'0102');
+            CREATE TABLE hsas (
+                host_id TEXT PRIMARY KEY, address TEXT NOT NULL, registered_at INTEGER NOT NULL
+            );
+            INSERT INTO hsas (host_id, address, registered_at) VALUES ('hsa-1', '127.0.0.1:1', 7);
+            """
+        )
+    old.close()
+
+    store = SqliteStore(db_path)
+    try:
+        assert store.latest_state() == b"\x01\x02"
+        [hsa] = store.list_hsas()
+        assert (hsa.host_id, hsa.address, hsa.registered_at) == ("hsa-1", "127.0.0.1:1", 7)
+        assert (hsa.version, hsa.state_hash, hsa.reported_at) == (0, b"", 0)
+        assert store.record_hsa_version("hsa-1", 1, b"\x11" * 32, 8)
+        store.register_hsa("hsa-2", "127.0.0.1:2", 9, 1, b"\x11" * 32)
+    finally:
+        store.close()
+    again = SqliteStore(db_path)  # finds the columns there and keeps what was written
+    try:
+        assert [(h.host_id, h.version, h.reported_at) for h in again.list_hsas()] == [
+            ("hsa-1", 1, 8),
+            ("hsa-2", 1, 9),
+        ]
+    finally:
+        again.close()
+    with sqlite3.connect(db_path) as check:
+        columns = [r[1] for r in check.execute("PRAGMA table_info(hsas)")]
+        schema = check.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()[0]
+    check.close()
+    assert columns == [
+        "host_id", "address", "registered_at", "version", "state_hash", "reported_at",
+    ]  # fmt: skip
+    assert schema == "1"
+
+
 def test_key_records_compare_and_swap(store: SqliteStore) -> None:
     assert store.put_key("k1", b"v1", 0) == 1
     with pytest.raises(AlreadyExistsError):

@@ -359,12 +359,16 @@ class WatchStatesRequest(_message.Message):
     def __init__(self, after_version: _Optional[int] = ...) -> None: ...
 
 class RegisterHsaRequest(_message.Message):
-    __slots__ = ("host_id", "address")
+    __slots__ = ("host_id", "address", "version", "state_hash")
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATE_HASH_FIELD_NUMBER: _ClassVar[int]
     host_id: str
     address: str
-    def __init__(self, host_id: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
+    version: int
+    state_hash: bytes
+    def __init__(self, host_id: _Optional[str] = ..., address: _Optional[str] = ..., version: _Optional[int] = ..., state_hash: _Optional[bytes] = ...) -> None: ...
 
 class RegisterHsaResponse(_message.Message):
     __slots__ = ("version",)
@@ -373,12 +377,18 @@ class RegisterHsaResponse(_message.Message):
     def __init__(self, version: _Optional[int] = ...) -> None: ...
 
 class HsaEndpoint(_message.Message):
-    __slots__ = ("host_id", "address")
+    __slots__ = ("host_id", "address", "version", "state_hash", "reported_at")
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATE_HASH_FIELD_NUMBER: _ClassVar[int]
+    REPORTED_AT_FIELD_NUMBER: _ClassVar[int]
     host_id: str
     address: str
-    def __init__(self, host_id: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
+    version: int
+    state_hash: bytes
+    reported_at: int
+    def __init__(self, host_id: _Optional[str] = ..., address: _Optional[str] = ..., version: _Optional[int] = ..., state_hash: _Optional[bytes] = ..., reported_at: _Optional[int] = ...) -> None: ...
 
 class ListHsasRequest(_message.Message):
     __slots__ = ()

@@ -1,0 +1,418 @@
+"""The key service: Encrypt, Decrypt, GenerateDataKey, ReEncrypt and CreateKey, as the floor.
+
+What is measured, each at concurrency 1 and 16, with the audit log on (as always):
+- against a one-node domain: `encrypt_1k` and `decrypt_1k` (1 KiB, a one-entry encryption
+  context), `generate_data_key` (a 32-byte AES-256 data key), `re_encrypt_1k` (a 1 KiB
+  ciphertext re-encrypted under a second key) and `create_key` (a new key: its record is
+  sealed on the HSA and stored durably by the coordinator);
+- against a three-node domain, the client spreading calls round-robin over the three HSAs:
+  `encrypt_1k_3node`, `decrypt_1k_3node`, `generate_data_key_3node`.
+
+Figures per operation and concurrency N: `<op>_c<N>_p50_ms`, `_p95_ms`, `_p99_ms`,
+`_ops_s`, and `_server_cpu_us_per_op` (utime + stime summed over every HSA process, over the
+measured windows only; `create_key` also gives `_coordinator_cpu_us_per_op`). The runner adds
+the ratios to the floor at the same concurrency: `_floor_ratio` (throughput, goal >= 0.8),
+`_p99_floor_ratio` (p99, goal <= 1.5) and `_cpu_floor_ratio`. The floor is one HSA, so the
+3-node ratios compare a whole 3-node domain with one node's Echo: they show what spreading
+buys (or costs) on this machine, where every node shares the same cores.
+
+The client is the one the floor used at each concurrency (`echo_1k_c<N>_client`: N threads on
+synchronous channels, or N asyncio tasks on `grpc.aio` channels), with raw stubs over one
+reused mutual-TLS channel per node, so a ratio compares the server's work and nothing else.
+Keys are used warm: they are cached on every node after the warm-up, and re-read from the
+coordinator whenever the cache's TTL (2 s) has passed, as in production.
+
+Full runs interleave the operations and repeat the rounds (3 rounds of 2 s per operation and
+concurrency); latency percentiles pool every round, throughput is the median of the rounds.
+Quick mode: one round of 0.3 s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import grpc
+from google.protobuf.message import Message
+
+from bench._cluster import BenchDomain
+from bench._core import BenchConfig, Figure, Target
+from bench._load import LoadResult, aio_mtls_channel, run_tasks, run_threads
+from bench._proc import CpuSample
+from bench._stats import median
+from deploy.init import COORDINATOR_NAME
+from domain_core.pb import services_pb2, services_pb2_grpc
+
+NAME: Final = "keyservice"
+TITLE: Final = "key service: Encrypt, Decrypt, GenerateDataKey, ReEncrypt, CreateKey; 1 and 3 HSAs"
+FLOOR_RATIOS: Final = True
+
+PAYLOAD_BYTES: Final = 1024
+DATA_KEY_BYTES: Final = 32
+CONCURRENCIES: Final = (1, 16)
+CONTEXT: Final = {"purpose": "bench-keyservice"}
+CALL_TIMEOUT: Final = 10.0
+MAX_OPS: Final = 200_000
+MAX_CREATES: Final = 5_000
+THROUGHPUT_GOAL: Final = 0.8
+P99_GOAL: Final = 1.5
+# The data-plane operations the issue's floor targets apply to (one node, like the floor).
+TARGETED: Final = ("encrypt_1k", "decrypt_1k", "generate_data_key", "re_encrypt_1k")
+
+
+def _targets() -> tuple[Target, ...]:
+    targets: list[Target] = []
+    for operation in TARGETED:
+        for concurrency in CONCURRENCIES:
+            prefix = f"{operation}_c{concurrency}"
+            targets.append(
+                Target(
+                    f"{prefix}_floor_ratio",
+                    ">=",
+                    THROUGHPUT_GOAL,
+                    f"{prefix} throughput >= 0.8 of the floor's",
+                )
+            )
+            targets.append(
+                Target(
+                    f"{prefix}_p99_floor_ratio",
+                    "<=",
+                    P99_GOAL,
+                    f"{prefix} p99 <= 1.5 times the floor's",
+                )
+            )
+    return tuple(targets)
+
+
+TARGETS: Final = _targets()
+
+__all__ = [
+    "CONCURRENCIES",
+    "FLOOR_RATIOS",
+    "NAME",
+    "TARGETS",
+    "TITLE",
+    "Operation",
+    "client_for",
+    "measure",
+    "run",
+]
+
+
+@dataclass(frozen=True)
+class Operation:
+    """One key-service call to measure: the figure prefix, the stub method, the request."""
+
+    name: str
+    method: str
+    request: Message
+    max_ops: int = MAX_OPS
+
+
+@dataclass
+class Cell:
+    """Every measured round of one (operation, concurrency) and the CPU the servers used."""
+
+    rounds: list[LoadResult] = field(default_factory=list)
+    server_cpu_s: float = 0.0
+    coordinator_cpu_s: float = 0.0
+
+    def figures(self, prefix: str) -> dict[str, Figure]:
+        """Pooled latency percentiles, median throughput, CPU per call."""
+        pooled = LoadResult(concurrency=self.rounds[0].concurrency)
+        for load in self.rounds:
+            pooled.latencies_ns.extend(load.latencies_ns)
+            pooled.errors += load.errors
+        if not pooled.latencies_ns:
+            first = next((r.first_error for r in self.rounds if r.first_error), "no error")
+            raise RuntimeError(f"no {prefix} call succeeded: {first}")
+        figures: dict[str, Figure] = dict(pooled.figures(prefix))
+        figures[f"{prefix}_ops_s"] = median([r.ops_per_second for r in self.rounds])
+        figures[f"{prefix}_server_cpu_us_per_op"] = self.server_cpu_s * 1e6 / pooled.operations
+        return figures
+
+
+def client_for(floor: Mapping[str, Figure], concurrency: int) -> str:
+    """The client kind the floor used at `concurrency` (sync threads at 1 and asyncio tasks
+    above, when the floor was not measured)."""
+    chosen = floor.get(f"echo_1k_c{concurrency}_client")
+    if chosen in ("sync", "async"):
+        return str(chosen)
+    return "sync" if concurrency == 1 else "async"
+
+
+class _Meters:
+    """CPU of every HSA process (summed) and of the coordinator, over one measured window."""
+
+    def __init__(self, domain: BenchDomain) -> None:
+        self._hsas = [CpuSample(domain.pid(host)) for host in domain.hosts]
+        self._coordinator = CpuSample(domain.pid(COORDINATOR_NAME))
+
+    def start(self) -> None:
+        for sample in (*self._hsas, self._coordinator):
+            sample.start()
+
+    def stop(self) -> None:
+        for sample in (*self._hsas, self._coordinator):
+            sample.stop()
+
+    @property
+    def hsa_seconds(self) -> float:
+        return sum(sample.seconds for sample in self._hsas)
+
+    @property
+    def coordinator_seconds(self) -> float:
+        return self._coordinator.seconds
+
+
+def _round_robin(stubs: Sequence[Any], operation: Operation) -> Callable[[], Any]:
+    """A call of `operation` on the next stub in turn (one stub per node)."""
+    turn = itertools.count()
+    methods = [getattr(stub, operation.method) for stub in stubs]
+    request, count = operation.request, len(methods)
+    if count == 1:
+        only = methods[0]
+        return lambda: only(request, timeout=CALL_TIMEOUT)
+    return lambda: methods[next(turn) % count](request, timeout=CALL_TIMEOUT)
+
+
+class _Clients:
+    """Raw KeyService stubs over one channel per node, for each client kind, made once.
+
+    The `grpc.aio` channels live on one event loop (`asyncio.Runner`) for every run.
+    """
+
+    def __init__(self, domain: BenchDomain, kinds: set[str], runner: asyncio.Runner) -> None:
+        self._runner = runner
+        self._sync: list[grpc.Channel] = []
+        self._aio: list[grpc.aio.Channel] = []
+        self.stubs: dict[str, list[Any]] = {}
+        if "sync" in kinds:
+            self._sync = [domain.node_channel(host) for host in domain.hosts]
+            self.stubs["sync"] = [
+                services_pb2_grpc.KeyServiceStub(c)  # type: ignore[no-untyped-call]
+                for c in self._sync
+            ]
+        if "async" in kinds:
+            tls = domain.client_tls()
+            addresses = [domain.address(host) for host in domain.hosts]
+
+            async def connect() -> list[grpc.aio.Channel]:
+                return [aio_mtls_channel(address, tls) for address in addresses]
+
+            self._aio = runner.run(connect())
+            self.stubs["async"] = [
+                services_pb2_grpc.KeyServiceStub(c)  # type: ignore[no-untyped-call]
+                for c in self._aio
+            ]
+
+    def load(
+        self,
+        client: str,
+        operation: Operation,
+        *,
+        concurrency: int,
+        duration: float,
+        warmup: float,
+        meters: _Meters,
+    ) -> LoadResult:
+        """One closed-loop run of `operation` from `concurrency` callers of kind `client`."""
+        call = _round_robin(self.stubs[client], operation)
+        bounds: dict[str, Any] = {
+            "concurrency": concurrency,
+            "duration": duration,
+            "max_ops": operation.max_ops,
+            "warmup": warmup,
+            "on_start": meters.start,
+            "on_stop": meters.stop,
+        }
+        if client == "sync":
+            return run_threads(call, **bounds)
+        return self._runner.run(run_tasks(call, **bounds))
+
+    def close(self) -> None:
+        """Close every channel."""
+        for channel in self._sync:
+            channel.close()
+        aio = self._aio
+
+        async def close() -> None:
+            for channel in aio:
+                await channel.close(None)
+
+        self._runner.run(close())
+
+
+def measure(
+    domain: BenchDomain,
+    operations: Sequence[Operation],
+    *,
+    clients: dict[int, str],
+    rounds: int,
+    duration: float,
+    warmup: float,
+    log: Callable[[str], None],
+) -> dict[tuple[str, int], Cell]:
+    """Run every operation at every concurrency in `clients`, `rounds` times, interleaved
+    (the order of the operations alternates from round to round)."""
+    cells: dict[tuple[str, int], Cell] = {}
+    with asyncio.Runner() as runner:
+        stubs = _Clients(domain, set(clients.values()), runner)
+        try:
+            for round_ in range(rounds):
+                order = operations if round_ % 2 == 0 else list(reversed(operations))
+                for concurrency, client in clients.items():
+                    for operation in order:
+                        meters = _Meters(domain)
+                        load = stubs.load(
+                            client,
+                            operation,
+                            concurrency=concurrency,
+                            duration=duration,
+                            warmup=warmup,
+                            meters=meters,
+                        )
+                        cell = cells.setdefault((operation.name, concurrency), Cell())
+                        cell.rounds.append(load)
+                        cell.server_cpu_s += meters.hsa_seconds
+                        cell.coordinator_cpu_s += meters.coordinator_seconds
+                        failed = f", {load.errors} failed: {load.first_error}" * bool(load.errors)
+                        log(
+                            f"   {operation.name} {client} c{concurrency}: "
+                            f"{load.ops_per_second:,.0f} ops/s{failed}"
+                        )
+        finally:
+            stubs.close()
+    return cells
+
+
+def _create_key(stub: Any, description: str) -> str:
+    response = stub.CreateKey(
+        services_pb2.CreateKeyRequest(description=description), timeout=CALL_TIMEOUT
+    )
+    return str(response.metadata.key_id)
+
+
+def _operations(domain: BenchDomain, *, suffix: str, full_set: bool) -> list[Operation]:
+    """The calls to measure on `domain`, with the keys and ciphertexts they need (made here,
+    through the first node)."""
+    payload = os.urandom(PAYLOAD_BYTES)
+    with domain.node_channel(domain.hosts[0]) as channel:
+        stub: Any = services_pb2_grpc.KeyServiceStub(channel)  # type: ignore[no-untyped-call]
+        key_id = _create_key(stub, "bench keyservice")
+        blob = stub.Encrypt(
+            services_pb2.EncryptRequest(
+                key_id=key_id, plaintext=payload, encryption_context=CONTEXT
+            ),
+            timeout=CALL_TIMEOUT,
+        ).ciphertext_blob
+        destination = _create_key(stub, "bench keyservice re-encrypt destination")
+    operations = [
+        Operation(
+            f"encrypt_1k{suffix}",
+            "Encrypt",
+            services_pb2.EncryptRequest(
+                key_id=key_id, plaintext=payload, encryption_context=CONTEXT
+            ),
+        ),
+        Operation(
+            f"decrypt_1k{suffix}",
+            "Decrypt",
+            services_pb2.DecryptRequest(ciphertext_blob=blob, encryption_context=CONTEXT),
+        ),
+        Operation(
+            f"generate_data_key{suffix}",
+            "GenerateDataKey",
+            services_pb2.GenerateDataKeyRequest(
+                key_id=key_id, encryption_context=CONTEXT, number_of_bytes=DATA_KEY_BYTES
+            ),
+        ),
+    ]
+    if full_set:
+        operations += [
+            Operation(
+                f"re_encrypt_1k{suffix}",
+                "ReEncrypt",
+                services_pb2.ReEncryptRequest(
+                    ciphertext_blob=blob,
+                    source_encryption_context=CONTEXT,
+                    destination_key_id=destination,
+                    destination_encryption_context=CONTEXT,
+                ),
+            ),
+            Operation(
+                f"create_key{suffix}",
+                "CreateKey",
+                services_pb2.CreateKeyRequest(description="bench keyservice create"),
+                max_ops=MAX_CREATES,
+            ),
+        ]
+    return operations
+
+
+def _figures(cells: dict[tuple[str, int], Cell]) -> dict[str, Figure]:
+    figures: dict[str, Figure] = {}
+    for (operation, concurrency), cell in cells.items():
+        prefix = f"{operation}_c{concurrency}"
+        figures.update(cell.figures(prefix))
+        if operation.startswith("create_key"):
+            operations = sum(r.operations for r in cell.rounds)
+            figures[f"{prefix}_coordinator_cpu_us_per_op"] = (
+                cell.coordinator_cpu_s * 1e6 / operations if operations else float("nan")
+            )
+    return figures
+
+
+def _plot_samples(
+    config: BenchConfig, cells: dict[tuple[str, int], Cell], clients: dict[int, str]
+) -> None:
+    """Latency distributions: one plot per concurrency for one node (with the floor's), one
+    for three nodes."""
+    floor = config.samples.get("floor", {})
+    for (operation, concurrency), cell in cells.items():
+        latencies = [v / 1e6 for load in cell.rounds for v in load.latencies_ns]
+        if operation.endswith("_3node"):
+            config.add_samples("keyservice_3node", f"{operation} c{concurrency}", latencies)
+            continue
+        group = f"keyservice_c{concurrency}"
+        if group not in config.samples:
+            floor_label = f"{clients[concurrency]} client, concurrency {concurrency}"
+            if floor_label in floor:
+                config.add_samples(group, "floor (Echo)", floor[floor_label])
+        config.add_samples(group, operation, latencies)
+
+
+def run(config: BenchConfig) -> dict[str, Figure]:
+    """Measure the key service on one node and on three; figures for the runner."""
+    rounds = int(config.pick(1, 3))
+    duration = float(config.pick(0.3, 2.0))
+    warmup = float(config.pick(0.15, 0.3))
+    clients = {c: client_for(config.floor, c) for c in CONCURRENCIES}
+    figures: dict[str, Figure] = {
+        "payload_bytes": PAYLOAD_BYTES,
+        "data_key_bytes": DATA_KEY_BYTES,
+    }
+    for concurrency, client in clients.items():
+        figures[f"client_c{concurrency}"] = client
+    cells: dict[tuple[str, int], Cell] = {}
+    for nodes, suffix in ((1, ""), (3, "_3node")):
+        with BenchDomain(config.directory(f"keyservice-{nodes}"), nodes=nodes) as domain:
+            operations = _operations(domain, suffix=suffix, full_set=nodes == 1)
+            cells.update(
+                measure(
+                    domain,
+                    operations,
+                    clients=clients,
+                    rounds=rounds,
+                    duration=duration,
+                    warmup=warmup,
+                    log=config.log,
+                )
+            )
+    figures.update(_figures(cells))  # one node, then three; c1 then c16 in each
+    _plot_samples(config, cells, clients)
+    return figures

@@ -1,0 +1,165 @@
+"""Memory: resident size (VmRSS) of an HSA idle, under Echo load, after it, and with 100,000
+keys' tokens cached.
+
+A fresh one-node domain; readings from /proc (`bench._proc`):
+- `memory_hsa_idle_rss_mib`: one second after the node is healthy;
+- `memory_hsa_load_rss_mib`: the largest reading while 16 asyncio callers send 1 KiB Echo
+  calls (sampled every 20 ms), and `memory_hsa_load_hwm_mib` its peak (VmHWM) after the load;
+- `memory_hsa_after_load_rss_mib`: one second after the load stopped (what it keeps);
+- `memory_coordinator_idle_rss_mib`: the coordinator, for comparison;
+- with keys cached: 100,000 key records (10,000 in quick mode; the HSA's cache holds up to
+  `memory_cache_max_entries`) are stored through the coordinator's PutKey as the HSA's own
+  identity (`bench.rewrap.create_records`: one backing key each, sealed under the domain key;
+  not timed against the HSA), then the demo application calls DescribeKey once per key (16
+  asyncio callers), which makes the HSA fetch, verify and cache each record. One second later
+  `memory_hsa_cached_rss_mib` is read, and `memory_cache_per_key_bytes` = (that reading - the
+  reading just before the DescribeKey calls) / keys cached. `memory_cache_fill_keys_per_s` is the
+  rate of those first (cold) reads and `memory_cache_fill_hsa_cpu_us_per_op` (and
+  `..._coordinator_cpu_us_per_op`) what each cost the HSA (fetch, verify, version floor, audit)
+  and the coordinator (GetKey); `memory_coordinator_keys_rss_mib` is the coordinator holding
+  every record.
+Load lasts 5 s (1.5 s in quick mode). Filling the cache is bounded in time (10 minutes, 90 s
+in quick mode): `memory_cache_keys` says how many keys were cached when it stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any, Final
+
+from bench._cluster import BenchDomain
+from bench._core import BenchConfig, Figure
+from bench._load import aio_mtls_channel
+from bench._proc import CpuSample, memory_kib, rss_mib
+from bench.floor import PAYLOAD_BYTES, echo_run
+from bench.rewrap import create_records, load_host
+from deploy.init import COORDINATOR_NAME
+from domain_core.pb import services_pb2, services_pb2_grpc
+from hsa_node.keycache import DEFAULT_MAX_ENTRIES
+
+NAME: Final = "memory"
+TITLE: Final = "HSA resident memory: idle, under Echo load (c16), after, with 100,000 keys cached"
+
+SETTLE_SECONDS: Final = 1.0
+SAMPLE_INTERVAL: Final = 0.02
+LOAD_CONCURRENCY: Final = 16
+CACHE_CONCURRENCY: Final = 16
+CALL_TIMEOUT: Final = 30.0
+MIB: Final = 1024 * 1024
+
+__all__ = ["NAME", "TITLE", "fill_cache", "run"]
+
+
+def fill_cache(domain: BenchDomain, host: str, key_ids: Sequence[str], budget: float) -> int:
+    """DescribeKey every key once on `host` (16 asyncio callers, one channel) until done or
+    `budget` seconds have passed; how many calls succeeded."""
+    address, tls = domain.address(host), domain.client_tls()
+    deadline = time.monotonic() + budget
+    pending = iter(key_ids)
+    described = [0]
+    failures: list[str] = []
+
+    async def main() -> None:
+        async with aio_mtls_channel(address, tls) as channel:
+            stub: Any = services_pb2_grpc.KeyServiceStub(channel)  # type: ignore[no-untyped-call]
+
+            async def caller() -> None:
+                for key_id in pending:
+                    if time.monotonic() > deadline or len(failures) > 100:
+                        return
+                    try:
+                        await stub.DescribeKey(
+                            services_pb2.KeyIdRequest(key_id=key_id), timeout=CALL_TIMEOUT
+                        )
+                    except Exception as error:
+                        failures.append(f"{type(error).__name__}: {str(error)[:200]}")
+                        continue
+                    described[0] += 1
+
+            await asyncio.gather(*(caller() for _ in range(CACHE_CONCURRENCY)))
+
+    asyncio.run(main())
+    if failures and not described[0]:
+        raise RuntimeError(f"no DescribeKey call succeeded: {failures[0]}")
+    return described[0]
+
+
+def _cache_figures(config: BenchConfig, domain: BenchDomain, host: str) -> dict[str, Figure]:
+    keys = int(config.pick(10_000, 100_000))
+    budget = float(config.pick(90.0, 600.0))
+    pid = domain.pid(host)
+    config.log(f"   storing {keys:,} key records through the coordinator's PutKey...")
+    began = time.perf_counter()
+    key_ids = create_records(
+        domain.layout, domain.address(COORDINATOR_NAME), load_host(domain.layout, host), keys
+    )
+    created = time.perf_counter() - began
+    time.sleep(SETTLE_SECONDS)
+    before = rss_mib(pid)
+    config.log(f"   DescribeKey of each key on {host} (fills its key cache)...")
+    hsa_cpu, coordinator_cpu = CpuSample(pid).start(), CpuSample(domain.pid(COORDINATOR_NAME))
+    coordinator_cpu.start()
+    began = time.perf_counter()
+    cached = fill_cache(domain, host, key_ids, budget)
+    filled = time.perf_counter() - began
+    hsa_cpu.stop()
+    coordinator_cpu.stop()
+    time.sleep(SETTLE_SECONDS)
+    after = rss_mib(pid)
+    return {
+        "memory_cache_keys": cached,
+        "memory_cache_max_entries": DEFAULT_MAX_ENTRIES,
+        "memory_cache_create_keys_per_s": keys / created,
+        "memory_cache_fill_keys_per_s": cached / filled,
+        "memory_cache_fill_hsa_cpu_us_per_op": hsa_cpu.per_op_us(cached),
+        "memory_cache_fill_coordinator_cpu_us_per_op": coordinator_cpu.per_op_us(cached),
+        "memory_hsa_before_cache_rss_mib": before,
+        "memory_hsa_cached_rss_mib": after,
+        "memory_cache_per_key_bytes": (after - before) * MIB / cached if cached else float("nan"),
+        "memory_coordinator_keys_rss_mib": rss_mib(domain.pid(COORDINATOR_NAME)),
+    }
+
+
+def run(config: BenchConfig) -> dict[str, Figure]:
+    """Resident memory of a fresh HSA before, during and after load, then with keys cached."""
+    duration = float(config.pick(1.5, 5.0))
+    figures: dict[str, Figure] = {}
+    with BenchDomain(config.directory("memory"), nodes=1) as domain:
+        host = domain.hosts[0]
+        pid = domain.pid(host)
+        time.sleep(SETTLE_SECONDS)
+        figures["memory_hsa_idle_rss_mib"] = rss_mib(pid)
+        figures["memory_coordinator_idle_rss_mib"] = rss_mib(domain.pid(COORDINATOR_NAME))
+
+        readings: list[float] = []
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.wait(SAMPLE_INTERVAL):
+                readings.append(rss_mib(pid))
+
+        sampler = threading.Thread(target=sample, name="rss-sampler", daemon=True)
+        sampler.start()
+        try:
+            result = echo_run(
+                domain,
+                host,
+                client="async",
+                concurrency=LOAD_CONCURRENCY,
+                duration=duration,
+                payload=os.urandom(PAYLOAD_BYTES),
+            )
+        finally:
+            stop.set()
+            sampler.join(timeout=5.0)
+        figures["memory_load_ops"] = result.load.operations
+        figures["memory_hsa_load_rss_mib"] = max(readings) if readings else rss_mib(pid)
+        figures["memory_hsa_load_hwm_mib"] = memory_kib(pid)["VmHWM"] / 1024.0
+        time.sleep(SETTLE_SECONDS)
+        figures["memory_hsa_after_load_rss_mib"] = rss_mib(pid)
+        figures.update(_cache_figures(config, domain, host))
+    return figures

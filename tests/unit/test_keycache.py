@@ -1,0 +1,190 @@
+"""hsa_node.keycache: what a cached key carries, and how the cache re-reads a busy key.
+
+Every key-service call decides access from `CachedKey.grants`, computed once per entry from the
+entry's verified policy; an entry made from other metadata (a refreshed record, a policy
+change) never carries the decisions of the one before. Past half its TTL, one call re-reads a
+key while the others go on using it; past the TTL every call waits for the coordinator, and a
+re-read record is verified as any other.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from domain_core import crypto, keytokens, policy
+from domain_core.errors import FailedPreconditionError, PermissionDeniedError
+from domain_core.pb import keys_pb2
+from hsa_node.keycache import CachedKey, KeyCache, MetadataVersionFloor
+from hsa_node.node import DomainKeys
+
+pytestmark = pytest.mark.unit
+
+KEY_ID = "0f5a3c9e-1b2d-4e6f-8a7b-9c0d1e2f3a4b"
+APP = "spiffe://local/client/app"
+OPS = "spiffe://local/client/ops"
+
+
+def entry(key_policy: keys_pb2.KeyPolicy) -> CachedKey:
+    metadata = keys_pb2.KeyMetadata(
+        key_id=KEY_ID, policy=key_policy, current_backing_version=1, metadata_version=1
+    )
+    return CachedKey(
+        key_id=KEY_ID,
+        metadata=metadata,
+        backing_keys={1: bytes(32)},
+        record=keys_pb2.KeyRecord(metadata=metadata.SerializeToString(), revision=1),
+        checked_at=0.0,
+    )
+
+
+def test_grants_are_the_policy_decisions_of_the_entry() -> None:
+    cached = entry(policy.default_policy(APP))
+    for operation in policy.ALL_OPERATIONS:
+        policy.require_granted(cached.grants, APP, operation, KEY_ID)
+        with pytest.raises(PermissionDeniedError):
+            policy.require_granted(cached.grants, OPS, operation, KEY_ID)
+    assert "grants" not in repr(cached)
+    assert "backing" in repr(cached)
+
+
+def test_an_entry_with_other_metadata_carries_its_own_grants() -> None:
+    cached = entry(policy.default_policy(APP))
+    narrowed = keys_pb2.KeyMetadata()
+    narrowed.CopyFrom(cached.metadata)
+    narrowed.policy.CopyFrom(policy.default_policy(OPS))
+    changed = replace(cached, metadata=narrowed)
+    with pytest.raises(PermissionDeniedError):
+        policy.require_granted(changed.grants, APP, keys_pb2.KEY_OPERATION_ENCRYPT, KEY_ID)
+    policy.require_granted(changed.grants, OPS, keys_pb2.KEY_OPERATION_ENCRYPT, KEY_ID)
+    # A refresh of the same record (what the cache does every TTL) keeps the same decisions.
+    refreshed = replace(cached, checked_at=5.0)
+    assert dict(refreshed.grants) == dict(cached.grants)
+
+
+# --- refresh ahead of the TTL -----------------------------------------------------------------
+
+
+class Clock:
+    """A monotonic clock a test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class SlowCoordinator:
+    """Key-record reads that can be held until the test lets them go."""
+
+    def __init__(self, record: keys_pb2.KeyRecord) -> None:
+        self.record = record
+        self.reads = 0
+        self.hold = threading.Event()
+        self.hold.set()
+        self.reading = threading.Event()
+
+    def get(self, key_id: str, *, timeout: float | None = None) -> keys_pb2.KeyRecord | None:
+        self.reads += 1
+        self.reading.set()
+        assert self.hold.wait(10.0)
+        return self.record
+
+
+@pytest.fixture
+def sealed_record() -> tuple[keys_pb2.KeyRecord, DomainKeys]:
+    keys = DomainKeys(generation=1, keys={1: crypto.new_aes_key()})
+    metadata = keys_pb2.KeyMetadata(
+        key_id=KEY_ID,
+        state=keys_pb2.KEY_STATE_ENABLED,
+        policy=policy.default_policy(APP),
+        current_backing_version=1,
+        metadata_version=1,
+        domain_id="local",
+    )
+    record = keytokens.seal_record(metadata, {1: crypto.new_aes_key()}, keys.keys[1], 1)
+    record.revision = 1
+    return record, keys
+
+
+def make_cache(
+    tmp_path: Path, record: keys_pb2.KeyRecord, keys: DomainKeys
+) -> tuple[KeyCache, SlowCoordinator, Clock]:
+    coordinator = SlowCoordinator(record)
+    clock = Clock()
+    cache = KeyCache(
+        domain_id="local",
+        domain_keys=lambda: keys,
+        records=coordinator,  # type: ignore[arg-type]
+        floor=MetadataVersionFloor(tmp_path / "floor.db"),
+        ttl=2.0,
+        clock=clock,
+    )
+    return cache, coordinator, clock
+
+
+def test_past_half_the_ttl_one_call_rereads_while_the_others_use_the_entry(
+    tmp_path: Path, sealed_record: tuple[keys_pb2.KeyRecord, DomainKeys]
+) -> None:
+    cache, coordinator, clock = make_cache(tmp_path, *sealed_record)
+    first = cache.get(KEY_ID)
+    assert coordinator.reads == 1
+    clock.now += 0.9  # under half the TTL: served as it is
+    assert cache.get(KEY_ID) is first
+    assert coordinator.reads == 1
+    clock.now += 0.2  # past half: the next call re-reads it...
+    coordinator.hold.clear()
+    coordinator.reading.clear()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        rereading = pool.submit(cache.get, KEY_ID)
+        assert coordinator.reading.wait(10.0)
+        # ...and while it waits for the coordinator, other calls are served at once.
+        for _ in range(3):
+            assert cache.get(KEY_ID) is first
+        assert coordinator.reads == 2
+        coordinator.hold.set()
+        refreshed = rereading.result(timeout=10.0)
+    assert refreshed.checked_at == clock.now
+    assert cache.get(KEY_ID) is refreshed
+    assert coordinator.reads == 2
+
+
+def test_an_expired_entry_still_waits_for_the_coordinator(
+    tmp_path: Path, sealed_record: tuple[keys_pb2.KeyRecord, DomainKeys]
+) -> None:
+    cache, coordinator, clock = make_cache(tmp_path, *sealed_record)
+    cache.get(KEY_ID)
+    clock.now += 2.1  # past the TTL: no call is answered before the coordinator was asked
+    coordinator.hold.clear()
+    coordinator.reading.clear()
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        calls = [pool.submit(cache.get, KEY_ID) for _ in range(2)]
+        assert coordinator.reading.wait(10.0)
+        time.sleep(0.05)
+        assert not any(call.done() for call in calls)
+        coordinator.hold.set()
+        assert all(call.result(timeout=10.0).checked_at == clock.now for call in calls)
+    assert coordinator.reads == 2  # the fill, then one read for both calls
+
+
+def test_a_record_that_no_longer_verifies_is_refused_on_the_early_reread(
+    tmp_path: Path, sealed_record: tuple[keys_pb2.KeyRecord, DomainKeys]
+) -> None:
+    record, keys = sealed_record
+    cache, coordinator, clock = make_cache(tmp_path, record, keys)
+    cache.get(KEY_ID)
+    forged = keys_pb2.KeyRecord()
+    forged.CopyFrom(record)
+    metadata = keys_pb2.KeyMetadata.FromString(record.metadata)
+    metadata.policy.CopyFrom(policy.default_policy(OPS))  # the coordinator edits the policy
+    forged.metadata = metadata.SerializeToString()
+    coordinator.record = forged
+    clock.now += 1.5
+    with pytest.raises(FailedPreconditionError, match="does not verify"):
+        cache.get(KEY_ID)
