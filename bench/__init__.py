@@ -51,4 +51,5 @@ BENCHMARK_MODULES: list[str] = [
     "bench.memory",
     "bench.audit_append",
     "bench.rewrap",
+    "bench.peers",
 ]
