@@ -3,6 +3,7 @@
     python -m bench.profile_keyservice                       # table on stdout
     python -m bench.profile_keyservice --json ks.json        # and every figure as JSON
     python -m bench.profile_keyservice --py-spy /tmp/enc.svg # and a flame graph of Encrypt
+    python -m bench.profile_keyservice --in-process 5000 --cprofile  # the servicer alone
 
 Starts one HSA and its coordinator (deploy.init + deploy.cluster, through `BenchDomain`) in a
 temporary directory, creates one key, and measures `Diagnostics.Echo` (the floor: the same
@@ -16,6 +17,14 @@ that a noisy neighbour hits all three alike; per operation the report gives the 
 rounds of throughput and of p50/p99 latency, their ratios to the floor's, and the server's
 CPU per call (utime + stime of the HSA process from /proc/PID/stat, over the measured
 windows only). Issue 7's targets: throughput >= 0.8 of the floor and p99 <= 1.5 times it.
+
+`--in-process N` measures instead what the key service's own Python costs per call, without
+gRPC: the real `KeyServiceServicer`, key cache, policy check, ciphertext code and audit log
+(a file in the temporary directory), called N times in a row with the demo application's
+certificate; the key is read once from an in-memory stand-in for the coordinator. It gives CPU
+µs per call (best and median of 7 repeats) and, with `--cprofile`, where that time goes. On a
+busy server the same code costs several times more (cold caches, GIL hand-offs between the
+gRPC threads), so every µs found here is worth several there.
 
 Invariants: every round is bounded in time and in calls; the domain is stopped and the
 directory removed whatever happens (Ctrl-C and SIGTERM included); the key is a throwaway.
@@ -45,11 +54,11 @@ from typing import Any, Final
 
 import grpc
 
-from bench._cluster import BenchDomain
+from bench._cluster import FAST_SCRYPT_N, BenchDomain
 from bench._load import LoadResult, aio_mtls_channel, run_tasks
 from bench._proc import CpuSample
 from bench._stats import median, percentile
-from domain_core.pb import services_pb2, services_pb2_grpc
+from domain_core.pb import keys_pb2, services_pb2, services_pb2_grpc
 
 __all__ = ["OPERATIONS", "Cell", "main", "measure"]
 
@@ -249,6 +258,109 @@ def measure(
     }
 
 
+class _Records:
+    """An in-memory stand-in for the coordinator's key-record calls (in-process mode)."""
+
+    def __init__(self) -> None:
+        self._records: dict[str, keys_pb2.KeyRecord] = {}
+
+    def get(self, key_id: str, *, timeout: float | None = None) -> keys_pb2.KeyRecord | None:
+        return self._records.get(key_id)
+
+    def put(self, record: keys_pb2.KeyRecord, expected_revision: int) -> int:
+        key_id = keys_pb2.KeyMetadata.FromString(record.metadata).key_id
+        self._records[key_id] = record
+        return expected_revision + 1
+
+
+class _PeerContext:
+    """The part of a servicer context the key service reads: the verified peer certificate."""
+
+    def __init__(self, certificate_pem: bytes) -> None:
+        self._certificate_pem = certificate_pem
+
+    def auth_context(self) -> dict[str, list[bytes]]:
+        return {"x509_pem_cert": [self._certificate_pem]}
+
+
+def measure_in_process(calls: int, *, cprofile: bool = False) -> dict[str, Any]:
+    """CPU µs per Encrypt and Decrypt of the key service alone (see the module docstring)."""
+    import cProfile
+    import io
+    import pstats
+
+    from deploy import cluster as runner
+    from deploy.init import init_domain
+    from domain_core.audit import AUDIT_LOG_FILE, AuditLog
+    from domain_core.config import NodeConfig
+    from hsa_node.keycache import FLOOR_FILE, KeyCache, MetadataVersionFloor
+    from hsa_node.keyservice import KeyServiceServicer
+    from hsa_node.server import load_node
+
+    if calls < 1:
+        raise ValueError("--in-process needs a positive number of calls")
+    with tempfile.TemporaryDirectory(prefix="profile-keyservice-") as scratch:
+        layout = init_domain(Path(scratch) / "domain", nodes=1, scrypt_n=FAST_SCRYPT_N)
+        node = load_node(NodeConfig.load(next(iter(layout.node_configs.values())))).node
+        data = Path(scratch) / "keyservice"
+        data.mkdir()
+        audit = AuditLog(data / AUDIT_LOG_FILE, host_id=node.host_id, signer=node.identity.signer)
+        floor = MetadataVersionFloor(data / FLOOR_FILE)
+        try:
+            cache = KeyCache(
+                domain_id=node.domain_id,
+                domain_keys=node.domain_keys,
+                records=_Records(),  # type: ignore[arg-type]
+                floor=floor,
+                ttl=1e9,
+            )
+            servicer = KeyServiceServicer(node=node, cache=cache, audit=audit)
+            context: Any = _PeerContext(runner.client_tls(layout).cert_pem)
+            created = servicer.CreateKey(services_pb2.CreateKeyRequest(), context)
+            encrypt = services_pb2.EncryptRequest(
+                key_id=created.metadata.key_id,
+                plaintext=os.urandom(PAYLOAD_BYTES),
+                encryption_context=CONTEXT,
+            )
+            blob = servicer.Encrypt(encrypt, context).ciphertext_blob
+            decrypt = services_pb2.DecryptRequest(ciphertext_blob=blob, encryption_context=CONTEXT)
+            operations: dict[str, Callable[[], object]] = {
+                "encrypt": lambda: servicer.Encrypt(encrypt, context),
+                "decrypt": lambda: servicer.Decrypt(decrypt, context),
+            }
+            figures: dict[str, Any] = {}
+            for name, call in operations.items():
+                for _ in range(min(calls, 200)):
+                    call()
+                repeats = []
+                for _ in range(7):
+                    began = time.process_time()
+                    for _ in range(calls):
+                        call()
+                    repeats.append((time.process_time() - began) * 1e6 / calls)
+                figures[f"{name}_cpu_us_per_call_best"] = min(repeats)
+                figures[f"{name}_cpu_us_per_call_median"] = median(repeats)
+                if cprofile:
+                    profiler = cProfile.Profile()
+                    profiler.enable()
+                    for _ in range(calls):
+                        call()
+                    profiler.disable()
+                    out = io.StringIO()
+                    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(25)
+                    print(f"--- {name}: cProfile, {calls} calls, by own time", file=sys.stderr)
+                    print(out.getvalue(), file=sys.stderr)
+        finally:
+            floor.close()
+            audit.close()
+    return {
+        "command": " ".join(["python -m bench.profile_keyservice", *sys.argv[1:]]),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "settings": {"calls_per_repeat": calls, "repeats": 7, "payload_bytes": PAYLOAD_BYTES},
+        "figures": figures,
+    }
+
+
 def render(result: dict[str, Any]) -> str:
     """The figures as a Markdown table (ratios are to the floor at the same concurrency)."""
     lines = [
@@ -299,6 +411,16 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--py-spy-seconds", type=float, default=10.0, help="how long py-spy samples (default 10)"
     )
+    parser.add_argument(
+        "--in-process",
+        type=int,
+        default=0,
+        metavar="N",
+        help="measure the key service alone, without gRPC: N calls per repeat (see above)",
+    )
+    parser.add_argument(
+        "--cprofile", action="store_true", help="with --in-process: where the time goes"
+    )
     return parser
 
 
@@ -310,6 +432,16 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(143)  # unwinds through BenchDomain.stop
 
     previous = signal.signal(signal.SIGTERM, on_sigterm)
+    if args.in_process:
+        try:
+            result = measure_in_process(args.in_process, cprofile=args.cprofile)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        for name, value in result["figures"].items():
+            print(f"{name}: {value:.1f}")
+        if args.json is not None:
+            args.json.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+        return 0
     try:
         result = measure(
             concurrencies=tuple(args.concurrency),
