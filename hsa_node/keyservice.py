@@ -671,35 +671,34 @@ class KeyServiceServicer(services_pb2_grpc.KeyServiceServicer):
         self, request: services_pb2.KeyIdRequest, context: grpc.ServicerContext
     ) -> services_pb2.KeyMetadataResponse:
         """DISABLED -> ENABLED (an enabled key stays as it is)."""
-
-        def change(metadata: keys_pb2.KeyMetadata, keys: dict[int, bytes], now: int) -> bool:
-            if metadata.state == keys_pb2.KEY_STATE_PENDING_DELETION:
-                raise FailedPreconditionError(
-                    _pending_deletion_message(metadata, "cancel the deletion first")
-                )
-            if metadata.state == keys_pb2.KEY_STATE_ENABLED:
-                return False
-            metadata.state = keys_pb2.KEY_STATE_ENABLED
-            return True
-
-        return self._change("EnableKey", request.key_id, context, change)
+        return self._set_state("EnableKey", request.key_id, context, keys_pb2.KEY_STATE_ENABLED)
 
     def DisableKey(
         self, request: services_pb2.KeyIdRequest, context: grpc.ServicerContext
     ) -> services_pb2.KeyMetadataResponse:
         """ENABLED -> DISABLED: no cryptographic use until enabled again."""
+        return self._set_state("DisableKey", request.key_id, context, keys_pb2.KEY_STATE_DISABLED)
+
+    def _set_state(
+        self,
+        operation: str,
+        key_id: str,
+        context: grpc.ServicerContext,
+        target: keys_pb2.KeyState,
+    ) -> services_pb2.KeyMetadataResponse:
+        """Flip a key between ENABLED and DISABLED; a key pending deletion must be cancelled."""
 
         def change(metadata: keys_pb2.KeyMetadata, keys: dict[int, bytes], now: int) -> bool:
             if metadata.state == keys_pb2.KEY_STATE_PENDING_DELETION:
                 raise FailedPreconditionError(
                     _pending_deletion_message(metadata, "cancel the deletion first")
                 )
-            if metadata.state == keys_pb2.KEY_STATE_DISABLED:
+            if metadata.state == target:
                 return False
-            metadata.state = keys_pb2.KEY_STATE_DISABLED
+            metadata.state = target
             return True
 
-        return self._change("DisableKey", request.key_id, context, change)
+        return self._change(operation, key_id, context, change)
 
     def ScheduleKeyDeletion(
         self, request: services_pb2.ScheduleKeyDeletionRequest, context: grpc.ServicerContext
