@@ -19,8 +19,12 @@ Invariants kept here:
   signature and every line after it, and refuses to append (`AuditLogError`) to a log that
   does not verify, is held by another process, or failed to write; the only damage it
   repairs is a torn last line (a crash while writing), which it cuts off and records;
-- lines are written with one `write` on an O_APPEND descriptor (no fsync per record, so a
-  machine crash can lose the last records); checkpoints are fsynced;
+- an `append` returns only once its line is in the file (the page cache: no fsync per
+  record, so a machine crash can lose the last records, a process crash cannot); lines are
+  written in chain order by group commit: whoever holds the write lock writes every line
+  queued so far in one `write` on an O_APPEND descriptor, so callers arriving together share
+  one system call instead of queueing behind each other's; checkpoints are fsynced before
+  the `append` or `checkpoint` that wrote them returns;
 - the verifier names the first sequence number at which the file departs from a valid chain,
   with a reason a person can act on. Records after the last checkpoint are chained but not
   yet signed (`unsigned_tail`): anyone can rewrite them consistently, and cutting records
@@ -567,9 +571,14 @@ def _read_tail(fd: int, size: int) -> tuple[list[bytes], bytes]:
 class AuditLog:
     """The append-only audit log of one host, resumed across restarts.
 
-    Thread-safe. Every `append` writes one line (no fsync); a signed checkpoint is added after
-    `checkpoint_every` records or, on the next append, once `checkpoint_interval_seconds`
-    passed since the last one, and on `close`.
+    Thread-safe. Every `append` adds one line and returns once it is written (no fsync); a
+    signed checkpoint is added after `checkpoint_every` records or, on the next append, once
+    `checkpoint_interval_seconds` passed since the last one, and on `close`.
+
+    Two locks: `_lock` guards the chain (sequence, head, the queue of lines not yet written)
+    and is never held across a system call, so building records never waits for the disk;
+    `_write_lock` is held by the one thread writing the queue. A caller whose line someone
+    else's batch already wrote returns without a system call of its own.
     """
 
     def __init__(
@@ -595,6 +604,10 @@ class AuditLog:
         self._interval = checkpoint_interval_seconds
         self._clock = clock
         self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
+        self._pending: list[bytes] = []  # lines built but not yet written, in chain order
+        self._queued = 0  # lines ever queued (records and checkpoints)
+        self._written = 0  # lines of those written to the file
         self._failed: str | None = None
         self._closed = False
         self._path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -671,6 +684,7 @@ class AuditLog:
                 ),
             )
             self._checkpoint_locked()
+            self._flush(self._queued, sync=True)
 
     def append(
         self,
@@ -704,29 +718,41 @@ class AuditLog:
                 result=result,
                 detail=detail,
             )
-            if (
+            sync = (
                 self._since_checkpoint >= self._every
                 or self._clock() - self._last_checkpoint_time >= self._interval
-            ):
-                self._checkpoint_locked()
-            return seq
+            ) and self._checkpoint_locked()
+            ticket = self._queued
+        self._flush(ticket, sync=sync)
+        return seq
 
     def checkpoint(self) -> None:
         """Sign the current head with the host key and fsync (nothing to do if no new record)."""
         with self._lock:
             self._check_writable()
-            self._checkpoint_locked()
+            sync = self._checkpoint_locked()
+            ticket = self._queued
+        self._flush(ticket, sync=sync)
 
     def close(self) -> None:
         """Write a final checkpoint and release the file. Idempotent."""
-        with self._lock:
-            if self._closed:
-                return
+        with self._write_lock:
+            with self._lock:
+                if self._closed:
+                    return
+                self._closed = True  # appends from now on are refused
+                try:
+                    if self._failed is None:
+                        self._checkpoint_locked()
+                finally:
+                    pending = self._pending
+                    self._pending = []
             try:
-                if self._failed is None:
-                    self._checkpoint_locked()
+                if self._failed is None and pending:
+                    self._write(b"".join(pending))
+                    self._written = self._queued
+                    self._fsync(self._fd)
             finally:
-                self._closed = True
                 os.close(self._fd)
 
     def __enter__(self) -> AuditLog:
@@ -770,15 +796,17 @@ class AuditLog:
         )
         # record_hash of the record, and its line, from one encoding of the fields.
         digest = _hash_of_unhashed((head + tail).encode("ascii"))
-        self._write(f'{head},"hash":"{digest}"{tail}\n'.encode("ascii"))
+        self._pending.append(f'{head},"hash":"{digest}"{tail}\n'.encode("ascii"))
+        self._queued += 1
         self._seq = seq
         self._head = digest
         self._since_checkpoint += 1
         return seq
 
-    def _checkpoint_locked(self) -> None:
+    def _checkpoint_locked(self) -> bool:
+        """Queue a signed checkpoint of the head; True if one was queued (it needs an fsync)."""
         if self._since_checkpoint == 0:
-            return
+            return False
         now = self._clock()
         checkpoint: dict[str, Any] = {
             "type": CHECKPOINT_TYPE,
@@ -792,15 +820,45 @@ class AuditLog:
             canonical.PayloadType.AUDIT_CHECKPOINT, checkpoint_digest(checkpoint)
         )
         checkpoint["signature"] = self._signer.sign(message).hex()
-        self._write(_canonical_json(checkpoint) + b"\n")
-        try:
-            os.fsync(self._fd)
-        except OSError as error:
-            self._failed = f"fsync failed: {error.strerror}"
-            raise AuditLogError(f"audit log {self._path}: {self._failed}") from None
+        self._pending.append(_canonical_json(checkpoint) + b"\n")
+        self._queued += 1
         self._checkpoints += 1
         self._since_checkpoint = 0
         self._last_checkpoint_time = now
+        return True
+
+    # --- group commit --------------------------------------------------------------------------
+
+    def _flush(self, ticket: int, *, sync: bool) -> None:
+        """Return once the first `ticket` queued lines are in the file (and, if `sync`, on
+        disk); raise AuditLogError if they cannot be, in which case the log refuses appends."""
+        with self._write_lock:
+            if self._written < ticket:
+                if self._failed is not None or self._closed:
+                    # An earlier batch holding our line failed, or close() ran and failed.
+                    self._check_writable()
+                with self._lock:
+                    batch = self._pending
+                    self._pending = []
+                    upto = self._queued
+                self._write(batch[0] if len(batch) == 1 else b"".join(batch))
+                self._written = upto
+            if not sync or self._closed:
+                return  # (close() wrote and fsynced whatever was queued before it)
+            # fsync a duplicate outside the write lock: writers go on meanwhile, and close()
+            # cannot pull the descriptor from under the fsync.
+            sync_fd = os.dup(self._fd)
+        try:
+            self._fsync(sync_fd)
+        finally:
+            os.close(sync_fd)
+
+    def _fsync(self, fd: int) -> None:
+        try:
+            os.fsync(fd)
+        except OSError as error:
+            self._failed = f"fsync failed: {error.strerror}"
+            raise AuditLogError(f"audit log {self._path}: {self._failed}") from None
 
     def _write(self, line: bytes) -> None:
         """One write of a whole line; any failure leaves the log refusing further appends."""

@@ -712,6 +712,124 @@ def test_concurrent_appends_produce_a_valid_log(log_path: Path, signer: InMemory
     assert (report.records, report.checkpoints, report.unsigned_tail) == (1600, 32, 0)
 
 
+def _blocking_write(
+    monkeypatch: pytest.MonkeyPatch, *, fail: bool
+) -> tuple[threading.Event, threading.Event, list[bytes]]:
+    """Make the next os.write of the audit module wait for `release` (after setting `entered`),
+    then fail with ENOSPC if `fail`; every write's bytes are kept in the returned list."""
+    entered, release = threading.Event(), threading.Event()
+    writes: list[bytes] = []
+    real_write = os.write
+
+    def write(fd: int, data: Any) -> int:
+        writes.append(bytes(data))
+        if len(writes) == 1:
+            entered.set()
+            assert release.wait(30)
+            if fail:
+                raise OSError(28, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(audit.os, "write", write)
+    return entered, release, writes
+
+
+def _append_in_threads(log: AuditLog, count: int) -> tuple[list[threading.Thread], list[object]]:
+    outcomes: list[object] = []
+
+    def work(n: int) -> None:
+        try:
+            outcomes.append(log.append(principal=f"app-{n}", operation="Encrypt"))
+        except AuditLogError as error:
+            outcomes.append(error)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(count)]
+    for thread in threads:
+        thread.start()
+    return threads, outcomes
+
+
+def _wait_for_queue(log: AuditLog, seq: int) -> None:
+    for _ in range(3000):
+        if log.seq >= seq:
+            return
+        threading.Event().wait(0.01)
+    raise AssertionError(f"the log never reached seq {seq}")
+
+
+def test_appends_arriving_together_share_one_write(
+    log_path: Path, signer: InMemorySigner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = open_log(log_path, signer, checkpoint_every=1000)
+    entered, release, writes = _blocking_write(monkeypatch, fail=False)
+    first, first_outcome = _append_in_threads(log, 1)
+    assert entered.wait(30)  # the first caller is inside its write, holding the write lock
+    others, outcomes = _append_in_threads(log, 6)
+    _wait_for_queue(log, 7)  # all six records are chained and queued behind it
+    assert not outcomes  # none returned before its line was written
+    release.set()
+    for thread in [*first, *others]:
+        thread.join(30)
+    assert first_outcome == [1]
+    assert sorted(outcomes) == [2, 3, 4, 5, 6, 7]  # type: ignore[type-var]
+    assert len(writes) == 2  # one write for the six
+    assert writes[1].count(b"\n") == 6
+    log.close()
+    report = verify(log_path, signer)
+    assert report.ok, report.reason
+    assert report.records == 7
+
+
+def test_every_append_returns_after_its_line_is_in_the_file(
+    log_path: Path, signer: InMemorySigner
+) -> None:
+    log = open_log(log_path, signer, checkpoint_every=7)
+    seen: list[tuple[int, int]] = []
+    lock = threading.Lock()
+
+    def work() -> None:
+        for _ in range(50):
+            seq = log.append(principal="p", operation="Encrypt")
+            records = sum(1 for line in read_lines(log_path) if '"type":"checkpoint"' not in line)
+            with lock:
+                seen.append((seq, records))
+
+    threads = [threading.Thread(target=work) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    log.close()
+    assert len(seen) == 300
+    assert all(records >= seq for seq, records in seen)
+    report = verify(log_path, signer)
+    assert report.ok, report.reason
+    assert (report.records, report.checkpoints) == (300, 43)
+
+
+def test_a_failed_batch_fails_every_caller_in_it_and_stops_the_log(
+    log_path: Path, signer: InMemorySigner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = open_log(log_path, signer, checkpoint_every=1000)
+    log.append(principal="p", operation="Encrypt")
+    entered, release, _ = _blocking_write(monkeypatch, fail=True)
+    first, first_outcome = _append_in_threads(log, 1)
+    assert entered.wait(30)
+    others, outcomes = _append_in_threads(log, 4)
+    _wait_for_queue(log, 6)
+    release.set()
+    for thread in [*first, *others]:
+        thread.join(30)
+    # Nobody whose record did not reach the file was told it succeeded.
+    assert all(isinstance(o, AuditLogError) for o in [*first_outcome, *outcomes])
+    assert "No space left" in str(first_outcome[0])
+    monkeypatch.undo()
+    with pytest.raises(AuditLogError, match="failed earlier"):
+        log.append(principal="p", operation="Encrypt")
+    log.close()
+    assert verify(log_path, signer).records == 1
+
+
 def test_refuses_to_extend_a_broken_tail(standard_log: Path, signer: InMemorySigner) -> None:
     log = open_log(standard_log, signer, checkpoint_every=1000)
     append_n(log, 3, start=11)
