@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -194,6 +196,30 @@ def test_hkdf_rfc5869_case_1() -> None:
     assert okm.hex() == (
         "3cb25f25faacd57a90434f64d0362f2a2d2d0a90cf1a5a4c5db02d56ecc4c5bf34007208d5b887185865"
     )
+
+
+def test_hkdf_rfc5869_case_3_empty_salt_and_info() -> None:
+    okm = crypto.hkdf_sha256(bytes([0x0B] * 22), salt=b"", info=b"", length=42)
+    assert okm.hex() == (
+        "8da4e775a563c18f715f802a063c5a31b8a11f5c5ee1879ec3454e5f3c738d2d9d201395faa4b61a96c8"
+    )
+
+
+@given(
+    key=st.binary(min_size=1, max_size=80),
+    salt=st.binary(max_size=100),
+    info=st.binary(max_size=100),
+    length=st.integers(min_value=1, max_value=255 * 32),
+)
+def test_hkdf_is_cryptographys_hkdf(key: bytes, salt: bytes, info: bytes, length: int) -> None:
+    expected = HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(key)
+    assert crypto.hkdf_sha256(key, salt=salt, info=info, length=length) == expected
+
+
+@pytest.mark.parametrize("length", [0, 255 * 32 + 1])
+def test_hkdf_refuses_impossible_lengths(length: int) -> None:
+    with pytest.raises(ValueError, match=r"1\.\.8160"):
+        crypto.hkdf_sha256(KEY, salt=b"s", info=b"i", length=length)
 
 
 def test_hkdf_binds_salt_and_info() -> None:
