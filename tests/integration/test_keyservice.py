@@ -474,7 +474,8 @@ def test_policies_decide_who_may_do_what_and_denials_are_audited(
         grpc.StatusCode.PERMISSION_DENIED,
         "may not administer",
     )
-    # ListKeys shows bob only the keys he may describe, each verified.
+    # ListKeys shows bob only the keys he may describe, each verified: not the app's own key.
+    app_only = create(app, "hsa-3")
     listed: list[str] = []
     token = ""
     while True:
@@ -486,6 +487,7 @@ def test_policies_decide_who_may_do_what_and_denials_are_audited(
         if not token:
             break
     assert key.key_id in listed
+    assert app_only.key_id not in listed
     assert all(
         any(
             bob.uri in g.principals and ops.KEY_OPERATION_DESCRIBE in g.operations
@@ -496,6 +498,7 @@ def test_policies_decide_who_may_do_what_and_denials_are_audited(
     app_listed = app.on("hsa-3").ListKeys(
         services_pb2.ListKeysRequest(limit=1000), timeout=DEADLINE
     )
+    assert app_only.key_id in {k.key_id for k in app_listed.keys}
     assert len(app_listed.keys) > len(listed)
 
     # Policies are validated: a principal of another domain, a policy without ADMIN.
