@@ -4,6 +4,10 @@
         channel = domain.node_channel("hsa-1")
         ...
 
+`BenchDomain(..., workers=N)` gives every node N key service worker processes (written into
+the node configs by `init_domain`); `key_endpoints(host)` lists the addresses serving a
+node's key service (the node's, then its workers').
+
 Built on `deploy.init.init_domain` and the process runner `deploy.cluster` (the same code
 `hsm-domain up` uses), so a benchmark measures the real process model, mutual TLS and
 interceptors.
@@ -35,6 +39,7 @@ from deploy import cluster as runner
 from deploy.init import COORDINATOR_NAME, DomainLayout, init_domain, load_layout, read_passphrase
 from domain_core import quorum
 from domain_core.client import CoordinatorClient
+from domain_core.config import check_worker_count
 from domain_core.errors import UnavailableError
 from domain_core.pb import domain_pb2, services_pb2, services_pb2_grpc
 from domain_core.signers import FileTokenSigner, load_file_token
@@ -66,9 +71,12 @@ class BenchDomain:
         operators: int = 3,
         quorum: int = 2,
         start_timeout: float = 60.0,
+        workers: int = 0,
     ) -> None:
+        """`workers`: key service worker processes of each node (`key_service_workers`)."""
         self.directory = Path(directory)
         self.nodes, self.operators, self.quorum = nodes, operators, quorum
+        self.workers = check_worker_count(workers)
         self.start_timeout = start_timeout
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self._layout: DomainLayout | None = None
@@ -95,6 +103,7 @@ class BenchDomain:
                 operators=self.operators,
                 quorum=self.quorum,
                 scrypt_n=FAST_SCRYPT_N,
+                workers=self.workers,
             )
             self.processes[COORDINATOR_NAME] = runner.start_coordinator(
                 self.layout, timeout=self.start_timeout
@@ -181,6 +190,14 @@ class BenchDomain:
         if info is None:
             raise UnavailableError(f"{name} has no ready file: it is not running")
         return info.address
+
+    def key_endpoints(self, host: str) -> list[str]:
+        """The addresses serving `host`'s key service: the node's, then its workers' (from
+        its ready file, so only workers that are ready)."""
+        info = runner.read_ready_file(self.layout.ready_file(host))
+        if info is None:
+            raise UnavailableError(f"{host} has no ready file: it is not running")
+        return [info.address, *info.workers]
 
     @property
     def hosts(self) -> list[str]:

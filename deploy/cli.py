@@ -36,6 +36,7 @@ from deploy.init import (
     load_layout,
 )
 from deploy.status import DomainReport, collect_status, coordinator_members
+from domain_core.config import MAX_KEY_SERVICE_WORKERS
 from domain_core.errors import HsmDomainError, InvalidInputError
 
 DEFAULT_DIR: Final = Path("hsm-cluster")
@@ -98,7 +99,11 @@ def _yes_no(value: bool | None) -> str:
 # --- init -------------------------------------------------------------------------------------
 
 
-def _check_counts(nodes: int, operators: int, quorum: int) -> None:
+def _check_counts(nodes: int, operators: int, quorum: int, workers: int = 0) -> None:
+    if not 0 <= workers <= MAX_KEY_SERVICE_WORKERS:
+        raise _UsageError(
+            f"--workers must be between 0 and {MAX_KEY_SERVICE_WORKERS}, not {workers}"
+        )
     if nodes < 1:
         raise _UsageError(f"--nodes must be at least 1, not {nodes}")
     if operators < 1:
@@ -126,13 +131,14 @@ def _layout_json(layout: DomainLayout) -> dict[str, Any]:
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
-    _check_counts(args.nodes, args.operators, args.quorum)
+    _check_counts(args.nodes, args.operators, args.quorum, args.workers)
     layout = init_domain(
         Path(args.directory),
         nodes=args.nodes,
         operators=args.operators,
         quorum=args.quorum,
         domain_id=args.domain_id,
+        workers=args.workers,
     )
     if args.json:
         print(json.dumps(_layout_json(layout), indent=2))
@@ -335,9 +341,15 @@ def _up(args: argparse.Namespace) -> int:
     directory = Path(args.directory) if args.directory else DEFAULT_DIR
     progress = _Progress(sys.stdout, quiet=args.json)
     if not (directory / "domain.json").exists():
-        _check_counts(args.nodes, args.operators, args.quorum)
+        _check_counts(args.nodes, args.operators, args.quorum, args.workers)
         progress.step(f"initialising a new domain in {directory} ...")
-        init_domain(directory, nodes=args.nodes, operators=args.operators, quorum=args.quorum)
+        init_domain(
+            directory,
+            nodes=args.nodes,
+            operators=args.operators,
+            quorum=args.quorum,
+            workers=args.workers,
+        )
         progress.done(
             f"initialised {directory}: {args.nodes} nodes, {args.operators} operators, "
             f"quorum {args.quorum}"
@@ -544,6 +556,13 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--nodes", type=int, default=3, help="number of HSA nodes (default 3)")
         p.add_argument("--operators", type=int, default=3, help="number of operators (default 3)")
         p.add_argument("--quorum", type=int, default=2, help="approvals needed (default 2)")
+        p.add_argument(
+            "--workers",
+            type=int,
+            default=0,
+            help="key service worker processes per node, 0-16, written into the node configs "
+            "when the domain is created (default 0: the node alone)",
+        )
 
     p = command(
         "init",

@@ -87,6 +87,7 @@ class ReadyInfo:
     pid: int
     address: str
     operator_address: str = ""
+    workers: tuple[str, ...] = ()  # an HSA's key service worker addresses, by index
 
 
 # --- files ------------------------------------------------------------------------------------
@@ -96,11 +97,15 @@ def read_ready_file(path: Path) -> ReadyInfo | None:
     """The ready file's content, or None if it is absent or not (yet) a complete document."""
     try:
         document = json.loads(Path(path).read_text())
+        workers = document.get("workers", [])
+        if not isinstance(workers, list):
+            return None
         return ReadyInfo(
             name=str(document["name"]),
             pid=int(document["pid"]),
             address=str(document["address"]),
             operator_address=str(document.get("operator_address", "")),
+            workers=tuple(str(w) for w in workers),
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None

@@ -31,7 +31,7 @@ from deploy._files import make_private_dir, replace_file, write_json, write_secr
 from deploy.enrollment import enrollment_signing_input
 from domain_core import canonical, genesis, model, quorum
 from domain_core.chain import TrustedChain
-from domain_core.config import CoordinatorConfig, NodeConfig, TlsFiles
+from domain_core.config import CoordinatorConfig, NodeConfig, TlsFiles, check_worker_count
 from domain_core.errors import AlreadyExistsError, InvalidInputError, NotFoundError
 from domain_core.identity import TLS_CERTIFICATE_FILE, TLS_KEY_FILE, HostIdentity
 from domain_core.limits import DEFAULT_LIMITS
@@ -197,7 +197,9 @@ def _issue_client_files(ca: DomainCA, spiffe: SpiffeId, directory: Path, now: da
     replace_file(directory / TLS_CERTIFICATE_FILE, cert_pem)
 
 
-def _node_config(domain_id: str, genesis_hash: bytes, host_id: str, coordinator: str) -> NodeConfig:
+def _node_config(
+    domain_id: str, genesis_hash: bytes, host_id: str, coordinator: str, workers: int = 0
+) -> NodeConfig:
     return NodeConfig(
         domain_id=domain_id,
         genesis_hash=genesis_hash.hex(),
@@ -211,6 +213,7 @@ def _node_config(domain_id: str, genesis_hash: bytes, host_id: str, coordinator:
             key=f"identity/{TLS_KEY_FILE}",
         ),
         coordinator=coordinator,
+        key_service_workers=workers,
     )
 
 
@@ -244,14 +247,17 @@ def init_domain(
     domain_id: str = "local",
     now: datetime | None = None,
     scrypt_n: int = 2**15,
+    workers: int = 0,
 ) -> DomainLayout:
     """Create a local domain in `directory` (absent or empty) and return its layout.
 
     Creates the CA, `nodes` hosts (hsa-1..hsa-N), the coordinator's and the demo client's TLS
     files, `operators` file tokens with demo passphrase files, and the genesis state approved
-    by every operator and sealed by hsa-1. Refuses a non-empty directory.
+    by every operator and sealed by hsa-1. Refuses a non-empty directory. `workers` is each
+    node's number of key service worker processes (`key_service_workers`, 0 to 16).
     """
     _validate_counts(nodes, operators, quorum, domain_id)
+    check_worker_count(workers)
     now = now or datetime.now(UTC)
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
@@ -262,7 +268,7 @@ def init_domain(
         # again on failure, rather than replaced.
         directory.chmod(0o700)
         try:
-            _build(directory, nodes, operators, quorum, domain_id, now, scrypt_n)
+            _build(directory, nodes, operators, quorum, domain_id, now, scrypt_n, workers)
         except BaseException:
             for child in directory.iterdir():
                 if child.is_dir() and not child.is_symlink():
@@ -275,7 +281,7 @@ def init_domain(
     staging = directory.parent / f".{directory.name}.init-{secrets.token_hex(4)}"
     make_private_dir(staging)
     try:
-        _build(staging, nodes, operators, quorum, domain_id, now, scrypt_n)
+        _build(staging, nodes, operators, quorum, domain_id, now, scrypt_n, workers)
         os.rename(staging, directory)  # refuses a non-empty directory that appeared meanwhile
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -291,6 +297,7 @@ def _build(
     domain_id: str,
     now: datetime,
     scrypt_n: int,
+    workers: int,
 ) -> None:
     ca = DomainCA.create(domain_id, now=now)
     ca.save(root / "ca")
@@ -347,7 +354,7 @@ def _build(
     replace_file(root / GENESIS_FILE, state.to_bytes())
 
     for host in hosts:
-        config = _node_config(domain_id, state.hash, host.host_id, coordinator="")
+        config = _node_config(domain_id, state.hash, host.host_id, "", workers)
         config.save(root / "nodes" / host.host_id / "config.json")
     CoordinatorConfig(
         domain_id=domain_id,
@@ -461,14 +468,15 @@ def add_node(directory: Path, host_id: str | None = None, *, now: datetime | Non
     if node_dir.exists():
         raise AlreadyExistsError(f"{node_dir} exists already; choose another host id")
     ca = DomainCA.load(layout.root / "ca")
-    coordinator = ""
+    coordinator, workers = "", 0
     for path in layout.node_configs.values():
-        coordinator = NodeConfig.load(path).coordinator
+        existing = NodeConfig.load(path)
+        coordinator, workers = existing.coordinator, existing.key_service_workers
         if coordinator:
             break
     try:
         identity, cert_pem, host = _create_host(layout.root, ca, layout.domain_id, host_id, now)
-        _node_config(layout.domain_id, layout.genesis_hash, host_id, coordinator).save(
+        _node_config(layout.domain_id, layout.genesis_hash, host_id, coordinator, workers).save(
             node_dir / "config.json"
         )
         host_bytes = host.SerializeToString(deterministic=True)

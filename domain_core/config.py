@@ -11,7 +11,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 from domain_core.errors import InvalidInputError
 from domain_core.files import replace_file
@@ -91,11 +91,14 @@ class NodeConfig(_ConfigBase):
     coordinator: str = ""  # host:port of the coordinator's mutual-TLS listener
     pull_interval_seconds: float = 2.0
     gossip_interval_seconds: float = 2.0
+    # Data-plane worker processes serving KeyService beside the main process (0: none).
+    key_service_workers: int = 0
     base_dir: Path | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         validate_domain_id(self.domain_id)
         _check_hash(self.genesis_hash)
+        check_worker_count(self.key_service_workers)
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,24 @@ class CoordinatorConfig(_ConfigBase):
     def __post_init__(self) -> None:
         validate_domain_id(self.domain_id)
         _check_hash(self.genesis_hash)
+
+
+MAX_KEY_SERVICE_WORKERS: Final = 16
+
+
+def check_worker_count(value: object) -> int:
+    """`value` as a number of key service worker processes (0..16); InvalidInputError if not."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidInputError(
+            f"key_service_workers must be a whole number from 0 to {MAX_KEY_SERVICE_WORKERS}, "
+            f"not {value!r}"
+        )
+    if not 0 <= value <= MAX_KEY_SERVICE_WORKERS:
+        raise InvalidInputError(
+            f"key_service_workers must be from 0 to {MAX_KEY_SERVICE_WORKERS} (worker processes "
+            f"beside the main HSA process), not {value}"
+        )
+    return value
 
 
 def _check_hash(value: str) -> None:

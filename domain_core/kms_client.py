@@ -353,7 +353,8 @@ def read_cluster(directory: str | os.PathLike[str]) -> tuple[list[str], TlsMater
     """The node addresses and the demo application's TLS identity of a local domain.
 
     Layout (docs/runtime.md): DIR/ca/ca.crt, DIR/clients/demo-app/tls.crt and tls.key, and
-    DIR/run/<host>.json, the ready file of every running node of DIR/nodes/<host>/.
+    DIR/run/<host>.json, the ready file of every running node of DIR/nodes/<host>/: its
+    address, then the addresses of its key service workers, if it has any.
     """
     root = Path(directory)
     if not (root / "domain.json").is_file():
@@ -380,6 +381,10 @@ def read_cluster(directory: str | os.PathLike[str]) -> tuple[list[str], TlsMater
             continue  # not running (or still writing its ready file)
         if isinstance(address, str) and address:
             endpoints.append(address)
+            # The node's key service worker processes answer for the same host.
+            workers = document.get("workers", [])
+            if isinstance(workers, list):
+                endpoints += [w for w in workers if isinstance(w, str) and w]
     if not endpoints:
         raise UnavailableError(
             f"no node of the domain in {root} is running (no ready file in {root / 'run'}); "

@@ -6,6 +6,9 @@ Public API: `DomainNode` (the verified state of one HSA; every state enters thro
 `HsaServer` / `load_node` (one process), and `main` (the `hsa-node` command). The key service:
 `KeyServiceServicer` (the KeyService of DESIGN.md), `KeyCache` (verified key records from the
 coordinator), `KeyMaintainer` (re-wrap, automatic rotation and deletion in the background).
+Key service workers (more cores for one host's data plane): `hsa_node.worker` (one worker
+process, following the main process's store read-only) and `hsa_node.supervisor` (the main
+process starts, restarts and stops them).
 """
 
 from __future__ import annotations

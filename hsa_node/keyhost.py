@@ -9,7 +9,9 @@ the server, and closes everything after the server stopped.
 Invariants: an HSA whose audit log does not verify does not start (the audit log refuses to
 extend a broken chain); the cache is emptied when the node stops serving (removed from the
 domain), so no key outlives the membership that let it be opened; the upkeep runs only when a
-coordinator is configured.
+coordinator is configured, and only in the main HSA process (a key service worker opens the
+host with its own audit log, `audit-worker-<i>.log`, and no upkeep, so re-wrap, rotation and
+deletion are never done twice on one host).
 """
 
 from __future__ import annotations
@@ -60,12 +62,16 @@ class KeyServiceHost:
         node: DomainNode,
         tls: TlsMaterial,
         limits: Limits = DEFAULT_LIMITS,
+        audit_file: str = AUDIT_LOG_FILE,
+        upkeep: bool = True,
     ) -> KeyServiceHost:
-        """Open every part (AuditLogError if the audit log does not verify)."""
+        """Open every part (AuditLogError if the audit log does not verify).
+
+        `audit_file` names the audit log in the data directory (one writer per file);
+        `upkeep` False leaves the background key upkeep out (worker processes).
+        """
         data_dir = config.path(config.data_dir)
-        audit = AuditLog(
-            data_dir / AUDIT_LOG_FILE, host_id=node.host_id, signer=node.identity.signer
-        )
+        audit = AuditLog(data_dir / audit_file, host_id=node.host_id, signer=node.identity.signer)
         try:
             floor = MetadataVersionFloor(data_dir / FLOOR_FILE)
         except BaseException:
@@ -81,7 +87,9 @@ class KeyServiceHost:
             floor=floor,
         )
         servicer = KeyServiceServicer(node=node, cache=cache, audit=audit, limits=limits)
-        maintainer = KeyMaintainer(node=node, cache=cache, audit=audit) if channel else None
+        maintainer = (
+            KeyMaintainer(node=node, cache=cache, audit=audit) if channel and upkeep else None
+        )
 
         def on_serving(serving: bool) -> None:
             if not serving:

@@ -13,7 +13,9 @@ Invariants:
 - a fork seen with a peer (`record_fork`: the peer holds another state for a version this
   node holds) changes nothing in the chain: the node keeps serving its verified chain (the
   data plane must not stop because a peer is wrong), stays healthy, and says so in its status
-  detail until it restarts; each fork is logged at ERROR once.
+  detail until it restarts; each fork is logged at ERROR once;
+- a node over a read-only store (a key service worker) verifies and installs states exactly
+  the same way but persists nothing: the main HSA process alone writes the data directory.
 """
 
 from __future__ import annotations
@@ -145,7 +147,7 @@ class DomainNode:
                     f"{store.state_path(1)} is not the pinned genesis state; the data directory "
                     "was changed: restore it or remove its states/ folder to refetch"
                 )
-        else:
+        elif not store.read_only:
             store.save_state(genesis)
         for version in (v for v in versions if v > 1):
             state = _load_stored(store, version)
@@ -358,7 +360,8 @@ class DomainNode:
             raise
 
     def offer(self, state: SealedState, *, source: str = "", quiet_repeats: bool = False) -> bool:
-        """Verify, persist and install `state` if it is the next one.
+        """Verify, persist (unless the store is read-only) and install `state` if it is the
+        next one.
 
         True if the chain advanced; False if the state is the head already, or if this host
         was removed (by this state or an earlier one). Raises the verification error for a
@@ -389,7 +392,8 @@ class DomainNode:
                 raise
             listed = self._identity.host_id in state.manifest.hosts_by_id
             if was_member and not listed:
-                self._store.save_removal(state)
+                if not self._store.read_only:
+                    self._store.save_removal(state)
                 self._removed_at = state.version
                 self._keys = {}
                 log.warning(
@@ -412,8 +416,9 @@ class DomainNode:
                 except HsmDomainError as error:
                     self._refused(state, origin, error)
                     raise
-            self._store.save_state(state)
-            unsafe_crash_point("hsa_install_after_persist")
+            if not self._store.read_only:
+                self._store.save_state(state)
+                unsafe_crash_point("hsa_install_after_persist")
             self._chain.update(state)
             self._states.append(state)
             self._keys = keys

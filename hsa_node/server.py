@@ -4,12 +4,15 @@ Startup order (each step refuses to continue with a one-line reason):
 config -> host identity and its TLS certificate -> TLS material -> genesis pinned by the
 config -> stored states replayed through the verifier -> domain keys unsealed (in memory) ->
 key service (audit log verified and opened, version floor, key cache) -> server bound (the
-remembered address first, when free) -> sync threads and key upkeep -> ready file.
+remembered address first, when free) -> sync threads and key upkeep -> key service worker
+processes (`key_service_workers`, `hsa_node.supervisor`), each ready -> ready file (with the
+workers' addresses).
 
 Invariants: the server requires mutual TLS from the domain CA on every call; it listens only
 where the config says (127.0.0.1 by default); shutdown stops the sync threads and the key
 upkeep before the server (grace 2 s) so no state arrives half-way, and closes the audit log
-(a final signed checkpoint) after it.
+(a final signed checkpoint) after it; the worker processes are stopped before all of that, so
+none outlives the main process's clean stop.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import logging
 import os
 import socket
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,9 +42,10 @@ from hsa_node.keyhost import KeyServiceHost
 from hsa_node.node import DomainNode
 from hsa_node.servicers import DiagnosticsServicer, HsaAdminServicer, HsaPeerServicer
 from hsa_node.storage import NodeStore, write_atomically
+from hsa_node.supervisor import WorkerSupervisor
 from hsa_node.sync import Syncer
 
-__all__ = ["SERVICE_NAMES", "HsaServer", "load_node", "split_address"]
+__all__ = ["SERVICE_NAMES", "HsaServer", "bind_server", "load_node", "split_address"]
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +77,37 @@ def _port_is_free(address: str) -> bool:
     return True
 
 
+def bind_server(server: grpc.Server, listen: str, tls: TlsMaterial, remembered: str | None) -> str:
+    """Bind `server` with mutual TLS where `listen` says; returns the bound "host:port".
+
+    With port 0 in `listen`, the `remembered` address is tried first when it is on the same
+    host and free (clients keep reaching a restarted process), then an OS-chosen port.
+    """
+    host, port = split_address(listen)
+    credentials = transport.server_credentials(tls)
+    candidates = []
+    if port == 0 and remembered:
+        try:
+            same_host = split_address(remembered)[0] == host
+        except InvalidInputError:
+            same_host = False
+        if same_host and _port_is_free(remembered):
+            candidates.append(remembered)
+    if port != 0 and not _port_is_free(listen):
+        # gRPC binds with SO_REUSEPORT: without this check two processes could share a port.
+        raise UnavailableError(f"cannot listen on {listen}: the address is in use")
+    candidates.append(listen)
+    for candidate in candidates:
+        try:
+            bound = server.add_secure_port(candidate, credentials)
+        except RuntimeError:
+            bound = 0
+        if bound:
+            return f"{host}:{bound}"
+        log.info("could not bind %s", candidate)
+    raise UnavailableError(f"cannot listen on {listen}: address in use or invalid")
+
+
 @dataclass
 class LoadedNode:
     """Everything `load_node` read and verified."""
@@ -83,8 +119,14 @@ class LoadedNode:
     node: DomainNode
 
 
-def load_node(config: NodeConfig, limits: Limits = DEFAULT_LIMITS) -> LoadedNode:
-    """Read and verify everything an HSA needs before it may serve."""
+def load_node(
+    config: NodeConfig, limits: Limits = DEFAULT_LIMITS, *, read_only: bool = False
+) -> LoadedNode:
+    """Read and verify everything an HSA needs before it may serve.
+
+    With `read_only` (a key service worker) the node's store is opened read-only: the
+    stored chain is verified all the same, but nothing is written to the data directory.
+    """
     identity_dir = config.path(config.identity_dir)
     identity = HostIdentity.load(identity_dir)
     if identity.host_id != config.host_id:
@@ -105,7 +147,7 @@ def load_node(config: NodeConfig, limits: Limits = DEFAULT_LIMITS) -> LoadedNode
         genesis = SealedState.from_bytes(genesis_path.read_bytes(), limits)
     except FileNotFoundError:
         raise InvalidInputError(f"genesis state file {genesis_path} does not exist") from None
-    store = NodeStore(config.path(config.data_dir), limits)
+    store = NodeStore(config.path(config.data_dir), limits, read_only=read_only)
     node = DomainNode.open(
         domain_id=config.domain_id,
         genesis_hash=bytes.fromhex(config.genesis_hash),
@@ -131,30 +173,7 @@ class HsaServer:
 
     def _bind(self, server: grpc.Server) -> str:
         config, store = self._loaded.config, self._loaded.store
-        host, port = split_address(config.listen)
-        credentials = transport.server_credentials(self._loaded.tls)
-        candidates = []
-        remembered = store.load_address()
-        if port == 0 and remembered:
-            try:
-                same_host = split_address(remembered)[0] == host
-            except InvalidInputError:
-                same_host = False
-            if same_host and _port_is_free(remembered):
-                candidates.append(remembered)
-        if port != 0 and not _port_is_free(config.listen):
-            # gRPC binds with SO_REUSEPORT: without this check two processes could share a port.
-            raise UnavailableError(f"cannot listen on {config.listen}: the address is in use")
-        candidates.append(config.listen)
-        for candidate in candidates:
-            try:
-                bound = server.add_secure_port(candidate, credentials)
-            except RuntimeError:
-                bound = 0
-            if bound:
-                return f"{host}:{bound}"
-            log.info("could not bind %s", candidate)
-        raise UnavailableError(f"cannot listen on {config.listen}: address in use or invalid")
+        return bind_server(server, config.listen, self._loaded.tls, store.load_address())
 
     def start(self) -> str:
         """Bind, start serving, start the sync threads; returns the bound address."""
@@ -229,22 +248,58 @@ class HsaServer:
         log.info("stopped")
 
 
-def write_ready_file(path: Path, address: str, name: str) -> None:
-    """The ready file of docs/runtime.md, written atomically (public content)."""
-    document = {"pid": os.getpid(), "address": address, "name": name}
+def write_ready_file(
+    path: Path, address: str, name: str, workers: Sequence[str] | None = None
+) -> None:
+    """The ready file of docs/runtime.md, written atomically (public content); `workers` are
+    the addresses of the key service worker processes (an HSA writes the field, maybe empty)."""
+    document: dict[str, object] = {"pid": os.getpid(), "address": address, "name": name}
+    if workers is not None:
+        document["workers"] = list(workers)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(path, (json.dumps(document, sort_keys=True) + "\n").encode(), 0o644)
 
 
-def serve(config: NodeConfig, ready_file: Path | None, stop: threading.Event) -> None:
-    """Load, serve until `stop` is set, and shut down cleanly."""
+def serve(
+    config: NodeConfig,
+    ready_file: Path | None,
+    stop: threading.Event,
+    *,
+    config_path: Path | None = None,
+    verbose: bool = False,
+) -> None:
+    """Load, serve (with `config.key_service_workers` worker processes, started from
+    `config_path`) until `stop` is set, and shut down cleanly."""
+    if config.key_service_workers and config_path is None:
+        raise InvalidInputError("key service workers need the config file's path to start")
     loaded = load_node(config)
     server = HsaServer(loaded)
     address = server.start()
+    supervisor: WorkerSupervisor | None = None
     try:
-        if ready_file is not None:
-            write_ready_file(ready_file, address, loaded.config.host_id)
+        name = loaded.config.host_id
+
+        def publish(workers: Sequence[str]) -> None:
+            if ready_file is not None:
+                write_ready_file(ready_file, address, name, workers)
+
+        if config.key_service_workers and config_path is not None:
+            supervisor = WorkerSupervisor(
+                config_path=config_path,
+                config=config,
+                count=config.key_service_workers,
+                stopping=stop,
+                on_change=publish,
+                verbose=verbose,
+            )
+            workers = supervisor.start()
+            if not stop.is_set():
+                publish(workers)
+        else:
+            publish([])
         while not stop.wait(0.5):
             pass
     finally:
+        if supervisor is not None:
+            supervisor.stop()
         server.stop()

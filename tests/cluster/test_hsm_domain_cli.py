@@ -297,6 +297,7 @@ def test_up_without_arguments_creates_hsm_cluster_and_stops_on_sigint(
     [
         (("--quorum", "5", "--operators", "3"), "--quorum"),
         (("--nodes", "0"), "--nodes"),
+        (("--workers", "17"), "--workers must be between 0 and 16"),
         (("--quorum", "x"), "invalid int value"),
     ],
 )

@@ -240,6 +240,24 @@ def test_init_accepts_an_empty_directory_and_one_operator(tmp_path: Path) -> Non
     assert layout.domain_id == "a.example"
 
 
+def test_init_writes_the_worker_count_into_every_node_and_add_node_keeps_it(
+    tmp_path: Path,
+) -> None:
+    layout = init_domain(
+        tmp_path / "w", nodes=2, operators=1, quorum=1, now=NOW, scrypt_n=FAST_SCRYPT, workers=2
+    )
+    assert [NodeConfig.load(p).key_service_workers for p in layout.node_configs.values()] == [2, 2]
+    added = add_node(layout.root, now=NOW)
+    assert NodeConfig.load(added.parent / "config.json").key_service_workers == 2
+
+
+@pytest.mark.parametrize("workers", [-1, 17])
+def test_init_refuses_an_impossible_worker_count(tmp_path: Path, workers: int) -> None:
+    with pytest.raises(InvalidInputError, match="key_service_workers"):
+        init_domain(tmp_path / "w", nodes=1, operators=1, quorum=1, workers=workers)
+    assert not (tmp_path / "w").exists()
+
+
 def test_load_layout_of_a_directory_without_domain(tmp_path: Path) -> None:
     with pytest.raises(NotFoundError, match="hsm-domain init"):
         load_layout(tmp_path)
