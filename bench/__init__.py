@@ -44,6 +44,7 @@ BENCHMARK_MODULES: list[str] = [
     "bench.keyservice",
     "bench.envelope",
     "bench.kms_latency",
+    "bench.scaling",
     "bench.propagation",
     "bench.catchup",
     "bench.verification",

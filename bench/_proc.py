@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["CpuSample", "cpu_seconds", "memory_kib", "rss_mib"]
+__all__ = ["CpuSample", "cpu_seconds", "memory_kib", "rss_mib", "tree_pids"]
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
@@ -35,6 +35,26 @@ def cpu_seconds(pid: int) -> float:
     fields = text.rpartition(")")[2].split()
     utime, stime = int(fields[11]), int(fields[12])
     return (utime + stime) / _CLOCK_TICKS
+
+
+def tree_pids(pid: int) -> list[int]:
+    """`pid` and every live descendant of it (children's CPU is not in the parent's
+    utime/stime until they are reaped, so a server with worker processes is sampled whole)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue  # gone meanwhile
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found, queue = [], [pid]
+    while queue:
+        current = queue.pop()
+        found.append(current)
+        queue.extend(children.get(current, []))
+    return found
 
 
 def memory_kib(pid: int) -> dict[str, int]:
