@@ -7,7 +7,7 @@ A fresh one-node domain; readings from /proc (`bench._proc`):
   calls (sampled every 20 ms), and `memory_hsa_load_hwm_mib` its peak (VmHWM) after the load;
 - `memory_hsa_after_load_rss_mib`: one second after the load stopped (what it keeps);
 - `memory_coordinator_idle_rss_mib`: the coordinator, for comparison;
-- with keys cached: 100,000 key records (10,000 in quick mode; the HSA's cache holds up to
+- with keys cached: 100,000 key records (3,000 in quick mode; the HSA's cache holds up to
   `memory_cache_max_entries`) are stored through the coordinator's PutKey as the HSA's own
   identity (`bench.rewrap.create_records`: one backing key each, sealed under the domain key;
   not timed against the HSA), then the demo application calls DescribeKey once per key (16
@@ -89,7 +89,7 @@ def fill_cache(domain: BenchDomain, host: str, key_ids: Sequence[str], budget: f
 
 
 def _cache_figures(config: BenchConfig, domain: BenchDomain, host: str) -> dict[str, Figure]:
-    keys = int(config.pick(10_000, 100_000))
+    keys = int(config.pick(3_000, 100_000))
     budget = float(config.pick(90.0, 600.0))
     pid = domain.pid(host)
     config.log(f"   storing {keys:,} key records through the coordinator's PutKey...")
