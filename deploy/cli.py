@@ -441,6 +441,8 @@ def _print_status(report: DomainReport) -> None:
             line += f"  ({p.detail})"
         elif not p.expected:
             line += "  (not in the domain's state)"
+        if p.workers:
+            line += f"  [key service workers: {', '.join(p.workers)}]"
         print(line)
     view = report.coordinator
     if view.reachable:

@@ -44,6 +44,7 @@ class ProcessReport:
     pid: int | None = None
     address: str = ""
     operator_address: str = ""
+    workers: list[str] = field(default_factory=list)  # an HSA's key service workers, ready
     healthy: bool = False
     version: int | None = None
     state_hash: str = ""  # hex
@@ -185,6 +186,7 @@ def _probe_node(layout: DomainLayout, report: ProcessReport) -> None:
     report.running = True
     report.pid = info.pid
     report.address = info.address
+    report.workers = list(info.workers)
     try:
         with node_channel(layout, info.address) as channel:
             stub = services_pb2_grpc.HsaAdminStub(channel)  # type: ignore[no-untyped-call]

@@ -120,8 +120,12 @@ def is_alive(pid: int) -> bool:
 
 
 def audit_verify(directory: Path) -> subprocess.CompletedProcess[str]:
+    return hsm_domain("audit", "verify", directory)
+
+
+def hsm_domain(*args: str | Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [str(Path(sys.executable).parent / "hsm-domain"), "audit", "verify", str(directory)],
+        [str(Path(sys.executable).parent / "hsm-domain"), *map(str, args)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -147,6 +151,15 @@ def test_workers_serve_follow_restart_and_stop(cluster: LocalCluster) -> None:
     blob = encrypt(worker_1, tls, key_id, plaintext)
     assert decrypt(worker_2, tls, blob) == plaintext
     assert decrypt(main, tls, blob) == plaintext
+
+    # `hsm-domain status` shows them.
+    status = hsm_domain("status", cluster.directory, "--json")
+    assert status.returncode == 0, status.stderr
+    listed_workers = {p["name"]: p["workers"] for p in json.loads(status.stdout)["processes"]}
+    assert listed_workers[HOST] == [worker_1, worker_2]
+    assert listed_workers["hsa-2"] == []
+    text = hsm_domain("status", cluster.directory)
+    assert f"[key service workers: {worker_1}, {worker_2}]" in text.stdout
 
     # A client made from the domain directory spreads over the workers too.
     listed, _ = read_cluster(cluster.directory)
@@ -213,8 +226,18 @@ def test_workers_serve_follow_restart_and_stop(cluster: LocalCluster) -> None:
         return True
 
     cluster.wait_for(refused_by_workers, timeout=10, what="the removed host's workers to refuse")
-    with transport.mtls_channel(worker_2, tls) as channel:
-        assert not transport.check_health(channel)
+
+    def not_serving(address: str) -> bool:
+        # The health status follows the node's serving flag through a listener, a moment
+        # after the key service starts refusing.
+        with transport.mtls_channel(address, tls) as channel:
+            return not transport.check_health(channel)
+
+    cluster.wait_for(
+        lambda: not_serving(worker_1) and not_serving(worker_2),
+        timeout=10,
+        what="the removed host's workers to report NOT_SERVING",
+    )
 
     # SIGTERM to the main process alone: it stops its workers and exits cleanly.
     process = cluster.processes.pop(HOST)
