@@ -9,7 +9,6 @@ Nothing printed here holds a key or a passphrase.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import signal
@@ -18,7 +17,6 @@ import sys
 import textwrap
 import threading
 import time
-import traceback
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
@@ -36,6 +34,7 @@ from deploy.init import (
     load_layout,
 )
 from deploy.status import DomainReport, collect_status, coordinator_members
+from domain_core.cli_support import exit_code, print_error, quiet_broken_pipe
 from domain_core.config import MAX_KEY_SERVICE_WORKERS
 from domain_core.errors import HsmDomainError, InvalidInputError
 
@@ -662,23 +661,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _print_error(error: BaseException, verbose: bool) -> None:
-    if verbose:
-        traceback.print_exception(error, file=sys.stderr)
-    message = error.message if isinstance(error, HsmDomainError) else str(error)
-    if isinstance(error, OSError) and not isinstance(error, HsmDomainError):
-        message = f"{error.strerror or error}" + (f": {error.filename}" if error.filename else "")
-    print(f"{PROG}: error: {message}", file=sys.stderr)
+    print_error(PROG, error, verbose=verbose)
     if isinstance(error, ProcessStartError) and error.log_tail:
         print(f"last lines of {error.log_file}:", file=sys.stderr)
         for line in error.log_tail:
             print(f"  | {line}", file=sys.stderr)
-
-
-def _exit_code(error: SystemExit) -> int:
-    code = error.code
-    if code is None:
-        return 0
-    return code if isinstance(code, int) else 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -688,7 +675,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
     except SystemExit as error:
-        return _exit_code(error)
+        return exit_code(error)
     verbose = bool(getattr(args, "verbose", False))
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
@@ -697,10 +684,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG} {args.command}: error: {error}", file=sys.stderr)
         return 2
     except BrokenPipeError:
-        # The reader went away (e.g. `| head`): nothing left to tell it.
-        with contextlib.suppress(OSError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
+        return quiet_broken_pipe()  # the reader went away (e.g. `| head`)
     except (HsmDomainError, OSError) as error:
         _print_error(error, verbose)
         return 1

@@ -27,7 +27,6 @@ import os
 import sys
 import tempfile
 import textwrap
-import traceback
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,6 +34,7 @@ from typing import IO, Any, Final
 
 from domain_core import envelope
 from domain_core.ciphertext import parse_header
+from domain_core.cli_support import exit_code, print_error, quiet_broken_pipe
 from domain_core.errors import (
     HsmDomainError,
     InvalidCiphertextError,
@@ -837,25 +837,6 @@ def _check_usage(args: argparse.Namespace) -> None:
         _refuse_terminal("the output", "--" + args.binary_output.replace("_", "-"))
 
 
-def _print_error(error: BaseException, verbose: bool) -> None:
-    if verbose:
-        traceback.print_exception(error, file=sys.stderr)
-    if isinstance(error, HsmDomainError):
-        message = f"{error.message} [{error.grpc_status.name}]"
-    elif isinstance(error, OSError):
-        message = f"{error.strerror or error}" + (f": {error.filename}" if error.filename else "")
-    else:
-        message = str(error)
-    print(f"{PROG}: error: {' '.join(message.split())}", file=sys.stderr)
-
-
-def _exit_code(error: SystemExit) -> int:
-    code = error.code
-    if code is None:
-        return 0
-    return code if isinstance(code, int) else 2
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one `hsm-kms` command; return the exit status."""
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
@@ -863,7 +844,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
     except SystemExit as error:
-        return _exit_code(error)
+        return exit_code(error)
     verbose = bool(getattr(args, "verbose", False))
     handler: Callable[[argparse.Namespace, KeyClient], int] = args.handler
     try:
@@ -874,12 +855,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG} {args.command}: error: {error}", file=sys.stderr)
         return 2
     except BrokenPipeError:
-        # The reader went away (e.g. `| head`): nothing left to tell it.
-        with contextlib.suppress(OSError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
+        return quiet_broken_pipe()  # the reader went away (e.g. `| head`)
     except (HsmDomainError, OSError) as error:
-        _print_error(error, verbose)
+        print_error(PROG, error, verbose=verbose, with_status=True)
         return 1
 
 

@@ -23,13 +23,13 @@ import json
 import os
 import sys
 import textwrap
-import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Protocol, TextIO
 
+from domain_core.cli_support import exit_code, one_line, print_error
 from domain_core.errors import HsmDomainError, TokenError
 from domain_core.signers import Signer
 from domain_core.tokens import FileTokenRef, TokenRef, open_token, parse_token_uri
@@ -337,25 +337,13 @@ class CommandContext:
 # --- main ------------------------------------------------------------------------------------
 
 
-def _one_line(error: BaseException) -> str:
-    if isinstance(error, HsmDomainError):
-        text = error.message
-    elif isinstance(error, OSError) and error.strerror:
-        text = error.strerror
-        if error.filename is not None:
-            text = f"{text}: {error.filename}"
-    else:
-        text = str(error) or type(error).__name__
-    return " ".join(text.split())
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one `hsm-operator` command; return its exit status (0, 1 or 2)."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse: 0 after --help, 2 on a usage error
-        return exc.code if isinstance(exc.code, int) else 2
+        return exit_code(exc)
     ctx = CommandContext.from_args(args, os.environ)
     handler: Handler = args._handler
     try:
@@ -363,12 +351,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         command_parser: argparse.ArgumentParser = args._parser
         command_parser.print_usage(sys.stderr)
-        print(f"{command_parser.prog}: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"{command_parser.prog}: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except (HsmDomainError, OSError) as exc:
-        if ctx.verbose:
-            traceback.print_exc(file=sys.stderr)
-        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        print_error(PROG, exc, verbose=ctx.verbose)
         return 1
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
