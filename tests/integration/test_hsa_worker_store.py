@@ -7,6 +7,9 @@ directory opened read-only verifies the same chain, follows what the main proces
 
 from __future__ import annotations
 
+import hashlib
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +27,7 @@ from domain_core.errors import FailedPreconditionError, UnavailableError
 from domain_core.model import SealedState
 from domain_core.pb import domain_pb2, services_pb2
 from domain_core.transport import TlsMaterial
+from hsa_node.keycache import MetadataVersionFloor
 from hsa_node.server import LoadedNode, load_node
 from hsa_node.servicers import HsaAdminServicer
 from hsa_node.storage import (
@@ -160,3 +164,61 @@ def test_worker_ready_files_round_trip(tmp_path: Path) -> None:
     assert read_worker_ready(path) == WorkerReady(pid=123, address="127.0.0.1:5", index=2)
     path.write_text('{"pid": 1}')
     assert read_worker_ready(path) is None
+
+
+_ADMIT_SCRIPT = """
+import hashlib, sys
+from pathlib import Path
+from domain_core.errors import FailedPreconditionError
+from hsa_node.keycache import MetadataVersionFloor
+
+floor = MetadataVersionFloor(Path(sys.argv[1]))
+refused = 0
+for version in range(1, int(sys.argv[2]) + 1):
+    for key in range(5):
+        digest = hashlib.sha256(f"k{key}:{version}".encode()).digest()
+        try:
+            floor.admit(f"k{key}", version, digest)
+        except FailedPreconditionError:
+            refused += 1  # another process admitted a newer version first: a correct refusal
+floor.close()
+print(refused)
+"""
+
+
+def test_the_hsa_and_its_workers_share_one_version_floor_safely(tmp_path: Path) -> None:
+    """Four processes (an HSA and three workers) admitting records of the same keys at once
+    through the shared SQLite floor: no call fails for locking, and the floor ends at the
+    newest version, which every process then defends against a fork."""
+    path = tmp_path / "key_versions.db"
+    versions = 150
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", _ADMIT_SCRIPT, str(path), str(versions)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    try:
+        outputs = [p.communicate(timeout=120) for p in processes]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    for process, (out, err) in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, err
+        assert int(out) >= 0
+    floor = MetadataVersionFloor(path)
+    try:
+        for key in range(5):
+            newest = hashlib.sha256(f"k{key}:{versions}".encode()).digest()
+            assert floor.highest(f"k{key}") == (versions, newest)
+            with pytest.raises(FailedPreconditionError, match="same metadata version"):
+                floor.admit(f"k{key}", versions, hashlib.sha256(b"forked").digest())
+            with pytest.raises(FailedPreconditionError, match="older record"):
+                floor.admit(f"k{key}", versions - 1, b"\0" * 32)
+    finally:
+        floor.close()
