@@ -12,7 +12,9 @@ and may define
   `<op>_c<N>_floor_ratio` = this throughput / the floor's (issue 7's goal: >= 0.8),
   `<op>_c<N>_p99_floor_ratio` = this p99 latency / the floor's (goal: <= 1.5), and
   `<op>_c<N>_cpu_floor_ratio` = this server CPU per call / the floor's, each when both sides
-  have the figure; the floor runs first whenever such a benchmark is selected).
+  have the figure; the floor runs first whenever such a benchmark is selected; a benchmark
+  that measures `echo_1k_c<N>_*` itself, interleaved with its own rounds, is compared with
+  that instead).
 
 Invariants: a benchmark that fails is reported with its error and the others still run; the
 floor's figures are handed to later benchmarks in `config.floor`; raw samples and curves for
@@ -202,8 +204,8 @@ def add_floor_ratios(figures: dict[str, Figure], floor: Mapping[str, Figure]) ->
     """
     for key in list(figures):
         match = _OPS_FIGURE.match(key)
-        if match is None:
-            continue
+        if match is None or key.startswith(f"{FLOOR_PREFIX}_c"):
+            continue  # (the floor is not compared with itself)
         prefix = key.removesuffix("_ops_s")
         floor_prefix = f"{FLOOR_PREFIX}_c{match['concurrency']}"
         for suffix, ratio in _FLOOR_RATIOS:
@@ -299,7 +301,10 @@ def run_benchmarks(
             if benchmark.floor_ratios:
                 if not config.floor:
                     raise BenchError("the floor was not measured, so no floor ratio can be given")
-                add_floor_ratios(figures, config.floor)
+                # A benchmark that measured the floor itself, interleaved with its own rounds,
+                # is compared with that; else with the floor benchmark's.
+                own = {k: v for k, v in figures.items() if k.startswith(f"{FLOOR_PREFIX}_c")}
+                add_floor_ratios(figures, {**config.floor, **own})
         except (KeyboardInterrupt, SystemExit):
             raise
         except Exception as error:

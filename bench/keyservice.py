@@ -8,13 +8,18 @@ What is measured, each at concurrency 1 and 16, with the audit log on (as always
 - against a three-node domain, the client spreading calls round-robin over the three HSAs:
   `encrypt_1k_3node`, `decrypt_1k_3node`, `generate_data_key_3node`.
 
+The floor itself (`echo_1k`: `Diagnostics.Echo` of 1 KiB on the one-node domain, same client)
+is measured in the same interleaved rounds, so that every ratio compares calls made in the same
+minutes; the floor benchmark's own run, minutes earlier, moved by up to ±25 % on this machine.
+
 Figures per operation and concurrency N: `<op>_c<N>_p50_ms`, `_p95_ms`, `_p99_ms`,
 `_ops_s`, and `_server_cpu_us_per_op` (utime + stime summed over every HSA process, over the
 measured windows only; `create_key` also gives `_coordinator_cpu_us_per_op`). The runner adds
-the ratios to the floor at the same concurrency: `_floor_ratio` (throughput, goal >= 0.8),
-`_p99_floor_ratio` (p99, goal <= 1.5) and `_cpu_floor_ratio`. The floor is one HSA, so the
-3-node ratios compare a whole 3-node domain with one node's Echo: they show what spreading
-buys (or costs) on this machine, where every node shares the same cores.
+the ratios to the floor (the in-run `echo_1k`) at the same concurrency: `_floor_ratio`
+(throughput, goal >= 0.8), `_p99_floor_ratio` (p99, goal <= 1.5) and `_cpu_floor_ratio`.
+The floor is one HSA, so the 3-node ratios compare a whole 3-node domain with one node's Echo:
+they show what spreading buys (or costs) on this machine, where every node shares the same
+cores.
 
 The client is the one the floor used at each concurrency (`echo_1k_c<N>_client`: N threads on
 synchronous channels, or N asyncio tasks on `grpc.aio` channels), with raw stubs over one
@@ -62,6 +67,7 @@ THROUGHPUT_GOAL: Final = 0.8
 P99_GOAL: Final = 1.5
 # The data-plane operations the issue's floor targets apply to (one node, like the floor).
 TARGETED: Final = ("encrypt_1k", "decrypt_1k", "generate_data_key", "re_encrypt_1k")
+FLOOR_ECHO: Final = "echo_1k"  # the in-run floor's figure prefix, as the floor benchmark's
 
 
 def _targets() -> tuple[Target, ...]:
@@ -111,6 +117,7 @@ class Operation:
     method: str
     request: Message
     max_ops: int = MAX_OPS
+    service: str = "KeyService"  # or "Diagnostics" (the floor's Echo)
 
 
 @dataclass
@@ -169,15 +176,23 @@ class _Meters:
         return self._coordinator.seconds
 
 
-def _round_robin(stubs: Sequence[Any], operation: Operation) -> Callable[[], Any]:
-    """A call of `operation` on the next stub in turn (one stub per node)."""
+def _round_robin(stubs: Sequence[dict[str, Any]], operation: Operation) -> Callable[[], Any]:
+    """A call of `operation` on the next node in turn (one stub per node and service)."""
     turn = itertools.count()
-    methods = [getattr(stub, operation.method) for stub in stubs]
+    methods = [getattr(stub[operation.service], operation.method) for stub in stubs]
     request, count = operation.request, len(methods)
     if count == 1:
         only = methods[0]
         return lambda: only(request, timeout=CALL_TIMEOUT)
     return lambda: methods[next(turn) % count](request, timeout=CALL_TIMEOUT)
+
+
+def _stubs(channel: grpc.Channel | grpc.aio.Channel) -> dict[str, Any]:
+    """The key service's and the floor's stubs over one channel."""
+    return {
+        "KeyService": services_pb2_grpc.KeyServiceStub(channel),  # type: ignore[no-untyped-call]
+        "Diagnostics": services_pb2_grpc.DiagnosticsStub(channel),  # type: ignore[no-untyped-call]
+    }
 
 
 class _Clients:
@@ -190,13 +205,10 @@ class _Clients:
         self._runner = runner
         self._sync: list[grpc.Channel] = []
         self._aio: list[grpc.aio.Channel] = []
-        self.stubs: dict[str, list[Any]] = {}
+        self.stubs: dict[str, list[dict[str, Any]]] = {}
         if "sync" in kinds:
             self._sync = [domain.node_channel(host) for host in domain.hosts]
-            self.stubs["sync"] = [
-                services_pb2_grpc.KeyServiceStub(c)  # type: ignore[no-untyped-call]
-                for c in self._sync
-            ]
+            self.stubs["sync"] = [_stubs(c) for c in self._sync]
         if "async" in kinds:
             tls = domain.client_tls()
             addresses = [domain.address(host) for host in domain.hosts]
@@ -205,10 +217,7 @@ class _Clients:
                 return [aio_mtls_channel(address, tls) for address in addresses]
 
             self._aio = runner.run(connect())
-            self.stubs["async"] = [
-                services_pb2_grpc.KeyServiceStub(c)  # type: ignore[no-untyped-call]
-                for c in self._aio
-            ]
+            self.stubs["async"] = [_stubs(c) for c in self._aio]
 
     def load(
         self,
@@ -311,7 +320,20 @@ def _operations(domain: BenchDomain, *, suffix: str, full_set: bool) -> list[Ope
             timeout=CALL_TIMEOUT,
         ).ciphertext_blob
         destination = _create_key(stub, "bench keyservice re-encrypt destination")
-    operations = [
+    operations: list[Operation] = []
+    if full_set:
+        # The floor, interleaved with the key service's rounds on the same node and client:
+        # the ratios then compare calls made in the same minutes (`add_floor_ratios` prefers a
+        # benchmark's own `echo_1k_c<N>_*` to the floor benchmark's, run minutes before).
+        operations.append(
+            Operation(
+                FLOOR_ECHO,
+                "Echo",
+                services_pb2.EchoMessage(payload=payload),
+                service="Diagnostics",
+            )
+        )
+    operations += [
         Operation(
             f"encrypt_1k{suffix}",
             "Encrypt",
@@ -367,23 +389,16 @@ def _figures(cells: dict[tuple[str, int], Cell]) -> dict[str, Figure]:
     return figures
 
 
-def _plot_samples(
-    config: BenchConfig, cells: dict[tuple[str, int], Cell], clients: dict[int, str]
-) -> None:
-    """Latency distributions: one plot per concurrency for one node (with the floor's), one
-    for three nodes."""
-    floor = config.samples.get("floor", {})
+def _plot_samples(config: BenchConfig, cells: dict[tuple[str, int], Cell]) -> None:
+    """Latency distributions: one plot per concurrency for one node (with the floor measured
+    in the same rounds), one for three nodes."""
     for (operation, concurrency), cell in cells.items():
         latencies = [v / 1e6 for load in cell.rounds for v in load.latencies_ns]
         if operation.endswith("_3node"):
             config.add_samples("keyservice_3node", f"{operation} c{concurrency}", latencies)
             continue
-        group = f"keyservice_c{concurrency}"
-        if group not in config.samples:
-            floor_label = f"{clients[concurrency]} client, concurrency {concurrency}"
-            if floor_label in floor:
-                config.add_samples(group, "floor (Echo)", floor[floor_label])
-        config.add_samples(group, operation, latencies)
+        label = "floor (Echo, same rounds)" if operation == FLOOR_ECHO else operation
+        config.add_samples(f"keyservice_c{concurrency}", label, latencies)
 
 
 def run(config: BenchConfig) -> dict[str, Figure]:
@@ -414,5 +429,5 @@ def run(config: BenchConfig) -> dict[str, Figure]:
                 )
             )
     figures.update(_figures(cells))  # one node, then three; c1 then c16 in each
-    _plot_samples(config, cells, clients)
+    _plot_samples(config, cells)
     return figures

@@ -277,8 +277,9 @@ def render_markdown(
         "",
         "Every process of the domain, the benchmark client included, shares this machine's "
         "cores, so figures are orders of magnitude, not guarantees; full runs repeat and give "
-        "medians. Key-service figures carry their ratios to the floor (`floor`, Echo at the "
-        "same concurrency over the same stack and client): `_floor_ratio` = this throughput / "
+        "medians. Key-service figures carry their ratios to the floor (Echo at the same "
+        "concurrency over the same stack and client; `keyservice` measures it in its own "
+        "interleaved rounds as `echo_1k`): `_floor_ratio` = this throughput / "
         "the floor's (issue 7's goal: at least 0.8), `_p99_floor_ratio` = this p99 latency / "
         "the floor's (goal: at most 1.5), `_cpu_floor_ratio` = this server CPU per call / the "
         "floor's.",

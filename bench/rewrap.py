@@ -148,23 +148,49 @@ def create_records(
         channel.close()
 
 
-def _pending(layout: DomainLayout, coordinator: str, generation: int) -> tuple[int, int]:
+def _pending(stub: Any, generation: int) -> tuple[int, int]:
     """(records not yet under `generation`, all records), read through the coordinator."""
+    pending = total = 0
+    token = ""
+    while True:
+        page = stub.ListKeyRecords(
+            services_pb2.ListKeyRecordsRequest(limit=1000, page_token=token),
+            timeout=CALL_TIMEOUT,
+        )
+        total += len(page.records)
+        pending += sum(1 for r in page.records if keytokens.needs_rewrap(r, generation))
+        token = page.next_page_token
+        if not token:
+            return pending, total
+
+
+def _wait_rewrapped(
+    layout: DomainLayout, coordinator: str, generation: int, deadline: float
+) -> float:
+    """Poll until every record is under `generation`; the time it was first seen so. One
+    channel for every poll; a poll the busy coordinator does not answer in time is retried
+    (until `deadline`), as any client would."""
     channel = transport.mtls_channel(coordinator, host_tls(layout, "hsa-1"))
     try:
         stub = services_pb2_grpc.CoordinatorStub(channel)  # type: ignore[no-untyped-call]
-        pending = total = 0
-        token = ""
+        last = "no poll answered"
         while True:
-            page = stub.ListKeyRecords(
-                services_pb2.ListKeyRecordsRequest(limit=1000, page_token=token),
-                timeout=CALL_TIMEOUT,
-            )
-            total += len(page.records)
-            pending += sum(1 for r in page.records if keytokens.needs_rewrap(r, generation))
-            token = page.next_page_token
-            if not token:
-                return pending, total
+            try:
+                pending, total = _pending(stub, generation)
+            except grpc.RpcError as error:
+                if error.code() not in (
+                    grpc.StatusCode.UNAVAILABLE,
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                ):
+                    raise
+                last = f"the last poll failed: {error.code().name}"
+            else:
+                if not pending:
+                    return time.perf_counter()
+                last = f"{pending} of {total} records still not re-wrapped"
+            if time.perf_counter() > deadline:
+                raise RuntimeError(last)
+            time.sleep(POLL_SECONDS)
     finally:
         channel.close()
 
@@ -232,10 +258,11 @@ def measure_inprocess(work_dir: Path, keys: int, log: Any = print) -> dict[str, 
             started = time.perf_counter()
             report = maintainer.run_pass()
             seconds = time.perf_counter() - started
+            stub = services_pb2_grpc.CoordinatorStub(channel)  # type: ignore[no-untyped-call]
+            pending, total = _pending(stub, generation)
         finally:
             channel.close()
             floor.close()
-        pending, total = _pending(layout, address, generation)
     finally:
         runner.stop_process(coordinator_process)
     if report.rewrapped != keys or pending:
@@ -275,16 +302,10 @@ def measure_cluster(work_dir: Path, keys: int, log: Any = print) -> dict[str, Fi
         generation = loaded.node.domain_keys().generation + 1
         log(f"  cluster: rotating the domain key (quorum) to generation {generation}...")
         applied = apply_change(domain, [changes.rotate_domain_key()])
-        deadline = time.perf_counter() + CLUSTER_TIMEOUT
-        while True:
-            pending, total = _pending(layout, address, generation)
-            now = time.perf_counter()
-            if not pending:
-                break
-            if now > deadline:
-                raise RuntimeError(f"{pending} of {total} records still not re-wrapped")
-            time.sleep(POLL_SECONDS)
-        seconds = now - applied.started
+        finished = _wait_rewrapped(
+            layout, address, generation, time.perf_counter() + CLUSTER_TIMEOUT
+        )
+        seconds = finished - applied.started
         time.sleep(1.5)  # let the passes finish and log their summaries
         per_host = {h: _pass_lines(layout.log_file(h), generation) for h in domain.hosts}
     figures: dict[str, Figure] = {

@@ -219,6 +219,30 @@ def _module(name: str, run: object, **attributes: object) -> types.ModuleType:
     return module
 
 
+def test_a_floor_measured_in_the_same_rounds_is_preferred(tmp_path: Path) -> None:
+    def floor(config: BenchConfig) -> dict[str, Figure]:
+        return {"echo_1k_c16_ops_s": 4000.0, "echo_1k_c16_p99_ms": 8.0}
+
+    def keyservice(config: BenchConfig) -> dict[str, Figure]:
+        return {
+            "echo_1k_c16_ops_s": 3000.0,  # measured interleaved with its own rounds
+            "echo_1k_c16_p99_ms": 10.0,
+            "encrypt_1k_c16_ops_s": 1500.0,
+            "encrypt_1k_c16_p99_ms": 15.0,
+        }
+
+    available = {
+        "floor": Benchmark(_module("floor", floor)),
+        "kms": Benchmark(_module("kms", keyservice, FLOOR_RATIOS=True)),
+    }
+    config = BenchConfig(quick=True, work_dir=tmp_path, log=lambda message: None)
+    report = run_benchmarks(["kms"], available, config, command="test")
+    figures = report.results["kms"]
+    assert figures["encrypt_1k_c16_floor_ratio"] == pytest.approx(0.5)  # 1500 / 3000, not 4000
+    assert figures["encrypt_1k_c16_p99_floor_ratio"] == pytest.approx(1.5)
+    assert "echo_1k_c16_floor_ratio" not in figures  # the floor is not compared with itself
+
+
 def test_runner_runs_the_floor_first_adds_ratios_and_isolates_failures(tmp_path: Path) -> None:
     order: list[str] = []
 
@@ -512,11 +536,21 @@ def test_keyservice_cell_pools_rounds_and_spreads_calls() -> None:
         def Encrypt(self, request: object, timeout: float) -> None:
             calls.append(self.name)
 
+    class Diagnostics:
+        def Echo(self, request: object, timeout: float) -> None:
+            calls.append("echo")
+
+    nodes = [{"KeyService": Stub(n), "Diagnostics": Diagnostics()} for n in "abc"]
     operation = keyservice.Operation("encrypt_1k", "Encrypt", services_pb2.EncryptRequest())
-    call = keyservice._round_robin([Stub("a"), Stub("b"), Stub("c")], operation)
+    call = keyservice._round_robin(nodes, operation)
     for _ in range(6):
         call()
     assert calls == ["a", "b", "c", "a", "b", "c"]
+    floor = keyservice.Operation(
+        "echo_1k", "Echo", services_pb2.EchoMessage(), service="Diagnostics"
+    )
+    keyservice._round_robin(nodes[:1], floor)()
+    assert calls[-1] == "echo"
 
 
 def test_kms_latency_figures_follow_the_runner_names() -> None:
