@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 
@@ -26,7 +28,19 @@ from domain_core import transport
 from domain_core.limits import DEFAULT_LIMITS
 from domain_core.transport import TlsMaterial
 
-__all__ = ["LoadResult", "aio_mtls_channel", "run_tasks", "run_threads"]
+__all__ = ["LoadResult", "aio_mtls_channel", "round_robin", "run_tasks", "run_threads"]
+
+
+def round_robin(
+    methods: Sequence[Callable[..., Any]], request: Any, timeout: float
+) -> Callable[[], Any]:
+    """A call of `request` on the next of `methods` (one per endpoint) in turn."""
+    if len(methods) == 1:
+        only = methods[0]
+        return lambda: only(request, timeout=timeout)
+    turn = itertools.count()
+    count = len(methods)
+    return lambda: methods[next(turn) % count](request, timeout=timeout)
 
 
 @dataclass

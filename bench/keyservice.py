@@ -35,7 +35,6 @@ Quick mode: one round of 0.3 s.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -46,7 +45,7 @@ from google.protobuf.message import Message
 
 from bench._cluster import BenchDomain
 from bench._core import BenchConfig, Figure, Target
-from bench._load import LoadResult, aio_mtls_channel, run_tasks, run_threads
+from bench._load import LoadResult, aio_mtls_channel, round_robin, run_tasks, run_threads
 from bench._proc import CpuSample
 from bench._stats import median
 from deploy.init import COORDINATOR_NAME
@@ -178,13 +177,8 @@ class _Meters:
 
 def _round_robin(stubs: Sequence[dict[str, Any]], operation: Operation) -> Callable[[], Any]:
     """A call of `operation` on the next node in turn (one stub per node and service)."""
-    turn = itertools.count()
     methods = [getattr(stub[operation.service], operation.method) for stub in stubs]
-    request, count = operation.request, len(methods)
-    if count == 1:
-        only = methods[0]
-        return lambda: only(request, timeout=CALL_TIMEOUT)
-    return lambda: methods[next(turn) % count](request, timeout=CALL_TIMEOUT)
+    return round_robin(methods, operation.request, CALL_TIMEOUT)
 
 
 def _stubs(channel: grpc.Channel | grpc.aio.Channel) -> dict[str, Any]:

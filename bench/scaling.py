@@ -25,9 +25,8 @@ Invariants: every run is bounded in time and calls; each domain is stopped whate
 from __future__ import annotations
 
 import asyncio
-import itertools
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -35,7 +34,7 @@ import grpc
 
 from bench._cluster import BenchDomain
 from bench._core import BenchConfig, Curve, Figure
-from bench._load import LoadResult, aio_mtls_channel, run_tasks
+from bench._load import LoadResult, aio_mtls_channel, round_robin, run_tasks
 from bench._proc import CpuSample, tree_pids
 from bench._stats import median
 from domain_core.pb import services_pb2, services_pb2_grpc
@@ -116,16 +115,6 @@ class _Meters:
         return self._client.seconds
 
 
-def _spread(methods: Sequence[Callable[..., Any]], request: Any) -> Callable[[], Any]:
-    """A call on the next endpoint in turn."""
-    if len(methods) == 1:
-        only = methods[0]
-        return lambda: only(request, timeout=CALL_TIMEOUT)
-    turn = itertools.count()
-    count = len(methods)
-    return lambda: methods[next(turn) % count](request, timeout=CALL_TIMEOUT)
-
-
 def _key(domain: BenchDomain) -> str:
     with domain.node_channel(domain.hosts[0]) as channel:
         stub: Any = services_pb2_grpc.KeyServiceStub(channel)  # type: ignore[no-untyped-call]
@@ -157,12 +146,15 @@ def measure_configuration(
                 for c in channels
             ]
             calls = {
-                "echo_1k": _spread(echo, services_pb2.EchoMessage(payload=payload)),
-                "encrypt_1k": _spread(
+                "echo_1k": round_robin(
+                    echo, services_pb2.EchoMessage(payload=payload), CALL_TIMEOUT
+                ),
+                "encrypt_1k": round_robin(
                     encrypt,
                     services_pb2.EncryptRequest(
                         key_id=key_id, plaintext=payload, encryption_context=CONTEXT
                     ),
+                    CALL_TIMEOUT,
                 ),
             }
             for round_ in range(rounds):
