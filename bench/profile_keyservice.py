@@ -59,6 +59,7 @@ from bench._load import LoadResult, aio_mtls_channel, run_tasks
 from bench._proc import CpuSample
 from bench._stats import median, percentile
 from domain_core.pb import keys_pb2, services_pb2, services_pb2_grpc
+from domain_core.transport import CertificatePeerContext
 
 __all__ = ["OPERATIONS", "Cell", "main", "measure"]
 
@@ -273,16 +274,6 @@ class _Records:
         return expected_revision + 1
 
 
-class _PeerContext:
-    """The part of a servicer context the key service reads: the verified peer certificate."""
-
-    def __init__(self, certificate_pem: bytes) -> None:
-        self._certificate_pem = certificate_pem
-
-    def auth_context(self) -> dict[str, list[bytes]]:
-        return {"x509_pem_cert": [self._certificate_pem]}
-
-
 def measure_in_process(calls: int, *, cprofile: bool = False) -> dict[str, Any]:
     """CPU µs per Encrypt and Decrypt of the key service alone (see the module docstring)."""
     import cProfile
@@ -315,7 +306,7 @@ def measure_in_process(calls: int, *, cprofile: bool = False) -> dict[str, Any]:
                 ttl=1e9,
             )
             servicer = KeyServiceServicer(node=node, cache=cache, audit=audit)
-            context: Any = _PeerContext(runner.client_tls(layout).cert_pem)
+            context: Any = CertificatePeerContext(runner.client_tls(layout).cert_pem)
             created = servicer.CreateKey(services_pb2.CreateKeyRequest(), context)
             encrypt = services_pb2.EncryptRequest(
                 key_id=created.metadata.key_id,

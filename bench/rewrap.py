@@ -35,7 +35,7 @@ import re
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Final
@@ -52,7 +52,7 @@ from domain_core.config import NodeConfig
 from domain_core.model import Proposal, SealedState
 from domain_core.pb import keys_pb2, services_pb2, services_pb2_grpc
 from domain_core.signers import load_file_token
-from domain_core.transport import TlsMaterial
+from domain_core.transport import CertificatePeerContext, TlsMaterial
 from hsa_node.keycache import FLOOR_FILE, KeyCache, KeyRecordClient, MetadataVersionFloor
 from hsa_node.rewrap import DEFAULT_PAGE_SIZE, KeyMaintainer
 from hsa_node.server import LoadedNode, load_node
@@ -83,16 +83,6 @@ _PASS_LINE: Final = re.compile(
     r"(?P<rewrapped>\d+) to domain key generation (?P<generation>\d+), rotated \d+, deleted \d+, "
     r"(?P<conflicts>\d+) lost to concurrent"
 )
-
-
-class _Caller:
-    """The part of a grpc.ServicerContext the admin servicer reads (in-process call)."""
-
-    def __init__(self, cert_pem: bytes) -> None:
-        self._cert_pem = cert_pem
-
-    def auth_context(self) -> Mapping[str, Sequence[bytes]]:
-        return {"x509_pem_cert": [self._cert_pem]}
 
 
 def host_tls(layout: DomainLayout, host: str) -> TlsMaterial:
@@ -224,7 +214,7 @@ def _rotate_in_process(layout: DomainLayout, loaded: LoadedNode) -> int:
 
     sealed = HsaAdminServicer(node, no_catch_up).ApplyProposal(
         services_pb2.ApplyProposalRequest(proposal=proposal.raw, approvals=approvals),
-        _Caller(coordinator_cert),  # type: ignore[arg-type]
+        CertificatePeerContext(coordinator_cert),  # type: ignore[arg-type]
     )
     node.offer(SealedState.from_message(sealed), source="benchmark")
     return node.domain_keys().generation

@@ -59,6 +59,7 @@ __all__ = [
     "is_valid_trust_domain",
     "peer_identity",
     "spiffe_id_from_certificate",
+    "spiffe_id_from_san_values",
     "verify_certificate_chain",
 ]
 
@@ -245,6 +246,38 @@ def _identity_of_certificate(pem: bytes) -> PeerIdentity:
     return PeerIdentity(
         spiffe=spiffe, certificate_pem=pem, fingerprint=certificate_fingerprint(pem)
     )
+
+
+_SPIFFE_PREFIX_BYTES: Final = _SPIFFE_PREFIX.encode("ascii")
+
+
+@functools.lru_cache(maxsize=PEER_IDENTITY_CACHE_ENTRIES)
+def spiffe_id_from_san_values(values: tuple[bytes, ...]) -> SpiffeId:
+    """The one SPIFFE id among a verified peer's subject alternative names, as gRPC lists them
+    (`ServicerContext.peer_identities()` when `peer_identity_key()` is the SAN property).
+
+    The same rule as `spiffe_id_from_certificate`: exactly one value starting with spiffe://
+    (any case), parsed strictly. gRPC flattens the DNS, URI, e-mail and IP entries into one
+    list; only a URI can start with spiffe:// (a DNS name or an address cannot hold ':' and
+    '/', and the domain CA issues no e-mail names). For the key service's hot path: it avoids
+    building the whole auth context and hashing the certificate on every call. Remembered by
+    the exact values (thread-safe, bounded); refusals raise every time.
+    """
+    uris = [v for v in values if v[: len(_SPIFFE_PREFIX_BYTES)].lower() == _SPIFFE_PREFIX_BYTES]
+    if not uris:
+        raise UnauthenticatedError("peer certificate carries no SPIFFE id")
+    if len(uris) > 1:
+        raise UnauthenticatedError(
+            f"peer certificate carries {len(uris)} SPIFFE ids; exactly one is allowed"
+        )
+    try:
+        return SpiffeId.parse(uris[0].decode("ascii"))
+    except UnicodeDecodeError:
+        raise UnauthenticatedError("peer certificate carries a malformed SPIFFE id") from None
+    except InvalidInputError as exc:
+        raise UnauthenticatedError(
+            f"peer certificate carries a malformed SPIFFE id: {exc.message}"
+        ) from None
 
 
 def verify_certificate_chain(cert_pem: bytes, ca_cert_pem: bytes, now: datetime) -> None:

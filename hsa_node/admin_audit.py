@@ -83,7 +83,7 @@ class AdminAuditInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
     def _wrap(self, operation: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
         def audited(request: Any, context: grpc.ServicerContext) -> Any:
             try:
-                principal = transport.caller(context).spiffe.uri
+                principal = transport.caller_spiffe(context).uri
             except HsmDomainError:
                 principal = "unauthenticated"
             detail = _describe_request(operation, request)

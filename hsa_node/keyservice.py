@@ -197,12 +197,12 @@ class KeyServiceServicer(services_pb2_grpc.KeyServiceServicer):
     # --- the frame of every call ---------------------------------------------------------
 
     def _principal(self, context: grpc.ServicerContext) -> str:
-        identity = transport.require_caller(context, "client")
-        if identity.spiffe.domain != self._domain_id:
+        spiffe = transport.require_caller_spiffe(context, "client")
+        if spiffe.domain != self._domain_id:
             raise PermissionDeniedError(
-                f"{identity.spiffe.uri} belongs to another trust domain than {self._domain_id}"
+                f"{spiffe.uri} belongs to another trust domain than {self._domain_id}"
             )
-        return identity.spiffe.uri
+        return spiffe.uri
 
     def _run(self, operation: str, context: grpc.ServicerContext, body: Callable[[_Call], T]) -> T:
         """Authenticate, run `body`, audit the outcome; errors propagate (mapped by the
@@ -236,7 +236,7 @@ class KeyServiceServicer(services_pb2_grpc.KeyServiceServicer):
     def _record_failure(self, call: _Call, context: grpc.ServicerContext, error: Exception) -> None:
         if not call.principal:
             try:
-                call.principal = transport.caller(context).spiffe.uri
+                call.principal = transport.caller_spiffe(context).uri
             except HsmDomainError:
                 call.principal = "unauthenticated"
         if isinstance(error, HsmDomainError):

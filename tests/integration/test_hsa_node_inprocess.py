@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import grpc
@@ -27,22 +26,13 @@ from domain_core.identity import HostIdentity
 from domain_core.model import SealedState
 from domain_core.pb import domain_pb2, services_pb2
 from domain_core.transition import rotation_due_at
+from domain_core.transport import CertificatePeerContext
 from hsa_node._logging import ThrottledLog
 from hsa_node.server import LoadedNode, load_node
 from hsa_node.servicers import HsaAdminServicer, HsaPeerServicer
 from hsa_node.sync import pull_states
 
 pytestmark = pytest.mark.integration
-
-
-class FakeContext:
-    """The part of a grpc.ServicerContext the servicers read: the verified peer certificate."""
-
-    def __init__(self, cert_pem: bytes) -> None:
-        self._cert_pem = cert_pem
-
-    def auth_context(self) -> Mapping[str, Sequence[bytes]]:
-        return {"x509_pem_cert": [self._cert_pem]}
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +50,7 @@ def load(domain: Domain, host: str) -> LoadedNode:
 
 
 def as_caller(domain: Domain, who: str) -> grpc.ServicerContext:
-    context: grpc.ServicerContext = FakeContext(domain.tls(who).cert_pem)  # type: ignore[assignment]
+    context: grpc.ServicerContext = CertificatePeerContext(domain.tls(who).cert_pem)  # type: ignore[assignment]
     return context
 
 

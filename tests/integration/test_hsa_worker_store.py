@@ -26,7 +26,7 @@ from domain_core.config import NodeConfig
 from domain_core.errors import FailedPreconditionError, UnavailableError
 from domain_core.model import SealedState
 from domain_core.pb import domain_pb2, services_pb2
-from domain_core.transport import TlsMaterial
+from domain_core.transport import CertificatePeerContext
 from hsa_node.keycache import MetadataVersionFloor
 from hsa_node.server import LoadedNode, load_node
 from hsa_node.servicers import HsaAdminServicer
@@ -41,16 +41,6 @@ from hsa_node.storage import (
 from hsa_node.worker import StoreFollower
 
 pytestmark = pytest.mark.integration
-
-
-class FakeContext:
-    """The part of a grpc.ServicerContext the admin servicer reads: the peer certificate."""
-
-    def __init__(self, tls: TlsMaterial) -> None:
-        self._cert_pem = tls.cert_pem
-
-    def auth_context(self) -> dict[str, list[bytes]]:
-        return {"x509_pem_cert": [self._cert_pem]}
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +77,7 @@ def apply(
     admin = HsaAdminServicer(producer.node, unavailable)
     proposal, approvals = propose(domain, producer.node.head, changes)
     request = services_pb2.ApplyProposalRequest(proposal=proposal.raw, approvals=approvals)
-    context = FakeContext(domain.tls("coordinator"))
+    context = CertificatePeerContext(domain.tls("coordinator").cert_pem)
     state = SealedState.from_message(admin.ApplyProposal(request, context))  # type: ignore[arg-type]
     assert producer.node.offer(state)
     main.node.offer(state)

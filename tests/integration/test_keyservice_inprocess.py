@@ -13,7 +13,7 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ from domain_core.errors import (
 )
 from domain_core.model import SealedState
 from domain_core.pb import keys_pb2, services_pb2, services_pb2_grpc
+from domain_core.transport import CertificatePeerContext
 from hsa_node.keycache import (
     FLOOR_FILE,
     CoordinatorUnreachableError,
@@ -59,16 +60,6 @@ pytestmark = pytest.mark.integration
 
 DAY = 86_400
 DEMO_APP = "spiffe://local/client/demo-app"
-
-
-class FakeContext:
-    """The part of a grpc.ServicerContext the servicers read: the verified peer certificate."""
-
-    def __init__(self, cert_pem: bytes) -> None:
-        self._cert_pem = cert_pem
-
-    def auth_context(self) -> Mapping[str, Sequence[bytes]]:
-        return {"x509_pem_cert": [self._cert_pem]}
 
 
 class Clock:
@@ -147,7 +138,7 @@ class Hsa:
         self.maintainer = KeyMaintainer(
             node=self.node, cache=self.cache, audit=self.audit, page_size=page_size
         )
-        self.app = FakeContext(domain.tls("demo-app").cert_pem)
+        self.app = CertificatePeerContext(domain.tls("demo-app").cert_pem)
 
     def close(self) -> None:
         self.channel.close()
@@ -225,7 +216,7 @@ def stored(hsa: Hsa, key_id: str) -> keys_pb2.KeyRecord | None:
 def rotate_domain_key(domain: Domain, hsa: Hsa) -> SealedState:
     """A quorum-approved rotate-domain-key, sealed and installed on `hsa` (in this process)."""
     proposal, approvals = propose(domain, hsa.node.head, ROTATE)
-    coordinator = FakeContext(domain.tls(COORDINATOR).cert_pem)
+    coordinator = CertificatePeerContext(domain.tls(COORDINATOR).cert_pem)
 
     def no_catch_up() -> int:
         raise UnavailableError("not in this test")
@@ -631,7 +622,7 @@ def test_every_call_is_audited_and_an_unwritable_audit_log_fails_the_call(
     hsa.encrypt(key.key_id, b"plain")
     with pytest.raises(NotFoundError):
         hsa.encrypt(ciphertext.new_key_id())
-    host = FakeContext(domain.tls("hsa-2").cert_pem)
+    host = CertificatePeerContext(domain.tls("hsa-2").cert_pem)
     with pytest.raises(PermissionDeniedError, match="may not call this"):
         hsa.service.GenerateRandom(
             services_pb2.GenerateRandomRequest(number_of_bytes=8),

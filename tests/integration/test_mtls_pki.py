@@ -6,17 +6,21 @@ positive identity is checked inside the servicer through `peer_identity`.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import grpc
 import pytest
-from cryptography.hazmat.primitives import serialization
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from domain_core import transport
 from domain_core.errors import UnauthenticatedError
 from domain_core.identity import HostIdentity
 from domain_core.pki import DomainCA, SpiffeId, SpiffeKind, certificate_fingerprint, peer_identity
@@ -47,11 +51,35 @@ def issue(ca: DomainCA, kind: SpiffeKind, name: str) -> Credentials:
 
 
 def who_am_i(request: bytes, context: grpc.ServicerContext) -> bytes:
-    """Echo the caller's SPIFFE id, as the server sees it from the verified certificate."""
-    try:
-        peer = peer_identity(context.auth_context())
-    except UnauthenticatedError as exc:
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, exc.message)
+    """Echo the caller's SPIFFE id, as the server sees it from the verified certificate.
+
+    Both ways of reading it must give the same answer: `peer_identity` over the certificate
+    and `transport.caller_spiffe` over gRPC's list of subject alternative names (the key
+    service's hot path); and `CertificatePeerContext` (what in-process tests and benchmarks
+    call servicers with) must list the identities gRPC lists. Any difference is INTERNAL.
+    """
+    outcomes = []
+    for read in (
+        lambda: peer_identity(context.auth_context()).spiffe,
+        lambda: transport.caller_spiffe(context),
+    ):
+        try:
+            outcomes.append(("ok", read().uri))
+        except UnauthenticatedError as exc:
+            outcomes.append(("refused", exc.message))
+    if outcomes[0] != outcomes[1]:
+        context.abort(grpc.StatusCode.INTERNAL, f"the two readings differ: {outcomes}")
+    # The in-process stand-in answers as gRPC does for the same certificate.
+    pem = bytes(next(iter(context.auth_context()["x509_pem_cert"]))).rstrip(b"\x00")
+    stand_in = transport.CertificatePeerContext(pem)
+    real = (context.peer_identity_key(), list(context.peer_identities() or []))
+    imitated = (stand_in.peer_identity_key(), list(stand_in.peer_identities() or []))
+    if real != imitated:
+        context.abort(grpc.StatusCode.INTERNAL, f"stand-in {imitated} != gRPC {real}")
+    kind, text = outcomes[0]
+    if kind == "refused":
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, text)
+    peer = peer_identity(context.auth_context())
     return peer.spiffe.uri.encode() + b" " + peer.fingerprint.hex().encode() + b" " + request
 
 
@@ -60,11 +88,53 @@ class Server:
     port: int
     ca: DomainCA
     host: HostIdentity
+    ca_key: ec.EllipticCurvePrivateKey
+
+
+def issue_with_san(
+    server: Server, san: list[x509.GeneralName] | None, *, common_name: str = "odd"
+) -> Credentials:
+    """A certificate from the server's CA with exactly the SAN entries given (None: no SAN
+    extension at all): shapes `DomainCA.issue` never makes, to see how a server reads them."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.now(UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .issuer_name(server.ca.certificate.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+    )
+    if san is not None:
+        builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
+    cert = builder.sign(server.ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return Credentials(key_pem, cert)
 
 
 @pytest.fixture(scope="module")
-def ca() -> DomainCA:
-    return DomainCA.create(DOMAIN, now=datetime.now(UTC))
+def ca_files(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[DomainCA, ec.EllipticCurvePrivateKey]:
+    """The domain CA, and its key as read back from the files `save` writes (to sign
+    certificates of shapes the CA itself never issues)."""
+    directory = tmp_path_factory.mktemp("ca")
+    DomainCA.create(DOMAIN, now=datetime.now(UTC)).save(directory)
+    key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    return DomainCA.load(directory), key
+
+
+@pytest.fixture(scope="module")
+def ca(ca_files: tuple[DomainCA, ec.EllipticCurvePrivateKey]) -> DomainCA:
+    return ca_files[0]
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +144,7 @@ def other_ca() -> DomainCA:
 
 
 @pytest.fixture(scope="module")
-def server(ca: DomainCA) -> Iterator[Server]:
+def server(ca: DomainCA, ca_files: tuple[DomainCA, ec.EllipticCurvePrivateKey]) -> Iterator[Server]:
     host = HostIdentity.generate("hsa-1")
     cert = ca.issue(host.spiffe_id(DOMAIN), host.tls_public_key, now=datetime.now(UTC))
     credentials = grpc.ssl_server_credentials(
@@ -94,7 +164,7 @@ def server(ca: DomainCA) -> Iterator[Server]:
         port = grpc_server.add_secure_port("127.0.0.1:0", credentials)
         assert port > 0
         grpc_server.start()
-        yield Server(port=port, ca=ca, host=host)
+        yield Server(port=port, ca=ca, host=host, ca_key=ca_files[1])
     finally:
         grpc_server.stop(grace=None).wait(TIMEOUT)
 
@@ -172,3 +242,52 @@ def test_client_that_does_not_trust_the_server_ca_refuses_it(
 def test_plaintext_client_is_refused(server: Server) -> None:
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as chan:
         assert_refused_in_handshake(chan)
+
+
+SPIFFE_APP = f"spiffe://{DOMAIN}/client/app-9"
+
+
+@pytest.mark.parametrize(
+    ("san", "expected"),
+    [
+        ([x509.UniformResourceIdentifier(SPIFFE_APP)], SPIFFE_APP),
+        (
+            [
+                x509.DNSName("app.example"),
+                x509.IPAddress(ipaddress.ip_address("10.1.2.3")),
+                x509.UniformResourceIdentifier("https://app.example/x"),
+                x509.UniformResourceIdentifier(SPIFFE_APP),
+            ],
+            SPIFFE_APP,
+        ),
+        (
+            [x509.UniformResourceIdentifier(SPIFFE_APP.replace("spiffe", "SPIFFE"))],
+            "malformed SPIFFE",
+        ),
+        ([x509.DNSName("app.example")], "no SPIFFE id"),
+        (None, "no SPIFFE id"),
+        (
+            [
+                x509.UniformResourceIdentifier(SPIFFE_APP),
+                x509.UniformResourceIdentifier(f"spiffe://{DOMAIN}/client/app-10"),
+            ],
+            "2 SPIFFE ids",
+        ),
+        ([x509.UniformResourceIdentifier(f"spiffe://{DOMAIN}/robot/app")], "malformed SPIFFE"),
+        ([x509.UniformResourceIdentifier(f"spiffe://{DOMAIN}/client")], "malformed SPIFFE"),
+    ],
+)
+def test_both_ways_of_reading_the_caller_agree_on_real_handshakes(
+    server: Server, san: list[x509.GeneralName] | None, expected: str
+) -> None:
+    """`caller_spiffe` (gRPC's SAN list) answers exactly as the certificate does, refusals
+    included, for certificate shapes the domain CA never issues."""
+    client = issue_with_san(server, san, common_name=SPIFFE_APP)
+    with channel(server, client) as chan:
+        if expected.startswith("spiffe://"):
+            assert call_who_am_i(chan).split(b" ")[0].decode() == expected
+            return
+        with pytest.raises(grpc.RpcError) as info:
+            call_who_am_i(chan)
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED, info.value.details()
+    assert expected in (info.value.details() or "")

@@ -35,6 +35,7 @@ from domain_core.pki import (
     certificate_fingerprint,
     peer_identity,
     spiffe_id_from_certificate,
+    spiffe_id_from_san_values,
     verify_certificate_chain,
 )
 
@@ -559,3 +560,54 @@ def test_ca_with_passphrase(tmp_path: Path, ca: DomainCA) -> None:
 
 def test_ca_repr_has_no_key(ca: DomainCA) -> None:
     assert repr(ca) == f"DomainCA({DOMAIN!r})"
+
+
+# --- the SAN list gRPC hands out (the key service's hot path) ---------------------------------
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ((b"spiffe://example.org/client/app",), SpiffeId(DOMAIN, "client", "app")),
+        (
+            (b"localhost", b"127.0.0.1", b"::1", b"spiffe://example.org/hsa/h-1"),
+            SpiffeId(DOMAIN, "hsa", "h-1"),
+        ),
+        (
+            (b"https://example.org/x", b"spiffe://example.org/client/a"),
+            SpiffeId(DOMAIN, "client", "a"),
+        ),
+    ],
+)
+def test_spiffe_id_from_san_values(values: tuple[bytes, ...], expected: SpiffeId) -> None:
+    assert spiffe_id_from_san_values(values) == expected
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ((), "no SPIFFE id"),
+        ((b"localhost", b"127.0.0.1"), "no SPIFFE id"),
+        ((b"spiffe://example.org/client/a", b"spiffe://example.org/client/b"), "2 SPIFFE ids"),
+        ((b"SPIFFE://example.org/client/a",), "malformed SPIFFE id"),
+        ((b"spiffe://example.org/client/\xc3\xa9",), "malformed SPIFFE id"),
+        ((b"spiffe://example.org/client",), "malformed SPIFFE id"),
+    ],
+)
+def test_spiffe_id_from_san_values_refuses_what_a_certificate_would(
+    values: tuple[bytes, ...], message: str
+) -> None:
+    for _ in range(2):  # refusals are not remembered: each call raises again
+        with pytest.raises(UnauthenticatedError, match=message):
+            spiffe_id_from_san_values(values)
+
+
+def test_san_values_and_certificate_give_the_same_id(ca: DomainCA) -> None:
+    pem = ca.issue(SpiffeId(DOMAIN, "client", "app-7"), p256_public(), now=NOW)
+    san = load(pem).extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    values = tuple(
+        str(v).encode()
+        for t in (x509.DNSName, x509.UniformResourceIdentifier, x509.IPAddress)
+        for v in san.get_values_for_type(t)
+    )
+    assert spiffe_id_from_san_values(values) == spiffe_id_from_certificate(pem)
