@@ -22,7 +22,7 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +45,15 @@ from hsa_node.storage import NodeStore, write_atomically
 from hsa_node.supervisor import WorkerSupervisor
 from hsa_node.sync import Syncer
 
-__all__ = ["SERVICE_NAMES", "HsaServer", "bind_server", "load_node", "split_address"]
+__all__ = [
+    "SERVICE_NAMES",
+    "HsaServer",
+    "NodeGrpcServer",
+    "bind_server",
+    "load_node",
+    "make_node_server",
+    "split_address",
+]
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +114,48 @@ def bind_server(server: grpc.Server, listen: str, tls: TlsMaterial, remembered: 
             return f"{host}:{bound}"
         log.info("could not bind %s", candidate)
     raise UnavailableError(f"cannot listen on {listen}: address in use or invalid")
+
+
+@dataclass(frozen=True)
+class NodeGrpcServer:
+    """A node's gRPC server as `make_node_server` assembled it (not bound, not started), with
+    its health servicer and the service names health reports on."""
+
+    server: grpc.Server
+    health: health.HealthServicer
+    service_names: tuple[str, ...]
+
+    def start(self, node: DomainNode) -> None:
+        """Make health follow `node` (NOT_SERVING until the node says it serves), then start
+        serving: the listener is added first, so no call sees health before the node set it."""
+        names, health_servicer = self.service_names, self.health
+
+        def on_serving(serving: bool) -> None:
+            transport.set_serving(health_servicer, names, serving)
+
+        node.add_listener(on_serving)
+        self.server.start()
+
+
+def make_node_server(
+    keys: KeyServiceHost,
+    service_names: Sequence[str],
+    limits: Limits = DEFAULT_LIMITS,
+    register: Callable[[grpc.Server], None] | None = None,
+) -> NodeGrpcServer:
+    """The gRPC server of an HSA or of one of its key service workers, built the same way for
+    both so the two cannot drift: the transport's interceptors and the key service's, the key
+    service, `register`'s servicers (the HSA's admin and peer services), Diagnostics, then
+    health and reflection for `service_names`. Bind it (`bind_server`), then `start` it."""
+    server = transport.make_server(limits=limits, interceptors=keys.interceptors())
+    keys.register(server)
+    if register is not None:
+        register(server)
+    services_pb2_grpc.add_DiagnosticsServicer_to_server(  # type: ignore[no-untyped-call]
+        DiagnosticsServicer(), server
+    )
+    health_servicer = transport.add_health_and_reflection(server, service_names)
+    return NodeGrpcServer(server, health_servicer, tuple(service_names))
 
 
 @dataclass
@@ -183,8 +233,6 @@ class HsaServer:
             config=loaded.config, node=node, tls=loaded.tls, limits=self._limits
         )
         self._keys = keys
-        server = transport.make_server(limits=self._limits, interceptors=keys.interceptors())
-        keys.register(server)
         syncer_ref: list[Syncer] = []
 
         def catch_up() -> int:
@@ -192,12 +240,13 @@ class HsaServer:
 
         admin = HsaAdminServicer(node, catch_up, self._limits)
         peer = HsaPeerServicer(node, self._limits)
-        services_pb2_grpc.add_HsaAdminServicer_to_server(admin, server)  # type: ignore[no-untyped-call]
-        services_pb2_grpc.add_HsaPeerServicer_to_server(peer, server)  # type: ignore[no-untyped-call]
-        services_pb2_grpc.add_DiagnosticsServicer_to_server(  # type: ignore[no-untyped-call]
-            DiagnosticsServicer(), server
-        )
-        health_servicer = transport.add_health_and_reflection(server, SERVICE_NAMES)
+
+        def register_hsa_services(server: grpc.Server) -> None:
+            services_pb2_grpc.add_HsaAdminServicer_to_server(admin, server)  # type: ignore[no-untyped-call]
+            services_pb2_grpc.add_HsaPeerServicer_to_server(peer, server)  # type: ignore[no-untyped-call]
+
+        served = make_node_server(keys, SERVICE_NAMES, self._limits, register_hsa_services)
+        server = served.server
         self.address = self._bind(server)
         loaded.store.save_address(self.address)
         syncer = Syncer(
@@ -211,13 +260,8 @@ class HsaServer:
             limits=self._limits,
         )
         syncer_ref.append(syncer)
-
-        def on_serving(serving: bool) -> None:
-            transport.set_serving(health_servicer, SERVICE_NAMES, serving)
-
-        node.add_listener(on_serving)
-        server.start()
-        self._server, self._syncer, self._health = server, syncer, health_servicer
+        served.start(node)
+        self._server, self._syncer, self._health = server, syncer, served.health
         syncer.start()
         keys.start()
         status = node.status()

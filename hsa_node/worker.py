@@ -31,16 +31,21 @@ import os
 import threading
 from typing import Final
 
-from domain_core import transport
 from domain_core.config import MAX_KEY_SERVICE_WORKERS, NodeConfig
 from domain_core.errors import ChainGapError, HsmDomainError, InvalidInputError
 from domain_core.limits import DEFAULT_LIMITS, Limits
-from domain_core.pb import services_pb2, services_pb2_grpc
+from domain_core.pb import services_pb2
 from hsa_node._logging import ThrottledLog
 from hsa_node.keyhost import KeyServiceHost
 from hsa_node.node import DomainNode
-from hsa_node.server import SHUTDOWN_GRACE_SECONDS, bind_server, load_node, split_address
-from hsa_node.servicers import DiagnosticsServicer
+from hsa_node.server import (
+    SHUTDOWN_GRACE_SECONDS,
+    NodeGrpcServer,
+    bind_server,
+    load_node,
+    make_node_server,
+    split_address,
+)
 from hsa_node.storage import (
     NodeStore,
     WorkerReady,
@@ -182,28 +187,16 @@ def serve_worker(
         upkeep=False,
     )
     follower = StoreFollower(node, loaded.store)
-    server = None
-    health_servicer = None
+    served: NodeGrpcServer | None = None
     try:
-        server = transport.make_server(limits=limits, interceptors=keys.interceptors())
-        keys.register(server)
-        services_pb2_grpc.add_DiagnosticsServicer_to_server(  # type: ignore[no-untyped-call]
-            DiagnosticsServicer(), server
-        )
-        health_servicer = transport.add_health_and_reflection(server, WORKER_SERVICE_NAMES)
+        served = make_node_server(keys, WORKER_SERVICE_NAMES, limits)
         ready_path = worker_ready_path(loaded.store.data_dir, index)
         previous = read_worker_ready(ready_path)
         host = split_address(config.listen)[0]
         address = bind_server(
-            server, f"{host}:0", loaded.tls, previous.address if previous else None
+            served.server, f"{host}:0", loaded.tls, previous.address if previous else None
         )
-        serving_health = health_servicer
-
-        def on_serving(serving: bool) -> None:
-            transport.set_serving(serving_health, WORKER_SERVICE_NAMES, serving)
-
-        node.add_listener(on_serving)
-        server.start()
+        served.start(node)
         follower.poll()  # catch up with what the main process installed while this one loaded
         follower.start()
         write_worker_ready(ready_path, WorkerReady(pid=os.getpid(), address=address, index=index))
@@ -220,9 +213,8 @@ def serve_worker(
             pass
     finally:
         follower.stop()
-        if health_servicer is not None:
-            health_servicer.enter_graceful_shutdown()
-        if server is not None:
-            server.stop(grace=SHUTDOWN_GRACE_SECONDS).wait()
+        if served is not None:
+            served.health.enter_graceful_shutdown()
+            served.server.stop(grace=SHUTDOWN_GRACE_SECONDS).wait()
         keys.close()
         log.info("worker %d stopped", index)
