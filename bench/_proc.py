@@ -5,6 +5,10 @@ key service, and side-by-side runs against other servers such as OpenBao), so th
 figure of that kind is measured the same way: utime + stime of the process (all its threads)
 from `/proc/PID/stat`, and VmRSS / VmHWM from `/proc/PID/status`.
 
+`CpuMeter` reads a whole measured window at once: every HSA process tree (the node and its key
+service worker processes), and optionally the coordinator and the client, so that the
+benchmarks that report them (the key service, scaling) sum the same processes the same way.
+
 Invariants: read-only; a process that has gone away raises ProcessLookupError (never a made-up
 zero); Linux only (these benchmarks run on Linux; elsewhere the calls raise OSError).
 """
@@ -12,10 +16,12 @@ zero); Linux only (these benchmarks run on Linux; elsewhere the calls raise OSEr
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["CpuSample", "cpu_seconds", "memory_kib", "rss_mib", "tree_pids"]
+__all__ = ["CpuMeter", "CpuSample", "cpu_seconds", "memory_kib", "rss_mib", "tree_pids"]
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
@@ -95,3 +101,62 @@ class CpuSample:
     def per_op_us(self, operations: int) -> float:
         """CPU microseconds per operation over the sampled interval."""
         return self.seconds * 1e6 / operations if operations else float("nan")
+
+
+class CpuMeter:
+    """CPU seconds over one measured window: every HSA's process tree (summed), and the
+    coordinator and the client when given; `start()` then `stop()`, e.g. as a load run's
+    `on_start` and `on_stop`.
+
+    The trees are read when the meter is made (before the window, so the scan of /proc is not
+    in it): a worker process started later is not counted. `wall_s` is the window's
+    wall-clock length (monotonic clock).
+    """
+
+    def __init__(
+        self,
+        hsa_pids: Iterable[int],
+        *,
+        coordinator: int | None = None,
+        client: int | None = None,
+    ) -> None:
+        self._hsas = [CpuSample(pid) for root in hsa_pids for pid in tree_pids(root)]
+        self._coordinator = CpuSample(coordinator) if coordinator is not None else None
+        self._client = CpuSample(client) if client is not None else None
+        self._began = 0.0
+        self.wall_s = 0.0
+
+    def _samples(self) -> list[CpuSample]:
+        extra = (self._coordinator, self._client)
+        return [*self._hsas, *(sample for sample in extra if sample is not None)]
+
+    def start(self) -> None:
+        """Take the first readings."""
+        self._began = time.monotonic()
+        for sample in self._samples():
+            sample.start()
+
+    def stop(self) -> None:
+        """Take the second readings."""
+        for sample in self._samples():
+            sample.stop()
+        self.wall_s = time.monotonic() - self._began
+
+    @property
+    def hsa_seconds(self) -> float:
+        """CPU seconds of every HSA process (nodes and their workers) in the window."""
+        return sum(sample.seconds for sample in self._hsas)
+
+    @property
+    def coordinator_seconds(self) -> float:
+        """CPU seconds of the coordinator in the window; ValueError when it was not metered."""
+        if self._coordinator is None:
+            raise ValueError("this meter does not read the coordinator")
+        return self._coordinator.seconds
+
+    @property
+    def client_seconds(self) -> float:
+        """CPU seconds of the client in the window; ValueError when it was not metered."""
+        if self._client is None:
+            raise ValueError("this meter does not read the client")
+        return self._client.seconds

@@ -46,7 +46,7 @@ from google.protobuf.message import Message
 from bench._cluster import BenchDomain
 from bench._core import BenchConfig, Figure, Target
 from bench._load import LoadResult, aio_mtls_channel, round_robin, run_tasks, run_threads
-from bench._proc import CpuSample
+from bench._proc import CpuMeter
 from bench._stats import median
 from deploy.init import COORDINATOR_NAME
 from domain_core.pb import services_pb2, services_pb2_grpc
@@ -151,30 +151,6 @@ def client_for(floor: Mapping[str, Figure], concurrency: int) -> str:
     return "sync" if concurrency == 1 else "async"
 
 
-class _Meters:
-    """CPU of every HSA process (summed) and of the coordinator, over one measured window."""
-
-    def __init__(self, domain: BenchDomain) -> None:
-        self._hsas = [CpuSample(domain.pid(host)) for host in domain.hosts]
-        self._coordinator = CpuSample(domain.pid(COORDINATOR_NAME))
-
-    def start(self) -> None:
-        for sample in (*self._hsas, self._coordinator):
-            sample.start()
-
-    def stop(self) -> None:
-        for sample in (*self._hsas, self._coordinator):
-            sample.stop()
-
-    @property
-    def hsa_seconds(self) -> float:
-        return sum(sample.seconds for sample in self._hsas)
-
-    @property
-    def coordinator_seconds(self) -> float:
-        return self._coordinator.seconds
-
-
 def _round_robin(stubs: Sequence[dict[str, Any]], operation: Operation) -> Callable[[], Any]:
     """A call of `operation` on the next node in turn (one stub per node and service)."""
     methods = [getattr(stub[operation.service], operation.method) for stub in stubs]
@@ -221,7 +197,7 @@ class _Clients:
         concurrency: int,
         duration: float,
         warmup: float,
-        meters: _Meters,
+        meters: CpuMeter,
     ) -> LoadResult:
         """One closed-loop run of `operation` from `concurrency` callers of kind `client`."""
         call = _round_robin(self.stubs[client], operation)
@@ -270,7 +246,10 @@ def measure(
                 order = operations if round_ % 2 == 0 else list(reversed(operations))
                 for concurrency, client in clients.items():
                     for operation in order:
-                        meters = _Meters(domain)
+                        meters = CpuMeter(
+                            [domain.pid(host) for host in domain.hosts],
+                            coordinator=domain.pid(COORDINATOR_NAME),
+                        )
                         load = stubs.load(
                             client,
                             operation,

@@ -35,7 +35,7 @@ import grpc
 from bench._cluster import BenchDomain
 from bench._core import BenchConfig, Curve, Figure
 from bench._load import LoadResult, aio_mtls_channel, round_robin, run_tasks
-from bench._proc import CpuSample, tree_pids
+from bench._proc import CpuMeter
 from bench._stats import median
 from domain_core.pb import services_pb2, services_pb2_grpc
 
@@ -86,35 +86,6 @@ class _Window:
         return figures
 
 
-class _Meters:
-    """CPU of this process (the client) and of every HSA process tree (nodes and workers)."""
-
-    def __init__(self, domain: BenchDomain) -> None:
-        pids = [pid for host in domain.hosts for pid in tree_pids(domain.pid(host))]
-        self._servers = [CpuSample(pid) for pid in pids]
-        self._client = CpuSample(os.getpid())
-        self._began = 0.0
-        self.wall_s = 0.0
-
-    def start(self) -> None:
-        self._began = asyncio.get_running_loop().time()
-        for sample in (*self._servers, self._client):
-            sample.start()
-
-    def stop(self) -> None:
-        for sample in (*self._servers, self._client):
-            sample.stop()
-        self.wall_s = asyncio.get_running_loop().time() - self._began
-
-    @property
-    def server_seconds(self) -> float:
-        return sum(sample.seconds for sample in self._servers)
-
-    @property
-    def client_seconds(self) -> float:
-        return self._client.seconds
-
-
 def _key(domain: BenchDomain) -> str:
     with domain.node_channel(domain.hosts[0]) as channel:
         stub: Any = services_pb2_grpc.KeyServiceStub(channel)  # type: ignore[no-untyped-call]
@@ -160,7 +131,8 @@ def measure_configuration(
             for round_ in range(rounds):
                 names = list(calls) if round_ % 2 == 0 else list(reversed(calls))
                 for name in names:
-                    meters = _Meters(domain)
+                    nodes = [domain.pid(host) for host in domain.hosts]  # and their workers
+                    meters = CpuMeter(nodes, client=os.getpid())
                     load = await run_tasks(
                         calls[name],
                         concurrency=CONCURRENCY,
@@ -174,7 +146,7 @@ def measure_configuration(
                     window.rounds.append(load)
                     window.wall_s += meters.wall_s
                     window.client_cpu_s += meters.client_seconds
-                    window.server_cpu_s += meters.server_seconds
+                    window.server_cpu_s += meters.hsa_seconds
         finally:
             for channel in channels:
                 await channel.close(None)

@@ -36,7 +36,7 @@ from bench._core import (
     run_benchmarks,
 )
 from bench._load import LoadResult, run_tasks, run_threads
-from bench._proc import CpuSample, cpu_seconds, memory_kib
+from bench._proc import CpuMeter, CpuSample, cpu_seconds, memory_kib
 from bench._stats import linear_fit, loglog_exponent, median, percentile, summarize_ms
 from bench.report import (
     GENERATED_BEGIN,
@@ -347,6 +347,18 @@ def test_proc_readings_of_this_process() -> None:
     assert memory["VmHWM"] >= memory["VmRSS"]
     with pytest.raises(ProcessLookupError):
         cpu_seconds(2**22 + 12345)  # above the kernel's pid limit
+
+
+def test_cpu_meter_reads_only_what_it_was_given() -> None:
+    meter = CpuMeter([os.getpid()], client=os.getpid())
+    meter.start()
+    sum(i * i for i in range(200_000))
+    meter.stop()
+    assert meter.hsa_seconds >= 0.0
+    assert meter.client_seconds >= 0.0
+    assert meter.wall_s > 0.0
+    with pytest.raises(ValueError, match="coordinator"):
+        _ = meter.coordinator_seconds
 
 
 # --- the report ------------------------------------------------------------------------------
