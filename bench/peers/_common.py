@@ -11,7 +11,8 @@ cstime), read from /proc before and after the window, so that a server made of s
 processes (PyKMIP starts a multiprocessing manager and a policy monitor) is counted whole and
 nothing is counted twice; client CPU is this process's own CPU time over the same window; a
 cell with no successful call is an error, never a zero; figures are medians over rounds, and
-latency percentiles pool every round's calls.
+latency percentiles pool every round's calls; a CPU comparison is also made round by round
+(`paired_cpu_ratio_figures`), from cells measured back to back.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ __all__ = [
     "descendants",
     "free_port",
     "measure_cell",
+    "paired_cpu_ratio_figures",
     "parse_stat",
     "process_table",
     "ratio_figures",
@@ -344,4 +346,46 @@ def ratio_figures(
             out[f"cpu_{ours}_over_{other}_max_ratio"] = max(cpu_ratios)
         if speed_ratios:
             out[f"ops_{other}_over_{ours}_max_ratio"] = max(speed_ratios)
+    return out
+
+
+def paired_cpu_ratio_figures(
+    runs: Mapping[str, Sequence[CellRun]],
+    *,
+    ours: str,
+    others: Sequence[str],
+    operations: Sequence[str] = OPERATIONS,
+    concurrencies: Sequence[int] = CONCURRENCIES,
+) -> dict[str, Figure]:
+    """Our server CPU per op over another peer's, round by round (`runs`: every round's cell,
+    in round order, by `cell_prefix`).
+
+    Within a round the two cells of one (operation, concurrency) run back to back, so a change
+    of the machine's speed between rounds (on this VM a fixed loop's CPU time moves by up to
+    2x within seconds) divides out of that round's ratio, where the ratio of two medians over
+    rounds keeps it. `cpu_<ours>_over_<other>_<op>_1k_c<N>_paired_ratio` is the median of the
+    rounds' ratios, `..._paired_low_ratio` / `..._paired_high_ratio` the lowest and highest
+    round, and `cpu_<ours>_over_<other>_paired_max_ratio` the worst cell's median.
+    """
+    out: dict[str, Figure] = {}
+    for other in others:
+        medians: list[float] = []
+        for operation in operations:
+            for concurrency in concurrencies:
+                mine = runs.get(cell_prefix(ours, operation, concurrency), ())
+                theirs = runs.get(cell_prefix(other, operation, concurrency), ())
+                rounds = [
+                    m.server_cpu_us_per_op / t.server_cpu_us_per_op
+                    for m, t in zip(mine, theirs, strict=False)
+                    if t.server_cpu_s > 0
+                ]
+                if not rounds:
+                    continue
+                name = f"cpu_{ours}_over_{other}_{operation}_1k_c{concurrency}_paired"
+                medians.append(median(rounds))
+                out[f"{name}_ratio"] = medians[-1]
+                out[f"{name}_low_ratio"] = min(rounds)
+                out[f"{name}_high_ratio"] = max(rounds)
+        if medians:
+            out[f"cpu_{ours}_over_{other}_paired_max_ratio"] = max(medians)
     return out

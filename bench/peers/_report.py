@@ -142,6 +142,29 @@ def _ratios(figures: Mapping[str, Figure]) -> list[str]:
     return _table(headings, rows, left=1)
 
 
+def _paired(figures: Mapping[str, Figure]) -> list[str]:
+    """Round-by-round CPU ratios: the median, and the lowest to the highest round."""
+
+    def shown(cell: str, other: str) -> str:
+        name = f"cpu_ours_over_{other}_{cell}_paired"
+        middle = _number(figures, f"{name}_ratio")
+        low, high = _number(figures, f"{name}_low_ratio"), _number(figures, f"{name}_high_ratio")
+        if middle is None:
+            return "-"
+        return f"{middle:.2f} ({_ratio(low)}-{_ratio(high)})"
+
+    rows: list[list[str]] = []
+    for operation in OPERATIONS:
+        for concurrency in CONCURRENCIES:
+            cell = f"{operation}_1k_c{concurrency}"
+            rows.append([operation, str(concurrency), *(shown(cell, o) for o in _OTHERS)])
+    worst = ["worst cell", ""]
+    worst += [_ratio(_number(figures, f"cpu_ours_over_{o}_paired_max_ratio")) for o in _OTHERS]
+    rows.append(worst)
+    headings = ["op", "callers", *(f"CPU ours / {PEER_NAMES[o]}, by round" for o in _OTHERS)]
+    return _table(headings, rows, left=1)
+
+
 def _floor(figures: Mapping[str, Figure]) -> list[str]:
     """Our CPU per operation split into the transport floor (Echo) and the rest."""
     rows: list[list[str]] = []
@@ -229,6 +252,13 @@ def render_markdown(report: Report, name: str = "peers") -> str:
         "ratio and the lowest throughput ratio.",
         "",
         *_ratios(figures),
+        "",
+        "Server CPU round by round: each round measures our cell and theirs back to back, and "
+        "the table gives the median of the rounds' ratios with the lowest and highest round in "
+        "brackets. The machine's speed changes between rounds (up to 2x within seconds on this "
+        "VM) divide out of each round's ratio; the CPU targets are checked on these medians.",
+        "",
+        *_paired(figures),
         "",
     ]
     own = [r for r in report.targets if r.target.figure.startswith(("cpu_", "ops_"))]

@@ -36,6 +36,7 @@ from bench.peers._common import (
     descendants,
     free_port,
     measure_cell,
+    paired_cpu_ratio_figures,
     parse_stat,
     ratio_figures,
     tree_cpu_seconds,
@@ -171,6 +172,29 @@ def test_ratio_figures_per_cell_and_worst_case() -> None:
     assert not any("absent" in key or "_c16_" in key for key in ratios)  # not measured: none
 
 
+def test_paired_cpu_ratios_divide_out_a_machine_that_changes_speed_between_rounds() -> None:
+    # Both servers cost the same work per call, but the machine runs at 1x, 2x and 0.5x speed
+    # in the three rounds: each round's ratio is 1.0, while the ratio of the two medians over
+    # rounds is not (ours saw the slow round, theirs a fast one, with the order rotated).
+    ours = [_run([1.0] * 4, 1.0, s) for s in (0.004, 0.002, 0.008)]  # 1000, 500, 2000 us/op
+    theirs = [_run([1.0] * 4, 1.0, s) for s in (0.004, 0.002, 0.008)]
+    theirs_decrypt = [_run([1.0] * 4, 1.0, s) for s in (0.002, 0.004, 0.002)]
+    runs = {
+        cell_prefix("ours", "encrypt", 1): ours,
+        cell_prefix("bao", "encrypt", 1): theirs,
+        cell_prefix("ours", "decrypt", 1): ours,
+        cell_prefix("bao", "decrypt", 1): theirs_decrypt,  # 2.0, 0.5, 4.0 by round
+    }
+    ratios = paired_cpu_ratio_figures(runs, ours="ours", others=["bao", "absent"])
+    assert ratios["cpu_ours_over_bao_encrypt_1k_c1_paired_ratio"] == pytest.approx(1.0)
+    assert ratios["cpu_ours_over_bao_encrypt_1k_c1_paired_low_ratio"] == pytest.approx(1.0)
+    assert ratios["cpu_ours_over_bao_decrypt_1k_c1_paired_ratio"] == pytest.approx(2.0)
+    assert ratios["cpu_ours_over_bao_decrypt_1k_c1_paired_low_ratio"] == pytest.approx(0.5)
+    assert ratios["cpu_ours_over_bao_decrypt_1k_c1_paired_high_ratio"] == pytest.approx(4.0)
+    assert ratios["cpu_ours_over_bao_paired_max_ratio"] == pytest.approx(2.0)
+    assert not any("absent" in key or "_c16_" in key for key in ratios)  # not measured: none
+
+
 # --- how the peers are started ---------------------------------------------------------------
 
 
@@ -237,8 +261,8 @@ def test_the_benchmark_fits_the_runner_contract_without_the_extra() -> None:
     benchmark = Benchmark(peers)
     assert benchmark.name == "peers"
     assert {t.figure for t in benchmark.targets} == {
-        "cpu_ours_over_openbao_audit_max_ratio",
-        "cpu_ours_over_openbao_noaudit_max_ratio",
+        "cpu_ours_over_openbao_audit_paired_max_ratio",
+        "cpu_ours_over_openbao_noaudit_paired_max_ratio",
         "ops_pykmip_over_ours_max_ratio",
     }
     # Importing it must not need the optional clients (they are imported on use).
@@ -286,6 +310,19 @@ def test_page_shows_every_measured_cell_ratios_and_verdicts() -> None:
         }
     figures[f"{cell_prefix('ours', 'echo', 16)}_server_cpu_us_per_op"] = 200.0
     figures |= ratio_figures(figures, ours="ours", others=["openbao_audit", "openbao_noaudit"])
+    # Two rounds each: ours 300 and 330 us/op; OpenBao with audit 600 and 550, without 400
+    # and 300.
+    runs = {
+        cell_prefix(label, "encrypt", 16): [_run([1.0] * 10, 1.0, s) for s in seconds]
+        for label, seconds in (
+            ("ours", (0.003, 0.0033)),
+            ("openbao_audit", (0.006, 0.0055)),
+            ("openbao_noaudit", (0.004, 0.003)),
+        )
+    }
+    figures |= paired_cpu_ratio_figures(
+        runs, ours="ours", others=["openbao_audit", "openbao_noaudit"]
+    )
     report = Report(command="python -m bench.peers", quick=False, started="now", machine={})
     report.results["peers"] = figures
     report.targets = [target.check(figures) for target in peers.TARGETS]
@@ -294,6 +331,8 @@ def test_page_shows_every_measured_cell_ratios_and_verdicts() -> None:
     assert "| encrypt | 16 | 0.50 | 0.75 | - |" in page  # no PyKMIP cell: a dash
     assert "| decrypt | 1 | - | - | - |" in page
     assert "| encrypt | 16 | 300 | 200 | 100 |" in page  # ours = Echo floor + key service
+    # Round by round: audit 0.50 and 0.60 (median 0.55), no audit 0.75 and 1.10 (0.925).
+    assert "| encrypt | 16 | 0.55 (0.50-0.60) | 0.93 (0.75-1.10) | - |" in page
     assert "met" in page
     assert "not measured in this run" in page  # the PyKMIP target had no figure
     assert "our server" in page
