@@ -17,23 +17,12 @@ import os
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import argparse  # after GRPC_VERBOSITY, which grpc reads when it is imported
-import shutil
-import signal
 import sys
-import tempfile
-import time
 from pathlib import Path
-from types import FrameType
 
 from bench import BENCHMARK_MODULES
-from bench._core import BenchConfig, BenchError, load_benchmarks, run_benchmarks
-from bench.report import (
-    PlotsUnavailable,
-    print_report,
-    write_json,
-    write_markdown,
-    write_plots,
-)
+from bench._core import BenchConfig, Benchmark, Report, load_benchmarks
+from bench.report import PlotsUnavailable, run_cli, write_markdown, write_plots
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 DEFAULT_DOCS = REPOSITORY / "docs" / "benchmarks.md"
@@ -79,14 +68,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def _on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)
-
-
 def _docs_target(args: argparse.Namespace) -> Path | None:
     if args.no_docs:
         return None
@@ -95,6 +76,27 @@ def _docs_target(args: argparse.Namespace) -> Path | None:
     if args.command == "all" and not args.quick:
         return DEFAULT_DOCS
     return None
+
+
+def _write_docs(
+    report: Report,
+    config: BenchConfig,
+    docs: Path,
+    draw_plots: bool,
+    available: dict[str, Benchmark],
+) -> None:
+    """Write the markdown report to `docs` and, unless told not to, the plots beside it."""
+    plots: dict[str, list[Path]] = {}
+    if draw_plots:
+        try:
+            plots = write_plots(config, docs.parent / "bench", report.results)
+        except PlotsUnavailable as error:
+            config.log(f"bench: {error}")
+    descriptions = {name: available[name].module.__doc__ or "" for name in report.results}
+    write_markdown(report, docs, descriptions, plots)
+    config.log(
+        f"wrote {docs}" + (f" and {sum(len(p) for p in plots.values())} plots" if plots else "")
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,49 +112,21 @@ def main(argv: list[str] | None = None) -> int:
         for name, benchmark in available.items():
             print(f"{name:14} {benchmark.title}")
         return 0
-    selected = list(available) if args.command == "all" else list(args.names)
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    work_dir = Path(tempfile.mkdtemp(prefix="hsm-bench-"))
-    config = BenchConfig(quick=args.quick, work_dir=work_dir, log=_log)
-    began = time.monotonic()
-    try:
-        report = run_benchmarks(
-            selected,
-            available,
-            config,
-            command=" ".join(["python -m bench", *arguments]),
-        )
-    except BenchError as error:
-        print(f"bench: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("bench: interrupted; every domain it started was stopped", file=sys.stderr)
-        return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        if args.keep:
-            _log(f"scratch directory kept: {work_dir}")
-        else:
-            shutil.rmtree(work_dir, ignore_errors=True)
-    print_report(report)
-    if args.json is not None:
-        write_json(report, args.json)
-        _log(f"wrote {args.json}")
     docs = _docs_target(args)
-    if docs is not None:
-        plots: dict[str, list[Path]] = {}
-        if not args.no_plots:
-            try:
-                plots = write_plots(config, docs.parent / "bench", report.results)
-            except PlotsUnavailable as error:
-                _log(f"bench: {error}")
-        descriptions = {name: available[name].module.__doc__ or "" for name in report.results}
-        write_markdown(report, docs, descriptions, plots)
-        _log(
-            f"wrote {docs}" + (f" and {sum(len(p) for p in plots.values())} plots" if plots else "")
-        )
-    _log(f"bench: {time.monotonic() - began:.1f} s in all")
-    return 0 if report.ok else 1
+    return run_cli(
+        "bench",
+        list(available) if args.command == "all" else list(args.names),
+        available,
+        command=" ".join(["python -m bench", *arguments]),
+        quick=args.quick,
+        keep=args.keep,
+        json_path=args.json,
+        write_docs=None
+        if docs is None
+        else lambda report, config: _write_docs(report, config, docs, not args.no_plots, available),
+        scratch_prefix="hsm-bench-",
+        stopped="domain",
+    )
 
 
 if __name__ == "__main__":

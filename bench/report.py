@@ -10,6 +10,10 @@ The markdown report is written between two marker lines (`GENERATED_BEGIN`, `GEN
 regenerating it replaces only what lies between them, so a section someone appended after the
 end marker (or wrote before the begin marker) is kept.
 
+`run_cli` is the scaffolding the two command lines share (`python -m bench`, `python -m
+bench.peers`) once they have parsed their arguments: run in a scratch directory, stop on
+Ctrl-C and SIGTERM, then print, write JSON and the docs page, and give the exit status.
+
 Invariants: writing never changes the report; the JSON file holds every figure exactly as
 measured (no rounding); text outside the markers of an existing report is never lost; plots
 need matplotlib, which is optional: without it, `write_plots` raises PlotsUnavailable with
@@ -21,12 +25,25 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
+import signal
 import sys
-from collections.abc import Iterable
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from types import FrameType
 from typing import Any, Final, TextIO
 
-from bench._core import BenchConfig, Figure, Report, TargetResult
+from bench._core import (
+    BenchConfig,
+    BenchError,
+    Benchmark,
+    Figure,
+    Report,
+    TargetResult,
+    run_benchmarks,
+)
 
 __all__ = [
     "GENERATED_BEGIN",
@@ -38,6 +55,7 @@ __all__ = [
     "print_report",
     "render_markdown",
     "report_json",
+    "run_cli",
     "write_json",
     "write_markdown",
     "write_plots",
@@ -488,3 +506,61 @@ def write_plots(
         plt.close(figure)
         written.setdefault(_owner(name, names) or name, []).append(path)
     return written
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    # SystemExit unwinds through every `finally`, so the servers a benchmark started are stopped.
+    raise SystemExit(128 + signum)
+
+
+def run_cli(
+    name: str,
+    selected: Sequence[str],
+    available: dict[str, Benchmark],
+    *,
+    command: str,
+    quick: bool,
+    keep: bool,
+    json_path: Path | None,
+    write_docs: Callable[[Report, BenchConfig], None] | None,
+    scratch_prefix: str,
+    stopped: str,
+) -> int:
+    """Run the selected benchmarks for a command line; print the table, write the JSON file
+    and (with `write_docs`) the docs page; the exit status.
+
+    `name` prefixes the messages ("bench: ..."), `stopped` says what Ctrl-C stopped ("domain",
+    "server"). Both `python -m bench` and `python -m bench.peers` come through here, so their
+    signal handling, scratch directories and exit statuses (0 ok, 1 a benchmark failed,
+    2 bad usage, 130 Ctrl-C, 128 + signal on SIGTERM) stay the same.
+    """
+    work_dir = Path(tempfile.mkdtemp(prefix=scratch_prefix))
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    config = BenchConfig(quick=quick, work_dir=work_dir, log=_log)
+    began = time.monotonic()
+    try:
+        report = run_benchmarks(selected, available, config, command=command)
+    except BenchError as error:
+        print(f"{name}: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted; every {stopped} it started was stopped", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if keep:
+            _log(f"scratch directory kept: {work_dir}")
+        else:
+            shutil.rmtree(work_dir, ignore_errors=True)
+    print_report(report)
+    if json_path is not None:
+        write_json(report, json_path)
+        _log(f"wrote {json_path}")
+    if write_docs is not None:
+        write_docs(report, config)
+    _log(f"{name}: {time.monotonic() - began:.1f} s in all")
+    return 0 if report.ok else 1

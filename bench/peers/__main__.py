@@ -16,18 +16,13 @@ import os
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import argparse  # after GRPC_VERBOSITY, which grpc reads when it is imported
-import shutil
-import signal
 import sys
-import tempfile
-import time
 from pathlib import Path
-from types import FrameType
 
 import bench.peers as peers
-from bench._core import BenchConfig, Benchmark, run_benchmarks
+from bench._core import BenchConfig, Benchmark, Report
 from bench.peers._report import write_markdown
-from bench.report import print_report, write_json
+from bench.report import run_cli
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 DEFAULT_DOCS = REPOSITORY / "docs" / "benchmarks-peers.md"
@@ -54,12 +49,10 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def _on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)
+def _write_docs(report: Report, config: BenchConfig, docs: Path, name: str) -> None:
+    """Write the side-by-side page to `docs`."""
+    write_markdown(report, docs, name)
+    config.log(f"wrote {docs}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,36 +60,23 @@ def main(argv: list[str] | None = None) -> int:
     arguments = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(arguments)
     benchmark = Benchmark(peers)
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    work_dir = Path(tempfile.mkdtemp(prefix="hsm-bench-peers-"))
-    config = BenchConfig(quick=args.quick, work_dir=work_dir, log=_log)
-    began = time.monotonic()
-    try:
-        report = run_benchmarks(
-            [benchmark.name],
-            {benchmark.name: benchmark},
-            config,
-            command=" ".join(["python -m bench.peers", *arguments]),
-        )
-    except KeyboardInterrupt:
-        print("bench.peers: interrupted; every server it started was stopped", file=sys.stderr)
-        return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        if args.keep:
-            _log(f"scratch directory kept: {work_dir}")
-        else:
-            shutil.rmtree(work_dir, ignore_errors=True)
-    print_report(report)
-    if args.json is not None:
-        write_json(report, args.json)
-        _log(f"wrote {args.json}")
-    docs = None if args.no_docs else args.docs or (None if args.quick else DEFAULT_DOCS)
-    if docs is not None:
-        write_markdown(report, docs, benchmark.name)
-        _log(f"wrote {docs}")
-    _log(f"bench.peers: {time.monotonic() - began:.1f} s in all")
-    return 0 if report.ok else 1
+    docs: Path | None = (
+        None if args.no_docs else args.docs or (None if args.quick else DEFAULT_DOCS)
+    )
+    return run_cli(
+        "bench.peers",
+        [benchmark.name],
+        {benchmark.name: benchmark},
+        command=" ".join(["python -m bench.peers", *arguments]),
+        quick=args.quick,
+        keep=args.keep,
+        json_path=args.json,
+        write_docs=None
+        if docs is None
+        else lambda report, config: _write_docs(report, config, docs, benchmark.name),
+        scratch_prefix="hsm-bench-peers-",
+        stopped="server",
+    )
 
 
 if __name__ == "__main__":
