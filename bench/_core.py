@@ -14,7 +14,7 @@ and may define
   `<op>_c<N>_cpu_floor_ratio` = this server CPU per call / the floor's, each when both sides
   have the figure; the floor runs first whenever such a benchmark is selected; a benchmark
   that measures `echo_1k_c<N>_*` itself, interleaved with its own rounds, is compared with
-  that instead).
+  that instead, and a ratio the benchmark gave itself, round by round, is kept).
 
 Invariants: a benchmark that fails is reported with its error and the others still run; the
 floor's figures are handed to later benchmarks in `config.floor`; raw samples and curves for
@@ -200,7 +200,8 @@ def add_floor_ratios(figures: dict[str, Figure], floor: Mapping[str, Figure]) ->
     `<op>_c<N>_floor_ratio` = throughput / the floor's (higher is better, goal >= 0.8),
     `<op>_c<N>_p99_floor_ratio` = p99 latency / the floor's (lower is better, goal <= 1.5),
     `<op>_c<N>_cpu_floor_ratio` = server CPU per call / the floor's (lower is better); each
-    only when both sides have a positive, finite figure.
+    only when both sides have a positive, finite figure, and never over a ratio the benchmark
+    gave itself (from floor runs paired with its own, round by round).
     """
     for key in list(figures):
         match = _OPS_FIGURE.match(key)
@@ -212,7 +213,7 @@ def add_floor_ratios(figures: dict[str, Figure], floor: Mapping[str, Figure]) ->
             mine = _positive(figures.get(f"{prefix}_{suffix}"))
             theirs = _positive(floor.get(f"{floor_prefix}_{suffix}"))
             if mine is not None and theirs is not None:
-                figures[f"{prefix}_{ratio}"] = mine / theirs
+                figures.setdefault(f"{prefix}_{ratio}", mine / theirs)
 
 
 @dataclass

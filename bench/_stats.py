@@ -8,10 +8,19 @@ of the two middle values; an empty sample is a ValueError, never a silent zero.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-__all__ = ["Fit", "linear_fit", "loglog_exponent", "median", "percentile", "summarize_ms"]
+__all__ = [
+    "Fit",
+    "Spread",
+    "linear_fit",
+    "loglog_exponent",
+    "median",
+    "paired_ratios",
+    "percentile",
+    "summarize_ms",
+]
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -31,6 +40,33 @@ def percentile(values: Sequence[float], q: float) -> float:
 def median(values: Sequence[float]) -> float:
     """The 50th percentile."""
     return percentile(values, 50.0)
+
+
+@dataclass(frozen=True)
+class Spread:
+    """The median of per-round values and the lowest and highest round."""
+
+    median: float
+    low: float
+    high: float
+
+
+def paired_ratios(pairs: Iterable[tuple[float, float]]) -> Spread | None:
+    """Each round's `numerator / denominator`, summarised: None when no round has a positive,
+    finite denominator (and finite numerator).
+
+    The two sides of a pair are measured back to back, so a change of the machine's speed
+    between rounds (on the benchmark VM a fixed loop's CPU time moves by up to 2x within
+    seconds) divides out of each round's ratio; a ratio of two medians over rounds keeps it.
+    """
+    ratios = [
+        numerator / denominator
+        for numerator, denominator in pairs
+        if math.isfinite(numerator) and math.isfinite(denominator) and denominator > 0
+    ]
+    if not ratios:
+        return None
+    return Spread(median=median(ratios), low=min(ratios), high=max(ratios))
 
 
 def summarize_ms(latencies_ns: Sequence[int], prefix: str) -> dict[str, float]:

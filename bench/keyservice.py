@@ -9,14 +9,20 @@ What is measured, each at concurrency 1 and 16, with the audit log on (as always
   `encrypt_1k_3node`, `decrypt_1k_3node`, `generate_data_key_3node`.
 
 The floor itself (`echo_1k`: `Diagnostics.Echo` of 1 KiB on the one-node domain, same client)
-is measured in the same interleaved rounds, so that every ratio compares calls made in the same
-minutes; the floor benchmark's own run, minutes earlier, moved by up to ±25 % on this machine.
+is measured in the same rounds, a floor run right beside every run of a targeted operation
+(Encrypt, Decrypt, GenerateDataKey, ReEncrypt). On this machine the CPU's speed moves by up to
+2x within seconds, so the issue's ratios are taken round by round, from the two runs of a pair,
+and summarised by their median over rounds (`paired_floor_figures`); the floor benchmark's own
+run, minutes earlier, moved by up to ±25 %.
 
 Figures per operation and concurrency N: `<op>_c<N>_p50_ms`, `_p95_ms`, `_p99_ms`,
 `_ops_s`, and `_server_cpu_us_per_op` (utime + stime summed over every HSA process, over the
 measured windows only; `create_key` also gives `_coordinator_cpu_us_per_op`). The runner adds
-the ratios to the floor (the in-run `echo_1k`) at the same concurrency: `_floor_ratio`
-(throughput, goal >= 0.8), `_p99_floor_ratio` (p99, goal <= 1.5) and `_cpu_floor_ratio`.
+the ratios to the floor: for the paired operations, the median over rounds of each round's
+ratio, `_floor_ratio` (throughput, goal >= 0.8, with `_floor_low_ratio` and `_floor_high_ratio`
+for the lowest and highest round), `_p99_floor_ratio` (p99, goal <= 1.5) and `_cpu_floor_ratio`;
+for the others (CreateKey, the 3-node figures) the runner's ratio of medians to the in-run
+`echo_1k` at the same concurrency.
 The floor is one HSA, so the 3-node ratios compare a whole 3-node domain with one node's Echo:
 they show what spreading buys (or costs) on this machine, where every node shares the same
 cores.
@@ -27,7 +33,7 @@ reused mutual-TLS channel per node, so a ratio compares the server's work and no
 Keys are used warm: they are cached on every node after the warm-up, and re-read from the
 coordinator whenever the cache's TTL (2 s) has passed, as in production.
 
-Full runs interleave the operations and repeat the rounds (3 rounds of 2 s per operation and
+Full runs interleave the operations and repeat the rounds (5 rounds of 1.5 s per operation and
 concurrency); latency percentiles pool every round, throughput is the median of the rounds.
 Quick mode: one round of 0.3 s.
 """
@@ -35,6 +41,7 @@ Quick mode: one round of 0.3 s.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -47,7 +54,7 @@ from bench._cluster import BenchDomain
 from bench._core import BenchConfig, Figure, Target
 from bench._load import LoadResult, aio_mtls_channel, round_robin, run_tasks, run_threads
 from bench._proc import CpuMeter
-from bench._stats import median
+from bench._stats import median, paired_ratios, percentile
 from deploy.init import COORDINATOR_NAME
 from domain_core.pb import services_pb2, services_pb2_grpc
 
@@ -101,9 +108,13 @@ __all__ = [
     "NAME",
     "TARGETS",
     "TITLE",
+    "FloorPair",
+    "Measured",
+    "Measurement",
     "Operation",
     "client_for",
     "measure",
+    "paired_floor_figures",
     "run",
 ]
 
@@ -127,6 +138,12 @@ class Cell:
     server_cpu_s: float = 0.0
     coordinator_cpu_s: float = 0.0
 
+    def add(self, load: LoadResult, meters: CpuMeter) -> None:
+        """Take one measured round and what it cost the HSAs and the coordinator."""
+        self.rounds.append(load)
+        self.server_cpu_s += meters.hsa_seconds
+        self.coordinator_cpu_s += meters.coordinator_seconds
+
     def figures(self, prefix: str) -> dict[str, Figure]:
         """Pooled latency percentiles, median throughput, CPU per call."""
         pooled = LoadResult(concurrency=self.rounds[0].concurrency)
@@ -140,6 +157,64 @@ class Cell:
         figures[f"{prefix}_ops_s"] = median([r.ops_per_second for r in self.rounds])
         figures[f"{prefix}_server_cpu_us_per_op"] = self.server_cpu_s * 1e6 / pooled.operations
         return figures
+
+
+@dataclass(frozen=True)
+class Measured:
+    """One closed-loop run and the HSAs' CPU seconds over it."""
+
+    load: LoadResult
+    server_cpu_s: float
+
+    @property
+    def p99_ms(self) -> float:
+        """This run's p99 latency (NaN when no call succeeded)."""
+        if not self.load.latencies_ns:
+            return math.nan
+        return percentile([v / 1e6 for v in self.load.latencies_ns], 99)
+
+    @property
+    def cpu_us_per_op(self) -> float:
+        """The HSAs' CPU microseconds per call in this run (NaN when no call succeeded)."""
+        calls = self.load.operations
+        return self.server_cpu_s * 1e6 / calls if calls else math.nan
+
+
+@dataclass(frozen=True)
+class FloorPair:
+    """An operation's run and the floor's, back to back in one round."""
+
+    floor: Measured
+    operation: Measured
+
+
+def paired_floor_figures(pairs: Mapping[tuple[str, int], Sequence[FloorPair]]) -> dict[str, Figure]:
+    """The ratios to the floor, round by round: for each paired `(operation, N)`,
+    `<op>_c<N>_floor_ratio` (throughput, median of the rounds' ratios) with
+    `_floor_low_ratio` / `_floor_high_ratio` (the lowest and highest round),
+    `_p99_floor_ratio` and `_cpu_floor_ratio` (medians of the rounds' ratios).
+
+    Each round's two runs are back to back, so the machine's speed divides out of its ratio
+    (`bench._stats.paired_ratios`); the runner's ratio of medians (`add_floor_ratios`) is
+    used only where no pair was measured.
+    """
+    figures: dict[str, Figure] = {}
+    for (operation, concurrency), rounds in pairs.items():
+        prefix = f"{operation}_c{concurrency}"
+        throughput = paired_ratios(
+            (p.operation.load.ops_per_second, p.floor.load.ops_per_second) for p in rounds
+        )
+        if throughput is not None:
+            figures[f"{prefix}_floor_ratio"] = throughput.median
+            figures[f"{prefix}_floor_low_ratio"] = throughput.low
+            figures[f"{prefix}_floor_high_ratio"] = throughput.high
+        p99 = paired_ratios((p.operation.p99_ms, p.floor.p99_ms) for p in rounds)
+        if p99 is not None:
+            figures[f"{prefix}_p99_floor_ratio"] = p99.median
+        cpu = paired_ratios((p.operation.cpu_us_per_op, p.floor.cpu_us_per_op) for p in rounds)
+        if cpu is not None:
+            figures[f"{prefix}_cpu_floor_ratio"] = cpu.median
+    return figures
 
 
 def client_for(floor: Mapping[str, Figure], concurrency: int) -> str:
@@ -226,6 +301,30 @@ class _Clients:
         self._runner.run(close())
 
 
+@dataclass
+class Measurement:
+    """What `measure` found: every (operation, concurrency)'s rounds, and the floor pairs."""
+
+    cells: dict[tuple[str, int], Cell] = field(default_factory=dict)
+    pairs: dict[tuple[str, int], list[FloorPair]] = field(default_factory=dict)
+
+
+def _schedule(
+    operations: Sequence[Operation], floor: Operation | None, round_: int
+) -> list[tuple[Operation, ...]]:
+    """One round's runs in order, grouped: a targeted operation with a floor run right beside
+    it (before it in even rounds, after it in odd ones), any other operation alone. The order
+    of the operations alternates from round to round too."""
+    order = operations if round_ % 2 == 0 else list(reversed(operations))
+    groups: list[tuple[Operation, ...]] = []
+    for operation in order:
+        if floor is None or operation.name not in TARGETED:
+            groups.append((operation,))
+        else:
+            groups.append((floor, operation) if round_ % 2 == 0 else (operation, floor))
+    return groups
+
+
 def measure(
     domain: BenchDomain,
     operations: Sequence[Operation],
@@ -235,41 +334,49 @@ def measure(
     duration: float,
     warmup: float,
     log: Callable[[str], None],
-) -> dict[tuple[str, int], Cell]:
-    """Run every operation at every concurrency in `clients`, `rounds` times, interleaved
-    (the order of the operations alternates from round to round)."""
-    cells: dict[tuple[str, int], Cell] = {}
+    floor: Operation | None = None,
+) -> Measurement:
+    """Run every operation at every concurrency in `clients`, `rounds` times, interleaved;
+    with `floor`, a floor run beside every targeted operation in every round (a `FloorPair`),
+    each also pooled into the floor's own cell."""
+    found = Measurement()
     with asyncio.Runner() as runner:
         stubs = _Clients(domain, set(clients.values()), runner)
+
+        def run(operation: Operation, client: str, concurrency: int) -> Measured:
+            meters = CpuMeter(
+                [domain.pid(host) for host in domain.hosts],
+                coordinator=domain.pid(COORDINATOR_NAME),
+            )
+            load = stubs.load(
+                client,
+                operation,
+                concurrency=concurrency,
+                duration=duration,
+                warmup=warmup,
+                meters=meters,
+            )
+            found.cells.setdefault((operation.name, concurrency), Cell()).add(load, meters)
+            failed = f", {load.errors} failed: {load.first_error}" * bool(load.errors)
+            log(
+                f"   {operation.name} {client} c{concurrency}: "
+                f"{load.ops_per_second:,.0f} ops/s{failed}"
+            )
+            return Measured(load, meters.hsa_seconds)
+
         try:
             for round_ in range(rounds):
-                order = operations if round_ % 2 == 0 else list(reversed(operations))
                 for concurrency, client in clients.items():
-                    for operation in order:
-                        meters = CpuMeter(
-                            [domain.pid(host) for host in domain.hosts],
-                            coordinator=domain.pid(COORDINATOR_NAME),
-                        )
-                        load = stubs.load(
-                            client,
-                            operation,
-                            concurrency=concurrency,
-                            duration=duration,
-                            warmup=warmup,
-                            meters=meters,
-                        )
-                        cell = cells.setdefault((operation.name, concurrency), Cell())
-                        cell.rounds.append(load)
-                        cell.server_cpu_s += meters.hsa_seconds
-                        cell.coordinator_cpu_s += meters.coordinator_seconds
-                        failed = f", {load.errors} failed: {load.first_error}" * bool(load.errors)
-                        log(
-                            f"   {operation.name} {client} c{concurrency}: "
-                            f"{load.ops_per_second:,.0f} ops/s{failed}"
-                        )
+                    for group in _schedule(operations, floor, round_):
+                        runs = {op.name: run(op, client, concurrency) for op in group}
+                        if floor is not None and len(group) == 2:
+                            (name,) = set(runs) - {floor.name}
+                            found.pairs.setdefault((name, concurrency), []).append(
+                                FloorPair(floor=runs[floor.name], operation=runs[name])
+                            )
         finally:
             stubs.close()
-    return cells
+    return found
 
 
 def _create_key(stub: Any, description: str) -> str:
@@ -279,9 +386,11 @@ def _create_key(stub: Any, description: str) -> str:
     return str(response.metadata.key_id)
 
 
-def _operations(domain: BenchDomain, *, suffix: str, full_set: bool) -> list[Operation]:
-    """The calls to measure on `domain`, with the keys and ciphertexts they need (made here,
-    through the first node)."""
+def _operations(
+    domain: BenchDomain, *, suffix: str, full_set: bool
+) -> tuple[Operation | None, list[Operation]]:
+    """The floor (in the full set) and the calls to measure on `domain`, with the keys and
+    ciphertexts they need (made here, through the first node)."""
     payload = os.urandom(PAYLOAD_BYTES)
     with domain.node_channel(domain.hosts[0]) as channel:
         stub: Any = services_pb2_grpc.KeyServiceStub(channel)  # type: ignore[no-untyped-call]
@@ -293,20 +402,16 @@ def _operations(domain: BenchDomain, *, suffix: str, full_set: bool) -> list[Ope
             timeout=CALL_TIMEOUT,
         ).ciphertext_blob
         destination = _create_key(stub, "bench keyservice re-encrypt destination")
-    operations: list[Operation] = []
-    if full_set:
-        # The floor, interleaved with the key service's rounds on the same node and client:
-        # the ratios then compare calls made in the same minutes (`add_floor_ratios` prefers a
-        # benchmark's own `echo_1k_c<N>_*` to the floor benchmark's, run minutes before).
-        operations.append(
-            Operation(
-                FLOOR_ECHO,
-                "Echo",
-                services_pb2.EchoMessage(payload=payload),
-                service="Diagnostics",
-            )
+    # The floor, beside the key service's runs on the same node and client: the ratios then
+    # compare calls made seconds apart (`paired_floor_figures`), not minutes.
+    floor = (
+        Operation(
+            FLOOR_ECHO, "Echo", services_pb2.EchoMessage(payload=payload), service="Diagnostics"
         )
-    operations += [
+        if full_set
+        else None
+    )
+    operations = [
         Operation(
             f"encrypt_1k{suffix}",
             "Encrypt",
@@ -346,12 +451,12 @@ def _operations(domain: BenchDomain, *, suffix: str, full_set: bool) -> list[Ope
                 max_ops=MAX_CREATES,
             ),
         ]
-    return operations
+    return floor, operations
 
 
-def _figures(cells: dict[tuple[str, int], Cell]) -> dict[str, Figure]:
+def _figures(found: Measurement) -> dict[str, Figure]:
     figures: dict[str, Figure] = {}
-    for (operation, concurrency), cell in cells.items():
+    for (operation, concurrency), cell in found.cells.items():
         prefix = f"{operation}_c{concurrency}"
         figures.update(cell.figures(prefix))
         if operation.startswith("create_key"):
@@ -359,6 +464,7 @@ def _figures(cells: dict[tuple[str, int], Cell]) -> dict[str, Figure]:
             figures[f"{prefix}_coordinator_cpu_us_per_op"] = (
                 cell.coordinator_cpu_s * 1e6 / operations if operations else float("nan")
             )
+    figures.update(paired_floor_figures(found.pairs))
     return figures
 
 
@@ -376,8 +482,8 @@ def _plot_samples(config: BenchConfig, cells: dict[tuple[str, int], Cell]) -> No
 
 def run(config: BenchConfig) -> dict[str, Figure]:
     """Measure the key service on one node and on three; figures for the runner."""
-    rounds = int(config.pick(1, 3))
-    duration = float(config.pick(0.3, 2.0))
+    rounds = int(config.pick(1, 5))
+    duration = float(config.pick(0.3, 1.5))
     warmup = float(config.pick(0.15, 0.3))
     clients = {c: client_for(config.floor, c) for c in CONCURRENCIES}
     figures: dict[str, Figure] = {
@@ -386,21 +492,22 @@ def run(config: BenchConfig) -> dict[str, Figure]:
     }
     for concurrency, client in clients.items():
         figures[f"client_c{concurrency}"] = client
-    cells: dict[tuple[str, int], Cell] = {}
+    found = Measurement()
     for nodes, suffix in ((1, ""), (3, "_3node")):
         with BenchDomain(config.directory(f"keyservice-{nodes}"), nodes=nodes) as domain:
-            operations = _operations(domain, suffix=suffix, full_set=nodes == 1)
-            cells.update(
-                measure(
-                    domain,
-                    operations,
-                    clients=clients,
-                    rounds=rounds,
-                    duration=duration,
-                    warmup=warmup,
-                    log=config.log,
-                )
+            floor, operations = _operations(domain, suffix=suffix, full_set=nodes == 1)
+            measured = measure(
+                domain,
+                operations,
+                clients=clients,
+                rounds=rounds,
+                duration=duration,
+                warmup=warmup,
+                log=config.log,
+                floor=floor,
             )
-    figures.update(_figures(cells))  # one node, then three; c1 then c16 in each
-    _plot_samples(config, cells)
+            found.cells.update(measured.cells)
+            found.pairs.update(measured.pairs)
+    figures.update(_figures(found))  # one node, then three; c1 then c16 in each
+    _plot_samples(config, found.cells)
     return figures

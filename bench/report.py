@@ -74,6 +74,8 @@ _LATENCY_COLUMNS: Final = (
     ("ops_per_cpu_s", "ops/CPU s"),
     ("cores_busy", "cores busy"),
     ("floor_ratio", "ops/s x floor"),
+    ("floor_low_ratio", "lowest round"),
+    ("floor_high_ratio", "highest round"),
     ("p99_floor_ratio", "p99 x floor"),
     ("cpu_floor_ratio", "CPU x floor"),
     ("errors", "errors"),
@@ -296,11 +298,12 @@ def render_markdown(
         "Every process of the domain, the benchmark client included, shares this machine's "
         "cores, so figures are orders of magnitude, not guarantees; full runs repeat and give "
         "medians. Key-service figures carry their ratios to the floor (Echo at the same "
-        "concurrency over the same stack and client; `keyservice` measures it in its own "
-        "interleaved rounds as `echo_1k`): `_floor_ratio` = this throughput / "
-        "the floor's (issue 7's goal: at least 0.8), `_p99_floor_ratio` = this p99 latency / "
-        "the floor's (goal: at most 1.5), `_cpu_floor_ratio` = this server CPU per call / the "
-        "floor's.",
+        "concurrency over the same stack and client; `keyservice` measures it as `echo_1k` "
+        "in a run right beside each of its targeted runs, and gives the median over rounds of "
+        "each round's ratio, with the lowest and highest round): `_floor_ratio` = this "
+        "throughput / the floor's (issue 7's goal: at least 0.8), `_p99_floor_ratio` = this "
+        "p99 latency / the floor's (goal: at most 1.5), `_cpu_floor_ratio` = this server CPU "
+        "per call / the floor's.",
         "",
         f"Run it again with `python -m bench all` (this run: {_duration(report)} on "
         f"{report.machine.get('nproc', '?')} cores; add `--quick` for a CI smoke run of under "
@@ -335,7 +338,8 @@ def render_markdown(
         "after the end marker below is kept when the report is regenerated. Shared helpers: "
         "`bench._cluster.BenchDomain` (a local domain of real "
         "processes, always stopped), `bench._load` (closed-loop sync and asyncio load), "
-        "`bench._proc` (CPU time and memory from /proc), `bench._stats` (percentiles, fits).",
+        "`bench._proc` (CPU time and memory from /proc), `bench._stats` (percentiles, fits, "
+        "paired ratios).",
         "",
     ]
     return "\n".join(lines).rstrip() + "\n"

@@ -29,7 +29,7 @@ from typing import Final, Protocol
 
 from bench._core import BenchError, Figure
 from bench._load import LoadResult, run_tasks
-from bench._stats import median
+from bench._stats import median, paired_ratios
 
 __all__ = [
     "CALL_TIMEOUT",
@@ -374,18 +374,18 @@ def paired_cpu_ratio_figures(
             for concurrency in concurrencies:
                 mine = runs.get(cell_prefix(ours, operation, concurrency), ())
                 theirs = runs.get(cell_prefix(other, operation, concurrency), ())
-                rounds = [
-                    m.server_cpu_us_per_op / t.server_cpu_us_per_op
+                spread = paired_ratios(
+                    (m.server_cpu_us_per_op, t.server_cpu_us_per_op)
                     for m, t in zip(mine, theirs, strict=False)
                     if t.server_cpu_s > 0
-                ]
-                if not rounds:
+                )
+                if spread is None:
                     continue
                 name = f"cpu_{ours}_over_{other}_{operation}_1k_c{concurrency}_paired"
-                medians.append(median(rounds))
-                out[f"{name}_ratio"] = medians[-1]
-                out[f"{name}_low_ratio"] = min(rounds)
-                out[f"{name}_high_ratio"] = max(rounds)
+                medians.append(spread.median)
+                out[f"{name}_ratio"] = spread.median
+                out[f"{name}_low_ratio"] = spread.low
+                out[f"{name}_high_ratio"] = spread.high
         if medians:
             out[f"cpu_{ours}_over_{other}_paired_max_ratio"] = max(medians)
     return out

@@ -37,7 +37,14 @@ from bench._core import (
 )
 from bench._load import LoadResult, run_tasks, run_threads
 from bench._proc import CpuMeter, CpuSample, cpu_seconds, memory_kib
-from bench._stats import linear_fit, loglog_exponent, median, percentile, summarize_ms
+from bench._stats import (
+    linear_fit,
+    loglog_exponent,
+    median,
+    paired_ratios,
+    percentile,
+    summarize_ms,
+)
 from bench.report import (
     GENERATED_BEGIN,
     GENERATED_END,
@@ -563,6 +570,81 @@ def test_keyservice_cell_pools_rounds_and_spreads_calls() -> None:
     )
     keyservice._round_robin(nodes[:1], floor)()
     assert calls[-1] == "echo"
+
+
+def test_paired_ratios_divide_out_a_machine_that_changes_speed() -> None:
+    # The same work on both sides while the machine runs at 1x, 2x and 0.5x speed by round:
+    # every round's ratio is 0.5; the ratio of the two medians is not.
+    ours = [500.0, 1000.0, 250.0]
+    floors = [1000.0, 2000.0, 500.0]
+    spread = paired_ratios(zip(ours, floors, strict=True))
+    assert spread is not None
+    assert (spread.median, spread.low, spread.high) == (0.5, 0.5, 0.5)
+    uneven = paired_ratios([(1.0, 2.0), (3.0, 1.0), (1.0, 1.0), (5.0, 0.0), (math.nan, 1.0)])
+    assert uneven is not None  # the last two rounds have no usable ratio and are left out
+    assert (uneven.median, uneven.low, uneven.high) == (1.0, 0.5, 3.0)
+    assert paired_ratios([(1.0, 0.0), (1.0, math.inf)]) is None
+    assert paired_ratios([]) is None
+
+
+def _measured(calls: int, elapsed: float, latency_ms: float, cpu_s: float) -> keyservice.Measured:
+    latencies = [int(latency_ms * 1e6)] * calls
+    load = LoadResult(concurrency=16, latencies_ns=latencies, elapsed=elapsed)
+    return keyservice.Measured(load, cpu_s)
+
+
+def test_keyservice_floor_ratios_are_taken_round_by_round() -> None:
+    # The machine at 1x, half and twice its speed by round: Encrypt does 0.6 of the floor's
+    # calls in each round, at 1.5 times its p99 and 2 times its CPU per call.
+    pairs = [
+        keyservice.FloorPair(
+            floor=_measured(1000, 1.0 * slow, 4.0 * slow, 0.25 * slow),
+            operation=_measured(600, 1.0 * slow, 6.0 * slow, 0.30 * slow),
+        )
+        for slow in (1.0, 2.0, 0.5)
+    ]
+    pairs.append(  # a round with an outlier floor: the median ignores it, the spread shows it
+        keyservice.FloorPair(
+            floor=_measured(1000, 1.0, 4.0, 0.25), operation=_measured(900, 1.0, 6.0, 0.45)
+        )
+    )
+    figures = keyservice.paired_floor_figures({("encrypt_1k", 16): pairs})
+    assert figures["encrypt_1k_c16_floor_ratio"] == pytest.approx(0.6)  # medians: 750 / 1000
+    assert figures["encrypt_1k_c16_floor_low_ratio"] == pytest.approx(0.6)
+    assert figures["encrypt_1k_c16_floor_high_ratio"] == pytest.approx(0.9)
+    assert figures["encrypt_1k_c16_p99_floor_ratio"] == pytest.approx(1.5)
+    assert figures["encrypt_1k_c16_cpu_floor_ratio"] == pytest.approx(2.0)
+    # The runner adds ratios of medians only where the benchmark gave none itself.
+    figures |= {"encrypt_1k_c16_ops_s": 600.0, "create_key_c16_ops_s": 100.0}
+    add_floor_ratios(figures, {"echo_1k_c16_ops_s": 500.0})
+    assert figures["encrypt_1k_c16_floor_ratio"] == pytest.approx(0.6)  # kept, not 1.2
+    assert figures["create_key_c16_floor_ratio"] == pytest.approx(0.2)
+
+
+def test_keyservice_schedule_puts_a_floor_run_beside_each_targeted_run() -> None:
+    def operation(name: str) -> keyservice.Operation:
+        return keyservice.Operation(name, "Encrypt", services_pb2.EncryptRequest())
+
+    floor = keyservice.Operation(
+        "echo_1k", "Echo", services_pb2.EchoMessage(), service="Diagnostics"
+    )
+    operations = [operation("encrypt_1k"), operation("decrypt_1k"), operation("create_key")]
+
+    def names(round_: int, with_floor: keyservice.Operation | None) -> list[list[str]]:
+        groups = keyservice._schedule(operations, with_floor, round_)
+        return [[op.name for op in group] for group in groups]
+
+    assert names(0, floor) == [
+        ["echo_1k", "encrypt_1k"],
+        ["echo_1k", "decrypt_1k"],
+        ["create_key"],  # no target, no floor beside it
+    ]
+    assert names(1, floor) == [
+        ["create_key"],
+        ["decrypt_1k", "echo_1k"],
+        ["encrypt_1k", "echo_1k"],
+    ]
+    assert names(0, None) == [["encrypt_1k"], ["decrypt_1k"], ["create_key"]]
 
 
 def test_kms_latency_figures_follow_the_runner_names() -> None:
