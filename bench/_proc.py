@@ -1,13 +1,16 @@
 """What the kernel says about a process: CPU time and resident memory, from /proc.
 
-Shared by every benchmark that reports server CPU per operation or memory (the floor, the
-key service, and side-by-side runs against other servers such as OpenBao), so that every
-figure of that kind is measured the same way: utime + stime of the process (all its threads)
-from `/proc/PID/stat`, and VmRSS / VmHWM from `/proc/PID/status`.
+Shared by every benchmark of our domain that reports CPU per operation or memory (the floor,
+memory, the key service, scaling, the key-service profile), so that every figure of that kind
+is measured the same way: utime + stime of the process (all its threads) from
+`/proc/PID/stat`, and VmRSS / VmHWM from `/proc/PID/status`. (The side-by-side peers read
+other servers' whole process trees, children reaped in the window included, their own way:
+`bench.peers._common`.)
 
 `CpuMeter` reads a whole measured window at once: every HSA process tree (the node and its key
-service worker processes), and optionally the coordinator and the client, so that the
-benchmarks that report them (the key service, scaling) sum the same processes the same way.
+service worker processes), and optionally the coordinator and the client, so that every
+benchmark that reports them sums the same processes the same way; it is the one way those
+benchmarks meter a window.
 
 Invariants: read-only; a process that has gone away raises ProcessLookupError (never a made-up
 zero); Linux only (these benchmarks run on Linux; elsewhere the calls raise OSError).
@@ -21,7 +24,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["CpuMeter", "CpuSample", "cpu_seconds", "memory_kib", "rss_mib", "tree_pids"]
+__all__ = [
+    "CpuMeter",
+    "CpuSample",
+    "cpu_seconds",
+    "memory_kib",
+    "per_op_us",
+    "rss_mib",
+    "tree_pids",
+]
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
@@ -80,6 +91,11 @@ def rss_mib(pid: int) -> float:
     return memory_kib(pid)["VmRSS"] / 1024.0
 
 
+def per_op_us(seconds: float, operations: int) -> float:
+    """CPU microseconds per operation; NaN when nothing was done (never a made-up zero)."""
+    return seconds * 1e6 / operations if operations else float("nan")
+
+
 @dataclass
 class CpuSample:
     """CPU time of a process at two moments: `start()` then `stop()`; `seconds` in between."""
@@ -97,10 +113,6 @@ class CpuSample:
         """Take the second reading; the CPU seconds used in between."""
         self.seconds = cpu_seconds(self.pid) - self._start
         return self.seconds
-
-    def per_op_us(self, operations: int) -> float:
-        """CPU microseconds per operation over the sampled interval."""
-        return self.seconds * 1e6 / operations if operations else float("nan")
 
 
 class CpuMeter:

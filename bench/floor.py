@@ -9,7 +9,8 @@ Measured at concurrency 1 and 16 with two clients: N threads on one synchronous 
 asyncio tasks on one `grpc.aio` channel (the client shares the 2 cores with the server, so the
 client matters). The better of the two (higher throughput) is the floor, `echo_1k_c<N>_*`;
 both are reported as `echo_1k_sync_c<N>_*` and `echo_1k_async_c<N>_*`. Server CPU per call is
-utime + stime of the HSA process from /proc (`bench._proc`), over the measured window only.
+utime + stime of the HSA's process tree (one process: no workers here), client CPU that of
+this process; both read from /proc by `bench._proc.CpuMeter`, over the measured window only.
 Full runs interleave the clients and repeat the rounds (3 rounds of 3 s per client and
 concurrency); latency percentiles pool every round, throughput is the median of the rounds.
 Quick mode: one round of 1 s.
@@ -19,15 +20,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
 from bench._cluster import BenchDomain
 from bench._core import BenchConfig, Figure
 from bench._load import LoadResult, aio_mtls_channel, run_tasks, run_threads
-from bench._proc import CpuSample
+from bench._proc import CpuMeter
 from bench._stats import median
 from domain_core.pb import services_pb2, services_pb2_grpc
 
@@ -52,21 +51,6 @@ class EchoRun:
     client_cpu_s: float
 
 
-def _meters(pid: int) -> tuple[CpuSample, list[float], Callable[[], None], Callable[[], None]]:
-    server = CpuSample(pid)
-    client: list[float] = [0.0, 0.0]
-
-    def start() -> None:
-        server.start()
-        client[0] = time.process_time()
-
-    def stop() -> None:
-        server.stop()
-        client[1] = time.process_time()
-
-    return server, client, start, stop
-
-
 def echo_run(
     domain: BenchDomain,
     host: str,
@@ -77,7 +61,7 @@ def echo_run(
     payload: bytes,
 ) -> EchoRun:
     """Run Echo against `host` with the `sync` or `async` client; CPU measured on both sides."""
-    server, client_cpu, on_start, on_stop = _meters(domain.pid(host))
+    meter = CpuMeter([domain.pid(host)], client=os.getpid())
     request = services_pb2.EchoMessage(payload=payload)
     if client == "sync":
         with domain.node_channel(host) as channel:
@@ -87,8 +71,8 @@ def echo_run(
                 concurrency=concurrency,
                 duration=duration,
                 max_ops=MAX_OPS,
-                on_start=on_start,
-                on_stop=on_stop,
+                on_start=meter.start,
+                on_stop=meter.stop,
             )
     elif client == "async":
         tls = domain.client_tls()
@@ -102,8 +86,8 @@ def echo_run(
                     concurrency=concurrency,
                     duration=duration,
                     max_ops=MAX_OPS,
-                    on_start=on_start,
-                    on_stop=on_stop,
+                    on_start=meter.start,
+                    on_stop=meter.stop,
                 )
 
         load = asyncio.run(main())
@@ -113,7 +97,7 @@ def echo_run(
         raise RuntimeError(
             f"no Echo call succeeded ({client}, concurrency {concurrency}): {load.first_error}"
         )
-    return EchoRun(load, server.seconds, client_cpu[1] - client_cpu[0])
+    return EchoRun(load, meter.hsa_seconds, meter.client_seconds)
 
 
 def _figures(prefix: str, runs: list[EchoRun]) -> dict[str, Figure]:

@@ -16,8 +16,8 @@ A fresh one-node domain; readings from /proc (`bench._proc`):
   reading just before the DescribeKey calls) / keys cached. `memory_cache_fill_keys_per_s` is the
   rate of those first (cold) reads and `memory_cache_fill_hsa_cpu_us_per_op` (and
   `..._coordinator_cpu_us_per_op`) what each cost the HSA (fetch, verify, version floor, audit)
-  and the coordinator (GetKey); `memory_coordinator_keys_rss_mib` is the coordinator holding
-  every record.
+  and the coordinator (GetKey), read by `bench._proc.CpuMeter` over the calls;
+  `memory_coordinator_keys_rss_mib` is the coordinator holding every record.
 Load lasts 5 s (1.5 s in quick mode). Filling the cache is bounded in time (10 minutes, 90 s
 in quick mode): `memory_cache_keys` says how many keys were cached when it stopped.
 """
@@ -34,7 +34,7 @@ from typing import Any, Final
 from bench._cluster import BenchDomain
 from bench._core import BenchConfig, Figure
 from bench._load import aio_mtls_channel
-from bench._proc import CpuSample, memory_kib, rss_mib
+from bench._proc import CpuMeter, memory_kib, per_op_us, rss_mib
 from bench.floor import PAYLOAD_BYTES, echo_run
 from bench.rewrap import create_records, load_host
 from deploy.init import COORDINATOR_NAME
@@ -101,13 +101,12 @@ def _cache_figures(config: BenchConfig, domain: BenchDomain, host: str) -> dict[
     time.sleep(SETTLE_SECONDS)
     before = rss_mib(pid)
     config.log(f"   DescribeKey of each key on {host} (fills its key cache)...")
-    hsa_cpu, coordinator_cpu = CpuSample(pid).start(), CpuSample(domain.pid(COORDINATOR_NAME))
-    coordinator_cpu.start()
+    meter = CpuMeter([pid], coordinator=domain.pid(COORDINATOR_NAME))
+    meter.start()
     began = time.perf_counter()
     cached = fill_cache(domain, host, key_ids, budget)
     filled = time.perf_counter() - began
-    hsa_cpu.stop()
-    coordinator_cpu.stop()
+    meter.stop()
     time.sleep(SETTLE_SECONDS)
     after = rss_mib(pid)
     return {
@@ -115,8 +114,8 @@ def _cache_figures(config: BenchConfig, domain: BenchDomain, host: str) -> dict[
         "memory_cache_max_entries": DEFAULT_MAX_ENTRIES,
         "memory_cache_create_keys_per_s": keys / created,
         "memory_cache_fill_keys_per_s": cached / filled,
-        "memory_cache_fill_hsa_cpu_us_per_op": hsa_cpu.per_op_us(cached),
-        "memory_cache_fill_coordinator_cpu_us_per_op": coordinator_cpu.per_op_us(cached),
+        "memory_cache_fill_hsa_cpu_us_per_op": per_op_us(meter.hsa_seconds, cached),
+        "memory_cache_fill_coordinator_cpu_us_per_op": per_op_us(meter.coordinator_seconds, cached),
         "memory_hsa_before_cache_rss_mib": before,
         "memory_hsa_cached_rss_mib": after,
         "memory_cache_per_key_bytes": (after - before) * MIB / cached if cached else float("nan"),

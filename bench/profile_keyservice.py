@@ -15,8 +15,9 @@ stubs (measured to be the cheapest client here, which matters because client and
 share the machine's cores). Rounds are interleaved (floor, encrypt, decrypt, floor, ...) so
 that a noisy neighbour hits all three alike; per operation the report gives the median over
 rounds of throughput and of p50/p99 latency, their ratios to the floor's, and the server's
-CPU per call (utime + stime of the HSA process from /proc/PID/stat, over the measured
-windows only). Issue 7's targets: throughput >= 0.8 of the floor and p99 <= 1.5 times it.
+CPU per call (utime + stime of the HSA process from /proc/PID/stat, read by
+`bench._proc.CpuMeter` over the measured windows only). Issue 7's targets: throughput >= 0.8
+of the floor and p99 <= 1.5 times it.
 
 `--in-process N` measures instead what the key service's own Python costs per call, without
 gRPC: the real `KeyServiceServicer`, key cache, policy check, ciphertext code and audit log
@@ -56,7 +57,7 @@ import grpc
 
 from bench._cluster import FAST_SCRYPT_N, BenchDomain
 from bench._load import LoadResult, aio_mtls_channel, run_tasks
-from bench._proc import CpuSample
+from bench._proc import CpuMeter
 from bench._stats import median, percentile
 from domain_core.pb import keys_pb2, services_pb2, services_pb2_grpc
 from domain_core.transport import CertificatePeerContext
@@ -149,16 +150,16 @@ async def _measure_async(
         for _ in range(rounds):
             for concurrency in concurrencies:
                 for operation in OPERATIONS:
-                    cpu = CpuSample(pid)
+                    meter = CpuMeter([pid])
                     load = await run_tasks(
                         calls[operation],
                         concurrency=concurrency,
                         duration=seconds,
                         max_ops=max_ops,
-                        on_start=cpu.start,
-                        on_stop=cpu.stop,
+                        on_start=meter.start,
+                        on_stop=meter.stop,
                     )
-                    cells[(operation, concurrency)].add(load, cpu.seconds)
+                    cells[(operation, concurrency)].add(load, meter.hsa_seconds)
         if profile is not None:
             await profile(calls["encrypt"])
     return cells

@@ -36,7 +36,7 @@ from bench._core import (
     run_benchmarks,
 )
 from bench._load import LoadResult, run_tasks, run_threads
-from bench._proc import CpuMeter, CpuSample, cpu_seconds, memory_kib
+from bench._proc import CpuMeter, CpuSample, cpu_seconds, memory_kib, per_op_us
 from bench._stats import (
     linear_fit,
     loglog_exponent,
@@ -366,6 +366,11 @@ def test_cpu_meter_reads_only_what_it_was_given() -> None:
     assert meter.wall_s > 0.0
     with pytest.raises(ValueError, match="coordinator"):
         _ = meter.coordinator_seconds
+
+
+def test_cpu_per_op_is_nan_when_nothing_was_done() -> None:
+    assert per_op_us(0.5, 1000) == pytest.approx(500.0)
+    assert math.isnan(per_op_us(0.5, 0))
 
 
 # --- the report ------------------------------------------------------------------------------
