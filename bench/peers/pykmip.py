@@ -16,14 +16,13 @@ payloads carry the tag both ways. The server picks the IV (as ours and OpenBao p
 
 Invariants: the server and its child processes (a multiprocessing manager and a policy
 monitor) are always stopped when the `with` block ends, on any error, and at interpreter
-exit; server CPU is the whole process tree's; `kmip` (PyKMIP) is optional (the `bench`
-extra): importing this module does not need it.
+exit (`PeerServer`'s rules: its whole process group); server CPU is the whole process tree's;
+`kmip` (PyKMIP) is optional (the `bench` extra): importing this module does not need it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import atexit
 import contextlib
 import datetime
 import hmac
@@ -32,12 +31,10 @@ import importlib.metadata
 import ipaddress
 import os
 import ssl
-import subprocess
 import sys
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Final
 
 from cryptography import x509
@@ -46,8 +43,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from bench._core import BenchError
-from bench.peers._common import CALL_TIMEOUT, PAYLOAD_BYTES, OpCall, free_port, wait_until
-from deploy import cluster as runner
+from bench.peers._common import CALL_TIMEOUT, PAYLOAD_BYTES, OpCall, free_port
+from bench.peers._server import PeerServer
 
 __all__ = [
     "CIPHER_SUITE",
@@ -330,15 +327,13 @@ class _Connection:
 # --- the server --------------------------------------------------------------------------------
 
 
-class PyKmipServer:
+class PyKmipServer(PeerServer):
     """One PyKMIP server process (with its helper processes) and an active AES-256 key."""
 
     label: Final = "pykmip"
 
     def __init__(self, directory: Path, *, start_timeout: float = 60.0) -> None:
-        self.directory = Path(directory)
-        self.start_timeout = start_timeout
-        self.process: subprocess.Popen[bytes] | None = None
+        super().__init__(directory, start_timeout=start_timeout)
         self.port = 0
         self.key_id = ""
         self.version = "?"
@@ -351,12 +346,6 @@ class PyKmipServer:
         """What runs, for the report."""
         return f"PyKMIP {self.version}, AES-256-GCM via raw KMIP 1.4, mutual TLS 1.2; asyncio"
 
-    def server_pids(self) -> list[int]:
-        """The server's main process (its helpers are its children)."""
-        if self.process is None or self.process.poll() is not None:
-            raise BenchError("pykmip is not running")
-        return [self.process.pid]
-
     @property
     def codec(self) -> KmipCodec:
         """The TTLV codec (imports PyKMIP on first use)."""
@@ -364,69 +353,44 @@ class PyKmipServer:
             self._codec = KmipCodec()
         return self._codec
 
-    def __enter__(self) -> PyKmipServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    def start(self) -> PyKmipServer:
+    def _start(self) -> None:
         """Write the PKI and config, start the server, create and activate the key."""
         codec = self.codec  # fails early, with the install hint, if PyKMIP is missing
-        atexit.register(self.stop)
-        try:
-            self.version = str(importlib.metadata.version("pykmip"))
-            self.directory.mkdir(parents=True, exist_ok=True)
-            self.pki = make_pki(self.directory / "pki")
-            policies = self.directory / "policies"
-            policies.mkdir(exist_ok=True)
-            home = self.directory / "home"
-            home.mkdir(exist_ok=True)
-            self.port = free_port()
-            config = self.directory / "server.conf"
-            config.write_text(
-                server_config(
-                    self.pki,
-                    port=self.port,
-                    policy_dir=policies,
-                    database=self.directory / "pykmip.db",
-                )
+        self.version = str(importlib.metadata.version("pykmip"))
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.pki = make_pki(self.directory / "pki")
+        policies = self.directory / "policies"
+        policies.mkdir(exist_ok=True)
+        home = self.directory / "home"
+        home.mkdir(exist_ok=True)
+        self.port = free_port()
+        config = self.directory / "server.conf"
+        config.write_text(
+            server_config(
+                self.pki,
+                port=self.port,
+                policy_dir=policies,
+                database=self.directory / "pykmip.db",
             )
-            environment = dict(os.environ, HOME=str(home))
-            with (self.directory / "stdout.log").open("wb") as output:
-                self.process = subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "kmip.services.server.server",
-                        "-f",
-                        str(config),
-                        "-l",
-                        str(self.directory / "server.log"),
-                    ],
-                    cwd=self.directory,
-                    env=environment,
-                    stdin=subprocess.DEVNULL,
-                    stdout=output,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            wait_until(self._accepting, timeout=self.start_timeout, what="pykmip server")
-            asyncio.run(self._create_key(codec))
-        except BaseException:
-            self.stop()
-            raise
-        return self
+        )
+        self._spawn(
+            [
+                sys.executable,
+                "-m",
+                "kmip.services.server.server",
+                "-f",
+                str(config),
+                "-l",
+                str(self.directory / "server.log"),
+            ],
+            env=dict(os.environ, HOME=str(home)),
+            log=self.directory / "stdout.log",
+        )
+        if not self._wait_ready(self._accepting, what="pykmip server"):
+            raise self._exit_error("pykmip server")
+        asyncio.run(self._create_key(codec))
 
     def _accepting(self) -> bool:
-        if self.process is not None and self.process.poll() is not None:
-            tail = (self.directory / "stdout.log").read_text(errors="replace")[-600:]
-            raise BenchError(f"pykmip server exited with {self.process.returncode}: {tail}")
         return "Starting connection service" in self._log()
 
     def _log(self) -> str:
@@ -443,13 +407,6 @@ class PyKmipServer:
             codec.response(await connection.roundtrip(codec.activate(self.key_id)))
         finally:
             await connection.close()
-
-    def stop(self) -> None:
-        """Stop the server and its helper processes (idempotent)."""
-        if self.process is not None:
-            runner.stop_process(self.process, grace=5.0)
-            self.process = None
-        atexit.unregister(self.stop)
 
     # --- calls -----------------------------------------------------------------------------
 

@@ -3,8 +3,9 @@
 No peer server is started here (OpenBao, PyKMIP and the domain run only in the benchmark
 itself); these tests check what the figures rest on: /proc parsing and process-tree CPU,
 free ports, the measured-cell glue (against an in-process fake peer), medians and ratios, the
-command line and config files the peers are started with, the throwaway PKI, TTLV framing,
-and the report page. Nothing here needs the optional `bench` extra.
+command line and config files the peers are started with, how a peer's process is started and
+stopped (with a stand-in Python process), the throwaway PKI, TTLV framing, and the report
+page. Nothing here needs the optional `bench` extra.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from bench.peers._common import (
     tree_cpu_seconds,
 )
 from bench.peers._report import render_markdown
+from bench.peers._server import PeerServer
 from bench.peers.openbao import audit_config, bao_command
 from bench.peers.pykmip import CIPHER_SUITE, make_pki, server_config, ttlv_length
 
@@ -212,6 +214,44 @@ def test_audit_config_declares_a_file_device_and_quotes_the_path() -> None:
     text = audit_config(Path('/tmp/odd "dir"/audit.log'))
     assert text.startswith('audit "file" ')
     assert 'file_path = "/tmp/odd \\"dir\\"/audit.log"' in text
+
+
+class _StandInServer(PeerServer):
+    """A peer server that is Python `code`; it is ready once its log says `ready`."""
+
+    def __init__(self, directory: Path, code: str) -> None:
+        super().__init__(directory, start_timeout=30.0)
+        self.code = code
+
+    @property
+    def label(self) -> str:
+        return "stand-in"
+
+    def _start(self) -> None:
+        log = self.directory / "server.log"
+        self._spawn([sys.executable, "-c", self.code], env=dict(os.environ), log=log)
+        if not self._wait_ready(lambda: "ready" in log.read_text(), what="stand-in"):
+            raise self._exit_error("stand-in server")
+
+
+def test_a_peer_server_runs_in_its_own_group_and_stops_with_the_block(tmp_path: Path) -> None:
+    code = "import time\nprint('ready', flush=True)\ntime.sleep(60)"
+    with _StandInServer(tmp_path, code) as server:
+        [pid] = server.server_pids()
+        assert os.getpgid(pid) == pid  # its own process group, which stop() ends whole
+        process = server.process
+    assert process is not None
+    assert process.poll() is not None
+    with pytest.raises(BenchError, match="stand-in is not running"):
+        server.server_pids()
+    server.stop()  # idempotent
+
+
+def test_a_peer_server_that_exits_at_start_reports_its_status_and_log(tmp_path: Path) -> None:
+    server = _StandInServer(tmp_path, "import sys\nprint('port taken', flush=True)\nsys.exit(3)")
+    with pytest.raises(BenchError, match="stand-in server exited with 3: port taken"):
+        server.start()
+    assert server.process is None  # stopped on the failed start
 
 
 def test_pykmip_config_requires_client_certificates_and_one_gcm_suite(tmp_path: Path) -> None:
