@@ -2,8 +2,9 @@
 verify and chaos.
 
 Public API: `init_domain`, `load_layout`, `add_node`, `DomainLayout` (files of a local domain),
-`read_enrollment` (verify a new host's enrollment), and `deploy.cluster` for running the
-processes. This package imports only `domain_core`, never the process packages.
+`read_enrollment` (verify a new host's enrollment), `deploy.cluster` for running the
+processes, and `deploy.localdomain.LocalDomain` for a whole local domain driven from Python
+(benchmarks, tests). This package imports only `domain_core`, never the process packages.
 """
 
 from __future__ import annotations
