@@ -9,6 +9,11 @@ or, in a test, the `local_cluster` fixture (a factory; clusters close at teardow
     def test_x(local_cluster):
         cluster = local_cluster(nodes=3)
 
+A `deploy.localdomain.LocalDomain` (the mechanism the benchmarks' domain shares); what is the
+tests' own: three nodes by default, an existing domain directory reused, nodes started one
+after the other, every process killed (SIGKILL) rather than asked to stop, the processes' logs
+printed on failure, and `wait_for` failing the test.
+
 Invariants: every process a cluster starts is killed in `close()` (with its whole process
 group), which runs on leaving the `with` block, at fixture teardown and, as a last resort,
 at interpreter exit (atexit), whether or not the test failed. When a test fails (or an
@@ -18,38 +23,23 @@ failure report shows what the processes said.
 
 from __future__ import annotations
 
-import atexit
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import pytest
 
 from deploy import cluster as runner
-from deploy.enrollment import read_enrollment
-from deploy.init import (
-    COORDINATOR_NAME,
-    DomainLayout,
-    add_node,
-    init_domain,
-    load_layout,
-    read_passphrase,
-)
+from deploy.init import DomainLayout, load_layout
+from deploy.localdomain import FAST_SCRYPT_N, LocalDomain
+from domain_core.client import CoordinatorClient
 from domain_core.errors import UnavailableError
-from domain_core.pb import domain_pb2, services_pb2
-from domain_core.signers import FileTokenSigner, load_file_token
-from domain_core.transport import TlsMaterial
+from domain_core.pb import services_pb2
+from domain_core.signers import FileTokenSigner
 
-if TYPE_CHECKING:
-    from types import TracebackType
-
-    from domain_core.client import CoordinatorClient
-
-__all__ = ["LocalCluster", "local_cluster"]
+__all__ = ["FAST_SCRYPT_N", "LocalCluster", "local_cluster"]
 
 T = TypeVar("T")
 
@@ -59,12 +49,15 @@ class _Writer(Protocol):
     def flush(self) -> None: ...
 
 
-FAST_SCRYPT_N = 2**14
 _LOG_LINES = 40
 
 
-class LocalCluster:
+class LocalCluster(LocalDomain):
     """A coordinator and N HSAs as real processes, in a fresh domain directory."""
+
+    noun = "cluster"
+    kill_on_stop = True
+    parallel_start = False
 
     def __init__(
         self,
@@ -76,82 +69,38 @@ class LocalCluster:
         domain_id: str = "local",
         start_timeout: float = 30.0,
     ) -> None:
-        self.directory = Path(directory)
-        self.nodes, self.operators, self.quorum = nodes, operators, quorum
-        self.domain_id = domain_id
-        self.start_timeout = start_timeout
-        self.processes: dict[str, subprocess.Popen[bytes]] = {}
-        self._layout: DomainLayout | None = None
-        self._closed = False
-        atexit.register(self.close)
+        super().__init__(
+            directory,
+            nodes=nodes,
+            operators=operators,
+            quorum=quorum,
+            domain_id=domain_id,
+            start_timeout=start_timeout,
+        )
 
     # --- lifecycle ----------------------------------------------------------------------------
-
-    @property
-    def layout(self) -> DomainLayout:
-        """The domain's files (re-read, so nodes added later appear)."""
-        if self._layout is None:
-            raise RuntimeError("the cluster is not initialised; call start() first")
-        return self._layout
 
     def init(self) -> DomainLayout:
         """Create the domain directory (fast scrypt) unless it exists already."""
         if (self.directory / "domain.json").exists():
             self._layout = load_layout(self.directory)
-        else:
-            self._layout = init_domain(
-                self.directory,
-                nodes=self.nodes,
-                operators=self.operators,
-                quorum=self.quorum,
-                domain_id=self.domain_id,
-                scrypt_n=FAST_SCRYPT_N,
-            )
-        return self._layout
+            return self._layout
+        return super().init()
 
-    def start(self) -> LocalCluster:
-        """Init if needed, start the coordinator and every node, wait until converged."""
-        self.init()
-        try:
-            self.start_coordinator()
-            for host in self.layout.node_configs:
-                self.processes[host] = runner.start_node(
-                    self.layout, host, timeout=self.start_timeout, wait_for_health=False
-                )
-            self.wait_converged(hosts=self.layout.genesis_nodes)
-        except BaseException:
-            self.close(dump_logs=True)
-            raise
-        return self
-
-    def __enter__(self) -> LocalCluster:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close(dump_logs=exc is not None)
+    def _wait_started(self) -> None:
+        """The genesis nodes converged (a reused directory may hold nodes not yet members)."""
+        self.wait_converged(hosts=self.layout.genesis_nodes)
 
     def close(self, *, dump_logs: bool = False) -> None:
         """Kill every process (SIGKILL to its group); print the logs' tails if asked."""
-        if self._closed:
-            return
-        self._closed = True
-        for process in self.processes.values():
-            runner.stop_process(process, kill=True)
-        if dump_logs and self._layout is not None:
-            self.dump_logs()
-        if self._layout is not None:
-            runner.remove_run_files(self._layout, self._layout.process_names)
-        atexit.unregister(self.close)
+        if dump_logs:
+            self._stop_after_failure()
+        else:
+            self.stop()
 
-    @property
-    def initialised(self) -> bool:
-        """Whether the domain directory exists (init ran)."""
-        return self._layout is not None
+    def _report_failure(self) -> None:
+        if self.initialised:
+            self.dump_logs()
 
     def dump_logs(self, stream: _Writer | None = None, lines: int = _LOG_LINES) -> None:
         """Print the last lines of every process's log."""
@@ -164,121 +113,21 @@ class LocalCluster:
                 out.write(f"  {line}\n")
         out.flush()
 
-    # --- processes ----------------------------------------------------------------------------
-
-    def start_coordinator(self) -> None:
-        """Start the coordinator (again); returns once it is SERVING."""
-        self._reap(COORDINATOR_NAME)
-        self.processes[COORDINATOR_NAME] = runner.start_coordinator(
-            self.layout, timeout=self.start_timeout
-        )
-
-    def stop_coordinator(self, grace: float = runner.STOP_GRACE_SECONDS) -> int:
-        """SIGTERM the coordinator (SIGKILL after `grace`); return its exit status."""
-        return self._stop(COORDINATOR_NAME, grace=grace, kill=False)
-
-    def kill_coordinator(self) -> int:
-        """SIGKILL the coordinator."""
-        return self._stop(COORDINATOR_NAME, grace=runner.STOP_GRACE_SECONDS, kill=True)
+    # --- processes, clients -------------------------------------------------------------------
 
     def start_node(self, host: str, *, wait_for_health: bool = True) -> None:
         """Start (or restart) one node; by default returns once it is SERVING."""
-        self._reap(host)
-        self._layout = load_layout(self.directory)
-        self.processes[host] = runner.start_node(
-            self.layout, host, timeout=self.start_timeout, wait_for_health=wait_for_health
-        )
-
-    def stop_node(self, host: str, grace: float = runner.STOP_GRACE_SECONDS) -> int:
-        """SIGTERM one node (SIGKILL after `grace`); return its exit status."""
-        return self._stop(host, grace=grace, kill=False)
-
-    def kill_node(self, host: str) -> int:
-        """SIGKILL one node: no chance to clean up, as in a crash."""
-        return self._stop(host, grace=runner.STOP_GRACE_SECONDS, kill=True)
-
-    def add_node(self, host_id: str | None = None, *, start: bool = True) -> domain_pb2.Host:
-        """Prepare a new node and return its verified host record for an add-host proposal.
-
-        The node is started (not yet a member, so not healthy) unless `start` is False.
-        """
-        path = add_node(self.directory, host_id)
-        self._layout = load_layout(self.directory)
-        host = read_enrollment(path, self.ca_pem(), self.layout.domain_id, datetime.now(UTC))
-        if start:
-            self.start_node(host.host_id, wait_for_health=False)
-        return host
-
-    def is_running(self, name: str) -> bool:
-        """Whether the process `name` was started and has not exited."""
-        process = self.processes.get(name)
-        return process is not None and process.poll() is None
-
-    def _stop(self, name: str, *, grace: float, kill: bool) -> int:
-        process = self.processes.pop(name, None)
-        if process is None:
-            raise RuntimeError(f"{name} is not running in this cluster")
-        code = runner.stop_process(process, grace=grace, kill=kill)
-        self.layout.ready_file(name).unlink(missing_ok=True)
-        return code
-
-    def _reap(self, name: str) -> None:
-        process = self.processes.get(name)
-        if process is not None:
-            if process.poll() is None:
-                raise RuntimeError(f"{name} is running already (pid {process.pid})")
-            del self.processes[name]
-
-    # --- addresses, identities, clients -------------------------------------------------------
-
-    def address(self, name: str) -> str:
-        """The address `name` wrote to its ready file (mutual TLS)."""
-        info = runner.read_ready_file(self.layout.ready_file(name))
-        if info is None:
-            raise UnavailableError(f"{name} has no ready file: it is not running")
-        return info.address
-
-    def node_addresses(self) -> dict[str, str]:
-        """Addresses of the nodes that are running now."""
-        return {h: self.address(h) for h in self.layout.node_configs if self.is_running(h)}
-
-    @property
-    def coordinator_address(self) -> str:
-        """The coordinator's mutual-TLS (HSA-facing) address."""
-        return self.address(COORDINATOR_NAME)
-
-    @property
-    def coordinator_operator_address(self) -> str:
-        """The coordinator's server-auth TLS (operator-facing) address."""
-        info = runner.read_ready_file(self.layout.ready_file(COORDINATOR_NAME))
-        if info is None:
-            raise UnavailableError("the coordinator is not running")
-        return info.operator_address
-
-    def client_tls(self) -> TlsMaterial:
-        """The demo application's TLS identity (spiffe://<domain>/client/demo-app)."""
-        return runner.client_tls(self.layout)
-
-    def ca_pem(self) -> bytes:
-        """The domain CA certificate."""
-        return self.layout.ca_cert.read_bytes()
+        super().start_node(host, wait_for_health=wait_for_health)
 
     def operator_signer(self, name: str) -> FileTokenSigner:
         """Open operator `name`'s file token with its demo passphrase file."""
-        token, passphrase = self.layout.operator_tokens[name]
-        return load_file_token(token, read_passphrase(passphrase))
+        return self.open_operator_signer(name)
 
     def coordinator_client(self, **kwargs: Any) -> CoordinatorClient:
         """A `domain_core.client.CoordinatorClient` for the operator port."""
-        from domain_core.client import CoordinatorClient
-
         return CoordinatorClient(self.coordinator_operator_address, self.ca_pem(), **kwargs)
 
     # --- observing ----------------------------------------------------------------------------
-
-    def node_status(self, host: str, timeout: float = 2.0) -> services_pb2.HsaStatus:
-        """HsaAdmin.GetStatus of one node (UnavailableError if it does not answer)."""
-        return runner.node_status(self.layout, host, timeout=timeout)
 
     def wait_converged(
         self, timeout: float = 30.0, hosts: Iterator[str] | tuple[str, ...] | None = None
