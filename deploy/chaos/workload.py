@@ -34,6 +34,7 @@ import grpc
 
 from deploy._files import make_private_dir
 from deploy.chaos.history import History, b64, sha256_hex
+from deploy.localdomain import FAST_SCRYPT_N
 from domain_core import crypto, quorum
 from domain_core.changes import add_operator, remove_operator, rotate_domain_key
 from domain_core.client import CoordinatorClient
@@ -65,7 +66,6 @@ log = logging.getLogger(__name__)
 CHAOS_OPERATOR_PREFIX: Final = "chaos-"
 _DATA_WEIGHTS: Final = {"encrypt": 40, "decrypt": 35, "generate_data_key": 22, "create_key": 3}
 _RESOLVE_POLL: Final = 0.5
-_FAST_SCRYPT_N: Final = 2**14
 
 
 @dataclass(frozen=True)
@@ -373,7 +373,7 @@ class ControlClient(threading.Thread):
                 SignatureAlgorithm.ED25519,
                 secrets.token_urlsafe(24).encode("ascii"),
                 name=name,
-                scrypt_n=_FAST_SCRYPT_N,
+                scrypt_n=FAST_SCRYPT_N,
             )
             operator = make_operator(name, public_key)
             self._change(

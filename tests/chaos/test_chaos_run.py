@@ -30,10 +30,10 @@ import pytest
 from deploy import cluster
 from deploy.chaos.history import read_history
 from deploy.init import COORDINATOR_NAME, DomainLayout, init_domain, load_layout
+from deploy.localdomain import FAST_SCRYPT_N
 
 pytestmark = pytest.mark.chaos
 
-FAST_SCRYPT_N = 2**14
 FAULT_TYPES = ("kill", "pause", "coordinator", "partition")
 RUN_TIMEOUT = 180.0
 INVARIANTS = {

@@ -24,6 +24,7 @@ import grpc
 import pytest
 
 from deploy.init import DomainLayout, init_domain, read_passphrase
+from deploy.localdomain import FAST_SCRYPT_N
 from domain_coordinator.sqlite_store import SqliteStore
 from domain_core import crypto, quorum, sealing, transition
 from domain_core.client import CoordinatorClient, remove_host, rotate_domain_key, set_quorum
@@ -142,7 +143,7 @@ class Domain:
 
 
 def make_domain(directory: Path) -> Domain:
-    layout = init_domain(directory, nodes=3, operators=3, quorum=2, scrypt_n=2**14)
+    layout = init_domain(directory, nodes=3, operators=3, quorum=2, scrypt_n=FAST_SCRYPT_N)
     operators: dict[str, Signer] = {
         name: load_file_token(token, read_passphrase(passphrase))
         for name, (token, passphrase) in layout.operator_tokens.items()

@@ -26,6 +26,7 @@ import pytest
 from test_coordinator import ROOT, CoordinatorProcess, Domain, make_domain
 
 from deploy.init import init_domain, read_passphrase
+from deploy.localdomain import FAST_SCRYPT_N
 from domain_core.client import CoordinatorClient, remove_host, rotate_domain_key, set_quorum
 from domain_core.config import NodeConfig
 from domain_core.pb import services_pb2, services_pb2_grpc
@@ -225,7 +226,9 @@ def test_scheduled_rotation_without_operators(
 ) -> None:
     # A domain whose genesis is 25 hours old: the 24-hour rotation is overdue.
     past = datetime.now(UTC) - timedelta(hours=25)
-    layout = init_domain(tmp_path / "d", nodes=2, operators=1, quorum=1, now=past, scrypt_n=2**14)
+    layout = init_domain(
+        tmp_path / "d", nodes=2, operators=1, quorum=1, now=past, scrypt_n=FAST_SCRYPT_N
+    )
     operators = {
         name: load_file_token(token, read_passphrase(passphrase))
         for name, (token, passphrase) in layout.operator_tokens.items()
