@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.cluster import LocalCluster
-from support.hsa_nodes import Domain, Processes, copy_domain, make_domain_template
+from support import hsa_nodes
+from support.cluster import LocalCluster, close_clusters, terminal_stream
+from support.hsa_nodes import Domain, Processes, copy_domain
 from support.malicious_coordinator import Attack, MaliciousCoordinatorServer, forging_domain
 from support.simulator import MaliciousCoordinator
 
@@ -23,11 +24,8 @@ from domain_core.faults import ENVIRONMENT_VARIABLE
 
 SYNC_INTERVAL_SECONDS = 0.3
 
-
-@pytest.fixture(scope="module")
-def domain_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One 3-host, 3-operator, quorum-2 domain per module, copied per test."""
-    return make_domain_template(tmp_path_factory.mktemp("template") / "d")
+# One 3-host, 3-operator, quorum-2 template domain per module, copied per test.
+domain_template = hsa_nodes.domain_template
 
 
 def _failed(request: pytest.FixtureRequest, before: int) -> bool:
@@ -35,10 +33,7 @@ def _failed(request: pytest.FixtureRequest, before: int) -> bool:
 
 
 def _dump_logs(request: pytest.FixtureRequest, domain: Domain, names: list[str]) -> None:
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is None:
-        return
-    stream = _ReporterStream(reporter)
+    stream = terminal_stream(request)
     for name in names:
         path = domain.layout.log_file(name)
         if path.exists():
@@ -125,25 +120,4 @@ def crash_cluster(
         return cluster
 
     yield make
-    failed = _failed(request, failed_before)
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    for cluster in clusters:
-        cluster.close()
-        if failed and cluster.initialised and reporter is not None:
-            stream = _ReporterStream(reporter)
-            stream.write(f"\n===== logs of the cluster in {cluster.directory}\n")
-            cluster.dump_logs(stream)
-
-
-class _ReporterStream:
-    """A text stream through pytest's terminal reporter (teardown output is not captured)."""
-
-    def __init__(self, reporter: Any) -> None:
-        self._reporter = reporter
-
-    def write(self, text: str) -> int:
-        self._reporter.write(text)
-        return len(text)
-
-    def flush(self) -> None:
-        self._reporter.flush()
+    close_clusters(request, clusters, failed_before)

@@ -15,7 +15,6 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 
 import grpc
 import pytest
@@ -33,10 +32,8 @@ from support.hsa_nodes import (
     Domain,
     advance,
     code_of,
-    copy_domain,
     details_of,
     health_status,
-    make_domain_template,
     propose,
     remove_host,
     rpc_error,
@@ -55,17 +52,6 @@ from domain_core.pki import DomainCA, SpiffeId
 from domain_core.transport import TlsMaterial
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def domain_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One domain per module, copied per test (key generation and scrypt run once)."""
-    return make_domain_template(tmp_path_factory.mktemp("template") / "d")
-
-
-@pytest.fixture
-def domain(domain_template: Path, tmp_path: Path) -> Domain:
-    return copy_domain(domain_template, tmp_path / "d")
 
 
 @pytest.fixture

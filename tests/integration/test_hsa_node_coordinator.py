@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from support.hsa_nodes import (
@@ -20,8 +19,6 @@ from support.hsa_nodes import (
     ROTATE,
     Domain,
     Processes,
-    copy_domain,
-    make_domain_template,
     propose,
     stub,
     wait_for,
@@ -31,16 +28,6 @@ from domain_core.model import Proposal, SealedState
 from domain_core.pb import domain_pb2, services_pb2, services_pb2_grpc
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def domain_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_domain_template(tmp_path_factory.mktemp("template") / "d")
-
-
-@pytest.fixture
-def domain(domain_template: Path, tmp_path: Path) -> Domain:
-    return copy_domain(domain_template, tmp_path / "d")
 
 
 @pytest.fixture

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 import grpc
 import pytest
-from support.hsa_nodes import ROTATE, Domain, copy_domain, make_domain_template, propose
+from support.hsa_nodes import ROTATE, Domain, propose
 
 from domain_core import crypto, sealing
 from domain_core.config import NodeConfig
@@ -33,16 +32,6 @@ from hsa_node.servicers import HsaAdminServicer, HsaPeerServicer
 from hsa_node.sync import pull_states
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def domain_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_domain_template(tmp_path_factory.mktemp("template") / "d")
-
-
-@pytest.fixture
-def domain(domain_template: Path, tmp_path: Path) -> Domain:
-    return copy_domain(domain_template, tmp_path / "d")
 
 
 def load(domain: Domain, host: str) -> LoadedNode:

@@ -16,8 +16,6 @@ import pytest
 from support.hsa_nodes import (
     ROTATE,
     Domain,
-    copy_domain,
-    make_domain_template,
     propose,
     remove_host,
 )
@@ -41,16 +39,6 @@ from hsa_node.storage import (
 from hsa_node.worker import StoreFollower
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def domain_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_domain_template(tmp_path_factory.mktemp("template") / "d")
-
-
-@pytest.fixture
-def domain(domain_template: Path, tmp_path: Path) -> Domain:
-    return copy_domain(domain_template, tmp_path / "d")
 
 
 def load(domain: Domain, host: str, *, read_only: bool = False) -> LoadedNode:

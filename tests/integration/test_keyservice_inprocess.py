@@ -24,8 +24,6 @@ from support.hsa_nodes import (
     ROTATE,
     Domain,
     Processes,
-    copy_domain,
-    make_domain_template,
     propose,
 )
 
@@ -173,16 +171,6 @@ class Hsa:
         response = getattr(self.service, method)(request_type(key_id=key_id, **fields), self.app)
         metadata: keys_pb2.KeyMetadata = response.metadata
         return metadata
-
-
-@pytest.fixture(scope="module")
-def domain_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_domain_template(tmp_path_factory.mktemp("template") / "d")
-
-
-@pytest.fixture
-def domain(domain_template: Path, tmp_path: Path) -> Domain:
-    return copy_domain(domain_template, tmp_path / "d")
 
 
 @pytest.fixture

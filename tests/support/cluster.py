@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -39,7 +39,7 @@ from domain_core.errors import UnavailableError
 from domain_core.pb import services_pb2
 from domain_core.signers import FileTokenSigner
 
-__all__ = ["FAST_SCRYPT_N", "LocalCluster", "local_cluster"]
+__all__ = ["FAST_SCRYPT_N", "LocalCluster", "close_clusters", "local_cluster", "terminal_stream"]
 
 T = TypeVar("T")
 
@@ -178,14 +178,25 @@ def local_cluster(
         return cluster.start()
 
     yield make
-    failed = request.session.testsfailed > failed_before
-    # Teardown output is captured and not shown for a failure in the call phase: write the
-    # logs to the terminal itself.
+    close_clusters(request, clusters, failed_before)
+
+
+def terminal_stream(request: pytest.FixtureRequest) -> _Writer:
+    """Where fixture teardown can print for a person to read: pytest's terminal reporter
+    (teardown output is captured and not shown for a failure in the call phase), or stderr."""
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    return _ReporterStream(reporter) if reporter is not None else sys.stderr
+
+
+def close_clusters(
+    request: pytest.FixtureRequest, clusters: Iterable[LocalCluster], failed_before: int
+) -> None:
+    """Close every cluster; if a test failed since `failed_before`, print each one's log tails."""
+    failed = request.session.testsfailed > failed_before
     for cluster in clusters:
         cluster.close()
         if failed and cluster.initialised:
-            stream: _Writer = _ReporterStream(reporter) if reporter is not None else sys.stderr
+            stream = terminal_stream(request)
             stream.write(f"\n===== logs of the local cluster in {cluster.directory}\n")
             cluster.dump_logs(stream)
 

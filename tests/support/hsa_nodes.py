@@ -26,6 +26,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from deploy.init import DomainLayout, init_domain, load_layout, read_passphrase
+from deploy.localdomain import FAST_SCRYPT_N
 from domain_core import quorum, transport
 from domain_core.config import NodeConfig
 from domain_core.model import Proposal, SealedState
@@ -77,7 +78,7 @@ class Domain:
 
 def make_domain_template(root: Path) -> Path:
     """A 3-node, 3-operator, quorum-2 domain with fast gossip; copy it per test."""
-    layout = init_domain(root, nodes=3, operators=3, quorum=2, scrypt_n=2**14)
+    layout = init_domain(root, nodes=3, operators=3, quorum=2, scrypt_n=FAST_SCRYPT_N)
     for path in layout.node_configs.values():
         config = NodeConfig.load(path)
         dataclasses.replace(config, gossip_interval_seconds=0.2, pull_interval_seconds=0.5).save(
@@ -96,6 +97,21 @@ def copy_domain(template: Path, root: Path) -> Domain:
     ]
     genesis = SealedState.from_bytes(layout.genesis_state.read_bytes())
     return Domain(layout=layout, operators=operators, genesis=genesis)
+
+
+@pytest.fixture(scope="module")
+def domain_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One template domain per test module (key generation and scrypt run once), for `domain`.
+
+    A fixture: a conftest or test module imports it (`from support.hsa_nodes import
+    domain_template`)."""
+    return make_domain_template(tmp_path_factory.mktemp("template") / "d")
+
+
+@pytest.fixture
+def domain(domain_template: Path, tmp_path: Path) -> Domain:
+    """A private copy of the module's template domain for one test."""
+    return copy_domain(domain_template, tmp_path / "d")
 
 
 # --- processes -----------------------------------------------------------------------------
