@@ -55,7 +55,7 @@ from google.protobuf.message import Message
 from bench._cluster import BenchDomain
 from bench._core import BenchConfig, Figure, Target
 from bench._load import LoadResult, aio_mtls_channel, round_robin, run_tasks, run_threads
-from bench._proc import CpuMeter
+from bench._proc import CpuMeter, per_op_us
 from bench._stats import median, paired_ratios, percentile
 from deploy.init import COORDINATOR_NAME
 from domain_core.pb import services_pb2, services_pb2_grpc
@@ -178,8 +178,7 @@ class Measured:
     @property
     def cpu_us_per_op(self) -> float:
         """The HSAs' CPU microseconds per call in this run (NaN when no call succeeded)."""
-        calls = self.load.operations
-        return self.server_cpu_s * 1e6 / calls if calls else math.nan
+        return per_op_us(self.server_cpu_s, self.load.operations)
 
 
 @dataclass(frozen=True)
@@ -463,8 +462,8 @@ def _figures(found: Measurement) -> dict[str, Figure]:
         figures.update(cell.figures(prefix))
         if operation.startswith("create_key"):
             operations = sum(r.operations for r in cell.rounds)
-            figures[f"{prefix}_coordinator_cpu_us_per_op"] = (
-                cell.coordinator_cpu_s * 1e6 / operations if operations else float("nan")
+            figures[f"{prefix}_coordinator_cpu_us_per_op"] = per_op_us(
+                cell.coordinator_cpu_s, operations
             )
     figures.update(paired_floor_figures(found.pairs))
     return figures

@@ -291,19 +291,21 @@ class LocalDomain:
         """The host ids of the domain's nodes."""
         return list(self.layout.node_configs)
 
-    def address(self, name: str) -> str:
-        """The mutual-TLS address `name` wrote to its ready file."""
+    def _ready(self, name: str) -> runner.ReadyInfo:
+        """What `name` wrote to its ready file; UnavailableError if it has none."""
         info = runner.read_ready_file(self.layout.ready_file(name))
         if info is None:
             raise UnavailableError(f"{name} has no ready file: it is not running")
-        return info.address
+        return info
+
+    def address(self, name: str) -> str:
+        """The mutual-TLS address `name` wrote to its ready file."""
+        return self._ready(name).address
 
     def key_endpoints(self, host: str) -> list[str]:
         """The addresses serving `host`'s key service: the node's, then its workers' (from
         its ready file, so only workers that are ready)."""
-        info = runner.read_ready_file(self.layout.ready_file(host))
-        if info is None:
-            raise UnavailableError(f"{host} has no ready file: it is not running")
+        info = self._ready(host)
         return [info.address, *info.workers]
 
     def node_addresses(self) -> dict[str, str]:
@@ -318,10 +320,7 @@ class LocalDomain:
     @property
     def coordinator_operator_address(self) -> str:
         """The coordinator's server-auth TLS (operator-facing) address."""
-        info = runner.read_ready_file(self.layout.ready_file(COORDINATOR_NAME))
-        if info is None:
-            raise UnavailableError("the coordinator is not running")
-        return info.operator_address
+        return self._ready(COORDINATOR_NAME).operator_address
 
     def client_tls(self) -> TlsMaterial:
         """The demo application's TLS identity (spiffe://<domain>/client/demo-app)."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import subprocess
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -31,7 +32,7 @@ STOP_GRACE_SECONDS: Final = 5.0
 LOG_TAIL_CHARS: Final = 600
 
 
-class PeerServer:
+class PeerServer(ABC):
     """The life cycle of a peer server process; a subclass makes it ready in `_start`.
 
     `_start` runs the server with `_spawn` and waits for it with `_wait_ready`; everything
@@ -45,13 +46,13 @@ class PeerServer:
         self._output: Path | None = None
 
     @property
+    @abstractmethod
     def label(self) -> str:
         """Figure prefix of this peer (see `bench.peers._common.Peer`)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _start(self) -> None:
         """Start the server and make it ready for calls (the subclass's part of `start`)."""
-        raise NotImplementedError
 
     def __enter__(self) -> Self:
         return self.start()
