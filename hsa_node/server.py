@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health
 
 from domain_core import transport
 from domain_core.config import NodeConfig
@@ -122,7 +121,7 @@ class NodeGrpcServer:
     its health servicer and the service names health reports on."""
 
     server: grpc.Server
-    health: health.HealthServicer
+    health: transport.HealthService
     service_names: tuple[str, ...]
 
     def start(self, node: DomainNode) -> None:
@@ -217,7 +216,7 @@ class HsaServer:
         self._limits = limits
         self._server: grpc.Server | None = None
         self._syncer: Syncer | None = None
-        self._health: health.HealthServicer | None = None
+        self._health: transport.HealthService | None = None
         self._keys: KeyServiceHost | None = None
         self.address = ""
 
