@@ -58,9 +58,8 @@ class IdleStreams:
         reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
 
         def silence() -> Iterator[reflection_pb2.ServerReflectionRequest]:
-            self._quiet.wait()
-            return
-            yield  # a generator that sends nothing until the test ends
+            self._quiet.wait()  # a request stream that sends nothing until the test ends
+            yield from ()
 
         for _ in range(count):
             self.calls.append(health.Watch(health_pb2.HealthCheckRequest(service="")))
@@ -123,14 +122,20 @@ def operator_channel(cluster: LocalCluster, opened: list[grpc.Channel]) -> grpc.
 def assert_everyone_is_served(cluster: LocalCluster, opened: list[grpc.Channel]) -> None:
     """The operator port, the HSAs' port and every HSA answer within their deadlines; CreateKey
     goes through an HSA to the coordinator's HSA port (its key-record calls)."""
-    request = services_pb2.DomainStatusRequest()
-    for channel in (
-        operator_channel(cluster, opened),
-        runner.coordinator_channel(cluster.layout, cluster.coordinator_address),
-    ):
-        opened.append(channel)
-        stub: Any = services_pb2_grpc.CoordinatorStub(channel)  # type: ignore[no-untyped-call]
-        assert stub.GetDomainStatus(request, timeout=DEADLINE).version == 1
+    operator: Any = services_pb2_grpc.CoordinatorStub(  # type: ignore[no-untyped-call]
+        operator_channel(cluster, opened)
+    )
+    status = operator.GetDomainStatus(services_pb2.DomainStatusRequest(), timeout=DEADLINE)
+    assert status.version == 1
+    identity = cluster.layout.node_dir("hsa-1") / "identity"
+    hsa_tls = transport.TlsMaterial.from_files(
+        cluster.layout.ca_cert, identity / "tls.crt", identity / "tls.key"
+    )
+    hsa_channel = transport.mtls_channel(cluster.coordinator_address, hsa_tls)
+    opened.append(hsa_channel)
+    as_hsa: Any = services_pb2_grpc.CoordinatorStub(hsa_channel)  # type: ignore[no-untyped-call]
+    latest = as_hsa.GetLatestState(services_pb2.LatestStateRequest(), timeout=DEADLINE)
+    assert latest.manifest
     tls = cluster.client_tls()
     for host in cluster.hosts:
         with KeyClient(
