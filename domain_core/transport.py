@@ -854,10 +854,6 @@ class HealthService(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
 
 # --- servers -----------------------------------------------------------------------------------
 
-# A connection with no call for this long is closed (a client reconnects at its next call), so
-# idle connections do not pile up.
-_SERVER_OPTIONS: Final = [("grpc.max_connection_idle_ms", 300_000)]
-
 
 def make_server(
     *,
@@ -878,7 +874,7 @@ def make_server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
         interceptors=[StreamQuota(streams), ErrorMappingInterceptor(), *interceptors],
         # No port sharing: a second process must not silently bind a port that is in use.
-        options=[*limits.grpc_options(), ("grpc.so_reuseport", 0), *_SERVER_OPTIONS],
+        options=[*limits.grpc_options(), ("grpc.so_reuseport", 0)],
         maximum_concurrent_rpcs=max_concurrent_rpcs,
     )
 
