@@ -52,5 +52,6 @@ BENCHMARK_MODULES: list[str] = [
     "bench.memory",
     "bench.audit_append",
     "bench.rewrap",
+    "bench.idle_streams",
     "bench.peers",
 ]

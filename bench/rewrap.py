@@ -56,7 +56,7 @@ from domain_core.transport import CertificatePeerContext, TlsMaterial
 from hsa_node.keycache import FLOOR_FILE, KeyCache, KeyRecordClient, MetadataVersionFloor
 from hsa_node.rewrap import DEFAULT_PAGE_SIZE, KeyMaintainer
 from hsa_node.server import LoadedNode, load_node
-from hsa_node.servicers import HsaAdminServicer
+from hsa_node.servicers import CoordinatorPin, HsaAdminServicer
 
 NAME: Final = "rewrap"
 TITLE: Final = "re-wrap of 10,000 key records after a domain key rotation (quick: 1,000)"
@@ -212,7 +212,8 @@ def _rotate_in_process(layout: DomainLayout, loaded: LoadedNode) -> int:
     def no_catch_up() -> int:
         return 0
 
-    sealed = HsaAdminServicer(node, no_catch_up).ApplyProposal(
+    pin = CoordinatorPin.from_config(loaded.config)
+    sealed = HsaAdminServicer(node, no_catch_up, coordinator=pin).ApplyProposal(
         services_pb2.ApplyProposalRequest(proposal=proposal.raw, approvals=approvals),
         CertificatePeerContext(coordinator_cert),  # type: ignore[arg-type]
     )

@@ -10,7 +10,10 @@ Invariants kept here:
   if `init` fails; `init` refuses a directory that is not empty;
 - the genesis state written is approved by every genesis operator (each token opened with its
   passphrase, as at a real ceremony), sealed by hsa-1, and verified against its own hash
-  before `domain.json` pins that hash.
+  before `domain.json` pins that hash;
+- every node config (genesis nodes and nodes added later) pins the coordinator: its SPIFFE id
+  and the fingerprint of the certificate issued to it here (`coordinator_identity`,
+  `coordinator_fingerprints`), so an HSA takes HsaAdmin calls from that certificate only.
 
 Passphrase files are a LOCAL DEMO convenience: a real domain never writes them.
 """
@@ -43,6 +46,7 @@ from domain_core.pki import (
     certificate_fingerprint,
     is_valid_trust_domain,
     new_tls_key_pem,
+    spiffe_id_from_certificate,
     tls_public_key,
 )
 from domain_core.signers import SignatureAlgorithm, create_file_token, load_file_token
@@ -51,7 +55,9 @@ __all__ = [
     "COORDINATOR_NAME",
     "DEMO_CLIENT",
     "DomainLayout",
+    "PinnedCoordinator",
     "add_node",
+    "coordinator_pin",
     "init_domain",
     "load_layout",
     "operator_names",
@@ -197,8 +203,40 @@ def _issue_client_files(ca: DomainCA, spiffe: SpiffeId, directory: Path, now: da
     replace_file(directory / TLS_CERTIFICATE_FILE, cert_pem)
 
 
+@dataclass(frozen=True)
+class PinnedCoordinator:
+    """What a node config pins of its coordinator: the SPIFFE id and certificate fingerprint."""
+
+    identity: str
+    fingerprints: tuple[str, ...]
+
+    @classmethod
+    def of_certificate(cls, cert_pem: bytes) -> PinnedCoordinator:
+        """The pin of the coordinator that holds `cert_pem`."""
+        return cls(
+            identity=spiffe_id_from_certificate(cert_pem).uri,
+            fingerprints=(certificate_fingerprint(cert_pem).hex(),),
+        )
+
+
+def coordinator_pin(root: Path) -> PinnedCoordinator:
+    """The pin of the local domain's coordinator, from its certificate in `root/coordinator/`."""
+    path = root / COORDINATOR_NAME / TLS_CERTIFICATE_FILE
+    try:
+        return PinnedCoordinator.of_certificate(path.read_bytes())
+    except FileNotFoundError:
+        raise NotFoundError(
+            f"{path} is missing: the coordinator's certificate is what every node pins"
+        ) from None
+
+
 def _node_config(
-    domain_id: str, genesis_hash: bytes, host_id: str, coordinator: str, workers: int = 0
+    domain_id: str,
+    genesis_hash: bytes,
+    host_id: str,
+    coordinator: str,
+    pin: PinnedCoordinator,
+    workers: int = 0,
 ) -> NodeConfig:
     return NodeConfig(
         domain_id=domain_id,
@@ -214,6 +252,8 @@ def _node_config(
         ),
         coordinator=coordinator,
         key_service_workers=workers,
+        coordinator_identity=pin.identity,
+        coordinator_fingerprints=pin.fingerprints,
     )
 
 
@@ -353,8 +393,9 @@ def _build(
     TrustedChain.from_genesis(domain_id, state.hash, SealedState.from_bytes(state.to_bytes()))
     replace_file(root / GENESIS_FILE, state.to_bytes())
 
+    pin = coordinator_pin(root)
     for host in hosts:
-        config = _node_config(domain_id, state.hash, host.host_id, "", workers)
+        config = _node_config(domain_id, state.hash, host.host_id, "", pin, workers)
         config.save(root / "nodes" / host.host_id / "config.json")
     CoordinatorConfig(
         domain_id=domain_id,
@@ -476,9 +517,10 @@ def add_node(directory: Path, host_id: str | None = None, *, now: datetime | Non
             break
     try:
         identity, cert_pem, host = _create_host(layout.root, ca, layout.domain_id, host_id, now)
-        _node_config(layout.domain_id, layout.genesis_hash, host_id, coordinator, workers).save(
-            node_dir / "config.json"
-        )
+        pin = coordinator_pin(layout.root)
+        _node_config(
+            layout.domain_id, layout.genesis_hash, host_id, coordinator, pin, workers
+        ).save(node_dir / "config.json")
         host_bytes = host.SerializeToString(deterministic=True)
         enrollment = domain_pb2.HostEnrollment(
             host=host_bytes,

@@ -1,10 +1,13 @@
-"""One coordinator process: config, TLS, store, verified chain, and one gRPC server on two ports.
+"""One coordinator process: config, TLS, store, verified chain, and a gRPC server per port.
 
 Invariants:
-- the server starts only on a chain it verified from the pinned genesis (`load_chain`);
+- the servers start only on a chain verified from the pinned genesis (`load_chain`);
 - `listen` requires client certificates from the domain CA (mutual TLS: HSAs); the
   `operator_listen` port is server-authenticated TLS only (operators sign what they submit);
-  both serve the same `Coordinator` service, health and reflection;
+  both serve the same `Coordinator` servicer and health, only `listen` serves reflection;
+- each port has a server of its own (its own thread pools, call and stream caps), so that
+  what anyone can send to the operator port without a certificate cannot take threads or
+  streams from the HSAs' port;
 - the bound addresses are remembered next to the store and bound again on restart when the
   configured port is 0 and the remembered port is free, so HSAs and operators keep reaching
   the coordinator; a port already in use is never shared (SO_REUSEPORT off);
@@ -23,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health as grpc_health
 
 from domain_coordinator._chain import load_chain
 from domain_coordinator._hsa import HsaConnections
@@ -39,6 +41,8 @@ from domain_core.errors import InvalidInputError
 from domain_core.limits import DEFAULT_LIMITS, Limits
 from domain_core.pb import services_pb2_grpc
 from domain_core.transport import (
+    HealthService,
+    StreamLimits,
     TlsMaterial,
     add_health_and_reflection,
     make_server,
@@ -50,6 +54,11 @@ log = logging.getLogger(__name__)
 
 ADDRESS_FILE = "coordinator.address.json"
 MAX_CONCURRENT_RPCS = 256
+# The operator port: calls from anyone (operators have no certificate), so a small server of its
+# own. Its only streams are health Watch (no thread) and refused WatchStates calls.
+OPERATOR_WORKERS = 16
+OPERATOR_MAX_CONCURRENT_RPCS = 64
+OPERATOR_STREAMS = StreamLimits(per_peer=4, total=32, blocking=2)
 
 
 @dataclass(frozen=True)
@@ -139,9 +148,9 @@ class CoordinatorServer:
         self._sweep_interval = sweep_interval
         self._store: CoordinatorStore | None = None
         self._hsas: HsaConnections | None = None
-        self._server: grpc.Server | None = None
+        self._servers: list[grpc.Server] = []
         self._service: CoordinatorService | None = None
-        self._health: grpc_health.HealthServicer | None = None
+        self._health: list[HealthService] = []
         self.addresses: BoundAddresses | None = None
 
     @property
@@ -201,33 +210,27 @@ class CoordinatorServer:
                 sweep_interval=self._sweep_interval,
             )
             self._service = service
-            # Room for every WatchStates stream plus the unary calls beside them.
-            server = make_server(
-                limits=self._limits,
-                max_workers=self._max_streams + 32,
-                max_concurrent_rpcs=MAX_CONCURRENT_RPCS,
-            )
-            self._server = server
-            services_pb2_grpc.add_CoordinatorServicer_to_server(  # type: ignore[no-untyped-call]
-                service, server
-            )
-            health = add_health_and_reflection(server, [SERVICE_NAME])
+            hsa_server, hsa_health = self._hsa_server(service)
+            operator_server, operator_health = self._operator_server(service)
+            self._servers = [hsa_server, operator_server]
             address_file = state_directory(config.store, base_dir) / ADDRESS_FILE
             remembered = _read_remembered(address_file)
             addresses = BoundAddresses(
                 address=_bind(
-                    server, config.listen, remembered.get("listen"), server_credentials(tls)
+                    hsa_server, config.listen, remembered.get("listen"), server_credentials(tls)
                 ),
                 operator_address=_bind(
-                    server,
+                    operator_server,
                     config.operator_listen,
                     remembered.get("operator_listen"),
                     server_credentials(tls, server_auth_only=True),
                 ),
             )
-            server.start()
-            set_serving(health, [SERVICE_NAME], True)
-            self._health = health
+            for server in self._servers:
+                server.start()
+            self._health = [hsa_health, operator_health]
+            for health in self._health:
+                set_serving(health, [SERVICE_NAME], True)
             service.start_background()
             write_json_atomically(
                 address_file,
@@ -244,15 +247,46 @@ class CoordinatorServer:
         )
         return addresses
 
+    def _hsa_server(self, service: CoordinatorService) -> tuple[grpc.Server, HealthService]:
+        """The HSAs' server (mutual TLS): room for every WatchStates stream, each on a thread
+        of its own (the stream pool), and for the unary calls beside them."""
+        streams = StreamLimits(
+            per_peer=4, total=self._max_streams + 32, blocking=self._max_streams + 4
+        )
+        server = make_server(
+            limits=self._limits,
+            max_workers=32,
+            max_concurrent_rpcs=max(MAX_CONCURRENT_RPCS, streams.total + 64),
+            streams=streams,
+        )
+        services_pb2_grpc.add_CoordinatorServicer_to_server(  # type: ignore[no-untyped-call]
+            service, server
+        )
+        return server, add_health_and_reflection(server, [SERVICE_NAME])
+
+    def _operator_server(self, service: CoordinatorService) -> tuple[grpc.Server, HealthService]:
+        """The operators' server (no client certificates): small, and without reflection."""
+        server = make_server(
+            limits=self._limits,
+            max_workers=OPERATOR_WORKERS,
+            max_concurrent_rpcs=OPERATOR_MAX_CONCURRENT_RPCS,
+            streams=OPERATOR_STREAMS,
+        )
+        services_pb2_grpc.add_CoordinatorServicer_to_server(  # type: ignore[no-untyped-call]
+            service, server
+        )
+        return server, add_health_and_reflection(server, [SERVICE_NAME], with_reflection=False)
+
     def stop(self, grace: float = 2.0) -> None:
         """Stop serving (streams end), then close HSA channels and the store."""
-        if self._health is not None:
-            set_serving(self._health, [SERVICE_NAME], False)
+        for health in self._health:
+            health.enter_graceful_shutdown()
         if self._service is not None:
             self._service.stop()
-        if self._server is not None:
-            self._server.stop(grace).wait(grace + 5)
-            self._server = None
+        stopped = [server.stop(grace) for server in self._servers]
+        for event in stopped:
+            event.wait(grace + 5)
+        self._servers = []
         if self._hsas is not None:
             self._hsas.close()
             self._hsas = None

@@ -16,6 +16,7 @@ from typing import Any, Final, TypeVar
 from domain_core.errors import InvalidInputError
 from domain_core.files import replace_file
 from domain_core.model import validate_domain_id
+from domain_core.pki import SpiffeId
 
 _C = TypeVar("_C", bound="_ConfigBase")
 
@@ -93,12 +94,31 @@ class NodeConfig(_ConfigBase):
     gossip_interval_seconds: float = 2.0
     # Data-plane worker processes serving KeyService beside the main process (0: none).
     key_service_workers: int = 0
+    # The one coordinator whose HsaAdmin calls this HSA takes: its SPIFFE id, and the SHA-256
+    # fingerprints (hex) of the TLS certificates it may present (empty: any certificate the
+    # domain CA issued for that id). No id: HsaAdmin refuses everyone (GetStatus aside).
+    coordinator_identity: str = ""
+    coordinator_fingerprints: tuple[str, ...] = ()
     base_dir: Path | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         validate_domain_id(self.domain_id)
         _check_hash(self.genesis_hash)
         check_worker_count(self.key_service_workers)
+        if self.coordinator_identity:
+            coordinator = coordinator_spiffe_id(self.coordinator_identity)
+            if coordinator.domain != self.domain_id:
+                raise InvalidInputError(
+                    f"coordinator_identity {coordinator.uri} belongs to another trust domain "
+                    f"than {self.domain_id}"
+                )
+        object.__setattr__(
+            self, "coordinator_fingerprints", _fingerprints(self.coordinator_fingerprints)
+        )
+        if self.coordinator_fingerprints and not self.coordinator_identity:
+            raise InvalidInputError(
+                "coordinator_fingerprints needs coordinator_identity (the coordinator's SPIFFE id)"
+            )
 
 
 @dataclass(frozen=True)
@@ -137,6 +157,42 @@ def check_worker_count(value: object) -> int:
             f"beside the main HSA process), not {value}"
         )
     return value
+
+
+def coordinator_spiffe_id(value: object) -> SpiffeId:
+    """`value` as a coordinator's SPIFFE id (`spiffe://<domain>/coordinator/<name>`)."""
+    if not isinstance(value, str):
+        raise InvalidInputError("coordinator_identity must be a string (a SPIFFE id)")
+    try:
+        spiffe = SpiffeId.parse(value)
+    except InvalidInputError as error:
+        raise InvalidInputError(f"coordinator_identity: {error.message}") from None
+    if spiffe.kind != "coordinator":
+        raise InvalidInputError(
+            f"coordinator_identity {spiffe.uri} is not a coordinator's id "
+            "(spiffe://<domain>/coordinator/<name>)"
+        )
+    return spiffe
+
+
+def _fingerprints(values: object) -> tuple[str, ...]:
+    """Certificate fingerprints as lower-case hex strings of 32 bytes, without duplicates."""
+    if isinstance(values, str) or not isinstance(values, (list, tuple)):
+        raise InvalidInputError("coordinator_fingerprints must be a list of hex SHA-256 digests")
+    found: list[str] = []
+    for value in values:
+        try:
+            ok = isinstance(value, str) and len(bytes.fromhex(value)) == 32
+        except ValueError:
+            ok = False
+        if not ok:
+            raise InvalidInputError(
+                "coordinator_fingerprints holds something that is not 64 hex characters "
+                "(the SHA-256 of a certificate's DER encoding)"
+            )
+        if value.lower() not in found:
+            found.append(value.lower())
+    return tuple(found)
 
 
 def _check_hash(value: str) -> None:

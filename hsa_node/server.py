@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health
 
 from domain_core import transport
 from domain_core.config import NodeConfig
@@ -40,7 +39,12 @@ from domain_core.pki import certificate_fingerprint
 from domain_core.transport import TlsMaterial
 from hsa_node.keyhost import KeyServiceHost
 from hsa_node.node import DomainNode
-from hsa_node.servicers import DiagnosticsServicer, HsaAdminServicer, HsaPeerServicer
+from hsa_node.servicers import (
+    CoordinatorPin,
+    DiagnosticsServicer,
+    HsaAdminServicer,
+    HsaPeerServicer,
+)
 from hsa_node.storage import NodeStore, write_atomically
 from hsa_node.supervisor import WorkerSupervisor
 from hsa_node.sync import Syncer
@@ -122,7 +126,7 @@ class NodeGrpcServer:
     its health servicer and the service names health reports on."""
 
     server: grpc.Server
-    health: health.HealthServicer
+    health: transport.HealthService
     service_names: tuple[str, ...]
 
     def start(self, node: DomainNode) -> None:
@@ -142,6 +146,8 @@ def make_node_server(
     service_names: Sequence[str],
     limits: Limits = DEFAULT_LIMITS,
     register: Callable[[grpc.Server], None] | None = None,
+    *,
+    domain_id: str,
 ) -> NodeGrpcServer:
     """The gRPC server of an HSA or of one of its key service workers, built the same way for
     both so the two cannot drift: the transport's interceptors and the key service's, the key
@@ -152,7 +158,7 @@ def make_node_server(
     if register is not None:
         register(server)
     services_pb2_grpc.add_DiagnosticsServicer_to_server(  # type: ignore[no-untyped-call]
-        DiagnosticsServicer(), server
+        DiagnosticsServicer(domain_id), server
     )
     health_servicer = transport.add_health_and_reflection(server, service_names)
     return NodeGrpcServer(server, health_servicer, tuple(service_names))
@@ -217,7 +223,7 @@ class HsaServer:
         self._limits = limits
         self._server: grpc.Server | None = None
         self._syncer: Syncer | None = None
-        self._health: health.HealthServicer | None = None
+        self._health: transport.HealthService | None = None
         self._keys: KeyServiceHost | None = None
         self.address = ""
 
@@ -238,14 +244,18 @@ class HsaServer:
         def catch_up() -> int:
             return syncer_ref[0].catch_up_from_coordinator()
 
-        admin = HsaAdminServicer(node, catch_up, self._limits)
+        pin = CoordinatorPin.from_config(loaded.config)
+        (log.info if pin.fingerprints else log.warning)("%s", pin.describe())
+        admin = HsaAdminServicer(node, catch_up, self._limits, coordinator=pin)
         peer = HsaPeerServicer(node, self._limits)
 
         def register_hsa_services(server: grpc.Server) -> None:
             services_pb2_grpc.add_HsaAdminServicer_to_server(admin, server)  # type: ignore[no-untyped-call]
             services_pb2_grpc.add_HsaPeerServicer_to_server(peer, server)  # type: ignore[no-untyped-call]
 
-        served = make_node_server(keys, SERVICE_NAMES, self._limits, register_hsa_services)
+        served = make_node_server(
+            keys, SERVICE_NAMES, self._limits, register_hsa_services, domain_id=node.domain_id
+        )
         server = served.server
         self.address = self._bind(server)
         loaded.store.save_address(self.address)

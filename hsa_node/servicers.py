@@ -1,9 +1,11 @@
 """The gRPC services of an HSA: thin adapters from protobuf to `DomainNode` and domain_core.
 
-Who may call what (docs/runtime.md):
-- `HsaAdmin`: the coordinator identity; `GetStatus` also any CA-certified caller;
+Who may call what (docs/runtime.md, "Identities and who may call what"):
+- `HsaAdmin`: only the coordinator the node config pins (`CoordinatorPin`: its SPIFFE id and,
+  when pinned, its certificate's fingerprint); `GetStatus` also any CA-certified caller of
+  this domain (it is public);
 - `HsaPeer`: HSAs whose TLS certificate fingerprint is in this node's verified head;
-- `Diagnostics`: any CA-certified caller (mutual TLS is required by the server).
+- `Diagnostics`: application (`client`) identities of this domain, as `KeyService`.
 
 Invariants: servicers raise `domain_core.errors` exceptions and never abort themselves (the
 `ErrorMappingInterceptor` maps errors to statuses); `ApplyProposal` and `RotateDomainKey`
@@ -16,10 +18,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import grpc
 
 from domain_core import sealing, transport
+from domain_core.config import NodeConfig, coordinator_spiffe_id
 from domain_core.errors import (
     ChainGapError,
     FailedPreconditionError,
@@ -31,11 +35,11 @@ from domain_core.faults import unsafe_crash_point, warn_if_enabled
 from domain_core.limits import DEFAULT_LIMITS, Limits
 from domain_core.model import Proposal
 from domain_core.pb import domain_pb2, services_pb2, services_pb2_grpc
-from domain_core.pki import PeerIdentity
+from domain_core.pki import PeerIdentity, SpiffeId
 from domain_core.transition import StateHead, next_manifest, scheduled_rotation_manifest
 from hsa_node.node import DomainNode
 
-__all__ = ["DiagnosticsServicer", "HsaAdminServicer", "HsaPeerServicer"]
+__all__ = ["CoordinatorPin", "DiagnosticsServicer", "HsaAdminServicer", "HsaPeerServicer"]
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +60,65 @@ def _require_domain_caller(
     return identity
 
 
+@dataclass(frozen=True)
+class CoordinatorPin:
+    """The one coordinator an HSA takes HsaAdmin calls from, as its node config pins it.
+
+    Any certificate of kind `coordinator` from the domain CA is not enough: the caller must
+    carry the pinned SPIFFE id and, when fingerprints are pinned (`hsm-domain init` pins the
+    certificate it issued), present one of those very certificates. Without a pinned id no
+    caller is the coordinator.
+    """
+
+    spiffe: SpiffeId | None
+    fingerprints: frozenset[bytes] = frozenset()
+
+    @classmethod
+    def from_config(cls, config: NodeConfig) -> CoordinatorPin:
+        """The pin of `config` (`coordinator_identity`, `coordinator_fingerprints`)."""
+        spiffe = (
+            coordinator_spiffe_id(config.coordinator_identity)
+            if config.coordinator_identity
+            else None
+        )
+        return cls(spiffe, frozenset(bytes.fromhex(f) for f in config.coordinator_fingerprints))
+
+    def describe(self) -> str:
+        """One line for the log: what is pinned, and how strongly."""
+        if self.spiffe is None:
+            return "no coordinator pinned: HsaAdmin refuses every caller (GetStatus aside)"
+        if not self.fingerprints:
+            return (
+                f"coordinator pinned by id only ({self.spiffe.uri}): any certificate the "
+                "domain CA issues for that id is accepted"
+            )
+        return (
+            f"coordinator pinned: {self.spiffe.uri} with {len(self.fingerprints)} "
+            "certificate fingerprint(s)"
+        )
+
+    def check(self, identity: PeerIdentity) -> None:
+        """PermissionDeniedError unless `identity` is the pinned coordinator."""
+        if self.spiffe is None:
+            raise PermissionDeniedError(
+                f"{identity.spiffe.uri} may not call this: this HSA has no coordinator pinned "
+                "(coordinator_identity in its node config), so it takes no HsaAdmin call"
+            )
+        if identity.spiffe != self.spiffe:
+            raise PermissionDeniedError(
+                f"{identity.spiffe.uri} may not call this: it is for this HSA's coordinator, "
+                f"{self.spiffe.uri}"
+            )
+        if self.fingerprints and identity.fingerprint not in self.fingerprints:
+            raise PermissionDeniedError(
+                f"{identity.spiffe.uri} presented a certificate (SHA-256 "
+                f"{identity.fingerprint.hex()[:16]}...) that is not the one this HSA pins for "
+                "its coordinator (coordinator_fingerprints in its node config)"
+            )
+
+
 class HsaAdminServicer(services_pb2_grpc.HsaAdminServicer):
-    """Apply, rotate and install states; called by the coordinator."""
+    """Apply, rotate and install states; called by the pinned coordinator only."""
 
     def __init__(
         self,
@@ -65,15 +126,20 @@ class HsaAdminServicer(services_pb2_grpc.HsaAdminServicer):
         catch_up: CatchUp,
         limits: Limits = DEFAULT_LIMITS,
         clock: Callable[[], float] = time.time,
+        *,
+        coordinator: CoordinatorPin,
     ) -> None:
         self._node = node
         self._catch_up = catch_up
         self._limits = limits
         self._clock = clock
+        self._pin = coordinator
         warn_if_enabled(log)
 
     def _coordinator(self, context: grpc.ServicerContext) -> PeerIdentity:
-        return _require_domain_caller(context, self._node.domain_id, "coordinator")
+        identity = _require_domain_caller(context, self._node.domain_id, "coordinator")
+        self._pin.check(identity)
+        return identity
 
     def _try_catch_up(self, reason: str) -> None:
         try:
@@ -247,10 +313,19 @@ class HsaPeerServicer(services_pb2_grpc.HsaPeerServicer):
 
 
 class DiagnosticsServicer(services_pb2_grpc.DiagnosticsServicer):
-    """The transport floor for benchmarks: same server stack, no work."""
+    """The transport floor for benchmarks: same server stack, no work; for the applications
+    of this domain, as the key service (the same identity check, so the floor stays fair)."""
+
+    def __init__(self, domain_id: str) -> None:
+        self._domain_id = domain_id
 
     def Echo(
         self, request: services_pb2.EchoMessage, context: grpc.ServicerContext
     ) -> services_pb2.EchoMessage:
-        """Return the payload (the caller is CA-certified: the server requires mutual TLS)."""
+        """Return the payload to an application of this domain."""
+        spiffe = transport.require_caller_spiffe(context, "client")
+        if spiffe.domain != self._domain_id:
+            raise PermissionDeniedError(
+                f"{spiffe.uri} belongs to another trust domain than {self._domain_id}"
+            )
         return services_pb2.EchoMessage(payload=request.payload)

@@ -189,7 +189,7 @@ def serve_worker(
     follower = StoreFollower(node, loaded.store)
     served: NodeGrpcServer | None = None
     try:
-        served = make_node_server(keys, WORKER_SERVICE_NAMES, limits)
+        served = make_node_server(keys, WORKER_SERVICE_NAMES, limits, domain_id=node.domain_id)
         ready_path = worker_ready_path(loaded.store.data_dir, index)
         previous = read_worker_ready(ready_path)
         host = split_address(config.listen)[0]

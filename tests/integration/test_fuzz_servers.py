@@ -512,7 +512,7 @@ def test_watch_streams_are_bounded_and_stuck_ones_block_nobody(fleet: Fleet) -> 
             held.append(stream)
         assert refused is not None, "200 WatchStates streams were all accepted"
         assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert 32 <= len(held) <= 64  # the two HSAs hold one stream each
+        assert 1 <= len(held) <= 4  # the per-caller cap of the HSAs' port (StreamLimits)
         # Everyone else is served meanwhile, well within their deadlines.
         assert _domain_status_in_time(fleet.targets["Coordinator"][1].channel) == 1
         for host in HSAS:

@@ -27,7 +27,7 @@ from domain_core.pb import domain_pb2, services_pb2
 from domain_core.transport import CertificatePeerContext
 from hsa_node.keycache import MetadataVersionFloor
 from hsa_node.server import LoadedNode, load_node
-from hsa_node.servicers import HsaAdminServicer
+from hsa_node.servicers import CoordinatorPin, HsaAdminServicer
 from hsa_node.storage import (
     NodeStore,
     Peer,
@@ -62,7 +62,8 @@ def apply(
     domain: Domain, producer: LoadedNode, main: LoadedNode, changes: list[domain_pb2.Change]
 ) -> SealedState:
     """Apply `changes` on `producer` (installing the result there) and offer it to `main`."""
-    admin = HsaAdminServicer(producer.node, unavailable)
+    pin = CoordinatorPin.from_config(producer.config)
+    admin = HsaAdminServicer(producer.node, unavailable, coordinator=pin)
     proposal, approvals = propose(domain, producer.node.head, changes)
     request = services_pb2.ApplyProposalRequest(proposal=proposal.raw, approvals=approvals)
     context = CertificatePeerContext(domain.tls("coordinator").cert_pem)

@@ -52,7 +52,7 @@ from hsa_node.keycache import (
 from hsa_node.keyservice import KeyServiceServicer
 from hsa_node.rewrap import KeyMaintainer
 from hsa_node.server import load_node
-from hsa_node.servicers import HsaAdminServicer
+from hsa_node.servicers import CoordinatorPin, HsaAdminServicer
 
 pytestmark = pytest.mark.integration
 
@@ -209,7 +209,8 @@ def rotate_domain_key(domain: Domain, hsa: Hsa) -> SealedState:
     def no_catch_up() -> int:
         raise UnavailableError("not in this test")
 
-    sealed = HsaAdminServicer(hsa.node, no_catch_up).ApplyProposal(
+    pin = CoordinatorPin.from_config(NodeConfig.load(domain.layout.node_configs["hsa-1"]))
+    sealed = HsaAdminServicer(hsa.node, no_catch_up, coordinator=pin).ApplyProposal(
         services_pb2.ApplyProposalRequest(proposal=proposal.raw, approvals=approvals),
         coordinator,  # type: ignore[arg-type]
     )

@@ -260,7 +260,10 @@ class MaliciousCoordinatorServer:
 
     def start(self) -> str:
         """Serve on 127.0.0.1:0 (mutual TLS); returns the bound address."""
-        server = transport.make_server(max_workers=32)
+        # As the real coordinator's HSA port: room for every HSA's WatchStates stream.
+        server = transport.make_server(
+            max_workers=32, streams=transport.StreamLimits(per_peer=4, total=64, blocking=32)
+        )
         services_pb2_grpc.add_CoordinatorServicer_to_server(self.chain, server)  # type: ignore[no-untyped-call]
         port = server.add_secure_port("127.0.0.1:0", transport.server_credentials(self.tls))
         server.start()

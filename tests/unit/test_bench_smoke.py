@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import BENCHMARK_MODULES, audit_append, envelope, keyservice, kms_latency
+from bench import BENCHMARK_MODULES, audit_append, envelope, idle_streams, keyservice, kms_latency
 from bench._core import (
     BenchConfig,
     Benchmark,
@@ -695,3 +695,34 @@ def test_audit_append_runs_as_a_runner_module(tmp_path: Path) -> None:
         assert isinstance(value, float)
         assert value > 0
     assert 200 < float(figures["record_bytes"]) < 1000
+
+
+def test_idle_streams_figures_take_ratios_round_by_round() -> None:
+    def phase(p99_ms: float, errors: int = 0) -> idle_streams.Phase:
+        # 100 calls: 98 fast ones and two slow ones, so that p99 lies between them.
+        return idle_streams.Phase([1.0] * 98 + [p99_ms, p99_ms], errors, "x" if errors else "")
+
+    rounds = [
+        idle_streams.Round(
+            quiet={op: phase(2.0 * slow) for op in idle_streams.OPERATIONS},
+            streams={op: phase(2.0 * slow) for op in idle_streams.OPERATIONS},
+            attack={op: phase(3.0 * slow, errors=1) for op in idle_streams.OPERATIONS},
+            streams_open=8,
+            reads={"reads": 1000.0 * slow, "errors": 1.0, "seconds": 2.0},
+        )
+        for slow in (1.0, 4.0, 0.5)  # the machine's speed changes between rounds
+    ]
+    figures = idle_streams.figures_of(rounds)
+    assert figures["encrypt_1k_quiet_p99_ms"] == pytest.approx(2.0)  # median of 2, 8, 1
+    assert figures["encrypt_1k_attack_p99_ratio"] == pytest.approx(1.5)
+    assert figures["create_key_streams_p99_ratio"] == pytest.approx(1.0)
+    assert figures["create_key_attack_errors"] == 3
+    assert figures["create_key_attack_first_error"] == "x"
+    assert figures["unauthenticated_reads_per_s"] == pytest.approx(5500.0 / 6.0, abs=0.1)
+    assert figures["unauthenticated_read_errors"] == 3
+    assert figures["idle_streams_open"] == 8
+    targets = [target.check(figures) for target in idle_streams.TARGETS]
+    assert [result.met for result in targets] == [True, True]
+    result = _bench_cli("--help", module="bench.idle_streams")
+    assert result.returncode == 0, result.stderr
+    assert "--json" in result.stdout
