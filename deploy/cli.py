@@ -450,6 +450,8 @@ def _print_status(report: DomainReport) -> None:
             f"{view.pending_proposals} pending proposal(s), "
             f"{len(view.registered_hsas)} HSA(s) registered"
         )
+        if view.store_behind:
+            print(f"  WARNING: {view.store_behind}")
         for proposal_id in view.pending_proposal_ids:
             print(f"  pending {proposal_id}")
         for host, said in sorted(view.reported.items()):

@@ -67,6 +67,9 @@ class CoordinatorView:
     # host id -> {"version", "state_hash" (hex), "reported_at" (unix seconds)}.
     reported: dict[str, dict[str, Any]] = field(default_factory=dict)
     members: list[str] | None = None
+    # "store behind the HSAs: ..." when HSAs report versions above the coordinator's head
+    # (its store was restored from an old copy); empty otherwise.
+    store_behind: str = ""
     detail: str = ""
 
 
@@ -139,6 +142,7 @@ def _coordinator_view(layout: DomainLayout, operator_address: str) -> Coordinato
     view.version = int(status.version)
     view.state_hash = bytes(status.state_hash).hex()
     view.pending_proposals = int(status.pending_proposals)
+    view.store_behind = status.store_behind
     view.pending_proposal_ids = [
         bytes(p.proposal_id).hex()
         for p in proposals.proposals

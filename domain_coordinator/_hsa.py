@@ -40,7 +40,7 @@ def describe_rpc_error(error: grpc.RpcError) -> str:
 
 
 class HsaConnections:
-    """Channels to HSAs by address, and the four `HsaAdmin` calls with deadlines."""
+    """Channels to HSAs by address, and the `HsaAdmin` calls with deadlines."""
 
     def __init__(self, tls: TlsMaterial, timeout: float, limits: Limits = DEFAULT_LIMITS) -> None:
         self._tls = tls
@@ -93,6 +93,16 @@ class HsaConnections:
             services_pb2.InstallStateRequest(state=state), timeout=self._timeout
         )
         return response
+
+    def get_states_after(self, address: str, after_version: int) -> list[domain_pb2.SealedState]:
+        """One page of the HSA's verified states after a version (verify each before use)."""
+        response: services_pb2.StatesResponse = self._stub(address).GetStatesAfter(
+            services_pb2.StatesAfterRequest(
+                after_version=after_version, limit=self._limits.max_states_per_response
+            ),
+            timeout=self._timeout,
+        )
+        return list(response.states)
 
     def forget(self, address: str) -> None:
         """Close the channel to an address no HSA uses any more."""

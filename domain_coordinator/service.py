@@ -15,15 +15,35 @@ operators get a clear answer early. Invariants:
   proposal STALE and re-reads the chain from the store;
 - the version and state hash listed for each HSA (`ListHsas`, `GetDomainStatus`) are that
   HSA's self-report (in `RegisterHsa`, or its answer to an `InstallState` push), relayed for
-  operators to see; nothing here or anywhere else bases a trust decision on them;
-- HSA-only calls need an `hsa` certificate of this domain, which only the mutual-TLS port
-  carries; errors are raised as `domain_core.errors` exceptions and mapped to statuses by the
+  operators to see; nothing here or anywhere else bases a trust decision on them (a report
+  above the head only starts the repair below, which stores only what verifies);
+- HSA-only calls need an `hsa` certificate of this domain (only the mutual-TLS port carries
+  one) whose SHA-256 fingerprint is the one the head lists for that host (`_require_host`):
+  key records (`GetKey`, `PutKey`, `ListKeyRecords`, `DeleteKeyRecord`) are for hosts of the
+  head only; `RegisterHsa` and `WatchStates` also admit a host that a pending add-host
+  proposal at the head names with that very fingerprint. Nobody else, a removed host or a
+  CA-issued certificate for another name or with another key included, gets anything but
+  PERMISSION_DENIED naming the caller and why; a host id is registered only by its own
+  certificate. Only hosts of the head are asked to apply a proposal or a rotation;
+- quotas: a host holds at most `Limits.max_watch_streams_per_host` WatchStates streams (a new
+  one replaces its oldest) within the global cap; every other call by anyone who is not such
+  an HSA (the operator port, other identities on the mutual-TLS port; refused HSA-only calls
+  too) is charged to a token bucket of its client address (`_quota.AddressQuota`),
+  RESOURCE_EXHAUSTED "retry in N s" when it is empty, held a moment by a bounded number of
+  threads, so a loop of reads cannot starve the HSAs;
+- a store behind the HSAs (a restored old copy: an HSA reports a version above the head) is
+  logged at WARNING and shown in `GetDomainStatus.store_behind`, and repaired: the newer
+  states are fetched from the HSAs that report them (`HsaAdmin.GetStatesAfter`), each
+  verified as the successor of the head (`verify_successor`) before it is appended with the
+  compare-and-swap; nothing an HSA says is stored unverified;
+- errors are raised as `domain_core.errors` exceptions and mapped to statuses by the
   transport's interceptor, never aborted here.
 """
 
 from __future__ import annotations
 
 import contextlib
+import enum
 import logging
 import random
 import threading
@@ -38,14 +58,16 @@ from google.protobuf.message import DecodeError
 
 from domain_coordinator import _requests as check
 from domain_coordinator._hsa import HsaConnections, describe_rpc_error, rpc_code, rpc_details
-from domain_coordinator.store import CoordinatorStore, ProposalRecord, ProposalState
-from domain_core import quorum, transition
+from domain_coordinator._quota import AddressQuota, WatchSlots, client_address
+from domain_coordinator.store import CoordinatorStore, HsaRecord, ProposalRecord, ProposalState
+from domain_core import crypto, quorum, transition
 from domain_core.chain import TrustedChain, verify_successor
 from domain_core.errors import (
     AlreadyExistsError,
     BadSignatureError,
     ConflictError,
     FailedPreconditionError,
+    ForkError,
     HsmDomainError,
     InvalidInputError,
     LimitExceededError,
@@ -70,6 +92,13 @@ DEFAULT_SWEEP_INTERVAL_SECONDS = 2.0
 MAX_PENDING_PROPOSALS = 1000
 MAX_LISTED_PROPOSALS = 1000  # closed ones included: the newest
 _HSA_ONLY = "this call needs an HSA certificate"
+_PENDING_ADDITIONS_TTL_SECONDS = 1.0  # how long the hosts named by pending add-hosts are cached
+_REPLACED_STREAM_WAIT_SECONDS = 2.0  # a replaced stream gives its global slot back within this
+# A refusal for an empty quota is held this long before it is sent, by at most this many
+# threads at a time: a client looping on refusals then waits instead of costing CPU, and the
+# threads left serve the HSAs.
+_REFUSAL_HOLD_SECONDS = 1.0
+_REFUSALS_HELD = 8
 
 _STATE_TO_PROTO: dict[ProposalState, services_pb2.ProposalState] = {
     ProposalState.PENDING: services_pb2.PROPOSAL_STATE_PENDING,
@@ -87,6 +116,21 @@ _REFUSALS = frozenset(
         grpc.StatusCode.PERMISSION_DENIED,
     }
 )
+
+
+class HostAccess(enum.Enum):
+    """Which HSAs an HSA-only call admits (see `CoordinatorService._require_host`)."""
+
+    MEMBER = "hosts of the domain"
+    MEMBER_OR_JOINING = "hosts of the domain and hosts being added"
+
+
+@dataclass(frozen=True)
+class _Addition:
+    """A host that a pending add-host proposal names, with the certificate it names."""
+
+    fingerprint: bytes
+    proposal_id: bytes
 
 
 @dataclass(frozen=True)
@@ -156,6 +200,17 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
         self._chain_lock = threading.Lock()
         self._state_changed = threading.Condition()
         self._streams = threading.BoundedSemaphore(max_streams)
+        self._watch_slots = WatchSlots(limits.max_watch_streams_per_host)
+        self._quota = AddressQuota(
+            limits.coordinator_reads_per_second,
+            limits.coordinator_read_burst,
+            what="calls to the coordinator",
+        )
+        self._refusals_held = threading.BoundedSemaphore(_REFUSALS_HELD)
+        self._additions_lock = threading.Lock()
+        self._additions: tuple[float, int, dict[str, list[_Addition]]] | None = None
+        self._repairing = threading.Lock()
+        self._repair_detail = ""
         self._stopping = threading.Event()
         self._sweeper: threading.Thread | None = None
         self._throttled = _ThrottledLog()
@@ -190,17 +245,142 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
 
     # --- authorisation -------------------------------------------------------------------
 
-    def _require_hsa(self, context: grpc.ServicerContext) -> PeerIdentity:
-        """The calling HSA's identity; PERMISSION_DENIED for anyone else."""
+    def _require_host(self, context: grpc.ServicerContext, access: HostAccess) -> PeerIdentity:
+        """The calling HSA's identity, if `access` admits it; PERMISSION_DENIED for anyone else.
+
+        The caller's certificate must be the one (SHA-256 of the DER) that the head lists for
+        the host its SPIFFE id names; with MEMBER_OR_JOINING, also the one a pending add-host
+        proposal at the head names for a host being added.
+        """
         auth = cast(Mapping[str, Sequence[bytes]], context.auth_context())
         if not auth.get("x509_pem_cert"):
+            self._charge(context)  # a refusal costs a caller's quota like any other call
             raise PermissionDeniedError(
                 f"{_HSA_ONLY}; HSAs call it on the coordinator's mutual-TLS port"
             )
         identity = peer_identity(auth)
         if identity.spiffe.kind != "hsa" or identity.spiffe.domain != self.domain_id:
+            self._charge(context)
             raise PermissionDeniedError(f"{identity.spiffe.uri} may not call this: {_HSA_ONLY}")
+        refusal = self._host_refusal(identity, access)
+        if refusal:
+            self._charge(context)
+            self._throttled.warning(f"refused:{identity.spiffe.uri}", f"refused: {refusal}")
+            raise PermissionDeniedError(refusal)
         return identity
+
+    def _host_refusal(self, identity: PeerIdentity, access: HostAccess) -> str:
+        """Why `access` does not admit this HSA identity; empty when it does."""
+        name, uri = identity.spiffe.name, identity.spiffe.uri
+        head = self.head
+        host = head.manifest.hosts_by_id.get(name)
+        if host is not None:
+            if crypto.constant_time_equal(host.tls_certificate_fingerprint, identity.fingerprint):
+                return ""
+            return (
+                f"{uri} presents a TLS certificate (fingerprint {identity.fingerprint.hex()[:16]}) "
+                f"that is not the one version {head.version} lists for host {name} "
+                f"({bytes(host.tls_certificate_fingerprint).hex()[:16]}): only that certificate "
+                f"acts as {name}"
+            )
+        additions = self._pending_additions().get(name, [])
+        joining = next(
+            (
+                a
+                for a in additions
+                if crypto.constant_time_equal(a.fingerprint, identity.fingerprint)
+            ),
+            None,
+        )
+        if joining is not None:
+            if access is HostAccess.MEMBER_OR_JOINING:
+                return ""
+            return (
+                f"{uri} is being added (pending proposal {joining.proposal_id.hex()[:16]}...) "
+                f"but is not a host of the domain at version {head.version} yet: this call is "
+                f"for {access.value}"
+            )
+        if additions:
+            return (
+                f"{uri} presents a TLS certificate (fingerprint {identity.fingerprint.hex()[:16]}) "
+                f"that is not the one the pending proposal adding {name} names: this call is "
+                f"for {access.value}"
+            )
+        return (
+            f"{uri} is not a host of the domain at version {head.version} (removed, or never "
+            f"added) and no pending proposal adds it: this call is for {access.value}"
+        )
+
+    def _pending_additions(self) -> dict[str, list[_Addition]]:
+        """Hosts named by the add-host changes of pending proposals for the head (cached 1 s)."""
+        head_version = self.head.version
+        now = time.monotonic()
+        with self._additions_lock:
+            cached = self._additions
+            if (
+                cached is not None
+                and cached[1] == head_version
+                and now - cached[0] < _PENDING_ADDITIONS_TTL_SECONDS
+            ):
+                return cached[2]
+        head = self.head
+        wall = self._now()
+        found: dict[str, list[_Addition]] = {}
+        for record in self._store.list_proposals():
+            if record.state is not ProposalState.PENDING or wall >= record.expires_at:
+                continue
+            try:
+                proposal = Proposal.from_bytes(record.proposal, self._limits)
+            except HsmDomainError:
+                continue
+            if proposal.base_version != head.version or proposal.base_state_hash != head.hash:
+                continue
+            for change in proposal.changes:
+                if change.HasField("add_host"):
+                    added = change.add_host.host
+                    found.setdefault(added.host_id, []).append(
+                        _Addition(bytes(added.tls_certificate_fingerprint), proposal.id)
+                    )
+        with self._additions_lock:
+            self._additions = (now, head.version, found)
+        return found
+
+    def _forget_pending_additions(self) -> None:
+        with self._additions_lock:
+            self._additions = None
+
+    def _admit(self, context: grpc.ServicerContext, cost: float = 1.0) -> None:
+        """Charge a call to its client address's quota, unless an admitted HSA makes it.
+
+        HSAs of the domain (and hosts being added) are never limited here; everyone else,
+        whoever they are, shares the token bucket of their address.
+        """
+        if context.peer_identities() is not None:  # a client certificate: maybe an HSA
+            identity = peer_identity(cast(Mapping[str, Sequence[bytes]], context.auth_context()))
+            if (
+                identity.spiffe.kind == "hsa"
+                and identity.spiffe.domain == self.domain_id
+                and not self._host_refusal(identity, HostAccess.MEMBER_OR_JOINING)
+            ):
+                return
+        self._charge(context, cost)
+
+    def _charge(self, context: grpc.ServicerContext, cost: float = 1.0) -> None:
+        """Take `cost` from the bucket of the caller's address; RESOURCE_EXHAUSTED when empty.
+
+        The refusal is held up to `_REFUSAL_HOLD_SECONDS` first (by at most `_REFUSALS_HELD`
+        threads), so that a client looping on refusals waits instead of spending CPU here.
+        """
+        try:
+            self._quota.take(client_address(context.peer()), cost)
+        except ResourceExhaustedError:
+            # Hold the refusal: a client that loops on it waits rather than spends our CPU.
+            if self._refusals_held.acquire(blocking=False):
+                try:
+                    self._stopping.wait(_REFUSAL_HOLD_SECONDS)
+                finally:
+                    self._refusals_held.release()
+            raise
 
     # --- proposal records ----------------------------------------------------------------
 
@@ -297,6 +477,7 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
     def SubmitProposal(
         self, request: services_pb2.SubmitProposalRequest, context: grpc.ServicerContext
     ) -> services_pb2.ProposalStatus:
+        self._admit(context)
         raw = check.serialized(request.proposal, "proposal", self._limits)
         if not request.HasField("proposer_approval"):
             raise InvalidInputError(
@@ -338,6 +519,7 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
             raise AlreadyExistsError(
                 f"proposal {proposal.id.hex()[:16]}... was submitted already; approve it by its id"
             )
+        self._forget_pending_additions()  # a host it adds may register and watch at once
         log.info(
             "proposal %s submitted by %s for version %d",
             proposal.id.hex()[:16],
@@ -349,6 +531,7 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
     def SubmitApproval(
         self, request: services_pb2.SubmitApprovalRequest, context: grpc.ServicerContext
     ) -> services_pb2.ProposalStatus:
+        self._admit(context)
         if not request.HasField("approval"):
             raise InvalidInputError("approval is missing")
         approval = check.approval(request.approval)
@@ -371,12 +554,14 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
     def GetProposal(
         self, request: services_pb2.ProposalIdRequest, context: grpc.ServicerContext
     ) -> services_pb2.ProposalStatus:
+        self._admit(context)
         proposal_id = check.proposal_id(request.proposal_id)
         return self._status(self._close_if_due(self._load(proposal_id), self._now()))
 
     def ListProposals(
         self, request: services_pb2.ListProposalsRequest, context: grpc.ServicerContext
     ) -> services_pb2.ListProposalsResponse:
+        self._admit(context)
         now = self._now()
         records = [self._close_if_due(r, now) for r in self._store.list_proposals()]
         if request.include_closed:
@@ -397,6 +582,7 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
     def CancelProposal(
         self, request: services_pb2.CancelProposalRequest, context: grpc.ServicerContext
     ) -> services_pb2.ProposalStatus:
+        self._admit(context)
         proposal_id = check.proposal_id(request.proposal_id)
         operator_id = check.operator_id(request.operator_id)
         signature = check.signature(request.signature)
@@ -493,8 +679,11 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
         expect_proposal: bytes | None,
         exclude: frozenset[str] | set[str] = frozenset(),
     ) -> _Outcome:
-        """Ask registered HSAs (but `exclude`), in random order, for the successor of `head`."""
-        hsas = [h for h in self._store.list_hsas() if h.host_id not in exclude]
+        """Ask registered hosts of `head` (but `exclude`), in random order, for its successor."""
+        members = head.manifest.hosts_by_id
+        hsas = [
+            h for h in self._store.list_hsas() if h.host_id in members and h.host_id not in exclude
+        ]
         if not hsas:
             return _Outcome(reason="no HSA has registered with this coordinator")
         random.shuffle(hsas)
@@ -540,15 +729,24 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
             return _Outcome(state=state)
         return _Outcome(reason="; ".join(reasons)[:1000])
 
-    def _advance(self, state: SealedState) -> None:
-        """Accept a stored state: update the chain, stale the proposals it overtook, push it."""
+    def _advance(self, state: SealedState, *, repairing: bool = False) -> None:
+        """Accept a stored state: update the chain, stale the proposals it overtook, push it.
+
+        While `repairing` (appending states fetched from the HSAs) only the chain moves; the
+        repair closes proposals and pushes once it is done.
+        """
         with self._chain_lock:
             self._chain.update(state)
         with self._state_changed:
             self._state_changed.notify_all()
+        if not repairing:
+            self._close_overtaken()
+            self._push(state)
+
+    def _close_overtaken(self) -> None:
+        """Stale or expire the pending proposals that the head or the clock overtook."""
         for record in self._store.list_proposals():
             self._close_if_due(record, self._now())
-        self._push(state)
 
     def _push(self, state: SealedState) -> None:
         """Send InstallState to every registered host of `state`, each in its own thread.
@@ -595,6 +793,7 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
             self._warn_if_fork(host_id, version, state_hash)
             with contextlib.suppress(RuntimeError):  # the store closed: shutting down
                 self._store.record_hsa_version(host_id, version, state_hash, self._now())
+            self._note_report(host_id, version, how)
 
     def _warn_if_fork(self, host_id: str, version: int, state_hash: bytes) -> None:
         """Log an HSA that reports another state than this coordinator's for a version."""
@@ -606,6 +805,153 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
                 f"{host_id} reports state {state_hash.hex()[:16]} at version {version}, but "
                 f"this coordinator's chain has {known.hex()[:16]} there: a fork; investigate",
             )
+
+    # --- a store behind the HSAs -----------------------------------------------------------
+
+    def _note_report(self, host_id: str, version: int, how: str) -> None:
+        """An HSA reported `version`: if that is above the head, warn and start the repair."""
+        if version <= self.head.version:
+            return
+        self._refresh_chain()  # another coordinator on a shared store may have stored it
+        head_version = self.head.version
+        if version <= head_version:
+            return
+        self._throttled.warning(
+            "store-behind",
+            f"store behind the HSAs: {host_id} reports version {version} ({how}), but this "
+            f"coordinator's store is at version {head_version} (restored from an old copy?); "
+            "fetching the newer states from the HSAs, verifying and appending them",
+        )
+        self._start_repair()
+
+    def _store_behind(self, head: SealedState, hsas: Sequence[HsaRecord]) -> str:
+        """What `GetDomainStatus.store_behind` says: empty unless an HSA reports a newer version."""
+        ahead = sorted(
+            ((h.version, h.host_id) for h in hsas if h.version > head.version), reverse=True
+        )
+        if not ahead:
+            return ""
+        reports = ", ".join(f"{host} reports version {version}" for version, host in ahead[:8])
+        repair = self._repair_detail or "fetching the newer states from them"
+        return (
+            f"store behind the HSAs: {reports}; this coordinator's store is at version "
+            f"{head.version}; {repair}"
+        )
+
+    def _start_repair(self) -> None:
+        """Run `_repair` in a thread of its own, unless one runs already."""
+        if self._stopping.is_set() or not self._repairing.acquire(blocking=False):
+            return
+
+        def run() -> None:
+            try:
+                self._repair()
+            except Exception:
+                log.exception("repairing the store from the HSAs failed; retrying later")
+            finally:
+                self._repairing.release()
+
+        threading.Thread(target=run, name="coordinator-repair", daemon=True).start()
+
+    def _repair(self) -> None:
+        """Fetch the states HSAs report beyond the head, verify them and append them.
+
+        Each state must verify as the successor of the head (`verify_successor`, the check
+        applied to a state an HSA produced) before the store's compare-and-swap appends it;
+        a pending proposal that a fetched state carries is closed as APPLIED with it.
+        """
+        with self._apply_lock:
+            self._refresh_chain()
+            start = self.head.version
+            sources = sorted(
+                (h for h in self._store.list_hsas() if h.version > start),
+                key=lambda h: h.version,
+                reverse=True,
+            )
+            if not sources:
+                self._repair_detail = ""
+                return
+            failures: list[str] = []
+            for source in sources:
+                if source.version <= self.head.version or self._stopping.is_set():
+                    continue
+                try:
+                    self._fetch_from(source)
+                except grpc.RpcError as error:
+                    failures.append(f"{source.host_id}: {describe_rpc_error(error)}")
+                except HsmDomainError as error:
+                    log.error(
+                        "%s served a state that does not verify after version %d: %s",
+                        source.host_id,
+                        self.head.version,
+                        error,
+                    )
+                    failures.append(f"{source.host_id} served a state that does not verify")
+                except RuntimeError:
+                    return  # shutting down
+            head = self.head
+            if head.version > start:
+                log.info(
+                    "repaired the store from the HSAs: versions %d to %d verified and stored",
+                    start + 1,
+                    head.version,
+                )
+                self._close_overtaken()
+                self._push(head)
+            if head.version >= sources[0].version:
+                self._repair_detail = ""
+                return
+            self._repair_detail = (
+                f"the repair stopped at version {head.version}: "
+                + ("; ".join(failures) or "no HSA served the newer states")
+            )[:1000]
+            self._throttled.warning("repair", f"store behind the HSAs: {self._repair_detail}")
+
+    def _fetch_from(self, source: HsaRecord) -> None:
+        """Page through `source`'s states after the head; verify and append each one."""
+        while not self._stopping.is_set():
+            head = self.head
+            messages = self._hsas.get_states_after(source.address, head.version)
+            advanced = False
+            for message in messages:
+                state = SealedState.from_message(message, self._limits)
+                with self._chain_lock:
+                    known = self._chain.known_hash(state.version)
+                if known is not None:
+                    if known != state.hash:
+                        raise ForkError(
+                            f"{source.host_id} holds another state for version {state.version} "
+                            "than this coordinator's chain: a fork; investigate"
+                        )
+                    continue
+                verify_successor(self.head, state, now=self._now())
+                if not self._append_fetched(state):
+                    return  # another coordinator stored one first; the sweeper tries again
+                advanced = True
+            if not advanced:
+                return
+
+    def _append_fetched(self, state: SealedState) -> bool:
+        """Store a verified successor of the head (compare-and-swap); False if it lost."""
+        carried = state.proposal.id if state.proposal is not None else None
+        record = self._store.get_proposal(carried) if carried is not None else None
+        try:
+            if carried is not None and record is not None and not record.state.closed:
+                self._store.append_state_and_close_proposal(
+                    state.version, state.to_bytes(), carried
+                )
+            else:
+                self._store.append_state(state.version, state.to_bytes())
+        except ConflictError:
+            self._refresh_chain()
+            return False
+        log.info(
+            "stored version %d (%s), fetched from the HSAs and verified",
+            state.version,
+            state.hash.hex()[:16],
+        )
+        self._advance(state, repairing=True)
+        return True
 
     def _refresh_chain(self) -> None:
         """Verify and adopt states another coordinator stored (a shared store)."""
@@ -665,8 +1011,12 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
             self._advance(outcome.state)
 
     def _sweep_once(self) -> None:
-        """One pass: adopt stored states, close due proposals, retry quorate ones, rotate."""
+        """One pass: adopt stored states, repair from HSAs if behind, close due proposals,
+        retry quorate ones, rotate."""
         self._refresh_chain()
+        head = self.head
+        if any(h.version > head.version for h in self._store.list_hsas()):
+            self._start_repair()
         now = self._now()
         for record in self._store.list_proposals():
             record = self._close_if_due(record, now)
@@ -686,6 +1036,7 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
     def GetLatestState(
         self, request: services_pb2.LatestStateRequest, context: grpc.ServicerContext
     ) -> domain_pb2.SealedState:
+        self._admit(context)
         return self.head.message
 
     def _verified_after(self, after_version: int, limit: int) -> list[bytes]:
@@ -701,6 +1052,10 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
     ) -> services_pb2.StatesResponse:
         maximum = self._limits.max_states_per_response
         limit = check.page_size(request.limit, maximum, maximum)
+        # A page costs by the states in it: paging through the chain in a loop is the
+        # heaviest read there is.
+        pages = max(min(limit, self.head.version - request.after_version), 0)
+        self._admit(context, 1.0 + pages / self._limits.coordinator_states_per_token)
         response = services_pb2.StatesResponse()
         budget = self._limits.max_message_bytes - 1024
         for raw in self._verified_after(request.after_version, limit):
@@ -713,44 +1068,69 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
     def WatchStates(
         self, request: services_pb2.WatchStatesRequest, context: grpc.ServicerContext
     ) -> Iterator[domain_pb2.SealedState]:
-        identity = self._require_hsa(context)
-        if not self._streams.acquire(blocking=False):
+        identity = self._require_host(context, HostAccess.MEMBER_OR_JOINING)
+        host_id = identity.spiffe.name
+        slot, replaced = self._watch_slots.open(host_id)
+        if replaced is not None:
+            log.info("%s opened another WatchStates stream; its oldest one is replaced", host_id)
+            with self._state_changed:
+                self._state_changed.notify_all()
+        # A replaced stream gives its global slot back as soon as it wakes up.
+        wait = _REPLACED_STREAM_WAIT_SECONDS if replaced is not None else None
+        if not self._streams.acquire(blocking=wait is not None, timeout=wait):
+            self._watch_slots.close(slot)
             raise ResourceExhaustedError(
                 "too many WatchStates streams are open; poll GetStatesAfter or retry later"
             )
         try:
-            log.info(
-                "%s watches states after version %d", identity.spiffe.name, request.after_version
-            )
+            log.info("%s watches states after version %d", host_id, request.after_version)
             last = request.after_version
             while not self._stopping.is_set() and context.is_active():
+                if slot.replaced.is_set():
+                    raise ResourceExhaustedError(
+                        f"this WatchStates stream of {host_id} was replaced by a newer one: a "
+                        f"host holds at most {self._limits.max_watch_streams_per_host}"
+                    )
                 batch = self._verified_after(last, self._limits.max_states_per_response)
                 if batch:
                     for raw in batch:
                         yield domain_pb2.SealedState.FromString(raw)
                         last += 1
                     continue
+                # Up to date: a host removed meanwhile (it got the state that removed it) or
+                # whose addition was dropped gives its slot back.
+                refusal = self._host_refusal(identity, HostAccess.MEMBER_OR_JOINING)
+                if refusal:
+                    raise PermissionDeniedError(refusal)
                 with self._state_changed:
-                    if self.head.version <= last and not self._stopping.is_set():
+                    if (
+                        self.head.version <= last
+                        and not self._stopping.is_set()
+                        and not slot.replaced.is_set()
+                    ):
                         self._state_changed.wait(timeout=1.0)
         finally:
             self._streams.release()
+            self._watch_slots.close(slot)
 
     def GetDomainStatus(
         self, request: services_pb2.DomainStatusRequest, context: grpc.ServicerContext
     ) -> services_pb2.DomainStatusResponse:
+        self._admit(context)
         head = self.head
+        hsas = self._store.list_hsas()
         return services_pb2.DomainStatusResponse(
             domain_id=self.domain_id,
             version=head.version,
             state_hash=head.hash,
-            hsas=self._endpoints(),
+            hsas=self._endpoints(hsas),
             pending_proposals=len(self._store.list_proposals()),
+            store_behind=self._store_behind(head, hsas),
         )
 
     # --- HSA registry --------------------------------------------------------------------
 
-    def _endpoints(self) -> list[services_pb2.HsaEndpoint]:
+    def _endpoints(self, hsas: Sequence[HsaRecord] | None = None) -> list[services_pb2.HsaEndpoint]:
         """Every registered HSA with the version it last reported (relayed, not verified)."""
         return [
             services_pb2.HsaEndpoint(
@@ -760,13 +1140,13 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
                 state_hash=h.state_hash,
                 reported_at=h.reported_at,
             )
-            for h in self._store.list_hsas()
+            for h in (self._store.list_hsas() if hsas is None else hsas)
         ]
 
     def RegisterHsa(
         self, request: services_pb2.RegisterHsaRequest, context: grpc.ServicerContext
     ) -> services_pb2.RegisterHsaResponse:
-        identity = self._require_hsa(context)
+        identity = self._require_host(context, HostAccess.MEMBER_OR_JOINING)
         host_id = check.host_id(request.host_id)
         address = check.address(request.address)
         if host_id != identity.spiffe.name:
@@ -785,11 +1165,13 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
                 h.address for h in self._store.list_hsas()
             }:
                 self._hsas.forget(previous)
+        self._note_report(host_id, version, "RegisterHsa")
         return services_pb2.RegisterHsaResponse(version=self.head.version)
 
     def ListHsas(
         self, request: services_pb2.ListHsasRequest, context: grpc.ServicerContext
     ) -> services_pb2.ListHsasResponse:
+        self._admit(context)
         return services_pb2.ListHsasResponse(hsas=self._endpoints())
 
     # --- key records ---------------------------------------------------------------------
@@ -797,7 +1179,7 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
     def GetKey(
         self, request: services_pb2.GetKeyRequest, context: grpc.ServicerContext
     ) -> keys_pb2.KeyRecord:
-        self._require_hsa(context)
+        self._require_host(context, HostAccess.MEMBER)
         key_id = check.key_id(request.key_id)
         entry = self._store.get_key(key_id)
         if entry is None:
@@ -809,7 +1191,7 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
     def PutKey(
         self, request: services_pb2.PutKeyRequest, context: grpc.ServicerContext
     ) -> services_pb2.PutKeyResponse:
-        identity = self._require_hsa(context)
+        identity = self._require_host(context, HostAccess.MEMBER)
         key_id, raw = check.key_record(request.record, self.domain_id, self._limits)
         revision = self._store.put_key(key_id, raw, request.expected_revision)
         log.info("key %s stored at revision %d by %s", key_id, revision, identity.spiffe.name)
@@ -818,7 +1200,7 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
     def ListKeyRecords(
         self, request: services_pb2.ListKeyRecordsRequest, context: grpc.ServicerContext
     ) -> services_pb2.ListKeyRecordsResponse:
-        self._require_hsa(context)
+        self._require_host(context, HostAccess.MEMBER)
         limit = check.page_size(request.limit, check.DEFAULT_KEY_PAGE, check.MAX_KEY_PAGE)
         after = check.key_id(request.page_token, "page_token") if request.page_token else ""
         entries = self._store.list_keys(limit + 1, after)
@@ -847,7 +1229,7 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
         with a deletion date that has passed by this coordinator's clock. (It cannot verify the
         metadata: the HSAs that read the record do.)
         """
-        identity = self._require_hsa(context)
+        identity = self._require_host(context, HostAccess.MEMBER)
         key_id = check.key_id(request.key_id)
         if request.expected_revision == 0:
             raise InvalidInputError(

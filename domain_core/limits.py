@@ -25,6 +25,16 @@ class Limits:
     max_policy_grants: int = 64
     max_principals_per_grant: int = 64
     max_random_bytes: int = 1024
+    # The coordinator's quotas. WatchStates streams one host may hold open at a time (a new
+    # one replaces its oldest), on top of the coordinator's global cap on streams.
+    max_watch_streams_per_host: int = 2
+    # Calls from one client address that is not an authenticated HSA of the domain (anyone on
+    # the operator port; other identities on the mutual-TLS port): a token bucket refilled at
+    # `coordinator_reads_per_second`, holding at most `coordinator_read_burst`. A page of
+    # states costs one token per `coordinator_states_per_token` states beyond the first call.
+    coordinator_reads_per_second: float = 50.0
+    coordinator_read_burst: int = 200
+    coordinator_states_per_token: int = 10
 
     def grpc_options(self) -> list[tuple[str, int]]:
         """gRPC options that enforce the message limit on servers and channels."""

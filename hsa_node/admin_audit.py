@@ -3,7 +3,7 @@
 `ApplyProposal`, `RotateDomainKey` and `InstallState` (HsaAdmin, called by the coordinator)
 each append one record: the caller's SPIFFE URI, the operation, the result ("ok" or the
 status name) and a detail (the proposal id, the sealed or installed version, or the error).
-Read-only calls (`GetStatus`) are not audited.
+Read-only calls (`GetStatus`, `GetStatesAfter`) are not audited.
 
 Invariants: the interceptor sits inside the error-mapping interceptor, so it sees the domain
 error a servicer raised before it becomes a status; a call whose record cannot be written

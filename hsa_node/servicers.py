@@ -2,8 +2,9 @@
 
 Who may call what (docs/runtime.md, "Identities and who may call what"):
 - `HsaAdmin`: only the coordinator the node config pins (`CoordinatorPin`: its SPIFFE id and,
-  when pinned, its certificate's fingerprint); `GetStatus` also any CA-certified caller of
-  this domain (it is public);
+  when pinned, its certificate's fingerprint); `GetStatesAfter` (read-only) lets a coordinator
+  whose store is behind fetch the states it misses; `GetStatus` also any CA-certified caller
+  of this domain (it is public);
 - `HsaPeer`: HSAs whose TLS certificate fingerprint is in this node's verified head;
 - `Diagnostics`: application (`client`) identities of this domain, as `KeyService`.
 
@@ -115,6 +116,23 @@ class CoordinatorPin:
                 f"{identity.fingerprint.hex()[:16]}...) that is not the one this HSA pins for "
                 "its coordinator (coordinator_fingerprints in its node config)"
             )
+
+
+def _states_after(
+    node: DomainNode, request: services_pb2.StatesAfterRequest, limits: Limits
+) -> services_pb2.StatesResponse:
+    """The node's verified states after a version, oldest first, within the message limit."""
+    maximum = limits.max_states_per_response
+    limit = min(request.limit, maximum) if request.limit else maximum
+    response = services_pb2.StatesResponse()
+    budget = limits.max_message_bytes - _RESPONSE_OVERHEAD
+    for state in node.states_after(request.after_version, limit):
+        size = state.message.ByteSize() + _STATE_OVERHEAD
+        if size > budget and response.states:
+            break  # the caller asks again after the last state it got
+        budget -= size
+        response.states.append(state.message)
+    return response
 
 
 class HsaAdminServicer(services_pb2_grpc.HsaAdminServicer):
@@ -253,6 +271,17 @@ class HsaAdminServicer(services_pb2_grpc.HsaAdminServicer):
         head = self._node.head
         return services_pb2.InstallStateResponse(version=head.version, state_hash=head.hash)
 
+    def GetStatesAfter(
+        self, request: services_pb2.StatesAfterRequest, context: grpc.ServicerContext
+    ) -> services_pb2.StatesResponse:
+        """This HSA's verified states after a version, for a coordinator whose store is behind.
+
+        Read-only: the coordinator verifies every state against its own chain before it
+        stores one (a restored old store repairs itself this way).
+        """
+        self._coordinator(context)
+        return _states_after(self._node, request, self._limits)
+
     def GetStatus(
         self, request: services_pb2.HsaStatusRequest, context: grpc.ServicerContext
     ) -> services_pb2.HsaStatus:
@@ -299,17 +328,7 @@ class HsaPeerServicer(services_pb2_grpc.HsaPeerServicer):
     ) -> services_pb2.StatesResponse:
         """Verified states after a version, oldest first, at most `limit` (default 100)."""
         self._peer(context)
-        maximum = self._limits.max_states_per_response
-        limit = min(request.limit, maximum) if request.limit else maximum
-        response = services_pb2.StatesResponse()
-        budget = self._limits.max_message_bytes - _RESPONSE_OVERHEAD
-        for state in self._node.states_after(request.after_version, limit):
-            size = state.message.ByteSize() + _STATE_OVERHEAD
-            if size > budget and response.states:
-                break  # the caller asks again after the last state it got
-            budget -= size
-            response.states.append(state.message)
-        return response
+        return _states_after(self._node, request, self._limits)
 
 
 class DiagnosticsServicer(services_pb2_grpc.DiagnosticsServicer):

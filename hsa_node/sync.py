@@ -6,7 +6,8 @@ Three background threads feed `DomainNode.offer`, each state in version order:
    listens, and which version and state hash it has installed), `GetStatesAfter(version)`
    and `ListHsas` (cached in `peers.json`); the same thread registers again as soon as the
    node installs a state (the node's listener only sets an event), so operators waiting for
-   a change see it reported within a round trip;
+   a change see it reported within a round trip; a coordinator that answers with a lower
+   version than this node's (its store is behind: restored from an old copy) is warned about;
 3. every `gossip_interval_seconds`: `GetStatesAfter(version)` from one random peer HSA over
    mutual TLS as this host (works while the coordinator is down). A peer that holds another
    state for a version this node holds (a fork: somebody told the two of them different
@@ -264,7 +265,7 @@ class Syncer:
             return
         head = self._node.head
         try:
-            stub.RegisterHsa(
+            response = stub.RegisterHsa(
                 services_pb2.RegisterHsaRequest(
                     host_id=self._node.host_id,
                     address=self._address,
@@ -275,6 +276,17 @@ class Syncer:
             )
         except grpc.RpcError as error:
             self._report("register", _rpc_reason(error))
+            return
+        if response.version < head.version:
+            # Never followed (a state is only ever offered forward); said, so that operators
+            # learn of a coordinator store restored from an old copy from every HSA too.
+            self._report(
+                "register",
+                f"store behind the HSAs: the coordinator is at version {response.version}, "
+                f"this HSA has verified version {head.version} (was its store restored from "
+                "an old copy?); it should fetch the newer states from the HSAs: check "
+                "`hsm-domain status`",
+            )
 
     def _pull_round(self) -> None:
         stub = self._coordinator

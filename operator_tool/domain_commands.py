@@ -78,6 +78,8 @@ def _status(ctx: CommandContext) -> int:
             "state_hash": bytes(reported.state_hash).hex(),
             "agrees": agrees,
             "pending_proposals": reported.pending_proposals,
+            # "store behind the HSAs: ..." when HSAs report newer versions (relayed, unverified)
+            "store_behind": reported.store_behind,
         },
     }
     agreement = (
@@ -90,6 +92,7 @@ def _status(ctx: CommandContext) -> int:
         f"verified from {domain.anchor.source}",
         f"coordinator {conn.location.coordinator}: {agreement}; "
         f"{reported.pending_proposals} pending proposal(s)",
+        *([f"WARNING: {reported.store_behind}"] if reported.store_behind else []),
         "",
         f"hosts ({len(hosts)}):",
         *table(

@@ -405,18 +405,20 @@ class DomainStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DomainStatusResponse(_message.Message):
-    __slots__ = ("domain_id", "version", "state_hash", "hsas", "pending_proposals")
+    __slots__ = ("domain_id", "version", "state_hash", "hsas", "pending_proposals", "store_behind")
     DOMAIN_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STATE_HASH_FIELD_NUMBER: _ClassVar[int]
     HSAS_FIELD_NUMBER: _ClassVar[int]
     PENDING_PROPOSALS_FIELD_NUMBER: _ClassVar[int]
+    STORE_BEHIND_FIELD_NUMBER: _ClassVar[int]
     domain_id: str
     version: int
     state_hash: bytes
     hsas: _containers.RepeatedCompositeFieldContainer[HsaEndpoint]
     pending_proposals: int
-    def __init__(self, domain_id: _Optional[str] = ..., version: _Optional[int] = ..., state_hash: _Optional[bytes] = ..., hsas: _Optional[_Iterable[_Union[HsaEndpoint, _Mapping]]] = ..., pending_proposals: _Optional[int] = ...) -> None: ...
+    store_behind: str
+    def __init__(self, domain_id: _Optional[str] = ..., version: _Optional[int] = ..., state_hash: _Optional[bytes] = ..., hsas: _Optional[_Iterable[_Union[HsaEndpoint, _Mapping]]] = ..., pending_proposals: _Optional[int] = ..., store_behind: _Optional[str] = ...) -> None: ...
 
 class GetKeyRequest(_message.Message):
     __slots__ = ("key_id",)

@@ -895,6 +895,9 @@ class HsaPeer:
 class HsaAdminStub:
     """Called by the coordinator. Apply computes, seals and signs the next state but does not
     install it: the HSA installs a state only once the coordinator has stored it.
+    GetStatesAfter is read-only: the HSA's verified states, which a coordinator whose store is
+    behind the HSAs (restored from an old copy) fetches, verifies against its own chain and
+    appends.
     """
 
     def __init__(self, channel):
@@ -923,11 +926,19 @@ class HsaAdminStub:
                 request_serializer=hsmdomain_dot_v1_dot_services__pb2.HsaStatusRequest.SerializeToString,
                 response_deserializer=hsmdomain_dot_v1_dot_services__pb2.HsaStatus.FromString,
                 _registered_method=True)
+        self.GetStatesAfter = channel.unary_unary(
+                '/hsmdomain.v1.HsaAdmin/GetStatesAfter',
+                request_serializer=hsmdomain_dot_v1_dot_services__pb2.StatesAfterRequest.SerializeToString,
+                response_deserializer=hsmdomain_dot_v1_dot_services__pb2.StatesResponse.FromString,
+                _registered_method=True)
 
 
 class HsaAdminServicer:
     """Called by the coordinator. Apply computes, seals and signs the next state but does not
     install it: the HSA installs a state only once the coordinator has stored it.
+    GetStatesAfter is read-only: the HSA's verified states, which a coordinator whose store is
+    behind the HSAs (restored from an old copy) fetches, verifies against its own chain and
+    appends.
     """
 
     def ApplyProposal(self, request, context):
@@ -949,6 +960,12 @@ class HsaAdminServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetStatus(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetStatesAfter(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -977,6 +994,11 @@ def add_HsaAdminServicer_to_server(servicer, server):
                     request_deserializer=hsmdomain_dot_v1_dot_services__pb2.HsaStatusRequest.FromString,
                     response_serializer=hsmdomain_dot_v1_dot_services__pb2.HsaStatus.SerializeToString,
             ),
+            'GetStatesAfter': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStatesAfter,
+                    request_deserializer=hsmdomain_dot_v1_dot_services__pb2.StatesAfterRequest.FromString,
+                    response_serializer=hsmdomain_dot_v1_dot_services__pb2.StatesResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'hsmdomain.v1.HsaAdmin', rpc_method_handlers)
@@ -988,6 +1010,9 @@ def add_HsaAdminServicer_to_server(servicer, server):
 class HsaAdmin:
     """Called by the coordinator. Apply computes, seals and signs the next state but does not
     install it: the HSA installs a state only once the coordinator has stored it.
+    GetStatesAfter is read-only: the HSA's verified states, which a coordinator whose store is
+    behind the HSAs (restored from an old copy) fetches, verifies against its own chain and
+    appends.
     """
 
     @staticmethod
@@ -1088,6 +1113,33 @@ class HsaAdmin:
             '/hsmdomain.v1.HsaAdmin/GetStatus',
             hsmdomain_dot_v1_dot_services__pb2.HsaStatusRequest.SerializeToString,
             hsmdomain_dot_v1_dot_services__pb2.HsaStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStatesAfter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hsmdomain.v1.HsaAdmin/GetStatesAfter',
+            hsmdomain_dot_v1_dot_services__pb2.StatesAfterRequest.SerializeToString,
+            hsmdomain_dot_v1_dot_services__pb2.StatesResponse.FromString,
             options,
             channel_credentials,
             insecure,
