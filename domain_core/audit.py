@@ -82,6 +82,7 @@ from domain_core.signers import PublicKey, Signer
 __all__ = [
     "AUDIT_LOG_FILE",
     "HEAD_FILE_SUFFIX",
+    "HSA_LOG_NAME",
     "AuditHead",
     "AuditLog",
     "AuditLogError",
@@ -148,6 +149,8 @@ _HEX: Final = re.compile(r"(?:[0-9a-f]{2}){1,256}")
 _TIME: Final = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z")
 # A log's file name as a checkpoint names it (no directory part).
 _LOG_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+# The names of an HSA's audit logs: its own, and each key service worker's.
+HSA_LOG_NAME: Final = re.compile(r"audit(?:-worker-[1-9][0-9]{0,3})?\.log")
 _MAX_HOST: Final = 256
 # A published head is one checkpoint line; nothing longer comes from the writer.
 MAX_HEAD_BYTES: Final = 2048
