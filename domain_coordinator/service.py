@@ -148,13 +148,15 @@ class _ThrottledLog:
         self._interval = interval
         self._lock = threading.Lock()
 
-    def warning(self, topic: str, message: str) -> None:
+    def warning(self, topic: str, message: str, *, any_message: bool = False) -> None:
+        """Log `message` unless the same one was logged under `topic` a while ago (with
+        `any_message`, unless anything was)."""
         now = time.monotonic()
         with self._lock:
             previous = self._last.get(topic)
             if (
                 previous is not None
-                and previous[0] == message
+                and (any_message or previous[0] == message)
                 and now - previous[1] < self._interval
             ):
                 return
@@ -838,8 +840,9 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
             reason = self._keep_audit_head(host_id, raw, key)
             if reason:
                 refused.append(reason)
-                if key is not None:
-                    self._throttled.warning(f"audit-head:{host_id}", reason)
+                if key is not None:  # (a host being added reports again once a member)
+                    where = " ".join(reason.split()[:2]).rstrip(":")  # "hsa-1 audit.log"
+                    self._throttled.warning(f"audit-head:{where}", reason, any_message=True)
         return refused
 
     def _keep_audit_head(self, host_id: str, raw: bytes, key: PublicKey | None) -> str:

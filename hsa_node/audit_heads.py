@@ -171,7 +171,10 @@ class AuditHeadBook:
                     self._kept[(head.host, head.log)] = head
                     changed += 1
                 elif order is not HeadOrder.SAME and known is not None:
-                    self._throttled.warning(f"from {source}: {describe_refusal(known, head)}")
+                    self._throttled.warning(
+                        f"from {source}: {describe_refusal(known, head)}",
+                        key=f"{source} {head.host} {head.log}",
+                    )
             if changed:
                 self._save_locked()
         return changed
@@ -190,7 +193,9 @@ class AuditHeadBook:
         try:
             head.verify(key)
         except BadSignatureError as error:
-            self._throttled.warning(f"{source} served a forged audit head: {error}")
+            self._throttled.warning(
+                f"{source} served a forged audit head: {error}", key=f"forged {source}"
+            )
             return None
         return head
 

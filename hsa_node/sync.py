@@ -270,10 +270,10 @@ class Syncer:
         if self._node.removed_at is not None:
             return
         head = self._node.head
-        audit_heads = [
-            services_pb2.AuditHead(checkpoint=h.raw)
-            for h in (self._audit_heads.own() if self._audit_heads is not None else [])
-        ]
+        # (A host not yet, or no longer, in its verified state has no key there to verify
+        # its heads under: it reports them once it is a member.)
+        own = self._audit_heads.own() if self._audit_heads and self._node.member else []
+        audit_heads = [services_pb2.AuditHead(checkpoint=h.raw) for h in own]
         try:
             response = stub.RegisterHsa(
                 services_pb2.RegisterHsaRequest(
@@ -289,7 +289,11 @@ class Syncer:
             self._report("register", _rpc_reason(error))
             return
         for refusal in response.refused_audit_heads:
-            self._throttled.log(logging.ERROR, f"the coordinator refused an audit head: {refusal}")
+            self._throttled.log(
+                logging.ERROR,
+                f"the coordinator refused an audit head: {refusal}",
+                key=f"audit head refused: {' '.join(refusal.split()[:2]).rstrip(':')}",
+            )
 
     def _pull_round(self) -> None:
         stub = self._coordinator
