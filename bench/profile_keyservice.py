@@ -296,7 +296,12 @@ def measure_in_process(calls: int, *, cprofile: bool = False) -> dict[str, Any]:
         node = load_node(NodeConfig.load(next(iter(layout.node_configs.values())))).node
         data = Path(scratch) / "keyservice"
         data.mkdir()
-        audit = AuditLog(data / AUDIT_LOG_FILE, host_id=node.host_id, signer=node.identity.signer)
+        audit = AuditLog(
+            data / AUDIT_LOG_FILE,
+            host_id=node.host_id,
+            signer=node.identity.signer,
+            background=True,  # as the HSA opens it
+        )
         floor = MetadataVersionFloor(data / FLOOR_FILE)
         try:
             cache = KeyCache(

@@ -1,17 +1,19 @@
 """The domain coordinator: an untrusted relay and durable store for an HSM domain.
 
-It keeps pending proposals and approvals, the chain of sealed domain states, key records and
-the registry of HSA addresses; it believes nothing it is told without verification and
-holds nothing secret. `CoordinatorStore` is its storage interface and `SqliteStore` the default
-backend (exported here); `service.CoordinatorService` is the gRPC servicer,
-`server.CoordinatorServer` one running process and `__main__.main` the `domain-coordinator`
-command (imported from their modules, so that using the store does not load gRPC servers).
+It keeps pending proposals and approvals, the chain of sealed domain states, key records, the
+registry of HSA addresses and the HSAs' signed audit heads; it believes nothing it is told
+without verification and holds nothing secret. `CoordinatorStore` is its storage interface
+and `SqliteStore` the default backend (exported here); `service.CoordinatorService` is the
+gRPC servicer, `server.CoordinatorServer` one running process and `__main__.main` the
+`domain-coordinator` command (imported from their modules, so that using the store does not
+load gRPC servers).
 """
 
 from __future__ import annotations
 
 from domain_coordinator.sqlite_store import SqliteStore
 from domain_coordinator.store import (
+    AuditHeadRecord,
     CoordinatorStore,
     HsaRecord,
     KeyEntry,
@@ -21,6 +23,7 @@ from domain_coordinator.store import (
 )
 
 __all__ = [
+    "AuditHeadRecord",
     "CoordinatorStore",
     "HsaRecord",
     "KeyEntry",

@@ -8,13 +8,15 @@ here echoes more than a short prefix of what it was given.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 from google.protobuf.message import DecodeError
 
+from domain_core.audit import MAX_HEAD_BYTES
 from domain_core.errors import InvalidInputError, LimitExceededError, WrongDomainError
 from domain_core.limits import Limits
 from domain_core.model import HOST_ID_PATTERN, OPERATOR_ID_PATTERN
-from domain_core.pb import domain_pb2, keys_pb2
+from domain_core.pb import domain_pb2, keys_pb2, services_pb2
 
 PROPOSAL_ID_BYTES = 32
 STATE_HASH_BYTES = 32
@@ -25,6 +27,7 @@ MAX_KEY_RECORD_BYTES = 1024 * 1024
 MAX_TOKENS_PER_KEY = 4096
 DEFAULT_KEY_PAGE = 100
 MAX_KEY_PAGE = 1000
+MAX_AUDIT_HEADS_PER_REPORT = 64  # an HSA's own log and up to 16 workers' fit with room
 
 KEY_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 _ADDRESS_PATTERN = re.compile(
@@ -86,6 +89,24 @@ def host_id(value: str, field: str = "host_id") -> str:
             "ending with '-'"
         )
     return value
+
+
+def audit_heads(heads: Sequence[services_pb2.AuditHead], field: str = "audit_heads") -> list[bytes]:
+    """The checkpoint bytes of reported audit heads: at most 64, each present and no longer
+    than a checkpoint line (whether each parses and verifies is checked one by one later)."""
+    if len(heads) > MAX_AUDIT_HEADS_PER_REPORT:
+        raise LimitExceededError(
+            f"{field} holds {len(heads)} heads; at most {MAX_AUDIT_HEADS_PER_REPORT} are taken"
+        )
+    checkpoints = []
+    for index, head in enumerate(heads):
+        if not head.checkpoint or len(head.checkpoint) > MAX_HEAD_BYTES:
+            raise InvalidInputError(
+                f"{field}[{index}].checkpoint must be one signed checkpoint line of at most "
+                f"{MAX_HEAD_BYTES} bytes, not {len(head.checkpoint)} bytes"
+            )
+        checkpoints.append(bytes(head.checkpoint))
+    return checkpoints
 
 
 def address(value: str, field: str = "address") -> str:

@@ -36,6 +36,10 @@ operators get a clear answer early. Invariants:
   states are fetched from the HSAs that report them (`HsaAdmin.GetStatesAfter`), each
   verified as the successor of the head (`verify_successor`) before it is appended with the
   compare-and-swap; nothing an HSA says is stored unverified;
+- an HSA's audit heads (signed checkpoints of its logs, reported with `RegisterHsa`) are kept
+  per host and log only after they verified under that host's key in the verified head; a
+  kept head is only ever raised: a lower one (a possible cut), one of another chain, or one
+  with a bad signature is refused, logged at WARNING and named in the answer;
 - errors are raised as `domain_core.errors` exceptions and mapped to statuses by the
   transport's interceptor, never aborted here.
 """
@@ -59,8 +63,21 @@ from google.protobuf.message import DecodeError
 from domain_coordinator import _requests as check
 from domain_coordinator._hsa import HsaConnections, describe_rpc_error, rpc_code, rpc_details
 from domain_coordinator._quota import AddressQuota, WatchSlots, client_address
-from domain_coordinator.store import CoordinatorStore, HsaRecord, ProposalRecord, ProposalState
+from domain_coordinator.store import (
+    AuditHeadRecord,
+    CoordinatorStore,
+    HsaRecord,
+    ProposalRecord,
+    ProposalState,
+)
 from domain_core import crypto, quorum, transition
+from domain_core.audit import (
+    HSA_LOG_NAME,
+    AuditHead,
+    HeadOrder,
+    compare_heads,
+    describe_refusal,
+)
 from domain_core.chain import TrustedChain, verify_successor
 from domain_core.errors import (
     AlreadyExistsError,
@@ -71,6 +88,7 @@ from domain_core.errors import (
     HsmDomainError,
     InvalidInputError,
     LimitExceededError,
+    MalformedMessageError,
     NotFoundError,
     PermissionDeniedError,
     ProposalExpiredError,
@@ -83,6 +101,7 @@ from domain_core.limits import DEFAULT_LIMITS, Limits
 from domain_core.model import Manifest, Proposal, SealedState
 from domain_core.pb import domain_pb2, keys_pb2, services_pb2, services_pb2_grpc
 from domain_core.pki import PeerIdentity, peer_identity
+from domain_core.signers import PublicKey
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +165,19 @@ def _iso(timestamp: int) -> str:
     return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _believed_head(stored: AuditHeadRecord | None, key: PublicKey) -> AuditHead | None:
+    """The stored head if it still verifies under the host's key (a host re-enrolled under
+    the same id has a new key: its old heads no longer bind it), else None."""
+    if stored is None:
+        return None
+    try:
+        head = AuditHead.parse(stored.checkpoint)
+        head.verify(key)
+    except (MalformedMessageError, BadSignatureError):
+        return None
+    return head
+
+
 def _stale_detail(head_version: int, proposal_version: int) -> str:
     return (
         f"domain is at version {head_version}, this proposal is for {proposal_version}: "
@@ -161,13 +193,15 @@ class _ThrottledLog:
         self._interval = interval
         self._lock = threading.Lock()
 
-    def warning(self, topic: str, message: str) -> None:
+    def warning(self, topic: str, message: str, *, any_message: bool = False) -> None:
+        """Log `message` unless the same one was logged under `topic` a while ago (with
+        `any_message`, unless anything was)."""
         now = time.monotonic()
         with self._lock:
             previous = self._last.get(topic)
             if (
                 previous is not None
-                and previous[0] == message
+                and (any_message or previous[0] == message)
                 and now - previous[1] < self._interval
             ):
                 return
@@ -1155,10 +1189,12 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
                 "match the certificate"
             )
         version, state_hash = check.reported_state(request.version, request.state_hash)
+        heads = check.audit_heads(request.audit_heads)
         if version:
             self._warn_if_fork(host_id, version, state_hash)
         previous = {h.host_id: h.address for h in self._store.list_hsas()}.get(host_id)
         self._store.register_hsa(host_id, address, self._now(), version, state_hash)
+        refused = self._keep_audit_heads(host_id, heads)
         if previous != address:
             log.info("%s registered at %s", host_id, address)
             if previous is not None and previous not in {
@@ -1166,13 +1202,84 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
             }:
                 self._hsas.forget(previous)
         self._note_report(host_id, version, "RegisterHsa")
-        return services_pb2.RegisterHsaResponse(version=self.head.version)
+        return services_pb2.RegisterHsaResponse(
+            version=self.head.version, refused_audit_heads=refused
+        )
 
     def ListHsas(
         self, request: services_pb2.ListHsasRequest, context: grpc.ServicerContext
     ) -> services_pb2.ListHsasResponse:
         self._admit(context)
         return services_pb2.ListHsasResponse(hsas=self._endpoints())
+
+    # --- audit heads ---------------------------------------------------------------------
+
+    def _keep_audit_heads(self, host_id: str, heads: Sequence[bytes]) -> list[str]:
+        """Keep each reported head that raises the stored one; why the others were refused
+        (each refusal also logged, throttled)."""
+        key = self.head.manifest.host_signing_key(host_id)
+        refused = []
+        for raw in heads:
+            reason = self._keep_audit_head(host_id, raw, key)
+            if reason:
+                refused.append(reason)
+                if key is not None:  # (a host being added reports again once a member)
+                    where = " ".join(reason.split()[:2]).rstrip(":")  # "hsa-1 audit.log"
+                    self._throttled.warning(f"audit-head:{where}", reason, any_message=True)
+        return refused
+
+    def _keep_audit_head(self, host_id: str, raw: bytes, key: PublicKey | None) -> str:
+        """Store one head if it verifies and is above the stored one; "" or why not."""
+        try:
+            head = AuditHead.parse(raw)
+        except MalformedMessageError as error:
+            return f"{host_id}: an audit head that is not a signed checkpoint ({error}): refused"
+        if head.host != host_id or not HSA_LOG_NAME.fullmatch(head.log):
+            return f"{host_id}: {head.describe()[:160]} is not a head of {host_id}'s logs: refused"
+        if key is None:
+            return (
+                f"{head.describe()}: {host_id} is not a host of version {self.head.version}, "
+                "so its head cannot be verified: refused (reported again once it is a member)"
+            )
+        try:
+            head.verify(key)
+        except BadSignatureError as error:
+            return f"{error}: refused"
+        for _ in range(3):  # compare-and-swap: a concurrent report may have raised it
+            stored = self._store.get_audit_head(host_id, head.log)
+            known = _believed_head(stored, key)
+            order = compare_heads(known, head)
+            if order is HeadOrder.SAME:
+                return ""
+            if order is not HeadOrder.NEWER and known is not None:
+                return describe_refusal(known, head)
+            record = AuditHeadRecord(host_id, head.log, head.seq, head.raw, self._now())
+            if self._store.put_audit_head(record, stored.checkpoint if stored else None):
+                if known is None and stored is not None:
+                    log.info(
+                        "%s: the stored head does not verify under the host's current key; "
+                        "replaced by %s",
+                        host_id,
+                        head.describe(),
+                    )
+                return ""
+        return f"{head.describe()}: the stored head kept changing meanwhile; report it again"
+
+    def GetAuditHeads(
+        self, request: services_pb2.AuditHeadsRequest, context: grpc.ServicerContext
+    ) -> services_pb2.AuditHeadsResponse:
+        """The highest audit head stored per host and log (public: every reader verifies
+        each under the host's key)."""
+        self._admit(context)
+        host_id = check.host_id(request.host_id) if request.host_id else ""
+        response = services_pb2.AuditHeadsResponse()
+        budget = self._limits.max_message_bytes - 1024
+        for record in self._store.list_audit_heads(host_id):
+            budget -= len(record.checkpoint) + 16
+            if budget < 0:
+                break
+            response.heads.append(services_pb2.AuditHead(checkpoint=record.checkpoint))
+        return response
 
     # --- key records ---------------------------------------------------------------------
 

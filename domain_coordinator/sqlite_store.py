@@ -20,7 +20,13 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from domain_coordinator.store import HsaRecord, KeyEntry, ProposalRecord, ProposalState
+from domain_coordinator.store import (
+    AuditHeadRecord,
+    HsaRecord,
+    KeyEntry,
+    ProposalRecord,
+    ProposalState,
+)
 from domain_core.errors import AlreadyExistsError, ConflictError, NotFoundError
 
 SCHEMA_VERSION = 1
@@ -77,6 +83,17 @@ _ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("hsas", "reported_at", "INTEGER NOT NULL DEFAULT 0"),
 )
 _MAX_SQLITE_INTEGER = 2**63 - 1
+# Tables added after schema 1 was first released (created if missing; the number stays 1).
+_ADDED_TABLES = """
+CREATE TABLE IF NOT EXISTS audit_heads (
+    host_id TEXT NOT NULL,
+    log TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    checkpoint BLOB NOT NULL,
+    reported_at INTEGER NOT NULL,
+    PRIMARY KEY (host_id, log)
+);
+"""
 
 
 def _check_report(version: int, state_hash: bytes, when: int) -> None:
@@ -133,6 +150,7 @@ class SqliteStore:
         with self._lock:
             # executescript commits on its own; every statement is idempotent.
             self._db.executescript(_SCHEMA)
+            self._db.executescript(_ADDED_TABLES)
             with self._tx_unlocked() as db:
                 for table, column, definition in _ADDED_COLUMNS:
                     present = {str(r[1]) for r in db.execute(f"PRAGMA table_info({table})")}
@@ -412,6 +430,50 @@ class SqliteStore:
         return [
             HsaRecord(str(r[0]), str(r[1]), int(r[2]), int(r[3]), bytes(r[4]), int(r[5]))
             for r in rows
+        ]
+
+    # --- audit heads -----------------------------------------------------------------------
+
+    def get_audit_head(self, host_id: str, log: str) -> AuditHeadRecord | None:
+        with self._read() as db:
+            row = db.execute(
+                "SELECT seq, checkpoint, reported_at FROM audit_heads "
+                "WHERE host_id = ? AND log = ?",
+                (host_id, log),
+            ).fetchone()
+        if row is None:
+            return None
+        return AuditHeadRecord(host_id, log, int(row[0]), bytes(row[1]), int(row[2]))
+
+    def put_audit_head(self, head: AuditHeadRecord, expected: bytes | None) -> bool:
+        _check_bytes(head.checkpoint, "checkpoint")
+        _check_report(head.seq, b"", head.reported_at)
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT checkpoint FROM audit_heads WHERE host_id = ? AND log = ?",
+                (head.host_id, head.log),
+            ).fetchone()
+            current = bytes(row[0]) if row is not None else None
+            if current != expected:
+                return False
+            db.execute(
+                "INSERT INTO audit_heads (host_id, log, seq, checkpoint, reported_at) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (host_id, log) DO UPDATE SET "
+                "seq = excluded.seq, checkpoint = excluded.checkpoint, "
+                "reported_at = excluded.reported_at",
+                (head.host_id, head.log, head.seq, head.checkpoint, head.reported_at),
+            )
+            return True
+
+    def list_audit_heads(self, host_id: str = "") -> list[AuditHeadRecord]:
+        with self._read() as db:
+            rows = db.execute(
+                "SELECT host_id, log, seq, checkpoint, reported_at FROM audit_heads "
+                "WHERE ? = '' OR host_id = ? ORDER BY host_id, log",
+                (host_id, host_id),
+            ).fetchall()
+        return [
+            AuditHeadRecord(str(r[0]), str(r[1]), int(r[2]), bytes(r[3]), int(r[4])) for r in rows
         ]
 
     # --- key records -----------------------------------------------------------------------

@@ -17,7 +17,10 @@ Invariants every implementation keeps:
 - one approval per operator per proposal; a second one is refused, not replaced;
 - key records are written and deleted with a compare-and-swap on their revision (0 = create);
 - an HSA's reported version is what that HSA said (`register_hsa` replaces it, an InstallState
-  answer only raises it): informational, never used for a trust decision.
+  answer only raises it): informational, never used for a trust decision;
+- an audit head (a signed checkpoint, per host and log) is replaced only with a
+  compare-and-swap on the stored checkpoint bytes, so a concurrent report never overwrites a
+  head it did not see (the coordinator raises a head, never lowers it).
 
 `SqliteStore` (one file) is the default; an etcd implementation fits the same interface.
 """
@@ -79,6 +82,19 @@ class HsaRecord:
     version: int = 0
     state_hash: bytes = b""
     reported_at: int = 0
+
+
+@dataclass(frozen=True)
+class AuditHeadRecord:
+    """The highest audit head stored for one log of one host: the signed checkpoint bytes as
+    the HSA sent them (verified by the coordinator before storing, and by every reader), its
+    record number, and when it arrived (unix seconds)."""
+
+    host_id: str
+    log: str
+    seq: int
+    checkpoint: bytes
+    reported_at: int
 
 
 @dataclass(frozen=True)
@@ -199,6 +215,25 @@ class CoordinatorStore(Protocol):
 
     def list_hsas(self) -> list[HsaRecord]:
         """Every registered HSA, by host id."""
+        ...
+
+    # --- audit heads -----------------------------------------------------------------------
+
+    def get_audit_head(self, host_id: str, log: str) -> AuditHeadRecord | None:
+        """The stored head of one log of one host, or None."""
+        ...
+
+    def put_audit_head(
+        self,
+        head: AuditHeadRecord,
+        expected: bytes | None,
+    ) -> bool:
+        """Store `head` for its host and log if the stored checkpoint is still `expected`
+        (None: none stored); False, changing nothing, if it changed meanwhile."""
+        ...
+
+    def list_audit_heads(self, host_id: str = "") -> list[AuditHeadRecord]:
+        """Stored heads by host and log; only `host_id`'s when given."""
         ...
 
     # --- key records -----------------------------------------------------------------------

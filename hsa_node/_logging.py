@@ -30,11 +30,13 @@ class ThrottledLog:
         self._last: dict[str, float] = {}
         self._lock = threading.Lock()
 
-    def log(self, level: int, message: str) -> bool:
-        """Log `message` at `level` unless it was logged within the window; True if written."""
+    def log(self, level: int, message: str, key: str | None = None) -> bool:
+        """Log `message` at `level` unless it (or another message with the same `key`, when
+        given) was logged within the window; True if written."""
         now = self._clock()
+        seen = message if key is None else f"\0{key}"
         with self._lock:
-            last = self._last.get(message)
+            last = self._last.get(seen)
             if last is not None and now - last < self._window:
                 return False
             if len(self._last) >= _MAX_REMEMBERED:
@@ -42,13 +44,13 @@ class ThrottledLog:
                 self._last = {m: t for m, t in self._last.items() if t >= cutoff}
                 if len(self._last) >= _MAX_REMEMBERED:
                     self._last.clear()
-            self._last[message] = now
+            self._last[seen] = now
         self._logger.log(level, "%s", message)
         return True
 
-    def warning(self, message: str) -> bool:
+    def warning(self, message: str, key: str | None = None) -> bool:
         """`log` at WARNING."""
-        return self.log(logging.WARNING, message)
+        return self.log(logging.WARNING, message, key)
 
     def info(self, message: str) -> bool:
         """`log` at INFO."""

@@ -6,12 +6,13 @@ cache, the `KeyService` servicer, the admin-call audit interceptor and the backg
 upkeep. `hsa_node.server` registers the servicer and the interceptor, starts the upkeep after
 the server, and closes everything after the server stopped.
 
-Invariants: an HSA whose audit log does not verify does not start (the audit log refuses to
-extend a broken chain); the cache is emptied when the node stops serving (removed from the
-domain), so no key outlives the membership that let it be opened; the upkeep runs only when a
-coordinator is configured, and only in the main HSA process (a key service worker opens the
-host with its own audit log, `audit-worker-<i>.log`, and no upkeep, so re-wrap, rotation and
-deletion are never done twice on one host).
+Invariants: an HSA whose audit log does not verify, or is below its head file, does not start
+(the audit log refuses to extend a broken chain or resume a cut one); the log checkpoints in
+the background, about once a second of activity; the cache is emptied when the node stops
+serving (removed from the domain), so no key outlives the membership that let it be opened;
+the upkeep runs only when a coordinator is configured, and only in the main HSA process (a
+key service worker opens the host with its own audit log, `audit-worker-<i>.log`, and no
+upkeep, so re-wrap, rotation and deletion are never done twice on one host).
 """
 
 from __future__ import annotations
@@ -71,7 +72,14 @@ class KeyServiceHost:
         `upkeep` False leaves the background key upkeep out (worker processes).
         """
         data_dir = config.path(config.data_dir)
-        audit = AuditLog(data_dir / audit_file, host_id=node.host_id, signer=node.identity.signer)
+        # Background checkpoints: a signed, fsynced head about every second of activity, and
+        # no signature or fsync on the threads that serve calls.
+        audit = AuditLog(
+            data_dir / audit_file,
+            host_id=node.host_id,
+            signer=node.identity.signer,
+            background=True,
+        )
         try:
             floor = MetadataVersionFloor(data_dir / FLOOR_FILE)
         except BaseException:

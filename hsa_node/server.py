@@ -3,7 +3,9 @@
 Startup order (each step refuses to continue with a one-line reason):
 config -> host identity and its TLS certificate -> TLS material -> genesis pinned by the
 config -> stored states replayed through the verifier -> domain keys unsealed (in memory) ->
-key service (audit log verified and opened, version floor, key cache) -> server bound (the
+this host's audit heads published at the coordinator and the peers fetched, and the head
+files raised to them (`hsa_node.audit_heads`) -> key service (audit log verified against its
+head file and opened, version floor, key cache) -> server bound (the
 remembered address first, when free) -> sync threads and key upkeep -> key service worker
 processes (`key_service_workers`, `hsa_node.supervisor`), each ready -> ready file (with the
 workers' addresses).
@@ -37,6 +39,7 @@ from domain_core.model import SealedState
 from domain_core.pb import services_pb2, services_pb2_grpc
 from domain_core.pki import certificate_fingerprint
 from domain_core.transport import TlsMaterial
+from hsa_node.audit_heads import AuditHeadBook, fetch_own_heads, recover_own_heads
 from hsa_node.keyhost import KeyServiceHost
 from hsa_node.node import DomainNode
 from hsa_node.servicers import (
@@ -231,10 +234,40 @@ class HsaServer:
         config, store = self._loaded.config, self._loaded.store
         return bind_server(server, config.listen, self._loaded.tls, store.load_address())
 
+    def _audit_heads(self) -> AuditHeadBook:
+        """Raise this host's head files to the heads the coordinator and peers hold of its
+        logs (so a log deleted with its head file is still refused), then the book that
+        publishes the heads and keeps the peers'."""
+        loaded, node = self._loaded, self._loaded.node
+        own_key = node.identity.signer.public_key
+        peers = loaded.store.load_peers()
+        published, answered = fetch_own_heads(
+            host_id=node.host_id,
+            coordinator=loaded.config.coordinator,
+            peers=peers,
+            tls=loaded.tls,
+            limits=self._limits,
+        )
+        recover_own_heads(loaded.store.data_dir, node.host_id, own_key, published)
+        if answered:
+            log.info("audit heads: checked with %s", ", ".join(answered))
+        elif loaded.config.coordinator or peers:
+            log.warning(
+                "audit heads: neither the coordinator nor a peer answered; the audit logs are "
+                "checked against their local head files only"
+            )
+        return AuditHeadBook(
+            loaded.store.data_dir,
+            node.host_id,
+            own_key,
+            lambda host_id: node.head.manifest.host_signing_key(host_id),
+        )
+
     def start(self) -> str:
         """Bind, start serving, start the sync threads; returns the bound address."""
         loaded = self._loaded
         node = loaded.node
+        audit_heads = self._audit_heads()
         keys = KeyServiceHost.open(
             config=loaded.config, node=node, tls=loaded.tls, limits=self._limits
         )
@@ -247,7 +280,7 @@ class HsaServer:
         pin = CoordinatorPin.from_config(loaded.config)
         (log.info if pin.fingerprints else log.warning)("%s", pin.describe())
         admin = HsaAdminServicer(node, catch_up, self._limits, coordinator=pin)
-        peer = HsaPeerServicer(node, self._limits)
+        peer = HsaPeerServicer(node, self._limits, audit_heads=audit_heads)
 
         def register_hsa_services(server: grpc.Server) -> None:
             services_pb2_grpc.add_HsaAdminServicer_to_server(admin, server)  # type: ignore[no-untyped-call]
@@ -268,6 +301,7 @@ class HsaServer:
             gossip_interval=loaded.config.gossip_interval_seconds,
             address=self.address,
             limits=self._limits,
+            audit_heads=audit_heads,
         )
         syncer_ref.append(syncer)
         served.start(node)

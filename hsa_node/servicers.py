@@ -5,7 +5,8 @@ Who may call what (docs/runtime.md, "Identities and who may call what"):
   when pinned, its certificate's fingerprint); `GetStatesAfter` (read-only) lets a coordinator
   whose store is behind fetch the states it misses; `GetStatus` also any CA-certified caller
   of this domain (it is public);
-- `HsaPeer`: HSAs whose TLS certificate fingerprint is in this node's verified head;
+- `HsaPeer`: HSAs whose TLS certificate fingerprint is in this node's verified head
+  (`GetAuditHeads` serves signed audit heads, which every reader verifies);
 - `Diagnostics`: application (`client`) identities of this domain, as `KeyService`.
 
 Invariants: servicers raise `domain_core.errors` exceptions and never abort themselves (the
@@ -38,6 +39,7 @@ from domain_core.model import Proposal
 from domain_core.pb import domain_pb2, services_pb2, services_pb2_grpc
 from domain_core.pki import PeerIdentity, SpiffeId
 from domain_core.transition import StateHead, next_manifest, scheduled_rotation_manifest
+from hsa_node.audit_heads import AuditHeadBook
 from hsa_node.node import DomainNode
 
 __all__ = ["CoordinatorPin", "DiagnosticsServicer", "HsaAdminServicer", "HsaPeerServicer"]
@@ -303,9 +305,16 @@ class HsaAdminServicer(services_pb2_grpc.HsaAdminServicer):
 class HsaPeerServicer(services_pb2_grpc.HsaPeerServicer):
     """Verified states for other HSAs of the domain (gossip)."""
 
-    def __init__(self, node: DomainNode, limits: Limits = DEFAULT_LIMITS) -> None:
+    def __init__(
+        self,
+        node: DomainNode,
+        limits: Limits = DEFAULT_LIMITS,
+        *,
+        audit_heads: AuditHeadBook | None = None,
+    ) -> None:
         self._node = node
         self._limits = limits
+        self._audit_heads = audit_heads
 
     def _peer(self, context: grpc.ServicerContext) -> PeerIdentity:
         identity = _require_domain_caller(context, self._node.domain_id, "hsa")
@@ -329,6 +338,23 @@ class HsaPeerServicer(services_pb2_grpc.HsaPeerServicer):
         """Verified states after a version, oldest first, at most `limit` (default 100)."""
         self._peer(context)
         return _states_after(self._node, request, self._limits)
+
+    def GetAuditHeads(
+        self, request: services_pb2.AuditHeadsRequest, context: grpc.ServicerContext
+    ) -> services_pb2.AuditHeadsResponse:
+        """This HSA's audit heads and the highest it keeps of its peers' (only `host_id`'s
+        when given)."""
+        self._peer(context)
+        response = services_pb2.AuditHeadsResponse()
+        if self._audit_heads is None:
+            return response
+        budget = self._limits.max_message_bytes - _RESPONSE_OVERHEAD
+        for head in self._audit_heads.served(request.host_id[:64]):
+            budget -= len(head.raw) + _STATE_OVERHEAD
+            if budget < 0:
+                break
+            response.heads.append(services_pb2.AuditHead(checkpoint=head.raw))
+        return response
 
 
 class DiagnosticsServicer(services_pb2_grpc.DiagnosticsServicer):

@@ -13,6 +13,10 @@ Three background threads feed `DomainNode.offer`, each state in version order:
    state for a version this node holds (a fork: somebody told the two of them different
    things) is recorded on the node (`DomainNode.record_fork`), which keeps serving its own
    verified chain and says so in its status.
+Audit heads travel on the same paths (`hsa_node.audit_heads`): `RegisterHsa` carries the
+newest signed checkpoint of each of this host's audit logs (a head the coordinator refuses is
+logged at ERROR), and each gossip round fetches the peer's heads (`HsaPeer.GetAuditHeads`)
+and keeps the highest verified one per host and log.
 
 Invariants: nothing a source returns is believed before `offer` verified it; every call has
 a deadline except the stream, which is cancelled on shutdown; an error of one path is logged
@@ -43,6 +47,7 @@ from domain_core.model import SealedState
 from domain_core.pb import domain_pb2, services_pb2, services_pb2_grpc
 from domain_core.transport import TlsMaterial
 from hsa_node._logging import ThrottledLog
+from hsa_node.audit_heads import AuditHeadBook
 from hsa_node.node import DomainNode
 from hsa_node.storage import NodeStore, Peer
 
@@ -114,8 +119,10 @@ class Syncer:
         gossip_interval: float,
         address: str,
         limits: Limits = DEFAULT_LIMITS,
+        audit_heads: AuditHeadBook | None = None,
     ) -> None:
         self._node = node
+        self._audit_heads = audit_heads
         self._store = store
         self._tls = tls
         self._coordinator_address = coordinator
@@ -264,6 +271,10 @@ class Syncer:
         if self._node.removed_at is not None:
             return
         head = self._node.head
+        # (A host not yet, or no longer, in its verified state has no key there to verify
+        # its heads under: it reports them once it is a member.)
+        own = self._audit_heads.own() if self._audit_heads and self._node.member else []
+        audit_heads = [services_pb2.AuditHead(checkpoint=h.raw) for h in own]
         try:
             response = stub.RegisterHsa(
                 services_pb2.RegisterHsaRequest(
@@ -271,12 +282,19 @@ class Syncer:
                     address=self._address,
                     version=head.version,
                     state_hash=head.hash,
+                    audit_heads=audit_heads,
                 ),
                 timeout=CALL_DEADLINE_SECONDS,
             )
         except grpc.RpcError as error:
             self._report("register", _rpc_reason(error))
             return
+        for refusal in response.refused_audit_heads:
+            self._throttled.log(
+                logging.ERROR,
+                f"the coordinator refused an audit head: {refusal}",
+                key=f"audit head refused: {' '.join(refusal.split()[:2]).rstrip(':')}",
+            )
         if response.version < head.version:
             # Never followed (a state is only ever offered forward); said, so that operators
             # learn of a coordinator store restored from an old copy from every HSA too.
@@ -368,7 +386,24 @@ class Syncer:
         def on_fork(state: SealedState) -> None:
             self._node.record_fork(state.version, peer.host_id)
 
+        self._learn_audit_heads(stub, peer)
         return pull_states(self._node, fetch, f"peer {peer.host_id}", on_fork)
+
+    def _learn_audit_heads(self, stub: services_pb2_grpc.HsaPeerStub, peer: Peer) -> None:
+        """Keep the peer's audit heads (its own and those it keeps); never fails gossip."""
+        if self._audit_heads is None:
+            return
+        try:
+            response = stub.GetAuditHeads(
+                services_pb2.AuditHeadsRequest(), timeout=CALL_DEADLINE_SECONDS
+            )
+            self._audit_heads.learn(
+                (bytes(h.checkpoint) for h in response.heads), f"peer {peer.host_id}"
+            )
+        except grpc.RpcError as error:
+            self._report("gossip audit heads", f"peer {peer.host_id}: {_rpc_reason(error)}")
+        except (HsmDomainError, OSError) as error:
+            self._report("gossip audit heads", f"peer {peer.host_id}: {error}")
 
     def _gossip_loop(self) -> None:
         while not self._stop.wait(self._gossip_interval):

@@ -184,6 +184,11 @@ def test_throttled_log_writes_each_distinct_message_once_per_window(
         assert throttled.warning("peer hsa-2: UNAVAILABLE")
     assert caplog.text.count("peer hsa-2: UNAVAILABLE") == 2
     assert caplog.text.count("peer hsa-3: UNAVAILABLE") == 1
+    # With a key, messages that differ (a record number that grows) count as one.
+    with caplog.at_level(logging.INFO, logger="test.throttled"):
+        assert throttled.warning("hsa-1 audit.log: record 5 refused", key="hsa-1 audit.log")
+        assert not throttled.warning("hsa-1 audit.log: record 9 refused", key="hsa-1 audit.log")
+        assert throttled.warning("hsa-1 audit-worker-1.log: refused", key="worker 1")
 
 
 def test_loading_twice_replays_the_stored_chain(domain: Domain) -> None:

@@ -68,6 +68,7 @@ class LocalCluster(LocalDomain):
         quorum: int = 2,
         domain_id: str = "local",
         start_timeout: float = 30.0,
+        workers: int = 0,
     ) -> None:
         super().__init__(
             directory,
@@ -76,6 +77,7 @@ class LocalCluster(LocalDomain):
             quorum=quorum,
             domain_id=domain_id,
             start_timeout=start_timeout,
+            workers=workers,
         )
 
     # --- lifecycle ----------------------------------------------------------------------------

@@ -689,7 +689,9 @@ def test_audit_append_runs_as_a_runner_module(tmp_path: Path) -> None:
     config = BenchConfig(quick=True, work_dir=tmp_path, log=lambda message: None)
     figures = Benchmark(audit_append).run(config)
     assert figures["records"] == 5_000
-    assert figures["checkpoints"] == 5
+    # Background checkpoints (as the HSA's): at least one per 1000 records that waited for
+    # the log's thread, and the last on close; how many depends on when that thread ran.
+    assert 1 <= int(figures["checkpoints"]) <= 5 + 1 + 10
     for name in ("append_1_thread_per_s", "append_4_threads_per_s", "verify_records_per_s"):
         value = figures[name]
         assert isinstance(value, float)

@@ -242,6 +242,24 @@ class LatestStateRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class AuditHead(_message.Message):
+    __slots__ = ("checkpoint",)
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    checkpoint: bytes
+    def __init__(self, checkpoint: _Optional[bytes] = ...) -> None: ...
+
+class AuditHeadsRequest(_message.Message):
+    __slots__ = ("host_id",)
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    host_id: str
+    def __init__(self, host_id: _Optional[str] = ...) -> None: ...
+
+class AuditHeadsResponse(_message.Message):
+    __slots__ = ("heads",)
+    HEADS_FIELD_NUMBER: _ClassVar[int]
+    heads: _containers.RepeatedCompositeFieldContainer[AuditHead]
+    def __init__(self, heads: _Optional[_Iterable[_Union[AuditHead, _Mapping]]] = ...) -> None: ...
+
 class ApplyProposalRequest(_message.Message):
     __slots__ = ("proposal", "approvals")
     PROPOSAL_FIELD_NUMBER: _ClassVar[int]
@@ -359,22 +377,26 @@ class WatchStatesRequest(_message.Message):
     def __init__(self, after_version: _Optional[int] = ...) -> None: ...
 
 class RegisterHsaRequest(_message.Message):
-    __slots__ = ("host_id", "address", "version", "state_hash")
+    __slots__ = ("host_id", "address", "version", "state_hash", "audit_heads")
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STATE_HASH_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_HEADS_FIELD_NUMBER: _ClassVar[int]
     host_id: str
     address: str
     version: int
     state_hash: bytes
-    def __init__(self, host_id: _Optional[str] = ..., address: _Optional[str] = ..., version: _Optional[int] = ..., state_hash: _Optional[bytes] = ...) -> None: ...
+    audit_heads: _containers.RepeatedCompositeFieldContainer[AuditHead]
+    def __init__(self, host_id: _Optional[str] = ..., address: _Optional[str] = ..., version: _Optional[int] = ..., state_hash: _Optional[bytes] = ..., audit_heads: _Optional[_Iterable[_Union[AuditHead, _Mapping]]] = ...) -> None: ...
 
 class RegisterHsaResponse(_message.Message):
-    __slots__ = ("version",)
+    __slots__ = ("version", "refused_audit_heads")
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_AUDIT_HEADS_FIELD_NUMBER: _ClassVar[int]
     version: int
-    def __init__(self, version: _Optional[int] = ...) -> None: ...
+    refused_audit_heads: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, version: _Optional[int] = ..., refused_audit_heads: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class HsaEndpoint(_message.Message):
     __slots__ = ("host_id", "address", "version", "state_hash", "reported_at")

@@ -794,6 +794,11 @@ class HsaPeerStub:
                 request_serializer=hsmdomain_dot_v1_dot_services__pb2.StatesAfterRequest.SerializeToString,
                 response_deserializer=hsmdomain_dot_v1_dot_services__pb2.StatesResponse.FromString,
                 _registered_method=True)
+        self.GetAuditHeads = channel.unary_unary(
+                '/hsmdomain.v1.HsaPeer/GetAuditHeads',
+                request_serializer=hsmdomain_dot_v1_dot_services__pb2.AuditHeadsRequest.SerializeToString,
+                response_deserializer=hsmdomain_dot_v1_dot_services__pb2.AuditHeadsResponse.FromString,
+                _registered_method=True)
 
 
 class HsaPeerServicer:
@@ -812,6 +817,13 @@ class HsaPeerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetAuditHeads(self, request, context):
+        """The newest head of each of this HSA's audit logs, and the highest it keeps of its peers'.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_HsaPeerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -824,6 +836,11 @@ def add_HsaPeerServicer_to_server(servicer, server):
                     servicer.GetStatesAfter,
                     request_deserializer=hsmdomain_dot_v1_dot_services__pb2.StatesAfterRequest.FromString,
                     response_serializer=hsmdomain_dot_v1_dot_services__pb2.StatesResponse.SerializeToString,
+            ),
+            'GetAuditHeads': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAuditHeads,
+                    request_deserializer=hsmdomain_dot_v1_dot_services__pb2.AuditHeadsRequest.FromString,
+                    response_serializer=hsmdomain_dot_v1_dot_services__pb2.AuditHeadsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -881,6 +898,33 @@ class HsaPeer:
             '/hsmdomain.v1.HsaPeer/GetStatesAfter',
             hsmdomain_dot_v1_dot_services__pb2.StatesAfterRequest.SerializeToString,
             hsmdomain_dot_v1_dot_services__pb2.StatesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAuditHeads(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hsmdomain.v1.HsaPeer/GetAuditHeads',
+            hsmdomain_dot_v1_dot_services__pb2.AuditHeadsRequest.SerializeToString,
+            hsmdomain_dot_v1_dot_services__pb2.AuditHeadsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -1216,6 +1260,11 @@ class CoordinatorStub:
                 request_serializer=hsmdomain_dot_v1_dot_services__pb2.ListHsasRequest.SerializeToString,
                 response_deserializer=hsmdomain_dot_v1_dot_services__pb2.ListHsasResponse.FromString,
                 _registered_method=True)
+        self.GetAuditHeads = channel.unary_unary(
+                '/hsmdomain.v1.Coordinator/GetAuditHeads',
+                request_serializer=hsmdomain_dot_v1_dot_services__pb2.AuditHeadsRequest.SerializeToString,
+                response_deserializer=hsmdomain_dot_v1_dot_services__pb2.AuditHeadsResponse.FromString,
+                _registered_method=True)
         self.GetKey = channel.unary_unary(
                 '/hsmdomain.v1.Coordinator/GetKey',
                 request_serializer=hsmdomain_dot_v1_dot_services__pb2.GetKeyRequest.SerializeToString,
@@ -1311,6 +1360,13 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetAuditHeads(self, request, context):
+        """The highest audit head stored per host and log (callers: operators and HSAs).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetKey(self, request, context):
         """Key records (callers: HSAs).
         """
@@ -1393,6 +1449,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.ListHsas,
                     request_deserializer=hsmdomain_dot_v1_dot_services__pb2.ListHsasRequest.FromString,
                     response_serializer=hsmdomain_dot_v1_dot_services__pb2.ListHsasResponse.SerializeToString,
+            ),
+            'GetAuditHeads': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAuditHeads,
+                    request_deserializer=hsmdomain_dot_v1_dot_services__pb2.AuditHeadsRequest.FromString,
+                    response_serializer=hsmdomain_dot_v1_dot_services__pb2.AuditHeadsResponse.SerializeToString,
             ),
             'GetKey': grpc.unary_unary_rpc_method_handler(
                     servicer.GetKey,
@@ -1713,6 +1774,33 @@ class Coordinator:
             '/hsmdomain.v1.Coordinator/ListHsas',
             hsmdomain_dot_v1_dot_services__pb2.ListHsasRequest.SerializeToString,
             hsmdomain_dot_v1_dot_services__pb2.ListHsasResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAuditHeads(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hsmdomain.v1.Coordinator/GetAuditHeads',
+            hsmdomain_dot_v1_dot_services__pb2.AuditHeadsRequest.SerializeToString,
+            hsmdomain_dot_v1_dot_services__pb2.AuditHeadsResponse.FromString,
             options,
             channel_credentials,
             insecure,
