@@ -52,7 +52,7 @@ class SimHost:
 
     host_id: str
     signer: InMemorySigner
-    agreement_private_key: bytes
+    agreement_private_key: bytes = field(repr=False)
     agreement_public_key: bytes
     record: domain_pb2.Host
 
