@@ -69,7 +69,7 @@ __all__ = ["NAME", "TARGETS", "TITLE", "ChainBuilder", "VerifyTiming", "run", "t
 class _Host:
     host_id: str
     signer: InMemorySigner
-    agreement_private_key: bytes
+    agreement_private_key: bytes = field(repr=False)
     record: domain_pb2.Host
 
 
@@ -81,7 +81,7 @@ class ChainBuilder:
     threshold: int
     hosts: list[_Host]
     states: list[SealedState] = field(default_factory=list)
-    keys: dict[int, bytes] = field(default_factory=dict)
+    keys: dict[int, bytes] = field(default_factory=dict, repr=False)
     now: int = START_TIME
 
     @classmethod

@@ -49,7 +49,12 @@ from domain_core.pki import (
     spiffe_id_from_certificate,
     tls_public_key,
 )
-from domain_core.signers import SignatureAlgorithm, create_file_token, load_file_token
+from domain_core.signers import (
+    DEFAULT_SCRYPT_N,
+    SignatureAlgorithm,
+    create_file_token,
+    load_file_token,
+)
 
 __all__ = [
     "COORDINATOR_NAME",
@@ -286,7 +291,7 @@ def init_domain(
     quorum: int = 2,
     domain_id: str = "local",
     now: datetime | None = None,
-    scrypt_n: int = 2**15,
+    scrypt_n: int = DEFAULT_SCRYPT_N,
     workers: int = 0,
 ) -> DomainLayout:
     """Create a local domain in `directory` (absent or empty) and return its layout.

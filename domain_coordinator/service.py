@@ -5,9 +5,16 @@ operators get a clear answer early. Invariants:
 - it serves only states it verified itself (`TrustedChain` from the pinned genesis): the
   head it reports, the states it streams and relays;
 - a proposal is stored only after it parsed, targets the current head, is within its
-  lifetime, passes the transition invariants, and carries a valid approval by its proposer;
+  lifetime, passes the transition invariants, needs no more approvals than there are
+  operators (`quorum.check_reachable`), and carries a valid approval by its proposer;
   an approval is stored only after its signature verified under a current operator's key, at
   most one per operator; both are durable before the caller gets an answer;
+- the threshold reported for a proposal is `quorum.evaluate`'s, the rule every HSA applies;
+- only a proposal's proposer cancels it alone; another current operator's verified cancel
+  signature is stored as a vote (one per operator, durable before the answer), and the
+  proposal is cancelled once the votes of distinct current operators reach its threshold
+  (`quorum.evaluate_cancel`). An approval is never withdrawn. (A coordinator can always drop
+  a proposal; this keeps one operator, not the coordinator, from vetoing others.)
 - a new state is stored only after it verified as the successor of the head
   (`verify_successor`), with a compare-and-swap on the version, in the same transaction that
   marks its proposal APPLIED; only then is it pushed to HSAs and streams;
@@ -454,6 +461,8 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
             detail = result.describe() + (
                 f"; {result.needed} more needed" if not result.met else "; quorum reached"
             )
+            if record.cancel_votes:
+                detail += f"; {self._cancel_standing(record)}"
         return services_pb2.ProposalStatus(
             proposal_id=record.proposal_id,
             proposal=record.proposal,
@@ -462,6 +471,7 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
             threshold=result.threshold,
             applied_version=record.applied_version,
             detail=detail,
+            cancel_votes=[domain_pb2.CancelVote.FromString(v) for v in record.cancel_votes],
         )
 
     @staticmethod
@@ -528,8 +538,10 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
             now=now,
             max_skew=self._limits.max_clock_skew_seconds,
         )
-        # The same invariants the HSA will enforce: refuse an impossible change up front.
+        # The same invariants the HSA will enforce: refuse an impossible change up front,
+        # and one that needs more approvals than there are operators to give them.
         transition.apply_changes(head.manifest.message, proposal, now=now, limits=self._limits)
+        quorum.check_reachable(head.manifest, proposal)
         if approval.proposal_id != proposal.id:
             raise BadSignatureError("proposer_approval is for another proposal than the one sent")
         if approval.operator_id != proposal.proposer_id:
@@ -616,32 +628,79 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
     def CancelProposal(
         self, request: services_pb2.CancelProposalRequest, context: grpc.ServicerContext
     ) -> services_pb2.ProposalStatus:
+        """The proposer cancels at once; any other current operator's signature is a vote.
+
+        Votes are stored like approvals (one per operator, durable before the answer) and
+        cancel the proposal once those of distinct current operators reach the threshold the
+        proposal needs to apply, so no single operator can veto another's proposal.
+        """
         self._admit(context)
         proposal_id = check.proposal_id(request.proposal_id)
         operator_id = check.operator_id(request.operator_id)
-        signature = check.signature(request.signature)
-        manifest = self.head.manifest
-        name = self._operator_key(manifest, operator_id)
-        try:
-            manifest.operator_keys[operator_id].verify(
-                signature, quorum.cancel_message(proposal_id)
-            )
-        except BadSignatureError:
-            raise BadSignatureError(
-                f"the cancel signature does not verify under the key of operator {name}: sign "
-                "the cancel message of this proposal with your own token"
-            ) from None
+        vote = domain_pb2.CancelVote(
+            proposal_id=proposal_id,
+            operator_id=operator_id,
+            signature=check.signature(request.signature),
+        )
+        # The operators who may vote are those of the state the proposal is for: the head,
+        # checked again below once the proposal is loaded (no apply runs meanwhile).
         with self._apply_lock:
+            head = self.head
+            manifest = head.manifest
+            name = self._operator_key(manifest, operator_id)
+            try:
+                quorum.verify_cancel_signature(
+                    vote, proposal_id, manifest.operator_keys[operator_id]
+                )
+            except BadSignatureError:
+                raise BadSignatureError(
+                    f"the cancel signature does not verify under the key of operator {name}: "
+                    "sign the cancel message of this proposal with your own token"
+                ) from None
             record = self._close_if_due(self._load(proposal_id), self._now())
             if record.state.closed:
                 raise FailedPreconditionError(
                     f"the proposal is {record.state.value} already; there is nothing to cancel"
                 )
-            self._store.set_proposal_state(
-                proposal_id, ProposalState.CANCELLED, f"cancelled by operator {name}"
-            )
-        log.info("proposal %s cancelled by %s", proposal_id.hex()[:16], name)
+            proposal = Proposal.from_bytes(record.proposal, self._limits)
+            if proposal.base_state_hash != head.hash:
+                raise ConflictError(
+                    "the domain moved on while the cancel was checked; look at the proposal "
+                    "again and retry"
+                )
+            if operator_id == proposal.proposer_id:
+                detail = f"cancelled by operator {name}, who proposed it"
+            else:
+                if not self._store.add_cancel_vote(
+                    proposal_id, operator_id, vote.SerializeToString(deterministic=True)
+                ):
+                    raise AlreadyExistsError(
+                        f"you (operator {name}) voted to cancel this proposal already; "
+                        f"{self._cancel_standing(self._load(proposal_id))}"
+                    )
+                record = self._load(proposal_id)
+                votes = [domain_pb2.CancelVote.FromString(v) for v in record.cancel_votes]
+                result = quorum.evaluate_cancel(manifest, proposal, votes)
+                if not result.met:
+                    log.info(
+                        "proposal %s: %s voted to cancel (%s)",
+                        proposal_id.hex()[:16],
+                        name,
+                        result.describe("votes to cancel"),
+                    )
+                    return self._status(record)
+                voters = ", ".join(manifest.operators_by_id[i].name for i in result.approved_by)
+                detail = f"cancelled by the votes of {result.describe('operators')}: {voters}"
+            self._store.set_proposal_state(proposal_id, ProposalState.CANCELLED, detail)
+        log.info("proposal %s %s", proposal_id.hex()[:16], detail)
         return self._status(self._load(proposal_id))
+
+    def _cancel_standing(self, record: ProposalRecord) -> str:
+        """Where the votes to cancel a pending proposal stand, in one phrase."""
+        proposal = Proposal.from_bytes(record.proposal, self._limits)
+        votes = [domain_pb2.CancelVote.FromString(v) for v in record.cancel_votes]
+        result = quorum.evaluate_cancel(self.head.manifest, proposal, votes)
+        return f"{result.describe('votes to cancel')}; the proposer alone may cancel at once"
 
     # --- applying ------------------------------------------------------------------------
 

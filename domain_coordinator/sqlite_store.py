@@ -6,8 +6,9 @@ Invariants (on top of those of `domain_coordinator.store`):
 - every write runs in its own `BEGIN IMMEDIATE` transaction and is committed, with
   `synchronous=FULL`, before the method returns: an acknowledged write survives a crash or a
   power loss;
-- compare-and-swap checks (state version, key revision, one approval per operator) run inside
-  the same transaction as the write they guard, so they hold across threads and processes;
+- compare-and-swap checks (state version, key revision, one approval or cancel vote per
+  operator) run inside the same transaction as the write they guard, so they hold across
+  threads and processes;
 - one connection shared by all threads, serialised by a lock.
 """
 
@@ -59,6 +60,13 @@ CREATE TABLE IF NOT EXISTS approvals (
     approval BLOB NOT NULL,
     UNIQUE (proposal_id, operator_id)
 );
+CREATE TABLE IF NOT EXISTS cancel_votes (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    proposal_id BLOB NOT NULL REFERENCES proposals (proposal_id),
+    operator_id TEXT NOT NULL,
+    vote BLOB NOT NULL,
+    UNIQUE (proposal_id, operator_id)
+);
 CREATE TABLE IF NOT EXISTS hsas (
     host_id TEXT PRIMARY KEY,
     address TEXT NOT NULL,
@@ -74,6 +82,9 @@ CREATE TABLE IF NOT EXISTS keys (
 );
 """
 
+# Tables added after schema 1 was first released (cancel_votes) are created by the
+# idempotent script above when a file made by an older coordinator is opened; an older
+# coordinator ignores them.
 # Columns added after schema 1 was first released, each with a default, so that a file made
 # by an older coordinator gains them on open (ALTER TABLE ... ADD COLUMN) and an older
 # coordinator still reads and writes a file that has them: the schema number stays 1.
@@ -317,11 +328,32 @@ class SqliteStore:
             )
             return cursor.rowcount == 1
 
+    def add_cancel_vote(self, proposal_id: bytes, operator_id: str, vote: bytes) -> bool:
+        _check_bytes(proposal_id, "proposal_id")
+        _check_bytes(vote, "vote")
+        if not isinstance(operator_id, str) or not operator_id:
+            raise TypeError("operator_id must be a non-empty string")
+        with self._transaction() as db:
+            exists = db.execute(
+                "SELECT 1 FROM proposals WHERE proposal_id = ?", (proposal_id,)
+            ).fetchone()
+            if exists is None:
+                raise NotFoundError(f"no proposal {proposal_id.hex()} in the store")
+            cursor = db.execute(
+                "INSERT OR IGNORE INTO cancel_votes (proposal_id, operator_id, vote) "
+                "VALUES (?, ?, ?)",
+                (proposal_id, operator_id, vote),
+            )
+            return cursor.rowcount == 1
+
     @staticmethod
     def _record(db: sqlite3.Connection, row: tuple[object, ...]) -> ProposalRecord:
         proposal_id = bytes(row[0])  # type: ignore[call-overload]
         approvals = db.execute(
             "SELECT approval FROM approvals WHERE proposal_id = ? ORDER BY seq", (proposal_id,)
+        ).fetchall()
+        votes = db.execute(
+            "SELECT vote FROM cancel_votes WHERE proposal_id = ? ORDER BY seq", (proposal_id,)
         ).fetchall()
         return ProposalRecord(
             proposal_id=proposal_id,
@@ -332,6 +364,7 @@ class SqliteStore:
             applied_version=int(row[4]),  # type: ignore[call-overload]
             created_at=int(row[5]),  # type: ignore[call-overload]
             expires_at=int(row[6]),  # type: ignore[call-overload]
+            cancel_votes=tuple(bytes(v[0]) for v in votes),
         )
 
     _COLUMNS = "proposal_id, proposal, state, detail, applied_version, created_at, expires_at"

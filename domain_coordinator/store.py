@@ -14,7 +14,8 @@ Invariants every implementation keeps:
   transaction: "state stored" and "proposal applied" never diverge, even after a crash;
 - a proposal leaves PENDING at most once: APPLIED, EXPIRED, CANCELLED, STALE and REJECTED are
   final, and `set_proposal_state` does not touch a closed proposal;
-- one approval per operator per proposal; a second one is refused, not replaced;
+- one approval per operator per proposal; a second one is refused, not replaced; the same
+  for votes to cancel (kept beside the approvals; neither can be withdrawn);
 - key records are written and deleted with a compare-and-swap on their revision (0 = create);
 - an HSA's reported version is what that HSA said (`register_hsa` replaces it, an InstallState
   answer only raises it): informational, never used for a trust decision;
@@ -64,6 +65,7 @@ class ProposalRecord:
     applied_version: int
     created_at: int
     expires_at: int
+    cancel_votes: tuple[bytes, ...] = ()  # serialized hsmdomain.v1.CancelVote messages
 
 
 @dataclass(frozen=True)
@@ -166,8 +168,16 @@ class CoordinatorStore(Protocol):
         """
         ...
 
+    def add_cancel_vote(self, proposal_id: bytes, operator_id: str, vote: bytes) -> bool:
+        """Add one operator's vote to cancel; False if that operator already voted.
+
+        NotFoundError if the proposal is unknown. Like `add_approval`, it does not look at
+        the proposal's state: the caller checks that it is PENDING.
+        """
+        ...
+
     def get_proposal(self, proposal_id: bytes) -> ProposalRecord | None:
-        """The stored proposal with its approvals, or None."""
+        """The stored proposal with its approvals and cancel votes, or None."""
         ...
 
     def list_proposals(self, include_closed: bool = False) -> list[ProposalRecord]:

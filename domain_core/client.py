@@ -142,6 +142,7 @@ class ProposalView:
     threshold: int
     applied_version: int
     detail: str
+    cancel_votes: tuple[domain_pb2.CancelVote, ...] = ()
 
     @classmethod
     def from_status(
@@ -160,6 +161,7 @@ class ProposalView:
             threshold=status.threshold,
             applied_version=status.applied_version,
             detail=status.detail,
+            cancel_votes=tuple(status.cancel_votes),
         )
 
     @property
@@ -322,13 +324,15 @@ class CoordinatorClient:
         return self._view(status, approval.proposal_id)
 
     def cancel(self, proposal_id: bytes, signer: Signer) -> ProposalView:
-        """Cancel a pending proposal with a current operator's signature."""
+        """Cancel a pending proposal: the proposer's signature cancels it at once, any other
+        current operator's is a vote, which cancels once the votes reach its threshold."""
+        vote = quorum.cancel(proposal_id, signer)
         status = self._call(
             "CancelProposal",
             services_pb2.CancelProposalRequest(
-                proposal_id=proposal_id,
-                operator_id=signer.public_key.key_id,
-                signature=signer.sign(quorum.cancel_message(proposal_id)),
+                proposal_id=vote.proposal_id,
+                operator_id=vote.operator_id,
+                signature=vote.signature,
             ),
         )
         return self._view(status, proposal_id)

@@ -56,6 +56,7 @@ from domain_core.errors import (
 )
 
 __all__ = [
+    "DEFAULT_SCRYPT_N",
     "FILE_TOKEN_FORMAT",
     "FILE_TOKEN_VERSION",
     "MAX_SCRYPT_N",
@@ -347,6 +348,9 @@ FILE_TOKEN_FORMAT: Final = "hsm-domain-file-token"  # noqa: S105 (a format tag, 
 FILE_TOKEN_VERSION: Final = 1
 MIN_SCRYPT_N: Final = 2**14
 MAX_SCRYPT_N: Final = 2**20
+# The cost of new tokens: 128 MiB and a few tenths of a second per opening. A token keeps the
+# n it was made with (its header), so older tokens open as before; tests pass a cheaper n.
+DEFAULT_SCRYPT_N: Final = 2**17
 _SCRYPT_R: Final = 8
 _SCRYPT_P: Final = 1
 _SALT_SIZE: Final = 16
@@ -404,11 +408,13 @@ def create_file_token(
     passphrase: bytes,
     *,
     name: str,
-    scrypt_n: int = 2**15,
+    scrypt_n: int = DEFAULT_SCRYPT_N,
 ) -> PublicKey:
     """Create a passphrase-encrypted key file with a fresh key at `path`; return its public key.
 
     The file is created 0600 and never overwrites an existing one (AlreadyExistsError).
+    `scrypt_n` is the key derivation's cost (a power of two, 2**14 to 2**20); anything below
+    the default is for tests and throwaway demos only.
     """
     path = Path(path)
     algorithm = SignatureAlgorithm(algorithm)

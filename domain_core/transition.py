@@ -4,7 +4,9 @@ Invariants every resulting manifest keeps (each violation is its own error type)
 - at least one trusted host; 1 <= every threshold <= number of operators;
 - no duplicate host id, host key, agreement key, TLS fingerprint, operator id or operator name;
 - removing a host rotates the domain key in the same transition;
-- a proposal applies only with a quorum of the *current* operators (genesis: all of them);
+- a proposal applies only with a quorum of the *current* operators (genesis: all of them),
+  counted against `quorum.required_threshold` (so a change to who may approve, or how many
+  must, needs the highest threshold of the old and the new policy);
 - version + 1, previous hash = hash of the current state, created_at never goes back.
 
 The function is deterministic: every verifier recomputes the manifest from the previous state
@@ -41,7 +43,13 @@ from domain_core.model import (
     operator_public_key,
 )
 from domain_core.pb import domain_pb2
-from domain_core.quorum import QuorumResult, count_approvals, verify_quorum
+from domain_core.quorum import (
+    QuorumResult,
+    apply_set_quorum,
+    check_applicable,
+    count_approvals,
+    verify_quorum,
+)
 
 MIN_ROTATION_INTERVAL_SECONDS = 60
 MAX_GENERATIONS_RETAINED = 100
@@ -126,20 +134,6 @@ def _remove_operator(manifest: domain_pb2.Manifest, operator_id: str) -> None:
     )
 
 
-def _set_quorum(manifest: domain_pb2.Manifest, change: domain_pb2.SetQuorum) -> None:
-    if change.change_type == domain_pb2.CHANGE_TYPE_UNSPECIFIED:
-        manifest.quorum.threshold = change.threshold
-        return
-    kept = [t for t in manifest.quorum.change_thresholds if t.change_type != change.change_type]
-    if change.threshold > 0:
-        kept.append(
-            domain_pb2.ChangeThreshold(change_type=change.change_type, threshold=change.threshold)
-        )
-    kept.sort(key=lambda t: t.change_type)
-    del manifest.quorum.change_thresholds[:]
-    manifest.quorum.change_thresholds.extend(kept)
-
-
 def _add_generation(manifest: domain_pb2.Manifest, now: int) -> None:
     """Append a new domain key generation; keep only the newest `retained` generations."""
     newest = manifest.key_generations[-1].generation if manifest.key_generations else 0
@@ -199,7 +193,7 @@ def apply_changes(
             _remove_operator(manifest, change.remove_operator.operator_id)
             removed_operators = True
         elif kind == domain_pb2.CHANGE_TYPE_SET_QUORUM:
-            _set_quorum(manifest, change.set_quorum)
+            apply_set_quorum(manifest.quorum, change.set_quorum)
         elif kind == domain_pb2.CHANGE_TYPE_SET_SETTINGS:
             manifest.settings.CopyFrom(change.set_settings.settings)
         elif kind == domain_pb2.CHANGE_TYPE_ROTATE_DOMAIN_KEY:
@@ -238,8 +232,14 @@ def genesis_manifest(
     operator_keys = {o.operator_id: operator_public_key(o) for o in manifest.operators}
     if proposal.proposer_id not in operator_keys:
         raise ProposalError("the genesis proposer is not one of the genesis operators")
+    everyone = len(manifest.operators)
     result = count_approvals(
-        manifest.operators, operator_keys, proposal.id, approvals, len(manifest.operators)
+        manifest.operators,
+        operator_keys,
+        proposal.id,
+        approvals,
+        everyone,
+        f"{everyone}: genesis needs every operator it names",
     )
     if not result.met:
         raise QuorumNotMetError(
@@ -269,8 +269,11 @@ def next_manifest(
         raise ProposalError(
             "this node's clock is behind the current domain state; fix the clock and retry"
         )
-    result = verify_quorum(current, head.state_hash, proposal, approvals, now=now)
+    # The proposal must target this state; then the invariants (their errors say the most
+    # precise thing about an impossible change); then the quorum under the current operators.
+    check_applicable(current, head.state_hash, proposal, now=now)
     manifest, _ = apply_changes(current.message, proposal, now=now, limits=limits)
+    result = verify_quorum(current, head.state_hash, proposal, approvals, now=now)
     manifest.version = current.version + 1
     manifest.previous_state_hash = head.state_hash
     manifest.created_at = now

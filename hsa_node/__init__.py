@@ -9,10 +9,14 @@ coordinator), `KeyMaintainer` (re-wrap, automatic rotation and deletion in the b
 Key service workers (more cores for one host's data plane): `hsa_node.worker` (one worker
 process, following the main process's store read-only) and `hsa_node.supervisor` (the main
 process starts, restarts and stops them).
+
+Importing the package first pins the TLS 1.2 cipher suites gRPC may negotiate
+(`domain_core.grpc_env`), before anything loads gRPC.
 """
 
 from __future__ import annotations
 
+import domain_core.grpc_env  # noqa: F401  (first: pins TLS 1.2 suites before gRPC loads)
 from hsa_node.keycache import KeyCache
 from hsa_node.keyservice import KeyServiceServicer
 from hsa_node.node import DomainNode, NodeStatus, StoredStateError

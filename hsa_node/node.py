@@ -88,6 +88,9 @@ class SigningSnapshot:
     head: SealedState
     keys: dict[int, bytes]
 
+    def __repr__(self) -> str:
+        return f"SigningSnapshot(version={self.head.version}, generations={sorted(self.keys)})"
+
 
 class DomainNode:
     """The verified chain, domain keys and membership of one HSA, behind one lock."""

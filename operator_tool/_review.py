@@ -10,7 +10,9 @@ works out by itself:
 - the diff: `transition.apply_changes` on the verified base state (never the coordinator's
   description);
 - the quorum: approvals counted with `quorum.evaluate` under the base state's operators, so a
-  forged or foreign approval the coordinator relays does not count.
+  forged or foreign approval the coordinator relays does not count; the threshold and the
+  reason it applies come from the same rule every HSA applies (`quorum.required_threshold`);
+- the votes to cancel, counted the same way (`quorum.evaluate_cancel`).
 Pure: no I/O, time passed in.
 """
 
@@ -64,6 +66,7 @@ class Review:
     applied_version: int
     names: Mapping[str, str]
     now: int
+    cancel_result: quorum.QuorumResult | None = None
 
     @property
     def proposal_id(self) -> bytes:
@@ -92,6 +95,25 @@ class Review:
     @property
     def threshold(self) -> int:
         return self.result.threshold if self.result is not None else 0
+
+    @property
+    def threshold_reason(self) -> str:
+        """Which threshold applies and why ("3: the remove-host threshold")."""
+        return self.result.reason if self.result is not None else ""
+
+    @property
+    def cancel_voted_by(self) -> tuple[str, ...]:
+        """Current operators whose valid votes to cancel the coordinator holds."""
+        return self.cancel_result.approved_by if self.cancel_result is not None else ()
+
+    def cancel_standing(self) -> str:
+        """Where the votes to cancel stand: '1 of 3 votes to cancel; the proposer ...'."""
+        if self.cancel_result is None:
+            return ""
+        return (
+            f"{self.cancel_result.describe('votes to cancel')}; the proposer alone may cancel "
+            "at once"
+        )
 
     @property
     def needed(self) -> int:
@@ -168,6 +190,7 @@ def review(
     now: int,
     coordinator_state: str = "pending",
     coordinator_detail: str = "",
+    cancel_votes: Sequence[domain_pb2.CancelVote] = (),
 ) -> Review:
     """Judge a proposal against the verified `head` and the verified `states` by version."""
     base = states.get(proposal.base_version)
@@ -230,6 +253,7 @@ def review(
             diff_error = f"the changes do not apply to version {base.version}: {error.message}"
     voters = base.manifest if base is not None else head.manifest
     result = quorum.evaluate(voters, proposal, approvals)
+    cancel_result = quorum.evaluate_cancel(voters, proposal, cancel_votes)
     seen = [s for s in (base, head, successor) if s is not None]
     return Review(
         proposal=proposal,
@@ -244,6 +268,7 @@ def review(
         applied_version=applied_version,
         names=operator_names(seen, proposal),
         now=now,
+        cancel_result=cancel_result,
     )
 
 
@@ -288,12 +313,16 @@ def review_lines(r: Review, *, diff: bool = True) -> list[str]:
         f"approvals: {len(r.approved_by)} of {r.threshold}"
         + (f", {r.needed} more needed" if r.needed else ""),
     ]
+    lines.append(f"  threshold        {r.threshold_reason}")
     approved = ", ".join(r.name(i) for i in r.approved_by) or "nobody yet"
     lines.append(f"  approved by      {approved}")
     if r.pending:
         lines.append(
             f"  can approve      {', '.join(r.name(i) for i in r.can_approve) or 'nobody'}"
         )
+    if r.pending and r.cancel_voted_by:
+        voters = ", ".join(r.name(i) for i in r.cancel_voted_by)
+        lines.append(f"  cancel votes     {r.cancel_standing()} ({voters})")
     if r.result is not None and r.result.rejected:
         ignored = ", ".join(f"{r.name(i)} ({why})" for i, why in r.result.rejected)
         lines.append(f"  not counted      {ignored}")
@@ -319,10 +348,12 @@ def summary_json(r: Review) -> dict[str, Any]:
         "expires_in_seconds": p.expires_at - r.now,
         "changes": change_json(p.changes, r.names),
         "threshold": r.threshold,
+        "threshold_reason": r.threshold_reason,
         "approvals": len(r.approved_by),
         "approved_by": [{"operator_id": i, "name": r.names.get(i)} for i in r.approved_by],
         "can_approve": [{"operator_id": i, "name": r.names.get(i)} for i in r.can_approve],
         "needed": r.needed,
+        "cancel_votes": [{"operator_id": i, "name": r.names.get(i)} for i in r.cancel_voted_by],
         "applied_version": r.applied_version,
     }
 

@@ -357,6 +357,7 @@ class Connection:
             now=int(time.time()),
             coordinator_state=view.state,
             coordinator_detail=view.detail,
+            cancel_votes=view.cancel_votes,
         )
 
     def proposal(self, text: str) -> ProposalView:

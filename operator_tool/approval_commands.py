@@ -205,10 +205,13 @@ def _cancel(ctx: CommandContext) -> int:
                 )
             view = conn.client.cancel(r.proposal_id, signer)
         result = conn.review(view)
-    ctx.emit(
-        summary_json(result),
-        f"proposal {result.proposal_id.hex()[:16]} {result.state}: {result.detail}",
-    )
+    short = result.proposal_id.hex()[:16]
+    if result.pending:
+        # Not the proposer, and not enough votes yet: the vote is recorded, nothing more.
+        text = f"proposal {short} pending: your vote to cancel counts; {result.cancel_standing()}"
+    else:
+        text = f"proposal {short} {result.state}: {result.detail}"
+    ctx.emit(summary_json(result), text)
     return 0
 
 
@@ -277,8 +280,11 @@ def register(subparsers: Subparsers) -> None:
         subparsers,
         "cancel",
         _cancel,
-        help="cancel a pending proposal (any current operator may)",
-        description="Cancel a pending proposal: your token signs the cancel message.",
+        help="cancel a pending proposal (the proposer at once; others by a quorum of votes)",
+        description="Cancel a pending proposal: your token signs the cancel message. The "
+        "proposer's signature cancels it at once; any other operator's is a vote, and the "
+        "proposal is cancelled once the votes reach the threshold it needs to apply. An "
+        "approval cannot be withdrawn: vote to cancel instead.",
         example="hsm-operator cancel 3f2a9c1e --cluster hsm-cluster --token alice.token --yes",
     )
     parser.add_argument("id", metavar="ID", help="proposal id (or 6+ leading hex digits)")

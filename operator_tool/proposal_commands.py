@@ -261,6 +261,7 @@ def _list(ctx: CommandContext) -> int:
                 now=now,
                 coordinator_state=v.state,
                 coordinator_detail=v.detail,
+                cancel_votes=v.cancel_votes,
             )
             for v in views
         ]

@@ -34,8 +34,8 @@ SO_PIN = "13572468"
 PROPOSAL_FIELDS = {
     "proposal_id", "state", "detail", "coordinator_state", "domain_id", "base_version",
     "base_state_hash", "proposer_id", "proposer", "reason", "created_at", "expires_at",
-    "expires_in_seconds", "changes", "threshold", "approvals", "approved_by", "can_approve",
-    "needed", "applied_version",
+    "expires_in_seconds", "changes", "threshold", "threshold_reason", "approvals", "approved_by",
+    "can_approve", "needed", "cancel_votes", "applied_version",
 }  # fmt: skip
 SHOW_FIELDS = PROPOSAL_FIELDS | {"head_version", "diff", "diff_error", "not_counted"}
 DIFF_FIELDS = {"hosts", "operators", "quorum", "settings", "key_generation"}
@@ -194,11 +194,17 @@ def test_ceremony_with_file_tokens_and_a_softhsm2_token(
     assert approved["applied_everywhere"]["hosts"] == ["hsa-1", "hsa-2", "hsa-3"]
     assert ops.status()["key_generation"]["current"] == 2
 
-    # set-quorum 3, approved by carol.
+    # set-quorum 3: raising the threshold needs the new one, so bob and carol approve too.
     quorum = ops.propose("alice", "set-quorum", "3")["proposal_id"]
     shown = ops.json("proposals", "show", quorum)
     assert shown["diff"]["quorum"]["before"]["threshold"] == 2
     assert shown["diff"]["quorum"]["after"]["threshold"] == 3
+    assert (shown["threshold"], shown["needed"]) == (3, 2)
+    assert shown["threshold_reason"] == (
+        "3: the highest threshold in the policy this proposal sets (default), because "
+        "set-quorum changes who may approve or how many approvals are needed"
+    )
+    ops.ok("approve", quorum, *ops.token("bob"), "--yes")
     ops.ok("approve", quorum, *ops.token("carol"), "--yes", "--wait")
     assert ops.status()["quorum"] == {"threshold": 3, "per_change_type": {}, "operators": 4}
 
@@ -304,8 +310,10 @@ def test_refusals_and_exit_statuses(ops: Operators) -> None:
         == "hsm-operator: error: domain is at version 2, this proposal is for 1: propose again"
     )
 
-    # Quorum is 1 now: set it back to 2 (applies at once, with the proposer's approval).
-    assert ops.propose("alice", "set-quorum", "2")["state"] == "applied"
+    # Quorum is 1 now: setting it back to 2 needs the new threshold, 2.
+    raised = ops.propose("alice", "set-quorum", "2")
+    assert (raised["state"], raised["threshold"], raised["needed"]) == ("pending", 2, 1)
+    ops.ok("approve", raised["proposal_id"], *ops.token("bob"), "--yes", "--wait")
 
     # Expired.
     short = ops.propose("alice", "rotate-domain-key", "--expires-in", "2s")["proposal_id"]
@@ -344,10 +352,22 @@ def test_refusals_and_exit_statuses(ops: Operators) -> None:
     cause = ops.refused("propose", "remove-host", "hsa-9", *ops.token("alice"), "--yes")
     assert "hsa-9 is not in the domain" in cause
 
-    # Cancel, then approving is refused.
-    ops.ok("cancel", pending, *ops.token("carol"), "--yes")
+    # carol alone cannot cancel alice's proposal: her signature is a vote.
+    out = ops.ok("cancel", pending, *ops.token("carol"), "--yes")
+    assert out.strip().splitlines()[-1] == (
+        f"proposal {pending[:16]} pending: your vote to cancel counts; 1 of 2 votes to cancel; "
+        "the proposer alone may cancel at once"
+    )
+    shown = ops.json("proposals", "show", pending)
+    assert (shown["state"], _names(shown["cancel_votes"])) == ("pending", ["carol"])
+    cause = ops.refused("cancel", pending, *ops.token("carol"), "--yes")
+    assert "voted to cancel this proposal already" in cause
+    # alice, who proposed it, cancels it at once; then approving is refused.
+    ops.ok("cancel", pending, *ops.token("alice"), "--yes")
     cause = ops.refused("approve", pending, *ops.token("bob"), "--yes")
-    assert cause == "hsm-operator: error: the proposal was cancelled by operator carol"
+    assert cause == (
+        "hsm-operator: error: the proposal was cancelled by operator alice, who proposed it"
+    )
 
     # Usage errors: exit 2.
     last = ops.propose("alice", "rotate-domain-key")["proposal_id"]

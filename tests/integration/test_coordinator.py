@@ -27,7 +27,13 @@ from deploy.init import DomainLayout, init_domain, read_passphrase
 from deploy.localdomain import FAST_SCRYPT_N
 from domain_coordinator.sqlite_store import SqliteStore
 from domain_core import crypto, quorum, sealing, transition
-from domain_core.client import CoordinatorClient, remove_host, rotate_domain_key, set_quorum
+from domain_core.client import (
+    CoordinatorClient,
+    remove_host,
+    remove_operator,
+    rotate_domain_key,
+    set_quorum,
+)
 from domain_core.config import CoordinatorConfig
 from domain_core.errors import (
     AlreadyExistsError,
@@ -184,7 +190,8 @@ def now() -> int:
 
 
 def quorum_change() -> domain_pb2.Change:
-    return set_quorum(3)
+    """A change that needs the default 2 of 3 (lowering the default keeps the highest at 2)."""
+    return set_quorum(1)
 
 
 # --- the process -----------------------------------------------------------------------------
@@ -229,12 +236,12 @@ def test_propose_then_quorum_without_hsas_stays_pending(
     domain: Domain, client: CoordinatorClient
 ) -> None:
     alice, bob = domain.operators["alice"], domain.operators["bob"]
-    view = client.propose([quorum_change()], alice, reason="raise the quorum")
+    view = client.propose([quorum_change()], alice, reason="lower the quorum")
     assert view.state == "pending"
     assert view.threshold == 2
     assert view.approved_by == (alice.public_key.key_id,)
     assert view.detail == "1 of 2 approvals; 1 more needed"
-    assert view.proposal.message.reason == "raise the quorum"
+    assert view.proposal.message.reason == "lower the quorum"
     assert view.proposal.base_version == 1
 
     view = client.approve(view.proposal_id, bob)
@@ -356,46 +363,108 @@ def test_impossible_change_is_refused_up_front(domain: Domain, client: Coordinat
         client.propose([remove_host("hsa-9")], alice)
 
 
+def _cancel_request(
+    proposal_id: bytes, signer: Signer, signature: bytes | None = None
+) -> services_pb2.CancelProposalRequest:
+    return services_pb2.CancelProposalRequest(
+        proposal_id=proposal_id,
+        operator_id=signer.public_key.key_id,
+        signature=signature or signer.sign(quorum.cancel_message(proposal_id)),
+    )
+
+
 def test_cancel_needs_an_operator_signature(domain: Domain, client: CoordinatorClient) -> None:
     alice, bob, carol = (domain.operators[n] for n in ("alice", "bob", "carol"))
     view = client.propose([rotate_domain_key()], alice)
-    # A signature by bob's key presented as carol's does not cancel.
+    with grpc.secure_channel(
+        client.address, grpc.ssl_channel_credentials(domain.ca_pem)
+    ) as channel:
+        stub = services_pb2_grpc.CoordinatorStub(channel)  # type: ignore[no-untyped-call]
+        for forged in (
+            # A signature by bob's key presented as alice's (the proposer's) does not cancel.
+            bob.sign(quorum.cancel_message(view.proposal_id)),
+            # A signature over the approval message is not a cancel signature.
+            alice.sign(quorum.approval_message(view.proposal_id)),
+        ):
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.CancelProposal(_cancel_request(view.proposal_id, alice, forged), timeout=5)
+            assert refused.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    pending = client.get_proposal(view.proposal_id)
+    assert (pending.state, pending.cancel_votes) == ("pending", ())
+
+    # The proposer withdraws their own proposal at once.
+    cancelled = client.cancel(view.proposal_id, alice)
+    assert cancelled.state == "cancelled"
+    assert cancelled.detail == "cancelled by operator alice, who proposed it"
+    assert view.proposal_id not in [v.proposal_id for v in client.list_proposals()]
+    assert view.proposal_id in [v.proposal_id for v in client.list_proposals(include_closed=True)]
+    with pytest.raises(FailedPreconditionError, match="cancelled already"):
+        client.cancel(view.proposal_id, bob)
+    with pytest.raises(FailedPreconditionError, match="cancelled by operator alice"):
+        client.approve(view.proposal_id, carol)
+
+
+def test_one_operator_cannot_cancel_anothers_proposal(
+    domain: Domain, client: CoordinatorClient
+) -> None:
+    """Issue 13, item 10: carol alone used to cancel anything, her own removal included."""
+    alice, bob, carol = (domain.operators[n] for n in ("alice", "bob", "carol"))
+    view = client.propose([rotate_domain_key()], alice)
+    voted = client.cancel(view.proposal_id, carol)
+    assert voted.state == "pending"
+    assert voted.detail == (
+        "1 of 2 approvals; 1 more needed; 1 of 2 votes to cancel; the proposer alone may "
+        "cancel at once"
+    )
+    assert [v.operator_id for v in voted.cancel_votes] == [carol.public_key.key_id]
+    with pytest.raises(AlreadyExistsError, match="voted to cancel this proposal already; 1 of 2"):
+        client.cancel(view.proposal_id, carol)
+    assert client.get_proposal(view.proposal_id).state == "pending"
+    assert view.proposal_id in [v.proposal_id for v in client.list_proposals()]
+    # Her vote stands beside the approvals; bob may still approve.
+    approved = client.approve(view.proposal_id, bob)
+    assert approved.state == "pending"
+    assert set(approved.approved_by) == {alice.public_key.key_id, bob.public_key.key_id}
+
+
+def test_a_quorum_of_votes_cancels(domain: Domain, client: CoordinatorClient) -> None:
+    alice, bob, carol = (domain.operators[n] for n in ("alice", "bob", "carol"))
+    view = client.propose([rotate_domain_key()], alice)
+    assert client.cancel(view.proposal_id, bob).state == "pending"
+    cancelled = client.cancel(view.proposal_id, carol)
+    assert cancelled.state == "cancelled"
+    assert cancelled.detail == "cancelled by the votes of 2 of 2 operators: bob, carol"
+    # The votes needed follow the threshold the proposal needs: raising the quorum to 3
+    # needs 3 approvals, so cancelling it against its proposer's will needs 3 votes.
+    raise_it = client.propose([set_quorum(3)], alice)
+    assert raise_it.threshold == 3
+    client.cancel(raise_it.proposal_id, bob)
+    voted = client.cancel(raise_it.proposal_id, carol)
+    assert voted.state == "pending"
+    assert "2 of 3 votes to cancel" in voted.detail
+    assert client.cancel(raise_it.proposal_id, alice).state == "cancelled"
+
+
+def test_a_vote_for_another_proposal_does_not_count(
+    domain: Domain, client: CoordinatorClient
+) -> None:
+    alice, bob, carol = (domain.operators[n] for n in ("alice", "bob", "carol"))
+    target = client.propose([rotate_domain_key()], alice)
+    other = client.propose([rotate_domain_key()], alice)
+    client.cancel(other.proposal_id, carol)
+    # carol's signature over the other proposal's cancel message, presented for this one.
+    moved = carol.sign(quorum.cancel_message(other.proposal_id))
     with grpc.secure_channel(
         client.address, grpc.ssl_channel_credentials(domain.ca_pem)
     ) as channel:
         stub = services_pb2_grpc.CoordinatorStub(channel)  # type: ignore[no-untyped-call]
         with pytest.raises(grpc.RpcError) as refused:
-            stub.CancelProposal(
-                services_pb2.CancelProposalRequest(
-                    proposal_id=view.proposal_id,
-                    operator_id=carol.public_key.key_id,
-                    signature=bob.sign(quorum.cancel_message(view.proposal_id)),
-                ),
-                timeout=5,
-            )
+            stub.CancelProposal(_cancel_request(target.proposal_id, carol, moved), timeout=5)
         assert refused.value.code() is grpc.StatusCode.PERMISSION_DENIED
-        # A signature over the approval message is not a cancel signature.
-        with pytest.raises(grpc.RpcError) as refused:
-            stub.CancelProposal(
-                services_pb2.CancelProposalRequest(
-                    proposal_id=view.proposal_id,
-                    operator_id=carol.public_key.key_id,
-                    signature=carol.sign(quorum.approval_message(view.proposal_id)),
-                ),
-                timeout=5,
-            )
-        assert refused.value.code() is grpc.StatusCode.PERMISSION_DENIED
-    assert client.get_proposal(view.proposal_id).state == "pending"
-
-    cancelled = client.cancel(view.proposal_id, carol)
-    assert cancelled.state == "cancelled"
-    assert cancelled.detail == "cancelled by operator carol"
-    assert view.proposal_id not in [v.proposal_id for v in client.list_proposals()]
-    assert view.proposal_id in [v.proposal_id for v in client.list_proposals(include_closed=True)]
-    with pytest.raises(FailedPreconditionError, match="cancelled already"):
-        client.cancel(view.proposal_id, bob)
-    with pytest.raises(FailedPreconditionError, match="cancelled by operator carol"):
-        client.approve(view.proposal_id, bob)
+    voted = client.cancel(target.proposal_id, bob)
+    assert voted.state == "pending"
+    assert "1 of 2 votes to cancel" in voted.detail
+    assert [v.operator_id for v in voted.cancel_votes] == [bob.public_key.key_id]
 
 
 def test_unknown_proposal_and_bad_ids(domain: Domain, client: CoordinatorClient) -> None:
@@ -588,7 +657,7 @@ def test_restart_keeps_everything_and_tampering_is_refused(tmp_path: Path) -> No
         with CoordinatorClient(process.operator_address, domain.ca_pem) as client:
             pending = client.propose([quorum_change()], alice, reason="keep me")
             pending = client.approve(pending.proposal_id, bob)
-            cancelled = client.cancel(client.propose([quorum_change()], bob).proposal_id, alice)
+            cancelled = client.cancel(client.propose([quorum_change()], bob).proposal_id, bob)
             genesis = client.latest_state()
         assert process.stop() == 0
 
@@ -652,6 +721,52 @@ def test_restart_keeps_everything_and_tampering_is_refused(tmp_path: Path) -> No
             "refusing to start: stored state version 1 is not the pinned genesis state"
             in process.log()
         )
+    finally:
+        process.stop()
+
+
+def test_a_removed_operators_cancel_vote_does_not_count(tmp_path: Path) -> None:
+    domain = make_domain(tmp_path / "d")
+    alice, bob, carol = (domain.operators[n] for n in ("alice", "bob", "carol"))
+    process = CoordinatorProcess(domain.layout, tmp_path / "c.log")
+    try:
+        process.start()
+        with CoordinatorClient(process.operator_address, domain.ca_pem) as client:
+            removal = client.propose([remove_operator(carol.public_key.key_id)], alice)
+            # carol alone cannot stop her own removal: her signature is one vote of two.
+            assert client.cancel(removal.proposal_id, carol).state == "pending"
+            removal = client.approve(removal.proposal_id, bob)
+            genesis = client.latest_state()
+        assert process.stop() == 0
+        # hsa-1 applies the removal (state 2), stored as the coordinator would.
+        state2 = seal_next(domain, genesis, removal.proposal, list(removal.approvals))
+        store = SqliteStore(db_path(domain))
+        try:
+            store.append_state_and_close_proposal(2, state2.to_bytes(), removal.proposal_id)
+        finally:
+            store.close()
+
+        process.start()
+        with CoordinatorClient(process.operator_address, domain.ca_pem) as client:
+            assert client.latest_state().version == 2
+            target = client.propose([rotate_domain_key()], alice)
+            with pytest.raises(PermissionDeniedError, match="not an operator of this domain"):
+                client.cancel(target.proposal_id, carol)
+        assert process.stop() == 0
+        # A store that holds carol's (validly signed) vote anyway: a hostile or restored
+        # store, or a vote from before her removal.
+        vote = quorum.cancel(target.proposal_id, carol)
+        with sqlite3.connect(db_path(domain)) as db:
+            db.execute(
+                "INSERT INTO cancel_votes (proposal_id, operator_id, vote) VALUES (?, ?, ?)",
+                (target.proposal_id, vote.operator_id, vote.SerializeToString()),
+            )
+        process.start()
+        with CoordinatorClient(process.operator_address, domain.ca_pem) as client:
+            voted = client.cancel(target.proposal_id, bob)
+            assert voted.state == "pending"
+            assert "1 of 2 votes to cancel" in voted.detail
+            assert len(voted.cancel_votes) == 2  # relayed as stored; counted: bob only
     finally:
         process.stop()
 

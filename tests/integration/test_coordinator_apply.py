@@ -197,7 +197,7 @@ def test_lost_compare_and_swap_makes_it_stale(
     setup = start(tmp_path, cleanup)
     alice, bob, carol = (setup.domain.operators[n] for n in ("alice", "bob", "carol"))
     genesis = setup.client.latest_state()
-    competing = setup.client.propose([set_quorum(3)], carol)
+    competing = setup.client.propose([set_quorum(1)], carol)
     approvals = [*competing.approvals, quorum.approve(competing.proposal, alice)]
     other_state = seal_next(setup.domain, genesis, competing.proposal, approvals)
 

@@ -214,6 +214,7 @@ def test_file_token_init_show_export(cli: Cli) -> None:
     assert created["name"] == "alice"
     assert created["algorithm"] == "ed25519"
     assert token.stat().st_mode & 0o777 == 0o600
+    assert json.loads(token.read_text())["kdf"]["n"] >= 2**17  # a real token's cost
 
     # The token and the passphrase file may come from the environment too.
     env = {"HSM_TOKEN": str(token), "HSM_TOKEN_PASSPHRASE_FILE": passphrase_file}

@@ -52,7 +52,7 @@ class SimHost:
 
     host_id: str
     signer: InMemorySigner
-    agreement_private_key: bytes
+    agreement_private_key: bytes = field(repr=False)
     agreement_public_key: bytes
     record: domain_pb2.Host
 
@@ -222,7 +222,7 @@ class SimulatedDomain:
 
     def required_threshold(self, proposal: Proposal, base: SealedState | None = None) -> int:
         base = base or self.head
-        return quorum.required_threshold(base.manifest.message.quorum, proposal.change_types)
+        return quorum.required(base.manifest, proposal).threshold
 
     def keys_at(self, state: SealedState, host_id: str) -> dict[int, bytes]:
         """The domain keys of `state` as `host_id` unseals them."""

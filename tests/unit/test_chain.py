@@ -166,7 +166,7 @@ def test_fork_same_proposal_resealed_by_another_host(world: World) -> None:
 
 
 def test_fork_different_proposal_same_version(world: World) -> None:
-    other = world.sim.propose([world.sim.set_quorum_change(3)], base=world.v(2))
+    other = world.sim.propose([world.sim.set_quorum_change(1)], base=world.v(2))
     forked = world.sim.apply(other, world.sim.approve(other, [0, 1]), base=world.v(2), append=False)
     refused(world.chain_at(3), forked, ForkError)
     # A node that saw the other branch first refuses this branch's successor.
@@ -310,7 +310,7 @@ def test_resume(world: World) -> None:
         TrustedChain.resume("other", world.sim.genesis_hash, world.v(3))
     with pytest.raises(GenesisMismatchError):
         TrustedChain.resume("test", b"\x01" * 32, world.v(1))
-    other = world.sim.propose([world.sim.set_quorum_change(3)], base=world.v(1))
+    other = world.sim.propose([world.sim.set_quorum_change(1)], base=world.v(1))
     fork2 = world.sim.apply(other, world.sim.approve(other, [0, 1]), base=world.v(1), append=False)
     remembered = TrustedChain.resume(
         "test", world.sim.genesis_hash, world.v(3), known_hashes={2: world.v(2).hash}
@@ -362,12 +362,36 @@ def test_too_few_valid_approvals_inside_a_state(world: World, case: str) -> None
 def test_expired_proposal_inside_a_state(world: World) -> None:
     sim = world.sim
     base = world.v(5)
-    proposal = sim.propose([sim.set_quorum_change(3)], base=base, now=sim.now, expires_in=600)
+    proposal = sim.propose([sim.set_quorum_change(1)], base=base, now=sim.now, expires_in=600)
     approvals = sim.approve(proposal, [0, 1])
     forged = world.evil.forge(proposal, approvals, base=base, now=proposal.expires_at)
     refused(world.chain_at(5), forged, ProposalExpiredError)
     on_time = world.evil.forge(proposal, approvals, base=base, now=proposal.expires_at - 1)
     assert world.chain_at(5).update(on_time)
+
+
+@pytest.mark.parametrize("walk_around", ["lower remove-host", "add a puppet"])
+def test_walk_around_of_a_higher_threshold_is_refused(walk_around: str) -> None:
+    """Issue 13, item 3: a producing HSA that took two approvals for a change that lowers
+    remove-host's threshold of 3, or adds an operator, is caught by every verifier."""
+    sim = SimulatedDomain.create(
+        change_thresholds=[
+            domain_pb2.ChangeThreshold(change_type=domain_pb2.CHANGE_TYPE_REMOVE_HOST, threshold=3)
+        ]
+    )
+    evil = MaliciousCoordinator(sim)
+    change = (
+        sim.set_quorum_change(2, domain_pb2.CHANGE_TYPE_REMOVE_HOST)
+        if walk_around == "lower remove-host"
+        else sim.add_operator_change("puppet")
+    )
+    proposal = sim.propose([change])
+    forged = evil.forge(proposal, sim.approve(proposal, [0, 1]))
+    error = refused(sim.chain(), forged, QuorumNotMetError)
+    assert "2 of 3 approvals" in str(error)
+    assert "because" in str(error)
+    honest = evil.forge(proposal, sim.approve(proposal, [0, 1, 2]))
+    assert sim.chain().update(honest)
 
 
 def test_approvals_of_operator_removed_earlier_do_not_count(world: World) -> None:

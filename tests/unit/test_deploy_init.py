@@ -237,6 +237,9 @@ def test_init_accepts_an_empty_directory_and_one_operator(tmp_path: Path) -> Non
     layout = init_domain(target, nodes=1, operators=1, quorum=1, domain_id="a.example", now=NOW)
     assert list(layout.node_configs) == ["hsa-1"]
     assert list(layout.operator_tokens) == ["alice"]
+    # Without an explicit cost (as `hsm-domain init` and `up` call it), tokens are real ones.
+    token, _ = layout.operator_tokens["alice"]
+    assert json.loads(token.read_text())["kdf"]["n"] >= 2**17
     assert layout.domain_id == "a.example"
 
 

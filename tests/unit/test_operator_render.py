@@ -39,7 +39,7 @@ from operator_tool._render import (
     relative,
     table,
 )
-from operator_tool._review import review, review_json, review_lines
+from operator_tool._review import review, review_json, review_lines, summary_json
 from operator_tool._signing import parse_duration
 from operator_tool.offline import (
     approval_document,
@@ -444,6 +444,52 @@ def test_review_pending_counts_only_valid_approvals(sim: SimulatedDomain) -> Non
         r.require_can_sign(sim.operators[0].operator_id)
     with pytest.raises(UnknownSignerError, match="you are not an operator of this domain"):
         r.require_can_sign(dave.operator_id)
+
+
+def test_review_says_which_threshold_applies_and_why() -> None:
+    sim = SimulatedDomain.create(
+        operators=3,
+        threshold=2,
+        change_thresholds=[
+            domain_pb2.ChangeThreshold(change_type=domain_pb2.CHANGE_TYPE_REMOVE_HOST, threshold=3)
+        ],
+    )
+    lower = sim.propose([sim.set_quorum_change(2, domain_pb2.CHANGE_TYPE_REMOVE_HOST)])
+    r = review(lower, sim.approve(lower, [0, 1]), head=sim.head, states=_states(sim), now=sim.now)
+    reason = (
+        "3: the highest threshold in the current policy (remove-host), because set-quorum "
+        "changes who may approve or how many approvals are needed"
+    )
+    assert (r.threshold, r.needed, r.threshold_reason) == (3, 1, reason)
+    text = "\n".join(review_lines(r))
+    assert "pending: 2 of 3 approvals, 1 more needed" in text
+    assert f"  threshold        {reason}" in text
+    assert review_json(r)["threshold_reason"] == reason
+    plain = sim.propose([sim.rotate_domain_key_change()])
+    r = review(plain, [], head=sim.head, states=_states(sim), now=sim.now)
+    assert "  threshold        2: the default threshold" in review_lines(r)
+
+
+def test_review_counts_cancel_votes_itself(sim: SimulatedDomain) -> None:
+    proposal = sim.propose([sim.rotate_domain_key_change()])
+    outsider = new_operator("mallory")
+    as_approval = quorum.cancel(proposal.id, sim.operators[2].signer)
+    as_approval.signature = sim.operators[2].signer.sign(quorum.approval_message(proposal.id))
+    votes = [
+        quorum.cancel(proposal.id, sim.operators[1].signer),
+        quorum.cancel(proposal.id, outsider.signer),  # not an operator
+        as_approval,  # an approval signature passed off as a cancel vote
+    ]
+    r = review(proposal, [], head=sim.head, states=_states(sim), now=sim.now, cancel_votes=votes)
+    assert r.cancel_voted_by == (sim.operators[1].operator_id,)
+    assert r.cancel_standing() == ("1 of 2 votes to cancel; the proposer alone may cancel at once")
+    assert (
+        "  cancel votes     1 of 2 votes to cancel; the proposer alone may cancel at once (op1)"
+        in (review_lines(r))
+    )
+    assert summary_json(r)["cancel_votes"] == [
+        {"operator_id": sim.operators[1].operator_id, "name": "op1"}
+    ]
 
 
 def test_review_applied_stale_expired(sim: SimulatedDomain) -> None:

@@ -10,15 +10,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from support.simulator import SimulatedDomain, new_operator
 
-from domain_core import quorum
+from domain_core import quorum, transition
 from domain_core.errors import (
+    HsmDomainError,
     MalformedMessageError,
     ProposalExpiredError,
     QuorumNotMetError,
+    QuorumUnreachableError,
     StaleProposalError,
     WrongDomainError,
 )
-from domain_core.model import Proposal, operator_public_key
+from domain_core.model import Proposal, change_type_name, operator_public_key
 from domain_core.pb import domain_pb2
 from domain_core.signers import SignatureAlgorithm
 
@@ -175,6 +177,74 @@ def test_any_m_distinct_operators_pass_and_m_minus_1_fail(m: int) -> None:
         assert not _count([VALID[i] for i in chosen[:-1]], m).met
 
 
+# --- votes to cancel: the same count, over the cancel message ---------------------------------
+
+CANCELS = [quorum.cancel(PROPOSAL.id, o.signer) for o in OPS]
+
+
+def _vote(spec: tuple[object, ...]) -> domain_pb2.CancelVote:
+    kind = spec[0]
+    i = int(spec[1]) if len(spec) > 1 else 0  # type: ignore[call-overload]
+    if kind == "ok":
+        return CANCELS[i]
+    if kind == "approval":  # op's approval signature presented as a vote to cancel
+        return domain_pb2.CancelVote(
+            proposal_id=PROPOSAL.id, operator_id=OPS[i].operator_id, signature=VALID[i].signature
+        )
+    if kind == "other-proposal":  # op's vote to cancel another proposal, moved onto this one
+        other = quorum.cancel(OTHER_PROPOSAL.id, OPS[i].signer)
+        return domain_pb2.CancelVote(
+            proposal_id=PROPOSAL.id, operator_id=OPS[i].operator_id, signature=other.signature
+        )
+    if kind == "other-proposal-as-is":
+        return quorum.cancel(OTHER_PROPOSAL.id, OPS[i].signer)
+    if kind == "outsider":
+        return quorum.cancel(PROPOSAL.id, OUTSIDER.signer)
+    raise AssertionError(f"unknown token {spec}")
+
+
+CANCEL_CASES: list[tuple[str, int, int, list[Token], int]] = [
+    # (name, operators, threshold, votes, expected count)
+    ("two votes", 3, 2, [("ok", 1), ("ok", 2)], 2),
+    ("one vote", 3, 2, [("ok", 1)], 1),
+    ("duplicate vote counts once", 3, 2, [("ok", 1), ("ok", 1)], 1),
+    ("approval is not a vote", 3, 2, [("ok", 1), ("approval", 2)], 1),
+    ("vote moved from another proposal", 3, 2, [("ok", 1), ("other-proposal", 2)], 1),
+    ("vote for another proposal", 3, 2, [("ok", 1), ("other-proposal-as-is", 2)], 1),
+    ("outsider", 3, 2, [("ok", 1), ("outsider",)], 1),
+    ("removed operator (beyond this set)", 2, 2, [("ok", 1), ("ok", 2)], 1),
+]
+
+
+@pytest.mark.parametrize(
+    ("n_operators", "threshold", "tokens", "expected"),
+    [pytest.param(n, m, t, e, id=name) for name, n, m, t, e in CANCEL_CASES],
+)
+def test_cancel_vote_table(
+    n_operators: int, threshold: int, tokens: list[Token], expected: int
+) -> None:
+    operators = [o.record for o in OPS[:n_operators]]
+    keys = {o.operator_id: operator_public_key(o) for o in operators}
+    votes = [_vote(t) for t in tokens]
+    result = quorum.count_cancel_votes(operators, keys, PROPOSAL.id, votes, threshold)
+    assert len(result.approved_by) == expected
+    assert result.met is (expected >= threshold)
+    assert result.describe("votes to cancel") == f"{expected} of {threshold} votes to cancel"
+
+
+def test_cancel_votes_need_the_proposals_threshold() -> None:
+    sim = SimulatedDomain.create(
+        operators=3,
+        threshold=2,
+        change_thresholds=[domain_pb2.ChangeThreshold(change_type=REMOVE_HOST, threshold=3)],
+    )
+    proposal = sim.propose([sim.remove_host_change("hsa-3")])
+    votes = [quorum.cancel(proposal.id, sim.operators[i].signer) for i in (1, 2)]
+    result = quorum.evaluate_cancel(sim.head.manifest, proposal, votes)
+    assert (len(result.approved_by), result.threshold, result.met) == (2, 3, False)
+    assert result.reason == "3: the remove-host threshold"
+
+
 # --- removed operators -----------------------------------------------------------------------
 
 
@@ -242,37 +312,208 @@ def test_forgeries_never_add_and_order_never_matters(valid: set[int], forged: li
     assert _count(list(reversed(mixed)), 1).approved_by == base.approved_by
 
 
-# --- per-change-type thresholds ---------------------------------------------------------------
+# --- the threshold a proposal needs (the rule against walk-arounds) ----------------------------
+
+REMOVE_OPERATOR = domain_pb2.CHANGE_TYPE_REMOVE_OPERATOR
+_TYPES = {
+    "add-host": ADD_HOST,
+    "remove-host": REMOVE_HOST,
+    "add-operator": ADD_OPERATOR,
+    "remove-operator": REMOVE_OPERATOR,
+    "set-quorum": SET_QUORUM,
+}
 
 
 def _policy(default: int, **typed: int) -> domain_pb2.QuorumPolicy:
-    names = {"add_host": ADD_HOST, "remove_host": REMOVE_HOST, "add_operator": ADD_OPERATOR}
+    """A policy from a table row: `remove_host=3` is remove-host's own threshold."""
+    types = {name.replace("_", "-"): value for name, value in typed.items()}
     return domain_pb2.QuorumPolicy(
         threshold=default,
         change_thresholds=[
-            domain_pb2.ChangeThreshold(change_type=names[k], threshold=v)
-            for k, v in sorted(typed.items(), key=lambda kv: names[kv[0]])
+            domain_pb2.ChangeThreshold(change_type=_TYPES[k], threshold=v)
+            for k, v in sorted(types.items(), key=lambda kv: _TYPES[kv[0]])
         ],
     )
 
 
+def _c(token: str) -> domain_pb2.Change:
+    """One change from a table token: "set-quorum remove-host=2", "set-quorum 3", ..."""
+    kind, _, argument = token.partition(" ")
+    if kind == "set-quorum":
+        target, _, value = argument.rpartition("=")
+        return SIM.set_quorum_change(int(value or argument), _TYPES[target] if target else 0)
+    if kind == "add-operator":
+        return domain_pb2.Change(add_operator=domain_pb2.AddOperator(operator=OUTSIDER.record))
+    if kind == "remove-operator":
+        return SIM.remove_operator_change(OPS[4].operator_id)
+    if kind == "remove-host":
+        return SIM.remove_host_change("hsa-3")
+    if kind == "add-host":
+        return domain_pb2.Change(add_host=domain_pb2.AddHost(host=SIM.hosts["hsa-1"].record))
+    if kind == "set-settings":
+        return SIM.set_settings_change(key_generations_retained=5)
+    if kind == "rotate":
+        return SIM.rotate_domain_key_change()
+    raise AssertionError(f"unknown token {token}")
+
+
+GOVERNANCE = "change who may approve or how many approvals are needed"
+THRESHOLD_CASES: list[tuple[str, domain_pb2.QuorumPolicy, list[str], int, str]] = [
+    # (name, current policy, changes, threshold, reason)
+    ("plain change: default", _policy(2), ["rotate"], 2, "2: the default threshold"),
+    ("untyped change", _policy(2, remove_host=3), ["add-host"], 2, "2: the default threshold"),
+    ("typed change", _policy(2, remove_host=3), ["remove-host"], 3, "3: the remove-host threshold"),
+    ("mixed plain", _policy(2, remove_host=3), ["add-host", "remove-host"], 3,
+     "3: the remove-host threshold"),
+    ("a type threshold never lowers", _policy(3, add_host=1), ["add-host"], 3,
+     "3: the default threshold"),
+    ("tie of default and type", _policy(3, add_host=3), ["add-host"], 3,
+     "3: the default, add-host thresholds"),
+    ("settings are not governance", _policy(2, remove_host=3), ["set-settings"], 2,
+     "2: the default threshold"),
+    # Walk-around 1 of issue 13: two approvals lower remove-host's threshold.
+    ("lower a type threshold", _policy(2, remove_host=3), ["set-quorum remove-host=2"], 3,
+     "3: the highest threshold in the current policy (remove-host), because set-quorum "
+     "changes who may approve or how many approvals are needed"),
+    ("drop a type threshold", _policy(2, remove_host=3), ["set-quorum remove-host=0"], 3,
+     "3: the highest threshold in the current policy (remove-host), because set-quorum"),
+    ("lower it and use it at once", _policy(2, remove_host=3),
+     ["set-quorum remove-host=2", "remove-host"], 3, "in the current policy (remove-host)"),
+    # Walk-around 2 of issue 13: two approvals add a puppet whose approval makes the third.
+    ("add a puppet operator", _policy(2, remove_host=3), ["add-operator"], 3,
+     "3: the highest threshold in the policy (remove-host), because add-operator changes"),
+    ("add a puppet and remove", _policy(2, remove_host=3), ["add-operator", "remove-host"], 3,
+     "3: the highest threshold in the policy (remove-host)"),
+    ("shrink the operator set", _policy(2, remove_host=3), ["remove-operator"], 3,
+     "3: the highest threshold in the policy (remove-host), because remove-operator"),
+    ("lower the default while a type stays", _policy(2, remove_host=3), ["set-quorum 1"], 3,
+     "in the policy (remove-host)"),
+    ("a typed governance threshold is no way around", _policy(2, remove_host=3, add_operator=1),
+     ["add-operator"], 3, "in the policy (remove-host)"),
+    ("set-quorum's own threshold", _policy(2, set_quorum=3), ["set-quorum 1"], 3,
+     "in the policy (set-quorum)"),
+    # Raising a threshold needs the new one: two of three cannot hand the third a veto.
+    ("raise the default", _policy(2), ["set-quorum 3"], 3,
+     "3: the highest threshold in the policy this proposal sets (default), because set-quorum"),
+    ("raise a type", _policy(2), ["set-quorum remove-host=3"], 3,
+     "in the policy this proposal sets (remove-host)"),
+    ("raise to the current highest", _policy(2, remove_host=3), ["set-quorum 3"], 3,
+     "in the policy (remove-host)"),
+    ("several governance changes", _policy(2), ["add-operator", "remove-operator"], 2,
+     "2: the highest threshold in the policy (default), because add-operator and "
+     f"remove-operator {GOVERNANCE}"),
+    ("add and raise past the operators", _policy(2, remove_host=3),
+     ["add-operator", "set-quorum remove-host=4"], 4,
+     "in the policy this proposal sets (remove-host)"),
+    ("governance with a plain change", _policy(1),
+     ["rotate", "set-quorum add-host=2"], 2, "in the policy this proposal sets (add-host)"),
+]  # fmt: skip
+
+
 @pytest.mark.parametrize(
-    ("policy", "types", "expected"),
-    [
-        (_policy(2), {ADD_HOST}, 2),
-        (_policy(2, remove_host=3), {ADD_HOST}, 2),
-        (_policy(2, remove_host=3), {REMOVE_HOST}, 3),
-        (_policy(2, remove_host=3), {ADD_HOST, REMOVE_HOST}, 3),
-        (_policy(2, remove_host=3, add_operator=4), {ADD_OPERATOR, REMOVE_HOST}, 4),
-        (_policy(3, add_operator=1), {ADD_OPERATOR}, 3),  # a typed threshold never lowers
-        (_policy(2, remove_host=3), set(), 2),
-        (_policy(1, add_host=2), {SET_QUORUM, ADD_HOST}, 2),
-    ],
+    ("policy", "tokens", "expected", "reason"),
+    [pytest.param(p, t, e, r, id=name) for name, p, t, e, r in THRESHOLD_CASES],
 )
-def test_required_threshold_is_highest_of_change_types(
-    policy: domain_pb2.QuorumPolicy, types: set[int], expected: int
+def test_required_threshold_table(
+    policy: domain_pb2.QuorumPolicy, tokens: list[str], expected: int, reason: str
 ) -> None:
-    assert quorum.required_threshold(policy, types) == expected
+    need = quorum.required_threshold(policy, [_c(t) for t in tokens])
+    assert need.threshold == expected
+    assert need.reason.startswith(f"{expected}: "), need.reason
+    assert reason in need.reason, need.reason
+
+
+def test_policy_after_is_what_the_transition_makes() -> None:
+    """The "new policy" the rule looks at is exactly the policy the transition writes."""
+    sim = SimulatedDomain.create(
+        operators=4,
+        threshold=2,
+        change_thresholds=[domain_pb2.ChangeThreshold(change_type=REMOVE_HOST, threshold=3)],
+    )
+    changes = [
+        sim.set_quorum_change(3),
+        sim.set_quorum_change(2, REMOVE_HOST),
+        sim.set_quorum_change(4, ADD_HOST),
+        sim.set_quorum_change(0, ADD_HOST),
+        sim.set_quorum_change(4, SET_QUORUM),
+    ]
+    proposal = sim.propose(changes)
+    after = quorum.policy_after(sim.head.manifest.message.quorum, proposal.changes)
+    made, _ = transition.apply_changes(sim.head.manifest.message, proposal, now=sim.now)
+    assert after == made.quorum
+
+
+# Walk-arounds tried as an attacker would: two colluding operators of three (default 2,
+# remove-host 3) search every sequence of up to three proposals of up to two changes each
+# that they alone can get applied (their own approvals, and those of any operator they
+# added), looking for one that removes a host.
+
+
+def _search_for_removal_with_two(depth: int) -> tuple[list[list[list[str]]], int]:
+    """Every sequence found that removes a host, and how many proposals could be applied."""
+    sim = SimulatedDomain.create(
+        operators=3,
+        threshold=2,
+        change_thresholds=[domain_pb2.ChangeThreshold(change_type=REMOVE_HOST, threshold=3)],
+    )
+    victim = sim.operators[2].operator_id  # the honest operator
+    puppets = [new_operator(f"puppet{i}", SignatureAlgorithm.ED25519) for i in range(2)]
+    colluders = {sim.operators[0].operator_id, sim.operators[1].operator_id}
+    colluders |= {p.operator_id for p in puppets}
+    singles: dict[str, domain_pb2.Change] = {"remove-host": sim.remove_host_change("hsa-3")}
+    for value in (1, 2, 3):
+        singles[f"set-quorum {value}"] = sim.set_quorum_change(value)
+    for kind in (REMOVE_HOST, ADD_OPERATOR, REMOVE_OPERATOR, SET_QUORUM):
+        for value in (0, 1, 2, 3):
+            label = f"set-quorum {change_type_name(kind)}={value}"
+            singles[label] = sim.set_quorum_change(value, kind)
+    for puppet in puppets:
+        singles[f"add {puppet.name}"] = domain_pb2.Change(
+            add_operator=domain_pb2.AddOperator(operator=puppet.record)
+        )
+    singles["remove victim"] = sim.remove_operator_change(victim)
+    singles["rotate"] = sim.rotate_domain_key_change()
+    proposals = [[name] for name in singles] + [[a, b] for a in singles for b in singles if a != b]
+
+    def key(manifest: domain_pb2.Manifest) -> bytes:
+        return (
+            manifest.quorum.SerializeToString(deterministic=True)
+            + b"|"
+            + b",".join(o.operator_id.encode() for o in manifest.operators)
+        )
+
+    found: list[list[list[str]]] = []
+    applied = 0
+    frontier: list[tuple[domain_pb2.Manifest, list[list[str]]]] = [(sim.head.manifest.message, [])]
+    seen = {key(sim.head.manifest.message)}
+    for _ in range(depth):
+        following: list[tuple[domain_pb2.Manifest, list[list[str]]]] = []
+        for manifest, path in frontier:
+            present = {o.operator_id for o in manifest.operators}
+            for names in proposals:
+                changes = [singles[n] for n in names]
+                need = quorum.required_threshold(manifest.quorum, changes)
+                if len(present & colluders) < need.threshold:
+                    continue  # the honest operator's approval would be needed
+                try:
+                    after, _ = transition.apply_changes(manifest, sim.propose(changes), now=sim.now)
+                except HsmDomainError:
+                    continue
+                applied += 1
+                if "remove-host" in names:
+                    found.append([*path, names])
+                    continue
+                if key(after) not in seen:
+                    seen.add(key(after))
+                    following.append((after, [*path, names]))
+        frontier = following
+    return found, applied
+
+
+def test_no_sequence_of_proposals_removes_a_host_with_two_of_three() -> None:
+    found, applied = _search_for_removal_with_two(depth=3)
+    assert found == []
+    assert applied > 0  # the two can still make the changes the default quorum allows
 
 
 def test_proposal_needs_highest_threshold_of_its_changes() -> None:
@@ -281,22 +522,62 @@ def test_proposal_needs_highest_threshold_of_its_changes() -> None:
         threshold=2,
         change_thresholds=[domain_pb2.ChangeThreshold(change_type=REMOVE_HOST, threshold=3)],
     )
-    add_op = sim.add_operator_change("eve")
-    plain = sim.propose([add_op])
+    plain = sim.propose([sim.rotate_domain_key_change()])
     quorum.verify_quorum(
         sim.head.manifest, sim.head.hash, plain, sim.approve(plain, [0, 1]), now=sim.now
     )
-    mixed = sim.propose([add_op, sim.remove_host_change("hsa-3")])
+    mixed = sim.propose([sim.add_host_change("hsa-4"), sim.remove_host_change("hsa-3")])
     with pytest.raises(QuorumNotMetError, match="2 of 3 approvals") as info:
         quorum.verify_quorum(
             sim.head.manifest, sim.head.hash, mixed, sim.approve(mixed, [0, 1]), now=sim.now
         )
-    assert "add-operator, remove-host" in str(info.value)
+    assert "add-host, remove-host (needs 3: the remove-host threshold)" in str(info.value)
     result = quorum.verify_quorum(
         sim.head.manifest, sim.head.hash, mixed, sim.approve(mixed, [0, 1, 3]), now=sim.now
     )
     assert result.met
-    assert result.threshold == 3
+    assert (result.threshold, result.reason) == (3, "3: the remove-host threshold")
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        pytest.param(["set-quorum remove-host=2"], id="lower remove-host"),
+        pytest.param(["add-operator"], id="add a puppet"),
+        pytest.param(["set-quorum remove-host=2", "remove-host"], id="lower and remove"),
+        pytest.param(
+            ["set-quorum remove-host=2", "remove-operator"], id="remove the honest operator"
+        ),
+    ],
+)
+def test_governance_with_two_approvals_does_not_apply(changes: list[str]) -> None:
+    """Through transition.next_manifest: what every HSA verifies before it accepts a state."""
+    sim = SimulatedDomain.create(
+        operators=3,
+        threshold=2,
+        change_thresholds=[domain_pb2.ChangeThreshold(change_type=REMOVE_HOST, threshold=3)],
+    )
+    built = {
+        "set-quorum remove-host=2": sim.set_quorum_change(2, REMOVE_HOST),
+        "add-operator": sim.add_operator_change("puppet"),
+        "remove-host": sim.remove_host_change("hsa-3"),
+        "remove-operator": sim.remove_operator_change(2),
+    }
+    proposal = sim.propose([built[c] for c in changes])
+    with pytest.raises(QuorumNotMetError, match=r"2 of 3 approvals.*because"):
+        sim.apply(proposal, sim.approve(proposal, [0, 1]))
+    assert sim.version == 1
+    state = sim.apply(proposal, sim.approve(proposal, [0, 1, 2]))
+    assert state.version == 2
+
+
+def test_raising_past_the_current_operators_is_unreachable() -> None:
+    sim = SimulatedDomain.create(operators=3, threshold=2)
+    proposal = sim.propose([sim.add_operator_change("dave"), sim.set_quorum_change(4)])
+    with pytest.raises(QuorumUnreachableError, match=r"needs 4: .*only the 3 current operators"):
+        quorum.check_reachable(sim.head.manifest, proposal)
+    with pytest.raises(QuorumUnreachableError, match="add the operators in one proposal"):
+        sim.apply(proposal, sim.approve(proposal, [0, 1, 2, 3]))
 
 
 # --- check_applicable --------------------------------------------------------------------------

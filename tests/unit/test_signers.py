@@ -37,6 +37,7 @@ from domain_core.errors import (
     WrongPassphraseError,
 )
 from domain_core.signers import (
+    DEFAULT_SCRYPT_N,
     FileTokenSigner,
     InMemorySigner,
     PublicKey,
@@ -442,6 +443,23 @@ def test_create_refuses_to_overwrite(tmp_path: Path) -> None:
     with pytest.raises(AlreadyExistsError):
         create_file_token(path, SignatureAlgorithm.ED25519, PASSPHRASE, name="bob", scrypt_n=FAST_N)
     assert path.read_bytes() == before
+
+
+def test_new_tokens_cost_at_least_2_17_by_default(tmp_path: Path) -> None:
+    path = tmp_path / "default.token"
+    public = create_file_token(path, SignatureAlgorithm.ED25519, PASSPHRASE, name="alice")
+    assert DEFAULT_SCRYPT_N >= 2**17
+    assert read_json(path)["kdf"]["n"] == DEFAULT_SCRYPT_N
+    assert load_file_token(path, PASSPHRASE).public_key == public
+
+
+def test_a_token_made_with_an_older_cost_keeps_opening(tmp_path: Path) -> None:
+    path = tmp_path / "old.token"
+    public = create_file_token(
+        path, SignatureAlgorithm.ED25519, PASSPHRASE, name="alice", scrypt_n=2**15
+    )
+    assert read_json(path)["kdf"]["n"] == 2**15
+    assert load_file_token(path, PASSPHRASE).public_key == public
 
 
 @pytest.mark.parametrize("n", [2**13, 2**21, 3 * 2**14, 0])

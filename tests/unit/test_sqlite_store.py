@@ -100,6 +100,34 @@ def test_approvals_one_per_operator(store: SqliteStore) -> None:
     assert store.get_proposal(OTHER) is None
 
 
+def test_cancel_votes_one_per_operator_beside_the_approvals(store: SqliteStore) -> None:
+    store.put_proposal(PID, b"proposal", 10, 20, [("op-a", b"approval-a")])
+    store.put_proposal(OTHER, b"other", 10, 20)
+    assert store.add_cancel_vote(PID, "op-b", b"vote-b")
+    assert not store.add_cancel_vote(PID, "op-b", b"another-b")
+    assert store.add_cancel_vote(PID, "op-a", b"vote-a")  # approved, and votes to cancel
+    assert store.add_cancel_vote(OTHER, "op-c", b"vote-c")
+    record = store.get_proposal(PID)
+    assert record is not None
+    assert record.cancel_votes == (b"vote-b", b"vote-a")
+    assert record.approvals == (b"approval-a",)
+    assert [r.cancel_votes for r in store.list_proposals()] == [
+        (b"vote-b", b"vote-a"),
+        (b"vote-c",),
+    ]
+    with pytest.raises(NotFoundError):
+        store.add_cancel_vote(b"\x09" * 32, "op-a", b"x")
+    # Durable: a second store on the same file reads them.
+    store.close()
+    again = SqliteStore(store.path)
+    try:
+        reread = again.get_proposal(PID)
+        assert reread is not None
+        assert reread.cancel_votes == (b"vote-b", b"vote-a")
+    finally:
+        again.close()
+
+
 def test_closed_states_are_final(store: SqliteStore) -> None:
     store.put_proposal(PID, b"p", 1, 2)
     assert store.set_proposal_state(PID, ProposalState.PENDING, "waiting for an HSA")

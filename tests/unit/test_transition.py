@@ -399,7 +399,7 @@ def test_next_manifest_metadata(sim: SimulatedDomain) -> None:
 
 
 def test_next_manifest_is_deterministic(sim: SimulatedDomain) -> None:
-    proposal = sim.propose([sim.remove_host_change("hsa-3"), sim.set_quorum_change(3)])
+    proposal = sim.propose([sim.remove_host_change("hsa-3"), sim.set_quorum_change(1)])
     approvals = sim.approve(proposal, [0, 1])
     first, _ = transition.next_manifest(sim.state_head(), proposal, approvals, now=sim.now)
     second, _ = transition.next_manifest(sim.state_head(), proposal, approvals, now=sim.now)

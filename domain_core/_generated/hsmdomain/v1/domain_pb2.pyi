@@ -212,6 +212,16 @@ class Approval(_message.Message):
     signature: bytes
     def __init__(self, proposal_id: _Optional[bytes] = ..., operator_id: _Optional[str] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
+class CancelVote(_message.Message):
+    __slots__ = ("proposal_id", "operator_id", "signature")
+    PROPOSAL_ID_FIELD_NUMBER: _ClassVar[int]
+    OPERATOR_ID_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    proposal_id: bytes
+    operator_id: str
+    signature: bytes
+    def __init__(self, proposal_id: _Optional[bytes] = ..., operator_id: _Optional[str] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
 class DomainKey(_message.Message):
     __slots__ = ("generation", "key")
     GENERATION_FIELD_NUMBER: _ClassVar[int]

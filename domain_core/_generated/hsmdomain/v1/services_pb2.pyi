@@ -311,7 +311,7 @@ class HsaStatus(_message.Message):
     def __init__(self, host_id: _Optional[str] = ..., domain_id: _Optional[str] = ..., version: _Optional[int] = ..., state_hash: _Optional[bytes] = ..., healthy: _Optional[bool] = ..., domain_key_generation: _Optional[int] = ..., member: _Optional[bool] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class ProposalStatus(_message.Message):
-    __slots__ = ("proposal_id", "proposal", "approvals", "state", "threshold", "applied_version", "detail")
+    __slots__ = ("proposal_id", "proposal", "approvals", "state", "threshold", "applied_version", "detail", "cancel_votes")
     PROPOSAL_ID_FIELD_NUMBER: _ClassVar[int]
     PROPOSAL_FIELD_NUMBER: _ClassVar[int]
     APPROVALS_FIELD_NUMBER: _ClassVar[int]
@@ -319,6 +319,7 @@ class ProposalStatus(_message.Message):
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     APPLIED_VERSION_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_VOTES_FIELD_NUMBER: _ClassVar[int]
     proposal_id: bytes
     proposal: bytes
     approvals: _containers.RepeatedCompositeFieldContainer[_domain_pb2.Approval]
@@ -326,7 +327,8 @@ class ProposalStatus(_message.Message):
     threshold: int
     applied_version: int
     detail: str
-    def __init__(self, proposal_id: _Optional[bytes] = ..., proposal: _Optional[bytes] = ..., approvals: _Optional[_Iterable[_Union[_domain_pb2.Approval, _Mapping]]] = ..., state: _Optional[_Union[ProposalState, str]] = ..., threshold: _Optional[int] = ..., applied_version: _Optional[int] = ..., detail: _Optional[str] = ...) -> None: ...
+    cancel_votes: _containers.RepeatedCompositeFieldContainer[_domain_pb2.CancelVote]
+    def __init__(self, proposal_id: _Optional[bytes] = ..., proposal: _Optional[bytes] = ..., approvals: _Optional[_Iterable[_Union[_domain_pb2.Approval, _Mapping]]] = ..., state: _Optional[_Union[ProposalState, str]] = ..., threshold: _Optional[int] = ..., applied_version: _Optional[int] = ..., detail: _Optional[str] = ..., cancel_votes: _Optional[_Iterable[_Union[_domain_pb2.CancelVote, _Mapping]]] = ...) -> None: ...
 
 class SubmitProposalRequest(_message.Message):
     __slots__ = ("proposal", "proposer_approval")
