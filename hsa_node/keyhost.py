@@ -21,6 +21,7 @@ import grpc
 from domain_core import transport
 from domain_core.audit import AUDIT_LOG_FILE, AuditLog
 from domain_core.config import NodeConfig
+from domain_core.keytokens import RecordSigner
 from domain_core.limits import DEFAULT_LIMITS, Limits
 from domain_core.pb import services_pb2_grpc
 from domain_core.transport import TlsMaterial
@@ -85,6 +86,7 @@ class KeyServiceHost:
             domain_keys=node.domain_keys,
             records=KeyRecordClient(channel, config.coordinator),
             floor=floor,
+            signer=RecordSigner(node.domain_id, node.host_id, node.identity.signer),
         )
         servicer = KeyServiceServicer(node=node, cache=cache, audit=audit, limits=limits)
         maintainer = (

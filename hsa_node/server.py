@@ -238,7 +238,7 @@ class HsaServer:
         def catch_up() -> int:
             return syncer_ref[0].catch_up_from_coordinator()
 
-        admin = HsaAdminServicer(node, catch_up, self._limits)
+        admin = HsaAdminServicer(node, catch_up, self._limits, key_records=keys.maintainer)
         peer = HsaPeerServicer(node, self._limits)
 
         def register_hsa_services(server: grpc.Server) -> None:
@@ -316,8 +316,9 @@ def serve(
     `config_path`) until `stop` is set, and shut down cleanly."""
     if config.key_service_workers and config_path is None:
         raise InvalidInputError("key service workers need the config file's path to start")
-    loaded = load_node(config)
-    server = HsaServer(loaded)
+    limits = config.effective_limits()
+    loaded = load_node(config, limits)
+    server = HsaServer(loaded, limits)
     address = server.start()
     supervisor: WorkerSupervisor | None = None
     try:

@@ -32,6 +32,7 @@ from domain_core import ciphertext, keytokens, transport
 from domain_core.audit import AuditLogError
 from domain_core.config import NodeConfig
 from domain_core.errors import (
+    AlreadyExistsError,
     ConflictError,
     FailedPreconditionError,
     InvalidInputError,
@@ -39,6 +40,7 @@ from domain_core.errors import (
     PermissionDeniedError,
     UnavailableError,
 )
+from domain_core.keytokens import RecordSigner
 from domain_core.model import SealedState
 from domain_core.pb import keys_pb2, services_pb2, services_pb2_grpc
 from domain_core.transport import CertificatePeerContext
@@ -126,6 +128,7 @@ class Hsa:
             domain_keys=self.node.domain_keys,
             records=self.records,
             floor=self.floor,
+            signer=RecordSigner("local", host, self.node.identity.signer),
             max_entries=max_entries,
             clock=monotonic,
         )
@@ -303,14 +306,17 @@ def test_the_store_deletes_with_a_compare_and_swap(tmp_path: Path) -> None:
         assert store.put_key("k", b"one", 0) == 1
         assert store.put_key("k", b"two", 1) == 2
         with pytest.raises(ConflictError):
-            store.delete_key("k", 1)
-        store.delete_key("k", 2)
+            store.delete_key("k", 1, 100)
+        store.delete_key("k", 2, 100)
         assert store.get_key("k") is None
         with pytest.raises(NotFoundError):
-            store.delete_key("k", 2)
+            store.delete_key("k", 2, 100)
         with pytest.raises(ValueError, match="expected_revision"):
-            store.delete_key("k", 0)
-        assert store.put_key("k", b"again", 0) == 1  # the id is free again
+            store.delete_key("k", 0, 100)
+        with pytest.raises(AlreadyExistsError, match="was deleted"):
+            store.put_key("k", b"again", 0)  # a tombstone: the id is not used again
+        assert store.purge_deleted_keys(101) == 1
+        assert store.put_key("k", b"again", 0) == 1  # purged: nothing is left of it
     finally:
         store.close()
 

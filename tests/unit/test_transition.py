@@ -152,6 +152,16 @@ VIOLATIONS: list[tuple[str, Changes, type[HsmDomainError]]] = [
         InvalidSettingsError,
     ),
     (
+        # A rotation in the same proposal would drop the generation records are sealed under
+        # before re-wrap could move them (issue 13, item 5).
+        "one generation retained, with a rotation",
+        lambda s: [
+            s.set_settings_change(key_generations_retained=1),
+            s.rotate_domain_key_change(),
+        ],
+        InvalidSettingsError,
+    ),
+    (
         "too many generations retained",
         lambda s: [s.set_settings_change(key_generations_retained=101)],
         InvalidSettingsError,
@@ -215,7 +225,7 @@ ALLOWED: list[tuple[str, Changes]] = [
         lambda s: [
             s.set_settings_change(
                 key_rotation_interval_seconds=60,
-                key_generations_retained=1,
+                key_generations_retained=2,
                 max_proposal_lifetime_seconds=60,
             )
         ],
