@@ -724,12 +724,13 @@ class KeyCache:
                 "know as a host yet; it is catching up: retry"
             )
         if signer in keys.former_hosts:
-            reason = (
+            why = (
                 f"it is signed by {signer}, which the domain removed: no record a removed host "
                 "writes is accepted"
             )
         else:
-            reason = "it is not signed"
+            why = "it is not signed"
+        reason = _diagnose(record, key_id, self._domain_id, keys, why)
         self._throttled.warning(
             f"the stored record of key {key_id} does not verify ({reason}); the coordinator "
             "may be compromised"
