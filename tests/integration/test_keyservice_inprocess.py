@@ -3,7 +3,9 @@
 What needs a controlled clock or a view inside an HSA is tested here: the cache's TTL and its
 behaviour in an outage, the LRU bound, the persisted version floor, compare-and-swap retries,
 the background upkeep (deletion after the waiting period, automatic rotation, re-wrapping
-after a domain key rotation, bounded work per tick), and the coordinator's DeleteKeyRecord.
+after a domain key rotation, bounded work per tick), the coordinator's DeleteKeyRecord, the
+per-principal CreateKey rate, and a change that would retire a generation still in use
+(deferred, resumably, until the records moved).
 Each test gets its own copy of a domain and its own coordinator process.
 """
 
@@ -30,6 +32,7 @@ from support.hsa_nodes import (
 from domain_coordinator.sqlite_store import SqliteStore
 from domain_core import ciphertext, keytokens, transport
 from domain_core.audit import AuditLogError
+from domain_core.changes import set_settings
 from domain_core.config import NodeConfig
 from domain_core.errors import (
     AlreadyExistsError,
@@ -38,9 +41,12 @@ from domain_core.errors import (
     InvalidInputError,
     NotFoundError,
     PermissionDeniedError,
+    ResourceExhaustedError,
+    TransitionDeferredError,
     UnavailableError,
 )
 from domain_core.keytokens import RecordSigner
+from domain_core.limits import DEFAULT_LIMITS, Limits
 from domain_core.model import SealedState
 from domain_core.pb import keys_pb2, services_pb2, services_pb2_grpc
 from domain_core.transport import CertificatePeerContext
@@ -117,6 +123,9 @@ class Hsa:
         monotonic: Callable[[], float] = time.monotonic,
         max_entries: int = 1000,
         page_size: int = 100,
+        limits: Limits = DEFAULT_LIMITS,
+        prepare_budget: float = 4.0,
+        prepare_page_size: int = 1000,
     ) -> None:
         self.loaded = load_node(NodeConfig.load(domain.layout.node_configs[host]))
         self.node = self.loaded.node
@@ -134,10 +143,15 @@ class Hsa:
         )
         self.audit = RecordingAudit()
         self.service = KeyServiceServicer(
-            node=self.node, cache=self.cache, audit=self.audit, clock=clock
+            node=self.node, cache=self.cache, audit=self.audit, clock=clock, limits=limits
         )
         self.maintainer = KeyMaintainer(
-            node=self.node, cache=self.cache, audit=self.audit, page_size=page_size
+            node=self.node,
+            cache=self.cache,
+            audit=self.audit,
+            page_size=page_size,
+            prepare_budget=prepare_budget,
+            prepare_page_size=prepare_page_size,
         )
         self.app = CertificatePeerContext(domain.tls("demo-app").cert_pem)
 
@@ -635,3 +649,97 @@ def test_every_call_is_audited_and_an_unwritable_audit_log_fails_the_call(
         hsa.encrypt(key.key_id)
     with pytest.raises(NotFoundError):  # a failing call keeps its own error
         hsa.encrypt(ciphertext.new_key_id())
+
+
+# --- quotas and transitions ------------------------------------------------------------------
+
+
+def test_create_key_is_rate_limited_per_principal(
+    domain: Domain, make_hsa: Callable[..., Hsa]
+) -> None:
+    hsa = make_hsa("hsa-1", limits=Limits(create_key_per_second=0.5, create_key_burst=3))
+    created = [hsa.create() for _ in range(3)]  # the burst
+    with pytest.raises(ResourceExhaustedError, match=r"may create at most 0\.5 keys per second"):
+        hsa.create()
+    refused = hsa.audit.records[-1]
+    assert (refused["operation"], refused["result"]) == ("CreateKey", "RESOURCE_EXHAUSTED")
+    assert len({m.key_id for m in created}) == 3
+    # Another principal has a bucket of its own; the data plane is not limited.
+    other = CertificatePeerContext(issue_client_cert(domain, "other"))
+    hsa.service.CreateKey(services_pb2.CreateKeyRequest(), other)  # type: ignore[arg-type]
+    assert hsa.decrypt(hsa.encrypt(created[0].key_id).ciphertext_blob) == b"data"
+    time.sleep(2.1)  # one token back
+    hsa.create()
+
+
+def issue_client_cert(domain: Domain, name: str) -> bytes:
+    from datetime import UTC, datetime
+
+    from domain_core.pki import DomainCA, SpiffeId, new_tls_key_pem, tls_public_key
+
+    ca = DomainCA.load(domain.layout.root / "ca")
+    key_pem = new_tls_key_pem()
+    return ca.issue(
+        SpiffeId("local", "client", name), tls_public_key(key_pem), now=datetime.now(UTC)
+    )
+
+
+def test_a_change_that_would_retire_a_generation_in_use_waits_for_the_records(
+    domain: Domain, make_hsa: Callable[..., Hsa]
+) -> None:
+    # One page of 3 records per call and no time budget: the preparation takes several calls.
+    hsa = make_hsa("hsa-1", prepare_budget=0.0, prepare_page_size=3)
+    keys = [hsa.create() for _ in range(7)]
+    blobs = {k.key_id: hsa.encrypt(k.key_id, k.key_id.encode()).ciphertext_blob for k in keys}
+    coordinator = CertificatePeerContext(domain.tls(COORDINATOR).cert_pem)
+
+    def no_catch_up() -> int:
+        raise UnavailableError("not in this test")
+
+    admin = HsaAdminServicer(hsa.node, no_catch_up, key_records=hsa.maintainer)
+
+    def apply(changes: list[Any]) -> SealedState:
+        proposal, approvals = propose(domain, hsa.node.head, changes)
+        request = services_pb2.ApplyProposalRequest(proposal=proposal.raw, approvals=approvals)
+        state = SealedState.from_message(admin.ApplyProposal(request, coordinator))  # type: ignore[arg-type]
+        assert hsa.node.offer(state)
+        return state
+
+    settings = hsa.node.head.manifest.message.settings
+    apply([set_settings(base=settings, key_generations_retained=2)])
+    apply(ROTATE)  # generations 1 and 2: nothing retired, nothing to prepare
+    assert {
+        t.domain_key_generation for k in keys for t in stored_or_fail(hsa, k.key_id).tokens
+    } == {1}
+
+    # The next rotation retires generation 1, under which all 7 records still are.
+    proposal, approvals = propose(domain, hsa.node.head, ROTATE)
+    request = services_pb2.ApplyProposalRequest(proposal=proposal.raw, approvals=approvals)
+    messages = []
+    for _ in range(10):
+        try:
+            sealed = admin.ApplyProposal(request, coordinator)  # type: ignore[arg-type]
+            break
+        except TransitionDeferredError as error:
+            messages.append(error.message)
+    else:
+        pytest.fail(f"the rotation was deferred 10 times: {messages[-1]}")
+    assert len(messages) >= 2, messages  # it resumed where it stopped, page by page
+    assert "key records are still sealed under domain key generation 1" in messages[0]
+    assert "the coordinator retries" in messages[0]
+    state = SealedState.from_message(sealed)
+    assert [g.generation for g in state.manifest.message.key_generations] == [2, 3]
+    for key in keys:
+        record = stored_or_fail(hsa, key.key_id)
+        assert {t.domain_key_generation for t in record.tokens} == {2}
+        assert record.signer_host_id == "hsa-1"
+    assert hsa.node.offer(state)
+    for key in keys:
+        hsa.cache.forget(key.key_id)
+        assert hsa.decrypt(blobs[key.key_id]) == key.key_id.encode()
+
+
+def stored_or_fail(hsa: Hsa, key_id: str) -> keys_pb2.KeyRecord:
+    record = stored(hsa, key_id)
+    assert record is not None
+    return record

@@ -371,6 +371,26 @@ def test_lowering_retained_trims_at_the_next_rotation() -> None:
     assert _generations(manifest) == [4, 5]
 
 
+def test_what_a_change_removes_and_retires() -> None:
+    sim = SimulatedDomain.create()
+    for _ in range(2):
+        sim.advance(60)
+        sim.transition([sim.rotate_domain_key_change()])
+    before = sim.head.manifest.message
+    after = _next(
+        sim,
+        [
+            sim.remove_host_change("hsa-3"),
+            sim.set_settings_change(key_generations_retained=2),
+        ],
+    )
+    # Removing a host rotates: generations 1..3 become 3..4 with two kept.
+    assert transition.removed_hosts(before, after) == {"hsa-3"}
+    assert transition.retired_generations(before, after) == {1, 2}
+    assert transition.removed_hosts(before, before) == frozenset()
+    assert transition.retired_generations(before, before) == frozenset()
+
+
 def test_apply_changes_reports_rotation_and_leaves_base_alone(sim: SimulatedDomain) -> None:
     base = sim.head.manifest.message
     before = base.SerializeToString(deterministic=True)
