@@ -2,8 +2,10 @@
 
 `KeyServiceHost.open` opens the audit log (`data_dir/audit.log`), the version floor
 (`data_dir/key_versions.db`), a mutual-TLS channel to the coordinator as this host, the key
-cache, the `KeyService` servicer, the admin-call audit interceptor and the background key
-upkeep. `hsa_node.server` registers the servicer and the interceptor, starts the upkeep after
+cache (which signs every record it writes with this host's key), the `KeyService` servicer
+(with the node config's limits: the CreateKey quota), the admin-call audit interceptor and the
+background key upkeep (also what prepares a change that would strand key records, for
+`HsaAdmin`). `hsa_node.server` registers the servicer and the interceptor, starts the upkeep after
 the server, and closes everything after the server stopped.
 
 Invariants: an HSA whose audit log does not verify does not start (the audit log refuses to
