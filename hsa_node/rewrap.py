@@ -477,8 +477,9 @@ class KeyMaintainer:
             raise TransitionDeferredError(message)
         if prep.stranded:
             log.info(
-                "moved %d key records before the change to version %d (%s); %d could not be "
-                "moved because they do not verify here (unreadable already)",
+                "%d key records moved (by this HSA, or meanwhile by another) before the change "
+                "to version %d (%s); %d could not be moved because they do not verify here "
+                "(unreadable already)",
                 prep.moved,
                 version + 1,
                 prep.describe(),
