@@ -119,6 +119,9 @@ class _Preparation:
     target: TransitionTarget
     version: int
     """The domain state version the change applies to."""
+    change: str
+    """Which change (a proposal id, or the scheduled rotation): a finished preparation counts
+    only for the change it was made for, whose fence at the coordinator held throughout."""
     page_token: str = ""
     done: bool = False
     listed: int = 0
@@ -406,8 +409,9 @@ class KeyMaintainer:
 
     # --- before a change that strands records --------------------------------------------
 
-    def prepare_transition(self, target: TransitionTarget, version: int) -> None:
-        """Make sure no stored record is stranded by a change to the state `version`: move
+    def prepare_transition(self, target: TransitionTarget, version: int, change: str) -> None:
+        """Make sure no stored record is stranded by `change` (a proposal id, or "rotation")
+        to the state `version`: move
         (re-wrap and sign again) every record `target` strands, for up to the preparation
         budget of this call; return once a whole listing found nothing left to move.
 
@@ -421,20 +425,19 @@ class KeyMaintainer:
                 "this HSA is preparing another change of the domain; the coordinator retries"
             )
         try:
-            self._prepare_locked(target, version)
+            self._prepare_locked(target, version, change)
         finally:
             self._prepare_lock.release()
 
-    def _prepare_locked(self, target: TransitionTarget, version: int) -> None:
+    def _prepare_locked(self, target: TransitionTarget, version: int, change: str) -> None:
         prep = self._preparation
         now = time.monotonic()
         if (
             prep is None
-            or prep.target != target
-            or prep.version != version
+            or (prep.target, prep.version, prep.change) != (target, version, change)
             or (prep.done and (prep.left or now - prep.finished_at > _PREPARATION_VALID_SECONDS))
         ):
-            prep = _Preparation(target=target, version=version)
+            prep = _Preparation(target=target, version=version, change=change)
             self._preparation = prep
         if prep.done:
             return

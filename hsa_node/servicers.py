@@ -61,9 +61,9 @@ _STATE_OVERHEAD = 16  # field tag and length of one state in a response
 class KeyRecordPreparer(Protocol):
     """Moves the key records a change would strand (`hsa_node.rewrap.KeyMaintainer`)."""
 
-    def prepare_transition(self, target: TransitionTarget, version: int) -> None:
-        """Return once no stored record is stranded by the change to state `version`; raise
-        TransitionDeferredError while some are."""
+    def prepare_transition(self, target: TransitionTarget, version: int, change: str) -> None:
+        """Return once no stored record is stranded by `change` (a proposal id in hex, or
+        "rotation") to state `version`; raise TransitionDeferredError while some are."""
         ...
 
 
@@ -104,7 +104,7 @@ class HsaAdminServicer(services_pb2_grpc.HsaAdminServicer):
         return _require_domain_caller(context, self._node.domain_id, "coordinator")
 
     def _prepare_key_records(
-        self, head: SealedState, manifest: domain_pb2.Manifest, what: str
+        self, head: SealedState, manifest: domain_pb2.Manifest, change: str, what: str
     ) -> None:
         """Refuse (for now) a change that would strand stored key records; see the module."""
         target = TransitionTarget(
@@ -114,7 +114,7 @@ class HsaAdminServicer(services_pb2_grpc.HsaAdminServicer):
         if not target or self._key_records is None:
             return
         try:
-            self._key_records.prepare_transition(target, head.version)
+            self._key_records.prepare_transition(target, head.version, change)
         except TransitionDeferredError as error:
             self._throttled.warning(f"deferring {what} to version {head.version + 1}: {error}")
             raise
@@ -165,7 +165,9 @@ class HsaAdminServicer(services_pb2_grpc.HsaAdminServicer):
                 f"this proposal removes {host_id}, which therefore cannot seal the next state; "
                 "ask another HSA to apply it"
             )
-        self._prepare_key_records(head, manifest, f"proposal {proposal.id.hex()[:16]}")
+        self._prepare_key_records(
+            head, manifest, proposal.id.hex(), f"proposal {proposal.id.hex()[:16]}"
+        )
         sealed = sealing.seal_state(
             manifest,
             sealing.next_domain_keys(snapshot.keys, manifest),
@@ -202,7 +204,7 @@ class HsaAdminServicer(services_pb2_grpc.HsaAdminServicer):
         manifest = scheduled_rotation_manifest(
             StateHead(head.manifest, head.hash), now=int(self._clock())
         )
-        self._prepare_key_records(head, manifest, "the scheduled domain key rotation")
+        self._prepare_key_records(head, manifest, "rotation", "the scheduled domain key rotation")
         sealed = sealing.seal_state(
             manifest,
             sealing.next_domain_keys(snapshot.keys, manifest),

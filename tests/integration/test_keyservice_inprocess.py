@@ -27,6 +27,7 @@ from support.hsa_nodes import (
     Domain,
     Processes,
     propose,
+    remove_host,
 )
 
 from domain_coordinator.sqlite_store import SqliteStore
@@ -743,3 +744,35 @@ def stored_or_fail(hsa: Hsa, key_id: str) -> keys_pb2.KeyRecord:
     record = stored(hsa, key_id)
     assert record is not None
     return record
+
+
+def test_a_finished_preparation_counts_only_for_its_own_proposal(
+    domain: Domain, make_hsa: Callable[..., Hsa]
+) -> None:
+    """A removal proposal is prepared (hsa-3's records signed again), then, say, cancelled; the
+    fence at the coordinator goes with it, hsa-3 writes again, and a second proposal to remove
+    it comes: its preparation lists the records again rather than trusting the first one."""
+    first, third = make_hsa("hsa-1"), make_hsa("hsa-3")
+    early = third.create()
+    coordinator = CertificatePeerContext(domain.tls(COORDINATOR).cert_pem)
+
+    def no_catch_up() -> int:
+        raise UnavailableError("not in this test")
+
+    admin = HsaAdminServicer(first.node, no_catch_up, key_records=first.maintainer)
+
+    def seal_removal() -> SealedState:
+        proposal, approvals = propose(domain, first.node.head, remove_host("hsa-3"))
+        request = services_pb2.ApplyProposalRequest(proposal=proposal.raw, approvals=approvals)
+        return SealedState.from_message(admin.ApplyProposal(request, coordinator))  # type: ignore[arg-type]
+
+    seal_removal()  # sealed, never installed (the proposal went nowhere)
+    assert stored_or_fail(first, early.key_id).signer_host_id == "hsa-1"
+    late = third.create()
+    assert stored_or_fail(first, late.key_id).signer_host_id == "hsa-3"
+    state = seal_removal()
+    assert stored_or_fail(first, late.key_id).signer_host_id == "hsa-1"
+    assert first.node.offer(state)
+    for key in (early, late):
+        first.cache.forget(key.key_id)
+        assert first.decrypt(first.encrypt(key.key_id).ciphertext_blob) == b"data"
