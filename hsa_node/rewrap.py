@@ -32,7 +32,9 @@ Invariants:
   pass over every key follows after a delay (at least `takeover_delay`, and as long as the
   shard pass took), so the keys of an HSA that is down are handled too;
 - a record that does not verify is never written (it is logged at WARNING by the cache's
-  verification); nothing secret is logged;
+  verification); a record is verified (signature and tokens) only when, by what it claims, it
+  needs work, so a pass over records that need none costs no signature checks; nothing secret
+  is logged;
 - a transition's preparation resumes where the previous call stopped (one listing per
   change, in pages, bounded in time per call); records that do not verify on this HSA cannot
   be moved and are unreadable already, so they do not hold a change up (they are counted and
@@ -547,12 +549,14 @@ class KeyMaintainer:
         key_id = metadata.key_id
         if any(t.domain_key_generation > keys.generation for t in record.tokens):
             return  # sealed under a newer generation than this node has installed: it is behind
+        now = int(self._clock())
+        if not _needs_work(record, metadata, keys.generation, now):
+            return  # nothing to do by what it claims; verified (signature, tokens) only to act
         try:
             verified, backing_keys = self._cache.verify(record, key_id, remember=False)
         except (FailedPreconditionError, UnavailableError):
             report.failed += 1  # the cache logged why
             return
-        now = int(self._clock())
         try:
             if (
                 verified.state == keys_pb2.KEY_STATE_PENDING_DELETION
@@ -624,13 +628,14 @@ def _in_shard(metadata: keys_pb2.KeyMetadata, position: int, hosts: int) -> bool
 def _needs_work(
     record: keys_pb2.KeyRecord, metadata: keys_pb2.KeyMetadata, generation: int, now: int
 ) -> bool:
-    """Whether a record (not verified: this only decides whether to take over) needs upkeep."""
+    """Whether a record (not verified: this only decides whether to look closer, and to take
+    over) needs upkeep: a token under an older generation, a due deletion or rotation."""
+    if any(t.domain_key_generation < generation for t in record.tokens):
+        return True
     if metadata.state == keys_pb2.KEY_STATE_PENDING_DELETION:
         return 0 < metadata.deletion_at <= now
-    if (
+    return (
         metadata.state == keys_pb2.KEY_STATE_ENABLED
         and metadata.rotation.enabled
         and 0 < metadata.rotation.next_rotation_at <= now
-    ):
-        return True
-    return any(t.domain_key_generation < generation for t in record.tokens)
+    )
