@@ -23,6 +23,7 @@ passphrase files of the local domain and never printed.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from collections.abc import Iterable, Sequence
@@ -34,9 +35,11 @@ from typing import Final
 import grpc
 
 from deploy import cluster as runner
+from deploy.init import DomainLayout
 from deploy.localdomain import FAST_SCRYPT_N, LocalDomain
 from domain_core import quorum
 from domain_core.client import CoordinatorClient
+from domain_core.config import NodeConfig
 from domain_core.errors import UnavailableError
 from domain_core.pb import domain_pb2, services_pb2, services_pb2_grpc
 from domain_core.signers import FileTokenSigner
@@ -51,6 +54,7 @@ __all__ = [
 ]
 
 STOP_GRACE_SECONDS: Final = 3.0
+BENCH_CREATE_KEY_RATE: Final = 1_000_000
 
 
 class BenchDomain(LocalDomain):
@@ -87,6 +91,19 @@ class BenchDomain(LocalDomain):
             self._coordinator_client = None
         self._signers.clear()
         super().stop()
+
+    def init(self) -> DomainLayout:
+        """Create the domain directory, with the CreateKey quota lifted on every node: a
+        benchmark measures what CreateKey costs, not the per-principal rate a KMS allows."""
+        layout = super().init()
+        for path in layout.node_configs.values():
+            config = NodeConfig.load(path)
+            unlimited = {
+                "create_key_per_second": BENCH_CREATE_KEY_RATE,
+                "create_key_burst": BENCH_CREATE_KEY_RATE,
+            }
+            dataclasses.replace(config, limits={**config.limits, **unlimited}).save(path)
+        return layout
 
     def coordinator_client(self) -> CoordinatorClient:
         """A quorum-flow client of the coordinator's operator port (one per domain, reused)."""

@@ -285,6 +285,7 @@ def measure_in_process(calls: int, *, cprofile: bool = False) -> dict[str, Any]:
     from deploy.init import init_domain
     from domain_core.audit import AUDIT_LOG_FILE, AuditLog
     from domain_core.config import NodeConfig
+    from domain_core.keytokens import RecordSigner
     from hsa_node.keycache import FLOOR_FILE, KeyCache, MetadataVersionFloor
     from hsa_node.keyservice import KeyServiceServicer
     from hsa_node.server import load_node
@@ -309,6 +310,7 @@ def measure_in_process(calls: int, *, cprofile: bool = False) -> dict[str, Any]:
                 domain_keys=node.domain_keys,
                 records=_Records(),  # type: ignore[arg-type]
                 floor=floor,
+                signer=RecordSigner(node.domain_id, node.host_id, node.identity.signer),
                 ttl=1e9,
             )
             servicer = KeyServiceServicer(node=node, cache=cache, audit=audit)

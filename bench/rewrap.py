@@ -105,6 +105,9 @@ def create_records(
     keys = loaded.node.domain_keys()
     domain_key = keys.keys[keys.generation]
     creator = f"spiffe://{layout.domain_id}/client/demo-app"
+    signer = keytokens.RecordSigner(
+        layout.domain_id, loaded.node.host_id, loaded.node.identity.signer
+    )
     now = int(time.time())
     channel = transport.mtls_channel(coordinator, host_tls(layout, loaded.node.host_id))
     stub = services_pb2_grpc.CoordinatorStub(channel)  # type: ignore[no-untyped-call]
@@ -124,7 +127,7 @@ def create_records(
             domain_id=layout.domain_id,
         )
         record = keytokens.seal_record(
-            metadata, {1: crypto.new_aes_key()}, domain_key, keys.generation
+            metadata, {1: crypto.new_aes_key()}, domain_key, keys.generation, signer=signer
         )
         stub.PutKey(
             services_pb2.PutKeyRequest(record=record, expected_revision=0), timeout=CALL_TIMEOUT
@@ -243,6 +246,9 @@ def measure_inprocess(work_dir: Path, keys: int, log: Any = print) -> dict[str, 
                 domain_keys=loaded.node.domain_keys,
                 records=KeyRecordClient(channel, address),
                 floor=floor,
+                signer=keytokens.RecordSigner(
+                    layout.domain_id, loaded.node.host_id, loaded.node.identity.signer
+                ),
             )
             maintainer = KeyMaintainer(node=loaded.node, cache=cache)
             log(f"  inprocess: re-wrapping to domain key generation {generation}...")

@@ -150,8 +150,11 @@ def page_size(value: int, default: int, maximum: int) -> int:
     return value
 
 
-def key_record(record: keys_pb2.KeyRecord, domain_id: str, limits: Limits) -> tuple[str, bytes]:
-    """Check a key record an HSA puts; returns (key id, bytes to store with revision 0)."""
+def key_record(
+    record: keys_pb2.KeyRecord, domain_id: str, limits: Limits
+) -> tuple[str, bytes, keys_pb2.KeyMetadata]:
+    """Check the form of a key record an HSA puts; returns (key id, bytes to store with
+    revision 0, its parsed metadata). Its signature is checked by the caller."""
     if not record.metadata:
         raise InvalidInputError("record.metadata is empty: a key record carries its metadata")
     stored = keys_pb2.KeyRecord()
@@ -173,14 +176,22 @@ def key_record(record: keys_pb2.KeyRecord, domain_id: str, limits: Limits) -> tu
             "record.metadata does not parse as hsmdomain.v1.KeyMetadata"
         ) from None
     key_id(metadata.key_id, "record.metadata.key_id")
-    if metadata.domain_id and metadata.domain_id != domain_id:
+    if metadata.domain_id != domain_id:
         raise WrongDomainError(
             f"the key record is for domain {metadata.domain_id[:70]!r}, this is {domain_id!r}"
         )
+    if metadata.metadata_version < 1:
+        raise InvalidInputError("record.metadata.metadata_version must be at least 1")
+    if not record.signer_host_id or not record.signature:
+        raise InvalidInputError(
+            "the key record is not signed: an HSA signs every record it writes "
+            "(signer_host_id and signature)"
+        )
+    signature(record.signature, "record.signature")
     for token in record.tokens:
         if token.key_id != metadata.key_id:
             raise InvalidInputError(
                 f"a key token in the record names key {token.key_id[:70]!r}, "
                 f"not {metadata.key_id!r}"
             )
-    return metadata.key_id, raw
+    return metadata.key_id, raw, metadata

@@ -38,7 +38,7 @@ from domain_coordinator.service import (
 from domain_coordinator.store import CoordinatorStore, open_store, state_directory
 from domain_core.config import CoordinatorConfig
 from domain_core.errors import InvalidInputError
-from domain_core.limits import DEFAULT_LIMITS, Limits
+from domain_core.limits import Limits
 from domain_core.pb import services_pb2_grpc
 from domain_core.transport import (
     HealthService,
@@ -136,13 +136,13 @@ class CoordinatorServer:
         self,
         config: CoordinatorConfig,
         *,
-        limits: Limits = DEFAULT_LIMITS,
+        limits: Limits | None = None,
         clock: Callable[[], float] = time.time,
         max_streams: int = DEFAULT_MAX_STREAMS,
         sweep_interval: float = DEFAULT_SWEEP_INTERVAL_SECONDS,
     ) -> None:
         self.config = config
-        self._limits = limits
+        self._limits = config.effective_limits() if limits is None else limits
         self._clock = clock
         self._max_streams = max_streams
         self._sweep_interval = sweep_interval
@@ -208,6 +208,7 @@ class CoordinatorServer:
                 clock=self._clock,
                 max_streams=self._max_streams,
                 sweep_interval=self._sweep_interval,
+                tombstone_seconds=config.key_tombstone_days * 86_400,
             )
             self._service = service
             hsa_server, hsa_health = self._hsa_server(service)

@@ -48,7 +48,26 @@ operators get a clear answer early. Invariants:
   kept head is only ever raised: a lower one (a possible cut), one of another chain, or one
   with a bad signature is refused, logged at WARNING and named in the answer;
 - errors are raised as `domain_core.errors` exceptions and mapped to statuses by the
-  transport's interceptor, never aborted here.
+  transport's interceptor, never aborted here;
+- a key record is stored (`PutKey`) only if it verifies as far as a coordinator can verify
+  without secrets: its metadata parses and names this domain and the key, it is signed by the
+  calling host, that host is in the verified head and the signature verifies under its key
+  from the head, and no token is under a generation the head has retired. It never replaces a
+  stored record with a lower metadata version, nor with the same version and other metadata
+  bytes (a re-wrap keeps the metadata and may change tokens and signature). A create counts
+  the creator's live keys (`Limits.max_keys_per_principal`);
+- fences: once a proposal that removes host H has its quorum (and until it is closed), H may
+  not write key records (PERMISSION_DENIED), and no record is stored under a domain-key
+  generation that a quorate proposal or a due scheduled rotation retires; the fence is set
+  before any HSA is asked to produce the state, and checked with the write under one lock, so
+  the records the producing HSA lists are all there are (`hsa_node.rewrap`);
+- `DeleteKeyRecord` deletes only a stored record whose signature verifies and whose signed
+  metadata says PENDING_DELETION with a date that has passed; a deleted record stays as a
+  tombstone (never served, its id never created again) for `tombstone_seconds`, then it is
+  purged;
+- a change an HSA defers (UNAVAILABLE from an HSA that is serving: key records must move
+  first) stays PENDING with the HSA's reason and is retried with a back-off (doubling up to
+  `MAX_DEFER_SECONDS`), preferring the HSA that deferred it (it resumes its preparation).
 """
 
 from __future__ import annotations
@@ -77,7 +96,7 @@ from domain_coordinator.store import (
     ProposalRecord,
     ProposalState,
 )
-from domain_core import crypto, quorum, transition
+from domain_core import crypto, keytokens, quorum, transition
 from domain_core.audit import (
     HSA_LOG_NAME,
     AuditHead,
@@ -102,6 +121,7 @@ from domain_core.errors import (
     ResourceExhaustedError,
     StaleProposalError,
     UnknownSignerError,
+    VerificationError,
 )
 from domain_core.faults import unsafe_crash_point, warn_if_enabled
 from domain_core.limits import DEFAULT_LIMITS, Limits
@@ -115,6 +135,9 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = services_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name
 DEFAULT_MAX_STREAMS = 64
 DEFAULT_SWEEP_INTERVAL_SECONDS = 2.0
+DEFAULT_TOMBSTONE_SECONDS = 30 * 86_400
+MAX_DEFER_SECONDS = 30.0
+PURGE_INTERVAL_SECONDS = 3600.0
 MAX_PENDING_PROPOSALS = 1000
 MAX_LISTED_PROPOSALS = 1000  # closed ones included: the newest
 _HSA_ONLY = "this call needs an HSA certificate"
@@ -166,6 +189,30 @@ class _Outcome:
     state: SealedState | None = None
     refused_by: str = ""
     reason: str = ""
+    deferred_by: str = ""
+    """A serving HSA that answered UNAVAILABLE: it prepares the change (key records first)."""
+
+
+@dataclass
+class _Deferral:
+    """When to ask again for a change that an HSA deferred, and whom first."""
+
+    retry_at: float
+    delay: float
+    host_id: str
+
+
+@dataclass(frozen=True)
+class _Fences:
+    """Key-record writes refused while a change that would strand them is under way."""
+
+    hosts: Mapping[str, str]
+    """Host id -> why it is being removed."""
+    generations: Mapping[int, str]
+    """Domain-key generation -> why it is being retired."""
+
+
+_NO_FENCES = _Fences({}, {})
 
 
 def _iso(timestamp: int) -> str:
@@ -229,6 +276,7 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
         clock: Callable[[], float] = time.time,
         max_streams: int = DEFAULT_MAX_STREAMS,
         sweep_interval: float = DEFAULT_SWEEP_INTERVAL_SECONDS,
+        tombstone_seconds: int = DEFAULT_TOMBSTONE_SECONDS,
     ) -> None:
         self.domain_id = chain.domain_id
         self._chain = chain
@@ -255,6 +303,12 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
         self._stopping = threading.Event()
         self._sweeper: threading.Thread | None = None
         self._throttled = _ThrottledLog()
+        self._tombstone_seconds = tombstone_seconds
+        self._fence_lock = threading.Lock()
+        self._fences = _NO_FENCES
+        self._deferrals: dict[str, _Deferral] = {}
+        self._next_purge = 0.0
+        self._refresh_fences()
         warn_if_enabled(log)
 
     # --- lifecycle -----------------------------------------------------------------------
@@ -709,6 +763,7 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
         with self._apply_lock:
             record = self._close_if_due(self._load(proposal_id), self._now())
             if record.state is not ProposalState.PENDING:
+                self._deferrals.pop(proposal_id.hex(), None)
                 return record
             head = self.head
             proposal = Proposal.from_bytes(record.proposal, self._limits)
@@ -717,18 +772,25 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
             if not result.met:
                 return record
             unsafe_crash_point("after_quorum_before_apply")
+            # Before any HSA lists the key records to prepare the change: no more writes by a
+            # host it removes, nor under a generation it retires.
+            self._fence(head, proposal)
             # Send only the approvals that count, in the operators' order.
             counted = [a for a in approvals if a.operator_id in result.approved_by]
             # A host that the proposal removes must not produce the state that removes it.
             removed = {c.remove_host.host_id for c in proposal.changes if c.HasField("remove_host")}
+            key = proposal.id.hex()
+            deferral = self._deferrals.get(key)
             outcome = self._produce(
                 head,
                 "apply",
                 lambda address: self._hsas.apply_proposal(address, proposal.raw, counted),
                 expect_proposal=proposal.id,
                 exclude=removed,
+                prefer=deferral.host_id if deferral is not None else "",
             )
             if outcome.state is not None:
+                self._deferrals.pop(key, None)
                 unsafe_crash_point("after_apply_before_store")
                 try:
                     self._store.append_state_and_close_proposal(
@@ -752,16 +814,113 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
                 unsafe_crash_point("after_store_before_push")
                 self._advance(outcome.state)
             elif outcome.refused_by:
+                self._deferrals.pop(key, None)
                 detail = f"{outcome.refused_by} refused to apply it: {outcome.reason}"
                 self._store.set_proposal_state(proposal.id, ProposalState.REJECTED, detail)
                 log.warning("proposal %s rejected: %s", proposal.id.hex()[:16], detail)
             else:
-                detail = f"no HSA could apply it yet: {outcome.reason}; the coordinator retries"
+                retry = self._defer(key, outcome)
+                detail = (
+                    f"no HSA could apply it yet: {outcome.reason}; the coordinator retries{retry}"
+                )
                 self._store.set_proposal_state(proposal.id, ProposalState.PENDING, detail)
                 self._throttled.warning(
                     f"apply:{proposal.id.hex()}", f"proposal {proposal.id.hex()[:16]}: {detail}"
                 )
             return self._load(proposal.id)
+
+    def _defer(self, key: str, outcome: _Outcome) -> str:
+        """Remember when to try a deferred change again (back-off); " in N s" for messages,
+        "" when the outcome was not a deferral (the next sweep retries)."""
+        if not outcome.deferred_by:
+            self._deferrals.pop(key, None)
+            return ""
+        previous = self._deferrals.get(key)
+        delay = (
+            self._sweep_interval
+            if previous is None
+            else min(previous.delay * 2, max(MAX_DEFER_SECONDS, self._sweep_interval))
+        )
+        self._deferrals[key] = _Deferral(time.monotonic() + delay, delay, outcome.deferred_by)
+        return f" in {delay:.0f} s"
+
+    def _due(self, key: str) -> bool:
+        """Whether a change that may have been deferred should be tried now (the sweep)."""
+        deferral = self._deferrals.get(key)
+        return deferral is None or time.monotonic() >= deferral.retry_at
+
+    # --- fences --------------------------------------------------------------------------
+
+    def _strands(
+        self, head: SealedState, manifest: domain_pb2.Manifest, why: str
+    ) -> tuple[dict[str, str], dict[int, str]]:
+        before = head.manifest.message
+        return (
+            dict.fromkeys(transition.removed_hosts(before, manifest), why),
+            dict.fromkeys(transition.retired_generations(before, manifest), why),
+        )
+
+    def _proposal_fences(
+        self, head: SealedState, proposal: Proposal
+    ) -> tuple[dict[str, str], dict[int, str]]:
+        """What a proposal would strand, from the head (nothing if it does not apply)."""
+        try:
+            manifest, _ = transition.apply_changes(
+                head.manifest.message, proposal, now=self._now(), limits=self._limits
+            )
+        except HsmDomainError:
+            return {}, {}
+        return self._strands(
+            head, manifest, f"proposal {proposal.id.hex()[:16]} reached its quorum"
+        )
+
+    def _rotation_fences(self, head: SealedState) -> tuple[dict[str, str], dict[int, str]]:
+        """What the scheduled rotation would strand, once it is due (nothing before)."""
+        try:
+            manifest = transition.scheduled_rotation_manifest(
+                transition.StateHead(head.manifest, head.hash), now=self._now()
+            )
+        except HsmDomainError:
+            return {}, {}
+        return self._strands(head, manifest, "the scheduled domain key rotation is due")
+
+    def _fence(self, head: SealedState, proposal: Proposal | None) -> None:
+        """Add the fences of one change (a proposal, or the scheduled rotation for None)."""
+        hosts, generations = (
+            self._proposal_fences(head, proposal)
+            if proposal is not None
+            else self._rotation_fences(head)
+        )
+        if not hosts and not generations:
+            return
+        with self._fence_lock:
+            current = self._fences
+            self._fences = _Fences(
+                {**hosts, **current.hosts}, {**generations, **current.generations}
+            )
+
+    def _refresh_fences(self) -> None:
+        """Recompute the fences from the head, the quorate pending proposals and a due
+        rotation (at start, and on every sweep: fences of closed changes go)."""
+        with self._apply_lock:  # not between another call's fence and its apply
+            self._refresh_fences_locked()
+
+    def _refresh_fences_locked(self) -> None:
+        head = self.head
+        hosts, generations = self._rotation_fences(head)
+        for record in self._store.list_proposals():
+            try:
+                proposal = Proposal.from_bytes(record.proposal, self._limits)
+                approvals = [domain_pb2.Approval.FromString(a) for a in record.approvals]
+                if not quorum.evaluate(head.manifest, proposal, approvals).met:
+                    continue
+            except (HsmDomainError, DecodeError):
+                continue
+            more_hosts, more_generations = self._proposal_fences(head, proposal)
+            hosts.update(more_hosts)
+            generations.update(more_generations)
+        with self._fence_lock:
+            self._fences = _Fences(hosts, generations)
 
     def _produce(
         self,
@@ -771,8 +930,10 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
         *,
         expect_proposal: bytes | None,
         exclude: frozenset[str] | set[str] = frozenset(),
+        prefer: str = "",
     ) -> _Outcome:
-        """Ask registered hosts of `head` (but `exclude`), in random order, for its successor."""
+        """Ask registered hosts of `head` (but `exclude`), in random order (`prefer` first),
+        for its successor."""
         members = head.manifest.hosts_by_id
         hsas = [
             h for h in self._store.list_hsas() if h.host_id in members and h.host_id not in exclude
@@ -780,7 +941,9 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
         if not hsas:
             return _Outcome(reason="no HSA has registered with this coordinator")
         random.shuffle(hsas)
+        hsas.sort(key=lambda h: h.host_id != prefer)
         reasons: list[str] = []
+        deferred_by = ""
         for hsa in hsas:
             try:
                 status = self._hsas.get_status(hsa.address)
@@ -805,6 +968,10 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
                         refused_by=hsa.host_id,
                         reason=rpc_details(error),
                     )
+                if code is grpc.StatusCode.UNAVAILABLE and not deferred_by:
+                    # A serving HSA that answers UNAVAILABLE prepares the change (key records
+                    # must move first): it resumes where it stopped when asked again.
+                    deferred_by = hsa.host_id
                 reasons.append(f"{hsa.host_id}: {describe_rpc_error(error)}")
                 continue
             try:
@@ -820,7 +987,7 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
                 reasons.append(f"{hsa.host_id} returned a state that does not verify")
                 continue
             return _Outcome(state=state)
-        return _Outcome(reason="; ".join(reasons)[:1000])
+        return _Outcome(reason="; ".join(reasons)[:1000], deferred_by=deferred_by)
 
     def _advance(self, state: SealedState, *, repairing: bool = False) -> None:
         """Accept a stored state: update the chain, stale the proposals it overtook, push it.
@@ -1070,27 +1237,45 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
                 log.info("adopted version %d from the store", state.version)
 
     def _rotate_if_due(self) -> None:
-        """Scheduled rotation: when due, an HSA rotates the domain key; verify, store, push."""
+        """Scheduled rotation: when due, an HSA rotates the domain key; verify, store, push.
+
+        An HSA defers it while key records under the generation it retires are re-wrapped;
+        the rotation then waits (logged, with the reason, and retried with a back-off).
+        """
         now = self._now()
         if transition.rotation_due_at(self.head.manifest) > now:
+            self._deferrals.pop("rotation", None)
+            return
+        if not self._due("rotation"):
             return
         with self._apply_lock:
             head = self.head
             if transition.rotation_due_at(head.manifest) > now:
                 return
+            self._fence(head, None)
+            deferral = self._deferrals.get("rotation")
             outcome = self._produce(
-                head, "rotation", self._hsas.rotate_domain_key, expect_proposal=None
+                head,
+                "rotation",
+                self._hsas.rotate_domain_key,
+                expect_proposal=None,
+                prefer=deferral.host_id if deferral is not None else "",
             )
             if outcome.state is None:
+                retry = self._defer("rotation", outcome) if not outcome.refused_by else ""
                 reason = (
                     f"{outcome.refused_by} refused: {outcome.reason}"
                     if outcome.refused_by
                     else outcome.reason
                 )
+                what = "waits" if outcome.deferred_by else "failed"
                 self._throttled.warning(
-                    "rotation", f"scheduled domain key rotation is due but failed: {reason}"
+                    "rotation",
+                    f"scheduled domain key rotation is due but {what}: {reason}"
+                    + (f"; retrying{retry}" if retry else ""),
                 )
                 return
+            self._deferrals.pop("rotation", None)
             try:
                 self._store.append_state(outcome.state.version, outcome.state.to_bytes())
             except ConflictError:
@@ -1105,17 +1290,38 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
 
     def _sweep_once(self) -> None:
         """One pass: adopt stored states, repair from HSAs if behind, close due proposals,
-        retry quorate ones, rotate."""
+        retry quorate ones (deferred ones after their back-off), rotate, purge old tombstones."""
         self._refresh_chain()
         head = self.head
         if any(h.version > head.version for h in self._store.list_hsas()):
             self._start_repair()
         now = self._now()
+        pending: set[str] = set()
         for record in self._store.list_proposals():
             record = self._close_if_due(record, now)
             if record.state is ProposalState.PENDING:
+                pending.add(record.proposal_id.hex())
+        self._refresh_fences()
+        for key in set(self._deferrals) - pending - {"rotation"}:
+            self._deferrals.pop(key, None)
+        for record in self._store.list_proposals():
+            if self._due(record.proposal_id.hex()):
                 self._apply_if_met(record.proposal_id)
         self._rotate_if_due()
+        self._purge_tombstones()
+
+    def _purge_tombstones(self) -> None:
+        """Remove the tombstones of keys deleted longer ago than the waiting period (hourly)."""
+        if time.monotonic() < self._next_purge:
+            return
+        self._next_purge = time.monotonic() + PURGE_INTERVAL_SECONDS
+        purged = self._store.purge_deleted_keys(self._now() - self._tombstone_seconds)
+        if purged:
+            log.info(
+                "purged %d deleted key records, deleted more than %d days ago",
+                purged,
+                self._tombstone_seconds // 86_400,
+            )
 
     def _sweep_loop(self) -> None:
         while not self._stopping.wait(self._sweep_interval):
@@ -1357,11 +1563,107 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
     def PutKey(
         self, request: services_pb2.PutKeyRequest, context: grpc.ServicerContext
     ) -> services_pb2.PutKeyResponse:
+        """Store a key record that verifies as far as a coordinator can tell (see the module
+        invariants), with a compare-and-swap on its revision (0: create)."""
         identity = self._require_host(context, HostAccess.MEMBER)
-        key_id, raw = check.key_record(request.record, self.domain_id, self._limits)
-        revision = self._store.put_key(key_id, raw, request.expected_revision)
-        log.info("key %s stored at revision %d by %s", key_id, revision, identity.spiffe.name)
+        record = request.record
+        key_id, raw, metadata = check.key_record(record, self.domain_id, self._limits)
+        caller = identity.spiffe.name
+        head = self.head
+        self._check_record_signature(record, key_id, head, writer=caller)
+        generations = {t.domain_key_generation for t in record.tokens}
+        oldest = head.manifest.message.key_generations[0].generation
+        if generations and min(generations) < oldest:
+            # A lagging HSA: no HSA could open it (a newer generation than the head's may be a
+            # state this coordinator has not adopted yet; the HSAs judge those).
+            raise FailedPreconditionError(
+                f"the record of key {key_id} is sealed under domain key generation "
+                f"{min(generations)}, which the domain retired (it holds {oldest} and newer at "
+                f"version {head.version}): the writing HSA is behind; it catches up, retry"
+            )
+        with self._fence_lock:
+            fences = self._fences
+            if caller in fences.hosts:
+                raise PermissionDeniedError(
+                    f"{caller} is being removed from the domain ({fences.hosts[caller]}): it "
+                    "may not write key records; use another HSA"
+                )
+            retiring = sorted(generations & fences.generations.keys())
+            if retiring:
+                raise FailedPreconditionError(
+                    f"the record of key {key_id} is sealed under domain key generation "
+                    f"{retiring[0]}, which is being retired "
+                    f"({fences.generations[retiring[0]]}): the writing HSA is behind; it "
+                    "catches up, retry"
+                )
+            expected = request.expected_revision
+            if expected:
+                self._check_replacement(key_id, expected, metadata, record.metadata)
+            revision = self._store.put_key(
+                key_id,
+                raw,
+                expected,
+                creator=metadata.creator if expected == 0 else "",
+                creator_limit=self._limits.max_keys_per_principal,
+            )
+        log.info(
+            "key %s stored at revision %d (metadata version %d) by %s",
+            key_id,
+            revision,
+            metadata.metadata_version,
+            caller,
+        )
         return services_pb2.PutKeyResponse(revision=revision)
+
+    def _check_record_signature(
+        self, record: keys_pb2.KeyRecord, key_id: str, head: SealedState, *, writer: str = ""
+    ) -> None:
+        """The record is signed by a host of the head (by `writer`, if given), and the
+        signature verifies under that host's key from the head."""
+        signer = record.signer_host_id
+        if writer and signer != writer:
+            raise PermissionDeniedError(
+                f"the record of key {key_id} is signed by {signer[:64]!r}, not by {writer}, "
+                "which puts it: an HSA writes only records it signed itself"
+            )
+        try:
+            keytokens.verify_key_record_signature(
+                record, self.domain_id, head.manifest.host_signing_keys
+            )
+        except UnknownSignerError:
+            raise UnknownSignerError(
+                f"the record of key {key_id} is signed by {signer[:64]!r}, which is not a host "
+                f"of the domain at version {head.version}"
+            ) from None
+        except BadSignatureError:
+            raise BadSignatureError(
+                f"the signature of {signer} over the record of key {key_id} does not verify"
+            ) from None
+
+    def _check_replacement(
+        self, key_id: str, expected: int, metadata: keys_pb2.KeyMetadata, metadata_bytes: bytes
+    ) -> None:
+        """Refuse to replace the stored record (at revision `expected`) with an older
+        metadata version, or with other metadata bytes at the same version."""
+        entry = self._store.get_key(key_id)
+        if entry is None or entry.revision != expected:
+            return  # the store's compare-and-swap answers
+        try:
+            stored_bytes = keys_pb2.KeyRecord.FromString(entry.record).metadata
+            stored = keys_pb2.KeyMetadata.FromString(stored_bytes)
+        except DecodeError:
+            return  # a damaged record may be replaced by one that verifies
+        new, old = metadata.metadata_version, stored.metadata_version
+        if new < old:
+            raise FailedPreconditionError(
+                f"key {key_id} is at metadata version {old} here; a record with version {new} "
+                "would roll it back: read the key again"
+            )
+        if new == old and metadata_bytes != stored_bytes:
+            raise FailedPreconditionError(
+                f"key {key_id} has other metadata at version {new} here; a change must raise "
+                "the metadata version: read the key again"
+            )
 
     def ListKeyRecords(
         self, request: services_pb2.ListKeyRecordsRequest, context: grpc.ServicerContext
@@ -1391,9 +1693,10 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
     ) -> services_pb2.DeleteKeyRecordResponse:
         """Delete a key whose scheduled deletion date has passed (compare-and-swap).
 
-        An honest coordinator checks what it can: the stored metadata must say PENDING_DELETION
-        with a deletion date that has passed by this coordinator's clock. (It cannot verify the
-        metadata: the HSAs that read the record do.)
+        The stored record must be signed by a host of the head (its signature verifying under
+        that host's key) and its signed metadata must say PENDING_DELETION with a deletion
+        date that has passed by this coordinator's clock. The record is kept as a tombstone
+        for the waiting period (`tombstone_seconds`), then purged.
         """
         identity = self._require_host(context, HostAccess.MEMBER)
         key_id = check.key_id(request.key_id)
@@ -1411,12 +1714,24 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
             )
         metadata = keys_pb2.KeyMetadata()
         try:
-            metadata.ParseFromString(keys_pb2.KeyRecord.FromString(entry.record).metadata)
+            record = keys_pb2.KeyRecord.FromString(entry.record)
+            metadata.ParseFromString(record.metadata)
         except DecodeError:
             raise FailedPreconditionError(
                 f"the stored record of key {key_id} does not parse; not deleting it"
             ) from None
+        try:
+            self._check_record_signature(record, key_id, self.head)
+        except VerificationError as error:
+            raise FailedPreconditionError(
+                f"the stored record of key {key_id} is not signed by a host of the domain "
+                f"({error.message}); not deleting it"
+            ) from None
         now = self._now()
+        if metadata.key_id != key_id or metadata.domain_id != self.domain_id:
+            raise FailedPreconditionError(
+                f"the stored record of key {key_id} names another key or domain; not deleting it"
+            )
         if metadata.state != keys_pb2.KEY_STATE_PENDING_DELETION:
             raise FailedPreconditionError(f"key {key_id} is not pending deletion")
         if metadata.deletion_at > now:
@@ -1424,12 +1739,14 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
                 f"key {key_id} is scheduled for deletion at {_iso(metadata.deletion_at)}, "
                 "which has not passed yet"
             )
-        self._store.delete_key(key_id, request.expected_revision)
+        self._store.delete_key(key_id, request.expected_revision, now)
         log.info(
-            "key %s deleted at revision %d by %s (scheduled for %s)",
+            "key %s deleted at revision %d by %s (scheduled for %s); kept as a tombstone for "
+            "%d days",
             key_id,
             request.expected_revision,
             identity.spiffe.name,
             _iso(metadata.deletion_at),
+            self._tombstone_seconds // 86_400,
         )
         return services_pb2.DeleteKeyRecordResponse()

@@ -7,8 +7,10 @@ Invariants (on top of those of `domain_coordinator.store`):
   `synchronous=FULL`, before the method returns: an acknowledged write survives a crash or a
   power loss;
 - compare-and-swap checks (state version, key revision, one approval or cancel vote per
-  operator) run inside the same transaction as the write they guard, so they hold across
-  threads and processes;
+  operator) and the per-creator key count run inside the same transaction as the write they
+  guard, so they hold across threads and processes;
+- a deleted key record stays in the `keys` table as a tombstone (`deleted_at` set) until it
+  is purged; nothing that reads live keys sees it, and its key id cannot be created again;
 - one connection shared by all threads, serialised by a lock.
 """
 
@@ -23,14 +25,24 @@ from pathlib import Path
 
 from domain_coordinator.store import (
     AuditHeadRecord,
+    DeletedKey,
     HsaRecord,
     KeyEntry,
     ProposalRecord,
     ProposalState,
+    iso_date,
 )
-from domain_core.errors import AlreadyExistsError, ConflictError, NotFoundError
+from domain_core.errors import (
+    AlreadyExistsError,
+    ConflictError,
+    NotFoundError,
+    ResourceExhaustedError,
+)
 
-SCHEMA_VERSION = 1
+# 2: key records have tombstones (`deleted_at`) and a `creator`; a schema-1 file is upgraded
+# on open, and an older coordinator (which would serve tombstones as keys) refuses the file.
+SCHEMA_VERSION = 2
+_UPGRADABLE_SCHEMAS = frozenset({"1"})
 _BUSY_TIMEOUT_MS = 10_000
 
 _SCHEMA = """
@@ -92,7 +104,14 @@ _ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("hsas", "version", "INTEGER NOT NULL DEFAULT 0"),
     ("hsas", "state_hash", "BLOB NOT NULL DEFAULT x''"),
     ("hsas", "reported_at", "INTEGER NOT NULL DEFAULT 0"),
+    ("keys", "creator", "TEXT NOT NULL DEFAULT ''"),
+    ("keys", "deleted_at", "INTEGER NOT NULL DEFAULT 0"),
 )
+# After the added columns exist.
+_INDEXES = """
+CREATE INDEX IF NOT EXISTS keys_by_creator ON keys (creator, deleted_at);
+CREATE INDEX IF NOT EXISTS keys_by_deletion ON keys (deleted_at);
+"""
 _MAX_SQLITE_INTEGER = 2**63 - 1
 # Tables added after schema 1 was first released (created if missing; the number stays 1).
 _ADDED_TABLES = """
@@ -167,11 +186,17 @@ class SqliteStore:
                     present = {str(r[1]) for r in db.execute(f"PRAGMA table_info({table})")}
                     if column not in present:
                         db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+                for statement in filter(None, (s.strip() for s in _INDEXES.split(";"))):
+                    db.execute(statement)
                 row = db.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()
                 if row is None:
                     db.execute(
                         "INSERT INTO meta (name, value) VALUES ('schema', ?)",
                         (str(SCHEMA_VERSION),),
+                    )
+                elif row[0] in _UPGRADABLE_SCHEMAS:
+                    db.execute(
+                        "UPDATE meta SET value = ? WHERE name = 'schema'", (str(SCHEMA_VERSION),)
                     )
                 elif row[0] != str(SCHEMA_VERSION):
                     raise RuntimeError(
@@ -514,27 +539,53 @@ class SqliteStore:
     def get_key(self, key_id: str) -> KeyEntry | None:
         with self._read() as db:
             row = db.execute(
-                "SELECT record, revision FROM keys WHERE key_id = ?", (key_id,)
+                "SELECT record, revision FROM keys WHERE key_id = ? AND deleted_at = 0", (key_id,)
             ).fetchone()
         return KeyEntry(key_id, bytes(row[0]), int(row[1])) if row is not None else None
 
-    def put_key(self, key_id: str, record: bytes, expected_revision: int) -> int:
+    def put_key(
+        self,
+        key_id: str,
+        record: bytes,
+        expected_revision: int,
+        *,
+        creator: str = "",
+        creator_limit: int = 0,
+    ) -> int:
         if not isinstance(key_id, str) or not key_id:
             raise TypeError("key_id must be a non-empty string")
         _check_bytes(record, "record")
         if expected_revision < 0:
             raise ValueError("expected_revision is 0 (create) or a stored revision")
         with self._transaction() as db:
-            row = db.execute("SELECT revision FROM keys WHERE key_id = ?", (key_id,)).fetchone()
+            row = db.execute(
+                "SELECT revision, deleted_at FROM keys WHERE key_id = ?", (key_id,)
+            ).fetchone()
             if expected_revision == 0:
+                if row is not None and int(row[1]):
+                    raise AlreadyExistsError(
+                        f"key {key_id} was deleted on {iso_date(int(row[1]))}; a key id is "
+                        "never used again"
+                    )
                 if row is not None:
                     raise AlreadyExistsError(f"key {key_id} exists already")
+                if creator and creator_limit:
+                    count = db.execute(
+                        "SELECT COUNT(*) FROM keys WHERE creator = ? AND deleted_at = 0",
+                        (creator,),
+                    ).fetchone()
+                    if int(count[0]) >= creator_limit:
+                        raise ResourceExhaustedError(
+                            f"{creator[:200]} has created {int(count[0])} keys, the most one "
+                            f"principal may have ({creator_limit}); schedule the deletion of "
+                            "keys it no longer needs"
+                        )
                 db.execute(
-                    "INSERT INTO keys (key_id, record, revision) VALUES (?, ?, 1)",
-                    (key_id, record),
+                    "INSERT INTO keys (key_id, record, revision, creator) VALUES (?, ?, 1, ?)",
+                    (key_id, record, creator),
                 )
                 return 1
-            if row is None:
+            if row is None or int(row[1]):
                 raise NotFoundError(f"key {key_id} does not exist")
             current = int(row[0])
             if current != expected_revision:
@@ -553,20 +604,31 @@ class SqliteStore:
             return []
         with self._read() as db:
             rows = db.execute(
-                "SELECT key_id, record, revision FROM keys WHERE key_id > ? "
+                "SELECT key_id, record, revision FROM keys WHERE key_id > ? AND deleted_at = 0 "
                 "ORDER BY key_id LIMIT ?",
                 (after_key_id, limit),
             ).fetchall()
         return [KeyEntry(str(r[0]), bytes(r[1]), int(r[2])) for r in rows]
 
-    def delete_key(self, key_id: str, expected_revision: int) -> None:
+    def count_keys(self, creator: str) -> int:
+        with self._read() as db:
+            row = db.execute(
+                "SELECT COUNT(*) FROM keys WHERE creator = ? AND deleted_at = 0", (creator,)
+            ).fetchone()
+        return int(row[0])
+
+    def delete_key(self, key_id: str, expected_revision: int, deleted_at: int) -> None:
         if not isinstance(key_id, str) or not key_id:
             raise TypeError("key_id must be a non-empty string")
         if expected_revision < 1:
             raise ValueError("expected_revision is the stored revision the caller read")
+        if isinstance(deleted_at, bool) or not isinstance(deleted_at, int) or deleted_at < 1:
+            raise ValueError("deleted_at is a unix time")
         with self._transaction() as db:
-            row = db.execute("SELECT revision FROM keys WHERE key_id = ?", (key_id,)).fetchone()
-            if row is None:
+            row = db.execute(
+                "SELECT revision, deleted_at FROM keys WHERE key_id = ?", (key_id,)
+            ).fetchone()
+            if row is None or int(row[1]):
                 raise NotFoundError(f"key {key_id} does not exist")
             current = int(row[0])
             if current != expected_revision:
@@ -574,7 +636,27 @@ class SqliteStore:
                     f"key {key_id} is at revision {current}, not {expected_revision}: "
                     "it changed meanwhile; read it again and retry"
                 )
-            db.execute("DELETE FROM keys WHERE key_id = ?", (key_id,))
+            db.execute(
+                "UPDATE keys SET deleted_at = ?, revision = ? WHERE key_id = ?",
+                (deleted_at, current + 1, key_id),
+            )
+
+    def deleted_key(self, key_id: str) -> DeletedKey | None:
+        with self._read() as db:
+            row = db.execute(
+                "SELECT record, revision, deleted_at FROM keys WHERE key_id = ? AND deleted_at > 0",
+                (key_id,),
+            ).fetchone()
+        if row is None:
+            return None
+        return DeletedKey(KeyEntry(key_id, bytes(row[0]), int(row[1])), int(row[2]))
+
+    def purge_deleted_keys(self, deleted_before: int) -> int:
+        with self._transaction() as db:
+            cursor = db.execute(
+                "DELETE FROM keys WHERE deleted_at > 0 AND deleted_at < ?", (deleted_before,)
+            )
+            return int(cursor.rowcount)
 
     def close(self) -> None:
         with self._lock:

@@ -17,6 +17,12 @@ Invariants every implementation keeps:
 - one approval per operator per proposal; a second one is refused, not replaced; the same
   for votes to cancel (kept beside the approvals; neither can be withdrawn);
 - key records are written and deleted with a compare-and-swap on their revision (0 = create);
+- a deleted key record becomes a tombstone: kept (record and deletion time) until
+  `purge_deleted_keys` removes it after the waiting period, never served by `get_key` or
+  `list_keys`, and its key id cannot be created again while it is kept (AlreadyExistsError;
+  key ids are fresh random UUIDs, so a collision after the purge is not a concern);
+- a create counts the live keys of the record's creator in the same transaction and refuses
+  (ResourceExhaustedError) at the creator limit;
 - an HSA's reported version is what that HSA said (`register_hsa` replaces it, an InstallState
   answer only raises it): informational, never used for a trust decision;
 - an audit head (a signed checkpoint, per host and log) is replaced only with a
@@ -31,6 +37,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -106,6 +113,19 @@ class KeyEntry:
     key_id: str
     record: bytes
     revision: int
+
+
+@dataclass(frozen=True)
+class DeletedKey:
+    """A tombstone: the last record of a deleted key and when (unix seconds) it was deleted."""
+
+    entry: KeyEntry
+    deleted_at: int
+
+
+def iso_date(timestamp: int) -> str:
+    """A unix time as an ISO 8601 UTC date and time, for messages."""
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @runtime_checkable
@@ -249,28 +269,51 @@ class CoordinatorStore(Protocol):
     # --- key records -----------------------------------------------------------------------
 
     def get_key(self, key_id: str) -> KeyEntry | None:
-        """The stored key record and its revision, or None."""
+        """The stored (live) key record and its revision, or None (also for a tombstone)."""
         ...
 
-    def put_key(self, key_id: str, record: bytes, expected_revision: int) -> int:
+    def put_key(
+        self,
+        key_id: str,
+        record: bytes,
+        expected_revision: int,
+        *,
+        creator: str = "",
+        creator_limit: int = 0,
+    ) -> int:
         """Write a key record with a compare-and-swap; returns the new revision.
 
-        `expected_revision` 0 creates the key (AlreadyExistsError if it exists); otherwise it
-        must equal the stored revision (ConflictError if it does not, NotFoundError if the
-        key does not exist).
+        `expected_revision` 0 creates the key (AlreadyExistsError if it exists or has a
+        tombstone; ResourceExhaustedError if `creator` has `creator_limit` live keys already,
+        when both are given); otherwise it must equal the stored revision (ConflictError if it
+        does not, NotFoundError if the key does not exist or was deleted).
         """
         ...
 
     def list_keys(self, limit: int, after_key_id: str = "") -> list[KeyEntry]:
-        """Up to `limit` key records with ids above `after_key_id`, ordered by key id."""
+        """Up to `limit` live key records with ids above `after_key_id`, ordered by key id."""
         ...
 
-    def delete_key(self, key_id: str, expected_revision: int) -> None:
-        """Delete a key record with a compare-and-swap on its revision.
+    def count_keys(self, creator: str) -> int:
+        """How many live keys `creator` created."""
+        ...
 
-        NotFoundError if the key does not exist; ConflictError if the stored revision is not
-        `expected_revision` (the record changed since the caller read it).
+    def delete_key(self, key_id: str, expected_revision: int, deleted_at: int) -> None:
+        """Make a key record a tombstone (deleted at `deleted_at`, unix seconds) with a
+        compare-and-swap on its revision.
+
+        NotFoundError if the key does not exist (or is a tombstone already); ConflictError if
+        the stored revision is not `expected_revision` (the record changed since the caller
+        read it).
         """
+        ...
+
+    def deleted_key(self, key_id: str) -> DeletedKey | None:
+        """The tombstone of a deleted key, or None (for recovery and for tests)."""
+        ...
+
+    def purge_deleted_keys(self, deleted_before: int) -> int:
+        """Remove the tombstones of keys deleted before `deleted_before`; how many."""
         ...
 
     def close(self) -> None:

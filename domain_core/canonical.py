@@ -28,6 +28,7 @@ class PayloadType(StrEnum):
     PROPOSAL_CANCEL = "proposal-cancel"
     HOST_ENROLLMENT = "host-enrollment"
     AUDIT_CHECKPOINT = "audit-checkpoint"
+    KEY_RECORD = "key-record"
 
 
 def _length_prefixed(data: bytes) -> bytes:

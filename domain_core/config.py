@@ -15,6 +15,7 @@ from typing import Any, Final, TypeVar
 
 from domain_core.errors import InvalidInputError
 from domain_core.files import replace_file
+from domain_core.limits import DEFAULT_LIMITS, Limits
 from domain_core.model import validate_domain_id
 from domain_core.pki import SpiffeId
 
@@ -99,6 +100,8 @@ class NodeConfig(_ConfigBase):
     # domain CA issued for that id). No id: HsaAdmin refuses everyone (GetStatus aside).
     coordinator_identity: str = ""
     coordinator_fingerprints: tuple[str, ...] = ()
+    # Overrides of `domain_core.limits.Limits` (e.g. {"create_key_per_second": 20}).
+    limits: dict[str, float] = field(default_factory=dict)
     base_dir: Path | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -119,6 +122,11 @@ class NodeConfig(_ConfigBase):
             raise InvalidInputError(
                 "coordinator_fingerprints needs coordinator_identity (the coordinator's SPIFFE id)"
             )
+        self.effective_limits()
+
+    def effective_limits(self) -> Limits:
+        """The default limits with this config's `limits` over them."""
+        return _limits(self.limits)
 
 
 @dataclass(frozen=True)
@@ -134,11 +142,33 @@ class CoordinatorConfig(_ConfigBase):
     listen: str = "127.0.0.1:0"  # mutual TLS: HSAs
     operator_listen: str = "127.0.0.1:0"  # server-auth TLS: operators sign what they submit
     hsa_call_timeout_seconds: float = 10.0
+    # How long a deleted key record is kept as a tombstone (recoverable, never reused).
+    key_tombstone_days: int = 30
+    # Overrides of `domain_core.limits.Limits` (e.g. {"max_keys_per_principal": 1000}).
+    limits: dict[str, float] = field(default_factory=dict)
     base_dir: Path | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         validate_domain_id(self.domain_id)
         _check_hash(self.genesis_hash)
+        days = self.key_tombstone_days
+        if isinstance(days, bool) or not isinstance(days, int) or not 1 <= days <= 3650:
+            raise InvalidInputError(
+                f"key_tombstone_days must be a whole number of days from 1 to 3650, not {days!r}"
+            )
+        self.effective_limits()
+
+    def effective_limits(self) -> Limits:
+        """The default limits with this config's `limits` over them."""
+        return _limits(self.limits)
+
+
+def _limits(overrides: object) -> Limits:
+    if not isinstance(overrides, dict):
+        raise InvalidInputError(
+            f"limits must be a JSON object of limit names to numbers, not {overrides!r}"
+        )
+    return DEFAULT_LIMITS.with_overrides(overrides, "limits")
 
 
 MAX_KEY_SERVICE_WORKERS: Final = 16

@@ -233,6 +233,11 @@ class UnavailableError(HsmDomainError):
     grpc_status = grpc.StatusCode.UNAVAILABLE
 
 
+class TransitionDeferredError(UnavailableError):
+    """A domain change cannot be applied yet (e.g. key records must be re-signed or re-wrapped
+    first); nothing is wrong with it and the coordinator retries it."""
+
+
 # --- operator tokens (local, client side) ----------------------------------------------------
 
 

@@ -1,15 +1,25 @@
-"""Exported key tokens (EKTs): how a backing key leaves an HSA, and how a key record is checked.
+"""Exported key tokens (EKTs) and signed key records: how a backing key leaves an HSA, and
+how a key record is checked.
 
-A token is AES-256-GCM of one 32-byte backing key under one domain key generation, with a
-fresh 12-byte random nonce, and with associated data
+A token is AES-256-GCM of one 32-byte backing key under a one-time *token key*, with a fresh
+12-byte random nonce, and with associated data
 
-    binding = SHA-256( KEY_TOKEN_CONTEXT
-                       || lp(key id, UTF-8) || lp(u32 backing version)
-                       || lp(u32 domain key generation) || lp(SHA-256(metadata bytes)) )
+    binding   = SHA-256( KEY_TOKEN_CONTEXT
+                         || lp(key id, UTF-8) || lp(u32 backing version)
+                         || lp(u32 domain key generation) || lp(SHA-256(metadata bytes)) )
+    token key = HKDF-SHA256(ikm = domain key of that generation, salt = the token's 32 random
+                            salt bytes, info = KEY_TOKEN_KEY_CONTEXT || binding)
 
 where `lp(x)` is `x` preceded by its length as a u64, big-endian (as in `canonical.digest`).
-The context string differs from every context in `canonical`, so a binding can never equal a
-digest or signing input made there.
+The context strings differ from every context in `canonical`, so a binding can never equal a
+digest or signing input made there. Every token has its own AES key, so the domain key itself
+never encrypts anything and no usage bound applies to it (the per-key bound of AES-GCM with
+random nonces applies to one encryption per token key).
+
+A key record is signed by the HSA that wrote it: `signature` is that host's Ed25519 signature
+over `canonical.signing_input(KEY_RECORD, key_record_digest(record, domain id))`, where the
+digest covers the domain id, the metadata bytes, the signer's host id and every field of every
+token (in backing-version order). The revision is the coordinator's and is not signed.
 
 Invariants kept here:
 - a token opens only for the key id, backing version and generation it names, and only
@@ -19,15 +29,20 @@ Invariants kept here:
 - a key record verifies only if its metadata names the expected key and it holds exactly one
   token for each backing version 1..current_backing_version, every one of which opens. This is
   how an HSA catches a coordinator that swaps tokens between keys or edits a stored policy;
-- every failure is `InvalidKeyTokenError` with its one fixed message (no oracle), whatever went
-  wrong: a node that lacks the token's generation gets the same error, and should sync the
-  domain state and retry;
+- every record this module writes (`seal_record`, `rewrap_record`) is signed with the writing
+  host's key; `verify_key_record_signature` accepts it only under the key of a host the caller
+  trusts (the hosts of its verified domain state), so a removed host, or anyone else holding
+  an old domain key generation, cannot write a record that a member accepts;
+- every token failure is `InvalidKeyTokenError` with its one fixed message (no oracle),
+  whatever went wrong: a node that lacks the token's generation gets the same error, and should
+  sync the domain state and retry;
 - metadata is serialized exactly once per change (deterministically) and carried as bytes from
-  then on; nothing here re-serializes metadata that it verifies.
+  then on; nothing here re-serializes metadata (or a record) that it verifies or signs.
 
-What a token cannot show: a whole record replaced by an *older* complete record (an earlier
-policy with its own valid tokens). HSAs defend against that with `metadata_version`, which
-grows with every change: an HSA must refuse a record older than one it has already seen.
+What a token or signature cannot show: a whole record replaced by an *older* complete record
+(an earlier policy with its own valid tokens and signature). HSAs defend against that with
+`metadata_version`, which grows with every change: an HSA must refuse a record older than one
+it has already seen.
 """
 
 from __future__ import annotations
@@ -35,28 +50,40 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Final
 
 from google.protobuf.message import DecodeError
 
-from domain_core import crypto
+from domain_core import canonical, crypto
+from domain_core.canonical import PayloadType
 from domain_core.ciphertext import validate_key_id
-from domain_core.errors import InvalidKeyTokenError
+from domain_core.errors import BadSignatureError, InvalidKeyTokenError, UnknownSignerError
 from domain_core.pb import keys_pb2
+from domain_core.signers import PublicKey, Signer
 
 __all__ = [
     "KEY_TOKEN_CONTEXT",
+    "KEY_TOKEN_KEY_CONTEXT",
+    "TOKEN_SALT_BYTES",
+    "RecordSigner",
+    "key_record_digest",
+    "key_record_signing_input",
     "key_token_binding",
     "needs_rewrap",
     "rewrap_record",
     "seal_record",
+    "token_key",
     "unwrap_backing_key",
     "verify_key_record",
+    "verify_key_record_signature",
     "wrap_backing_key",
 ]
 
 # Part of the format: never change.
 KEY_TOKEN_CONTEXT: Final = b"hsm-domain/v1 key-token\x00"
+KEY_TOKEN_KEY_CONTEXT: Final = b"hsm-domain/v1 key-token-key\x00"
+TOKEN_SALT_BYTES: Final = 32
 
 _MAX_U32: Final = 0xFFFFFFFF
 _SEALED_BYTES: Final = crypto.AES_KEY_BYTES + crypto.GCM_TAG_BYTES
@@ -90,6 +117,12 @@ def key_token_binding(
     return h.digest()
 
 
+def token_key(domain_key: bytes, salt: bytes, binding: bytes) -> bytes:
+    """The one-time AES-256 key of one token: HKDF-SHA256 from the domain key, the token's
+    random salt and its binding (so a token key serves exactly one token)."""
+    return crypto.hkdf_sha256(domain_key, salt=salt, info=KEY_TOKEN_KEY_CONTEXT + binding)
+
+
 def wrap_backing_key(
     domain_key: bytes,
     generation: int,
@@ -99,11 +132,12 @@ def wrap_backing_key(
     backing_key: bytes,
     *,
     nonce: bytes | None = None,
+    salt: bytes | None = None,
 ) -> keys_pb2.KeyToken:
     """Seal one backing key under a domain key generation, bound to the key and its metadata.
 
-    `nonce` exists ONLY for the golden test vectors; production code leaves it unset so that
-    a fresh random nonce is drawn for every token.
+    `nonce` and `salt` exist ONLY for the golden test vectors; production code leaves them
+    unset so that a fresh random nonce and salt are drawn for every token.
     """
     _check_key(domain_key, "domain_key")
     _check_key(backing_key, "backing_key")
@@ -115,13 +149,20 @@ def wrap_backing_key(
         raise ValueError("key_id must be a non-empty str")
     if nonce is None:
         nonce = crypto.random_bytes(crypto.GCM_NONCE_BYTES)
+    if salt is None:
+        salt = crypto.random_bytes(TOKEN_SALT_BYTES)
+    if len(salt) != TOKEN_SALT_BYTES:
+        raise ValueError(f"salt must be {TOKEN_SALT_BYTES} bytes")
     binding = key_token_binding(key_id, backing_version, generation, metadata_bytes)
     return keys_pb2.KeyToken(
         key_id=key_id,
         backing_version=backing_version,
         domain_key_generation=generation,
         nonce=nonce,
-        ciphertext=crypto.aes_gcm_seal(domain_key, backing_key, binding, nonce),
+        salt=salt,
+        ciphertext=crypto.aes_gcm_seal(
+            token_key(domain_key, salt, binding), backing_key, binding, nonce
+        ),
     )
 
 
@@ -148,6 +189,7 @@ def unwrap_backing_key(
         or domain_key is None
         or len(domain_key) != crypto.AES_KEY_BYTES
         or len(token.nonce) != crypto.GCM_NONCE_BYTES
+        or len(token.salt) != TOKEN_SALT_BYTES
         or len(token.ciphertext) != _SEALED_BYTES
     ):
         raise InvalidKeyTokenError()
@@ -155,8 +197,90 @@ def unwrap_backing_key(
         token.key_id, token.backing_version, token.domain_key_generation, metadata_bytes
     )
     return crypto.aes_gcm_open(
-        domain_key, token.ciphertext, binding, token.nonce, error=InvalidKeyTokenError
+        token_key(domain_key, token.salt, binding),
+        token.ciphertext,
+        binding,
+        token.nonce,
+        error=InvalidKeyTokenError,
     )
+
+
+# --- signatures over key records -------------------------------------------------------------
+
+
+def key_record_digest(record: keys_pb2.KeyRecord, domain_id: str) -> bytes:
+    """The digest a key record's signature covers: `canonical.digest(KEY_RECORD, ...)` over the
+    domain id, the metadata bytes, the signer's host id, then for each token in backing-version
+    order its key id, u32 backing version, u32 generation, salt, nonce and ciphertext.
+
+    Made from the fields as received, never from a re-serialization; the revision (the
+    coordinator's) and the signature itself are left out.
+    """
+    if not isinstance(record, keys_pb2.KeyRecord):
+        raise TypeError("record must be a KeyRecord")
+    parts = [domain_id.encode("utf-8"), record.metadata, record.signer_host_id.encode("utf-8")]
+    for token in sorted(record.tokens, key=lambda t: t.backing_version):
+        parts += [
+            token.key_id.encode("utf-8"),
+            struct.pack(">I", token.backing_version),
+            struct.pack(">I", token.domain_key_generation),
+            token.salt,
+            token.nonce,
+            token.ciphertext,
+        ]
+    return canonical.digest(PayloadType.KEY_RECORD, *parts)
+
+
+def key_record_signing_input(record: keys_pb2.KeyRecord, domain_id: str) -> bytes:
+    """The exact bytes the writing host signs (and a verifier checks) for `record`."""
+    return canonical.signing_input(PayloadType.KEY_RECORD, key_record_digest(record, domain_id))
+
+
+@dataclass(frozen=True)
+class RecordSigner:
+    """How one host signs the key records it writes: its domain, host id and signing key."""
+
+    domain_id: str
+    host_id: str
+    signer: Signer
+
+    def __repr__(self) -> str:
+        return f"RecordSigner({self.domain_id!r}, {self.host_id!r})"
+
+    def sign(self, record: keys_pb2.KeyRecord) -> keys_pb2.KeyRecord:
+        """Set the record's signer to this host and sign it (in place); returns the record."""
+        record.signer_host_id = self.host_id
+        record.signature = self.signer.sign(key_record_signing_input(record, self.domain_id))
+        return record
+
+
+def verify_key_record_signature(
+    record: keys_pb2.KeyRecord, domain_id: str, host_keys: Mapping[str, PublicKey]
+) -> str:
+    """Check that a trusted host signed `record` for `domain_id`; returns the signer's host id.
+
+    `host_keys` are the Ed25519 keys of the hosts the caller trusts (the hosts of its verified
+    domain state). UnknownSignerError when the signer is not one of them, BadSignatureError
+    when the signature does not verify over the record as received (any changed byte of the
+    metadata, of a token or of the signer's id).
+    """
+    signer = record.signer_host_id
+    key = host_keys.get(signer)
+    if key is None:
+        shown = repr(signer[:64]) if signer else "no host"
+        raise UnknownSignerError(
+            f"the key record is signed by {shown}, which is not a host of the verified domain state"
+        )
+    try:
+        key.verify(record.signature, key_record_signing_input(record, domain_id))
+    except BadSignatureError:
+        raise BadSignatureError(
+            f"the key record's signature by host {signer} does not verify"
+        ) from None
+    return signer
+
+
+# --- records -------------------------------------------------------------------------------
 
 
 def _parse_metadata(metadata_bytes: bytes) -> keys_pb2.KeyMetadata:
@@ -173,12 +297,14 @@ def verify_key_record(
     domain_keys: Mapping[int, bytes],
     expected_key_id: str,
 ) -> tuple[keys_pb2.KeyMetadata, dict[int, bytes]]:
-    """Check a stored key record end to end; returns its metadata and backing keys by version.
+    """Check a stored key record's tokens end to end; returns its metadata and backing keys by
+    version.
 
     The metadata must parse and name `expected_key_id`; there must be exactly one token per
     backing version 1..current_backing_version, each naming `expected_key_id`, and each must
     open under a domain key this node holds together with the record's metadata bytes.
-    Anything else is InvalidKeyTokenError.
+    Anything else is InvalidKeyTokenError. The signature is checked apart, first
+    (`verify_key_record_signature`), because it needs the verified state's hosts.
     """
     if not isinstance(record, keys_pb2.KeyRecord):
         raise TypeError("record must be a KeyRecord")
@@ -210,9 +336,11 @@ def seal_record(
     backing_keys: Mapping[int, bytes],
     domain_key: bytes,
     generation: int,
+    *,
+    signer: RecordSigner,
 ) -> keys_pb2.KeyRecord:
-    """A new key record: the metadata serialized once (deterministically) and one fresh token
-    per backing version, all under `generation`.
+    """A new key record, signed by `signer`: the metadata serialized once (deterministically)
+    and one fresh token per backing version, all under `generation`.
 
     Call it for every change of a key (create, rotate, policy, state): the tokens bind the
     metadata bytes, so old tokens do not open with new metadata. `backing_keys` must hold
@@ -229,13 +357,14 @@ def seal_record(
             f"(1..{current}), got {sorted(backing_keys)[:10]}"
         )
     metadata_bytes = metadata.SerializeToString(deterministic=True)
-    return keys_pb2.KeyRecord(
+    record = keys_pb2.KeyRecord(
         metadata=metadata_bytes,
         tokens=[
             wrap_backing_key(domain_key, generation, metadata_bytes, metadata.key_id, version, key)
             for version, key in sorted(backing_keys.items())
         ],
     )
+    return signer.sign(record)
 
 
 def needs_rewrap(record: keys_pb2.KeyRecord, generation: int) -> bool:
@@ -248,13 +377,17 @@ def rewrap_record(
     domain_keys: Mapping[int, bytes],
     new_generation: int,
     expected_key_id: str | None = None,
+    *,
+    signer: RecordSigner,
 ) -> keys_pb2.KeyRecord:
     """The same record with every token re-sealed under `new_generation` (after a domain key
-    rotation, before old generations are dropped).
+    rotation, before old generations are dropped), signed again by `signer` (the re-wrapping
+    host).
 
-    The record is verified first (with `expected_key_id`, or else the key id its metadata
-    names, which still catches tokens of other keys); the metadata bytes and the revision are
-    kept unchanged, so the coordinator can compare-and-swap on the revision.
+    The tokens are verified first (with `expected_key_id`, or else the key id its metadata
+    names, which still catches tokens of other keys); the caller checks the signature before
+    (`verify_key_record_signature`). The metadata bytes and the revision are kept unchanged,
+    so the coordinator can compare-and-swap on the revision and sees the same metadata.
     """
     if not isinstance(record, keys_pb2.KeyRecord):
         raise TypeError("record must be a KeyRecord")
@@ -264,7 +397,7 @@ def rewrap_record(
     domain_key = domain_keys.get(new_generation)
     if domain_key is None:
         raise ValueError(f"this node holds no domain key of generation {new_generation}")
-    return keys_pb2.KeyRecord(
+    rewrapped = keys_pb2.KeyRecord(
         metadata=record.metadata,
         tokens=[
             wrap_backing_key(
@@ -274,3 +407,4 @@ def rewrap_record(
         ],
         revision=record.revision,
     )
+    return signer.sign(rewrapped)

@@ -1,8 +1,20 @@
-"""Every input limit in one place, mirrored in gRPC server and channel options."""
+"""Every input limit and quota in one place, mirrored in gRPC server and channel options.
+
+A process takes its limits from its config file (`limits`: a JSON object of field names to
+values, over these defaults; `Limits.with_overrides`), so an unknown name or a value of the
+wrong kind is a clear error at start.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+
+from domain_core.errors import InvalidInputError
 
 
 @dataclass(frozen=True)
@@ -35,6 +47,13 @@ class Limits:
     coordinator_reads_per_second: float = 50.0
     coordinator_read_burst: int = 200
     coordinator_states_per_token: int = 10
+    # CreateKey per principal, on each HSA process (a token bucket): AWS KMS allows 5 per
+    # second per account, with bursts.
+    create_key_per_second: float = 5.0
+    create_key_burst: int = 50
+    # Keys one principal may have created (counted by the coordinator at create, deleted keys
+    # not counted): AWS KMS allows 100,000 per account and region.
+    max_keys_per_principal: int = 100_000
 
     def grpc_options(self) -> list[tuple[str, int]]:
         """gRPC options that enforce the message limit on servers and channels."""
@@ -43,5 +62,72 @@ class Limits:
             ("grpc.max_send_message_length", self.max_message_bytes),
         ]
 
+    def with_overrides(self, overrides: Mapping[str, object], where: str = "limits") -> Limits:
+        """These limits with some fields replaced (a config file's `limits` object).
+
+        InvalidInputError for an unknown name, a value of the wrong type, or a value below 1
+        (0 for none of them: every limit is a positive bound).
+        """
+        kinds = {f.name: f.type for f in dataclasses.fields(self)}
+        values: dict[str, object] = {}
+        for name, value in overrides.items():
+            kind = kinds.get(name)
+            if kind is None:
+                raise InvalidInputError(
+                    f"{where}: unknown limit {name[:64]!r}; known: {', '.join(sorted(kinds))}"
+                )
+            numeric = isinstance(value, int | float) and not isinstance(value, bool)
+            if kind == "int" and not (isinstance(value, int) and not isinstance(value, bool)):
+                raise InvalidInputError(f"{where}: {name} must be a whole number, not {value!r}")
+            if kind == "float" and not numeric:
+                raise InvalidInputError(f"{where}: {name} must be a number, not {value!r}")
+            if not numeric or not value > 0:  # type: ignore[operator]
+                raise InvalidInputError(f"{where}: {name} must be above 0, not {value!r}")
+            values[name] = float(value) if kind == "float" else value  # type: ignore[arg-type]
+        return dataclasses.replace(self, **values)  # type: ignore[arg-type]
+
 
 DEFAULT_LIMITS = Limits()
+
+
+class RateLimiter:
+    """Token buckets by name (a principal): `rate` tokens per second, at most `burst` saved.
+
+    Bounded: at most `max_names` buckets are kept; the least recently used are dropped first
+    (a dropped name starts again with a full bucket, which can only favour a caller that went
+    quiet). Thread-safe; the clock is passed in for tests.
+    """
+
+    def __init__(
+        self,
+        rate: float,
+        burst: int,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        max_names: int = 100_000,
+    ) -> None:
+        if not rate > 0 or burst < 1 or max_names < 1:
+            raise ValueError("rate must be above 0, burst and max_names at least 1")
+        self.rate = float(rate)
+        self.burst = int(burst)
+        self._clock = clock
+        self._max_names = max_names
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # tokens, at
+        self._lock = threading.Lock()
+
+    def acquire(self, name: str) -> float:
+        """Take one token of `name`'s bucket: 0.0 if there was one, else the seconds until
+        there is one (nothing is taken then)."""
+        now = self._clock()
+        with self._lock:
+            tokens, at = self._buckets.pop(name, (float(self.burst), now))
+            tokens = min(float(self.burst), tokens + max(0.0, now - at) * self.rate)
+            if tokens >= 1.0:
+                tokens -= 1.0
+                wait = 0.0
+            else:
+                wait = (1.0 - tokens) / self.rate
+            self._buckets[name] = (tokens, now)
+            while len(self._buckets) > self._max_names:
+                self._buckets.popitem(last=False)
+        return wait

@@ -12,9 +12,10 @@ Invariants:
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
+from types import MappingProxyType
 from typing import TypeVar
 
 from google.protobuf.message import DecodeError
@@ -430,10 +431,18 @@ class Manifest:
 
     def host_signing_key(self, host_id: str) -> PublicKey | None:
         """The Ed25519 key of a trusted host, or None if the host is not trusted here."""
-        host = self.hosts_by_id.get(host_id)
-        if host is None:
-            return None
-        return PublicKey(SignatureAlgorithm.ED25519, host.signing_public_key)
+        return self.host_signing_keys.get(host_id)
+
+    @cached_property
+    def host_signing_keys(self) -> Mapping[str, PublicKey]:
+        """The Ed25519 keys of the trusted hosts by host id (parsed once per manifest): who
+        may sign states and key records under this manifest. Read-only."""
+        return MappingProxyType(
+            {
+                h.host_id: PublicKey(SignatureAlgorithm.ED25519, h.signing_public_key)
+                for h in self.message.hosts
+            }
+        )
 
 
 @dataclass(frozen=True, eq=False)

@@ -4,6 +4,9 @@ Invariants every resulting manifest keeps (each violation is its own error type)
 - at least one trusted host; 1 <= every threshold <= number of operators;
 - no duplicate host id, host key, agreement key, TLS fingerprint, operator id or operator name;
 - removing a host rotates the domain key in the same transition;
+- at least 2 domain-key generations are retained, so a rotation never drops the generation
+  that key records are sealed under before re-wrap moves them (HSAs also refuse a transition
+  that drops a generation a stored record still uses: `hsa_node.rewrap`);
 - a proposal applies only with a quorum of the *current* operators (genesis: all of them),
   counted against `quorum.required_threshold` (so a change to who may approve, or how many
   must, needs the highest threshold of the old and the new policy);
@@ -52,6 +55,8 @@ from domain_core.quorum import (
 )
 
 MIN_ROTATION_INTERVAL_SECONDS = 60
+# A rotation must keep the generation key records are sealed under until re-wrap moves them.
+MIN_GENERATIONS_RETAINED = 2
 MAX_GENERATIONS_RETAINED = 100
 MIN_PROPOSAL_LIFETIME_SECONDS = 60
 MAX_PROPOSAL_LIFETIME_SECONDS = 30 * 24 * 3600
@@ -71,9 +76,15 @@ def validate_settings(settings: domain_pb2.DomainSettings) -> None:
         raise InvalidSettingsError(
             f"key rotation interval must be at least {MIN_ROTATION_INTERVAL_SECONDS}s"
         )
-    if not 1 <= settings.key_generations_retained <= MAX_GENERATIONS_RETAINED:
+    if (
+        not MIN_GENERATIONS_RETAINED
+        <= settings.key_generations_retained
+        <= MAX_GENERATIONS_RETAINED
+    ):
         raise InvalidSettingsError(
-            f"key generations retained must be 1 to {MAX_GENERATIONS_RETAINED}"
+            f"key generations retained must be {MIN_GENERATIONS_RETAINED} to "
+            f"{MAX_GENERATIONS_RETAINED} (a rotation keeps the generation that key records are "
+            f"sealed under until re-wrap moves them), not {settings.key_generations_retained}"
         )
     if not (
         MIN_PROPOSAL_LIFETIME_SECONDS
@@ -84,6 +95,18 @@ def validate_settings(settings: domain_pb2.DomainSettings) -> None:
             f"proposal lifetime must be {MIN_PROPOSAL_LIFETIME_SECONDS}s to "
             f"{MAX_PROPOSAL_LIFETIME_SECONDS}s"
         )
+
+
+def removed_hosts(before: domain_pb2.Manifest, after: domain_pb2.Manifest) -> frozenset[str]:
+    """Host ids that `before` trusts and `after` no longer does."""
+    return frozenset(h.host_id for h in before.hosts) - {h.host_id for h in after.hosts}
+
+
+def retired_generations(before: domain_pb2.Manifest, after: domain_pb2.Manifest) -> frozenset[int]:
+    """Domain-key generations that `before` holds and `after` drops (no HSA keeps them)."""
+    return frozenset(g.generation for g in before.key_generations) - {
+        g.generation for g in after.key_generations
+    }
 
 
 def _add_host(manifest: domain_pb2.Manifest, host: domain_pb2.Host) -> None:

@@ -9,15 +9,26 @@ reads or writes those records:
   domain errors (`CoordinatorUnreachableError` when it cannot be reached);
 - `MetadataVersionFloor` remembers, on disk, the highest `metadata_version` (and the hash of
   its metadata bytes) this HSA has accepted for each key;
-- `KeyCache` verifies records (`keytokens.verify_key_record` with this node's domain keys, the
-  domain id, and the version floor) and keeps the verified keys in a bounded LRU cache.
+- `KeyCache` verifies records (the writer's signature under the verified head's hosts,
+  `keytokens.verify_key_record` with this node's domain keys, the domain id, and the version
+  floor), keeps the verified keys in a bounded LRU cache, and signs what it writes.
 
 Invariants:
-- a backing key reaches the cache only from a record that verified end to end: its metadata
+- a backing key reaches the cache only from a record that verified end to end: it is signed
+  by a host of this node's verified head (the signature checked under that host's key from
+  the head, over the record's domain, metadata, signer and every token field), its metadata
   names the expected key and this domain, it has exactly one token per backing version and
   every token opens under a domain key this node holds, bound to the record's metadata bytes.
-  A coordinator that edits a policy or a state, or swaps, drops or adds tokens, is refused
-  with FAILED_PRECONDITION (and a WARNING with the reason in the log);
+  A coordinator that edits a policy or a state, or swaps, drops or adds tokens, and a removed
+  host that writes a record of its own (it still holds older domain-key generations), are
+  refused with FAILED_PRECONDITION (and a WARNING with the reason in the log). Two cases are
+  UNAVAILABLE instead, because this node may only be behind: tokens under a domain-key
+  generation newer than it holds, and a signer it has never seen as a host (a host added in a
+  state it has not installed yet); a signer its chain removed is always refused;
+- an entry whose record is unchanged at the coordinator is kept without verifying it again,
+  but only while its signer is still a host of the head: once a host is removed, no record it
+  signed is served from the cache either;
+- every record this cache writes is signed by this host (`keytokens.RecordSigner`);
 - no rollback: a record whose `metadata_version` is below the highest one accepted for that
   key, or equal to it with other metadata bytes, is refused. The floor is persisted
   (`key_versions.db`, 0600, synchronous writes) so a restarted HSA still refuses it;
@@ -59,12 +70,15 @@ from google.protobuf.message import DecodeError
 from domain_core import keytokens, policy
 from domain_core.errors import (
     AlreadyExistsError,
+    BadSignatureError,
     ConflictError,
     FailedPreconditionError,
     InvalidInputError,
     InvalidKeyTokenError,
     NotFoundError,
+    ResourceExhaustedError,
     UnavailableError,
+    UnknownSignerError,
 )
 from domain_core.pb import keys_pb2, services_pb2, services_pb2_grpc
 from hsa_node._logging import ThrottledLog
@@ -142,8 +156,10 @@ class KeyRecordClient:
 
     Failures become domain errors: NOT_FOUND -> NotFoundError (None for `get`), ABORTED ->
     ConflictError, ALREADY_EXISTS -> AlreadyExistsError, FAILED_PRECONDITION ->
-    FailedPreconditionError, INVALID_ARGUMENT -> InvalidInputError, anything else
-    (unreachable, deadline exceeded, refused, internal) -> CoordinatorUnreachableError.
+    FailedPreconditionError, INVALID_ARGUMENT -> InvalidInputError, RESOURCE_EXHAUSTED ->
+    ResourceExhaustedError (a quota), PERMISSION_DENIED -> UnavailableError (the coordinator
+    refuses this host, e.g. while it is being removed: use another HSA), anything else
+    (unreachable, deadline exceeded, internal) -> CoordinatorUnreachableError.
     Nothing is retried here: callers decide (only idempotent calls may be retried).
     """
 
@@ -192,6 +208,12 @@ class KeyRecordClient:
             return FailedPreconditionError(f"the coordinator refused {method}: {details}")
         if code is grpc.StatusCode.INVALID_ARGUMENT:
             return InvalidInputError(f"the coordinator refused {method}: {details}")
+        if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+            return ResourceExhaustedError(f"the coordinator refused {method}: {details}")
+        if code is grpc.StatusCode.PERMISSION_DENIED:
+            return UnavailableError(
+                f"the coordinator refused {method} from this HSA ({details}): use another HSA"
+            )
         name = code.name if code is not None else "ERROR"
         return CoordinatorUnreachableError(
             f"the coordinator at {self._address} did not answer {method} ({name}: {details})"
@@ -379,12 +401,36 @@ class CachedKey:
 
 
 def _same_content(a: keys_pb2.KeyRecord, b: keys_pb2.KeyRecord) -> bool:
-    """Whether two records carry the same metadata bytes and tokens (revisions aside)."""
-    return a.metadata == b.metadata and list(a.tokens) == list(b.tokens)
+    """Whether two records carry the same metadata bytes, tokens, signer and signature
+    (revisions aside)."""
+    return (
+        a.metadata == b.metadata
+        and a.signer_host_id == b.signer_host_id
+        and a.signature == b.signature
+        and list(a.tokens) == list(b.tokens)
+    )
 
 
-def _diagnose(record: keys_pb2.KeyRecord, key_id: str, domain_id: str, keys: DomainKeys) -> str:
-    """Why a record does not verify, for the log (the caller gets no detail)."""
+def _diagnose(
+    record: keys_pb2.KeyRecord,
+    key_id: str,
+    domain_id: str,
+    keys: DomainKeys,
+    signature_error: str = "",
+) -> str:
+    """Why a record does not verify, for the log (the caller gets no detail): the signature
+    failure, if any, and what else is wrong with the record."""
+    reason = _diagnose_content(record, key_id, domain_id, keys)
+    if not signature_error:
+        return reason
+    if reason == "unknown":
+        return signature_error
+    return f"{reason}; and {signature_error}"
+
+
+def _diagnose_content(
+    record: keys_pb2.KeyRecord, key_id: str, domain_id: str, keys: DomainKeys
+) -> str:
     metadata = parse_metadata(record)
     if metadata is None:
         return "its metadata does not parse"
@@ -422,12 +468,16 @@ class KeyCache:
         domain_keys: Callable[[], DomainKeys],
         records: KeyRecordClient,
         floor: MetadataVersionFloor,
+        signer: keytokens.RecordSigner,
         ttl: float = DEFAULT_TTL_SECONDS,
         max_entries: int = DEFAULT_MAX_ENTRIES,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_entries < 1:
             raise ValueError("max_entries must be at least 1")
+        if signer.domain_id != domain_id:
+            raise ValueError("the record signer is for another domain")
+        self._signer = signer
         self._domain_id = domain_id
         self._domain_keys = domain_keys
         self._records = records
@@ -454,6 +504,11 @@ class KeyCache:
     def domain_id(self) -> str:
         """The domain whose keys this cache holds."""
         return self._domain_id
+
+    @property
+    def signer(self) -> keytokens.RecordSigner:
+        """How this host signs the key records it writes (re-wrap signs with it too)."""
+        return self._signer
 
     def domain_keys(self) -> DomainKeys:
         """The node's domain keys now (UnavailableError when it is not serving)."""
@@ -562,7 +617,11 @@ class KeyCache:
         if record is None:
             self.forget(key_id)
             raise NotFoundError(f"key {key_id} does not exist")
-        if entry is not None and _same_content(record, entry.record):
+        if (
+            entry is not None
+            and _same_content(record, entry.record)
+            and record.signer_host_id in self._domain_keys().host_keys
+        ):
             return self._insert(replace(entry, record=record, checked_at=self._clock()))
         metadata, backing_keys = self.verify(record, key_id)
         return self._insert(
@@ -597,12 +656,21 @@ class KeyCache:
     ) -> tuple[keys_pb2.KeyMetadata, dict[int, bytes]]:
         """Verify a record of `key_id` end to end and against the version floor.
 
-        With `remember` the record becomes the key's floor when it is newer. Raises
-        FailedPreconditionError for a record that does not verify (logged at WARNING with the
-        reason), UnavailableError when it is sealed under a domain key generation newer than
-        this node holds (it is catching up).
+        First the signature: the signer must be a host of this node's verified head and the
+        signature must verify under that host's key from the head; then the tokens, the
+        metadata and the floor. With `remember` the record becomes the key's floor when it is
+        newer. Raises FailedPreconditionError for a record that does not verify (logged at
+        WARNING with the reason), UnavailableError when this node may only be behind: the
+        record is sealed under a domain key generation newer than it holds, or signed by a
+        host it has never seen (it is catching up).
         """
         keys = self._domain_keys()
+        try:
+            keytokens.verify_key_record_signature(record, self._domain_id, keys.host_keys)
+        except UnknownSignerError:
+            raise self._unknown_signer(record, key_id, keys) from None
+        except BadSignatureError as error:
+            raise self._refusal(record, key_id, keys, signature_error=error.message) from None
         try:
             metadata, backing_keys = keytokens.verify_key_record(record, keys.keys, key_id)
             if metadata.domain_id != self._domain_id:
@@ -618,21 +686,72 @@ class KeyCache:
             raise
         return metadata, backing_keys
 
-    def _refusal(
+    def _catching_up(
+        self, record: keys_pb2.KeyRecord, key_id: str, keys: DomainKeys
+    ) -> UnavailableError | None:
+        """The error for a record sealed under a generation newer than this node holds."""
+        newest = max((t.domain_key_generation for t in record.tokens), default=0)
+        if newest <= keys.generation or newest in keys.keys:
+            return None
+        self._throttled.warning(
+            f"the record of key {key_id} is sealed under domain key generation "
+            f"{newest}, newer than this HSA holds ({keys.generation}); if no domain "
+            "state brings that generation, the coordinator may be compromised"
+        )
+        return UnavailableError(
+            f"key {key_id} is sealed under domain key generation {newest}, newer than "
+            f"this HSA holds ({keys.generation}); it is catching up: retry"
+        )
+
+    def _unknown_signer(
         self, record: keys_pb2.KeyRecord, key_id: str, keys: DomainKeys
     ) -> UnavailableError | FailedPreconditionError:
-        generations = {t.domain_key_generation for t in record.tokens}
-        missing = sorted(g for g in generations if g not in keys.keys)
-        if missing and missing[-1] > keys.generation:
+        """The error for a record whose signer is not a host of the verified head: refused
+        when the signer is a host this node's chain removed, or when there is no signature;
+        UNAVAILABLE (catching up) when the record may come from a state this node lacks."""
+        signer = record.signer_host_id
+        if signer and record.signature and signer not in keys.former_hosts:
+            behind = self._catching_up(record, key_id, keys)
+            if behind is not None:
+                return behind
             self._throttled.warning(
-                f"the record of key {key_id} is sealed under domain key generation "
-                f"{missing[-1]}, newer than this HSA holds ({keys.generation}); if no domain "
-                "state brings that generation, the coordinator may be compromised"
+                f"the record of key {key_id} is signed by {signer[:_SHOWN]!r}, which is not a "
+                "host of the domain state this HSA holds; if no domain state adds it, the "
+                "coordinator may be compromised"
             )
             return UnavailableError(
-                f"key {key_id} is sealed under domain key generation {missing[-1]}, newer than "
-                f"this HSA holds ({keys.generation}); it is catching up: retry"
+                f"key {key_id} was written by host {signer[:_SHOWN]!r}, which this HSA does not "
+                "know as a host yet; it is catching up: retry"
             )
+        if signer in keys.former_hosts:
+            why = (
+                f"it is signed by {signer}, which the domain removed: no record a removed host "
+                "writes is accepted"
+            )
+        else:
+            why = "it is not signed"
+        reason = _diagnose(record, key_id, self._domain_id, keys, why)
+        self._throttled.warning(
+            f"the stored record of key {key_id} does not verify ({reason}); the coordinator "
+            "may be compromised"
+        )
+        return FailedPreconditionError(
+            f"the stored record of key {key_id} does not verify; the coordinator may be compromised"
+        )
+
+    def _refusal(
+        self,
+        record: keys_pb2.KeyRecord,
+        key_id: str,
+        keys: DomainKeys,
+        *,
+        signature_error: str = "",
+    ) -> UnavailableError | FailedPreconditionError:
+        behind = self._catching_up(record, key_id, keys)
+        if behind is not None:
+            return behind
+        generations = {t.domain_key_generation for t in record.tokens}
+        missing = sorted(g for g in generations if g not in keys.keys)
         if missing and missing[0] < min(keys.keys):
             self._throttled.warning(
                 f"the record of key {key_id} needs domain key generation {missing[0]}, which "
@@ -643,10 +762,10 @@ class KeyCache:
                 f"key {key_id} is sealed under domain key generation {missing[0]}, which the "
                 "domain has retired; it cannot be opened"
             )
+        reason = _diagnose(record, key_id, self._domain_id, keys, signature_error)
         self._throttled.warning(
-            f"the stored record of key {key_id} does not verify "
-            f"({_diagnose(record, key_id, self._domain_id, keys)}); the coordinator may be "
-            "compromised"
+            f"the stored record of key {key_id} does not verify ({reason}); the coordinator "
+            "may be compromised"
         )
         return FailedPreconditionError(
             f"the stored record of key {key_id} does not verify; the coordinator may be compromised"
@@ -660,8 +779,9 @@ class KeyCache:
         backing_keys: Mapping[int, bytes],
         expected_revision: int,
     ) -> CachedKey:
-        """Seal a record under the current domain key generation and put it at the coordinator
-        with a compare-and-swap on `expected_revision` (0: create); cache it once stored.
+        """Seal a record under the current domain key generation, sign it as this host, and put
+        it at the coordinator with a compare-and-swap on `expected_revision` (0: create); cache
+        it once stored.
 
         Raises ConflictError (the record changed meanwhile), AlreadyExistsError,
         NotFoundError (deleted meanwhile) or CoordinatorUnreachableError; nothing is cached
@@ -669,7 +789,7 @@ class KeyCache:
         """
         keys = self._domain_keys()
         record = keytokens.seal_record(
-            metadata, backing_keys, keys.keys[keys.generation], keys.generation
+            metadata, backing_keys, keys.keys[keys.generation], keys.generation, signer=self._signer
         )
         record.revision = self._records.put(record, expected_revision)
         stored = keys_pb2.KeyMetadata.FromString(record.metadata)

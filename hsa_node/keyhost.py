@@ -2,8 +2,10 @@
 
 `KeyServiceHost.open` opens the audit log (`data_dir/audit.log`), the version floor
 (`data_dir/key_versions.db`), a mutual-TLS channel to the coordinator as this host, the key
-cache, the `KeyService` servicer, the admin-call audit interceptor and the background key
-upkeep. `hsa_node.server` registers the servicer and the interceptor, starts the upkeep after
+cache (which signs every record it writes with this host's key), the `KeyService` servicer
+(with the node config's limits: the CreateKey quota), the admin-call audit interceptor and the
+background key upkeep (also what prepares a change that would strand key records, for
+`HsaAdmin`). `hsa_node.server` registers the servicer and the interceptor, starts the upkeep after
 the server, and closes everything after the server stopped.
 
 Invariants: an HSA whose audit log does not verify, or is below its head file, does not start
@@ -22,6 +24,7 @@ import grpc
 from domain_core import transport
 from domain_core.audit import AUDIT_LOG_FILE, AuditLog
 from domain_core.config import NodeConfig
+from domain_core.keytokens import RecordSigner
 from domain_core.limits import DEFAULT_LIMITS, Limits
 from domain_core.pb import services_pb2_grpc
 from domain_core.transport import TlsMaterial
@@ -93,6 +96,7 @@ class KeyServiceHost:
             domain_keys=node.domain_keys,
             records=KeyRecordClient(channel, config.coordinator),
             floor=floor,
+            signer=RecordSigner(node.domain_id, node.host_id, node.identity.signer),
         )
         servicer = KeyServiceServicer(node=node, cache=cache, audit=audit, limits=limits)
         maintainer = (

@@ -22,6 +22,10 @@ Invariants:
   HSA within the cache's TTL) makes an authorised caller's call re-read the key first, so a
   valid ciphertext is never reported invalid for being too new;
 - ReEncrypt opens and seals inside the HSA: the plaintext never leaves it;
+- CreateKey is rate limited per principal on each HSA process (a token bucket,
+  `Limits.create_key_per_second` and `create_key_burst`): beyond it, RESOURCE_EXHAUSTED
+  before anything is created; the coordinator caps the keys one principal created
+  (`Limits.max_keys_per_principal`, RESOURCE_EXHAUSTED too);
 - a metadata change reads the key from the coordinator (not the cache), builds the next
   metadata (`metadata_version` + 1), re-seals every token over the new metadata bytes and
   writes with a compare-and-swap on the revision it read (retried up to 3 times on a
@@ -48,10 +52,11 @@ from domain_core.errors import (
     LimitExceededError,
     NotFoundError,
     PermissionDeniedError,
+    ResourceExhaustedError,
     UnavailableError,
     status_for,
 )
-from domain_core.limits import DEFAULT_LIMITS, Limits
+from domain_core.limits import DEFAULT_LIMITS, Limits, RateLimiter
 from domain_core.pb import keys_pb2, services_pb2, services_pb2_grpc
 from hsa_node._logging import ThrottledLog
 from hsa_node.keycache import (
@@ -193,6 +198,7 @@ class KeyServiceServicer(services_pb2_grpc.KeyServiceServicer):
         self._limits = limits
         self._clock = clock
         self._throttled = ThrottledLog(log)
+        self._create_limiter = RateLimiter(limits.create_key_per_second, limits.create_key_burst)
 
     # --- the frame of every call ---------------------------------------------------------
 
@@ -530,6 +536,13 @@ class KeyServiceServicer(services_pb2_grpc.KeyServiceServicer):
         """A new key with a fresh 256-bit backing key, stored at the coordinator first."""
 
         def body(call: _Call) -> services_pb2.KeyMetadataResponse:
+            wait = self._create_limiter.acquire(call.principal)
+            if wait:
+                limiter = self._create_limiter
+                raise ResourceExhaustedError(
+                    f"{call.principal} may create at most {limiter.rate:g} keys per second on "
+                    f"this HSA (bursts of {limiter.burst}): retry in {wait:.1f} s"
+                )
             limit = self._limits.max_key_description_chars
             if len(request.description) > limit:
                 raise LimitExceededError(

@@ -24,7 +24,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from domain_core import sealing
 from domain_core.chain import TrustedChain, verify_successor
@@ -42,6 +42,7 @@ from domain_core.limits import DEFAULT_LIMITS, Limits
 from domain_core.model import SealedState
 from domain_core.pb import domain_pb2
 from domain_core.pki import certificate_fingerprint
+from domain_core.signers import PublicKey
 from hsa_node._logging import ThrottledLog
 from hsa_node.storage import NodeStore
 
@@ -72,10 +73,14 @@ class NodeStatus:
 
 @dataclass(frozen=True)
 class DomainKeys:
-    """The domain keys this node holds, by generation, and the one new key tokens use."""
+    """The domain keys this node holds, by generation, and the one new key tokens use; with
+    the hosts whose key records it accepts (the verified head's hosts and their signing keys)
+    and the hosts its chain has removed (`former_hosts`)."""
 
     generation: int
     keys: dict[int, bytes]
+    host_keys: Mapping[str, PublicKey] = field(default_factory=dict)
+    former_hosts: frozenset[str] = frozenset()
 
     def __repr__(self) -> str:
         return f"DomainKeys(generation={self.generation}, generations={sorted(self.keys)})"
@@ -119,6 +124,7 @@ class DomainNode:
         self._lock = threading.RLock()
         self._listeners: list[Callable[[bool], None]] = []
         self._forks: dict[tuple[int, str], None] = {}  # (version, peer host id), in order seen
+        self._hosts_seen = {h.host_id for s in self._states for h in s.manifest.message.hosts}
         self._throttled = ThrottledLog(log)
 
     # --- startup -------------------------------------------------------------------------
@@ -322,8 +328,12 @@ class DomainNode:
                     f"version {self._chain.version}, or its domain keys are not unsealed); "
                     "use another HSA"
                 )
+            manifest = self._chain.head.manifest
             return DomainKeys(
-                generation=self._chain.head.manifest.current_generation, keys=dict(self._keys)
+                generation=manifest.current_generation,
+                keys=dict(self._keys),
+                host_keys=manifest.host_signing_keys,
+                former_hosts=frozenset(self._hosts_seen - manifest.hosts_by_id.keys()),
             )
 
     def states_after(self, after_version: int, limit: int) -> list[SealedState]:
@@ -424,6 +434,7 @@ class DomainNode:
                 unsafe_crash_point("hsa_install_after_persist")
             self._chain.update(state)
             self._states.append(state)
+            self._hosts_seen.update(h.host_id for h in state.manifest.message.hosts)
             self._keys = keys
             log.info(
                 "installed state version %d (%s)%s, domain key generation %d",

@@ -279,7 +279,9 @@ class HsaServer:
 
         pin = CoordinatorPin.from_config(loaded.config)
         (log.info if pin.fingerprints else log.warning)("%s", pin.describe())
-        admin = HsaAdminServicer(node, catch_up, self._limits, coordinator=pin)
+        admin = HsaAdminServicer(
+            node, catch_up, self._limits, coordinator=pin, key_records=keys.maintainer
+        )
         peer = HsaPeerServicer(node, self._limits, audit_heads=audit_heads)
 
         def register_hsa_services(server: grpc.Server) -> None:
@@ -360,8 +362,9 @@ def serve(
     `config_path`) until `stop` is set, and shut down cleanly."""
     if config.key_service_workers and config_path is None:
         raise InvalidInputError("key service workers need the config file's path to start")
-    loaded = load_node(config)
-    server = HsaServer(loaded)
+    limits = config.effective_limits()
+    loaded = load_node(config, limits)
+    server = HsaServer(loaded, limits)
     address = server.start()
     supervisor: WorkerSupervisor | None = None
     try:

@@ -12,7 +12,11 @@ Who may call what (docs/runtime.md, "Identities and who may call what"):
 Invariants: servicers raise `domain_core.errors` exceptions and never abort themselves (the
 `ErrorMappingInterceptor` maps errors to statuses); `ApplyProposal` and `RotateDomainKey`
 return a sealed state without installing it: a state is installed only through
-`InstallState` or the sync paths, all via `DomainNode.offer`.
+`InstallState` or the sync paths, all via `DomainNode.offer`; and they produce a state that
+removes hosts or retires domain-key generations only once no stored key record would be
+stranded by it (`KeyRecordPreparer`, the key upkeep: records signed by a removed host are
+signed again, records under a retired generation re-wrapped), answering
+TransitionDeferredError (UNAVAILABLE, the coordinator retries) until then.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import grpc
 
@@ -32,23 +37,47 @@ from domain_core.errors import (
     HsmDomainError,
     LimitExceededError,
     PermissionDeniedError,
+    TransitionDeferredError,
 )
 from domain_core.faults import unsafe_crash_point, warn_if_enabled
 from domain_core.limits import DEFAULT_LIMITS, Limits
-from domain_core.model import Proposal
+from domain_core.model import Proposal, SealedState
 from domain_core.pb import domain_pb2, services_pb2, services_pb2_grpc
 from domain_core.pki import PeerIdentity, SpiffeId
-from domain_core.transition import StateHead, next_manifest, scheduled_rotation_manifest
+from domain_core.transition import (
+    StateHead,
+    next_manifest,
+    removed_hosts,
+    retired_generations,
+    scheduled_rotation_manifest,
+)
+from hsa_node._logging import ThrottledLog
 from hsa_node.audit_heads import AuditHeadBook
 from hsa_node.node import DomainNode
+from hsa_node.rewrap import TransitionTarget
 
-__all__ = ["CoordinatorPin", "DiagnosticsServicer", "HsaAdminServicer", "HsaPeerServicer"]
+__all__ = [
+    "CoordinatorPin",
+    "DiagnosticsServicer",
+    "HsaAdminServicer",
+    "HsaPeerServicer",
+    "KeyRecordPreparer",
+]
 
 log = logging.getLogger(__name__)
 
 CatchUp = Callable[[], int]
 _RESPONSE_OVERHEAD = 1024  # bytes kept free in a response for framing
 _STATE_OVERHEAD = 16  # field tag and length of one state in a response
+
+
+class KeyRecordPreparer(Protocol):
+    """Moves the key records a change would strand (`hsa_node.rewrap.KeyMaintainer`)."""
+
+    def prepare_transition(self, target: TransitionTarget, version: int, change: str) -> None:
+        """Return once no stored record is stranded by `change` (a proposal id in hex, or
+        "rotation") to state `version`; raise TransitionDeferredError while some are."""
+        ...
 
 
 def _require_domain_caller(
@@ -148,18 +177,38 @@ class HsaAdminServicer(services_pb2_grpc.HsaAdminServicer):
         clock: Callable[[], float] = time.time,
         *,
         coordinator: CoordinatorPin,
+        key_records: KeyRecordPreparer | None = None,
     ) -> None:
+        """`key_records` None: this HSA has no coordinator, hence no stored key records."""
         self._node = node
         self._catch_up = catch_up
         self._limits = limits
         self._clock = clock
         self._pin = coordinator
+        self._key_records = key_records
+        self._throttled = ThrottledLog(log)
         warn_if_enabled(log)
 
     def _coordinator(self, context: grpc.ServicerContext) -> PeerIdentity:
         identity = _require_domain_caller(context, self._node.domain_id, "coordinator")
         self._pin.check(identity)
         return identity
+
+    def _prepare_key_records(
+        self, head: SealedState, manifest: domain_pb2.Manifest, change: str, what: str
+    ) -> None:
+        """Refuse (for now) a change that would strand stored key records; see the module."""
+        target = TransitionTarget(
+            removed_hosts=removed_hosts(head.manifest.message, manifest),
+            retired_generations=retired_generations(head.manifest.message, manifest),
+        )
+        if not target or self._key_records is None:
+            return
+        try:
+            self._key_records.prepare_transition(target, head.version, change)
+        except TransitionDeferredError as error:
+            self._throttled.warning(f"deferring {what} to version {head.version + 1}: {error}")
+            raise
 
     def _try_catch_up(self, reason: str) -> None:
         try:
@@ -177,6 +226,8 @@ class HsaAdminServicer(services_pb2_grpc.HsaAdminServicer):
         self._coordinator(context)
         try:
             return self._apply(request)
+        except TransitionDeferredError:
+            raise  # logged (throttled) where it was decided
         except HsmDomainError as error:
             log.warning("refused to apply a proposal: %s: %s", type(error).__name__, error)
             raise
@@ -205,6 +256,9 @@ class HsaAdminServicer(services_pb2_grpc.HsaAdminServicer):
                 f"this proposal removes {host_id}, which therefore cannot seal the next state; "
                 "ask another HSA to apply it"
             )
+        self._prepare_key_records(
+            head, manifest, proposal.id.hex(), f"proposal {proposal.id.hex()[:16]}"
+        )
         sealed = sealing.seal_state(
             manifest,
             sealing.next_domain_keys(snapshot.keys, manifest),
@@ -229,6 +283,8 @@ class HsaAdminServicer(services_pb2_grpc.HsaAdminServicer):
         self._coordinator(context)
         try:
             return self._rotate()
+        except TransitionDeferredError:
+            raise  # logged (throttled) where it was decided
         except HsmDomainError as error:
             log.info("refused a scheduled rotation: %s: %s", type(error).__name__, error)
             raise
@@ -239,6 +295,7 @@ class HsaAdminServicer(services_pb2_grpc.HsaAdminServicer):
         manifest = scheduled_rotation_manifest(
             StateHead(head.manifest, head.hash), now=int(self._clock())
         )
+        self._prepare_key_records(head, manifest, "rotation", "the scheduled domain key rotation")
         sealed = sealing.seal_state(
             manifest,
             sealing.next_domain_keys(snapshot.keys, manifest),

@@ -33,7 +33,7 @@ from typing import Final
 
 from domain_core.config import MAX_KEY_SERVICE_WORKERS, NodeConfig
 from domain_core.errors import ChainGapError, HsmDomainError, InvalidInputError
-from domain_core.limits import DEFAULT_LIMITS, Limits
+from domain_core.limits import Limits
 from domain_core.pb import services_pb2
 from hsa_node._logging import ThrottledLog
 from hsa_node.keyhost import KeyServiceHost
@@ -164,12 +164,15 @@ def serve_worker(
     config: NodeConfig,
     index: int,
     stop: threading.Event,
-    limits: Limits = DEFAULT_LIMITS,
+    limits: Limits | None = None,
     *,
     watch_parent: bool = True,
 ) -> None:
     """Load the node read-only, serve the key service until `stop` is set (or the main
-    process is gone, with `watch_parent`), and shut down cleanly."""
+    process is gone, with `watch_parent`), and shut down cleanly. `limits` default to the
+    config's."""
+    if limits is None:
+        limits = config.effective_limits()
     if not 1 <= index <= MAX_KEY_SERVICE_WORKERS:
         raise InvalidInputError(
             f"a worker index is from 1 to {MAX_KEY_SERVICE_WORKERS}, not {index}"

@@ -11,7 +11,10 @@ The lies: tokens swapped between two keys; an edited policy or state with the or
 tokens; an older record (rolled back) after the HSA saw a newer one, also across a restart,
 and another record with the same metadata version (a fork); tokens under a domain key
 generation the HSA does not hold; a record naming another key or another domain; a flipped
-bit in a token; and tampered records mixed into ListKeyRecords.
+bit in a token; tampered records mixed into ListKeyRecords; and records sealed with the real
+domain key but not signed by a host (unsigned, or signed by a key that is not the named
+host's). To reach the checks behind the signature, some lies are written as an insider would:
+with the domain keys and a member host's signing key (hsa-2's, from the domain directory).
 
 For each: the client gets the documented status (FAILED_PRECONDITION "the stored record of key
 K does not verify; the coordinator may be compromised", or the rollback and generation
@@ -60,7 +63,8 @@ from support.malicious_coordinator import (
 )
 from support.simulator import flip_bit
 
-from domain_core import transport
+from domain_core import keytokens, transport
+from domain_core.identity import HostIdentity
 from domain_core.pb import keys_pb2, services_pb2, services_pb2_grpc
 from domain_core.pki import DomainCA, SpiffeId, new_tls_key_pem, tls_public_key
 from domain_core.transport import TlsMaterial
@@ -184,6 +188,7 @@ class KeyAttack:
     app: Client
     bob: Client
     honest_key: str  # never lied about
+    insider: keytokens.RecordSigner  # hsa-2's signing key: lies that pass the signature check
     plaintexts: list[bytes] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)  # expected log lines not found
 
@@ -255,6 +260,11 @@ def key_attack_module(
             app=app,
             bob=bob,
             honest_key=app.create(HONEST),
+            insider=keytokens.RecordSigner(
+                domain.layout.domain_id,
+                HONEST,
+                HostIdentity.load(domain.node_dir(HONEST) / "identity").signer,
+            ),
         )
     finally:
         for client in clients:
@@ -500,6 +510,7 @@ def test_a_rolled_back_record_is_refused_also_after_a_restart(key_attack: KeyAtt
             version_two,
             attack.domain_keys,
             lambda m: setattr(m, "state", keys_pb2.KEY_STATE_ENABLED),
+            signer=attack.insider,
         )
         attack.keys.lie(key, fork)
         same = f"another record of key {key} with the same metadata version 2"
@@ -568,6 +579,7 @@ def test_a_record_naming_another_key_or_another_domain_is_refused(key_attack: Ke
             attack.keys.honest(key),
             attack.domain_keys,
             lambda m: setattr(m, "domain_id", "elsewhere"),
+            signer=attack.insider,
         )
         attack.keys.lie(key, foreign)
         refused(lambda: app.encrypt(VICTIM, key, b"x"), FAILED_PRECONDITION, compromised(key))
@@ -677,4 +689,47 @@ def test_tampered_records_in_a_listing_are_left_out_and_logged(key_attack: KeyAt
         attack.keys.tell_truth()
     listed = app.list_keys(VICTIM)
     assert set(good) | bad <= set(listed)
+    attack.finish()
+
+
+def test_records_sealed_with_the_domain_key_but_not_signed_by_a_host_are_refused(
+    key_attack: KeyAttack,
+) -> None:
+    """Whoever holds a domain key generation (a stolen one, a removed host's) can seal valid
+    tokens over any metadata; without a member host's signing key the record is refused."""
+    attack, app, bob = key_attack, key_attack.app, key_attack.bob
+    key = app.create()
+    text = attack.plaintext()
+    blob = app.encrypt(HONEST, key, text)
+    record = attack.keys.honest(key)
+    stranger = keytokens.RecordSigner(
+        attack.domain.layout.domain_id, HONEST, HostIdentity.generate(HONEST).signer
+    )
+    widened = reseal(record, attack.domain_keys, grant_to(bob.uri), signer=stranger)
+    try:
+        # Signed by a key that is not hsa-2's, in hsa-2's name.
+        attack.keys.lie(key, widened)
+        refused(lambda: bob.decrypt(VICTIM, blob), FAILED_PRECONDITION, compromised(key))
+        attack.expect_logged(
+            f"the stored record of key {key} does not verify",
+            f"signature by host {HONEST} does not verify",
+        )
+        # Not signed at all.
+        unsigned = keys_pb2.KeyRecord()
+        unsigned.CopyFrom(widened)
+        unsigned.signer_host_id, unsigned.signature = "", b""
+        attack.keys.lie(key, unsigned)
+        refused(lambda: app.encrypt(VICTIM, key, b"x"), FAILED_PRECONDITION, compromised(key))
+        attack.expect_logged(f"the stored record of key {key} does not verify", "not signed")
+        # The honest signature on the widened record: the signature covers the metadata.
+        relabelled = keys_pb2.KeyRecord()
+        relabelled.CopyFrom(widened)
+        relabelled.signer_host_id, relabelled.signature = record.signer_host_id, record.signature
+        attack.keys.lie(key, relabelled)
+        refused(lambda: bob.decrypt(VICTIM, blob), FAILED_PRECONDITION, compromised(key))
+        assert_still_serving(attack, VICTIM)
+    finally:
+        attack.keys.tell_truth()
+    assert app.decrypt(VICTIM, blob) == text
+    refused(lambda: bob.decrypt(VICTIM, blob), PERMISSION_DENIED)
     attack.finish()

@@ -45,6 +45,7 @@ from domain_core.errors import (
     UnavailableError,
 )
 from domain_core.identity import HostIdentity
+from domain_core.keytokens import RecordSigner
 from domain_core.model import NONCE_BYTES, Proposal, SealedState
 from domain_core.pb import domain_pb2, keys_pb2, services_pb2, services_pb2_grpc
 from domain_core.signers import InMemorySigner, SignatureAlgorithm, Signer, load_file_token
@@ -530,7 +531,9 @@ def test_mtls_port_serves_operator_calls_to_hsas(
 
 
 def test_key_records_for_hsas(domain: Domain, coordinator: CoordinatorProcess) -> None:
-    metadata = keys_pb2.KeyMetadata(key_id="key-1", domain_id="local", description="test")
+    metadata = keys_pb2.KeyMetadata(
+        key_id="key-1", domain_id="local", description="test", metadata_version=1
+    )
     token = keys_pb2.KeyToken(
         key_id="key-1",
         backing_version=1,
@@ -539,6 +542,8 @@ def test_key_records_for_hsas(domain: Domain, coordinator: CoordinatorProcess) -
         ciphertext=b"c" * 48,
     )
     record = keys_pb2.KeyRecord(metadata=metadata.SerializeToString(), tokens=[token])
+    host = HostIdentity.load(domain.layout.node_dir("hsa-1") / "identity")
+    RecordSigner("local", "hsa-1", host.signer).sign(record)
     with mtls_channel(coordinator.address, domain.tls("hsa", "hsa-1")) as channel:
         stub = services_pb2_grpc.CoordinatorStub(channel)  # type: ignore[no-untyped-call]
         put = stub.PutKey(services_pb2.PutKeyRequest(record=record), timeout=5)
@@ -557,6 +562,7 @@ def test_key_records_for_hsas(domain: Domain, coordinator: CoordinatorProcess) -
         )
         got = stub.GetKey(services_pb2.GetKeyRequest(key_id="key-1"), timeout=5)
         assert (got.metadata, got.revision, list(got.tokens)) == (record.metadata, 2, [token])
+        assert (got.signer_host_id, got.signature) == ("hsa-1", record.signature)
         listed = stub.ListKeyRecords(services_pb2.ListKeyRecordsRequest(limit=10), timeout=5)
         assert [r.revision for r in listed.records] == [2]
         assert listed.next_page_token == ""

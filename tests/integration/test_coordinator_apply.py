@@ -103,6 +103,7 @@ def start(
     cleanup: list[Callable[[], None]],
     max_streams: int = 64,
     clock: Callable[[], float] = time.time,
+    hsa_type: type[ScriptedHsa] = ScriptedHsa,
 ) -> Setup:
     domain = make_domain(tmp_path / "d")
     config = CoordinatorConfig.load(domain.layout.coordinator_config)
@@ -112,7 +113,7 @@ def start(
     addresses = coordinator.start()
     cleanup.append(coordinator.stop)
     genesis = SealedState.from_bytes(domain.layout.genesis_state.read_bytes())
-    hsa = ScriptedHsa(domain, genesis)
+    hsa = hsa_type(domain, genesis)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
     services_pb2_grpc.add_HsaAdminServicer_to_server(hsa, server)  # type: ignore[no-untyped-call]
     port = server.add_secure_port("127.0.0.1:0", server_credentials(domain.tls("hsa", "hsa-1")))

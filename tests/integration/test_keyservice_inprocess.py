@@ -3,7 +3,9 @@
 What needs a controlled clock or a view inside an HSA is tested here: the cache's TTL and its
 behaviour in an outage, the LRU bound, the persisted version floor, compare-and-swap retries,
 the background upkeep (deletion after the waiting period, automatic rotation, re-wrapping
-after a domain key rotation, bounded work per tick), and the coordinator's DeleteKeyRecord.
+after a domain key rotation, bounded work per tick), the coordinator's DeleteKeyRecord, the
+per-principal CreateKey rate, and a change that would retire a generation still in use
+(deferred, resumably, until the records moved).
 Each test gets its own copy of a domain and its own coordinator process.
 """
 
@@ -25,20 +27,27 @@ from support.hsa_nodes import (
     Domain,
     Processes,
     propose,
+    remove_host,
 )
 
 from domain_coordinator.sqlite_store import SqliteStore
 from domain_core import ciphertext, keytokens, transport
 from domain_core.audit import AuditLogError
+from domain_core.changes import set_settings
 from domain_core.config import NodeConfig
 from domain_core.errors import (
+    AlreadyExistsError,
     ConflictError,
     FailedPreconditionError,
     InvalidInputError,
     NotFoundError,
     PermissionDeniedError,
+    ResourceExhaustedError,
+    TransitionDeferredError,
     UnavailableError,
 )
+from domain_core.keytokens import RecordSigner
+from domain_core.limits import DEFAULT_LIMITS, Limits
 from domain_core.model import SealedState
 from domain_core.pb import keys_pb2, services_pb2, services_pb2_grpc
 from domain_core.transport import CertificatePeerContext
@@ -115,6 +124,9 @@ class Hsa:
         monotonic: Callable[[], float] = time.monotonic,
         max_entries: int = 1000,
         page_size: int = 100,
+        limits: Limits = DEFAULT_LIMITS,
+        prepare_budget: float = 4.0,
+        prepare_page_size: int = 1000,
     ) -> None:
         self.loaded = load_node(NodeConfig.load(domain.layout.node_configs[host]))
         self.node = self.loaded.node
@@ -126,15 +138,21 @@ class Hsa:
             domain_keys=self.node.domain_keys,
             records=self.records,
             floor=self.floor,
+            signer=RecordSigner("local", host, self.node.identity.signer),
             max_entries=max_entries,
             clock=monotonic,
         )
         self.audit = RecordingAudit()
         self.service = KeyServiceServicer(
-            node=self.node, cache=self.cache, audit=self.audit, clock=clock
+            node=self.node, cache=self.cache, audit=self.audit, clock=clock, limits=limits
         )
         self.maintainer = KeyMaintainer(
-            node=self.node, cache=self.cache, audit=self.audit, page_size=page_size
+            node=self.node,
+            cache=self.cache,
+            audit=self.audit,
+            page_size=page_size,
+            prepare_budget=prepare_budget,
+            prepare_page_size=prepare_page_size,
         )
         self.app = CertificatePeerContext(domain.tls("demo-app").cert_pem)
 
@@ -201,6 +219,11 @@ def stored(hsa: Hsa, key_id: str) -> keys_pb2.KeyRecord | None:
     return hsa.records.get(key_id)
 
 
+def coordinator_pin(domain: Domain) -> CoordinatorPin:
+    """The coordinator the domain's node configs pin (every node pins the same one)."""
+    return CoordinatorPin.from_config(NodeConfig.load(domain.layout.node_configs["hsa-1"]))
+
+
 def rotate_domain_key(domain: Domain, hsa: Hsa) -> SealedState:
     """A quorum-approved rotate-domain-key, sealed and installed on `hsa` (in this process)."""
     proposal, approvals = propose(domain, hsa.node.head, ROTATE)
@@ -209,8 +232,9 @@ def rotate_domain_key(domain: Domain, hsa: Hsa) -> SealedState:
     def no_catch_up() -> int:
         raise UnavailableError("not in this test")
 
-    pin = CoordinatorPin.from_config(NodeConfig.load(domain.layout.node_configs["hsa-1"]))
-    sealed = HsaAdminServicer(hsa.node, no_catch_up, coordinator=pin).ApplyProposal(
+    sealed = HsaAdminServicer(
+        hsa.node, no_catch_up, coordinator=coordinator_pin(domain)
+    ).ApplyProposal(
         services_pb2.ApplyProposalRequest(proposal=proposal.raw, approvals=approvals),
         coordinator,  # type: ignore[arg-type]
     )
@@ -304,14 +328,17 @@ def test_the_store_deletes_with_a_compare_and_swap(tmp_path: Path) -> None:
         assert store.put_key("k", b"one", 0) == 1
         assert store.put_key("k", b"two", 1) == 2
         with pytest.raises(ConflictError):
-            store.delete_key("k", 1)
-        store.delete_key("k", 2)
+            store.delete_key("k", 1, 100)
+        store.delete_key("k", 2, 100)
         assert store.get_key("k") is None
         with pytest.raises(NotFoundError):
-            store.delete_key("k", 2)
+            store.delete_key("k", 2, 100)
         with pytest.raises(ValueError, match="expected_revision"):
-            store.delete_key("k", 0)
-        assert store.put_key("k", b"again", 0) == 1  # the id is free again
+            store.delete_key("k", 0, 100)
+        with pytest.raises(AlreadyExistsError, match="was deleted"):
+            store.put_key("k", b"again", 0)  # a tombstone: the id is not used again
+        assert store.purge_deleted_keys(101) == 1
+        assert store.put_key("k", b"again", 0) == 1  # purged: nothing is left of it
     finally:
         store.close()
 
@@ -630,3 +657,159 @@ def test_every_call_is_audited_and_an_unwritable_audit_log_fails_the_call(
         hsa.encrypt(key.key_id)
     with pytest.raises(NotFoundError):  # a failing call keeps its own error
         hsa.encrypt(ciphertext.new_key_id())
+
+
+# --- quotas and transitions ------------------------------------------------------------------
+
+
+def test_create_key_is_rate_limited_per_principal(
+    domain: Domain, make_hsa: Callable[..., Hsa]
+) -> None:
+    hsa = make_hsa("hsa-1", limits=Limits(create_key_per_second=0.5, create_key_burst=3))
+    created = [hsa.create() for _ in range(3)]  # the burst
+    with pytest.raises(ResourceExhaustedError, match=r"may create at most 0\.5 keys per second"):
+        hsa.create()
+    refused = hsa.audit.records[-1]
+    assert (refused["operation"], refused["result"]) == ("CreateKey", "RESOURCE_EXHAUSTED")
+    assert len({m.key_id for m in created}) == 3
+    # Another principal has a bucket of its own; the data plane is not limited.
+    other = CertificatePeerContext(issue_client_cert(domain, "other"))
+    hsa.service.CreateKey(services_pb2.CreateKeyRequest(), other)  # type: ignore[arg-type]
+    assert hsa.decrypt(hsa.encrypt(created[0].key_id).ciphertext_blob) == b"data"
+    time.sleep(2.1)  # one token back
+    hsa.create()
+
+
+def issue_client_cert(domain: Domain, name: str) -> bytes:
+    from datetime import UTC, datetime
+
+    from domain_core.pki import DomainCA, SpiffeId, new_tls_key_pem, tls_public_key
+
+    ca = DomainCA.load(domain.layout.root / "ca")
+    key_pem = new_tls_key_pem()
+    return ca.issue(
+        SpiffeId("local", "client", name), tls_public_key(key_pem), now=datetime.now(UTC)
+    )
+
+
+def test_a_change_that_would_retire_a_generation_in_use_waits_for_the_records(
+    domain: Domain, make_hsa: Callable[..., Hsa]
+) -> None:
+    # One page of 3 records per call and no time budget: the preparation takes several calls.
+    hsa = make_hsa("hsa-1", prepare_budget=0.0, prepare_page_size=3)
+    keys = [hsa.create() for _ in range(7)]
+    blobs = {k.key_id: hsa.encrypt(k.key_id, k.key_id.encode()).ciphertext_blob for k in keys}
+    coordinator = CertificatePeerContext(domain.tls(COORDINATOR).cert_pem)
+
+    def no_catch_up() -> int:
+        raise UnavailableError("not in this test")
+
+    admin = HsaAdminServicer(
+        hsa.node, no_catch_up, coordinator=coordinator_pin(domain), key_records=hsa.maintainer
+    )
+
+    def apply(changes: list[Any]) -> SealedState:
+        proposal, approvals = propose(domain, hsa.node.head, changes)
+        request = services_pb2.ApplyProposalRequest(proposal=proposal.raw, approvals=approvals)
+        state = SealedState.from_message(admin.ApplyProposal(request, coordinator))  # type: ignore[arg-type]
+        assert hsa.node.offer(state)
+        return state
+
+    settings = hsa.node.head.manifest.message.settings
+    apply([set_settings(base=settings, key_generations_retained=2)])
+    apply(ROTATE)  # generations 1 and 2: nothing retired, nothing to prepare
+    assert {
+        t.domain_key_generation for k in keys for t in stored_or_fail(hsa, k.key_id).tokens
+    } == {1}
+
+    # The next rotation retires generation 1, under which all 7 records still are.
+    proposal, approvals = propose(domain, hsa.node.head, ROTATE)
+    request = services_pb2.ApplyProposalRequest(proposal=proposal.raw, approvals=approvals)
+    messages = []
+    for _ in range(10):
+        try:
+            sealed = admin.ApplyProposal(request, coordinator)  # type: ignore[arg-type]
+            break
+        except TransitionDeferredError as error:
+            messages.append(error.message)
+    else:
+        pytest.fail(f"the rotation was deferred 10 times: {messages[-1]}")
+    assert len(messages) >= 2, messages  # it resumed where it stopped, page by page
+    assert "key records are still sealed under domain key generation 1" in messages[0]
+    assert "the coordinator retries" in messages[0]
+    state = SealedState.from_message(sealed)
+    assert [g.generation for g in state.manifest.message.key_generations] == [2, 3]
+    for key in keys:
+        record = stored_or_fail(hsa, key.key_id)
+        assert {t.domain_key_generation for t in record.tokens} == {2}
+        assert record.signer_host_id == "hsa-1"
+    assert hsa.node.offer(state)
+    for key in keys:
+        hsa.cache.forget(key.key_id)
+        assert hsa.decrypt(blobs[key.key_id]) == key.key_id.encode()
+
+
+def stored_or_fail(hsa: Hsa, key_id: str) -> keys_pb2.KeyRecord:
+    record = stored(hsa, key_id)
+    assert record is not None
+    return record
+
+
+def test_a_finished_preparation_counts_only_for_its_own_proposal(
+    domain: Domain, make_hsa: Callable[..., Hsa]
+) -> None:
+    """A removal proposal is prepared (hsa-3's records signed again), then, say, cancelled; the
+    fence at the coordinator goes with it, hsa-3 writes again, and a second proposal to remove
+    it comes: its preparation lists the records again rather than trusting the first one."""
+    first, third = make_hsa("hsa-1"), make_hsa("hsa-3")
+    early = third.create()
+    coordinator = CertificatePeerContext(domain.tls(COORDINATOR).cert_pem)
+
+    def no_catch_up() -> int:
+        raise UnavailableError("not in this test")
+
+    admin = HsaAdminServicer(
+        first.node, no_catch_up, coordinator=coordinator_pin(domain), key_records=first.maintainer
+    )
+
+    def seal_removal() -> SealedState:
+        proposal, approvals = propose(domain, first.node.head, remove_host("hsa-3"))
+        request = services_pb2.ApplyProposalRequest(proposal=proposal.raw, approvals=approvals)
+        return SealedState.from_message(admin.ApplyProposal(request, coordinator))  # type: ignore[arg-type]
+
+    seal_removal()  # sealed, never installed (the proposal went nowhere)
+    assert stored_or_fail(first, early.key_id).signer_host_id == "hsa-1"
+    late = third.create()
+    assert stored_or_fail(first, late.key_id).signer_host_id == "hsa-3"
+    state = seal_removal()
+    assert stored_or_fail(first, late.key_id).signer_host_id == "hsa-1"
+    assert first.node.offer(state)
+    for key in (early, late):
+        first.cache.forget(key.key_id)
+        assert first.decrypt(first.encrypt(key.key_id).ciphertext_blob) == b"data"
+
+
+def test_a_pass_verifies_only_the_records_that_need_work(
+    domain: Domain, make_hsa: Callable[..., Hsa], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Signature checks cost ~0.1 ms each: an upkeep pass over records that need nothing
+    checks none; after a rotation every record is re-wrapped, a key pending deletion too."""
+    hsa = make_hsa("hsa-1")
+    keys = [hsa.create() for _ in range(3)]
+    hsa.admin("ScheduleKeyDeletion", keys[0].key_id, pending_window_days=7)
+    verified: list[str] = []
+    real_verify = hsa.cache.verify
+
+    def counting(record: keys_pb2.KeyRecord, key_id: str, **kwargs: Any) -> Any:
+        verified.append(key_id)
+        return real_verify(record, key_id, **kwargs)
+
+    monkeypatch.setattr(hsa.cache, "verify", counting)
+    assert hsa.maintainer.run_pass().listed >= 3
+    assert verified == []
+    rotate_domain_key(domain, hsa)
+    report = hsa.maintainer.run_pass()
+    assert report.rewrapped == 3
+    assert sorted(verified) == sorted(k.key_id for k in keys)
+    for key in keys:
+        assert {t.domain_key_generation for t in stored_or_fail(hsa, key.key_id).tokens} == {2}

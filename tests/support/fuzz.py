@@ -393,6 +393,17 @@ PARSER_NAMES: tuple[str, ...] = (
 FUZZ_KEY_ID = "1b4e28ba-2fa1-41d2-883f-0016d3cca427"
 _BACKING_KEY = b"\x02" * 32
 _DOMAIN_KEY = b"\x01" * 32
+_HOST_SEED = b"\x02" * 32  # the Ed25519 key that signs the seed key record
+
+
+def _record_signer() -> Any:
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    from domain_core import keytokens
+    from domain_core.signers import InMemorySigner
+
+    host = InMemorySigner(ed25519.Ed25519PrivateKey.from_private_bytes(_HOST_SEED))
+    return keytokens.RecordSigner("fuzz", "hsa-1", host)
 
 
 def write_seed_corpus(directory: Path, genesis_state: bytes) -> int:
@@ -404,7 +415,9 @@ def write_seed_corpus(directory: Path, genesis_state: bytes) -> int:
     state = SealedState.from_bytes(genesis_state)
     blob = ciphertext.encrypt(_BACKING_KEY, FUZZ_KEY_ID, 1, b"seed", {"purpose": "fuzz"})
     metadata = keys_pb2.KeyMetadata(key_id=FUZZ_KEY_ID, current_backing_version=1)
-    record = keytokens.seal_record(metadata, {1: _BACKING_KEY}, _DOMAIN_KEY, 1)
+    record = keytokens.seal_record(
+        metadata, {1: _BACKING_KEY}, _DOMAIN_KEY, 1, signer=_record_signer()
+    )
     seeds = {
         "proposal": state.message.proposal,
         "sealed-state": genesis_state,
@@ -425,12 +438,19 @@ def _parsers() -> list[Callable[[bytes], object]]:
     from domain_core.model import Manifest, Proposal, SealedState
     from domain_core.pb import keys_pb2
 
+    signer = _record_signer()
+    host_keys = {signer.host_id: signer.signer.public_key}
+
     def key_record(data: bytes) -> object:
         record = keys_pb2.KeyRecord()
         try:
             record.ParseFromString(data)
         except DecodeError:
             return None
+        from domain_core.errors import HsmDomainError
+
+        with contextlib.suppress(HsmDomainError):  # both checks run on every input
+            keytokens.verify_key_record_signature(record, signer.domain_id, host_keys)
         return keytokens.verify_key_record(record, {1: _DOMAIN_KEY}, FUZZ_KEY_ID)
 
     return [

@@ -633,7 +633,12 @@ def swap_tokens(
 ) -> keys_pb2.KeyRecord:
     """`record`'s metadata with `other`'s tokens; `relabel` makes the tokens name `record`'s
     key (as a careful liar would), else they still name the other key."""
-    forged = keys_pb2.KeyRecord(metadata=record.metadata, revision=record.revision)
+    forged = keys_pb2.KeyRecord(
+        metadata=record.metadata,
+        revision=record.revision,
+        signer_host_id=record.signer_host_id,
+        signature=record.signature,  # kept: a careful liar would
+    )
     key_id = _metadata(record).key_id
     for token in other.tokens:
         forged.tokens.add().CopyFrom(token)
@@ -668,10 +673,13 @@ def reseal(
     domain_keys: Mapping[int, bytes],
     mutate: Callable[[keys_pb2.KeyMetadata], None],
     generation: int | None = None,
+    *,
+    signer: keytokens.RecordSigner,
 ) -> keys_pb2.KeyRecord:
     """The record with edited metadata and valid tokens over it, sealed with the real domain
-    key (`generation`, default the newest held): what only someone holding the domain keys
-    could write, to reach the checks behind the token check."""
+    key (`generation`, default the newest held) and signed by `signer`: what only someone
+    holding the domain keys and a member host's signing key could write (an insider), to reach
+    the checks behind the signature and token checks."""
     backing = backing_keys_of(record, domain_keys)
     metadata = _metadata(record)
     mutate(metadata)
@@ -690,7 +698,7 @@ def reseal(
                 key,
             )
         )
-    return forged
+    return signer.sign(forged)
 
 
 def relabel_generation(record: keys_pb2.KeyRecord, generation: int) -> keys_pb2.KeyRecord:

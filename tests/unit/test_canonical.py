@@ -45,6 +45,7 @@ def test_payload_type_values_are_wire_format() -> None:
         "PROPOSAL_CANCEL": "proposal-cancel",
         "HOST_ENROLLMENT": "host-enrollment",
         "AUDIT_CHECKPOINT": "audit-checkpoint",
+        "KEY_RECORD": "key-record",
     }
 
 

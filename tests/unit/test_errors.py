@@ -114,6 +114,7 @@ EXPECTED = {
     "PermissionDeniedError": grpc.StatusCode.PERMISSION_DENIED,
     "UnauthenticatedError": grpc.StatusCode.UNAUTHENTICATED,
     "UnavailableError": grpc.StatusCode.UNAVAILABLE,
+    "TransitionDeferredError": grpc.StatusCode.UNAVAILABLE,
     "TokenError": grpc.StatusCode.UNAUTHENTICATED,
     "WrongPassphraseError": grpc.StatusCode.UNAUTHENTICATED,
     "TokenNotFoundError": grpc.StatusCode.NOT_FOUND,
@@ -147,6 +148,7 @@ def test_status_table(name: str, status: grpc.StatusCode) -> None:
         (errors.InvalidKeyTokenError, errors.InvalidInputError),
         (errors.InvalidCiphertextError, errors.InvalidInputError),
         (errors.WrongPassphraseError, errors.TokenError),
+        (errors.TransitionDeferredError, errors.UnavailableError),
     ],
 )
 def test_families(cls: type, family: type) -> None:

@@ -4,7 +4,8 @@ Every key-service call decides access from `CachedKey.grants`, computed once per
 entry's verified policy; an entry made from other metadata (a refreshed record, a policy
 change) never carries the decisions of the one before. Past half its TTL, one call re-reads a
 key while the others go on using it; past the TTL every call waits for the coordinator, and a
-re-read record is verified as any other.
+re-read record is verified as any other. A record is accepted only if a host of the verified
+head signed it: a removed host's record is refused, also one the cache holds already.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from domain_core import crypto, keytokens, policy
-from domain_core.errors import FailedPreconditionError, PermissionDeniedError
+from domain_core.errors import FailedPreconditionError, PermissionDeniedError, UnavailableError
 from domain_core.pb import keys_pb2
+from domain_core.signers import InMemorySigner
 from hsa_node.keycache import CachedKey, KeyCache, MetadataVersionFloor
 from hsa_node.node import DomainKeys
 
@@ -28,6 +31,26 @@ pytestmark = pytest.mark.unit
 KEY_ID = "0f5a3c9e-1b2d-4e6f-8a7b-9c0d1e2f3a4b"
 APP = "spiffe://local/client/app"
 OPS = "spiffe://local/client/ops"
+HOSTS = {
+    name: InMemorySigner(ed25519.Ed25519PrivateKey.from_private_bytes(bytes([seed]) * 32))
+    for seed, name in enumerate(("hsa-1", "hsa-2", "hsa-3"), 1)
+}
+SIGNER = keytokens.RecordSigner("local", "hsa-1", HOSTS["hsa-1"])
+
+
+def domain_keys(
+    generation: int = 1,
+    keys: dict[int, bytes] | None = None,
+    members: tuple[str, ...] = ("hsa-1", "hsa-2", "hsa-3"),
+    former: tuple[str, ...] = (),
+) -> DomainKeys:
+    """What `DomainNode.domain_keys` returns: the domain keys, the head's hosts, the removed."""
+    return DomainKeys(
+        generation=generation,
+        keys=keys if keys is not None else {1: crypto.new_aes_key()},
+        host_keys={name: HOSTS[name].public_key for name in members},
+        former_hosts=frozenset(former),
+    )
 
 
 def entry(key_policy: keys_pb2.KeyPolicy) -> CachedKey:
@@ -99,7 +122,7 @@ class SlowCoordinator:
 
 @pytest.fixture
 def sealed_record() -> tuple[keys_pb2.KeyRecord, DomainKeys]:
-    keys = DomainKeys(generation=1, keys={1: crypto.new_aes_key()})
+    keys = domain_keys()
     metadata = keys_pb2.KeyMetadata(
         key_id=KEY_ID,
         state=keys_pb2.KEY_STATE_ENABLED,
@@ -108,21 +131,35 @@ def sealed_record() -> tuple[keys_pb2.KeyRecord, DomainKeys]:
         metadata_version=1,
         domain_id="local",
     )
-    record = keytokens.seal_record(metadata, {1: crypto.new_aes_key()}, keys.keys[1], 1)
+    record = keytokens.seal_record(
+        metadata, {1: crypto.new_aes_key()}, keys.keys[1], 1, signer=SIGNER
+    )
     record.revision = 1
     return record, keys
 
 
+class Head:
+    """The node's domain keys, which a test changes (a host removed, a generation added)."""
+
+    def __init__(self, keys: DomainKeys) -> None:
+        self.keys = keys
+
+    def __call__(self) -> DomainKeys:
+        return self.keys
+
+
 def make_cache(
-    tmp_path: Path, record: keys_pb2.KeyRecord, keys: DomainKeys
+    tmp_path: Path, record: keys_pb2.KeyRecord, keys: DomainKeys | Head
 ) -> tuple[KeyCache, SlowCoordinator, Clock]:
     coordinator = SlowCoordinator(record)
     clock = Clock()
+    head = keys if isinstance(keys, Head) else Head(keys)
     cache = KeyCache(
         domain_id="local",
-        domain_keys=lambda: keys,
+        domain_keys=head,
         records=coordinator,  # type: ignore[arg-type]
         floor=MetadataVersionFloor(tmp_path / "floor.db"),
+        signer=SIGNER,
         ttl=2.0,
         clock=clock,
     )
@@ -188,3 +225,134 @@ def test_a_record_that_no_longer_verifies_is_refused_on_the_early_reread(
     clock.now += 1.5
     with pytest.raises(FailedPreconditionError, match="does not verify"):
         cache.get(KEY_ID)
+
+
+# --- signatures ---------------------------------------------------------------------------
+
+
+def _signed_by(
+    record: keys_pb2.KeyRecord, keys: DomainKeys, host: str, **changes: object
+) -> keys_pb2.KeyRecord:
+    """The record's key with `changes` to its metadata, sealed and signed by `host` (which
+    holds the domain keys: a member, or a removed host that kept them)."""
+    metadata = keys_pb2.KeyMetadata.FromString(record.metadata)
+    for name, value in changes.items():
+        if isinstance(value, keys_pb2.KeyPolicy):
+            metadata.policy.CopyFrom(value)
+        else:
+            setattr(metadata, name, value)
+    backing = keytokens.verify_key_record(record, keys.keys, KEY_ID)[1]
+    forged = keytokens.seal_record(
+        metadata,
+        backing,
+        keys.keys[keys.generation],
+        keys.generation,
+        signer=keytokens.RecordSigner("local", host, HOSTS[host]),
+    )
+    forged.revision = record.revision + 1
+    return forged
+
+
+def test_a_record_of_another_member_is_accepted(
+    tmp_path: Path, sealed_record: tuple[keys_pb2.KeyRecord, DomainKeys]
+) -> None:
+    record, keys = sealed_record
+    cache, _coordinator, _ = make_cache(tmp_path, _signed_by(record, keys, "hsa-2"), keys)
+    assert cache.get(KEY_ID).record.signer_host_id == "hsa-2"
+
+
+def test_a_record_signed_by_a_removed_host_is_refused(
+    tmp_path: Path,
+    sealed_record: tuple[keys_pb2.KeyRecord, DomainKeys],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    record, keys = sealed_record
+    # hsa-3 was removed; it still holds generation 1 and writes a newer version of the key
+    # that grants OPS: its tokens open, its signature is valid, but it is not a host now.
+    after = domain_keys(keys=keys.keys, members=("hsa-1", "hsa-2"), former=("hsa-3",))
+    widened = policy.default_policy(APP)
+    widened.grants.add(principals=[OPS], operations=list(policy.ALL_OPERATIONS))
+    forged = _signed_by(record, keys, "hsa-3", metadata_version=2, policy=widened)
+    cache, coordinator, _ = make_cache(tmp_path, forged, after)
+    with pytest.raises(FailedPreconditionError, match="does not verify"):
+        cache.get(KEY_ID)
+    assert "signed by hsa-3, which the domain removed" in caplog.text
+    # Nor does it raise the floor: the honest version 1 still verifies afterwards.
+    coordinator.record = record
+    assert cache.get(KEY_ID).metadata.metadata_version == 1
+
+
+def test_an_unsigned_or_badly_signed_record_is_refused(
+    tmp_path: Path,
+    sealed_record: tuple[keys_pb2.KeyRecord, DomainKeys],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    record, keys = sealed_record
+    unsigned = keys_pb2.KeyRecord()
+    unsigned.CopyFrom(record)
+    unsigned.signer_host_id, unsigned.signature = "", b""
+    cache, coordinator, _clock = make_cache(tmp_path, unsigned, keys)
+    with pytest.raises(FailedPreconditionError, match="does not verify"):
+        cache.get(KEY_ID)
+    assert "it is not signed" in caplog.text
+    # hsa-2's name on hsa-1's signature.
+    relabelled = keys_pb2.KeyRecord()
+    relabelled.CopyFrom(record)
+    relabelled.signer_host_id = "hsa-2"
+    coordinator.record = relabelled
+    with pytest.raises(FailedPreconditionError, match="does not verify"):
+        cache.get(KEY_ID)
+    assert "signature by host hsa-2 does not verify" in caplog.text
+
+
+def test_a_signer_this_hsa_has_not_seen_yet_is_catching_up(
+    tmp_path: Path, sealed_record: tuple[keys_pb2.KeyRecord, DomainKeys]
+) -> None:
+    # hsa-3 was added in a state this HSA has not installed: UNAVAILABLE, not accepted.
+    record, keys = sealed_record
+    behind = domain_keys(keys=keys.keys, members=("hsa-1", "hsa-2"))
+    cache, _, _ = make_cache(tmp_path, _signed_by(record, keys, "hsa-3"), behind)
+    with pytest.raises(UnavailableError, match="catching up"):
+        cache.get(KEY_ID)
+
+
+def test_a_cached_record_of_a_host_removed_since_is_read_again_and_refused(
+    tmp_path: Path, sealed_record: tuple[keys_pb2.KeyRecord, DomainKeys]
+) -> None:
+    record, keys = sealed_record
+    by_third = _signed_by(record, keys, "hsa-3")
+    head = Head(keys)
+    cache, _coordinator, clock = make_cache(tmp_path, by_third, head)
+    assert cache.get(KEY_ID).record.signer_host_id == "hsa-3"
+    head.keys = domain_keys(keys=keys.keys, members=("hsa-1", "hsa-2"), former=("hsa-3",))
+    clock.now += 2.1  # the unchanged record comes back: its signer is no longer a host
+    with pytest.raises(FailedPreconditionError, match="does not verify"):
+        cache.get(KEY_ID)
+
+
+def test_the_cache_signs_what_it_writes(
+    tmp_path: Path, sealed_record: tuple[keys_pb2.KeyRecord, DomainKeys]
+) -> None:
+    record, keys = sealed_record
+
+    class Store(SlowCoordinator):
+        def put(self, stored: keys_pb2.KeyRecord, expected_revision: int) -> int:
+            self.record = stored
+            return expected_revision + 1
+
+    coordinator = Store(record)
+    cache = KeyCache(
+        domain_id="local",
+        domain_keys=lambda: keys,
+        records=coordinator,  # type: ignore[arg-type]
+        floor=MetadataVersionFloor(tmp_path / "floor.db"),
+        signer=SIGNER,
+    )
+    metadata = keys_pb2.KeyMetadata.FromString(record.metadata)
+    metadata.metadata_version = 2
+    cache.store(metadata, {1: crypto.new_aes_key()}, 1)
+    assert coordinator.record.signer_host_id == "hsa-1"
+    assert (
+        keytokens.verify_key_record_signature(coordinator.record, "local", keys.host_keys)
+        == "hsa-1"
+    )

@@ -1,7 +1,9 @@
-"""domain_core.keytokens: a key token opens only for its key, version, generation and metadata.
+"""domain_core.keytokens: a key token opens only for its key, version, generation and metadata,
+under its own one-time key; a key record verifies only under the key of the host that signed it.
 
 These are the checks that catch a lying coordinator: tokens moved between keys or versions,
-edited policies, relabelled generations, and records with missing or extra tokens.
+edited policies, relabelled generations, and records with missing or extra tokens; and a
+removed host (which still holds old domain-key generations): its signature is not accepted.
 """
 
 from __future__ import annotations
@@ -13,18 +15,24 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from domain_core import keytokens
-from domain_core.errors import InvalidKeyTokenError
+from domain_core import canonical, crypto, keytokens
+from domain_core.errors import BadSignatureError, InvalidKeyTokenError, UnknownSignerError
 from domain_core.keytokens import (
+    RecordSigner,
     rewrap_record,
     seal_record,
     unwrap_backing_key,
     verify_key_record,
+    verify_key_record_signature,
     wrap_backing_key,
 )
 from domain_core.pb import keys_pb2
 from domain_core.policy import default_policy
+from domain_core.signers import InMemorySigner, PublicKey
 
 pytestmark = pytest.mark.unit
 
@@ -34,6 +42,16 @@ OTHER_KEY_ID = "9a8b7c6d-5e4f-4a3b-8c2d-1e0f9a8b7c6d"
 APP = "spiffe://test/client/app"
 DOMAIN_KEYS = {1: bytes(range(32)), 2: bytes(range(1, 33)), 3: bytes(range(2, 34))}
 BACKING_KEYS = {1: b"\x11" * 32, 2: b"\x22" * 32, 3: b"\x33" * 32}
+DOMAIN = "test"
+
+
+def _host_signer(seed: int) -> InMemorySigner:
+    return InMemorySigner(ed25519.Ed25519PrivateKey.from_private_bytes(bytes([seed]) * 32))
+
+
+HOSTS = {name: _host_signer(seed) for seed, name in enumerate(("hsa-1", "hsa-2", "hsa-3"), 1)}
+SIGNER = RecordSigner(DOMAIN, "hsa-1", HOSTS["hsa-1"])
+HOST_KEYS: dict[str, PublicKey] = {name: s.public_key for name, s in HOSTS.items()}
 
 
 def _metadata(key_id: str = KEY_ID, versions: int = 3, **changes: Any) -> keys_pb2.KeyMetadata:
@@ -57,7 +75,9 @@ def _record(
     key_id: str = KEY_ID, generation: int = 2, backing_keys: dict[int, bytes] | None = None
 ) -> keys_pb2.KeyRecord:
     keys = BACKING_KEYS if backing_keys is None else backing_keys
-    return seal_record(_metadata(key_id, len(keys)), keys, DOMAIN_KEYS[generation], generation)
+    return seal_record(
+        _metadata(key_id, len(keys)), keys, DOMAIN_KEYS[generation], generation, signer=SIGNER
+    )
 
 
 RECORD = _record()
@@ -86,16 +106,39 @@ def test_wrap_unwrap_roundtrip() -> None:
     token = wrap_backing_key(DOMAIN_KEYS[1], 1, metadata, KEY_ID, 4, BACKING_KEYS[1])
     assert (token.key_id, token.backing_version, token.domain_key_generation) == (KEY_ID, 4, 1)
     assert len(token.nonce) == 12
+    assert len(token.salt) == 32
     assert len(token.ciphertext) == 48
     assert BACKING_KEYS[1] not in token.SerializeToString()
     assert unwrap_backing_key(token, DOMAIN_KEYS, metadata, KEY_ID) == BACKING_KEYS[1]
 
 
-def test_tokens_use_fresh_nonces() -> None:
+def test_tokens_use_fresh_nonces_and_salts() -> None:
     tokens = [
         wrap_backing_key(DOMAIN_KEYS[1], 1, b"m", KEY_ID, 1, BACKING_KEYS[1]) for _ in range(10)
     ]
     assert len({t.nonce for t in tokens}) == 10
+    assert len({t.salt for t in tokens}) == 10
+
+
+def test_each_token_has_its_own_key_derived_from_the_domain_key() -> None:
+    # The usage bound of AES-GCM: the domain key never encrypts; every token is sealed under
+    # HKDF-SHA256(domain key, salt = the token's salt, info = context || binding).
+    token = wrap_backing_key(DOMAIN_KEYS[1], 1, b"m", KEY_ID, 1, BACKING_KEYS[1])
+    binding = keytokens.key_token_binding(KEY_ID, 1, 1, b"m")
+    key = crypto.hkdf_sha256(
+        DOMAIN_KEYS[1], salt=token.salt, info=keytokens.KEY_TOKEN_KEY_CONTEXT + binding
+    )
+    assert keytokens.token_key(DOMAIN_KEYS[1], token.salt, binding) == key
+    assert crypto.aes_gcm_open(key, token.ciphertext, binding, token.nonce) == BACKING_KEYS[1]
+    with pytest.raises(InvalidKeyTokenError):  # not under the domain key itself
+        crypto.aes_gcm_open(DOMAIN_KEYS[1], token.ciphertext, binding, token.nonce)
+    # Same nonce and salt forced, other binding: another key, so no nonce reuse under one key.
+    other = wrap_backing_key(
+        DOMAIN_KEYS[1], 1, b"m", KEY_ID, 2, BACKING_KEYS[1], nonce=token.nonce, salt=token.salt
+    )
+    assert other.ciphertext != token.ciphertext
+    other_binding = keytokens.key_token_binding(KEY_ID, 2, 1, b"m")
+    assert keytokens.token_key(DOMAIN_KEYS[1], token.salt, other_binding) != key
 
 
 def _token() -> keys_pb2.KeyToken:
@@ -113,6 +156,10 @@ def _token() -> keys_pb2.KeyToken:
         lambda t: setattr(t, "domain_key_generation", 0),
         lambda t: setattr(t, "nonce", bytes(12)),
         lambda t: setattr(t, "nonce", t.nonce[:11]),
+        lambda t: setattr(t, "salt", bytes(32)),
+        lambda t: setattr(t, "salt", t.salt[:31]),
+        lambda t: setattr(t, "salt", b""),
+        lambda t: setattr(t, "salt", bytes([t.salt[0] ^ 1]) + t.salt[1:]),
         lambda t: setattr(t, "ciphertext", t.ciphertext[:-1]),
         lambda t: setattr(t, "ciphertext", t.ciphertext + b"\x00"),
         lambda t: setattr(t, "ciphertext", bytes([t.ciphertext[0] ^ 1]) + t.ciphertext[1:]),
@@ -162,6 +209,8 @@ def test_wrap_rejects_programming_errors() -> None:
         wrap_backing_key(DOMAIN_KEYS[1], 0, b"m", KEY_ID, 1, BACKING_KEYS[1])
     with pytest.raises(ValueError, match="backing_version"):
         wrap_backing_key(DOMAIN_KEYS[1], 1, b"m", KEY_ID, 2**32, BACKING_KEYS[1])
+    with pytest.raises(ValueError, match="salt"):
+        wrap_backing_key(DOMAIN_KEYS[1], 1, b"m", KEY_ID, 1, BACKING_KEYS[1], salt=bytes(16))
 
 
 # --- records -------------------------------------------------------------------------------
@@ -317,11 +366,11 @@ def test_unparsable_or_empty_metadata_fails(metadata: bytes) -> None:
 
 def test_seal_record_requires_exactly_the_current_versions() -> None:
     with pytest.raises(ValueError, match=r"versions 1\.\.current_backing_version"):
-        seal_record(_metadata(versions=3), {1: BACKING_KEYS[1]}, DOMAIN_KEYS[1], 1)
+        seal_record(_metadata(versions=3), {1: BACKING_KEYS[1]}, DOMAIN_KEYS[1], 1, signer=SIGNER)
     with pytest.raises(ValueError, match=r"versions 1\.\.current_backing_version"):
-        seal_record(_metadata(versions=1), BACKING_KEYS, DOMAIN_KEYS[1], 1)
+        seal_record(_metadata(versions=1), BACKING_KEYS, DOMAIN_KEYS[1], 1, signer=SIGNER)
     with pytest.raises(ValueError, match=r"versions 1\.\.current_backing_version"):
-        seal_record(_metadata(versions=0), {}, DOMAIN_KEYS[1], 1)
+        seal_record(_metadata(versions=0), {}, DOMAIN_KEYS[1], 1, signer=SIGNER)
 
 
 # --- rewrap --------------------------------------------------------------------------------
@@ -330,7 +379,7 @@ def test_seal_record_requires_exactly_the_current_versions() -> None:
 def test_rewrap_moves_every_token_to_the_new_generation() -> None:
     old = _record(generation=1)
     assert keytokens.needs_rewrap(old, 3)
-    new = rewrap_record(old, DOMAIN_KEYS, 3)
+    new = rewrap_record(old, DOMAIN_KEYS, 3, signer=SIGNER)
     assert not keytokens.needs_rewrap(new, 3)
     assert new.metadata == old.metadata
     assert {t.domain_key_generation for t in new.tokens} == {3}
@@ -345,15 +394,157 @@ def test_rewrap_moves_every_token_to_the_new_generation() -> None:
 def test_rewrap_keeps_the_revision_and_verifies_first() -> None:
     old = _record(generation=1)
     old.revision = 17
-    assert rewrap_record(old, DOMAIN_KEYS, 2).revision == 17
+    assert rewrap_record(old, DOMAIN_KEYS, 2, signer=SIGNER).revision == 17
     tampered = _copy(old)
     tampered.metadata = _metadata(description="x").SerializeToString(deterministic=True)
     with pytest.raises(InvalidKeyTokenError):
-        rewrap_record(tampered, DOMAIN_KEYS, 2)
+        rewrap_record(tampered, DOMAIN_KEYS, 2, signer=SIGNER)
     with pytest.raises(InvalidKeyTokenError):
-        rewrap_record(old, DOMAIN_KEYS, 2, expected_key_id=OTHER_KEY_ID)
+        rewrap_record(old, DOMAIN_KEYS, 2, expected_key_id=OTHER_KEY_ID, signer=SIGNER)
     with pytest.raises(ValueError, match="generation 9"):
-        rewrap_record(old, DOMAIN_KEYS, 9)
+        rewrap_record(old, DOMAIN_KEYS, 9, signer=SIGNER)
+
+
+def test_rewrap_signs_again_as_the_rewrapping_host() -> None:
+    old = _record(generation=1)
+    assert verify_key_record_signature(old, DOMAIN, HOST_KEYS) == "hsa-1"
+    other = RecordSigner(DOMAIN, "hsa-2", HOSTS["hsa-2"])
+    new = rewrap_record(old, DOMAIN_KEYS, 2, signer=other)
+    assert verify_key_record_signature(new, DOMAIN, HOST_KEYS) == "hsa-2"
+    # After hsa-1 is removed, only the re-signed record is accepted.
+    without_first = {k: v for k, v in HOST_KEYS.items() if k != "hsa-1"}
+    assert verify_key_record_signature(new, DOMAIN, without_first) == "hsa-2"
+    with pytest.raises(UnknownSignerError):
+        verify_key_record_signature(old, DOMAIN, without_first)
+
+
+# --- signatures ----------------------------------------------------------------------------
+
+
+def test_a_sealed_record_is_signed_by_its_writer() -> None:
+    assert RECORD.signer_host_id == "hsa-1"
+    assert len(RECORD.signature) == 64
+    assert verify_key_record_signature(RECORD, DOMAIN, HOST_KEYS) == "hsa-1"
+    digest = keytokens.key_record_digest(RECORD, DOMAIN)
+    HOST_KEYS["hsa-1"].verify(
+        RECORD.signature, canonical.signing_input(canonical.PayloadType.KEY_RECORD, digest)
+    )
+
+
+def test_the_digest_is_made_of_the_fields_in_backing_version_order() -> None:
+    parts = [DOMAIN.encode(), RECORD.metadata, b"hsa-1"]
+    for token in sorted(RECORD.tokens, key=lambda t: t.backing_version):
+        parts += [
+            token.key_id.encode(),
+            token.backing_version.to_bytes(4, "big"),
+            token.domain_key_generation.to_bytes(4, "big"),
+            token.salt,
+            token.nonce,
+            token.ciphertext,
+        ]
+    expected = canonical.digest(canonical.PayloadType.KEY_RECORD, *parts)
+    assert keytokens.key_record_digest(RECORD, DOMAIN) == expected
+    reordered = _copy(RECORD)
+    del reordered.tokens[:]
+    reordered.tokens.extend(reversed(RECORD.tokens))
+    assert keytokens.key_record_digest(reordered, DOMAIN) == expected
+    # The coordinator's revision is not signed.
+    revised = _copy(RECORD)
+    revised.revision = 99
+    assert verify_key_record_signature(revised, DOMAIN, HOST_KEYS) == "hsa-1"
+
+
+def _signed_fields(record: keys_pb2.KeyRecord) -> list[tuple[str, int, str]]:
+    """(part, token index, field) of every signed bytes or text field of a record."""
+    fields = [("record", -1, "metadata"), ("record", -1, "signer_host_id")]
+    for index in range(len(record.tokens)):
+        fields += [("token", index, name) for name in ("key_id", "salt", "nonce", "ciphertext")]
+    return fields
+
+
+def _flip(record: keys_pb2.KeyRecord, part: str, index: int, name: str, bit: int) -> None:
+    target: Any = record if part == "record" else record.tokens[index]
+    value = getattr(target, name)
+    raw = bytearray(value.encode() if isinstance(value, str) else value)
+    raw[(bit // 8) % len(raw)] ^= 1 << (bit % 7 if isinstance(value, str) else bit % 8)
+    setattr(target, name, raw.decode() if isinstance(value, str) else bytes(raw))
+
+
+@settings(max_examples=300, deadline=None)
+@given(choice=st.integers(min_value=0), bit=st.integers(min_value=0, max_value=10_000))
+def test_any_flipped_bit_of_a_signed_field_fails(choice: int, bit: int) -> None:
+    fields = [*_signed_fields(RECORD), ("signature", -1, "signature")]
+    part, index, name = fields[choice % len(fields)]
+    edited = _copy(RECORD)
+    _flip(edited, "record" if part == "signature" else part, index, name, bit)
+    hosts = dict(HOST_KEYS)
+    if name == "signer_host_id":  # a name that is still a host: the key must not match
+        hosts[edited.signer_host_id] = HOST_KEYS["hsa-1"]
+        hosts["hsa-1"] = HOST_KEYS["hsa-2"]
+    with pytest.raises(BadSignatureError):
+        verify_key_record_signature(edited, DOMAIN, hosts)
+
+
+@pytest.mark.parametrize("field", ["backing_version", "domain_key_generation"])
+def test_a_changed_token_number_fails(field: str) -> None:
+    edited = _copy(RECORD)
+    setattr(edited.tokens[0], field, getattr(edited.tokens[0], field) + 7)
+    with pytest.raises(BadSignatureError):
+        verify_key_record_signature(edited, DOMAIN, HOST_KEYS)
+
+
+def test_added_or_dropped_tokens_and_another_domain_fail() -> None:
+    dropped = _copy(RECORD)
+    del dropped.tokens[2]
+    with pytest.raises(BadSignatureError):
+        verify_key_record_signature(dropped, DOMAIN, HOST_KEYS)
+    added = _copy(RECORD)
+    added.tokens.add().CopyFrom(RECORD.tokens[0])
+    with pytest.raises(BadSignatureError):
+        verify_key_record_signature(added, DOMAIN, HOST_KEYS)
+    with pytest.raises(BadSignatureError):
+        verify_key_record_signature(RECORD, "other-domain", HOST_KEYS)
+
+
+def test_a_wrong_signer_fails() -> None:
+    # hsa-2's signature, claiming to be hsa-1's; and hsa-1's signature claiming hsa-2.
+    forged = _copy(RECORD)
+    RecordSigner(DOMAIN, "hsa-1", HOSTS["hsa-2"]).sign(forged)
+    with pytest.raises(BadSignatureError, match="hsa-1"):
+        verify_key_record_signature(forged, DOMAIN, HOST_KEYS)
+    relabelled = _copy(RECORD)
+    relabelled.signer_host_id = "hsa-2"
+    with pytest.raises(BadSignatureError):
+        verify_key_record_signature(relabelled, DOMAIN, HOST_KEYS)
+
+
+def test_a_signer_that_is_not_a_trusted_host_fails() -> None:
+    # A removed host (not in the verified head any more) signs a record of its own: it still
+    # holds the domain key generation, so its tokens open; its signature is not accepted.
+    removed = RecordSigner(DOMAIN, "hsa-3", HOSTS["hsa-3"])
+    forged = seal_record(
+        _metadata(versions=1, metadata_version=9),
+        {1: b"\x66" * 32},
+        DOMAIN_KEYS[2],
+        2,
+        signer=removed,
+    )
+    verify_key_record(forged, DOMAIN_KEYS, KEY_ID)  # the tokens alone would pass
+    members = {k: v for k, v in HOST_KEYS.items() if k != "hsa-3"}
+    with pytest.raises(UnknownSignerError, match="hsa-3"):
+        verify_key_record_signature(forged, DOMAIN, members)
+    unsigned = _copy(RECORD)
+    unsigned.signer_host_id, unsigned.signature = "", b""
+    with pytest.raises(UnknownSignerError):
+        verify_key_record_signature(unsigned, DOMAIN, HOST_KEYS)
+    no_signature = _copy(RECORD)
+    no_signature.signature = b""
+    with pytest.raises(BadSignatureError):
+        verify_key_record_signature(no_signature, DOMAIN, HOST_KEYS)
+
+
+def test_the_record_signer_does_not_show_its_key() -> None:
+    assert repr(SIGNER) == "RecordSigner('test', 'hsa-1')"
 
 
 # --- golden vector -------------------------------------------------------------------------
@@ -387,4 +578,22 @@ def test_committed_key_token_vector_opens() -> None:
     domain_keys = {keys["domain_key_generation"]: bytes.fromhex(keys["domain_key"])}
     assert unwrap_backing_key(token, domain_keys, metadata, keys["key_id"]) == bytes.fromhex(
         keys["backing_key"]
+    )
+    binding = bytes.fromhex(vector["binding"])
+    assert (
+        keytokens.token_key(domain_keys[token.domain_key_generation], token.salt, binding).hex()
+        == vector["token_key"]
+    )
+
+
+def test_committed_key_record_signature_verifies() -> None:
+    committed = json.loads((VECTORS / "ciphertext_vectors.json").read_text("utf-8"))
+    vector = committed["key_record"]
+    assert vector == _generator().build()["key_record"]
+    record = keys_pb2.KeyRecord.FromString(bytes.fromhex(vector["record"]))
+    assert keytokens.key_record_digest(record, vector["domain_id"]).hex() == vector["digest"]
+    key = PublicKey.from_der(bytes.fromhex(vector["signer_public_key"]))
+    assert (
+        verify_key_record_signature(record, vector["domain_id"], {record.signer_host_id: key})
+        == record.signer_host_id
     )

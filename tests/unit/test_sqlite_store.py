@@ -18,6 +18,7 @@ from domain_core.errors import (
     ConflictError,
     InvalidInputError,
     NotFoundError,
+    ResourceExhaustedError,
 )
 
 pytestmark = pytest.mark.unit
@@ -284,7 +285,7 @@ def test_a_store_file_without_the_reported_version_columns_is_migrated(db_path: 
     assert columns == [
         "host_id", "address", "registered_at", "version", "state_hash", "reported_at",
     ]  # fmt: skip
-    assert schema == "1"
+    assert schema == "2"  # upgraded: an older coordinator, which would serve tombstones, refuses it
 
 
 def test_key_records_compare_and_swap(store: SqliteStore) -> None:
@@ -302,6 +303,46 @@ def test_key_records_compare_and_swap(store: SqliteStore) -> None:
     assert entry is not None
     assert (entry.record, entry.revision) == (b"v2", 2)
     assert store.get_key("nope") is None
+
+
+def test_a_deleted_key_is_a_tombstone_until_purged(store: SqliteStore) -> None:
+    store.put_key("k1", b"v1", 0)
+    store.put_key("k2", b"other", 0)
+    with pytest.raises(ConflictError):
+        store.delete_key("k1", 7, 1000)
+    store.delete_key("k1", 1, 1000)
+    # Not served, not listed, not changed, not deleted twice, its id not created again.
+    assert store.get_key("k1") is None
+    assert [e.key_id for e in store.list_keys(10)] == ["k2"]
+    with pytest.raises(NotFoundError):
+        store.put_key("k1", b"v2", 2)
+    with pytest.raises(NotFoundError):
+        store.delete_key("k1", 2, 1001)
+    with pytest.raises(AlreadyExistsError, match="was deleted on 1970-01-01T00:16:40Z"):
+        store.put_key("k1", b"again", 0)
+    # Kept (recoverable) until the waiting period is over.
+    tombstone = store.deleted_key("k1")
+    assert tombstone is not None
+    assert (tombstone.entry.record, tombstone.deleted_at) == (b"v1", 1000)
+    assert store.deleted_key("k2") is None
+    assert store.purge_deleted_keys(1000) == 0  # deleted at 1000: not before 1000
+    assert store.purge_deleted_keys(1001) == 1
+    assert store.deleted_key("k1") is None
+    assert store.get_key("k2") is not None
+
+
+def test_creates_count_the_creators_live_keys(store: SqliteStore) -> None:
+    for index in range(3):
+        store.put_key(f"a{index}", b"r", 0, creator="app", creator_limit=3)
+    store.put_key("b0", b"r", 0, creator="other", creator_limit=3)
+    assert (store.count_keys("app"), store.count_keys("other")) == (3, 1)
+    with pytest.raises(ResourceExhaustedError, match="app has created 3 keys"):
+        store.put_key("a3", b"r", 0, creator="app", creator_limit=3)
+    assert store.get_key("a3") is None
+    store.put_key("a0", b"r2", 1, creator="app", creator_limit=3)  # updates are not creates
+    store.delete_key("a1", 1, 50)  # a deleted key no longer counts
+    assert store.count_keys("app") == 2
+    store.put_key("a3", b"r", 0, creator="app", creator_limit=3)
 
 
 def test_list_keys_pages_by_id(store: SqliteStore) -> None:

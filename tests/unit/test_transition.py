@@ -152,6 +152,16 @@ VIOLATIONS: list[tuple[str, Changes, type[HsmDomainError]]] = [
         InvalidSettingsError,
     ),
     (
+        # A rotation in the same proposal would drop the generation records are sealed under
+        # before re-wrap could move them (issue 13, item 5).
+        "one generation retained, with a rotation",
+        lambda s: [
+            s.set_settings_change(key_generations_retained=1),
+            s.rotate_domain_key_change(),
+        ],
+        InvalidSettingsError,
+    ),
+    (
         "too many generations retained",
         lambda s: [s.set_settings_change(key_generations_retained=101)],
         InvalidSettingsError,
@@ -215,7 +225,7 @@ ALLOWED: list[tuple[str, Changes]] = [
         lambda s: [
             s.set_settings_change(
                 key_rotation_interval_seconds=60,
-                key_generations_retained=1,
+                key_generations_retained=2,
                 max_proposal_lifetime_seconds=60,
             )
         ],
@@ -359,6 +369,26 @@ def test_lowering_retained_trims_at_the_next_rotation() -> None:
         sim, [sim.set_settings_change(key_generations_retained=2), sim.rotate_domain_key_change()]
     )
     assert _generations(manifest) == [4, 5]
+
+
+def test_what_a_change_removes_and_retires() -> None:
+    sim = SimulatedDomain.create()
+    for _ in range(2):
+        sim.advance(60)
+        sim.transition([sim.rotate_domain_key_change()])
+    before = sim.head.manifest.message
+    after = _next(
+        sim,
+        [
+            sim.remove_host_change("hsa-3"),
+            sim.set_settings_change(key_generations_retained=2),
+        ],
+    )
+    # Removing a host rotates: generations 1..3 become 3..4 with two kept.
+    assert transition.removed_hosts(before, after) == {"hsa-3"}
+    assert transition.retired_generations(before, after) == {1, 2}
+    assert transition.removed_hosts(before, before) == frozenset()
+    assert transition.retired_generations(before, before) == frozenset()
 
 
 def test_apply_changes_reports_rotation_and_leaves_base_alone(sim: SimulatedDomain) -> None:

@@ -1,4 +1,4 @@
-"""Generate the golden vectors of the ciphertext, envelope and key token formats.
+"""Generate the golden vectors of the ciphertext, envelope, key token and key record formats.
 
 Run `python tests/vectors/generate_ciphertext.py` to rewrite tests/vectors/ciphertext_vectors.json.
 The unit tests regenerate them in memory and compare byte for byte, and open the committed
@@ -13,8 +13,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
 from domain_core import ciphertext, envelope, keytokens
 from domain_core.pb import keys_pb2
+from domain_core.signers import InMemorySigner
 
 OUT = Path(__file__).with_name("ciphertext_vectors.json")
 
@@ -24,6 +27,7 @@ BACKING_VERSION = 3
 DATA_KEY = bytes(range(0x80, 0xA0))
 DOMAIN_KEY = bytes(range(0xC0, 0xE0))
 DOMAIN_KEY_GENERATION = 5
+HOST_SIGNING_KEY = bytes(range(0x40, 0x60))  # the Ed25519 seed of the vectors' host
 
 
 def _ciphertext_case(
@@ -131,6 +135,7 @@ def build() -> dict[str, Any]:
     )
     metadata_bytes = metadata.SerializeToString(deterministic=True)
     token_nonce = bytes(range(0x10, 0x1C))
+    token_salt = bytes(range(0x20, 0x40))
     token = keytokens.wrap_backing_key(
         DOMAIN_KEY,
         DOMAIN_KEY_GENERATION,
@@ -139,7 +144,16 @@ def build() -> dict[str, Any]:
         BACKING_VERSION,
         BACKING_KEY,
         nonce=token_nonce,
+        salt=token_salt,
     )
+    binding = keytokens.key_token_binding(
+        KEY_ID, BACKING_VERSION, DOMAIN_KEY_GENERATION, metadata_bytes
+    )
+    # A record of one token, as the vector's host signs it (Ed25519 is deterministic). The
+    # metadata says backing version 3, so this record is for the signature, not for a key.
+    host = InMemorySigner(ed25519.Ed25519PrivateKey.from_private_bytes(HOST_SIGNING_KEY))
+    record = keys_pb2.KeyRecord(metadata=metadata_bytes, tokens=[token])
+    keytokens.RecordSigner("vectors", "hsa-1", host).sign(record)
     return {
         "keys": {
             "backing_key": BACKING_KEY.hex(),
@@ -154,11 +168,19 @@ def build() -> dict[str, Any]:
         "key_token": {
             "metadata": metadata_bytes.hex(),
             "nonce": token_nonce.hex(),
-            "binding": keytokens.key_token_binding(
-                KEY_ID, BACKING_VERSION, DOMAIN_KEY_GENERATION, metadata_bytes
-            ).hex(),
+            "salt": token_salt.hex(),
+            "binding": binding.hex(),
+            "token_key": keytokens.token_key(DOMAIN_KEY, token_salt, binding).hex(),
             "token": token.SerializeToString(deterministic=True).hex(),
             "ciphertext": token.ciphertext.hex(),
+        },
+        "key_record": {
+            "domain_id": "vectors",
+            "signer_public_key": host.public_key.spki_der.hex(),
+            "digest": keytokens.key_record_digest(record, "vectors").hex(),
+            "signing_input": keytokens.key_record_signing_input(record, "vectors").hex(),
+            "signature": record.signature.hex(),
+            "record": record.SerializeToString(deterministic=True).hex(),
         },
     }
 

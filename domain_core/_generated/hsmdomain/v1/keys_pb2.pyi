@@ -89,25 +89,31 @@ class KeyMetadata(_message.Message):
     def __init__(self, key_id: _Optional[str] = ..., description: _Optional[str] = ..., state: _Optional[_Union[KeyState, str]] = ..., created_at: _Optional[int] = ..., deletion_at: _Optional[int] = ..., policy: _Optional[_Union[KeyPolicy, _Mapping]] = ..., rotation: _Optional[_Union[RotationSettings, _Mapping]] = ..., current_backing_version: _Optional[int] = ..., creator: _Optional[str] = ..., metadata_version: _Optional[int] = ..., domain_id: _Optional[str] = ...) -> None: ...
 
 class KeyToken(_message.Message):
-    __slots__ = ("key_id", "backing_version", "domain_key_generation", "nonce", "ciphertext")
+    __slots__ = ("key_id", "backing_version", "domain_key_generation", "nonce", "ciphertext", "salt")
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     BACKING_VERSION_FIELD_NUMBER: _ClassVar[int]
     DOMAIN_KEY_GENERATION_FIELD_NUMBER: _ClassVar[int]
     NONCE_FIELD_NUMBER: _ClassVar[int]
     CIPHERTEXT_FIELD_NUMBER: _ClassVar[int]
+    SALT_FIELD_NUMBER: _ClassVar[int]
     key_id: str
     backing_version: int
     domain_key_generation: int
     nonce: bytes
     ciphertext: bytes
-    def __init__(self, key_id: _Optional[str] = ..., backing_version: _Optional[int] = ..., domain_key_generation: _Optional[int] = ..., nonce: _Optional[bytes] = ..., ciphertext: _Optional[bytes] = ...) -> None: ...
+    salt: bytes
+    def __init__(self, key_id: _Optional[str] = ..., backing_version: _Optional[int] = ..., domain_key_generation: _Optional[int] = ..., nonce: _Optional[bytes] = ..., ciphertext: _Optional[bytes] = ..., salt: _Optional[bytes] = ...) -> None: ...
 
 class KeyRecord(_message.Message):
-    __slots__ = ("metadata", "tokens", "revision")
+    __slots__ = ("metadata", "tokens", "revision", "signer_host_id", "signature")
     METADATA_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
+    SIGNER_HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     metadata: bytes
     tokens: _containers.RepeatedCompositeFieldContainer[KeyToken]
     revision: int
-    def __init__(self, metadata: _Optional[bytes] = ..., tokens: _Optional[_Iterable[_Union[KeyToken, _Mapping]]] = ..., revision: _Optional[int] = ...) -> None: ...
+    signer_host_id: str
+    signature: bytes
+    def __init__(self, metadata: _Optional[bytes] = ..., tokens: _Optional[_Iterable[_Union[KeyToken, _Mapping]]] = ..., revision: _Optional[int] = ..., signer_host_id: _Optional[str] = ..., signature: _Optional[bytes] = ...) -> None: ...
