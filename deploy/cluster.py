@@ -51,6 +51,7 @@ __all__ = [
     "live_pids",
     "node_channel",
     "node_status",
+    "process_channel",
     "read_ready_file",
     "set_coordinator_address",
     "start_coordinator",
@@ -187,20 +188,27 @@ def client_tls(layout: DomainLayout) -> TlsMaterial:
     return TlsMaterial.from_files(layout.ca_cert, layout.client_cert, layout.client_key)
 
 
-def node_channel(layout: DomainLayout, address: str) -> grpc.Channel:
-    """A mutual-TLS channel to an HSA (or the coordinator's HSA port) as the demo client."""
-    return transport.mtls_channel(address, client_tls(layout))
+def node_channel(layout: DomainLayout, address: str, host_id: str) -> grpc.Channel:
+    """A mutual-TLS channel to the HSA `host_id` (and no other server), as the demo client."""
+    return transport.mtls_channel(address, client_tls(layout), transport.hsa_host(host_id))
 
 
 def coordinator_channel(layout: DomainLayout, address: str) -> grpc.Channel:
     """A mutual-TLS channel to the coordinator's HSA-facing listener, as the demo client."""
-    return node_channel(layout, address)
+    return transport.mtls_channel(address, client_tls(layout), transport.COORDINATOR)
+
+
+def process_channel(layout: DomainLayout, name: str, address: str) -> grpc.Channel:
+    """A mutual-TLS channel to process `name` (the coordinator or a host id) of the domain."""
+    if name == COORDINATOR_NAME:
+        return coordinator_channel(layout, address)
+    return node_channel(layout, address, name)
 
 
 def coordinator_operator_channel(layout: DomainLayout, operator_address: str) -> grpc.Channel:
     """A server-authenticated TLS channel to the coordinator's operator listener."""
     return transport.secure_channel(
-        operator_address, transport.channel_credentials(layout.ca_cert.read_bytes())
+        operator_address, layout.ca_cert.read_bytes(), transport.COORDINATOR
     )
 
 
@@ -281,15 +289,16 @@ def wait_healthy(
     layout: DomainLayout,
     address: str,
     *,
+    name: str,
     timeout: float,
     process: subprocess.Popen[bytes] | None = None,
-    name: str = "",
     log_file: Path | None = None,
 ) -> None:
-    """Poll the standard health check at `address` (mutual TLS) until it says SERVING."""
+    """Poll the standard health check of process `name` (the coordinator or a host id) at
+    `address` (mutual TLS) until it says SERVING."""
     deadline = time.monotonic() + timeout
-    log_file = log_file or layout.log_file(name or "process")
-    with node_channel(layout, address) as channel:
+    log_file = log_file or layout.log_file(name)
+    with process_channel(layout, name, address) as channel:
         while True:
             if transport.check_health(channel, timeout=1.0):
                 return
@@ -500,7 +509,7 @@ def node_status(
     info = read_ready_file(layout.ready_file(host_id))
     if info is None:
         raise UnavailableError(f"{host_id} is not running (no ready file)")
-    with node_channel(layout, info.address) as channel:
+    with node_channel(layout, info.address, host_id) as channel:
         try:
             stub = services_pb2_grpc.HsaAdminStub(channel)  # type: ignore[no-untyped-call]
             status: services_pb2.HsaStatus = stub.GetStatus(

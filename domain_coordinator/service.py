@@ -445,7 +445,9 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
             outcome = self._produce(
                 head,
                 "apply",
-                lambda address: self._hsas.apply_proposal(address, proposal.raw, counted),
+                lambda address, host_id: self._hsas.apply_proposal(
+                    address, proposal.raw, counted, host_id=host_id
+                ),
                 expect_proposal=proposal.id,
                 exclude=removed,
             )
@@ -488,12 +490,13 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
         self,
         head: SealedState,
         what: str,
-        call: Callable[[str], domain_pb2.SealedState],
+        call: Callable[[str, str], domain_pb2.SealedState],
         *,
         expect_proposal: bytes | None,
         exclude: frozenset[str] | set[str] = frozenset(),
     ) -> _Outcome:
-        """Ask registered HSAs (but `exclude`), in random order, for the successor of `head`."""
+        """Ask registered HSAs (but `exclude`), in random order, for the successor of `head`
+        (`call(address, host_id)`)."""
         hsas = [h for h in self._store.list_hsas() if h.host_id not in exclude]
         if not hsas:
             return _Outcome(reason="no HSA has registered with this coordinator")
@@ -501,7 +504,7 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
         reasons: list[str] = []
         for hsa in hsas:
             try:
-                status = self._hsas.get_status(hsa.address)
+                status = self._hsas.get_status(hsa.address, host_id=hsa.host_id)
             except grpc.RpcError as error:
                 reasons.append(f"{hsa.host_id} is unreachable ({describe_rpc_error(error)})")
                 continue
@@ -515,7 +518,7 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
                 reasons.append(f"{hsa.host_id} is at version {status.version}, not {head.version}")
                 continue
             try:
-                message = call(hsa.address)
+                message = call(hsa.address, hsa.host_id)
             except grpc.RpcError as error:
                 code = rpc_code(error)
                 if code in _REFUSALS:
@@ -569,7 +572,7 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
 
     def _push_one(self, host_id: str, address: str, state: SealedState) -> None:
         try:
-            response = self._hsas.install_state(address, state.message)
+            response = self._hsas.install_state(address, state.message, host_id=host_id)
         except grpc.RpcError as error:
             log.info(
                 "pushing version %d to %s failed (%s); it will pull",
@@ -640,7 +643,10 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
             if transition.rotation_due_at(head.manifest) > now:
                 return
             outcome = self._produce(
-                head, "rotation", self._hsas.rotate_domain_key, expect_proposal=None
+                head,
+                "rotation",
+                lambda address, host_id: self._hsas.rotate_domain_key(address, host_id=host_id),
+                expect_proposal=None,
             )
             if outcome.state is None:
                 reason = (

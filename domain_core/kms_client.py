@@ -6,6 +6,11 @@ them and failing over when one is lost.
 
 Invariants kept here:
 - one mutual-TLS channel per endpoint, made once and reused; every call carries a deadline;
+- a request goes only to an HSA of the domain: every channel expects the HSA role name in the
+  server's certificate (`transport.ANY_HSA`), so a server holding any other certificate of the
+  domain (the coordinator's, a client's) fails the TLS handshake and receives nothing; that
+  attempt fails with UnauthenticatedError ("the server at ... is not an HSA of domain ...")
+  unless another endpoint answers;
 - calls start round-robin over the endpoints that have not failed recently; an endpoint that
   fails with an UNAVAILABLE-class error is set aside for a short, growing cool-down;
 - a call is sent again (to the next endpoint, tenacity, short exponential backoff once every
@@ -62,7 +67,8 @@ from domain_core.errors import (
 )
 from domain_core.limits import DEFAULT_LIMITS, Limits
 from domain_core.pb import keys_pb2, services_pb2, services_pb2_grpc
-from domain_core.transport import TlsMaterial, channel_credentials, secure_channel
+from domain_core.pki import ca_trust_domain
+from domain_core.transport import ANY_HSA, TlsMaterial, never_sent, secure_channel
 
 __all__ = [
     "ADMIN_METHODS",
@@ -110,8 +116,6 @@ ADMIN_METHODS: Final = frozenset(
 DEFAULT_ATTEMPTS: Final = 4
 DEFAULT_TIMEOUT: Final = 5.0
 DEFAULT_PAGE_SIZE: Final = 100
-# gRPC's own messages when no connection could be made: the request was never sent.
-_NOT_SENT_PREFIXES: Final = ("failed to connect to all addresses", "DNS resolution failed")
 _FAILOVER_CODES: Final = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 _COOL_DOWN_FIRST: Final = 0.25
 _COOL_DOWN_MAX: Final = 5.0
@@ -300,16 +304,6 @@ def _status(error: grpc.RpcError) -> tuple[grpc.StatusCode | None, str]:
     return (code if isinstance(code, grpc.StatusCode) else None), str(details or "")
 
 
-def never_sent(code: grpc.StatusCode | None, details: str) -> bool:
-    """Whether gRPC reports that the call found no connection, so no server saw it.
-
-    Only gRPC's own "failed to connect" / DNS failures qualify. A server could send the same
-    words as its own UNAVAILABLE message; ours never do, and a hostile HSA gains nothing from
-    it that it could not do by answering wrongly.
-    """
-    return code is grpc.StatusCode.UNAVAILABLE and details.startswith(_NOT_SENT_PREFIXES)
-
-
 def retryable(method: str, code: grpc.StatusCode | None, details: str) -> bool:
     """Whether a call of `method` that failed with (`code`, `details`) may be sent again,
     to another endpoint. See the module docstring for the rules."""
@@ -428,10 +422,13 @@ class KeyClient:
         self._total_timeout = total_timeout if total_timeout is not None else 3 * timeout
         self._attempts = attempts
         self._limits = limits
-        credentials = channel_credentials(ca_pem, cert_pem, key_pem)
+        # Requests go only to HSAs of the domain the CA certifies (a refused server gets none).
+        self._expected = ANY_HSA.describe(ca_trust_domain(ca_pem))
         self._endpoints: list[_Endpoint] = []
         for address in addresses:
-            channel = secure_channel(address, credentials, limits)
+            channel = secure_channel(
+                address, ca_pem, ANY_HSA, cert_pem=cert_pem, key_pem=key_pem, limits=limits
+            )
             stub = services_pb2_grpc.KeyServiceStub(channel)  # type: ignore[no-untyped-call]
             self._endpoints.append(_Endpoint(address, channel, stub))
         self._next = itertools.count()
@@ -550,7 +547,11 @@ class KeyClient:
     def _error(self, method: str, error: grpc.RpcError, endpoint: _Endpoint) -> HsmDomainError:
         """The domain error of a failed attempt that is not sent again."""
         mapped = error_from_rpc(
-            error, endpoint.address, peer="the HSA", overrides=_KEY_SERVICE_CODES
+            error,
+            endpoint.address,
+            peer="the HSA",
+            overrides=_KEY_SERVICE_CODES,
+            expected=self._expected,
         )
         code, details = _status(error)
         if method in ADMIN_METHODS and code in _FAILOVER_CODES and not never_sent(code, details):

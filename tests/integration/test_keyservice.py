@@ -58,7 +58,9 @@ class Principal:
 
     def on(self, host: str) -> Any:
         if host not in self._channels:
-            self._channels[host] = transport.mtls_channel(self.cluster.address(host), self.tls)
+            self._channels[host] = transport.mtls_channel(
+                self.cluster.address(host), self.tls, transport.hsa_host(host)
+            )
         return services_pb2_grpc.KeyServiceStub(self._channels[host])
 
     def close(self) -> None:
@@ -881,7 +883,7 @@ def list_records(cluster: LocalCluster) -> list[keys_pb2.KeyRecord]:
     tls = TlsMaterial.from_files(
         cluster.layout.ca_cert, node_dir / "identity" / "tls.crt", node_dir / "identity" / "tls.key"
     )
-    channel = transport.mtls_channel(cluster.coordinator_address, tls)
+    channel = transport.mtls_channel(cluster.coordinator_address, tls, transport.COORDINATOR)
     try:
         stub = services_pb2_grpc.CoordinatorStub(channel)
         records: list[keys_pb2.KeyRecord] = []
