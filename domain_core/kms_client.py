@@ -9,10 +9,12 @@ Invariants kept here:
 - a request goes only to an HSA of the domain: every channel expects the HSA role name in the
   server's certificate (`transport.ANY_HSA`), so a server holding any other certificate of the
   domain (the coordinator's, a client's) fails the TLS handshake and receives nothing; that
-  attempt fails with UnauthenticatedError ("the server at ... is not an HSA of domain ...")
+  attempt fails with UnauthenticatedError ("the server at ... is not an hsa of domain ...")
   unless another endpoint answers;
 - calls start round-robin over the endpoints that have not failed recently; an endpoint that
-  fails with an UNAVAILABLE-class error is set aside for a short, growing cool-down;
+  fails with an UNAVAILABLE-class error is set aside for a short, growing cool-down, bounded
+  (at most 5 s, whatever the number of failures: the exponent is capped, so nothing overflows
+  after any number of failures), and an endpoint's first success ends it;
 - a call is sent again (to the next endpoint, tenacity, short exponential backoff once every
   endpoint was tried, bounded in attempts AND in total time) only when that is safe:
   * calls that change nothing (Encrypt, Decrypt, ReEncrypt, GenerateDataKey[WithoutPlaintext],
@@ -25,7 +27,9 @@ Invariants kept here:
   * never a client error, a refusal or a failed verification (INVALID_ARGUMENT,
     PERMISSION_DENIED, NOT_FOUND, FAILED_PRECONDITION, ...): they come back at once;
 - every failure comes back as one `domain_core.errors` class (`client.error_from_rpc`), with
-  the server's message; "invalid ciphertext" stays the one message without detail;
+  the server's message; "invalid ciphertext" stays the one message without detail. Nothing
+  else escapes a call but `TypeError`/`ValueError`/`RuntimeError` for a programming error
+  (wrong argument types, a closed client);
 - nothing here logs or puts in a message any plaintext or data key.
 
 Envelope encryption (`encrypt_envelope`, `decrypt_envelope`) streams data of any size through
@@ -68,7 +72,12 @@ from domain_core.errors import (
 from domain_core.limits import DEFAULT_LIMITS, Limits
 from domain_core.pb import keys_pb2, services_pb2, services_pb2_grpc
 from domain_core.pki import ca_trust_domain
-from domain_core.transport import ANY_HSA, TlsMaterial, never_sent, secure_channel
+from domain_core.transport import (
+    ANY_HSA,
+    TlsMaterial,
+    never_sent,
+    secure_channel,
+)
 
 __all__ = [
     "ADMIN_METHODS",
@@ -78,6 +87,7 @@ __all__ = [
     "KeyClient",
     "KeyMetadata",
     "PolicyGrant",
+    "backoff_delay",
     "checked_context",
     "decrypt_envelope",
     "encrypt_envelope",
@@ -121,6 +131,9 @@ _COOL_DOWN_FIRST: Final = 0.25
 _COOL_DOWN_MAX: Final = 5.0
 _BACKOFF_FIRST: Final = 0.05
 _BACKOFF_MAX: Final = 1.0
+# Doublings past this change nothing (every maximum is reached long before): the cap keeps the
+# power of two small whatever the count of failures.
+_MAX_DOUBLINGS: Final = 32
 # The key service's own status meanings, where they differ from the coordinator's.
 _KEY_SERVICE_CODES: Final[Mapping[grpc.StatusCode, type[HsmDomainError]]] = {
     grpc.StatusCode.ABORTED: ConflictError,
@@ -312,6 +325,12 @@ def retryable(method: str, code: grpc.StatusCode | None, details: str) -> bool:
     return method in IDEMPOTENT_METHODS and code in _FAILOVER_CODES
 
 
+def backoff_delay(first: float, maximum: float, step: int) -> float:
+    """`first` doubled `step` times, at most `maximum`: for any `step`, however large (the
+    exponent is capped, so nothing overflows and the cost stays constant)."""
+    return float(min(maximum, first * 2.0 ** min(max(step, 0), _MAX_DOUBLINGS)))
+
+
 def checked_context(
     context: Mapping[str, str] | None, limits: Limits = DEFAULT_LIMITS
 ) -> dict[str, str]:
@@ -351,6 +370,16 @@ def read_cluster(directory: str | os.PathLike[str]) -> tuple[list[str], TlsMater
     address, then the addresses of its key service workers, if it has any.
     """
     root = Path(directory)
+    try:
+        return _read_cluster(root)
+    except OSError as error:
+        raise InvalidInputError(
+            f"cannot read the local domain in {root}: {error.strerror or error} "
+            f"({error.filename or root})"
+        ) from None
+
+
+def _read_cluster(root: Path) -> tuple[list[str], TlsMaterial]:
     if not (root / "domain.json").is_file():
         raise NotFoundError(
             f"{root} holds no local domain (no domain.json); create one with "
@@ -485,16 +514,17 @@ class KeyClient:
         return min(untried, key=lambda e: e.down_until)
 
     def _backoff(self, tried: Sequence[_Endpoint]) -> float:
-        """No wait while an endpoint is left untried; then short exponential steps."""
+        """No wait while an endpoint is left untried; then short exponential steps (bounded)."""
         rounds = len(tried) - len(self._endpoints)
         if rounds < 0 or len({id(e) for e in tried}) < len(self._endpoints):
             return 0.0
-        return float(min(_BACKOFF_MAX, _BACKOFF_FIRST * 2**rounds))
+        return backoff_delay(_BACKOFF_FIRST, _BACKOFF_MAX, rounds)
 
     def _mark_down(self, endpoint: _Endpoint) -> None:
+        """Set a failed endpoint aside: 0.25 s, doubling per consecutive failure, at most 5 s."""
         with self._lock:
-            endpoint.failures += 1
-            cool_down = min(_COOL_DOWN_MAX, _COOL_DOWN_FIRST * 2 ** (endpoint.failures - 1))
+            endpoint.failures = min(endpoint.failures + 1, _MAX_DOUBLINGS + 1)
+            cool_down = backoff_delay(_COOL_DOWN_FIRST, _COOL_DOWN_MAX, endpoint.failures - 1)
             endpoint.down_until = time.monotonic() + cool_down
 
     def _mark_up(self, endpoint: _Endpoint) -> None:
@@ -523,6 +553,10 @@ class KeyClient:
                 if retryable(method, code, details):
                     raise _Failover(error, endpoint) from None
                 raise self._error(method, error, endpoint) from None
+            except ValueError:
+                if self._closed:  # closed by another thread meanwhile
+                    raise RuntimeError("the KeyClient is closed") from None
+                raise
             self._mark_up(endpoint)
             return response
 
@@ -546,6 +580,7 @@ class KeyClient:
 
     def _error(self, method: str, error: grpc.RpcError, endpoint: _Endpoint) -> HsmDomainError:
         """The domain error of a failed attempt that is not sent again."""
+        code, details = _status(error)
         mapped = error_from_rpc(
             error,
             endpoint.address,
@@ -553,7 +588,6 @@ class KeyClient:
             overrides=_KEY_SERVICE_CODES,
             expected=self._expected,
         )
-        code, details = _status(error)
         if method in ADMIN_METHODS and code in _FAILOVER_CODES and not never_sent(code, details):
             return type(mapped)(
                 f"{mapped.message}. {method} is not sent again because it may have been "
