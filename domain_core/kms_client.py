@@ -20,10 +20,14 @@ Invariants kept here:
   * calls that change nothing (Encrypt, Decrypt, ReEncrypt, GenerateDataKey[WithoutPlaintext],
     GenerateRandom, DescribeKey, ListKeys) on UNAVAILABLE or DEADLINE_EXCEEDED;
   * any call, CreateKey and the admin calls included, only when gRPC reports that it could not
-    connect at all ("failed to connect to all addresses": the request was never sent). Any
-    other failure of CreateKey or an admin call (a connection lost mid-call, a deadline, an
-    UNAVAILABLE sent by the server) may have reached a server and is NOT retried: the caller
-    gets `UnavailableError` and must check (DescribeKey, ListKeys) before trying again;
+    connect at all ("failed to connect to all addresses": the request was never sent), or when
+    the HSA answered that it changed nothing (`NotAppliedError`, marked in the trailing
+    metadata by the HSA's transport: e.g. CreateKey while the HSA cannot reach the
+    coordinator). When every attempt failed so, the caller gets `NotAppliedError`: a definite
+    failure, safe to send again. Any other failure of CreateKey or an admin call (a
+    connection lost mid-call, a deadline, an UNAVAILABLE without that mark) may have reached
+    a server and is NOT retried: the caller gets `UnavailableError` ("may have been applied")
+    and must check (DescribeKey, ListKeys) before trying again;
   * never a client error, a refusal or a failed verification (INVALID_ARGUMENT,
     PERMISSION_DENIED, NOT_FOUND, FAILED_PRECONDITION, ...): they come back at once;
 - every failure comes back as one `domain_core.errors` class (`client.error_from_rpc`), with
@@ -66,6 +70,7 @@ from domain_core.errors import (
     InvalidCiphertextError,
     InvalidInputError,
     LimitExceededError,
+    NotAppliedError,
     NotFoundError,
     UnavailableError,
 )
@@ -76,6 +81,7 @@ from domain_core.transport import (
     ANY_HSA,
     TlsMaterial,
     never_sent,
+    nothing_applied,
     secure_channel,
 )
 
@@ -317,10 +323,13 @@ def _status(error: grpc.RpcError) -> tuple[grpc.StatusCode | None, str]:
     return (code if isinstance(code, grpc.StatusCode) else None), str(details or "")
 
 
-def retryable(method: str, code: grpc.StatusCode | None, details: str) -> bool:
+def retryable(
+    method: str, code: grpc.StatusCode | None, details: str, *, applied_nothing: bool = False
+) -> bool:
     """Whether a call of `method` that failed with (`code`, `details`) may be sent again,
-    to another endpoint. See the module docstring for the rules."""
-    if never_sent(code, details):
+    to another endpoint; `applied_nothing`: the server marked the failure as having changed
+    nothing (`transport.nothing_applied`). See the module docstring for the rules."""
+    if never_sent(code, details) or applied_nothing:
         return True
     return method in IDEMPOTENT_METHODS and code in _FAILOVER_CODES
 
@@ -538,6 +547,8 @@ class KeyClient:
         if self._closed:
             raise RuntimeError("the KeyClient is closed")
         tried: list[_Endpoint] = []
+        # Whether each failed attempt surely changed nothing (never sent, or marked so).
+        definite: list[bool] = []
         deadline = time.monotonic() + self._total_timeout
 
         def attempt() -> Any:
@@ -548,9 +559,11 @@ class KeyClient:
                 response = getattr(endpoint.stub, method)(request, timeout=timeout)
             except grpc.RpcError as error:
                 code, details = _status(error)
-                if code in _FAILOVER_CODES:
+                answered_nothing = nothing_applied(error)
+                definite.append(answered_nothing or never_sent(code, details))
+                if code in _FAILOVER_CODES and not answered_nothing:
                     self._mark_down(endpoint)
-                if retryable(method, code, details):
+                if retryable(method, code, details, applied_nothing=answered_nothing):
                     raise _Failover(error, endpoint) from None
                 raise self._error(method, error, endpoint) from None
             except ValueError:
@@ -564,7 +577,7 @@ class KeyClient:
             return attempt()  # the common case, without the retry machinery
         except _Failover as failover:
             if self._attempts == 1 or time.monotonic() >= deadline:
-                raise self._unavailable(method, failover, tried) from None
+                raise self._unavailable(method, failover, tried, all(definite)) from None
         time.sleep(min(self._backoff(tried), max(0.0, deadline - time.monotonic())))
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception_type(_Failover),
@@ -576,11 +589,16 @@ class KeyClient:
         try:
             return retrying(attempt)
         except _Failover as failover:
-            raise self._unavailable(method, failover, tried) from None
+            raise self._unavailable(method, failover, tried, all(definite)) from None
 
     def _error(self, method: str, error: grpc.RpcError, endpoint: _Endpoint) -> HsmDomainError:
         """The domain error of a failed attempt that is not sent again."""
         code, details = _status(error)
+        if nothing_applied(error):
+            return NotAppliedError(
+                f"{method} was not applied: the HSA at {endpoint.address} answered "
+                f"{details[:300]!r}; nothing changed, so it is safe to send it again"
+            )
         mapped = error_from_rpc(
             error,
             endpoint.address,
@@ -596,13 +614,15 @@ class KeyClient:
         return mapped
 
     def _unavailable(
-        self, method: str, failover: _Failover, tried: Sequence[_Endpoint]
+        self, method: str, failover: _Failover, tried: Sequence[_Endpoint], definite: bool
     ) -> HsmDomainError:
-        """The error of a call whose attempts all failed (or that may not be sent again)."""
+        """The error of a call whose attempts all failed; NotAppliedError when every attempt
+        surely changed nothing (`definite`: none was sent, or the HSA said so)."""
         last = self._error(method, failover.error, failover.endpoint)
         addresses = ", ".join(dict.fromkeys(e.address for e in tried))
         attempts = len(tried)
-        return type(last)(
+        cls = NotAppliedError if definite and type(last) is UnavailableError else type(last)
+        return cls(
             f"{method} failed on every attempt ({attempts} on {addresses}); last: {last.message}"
         )
 

@@ -15,6 +15,9 @@ Invariants:
   `pki.identity_dns_name`). A server holding any other certificate of the domain (the
   coordinator's, another host's, a client's) or another domain's fails the handshake: the call
   fails UNAVAILABLE before a byte of the request is sent;
+- an error whose class says that nothing was applied (`HsmDomainError.nothing_applied`) is
+  marked so in the call's trailing metadata (`NOTHING_APPLIED_KEY`), so a client can tell a
+  definite failure from a call that may have been applied (`nothing_applied`).
 """
 
 from __future__ import annotations
@@ -303,9 +306,30 @@ def require_caller_spiffe(context: grpc.ServicerContext, *kinds: str) -> SpiffeI
     return spiffe
 
 
+NOTHING_APPLIED_KEY: Final = "hsm-nothing-applied"
+"""Trailing metadata key that marks an error after which nothing was applied (value "true")."""
+_NOTHING_APPLIED: Final = ((NOTHING_APPLIED_KEY, "true"),)
+
+
+def nothing_applied(error: grpc.RpcError) -> bool:
+    """Whether the server marked a failed call as having changed nothing (`NotAppliedError`).
+
+    Only a server's own answer carries trailing metadata: a connection lost mid-call or a
+    deadline passed never does, so those stay "outcome unknown".
+    """
+    call = cast(Any, error)
+    try:
+        metadata = call.trailing_metadata() if hasattr(call, "trailing_metadata") else None
+    except Exception:  # a call object that cannot say
+        return False
+    return any(key == NOTHING_APPLIED_KEY and value == "true" for key, value in (metadata or ()))
+
+
 def _abort_for(error: Exception, context: grpc.ServicerContext, method: str) -> None:
     """Abort the call with the status `error` maps to; re-raise an abort already under way."""
     if isinstance(error, HsmDomainError):
+        if error.nothing_applied:
+            context.set_trailing_metadata(_NOTHING_APPLIED)
         context.abort(error.grpc_status, error.message)
     if cast(Any, context).code() is not None:
         # The servicer aborted with its own status (context.abort raises a bare Exception).

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import threading
 import time
 from collections import Counter
@@ -20,8 +21,10 @@ from support.cluster import LocalCluster
 from domain_core.errors import (
     HsmDomainError,
     InvalidCiphertextError,
+    NotAppliedError,
     NotFoundError,
     PermissionDeniedError,
+    UnavailableError,
 )
 from domain_core.kms_client import KeyClient, decrypt_envelope, encrypt_envelope, read_cluster
 
@@ -260,3 +263,53 @@ def test_the_client_recovers_fully_after_a_whole_domain_outage(
         all_back = load.run(until=lambda seen: seen.total() >= 600, timeout=120)
         assert all_back == {"ok": all_back.total()}, all_back
     assert not [o for o in load.outcomes if o.startswith("FOREIGN")], load.outcomes
+
+
+def test_create_key_without_the_coordinator_is_a_definite_retryable_failure(
+    local_cluster: Callable[..., LocalCluster],
+) -> None:
+    """Issue 13, item 14: with the coordinator stopped, an HSA cannot store a new key and
+    creates nothing; the client says so (NotAppliedError), not "may have been applied". A
+    paused coordinator is another matter: the write may land when it resumes, so that outcome
+    stays unknown."""
+    cluster = local_cluster(nodes=2)
+    with KeyClient.from_cluster(cluster.directory, timeout=5) as client:
+        key = client.create_key(description="before")
+        blob = client.encrypt(key.key_id, b"cached", CONTEXT)
+        before = {k.key_id for k in client.list_keys()}
+
+        cluster.stop_coordinator()
+        with pytest.raises(NotAppliedError) as refused:
+            client.create_key(description="while the coordinator is stopped")
+        message = str(refused.value)
+        assert "CreateKey was not applied" in message
+        assert "created nothing" in message
+        assert "may have been applied" not in message
+        with pytest.raises(NotAppliedError, match="changed nothing"):
+            client.disable_key(key.key_id)
+        assert client.decrypt(blob, CONTEXT) == b"cached"  # the data plane goes on
+
+        cluster.start_coordinator()
+        created = cluster.wait_for(
+            lambda: _try_create(client), timeout=30, what="CreateKey with the coordinator back"
+        )
+        # Nothing was created by the refused calls; the key is still enabled.
+        assert {k.key_id for k in client.list_keys()} == before | {created}
+        assert client.describe_key(key.key_id).state == "enabled"
+
+        # Paused, the coordinator holds the HSA's write unanswered: the outcome is unknown.
+        coordinator = cluster.pid("coordinator")
+        os.kill(coordinator, signal.SIGSTOP)
+        try:
+            with pytest.raises(UnavailableError, match="may have been applied") as unknown:
+                client.create_key(description="while the coordinator is paused")
+            assert not isinstance(unknown.value, NotAppliedError)
+        finally:
+            os.kill(coordinator, signal.SIGCONT)
+
+
+def _try_create(client: KeyClient) -> str | None:
+    try:
+        return client.create_key(description="after").key_id
+    except NotAppliedError:
+        return None

@@ -21,7 +21,7 @@ from support.impostor import ImpostorServer
 from deploy.init import init_domain
 from deploy.localdomain import FAST_SCRYPT_N
 from domain_core.config import NodeConfig
-from domain_core.errors import HsmDomainError, UnauthenticatedError, UnavailableError
+from domain_core.errors import HsmDomainError, NotAppliedError, UnauthenticatedError
 from domain_core.kms_client import KeyClient
 from domain_core.transport import TlsMaterial
 
@@ -90,8 +90,8 @@ def test_an_hsa_sends_nothing_to_a_coordinator_that_is_another_host(
     local_cluster: Callable[..., LocalCluster],
 ) -> None:
     """A host (say, a removed one) serves the address an HSA has for its coordinator, with
-    its own host certificate: the HSA registers nowhere, and reads and writes no key record
-    there."""
+    its own host certificate: the HSA registers nowhere, reads and writes no key record there,
+    and CreateKey through that HSA fails definitely (nothing was created)."""
     cluster = local_cluster(nodes=2)
     identity = cluster.layout.node_dir("hsa-1") / "identity"
     host_tls = TlsMaterial.from_files(
@@ -103,10 +103,9 @@ def test_an_hsa_sends_nothing_to_a_coordinator_that_is_another_host(
         config = NodeConfig.load(path)
         dataclasses.replace(config, coordinator=impostor.address).save(path)
         cluster.start_node("hsa-2")
-        with (
-            _client(cluster, [cluster.address("hsa-2")]) as client,
-            pytest.raises(UnavailableError),
-        ):
-            client.create_key(description="while the coordinator is an impostor")
+        with _client(cluster, [cluster.address("hsa-2")]) as client:
+            with pytest.raises(NotAppliedError) as refused:
+                client.create_key(description="while the coordinator is an impostor")
+            assert "may have been applied" not in str(refused.value)
         time.sleep(2.0)  # register, watch and pull rounds: none may reach the impostor
         assert impostor.seen == []

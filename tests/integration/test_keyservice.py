@@ -739,11 +739,12 @@ def test_cached_keys_keep_working_while_the_coordinator_is_down(
             again = encrypt(app, "hsa-2", cached.key_id, b"more")
             assert decrypt(app, "hsa-2", again.ciphertext_blob) == b"more"
             assert describe(app, "hsa-1", cached.key_id).key_id == cached.key_id
-        assert_fails(
+        refused = assert_fails(
             lambda: create(app, "hsa-1"),
             grpc.StatusCode.UNAVAILABLE,
-            "the coordinator is unreachable; CreateKey needs it: retry",
+            "the coordinator is unreachable; CreateKey needs it and created nothing: retry",
         )
+        assert transport.nothing_applied(refused)  # a definite failure, marked on the wire
         assert_fails(
             lambda: encrypt(app, "hsa-3", uncached.key_id, b"x"),
             grpc.StatusCode.UNAVAILABLE,

@@ -37,6 +37,7 @@ from domain_core.errors import (
     InvalidCiphertextError,
     InvalidInputError,
     LimitExceededError,
+    NotAppliedError,
     NotFoundError,
     PermissionDeniedError,
     StaleProposalError,
@@ -114,6 +115,8 @@ def test_retry_rules(
 ) -> None:
     expected = idempotent_retries if method in IDEMPOTENT_METHODS else admin_retries
     assert retryable(method, code, details) is expected
+    # The HSA's own word that nothing was applied makes any call safe to send again.
+    assert retryable(method, code, details, applied_nothing=True)
 
 
 @unit
@@ -157,12 +160,12 @@ def test_a_dead_endpoint_cools_down_after_thousands_of_failures(pki: Pki) -> Non
         for _ in range(3000):
             try:
                 client.generate_random(8)
-            except UnavailableError:
-                outcomes["UnavailableError"] += 1
+            except NotAppliedError:
+                outcomes["NotAppliedError"] += 1
             except BaseException as error:  # anything else is what the issue found
                 outcomes[repr(error)] += 1
                 break
-    assert outcomes == {"UnavailableError": 3000}
+    assert outcomes == {"NotAppliedError": 3000}
 
 
 @unit
@@ -716,6 +719,69 @@ def test_an_admin_call_past_its_deadline_is_not_sent_again(domain: Domain) -> No
     with pytest.raises(UnavailableError, match=r"did not answer in time.*may have been applied"):
         client.create_key()
     assert sum(s.calls["CreateKey"] for s in domain.services) == 1
+
+
+@integration
+@pytest.mark.parametrize("method", sorted(ADMIN_METHODS))
+def test_an_hsa_that_says_nothing_was_applied_gives_a_definite_retryable_failure(
+    domain: Domain, method: str
+) -> None:
+    """The HSA could not reach the coordinator and changed nothing (NotAppliedError, marked
+    on the wire): the call goes to the next HSA, and when every HSA says so the caller gets
+    NotAppliedError, not "may have been applied"."""
+    client = domain.client(timeout=2, attempts=3)
+    key_id = client.create_key().key_id
+    calls = _admin_calls(client, key_id)
+    for service in domain.services:
+        service.calls.clear()
+        service.script[method] = [
+            ("raise", NotAppliedError(f"the coordinator is unreachable; {method} changed nothing"))
+        ]
+    with pytest.raises(NotAppliedError) as refused:
+        calls[method]()
+    message = str(refused.value)
+    assert "may have been applied" not in message
+    assert f"{method} was not applied" in message
+    assert "changed nothing" in message
+    assert sum(s.calls[method] for s in domain.services) == 3  # sent to each HSA once
+    # Two HSAs without the coordinator, one with it: every call succeeds there.
+    for service in domain.services:
+        service.calls.clear()
+    for service in domain.services[:2]:
+        service.script[method] = [("raise", NotAppliedError("the coordinator is unreachable"))] * 9
+    for _ in range(3):
+        calls[method]()
+    assert domain.services[2].calls[method] == 3
+
+
+@integration
+def test_an_unavailable_hsa_without_the_mark_leaves_the_outcome_open(domain: Domain) -> None:
+    """The same words from the server, without the "nothing applied" mark (a plain
+    UnavailableError: the write may have reached the coordinator), are not sent again."""
+    client = domain.client(timeout=2)
+    for service in domain.services:
+        service.script["CreateKey"] = [
+            ("raise", UnavailableError("the coordinator did not confirm the new key"))
+        ]
+    with pytest.raises(UnavailableError, match="may have been applied") as refused:
+        client.create_key()
+    assert not isinstance(refused.value, NotAppliedError)
+    assert sum(s.calls["CreateKey"] for s in domain.services) == 1
+
+
+def _admin_calls(client: KeyClient, key_id: str) -> dict[str, Callable[[], Any]]:
+    return {
+        "CreateKey": lambda: client.create_key(),
+        "RotateKey": lambda: client.rotate_key(key_id),
+        "PutKeyPolicy": lambda: client.put_key_policy(
+            key_id,
+            {"grants": [{"principals": ["spiffe://local/client/x"], "operations": ["admin"]}]},
+        ),
+        "EnableKey": lambda: client.enable_key(key_id),
+        "DisableKey": lambda: client.disable_key(key_id),
+        "ScheduleKeyDeletion": lambda: client.schedule_key_deletion(key_id, 7),
+        "CancelKeyDeletion": lambda: client.cancel_key_deletion(key_id),
+    }
 
 
 @integration
