@@ -210,8 +210,9 @@ def never_sent(code: grpc.StatusCode | None, details: str) -> bool:
 
 def wrong_server(code: grpc.StatusCode | None, details: str) -> bool:
     """Whether a failed call means the server's certificate is not the expected server's (the
-    handshake refused it, so nothing was sent)."""
-    return code is grpc.StatusCode.UNAVAILABLE and _WRONG_SERVER_WORDS in details
+    handshake refused it, so nothing was sent): gRPC's own connection failure, for that
+    reason."""
+    return never_sent(code, details) and _WRONG_SERVER_WORDS in details
 
 
 def caller(context: grpc.ServicerContext) -> PeerIdentity:
