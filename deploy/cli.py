@@ -283,7 +283,11 @@ def _endpoints(layout: DomainLayout) -> dict[str, dict[str, str]]:
     return result
 
 
-def _print_next_steps(layout: DomainLayout, others: Sequence[str], detach: bool) -> None:
+def _print_next_steps(
+    layout: DomainLayout, others: Sequence[str], ctrl_c_stops: str | None
+) -> None:
+    """Endpoints, credentials and what to try next; `ctrl_c_stops` says what Ctrl-C stops
+    (None: nothing, this command leaves)."""
     endpoints = _endpoints(layout)
     coordinator = endpoints.get(COORDINATOR_NAME, {})
     print("endpoints:")
@@ -310,10 +314,12 @@ def _print_next_steps(layout: DomainLayout, others: Sequence[str], detach: bool)
         f"{directory}/operators"
     )
     print(f"  hsm-domain add-node {directory} --start")
-    if detach:
+    if ctrl_c_stops is None:
         print(f"  hsm-domain down {directory}")
-    else:
+    elif ctrl_c_stops == "the domain":
         print(f"  Ctrl-C here (or hsm-domain down {directory}) stops the domain")
+    else:
+        print(f"  Ctrl-C here stops {ctrl_c_stops}; hsm-domain down {directory} stops the domain")
     sys.stdout.flush()
 
 
@@ -436,7 +442,8 @@ def _up(args: argparse.Namespace) -> int:
             )
         else:
             progress.done(_start_summary(started, running))
-            _print_next_steps(layout, others, args.detach or not started)
+            foreground = not args.detach and bool(started)
+            _print_next_steps(layout, others, runner.what_it_started() if foreground else None)
         if args.detach or not runner.processes:
             keep_running = True
             return 0

@@ -381,8 +381,10 @@ def test_ctrl_c_on_up_stops_only_what_that_up_started(
         start_new_session=True,
     )
     domain_cleanup.groups.append(up.pid)
-    lines = _read_until(up, "started: hsa-3; running already:", UP_TIMEOUT)
-    assert "3/3 nodes healthy on version 1" in "\n".join(lines)
+    lines = _read_until(up, "Ctrl-C here stops what this command started (hsa-3)", UP_TIMEOUT)
+    text = "\n".join(lines)
+    assert "3/3 nodes healthy on version 1" in text
+    assert "started: hsa-3; running already: coordinator (pid" in text
     restarted = domain_cleanup.remember(directory)["hsa-3"]
     assert restarted != pids["hsa-3"]
     up.send_signal(signal.SIGINT)
