@@ -210,9 +210,14 @@ async def run_tasks(
 
 
 def aio_mtls_channel(address: str, tls: TlsMaterial) -> grpc.aio.Channel:
-    """A `grpc.aio` mutual-TLS channel with the same credentials and limits as the sync one.
+    """A `grpc.aio` mutual-TLS channel to an HSA's key service, with the same credentials,
+    limits and expected server (any HSA of the domain) as the sync one.
 
     Create it inside the running event loop that uses it.
     """
     credentials = transport.channel_credentials(tls.ca_pem, tls.cert_pem, tls.key_pem)
-    return grpc.aio.secure_channel(address, credentials, options=DEFAULT_LIMITS.grpc_options())
+    options = [
+        *DEFAULT_LIMITS.grpc_options(),
+        transport.server_name_option(tls.ca_pem, transport.ANY_HSA),
+    ]
+    return grpc.aio.secure_channel(address, credentials, options=options)

@@ -127,7 +127,10 @@ class Application:
 
     def __init__(self, domain: BenchDomain) -> None:
         tls = domain.client_tls()
-        self._channels = [transport.mtls_channel(domain.address(h), tls) for h in domain.hosts]
+        self._channels = [
+            transport.mtls_channel(domain.address(h), tls, transport.hsa_host(h))
+            for h in domain.hosts
+        ]
         self._stubs: list[Any] = [
             services_pb2_grpc.KeyServiceStub(c)  # type: ignore[no-untyped-call]
             for c in self._channels
@@ -194,9 +197,11 @@ class Attack:
     def _start(self) -> None:
         domain = self._domain
         operator = transport.secure_channel(
-            domain.coordinator_operator_address, transport.channel_credentials(domain.ca_pem())
+            domain.coordinator_operator_address, domain.ca_pem(), transport.COORDINATOR
         )
-        application = transport.mtls_channel(domain.address(domain.hosts[0]), domain.client_tls())
+        application = transport.mtls_channel(
+            domain.address(domain.hosts[0]), domain.client_tls(), transport.ANY_HSA
+        )
         self._channels = [operator, application]
         for channel in self._channels:
             self._open(channel, IDLE_STREAMS // len(self._channels))
@@ -262,7 +267,7 @@ def read_loop(address: str, ca_file: Path) -> None:
     """Unauthenticated reads on the operator port until SIGTERM; prints the counts as JSON."""
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    channel = transport.secure_channel(address, transport.channel_credentials(ca_file.read_bytes()))
+    channel = transport.secure_channel(address, ca_file.read_bytes(), transport.COORDINATOR)
     stub: Any = services_pb2_grpc.CoordinatorStub(channel)  # type: ignore[no-untyped-call]
     reads: list[Callable[[], object]] = [
         lambda: stub.GetDomainStatus(services_pb2.DomainStatusRequest(), timeout=READ_TIMEOUT),

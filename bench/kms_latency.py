@@ -55,7 +55,13 @@ from bench._stats import percentile
 from domain_core.kms_client import KeyClient
 from domain_core.limits import DEFAULT_LIMITS
 from domain_core.pb import services_pb2, services_pb2_grpc
-from domain_core.transport import TlsMaterial, channel_credentials, secure_channel
+from domain_core.transport import (
+    ANY_HSA,
+    TlsMaterial,
+    channel_credentials,
+    mtls_channel,
+    server_name_option,
+)
 
 NAME: Final = "kms_latency"
 TITLE: Final = "Encrypt/Decrypt 1 KiB through KeyClient and raw stubs, 3 HSAs, 1 and 16 callers"
@@ -213,8 +219,8 @@ def bench_sync_raw(
 ) -> list[Cell]:
     """The same calls on plain sync stubs (no KeyClient): the library's own cost shows as
     the difference from `threads`."""
-    credentials = channel_credentials(domain.tls.ca_pem, domain.tls.cert_pem, domain.tls.key_pem)
-    channels = [secure_channel(a, credentials) for a in domain.addresses]
+    tls = domain.tls
+    channels = [mtls_channel(a, tls, ANY_HSA) for a in domain.addresses]
     stubs: list[Any] = [
         services_pb2_grpc.KeyServiceStub(c)  # type: ignore[no-untyped-call]
         for c in channels
@@ -268,7 +274,11 @@ async def _bench_async(
     domain: Endpoints, key_id: str, blob: bytes, concurrency: int, ops: int, seconds: float
 ) -> list[Cell]:
     credentials = channel_credentials(domain.tls.ca_pem, domain.tls.cert_pem, domain.tls.key_pem)
-    options = [("grpc.enable_retries", 0), *DEFAULT_LIMITS.grpc_options()]
+    options = [
+        ("grpc.enable_retries", 0),
+        *DEFAULT_LIMITS.grpc_options(),
+        server_name_option(domain.tls.ca_pem, ANY_HSA),
+    ]
     channels = [grpc.aio.secure_channel(a, credentials, options=options) for a in domain.addresses]
     stubs: list[Any] = [
         services_pb2_grpc.KeyServiceStub(c)  # type: ignore[no-untyped-call]

@@ -109,7 +109,9 @@ def create_records(
         layout.domain_id, loaded.node.host_id, loaded.node.identity.signer
     )
     now = int(time.time())
-    channel = transport.mtls_channel(coordinator, host_tls(layout, loaded.node.host_id))
+    channel = transport.mtls_channel(
+        coordinator, host_tls(layout, loaded.node.host_id), transport.COORDINATOR
+    )
     stub = services_pb2_grpc.CoordinatorStub(channel)  # type: ignore[no-untyped-call]
 
     def put(index: int) -> str:
@@ -163,7 +165,7 @@ def _wait_rewrapped(
     """Poll until every record is under `generation`; the time it was first seen so. One
     channel for every poll; a poll the busy coordinator does not answer in time is retried
     (until `deadline`), as any client would."""
-    channel = transport.mtls_channel(coordinator, host_tls(layout, "hsa-1"))
+    channel = transport.mtls_channel(coordinator, host_tls(layout, "hsa-1"), transport.COORDINATOR)
     try:
         stub = services_pb2_grpc.CoordinatorStub(channel)  # type: ignore[no-untyped-call]
         last = "no poll answered"
@@ -238,7 +240,7 @@ def measure_inprocess(work_dir: Path, keys: int, log: Any = print) -> dict[str, 
         create_records(layout, address, loaded, keys)
         create_seconds = time.perf_counter() - started
         generation = _rotate_in_process(layout, loaded)
-        channel = transport.mtls_channel(address, host_tls(layout, "hsa-1"))
+        channel = transport.mtls_channel(address, host_tls(layout, "hsa-1"), transport.COORDINATOR)
         floor = MetadataVersionFloor(work_dir / "inprocess-floor" / FLOOR_FILE)
         try:
             cache = KeyCache(

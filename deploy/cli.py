@@ -9,6 +9,7 @@ Nothing printed here holds a key or a passphrase.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -17,7 +18,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from types import FrameType
@@ -35,8 +36,8 @@ from deploy.init import (
 )
 from deploy.status import DomainReport, collect_status, coordinator_members
 from domain_core.cli_support import exit_code, print_error, quiet_broken_pipe
-from domain_core.config import MAX_KEY_SERVICE_WORKERS
-from domain_core.errors import HsmDomainError, InvalidInputError
+from domain_core.config import MAX_KEY_SERVICE_WORKERS, NodeConfig
+from domain_core.errors import HsmDomainError
 
 DEFAULT_DIR: Final = Path("hsm-cluster")
 PROG: Final = "hsm-domain"
@@ -156,20 +157,29 @@ def _cmd_init(args: argparse.Namespace) -> int:
 
 
 class _Runner:
-    """The processes `up` started, so that they can all be stopped whatever happens."""
+    """The processes this `up` starts (`names`), so that they can all be stopped whatever
+    happens; processes that were running before it are never its to stop."""
 
-    def __init__(self, layout: DomainLayout, progress: _Progress) -> None:
+    def __init__(self, layout: DomainLayout, progress: _Progress, names: Sequence[str]) -> None:
         self.layout = layout
         self.progress = progress
+        self.names = list(names)
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self._lock = threading.Lock()
+
+    def what_it_started(self) -> str:
+        """ "the domain", or the names, when this `up` started only some of its processes."""
+        if set(self.names) == set(self.layout.process_names):
+            return "the domain"
+        return f"what this command started ({', '.join(self.names)})"
 
     def add(self, name: str, process: subprocess.Popen[bytes]) -> None:
         with self._lock:
             self.processes[name] = process
 
     def stop_all(self) -> None:
-        """Stop the nodes (in parallel), then the coordinator; remove the run files.
+        """Stop the nodes this `up` started (in parallel), then its coordinator; remove their
+        run files.
 
         A process spawned but not yet registered (a stop signal arrived while it started) is
         found through its pid file, which is written right after the spawn.
@@ -181,30 +191,57 @@ class _Runner:
             list(pool.map(cluster.stop_process, nodes))
         if COORDINATOR_NAME in processes:
             cluster.stop_process(processes[COORDINATOR_NAME])
-        cluster.stop_recorded(self.layout)
+        cluster.stop_recorded(self.layout, names=self.names)
 
 
-def _start_domain(
-    layout: DomainLayout, runner: _Runner, *, timeout: float
-) -> tuple[list[str], list[str], int]:
-    """Start the coordinator and every node; return (members, others, version)."""
+def _start_coordinator(
+    layout: DomainLayout, runner: _Runner, running: Mapping[str, int], timeout: float
+) -> cluster.ReadyInfo | None:
+    """Start the coordinator unless it runs; its ready file's content."""
     progress = runner.progress
+    if COORDINATOR_NAME in running:
+        info = cluster.read_ready_file(layout.ready_file(COORDINATOR_NAME))
+        where = f" at {info.address}" if info else ""
+        progress.done(f"coordinator running already (pid {running[COORDINATOR_NAME]}){where}")
+        return info
     began = time.monotonic()
+    looked_for = {h: NodeConfig.load(layout.node_configs[h]).coordinator for h in running}
     progress.step("starting the coordinator ...")
-    # Pid files are written in both modes: a second `up` is refused and `down` works anyway.
+    # Pid files are written in both modes: `up` and `down` find every process through them.
     process = cluster.start_coordinator(layout, detach=True, timeout=timeout)
     runner.add(COORDINATOR_NAME, process)
     info = cluster.read_ready_file(layout.ready_file(COORDINATOR_NAME))
     address = info.address if info else "?"
     progress.done(f"coordinator serving at {address} ({time.monotonic() - began:.1f} s)")
+    stale = sorted(h for h, old in looked_for.items() if old and old != address)
+    if stale:
+        progress.done(
+            f"warning: {', '.join(stale)} (running) still look for the coordinator at its old "
+            f"address: restart them (hsm-domain down {layout.root}, then up)"
+        )
+    return info
 
+
+def _start_domain(
+    layout: DomainLayout, runner: _Runner, running: Mapping[str, int], *, timeout: float
+) -> tuple[list[str], list[str], int]:
+    """Start the coordinator and every node that is not `running`, then wait until every
+    member is healthy on one version; return (members, others, version)."""
+    progress = runner.progress
+    began = time.monotonic()
+    info = _start_coordinator(layout, runner, running, timeout)
     operator_address = info.operator_address if info else ""
     found = coordinator_members(layout, operator_address) if operator_address else None
     members = [h for h in layout.node_configs if h in set(found or layout.genesis_nodes)]
     others = [h for h in layout.node_configs if h not in members]
-    total = len(layout.node_configs)
+    for host in layout.node_configs:
+        if host in running:
+            progress.done(f"{host} running already (pid {running[host]})")
+    wanted = [h for h in layout.node_configs if h not in running]
+    total = len(wanted)
     started = 0
-    progress.step(f"0/{total} nodes started ...")
+    if total:
+        progress.step(f"0/{total} nodes started ...")
 
     def start(host: str) -> str:
         proc = cluster.start_node(
@@ -214,7 +251,7 @@ def _start_domain(
         return host
 
     with ThreadPoolExecutor(max_workers=max(1, total)) as pool:
-        futures = [pool.submit(start, host) for host in layout.node_configs]
+        futures = [pool.submit(start, host) for host in wanted]
         for future in as_completed(futures):
             host = future.result()
             started += 1
@@ -246,7 +283,11 @@ def _endpoints(layout: DomainLayout) -> dict[str, dict[str, str]]:
     return result
 
 
-def _print_next_steps(layout: DomainLayout, others: Sequence[str], detach: bool) -> None:
+def _print_next_steps(
+    layout: DomainLayout, others: Sequence[str], ctrl_c_stops: str | None
+) -> None:
+    """Endpoints, credentials and what to try next; `ctrl_c_stops` says what Ctrl-C stops
+    (None: nothing, this command leaves)."""
     endpoints = _endpoints(layout)
     coordinator = endpoints.get(COORDINATOR_NAME, {})
     print("endpoints:")
@@ -273,10 +314,12 @@ def _print_next_steps(layout: DomainLayout, others: Sequence[str], detach: bool)
         f"{directory}/operators"
     )
     print(f"  hsm-domain add-node {directory} --start")
-    if detach:
+    if ctrl_c_stops is None:
         print(f"  hsm-domain down {directory}")
-    else:
+    elif ctrl_c_stops == "the domain":
         print(f"  Ctrl-C here (or hsm-domain down {directory}) stops the domain")
+    else:
+        print(f"  Ctrl-C here stops {ctrl_c_stops}; hsm-domain down {directory} stops the domain")
     sys.stdout.flush()
 
 
@@ -336,6 +379,28 @@ def _cmd_up(args: argparse.Namespace) -> int:
         _restore(previous)
 
 
+def _up_json(
+    layout: DomainLayout,
+    version: int,
+    seconds: float,
+    others: Sequence[str],
+    started: Sequence[str],
+    already: Mapping[str, int],
+) -> str:
+    return json.dumps(
+        {
+            "directory": str(layout.root),
+            "version": version,
+            "seconds_to_healthy": round(seconds, 3),
+            "endpoints": _endpoints(layout),
+            "not_members": list(others),
+            "started": list(started),
+            "already_running": dict(already),
+        },
+        indent=2,
+    )
+
+
 def _up(args: argparse.Namespace) -> int:
     directory = Path(args.directory) if args.directory else DEFAULT_DIR
     progress = _Progress(sys.stdout, quiet=args.json)
@@ -354,37 +419,32 @@ def _up(args: argparse.Namespace) -> int:
             f"quorum {args.quorum}"
         )
     layout = load_layout(directory)
-    running = cluster.live_pids(layout)
-    if running:
-        names = ", ".join(f"{n} (pid {p})" for n, p in running.items())
-        raise InvalidInputError(
-            f"already running: {names}; stop it first with `hsm-domain down {directory}`"
-        )
-    cluster.remove_run_files(layout, layout.process_names)
-
-    runner = _Runner(layout, progress)
+    lock = contextlib.ExitStack()
+    runner: _Runner | None = None
     began = time.monotonic()
     stopped_by: str | None = None
     keep_running = False
     try:
-        _, others, version = _start_domain(layout, runner, timeout=args.timeout)
+        # Checking what runs and starting the rest is one step: no other command starts a
+        # process of this domain meanwhile (it would run twice, one copy untracked).
+        lock.enter_context(cluster.domain_lock(layout, f"hsm-domain up {directory}"))
+        running = cluster.live_pids(layout)
+        missing = [name for name in layout.process_names if name not in running]
+        cluster.remove_run_files(layout, missing)  # stale ones; a live process's are kept
+        runner = _Runner(layout, progress, missing)
+        _, others, version = _start_domain(layout, runner, running, timeout=args.timeout)
+        lock.close()  # what had to start runs and is recorded: others may act now
+        started = [name for name in layout.process_names if name in runner.processes]
         if args.json:
             print(
-                json.dumps(
-                    {
-                        "directory": str(layout.root),
-                        "version": version,
-                        "seconds_to_healthy": round(time.monotonic() - began, 3),
-                        "endpoints": _endpoints(layout),
-                        "not_members": list(others),
-                    },
-                    indent=2,
-                ),
+                _up_json(layout, version, time.monotonic() - began, others, started, running),
                 flush=True,
             )
         else:
-            _print_next_steps(layout, others, args.detach)
-        if args.detach:
+            progress.done(_start_summary(started, running))
+            foreground = not args.detach and bool(started)
+            _print_next_steps(layout, others, runner.what_it_started() if foreground else None)
+        if args.detach or not runner.processes:
             keep_running = True
             return 0
         _watch(runner)
@@ -394,12 +454,22 @@ def _up(args: argparse.Namespace) -> int:
         return 0
     finally:
         _ignore_stop_signals()
-        if not keep_running:
+        if runner is not None and not keep_running:
             if stopped_by is not None:
-                progress.done(f"{stopped_by}: stopping the domain ...")
+                progress.done(f"{stopped_by}: stopping {runner.what_it_started()} ...")
             runner.stop_all()
             if stopped_by is not None:
                 progress.done("stopped")
+        lock.close()
+
+
+def _start_summary(started: Sequence[str], running: Mapping[str, int]) -> str:
+    """One line: what this `up` started and what ran already."""
+    already = ", ".join(f"{name} (pid {pid})" for name, pid in running.items())
+    if not started:
+        return f"nothing to start: every process runs already: {already}"
+    line = f"started: {', '.join(started)}"
+    return f"{line}; running already: {already}" if already else line
 
 
 # --- down -------------------------------------------------------------------------------------
@@ -484,7 +554,8 @@ def _cmd_add_node(args: argparse.Namespace) -> int:
     layout = load_layout(directory)
     address = ""
     if args.start:
-        cluster.start_node(layout, host, detach=True, wait_for_health=False)
+        with cluster.domain_lock(layout, f"hsm-domain add-node {directory} --start"):
+            cluster.start_node(layout, host, detach=True, wait_for_health=False)
         info = cluster.read_ready_file(layout.ready_file(host))
         address = info.address if info else ""
     if args.json:
@@ -584,11 +655,14 @@ def _parser() -> argparse.ArgumentParser:
 
     p = command(
         "up",
-        "start the coordinator and every node; wait for Ctrl-C (or --detach)",
+        "start the coordinator and every node that is not running (the rest is left as it "
+        "is); wait for Ctrl-C (or --detach)",
         """
         example:
           hsm-domain up                 # uses ./hsm-cluster, creating it if needed
           hsm-domain up ./demo --detach # leave it running; stop with hsm-domain down ./demo
+          hsm-domain up ./demo --detach # again, after hsa-2 crashed: starts hsa-2 only
+        Ctrl-C stops what this command started, not what ran before it.
         """,
     )
     p.add_argument(

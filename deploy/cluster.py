@@ -9,6 +9,13 @@ Invariants kept here:
   and quotes the log's last lines;
 - a pid file is trusted only while the process it names is alive and its command line still
   names the config file it was started with (a recycled pid is never signalled);
+- the run files (pid, ready) of a process that is alive and ours are never removed: they are
+  the only record of a detached process, and `hsm-domain down` finds it through them
+  (`remove_run_files` skips them, whoever asks);
+- commands that check what runs and then start processes (`up`, `add-node --start`, `chaos`)
+  do so under the domain's lock (`domain_lock`, an flock on DIR held by one command at a
+  time), so no process is ever started twice and a second copy's pid file never replaces the
+  first's;
 - the coordinator's ports are pinned in its config after its first start, so that a restarted
   coordinator comes back where the HSAs already look for it; every node config names the
   coordinator's mutual-TLS address before a node starts.
@@ -17,6 +24,7 @@ Invariants kept here:
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import signal
@@ -24,7 +32,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Final
@@ -47,10 +55,12 @@ __all__ = [
     "client_tls",
     "coordinator_channel",
     "coordinator_operator_channel",
+    "domain_lock",
     "is_alive",
     "live_pids",
     "node_channel",
     "node_status",
+    "process_channel",
     "read_ready_file",
     "set_coordinator_address",
     "start_coordinator",
@@ -169,14 +179,41 @@ def _config_of(layout: DomainLayout, name: str) -> Path:
         ) from None
 
 
+def _is_ours(layout: DomainLayout, name: str, pid: int | None) -> bool:
+    """Whether `pid` is a live process running `name`'s config of this domain."""
+    return pid is not None and is_alive(pid) and _runs_config(pid, _config_of(layout, name))
+
+
 def live_pids(layout: DomainLayout) -> dict[str, int]:
     """The processes named by pid files in DIR/run that are alive and still ours."""
     found: dict[str, int] = {}
     for name in layout.process_names:
         pid = _read_pid_file(layout.pid_file(name))
-        if pid is not None and is_alive(pid) and _runs_config(pid, _config_of(layout, name)):
+        if pid is not None and _is_ours(layout, name, pid):
             found[name] = pid
     return found
+
+
+@contextlib.contextmanager
+def domain_lock(layout: DomainLayout, command: str) -> Iterator[None]:
+    """Hold the domain's lock while `command` checks what runs and starts processes.
+
+    Refuses at once (InvalidInputError) while another command holds it. An flock on the domain
+    directory: released when the holder exits, however it exits; the processes it starts do
+    not inherit it (the descriptor is not inheritable and `_spawn` closes the others).
+    """
+    descriptor = os.open(layout.root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InvalidInputError(
+                f"{layout.root} is busy: another hsm-domain command (up, add-node --start or "
+                f"chaos) is starting or running its processes; run {command} once it is done"
+            ) from None
+        yield
+    finally:
+        os.close(descriptor)
 
 
 # --- TLS and channels -------------------------------------------------------------------------
@@ -187,20 +224,27 @@ def client_tls(layout: DomainLayout) -> TlsMaterial:
     return TlsMaterial.from_files(layout.ca_cert, layout.client_cert, layout.client_key)
 
 
-def node_channel(layout: DomainLayout, address: str) -> grpc.Channel:
-    """A mutual-TLS channel to an HSA (or the coordinator's HSA port) as the demo client."""
-    return transport.mtls_channel(address, client_tls(layout))
+def node_channel(layout: DomainLayout, address: str, host_id: str) -> grpc.Channel:
+    """A mutual-TLS channel to the HSA `host_id` (and no other server), as the demo client."""
+    return transport.mtls_channel(address, client_tls(layout), transport.hsa_host(host_id))
 
 
 def coordinator_channel(layout: DomainLayout, address: str) -> grpc.Channel:
     """A mutual-TLS channel to the coordinator's HSA-facing listener, as the demo client."""
-    return node_channel(layout, address)
+    return transport.mtls_channel(address, client_tls(layout), transport.COORDINATOR)
+
+
+def process_channel(layout: DomainLayout, name: str, address: str) -> grpc.Channel:
+    """A mutual-TLS channel to process `name` (the coordinator or a host id) of the domain."""
+    if name == COORDINATOR_NAME:
+        return coordinator_channel(layout, address)
+    return node_channel(layout, address, name)
 
 
 def coordinator_operator_channel(layout: DomainLayout, operator_address: str) -> grpc.Channel:
     """A server-authenticated TLS channel to the coordinator's operator listener."""
     return transport.secure_channel(
-        operator_address, transport.channel_credentials(layout.ca_cert.read_bytes())
+        operator_address, layout.ca_cert.read_bytes(), transport.COORDINATOR
     )
 
 
@@ -281,15 +325,16 @@ def wait_healthy(
     layout: DomainLayout,
     address: str,
     *,
+    name: str,
     timeout: float,
     process: subprocess.Popen[bytes] | None = None,
-    name: str = "",
     log_file: Path | None = None,
 ) -> None:
-    """Poll the standard health check at `address` (mutual TLS) until it says SERVING."""
+    """Poll the standard health check of process `name` (the coordinator or a host id) at
+    `address` (mutual TLS) until it says SERVING."""
     deadline = time.monotonic() + timeout
-    log_file = log_file or layout.log_file(name or "process")
-    with node_channel(layout, address) as channel:
+    log_file = log_file or layout.log_file(name)
+    with process_channel(layout, name, address) as channel:
         while True:
             if transport.check_health(channel, timeout=1.0):
                 return
@@ -465,10 +510,14 @@ def stop_pid(pid: int, *, grace: float = STOP_GRACE_SECONDS) -> bool:
 
 
 def remove_run_files(layout: DomainLayout, names: Iterable[str]) -> None:
-    """Remove the pid and ready files of these processes."""
+    """Remove the pid and ready files of these processes, but never one that names a process
+    that is still alive and ours (it is that process's only record)."""
     for name in names:
-        layout.pid_file(name).unlink(missing_ok=True)
-        layout.ready_file(name).unlink(missing_ok=True)
+        if not _is_ours(layout, name, _read_pid_file(layout.pid_file(name))):
+            layout.pid_file(name).unlink(missing_ok=True)
+        info = read_ready_file(layout.ready_file(name))
+        if not _is_ours(layout, name, info.pid if info is not None else None):
+            layout.ready_file(name).unlink(missing_ok=True)
 
 
 def stop_recorded(
@@ -476,9 +525,12 @@ def stop_recorded(
     *,
     grace: float = STOP_GRACE_SECONDS,
     progress: Callable[[str], None] | None = None,
+    names: Iterable[str] | None = None,
 ) -> dict[str, int]:
-    """Stop every process named by a live pid file (nodes first); clean DIR/run. Returns them."""
-    running = live_pids(layout)
+    """Stop every process named by a live pid file (nodes first; only `names` if given);
+    clean their run files. Returns them."""
+    wanted = set(layout.process_names if names is None else names)
+    running = {n: pid for n, pid in live_pids(layout).items() if n in wanted}
     order = [n for n in layout.process_names if n != COORDINATOR_NAME] + [COORDINATOR_NAME]
     for name in order:
         if name in running:
@@ -486,7 +538,7 @@ def stop_recorded(
             if progress is not None:
                 state = "stopped" if stopped else "did not stop"
                 progress(f"{name} (pid {running[name]}) {state}")
-    remove_run_files(layout, layout.process_names)
+    remove_run_files(layout, [n for n in layout.process_names if n in wanted])
     return running
 
 
@@ -500,7 +552,7 @@ def node_status(
     info = read_ready_file(layout.ready_file(host_id))
     if info is None:
         raise UnavailableError(f"{host_id} is not running (no ready file)")
-    with node_channel(layout, info.address) as channel:
+    with node_channel(layout, info.address, host_id) as channel:
         try:
             stub = services_pb2_grpc.HsaAdminStub(channel)  # type: ignore[no-untyped-call]
             status: services_pb2.HsaStatus = stub.GetStatus(

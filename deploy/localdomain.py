@@ -332,7 +332,7 @@ class LocalDomain:
 
     def node_channel(self, host: str) -> grpc.Channel:
         """A mutual-TLS channel to one node, as the demo application (close it after use)."""
-        return runner.node_channel(self.layout, self.address(host))
+        return runner.node_channel(self.layout, self.address(host), host)
 
     def open_operator_signer(self, name: str) -> FileTokenSigner:
         """Open operator `name`'s file token with its demo passphrase file.

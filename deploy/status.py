@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 
 from deploy.cluster import (
+    coordinator_channel,
     coordinator_operator_channel,
     is_alive,
     live_pids,
@@ -170,7 +171,7 @@ def _probe_coordinator(layout: DomainLayout, report: ProcessReport) -> Coordinat
     report.pid = info.pid
     report.address = info.address
     report.operator_address = info.operator_address
-    with node_channel(layout, info.address) as channel:
+    with coordinator_channel(layout, info.address) as channel:
         report.healthy = transport.check_health(channel, timeout=2.0)
     if not report.healthy:
         report.detail = "health check is not SERVING"
@@ -192,7 +193,7 @@ def _probe_node(layout: DomainLayout, report: ProcessReport) -> None:
     report.address = info.address
     report.workers = list(info.workers)
     try:
-        with node_channel(layout, info.address) as channel:
+        with node_channel(layout, info.address, report.name) as channel:
             stub = services_pb2_grpc.HsaAdminStub(channel)  # type: ignore[no-untyped-call]
             status = stub.GetStatus(services_pb2.HsaStatusRequest(), timeout=2.0)
     except grpc.RpcError as error:

@@ -1,7 +1,10 @@
 """Calls from the coordinator to HSAs (`HsaAdmin`), over mutual TLS as the coordinator.
 
-Invariants: every call carries a deadline; one channel per HSA address, reused; nothing an
-HSA returns is believed here (the caller verifies returned states against its own chain).
+Invariants: every call carries a deadline; one channel per HSA (address and host id), reused;
+every channel talks only to the HSA the caller names (`transport.hsa_host`: the TLS handshake
+refuses a server whose certificate is not that host's, so a registered address that now
+serves another certificate gets nothing); nothing an HSA returns is believed here (the caller
+verifies returned states against its own chain).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import grpc
 
 from domain_core.limits import DEFAULT_LIMITS, Limits
 from domain_core.pb import domain_pb2, services_pb2, services_pb2_grpc
-from domain_core.transport import TlsMaterial, mtls_channel
+from domain_core.transport import TlsMaterial, hsa_host, mtls_channel
 
 STATUS_TIMEOUT_SECONDS = 2.0
 
@@ -40,63 +43,71 @@ def describe_rpc_error(error: grpc.RpcError) -> str:
 
 
 class HsaConnections:
-    """Channels to HSAs by address, and the `HsaAdmin` calls with deadlines."""
+    """Channels to HSAs by address and host id, and the `HsaAdmin` calls with deadlines."""
 
     def __init__(self, tls: TlsMaterial, timeout: float, limits: Limits = DEFAULT_LIMITS) -> None:
         self._tls = tls
         self._timeout = timeout
         self._limits = limits
         self._lock = threading.Lock()
-        self._channels: dict[str, grpc.Channel] = {}
+        self._channels: dict[tuple[str, str], grpc.Channel] = {}
         self._closed = False
 
-    def _stub(self, address: str) -> Any:
+    def _stub(self, address: str, host_id: str) -> Any:
+        """A stub on the channel to `address` that accepts only the HSA `host_id`."""
         with self._lock:
             if self._closed:
                 raise RuntimeError("the HSA connections are closed")
-            channel = self._channels.get(address)
+            channel = self._channels.get((address, host_id))
             if channel is None:
-                channel = mtls_channel(address, self._tls, self._limits)
-                self._channels[address] = channel
+                channel = mtls_channel(address, self._tls, hsa_host(host_id), self._limits)
+                self._channels[(address, host_id)] = channel
         return services_pb2_grpc.HsaAdminStub(channel)  # type: ignore[no-untyped-call]
 
-    def get_status(self, address: str) -> services_pb2.HsaStatus:
+    def get_status(self, address: str, *, host_id: str) -> services_pb2.HsaStatus:
         """The HSA's own report of its version, health and membership."""
         timeout = min(STATUS_TIMEOUT_SECONDS, self._timeout)
-        status: services_pb2.HsaStatus = self._stub(address).GetStatus(
+        status: services_pb2.HsaStatus = self._stub(address, host_id).GetStatus(
             services_pb2.HsaStatusRequest(), timeout=timeout
         )
         return status
 
     def apply_proposal(
-        self, address: str, proposal: bytes, approvals: Sequence[domain_pb2.Approval]
+        self,
+        address: str,
+        proposal: bytes,
+        approvals: Sequence[domain_pb2.Approval],
+        *,
+        host_id: str,
     ) -> domain_pb2.SealedState:
         """Ask the HSA to compute, seal and sign the next state (it does not install it)."""
         request = services_pb2.ApplyProposalRequest(proposal=proposal, approvals=list(approvals))
-        state: domain_pb2.SealedState = self._stub(address).ApplyProposal(
+        state: domain_pb2.SealedState = self._stub(address, host_id).ApplyProposal(
             request, timeout=self._timeout
         )
         return state
 
-    def rotate_domain_key(self, address: str) -> domain_pb2.SealedState:
+    def rotate_domain_key(self, address: str, *, host_id: str) -> domain_pb2.SealedState:
         """Ask the HSA for a scheduled domain key rotation (it refuses one not yet due)."""
-        state: domain_pb2.SealedState = self._stub(address).RotateDomainKey(
+        state: domain_pb2.SealedState = self._stub(address, host_id).RotateDomainKey(
             services_pb2.ScheduledRotationRequest(), timeout=self._timeout
         )
         return state
 
     def install_state(
-        self, address: str, state: domain_pb2.SealedState
+        self, address: str, state: domain_pb2.SealedState, *, host_id: str
     ) -> services_pb2.InstallStateResponse:
         """Push a stored state to the HSA, which verifies it before installing."""
-        response: services_pb2.InstallStateResponse = self._stub(address).InstallState(
+        response: services_pb2.InstallStateResponse = self._stub(address, host_id).InstallState(
             services_pb2.InstallStateRequest(state=state), timeout=self._timeout
         )
         return response
 
-    def get_states_after(self, address: str, after_version: int) -> list[domain_pb2.SealedState]:
+    def get_states_after(
+        self, address: str, after_version: int, *, host_id: str
+    ) -> list[domain_pb2.SealedState]:
         """One page of the HSA's verified states after a version (verify each before use)."""
-        response: services_pb2.StatesResponse = self._stub(address).GetStatesAfter(
+        response: services_pb2.StatesResponse = self._stub(address, host_id).GetStatesAfter(
             services_pb2.StatesAfterRequest(
                 after_version=after_version, limit=self._limits.max_states_per_response
             ),
@@ -105,10 +116,11 @@ class HsaConnections:
         return list(response.states)
 
     def forget(self, address: str) -> None:
-        """Close the channel to an address no HSA uses any more."""
+        """Close the channels to an address no HSA uses any more."""
         with self._lock:
-            channel = self._channels.pop(address, None)
-        if channel is not None:
+            stale = [key for key in self._channels if key[0] == address]
+            channels = [self._channels.pop(key) for key in stale]
+        for channel in channels:
             channel.close()
 
     def close(self) -> None:

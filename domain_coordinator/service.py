@@ -784,7 +784,9 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
             outcome = self._produce(
                 head,
                 "apply",
-                lambda address: self._hsas.apply_proposal(address, proposal.raw, counted),
+                lambda address, host_id: self._hsas.apply_proposal(
+                    address, proposal.raw, counted, host_id=host_id
+                ),
                 expect_proposal=proposal.id,
                 exclude=removed,
                 prefer=deferral.host_id if deferral is not None else "",
@@ -926,14 +928,14 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
         self,
         head: SealedState,
         what: str,
-        call: Callable[[str], domain_pb2.SealedState],
+        call: Callable[[str, str], domain_pb2.SealedState],
         *,
         expect_proposal: bytes | None,
         exclude: frozenset[str] | set[str] = frozenset(),
         prefer: str = "",
     ) -> _Outcome:
         """Ask registered hosts of `head` (but `exclude`), in random order (`prefer` first),
-        for its successor."""
+        for its successor (`call(address, host_id)`)."""
         members = head.manifest.hosts_by_id
         hsas = [
             h for h in self._store.list_hsas() if h.host_id in members and h.host_id not in exclude
@@ -946,7 +948,7 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
         deferred_by = ""
         for hsa in hsas:
             try:
-                status = self._hsas.get_status(hsa.address)
+                status = self._hsas.get_status(hsa.address, host_id=hsa.host_id)
             except grpc.RpcError as error:
                 reasons.append(f"{hsa.host_id} is unreachable ({describe_rpc_error(error)})")
                 continue
@@ -960,7 +962,7 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
                 reasons.append(f"{hsa.host_id} is at version {status.version}, not {head.version}")
                 continue
             try:
-                message = call(hsa.address)
+                message = call(hsa.address, hsa.host_id)
             except grpc.RpcError as error:
                 code = rpc_code(error)
                 if code in _REFUSALS:
@@ -1027,7 +1029,7 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
 
     def _push_one(self, host_id: str, address: str, state: SealedState) -> None:
         try:
-            response = self._hsas.install_state(address, state.message)
+            response = self._hsas.install_state(address, state.message, host_id=host_id)
         except grpc.RpcError as error:
             log.info(
                 "pushing version %d to %s failed (%s); it will pull",
@@ -1171,7 +1173,9 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
         """Page through `source`'s states after the head; verify and append each one."""
         while not self._stopping.is_set():
             head = self.head
-            messages = self._hsas.get_states_after(source.address, head.version)
+            messages = self._hsas.get_states_after(
+                source.address, head.version, host_id=source.host_id
+            )
             advanced = False
             for message in messages:
                 state = SealedState.from_message(message, self._limits)
@@ -1257,7 +1261,7 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
             outcome = self._produce(
                 head,
                 "rotation",
-                self._hsas.rotate_domain_key,
+                lambda address, host_id: self._hsas.rotate_domain_key(address, host_id=host_id),
                 expect_proposal=None,
                 prefer=deferral.host_id if deferral is not None else "",
             )

@@ -50,7 +50,7 @@ from domain_core.limits import DEFAULT_LIMITS, Limits
 from domain_core.model import NONCE_BYTES, Proposal, SealedState
 from domain_core.pb import domain_pb2, services_pb2, services_pb2_grpc
 from domain_core.signers import Signer
-from domain_core.transport import channel_credentials, secure_channel
+from domain_core.transport import COORDINATOR, secure_channel, wrong_server
 
 __all__ = [
     "CoordinatorClient",
@@ -103,9 +103,12 @@ def error_from_rpc(
     *,
     peer: str = "the coordinator",
     overrides: Mapping[grpc.StatusCode, type[HsmDomainError]] | None = None,
+    expected: str | None = None,
 ) -> HsmDomainError:
     """The `domain_core.errors` exception a failed call stands for, with the server's message.
 
+    A server whose certificate the channel refused (`transport.wrong_server`: not the expected
+    kind or host) is UnauthenticatedError, saying it is not `expected` (default: `peer`).
     `peer` names the server in messages ("the coordinator", "the HSA"); `overrides` replaces
     the class of some codes for a service whose codes mean something else (ABORTED is a stale
     proposal at the coordinator, a lost compare-and-swap at the key service). The fixed
@@ -114,6 +117,12 @@ def error_from_rpc(
     code = _code(error)
     call = cast(Any, error)
     details = str(call.details() if hasattr(call, "details") else "") or ""
+    if wrong_server(code, details):
+        return UnauthenticatedError(
+            f"the server at {address} is not {expected or peer}: the TLS handshake refused its "
+            "certificate (it is another identity's, or a certificate issued without the server "
+            "names: reissue it); nothing was sent to it"
+        )
     codes = {**_ERRORS_BY_CODE, **overrides} if overrides else _ERRORS_BY_CODE
     cls = codes.get(code, HsmDomainError) if code is not None else HsmDomainError
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
@@ -194,7 +203,7 @@ class CoordinatorClient:
         self._timeout = timeout
         self._limits = limits
         self._channel = secure_channel(
-            address, channel_credentials(ca_pem, cert_pem, key_pem), limits
+            address, ca_pem, COORDINATOR, cert_pem=cert_pem, key_pem=key_pem, limits=limits
         )
         self._stub: Any = services_pb2_grpc.CoordinatorStub(  # type: ignore[no-untyped-call]
             self._channel

@@ -7,6 +7,9 @@ Invariants kept here:
   passphrases or PINs;
 - ciphertext and key-token failures collapse into `InvalidCiphertextError` / `InvalidKeyTokenError`
   with a fixed message, so they cannot serve as an oracle;
+- an error class that says the call changed nothing (`nothing_applied`, e.g. `NotAppliedError`)
+  is marked so on the wire by the transport, so that a client can tell it from a call whose
+  outcome is unknown (a connection lost, a deadline passed);
 - programming errors are `TypeError` / `ValueError` / `RuntimeError`, never a domain error.
 """
 
@@ -21,6 +24,9 @@ class HsmDomainError(Exception):
     """Base of every error the domain reports to a person or a peer."""
 
     grpc_status: ClassVar[grpc.StatusCode] = grpc.StatusCode.INTERNAL
+    # True when raising this error means the call changed nothing, though its status alone
+    # (UNAVAILABLE) would leave that open: the transport marks it so in trailing metadata.
+    nothing_applied: ClassVar[bool] = False
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -236,6 +242,14 @@ class UnavailableError(HsmDomainError):
 class TransitionDeferredError(UnavailableError):
     """A domain change cannot be applied yet (e.g. key records must be re-signed or re-wrapped
     first); nothing is wrong with it and the coordinator retries it."""
+
+
+class NotAppliedError(UnavailableError):
+    """A service this call needs could not be reached, and the call changed nothing: a definite
+    failure, safe to send again (to any node, now or later). Raise it only where it is certain
+    that nothing was done (the request never left for the service it needed)."""
+
+    nothing_applied = True
 
 
 # --- operator tokens (local, client side) ----------------------------------------------------

@@ -6,21 +6,34 @@ them and failing over when one is lost.
 
 Invariants kept here:
 - one mutual-TLS channel per endpoint, made once and reused; every call carries a deadline;
+- a request goes only to an HSA of the domain: every channel expects the HSA role name in the
+  server's certificate (`transport.ANY_HSA`), so a server holding any other certificate of the
+  domain (the coordinator's, a client's) fails the TLS handshake and receives nothing; that
+  attempt fails with UnauthenticatedError ("the server at ... is not an hsa of domain ...")
+  unless another endpoint answers;
 - calls start round-robin over the endpoints that have not failed recently; an endpoint that
-  fails with an UNAVAILABLE-class error is set aside for a short, growing cool-down;
+  fails with an UNAVAILABLE-class error is set aside for a short, growing cool-down, bounded
+  (at most 5 s, whatever the number of failures: the exponent is capped, so nothing overflows
+  after any number of failures), and an endpoint's first success ends it;
 - a call is sent again (to the next endpoint, tenacity, short exponential backoff once every
   endpoint was tried, bounded in attempts AND in total time) only when that is safe:
   * calls that change nothing (Encrypt, Decrypt, ReEncrypt, GenerateDataKey[WithoutPlaintext],
     GenerateRandom, DescribeKey, ListKeys) on UNAVAILABLE or DEADLINE_EXCEEDED;
   * any call, CreateKey and the admin calls included, only when gRPC reports that it could not
-    connect at all ("failed to connect to all addresses": the request was never sent). Any
-    other failure of CreateKey or an admin call (a connection lost mid-call, a deadline, an
-    UNAVAILABLE sent by the server) may have reached a server and is NOT retried: the caller
-    gets `UnavailableError` and must check (DescribeKey, ListKeys) before trying again;
+    connect at all ("failed to connect to all addresses": the request was never sent), or when
+    the HSA answered that it changed nothing (`NotAppliedError`, marked in the trailing
+    metadata by the HSA's transport: e.g. CreateKey while the HSA cannot reach the
+    coordinator). When every attempt failed so, the caller gets `NotAppliedError`: a definite
+    failure, safe to send again. Any other failure of CreateKey or an admin call (a
+    connection lost mid-call, a deadline, an UNAVAILABLE without that mark) may have reached
+    a server and is NOT retried: the caller gets `UnavailableError` ("may have been applied")
+    and must check (DescribeKey, ListKeys) before trying again;
   * never a client error, a refusal or a failed verification (INVALID_ARGUMENT,
     PERMISSION_DENIED, NOT_FOUND, FAILED_PRECONDITION, ...): they come back at once;
 - every failure comes back as one `domain_core.errors` class (`client.error_from_rpc`), with
-  the server's message; "invalid ciphertext" stays the one message without detail;
+  the server's message; "invalid ciphertext" stays the one message without detail. Nothing
+  else escapes a call but `TypeError`/`ValueError`/`RuntimeError` for a programming error
+  (wrong argument types, a closed client);
 - nothing here logs or puts in a message any plaintext or data key.
 
 Envelope encryption (`encrypt_envelope`, `decrypt_envelope`) streams data of any size through
@@ -57,12 +70,20 @@ from domain_core.errors import (
     InvalidCiphertextError,
     InvalidInputError,
     LimitExceededError,
+    NotAppliedError,
     NotFoundError,
     UnavailableError,
 )
 from domain_core.limits import DEFAULT_LIMITS, Limits
 from domain_core.pb import keys_pb2, services_pb2, services_pb2_grpc
-from domain_core.transport import TlsMaterial, channel_credentials, secure_channel
+from domain_core.pki import ca_trust_domain
+from domain_core.transport import (
+    ANY_HSA,
+    TlsMaterial,
+    never_sent,
+    nothing_applied,
+    secure_channel,
+)
 
 __all__ = [
     "ADMIN_METHODS",
@@ -72,6 +93,7 @@ __all__ = [
     "KeyClient",
     "KeyMetadata",
     "PolicyGrant",
+    "backoff_delay",
     "checked_context",
     "decrypt_envelope",
     "encrypt_envelope",
@@ -110,13 +132,14 @@ ADMIN_METHODS: Final = frozenset(
 DEFAULT_ATTEMPTS: Final = 4
 DEFAULT_TIMEOUT: Final = 5.0
 DEFAULT_PAGE_SIZE: Final = 100
-# gRPC's own messages when no connection could be made: the request was never sent.
-_NOT_SENT_PREFIXES: Final = ("failed to connect to all addresses", "DNS resolution failed")
 _FAILOVER_CODES: Final = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 _COOL_DOWN_FIRST: Final = 0.25
 _COOL_DOWN_MAX: Final = 5.0
 _BACKOFF_FIRST: Final = 0.05
 _BACKOFF_MAX: Final = 1.0
+# Doublings past this change nothing (every maximum is reached long before): the cap keeps the
+# power of two small whatever the count of failures.
+_MAX_DOUBLINGS: Final = 32
 # The key service's own status meanings, where they differ from the coordinator's.
 _KEY_SERVICE_CODES: Final[Mapping[grpc.StatusCode, type[HsmDomainError]]] = {
     grpc.StatusCode.ABORTED: ConflictError,
@@ -300,22 +323,21 @@ def _status(error: grpc.RpcError) -> tuple[grpc.StatusCode | None, str]:
     return (code if isinstance(code, grpc.StatusCode) else None), str(details or "")
 
 
-def never_sent(code: grpc.StatusCode | None, details: str) -> bool:
-    """Whether gRPC reports that the call found no connection, so no server saw it.
-
-    Only gRPC's own "failed to connect" / DNS failures qualify. A server could send the same
-    words as its own UNAVAILABLE message; ours never do, and a hostile HSA gains nothing from
-    it that it could not do by answering wrongly.
-    """
-    return code is grpc.StatusCode.UNAVAILABLE and details.startswith(_NOT_SENT_PREFIXES)
-
-
-def retryable(method: str, code: grpc.StatusCode | None, details: str) -> bool:
+def retryable(
+    method: str, code: grpc.StatusCode | None, details: str, *, applied_nothing: bool = False
+) -> bool:
     """Whether a call of `method` that failed with (`code`, `details`) may be sent again,
-    to another endpoint. See the module docstring for the rules."""
-    if never_sent(code, details):
+    to another endpoint; `applied_nothing`: the server marked the failure as having changed
+    nothing (`transport.nothing_applied`). See the module docstring for the rules."""
+    if never_sent(code, details) or applied_nothing:
         return True
     return method in IDEMPOTENT_METHODS and code in _FAILOVER_CODES
+
+
+def backoff_delay(first: float, maximum: float, step: int) -> float:
+    """`first` doubled `step` times, at most `maximum`: for any `step`, however large (the
+    exponent is capped, so nothing overflows and the cost stays constant)."""
+    return float(min(maximum, first * 2.0 ** min(max(step, 0), _MAX_DOUBLINGS)))
 
 
 def checked_context(
@@ -357,6 +379,16 @@ def read_cluster(directory: str | os.PathLike[str]) -> tuple[list[str], TlsMater
     address, then the addresses of its key service workers, if it has any.
     """
     root = Path(directory)
+    try:
+        return _read_cluster(root)
+    except OSError as error:
+        raise InvalidInputError(
+            f"cannot read the local domain in {root}: {error.strerror or error} "
+            f"({error.filename or root})"
+        ) from None
+
+
+def _read_cluster(root: Path) -> tuple[list[str], TlsMaterial]:
     if not (root / "domain.json").is_file():
         raise NotFoundError(
             f"{root} holds no local domain (no domain.json); create one with "
@@ -428,10 +460,13 @@ class KeyClient:
         self._total_timeout = total_timeout if total_timeout is not None else 3 * timeout
         self._attempts = attempts
         self._limits = limits
-        credentials = channel_credentials(ca_pem, cert_pem, key_pem)
+        # Requests go only to HSAs of the domain the CA certifies (a refused server gets none).
+        self._expected = ANY_HSA.describe(ca_trust_domain(ca_pem))
         self._endpoints: list[_Endpoint] = []
         for address in addresses:
-            channel = secure_channel(address, credentials, limits)
+            channel = secure_channel(
+                address, ca_pem, ANY_HSA, cert_pem=cert_pem, key_pem=key_pem, limits=limits
+            )
             stub = services_pb2_grpc.KeyServiceStub(channel)  # type: ignore[no-untyped-call]
             self._endpoints.append(_Endpoint(address, channel, stub))
         self._next = itertools.count()
@@ -488,16 +523,17 @@ class KeyClient:
         return min(untried, key=lambda e: e.down_until)
 
     def _backoff(self, tried: Sequence[_Endpoint]) -> float:
-        """No wait while an endpoint is left untried; then short exponential steps."""
+        """No wait while an endpoint is left untried; then short exponential steps (bounded)."""
         rounds = len(tried) - len(self._endpoints)
         if rounds < 0 or len({id(e) for e in tried}) < len(self._endpoints):
             return 0.0
-        return float(min(_BACKOFF_MAX, _BACKOFF_FIRST * 2**rounds))
+        return backoff_delay(_BACKOFF_FIRST, _BACKOFF_MAX, rounds)
 
     def _mark_down(self, endpoint: _Endpoint) -> None:
+        """Set a failed endpoint aside: 0.25 s, doubling per consecutive failure, at most 5 s."""
         with self._lock:
-            endpoint.failures += 1
-            cool_down = min(_COOL_DOWN_MAX, _COOL_DOWN_FIRST * 2 ** (endpoint.failures - 1))
+            endpoint.failures = min(endpoint.failures + 1, _MAX_DOUBLINGS + 1)
+            cool_down = backoff_delay(_COOL_DOWN_FIRST, _COOL_DOWN_MAX, endpoint.failures - 1)
             endpoint.down_until = time.monotonic() + cool_down
 
     def _mark_up(self, endpoint: _Endpoint) -> None:
@@ -511,6 +547,8 @@ class KeyClient:
         if self._closed:
             raise RuntimeError("the KeyClient is closed")
         tried: list[_Endpoint] = []
+        # Whether each failed attempt surely changed nothing (never sent, or marked so).
+        definite: list[bool] = []
         deadline = time.monotonic() + self._total_timeout
 
         def attempt() -> Any:
@@ -521,11 +559,17 @@ class KeyClient:
                 response = getattr(endpoint.stub, method)(request, timeout=timeout)
             except grpc.RpcError as error:
                 code, details = _status(error)
-                if code in _FAILOVER_CODES:
+                answered_nothing = nothing_applied(error)
+                definite.append(answered_nothing or never_sent(code, details))
+                if code in _FAILOVER_CODES and not answered_nothing:
                     self._mark_down(endpoint)
-                if retryable(method, code, details):
+                if retryable(method, code, details, applied_nothing=answered_nothing):
                     raise _Failover(error, endpoint) from None
                 raise self._error(method, error, endpoint) from None
+            except ValueError:
+                if self._closed:  # closed by another thread meanwhile
+                    raise RuntimeError("the KeyClient is closed") from None
+                raise
             self._mark_up(endpoint)
             return response
 
@@ -533,7 +577,7 @@ class KeyClient:
             return attempt()  # the common case, without the retry machinery
         except _Failover as failover:
             if self._attempts == 1 or time.monotonic() >= deadline:
-                raise self._unavailable(method, failover, tried) from None
+                raise self._unavailable(method, failover, tried, all(definite)) from None
         time.sleep(min(self._backoff(tried), max(0.0, deadline - time.monotonic())))
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception_type(_Failover),
@@ -545,14 +589,23 @@ class KeyClient:
         try:
             return retrying(attempt)
         except _Failover as failover:
-            raise self._unavailable(method, failover, tried) from None
+            raise self._unavailable(method, failover, tried, all(definite)) from None
 
     def _error(self, method: str, error: grpc.RpcError, endpoint: _Endpoint) -> HsmDomainError:
         """The domain error of a failed attempt that is not sent again."""
-        mapped = error_from_rpc(
-            error, endpoint.address, peer="the HSA", overrides=_KEY_SERVICE_CODES
-        )
         code, details = _status(error)
+        if nothing_applied(error):
+            return NotAppliedError(
+                f"{method} was not applied: the HSA at {endpoint.address} answered "
+                f"{details[:300]!r}; nothing changed, so it is safe to send it again"
+            )
+        mapped = error_from_rpc(
+            error,
+            endpoint.address,
+            peer="the HSA",
+            overrides=_KEY_SERVICE_CODES,
+            expected=self._expected,
+        )
         if method in ADMIN_METHODS and code in _FAILOVER_CODES and not never_sent(code, details):
             return type(mapped)(
                 f"{mapped.message}. {method} is not sent again because it may have been "
@@ -561,13 +614,15 @@ class KeyClient:
         return mapped
 
     def _unavailable(
-        self, method: str, failover: _Failover, tried: Sequence[_Endpoint]
+        self, method: str, failover: _Failover, tried: Sequence[_Endpoint], definite: bool
     ) -> HsmDomainError:
-        """The error of a call whose attempts all failed (or that may not be sent again)."""
+        """The error of a call whose attempts all failed; NotAppliedError when every attempt
+        surely changed nothing (`definite`: none was sent, or the HSA said so)."""
         last = self._error(method, failover.error, failover.endpoint)
         addresses = ", ".join(dict.fromkeys(e.address for e in tried))
         attempts = len(tried)
-        return type(last)(
+        cls = NotAppliedError if definite and type(last) is UnavailableError else type(last)
+        return cls(
             f"{method} failed on every attempt ({attempts} on {addresses}); last: {last.message}"
         )
 

@@ -6,6 +6,13 @@ Invariants kept here:
   plus the DNS names and IP addresses a client dials, `CA:FALSE`, digitalSignature only, and an
   extended key usage per kind: hosts and coordinators serve and call (serverAuth + clientAuth),
   clients only call (clientAuth);
+- every server certificate (kinds hsa and coordinator) also carries two DNS names derived from
+  its SPIFFE id and nothing else: the identity name `<name>.<kind>.<domain>` and the role name
+  `<kind>.<domain>` (`identity_dns_name`, `role_dns_name`). Clients check the server they dial
+  for one of them (`domain_core.transport.ExpectedServer`), so a certificate of another kind or
+  host fails the TLS handshake. The names of different kinds and identities never collide (the
+  kind is always the label right before the domain, and a role name has one label fewer), and
+  the CA refuses to put a name of that namespace, or a wildcard, anywhere else;
 - the CA signs only for its own trust domain and never past its own expiry;
 - a `SpiffeId` exists only in its strict form: lower-case DNS-style trust domain, a kind from
   {hsa, coordinator, client}, one lower-case name; nothing else (no port, query, extra path);
@@ -49,15 +56,19 @@ __all__ = [
     "CA_CERTIFICATE_FILE",
     "CA_KEY_FILE",
     "PEER_IDENTITY_CACHE_ENTRIES",
+    "SERVER_KINDS",
     "SPIFFE_KINDS",
     "DomainCA",
     "PeerIdentity",
     "SpiffeId",
     "SpiffeKind",
+    "ca_trust_domain",
     "certificate_fingerprint",
+    "identity_dns_name",
     "is_valid_name",
     "is_valid_trust_domain",
     "peer_identity",
+    "role_dns_name",
     "spiffe_id_from_certificate",
     "spiffe_id_from_san_values",
     "verify_certificate_chain",
@@ -65,6 +76,9 @@ __all__ = [
 
 SpiffeKind = Literal["hsa", "coordinator", "client"]
 SPIFFE_KINDS: Final[tuple[str, ...]] = get_args(SpiffeKind)
+# The kinds that serve: their certificates carry the role and identity DNS names.
+SERVER_KINDS: Final[tuple[str, ...]] = ("hsa", "coordinator")
+_MAX_DNS_NAME_LENGTH: Final = 253
 
 CA_CERTIFICATE_FILE: Final = "ca.crt"
 CA_KEY_FILE: Final = "ca.key"
@@ -151,6 +165,36 @@ class SpiffeId:
                 f"{shown!r}: kind {kind[:40]!r} is not one of {', '.join(SPIFFE_KINDS)}"
             )
         return cls(domain, cast(SpiffeKind, kind), name)
+
+
+def role_dns_name(domain: str, kind: str) -> str:
+    """`<kind>.<domain>`: the DNS name every server certificate of `kind` in `domain` carries.
+
+    A client that may talk to any server of one kind (an application to any HSA) checks the
+    server's certificate for it in the TLS handshake.
+    """
+    if not is_valid_trust_domain(domain):
+        raise ValueError(f"invalid trust domain {str(domain)[:80]!r}")
+    if kind not in SERVER_KINDS:
+        raise ValueError(f"only {' and '.join(SERVER_KINDS)} certificates carry a role name")
+    return f"{kind}.{domain}"
+
+
+def identity_dns_name(spiffe: SpiffeId) -> str:
+    """`<name>.<kind>.<domain>`: the DNS name that the server certificate of exactly `spiffe`
+    carries. A client that knows which host it dials checks the server's certificate for it."""
+    if not isinstance(spiffe, SpiffeId):
+        raise TypeError("spiffe must be a SpiffeId")
+    return f"{spiffe.name}.{role_dns_name(spiffe.domain, spiffe.kind)}"
+
+
+def _in_reserved_namespace(name: str, domain: str) -> bool:
+    """Whether a DNS name is, or is under, a role name of `domain` (any kind)."""
+    lowered = name.lower().rstrip(".")
+    return any(
+        lowered == f"{kind}.{domain}" or lowered.endswith(f".{kind}.{domain}")
+        for kind in SPIFFE_KINDS
+    )
 
 
 # --- certificates ----------------------------------------------------------------------------
@@ -518,6 +562,9 @@ class DomainCA:
         """Issue a TLS certificate (PEM) for `spiffe` over a P-256 `public_key`.
 
         The certificate is valid from `now` - 5 min for `validity_days`, cut at the CA's expiry.
+        A server certificate (hsa, coordinator) gets the identity and role DNS names first
+        (see the module docstring); `dns_names` may not hold a wildcard or a name of that
+        namespace (ValueError), so no certificate can pass for another kind or identity.
         """
         if not isinstance(spiffe, SpiffeId):
             raise TypeError("spiffe must be a SpiffeId")
@@ -538,7 +585,25 @@ class DomainCA:
             raise ValueError("the CA is not valid at `now`; create or renew the CA")
         if isinstance(dns_names, str) or isinstance(ip_addresses, str):
             raise TypeError("dns_names and ip_addresses are sequences of strings")
+        for name in dns_names:
+            if not isinstance(name, str) or not name:
+                raise TypeError("dns_names are non-empty strings")
+            if "*" in name:
+                raise ValueError(f"a wildcard DNS name ({name[:80]!r}) would match other servers")
+            if _in_reserved_namespace(name, self._domain_id):
+                raise ValueError(
+                    f"the DNS name {name[:80]!r} is reserved for the role and identity names the "
+                    "CA derives from SPIFFE ids"
+                )
         names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(spiffe.uri)]
+        if spiffe.kind in SERVER_KINDS:
+            derived = [identity_dns_name(spiffe), role_dns_name(spiffe.domain, spiffe.kind)]
+            if max(len(d) for d in derived) > _MAX_DNS_NAME_LENGTH:
+                raise ValueError(
+                    f"{spiffe.uri} is too long for its DNS names (at most "
+                    f"{_MAX_DNS_NAME_LENGTH} characters): use a shorter trust domain"
+                )
+            names += [x509.DNSName(d) for d in derived]
         names += [x509.DNSName(name) for name in dns_names]
         names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ip_addresses]
         usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
@@ -594,6 +659,26 @@ def _ca_trust_domains(cert: x509.Certificate) -> list[str]:
         for uri in _spiffe_uris(cert)
         if is_valid_trust_domain(uri[len(_SPIFFE_PREFIX) :])
     ]
+
+
+@functools.lru_cache(maxsize=16)
+def ca_trust_domain(ca_cert_pem: bytes) -> str:
+    """The trust domain a domain CA certificate (PEM or DER) names (`spiffe://<domain>`).
+
+    What a client needs to know which server names to expect; InvalidInputError if the
+    certificate does not parse or names no single trust domain (it is not a domain CA).
+    """
+    try:
+        cert = _load_certificate(ca_cert_pem)
+    except MalformedMessageError:
+        raise InvalidInputError("the CA certificate does not parse") from None
+    domains = _ca_trust_domains(cert)
+    if len(domains) != 1:
+        raise InvalidInputError(
+            "the CA certificate names no single spiffe://<domain> trust domain: it is not the "
+            "certificate of a domain CA (use DIR/ca/ca.crt of the domain)"
+        )
+    return domains[0]
 
 
 def _serial_number() -> int:

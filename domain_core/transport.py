@@ -15,7 +15,17 @@ Invariants:
   ended after `StreamLimits.idle_seconds` without traffic;
 - health answers only for the fixed names it was built with (`HealthService`): an unknown
   name is NOT_FOUND in Check and Watch, a health request over `HEALTH_REQUEST_BYTES` is
-  refused before it is parsed, and nothing a caller sends is kept after its call ends.
+  refused before it is parsed, and nothing a caller sends is kept after its call ends;
+- every client channel names the server it expects (`ExpectedServer`: any HSA, one HSA, the
+  coordinator) and is built in one place (`secure_channel`, `channel_options`): the TLS
+  handshake then accepts only a server whose certificate, issued by the domain CA, carries the
+  DNS name the CA derives from that SPIFFE role or identity (`pki.role_dns_name`,
+  `pki.identity_dns_name`). A server holding any other certificate of the domain (the
+  coordinator's, another host's, a client's) or another domain's fails the handshake: the call
+  fails UNAVAILABLE before a byte of the request is sent;
+- an error whose class says that nothing was applied (`HsmDomainError.nothing_applied`) is
+  marked so in the call's trailing metadata (`NOTHING_APPLIED_KEY`), so a client can tell a
+  definite failure from a call that may have been applied (`nothing_applied`).
 """
 
 from __future__ import annotations
@@ -27,7 +37,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, cast
+from typing import Any, Final, Literal, cast
 
 import grpc
 from cryptography import x509
@@ -42,7 +52,17 @@ from domain_core.errors import (
     UnauthenticatedError,
 )
 from domain_core.limits import DEFAULT_LIMITS, Limits
-from domain_core.pki import PeerIdentity, SpiffeId, peer_identity, spiffe_id_from_san_values
+from domain_core.pki import (
+    SERVER_KINDS,
+    PeerIdentity,
+    SpiffeId,
+    ca_trust_domain,
+    identity_dns_name,
+    is_valid_name,
+    peer_identity,
+    role_dns_name,
+    spiffe_id_from_san_values,
+)
 
 log = logging.getLogger(__name__)
 
@@ -95,22 +115,119 @@ def channel_credentials(
     )
 
 
+# gRPC checks the server certificate's DNS names against this name instead of the dialled host.
+_SERVER_NAME_OPTION: Final = "grpc.ssl_target_name_override"
+# The words gRPC's TLS stack uses when the server certificate lacks the expected name.
+_WRONG_SERVER_WORDS: Final = "Hostname Verification Check failed"
+_ROLE_WORDS: Final = {"hsa": "an HSA", "coordinator": "a coordinator"}
+
+
+@dataclass(frozen=True)
+class ExpectedServer:
+    """Whom a client channel may talk to: any server of one SPIFFE kind of the domain (`name`
+    None, e.g. any HSA), or exactly one identity (an HSA whose host id the caller knows).
+
+    The domain is the one the channel's CA certificate names, so a certificate of another
+    domain never passes. See the module docstring for how the handshake enforces it.
+    """
+
+    kind: Literal["hsa", "coordinator"]
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in SERVER_KINDS:
+            raise ValueError(f"a server is of kind {' or '.join(SERVER_KINDS)}, not {self.kind!r}")
+        if self.name is not None and not is_valid_name(self.name):
+            raise ValueError(f"invalid server name {str(self.name)[:80]!r}")
+
+    def tls_name(self, domain: str) -> str:
+        """The DNS name the server's certificate must carry in trust domain `domain`."""
+        if self.name is None:
+            return role_dns_name(domain, self.kind)
+        return identity_dns_name(SpiffeId(domain, self.kind, self.name))
+
+    def describe(self, domain: str) -> str:
+        """How messages name the expected server ("an HSA of domain d", or its SPIFFE id)."""
+        if self.name is None:
+            return f"{_ROLE_WORDS[self.kind]} of domain {domain}"
+        return SpiffeId(domain, self.kind, self.name).uri
+
+
+ANY_HSA: Final = ExpectedServer("hsa")
+"""Any HSA of the domain: what applications dial (every HSA serves the whole key service)."""
+COORDINATOR: Final = ExpectedServer("coordinator")
+"""Any coordinator of the domain (replicas share one role)."""
+
+
+def hsa_host(host_id: str) -> ExpectedServer:
+    """Exactly the HSA `host_id` (for callers that know which host they dial)."""
+    return ExpectedServer("hsa", host_id)
+
+
+def server_name_option(ca_pem: bytes, server: ExpectedServer) -> tuple[str, str]:
+    """The channel option that makes gRPC accept only `server` (domain from `ca_pem`)."""
+    if not isinstance(server, ExpectedServer):
+        raise TypeError("server must be an ExpectedServer (ANY_HSA, COORDINATOR, hsa_host(...))")
+    return (_SERVER_NAME_OPTION, server.tls_name(ca_trust_domain(ca_pem)))
+
+
+def channel_options(
+    ca_pem: bytes, server: ExpectedServer, limits: Limits = DEFAULT_LIMITS
+) -> list[tuple[str, str | int]]:
+    """Every option of a client channel to `server`: fast reconnects, the message-size limits,
+    and the expected server name (for grpc.aio channels; sync ones use `secure_channel`)."""
+    return [*_CHANNEL_OPTIONS, *limits.grpc_options(), server_name_option(ca_pem, server)]
+
+
 def secure_channel(
     target: str,
-    credentials: grpc.ChannelCredentials,
+    ca_pem: bytes,
+    server: ExpectedServer,
+    *,
+    cert_pem: bytes | None = None,
+    key_pem: bytes | None = None,
     limits: Limits = DEFAULT_LIMITS,
 ) -> grpc.Channel:
-    """A channel to `target` (host:port) with fast reconnects and the message-size limits."""
+    """A TLS channel to `target` (host:port) that talks only to `server` (see the module
+    docstring); with `cert_pem` and `key_pem` it authenticates as their holder (mutual TLS)."""
+    if (cert_pem is None) != (key_pem is None):
+        raise ValueError("give both cert_pem and key_pem, or neither")
     return grpc.secure_channel(
-        target, credentials, options=[*_CHANNEL_OPTIONS, *limits.grpc_options()]
+        target,
+        channel_credentials(ca_pem, cert_pem, key_pem),
+        options=channel_options(ca_pem, server, limits),
     )
 
 
-def mtls_channel(target: str, tls: TlsMaterial, limits: Limits = DEFAULT_LIMITS) -> grpc.Channel:
-    """A mutually authenticated channel as the holder of `tls`."""
+def mtls_channel(
+    target: str, tls: TlsMaterial, server: ExpectedServer, limits: Limits = DEFAULT_LIMITS
+) -> grpc.Channel:
+    """A mutually authenticated channel as the holder of `tls`, to `server` only."""
     return secure_channel(
-        target, channel_credentials(tls.ca_pem, tls.cert_pem, tls.key_pem), limits
+        target, tls.ca_pem, server, cert_pem=tls.cert_pem, key_pem=tls.key_pem, limits=limits
     )
+
+
+# gRPC's own messages when no connection could be made: the request was never sent.
+_NOT_SENT_PREFIXES: Final = ("failed to connect to all addresses", "DNS resolution failed")
+
+
+def never_sent(code: grpc.StatusCode | None, details: str) -> bool:
+    """Whether gRPC reports that the call found no connection, so no server saw it.
+
+    Only gRPC's own "failed to connect" / DNS failures qualify (a refused handshake too: a
+    server of the wrong identity gets nothing). A server could send the same words as its own
+    UNAVAILABLE message; ours never do, and a server that lies so gains nothing it could not
+    get by answering wrongly.
+    """
+    return code is grpc.StatusCode.UNAVAILABLE and details.startswith(_NOT_SENT_PREFIXES)
+
+
+def wrong_server(code: grpc.StatusCode | None, details: str) -> bool:
+    """Whether a failed call means the server's certificate is not the expected server's (the
+    handshake refused it, so nothing was sent): gRPC's own connection failure, for that
+    reason."""
+    return never_sent(code, details) and _WRONG_SERVER_WORDS in details
 
 
 def caller(context: grpc.ServicerContext) -> PeerIdentity:
@@ -205,9 +322,30 @@ def require_caller_spiffe(context: grpc.ServicerContext, *kinds: str) -> SpiffeI
     return spiffe
 
 
+NOTHING_APPLIED_KEY: Final = "hsm-nothing-applied"
+"""Trailing metadata key that marks an error after which nothing was applied (value "true")."""
+_NOTHING_APPLIED: Final = ((NOTHING_APPLIED_KEY, "true"),)
+
+
+def nothing_applied(error: grpc.RpcError) -> bool:
+    """Whether the server marked a failed call as having changed nothing (`NotAppliedError`).
+
+    Only a server's own answer carries trailing metadata: a connection lost mid-call or a
+    deadline passed never does, so those stay "outcome unknown".
+    """
+    call = cast(Any, error)
+    try:
+        metadata = call.trailing_metadata() if hasattr(call, "trailing_metadata") else None
+    except Exception:  # a call object that cannot say
+        return False
+    return any(key == NOTHING_APPLIED_KEY and value == "true" for key, value in (metadata or ()))
+
+
 def _abort_for(error: Exception, context: grpc.ServicerContext, method: str) -> None:
     """Abort the call with the status `error` maps to; re-raise an abort already under way."""
     if isinstance(error, HsmDomainError):
+        if error.nothing_applied:
+            context.set_trailing_metadata(_NOTHING_APPLIED)
         context.abort(error.grpc_status, error.message)
     if cast(Any, context).code() is not None:
         # The servicer aborted with its own status (context.abort raises a bare Exception).

@@ -201,13 +201,20 @@ class AuditHeadBook:
 
 
 def _ask(
-    target: str, tls: TlsMaterial, limits: Limits, host_id: str, peer: bool, timeout: float
+    target: str,
+    tls: TlsMaterial,
+    limits: Limits,
+    host_id: str,
+    peer: str | None,
+    timeout: float,
 ) -> list[bytes]:
-    """This host's heads from one coordinator (`peer` False) or HSA; [] if unreachable."""
-    channel = transport.mtls_channel(target, tls, limits)
+    """This host's heads from the coordinator (`peer` None) or from the HSA `peer`; the
+    channel accepts only that server."""
+    server = transport.COORDINATOR if peer is None else transport.hsa_host(peer)
+    channel = transport.mtls_channel(target, tls, server, limits)
     try:
         request = services_pb2.AuditHeadsRequest(host_id=host_id)
-        if peer:
+        if peer is not None:
             stub = services_pb2_grpc.HsaPeerStub(channel)  # type: ignore[no-untyped-call]
             response = stub.GetAuditHeads(request, timeout=timeout)
         else:
@@ -229,10 +236,10 @@ def fetch_own_heads(
 ) -> tuple[list[tuple[str, bytes]], list[str]]:
     """Ask the coordinator and every cached peer at once for this host's published heads:
     ((source, checkpoint bytes) for each head, names of the sources that answered)."""
-    targets: list[tuple[str, str, bool]] = []
+    targets: list[tuple[str, str, str | None]] = []
     if coordinator:
-        targets.append(("the coordinator", coordinator, False))
-    targets += [(f"peer {p.host_id}", p.address, True) for p in peers if p.host_id != host_id]
+        targets.append(("the coordinator", coordinator, None))
+    targets += [(f"peer {p.host_id}", p.address, p.host_id) for p in peers if p.host_id != host_id]
     if not targets:
         return [], []
     found: list[tuple[str, bytes]] = []

@@ -6,7 +6,9 @@ reads or writes those records:
 
 - `KeyRecordClient` calls the coordinator's key-record RPCs (GetKey, PutKey, ListKeyRecords,
   DeleteKeyRecord) over mutual TLS as this host, each with a deadline, and maps failures to
-  domain errors (`CoordinatorUnreachableError` when it cannot be reached);
+  domain errors (`CoordinatorUnreachableError` when it cannot be reached; its subclass
+  `CoordinatorNotReachedError` only when the request surely never left: no connection could
+  be made, or no coordinator is configured, so the coordinator changed nothing);
 - `MetadataVersionFloor` remembers, on disk, the highest `metadata_version` (and the hash of
   its metadata bytes) this HSA has accepted for each key;
 - `KeyCache` verifies records (the writer's signature under the verified head's hosts,
@@ -67,7 +69,7 @@ from typing import Any, Final, cast
 import grpc
 from google.protobuf.message import DecodeError
 
-from domain_core import keytokens, policy
+from domain_core import keytokens, policy, transport
 from domain_core.errors import (
     AlreadyExistsError,
     BadSignatureError,
@@ -90,6 +92,7 @@ __all__ = [
     "DEFAULT_TTL_SECONDS",
     "FLOOR_FILE",
     "CachedKey",
+    "CoordinatorNotReachedError",
     "CoordinatorUnreachableError",
     "KeyCache",
     "KeyRecordClient",
@@ -116,7 +119,14 @@ _SHOWN: Final = 200
 
 
 class CoordinatorUnreachableError(UnavailableError):
-    """The coordinator did not answer a key-record call (down, paused, or refusing us)."""
+    """The coordinator did not answer a key-record call (down, paused, or refusing us).
+
+    A write may still have reached it (a deadline passed, a connection was lost mid-call)."""
+
+
+class CoordinatorNotReachedError(CoordinatorUnreachableError):
+    """The key-record call never left this HSA (no connection, or no coordinator configured):
+    the coordinator changed nothing."""
 
 
 def iso_date(timestamp: int) -> str:
@@ -159,7 +169,8 @@ class KeyRecordClient:
     FailedPreconditionError, INVALID_ARGUMENT -> InvalidInputError, RESOURCE_EXHAUSTED ->
     ResourceExhaustedError (a quota), PERMISSION_DENIED -> UnavailableError (the coordinator
     refuses this host, e.g. while it is being removed: use another HSA), anything else
-    (unreachable, deadline exceeded, internal) -> CoordinatorUnreachableError.
+    (unreachable, deadline exceeded, internal) -> CoordinatorUnreachableError, or
+    CoordinatorNotReachedError when gRPC says no connection was made (nothing was sent).
     Nothing is retried here: callers decide (only idempotent calls may be retried).
     """
 
@@ -186,7 +197,7 @@ class KeyRecordClient:
 
     def _call(self, method: str, request: Any, timeout: float | None) -> Any:
         if self._stub is None:
-            raise CoordinatorUnreachableError(
+            raise CoordinatorNotReachedError(
                 f"no coordinator is configured on this HSA to call {method}"
             )
         try:
@@ -215,6 +226,11 @@ class KeyRecordClient:
                 f"the coordinator refused {method} from this HSA ({details}): use another HSA"
             )
         name = code.name if code is not None else "ERROR"
+        if transport.never_sent(code, details):
+            return CoordinatorNotReachedError(
+                f"the coordinator at {self._address} cannot be reached to call {method} "
+                f"({name}: {details})"
+            )
         return CoordinatorUnreachableError(
             f"the coordinator at {self._address} did not answer {method} ({name}: {details})"
         )

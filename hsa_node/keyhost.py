@@ -89,7 +89,9 @@ class KeyServiceHost:
             audit.close()
             raise
         channel = (
-            transport.mtls_channel(config.coordinator, tls, limits) if config.coordinator else None
+            transport.mtls_channel(config.coordinator, tls, transport.COORDINATOR, limits)
+            if config.coordinator
+            else None
         )
         cache = KeyCache(
             domain_id=node.domain_id,

@@ -29,7 +29,12 @@ Invariants:
 - a metadata change reads the key from the coordinator (not the cache), builds the next
   metadata (`metadata_version` + 1), re-seals every token over the new metadata bytes and
   writes with a compare-and-swap on the revision it read (retried up to 3 times on a
-  conflict); it is acknowledged only once the coordinator stored it.
+  conflict); it is acknowledged only once the coordinator stored it;
+- a write (CreateKey, a metadata change) that fails because the coordinator cannot be reached
+  is `NotAppliedError` (UNAVAILABLE, marked "nothing applied" on the wire) only when nothing
+  was written: the request to the coordinator never left, or only the read before the write
+  failed. When the write may have reached the coordinator (a deadline, a connection lost
+  mid-call) it is a plain UNAVAILABLE: the outcome is unknown and the caller must look.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ from domain_core.errors import (
     InvalidCiphertextError,
     InvalidInputError,
     LimitExceededError,
+    NotAppliedError,
     NotFoundError,
     PermissionDeniedError,
     ResourceExhaustedError,
@@ -61,6 +67,7 @@ from domain_core.pb import keys_pb2, services_pb2, services_pb2_grpc
 from hsa_node._logging import ThrottledLog
 from hsa_node.keycache import (
     CachedKey,
+    CoordinatorNotReachedError,
     CoordinatorUnreachableError,
     KeyCache,
     iso_date,
@@ -581,9 +588,14 @@ class KeyServiceServicer(services_pb2_grpc.KeyServiceServicer):
             call.key_id = metadata.key_id
             try:
                 entry = self._cache.store(metadata, {1: crypto.new_aes_key()}, 0)
+            except CoordinatorNotReachedError:
+                raise NotAppliedError(
+                    "the coordinator is unreachable; CreateKey needs it and created nothing: retry"
+                ) from None
             except CoordinatorUnreachableError:
                 raise UnavailableError(
-                    "the coordinator is unreachable; CreateKey needs it: retry"
+                    "the coordinator did not confirm that it stored the new key (it may have): "
+                    "look for it (ListKeys) before creating another"
                 ) from None
             log.info("key %s created by %s", entry.key_id, call.principal)
             return services_pb2.KeyMetadataResponse(metadata=entry.metadata)
@@ -607,8 +619,11 @@ class KeyServiceServicer(services_pb2_grpc.KeyServiceServicer):
                 try:
                     entry = self._cache.get(key_id, fresh=True)
                 except CoordinatorUnreachableError:
-                    raise UnavailableError(
-                        f"the coordinator is unreachable; {operation} needs it: retry"
+                    # Only a read failed (any earlier write of this call lost its
+                    # compare-and-swap): nothing changed.
+                    raise NotAppliedError(
+                        f"the coordinator is unreachable; {operation} needs it and changed "
+                        "nothing: retry"
                     ) from None
                 self._authorize(entry, call, keys_pb2.KEY_OPERATION_ADMIN)
                 metadata = keys_pb2.KeyMetadata()
@@ -625,9 +640,15 @@ class KeyServiceServicer(services_pb2_grpc.KeyServiceServicer):
                     continue
                 except NotFoundError:
                     raise NotFoundError(f"key {key_id} does not exist") from None
+                except CoordinatorNotReachedError:
+                    raise NotAppliedError(
+                        f"the coordinator is unreachable; {operation} needs it and changed "
+                        "nothing: retry"
+                    ) from None
                 except CoordinatorUnreachableError:
                     raise UnavailableError(
-                        f"the coordinator is unreachable; {operation} needs it: retry"
+                        f"the coordinator did not confirm that it stored {operation} of key "
+                        f"{key_id} (it may have): describe the key before trying again"
                     ) from None
                 call.detail = f"metadata version {stored.metadata.metadata_version}" + (
                     f", {extra}" if (extra := detail(stored.metadata)) else ""

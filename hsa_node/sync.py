@@ -135,12 +135,15 @@ class Syncer:
         self._threads: list[threading.Thread] = []
         self._watch_call: Any = None  # the stream call, cancelled on stop
         self._peer_channels: dict[str, grpc.Channel] = {}
+        self._peer_hosts: dict[str, str] = {}  # the host each peer channel accepts
         self._throttled = ThrottledLog(log)
         self._coordinator_channel: grpc.Channel | None = None
         self._coordinator: services_pb2_grpc.CoordinatorStub | None = None
         self._state_changed = threading.Event()  # set by the node: register again soon
         if coordinator:
-            self._coordinator_channel = transport.mtls_channel(coordinator, tls, limits)
+            self._coordinator_channel = transport.mtls_channel(
+                coordinator, tls, transport.COORDINATOR, limits
+            )
             self._coordinator = services_pb2_grpc.CoordinatorStub(  # type: ignore[no-untyped-call]
                 self._coordinator_channel
             )
@@ -343,15 +346,23 @@ class Syncer:
 
     # --- gossip --------------------------------------------------------------------------
 
-    def _peer_channel(self, address: str, known: set[str]) -> grpc.Channel:
-        """A reused channel to `address`; channels to addresses no longer listed are closed."""
+    def _peer_channel(self, address: str, host_id: str, known: set[str]) -> grpc.Channel:
+        """A reused channel to `address` that accepts only the HSA `host_id` (in the TLS
+        handshake); channels to addresses no longer listed are closed."""
         with self._lock:
             for stale in [a for a in self._peer_channels if a not in known]:
                 self._peer_channels.pop(stale).close()
+                self._peer_hosts.pop(stale, None)
             channel = self._peer_channels.get(address)
+            if channel is not None and self._peer_hosts.get(address) != host_id:
+                self._peer_channels.pop(address).close()  # the address changed hands
+                channel = None
             if channel is None:
-                channel = transport.mtls_channel(address, self._tls, self._limits)
+                channel = transport.mtls_channel(
+                    address, self._tls, transport.hsa_host(host_id), self._limits
+                )
                 self._peer_channels[address] = channel
+                self._peer_hosts[address] = host_id
             return channel
 
     def gossip_once(self) -> int:
@@ -365,7 +376,7 @@ class Syncer:
             return 0
         peer = secrets.choice(peers)
         stub = services_pb2_grpc.HsaPeerStub(  # type: ignore[no-untyped-call]
-            self._peer_channel(peer.address, {p.address for p in peers})
+            self._peer_channel(peer.address, peer.host_id, {p.address for p in peers})
         )
         limit = self._limits.max_states_per_response
 

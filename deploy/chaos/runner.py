@@ -12,10 +12,14 @@ already, starts the coordinator and every member HSA itself (with pid files, so
   one address across coordinator restarts.
 The status sampler and every final check talk to each process directly, not through proxies.
 
-Invariants: every process and proxy the runner started is stopped, paused processes are
-resumed first, and the node configs are restored byte for byte, whatever happens (normal end,
-error, Ctrl-C); the run's files live in DIR/chaos/ (the history as JSON lines, the throwaway
-operator tokens, which are deleted at the end); nothing secret is printed or written.
+Invariants: a domain that runs already (any process with a live pid file) is refused before
+anything is touched (no file written, no process signalled), and so is one that another
+command is starting (the domain lock, `cluster.domain_lock`, held for the whole run); every
+process and proxy the runner started is stopped, paused processes are resumed first, only the
+run files of the processes it started are removed, and the node configs are restored byte
+for byte, whatever happens (normal end, error, Ctrl-C); the run's files live in DIR/chaos/
+(the history as JSON lines, the throwaway operator tokens, which are deleted at the end);
+nothing secret is printed or written.
 """
 
 from __future__ import annotations
@@ -121,6 +125,7 @@ class ChaosRunner:
         self.coordinator_proxies: dict[str, TcpProxy] = {}
         self.operator_proxy: TcpProxy | None = None
         self._saved_configs: dict[Path, bytes] = {}
+        self._started: set[str] = set()  # every process name this run started
         self._paused: set[str] = set()
         self._lock = threading.RLock()
         self.tls: TlsMaterial = cluster.client_tls(layout)
@@ -128,18 +133,16 @@ class ChaosRunner:
     # --- setting up ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the coordinator, the proxies and every member HSA; wait until converged."""
-        running = cluster.live_pids(self.layout)
-        if running:
-            names = ", ".join(f"{n} (pid {p})" for n, p in running.items())
-            raise InvalidInputError(
-                f"{self.layout.root} is running already ({names}); "
-                f"stop it first: hsm-domain down {self.layout.root}"
-            )
+        """Start the coordinator, the proxies and every member HSA; wait until converged.
+
+        The caller holds the domain lock and has refused a running domain
+        (`refuse_if_running`)."""
+        refuse_if_running(self.layout)
         cluster.remove_run_files(self.layout, self.layout.process_names)
         for path in self.layout.node_configs.values():
             self._saved_configs[path] = path.read_bytes()
         timeout = self.options.start_timeout
+        self._started.add(COORDINATOR_NAME)
         self.processes[COORDINATOR_NAME] = cluster.start_coordinator(
             self.layout, detach=True, timeout=timeout
         )
@@ -206,6 +209,7 @@ class ChaosRunner:
         """Start an HSA (pointed at its coordinator proxy); return once it is serving."""
         with self._lock:
             self._point_at_proxy(host)
+            self._started.add(host)
             process = cluster.start_node(
                 self.layout, host, detach=True, timeout=self.options.start_timeout
             )
@@ -293,7 +297,7 @@ class ChaosRunner:
                 list(pool.map(lambda p: cluster.stop_process(p, grace=3.0), nodes))
         if COORDINATOR_NAME in processes:
             cluster.stop_process(processes[COORDINATOR_NAME], grace=3.0)
-        cluster.remove_run_files(self.layout, self.layout.process_names)
+        cluster.remove_run_files(self.layout, sorted(self._started))
         for proxy in [
             *self.client_proxies.values(),
             *self.coordinator_proxies.values(),
@@ -519,9 +523,31 @@ class _Signals:
             signal.signal(signum, handler)
 
 
+def refuse_if_running(layout: DomainLayout) -> None:
+    """InvalidInputError (one line) if any process of the domain runs: the chaos run starts,
+    kills and restarts the processes itself, so it never takes over (or loses track of) ones
+    that `hsm-domain up` started."""
+    running = cluster.live_pids(layout)
+    if running:
+        names = ", ".join(f"{n} (pid {p})" for n, p in running.items())
+        raise InvalidInputError(
+            f"{layout.root} is running already ({names}); chaos starts its own processes: "
+            f"stop it first: hsm-domain down {layout.root}"
+        )
+
+
 def run_chaos(options: ChaosOptions, out: TextIO) -> ChaosReport:
-    """Run one chaos experiment on the domain in `options.directory`; return its report."""
+    """Run one chaos experiment on the domain in `options.directory`; return its report.
+
+    A running domain (or one another command is starting) is refused before anything is
+    written or started."""
     layout = load_layout(Path(options.directory))
+    with cluster.domain_lock(layout, f"hsm-domain chaos {layout.root}"):
+        refuse_if_running(layout)
+        return _run_chaos(layout, options, out)
+
+
+def _run_chaos(layout: DomainLayout, options: ChaosOptions, out: TextIO) -> ChaosReport:
     signers = _operator_signers(layout)
     history_path = options.history_file()
     chaos_dir = layout.root / CHAOS_DIR

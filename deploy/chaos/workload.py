@@ -48,7 +48,7 @@ from domain_core.kms_client import KeyClient
 from domain_core.model import NONCE_BYTES, Proposal, SealedState, make_operator
 from domain_core.pb import domain_pb2, services_pb2, services_pb2_grpc
 from domain_core.signers import SignatureAlgorithm, Signer, create_file_token
-from domain_core.transport import TlsMaterial, mtls_channel
+from domain_core.transport import TlsMaterial, hsa_host, mtls_channel
 
 __all__ = [
     "CHAOS_OPERATOR_PREFIX",
@@ -542,7 +542,9 @@ class Sampler(threading.Thread):
                 if address is not None:
                     channel = channels.get(address)
                     if channel is None:
-                        channel = channels[address] = mtls_channel(address, self._tls)
+                        channel = channels[address] = mtls_channel(
+                            address, self._tls, hsa_host(host)
+                        )
                     stub = services_pb2_grpc.HsaAdminStub(channel)  # type: ignore[no-untyped-call]
                     try:
                         status: services_pb2.HsaStatus = stub.GetStatus(

@@ -8,7 +8,8 @@ then checks its invariants. The test asserts that it exits 0, that its JSON repo
 invariant held and every fault type was injected, that it did real work, that its history
 holds no secret, and that it left nothing behind (no process, no pid file, configs as before).
 
-A second, short case checks the usage errors (exit 2) and the refusal of a running domain.
+Two short cases check the usage errors (exit 2) and the refusal of a domain that `up` started
+(nothing touched, `down` still stops it).
 Runtime: about 45-55 s for the first case (30 s of faults, start, final checks), 2 s for the
 second, on 2 cores.
 """
@@ -172,7 +173,7 @@ def test_chaos_run_with_every_fault_type_keeps_every_invariant(
     assert not list((domain.root / "chaos").glob("operators-*"))
 
 
-def test_usage_errors_and_a_running_domain_are_refused(domain: DomainLayout) -> None:
+def test_usage_errors_exit_2(domain: DomainLayout) -> None:
     for args in (
         ["--faults", "kill,meteor"],
         ["--duration", "0"],
@@ -183,13 +184,44 @@ def test_usage_errors_and_a_running_domain_are_refused(domain: DomainLayout) -> 
         assert result.returncode == 2, (args, result.stdout)
     assert "unknown fault type(s) meteor" in run_chaos(domain.root, "--faults", "meteor").stdout
 
-    # A domain that runs already is not the chaos tool's to take over.
-    process = cluster.start_coordinator(domain, detach=True)
-    try:
-        result = run_chaos(domain.root, "--duration", "1", timeout=60)
-        assert result.returncode == 1
-        assert "stop it first: hsm-domain down" in result.stdout
-        assert process.poll() is None  # untouched
-    finally:
-        cluster.stop_process(process)
-        cluster.remove_run_files(domain, [COORDINATOR_NAME])
+
+def test_a_running_domain_is_refused_before_anything_is_touched(domain: DomainLayout) -> None:
+    """Issue 13, item 12: on a domain `up` started, chaos printed "stopping the domain",
+    failed, and removed the pid files of the four processes it left running. It must refuse
+    with one line, touching nothing, and `down` must still stop everything."""
+    up = subprocess.run(
+        [hsm_domain(), "up", str(domain.root), "--detach"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "GRPC_VERBOSITY": "ERROR"},
+        timeout=120,
+        check=False,
+    )
+    assert up.returncode == 0, up.stdout + up.stderr
+    running = cluster.live_pids(domain)
+    assert sorted(running) == [COORDINATOR_NAME, "hsa-1", "hsa-2", "hsa-3"]
+    files = {p: p.read_bytes() for p in domain.run_dir.iterdir()}
+
+    result = run_chaos(domain.root, "--duration", "1", "--seed", "3", timeout=60)
+    assert result.returncode == 1, result.stdout
+    assert result.stdout.count("\n") == 1, result.stdout
+    assert result.stdout.startswith("hsm-domain: error: ")
+    assert "is running already" in result.stdout
+    assert f"stop it first: hsm-domain down {domain.root}" in result.stdout
+    assert "stopping" not in result.stdout
+    # Untouched: the same processes, the same run files, no chaos directory.
+    assert cluster.live_pids(domain) == running
+    assert {p: p.read_bytes() for p in domain.run_dir.iterdir()} == files
+    assert not (domain.root / "chaos").exists()
+
+    down = subprocess.run(
+        [hsm_domain(), "down", str(domain.root)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert "stopped 4 processes" in down.stdout
+    assert processes_using(domain.root) == []
+    assert cluster.live_pids(domain) == {}

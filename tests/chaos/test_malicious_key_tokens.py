@@ -107,7 +107,9 @@ class Client:
     def channel(self, host: str) -> grpc.Channel:
         address = self.procs.addresses[host]
         if address not in self._channels:
-            self._channels[address] = transport.mtls_channel(address, self.tls)
+            self._channels[address] = transport.mtls_channel(
+                address, self.tls, transport.hsa_host(host)
+            )
         return self._channels[address]
 
     def on(self, host: str) -> Any:

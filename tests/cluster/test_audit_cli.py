@@ -23,7 +23,7 @@ from deploy.init import DomainLayout, add_node, init_domain, load_layout
 from domain_core.audit import AuditLog
 from domain_core.identity import HostIdentity
 from domain_core.pb import services_pb2, services_pb2_grpc
-from domain_core.transport import mtls_channel
+from domain_core.transport import ANY_HSA, mtls_channel
 
 pytestmark = pytest.mark.cluster
 __all__ = ["local_cluster"]  # the fixture, imported for the test that runs a domain
@@ -190,12 +190,12 @@ def test_running_nodes_audit_the_calls_they_serve(
     plaintext = b"the secret recipe: 4 parts gin, 1 part vermouth"
     context = {"order": "42", "tenant": "acme"}
 
-    with mtls_channel(addresses["hsa-1"], cluster.client_tls()) as channel:
+    with mtls_channel(addresses["hsa-1"], cluster.client_tls(), ANY_HSA) as channel:
         stub = services_pb2_grpc.KeyServiceStub(channel)
         key_id = stub.CreateKey(
             services_pb2.CreateKeyRequest(description="audit test"), timeout=30
         ).metadata.key_id
-    with mtls_channel(addresses["hsa-2"], cluster.client_tls()) as channel:
+    with mtls_channel(addresses["hsa-2"], cluster.client_tls(), ANY_HSA) as channel:
         stub = services_pb2_grpc.KeyServiceStub(channel)
         blobs = [
             stub.Encrypt(
@@ -206,7 +206,7 @@ def test_running_nodes_audit_the_calls_they_serve(
             ).ciphertext_blob
             for _ in range(3)
         ]
-    with mtls_channel(addresses["hsa-3"], cluster.client_tls()) as channel:
+    with mtls_channel(addresses["hsa-3"], cluster.client_tls(), ANY_HSA) as channel:
         stub = services_pb2_grpc.KeyServiceStub(channel)
         opened = stub.Decrypt(
             services_pb2.DecryptRequest(ciphertext_blob=blobs[0], encryption_context=context),

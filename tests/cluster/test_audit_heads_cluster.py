@@ -29,7 +29,7 @@ from deploy.cluster import ProcessStartError, coordinator_operator_channel
 from domain_core.audit import AuditHead, head_file
 from domain_core.config import NodeConfig
 from domain_core.pb import services_pb2, services_pb2_grpc
-from domain_core.transport import TlsMaterial, mtls_channel
+from domain_core.transport import ANY_HSA, COORDINATOR, TlsMaterial, mtls_channel
 
 pytestmark = pytest.mark.cluster
 __all__ = ["local_cluster"]
@@ -60,14 +60,14 @@ def line_of(output: str, label: str) -> str:
 
 
 def create_key(cluster: LocalCluster, address: str) -> str:
-    with mtls_channel(address, cluster.client_tls()) as channel:
+    with mtls_channel(address, cluster.client_tls(), ANY_HSA) as channel:
         stub = services_pb2_grpc.KeyServiceStub(channel)
         request = services_pb2.CreateKeyRequest(description="audit heads")
         return str(stub.CreateKey(request, timeout=30).metadata.key_id)
 
 
 def encrypt(cluster: LocalCluster, address: str, key_id: str, count: int) -> None:
-    with mtls_channel(address, cluster.client_tls()) as channel:
+    with mtls_channel(address, cluster.client_tls(), ANY_HSA) as channel:
         stub = services_pb2_grpc.KeyServiceStub(channel)
         for i in range(count):
             stub.Encrypt(
@@ -242,7 +242,9 @@ def test_the_coordinator_keeps_heads_up_and_nobody_believes_a_forged_one(
     other_value["host"] = "hsa-2"  # hsa-1 reporting a head of hsa-2
 
     def register(*checkpoints: bytes) -> services_pb2.RegisterHsaResponse:
-        with mtls_channel(cluster.coordinator_address, hsa_tls(cluster, HOST)) as channel:
+        with mtls_channel(
+            cluster.coordinator_address, hsa_tls(cluster, HOST), COORDINATOR
+        ) as channel:
             stub = services_pb2_grpc.CoordinatorStub(channel)
             return stub.RegisterHsa(
                 services_pb2.RegisterHsaRequest(

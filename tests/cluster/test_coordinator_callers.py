@@ -25,7 +25,7 @@ from domain_core import pki
 from domain_core.kms_client import KeyClient
 from domain_core.model import SealedState
 from domain_core.pb import domain_pb2, keys_pb2, services_pb2, services_pb2_grpc
-from domain_core.transport import TlsMaterial, mtls_channel
+from domain_core.transport import COORDINATOR, TlsMaterial, mtls_channel
 
 pytestmark = pytest.mark.cluster
 
@@ -51,7 +51,7 @@ def ca_issued_tls(cluster: LocalCluster, host: str) -> TlsMaterial:
 
 
 def coordinator_as(cluster: LocalCluster, tls: TlsMaterial) -> tuple[grpc.Channel, Any]:
-    channel = mtls_channel(cluster.coordinator_address, tls)
+    channel = mtls_channel(cluster.coordinator_address, tls, COORDINATOR)
     return channel, services_pb2_grpc.CoordinatorStub(channel)  # type: ignore[no-untyped-call]
 
 

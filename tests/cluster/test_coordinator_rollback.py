@@ -23,7 +23,7 @@ from support.cluster import LocalCluster
 
 from domain_core.client import rotate_domain_key
 from domain_core.pb import services_pb2, services_pb2_grpc
-from domain_core.transport import TlsMaterial, mtls_channel
+from domain_core.transport import ANY_HSA, COORDINATOR, TlsMaterial, mtls_channel
 
 pytestmark = pytest.mark.cluster
 
@@ -127,7 +127,7 @@ def test_a_store_restored_from_an_old_copy_is_reported_and_repaired(
     hsa_1 = TlsMaterial.from_files(
         cluster.layout.ca_cert, identity / "tls.crt", identity / "tls.key"
     )
-    with mtls_channel(cluster.coordinator_address, hsa_1) as channel:
+    with mtls_channel(cluster.coordinator_address, hsa_1, COORDINATOR) as channel:
         stub: Any = services_pb2_grpc.CoordinatorStub(channel)  # type: ignore[no-untyped-call]
         answer = stub.RegisterHsa(
             services_pb2.RegisterHsaRequest(
@@ -183,7 +183,7 @@ def test_the_coordinator_fetches_states_only_with_its_own_identity(
 ) -> None:
     """HsaAdmin.GetStatesAfter (the repair's source) answers the coordinator identity only."""
     cluster = local_cluster(nodes=1)
-    with mtls_channel(cluster.address("hsa-1"), cluster.client_tls()) as channel:
+    with mtls_channel(cluster.address("hsa-1"), cluster.client_tls(), ANY_HSA) as channel:
         stub: Any = services_pb2_grpc.HsaAdminStub(channel)  # type: ignore[no-untyped-call]
         with pytest.raises(grpc.RpcError) as refused:
             stub.GetStatesAfter(services_pb2.StatesAfterRequest(after_version=0), timeout=5)
@@ -193,7 +193,7 @@ def test_the_coordinator_fetches_states_only_with_its_own_identity(
     tls = TlsMaterial.from_files(
         cluster.layout.ca_cert, coordinator / "tls.crt", coordinator / "tls.key"
     )
-    with mtls_channel(cluster.address("hsa-1"), tls) as channel:
+    with mtls_channel(cluster.address("hsa-1"), tls, ANY_HSA) as channel:
         stub = services_pb2_grpc.HsaAdminStub(channel)  # type: ignore[no-untyped-call]
         states = stub.GetStatesAfter(services_pb2.StatesAfterRequest(after_version=0), timeout=5)
     assert [s.SerializeToString() for s in states.states] == [

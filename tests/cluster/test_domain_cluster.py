@@ -18,7 +18,7 @@ from support.cluster import LocalCluster
 
 from domain_core import pki
 from domain_core.pb import domain_pb2, services_pb2, services_pb2_grpc
-from domain_core.transport import channel_credentials, secure_channel
+from domain_core.transport import hsa_host, secure_channel
 
 pytestmark = pytest.mark.cluster
 
@@ -159,8 +159,12 @@ def test_coordinator_restart_loses_nothing(cluster: LocalCluster) -> None:
     cluster.wait_for(_all_at(cluster, GENESIS_NODES, version + 1), timeout=10, what="after restart")
 
 
-def _status_call(target: str, credentials: grpc.ChannelCredentials) -> Any:
-    with secure_channel(target, credentials) as channel:
+def _status_call(
+    target: str, ca_pem: bytes, cert_pem: bytes | None = None, key_pem: bytes | None = None
+) -> Any:
+    with secure_channel(
+        target, ca_pem, hsa_host("hsa-1"), cert_pem=cert_pem, key_pem=key_pem
+    ) as channel:
         stub = services_pb2_grpc.HsaPeerStub(channel)
         return stub.GetLatestState(services_pb2.LatestStateRequest(), timeout=3)
 
@@ -170,7 +174,7 @@ def test_mutual_tls_refuses_strangers(cluster: LocalCluster) -> None:
     now = datetime.now(UTC)
 
     with pytest.raises(grpc.RpcError) as no_cert:
-        _status_call(target, channel_credentials(cluster.ca_pem()))
+        _status_call(target, cluster.ca_pem())
     assert no_cert.value.code() == grpc.StatusCode.UNAVAILABLE
 
     other_ca = pki.DomainCA.create(cluster.layout.domain_id, now=now)
@@ -179,7 +183,7 @@ def test_mutual_tls_refuses_strangers(cluster: LocalCluster) -> None:
         pki.SpiffeId(cluster.layout.domain_id, "hsa", "hsa-2"), key.public_key(), now=now
     )
     with pytest.raises(grpc.RpcError) as foreign:
-        _status_call(target, channel_credentials(cluster.ca_pem(), cert, _pem(key)))
+        _status_call(target, cluster.ca_pem(), cert, _pem(key))
     assert foreign.value.code() == grpc.StatusCode.UNAVAILABLE
 
     # A certificate from the right CA for a host that is not in the domain state.
@@ -188,7 +192,7 @@ def test_mutual_tls_refuses_strangers(cluster: LocalCluster) -> None:
         pki.SpiffeId(cluster.layout.domain_id, "hsa", "hsa-9"), key.public_key(), now=now
     )
     with pytest.raises(grpc.RpcError) as not_in_state:
-        _status_call(target, channel_credentials(cluster.ca_pem(), stranger, _pem(key)))
+        _status_call(target, cluster.ca_pem(), stranger, _pem(key))
     assert not_in_state.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
     # And the same name as a real host, but not its certificate: still refused.
@@ -196,7 +200,7 @@ def test_mutual_tls_refuses_strangers(cluster: LocalCluster) -> None:
         pki.SpiffeId(cluster.layout.domain_id, "hsa", "hsa-2"), key.public_key(), now=now
     )
     with pytest.raises(grpc.RpcError) as wrong_key:
-        _status_call(target, channel_credentials(cluster.ca_pem(), impostor, _pem(key)))
+        _status_call(target, cluster.ca_pem(), impostor, _pem(key))
     assert wrong_key.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 

@@ -80,7 +80,7 @@ def endpoints(cluster: LocalCluster) -> list[str]:
 def key_stub(
     address: str, tls: TlsMaterial
 ) -> tuple[grpc.Channel, services_pb2_grpc.KeyServiceStub]:
-    channel = transport.mtls_channel(address, tls)
+    channel = transport.mtls_channel(address, tls, transport.hsa_host(HOST))
     return channel, services_pb2_grpc.KeyServiceStub(channel)  # type: ignore[no-untyped-call]
 
 
@@ -170,7 +170,7 @@ def test_workers_serve_follow_restart_and_stop(cluster: LocalCluster) -> None:
             assert client.decrypt(blob, CONTEXT) == plaintext
 
     # Workers serve the key service and Diagnostics, not the HSA's admin or peer services.
-    with transport.mtls_channel(worker_2, tls) as channel:
+    with transport.mtls_channel(worker_2, tls, transport.hsa_host(HOST)) as channel:
         assert transport.check_health(channel)
         echo = services_pb2_grpc.DiagnosticsStub(channel)  # type: ignore[no-untyped-call]
         assert echo.Echo(services_pb2.EchoMessage(payload=b"x"), timeout=DEADLINE).payload == b"x"
@@ -230,7 +230,7 @@ def test_workers_serve_follow_restart_and_stop(cluster: LocalCluster) -> None:
     def not_serving(address: str) -> bool:
         # The health status follows the node's serving flag through a listener, a moment
         # after the key service starts refusing.
-        with transport.mtls_channel(address, tls) as channel:
+        with transport.mtls_channel(address, tls, transport.hsa_host(HOST)) as channel:
             return not transport.check_health(channel)
 
     cluster.wait_for(

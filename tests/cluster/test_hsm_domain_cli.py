@@ -216,10 +216,11 @@ def test_up_detached_status_and_down(
     assert "all healthy" in text.stdout
     assert f"  hsa-2 reports version 1, state {report['genesis_hash'][:12]}" in text.stdout
 
-    refused = run("up", directory, "--detach")
-    assert refused.returncode == 1
-    assert "already running" in refused.stderr
-    assert f"hsm-domain down {directory}" in refused.stderr
+    again = run("up", directory, "--detach")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "nothing to start: every process runs already" in again.stdout
+    assert "3/3 nodes healthy on version 1" in again.stdout
+    assert recorded_pids(directory) == pids  # nothing restarted, nothing forgotten
 
     down = run("down", directory)
     assert down.returncode == 0, down.stderr
@@ -233,6 +234,74 @@ def test_up_detached_status_and_down(
     again = run("down", directory)
     assert again.returncode == 0
     assert "nothing is running" in again.stdout
+
+
+def test_up_again_starts_exactly_what_is_not_running(
+    initialised: Path, tmp_path: Path, domain_cleanup: Cleanup
+) -> None:
+    """Issue 13, item 14: one HSA crashed; `up` again starts that one and leaves the rest
+    running, says which is which, and `down` still stops every process."""
+    directory = domain_cleanup.watch(tmp_path / "domain")
+    shutil.copytree(initialised, directory)
+    first = run("up", directory, "--detach")
+    assert first.returncode == 0, first.stdout + first.stderr
+    pids = domain_cleanup.remember(directory)
+    os.killpg(pids["hsa-2"], signal.SIGKILL)
+    assert wait_gone({"hsa-2": pids["hsa-2"]}) == []
+
+    again = run("up", directory, "--detach", "--json")
+    assert again.returncode == 0, again.stdout + again.stderr
+    report = json.loads(again.stdout)
+    assert report["started"] == ["hsa-2"]
+    kept = {n: p for n, p in pids.items() if n != "hsa-2"}
+    assert report["already_running"] == kept
+    assert report["version"] == 1
+    now = domain_cleanup.remember(directory)
+    assert {n: p for n, p in now.items() if n != "hsa-2"} == kept
+    assert now["hsa-2"] != pids["hsa-2"]
+    assert cluster.is_alive(now["hsa-2"])
+    assert report["endpoints"]["hsa-2"]["pid"] == str(now["hsa-2"])
+    assert run("status", directory).returncode == 0  # every process healthy again
+
+    # The coordinator and a node down: the text output says what it started and what ran.
+    os.killpg(now["coordinator"], signal.SIGKILL)
+    os.killpg(now["hsa-3"], signal.SIGKILL)
+    assert wait_gone({n: now[n] for n in ("coordinator", "hsa-3")}) == []
+    text = run("up", directory, "--detach")
+    assert text.returncode == 0, text.stdout + text.stderr
+    assert f"hsa-1 running already (pid {now['hsa-1']})" in text.stdout
+    assert "coordinator serving at 127.0.0.1:" in text.stdout
+    assert "2/2 nodes started" not in text.stdout  # only one node was down
+    assert (
+        f"started: coordinator, hsa-3; running already: hsa-1 (pid {now['hsa-1']}), "
+        f"hsa-2 (pid {now['hsa-2']})"
+    ) in text.stdout
+    assert "3/3 nodes healthy on version 1" in text.stdout
+    final = domain_cleanup.remember(directory)
+    assert sorted(final) == ["coordinator", "hsa-1", "hsa-2", "hsa-3"]
+    assert all(cluster.is_alive(pid) for pid in final.values())
+
+    down = run("down", directory)
+    assert down.returncode == 0, down.stderr
+    assert "stopped 4 processes" in down.stdout
+    assert wait_gone(final) == []
+    assert list((directory / "run").iterdir()) == []
+
+
+def test_up_is_refused_while_another_command_starts_processes(
+    initialised: Path, tmp_path: Path, domain_cleanup: Cleanup
+) -> None:
+    """Two commands that check what runs and start the rest at once would start a process
+    twice, and the second pid file would hide the first copy: the domain lock makes one wait."""
+    directory = domain_cleanup.watch(tmp_path / "domain")
+    shutil.copytree(initialised, directory)
+    with cluster.domain_lock(load_layout(directory), "a test"):
+        busy = run("up", directory, "--detach")
+    assert busy.returncode == 1
+    assert busy.stderr.count("\n") == 1, busy.stderr
+    assert "is busy: another hsm-domain command" in busy.stderr
+    assert recorded_pids(directory) == {}
+    assert not (directory / "run").exists() or list((directory / "run").iterdir()) == []
 
 
 def _read_until(process: subprocess.Popen[str], marker: str, timeout: float) -> list[str]:
@@ -290,6 +359,44 @@ def test_up_without_arguments_creates_hsm_cluster_and_stops_on_sigint(
     assert list((directory / "run").iterdir()) == []
     layout = load_layout(directory)
     assert cluster.live_pids(layout) == {}
+
+
+def test_ctrl_c_on_up_stops_only_what_that_up_started(
+    initialised: Path, tmp_path: Path, domain_cleanup: Cleanup
+) -> None:
+    """A foreground `up` that restarted one crashed node owns that node only: Ctrl-C stops
+    it and leaves the processes that ran before it (which `down` still stops)."""
+    directory = domain_cleanup.watch(tmp_path / "domain")
+    shutil.copytree(initialised, directory)
+    assert run("up", directory, "--detach").returncode == 0
+    pids = domain_cleanup.remember(directory)
+    os.killpg(pids["hsa-3"], signal.SIGKILL)
+    assert wait_gone({"hsa-3": pids["hsa-3"]}) == []
+    up = subprocess.Popen(
+        [hsm_domain(), "up", str(directory)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "GRPC_VERBOSITY": "ERROR"},
+        start_new_session=True,
+    )
+    domain_cleanup.groups.append(up.pid)
+    lines = _read_until(up, "Ctrl-C here stops what this command started (hsa-3)", UP_TIMEOUT)
+    text = "\n".join(lines)
+    assert "3/3 nodes healthy on version 1" in text
+    assert "started: hsa-3; running already: coordinator (pid" in text
+    restarted = domain_cleanup.remember(directory)["hsa-3"]
+    assert restarted != pids["hsa-3"]
+    up.send_signal(signal.SIGINT)
+    stdout, stderr = up.communicate(timeout=30)
+    assert up.returncode == 0, stderr
+    assert "SIGINT: stopping what this command started (hsa-3) ..." in stdout
+    assert wait_gone({"hsa-3": restarted}) == []
+    before = {n: p for n, p in pids.items() if n != "hsa-3"}
+    assert cluster.live_pids(load_layout(directory)) == before
+    down = run("down", directory)
+    assert "stopped 3 processes" in down.stdout, down.stdout + down.stderr
+    assert wait_gone(before) == []
 
 
 @pytest.mark.parametrize(

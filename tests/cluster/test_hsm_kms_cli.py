@@ -19,13 +19,16 @@ from pathlib import Path
 
 import pytest
 from support.cluster import LocalCluster
+from support.impostor import ImpostorServer
 
 from domain_core.kms_cli import build_parser
+from domain_core.transport import TlsMaterial
 
 pytestmark = pytest.mark.cluster
 
 HSM_KMS = shutil.which("hsm-kms", path=str(Path(sys.executable).parent)) or "hsm-kms"
 UNKNOWN_KEY = "1b4e28ba-2fa1-41d2-883f-0016d3cca427"
+SECRET = b"a secret that only an HSA may see"
 
 
 def _run(
@@ -219,3 +222,27 @@ def test_every_help_exits_0_with_an_example() -> None:
     for command, result in zip(commands, results, strict=True):
         assert result.returncode == 0, (command, result.stderr.decode())
         assert "Example:" in result.stdout.decode(), command
+
+
+def test_hsm_kms_sends_nothing_to_a_server_holding_the_coordinator_certificate(
+    local_cluster: Callable[..., LocalCluster],
+) -> None:
+    """The coordinator's certificate is the domain CA's, and its address is in every node
+    config: pointed at a server holding it, hsm-kms refuses it in the handshake, with one
+    line that says why, and the plaintext never leaves."""
+    cluster = local_cluster(nodes=1)
+    root = cluster.layout.root
+    coordinator_tls = TlsMaterial.from_files(
+        cluster.layout.ca_cert, root / "coordinator" / "tls.crt", root / "coordinator" / "tls.key"
+    )
+    client = ["--ca", str(cluster.layout.ca_cert)]
+    client += ["--cert", str(cluster.layout.client_cert), "--key", str(cluster.layout.client_key)]
+    with ImpostorServer(coordinator_tls) as impostor:
+        endpoint = ["--endpoint", impostor.address, "--timeout", "3"]
+        encrypted = _run(["encrypt", "--key-id", UNKNOWN_KEY, *endpoint, *client], None, SECRET)
+        created = _run(["create-key", *endpoint, *client])
+    assert impostor.seen == []
+    for result in (encrypted, created):
+        err = _one_line_failure(result)
+        assert f"the server at {impostor.address} is not an HSA of domain local" in err
+        assert SECRET.decode() not in err

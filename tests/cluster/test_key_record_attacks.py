@@ -62,7 +62,9 @@ class Client:
 
     def on(self, host: str) -> Any:
         if host not in self._channels:
-            self._channels[host] = transport.mtls_channel(self.cluster.address(host), self.tls)
+            self._channels[host] = transport.mtls_channel(
+                self.cluster.address(host), self.tls, transport.hsa_host(host)
+            )
         return services_pb2_grpc.KeyServiceStub(self._channels[host])  # type: ignore[no-untyped-call]
 
     def close(self) -> None:
@@ -305,7 +307,7 @@ def test_a_removed_host_cannot_forge_key_records_and_its_keys_keep_working(
 
         # 2. Through the coordinator, with hsa-3's own certificate: refused there too.
         with transport.mtls_channel(
-            cluster.coordinator_address, host_tls(cluster, "hsa-3")
+            cluster.coordinator_address, host_tls(cluster, "hsa-3"), transport.COORDINATOR
         ) as channel:
             stub = services_pb2_grpc.CoordinatorStub(channel)  # type: ignore[no-untyped-call]
             current = stub_revision(cluster, target)
@@ -383,7 +385,9 @@ def put_signed_records(cluster: LocalCluster, host: str, count: int) -> list[str
     generation = head.manifest.current_generation
     signer = keytokens.RecordSigner(cluster.layout.domain_id, host, identity.signer)
     creator = f"spiffe://{cluster.layout.domain_id}/client/demo-app"
-    channel = transport.mtls_channel(cluster.coordinator_address, host_tls(cluster, host))
+    channel = transport.mtls_channel(
+        cluster.coordinator_address, host_tls(cluster, host), transport.COORDINATOR
+    )
     stub = services_pb2_grpc.CoordinatorStub(channel)  # type: ignore[no-untyped-call]
 
     def put(index: int) -> str:

@@ -35,7 +35,9 @@ class Client:
     def __init__(self, cluster: LocalCluster) -> None:
         self.cluster = cluster
         self.tls = tls = cluster.client_tls()
-        self.channels = {h: transport.mtls_channel(cluster.address(h), tls) for h in HOSTS}
+        self.channels = {
+            h: transport.mtls_channel(cluster.address(h), tls, transport.hsa_host(h)) for h in HOSTS
+        }
         self.stubs = {h: services_pb2_grpc.KeyServiceStub(c) for h, c in self.channels.items()}
 
     def on(self, host: str) -> Any:
@@ -58,7 +60,9 @@ class Client:
     def reconnect(self, host: str) -> None:
         """A new channel to a restarted node (the old one may be waiting out its backoff)."""
         self.channels[host].close()
-        self.channels[host] = transport.mtls_channel(self.cluster.address(host), self.tls)
+        self.channels[host] = transport.mtls_channel(
+            self.cluster.address(host), self.tls, transport.hsa_host(host)
+        )
         self.stubs[host] = services_pb2_grpc.KeyServiceStub(self.channels[host])
 
     def close(self) -> None:

@@ -8,13 +8,24 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
+import threading
+import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from support.cluster import LocalCluster
 
-from domain_core.errors import InvalidCiphertextError, NotFoundError, PermissionDeniedError
+from domain_core.errors import (
+    HsmDomainError,
+    InvalidCiphertextError,
+    NotAppliedError,
+    NotFoundError,
+    PermissionDeniedError,
+    UnavailableError,
+)
 from domain_core.kms_client import KeyClient, decrypt_envelope, encrypt_envelope, read_cluster
 
 pytestmark = pytest.mark.cluster
@@ -148,3 +159,157 @@ def test_envelope_of_a_30_mib_file_streams_and_detects_tampering(
             decrypt_envelope(client, source, back)
         assert str(info.value) == "invalid ciphertext"
         assert sorted(p.name for p in files.iterdir()) == ["data.bin", "data.hsme"]
+
+
+class _Load:
+    """Threads calling a KeyClient as fast as they can; every outcome is counted by name
+    ("ok", the domain error's class, or "FOREIGN ..." for anything that is not ours)."""
+
+    def __init__(self, client: KeyClient, key_id: str, blob: bytes, threads: int = 3) -> None:
+        self._client, self._key_id, self._blob = client, key_id, blob
+        self._threads = threads
+        self.outcomes: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def _one(self, turn: int) -> str:
+        try:
+            if turn % 3 == 0:
+                assert self._client.decrypt(self._blob, CONTEXT) == BEFORE
+            elif turn % 3 == 1:
+                self._client.encrypt(self._key_id, b"during", CONTEXT)
+            else:
+                self._client.generate_random(16)
+        except HsmDomainError as error:
+            return type(error).__name__
+        except BaseException as error:  # what the issue found: a foreign exception
+            return f"FOREIGN {error!r}"
+        return "ok"
+
+    def run(self, until: Callable[[Counter[str]], bool], timeout: float) -> Counter[str]:
+        """Call until `until(outcomes of this run)` holds, a foreign exception escapes, or
+        `timeout` passes; the outcomes of this run."""
+        mine: Counter[str] = Counter()
+        stop = threading.Event()
+        deadline = time.monotonic() + timeout
+
+        def work() -> None:
+            turn = 0
+            while not stop.is_set() and time.monotonic() < deadline:
+                outcome = self._one(turn)
+                turn += 1
+                with self._lock:
+                    mine[outcome] += 1
+                    self.outcomes[outcome] += 1
+                    if until(mine) or outcome.startswith("FOREIGN"):
+                        stop.set()
+
+        threads = [threading.Thread(target=work) for _ in range(self._threads)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return mine
+
+
+def _failed(outcomes: Counter[str]) -> int:
+    """Calls that failed for want of an HSA (UnavailableError, NotAppliedError among them)."""
+    return outcomes["UnavailableError"] + outcomes["NotAppliedError"]
+
+
+CONTEXT = {"tenant": "outage"}
+BEFORE = b"encrypted before the outage"
+
+
+def test_the_client_recovers_fully_after_a_whole_domain_outage(
+    local_cluster: Callable[..., LocalCluster],
+) -> None:
+    """Issue 13, item 13: every HSA down long enough under load that each endpoint fails
+    thousands of times in a row (the old cool-down overflowed after about 1,000), then back:
+    the client raised only its own errors, and every call succeeds again within a bound,
+    first with one HSA back, then with all."""
+    cluster = local_cluster(nodes=3)
+    endpoints = list(cluster.node_addresses().values())
+    tls = cluster.client_tls()
+    # Short attempts; three attempts per call, one on each endpoint, so that every failed
+    # call is one more consecutive failure of each of the three endpoints.
+    with KeyClient(
+        endpoints,
+        ca_pem=tls.ca_pem,
+        cert_pem=tls.cert_pem,
+        key_pem=tls.key_pem,
+        timeout=1.0,
+        attempts=3,
+        total_timeout=3.0,
+    ) as client:
+        key_id = client.create_key(description="outage").key_id
+        blob = client.encrypt(key_id, BEFORE, CONTEXT)
+        load = _Load(client, key_id, blob)
+        for host in cluster.hosts:
+            cluster.kill_node(host)
+        down = load.run(until=lambda seen: _failed(seen) >= 2500, timeout=240)
+        assert _failed(down) >= 2500, down
+        assert set(down) <= {"NotAppliedError", "UnavailableError"}, down
+
+        # One HSA back: within a bound, calls succeed; then every call does (the two dead
+        # endpoints are cooled down and failed over, never a reason for a call to fail).
+        cluster.start_node("hsa-1")
+        first = load.run(until=lambda seen: seen["ok"] >= 1, timeout=20)
+        assert first["ok"] >= 1, first
+        one_back = load.run(until=lambda seen: seen.total() >= 600, timeout=120)
+        assert one_back == {"ok": one_back.total()}, one_back
+
+        for host in ("hsa-2", "hsa-3"):
+            cluster.start_node(host)
+        all_back = load.run(until=lambda seen: seen.total() >= 600, timeout=120)
+        assert all_back == {"ok": all_back.total()}, all_back
+    assert not [o for o in load.outcomes if o.startswith("FOREIGN")], load.outcomes
+
+
+def test_create_key_without_the_coordinator_is_a_definite_retryable_failure(
+    local_cluster: Callable[..., LocalCluster],
+) -> None:
+    """Issue 13, item 14: with the coordinator stopped, an HSA cannot store a new key and
+    creates nothing; the client says so (NotAppliedError), not "may have been applied". A
+    paused coordinator is another matter: the write may land when it resumes, so that outcome
+    stays unknown."""
+    cluster = local_cluster(nodes=2)
+    with KeyClient.from_cluster(cluster.directory, timeout=5) as client:
+        key = client.create_key(description="before")
+        blob = client.encrypt(key.key_id, b"cached", CONTEXT)
+        before = {k.key_id for k in client.list_keys()}
+
+        cluster.stop_coordinator()
+        with pytest.raises(NotAppliedError) as refused:
+            client.create_key(description="while the coordinator is stopped")
+        message = str(refused.value)
+        assert "CreateKey was not applied" in message
+        assert "created nothing" in message
+        assert "may have been applied" not in message
+        with pytest.raises(NotAppliedError, match="changed nothing"):
+            client.disable_key(key.key_id)
+        assert client.decrypt(blob, CONTEXT) == b"cached"  # the data plane goes on
+
+        cluster.start_coordinator()
+        created = cluster.wait_for(
+            lambda: _try_create(client), timeout=30, what="CreateKey with the coordinator back"
+        )
+        # Nothing was created by the refused calls; the key is still enabled.
+        assert {k.key_id for k in client.list_keys()} == before | {created}
+        assert client.describe_key(key.key_id).state == "enabled"
+
+        # Paused, the coordinator holds the HSA's write unanswered: the outcome is unknown.
+        coordinator = cluster.pid("coordinator")
+        os.kill(coordinator, signal.SIGSTOP)
+        try:
+            with pytest.raises(UnavailableError, match="may have been applied") as unknown:
+                client.create_key(description="while the coordinator is paused")
+            assert not isinstance(unknown.value, NotAppliedError)
+        finally:
+            os.kill(coordinator, signal.SIGCONT)
+
+
+def _try_create(client: KeyClient) -> str | None:
+    try:
+        return client.create_key(description="after").key_id
+    except NotAppliedError:
+        return None

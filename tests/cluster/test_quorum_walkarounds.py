@@ -27,7 +27,7 @@ from domain_core.client import CoordinatorClient, ProposalView, add_operator, se
 from domain_core.model import make_operator
 from domain_core.pb import domain_pb2, services_pb2, services_pb2_grpc
 from domain_core.signers import InMemorySigner, SignatureAlgorithm
-from domain_core.transport import TlsMaterial, mtls_channel
+from domain_core.transport import ANY_HSA, TlsMaterial, mtls_channel
 
 pytestmark = pytest.mark.cluster
 
@@ -41,7 +41,7 @@ def _ask_hsa_to_apply(cluster: LocalCluster, view: ProposalView) -> grpc.RpcErro
     it holds: what a coordinator that skipped its own count would do. Returns the refusal."""
     root = cluster.layout.root / "coordinator"
     tls = TlsMaterial.from_files(cluster.layout.ca_cert, root / "tls.crt", root / "tls.key")
-    with mtls_channel(cluster.node_addresses()["hsa-1"], tls) as channel:
+    with mtls_channel(cluster.node_addresses()["hsa-1"], tls, ANY_HSA) as channel:
         stub = services_pb2_grpc.HsaAdminStub(channel)  # type: ignore[no-untyped-call]
         with pytest.raises(grpc.RpcError) as refused:
             stub.ApplyProposal(

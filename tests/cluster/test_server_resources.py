@@ -104,7 +104,9 @@ def channels_as_applications(
     cluster: LocalCluster, address: str, opened: list[grpc.Channel]
 ) -> list[grpc.Channel]:
     channels = [
-        transport.mtls_channel(address, application_tls(cluster, f"attacker-{index}"))
+        transport.mtls_channel(
+            address, application_tls(cluster, f"attacker-{index}"), transport.ANY_HSA
+        )
         for index in range(APPLICATIONS)
     ]
     opened.extend(channels)
@@ -131,7 +133,9 @@ def assert_everyone_is_served(cluster: LocalCluster, opened: list[grpc.Channel])
     hsa_tls = transport.TlsMaterial.from_files(
         cluster.layout.ca_cert, identity / "tls.crt", identity / "tls.key"
     )
-    hsa_channel = transport.mtls_channel(cluster.coordinator_address, hsa_tls)
+    hsa_channel = transport.mtls_channel(
+        cluster.coordinator_address, hsa_tls, transport.COORDINATOR
+    )
     opened.append(hsa_channel)
     as_hsa: Any = services_pb2_grpc.CoordinatorStub(hsa_channel)  # type: ignore[no-untyped-call]
     latest = as_hsa.GetLatestState(services_pb2.LatestStateRequest(), timeout=DEADLINE)

@@ -50,8 +50,8 @@ from domain_core.model import NONCE_BYTES, Proposal, SealedState
 from domain_core.pb import domain_pb2, keys_pb2, services_pb2, services_pb2_grpc
 from domain_core.signers import InMemorySigner, SignatureAlgorithm, Signer, load_file_token
 from domain_core.transport import (
+    COORDINATOR,
     TlsMaterial,
-    channel_credentials,
     check_health,
     mtls_channel,
     secure_channel,
@@ -182,7 +182,7 @@ def client(domain: Domain, coordinator: CoordinatorProcess) -> Iterator[Coordina
 
 
 def operator_stub(domain: Domain, coordinator: CoordinatorProcess) -> tuple[grpc.Channel, object]:
-    channel = secure_channel(coordinator.operator_address, channel_credentials(domain.ca_pem))
+    channel = secure_channel(coordinator.operator_address, domain.ca_pem, COORDINATOR)
     return channel, services_pb2_grpc.CoordinatorStub(channel)  # type: ignore[no-untyped-call]
 
 
@@ -201,10 +201,10 @@ def quorum_change() -> domain_pb2.Change:
 def test_ready_file_health_and_genesis(
     domain: Domain, coordinator: CoordinatorProcess, client: CoordinatorClient
 ) -> None:
-    channel = secure_channel(coordinator.operator_address, channel_credentials(domain.ca_pem))
+    channel = secure_channel(coordinator.operator_address, domain.ca_pem, COORDINATOR)
     with channel:
         assert check_health(channel, "hsmdomain.v1.Coordinator")
-    with mtls_channel(coordinator.address, domain.tls("hsa", "hsa-1")) as channel:
+    with mtls_channel(coordinator.address, domain.tls("hsa", "hsa-1"), COORDINATOR) as channel:
         assert check_health(channel)
     head = client.latest_state()
     assert head.version == 1
@@ -509,7 +509,7 @@ def test_hsa_only_calls_refuse_other_identities(
     domain: Domain, coordinator: CoordinatorProcess, method: str, request_message: object
 ) -> None:
     for kind, name in (("client", "demo-app"), ("coordinator", "coordinator")):
-        with mtls_channel(coordinator.address, domain.tls(kind, name)) as channel:
+        with mtls_channel(coordinator.address, domain.tls(kind, name), COORDINATOR) as channel:
             stub = services_pb2_grpc.CoordinatorStub(channel)  # type: ignore[no-untyped-call]
             with pytest.raises(grpc.RpcError) as refused:
                 getattr(stub, method)(request_message, timeout=5)
@@ -520,7 +520,7 @@ def test_hsa_only_calls_refuse_other_identities(
 def test_mtls_port_serves_operator_calls_to_hsas(
     domain: Domain, coordinator: CoordinatorProcess
 ) -> None:
-    with mtls_channel(coordinator.address, domain.tls("hsa", "hsa-2")) as channel:
+    with mtls_channel(coordinator.address, domain.tls("hsa", "hsa-2"), COORDINATOR) as channel:
         stub = services_pb2_grpc.CoordinatorStub(channel)  # type: ignore[no-untyped-call]
         state = stub.GetLatestState(services_pb2.LatestStateRequest(), timeout=5)
         assert SealedState.from_message(state).hash == domain.layout.genesis_hash
@@ -544,7 +544,7 @@ def test_key_records_for_hsas(domain: Domain, coordinator: CoordinatorProcess) -
     record = keys_pb2.KeyRecord(metadata=metadata.SerializeToString(), tokens=[token])
     host = HostIdentity.load(domain.layout.node_dir("hsa-1") / "identity")
     RecordSigner("local", "hsa-1", host.signer).sign(record)
-    with mtls_channel(coordinator.address, domain.tls("hsa", "hsa-1")) as channel:
+    with mtls_channel(coordinator.address, domain.tls("hsa", "hsa-1"), COORDINATOR) as channel:
         stub = services_pb2_grpc.CoordinatorStub(channel)  # type: ignore[no-untyped-call]
         put = stub.PutKey(services_pb2.PutKeyRequest(record=record), timeout=5)
         assert put.revision == 1
@@ -587,7 +587,7 @@ def test_key_records_for_hsas(domain: Domain, coordinator: CoordinatorProcess) -
 def test_register_hsa_must_match_its_certificate(
     domain: Domain, coordinator: CoordinatorProcess, client: CoordinatorClient
 ) -> None:
-    with mtls_channel(coordinator.address, domain.tls("hsa", "hsa-3")) as channel:
+    with mtls_channel(coordinator.address, domain.tls("hsa", "hsa-3"), COORDINATOR) as channel:
         stub = services_pb2_grpc.CoordinatorStub(channel)  # type: ignore[no-untyped-call]
         with pytest.raises(grpc.RpcError) as refused:
             stub.RegisterHsa(

@@ -30,7 +30,7 @@ from domain_core.config import CoordinatorConfig
 from domain_core.errors import FailedPreconditionError, StaleProposalError
 from domain_core.model import Proposal, SealedState
 from domain_core.pb import domain_pb2, services_pb2, services_pb2_grpc
-from domain_core.transport import mtls_channel, server_credentials
+from domain_core.transport import COORDINATOR, mtls_channel, server_credentials
 
 pytestmark = pytest.mark.integration
 
@@ -119,7 +119,7 @@ def start(
     port = server.add_secure_port("127.0.0.1:0", server_credentials(domain.tls("hsa", "hsa-1")))
     server.start()
     cleanup.append(lambda: server.stop(0).wait())
-    with mtls_channel(addresses.address, domain.tls("hsa", "hsa-1")) as channel:
+    with mtls_channel(addresses.address, domain.tls("hsa", "hsa-1"), COORDINATOR) as channel:
         stub: Any = services_pb2_grpc.CoordinatorStub(channel)  # type: ignore[no-untyped-call]
         stub.RegisterHsa(
             services_pb2.RegisterHsaRequest(host_id="hsa-1", address=f"127.0.0.1:{port}"),
@@ -229,7 +229,7 @@ def test_watch_states_streams_new_states_and_is_bounded(
     addresses = setup.coordinator.addresses
     assert addresses is not None
     received: list[int] = []
-    channel = mtls_channel(addresses.address, setup.domain.tls("hsa", "hsa-2"))
+    channel = mtls_channel(addresses.address, setup.domain.tls("hsa", "hsa-2"), COORDINATOR)
     cleanup.append(channel.close)
     stub: Any = services_pb2_grpc.CoordinatorStub(channel)  # type: ignore[no-untyped-call]
     stream = stub.WatchStates(services_pb2.WatchStatesRequest(after_version=0), timeout=30)
@@ -306,7 +306,7 @@ def test_each_hsas_reported_version_is_listed_for_operators(
 
     addresses = setup.coordinator.addresses
     assert addresses is not None
-    with mtls_channel(addresses.address, setup.domain.tls("hsa", "hsa-1")) as channel:
+    with mtls_channel(addresses.address, setup.domain.tls("hsa", "hsa-1"), COORDINATOR) as channel:
         stub: Any = services_pb2_grpc.CoordinatorStub(channel)  # type: ignore[no-untyped-call]
 
         def register(version: int, state_hash: bytes) -> Any:

@@ -31,7 +31,7 @@ from domain_core.client import CoordinatorClient, remove_host, rotate_domain_key
 from domain_core.config import NodeConfig
 from domain_core.pb import services_pb2, services_pb2_grpc
 from domain_core.signers import load_file_token
-from domain_core.transport import mtls_channel
+from domain_core.transport import hsa_host, mtls_channel
 
 pytestmark = pytest.mark.integration
 
@@ -96,7 +96,8 @@ class HsaProcess:
 
     def status(self) -> services_pb2.HsaStatus | None:
         """GetStatus as the demo-app client; None while unreachable."""
-        with mtls_channel(self.address, self.domain.tls("client", "demo-app")) as channel:
+        tls = self.domain.tls("client", "demo-app")
+        with mtls_channel(self.address, tls, hsa_host(self.host_id)) as channel:
             stub: Any = services_pb2_grpc.HsaAdminStub(channel)  # type: ignore[no-untyped-call]
             try:
                 status: services_pb2.HsaStatus = stub.GetStatus(

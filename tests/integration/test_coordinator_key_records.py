@@ -190,7 +190,7 @@ def test_a_signer_that_is_not_a_host_of_the_head_is_refused(
         SpiffeId("local", "hsa", "hsa-9"), tls_public_key(key_pem), now=datetime.now(UTC)
     )
     tls = TlsMaterial(ca_pem=layout.ca_cert.read_bytes(), cert_pem=cert, key_pem=key_pem)
-    channel = transport.mtls_channel(procs.addresses[COORDINATOR], tls)
+    channel = transport.mtls_channel(procs.addresses[COORDINATOR], tls, transport.COORDINATOR)
     try:
         stub: Any = services_pb2_grpc.CoordinatorStub(channel)  # type: ignore[no-untyped-call]
         outsider = keytokens.RecordSigner("local", "hsa-9", HostIdentity.generate("hsa-9").signer)

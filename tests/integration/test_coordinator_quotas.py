@@ -24,7 +24,7 @@ from test_coordinator import CoordinatorProcess, Domain, make_domain, operator_s
 from domain_core.limits import DEFAULT_LIMITS
 from domain_core.model import SealedState
 from domain_core.pb import services_pb2, services_pb2_grpc
-from domain_core.transport import mtls_channel
+from domain_core.transport import COORDINATOR, mtls_channel
 
 pytestmark = pytest.mark.integration
 
@@ -152,14 +152,18 @@ def test_a_loop_of_reads_on_the_operator_port_is_limited_and_hsas_are_not(
         assert loop.refused > 0
         assert loop.served <= rate * loop.elapsed + 2, loop
         # ... and so do other identities on the mutual-TLS port: only HSAs are not limited.
-        with mtls_channel(coordinator.address, domain.tls("client", "demo-app")) as app_channel:
+        with mtls_channel(
+            coordinator.address, domain.tls("client", "demo-app"), COORDINATOR
+        ) as app_channel:
             app: Any = services_pb2_grpc.CoordinatorStub(app_channel)  # type: ignore[no-untyped-call]
             loop = hammer(reads(app), seconds=2.5)
         assert loop.refused > 0
         assert loop.served <= rate * loop.elapsed + 2, loop
         # The HSAs of the domain, from the very same address, are never refused.
         hammer(reads(stub), until_refused=True)
-        with mtls_channel(coordinator.address, domain.tls("hsa", "hsa-1")) as hsa_channel:
+        with mtls_channel(
+            coordinator.address, domain.tls("hsa", "hsa-1"), COORDINATOR
+        ) as hsa_channel:
             hsa: Any = services_pb2_grpc.CoordinatorStub(hsa_channel)  # type: ignore[no-untyped-call]
             for _ in range(2 * burst):
                 states = hsa.GetStatesAfter(
@@ -214,8 +218,10 @@ def test_one_host_cannot_take_every_watch_stream(
 ) -> None:
     streams: list[Any] = []
     with (
-        mtls_channel(coordinator.address, domain.tls("hsa", "hsa-1")) as greedy_channel,
-        mtls_channel(coordinator.address, domain.tls("hsa", "hsa-2")) as other_channel,
+        mtls_channel(
+            coordinator.address, domain.tls("hsa", "hsa-1"), COORDINATOR
+        ) as greedy_channel,
+        mtls_channel(coordinator.address, domain.tls("hsa", "hsa-2"), COORDINATOR) as other_channel,
     ):
         greedy: Any = services_pb2_grpc.CoordinatorStub(greedy_channel)  # type: ignore[no-untyped-call]
         other: Any = services_pb2_grpc.CoordinatorStub(other_channel)  # type: ignore[no-untyped-call]

@@ -21,7 +21,7 @@ from test_coordinator_apply import start, wait_for
 
 from domain_core.client import remove_host, rotate_domain_key
 from domain_core.pb import domain_pb2, services_pb2, services_pb2_grpc
-from domain_core.transport import mtls_channel, server_credentials
+from domain_core.transport import COORDINATOR, mtls_channel, server_credentials
 
 pytestmark = pytest.mark.integration
 
@@ -73,7 +73,7 @@ def test_a_removed_host_left_in_the_registry_is_never_asked_to_apply(
     cleanup.append(lambda: server.stop(0).wait())
     addresses = setup.coordinator.addresses
     assert addresses is not None
-    with mtls_channel(addresses.address, setup.domain.tls("hsa", "hsa-3")) as channel:
+    with mtls_channel(addresses.address, setup.domain.tls("hsa", "hsa-3"), COORDINATOR) as channel:
         stub: Any = services_pb2_grpc.CoordinatorStub(channel)  # type: ignore[no-untyped-call]
         stub.RegisterHsa(
             services_pb2.RegisterHsaRequest(host_id="hsa-3", address=f"127.0.0.1:{port}"),

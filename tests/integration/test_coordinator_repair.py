@@ -25,7 +25,7 @@ from domain_core.client import CoordinatorClient, rotate_domain_key
 from domain_core.config import CoordinatorConfig
 from domain_core.model import SealedState
 from domain_core.pb import domain_pb2, services_pb2, services_pb2_grpc
-from domain_core.transport import mtls_channel, server_credentials
+from domain_core.transport import COORDINATOR, mtls_channel, server_credentials
 
 pytestmark = pytest.mark.integration
 
@@ -93,7 +93,7 @@ def test_the_repair_stores_only_states_that_verify(
     foreign = make_domain(tmp_path / "other").layout.genesis_state.read_bytes()
 
     def report(version: int, state_hash: bytes) -> int:
-        with mtls_channel(addresses.address, domain.tls("hsa", "hsa-1")) as channel:
+        with mtls_channel(addresses.address, domain.tls("hsa", "hsa-1"), COORDINATOR) as channel:
             stub: Any = services_pb2_grpc.CoordinatorStub(channel)  # type: ignore[no-untyped-call]
             answer = stub.RegisterHsa(
                 services_pb2.RegisterHsaRequest(

@@ -63,7 +63,7 @@ def issued(domain: Domain, kind: SpiffeKind, name: str) -> transport.TlsMaterial
 
 
 def as_holder(nodes: Nodes, host: str, tls: transport.TlsMaterial) -> grpc.Channel:
-    channel = transport.mtls_channel(nodes.addresses[host], tls)
+    channel = transport.mtls_channel(nodes.addresses[host], tls, transport.hsa_host(host))
     nodes.channels.append(channel)
     return channel
 

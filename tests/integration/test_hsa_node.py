@@ -207,12 +207,18 @@ def test_mutual_tls_and_caller_identities(domain: Domain, nodes: Nodes) -> None:
     ca_pem = domain.layout.ca_cert.read_bytes()
     status_request = services_pb2.HsaStatusRequest()
 
-    def channel_for(credentials: grpc.ChannelCredentials) -> grpc.Channel:
-        channel = transport.secure_channel(address, credentials)
+    def channel_for(tls: TlsMaterial | None = None) -> grpc.Channel:
+        channel = transport.secure_channel(
+            address,
+            ca_pem,
+            transport.hsa_host("hsa-1"),
+            cert_pem=tls.cert_pem if tls else None,
+            key_pem=tls.key_pem if tls else None,
+        )
         nodes.channels.append(channel)
         return channel
 
-    bare = channel_for(transport.channel_credentials(ca_pem))
+    bare = channel_for()
     no_cert = stub(services_pb2_grpc.HsaAdminStub, bare)
     error = rpc_error(lambda: no_cert.GetStatus(status_request, timeout=DEADLINE))
     assert code_of(error) == grpc.StatusCode.UNAVAILABLE
@@ -221,7 +227,7 @@ def test_mutual_tls_and_caller_identities(domain: Domain, nodes: Nodes) -> None:
     stranger = _foreign_tls(domain, other_ca, "coordinator", "coordinator")
     stranger_stub = stub(
         services_pb2_grpc.HsaAdminStub,
-        channel_for(transport.channel_credentials(ca_pem, stranger.cert_pem, stranger.key_pem)),
+        channel_for(stranger),
     )
     error = rpc_error(lambda: stranger_stub.GetStatus(status_request, timeout=DEADLINE))
     assert code_of(error) == grpc.StatusCode.UNAVAILABLE
@@ -249,7 +255,9 @@ def test_mutual_tls_and_caller_identities(domain: Domain, nodes: Nodes) -> None:
 
     # A host certificate from the right CA, but not in the domain state.
     ca = DomainCA.load(domain.layout.root / "ca")
-    intruder = transport.mtls_channel(address, _foreign_tls(domain, ca, "hsa", "hsa-9"))
+    intruder = transport.mtls_channel(
+        address, _foreign_tls(domain, ca, "hsa", "hsa-9"), transport.hsa_host("hsa-1")
+    )
     nodes.channels.append(intruder)
     error = rpc_error(
         lambda: stub(services_pb2_grpc.HsaPeerStub, intruder).GetStatesAfter(

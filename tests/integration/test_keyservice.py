@@ -58,7 +58,9 @@ class Principal:
 
     def on(self, host: str) -> Any:
         if host not in self._channels:
-            self._channels[host] = transport.mtls_channel(self.cluster.address(host), self.tls)
+            self._channels[host] = transport.mtls_channel(
+                self.cluster.address(host), self.tls, transport.hsa_host(host)
+            )
         return services_pb2_grpc.KeyServiceStub(self._channels[host])
 
     def close(self) -> None:
@@ -737,11 +739,12 @@ def test_cached_keys_keep_working_while_the_coordinator_is_down(
             again = encrypt(app, "hsa-2", cached.key_id, b"more")
             assert decrypt(app, "hsa-2", again.ciphertext_blob) == b"more"
             assert describe(app, "hsa-1", cached.key_id).key_id == cached.key_id
-        assert_fails(
+        refused = assert_fails(
             lambda: create(app, "hsa-1"),
             grpc.StatusCode.UNAVAILABLE,
-            "the coordinator is unreachable; CreateKey needs it: retry",
+            "the coordinator is unreachable; CreateKey needs it and created nothing: retry",
         )
+        assert transport.nothing_applied(refused)  # a definite failure, marked on the wire
         assert_fails(
             lambda: encrypt(app, "hsa-3", uncached.key_id, b"x"),
             grpc.StatusCode.UNAVAILABLE,
@@ -881,7 +884,7 @@ def list_records(cluster: LocalCluster) -> list[keys_pb2.KeyRecord]:
     tls = TlsMaterial.from_files(
         cluster.layout.ca_cert, node_dir / "identity" / "tls.crt", node_dir / "identity" / "tls.key"
     )
-    channel = transport.mtls_channel(cluster.coordinator_address, tls)
+    channel = transport.mtls_channel(cluster.coordinator_address, tls, transport.COORDINATOR)
     try:
         stub = services_pb2_grpc.CoordinatorStub(channel)
         records: list[keys_pb2.KeyRecord] = []

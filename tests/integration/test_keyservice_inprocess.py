@@ -130,7 +130,7 @@ class Hsa:
     ) -> None:
         self.loaded = load_node(NodeConfig.load(domain.layout.node_configs[host]))
         self.node = self.loaded.node
-        self.channel = transport.mtls_channel(coordinator, domain.tls(host))
+        self.channel = transport.mtls_channel(coordinator, domain.tls(host), transport.COORDINATOR)
         self.records = KeyRecordClient(self.channel, coordinator)
         self.floor = MetadataVersionFloor(domain.data_dir(host) / FLOOR_FILE)
         self.cache = KeyCache(
@@ -308,7 +308,9 @@ def test_the_coordinator_deletes_only_due_keys_and_only_for_hsas(
         hsa.records.delete(ciphertext.new_key_id(), 1)
     with pytest.raises(InvalidInputError, match="expected_revision is missing"):
         hsa.records.delete(pending.key_id, 0)
-    channel = transport.mtls_channel(procs.addresses[COORDINATOR], domain.tls("demo-app"))
+    channel = transport.mtls_channel(
+        procs.addresses[COORDINATOR], domain.tls("demo-app"), transport.COORDINATOR
+    )
     try:
         stub = services_pb2_grpc.CoordinatorStub(channel)  # type: ignore[no-untyped-call]
         with pytest.raises(grpc.RpcError) as refused:

@@ -7,7 +7,7 @@ positive identity is checked inside the servicer through `peer_identity`.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -19,10 +19,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from support.impostor import ImpostorServer
 
+from domain_coordinator._hsa import HsaConnections
 from domain_core import transport
 from domain_core.errors import UnauthenticatedError
 from domain_core.identity import HostIdentity
+from domain_core.pb import domain_pb2
 from domain_core.pki import DomainCA, SpiffeId, SpiffeKind, certificate_fingerprint, peer_identity
 
 pytestmark = pytest.mark.integration
@@ -291,3 +294,162 @@ def test_both_ways_of_reading_the_caller_agree_on_real_handshakes(
             call_who_am_i(chan)
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED, info.value.details()
     assert expected in (info.value.details() or "")
+
+
+# --- clients check whom they talk to ------------------------------------------------------------
+
+
+@dataclass
+class Impostor:
+    """A server holding some certificate, counting the calls that reach its servicer."""
+
+    port: int
+    seen: list[bytes]
+
+
+@pytest.fixture
+def serve_as() -> Iterator[Callable[[Credentials, bytes], Impostor]]:
+    """Start a server with the given certificate (trusting the given CA for clients); every
+    call that reaches the servicer is recorded."""
+    servers: list[grpc.Server] = []
+
+    def start(credentials: Credentials, ca_pem: bytes) -> Impostor:
+        seen: list[bytes] = []
+
+        def record(request: bytes, context: grpc.ServicerContext) -> bytes:
+            seen.append(request)
+            return b"answered"
+
+        grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        servers.append(grpc_server)
+        handler = grpc.method_handlers_generic_handler(
+            "hsmdomain.test.Echo", {"WhoAmI": grpc.unary_unary_rpc_method_handler(record)}
+        )
+        grpc_server.add_generic_rpc_handlers((handler,))
+        tls = transport.TlsMaterial(ca_pem, credentials.cert_pem, credentials.key_pem)
+        port = grpc_server.add_secure_port("127.0.0.1:0", transport.server_credentials(tls))
+        grpc_server.start()
+        return Impostor(port, seen)
+
+    yield start
+    for grpc_server in servers:
+        grpc_server.stop(grace=None).wait(TIMEOUT)
+
+
+def legacy_server_certificate(server: Server, spiffe: SpiffeId) -> Credentials:
+    """A server certificate as the CA issued them before server names: the SPIFFE URI, DNS
+    localhost and the loopback IP, nothing else."""
+    return issue_with_san(
+        server,
+        [
+            x509.UniformResourceIdentifier(spiffe.uri),
+            x509.DNSName("localhost"),
+            x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+        ],
+        common_name=spiffe.name,
+    )
+
+
+@pytest.mark.parametrize(
+    ("holder", "expected", "accepted"),
+    [
+        (("hsa", "hsa-1"), transport.ANY_HSA, True),
+        (("hsa", "hsa-1"), transport.hsa_host("hsa-1"), True),
+        (("coordinator", "coordinator"), transport.COORDINATOR, True),
+        # The attacks: a certificate of the domain CA, of another kind or another host.
+        (("coordinator", "coordinator"), transport.ANY_HSA, False),
+        (("coordinator", "coordinator"), transport.hsa_host("coordinator"), False),
+        (("hsa", "hsa-2"), transport.hsa_host("hsa-1"), False),
+        (("hsa", "hsa-1"), transport.COORDINATOR, False),
+        (("hsa", "hsa"), transport.COORDINATOR, False),
+        (("client", "hsa-1"), transport.ANY_HSA, False),
+        (("client", "demo-app"), transport.hsa_host("hsa-1"), False),
+        (("other-ca", "hsa-1"), transport.ANY_HSA, False),
+        (("legacy", "hsa-1"), transport.ANY_HSA, False),
+    ],
+)
+def test_a_client_channel_talks_only_to_the_server_it_expects(
+    server: Server,
+    other_ca: DomainCA,
+    serve_as: Callable[[Credentials, bytes], Impostor],
+    holder: tuple[str, str],
+    expected: transport.ExpectedServer,
+    accepted: bool,
+) -> None:
+    """A server whose certificate (from the domain CA) is not the expected role's or host's
+    fails the handshake: the request never reaches its servicer, and gRPC says why."""
+    kind, name = holder
+    if kind == "other-ca":
+        credentials = issue(other_ca, "hsa", name)
+    elif kind == "legacy":
+        credentials = legacy_server_certificate(server, SpiffeId(DOMAIN, "hsa", name))
+    else:
+        credentials = issue(server.ca, kind, name)  # type: ignore[arg-type]
+    impostor = serve_as(credentials, server.ca.certificate_pem)
+    client = issue(server.ca, "client", "app-1")
+    with transport.secure_channel(
+        f"127.0.0.1:{impostor.port}",
+        server.ca.certificate_pem,
+        expected,
+        cert_pem=client.cert_pem,
+        key_pem=client.key_pem,
+    ) as chan:
+        if accepted:
+            assert call_who_am_i(chan, b"secret") == b"answered"
+            assert impostor.seen == [b"secret"]
+            return
+        with pytest.raises(grpc.RpcError) as info:
+            call_who_am_i(chan, b"secret")
+    assert impostor.seen == []
+    code, details = info.value.code(), info.value.details() or ""
+    assert code == grpc.StatusCode.UNAVAILABLE
+    assert transport.never_sent(code, details)
+    # A certificate of this domain's CA that lacks the name: the hostname check refused it.
+    assert transport.wrong_server(code, details) == (kind in ("coordinator", "hsa", "legacy"))
+
+
+def test_the_expected_domain_is_the_one_the_ca_names(server: Server) -> None:
+    assert transport.ANY_HSA.tls_name(DOMAIN) == f"hsa.{DOMAIN}"
+    assert transport.hsa_host("hsa-3").tls_name(DOMAIN) == f"hsa-3.hsa.{DOMAIN}"
+    assert transport.COORDINATOR.tls_name(DOMAIN) == f"coordinator.{DOMAIN}"
+    assert transport.server_name_option(server.ca.certificate_pem, transport.ANY_HSA) == (
+        "grpc.ssl_target_name_override",
+        f"hsa.{DOMAIN}",
+    )
+    with pytest.raises(ValueError, match="kind"):
+        transport.ExpectedServer("client")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="ExpectedServer"):
+        transport.server_name_option(server.ca.certificate_pem, "hsa")  # type: ignore[arg-type]
+
+
+def test_the_coordinator_talks_only_to_the_host_it_names(
+    server: Server, serve_as: Callable[[Credentials, bytes], Impostor]
+) -> None:
+    """The coordinator dials an HSA by its registered address: if another host (a removed
+    one, say) serves that address, the coordinator's calls (ApplyProposal, InstallState) must
+    not reach it. `HsaConnections` expects the host id it was given."""
+    coordinator = issue(server.ca, "coordinator", "coordinator")
+    tls = transport.TlsMaterial(
+        server.ca.certificate_pem, coordinator.cert_pem, coordinator.key_pem
+    )
+    other_host = ImpostorServer(
+        transport.TlsMaterial(server.ca.certificate_pem, *_cert_and_key(server, "hsa-2")),
+        service="HsaAdmin",
+    )
+    connections = HsaConnections(tls, timeout=5.0)
+    with other_host:
+        with pytest.raises(grpc.RpcError) as refused:
+            connections.get_status(other_host.address, host_id="hsa-1")
+        assert transport.wrong_server(refused.value.code(), refused.value.details() or "")
+        with pytest.raises(grpc.RpcError):
+            connections.install_state(other_host.address, domain_pb2.SealedState(), host_id="hsa-1")
+        assert other_host.seen == []
+        # The host that does hold that certificate is reached (an empty status comes back).
+        assert connections.get_status(other_host.address, host_id="hsa-2").version == 0
+        assert [method for method, _ in other_host.seen] == ["GetStatus"]
+    connections.close()
+
+
+def _cert_and_key(server: Server, host_id: str) -> tuple[bytes, bytes]:
+    credentials = issue(server.ca, "hsa", host_id)
+    return credentials.cert_pem, credentials.key_pem

@@ -219,15 +219,17 @@ class Processes:
     # --- clients -------------------------------------------------------------------------
 
     def channel(self, name: str, who: str = COORDINATOR) -> grpc.Channel:
-        """A mutual-TLS channel to a running process, as `who`."""
-        channel = transport.mtls_channel(self.addresses[name], self.domain.tls(who))
+        """A mutual-TLS channel to a running process (the coordinator or a host), as `who`."""
+        server = transport.COORDINATOR if name == COORDINATOR else transport.hsa_host(name)
+        channel = transport.mtls_channel(self.addresses[name], self.domain.tls(who), server)
         self.channels.append(channel)
         return channel
 
     def operator_channel(self) -> grpc.Channel:
         """A server-authenticated channel to the coordinator's operator port."""
-        credentials = transport.channel_credentials(self.domain.layout.ca_cert.read_bytes())
-        channel = transport.secure_channel(self.operator_address, credentials)
+        channel = transport.secure_channel(
+            self.operator_address, self.domain.layout.ca_cert.read_bytes(), transport.COORDINATOR
+        )
         self.channels.append(channel)
         return channel
 

@@ -318,7 +318,7 @@ class MaliciousCoordinatorServer:
         with self._lock:
             channel = self._channels.get(address)
             if channel is None:
-                channel = transport.mtls_channel(address, self.tls)
+                channel = transport.mtls_channel(address, self.tls, transport.ANY_HSA)
                 self._channels[address] = channel
         return services_pb2_grpc.HsaAdminStub(channel)  # type: ignore[no-untyped-call]
 
@@ -341,7 +341,7 @@ class MaliciousCoordinatorServer:
         with self._lock:
             channel = self._channels.get(address)
             if channel is None:
-                channel = transport.mtls_channel(address, self.tls)
+                channel = transport.mtls_channel(address, self.tls, transport.ANY_HSA)
                 self._channels[address] = channel
         call = channel.unary_unary("/hsmdomain.v1.HsaAdmin/InstallState")
         body = b"\x0a" + _varint(len(state_bytes)) + state_bytes

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
+import grpc
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
@@ -23,7 +24,14 @@ from domain_core import crypto, keytokens, policy
 from domain_core.errors import FailedPreconditionError, PermissionDeniedError, UnavailableError
 from domain_core.pb import keys_pb2
 from domain_core.signers import InMemorySigner
-from hsa_node.keycache import CachedKey, KeyCache, MetadataVersionFloor
+from hsa_node.keycache import (
+    CachedKey,
+    CoordinatorNotReachedError,
+    CoordinatorUnreachableError,
+    KeyCache,
+    KeyRecordClient,
+    MetadataVersionFloor,
+)
 from hsa_node.node import DomainKeys
 
 pytestmark = pytest.mark.unit
@@ -356,3 +364,58 @@ def test_the_cache_signs_what_it_writes(
         keytokens.verify_key_record_signature(coordinator.record, "local", keys.host_keys)
         == "hsa-1"
     )
+
+
+# --- what a failed key-record call says about the coordinator ----------------------------------
+
+
+class _Refused(grpc.RpcError):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+class _FailingStub:
+    """A coordinator stub whose every call fails with one error."""
+
+    def __init__(self, error: grpc.RpcError) -> None:
+        self._error = error
+
+    def __getattr__(self, method: str) -> object:
+        def call(request: object, timeout: float) -> object:
+            raise self._error
+
+        return call
+
+
+@pytest.mark.parametrize(
+    ("code", "details", "reached"),
+    [
+        # gRPC's own words: no connection, or the handshake refused the server.
+        (grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses; refused", False),
+        (grpc.StatusCode.UNAVAILABLE, "DNS resolution failed for coordinator:1", False),
+        # The request may have reached the coordinator: the outcome of a write is unknown.
+        (grpc.StatusCode.UNAVAILABLE, "Socket closed", True),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", True),
+        (grpc.StatusCode.INTERNAL, "failed to connect to all addresses", True),
+        (grpc.StatusCode.UNAVAILABLE, "the store said: failed to connect to all addresses", True),
+    ],
+)
+def test_only_a_request_that_never_left_says_the_coordinator_changed_nothing(
+    code: grpc.StatusCode, details: str, reached: bool
+) -> None:
+    records = KeyRecordClient(None, "127.0.0.1:1")
+    records._stub = _FailingStub(_Refused(code, details))
+    with pytest.raises(CoordinatorUnreachableError) as failed:
+        records.put(keys_pb2.KeyRecord(), 0)
+    assert isinstance(failed.value, CoordinatorNotReachedError) is not reached
+
+
+def test_without_a_coordinator_nothing_is_sent() -> None:
+    with pytest.raises(CoordinatorNotReachedError, match="no coordinator is configured"):
+        KeyRecordClient(None, "").put(keys_pb2.KeyRecord(), 0)

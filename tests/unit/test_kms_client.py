@@ -19,7 +19,6 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
-from concurrent import futures
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,6 +37,7 @@ from domain_core.errors import (
     InvalidCiphertextError,
     InvalidInputError,
     LimitExceededError,
+    NotAppliedError,
     NotFoundError,
     PermissionDeniedError,
     StaleProposalError,
@@ -47,6 +47,7 @@ from domain_core.kms_client import (
     ADMIN_METHODS,
     IDEMPOTENT_METHODS,
     KeyClient,
+    backoff_delay,
     decrypt_envelope,
     encrypt_envelope,
     never_sent,
@@ -56,7 +57,7 @@ from domain_core.kms_client import (
 )
 from domain_core.pb import keys_pb2, services_pb2, services_pb2_grpc
 from domain_core.pki import DomainCA, SpiffeId
-from domain_core.transport import TlsMaterial, server_credentials
+from domain_core.transport import TlsMaterial, make_server, server_credentials
 
 unit = pytest.mark.unit
 integration = pytest.mark.integration
@@ -114,6 +115,57 @@ def test_retry_rules(
 ) -> None:
     expected = idempotent_retries if method in IDEMPOTENT_METHODS else admin_retries
     assert retryable(method, code, details) is expected
+    # The HSA's own word that nothing was applied makes any call safe to send again.
+    assert retryable(method, code, details, applied_nothing=True)
+
+
+@unit
+@pytest.mark.parametrize(
+    ("first", "maximum", "step", "expected"),
+    [
+        (0.25, 5.0, 0, 0.25),
+        (0.25, 5.0, 1, 0.5),
+        (0.25, 5.0, 4, 4.0),
+        (0.25, 5.0, 5, 5.0),
+        (0.25, 5.0, 1023, 5.0),
+        (0.25, 5.0, 1024, 5.0),  # 2 ** 1024 overflowed a float: the issue's OverflowError
+        (0.25, 5.0, 10**9, 5.0),
+        (0.05, 1.0, 2**70, 1.0),
+        (0.05, 1.0, -3, 0.05),
+    ],
+)
+def test_backoff_is_bounded_at_any_number_of_failures(
+    first: float, maximum: float, step: int, expected: float
+) -> None:
+    started = time.perf_counter()
+    assert backoff_delay(first, maximum, step) == expected
+    assert time.perf_counter() - started < 0.01  # no huge power is ever computed
+
+
+@integration
+def test_a_dead_endpoint_cools_down_after_thousands_of_failures(pki: Pki) -> None:
+    """The issue's failure: after about 1,000 consecutive failures of one endpoint, the
+    cool-down computation overflowed and the caller got a foreign OverflowError. A dead
+    endpoint refuses connections at once, so thousands of failures take a second here."""
+    dead = _free_port_address()
+    client = KeyClient(
+        [dead],
+        ca_pem=pki.ca_pem,
+        cert_pem=pki.client.cert_pem,
+        key_pem=pki.client.key_pem,
+        attempts=1,
+    )
+    outcomes: Counter[str] = Counter()
+    with client:
+        for _ in range(3000):
+            try:
+                client.generate_random(8)
+            except NotAppliedError:
+                outcomes["NotAppliedError"] += 1
+            except BaseException as error:  # anything else is what the issue found
+                outcomes[repr(error)] += 1
+                break
+    assert outcomes == {"NotAppliedError": 3000}
 
 
 @unit
@@ -329,8 +381,9 @@ Action = tuple[Any, ...]
 
 class ScriptedKeyService(services_pb2_grpc.KeyServiceServicer):
     """A key service that really encrypts, counts calls, and follows a script of failures:
-    `script[method]` is a list of ("abort", code, details) or ("sleep", seconds) actions,
-    taken one per call before the call is served."""
+    `script[method]` is a list of ("abort", code, details), ("raise", domain error) or
+    ("sleep", seconds) actions, taken one per call before the call is served. It runs under
+    the transport's error-mapping interceptor, as an HSA's servicers do."""
 
     def __init__(self, keys: Keys) -> None:
         self.keys = keys
@@ -351,6 +404,8 @@ class ScriptedKeyService(services_pb2_grpc.KeyServiceServicer):
             time.sleep(action[1])
         elif action[0] == "abort":
             context.abort(action[1], action[2])
+        elif action[0] == "raise":
+            raise action[1]
 
     def _backing(self, key_id: str, context: grpc.ServicerContext) -> bytes:
         if key_id not in self.keys.backing:
@@ -530,7 +585,7 @@ class Domain:
     def start(self, count: int) -> None:
         for _ in range(count):
             service = ScriptedKeyService(self.keys)
-            server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+            server = make_server(max_workers=8)
             services_pb2_grpc.add_KeyServiceServicer_to_server(service, server)  # type: ignore[no-untyped-call]
             port = server.add_secure_port("127.0.0.1:0", server_credentials(self.pki.server))
             server.start()
@@ -664,6 +719,69 @@ def test_an_admin_call_past_its_deadline_is_not_sent_again(domain: Domain) -> No
     with pytest.raises(UnavailableError, match=r"did not answer in time.*may have been applied"):
         client.create_key()
     assert sum(s.calls["CreateKey"] for s in domain.services) == 1
+
+
+@integration
+@pytest.mark.parametrize("method", sorted(ADMIN_METHODS))
+def test_an_hsa_that_says_nothing_was_applied_gives_a_definite_retryable_failure(
+    domain: Domain, method: str
+) -> None:
+    """The HSA could not reach the coordinator and changed nothing (NotAppliedError, marked
+    on the wire): the call goes to the next HSA, and when every HSA says so the caller gets
+    NotAppliedError, not "may have been applied"."""
+    client = domain.client(timeout=2, attempts=3)
+    key_id = client.create_key().key_id
+    calls = _admin_calls(client, key_id)
+    for service in domain.services:
+        service.calls.clear()
+        service.script[method] = [
+            ("raise", NotAppliedError(f"the coordinator is unreachable; {method} changed nothing"))
+        ]
+    with pytest.raises(NotAppliedError) as refused:
+        calls[method]()
+    message = str(refused.value)
+    assert "may have been applied" not in message
+    assert f"{method} was not applied" in message
+    assert "changed nothing" in message
+    assert sum(s.calls[method] for s in domain.services) == 3  # sent to each HSA once
+    # Two HSAs without the coordinator, one with it: every call succeeds there.
+    for service in domain.services:
+        service.calls.clear()
+    for service in domain.services[:2]:
+        service.script[method] = [("raise", NotAppliedError("the coordinator is unreachable"))] * 9
+    for _ in range(3):
+        calls[method]()
+    assert domain.services[2].calls[method] == 3
+
+
+@integration
+def test_an_unavailable_hsa_without_the_mark_leaves_the_outcome_open(domain: Domain) -> None:
+    """The same words from the server, without the "nothing applied" mark (a plain
+    UnavailableError: the write may have reached the coordinator), are not sent again."""
+    client = domain.client(timeout=2)
+    for service in domain.services:
+        service.script["CreateKey"] = [
+            ("raise", UnavailableError("the coordinator did not confirm the new key"))
+        ]
+    with pytest.raises(UnavailableError, match="may have been applied") as refused:
+        client.create_key()
+    assert not isinstance(refused.value, NotAppliedError)
+    assert sum(s.calls["CreateKey"] for s in domain.services) == 1
+
+
+def _admin_calls(client: KeyClient, key_id: str) -> dict[str, Callable[[], Any]]:
+    return {
+        "CreateKey": lambda: client.create_key(),
+        "RotateKey": lambda: client.rotate_key(key_id),
+        "PutKeyPolicy": lambda: client.put_key_policy(
+            key_id,
+            {"grants": [{"principals": ["spiffe://local/client/x"], "operations": ["admin"]}]},
+        ),
+        "EnableKey": lambda: client.enable_key(key_id),
+        "DisableKey": lambda: client.disable_key(key_id),
+        "ScheduleKeyDeletion": lambda: client.schedule_key_deletion(key_id, 7),
+        "CancelKeyDeletion": lambda: client.cancel_key_deletion(key_id),
+    }
 
 
 @integration

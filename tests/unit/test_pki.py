@@ -32,8 +32,11 @@ from domain_core.pki import (
     PeerIdentity,
     SpiffeId,
     SpiffeKind,
+    ca_trust_domain,
     certificate_fingerprint,
+    identity_dns_name,
     peer_identity,
+    role_dns_name,
     spiffe_id_from_certificate,
     spiffe_id_from_san_values,
     verify_certificate_chain,
@@ -218,7 +221,8 @@ def test_issued_certificate(ca: DomainCA, kind: SpiffeKind) -> None:
 
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.UniformResourceIdentifier) == [spiffe.uri]
-    assert san.get_values_for_type(x509.DNSName) == ["localhost"]
+    derived = [] if kind == "client" else [f"node-1.{kind}.{DOMAIN}", f"{kind}.{DOMAIN}"]
+    assert san.get_values_for_type(x509.DNSName) == [*derived, "localhost"]
     assert san.get_values_for_type(x509.IPAddress) == [
         ipaddress.ip_address("127.0.0.1"),
         ipaddress.ip_address("::1"),
@@ -290,8 +294,79 @@ def test_custom_dns_names_and_ips(ca: DomainCA) -> None:
         ip_addresses=["10.0.0.7"],
     )
     san = load(pem).extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert san.get_values_for_type(x509.DNSName) == ["hsa-1.internal"]
+    assert san.get_values_for_type(x509.DNSName) == [
+        f"h.hsa.{DOMAIN}",
+        f"hsa.{DOMAIN}",
+        "hsa-1.internal",
+    ]
     assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("10.0.0.7")]
+
+
+# --- the role and identity DNS names clients check servers for -------------------------------
+
+
+def test_role_and_identity_names_follow_the_spiffe_id() -> None:
+    assert role_dns_name(DOMAIN, "hsa") == "hsa.example.org"
+    assert role_dns_name(DOMAIN, "coordinator") == "coordinator.example.org"
+    assert identity_dns_name(SpiffeId(DOMAIN, "hsa", "hsa-2")) == "hsa-2.hsa.example.org"
+    assert identity_dns_name(SpiffeId(DOMAIN, "coordinator", "c")) == "c.coordinator.example.org"
+    with pytest.raises(ValueError, match="role name"):
+        role_dns_name(DOMAIN, "client")
+    with pytest.raises(ValueError, match="role name"):
+        identity_dns_name(SpiffeId(DOMAIN, "client", "demo-app"))
+
+
+@pytest.mark.parametrize("domain", ["local", "example.org", "hsa.local", "coordinator.hsa"])
+def test_names_of_different_kinds_and_identities_never_collide(domain: str) -> None:
+    """Every server name the CA can put in one domain's certificates names one thing only."""
+    names: dict[str, str] = {}
+    for kind in ("hsa", "coordinator"):
+        role = role_dns_name(domain, kind)
+        assert names.setdefault(role, f"role {kind}") == f"role {kind}"
+        for name in ("hsa", "coordinator", "client", "hsa-1", "a"):
+            spiffe = SpiffeId(domain, kind, name)  # type: ignore[arg-type]
+            what = spiffe.uri
+            assert names.setdefault(identity_dns_name(spiffe), what) == what
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        f"hsa.{DOMAIN}",
+        f"HSA.{DOMAIN.upper()}",
+        f"hsa-1.hsa.{DOMAIN}",
+        f"coordinator.{DOMAIN}",
+        f"x.coordinator.{DOMAIN}.",
+        f"client.{DOMAIN}",
+        f"deep.name.hsa.{DOMAIN}",
+    ],
+)
+def test_a_certificate_cannot_be_given_another_identitys_name(ca: DomainCA, name: str) -> None:
+    """The attack: a client (or coordinator) certificate that carries the HSA role name would
+    pass a client's check for "an HSA". The CA refuses to issue it."""
+    for kind in KINDS:
+        with pytest.raises(ValueError, match="reserved"):
+            ca.issue(SpiffeId(DOMAIN, kind, "c"), p256_public(), now=NOW, dns_names=[name])
+
+
+@pytest.mark.parametrize("name", ["*.example.org", "*", f"*.hsa.{DOMAIN}", "h*.org"])
+def test_wildcard_names_are_refused(ca: DomainCA, name: str) -> None:
+    """gRPC matches a wildcard certificate name against the name it expects (measured): a
+    certificate with `*.example.org` would pass for `hsa.example.org`."""
+    with pytest.raises(ValueError, match="wildcard"):
+        ca.issue(SpiffeId(DOMAIN, "coordinator", "c"), p256_public(), now=NOW, dns_names=[name])
+
+
+def test_the_trust_domain_comes_from_the_ca_certificate(ca: DomainCA) -> None:
+    assert ca_trust_domain(ca.certificate_pem) == DOMAIN
+    assert ca_trust_domain(load(ca.certificate_pem).public_bytes(serialization.Encoding.DER)) == (
+        DOMAIN
+    )
+    leaf = ca.issue(SpiffeId(DOMAIN, "hsa", "h"), p256_public(), now=NOW)
+    with pytest.raises(InvalidInputError, match="not the certificate of a domain CA"):
+        ca_trust_domain(leaf)
+    with pytest.raises(InvalidInputError, match="does not parse"):
+        ca_trust_domain(b"not a certificate")
 
 
 def test_ed25519_leaf_key_is_refused(ca: DomainCA) -> None:
