@@ -28,6 +28,8 @@ class PayloadType(StrEnum):
     PROPOSAL_CANCEL = "proposal-cancel"
     HOST_ENROLLMENT = "host-enrollment"
     AUDIT_CHECKPOINT = "audit-checkpoint"
+    HEAD_CONFIRMATION = "head-confirmation"
+    KEY_FLOORS = "key-floors"
 
 
 def _length_prefixed(data: bytes) -> bytes:

@@ -45,6 +45,8 @@ def test_payload_type_values_are_wire_format() -> None:
         "PROPOSAL_CANCEL": "proposal-cancel",
         "HOST_ENROLLMENT": "host-enrollment",
         "AUDIT_CHECKPOINT": "audit-checkpoint",
+        "HEAD_CONFIRMATION": "head-confirmation",
+        "KEY_FLOORS": "key-floors",
     }
 
 
