@@ -2,7 +2,9 @@
 
 Who may call what (docs/runtime.md):
 - `HsaAdmin`: the coordinator identity; `GetStatus` also any CA-certified caller;
-- `HsaPeer`: HSAs whose TLS certificate fingerprint is in this node's verified head;
+- `HsaPeer`: HSAs whose TLS certificate fingerprint is in this node's verified head (states,
+  signed head confirmations, key floors: `hsa_node.peering`); a floor push is taken only
+  from such a caller;
 - `Diagnostics`: any CA-certified caller (mutual TLS is required by the server).
 
 Invariants: servicers raise `domain_core.errors` exceptions and never abort themselves (the
@@ -26,6 +28,7 @@ from domain_core.errors import (
     HsmDomainError,
     LimitExceededError,
     PermissionDeniedError,
+    UnavailableError,
 )
 from domain_core.faults import unsafe_crash_point, warn_if_enabled
 from domain_core.limits import DEFAULT_LIMITS, Limits
@@ -34,6 +37,7 @@ from domain_core.pb import domain_pb2, services_pb2, services_pb2_grpc
 from domain_core.pki import PeerIdentity
 from domain_core.transition import StateHead, next_manifest, scheduled_rotation_manifest
 from hsa_node.node import DomainNode
+from hsa_node.peering import Peering
 
 __all__ = ["DiagnosticsServicer", "HsaAdminServicer", "HsaPeerServicer"]
 
@@ -202,15 +206,29 @@ class HsaAdminServicer(services_pb2_grpc.HsaAdminServicer):
             domain_key_generation=status.domain_key_generation,
             member=status.member,
             detail=status.detail,
+            key_service_waiting=status.key_service_waiting,
+            head_unconfirmed=status.head_unconfirmed,
         )
 
 
 class HsaPeerServicer(services_pb2_grpc.HsaPeerServicer):
-    """Verified states for other HSAs of the domain (gossip)."""
+    """Verified states, signed head confirmations and key floors for the other HSAs of the
+    domain (gossip, `hsa_node.peering`)."""
 
-    def __init__(self, node: DomainNode, limits: Limits = DEFAULT_LIMITS) -> None:
+    def __init__(
+        self, node: DomainNode, limits: Limits = DEFAULT_LIMITS, peering: Peering | None = None
+    ) -> None:
+        """`peering` answers ConfirmHead and the key floor calls (None: they are UNAVAILABLE)."""
         self._node = node
         self._limits = limits
+        self._peering = peering
+
+    def _peering_of(self, context: grpc.ServicerContext) -> tuple[Peering, str]:
+        """The peering and the calling host, a host of the verified head."""
+        caller = self._peer(context).spiffe.name
+        if self._peering is None:
+            raise UnavailableError(f"{self._node.host_id} does not answer peers' key calls")
+        return self._peering, caller
 
     def _peer(self, context: grpc.ServicerContext) -> PeerIdentity:
         identity = _require_domain_caller(context, self._node.domain_id, "hsa")
@@ -244,6 +262,27 @@ class HsaPeerServicer(services_pb2_grpc.HsaPeerServicer):
             budget -= size
             response.states.append(state.message)
         return response
+
+    def ConfirmHead(
+        self, request: services_pb2.ConfirmHeadRequest, context: grpc.ServicerContext
+    ) -> services_pb2.HeadConfirmation:
+        """This HSA's head and floor table position, signed over the caller's nonce."""
+        peering, caller = self._peering_of(context)
+        return peering.confirm_head(request, caller)
+
+    def GetKeyFloors(
+        self, request: services_pb2.KeyFloorsRequest, context: grpc.ServicerContext
+    ) -> services_pb2.KeyFloors:
+        """A signed page of this HSA's key metadata floors."""
+        peering, caller = self._peering_of(context)
+        return peering.key_floors(request, caller)
+
+    def PushKeyFloors(
+        self, request: services_pb2.PushKeyFloorsRequest, context: grpc.ServicerContext
+    ) -> services_pb2.PushKeyFloorsResponse:
+        """Raise this HSA's floors to those the calling host (of the verified head) pushed."""
+        peering, caller = self._peering_of(context)
+        return peering.accept_pushed(request, caller)
 
 
 class DiagnosticsServicer(services_pb2_grpc.DiagnosticsServicer):

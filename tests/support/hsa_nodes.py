@@ -192,6 +192,15 @@ class Processes:
         for name in names:
             self.wait_ready(name)
 
+    def wait_key_service(self, *hosts: str, timeout: float = START_TIMEOUT) -> None:
+        """Wait until each host's key service serves (it took a peer's key floors)."""
+        for host in hosts:
+            wait_for(
+                lambda host=host: not self.status(host).key_service_waiting,  # type: ignore[misc]
+                timeout,
+                f"{host}'s key service to take a peer's key floors",
+            )
+
     def stop(self, name: str) -> int:
         """SIGTERM and wait: the exit status (0 for a clean stop)."""
         proc = self.procs.pop(name)
