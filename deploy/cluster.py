@@ -570,7 +570,8 @@ def wait_converged(
     timeout: float = 30.0,
     hosts: Iterable[str] | None = None,
 ) -> dict[str, services_pb2.HsaStatus]:
-    """Wait until the nodes (default: all of the layout) are healthy on one version and hash."""
+    """Wait until the nodes (default: all of the layout) are healthy on one version and hash,
+    with their key services ready (key floors taken from a peer)."""
     wanted = list(hosts) if hosts is not None else list(layout.node_configs)
     if not wanted:
         return {}
@@ -588,6 +589,8 @@ def wait_converged(
             statuses[host] = status
             if not status.healthy:
                 problems.append(f"{host} is not healthy: {status.detail or 'no detail'}")
+            elif status.key_service_waiting:
+                problems.append(f"{host}'s key service is not ready: {status.detail}")
         heads = {(s.version, s.state_hash) for s in statuses.values()}
         if not problems and len(heads) == 1:
             return statuses

@@ -34,7 +34,13 @@ from deploy._files import make_private_dir, replace_file, write_json, write_secr
 from deploy.enrollment import enrollment_signing_input
 from domain_core import canonical, genesis, model, quorum
 from domain_core.chain import TrustedChain
-from domain_core.config import CoordinatorConfig, NodeConfig, TlsFiles, check_worker_count
+from domain_core.config import (
+    FLOORS_COMPLETE_FILE,
+    CoordinatorConfig,
+    NodeConfig,
+    TlsFiles,
+    check_worker_count,
+)
 from domain_core.errors import AlreadyExistsError, InvalidInputError, NotFoundError
 from domain_core.identity import TLS_CERTIFICATE_FILE, TLS_KEY_FILE, HostIdentity
 from domain_core.limits import DEFAULT_LIMITS
@@ -402,6 +408,11 @@ def _build(
     for host in hosts:
         config = _node_config(domain_id, state.hash, host.host_id, "", pin, workers)
         config.save(root / "nodes" / host.host_id / "config.json")
+        # No key exists yet: every genesis host starts with a complete (empty) floor table.
+        replace_file(
+            root / "nodes" / host.host_id / "data" / FLOORS_COMPLETE_FILE,
+            (state.hash.hex() + "\n").encode(),
+        )
     CoordinatorConfig(
         domain_id=domain_id,
         genesis_hash=state.hash.hex(),

@@ -29,6 +29,8 @@ class PayloadType(StrEnum):
     HOST_ENROLLMENT = "host-enrollment"
     AUDIT_CHECKPOINT = "audit-checkpoint"
     KEY_RECORD = "key-record"
+    HEAD_CONFIRMATION = "head-confirmation"
+    KEY_FLOORS = "key-floors"
 
 
 def _length_prefixed(data: bytes) -> bytes:

@@ -21,6 +21,17 @@ from domain_core.pki import SpiffeId
 
 _C = TypeVar("_C", bound="_ConfigBase")
 
+# Long enough to ride out a peer's restart or a short network fault without refusing key
+# administration; short enough that a hidden fork or withheld states let key administration
+# go on for at most half a minute on a head no peer shares.
+DEFAULT_HEAD_CONFIRMATION_SECONDS: Final = 30.0
+# In a node's data directory: written by `hsm-domain init` for the hosts of a new domain (no key
+# exists yet, so their empty key floor tables are complete), holding the genesis hash in hex.
+# The HSA marks its floor table complete and removes the file at its first start.
+FLOORS_COMPLETE_FILE: Final = "key_versions.complete"
+HEAD_CONFIRMATION_ROUNDS: Final = 5
+MAX_HEAD_CONFIRMATION_SECONDS: Final = 86_400.0
+
 
 @dataclass(frozen=True)
 class TlsFiles:
@@ -102,6 +113,13 @@ class NodeConfig(_ConfigBase):
     coordinator_fingerprints: tuple[str, ...] = ()
     # Overrides of `domain_core.limits.Limits` (e.g. {"create_key_per_second": 20}).
     limits: dict[str, float] = field(default_factory=dict)
+    # How long this HSA may go without a peer confirming its head (same version and hash,
+    # signed) before it refuses key administration (docs/runtime.md "Peers"); 0: automatic,
+    # `head_confirmation_bound` (30 s, or 5 gossip intervals if that is longer).
+    head_confirmation_seconds: float = 0.0
+    # Where other HSAs may listen ("host:port"): hints beside the coordinator's list and the
+    # cached peers.json. Who answers is checked by its signature, never by the address.
+    peer_addresses: tuple[str, ...] = ()
     base_dir: Path | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -122,11 +140,34 @@ class NodeConfig(_ConfigBase):
             raise InvalidInputError(
                 "coordinator_fingerprints needs coordinator_identity (the coordinator's SPIFFE id)"
             )
+        object.__setattr__(self, "peer_addresses", _check_addresses(self.peer_addresses))
+        bound, gossip = self.head_confirmation_seconds, self.gossip_interval_seconds
+        if (
+            isinstance(bound, bool)
+            or not isinstance(bound, int | float)
+            or not (bound == 0 or 2 * gossip <= bound <= MAX_HEAD_CONFIRMATION_SECONDS)
+        ):
+            raise InvalidInputError(
+                f"head_confirmation_seconds must be 0 (automatic) or a number of seconds from "
+                f"twice gossip_interval_seconds ({2 * gossip:g}) to "
+                f"{MAX_HEAD_CONFIRMATION_SECONDS:g}, not {bound!r}: peers confirm the head "
+                "once per gossip round"
+            )
         self.effective_limits()
 
     def effective_limits(self) -> Limits:
         """The default limits with this config's `limits` over them."""
         return _limits(self.limits)
+
+    @property
+    def head_confirmation_bound(self) -> float:
+        """Seconds without a peer confirming the head before key administration is refused."""
+        if self.head_confirmation_seconds:
+            return float(self.head_confirmation_seconds)
+        return max(
+            DEFAULT_HEAD_CONFIRMATION_SECONDS,
+            HEAD_CONFIRMATION_ROUNDS * self.gossip_interval_seconds,
+        )
 
 
 @dataclass(frozen=True)
@@ -172,6 +213,19 @@ def _limits(overrides: object) -> Limits:
 
 
 MAX_KEY_SERVICE_WORKERS: Final = 16
+
+
+def _check_addresses(value: object) -> tuple[str, ...]:
+    """`value` (a list from JSON) as a tuple of "host:port" strings; InvalidInputError if not."""
+    if isinstance(value, str) or not isinstance(value, list | tuple):
+        raise InvalidInputError('peer_addresses must be a list of "host:port" strings')
+    for address in value:
+        host, sep, port = address.rpartition(":") if isinstance(address, str) else ("", "", "")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+            raise InvalidInputError(
+                f"peer_addresses: {str(address)[:80]!r} is not an address of the form host:port"
+            )
+    return tuple(value)
 
 
 def check_worker_count(value: object) -> int:

@@ -10,7 +10,8 @@ reads or writes those records:
   `CoordinatorNotReachedError` only when the request surely never left: no connection could
   be made, or no coordinator is configured, so the coordinator changed nothing);
 - `MetadataVersionFloor` remembers, on disk, the highest `metadata_version` (and the hash of
-  its metadata bytes) this HSA has accepted for each key;
+  its metadata bytes) this HSA or its peers accepted for each key, with a change sequence
+  for the peers;
 - `KeyCache` verifies records (the writer's signature under the verified head's hosts,
   `keytokens.verify_key_record` with this node's domain keys, the domain id, and the version
   floor), keeps the verified keys in a bounded LRU cache, and signs what it writes.
@@ -33,7 +34,12 @@ Invariants:
 - every record this cache writes is signed by this host (`keytokens.RecordSigner`);
 - no rollback: a record whose `metadata_version` is below the highest one accepted for that
   key, or equal to it with other metadata bytes, is refused. The floor is persisted
-  (`key_versions.db`, 0600, synchronous writes) so a restarted HSA still refuses it;
+  (`key_versions.db`, 0600, synchronous writes) so a restarted HSA still refuses it, and
+  shared with the peers (`hsa_node.peering`): floors taken from them only ever rise
+  (`raise_all`), a key this HSA holds no floor for is accepted only once its peers were asked
+  (`FloorSource.learn`, UnavailableError when none answered), a refused rollback is read once
+  more before it stands (a peer's push may overtake an honest read), and a change this HSA
+  stores is announced to the peers before it is acknowledged (`FloorSource.announce`);
 - bounded staleness: an entry is re-read from the coordinator when it is older than `ttl`
   seconds (default 2 s) at its next use. Before that, once it is older than half the TTL, one
   call at a time re-reads it while the others go on using it (still within the TTL), so the
@@ -52,6 +58,7 @@ Invariants:
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import logging
 import os
@@ -59,12 +66,12 @@ import sqlite3
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final, cast
+from typing import Any, Final, Protocol, cast
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -94,8 +101,12 @@ __all__ = [
     "CachedKey",
     "CoordinatorNotReachedError",
     "CoordinatorUnreachableError",
+    "FloorChange",
+    "FloorEntry",
+    "FloorSource",
     "KeyCache",
     "KeyRecordClient",
+    "KeyRollbackError",
     "MetadataVersionFloor",
     "iso_date",
     "parse_metadata",
@@ -282,7 +293,54 @@ CREATE TABLE IF NOT EXISTS floors (
     metadata_version INTEGER NOT NULL,
     metadata_hash BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS floor_meta (
+    name TEXT PRIMARY KEY,
+    value BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS peer_cursors (
+    host_id TEXT PRIMARY KEY,
+    epoch BLOB NOT NULL,
+    seq INTEGER NOT NULL
+);
 """
+# Added after the first release: a file made before gains them on open, and its rows get
+# sequence numbers in their insertion order. `origin` is empty for a floor this host's
+# processes set, else the peer it came from.
+_SEQ_COLUMN: Final = "ALTER TABLE floors ADD COLUMN seq INTEGER NOT NULL DEFAULT 0"
+_ORIGIN_COLUMN: Final = "ALTER TABLE floors ADD COLUMN origin TEXT NOT NULL DEFAULT ''"
+_SEQ_INDEX: Final = "CREATE INDEX IF NOT EXISTS floors_by_seq ON floors (seq)"
+_EPOCH_BYTES: Final = 16
+_MARK_COMPLETE: Final = (
+    "INSERT INTO floor_meta (name, value) VALUES ('complete', x'01') "
+    "ON CONFLICT (name) DO UPDATE SET value = excluded.value"
+)
+
+
+class KeyRollbackError(FailedPreconditionError):
+    """A record older than the newest one this HSA accepted for the key (a rollback)."""
+
+
+class FloorChange(enum.Enum):
+    """What offering a peer's floor did to this HSA's floor of that key."""
+
+    RAISED = "raised"
+    """It was higher (or this HSA had none): it is the floor now."""
+    SAME = "same"
+    """It is this HSA's floor already."""
+    LOWER = "lower"
+    """This HSA's floor is higher: nothing changed."""
+    CONFLICT = "conflict"
+    """Same version, other metadata hash: one of the two records is not genuine; kept ours."""
+
+
+@dataclass(frozen=True)
+class FloorEntry:
+    """One key's floor, with the change sequence that last set it in this HSA's table."""
+
+    key_id: str
+    metadata_version: int
+    metadata_hash: bytes
+    seq: int
 
 
 class MetadataVersionFloor:
@@ -290,6 +348,15 @@ class MetadataVersionFloor:
 
     One SQLite file (WAL, synchronous=FULL, 0600), so that the floor survives a restart and a
     coordinator cannot roll a key back to an older record by waiting for the HSA to restart.
+    Every process of one HSA (the main process and its key service workers) opens the same
+    file, so a floor any of them raised holds for all.
+
+    For peers (`hsa_node.peering`): every change gets the next number of a change sequence,
+    so "the floors changed after change S" is one indexed range; the table has a random
+    epoch (made when the file is), so a peer that counted in another incarnation of the file
+    (deleted, restored) starts again from 0; `peer_cursors` remembers how far this HSA read
+    each peer's table, and `floor_meta` carries whether the table is complete (`complete`)
+    and what the main process tells its workers.
     """
 
     def __init__(self, path: Path) -> None:
@@ -302,14 +369,31 @@ class MetadataVersionFloor:
         self._db = sqlite3.connect(
             str(self.path), check_same_thread=False, isolation_level=None, timeout=10.0
         )
+        self._closed = False
         try:
             self._db.execute("PRAGMA journal_mode = WAL")
             self._db.execute("PRAGMA synchronous = FULL")
             self._db.executescript(_FLOOR_SCHEMA)
+            with self._transaction() as db:
+                columns = {row[1] for row in db.execute("PRAGMA table_info(floors)")}
+                if "seq" not in columns:
+                    db.execute(_SEQ_COLUMN)
+                    db.execute("UPDATE floors SET seq = rowid")
+                    if db.execute("SELECT 1 FROM floors LIMIT 1").fetchone() is not None:
+                        # A table kept before floors were shared: this HSA's whole history.
+                        db.execute(_MARK_COMPLETE)
+                if "origin" not in columns:
+                    db.execute(_ORIGIN_COLUMN)
+                db.execute(_SEQ_INDEX)
+                db.execute(
+                    "INSERT OR IGNORE INTO floor_meta (name, value) VALUES ('epoch', ?)",
+                    (os.urandom(_EPOCH_BYTES),),
+                )
+                row = db.execute("SELECT value FROM floor_meta WHERE name = 'epoch'").fetchone()
+            self.epoch = bytes(row[0])
         except BaseException:
             self._db.close()
             raise
-        self._closed = False
 
     def __repr__(self) -> str:
         return f"MetadataVersionFloor({str(self.path)!r})"
@@ -327,19 +411,25 @@ class MetadataVersionFloor:
                 raise
             self._db.execute("COMMIT")
 
-    def highest(self, key_id: str) -> tuple[int, bytes] | None:
-        """(metadata version, metadata hash) of the newest record accepted for `key_id`."""
+    @contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
             if self._closed:
                 raise RuntimeError("the version floor is closed")
-            row = self._db.execute(
+            yield self._db
+
+    def highest(self, key_id: str) -> tuple[int, bytes] | None:
+        """(metadata version, metadata hash) of the newest record accepted for `key_id`."""
+        with self._reading() as db:
+            row = db.execute(
                 "SELECT metadata_version, metadata_hash FROM floors WHERE key_id = ?", (key_id,)
             ).fetchone()
         return (int(row[0]), bytes(row[1])) if row is not None else None
 
     def admit(self, key_id: str, version: int, digest: bytes, *, remember: bool = True) -> None:
         """Refuse a record older than (or forked from) the newest accepted one; else, with
-        `remember`, make it the newest. FailedPreconditionError on a refusal."""
+        `remember`, make it the newest. KeyRollbackError (an older record) or
+        FailedPreconditionError (same version, other bytes) on a refusal."""
         with self._transaction() as db:
             row = db.execute(
                 "SELECT metadata_version, metadata_hash FROM floors WHERE key_id = ?", (key_id,)
@@ -347,7 +437,7 @@ class MetadataVersionFloor:
             if row is not None:
                 highest, known = int(row[0]), bytes(row[1])
                 if version < highest:
-                    raise FailedPreconditionError(
+                    raise KeyRollbackError(
                         f"the coordinator returned an older record of key {key_id} (metadata "
                         f"version {version}) than this HSA accepted before (version {highest}); "
                         "the coordinator may be compromised or restored from an old backup"
@@ -361,13 +451,128 @@ class MetadataVersionFloor:
                         )
                     return
             if remember:
-                db.execute(
-                    "INSERT INTO floors (key_id, metadata_version, metadata_hash) "
-                    "VALUES (?, ?, ?) ON CONFLICT (key_id) DO UPDATE SET "
-                    "metadata_version = excluded.metadata_version, "
-                    "metadata_hash = excluded.metadata_hash",
-                    (key_id, version, digest),
-                )
+                self._write(db, key_id, version, digest)
+
+    @staticmethod
+    def _write(
+        db: sqlite3.Connection, key_id: str, version: int, digest: bytes, origin: str = ""
+    ) -> None:
+        db.execute(
+            "INSERT INTO floors (key_id, metadata_version, metadata_hash, seq, origin) "
+            "VALUES (?, ?, ?, (SELECT COALESCE(MAX(seq), 0) + 1 FROM floors), ?) "
+            "ON CONFLICT (key_id) DO UPDATE SET "
+            "metadata_version = excluded.metadata_version, "
+            "metadata_hash = excluded.metadata_hash, seq = excluded.seq, "
+            "origin = excluded.origin",
+            (key_id, version, digest, origin),
+        )
+
+    def raise_to(self, key_id: str, version: int, digest: bytes, origin: str) -> FloorChange:
+        """Take peer `origin`'s floor of `key_id` by the max rule: never lower a floor, and
+        keep this HSA's own on a conflict (same version, other hash: the caller logs it)."""
+        return self.raise_all([(key_id, version, digest)], origin)[0]
+
+    def raise_all(self, floors: Sequence[tuple[str, int, bytes]], origin: str) -> list[FloorChange]:
+        """`raise_to` for each (key id, version, hash) of `floors`, in one transaction."""
+        changes = []
+        with self._transaction() as db:
+            for key_id, version, digest in floors:
+                row = db.execute(
+                    "SELECT metadata_version, metadata_hash FROM floors WHERE key_id = ?",
+                    (key_id,),
+                ).fetchone()
+                if row is not None and version <= int(row[0]):
+                    if version < int(row[0]):
+                        changes.append(FloorChange.LOWER)
+                    elif bytes(row[1]) == digest:
+                        changes.append(FloorChange.SAME)
+                    else:
+                        changes.append(FloorChange.CONFLICT)
+                    continue
+                self._write(db, key_id, version, digest, origin)
+                changes.append(FloorChange.RAISED)
+        return changes
+
+    # --- for peers -------------------------------------------------------------------------
+
+    def sequence(self) -> int:
+        """The number of the newest change in this table (0 when it is empty)."""
+        with self._reading() as db:
+            row = db.execute("SELECT COALESCE(MAX(seq), 0) FROM floors").fetchone()
+        return int(row[0])
+
+    def changes_after(
+        self, after_seq: int, limit: int, *, local_only: bool = False
+    ) -> tuple[list[FloorEntry], bool]:
+        """The floors changed after change `after_seq`, oldest change first, at most `limit`;
+        and whether there are more. With `local_only`, only floors this host's processes set
+        (not those taken from peers)."""
+        with self._reading() as db:
+            rows = db.execute(
+                "SELECT key_id, metadata_version, metadata_hash, seq FROM floors "
+                "WHERE seq > ? AND (? = 0 OR origin = '') ORDER BY seq LIMIT ?",
+                (after_seq, int(local_only), limit + 1),
+            ).fetchall()
+        entries = [FloorEntry(str(r[0]), int(r[1]), bytes(r[2]), int(r[3])) for r in rows]
+        return entries[:limit], len(entries) > limit
+
+    def floors_of(self, key_ids: Sequence[str]) -> list[FloorEntry]:
+        """The floors of those of `key_ids` that have one."""
+        rows = []
+        with self._reading() as db:
+            for key_id in dict.fromkeys(key_ids):
+                row = db.execute(
+                    "SELECT key_id, metadata_version, metadata_hash, seq FROM floors "
+                    "WHERE key_id = ?",
+                    (key_id,),
+                ).fetchone()
+                if row is not None:
+                    rows.append(row)
+        return [FloorEntry(str(r[0]), int(r[1]), bytes(r[2]), int(r[3])) for r in rows]
+
+    def cursor(self, host_id: str) -> tuple[bytes, int]:
+        """(epoch, sequence) up to which this HSA took peer `host_id`'s floors (empty, 0)."""
+        with self._reading() as db:
+            row = db.execute(
+                "SELECT epoch, seq FROM peer_cursors WHERE host_id = ?", (host_id,)
+            ).fetchone()
+        return (bytes(row[0]), int(row[1])) if row is not None else (b"", 0)
+
+    def set_cursor(self, host_id: str, epoch: bytes, seq: int) -> None:
+        """Remember that this HSA took peer `host_id`'s floors up to change `seq` of `epoch`."""
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO peer_cursors (host_id, epoch, seq) VALUES (?, ?, ?) "
+                "ON CONFLICT (host_id) DO UPDATE SET epoch = excluded.epoch, seq = excluded.seq",
+                (host_id, epoch, seq),
+            )
+
+    @property
+    def complete(self) -> bool:
+        """Whether this table holds the floors of the domain's whole history: it was made at
+        genesis (`hsm-domain init` says so), kept from before floors were shared, or taken in
+        full from a peer whose table was complete. A new or wiped table is not."""
+        return self.meta("complete") == b"\x01"
+
+    def mark_complete(self) -> None:
+        """Record that this table now holds the domain's whole history (see `complete`)."""
+        with self._transaction() as db:
+            db.execute(_MARK_COMPLETE)
+
+    def meta(self, name: str) -> bytes | None:
+        """A value the main process left for its workers (None if unset)."""
+        with self._reading() as db:
+            row = db.execute("SELECT value FROM floor_meta WHERE name = ?", (name,)).fetchone()
+        return bytes(row[0]) if row is not None else None
+
+    def set_meta(self, values: Mapping[str, bytes]) -> None:
+        """Set values for the workers (one transaction)."""
+        with self._transaction() as db:
+            db.executemany(
+                "INSERT INTO floor_meta (name, value) VALUES (?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                list(values.items()),
+            )
 
     def close(self) -> None:
         """Release the file. Idempotent."""
@@ -473,6 +678,19 @@ def _diagnose_content(
     return "unknown"
 
 
+class FloorSource(Protocol):
+    """Where an HSA learns the floors of keys it has none for: its peers
+    (`hsa_node.peering`)."""
+
+    def learn(self, key_ids: Sequence[str]) -> None:
+        """Raise this HSA's floors of `key_ids` to what its peers hold; UnavailableError
+        when no peer answered (then a key without a local floor must not be served)."""
+
+    def announce(self, key_id: str, version: int, digest: bytes) -> None:
+        """Tell the peers now of a floor this process just set (best effort, short deadline;
+        never raises: the floor is pushed again in the background)."""
+
+
 class KeyCache:
     """Verified keys by id (LRU, bounded), read through from the coordinator; see the module
     invariants."""
@@ -485,10 +703,13 @@ class KeyCache:
         records: KeyRecordClient,
         floor: MetadataVersionFloor,
         signer: keytokens.RecordSigner,
+        peer_floors: FloorSource | None = None,
         ttl: float = DEFAULT_TTL_SECONDS,
         max_entries: int = DEFAULT_MAX_ENTRIES,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """`peer_floors`: where to learn the floor of a key this HSA has none for before it is
+        accepted (every HSA process has one; None only outside an HSA, as in benchmarks)."""
         if max_entries < 1:
             raise ValueError("max_entries must be at least 1")
         if signer.domain_id != domain_id:
@@ -498,6 +719,7 @@ class KeyCache:
         self._domain_keys = domain_keys
         self._records = records
         self._floor = floor
+        self._peer_floors = peer_floors
         self._ttl = ttl
         self._max_entries = max_entries
         self._clock = clock
@@ -639,7 +861,16 @@ class KeyCache:
             and record.signer_host_id in self._domain_keys().host_keys
         ):
             return self._insert(replace(entry, record=record, checked_at=self._clock()))
-        metadata, backing_keys = self.verify(record, key_id)
+        try:
+            metadata, backing_keys = self.verify(record, key_id)
+        except KeyRollbackError:
+            # A peer may have raised the floor while this read was under way (an honest
+            # coordinator answered before the newer record was stored): read once more.
+            record = self._records.get(key_id)
+            if record is None:
+                self.forget(key_id)
+                raise NotFoundError(f"key {key_id} does not exist") from None
+            metadata, backing_keys = self.verify(record, key_id)
         return self._insert(
             CachedKey(
                 key_id=key_id,
@@ -693,6 +924,8 @@ class KeyCache:
                 raise InvalidKeyTokenError()
         except InvalidKeyTokenError:
             raise self._refusal(record, key_id, keys) from None
+        if self._peer_floors is not None and self._floor.highest(key_id) is None:
+            self._peer_floors.learn([key_id])  # no floor here yet: what do the peers hold?
         try:
             self._floor.admit(
                 key_id, int(metadata.metadata_version), _metadata_digest(record), remember=remember
@@ -809,7 +1042,12 @@ class KeyCache:
         )
         record.revision = self._records.put(record, expected_revision)
         stored = keys_pb2.KeyMetadata.FromString(record.metadata)
-        self._floor.admit(stored.key_id, int(stored.metadata_version), _metadata_digest(record))
+        digest = _metadata_digest(record)
+        self._floor.admit(stored.key_id, int(stored.metadata_version), digest)
+        if self._peer_floors is not None and expected_revision != 0:
+            # A change (a grant revoked, a key disabled) must outlive this HSA: tell the peers
+            # before acknowledging it (best effort, short deadline; gossip catches up later).
+            self._peer_floors.announce(stored.key_id, int(stored.metadata_version), digest)
         return self._insert(
             CachedKey(
                 key_id=stored.key_id,

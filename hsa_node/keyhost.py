@@ -1,12 +1,13 @@
 """The key service's parts in one HSA process, opened and closed together.
 
 `KeyServiceHost.open` opens the audit log (`data_dir/audit.log`), the version floor
-(`data_dir/key_versions.db`), a mutual-TLS channel to the coordinator as this host, the key
-cache (which signs every record it writes with this host's key), the `KeyService` servicer
-(with the node config's limits: the CreateKey quota), the admin-call audit interceptor and the
-background key upkeep (also what prepares a change that would strand key records, for
-`HsaAdmin`). `hsa_node.server` registers the servicer and the interceptor, starts the upkeep after
-the server, and closes everything after the server stopped.
+(`data_dir/key_versions.db`), the HSA's peering over it (`hsa_node.peering`), a mutual-TLS
+channel to the coordinator as this host, the key cache (which signs every record it writes
+with this host's key), the `KeyService` servicer (with the node config's limits: the CreateKey
+quota), the admin-call audit interceptor and the background key upkeep (also what prepares a
+change that would strand key records, for `HsaAdmin`). `hsa_node.server` registers the
+servicer and the interceptor, starts the upkeep after the server, and closes everything after
+the server stopped.
 
 Invariants: an HSA whose audit log does not verify, or is below its head file, does not start
 (the audit log refuses to extend a broken chain or resume a cut one); the log checkpoints in
@@ -19,6 +20,9 @@ upkeep, so re-wrap, rotation and deletion are never done twice on one host).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
 import grpc
 
 from domain_core import transport
@@ -29,12 +33,26 @@ from domain_core.limits import DEFAULT_LIMITS, Limits
 from domain_core.pb import services_pb2_grpc
 from domain_core.transport import TlsMaterial
 from hsa_node.admin_audit import AdminAuditInterceptor
-from hsa_node.keycache import FLOOR_FILE, KeyCache, KeyRecordClient, MetadataVersionFloor
-from hsa_node.keyservice import KeyServiceServicer
+from hsa_node.keycache import (
+    FLOOR_FILE,
+    FloorSource,
+    KeyCache,
+    KeyRecordClient,
+    MetadataVersionFloor,
+)
+from hsa_node.keyservice import KeyServiceServicer, PeerGate
 from hsa_node.node import DomainNode
 from hsa_node.rewrap import KeyMaintainer
 
-__all__ = ["KeyServiceHost"]
+__all__ = ["KeyPeers", "KeyServiceHost"]
+
+
+class KeyPeers(FloorSource, PeerGate, Protocol):
+    """The HSA's peering as the key service uses it (`hsa_node.peering.Peering` in the main
+    process, `WorkerPeering` in a key service worker)."""
+
+    def listen_floors(self, listener: Callable[[Sequence[str]], None]) -> None:
+        """Call `listener(key_ids)` when peers raised the floors of these keys."""
 
 
 class KeyServiceHost:
@@ -66,13 +84,16 @@ class KeyServiceHost:
         node: DomainNode,
         tls: TlsMaterial,
         limits: Limits = DEFAULT_LIMITS,
+        peers: Callable[[MetadataVersionFloor], KeyPeers],
         audit_file: str = AUDIT_LOG_FILE,
         upkeep: bool = True,
     ) -> KeyServiceHost:
         """Open every part (AuditLogError if the audit log does not verify).
 
-        `audit_file` names the audit log in the data directory (one writer per file);
-        `upkeep` False leaves the background key upkeep out (worker processes).
+        `peers` makes the HSA's peering over the opened floor table: the key service learns
+        floors through it and waits on it (readiness, head confirmation). `audit_file` names
+        the audit log in the data directory (one writer per file); `upkeep` False leaves the
+        background key upkeep out (worker processes).
         """
         data_dir = config.path(config.data_dir)
         # Background checkpoints: a signed, fsynced head about every second of activity, and
@@ -88,6 +109,7 @@ class KeyServiceHost:
         except BaseException:
             audit.close()
             raise
+        peering = peers(floor)
         channel = (
             transport.mtls_channel(config.coordinator, tls, transport.COORDINATOR, limits)
             if config.coordinator
@@ -99,10 +121,21 @@ class KeyServiceHost:
             records=KeyRecordClient(channel, config.coordinator),
             floor=floor,
             signer=RecordSigner(node.domain_id, node.host_id, node.identity.signer),
+            peer_floors=peering,
         )
-        servicer = KeyServiceServicer(node=node, cache=cache, audit=audit, limits=limits)
+
+        def raised(key_ids: Sequence[str]) -> None:
+            for key_id in key_ids:
+                cache.mark_stale(key_id)  # re-read at the next use, not at the end of the TTL
+
+        peering.listen_floors(raised)
+        servicer = KeyServiceServicer(
+            node=node, cache=cache, audit=audit, limits=limits, peers=peering
+        )
         maintainer = (
-            KeyMaintainer(node=node, cache=cache, audit=audit) if channel and upkeep else None
+            KeyMaintainer(node=node, cache=cache, audit=audit, peers=peering)
+            if channel and upkeep
+            else None
         )
 
         def on_serving(serving: bool) -> None:

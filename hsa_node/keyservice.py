@@ -26,6 +26,9 @@ Invariants:
   `Limits.create_key_per_second` and `create_key_burst`): beyond it, RESOURCE_EXHAUSTED
   before anything is created; the coordinator caps the keys one principal created
   (`Limits.max_keys_per_principal`, RESOURCE_EXHAUSTED too);
+- no key call is served before the HSA took the key metadata floors of a peer, and no key
+  administration (CreateKey and the metadata changes) while no peer confirmed its head within
+  the bound (`PeerGate`, `hsa_node.peering`): both UNAVAILABLE with the reason;
 - a metadata change reads the key from the coordinator (not the cache), builds the next
   metadata (`metadata_version` + 1), re-seals every token over the new metadata bytes and
   writes with a compare-and-swap on the revision it read (retried up to 3 times on a
@@ -83,6 +86,7 @@ __all__ = [
     "MAX_BACKING_VERSIONS",
     "AuditSink",
     "KeyServiceServicer",
+    "PeerGate",
     "require_enabled",
     "rotate_backing_key",
 ]
@@ -104,6 +108,16 @@ MAX_LIST_LIMIT: Final = 1000
 CONFLICT_RETRIES: Final = 3
 # The coordinator stores at most 4096 tokens per key; stay well below.
 MAX_BACKING_VERSIONS: Final = 1000
+
+
+class PeerGate(Protocol):
+    """What the key service asks of the HSA's peering (`hsa_node.peering`) before it serves."""
+
+    def require_ready(self) -> None:
+        """UnavailableError while this HSA has not taken a peer's key metadata floors."""
+
+    def require_head_confirmed(self, operation: str) -> None:
+        """UnavailableError when no peer confirmed this HSA's head within the bound."""
 
 
 class AuditSink(Protocol):
@@ -196,12 +210,16 @@ class KeyServiceServicer(services_pb2_grpc.KeyServiceServicer):
         audit: AuditSink | None = None,
         limits: Limits = DEFAULT_LIMITS,
         clock: Callable[[], float] = time.time,
+        peers: PeerGate | None = None,
     ) -> None:
+        """`peers` gates serving on the HSA's peers (floors taken, head confirmed); every HSA
+        process has one (None only outside an HSA: benchmarks, in-process tests)."""
         self._node = node
         self._domain_id = node.domain_id
         self._cache = cache
         self._records = cache.records
         self._audit = audit
+        self._peers = peers
         self._limits = limits
         self._clock = clock
         self._throttled = ThrottledLog(log)
@@ -228,6 +246,8 @@ class KeyServiceServicer(services_pb2_grpc.KeyServiceServicer):
                     f"{self._node.host_id} is not serving keys (not a member of the domain, or "
                     "its domain keys are not unsealed): use another HSA"
                 )
+            if self._peers is not None:
+                self._peers.require_ready()
             response = body(call)
         except Exception as error:
             self._record_failure(call, context, error)
@@ -260,6 +280,11 @@ class KeyServiceServicer(services_pb2_grpc.KeyServiceServicer):
             self._record(call, status_for(error).name, detail)
         except HsmDomainError as audit_error:
             log.error("could not audit a failed %s: %s", call.operation, audit_error)
+
+    def _require_head_confirmed(self, operation: str) -> None:
+        """Key administration only on a head a peer confirmed recently (docs/runtime.md)."""
+        if self._peers is not None:
+            self._peers.require_head_confirmed(operation)
 
     def _authorize(self, entry: CachedKey, call: _Call, operation: int) -> None:
         policy.require_granted(entry.grants, call.principal, operation, entry.key_id)
@@ -568,6 +593,7 @@ class KeyServiceServicer(services_pb2_grpc.KeyServiceServicer):
                     f"rotation_period_days must be between {MIN_ROTATION_PERIOD_DAYS} and "
                     f"{MAX_ROTATION_PERIOD_DAYS}, not {period}"
                 )
+            self._require_head_confirmed("CreateKey")
             now = int(self._clock())
             metadata = keys_pb2.KeyMetadata(
                 key_id=ciphertext.new_key_id(),
@@ -615,6 +641,7 @@ class KeyServiceServicer(services_pb2_grpc.KeyServiceServicer):
 
         def body(call: _Call) -> services_pb2.KeyMetadataResponse:
             key_id = self._key_id(call, key_id_value)
+            self._require_head_confirmed(operation)
             for _ in range(1 + CONFLICT_RETRIES):
                 try:
                     entry = self._cache.get(key_id, fresh=True)

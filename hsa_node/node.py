@@ -15,7 +15,11 @@ Invariants:
   data plane must not stop because a peer is wrong), stays healthy, and says so in its status
   detail until it restarts; each fork is logged at ERROR once;
 - a node over a read-only store (a key service worker) verifies and installs states exactly
-  the same way but persists nothing: the main HSA process alone writes the data directory.
+  the same way but persists nothing: the main HSA process alone writes the data directory;
+- where the HSA stands with its peers (`PeerStanding`, set by `hsa_node.peering`: the key
+  service waiting for floors, a head no peer confirmed) is shown in the status detail and
+  flags and never changes the chain or `healthy`; the health listeners hear when the key
+  service starts or stops waiting.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ from domain_core.signers import PublicKey
 from hsa_node._logging import ThrottledLog
 from hsa_node.storage import NodeStore
 
-__all__ = ["DomainKeys", "DomainNode", "NodeStatus", "StoredStateError"]
+__all__ = ["DomainKeys", "DomainNode", "NodeStatus", "PeerStanding", "StoredStateError"]
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +73,17 @@ class NodeStatus:
     domain_key_generation: int
     member: bool
     detail: str
+    key_service_waiting: bool = False
+    head_unconfirmed: bool = False
+
+
+@dataclass(frozen=True)
+class PeerStanding:
+    """Where this HSA stands with its peers (`hsa_node.peering` reports it): each field is
+    empty, or says why the key service waits / why the head counts as unconfirmed."""
+
+    key_service_waiting: str = ""
+    head_unconfirmed: str = ""
 
 
 @dataclass(frozen=True)
@@ -125,6 +140,8 @@ class DomainNode:
         self._listeners: list[Callable[[bool], None]] = []
         self._forks: dict[tuple[int, str], None] = {}  # (version, peer host id), in order seen
         self._hosts_seen = {h.host_id for s in self._states for h in s.manifest.message.hosts}
+        self._standing = PeerStanding()
+        self._standing_source: Callable[[], None] | None = None
         self._throttled = ThrottledLog(log)
 
     # --- startup -------------------------------------------------------------------------
@@ -249,6 +266,9 @@ class DomainNode:
 
     def status(self) -> NodeStatus:
         """The status reported to anyone who asks (public information only)."""
+        source = self._standing_source
+        if source is not None:
+            source()  # the standing as of now (a bound may have passed since the last report)
         with self._lock:
             head = self._chain.head
             member = self._is_member_locked()
@@ -263,7 +283,16 @@ class DomainNode:
             elif not self._keys:
                 detail = "the domain keys are not unsealed"
             else:
-                detail = self._fork_detail_locked()
+                standing = self._standing
+                detail = "; ".join(
+                    part
+                    for part in (
+                        self._fork_detail_locked(),
+                        standing.head_unconfirmed,
+                        standing.key_service_waiting,
+                    )
+                    if part
+                )
             return NodeStatus(
                 host_id=self._identity.host_id,
                 domain_id=self._chain.domain_id,
@@ -273,7 +302,28 @@ class DomainNode:
                 domain_key_generation=head.manifest.current_generation,
                 member=member,
                 detail=detail,
+                key_service_waiting=healthy and bool(self._standing.key_service_waiting),
+                head_unconfirmed=healthy and bool(self._standing.head_unconfirmed),
             )
+
+    @property
+    def standing(self) -> PeerStanding:
+        """Where this HSA stands with its peers, as last reported."""
+        with self._lock:
+            return self._standing
+
+    def report_standing_with(self, source: Callable[[], None]) -> None:
+        """Have `source()` (which calls `set_standing`) refresh the standing before every
+        `status`."""
+        self._standing_source = source
+
+    def set_standing(self, standing: PeerStanding) -> None:
+        """Record where this HSA stands with its peers (shown in the status detail; the health
+        listeners hear of it when the key service starts or stops waiting)."""
+        with self._lock:
+            before, self._standing = self._standing, standing
+            if bool(before.key_service_waiting) != bool(standing.key_service_waiting):
+                self._notify_locked()
 
     def record_fork(self, version: int, peer_host_id: str) -> None:
         """Remember that peer `peer_host_id` holds another state than ours for `version`.

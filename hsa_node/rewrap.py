@@ -41,7 +41,10 @@ Invariants:
   logged); a record written while a preparation runs is not stranded by the change: the
   coordinator refuses writes by a host being removed and under a generation being retired;
 - automatic rotations and deletions are audited, as this host; re-wraps change no key and are
-  logged as a summary per pass.
+  logged as a summary per pass;
+- upkeep writes records, so like key administration it waits while the HSA has not taken a
+  peer's key floors or no peer confirmed its head within the bound (`keyservice.PeerGate`):
+  a head kept stale by the coordinator never gets records re-sealed under its generation.
 """
 
 from __future__ import annotations
@@ -66,7 +69,7 @@ from domain_core.errors import (
 from domain_core.pb import keys_pb2
 from hsa_node._logging import ThrottledLog
 from hsa_node.keycache import KeyCache, iso_date, parse_metadata
-from hsa_node.keyservice import AuditSink, rotate_backing_key
+from hsa_node.keyservice import AuditSink, PeerGate, rotate_backing_key
 from hsa_node.node import DomainKeys, DomainNode
 
 __all__ = [
@@ -242,9 +245,13 @@ class KeyMaintainer:
         page_size: int = DEFAULT_PAGE_SIZE,
         prepare_budget: float = DEFAULT_PREPARE_BUDGET_SECONDS,
         prepare_page_size: int = _PREPARE_PAGE_SIZE,
+        peers: PeerGate | None = None,
     ) -> None:
+        """`peers`: upkeep writes records, so it waits, as key administration does, for the
+        key floors and a confirmed head (None only outside an HSA)."""
         if page_size < 1 or prepare_page_size < 1:
             raise ValueError("page sizes must be at least 1")
+        self._peers = peers
         self._node = node
         self._cache = cache
         self._records = cache.records
@@ -345,6 +352,15 @@ class KeyMaintainer:
         reached (the pass resumes where it stopped at the next tick).
         """
         keys = self._node.domain_keys()
+        if self._peers is not None:
+            try:
+                self._peers.require_ready()
+                self._peers.require_head_confirmed("key upkeep")
+            except UnavailableError:
+                raise UnavailableError(
+                    "waiting for this HSA's peers (key floors not taken yet, or no peer "
+                    "confirmed its domain state within head_confirmation_seconds)"
+                ) from None
         if self._pass is not None and self._pass.report.generation != keys.generation:
             log.info(
                 "domain key generation %d is current now; restarting the key pass",

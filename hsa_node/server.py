@@ -5,10 +5,12 @@ config -> host identity and its TLS certificate -> TLS material -> genesis pinne
 config -> stored states replayed through the verifier -> domain keys unsealed (in memory) ->
 this host's audit heads published at the coordinator and the peers fetched, and the head
 files raised to them (`hsa_node.audit_heads`) -> key service (audit log verified against its
-head file and opened, version floor, key cache) -> server bound (the
-remembered address first, when free) -> sync threads and key upkeep -> key service worker
-processes (`key_service_workers`, `hsa_node.supervisor`), each ready -> ready file (with the
-workers' addresses).
+head file and opened, version floor, peering, key cache) -> server bound (the remembered
+address first, when free) -> peering (the key service waits for a peer's key floors:
+UNAVAILABLE, KeyService health NOT_SERVING) -> sync threads and key upkeep -> key service
+worker processes (`key_service_workers`, `hsa_node.supervisor`), each ready -> ready file
+(with the workers' addresses). The ready file does not wait for the peers: HSAs of a domain
+that start together must reach each other's HsaPeer to become ready.
 
 Invariants: the server requires mutual TLS from the domain CA on every call; it listens only
 where the config says (127.0.0.1 by default); shutdown stops the sync threads and the key
@@ -29,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from grpc_health.v1 import health_pb2
 
 from domain_core import transport
 from domain_core.config import NodeConfig
@@ -40,8 +43,10 @@ from domain_core.pb import services_pb2, services_pb2_grpc
 from domain_core.pki import certificate_fingerprint
 from domain_core.transport import TlsMaterial
 from hsa_node.audit_heads import AuditHeadBook, fetch_own_heads, recover_own_heads
+from hsa_node.keycache import MetadataVersionFloor
 from hsa_node.keyhost import KeyServiceHost
 from hsa_node.node import DomainNode
+from hsa_node.peering import Peering
 from hsa_node.servicers import (
     CoordinatorPin,
     DiagnosticsServicer,
@@ -69,6 +74,7 @@ SERVICE_NAMES: tuple[str, ...] = tuple(
     for name in ("HsaAdmin", "HsaPeer", "Diagnostics", "KeyService")
 )
 SHUTDOWN_GRACE_SECONDS = 2.0
+KEY_SERVICE_NAME = services_pb2.DESCRIPTOR.services_by_name["KeyService"].full_name
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -133,12 +139,15 @@ class NodeGrpcServer:
     service_names: tuple[str, ...]
 
     def start(self, node: DomainNode) -> None:
-        """Make health follow `node` (NOT_SERVING until the node says it serves), then start
-        serving: the listener is added first, so no call sees health before the node set it."""
+        """Make health follow `node` (NOT_SERVING until the node says it serves; KeyService
+        also while it waits for key floors from a peer), then start serving: the listener is
+        added first, so no call sees health before the node set it."""
         names, health_servicer = self.service_names, self.health
 
         def on_serving(serving: bool) -> None:
             transport.set_serving(health_servicer, names, serving)
+            if serving and KEY_SERVICE_NAME in names and node.standing.key_service_waiting:
+                health_servicer.set(KEY_SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
 
         node.add_listener(on_serving)
         self.server.start()
@@ -228,6 +237,7 @@ class HsaServer:
         self._syncer: Syncer | None = None
         self._health: transport.HealthService | None = None
         self._keys: KeyServiceHost | None = None
+        self._peering: Peering | None = None
         self.address = ""
 
     def _bind(self, server: grpc.Server) -> str:
@@ -266,12 +276,30 @@ class HsaServer:
     def start(self) -> str:
         """Bind, start serving, start the sync threads; returns the bound address."""
         loaded = self._loaded
-        node = loaded.node
+        node, config = loaded.node, loaded.config
         audit_heads = self._audit_heads()
+        peerings: list[Peering] = []
+
+        def make_peering(floor: MetadataVersionFloor) -> Peering:
+            peerings.append(
+                Peering(
+                    node=node,
+                    store=loaded.store,
+                    floor=floor,
+                    tls=loaded.tls,
+                    address="",  # told once bound
+                    bound=config.head_confirmation_bound,
+                    configured_addresses=config.peer_addresses,
+                    limits=self._limits,
+                )
+            )
+            return peerings[0]
+
         keys = KeyServiceHost.open(
-            config=loaded.config, node=node, tls=loaded.tls, limits=self._limits
+            config=config, node=node, tls=loaded.tls, limits=self._limits, peers=make_peering
         )
         self._keys = keys
+        peering = self._peering = peerings[0]
         syncer_ref: list[Syncer] = []
 
         def catch_up() -> int:
@@ -282,7 +310,7 @@ class HsaServer:
         admin = HsaAdminServicer(
             node, catch_up, self._limits, coordinator=pin, key_records=keys.maintainer
         )
-        peer = HsaPeerServicer(node, self._limits, audit_heads=audit_heads)
+        peer = HsaPeerServicer(node, self._limits, peering, audit_heads=audit_heads)
 
         def register_hsa_services(server: grpc.Server) -> None:
             services_pb2_grpc.add_HsaAdminServicer_to_server(admin, server)  # type: ignore[no-untyped-call]
@@ -294,6 +322,7 @@ class HsaServer:
         server = served.server
         self.address = self._bind(server)
         loaded.store.save_address(self.address)
+        peering.set_address(self.address)
         syncer = Syncer(
             node=node,
             store=loaded.store,
@@ -302,10 +331,12 @@ class HsaServer:
             pull_interval=loaded.config.pull_interval_seconds,
             gossip_interval=loaded.config.gossip_interval_seconds,
             address=self.address,
+            peering=peering,
             limits=self._limits,
             audit_heads=audit_heads,
         )
         syncer_ref.append(syncer)
+        peering.start()  # the key service waits for floors from the first call on
         served.start(node)
         self._server, self._syncer, self._health = server, syncer, served.health
         syncer.start()
@@ -329,6 +360,8 @@ class HsaServer:
             self._keys.stop_upkeep()
         if self._syncer is not None:
             self._syncer.stop()
+        if self._peering is not None:
+            self._peering.stop()
         if self._health is not None:
             self._health.enter_graceful_shutdown()
         if self._server is not None:

@@ -5,8 +5,9 @@ Who may call what (docs/runtime.md, "Identities and who may call what"):
   when pinned, its certificate's fingerprint); `GetStatesAfter` (read-only) lets a coordinator
   whose store is behind fetch the states it misses; `GetStatus` also any CA-certified caller
   of this domain (it is public);
-- `HsaPeer`: HSAs whose TLS certificate fingerprint is in this node's verified head
-  (`GetAuditHeads` serves signed audit heads, which every reader verifies);
+- `HsaPeer`: HSAs whose TLS certificate fingerprint is in this node's verified head (states,
+  signed head confirmations, key floors: `hsa_node.peering`; signed audit heads, which every
+  reader verifies); a floor push is taken only from such a caller;
 - `Diagnostics`: application (`client`) identities of this domain, as `KeyService`.
 
 Invariants: servicers raise `domain_core.errors` exceptions and never abort themselves (the
@@ -38,6 +39,7 @@ from domain_core.errors import (
     LimitExceededError,
     PermissionDeniedError,
     TransitionDeferredError,
+    UnavailableError,
 )
 from domain_core.faults import unsafe_crash_point, warn_if_enabled
 from domain_core.limits import DEFAULT_LIMITS, Limits
@@ -54,6 +56,7 @@ from domain_core.transition import (
 from hsa_node._logging import ThrottledLog
 from hsa_node.audit_heads import AuditHeadBook
 from hsa_node.node import DomainNode
+from hsa_node.peering import Peering
 from hsa_node.rewrap import TransitionTarget
 
 __all__ = [
@@ -356,22 +359,36 @@ class HsaAdminServicer(services_pb2_grpc.HsaAdminServicer):
             domain_key_generation=status.domain_key_generation,
             member=status.member,
             detail=status.detail,
+            key_service_waiting=status.key_service_waiting,
+            head_unconfirmed=status.head_unconfirmed,
         )
 
 
 class HsaPeerServicer(services_pb2_grpc.HsaPeerServicer):
-    """Verified states for other HSAs of the domain (gossip)."""
+    """Verified states, signed head confirmations and key floors for the other HSAs of the
+    domain (gossip, `hsa_node.peering`)."""
 
     def __init__(
         self,
         node: DomainNode,
         limits: Limits = DEFAULT_LIMITS,
+        peering: Peering | None = None,
         *,
         audit_heads: AuditHeadBook | None = None,
     ) -> None:
+        """`peering` answers ConfirmHead and the key floor calls (None: they are UNAVAILABLE);
+        `audit_heads` serves GetAuditHeads (None: an empty answer)."""
         self._node = node
         self._limits = limits
+        self._peering = peering
         self._audit_heads = audit_heads
+
+    def _peering_of(self, context: grpc.ServicerContext) -> tuple[Peering, str]:
+        """The peering and the calling host, a host of the verified head."""
+        caller = self._peer(context).spiffe.name
+        if self._peering is None:
+            raise UnavailableError(f"{self._node.host_id} does not answer peers' key calls")
+        return self._peering, caller
 
     def _peer(self, context: grpc.ServicerContext) -> PeerIdentity:
         identity = _require_domain_caller(context, self._node.domain_id, "hsa")
@@ -412,6 +429,27 @@ class HsaPeerServicer(services_pb2_grpc.HsaPeerServicer):
                 break
             response.heads.append(services_pb2.AuditHead(checkpoint=head.raw))
         return response
+
+    def ConfirmHead(
+        self, request: services_pb2.ConfirmHeadRequest, context: grpc.ServicerContext
+    ) -> services_pb2.HeadConfirmation:
+        """This HSA's head and floor table position, signed over the caller's nonce."""
+        peering, caller = self._peering_of(context)
+        return peering.confirm_head(request, caller)
+
+    def GetKeyFloors(
+        self, request: services_pb2.KeyFloorsRequest, context: grpc.ServicerContext
+    ) -> services_pb2.KeyFloors:
+        """A signed page of this HSA's key metadata floors."""
+        peering, caller = self._peering_of(context)
+        return peering.key_floors(request, caller)
+
+    def PushKeyFloors(
+        self, request: services_pb2.PushKeyFloorsRequest, context: grpc.ServicerContext
+    ) -> services_pb2.PushKeyFloorsResponse:
+        """Raise this HSA's floors to those the calling host (of the verified head) pushed."""
+        peering, caller = self._peering_of(context)
+        return peering.accept_pushed(request, caller)
 
 
 class DiagnosticsServicer(services_pb2_grpc.DiagnosticsServicer):

@@ -4,8 +4,9 @@ Layout of `data_dir` (created 0700):
 - `states/<version, 12 digits>.state`: one serialized `SealedState` per verified version,
 - `removal.state`: the verified state that removed this host (it stops following),
 - `address`: the address the gRPC server last bound (reused on restart when free),
-- `peers.json`: `{"peers": [{"host_id": ..., "address": ...}]}`, the HSAs the coordinator
-  listed last time (gossip works while the coordinator is down);
+- `peers.json`: `{"peers": [{"host_id": ..., "address": ...}]}`, the other hosts at the
+  address whose signed answer last verified (`hsa_node.peering.AddressBook`), so gossip works
+  while the coordinator is down or lies about addresses;
 - `worker-<i>.ready`: `{"pid": ..., "address": ..., "index": i}`, written by key service
   worker i once it serves (`hsa_node.worker`); `audit-worker-<i>.log` is its audit log.
 
@@ -96,7 +97,7 @@ def read_worker_ready(path: Path) -> WorkerReady | None:
 
 @dataclass(frozen=True)
 class Peer:
-    """Another HSA of the domain, as the coordinator listed it (an address, not a trust)."""
+    """Another HSA of the domain and where it answered last (an address, not a trust)."""
 
     host_id: str
     address: str

@@ -4,19 +4,24 @@ Three background threads feed `DomainNode.offer`, each state in version order:
 1. `WatchStates(after_version)` from the coordinator (reconnects with backoff);
 2. every `pull_interval_seconds`: `RegisterHsa` (so the coordinator knows where this host
    listens, and which version and state hash it has installed), `GetStatesAfter(version)`
-   and `ListHsas` (cached in `peers.json`); the same thread registers again as soon as the
-   node installs a state (the node's listener only sets an event), so operators waiting for
-   a change see it reported within a round trip; a coordinator that answers with a lower
-   version than this node's (its store is behind: restored from an old copy) is warned about;
-3. every `gossip_interval_seconds`: `GetStatesAfter(version)` from one random peer HSA over
-   mutual TLS as this host (works while the coordinator is down). A peer that holds another
-   state for a version this node holds (a fork: somebody told the two of them different
-   things) is recorded on the node (`DomainNode.record_fork`), which keeps serving its own
-   verified chain and says so in its status.
+   and `ListHsas` (its addresses are hints for `hsa_node.peering`); the same thread
+   registers again as soon as the node installs a state (the node's listener only sets an
+   event), so operators waiting for a change see it reported within a round trip; a
+   coordinator that answers with a lower version than this node's (its store is behind:
+   restored from an old copy) is warned about;
+3. every `gossip_interval_seconds` (sooner while the key service waits for key floors): a
+   round of `hsa_node.peering.Peering` with the peers of the verified head (never the
+   coordinator's list, whose addresses are only hints): each peer signs its head over a fresh
+   nonce; a peer at a newer version is asked `GetStatesAfter(version - 1)` over mutual TLS as
+   this host (works while the coordinator is down), and so is one that holds another state for
+   a version this node holds (a fork: somebody told the two of them different things), which
+   is recorded on the node (`DomainNode.record_fork`); the node keeps serving its own verified
+   chain and says so in its status. The same round confirms the head and exchanges key
+   metadata floors (see `hsa_node.peering`).
 Audit heads travel on the same paths (`hsa_node.audit_heads`): `RegisterHsa` carries the
 newest signed checkpoint of each of this host's audit logs (a head the coordinator refuses is
-logged at ERROR), and each gossip round fetches the peer's heads (`HsaPeer.GetAuditHeads`)
-and keeps the highest verified one per host and log.
+logged at ERROR), and each gossip round fetches the heads of one peer that confirmed its head
+(`HsaPeer.GetAuditHeads`) and keeps the highest verified one per host and log.
 
 Invariants: nothing a source returns is believed before `offer` verified it; every call has
 a deadline except the stream, which is cancelled on shutdown; an error of one path is logged
@@ -30,7 +35,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Final, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import grpc
 
@@ -49,7 +54,10 @@ from domain_core.transport import TlsMaterial
 from hsa_node._logging import ThrottledLog
 from hsa_node.audit_heads import AuditHeadBook
 from hsa_node.node import DomainNode
-from hsa_node.storage import NodeStore, Peer
+from hsa_node.storage import NodeStore
+
+if TYPE_CHECKING:
+    from hsa_node.peering import Peering
 
 __all__ = ["CALL_DEADLINE_SECONDS", "Syncer", "pull_states"]
 
@@ -118,11 +126,13 @@ class Syncer:
         pull_interval: float,
         gossip_interval: float,
         address: str,
+        peering: Peering,
         limits: Limits = DEFAULT_LIMITS,
         audit_heads: AuditHeadBook | None = None,
     ) -> None:
         self._node = node
         self._audit_heads = audit_heads
+        self._peering = peering
         self._store = store
         self._tls = tls
         self._coordinator_address = coordinator
@@ -134,8 +144,6 @@ class Syncer:
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self._watch_call: Any = None  # the stream call, cancelled on stop
-        self._peer_channels: dict[str, grpc.Channel] = {}
-        self._peer_hosts: dict[str, str] = {}  # the host each peer channel accepts
         self._throttled = ThrottledLog(log)
         self._coordinator_channel: grpc.Channel | None = None
         self._coordinator: services_pb2_grpc.CoordinatorStub | None = None
@@ -166,17 +174,13 @@ class Syncer:
         """Stop every thread, cancel the stream, close the channels."""
         self._stop.set()
         self._state_changed.set()  # wakes the pull thread
+        self._peering.wake()  # wakes the gossip thread
         with self._lock:
             call = self._watch_call
         if call is not None:
             call.cancel()
         for thread in self._threads:
             thread.join(timeout)
-        with self._lock:
-            channels = list(self._peer_channels.values())
-            self._peer_channels.clear()
-        for channel in channels:
-            channel.close()
         if self._coordinator_channel is not None:
             self._coordinator_channel.close()
 
@@ -320,12 +324,9 @@ class Syncer:
         except grpc.RpcError as error:
             self._report("list peers", _rpc_reason(error))
             return
-        peers = [Peer(host_id=h.host_id, address=h.address) for h in listed.hsas if h.address]
-        if sorted(peers, key=lambda p: p.host_id) != sorted(
-            self._store.load_peers(), key=lambda p: p.host_id
-        ):
-            self._store.save_peers(peers)
-            log.info("peer list updated: %s", ", ".join(p.host_id for p in peers) or "(none)")
+        # Hints only: the peers are the hosts of the verified head, and an address counts
+        # once an answer from it verifies under that host's key (hsa_node.peering).
+        self._peering.add_hints((h.host_id, h.address) for h in listed.hsas if h.address)
 
     def _pull_loop(self) -> None:
         while not self._stop.is_set():
@@ -346,78 +347,35 @@ class Syncer:
 
     # --- gossip --------------------------------------------------------------------------
 
-    def _peer_channel(self, address: str, host_id: str, known: set[str]) -> grpc.Channel:
-        """A reused channel to `address` that accepts only the HSA `host_id` (in the TLS
-        handshake); channels to addresses no longer listed are closed."""
-        with self._lock:
-            for stale in [a for a in self._peer_channels if a not in known]:
-                self._peer_channels.pop(stale).close()
-                self._peer_hosts.pop(stale, None)
-            channel = self._peer_channels.get(address)
-            if channel is not None and self._peer_hosts.get(address) != host_id:
-                self._peer_channels.pop(address).close()  # the address changed hands
-                channel = None
-            if channel is None:
-                channel = transport.mtls_channel(
-                    address, self._tls, transport.hsa_host(host_id), self._limits
-                )
-                self._peer_channels[address] = channel
-                self._peer_hosts[address] = host_id
-            return channel
-
     def gossip_once(self) -> int:
-        """Fetch newer states from one random peer; how many were installed (0 if no peer)."""
-        peers = [
-            p
-            for p in self._store.load_peers()
-            if p.host_id != self._node.host_id and p.address != self._address
-        ]
-        if not peers or self._node.removed_at is not None:
+        """One round with the peers of the verified head (`Peering.round`); how many states
+        were installed."""
+        if self._node.removed_at is not None:
             return 0
-        peer = secrets.choice(peers)
-        stub = services_pb2_grpc.HsaPeerStub(  # type: ignore[no-untyped-call]
-            self._peer_channel(peer.address, peer.host_id, {p.address for p in peers})
-        )
-        limit = self._limits.max_states_per_response
+        installed = self._peering.round()
+        confirmed = self._peering.confirmed_peers()
+        if confirmed and self._audit_heads is not None:
+            host, stub = secrets.choice(confirmed)
+            self._learn_audit_heads(stub, host)
+        return installed
 
-        def fetch(after: int) -> Sequence[domain_pb2.SealedState]:
-            # From the peer's copy of our own head on: a different state for the version we
-            # hold is a fork (a coordinator that told the two of us different things).
-            try:
-                response = stub.GetStatesAfter(
-                    services_pb2.StatesAfterRequest(after_version=max(after - 1, 0), limit=limit),
-                    timeout=CALL_DEADLINE_SECONDS,
-                )
-            except grpc.RpcError as error:
-                raise UnavailableError(
-                    f"peer {peer.host_id} at {peer.address}: {_rpc_reason(error)}"
-                ) from None
-            return list(response.states)
-
-        def on_fork(state: SealedState) -> None:
-            self._node.record_fork(state.version, peer.host_id)
-
-        self._learn_audit_heads(stub, peer)
-        return pull_states(self._node, fetch, f"peer {peer.host_id}", on_fork)
-
-    def _learn_audit_heads(self, stub: services_pb2_grpc.HsaPeerStub, peer: Peer) -> None:
-        """Keep the peer's audit heads (its own and those it keeps); never fails gossip."""
+    def _learn_audit_heads(self, stub: Any, host: str) -> None:
+        """Keep the audit heads of peer `host` (its own and those it keeps); never fails
+        gossip."""
         if self._audit_heads is None:
             return
         try:
             response = stub.GetAuditHeads(
                 services_pb2.AuditHeadsRequest(), timeout=CALL_DEADLINE_SECONDS
             )
-            self._audit_heads.learn(
-                (bytes(h.checkpoint) for h in response.heads), f"peer {peer.host_id}"
-            )
+            self._audit_heads.learn((bytes(h.checkpoint) for h in response.heads), f"peer {host}")
         except grpc.RpcError as error:
-            self._report("gossip audit heads", f"peer {peer.host_id}: {_rpc_reason(error)}")
+            self._report("gossip audit heads", f"peer {host}: {_rpc_reason(error)}")
         except (HsmDomainError, OSError) as error:
-            self._report("gossip audit heads", f"peer {peer.host_id}: {error}")
+            self._report("gossip audit heads", f"peer {host}: {error}")
 
     def _gossip_loop(self) -> None:
-        while not self._stop.wait(self._gossip_interval):
+        while not self._stop.is_set():
             try:
                 self.gossip_once()
             except UnavailableError as error:
@@ -426,3 +384,4 @@ class Syncer:
                 log.debug("gossip stopped at a refused state (offer logged why): %s", error)
             except Exception:
                 log.exception("gossip: unexpected error")
+            self._peering.wait_before_next_round(self._gossip_interval)

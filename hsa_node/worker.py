@@ -18,6 +18,10 @@ Invariants:
   deletion stay in the main process);
 - it shares the host's `key_versions.db` (SQLite, WAL: safe for several processes), so a
   key record older than one any process of the host accepted is refused by every process;
+- it never calls another HSA (`hsa_node.peering.WorkerPeering`): it learns a key's floor
+  through its main process, serves no key call before the main process took a peer's floors,
+  and refuses key administration when the main process's head confirmation is too old (both
+  read from the shared table, written by the main process under its pid);
 - it writes its address to `data_dir/worker-<I>.ready` atomically once serving;
 - it exits by itself when the main process goes away: its stdin is a pipe from the main
   process, and end-of-file on it (the parent died, however) stops the worker; its parent pid
@@ -36,8 +40,10 @@ from domain_core.errors import ChainGapError, HsmDomainError, InvalidInputError
 from domain_core.limits import Limits
 from domain_core.pb import services_pb2
 from hsa_node._logging import ThrottledLog
+from hsa_node.keycache import MetadataVersionFloor
 from hsa_node.keyhost import KeyServiceHost
 from hsa_node.node import DomainNode
+from hsa_node.peering import WorkerPeering
 from hsa_node.server import (
     SHUTDOWN_GRACE_SECONDS,
     NodeGrpcServer,
@@ -181,15 +187,25 @@ def serve_worker(
         _watch_parent(stop)
     loaded = load_node(config, limits, read_only=True)
     node = loaded.node
+    peerings: list[WorkerPeering] = []
+
+    def make_peering(floor: MetadataVersionFloor) -> WorkerPeering:
+        peerings.append(
+            WorkerPeering(node=node, store=loaded.store, floor=floor, tls=loaded.tls, limits=limits)
+        )
+        return peerings[0]
+
     keys = KeyServiceHost.open(
         config=config,
         node=node,
         tls=loaded.tls,
         limits=limits,
+        peers=make_peering,
         audit_file=worker_audit_file(index),
         upkeep=False,
     )
     follower = StoreFollower(node, loaded.store)
+    peerings[0].refresh()  # KeyService health NOT_SERVING until the main process is ready
     served: NodeGrpcServer | None = None
     try:
         served = make_node_server(keys, WORKER_SERVICE_NAMES, limits, domain_id=node.domain_id)
@@ -213,11 +229,13 @@ def serve_worker(
             status.healthy,
         )
         while not stop.wait(0.5):
-            pass
+            peerings[0].refresh()
     finally:
         follower.stop()
         if served is not None:
             served.health.enter_graceful_shutdown()
             served.server.stop(grace=SHUTDOWN_GRACE_SECONDS).wait()
         keys.close()
+        for peering in peerings:
+            peering.close()
         log.info("worker %d stopped", index)

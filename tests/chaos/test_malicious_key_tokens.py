@@ -248,6 +248,7 @@ def key_attack_module(
         )
         procs.start(VICTIM, HONEST)
         server.wait_registered((VICTIM, HONEST))
+        procs.wait_key_service(VICTIM, HONEST)
         app = Client(
             procs, domain.tls("demo-app"), f"spiffe://{domain.layout.domain_id}/client/demo-app"
         )
@@ -287,6 +288,7 @@ def key_attack(key_attack_module: KeyAttack) -> KeyAttack:
     for host in (VICTIM, HONEST):
         if host not in attack.procs.procs:
             attack.procs.start(host)
+    attack.procs.wait_key_service(VICTIM, HONEST)
     return attack
 
 
@@ -523,6 +525,7 @@ def test_a_rolled_back_record_is_refused_also_after_a_restart(key_attack: KeyAtt
         attack.keys.lie(key, version_one)
         assert attack.procs.stop(VICTIM) == 0
         attack.procs.start(VICTIM)
+        attack.procs.wait_key_service(VICTIM)
         refused(lambda: app.decrypt(VICTIM, blob), FAILED_PRECONDITION, older)
         attack.expect_logged(f"older record of key {key}", "metadata version 1")
         assert_still_serving(attack, VICTIM)

@@ -155,9 +155,11 @@ def test_a_store_restored_from_an_old_copy_is_reported_and_repaired(
     assert waiting.state == "pending"
     assert "no HSA could apply it yet" in waiting.detail
 
-    # The HSAs come back at version 3 (from their own disks: never lower) and register.
+    # The HSAs come back at version 3 (from their own disks: never lower) and register. They
+    # start together: a restarted HSA serves keys only once a peer gave it the key floors.
     for host in HOSTS:
-        cluster.start_node(host, wait_for_health=True)
+        cluster.start_node(host, wait_for_health=False)
+    cluster.wait_converged(hosts=HOSTS)
     assert versions(cluster, HOSTS) == {h: 3 for h in HOSTS}
     cluster.wait_for(lambda: head(cluster) == 3, timeout=20, what="the store repaired again")
     cluster.wait_for(lambda: store_behind(cluster) == "", what="the warning clears again")

@@ -28,7 +28,7 @@ from domain_core.transition import rotation_due_at
 from domain_core.transport import CertificatePeerContext
 from hsa_node._logging import ThrottledLog
 from hsa_node.server import LoadedNode, load_node
-from hsa_node.servicers import CoordinatorPin, HsaAdminServicer, HsaPeerServicer
+from hsa_node.servicers import HsaAdminServicer, HsaPeerServicer
 from hsa_node.sync import pull_states
 
 pytestmark = pytest.mark.integration
@@ -36,11 +36,6 @@ pytestmark = pytest.mark.integration
 
 def load(domain: Domain, host: str) -> LoadedNode:
     return load_node(NodeConfig.load(domain.layout.node_configs[host]))
-
-
-def pinned(domain: Domain) -> CoordinatorPin:
-    """The coordinator pin `hsm-domain init` wrote into the node configs."""
-    return CoordinatorPin.from_config(NodeConfig.load(domain.layout.node_configs["hsa-1"]))
 
 
 def as_caller(domain: Domain, who: str) -> grpc.ServicerContext:
@@ -54,7 +49,7 @@ def unavailable() -> int:
 
 def test_install_state_fetches_the_missing_states_on_a_gap(domain: Domain) -> None:
     first, second = load(domain, "hsa-1").node, load(domain, "hsa-2").node
-    admin1 = HsaAdminServicer(first, unavailable, coordinator=pinned(domain))
+    admin1 = HsaAdminServicer(first, unavailable, coordinator=domain.coordinator_pin())
     coordinator = as_caller(domain, "coordinator")
     head = domain.genesis
     for _ in range(2):
@@ -64,7 +59,9 @@ def test_install_state_fetches_the_missing_states_on_a_gap(domain: Domain) -> No
         assert first.offer(head)
     assert first.version == 3
 
-    without_coordinator = HsaAdminServicer(second, unavailable, coordinator=pinned(domain))
+    without_coordinator = HsaAdminServicer(
+        second, unavailable, coordinator=domain.coordinator_pin()
+    )
     install = services_pb2.InstallStateRequest(state=head.message)
     with pytest.raises(ChainGapError):
         without_coordinator.InstallState(install, coordinator)
@@ -79,9 +76,9 @@ def test_install_state_fetches_the_missing_states_on_a_gap(domain: Domain) -> No
     def catch_up() -> int:
         return pull_states(second, fetch, "test coordinator")
 
-    response = HsaAdminServicer(second, catch_up, coordinator=pinned(domain)).InstallState(
-        install, coordinator
-    )
+    response = HsaAdminServicer(
+        second, catch_up, coordinator=domain.coordinator_pin()
+    ).InstallState(install, coordinator)
     assert (response.version, response.state_hash) == (3, head.hash)
     assert calls == [1, 3]  # the second batch is empty: caught up
     assert second.status().healthy
@@ -97,13 +94,13 @@ def test_scheduled_rotation_is_sealed_only_when_due(domain: Domain) -> None:
     due = rotation_due_at(domain.genesis.manifest)
     coordinator = as_caller(domain, "coordinator")
     early = HsaAdminServicer(
-        node, unavailable, clock=lambda: float(due - 10), coordinator=pinned(domain)
+        node, unavailable, clock=lambda: float(due - 10), coordinator=domain.coordinator_pin()
     )
     with pytest.raises(Exception, match="due in 10s"):
         early.RotateDomainKey(services_pb2.ScheduledRotationRequest(), coordinator)
 
     on_time = HsaAdminServicer(
-        node, unavailable, clock=lambda: float(due + 1), coordinator=pinned(domain)
+        node, unavailable, clock=lambda: float(due + 1), coordinator=domain.coordinator_pin()
     )
     message = on_time.RotateDomainKey(services_pb2.ScheduledRotationRequest(), coordinator)
     state = SealedState.from_message(message)
@@ -124,7 +121,7 @@ def test_a_state_whose_key_wrap_this_host_cannot_open_is_refused(
     proposal, approvals = propose(domain, domain.genesis, ROTATE)
     honest = SealedState.from_message(
         HsaAdminServicer(
-            load(domain, "hsa-1").node, unavailable, coordinator=pinned(domain)
+            load(domain, "hsa-1").node, unavailable, coordinator=domain.coordinator_pin()
         ).ApplyProposal(
             services_pb2.ApplyProposalRequest(proposal=proposal.raw, approvals=approvals),
             as_caller(domain, "coordinator"),
@@ -195,7 +192,9 @@ def test_loading_twice_replays_the_stored_chain(domain: Domain) -> None:
     loaded = load(domain, "hsa-1")
     proposal, approvals = propose(domain, domain.genesis, ROTATE)
     state = SealedState.from_message(
-        HsaAdminServicer(loaded.node, unavailable, coordinator=pinned(domain)).ApplyProposal(
+        HsaAdminServicer(
+            loaded.node, unavailable, coordinator=domain.coordinator_pin()
+        ).ApplyProposal(
             services_pb2.ApplyProposalRequest(proposal=proposal.raw, approvals=approvals),
             as_caller(domain, "coordinator"),
         )
@@ -221,7 +220,7 @@ def test_a_fork_with_a_peer_is_recorded_and_the_node_keeps_serving(
         proposal, approvals = propose(domain, domain.genesis, ROTATE)
         request = services_pb2.ApplyProposalRequest(proposal=proposal.raw, approvals=approvals)
         state = SealedState.from_message(
-            HsaAdminServicer(node, unavailable, coordinator=pinned(domain)).ApplyProposal(
+            HsaAdminServicer(node, unavailable, coordinator=domain.coordinator_pin()).ApplyProposal(
                 request, coordinator
             )
         )

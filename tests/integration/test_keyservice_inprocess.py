@@ -61,7 +61,7 @@ from hsa_node.keycache import (
 from hsa_node.keyservice import KeyServiceServicer
 from hsa_node.rewrap import KeyMaintainer
 from hsa_node.server import load_node
-from hsa_node.servicers import CoordinatorPin, HsaAdminServicer
+from hsa_node.servicers import HsaAdminServicer
 
 pytestmark = pytest.mark.integration
 
@@ -219,11 +219,6 @@ def stored(hsa: Hsa, key_id: str) -> keys_pb2.KeyRecord | None:
     return hsa.records.get(key_id)
 
 
-def coordinator_pin(domain: Domain) -> CoordinatorPin:
-    """The coordinator the domain's node configs pin (every node pins the same one)."""
-    return CoordinatorPin.from_config(NodeConfig.load(domain.layout.node_configs["hsa-1"]))
-
-
 def rotate_domain_key(domain: Domain, hsa: Hsa) -> SealedState:
     """A quorum-approved rotate-domain-key, sealed and installed on `hsa` (in this process)."""
     proposal, approvals = propose(domain, hsa.node.head, ROTATE)
@@ -233,7 +228,7 @@ def rotate_domain_key(domain: Domain, hsa: Hsa) -> SealedState:
         raise UnavailableError("not in this test")
 
     sealed = HsaAdminServicer(
-        hsa.node, no_catch_up, coordinator=coordinator_pin(domain)
+        hsa.node, no_catch_up, coordinator=domain.coordinator_pin()
     ).ApplyProposal(
         services_pb2.ApplyProposalRequest(proposal=proposal.raw, approvals=approvals),
         coordinator,  # type: ignore[arg-type]
@@ -707,7 +702,7 @@ def test_a_change_that_would_retire_a_generation_in_use_waits_for_the_records(
         raise UnavailableError("not in this test")
 
     admin = HsaAdminServicer(
-        hsa.node, no_catch_up, coordinator=coordinator_pin(domain), key_records=hsa.maintainer
+        hsa.node, no_catch_up, coordinator=domain.coordinator_pin(), key_records=hsa.maintainer
     )
 
     def apply(changes: list[Any]) -> SealedState:
@@ -771,7 +766,7 @@ def test_a_finished_preparation_counts_only_for_its_own_proposal(
         raise UnavailableError("not in this test")
 
     admin = HsaAdminServicer(
-        first.node, no_catch_up, coordinator=coordinator_pin(domain), key_records=first.maintainer
+        first.node, no_catch_up, coordinator=domain.coordinator_pin(), key_records=first.maintainer
     )
 
     def seal_removal() -> SealedState:

@@ -118,8 +118,15 @@ class LocalCluster(LocalDomain):
     # --- processes, clients -------------------------------------------------------------------
 
     def start_node(self, host: str, *, wait_for_health: bool = True) -> None:
-        """Start (or restart) one node; by default returns once it is SERVING."""
+        """Start (or restart) one node; by default returns once it is SERVING, its key service
+        included (it took a peer's key floors: a peer must be up)."""
         super().start_node(host, wait_for_health=wait_for_health)
+        if wait_for_health:
+            self.wait_for(
+                lambda: not self.node_status(host).key_service_waiting,
+                timeout=self.start_timeout,
+                what=f"{host}'s key service to take a peer's key floors",
+            )
 
     def operator_signer(self, name: str) -> FileTokenSigner:
         """Open operator `name`'s file token with its demo passphrase file."""

@@ -33,6 +33,7 @@ from domain_core.model import Proposal, SealedState
 from domain_core.pb import domain_pb2, services_pb2, services_pb2_grpc
 from domain_core.signers import Signer, load_file_token
 from domain_core.transport import TlsMaterial
+from hsa_node.servicers import CoordinatorPin
 
 HOSTS = ("hsa-1", "hsa-2", "hsa-3")
 COORDINATOR = "coordinator"
@@ -69,6 +70,10 @@ class Domain:
         return TlsMaterial.from_files(
             self.layout.ca_cert, directory / "tls.crt", directory / "tls.key"
         )
+
+    def coordinator_pin(self) -> CoordinatorPin:
+        """The coordinator every node config of this domain pins (HsaAdmin's one caller)."""
+        return CoordinatorPin.from_config(NodeConfig.load(self.layout.node_configs["hsa-1"]))
 
     def configure_nodes(self, **changes: Any) -> None:
         """Rewrite every node config with `changes` (NodeConfig fields)."""
@@ -191,6 +196,15 @@ class Processes:
             self.spawn(name)
         for name in names:
             self.wait_ready(name)
+
+    def wait_key_service(self, *hosts: str, timeout: float = START_TIMEOUT) -> None:
+        """Wait until each host's key service serves (it took a peer's key floors)."""
+        for host in hosts:
+            wait_for(
+                lambda host=host: not self.status(host).key_service_waiting,  # type: ignore[misc]
+                timeout,
+                f"{host}'s key service to take a peer's key floors",
+            )
 
     def stop(self, name: str) -> int:
         """SIGTERM and wait: the exit status (0 for a clean stop)."""

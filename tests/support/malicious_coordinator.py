@@ -6,8 +6,10 @@ to use it connect to it, and it calls their `HsaAdmin` (InstallState, ApplyPropo
 coordinator identity they accept. It serves whatever chain a test scripts (`serve`): on the
 `WatchStates` stream (the whole script again each time it changes, whatever version the HSA
 asked after: a rollback or a fork is delivered too), on `GetStatesAfter` and on
-`GetLatestState`; it holds no key records. It keeps a registry for `RegisterHsa` and
-`ListHsas`, so the HSAs gossip among themselves as they would with an honest coordinator.
+`GetLatestState`, except the versions it withholds from a given host (`withheld_after`); it
+holds no key records. It keeps a registry for `RegisterHsa` and `ListHsas`, so the HSAs
+gossip among themselves as they would with an honest coordinator, unless it lists other
+addresses (or none) to a given host (`listed_for`).
 Every other call is UNIMPLEMENTED.
 
 `forging_domain(layout)` turns the domain on disk into a `support.simulator.SimulatedDomain`
@@ -140,6 +142,10 @@ class ScriptedChain(services_pb2_grpc.CoordinatorServicer):
     states: list[domain_pb2.SealedState] = field(default_factory=list)
     # When set, GetStatesAfter answers with exactly these states, whatever was asked.
     states_after_override: list[domain_pb2.SealedState] | None = None
+    # Per calling host: the highest version it is served (streams, pulls, latest): withheld.
+    withheld_after: dict[str, int] = field(default_factory=dict)
+    # Per calling host: what ListHsas answers it (host id, address), instead of the registry.
+    listed_for: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
     registered: dict[str, str] = field(default_factory=dict)
     calls: Counter[str] = field(default_factory=Counter)
     sent_on_streams: int = 0
@@ -165,12 +171,25 @@ class ScriptedChain(services_pb2_grpc.CoordinatorServicer):
 
     # --- the chain -----------------------------------------------------------------------
 
+    def _served_to(self, context: grpc.ServicerContext) -> list[domain_pb2.SealedState]:
+        """The scripted states the caller may see (all, unless some are withheld from it);
+        call with the condition held."""
+        try:
+            host = transport.caller(context).spiffe.name
+        except Exception:
+            host = ""
+        limit = self.withheld_after.get(host)
+        if limit is None:
+            return list(self.states)
+        return [s for s in self.states if _version_of(s) <= limit]
+
     def GetLatestState(
         self, request: services_pb2.LatestStateRequest, context: grpc.ServicerContext
     ) -> domain_pb2.SealedState:
         self.calls["GetLatestState"] += 1
         with self._changed:
-            return self.states[-1] if self.states else domain_pb2.SealedState()
+            served = self._served_to(context)
+            return served[-1] if served else domain_pb2.SealedState()
 
     def GetStatesAfter(
         self, request: services_pb2.StatesAfterRequest, context: grpc.ServicerContext
@@ -179,7 +198,8 @@ class ScriptedChain(services_pb2_grpc.CoordinatorServicer):
         with self._changed:
             if self.states_after_override is not None:
                 return services_pb2.StatesResponse(states=self.states_after_override)
-            chosen = [s for s in self.states if _version_of(s) > request.after_version]
+            served = self._served_to(context)
+            chosen = [s for s in served if _version_of(s) > request.after_version]
         return services_pb2.StatesResponse(states=chosen[: request.limit or 100])
 
     def WatchStates(
@@ -194,7 +214,7 @@ class ScriptedChain(services_pb2_grpc.CoordinatorServicer):
                 if sent_script == self._script:
                     self._changed.wait(_WATCH_POLL_SECONDS)
                     continue
-                sent_script, pending = self._script, list(self.states)
+                sent_script, pending = self._script, self._served_to(context)
             for state in pending:
                 self.sent_on_streams += 1
                 yield state
@@ -236,11 +256,14 @@ class ScriptedChain(services_pb2_grpc.CoordinatorServicer):
         self, request: services_pb2.ListHsasRequest, context: grpc.ServicerContext
     ) -> services_pb2.ListHsasResponse:
         self.calls["ListHsas"] += 1
+        try:
+            caller = transport.caller(context).spiffe.name
+        except Exception:
+            caller = ""
         with self._changed:
-            endpoints = [
-                services_pb2.HsaEndpoint(host_id=h, address=a)
-                for h, a in sorted(self.registered.items())
-            ]
+            listed = self.listed_for.get(caller)
+            entries = sorted(self.registered.items()) if listed is None else listed
+            endpoints = [services_pb2.HsaEndpoint(host_id=h, address=a) for h, a in entries]
         return services_pb2.ListHsasResponse(hsas=endpoints)
 
 

@@ -46,6 +46,8 @@ def test_payload_type_values_are_wire_format() -> None:
         "HOST_ENROLLMENT": "host-enrollment",
         "AUDIT_CHECKPOINT": "audit-checkpoint",
         "KEY_RECORD": "key-record",
+        "HEAD_CONFIRMATION": "head-confirmation",
+        "KEY_FLOORS": "key-floors",
     }
 
 

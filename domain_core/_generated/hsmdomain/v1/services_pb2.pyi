@@ -260,6 +260,92 @@ class AuditHeadsResponse(_message.Message):
     heads: _containers.RepeatedCompositeFieldContainer[AuditHead]
     def __init__(self, heads: _Optional[_Iterable[_Union[AuditHead, _Mapping]]] = ...) -> None: ...
 
+class ConfirmHeadRequest(_message.Message):
+    __slots__ = ("nonce", "caller_address")
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    CALLER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    nonce: bytes
+    caller_address: str
+    def __init__(self, nonce: _Optional[bytes] = ..., caller_address: _Optional[str] = ...) -> None: ...
+
+class HeadConfirmation(_message.Message):
+    __slots__ = ("host_id", "version", "state_hash", "floor_epoch", "floor_sequence", "signature", "floors_complete")
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATE_HASH_FIELD_NUMBER: _ClassVar[int]
+    FLOOR_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    FLOOR_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    FLOORS_COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    host_id: str
+    version: int
+    state_hash: bytes
+    floor_epoch: bytes
+    floor_sequence: int
+    signature: bytes
+    floors_complete: bool
+    def __init__(self, host_id: _Optional[str] = ..., version: _Optional[int] = ..., state_hash: _Optional[bytes] = ..., floor_epoch: _Optional[bytes] = ..., floor_sequence: _Optional[int] = ..., signature: _Optional[bytes] = ..., floors_complete: _Optional[bool] = ...) -> None: ...
+
+class KeyFloor(_message.Message):
+    __slots__ = ("key_id", "metadata_version", "metadata_hash")
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    METADATA_VERSION_FIELD_NUMBER: _ClassVar[int]
+    METADATA_HASH_FIELD_NUMBER: _ClassVar[int]
+    key_id: str
+    metadata_version: int
+    metadata_hash: bytes
+    def __init__(self, key_id: _Optional[str] = ..., metadata_version: _Optional[int] = ..., metadata_hash: _Optional[bytes] = ...) -> None: ...
+
+class KeyFloorsRequest(_message.Message):
+    __slots__ = ("nonce", "epoch", "after_sequence", "key_ids", "limit", "consult_peers")
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    AFTER_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    KEY_IDS_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    CONSULT_PEERS_FIELD_NUMBER: _ClassVar[int]
+    nonce: bytes
+    epoch: bytes
+    after_sequence: int
+    key_ids: _containers.RepeatedScalarFieldContainer[str]
+    limit: int
+    consult_peers: bool
+    def __init__(self, nonce: _Optional[bytes] = ..., epoch: _Optional[bytes] = ..., after_sequence: _Optional[int] = ..., key_ids: _Optional[_Iterable[str]] = ..., limit: _Optional[int] = ..., consult_peers: _Optional[bool] = ...) -> None: ...
+
+class KeyFloorPage(_message.Message):
+    __slots__ = ("epoch", "floors", "next_sequence", "more")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    FLOORS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    MORE_FIELD_NUMBER: _ClassVar[int]
+    epoch: bytes
+    floors: _containers.RepeatedCompositeFieldContainer[KeyFloor]
+    next_sequence: int
+    more: bool
+    def __init__(self, epoch: _Optional[bytes] = ..., floors: _Optional[_Iterable[_Union[KeyFloor, _Mapping]]] = ..., next_sequence: _Optional[int] = ..., more: _Optional[bool] = ...) -> None: ...
+
+class KeyFloors(_message.Message):
+    __slots__ = ("host_id", "page", "signature")
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    PAGE_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    host_id: str
+    page: bytes
+    signature: bytes
+    def __init__(self, host_id: _Optional[str] = ..., page: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class PushKeyFloorsRequest(_message.Message):
+    __slots__ = ("floors",)
+    FLOORS_FIELD_NUMBER: _ClassVar[int]
+    floors: _containers.RepeatedCompositeFieldContainer[KeyFloor]
+    def __init__(self, floors: _Optional[_Iterable[_Union[KeyFloor, _Mapping]]] = ...) -> None: ...
+
+class PushKeyFloorsResponse(_message.Message):
+    __slots__ = ("raised",)
+    RAISED_FIELD_NUMBER: _ClassVar[int]
+    raised: int
+    def __init__(self, raised: _Optional[int] = ...) -> None: ...
+
 class ApplyProposalRequest(_message.Message):
     __slots__ = ("proposal", "approvals")
     PROPOSAL_FIELD_NUMBER: _ClassVar[int]
@@ -291,7 +377,7 @@ class HsaStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HsaStatus(_message.Message):
-    __slots__ = ("host_id", "domain_id", "version", "state_hash", "healthy", "domain_key_generation", "member", "detail")
+    __slots__ = ("host_id", "domain_id", "version", "state_hash", "healthy", "domain_key_generation", "member", "detail", "key_service_waiting", "head_unconfirmed")
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
     DOMAIN_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -300,6 +386,8 @@ class HsaStatus(_message.Message):
     DOMAIN_KEY_GENERATION_FIELD_NUMBER: _ClassVar[int]
     MEMBER_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
+    KEY_SERVICE_WAITING_FIELD_NUMBER: _ClassVar[int]
+    HEAD_UNCONFIRMED_FIELD_NUMBER: _ClassVar[int]
     host_id: str
     domain_id: str
     version: int
@@ -308,7 +396,9 @@ class HsaStatus(_message.Message):
     domain_key_generation: int
     member: bool
     detail: str
-    def __init__(self, host_id: _Optional[str] = ..., domain_id: _Optional[str] = ..., version: _Optional[int] = ..., state_hash: _Optional[bytes] = ..., healthy: _Optional[bool] = ..., domain_key_generation: _Optional[int] = ..., member: _Optional[bool] = ..., detail: _Optional[str] = ...) -> None: ...
+    key_service_waiting: bool
+    head_unconfirmed: bool
+    def __init__(self, host_id: _Optional[str] = ..., domain_id: _Optional[str] = ..., version: _Optional[int] = ..., state_hash: _Optional[bytes] = ..., healthy: _Optional[bool] = ..., domain_key_generation: _Optional[int] = ..., member: _Optional[bool] = ..., detail: _Optional[str] = ..., key_service_waiting: _Optional[bool] = ..., head_unconfirmed: _Optional[bool] = ...) -> None: ...
 
 class ProposalStatus(_message.Message):
     __slots__ = ("proposal_id", "proposal", "approvals", "state", "threshold", "applied_version", "detail", "cancel_votes")

@@ -799,6 +799,21 @@ class HsaPeerStub:
                 request_serializer=hsmdomain_dot_v1_dot_services__pb2.AuditHeadsRequest.SerializeToString,
                 response_deserializer=hsmdomain_dot_v1_dot_services__pb2.AuditHeadsResponse.FromString,
                 _registered_method=True)
+        self.ConfirmHead = channel.unary_unary(
+                '/hsmdomain.v1.HsaPeer/ConfirmHead',
+                request_serializer=hsmdomain_dot_v1_dot_services__pb2.ConfirmHeadRequest.SerializeToString,
+                response_deserializer=hsmdomain_dot_v1_dot_services__pb2.HeadConfirmation.FromString,
+                _registered_method=True)
+        self.GetKeyFloors = channel.unary_unary(
+                '/hsmdomain.v1.HsaPeer/GetKeyFloors',
+                request_serializer=hsmdomain_dot_v1_dot_services__pb2.KeyFloorsRequest.SerializeToString,
+                response_deserializer=hsmdomain_dot_v1_dot_services__pb2.KeyFloors.FromString,
+                _registered_method=True)
+        self.PushKeyFloors = channel.unary_unary(
+                '/hsmdomain.v1.HsaPeer/PushKeyFloors',
+                request_serializer=hsmdomain_dot_v1_dot_services__pb2.PushKeyFloorsRequest.SerializeToString,
+                response_deserializer=hsmdomain_dot_v1_dot_services__pb2.PushKeyFloorsResponse.FromString,
+                _registered_method=True)
 
 
 class HsaPeerServicer:
@@ -824,6 +839,24 @@ class HsaPeerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ConfirmHead(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetKeyFloors(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PushKeyFloors(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_HsaPeerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -841,6 +874,21 @@ def add_HsaPeerServicer_to_server(servicer, server):
                     servicer.GetAuditHeads,
                     request_deserializer=hsmdomain_dot_v1_dot_services__pb2.AuditHeadsRequest.FromString,
                     response_serializer=hsmdomain_dot_v1_dot_services__pb2.AuditHeadsResponse.SerializeToString,
+            ),
+            'ConfirmHead': grpc.unary_unary_rpc_method_handler(
+                    servicer.ConfirmHead,
+                    request_deserializer=hsmdomain_dot_v1_dot_services__pb2.ConfirmHeadRequest.FromString,
+                    response_serializer=hsmdomain_dot_v1_dot_services__pb2.HeadConfirmation.SerializeToString,
+            ),
+            'GetKeyFloors': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetKeyFloors,
+                    request_deserializer=hsmdomain_dot_v1_dot_services__pb2.KeyFloorsRequest.FromString,
+                    response_serializer=hsmdomain_dot_v1_dot_services__pb2.KeyFloors.SerializeToString,
+            ),
+            'PushKeyFloors': grpc.unary_unary_rpc_method_handler(
+                    servicer.PushKeyFloors,
+                    request_deserializer=hsmdomain_dot_v1_dot_services__pb2.PushKeyFloorsRequest.FromString,
+                    response_serializer=hsmdomain_dot_v1_dot_services__pb2.PushKeyFloorsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -925,6 +973,87 @@ class HsaPeer:
             '/hsmdomain.v1.HsaPeer/GetAuditHeads',
             hsmdomain_dot_v1_dot_services__pb2.AuditHeadsRequest.SerializeToString,
             hsmdomain_dot_v1_dot_services__pb2.AuditHeadsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ConfirmHead(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hsmdomain.v1.HsaPeer/ConfirmHead',
+            hsmdomain_dot_v1_dot_services__pb2.ConfirmHeadRequest.SerializeToString,
+            hsmdomain_dot_v1_dot_services__pb2.HeadConfirmation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetKeyFloors(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hsmdomain.v1.HsaPeer/GetKeyFloors',
+            hsmdomain_dot_v1_dot_services__pb2.KeyFloorsRequest.SerializeToString,
+            hsmdomain_dot_v1_dot_services__pb2.KeyFloors.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushKeyFloors(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hsmdomain.v1.HsaPeer/PushKeyFloors',
+            hsmdomain_dot_v1_dot_services__pb2.PushKeyFloorsRequest.SerializeToString,
+            hsmdomain_dot_v1_dot_services__pb2.PushKeyFloorsResponse.FromString,
             options,
             channel_credentials,
             insecure,
