@@ -66,6 +66,7 @@ from domain_core.errors import (
     HsmDomainError,
     InvalidInputError,
     LimitExceededError,
+    NotAppliedError,
     PermissionDeniedError,
     UnavailableError,
 )
@@ -892,9 +893,10 @@ class Peering:
     # --- the key service's gate (keyservice.PeerGate) ----------------------------------------
 
     def require_ready(self) -> None:
-        """UnavailableError while the key service waits for floors from a peer."""
+        """NotAppliedError (definite: nothing was done) while the key service waits for floors
+        from a peer."""
         if not self._ready:
-            raise UnavailableError(
+            raise NotAppliedError(
                 f"{self._node.host_id} is not serving keys yet: it has not taken the key "
                 "metadata floors of any other HSA since it started (so it cannot rule out a "
                 f"rolled-back key record): use another HSA, or wait ({self._reasons[:300]})"
@@ -909,10 +911,11 @@ class Peering:
         return self._clock() - max(self._confirmed_at, self._started_at)
 
     def require_head_confirmed(self, operation: str) -> None:
-        """UnavailableError when no peer confirmed this HSA's head within the bound."""
+        """NotAppliedError (definite: nothing was done) when no peer confirmed this HSA's head
+        within the bound."""
         seconds = self.unconfirmed_for()
         if seconds > self._bound:
-            raise UnavailableError(
+            raise NotAppliedError(
                 _unconfirmed_message(
                     self._node.host_id,
                     self._node.version,
@@ -1072,33 +1075,35 @@ class WorkerPeering:
         return self._meta
 
     def require_ready(self) -> None:
-        """UnavailableError until the main process took a peer's floors (this run)."""
+        """NotAppliedError (definite: nothing was done) until the main process took a peer's
+        floors (this run)."""
         if self._ready:
             return
         meta = self._read_meta()
         if meta is not None and meta.ready:
             self._ready = True
             return
-        raise UnavailableError(
+        raise NotAppliedError(
             f"{self._node.host_id} is not serving keys yet: it has not taken the key metadata "
             "floors of any other HSA since it started (so it cannot rule out a rolled-back key "
             "record): use another HSA, or wait"
         )
 
     def require_head_confirmed(self, operation: str) -> None:
-        """UnavailableError unless the main process confirmed the head within its bound."""
+        """NotAppliedError (definite: nothing was done) unless the main process confirmed the
+        head within its bound."""
         self._checked_at = float("-inf")  # administration is rare: read what the main wrote
         meta = self._read_meta()
         now = self._wall_clock()
         if meta is None:
-            raise UnavailableError(
+            raise NotAppliedError(
                 f"{self._node.host_id}'s main process has not reported whether a peer confirmed "
                 f"its domain state: {operation} is refused for now; retry or use another HSA"
             )
         seconds = now - meta.confirmed_at
         stale = now - meta.written_at > meta.bound + 10
         if seconds > meta.bound or stale:
-            raise UnavailableError(
+            raise NotAppliedError(
                 _unconfirmed_message(
                     self._node.host_id, meta.version, seconds, meta.bound, operation, meta.reasons
                 )

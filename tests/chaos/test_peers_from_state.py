@@ -316,6 +316,9 @@ def test_an_hsa_no_peer_confirms_refuses_key_administration_and_keeps_encrypting
                 )
                 assert f"{name} and the other key administration calls are refused" in details
                 assert "encryption and decryption go on" in details
+                # Refused before anything was done: a definite failure on the wire, which a
+                # client may send again anywhere (not "may have been applied").
+                assert transport.nothing_applied(error), name
             # The data plane is untouched.
             again = where.encrypt(key_id, b"still here")
             assert main.decrypt(again) == b"still here"

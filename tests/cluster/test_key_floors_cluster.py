@@ -229,6 +229,7 @@ def test_a_wiped_hsa_waits_for_a_peer_then_refuses_the_older_record(attack: Atta
             error = refused(lambda: caller.encrypt("hsa-2", key_id))  # noqa: B023
             assert error.code() == grpc.StatusCode.UNAVAILABLE, error.details()
             assert "not serving keys yet" in (error.details() or "")
+            assert transport.nothing_applied(error)  # refused before anything was done
     status = cluster.node_status("hsa-2")
     assert status.healthy
     assert status.key_service_waiting
