@@ -30,11 +30,12 @@ __all__ = [
 ]
 
 
-def add_host(host: domain_pb2.Host) -> domain_pb2.Change:
-    """Trust a new host (its record comes from its verified enrollment)."""
-    if not isinstance(host, domain_pb2.Host):
-        raise TypeError("host must be an hsmdomain.v1.Host")
-    return domain_pb2.Change(add_host=domain_pb2.AddHost(host=host))
+def add_host(enrollment: bytes) -> domain_pb2.Change:
+    """Trust a new host: the change carries its enrollment, the exact bytes the host made
+    (`enrollment.make_enrollment`); every verifier checks it before the change counts."""
+    if not isinstance(enrollment, bytes):
+        raise TypeError("add_host takes the enrollment's bytes (a serialized HostEnrollment)")
+    return domain_pb2.Change(add_host=domain_pb2.AddHost(enrollment=enrollment))
 
 
 def remove_host(host_id: str) -> domain_pb2.Change:
