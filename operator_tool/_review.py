@@ -278,8 +278,12 @@ def review(
         names=operator_names(seen, proposal),
         now=now,
         cancel_result=cancel_result,
+        # An applied proposal's enrollments are judged when its state was made (as every HSA
+        # judges them), so a certificate that expired since does not make it look forged.
         enrollment_problems=enrollment_problems(
-            base.manifest if base is not None else None, proposal, now
+            base.manifest if base is not None else None,
+            proposal,
+            successor.manifest.created_at if applied and successor is not None else now,
         ),
     )
 

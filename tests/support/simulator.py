@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from domain_core import crypto, enrollment, genesis, model, pki, quorum, sealing, transition
 from domain_core.chain import TrustedChain
+from domain_core.errors import EnrollmentError
 from domain_core.identity import HostIdentity
 from domain_core.model import Proposal, SealedState
 from domain_core.pb import domain_pb2
@@ -561,13 +562,13 @@ class SimulatedDomain:
     ) -> domain_pb2.Manifest:
         """The manifest a proposal (or, with None, a rotation) produces, with NO checks at all.
 
-        Skips quorum, expiry, staleness and rotation-due checks: what a buggy or compromised
-        HSA could compute. `mutate` edits the result before it is returned.
+        Skips quorum, expiry, staleness, rotation-due and enrollment checks: what a buggy or
+        compromised HSA could compute. `mutate` edits the result before it is returned.
         """
         base = base or self.head
         now = self.now if now is None else now
         if proposal is not None:
-            manifest, _ = transition.apply_changes(base.manifest.message, proposal, now=now)
+            manifest = _apply_unchecked(base.manifest.message, proposal, now)
             manifest.proposal_id = proposal.id
         else:
             manifest = domain_pb2.Manifest()
@@ -587,6 +588,36 @@ class SimulatedDomain:
         if mutate is not None:
             mutate(manifest)
         return manifest
+
+
+def _apply_unchecked(
+    base: domain_pb2.Manifest, proposal: Proposal, now: int
+) -> domain_pb2.Manifest:
+    """`transition.apply_changes`, except that add-host enrollments are not verified: the
+    hosts they name are appended as they are (what a compromised producer could write)."""
+    try:
+        return transition.apply_changes(base, proposal, now=now)[0]
+    except EnrollmentError:
+        pass
+    others = [c for c in proposal.changes if not c.HasField("add_host")]
+    manifest = domain_pb2.Manifest()
+    manifest.CopyFrom(base)
+    if others:
+        rest = Proposal.create(
+            domain_id=proposal.domain_id,
+            base_version=proposal.base_version,
+            base_state_hash=proposal.base_state_hash,
+            changes=others,
+            proposer_id=proposal.proposer_id,
+            created_at=proposal.created_at,
+            expires_at=proposal.expires_at,
+            nonce=proposal.message.nonce,
+        )
+        manifest = transition.apply_changes(base, rest, now=now)[0]
+    for change in proposal.changes:
+        if change.HasField("add_host"):
+            manifest.hosts.append(model.added_host(change, proposal.domain_id))
+    return manifest
 
 
 # --- the malicious coordinator ---------------------------------------------------------------

@@ -445,3 +445,19 @@ def test_the_review_of_a_forged_enrollment_says_so_and_nothing_can_be_signed() -
     stale = review(proposal, [], head=sim.head, states={}, now=sim.now)
     with pytest.raises(EnrollmentError, match="domain CA is unknown"):
         stale.require_enrollments_verify()
+
+
+def test_an_applied_add_host_is_judged_at_its_state_time_in_later_reviews() -> None:
+    sim = SimulatedDomain.create(domain_id=DOMAIN)
+    state = sim.transition([sim.add_host_change("hsa-4")])
+    assert state.proposal is not None
+    sim.advance(2 * 365 * 24 * 3600)  # the host's certificate has expired since
+    r = review(
+        state.proposal,
+        list(state.approvals),
+        head=state,
+        states={1: sim.genesis, 2: state},
+        now=sim.now,
+    )
+    assert r.state == "applied"
+    assert r.enrollment_problems == ()
