@@ -98,8 +98,9 @@ def set_settings(
 ) -> domain_pb2.Change:
     """Replace the domain settings; unnamed values are kept from `base` (the current ones).
 
-    Without `base` the defaults of DESIGN.md fill the unnamed values, so pass the current
-    manifest's settings to change one value only.
+    Pass the current manifest's settings as `base`: they carry the domain CA certificate the
+    genesis pinned, which a set-settings must keep (the transition refuses one that drops or
+    replaces it). Without `base` the defaults of DESIGN.md fill the unnamed values and no CA.
     """
     settings = domain_pb2.DomainSettings()
     settings.CopyFrom(base if base is not None else default_settings())
