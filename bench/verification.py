@@ -27,15 +27,19 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Final, TypeVar
+from datetime import UTC, datetime
+from typing import Final, TypeVar, cast
 
 from bench._core import BenchConfig, Curve, Figure, Target
 from bench._stats import loglog_exponent
 from domain_core import crypto, genesis, model, quorum, sealing, transition
 from domain_core.chain import TrustedChain
 from domain_core.changes import add_operator, rotate_domain_key, set_quorum
+from domain_core.enrollment import make_enrollment
+from domain_core.identity import HostIdentity
 from domain_core.model import Proposal, SealedState
 from domain_core.pb import domain_pb2
+from domain_core.pki import DomainCA
 from domain_core.signers import InMemorySigner, SignatureAlgorithm
 
 NAME: Final = "verification"
@@ -88,22 +92,28 @@ class ChainBuilder:
     def create(cls, operators: int, threshold: int, hosts: int = HOSTS) -> ChainBuilder:
         """Run the genesis ceremony: every operator approves, hsa-1 seals."""
         host_list = []
+        enrollments = []
+        at = datetime.fromtimestamp(START_TIME, UTC)
+        ca = DomainCA.create(DOMAIN_ID, now=at)
         for index in range(1, hosts + 1):
-            signer = InMemorySigner.generate(SignatureAlgorithm.ED25519)
-            private, public = crypto.x25519_generate()
-            host_id = f"hsa-{index}"
-            record = model.make_host(
-                DOMAIN_ID, host_id, signer.public_key, public, crypto.sha256(host_id.encode())
+            identity = HostIdentity.generate(f"hsa-{index}")
+            certificate = ca.issue(identity.spiffe_id(DOMAIN_ID), identity.tls_public_key, now=at)
+            raw = make_enrollment(identity, DOMAIN_ID, certificate)
+            enrollments.append(raw)
+            record = model.parse_enrollment(raw, DOMAIN_ID)[1]
+            signer = cast(InMemorySigner, identity.signer)
+            host_list.append(
+                _Host(identity.host_id, signer, identity.agreement_private_key, record)
             )
-            host_list.append(_Host(host_id, signer, private, record))
         signers = [InMemorySigner.generate(SignatureAlgorithm.ED25519) for _ in range(operators)]
         builder = cls(operators=signers, threshold=threshold, hosts=host_list)
         records = [model.make_operator(f"op{i}", s.public_key) for i, s in enumerate(signers)]
         proposal = genesis.genesis_proposal(
             DOMAIN_ID,
-            [h.record for h in host_list],
+            enrollments,
             records,
             threshold,
+            ca_certificate=ca.certificate_der,
             proposer_id=records[0].operator_id,
             now=builder.now,
         )

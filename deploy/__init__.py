@@ -9,7 +9,7 @@ processes, and `deploy.localdomain.LocalDomain` for a whole local domain driven 
 
 from __future__ import annotations
 
-from deploy.enrollment import parse_enrollment, read_enrollment
+from deploy.enrollment import read_enrollment, verify_enrollment
 from deploy.init import DomainLayout, add_node, init_domain, load_layout, read_passphrase
 
 __all__ = [
@@ -17,7 +17,7 @@ __all__ = [
     "add_node",
     "init_domain",
     "load_layout",
-    "parse_enrollment",
     "read_enrollment",
     "read_passphrase",
+    "verify_enrollment",
 ]

@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import Any, Final, TextIO
@@ -27,6 +28,7 @@ from typing import Any, Final, TextIO
 from deploy import audit, cluster
 from deploy.chaos import cli as chaos_cli
 from deploy.cluster import ProcessStartError
+from deploy.enrollment import host_key_fingerprints, read_enrollment
 from deploy.init import (
     COORDINATOR_NAME,
     DomainLayout,
@@ -552,6 +554,10 @@ def _cmd_add_node(args: argparse.Namespace) -> int:
     enrollment = add_node(directory, args.host_id)
     host = enrollment.parent.name
     layout = load_layout(directory)
+    verified = read_enrollment(
+        enrollment, layout.ca_cert.read_bytes(), layout.domain_id, datetime.now(UTC)
+    )
+    keys = host_key_fingerprints(verified.host)
     address = ""
     if args.start:
         with cluster.domain_lock(layout, f"hsm-domain add-node {directory} --start"):
@@ -567,12 +573,20 @@ def _cmd_add_node(args: argparse.Namespace) -> int:
                     "config": str(layout.node_configs[host]),
                     "started": bool(args.start),
                     "address": address,
+                    "key_sha256": {label: digest.hex() for label, digest in keys},
                 },
                 indent=2,
             )
         )
         return 0
     print(f"prepared {host}: enrollment {enrollment}")
+    print(f"{host}'s keys (approvers compare these with you before they approve):")
+    width = max(len(label) for label, _ in keys)
+    for label, digest in keys:
+        text = digest.hex()
+        print(
+            f"  {label.ljust(width)}  SHA-256 {' '.join(text[i : i + 4] for i in range(0, 64, 4))}"
+        )
     if args.start:
         print(f"{host} running at {address} (not a member until operators add it)")
     print(

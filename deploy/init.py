@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from deploy._files import make_private_dir, replace_file, write_json, write_secret_file
-from deploy.enrollment import enrollment_signing_input
+from deploy.enrollment import VerifiedEnrollment, make_enrollment, verify_enrollment
 from domain_core import canonical, genesis, model, quorum
 from domain_core.chain import TrustedChain
 from domain_core.config import (
@@ -270,8 +270,9 @@ def _node_config(
 
 def _create_host(
     root: Path, ca: DomainCA, domain_id: str, host_id: str, now: datetime
-) -> tuple[HostIdentity, bytes, domain_pb2.Host]:
-    """Identity, CA-issued TLS certificate and host record of one new node under `root`."""
+) -> tuple[HostIdentity, VerifiedEnrollment]:
+    """Identity, CA-issued TLS certificate and enrollment (`enrollment.bin`) of one new node
+    under `root`; the enrollment is verified against the CA before it is written."""
     node_dir = make_private_dir(root / "nodes" / host_id)
     identity_dir = node_dir / "identity"
     identity = HostIdentity.generate(host_id)
@@ -279,14 +280,12 @@ def _create_host(
     cert_pem = ca.issue(identity.spiffe_id(domain_id), identity.tls_public_key, now=now)
     identity.save_certificate(identity_dir, cert_pem)
     make_private_dir(node_dir / "data")
-    host = model.make_host(
-        domain_id,
-        host_id,
-        identity.signing_public_key,
-        identity.agreement_public_key,
-        certificate_fingerprint(cert_pem),
+    raw = make_enrollment(identity, domain_id, cert_pem)
+    enrollment = verify_enrollment(
+        raw, domain_id=domain_id, ca_certificate=ca.certificate_der, now=now
     )
-    return identity, cert_pem, host
+    replace_file(node_dir / ENROLLMENT_FILE, raw)
+    return identity, enrollment
 
 
 def init_domain(
@@ -354,12 +353,13 @@ def _build(
     ca.save(root / "ca")
 
     identities: dict[str, HostIdentity] = {}
-    hosts: list[domain_pb2.Host] = []
+    enrollments: list[VerifiedEnrollment] = []
     for index in range(1, node_count + 1):
         host_id = f"{_HOST_PREFIX}{index}"
-        identity, _, host = _create_host(root, ca, domain_id, host_id, now)
+        identity, enrollment = _create_host(root, ca, domain_id, host_id, now)
         identities[host_id] = identity
-        hosts.append(host)
+        enrollments.append(enrollment)
+    hosts = [e.host for e in enrollments]
 
     _issue_client_files(
         ca,
@@ -387,7 +387,13 @@ def _build(
     # The ceremony: every operator opens their token and approves; hsa-1 seals.
     timestamp = int(now.timestamp())
     proposal = genesis.genesis_proposal(
-        domain_id, hosts, records, threshold, proposer_id=records[0].operator_id, now=timestamp
+        domain_id,
+        [e.raw for e in enrollments],
+        records,
+        threshold,
+        ca_certificate=ca.certificate_der,
+        proposer_id=records[0].operator_id,
+        now=timestamp,
     )
     approvals = [
         quorum.approve(proposal, load_file_token(path, passphrase))
@@ -510,8 +516,8 @@ def add_node(directory: Path, host_id: str | None = None, *, now: datetime | Non
     """Prepare a new node (not yet in the domain) and return its enrollment file's path.
 
     Creates `nodes/<host>/` with a fresh identity, a CA-issued TLS certificate, a config and
-    `enrollment.bin` (a signed `HostEnrollment`) that operators turn into an add-host proposal.
-    The host id defaults to the next free `hsa-N`.
+    `enrollment.bin` (a `HostEnrollment` signed by the host's signing and TLS keys) that
+    operators turn into an add-host proposal. The host id defaults to the next free `hsa-N`.
     """
     layout = load_layout(directory)
     now = now or datetime.now(UTC)
@@ -532,20 +538,12 @@ def add_node(directory: Path, host_id: str | None = None, *, now: datetime | Non
         if coordinator:
             break
     try:
-        identity, cert_pem, host = _create_host(layout.root, ca, layout.domain_id, host_id, now)
+        _create_host(layout.root, ca, layout.domain_id, host_id, now)
         pin = coordinator_pin(layout.root)
         _node_config(
             layout.domain_id, layout.genesis_hash, host_id, coordinator, pin, workers
         ).save(node_dir / "config.json")
-        host_bytes = host.SerializeToString(deterministic=True)
-        enrollment = domain_pb2.HostEnrollment(
-            host=host_bytes,
-            tls_certificate_pem=cert_pem,
-            signature=identity.signer.sign(enrollment_signing_input(host_bytes)),
-        )
-        path = node_dir / ENROLLMENT_FILE
-        replace_file(path, enrollment.SerializeToString(deterministic=True))
     except BaseException:
         shutil.rmtree(node_dir, ignore_errors=True)
         raise
-    return path
+    return node_dir / ENROLLMENT_FILE

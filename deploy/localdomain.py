@@ -39,7 +39,7 @@ from typing import ClassVar, Final, Self
 import grpc
 
 from deploy import cluster as runner
-from deploy.enrollment import read_enrollment
+from deploy.enrollment import VerifiedEnrollment, read_enrollment
 from deploy.init import (
     COORDINATOR_NAME,
     DomainLayout,
@@ -51,7 +51,7 @@ from deploy.init import (
 from domain_core.client import CoordinatorClient
 from domain_core.config import check_worker_count
 from domain_core.errors import UnavailableError
-from domain_core.pb import domain_pb2, services_pb2
+from domain_core.pb import services_pb2
 from domain_core.signers import FileTokenSigner, load_file_token
 from domain_core.transport import TlsMaterial
 
@@ -255,17 +255,18 @@ class LocalDomain:
         """SIGKILL one node: no chance to clean up, as in a crash."""
         return self._stop(host, grace=None, kill=True)
 
-    def add_node(self, host_id: str | None = None, *, start: bool = True) -> domain_pb2.Host:
-        """Prepare a new node and return its verified host record for an add-host proposal.
+    def add_node(self, host_id: str | None = None, *, start: bool = True) -> VerifiedEnrollment:
+        """Prepare a new node and return its verified enrollment (`.raw` goes into the add-host
+        change, `changes.add_host(enrollment.raw)`; `.host` is the record it adds).
 
         The node is started (not yet a member, so not healthy) unless `start` is False.
         """
         path = add_node(self.directory, host_id)
         self._layout = load_layout(self.directory)
-        host = read_enrollment(path, self.ca_pem(), self.layout.domain_id, datetime.now(UTC))
+        enrollment = read_enrollment(path, self.ca_pem(), self.layout.domain_id, datetime.now(UTC))
         if start:
-            self.start_node(host.host_id, wait_for_health=False)
-        return host
+            self.start_node(enrollment.host_id, wait_for_health=False)
+        return enrollment
 
     def _stop(self, name: str, *, grace: float | None, kill: bool) -> int:
         process = self.processes.pop(name, None)

@@ -125,7 +125,7 @@ from domain_core.errors import (
 )
 from domain_core.faults import unsafe_crash_point, warn_if_enabled
 from domain_core.limits import DEFAULT_LIMITS, Limits
-from domain_core.model import Manifest, Proposal, SealedState
+from domain_core.model import Manifest, Proposal, SealedState, added_host
 from domain_core.pb import domain_pb2, keys_pb2, services_pb2, services_pb2_grpc
 from domain_core.pki import PeerIdentity, peer_identity
 from domain_core.signers import PublicKey
@@ -432,7 +432,7 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
                 continue
             for change in proposal.changes:
                 if change.HasField("add_host"):
-                    added = change.add_host.host
+                    added = added_host(change, proposal.domain_id)
                     found.setdefault(added.host_id, []).append(
                         _Addition(bytes(added.tls_certificate_fingerprint), proposal.id)
                     )

@@ -30,11 +30,12 @@ __all__ = [
 ]
 
 
-def add_host(host: domain_pb2.Host) -> domain_pb2.Change:
-    """Trust a new host (its record comes from its verified enrollment)."""
-    if not isinstance(host, domain_pb2.Host):
-        raise TypeError("host must be an hsmdomain.v1.Host")
-    return domain_pb2.Change(add_host=domain_pb2.AddHost(host=host))
+def add_host(enrollment: bytes) -> domain_pb2.Change:
+    """Trust a new host: the change carries its enrollment, the exact bytes the host made
+    (`enrollment.make_enrollment`); every verifier checks it before the change counts."""
+    if not isinstance(enrollment, bytes):
+        raise TypeError("add_host takes the enrollment's bytes (a serialized HostEnrollment)")
+    return domain_pb2.Change(add_host=domain_pb2.AddHost(enrollment=enrollment))
 
 
 def remove_host(host_id: str) -> domain_pb2.Change:
@@ -97,8 +98,9 @@ def set_settings(
 ) -> domain_pb2.Change:
     """Replace the domain settings; unnamed values are kept from `base` (the current ones).
 
-    Without `base` the defaults of DESIGN.md fill the unnamed values, so pass the current
-    manifest's settings to change one value only.
+    Pass the current manifest's settings as `base`: they carry the domain CA certificate the
+    genesis pinned, which a set-settings must keep (the transition refuses one that drops or
+    replaces it). Without `base` the defaults of DESIGN.md fill the unnamed values and no CA.
     """
     settings = domain_pb2.DomainSettings()
     settings.CopyFrom(base if base is not None else default_settings())

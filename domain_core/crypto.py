@@ -10,6 +10,7 @@ import hashlib
 import hmac
 import os
 
+import nacl.bindings
 import nacl.exceptions
 import nacl.public
 from cryptography.exceptions import InvalidTag
@@ -108,6 +109,37 @@ def x25519_public_from_private(private_key: bytes) -> bytes:
     if len(private_key) != X25519_KEY_BYTES:
         raise ValueError("X25519 private keys are 32 bytes")
     return bytes(nacl.public.PrivateKey(private_key).public_key)
+
+
+ED25519_SEED_BYTES = 32
+
+
+def x25519_private_from_ed25519_seed(seed: bytes) -> bytes:
+    """The X25519 private key that belongs to an Ed25519 key (its clamped secret scalar).
+
+    libsodium's `crypto_sign_ed25519_sk_to_curve25519`: the scalar is the one Ed25519 signs
+    with, so the X25519 public key is the Montgomery form of the Ed25519 public key
+    (`x25519_public_from_ed25519`) and whoever can sign with the Ed25519 key can open what is
+    sealed to it. SECRET, like the seed.
+    """
+    if not isinstance(seed, bytes) or len(seed) != ED25519_SEED_BYTES:
+        raise ValueError("an Ed25519 seed is 32 bytes")
+    _, secret_key = nacl.bindings.crypto_sign_seed_keypair(seed)
+    return bytes(nacl.bindings.crypto_sign_ed25519_sk_to_curve25519(secret_key))
+
+
+def x25519_public_from_ed25519(ed25519_public_key: bytes) -> bytes:
+    """The Montgomery form (X25519 public key) of a raw 32-byte Ed25519 public key.
+
+    Raises ValueError for bytes that are not a point of the prime-order subgroup (libsodium
+    refuses small-order and non-canonical points), so no key can be paired with one.
+    """
+    if not isinstance(ed25519_public_key, bytes) or len(ed25519_public_key) != 32:
+        raise ValueError("an Ed25519 public key is 32 bytes")
+    try:
+        return bytes(nacl.bindings.crypto_sign_ed25519_pk_to_curve25519(ed25519_public_key))
+    except nacl.exceptions.CryptoError:
+        raise ValueError("not a valid Ed25519 public key (not in the main subgroup)") from None
 
 
 def seal_to_host(recipient_public_key: bytes, plaintext: bytes) -> bytes:

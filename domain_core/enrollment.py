@@ -1,41 +1,53 @@
-"""Host enrollments: how a new node proves who it is before operators add it.
+"""Host enrollments: how a new host proves it holds the keys an add-host change names.
 
-Pure verification, shared by `deploy` (which writes enrollments for new local nodes) and
-`operator_tool` (which checks one before proposing to add its host); both import it from here
-so that there is one implementation.
+An enrollment (`domain_pb2.HostEnrollment`) is made by the new host and travels, as the exact
+bytes the host produced, inside the add-host change (`AddHost.enrollment`). Every verifier
+runs `verify_enrollment` on it before the change counts: `hsm-operator` (propose, proposals
+show, approve, sign-offline), the coordinator (SubmitProposal) and every HSA (applying a
+proposal, and verifying a state through `transition.apply_changes`).
 
-An enrollment (`domain_pb2.HostEnrollment`) carries the serialized host record, the host's
-CA-issued TLS certificate and a signature by the host's Ed25519 key over
-`signing_input(HOST_ENROLLMENT, sha256(host bytes))` (proof of possession).
+The enrollment signing input is `signing_input(HOST_ENROLLMENT, digest(HOST_ENROLLMENT,
+domain id, host record bytes, certificate DER))`: it binds the domain, the host id, the
+Ed25519 and X25519 public keys and the TLS certificate fingerprint (all in the host record)
+and the certificate itself. The address hint is not in it and is never trusted.
 
-Invariants kept by `read_enrollment`: a host record is returned only if the signature over the
-bytes as received verifies under the key inside them, the record is structurally valid for the
-domain, the certificate was issued by the domain CA and is valid now, and the certificate's
-fingerprint and SPIFFE id are the ones the record names. Anything else raises an
-`HsmDomainError` saying which check failed.
+Invariants kept by `verify_enrollment` (each failure is an `EnrollmentError` naming the check,
+a malformed encoding a `MalformedMessageError`); an enrollment verifies only if:
+- its bytes and its host record are canonical and structurally valid for the domain;
+- possession of the signing key: `signature` is the Ed25519 signature of the signing input
+  under the record's signing key;
+- possession of the agreement key: the record's X25519 key is the Montgomery form of its
+  Ed25519 key (`crypto.x25519_public_from_ed25519`); its private key is the Ed25519 secret
+  scalar, so only the holder of the signing key can open what is sealed to it;
+- possession of the TLS key: `tls_signature` is the ECDSA P-256 signature of the same input
+  under the certificate's key;
+- the certificate is the one the record names (SHA-256 of its DER), was issued by the domain
+  CA the verified state pins (`DomainSettings.domain_ca_certificate`), is valid at the
+  verifier's time, is a leaf, and carries exactly `spiffe://<domain>/hsa/<host id>`.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Final
-
-from google.protobuf.message import DecodeError
 
 from domain_core import canonical, crypto, model
 from domain_core.canonical import PayloadType
 from domain_core.errors import (
     BadSignatureError,
-    LimitExceededError,
+    EnrollmentError,
+    HsmDomainError,
     MalformedMessageError,
     NotFoundError,
-    UnauthenticatedError,
 )
+from domain_core.identity import HostIdentity
+from domain_core.model import MAX_ENROLLMENT_BYTES
 from domain_core.pb import domain_pb2
 from domain_core.pki import (
     SpiffeId,
-    certificate_fingerprint,
+    certificate_der,
+    certificate_public_key,
     spiffe_id_from_certificate,
     verify_certificate_chain,
 )
@@ -43,68 +55,184 @@ from domain_core.signers import PublicKey, SignatureAlgorithm
 
 __all__ = [
     "MAX_ENROLLMENT_BYTES",
+    "VerifiedEnrollment",
+    "enrollment_digest",
     "enrollment_signing_input",
-    "parse_enrollment",
+    "host_key_fingerprints",
+    "make_enrollment",
     "read_enrollment",
+    "read_enrollment_file",
+    "verify_enrollment",
 ]
 
-MAX_ENROLLMENT_BYTES: Final = 64 * 1024
+
+def enrollment_digest(domain_id: str, host_bytes: bytes, certificate: bytes) -> bytes:
+    """The digest an enrollment's two signatures cover (see the module docstring)."""
+    return canonical.digest(
+        PayloadType.HOST_ENROLLMENT, domain_id.encode("utf-8"), host_bytes, certificate
+    )
 
 
-def enrollment_signing_input(host_bytes: bytes) -> bytes:
-    """What a new host signs to enroll: the domain-separated SHA-256 of its host record bytes."""
-    return canonical.signing_input(PayloadType.HOST_ENROLLMENT, crypto.sha256(host_bytes))
+def enrollment_signing_input(domain_id: str, host_bytes: bytes, certificate: bytes) -> bytes:
+    """What the host's signing key and its TLS key both sign to enroll."""
+    return canonical.signing_input(
+        PayloadType.HOST_ENROLLMENT, enrollment_digest(domain_id, host_bytes, certificate)
+    )
 
 
-def parse_enrollment(data: bytes, ca_pem: bytes, domain_id: str, now: datetime) -> domain_pb2.Host:
-    """Verify a serialized HostEnrollment and return the host record it carries."""
-    if len(data) > MAX_ENROLLMENT_BYTES:
-        raise LimitExceededError(
-            f"an enrollment is at most {MAX_ENROLLMENT_BYTES} bytes, this one is {len(data)}"
+def host_key_fingerprints(host: domain_pb2.Host) -> tuple[tuple[str, bytes], ...]:
+    """(label, SHA-256) of each key a host record names, as approvers compare them out of band.
+
+    The TLS certificate's SHA-256 (of its DER) is the fingerprint the domain state pins and
+    `domain status` shows; the signing key's is the SHA-256 of its SubjectPublicKeyInfo DER;
+    the agreement key's the SHA-256 of its raw 32 bytes.
+    """
+    return (
+        ("TLS certificate", bytes(host.tls_certificate_fingerprint)),
+        ("signing key (Ed25519)", crypto.sha256(host.signing_public_key)),
+        ("agreement key (X25519)", crypto.sha256(host.agreement_public_key)),
+    )
+
+
+@dataclass(frozen=True)
+class VerifiedEnrollment:
+    """An enrollment that passed `verify_enrollment`: its exact bytes and what they name."""
+
+    raw: bytes = field(repr=False)
+    host: domain_pb2.Host = field(repr=False)
+    certificate: bytes = field(repr=False)  # DER
+    address: str
+
+    @property
+    def host_id(self) -> str:
+        return self.host.host_id
+
+    def __repr__(self) -> str:
+        return f"VerifiedEnrollment({self.host.host_id!r})"
+
+
+def make_enrollment(
+    identity: HostIdentity, domain_id: str, certificate: bytes, *, address: str = ""
+) -> bytes:
+    """The enrollment of `identity` in `domain_id` with its CA-issued TLS `certificate`.
+
+    Signed by the host's Ed25519 key and by its TLS key; the certificate must be for the
+    identity's TLS key (ValueError otherwise). Returns the bytes operators propose.
+    """
+    der = certificate_der(certificate)
+    if certificate_public_key(der).spki_der != _tls_spki(identity):
+        raise ValueError("the certificate is not for this host's TLS key")
+    host = model.make_host(
+        domain_id,
+        identity.host_id,
+        identity.signing_public_key,
+        identity.agreement_public_key,
+        crypto.sha256(der),
+    )
+    host_bytes = host.SerializeToString(deterministic=True)
+    message = enrollment_signing_input(domain_id, host_bytes, der)
+    enrollment = domain_pb2.HostEnrollment(
+        host=host_bytes,
+        tls_certificate=der,
+        signature=identity.signer.sign(message),
+        address=address,
+        tls_signature=identity.tls_signer.sign(message),
+    )
+    raw = enrollment.SerializeToString(deterministic=True)
+    model.parse_enrollment(raw, domain_id)  # the address hint and the sizes
+    return raw
+
+
+def _tls_spki(identity: HostIdentity) -> bytes:
+    """The SubjectPublicKeyInfo DER of a host identity's TLS key."""
+    return identity.tls_signer.public_key.spki_der
+
+
+def _at(now: int | datetime) -> datetime:
+    if isinstance(now, datetime):
+        return now
+    return datetime.fromtimestamp(now, UTC)
+
+
+def verify_enrollment(
+    raw: bytes, *, domain_id: str, ca_certificate: bytes, now: int | datetime
+) -> VerifiedEnrollment:
+    """Verify an enrollment completely (see the module docstring) and return what it names.
+
+    `ca_certificate` is the domain CA certificate of the verified state (PEM or DER); `now`
+    the verifier's time (unix seconds or an aware datetime; a state's `created_at` when a
+    state is verified, so that every verifier decides alike).
+    """
+    enrollment, host = model.parse_enrollment(raw, domain_id)
+    who = f"the enrollment of {host.host_id}"
+    signing_key = PublicKey(SignatureAlgorithm.ED25519, host.signing_public_key)
+    try:
+        derived = crypto.x25519_public_from_ed25519(signing_key.raw_ed25519())
+    except ValueError:
+        raise EnrollmentError(f"{who}: its signing key is not a valid Ed25519 key") from None
+    if not crypto.constant_time_equal(derived, host.agreement_public_key):
+        raise EnrollmentError(
+            f"{who}: its agreement key is not the one derived from its signing key, so nothing "
+            "proves the host holds it; make the enrollment with `hsm-domain add-node`"
         )
-    enrollment = domain_pb2.HostEnrollment()
+    certificate = enrollment.tls_certificate
+    if not certificate:
+        raise EnrollmentError(f"{who} carries no TLS certificate")
+    message = enrollment_signing_input(domain_id, enrollment.host, certificate)
     try:
-        enrollment.ParseFromString(data)
-    except DecodeError:
-        raise MalformedMessageError("the enrollment does not parse as a HostEnrollment") from None
-    host = domain_pb2.Host()
-    try:
-        host.ParseFromString(enrollment.host)
-    except DecodeError:
-        raise MalformedMessageError("the enrollment's host record does not parse") from None
-    model.validate_host(host, domain_id)
-    key = PublicKey(SignatureAlgorithm.ED25519, host.signing_public_key)
-    try:
-        key.verify(enrollment.signature, enrollment_signing_input(enrollment.host))
+        signing_key.verify(enrollment.signature, message)
     except BadSignatureError:
-        raise BadSignatureError(
-            f"the enrollment of {host.host_id} is not signed by the host key it names"
+        raise EnrollmentError(
+            f"{who} is not signed by the signing key it names (no proof of possession)"
         ) from None
-    cert_pem = enrollment.tls_certificate_pem
-    verify_certificate_chain(cert_pem, ca_pem, now)
-    if not crypto.constant_time_equal(
-        certificate_fingerprint(cert_pem), host.tls_certificate_fingerprint
-    ):
-        raise UnauthenticatedError(
-            f"the enrollment of {host.host_id}: its TLS certificate is not the one the host "
-            "record names (fingerprints differ)"
+    if not crypto.constant_time_equal(crypto.sha256(certificate), host.tls_certificate_fingerprint):
+        raise EnrollmentError(
+            f"{who}: its TLS certificate is not the one the host record names (fingerprints differ)"
         )
+    try:
+        verify_certificate_chain(certificate, ca_certificate, _at(now))
+    except HsmDomainError as error:
+        raise EnrollmentError(
+            f"{who}: its TLS certificate does not verify against the domain CA: {error.message}"
+        ) from None
     expected = SpiffeId(domain_id, "hsa", host.host_id)
-    actual = spiffe_id_from_certificate(cert_pem)
+    try:
+        actual = spiffe_id_from_certificate(certificate)
+    except HsmDomainError as error:
+        raise EnrollmentError(f"{who}: {error.message}") from None
     if actual != expected:
-        raise UnauthenticatedError(
-            f"the enrollment of {host.host_id}: its certificate names {actual.uri}, "
-            f"expected {expected.uri}"
-        )
-    return host
+        raise EnrollmentError(f"{who}: its certificate names {actual.uri}, expected {expected.uri}")
+    try:
+        tls_key = certificate_public_key(certificate)
+    except MalformedMessageError as error:
+        raise EnrollmentError(f"{who}: {error.message}") from None
+    try:
+        tls_key.verify(enrollment.tls_signature, message)
+    except BadSignatureError:
+        raise EnrollmentError(
+            f"{who} is not signed by the key of its TLS certificate (no proof that the host "
+            "holds it: a certificate copied from a TLS handshake does not enroll)"
+        ) from None
+    return VerifiedEnrollment(
+        raw=raw, host=host, certificate=certificate, address=enrollment.address
+    )
 
 
-def read_enrollment(path: Path, ca_pem: bytes, domain_id: str, now: datetime) -> domain_pb2.Host:
-    """Read and verify an enrollment file (see `parse_enrollment`)."""
+def read_enrollment_file(path: Path) -> bytes:
+    """The bytes of an enrollment file (at most `MAX_ENROLLMENT_BYTES`, not verified)."""
     path = Path(path)
     try:
         with path.open("rb") as f:
             data = f.read(MAX_ENROLLMENT_BYTES + 1)
     except FileNotFoundError:
         raise NotFoundError(f"no enrollment file at {path}") from None
-    return parse_enrollment(data, ca_pem, domain_id, now)
+    return data
+
+
+def read_enrollment(
+    path: Path, ca_certificate: bytes, domain_id: str, now: int | datetime
+) -> VerifiedEnrollment:
+    """Read and verify an enrollment file (see `verify_enrollment`)."""
+    return verify_enrollment(
+        read_enrollment_file(path), domain_id=domain_id, ca_certificate=ca_certificate, now=now
+    )

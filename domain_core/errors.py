@@ -88,6 +88,11 @@ class UnknownSignerError(VerificationError):
     """A signature comes from a key that is not trusted here (unknown or removed)."""
 
 
+class EnrollmentError(VerificationError):
+    """A host enrollment does not prove what it names: a key its holder did not sign with, a
+    certificate the domain CA did not issue for that host. The host must enroll again."""
+
+
 class QuorumNotMetError(VerificationError):
     """Fewer valid approvals than the threshold; more operators must approve."""
 

@@ -1,9 +1,11 @@
 """The genesis ceremony as functions.
 
 The genesis proposal builds the domain from nothing (base version 0, zero base hash): it adds
-every host and operator and sets the quorum. Every genesis operator signs it; one genesis host
-seals the first state, generating domain key generation 1. The hash of that state is the trust
-anchor every HSA pins.
+every host (each by its enrollment, verified like any later add-host), every operator, sets
+the quorum, and pins the domain CA certificate in the settings. Every genesis operator signs
+it; one genesis host seals the first state, generating domain key generation 1. The hash of
+that state is the trust anchor every HSA pins, so the CA that later enrollments must chain to
+is pinned with it.
 """
 
 from __future__ import annotations
@@ -22,18 +24,23 @@ GENESIS_LIFETIME_SECONDS = 24 * 3600
 
 def genesis_proposal(
     domain_id: str,
-    hosts: Sequence[domain_pb2.Host],
+    enrollments: Sequence[bytes],
     operators: Sequence[domain_pb2.Operator],
     threshold: int,
     *,
+    ca_certificate: bytes,
     proposer_id: str,
     now: int,
     settings: domain_pb2.DomainSettings | None = None,
     change_thresholds: Sequence[domain_pb2.ChangeThreshold] = (),
     reason: str = "genesis",
 ) -> Proposal:
-    """The proposal that creates a domain with these hosts, operators and quorum."""
-    changes = [domain_pb2.Change(add_host=domain_pb2.AddHost(host=h)) for h in hosts]
+    """The proposal that creates a domain with these hosts (their enrollments), operators,
+    quorum and settings, pinning `ca_certificate` (DER) as the domain CA."""
+    pinned = domain_pb2.DomainSettings()
+    pinned.CopyFrom(settings or default_settings())
+    pinned.domain_ca_certificate = ca_certificate
+    changes = [domain_pb2.Change(add_host=domain_pb2.AddHost(enrollment=e)) for e in enrollments]
     changes += [
         domain_pb2.Change(add_operator=domain_pb2.AddOperator(operator=o)) for o in operators
     ]
@@ -44,11 +51,7 @@ def genesis_proposal(
         )
         for t in change_thresholds
     ]
-    changes.append(
-        domain_pb2.Change(
-            set_settings=domain_pb2.SetSettings(settings=settings or default_settings())
-        )
-    )
+    changes.append(domain_pb2.Change(set_settings=domain_pb2.SetSettings(settings=pinned)))
     return Proposal.create(
         domain_id=domain_id,
         base_version=0,

@@ -3,6 +3,10 @@
 Invariants kept here:
 - a `HostIdentity` always holds three keys of the right types and a valid host id (a lower-case
   DNS label, so `spiffe://<domain>/hsa/<host id>` is a valid SPIFFE id);
+- its X25519 agreement key is derived from its Ed25519 signing key (the same secret scalar,
+  `crypto.x25519_private_from_ed25519_seed`), so the agreement public key is a function of the
+  signing public key that every verifier of an enrollment recomputes, and a signature proves
+  possession of both (`domain_core.enrollment`);
 - on disk, an identity is a directory with `host.json` (public parts only) and three secret
   files `signing.key`, `agreement.key`, `tls.key`, each created 0600 and moved into place by an
   atomic rename; an existing identity is never overwritten;
@@ -22,7 +26,7 @@ from typing import Final
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from domain_core import crypto
 from domain_core.errors import (
@@ -76,6 +80,14 @@ def validate_host_id(host_id: str) -> str:
     return host_id
 
 
+def _ed25519_seed(signer: InMemorySigner) -> bytes:
+    """The raw 32-byte seed of an Ed25519 signer. SECRET."""
+    key = serialization.load_der_private_key(signer.private_pkcs8_der(), password=None)
+    if not isinstance(key, ed25519.Ed25519PrivateKey):
+        raise ValueError("a host signing key must be Ed25519")
+    return key.private_bytes_raw()
+
+
 def _tls_public_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -101,6 +113,13 @@ class HostIdentity:
             raise ValueError("a host signing key must be Ed25519")
         if not isinstance(agreement_private_key, bytes) or len(agreement_private_key) != 32:
             raise ValueError("the agreement key must be 32 raw X25519 bytes")
+        if not crypto.constant_time_equal(
+            agreement_private_key, crypto.x25519_private_from_ed25519_seed(_ed25519_seed(signer))
+        ):
+            raise ValueError(
+                "the agreement key is not the one derived from the signing key (identities made "
+                "before host keys were derived cannot enroll; make a new node)"
+            )
         if not isinstance(tls_private_key, ec.EllipticCurvePrivateKey) or not isinstance(
             tls_private_key.curve, ec.SECP256R1
         ):
@@ -116,13 +135,13 @@ class HostIdentity:
 
     @classmethod
     def generate(cls, host_id: str) -> HostIdentity:
-        """A new identity with three fresh random keys."""
+        """A new identity: fresh random signing and TLS keys, the agreement key derived."""
         validate_host_id(host_id)
-        agreement_private, _ = crypto.x25519_generate()
+        signer = InMemorySigner.generate(SignatureAlgorithm.ED25519)
         return cls(
             host_id,
-            InMemorySigner.generate(SignatureAlgorithm.ED25519),
-            agreement_private,
+            signer,
+            crypto.x25519_private_from_ed25519_seed(_ed25519_seed(signer)),
             ec.generate_private_key(ec.SECP256R1()),
         )
 
@@ -162,6 +181,12 @@ class HostIdentity:
     def tls_public_key(self) -> ec.EllipticCurvePublicKey:
         """The P-256 public key the domain CA certifies."""
         return self._tls_key.public_key()
+
+    @property
+    def tls_signer(self) -> Signer:
+        """Signs with the TLS key (ECDSA P-256, SHA-256): the enrollment's proof that this host
+        holds the key its certificate names. Never used for anything else."""
+        return InMemorySigner(self._tls_key)
 
     def tls_private_key_pem(self) -> bytes:
         """The TLS key as unencrypted PKCS#8 PEM, as gRPC wants it. SECRET."""

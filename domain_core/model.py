@@ -31,6 +31,7 @@ ChangeType = domain_pb2.ChangeType
 _M = TypeVar(
     "_M", domain_pb2.Manifest, domain_pb2.Proposal, domain_pb2.SealedSecrets, domain_pb2.Host
 )
+_E = TypeVar("_E", domain_pb2.HostEnrollment, domain_pb2.Host)
 
 HOST_ID_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 DOMAIN_ID_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$")
@@ -151,6 +152,57 @@ def validate_host(host: domain_pb2.Host, domain_id: str) -> None:
     )
 
 
+# An enrollment is a host record, a certificate and two signatures: about 1 KiB.
+MAX_ENROLLMENT_BYTES = 8 * 1024
+_ADDRESS_HINT = re.compile(r"[A-Za-z0-9.:_\[\]-]{0,255}")
+
+
+def _parse_canonical(message_type: type[_E], raw: bytes, what: str) -> _E:
+    """Parse bytes that must be the deterministic encoding of a message with no unknown field."""
+    message = message_type()
+    try:
+        message.ParseFromString(raw)
+    except DecodeError:
+        raise MalformedMessageError(f"{what} does not parse") from None
+    message.DiscardUnknownFields()
+    if message.SerializeToString(deterministic=True) != raw:
+        raise MalformedMessageError(
+            f"{what} is not canonical (unknown fields or a non-deterministic encoding)"
+        )
+    return message
+
+
+def parse_enrollment(
+    raw: bytes, domain_id: str
+) -> tuple[domain_pb2.HostEnrollment, domain_pb2.Host]:
+    """The enrollment and the host record inside it, structurally valid for `domain_id`.
+
+    Structure only: who holds the keys is proven by `enrollment.verify_enrollment`, which
+    every verifier runs before an add-host change counts (`transition.apply_changes`).
+    """
+    if not isinstance(raw, bytes):
+        raise TypeError("an enrollment is bytes")
+    _require(bool(raw), "add-host carries no enrollment")
+    if len(raw) > MAX_ENROLLMENT_BYTES:
+        raise LimitExceededError(
+            f"an enrollment is at most {MAX_ENROLLMENT_BYTES} bytes, this one is {len(raw)}"
+        )
+    enrollment = _parse_canonical(domain_pb2.HostEnrollment, raw, "the enrollment")
+    host = _parse_canonical(domain_pb2.Host, enrollment.host, "the enrollment's host record")
+    validate_host(host, domain_id)
+    _require(
+        bool(_ADDRESS_HINT.fullmatch(enrollment.address)),
+        f"the enrollment of {host.host_id}: the address hint must be at most 255 of "
+        "[A-Za-z0-9.:_[]-]",
+    )
+    return enrollment, host
+
+
+def added_host(change: domain_pb2.Change, domain_id: str) -> domain_pb2.Host:
+    """The host record an add-host change adds (from its enrollment, structurally checked)."""
+    return parse_enrollment(change.add_host.enrollment, domain_id)[1]
+
+
 def operator_public_key(operator: domain_pb2.Operator) -> PublicKey:
     """The verified public key of an operator record."""
     algorithm = _ALGORITHMS.get(operator.algorithm)
@@ -220,7 +272,7 @@ def default_settings() -> domain_pb2.DomainSettings:
 def _validate_change(change: domain_pb2.Change, domain_id: str, limits: Limits) -> None:
     kind = change_type_of(change)
     if kind == domain_pb2.CHANGE_TYPE_ADD_HOST:
-        validate_host(change.add_host.host, domain_id)
+        parse_enrollment(change.add_host.enrollment, domain_id)
     elif kind == domain_pb2.CHANGE_TYPE_REMOVE_HOST:
         _require(
             bool(HOST_ID_PATTERN.match(change.remove_host.host_id)),

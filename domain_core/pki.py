@@ -51,6 +51,7 @@ from domain_core.errors import (
     WrongPassphraseError,
 )
 from domain_core.files import read_secret_file, write_new_file
+from domain_core.signers import PublicKey, SignatureAlgorithm
 
 __all__ = [
     "CA_CERTIFICATE_FILE",
@@ -63,7 +64,10 @@ __all__ = [
     "SpiffeId",
     "SpiffeKind",
     "ca_trust_domain",
+    "certificate_der",
     "certificate_fingerprint",
+    "certificate_public_key",
+    "check_domain_ca",
     "identity_dns_name",
     "is_valid_name",
     "is_valid_trust_domain",
@@ -212,6 +216,11 @@ def _load_certificate(data: bytes) -> x509.Certificate:
         raise MalformedMessageError("not a valid X.509 certificate (PEM or DER)") from None
 
 
+def certificate_der(cert_pem_or_der: bytes) -> bytes:
+    """The DER encoding of a certificate given as PEM or DER."""
+    return _load_certificate(cert_pem_or_der).public_bytes(serialization.Encoding.DER)
+
+
 def certificate_fingerprint(cert_pem_or_der: bytes) -> bytes:
     """SHA-256 of the certificate's DER encoding (32 bytes), given PEM or DER."""
     cert = _load_certificate(cert_pem_or_der)
@@ -356,6 +365,38 @@ def verify_certificate_chain(cert_pem: bytes, ca_cert_pem: bytes, now: datetime)
             )
 
 
+def certificate_public_key(cert_pem_or_der: bytes) -> PublicKey:
+    """The P-256 key a TLS certificate certifies, as a `PublicKey` that verifies ECDSA
+    signatures by that key; MalformedMessageError for anything that is not a P-256 key."""
+    cert = _load_certificate(cert_pem_or_der)
+    try:
+        key = cert.public_key()
+    except (ValueError, UnsupportedAlgorithm):
+        raise MalformedMessageError("the certificate's public key does not parse") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
+        raise MalformedMessageError("the certificate's key is not an EC P-256 key")
+    spki = key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return PublicKey(SignatureAlgorithm.ECDSA_P256, spki)
+
+
+def check_domain_ca(ca_cert_pem_or_der: bytes, domain_id: str) -> None:
+    """Raise MalformedMessageError unless the bytes are a CA certificate naming exactly the
+    trust domain `spiffe://<domain_id>` (what a domain state pins as its CA)."""
+    try:
+        cert = _load_certificate(ca_cert_pem_or_der)
+    except TypeError:
+        raise MalformedMessageError("the domain CA certificate must be bytes") from None
+    constraints = _basic_constraints(cert)
+    if constraints is None or not constraints.ca:
+        raise MalformedMessageError("the domain CA certificate is not a CA certificate")
+    if _ca_trust_domains(cert) != [domain_id]:
+        raise MalformedMessageError(
+            f"the domain CA certificate does not name the trust domain spiffe://{domain_id}"
+        )
+
+
 def _basic_constraints(cert: x509.Certificate) -> x509.BasicConstraints | None:
     try:
         return cert.extensions.get_extension_for_class(x509.BasicConstraints).value
@@ -489,6 +530,11 @@ class DomainCA:
     def certificate_pem(self) -> bytes:
         """The CA certificate as PEM: the trust root for every TLS peer of the domain."""
         return self._certificate.public_bytes(serialization.Encoding.PEM)
+
+    @property
+    def certificate_der(self) -> bytes:
+        """The CA certificate as DER: what the genesis pins in `DomainSettings`."""
+        return self._certificate.public_bytes(serialization.Encoding.DER)
 
     def save(self, directory: Path, *, passphrase: bytes | None = None) -> None:
         """Write `ca.crt` (0644) and `ca.key` (0600, PKCS#8 PEM) to `directory`, never overwriting.

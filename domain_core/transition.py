@@ -10,7 +10,12 @@ Invariants every resulting manifest keeps (each violation is its own error type)
 - a proposal applies only with a quorum of the *current* operators (genesis: all of them),
   counted against `quorum.required_threshold` (so a change to who may approve, or how many
   must, needs the highest threshold of the old and the new policy);
-- version + 1, previous hash = hash of the current state, created_at never goes back.
+- version + 1, previous hash = hash of the current state, created_at never goes back;
+- every manifest pins a domain CA certificate for its domain (`DomainSettings.
+  domain_ca_certificate`), set by the genesis proposal and never changed after;
+- a host is added only through an enrollment that verifies (`enrollment.verify_enrollment`)
+  against that CA at the transition's time: it proves possession of the host's signing,
+  agreement and TLS keys and binds them to the host id.
 
 The function is deterministic: every verifier recomputes the manifest from the previous state
 and the proposal and compares it with the one it was given.
@@ -22,9 +27,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from domain_core import canonical
+from domain_core.enrollment import verify_enrollment
 from domain_core.errors import (
     DuplicateHostError,
     DuplicateOperatorError,
+    HsmDomainError,
     InvalidSettingsError,
     LimitExceededError,
     NoHostsError,
@@ -40,12 +47,14 @@ from domain_core.limits import DEFAULT_LIMITS, Limits
 from domain_core.model import (
     Manifest,
     Proposal,
+    added_host,
     change_type_name,
     change_type_of,
     default_settings,
     operator_public_key,
 )
 from domain_core.pb import domain_pb2
+from domain_core.pki import check_domain_ca
 from domain_core.quorum import (
     QuorumResult,
     apply_set_quorum,
@@ -167,6 +176,27 @@ def _add_generation(manifest: domain_pb2.Manifest, now: int) -> None:
         del manifest.key_generations[:excess]
 
 
+def _set_settings(manifest: domain_pb2.Manifest, settings: domain_pb2.DomainSettings) -> None:
+    """Replace the settings; the domain CA a state pins is set once (genesis), then kept."""
+    pinned = manifest.settings.domain_ca_certificate
+    if pinned and settings.domain_ca_certificate != pinned:
+        raise InvalidSettingsError(
+            "set-settings must keep the domain CA certificate: it is pinned at genesis and "
+            "every host enrollment is verified against it (build the settings from the "
+            "current ones)"
+        )
+    manifest.settings.CopyFrom(settings)
+
+
+def _check_domain_ca(manifest: domain_pb2.Manifest) -> None:
+    try:
+        check_domain_ca(manifest.settings.domain_ca_certificate, manifest.domain_id)
+    except HsmDomainError as error:
+        raise InvalidSettingsError(
+            f"the domain settings must pin the domain CA certificate: {error.message}"
+        ) from None
+
+
 def _check_invariants(
     manifest: domain_pb2.Manifest, removed_operators: bool, limits: Limits
 ) -> None:
@@ -193,20 +223,27 @@ def _check_invariants(
                 f"the {label} threshold {threshold} is above the {count} operators"
             )
     validate_settings(manifest.settings)
+    _check_domain_ca(manifest)
 
 
 def apply_changes(
     base: domain_pb2.Manifest, proposal: Proposal, *, now: int, limits: Limits = DEFAULT_LIMITS
 ) -> tuple[domain_pb2.Manifest, bool]:
-    """Apply a proposal's changes in order to a copy of `base`; returns (manifest, rotated)."""
+    """Apply a proposal's changes in order to a copy of `base`; returns (manifest, rotated).
+
+    Every add-host enrollment is verified against the domain CA of the result (the base's,
+    which no change may replace; the genesis proposal's own) at `now`.
+    """
     manifest = domain_pb2.Manifest()
     manifest.CopyFrom(base)
     rotate = False
     removed_operators = False
+    enrollments: list[bytes] = []
     for change in proposal.changes:
         kind = change_type_of(change)
         if kind == domain_pb2.CHANGE_TYPE_ADD_HOST:
-            _add_host(manifest, change.add_host.host)
+            _add_host(manifest, added_host(change, manifest.domain_id))
+            enrollments.append(change.add_host.enrollment)
         elif kind == domain_pb2.CHANGE_TYPE_REMOVE_HOST:
             _remove_host(manifest, change.remove_host.host_id)
             rotate = True
@@ -218,10 +255,17 @@ def apply_changes(
         elif kind == domain_pb2.CHANGE_TYPE_SET_QUORUM:
             apply_set_quorum(manifest.quorum, change.set_quorum)
         elif kind == domain_pb2.CHANGE_TYPE_SET_SETTINGS:
-            manifest.settings.CopyFrom(change.set_settings.settings)
+            _set_settings(manifest, change.set_settings.settings)
         elif kind == domain_pb2.CHANGE_TYPE_ROTATE_DOMAIN_KEY:
             rotate = True
     _check_invariants(manifest, removed_operators, limits)
+    for enrollment in enrollments:
+        verify_enrollment(
+            enrollment,
+            domain_id=manifest.domain_id,
+            ca_certificate=manifest.settings.domain_ca_certificate,
+            now=now,
+        )
     if rotate:
         _add_generation(manifest, now)
     return manifest, rotate

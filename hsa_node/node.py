@@ -10,6 +10,10 @@ Invariants:
 - a verified state that no longer lists this host is not installed: the node stops following
   (member False, NOT_SERVING), keeps its last state, and remembers the removing state on disk;
 - a refused state leaves the node unchanged and is logged with its reason;
+- a verified state that lists this host's id with keys other than this host's (signing key,
+  agreement key or TLS certificate) is refused, logged at ERROR, and the status says so
+  (unhealthy, first in the detail) until a state that fits this host is installed: the
+  domain trusts someone else under this host's name and an operator must act;
 - a fork seen with a peer (`record_fork`: the peer holds another state for a version this
   node holds) changes nothing in the chain: the node keeps serving its verified chain (the
   data plane must not stop because a peer is wrong), stays healthy, and says so in its status
@@ -143,6 +147,7 @@ class DomainNode:
         self._standing = PeerStanding()
         self._standing_source: Callable[[], None] | None = None
         self._throttled = ThrottledLog(log)
+        self._identity_conflict = ""  # set when a verified state lists our id with other keys
 
     # --- startup -------------------------------------------------------------------------
 
@@ -272,8 +277,10 @@ class DomainNode:
         with self._lock:
             head = self._chain.head
             member = self._is_member_locked()
-            healthy = member and bool(self._keys)
-            if self._removed_at is not None:
+            healthy = member and bool(self._keys) and not self._identity_conflict
+            if self._identity_conflict:
+                detail = self._identity_conflict
+            elif self._removed_at is not None:
                 detail = (
                     f"removed from the domain at version {self._removed_at}; "
                     f"stopped following at version {head.version}"
@@ -466,13 +473,19 @@ class DomainNode:
                 return False
             keys: dict[int, bytes] = {}
             if listed:
+                record = state.manifest.hosts_by_id[self._identity.host_id]
+                mismatched = _identity_mismatch(self._identity, self._tls_fingerprint, record)
+                if mismatched:
+                    self._identity_conflict = _conflict_text(
+                        self._identity.host_id, mismatched, state.version
+                    )
+                    self._throttled.log(
+                        logging.ERROR,
+                        self._identity_conflict,
+                        key=f"identity conflict at version {state.version}",
+                    )
+                    raise FailedPreconditionError(self._identity_conflict)
                 try:
-                    record = state.manifest.hosts_by_id[self._identity.host_id]
-                    if record.tls_certificate_fingerprint != self._tls_fingerprint:
-                        raise FailedPreconditionError(
-                            f"the state lists host {self._identity.host_id} with another TLS "
-                            "certificate than this host's"
-                        )
                     keys = sealing.unseal_state(
                         state, self._identity.host_id, self._identity.agreement_private_key
                     )
@@ -483,6 +496,7 @@ class DomainNode:
                 self._store.save_state(state)
                 unsafe_crash_point("hsa_install_after_persist")
             self._chain.update(state)
+            self._identity_conflict = ""
             self._states.append(state)
             self._hosts_seen.update(h.host_id for h in state.manifest.message.hosts)
             self._keys = keys
@@ -548,19 +562,38 @@ def _stored_removal(store: NodeStore, head: SealedState, host_id: str) -> int | 
     return removal.version
 
 
-def _check_identity_matches(
-    identity: HostIdentity, tls_certificate_pem: bytes, record: domain_pb2.Host, version: int
-) -> None:
-    """Refuse to run as a host whose keys differ from its record in the verified state."""
+def _identity_mismatch(
+    identity: HostIdentity, tls_fingerprint: bytes, record: domain_pb2.Host
+) -> list[str]:
+    """Which of this host's keys differ from its record in a state (empty: they all match)."""
     mismatched = []
     if record.signing_public_key != identity.signing_public_key.spki_der:
         mismatched.append("signing key")
     if record.agreement_public_key != identity.agreement_public_key:
         mismatched.append("agreement key")
-    if record.tls_certificate_fingerprint != certificate_fingerprint(tls_certificate_pem):
+    if record.tls_certificate_fingerprint != tls_fingerprint:
         mismatched.append("TLS certificate")
+    return mismatched
+
+
+def _conflict_text(host_id: str, mismatched: Sequence[str], version: int) -> str:
+    return (
+        f"IDENTITY CONFLICT: the verified state version {version} lists host {host_id} with "
+        f"another {', '.join(mismatched)} than this host's: the domain trusts someone else "
+        f"under this host's name, and this host cannot install it. Compare the fingerprints "
+        f"(`hsm-operator domain status`) with this host's; if the domain's record is not this "
+        f"host, remove it (`propose remove-host {host_id}`) and enroll this host again"
+    )
+
+
+def _check_identity_matches(
+    identity: HostIdentity, tls_certificate_pem: bytes, record: domain_pb2.Host, version: int
+) -> None:
+    """Refuse to run as a host whose keys differ from its record in the verified state."""
+    mismatched = _identity_mismatch(identity, certificate_fingerprint(tls_certificate_pem), record)
     if mismatched:
         raise FailedPreconditionError(
             f"this host's {', '.join(mismatched)} differ from host {identity.host_id} in the "
-            f"domain state version {version}: wrong identity directory for this config"
+            f"domain state version {version}: wrong identity directory for this config, or "
+            "the domain enrolled someone else under this name"
         )

@@ -19,6 +19,7 @@ from typing import Any, Final
 
 from domain_core.model import CHANGE_TYPE_NAMES, change_type_name, change_type_of
 from domain_core.pb import domain_pb2
+from operator_tool._enrollment import added_host_id, host_key_json, host_key_lines
 
 __all__ = [
     "HostRow",
@@ -397,13 +398,8 @@ def _one_change(change: domain_pb2.Change, names: Mapping[str, str]) -> tuple[st
     kind = change_type_of(change)
     name = change_type_name(kind)
     if kind == domain_pb2.CHANGE_TYPE_ADD_HOST:
-        host = change.add_host.host
-        return (
-            name,
-            f"add-host {host.host_id}",
-            "TLS certificate fingerprint "
-            f"{fingerprint(bytes(host.tls_certificate_fingerprint).hex())}",
-        )
+        host = added_host_id(change)
+        return name, f"add-host {host}", ""
     if kind == domain_pb2.CHANGE_TYPE_REMOVE_HOST:
         host_id = change.remove_host.host_id
         return name, f"remove-host {host_id} (the domain key rotates with it)", ""
@@ -442,17 +438,23 @@ def change_lines(changes: Iterable[domain_pb2.Change], names: Mapping[str, str])
         lines.append(summary)
         if detail:
             lines.append(f"  {detail}")
+        lines += [f"  {line}" for line in host_key_lines(change)]
     return lines
 
 
 def change_json(
     changes: Iterable[domain_pb2.Change], names: Mapping[str, str]
-) -> list[dict[str, str]]:
-    """The changes as [{"type": "add-operator", "summary": "...", "detail": "..."}]."""
-    result = []
+) -> list[dict[str, Any]]:
+    """The changes as [{"type": "add-operator", "summary": "...", "detail": "..."}]; an
+    add-host entry also has "host_keys" (the SHA-256 of each key it names)."""
+    result: list[dict[str, Any]] = []
     for change in changes:
         kind, summary, detail = _one_change(change, names)
-        result.append({"type": kind, "summary": summary, "detail": detail})
+        entry: dict[str, Any] = {"type": kind, "summary": summary, "detail": detail}
+        keys = host_key_json(change)
+        if keys is not None:
+            entry["host_keys"] = keys
+        result.append(entry)
     return result
 
 
@@ -460,7 +462,7 @@ def _short(change: domain_pb2.Change, names: Mapping[str, str]) -> str:
     kind = change_type_of(change)
     name = change_type_name(kind)
     if kind == domain_pb2.CHANGE_TYPE_ADD_HOST:
-        return f"{name} {change.add_host.host.host_id}"
+        return f"{name} {added_host_id(change)}"
     if kind == domain_pb2.CHANGE_TYPE_REMOVE_HOST:
         return f"{name} {change.remove_host.host_id}"
     if kind == domain_pb2.CHANGE_TYPE_ADD_OPERATOR:

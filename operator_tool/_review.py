@@ -12,7 +12,10 @@ works out by itself:
 - the quorum: approvals counted with `quorum.evaluate` under the base state's operators, so a
   forged or foreign approval the coordinator relays does not count; the threshold and the
   reason it applies come from the same rule every HSA applies (`quorum.required_threshold`);
-- the votes to cancel, counted the same way (`quorum.evaluate_cancel`).
+- the votes to cancel, counted the same way (`quorum.evaluate_cancel`);
+- each add-host enrollment, verified against the base state's domain CA at the operator's
+  clock (`_enrollment.enrollment_problems`): a proposal with one that fails is shown as such
+  and never signed (`Review.require_enrollments_verify`).
 Pure: no I/O, time passed in.
 """
 
@@ -33,6 +36,7 @@ from domain_core.errors import (
 )
 from domain_core.model import Manifest, Proposal, SealedState
 from domain_core.pb import domain_pb2
+from operator_tool._enrollment import enrollment_problems, require_enrollments_verify
 from operator_tool._render import (
     ManifestDiff,
     change_json,
@@ -67,6 +71,7 @@ class Review:
     names: Mapping[str, str]
     now: int
     cancel_result: quorum.QuorumResult | None = None
+    enrollment_problems: tuple[tuple[str, str], ...] = ()
 
     @property
     def proposal_id(self) -> bytes:
@@ -133,6 +138,10 @@ class Review:
         if self.state == "rejected":
             raise FailedPreconditionError(f"the proposal was rejected: {self.detail}")
         raise FailedPreconditionError(f"the proposal was {self.detail}")
+
+    def require_enrollments_verify(self) -> None:
+        """Raise EnrollmentError unless every add-host enrollment verifies (nothing signed)."""
+        require_enrollments_verify(self.enrollment_problems)
 
     def require_can_sign(self, operator_id: str) -> None:
         """Raise unless `operator_id` is an operator who has not approved yet."""
@@ -269,6 +278,13 @@ def review(
         names=operator_names(seen, proposal),
         now=now,
         cancel_result=cancel_result,
+        # An applied proposal's enrollments are judged when its state was made (as every HSA
+        # judges them), so a certificate that expired since does not make it look forged.
+        enrollment_problems=enrollment_problems(
+            base.manifest if base is not None else None,
+            proposal,
+            successor.manifest.created_at if applied and successor is not None else now,
+        ),
     )
 
 
@@ -302,6 +318,7 @@ def review_lines(r: Review, *, diff: bool = True) -> list[str]:
     lines = [f"{k.ljust(width)}  {v}" for k, v in rows]
     lines += ["", "changes:"]
     lines += [f"  {line}" for line in change_lines(p.changes, r.names)]
+    lines += enrollment_lines(r)
     if diff:
         lines += ["", f"what changes (computed here from verified version {p.base_version}):"]
         if r.diff is not None:
@@ -327,6 +344,25 @@ def review_lines(r: Review, *, diff: bool = True) -> list[str]:
         ignored = ", ".join(f"{r.name(i)} ({why})" for i, why in r.result.rejected)
         lines.append(f"  not counted      {ignored}")
     return lines
+
+
+def enrollment_lines(r: Review) -> list[str]:
+    """Whether the add-host enrollments of the proposal verify ([] when it adds no host)."""
+    hosts = [c for c in r.proposal.changes if c.WhichOneof("change") == "add_host"]
+    if not hosts:
+        return []
+    if not r.enrollment_problems:
+        return [
+            "",
+            "enrollment: verified here against the domain CA of version "
+            f"{r.proposal.base_version}: the host proved it holds its signing, agreement and "
+            "TLS keys",
+        ]
+    return [
+        "",
+        "enrollment: DOES NOT VERIFY, do not approve (hsm-operator refuses to sign it):",
+        *(f"  {host_id}: {why}" for host_id, why in r.enrollment_problems),
+    ]
 
 
 def summary_json(r: Review) -> dict[str, Any]:
@@ -364,6 +400,9 @@ def review_json(r: Review) -> dict[str, Any]:
     document["head_version"] = r.head.version
     document["diff"] = diff_json(r.diff) if r.diff is not None else None
     document["diff_error"] = r.diff_error or None
+    document["enrollment_problems"] = [
+        {"host_id": host_id, "reason": why} for host_id, why in r.enrollment_problems
+    ]
     document["not_counted"] = (
         [{"operator_id": i, "reason": why} for i, why in r.result.rejected]
         if r.result is not None

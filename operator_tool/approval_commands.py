@@ -2,7 +2,8 @@
 
 Invariants kept here:
 - an approval is signed only for a proposal whose bytes hash to its id, that is pending for
-  the head verified from the operator's trust anchor, not expired, after the operator saw the
+  the head verified from the operator's trust anchor, not expired, whose add-host
+  enrollments verify here against the verified state's domain CA, after the operator saw the
   diff computed here and said yes (or gave --yes), and only by a current operator who has not
   approved it yet (each refusal is one line: stale, expired, already approved by you, you are
   not an operator of this domain, wrong PIN, token not found);
@@ -171,11 +172,15 @@ def _finish(ctx: CommandContext, conn: Connection, view: ProposalView) -> int:
     return 0
 
 
-def _show_and_confirm(ctx: CommandContext, r: Review, question: str) -> None:
+def _show(ctx: CommandContext, r: Review) -> None:
     if not ctx.json or not ctx.args.yes:
         out = human_stream(ctx)
         out.write("\n".join(review_lines(r)) + "\n")
         out.flush()
+
+
+def _show_and_confirm(ctx: CommandContext, r: Review, question: str) -> None:
+    _show(ctx, r)
     confirm(ctx, question)
 
 
@@ -183,6 +188,9 @@ def _approve(ctx: CommandContext) -> int:
     with connect(ctx) as conn:
         r = conn.review(conn.proposal(ctx.args.id))
         r.require_pending()
+        if r.enrollment_problems:
+            _show(ctx, r)
+            r.require_enrollments_verify()
         _show_and_confirm(ctx, r, f"Approve proposal {r.proposal_id.hex()[:16]} with your token?")
         with operator_token(ctx) as signer:
             r.require_can_sign(signer.public_key.key_id)
@@ -220,6 +228,7 @@ def _submit(ctx: CommandContext) -> int:
     with connect(ctx) as conn:
         r = conn.review(conn.client.get_proposal(approval.proposal_id))
         r.require_pending()
+        r.require_enrollments_verify()
         r.require_can_sign(approval.operator_id)
         key = r.voters.operator_keys[approval.operator_id]
         try:

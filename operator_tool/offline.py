@@ -12,7 +12,9 @@ Invariants kept by `sign-offline` (which never opens a network connection):
 - the diff is rendered from the state file's manifest, never from the export's copy; if the
   copies differ the command warns and refuses;
 - the proposal is not expired by this machine's clock, and the operator is one of the state's
-  operators who has not approved yet.
+  operators who has not approved yet;
+- every add-host enrollment verifies against the domain CA of the state file (its
+  fingerprints are shown; one that fails is shown and nothing is signed).
 The approval file (format `hsm-domain-approval`, version 1) holds the proposal id, operator id
 and signature, and is submitted by `approvals submit` on a connected machine.
 """
@@ -256,6 +258,7 @@ def export_proposal(ctx: CommandContext) -> int:
         view = conn.proposal(ctx.args.id)
         r = conn.review(view)
     r.require_pending()
+    r.require_enrollments_verify()
     assert r.base is not None  # a pending proposal is for the verified head
     counted = [a for a in view.approvals if a.operator_id in r.approved_by]
     write_document(out, export_document(r.proposal, r.base, counted, r.now))
@@ -348,6 +351,7 @@ def _sign_offline(ctx: CommandContext) -> int:
         )
         out.write("\n".join(review_lines(r)) + "\n")
         out.flush()
+    r.require_enrollments_verify()
     confirm(ctx, "Sign this proposal with your token?")
     with operator_token(ctx) as signer:
         r.require_can_sign(signer.public_key.key_id)

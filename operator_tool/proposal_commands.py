@@ -151,13 +151,15 @@ def _propose(ctx: CommandContext, build: ChangeBuilder) -> int:
 
 
 def _add_host(ctx: CommandContext, conn: Connection, head: SealedState) -> list[domain_pb2.Change]:
-    host = read_enrollment(
+    # Verified against the domain CA that the verified head pins (not a local CA file), as
+    # every HSA will; `_propose` then shows the host's key fingerprints before signing.
+    enrollment = read_enrollment(
         Path(ctx.args.enrollment),
-        conn.location.ca_pem,
+        head.manifest.message.settings.domain_ca_certificate,
         head.manifest.domain_id,
         datetime.now(UTC),
     )
-    return [add_host(host)]
+    return [add_host(enrollment.raw)]
 
 
 def _remove_host(

@@ -24,9 +24,9 @@ import pytest
 from grpc_health.v1 import health_pb2
 from support.hsa_nodes import ROTATE, health_status
 from support.malicious_coordinator import Attack, LogWatch, echo, wait_until
-from support.simulator import flip_bit, new_host
+from support.simulator import flip_bit, forge_enrollment, new_host
 
-from domain_core import quorum
+from domain_core import crypto, quorum
 from domain_core.errors import HsmDomainError
 from domain_core.model import Proposal, SealedState
 from domain_core.pb import domain_pb2
@@ -213,6 +213,56 @@ def test_a_state_signed_by_a_host_the_domain_does_not_trust_is_refused(attack: A
     attack.server.serve(*attack.sim.states)
     for host in attack.hosts:
         wait_until(lambda: head_of(attack, host) == (2, honest.hash), f"{host} follows v2")  # noqa: B023
+
+
+# --- host enrollments (issue 21) ----------------------------------------------------------
+
+
+def test_a_host_that_proves_no_key_is_refused_by_apply_and_in_states(attack: Attack) -> None:
+    """A new host enrolled with the domain CA; the attacker takes its certificate (public)
+    and pairs it with their own keys, or names a random fingerprint and no certificate. With
+    a quorum of genuine approvals, every HSA refuses to apply it and refuses the state a
+    compromised producer sealed with it; the honest enrollment then applies."""
+    domain_id = attack.sim.domain_id
+    real = attack.sim.new_host("hsa-4")
+    attacker = new_host(domain_id, "hsa-4")  # the attacker's own keys
+
+    def forged(fingerprint: bytes, certificate: bytes) -> bytes:
+        record = domain_pb2.Host()
+        record.CopyFrom(attacker.record)
+        record.tls_certificate_fingerprint = fingerprint
+        return forge_enrollment(
+            record,
+            domain_id=domain_id,
+            signer=attacker.signer,
+            tls_signer=attacker.tls_signer,
+            certificate=certificate,
+        )
+
+    cases = {
+        "not signed by the key of its TLS certificate": forged(
+            crypto.sha256(real.certificate), real.certificate
+        ),
+        "carries no TLS certificate": forged(crypto.random_bytes(32), b""),
+    }
+    for reason, enrollment in cases.items():
+        proposal = attack.sim.propose([attack.sim.add_host_change(enrollment=enrollment)])
+        approvals = approvals_by(attack, proposal, ["alice", "bob"])
+        for host in attack.hosts:
+            head = head_of(attack, host)
+            log = LogWatch(attack.procs.log_path(host))
+            error = refused(
+                lambda: attack.server.apply(attack.address(host), proposal.raw, approvals)  # noqa: B023
+            )
+            assert error.code() == PERMISSION_DENIED, error.details()
+            assert reason in error.details()
+            log.wait_for("refused to apply a proposal: EnrollmentError: the enrollment of hsa-4")
+            assert_still_serving(attack, host, head)
+        state = attack.liar.forge(proposal, approvals)
+        assert "hsa-4" in state.manifest.hosts_by_id
+        expect_push_refused(attack, state, PERMISSION_DENIED, reason)
+
+    advance_honestly(attack, [attack.sim.add_host_change(enrollment=real.enrollment)])
 
 
 # --- approvals -------------------------------------------------------------------------------

@@ -207,7 +207,7 @@ def test_a_host_being_added_follows_the_chain_but_reads_no_key_records_until_it_
 
         with cluster.coordinator_client() as client:
             proposed = client.propose(
-                [domain_pb2.Change(add_host=domain_pb2.AddHost(host=host))],
+                [domain_pb2.Change(add_host=domain_pb2.AddHost(enrollment=host.raw))],
                 cluster.operator_signer("alice"),
                 reason="hsa-4 joins",
             )

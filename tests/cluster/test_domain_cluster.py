@@ -16,6 +16,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from support.cluster import LocalCluster
 
+from deploy.enrollment import VerifiedEnrollment
 from domain_core import pki
 from domain_core.pb import domain_pb2, services_pb2, services_pb2_grpc
 from domain_core.transport import hsa_host, secure_channel
@@ -27,8 +28,8 @@ def _remove_host(host_id: str) -> domain_pb2.Change:
     return domain_pb2.Change(remove_host=domain_pb2.RemoveHost(host_id=host_id))
 
 
-def _add_host(host: domain_pb2.Host) -> domain_pb2.Change:
-    return domain_pb2.Change(add_host=domain_pb2.AddHost(host=host))
+def _add_host(enrollment: VerifiedEnrollment) -> domain_pb2.Change:
+    return domain_pb2.Change(add_host=domain_pb2.AddHost(enrollment=enrollment.raw))
 
 
 def _rotate() -> domain_pb2.Change:

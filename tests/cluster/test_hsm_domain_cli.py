@@ -495,7 +495,7 @@ def test_an_added_node_joins_after_a_quorum_approves_its_enrollment(
     assert not waiting.healthy
 
     with domain.coordinator_client() as client:
-        view = client.propose([add_host(host)], domain.operator_signer("alice"), reason="grow")
+        view = client.propose([add_host(host.raw)], domain.operator_signer("alice"), reason="grow")
         assert view.state == "pending"
         applied = client.approve(view.proposal_id, domain.operator_signer("bob"))
     domain.wait_for(

@@ -203,7 +203,7 @@ def test_a_host_added_after_the_change_does_not_serve_the_older_record(attack: A
     cluster = attack.cluster
     host = cluster.add_node("hsa-4", start=True)
     with cluster.coordinator_client() as client:
-        view = client.propose([add_host(host)], cluster.operator_signer("alice"), reason="grow")
+        view = client.propose([add_host(host.raw)], cluster.operator_signer("alice"), reason="grow")
         view = client.approve(view.proposal_id, cluster.operator_signer("bob"))
     assert view.applied, view.detail
     cluster.wait_converged(hosts=(*GENESIS, "hsa-4"))
@@ -258,7 +258,7 @@ def test_two_hsas_without_floors_do_not_vouch_for_each_other(attack: Attack) -> 
     cluster.wait_for(lambda: cluster.node_status("hsa-2").healthy, what="hsa-2 to be up")
     host = cluster.add_node("hsa-4", start=True)
     with cluster.coordinator_client() as client:
-        view = client.propose([add_host(host)], cluster.operator_signer("alice"), reason="grow")
+        view = client.propose([add_host(host.raw)], cluster.operator_signer("alice"), reason="grow")
         view = client.approve(view.proposal_id, cluster.operator_signer("bob"))
     assert view.applied, view.detail
     cluster.wait_for(

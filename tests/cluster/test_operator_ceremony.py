@@ -37,7 +37,9 @@ PROPOSAL_FIELDS = {
     "expires_in_seconds", "changes", "threshold", "threshold_reason", "approvals", "approved_by",
     "can_approve", "needed", "cancel_votes", "applied_version",
 }  # fmt: skip
-SHOW_FIELDS = PROPOSAL_FIELDS | {"head_version", "diff", "diff_error", "not_counted"}
+SHOW_FIELDS = PROPOSAL_FIELDS | {
+    "head_version", "diff", "diff_error", "not_counted", "enrollment_problems",
+}  # fmt: skip
 DIFF_FIELDS = {"hosts", "operators", "quorum", "settings", "key_generation"}
 LIST_FIELDS = {"domain_id", "version", "state_hash", "proposals"}
 STATUS_FIELDS = {

@@ -378,11 +378,7 @@ def test_new_host_follows_the_chain_and_serves_once_added(domain: Domain, nodes:
     new_host_channel = nodes.channel(host_id)
     assert health_status(new_host_channel) == health_pb2.HealthCheckResponse.NOT_SERVING
 
-    enrollment = domain_pb2.HostEnrollment()
-    enrollment.ParseFromString(enrollment_path.read_bytes())
-    record = domain_pb2.Host()
-    record.ParseFromString(enrollment.host)
-    change = domain_pb2.Change(add_host=domain_pb2.AddHost(host=record))
+    change = domain_pb2.Change(add_host=domain_pb2.AddHost(enrollment=enrollment_path.read_bytes()))
     proposal, approvals = propose(domain, domain.genesis, [change])
     state = nodes.apply("hsa-1", proposal, approvals)
     for host in ("hsa-1", host_id):

@@ -6,15 +6,20 @@ from __future__ import annotations
 
 import logging
 import time
+from datetime import UTC, datetime
 
 import grpc
 import pytest
 from support.hsa_nodes import ROTATE, Domain, propose
 
+from deploy.init import add_node, load_layout
 from domain_core import crypto, sealing
+from domain_core.changes import add_host
 from domain_core.config import NodeConfig
+from domain_core.enrollment import make_enrollment
 from domain_core.errors import (
     ChainGapError,
+    FailedPreconditionError,
     ForkError,
     InvalidKeyTokenError,
     PermissionDeniedError,
@@ -24,6 +29,7 @@ from domain_core.errors import (
 from domain_core.identity import HostIdentity
 from domain_core.model import SealedState
 from domain_core.pb import domain_pb2, services_pb2
+from domain_core.pki import DomainCA
 from domain_core.transition import rotation_due_at
 from domain_core.transport import CertificatePeerContext
 from hsa_node._logging import ThrottledLog
@@ -256,3 +262,44 @@ def test_a_fork_with_a_peer_is_recorded_and_the_node_keeps_serving(
     assert heads["hsa-1"].hash.hex()[:16] in errors[0]
     assert errors[1].startswith("fork detected at version 2 with peer hsa-3:")
     assert first.domain_keys().generation == 2  # the data plane keeps its keys
+
+
+def test_a_state_that_lists_this_host_with_other_keys_is_refused_loudly(
+    domain: Domain, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The domain enrolled someone else as hsa-4 (another machine's keys under this host's
+    name): the real hsa-4 refuses the state, logs it at ERROR, and its status says so first,
+    unhealthy, instead of only logging a key token error."""
+    add_node(domain.layout.root, "hsa-4")
+    domain.layout = load_layout(domain.layout.root)
+    real = load(domain, "hsa-4").node
+    assert not real.member
+
+    other = HostIdentity.generate("hsa-4")  # another machine, also holding a CA certificate
+    ca = DomainCA.load(domain.layout.root / "ca")
+    now = datetime.now(UTC)
+    certificate = ca.issue(other.spiffe_id("local"), other.tls_public_key, now=now)
+    change = add_host(make_enrollment(other, "local", certificate))
+    proposal, approvals = propose(domain, domain.genesis, [change])
+    state = SealedState.from_message(
+        HsaAdminServicer(
+            load(domain, "hsa-1").node, unavailable, coordinator=domain.coordinator_pin()
+        ).ApplyProposal(
+            services_pb2.ApplyProposalRequest(proposal=proposal.raw, approvals=approvals),
+            as_caller(domain, "coordinator"),
+        )
+    )
+    with (
+        caplog.at_level(logging.ERROR, logger="hsa_node.node"),
+        pytest.raises(FailedPreconditionError, match="IDENTITY CONFLICT"),
+    ):
+        real.offer(state)
+    assert real.version == 1
+    status = real.status()
+    assert not status.healthy
+    assert status.detail.startswith(
+        "IDENTITY CONFLICT: the verified state version 2 lists host hsa-4 with another "
+        "signing key, agreement key, TLS certificate than this host's"
+    )
+    assert "propose remove-host hsa-4" in status.detail
+    assert any("IDENTITY CONFLICT" in r.getMessage() for r in caplog.records)

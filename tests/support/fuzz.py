@@ -103,6 +103,7 @@ INNER_MESSAGES: dict[tuple[str, str], str] = {
     ("hsmdomain.v1.ProposalStatus", "proposal"): "hsmdomain.v1.Proposal",
     ("hsmdomain.v1.KeyRecord", "metadata"): "hsmdomain.v1.KeyMetadata",
     ("hsmdomain.v1.HostEnrollment", "host"): "hsmdomain.v1.Host",
+    ("hsmdomain.v1.AddHost", "enrollment"): "hsmdomain.v1.HostEnrollment",
 }
 
 

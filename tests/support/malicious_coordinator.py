@@ -13,9 +13,9 @@ addresses (or none) to a given host (`listed_for`).
 Every other call is UNIMPLEMENTED.
 
 `forging_domain(layout)` turns the domain on disk into a `support.simulator.SimulatedDomain`
-holding the real hosts' and operators' keys (from the identity directories and the demo
-passphrase files), so `SimulatedDomain` builds honest states for the real domain and
-`support.simulator.MaliciousCoordinator` tampers with them.
+holding the real hosts' and operators' keys and the domain CA (from the identity directories,
+the demo passphrase files and `ca/`), so `SimulatedDomain` builds honest states for the real
+domain and `support.simulator.MaliciousCoordinator` tampers with them.
 
 `KeyRecordCoordinatorServer` is the same server with a key-record store (`KeyRecordStore`):
 it keeps the records HSAs put honestly (compare-and-swap on revisions, as the real
@@ -51,8 +51,9 @@ from domain_core.errors import (
     NotFoundError,
 )
 from domain_core.identity import HostIdentity
-from domain_core.model import SealedState
+from domain_core.model import SealedState, added_host
 from domain_core.pb import domain_pb2, keys_pb2, services_pb2, services_pb2_grpc
+from domain_core.pki import DomainCA, certificate_der
 from domain_core.signers import InMemorySigner, load_file_token
 from domain_core.transport import TlsMaterial
 from support.hsa_nodes import Domain, Processes
@@ -97,15 +98,25 @@ def forging_domain(layout: DomainLayout, now: int | None = None) -> SimulatedDom
     """
     genesis = SealedState.from_bytes(layout.genesis_state.read_bytes())
     records = genesis.manifest.hosts_by_id
+    assert genesis.proposal is not None
+    enrollments = {
+        added_host(c, layout.domain_id).host_id: c.add_host.enrollment
+        for c in genesis.proposal.changes
+        if c.HasField("add_host")
+    }
     hosts: dict[str, SimHost] = {}
     for host_id in layout.genesis_nodes:
-        identity = HostIdentity.load(layout.node_dir(host_id) / "identity")
+        identity_dir = layout.node_dir(host_id) / "identity"
+        identity = HostIdentity.load(identity_dir)
         hosts[host_id] = SimHost(
             host_id=host_id,
             signer=cast(InMemorySigner, identity.signer),
             agreement_private_key=identity.agreement_private_key,
             agreement_public_key=identity.agreement_public_key,
             record=records[host_id],
+            enrollment=enrollments[host_id],
+            tls_signer=cast(InMemorySigner, identity.tls_signer),
+            certificate=certificate_der(identity.load_certificate(identity_dir)),
         )
     operators_by_id = genesis.manifest.operators_by_id
     operators: list[SimOperator] = []
@@ -120,6 +131,7 @@ def forging_domain(layout: DomainLayout, now: int | None = None) -> SimulatedDom
         hosts=hosts,
         operators=operators,
         now=int(time.time()) if now is None else now,
+        ca=DomainCA.load(layout.root / "ca"),
     )
     sim.states.append(genesis)
     return sim

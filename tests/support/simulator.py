@@ -17,11 +17,18 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
-from domain_core import crypto, genesis, model, quorum, sealing, transition
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
+from domain_core import crypto, enrollment, genesis, model, pki, quorum, sealing, transition
 from domain_core.chain import TrustedChain
+from domain_core.errors import EnrollmentError
+from domain_core.identity import HostIdentity
 from domain_core.model import Proposal, SealedState
 from domain_core.pb import domain_pb2
+from domain_core.pki import DomainCA
 from domain_core.signers import InMemorySigner, SignatureAlgorithm, Signer
 
 DEFAULT_NOW = 1_767_225_600  # 2026-01-01T00:00:00Z
@@ -38,6 +45,8 @@ __all__ = [
     "SimOperator",
     "SimulatedDomain",
     "flip_bit",
+    "forge_enrollment",
+    "new_ca",
     "new_host",
     "new_operator",
 ]
@@ -48,13 +57,16 @@ __all__ = [
 
 @dataclass
 class SimHost:
-    """One HSA's key material and its public host record."""
+    """One HSA's key material, its public host record and its enrollment (as it made it)."""
 
     host_id: str
     signer: InMemorySigner
     agreement_private_key: bytes = field(repr=False)
     agreement_public_key: bytes
     record: domain_pb2.Host
+    enrollment: bytes = b""
+    tls_signer: InMemorySigner | None = field(default=None, repr=False)
+    certificate: bytes = b""  # DER, issued by the domain CA
 
     @property
     def tls_certificate_fingerprint(self) -> bytes:
@@ -74,14 +86,70 @@ class SimOperator:
         return self.record.operator_id
 
 
-def new_host(domain_id: str, host_id: str, signer: InMemorySigner | None = None) -> SimHost:
-    """A fresh host (Ed25519 signing key, X25519 agreement key, fingerprint = sha256(id))."""
+def _at(now: int) -> datetime:
+    return datetime.fromtimestamp(now, UTC)
+
+
+def new_ca(domain_id: str, now: int = DEFAULT_NOW) -> DomainCA:
+    """A fresh domain CA valid from `now` (10 years)."""
+    return DomainCA.create(domain_id, now=_at(now))
+
+
+def new_host(
+    domain_id: str,
+    host_id: str,
+    signer: InMemorySigner | None = None,
+    *,
+    ca: DomainCA | None = None,
+    now: int = DEFAULT_NOW,
+) -> SimHost:
+    """A fresh host as `hsm-domain add-node` makes one: Ed25519 signing key, the X25519 key
+    derived from it, a P-256 TLS key with a certificate of `ca` (default: a CA of its own,
+    for tests that use only the keys) issued at `now`, and its enrollment."""
     signer = signer or InMemorySigner.generate(SignatureAlgorithm.ED25519)
-    private, public = crypto.x25519_generate()
-    record = model.make_host(
-        domain_id, host_id, signer.public_key, public, crypto.sha256(host_id.encode())
+    seed = serialization.load_der_private_key(signer.private_pkcs8_der(), password=None)
+    assert isinstance(seed, ed25519.Ed25519PrivateKey)
+    private = crypto.x25519_private_from_ed25519_seed(seed.private_bytes_raw())
+    tls_key = ec.generate_private_key(ec.SECP256R1())
+    identity = HostIdentity(host_id, signer, private, tls_key)
+    ca = ca or new_ca(domain_id, now)
+    certificate = pki.certificate_der(
+        ca.issue(identity.spiffe_id(domain_id), identity.tls_public_key, now=_at(now))
     )
-    return SimHost(host_id, signer, private, public, record)
+    raw = enrollment.make_enrollment(identity, domain_id, certificate)
+    record = model.parse_enrollment(raw, domain_id)[1]
+    return SimHost(
+        host_id,
+        signer,
+        private,
+        identity.agreement_public_key,
+        record,
+        enrollment=raw,
+        tls_signer=InMemorySigner(tls_key),
+        certificate=certificate,
+    )
+
+
+def forge_enrollment(
+    record: domain_pb2.Host,
+    *,
+    domain_id: str,
+    signer: Signer | None = None,
+    tls_signer: Signer | None = None,
+    certificate: bytes = b"",
+    address: str = "",
+) -> bytes:
+    """An enrollment for any host record, signed by whatever keys are given (none: no
+    signature): what an attacker can build without the keys the record names."""
+    host_bytes = record.SerializeToString(deterministic=True)
+    message = enrollment.enrollment_signing_input(domain_id, host_bytes, certificate)
+    return domain_pb2.HostEnrollment(
+        host=host_bytes,
+        tls_certificate=certificate,
+        signature=signer.sign(message) if signer is not None else b"",
+        address=address,
+        tls_signature=tls_signer.sign(message) if tls_signer is not None else b"",
+    ).SerializeToString(deterministic=True)
 
 
 def new_operator(
@@ -121,6 +189,7 @@ class SimulatedDomain:
     states: list[SealedState] = field(default_factory=list)
     genesis_proposal: Proposal | None = None
     genesis_approvals: list[domain_pb2.Approval] = field(default_factory=list)
+    ca: DomainCA | None = None  # issues new hosts' certificates; the genesis pins it
     _nonces: random.Random = field(default_factory=lambda: random.Random(0), repr=False)
 
     # -- creation --
@@ -145,7 +214,11 @@ class SimulatedDomain:
         Operators cycle through `algorithms` (default: Ed25519, ECDSA P-256, Ed25519, ...)
         unless `operator_signers` gives their tokens.
         """
-        sim_hosts = {f"hsa-{i + 1}": new_host(domain_id, f"hsa-{i + 1}") for i in range(hosts)}
+        ca = new_ca(domain_id, now)
+        sim_hosts = {
+            f"hsa-{i + 1}": new_host(domain_id, f"hsa-{i + 1}", ca=ca, now=now)
+            for i in range(hosts)
+        }
         if operator_signers is not None:
             sim_ops = [
                 new_operator(f"op{i}", signer=signer) for i, signer in enumerate(operator_signers)
@@ -154,12 +227,13 @@ class SimulatedDomain:
             sim_ops = [
                 new_operator(f"op{i}", algorithms[i % len(algorithms)]) for i in range(operators)
             ]
-        sim = cls(domain_id=domain_id, hosts=sim_hosts, operators=sim_ops, now=now)
+        sim = cls(domain_id=domain_id, hosts=sim_hosts, operators=sim_ops, now=now, ca=ca)
         proposal = genesis.genesis_proposal(
             domain_id,
-            [h.record for h in sim_hosts.values()],
+            [h.enrollment for h in sim_hosts.values()],
             [o.record for o in sim_ops],
             threshold,
+            ca_certificate=ca.certificate_der,
             proposer_id=sim_ops[0].operator_id,
             now=now,
             settings=settings,
@@ -404,16 +478,33 @@ class SimulatedDomain:
 
     # -- change builders --
 
+    def new_host(self, host_id: str) -> SimHost:
+        """A new host enrolled with this domain's CA now (registered in `hosts`)."""
+        if self.ca is None:
+            raise ValueError("this simulated domain has no CA to enroll hosts with")
+        host = new_host(self.domain_id, host_id, ca=self.ca, now=self.now)
+        self.hosts[host_id] = host
+        return host
+
     def add_host_change(
-        self, host_id: str | None = None, host: domain_pb2.Host | None = None
+        self,
+        host_id: str | None = None,
+        host: domain_pb2.Host | None = None,
+        *,
+        enrollment: bytes | None = None,
     ) -> domain_pb2.Change:
-        """add-host for a new host (registered in `hosts`), or for an explicit record."""
-        if host is None:
-            host_id = host_id or f"hsa-{len(self.hosts) + 1}"
-            if host_id not in self.hosts:
-                self.hosts[host_id] = new_host(self.domain_id, host_id)
-            host = self.hosts[host_id].record
-        return _change(add_host=domain_pb2.AddHost(host=host))
+        """add-host for a new host (enrolled and registered in `hosts`), for an explicit
+        `enrollment`, or for an explicit record (in an enrollment nobody could sign: for
+        checks that come before the enrollment's, like duplicates)."""
+        if enrollment is None:
+            if host is None:
+                host_id = host_id or f"hsa-{len(self.hosts) + 1}"
+                if host_id not in self.hosts:
+                    self.new_host(host_id)
+                enrollment = self.hosts[host_id].enrollment
+            else:
+                enrollment = forge_enrollment(host, domain_id=self.domain_id)
+        return _change(add_host=domain_pb2.AddHost(enrollment=enrollment))
 
     @staticmethod
     def remove_host_change(host_id: str) -> domain_pb2.Change:
@@ -471,13 +562,13 @@ class SimulatedDomain:
     ) -> domain_pb2.Manifest:
         """The manifest a proposal (or, with None, a rotation) produces, with NO checks at all.
 
-        Skips quorum, expiry, staleness and rotation-due checks: what a buggy or compromised
-        HSA could compute. `mutate` edits the result before it is returned.
+        Skips quorum, expiry, staleness, rotation-due and enrollment checks: what a buggy or
+        compromised HSA could compute. `mutate` edits the result before it is returned.
         """
         base = base or self.head
         now = self.now if now is None else now
         if proposal is not None:
-            manifest, _ = transition.apply_changes(base.manifest.message, proposal, now=now)
+            manifest = _apply_unchecked(base.manifest.message, proposal, now)
             manifest.proposal_id = proposal.id
         else:
             manifest = domain_pb2.Manifest()
@@ -497,6 +588,36 @@ class SimulatedDomain:
         if mutate is not None:
             mutate(manifest)
         return manifest
+
+
+def _apply_unchecked(
+    base: domain_pb2.Manifest, proposal: Proposal, now: int
+) -> domain_pb2.Manifest:
+    """`transition.apply_changes`, except that add-host enrollments are not verified: the
+    hosts they name are appended as they are (what a compromised producer could write)."""
+    try:
+        return transition.apply_changes(base, proposal, now=now)[0]
+    except EnrollmentError:
+        pass
+    others = [c for c in proposal.changes if not c.HasField("add_host")]
+    manifest = domain_pb2.Manifest()
+    manifest.CopyFrom(base)
+    if others:
+        rest = Proposal.create(
+            domain_id=proposal.domain_id,
+            base_version=proposal.base_version,
+            base_state_hash=proposal.base_state_hash,
+            changes=others,
+            proposer_id=proposal.proposer_id,
+            created_at=proposal.created_at,
+            expires_at=proposal.expires_at,
+            nonce=proposal.message.nonce,
+        )
+        manifest = transition.apply_changes(base, rest, now=now)[0]
+    for change in proposal.changes:
+        if change.HasField("add_host"):
+            manifest.hosts.append(model.added_host(change, proposal.domain_id))
+    return manifest
 
 
 # --- the malicious coordinator ---------------------------------------------------------------

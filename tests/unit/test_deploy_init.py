@@ -14,13 +14,13 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from deploy import cli, cluster
-from deploy.enrollment import enrollment_signing_input, parse_enrollment, read_enrollment
+from deploy.enrollment import read_enrollment, verify_enrollment
 from deploy.init import (
     DomainLayout,
     add_node,
@@ -29,24 +29,20 @@ from deploy.init import (
     operator_names,
     read_passphrase,
 )
-from domain_core import crypto, model
+from domain_core import crypto
 from domain_core.chain import TrustedChain
 from domain_core.config import CoordinatorConfig, NodeConfig
 from domain_core.errors import (
     AlreadyExistsError,
-    BadSignatureError,
     HsmDomainError,
     InvalidInputError,
-    MalformedMessageError,
     NotFoundError,
-    UnauthenticatedError,
 )
 from domain_core.identity import HostIdentity
 from domain_core.model import SealedState
-from domain_core.pb import domain_pb2
 from domain_core.pki import (
-    DomainCA,
     SpiffeId,
+    certificate_der,
     certificate_fingerprint,
     spiffe_id_from_certificate,
     verify_certificate_chain,
@@ -109,6 +105,7 @@ def test_init_creates_the_documented_tree(domain: DomainLayout) -> None:
             f"nodes/{host}/identity/tls.crt",
             f"nodes/{host}/identity/tls.key",
             f"nodes/{host}/data",
+            f"nodes/{host}/enrollment.bin",
         ]
     for name in ("alice", "bob", "carol"):
         expected += [f"operators/{name}.token", f"operators/{name}.passphrase"]
@@ -274,7 +271,7 @@ def test_add_node_creates_an_enrollment_that_verifies(domain_copy: DomainLayout)
     assert layout.genesis_nodes == ("hsa-1", "hsa-2", "hsa-3")
     assert mode(layout.node_dir("hsa-4") / "identity" / "tls.key") == 0o600
 
-    host = read_enrollment(path, layout.ca_cert.read_bytes(), "local", NOW)
+    host = read_enrollment(path, layout.ca_cert.read_bytes(), "local", NOW).host
     identity = HostIdentity.load(layout.node_dir("hsa-4") / "identity")
     assert host.host_id == "hsa-4"
     assert host.signing_public_key == identity.signing_public_key.spki_der
@@ -298,106 +295,31 @@ def test_add_node_copies_the_coordinator_address(domain_copy: DomainLayout) -> N
     assert NodeConfig.load(path.parent / "config.json").coordinator == "127.0.0.1:4321"
 
 
-@pytest.fixture
-def enrollment(domain_copy: DomainLayout) -> tuple[DomainLayout, domain_pb2.HostEnrollment]:
-    path = add_node(domain_copy.root, now=NOW)
-    message = domain_pb2.HostEnrollment()
-    message.ParseFromString(path.read_bytes())
-    return domain_copy, message
+def test_every_genesis_host_enrolled_like_a_later_one(domain: DomainLayout) -> None:
+    """init writes each genesis node's enrollment; the genesis proposal carries exactly those
+    bytes and pins the domain CA that issued their certificates."""
+    layout = domain
+    genesis = SealedState.from_bytes(layout.genesis_state.read_bytes())
+    assert genesis.proposal is not None
+    carried = [c.add_host.enrollment for c in genesis.proposal.changes if c.HasField("add_host")]
+    ca = layout.ca_cert.read_bytes()
+    assert genesis.manifest.message.settings.domain_ca_certificate == certificate_der(ca)
+    for host_id, raw in zip(layout.genesis_nodes, carried, strict=True):
+        assert (layout.node_dir(host_id) / "enrollment.bin").read_bytes() == raw
+        enrollment = verify_enrollment(raw, domain_id="local", ca_certificate=ca, now=NOW)
+        assert enrollment.host == genesis.manifest.hosts_by_id[host_id]
 
 
-def _check(layout: DomainLayout, message: domain_pb2.HostEnrollment, now: datetime = NOW) -> None:
-    parse_enrollment(message.SerializeToString(), layout.ca_cert.read_bytes(), "local", now)
-
-
-def test_enrollment_refuses_a_changed_host_record(
-    enrollment: tuple[DomainLayout, domain_pb2.HostEnrollment],
+def test_read_enrollment_refuses_a_missing_or_huge_file(
+    domain: DomainLayout, tmp_path: Path
 ) -> None:
-    layout, message = enrollment
-    host = domain_pb2.Host()
-    host.ParseFromString(message.host)
-    host.agreement_public_key = crypto.x25519_generate()[1]
-    message.host = host.SerializeToString()
-    with pytest.raises(BadSignatureError, match="not signed by the host key"):
-        _check(layout, message)
-
-
-def test_enrollment_refuses_a_flipped_signature_bit(
-    enrollment: tuple[DomainLayout, domain_pb2.HostEnrollment],
-) -> None:
-    layout, message = enrollment
-    signature = bytearray(message.signature)
-    signature[5] ^= 0x01
-    message.signature = bytes(signature)
-    with pytest.raises(BadSignatureError):
-        _check(layout, message)
-
-
-def test_enrollment_refuses_a_certificate_from_another_ca(
-    enrollment: tuple[DomainLayout, domain_pb2.HostEnrollment],
-) -> None:
-    _, message = enrollment
-    other_ca = DomainCA.create("local", now=NOW)
-    with pytest.raises(BadSignatureError, match="not issued by the CA"):
-        parse_enrollment(message.SerializeToString(), other_ca.certificate_pem, "local", NOW)
-
-
-def test_enrollment_refuses_an_expired_certificate(
-    enrollment: tuple[DomainLayout, domain_pb2.HostEnrollment],
-) -> None:
-    layout, message = enrollment
-    with pytest.raises(UnauthenticatedError, match="expired"):
-        _check(layout, message, NOW + timedelta(days=400))
-
-
-def test_enrollment_refuses_a_certificate_for_another_key(
-    enrollment: tuple[DomainLayout, domain_pb2.HostEnrollment],
-) -> None:
-    """A CA-valid certificate of another host, swapped in: fingerprint mismatch."""
-    layout, message = enrollment
-    message.tls_certificate_pem = (layout.node_dir("hsa-1") / "identity" / "tls.crt").read_bytes()
-    with pytest.raises(UnauthenticatedError, match="fingerprints differ"):
-        _check(layout, message)
-
-
-def test_enrollment_refuses_a_certificate_with_another_spiffe_id(
-    enrollment: tuple[DomainLayout, domain_pb2.HostEnrollment],
-) -> None:
-    """A host that signs its own record but presents a client certificate for its TLS key."""
-    layout, _ = enrollment
-    ca = DomainCA.load(layout.root / "ca")
-    identity = HostIdentity.generate("hsa-9")
-    cert = ca.issue(SpiffeId("local", "client", "hsa-9"), identity.tls_public_key, now=NOW)
-    host = model.make_host(
-        "local",
-        "hsa-9",
-        identity.signing_public_key,
-        identity.agreement_public_key,
-        certificate_fingerprint(cert),
-    )
-    host_bytes = host.SerializeToString()
-    message = domain_pb2.HostEnrollment(
-        host=host_bytes,
-        tls_certificate_pem=cert,
-        signature=identity.signer.sign(enrollment_signing_input(host_bytes)),
-    )
-    with pytest.raises(UnauthenticatedError, match="spiffe://local/client/hsa-9"):
-        _check(layout, message)
-
-
-def test_enrollment_refuses_garbage_and_other_domains(
-    enrollment: tuple[DomainLayout, domain_pb2.HostEnrollment], tmp_path: Path
-) -> None:
-    layout, message = enrollment
-    ca_pem = layout.ca_cert.read_bytes()
-    with pytest.raises(MalformedMessageError):
-        parse_enrollment(b"\xff\xff\xff", ca_pem, "local", NOW)
-    with pytest.raises(MalformedMessageError, match="SPIFFE id"):
-        parse_enrollment(message.SerializeToString(), ca_pem, "other", NOW)
-    with pytest.raises(HsmDomainError, match="at most"):
-        parse_enrollment(b"\x00" * (64 * 1024 + 1), ca_pem, "local", NOW)
+    ca_pem = domain.ca_cert.read_bytes()
     with pytest.raises(NotFoundError):
         read_enrollment(tmp_path / "missing.bin", ca_pem, "local", NOW)
+    huge = tmp_path / "huge.bin"
+    huge.write_bytes(b"\x00" * (64 * 1024 + 1))
+    with pytest.raises(HsmDomainError, match="at most"):
+        read_enrollment(huge, ca_pem, "local", NOW)
 
 
 # --- the CLI's argument handling (no process is started here) ------------------------------
@@ -486,10 +408,16 @@ def test_cli_add_node_json(domain_copy: DomainLayout, capsys: pytest.CaptureFixt
     added = json.loads(capsys.readouterr().out)
     assert added["host_id"] == "hsa-4"
     assert added["started"] is False
-    host = read_enrollment(
+    enrollment = read_enrollment(
         Path(added["enrollment"]), domain_copy.ca_cert.read_bytes(), "local", datetime.now(UTC)
     )
-    assert host.host_id == "hsa-4"
+    assert enrollment.host_id == "hsa-4"
+    # The fingerprints the host's operator reads out to the approvers.
+    assert added["key_sha256"] == {
+        "TLS certificate": enrollment.host.tls_certificate_fingerprint.hex(),
+        "signing key (Ed25519)": crypto.sha256(enrollment.host.signing_public_key).hex(),
+        "agreement key (X25519)": crypto.sha256(enrollment.host.agreement_public_key).hex(),
+    }
 
 
 @pytest.fixture

@@ -46,7 +46,10 @@ def test_genesis_state(sim: SimulatedDomain) -> None:
     assert manifest.created_at == sim.now
     assert [(g.generation, g.created_at) for g in manifest.key_generations] == [(1, sim.now)]
     assert manifest.quorum.threshold == 2
-    assert manifest.settings == model.default_settings()
+    pinned = model.default_settings()
+    assert sim.ca is not None
+    pinned.domain_ca_certificate = sim.ca.certificate_der
+    assert manifest.settings == pinned
     assert len(state.approvals) == 3
     for host_id in ("hsa-1", "hsa-2", "hsa-3"):
         assert sorted(sim.keys_at(state, host_id)) == [1]
@@ -152,6 +155,8 @@ def test_genesis_settings_and_typed_thresholds() -> None:
         change_thresholds=[domain_pb2.ChangeThreshold(change_type=REMOVE_HOST, threshold=4)],
     )
     manifest = sim.genesis.manifest.message
+    assert sim.ca is not None
+    settings.domain_ca_certificate = sim.ca.certificate_der
     assert manifest.settings == settings
     assert list(manifest.quorum.change_thresholds) == [
         domain_pb2.ChangeThreshold(change_type=REMOVE_HOST, threshold=4)

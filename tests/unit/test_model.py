@@ -9,7 +9,7 @@ from collections.abc import Callable
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support.simulator import SimulatedDomain, new_host, new_operator
+from support.simulator import SimulatedDomain, forge_enrollment, new_host, new_operator
 
 from domain_core import canonical, model
 from domain_core.canonical import PayloadType
@@ -30,7 +30,7 @@ ED_KEY = InMemorySigner.generate(SignatureAlgorithm.ED25519).public_key
 # One change of every type, at fixed indexes so that mutations can reach into them.
 I_ADD_HOST, I_REMOVE_HOST, I_ADD_OP, I_REMOVE_OP, I_QUORUM, I_QUORUM_TYPED, I_SETTINGS = range(7)
 BASE_CHANGES = [
-    SIM.add_host_change(host=NEW_HOST.record),
+    SIM.add_host_change(enrollment=NEW_HOST.enrollment),
     SIM.remove_host_change("hsa-3"),
     SIM.add_operator_change(operator=NEW_OP.record),
     SIM.remove_operator_change(2),
@@ -78,6 +78,47 @@ def _set_nested(path: str, value: object) -> Callable[[domain_pb2.Proposal], Non
     return mutate
 
 
+def _host_field(name: str, value: object) -> Callable[[domain_pb2.Proposal], None]:
+    """Set a field of the host record inside the add-host change's enrollment."""
+
+    def mutate(message: domain_pb2.Proposal) -> None:
+        change = message.changes[I_ADD_HOST].add_host
+        enrollment = domain_pb2.HostEnrollment.FromString(change.enrollment)
+        host = domain_pb2.Host.FromString(enrollment.host)
+        setattr(host, name, value)
+        enrollment.host = _ser(host)
+        change.enrollment = _ser(enrollment)
+
+    return mutate
+
+
+def _enrollment_bytes(
+    edit: Callable[[bytes], bytes],
+) -> Callable[[domain_pb2.Proposal], None]:
+    """Replace the add-host change's enrollment bytes by `edit(bytes)`."""
+
+    def mutate(message: domain_pb2.Proposal) -> None:
+        change = message.changes[I_ADD_HOST].add_host
+        change.enrollment = edit(change.enrollment)
+
+    return mutate
+
+
+def _enrollment_field(name: str, value: object) -> Callable[[domain_pb2.Proposal], None]:
+    def edit(raw: bytes) -> bytes:
+        enrollment = domain_pb2.HostEnrollment.FromString(raw)
+        setattr(enrollment, name, value)
+        return _ser(enrollment)
+
+    return _enrollment_bytes(edit)
+
+
+def _host_with_unknown_field(raw: bytes) -> bytes:
+    enrollment = domain_pb2.HostEnrollment.FromString(raw)
+    enrollment.host = enrollment.host + b"\xa0\x06\x01"  # field 100, varint 1
+    return _ser(enrollment)
+
+
 def _clear_changes(m: domain_pb2.Proposal) -> None:
     del m.changes[:]
 
@@ -120,25 +161,21 @@ PROPOSAL_MUTATIONS: dict[str, Callable[[domain_pb2.Proposal], None]] = {
     "expires at creation": _set_nested("expires_at", BASE_PROPOSAL.created_at),
     "expires before creation": _set_nested("expires_at", BASE_PROPOSAL.created_at - 1),
     "reason too long": _set_nested("reason", "x" * (DEFAULT_LIMITS.max_reason_chars + 1)),
-    "host spiffe of another domain": _set_nested(
-        f"{I_ADD_HOST}.add_host.host.spiffe_id", "spiffe://other/hsa/hsa-9"
-    ),
-    "host spiffe of another host": _set_nested(
-        f"{I_ADD_HOST}.add_host.host.spiffe_id", "spiffe://test/hsa/hsa-1"
-    ),
-    "host id invalid": _set_nested(f"{I_ADD_HOST}.add_host.host.host_id", "HSA_9"),
-    "host signing key is ecdsa": _set_nested(
-        f"{I_ADD_HOST}.add_host.host.signing_public_key", ECDSA_KEY.spki_der
-    ),
-    "host signing key garbage": _set_nested(
-        f"{I_ADD_HOST}.add_host.host.signing_public_key", b"\x30\x00"
-    ),
-    "host agreement key 31 bytes": _set_nested(
-        f"{I_ADD_HOST}.add_host.host.agreement_public_key", bytes(31)
-    ),
-    "host fingerprint 31 bytes": _set_nested(
-        f"{I_ADD_HOST}.add_host.host.tls_certificate_fingerprint", bytes(31)
-    ),
+    "host spiffe of another domain": _host_field("spiffe_id", "spiffe://other/hsa/hsa-9"),
+    "host spiffe of another host": _host_field("spiffe_id", "spiffe://test/hsa/hsa-1"),
+    "host id invalid": _host_field("host_id", "HSA_9"),
+    "host signing key is ecdsa": _host_field("signing_public_key", ECDSA_KEY.spki_der),
+    "host signing key garbage": _host_field("signing_public_key", b"\x30\x00"),
+    "host agreement key 31 bytes": _host_field("agreement_public_key", bytes(31)),
+    "host fingerprint 31 bytes": _host_field("tls_certificate_fingerprint", bytes(31)),
+    "add-host without enrollment": _enrollment_bytes(lambda raw: b""),
+    "enrollment garbage": _enrollment_bytes(lambda raw: b"\xff\xff\xff"),
+    "enrollment with an unknown field": _enrollment_bytes(lambda raw: raw + b"\xa0\x06\x01"),
+    "enrollment not deterministic": _enrollment_bytes(lambda raw: raw + raw),
+    "host record with an unknown field": _enrollment_bytes(_host_with_unknown_field),
+    "enrollment address with a newline": _enrollment_field("address", "127.0.0.1:1\nfake"),
+    "enrollment address with an escape": _enrollment_field("address", "\x1b[30m"),
+    "enrollment address too long": _enrollment_field("address", "a" * 256),
     "operator id not sha256 of its key": _set_nested(
         f"{I_ADD_OP}.add_operator.operator.operator_id", ED_KEY.key_id
     ),
@@ -180,8 +217,7 @@ def test_proposal_from_bytes_rejects(case: str) -> None:
 def _rename_domain(domain_id: str) -> Callable[[domain_pb2.Proposal], None]:
     def mutate(message: domain_pb2.Proposal) -> None:
         message.domain_id = domain_id
-        host = message.changes[I_ADD_HOST].add_host.host
-        host.spiffe_id = model.host_spiffe_id(domain_id, host.host_id)
+        _host_field("spiffe_id", model.host_spiffe_id(domain_id, NEW_HOST.host_id))(message)
 
     return mutate
 
@@ -203,6 +239,16 @@ def test_proposal_from_bytes_accepts_boundaries(
     message = _proposal_message()
     mutation(message)
     Proposal.from_bytes(_ser(message))
+
+
+def test_an_enrollment_above_its_size_limit_is_refused() -> None:
+    message = _proposal_message()
+    _enrollment_field("address", "")(message)
+    padded = message.changes[I_ADD_HOST].add_host.enrollment + b"\xa0\x06\x01" * 3000
+    message.changes[I_ADD_HOST].add_host.enrollment = padded
+    assert len(padded) > model.MAX_ENROLLMENT_BYTES
+    with pytest.raises(LimitExceededError, match="at most 8192 bytes"):
+        Proposal.from_bytes(_ser(message))
 
 
 @pytest.mark.parametrize("garbage", [b"\xff", b"\xff\xff\xff\xff", b"\x0a\x05ab", b"\x08"])
@@ -257,7 +303,7 @@ def _host_change_for(domain_id: str) -> domain_pb2.Change:
     host = domain_pb2.Host()
     host.CopyFrom(NEW_HOST.record)
     host.spiffe_id = model.host_spiffe_id(domain_id, host.host_id)
-    return domain_pb2.Change(add_host=domain_pb2.AddHost(host=host))
+    return SIM.add_host_change(enrollment=forge_enrollment(host, domain_id=domain_id))
 
 
 @settings(max_examples=75, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -68,6 +68,11 @@ def _host(host_id: str, seed: int) -> domain_pb2.Host:
     )
 
 
+def _groups(digest: hashlib._Hash) -> str:
+    text = digest.hexdigest()
+    return " ".join(text[i : i + 4] for i in range(0, 64, 4))
+
+
 def _key(seed: int) -> str:
     return hashlib.sha256(bytes([seed]) * 44).hexdigest()[:16]
 
@@ -267,8 +272,22 @@ NAMES = {"a" * 64: "alice", "b" * 64: "bob"}
 CHANGE_CASES: list[tuple[str, domain_pb2.Change, list[str], str]] = [
     (
         "add-host",
-        domain_pb2.Change(add_host=domain_pb2.AddHost(host=H3)),
-        ["add-host hsa-3", "  TLS certificate fingerprint " + " ".join(["0303"] * 16)],
+        domain_pb2.Change(
+            add_host=domain_pb2.AddHost(
+                enrollment=domain_pb2.HostEnrollment(
+                    host=H3.SerializeToString(deterministic=True)
+                ).SerializeToString(deterministic=True)
+            )
+        ),
+        [
+            "add-host hsa-3",
+            "  TLS certificate         SHA-256 " + " ".join(["0303"] * 16),
+            "  signing key (Ed25519)   SHA-256 " + _groups(hashlib.sha256(bytes([3]) * 44)),
+            "  agreement key (X25519)  SHA-256 " + _groups(hashlib.sha256(bytes([3]) * 32)),
+            "  compare these fingerprints with the operator of hsa-3 out of band (in person or "
+            "by phone, as for a new operator) before you approve: the host shows them when it "
+            "is prepared (`hsm-domain add-node`)",
+        ],
         "add-host hsa-3",
     ),
     (
@@ -354,7 +373,12 @@ def test_change_lines(change: domain_pb2.Change, lines: list[str], short: str) -
     assert change_short([change], NAMES) == short
     (document,) = change_json([change], NAMES)
     assert document["summary"] == lines[0]
-    assert document["detail"] == (lines[1].strip() if len(lines) > 1 else "")
+    if change.HasField("add_host"):
+        assert document["detail"] == ""
+        assert document["host_keys"]["host_id"] == "hsa-3"
+        assert document["host_keys"]["sha256"]["TLS certificate"] == "03" * 32
+    else:
+        assert document["detail"] == (lines[1].strip() if len(lines) > 1 else "")
 
 
 def test_changes_are_listed_in_order() -> None:

@@ -349,7 +349,7 @@ def _c(token: str) -> domain_pb2.Change:
     if kind == "remove-host":
         return SIM.remove_host_change("hsa-3")
     if kind == "add-host":
-        return domain_pb2.Change(add_host=domain_pb2.AddHost(host=SIM.hosts["hsa-1"].record))
+        return SIM.add_host_change(enrollment=SIM.hosts["hsa-1"].enrollment)
     if kind == "set-settings":
         return SIM.set_settings_change(key_generations_retained=5)
     if kind == "rotate":

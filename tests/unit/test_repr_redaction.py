@@ -23,7 +23,7 @@ from support.simulator import SimulatedDomain
 
 from bench.verification import ChainBuilder
 from deploy.localdomain import FAST_SCRYPT_N
-from domain_core import ciphertext
+from domain_core import ciphertext, crypto
 from domain_core.audit import AuditLog
 from domain_core.envelope import EnvelopeDecryptor, EnvelopeEncryptor, parse_envelope_header
 from domain_core.identity import HostIdentity
@@ -107,8 +107,9 @@ def _file_token_signer(tmp: Path) -> tuple[object, tuple[bytes, ...]]:
 def _host_identity(_: Path) -> tuple[object, tuple[bytes, ...]]:
     signer, seed = _ed25519()
     tls_key, scalar = _p256()
-    identity = HostIdentity("hsa-1", signer, SECRET_32, tls_key)
-    return identity, (seed, SECRET_32, scalar, _pkcs8_pem(tls_key))
+    agreement = crypto.x25519_private_from_ed25519_seed(seed)
+    identity = HostIdentity("hsa-1", signer, agreement, tls_key)
+    return identity, (seed, agreement, scalar, _pkcs8_pem(tls_key))
 
 
 def _tls_material(_: Path) -> tuple[object, tuple[bytes, ...]]:

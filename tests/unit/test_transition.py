@@ -496,11 +496,13 @@ def _genesis_parts(
     proposer: int = 0,
 ) -> tuple[SimulatedDomain, Proposal, list[domain_pb2.Approval]]:
     sim = SimulatedDomain.create()
+    assert sim.ca is not None
     proposal = genesis.genesis_proposal(
         "test",
-        [h.record for h in sim.hosts.values()],
+        [h.enrollment for h in sim.hosts.values()],
         [o.record for o in sim.operators[:3]],
         2,
+        ca_certificate=sim.ca.certificate_der,
         proposer_id=(sim.operators[proposer] if proposer >= 0 else new_operator("x")).operator_id,
         now=sim.now,
     )

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from domain_core import crypto, quorum
+from domain_core import crypto, enrollment, quorum
 from domain_core.signers import PublicKey, SignatureAlgorithm
 
 pytestmark = pytest.mark.unit
@@ -54,3 +54,22 @@ def test_committed_aes_gcm_vector_opens() -> None:
         bytes.fromhex(v["nonce"]),
     )
     assert plaintext == bytes.fromhex(v["plaintext"])
+
+
+def test_committed_enrollment_vector_verifies() -> None:
+    """The enrollment signing input binds domain id, host bytes and certificate; both of the
+    host's keys signed it; the agreement key is the signing key's Montgomery form."""
+    v = json.loads((VECTORS / "canonical.json").read_text())["host_enrollment"]
+    message = bytes.fromhex(v["signing_input"])
+    assert message == enrollment.enrollment_signing_input(
+        v["domain_id"], bytes.fromhex(v["host_bytes"]), bytes.fromhex(v["certificate"])
+    )
+    signing = PublicKey(SignatureAlgorithm.ED25519, bytes.fromhex(v["signing_public_key"]))
+    signing.verify(bytes.fromhex(v["signature"]), message)
+    tls = PublicKey(SignatureAlgorithm.ECDSA_P256, bytes.fromhex(v["tls_public_key"]))
+    tls.verify(bytes.fromhex(v["tls_signature"]), message)
+    agreement = bytes.fromhex(v["agreement_public_key"])
+    assert crypto.x25519_public_from_ed25519(signing.raw_ed25519()) == agreement
+    seed = bytes.fromhex(v["signing_seed"])
+    assert crypto.x25519_private_from_ed25519_seed(seed).hex() == v["agreement_private_key"]
+    assert crypto.x25519_public_from_private(bytes.fromhex(v["agreement_private_key"])) == agreement

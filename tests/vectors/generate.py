@@ -14,7 +14,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
-from domain_core import canonical, crypto, model, quorum
+from domain_core import canonical, crypto, enrollment, model, quorum
 from domain_core.canonical import PayloadType
 from domain_core.pb import domain_pb2
 from domain_core.signers import InMemorySigner
@@ -29,6 +29,39 @@ def fixed_signers() -> dict[str, InMemorySigner]:
         0x1F2E3D4C5B6A79880102030405060708090A0B0C0D0E0F101112131415161718, ec.SECP256R1()
     )
     return {"ed25519": InMemorySigner(ed), "ecdsa-p256": InMemorySigner(p256)}
+
+
+def host_enrollment() -> dict[str, Any]:
+    """An enrollment's derived agreement key, signing input and both signatures, from fixed
+    keys. The "certificate" is fixed bytes: the signing input covers bytes, and certificate
+    checks are not a wire format."""
+    seed = bytes(range(64, 96))
+    signer = InMemorySigner(ed25519.Ed25519PrivateKey.from_private_bytes(seed))
+    tls = InMemorySigner(
+        ec.derive_private_key(
+            0x2B3C4D5E6F708192A3B4C5D6E7F8091A2B3C4D5E6F708192A3B4C5D6E7F80910, ec.SECP256R1()
+        )
+    )
+    agreement = crypto.x25519_public_from_ed25519(signer.public_key.raw_ed25519())
+    certificate = b"certificate DER bytes"
+    host = model.make_host(
+        "vectors", "hsa-1", signer.public_key, agreement, crypto.sha256(certificate)
+    )
+    host_bytes = host.SerializeToString(deterministic=True)
+    message = enrollment.enrollment_signing_input("vectors", host_bytes, certificate)
+    return {
+        "domain_id": "vectors",
+        "signing_seed": seed.hex(),
+        "signing_public_key": signer.public_key.spki_der.hex(),
+        "agreement_private_key": crypto.x25519_private_from_ed25519_seed(seed).hex(),
+        "agreement_public_key": agreement.hex(),
+        "tls_public_key": tls.public_key.spki_der.hex(),
+        "host_bytes": host_bytes.hex(),
+        "certificate": certificate.hex(),
+        "signing_input": message.hex(),
+        "signature": signer.sign(message).hex(),
+        "tls_signature": tls.sign(message).hex(),
+    }
 
 
 def build() -> dict[str, Any]:
@@ -68,6 +101,7 @@ def build() -> dict[str, Any]:
         "cancel_signing_input": quorum.cancel_message(proposal.id).hex(),
         "manifest_digest": canonical.digest(PayloadType.MANIFEST, manifest_bytes).hex(),
         "state_hash": model.state_hash(manifest_bytes, secrets_bytes).hex(),
+        "host_enrollment": host_enrollment(),
         "aes_gcm": {
             "key": key.hex(),
             "nonce": nonce.hex(),

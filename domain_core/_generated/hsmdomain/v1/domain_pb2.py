@@ -25,17 +25,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19hsmdomain/v1/domain.proto\x12\x0chsmdomain.v1\"\x89\x01\n\x04Host\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x1a\n\x12signing_public_key\x18\x02 \x01(\x0c\x12\x1c\n\x14\x61greement_public_key\x18\x03 \x01(\x0c\x12#\n\x1btls_certificate_fingerprint\x18\x04 \x01(\x0c\x12\x11\n\tspiffe_id\x18\x05 \x01(\t\"v\n\x08Operator\x12\x13\n\x0boperator_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x33\n\talgorithm\x18\x03 \x01(\x0e\x32 .hsmdomain.v1.SignatureAlgorithm\x12\x12\n\npublic_key\x18\x04 \x01(\x0c\"S\n\x0f\x43hangeThreshold\x12-\n\x0b\x63hange_type\x18\x01 \x01(\x0e\x32\x18.hsmdomain.v1.ChangeType\x12\x11\n\tthreshold\x18\x02 \x01(\r\"[\n\x0cQuorumPolicy\x12\x11\n\tthreshold\x18\x01 \x01(\r\x12\x38\n\x11\x63hange_thresholds\x18\x02 \x03(\x0b\x32\x1d.hsmdomain.v1.ChangeThreshold\"\x80\x01\n\x0e\x44omainSettings\x12%\n\x1dkey_rotation_interval_seconds\x18\x01 \x01(\x04\x12 \n\x18key_generations_retained\x18\x02 \x01(\r\x12%\n\x1dmax_proposal_lifetime_seconds\x18\x03 \x01(\x04\"7\n\rKeyGeneration\x12\x12\n\ngeneration\x18\x01 \x01(\r\x12\x12\n\ncreated_at\x18\x02 \x01(\x03\"\xd4\x02\n\x08Manifest\x12\x11\n\tdomain_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x1b\n\x13previous_state_hash\x18\x03 \x01(\x0c\x12!\n\x05hosts\x18\x04 \x03(\x0b\x32\x12.hsmdomain.v1.Host\x12)\n\toperators\x18\x05 \x03(\x0b\x32\x16.hsmdomain.v1.Operator\x12*\n\x06quorum\x18\x06 \x01(\x0b\x32\x1a.hsmdomain.v1.QuorumPolicy\x12.\n\x08settings\x18\x07 \x01(\x0b\x32\x1c.hsmdomain.v1.DomainSettings\x12\x34\n\x0fkey_generations\x18\x08 \x03(\x0b\x32\x1b.hsmdomain.v1.KeyGeneration\x12\x12\n\ncreated_at\x18\t \x01(\x03\x12\x13\n\x0bproposal_id\x18\n \x01(\x0c\"+\n\x07\x41\x64\x64Host\x12 \n\x04host\x18\x01 \x01(\x0b\x32\x12.hsmdomain.v1.Host\"\x1d\n\nRemoveHost\x12\x0f\n\x07host_id\x18\x01 \x01(\t\"7\n\x0b\x41\x64\x64Operator\x12(\n\x08operator\x18\x01 \x01(\x0b\x32\x16.hsmdomain.v1.Operator\"%\n\x0eRemoveOperator\x12\x13\n\x0boperator_id\x18\x01 \x01(\t\"M\n\tSetQuorum\x12\x11\n\tthreshold\x18\x01 \x01(\r\x12-\n\x0b\x63hange_type\x18\x02 \x01(\x0e\x32\x18.hsmdomain.v1.ChangeType\"=\n\x0bSetSettings\x12.\n\x08settings\x18\x01 \x01(\x0b\x32\x1c.hsmdomain.v1.DomainSettings\"\x11\n\x0fRotateDomainKey\"\xf8\x02\n\x06\x43hange\x12)\n\x08\x61\x64\x64_host\x18\x01 \x01(\x0b\x32\x15.hsmdomain.v1.AddHostH\x00\x12/\n\x0bremove_host\x18\x02 \x01(\x0b\x32\x18.hsmdomain.v1.RemoveHostH\x00\x12\x31\n\x0c\x61\x64\x64_operator\x18\x03 \x01(\x0b\x32\x19.hsmdomain.v1.AddOperatorH\x00\x12\x37\n\x0fremove_operator\x18\x04 \x01(\x0b\x32\x1c.hsmdomain.v1.RemoveOperatorH\x00\x12-\n\nset_quorum\x18\x05 \x01(\x0b\x32\x17.hsmdomain.v1.SetQuorumH\x00\x12\x31\n\x0cset_settings\x18\x06 \x01(\x0b\x32\x19.hsmdomain.v1.SetSettingsH\x00\x12:\n\x11rotate_domain_key\x18\x07 \x01(\x0b\x32\x1d.hsmdomain.v1.RotateDomainKeyH\x00\x42\x08\n\x06\x63hange\"\xcf\x01\n\x08Proposal\x12\x11\n\tdomain_id\x18\x01 \x01(\t\x12\x14\n\x0c\x62\x61se_version\x18\x02 \x01(\x04\x12\x17\n\x0f\x62\x61se_state_hash\x18\x03 \x01(\x0c\x12%\n\x07\x63hanges\x18\x04 \x03(\x0b\x32\x14.hsmdomain.v1.Change\x12\x13\n\x0bproposer_id\x18\x05 \x01(\t\x12\x12\n\ncreated_at\x18\x06 \x01(\x03\x12\x12\n\nexpires_at\x18\x07 \x01(\x03\x12\x0e\n\x06reason\x18\x08 \x01(\t\x12\r\n\x05nonce\x18\t \x01(\x0c\"G\n\x08\x41pproval\x12\x13\n\x0bproposal_id\x18\x01 \x01(\x0c\x12\x13\n\x0boperator_id\x18\x02 \x01(\t\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"I\n\nCancelVote\x12\x13\n\x0bproposal_id\x18\x01 \x01(\x0c\x12\x13\n\x0boperator_id\x18\x02 \x01(\t\x12\x11\n\tsignature\x18\x03 \x01(\x0c\",\n\tDomainKey\x12\x12\n\ngeneration\x18\x01 \x01(\r\x12\x0b\n\x03key\x18\x02 \x01(\x0c\"6\n\rDomainSecrets\x12%\n\x04keys\x18\x01 \x03(\x0b\x32\x17.hsmdomain.v1.DomainKey\"/\n\x07KeyWrap\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x13\n\x0bwrapped_key\x18\x02 \x01(\x0c\"l\n\rSealedSecrets\x12\x12\n\ngeneration\x18\x01 \x01(\r\x12\r\n\x05nonce\x18\x02 \x01(\x0c\x12\x12\n\nciphertext\x18\x03 \x01(\x0c\x12$\n\x05wraps\x18\x04 \x03(\x0b\x32\x15.hsmdomain.v1.KeyWrap\"\xa3\x01\n\x0bSealedState\x12\x10\n\x08manifest\x18\x01 \x01(\x0c\x12\x0f\n\x07secrets\x18\x02 \x01(\x0c\x12\x10\n\x08proposal\x18\x03 \x01(\x0c\x12)\n\tapprovals\x18\x04 \x03(\x0b\x32\x16.hsmdomain.v1.Approval\x12\x18\n\x10producer_host_id\x18\x05 \x01(\t\x12\x1a\n\x12producer_signature\x18\x06 \x01(\x0c\"_\n\x0eHostEnrollment\x12\x0c\n\x04host\x18\x01 \x01(\x0c\x12\x1b\n\x13tls_certificate_pem\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t*~\n\x12SignatureAlgorithm\x12#\n\x1fSIGNATURE_ALGORITHM_UNSPECIFIED\x10\x00\x12\x1f\n\x1bSIGNATURE_ALGORITHM_ED25519\x10\x01\x12\"\n\x1eSIGNATURE_ALGORITHM_ECDSA_P256\x10\x02*\xfc\x01\n\nChangeType\x12\x1b\n\x17\x43HANGE_TYPE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x43HANGE_TYPE_ADD_HOST\x10\x01\x12\x1b\n\x17\x43HANGE_TYPE_REMOVE_HOST\x10\x02\x12\x1c\n\x18\x43HANGE_TYPE_ADD_OPERATOR\x10\x03\x12\x1f\n\x1b\x43HANGE_TYPE_REMOVE_OPERATOR\x10\x04\x12\x1a\n\x16\x43HANGE_TYPE_SET_QUORUM\x10\x05\x12\x1c\n\x18\x43HANGE_TYPE_SET_SETTINGS\x10\x06\x12!\n\x1d\x43HANGE_TYPE_ROTATE_DOMAIN_KEY\x10\x07\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19hsmdomain/v1/domain.proto\x12\x0chsmdomain.v1\"\x89\x01\n\x04Host\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x1a\n\x12signing_public_key\x18\x02 \x01(\x0c\x12\x1c\n\x14\x61greement_public_key\x18\x03 \x01(\x0c\x12#\n\x1btls_certificate_fingerprint\x18\x04 \x01(\x0c\x12\x11\n\tspiffe_id\x18\x05 \x01(\t\"v\n\x08Operator\x12\x13\n\x0boperator_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x33\n\talgorithm\x18\x03 \x01(\x0e\x32 .hsmdomain.v1.SignatureAlgorithm\x12\x12\n\npublic_key\x18\x04 \x01(\x0c\"S\n\x0f\x43hangeThreshold\x12-\n\x0b\x63hange_type\x18\x01 \x01(\x0e\x32\x18.hsmdomain.v1.ChangeType\x12\x11\n\tthreshold\x18\x02 \x01(\r\"[\n\x0cQuorumPolicy\x12\x11\n\tthreshold\x18\x01 \x01(\r\x12\x38\n\x11\x63hange_thresholds\x18\x02 \x03(\x0b\x32\x1d.hsmdomain.v1.ChangeThreshold\"\x9f\x01\n\x0e\x44omainSettings\x12%\n\x1dkey_rotation_interval_seconds\x18\x01 \x01(\x04\x12 \n\x18key_generations_retained\x18\x02 \x01(\r\x12%\n\x1dmax_proposal_lifetime_seconds\x18\x03 \x01(\x04\x12\x1d\n\x15\x64omain_ca_certificate\x18\x04 \x01(\x0c\"7\n\rKeyGeneration\x12\x12\n\ngeneration\x18\x01 \x01(\r\x12\x12\n\ncreated_at\x18\x02 \x01(\x03\"\xd4\x02\n\x08Manifest\x12\x11\n\tdomain_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x1b\n\x13previous_state_hash\x18\x03 \x01(\x0c\x12!\n\x05hosts\x18\x04 \x03(\x0b\x32\x12.hsmdomain.v1.Host\x12)\n\toperators\x18\x05 \x03(\x0b\x32\x16.hsmdomain.v1.Operator\x12*\n\x06quorum\x18\x06 \x01(\x0b\x32\x1a.hsmdomain.v1.QuorumPolicy\x12.\n\x08settings\x18\x07 \x01(\x0b\x32\x1c.hsmdomain.v1.DomainSettings\x12\x34\n\x0fkey_generations\x18\x08 \x03(\x0b\x32\x1b.hsmdomain.v1.KeyGeneration\x12\x12\n\ncreated_at\x18\t \x01(\x03\x12\x13\n\x0bproposal_id\x18\n \x01(\x0c\"#\n\x07\x41\x64\x64Host\x12\x12\n\nenrollment\x18\x02 \x01(\x0cJ\x04\x08\x01\x10\x02\"\x1d\n\nRemoveHost\x12\x0f\n\x07host_id\x18\x01 \x01(\t\"7\n\x0b\x41\x64\x64Operator\x12(\n\x08operator\x18\x01 \x01(\x0b\x32\x16.hsmdomain.v1.Operator\"%\n\x0eRemoveOperator\x12\x13\n\x0boperator_id\x18\x01 \x01(\t\"M\n\tSetQuorum\x12\x11\n\tthreshold\x18\x01 \x01(\r\x12-\n\x0b\x63hange_type\x18\x02 \x01(\x0e\x32\x18.hsmdomain.v1.ChangeType\"=\n\x0bSetSettings\x12.\n\x08settings\x18\x01 \x01(\x0b\x32\x1c.hsmdomain.v1.DomainSettings\"\x11\n\x0fRotateDomainKey\"\xf8\x02\n\x06\x43hange\x12)\n\x08\x61\x64\x64_host\x18\x01 \x01(\x0b\x32\x15.hsmdomain.v1.AddHostH\x00\x12/\n\x0bremove_host\x18\x02 \x01(\x0b\x32\x18.hsmdomain.v1.RemoveHostH\x00\x12\x31\n\x0c\x61\x64\x64_operator\x18\x03 \x01(\x0b\x32\x19.hsmdomain.v1.AddOperatorH\x00\x12\x37\n\x0fremove_operator\x18\x04 \x01(\x0b\x32\x1c.hsmdomain.v1.RemoveOperatorH\x00\x12-\n\nset_quorum\x18\x05 \x01(\x0b\x32\x17.hsmdomain.v1.SetQuorumH\x00\x12\x31\n\x0cset_settings\x18\x06 \x01(\x0b\x32\x19.hsmdomain.v1.SetSettingsH\x00\x12:\n\x11rotate_domain_key\x18\x07 \x01(\x0b\x32\x1d.hsmdomain.v1.RotateDomainKeyH\x00\x42\x08\n\x06\x63hange\"\xcf\x01\n\x08Proposal\x12\x11\n\tdomain_id\x18\x01 \x01(\t\x12\x14\n\x0c\x62\x61se_version\x18\x02 \x01(\x04\x12\x17\n\x0f\x62\x61se_state_hash\x18\x03 \x01(\x0c\x12%\n\x07\x63hanges\x18\x04 \x03(\x0b\x32\x14.hsmdomain.v1.Change\x12\x13\n\x0bproposer_id\x18\x05 \x01(\t\x12\x12\n\ncreated_at\x18\x06 \x01(\x03\x12\x12\n\nexpires_at\x18\x07 \x01(\x03\x12\x0e\n\x06reason\x18\x08 \x01(\t\x12\r\n\x05nonce\x18\t \x01(\x0c\"G\n\x08\x41pproval\x12\x13\n\x0bproposal_id\x18\x01 \x01(\x0c\x12\x13\n\x0boperator_id\x18\x02 \x01(\t\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"I\n\nCancelVote\x12\x13\n\x0bproposal_id\x18\x01 \x01(\x0c\x12\x13\n\x0boperator_id\x18\x02 \x01(\t\x12\x11\n\tsignature\x18\x03 \x01(\x0c\",\n\tDomainKey\x12\x12\n\ngeneration\x18\x01 \x01(\r\x12\x0b\n\x03key\x18\x02 \x01(\x0c\"6\n\rDomainSecrets\x12%\n\x04keys\x18\x01 \x03(\x0b\x32\x17.hsmdomain.v1.DomainKey\"/\n\x07KeyWrap\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x13\n\x0bwrapped_key\x18\x02 \x01(\x0c\"l\n\rSealedSecrets\x12\x12\n\ngeneration\x18\x01 \x01(\r\x12\r\n\x05nonce\x18\x02 \x01(\x0c\x12\x12\n\nciphertext\x18\x03 \x01(\x0c\x12$\n\x05wraps\x18\x04 \x03(\x0b\x32\x15.hsmdomain.v1.KeyWrap\"\xa3\x01\n\x0bSealedState\x12\x10\n\x08manifest\x18\x01 \x01(\x0c\x12\x0f\n\x07secrets\x18\x02 \x01(\x0c\x12\x10\n\x08proposal\x18\x03 \x01(\x0c\x12)\n\tapprovals\x18\x04 \x03(\x0b\x32\x16.hsmdomain.v1.Approval\x12\x18\n\x10producer_host_id\x18\x05 \x01(\t\x12\x1a\n\x12producer_signature\x18\x06 \x01(\x0c\"r\n\x0eHostEnrollment\x12\x0c\n\x04host\x18\x01 \x01(\x0c\x12\x17\n\x0ftls_certificate\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12\x15\n\rtls_signature\x18\x05 \x01(\x0c*~\n\x12SignatureAlgorithm\x12#\n\x1fSIGNATURE_ALGORITHM_UNSPECIFIED\x10\x00\x12\x1f\n\x1bSIGNATURE_ALGORITHM_ED25519\x10\x01\x12\"\n\x1eSIGNATURE_ALGORITHM_ECDSA_P256\x10\x02*\xfc\x01\n\nChangeType\x12\x1b\n\x17\x43HANGE_TYPE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x43HANGE_TYPE_ADD_HOST\x10\x01\x12\x1b\n\x17\x43HANGE_TYPE_REMOVE_HOST\x10\x02\x12\x1c\n\x18\x43HANGE_TYPE_ADD_OPERATOR\x10\x03\x12\x1f\n\x1b\x43HANGE_TYPE_REMOVE_OPERATOR\x10\x04\x12\x1a\n\x16\x43HANGE_TYPE_SET_QUORUM\x10\x05\x12\x1c\n\x18\x43HANGE_TYPE_SET_SETTINGS\x10\x06\x12!\n\x1d\x43HANGE_TYPE_ROTATE_DOMAIN_KEY\x10\x07\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'hsmdomain.v1.domain_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SIGNATUREALGORITHM']._serialized_start=2606
-  _globals['_SIGNATUREALGORITHM']._serialized_end=2732
-  _globals['_CHANGETYPE']._serialized_start=2735
-  _globals['_CHANGETYPE']._serialized_end=2987
+  _globals['_SIGNATUREALGORITHM']._serialized_start=2648
+  _globals['_SIGNATUREALGORITHM']._serialized_end=2774
+  _globals['_CHANGETYPE']._serialized_start=2777
+  _globals['_CHANGETYPE']._serialized_end=3029
   _globals['_HOST']._serialized_start=44
   _globals['_HOST']._serialized_end=181
   _globals['_OPERATOR']._serialized_start=183
@@ -45,43 +45,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_QUORUMPOLICY']._serialized_start=388
   _globals['_QUORUMPOLICY']._serialized_end=479
   _globals['_DOMAINSETTINGS']._serialized_start=482
-  _globals['_DOMAINSETTINGS']._serialized_end=610
-  _globals['_KEYGENERATION']._serialized_start=612
-  _globals['_KEYGENERATION']._serialized_end=667
-  _globals['_MANIFEST']._serialized_start=670
-  _globals['_MANIFEST']._serialized_end=1010
-  _globals['_ADDHOST']._serialized_start=1012
-  _globals['_ADDHOST']._serialized_end=1055
-  _globals['_REMOVEHOST']._serialized_start=1057
-  _globals['_REMOVEHOST']._serialized_end=1086
-  _globals['_ADDOPERATOR']._serialized_start=1088
-  _globals['_ADDOPERATOR']._serialized_end=1143
-  _globals['_REMOVEOPERATOR']._serialized_start=1145
-  _globals['_REMOVEOPERATOR']._serialized_end=1182
-  _globals['_SETQUORUM']._serialized_start=1184
-  _globals['_SETQUORUM']._serialized_end=1261
-  _globals['_SETSETTINGS']._serialized_start=1263
-  _globals['_SETSETTINGS']._serialized_end=1324
-  _globals['_ROTATEDOMAINKEY']._serialized_start=1326
-  _globals['_ROTATEDOMAINKEY']._serialized_end=1343
-  _globals['_CHANGE']._serialized_start=1346
-  _globals['_CHANGE']._serialized_end=1722
-  _globals['_PROPOSAL']._serialized_start=1725
-  _globals['_PROPOSAL']._serialized_end=1932
-  _globals['_APPROVAL']._serialized_start=1934
-  _globals['_APPROVAL']._serialized_end=2005
-  _globals['_CANCELVOTE']._serialized_start=2007
-  _globals['_CANCELVOTE']._serialized_end=2080
-  _globals['_DOMAINKEY']._serialized_start=2082
-  _globals['_DOMAINKEY']._serialized_end=2126
-  _globals['_DOMAINSECRETS']._serialized_start=2128
-  _globals['_DOMAINSECRETS']._serialized_end=2182
-  _globals['_KEYWRAP']._serialized_start=2184
-  _globals['_KEYWRAP']._serialized_end=2231
-  _globals['_SEALEDSECRETS']._serialized_start=2233
-  _globals['_SEALEDSECRETS']._serialized_end=2341
-  _globals['_SEALEDSTATE']._serialized_start=2344
-  _globals['_SEALEDSTATE']._serialized_end=2507
-  _globals['_HOSTENROLLMENT']._serialized_start=2509
-  _globals['_HOSTENROLLMENT']._serialized_end=2604
+  _globals['_DOMAINSETTINGS']._serialized_end=641
+  _globals['_KEYGENERATION']._serialized_start=643
+  _globals['_KEYGENERATION']._serialized_end=698
+  _globals['_MANIFEST']._serialized_start=701
+  _globals['_MANIFEST']._serialized_end=1041
+  _globals['_ADDHOST']._serialized_start=1043
+  _globals['_ADDHOST']._serialized_end=1078
+  _globals['_REMOVEHOST']._serialized_start=1080
+  _globals['_REMOVEHOST']._serialized_end=1109
+  _globals['_ADDOPERATOR']._serialized_start=1111
+  _globals['_ADDOPERATOR']._serialized_end=1166
+  _globals['_REMOVEOPERATOR']._serialized_start=1168
+  _globals['_REMOVEOPERATOR']._serialized_end=1205
+  _globals['_SETQUORUM']._serialized_start=1207
+  _globals['_SETQUORUM']._serialized_end=1284
+  _globals['_SETSETTINGS']._serialized_start=1286
+  _globals['_SETSETTINGS']._serialized_end=1347
+  _globals['_ROTATEDOMAINKEY']._serialized_start=1349
+  _globals['_ROTATEDOMAINKEY']._serialized_end=1366
+  _globals['_CHANGE']._serialized_start=1369
+  _globals['_CHANGE']._serialized_end=1745
+  _globals['_PROPOSAL']._serialized_start=1748
+  _globals['_PROPOSAL']._serialized_end=1955
+  _globals['_APPROVAL']._serialized_start=1957
+  _globals['_APPROVAL']._serialized_end=2028
+  _globals['_CANCELVOTE']._serialized_start=2030
+  _globals['_CANCELVOTE']._serialized_end=2103
+  _globals['_DOMAINKEY']._serialized_start=2105
+  _globals['_DOMAINKEY']._serialized_end=2149
+  _globals['_DOMAINSECRETS']._serialized_start=2151
+  _globals['_DOMAINSECRETS']._serialized_end=2205
+  _globals['_KEYWRAP']._serialized_start=2207
+  _globals['_KEYWRAP']._serialized_end=2254
+  _globals['_SEALEDSECRETS']._serialized_start=2256
+  _globals['_SEALEDSECRETS']._serialized_end=2364
+  _globals['_SEALEDSTATE']._serialized_start=2367
+  _globals['_SEALEDSTATE']._serialized_end=2530
+  _globals['_HOSTENROLLMENT']._serialized_start=2532
+  _globals['_HOSTENROLLMENT']._serialized_end=2646
 # @@protoc_insertion_point(module_scope)

@@ -79,14 +79,16 @@ class QuorumPolicy(_message.Message):
     def __init__(self, threshold: _Optional[int] = ..., change_thresholds: _Optional[_Iterable[_Union[ChangeThreshold, _Mapping]]] = ...) -> None: ...
 
 class DomainSettings(_message.Message):
-    __slots__ = ("key_rotation_interval_seconds", "key_generations_retained", "max_proposal_lifetime_seconds")
+    __slots__ = ("key_rotation_interval_seconds", "key_generations_retained", "max_proposal_lifetime_seconds", "domain_ca_certificate")
     KEY_ROTATION_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     KEY_GENERATIONS_RETAINED_FIELD_NUMBER: _ClassVar[int]
     MAX_PROPOSAL_LIFETIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DOMAIN_CA_CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
     key_rotation_interval_seconds: int
     key_generations_retained: int
     max_proposal_lifetime_seconds: int
-    def __init__(self, key_rotation_interval_seconds: _Optional[int] = ..., key_generations_retained: _Optional[int] = ..., max_proposal_lifetime_seconds: _Optional[int] = ...) -> None: ...
+    domain_ca_certificate: bytes
+    def __init__(self, key_rotation_interval_seconds: _Optional[int] = ..., key_generations_retained: _Optional[int] = ..., max_proposal_lifetime_seconds: _Optional[int] = ..., domain_ca_certificate: _Optional[bytes] = ...) -> None: ...
 
 class KeyGeneration(_message.Message):
     __slots__ = ("generation", "created_at")
@@ -121,10 +123,10 @@ class Manifest(_message.Message):
     def __init__(self, domain_id: _Optional[str] = ..., version: _Optional[int] = ..., previous_state_hash: _Optional[bytes] = ..., hosts: _Optional[_Iterable[_Union[Host, _Mapping]]] = ..., operators: _Optional[_Iterable[_Union[Operator, _Mapping]]] = ..., quorum: _Optional[_Union[QuorumPolicy, _Mapping]] = ..., settings: _Optional[_Union[DomainSettings, _Mapping]] = ..., key_generations: _Optional[_Iterable[_Union[KeyGeneration, _Mapping]]] = ..., created_at: _Optional[int] = ..., proposal_id: _Optional[bytes] = ...) -> None: ...
 
 class AddHost(_message.Message):
-    __slots__ = ("host",)
-    HOST_FIELD_NUMBER: _ClassVar[int]
-    host: Host
-    def __init__(self, host: _Optional[_Union[Host, _Mapping]] = ...) -> None: ...
+    __slots__ = ("enrollment",)
+    ENROLLMENT_FIELD_NUMBER: _ClassVar[int]
+    enrollment: bytes
+    def __init__(self, enrollment: _Optional[bytes] = ...) -> None: ...
 
 class RemoveHost(_message.Message):
     __slots__ = ("host_id",)
@@ -273,13 +275,15 @@ class SealedState(_message.Message):
     def __init__(self, manifest: _Optional[bytes] = ..., secrets: _Optional[bytes] = ..., proposal: _Optional[bytes] = ..., approvals: _Optional[_Iterable[_Union[Approval, _Mapping]]] = ..., producer_host_id: _Optional[str] = ..., producer_signature: _Optional[bytes] = ...) -> None: ...
 
 class HostEnrollment(_message.Message):
-    __slots__ = ("host", "tls_certificate_pem", "signature", "address")
+    __slots__ = ("host", "tls_certificate", "signature", "address", "tls_signature")
     HOST_FIELD_NUMBER: _ClassVar[int]
-    TLS_CERTIFICATE_PEM_FIELD_NUMBER: _ClassVar[int]
+    TLS_CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    TLS_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     host: bytes
-    tls_certificate_pem: bytes
+    tls_certificate: bytes
     signature: bytes
     address: str
-    def __init__(self, host: _Optional[bytes] = ..., tls_certificate_pem: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., address: _Optional[str] = ...) -> None: ...
+    tls_signature: bytes
+    def __init__(self, host: _Optional[bytes] = ..., tls_certificate: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., address: _Optional[str] = ..., tls_signature: _Optional[bytes] = ...) -> None: ...
