@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from domain_core import crypto, quorum
+from domain_core.model import Proposal
 from domain_core.signers import PublicKey, SignatureAlgorithm
 
 pytestmark = pytest.mark.unit
@@ -54,3 +55,13 @@ def test_committed_aes_gcm_vector_opens() -> None:
         bytes.fromhex(v["nonce"]),
     )
     assert plaintext == bytes.fromhex(v["plaintext"])
+
+
+def test_committed_proposal_bytes_still_parse_under_the_proposal_rules() -> None:
+    # Issue 21, item 6: canonical bytes, no unknown field, at most 64 KiB, printable reason;
+    # the golden proposal was serialized deterministically, so the rule changes no vector.
+    committed = json.loads((VECTORS / "canonical.json").read_text())
+    raw = bytes.fromhex(committed["proposal_bytes"])
+    proposal = Proposal.from_bytes(raw)
+    assert proposal.id.hex() == committed["proposal_id"]
+    assert proposal.raw == raw
