@@ -38,6 +38,7 @@ __all__ = [
     "SimOperator",
     "SimulatedDomain",
     "flip_bit",
+    "forge_unchained_state",
     "new_host",
     "new_operator",
 ]
@@ -92,6 +93,35 @@ def new_operator(
     """A fresh operator with a new key of `algorithm` (or the given signer)."""
     signer = signer or InMemorySigner.generate(algorithm)
     return SimOperator(name, signer, model.make_operator(name, signer.public_key))
+
+
+def forge_unchained_state(
+    copied: SealedState,
+    version: int,
+    attacker: SimHost,
+    *,
+    quorum_threshold: int = 1,
+    previous_state_hash: bytes | None = None,
+) -> SealedState:
+    """A state "version `version`" of `copied`'s domain that no history leads to: the same
+    operators, the attacker's host added, the threshold set to `quorum_threshold`, a random
+    previous hash (unless given), sealed under fresh domain keys and signed by the attacker's
+    host, which the state itself lists (so it is "signed by one of its own hosts", and
+    nothing more)."""
+    manifest = domain_pb2.Manifest()
+    manifest.CopyFrom(copied.manifest.message)
+    manifest.version = version
+    manifest.previous_state_hash = previous_state_hash or crypto.random_bytes(32)
+    manifest.hosts.append(attacker.record)
+    manifest.quorum.threshold = quorum_threshold
+    keys = {g.generation: crypto.new_aes_key() for g in manifest.key_generations}
+    return sealing.seal_state(
+        manifest,
+        keys,
+        producer_host_id=attacker.host_id,
+        producer=attacker.signer,
+        proposal=None,
+    )
 
 
 def flip_bit(data: bytes, bit: int) -> bytes:
