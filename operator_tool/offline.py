@@ -325,7 +325,7 @@ def _chain_to(conn: Connection, base: SealedState) -> tuple[list[SealedState], b
     states = {v: s for v, s in domain.states.items() if v <= base.version}
     after = 0
     while len(states) < base.version:
-        page = [s for s in conn.client.states_after(after) if s.version <= base.version]
+        page = [s for s in conn.client.states_after(after) if after < s.version <= base.version]
         if not page:
             break
         for state in page:

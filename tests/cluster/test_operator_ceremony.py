@@ -288,6 +288,16 @@ def test_offline_signing(ops: Operators) -> None:
     second = ops.propose("alice", "set-quorum", "3")["proposal_id"]
     ops.ok("proposals", "export", second, "--out", "second.json")
     assert len(json.loads((ops.workdir / "second.json").read_text())["chain"]) == 2
+    # Exported by a machine whose anchor is its version-2 state (not the genesis): the
+    # states before it are fetched and checked to lead to it; the same file comes out.
+    ops.ok(
+        "proposals", "export", second, "--out", "second-from-v2.json",
+        "--coordinator", ops.cluster.coordinator_operator_address,
+        "--ca", str(ops.cluster.layout.ca_cert), "--state", "v2.state", cluster=False,
+    )  # fmt: skip
+    from_v2 = json.loads((ops.workdir / "second-from-v2.json").read_text())
+    assert from_v2["chain"] == json.loads((ops.workdir / "second.json").read_text())["chain"]
+    assert from_v2["genesis_hash"] == genesis
     # bob's own earlier state (version 1) is in that chain; so is version 2.
     for state in ("v1.state", "v2.state"):
         out = ops.ok(
