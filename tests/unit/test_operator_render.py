@@ -46,6 +46,7 @@ from operator_tool._render import (
 )
 from operator_tool._review import review, review_json, review_lines, summary_json
 from operator_tool._signing import parse_duration
+from operator_tool.cli import main
 from operator_tool.offline import (
     approval_document,
     export_document,
@@ -865,3 +866,16 @@ def test_the_operators_own_state_must_be_in_the_verified_chain(
     v3 = sim.transition([sim.rotate_domain_key_change()])
     with pytest.raises(StaleProposalError, match="past this proposal's base version 2"):
         verify_bundle(path, sim.genesis_hash, own_state=(v3, "v3.state"))
+
+
+@pytest.mark.parametrize("command", ["approve", "cancel"])
+def test_signing_without_asking_needs_the_full_id(
+    command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Item 4: refused before anything is read or fetched (the domain directory is absent).
+    missing = str(tmp_path / "no-such-domain")
+    assert main([command, "9f704d9e", "--yes", "--cluster", missing]) == 2
+    assert f"{command} --yes needs the full proposal id" in capsys.readouterr().err
+    full = "9f704d9e" * 8
+    assert main([command, full, "--yes", "--cluster", missing]) == 1  # then: no domain there
+    assert "needs the full proposal id" not in capsys.readouterr().err
