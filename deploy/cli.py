@@ -3,7 +3,9 @@
 Exit status: 0 on success, 1 when the command was refused or failed (a one-line cause on
 stderr; `-v` adds the traceback), 2 on a usage error. Only `domain_core.errors.HsmDomainError`
 and `OSError` are caught, once, in `main`; anything else is a bug and shows its traceback.
-Nothing printed here holds a key or a passphrase.
+Nothing printed here holds a key or a passphrase. What processes and the coordinator say
+(status details, host ids, warnings, log lines) is printed through `display.escape`, so it
+cannot forge lines or drive the terminal; `--json` escapes as JSON does.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from deploy.init import (
 from deploy.status import DomainReport, collect_status, coordinator_members
 from domain_core.cli_support import exit_code, print_error, quiet_broken_pipe
 from domain_core.config import MAX_KEY_SERVICE_WORKERS, NodeConfig
+from domain_core.display import escape
 from domain_core.errors import HsmDomainError
 
 DEFAULT_DIR: Final = Path("hsm-cluster")
@@ -494,13 +497,13 @@ def _cmd_down(args: argparse.Namespace) -> int:
 # --- status -----------------------------------------------------------------------------------
 
 
-def _print_status(report: DomainReport) -> None:
-    print(
+def _status_lines(report: DomainReport) -> list[str]:
+    """The text of `hsm-domain status`, one line per item; `_print_status` escapes each."""
+    lines = [
         f"domain {report.domain_id}  genesis {_short(report.genesis_hash)}  "
-        f"quorum {report.quorum} of {report.operators}"
-    )
-    header = f"{'NAME':<12} {'ADDRESS':<22} {'HEALTHY':<8} {'VERSION':<8} {'STATE':<13} MEMBER"
-    print(header)
+        f"quorum {report.quorum} of {report.operators}",
+        f"{'NAME':<12} {'ADDRESS':<22} {'HEALTHY':<8} {'VERSION':<8} {'STATE':<13} MEMBER",
+    ]
     for p in report.processes:
         version = "-" if p.version is None else str(p.version)
         healthy = "yes" if p.healthy else ("no" if p.running else "down")
@@ -514,26 +517,33 @@ def _print_status(report: DomainReport) -> None:
             line += "  (not in the domain's state)"
         if p.workers:
             line += f"  [key service workers: {', '.join(p.workers)}]"
-        print(line)
+        lines.append(line)
     view = report.coordinator
     if view.reachable:
-        print(
+        lines.append(
             f"coordinator: version {view.version}, state {_short(view.state_hash)}, "
             f"{view.pending_proposals} pending proposal(s), "
             f"{len(view.registered_hsas)} HSA(s) registered"
         )
         if view.store_behind:
-            print(f"  WARNING: {view.store_behind}")
-        for proposal_id in view.pending_proposal_ids:
-            print(f"  pending {proposal_id}")
+            lines.append(f"  WARNING: {view.store_behind}")
+        lines += [f"  pending {proposal_id}" for proposal_id in view.pending_proposal_ids]
         for host, said in sorted(view.reported.items()):
-            print(
+            lines.append(
                 f"  {host} reports version {said['version'] or '-'}, "
                 f"state {_short(said['state_hash'])}"
             )
     else:
-        print(f"coordinator: unreachable ({view.detail})")
-    print("all healthy" if report.all_healthy else "NOT all healthy")
+        lines.append(f"coordinator: unreachable ({view.detail})")
+    lines.append("all healthy" if report.all_healthy else "NOT all healthy")
+    return lines
+
+
+def _print_status(report: DomainReport) -> None:
+    """Print the status; every line escaped (`display.escape`): details, host ids and
+    warnings are what processes and the coordinator say, and must not drive the terminal."""
+    for line in _status_lines(report):
+        print(escape(line))
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -755,7 +765,7 @@ def _print_error(error: BaseException, verbose: bool) -> None:
     if isinstance(error, ProcessStartError) and error.log_tail:
         print(f"last lines of {error.log_file}:", file=sys.stderr)
         for line in error.log_tail:
-            print(f"  | {line}", file=sys.stderr)
+            print(f"  | {escape(line)}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

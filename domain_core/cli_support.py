@@ -4,8 +4,10 @@ Every CLI exits 0 on success, 1 when a command was refused or failed, with one l
 `PROG: error: CAUSE` on stderr, and 2 on a usage error. These helpers are the one definition of
 that line and of the exit codes, so the three tools cannot drift apart.
 
-Invariants: the cause is one line (whitespace runs, newlines included, become one space); it
-is the error's own message (an `HsmDomainError`'s `message`, which never holds secrets; an
+Invariants: the cause is one line (whitespace runs, newlines included, become one space) with
+every other character a terminal would act on escaped (`domain_core.display.escape`: a server's
+message is relayed text, and must not forge lines or repaint the screen); it is the error's own
+message (an `HsmDomainError`'s `message`, which never holds secrets; an
 `OSError`'s text and file name), never a traceback unless the caller asked for one.
 """
 
@@ -17,6 +19,7 @@ import sys
 import traceback
 from typing import TextIO
 
+from domain_core.display import escape
 from domain_core.errors import HsmDomainError
 
 __all__ = ["exit_code", "one_line", "print_error", "quiet_broken_pipe"]
@@ -35,7 +38,7 @@ def one_line(error: BaseException, *, with_status: bool = False) -> str:
             text = f"{text}: {error.filename}"
     else:
         text = str(error) or type(error).__name__
-    return " ".join(text.split())
+    return escape(" ".join(text.split()))
 
 
 def print_error(

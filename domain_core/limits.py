@@ -22,6 +22,9 @@ class Limits:
     """Upper bounds on what the domain accepts from anyone."""
 
     max_message_bytes: int = 4 * 1024 * 1024
+    # A proposal's serialized bytes: what every approver reviews and signs. Small and fixed,
+    # so that a pending proposal costs little to store, relay and review.
+    max_proposal_bytes: int = 64 * 1024
     max_hosts: int = 64
     max_operators: int = 64
     max_changes_per_proposal: int = 64

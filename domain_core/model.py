@@ -3,6 +3,15 @@
 Invariants:
 - a `Proposal`, `Manifest` or `SealedState` object exists only for bytes that parsed and
   passed structural validation (sizes, formats, ids that match keys);
+- a `Proposal` exists only for canonical bytes (`parse_canonical`): at most
+  `Limits.max_proposal_bytes`, no unknown field at any depth, and exactly what the proposer's
+  deterministic serialization of the parsed message gives, so approvers sign no byte they
+  cannot see and there is one encoding per proposal. The operator tool, the coordinator and
+  every HSA parse proposals only through `Proposal.from_bytes`;
+- free text in a signed message (a proposal's reason, an operator's name) is printable
+  (`domain_core.display.printable`): no control, line-break or format character reaches an
+  operator's terminal from a message that parsed; ids (domain, host, operator, a state's
+  producer) match their patterns in full (not even a trailing newline passes);
 - signed things keep the exact bytes they were received as (`raw`); digests and ids are
   computed from those bytes, never from a re-serialization;
 - semantic checks that need the current domain state (quorum, transition rules) live in
@@ -20,7 +29,7 @@ from typing import TypeVar
 
 from google.protobuf.message import DecodeError
 
-from domain_core import canonical
+from domain_core import canonical, display
 from domain_core.canonical import PayloadType
 from domain_core.errors import LimitExceededError, MalformedMessageError
 from domain_core.limits import DEFAULT_LIMITS, Limits
@@ -33,9 +42,10 @@ _M = TypeVar(
 )
 _E = TypeVar("_E", domain_pb2.HostEnrollment, domain_pb2.Host)
 
-HOST_ID_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-DOMAIN_ID_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$")
-OPERATOR_ID_PATTERN = re.compile(r"^[0-9a-f]{64}$")
+# `\Z`, not `$`: `$` also matches before a trailing newline, which would let "hsa-1\n" pass.
+HOST_ID_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
+DOMAIN_ID_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?\Z")
+OPERATOR_ID_PATTERN = re.compile(r"^[0-9a-f]{64}\Z")
 NONCE_BYTES = 16
 
 DEFAULT_ROTATION_INTERVAL_SECONDS = 24 * 3600
@@ -104,6 +114,36 @@ def _parse(message_type: type[_M], raw: bytes, what: str, limits: Limits) -> _M:
         raise MalformedMessageError(
             f"{what} does not parse as hsmdomain.v1.{message_type.__name__}"
         ) from None
+    return message
+
+
+def parse_canonical(message_type: type[_M], raw: bytes, what: str, max_bytes: int) -> _M:
+    """Parse `raw` only if it is the one canonical encoding of its message.
+
+    Refused (MalformedMessageError, LimitExceededError) unless: at most `max_bytes`; it parses;
+    it holds no field this program does not know, at any depth (they would be signed without
+    being shown); and the deterministic serialization of what parsed is byte for byte `raw`
+    (fields in field-number order, no default value written out, minimal varints, no repeated
+    or split field). Proposers serialize with `SerializeToString(deterministic=True)`.
+    """
+    if not isinstance(raw, bytes):
+        raise TypeError(f"{what} must be bytes")
+    if len(raw) > max_bytes:
+        raise LimitExceededError(f"{what} is {len(raw)} bytes, above the limit of {max_bytes}")
+    message = _parse(message_type, raw, what, DEFAULT_LIMITS)
+    kept = message.SerializeToString(deterministic=True)
+    message.DiscardUnknownFields()  # recursive: every nested message too
+    known = message.SerializeToString(deterministic=True)
+    if known != kept:
+        raise MalformedMessageError(
+            f"{what} carries fields unknown to hsmdomain.v1.{message_type.__name__}: it is "
+            "refused, as nobody could review them; build it with this version of the tools"
+        )
+    if known != raw:
+        raise MalformedMessageError(
+            f"{what} is not in canonical form (fields out of order, a default value written "
+            "out, or another encoding of the same message): serialize it deterministically"
+        )
     return message
 
 
@@ -219,7 +259,7 @@ def operator_public_key(operator: domain_pb2.Operator) -> PublicKey:
 def validate_operator(operator: domain_pb2.Operator, limits: Limits = DEFAULT_LIMITS) -> None:
     """Structural checks of an operator record: id = SHA-256 of the key, name, algorithm."""
     _require(
-        0 < len(operator.name) <= limits.max_name_chars and operator.name.isprintable(),
+        0 < len(operator.name) <= limits.max_name_chars and display.printable(operator.name),
         f"operator name must be 1-{limits.max_name_chars} printable characters",
     )
     key = operator_public_key(operator)
@@ -310,7 +350,7 @@ class Proposal:
     @classmethod
     def from_bytes(cls, raw: bytes, limits: Limits = DEFAULT_LIMITS) -> Proposal:
         """Parse and structurally validate a serialized proposal."""
-        message = _parse(domain_pb2.Proposal, raw, "proposal", limits)
+        message = parse_canonical(domain_pb2.Proposal, raw, "proposal", limits.max_proposal_bytes)
         validate_domain_id(message.domain_id)
         _require(
             len(message.base_state_hash) == canonical.DIGEST_BYTES,
@@ -328,6 +368,11 @@ class Proposal:
         _require(
             len(message.reason) <= limits.max_reason_chars,
             f"proposal reason is longer than {limits.max_reason_chars} characters",
+        )
+        _require(
+            display.printable(message.reason),
+            "proposal reason must be printable text on one line: no control characters, line "
+            "breaks, escape sequences or format characters such as bidi overrides",
         )
         _require(len(message.nonce) == NONCE_BYTES, f"proposal nonce must be {NONCE_BYTES} bytes")
         for change in message.changes:
@@ -524,7 +569,10 @@ class SealedState:
             raise LimitExceededError(
                 f"more than {limits.max_approvals_per_proposal} approvals in one state"
             )
-        _require(bool(message.producer_host_id), "sealed state names no producing host")
+        _require(
+            bool(HOST_ID_PATTERN.match(message.producer_host_id)),
+            "sealed state names no valid producing host id",
+        )
         _require(bool(message.producer_signature), "sealed state is not signed")
         return cls(message=message, manifest=manifest, secrets=secrets, proposal=proposal)
 

@@ -16,6 +16,10 @@ Invariants:
   the policy the proposal produces alike. So no sequence of proposals reaches a change with
   fewer approvals than that change needs today: lowering a threshold, or adding an operator
   whose approval would make up a quorum, needs the highest threshold itself;
+- a proposal counts only with a valid approval by the proposer it names, whatever the
+  threshold (`QuorumResult.met` requires it; `verify_quorum` raises without it): nobody can
+  put an operator's name on a change they did not sign, and a threshold of 1 means the
+  proposer's own signature, not anyone's;
 - a vote to cancel counts by the same rule as an approval (distinct current operators,
   signature over this proposal's cancel message, the same threshold); the proposer alone may
   cancel at once, which is decided by the coordinator, not here;
@@ -228,16 +232,26 @@ class QuorumResult:
     missing: tuple[str, ...]
     rejected: tuple[tuple[str, str], ...]
     reason: str = ""  # why this threshold applies (RequiredThreshold.reason)
+    # The operator whose own valid approval is required (a proposal's proposer); "" for
+    # cancel votes and plain counts.
+    proposer_id: str = ""
+
+    @property
+    def proposer_approved(self) -> bool:
+        """True when the proposer's own approval is among those that verified (or none is
+        required)."""
+        return not self.proposer_id or self.proposer_id in self.approved_by
 
     @property
     def met(self) -> bool:
-        """True when enough distinct current operators approved."""
-        return len(self.approved_by) >= self.threshold
+        """True when enough distinct current operators approved, the proposer among them."""
+        return len(self.approved_by) >= self.threshold and self.proposer_approved
 
     @property
     def needed(self) -> int:
-        """How many more approvals the proposal needs (0 when met)."""
-        return max(0, self.threshold - len(self.approved_by))
+        """How many more approvals the proposal needs (0 when met); the proposer's own
+        approval is always one of them while it is missing."""
+        return max(self.threshold - len(self.approved_by), 0 if self.proposer_approved else 1)
 
     def describe(self, noun: str = "approvals") -> str:
         """'2 of 3 approvals' style summary ('1 of 3 votes to cancel' with that noun)."""
@@ -257,6 +271,7 @@ def _count(
     reason: str,
     verify: Callable[[_Signed, bytes, PublicKey], None],
     noun: str,
+    proposer_id: str = "",
 ) -> QuorumResult:
     """Count valid signatures, one per current operator, by looping over the operators."""
     by_operator: dict[str, list[_Signed]] = {}
@@ -294,6 +309,7 @@ def _count(
         missing=tuple(missing),
         rejected=tuple(rejected),
         reason=reason or f"{threshold}: the threshold given",
+        proposer_id=proposer_id,
     )
 
 
@@ -304,8 +320,13 @@ def count_approvals(
     approvals: Sequence[domain_pb2.Approval],
     threshold: int,
     reason: str = "",
+    *,
+    proposer_id: str = "",
 ) -> QuorumResult:
-    """Count valid approvals, one per current operator, by looping over the operators."""
+    """Count valid approvals, one per current operator, by looping over the operators.
+
+    With `proposer_id`, the result is met only if that operator's approval is among them.
+    """
     return _count(
         operators,
         operator_keys,
@@ -315,6 +336,7 @@ def count_approvals(
         reason,
         verify_approval_signature,
         "approval",
+        proposer_id,
     )
 
 
@@ -376,7 +398,8 @@ def check_applicable(
 def evaluate(
     manifest: Manifest, proposal: Proposal, approvals: Sequence[domain_pb2.Approval]
 ) -> QuorumResult:
-    """Count approvals of `proposal` under the manifest's operators and quorum policy."""
+    """Count approvals of `proposal` under the manifest's operators and quorum policy; met
+    only with its proposer's own valid approval among them."""
     need = required(manifest, proposal)
     return count_approvals(
         manifest.message.operators,
@@ -385,6 +408,7 @@ def evaluate(
         approvals,
         need.threshold,
         need.reason,
+        proposer_id=proposal.proposer_id,
     )
 
 
@@ -418,8 +442,14 @@ def verify_quorum(
     if not result.met:
         kinds = ", ".join(sorted(change_type_name(t) for t in proposal.change_types))
         remaining = proposal.expires_at - now
+        unsigned = (
+            ""
+            if result.proposer_approved
+            else f"; it is not signed by the proposer it names ({proposal.proposer_id[:16]}...), "
+            "and a proposal counts only with its proposer's own valid approval"
+        )
         raise QuorumNotMetError(
-            f"{result.describe()} for {kinds} (needs {result.reason}); {result.needed} more "
-            f"needed; proposal expires in {max(remaining, 0) // 60} min"
+            f"{result.describe()} for {kinds} (needs {result.reason}){unsigned}; "
+            f"{result.needed} more needed; proposal expires in {max(remaining, 0) // 60} min"
         )
     return result

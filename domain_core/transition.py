@@ -9,7 +9,8 @@ Invariants every resulting manifest keeps (each violation is its own error type)
   that drops a generation a stored record still uses: `hsa_node.rewrap`);
 - a proposal applies only with a quorum of the *current* operators (genesis: all of them),
   counted against `quorum.required_threshold` (so a change to who may approve, or how many
-  must, needs the highest threshold of the old and the new policy);
+  must, needs the highest threshold of the old and the new policy), and only with its named
+  proposer's own valid approval among them;
 - version + 1, previous hash = hash of the current state, created_at never goes back;
 - every manifest pins a domain CA certificate for its domain (`DomainSettings.
   domain_ca_certificate`), set by the genesis proposal and never changed after;
@@ -307,6 +308,7 @@ def genesis_manifest(
         approvals,
         everyone,
         f"{everyone}: genesis needs every operator it names",
+        proposer_id=proposal.proposer_id,
     )
     if not result.met:
         raise QuorumNotMetError(

@@ -6,7 +6,10 @@ description the coordinator sent.
 
 Invariants: a host or operator whose record changes under the same id shows as removed and
 added (a changed key is never hidden behind an unchanged id); every line of the text form is
-derived from the manifests alone; the JSON form holds the same facts as the text form.
+derived from the manifests alone; the JSON form holds the same facts as the text form; every
+line a text renderer here returns (`table`, `change_lines`, `diff_lines`) went through
+`domain_core.display.escape`, so no text from a message or a server can forge a line or drive
+the terminal.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
 
+from domain_core.display import escape
 from domain_core.model import CHANGE_TYPE_NAMES, change_type_name, change_type_of
 from domain_core.pb import domain_pb2
 from operator_tool._enrollment import added_host_id, host_key_json, host_key_lines
@@ -90,9 +94,11 @@ def relative(timestamp: int, now: int) -> str:
 
 
 def table(rows: Sequence[Sequence[str]], indent: str = "") -> list[str]:
-    """Rows of cells as aligned lines (columns separated by two spaces, no trailing blanks)."""
+    """Rows of cells as aligned lines (columns separated by two spaces, no trailing blanks);
+    each cell escaped (`display.escape`) before it is measured."""
     if not rows:
         return []
+    rows = [[escape(cell) for cell in row] for row in rows]
     widths = [0] * max(len(r) for r in rows)
     for row in rows:
         for index, cell in enumerate(row):
@@ -348,7 +354,7 @@ def diff_lines(diff: ManifestDiff) -> list[str]:
         )
     else:
         lines.append(f"domain key: generation {diff.generation_before}, unchanged")
-    return lines
+    return [escape(line) for line in lines]
 
 
 def diff_json(diff: ManifestDiff) -> dict[str, Any]:
@@ -439,7 +445,7 @@ def change_lines(changes: Iterable[domain_pb2.Change], names: Mapping[str, str])
         if detail:
             lines.append(f"  {detail}")
         lines += [f"  {line}" for line in host_key_lines(change)]
-    return lines
+    return [escape(line) for line in lines]
 
 
 def change_json(

@@ -16,6 +16,13 @@ works out by itself:
 - each add-host enrollment, verified against the base state's domain CA at the operator's
   clock (`_enrollment.enrollment_problems`): a proposal with one that fails is shown as such
   and never signed (`Review.require_enrollments_verify`).
+- whether the proposal is signed by the proposer it names: its own approval must be among
+  those that verified (`QuorumResult.proposer_approved`, the rule every HSA applies); the
+  review says so on the proposer line, and `require_proposer_signed` refuses to sign one
+  that is not.
+Rendering: every line `review_lines` returns went through `display.escape`, so text from the
+proposal or the coordinator (a detail, an operator id in a relayed approval) cannot forge
+lines or drive the terminal.
 Pure: no I/O, time passed in.
 """
 
@@ -26,8 +33,10 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from domain_core import quorum, transition
+from domain_core.display import escape
 from domain_core.errors import (
     AlreadyExistsError,
+    BadSignatureError,
     FailedPreconditionError,
     HsmDomainError,
     ProposalExpiredError,
@@ -126,6 +135,24 @@ class Review:
 
     def name(self, operator_id: str) -> str:
         return self.names.get(operator_id) or fingerprint(operator_id, 16)
+
+    @property
+    def proposer_signed(self) -> bool:
+        """True if the proposer's own approval is among those that verified here (a proposal
+        without it can never apply: every HSA requires it)."""
+        return self.result is not None and self.result.proposer_approved
+
+    def require_proposer_signed(self) -> None:
+        """Raise unless the proposal carries a valid approval by the proposer it names."""
+        if self.proposer_signed:
+            return
+        proposer = self.proposal.proposer_id
+        raise BadSignatureError(
+            f"this proposal names {self.name(proposer)} ({fingerprint(proposer, 16)}) as its "
+            "proposer, but carries no valid approval by that operator under verified version "
+            f"{self.voters.version}: it was not proposed by them and can never apply; do not "
+            "sign it"
+        )
 
     def require_pending(self) -> None:
         """Raise the one-line reason why this proposal cannot be signed any more."""
@@ -293,18 +320,37 @@ def review(
 
 def _status_line(r: Review) -> str:
     if r.pending:
+        if not r.proposer_signed:
+            return (
+                f"pending: {len(r.approved_by)} of {r.threshold} approvals, but NOT SIGNED BY "
+                "ITS PROPOSER: it cannot apply"
+            )
         more = f"{r.needed} more needed" if r.needed else "quorum reached, applying"
         return f"pending: {len(r.approved_by)} of {r.threshold} approvals, {more}"
     return f"{r.state}: {r.detail}"
 
 
+def _proposer_line(r: Review) -> str:
+    p = r.proposal
+    who = f"{r.name(p.proposer_id)} ({fingerprint(p.proposer_id, 16)})"
+    if r.proposer_signed:
+        return (
+            f"{who}, signed: their approval verifies under their key in version {r.voters.version}"
+        )
+    return (
+        f"{who}, NOT SIGNED: no approval by this operator verifies under version "
+        f"{r.voters.version}; the proposal can never apply: do not approve it"
+    )
+
+
 def review_lines(r: Review, *, diff: bool = True) -> list[str]:
-    """The text of `proposals show` (and what `approve` shows before asking)."""
+    """The text of `proposals show` (and what `approve` shows before asking), one escaped
+    line per item."""
     p = r.proposal
     rows = [
         ("proposal", p.id.hex()),
         ("state", _status_line(r)),
-        ("proposer", f"{r.name(p.proposer_id)} ({fingerprint(p.proposer_id, 16)})"),
+        ("proposer", _proposer_line(r)),
         ("reason", p.message.reason or "(none given)"),
         ("created", iso(p.created_at)),
         ("expires", f"{iso(p.expires_at)} ({relative(p.expires_at, r.now)})"),
@@ -328,7 +374,8 @@ def review_lines(r: Review, *, diff: bool = True) -> list[str]:
     lines += [
         "",
         f"approvals: {len(r.approved_by)} of {r.threshold}"
-        + (f", {r.needed} more needed" if r.needed else ""),
+        + (f", {r.needed} more needed" if r.needed else "")
+        + f" (each signature verified here under the keys of version {r.voters.version})",
     ]
     lines.append(f"  threshold        {r.threshold_reason}")
     approved = ", ".join(r.name(i) for i in r.approved_by) or "nobody yet"
@@ -343,7 +390,7 @@ def review_lines(r: Review, *, diff: bool = True) -> list[str]:
     if r.result is not None and r.result.rejected:
         ignored = ", ".join(f"{r.name(i)} ({why})" for i, why in r.result.rejected)
         lines.append(f"  not counted      {ignored}")
-    return lines
+    return [escape(line) for line in lines]
 
 
 def enrollment_lines(r: Review) -> list[str]:
@@ -378,6 +425,7 @@ def summary_json(r: Review) -> dict[str, Any]:
         "base_state_hash": p.base_state_hash.hex(),
         "proposer_id": p.proposer_id,
         "proposer": r.names.get(p.proposer_id),
+        "proposer_signed": r.proposer_signed,
         "reason": p.message.reason,
         "created_at": iso(p.created_at),
         "expires_at": iso(p.expires_at),

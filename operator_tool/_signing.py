@@ -12,7 +12,7 @@ import argparse
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Final, TextIO
+from typing import Final
 
 from domain_core.errors import InvalidInputError, TokenNotFoundError, WrongPassphraseError
 from domain_core.signers import Signer
@@ -24,7 +24,6 @@ __all__ = [
     "NotConfirmedError",
     "add_yes_option",
     "confirm",
-    "human_stream",
     "operator_token",
     "parse_duration",
 ]
@@ -43,11 +42,6 @@ def add_yes_option(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument(
         "-y", "--yes", action="store_true", help=f"{what} without asking for confirmation"
     )
-
-
-def human_stream(ctx: CommandContext) -> TextIO:
-    """Where text for a person goes: stdout, or stderr when stdout carries --json."""
-    return ctx.stderr if ctx.json else ctx.stdout
 
 
 def confirm(ctx: CommandContext, question: str) -> None:

@@ -17,6 +17,10 @@ Invariants:
   `TrustedChain` (producer signatures, quorum of the previous operators, the exact manifest
   each proposal produces) before any state is used, and never goes back;
 - a proposal is used only with bytes that hash to its id (`ProposalView.from_status`);
+- an id prefix is resolved through the coordinator's list, which an untrusted coordinator
+  can fill with a proposal ground to share the prefix; so `Connection.proposal(...,
+  to_sign=True)` (approve, cancel) takes a prefix only when a person confirms on a terminal
+  after seeing the review and the full id, and `--yes` needs the full 64-digit id;
 - operators connect with server-auth TLS only (no client certificate), to `operator_listen`.
 """
 
@@ -57,8 +61,12 @@ __all__ = [
     "add_domain_options",
     "add_state_option",
     "connect",
+    "is_full_id",
     "locate",
+    "parse_genesis_hash",
+    "proposal_key",
     "read_state_file",
+    "require_full_id_unless_confirmed",
 ]
 
 CLUSTER_ENV: Final = "HSM_CLUSTER"
@@ -170,7 +178,8 @@ def read_state_file(path: str | Path) -> SealedState:
         raise type(error)(f"{path} is not a domain state file: {error.message}") from None
 
 
-def _genesis_hash(text: str) -> bytes:
+def parse_genesis_hash(text: str) -> bytes:
+    """A genesis hash given as 64 hex characters (InvalidInputError otherwise)."""
     try:
         value = bytes.fromhex(text.strip())
     except ValueError:
@@ -189,7 +198,7 @@ def _cluster_files(directory: Path) -> tuple[str, bytes, Path, Path, Path]:
         raise InvalidInputError(f"{directory / 'domain.json'} has no domain_id and genesis_hash")
     return (
         domain_id,
-        _genesis_hash(genesis_hex),
+        parse_genesis_hash(genesis_hex),
         directory / "genesis.state",
         directory / "ca" / "ca.crt",
         directory / "run" / "coordinator.json",
@@ -222,7 +231,7 @@ def locate(ctx: CommandContext) -> DomainLocation:
     domain_id: str | None = None
     genesis_hash: bytes | None = None
     if genesis_hex:
-        genesis_hash = _genesis_hash(genesis_hex)
+        genesis_hash = parse_genesis_hash(genesis_hex)
     if cluster:
         directory = Path(cluster).expanduser().absolute()
         cluster_domain, cluster_hash, cluster_genesis, cluster_ca, ready = _cluster_files(directory)
@@ -361,13 +370,13 @@ class Connection:
         )
 
     def proposal(self, text: str) -> ProposalView:
-        """A proposal by id or unique id prefix (at least 6 hex digits), bytes checked."""
-        key = text.strip().lower()
-        if not _HEX_ID.match(key):
-            raise InvalidInputError(
-                f"{text[:80]!r} is not a proposal id (hex, as `proposals list` shows it)"
-            )
-        if len(key) == 2 * canonical.DIGEST_BYTES:
+        """A proposal by id or unique id prefix (at least 6 hex digits), bytes checked.
+
+        A prefix is resolved through the coordinator's list: for signing, check first with
+        `require_full_id_unless_confirmed` (see the module invariants).
+        """
+        key = proposal_key(text)
+        if is_full_id(key):
             return self.client.get_proposal(bytes.fromhex(key))
         if len(key) < _MIN_PREFIX:
             raise InvalidInputError(f"give at least {_MIN_PREFIX} hex digits of the proposal id")
@@ -383,6 +392,39 @@ class Connection:
                 f"{len(matches)} proposals start with {key}; give more digits of the id"
             )
         return matches[0]
+
+
+def proposal_key(text: str) -> str:
+    """The lowercase hex of a proposal id or prefix as typed; InvalidInputError otherwise."""
+    key = text.strip().lower()
+    if not _HEX_ID.match(key):
+        raise InvalidInputError(
+            f"{text[:80]!r} is not a proposal id (hex, as `proposals list` shows it)"
+        )
+    return key
+
+
+def is_full_id(text: str) -> bool:
+    """True if `text` is a whole proposal id (64 hex digits), not a prefix."""
+    return len(text.strip()) == 2 * canonical.DIGEST_BYTES
+
+
+def require_full_id_unless_confirmed(ctx: CommandContext, text: str, what: str) -> None:
+    """Refuse (UsageError) a short prefix where nobody confirms what it resolved to.
+
+    With `--yes` nothing is shown before the signature, and a prefix is resolved through the
+    coordinator's list (which a lying coordinator fills with a proposal ground to share
+    it), so signing without asking needs the full id. Checked before anything is fetched.
+    """
+    key = proposal_key(text)
+    if is_full_id(key):
+        return
+    if getattr(ctx.args, "yes", False):
+        raise UsageError(
+            f"{what} --yes needs the full proposal id (64 hex digits, as the proposer gave it "
+            f"and `proposals show` prints it), not the prefix {key}: a prefix is resolved "
+            "through the coordinator's list, which could name another proposal"
+        )
 
 
 @contextmanager

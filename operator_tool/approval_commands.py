@@ -1,12 +1,20 @@
 """`hsm-operator approve ID`, `cancel ID` and `approvals submit FILE`, with `--wait`.
 
 Invariants kept here:
+- what is signed is exactly what was reviewed: the approval signs the id computed here from
+  the proposal bytes that the review was made from, never an id the coordinator names;
 - an approval is signed only for a proposal whose bytes hash to its id, that is pending for
   the head verified from the operator's trust anchor, not expired, whose add-host
-  enrollments verify here against the verified state's domain CA, after the operator saw the
-  diff computed here and said yes (or gave --yes), and only by a current operator who has not
-  approved it yet (each refusal is one line: stale, expired, already approved by you, you are
-  not an operator of this domain, wrong PIN, token not found);
+  enrollments verify here against the verified state's domain CA, signed by the proposer it
+  names (their approval verifies here), after the operator saw the diff computed here and
+  said yes (or gave --yes), and only by a current operator who has not approved it yet (each
+  refusal is one line: stale, expired, an enrollment that does not verify, not signed by its
+  proposer, already approved by you, you are not an operator of this domain, wrong PIN,
+  token not found);
+- `approve` and `cancel` take an id prefix only when a person confirms on a terminal: the
+  review and the question then show the full id (and that it was resolved from a prefix
+  through the coordinator's list); with `--yes` they need the full id
+  (`_where.require_full_id_unless_confirmed`);
 - an approval file is checked here (signature under a current operator's key) before it is
   relayed, so a broken one is refused with a reason rather than by the coordinator;
 - `--wait` returns 0 only once the change is applied everywhere (see `wait_applied`), and
@@ -31,12 +39,20 @@ from typing import Any, Final, TextIO
 
 from domain_core import quorum
 from domain_core.client import ProposalView
+from domain_core.display import escape
 from domain_core.errors import BadSignatureError, UnavailableError, UnknownSignerError
 from domain_core.model import SealedState
 from domain_core.pb import domain_pb2, services_pb2
 from operator_tool._review import Review, review_lines, summary_json
-from operator_tool._signing import add_yes_option, confirm, human_stream, operator_token
-from operator_tool._where import Connection, add_domain_options, connect
+from operator_tool._signing import add_yes_option, confirm, operator_token
+from operator_tool._where import (
+    Connection,
+    add_domain_options,
+    connect,
+    is_full_id,
+    proposal_key,
+    require_full_id_unless_confirmed,
+)
 from operator_tool.cli import CommandContext, Subparsers, add_command, add_group
 from operator_tool.offline import read_approval_file
 from operator_tool.proposal_commands import submitted_text
@@ -58,6 +74,7 @@ class _Progress:
         self._last = ""
 
     def update(self, text: str) -> None:
+        text = escape(text)  # it holds relayed facts; the spinner's own codes stay
         if self._tty:
             self._stream.write(f"\r{next(self._frames)} {text}\x1b[K")
         elif text != self._last:
@@ -173,36 +190,53 @@ def _finish(ctx: CommandContext, conn: Connection, view: ProposalView) -> int:
 
 
 def _show(ctx: CommandContext, r: Review) -> None:
+    """Show the review (before a refusal, so the operator sees what is refused)."""
     if not ctx.json or not ctx.args.yes:
-        out = human_stream(ctx)
-        out.write("\n".join(review_lines(r)) + "\n")
-        out.flush()
+        ctx.show("\n".join(review_lines(r)))
 
 
-def _show_and_confirm(ctx: CommandContext, r: Review, question: str) -> None:
-    _show(ctx, r)
+def _show_and_confirm(ctx: CommandContext, r: Review, verb: str, question: str) -> None:
+    """Show the review, then ask (unless --yes). With a prefix, say what it resolved to."""
+    typed = proposal_key(ctx.args.id)
+    lines = review_lines(r)
+    if not is_full_id(typed):
+        lines += [
+            "",
+            f"you gave the prefix {typed}; the coordinator's list resolved it to the proposal "
+            "above, whose full id is",
+            f"  {r.proposal_id.hex()}",
+            "check it against the full id the proposer gave you before you " + verb,
+        ]
+    if not ctx.json or not ctx.args.yes:
+        ctx.show("\n".join(lines))
     confirm(ctx, question)
 
 
 def _approve(ctx: CommandContext) -> int:
+    require_full_id_unless_confirmed(ctx, ctx.args.id, "approve")
     with connect(ctx) as conn:
         r = conn.review(conn.proposal(ctx.args.id))
         r.require_pending()
         if r.enrollment_problems:
             _show(ctx, r)
             r.require_enrollments_verify()
-        _show_and_confirm(ctx, r, f"Approve proposal {r.proposal_id.hex()[:16]} with your token?")
+        r.require_proposer_signed()
+        _show_and_confirm(
+            ctx, r, "approve", f"Approve proposal {r.proposal_id.hex()} with your token?"
+        )
         with operator_token(ctx) as signer:
             r.require_can_sign(signer.public_key.key_id)
+            # The id signed is computed from the bytes the review was made from.
             approval = quorum.approve(r.proposal, signer)
         return _finish(ctx, conn, conn.client.submit_approval(approval))
 
 
 def _cancel(ctx: CommandContext) -> int:
+    require_full_id_unless_confirmed(ctx, ctx.args.id, "cancel")
     with connect(ctx) as conn:
         r = conn.review(conn.proposal(ctx.args.id))
         r.require_pending()
-        _show_and_confirm(ctx, r, f"Cancel proposal {r.proposal_id.hex()[:16]}?")
+        _show_and_confirm(ctx, r, "cancel", f"Cancel proposal {r.proposal_id.hex()}?")
         head = conn.verified().head
         with operator_token(ctx) as signer:
             operator_id = signer.public_key.key_id
@@ -218,7 +252,7 @@ def _cancel(ctx: CommandContext) -> int:
         # Not the proposer, and not enough votes yet: the vote is recorded, nothing more.
         text = f"proposal {short} pending: your vote to cancel counts; {result.cancel_standing()}"
     else:
-        text = f"proposal {short} {result.state}: {result.detail}"
+        text = f"proposal {short} {result.state}: {escape(result.detail)}"
     ctx.emit(summary_json(result), text)
     return 0
 
@@ -268,6 +302,14 @@ _WAIT_NOTES = """
     """
 
 
+_PREFIX_NOTES = """
+    A short id prefix is resolved through the coordinator's list, which an untrusted
+    coordinator can fill with another proposal ground to share the prefix. So a prefix is
+    taken only when you confirm on a terminal, after the review and the full id are shown;
+    with --yes give the full id (64 hex digits) that the proposer gave you.
+    """
+
+
 def register(subparsers: Subparsers) -> None:
     """Add `approve`, `cancel` and `approvals submit` to the `hsm-operator` parser."""
     parser = add_command(
@@ -277,10 +319,15 @@ def register(subparsers: Subparsers) -> None:
         help="review a proposal and approve it with your token",
         description="Show what the proposal changes (computed here from the verified state), "
         "ask for confirmation unless --yes, sign it with your token and submit the approval.",
-        example="hsm-operator approve 3f2a9c1e --cluster hsm-cluster --token bob.token --wait",
-        notes=_WAIT_NOTES,
+        example="hsm-operator approve 3f2a9c1e --cluster hsm-cluster --token bob.token --wait\n"
+        "hsm-operator approve "
+        "3f2a9c1e8b7d6a5f4e3d2c1b0a9f8e7d6c5b4a3f2e1d0c9b8a7f6e5d4c3b2a1f "
+        "--cluster hsm-cluster --token bob.token --yes --wait",
+        notes=_WAIT_NOTES + _PREFIX_NOTES,
     )
-    parser.add_argument("id", metavar="ID", help="proposal id (or 6+ leading hex digits)")
+    parser.add_argument(
+        "id", metavar="ID", help="proposal id; 6+ leading hex digits only without --yes"
+    )
     add_yes_option(parser, "approve")
     _wait_options(parser)
     add_domain_options(parser)
@@ -294,9 +341,12 @@ def register(subparsers: Subparsers) -> None:
         "proposer's signature cancels it at once; any other operator's is a vote, and the "
         "proposal is cancelled once the votes reach the threshold it needs to apply. An "
         "approval cannot be withdrawn: vote to cancel instead.",
-        example="hsm-operator cancel 3f2a9c1e --cluster hsm-cluster --token alice.token --yes",
+        example="hsm-operator cancel 3f2a9c1e --cluster hsm-cluster --token alice.token",
+        notes=_PREFIX_NOTES,
     )
-    parser.add_argument("id", metavar="ID", help="proposal id (or 6+ leading hex digits)")
+    parser.add_argument(
+        "id", metavar="ID", help="proposal id; 6+ leading hex digits only without --yes"
+    )
     add_yes_option(parser, "cancel")
     add_domain_options(parser)
 

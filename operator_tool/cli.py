@@ -12,6 +12,11 @@ Secrets (file token passphrase, PKCS#11 PIN) come from a file named on the comma
 the environment, or from a prompt on a terminal; never from an argument, and a passphrase file
 is never used as a PIN (a wrong PIN counts towards locking a smart card). Nothing printed here
 holds a key, passphrase or PIN.
+
+Output: text for a person goes out through `CommandContext.emit` or `CommandContext.show`,
+which escape every character a terminal would act on except the program's own line breaks
+(`domain_core.display.escape_lines`), on top of the renderers' own escaping of each line;
+`--json` documents escape them as JSON does (`\u001b`).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from pathlib import Path
 from typing import Any, Final, Protocol, TextIO
 
 from domain_core.cli_support import exit_code, one_line, print_error
+from domain_core.display import escape_lines
 from domain_core.errors import HsmDomainError, TokenError
 from domain_core.signers import Signer
 from domain_core.tokens import FileTokenRef, TokenRef, open_token, parse_token_uri
@@ -326,12 +332,19 @@ class CommandContext:
     # output
 
     def emit(self, document: Mapping[str, Any], text: str) -> None:
-        """Print `document` as JSON under --json, else `text`."""
+        """Print `document` as JSON under --json, else `text` (escaped, see the module)."""
         if self.json:
             self.stdout.write(json.dumps(document, indent=2, sort_keys=True) + "\n")
         else:
-            self.stdout.write(text.rstrip("\n") + "\n")
+            self.stdout.write(escape_lines(text.rstrip("\n")) + "\n")
         self.stdout.flush()
+
+    def show(self, text: str) -> None:
+        """Text for a person before a question (a review): on stdout, or on stderr when
+        stdout carries --json; escaped like `emit`."""
+        stream = self.stderr if self.json else self.stdout
+        stream.write(escape_lines(text.rstrip("\n")) + "\n")
+        stream.flush()
 
 
 # --- main ------------------------------------------------------------------------------------

@@ -4,7 +4,9 @@ Invariants: what `status` reports about the domain's trust structure (hosts, ope
 quorum, settings, key generation) comes from the head this tool verified from its trust
 anchor; the coordinator's own report (its version, registered HSAs and the version each HSA
 says it has installed, pending count) is shown beside it, marked as the coordinator's, with
-whether it agrees. `export-state` writes only a
+whether it agrees; every line of it is escaped (`display.escape`: host ids, addresses and
+warnings the coordinator relays cannot forge lines or drive the terminal). `export-state`
+writes only a
 verified state, never overwriting a file; that file is what an operator takes to an offline
 machine for `sign-offline --state`, and what `--state` pins on a connected one.
 """
@@ -15,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from domain_core import transition
+from domain_core.display import escape
 from domain_core.errors import AlreadyExistsError
 from domain_core.files import write_new_file
 from operator_tool._render import (
@@ -92,7 +95,7 @@ def _status(ctx: CommandContext) -> int:
         f"verified from {domain.anchor.source}",
         f"coordinator {conn.location.coordinator}: {agreement}; "
         f"{reported.pending_proposals} pending proposal(s)",
-        *([f"WARNING: {reported.store_behind}"] if reported.store_behind else []),
+        *([f"WARNING: {escape(reported.store_behind)}"] if reported.store_behind else []),
         "",
         f"hosts ({len(hosts)}):",
         *table(
@@ -113,7 +116,7 @@ def _status(ctx: CommandContext) -> int:
     if others:
         lines.append(
             "  registered but not in the domain: "
-            + ", ".join(f"{h} ({a})" for h, a in sorted(others.items()))
+            + ", ".join(f"{escape(h)} ({escape(a)})" for h, a in sorted(others.items()))
         )
     lines += [
         f"operators ({len(operators)}):",

@@ -8,7 +8,10 @@ Invariants kept here:
 - the proposer must be an operator of that head; the proposer's signature is submitted with
   the proposal as its first approval;
 - what `list` and `show` print is judged here (`_review.review`): states, approvals and the
-  diff come from verified data; the coordinator's words only ever close a proposal.
+  diff come from verified data; the coordinator's words only ever close a proposal; every
+  line is escaped (`display.escape`) before it reaches the terminal;
+- a `--reason` that is not printable text on one line is refused before anything is signed
+  (every verifier refuses such a proposal too: `model.Proposal.from_bytes`).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from domain_core.changes import (
     set_quorum,
     set_settings,
 )
+from domain_core.display import escape, printable
 from domain_core.enrollment import read_enrollment
 from domain_core.errors import InvalidInputError, NotFoundError, UnknownSignerError
 from domain_core.model import (
@@ -56,7 +60,6 @@ from operator_tool._signing import (
     DEFAULT_EXPIRES_IN,
     add_yes_option,
     confirm,
-    human_stream,
     operator_token,
     parse_duration,
 )
@@ -87,7 +90,7 @@ def submitted_text(r: Review) -> str:
             else "quorum reached; an HSA applies it"
         )
         return f"proposal {short} pending: {len(r.approved_by)} of {r.threshold} approvals, {more}"
-    return f"proposal {short} {r.state}: {r.detail}"
+    return f"proposal {short} {r.state}: {escape(r.detail)}"
 
 
 # --- propose -------------------------------------------------------------------------------
@@ -97,7 +100,12 @@ def _propose(ctx: CommandContext, build: ChangeBuilder) -> int:
     args = ctx.args
     expires_in = parse_duration(args.expires_in)
     reason: str = args.reason or ""
-    out = human_stream(ctx)
+    if not printable(reason):
+        raise InvalidInputError(
+            f"--reason {reason[:80]!r} is not printable text on one line: approvers "
+            "read it on their terminals, so control characters, line breaks, escape "
+            "sequences and format characters (such as bidi overrides) are refused"
+        )
     with connect(ctx) as conn:
         domain = conn.verified()
         head = domain.head
@@ -140,8 +148,7 @@ def _propose(ctx: CommandContext, build: ChangeBuilder) -> int:
                 *(f"  {line}" for line in diff_lines(manifest_diff(head.manifest.message, after))),
             ]
             if not ctx.json or not getattr(args, "yes", False):
-                out.write("\n".join(lines) + "\n")
-                out.flush()
+                ctx.show("\n".join(lines))
             confirm(ctx, "Sign and submit this proposal?")
             approval = quorum.approve(proposal, signer)
         view = conn.client.submit_proposal(proposal, approval)

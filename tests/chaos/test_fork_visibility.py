@@ -29,7 +29,7 @@ def test_a_fork_found_by_gossip_shows_in_the_status_and_the_node_keeps_serving(
 ) -> None:
     genesis = attack.sim.genesis
     first = attack.sim.transition(ROTATE, append=False)
-    proposal = attack.sim.propose(ROTATE, base=genesis)
+    proposal = attack.sim.propose(ROTATE, base=genesis, proposer=1)
     second = attack.sim.apply(
         proposal, attack.sim.approve(proposal, [1, 2]), "hsa-2", base=genesis, append=False
     )

@@ -24,7 +24,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 from support.hsa_nodes import ROTATE, health_status
 from support.malicious_coordinator import Attack, LogWatch, echo, wait_until
-from support.simulator import flip_bit, forge_enrollment, new_host
+from support.simulator import flip_bit, forge_enrollment, new_host, noncanonical_encodings
 
 from domain_core import crypto, quorum
 from domain_core.errors import HsmDomainError
@@ -350,6 +350,92 @@ def test_approvals_of_a_removed_operator_do_not_count(attack: Attack) -> None:
     advance_honestly(attack)
 
 
+def test_a_proposal_its_named_proposer_never_signed_is_refused(attack: Attack) -> None:
+    """Issue 21, item 4: bob and carol approve a set-quorum 1 that names alice as its
+    proposer; alice never signed it. Two approvals meet the threshold, but a proposal counts
+    only with its proposer's own: ApplyProposal is refused, and so is the state a trusted
+    host seals from it anyway, by every HSA's chain check."""
+    proposal = attack.sim.propose([attack.sim.set_quorum_change(1)], proposer=0)
+    approvals = approvals_by(attack, proposal, ["bob", "carol"])
+    reason = "not signed by the proposer it names"
+    host = "hsa-1"
+    head = head_of(attack, host)
+    log = LogWatch(attack.procs.log_path(host))
+    error = refused(lambda: attack.server.apply(attack.address(host), proposal.raw, approvals))
+    assert error.code() == FAILED_PRECONDITION
+    assert "2 of 2 approvals" in error.details()
+    assert reason in error.details()
+    log.wait_for("refused to apply a proposal: QuorumNotMetError: 2 of 2 approvals")
+    assert_still_serving(attack, host, head)
+
+    forged = attack.liar.forge(proposal, approvals)
+    expect_push_refused(attack, forged, FAILED_PRECONDITION, reason)
+    # With alice's own approval it is an honest change.
+    honest = attack.liar.forge(proposal, approvals_by(attack, proposal, ["alice", "bob"]))
+    for target in attack.hosts:
+        assert attack.server.push(attack.address(target), honest).version == 2
+
+
+def _unparsed(raw: bytes) -> Proposal:
+    """A `Proposal` around bytes that `Proposal.from_bytes` refuses (what a forger builds)."""
+    message = domain_pb2.Proposal()
+    message.ParseFromString(raw)
+    return Proposal(raw=raw, message=message)
+
+
+def _state_carrying(
+    attack: Attack, honest: Proposal, raw: bytes, approvals: list[domain_pb2.Approval]
+) -> domain_pb2.SealedState:
+    """A state a trusted host sealed for the proposal `raw` (the changes of `honest`), naming
+    its id in the manifest and carrying its bytes and approvals as evidence."""
+    forged_id = _unparsed(raw).id
+
+    def name_it(manifest: domain_pb2.Manifest) -> None:
+        manifest.proposal_id = forged_id
+
+    sealed = attack.liar.forge(honest, mutate=name_it)  # sealing parses: the honest one
+    message = domain_pb2.SealedState()
+    message.CopyFrom(sealed.message)
+    message.proposal = raw  # not under the state hash: the producer's signature still holds
+    del message.approvals[:]
+    message.approvals.extend(approvals)
+    return message
+
+
+def test_proposals_outside_the_proposal_rules_are_refused(attack: Attack) -> None:
+    """Issue 21, items 5 and 6: a proposal with unknown fields, in another encoding, past
+    64 KiB, or with a reason that drives a terminal is refused by an HSA asked to apply it,
+    and inside a state sealed by a trusted host, with its valid approvals."""
+    sim = attack.sim
+    proposal = sim.propose([sim.set_quorum_change(1)])
+    cases = noncanonical_encodings(proposal)
+    for name, reason in (
+        ("a reason with a newline", "routine\nproposal  rotate-domain-key"),
+        ("a reason with ANSI escapes", "routine\x1b[30;40m(hidden)\x1b[0m"),
+        ("a reason with a bidi override", "routine \u202e1 mroqu-tes"),
+    ):
+        message = domain_pb2.Proposal()
+        message.CopyFrom(proposal.message)
+        message.reason = reason
+        cases[name] = message.SerializeToString(deterministic=True)
+    host = "hsa-2"
+    address = attack.address(host)
+    head = head_of(attack, host)
+    for what, raw in cases.items():
+        forged_proposal = _unparsed(raw)
+        approvals = approvals_by(attack, forged_proposal, ["alice", "bob"])
+        error = refused(lambda: attack.server.apply(address, raw, approvals))  # noqa: B023
+        assert error.code() == INVALID_ARGUMENT, (what, error.details())
+        assert_still_serving(attack, host, head)
+        forged = _state_carrying(attack, proposal, raw, approvals)
+        for target in attack.hosts:
+            before = head_of(attack, target)
+            error = refused(lambda: attack.server.push(attack.address(target), forged))  # noqa: B023
+            assert error.code() == INVALID_ARGUMENT, (what, target, error.details())
+            assert_still_serving(attack, target, before)
+    advance_honestly(attack)
+
+
 # --- damaged states --------------------------------------------------------------------------
 
 
@@ -458,7 +544,7 @@ def test_an_equivocating_coordinator_is_caught_by_gossip(attack: Attack) -> None
     """
     genesis = attack.sim.genesis
     first = attack.sim.transition(ROTATE, append=False)
-    proposal = attack.sim.propose(ROTATE, base=genesis)
+    proposal = attack.sim.propose(ROTATE, base=genesis, proposer=1)
     second = attack.sim.apply(
         proposal, attack.sim.approve(proposal, [1, 2]), "hsa-2", base=genesis, append=False
     )

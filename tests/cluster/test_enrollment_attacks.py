@@ -246,10 +246,13 @@ def test_a_stolen_certificate_or_none_never_makes_a_host(
         hsm_operator(cluster, workdir, "domain", "export-state", "--out", "v1.state").returncode
         == 0
     )
-    write_document(workdir / "x.json", export_document(proposal, genesis, [by_alice], now))
+    write_document(
+        workdir / "x.json", export_document(proposal, [genesis], [by_alice], now, genesis.hash)
+    )
     refused(
         hsm_operator(
             cluster, workdir, "sign-offline", "x.json", "--state", "v1.state",
+            "--genesis-hash", genesis.hash.hex(),
             "--out", "approval.json", *token(cluster, "bob"), "--yes", connected=False,
         ),
         "refusing to sign",

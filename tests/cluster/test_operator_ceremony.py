@@ -21,8 +21,14 @@ from typing import Any
 
 import pytest
 from support.cluster import LocalCluster
+from support.simulator import forge_unchained_state, new_host
 
+from domain_core import quorum
+from domain_core.changes import rotate_domain_key
+from domain_core.files import write_new_file
+from domain_core.model import Proposal, SealedState
 from operator_tool.cli import build_parser, main
+from operator_tool.offline import export_document
 
 pytestmark = pytest.mark.cluster
 
@@ -33,9 +39,9 @@ SO_PIN = "13572468"
 # The --json fields documented in README.md ("Operators").
 PROPOSAL_FIELDS = {
     "proposal_id", "state", "detail", "coordinator_state", "domain_id", "base_version",
-    "base_state_hash", "proposer_id", "proposer", "reason", "created_at", "expires_at",
-    "expires_in_seconds", "changes", "threshold", "threshold_reason", "approvals", "approved_by",
-    "can_approve", "needed", "cancel_votes", "applied_version",
+    "base_state_hash", "proposer_id", "proposer", "proposer_signed", "reason", "created_at",
+    "expires_at", "expires_in_seconds", "changes", "threshold", "threshold_reason", "approvals",
+    "approved_by", "can_approve", "needed", "cancel_votes", "applied_version",
 }  # fmt: skip
 SHOW_FIELDS = PROPOSAL_FIELDS | {
     "head_version", "diff", "diff_error", "not_counted", "enrollment_problems",
@@ -166,8 +172,11 @@ def test_ceremony_with_file_tokens_and_a_softhsm2_token(
     assert proposed["changes"][0]["type"] == "add-operator"
     first = proposed["proposal_id"]
 
-    # bob reviews and approves; --wait returns once the change is applied everywhere.
-    out = ops.ok("approve", first[:12], *ops.token("bob"), "--yes", "--wait")
+    # bob reviews and approves; --wait returns once the change is applied everywhere. With
+    # --yes nothing is shown before the signature, so a prefix is refused: the full id.
+    cause = ops.refused("approve", first[:12], *ops.token("bob"), "--yes", status=2)
+    assert "approve --yes needs the full proposal id" in cause
+    out = ops.ok("approve", first, *ops.token("bob"), "--yes", "--wait")
     assert "operators: 3 -> 4" in out
     assert "+ dave" in out
     assert "applied everywhere: version 2" in out
@@ -229,6 +238,7 @@ def test_ceremony_with_file_tokens_and_a_softhsm2_token(
 
 
 def test_offline_signing(ops: Operators) -> None:
+    genesis = ops.cluster.layout.genesis_hash.hex()  # bob's pin, given to him out of band
     ops.ok("domain", "export-state", "--out", "v1.state")
     node = ops.cluster.add_node()  # hsa-4: started, not yet a member
     enrollment = ops.cluster.layout.node_dir(node.host_id) / "enrollment.bin"
@@ -236,29 +246,36 @@ def test_offline_signing(ops: Operators) -> None:
     pid = proposal["proposal_id"]
     ops.ok("proposals", "export", pid, "--out", "proposal.json")
     export = json.loads((ops.workdir / "proposal.json").read_text())
-    assert export["format"] == "hsm-domain-proposal-export"
+    assert (export["format"], export["version"]) == ("hsm-domain-proposal-export", 2)
     assert (export["proposal_id"], export["base_version"]) == (pid, 1)
+    assert len(export["chain"]) == 1  # the genesis is the base
 
-    # On the "offline machine": no --cluster, no coordinator; bob brings his state file.
+    # On the "offline machine": no --cluster, no coordinator; bob pins the genesis hash.
     out = ops.ok(
-        "sign-offline", "proposal.json", "--state", "v1.state", "--out", "approval.json",
+        "sign-offline", "proposal.json", "--genesis-hash", genesis, "--out", "approval.json",
         *ops.token("bob"), "--yes", cluster=False,
     )  # fmt: skip
+    assert f"verified offline from the genesis you pinned ({genesis[:16]})" in out
     assert "hosts: 3 -> 4" in out
     assert f"+ {node.host_id}" in out
     approval = json.loads((ops.workdir / "approval.json").read_text())
     assert set(approval) == {"format", "version", "proposal_id", "operator_id", "signature"}
     assert approval["proposal_id"] == pid
 
-    # Refusals offline: altered bytes, another manifest in the export, a state of another
-    # version, and a second signature by the same operator.
+    # Refusals offline: no pin, altered bytes, a state of another version, and a second
+    # signature by the same operator.
+    cause = ops.refused(
+        "sign-offline", "proposal.json", "--out", "x.json", *ops.token("carol"), "--yes",
+        status=2, cluster=False,
+    )  # fmt: skip
+    assert "give --genesis-hash HEX" in cause
     altered = dict(export)
     raw = bytearray(base64.b64decode(export["proposal"]))
     raw[-1] ^= 1
     altered["proposal"] = base64.b64encode(bytes(raw)).decode()
     (ops.workdir / "altered.json").write_text(json.dumps(altered))
     cause = ops.refused(
-        "sign-offline", "altered.json", "--state", "v1.state", "--out", "x.json",
+        "sign-offline", "altered.json", "--genesis-hash", genesis, "--out", "x.json",
         *ops.token("carol"), "--yes", cluster=False,
     )  # fmt: skip
     assert "do not hash to the proposal id" in cause
@@ -268,34 +285,101 @@ def test_offline_signing(ops: Operators) -> None:
     cause = ops.refused("approvals", "submit", "approval.json")
     assert "the proposal was applied as version 2" in cause
 
-    # A proposal for version 2 against bob's old state (version 1).
+    # A proposal for version 2: its export carries the genesis and version 2.
     ops.ok("domain", "export-state", "--out", "v2.state")
     second = ops.propose("alice", "set-quorum", "3")["proposal_id"]
     ops.ok("proposals", "export", second, "--out", "second.json")
-    cause = ops.refused(
-        "sign-offline", "second.json", "--state", "v1.state", "--out", "x.json",
-        *ops.token("bob"), "--yes", cluster=False,
+    assert len(json.loads((ops.workdir / "second.json").read_text())["chain"]) == 2
+    # Exported by a machine whose anchor is its version-2 state (not the genesis): the
+    # states before it are fetched and checked to lead to it; the same file comes out.
+    ops.ok(
+        "proposals", "export", second, "--out", "second-from-v2.json",
+        "--coordinator", ops.cluster.coordinator_operator_address,
+        "--ca", str(ops.cluster.layout.ca_cert), "--state", "v2.state", cluster=False,
     )  # fmt: skip
-    assert cause == (
-        "hsm-operator: error: your state file is at version 1, this proposal is for 2: export "
-        "your state again (`hsm-operator domain export-state`) on a connected machine"
-    )
-    swapped = json.loads((ops.workdir / "second.json").read_text())
-    swapped["base_manifest"] = export["base_manifest"]  # version 1's manifest
-    (ops.workdir / "swapped.json").write_text(json.dumps(swapped))
-    result = ops.run(
-        "sign-offline", "swapped.json", "--state", "v2.state", "--out", "x.json",
-        *ops.token("bob"), "--yes", cluster=False,
-    )  # fmt: skip
-    assert result.returncode == 1
-    assert result.stderr.startswith("WARNING: the base manifest in the export file differs")
-    assert "refusing to sign" in result.stderr
-    assert not (ops.workdir / "x.json").exists()
+    from_v2 = json.loads((ops.workdir / "second-from-v2.json").read_text())
+    assert from_v2["chain"] == json.loads((ops.workdir / "second.json").read_text())["chain"]
+    assert from_v2["genesis_hash"] == genesis
+    # bob's own earlier state (version 1) is in that chain; so is version 2.
+    for state in ("v1.state", "v2.state"):
+        out = ops.ok(
+            "sign-offline", "second.json", "--genesis-hash", genesis, "--state", state,
+            "--out", f"ok-{state}.json", *ops.token("bob"), "--yes", cluster=False,
+        )  # fmt: skip
+        assert "set-quorum: default threshold 3" in out
+    # The version-1 export against bob's version-2 state: the domain moved on.
     cause = ops.refused(
-        "sign-offline", "second.json", "--state", "v2.state", "--out", "x.json",
+        "sign-offline", "proposal.json", "--genesis-hash", genesis, "--state", "v2.state",
+        "--out", "x.json", *ops.token("carol"), "--yes", cluster=False,
+    )  # fmt: skip
+    assert "past this proposal's base version 1" in cause
+    cause = ops.refused(
+        "sign-offline", "second.json", "--genesis-hash", genesis, "--out", "x.json",
         *ops.token("alice"), "--yes", cluster=False,
     )  # fmt: skip
     assert "already approved by you (operator alice)" in cause
+    assert not (ops.workdir / "x.json").exists()
+
+
+def test_sign_offline_refuses_a_state_not_chained_to_the_pinned_genesis(ops: Operators) -> None:
+    """Issue 21, item 8: a forged "version 7" listing an attacker host, with the domain's real
+    operators, signed by the attacker host it lists (so "by one of its own hosts"). alice, an
+    insider, proposes against it and hands bob the bundle; before the fix `sign-offline`
+    showed it and signed. Now nothing is shown: it does not chain to bob's pinned genesis."""
+    genesis = ops.cluster.layout.genesis_hash
+    real = SealedState.from_bytes(ops.cluster.layout.genesis_state.read_bytes())
+    attacker = new_host(real.manifest.domain_id, "hsa-66")
+    alice = ops.cluster.operator_signer("alice")
+    bundles = {
+        "the forged state alone": [forge_unchained_state(real, 7, attacker)],
+        "the genesis, then a forged version 2 linked to it": [
+            real,
+            forge_unchained_state(real, 2, attacker, previous_state_hash=real.hash),
+        ],
+    }
+    for name, chain in bundles.items():
+        base = chain[-1]
+        now = int(time.time())
+        proposal = Proposal.create(
+            domain_id=base.manifest.domain_id,
+            base_version=base.version,
+            base_state_hash=base.hash,
+            changes=[rotate_domain_key()],
+            proposer_id=alice.public_key.key_id,
+            created_at=now,
+            expires_at=now + 3600,
+            reason="routine",
+            nonce=bytes(16),
+        )
+        document = export_document(proposal, chain, [quorum.approve(proposal, alice)], now, genesis)
+        path = ops.workdir / f"forged-{base.version}.json"
+        path.write_text(json.dumps(document))
+        result = ops.run(
+            "sign-offline", path.name, "--genesis-hash", genesis.hex(), "--out", "x.json",
+            *ops.token("bob"), "--yes", cluster=False,
+        )  # fmt: skip
+        assert result.returncode == 1, (name, result.stdout, result.stderr)
+        assert result.stdout == "", name  # nothing shown
+        assert f"do not verify from the genesis you pinned ({genesis.hex()[:16]})" in (
+            result.stderr
+        ), name
+        assert "do not sign anything it shows" in result.stderr, name
+        assert not (ops.workdir / "x.json").exists()
+
+    # The forged state as bob's own `--state` beside an honest export: refused too.
+    write_new_file(ops.workdir / "v7.state", bundles["the forged state alone"][0].to_bytes(), 0o644)
+    pid = ops.propose("alice", "rotate-domain-key")["proposal_id"]
+    ops.ok("proposals", "export", pid, "--out", "honest.json")
+    cause = ops.refused(
+        "sign-offline", "honest.json", "--genesis-hash", genesis.hex(), "--state", "v7.state",
+        "--out", "x.json", *ops.token("bob"), "--yes", cluster=False,
+    )  # fmt: skip
+    assert "v7.state is at version 7, past this proposal's base version 1" in cause
+    # The honest export alone signs.
+    ops.ok(
+        "sign-offline", "honest.json", "--genesis-hash", genesis.hex(), "--out", "x.json",
+        *ops.token("bob"), "--yes", cluster=False,
+    )  # fmt: skip
 
 
 # --- every refusal, one line each ----------------------------------------------------------

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from support.simulator import noncanonical_encodings
 
 from deploy.init import DomainLayout, init_domain, read_passphrase
 from deploy.localdomain import FAST_SCRYPT_N
@@ -328,6 +329,80 @@ def test_proposer_approval_must_be_the_proposers(domain: Domain, client: Coordin
     assert view.state == "pending"
     with pytest.raises(AlreadyExistsError, match="submitted already"):
         client.submit_proposal(proposal, quorum.approve(proposal, alice))
+
+
+def _hand_made(client: CoordinatorClient, proposer: Signer, reason: str = "") -> Proposal:
+    head = client.latest_state()
+    return Proposal.create(
+        domain_id="local",
+        base_version=head.version,
+        base_state_hash=head.hash,
+        changes=[quorum_change()],
+        proposer_id=proposer.public_key.key_id,
+        created_at=now(),
+        expires_at=now() + 600,
+        reason=reason,
+        nonce=crypto.random_bytes(NONCE_BYTES),
+    )
+
+
+def _submit_raw(
+    domain: Domain, coordinator: CoordinatorProcess, raw: bytes, proposer: Signer
+) -> grpc.RpcError:
+    """SubmitProposal of exactly `raw`, with the proposer's valid signature over its id."""
+    proposal_id = crypto.sha256(raw)
+    approval = domain_pb2.Approval(
+        proposal_id=proposal_id,
+        operator_id=proposer.public_key.key_id,
+        signature=proposer.sign(quorum.approval_message(proposal_id)),
+    )
+    channel, stub = operator_stub(domain, coordinator)
+    with channel, pytest.raises(grpc.RpcError) as refused:
+        stub.SubmitProposal(  # type: ignore[attr-defined]
+            services_pb2.SubmitProposalRequest(proposal=raw, proposer_approval=approval),
+            timeout=10,
+        )
+    return refused.value
+
+
+def test_only_canonical_proposals_of_at_most_64_kib_are_taken(
+    domain: Domain, coordinator: CoordinatorProcess, client: CoordinatorClient
+) -> None:
+    """Issue 21, item 6: unknown fields (signed but never shown), other encodings of the same
+    proposal, and anything past 64 KiB are refused before anything is stored."""
+    alice = domain.operators["alice"]
+    proposal = _hand_made(client, alice)
+    pending = {v.proposal_id for v in client.list_proposals()}
+    for what, raw in noncanonical_encodings(proposal).items():
+        error = _submit_raw(domain, coordinator, raw, alice)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, what
+        details = error.details() or ""
+        if what == "padded past the size limit":
+            assert "above the limit of 65536" in details, details
+        elif what.startswith("an unknown field"):
+            assert "fields unknown to hsmdomain.v1.Proposal" in details, details
+        else:
+            assert "not in canonical form" in details, (what, details)
+    assert {v.proposal_id for v in client.list_proposals()} == pending
+    assert client.submit_proposal(proposal, quorum.approve(proposal, alice)).state == "pending"
+
+
+@pytest.mark.parametrize(
+    "reason", ["ok\nproposal  set-quorum 1", "ok\x1b[30;40mhidden", "ok\u202ex", "ok\u200b"]
+)
+def test_a_reason_that_is_not_printable_text_is_refused(
+    domain: Domain, coordinator: CoordinatorProcess, reason: str
+) -> None:
+    """Issue 21, item 5: a reason that could drive an approver's terminal."""
+    alice = domain.operators["alice"]
+    with CoordinatorClient(coordinator.operator_address, domain.ca_pem) as c:
+        proposal = _hand_made(c, alice)
+    message = domain_pb2.Proposal()
+    message.CopyFrom(proposal.message)
+    message.reason = reason
+    error = _submit_raw(domain, coordinator, message.SerializeToString(deterministic=True), alice)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "proposal reason must be printable text on one line" in (error.details() or "")
 
 
 def test_stale_proposal_is_refused(domain: Domain, client: CoordinatorClient) -> None:

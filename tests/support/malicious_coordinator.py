@@ -24,6 +24,12 @@ serve the scripted record instead, until `tell_truth`. The record forgers below 
 (`swap_tokens`, `with_metadata`, `reseal`, `relabel_generation`, `flip_token_bit`) build the
 lies from honest records.
 
+`LyingOperatorPort` lies to operators instead: it serves the coordinator's operator port
+(server-auth TLS under the real coordinator certificate, as `hsm-operator` expects), relays
+every call to the real coordinator's operator port, and rewrites what a test scripts: the
+proposals `ListProposals` lists and `GetProposal` serves, their details, the domain status and
+the HSA list. It records every approval submitted through it.
+
 Invariants: the server and every channel it opens are closed by `stop()` (also on leaving a
 `with` block); nothing here changes the domain's files; a lie never changes the honest record
 underneath it.
@@ -35,6 +41,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -65,6 +72,7 @@ __all__ = [
     "KeyRecordCoordinatorServer",
     "KeyRecordStore",
     "LogWatch",
+    "LyingOperatorPort",
     "MaliciousCoordinatorServer",
     "ScriptedChain",
     "backing_keys_of",
@@ -766,3 +774,134 @@ def flip_token_bit(
     else:
         raise ValueError(f"no token part {part!r}")
     return forged
+
+
+# --- lying to operators ------------------------------------------------------------------------
+
+
+@dataclass
+class _Script:
+    """What `LyingOperatorPort` changes in what it relays (None: relay as is)."""
+
+    # ListProposals answers exactly these (each also served by GetProposal by its id).
+    listed: list[services_pb2.ProposalStatus] | None = None
+    # Proposals GetProposal serves by id, whatever the real coordinator holds.
+    served: dict[bytes, services_pb2.ProposalStatus] = field(default_factory=dict)
+    # Applied in place to every ProposalStatus relayed (listed, served, or the real one).
+    status: Callable[[services_pb2.ProposalStatus], None] | None = None
+    domain_status: Callable[[services_pb2.DomainStatusResponse], None] | None = None
+    hsas: Callable[[services_pb2.ListHsasResponse], None] | None = None
+
+
+class LyingOperatorPort(services_pb2_grpc.CoordinatorServicer):
+    """An operator port in front of the real coordinator's, rewriting what a test scripts."""
+
+    def __init__(self, layout: DomainLayout, real_operator_address: str) -> None:
+        self.layout = layout
+        self.script = _Script()
+        self.approvals: list[domain_pb2.Approval] = []  # every approval submitted through it
+        self.address = ""
+        self._tls = coordinator_tls(layout)
+        self._channel = transport.secure_channel(
+            real_operator_address, layout.ca_cert.read_bytes(), transport.COORDINATOR
+        )
+        self._real: Any = services_pb2_grpc.CoordinatorStub(self._channel)  # type: ignore[no-untyped-call]
+        self._server: grpc.Server | None = None
+        self._lock = threading.Lock()
+
+    def start(self) -> str:
+        """Serve on 127.0.0.1:0 (server-auth TLS, as the real operator port); the address."""
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+        services_pb2_grpc.add_CoordinatorServicer_to_server(self, server)  # type: ignore[no-untyped-call]
+        port = server.add_secure_port(
+            "127.0.0.1:0", transport.server_credentials(self._tls, server_auth_only=True)
+        )
+        server.start()
+        self._server = server
+        self.address = f"127.0.0.1:{port}"
+        return self.address
+
+    def stop(self) -> None:
+        """Stop the server and close the channel to the real coordinator."""
+        if self._server is not None:
+            self._server.stop(grace=0).wait(5)
+            self._server = None
+        self._channel.close()
+
+    def __enter__(self) -> LyingOperatorPort:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # --- relaying --------------------------------------------------------------------------
+
+    def _relay(self, method: str, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return getattr(self._real, method)(request, timeout=CALL_TIMEOUT)
+        except grpc.RpcError as error:
+            context.abort(error.code(), error.details() or "")
+
+    def _rewrite(self, status: services_pb2.ProposalStatus) -> services_pb2.ProposalStatus:
+        out = services_pb2.ProposalStatus()
+        out.CopyFrom(status)
+        if self.script.status is not None:
+            self.script.status(out)
+        return out
+
+    def SubmitProposal(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return self._rewrite(self._relay("SubmitProposal", request, context))
+
+    def SubmitApproval(self, request: Any, context: grpc.ServicerContext) -> Any:
+        with self._lock:
+            approval = domain_pb2.Approval()
+            approval.CopyFrom(request.approval)
+            self.approvals.append(approval)
+        served = self.script.served.get(bytes(request.approval.proposal_id))
+        if served is not None:  # it "takes" the approval of a proposal it made up
+            return self._rewrite(served)
+        return self._rewrite(self._relay("SubmitApproval", request, context))
+
+    def GetProposal(self, request: Any, context: grpc.ServicerContext) -> Any:
+        served = self.script.served.get(bytes(request.proposal_id))
+        if served is None and self.script.listed is not None:
+            served = next(
+                (p for p in self.script.listed if p.proposal_id == request.proposal_id), None
+            )
+        if served is not None:
+            return self._rewrite(served)
+        return self._rewrite(self._relay("GetProposal", request, context))
+
+    def ListProposals(self, request: Any, context: grpc.ServicerContext) -> Any:
+        if self.script.listed is not None:
+            listed = list(self.script.listed)
+        else:
+            listed = list(self._relay("ListProposals", request, context).proposals)
+        return services_pb2.ListProposalsResponse(proposals=[self._rewrite(p) for p in listed])
+
+    def CancelProposal(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return self._rewrite(self._relay("CancelProposal", request, context))
+
+    def GetLatestState(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return self._relay("GetLatestState", request, context)
+
+    def GetStatesAfter(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return self._relay("GetStatesAfter", request, context)
+
+    def GetDomainStatus(self, request: Any, context: grpc.ServicerContext) -> Any:
+        status = self._relay("GetDomainStatus", request, context)
+        if self.script.domain_status is not None:
+            self.script.domain_status(status)
+        return status
+
+    def ListHsas(self, request: Any, context: grpc.ServicerContext) -> Any:
+        response = self._relay("ListHsas", request, context)
+        if self.script.hsas is not None:
+            self.script.hsas(response)
+        return response

@@ -46,9 +46,11 @@ __all__ = [
     "SimulatedDomain",
     "flip_bit",
     "forge_enrollment",
+    "forge_unchained_state",
     "new_ca",
     "new_host",
     "new_operator",
+    "noncanonical_encodings",
 ]
 
 
@@ -160,6 +162,98 @@ def new_operator(
     """A fresh operator with a new key of `algorithm` (or the given signer)."""
     signer = signer or InMemorySigner.generate(algorithm)
     return SimOperator(name, signer, model.make_operator(name, signer.public_key))
+
+
+def forge_unchained_state(
+    copied: SealedState,
+    version: int,
+    attacker: SimHost,
+    *,
+    quorum_threshold: int = 1,
+    previous_state_hash: bytes | None = None,
+) -> SealedState:
+    """A state "version `version`" of `copied`'s domain that no history leads to: the same
+    operators, the attacker's host added, the threshold set to `quorum_threshold`, a random
+    previous hash (unless given), sealed under fresh domain keys and signed by the attacker's
+    host, which the state itself lists (so it is "signed by one of its own hosts", and
+    nothing more)."""
+    manifest = domain_pb2.Manifest()
+    manifest.CopyFrom(copied.manifest.message)
+    manifest.version = version
+    manifest.previous_state_hash = previous_state_hash or crypto.random_bytes(32)
+    manifest.hosts.append(attacker.record)
+    manifest.quorum.threshold = quorum_threshold
+    keys = {g.generation: crypto.new_aes_key() for g in manifest.key_generations}
+    return sealing.seal_state(
+        manifest,
+        keys,
+        producer_host_id=attacker.host_id,
+        producer=attacker.signer,
+        proposal=None,
+    )
+
+
+def _with_unknown(message: domain_pb2.Proposal, path: Sequence[str], payload: bytes) -> bytes:
+    """`message` serialized with an unknown field 99 (a string) in the sub-message at `path`
+    ('changes', '0', 'set_quorum', ...: field names and list indexes)."""
+    copy = domain_pb2.Proposal()
+    copy.CopyFrom(message)
+    target: object = copy
+    for part in path:
+        target = target[int(part)] if part.isdigit() else getattr(target, part)  # type: ignore[index]
+    length = len(payload)
+    varint = bytearray()
+    while True:
+        varint.append((length & 0x7F) | (0x80 if length > 0x7F else 0))
+        length >>= 7
+        if not length:
+            break
+    target.MergeFromString(b"\x9a\x06" + bytes(varint) + payload)  # type: ignore[attr-defined]
+    return copy.SerializeToString(deterministic=True)
+
+
+def noncanonical_encodings(proposal: Proposal, max_bytes: int = 64 * 1024) -> dict[str, bytes]:
+    """Other encodings of `proposal` that protobuf parses but `Proposal.from_bytes` refuses
+    (issue 21, item 6), by what is wrong: unknown fields (top-level and nested in its first
+    change), fields out of order, a default value written out, a non-minimal varint, two
+    concatenated halves, and unknown-field padding past `max_bytes`. Its first field must be
+    the domain id and its base version 1 to 127."""
+    message = proposal.message
+    assert 0 < message.base_version < 128
+    assert message.domain_id
+    body = message.changes[0].WhichOneof("change")
+    assert body is not None
+    raw = proposal.raw
+    version = b"\x10" + bytes([message.base_version])
+    assert raw.count(version) >= 1
+    nonce = message.nonce
+    without_nonce = domain_pb2.Proposal()
+    without_nonce.CopyFrom(message)
+    without_nonce.ClearField("nonce")
+    without_version = domain_pb2.Proposal()
+    without_version.CopyFrom(message)
+    without_version.ClearField("base_version")
+    plain = without_version.SerializeToString(deterministic=True)
+    cut = 2 + plain[1]  # after the domain id (field 1, a short string)
+    head = domain_pb2.Proposal(domain_id=message.domain_id, base_version=message.base_version)
+    tail = domain_pb2.Proposal()
+    tail.CopyFrom(message)
+    tail.ClearField("domain_id")
+    tail.ClearField("base_version")
+    return {
+        "an unknown field": _with_unknown(message, [], b"set-quorum 1"),
+        "an unknown field in a change": _with_unknown(message, ["changes", "0"], b"x"),
+        "an unknown field in a change's body": _with_unknown(message, ["changes", "0", body], b"x"),
+        "fields out of order": domain_pb2.Proposal(nonce=nonce).SerializeToString()
+        + without_nonce.SerializeToString(deterministic=True),
+        "a default value written out": plain[:cut] + b"\x10\x00" + plain[cut:],
+        "a non-minimal varint": raw.replace(
+            version, b"\x10" + bytes([message.base_version | 0x80, 0x00]), 1
+        ),
+        "two concatenated halves": tail.SerializeToString(deterministic=True)
+        + head.SerializeToString(deterministic=True),
+        "padded past the size limit": _with_unknown(message, [], bytes(max_bytes)),
+    }
 
 
 def flip_bit(data: bytes, bit: int) -> bytes:

@@ -673,3 +673,19 @@ def test_post_dated_state_is_refused_against_the_verifiers_clock() -> None:
     assert trusted.version == 1
     # Within the allowed skew, and with no clock given (replaying verified states), it is fine.
     assert trusted.update(future, now=start + 1800 - 200)
+
+
+def test_a_state_whose_proposal_its_proposer_never_signed_is_refused() -> None:
+    """Issue 21, item 4: bob and carol approve a set-quorum 1 that names alice as proposer;
+    a trusted host that seals it anyway (a compromised host with a lying coordinator) is
+    caught by every verifier, whatever the threshold."""
+    sim = SimulatedDomain.create()  # 3 operators, threshold 2
+    evil = MaliciousCoordinator(sim)
+    proposal = sim.propose([sim.set_quorum_change(1)], proposer=0)
+    forged = evil.forge(proposal, sim.approve(proposal, [1, 2]))
+    error = refused(sim.chain(), forged, QuorumNotMetError)
+    assert "not signed by the proposer it names" in str(error)
+    with pytest.raises(QuorumNotMetError):
+        verify_chain(sim.domain_id, sim.genesis_hash, [sim.genesis, forged])
+    honest = evil.forge(proposal, sim.approve(proposal, [0, 1]))
+    assert sim.chain().update(honest)

@@ -31,6 +31,23 @@ def test_the_cause_is_always_one_line() -> None:
     assert one_line(RuntimeError()) == "RuntimeError"
 
 
+def test_a_relayed_message_cannot_drive_the_terminal() -> None:
+    # Issue 21, item 5: a server's message is relayed text (a coordinator's refusal).
+    forged = NotFoundError(
+        "no such proposal\x1b[2K\r\u202ehsm-operator: approved\x1b[30;40m (hidden)"
+    )
+    line = one_line(forged)
+    for raw in ("\x1b", "\r", "\u202e"):
+        assert raw not in line
+    assert line.isprintable()
+    assert "\\x1b[2K" in line
+    assert "\\u202e" in line
+    out = io.StringIO()
+    print_error("hsm-operator", forged, stream=out)
+    assert out.getvalue().count("\n") == 1
+    assert "\x1b" not in out.getvalue()
+
+
 @pytest.mark.parametrize(("code", "expected"), [(None, 0), (0, 0), (2, 2), ("usage", 2)])
 def test_exit_code_follows_argparse(code: int | str | None, expected: int) -> None:
     assert exit_code(SystemExit(code)) == expected

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 import pytest
+from support.simulator import noncanonical_encodings
 
 from domain_core import canonical, crypto, quorum
 from domain_core.changes import (
@@ -21,6 +22,8 @@ from domain_core.errors import (
     FailedPreconditionError,
     HsmDomainError,
     InvalidInputError,
+    LimitExceededError,
+    MalformedMessageError,
     NotFoundError,
     PermissionDeniedError,
     StaleProposalError,
@@ -117,6 +120,21 @@ def test_proposal_view_checks_bytes_against_the_id() -> None:
     swapped.proposal = _proposal().raw
     with pytest.raises(BadSignatureError, match="do not match the proposal id"):
         ProposalView.from_status(swapped)
+
+
+def test_the_operator_tool_refuses_a_relayed_proposal_outside_the_proposal_rules() -> None:
+    """Issue 21, item 6: whatever a coordinator relays (listed, served or answered), the
+    operator's side parses it with `Proposal.from_bytes`: bytes that hash to the id they come
+    with, but carry unknown fields, another encoding or more than 64 KiB, are refused."""
+    proposal = _proposal()
+    for raw in noncanonical_encodings(proposal).values():
+        status = services_pb2.ProposalStatus(
+            proposal_id=canonical.proposal_id(raw),
+            proposal=raw,
+            state=services_pb2.PROPOSAL_STATE_PENDING,
+        )
+        with pytest.raises((MalformedMessageError, LimitExceededError)):
+            ProposalView.from_status(status)
 
 
 def test_change_builders_make_valid_proposals() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 from collections.abc import Callable
 
@@ -138,6 +139,37 @@ def _settings_cleared(m: domain_pb2.Proposal) -> None:
     m.changes[I_SETTINGS].set_settings.ClearField("settings")
 
 
+def _rename_domain_only(domain_id: str) -> Callable[[domain_pb2.Proposal], None]:
+    """A new domain id, with the added host's SPIFFE id made to match it (so only the id's
+    own format can refuse it)."""
+
+    def mutate(message: domain_pb2.Proposal) -> None:
+        message.domain_id = domain_id
+        change = message.changes[I_ADD_HOST].add_host
+        enrollment = domain_pb2.HostEnrollment.FromString(change.enrollment)
+        host = domain_pb2.Host.FromString(enrollment.host)
+        host.spiffe_id = model.host_spiffe_id(domain_id, host.host_id)
+        enrollment.host = _ser(host)
+        change.enrollment = _ser(enrollment)
+
+    return mutate
+
+
+def _host_renamed(host_id: str) -> Callable[[domain_pb2.Proposal], None]:
+    """The added host under another id, with the SPIFFE id made to match it."""
+
+    def mutate(message: domain_pb2.Proposal) -> None:
+        change = message.changes[I_ADD_HOST].add_host
+        enrollment = domain_pb2.HostEnrollment.FromString(change.enrollment)
+        host = domain_pb2.Host.FromString(enrollment.host)
+        host.host_id = host_id
+        host.spiffe_id = model.host_spiffe_id(message.domain_id, host_id)
+        enrollment.host = _ser(host)
+        change.enrollment = _ser(enrollment)
+
+    return mutate
+
+
 PROPOSAL_MUTATIONS: dict[str, Callable[[domain_pb2.Proposal], None]] = {
     "domain id uppercase": _set_nested("domain_id", "Test"),
     "domain id empty": _set_nested("domain_id", ""),
@@ -161,6 +193,33 @@ PROPOSAL_MUTATIONS: dict[str, Callable[[domain_pb2.Proposal], None]] = {
     "expires at creation": _set_nested("expires_at", BASE_PROPOSAL.created_at),
     "expires before creation": _set_nested("expires_at", BASE_PROPOSAL.created_at - 1),
     "reason too long": _set_nested("reason", "x" * (DEFAULT_LIMITS.max_reason_chars + 1)),
+    # Issue 21 item 5: text an approver reads must not drive their terminal.
+    "reason with a newline": _set_nested("reason", "routine\nproposal  rotate-domain-key"),
+    "reason with a carriage return": _set_nested("reason", "routine\rfake"),
+    "reason with an ANSI escape": _set_nested("reason", "routine \x1b[30;40mhidden\x1b[0m"),
+    "reason with a bidi override": _set_nested("reason", "routine \u202eyek-niamod-etator"),
+    "reason with a bidi isolate": _set_nested("reason", "a \u2067b\u2069"),
+    "reason with a zero-width joiner": _set_nested("reason", "a\u200db"),
+    "reason with a line separator": _set_nested("reason", "a\u2028b"),
+    "reason with a C1 control": _set_nested("reason", "a\x9bb"),
+    "reason with a tab": _set_nested("reason", "a\tb"),
+    "reason with NUL": _set_nested("reason", "a\x00b"),
+    "operator name with an ANSI escape": _set_nested(
+        f"{I_ADD_OP}.add_operator.operator.name", "dave\x1b[2K"
+    ),
+    "operator name with a bidi override": _set_nested(
+        f"{I_ADD_OP}.add_operator.operator.name", "\u202eevad"
+    ),
+    # `$` would match before a trailing newline; every id must match in full.
+    "domain id with a trailing newline": _rename_domain_only("test\n"),
+    "proposer with a trailing newline": _set_nested("proposer_id", "a" * 64 + "\n"),
+    "remove-host id with a trailing newline": _set_nested(
+        f"{I_REMOVE_HOST}.remove_host.host_id", "hsa-3\n"
+    ),
+    "remove-operator id with a trailing newline": _set_nested(
+        f"{I_REMOVE_OP}.remove_operator.operator_id", SIM.operators[2].operator_id + "\n"
+    ),
+    "host id with a trailing newline": _host_renamed("hsa-9\n"),
     "host spiffe of another domain": _host_field("spiffe_id", "spiffe://other/hsa/hsa-9"),
     "host spiffe of another host": _host_field("spiffe_id", "spiffe://test/hsa/hsa-1"),
     "host id invalid": _host_field("host_id", "HSA_9"),
@@ -226,12 +285,20 @@ def _rename_domain(domain_id: str) -> Callable[[domain_pb2.Proposal], None]:
     "mutation",
     [
         _set_nested("reason", "x" * DEFAULT_LIMITS.max_reason_chars),
+        _set_nested("reason", "Zoë's rotation: «routine», 日本語, émoji 🔑, a\\nb (a backslash)"),
         _rename_domain("a" * 63),
         _rename_domain("a.b-c.9"),
         _set_nested("expires_at", BASE_PROPOSAL.created_at + 1),
         _set_nested(f"{I_QUORUM_TYPED}.set_quorum.threshold", 0),  # removes a typed threshold
     ],
-    ids=["reason at limit", "domain id 63", "domain id dots", "one second", "typed threshold 0"],
+    ids=[
+        "reason at limit",
+        "reason in any script",
+        "domain id 63",
+        "domain id dots",
+        "one second",
+        "typed threshold 0",
+    ],
 )
 def test_proposal_from_bytes_accepts_boundaries(
     mutation: Callable[[domain_pb2.Proposal], None],
@@ -260,10 +327,30 @@ def test_proposal_from_bytes_rejects_garbage(garbage: bytes) -> None:
 def test_proposal_from_bytes_rejects_oversized() -> None:
     raw = BASE_PROPOSAL.raw
     with pytest.raises(LimitExceededError):
-        Proposal.from_bytes(raw, Limits(max_message_bytes=len(raw) - 1))
-    Proposal.from_bytes(raw, Limits(max_message_bytes=len(raw)))
+        Proposal.from_bytes(raw, Limits(max_proposal_bytes=len(raw) - 1))
+    Proposal.from_bytes(raw, Limits(max_proposal_bytes=len(raw)))
     with pytest.raises(LimitExceededError):
         Proposal.from_bytes(b"\x00" * (DEFAULT_LIMITS.max_message_bytes + 1))
+
+
+def test_a_proposal_is_at_most_64_kib() -> None:
+    # Issue 21 item 6: valid in every other way (each change a well-formed add-operator),
+    # but larger than the fixed proposal limit, far below the 4 MiB message limit.
+    assert DEFAULT_LIMITS.max_proposal_bytes == 64 * 1024
+    message = _proposal_message()
+    del message.changes[:]
+    while message.ByteSize() <= DEFAULT_LIMITS.max_proposal_bytes:
+        index = len(message.changes)
+        operator = new_operator(f"op{index}", SignatureAlgorithm.ED25519).record
+        operator.name = f"operator {index} " + "x" * 50
+        message.changes.append(
+            domain_pb2.Change(add_operator=domain_pb2.AddOperator(operator=operator))
+        )
+    raw = _ser(message)
+    big = Limits(max_changes_per_proposal=len(message.changes))
+    with pytest.raises(LimitExceededError, match="above the limit of 65536"):
+        Proposal.from_bytes(raw, big)
+    Proposal.from_bytes(raw, dataclasses.replace(big, max_proposal_bytes=len(raw)))
 
 
 def test_proposal_change_limit_is_configurable() -> None:
@@ -276,21 +363,104 @@ def test_proposal_from_bytes_needs_bytes() -> None:
         Proposal.from_bytes(BASE_PROPOSAL.raw.decode("latin-1"))
 
 
-def test_proposal_id_is_over_received_bytes_not_a_reserialization() -> None:
-    # Concatenated protobuf messages merge: same message, different (non-canonical) bytes.
+def _concatenated() -> bytes:
+    """The base proposal as two concatenated halves: protobuf merges them into the same
+    message, from other bytes (another id)."""
     message = BASE_PROPOSAL.message
     head = domain_pb2.Proposal(domain_id=message.domain_id, base_version=message.base_version)
     tail = domain_pb2.Proposal()
     tail.CopyFrom(message)
     tail.ClearField("domain_id")
     tail.ClearField("base_version")
-    raw = _ser(tail) + _ser(head)
+    return _ser(tail) + _ser(head)
+
+
+def _with_unknown_field(path: str) -> bytes:
+    """The base proposal with an unknown field (number 99, a string) inside the message at
+    `path` ('' for the top level; '3' for change 3; '0.add_host.host' for the added host)."""
+    message = _proposal_message()
+    target: object = message
+    for part in [p for p in path.split(".") if p]:
+        target = target.changes[int(part)] if part.isdigit() else getattr(target, part)  # type: ignore[attr-defined]
+    extra = domain_pb2.Proposal(domain_id="set-quorum 1").SerializeToString()  # field 1
+    unknown = b"\x9a\x06" + extra[1:]  # the same string under field number 99
+    target.MergeFromString(unknown)  # type: ignore[attr-defined]
+    return _ser(message)
+
+
+def _default_written_out() -> bytes:
+    """The base proposal with base_version = 0 written out explicitly (proto3 omits it)."""
+    message = _proposal_message()
+    message.ClearField("base_version")
+    canonical_raw = _ser(message)
+    # field 1 (domain_id) comes first; insert "field 2 = 0" right after it.
+    length = canonical_raw[1]
+    cut = 2 + length
+    return canonical_raw[:cut] + b"\x10\x00" + canonical_raw[cut:]
+
+
+def _fields_out_of_order() -> bytes:
+    """The base proposal with its nonce (field 9) moved to the front."""
+    message = _proposal_message()
+    nonce = message.nonce
+    message.ClearField("nonce")
+    rest = _ser(message)
+    return _ser(domain_pb2.Proposal(nonce=nonce)) + rest
+
+
+def _long_varint() -> bytes:
+    """The base proposal with base_version encoded in a non-minimal varint."""
+    message = _proposal_message()
+    version = message.base_version
+    assert 0 < version < 128
+    canonical_raw = _ser(message)
+    field = b"\x10" + bytes([version])
+    assert canonical_raw.count(field) >= 1
+    return canonical_raw.replace(field, b"\x10" + bytes([version | 0x80, 0x00]), 1)
+
+
+NON_CANONICAL: dict[str, Callable[[], bytes]] = {
+    "unknown field at the top": lambda: _with_unknown_field(""),
+    "unknown field in a change": lambda: _with_unknown_field(str(I_QUORUM)),
+    "unknown field in a change's body": lambda: _with_unknown_field(f"{I_QUORUM}.set_quorum"),
+    "unknown field in an add-host change": lambda: _with_unknown_field(f"{I_ADD_HOST}.add_host"),
+    "unknown field in an added operator": lambda: _with_unknown_field(
+        f"{I_ADD_OP}.add_operator.operator"
+    ),
+    "unknown field in the settings": lambda: _with_unknown_field(
+        f"{I_SETTINGS}.set_settings.settings"
+    ),
+    "two concatenated halves": _concatenated,
+    "a default value written out": _default_written_out,
+    "fields out of order": _fields_out_of_order,
+    "a non-minimal varint": _long_varint,
+}
+
+
+@pytest.mark.parametrize("case", list(NON_CANONICAL))
+def test_a_proposal_must_be_canonical_bytes(case: str) -> None:
+    # Issue 21 item 6: approvers sign the bytes; every byte must be one they are shown, and
+    # there is exactly one encoding of each proposal.
+    raw = NON_CANONICAL[case]()
     assert raw != BASE_PROPOSAL.raw
-    parsed = Proposal.from_bytes(raw)
-    assert parsed.message == BASE_PROPOSAL.message
-    assert parsed.raw == raw
-    assert parsed.id == hashlib.sha256(raw).digest()
-    assert parsed.id != BASE_PROPOSAL.id
+    parsed = domain_pb2.Proposal()
+    parsed.ParseFromString(raw)  # protobuf itself takes every one of them
+    with pytest.raises(MalformedMessageError, match=r"unknown to|canonical form"):
+        Proposal.from_bytes(raw)
+
+
+def test_unknown_fields_and_other_encodings_are_named_in_the_refusal() -> None:
+    with pytest.raises(MalformedMessageError, match=r"fields unknown to hsmdomain\.v1\.Proposal"):
+        Proposal.from_bytes(_with_unknown_field(f"{I_ADD_OP}.add_operator.operator"))
+    with pytest.raises(MalformedMessageError, match="serialize it deterministically"):
+        Proposal.from_bytes(_fields_out_of_order())
+
+
+def test_a_state_carrying_a_non_canonical_proposal_is_refused() -> None:
+    message = _state_message()
+    message.proposal = _with_unknown_field("")
+    with pytest.raises(MalformedMessageError, match="unknown to"):
+        SealedState.from_message(message)
 
 
 # --- hypothesis: Proposal roundtrip ---------------------------------------------------------
@@ -316,7 +486,7 @@ def _host_change_for(domain_id: str) -> domain_pb2.Change:
     proposer_id=st.sampled_from(OPERATOR_IDS),
     created_at=st.integers(min_value=-(2**62), max_value=2**62),
     lifetime=st.integers(min_value=1, max_value=10**9),
-    reason=st.text(max_size=40),
+    reason=st.text(max_size=40).filter(str.isprintable),
     nonce=st.binary(min_size=16, max_size=16),
 )
 def test_proposal_roundtrip(
@@ -491,6 +661,8 @@ STATE_MUTATIONS: dict[str, Callable[[domain_pb2.SealedState], None]] = {
     "proposal garbage": _s("proposal", b"\xff"),
     "proposal invalid": _s("proposal", _ser(domain_pb2.Proposal(domain_id="test"))),
     "no producer": _s("producer_host_id", ""),
+    "producer id with a newline": _s("producer_host_id", "hsa-1\n"),
+    "producer id with an ANSI escape": _s("producer_host_id", "hsa-1\x1b[2J"),
     "no signature": _s("producer_signature", b""),
 }
 

@@ -13,20 +13,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from support.simulator import SimulatedDomain, new_operator
+from support.simulator import SimulatedDomain, forge_unchained_state, new_host, new_operator
 
 from domain_core import quorum
 from domain_core.errors import (
     AlreadyExistsError,
+    BadSignatureError,
+    ChainGapError,
     FailedPreconditionError,
+    ForkError,
+    GenesisMismatchError,
     HsmDomainError,
     InvalidInputError,
     MalformedMessageError,
     ProposalExpiredError,
+    QuorumNotMetError,
     StaleProposalError,
     UnknownSignerError,
 )
-from domain_core.model import SealedState, default_settings
+from domain_core.model import Proposal, SealedState, default_settings
 from domain_core.pb import domain_pb2
 from operator_tool._render import (
     change_json,
@@ -41,11 +46,13 @@ from operator_tool._render import (
 )
 from operator_tool._review import review, review_json, review_lines, summary_json
 from operator_tool._signing import parse_duration
+from operator_tool.cli import main
 from operator_tool.offline import (
     approval_document,
     export_document,
     read_approval_file,
     read_export_file,
+    verify_bundle,
     write_document,
 )
 
@@ -598,7 +605,9 @@ def test_parse_duration_refuses(text: str) -> None:
 
 def _export(sim: SimulatedDomain, tmp_path: Path, **changes: object) -> Path:
     proposal = sim.propose([sim.rotate_domain_key_change()])
-    document = export_document(proposal, sim.head, sim.approve(proposal, [0]), sim.now)
+    document = export_document(
+        proposal, list(sim.states), sim.approve(proposal, [0]), sim.now, sim.genesis_hash
+    )
     document.update(changes)
     path = tmp_path / f"export-{len(list(tmp_path.iterdir()))}.json"
     path.write_text(json.dumps(document))
@@ -607,19 +616,26 @@ def _export(sim: SimulatedDomain, tmp_path: Path, **changes: object) -> Path:
 
 def test_export_file_round_trip(sim: SimulatedDomain, tmp_path: Path) -> None:
     path = _export(sim, tmp_path)
-    proposal, manifest_raw, approvals = read_export_file(path)
-    assert manifest_raw == sim.head.message.manifest
+    proposal, chain, approvals = read_export_file(path)
+    assert [s.hash for s in chain] == [s.hash for s in sim.states]
     assert proposal.base_version == 1
     assert [a.operator_id for a in approvals] == [sim.operators[0].operator_id]
     r = review(proposal, approvals, head=sim.head, states={1: sim.head}, now=sim.now)
     assert r.approved_by == (sim.operators[0].operator_id,)
+    bundle = verify_bundle(path, sim.genesis_hash)
+    assert bundle.base.hash == sim.head.hash
+    assert bundle.proposal.id == proposal.id
 
 
 @pytest.mark.parametrize(
     ("changes", "cause"),
     [
         ({"format": "other"}, "format is not"),
-        ({"version": 2}, "version is not 1"),
+        ({"version": 1}, "an export of version 1 carries no chain from the genesis"),
+        ({"version": 3}, "version is not 2"),
+        ({"chain": []}, "chain is not a list of states"),
+        ({"chain": ["AAAA"]}, "chain[0] is not a domain state"),
+        ({"genesis_hash": "00"}, "genesis_hash is not 64 hex characters"),
         ({"extra": 1}, "unexpected ['extra']"),
         ({"proposal_id": "00" * 32}, "do not hash to the proposal id"),
         ({"base_version": 7}, "differ from the proposal's own"),
@@ -649,3 +665,241 @@ def test_approval_file(sim: SimulatedDomain, tmp_path: Path) -> None:
     path.write_text(json.dumps(document))
     with pytest.raises(MalformedMessageError, match="operator_id is not 64 lowercase hex"):
         read_approval_file(path)
+
+
+# --- issue 21: what the operator signs is what they reviewed -------------------------------
+
+
+def test_review_says_whether_the_proposer_signed(sim: SimulatedDomain) -> None:
+    # Item 4: a proposal naming op0 as proposer, approved by op1 and op2 but never by op0.
+    proposal = sim.propose([sim.set_quorum_change(1)], proposer=0)
+    unsigned = review(
+        proposal, sim.approve(proposal, [1, 2]), head=sim.head, states=_states(sim), now=sim.now
+    )
+    assert not unsigned.proposer_signed
+    assert unsigned.needed == 1  # two of two, but the proposer's own approval is missing
+    text = "\n".join(review_lines(unsigned))
+    assert "pending: 2 of 2 approvals, but NOT SIGNED BY ITS PROPOSER: it cannot apply" in text
+    assert "proposer  op0 (" in text
+    assert "NOT SIGNED: no approval by this operator verifies under version 1" in text
+    assert summary_json(unsigned)["proposer_signed"] is False
+    with pytest.raises(BadSignatureError, match=r"names op0 .* as its proposer, but carries no"):
+        unsigned.require_proposer_signed()
+
+    signed = review(
+        proposal, sim.approve(proposal, [0]), head=sim.head, states=_states(sim), now=sim.now
+    )
+    assert signed.proposer_signed
+    signed.require_proposer_signed()
+    lines = review_lines(signed)
+    assert any(
+        line.startswith("proposer  op0 (")
+        and line.endswith("signed: their approval verifies under their key in version 1")
+        for line in lines
+    ), lines
+    assert summary_json(signed)["proposer_signed"] is True
+
+
+HOSTILE_TEXT = (
+    "cancelled by op1\n\x1b[2Kproposal  rotate-domain-key\r\x1b[30;40mhidden\x1b[0m\u202eesrever"
+)
+
+
+def _assert_inert(text: str) -> None:
+    for raw in ("\x1b", "\r", "\u202e", "\x9b"):
+        assert raw not in text
+    for line in text.split("\n"):
+        assert line.isprintable(), line
+    assert "rotate-domain-key\n" not in text
+
+
+def test_review_escapes_what_the_coordinator_relays(sim: SimulatedDomain) -> None:
+    # Item 5: a lying coordinator's detail and a relayed approval whose operator id carries
+    # escapes reach the review as visible escapes, never as terminal codes or new lines.
+    proposal = sim.propose([sim.rotate_domain_key_change()])
+    junk = domain_pb2.Approval(
+        proposal_id=proposal.id, operator_id="\x1b[2J\nop9", signature=b"\x01" * 64
+    )
+    cancelled = review(
+        proposal,
+        [*sim.approve(proposal, [0]), junk],
+        head=sim.head,
+        states=_states(sim),
+        now=sim.now,
+        coordinator_state="cancelled",
+        coordinator_detail=HOSTILE_TEXT,
+    )
+    lines = review_lines(cancelled)
+    text = "\n".join(lines)
+    _assert_inert(text)
+    assert "\\x1b[2Kproposal  rotate-domain-key\\r" in text
+    # The relayed operator id, shown in the "not counted" line (in groups of four).
+    assert "not counted      \\x1b[2J \\nop9 (not an operator" in text
+    assert not any(line.startswith("proposal  rotate-domain-key") for line in lines)
+    assert "\\u202eesrever" in text
+
+
+def test_tables_and_change_lines_escape_every_cell() -> None:
+    lines = table([["HOST", "ADDRESS"], ["hsa-1", "127.0.0.1:1\n\x1b[31mhsa-9  evil"]])
+    _assert_inert("\n".join(lines))
+    assert len(lines) == 2
+    assert lines[1].endswith("127.0.0.1:1\\n\\x1b[31mhsa-9  evil")
+
+
+def _bundle(
+    tmp_path: Path,
+    proposal: Proposal,
+    chain: list[SealedState],
+    approvals: list[domain_pb2.Approval],
+    now: int,
+    genesis_hash: bytes,
+) -> Path:
+    path = tmp_path / f"bundle-{len(list(tmp_path.iterdir()))}.json"
+    path.write_text(json.dumps(export_document(proposal, chain, approvals, now, genesis_hash)))
+    return path
+
+
+def test_an_unchained_state_is_refused_offline(sim: SimulatedDomain, tmp_path: Path) -> None:
+    """Item 8: a forged "version 7" listing an attacker host, signed by that host (one of its
+    own), with the real operators: an insider (op0) proposes against it. Before the fix
+    `sign-offline` checked only that signature; now the chain from the pinned genesis must
+    lead to it, whatever the bundle carries."""
+    attacker = new_host(sim.domain_id, "hsa-66")
+    forged = forge_unchained_state(sim.head, 7, attacker)
+    assert forged.manifest.host_signing_key("hsa-66") is not None  # "signed by its own host"
+    proposal = sim.propose([sim.rotate_domain_key_change()], base=forged, proposer=0)
+    refusals = {
+        "the forged state alone": (
+            [forged],
+            GenesisMismatchError,
+            "a genesis state has version 1, not 7",
+        ),
+        "the genesis, then the forged state": (
+            [sim.genesis, forged],
+            ChainGapError,
+            "state version 7 skips versions after 1",
+        ),
+        "the genesis, then a forged version 2": (
+            [sim.genesis, forge_unchained_state(sim.head, 2, attacker)],
+            ForkError,
+            "does not follow the verified state 1",
+        ),
+        "the genesis, then a version 2 linked to it but signed by the attacker's host": (
+            [
+                sim.genesis,
+                forge_unchained_state(sim.head, 2, attacker, previous_state_hash=sim.genesis.hash),
+            ],
+            UnknownSignerError,
+            "signed by host 'hsa-66', which the domain does not trust",
+        ),
+    }
+    for what, (chain, error, cause) in refusals.items():
+        against = proposal
+        if chain[-1].version != proposal.base_version:
+            against = sim.propose([sim.rotate_domain_key_change()], base=chain[-1], proposer=0)
+        path = _bundle(
+            tmp_path, against, chain, sim.approve(against, [0]), sim.now, sim.genesis_hash
+        )
+        with pytest.raises(error) as raised:
+            verify_bundle(path, sim.genesis_hash)
+        assert cause in raised.value.message, what
+        assert "do not sign anything it shows" in raised.value.message, what
+
+    # A whole forged history from another genesis of the same domain id: the pin decides.
+    other = SimulatedDomain.create(domain_id=sim.domain_id, operators=3, threshold=1)
+    other.advance(60)
+    other.transition([other.add_host_change("hsa-66")])
+    theirs = other.propose([other.rotate_domain_key_change()], proposer=0)
+    path = _bundle(
+        tmp_path,
+        theirs,
+        list(other.states),
+        other.approve(theirs, [0]),
+        sim.now,
+        other.genesis_hash,
+    )
+    verify_bundle(path, other.genesis_hash)  # it is a valid chain of *their* domain ...
+    with pytest.raises(GenesisMismatchError, match="the genesis you pinned"):
+        verify_bundle(path, sim.genesis_hash)  # ... not of the one this operator pinned
+
+
+def test_an_honest_bundle_verifies_and_a_tampered_one_does_not(
+    sim: SimulatedDomain, tmp_path: Path
+) -> None:
+    sim.advance(60)
+    sim.transition([sim.add_host_change("hsa-4")])
+    sim.advance(60)
+    sim.transition([sim.set_quorum_change(3)], approvers=[0, 1, 2])
+    proposal = sim.propose([sim.rotate_domain_key_change()], proposer=1)
+    approvals = sim.approve(proposal, [1])
+    honest = _bundle(tmp_path, proposal, list(sim.states), approvals, sim.now, sim.genesis_hash)
+    bundle = verify_bundle(honest, sim.genesis_hash)
+    assert (bundle.base.version, bundle.base.hash) == (3, sim.head.hash)
+    r = review(
+        bundle.proposal, bundle.approvals, head=bundle.base, states=bundle.states, now=sim.now
+    )
+    assert (r.state, r.threshold, r.proposer_signed) == ("pending", 3, True)
+
+    missing = _bundle(
+        tmp_path, proposal, [sim.states[0], sim.states[2]], approvals, sim.now, sim.genesis_hash
+    )
+    with pytest.raises(ChainGapError):
+        verify_bundle(missing, sim.genesis_hash)
+    # A state of the chain with its approvals taken out (they are not under its hash).
+    stripped = SealedState.from_message(
+        domain_pb2.SealedState(
+            manifest=sim.states[1].message.manifest,
+            secrets=sim.states[1].message.secrets,
+            proposal=sim.states[1].message.proposal,
+            producer_host_id=sim.states[1].message.producer_host_id,
+            producer_signature=sim.states[1].message.producer_signature,
+        )
+    )
+    chain = [sim.states[0], stripped, sim.states[2]]
+    path = _bundle(tmp_path, proposal, chain, approvals, sim.now, sim.genesis_hash)
+    with pytest.raises(QuorumNotMetError):
+        verify_bundle(path, sim.genesis_hash)
+    # The chain ends one state early: the proposal is not for its last state.
+    short = _bundle(tmp_path, proposal, list(sim.states), approvals, sim.now, sim.genesis_hash)
+    document = json.loads(short.read_text())
+    document["chain"] = document["chain"][:-1]
+    short.write_text(json.dumps(document))
+    with pytest.raises(StaleProposalError, match="ends at version 2"):
+        verify_bundle(short, sim.genesis_hash)
+
+
+def test_the_operators_own_state_must_be_in_the_verified_chain(
+    sim: SimulatedDomain, tmp_path: Path
+) -> None:
+    v1 = sim.head
+    sim.advance(60)
+    v2 = sim.transition([sim.rotate_domain_key_change()])
+    proposal = sim.propose([sim.set_quorum_change(3)])
+    path = _bundle(
+        tmp_path, proposal, list(sim.states), sim.approve(proposal, [0]), sim.now, sim.genesis_hash
+    )
+    verify_bundle(path, sim.genesis_hash, own_state=(v1, "v1.state"))
+    verify_bundle(path, sim.genesis_hash, own_state=(v2, "v2.state"))
+    # Another version 2 (what the operator saw elsewhere): two histories.
+    other = sim.propose([sim.set_quorum_change(1)], base=v1)
+    other_v2 = sim.apply(other, sim.approve(other, [0, 1]), base=v1, append=False)
+    with pytest.raises(ForkError, match="is not the state of that version in the verified"):
+        verify_bundle(path, sim.genesis_hash, own_state=(other_v2, "mine.state"))
+    # The operator has seen version 3 already: the proposal for version 2 is stale.
+    sim.advance(60)
+    v3 = sim.transition([sim.rotate_domain_key_change()])
+    with pytest.raises(StaleProposalError, match="past this proposal's base version 2"):
+        verify_bundle(path, sim.genesis_hash, own_state=(v3, "v3.state"))
+
+
+@pytest.mark.parametrize("command", ["approve", "cancel"])
+def test_signing_without_asking_needs_the_full_id(
+    command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Item 4: refused before anything is read or fetched (the domain directory is absent).
+    missing = str(tmp_path / "no-such-domain")
+    assert main([command, "9f704d9e", "--yes", "--cluster", missing]) == 2
+    assert f"{command} --yes needs the full proposal id" in capsys.readouterr().err
+    full = "9f704d9e" * 8
+    assert main([command, full, "--yes", "--cluster", missing]) == 1  # then: no domain there
+    assert "needs the full proposal id" not in capsys.readouterr().err

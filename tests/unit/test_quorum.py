@@ -691,3 +691,89 @@ def test_approve_signs_domain_separated_id() -> None:
     assert approval.operator_id == OPS[1].operator_id
     OPS[1].signer.public_key.verify(approval.signature, quorum.approval_message(PROPOSAL.id))
     assert quorum.approval_message(PROPOSAL.id) != quorum.cancel_message(PROPOSAL.id)
+
+
+# --- the proposer's own signature (issue 21, item 4) -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("threshold", "proposer", "approvers", "met"),
+    [
+        (1, 0, [0], True),  # the proposer alone, at threshold 1
+        (1, 0, [1], False),  # someone else alone: alice's name on a change she never signed
+        (1, 0, [1, 2, 3, 4], False),  # every other operator still is not the proposer
+        (3, 0, [1, 2, 3], False),
+        (3, 0, [0, 1, 2], True),
+        (3, 4, [0, 1, 2], False),
+        (3, 4, [4, 0, 1], True),
+        (5, 2, [0, 1, 2, 3, 4], True),
+    ],
+)
+def test_a_proposal_counts_only_with_its_proposers_own_approval(
+    threshold: int, proposer: int, approvers: list[int], met: bool
+) -> None:
+    sim = SimulatedDomain.create(operators=5, threshold=threshold)
+    proposal = sim.propose([sim.rotate_domain_key_change()], proposer=proposer)
+    approvals = sim.approve(proposal, approvers)
+    result = quorum.evaluate(sim.head.manifest, proposal, approvals)
+    assert result.proposer_id == proposal.proposer_id
+    assert result.proposer_approved is (proposer in approvers)
+    assert result.met is met
+    if not result.proposer_approved:
+        assert result.needed >= 1
+    if met:
+        quorum.verify_quorum(sim.head.manifest, sim.head.hash, proposal, approvals, now=sim.now)
+    else:
+        with pytest.raises(QuorumNotMetError):
+            quorum.verify_quorum(sim.head.manifest, sim.head.hash, proposal, approvals, now=sim.now)
+
+
+def test_a_forged_or_foreign_proposer_approval_does_not_stand_in_for_it() -> None:
+    sim = SimulatedDomain.create(operators=3, threshold=1)
+    proposal = sim.propose([sim.set_quorum_change(1)], proposer=0)
+    bob = sim.approve(proposal, [1])[0]
+    alice_key = sim.operators[0].operator_id
+    cases = {
+        "bob's signature under alice's id": _approval(alice_key, proposal.id, bob.signature),
+        "alice's signature of another proposal": sim.approve(
+            sim.propose([sim.set_quorum_change(1)], proposer=0), [0]
+        )[0],
+        "alice's signature with a flipped bit": _approval(
+            alice_key,
+            proposal.id,
+            bytes([sim.approve(proposal, [0])[0].signature[0] ^ 1])
+            + sim.approve(proposal, [0])[0].signature[1:],
+        ),
+    }
+    for what, forged in cases.items():
+        with pytest.raises(QuorumNotMetError) as info:
+            quorum.verify_quorum(
+                sim.head.manifest, sim.head.hash, proposal, [bob, forged], now=sim.now
+            )
+        assert "not signed by the proposer it names" in str(info.value), what
+        assert alice_key[:16] in str(info.value), what
+
+
+def test_the_refusal_says_the_proposer_did_not_sign(advanced: SimulatedDomain) -> None:
+    p = advanced.propose([advanced.rotate_domain_key_change()], proposer=0)
+    with pytest.raises(QuorumNotMetError) as info:
+        quorum.verify_quorum(
+            advanced.head.manifest,
+            advanced.head.hash,
+            p,
+            advanced.approve(p, [1, 2]),
+            now=advanced.now,
+        )
+    message = str(info.value)
+    assert message.startswith("2 of 2 approvals for rotate-domain-key")
+    assert "not signed by the proposer it names" in message
+    assert "1 more needed" in message
+
+
+def test_cancel_votes_need_no_proposer() -> None:
+    sim = SimulatedDomain.create(operators=3, threshold=2)
+    proposal = sim.propose([sim.rotate_domain_key_change()], proposer=0)
+    votes = [quorum.cancel(proposal.id, sim.operators[i].signer) for i in (1, 2)]
+    result = quorum.evaluate_cancel(sim.head.manifest, proposal, votes)
+    assert result.proposer_id == ""
+    assert result.met

@@ -409,7 +409,7 @@ def test_apply_changes_reports_rotation_and_leaves_base_alone(sim: SimulatedDoma
 
 
 def test_next_manifest_metadata(sim: SimulatedDomain) -> None:
-    proposal = sim.propose([sim.add_host_change("hsa-60")])
+    proposal = sim.propose([sim.add_host_change("hsa-60")], proposer=1)
     approvals = sim.approve(proposal, [1, 2])
     now = sim.now + 42
     manifest, result = transition.next_manifest(sim.state_head(), proposal, approvals, now=now)

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from domain_core import crypto, enrollment, quorum
+from domain_core.model import Proposal
 from domain_core.signers import PublicKey, SignatureAlgorithm
 
 pytestmark = pytest.mark.unit
@@ -73,3 +74,13 @@ def test_committed_enrollment_vector_verifies() -> None:
     seed = bytes.fromhex(v["signing_seed"])
     assert crypto.x25519_private_from_ed25519_seed(seed).hex() == v["agreement_private_key"]
     assert crypto.x25519_public_from_private(bytes.fromhex(v["agreement_private_key"])) == agreement
+
+
+def test_committed_proposal_bytes_still_parse_under_the_proposal_rules() -> None:
+    # Issue 21, item 6: canonical bytes, no unknown field, at most 64 KiB, printable reason;
+    # the golden proposal was serialized deterministically, so the rule changes no vector.
+    committed = json.loads((VECTORS / "canonical.json").read_text())
+    raw = bytes.fromhex(committed["proposal_bytes"])
+    proposal = Proposal.from_bytes(raw)
+    assert proposal.id.hex() == committed["proposal_id"]
+    assert proposal.raw == raw
