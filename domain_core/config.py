@@ -185,6 +185,9 @@ class CoordinatorConfig(_ConfigBase):
     hsa_call_timeout_seconds: float = 10.0
     # How long a deleted key record is kept as a tombstone (recoverable, never reused).
     key_tombstone_days: int = 30
+    # How long a closed proposal (applied, expired, cancelled, stale, rejected) is kept for
+    # operators to look up before it is purged with its approvals (once it has expired too).
+    proposal_retention_days: int = 30
     # Overrides of `domain_core.limits.Limits` (e.g. {"max_keys_per_principal": 1000}).
     limits: dict[str, float] = field(default_factory=dict)
     base_dir: Path | None = field(default=None, compare=False, repr=False)
@@ -192,11 +195,12 @@ class CoordinatorConfig(_ConfigBase):
     def __post_init__(self) -> None:
         validate_domain_id(self.domain_id)
         _check_hash(self.genesis_hash)
-        days = self.key_tombstone_days
-        if isinstance(days, bool) or not isinstance(days, int) or not 1 <= days <= 3650:
-            raise InvalidInputError(
-                f"key_tombstone_days must be a whole number of days from 1 to 3650, not {days!r}"
-            )
+        for name in ("key_tombstone_days", "proposal_retention_days"):
+            days = getattr(self, name)
+            if isinstance(days, bool) or not isinstance(days, int) or not 1 <= days <= 3650:
+                raise InvalidInputError(
+                    f"{name} must be a whole number of days from 1 to 3650, not {days!r}"
+                )
         self.effective_limits()
 
     def effective_limits(self) -> Limits:

@@ -47,6 +47,13 @@ class Limits:
     coordinator_reads_per_second: float = 50.0
     coordinator_read_burst: int = 200
     coordinator_states_per_token: int = 10
+    # A page of ListProposals costs one token per `coordinator_proposals_per_token` proposals
+    # beyond the first call (each one is parsed and its approvals counted).
+    coordinator_proposals_per_token: int = 5
+    # Proposals the coordinator keeps pending: in all, and of one proposer, so that one
+    # operator cannot fill the store (nor the global cap, blocking the others).
+    max_pending_proposals: int = 1000
+    max_pending_proposals_per_operator: int = 32
     # CreateKey per principal, on each HSA process (a token bucket): AWS KMS allows 5 per
     # second per account, with bursts.
     create_key_per_second: float = 5.0
