@@ -78,6 +78,7 @@ import logging
 import random
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -142,6 +143,7 @@ PURGE_INTERVAL_SECONDS = 3600.0
 # the next sweep); both are found by the store without reading proposals.
 _SWEEP_BATCH = 1000
 _ADDITIONS_PAGE = 100  # pending proposals read at a time for the hosts they add
+_EVALUATIONS_KEPT = 4096  # quorum counts of listed proposals remembered (`_evaluation`)
 _HSA_ONLY = "this call needs an HSA certificate"
 _PENDING_ADDITIONS_TTL_SECONDS = 1.0  # how long the hosts named by pending add-hosts are cached
 _REPLACED_STREAM_WAIT_SECONDS = 2.0  # a replaced stream gives its global slot back within this
@@ -308,6 +310,10 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
         self._throttled = _ThrottledLog()
         self._tombstone_seconds = tombstone_seconds
         self._proposal_retention_seconds = proposal_retention_seconds
+        self._evaluations: OrderedDict[tuple[bytes, bytes, int, int], tuple[int, str]] = (
+            OrderedDict()
+        )
+        self._evaluations_lock = threading.Lock()
         self._fence_lock = threading.Lock()
         self._fences = _NO_FENCES
         self._deferrals: dict[str, _Deferral] = {}
@@ -559,27 +565,48 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
 
     def _status(self, record: ProposalRecord) -> services_pb2.ProposalStatus:
         """The wire form of a stored proposal, with the threshold under the head's policy."""
-        head = self.head
-        proposal = Proposal.from_bytes(record.proposal, self._limits)
         approvals = [domain_pb2.Approval.FromString(a) for a in record.approvals]
-        result = quorum.evaluate(head.manifest, proposal, approvals)
+        threshold, standing = self._evaluation(record, approvals)
         detail = record.detail
         if record.state is ProposalState.PENDING and not detail:
-            detail = result.describe() + (
-                f"; {result.needed} more needed" if not result.met else "; quorum reached"
-            )
-            if record.cancel_votes:
-                detail += f"; {self._cancel_standing(record)}"
+            detail = standing
         return services_pb2.ProposalStatus(
             proposal_id=record.proposal_id,
             proposal=record.proposal,
             approvals=approvals,
             state=_STATE_TO_PROTO[record.state],
-            threshold=result.threshold,
+            threshold=threshold,
             applied_version=record.applied_version,
             detail=detail,
             cancel_votes=[domain_pb2.CancelVote.FromString(v) for v in record.cancel_votes],
         )
+
+    def _evaluation(
+        self, record: ProposalRecord, approvals: Sequence[domain_pb2.Approval]
+    ) -> tuple[int, str]:
+        """The threshold of a stored proposal under the head, and where its approvals (and
+        votes to cancel) stand, in words: `quorum.evaluate`'s count, remembered per head and
+        number of approvals and votes (neither is ever replaced or withdrawn), so that listing
+        the same proposals again parses and verifies nothing again."""
+        head = self.head
+        key = (record.proposal_id, head.hash, len(record.approvals), len(record.cancel_votes))
+        with self._evaluations_lock:
+            known = self._evaluations.get(key)
+            if known is not None:
+                self._evaluations.move_to_end(key)
+                return known
+        proposal = Proposal.from_bytes(record.proposal, self._limits)
+        result = quorum.evaluate(head.manifest, proposal, approvals)
+        standing = result.describe() + (
+            f"; {result.needed} more needed" if not result.met else "; quorum reached"
+        )
+        if record.cancel_votes:
+            standing += f"; {self._cancel_standing(record)}"
+        with self._evaluations_lock:
+            self._evaluations[key] = (result.threshold, standing)
+            while len(self._evaluations) > _EVALUATIONS_KEPT:
+                self._evaluations.popitem(last=False)
+        return result.threshold, standing
 
     @staticmethod
     def _refuse_closed(record: ProposalRecord) -> None:
