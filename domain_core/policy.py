@@ -87,7 +87,14 @@ def granted_operations(policy: keys_pb2.KeyPolicy) -> Mapping[str, frozenset[int
         for principal in grant.principals:
             if principal:
                 granted.setdefault(principal, set()).update(operations)
-    return MappingProxyType({p: frozenset(ops) for p, ops in granted.items() if ops})
+    # Principals with the same operations share one frozenset (a set of 7 costs ~700 bytes).
+    shared: dict[frozenset[int], frozenset[int]] = {}
+    decisions: dict[str, frozenset[int]] = {}
+    for principal, operations in granted.items():
+        if operations:
+            frozen = frozenset(operations)
+            decisions[principal] = shared.setdefault(frozen, frozen)
+    return MappingProxyType(decisions)
 
 
 def require_granted(
