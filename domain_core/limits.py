@@ -36,6 +36,9 @@ class Limits:
     max_key_description_chars: int = 8192
     max_policy_grants: int = 64
     max_principals_per_grant: int = 64
+    # A key policy's serialized size (AWS KMS caps a key policy at 32 KiB): the policy is
+    # carried in every copy of the key's record and parsed into every HSA's key cache.
+    max_policy_bytes: int = 32 * 1024
     max_random_bytes: int = 1024
     # The coordinator's quotas. WatchStates streams one host may hold open at a time (a new
     # one replaces its oldest), on top of the coordinator's global cap on streams.
