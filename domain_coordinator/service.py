@@ -696,6 +696,8 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
             base_state_hash=proposal.base_state_hash,
             max_pending=self._limits.max_pending_proposals,
             max_pending_per_proposer=self._limits.max_pending_proposals_per_operator,
+            max_stored_per_proposer=self._limits.max_stored_proposals_per_operator,
+            now=now,
         )
         if not created:
             raise AlreadyExistsError(

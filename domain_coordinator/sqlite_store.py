@@ -378,6 +378,8 @@ class SqliteStore:
         base_state_hash: bytes = b"",
         max_pending: int = 0,
         max_pending_per_proposer: int = 0,
+        max_stored_per_proposer: int = 0,
+        now: int = 0,
     ) -> bool:
         _check_bytes(proposal_id, "proposal_id")
         _check_bytes(proposal, "proposal")
@@ -413,6 +415,8 @@ class SqliteStore:
                         f"have ({max_pending_per_proposer}); cancel some of yours (or wait for "
                         "them to be applied or to expire) first"
                     )
+            if max_stored_per_proposer and proposer:
+                self._make_room(db, proposer, max_stored_per_proposer, now)
             db.execute(
                 "INSERT INTO proposals (proposal_id, proposal, state, created_at, expires_at, "
                 "proposer, base_version, base_state_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -474,6 +478,38 @@ class SqliteStore:
                 (proposal_id, operator_id, vote),
             )
             return cursor.rowcount == 1
+
+    @staticmethod
+    def _make_room(db: sqlite3.Connection, proposer: str, most: int, now: int) -> None:
+        """Purge `proposer`'s oldest closed proposals that expired before `now` until one more
+        fits under `most` stored; ResourceExhaustedError when not enough of them can go."""
+        stored = int(
+            db.execute("SELECT COUNT(*) FROM proposals WHERE proposer = ?", (proposer,)).fetchone()[
+                0
+            ]
+        )
+        excess = stored - most + 1
+        if excess <= 0:
+            return
+        doomed = [
+            bytes(r[0])
+            for r in db.execute(
+                "SELECT proposal_id FROM proposals WHERE proposer = ? AND state != ? "
+                "AND expires_at < ? ORDER BY closed_at, seq LIMIT ?",
+                (proposer, ProposalState.PENDING.value, now, excess),
+            )
+        ]
+        if len(doomed) < excess:
+            raise ResourceExhaustedError(
+                f"you have {stored} proposals at this coordinator, the most one operator may keep "
+                f"({most}), and too few of them are closed and expired to make room: wait for "
+                "some to expire"
+            )
+        for table in ("approvals", "cancel_votes", "proposals"):
+            db.executemany(
+                f"DELETE FROM {table} WHERE proposal_id = ?",  # noqa: S608
+                [(proposal_id,) for proposal_id in doomed],
+            )
 
     @staticmethod
     def _record(db: sqlite3.Connection, row: tuple[object, ...]) -> ProposalRecord:

@@ -19,9 +19,10 @@ Invariants every implementation keeps:
   listed a page at a time, newest first (`list_proposals`, a bounded `limit`), and the
   sweeper's questions (which pending ones expired or are stale, which have enough approvals to
   be worth counting) are answered from indexed columns without reading a proposal's bytes;
-- `put_proposal` counts the pending proposals, in all and of the proposer, in the same
-  transaction as the insert, and refuses (ResourceExhaustedError) at either cap, so no race
-  between two submissions passes a cap;
+- `put_proposal` counts the pending proposals, in all and of the proposer, and everything
+  stored of the proposer, in the same transaction as the insert, and refuses
+  (ResourceExhaustedError) at either pending cap, so no race between two submissions passes a
+  cap; at the stored cap it first purges that proposer's oldest closed, expired proposals;
 - a closed proposal is purged (with its approvals and votes to cancel) only by
   `purge_closed_proposals`, and only once it has been closed for the retention period **and**
   has expired: a purged proposal's bytes, if replayed, are refused as expired, never accepted
@@ -213,13 +214,18 @@ class CoordinatorStore(Protocol):
         base_state_hash: bytes = b"",
         max_pending: int = 0,
         max_pending_per_proposer: int = 0,
+        max_stored_per_proposer: int = 0,
+        now: int = 0,
     ) -> bool:
         """Store a new PENDING proposal with its first approvals ((operator id, bytes)).
 
         `proposer`, `base_version` and `base_state_hash` are the proposal's own fields (the
         caller parsed it). Returns False (and changes nothing) if a proposal with this id
         exists already; ResourceExhaustedError, changing nothing, if `max_pending` proposals
-        are pending already, or `max_pending_per_proposer` of `proposer`'s (0: no cap).
+        are pending already, or `max_pending_per_proposer` of `proposer`'s (0: no cap). With
+        `max_stored_per_proposer`, `proposer` keeps at most that many proposals in any state:
+        to make room, their oldest closed ones that expired before `now` are purged (in the
+        same transaction); if none can go, ResourceExhaustedError.
         """
         ...
 

@@ -57,6 +57,10 @@ class Limits:
     # operator cannot fill the store (nor the global cap, blocking the others).
     max_pending_proposals: int = 1000
     max_pending_proposals_per_operator: int = 32
+    # Proposals of one proposer the coordinator keeps in any state: beyond it, their oldest
+    # closed and expired ones are purged before the retention period ends, so that submitting
+    # and cancelling in a loop cannot grow the store.
+    max_stored_proposals_per_operator: int = 1000
     # CreateKey per principal, on each HSA process (a token bucket): AWS KMS allows 5 per
     # second per account, with bursts.
     create_key_per_second: float = 5.0

@@ -28,6 +28,7 @@ import pytest
 from test_coordinator import CoordinatorProcess, Domain, make_domain, operator_stub
 
 from domain_coordinator import server as server_module
+from domain_coordinator import service as service_module
 from domain_coordinator.server import CoordinatorServer
 from domain_coordinator.store import CoordinatorStore, ProposalRecord
 from domain_core import quorum
@@ -179,6 +180,40 @@ def test_one_operator_cannot_fill_the_pending_proposals(
         assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+def test_submitting_and_cancelling_in_a_loop_keeps_the_store_bounded(
+    tmp_path: Path, cleanup: list[Callable[[], None]]
+) -> None:
+    """Mallory cancels each of her proposals and submits another, to grow the store with
+    closed proposals (kept for 30 days). She keeps at most her stored cap: her oldest closed,
+    expired ones make room, and until some have expired she must wait."""
+    domain = make_domain(tmp_path / "d")
+    _configure(domain, max_stored_proposals_per_operator=4)
+    coordinator = _process(domain, tmp_path, cleanup)
+    mallory, bob = domain.operators["alice"], domain.operators["bob"]
+    with CoordinatorClient(coordinator.operator_address, domain.ca_pem) as client:
+        honest = client.propose([rotate_domain_key()], bob)
+        first = []
+        for _ in range(4):
+            view = client.propose([rotate_domain_key()], mallory, expires_in=2)
+            client.cancel(view.proposal_id, mallory)
+            first.append(view.proposal_id)
+        with pytest.raises(UnavailableError, match="too few of them are closed and expired"):
+            client.propose([rotate_domain_key()], mallory, reason=REASON)
+        time.sleep(3.2)  # her closed proposals expire (times are whole seconds)
+        later = []
+        for _ in range(6):
+            view = client.propose([rotate_domain_key()], mallory, expires_in=2, reason=REASON)
+            client.cancel(view.proposal_id, mallory)
+            later.append(view.proposal_id)
+            if len(later) >= 4:
+                time.sleep(3.2)  # the first of these expire in turn
+        stored = _ids(client.list_proposals(include_closed=True))
+        hers = [p for p in stored if p != honest.proposal_id]
+        assert len(hers) == 4
+        assert not set(first) & set(hers)
+        assert honest.proposal_id in stored
+
+
 def client_proposal(domain: Domain, coordinator: CoordinatorProcess) -> Any:
     """A fresh rotate-domain-key proposal by alice for the coordinator's head."""
     from domain_core import crypto
@@ -306,6 +341,25 @@ def test_the_sweeper_and_the_calls_read_only_the_proposals_they_need(
     store.reset()
     assert client.domain_status().pending_proposals == 24 + 2 + 1
     assert store.loaded == []
+    # Listing the same page again counts no approval again; a new approval is counted.
+    evaluations: list[bytes] = []
+    real_evaluate = service_module.quorum.evaluate
+
+    def counting(manifest: Any, proposal: Any, approvals: Any) -> Any:
+        evaluations.append(proposal.id)
+        return real_evaluate(manifest, proposal, approvals)
+
+    monkeypatch.setattr(service_module.quorum, "evaluate", counting)
+    first = client.proposals_page(limit=5)[0]
+    again = client.proposals_page(limit=5)[0]
+    assert evaluations == []  # listed once above already
+    assert [v.detail for v in again] == [v.detail for v in first]
+    approved = client.approve(first[1].proposal_id, carol)
+    after = client.proposals_page(limit=5)[0]
+    assert set(approved.approved_by) == {v.operator_id for v in after[1].approvals}
+    assert after[1].detail.startswith("no HSA could apply it yet") or "quorum reached" in (
+        after[1].detail
+    )
 
 
 def test_closed_proposals_are_purged_after_the_retention_and_cannot_come_back(

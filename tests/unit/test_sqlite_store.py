@@ -627,3 +627,39 @@ def test_proposals_of_an_older_store_file_get_their_columns(db_path: Path) -> No
         assert [d.proposal_id for d in store.due_proposals(100, 4, BASE, 10)] == [_pid(3)]
     finally:
         store.close()
+
+
+def test_submitting_and_cancelling_in_a_loop_cannot_grow_the_store(
+    store: SqliteStore, db_path: Path
+) -> None:
+    """An operator who cancels each proposal and submits another keeps at most the stored cap:
+    their own oldest closed, expired proposals make room; unexpired ones never go (their bytes
+    could be submitted again)."""
+    caps = {"max_pending_per_proposer": 2, "max_stored_per_proposer": 4}
+    _put(store, 100, proposer="honest", **caps, now=10)
+    for index in range(4):
+        assert _put(store, index, proposer="mallory", expires_at=50, **caps, now=10)
+        store.set_proposal_state(_pid(index), ProposalState.CANCELLED, closed_at=20 + index)
+    store.add_cancel_vote(_pid(0), "op-b", b"vote")
+    # Nothing of hers has expired at 40: she must wait.
+    with pytest.raises(ResourceExhaustedError, match="you have 4 proposals at this coordinator"):
+        _put(store, 4, proposer="mallory", **caps, now=40)
+    assert store.get_proposal(_pid(4)) is None
+    # At 60 they have: each new one purges her oldest closed one, never anyone else's.
+    for index in range(4, 10):
+        assert _put(store, index, proposer="mallory", expires_at=50, **caps, now=60)
+        store.set_proposal_state(_pid(index), ProposalState.CANCELLED, closed_at=60 + index)
+        assert store.count_proposals(include_closed=True, proposer="mallory") == 4
+    kept = [r.proposal_id for r in store.list_proposals(True, limit=20) if r.proposer == "mallory"]
+    assert kept == [_pid(i) for i in (9, 8, 7, 6)]
+    assert store.get_proposal(_pid(100)) is not None
+    with sqlite3.connect(db_path) as check:
+        votes = check.execute("SELECT COUNT(*) FROM cancel_votes").fetchone()[0]
+        approvals = check.execute("SELECT COUNT(*) FROM approvals").fetchone()[0]
+    check.close()
+    assert (votes, approvals) == (0, 5)  # the purged ones' approvals and votes went with them
+    # Pending ones are never purged to make room.
+    assert _put(store, 20, proposer="pending-only", expires_at=50, **caps, now=60)
+    assert _put(store, 21, proposer="pending-only", expires_at=50, **caps, now=60)
+    with pytest.raises(ResourceExhaustedError, match="you have 2 pending proposals already"):
+        _put(store, 22, proposer="pending-only", expires_at=50, **caps, now=60)
