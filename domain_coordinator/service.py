@@ -9,7 +9,16 @@ operators get a clear answer early. Invariants:
   operators (`quorum.check_reachable`), and carries a valid approval by its proposer;
   an approval is stored only after its signature verified under a current operator's key, at
   most one per operator; both are durable before the caller gets an answer;
-- the threshold reported for a proposal is `quorum.evaluate`'s, the rule every HSA applies;
+- the threshold reported for a proposal is `quorum.evaluate`'s, the rule every HSA applies
+  (remembered per proposal, head and number of approvals and votes, which only ever grow);
+- proposals are bounded and never read in bulk: `Limits.max_pending_proposals` pending in all,
+  `max_pending_proposals_per_operator` of one proposer, `max_stored_proposals_per_operator` of
+  one proposer in any state (counted by the store with the insert); `ListProposals` answers a
+  page, newest first, within the message limit, charged to the caller's quota by its size;
+  the sweeper finds expired and stale proposals, and those that may have a quorum, from the
+  store's columns and loads only the latter; a closed proposal is purged after
+  `proposal_retention_seconds` once it has expired (its bytes can never be stored again as
+  new: they are refused as expired);
 - only a proposal's proposer cancels it alone; another current operator's verified cancel
   signature is stored as a vote (one per operator, durable before the answer), and the
   proposal is cancelled once the votes of distinct current operators reach its threshold
