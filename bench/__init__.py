@@ -53,5 +53,6 @@ BENCHMARK_MODULES: list[str] = [
     "bench.audit_append",
     "bench.rewrap",
     "bench.idle_streams",
+    "bench.proposals",
     "bench.peers",
 ]

@@ -97,11 +97,20 @@ def load_host(layout: DomainLayout, host: str) -> LoadedNode:
 
 
 def create_records(
-    layout: DomainLayout, coordinator: str, loaded: LoadedNode, count: int
+    layout: DomainLayout,
+    coordinator: str,
+    loaded: LoadedNode,
+    count: int,
+    *,
+    extra_grants: Sequence[keys_pb2.PolicyGrant] = (),
+    description: str = "",
+    threads: int = 0,
 ) -> list[str]:
-    """Store `count` fresh key records through PutKey as `loaded`'s host, 16 calls at a time;
-    their key ids. Each record is sealed here under the current domain key generation, with
-    the demo application as creator (so its default policy lets it use the key)."""
+    """Store `count` fresh key records through PutKey as `loaded`'s host, 16 calls at a time
+    (or `threads`); their key ids. Each record is sealed here under the current domain key
+    generation, with the demo application as creator (so its default policy lets it use the
+    key), and `extra_grants` and `description` if given (the coordinator stores what an HSA
+    signed: records with policies beyond today's limits, as written before them)."""
     keys = loaded.node.domain_keys()
     domain_key = keys.keys[keys.generation]
     creator = f"spiffe://{layout.domain_id}/client/demo-app"
@@ -116,12 +125,14 @@ def create_records(
 
     def put(index: int) -> str:
         key_id = new_key_id()
+        key_policy = policy.default_policy(creator)
+        key_policy.grants.extend(extra_grants)
         metadata = keys_pb2.KeyMetadata(
             key_id=key_id,
-            description=f"rewrap benchmark {index}",
+            description=description or f"rewrap benchmark {index}",
             state=keys_pb2.KEY_STATE_ENABLED,
             created_at=now,
-            policy=policy.default_policy(creator),
+            policy=key_policy,
             rotation=keys_pb2.RotationSettings(period_days=365),
             current_backing_version=1,
             creator=creator,
@@ -137,7 +148,7 @@ def create_records(
         return key_id
 
     try:
-        with ThreadPoolExecutor(max_workers=PUT_THREADS) as pool:
+        with ThreadPoolExecutor(max_workers=threads or PUT_THREADS) as pool:
             return list(pool.map(put, range(count)))
     finally:
         channel.close()

@@ -27,6 +27,9 @@ MAX_KEY_RECORD_BYTES = 1024 * 1024
 MAX_TOKENS_PER_KEY = 4096
 DEFAULT_KEY_PAGE = 100
 MAX_KEY_PAGE = 1000
+DEFAULT_PROPOSAL_PAGE = 50
+MAX_PROPOSAL_PAGE = 200
+_MAX_PAGE_TOKEN_CHARS = 19  # a positive 63-bit integer in decimal
 MAX_AUDIT_HEADS_PER_REPORT = 64  # an HSA's own log and up to 16 workers' fit with room
 
 KEY_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
@@ -148,6 +151,22 @@ def page_size(value: int, default: int, maximum: int) -> int:
     if value > maximum:
         raise InvalidInputError(f"limit {value} is above the maximum of {maximum}")
     return value
+
+
+def proposal_page_token(value: str, field: str = "page_token") -> int:
+    """A ListProposals page token: empty (0: from the newest) or what a previous answer gave
+    (the decimal place of the last proposal listed)."""
+    if not value:
+        return 0
+    if len(value) > _MAX_PAGE_TOKEN_CHARS or not value.isascii() or not value.isdigit():
+        raise InvalidInputError(
+            f"{field} {value[:24]!r} is not a page token this coordinator gave; pass the "
+            "next_page_token of the previous answer, or none for the first page"
+        )
+    token = int(value)
+    if not 0 < token <= MAX_REPORTED_VERSION:
+        raise InvalidInputError(f"{field} {value[:24]!r} is out of range")
+    return token
 
 
 def key_record(

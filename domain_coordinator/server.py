@@ -209,6 +209,7 @@ class CoordinatorServer:
                 max_streams=self._max_streams,
                 sweep_interval=self._sweep_interval,
                 tombstone_seconds=config.key_tombstone_days * 86_400,
+                proposal_retention_seconds=config.proposal_retention_days * 86_400,
             )
             self._service = service
             hsa_server, hsa_health = self._hsa_server(service)

@@ -9,7 +9,16 @@ operators get a clear answer early. Invariants:
   operators (`quorum.check_reachable`), and carries a valid approval by its proposer;
   an approval is stored only after its signature verified under a current operator's key, at
   most one per operator; both are durable before the caller gets an answer;
-- the threshold reported for a proposal is `quorum.evaluate`'s, the rule every HSA applies;
+- the threshold reported for a proposal is `quorum.evaluate`'s, the rule every HSA applies
+  (remembered per proposal, head and number of approvals and votes, which only ever grow);
+- proposals are bounded and never read in bulk: `Limits.max_pending_proposals` pending in all,
+  `max_pending_proposals_per_operator` of one proposer, `max_stored_proposals_per_operator` of
+  one proposer in any state (counted by the store with the insert); `ListProposals` answers a
+  page, newest first, within the message limit, charged to the caller's quota by its size;
+  the sweeper finds expired and stale proposals, and those that may have a quorum, from the
+  store's columns and loads only the latter; a closed proposal is purged after
+  `proposal_retention_seconds` once it has expired (its bytes can never be stored again as
+  new: they are refused as expired);
 - only a proposal's proposer cancels it alone; another current operator's verified cancel
   signature is stored as a vote (one per operator, durable before the answer), and the
   proposal is cancelled once the votes of distinct current operators reach its threshold
@@ -78,6 +87,7 @@ import logging
 import random
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -113,7 +123,6 @@ from domain_core.errors import (
     ForkError,
     HsmDomainError,
     InvalidInputError,
-    LimitExceededError,
     MalformedMessageError,
     NotFoundError,
     PermissionDeniedError,
@@ -136,10 +145,14 @@ SERVICE_NAME = services_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name
 DEFAULT_MAX_STREAMS = 64
 DEFAULT_SWEEP_INTERVAL_SECONDS = 2.0
 DEFAULT_TOMBSTONE_SECONDS = 30 * 86_400
+DEFAULT_PROPOSAL_RETENTION_SECONDS = 30 * 86_400
 MAX_DEFER_SECONDS = 30.0
 PURGE_INTERVAL_SECONDS = 3600.0
-MAX_PENDING_PROPOSALS = 1000
-MAX_LISTED_PROPOSALS = 1000  # closed ones included: the newest
+# How many proposals one sweep closes, or considers for applying, at most (the rest wait for
+# the next sweep); both are found by the store without reading proposals.
+_SWEEP_BATCH = 1000
+_ADDITIONS_PAGE = 100  # pending proposals read at a time for the hosts they add
+_EVALUATIONS_KEPT = 4096  # quorum counts of listed proposals remembered (`_evaluation`)
 _HSA_ONLY = "this call needs an HSA certificate"
 _PENDING_ADDITIONS_TTL_SECONDS = 1.0  # how long the hosts named by pending add-hosts are cached
 _REPLACED_STREAM_WAIT_SECONDS = 2.0  # a replaced stream gives its global slot back within this
@@ -277,6 +290,7 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
         max_streams: int = DEFAULT_MAX_STREAMS,
         sweep_interval: float = DEFAULT_SWEEP_INTERVAL_SECONDS,
         tombstone_seconds: int = DEFAULT_TOMBSTONE_SECONDS,
+        proposal_retention_seconds: int = DEFAULT_PROPOSAL_RETENTION_SECONDS,
     ) -> None:
         self.domain_id = chain.domain_id
         self._chain = chain
@@ -304,6 +318,11 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
         self._sweeper: threading.Thread | None = None
         self._throttled = _ThrottledLog()
         self._tombstone_seconds = tombstone_seconds
+        self._proposal_retention_seconds = proposal_retention_seconds
+        self._evaluations: OrderedDict[tuple[bytes, bytes, int, int], tuple[int, str]] = (
+            OrderedDict()
+        )
+        self._evaluations_lock = threading.Lock()
         self._fence_lock = threading.Lock()
         self._fences = _NO_FENCES
         self._deferrals: dict[str, _Deferral] = {}
@@ -421,8 +440,8 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
         head = self.head
         wall = self._now()
         found: dict[str, list[_Addition]] = {}
-        for record in self._store.list_proposals():
-            if record.state is not ProposalState.PENDING or wall >= record.expires_at:
+        for record in self._pending_records():
+            if wall >= record.expires_at or not self._for_head(record, head):
                 continue
             try:
                 proposal = Proposal.from_bytes(record.proposal, self._limits)
@@ -439,6 +458,23 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
         with self._additions_lock:
             self._additions = (now, head.version, found)
         return found
+
+    def _pending_records(self) -> Iterator[ProposalRecord]:
+        """Every pending proposal, read a page at a time (newest first)."""
+        before = 0
+        while True:
+            page = self._store.list_proposals(limit=_ADDITIONS_PAGE, before=before)
+            yield from page
+            if len(page) < _ADDITIONS_PAGE:
+                return
+            before = page[-1].seq
+
+    @staticmethod
+    def _for_head(record: ProposalRecord, head: SealedState) -> bool:
+        """Whether a stored proposal names the head as its base (from the stored columns)."""
+        return record.base_version == head.version and crypto.constant_time_equal(
+            record.base_state_hash, head.hash
+        )
 
     def _forget_pending_additions(self) -> None:
         with self._additions_lock:
@@ -492,41 +528,94 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
         """Expire or stale a pending proposal whose time or base has passed; the new record."""
         if record.state is not ProposalState.PENDING:
             return record
-        head = self.head
-        proposal = Proposal.from_bytes(record.proposal, self._limits)
-        if now >= record.expires_at:
-            state, detail = ProposalState.EXPIRED, f"expired at {_iso(record.expires_at)}"
-        elif proposal.base_version != head.version or proposal.base_state_hash != head.hash:
-            state, detail = ProposalState.STALE, _stale_detail(head.version, proposal.base_version)
-        else:
+        closing = self._closing(
+            record.expires_at, record.base_version, record.base_state_hash, self.head, now
+        )
+        if closing is None:
             return record
-        if self._store.set_proposal_state(record.proposal_id, state, detail):
+        state, detail = closing
+        if self._store.set_proposal_state(record.proposal_id, state, detail, closed_at=now):
             log.info("proposal %s is %s: %s", record.proposal_id.hex()[:16], state.value, detail)
         return self._load(record.proposal_id)
 
+    @staticmethod
+    def _closing(
+        expires_at: int, base_version: int, base_state_hash: bytes, head: SealedState, now: int
+    ) -> tuple[ProposalState, str] | None:
+        """The final state (and its detail) of a pending proposal whose time or base has
+        passed, from its stored columns; None while it may still apply."""
+        if now >= expires_at:
+            return ProposalState.EXPIRED, f"expired at {_iso(expires_at)}"
+        if base_version != head.version or not crypto.constant_time_equal(
+            base_state_hash, head.hash
+        ):
+            return ProposalState.STALE, _stale_detail(head.version, base_version)
+        return None
+
+    def _close_due(self) -> None:
+        """Expire or stale every pending proposal the clock or the head overtook: found by
+        the store from indexed columns (nothing else is read), closed in one transaction."""
+        now = self._now()
+        head = self.head
+        due = self._store.due_proposals(now, head.version, head.hash, _SWEEP_BATCH)
+        closings = []
+        for summary in due:
+            closing = self._closing(
+                summary.expires_at, summary.base_version, summary.base_state_hash, head, now
+            )
+            if closing is not None:
+                closings.append((summary.proposal_id, *closing))
+        if not closings:
+            return
+        closed = set(self._store.close_proposals(closings, now))
+        for proposal_id, state, detail in closings:
+            if proposal_id in closed:
+                log.info("proposal %s is %s: %s", proposal_id.hex()[:16], state.value, detail)
+
     def _status(self, record: ProposalRecord) -> services_pb2.ProposalStatus:
         """The wire form of a stored proposal, with the threshold under the head's policy."""
-        head = self.head
-        proposal = Proposal.from_bytes(record.proposal, self._limits)
         approvals = [domain_pb2.Approval.FromString(a) for a in record.approvals]
-        result = quorum.evaluate(head.manifest, proposal, approvals)
+        threshold, standing = self._evaluation(record, approvals)
         detail = record.detail
         if record.state is ProposalState.PENDING and not detail:
-            detail = result.describe() + (
-                f"; {result.needed} more needed" if not result.met else "; quorum reached"
-            )
-            if record.cancel_votes:
-                detail += f"; {self._cancel_standing(record)}"
+            detail = standing
         return services_pb2.ProposalStatus(
             proposal_id=record.proposal_id,
             proposal=record.proposal,
             approvals=approvals,
             state=_STATE_TO_PROTO[record.state],
-            threshold=result.threshold,
+            threshold=threshold,
             applied_version=record.applied_version,
             detail=detail,
             cancel_votes=[domain_pb2.CancelVote.FromString(v) for v in record.cancel_votes],
         )
+
+    def _evaluation(
+        self, record: ProposalRecord, approvals: Sequence[domain_pb2.Approval]
+    ) -> tuple[int, str]:
+        """The threshold of a stored proposal under the head, and where its approvals (and
+        votes to cancel) stand, in words: `quorum.evaluate`'s count, remembered per head and
+        number of approvals and votes (neither is ever replaced or withdrawn), so that listing
+        the same proposals again parses and verifies nothing again."""
+        head = self.head
+        key = (record.proposal_id, head.hash, len(record.approvals), len(record.cancel_votes))
+        with self._evaluations_lock:
+            known = self._evaluations.get(key)
+            if known is not None:
+                self._evaluations.move_to_end(key)
+                return known
+        proposal = Proposal.from_bytes(record.proposal, self._limits)
+        result = quorum.evaluate(head.manifest, proposal, approvals)
+        standing = result.describe() + (
+            f"; {result.needed} more needed" if not result.met else "; quorum reached"
+        )
+        if record.cancel_votes:
+            standing += f"; {self._cancel_standing(record)}"
+        with self._evaluations_lock:
+            self._evaluations[key] = (result.threshold, standing)
+            while len(self._evaluations) > _EVALUATIONS_KEPT:
+                self._evaluations.popitem(last=False)
+        return result.threshold, standing
 
     @staticmethod
     def _refuse_closed(record: ProposalRecord) -> None:
@@ -604,16 +693,20 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
                 f"({proposal.proposer_id[:16]}...)"
             )
         name = self._verify_approval(head.manifest, approval)
-        if len(self._store.list_proposals()) >= MAX_PENDING_PROPOSALS:
-            raise LimitExceededError(
-                f"{MAX_PENDING_PROPOSALS} proposals are pending already; cancel some first"
-            )
+        # The caps are counted by the store in the insert's own transaction.
         created = self._store.put_proposal(
             proposal.id,
             raw,
             proposal.created_at,
             proposal.expires_at,
             [(approval.operator_id, approval.SerializeToString(deterministic=True))],
+            proposer=proposal.proposer_id,
+            base_version=proposal.base_version,
+            base_state_hash=proposal.base_state_hash,
+            max_pending=self._limits.max_pending_proposals,
+            max_pending_per_proposer=self._limits.max_pending_proposals_per_operator,
+            max_stored_per_proposer=self._limits.max_stored_proposals_per_operator,
+            now=now,
         )
         if not created:
             raise AlreadyExistsError(
@@ -661,22 +754,38 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
     def ListProposals(
         self, request: services_pb2.ListProposalsRequest, context: grpc.ServicerContext
     ) -> services_pb2.ListProposalsResponse:
-        self._admit(context)
+        """One page of proposals, newest first (pending ones, or all with `include_closed`).
+
+        At most `limit` (default `check.DEFAULT_PROPOSAL_PAGE`, at most
+        `check.MAX_PROPOSAL_PAGE`) and never more than fits in one message; `next_page_token`
+        continues after the last one listed (empty: nothing older). A page costs the caller's
+        quota by the proposals it may hold.
+        """
+        limit = check.page_size(request.limit, check.DEFAULT_PROPOSAL_PAGE, check.MAX_PROPOSAL_PAGE)
+        before = check.proposal_page_token(request.page_token)
+        available = self._store.count_proposals(include_closed=request.include_closed)
+        self._admit(
+            context, 1.0 + min(limit, available) / self._limits.coordinator_proposals_per_token
+        )
         now = self._now()
-        records = [self._close_if_due(r, now) for r in self._store.list_proposals()]
-        if request.include_closed:
-            records = self._store.list_proposals(include_closed=True)[-MAX_LISTED_PROPOSALS:]
-        else:
-            records = [r for r in records if r.state is ProposalState.PENDING]
+        records = self._store.list_proposals(
+            include_closed=request.include_closed, limit=limit + 1, before=before
+        )
         response = services_pb2.ListProposalsResponse()
         budget = self._limits.max_message_bytes - 1024
-        for record in reversed(records):  # newest first into the budget, listed oldest first
+        for index, record in enumerate(records[:limit]):
+            if record.state is ProposalState.PENDING:
+                record = self._close_if_due(record, now)
             status = self._status(record)
-            budget -= status.ByteSize() + 16
-            if budget < 0:
-                break
+            size = status.ByteSize() + 16
+            if size > budget and response.proposals:
+                break  # the rest does not fit in one answer
+            budget -= size
             response.proposals.append(status)
-        response.proposals.reverse()
+            if index + 1 < len(records):
+                response.next_page_token = str(record.seq)
+            else:
+                response.next_page_token = ""
         return response
 
     def CancelProposal(
@@ -745,7 +854,9 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
                     return self._status(record)
                 voters = ", ".join(manifest.operators_by_id[i].name for i in result.approved_by)
                 detail = f"cancelled by the votes of {result.describe('operators')}: {voters}"
-            self._store.set_proposal_state(proposal_id, ProposalState.CANCELLED, detail)
+            self._store.set_proposal_state(
+                proposal_id, ProposalState.CANCELLED, detail, closed_at=self._now()
+            )
         log.info("proposal %s %s", proposal_id.hex()[:16], detail)
         return self._status(self._load(proposal_id))
 
@@ -796,7 +907,10 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
                 unsafe_crash_point("after_apply_before_store")
                 try:
                     self._store.append_state_and_close_proposal(
-                        outcome.state.version, outcome.state.to_bytes(), proposal.id
+                        outcome.state.version,
+                        outcome.state.to_bytes(),
+                        proposal.id,
+                        closed_at=self._now(),
                     )
                 except ConflictError as error:
                     self._store.set_proposal_state(
@@ -804,6 +918,7 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
                         ProposalState.STALE,
                         f"another state was stored for version {outcome.state.version} first "
                         f"({error}): propose again",
+                        closed_at=self._now(),
                     )
                     self._refresh_chain()
                     return self._load(proposal.id)
@@ -818,7 +933,9 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
             elif outcome.refused_by:
                 self._deferrals.pop(key, None)
                 detail = f"{outcome.refused_by} refused to apply it: {outcome.reason}"
-                self._store.set_proposal_state(proposal.id, ProposalState.REJECTED, detail)
+                self._store.set_proposal_state(
+                    proposal.id, ProposalState.REJECTED, detail, closed_at=self._now()
+                )
                 log.warning("proposal %s rejected: %s", proposal.id.hex()[:16], detail)
             else:
                 retry = self._defer(key, outcome)
@@ -901,16 +1018,28 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
                 {**hosts, **current.hosts}, {**generations, **current.generations}
             )
 
-    def _refresh_fences(self) -> None:
+    def _quorum_candidates(self) -> list[bytes]:
+        """The pending proposals that may have a quorum: those with at least as many stored
+        approvals as the head's default threshold (no proposal needs fewer, and every stored
+        approval verified on arrival), found by the store without reading any proposal."""
+        threshold = self.head.manifest.message.quorum.threshold
+        return self._store.pending_with_approvals(threshold, _SWEEP_BATCH)
+
+    def _refresh_fences(self, candidates: Sequence[bytes] | None = None) -> None:
         """Recompute the fences from the head, the quorate pending proposals and a due
         rotation (at start, and on every sweep: fences of closed changes go)."""
         with self._apply_lock:  # not between another call's fence and its apply
-            self._refresh_fences_locked()
+            self._refresh_fences_locked(
+                self._quorum_candidates() if candidates is None else candidates
+            )
 
-    def _refresh_fences_locked(self) -> None:
+    def _refresh_fences_locked(self, candidates: Sequence[bytes]) -> None:
         head = self.head
         hosts, generations = self._rotation_fences(head)
-        for record in self._store.list_proposals():
+        for proposal_id in candidates:
+            record = self._store.get_proposal(proposal_id)
+            if record is None or record.state is not ProposalState.PENDING:
+                continue
             try:
                 proposal = Proposal.from_bytes(record.proposal, self._limits)
                 approvals = [domain_pb2.Approval.FromString(a) for a in record.approvals]
@@ -1007,8 +1136,7 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
 
     def _close_overtaken(self) -> None:
         """Stale or expire the pending proposals that the head or the clock overtook."""
-        for record in self._store.list_proposals():
-            self._close_if_due(record, self._now())
+        self._close_due()
 
     def _push(self, state: SealedState) -> None:
         """Send InstallState to every registered host of `state`, each in its own thread.
@@ -1292,33 +1420,37 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
             )
             self._advance(outcome.state)
 
-    def _sweep_once(self) -> None:
-        """One pass: adopt stored states, repair from HSAs if behind, close due proposals,
-        retry quorate ones (deferred ones after their back-off), rotate, purge old tombstones."""
+    def sweep_once(self) -> None:
+        """One pass of the sweeper: adopt stored states, repair from HSAs if behind, close the
+        proposals whose expiry or base passed, retry those that may have a quorum (deferred
+        ones after their back-off), rotate, purge old tombstones and closed proposals.
+
+        It reads no proposal that is not quorate-looking: expiry and staleness come from the
+        store's indexed columns, and only proposals with enough approvals stored are loaded.
+        """
         self._refresh_chain()
         head = self.head
         if any(h.version > head.version for h in self._store.list_hsas()):
             self._start_repair()
-        now = self._now()
-        pending: set[str] = set()
-        for record in self._store.list_proposals():
-            record = self._close_if_due(record, now)
-            if record.state is ProposalState.PENDING:
-                pending.add(record.proposal_id.hex())
-        self._refresh_fences()
-        for key in set(self._deferrals) - pending - {"rotation"}:
+        self._close_due()
+        candidates = self._quorum_candidates()
+        self._refresh_fences(candidates)
+        waiting = {c.hex() for c in candidates}
+        for key in set(self._deferrals) - waiting - {"rotation"}:
             self._deferrals.pop(key, None)
-        for record in self._store.list_proposals():
-            if self._due(record.proposal_id.hex()):
-                self._apply_if_met(record.proposal_id)
+        for proposal_id in candidates:
+            if self._due(proposal_id.hex()):
+                self._apply_if_met(proposal_id)
         self._rotate_if_due()
-        self._purge_tombstones()
+        self._purge()
 
-    def _purge_tombstones(self) -> None:
-        """Remove the tombstones of keys deleted longer ago than the waiting period (hourly)."""
+    def _purge(self) -> None:
+        """Hourly: remove the tombstones of keys deleted longer ago than their waiting period,
+        and the proposals closed longer ago than the retention period that have expired."""
         if time.monotonic() < self._next_purge:
             return
         self._next_purge = time.monotonic() + PURGE_INTERVAL_SECONDS
+        self.purge_closed_proposals()
         purged = self._store.purge_deleted_keys(self._now() - self._tombstone_seconds)
         if purged:
             log.info(
@@ -1327,10 +1459,24 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
                 self._tombstone_seconds // 86_400,
             )
 
+    def purge_closed_proposals(self) -> int:
+        """Delete the proposals (approvals and votes to cancel with them) that were closed
+        more than the retention period ago and have expired by this coordinator's clock; how
+        many. An expired proposal cannot be submitted again, so a purged one stays closed."""
+        now = self._now()
+        purged = self._store.purge_closed_proposals(now - self._proposal_retention_seconds, now)
+        if purged:
+            log.info(
+                "purged %d proposals closed more than %d days ago",
+                purged,
+                self._proposal_retention_seconds // 86_400,
+            )
+        return purged
+
     def _sweep_loop(self) -> None:
         while not self._stopping.wait(self._sweep_interval):
             try:
-                self._sweep_once()
+                self.sweep_once()
             except Exception:
                 log.exception("the coordinator's sweep failed; retrying")
 
@@ -1427,7 +1573,7 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
             version=head.version,
             state_hash=head.hash,
             hsas=self._endpoints(hsas),
-            pending_proposals=len(self._store.list_proposals()),
+            pending_proposals=self._store.count_proposals(),
             store_behind=self._store_behind(head, hsas),
         )
 

@@ -11,6 +11,10 @@ Invariants (on top of those of `domain_coordinator.store`):
   guard, so they hold across threads and processes;
 - a deleted key record stays in the `keys` table as a tombstone (`deleted_at` set) until it
   is purged; nothing that reads live keys sees it, and its key id cannot be created again;
+- a proposal's proposer, base version and base state hash are columns beside its bytes
+  (filled from the bytes for rows of older files when the file is opened), indexed with its
+  state, expiry and closing time, so that counting, listing a page, finding what is due and
+  purging never read the bytes of proposals they do not return;
 - one connection shared by all threads, serialised by a lock.
 """
 
@@ -19,15 +23,19 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+
+from google.protobuf.message import DecodeError
 
 from domain_coordinator.store import (
     AuditHeadRecord,
     DeletedKey,
     HsaRecord,
     KeyEntry,
+    PendingSummary,
     ProposalRecord,
     ProposalState,
     iso_date,
@@ -38,11 +46,15 @@ from domain_core.errors import (
     NotFoundError,
     ResourceExhaustedError,
 )
+from domain_core.pb import domain_pb2
 
 # 2: key records have tombstones (`deleted_at`) and a `creator`; a schema-1 file is upgraded
 # on open, and an older coordinator (which would serve tombstones as keys) refuses the file.
-SCHEMA_VERSION = 2
-_UPGRADABLE_SCHEMAS = frozenset({"1"})
+# 3: proposals carry their proposer, base and closing time in columns (the sweeper and the
+# caps read them); an older coordinator would store proposals without them, so it refuses the
+# file.
+SCHEMA_VERSION = 3
+_UPGRADABLE_SCHEMAS = frozenset({"1", "2"})
 _BUSY_TIMEOUT_MS = 10_000
 
 _SCHEMA = """
@@ -106,11 +118,19 @@ _ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("hsas", "reported_at", "INTEGER NOT NULL DEFAULT 0"),
     ("keys", "creator", "TEXT NOT NULL DEFAULT ''"),
     ("keys", "deleted_at", "INTEGER NOT NULL DEFAULT 0"),
+    ("proposals", "proposer", "TEXT NOT NULL DEFAULT ''"),
+    ("proposals", "base_version", "INTEGER NOT NULL DEFAULT 0"),
+    ("proposals", "base_state_hash", "BLOB NOT NULL DEFAULT x''"),
+    ("proposals", "closed_at", "INTEGER NOT NULL DEFAULT 0"),
 )
 # After the added columns exist.
 _INDEXES = """
 CREATE INDEX IF NOT EXISTS keys_by_creator ON keys (creator, deleted_at);
 CREATE INDEX IF NOT EXISTS keys_by_deletion ON keys (deleted_at);
+CREATE INDEX IF NOT EXISTS proposals_by_proposer ON proposals (proposer, state);
+CREATE INDEX IF NOT EXISTS proposals_by_expiry ON proposals (state, expires_at);
+CREATE INDEX IF NOT EXISTS proposals_by_base ON proposals (state, base_version);
+CREATE INDEX IF NOT EXISTS proposals_by_closing ON proposals (closed_at);
 """
 _MAX_SQLITE_INTEGER = 2**63 - 1
 # Tables added after schema 1 was first released (created if missing; the number stays 1).
@@ -126,6 +146,38 @@ CREATE TABLE IF NOT EXISTS audit_heads (
 """
 
 
+def _fill_proposal_columns(db: sqlite3.Connection) -> None:
+    """Fill the proposer, base and closing-time columns of rows an older coordinator stored.
+
+    They are read from the proposal's own bytes; a row whose bytes do not parse keeps an empty
+    base (the sweeper then closes it as stale, which is what it is: it can never apply). A
+    closed row gets its expiry as its closing time: a proposal closes at the latest when it
+    expires, so this never purges one earlier than its retention allows.
+    """
+    rows = db.execute(
+        "SELECT proposal_id, proposal FROM proposals WHERE base_state_hash = x'' AND proposer = ''"
+    ).fetchall()
+    for proposal_id, raw in rows:
+        try:
+            message = domain_pb2.Proposal.FromString(bytes(raw))
+        except DecodeError:
+            continue
+        db.execute(
+            "UPDATE proposals SET proposer = ?, base_version = ?, base_state_hash = ? "
+            "WHERE proposal_id = ?",
+            (
+                message.proposer_id[:128],
+                min(int(message.base_version), _MAX_SQLITE_INTEGER),
+                bytes(message.base_state_hash),
+                proposal_id,
+            ),
+        )
+    db.execute(
+        "UPDATE proposals SET closed_at = expires_at WHERE state != ? AND closed_at = 0",
+        (ProposalState.PENDING.value,),
+    )
+
+
 def _check_report(version: int, state_hash: bytes, when: int) -> None:
     for value in (version, when):
         if isinstance(value, bool) or not isinstance(value, int):
@@ -134,6 +186,15 @@ def _check_report(version: int, state_hash: bytes, when: int) -> None:
             raise ValueError("a reported version or time is out of range")
     if not isinstance(state_hash, bytes):
         raise TypeError("a reported state hash is bytes")
+
+
+def _timestamp(value: int | None) -> int:
+    """A unix time for a store column: `value`, or now when None."""
+    if value is None:
+        return int(time.time())
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError("a time is a unix time in whole seconds")
+    return value
 
 
 def _check_bytes(value: object, what: str) -> None:
@@ -188,6 +249,7 @@ class SqliteStore:
                         db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
                 for statement in filter(None, (s.strip() for s in _INDEXES.split(";"))):
                     db.execute(statement)
+                _fill_proposal_columns(db)
                 row = db.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()
                 if row is None:
                     db.execute(
@@ -282,11 +344,12 @@ class SqliteStore:
             self._append(db, version, state)
 
     def append_state_and_close_proposal(
-        self, version: int, state: bytes, proposal_id: bytes
+        self, version: int, state: bytes, proposal_id: bytes, *, closed_at: int | None = None
     ) -> None:
         _check_version(version)
         _check_bytes(state, "state")
         _check_bytes(proposal_id, "proposal_id")
+        when = _timestamp(closed_at)
         with self._transaction() as db:
             row = db.execute(
                 "SELECT 1 FROM proposals WHERE proposal_id = ?", (proposal_id,)
@@ -295,9 +358,9 @@ class SqliteStore:
                 raise NotFoundError(f"no proposal {proposal_id.hex()} in the store")
             self._append(db, version, state)
             db.execute(
-                "UPDATE proposals SET state = ?, detail = '', applied_version = ? "
+                "UPDATE proposals SET state = ?, detail = '', applied_version = ?, closed_at = ? "
                 "WHERE proposal_id = ?",
-                (ProposalState.APPLIED.value, version, proposal_id),
+                (ProposalState.APPLIED.value, version, when, proposal_id),
             )
 
     # --- proposals and approvals -----------------------------------------------------------
@@ -309,19 +372,64 @@ class SqliteStore:
         created_at: int,
         expires_at: int,
         approvals: Sequence[tuple[str, bytes]] = (),
+        *,
+        proposer: str = "",
+        base_version: int = 0,
+        base_state_hash: bytes = b"",
+        max_pending: int = 0,
+        max_pending_per_proposer: int = 0,
+        max_stored_per_proposer: int = 0,
+        now: int = 0,
     ) -> bool:
         _check_bytes(proposal_id, "proposal_id")
         _check_bytes(proposal, "proposal")
+        _check_report(base_version, base_state_hash, 0)
+        pending = ProposalState.PENDING.value
         with self._transaction() as db:
             exists = db.execute(
                 "SELECT 1 FROM proposals WHERE proposal_id = ?", (proposal_id,)
             ).fetchone()
             if exists is not None:
                 return False
+            if max_pending:
+                count = int(
+                    db.execute(
+                        "SELECT COUNT(*) FROM proposals WHERE state = ?", (pending,)
+                    ).fetchone()[0]
+                )
+                if count >= max_pending:
+                    raise ResourceExhaustedError(
+                        f"{count} proposals are pending already, the most this coordinator "
+                        f"keeps ({max_pending}); approve, cancel or let some expire first"
+                    )
+            if max_pending_per_proposer and proposer:
+                count = int(
+                    db.execute(
+                        "SELECT COUNT(*) FROM proposals WHERE proposer = ? AND state = ?",
+                        (proposer, pending),
+                    ).fetchone()[0]
+                )
+                if count >= max_pending_per_proposer:
+                    raise ResourceExhaustedError(
+                        f"you have {count} pending proposals already, the most one operator may "
+                        f"have ({max_pending_per_proposer}); cancel some of yours (or wait for "
+                        "them to be applied or to expire) first"
+                    )
+            if max_stored_per_proposer and proposer:
+                self._make_room(db, proposer, max_stored_per_proposer, now)
             db.execute(
-                "INSERT INTO proposals (proposal_id, proposal, state, created_at, expires_at) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (proposal_id, proposal, ProposalState.PENDING.value, created_at, expires_at),
+                "INSERT INTO proposals (proposal_id, proposal, state, created_at, expires_at, "
+                "proposer, base_version, base_state_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    proposal_id,
+                    proposal,
+                    pending,
+                    created_at,
+                    expires_at,
+                    proposer,
+                    base_version,
+                    base_state_hash,
+                ),
             )
             seen: set[str] = set()
             for operator_id, approval in approvals:
@@ -372,6 +480,38 @@ class SqliteStore:
             return cursor.rowcount == 1
 
     @staticmethod
+    def _make_room(db: sqlite3.Connection, proposer: str, most: int, now: int) -> None:
+        """Purge `proposer`'s oldest closed proposals that expired before `now` until one more
+        fits under `most` stored; ResourceExhaustedError when not enough of them can go."""
+        stored = int(
+            db.execute("SELECT COUNT(*) FROM proposals WHERE proposer = ?", (proposer,)).fetchone()[
+                0
+            ]
+        )
+        excess = stored - most + 1
+        if excess <= 0:
+            return
+        doomed = [
+            bytes(r[0])
+            for r in db.execute(
+                "SELECT proposal_id FROM proposals WHERE proposer = ? AND state != ? "
+                "AND expires_at < ? ORDER BY closed_at, seq LIMIT ?",
+                (proposer, ProposalState.PENDING.value, now, excess),
+            )
+        ]
+        if len(doomed) < excess:
+            raise ResourceExhaustedError(
+                f"you have {stored} proposals at this coordinator, the most one operator may keep "
+                f"({most}), and too few of them are closed and expired to make room: wait for "
+                "some to expire"
+            )
+        for table in ("approvals", "cancel_votes", "proposals"):
+            db.executemany(
+                f"DELETE FROM {table} WHERE proposal_id = ?",  # noqa: S608
+                [(proposal_id,) for proposal_id in doomed],
+            )
+
+    @staticmethod
     def _record(db: sqlite3.Connection, row: tuple[object, ...]) -> ProposalRecord:
         proposal_id = bytes(row[0])  # type: ignore[call-overload]
         approvals = db.execute(
@@ -390,9 +530,17 @@ class SqliteStore:
             created_at=int(row[5]),  # type: ignore[call-overload]
             expires_at=int(row[6]),  # type: ignore[call-overload]
             cancel_votes=tuple(bytes(v[0]) for v in votes),
+            seq=int(row[7]),  # type: ignore[call-overload]
+            proposer=str(row[8]),
+            base_version=int(row[9]),  # type: ignore[call-overload]
+            base_state_hash=bytes(row[10]),  # type: ignore[call-overload]
+            closed_at=int(row[11]),  # type: ignore[call-overload]
         )
 
-    _COLUMNS = "proposal_id, proposal, state, detail, applied_version, created_at, expires_at"
+    _COLUMNS = (
+        "proposal_id, proposal, state, detail, applied_version, created_at, expires_at, seq, "
+        "proposer, base_version, base_state_hash, closed_at"
+    )
 
     def get_proposal(self, proposal_id: bytes) -> ProposalRecord | None:
         with self._read() as db:
@@ -402,19 +550,91 @@ class SqliteStore:
             ).fetchone()
             return self._record(db, row) if row is not None else None
 
-    def list_proposals(self, include_closed: bool = False) -> list[ProposalRecord]:
+    def list_proposals(
+        self, include_closed: bool = False, *, limit: int, before: int = 0
+    ) -> list[ProposalRecord]:
+        if limit < 1:
+            return []
+        before = before if before > 0 else _MAX_SQLITE_INTEGER
         with self._read() as db:
             if include_closed:
                 rows = db.execute(
-                    f"SELECT {self._COLUMNS} FROM proposals ORDER BY seq"  # noqa: S608
+                    f"SELECT {self._COLUMNS} FROM proposals WHERE seq < ? "  # noqa: S608
+                    "ORDER BY seq DESC LIMIT ?",
+                    (before, limit),
                 ).fetchall()
             else:
                 rows = db.execute(
                     f"SELECT {self._COLUMNS} FROM proposals WHERE state = ? "  # noqa: S608
-                    "ORDER BY seq",
-                    (ProposalState.PENDING.value,),
+                    "AND seq < ? ORDER BY seq DESC LIMIT ?",
+                    (ProposalState.PENDING.value, before, limit),
                 ).fetchall()
             return [self._record(db, row) for row in rows]
+
+    def count_proposals(self, include_closed: bool = False, proposer: str = "") -> int:
+        where, arguments = [], []
+        if not include_closed:
+            where.append("state = ?")
+            arguments.append(ProposalState.PENDING.value)
+        if proposer:
+            where.append("proposer = ?")
+            arguments.append(proposer)
+        clause = f" WHERE {' AND '.join(where)}" if where else ""
+        with self._read() as db:
+            row = db.execute(
+                f"SELECT COUNT(*) FROM proposals{clause}",  # noqa: S608
+                arguments,
+            ).fetchone()
+        return int(row[0])
+
+    def due_proposals(
+        self, now: int, base_version: int, base_state_hash: bytes, limit: int
+    ) -> list[PendingSummary]:
+        if limit < 1:
+            return []
+        pending = ProposalState.PENDING.value
+        with self._read() as db:
+            # Two indexed selections (by expiry, by base), merged: an OR across two indexes
+            # would make SQLite scan every pending proposal.
+            rows = db.execute(
+                "SELECT seq, proposal_id, expires_at, base_version, base_state_hash "
+                "FROM proposals WHERE state = ? AND expires_at <= ? "
+                "UNION "
+                "SELECT seq, proposal_id, expires_at, base_version, base_state_hash "
+                "FROM proposals WHERE state = ? AND base_version < ? "
+                "UNION "
+                "SELECT seq, proposal_id, expires_at, base_version, base_state_hash "
+                "FROM proposals WHERE state = ? AND base_version > ? "
+                "UNION "
+                "SELECT seq, proposal_id, expires_at, base_version, base_state_hash "
+                "FROM proposals WHERE state = ? AND base_version = ? AND base_state_hash != ? "
+                "ORDER BY seq LIMIT ?",
+                (
+                    pending,
+                    now,
+                    pending,
+                    base_version,
+                    pending,
+                    base_version,
+                    pending,
+                    base_version,
+                    base_state_hash,
+                    limit,
+                ),
+            ).fetchall()
+        return [PendingSummary(bytes(r[1]), int(r[2]), int(r[3]), bytes(r[4])) for r in rows]
+
+    def pending_with_approvals(self, at_least: int, limit: int) -> list[bytes]:
+        if limit < 1:
+            return []
+        with self._read() as db:
+            rows = db.execute(
+                "SELECT p.proposal_id FROM proposals AS p WHERE p.state = ? AND "
+                "(SELECT COUNT(*) FROM approvals AS a WHERE a.proposal_id = p.proposal_id) >= ? "
+                "ORDER BY p.seq LIMIT ?",
+                (ProposalState.PENDING.value, max(at_least, 0), limit),
+            ).fetchall()
+        return [bytes(r[0]) for r in rows]
 
     def set_proposal_state(
         self,
@@ -422,8 +642,11 @@ class SqliteStore:
         state: ProposalState,
         detail: str = "",
         applied_version: int = 0,
+        *,
+        closed_at: int | None = None,
     ) -> bool:
         state = ProposalState(state)
+        when = _timestamp(closed_at) if state.closed else 0
         with self._transaction() as db:
             row = db.execute(
                 "SELECT state FROM proposals WHERE proposal_id = ?", (proposal_id,)
@@ -433,11 +656,58 @@ class SqliteStore:
             if ProposalState(str(row[0])).closed:
                 return False
             db.execute(
-                "UPDATE proposals SET state = ?, detail = ?, applied_version = ? "
+                "UPDATE proposals SET state = ?, detail = ?, applied_version = ?, closed_at = ? "
                 "WHERE proposal_id = ?",
-                (state.value, detail, applied_version, proposal_id),
+                (state.value, detail, applied_version, when, proposal_id),
             )
         return True
+
+    def close_proposals(
+        self, closings: Sequence[tuple[bytes, ProposalState, str]], closed_at: int
+    ) -> list[bytes]:
+        when = _timestamp(closed_at)
+        closed: list[bytes] = []
+        if not closings:
+            return closed
+        with self._transaction() as db:
+            for proposal_id, state, detail in closings:
+                if not ProposalState(state).closed:
+                    raise ValueError("close_proposals takes final states only")
+                cursor = db.execute(
+                    "UPDATE proposals SET state = ?, detail = ?, closed_at = ? "
+                    "WHERE proposal_id = ? AND state = ?",
+                    (
+                        ProposalState(state).value,
+                        detail,
+                        when,
+                        proposal_id,
+                        ProposalState.PENDING.value,
+                    ),
+                )
+                if cursor.rowcount == 1:
+                    closed.append(proposal_id)
+        return closed
+
+    def purge_closed_proposals(self, closed_before: int, expired_before: int) -> int:
+        with self._transaction() as db:
+            doomed = (
+                "SELECT proposal_id FROM proposals WHERE closed_at > 0 AND closed_at < ? "
+                "AND expires_at < ? AND state != ?"
+            )
+            arguments = (closed_before, expired_before, ProposalState.PENDING.value)
+            db.execute(
+                f"DELETE FROM approvals WHERE proposal_id IN ({doomed})",  # noqa: S608
+                arguments,
+            )
+            db.execute(
+                f"DELETE FROM cancel_votes WHERE proposal_id IN ({doomed})",  # noqa: S608
+                arguments,
+            )
+            cursor = db.execute(
+                f"DELETE FROM proposals WHERE proposal_id IN ({doomed})",  # noqa: S608
+                arguments,
+            )
+            return int(cursor.rowcount)
 
     # --- HSA registry ----------------------------------------------------------------------
 

@@ -13,7 +13,20 @@ Invariants every implementation keeps:
 - `append_state_and_close_proposal` stores a state and marks its proposal APPLIED in one
   transaction: "state stored" and "proposal applied" never diverge, even after a crash;
 - a proposal leaves PENDING at most once: APPLIED, EXPIRED, CANCELLED, STALE and REJECTED are
-  final, and `set_proposal_state` does not touch a closed proposal;
+  final, and `set_proposal_state` does not touch a closed proposal; the time it closed is kept
+  (`closed_at`);
+- proposals are never loaded in bulk: they are counted in the store (`count_proposals`),
+  listed a page at a time, newest first (`list_proposals`, a bounded `limit`), and the
+  sweeper's questions (which pending ones expired or are stale, which have enough approvals to
+  be worth counting) are answered from indexed columns without reading a proposal's bytes;
+- `put_proposal` counts the pending proposals, in all and of the proposer, and everything
+  stored of the proposer, in the same transaction as the insert, and refuses
+  (ResourceExhaustedError) at either pending cap, so no race between two submissions passes a
+  cap; at the stored cap it first purges that proposer's oldest closed, expired proposals;
+- a closed proposal is purged (with its approvals and votes to cancel) only by
+  `purge_closed_proposals`, and only once it has been closed for the retention period **and**
+  has expired: a purged proposal's bytes, if replayed, are refused as expired, never accepted
+  again as new;
 - one approval per operator per proposal; a second one is refused, not replaced; the same
   for votes to cancel (kept beside the approvals; neither can be withdrawn);
 - key records are written and deleted with a compare-and-swap on their revision (0 = create);
@@ -62,7 +75,13 @@ class ProposalState(enum.StrEnum):
 
 @dataclass(frozen=True)
 class ProposalRecord:
-    """A stored proposal: the signed bytes, its approvals in arrival order, and its state."""
+    """A stored proposal: the signed bytes, its approvals in arrival order, and its state.
+
+    `proposer`, `base_version` and `base_state_hash` are copies of the proposal's own fields
+    (taken from the parsed bytes when it was stored), kept in columns so the store can count
+    and select without reading the bytes; `seq` is its place in arrival order (the listing's
+    cursor) and `closed_at` when it left PENDING (0 while pending).
+    """
 
     proposal_id: bytes
     proposal: bytes
@@ -73,6 +92,21 @@ class ProposalRecord:
     created_at: int
     expires_at: int
     cancel_votes: tuple[bytes, ...] = ()  # serialized hsmdomain.v1.CancelVote messages
+    seq: int = 0
+    proposer: str = ""
+    base_version: int = 0
+    base_state_hash: bytes = b""
+    closed_at: int = 0
+
+
+@dataclass(frozen=True)
+class PendingSummary:
+    """What the sweeper needs of a pending proposal, without its bytes or approvals."""
+
+    proposal_id: bytes
+    expires_at: int
+    base_version: int
+    base_state_hash: bytes
 
 
 @dataclass(frozen=True)
@@ -155,9 +189,10 @@ class CoordinatorStore(Protocol):
         ...
 
     def append_state_and_close_proposal(
-        self, version: int, state: bytes, proposal_id: bytes
+        self, version: int, state: bytes, proposal_id: bytes, *, closed_at: int | None = None
     ) -> None:
-        """`append_state` and mark the proposal APPLIED at `version`, in one transaction.
+        """`append_state` and mark the proposal APPLIED at `version` (closed at `closed_at`,
+        None: now), in one transaction.
 
         ConflictError if the version is not latest + 1; NotFoundError if the proposal is
         unknown. Either both writes happen or neither does.
@@ -173,10 +208,24 @@ class CoordinatorStore(Protocol):
         created_at: int,
         expires_at: int,
         approvals: Sequence[tuple[str, bytes]] = (),
+        *,
+        proposer: str = "",
+        base_version: int = 0,
+        base_state_hash: bytes = b"",
+        max_pending: int = 0,
+        max_pending_per_proposer: int = 0,
+        max_stored_per_proposer: int = 0,
+        now: int = 0,
     ) -> bool:
         """Store a new PENDING proposal with its first approvals ((operator id, bytes)).
 
-        Returns False (and changes nothing) if a proposal with this id exists already.
+        `proposer`, `base_version` and `base_state_hash` are the proposal's own fields (the
+        caller parsed it). Returns False (and changes nothing) if a proposal with this id
+        exists already; ResourceExhaustedError, changing nothing, if `max_pending` proposals
+        are pending already, or `max_pending_per_proposer` of `proposer`'s (0: no cap). With
+        `max_stored_per_proposer`, `proposer` keeps at most that many proposals in any state:
+        to make room, their oldest closed ones that expired before `now` are purged (in the
+        same transaction); if none can go, ResourceExhaustedError.
         """
         ...
 
@@ -200,8 +249,28 @@ class CoordinatorStore(Protocol):
         """The stored proposal with its approvals and cancel votes, or None."""
         ...
 
-    def list_proposals(self, include_closed: bool = False) -> list[ProposalRecord]:
-        """Proposals, oldest first; only PENDING ones unless `include_closed`."""
+    def list_proposals(
+        self, include_closed: bool = False, *, limit: int, before: int = 0
+    ) -> list[ProposalRecord]:
+        """Up to `limit` proposals, newest first, with `seq` below `before` (0: from the
+        newest); only PENDING ones unless `include_closed`."""
+        ...
+
+    def count_proposals(self, include_closed: bool = False, proposer: str = "") -> int:
+        """How many proposals are PENDING (all stored ones with `include_closed`); only
+        `proposer`'s when given."""
+        ...
+
+    def due_proposals(
+        self, now: int, base_version: int, base_state_hash: bytes, limit: int
+    ) -> list[PendingSummary]:
+        """Up to `limit` PENDING proposals that expired by `now` or are not for this base
+        (stale), oldest first: the ones the sweeper must close."""
+        ...
+
+    def pending_with_approvals(self, at_least: int, limit: int) -> list[bytes]:
+        """The ids of up to `limit` PENDING proposals with at least `at_least` approvals
+        stored, oldest first: the only ones that may have a quorum."""
         ...
 
     def set_proposal_state(
@@ -210,12 +279,27 @@ class CoordinatorStore(Protocol):
         state: ProposalState,
         detail: str = "",
         applied_version: int = 0,
+        *,
+        closed_at: int | None = None,
     ) -> bool:
-        """Move a PENDING proposal to `state` (or update its detail while PENDING).
+        """Move a PENDING proposal to `state` (or update its detail while PENDING); a final
+        state records `closed_at` (unix seconds; None: now).
 
         Returns False, changing nothing, when the proposal is already closed (final).
         NotFoundError if the proposal is unknown.
         """
+        ...
+
+    def close_proposals(
+        self, closings: Sequence[tuple[bytes, ProposalState, str]], closed_at: int
+    ) -> list[bytes]:
+        """Move each (id, final state, detail) that is still PENDING to its state, in one
+        transaction; the ids it closed (unknown or closed ones are left alone)."""
+        ...
+
+    def purge_closed_proposals(self, closed_before: int, expired_before: int) -> int:
+        """Delete the proposals closed before `closed_before` that also expired before
+        `expired_before`, with their approvals and votes to cancel; how many."""
         ...
 
     # --- HSA registry ----------------------------------------------------------------------

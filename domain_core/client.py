@@ -67,6 +67,8 @@ __all__ = [
 
 DEFAULT_PROPOSAL_LIFETIME_SECONDS = 3600
 READ_ATTEMPTS = 3
+MAX_LISTED_PROPOSALS = 1000  # what `list_proposals` fetches at most, newest first
+PROPOSAL_PAGE = 200  # proposals asked for per ListProposals call (the coordinator's maximum)
 
 _ERRORS_BY_CODE: dict[grpc.StatusCode, type[HsmDomainError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidInputError,
@@ -313,12 +315,40 @@ class CoordinatorClient:
         status = self._read("GetProposal", services_pb2.ProposalIdRequest(proposal_id=proposal_id))
         return self._view(status, proposal_id)
 
-    def list_proposals(self, include_closed: bool = False) -> list[ProposalView]:
-        """Pending proposals (and closed ones when asked), oldest first."""
+    def list_proposals(
+        self, include_closed: bool = False, *, limit: int = MAX_LISTED_PROPOSALS
+    ) -> list[ProposalView]:
+        """The newest `limit` pending proposals (and closed ones when asked), listed oldest
+        first: the coordinator's pages, fetched until there are no more or `limit` is reached."""
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        views: list[ProposalView] = []
+        token = ""
+        while len(views) < limit:
+            page, token = self.proposals_page(
+                include_closed, limit=min(limit - len(views), PROPOSAL_PAGE), page_token=token
+            )
+            views.extend(page)
+            # A page that lists nothing ends the listing: an honest coordinator never sends an
+            # empty page with a token, and a dishonest one cannot keep this loop going.
+            if not token or not page:
+                break
+        views.reverse()
+        return views[-limit:]
+
+    def proposals_page(
+        self, include_closed: bool = False, *, limit: int = 0, page_token: str = ""
+    ) -> tuple[list[ProposalView], str]:
+        """One page of proposals, newest first, and the token for the next (older) page ("":
+        none). `limit` 0 asks for the coordinator's default page size."""
         response = self._read(
-            "ListProposals", services_pb2.ListProposalsRequest(include_closed=include_closed)
+            "ListProposals",
+            services_pb2.ListProposalsRequest(
+                include_closed=include_closed, limit=limit, page_token=page_token
+            ),
         )
-        return [ProposalView.from_status(s, self._limits) for s in response.proposals]
+        views = [ProposalView.from_status(s, self._limits) for s in response.proposals]
+        return views, str(response.next_page_token)
 
     def approve(self, proposal_id: bytes, signer: Signer) -> ProposalView:
         """Fetch a proposal, check its bytes hash to `proposal_id`, sign and submit."""

@@ -31,6 +31,7 @@ DEFAULT_HEAD_CONFIRMATION_SECONDS: Final = 30.0
 FLOORS_COMPLETE_FILE: Final = "key_versions.complete"
 HEAD_CONFIRMATION_ROUNDS: Final = 5
 MAX_HEAD_CONFIRMATION_SECONDS: Final = 86_400.0
+MAX_KEY_CACHE_MIB: Final = 65_536
 
 
 @dataclass(frozen=True)
@@ -120,12 +121,21 @@ class NodeConfig(_ConfigBase):
     # Where other HSAs may listen ("host:port"): hints beside the coordinator's list and the
     # cached peers.json. Who answers is checked by its signature, never by the address.
     peer_addresses: tuple[str, ...] = ()
+    # The memory each key service process (the main one, each worker) may give its cache of
+    # verified keys, by estimate (hsa_node.keycache.CachedKey.size): MiB, 1 to 65536.
+    key_cache_mib: int = 512
     base_dir: Path | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         validate_domain_id(self.domain_id)
         _check_hash(self.genesis_hash)
         check_worker_count(self.key_service_workers)
+        mib = self.key_cache_mib
+        if isinstance(mib, bool) or not isinstance(mib, int) or not 1 <= mib <= MAX_KEY_CACHE_MIB:
+            raise InvalidInputError(
+                f"key_cache_mib must be a whole number of MiB from 1 to {MAX_KEY_CACHE_MIB}, "
+                f"not {mib!r}"
+            )
         if self.coordinator_identity:
             coordinator = coordinator_spiffe_id(self.coordinator_identity)
             if coordinator.domain != self.domain_id:
@@ -185,6 +195,9 @@ class CoordinatorConfig(_ConfigBase):
     hsa_call_timeout_seconds: float = 10.0
     # How long a deleted key record is kept as a tombstone (recoverable, never reused).
     key_tombstone_days: int = 30
+    # How long a closed proposal (applied, expired, cancelled, stale, rejected) is kept for
+    # operators to look up before it is purged with its approvals (once it has expired too).
+    proposal_retention_days: int = 30
     # Overrides of `domain_core.limits.Limits` (e.g. {"max_keys_per_principal": 1000}).
     limits: dict[str, float] = field(default_factory=dict)
     base_dir: Path | None = field(default=None, compare=False, repr=False)
@@ -192,11 +205,12 @@ class CoordinatorConfig(_ConfigBase):
     def __post_init__(self) -> None:
         validate_domain_id(self.domain_id)
         _check_hash(self.genesis_hash)
-        days = self.key_tombstone_days
-        if isinstance(days, bool) or not isinstance(days, int) or not 1 <= days <= 3650:
-            raise InvalidInputError(
-                f"key_tombstone_days must be a whole number of days from 1 to 3650, not {days!r}"
-            )
+        for name in ("key_tombstone_days", "proposal_retention_days"):
+            days = getattr(self, name)
+            if isinstance(days, bool) or not isinstance(days, int) or not 1 <= days <= 3650:
+                raise InvalidInputError(
+                    f"{name} must be a whole number of days from 1 to 3650, not {days!r}"
+                )
         self.effective_limits()
 
     def effective_limits(self) -> Limits:

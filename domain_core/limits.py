@@ -39,6 +39,9 @@ class Limits:
     max_key_description_chars: int = 8192
     max_policy_grants: int = 64
     max_principals_per_grant: int = 64
+    # A key policy's serialized size (AWS KMS caps a key policy at 32 KiB): the policy is
+    # carried in every copy of the key's record and parsed into every HSA's key cache.
+    max_policy_bytes: int = 32 * 1024
     max_random_bytes: int = 1024
     # The coordinator's quotas. WatchStates streams one host may hold open at a time (a new
     # one replaces its oldest), on top of the coordinator's global cap on streams.
@@ -50,6 +53,17 @@ class Limits:
     coordinator_reads_per_second: float = 50.0
     coordinator_read_burst: int = 200
     coordinator_states_per_token: int = 10
+    # A page of ListProposals costs one token per `coordinator_proposals_per_token` proposals
+    # beyond the first call (each one is parsed and its approvals counted).
+    coordinator_proposals_per_token: int = 5
+    # Proposals the coordinator keeps pending: in all, and of one proposer, so that one
+    # operator cannot fill the store (nor the global cap, blocking the others).
+    max_pending_proposals: int = 1000
+    max_pending_proposals_per_operator: int = 32
+    # Proposals of one proposer the coordinator keeps in any state: beyond it, their oldest
+    # closed and expired ones are purged before the retention period ends, so that submitting
+    # and cancelling in a loop cannot grow the store.
+    max_stored_proposals_per_operator: int = 1000
     # CreateKey per principal, on each HSA process (a token bucket): AWS KMS allows 5 per
     # second per account, with bursts.
     create_key_per_second: float = 5.0

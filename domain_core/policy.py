@@ -8,7 +8,8 @@ Invariants kept here:
   URI and exactly that operation. There are no wildcards, prefixes, case folding or implied
   operations (ADMIN does not imply ENCRYPT); `KEY_OPERATION_UNSPECIFIED` and unknown operation
   numbers are never allowed;
-- a valid policy stays within `Limits`, names only client principals of its own domain, lists
+- a valid policy stays within `Limits` (its serialized size included: at most
+  `max_policy_bytes`, 32 KiB as in AWS KMS), names only client principals of its own domain, lists
   only known operations, and gives ADMIN to at least one principal, so that no key can be
   locked beyond change;
 - a key created without a policy gets `default_policy(creator)`: the creator, and only the
@@ -87,7 +88,14 @@ def granted_operations(policy: keys_pb2.KeyPolicy) -> Mapping[str, frozenset[int
         for principal in grant.principals:
             if principal:
                 granted.setdefault(principal, set()).update(operations)
-    return MappingProxyType({p: frozenset(ops) for p, ops in granted.items() if ops})
+    # Principals with the same operations share one frozenset (a set of 7 costs ~700 bytes).
+    shared: dict[frozenset[int], frozenset[int]] = {}
+    decisions: dict[str, frozenset[int]] = {}
+    for principal, operations in granted.items():
+        if operations:
+            frozen = frozenset(operations)
+            decisions[principal] = shared.setdefault(frozen, frozen)
+    return MappingProxyType(decisions)
 
 
 def require_granted(
@@ -141,13 +149,20 @@ def validate_policy(
 ) -> None:
     """Check a policy before it is stored; InvalidInputError (or LimitExceededError) says why.
 
-    Rules: at most `limits.max_policy_grants` grants and `limits.max_principals_per_grant`
+    Rules: at most `limits.max_policy_bytes` serialized (checked first, before anything is
+    read from it), `limits.max_policy_grants` grants and `limits.max_principals_per_grant`
     principals per grant; every grant names at least one principal and one operation; every
     principal is `spiffe://<domain_id>/client/<name>`; every operation is a known one other
     than UNSPECIFIED; at least one principal is given ADMIN.
     """
     if not isinstance(policy, keys_pb2.KeyPolicy):
         raise TypeError("policy must be a KeyPolicy")
+    size = policy.ByteSize()
+    if size > limits.max_policy_bytes:
+        raise LimitExceededError(
+            f"key policy is {size} bytes; the limit is {limits.max_policy_bytes} bytes: grant "
+            "fewer principals, or give them to a role-like principal that applications share"
+        )
     if len(policy.grants) > limits.max_policy_grants:
         raise LimitExceededError(
             f"key policy has {len(policy.grants)} grants; the limit is {limits.max_policy_grants}"

@@ -122,6 +122,7 @@ class KeyServiceHost:
             floor=floor,
             signer=RecordSigner(node.domain_id, node.host_id, node.identity.signer),
             peer_floors=peering,
+            max_bytes=config.key_cache_mib * 1024 * 1024,
         )
 
         def raised(key_ids: Sequence[str]) -> None:

@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from support.cluster import LocalCluster
 
 from domain_core import changes, ciphertext, crypto, transport
+from domain_core.limits import DEFAULT_LIMITS
 from domain_core.pb import keys_pb2, services_pb2, services_pb2_grpc
 from domain_core.pki import DomainCA, SpiffeId, new_tls_key_pem, tls_public_key
 from domain_core.transport import TlsMaterial
@@ -693,6 +694,64 @@ def test_bad_requests_get_one_clear_status(app: Principal) -> None:
         INVALID,
         f"made under key {key.key_id}, not under key {other.key_id}",
     )
+
+
+def _policy_of_size(owner: str, target: int) -> keys_pb2.KeyPolicy:
+    """`owner` may do everything; principals of 60-character names are added (64 to a grant)
+    until the serialized policy reaches `target` bytes."""
+    names = iter(range(10**6))
+    policy = grant(([owner], ALL_OPERATIONS))
+    while policy.ByteSize() < target:
+        if len(policy.grants) == 1 or len(policy.grants[-1].principals) == 64:
+            policy.grants.add().operations.append(keys_pb2.KEY_OPERATION_DESCRIBE)
+        policy.grants[-1].principals.append(f"spiffe://local/client/{'p' * 50}{next(names):010d}")
+    return policy
+
+
+def test_a_policy_over_32_kib_is_refused_at_create_and_put_policy(
+    cluster: LocalCluster, app: Principal
+) -> None:
+    """Issue 21 item 7: 64 grants of 64 principals (333 KB, within every count limit) were
+    accepted, and each such key cost every HSA that used it 2.37 MB of memory."""
+    limit = DEFAULT_LIMITS.max_policy_bytes
+    maximal = _policy_of_size(app.uri, 330_000)
+    assert len(maximal.grants) <= 64
+    assert all(len(g.principals) <= 64 for g in maximal.grants)
+    before = len(stored_keys(cluster))
+    for host in ("hsa-1", "hsa-3"):
+        assert_fails(
+            lambda h=host: create(app, h, policy=maximal, description="d" * 8192),
+            INVALID,
+            f"key policy is {maximal.ByteSize()} bytes; the limit is {limit} bytes",
+        )
+    just_over = _policy_of_size(app.uri, limit + 1)
+    assert_fails(lambda: create(app, "hsa-2", policy=just_over), INVALID, "the limit is 32768")
+    assert len(stored_keys(cluster)) == before  # nothing was stored
+    # A policy of the largest size allowed is taken.
+    largest = keys_pb2.KeyPolicy()
+    largest.CopyFrom(just_over)
+    del largest.grants[-1].principals[-1]
+    if not largest.grants[-1].principals:
+        del largest.grants[-1]
+    assert largest.ByteSize() <= limit
+    key = create(app, "hsa-2", policy=largest)
+    assert describe(app, "hsa-1", key.key_id).policy == largest
+    # PutKeyPolicy cannot grow it past the limit either, on any node; the policy stays.
+    for host in ("hsa-1", "hsa-2"):
+        assert_fails(
+            lambda h=host: app.on(h).PutKeyPolicy(
+                services_pb2.PutKeyPolicyRequest(key_id=key.key_id, policy=maximal),
+                timeout=DEADLINE,
+            ),
+            INVALID,
+            f"the limit is {limit} bytes",
+        )
+    assert describe(app, "hsa-3", key.key_id).policy == largest
+
+
+def stored_keys(cluster: LocalCluster) -> list[str]:
+    with sqlite3.connect(coordinator_db(cluster)) as db:
+        return [str(r[0]) for r in db.execute("SELECT key_id FROM keys")]
 
 
 @pytest.fixture(scope="module")

@@ -95,7 +95,9 @@ def test_list_names_every_registered_benchmark() -> None:
     assert names[0] == "floor"
 
 
-@pytest.mark.parametrize("module", ["bench.kms_latency", "bench.rewrap", "bench.audit_append"])
+@pytest.mark.parametrize(
+    "module", ["bench.kms_latency", "bench.rewrap", "bench.audit_append", "bench.proposals"]
+)
 def test_standalone_entry_points_still_work(module: str) -> None:
     result = _bench_cli("--help", module=module)
     assert result.returncode == 0, result.stderr

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import threading
 import time
+import tracemalloc
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -25,6 +27,9 @@ from domain_core.errors import FailedPreconditionError, PermissionDeniedError, U
 from domain_core.pb import keys_pb2
 from domain_core.signers import InMemorySigner
 from hsa_node.keycache import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_ENTRIES,
+    PRINCIPAL_BYTES,
     CachedKey,
     CoordinatorNotReachedError,
     CoordinatorUnreachableError,
@@ -419,3 +424,142 @@ def test_only_a_request_that_never_left_says_the_coordinator_changed_nothing(
 def test_without_a_coordinator_nothing_is_sent() -> None:
     with pytest.raises(CoordinatorNotReachedError, match="no coordinator is configured"):
         KeyRecordClient(None, "").put(keys_pb2.KeyRecord(), 0)
+
+
+# --- the cache is bounded by bytes (issue 21, item 7) -----------------------------------------
+
+
+def _maximal_policy() -> keys_pb2.KeyPolicy:
+    """64 grants of 64 principals with 60-character names: 333 KB, what the review stored
+    before policies were capped (records written then still exist)."""
+    key_policy = policy.default_policy(APP)
+    number = 0
+    for _ in range(63):
+        grant = key_policy.grants.add(operations=[keys_pb2.KEY_OPERATION_DESCRIBE])
+        for _ in range(64):
+            number += 1
+            grant.principals.append(f"spiffe://local/client/{'p' * 50}{number:010d}")
+    return key_policy
+
+
+class Records:
+    """A coordinator holding sealed records by key id; counts the reads."""
+
+    def __init__(self) -> None:
+        self.records: dict[str, keys_pb2.KeyRecord] = {}
+        self.reads: list[str] = []
+
+    def add(self, keys: DomainKeys, key_policy: keys_pb2.KeyPolicy, description: str = "") -> str:
+        key_id = str(uuid.uuid4())
+        metadata = keys_pb2.KeyMetadata(
+            key_id=key_id,
+            state=keys_pb2.KEY_STATE_ENABLED,
+            description=description,
+            policy=key_policy,
+            current_backing_version=1,
+            metadata_version=1,
+            domain_id="local",
+        )
+        record = keytokens.seal_record(
+            metadata, {1: crypto.new_aes_key()}, keys.keys[1], 1, signer=SIGNER
+        )
+        record.revision = 1
+        self.records[key_id] = record
+        return key_id
+
+    def get(self, key_id: str, *, timeout: float | None = None) -> keys_pb2.KeyRecord | None:
+        self.reads.append(key_id)
+        return self.records.get(key_id)
+
+
+def _cache(tmp_path: Path, records: Records, keys: DomainKeys, max_bytes: int) -> KeyCache:
+    return KeyCache(
+        domain_id="local",
+        domain_keys=Head(keys),
+        records=records,  # type: ignore[arg-type]
+        floor=MetadataVersionFloor(tmp_path / "floor.db"),
+        signer=SIGNER,
+        max_bytes=max_bytes,
+    )
+
+
+def test_an_entrys_size_follows_what_it_holds_in_memory(tmp_path: Path) -> None:
+    keys = domain_keys()
+    records = Records()
+    small = records.add(keys, policy.default_policy(APP))
+    large = records.add(keys, _maximal_policy(), description="d" * 8192)
+    cache = _cache(tmp_path, records, keys, DEFAULT_MAX_BYTES)
+    small_entry, large_entry = cache.get(small), cache.get(large)
+    # Measured in an HSA: about 3.6 KB for the default policy, 1.54 MB for the maximal one.
+    assert 3_000 < small_entry.size < 6_000
+    assert 1_400_000 < large_entry.size < 2_000_000
+    assert cache.cached_bytes == small_entry.size + large_entry.size
+    # The Python side of the decisions (traced; protobuf's own memory is not) is within what
+    # the estimate gives the principals beside the record's bytes.
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        decisions = policy.granted_operations(large_entry.metadata.policy)
+        used = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(decisions) == 1 + 63 * 64
+    assert used <= PRINCIPAL_BYTES * len(decisions) + sum(len(p) for p in decisions)
+    # The default budget holds the default entry cap of small keys.
+    assert DEFAULT_MAX_ENTRIES * small_entry.size < DEFAULT_MAX_BYTES
+
+
+def test_the_cache_is_bounded_by_bytes_not_by_entries(tmp_path: Path) -> None:
+    """Issue 21 item 7: 892 keys with a maximal policy took an HSA to 2.17 GB, far below the
+    cap of 100,000 entries. Whoever can create (or, before the cap, created) such keys and use
+    them cannot make the cache grow past its byte budget."""
+    keys = domain_keys()
+    records = Records()
+    large = [records.add(keys, _maximal_policy(), description="d" * 8192) for _ in range(8)]
+    small = [records.add(keys, policy.default_policy(APP)) for _ in range(40)]
+    probe = _cache(tmp_path / "probe", records, keys, DEFAULT_MAX_BYTES)
+    large_size = probe.get(large[0]).size
+    small_size = probe.get(small[0]).size
+    budget = 3 * large_size + 10 * small_size
+    cache = _cache(tmp_path, records, keys, budget)
+
+    for key_id in small:  # small keys fit: nothing is dropped
+        cache.get(key_id)
+    assert len(cache) == 40
+    for key_id in large:  # large ones push out the least recently used, by bytes
+        cache.get(key_id)
+        assert cache.cached_bytes <= budget
+    assert len(cache) < 3 + 10
+    assert cache.cached(large[-1]) is not None
+    assert cache.cached(large[0]) is None
+    assert cache.cached(small[0]) is None
+    # A dropped key is read (and verified) again at its next use; it pushes out the oldest.
+    reads = len(records.reads)
+    cache.get(large[0])
+    assert records.reads[reads:] == [large[0]]
+    assert cache.cached_bytes <= budget
+    # Forgetting and clearing give the bytes back.
+    held = cache.cached_bytes
+    cache.forget(large[0])
+    assert cache.cached_bytes == held - large_size
+    cache.mark_stale(large[-1])
+    assert cache.cached_bytes == held - large_size
+    cache.clear()
+    assert (len(cache), cache.cached_bytes) == (0, 0)
+
+
+def test_an_entry_larger_than_the_budget_is_kept_alone(tmp_path: Path) -> None:
+    keys = domain_keys()
+    records = Records()
+    small = [records.add(keys, policy.default_policy(APP)) for _ in range(3)]
+    large = records.add(keys, _maximal_policy())
+    cache = _cache(tmp_path, records, keys, 100_000)
+    for key_id in small:
+        cache.get(key_id)
+    entry = cache.get(large)
+    assert entry.size > 100_000
+    assert len(cache) == 1
+    assert cache.cached(large) is entry
+    cache.get(small[0])  # the next one pushes it out
+    assert cache.cached(large) is None
+    assert cache.cached_bytes <= 100_000

@@ -108,21 +108,32 @@ def test_configs_carry_limit_overrides(tmp_path: Path) -> None:
     limits = NodeConfig.load(path).effective_limits()
     assert (limits.create_key_per_second, limits.create_key_burst) == (20.0, 100)
     assert limits.max_message_bytes == Limits().max_message_bytes
+    assert NodeConfig.load(path).key_cache_mib == 512
+    path.write_text(json.dumps({**node, "key_cache_mib": 64}))
+    assert NodeConfig.load(path).key_cache_mib == 64
+    for bad in (0, 65_537, 1.5, True, "64"):
+        path.write_text(json.dumps({**node, "key_cache_mib": bad}))
+        with pytest.raises(InvalidInputError, match="key_cache_mib must be a whole number"):
+            NodeConfig.load(path)
     coordinator = {
         **base,
         "name": "coordinator",
         "genesis_state": "genesis.state",
         "key_tombstone_days": 7,
-        "limits": {"max_keys_per_principal": 10},
+        "proposal_retention_days": 90,
+        "limits": {"max_keys_per_principal": 10, "max_pending_proposals_per_operator": 4},
     }
     path.write_text(json.dumps(coordinator))
     config = CoordinatorConfig.load(path)
     assert config.effective_limits().max_keys_per_principal == 10
-    assert config.key_tombstone_days == 7
+    assert config.effective_limits().max_pending_proposals_per_operator == 4
+    assert (config.key_tombstone_days, config.proposal_retention_days) == (7, 90)
     for bad, message in (
         ({"limits": {"max_keys_per_principal": -1}}, "above 0"),
         ({"limits": [1]}, "JSON object"),
         ({"key_tombstone_days": 0}, "key_tombstone_days"),
+        ({"proposal_retention_days": 0}, "proposal_retention_days must be"),
+        ({"proposal_retention_days": 4000}, "proposal_retention_days must be"),
     ):
         path.write_text(json.dumps({**coordinator, **bad}))
         with pytest.raises(InvalidInputError, match=message):

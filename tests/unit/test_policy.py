@@ -208,3 +208,53 @@ def test_policy_limits() -> None:
     many = _policy(*[([APP], [ADMIN])] * (Limits().max_policy_grants + 1))
     with pytest.raises(LimitExceededError):
         validate_policy(many, domain_id=DOMAIN)
+
+
+def _maximal_policy(name_chars: int = 60) -> keys_pb2.KeyPolicy:
+    """What the review stored: every grant full (64 x 64 principals with long names)."""
+    limits = Limits()
+    number = iter(range(10**6))
+    return _policy(
+        *[
+            (
+                [
+                    f"spiffe://{DOMAIN}/client/{'p' * (name_chars - 10)}{next(number):010d}"
+                    for _ in range(limits.max_principals_per_grant)
+                ],
+                list(ALL_OPERATIONS),
+            )
+            for _ in range(limits.max_policy_grants)
+        ]
+    )
+
+
+def test_a_policy_is_capped_at_32_kib_serialized() -> None:
+    """Issue 21 item 7: a policy within every count limit (64 grants of 64 principals) was
+    333 KB, and every HSA that used the key kept 2.37 MB of it in memory."""
+    maximal = _maximal_policy()
+    assert maximal.ByteSize() > 300_000
+    with pytest.raises(LimitExceededError, match=r"key policy is \d+ bytes; the limit is 32768"):
+        validate_policy(maximal, domain_id=DOMAIN)
+    # Just over and just at the limit: the serialized size decides, whatever the counts.
+    at_most = Limits().max_policy_bytes
+    principals: list[str] = []
+
+    def spread(names: list[str]) -> keys_pb2.KeyPolicy:
+        grants = [names[i : i + 64] for i in range(0, len(names), 64)]
+        return _policy(([APP], [ADMIN]), *[(g, [ENCRYPT]) for g in grants])
+
+    while spread(principals).ByteSize() <= at_most:
+        principals.append(f"spiffe://{DOMAIN}/client/app-{len(principals):05d}")
+    over = spread(principals)
+    assert len(over.grants) <= Limits().max_policy_grants
+    with pytest.raises(LimitExceededError, match=f"key policy is {over.ByteSize()} bytes"):
+        validate_policy(over, domain_id=DOMAIN)
+    validate_policy(spread(principals[:-1]), domain_id=DOMAIN)
+    with pytest.raises(LimitExceededError, match="the limit is 100 bytes"):
+        validate_policy(POLICY, domain_id=DOMAIN, limits=Limits(max_policy_bytes=100))
+
+
+def test_grants_share_one_set_per_distinct_operations() -> None:
+    granted = granted_operations(_maximal_policy(20))
+    assert len(granted) == 64 * 64
+    assert len({id(operations) for operations in granted.values()}) == 1

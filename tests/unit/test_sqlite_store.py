@@ -56,7 +56,8 @@ def test_empty_store(store: SqliteStore) -> None:
     assert store.latest_state() is None
     assert store.get_state(1) is None
     assert store.states_after(0, 10) == []
-    assert store.list_proposals(include_closed=True) == []
+    assert store.list_proposals(include_closed=True, limit=10) == []
+    assert store.count_proposals(include_closed=True) == 0
     assert store.list_hsas() == []
     assert store.list_keys(10) == []
 
@@ -112,9 +113,9 @@ def test_cancel_votes_one_per_operator_beside_the_approvals(store: SqliteStore) 
     assert record is not None
     assert record.cancel_votes == (b"vote-b", b"vote-a")
     assert record.approvals == (b"approval-a",)
-    assert [r.cancel_votes for r in store.list_proposals()] == [
-        (b"vote-b", b"vote-a"),
+    assert [r.cancel_votes for r in store.list_proposals(limit=10)] == [
         (b"vote-c",),
+        (b"vote-b", b"vote-a"),
     ]
     with pytest.raises(NotFoundError):
         store.add_cancel_vote(b"\x09" * 32, "op-a", b"x")
@@ -140,19 +141,19 @@ def test_closed_states_are_final(store: SqliteStore) -> None:
     record = store.get_proposal(PID)
     assert record is not None
     assert (record.state, record.detail) == (ProposalState.CANCELLED, "by op-a")
-    assert store.list_proposals() == []
-    assert [r.proposal_id for r in store.list_proposals(include_closed=True)] == [PID]
+    assert store.list_proposals(limit=10) == []
+    assert [r.proposal_id for r in store.list_proposals(include_closed=True, limit=10)] == [PID]
     with pytest.raises(NotFoundError):
         store.set_proposal_state(OTHER, ProposalState.STALE)
 
 
-def test_list_proposals_oldest_first(store: SqliteStore) -> None:
+def test_list_proposals_newest_first(store: SqliteStore) -> None:
     ids = [bytes([i]) * 32 for i in (5, 3, 9)]
     for i in ids:
         store.put_proposal(i, b"p", 1, 2)
     store.set_proposal_state(ids[1], ProposalState.STALE)
-    assert [r.proposal_id for r in store.list_proposals()] == [ids[0], ids[2]]
-    assert [r.proposal_id for r in store.list_proposals(True)] == ids
+    assert [r.proposal_id for r in store.list_proposals(limit=10)] == [ids[2], ids[0]]
+    assert [r.proposal_id for r in store.list_proposals(True, limit=10)] == ids[::-1]
 
 
 def test_append_and_close_is_atomic(store: SqliteStore) -> None:
@@ -285,7 +286,9 @@ def test_a_store_file_without_the_reported_version_columns_is_migrated(db_path: 
     assert columns == [
         "host_id", "address", "registered_at", "version", "state_hash", "reported_at",
     ]  # fmt: skip
-    assert schema == "2"  # upgraded: an older coordinator, which would serve tombstones, refuses it
+    # Upgraded: an older coordinator (which would serve tombstones, and store proposals
+    # without their proposer and base columns) refuses it.
+    assert schema == "3"
 
 
 def test_key_records_compare_and_swap(store: SqliteStore) -> None:
@@ -410,3 +413,253 @@ def test_open_store(tmp_path: Path) -> None:
         open_store("etcd:127.0.0.1:2379", tmp_path)
     with pytest.raises(InvalidInputError, match="SCHEME:VALUE"):
         open_store("coordinator.db", tmp_path)
+
+
+# --- proposals: counted, paged, found and purged in the store (issue 21, item 6) ----------
+
+
+def _pid(index: int) -> bytes:
+    return index.to_bytes(32, "big")
+
+
+BASE = b"\xb0" * 32
+
+
+def _put(
+    store: SqliteStore,
+    index: int,
+    *,
+    proposer: str = "op-a",
+    expires_at: int = 10_000,
+    base_version: int = 1,
+    base_state_hash: bytes = BASE,
+    approvals: int = 1,
+    **caps: int,
+) -> bool:
+    return store.put_proposal(
+        _pid(index),
+        b"proposal %d" % index,
+        1,
+        expires_at,
+        [(f"op-{n}", b"approval") for n in range(approvals)],
+        proposer=proposer,
+        base_version=base_version,
+        base_state_hash=base_state_hash,
+        **caps,
+    )
+
+
+def test_proposals_are_counted_in_the_store(store: SqliteStore) -> None:
+    for index in range(5):
+        _put(store, index, proposer="op-a" if index < 3 else "op-b")
+    store.set_proposal_state(_pid(0), ProposalState.CANCELLED, closed_at=50)
+    assert store.count_proposals() == 4
+    assert store.count_proposals(include_closed=True) == 5
+    assert store.count_proposals(proposer="op-a") == 2
+    assert store.count_proposals(include_closed=True, proposer="op-a") == 3
+    assert store.count_proposals(proposer="op-c") == 0
+
+
+def test_one_proposer_cannot_fill_the_pending_cap(store: SqliteStore) -> None:
+    """One operator submits until refused: their cap stops them, not everybody's."""
+    caps = {"max_pending": 6, "max_pending_per_proposer": 3}
+    for index in range(3):
+        assert _put(store, index, proposer="mallory", **caps)
+    with pytest.raises(ResourceExhaustedError, match="you have 3 pending proposals already"):
+        _put(store, 3, proposer="mallory", **caps)
+    assert store.get_proposal(_pid(3)) is None  # refused: nothing stored
+    # The others still propose, up to the global cap ...
+    for index in range(10, 13):
+        assert _put(store, index, proposer=f"honest-{index}", **caps)
+    with pytest.raises(ResourceExhaustedError, match="6 proposals are pending already"):
+        _put(store, 20, proposer="honest-20", **caps)
+    # ... and a closed proposal no longer counts against its proposer.
+    store.set_proposal_state(_pid(0), ProposalState.CANCELLED)
+    assert _put(store, 3, proposer="mallory", **caps)
+    # A duplicate is reported as such before any cap.
+    assert not _put(store, 3, proposer="mallory", **caps)
+
+
+def test_proposals_are_listed_a_page_at_a_time_newest_first(store: SqliteStore) -> None:
+    for index in range(7):
+        _put(store, index)
+    store.set_proposal_state(_pid(5), ProposalState.EXPIRED)
+    pages: list[list[bytes]] = []
+    before = 0
+    while True:
+        page = store.list_proposals(limit=2, before=before)
+        if not page:
+            break
+        pages.append([r.proposal_id for r in page])
+        before = page[-1].seq
+        if len(pages) == 1:
+            _put(store, 100)  # a proposal arriving meanwhile shifts nothing
+    assert pages == [[_pid(6), _pid(4)], [_pid(3), _pid(2)], [_pid(1), _pid(0)]]
+    everything = store.list_proposals(include_closed=True, limit=3)
+    assert [r.proposal_id for r in everything] == [_pid(100), _pid(6), _pid(5)]
+    record = everything[1]
+    assert (record.proposer, record.base_version, record.base_state_hash) == ("op-a", 1, BASE)
+    assert (everything[0].closed_at, record.closed_at) == (0, 0)
+    assert everything[2].closed_at > 0
+    assert store.list_proposals(limit=0) == []
+
+
+def test_due_and_quorate_proposals_are_found_from_columns(store: SqliteStore) -> None:
+    _put(store, 1)  # for the head, not expired, one approval
+    _put(store, 2, expires_at=500)  # expired at 500
+    _put(store, 3, base_version=0)  # an older version
+    _put(store, 4, base_version=2)  # a version the head has not reached
+    _put(store, 5, base_state_hash=b"\xcc" * 32)  # the head's version, another history
+    _put(store, 6, expires_at=500, approvals=2)
+    _put(store, 7, approvals=3)
+    _put(store, 8, approvals=2)
+    store.set_proposal_state(_pid(8), ProposalState.CANCELLED)  # closed: never due
+    store.set_proposal_state(_pid(2), ProposalState.PENDING, "waiting")  # still pending
+    due = store.due_proposals(600, 1, BASE, limit=10)
+    assert [d.proposal_id for d in due] == [_pid(i) for i in (2, 3, 4, 5, 6)]
+    assert (due[0].expires_at, due[1].base_version, due[3].base_state_hash) == (
+        500,
+        0,
+        b"\xcc" * 32,
+    )
+    assert [d.proposal_id for d in store.due_proposals(600, 1, BASE, limit=2)] == [
+        _pid(2),
+        _pid(3),
+    ]
+    assert [d.proposal_id for d in store.due_proposals(400, 1, BASE, limit=10)] == [
+        _pid(i) for i in (3, 4, 5)
+    ]
+    assert store.pending_with_approvals(2, limit=10) == [_pid(6), _pid(7)]
+    assert store.pending_with_approvals(3, limit=10) == [_pid(7)]
+    assert len(store.pending_with_approvals(1, limit=10)) == 7
+    assert store.pending_with_approvals(1, limit=3) == [_pid(1), _pid(2), _pid(3)]
+
+
+def test_close_proposals_closes_only_pending_ones_in_one_go(store: SqliteStore) -> None:
+    for index in range(3):
+        _put(store, index)
+    store.set_proposal_state(_pid(1), ProposalState.CANCELLED, "by op-a", closed_at=5)
+    closed = store.close_proposals(
+        [
+            (_pid(0), ProposalState.EXPIRED, "expired at x"),
+            (_pid(1), ProposalState.STALE, "moved on"),
+            (_pid(2), ProposalState.STALE, "moved on"),
+            (_pid(9), ProposalState.STALE, "unknown"),
+        ],
+        closed_at=70,
+    )
+    assert closed == [_pid(0), _pid(2)]
+    records = {r.proposal_id: r for r in store.list_proposals(True, limit=10)}
+    assert (records[_pid(0)].state, records[_pid(0)].closed_at) == (ProposalState.EXPIRED, 70)
+    assert (records[_pid(1)].state, records[_pid(1)].detail) == (ProposalState.CANCELLED, "by op-a")
+    assert records[_pid(1)].closed_at == 5
+    with pytest.raises(ValueError, match="final states"):
+        store.close_proposals([(_pid(3), ProposalState.PENDING, "")], closed_at=70)
+
+
+def test_closed_proposals_are_purged_after_the_retention_once_expired(
+    store: SqliteStore, db_path: Path
+) -> None:
+    store.append_state(1, b"genesis")
+    _put(store, 1, expires_at=1_000, approvals=2)  # closed at 100, expires at 1,000
+    _put(store, 2, expires_at=150)  # closed at 100, expired at 150
+    _put(store, 3, expires_at=150)  # pending (expired, not closed yet): never purged
+    _put(store, 4, expires_at=150)  # closed later, at 400
+    store.add_cancel_vote(_pid(2), "op-b", b"vote")
+    store.set_proposal_state(_pid(1), ProposalState.CANCELLED, closed_at=100)
+    store.set_proposal_state(_pid(2), ProposalState.STALE, closed_at=100)
+    store.append_state_and_close_proposal(2, b"two", _pid(4), closed_at=400)
+    # Nothing closed before 100.
+    assert store.purge_closed_proposals(closed_before=100, expired_before=2_000) == 0
+    # Closed before 200, expired before 200: only 2 (1 has not expired; a purged proposal
+    # that had not expired could be submitted again as new).
+    assert store.purge_closed_proposals(closed_before=200, expired_before=200) == 1
+    assert store.get_proposal(_pid(2)) is None
+    assert store.get_proposal(_pid(1)) is not None
+    assert store.purge_closed_proposals(closed_before=200, expired_before=1_001) == 1
+    assert store.get_proposal(_pid(1)) is None
+    assert store.purge_closed_proposals(closed_before=10**9, expired_before=10**9) == 1  # 4
+    assert [r.proposal_id for r in store.list_proposals(True, limit=10)] == [_pid(3)]
+    with sqlite3.connect(db_path) as check:
+        approvals = check.execute("SELECT COUNT(*) FROM approvals").fetchone()[0]
+        votes = check.execute("SELECT COUNT(*) FROM cancel_votes").fetchone()[0]
+    check.close()
+    assert (approvals, votes) == (1, 0)  # only the pending proposal's approval is left
+    assert store.states_after(0, 10) == [b"genesis", b"two"]  # states are never purged
+
+
+def test_proposals_of_an_older_store_file_get_their_columns(db_path: Path) -> None:
+    from domain_core.pb import domain_pb2
+
+    def proposal(proposer: str, version: int) -> bytes:
+        return domain_pb2.Proposal(
+            domain_id="local",
+            base_version=version,
+            base_state_hash=BASE,
+            proposer_id=proposer,
+            created_at=1,
+            expires_at=900,
+        ).SerializeToString()
+
+    first = SqliteStore(db_path)
+    first.close()
+    # Rows as a schema-2 coordinator wrote them: no proposer, base or closing time.
+    with sqlite3.connect(db_path) as old:
+        old.execute("UPDATE meta SET value = '2' WHERE name = 'schema'")
+        old.executemany(
+            "INSERT INTO proposals (proposal_id, proposal, state, created_at, expires_at) "
+            "VALUES (?, ?, ?, 1, 900)",
+            [
+                (_pid(1), proposal("a" * 64, 4), "pending"),
+                (_pid(2), proposal("b" * 64, 3), "applied"),
+                (_pid(3), b"\xff\xff not a proposal", "pending"),
+            ],
+        )
+    old.close()
+    store = SqliteStore(db_path)
+    try:
+        records = {r.proposal_id: r for r in store.list_proposals(True, limit=10)}
+        assert (records[_pid(1)].proposer, records[_pid(1)].base_version) == ("a" * 64, 4)
+        assert (records[_pid(1)].base_state_hash, records[_pid(1)].closed_at) == (BASE, 0)
+        assert (records[_pid(2)].proposer, records[_pid(2)].closed_at) == ("b" * 64, 900)
+        assert records[_pid(3)].base_state_hash == b""  # unparseable: stale at the next sweep
+        assert store.count_proposals(proposer="a" * 64) == 1
+        assert [d.proposal_id for d in store.due_proposals(100, 4, BASE, 10)] == [_pid(3)]
+    finally:
+        store.close()
+
+
+def test_submitting_and_cancelling_in_a_loop_cannot_grow_the_store(
+    store: SqliteStore, db_path: Path
+) -> None:
+    """An operator who cancels each proposal and submits another keeps at most the stored cap:
+    their own oldest closed, expired proposals make room; unexpired ones never go (their bytes
+    could be submitted again)."""
+    caps = {"max_pending_per_proposer": 2, "max_stored_per_proposer": 4}
+    _put(store, 100, proposer="honest", **caps, now=10)
+    for index in range(4):
+        assert _put(store, index, proposer="mallory", expires_at=50, **caps, now=10)
+        store.set_proposal_state(_pid(index), ProposalState.CANCELLED, closed_at=20 + index)
+    store.add_cancel_vote(_pid(0), "op-b", b"vote")
+    # Nothing of hers has expired at 40: she must wait.
+    with pytest.raises(ResourceExhaustedError, match="you have 4 proposals at this coordinator"):
+        _put(store, 4, proposer="mallory", **caps, now=40)
+    assert store.get_proposal(_pid(4)) is None
+    # At 60 they have: each new one purges her oldest closed one, never anyone else's.
+    for index in range(4, 10):
+        assert _put(store, index, proposer="mallory", expires_at=50, **caps, now=60)
+        store.set_proposal_state(_pid(index), ProposalState.CANCELLED, closed_at=60 + index)
+        assert store.count_proposals(include_closed=True, proposer="mallory") == 4
+    kept = [r.proposal_id for r in store.list_proposals(True, limit=20) if r.proposer == "mallory"]
+    assert kept == [_pid(i) for i in (9, 8, 7, 6)]
+    assert store.get_proposal(_pid(100)) is not None
+    with sqlite3.connect(db_path) as check:
+        votes = check.execute("SELECT COUNT(*) FROM cancel_votes").fetchone()[0]
+        approvals = check.execute("SELECT COUNT(*) FROM approvals").fetchone()[0]
+    check.close()
+    assert (votes, approvals) == (0, 5)  # the purged ones' approvals and votes went with them
+    # Pending ones are never purged to make room.
+    assert _put(store, 20, proposer="pending-only", expires_at=50, **caps, now=60)
+    assert _put(store, 21, proposer="pending-only", expires_at=50, **caps, now=60)
+    with pytest.raises(ResourceExhaustedError, match="you have 2 pending proposals already"):
+        _put(store, 22, proposer="pending-only", expires_at=50, **caps, now=60)

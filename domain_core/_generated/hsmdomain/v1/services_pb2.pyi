@@ -441,16 +441,22 @@ class ProposalIdRequest(_message.Message):
     def __init__(self, proposal_id: _Optional[bytes] = ...) -> None: ...
 
 class ListProposalsRequest(_message.Message):
-    __slots__ = ("include_closed",)
+    __slots__ = ("include_closed", "limit", "page_token")
     INCLUDE_CLOSED_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     include_closed: bool
-    def __init__(self, include_closed: _Optional[bool] = ...) -> None: ...
+    limit: int
+    page_token: str
+    def __init__(self, include_closed: _Optional[bool] = ..., limit: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListProposalsResponse(_message.Message):
-    __slots__ = ("proposals",)
+    __slots__ = ("proposals", "next_page_token")
     PROPOSALS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     proposals: _containers.RepeatedCompositeFieldContainer[ProposalStatus]
-    def __init__(self, proposals: _Optional[_Iterable[_Union[ProposalStatus, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, proposals: _Optional[_Iterable[_Union[ProposalStatus, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class CancelProposalRequest(_message.Message):
     __slots__ = ("proposal_id", "operator_id", "signature")
