@@ -973,8 +973,9 @@ class Peering:
                 else ""
             ),
         )
-        self._node.set_standing(standing)
+        # The workers' copy first: once the status says ready, every process of the host is.
         self._write_meta(version)
+        self._node.set_standing(standing)
 
     def _write_meta(self, version: int) -> None:
         """Tell the workers when something they act on changed, and every quarter of the
@@ -1079,6 +1080,7 @@ class WorkerPeering:
         floors (this run)."""
         if self._ready:
             return
+        self._checked_at = float("-inf")  # only until ready: read what the main wrote now
         meta = self._read_meta()
         if meta is not None and meta.ready:
             self._ready = True

@@ -222,6 +222,9 @@ def test_a_stolen_certificate_or_none_never_makes_a_host(
             proposal.created_at,
             proposal.expires_at,
             [(by_alice.operator_id, by_alice.SerializeToString(deterministic=True))],
+            proposer=proposal.proposer_id,
+            base_version=proposal.base_version,
+            base_state_hash=proposal.base_state_hash,
         )
     finally:
         store.close()
