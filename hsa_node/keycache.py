@@ -73,7 +73,6 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, Protocol, cast
 
@@ -113,7 +112,6 @@ __all__ = [
     "KeyRecordClient",
     "KeyRollbackError",
     "MetadataVersionFloor",
-    "iso_date",
     "parse_metadata",
 ]
 
@@ -154,11 +152,6 @@ class CoordinatorUnreachableError(UnavailableError):
 class CoordinatorNotReachedError(CoordinatorUnreachableError):
     """The key-record call never left this HSA (no connection, or no coordinator configured):
     the coordinator changed nothing."""
-
-
-def iso_date(timestamp: int) -> str:
-    """A unix time as an ISO 8601 UTC date and time, for messages."""
-    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def parse_metadata(record: keys_pb2.KeyRecord) -> keys_pb2.KeyMetadata | None:

@@ -3,7 +3,8 @@
 Applications call it over mutual TLS with client certificates; the principal is the caller's
 SPIFFE URI (`spiffe://<domain>/client/<name>`). Keys are read through `keycache.KeyCache`
 (verified records from the untrusted coordinator) and written with a compare-and-swap at the
-coordinator.
+coordinator. What a key's state allows and what each change does are the rules of
+`domain_core.keylifecycle`; this module adapts requests to them and their results to responses.
 
 Invariants:
 - every call is from a `client` identity of this domain, else PERMISSION_DENIED; every use of
@@ -50,7 +51,7 @@ from typing import Final, Protocol, TypeVar
 
 import grpc
 
-from domain_core import ciphertext, crypto, policy, transport
+from domain_core import ciphertext, crypto, keylifecycle, policy, transport
 from domain_core.errors import (
     ConflictError,
     FailedPreconditionError,
@@ -65,6 +66,7 @@ from domain_core.errors import (
     UnavailableError,
     status_for,
 )
+from domain_core.keylifecycle import KeyChange, iso_date, require_enabled
 from domain_core.limits import DEFAULT_LIMITS, Limits, RateLimiter
 from domain_core.pb import keys_pb2, services_pb2, services_pb2_grpc
 from hsa_node._logging import ThrottledLog
@@ -73,7 +75,6 @@ from hsa_node.keycache import (
     CoordinatorNotReachedError,
     CoordinatorUnreachableError,
     KeyCache,
-    iso_date,
     parse_metadata,
 )
 from hsa_node.node import DomainNode
@@ -81,33 +82,19 @@ from hsa_node.node import DomainNode
 __all__ = [
     "CONFLICT_RETRIES",
     "DEFAULT_DATA_KEY_BYTES",
-    "DEFAULT_DELETION_WINDOW_DAYS",
-    "DEFAULT_ROTATION_PERIOD_DAYS",
-    "MAX_BACKING_VERSIONS",
     "AuditSink",
     "KeyServiceServicer",
     "PeerGate",
-    "require_enabled",
-    "rotate_backing_key",
 ]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-DAY_SECONDS: Final = 86_400
-DEFAULT_ROTATION_PERIOD_DAYS: Final = 365
-MIN_ROTATION_PERIOD_DAYS: Final = 90
-MAX_ROTATION_PERIOD_DAYS: Final = 2560
-DEFAULT_DELETION_WINDOW_DAYS: Final = 30
-MIN_DELETION_WINDOW_DAYS: Final = 7
-MAX_DELETION_WINDOW_DAYS: Final = 30
 DEFAULT_DATA_KEY_BYTES: Final = 32
 DEFAULT_LIST_LIMIT: Final = 100
 MAX_LIST_LIMIT: Final = 1000
 CONFLICT_RETRIES: Final = 3
-# The coordinator stores at most 4096 tokens per key; stay well below.
-MAX_BACKING_VERSIONS: Final = 1000
 
 
 class PeerGate(Protocol):
@@ -144,56 +131,6 @@ class _Call:
     key_id: str = ""
     context: dict[str, str] = field(default_factory=dict)
     detail: str = ""
-
-
-# --- key state and metadata changes (shared with the background maintenance) --------------
-
-
-def require_enabled(metadata: keys_pb2.KeyMetadata) -> None:
-    """FailedPreconditionError unless the key may be used (ENABLED)."""
-    key_id = metadata.key_id
-    if metadata.state == keys_pb2.KEY_STATE_ENABLED:
-        return
-    if metadata.state == keys_pb2.KEY_STATE_DISABLED:
-        raise FailedPreconditionError(f"key {key_id} is disabled; enable it with EnableKey")
-    if metadata.state == keys_pb2.KEY_STATE_PENDING_DELETION:
-        raise FailedPreconditionError(
-            f"key {key_id} is pending deletion (deletion on {iso_date(metadata.deletion_at)}); "
-            "cancel the deletion with CancelKeyDeletion to use it again"
-        )
-    raise FailedPreconditionError(f"key {key_id} is in an unknown state ({int(metadata.state)})")
-
-
-def rotate_backing_key(
-    metadata: keys_pb2.KeyMetadata,
-    backing_keys: dict[int, bytes],
-    now: int,
-    *,
-    automatic: bool = False,
-) -> None:
-    """Add a fresh backing key version (it becomes current); old versions keep decrypting.
-
-    An automatic rotation also moves the next rotation date one period on; an on-demand one
-    leaves the schedule alone (as KMS).
-    """
-    require_enabled(metadata)
-    current = int(metadata.current_backing_version)
-    if current >= MAX_BACKING_VERSIONS:
-        raise FailedPreconditionError(
-            f"key {metadata.key_id} has {current} backing key versions, the most a key may "
-            "hold; create a new key and re-encrypt to it"
-        )
-    backing_keys[current + 1] = crypto.new_aes_key()
-    metadata.current_backing_version = current + 1
-    if automatic and metadata.rotation.enabled:
-        metadata.rotation.next_rotation_at = now + metadata.rotation.period_days * DAY_SECONDS
-
-
-def _pending_deletion_message(metadata: keys_pb2.KeyMetadata, what: str) -> str:
-    return (
-        f"key {metadata.key_id} is pending deletion (deletion on "
-        f"{iso_date(metadata.deletion_at)}); {what}"
-    )
 
 
 # --- the servicer --------------------------------------------------------------------------
@@ -575,42 +512,17 @@ class KeyServiceServicer(services_pb2_grpc.KeyServiceServicer):
                     f"{call.principal} may create at most {limiter.rate:g} keys per second on "
                     f"this HSA (bursts of {limiter.burst}): retry in {wait:.1f} s"
                 )
-            limit = self._limits.max_key_description_chars
-            if len(request.description) > limit:
-                raise LimitExceededError(
-                    f"description is {len(request.description)} characters; the limit is {limit}"
-                )
-            if request.HasField("policy") and request.policy.grants:
-                policy.validate_policy(
-                    request.policy, domain_id=self._domain_id, limits=self._limits
-                )
-                key_policy = request.policy
-            else:
-                key_policy = policy.default_policy(call.principal)
-            period = request.rotation_period_days or DEFAULT_ROTATION_PERIOD_DAYS
-            if not MIN_ROTATION_PERIOD_DAYS <= period <= MAX_ROTATION_PERIOD_DAYS:
-                raise InvalidInputError(
-                    f"rotation_period_days must be between {MIN_ROTATION_PERIOD_DAYS} and "
-                    f"{MAX_ROTATION_PERIOD_DAYS}, not {period}"
-                )
-            self._require_head_confirmed("CreateKey")
-            now = int(self._clock())
-            metadata = keys_pb2.KeyMetadata(
-                key_id=ciphertext.new_key_id(),
+            key = keylifecycle.new_key(
                 description=request.description,
-                state=keys_pb2.KEY_STATE_ENABLED,
-                created_at=now,
-                policy=key_policy,
-                rotation=keys_pb2.RotationSettings(
-                    enabled=request.enable_rotation,
-                    period_days=period,
-                    next_rotation_at=now + period * DAY_SECONDS if request.enable_rotation else 0,
-                ),
-                current_backing_version=1,
+                key_policy=request.policy if request.HasField("policy") else None,
+                enable_rotation=request.enable_rotation,
+                rotation_period_days=request.rotation_period_days,
                 creator=call.principal,
-                metadata_version=1,
                 domain_id=self._domain_id,
+                limits=self._limits,
             )
+            self._require_head_confirmed("CreateKey")
+            metadata = key.metadata(ciphertext.new_key_id(), int(self._clock()))
             call.key_id = metadata.key_id
             try:
                 entry = self._cache.store(metadata, {1: crypto.new_aes_key()}, 0)
@@ -633,7 +545,7 @@ class KeyServiceServicer(services_pb2_grpc.KeyServiceServicer):
         operation: str,
         key_id_value: str,
         context: grpc.ServicerContext,
-        change: Callable[[keys_pb2.KeyMetadata, dict[int, bytes], int], bool],
+        change: KeyChange,
         detail: Callable[[keys_pb2.KeyMetadata], str] = lambda _: "",
     ) -> services_pb2.KeyMetadataResponse:
         """Read the key fresh, check ADMIN, apply `change` (False: nothing to do), write it
@@ -653,13 +565,13 @@ class KeyServiceServicer(services_pb2_grpc.KeyServiceServicer):
                         "nothing: retry"
                     ) from None
                 self._authorize(entry, call, keys_pb2.KEY_OPERATION_ADMIN)
-                metadata = keys_pb2.KeyMetadata()
-                metadata.CopyFrom(entry.metadata)
-                backing_keys = dict(entry.backing_keys)
-                if not change(metadata, backing_keys, int(self._clock())):
+                changed = keylifecycle.apply_change(
+                    entry.metadata, entry.backing_keys, change, int(self._clock())
+                )
+                if changed is None:
                     call.detail = "no change"
                     return services_pb2.KeyMetadataResponse(metadata=entry.metadata)
-                metadata.metadata_version = entry.metadata.metadata_version + 1
+                metadata, backing_keys = changed
                 try:
                     stored = self._cache.store(metadata, backing_keys, entry.revision)
                 except ConflictError:
@@ -692,16 +604,11 @@ class KeyServiceServicer(services_pb2_grpc.KeyServiceServicer):
         self, request: services_pb2.KeyIdRequest, context: grpc.ServicerContext
     ) -> services_pb2.KeyMetadataResponse:
         """A new backing key version; ciphertexts under older versions keep decrypting."""
-
-        def change(metadata: keys_pb2.KeyMetadata, keys: dict[int, bytes], now: int) -> bool:
-            rotate_backing_key(metadata, keys, now)
-            return True
-
         return self._change(
             "RotateKey",
             request.key_id,
             context,
-            change,
+            keylifecycle.rotate,
             lambda m: f"backing version {m.current_backing_version}",
         )
 
@@ -715,16 +622,9 @@ class KeyServiceServicer(services_pb2_grpc.KeyServiceServicer):
             new_policy = request.policy
 
         def change(metadata: keys_pb2.KeyMetadata, keys: dict[int, bytes], now: int) -> bool:
-            if new_policy is None:
-                raise InvalidInputError(
-                    "policy is empty: give at least one grant, and KEY_OPERATION_ADMIN to "
-                    "at least one principal"
-                )
-            policy.validate_policy(new_policy, domain_id=self._domain_id, limits=self._limits)
-            if metadata.policy == new_policy:
-                return False
-            metadata.policy.CopyFrom(new_policy)
-            return True
+            return keylifecycle.put_policy(
+                metadata, new_policy, domain_id=self._domain_id, limits=self._limits
+            )
 
         return self._change("PutKeyPolicy", request.key_id, context, change)
 
@@ -750,14 +650,7 @@ class KeyServiceServicer(services_pb2_grpc.KeyServiceServicer):
         """Flip a key between ENABLED and DISABLED; a key pending deletion must be cancelled."""
 
         def change(metadata: keys_pb2.KeyMetadata, keys: dict[int, bytes], now: int) -> bool:
-            if metadata.state == keys_pb2.KEY_STATE_PENDING_DELETION:
-                raise FailedPreconditionError(
-                    _pending_deletion_message(metadata, "cancel the deletion first")
-                )
-            if metadata.state == target:
-                return False
-            metadata.state = target
-            return True
+            return keylifecycle.set_state(metadata, target)
 
         return self._change(operation, key_id, context, change)
 
@@ -765,21 +658,10 @@ class KeyServiceServicer(services_pb2_grpc.KeyServiceServicer):
         self, request: services_pb2.ScheduleKeyDeletionRequest, context: grpc.ServicerContext
     ) -> services_pb2.KeyMetadataResponse:
         """PENDING_DELETION for 7 to 30 days (default 30); then the key is deleted for good."""
-        days = request.pending_window_days or DEFAULT_DELETION_WINDOW_DAYS
+        days = request.pending_window_days or keylifecycle.DEFAULT_DELETION_WINDOW_DAYS
 
         def change(metadata: keys_pb2.KeyMetadata, keys: dict[int, bytes], now: int) -> bool:
-            if not MIN_DELETION_WINDOW_DAYS <= days <= MAX_DELETION_WINDOW_DAYS:
-                raise InvalidInputError(
-                    f"pending_window_days must be between {MIN_DELETION_WINDOW_DAYS} and "
-                    f"{MAX_DELETION_WINDOW_DAYS}, not {days}"
-                )
-            if metadata.state == keys_pb2.KEY_STATE_PENDING_DELETION:
-                raise FailedPreconditionError(
-                    _pending_deletion_message(metadata, "its deletion is scheduled already")
-                )
-            metadata.state = keys_pb2.KEY_STATE_PENDING_DELETION
-            metadata.deletion_at = now + days * DAY_SECONDS
-            return True
+            return keylifecycle.schedule_deletion(metadata, days, now)
 
         return self._change(
             "ScheduleKeyDeletion",
@@ -793,12 +675,9 @@ class KeyServiceServicer(services_pb2_grpc.KeyServiceServicer):
         self, request: services_pb2.KeyIdRequest, context: grpc.ServicerContext
     ) -> services_pb2.KeyMetadataResponse:
         """PENDING_DELETION -> DISABLED (as KMS): enable it to use it again."""
-
-        def change(metadata: keys_pb2.KeyMetadata, keys: dict[int, bytes], now: int) -> bool:
-            if metadata.state != keys_pb2.KEY_STATE_PENDING_DELETION:
-                raise FailedPreconditionError(f"key {metadata.key_id} is not pending deletion")
-            metadata.state = keys_pb2.KEY_STATE_DISABLED
-            metadata.deletion_at = 0
-            return True
-
-        return self._change("CancelKeyDeletion", request.key_id, context, change)
+        return self._change(
+            "CancelKeyDeletion",
+            request.key_id,
+            context,
+            lambda metadata, keys, now: keylifecycle.cancel_deletion(metadata),
+        )

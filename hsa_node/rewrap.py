@@ -57,7 +57,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
-from domain_core import ciphertext, keytokens
+from domain_core import ciphertext, keylifecycle, keytokens
 from domain_core.errors import (
     ConflictError,
     FailedPreconditionError,
@@ -66,10 +66,11 @@ from domain_core.errors import (
     TransitionDeferredError,
     UnavailableError,
 )
+from domain_core.keylifecycle import TransitionTarget, iso_date
 from domain_core.pb import keys_pb2
 from hsa_node._logging import ThrottledLog
-from hsa_node.keycache import KeyCache, iso_date, parse_metadata
-from hsa_node.keyservice import AuditSink, PeerGate, rotate_backing_key
+from hsa_node.keycache import KeyCache, parse_metadata
+from hsa_node.keyservice import AuditSink, PeerGate
 from hsa_node.node import DomainKeys, DomainNode
 
 __all__ = [
@@ -79,7 +80,6 @@ __all__ = [
     "DEFAULT_TAKEOVER_DELAY_SECONDS",
     "KeyMaintainer",
     "PassReport",
-    "TransitionTarget",
 ]
 
 log = logging.getLogger(__name__)
@@ -98,23 +98,6 @@ DEFAULT_PREPARE_BUDGET_SECONDS: Final = 4.0
 _PREPARATION_VALID_SECONDS: Final = 120.0
 _PREPARE_PAGE_SIZE: Final = 1000
 _MOVE_ATTEMPTS: Final = 3
-
-
-@dataclass(frozen=True)
-class TransitionTarget:
-    """What a domain change would strand: hosts it removes and generations it retires."""
-
-    removed_hosts: frozenset[str] = frozenset()
-    retired_generations: frozenset[int] = frozenset()
-
-    def __bool__(self) -> bool:
-        return bool(self.removed_hosts or self.retired_generations)
-
-    def strands(self, record: keys_pb2.KeyRecord) -> bool:
-        """Whether `record` (unverified) would be unreadable after the change."""
-        return record.signer_host_id in self.removed_hosts or any(
-            t.domain_key_generation in self.retired_generations for t in record.tokens
-        )
 
 
 @dataclass
@@ -385,7 +368,7 @@ class KeyMaintainer:
                 finished = True
                 break
             if shard is not None and metadata is not None and not _in_shard(metadata, *shard):
-                if _needs_work(record, metadata, keys.generation, int(self._clock())):
+                if keylifecycle.needs_upkeep(record, metadata, keys.generation, int(self._clock())):
                     current.report.elsewhere += 1
                 continue
             self._maintain(record, metadata, keys, current.report)
@@ -566,7 +549,7 @@ class KeyMaintainer:
         if any(t.domain_key_generation > keys.generation for t in record.tokens):
             return  # sealed under a newer generation than this node has installed: it is behind
         now = int(self._clock())
-        if not _needs_work(record, metadata, keys.generation, now):
+        if not keylifecycle.needs_upkeep(record, metadata, keys.generation, now):
             return  # nothing to do by what it claims; verified (signature, tokens) only to act
         try:
             verified, backing_keys = self._cache.verify(record, key_id, remember=False)
@@ -574,10 +557,7 @@ class KeyMaintainer:
             report.failed += 1  # the cache logged why
             return
         try:
-            if (
-                verified.state == keys_pb2.KEY_STATE_PENDING_DELETION
-                and verified.deletion_at <= now
-            ):
+            if keylifecycle.deletion_due(verified, now):
                 self._records.delete(key_id, record.revision)
                 self._cache.forget(key_id)
                 report.deleted += 1
@@ -589,15 +569,10 @@ class KeyMaintainer:
                 self._audited(
                     "DeleteKey", key_id, f"scheduled for {iso_date(verified.deletion_at)}"
                 )
-            elif (
-                verified.state == keys_pb2.KEY_STATE_ENABLED
-                and verified.rotation.enabled
-                and 0 < verified.rotation.next_rotation_at <= now
-            ):
-                rotated = keys_pb2.KeyMetadata()
-                rotated.CopyFrom(verified)
-                rotate_backing_key(rotated, backing_keys, now, automatic=True)
-                rotated.metadata_version = verified.metadata_version + 1
+            elif keylifecycle.rotation_due(verified, now):
+                rotated, backing_keys = keylifecycle.rotate_automatically(
+                    verified, backing_keys, now
+                )
                 self._cache.store(rotated, backing_keys, record.revision)
                 report.rotated += 1
                 log.info(
@@ -639,19 +614,3 @@ def _in_shard(metadata: keys_pb2.KeyMetadata, position: int, hosts: int) -> bool
     """Whether a key belongs to the shard of the host at `position` among `hosts`."""
     digest = hashlib.sha256(metadata.key_id.encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") % hosts == position
-
-
-def _needs_work(
-    record: keys_pb2.KeyRecord, metadata: keys_pb2.KeyMetadata, generation: int, now: int
-) -> bool:
-    """Whether a record (not verified: this only decides whether to look closer, and to take
-    over) needs upkeep: a token under an older generation, a due deletion or rotation."""
-    if any(t.domain_key_generation < generation for t in record.tokens):
-        return True
-    if metadata.state == keys_pb2.KEY_STATE_PENDING_DELETION:
-        return 0 < metadata.deletion_at <= now
-    return (
-        metadata.state == keys_pb2.KEY_STATE_ENABLED
-        and metadata.rotation.enabled
-        and 0 < metadata.rotation.next_rotation_at <= now
-    )

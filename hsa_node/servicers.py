@@ -42,6 +42,7 @@ from domain_core.errors import (
     UnavailableError,
 )
 from domain_core.faults import unsafe_crash_point, warn_if_enabled
+from domain_core.keylifecycle import TransitionTarget
 from domain_core.limits import DEFAULT_LIMITS, Limits
 from domain_core.model import Proposal, SealedState
 from domain_core.pb import domain_pb2, services_pb2, services_pb2_grpc
@@ -57,7 +58,6 @@ from hsa_node._logging import ThrottledLog
 from hsa_node.audit_heads import AuditHeadBook
 from hsa_node.node import DomainNode
 from hsa_node.peering import Peering
-from hsa_node.rewrap import TransitionTarget
 
 __all__ = [
     "CoordinatorPin",
