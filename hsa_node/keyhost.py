@@ -40,7 +40,8 @@ from hsa_node.keycache import (
     KeyRecordClient,
     MetadataVersionFloor,
 )
-from hsa_node.keyservice import KeyServiceServicer, PeerGate
+from hsa_node.keycalls import PeerGate
+from hsa_node.keyservice import KeyServiceServicer
 from hsa_node.node import DomainNode
 from hsa_node.rewrap import KeyMaintainer
 

@@ -890,7 +890,7 @@ class Peering:
         raised = self._take(floors, caller_host)
         return services_pb2.PushKeyFloorsResponse(raised=len(raised))
 
-    # --- the key service's gate (keyservice.PeerGate) ----------------------------------------
+    # --- the key service's gate (keycalls.PeerGate) ----------------------------------------
 
     def require_ready(self) -> None:
         """NotAppliedError (definite: nothing was done) while the key service waits for floors

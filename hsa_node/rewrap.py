@@ -43,7 +43,7 @@ Invariants:
 - automatic rotations and deletions are audited, as this host; re-wraps change no key and are
   logged as a summary per pass;
 - upkeep writes records, so like key administration it waits while the HSA has not taken a
-  peer's key floors or no peer confirmed its head within the bound (`keyservice.PeerGate`):
+  peer's key floors or no peer confirmed its head within the bound (`keycalls.PeerGate`):
   a head kept stale by the coordinator never gets records re-sealed under its generation.
 """
 
@@ -70,7 +70,7 @@ from domain_core.keylifecycle import TransitionTarget, iso_date
 from domain_core.pb import keys_pb2
 from hsa_node._logging import ThrottledLog
 from hsa_node.keycache import KeyCache, parse_metadata
-from hsa_node.keyservice import AuditSink, PeerGate
+from hsa_node.keycalls import AuditSink, PeerGate
 from hsa_node.node import DomainKeys, DomainNode
 
 __all__ = [
