@@ -65,13 +65,9 @@ from domain_core.keylifecycle import KeyChange, iso_date, require_enabled
 from domain_core.limits import DEFAULT_LIMITS, Limits, RateLimiter
 from domain_core.pb import keys_pb2, services_pb2, services_pb2_grpc
 from hsa_node._logging import ThrottledLog
-from hsa_node.keycache import (
-    CachedKey,
-    CoordinatorUnreachableError,
-    KeyCache,
-    parse_metadata,
-)
+from hsa_node.keycache import CachedKey, KeyCache
 from hsa_node.keycalls import AuditSink, CallFrame, KeyCall, PeerGate
+from hsa_node.keyrecords import CoordinatorUnreachableError, parse_metadata
 from hsa_node.keywrites import KeyWriter
 from hsa_node.node import DomainNode
 

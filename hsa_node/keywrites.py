@@ -28,12 +28,8 @@ from domain_core import crypto, keylifecycle, policy
 from domain_core.errors import ConflictError, NotAppliedError, NotFoundError, UnavailableError
 from domain_core.keylifecycle import KeyChange
 from domain_core.pb import keys_pb2
-from hsa_node.keycache import (
-    CachedKey,
-    CoordinatorNotReachedError,
-    CoordinatorUnreachableError,
-    KeyCache,
-)
+from hsa_node.keycache import CachedKey, KeyCache
+from hsa_node.keyrecords import CoordinatorNotReachedError, CoordinatorUnreachableError
 
 __all__ = ["CONFLICT_RETRIES", "KeyWriter"]
 

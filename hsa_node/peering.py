@@ -75,7 +75,7 @@ from domain_core.model import SealedState
 from domain_core.pb import domain_pb2, services_pb2, services_pb2_grpc
 from domain_core.transport import TlsMaterial
 from hsa_node._logging import ThrottledLog
-from hsa_node.keycache import FloorChange, MetadataVersionFloor
+from hsa_node.keyfloors import FloorChange, MetadataVersionFloor
 from hsa_node.node import DomainNode, PeerStanding
 from hsa_node.storage import NodeStore, Peer
 

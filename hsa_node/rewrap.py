@@ -69,8 +69,9 @@ from domain_core.errors import (
 from domain_core.keylifecycle import TransitionTarget, iso_date
 from domain_core.pb import keys_pb2
 from hsa_node._logging import ThrottledLog
-from hsa_node.keycache import KeyCache, parse_metadata
+from hsa_node.keycache import KeyCache
 from hsa_node.keycalls import AuditSink, PeerGate
+from hsa_node.keyrecords import parse_metadata
 from hsa_node.node import DomainKeys, DomainNode
 
 __all__ = [

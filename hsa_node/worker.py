@@ -40,7 +40,7 @@ from domain_core.errors import ChainGapError, HsmDomainError, InvalidInputError
 from domain_core.limits import Limits
 from domain_core.pb import services_pb2
 from hsa_node._logging import ThrottledLog
-from hsa_node.keycache import MetadataVersionFloor
+from hsa_node.keyfloors import MetadataVersionFloor
 from hsa_node.keyhost import KeyServiceHost
 from hsa_node.node import DomainNode
 from hsa_node.peering import WorkerPeering
