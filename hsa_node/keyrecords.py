@@ -58,7 +58,7 @@ class CoordinatorNotReachedError(CoordinatorUnreachableError):
 
 
 def parse_metadata(record: keys_pb2.KeyRecord) -> keys_pb2.KeyMetadata | None:
-    """The metadata a record carries, or None if its bytes do not parse."""
+    """The metadata a record carries (not verified), or None if its bytes do not parse."""
     metadata = keys_pb2.KeyMetadata()
     try:
         metadata.ParseFromString(record.metadata)

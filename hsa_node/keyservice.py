@@ -35,12 +35,8 @@ Invariants:
 - a metadata change reads the key from the coordinator (not the cache), builds the next
   metadata (`metadata_version` + 1), re-seals every token over the new metadata bytes and
   writes with a compare-and-swap on the revision it read (retried up to 3 times on a
-  conflict); it is acknowledged only once the coordinator stored it (`keywrites`);
-- a write (CreateKey, a metadata change) that fails because the coordinator cannot be reached
-  is `NotAppliedError` (UNAVAILABLE, marked "nothing applied" on the wire) only when nothing
-  was written: the request to the coordinator never left, or only the read before the write
-  failed. When the write may have reached the coordinator (a deadline, a connection lost
-  mid-call) it is a plain UNAVAILABLE: the outcome is unknown and the caller must look.
+  conflict); it is acknowledged only once the coordinator stored it, and a write that fails
+  says "nothing applied" only when nothing was (`keywrites`).
 """
 
 from __future__ import annotations

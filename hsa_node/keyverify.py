@@ -151,14 +151,7 @@ class RecordVerifier:
             )
         else:
             why = "it is not signed"
-        reason = _diagnose(record, key_id, self._domain_id, keys, why)
-        self._throttled.warning(
-            f"the stored record of key {key_id} does not verify ({reason}); the coordinator "
-            "may be compromised"
-        )
-        return FailedPreconditionError(
-            f"the stored record of key {key_id} does not verify; the coordinator may be compromised"
-        )
+        return self._forged(record, key_id, keys, why)
 
     def _refusal(
         self,
@@ -183,7 +176,14 @@ class RecordVerifier:
                 f"key {key_id} is sealed under domain key generation {missing[0]}, which the "
                 "domain has retired; it cannot be opened"
             )
-        reason = _diagnose(record, key_id, self._domain_id, keys, signature_error)
+        return self._forged(record, key_id, keys, signature_error)
+
+    def _forged(
+        self, record: keys_pb2.KeyRecord, key_id: str, keys: DomainKeys, why: str
+    ) -> FailedPreconditionError:
+        """The refusal of a record that does not verify: every reason in the log (`why`, and
+        what else is wrong with it), none to the caller."""
+        reason = _diagnose(record, key_id, self._domain_id, keys, why)
         self._throttled.warning(
             f"the stored record of key {key_id} does not verify ({reason}); the coordinator "
             "may be compromised"

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
 from domain_core import producing
@@ -120,12 +120,7 @@ class StateProducer:
         self._prepare_key_records(
             successor, proposal.id.hex(), f"proposal {proposal.id.hex()[:16]}"
         )
-        sealed = producing.seal(
-            successor,
-            snapshot.keys,
-            producer_host_id=self._node.host_id,
-            producer=self._node.identity.signer,
-        )
+        sealed = self._seal(successor, snapshot.keys)
         log.info(
             "sealed version %d for proposal %s (%s); not installed",
             sealed.version,
@@ -149,18 +144,22 @@ class StateProducer:
         snapshot = self._node.signing_snapshot()
         successor = producing.for_scheduled_rotation(snapshot.head, now=int(self._clock()))
         self._prepare_key_records(successor, "rotation", "the scheduled domain key rotation")
-        sealed = producing.seal(
-            successor,
-            snapshot.keys,
-            producer_host_id=self._node.host_id,
-            producer=self._node.identity.signer,
-        )
+        sealed = self._seal(successor, snapshot.keys)
         log.info(
             "sealed scheduled rotation version %d (domain key generation %d); not installed",
             sealed.version,
             sealed.manifest.current_generation,
         )
         return sealed
+
+    def _seal(self, successor: producing.Successor, keys: Mapping[int, bytes]) -> SealedState:
+        """Seal `successor` with the snapshot's domain keys, signed as this host."""
+        return producing.seal(
+            successor,
+            keys,
+            producer_host_id=self._node.host_id,
+            producer=self._node.identity.signer,
+        )
 
     def _prepare_key_records(self, successor: producing.Successor, change: str, what: str) -> None:
         """Refuse (for now) a change that would strand stored key records; see the module."""
