@@ -286,7 +286,8 @@ def measure_in_process(calls: int, *, cprofile: bool = False) -> dict[str, Any]:
     from domain_core.audit import AUDIT_LOG_FILE, AuditLog
     from domain_core.config import NodeConfig
     from domain_core.keytokens import RecordSigner
-    from hsa_node.keycache import FLOOR_FILE, KeyCache, MetadataVersionFloor
+    from hsa_node.keycache import KeyCache
+    from hsa_node.keyfloors import FLOOR_FILE, MetadataVersionFloor
     from hsa_node.keyservice import KeyServiceServicer
     from hsa_node.server import load_node
 

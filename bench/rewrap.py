@@ -53,7 +53,9 @@ from domain_core.model import Proposal, SealedState
 from domain_core.pb import keys_pb2, services_pb2, services_pb2_grpc
 from domain_core.signers import load_file_token
 from domain_core.transport import CertificatePeerContext, TlsMaterial
-from hsa_node.keycache import FLOOR_FILE, KeyCache, KeyRecordClient, MetadataVersionFloor
+from hsa_node.keycache import KeyCache
+from hsa_node.keyfloors import FLOOR_FILE, MetadataVersionFloor
+from hsa_node.keyrecords import KeyRecordClient
 from hsa_node.rewrap import DEFAULT_PAGE_SIZE, KeyMaintainer
 from hsa_node.server import LoadedNode, load_node
 from hsa_node.servicers import CoordinatorPin, HsaAdminServicer

@@ -1,45 +1,21 @@
-"""Verified customer keys on an HSA: the coordinator's key records, checked, cached and written.
+"""Verified customer keys on an HSA: read through from the coordinator, cached, and written.
 
-The coordinator stores every customer key as a `KeyRecord` (metadata bytes and one exported
-key token per backing version) and is not trusted. This module is the only way the key service
-reads or writes those records:
-
-- `KeyRecordClient` calls the coordinator's key-record RPCs (GetKey, PutKey, ListKeyRecords,
-  DeleteKeyRecord) over mutual TLS as this host, each with a deadline, and maps failures to
-  domain errors (`CoordinatorUnreachableError` when it cannot be reached; its subclass
-  `CoordinatorNotReachedError` only when the request surely never left: no connection could
-  be made, or no coordinator is configured, so the coordinator changed nothing);
-- `MetadataVersionFloor` remembers, on disk, the highest `metadata_version` (and the hash of
-  its metadata bytes) this HSA or its peers accepted for each key, with a change sequence
-  for the peers;
-- `KeyCache` verifies records (the writer's signature under the verified head's hosts,
-  `keytokens.verify_key_record` with this node's domain keys, the domain id, and the version
-  floor), keeps the verified keys in a bounded LRU cache, and signs what it writes.
+This module is the only way the key service reads or writes key records: `KeyCache` reads them
+from the coordinator (`hsa_node.keyrecords`), verifies each (`hsa_node.keyverify`, against the
+version floor of `hsa_node.keyfloors`) before it holds it, keeps the verified keys in a bounded
+LRU cache, and seals and signs what it writes.
 
 Invariants:
-- a backing key reaches the cache only from a record that verified end to end: it is signed
-  by a host of this node's verified head (the signature checked under that host's key from
-  the head, over the record's domain, metadata, signer and every token field), its metadata
-  names the expected key and this domain, it has exactly one token per backing version and
-  every token opens under a domain key this node holds, bound to the record's metadata bytes.
-  A coordinator that edits a policy or a state, or swaps, drops or adds tokens, and a removed
-  host that writes a record of its own (it still holds older domain-key generations), are
-  refused with FAILED_PRECONDITION (and a WARNING with the reason in the log). Two cases are
-  UNAVAILABLE instead, because this node may only be behind: tokens under a domain-key
-  generation newer than it holds, and a signer it has never seen as a host (a host added in a
-  state it has not installed yet); a signer its chain removed is always refused;
+- a backing key reaches the cache only from a record that verified end to end
+  (`RecordVerifier.verify`: signed by a host of this node's verified head, the expected key
+  of this domain, one opening token per backing version, not older than the key's floor);
 - an entry whose record is unchanged at the coordinator is kept without verifying it again,
   but only while its signer is still a host of the head: once a host is removed, no record it
   signed is served from the cache either;
-- every record this cache writes is signed by this host (`keytokens.RecordSigner`);
-- no rollback: a record whose `metadata_version` is below the highest one accepted for that
-  key, or equal to it with other metadata bytes, is refused. The floor is persisted
-  (`key_versions.db`, 0600, synchronous writes) so a restarted HSA still refuses it, and
-  shared with the peers (`hsa_node.peering`): floors taken from them only ever rise
-  (`raise_all`), a key this HSA holds no floor for is accepted only once its peers were asked
-  (`FloorSource.learn`, UnavailableError when none answered), a refused rollback is read once
-  more before it stands (a peer's push may overtake an honest read), and a change this HSA
-  stores is announced to the peers before it is acknowledged (`FloorSource.announce`);
+- every record this cache writes is signed by this host (`keytokens.RecordSigner`), and its
+  floor is raised and announced to the peers (`FloorSource.announce`) before it is
+  acknowledged; a refused rollback is read once more before it stands (a peer's push may
+  overtake an honest read);
 - bounded staleness: an entry is re-read from the coordinator when it is older than `ttl`
   seconds (default 2 s) at its next use. Before that, once it is older than half the TTL, one
   call at a time re-reads it while the others go on using it (still within the TTL), so the
@@ -62,64 +38,38 @@ Invariants:
 
 from __future__ import annotations
 
-import enum
-import hashlib
 import logging
-import os
-import sqlite3
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
-from pathlib import Path
-from typing import Any, Final, Protocol, cast
+from typing import Final
 
-import grpc
-from google.protobuf.message import DecodeError
-
-from domain_core import keytokens, policy, transport
-from domain_core.errors import (
-    AlreadyExistsError,
-    BadSignatureError,
-    ConflictError,
-    FailedPreconditionError,
-    InvalidInputError,
-    InvalidKeyTokenError,
-    NotFoundError,
-    ResourceExhaustedError,
-    UnavailableError,
-    UnknownSignerError,
-)
-from domain_core.pb import keys_pb2, services_pb2, services_pb2_grpc
+from domain_core import keytokens, policy
+from domain_core.errors import NotFoundError, UnavailableError
+from domain_core.pb import keys_pb2
 from hsa_node._logging import ThrottledLog
+from hsa_node.keyfloors import (
+    FloorSource,
+    KeyRollbackError,
+    MetadataVersionFloor,
+    metadata_digest,
+)
+from hsa_node.keyrecords import CoordinatorUnreachableError, KeyRecordClient
+from hsa_node.keyverify import RecordVerifier
 from hsa_node.node import DomainKeys
 
 __all__ = [
-    "CALL_DEADLINE_SECONDS",
     "DEFAULT_MAX_BYTES",
     "DEFAULT_MAX_ENTRIES",
     "DEFAULT_TTL_SECONDS",
-    "FLOOR_FILE",
     "CachedKey",
-    "CoordinatorNotReachedError",
-    "CoordinatorUnreachableError",
-    "FloorChange",
-    "FloorEntry",
-    "FloorSource",
     "KeyCache",
-    "KeyRecordClient",
-    "KeyRollbackError",
-    "MetadataVersionFloor",
-    "iso_date",
-    "parse_metadata",
 ]
 
 log = logging.getLogger(__name__)
 
-CALL_DEADLINE_SECONDS: Final = 3.0
 # A cached key is re-read with a shorter deadline: if the coordinator is slow, serve the cache.
 REFRESH_DEADLINE_SECONDS: Final = 1.0
 DEFAULT_TTL_SECONDS: Final = 2.0
@@ -140,465 +90,7 @@ PRINCIPAL_BYTES: Final = 220  # a str key of the decisions, its slot, beside its
 # After the coordinator failed to answer, cached keys are served without asking it again for
 # this long, so that a paused coordinator does not add its deadline to every call.
 OUTAGE_HOLD_SECONDS: Final = 2.0
-FLOOR_FILE: Final = "key_versions.db"
 _FETCH_LOCKS: Final = 64
-_SHOWN: Final = 200
-
-
-class CoordinatorUnreachableError(UnavailableError):
-    """The coordinator did not answer a key-record call (down, paused, or refusing us).
-
-    A write may still have reached it (a deadline passed, a connection was lost mid-call)."""
-
-
-class CoordinatorNotReachedError(CoordinatorUnreachableError):
-    """The key-record call never left this HSA (no connection, or no coordinator configured):
-    the coordinator changed nothing."""
-
-
-def iso_date(timestamp: int) -> str:
-    """A unix time as an ISO 8601 UTC date and time, for messages."""
-    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_metadata(record: keys_pb2.KeyRecord) -> keys_pb2.KeyMetadata | None:
-    """The metadata a record carries, or None if its bytes do not parse."""
-    metadata = keys_pb2.KeyMetadata()
-    try:
-        metadata.ParseFromString(record.metadata)
-    except DecodeError:
-        return None
-    return metadata
-
-
-def _metadata_digest(record: keys_pb2.KeyRecord) -> bytes:
-    return hashlib.sha256(record.metadata).digest()
-
-
-# --- the coordinator's key-record RPCs -----------------------------------------------------
-
-
-def _rpc_code(error: grpc.RpcError) -> grpc.StatusCode | None:
-    code = cast(Any, error).code() if hasattr(error, "code") else None
-    return code if isinstance(code, grpc.StatusCode) else None
-
-
-def _rpc_details(error: grpc.RpcError) -> str:
-    details = cast(Any, error).details() if hasattr(error, "details") else None
-    return str(details or "")[:_SHOWN]
-
-
-class KeyRecordClient:
-    """The coordinator's key-record calls, as this host, each with a deadline.
-
-    Failures become domain errors: NOT_FOUND -> NotFoundError (None for `get`), ABORTED ->
-    ConflictError, ALREADY_EXISTS -> AlreadyExistsError, FAILED_PRECONDITION ->
-    FailedPreconditionError, INVALID_ARGUMENT -> InvalidInputError, RESOURCE_EXHAUSTED ->
-    ResourceExhaustedError (a quota), PERMISSION_DENIED -> UnavailableError (the coordinator
-    refuses this host, e.g. while it is being removed: use another HSA), anything else
-    (unreachable, deadline exceeded, internal) -> CoordinatorUnreachableError, or
-    CoordinatorNotReachedError when gRPC says no connection was made (nothing was sent).
-    Nothing is retried here: callers decide (only idempotent calls may be retried).
-    """
-
-    def __init__(
-        self,
-        channel: grpc.Channel | None,
-        address: str,
-        *,
-        deadline: float = CALL_DEADLINE_SECONDS,
-    ) -> None:
-        """`channel` None: no coordinator is configured, and every call is unreachable."""
-        self._stub = (
-            services_pb2_grpc.CoordinatorStub(channel)  # type: ignore[no-untyped-call]
-            if channel is not None
-            else None
-        )
-        self._address = address
-        self._deadline = deadline
-
-    @property
-    def address(self) -> str:
-        """The coordinator's address, for messages."""
-        return self._address
-
-    def _call(self, method: str, request: Any, timeout: float | None) -> Any:
-        if self._stub is None:
-            raise CoordinatorNotReachedError(
-                f"no coordinator is configured on this HSA to call {method}"
-            )
-        try:
-            return getattr(self._stub, method)(
-                request, timeout=self._deadline if timeout is None else timeout
-            )
-        except grpc.RpcError as error:
-            raise self._error(method, error) from None
-
-    def _error(self, method: str, error: grpc.RpcError) -> Exception:
-        code, details = _rpc_code(error), _rpc_details(error)
-        if code is grpc.StatusCode.NOT_FOUND:
-            return NotFoundError(details or "not found at the coordinator")
-        if code is grpc.StatusCode.ABORTED:
-            return ConflictError(details or "the record changed meanwhile")
-        if code is grpc.StatusCode.ALREADY_EXISTS:
-            return AlreadyExistsError(details or "the key exists already")
-        if code is grpc.StatusCode.FAILED_PRECONDITION:
-            return FailedPreconditionError(f"the coordinator refused {method}: {details}")
-        if code is grpc.StatusCode.INVALID_ARGUMENT:
-            return InvalidInputError(f"the coordinator refused {method}: {details}")
-        if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
-            return ResourceExhaustedError(f"the coordinator refused {method}: {details}")
-        if code is grpc.StatusCode.PERMISSION_DENIED:
-            return UnavailableError(
-                f"the coordinator refused {method} from this HSA ({details}): use another HSA"
-            )
-        name = code.name if code is not None else "ERROR"
-        if transport.never_sent(code, details):
-            return CoordinatorNotReachedError(
-                f"the coordinator at {self._address} cannot be reached to call {method} "
-                f"({name}: {details})"
-            )
-        return CoordinatorUnreachableError(
-            f"the coordinator at {self._address} did not answer {method} ({name}: {details})"
-        )
-
-    def get(self, key_id: str, *, timeout: float | None = None) -> keys_pb2.KeyRecord | None:
-        """The stored record of `key_id` with its revision, or None if there is none."""
-        try:
-            record: keys_pb2.KeyRecord = self._call(
-                "GetKey", services_pb2.GetKeyRequest(key_id=key_id), timeout
-            )
-        except NotFoundError:
-            return None
-        return record
-
-    def put(self, record: keys_pb2.KeyRecord, expected_revision: int) -> int:
-        """Store `record` if the stored revision is `expected_revision` (0: create); the new
-        revision, once the coordinator committed it."""
-        response: services_pb2.PutKeyResponse = self._call(
-            "PutKey",
-            services_pb2.PutKeyRequest(record=record, expected_revision=expected_revision),
-            None,
-        )
-        return int(response.revision)
-
-    def list(self, limit: int, page_token: str = "") -> tuple[list[keys_pb2.KeyRecord], str]:
-        """One page of stored records (with revisions) and the token of the next page."""
-        response: services_pb2.ListKeyRecordsResponse = self._call(
-            "ListKeyRecords",
-            services_pb2.ListKeyRecordsRequest(limit=limit, page_token=page_token),
-            None,
-        )
-        return list(response.records), response.next_page_token
-
-    def delete(self, key_id: str, expected_revision: int) -> None:
-        """Delete a key whose deletion date has passed, if it is still at `expected_revision`."""
-        self._call(
-            "DeleteKeyRecord",
-            services_pb2.DeleteKeyRecordRequest(key_id=key_id, expected_revision=expected_revision),
-            None,
-        )
-
-
-# --- the version floor ---------------------------------------------------------------------
-
-
-_FLOOR_SCHEMA: Final = """
-CREATE TABLE IF NOT EXISTS floors (
-    key_id TEXT PRIMARY KEY,
-    metadata_version INTEGER NOT NULL,
-    metadata_hash BLOB NOT NULL
-);
-CREATE TABLE IF NOT EXISTS floor_meta (
-    name TEXT PRIMARY KEY,
-    value BLOB NOT NULL
-);
-CREATE TABLE IF NOT EXISTS peer_cursors (
-    host_id TEXT PRIMARY KEY,
-    epoch BLOB NOT NULL,
-    seq INTEGER NOT NULL
-);
-"""
-# Added after the first release: a file made before gains them on open, and its rows get
-# sequence numbers in their insertion order. `origin` is empty for a floor this host's
-# processes set, else the peer it came from.
-_SEQ_COLUMN: Final = "ALTER TABLE floors ADD COLUMN seq INTEGER NOT NULL DEFAULT 0"
-_ORIGIN_COLUMN: Final = "ALTER TABLE floors ADD COLUMN origin TEXT NOT NULL DEFAULT ''"
-_SEQ_INDEX: Final = "CREATE INDEX IF NOT EXISTS floors_by_seq ON floors (seq)"
-_EPOCH_BYTES: Final = 16
-_MARK_COMPLETE: Final = (
-    "INSERT INTO floor_meta (name, value) VALUES ('complete', x'01') "
-    "ON CONFLICT (name) DO UPDATE SET value = excluded.value"
-)
-
-
-class KeyRollbackError(FailedPreconditionError):
-    """A record older than the newest one this HSA accepted for the key (a rollback)."""
-
-
-class FloorChange(enum.Enum):
-    """What offering a peer's floor did to this HSA's floor of that key."""
-
-    RAISED = "raised"
-    """It was higher (or this HSA had none): it is the floor now."""
-    SAME = "same"
-    """It is this HSA's floor already."""
-    LOWER = "lower"
-    """This HSA's floor is higher: nothing changed."""
-    CONFLICT = "conflict"
-    """Same version, other metadata hash: one of the two records is not genuine; kept ours."""
-
-
-@dataclass(frozen=True)
-class FloorEntry:
-    """One key's floor, with the change sequence that last set it in this HSA's table."""
-
-    key_id: str
-    metadata_version: int
-    metadata_hash: bytes
-    seq: int
-
-
-class MetadataVersionFloor:
-    """The highest metadata version (and its metadata hash) accepted per key, on disk.
-
-    One SQLite file (WAL, synchronous=FULL, 0600), so that the floor survives a restart and a
-    coordinator cannot roll a key back to an older record by waiting for the HSA to restart.
-    Every process of one HSA (the main process and its key service workers) opens the same
-    file, so a floor any of them raised holds for all.
-
-    For peers (`hsa_node.peering`): every change gets the next number of a change sequence,
-    so "the floors changed after change S" is one indexed range; the table has a random
-    epoch (made when the file is), so a peer that counted in another incarnation of the file
-    (deleted, restored) starts again from 0; `peer_cursors` remembers how far this HSA read
-    each peer's table, and `floor_meta` carries whether the table is complete (`complete`)
-    and what the main process tells its workers.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if not self.path.exists():
-            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
-        os.chmod(self.path, 0o600)
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(
-            str(self.path), check_same_thread=False, isolation_level=None, timeout=10.0
-        )
-        self._closed = False
-        try:
-            self._db.execute("PRAGMA journal_mode = WAL")
-            self._db.execute("PRAGMA synchronous = FULL")
-            self._db.executescript(_FLOOR_SCHEMA)
-            with self._transaction() as db:
-                columns = {row[1] for row in db.execute("PRAGMA table_info(floors)")}
-                if "seq" not in columns:
-                    db.execute(_SEQ_COLUMN)
-                    db.execute("UPDATE floors SET seq = rowid")
-                    if db.execute("SELECT 1 FROM floors LIMIT 1").fetchone() is not None:
-                        # A table kept before floors were shared: this HSA's whole history.
-                        db.execute(_MARK_COMPLETE)
-                if "origin" not in columns:
-                    db.execute(_ORIGIN_COLUMN)
-                db.execute(_SEQ_INDEX)
-                db.execute(
-                    "INSERT OR IGNORE INTO floor_meta (name, value) VALUES ('epoch', ?)",
-                    (os.urandom(_EPOCH_BYTES),),
-                )
-                row = db.execute("SELECT value FROM floor_meta WHERE name = 'epoch'").fetchone()
-            self.epoch = bytes(row[0])
-        except BaseException:
-            self._db.close()
-            raise
-
-    def __repr__(self) -> str:
-        return f"MetadataVersionFloor({str(self.path)!r})"
-
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            if self._closed:
-                raise RuntimeError("the version floor is closed")
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
-
-    @contextmanager
-    def _reading(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            if self._closed:
-                raise RuntimeError("the version floor is closed")
-            yield self._db
-
-    def highest(self, key_id: str) -> tuple[int, bytes] | None:
-        """(metadata version, metadata hash) of the newest record accepted for `key_id`."""
-        with self._reading() as db:
-            row = db.execute(
-                "SELECT metadata_version, metadata_hash FROM floors WHERE key_id = ?", (key_id,)
-            ).fetchone()
-        return (int(row[0]), bytes(row[1])) if row is not None else None
-
-    def admit(self, key_id: str, version: int, digest: bytes, *, remember: bool = True) -> None:
-        """Refuse a record older than (or forked from) the newest accepted one; else, with
-        `remember`, make it the newest. KeyRollbackError (an older record) or
-        FailedPreconditionError (same version, other bytes) on a refusal."""
-        with self._transaction() as db:
-            row = db.execute(
-                "SELECT metadata_version, metadata_hash FROM floors WHERE key_id = ?", (key_id,)
-            ).fetchone()
-            if row is not None:
-                highest, known = int(row[0]), bytes(row[1])
-                if version < highest:
-                    raise KeyRollbackError(
-                        f"the coordinator returned an older record of key {key_id} (metadata "
-                        f"version {version}) than this HSA accepted before (version {highest}); "
-                        "the coordinator may be compromised or restored from an old backup"
-                    )
-                if version == highest:
-                    if known != digest:
-                        raise FailedPreconditionError(
-                            f"the coordinator returned another record of key {key_id} with the "
-                            f"same metadata version {version} as one this HSA accepted; the "
-                            "coordinator may be compromised"
-                        )
-                    return
-            if remember:
-                self._write(db, key_id, version, digest)
-
-    @staticmethod
-    def _write(
-        db: sqlite3.Connection, key_id: str, version: int, digest: bytes, origin: str = ""
-    ) -> None:
-        db.execute(
-            "INSERT INTO floors (key_id, metadata_version, metadata_hash, seq, origin) "
-            "VALUES (?, ?, ?, (SELECT COALESCE(MAX(seq), 0) + 1 FROM floors), ?) "
-            "ON CONFLICT (key_id) DO UPDATE SET "
-            "metadata_version = excluded.metadata_version, "
-            "metadata_hash = excluded.metadata_hash, seq = excluded.seq, "
-            "origin = excluded.origin",
-            (key_id, version, digest, origin),
-        )
-
-    def raise_to(self, key_id: str, version: int, digest: bytes, origin: str) -> FloorChange:
-        """Take peer `origin`'s floor of `key_id` by the max rule: never lower a floor, and
-        keep this HSA's own on a conflict (same version, other hash: the caller logs it)."""
-        return self.raise_all([(key_id, version, digest)], origin)[0]
-
-    def raise_all(self, floors: Sequence[tuple[str, int, bytes]], origin: str) -> list[FloorChange]:
-        """`raise_to` for each (key id, version, hash) of `floors`, in one transaction."""
-        changes = []
-        with self._transaction() as db:
-            for key_id, version, digest in floors:
-                row = db.execute(
-                    "SELECT metadata_version, metadata_hash FROM floors WHERE key_id = ?",
-                    (key_id,),
-                ).fetchone()
-                if row is not None and version <= int(row[0]):
-                    if version < int(row[0]):
-                        changes.append(FloorChange.LOWER)
-                    elif bytes(row[1]) == digest:
-                        changes.append(FloorChange.SAME)
-                    else:
-                        changes.append(FloorChange.CONFLICT)
-                    continue
-                self._write(db, key_id, version, digest, origin)
-                changes.append(FloorChange.RAISED)
-        return changes
-
-    # --- for peers -------------------------------------------------------------------------
-
-    def sequence(self) -> int:
-        """The number of the newest change in this table (0 when it is empty)."""
-        with self._reading() as db:
-            row = db.execute("SELECT COALESCE(MAX(seq), 0) FROM floors").fetchone()
-        return int(row[0])
-
-    def changes_after(
-        self, after_seq: int, limit: int, *, local_only: bool = False
-    ) -> tuple[list[FloorEntry], bool]:
-        """The floors changed after change `after_seq`, oldest change first, at most `limit`;
-        and whether there are more. With `local_only`, only floors this host's processes set
-        (not those taken from peers)."""
-        with self._reading() as db:
-            rows = db.execute(
-                "SELECT key_id, metadata_version, metadata_hash, seq FROM floors "
-                "WHERE seq > ? AND (? = 0 OR origin = '') ORDER BY seq LIMIT ?",
-                (after_seq, int(local_only), limit + 1),
-            ).fetchall()
-        entries = [FloorEntry(str(r[0]), int(r[1]), bytes(r[2]), int(r[3])) for r in rows]
-        return entries[:limit], len(entries) > limit
-
-    def floors_of(self, key_ids: Sequence[str]) -> list[FloorEntry]:
-        """The floors of those of `key_ids` that have one."""
-        rows = []
-        with self._reading() as db:
-            for key_id in dict.fromkeys(key_ids):
-                row = db.execute(
-                    "SELECT key_id, metadata_version, metadata_hash, seq FROM floors "
-                    "WHERE key_id = ?",
-                    (key_id,),
-                ).fetchone()
-                if row is not None:
-                    rows.append(row)
-        return [FloorEntry(str(r[0]), int(r[1]), bytes(r[2]), int(r[3])) for r in rows]
-
-    def cursor(self, host_id: str) -> tuple[bytes, int]:
-        """(epoch, sequence) up to which this HSA took peer `host_id`'s floors (empty, 0)."""
-        with self._reading() as db:
-            row = db.execute(
-                "SELECT epoch, seq FROM peer_cursors WHERE host_id = ?", (host_id,)
-            ).fetchone()
-        return (bytes(row[0]), int(row[1])) if row is not None else (b"", 0)
-
-    def set_cursor(self, host_id: str, epoch: bytes, seq: int) -> None:
-        """Remember that this HSA took peer `host_id`'s floors up to change `seq` of `epoch`."""
-        with self._transaction() as db:
-            db.execute(
-                "INSERT INTO peer_cursors (host_id, epoch, seq) VALUES (?, ?, ?) "
-                "ON CONFLICT (host_id) DO UPDATE SET epoch = excluded.epoch, seq = excluded.seq",
-                (host_id, epoch, seq),
-            )
-
-    @property
-    def complete(self) -> bool:
-        """Whether this table holds the floors of the domain's whole history: it was made at
-        genesis (`hsm-domain init` says so), kept from before floors were shared, or taken in
-        full from a peer whose table was complete. A new or wiped table is not."""
-        return self.meta("complete") == b"\x01"
-
-    def mark_complete(self) -> None:
-        """Record that this table now holds the domain's whole history (see `complete`)."""
-        with self._transaction() as db:
-            db.execute(_MARK_COMPLETE)
-
-    def meta(self, name: str) -> bytes | None:
-        """A value the main process left for its workers (None if unset)."""
-        with self._reading() as db:
-            row = db.execute("SELECT value FROM floor_meta WHERE name = ?", (name,)).fetchone()
-        return bytes(row[0]) if row is not None else None
-
-    def set_meta(self, values: Mapping[str, bytes]) -> None:
-        """Set values for the workers (one transaction)."""
-        with self._transaction() as db:
-            db.executemany(
-                "INSERT INTO floor_meta (name, value) VALUES (?, ?) "
-                "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
-                list(values.items()),
-            )
-
-    def close(self) -> None:
-        """Release the file. Idempotent."""
-        with self._lock:
-            if not self._closed:
-                self._closed = True
-                self._db.close()
-
-
-# --- verified keys -------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -658,65 +150,6 @@ def _same_content(a: keys_pb2.KeyRecord, b: keys_pb2.KeyRecord) -> bool:
     )
 
 
-def _diagnose(
-    record: keys_pb2.KeyRecord,
-    key_id: str,
-    domain_id: str,
-    keys: DomainKeys,
-    signature_error: str = "",
-) -> str:
-    """Why a record does not verify, for the log (the caller gets no detail): the signature
-    failure, if any, and what else is wrong with the record."""
-    reason = _diagnose_content(record, key_id, domain_id, keys)
-    if not signature_error:
-        return reason
-    if reason == "unknown":
-        return signature_error
-    return f"{reason}; and {signature_error}"
-
-
-def _diagnose_content(
-    record: keys_pb2.KeyRecord, key_id: str, domain_id: str, keys: DomainKeys
-) -> str:
-    metadata = parse_metadata(record)
-    if metadata is None:
-        return "its metadata does not parse"
-    if metadata.key_id != key_id:
-        return f"its metadata names key {metadata.key_id[:_SHOWN]!r}"
-    if metadata.domain_id != domain_id:
-        return f"its metadata names domain {metadata.domain_id[:_SHOWN]!r}"
-    versions = sorted(t.backing_version for t in record.tokens)
-    if versions != list(range(1, metadata.current_backing_version + 1)):
-        return (
-            f"it holds tokens for backing versions {versions[:20]}, not 1.."
-            f"{metadata.current_backing_version}"
-        )
-    for token in record.tokens:
-        if token.key_id != key_id:
-            return f"a token names key {token.key_id[:_SHOWN]!r}"
-        try:
-            keytokens.unwrap_backing_key(token, keys.keys, record.metadata, key_id)
-        except InvalidKeyTokenError:
-            return (
-                f"the token of backing version {token.backing_version} (domain key generation "
-                f"{token.domain_key_generation}) does not open with these metadata bytes"
-            )
-    return "unknown"
-
-
-class FloorSource(Protocol):
-    """Where an HSA learns the floors of keys it has none for: its peers
-    (`hsa_node.peering`)."""
-
-    def learn(self, key_ids: Sequence[str]) -> None:
-        """Raise this HSA's floors of `key_ids` to what its peers hold; UnavailableError
-        when no peer answered (then a key without a local floor must not be served)."""
-
-    def announce(self, key_id: str, version: int, digest: bytes) -> None:
-        """Tell the peers now of a floor this process just set (best effort, short deadline;
-        never raises: the floor is pushed again in the background)."""
-
-
 class KeyCache:
     """Verified keys by id (LRU, bounded by entries and by bytes), read through from the
     coordinator; see the module invariants."""
@@ -748,6 +181,9 @@ class KeyCache:
         self._records = records
         self._floor = floor
         self._peer_floors = peer_floors
+        self._verifier = RecordVerifier(
+            domain_id=domain_id, domain_keys=domain_keys, floor=floor, peer_floors=peer_floors
+        )
         self._ttl = ttl
         self._max_entries = max_entries
         self._max_bytes = max_bytes
@@ -952,124 +388,11 @@ class KeyCache:
     def verify(
         self, record: keys_pb2.KeyRecord, key_id: str, *, remember: bool = True
     ) -> tuple[keys_pb2.KeyMetadata, dict[int, bytes]]:
-        """Verify a record of `key_id` end to end and against the version floor.
-
-        First the signature: the signer must be a host of this node's verified head and the
-        signature must verify under that host's key from the head; then the tokens, the
-        metadata and the floor. With `remember` the record becomes the key's floor when it is
-        newer. Raises FailedPreconditionError for a record that does not verify (logged at
-        WARNING with the reason), UnavailableError when this node may only be behind: the
-        record is sealed under a domain key generation newer than it holds, or signed by a
-        host it has never seen (it is catching up).
-        """
-        keys = self._domain_keys()
-        try:
-            keytokens.verify_key_record_signature(record, self._domain_id, keys.host_keys)
-        except UnknownSignerError:
-            raise self._unknown_signer(record, key_id, keys) from None
-        except BadSignatureError as error:
-            raise self._refusal(record, key_id, keys, signature_error=error.message) from None
-        try:
-            metadata, backing_keys = keytokens.verify_key_record(record, keys.keys, key_id)
-            if metadata.domain_id != self._domain_id:
-                raise InvalidKeyTokenError()
-        except InvalidKeyTokenError:
-            raise self._refusal(record, key_id, keys) from None
-        if self._peer_floors is not None and self._floor.highest(key_id) is None:
-            self._peer_floors.learn([key_id])  # no floor here yet: what do the peers hold?
-        try:
-            self._floor.admit(
-                key_id, int(metadata.metadata_version), _metadata_digest(record), remember=remember
-            )
-        except FailedPreconditionError as error:
-            self._throttled.warning(f"refused the stored record of key {key_id}: {error.message}")
-            raise
-        return metadata, backing_keys
-
-    def _catching_up(
-        self, record: keys_pb2.KeyRecord, key_id: str, keys: DomainKeys
-    ) -> UnavailableError | None:
-        """The error for a record sealed under a generation newer than this node holds."""
-        newest = max((t.domain_key_generation for t in record.tokens), default=0)
-        if newest <= keys.generation or newest in keys.keys:
-            return None
-        self._throttled.warning(
-            f"the record of key {key_id} is sealed under domain key generation "
-            f"{newest}, newer than this HSA holds ({keys.generation}); if no domain "
-            "state brings that generation, the coordinator may be compromised"
-        )
-        return UnavailableError(
-            f"key {key_id} is sealed under domain key generation {newest}, newer than "
-            f"this HSA holds ({keys.generation}); it is catching up: retry"
-        )
-
-    def _unknown_signer(
-        self, record: keys_pb2.KeyRecord, key_id: str, keys: DomainKeys
-    ) -> UnavailableError | FailedPreconditionError:
-        """The error for a record whose signer is not a host of the verified head: refused
-        when the signer is a host this node's chain removed, or when there is no signature;
-        UNAVAILABLE (catching up) when the record may come from a state this node lacks."""
-        signer = record.signer_host_id
-        if signer and record.signature and signer not in keys.former_hosts:
-            behind = self._catching_up(record, key_id, keys)
-            if behind is not None:
-                return behind
-            self._throttled.warning(
-                f"the record of key {key_id} is signed by {signer[:_SHOWN]!r}, which is not a "
-                "host of the domain state this HSA holds; if no domain state adds it, the "
-                "coordinator may be compromised"
-            )
-            return UnavailableError(
-                f"key {key_id} was written by host {signer[:_SHOWN]!r}, which this HSA does not "
-                "know as a host yet; it is catching up: retry"
-            )
-        if signer in keys.former_hosts:
-            why = (
-                f"it is signed by {signer}, which the domain removed: no record a removed host "
-                "writes is accepted"
-            )
-        else:
-            why = "it is not signed"
-        reason = _diagnose(record, key_id, self._domain_id, keys, why)
-        self._throttled.warning(
-            f"the stored record of key {key_id} does not verify ({reason}); the coordinator "
-            "may be compromised"
-        )
-        return FailedPreconditionError(
-            f"the stored record of key {key_id} does not verify; the coordinator may be compromised"
-        )
-
-    def _refusal(
-        self,
-        record: keys_pb2.KeyRecord,
-        key_id: str,
-        keys: DomainKeys,
-        *,
-        signature_error: str = "",
-    ) -> UnavailableError | FailedPreconditionError:
-        behind = self._catching_up(record, key_id, keys)
-        if behind is not None:
-            return behind
-        generations = {t.domain_key_generation for t in record.tokens}
-        missing = sorted(g for g in generations if g not in keys.keys)
-        if missing and missing[0] < min(keys.keys):
-            self._throttled.warning(
-                f"the record of key {key_id} needs domain key generation {missing[0]}, which "
-                "this HSA no longer holds (the domain retired it before the record was "
-                "re-wrapped)"
-            )
-            return FailedPreconditionError(
-                f"key {key_id} is sealed under domain key generation {missing[0]}, which the "
-                "domain has retired; it cannot be opened"
-            )
-        reason = _diagnose(record, key_id, self._domain_id, keys, signature_error)
-        self._throttled.warning(
-            f"the stored record of key {key_id} does not verify ({reason}); the coordinator "
-            "may be compromised"
-        )
-        return FailedPreconditionError(
-            f"the stored record of key {key_id} does not verify; the coordinator may be compromised"
-        )
+        """Verify a record of `key_id` end to end and against the version floor
+        (`RecordVerifier.verify`; with `remember` the record becomes the key's floor when it is
+        newer): its metadata and backing keys. FailedPreconditionError for a record that does
+        not verify, UnavailableError when this node may only be behind."""
+        return self._verifier.verify(record, key_id, remember=remember)
 
     # --- writing -------------------------------------------------------------------------
 
@@ -1093,7 +416,7 @@ class KeyCache:
         )
         record.revision = self._records.put(record, expected_revision)
         stored = keys_pb2.KeyMetadata.FromString(record.metadata)
-        digest = _metadata_digest(record)
+        digest = metadata_digest(record)
         self._floor.admit(stored.key_id, int(stored.metadata_version), digest)
         if self._peer_floors is not None and expected_revision != 0:
             # A change (a grant revoked, a key disabled) must outlive this HSA: tell the peers

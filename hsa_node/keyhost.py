@@ -33,14 +33,11 @@ from domain_core.limits import DEFAULT_LIMITS, Limits
 from domain_core.pb import services_pb2_grpc
 from domain_core.transport import TlsMaterial
 from hsa_node.admin_audit import AdminAuditInterceptor
-from hsa_node.keycache import (
-    FLOOR_FILE,
-    FloorSource,
-    KeyCache,
-    KeyRecordClient,
-    MetadataVersionFloor,
-)
-from hsa_node.keyservice import KeyServiceServicer, PeerGate
+from hsa_node.keycache import KeyCache
+from hsa_node.keycalls import PeerGate
+from hsa_node.keyfloors import FLOOR_FILE, FloorSource, MetadataVersionFloor
+from hsa_node.keyrecords import KeyRecordClient
+from hsa_node.keyservice import KeyServiceServicer
 from hsa_node.node import DomainNode
 from hsa_node.rewrap import KeyMaintainer
 

@@ -10,15 +10,10 @@ for each record that verifies:
   as this host. A node that has not installed the newest generation yet leaves records sealed
   under it alone (it never re-wraps a record to an older generation).
 
-Before this HSA produces a domain state that removes hosts or retires domain-key generations
-(`prepare_transition`, called by `HsaAdmin.ApplyProposal` and `RotateDomainKey`), it lists
-every stored record and moves each one the change would strand: a record signed by a host
-the change removes is re-wrapped and signed again by this host, a record with a token under a
-generation the change retires is re-wrapped to the current one. Only once a whole listing
-finds nothing left to move may the state be produced; until then the HSA answers
-`TransitionDeferredError` (UNAVAILABLE, with counts) and the coordinator retries. So no state
-makes a stored, readable record unreadable: after the state that removes host H, no record
-H signed remains for a member to accept, and none is lost.
+When a record needs work is `domain_core.keylifecycle`'s rule (`needs_upkeep`,
+`deletion_due`, `rotation_due`). Before this HSA produces a domain state that removes hosts
+or retires domain-key generations, the maintainer's `prepare_transition` moves the records
+the change would strand first (`hsa_node.preparation`).
 
 Invariants:
 - every write is a compare-and-swap on the revision that was read; losing one is fine
@@ -35,15 +30,10 @@ Invariants:
   verification); a record is verified (signature and tokens) only when, by what it claims, it
   needs work, so a pass over records that need none costs no signature checks; nothing secret
   is logged;
-- a transition's preparation resumes where the previous call stopped (one listing per
-  change, in pages, bounded in time per call); records that do not verify on this HSA cannot
-  be moved and are unreadable already, so they do not hold a change up (they are counted and
-  logged); a record written while a preparation runs is not stranded by the change: the
-  coordinator refuses writes by a host being removed and under a generation being retired;
 - automatic rotations and deletions are audited, as this host; re-wraps change no key and are
   logged as a summary per pass;
 - upkeep writes records, so like key administration it waits while the HSA has not taken a
-  peer's key floors or no peer confirmed its head within the bound (`keyservice.PeerGate`):
+  peer's key floors or no peer confirmed its head within the bound (`keycalls.PeerGate`):
   a head kept stale by the coordinator never gets records re-sealed under its generation.
 """
 
@@ -57,20 +47,26 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
-from domain_core import ciphertext, keytokens
+from domain_core import ciphertext, keylifecycle, keytokens
 from domain_core.errors import (
     ConflictError,
     FailedPreconditionError,
     HsmDomainError,
     NotFoundError,
-    TransitionDeferredError,
     UnavailableError,
 )
+from domain_core.keylifecycle import TransitionTarget, iso_date
 from domain_core.pb import keys_pb2
 from hsa_node._logging import ThrottledLog
-from hsa_node.keycache import KeyCache, iso_date, parse_metadata
-from hsa_node.keyservice import AuditSink, PeerGate, rotate_backing_key
+from hsa_node.keycache import KeyCache
+from hsa_node.keycalls import AuditSink, PeerGate
+from hsa_node.keyrecords import parse_metadata
 from hsa_node.node import DomainKeys, DomainNode
+from hsa_node.preparation import (
+    DEFAULT_PREPARE_BUDGET_SECONDS,
+    DEFAULT_PREPARE_PAGE_SIZE,
+    TransitionPreparer,
+)
 
 __all__ = [
     "DEFAULT_PAGE_SIZE",
@@ -79,7 +75,6 @@ __all__ = [
     "DEFAULT_TAKEOVER_DELAY_SECONDS",
     "KeyMaintainer",
     "PassReport",
-    "TransitionTarget",
 ]
 
 log = logging.getLogger(__name__)
@@ -91,78 +86,6 @@ DEFAULT_TAKEOVER_DELAY_SECONDS: Final = 5.0
 # Between two pages of the same pass: enough to yield to the data plane.
 _BUSY_TICK_SECONDS: Final = 0.01
 _PROGRESS_EVERY_SECONDS: Final = 10.0
-# A transition's preparation works this long per call (the coordinator's HSA call deadline is
-# 10 s), then answers "deferred" and resumes at the next call.
-DEFAULT_PREPARE_BUDGET_SECONDS: Final = 4.0
-# A finished preparation is trusted for this long; after that a change lists the records again.
-_PREPARATION_VALID_SECONDS: Final = 120.0
-_PREPARE_PAGE_SIZE: Final = 1000
-_MOVE_ATTEMPTS: Final = 3
-
-
-@dataclass(frozen=True)
-class TransitionTarget:
-    """What a domain change would strand: hosts it removes and generations it retires."""
-
-    removed_hosts: frozenset[str] = frozenset()
-    retired_generations: frozenset[int] = frozenset()
-
-    def __bool__(self) -> bool:
-        return bool(self.removed_hosts or self.retired_generations)
-
-    def strands(self, record: keys_pb2.KeyRecord) -> bool:
-        """Whether `record` (unverified) would be unreadable after the change."""
-        return record.signer_host_id in self.removed_hosts or any(
-            t.domain_key_generation in self.retired_generations for t in record.tokens
-        )
-
-
-@dataclass
-class _Preparation:
-    """One listing of every record for one change, resumable across calls."""
-
-    target: TransitionTarget
-    version: int
-    """The domain state version the change applies to."""
-    change: str
-    """Which change (a proposal id, or the scheduled rotation): a finished preparation counts
-    only for the change it was made for, whose fence at the coordinator held throughout."""
-    page_token: str = ""
-    done: bool = False
-    listed: int = 0
-    stranded: int = 0
-    """Records the change would strand, seen so far."""
-    moved: int = 0
-    unreadable: int = 0
-    """Stranded records that do not verify here: unreadable already, they cannot be moved."""
-    left: int = 0
-    """Stranded records not moved (lost races, the coordinator did not answer): list again."""
-    by_signer: dict[str, int] = field(default_factory=dict)
-    by_generation: dict[int, int] = field(default_factory=dict)
-    finished_at: float = 0.0
-
-    def note(self, record: keys_pb2.KeyRecord) -> None:
-        """Count a stranded record by what strands it."""
-        self.stranded += 1
-        signer = record.signer_host_id
-        if signer in self.target.removed_hosts:
-            self.by_signer[signer] = self.by_signer.get(signer, 0) + 1
-        for generation in {t.domain_key_generation for t in record.tokens}:
-            if generation in self.target.retired_generations:
-                self.by_generation[generation] = self.by_generation.get(generation, 0) + 1
-
-    def describe(self) -> str:
-        """What strands records, with counts (for the deferral message and the log)."""
-        parts = [
-            f"{count} key records are still signed by {host}, which this change removes"
-            for host, count in sorted(self.by_signer.items())
-        ]
-        parts += [
-            f"{count} key records are still sealed under domain key generation {generation}, "
-            "which this change retires"
-            for generation, count in sorted(self.by_generation.items())
-        ]
-        return "; ".join(parts)
 
 
 @dataclass
@@ -244,7 +167,7 @@ class KeyMaintainer:
         takeover_delay: float = DEFAULT_TAKEOVER_DELAY_SECONDS,
         page_size: int = DEFAULT_PAGE_SIZE,
         prepare_budget: float = DEFAULT_PREPARE_BUDGET_SECONDS,
-        prepare_page_size: int = _PREPARE_PAGE_SIZE,
+        prepare_page_size: int = DEFAULT_PREPARE_PAGE_SIZE,
         peers: PeerGate | None = None,
     ) -> None:
         """`peers`: upkeep writes records, so it waits, as key administration does, for the
@@ -270,10 +193,9 @@ class KeyMaintainer:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._throttled = ThrottledLog(log)
-        self._prepare_budget = prepare_budget
-        self._prepare_page_size = prepare_page_size
-        self._preparation: _Preparation | None = None
-        self._prepare_lock = threading.Lock()
+        self._preparer = TransitionPreparer(
+            node=node, cache=cache, budget=prepare_budget, page_size=prepare_page_size
+        )
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -385,7 +307,7 @@ class KeyMaintainer:
                 finished = True
                 break
             if shard is not None and metadata is not None and not _in_shard(metadata, *shard):
-                if _needs_work(record, metadata, keys.generation, int(self._clock())):
+                if keylifecycle.needs_upkeep(record, metadata, keys.generation, int(self._clock())):
                     current.report.elsewhere += 1
                 continue
             self._maintain(record, metadata, keys, current.report)
@@ -429,124 +351,9 @@ class KeyMaintainer:
 
     def prepare_transition(self, target: TransitionTarget, version: int, change: str) -> None:
         """Make sure no stored record is stranded by `change` (a proposal id, or "rotation")
-        to the state `version`: move
-        (re-wrap and sign again) every record `target` strands, for up to the preparation
-        budget of this call; return once a whole listing found nothing left to move.
-
-        Raises TransitionDeferredError (UNAVAILABLE: the coordinator retries) while records
-        are left, with counts; the next call resumes the listing where this one stopped.
-        """
-        if not target:
-            return
-        if not self._prepare_lock.acquire(timeout=self._prepare_budget):
-            raise TransitionDeferredError(
-                "this HSA is preparing another change of the domain; the coordinator retries"
-            )
-        try:
-            self._prepare_locked(target, version, change)
-        finally:
-            self._prepare_lock.release()
-
-    def _prepare_locked(self, target: TransitionTarget, version: int, change: str) -> None:
-        prep = self._preparation
-        now = time.monotonic()
-        if (
-            prep is None
-            or (prep.target, prep.version, prep.change) != (target, version, change)
-            or (prep.done and (prep.left or now - prep.finished_at > _PREPARATION_VALID_SECONDS))
-        ):
-            prep = _Preparation(target=target, version=version, change=change)
-            self._preparation = prep
-        if prep.done:
-            return
-        deadline = now + self._prepare_budget
-        while True:
-            keys = self._node.domain_keys()
-            try:
-                records, next_token = self._records.list(self._prepare_page_size, prep.page_token)
-            except UnavailableError as error:
-                raise TransitionDeferredError(
-                    f"cannot list the key records to prepare this change ({error.message}); "
-                    "the coordinator retries"
-                ) from None
-            for record in records:
-                prep.listed += 1
-                if target.strands(record):
-                    prep.note(record)
-                    self._move(record, keys, prep)
-            prep.page_token = next_token
-            if not next_token:
-                break
-            if time.monotonic() >= deadline:
-                detail = prep.describe()
-                message = (
-                    f"preparing this change: {prep.listed} key records listed so far, "
-                    f"{prep.moved} moved"
-                    + (f" ({detail}; re-signing and re-wrapping them first)" if detail else "")
-                    + ": the coordinator retries"
-                )
-                self._throttled.warning(message)
-                raise TransitionDeferredError(message)
-        prep.done, prep.finished_at = True, time.monotonic()
-        if prep.left:
-            detail = prep.describe()
-            message = (
-                f"{prep.left} of {prep.stranded} stranded key records could not be moved yet "
-                f"({detail}); re-signing and re-wrapping them first: the coordinator retries"
-            )
-            self._throttled.warning(message)
-            raise TransitionDeferredError(message)
-        if prep.stranded:
-            log.info(
-                "%d key records moved (by this HSA, or meanwhile by another) before the change "
-                "to version %d (%s); %d could not be moved because they do not verify here "
-                "(unreadable already)",
-                prep.moved,
-                version + 1,
-                prep.describe(),
-                prep.unreadable,
-            )
-
-    def _move(self, record: keys_pb2.KeyRecord, keys: DomainKeys, prep: _Preparation) -> None:
-        """Re-wrap one stranded record to the current generation and sign it as this host
-        (a compare-and-swap; re-read and retry on a lost race)."""
-        current: keys_pb2.KeyRecord | None = record
-        for _ in range(_MOVE_ATTEMPTS):
-            if current is None or not prep.target.strands(current):
-                prep.moved += 1  # deleted, or moved by someone else meanwhile
-                return
-            metadata = parse_metadata(current)
-            key_id = metadata.key_id if metadata is not None else ""
-            try:
-                if metadata is None:
-                    raise FailedPreconditionError("its metadata does not parse")
-                self._cache.verify(current, key_id, remember=False)
-            except FailedPreconditionError:
-                prep.unreadable += 1  # logged by the cache's verification
-                return
-            except UnavailableError:
-                break  # this node is behind: look again at the next call
-            moved = keytokens.rewrap_record(
-                current, keys.keys, keys.generation, key_id, signer=self._cache.signer
-            )
-            try:
-                self._records.put(moved, current.revision)
-            except NotFoundError:
-                prep.moved += 1
-                return
-            except ConflictError:
-                try:
-                    current = self._records.get(key_id)
-                except UnavailableError:
-                    break
-                continue
-            except (FailedPreconditionError, UnavailableError) as error:
-                self._throttled.info(f"could not move key record {key_id}: {error}")
-                break
-            self._cache.mark_stale(key_id)
-            prep.moved += 1
-            return
-        prep.left += 1
+        to the state `version` (`TransitionPreparer.prepare_transition`); raises
+        TransitionDeferredError while records are left."""
+        self._preparer.prepare_transition(target, version, change)
 
     # --- one record ----------------------------------------------------------------------
 
@@ -566,7 +373,7 @@ class KeyMaintainer:
         if any(t.domain_key_generation > keys.generation for t in record.tokens):
             return  # sealed under a newer generation than this node has installed: it is behind
         now = int(self._clock())
-        if not _needs_work(record, metadata, keys.generation, now):
+        if not keylifecycle.needs_upkeep(record, metadata, keys.generation, now):
             return  # nothing to do by what it claims; verified (signature, tokens) only to act
         try:
             verified, backing_keys = self._cache.verify(record, key_id, remember=False)
@@ -574,10 +381,7 @@ class KeyMaintainer:
             report.failed += 1  # the cache logged why
             return
         try:
-            if (
-                verified.state == keys_pb2.KEY_STATE_PENDING_DELETION
-                and verified.deletion_at <= now
-            ):
+            if keylifecycle.deletion_due(verified, now):
                 self._records.delete(key_id, record.revision)
                 self._cache.forget(key_id)
                 report.deleted += 1
@@ -589,15 +393,10 @@ class KeyMaintainer:
                 self._audited(
                     "DeleteKey", key_id, f"scheduled for {iso_date(verified.deletion_at)}"
                 )
-            elif (
-                verified.state == keys_pb2.KEY_STATE_ENABLED
-                and verified.rotation.enabled
-                and 0 < verified.rotation.next_rotation_at <= now
-            ):
-                rotated = keys_pb2.KeyMetadata()
-                rotated.CopyFrom(verified)
-                rotate_backing_key(rotated, backing_keys, now, automatic=True)
-                rotated.metadata_version = verified.metadata_version + 1
+            elif keylifecycle.rotation_due(verified, now):
+                rotated, backing_keys = keylifecycle.rotate_automatically(
+                    verified, backing_keys, now
+                )
                 self._cache.store(rotated, backing_keys, record.revision)
                 report.rotated += 1
                 log.info(
@@ -639,19 +438,3 @@ def _in_shard(metadata: keys_pb2.KeyMetadata, position: int, hosts: int) -> bool
     """Whether a key belongs to the shard of the host at `position` among `hosts`."""
     digest = hashlib.sha256(metadata.key_id.encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") % hosts == position
-
-
-def _needs_work(
-    record: keys_pb2.KeyRecord, metadata: keys_pb2.KeyMetadata, generation: int, now: int
-) -> bool:
-    """Whether a record (not verified: this only decides whether to look closer, and to take
-    over) needs upkeep: a token under an older generation, a due deletion or rotation."""
-    if any(t.domain_key_generation < generation for t in record.tokens):
-        return True
-    if metadata.state == keys_pb2.KEY_STATE_PENDING_DELETION:
-        return 0 < metadata.deletion_at <= now
-    return (
-        metadata.state == keys_pb2.KEY_STATE_ENABLED
-        and metadata.rotation.enabled
-        and 0 < metadata.rotation.next_rotation_at <= now
-    )

@@ -43,7 +43,7 @@ from domain_core.pb import services_pb2, services_pb2_grpc
 from domain_core.pki import certificate_fingerprint
 from domain_core.transport import TlsMaterial
 from hsa_node.audit_heads import AuditHeadBook, fetch_own_heads, recover_own_heads
-from hsa_node.keycache import MetadataVersionFloor
+from hsa_node.keyfloors import MetadataVersionFloor
 from hsa_node.keyhost import KeyServiceHost
 from hsa_node.node import DomainNode
 from hsa_node.peering import Peering

@@ -10,12 +10,17 @@ Who may call what (docs/runtime.md, "Identities and who may call what"):
   reader verifies); a floor push is taken only from such a caller;
 - `Diagnostics`: application (`client`) identities of this domain, as `KeyService`.
 
+Each method checks the caller, then hands the request to what owns the work: the node
+(`DomainNode.offer`, `status`, `states_after`), the state producer (`hsa_node.producer`,
+ApplyProposal and RotateDomainKey, under the rules of `domain_core.producing`), the peering
+(`hsa_node.peering`) or the audit head book; none computes a state itself.
+
 Invariants: servicers raise `domain_core.errors` exceptions and never abort themselves (the
 `ErrorMappingInterceptor` maps errors to statuses); `ApplyProposal` and `RotateDomainKey`
 return a sealed state without installing it: a state is installed only through
 `InstallState` or the sync paths, all via `DomainNode.offer`; and they produce a state that
 removes hosts or retires domain-key generations only once no stored key record would be
-stranded by it (`KeyRecordPreparer`, the key upkeep: records signed by a removed host are
+stranded by it (`StateProducer`, with the key upkeep: records signed by a removed host are
 signed again, records under a retired generation re-wrapped), answering
 TransitionDeferredError (UNAVAILABLE, the coordinator retries) until then.
 """
@@ -26,61 +31,37 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
 
 import grpc
 
-from domain_core import sealing, transport
+from domain_core import transport
 from domain_core.config import NodeConfig, coordinator_spiffe_id
 from domain_core.errors import (
     ChainGapError,
     FailedPreconditionError,
-    HsmDomainError,
-    LimitExceededError,
     PermissionDeniedError,
-    TransitionDeferredError,
     UnavailableError,
 )
-from domain_core.faults import unsafe_crash_point, warn_if_enabled
+from domain_core.faults import warn_if_enabled
 from domain_core.limits import DEFAULT_LIMITS, Limits
-from domain_core.model import Proposal, SealedState
 from domain_core.pb import domain_pb2, services_pb2, services_pb2_grpc
 from domain_core.pki import PeerIdentity, SpiffeId
-from domain_core.transition import (
-    StateHead,
-    next_manifest,
-    removed_hosts,
-    retired_generations,
-    scheduled_rotation_manifest,
-)
-from hsa_node._logging import ThrottledLog
 from hsa_node.audit_heads import AuditHeadBook
 from hsa_node.node import DomainNode
 from hsa_node.peering import Peering
-from hsa_node.rewrap import TransitionTarget
+from hsa_node.producer import CatchUp, KeyRecordPreparer, StateProducer, try_catch_up
 
 __all__ = [
     "CoordinatorPin",
     "DiagnosticsServicer",
     "HsaAdminServicer",
     "HsaPeerServicer",
-    "KeyRecordPreparer",
 ]
 
 log = logging.getLogger(__name__)
 
-CatchUp = Callable[[], int]
 _RESPONSE_OVERHEAD = 1024  # bytes kept free in a response for framing
 _STATE_OVERHEAD = 16  # field tag and length of one state in a response
-
-
-class KeyRecordPreparer(Protocol):
-    """Moves the key records a change would strand (`hsa_node.rewrap.KeyMaintainer`)."""
-
-    def prepare_transition(self, target: TransitionTarget, version: int, change: str) -> None:
-        """Return once no stored record is stranded by `change` (a proposal id in hex, or
-        "rotation") to state `version`; raise TransitionDeferredError while some are."""
-        ...
 
 
 def _require_domain_caller(
@@ -186,10 +167,10 @@ class HsaAdminServicer(services_pb2_grpc.HsaAdminServicer):
         self._node = node
         self._catch_up = catch_up
         self._limits = limits
-        self._clock = clock
         self._pin = coordinator
-        self._key_records = key_records
-        self._throttled = ThrottledLog(log)
+        self._producer = StateProducer(
+            node, catch_up, key_records=key_records, limits=limits, clock=clock
+        )
         warn_if_enabled(log)
 
     def _coordinator(self, context: grpc.ServicerContext) -> PeerIdentity:
@@ -197,121 +178,21 @@ class HsaAdminServicer(services_pb2_grpc.HsaAdminServicer):
         self._pin.check(identity)
         return identity
 
-    def _prepare_key_records(
-        self, head: SealedState, manifest: domain_pb2.Manifest, change: str, what: str
-    ) -> None:
-        """Refuse (for now) a change that would strand stored key records; see the module."""
-        target = TransitionTarget(
-            removed_hosts=removed_hosts(head.manifest.message, manifest),
-            retired_generations=retired_generations(head.manifest.message, manifest),
-        )
-        if not target or self._key_records is None:
-            return
-        try:
-            self._key_records.prepare_transition(target, head.version, change)
-        except TransitionDeferredError as error:
-            self._throttled.warning(f"deferring {what} to version {head.version + 1}: {error}")
-            raise
-
-    def _try_catch_up(self, reason: str) -> None:
-        try:
-            installed = self._catch_up()
-        except HsmDomainError as error:
-            log.info("could not catch up (%s): %s: %s", reason, type(error).__name__, error)
-        else:
-            if installed:
-                log.info("caught up %d state(s) from the coordinator (%s)", installed, reason)
-
     def ApplyProposal(
         self, request: services_pb2.ApplyProposalRequest, context: grpc.ServicerContext
     ) -> domain_pb2.SealedState:
-        """Verify a quorum-approved proposal, seal and sign the next state; do not install it."""
+        """Verify a quorum-approved proposal, seal and sign the next state; do not install it
+        (`StateProducer.for_proposal`)."""
         self._coordinator(context)
-        try:
-            return self._apply(request)
-        except TransitionDeferredError:
-            raise  # logged (throttled) where it was decided
-        except HsmDomainError as error:
-            log.warning("refused to apply a proposal: %s: %s", type(error).__name__, error)
-            raise
-
-    def _apply(self, request: services_pb2.ApplyProposalRequest) -> domain_pb2.SealedState:
-        if len(request.approvals) > self._limits.max_approvals_per_proposal:
-            raise LimitExceededError(
-                f"more than {self._limits.max_approvals_per_proposal} approvals in one request"
-            )
-        proposal = Proposal.from_bytes(request.proposal, self._limits)
-        if proposal.base_version > self._node.version:
-            self._try_catch_up(f"proposal for version {proposal.base_version}")
-        snapshot = self._node.signing_snapshot()
-        head = snapshot.head
-        approvals = list(request.approvals)
-        manifest, result = next_manifest(
-            StateHead(head.manifest, head.hash),
-            proposal,
-            approvals,
-            now=int(self._clock()),
-            limits=self._limits,
-        )
-        host_id = self._node.host_id
-        if all(h.host_id != host_id for h in manifest.hosts):
-            raise FailedPreconditionError(
-                f"this proposal removes {host_id}, which therefore cannot seal the next state; "
-                "ask another HSA to apply it"
-            )
-        self._prepare_key_records(
-            head, manifest, proposal.id.hex(), f"proposal {proposal.id.hex()[:16]}"
-        )
-        sealed = sealing.seal_state(
-            manifest,
-            sealing.next_domain_keys(snapshot.keys, manifest),
-            producer_host_id=host_id,
-            producer=self._node.identity.signer,
-            proposal=proposal,
-            approvals=approvals,
-        )
-        log.info(
-            "sealed version %d for proposal %s (%s); not installed",
-            sealed.version,
-            proposal.id.hex()[:16],
-            result.describe(),
-        )
-        unsafe_crash_point("hsa_apply_after_seal")
-        return sealed.message
+        return self._producer.for_proposal(request.proposal, request.approvals).message
 
     def RotateDomainKey(
         self, request: services_pb2.ScheduledRotationRequest, context: grpc.ServicerContext
     ) -> domain_pb2.SealedState:
-        """Seal a scheduled domain key rotation (refused before it is due); do not install it."""
+        """Seal a scheduled domain key rotation (refused before it is due); do not install it
+        (`StateProducer.scheduled_rotation`)."""
         self._coordinator(context)
-        try:
-            return self._rotate()
-        except TransitionDeferredError:
-            raise  # logged (throttled) where it was decided
-        except HsmDomainError as error:
-            log.info("refused a scheduled rotation: %s: %s", type(error).__name__, error)
-            raise
-
-    def _rotate(self) -> domain_pb2.SealedState:
-        snapshot = self._node.signing_snapshot()
-        head = snapshot.head
-        manifest = scheduled_rotation_manifest(
-            StateHead(head.manifest, head.hash), now=int(self._clock())
-        )
-        self._prepare_key_records(head, manifest, "rotation", "the scheduled domain key rotation")
-        sealed = sealing.seal_state(
-            manifest,
-            sealing.next_domain_keys(snapshot.keys, manifest),
-            producer_host_id=self._node.host_id,
-            producer=self._node.identity.signer,
-            proposal=None,
-        )
-        log.info(
-            "sealed scheduled rotation version %d (domain key generation %d); not installed",
-            sealed.version,
-            sealed.manifest.current_generation,
-        )
-        return sealed.message
+        return self._producer.scheduled_rotation().message
 
     def InstallState(
         self, request: services_pb2.InstallStateRequest, context: grpc.ServicerContext
@@ -322,7 +203,7 @@ class HsaAdminServicer(services_pb2_grpc.HsaAdminServicer):
         try:
             self._node.offer(state, source="InstallState")
         except ChainGapError:
-            self._try_catch_up(f"InstallState of version {state.version}")
+            try_catch_up(self._catch_up, f"InstallState of version {state.version}")
             self._node.offer(state, source="InstallState")
         removed_at = self._node.removed_at
         if removed_at is not None:

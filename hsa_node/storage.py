@@ -5,7 +5,7 @@ Layout of `data_dir` (created 0700):
 - `removal.state`: the verified state that removed this host (it stops following),
 - `address`: the address the gRPC server last bound (reused on restart when free),
 - `peers.json`: `{"peers": [{"host_id": ..., "address": ...}]}`, the other hosts at the
-  address whose signed answer last verified (`hsa_node.peering.AddressBook`), so gossip works
+  address whose signed answer last verified (`hsa_node.peer_addresses.AddressBook`), so gossip works
   while the coordinator is down or lies about addresses;
 - `worker-<i>.ready`: `{"pid": ..., "address": ..., "index": i}`, written by key service
   worker i once it serves (`hsa_node.worker`); `audit-worker-<i>.log` is its audit log.

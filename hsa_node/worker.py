@@ -18,7 +18,7 @@ Invariants:
   deletion stay in the main process);
 - it shares the host's `key_versions.db` (SQLite, WAL: safe for several processes), so a
   key record older than one any process of the host accepted is refused by every process;
-- it never calls another HSA (`hsa_node.peering.WorkerPeering`): it learns a key's floor
+- it never calls another HSA (`hsa_node.worker_peering.WorkerPeering`): it learns a key's floor
   through its main process, serves no key call before the main process took a peer's floors,
   and refuses key administration when the main process's head confirmation is too old (both
   read from the shared table, written by the main process under its pid);
@@ -40,10 +40,9 @@ from domain_core.errors import ChainGapError, HsmDomainError, InvalidInputError
 from domain_core.limits import Limits
 from domain_core.pb import services_pb2
 from hsa_node._logging import ThrottledLog
-from hsa_node.keycache import MetadataVersionFloor
+from hsa_node.keyfloors import MetadataVersionFloor
 from hsa_node.keyhost import KeyServiceHost
 from hsa_node.node import DomainNode
-from hsa_node.peering import WorkerPeering
 from hsa_node.server import (
     SHUTDOWN_GRACE_SECONDS,
     NodeGrpcServer,
@@ -60,6 +59,7 @@ from hsa_node.storage import (
     worker_ready_path,
     write_worker_ready,
 )
+from hsa_node.worker_peering import WorkerPeering
 
 __all__ = ["FOLLOW_INTERVAL_SECONDS", "WORKER_SERVICE_NAMES", "StoreFollower", "serve_worker"]
 

@@ -25,7 +25,7 @@ from domain_core.errors import FailedPreconditionError, UnavailableError
 from domain_core.model import SealedState
 from domain_core.pb import domain_pb2, services_pb2
 from domain_core.transport import CertificatePeerContext
-from hsa_node.keycache import MetadataVersionFloor
+from hsa_node.keyfloors import MetadataVersionFloor
 from hsa_node.server import LoadedNode, load_node
 from hsa_node.servicers import CoordinatorPin, HsaAdminServicer
 from hsa_node.storage import (
@@ -149,7 +149,7 @@ _ADMIT_SCRIPT = """
 import hashlib, sys
 from pathlib import Path
 from domain_core.errors import FailedPreconditionError
-from hsa_node.keycache import MetadataVersionFloor
+from hsa_node.keyfloors import MetadataVersionFloor
 
 floor = MetadataVersionFloor(Path(sys.argv[1]))
 refused = 0

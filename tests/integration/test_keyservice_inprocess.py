@@ -51,13 +51,9 @@ from domain_core.limits import DEFAULT_LIMITS, Limits
 from domain_core.model import SealedState
 from domain_core.pb import keys_pb2, services_pb2, services_pb2_grpc
 from domain_core.transport import CertificatePeerContext
-from hsa_node.keycache import (
-    FLOOR_FILE,
-    CoordinatorUnreachableError,
-    KeyCache,
-    KeyRecordClient,
-    MetadataVersionFloor,
-)
+from hsa_node.keycache import KeyCache
+from hsa_node.keyfloors import FLOOR_FILE, MetadataVersionFloor
+from hsa_node.keyrecords import CoordinatorUnreachableError, KeyRecordClient
 from hsa_node.keyservice import KeyServiceServicer
 from hsa_node.rewrap import KeyMaintainer
 from hsa_node.server import load_node

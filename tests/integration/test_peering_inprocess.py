@@ -23,7 +23,7 @@ from domain_core.model import SealedState
 from domain_core.pb import services_pb2
 from domain_core.pki import DomainCA, SpiffeId, new_tls_key_pem, tls_public_key
 from domain_core.transport import CertificatePeerContext
-from hsa_node.keycache import FLOOR_FILE, MetadataVersionFloor
+from hsa_node.keyfloors import FLOOR_FILE, MetadataVersionFloor
 from hsa_node.peering import Peering
 from hsa_node.server import LoadedNode, load_node
 from hsa_node.servicers import HsaAdminServicer, HsaPeerServicer

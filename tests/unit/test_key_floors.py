@@ -21,12 +21,8 @@ from domain_core import crypto, keytokens, policy
 from domain_core.errors import FailedPreconditionError, UnavailableError
 from domain_core.pb import keys_pb2
 from domain_core.signers import InMemorySigner
-from hsa_node.keycache import (
-    FloorChange,
-    KeyCache,
-    KeyRollbackError,
-    MetadataVersionFloor,
-)
+from hsa_node.keycache import KeyCache
+from hsa_node.keyfloors import FloorChange, KeyRollbackError, MetadataVersionFloor
 from hsa_node.node import DomainKeys
 
 pytestmark = pytest.mark.unit

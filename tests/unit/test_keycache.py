@@ -31,11 +31,13 @@ from hsa_node.keycache import (
     DEFAULT_MAX_ENTRIES,
     PRINCIPAL_BYTES,
     CachedKey,
+    KeyCache,
+)
+from hsa_node.keyfloors import MetadataVersionFloor
+from hsa_node.keyrecords import (
     CoordinatorNotReachedError,
     CoordinatorUnreachableError,
-    KeyCache,
     KeyRecordClient,
-    MetadataVersionFloor,
 )
 from hsa_node.node import DomainKeys
 

@@ -1,0 +1,126 @@
+"""Producing the next domain state: the successor a host seals over its verified head.
+
+A producing HSA works in two steps, so that it can act between them (move the key records the
+change would strand: `hsa_node.producer`):
+1. `for_proposal` (a quorum-approved proposal: `transition.next_manifest`) or
+   `for_scheduled_rotation` (a due scheduled rotation: `transition.scheduled_rotation_manifest`)
+   computes the next manifest, a `Successor`, which says what it removes and retires;
+2. `seal` seals the domain keys for that manifest (`sealing.next_domain_keys`: listed
+   generations kept, new ones created, dropped ones gone) to the manifest's hosts and signs
+   the state as the producing host (`sealing.seal_state`).
+
+Pure: no I/O, no gRPC, no threads; the clock is passed in.
+
+Invariants:
+- every rule of the transition holds (`domain_core.transition`: quorum of the current
+  operators, invariants, version + 1, previous hash, time never going back); a scheduled
+  rotation is refused before it is due;
+- a host never produces a state that removes it (FailedPreconditionError naming it: another
+  HSA must apply the proposal), checked before anything is sealed;
+- the sealed state carries the proposal and the approvals it was produced from, and the
+  domain keys of exactly the generations its manifest lists.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from domain_core import sealing
+from domain_core.errors import FailedPreconditionError
+from domain_core.limits import DEFAULT_LIMITS, Limits
+from domain_core.model import Proposal, SealedState
+from domain_core.pb import domain_pb2
+from domain_core.quorum import QuorumResult
+from domain_core.signers import Signer
+from domain_core.transition import (
+    StateHead,
+    next_manifest,
+    removed_hosts,
+    retired_generations,
+    scheduled_rotation_manifest,
+)
+
+__all__ = ["Successor", "for_proposal", "for_scheduled_rotation", "seal"]
+
+
+@dataclass(frozen=True)
+class Successor:
+    """The next manifest over `head`, not sealed yet, and what it was made from."""
+
+    head: SealedState
+    manifest: domain_pb2.Manifest
+    proposal: Proposal | None = None
+    """None for a scheduled rotation."""
+    approvals: tuple[domain_pb2.Approval, ...] = ()
+    quorum: QuorumResult | None = None
+    """The quorum the proposal met (None for a scheduled rotation)."""
+
+    def describe(self) -> str:
+        """One line for the log: the quorum the proposal met, or that it is a rotation."""
+        return self.quorum.describe() if self.quorum is not None else "scheduled rotation"
+
+    @property
+    def version(self) -> int:
+        """The version of the state this successor becomes."""
+        return int(self.manifest.version)
+
+    @property
+    def removed_hosts(self) -> frozenset[str]:
+        """Hosts the head trusts and this successor no longer does."""
+        return removed_hosts(self.head.manifest.message, self.manifest)
+
+    @property
+    def retired_generations(self) -> frozenset[int]:
+        """Domain-key generations the head holds and this successor drops."""
+        return retired_generations(self.head.manifest.message, self.manifest)
+
+
+def for_proposal(
+    head: SealedState,
+    proposal: Proposal,
+    approvals: Sequence[domain_pb2.Approval],
+    *,
+    producer_host_id: str,
+    now: int,
+    limits: Limits = DEFAULT_LIMITS,
+) -> Successor:
+    """The successor an approved proposal makes of `head`, if `producer_host_id` may seal it
+    (FailedPreconditionError when the proposal removes that host)."""
+    approvals = tuple(approvals)
+    manifest, quorum = next_manifest(
+        StateHead(head.manifest, head.hash), proposal, approvals, now=now, limits=limits
+    )
+    if all(h.host_id != producer_host_id for h in manifest.hosts):
+        raise FailedPreconditionError(
+            f"this proposal removes {producer_host_id}, which therefore cannot seal the next "
+            "state; ask another HSA to apply it"
+        )
+    return Successor(head, manifest, proposal, approvals, quorum)
+
+
+def for_scheduled_rotation(head: SealedState, *, now: int) -> Successor:
+    """The successor of a scheduled domain key rotation (RotationNotDueError before it is
+    due)."""
+    return Successor(
+        head, scheduled_rotation_manifest(StateHead(head.manifest, head.hash), now=now)
+    )
+
+
+def seal(
+    successor: Successor,
+    current_keys: Mapping[int, bytes],
+    *,
+    producer_host_id: str,
+    producer: Signer,
+) -> SealedState:
+    """Seal `successor` with the domain keys its manifest lists (from `current_keys`, the
+    head's, plus fresh ones) and sign it as the producing host."""
+    return sealing.seal_state(
+        successor.manifest,
+        sealing.next_domain_keys(current_keys, successor.manifest),
+        producer_host_id=producer_host_id,
+        producer=producer,
+        proposal=successor.proposal,
+        approvals=successor.approvals,
+    )
