@@ -59,7 +59,7 @@ from bench._cluster import BenchDomain
 from bench._core import BenchConfig, Figure, Target
 from bench._stats import percentile
 from domain_core import transport
-from domain_core.pb import services_pb2, services_pb2_grpc
+from domain_proto import services_pb2, services_pb2_grpc
 
 NAME: Final = "idle_streams"
 TITLE: Final = (

@@ -59,8 +59,8 @@ from bench._cluster import FAST_SCRYPT_N, BenchDomain
 from bench._load import LoadResult, aio_mtls_channel, run_tasks
 from bench._proc import CpuMeter
 from bench._stats import median, percentile
-from domain_core.pb import keys_pb2, services_pb2, services_pb2_grpc
 from domain_core.transport import CertificatePeerContext
+from domain_proto import keys_pb2, services_pb2, services_pb2_grpc
 
 __all__ = ["OPERATIONS", "Cell", "main", "measure"]
 

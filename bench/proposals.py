@@ -60,7 +60,7 @@ from domain_core import transport
 from domain_core.client import rotate_domain_key
 from domain_core.config import CoordinatorConfig
 from domain_core.limits import DEFAULT_LIMITS
-from domain_core.pb import services_pb2, services_pb2_grpc
+from domain_proto import services_pb2, services_pb2_grpc
 
 NAME: Final = "proposals"
 TITLE: Final = "1,000 pending proposals: SubmitProposal, the sweeper, ListProposals loops"

@@ -58,8 +58,8 @@ from domain_core.errors import (
 )
 from domain_core.identity import HOST_FILE
 from domain_core.model import SealedState
-from domain_core.pb import services_pb2, services_pb2_grpc
 from domain_core.signers import PublicKey, SignatureAlgorithm
+from domain_proto import services_pb2, services_pb2_grpc
 
 __all__ = [
     "NodeAudit",

@@ -44,8 +44,8 @@ from deploy.init import COORDINATOR_NAME, DomainLayout
 from domain_core import transport
 from domain_core.config import CoordinatorConfig, NodeConfig
 from domain_core.errors import InvalidInputError, UnavailableError
-from domain_core.pb import services_pb2, services_pb2_grpc
 from domain_core.transport import TlsMaterial
+from domain_proto import services_pb2, services_pb2_grpc
 
 __all__ = [
     "COORDINATOR_MODULE",

@@ -45,7 +45,6 @@ from domain_core.errors import AlreadyExistsError, InvalidInputError, NotFoundEr
 from domain_core.identity import TLS_CERTIFICATE_FILE, TLS_KEY_FILE, HostIdentity
 from domain_core.limits import DEFAULT_LIMITS
 from domain_core.model import SealedState
-from domain_core.pb import domain_pb2
 from domain_core.pki import (
     DomainCA,
     SpiffeId,
@@ -61,6 +60,7 @@ from domain_core.signers import (
     create_file_token,
     load_file_token,
 )
+from domain_proto import domain_pb2
 
 __all__ = [
     "COORDINATOR_NAME",

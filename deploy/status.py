@@ -24,7 +24,7 @@ from deploy.init import COORDINATOR_NAME, DomainLayout
 from domain_core import transport
 from domain_core.errors import HsmDomainError
 from domain_core.model import SealedState
-from domain_core.pb import services_pb2, services_pb2_grpc
+from domain_proto import services_pb2, services_pb2_grpc
 
 __all__ = [
     "CoordinatorView",

@@ -39,7 +39,6 @@ from domain_coordinator.store import CoordinatorStore, open_store, state_directo
 from domain_core.config import CoordinatorConfig
 from domain_core.errors import InvalidInputError
 from domain_core.limits import Limits
-from domain_core.pb import services_pb2_grpc
 from domain_core.transport import (
     HealthService,
     StreamLimits,
@@ -49,6 +48,7 @@ from domain_core.transport import (
     server_credentials,
     set_serving,
 )
+from domain_proto import services_pb2_grpc
 
 log = logging.getLogger(__name__)
 

@@ -135,9 +135,9 @@ from domain_core.errors import (
 from domain_core.faults import unsafe_crash_point, warn_if_enabled
 from domain_core.limits import DEFAULT_LIMITS, Limits
 from domain_core.model import Manifest, Proposal, SealedState, added_host
-from domain_core.pb import domain_pb2, keys_pb2, services_pb2, services_pb2_grpc
 from domain_core.pki import PeerIdentity, peer_identity
 from domain_core.signers import PublicKey
+from domain_proto import domain_pb2, keys_pb2, services_pb2, services_pb2_grpc
 
 log = logging.getLogger(__name__)
 

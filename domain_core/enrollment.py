@@ -43,7 +43,6 @@ from domain_core.errors import (
 )
 from domain_core.identity import HostIdentity
 from domain_core.model import MAX_ENROLLMENT_BYTES
-from domain_core.pb import domain_pb2
 from domain_core.pki import (
     SpiffeId,
     certificate_der,
@@ -52,6 +51,7 @@ from domain_core.pki import (
     verify_certificate_chain,
 )
 from domain_core.signers import PublicKey, SignatureAlgorithm
+from domain_proto import domain_pb2
 
 __all__ = [
     "MAX_ENROLLMENT_BYTES",

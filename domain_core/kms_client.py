@@ -75,7 +75,6 @@ from domain_core.errors import (
     UnavailableError,
 )
 from domain_core.limits import DEFAULT_LIMITS, Limits
-from domain_core.pb import keys_pb2, services_pb2, services_pb2_grpc
 from domain_core.pki import ca_trust_domain
 from domain_core.transport import (
     ANY_HSA,
@@ -84,6 +83,7 @@ from domain_core.transport import (
     nothing_applied,
     secure_channel,
 )
+from domain_proto import keys_pb2, services_pb2, services_pb2_grpc
 
 __all__ = [
     "ADMIN_METHODS",

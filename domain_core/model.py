@@ -33,8 +33,8 @@ from domain_core import canonical, display
 from domain_core.canonical import PayloadType
 from domain_core.errors import LimitExceededError, MalformedMessageError
 from domain_core.limits import DEFAULT_LIMITS, Limits
-from domain_core.pb import domain_pb2
 from domain_core.signers import PublicKey, SignatureAlgorithm
+from domain_proto import domain_pb2
 
 ChangeType = domain_pb2.ChangeType
 _M = TypeVar(

@@ -45,9 +45,9 @@ from domain_core.audit import (
 )
 from domain_core.errors import BadSignatureError, MalformedMessageError
 from domain_core.limits import DEFAULT_LIMITS, Limits
-from domain_core.pb import services_pb2, services_pb2_grpc
 from domain_core.signers import PublicKey
 from domain_core.transport import TlsMaterial
+from domain_proto import services_pb2, services_pb2_grpc
 from hsa_node._logging import ThrottledLog
 from hsa_node.storage import Peer, write_atomically
 

@@ -93,7 +93,7 @@ from domain_core.errors import (
     UnavailableError,
     UnknownSignerError,
 )
-from domain_core.pb import keys_pb2, services_pb2, services_pb2_grpc
+from domain_proto import keys_pb2, services_pb2, services_pb2_grpc
 from hsa_node._logging import ThrottledLog
 from hsa_node.node import DomainKeys
 

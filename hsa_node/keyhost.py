@@ -30,8 +30,8 @@ from domain_core.audit import AUDIT_LOG_FILE, AuditLog
 from domain_core.config import NodeConfig
 from domain_core.keytokens import RecordSigner
 from domain_core.limits import DEFAULT_LIMITS, Limits
-from domain_core.pb import services_pb2_grpc
 from domain_core.transport import TlsMaterial
+from domain_proto import services_pb2_grpc
 from hsa_node.admin_audit import AdminAuditInterceptor
 from hsa_node.keycache import (
     FLOOR_FILE,

@@ -66,7 +66,7 @@ from domain_core.errors import (
     status_for,
 )
 from domain_core.limits import DEFAULT_LIMITS, Limits, RateLimiter
-from domain_core.pb import keys_pb2, services_pb2, services_pb2_grpc
+from domain_proto import keys_pb2, services_pb2, services_pb2_grpc
 from hsa_node._logging import ThrottledLog
 from hsa_node.keycache import (
     CachedKey,

@@ -66,7 +66,7 @@ from domain_core.errors import (
     TransitionDeferredError,
     UnavailableError,
 )
-from domain_core.pb import keys_pb2
+from domain_proto import keys_pb2
 from hsa_node._logging import ThrottledLog
 from hsa_node.keycache import KeyCache, iso_date, parse_metadata
 from hsa_node.keyservice import AuditSink, PeerGate, rotate_backing_key

@@ -44,7 +44,6 @@ from domain_core.errors import (
 from domain_core.faults import unsafe_crash_point, warn_if_enabled
 from domain_core.limits import DEFAULT_LIMITS, Limits
 from domain_core.model import Proposal, SealedState
-from domain_core.pb import domain_pb2, services_pb2, services_pb2_grpc
 from domain_core.pki import PeerIdentity, SpiffeId
 from domain_core.transition import (
     StateHead,
@@ -53,6 +52,7 @@ from domain_core.transition import (
     retired_generations,
     scheduled_rotation_manifest,
 )
+from domain_proto import domain_pb2, services_pb2, services_pb2_grpc
 from hsa_node._logging import ThrottledLog
 from hsa_node.audit_heads import AuditHeadBook
 from hsa_node.node import DomainNode

@@ -49,8 +49,8 @@ from domain_core.errors import (
 )
 from domain_core.limits import DEFAULT_LIMITS, Limits
 from domain_core.model import SealedState
-from domain_core.pb import domain_pb2, services_pb2, services_pb2_grpc
 from domain_core.transport import TlsMaterial
+from domain_proto import domain_pb2, services_pb2, services_pb2_grpc
 from hsa_node._logging import ThrottledLog
 from hsa_node.audit_heads import AuditHeadBook
 from hsa_node.node import DomainNode

@@ -43,8 +43,8 @@ from domain_core.model import (
     SealedState,
     make_operator,
 )
-from domain_core.pb import domain_pb2
 from domain_core.tokens import read_operator_public
+from domain_proto import domain_pb2
 from operator_tool import offline
 from operator_tool._render import (
     change_lines,

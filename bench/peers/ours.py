@@ -29,7 +29,7 @@ from bench.peers._common import CALL_TIMEOUT, PAYLOAD_BYTES, OpCall
 from deploy.init import COORDINATOR_NAME
 from domain_core.audit import AUDIT_LOG_FILE
 from domain_core.config import NodeConfig
-from domain_core.pb import services_pb2, services_pb2_grpc
+from domain_proto import services_pb2, services_pb2_grpc
 
 __all__ = ["FLOOR_OPERATION", "OurDomain"]
 

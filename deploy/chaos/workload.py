@@ -46,9 +46,9 @@ from domain_core.errors import (
 )
 from domain_core.kms_client import KeyClient
 from domain_core.model import NONCE_BYTES, Proposal, SealedState, make_operator
-from domain_core.pb import domain_pb2, services_pb2, services_pb2_grpc
 from domain_core.signers import SignatureAlgorithm, Signer, create_file_token
 from domain_core.transport import TlsMaterial, hsa_host, mtls_channel
+from domain_proto import domain_pb2, services_pb2, services_pb2_grpc
 
 __all__ = [
     "CHAOS_OPERATOR_PREFIX",

@@ -30,7 +30,7 @@ from domain_coordinator.sqlite_store import SqliteStore
 from domain_core.client import ProposalView
 from domain_core.errors import UnavailableError
 from domain_core.model import SealedState
-from domain_core.pb import domain_pb2, services_pb2
+from domain_proto import domain_pb2, services_pb2
 
 pytestmark = pytest.mark.chaos
 

@@ -41,8 +41,8 @@ from domain_core.changes import add_host
 from domain_core.errors import HsmDomainError
 from domain_core.identity import HostIdentity
 from domain_core.model import Proposal, SealedState
-from domain_core.pb import domain_pb2, services_pb2, services_pb2_grpc
 from domain_core.signers import InMemorySigner, SignatureAlgorithm
+from domain_proto import domain_pb2, services_pb2, services_pb2_grpc
 from operator_tool.offline import export_document, write_document
 
 pytestmark = pytest.mark.cluster

@@ -21,7 +21,7 @@ from support.cluster import LocalCluster
 from domain_core import ciphertext, transport
 from domain_core.audit import verify_audit_log
 from domain_core.identity import HostIdentity
-from domain_core.pb import keys_pb2, services_pb2, services_pb2_grpc
+from domain_proto import keys_pb2, services_pb2, services_pb2_grpc
 
 pytestmark = pytest.mark.cluster
 

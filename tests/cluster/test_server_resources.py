@@ -31,8 +31,8 @@ from support.cluster import LocalCluster
 from deploy import cluster as runner
 from domain_core import transport
 from domain_core.kms_client import KeyClient
-from domain_core.pb import services_pb2, services_pb2_grpc
 from domain_core.pki import DomainCA, SpiffeId
+from domain_proto import services_pb2, services_pb2_grpc
 
 pytestmark = pytest.mark.cluster
 

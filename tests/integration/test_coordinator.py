@@ -48,7 +48,6 @@ from domain_core.errors import (
 from domain_core.identity import HostIdentity
 from domain_core.keytokens import RecordSigner
 from domain_core.model import NONCE_BYTES, Proposal, SealedState
-from domain_core.pb import domain_pb2, keys_pb2, services_pb2, services_pb2_grpc
 from domain_core.signers import InMemorySigner, SignatureAlgorithm, Signer, load_file_token
 from domain_core.transport import (
     COORDINATOR,
@@ -57,6 +56,7 @@ from domain_core.transport import (
     mtls_channel,
     secure_channel,
 )
+from domain_proto import domain_pb2, keys_pb2, services_pb2, services_pb2_grpc
 
 pytestmark = pytest.mark.integration
 

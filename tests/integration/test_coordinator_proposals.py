@@ -36,8 +36,8 @@ from domain_core.client import CoordinatorClient, ProposalView, rotate_domain_ke
 from domain_core.config import CoordinatorConfig
 from domain_core.errors import NotFoundError, UnavailableError
 from domain_core.limits import DEFAULT_LIMITS
-from domain_core.pb import services_pb2, services_pb2_grpc
 from domain_core.transport import COORDINATOR, secure_channel
+from domain_proto import services_pb2, services_pb2_grpc
 
 pytestmark = pytest.mark.integration
 

@@ -55,8 +55,8 @@ from domain_core.chain import TrustedChain
 from domain_core.errors import HsmDomainError
 from domain_core.limits import DEFAULT_LIMITS
 from domain_core.model import Proposal, SealedState, state_hash
-from domain_core.pb import domain_pb2, services_pb2
 from domain_core.signers import Signer
+from domain_proto import domain_pb2, services_pb2
 
 pytestmark = pytest.mark.integration
 

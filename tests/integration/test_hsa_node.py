@@ -47,9 +47,9 @@ from domain_core import transport
 from domain_core.chain import TrustedChain
 from domain_core.config import NodeConfig
 from domain_core.model import SealedState
-from domain_core.pb import domain_pb2, services_pb2, services_pb2_grpc
 from domain_core.pki import DomainCA, SpiffeId
 from domain_core.transport import TlsMaterial
+from domain_proto import domain_pb2, services_pb2, services_pb2_grpc
 
 pytestmark = pytest.mark.integration
 

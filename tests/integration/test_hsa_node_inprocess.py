@@ -28,10 +28,10 @@ from domain_core.errors import (
 )
 from domain_core.identity import HostIdentity
 from domain_core.model import SealedState
-from domain_core.pb import domain_pb2, services_pb2
 from domain_core.pki import DomainCA
 from domain_core.transition import rotation_due_at
 from domain_core.transport import CertificatePeerContext
+from domain_proto import domain_pb2, services_pb2
 from hsa_node._logging import ThrottledLog
 from hsa_node.server import LoadedNode, load_node
 from hsa_node.servicers import HsaAdminServicer, HsaPeerServicer

@@ -49,8 +49,8 @@ from domain_core.errors import (
 from domain_core.keytokens import RecordSigner
 from domain_core.limits import DEFAULT_LIMITS, Limits
 from domain_core.model import SealedState
-from domain_core.pb import keys_pb2, services_pb2, services_pb2_grpc
 from domain_core.transport import CertificatePeerContext
+from domain_proto import keys_pb2, services_pb2, services_pb2_grpc
 from hsa_node.keycache import (
     FLOOR_FILE,
     CoordinatorUnreachableError,

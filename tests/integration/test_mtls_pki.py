@@ -25,8 +25,8 @@ from domain_coordinator._hsa import HsaConnections
 from domain_core import transport
 from domain_core.errors import UnauthenticatedError
 from domain_core.identity import HostIdentity
-from domain_core.pb import domain_pb2
 from domain_core.pki import DomainCA, SpiffeId, SpiffeKind, certificate_fingerprint, peer_identity
+from domain_proto import domain_pb2
 
 pytestmark = pytest.mark.integration
 

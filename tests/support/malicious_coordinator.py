@@ -59,10 +59,10 @@ from domain_core.errors import (
 )
 from domain_core.identity import HostIdentity
 from domain_core.model import SealedState, added_host
-from domain_core.pb import domain_pb2, keys_pb2, services_pb2, services_pb2_grpc
 from domain_core.pki import DomainCA, certificate_der
 from domain_core.signers import InMemorySigner, load_file_token
 from domain_core.transport import TlsMaterial
+from domain_proto import domain_pb2, keys_pb2, services_pb2, services_pb2_grpc
 from support.hsa_nodes import Domain, Processes
 from support.simulator import MaliciousCoordinator, SimHost, SimOperator, SimulatedDomain
 

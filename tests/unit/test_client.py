@@ -30,8 +30,8 @@ from domain_core.errors import (
     UnavailableError,
 )
 from domain_core.model import NONCE_BYTES, Proposal, default_settings, make_operator
-from domain_core.pb import domain_pb2, services_pb2
 from domain_core.signers import InMemorySigner, SignatureAlgorithm
+from domain_proto import domain_pb2, services_pb2
 
 pytestmark = pytest.mark.unit
 

@@ -31,9 +31,9 @@ from domain_core.errors import (
     TokenError,
 )
 from domain_core.identity import AGREEMENT_KEY_FILE, HostIdentity
-from domain_core.pb import domain_pb2
 from domain_core.pki import DomainCA, SpiffeId
 from domain_core.signers import InMemorySigner, SignatureAlgorithm
+from domain_proto import domain_pb2
 from operator_tool._review import review, review_lines
 
 pytestmark = pytest.mark.unit

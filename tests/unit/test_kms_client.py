@@ -55,9 +55,9 @@ from domain_core.kms_client import (
     policy_to_json,
     retryable,
 )
-from domain_core.pb import keys_pb2, services_pb2, services_pb2_grpc
 from domain_core.pki import DomainCA, SpiffeId
 from domain_core.transport import TlsMaterial, make_server, server_credentials
+from domain_proto import keys_pb2, services_pb2, services_pb2_grpc
 
 unit = pytest.mark.unit
 integration = pytest.mark.integration

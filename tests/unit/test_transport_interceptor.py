@@ -15,8 +15,8 @@ import grpc
 import pytest
 
 from domain_core.errors import NotFoundError, PermissionDeniedError
-from domain_core.pb import services_pb2
 from domain_core.transport import ErrorMappingInterceptor
+from domain_proto import services_pb2
 
 pytestmark = pytest.mark.unit
 

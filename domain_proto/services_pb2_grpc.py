@@ -4,9 +4,9 @@
 import grpc
 import warnings
 
-from domain_core._generated.hsmdomain.v1 import domain_pb2 as hsmdomain_dot_v1_dot_domain__pb2
-from domain_core._generated.hsmdomain.v1 import keys_pb2 as hsmdomain_dot_v1_dot_keys__pb2
-from domain_core._generated.hsmdomain.v1 import services_pb2 as hsmdomain_dot_v1_dot_services__pb2
+from domain_proto import domain_pb2 as hsmdomain_dot_v1_dot_domain__pb2
+from domain_proto import keys_pb2 as hsmdomain_dot_v1_dot_keys__pb2
+from domain_proto import services_pb2 as hsmdomain_dot_v1_dot_services__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
