@@ -52,9 +52,9 @@ import grpc
 from bench._cluster import BenchDomain
 from bench._core import BenchConfig, Figure
 from bench._stats import percentile
-from domain_core.kms_client import KeyClient
 from domain_core.limits import DEFAULT_LIMITS
-from domain_core.transport import (
+from domain_edge.kms_client import KeyClient
+from domain_edge.transport import (
     ANY_HSA,
     TlsMaterial,
     channel_credentials,

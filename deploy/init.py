@@ -34,13 +34,6 @@ from deploy._files import make_private_dir, replace_file, write_json, write_secr
 from deploy.enrollment import VerifiedEnrollment, make_enrollment, verify_enrollment
 from domain_core import canonical, genesis, model, quorum
 from domain_core.chain import TrustedChain
-from domain_core.config import (
-    FLOORS_COMPLETE_FILE,
-    CoordinatorConfig,
-    NodeConfig,
-    TlsFiles,
-    check_worker_count,
-)
 from domain_core.errors import AlreadyExistsError, InvalidInputError, NotFoundError
 from domain_core.identity import TLS_CERTIFICATE_FILE, TLS_KEY_FILE, HostIdentity
 from domain_core.limits import DEFAULT_LIMITS
@@ -59,6 +52,13 @@ from domain_core.signers import (
     SignatureAlgorithm,
     create_file_token,
     load_file_token,
+)
+from domain_edge.config import (
+    FLOORS_COMPLETE_FILE,
+    CoordinatorConfig,
+    NodeConfig,
+    TlsFiles,
+    check_worker_count,
 )
 from domain_proto import domain_pb2
 

@@ -36,10 +36,10 @@ from domain_coordinator.service import (
     CoordinatorService,
 )
 from domain_coordinator.store import CoordinatorStore, open_store, state_directory
-from domain_core.config import CoordinatorConfig
 from domain_core.errors import InvalidInputError
 from domain_core.limits import Limits
-from domain_core.transport import (
+from domain_edge.config import CoordinatorConfig
+from domain_edge.transport import (
     HealthService,
     StreamLimits,
     TlsMaterial,

@@ -34,9 +34,9 @@ from domain_core.errors import (
     TokenError,
     TokenNotFoundError,
 )
-from domain_core.files import fsync_directory, read_secret_file, replace_file
 from domain_core.pki import SpiffeId, is_valid_name
 from domain_core.signers import InMemorySigner, PublicKey, SignatureAlgorithm, Signer
+from domain_edge.files import fsync_directory, read_secret_file, replace_file
 
 __all__ = [
     "AGREEMENT_KEY_FILE",

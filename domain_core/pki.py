@@ -9,7 +9,7 @@ Invariants kept here:
 - every server certificate (kinds hsa and coordinator) also carries two DNS names derived from
   its SPIFFE id and nothing else: the identity name `<name>.<kind>.<domain>` and the role name
   `<kind>.<domain>` (`identity_dns_name`, `role_dns_name`). Clients check the server they dial
-  for one of them (`domain_core.transport.ExpectedServer`), so a certificate of another kind or
+  for one of them (`domain_edge.transport.ExpectedServer`), so a certificate of another kind or
   host fails the TLS handshake. The names of different kinds and identities never collide (the
   kind is always the label right before the domain, and a role name has one label fewer), and
   the CA refuses to put a name of that namespace, or a wildcard, anywhere else;
@@ -50,8 +50,8 @@ from domain_core.errors import (
     UnauthenticatedError,
     WrongPassphraseError,
 )
-from domain_core.files import read_secret_file, write_new_file
 from domain_core.signers import PublicKey, SignatureAlgorithm
+from domain_edge.files import read_secret_file, write_new_file
 
 __all__ = [
     "CA_CERTIFICATE_FILE",

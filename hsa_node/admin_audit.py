@@ -21,8 +21,8 @@ from typing import Any, Final
 import grpc
 from google.protobuf.message import DecodeError
 
-from domain_core import transport
 from domain_core.errors import HsmDomainError, status_for
+from domain_edge import transport
 from domain_proto import domain_pb2, services_pb2
 from hsa_node.keyservice import AuditSink
 

@@ -80,7 +80,7 @@ from typing import Any, Final, Protocol, cast
 import grpc
 from google.protobuf.message import DecodeError
 
-from domain_core import keytokens, policy, transport
+from domain_core import keytokens, policy
 from domain_core.errors import (
     AlreadyExistsError,
     BadSignatureError,
@@ -93,6 +93,7 @@ from domain_core.errors import (
     UnavailableError,
     UnknownSignerError,
 )
+from domain_edge import transport
 from domain_proto import keys_pb2, services_pb2, services_pb2_grpc
 from hsa_node._logging import ThrottledLog
 from hsa_node.node import DomainKeys

@@ -50,7 +50,7 @@ from typing import Final, Protocol, TypeVar
 
 import grpc
 
-from domain_core import ciphertext, crypto, policy, transport
+from domain_core import ciphertext, crypto, policy
 from domain_core.errors import (
     ConflictError,
     FailedPreconditionError,
@@ -66,6 +66,7 @@ from domain_core.errors import (
     status_for,
 )
 from domain_core.limits import DEFAULT_LIMITS, Limits, RateLimiter
+from domain_edge import transport
 from domain_proto import keys_pb2, services_pb2, services_pb2_grpc
 from hsa_node._logging import ThrottledLog
 from hsa_node.keycache import (
@@ -121,7 +122,7 @@ class PeerGate(Protocol):
 
 
 class AuditSink(Protocol):
-    """Where audit records go (`domain_core.audit.AuditLog`)."""
+    """Where audit records go (`domain_edge.audit.AuditLog`)."""
 
     def append(
         self,

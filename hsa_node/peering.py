@@ -59,9 +59,7 @@ from typing import TYPE_CHECKING, Any, Final, cast
 import grpc
 
 from domain_core import peering as signed
-from domain_core import transport
 from domain_core.ciphertext import validate_key_id
-from domain_core.config import FLOORS_COMPLETE_FILE
 from domain_core.errors import (
     HsmDomainError,
     InvalidInputError,
@@ -72,7 +70,9 @@ from domain_core.errors import (
 )
 from domain_core.limits import DEFAULT_LIMITS, Limits
 from domain_core.model import SealedState
-from domain_core.transport import TlsMaterial
+from domain_edge import transport
+from domain_edge.config import FLOORS_COMPLETE_FILE
+from domain_edge.transport import TlsMaterial
 from domain_proto import domain_pb2, services_pb2, services_pb2_grpc
 from hsa_node._logging import ThrottledLog
 from hsa_node.keycache import FloorChange, MetadataVersionFloor

@@ -33,14 +33,14 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2
 
-from domain_core import transport
-from domain_core.config import NodeConfig
 from domain_core.errors import InvalidInputError, UnavailableError
 from domain_core.identity import HostIdentity
 from domain_core.limits import DEFAULT_LIMITS, Limits
 from domain_core.model import SealedState
 from domain_core.pki import certificate_fingerprint
-from domain_core.transport import TlsMaterial
+from domain_edge import transport
+from domain_edge.config import NodeConfig
+from domain_edge.transport import TlsMaterial
 from domain_proto import services_pb2, services_pb2_grpc
 from hsa_node.audit_heads import AuditHeadBook, fetch_own_heads, recover_own_heads
 from hsa_node.keycache import MetadataVersionFloor

@@ -30,8 +30,7 @@ from typing import Protocol
 
 import grpc
 
-from domain_core import sealing, transport
-from domain_core.config import NodeConfig, coordinator_spiffe_id
+from domain_core import sealing
 from domain_core.errors import (
     ChainGapError,
     FailedPreconditionError,
@@ -41,7 +40,6 @@ from domain_core.errors import (
     TransitionDeferredError,
     UnavailableError,
 )
-from domain_core.faults import unsafe_crash_point, warn_if_enabled
 from domain_core.limits import DEFAULT_LIMITS, Limits
 from domain_core.model import Proposal, SealedState
 from domain_core.pki import PeerIdentity, SpiffeId
@@ -52,6 +50,9 @@ from domain_core.transition import (
     retired_generations,
     scheduled_rotation_manifest,
 )
+from domain_edge import transport
+from domain_edge.config import NodeConfig, coordinator_spiffe_id
+from domain_edge.faults import unsafe_crash_point, warn_if_enabled
 from domain_proto import domain_pb2, services_pb2, services_pb2_grpc
 from hsa_node._logging import ThrottledLog
 from hsa_node.audit_heads import AuditHeadBook

@@ -43,7 +43,7 @@ from domain_core.model import (
     SealedState,
     make_operator,
 )
-from domain_core.tokens import read_operator_public
+from domain_edge.tokens import read_operator_public
 from domain_proto import domain_pb2
 from operator_tool import offline
 from operator_tool._render import (

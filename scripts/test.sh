@@ -77,7 +77,7 @@ step "mypy" "$py" -m mypy
 
 banner "pytest"
 rc=0
-"$py" -m pytest -p no:cacheprovider --cov=domain_core --cov-report=term "$@" || rc=$?
+"$py" -m pytest -p no:cacheprovider --cov=domain_core --cov=domain_edge --cov=kms_tool --cov-report=term "$@" || rc=$?
 if [ "$rc" -eq 5 ]; then
   printf '\nFAILED: pytest collected no tests (exit 5)\n' >&2
   exit 5

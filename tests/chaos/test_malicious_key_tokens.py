@@ -63,10 +63,11 @@ from support.malicious_coordinator import (
 )
 from support.simulator import flip_bit
 
-from domain_core import keytokens, transport
+from domain_core import keytokens
 from domain_core.identity import HostIdentity
 from domain_core.pki import DomainCA, SpiffeId, new_tls_key_pem, tls_public_key
-from domain_core.transport import TlsMaterial
+from domain_edge import transport
+from domain_edge.transport import TlsMaterial
 from domain_proto import keys_pb2, services_pb2, services_pb2_grpc
 
 pytestmark = pytest.mark.chaos

@@ -37,10 +37,11 @@ from support.malicious_coordinator import (
 from support.simulator import new_host
 
 from deploy.cli import main as hsm_domain
-from domain_core import peering, transport
-from domain_core.config import NodeConfig
+from domain_core import peering
 from domain_core.pki import DomainCA, SpiffeId, new_tls_key_pem, tls_public_key
-from domain_core.transport import TlsMaterial
+from domain_edge import transport
+from domain_edge.config import NodeConfig
+from domain_edge.transport import TlsMaterial
 from domain_proto import domain_pb2, services_pb2, services_pb2_grpc
 
 pytestmark = pytest.mark.chaos

@@ -20,9 +20,9 @@ from support.cluster import LocalCluster, local_cluster
 
 from deploy.audit import audit_log_path
 from deploy.init import DomainLayout, add_node, init_domain, load_layout
-from domain_core.audit import AuditLog
 from domain_core.identity import HostIdentity
-from domain_core.transport import ANY_HSA, mtls_channel
+from domain_edge.audit import AuditLog
+from domain_edge.transport import ANY_HSA, mtls_channel
 from domain_proto import services_pb2, services_pb2_grpc
 
 pytestmark = pytest.mark.cluster

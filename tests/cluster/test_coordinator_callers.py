@@ -22,9 +22,9 @@ import pytest
 from support.cluster import LocalCluster
 
 from domain_core import pki
-from domain_core.kms_client import KeyClient
 from domain_core.model import SealedState
-from domain_core.transport import COORDINATOR, TlsMaterial, mtls_channel
+from domain_edge.kms_client import KeyClient
+from domain_edge.transport import COORDINATOR, TlsMaterial, mtls_channel
 from domain_proto import domain_pb2, keys_pb2, services_pb2, services_pb2_grpc
 
 pytestmark = pytest.mark.cluster

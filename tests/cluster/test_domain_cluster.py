@@ -18,7 +18,7 @@ from support.cluster import LocalCluster
 
 from deploy.enrollment import VerifiedEnrollment
 from domain_core import pki
-from domain_core.transport import hsa_host, secure_channel
+from domain_edge.transport import hsa_host, secure_channel
 from domain_proto import domain_pb2, services_pb2, services_pb2_grpc
 
 pytestmark = pytest.mark.cluster

@@ -28,10 +28,10 @@ import grpc
 import pytest
 from support.cluster import LocalCluster
 
-from domain_core import transport
 from domain_core.changes import add_host
 from domain_core.pki import DomainCA, SpiffeId, new_tls_key_pem, tls_public_key
-from domain_core.transport import TlsMaterial
+from domain_edge import transport
+from domain_edge.transport import TlsMaterial
 from domain_proto import keys_pb2, services_pb2, services_pb2_grpc
 
 pytestmark = pytest.mark.cluster

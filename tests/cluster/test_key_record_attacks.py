@@ -28,13 +28,14 @@ import grpc
 import pytest
 from support.cluster import LocalCluster
 
-from domain_core import crypto, keytokens, policy, sealing, transport
+from domain_core import crypto, keytokens, policy, sealing
 from domain_core.changes import remove_host, rotate_domain_key, set_settings
 from domain_core.errors import HsmDomainError
 from domain_core.identity import HostIdentity
 from domain_core.model import SealedState
 from domain_core.pki import DomainCA, SpiffeId, new_tls_key_pem, tls_public_key
-from domain_core.transport import TlsMaterial
+from domain_edge import transport
+from domain_edge.transport import TlsMaterial
 from domain_proto import keys_pb2, services_pb2, services_pb2_grpc
 
 pytestmark = pytest.mark.cluster

@@ -18,9 +18,10 @@ import grpc
 import pytest
 from support.cluster import LocalCluster
 
-from domain_core import ciphertext, transport
-from domain_core.audit import verify_audit_log
+from domain_core import ciphertext
 from domain_core.identity import HostIdentity
+from domain_edge import transport
+from domain_edge.audit import verify_audit_log
 from domain_proto import keys_pb2, services_pb2, services_pb2_grpc
 
 pytestmark = pytest.mark.cluster

@@ -29,9 +29,9 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from support.cluster import LocalCluster
 
 from deploy import cluster as runner
-from domain_core import transport
-from domain_core.kms_client import KeyClient
 from domain_core.pki import DomainCA, SpiffeId
+from domain_edge import transport
+from domain_edge.kms_client import KeyClient
 from domain_proto import services_pb2, services_pb2_grpc
 
 pytestmark = pytest.mark.cluster

@@ -28,14 +28,6 @@ from deploy.init import DomainLayout, init_domain, read_passphrase
 from deploy.localdomain import FAST_SCRYPT_N
 from domain_coordinator.sqlite_store import SqliteStore
 from domain_core import crypto, quorum, sealing, transition
-from domain_core.client import (
-    CoordinatorClient,
-    remove_host,
-    remove_operator,
-    rotate_domain_key,
-    set_quorum,
-)
-from domain_core.config import CoordinatorConfig
 from domain_core.errors import (
     AlreadyExistsError,
     FailedPreconditionError,
@@ -49,7 +41,15 @@ from domain_core.identity import HostIdentity
 from domain_core.keytokens import RecordSigner
 from domain_core.model import NONCE_BYTES, Proposal, SealedState
 from domain_core.signers import InMemorySigner, SignatureAlgorithm, Signer, load_file_token
-from domain_core.transport import (
+from domain_edge.client import (
+    CoordinatorClient,
+    remove_host,
+    remove_operator,
+    rotate_domain_key,
+    set_quorum,
+)
+from domain_edge.config import CoordinatorConfig
+from domain_edge.transport import (
     COORDINATOR,
     TlsMaterial,
     check_health,

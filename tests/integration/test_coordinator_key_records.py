@@ -27,11 +27,12 @@ import grpc
 import pytest
 from support.hsa_nodes import COORDINATOR, Domain, Processes, propose, remove_host
 
-from domain_core import crypto, keytokens, policy, quorum, sealing, transport
-from domain_core.config import CoordinatorConfig
+from domain_core import crypto, keytokens, policy, quorum, sealing
 from domain_core.identity import HostIdentity
 from domain_core.pki import DomainCA, SpiffeId, new_tls_key_pem, tls_public_key
-from domain_core.transport import TlsMaterial
+from domain_edge import transport
+from domain_edge.config import CoordinatorConfig
+from domain_edge.transport import TlsMaterial
 from domain_proto import keys_pb2, services_pb2, services_pb2_grpc
 
 pytestmark = pytest.mark.integration

@@ -31,10 +31,10 @@ from support.hsa_nodes import (
 )
 from support.hsa_nodes import Processes as Nodes
 
-from domain_core import transport
-from domain_core.config import NodeConfig
 from domain_core.model import SealedState
 from domain_core.pki import DomainCA, SpiffeId, SpiffeKind, certificate_fingerprint
+from domain_edge import transport
+from domain_edge.config import NodeConfig
 from domain_proto import services_pb2, services_pb2_grpc
 
 pytestmark = pytest.mark.integration

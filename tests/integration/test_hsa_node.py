@@ -43,12 +43,12 @@ from support.hsa_nodes import (
 from support.hsa_nodes import Processes as Nodes
 
 from deploy.init import add_node, load_layout
-from domain_core import transport
 from domain_core.chain import TrustedChain
-from domain_core.config import NodeConfig
 from domain_core.model import SealedState
 from domain_core.pki import DomainCA, SpiffeId
-from domain_core.transport import TlsMaterial
+from domain_edge import transport
+from domain_edge.config import NodeConfig
+from domain_edge.transport import TlsMaterial
 from domain_proto import domain_pb2, services_pb2, services_pb2_grpc
 
 pytestmark = pytest.mark.integration

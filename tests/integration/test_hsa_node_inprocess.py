@@ -15,7 +15,6 @@ from support.hsa_nodes import ROTATE, Domain, propose
 from deploy.init import add_node, load_layout
 from domain_core import crypto, sealing
 from domain_core.changes import add_host
-from domain_core.config import NodeConfig
 from domain_core.enrollment import make_enrollment
 from domain_core.errors import (
     ChainGapError,
@@ -30,7 +29,8 @@ from domain_core.identity import HostIdentity
 from domain_core.model import SealedState
 from domain_core.pki import DomainCA
 from domain_core.transition import rotation_due_at
-from domain_core.transport import CertificatePeerContext
+from domain_edge.config import NodeConfig
+from domain_edge.transport import CertificatePeerContext
 from domain_proto import domain_pb2, services_pb2
 from hsa_node._logging import ThrottledLog
 from hsa_node.server import LoadedNode, load_node

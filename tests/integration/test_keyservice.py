@@ -23,10 +23,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support.cluster import LocalCluster
 
-from domain_core import changes, ciphertext, crypto, transport
+from domain_core import changes, ciphertext, crypto
 from domain_core.limits import DEFAULT_LIMITS
 from domain_core.pki import DomainCA, SpiffeId, new_tls_key_pem, tls_public_key
-from domain_core.transport import TlsMaterial
+from domain_edge import transport
+from domain_edge.transport import TlsMaterial
 from domain_proto import keys_pb2, services_pb2, services_pb2_grpc
 
 pytestmark = pytest.mark.integration

@@ -31,10 +31,8 @@ from support.hsa_nodes import (
 )
 
 from domain_coordinator.sqlite_store import SqliteStore
-from domain_core import ciphertext, keytokens, transport
-from domain_core.audit import AuditLogError
+from domain_core import ciphertext, keytokens
 from domain_core.changes import set_settings
-from domain_core.config import NodeConfig
 from domain_core.errors import (
     AlreadyExistsError,
     ConflictError,
@@ -49,7 +47,10 @@ from domain_core.errors import (
 from domain_core.keytokens import RecordSigner
 from domain_core.limits import DEFAULT_LIMITS, Limits
 from domain_core.model import SealedState
-from domain_core.transport import CertificatePeerContext
+from domain_edge import transport
+from domain_edge.audit import AuditLogError
+from domain_edge.config import NodeConfig
+from domain_edge.transport import CertificatePeerContext
 from domain_proto import keys_pb2, services_pb2, services_pb2_grpc
 from hsa_node.keycache import (
     FLOOR_FILE,

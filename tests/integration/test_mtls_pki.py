@@ -22,10 +22,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from support.impostor import ImpostorServer
 
 from domain_coordinator._hsa import HsaConnections
-from domain_core import transport
 from domain_core.errors import UnauthenticatedError
 from domain_core.identity import HostIdentity
 from domain_core.pki import DomainCA, SpiffeId, SpiffeKind, certificate_fingerprint, peer_identity
+from domain_edge import transport
 from domain_proto import domain_pb2
 
 pytestmark = pytest.mark.integration

@@ -17,11 +17,11 @@ import pytest
 from support.hsa_nodes import Domain, propose, remove_host
 
 from domain_core import peering as signed
-from domain_core.config import NodeConfig
 from domain_core.errors import PermissionDeniedError, UnavailableError, UnknownSignerError
 from domain_core.model import SealedState
 from domain_core.pki import DomainCA, SpiffeId, new_tls_key_pem, tls_public_key
-from domain_core.transport import CertificatePeerContext
+from domain_edge.config import NodeConfig
+from domain_edge.transport import CertificatePeerContext
 from domain_proto import services_pb2
 from hsa_node.keycache import FLOOR_FILE, MetadataVersionFloor
 from hsa_node.peering import Peering

@@ -50,7 +50,7 @@ from typing import Any, cast
 import grpc
 
 from deploy.init import COORDINATOR_NAME, DomainLayout, read_passphrase
-from domain_core import keytokens, transport
+from domain_core import keytokens
 from domain_core.errors import (
     AlreadyExistsError,
     ConflictError,
@@ -61,7 +61,8 @@ from domain_core.identity import HostIdentity
 from domain_core.model import SealedState, added_host
 from domain_core.pki import DomainCA, certificate_der
 from domain_core.signers import InMemorySigner, load_file_token
-from domain_core.transport import TlsMaterial
+from domain_edge import transport
+from domain_edge.transport import TlsMaterial
 from domain_proto import domain_pb2, keys_pb2, services_pb2, services_pb2_grpc
 from support.hsa_nodes import Domain, Processes
 from support.simulator import MaliciousCoordinator, SimHost, SimOperator, SimulatedDomain

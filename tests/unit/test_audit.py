@@ -1,4 +1,4 @@
-"""Tests for domain_core.audit: the hash-chained audit log, its checkpoints and its verifier.
+"""Tests for domain_edge.audit: the hash-chained audit log, its checkpoints and its verifier.
 
 The standard log has 10 records and checkpoints after records 4, 8 and 10 (on close):
   r1 r2 r3 r4 C1 r5 r6 r7 r8 C2 r9 r10 C3
@@ -22,8 +22,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from domain_core import audit
-from domain_core.audit import (
+from domain_core.errors import HsmDomainError
+from domain_core.signers import InMemorySigner, SignatureAlgorithm, Signer
+from domain_edge import audit
+from domain_edge.audit import (
     CHECKPOINT_FIELDS,
     RECORD_FIELDS,
     AuditLog,
@@ -32,8 +34,6 @@ from domain_core.audit import (
     record_hash,
     verify_audit_log,
 )
-from domain_core.errors import HsmDomainError
-from domain_core.signers import InMemorySigner, SignatureAlgorithm, Signer
 
 pytestmark = pytest.mark.unit
 

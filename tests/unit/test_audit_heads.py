@@ -1,4 +1,4 @@
-"""Tests for the heads of domain_core.audit: the head file beside the log, the checkpoint
+"""Tests for the heads of domain_edge.audit: the head file beside the log, the checkpoint
 timing, published heads and how heads compare.
 
 The attacks: cut the log back to an earlier checkpoint, delete it, empty it, replace it by a
@@ -19,8 +19,10 @@ from typing import Any
 
 import pytest
 
-from domain_core import audit
-from domain_core.audit import (
+from domain_core.errors import BadSignatureError, MalformedMessageError
+from domain_core.signers import InMemorySigner, PublicKey, SignatureAlgorithm
+from domain_edge import audit
+from domain_edge.audit import (
     AuditHead,
     AuditLog,
     AuditLogError,
@@ -32,8 +34,6 @@ from domain_core.audit import (
     read_persisted_head,
     verify_audit_log,
 )
-from domain_core.errors import BadSignatureError, MalformedMessageError
-from domain_core.signers import InMemorySigner, PublicKey, SignatureAlgorithm
 
 pytestmark = pytest.mark.unit
 

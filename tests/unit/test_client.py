@@ -15,7 +15,6 @@ from domain_core.changes import (
     set_quorum,
     set_settings,
 )
-from domain_core.client import CoordinatorClient, ProposalView, error_from_rpc
 from domain_core.errors import (
     AlreadyExistsError,
     BadSignatureError,
@@ -31,6 +30,7 @@ from domain_core.errors import (
 )
 from domain_core.model import NONCE_BYTES, Proposal, default_settings, make_operator
 from domain_core.signers import InMemorySigner, SignatureAlgorithm
+from domain_edge.client import CoordinatorClient, ProposalView, error_from_rpc
 from domain_proto import domain_pb2, services_pb2
 
 pytestmark = pytest.mark.unit

@@ -31,7 +31,6 @@ from deploy.init import (
 )
 from domain_core import crypto
 from domain_core.chain import TrustedChain
-from domain_core.config import CoordinatorConfig, NodeConfig
 from domain_core.errors import (
     AlreadyExistsError,
     HsmDomainError,
@@ -48,6 +47,7 @@ from domain_core.pki import (
     verify_certificate_chain,
 )
 from domain_core.signers import load_file_token
+from domain_edge.config import CoordinatorConfig, NodeConfig
 
 pytestmark = pytest.mark.unit
 

@@ -14,27 +14,28 @@ pytestmark = pytest.mark.unit
 
 
 # Library modules whose error classes must follow the rules too (import-safe, no I/O).
-DOMAIN_CORE_MODULES = (
-    "errors",
-    "canonical",
-    "crypto",
-    "model",
-    "quorum",
-    "transition",
-    "sealing",
-    "chain",
-    "genesis",
-    "limits",
-    "signers",
-    "identity",
-    "pki",
+LIBRARY_MODULES = (
+    "domain_core.errors",
+    "domain_core.canonical",
+    "domain_core.crypto",
+    "domain_core.model",
+    "domain_core.quorum",
+    "domain_core.transition",
+    "domain_core.sealing",
+    "domain_core.chain",
+    "domain_core.genesis",
+    "domain_core.limits",
+    "domain_core.signers",
+    "domain_core.identity",
+    "domain_core.pki",
+    "domain_edge.audit",
 )
 
 
-def _import_domain_core_modules() -> None:
-    """Subclasses defined elsewhere in domain_core count, not just those in errors.py."""
-    for name in DOMAIN_CORE_MODULES:
-        importlib.import_module(f"domain_core.{name}")
+def _import_library_modules() -> None:
+    """Subclasses defined elsewhere in the core and the edge count, not just those in errors.py."""
+    for name in LIBRARY_MODULES:
+        importlib.import_module(name)
 
 
 def _all_subclasses(cls: type) -> list[type]:
@@ -46,11 +47,15 @@ def _all_subclasses(cls: type) -> list[type]:
     return found
 
 
-_import_domain_core_modules()
-# Only domain_core's own classes: which other packages happen to be imported depends on which
-# tests ran first, and a parametrization must not change with that.
+_import_library_modules()
+# Only the core's and the edge's own classes: which other packages happen to be imported
+# depends on which tests ran first, and a parametrization must not change with that.
 ALL_ERRORS = sorted(
-    {c for c in _all_subclasses(HsmDomainError) if c.__module__.startswith("domain_core.")},
+    {
+        c
+        for c in _all_subclasses(HsmDomainError)
+        if c.__module__.startswith(("domain_core.", "domain_edge."))
+    },
     key=lambda c: c.__qualname__,
 )
 

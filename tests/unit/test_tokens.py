@@ -23,7 +23,7 @@ from domain_core.signers import (
     SignatureAlgorithm,
     create_file_token,
 )
-from domain_core.tokens import (
+from domain_edge.tokens import (
     MODULE_ENV,
     OPERATOR_PUBLIC_FORMAT,
     FileTokenRef,

@@ -36,8 +36,8 @@ from domain_core.errors import (
     NotFoundError,
 )
 from domain_core.limits import DEFAULT_LIMITS
-from domain_core.pkcs11_signer import Pkcs11Signer, format_cka_id
 from domain_core.signers import PublicKey, SignatureAlgorithm, Signer, load_file_token
+from domain_edge.pkcs11_signer import Pkcs11Signer, format_cka_id
 
 __all__ = [
     "MODULE_ENV",

@@ -49,7 +49,7 @@ from domain_core.errors import (
 from domain_core.limits import DEFAULT_LIMITS, Limits
 from domain_core.model import NONCE_BYTES, Proposal, SealedState
 from domain_core.signers import Signer
-from domain_core.transport import COORDINATOR, secure_channel, wrong_server
+from domain_edge.transport import COORDINATOR, secure_channel, wrong_server
 from domain_proto import domain_pb2, services_pb2, services_pb2_grpc
 
 __all__ = [

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any, Final, TypeVar
 
 from domain_core.errors import InvalidInputError
-from domain_core.files import replace_file
 from domain_core.limits import DEFAULT_LIMITS, Limits
 from domain_core.model import validate_domain_id
 from domain_core.pki import SpiffeId
+from domain_edge.files import replace_file
 
 _C = TypeVar("_C", bound="_ConfigBase")
 

@@ -76,8 +76,8 @@ import grpc
 
 from domain_core import canonical
 from domain_core.errors import BadSignatureError, HsmDomainError, MalformedMessageError
-from domain_core.files import replace_file
 from domain_core.signers import PublicKey, Signer
+from domain_edge.files import replace_file
 
 __all__ = [
     "AUDIT_LOG_FILE",

@@ -63,7 +63,6 @@ import tenacity
 
 from domain_core import crypto, envelope
 from domain_core.ciphertext import encode_context, parse_header
-from domain_core.client import error_from_rpc
 from domain_core.errors import (
     ConflictError,
     HsmDomainError,
@@ -76,7 +75,8 @@ from domain_core.errors import (
 )
 from domain_core.limits import DEFAULT_LIMITS, Limits
 from domain_core.pki import ca_trust_domain
-from domain_core.transport import (
+from domain_edge.client import error_from_rpc
+from domain_edge.transport import (
     ANY_HSA,
     TlsMaterial,
     never_sent,

@@ -34,15 +34,15 @@ from typing import IO, Any, Final
 
 from domain_core import envelope
 from domain_core.ciphertext import parse_header
-from domain_core.cli_support import exit_code, print_error, quiet_broken_pipe
 from domain_core.errors import (
     HsmDomainError,
     InvalidCiphertextError,
     InvalidInputError,
     LimitExceededError,
 )
-from domain_core.files import SECRET_MODE, replace_file, write_new_file
-from domain_core.kms_client import (
+from domain_edge.cli_support import exit_code, print_error, quiet_broken_pipe
+from domain_edge.files import SECRET_MODE, replace_file, write_new_file
+from domain_edge.kms_client import (
     OPERATION_NAMES,
     KeyClient,
     KeyMetadata,
@@ -51,7 +51,7 @@ from domain_core.kms_client import (
     policy_from_json,
     read_cluster,
 )
-from domain_core.transport import TlsMaterial
+from domain_edge.transport import TlsMaterial
 
 __all__ = ["build_parser", "main", "parse_context"]
 
