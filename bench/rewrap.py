@@ -49,9 +49,9 @@ from deploy.init import DomainLayout, init_domain, read_passphrase
 from domain_core import changes, crypto, keytokens, policy, quorum
 from domain_core.ciphertext import new_key_id
 from domain_core.model import Proposal, SealedState
-from domain_core.signers import load_file_token
 from domain_edge import transport
 from domain_edge.config import NodeConfig
+from domain_edge.file_tokens import load_file_token
 from domain_edge.transport import CertificatePeerContext, TlsMaterial
 from domain_proto import keys_pb2, services_pb2, services_pb2_grpc
 from hsa_node.keycache import FLOOR_FILE, KeyCache, KeyRecordClient, MetadataVersionFloor

@@ -47,7 +47,6 @@ from domain_core.errors import (
     MalformedMessageError,
     TokenError,
 )
-from domain_core.identity import HOST_FILE
 from domain_core.model import SealedState
 from domain_core.signers import PublicKey, SignatureAlgorithm
 from domain_edge.audit import (
@@ -59,6 +58,7 @@ from domain_edge.audit import (
     verify_audit_log,
 )
 from domain_edge.config import NodeConfig
+from domain_edge.identity_files import HOST_FILE
 from domain_proto import services_pb2, services_pb2_grpc
 
 __all__ = [

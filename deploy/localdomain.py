@@ -49,9 +49,9 @@ from deploy.init import (
     read_passphrase,
 )
 from domain_core.errors import UnavailableError
-from domain_core.signers import FileTokenSigner, load_file_token
 from domain_edge.client import CoordinatorClient
 from domain_edge.config import check_worker_count
+from domain_edge.file_tokens import FileTokenSigner, load_file_token
 from domain_edge.transport import TlsMaterial
 from domain_proto import services_pb2
 

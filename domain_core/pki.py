@@ -29,10 +29,9 @@ from __future__ import annotations
 import functools
 import ipaddress
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Final, Literal, cast, get_args
 
 from cryptography import x509
@@ -45,17 +44,11 @@ from domain_core.errors import (
     BadSignatureError,
     InvalidInputError,
     MalformedMessageError,
-    TokenError,
-    TokenNotFoundError,
     UnauthenticatedError,
-    WrongPassphraseError,
 )
 from domain_core.signers import PublicKey, SignatureAlgorithm
-from domain_edge.files import read_secret_file, write_new_file
 
 __all__ = [
-    "CA_CERTIFICATE_FILE",
-    "CA_KEY_FILE",
     "PEER_IDENTITY_CACHE_ENTRIES",
     "SERVER_KINDS",
     "SPIFFE_KINDS",
@@ -71,6 +64,7 @@ __all__ = [
     "identity_dns_name",
     "is_valid_name",
     "is_valid_trust_domain",
+    "parse_certificate",
     "peer_identity",
     "role_dns_name",
     "spiffe_id_from_certificate",
@@ -84,8 +78,6 @@ SPIFFE_KINDS: Final[tuple[str, ...]] = get_args(SpiffeKind)
 SERVER_KINDS: Final[tuple[str, ...]] = ("hsa", "coordinator")
 _MAX_DNS_NAME_LENGTH: Final = 253
 
-CA_CERTIFICATE_FILE: Final = "ca.crt"
-CA_KEY_FILE: Final = "ca.key"
 _BACKDATE: Final = timedelta(minutes=5)
 _MAX_TRUST_DOMAIN_LENGTH: Final = 253
 _LABEL: Final = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
@@ -204,7 +196,7 @@ def _in_reserved_namespace(name: str, domain: str) -> bool:
 # --- certificates ----------------------------------------------------------------------------
 
 
-def _load_certificate(data: bytes) -> x509.Certificate:
+def parse_certificate(data: bytes) -> x509.Certificate:
     """A certificate from PEM or DER bytes; MalformedMessageError if neither parses."""
     if not isinstance(data, bytes):
         raise TypeError("certificate must be bytes")
@@ -218,12 +210,12 @@ def _load_certificate(data: bytes) -> x509.Certificate:
 
 def certificate_der(cert_pem_or_der: bytes) -> bytes:
     """The DER encoding of a certificate given as PEM or DER."""
-    return _load_certificate(cert_pem_or_der).public_bytes(serialization.Encoding.DER)
+    return parse_certificate(cert_pem_or_der).public_bytes(serialization.Encoding.DER)
 
 
 def certificate_fingerprint(cert_pem_or_der: bytes) -> bytes:
     """SHA-256 of the certificate's DER encoding (32 bytes), given PEM or DER."""
-    cert = _load_certificate(cert_pem_or_der)
+    cert = parse_certificate(cert_pem_or_der)
     return cert.fingerprint(hashes.SHA256())
 
 
@@ -242,7 +234,7 @@ def _spiffe_uris(cert: x509.Certificate) -> list[str]:
 def spiffe_id_from_certificate(cert_pem: bytes) -> SpiffeId:
     """The one SPIFFE id in a certificate's SAN (PEM or DER); UnauthenticatedError otherwise."""
     try:
-        cert = _load_certificate(cert_pem)
+        cert = parse_certificate(cert_pem)
     except MalformedMessageError:
         raise UnauthenticatedError("the peer certificate does not parse") from None
     return _the_spiffe_id(_spiffe_uris(cert))
@@ -338,8 +330,8 @@ def verify_certificate_chain(cert_pem: bytes, ca_cert_pem: bytes, now: datetime)
     """
     _require_aware(now)
     try:
-        cert = _load_certificate(cert_pem)
-        ca = _load_certificate(ca_cert_pem)
+        cert = parse_certificate(cert_pem)
+        ca = parse_certificate(ca_cert_pem)
     except MalformedMessageError as exc:
         raise UnauthenticatedError(exc.message) from None
     ca_constraints = _basic_constraints(ca)
@@ -368,7 +360,7 @@ def verify_certificate_chain(cert_pem: bytes, ca_cert_pem: bytes, now: datetime)
 def certificate_public_key(cert_pem_or_der: bytes) -> PublicKey:
     """The P-256 key a TLS certificate certifies, as a `PublicKey` that verifies ECDSA
     signatures by that key; MalformedMessageError for anything that is not a P-256 key."""
-    cert = _load_certificate(cert_pem_or_der)
+    cert = parse_certificate(cert_pem_or_der)
     try:
         key = cert.public_key()
     except (ValueError, UnsupportedAlgorithm):
@@ -385,7 +377,7 @@ def check_domain_ca(ca_cert_pem_or_der: bytes, domain_id: str) -> None:
     """Raise MalformedMessageError unless the bytes are a CA certificate naming exactly the
     trust domain `spiffe://<domain_id>` (what a domain state pins as its CA)."""
     try:
-        cert = _load_certificate(ca_cert_pem_or_der)
+        cert = parse_certificate(ca_cert_pem_or_der)
     except TypeError:
         raise MalformedMessageError("the domain CA certificate must be bytes") from None
     constraints = _basic_constraints(cert)
@@ -438,8 +430,9 @@ def tls_public_key(key_pem: bytes) -> ec.EllipticCurvePublicKey:
 class DomainCA:
     """The domain's certificate authority: a P-256 key and a self-signed CA certificate.
 
-    `save` writes the key unencrypted by default (a local demo domain) or encrypted under a
-    passphrase; a production domain would keep it offline or in an HSM.
+    `domain_edge.ca_files.save_domain_ca` writes the key unencrypted by default (a local demo
+    domain) or encrypted under a passphrase; a production domain would keep it offline or in
+    an HSM.
     """
 
     __slots__ = ("_certificate", "_domain_id", "_key")
@@ -536,17 +529,12 @@ class DomainCA:
         """The CA certificate as DER: what the genesis pins in `DomainSettings`."""
         return self._certificate.public_bytes(serialization.Encoding.DER)
 
-    def save(self, directory: Path, *, passphrase: bytes | None = None) -> None:
-        """Write `ca.crt` (0644) and `ca.key` (0600, PKCS#8 PEM) to `directory`, never overwriting.
+    def private_key_pem(self, passphrase: bytes | None = None) -> bytes:
+        """The CA key as PKCS#8 PEM, encrypted under `passphrase` if one is given. SECRET.
 
-        Without a passphrase the key is stored unencrypted (fit for a local demo domain only).
+        Without a passphrase the key is unencrypted (fit for a local demo domain only);
+        ValueError for a passphrase that is not non-empty bytes.
         """
-        directory = Path(directory)
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        cert_path, key_path = directory / CA_CERTIFICATE_FILE, directory / CA_KEY_FILE
-        for path in (cert_path, key_path):
-            if path.exists():
-                raise ValueError(f"{path} exists already; refusing to overwrite a domain CA")
         encryption: serialization.KeySerializationEncryption
         if passphrase is None:
             encryption = serialization.NoEncryption()
@@ -554,46 +542,9 @@ class DomainCA:
             encryption = serialization.BestAvailableEncryption(passphrase)
         else:
             raise ValueError("the CA passphrase must be non-empty bytes")
-        key_pem = self._key.private_bytes(
+        return self._key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
         )
-        write_new_file(key_path, key_pem, 0o600)
-        write_new_file(cert_path, self.certificate_pem, 0o644)
-
-    @classmethod
-    def load(
-        cls, directory: Path, *, passphrase: bytes | Callable[[], bytes] | None = None
-    ) -> DomainCA:
-        """Read a CA written by `save`; `passphrase` (or a callback) opens an encrypted key."""
-        directory = Path(directory)
-        cert_path, key_path = directory / CA_CERTIFICATE_FILE, directory / CA_KEY_FILE
-        try:
-            cert_data = cert_path.read_bytes()
-        except FileNotFoundError:
-            raise TokenNotFoundError(f"no CA certificate at {cert_path}") from None
-        key_pem = read_secret_file(key_path)
-        try:
-            certificate = _load_certificate(cert_data)
-        except MalformedMessageError:
-            raise TokenError(f"{cert_path} is not a valid certificate") from None
-        encrypted = b"ENCRYPTED PRIVATE KEY" in key_pem
-        if encrypted and passphrase is None:
-            raise TokenError(f"{key_path} is encrypted; give its passphrase")
-        secret = passphrase() if callable(passphrase) else passphrase
-        try:
-            key = serialization.load_pem_private_key(
-                key_pem, password=secret if encrypted else None
-            )
-        except (ValueError, TypeError, UnsupportedAlgorithm):
-            if encrypted:
-                raise WrongPassphraseError(f"the passphrase does not open {key_path}") from None
-            raise TokenError(f"{key_path} is not a valid private key") from None
-        if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise TokenError(f"{key_path} is not an EC P-256 key")
-        try:
-            return cls(certificate, key)
-        except (ValueError, TypeError) as exc:
-            raise TokenError(f"{directory} holds no valid domain CA: {exc}") from None
 
     def issue(
         self,
@@ -715,7 +666,7 @@ def ca_trust_domain(ca_cert_pem: bytes) -> str:
     certificate does not parse or names no single trust domain (it is not a domain CA).
     """
     try:
-        cert = _load_certificate(ca_cert_pem)
+        cert = parse_certificate(ca_cert_pem)
     except MalformedMessageError:
         raise InvalidInputError("the CA certificate does not parse") from None
     domains = _ca_trust_domains(cert)

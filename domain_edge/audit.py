@@ -72,10 +72,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
-import grpc
-
 from domain_core import canonical
-from domain_core.errors import BadSignatureError, HsmDomainError, MalformedMessageError
+from domain_core.errors import BadSignatureError, HsmDomainError, MalformedMessageError, Status
 from domain_core.signers import PublicKey, Signer
 from domain_edge.files import replace_file
 
@@ -162,7 +160,7 @@ class AuditLogError(HsmDomainError):
     An HSA that cannot audit must not serve: the operation fails rather than go unrecorded.
     """
 
-    grpc_status = grpc.StatusCode.FAILED_PRECONDITION
+    status = Status.FAILED_PRECONDITION
 
 
 # --- the one encoding --------------------------------------------------------------------------

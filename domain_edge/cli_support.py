@@ -26,12 +26,13 @@ __all__ = ["exit_code", "one_line", "print_error", "quiet_broken_pipe"]
 
 
 def one_line(error: BaseException, *, with_status: bool = False) -> str:
-    """The cause of `error` as one line; with `with_status`, an HsmDomainError's gRPC status
-    name follows in brackets (for tools whose users also read the service's statuses)."""
+    """The cause of `error` as one line; with `with_status`, an HsmDomainError's status name
+    (the gRPC status it is answered with) follows in brackets (for tools whose users also
+    read the service's statuses)."""
     if isinstance(error, HsmDomainError):
         text = error.message
         if with_status:
-            text = f"{text} [{error.grpc_status.name}]"
+            text = f"{text} [{error.status.name}]"
     elif isinstance(error, OSError) and error.strerror:
         text = error.strerror
         if error.filename is not None:

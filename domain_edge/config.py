@@ -97,7 +97,7 @@ class NodeConfig(_ConfigBase):
     domain_id: str
     genesis_hash: str  # hex; the trust anchor
     host_id: str
-    identity_dir: str  # HostIdentity.save() directory
+    identity_dir: str  # identity_files.save_host_identity() directory
     data_dir: str  # verified states, peer cache, audit log
     genesis_state: str  # serialized genesis SealedState
     tls: TlsFiles

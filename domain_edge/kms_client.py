@@ -76,6 +76,7 @@ from domain_core.errors import (
 from domain_core.limits import DEFAULT_LIMITS, Limits
 from domain_core.pki import ca_trust_domain
 from domain_edge.client import error_from_rpc
+from domain_edge.envelope_files import decrypt_to_file
 from domain_edge.transport import (
     ANY_HSA,
     TlsMaterial,
@@ -966,6 +967,8 @@ def decrypt_envelope(
             buffer = io.BytesIO()
             envelope.decrypt_stream(reader, buffer, data_key, header)
             return buffer.getvalue()
+        if isinstance(output, str | os.PathLike):
+            return decrypt_to_file(reader, output, data_key, header)
         return envelope.decrypt_stream(reader, output, data_key, header)
     finally:
         del data_key

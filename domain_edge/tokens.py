@@ -1,7 +1,7 @@
 """Token references: which operator token to open, named the way securesystemslib names keys.
 
 A reference is one string:
-- a file path, or `file:PATH`: a passphrase-encrypted file token (`signers.load_file_token`);
+- a file path, or `file:PATH`: a passphrase-encrypted file token (`file_tokens.load_file_token`);
 - an RFC 7512 `pkcs11:` URI: `pkcs11:token=LABEL;object=KEYLABEL;id=%01%02?module-path=/path/lib.so`
   (the module path may instead come from the environment variable `HSM_PKCS11_MODULE`).
 
@@ -36,7 +36,8 @@ from domain_core.errors import (
     NotFoundError,
 )
 from domain_core.limits import DEFAULT_LIMITS
-from domain_core.signers import PublicKey, SignatureAlgorithm, Signer, load_file_token
+from domain_core.signers import PublicKey, SignatureAlgorithm, Signer
+from domain_edge.file_tokens import load_file_token
 from domain_edge.pkcs11_signer import Pkcs11Signer, format_cka_id
 
 __all__ = [

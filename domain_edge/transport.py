@@ -63,6 +63,7 @@ from domain_core.pki import (
     role_dns_name,
     spiffe_id_from_san_values,
 )
+from domain_edge.status import grpc_status_for
 
 log = logging.getLogger(__name__)
 
@@ -346,7 +347,7 @@ def _abort_for(error: Exception, context: grpc.ServicerContext, method: str) -> 
     if isinstance(error, HsmDomainError):
         if error.nothing_applied:
             context.set_trailing_metadata(_NOTHING_APPLIED)
-        context.abort(error.grpc_status, error.message)
+        context.abort(grpc_status_for(error), error.message)
     if cast(Any, context).code() is not None:
         # The servicer aborted with its own status (context.abort raises a bare Exception).
         raise error

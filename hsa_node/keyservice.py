@@ -65,8 +65,9 @@ from domain_core.errors import (
     UnavailableError,
     status_for,
 )
-from domain_core.limits import DEFAULT_LIMITS, Limits, RateLimiter
+from domain_core.limits import DEFAULT_LIMITS, Limits
 from domain_edge import transport
+from domain_edge.rate_limit import RateLimiter
 from domain_proto import keys_pb2, services_pb2, services_pb2_grpc
 from hsa_node._logging import ThrottledLog
 from hsa_node.keycache import (

@@ -21,10 +21,12 @@ from typing import Any, Final
 
 from domain_core.errors import AlreadyExistsError
 from domain_core.signers import (
-    FileTokenSigner,
     PublicKey,
     SignatureAlgorithm,
     Signer,
+)
+from domain_edge.file_tokens import (
+    FileTokenSigner,
     create_file_token,
 )
 from domain_edge.pkcs11_signer import Pkcs11Signer, generate_pkcs11_key, new_cka_id

@@ -44,8 +44,9 @@ from domain_core.errors import (
     UnavailableError,
 )
 from domain_core.model import NONCE_BYTES, Proposal, SealedState, make_operator
-from domain_core.signers import SignatureAlgorithm, Signer, create_file_token
+from domain_core.signers import SignatureAlgorithm, Signer
 from domain_edge.client import CoordinatorClient
+from domain_edge.file_tokens import create_file_token
 from domain_edge.kms_client import KeyClient
 from domain_edge.transport import TlsMaterial, hsa_host, mtls_channel
 from domain_proto import domain_pb2, services_pb2, services_pb2_grpc

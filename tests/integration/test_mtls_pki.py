@@ -26,6 +26,7 @@ from domain_core.errors import UnauthenticatedError
 from domain_core.identity import HostIdentity
 from domain_core.pki import DomainCA, SpiffeId, SpiffeKind, certificate_fingerprint, peer_identity
 from domain_edge import transport
+from domain_edge.ca_files import load_domain_ca
 from domain_proto import domain_pb2
 
 pytestmark = pytest.mark.integration
@@ -132,7 +133,7 @@ def ca_files(
     DomainCA.create(DOMAIN, now=datetime.now(UTC)).save(directory)
     key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), None)
     assert isinstance(key, ec.EllipticCurvePrivateKey)
-    return DomainCA.load(directory), key
+    return load_domain_ca(directory), key
 
 
 @pytest.fixture(scope="module")

@@ -35,8 +35,8 @@ from deploy import cluster as runner
 from deploy.init import DomainLayout, load_layout
 from deploy.localdomain import FAST_SCRYPT_N, LocalDomain
 from domain_core.errors import UnavailableError
-from domain_core.signers import FileTokenSigner
 from domain_edge.client import CoordinatorClient
+from domain_edge.file_tokens import FileTokenSigner
 from domain_proto import services_pb2
 
 __all__ = ["FAST_SCRYPT_N", "LocalCluster", "close_clusters", "local_cluster", "terminal_stream"]

@@ -29,9 +29,10 @@ from deploy.init import DomainLayout, init_domain, load_layout, read_passphrase
 from deploy.localdomain import FAST_SCRYPT_N
 from domain_core import quorum
 from domain_core.model import Proposal, SealedState
-from domain_core.signers import Signer, load_file_token
+from domain_core.signers import Signer
 from domain_edge import transport
 from domain_edge.config import NodeConfig
+from domain_edge.file_tokens import load_file_token
 from domain_edge.transport import TlsMaterial
 from domain_proto import domain_pb2, services_pb2, services_pb2_grpc
 from hsa_node.servicers import CoordinatorPin

@@ -842,7 +842,7 @@ def test_refuses_to_extend_a_broken_tail(standard_log: Path, signer: InMemorySig
     with pytest.raises(AuditLogError, match="record 12 was edited") as caught:
         open_log(standard_log, signer)
     assert isinstance(caught.value, HsmDomainError)
-    assert caught.value.grpc_status.name == "FAILED_PRECONDITION"
+    assert caught.value.status.name == "FAILED_PRECONDITION"
     assert standard_log.read_bytes() == before  # evidence kept
 
 

@@ -1,4 +1,5 @@
-"""domain_core.errors: one hierarchy, one gRPC status per class, no detail in crypto errors."""
+"""domain_core.errors and domain_edge.status: one hierarchy, one status per class (one gRPC
+status through the edge's one table), no detail in crypto errors."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import grpc
 import pytest
 
 from domain_core import errors
-from domain_core.errors import HsmDomainError, status_for
+from domain_core.errors import HsmDomainError, Status, status_for
+from domain_edge.status import GRPC_STATUS, grpc_status_for
 
 pytestmark = pytest.mark.unit
 
@@ -73,11 +75,12 @@ def test_hierarchy_is_not_empty() -> None:
 
 @pytest.mark.parametrize("cls", ALL_ERRORS, ids=lambda c: c.__qualname__)
 def test_every_error_maps_to_one_status(cls: type[HsmDomainError]) -> None:
-    assert isinstance(cls.grpc_status, grpc.StatusCode)
+    assert isinstance(cls.status, Status)
     # INTERNAL is for bugs, not for errors the domain raises on purpose.
-    assert cls.grpc_status is not grpc.StatusCode.INTERNAL, f"{cls.__name__} maps to INTERNAL"
+    assert cls.status is not Status.INTERNAL, f"{cls.__name__} maps to INTERNAL"
     error = cls.__new__(cls)  # whatever its constructor needs, the status is per class
-    assert status_for(error) is cls.grpc_status
+    assert status_for(error) is cls.status
+    assert grpc_status_for(error) is GRPC_STATUS[cls.status]
     assert not isinstance(error, ValueError | TypeError | RuntimeError)
     assert (cls.__doc__ or "").strip(), f"{cls.__name__} has no docstring"
 
@@ -129,8 +132,16 @@ EXPECTED = {
 @pytest.mark.parametrize(("name", "status"), sorted(EXPECTED.items()))
 def test_status_table(name: str, status: grpc.StatusCode) -> None:
     cls = getattr(errors, name)
-    assert cls.grpc_status is status
-    assert status_for(_instance(cls)) is status
+    assert cls.status.name == status.name
+    assert status_for(_instance(cls)) is cls.status
+    assert grpc_status_for(_instance(cls)) is status
+
+
+def test_the_edge_maps_every_status_to_the_grpc_code_of_its_name() -> None:
+    assert set(GRPC_STATUS) == set(Status)
+    for status, code in GRPC_STATUS.items():
+        assert code is grpc.StatusCode[status.name]
+        assert status.value == status.name
 
 
 @pytest.mark.parametrize(
@@ -177,8 +188,10 @@ def test_message_is_the_string() -> None:
     "error", [ValueError(), TypeError("x"), RuntimeError(), KeyError("k"), Exception()]
 )
 def test_foreign_errors_are_internal(error: BaseException) -> None:
-    assert status_for(error) is grpc.StatusCode.INTERNAL
+    assert status_for(error) is Status.INTERNAL
+    assert grpc_status_for(error) is grpc.StatusCode.INTERNAL
 
 
 def test_base_error_is_internal() -> None:
-    assert status_for(HsmDomainError("bug")) is grpc.StatusCode.INTERNAL
+    assert status_for(HsmDomainError("bug")) is Status.INTERNAL
+    assert grpc_status_for(HsmDomainError("bug")) is grpc.StatusCode.INTERNAL

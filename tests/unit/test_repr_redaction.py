@@ -30,10 +30,12 @@ from domain_core.pki import DomainCA
 from domain_core.signers import (
     InMemorySigner,
     SignatureAlgorithm,
+)
+from domain_edge.audit import AuditLog
+from domain_edge.file_tokens import (
     create_file_token,
     load_file_token,
 )
-from domain_edge.audit import AuditLog
 from domain_edge.transport import TlsMaterial
 from domain_proto import keys_pb2
 from hsa_node.keycache import CachedKey

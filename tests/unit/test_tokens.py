@@ -18,9 +18,11 @@ from domain_core.errors import (
     WrongPassphraseError,
 )
 from domain_core.signers import (
-    FileTokenSigner,
     InMemorySigner,
     SignatureAlgorithm,
+)
+from domain_edge.file_tokens import (
+    FileTokenSigner,
     create_file_token,
 )
 from domain_edge.tokens import (
