@@ -89,7 +89,7 @@ class ExpectedServer:
     None, e.g. any HSA), or exactly one identity (an HSA whose host id the caller knows).
 
     The domain is the one the channel's CA certificate names, so a certificate of another
-    domain never passes. See the module docstring for how the handshake enforces it.
+    domain never passes. See the package docstring for how the handshake enforces it.
     """
 
     kind: Literal["hsa", "coordinator"]
