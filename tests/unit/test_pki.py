@@ -499,6 +499,7 @@ def test_peer_identity_cache_never_answers_for_another_certificate(ca: DomainCA)
 
 def test_peer_identity_cache_is_bounded_and_keeps_no_failure(ca: DomainCA) -> None:
     from domain_core import pki
+    from domain_core.pki import _certificates
 
     bad = self_signed([x509.DNSName("localhost")])
     for _ in range(2):  # a refusal is not remembered: it is refused again, with its reason
@@ -506,7 +507,7 @@ def test_peer_identity_cache_is_bounded_and_keeps_no_failure(ca: DomainCA) -> No
             peer_identity({"x509_pem_cert": [bad]})
     with pytest.raises(UnauthenticatedError, match="does not parse"):
         peer_identity({"x509_pem_cert": [b"-----BEGIN CERTIFICATE-----\ngarbage"]})
-    info = pki._identity_of_certificate.cache_info()
+    info = _certificates._identity_of_certificate.cache_info()
     assert info.maxsize == pki.PEER_IDENTITY_CACHE_ENTRIES
     assert info.currsize <= info.maxsize
 
