@@ -21,7 +21,7 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from cryptography.exceptions import InvalidTag, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
@@ -194,17 +194,7 @@ class _TokenHeader:
 def _read_token_header(path: Path) -> _TokenHeader:
     """Read and validate a token file's header; nothing here needs the passphrase."""
     path = Path(path)
-    try:
-        with path.open("rb") as f:
-            data = f.read(_MAX_TOKEN_FILE_SIZE + 1)
-    except FileNotFoundError:
-        raise TokenNotFoundError(
-            f"no token file at {path}; check the path or create one with `hsm-operator`"
-        ) from None
-    except OSError as exc:
-        raise TokenError(f"cannot read token file {path}: {exc.strerror}") from None
-    if len(data) > _MAX_TOKEN_FILE_SIZE:
-        raise TokenError(f"token file {path} is larger than {_MAX_TOKEN_FILE_SIZE} bytes")
+    data = _read_token_bytes(path)
 
     def bad(what: str) -> TokenError:
         return TokenError(f"token file {path} is malformed: {what}")
@@ -224,15 +214,57 @@ def _read_token_header(path: Path) -> _TokenHeader:
         missing = sorted(_HEADER_KEYS - set(document))
         extra = sorted(str(k)[:40] for k in set(document) - _HEADER_KEYS)
         raise bad(f"fields missing {missing}, unexpected {extra}")
+    name, public_key = _token_identity(document, bad)
+    n, salt = _token_kdf(document["kdf"], bad)
+    nonce = _b64field(document["nonce"], "nonce", bad)
+    if len(nonce) != _NONCE_SIZE:
+        raise bad(f"nonce is not {_NONCE_SIZE} bytes")
+    ciphertext = _b64field(document["ciphertext"], "ciphertext", bad)
+    if len(ciphertext) <= 16:
+        raise bad("ciphertext is too short")
+    header = {k: v for k, v in document.items() if k != "ciphertext"}
+    return _TokenHeader(
+        name=name,
+        public_key=public_key,
+        scrypt_n=n,
+        salt=salt,
+        nonce=nonce,
+        ciphertext=ciphertext,
+        associated_data=_canonical_json(header),
+    )
 
-    def b64field(value: object, label: str) -> bytes:
-        if not isinstance(value, str):
-            raise bad(f"{label} is not a base64 string")
-        try:
-            return base64.b64decode(value, validate=True)
-        except (binascii.Error, ValueError):
-            raise bad(f"{label} is not valid base64") from None
 
+def _read_token_bytes(path: Path) -> bytes:
+    """A token file's bytes, at most `_MAX_TOKEN_FILE_SIZE` of them."""
+    try:
+        with path.open("rb") as f:
+            data = f.read(_MAX_TOKEN_FILE_SIZE + 1)
+    except FileNotFoundError:
+        raise TokenNotFoundError(
+            f"no token file at {path}; check the path or create one with `hsm-operator`"
+        ) from None
+    except OSError as exc:
+        raise TokenError(f"cannot read token file {path}: {exc.strerror}") from None
+    if len(data) > _MAX_TOKEN_FILE_SIZE:
+        raise TokenError(f"token file {path} is larger than {_MAX_TOKEN_FILE_SIZE} bytes")
+    return data
+
+
+def _b64field(value: object, label: str, bad: Callable[[str], TokenError]) -> bytes:
+    """A base64 field of a token file's header; `bad(what)` makes the error."""
+    if not isinstance(value, str):
+        raise bad(f"{label} is not a base64 string")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise bad(f"{label} is not valid base64") from None
+
+
+def _token_identity(
+    document: dict[str, Any], bad: Callable[[str], TokenError]
+) -> tuple[str, PublicKey]:
+    """The name and public key a token file's header claims (unauthenticated until the key
+    is opened)."""
     name = document["name"]
     if (
         not isinstance(name, str)
@@ -246,11 +278,15 @@ def _read_token_header(path: Path) -> _TokenHeader:
     except ValueError:
         raise bad(f"unknown algorithm {str(algorithm_value)[:40]!r}") from None
     try:
-        public_key = PublicKey(algorithm, b64field(document["public_key"], "public_key"))
+        public_key = PublicKey(algorithm, _b64field(document["public_key"], "public_key", bad))
     except MalformedMessageError as exc:
         raise bad(f"public_key: {exc.message}") from None
+    return name, public_key
 
-    kdf = document["kdf"]
+
+def _token_kdf(kdf: object, bad: Callable[[str], TokenError]) -> tuple[int, bytes]:
+    """The scrypt cost `n` and salt of a token file's header, within the bounds that keep a
+    hostile file from costing more than scrypt with n = 2**20."""
     if not isinstance(kdf, dict) or set(kdf) != _KDF_KEYS:
         raise bad(f"kdf must be an object with exactly {sorted(_KDF_KEYS)}")
     if kdf["name"] != "scrypt":
@@ -260,25 +296,10 @@ def _read_token_header(path: Path) -> _TokenHeader:
         raise bad("scrypt n must be a power of two between 2**14 and 2**20")
     if type(r) is not int or r != _SCRYPT_R or type(p) is not int or p != _SCRYPT_P:
         raise bad(f"scrypt r and p must be {_SCRYPT_R} and {_SCRYPT_P}")
-    salt = b64field(kdf["salt"], "kdf salt")
+    salt = _b64field(kdf["salt"], "kdf salt", bad)
     if len(salt) != _SALT_SIZE:
         raise bad(f"kdf salt is not {_SALT_SIZE} bytes")
-    nonce = b64field(document["nonce"], "nonce")
-    if len(nonce) != _NONCE_SIZE:
-        raise bad(f"nonce is not {_NONCE_SIZE} bytes")
-    ciphertext = b64field(document["ciphertext"], "ciphertext")
-    if len(ciphertext) <= 16:
-        raise bad("ciphertext is too short")
-    header = {k: v for k, v in document.items() if k != "ciphertext"}
-    return _TokenHeader(
-        name=name,
-        public_key=public_key,
-        scrypt_n=n,
-        salt=salt,
-        nonce=nonce,
-        ciphertext=ciphertext,
-        associated_data=_canonical_json(header),
-    )
+    return n, salt
 
 
 def read_file_token_public(path: Path) -> tuple[str, PublicKey]:
