@@ -38,11 +38,11 @@ from deploy import cluster as runner
 from deploy.init import DomainLayout
 from deploy.localdomain import FAST_SCRYPT_N, LocalDomain
 from domain_core import quorum
-from domain_core.client import CoordinatorClient
-from domain_core.config import NodeConfig
 from domain_core.errors import UnavailableError
-from domain_core.pb import domain_pb2, services_pb2, services_pb2_grpc
-from domain_core.signers import FileTokenSigner
+from domain_edge.client import CoordinatorClient
+from domain_edge.config import NodeConfig
+from domain_edge.file_tokens import FileTokenSigner
+from domain_proto import domain_pb2, services_pb2, services_pb2_grpc
 
 __all__ = [
     "FAST_SCRYPT_N",

@@ -24,9 +24,9 @@ from typing import Any
 import grpc
 
 from bench._stats import summarize_ms
-from domain_core import transport
 from domain_core.limits import DEFAULT_LIMITS
-from domain_core.transport import TlsMaterial
+from domain_edge import transport
+from domain_edge.transport import TlsMaterial
 
 __all__ = ["LoadResult", "aio_mtls_channel", "round_robin", "run_tasks", "run_threads"]
 

@@ -27,8 +27,8 @@ from typing import Final
 
 from bench._core import BenchConfig, Figure
 from bench._stats import summarize_ms
-from domain_core.audit import AuditLog, verify_audit_log
 from domain_core.signers import InMemorySigner, SignatureAlgorithm
+from domain_edge.audit import AuditLog, verify_audit_log
 
 __all__ = ["NAME", "TITLE", "main", "measure", "run"]
 

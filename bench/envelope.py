@@ -1,7 +1,7 @@
 """Envelope encryption of a file through the key service client, against raw AES-256-GCM.
 
 A file of 100 MiB of random bytes (16 MiB in quick mode) is envelope-encrypted with
-`domain_core.kms_client.encrypt_envelope` (one GenerateDataKey call to a one-node domain, then
+`domain_edge.kms_client.encrypt_envelope` (one GenerateDataKey call to a one-node domain, then
 AES-256-GCM in 64 KiB chunks on this side, streamed from a temporary file to a temporary file)
 and decrypted again with `decrypt_envelope` (one Decrypt call, then the chunks, streamed to an
 open file). The same file is also encrypted and decrypted with AES-256-GCM straight from
@@ -33,7 +33,7 @@ from bench._cluster import BenchDomain
 from bench._core import BenchConfig, Figure
 from bench._stats import median
 from domain_core import envelope
-from domain_core.kms_client import KeyClient, decrypt_envelope, encrypt_envelope
+from domain_edge.kms_client import KeyClient, decrypt_envelope, encrypt_envelope
 
 NAME: Final = "envelope"
 TITLE: Final = "envelope encryption of a 100 MiB file (KeyClient) vs raw AES-256-GCM"

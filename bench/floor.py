@@ -28,7 +28,7 @@ from bench._core import BenchConfig, Figure
 from bench._load import LoadResult, aio_mtls_channel, run_tasks, run_threads
 from bench._proc import CpuMeter
 from bench._stats import median
-from domain_core.pb import services_pb2, services_pb2_grpc
+from domain_proto import services_pb2, services_pb2_grpc
 
 NAME: Final = "floor"
 TITLE: Final = "transport floor: Diagnostics.Echo 1 KiB, mutual TLS, one HSA"

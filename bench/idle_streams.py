@@ -58,8 +58,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from bench._cluster import BenchDomain
 from bench._core import BenchConfig, Figure, Target
 from bench._stats import percentile
-from domain_core import transport
-from domain_core.pb import services_pb2, services_pb2_grpc
+from domain_edge import transport
+from domain_proto import services_pb2, services_pb2_grpc
 
 NAME: Final = "idle_streams"
 TITLE: Final = (

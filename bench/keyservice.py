@@ -58,7 +58,7 @@ from bench._load import LoadResult, aio_mtls_channel, round_robin, run_tasks, ru
 from bench._proc import CpuMeter, per_op_us
 from bench._stats import median, paired_ratios, percentile
 from deploy.init import COORDINATOR_NAME
-from domain_core.pb import services_pb2, services_pb2_grpc
+from domain_proto import services_pb2, services_pb2_grpc
 
 NAME: Final = "keyservice"
 TITLE: Final = "key service: Encrypt, Decrypt, GenerateDataKey, ReEncrypt, CreateKey; 1 and 3 HSAs"

@@ -52,16 +52,16 @@ import grpc
 from bench._cluster import BenchDomain
 from bench._core import BenchConfig, Figure
 from bench._stats import percentile
-from domain_core.kms_client import KeyClient
 from domain_core.limits import DEFAULT_LIMITS
-from domain_core.pb import services_pb2, services_pb2_grpc
-from domain_core.transport import (
+from domain_edge.kms_client import KeyClient
+from domain_edge.transport import (
     ANY_HSA,
     TlsMaterial,
     channel_credentials,
     mtls_channel,
     server_name_option,
 )
+from domain_proto import services_pb2, services_pb2_grpc
 
 NAME: Final = "kms_latency"
 TITLE: Final = "Encrypt/Decrypt 1 KiB through KeyClient and raw stubs, 3 HSAs, 1 and 16 callers"

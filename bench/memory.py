@@ -54,8 +54,8 @@ from bench._proc import CpuMeter, memory_kib, per_op_us, rss_mib
 from bench.floor import PAYLOAD_BYTES, echo_run
 from bench.rewrap import create_records, load_host
 from deploy.init import COORDINATOR_NAME, DomainLayout
-from domain_core.config import NodeConfig
-from domain_core.pb import keys_pb2, services_pb2, services_pb2_grpc
+from domain_edge.config import NodeConfig
+from domain_proto import keys_pb2, services_pb2, services_pb2_grpc
 from hsa_node.keycache import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES
 
 NAME: Final = "memory"

@@ -59,8 +59,8 @@ from bench._cluster import FAST_SCRYPT_N, BenchDomain
 from bench._load import LoadResult, aio_mtls_channel, run_tasks
 from bench._proc import CpuMeter
 from bench._stats import median, percentile
-from domain_core.pb import keys_pb2, services_pb2, services_pb2_grpc
-from domain_core.transport import CertificatePeerContext
+from domain_edge.transport import CertificatePeerContext
+from domain_proto import keys_pb2, services_pb2, services_pb2_grpc
 
 __all__ = ["OPERATIONS", "Cell", "main", "measure"]
 
@@ -283,9 +283,9 @@ def measure_in_process(calls: int, *, cprofile: bool = False) -> dict[str, Any]:
 
     from deploy import cluster as runner
     from deploy.init import init_domain
-    from domain_core.audit import AUDIT_LOG_FILE, AuditLog
-    from domain_core.config import NodeConfig
     from domain_core.keytokens import RecordSigner
+    from domain_edge.audit import AUDIT_LOG_FILE, AuditLog
+    from domain_edge.config import NodeConfig
     from hsa_node.keycache import KeyCache
     from hsa_node.keyfloors import FLOOR_FILE, MetadataVersionFloor
     from hsa_node.keyservice import KeyServiceServicer

@@ -56,11 +56,11 @@ from bench._core import BenchConfig, Figure
 from bench._proc import cpu_seconds
 from bench._stats import percentile
 from deploy.init import COORDINATOR_NAME, DomainLayout
-from domain_core import transport
-from domain_core.client import rotate_domain_key
-from domain_core.config import CoordinatorConfig
 from domain_core.limits import DEFAULT_LIMITS
-from domain_core.pb import services_pb2, services_pb2_grpc
+from domain_edge import transport
+from domain_edge.client import rotate_domain_key
+from domain_edge.config import CoordinatorConfig
+from domain_proto import services_pb2, services_pb2_grpc
 
 NAME: Final = "proposals"
 TITLE: Final = "1,000 pending proposals: SubmitProposal, the sweeper, ListProposals loops"

@@ -46,13 +46,14 @@ from bench._cluster import FAST_SCRYPT_N, BenchDomain, apply_change
 from bench._core import BenchConfig, Figure
 from deploy import cluster as runner
 from deploy.init import DomainLayout, init_domain, read_passphrase
-from domain_core import changes, crypto, keytokens, policy, quorum, transport
+from domain_core import changes, crypto, keytokens, policy, quorum
 from domain_core.ciphertext import new_key_id
-from domain_core.config import NodeConfig
 from domain_core.model import Proposal, SealedState
-from domain_core.pb import keys_pb2, services_pb2, services_pb2_grpc
-from domain_core.signers import load_file_token
-from domain_core.transport import CertificatePeerContext, TlsMaterial
+from domain_edge import transport
+from domain_edge.config import NodeConfig
+from domain_edge.file_tokens import load_file_token
+from domain_edge.transport import CertificatePeerContext, TlsMaterial
+from domain_proto import keys_pb2, services_pb2, services_pb2_grpc
 from hsa_node.keycache import KeyCache
 from hsa_node.keyfloors import FLOOR_FILE, MetadataVersionFloor
 from hsa_node.keyrecords import KeyRecordClient

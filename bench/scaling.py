@@ -37,7 +37,7 @@ from bench._core import BenchConfig, Curve, Figure
 from bench._load import LoadResult, aio_mtls_channel, round_robin, run_tasks
 from bench._proc import CpuMeter
 from bench._stats import median
-from domain_core.pb import services_pb2, services_pb2_grpc
+from domain_proto import services_pb2, services_pb2_grpc
 
 NAME: Final = "scaling"
 TITLE: Final = "scaling with nodes and worker processes (Echo and Encrypt 1 KiB, c16, CPU)"

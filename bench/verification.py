@@ -38,9 +38,9 @@ from domain_core.changes import add_operator, rotate_domain_key, set_quorum
 from domain_core.enrollment import make_enrollment
 from domain_core.identity import HostIdentity
 from domain_core.model import Proposal, SealedState
-from domain_core.pb import domain_pb2
 from domain_core.pki import DomainCA
 from domain_core.signers import InMemorySigner, SignatureAlgorithm
+from domain_proto import domain_pb2
 
 NAME: Final = "verification"
 TITLE: Final = "chain verification cost vs chain length and operators (in-process)"

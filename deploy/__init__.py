@@ -4,7 +4,8 @@ verify and chaos.
 Public API: `init_domain`, `load_layout`, `add_node`, `DomainLayout` (files of a local domain),
 `read_enrollment` (verify a new host's enrollment), `deploy.cluster` for running the
 processes, and `deploy.localdomain.LocalDomain` for a whole local domain driven from Python
-(benchmarks, tests). This package imports only `domain_core`, never the process packages.
+(benchmarks, tests). This package imports only `domain_core`, `domain_edge` and
+`domain_proto`, never the process or tool packages (it starts the processes by module name).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from domain_core.files import (
+from domain_edge.files import (
     PRIVATE_DIR_MODE,
     PUBLIC_MODE,
     SECRET_MODE,

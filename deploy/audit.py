@@ -1,7 +1,7 @@
 """`hsm-domain audit verify DIR`: check the audit log of every node of a local domain.
 
 For each node with a config under `DIR/nodes/` (genesis hosts and hosts added later), every
-audit log of the node is verified (`domain_core.audit.verify_audit_log`) under the host's
+audit log of the node is verified (`domain_edge.audit.verify_audit_log`) under the host's
 Ed25519 public key: `<data_dir>/audit.log` (the main HSA process) and each
 `<data_dir>/audit-worker-<i>.log` (its key service worker processes, one log per worker).
 
@@ -41,7 +41,15 @@ import grpc
 
 from deploy.cluster import coordinator_operator_channel, is_alive, read_ready_file
 from deploy.init import COORDINATOR_NAME, DomainLayout, load_layout
-from domain_core.audit import (
+from domain_core.errors import (
+    BadSignatureError,
+    HsmDomainError,
+    MalformedMessageError,
+    TokenError,
+)
+from domain_core.model import SealedState
+from domain_core.signers import PublicKey, SignatureAlgorithm
+from domain_edge.audit import (
     AUDIT_LOG_FILE,
     HEAD_FILE_SUFFIX,
     HSA_LOG_NAME,
@@ -49,17 +57,9 @@ from domain_core.audit import (
     AuditReport,
     verify_audit_log,
 )
-from domain_core.config import NodeConfig
-from domain_core.errors import (
-    BadSignatureError,
-    HsmDomainError,
-    MalformedMessageError,
-    TokenError,
-)
-from domain_core.identity import HOST_FILE
-from domain_core.model import SealedState
-from domain_core.pb import services_pb2, services_pb2_grpc
-from domain_core.signers import PublicKey, SignatureAlgorithm
+from domain_edge.config import NodeConfig
+from domain_edge.identity_files import HOST_FILE
+from domain_proto import services_pb2, services_pb2_grpc
 
 __all__ = [
     "NodeAudit",

@@ -39,10 +39,10 @@ from deploy.init import (
     load_layout,
 )
 from deploy.status import DomainReport, collect_status, coordinator_members
-from domain_core.cli_support import exit_code, print_error, quiet_broken_pipe
-from domain_core.config import MAX_KEY_SERVICE_WORKERS, NodeConfig
 from domain_core.display import escape
 from domain_core.errors import HsmDomainError
+from domain_edge.cli_support import exit_code, print_error, quiet_broken_pipe
+from domain_edge.config import MAX_KEY_SERVICE_WORKERS, NodeConfig
 
 DEFAULT_DIR: Final = Path("hsm-cluster")
 PROG: Final = "hsm-domain"

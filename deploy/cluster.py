@@ -41,11 +41,11 @@ import grpc
 
 from deploy._files import make_private_dir, replace_file
 from deploy.init import COORDINATOR_NAME, DomainLayout
-from domain_core import transport
-from domain_core.config import CoordinatorConfig, NodeConfig
 from domain_core.errors import InvalidInputError, UnavailableError
-from domain_core.pb import services_pb2, services_pb2_grpc
-from domain_core.transport import TlsMaterial
+from domain_edge import transport
+from domain_edge.config import CoordinatorConfig, NodeConfig
+from domain_edge.transport import TlsMaterial
+from domain_proto import services_pb2, services_pb2_grpc
 
 __all__ = [
     "COORDINATOR_MODULE",

@@ -1,5 +1,6 @@
-"""Host enrollment files (made and verified in `domain_core.enrollment`, shared with
-`operator_tool`; re-exported here for the deploy package)."""
+"""Host enrollment files (made and verified in `domain_core.enrollment`, read from files by
+`domain_edge.enrollment_files`, shared with `operator_tool`; re-exported here for the deploy
+package)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ from domain_core.enrollment import (
     enrollment_signing_input,
     host_key_fingerprints,
     make_enrollment,
+    verify_enrollment,
+)
+from domain_edge.enrollment_files import (
     read_enrollment,
     read_enrollment_file,
-    verify_enrollment,
 )
 
 __all__ = [

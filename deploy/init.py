@@ -34,18 +34,10 @@ from deploy._files import make_private_dir, replace_file, write_json, write_secr
 from deploy.enrollment import VerifiedEnrollment, make_enrollment, verify_enrollment
 from domain_core import canonical, genesis, model, quorum
 from domain_core.chain import TrustedChain
-from domain_core.config import (
-    FLOORS_COMPLETE_FILE,
-    CoordinatorConfig,
-    NodeConfig,
-    TlsFiles,
-    check_worker_count,
-)
 from domain_core.errors import AlreadyExistsError, InvalidInputError, NotFoundError
-from domain_core.identity import TLS_CERTIFICATE_FILE, TLS_KEY_FILE, HostIdentity
+from domain_core.identity import HostIdentity
 from domain_core.limits import DEFAULT_LIMITS
 from domain_core.model import SealedState
-from domain_core.pb import domain_pb2
 from domain_core.pki import (
     DomainCA,
     SpiffeId,
@@ -56,11 +48,28 @@ from domain_core.pki import (
     tls_public_key,
 )
 from domain_core.signers import (
-    DEFAULT_SCRYPT_N,
     SignatureAlgorithm,
+)
+from domain_edge.ca_files import load_domain_ca, save_domain_ca
+from domain_edge.config import (
+    FLOORS_COMPLETE_FILE,
+    CoordinatorConfig,
+    NodeConfig,
+    TlsFiles,
+    check_worker_count,
+)
+from domain_edge.file_tokens import (
+    DEFAULT_SCRYPT_N,
     create_file_token,
     load_file_token,
 )
+from domain_edge.identity_files import (
+    TLS_CERTIFICATE_FILE,
+    TLS_KEY_FILE,
+    save_host_certificate,
+    save_host_identity,
+)
+from domain_proto import domain_pb2
 
 __all__ = [
     "COORDINATOR_NAME",
@@ -276,9 +285,9 @@ def _create_host(
     node_dir = make_private_dir(root / "nodes" / host_id)
     identity_dir = node_dir / "identity"
     identity = HostIdentity.generate(host_id)
-    identity.save(identity_dir)
+    save_host_identity(identity, identity_dir)
     cert_pem = ca.issue(identity.spiffe_id(domain_id), identity.tls_public_key, now=now)
-    identity.save_certificate(identity_dir, cert_pem)
+    save_host_certificate(identity, identity_dir, cert_pem)
     make_private_dir(node_dir / "data")
     raw = make_enrollment(identity, domain_id, cert_pem)
     enrollment = verify_enrollment(
@@ -350,7 +359,7 @@ def _build(
     workers: int,
 ) -> None:
     ca = DomainCA.create(domain_id, now=now)
-    ca.save(root / "ca")
+    save_domain_ca(ca, root / "ca")
 
     identities: dict[str, HostIdentity] = {}
     enrollments: list[VerifiedEnrollment] = []
@@ -530,7 +539,7 @@ def add_node(directory: Path, host_id: str | None = None, *, now: datetime | Non
     node_dir = layout.node_dir(host_id)
     if node_dir.exists():
         raise AlreadyExistsError(f"{node_dir} exists already; choose another host id")
-    ca = DomainCA.load(layout.root / "ca")
+    ca = load_domain_ca(layout.root / "ca")
     coordinator, workers = "", 0
     for path in layout.node_configs.values():
         existing = NodeConfig.load(path)

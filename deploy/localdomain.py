@@ -48,12 +48,12 @@ from deploy.init import (
     load_layout,
     read_passphrase,
 )
-from domain_core.client import CoordinatorClient
-from domain_core.config import check_worker_count
 from domain_core.errors import UnavailableError
-from domain_core.pb import services_pb2
-from domain_core.signers import FileTokenSigner, load_file_token
-from domain_core.transport import TlsMaterial
+from domain_edge.client import CoordinatorClient
+from domain_edge.config import check_worker_count
+from domain_edge.file_tokens import FileTokenSigner, load_file_token
+from domain_edge.transport import TlsMaterial
+from domain_proto import services_pb2
 
 __all__ = ["FAST_SCRYPT_N", "LocalDomain"]
 

@@ -21,10 +21,10 @@ from deploy.cluster import (
     read_ready_file,
 )
 from deploy.init import COORDINATOR_NAME, DomainLayout
-from domain_core import transport
 from domain_core.errors import HsmDomainError
 from domain_core.model import SealedState
-from domain_core.pb import services_pb2, services_pb2_grpc
+from domain_edge import transport
+from domain_proto import services_pb2, services_pb2_grpc
 
 __all__ = [
     "CoordinatorView",

@@ -8,12 +8,12 @@ gRPC servicer, `server.CoordinatorServer` one running process and `__main__.main
 `domain-coordinator` command (imported from their modules, so that using the store does not
 load gRPC servers).
 Importing the package first pins the TLS 1.2 cipher suites gRPC may negotiate
-(`domain_core.grpc_env`), before anything loads gRPC.
+(`domain_edge.grpc_env`), before anything loads gRPC.
 """
 
 from __future__ import annotations
 
-import domain_core.grpc_env  # noqa: F401  (first: pins TLS 1.2 suites before gRPC loads)
+import domain_edge.grpc_env  # noqa: F401  (first: pins TLS 1.2 suites before gRPC loads)
 from domain_coordinator.sqlite_store import SqliteStore
 from domain_coordinator.store import (
     AuditHeadRecord,

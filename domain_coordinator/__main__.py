@@ -16,8 +16,8 @@ from pathlib import Path
 from types import FrameType
 
 from domain_coordinator.server import CoordinatorServer, write_ready_file
-from domain_core.config import CoordinatorConfig
 from domain_core.errors import HsmDomainError
+from domain_edge.config import CoordinatorConfig
 
 log = logging.getLogger("domain_coordinator")
 

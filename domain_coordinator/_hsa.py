@@ -16,8 +16,8 @@ from typing import Any, cast
 import grpc
 
 from domain_core.limits import DEFAULT_LIMITS, Limits
-from domain_core.pb import domain_pb2, services_pb2, services_pb2_grpc
-from domain_core.transport import TlsMaterial, hsa_host, mtls_channel
+from domain_edge.transport import TlsMaterial, hsa_host, mtls_channel
+from domain_proto import domain_pb2, services_pb2, services_pb2_grpc
 
 STATUS_TIMEOUT_SECONDS = 2.0
 

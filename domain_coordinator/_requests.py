@@ -12,11 +12,11 @@ from collections.abc import Sequence
 
 from google.protobuf.message import DecodeError
 
-from domain_core.audit import MAX_HEAD_BYTES
 from domain_core.errors import InvalidInputError, LimitExceededError, WrongDomainError
 from domain_core.limits import Limits
 from domain_core.model import HOST_ID_PATTERN, OPERATOR_ID_PATTERN
-from domain_core.pb import domain_pb2, keys_pb2, services_pb2
+from domain_edge.audit import MAX_HEAD_BYTES
+from domain_proto import domain_pb2, keys_pb2, services_pb2
 
 PROPOSAL_ID_BYTES = 32
 STATE_HASH_BYTES = 32

@@ -36,11 +36,10 @@ from domain_coordinator.service import (
     CoordinatorService,
 )
 from domain_coordinator.store import CoordinatorStore, open_store, state_directory
-from domain_core.config import CoordinatorConfig
 from domain_core.errors import InvalidInputError
 from domain_core.limits import Limits
-from domain_core.pb import services_pb2_grpc
-from domain_core.transport import (
+from domain_edge.config import CoordinatorConfig
+from domain_edge.transport import (
     HealthService,
     StreamLimits,
     TlsMaterial,
@@ -49,6 +48,7 @@ from domain_core.transport import (
     server_credentials,
     set_serving,
 )
+from domain_proto import services_pb2_grpc
 
 log = logging.getLogger(__name__)
 

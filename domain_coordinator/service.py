@@ -107,13 +107,6 @@ from domain_coordinator.store import (
     ProposalState,
 )
 from domain_core import crypto, keytokens, quorum, transition
-from domain_core.audit import (
-    HSA_LOG_NAME,
-    AuditHead,
-    HeadOrder,
-    compare_heads,
-    describe_refusal,
-)
 from domain_core.chain import TrustedChain, verify_successor
 from domain_core.errors import (
     AlreadyExistsError,
@@ -132,12 +125,19 @@ from domain_core.errors import (
     UnknownSignerError,
     VerificationError,
 )
-from domain_core.faults import unsafe_crash_point, warn_if_enabled
 from domain_core.limits import DEFAULT_LIMITS, Limits
 from domain_core.model import Manifest, Proposal, SealedState, added_host
-from domain_core.pb import domain_pb2, keys_pb2, services_pb2, services_pb2_grpc
 from domain_core.pki import PeerIdentity, peer_identity
 from domain_core.signers import PublicKey
+from domain_edge.audit import (
+    HSA_LOG_NAME,
+    AuditHead,
+    HeadOrder,
+    compare_heads,
+    describe_refusal,
+)
+from domain_edge.faults import unsafe_crash_point, warn_if_enabled
+from domain_proto import domain_pb2, keys_pb2, services_pb2, services_pb2_grpc
 
 log = logging.getLogger(__name__)
 

@@ -46,7 +46,7 @@ from domain_core.errors import (
     NotFoundError,
     ResourceExhaustedError,
 )
-from domain_core.pb import domain_pb2
+from domain_proto import domain_pb2
 
 # 2: key records have tombstones (`deleted_at`) and a `creator`; a schema-1 file is upgraded
 # on open, and an older coordinator (which would serve tombstones as keys) refuses the file.

@@ -17,7 +17,7 @@ from domain_core.model import (
     OPERATOR_ID_PATTERN,
     default_settings,
 )
-from domain_core.pb import domain_pb2
+from domain_proto import domain_pb2
 
 __all__ = [
     "add_host",

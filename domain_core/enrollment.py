@@ -30,7 +30,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 
 from domain_core import canonical, crypto, model
 from domain_core.canonical import PayloadType
@@ -39,11 +38,9 @@ from domain_core.errors import (
     EnrollmentError,
     HsmDomainError,
     MalformedMessageError,
-    NotFoundError,
 )
 from domain_core.identity import HostIdentity
 from domain_core.model import MAX_ENROLLMENT_BYTES
-from domain_core.pb import domain_pb2
 from domain_core.pki import (
     SpiffeId,
     certificate_der,
@@ -52,6 +49,7 @@ from domain_core.pki import (
     verify_certificate_chain,
 )
 from domain_core.signers import PublicKey, SignatureAlgorithm
+from domain_proto import domain_pb2
 
 __all__ = [
     "MAX_ENROLLMENT_BYTES",
@@ -60,8 +58,6 @@ __all__ = [
     "enrollment_signing_input",
     "host_key_fingerprints",
     "make_enrollment",
-    "read_enrollment",
-    "read_enrollment_file",
     "verify_enrollment",
 ]
 
@@ -215,24 +211,4 @@ def verify_enrollment(
         ) from None
     return VerifiedEnrollment(
         raw=raw, host=host, certificate=certificate, address=enrollment.address
-    )
-
-
-def read_enrollment_file(path: Path) -> bytes:
-    """The bytes of an enrollment file (at most `MAX_ENROLLMENT_BYTES`, not verified)."""
-    path = Path(path)
-    try:
-        with path.open("rb") as f:
-            data = f.read(MAX_ENROLLMENT_BYTES + 1)
-    except FileNotFoundError:
-        raise NotFoundError(f"no enrollment file at {path}") from None
-    return data
-
-
-def read_enrollment(
-    path: Path, ca_certificate: bytes, domain_id: str, now: int | datetime
-) -> VerifiedEnrollment:
-    """Read and verify an enrollment file (see `verify_enrollment`)."""
-    return verify_enrollment(
-        read_enrollment_file(path), domain_id=domain_id, ca_certificate=ca_certificate, now=now
     )

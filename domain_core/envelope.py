@@ -30,8 +30,9 @@ Invariants kept here:
 A streaming decryptor RELEASES PLAINTEXT CHUNK BY CHUNK, before it has seen the end of the
 stream: each released chunk is authentic and in place, but a truncated stream is only detected
 at the end (`finalize`). A caller writing the plaintext somewhere must treat it as unconfirmed
-until `finalize` returns, and discard it on error. `decrypt_stream`, given a path, does this:
-it writes to a temporary file next to the target and renames it into place only on success.
+until `finalize` returns, and discard it on error. `domain_edge.envelope_files` does this for
+files: it writes to a temporary file next to the target and renames it into place only on
+success.
 
 A data key must encrypt only one envelope (GenerateDataKey gives a fresh one per call); the
 random nonce prefix is a second line of defence, not a licence to reuse data keys.
@@ -41,12 +42,9 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import struct
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Final, Protocol
 
 from domain_core import crypto
@@ -441,39 +439,17 @@ def _decrypt_into(
 
 
 def decrypt_stream(
-    reader: ByteReader,
-    output: ByteWriter | str | os.PathLike[str],
-    data_key: bytes,
-    header: EnvelopeHeader,
+    reader: ByteReader, writer: ByteWriter, data_key: bytes, header: EnvelopeHeader
 ) -> int:
-    """Decrypt the chunks that follow `header` in `reader`; returns the plaintext length.
+    """Decrypt the chunks that follow `header` in `reader` into `writer`; returns the
+    plaintext length.
 
-    With a writer, plaintext is written chunk by chunk as it is authenticated, and on
-    InvalidCiphertextError the writer already holds unconfirmed plaintext: the caller must
-    discard it. With a path, plaintext goes to a new temporary file (mode 0600) in the same
-    directory, which is fsynced and renamed over the path only when the whole envelope has
-    verified, and removed on any failure, so the path never holds a partial or forged output.
+    Plaintext is written chunk by chunk as it is authenticated, and on InvalidCiphertextError
+    the writer already holds unconfirmed plaintext: the caller must discard it. For a file
+    that appears whole or not at all, use `domain_edge.envelope_files.decrypt_to_file`.
     """
     decryptor = EnvelopeDecryptor(data_key, header)
-    read_size = header.chunk_size + _TAG_BYTES
-    if not isinstance(output, (str, os.PathLike)):
-        return _decrypt_into(reader, output, decryptor, read_size)
-    target = Path(output)
-    temp_name: str | None = None
-    try:
-        with tempfile.NamedTemporaryFile(
-            mode="wb", dir=target.parent, prefix=f".{target.name}.", suffix=".partial", delete=False
-        ) as handle:
-            temp_name = handle.name
-            total = _decrypt_into(reader, handle, decryptor, read_size)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp_name, target)
-    except BaseException:
-        if temp_name is not None:
-            Path(temp_name).unlink(missing_ok=True)
-        raise
-    return total
+    return _decrypt_into(reader, writer, decryptor, header.chunk_size + _TAG_BYTES)
 
 
 def open_envelope(data_key: bytes, envelope: bytes, limits: Limits = DEFAULT_LIMITS) -> bytes:

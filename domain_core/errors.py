@@ -1,8 +1,10 @@
-"""One exception hierarchy for the whole domain, each class mapped to one gRPC status.
+"""One exception hierarchy for the whole domain, each class mapped to one status.
 
 Invariants kept here:
 - every error a server can return is a subclass of `HsmDomainError` and carries exactly one
-  `grpc.StatusCode` (`grpc_status`), so servers map errors in one place (an interceptor);
+  `Status` (`status`, named as gRPC names its status codes); the edge turns it into a
+  `grpc.StatusCode` in one table (`domain_edge.status`), so servers map errors in one place
+  (an interceptor) and this module, like the whole core, imports no grpc;
 - messages say what was wrong and what to do, and never hold key material, plaintext,
   passphrases or PINs;
 - ciphertext and key-token failures collapse into `InvalidCiphertextError` / `InvalidKeyTokenError`
@@ -15,15 +17,33 @@ Invariants kept here:
 
 from __future__ import annotations
 
+import enum
 from typing import ClassVar
 
-import grpc
+
+class Status(enum.Enum):
+    """What kind of failure an error is, by the name of the gRPC status it is answered with.
+
+    The core's own enum, so that the core needs no grpc; `domain_edge.status` maps each member
+    to the `grpc.StatusCode` of the same name, and audit records carry the name.
+    """
+
+    INTERNAL = "INTERNAL"
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    PERMISSION_DENIED = "PERMISSION_DENIED"
+    FAILED_PRECONDITION = "FAILED_PRECONDITION"
+    ABORTED = "ABORTED"
+    NOT_FOUND = "NOT_FOUND"
+    ALREADY_EXISTS = "ALREADY_EXISTS"
+    UNAUTHENTICATED = "UNAUTHENTICATED"
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+    UNAVAILABLE = "UNAVAILABLE"
 
 
 class HsmDomainError(Exception):
     """Base of every error the domain reports to a person or a peer."""
 
-    grpc_status: ClassVar[grpc.StatusCode] = grpc.StatusCode.INTERNAL
+    status: ClassVar[Status] = Status.INTERNAL
     # True when raising this error means the call changed nothing, though its status alone
     # (UNAVAILABLE) would leave that open: the transport marks it so in trailing metadata.
     nothing_applied: ClassVar[bool] = False
@@ -42,7 +62,7 @@ class HsmDomainError(Exception):
 class InvalidInputError(HsmDomainError):
     """A request or document is malformed or out of range; fix the input and retry."""
 
-    grpc_status = grpc.StatusCode.INVALID_ARGUMENT
+    status = Status.INVALID_ARGUMENT
 
 
 class MalformedMessageError(InvalidInputError):
@@ -77,7 +97,7 @@ class InvalidKeyTokenError(InvalidInputError):
 class VerificationError(HsmDomainError):
     """Something signed or chained did not verify; the data must not be believed."""
 
-    grpc_status = grpc.StatusCode.PERMISSION_DENIED
+    status = Status.PERMISSION_DENIED
 
 
 class BadSignatureError(VerificationError):
@@ -96,13 +116,13 @@ class EnrollmentError(VerificationError):
 class QuorumNotMetError(VerificationError):
     """Fewer valid approvals than the threshold; more operators must approve."""
 
-    grpc_status = grpc.StatusCode.FAILED_PRECONDITION
+    status = Status.FAILED_PRECONDITION
 
 
 class ChainError(VerificationError):
     """A domain state does not extend the verified chain."""
 
-    grpc_status = grpc.StatusCode.FAILED_PRECONDITION
+    status = Status.FAILED_PRECONDITION
 
 
 class RollbackError(ChainError):
@@ -135,7 +155,7 @@ class TransitionMismatchError(ChainError):
 class ProposalError(HsmDomainError):
     """A proposal cannot be applied as it is."""
 
-    grpc_status = grpc.StatusCode.FAILED_PRECONDITION
+    status = Status.FAILED_PRECONDITION
 
 
 class ProposalExpiredError(ProposalError):
@@ -145,7 +165,7 @@ class ProposalExpiredError(ProposalError):
 class StaleProposalError(ProposalError):
     """The proposal was made for an older domain version; propose again against the current one."""
 
-    grpc_status = grpc.StatusCode.ABORTED
+    status = Status.ABORTED
 
 
 class RotationNotDueError(ProposalError):
@@ -158,7 +178,7 @@ class RotationNotDueError(ProposalError):
 class InvariantViolation(HsmDomainError):
     """A change would break one of the domain's invariants; the proposal must be changed."""
 
-    grpc_status = grpc.StatusCode.FAILED_PRECONDITION
+    status = Status.FAILED_PRECONDITION
 
 
 class NoHostsError(InvariantViolation):
@@ -199,49 +219,49 @@ class InvalidSettingsError(InvariantViolation):
 class NotFoundError(HsmDomainError):
     """The named object does not exist."""
 
-    grpc_status = grpc.StatusCode.NOT_FOUND
+    status = Status.NOT_FOUND
 
 
 class AlreadyExistsError(HsmDomainError):
     """The object to create exists already."""
 
-    grpc_status = grpc.StatusCode.ALREADY_EXISTS
+    status = Status.ALREADY_EXISTS
 
 
 class ConflictError(HsmDomainError):
     """A compare-and-swap lost against a concurrent writer; re-read and retry."""
 
-    grpc_status = grpc.StatusCode.ABORTED
+    status = Status.ABORTED
 
 
 class FailedPreconditionError(HsmDomainError):
     """The object is in a state that does not allow the operation (disabled, pending deletion)."""
 
-    grpc_status = grpc.StatusCode.FAILED_PRECONDITION
+    status = Status.FAILED_PRECONDITION
 
 
 class PermissionDeniedError(HsmDomainError):
     """The caller's identity is not allowed to do this."""
 
-    grpc_status = grpc.StatusCode.PERMISSION_DENIED
+    status = Status.PERMISSION_DENIED
 
 
 class UnauthenticatedError(HsmDomainError):
     """The caller presented no usable identity."""
 
-    grpc_status = grpc.StatusCode.UNAUTHENTICATED
+    status = Status.UNAUTHENTICATED
 
 
 class ResourceExhaustedError(HsmDomainError):
     """A bounded resource (streams, concurrent calls) is used up; retry later."""
 
-    grpc_status = grpc.StatusCode.RESOURCE_EXHAUSTED
+    status = Status.RESOURCE_EXHAUSTED
 
 
 class UnavailableError(HsmDomainError):
     """A service this call needs cannot be reached now; retry later or use another node."""
 
-    grpc_status = grpc.StatusCode.UNAVAILABLE
+    status = Status.UNAVAILABLE
 
 
 class TransitionDeferredError(UnavailableError):
@@ -263,7 +283,7 @@ class NotAppliedError(UnavailableError):
 class TokenError(HsmDomainError):
     """An operator or host token cannot be opened or used."""
 
-    grpc_status = grpc.StatusCode.UNAUTHENTICATED
+    status = Status.UNAUTHENTICATED
 
 
 class WrongPassphraseError(TokenError):
@@ -273,11 +293,11 @@ class WrongPassphraseError(TokenError):
 class TokenNotFoundError(TokenError):
     """No token at the given path, URI or label."""
 
-    grpc_status = grpc.StatusCode.NOT_FOUND
+    status = Status.NOT_FOUND
 
 
-def status_for(error: BaseException) -> grpc.StatusCode:
-    """The one gRPC status an error maps to; anything not ours is INTERNAL."""
+def status_for(error: BaseException) -> Status:
+    """The one status an error maps to; anything not ours is INTERNAL."""
     if isinstance(error, HsmDomainError):
-        return error.grpc_status
-    return grpc.StatusCode.INTERNAL
+        return error.status
+    return Status.INTERNAL

@@ -14,10 +14,10 @@ from collections.abc import Sequence
 
 from domain_core import canonical, crypto
 from domain_core.model import NONCE_BYTES, Proposal, SealedState, default_settings
-from domain_core.pb import domain_pb2
 from domain_core.sealing import next_domain_keys, seal_state
 from domain_core.signers import Signer
 from domain_core.transition import genesis_manifest
+from domain_proto import domain_pb2
 
 GENESIS_LIFETIME_SECONDS = 24 * 3600
 

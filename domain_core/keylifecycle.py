@@ -40,7 +40,7 @@ from typing import Final
 from domain_core import crypto, policy
 from domain_core.errors import FailedPreconditionError, InvalidInputError, LimitExceededError
 from domain_core.limits import DEFAULT_LIMITS, Limits
-from domain_core.pb import keys_pb2
+from domain_proto import keys_pb2
 
 __all__ = [
     "DAY_SECONDS",

@@ -59,8 +59,8 @@ from domain_core import canonical, crypto
 from domain_core.canonical import PayloadType
 from domain_core.ciphertext import validate_key_id
 from domain_core.errors import BadSignatureError, InvalidKeyTokenError, UnknownSignerError
-from domain_core.pb import keys_pb2
 from domain_core.signers import PublicKey, Signer
+from domain_proto import keys_pb2
 
 __all__ = [
     "KEY_TOKEN_CONTEXT",

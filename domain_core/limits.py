@@ -1,5 +1,8 @@
 """Every input limit and quota in one place, mirrored in gRPC server and channel options.
 
+Values only: the token buckets that enforce the rate quotas at run time (a lock, a clock)
+are `domain_edge.rate_limit.RateLimiter`.
+
 A process takes its limits from its config file (`limits`: a JSON object of field names to
 values, over these defaults; `Limits.with_overrides`), so an unknown name or a value of the
 wrong kind is a clear error at start.
@@ -8,10 +11,7 @@ wrong kind is a clear error at start.
 from __future__ import annotations
 
 import dataclasses
-import threading
-import time
-from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from domain_core.errors import InvalidInputError
@@ -105,46 +105,3 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
-
-
-class RateLimiter:
-    """Token buckets by name (a principal): `rate` tokens per second, at most `burst` saved.
-
-    Bounded: at most `max_names` buckets are kept; the least recently used are dropped first
-    (a dropped name starts again with a full bucket, which can only favour a caller that went
-    quiet). Thread-safe; the clock is passed in for tests.
-    """
-
-    def __init__(
-        self,
-        rate: float,
-        burst: int,
-        *,
-        clock: Callable[[], float] = time.monotonic,
-        max_names: int = 100_000,
-    ) -> None:
-        if not rate > 0 or burst < 1 or max_names < 1:
-            raise ValueError("rate must be above 0, burst and max_names at least 1")
-        self.rate = float(rate)
-        self.burst = int(burst)
-        self._clock = clock
-        self._max_names = max_names
-        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # tokens, at
-        self._lock = threading.Lock()
-
-    def acquire(self, name: str) -> float:
-        """Take one token of `name`'s bucket: 0.0 if there was one, else the seconds until
-        there is one (nothing is taken then)."""
-        now = self._clock()
-        with self._lock:
-            tokens, at = self._buckets.pop(name, (float(self.burst), now))
-            tokens = min(float(self.burst), tokens + max(0.0, now - at) * self.rate)
-            if tokens >= 1.0:
-                tokens -= 1.0
-                wait = 0.0
-            else:
-                wait = (1.0 - tokens) / self.rate
-            self._buckets[name] = (tokens, now)
-            while len(self._buckets) > self._max_names:
-                self._buckets.popitem(last=False)
-        return wait

@@ -39,8 +39,8 @@ from domain_core.errors import (
     UnknownSignerError,
 )
 from domain_core.model import Manifest
-from domain_core.pb import services_pb2
 from domain_core.signers import PublicKey, Signer
+from domain_proto import services_pb2
 
 __all__ = [
     "FLOOR_EPOCH_BYTES",

@@ -26,8 +26,8 @@ from typing import Final, cast
 
 from domain_core.errors import InvalidInputError, LimitExceededError, PermissionDeniedError
 from domain_core.limits import DEFAULT_LIMITS, Limits
-from domain_core.pb import keys_pb2
 from domain_core.pki import SpiffeId
+from domain_proto import keys_pb2
 
 __all__ = [
     "ALL_OPERATIONS",

@@ -30,7 +30,6 @@ from domain_core import sealing
 from domain_core.errors import FailedPreconditionError
 from domain_core.limits import DEFAULT_LIMITS, Limits
 from domain_core.model import Proposal, SealedState
-from domain_core.pb import domain_pb2
 from domain_core.quorum import QuorumResult
 from domain_core.signers import Signer
 from domain_core.transition import (
@@ -40,6 +39,7 @@ from domain_core.transition import (
     retired_generations,
     scheduled_rotation_manifest,
 )
+from domain_proto import domain_pb2
 
 __all__ = ["Successor", "for_proposal", "for_scheduled_rotation", "seal"]
 

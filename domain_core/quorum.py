@@ -43,8 +43,8 @@ from domain_core.errors import (
     WrongDomainError,
 )
 from domain_core.model import Manifest, Proposal, change_type_name, change_type_of
-from domain_core.pb import domain_pb2
 from domain_core.signers import PublicKey, Signer
+from domain_proto import domain_pb2
 
 
 def approval_message(proposal_id: bytes) -> bytes:

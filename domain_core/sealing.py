@@ -21,8 +21,8 @@ from domain_core import crypto
 from domain_core.canonical import PayloadType, signing_input
 from domain_core.errors import InvalidKeyTokenError, UnknownHostError
 from domain_core.model import Manifest, Proposal, SealedState, state_hash
-from domain_core.pb import domain_pb2
 from domain_core.signers import Signer
+from domain_proto import domain_pb2
 
 DomainKeys = Mapping[int, bytes]
 

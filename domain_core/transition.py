@@ -54,7 +54,6 @@ from domain_core.model import (
     default_settings,
     operator_public_key,
 )
-from domain_core.pb import domain_pb2
 from domain_core.pki import check_domain_ca
 from domain_core.quorum import (
     QuorumResult,
@@ -63,6 +62,7 @@ from domain_core.quorum import (
     count_approvals,
     verify_quorum,
 )
+from domain_proto import domain_pb2
 
 MIN_ROTATION_INTERVAL_SECONDS = 60
 # A rotation must keep the generation key records are sealed under until re-wrap moves them.

@@ -11,12 +11,12 @@ process, following the main process's store read-only) and `hsa_node.supervisor`
 process starts, restarts and stops them).
 
 Importing the package first pins the TLS 1.2 cipher suites gRPC may negotiate
-(`domain_core.grpc_env`), before anything loads gRPC.
+(`domain_edge.grpc_env`), before anything loads gRPC.
 """
 
 from __future__ import annotations
 
-import domain_core.grpc_env  # noqa: F401  (first: pins TLS 1.2 suites before gRPC loads)
+import domain_edge.grpc_env  # noqa: F401  (first: pins TLS 1.2 suites before gRPC loads)
 from hsa_node.keycache import KeyCache
 from hsa_node.keyservice import KeyServiceServicer
 from hsa_node.node import DomainNode, NodeStatus, StoredStateError

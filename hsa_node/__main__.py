@@ -20,8 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
-from domain_core.config import NodeConfig, check_worker_count
 from domain_core.errors import HsmDomainError
+from domain_edge.config import NodeConfig, check_worker_count
 from hsa_node.server import serve
 from hsa_node.worker import serve_worker
 

@@ -21,9 +21,9 @@ from typing import Any, Final
 import grpc
 from google.protobuf.message import DecodeError
 
-from domain_core import transport
 from domain_core.errors import HsmDomainError, status_for
-from domain_core.pb import domain_pb2, services_pb2
+from domain_edge import transport
+from domain_proto import domain_pb2, services_pb2
 from hsa_node.keycalls import AuditSink
 
 __all__ = ["AUDITED_ADMIN_METHODS", "AdminAuditInterceptor"]

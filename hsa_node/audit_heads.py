@@ -1,6 +1,6 @@
 """An HSA's audit heads off the host: its own published, its peers' kept, its own recovered.
 
-The head of an audit log is its newest signed checkpoint (`domain_core.audit.AuditHead`),
+The head of an audit log is its newest signed checkpoint (`domain_edge.audit.AuditHead`),
 which the log's writer keeps beside it (`<log>.head`). Cutting or deleting a log on this
 host is seen only by comparing it with a head kept somewhere else, so:
 - `AuditHeadBook.own` reads the head files of every audit log of this host (the main
@@ -33,8 +33,11 @@ from typing import Any, Final, cast
 
 import grpc
 
-from domain_core import transport
-from domain_core.audit import (
+from domain_core.errors import BadSignatureError, MalformedMessageError
+from domain_core.limits import DEFAULT_LIMITS, Limits
+from domain_core.signers import PublicKey
+from domain_edge import transport
+from domain_edge.audit import (
     HEAD_FILE_SUFFIX,
     HSA_LOG_NAME,
     AuditHead,
@@ -43,11 +46,8 @@ from domain_core.audit import (
     describe_refusal,
     raise_persisted_head,
 )
-from domain_core.errors import BadSignatureError, MalformedMessageError
-from domain_core.limits import DEFAULT_LIMITS, Limits
-from domain_core.pb import services_pb2, services_pb2_grpc
-from domain_core.signers import PublicKey
-from domain_core.transport import TlsMaterial
+from domain_edge.transport import TlsMaterial
+from domain_proto import services_pb2, services_pb2_grpc
 from hsa_node._logging import ThrottledLog
 from hsa_node.storage import Peer, write_atomically
 

@@ -45,7 +45,7 @@ from domain_core.errors import (
     UnavailableError,
 )
 from domain_core.model import SealedState
-from domain_core.pb import services_pb2
+from domain_proto import services_pb2
 from hsa_node._logging import ThrottledLog
 from hsa_node.keyfloors import FloorChange, MetadataVersionFloor
 from hsa_node.node import DomainNode

@@ -27,8 +27,8 @@ from typing import Protocol, TypeVar
 
 import grpc
 
-from domain_core import transport
 from domain_core.errors import HsmDomainError, PermissionDeniedError, UnavailableError, status_for
+from domain_edge import transport
 from hsa_node.node import DomainNode
 
 __all__ = ["AuditSink", "CallFrame", "KeyCall", "PeerGate"]
@@ -50,7 +50,7 @@ class PeerGate(Protocol):
 
 
 class AuditSink(Protocol):
-    """Where audit records go (`domain_core.audit.AuditLog`)."""
+    """Where audit records go (`domain_edge.audit.AuditLog`)."""
 
     def append(
         self,

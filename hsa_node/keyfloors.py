@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Final, Protocol
 
 from domain_core.errors import FailedPreconditionError
-from domain_core.pb import keys_pb2
+from domain_proto import keys_pb2
 
 __all__ = [
     "FLOOR_FILE",

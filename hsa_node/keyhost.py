@@ -25,13 +25,13 @@ from typing import Protocol
 
 import grpc
 
-from domain_core import transport
-from domain_core.audit import AUDIT_LOG_FILE, AuditLog
-from domain_core.config import NodeConfig
 from domain_core.keytokens import RecordSigner
 from domain_core.limits import DEFAULT_LIMITS, Limits
-from domain_core.pb import services_pb2_grpc
-from domain_core.transport import TlsMaterial
+from domain_edge import transport
+from domain_edge.audit import AUDIT_LOG_FILE, AuditLog
+from domain_edge.config import NodeConfig
+from domain_edge.transport import TlsMaterial
+from domain_proto import services_pb2_grpc
 from hsa_node.admin_audit import AdminAuditInterceptor
 from hsa_node.keycache import KeyCache
 from hsa_node.keycalls import PeerGate

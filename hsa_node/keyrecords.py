@@ -22,7 +22,6 @@ from typing import Any, Final, cast
 import grpc
 from google.protobuf.message import DecodeError
 
-from domain_core import transport
 from domain_core.errors import (
     AlreadyExistsError,
     ConflictError,
@@ -32,7 +31,8 @@ from domain_core.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
-from domain_core.pb import keys_pb2, services_pb2, services_pb2_grpc
+from domain_edge import transport
+from domain_proto import keys_pb2, services_pb2, services_pb2_grpc
 
 __all__ = [
     "CALL_DEADLINE_SECONDS",

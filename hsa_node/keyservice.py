@@ -58,8 +58,9 @@ from domain_core.errors import (
     UnavailableError,
 )
 from domain_core.keylifecycle import KeyChange, iso_date, require_enabled
-from domain_core.limits import DEFAULT_LIMITS, Limits, RateLimiter
-from domain_core.pb import keys_pb2, services_pb2, services_pb2_grpc
+from domain_core.limits import DEFAULT_LIMITS, Limits
+from domain_edge.rate_limit import RateLimiter
+from domain_proto import keys_pb2, services_pb2, services_pb2_grpc
 from hsa_node._logging import ThrottledLog
 from hsa_node.keycache import CachedKey, KeyCache
 from hsa_node.keycalls import AuditSink, CallFrame, KeyCall, PeerGate

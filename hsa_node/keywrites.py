@@ -27,7 +27,7 @@ from typing import Final
 from domain_core import crypto, keylifecycle, policy
 from domain_core.errors import ConflictError, NotAppliedError, NotFoundError, UnavailableError
 from domain_core.keylifecycle import KeyChange
-from domain_core.pb import keys_pb2
+from domain_proto import keys_pb2
 from hsa_node.keycache import CachedKey, KeyCache
 from hsa_node.keyrecords import CoordinatorNotReachedError, CoordinatorUnreachableError
 

@@ -44,13 +44,13 @@ from domain_core.errors import (
     RollbackError,
     UnavailableError,
 )
-from domain_core.faults import unsafe_crash_point
 from domain_core.identity import HostIdentity
 from domain_core.limits import DEFAULT_LIMITS, Limits
 from domain_core.model import SealedState
-from domain_core.pb import domain_pb2
 from domain_core.pki import certificate_fingerprint
 from domain_core.signers import PublicKey
+from domain_edge.faults import unsafe_crash_point
+from domain_proto import domain_pb2
 from hsa_node._logging import ThrottledLog
 from hsa_node.storage import NodeStore
 

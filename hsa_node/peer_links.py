@@ -24,11 +24,11 @@ from typing import Any, Final, cast
 import grpc
 
 from domain_core import peering as signed
-from domain_core import transport
 from domain_core.limits import Limits
 from domain_core.model import Manifest, SealedState
-from domain_core.pb import services_pb2, services_pb2_grpc
-from domain_core.transport import TlsMaterial
+from domain_edge import transport
+from domain_edge.transport import TlsMaterial
+from domain_proto import services_pb2, services_pb2_grpc
 from hsa_node.node import DomainNode
 
 __all__ = ["HsaLinks", "PeerView", "floor_message", "get_key_floors", "peers_of", "rpc_reason"]

@@ -52,12 +52,12 @@ from typing import TYPE_CHECKING, Any, Final
 import grpc
 
 from domain_core import peering as signed
-from domain_core.config import FLOORS_COMPLETE_FILE
 from domain_core.errors import HsmDomainError, InvalidInputError, NotAppliedError, UnavailableError
 from domain_core.limits import DEFAULT_LIMITS, Limits
 from domain_core.model import SealedState
-from domain_core.pb import domain_pb2, services_pb2
-from domain_core.transport import TlsMaterial
+from domain_edge.config import FLOORS_COMPLETE_FILE
+from domain_edge.transport import TlsMaterial
+from domain_proto import domain_pb2, services_pb2
 from hsa_node._logging import ThrottledLog
 from hsa_node.floor_exchange import FloorExchange
 from hsa_node.keyfloors import MetadataVersionFloor

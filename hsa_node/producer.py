@@ -28,11 +28,11 @@ from typing import Protocol
 
 from domain_core import producing
 from domain_core.errors import HsmDomainError, LimitExceededError, TransitionDeferredError
-from domain_core.faults import unsafe_crash_point
 from domain_core.keylifecycle import TransitionTarget
 from domain_core.limits import DEFAULT_LIMITS, Limits
 from domain_core.model import Proposal, SealedState
-from domain_core.pb import domain_pb2
+from domain_edge.faults import unsafe_crash_point
+from domain_proto import domain_pb2
 from hsa_node._logging import ThrottledLog
 from hsa_node.node import DomainNode
 

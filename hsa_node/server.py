@@ -33,15 +33,16 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2
 
-from domain_core import transport
-from domain_core.config import NodeConfig
 from domain_core.errors import InvalidInputError, UnavailableError
 from domain_core.identity import HostIdentity
 from domain_core.limits import DEFAULT_LIMITS, Limits
 from domain_core.model import SealedState
-from domain_core.pb import services_pb2, services_pb2_grpc
 from domain_core.pki import certificate_fingerprint
-from domain_core.transport import TlsMaterial
+from domain_edge import transport
+from domain_edge.config import NodeConfig
+from domain_edge.identity_files import load_host_certificate, load_host_identity
+from domain_edge.transport import TlsMaterial
+from domain_proto import services_pb2, services_pb2_grpc
 from hsa_node.audit_heads import AuditHeadBook, fetch_own_heads, recover_own_heads
 from hsa_node.keyfloors import MetadataVersionFloor
 from hsa_node.keyhost import KeyServiceHost
@@ -196,12 +197,12 @@ def load_node(
     stored chain is verified all the same, but nothing is written to the data directory.
     """
     identity_dir = config.path(config.identity_dir)
-    identity = HostIdentity.load(identity_dir)
+    identity = load_host_identity(identity_dir)
     if identity.host_id != config.host_id:
         raise InvalidInputError(
             f"{identity_dir} holds host {identity.host_id}, but the config is for {config.host_id}"
         )
-    host_certificate = identity.load_certificate(identity_dir)
+    host_certificate = load_host_certificate(identity, identity_dir)
     tls = TlsMaterial.from_files(
         config.path(config.tls.ca), config.path(config.tls.cert), config.path(config.tls.key)
     )

@@ -34,18 +34,18 @@ from dataclasses import dataclass
 
 import grpc
 
-from domain_core import transport
-from domain_core.config import NodeConfig, coordinator_spiffe_id
 from domain_core.errors import (
     ChainGapError,
     FailedPreconditionError,
     PermissionDeniedError,
     UnavailableError,
 )
-from domain_core.faults import warn_if_enabled
 from domain_core.limits import DEFAULT_LIMITS, Limits
-from domain_core.pb import domain_pb2, services_pb2, services_pb2_grpc
 from domain_core.pki import PeerIdentity, SpiffeId
+from domain_edge import transport
+from domain_edge.config import NodeConfig, coordinator_spiffe_id
+from domain_edge.faults import warn_if_enabled
+from domain_proto import domain_pb2, services_pb2, services_pb2_grpc
 from hsa_node.audit_heads import AuditHeadBook
 from hsa_node.node import DomainNode
 from hsa_node.peering import Peering

@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Final
 
 from domain_core.errors import FailedPreconditionError, MalformedMessageError
-from domain_core.files import replace_file
 from domain_core.limits import DEFAULT_LIMITS, Limits
 from domain_core.model import SealedState
+from domain_edge.files import replace_file
 
 __all__ = [
     "NodeStore",

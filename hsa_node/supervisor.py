@@ -31,8 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from domain_core.config import NodeConfig
 from domain_core.errors import UnavailableError
+from domain_edge.config import NodeConfig
 from hsa_node.storage import read_worker_ready, worker_ready_path
 
 __all__ = ["START_TIMEOUT_SECONDS", "STOP_GRACE_SECONDS", "WorkerSupervisor"]

@@ -39,7 +39,6 @@ from typing import TYPE_CHECKING, Any, Final, cast
 
 import grpc
 
-from domain_core import transport
 from domain_core.errors import (
     ChainGapError,
     ForkError,
@@ -49,8 +48,9 @@ from domain_core.errors import (
 )
 from domain_core.limits import DEFAULT_LIMITS, Limits
 from domain_core.model import SealedState
-from domain_core.pb import domain_pb2, services_pb2, services_pb2_grpc
-from domain_core.transport import TlsMaterial
+from domain_edge import transport
+from domain_edge.transport import TlsMaterial
+from domain_proto import domain_pb2, services_pb2, services_pb2_grpc
 from hsa_node._logging import ThrottledLog
 from hsa_node.audit_heads import AuditHeadBook
 from hsa_node.node import DomainNode

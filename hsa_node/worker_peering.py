@@ -25,7 +25,7 @@ import grpc
 from domain_core import peering as signed
 from domain_core.errors import NotAppliedError, UnavailableError
 from domain_core.limits import DEFAULT_LIMITS, Limits
-from domain_core.transport import TlsMaterial
+from domain_edge.transport import TlsMaterial
 from hsa_node.floor_exchange import LEARN_DEADLINE_SECONDS
 from hsa_node.keyfloors import MetadataVersionFloor
 from hsa_node.node import DomainNode, PeerStanding

@@ -18,7 +18,7 @@ from google.protobuf.message import DecodeError
 from domain_core.enrollment import host_key_fingerprints, verify_enrollment
 from domain_core.errors import EnrollmentError, HsmDomainError
 from domain_core.model import Manifest, Proposal
-from domain_core.pb import domain_pb2
+from domain_proto import domain_pb2
 
 __all__ = [
     "added_host_id",

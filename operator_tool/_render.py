@@ -22,7 +22,7 @@ from typing import Any, Final
 
 from domain_core.display import escape
 from domain_core.model import CHANGE_TYPE_NAMES, change_type_name, change_type_of
-from domain_core.pb import domain_pb2
+from domain_proto import domain_pb2
 from operator_tool._enrollment import added_host_id, host_key_json, host_key_lines
 
 __all__ = [

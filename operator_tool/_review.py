@@ -44,7 +44,7 @@ from domain_core.errors import (
     UnknownSignerError,
 )
 from domain_core.model import Manifest, Proposal, SealedState
-from domain_core.pb import domain_pb2
+from domain_proto import domain_pb2
 from operator_tool._enrollment import enrollment_problems, require_enrollments_verify
 from operator_tool._render import (
     ManifestDiff,

@@ -16,7 +16,7 @@ from typing import Final
 
 from domain_core.errors import InvalidInputError, TokenNotFoundError, WrongPassphraseError
 from domain_core.signers import Signer
-from domain_core.tokens import FileTokenRef
+from domain_edge.tokens import FileTokenRef
 from operator_tool.cli import CommandContext, UsageError
 
 __all__ = [

@@ -38,7 +38,6 @@ from typing import Any, Final
 
 from domain_core import canonical
 from domain_core.chain import TrustedChain
-from domain_core.client import CoordinatorClient, ProposalView
 from domain_core.errors import (
     ChainError,
     HsmDomainError,
@@ -49,6 +48,7 @@ from domain_core.errors import (
 )
 from domain_core.limits import DEFAULT_LIMITS
 from domain_core.model import SealedState
+from domain_edge.client import CoordinatorClient, ProposalView
 from operator_tool._review import Review, review
 from operator_tool.cli import CommandContext, UsageError
 

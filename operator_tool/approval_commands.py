@@ -38,11 +38,11 @@ from collections.abc import Sequence
 from typing import Any, Final, TextIO
 
 from domain_core import quorum
-from domain_core.client import ProposalView
 from domain_core.display import escape
 from domain_core.errors import BadSignatureError, UnavailableError, UnknownSignerError
 from domain_core.model import SealedState
-from domain_core.pb import domain_pb2, services_pb2
+from domain_edge.client import ProposalView
+from domain_proto import domain_pb2, services_pb2
 from operator_tool._review import Review, review_lines, summary_json
 from operator_tool._signing import add_yes_option, confirm, operator_token
 from operator_tool._where import (

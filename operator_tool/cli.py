@@ -34,11 +34,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Protocol, TextIO
 
-from domain_core.cli_support import exit_code, one_line, print_error
 from domain_core.display import escape_lines
 from domain_core.errors import HsmDomainError, TokenError
 from domain_core.signers import Signer
-from domain_core.tokens import FileTokenRef, TokenRef, open_token, parse_token_uri
+from domain_edge.cli_support import exit_code, one_line, print_error
+from domain_edge.tokens import FileTokenRef, TokenRef, open_token, parse_token_uri
 
 __all__ = [
     "COMMAND_MODULES",

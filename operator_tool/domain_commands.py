@@ -19,7 +19,7 @@ from typing import Any
 from domain_core import transition
 from domain_core.display import escape
 from domain_core.errors import AlreadyExistsError
-from domain_core.files import write_new_file
+from domain_edge.files import write_new_file
 from operator_tool._render import (
     HostRow,
     OperatorRow,

@@ -51,9 +51,9 @@ from domain_core.errors import (
     VerificationError,
     WrongDomainError,
 )
-from domain_core.files import write_new_file
 from domain_core.model import OPERATOR_ID_PATTERN, Proposal, SealedState
-from domain_core.pb import domain_pb2
+from domain_edge.files import write_new_file
+from domain_proto import domain_pb2
 from operator_tool._render import iso
 from operator_tool._review import review, review_lines
 from operator_tool._signing import add_yes_option, confirm, operator_token

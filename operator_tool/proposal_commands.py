@@ -34,7 +34,6 @@ from domain_core.changes import (
     set_settings,
 )
 from domain_core.display import escape, printable
-from domain_core.enrollment import read_enrollment
 from domain_core.errors import InvalidInputError, NotFoundError, UnknownSignerError
 from domain_core.model import (
     CHANGE_TYPES_BY_NAME,
@@ -43,8 +42,9 @@ from domain_core.model import (
     SealedState,
     make_operator,
 )
-from domain_core.pb import domain_pb2
-from domain_core.tokens import read_operator_public
+from domain_edge.enrollment_files import read_enrollment
+from domain_edge.tokens import read_operator_public
+from domain_proto import domain_pb2
 from operator_tool import offline
 from operator_tool._render import (
     change_lines,

@@ -8,7 +8,7 @@ Invariants kept here:
   token holds (a file token's header alone is unauthenticated), and `export-public` signs once
   and verifies before it writes anything others will trust;
 - the exported document's operator id is the SHA-256 of the public key's SubjectPublicKeyInfo
-  DER, the id the domain gives the operator; `domain_core.tokens.read_operator_public` checks it.
+  DER, the id the domain gives the operator; `domain_edge.tokens.read_operator_public` checks it.
 """
 
 from __future__ import annotations
@@ -20,15 +20,17 @@ from pathlib import Path
 from typing import Any, Final
 
 from domain_core.errors import AlreadyExistsError
-from domain_core.pkcs11_signer import Pkcs11Signer, generate_pkcs11_key, new_cka_id
 from domain_core.signers import (
-    FileTokenSigner,
     PublicKey,
     SignatureAlgorithm,
     Signer,
+)
+from domain_edge.file_tokens import (
+    FileTokenSigner,
     create_file_token,
 )
-from domain_core.tokens import (
+from domain_edge.pkcs11_signer import Pkcs11Signer, generate_pkcs11_key, new_cka_id
+from domain_edge.tokens import (
     MODULE_ENV,
     FileTokenRef,
     format_pkcs11_uri,

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install what the tests need, then run every check: proto freshness, ruff, mypy, pytest.
+# Install what the tests need, then run every check: proto freshness, ruff, mypy, import
+# rules (import-linter), pytest.
 # Usage: bash scripts/test.sh [PYTEST ARGS...]    e.g. bash scripts/test.sh -m unit -x
 # Stops at the first failing step. With HSM_REQUIRE_ALL=1 (as in .ci/run) a missing tool or
 # any skipped test is a failure.
@@ -74,10 +75,12 @@ fi
 step "ruff check" "$py" -m ruff check .
 step "ruff format --check" "$py" -m ruff format --check .
 step "mypy" "$py" -m mypy
+step "import rules (lint-imports, contracts in pyproject.toml)" \
+  "$HSM_VENV/bin/lint-imports" --no-cache --no-logo
 
 banner "pytest"
 rc=0
-"$py" -m pytest -p no:cacheprovider --cov=domain_core --cov-report=term "$@" || rc=$?
+"$py" -m pytest -p no:cacheprovider --cov=domain_core --cov=domain_edge --cov=kms_tool --cov-report=term "$@" || rc=$?
 if [ "$rc" -eq 5 ]; then
   printf '\nFAILED: pytest collected no tests (exit 5)\n' >&2
   exit 5

@@ -27,9 +27,9 @@ from bench._core import BenchError
 from bench._load import aio_mtls_channel
 from bench.peers._common import CALL_TIMEOUT, PAYLOAD_BYTES, OpCall
 from deploy.init import COORDINATOR_NAME
-from domain_core.audit import AUDIT_LOG_FILE
-from domain_core.config import NodeConfig
-from domain_core.pb import services_pb2, services_pb2_grpc
+from domain_edge.audit import AUDIT_LOG_FILE
+from domain_edge.config import NodeConfig
+from domain_proto import services_pb2, services_pb2_grpc
 
 __all__ = ["FLOOR_OPERATION", "OurDomain"]
 

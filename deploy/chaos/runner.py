@@ -66,13 +66,14 @@ from deploy.chaos.workload import (
 )
 from deploy.init import COORDINATOR_NAME, DomainLayout, load_layout, read_passphrase
 from domain_core.chain import TrustedChain
-from domain_core.client import CoordinatorClient
-from domain_core.config import NodeConfig
 from domain_core.errors import HsmDomainError, InvalidInputError, UnavailableError
-from domain_core.kms_client import KeyClient
 from domain_core.model import SealedState
-from domain_core.signers import Signer, load_file_token
-from domain_core.transport import TlsMaterial
+from domain_core.signers import Signer
+from domain_edge.client import CoordinatorClient
+from domain_edge.config import NodeConfig
+from domain_edge.file_tokens import load_file_token
+from domain_edge.kms_client import KeyClient
+from domain_edge.transport import TlsMaterial
 
 __all__ = ["ChaosInterrupted", "ChaosOptions", "ChaosRunner", "run_chaos"]
 

@@ -37,18 +37,19 @@ from deploy.chaos.history import History, b64, sha256_hex
 from deploy.localdomain import FAST_SCRYPT_N
 from domain_core import crypto, quorum
 from domain_core.changes import add_operator, remove_operator, rotate_domain_key
-from domain_core.client import CoordinatorClient
 from domain_core.errors import (
     AlreadyExistsError,
     HsmDomainError,
     NotFoundError,
     UnavailableError,
 )
-from domain_core.kms_client import KeyClient
 from domain_core.model import NONCE_BYTES, Proposal, SealedState, make_operator
-from domain_core.pb import domain_pb2, services_pb2, services_pb2_grpc
-from domain_core.signers import SignatureAlgorithm, Signer, create_file_token
-from domain_core.transport import TlsMaterial, hsa_host, mtls_channel
+from domain_core.signers import SignatureAlgorithm, Signer
+from domain_edge.client import CoordinatorClient
+from domain_edge.file_tokens import create_file_token
+from domain_edge.kms_client import KeyClient
+from domain_edge.transport import TlsMaterial, hsa_host, mtls_channel
+from domain_proto import domain_pb2, services_pb2, services_pb2_grpc
 
 __all__ = [
     "CHAOS_OPERATOR_PREFIX",

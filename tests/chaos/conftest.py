@@ -19,8 +19,8 @@ from support.hsa_nodes import Domain, Processes, copy_domain
 from support.malicious_coordinator import Attack, MaliciousCoordinatorServer, forging_domain
 from support.simulator import MaliciousCoordinator
 
-from domain_core.config import NodeConfig
-from domain_core.faults import ENVIRONMENT_VARIABLE
+from domain_edge.config import NodeConfig
+from domain_edge.faults import ENVIRONMENT_VARIABLE
 
 SYNC_INTERVAL_SECONDS = 0.3
 
@@ -83,7 +83,7 @@ FaultPoints = Callable[..., contextlib.AbstractContextManager[None]]
 @pytest.fixture
 def fault_points(monkeypatch: pytest.MonkeyPatch) -> FaultPoints:
     """`with fault_points("after_store_before_push"):` processes started inside the block
-    kill themselves (SIGKILL) at those points (`domain_core.faults`)."""
+    kill themselves (SIGKILL) at those points (`domain_edge.faults`)."""
 
     @contextlib.contextmanager
     def enabled(*points: str) -> Iterator[None]:

@@ -2,7 +2,7 @@
 
 A real domain (`LocalCluster`: a coordinator and three `hsa-node`s, quorum 2 of 3 unless
 said otherwise) is killed at points of a proposal's life that timing alone cannot hit, with
-the test-only hook of `domain_core.faults` (`HSM_UNSAFE_FAULT_POINT`: the process SIGKILLs
+the test-only hook of `domain_edge.faults` (`HSM_UNSAFE_FAULT_POINT`: the process SIGKILLs
 itself there): after an approval is stored, once the quorum is reached but before an HSA
 applies, after an HSA sealed the state but before the store has it, after the store but
 before any push, and during the push (one HSA paused so that it cannot have the state). HSAs
@@ -27,10 +27,10 @@ from support.cluster import LocalCluster
 
 from deploy.init import COORDINATOR_NAME
 from domain_coordinator.sqlite_store import SqliteStore
-from domain_core.client import ProposalView
 from domain_core.errors import UnavailableError
 from domain_core.model import SealedState
-from domain_core.pb import domain_pb2, services_pb2
+from domain_edge.client import ProposalView
+from domain_proto import domain_pb2, services_pb2
 
 pytestmark = pytest.mark.chaos
 

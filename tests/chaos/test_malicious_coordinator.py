@@ -29,7 +29,7 @@ from support.simulator import flip_bit, forge_enrollment, new_host, noncanonical
 from domain_core import crypto, quorum
 from domain_core.errors import HsmDomainError
 from domain_core.model import Proposal, SealedState
-from domain_core.pb import domain_pb2
+from domain_proto import domain_pb2
 
 pytestmark = pytest.mark.chaos
 

@@ -63,11 +63,14 @@ from support.malicious_coordinator import (
 )
 from support.simulator import flip_bit
 
-from domain_core import keytokens, transport
+from domain_core import keytokens
 from domain_core.identity import HostIdentity
-from domain_core.pb import keys_pb2, services_pb2, services_pb2_grpc
-from domain_core.pki import DomainCA, SpiffeId, new_tls_key_pem, tls_public_key
-from domain_core.transport import TlsMaterial
+from domain_core.pki import SpiffeId, new_tls_key_pem, tls_public_key
+from domain_edge import transport
+from domain_edge.ca_files import load_domain_ca
+from domain_edge.identity_files import load_host_identity
+from domain_edge.transport import TlsMaterial
+from domain_proto import keys_pb2, services_pb2, services_pb2_grpc
 
 pytestmark = pytest.mark.chaos
 
@@ -167,7 +170,7 @@ class Client:
 def issue_client(domain: Domain, name: str) -> tuple[TlsMaterial, str]:
     """A client certificate for `spiffe://<domain>/client/<name>` from the domain CA."""
     layout = domain.layout
-    ca = DomainCA.load(layout.root / "ca")
+    ca = load_domain_ca(layout.root / "ca")
     key_pem = new_tls_key_pem()
     spiffe = SpiffeId(layout.domain_id, "client", name)
     cert_pem = ca.issue(spiffe, tls_public_key(key_pem), now=datetime.now(UTC))
@@ -266,7 +269,7 @@ def key_attack_module(
             insider=keytokens.RecordSigner(
                 domain.layout.domain_id,
                 HONEST,
-                HostIdentity.load(domain.node_dir(HONEST) / "identity").signer,
+                load_host_identity(domain.node_dir(HONEST) / "identity").signer,
             ),
         )
     finally:

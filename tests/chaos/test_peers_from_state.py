@@ -37,11 +37,13 @@ from support.malicious_coordinator import (
 from support.simulator import new_host
 
 from deploy.cli import main as hsm_domain
-from domain_core import peering, transport
-from domain_core.config import NodeConfig
-from domain_core.pb import domain_pb2, services_pb2, services_pb2_grpc
-from domain_core.pki import DomainCA, SpiffeId, new_tls_key_pem, tls_public_key
-from domain_core.transport import TlsMaterial
+from domain_core import peering
+from domain_core.pki import SpiffeId, new_tls_key_pem, tls_public_key
+from domain_edge import transport
+from domain_edge.ca_files import load_domain_ca
+from domain_edge.config import NodeConfig
+from domain_edge.transport import TlsMaterial
+from domain_proto import domain_pb2, services_pb2, services_pb2_grpc
 
 pytestmark = pytest.mark.chaos
 
@@ -59,7 +61,7 @@ class ColludingPeer(services_pb2_grpc.HsaPeerServicer):
 
     def __init__(self, domain: Domain) -> None:
         layout = domain.layout
-        ca = DomainCA.load(layout.root / "ca")
+        ca = load_domain_ca(layout.root / "ca")
         key_pem = new_tls_key_pem()
         # A certificate the domain CA issued for hsa-2's name (the TLS check of the name
         # passes), over a key that is not hsa-2's: only the signed answers can tell.

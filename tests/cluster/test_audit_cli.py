@@ -1,6 +1,6 @@
 """The real `hsm-domain audit verify DIR`: every node's log checked under its host key.
 
-Most logs here are written by `AuditLog` with the node's real identity (HostIdentity.load),
+Most logs here are written by `AuditLog` with the node's real identity (load_host_identity),
 where an HSA writes them (`<data_dir>/audit.log`); the last test has running HSAs write them
 while serving KeyService calls. The command runs as the installed console script.
 """
@@ -20,10 +20,11 @@ from support.cluster import LocalCluster, local_cluster
 
 from deploy.audit import audit_log_path
 from deploy.init import DomainLayout, add_node, init_domain, load_layout
-from domain_core.audit import AuditLog
 from domain_core.identity import HostIdentity
-from domain_core.pb import services_pb2, services_pb2_grpc
-from domain_core.transport import ANY_HSA, mtls_channel
+from domain_edge.audit import AuditLog
+from domain_edge.identity_files import load_host_identity, save_host_identity
+from domain_edge.transport import ANY_HSA, mtls_channel
+from domain_proto import services_pb2, services_pb2_grpc
 
 pytestmark = pytest.mark.cluster
 __all__ = ["local_cluster"]  # the fixture, imported for the test that runs a domain
@@ -51,7 +52,7 @@ def audit_verify(directory: Path, *extra: str) -> subprocess.CompletedProcess[st
 
 
 def write_log(layout: DomainLayout, host: str, records: int) -> Path:
-    identity = HostIdentity.load(layout.node_dir(host) / "identity")
+    identity = load_host_identity(layout.node_dir(host) / "identity")
     path = audit_log_path(layout, host)
     with AuditLog(path, host_id=host, signer=identity.signer, checkpoint_every=10) as log:
         for i in range(records):
@@ -157,7 +158,7 @@ def test_a_replaced_host_identity_is_noticed(domain: DomainLayout, tmp_path: Pat
     # genesis state pinned in domain.json still names the real key.
     identity_dir = layout.node_dir("hsa-1") / "identity"
     shutil.rmtree(identity_dir)
-    HostIdentity.generate("hsa-1").save(identity_dir)
+    save_host_identity(HostIdentity.generate("hsa-1"), identity_dir)
 
     result = audit_verify(directory)
     assert result.returncode == 1

@@ -26,10 +26,10 @@ from support.cluster import LocalCluster, local_cluster
 
 from deploy.audit import audit_log_path
 from deploy.cluster import ProcessStartError, coordinator_operator_channel
-from domain_core.audit import AuditHead, head_file
-from domain_core.config import NodeConfig
-from domain_core.pb import services_pb2, services_pb2_grpc
-from domain_core.transport import ANY_HSA, COORDINATOR, TlsMaterial, mtls_channel
+from domain_edge.audit import AuditHead, head_file
+from domain_edge.config import NodeConfig
+from domain_edge.transport import ANY_HSA, COORDINATOR, TlsMaterial, mtls_channel
+from domain_proto import services_pb2, services_pb2_grpc
 
 pytestmark = pytest.mark.cluster
 __all__ = ["local_cluster"]

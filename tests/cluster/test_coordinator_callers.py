@@ -22,10 +22,11 @@ import pytest
 from support.cluster import LocalCluster
 
 from domain_core import pki
-from domain_core.kms_client import KeyClient
 from domain_core.model import SealedState
-from domain_core.pb import domain_pb2, keys_pb2, services_pb2, services_pb2_grpc
-from domain_core.transport import COORDINATOR, TlsMaterial, mtls_channel
+from domain_edge.ca_files import load_domain_ca
+from domain_edge.kms_client import KeyClient
+from domain_edge.transport import COORDINATOR, TlsMaterial, mtls_channel
+from domain_proto import domain_pb2, keys_pb2, services_pb2, services_pb2_grpc
 
 pytestmark = pytest.mark.cluster
 
@@ -42,7 +43,7 @@ def real_tls(cluster: LocalCluster, host: str) -> TlsMaterial:
 
 def ca_issued_tls(cluster: LocalCluster, host: str) -> TlsMaterial:
     """What an attacker with the domain CA's key (DIR/ca/ca.key) issues itself for `host`."""
-    ca = pki.DomainCA.load(cluster.layout.root / "ca")
+    ca = load_domain_ca(cluster.layout.root / "ca")
     key_pem = pki.new_tls_key_pem()
     cert_pem = ca.issue(
         pki.SpiffeId("local", "hsa", host), pki.tls_public_key(key_pem), now=datetime.now(UTC)

@@ -21,9 +21,9 @@ import grpc
 import pytest
 from support.cluster import LocalCluster
 
-from domain_core.client import rotate_domain_key
-from domain_core.pb import services_pb2, services_pb2_grpc
-from domain_core.transport import ANY_HSA, COORDINATOR, TlsMaterial, mtls_channel
+from domain_edge.client import rotate_domain_key
+from domain_edge.transport import ANY_HSA, COORDINATOR, TlsMaterial, mtls_channel
+from domain_proto import services_pb2, services_pb2_grpc
 
 pytestmark = pytest.mark.cluster
 

@@ -18,8 +18,9 @@ from support.cluster import LocalCluster
 
 from deploy.enrollment import VerifiedEnrollment
 from domain_core import pki
-from domain_core.pb import domain_pb2, services_pb2, services_pb2_grpc
-from domain_core.transport import hsa_host, secure_channel
+from domain_edge.ca_files import load_domain_ca
+from domain_edge.transport import hsa_host, secure_channel
+from domain_proto import domain_pb2, services_pb2, services_pb2_grpc
 
 pytestmark = pytest.mark.cluster
 
@@ -188,7 +189,7 @@ def test_mutual_tls_refuses_strangers(cluster: LocalCluster) -> None:
     assert foreign.value.code() == grpc.StatusCode.UNAVAILABLE
 
     # A certificate from the right CA for a host that is not in the domain state.
-    ca = pki.DomainCA.load(cluster.layout.root / "ca")
+    ca = load_domain_ca(cluster.layout.root / "ca")
     stranger = ca.issue(
         pki.SpiffeId(cluster.layout.domain_id, "hsa", "hsa-9"), key.public_key(), now=now
     )

@@ -36,13 +36,14 @@ from support.simulator import forge_enrollment
 
 from deploy.enrollment import VerifiedEnrollment
 from domain_coordinator.sqlite_store import SqliteStore
-from domain_core import crypto, model, quorum, transport
+from domain_core import crypto, model, quorum
 from domain_core.changes import add_host
 from domain_core.errors import HsmDomainError
 from domain_core.identity import HostIdentity
 from domain_core.model import Proposal, SealedState
-from domain_core.pb import domain_pb2, services_pb2, services_pb2_grpc
 from domain_core.signers import InMemorySigner, SignatureAlgorithm
+from domain_edge import transport
+from domain_proto import domain_pb2, services_pb2, services_pb2_grpc
 from operator_tool.offline import export_document, write_document
 
 pytestmark = pytest.mark.cluster

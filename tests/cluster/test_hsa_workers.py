@@ -26,11 +26,11 @@ import pytest
 from support.cluster import LocalCluster
 
 from deploy import cluster as runner
-from domain_core import transport
-from domain_core.config import NodeConfig
-from domain_core.kms_client import KeyClient, read_cluster
-from domain_core.pb import domain_pb2, services_pb2, services_pb2_grpc
-from domain_core.transport import TlsMaterial
+from domain_edge import transport
+from domain_edge.config import NodeConfig
+from domain_edge.kms_client import KeyClient, read_cluster
+from domain_edge.transport import TlsMaterial
+from domain_proto import domain_pb2, services_pb2, services_pb2_grpc
 from hsa_node.storage import read_worker_ready, worker_ready_path
 
 pytestmark = pytest.mark.cluster

@@ -21,8 +21,8 @@ import pytest
 from support.cluster import LocalCluster
 from support.impostor import ImpostorServer
 
-from domain_core.kms_cli import build_parser
-from domain_core.transport import TlsMaterial
+from domain_edge.transport import TlsMaterial
+from kms_tool.cli import build_parser
 
 pytestmark = pytest.mark.cluster
 

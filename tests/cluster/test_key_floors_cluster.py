@@ -28,11 +28,12 @@ import grpc
 import pytest
 from support.cluster import LocalCluster
 
-from domain_core import transport
 from domain_core.changes import add_host
-from domain_core.pb import keys_pb2, services_pb2, services_pb2_grpc
-from domain_core.pki import DomainCA, SpiffeId, new_tls_key_pem, tls_public_key
-from domain_core.transport import TlsMaterial
+from domain_core.pki import SpiffeId, new_tls_key_pem, tls_public_key
+from domain_edge import transport
+from domain_edge.ca_files import load_domain_ca
+from domain_edge.transport import TlsMaterial
+from domain_proto import keys_pb2, services_pb2, services_pb2_grpc
 
 pytestmark = pytest.mark.cluster
 
@@ -80,7 +81,7 @@ class Caller:
 
 
 def issue_client(cluster: LocalCluster, name: str) -> tuple[TlsMaterial, str]:
-    ca = DomainCA.load(cluster.layout.root / "ca")
+    ca = load_domain_ca(cluster.layout.root / "ca")
     key_pem = new_tls_key_pem()
     spiffe = SpiffeId(cluster.layout.domain_id, "client", name)
     cert_pem = ca.issue(spiffe, tls_public_key(key_pem), now=datetime.now(UTC))

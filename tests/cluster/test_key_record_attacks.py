@@ -28,14 +28,17 @@ import grpc
 import pytest
 from support.cluster import LocalCluster
 
-from domain_core import crypto, keytokens, policy, sealing, transport
+from domain_core import crypto, keytokens, policy, sealing
 from domain_core.changes import remove_host, rotate_domain_key, set_settings
 from domain_core.errors import HsmDomainError
 from domain_core.identity import HostIdentity
 from domain_core.model import SealedState
-from domain_core.pb import keys_pb2, services_pb2, services_pb2_grpc
-from domain_core.pki import DomainCA, SpiffeId, new_tls_key_pem, tls_public_key
-from domain_core.transport import TlsMaterial
+from domain_core.pki import SpiffeId, new_tls_key_pem, tls_public_key
+from domain_edge import transport
+from domain_edge.ca_files import load_domain_ca
+from domain_edge.identity_files import load_host_identity
+from domain_edge.transport import TlsMaterial
+from domain_proto import keys_pb2, services_pb2, services_pb2_grpc
 
 pytestmark = pytest.mark.cluster
 
@@ -104,7 +107,7 @@ def app_client(cluster: LocalCluster) -> Client:
 def issue_client(cluster: LocalCluster, name: str) -> Client:
     """A client certificate for `spiffe://<domain>/client/<name>` from the domain CA."""
     layout = cluster.layout
-    ca = DomainCA.load(layout.root / "ca")
+    ca = load_domain_ca(layout.root / "ca")
     key_pem = new_tls_key_pem()
     spiffe = SpiffeId(layout.domain_id, "client", name)
     cert_pem = ca.issue(spiffe, tls_public_key(key_pem), now=datetime.now(UTC))
@@ -185,7 +188,7 @@ def eventually(
 
 def removed_host_keys(cluster: LocalCluster, host: str) -> tuple[HostIdentity, dict[int, bytes]]:
     """What a removed host keeps: its identity and the domain keys of its last state."""
-    identity = HostIdentity.load(cluster.layout.node_dir(host) / "identity")
+    identity = load_host_identity(cluster.layout.node_dir(host) / "identity")
     states = sorted((cluster.layout.node_dir(host) / "data" / "states").glob("*.state"))
     last = SealedState.from_bytes(states[-1].read_bytes())
     return identity, sealing.unseal_state(last, host, identity.agreement_private_key)
@@ -378,7 +381,7 @@ def test_one_proposal_that_keeps_one_generation_and_rotates_is_refused(
 def put_signed_records(cluster: LocalCluster, host: str, count: int) -> list[str]:
     """`count` records of real keys, sealed and signed as `host` (a member) and stored through
     PutKey with its certificate, 16 at a time (faster than CreateKey's per-principal quota)."""
-    identity = HostIdentity.load(cluster.layout.node_dir(host) / "identity")
+    identity = load_host_identity(cluster.layout.node_dir(host) / "identity")
     with cluster.coordinator_client() as client:
         head = client.latest_state()
     domain_keys = sealing.unseal_state(head, host, identity.agreement_private_key)

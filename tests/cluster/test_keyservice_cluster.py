@@ -18,10 +18,11 @@ import grpc
 import pytest
 from support.cluster import LocalCluster
 
-from domain_core import ciphertext, transport
-from domain_core.audit import verify_audit_log
-from domain_core.identity import HostIdentity
-from domain_core.pb import keys_pb2, services_pb2, services_pb2_grpc
+from domain_core import ciphertext
+from domain_edge import transport
+from domain_edge.audit import verify_audit_log
+from domain_edge.identity_files import load_host_identity
+from domain_proto import keys_pb2, services_pb2, services_pb2_grpc
 
 pytestmark = pytest.mark.cluster
 
@@ -236,7 +237,7 @@ def test_the_data_plane_survives_a_lost_node_and_a_lost_coordinator(
     # Every node's audit log verifies under its host key (a clean stop signs the tail).
     for host in HOSTS:
         assert cluster.stop_node(host) == 0
-        identity = HostIdentity.load(cluster.layout.node_dir(host) / "identity")
+        identity = load_host_identity(cluster.layout.node_dir(host) / "identity")
         report = verify_audit_log(
             cluster.layout.node_dir(host) / "data" / "audit.log",
             identity.signing_public_key,

@@ -26,7 +26,7 @@ from domain_core.errors import (
     PermissionDeniedError,
     UnavailableError,
 )
-from domain_core.kms_client import KeyClient, decrypt_envelope, encrypt_envelope, read_cluster
+from domain_edge.kms_client import KeyClient, decrypt_envelope, encrypt_envelope, read_cluster
 
 pytestmark = pytest.mark.cluster
 

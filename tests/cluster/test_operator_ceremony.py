@@ -25,8 +25,8 @@ from support.simulator import forge_unchained_state, new_host
 
 from domain_core import quorum
 from domain_core.changes import rotate_domain_key
-from domain_core.files import write_new_file
 from domain_core.model import Proposal, SealedState
+from domain_edge.files import write_new_file
 from operator_tool.cli import build_parser, main
 from operator_tool.offline import export_document
 

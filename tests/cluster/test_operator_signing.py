@@ -38,9 +38,9 @@ from domain_core import quorum
 from domain_core.changes import rotate_domain_key, set_quorum
 from domain_core.errors import InvalidInputError, PermissionDeniedError
 from domain_core.model import NONCE_BYTES, Proposal, SealedState
-from domain_core.pb import domain_pb2, services_pb2, services_pb2_grpc
 from domain_core.signers import Signer
-from domain_core.transport import ANY_HSA, COORDINATOR, TlsMaterial, mtls_channel, secure_channel
+from domain_edge.transport import ANY_HSA, COORDINATOR, TlsMaterial, mtls_channel, secure_channel
+from domain_proto import domain_pb2, services_pb2, services_pb2_grpc
 
 pytestmark = pytest.mark.cluster
 

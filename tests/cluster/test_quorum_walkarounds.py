@@ -23,11 +23,11 @@ import grpc
 import pytest
 from support.cluster import LocalCluster
 
-from domain_core.client import CoordinatorClient, ProposalView, add_operator, set_quorum
 from domain_core.model import make_operator
-from domain_core.pb import domain_pb2, services_pb2, services_pb2_grpc
 from domain_core.signers import InMemorySigner, SignatureAlgorithm
-from domain_core.transport import ANY_HSA, TlsMaterial, mtls_channel
+from domain_edge.client import CoordinatorClient, ProposalView, add_operator, set_quorum
+from domain_edge.transport import ANY_HSA, TlsMaterial, mtls_channel
+from domain_proto import domain_pb2, services_pb2, services_pb2_grpc
 
 pytestmark = pytest.mark.cluster
 

@@ -20,10 +20,10 @@ from support.impostor import ImpostorServer
 
 from deploy.init import init_domain
 from deploy.localdomain import FAST_SCRYPT_N
-from domain_core.config import NodeConfig
 from domain_core.errors import HsmDomainError, NotAppliedError, UnauthenticatedError
-from domain_core.kms_client import KeyClient
-from domain_core.transport import TlsMaterial
+from domain_edge.config import NodeConfig
+from domain_edge.kms_client import KeyClient
+from domain_edge.transport import TlsMaterial
 
 pytestmark = pytest.mark.cluster
 

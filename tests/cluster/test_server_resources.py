@@ -29,10 +29,11 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from support.cluster import LocalCluster
 
 from deploy import cluster as runner
-from domain_core import transport
-from domain_core.kms_client import KeyClient
-from domain_core.pb import services_pb2, services_pb2_grpc
-from domain_core.pki import DomainCA, SpiffeId
+from domain_core.pki import SpiffeId
+from domain_edge import transport
+from domain_edge.ca_files import load_domain_ca
+from domain_edge.kms_client import KeyClient
+from domain_proto import services_pb2, services_pb2_grpc
 
 pytestmark = pytest.mark.cluster
 
@@ -89,7 +90,7 @@ def cluster(local_cluster: Callable[..., LocalCluster]) -> LocalCluster:
 
 def application_tls(cluster: LocalCluster, name: str) -> transport.TlsMaterial:
     """A certificate for application `name`, issued with the domain CA (DIR/ca)."""
-    ca = DomainCA.load(cluster.layout.root / "ca")
+    ca = load_domain_ca(cluster.layout.root / "ca")
     key = ec.generate_private_key(ec.SECP256R1())
     cert = ca.issue(
         SpiffeId(cluster.layout.domain_id, "client", name), key.public_key(), now=datetime.now(UTC)

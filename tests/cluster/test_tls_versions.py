@@ -1,7 +1,7 @@
 """What TLS every port of a real local domain negotiates, probed with Python's `ssl` module.
 
 grpcio 1.85 has no minimum TLS version (docs/threat-model.md, "Known limits"), so TLS 1.2 is
-still accepted; what it accepts is pinned (`domain_core.grpc_env`) to ECDHE-ECDSA with AES-GCM,
+still accepted; what it accepts is pinned (`domain_edge.grpc_env`) to ECDHE-ECDSA with AES-GCM,
 even when the processes inherit a wider `GRPC_SSL_CIPHER_SUITES` (here `HIGH+ECDSA`, which
 would add ChaCha20). A client that lets the server choose gets TLS 1.3.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from support.cluster import LocalCluster
 
-from domain_core.grpc_env import TLS12_CIPHER_SUITES
+from domain_edge.grpc_env import TLS12_CIPHER_SUITES
 
 pytestmark = pytest.mark.cluster
 

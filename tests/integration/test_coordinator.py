@@ -28,14 +28,6 @@ from deploy.init import DomainLayout, init_domain, read_passphrase
 from deploy.localdomain import FAST_SCRYPT_N
 from domain_coordinator.sqlite_store import SqliteStore
 from domain_core import crypto, quorum, sealing, transition
-from domain_core.client import (
-    CoordinatorClient,
-    remove_host,
-    remove_operator,
-    rotate_domain_key,
-    set_quorum,
-)
-from domain_core.config import CoordinatorConfig
 from domain_core.errors import (
     AlreadyExistsError,
     FailedPreconditionError,
@@ -45,18 +37,27 @@ from domain_core.errors import (
     StaleProposalError,
     UnavailableError,
 )
-from domain_core.identity import HostIdentity
 from domain_core.keytokens import RecordSigner
 from domain_core.model import NONCE_BYTES, Proposal, SealedState
-from domain_core.pb import domain_pb2, keys_pb2, services_pb2, services_pb2_grpc
-from domain_core.signers import InMemorySigner, SignatureAlgorithm, Signer, load_file_token
-from domain_core.transport import (
+from domain_core.signers import InMemorySigner, SignatureAlgorithm, Signer
+from domain_edge.client import (
+    CoordinatorClient,
+    remove_host,
+    remove_operator,
+    rotate_domain_key,
+    set_quorum,
+)
+from domain_edge.config import CoordinatorConfig
+from domain_edge.file_tokens import load_file_token
+from domain_edge.identity_files import load_host_identity
+from domain_edge.transport import (
     COORDINATOR,
     TlsMaterial,
     check_health,
     mtls_channel,
     secure_channel,
 )
+from domain_proto import domain_pb2, keys_pb2, services_pb2, services_pb2_grpc
 
 pytestmark = pytest.mark.integration
 
@@ -617,7 +618,7 @@ def test_key_records_for_hsas(domain: Domain, coordinator: CoordinatorProcess) -
         ciphertext=b"c" * 48,
     )
     record = keys_pb2.KeyRecord(metadata=metadata.SerializeToString(), tokens=[token])
-    host = HostIdentity.load(domain.layout.node_dir("hsa-1") / "identity")
+    host = load_host_identity(domain.layout.node_dir("hsa-1") / "identity")
     RecordSigner("local", "hsa-1", host.signer).sign(record)
     with mtls_channel(coordinator.address, domain.tls("hsa", "hsa-1"), COORDINATOR) as channel:
         stub = services_pb2_grpc.CoordinatorStub(channel)  # type: ignore[no-untyped-call]
@@ -708,7 +709,7 @@ def seal_next(
     domain: Domain, head: SealedState, proposal: Proposal, approvals: list[domain_pb2.Approval]
 ) -> SealedState:
     """What an honest hsa-1 returns for ApplyProposal: the next state, sealed and signed."""
-    identity = HostIdentity.load(domain.layout.node_dir("hsa-1") / "identity")
+    identity = load_host_identity(domain.layout.node_dir("hsa-1") / "identity")
     keys = sealing.unseal_state(head, "hsa-1", identity.agreement_private_key)
     manifest, _ = transition.next_manifest(
         transition.StateHead(head.manifest, head.hash), proposal, approvals, now=now()

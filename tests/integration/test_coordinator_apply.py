@@ -25,12 +25,12 @@ from test_coordinator import Domain, db_path, make_domain, seal_next
 from domain_coordinator.server import CoordinatorServer
 from domain_coordinator.sqlite_store import SqliteStore
 from domain_core import quorum
-from domain_core.client import CoordinatorClient, rotate_domain_key, set_quorum
-from domain_core.config import CoordinatorConfig
 from domain_core.errors import FailedPreconditionError, StaleProposalError
 from domain_core.model import Proposal, SealedState
-from domain_core.pb import domain_pb2, services_pb2, services_pb2_grpc
-from domain_core.transport import COORDINATOR, mtls_channel, server_credentials
+from domain_edge.client import CoordinatorClient, rotate_domain_key, set_quorum
+from domain_edge.config import CoordinatorConfig
+from domain_edge.transport import COORDINATOR, mtls_channel, server_credentials
+from domain_proto import domain_pb2, services_pb2, services_pb2_grpc
 
 pytestmark = pytest.mark.integration
 

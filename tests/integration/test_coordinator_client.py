@@ -19,13 +19,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from domain_core import crypto, quorum
-from domain_core.client import CoordinatorClient, rotate_domain_key
 from domain_core.errors import BadSignatureError, UnavailableError
 from domain_core.model import NONCE_BYTES, Proposal
-from domain_core.pb import services_pb2, services_pb2_grpc
 from domain_core.pki import DomainCA, SpiffeId
 from domain_core.signers import InMemorySigner, SignatureAlgorithm
-from domain_core.transport import TlsMaterial, server_credentials
+from domain_edge.client import CoordinatorClient, rotate_domain_key
+from domain_edge.transport import TlsMaterial, server_credentials
+from domain_proto import services_pb2, services_pb2_grpc
 
 pytestmark = pytest.mark.integration
 

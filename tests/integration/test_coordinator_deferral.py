@@ -22,8 +22,8 @@ import pytest
 from test_coordinator_apply import Clock, ScriptedHsa, cleanup, start, wait_for
 
 from domain_core import transition
-from domain_core.client import rotate_domain_key
-from domain_core.pb import domain_pb2
+from domain_edge.client import rotate_domain_key
+from domain_proto import domain_pb2
 
 pytestmark = pytest.mark.integration
 

@@ -27,11 +27,11 @@ from test_coordinator import ROOT, CoordinatorProcess, Domain, make_domain
 
 from deploy.init import init_domain, read_passphrase
 from deploy.localdomain import FAST_SCRYPT_N
-from domain_core.client import CoordinatorClient, remove_host, rotate_domain_key, set_quorum
-from domain_core.config import NodeConfig
-from domain_core.pb import services_pb2, services_pb2_grpc
-from domain_core.signers import load_file_token
-from domain_core.transport import hsa_host, mtls_channel
+from domain_edge.client import CoordinatorClient, remove_host, rotate_domain_key, set_quorum
+from domain_edge.config import NodeConfig
+from domain_edge.file_tokens import load_file_token
+from domain_edge.transport import hsa_host, mtls_channel
+from domain_proto import services_pb2, services_pb2_grpc
 
 pytestmark = pytest.mark.integration
 

@@ -27,12 +27,15 @@ import grpc
 import pytest
 from support.hsa_nodes import COORDINATOR, Domain, Processes, propose, remove_host
 
-from domain_core import crypto, keytokens, policy, quorum, sealing, transport
-from domain_core.config import CoordinatorConfig
+from domain_core import crypto, keytokens, policy, quorum, sealing
 from domain_core.identity import HostIdentity
-from domain_core.pb import keys_pb2, services_pb2, services_pb2_grpc
-from domain_core.pki import DomainCA, SpiffeId, new_tls_key_pem, tls_public_key
-from domain_core.transport import TlsMaterial
+from domain_core.pki import SpiffeId, new_tls_key_pem, tls_public_key
+from domain_edge import transport
+from domain_edge.ca_files import load_domain_ca
+from domain_edge.config import CoordinatorConfig
+from domain_edge.identity_files import load_host_identity
+from domain_edge.transport import TlsMaterial
+from domain_proto import keys_pb2, services_pb2, services_pb2_grpc
 
 pytestmark = pytest.mark.integration
 
@@ -55,7 +58,7 @@ class Host:
 
     def __init__(self, domain: Domain, procs: Processes, name: str) -> None:
         self.name = name
-        self.identity = HostIdentity.load(domain.node_dir(name) / "identity")
+        self.identity = load_host_identity(domain.node_dir(name) / "identity")
         self.signer = keytokens.RecordSigner("local", name, self.identity.signer)
         keys = sealing.unseal_state(domain.genesis, name, self.identity.agreement_private_key)
         self.domain_key = keys[1]
@@ -184,7 +187,7 @@ def test_a_signer_that_is_not_a_host_of_the_head_is_refused(
 ) -> None:
     # A certificate the CA issued for a host name the domain state does not list.
     layout = domain.layout
-    ca = DomainCA.load(layout.root / "ca")
+    ca = load_domain_ca(layout.root / "ca")
     key_pem = new_tls_key_pem()
     cert = ca.issue(
         SpiffeId("local", "hsa", "hsa-9"), tls_public_key(key_pem), now=datetime.now(UTC)

@@ -32,12 +32,12 @@ from domain_coordinator import service as service_module
 from domain_coordinator.server import CoordinatorServer
 from domain_coordinator.store import CoordinatorStore, ProposalRecord
 from domain_core import quorum
-from domain_core.client import CoordinatorClient, ProposalView, rotate_domain_key, set_quorum
-from domain_core.config import CoordinatorConfig
 from domain_core.errors import NotFoundError, UnavailableError
 from domain_core.limits import DEFAULT_LIMITS
-from domain_core.pb import services_pb2, services_pb2_grpc
-from domain_core.transport import COORDINATOR, secure_channel
+from domain_edge.client import CoordinatorClient, ProposalView, rotate_domain_key, set_quorum
+from domain_edge.config import CoordinatorConfig
+from domain_edge.transport import COORDINATOR, secure_channel
+from domain_proto import services_pb2, services_pb2_grpc
 
 pytestmark = pytest.mark.integration
 

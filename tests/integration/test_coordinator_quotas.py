@@ -23,8 +23,8 @@ from test_coordinator import CoordinatorProcess, Domain, make_domain, operator_s
 
 from domain_core.limits import DEFAULT_LIMITS
 from domain_core.model import SealedState
-from domain_core.pb import services_pb2, services_pb2_grpc
-from domain_core.transport import COORDINATOR, mtls_channel
+from domain_edge.transport import COORDINATOR, mtls_channel
+from domain_proto import services_pb2, services_pb2_grpc
 
 pytestmark = pytest.mark.integration
 

@@ -19,9 +19,9 @@ import grpc
 import pytest
 from test_coordinator_apply import start, wait_for
 
-from domain_core.client import remove_host, rotate_domain_key
-from domain_core.pb import domain_pb2, services_pb2, services_pb2_grpc
-from domain_core.transport import COORDINATOR, mtls_channel, server_credentials
+from domain_edge.client import remove_host, rotate_domain_key
+from domain_edge.transport import COORDINATOR, mtls_channel, server_credentials
+from domain_proto import domain_pb2, services_pb2, services_pb2_grpc
 
 pytestmark = pytest.mark.integration
 

@@ -21,11 +21,11 @@ from test_coordinator import make_domain, seal_next
 
 from domain_coordinator.server import CoordinatorServer
 from domain_core import quorum
-from domain_core.client import CoordinatorClient, rotate_domain_key
-from domain_core.config import CoordinatorConfig
 from domain_core.model import SealedState
-from domain_core.pb import domain_pb2, services_pb2, services_pb2_grpc
-from domain_core.transport import COORDINATOR, mtls_channel, server_credentials
+from domain_edge.client import CoordinatorClient, rotate_domain_key
+from domain_edge.config import CoordinatorConfig
+from domain_edge.transport import COORDINATOR, mtls_channel, server_credentials
+from domain_proto import domain_pb2, services_pb2, services_pb2_grpc
 
 pytestmark = pytest.mark.integration
 

@@ -50,13 +50,14 @@ from support.hsa_nodes import (
 )
 from support.malicious_coordinator import forging_domain
 
-from domain_core import canonical, quorum, sealing, transport
+from domain_core import canonical, quorum, sealing
 from domain_core.chain import TrustedChain
 from domain_core.errors import HsmDomainError
 from domain_core.limits import DEFAULT_LIMITS
 from domain_core.model import Proposal, SealedState, state_hash
-from domain_core.pb import domain_pb2, services_pb2
 from domain_core.signers import Signer
+from domain_edge import transport
+from domain_proto import domain_pb2, services_pb2
 
 pytestmark = pytest.mark.integration
 

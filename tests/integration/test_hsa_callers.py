@@ -31,11 +31,12 @@ from support.hsa_nodes import (
 )
 from support.hsa_nodes import Processes as Nodes
 
-from domain_core import transport
-from domain_core.config import NodeConfig
 from domain_core.model import SealedState
-from domain_core.pb import services_pb2, services_pb2_grpc
-from domain_core.pki import DomainCA, SpiffeId, SpiffeKind, certificate_fingerprint
+from domain_core.pki import SpiffeId, SpiffeKind, certificate_fingerprint
+from domain_edge import transport
+from domain_edge.ca_files import load_domain_ca
+from domain_edge.config import NodeConfig
+from domain_proto import services_pb2, services_pb2_grpc
 
 pytestmark = pytest.mark.integration
 
@@ -51,7 +52,7 @@ def nodes(domain: Domain) -> Iterator[Nodes]:
 
 def issued(domain: Domain, kind: SpiffeKind, name: str) -> transport.TlsMaterial:
     """A fresh certificate for `kind`/`name` from the domain's own CA key (DIR/ca/ca.key)."""
-    ca = DomainCA.load(domain.layout.root / "ca")
+    ca = load_domain_ca(domain.layout.root / "ca")
     key = ec.generate_private_key(ec.SECP256R1())
     cert = ca.issue(
         SpiffeId(domain.layout.domain_id, kind, name), key.public_key(), now=datetime.now(UTC)

@@ -43,13 +43,14 @@ from support.hsa_nodes import (
 from support.hsa_nodes import Processes as Nodes
 
 from deploy.init import add_node, load_layout
-from domain_core import transport
 from domain_core.chain import TrustedChain
-from domain_core.config import NodeConfig
 from domain_core.model import SealedState
-from domain_core.pb import domain_pb2, services_pb2, services_pb2_grpc
 from domain_core.pki import DomainCA, SpiffeId
-from domain_core.transport import TlsMaterial
+from domain_edge import transport
+from domain_edge.ca_files import load_domain_ca
+from domain_edge.config import NodeConfig
+from domain_edge.transport import TlsMaterial
+from domain_proto import domain_pb2, services_pb2, services_pb2_grpc
 
 pytestmark = pytest.mark.integration
 
@@ -254,7 +255,7 @@ def test_mutual_tls_and_caller_identities(domain: Domain, nodes: Nodes) -> None:
     assert code_of(error) == grpc.StatusCode.PERMISSION_DENIED
 
     # A host certificate from the right CA, but not in the domain state.
-    ca = DomainCA.load(domain.layout.root / "ca")
+    ca = load_domain_ca(domain.layout.root / "ca")
     intruder = transport.mtls_channel(
         address, _foreign_tls(domain, ca, "hsa", "hsa-9"), transport.hsa_host("hsa-1")
     )

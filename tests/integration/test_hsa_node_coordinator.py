@@ -25,7 +25,7 @@ from support.hsa_nodes import (
 )
 
 from domain_core.model import Proposal, SealedState
-from domain_core.pb import domain_pb2, services_pb2, services_pb2_grpc
+from domain_proto import domain_pb2, services_pb2, services_pb2_grpc
 
 pytestmark = pytest.mark.integration
 

@@ -15,7 +15,6 @@ from support.hsa_nodes import ROTATE, Domain, propose
 from deploy.init import add_node, load_layout
 from domain_core import crypto, sealing
 from domain_core.changes import add_host
-from domain_core.config import NodeConfig
 from domain_core.enrollment import make_enrollment
 from domain_core.errors import (
     ChainGapError,
@@ -28,10 +27,12 @@ from domain_core.errors import (
 )
 from domain_core.identity import HostIdentity
 from domain_core.model import SealedState
-from domain_core.pb import domain_pb2, services_pb2
-from domain_core.pki import DomainCA
 from domain_core.transition import rotation_due_at
-from domain_core.transport import CertificatePeerContext
+from domain_edge.ca_files import load_domain_ca
+from domain_edge.config import NodeConfig
+from domain_edge.identity_files import load_host_identity
+from domain_edge.transport import CertificatePeerContext
+from domain_proto import domain_pb2, services_pb2
 from hsa_node._logging import ThrottledLog
 from hsa_node.server import LoadedNode, load_node
 from hsa_node.servicers import HsaAdminServicer, HsaPeerServicer
@@ -122,7 +123,7 @@ def test_a_state_whose_key_wrap_this_host_cannot_open_is_refused(
     domain: Domain, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A trusted but misbehaving producer wraps garbage to hsa-2: hsa-2 keeps its last state."""
-    producer = HostIdentity.load(domain.node_dir("hsa-1") / "identity")
+    producer = load_host_identity(domain.node_dir("hsa-1") / "identity")
     second, third = load(domain, "hsa-2").node, load(domain, "hsa-3").node
     proposal, approvals = propose(domain, domain.genesis, ROTATE)
     honest = SealedState.from_message(
@@ -276,7 +277,7 @@ def test_a_state_that_lists_this_host_with_other_keys_is_refused_loudly(
     assert not real.member
 
     other = HostIdentity.generate("hsa-4")  # another machine, also holding a CA certificate
-    ca = DomainCA.load(domain.layout.root / "ca")
+    ca = load_domain_ca(domain.layout.root / "ca")
     now = datetime.now(UTC)
     certificate = ca.issue(other.spiffe_id("local"), other.tls_public_key, now=now)
     change = add_host(make_enrollment(other, "local", certificate))

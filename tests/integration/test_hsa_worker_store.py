@@ -20,11 +20,11 @@ from support.hsa_nodes import (
     remove_host,
 )
 
-from domain_core.config import NodeConfig
 from domain_core.errors import FailedPreconditionError, UnavailableError
 from domain_core.model import SealedState
-from domain_core.pb import domain_pb2, services_pb2
-from domain_core.transport import CertificatePeerContext
+from domain_edge.config import NodeConfig
+from domain_edge.transport import CertificatePeerContext
+from domain_proto import domain_pb2, services_pb2
 from hsa_node.keyfloors import MetadataVersionFloor
 from hsa_node.server import LoadedNode, load_node
 from hsa_node.servicers import CoordinatorPin, HsaAdminServicer

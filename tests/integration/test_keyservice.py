@@ -23,11 +23,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support.cluster import LocalCluster
 
-from domain_core import changes, ciphertext, crypto, transport
+from domain_core import changes, ciphertext, crypto
 from domain_core.limits import DEFAULT_LIMITS
-from domain_core.pb import keys_pb2, services_pb2, services_pb2_grpc
-from domain_core.pki import DomainCA, SpiffeId, new_tls_key_pem, tls_public_key
-from domain_core.transport import TlsMaterial
+from domain_core.pki import SpiffeId, new_tls_key_pem, tls_public_key
+from domain_edge import transport
+from domain_edge.ca_files import load_domain_ca
+from domain_edge.transport import TlsMaterial
+from domain_proto import keys_pb2, services_pb2, services_pb2_grpc
 
 pytestmark = pytest.mark.integration
 
@@ -91,7 +93,7 @@ def app(cluster: LocalCluster) -> Iterator[Principal]:
 
 def issue_client(cluster: LocalCluster, name: str) -> TlsMaterial:
     """A client certificate for `spiffe://local/client/<name>` from the domain CA."""
-    ca = DomainCA.load(cluster.layout.root / "ca")
+    ca = load_domain_ca(cluster.layout.root / "ca")
     key_pem = new_tls_key_pem()
     cert_pem = ca.issue(
         SpiffeId("local", "client", name), tls_public_key(key_pem), now=datetime.now(UTC)

@@ -31,10 +31,8 @@ from support.hsa_nodes import (
 )
 
 from domain_coordinator.sqlite_store import SqliteStore
-from domain_core import ciphertext, keytokens, transport
-from domain_core.audit import AuditLogError
+from domain_core import ciphertext, keytokens
 from domain_core.changes import set_settings
-from domain_core.config import NodeConfig
 from domain_core.errors import (
     AlreadyExistsError,
     ConflictError,
@@ -49,8 +47,12 @@ from domain_core.errors import (
 from domain_core.keytokens import RecordSigner
 from domain_core.limits import DEFAULT_LIMITS, Limits
 from domain_core.model import SealedState
-from domain_core.pb import keys_pb2, services_pb2, services_pb2_grpc
-from domain_core.transport import CertificatePeerContext
+from domain_edge import transport
+from domain_edge.audit import AuditLogError
+from domain_edge.ca_files import load_domain_ca
+from domain_edge.config import NodeConfig
+from domain_edge.transport import CertificatePeerContext
+from domain_proto import keys_pb2, services_pb2, services_pb2_grpc
 from hsa_node.keycache import KeyCache
 from hsa_node.keyfloors import FLOOR_FILE, MetadataVersionFloor
 from hsa_node.keyrecords import CoordinatorUnreachableError, KeyRecordClient
@@ -676,9 +678,9 @@ def test_create_key_is_rate_limited_per_principal(
 def issue_client_cert(domain: Domain, name: str) -> bytes:
     from datetime import UTC, datetime
 
-    from domain_core.pki import DomainCA, SpiffeId, new_tls_key_pem, tls_public_key
+    from domain_core.pki import SpiffeId, new_tls_key_pem, tls_public_key
 
-    ca = DomainCA.load(domain.layout.root / "ca")
+    ca = load_domain_ca(domain.layout.root / "ca")
     key_pem = new_tls_key_pem()
     return ca.issue(
         SpiffeId("local", "client", name), tls_public_key(key_pem), now=datetime.now(UTC)

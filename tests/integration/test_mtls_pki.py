@@ -22,11 +22,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from support.impostor import ImpostorServer
 
 from domain_coordinator._hsa import HsaConnections
-from domain_core import transport
 from domain_core.errors import UnauthenticatedError
 from domain_core.identity import HostIdentity
-from domain_core.pb import domain_pb2
 from domain_core.pki import DomainCA, SpiffeId, SpiffeKind, certificate_fingerprint, peer_identity
+from domain_edge import transport
+from domain_edge.ca_files import load_domain_ca, save_domain_ca
+from domain_proto import domain_pb2
 
 pytestmark = pytest.mark.integration
 
@@ -129,10 +130,10 @@ def ca_files(
     """The domain CA, and its key as read back from the files `save` writes (to sign
     certificates of shapes the CA itself never issues)."""
     directory = tmp_path_factory.mktemp("ca")
-    DomainCA.create(DOMAIN, now=datetime.now(UTC)).save(directory)
+    save_domain_ca(DomainCA.create(DOMAIN, now=datetime.now(UTC)), directory)
     key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), None)
     assert isinstance(key, ec.EllipticCurvePrivateKey)
-    return DomainCA.load(directory), key
+    return load_domain_ca(directory), key
 
 
 @pytest.fixture(scope="module")

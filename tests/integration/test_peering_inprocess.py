@@ -17,12 +17,13 @@ import pytest
 from support.hsa_nodes import Domain, propose, remove_host
 
 from domain_core import peering as signed
-from domain_core.config import NodeConfig
 from domain_core.errors import PermissionDeniedError, UnavailableError, UnknownSignerError
 from domain_core.model import SealedState
-from domain_core.pb import services_pb2
-from domain_core.pki import DomainCA, SpiffeId, new_tls_key_pem, tls_public_key
-from domain_core.transport import CertificatePeerContext
+from domain_core.pki import SpiffeId, new_tls_key_pem, tls_public_key
+from domain_edge.ca_files import load_domain_ca
+from domain_edge.config import NodeConfig
+from domain_edge.transport import CertificatePeerContext
+from domain_proto import services_pb2
 from hsa_node.keyfloors import FLOOR_FILE, MetadataVersionFloor
 from hsa_node.peering import Peering
 from hsa_node.server import LoadedNode, load_node
@@ -49,7 +50,7 @@ def as_host(domain: Domain, who: str) -> grpc.ServicerContext:
 
 def stranger(domain: Domain, name: str = "hsa-9") -> grpc.ServicerContext:
     """An HSA certificate the domain CA issued for a name no quorum added."""
-    ca = DomainCA.load(domain.layout.root / "ca")
+    ca = load_domain_ca(domain.layout.root / "ca")
     cert = ca.issue(
         SpiffeId(domain.layout.domain_id, "hsa", name),
         tls_public_key(new_tls_key_pem()),

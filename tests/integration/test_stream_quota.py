@@ -24,10 +24,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from domain_core import transport
 from domain_core.errors import NotFoundError
-from domain_core.pb import services_pb2, services_pb2_grpc
 from domain_core.pki import DomainCA, SpiffeId
+from domain_edge import transport
+from domain_proto import services_pb2, services_pb2_grpc
 
 pytestmark = pytest.mark.integration
 

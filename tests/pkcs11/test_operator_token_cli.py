@@ -17,7 +17,7 @@ import pytest
 
 from domain_core.errors import TokenError
 from domain_core.signers import PublicKey
-from domain_core.tokens import read_operator_public
+from domain_edge.tokens import read_operator_public
 from operator_tool.cli import build_parser, main, read_secret_file
 
 pytestmark = pytest.mark.pkcs11

@@ -31,10 +31,10 @@ from domain_core.errors import (
     WrongPassphraseError,
 )
 from domain_core.model import Proposal, make_operator
-from domain_core.pb import domain_pb2
-from domain_core.pkcs11_signer import Pkcs11Signer, generate_pkcs11_key, new_cka_id
 from domain_core.signers import PublicKey, SignatureAlgorithm
-from domain_core.tokens import MODULE_ENV, Pkcs11TokenRef, open_token
+from domain_edge.pkcs11_signer import Pkcs11Signer, generate_pkcs11_key, new_cka_id
+from domain_edge.tokens import MODULE_ENV, Pkcs11TokenRef, open_token
+from domain_proto import domain_pb2
 
 pytestmark = pytest.mark.pkcs11
 

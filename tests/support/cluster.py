@@ -34,10 +34,10 @@ import pytest
 from deploy import cluster as runner
 from deploy.init import DomainLayout, load_layout
 from deploy.localdomain import FAST_SCRYPT_N, LocalDomain
-from domain_core.client import CoordinatorClient
 from domain_core.errors import UnavailableError
-from domain_core.pb import services_pb2
-from domain_core.signers import FileTokenSigner
+from domain_edge.client import CoordinatorClient
+from domain_edge.file_tokens import FileTokenSigner
+from domain_proto import services_pb2
 
 __all__ = ["FAST_SCRYPT_N", "LocalCluster", "close_clusters", "local_cluster", "terminal_stream"]
 
@@ -133,7 +133,7 @@ class LocalCluster(LocalDomain):
         return self.open_operator_signer(name)
 
     def coordinator_client(self, **kwargs: Any) -> CoordinatorClient:
-        """A `domain_core.client.CoordinatorClient` for the operator port."""
+        """A `domain_edge.client.CoordinatorClient` for the operator port."""
         return CoordinatorClient(self.coordinator_operator_address, self.ca_pem(), **kwargs)
 
     # --- observing ----------------------------------------------------------------------------

@@ -411,7 +411,7 @@ def write_seed_corpus(directory: Path, genesis_state: bytes) -> int:
     """Valid inputs for every parser (first byte: which parser), to start the fuzzer deep."""
     from domain_core import ciphertext, envelope, keytokens
     from domain_core.model import SealedState
-    from domain_core.pb import keys_pb2
+    from domain_proto import keys_pb2
 
     state = SealedState.from_bytes(genesis_state)
     blob = ciphertext.encrypt(_BACKING_KEY, FUZZ_KEY_ID, 1, b"seed", {"purpose": "fuzz"})
@@ -437,7 +437,7 @@ def write_seed_corpus(directory: Path, genesis_state: bytes) -> int:
 def _parsers() -> list[Callable[[bytes], object]]:
     from domain_core import ciphertext, envelope, keytokens
     from domain_core.model import Manifest, Proposal, SealedState
-    from domain_core.pb import keys_pb2
+    from domain_proto import keys_pb2
 
     signer = _record_signer()
     host_keys = {signer.host_id: signer.signer.public_key}

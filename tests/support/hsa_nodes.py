@@ -27,12 +27,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from deploy.init import DomainLayout, init_domain, load_layout, read_passphrase
 from deploy.localdomain import FAST_SCRYPT_N
-from domain_core import quorum, transport
-from domain_core.config import NodeConfig
+from domain_core import quorum
 from domain_core.model import Proposal, SealedState
-from domain_core.pb import domain_pb2, services_pb2, services_pb2_grpc
-from domain_core.signers import Signer, load_file_token
-from domain_core.transport import TlsMaterial
+from domain_core.signers import Signer
+from domain_edge import transport
+from domain_edge.config import NodeConfig
+from domain_edge.file_tokens import load_file_token
+from domain_edge.transport import TlsMaterial
+from domain_proto import domain_pb2, services_pb2, services_pb2_grpc
 from hsa_node.servicers import CoordinatorPin
 
 HOSTS = ("hsa-1", "hsa-2", "hsa-3")

@@ -18,8 +18,8 @@ from typing import Any, Self
 import grpc
 from google.protobuf import message_factory
 
-from domain_core.pb import services_pb2
-from domain_core.transport import TlsMaterial, server_credentials
+from domain_edge.transport import TlsMaterial, server_credentials
+from domain_proto import services_pb2
 
 __all__ = ["ImpostorServer"]
 

@@ -50,19 +50,22 @@ from typing import Any, cast
 import grpc
 
 from deploy.init import COORDINATOR_NAME, DomainLayout, read_passphrase
-from domain_core import keytokens, transport
+from domain_core import keytokens
 from domain_core.errors import (
     AlreadyExistsError,
     ConflictError,
     InvalidInputError,
     NotFoundError,
 )
-from domain_core.identity import HostIdentity
 from domain_core.model import SealedState, added_host
-from domain_core.pb import domain_pb2, keys_pb2, services_pb2, services_pb2_grpc
-from domain_core.pki import DomainCA, certificate_der
-from domain_core.signers import InMemorySigner, load_file_token
-from domain_core.transport import TlsMaterial
+from domain_core.pki import certificate_der
+from domain_core.signers import InMemorySigner
+from domain_edge import transport
+from domain_edge.ca_files import load_domain_ca
+from domain_edge.file_tokens import load_file_token
+from domain_edge.identity_files import load_host_certificate, load_host_identity
+from domain_edge.transport import TlsMaterial
+from domain_proto import domain_pb2, keys_pb2, services_pb2, services_pb2_grpc
 from support.hsa_nodes import Domain, Processes
 from support.simulator import MaliciousCoordinator, SimHost, SimOperator, SimulatedDomain
 
@@ -115,7 +118,7 @@ def forging_domain(layout: DomainLayout, now: int | None = None) -> SimulatedDom
     hosts: dict[str, SimHost] = {}
     for host_id in layout.genesis_nodes:
         identity_dir = layout.node_dir(host_id) / "identity"
-        identity = HostIdentity.load(identity_dir)
+        identity = load_host_identity(identity_dir)
         hosts[host_id] = SimHost(
             host_id=host_id,
             signer=cast(InMemorySigner, identity.signer),
@@ -124,7 +127,7 @@ def forging_domain(layout: DomainLayout, now: int | None = None) -> SimulatedDom
             record=records[host_id],
             enrollment=enrollments[host_id],
             tls_signer=cast(InMemorySigner, identity.tls_signer),
-            certificate=certificate_der(identity.load_certificate(identity_dir)),
+            certificate=certificate_der(load_host_certificate(identity, identity_dir)),
         )
     operators_by_id = genesis.manifest.operators_by_id
     operators: list[SimOperator] = []
@@ -139,7 +142,7 @@ def forging_domain(layout: DomainLayout, now: int | None = None) -> SimulatedDom
         hosts=hosts,
         operators=operators,
         now=int(time.time()) if now is None else now,
-        ca=DomainCA.load(layout.root / "ca"),
+        ca=load_domain_ca(layout.root / "ca"),
     )
     sim.states.append(genesis)
     return sim

@@ -27,9 +27,9 @@ from domain_core.chain import TrustedChain
 from domain_core.errors import EnrollmentError
 from domain_core.identity import HostIdentity
 from domain_core.model import Proposal, SealedState
-from domain_core.pb import domain_pb2
 from domain_core.pki import DomainCA
 from domain_core.signers import InMemorySigner, SignatureAlgorithm, Signer
+from domain_proto import domain_pb2
 
 DEFAULT_NOW = 1_767_225_600  # 2026-01-01T00:00:00Z
 DEFAULT_ALGORITHMS: tuple[SignatureAlgorithm, ...] = (

@@ -1,4 +1,4 @@
-"""Tests for domain_core.audit: the hash-chained audit log, its checkpoints and its verifier.
+"""Tests for domain_edge.audit: the hash-chained audit log, its checkpoints and its verifier.
 
 The standard log has 10 records and checkpoints after records 4, 8 and 10 (on close):
   r1 r2 r3 r4 C1 r5 r6 r7 r8 C2 r9 r10 C3
@@ -22,8 +22,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from domain_core import audit
-from domain_core.audit import (
+from domain_core import canonical as signing
+from domain_core.errors import HsmDomainError
+from domain_core.signers import InMemorySigner, SignatureAlgorithm, Signer
+from domain_edge import audit
+from domain_edge.audit import (
     CHECKPOINT_FIELDS,
     RECORD_FIELDS,
     AuditLog,
@@ -32,8 +35,7 @@ from domain_core.audit import (
     record_hash,
     verify_audit_log,
 )
-from domain_core.errors import HsmDomainError
-from domain_core.signers import InMemorySigner, SignatureAlgorithm, Signer
+from domain_edge.audit._encoding import RECORD_HASH_CONTEXT, _record_json
 
 pytestmark = pytest.mark.unit
 
@@ -193,7 +195,7 @@ def test_record_hash_is_domain_separated_and_covers_every_field() -> None:
     without_hash = {k: v for k, v in record.items() if k != "hash"}
     plain = hashlib.sha256(canonical(without_hash).encode())
     assert base != plain.hexdigest()
-    separated = hashlib.sha256(audit.RECORD_HASH_CONTEXT + canonical(without_hash).encode())
+    separated = hashlib.sha256(RECORD_HASH_CONTEXT + canonical(without_hash).encode())
     assert base == separated.hexdigest()
 
 
@@ -211,8 +213,8 @@ def test_fast_record_encoding_is_the_canonical_json(
 ) -> None:
     record = {**fields, "seq": seq, "context": context}
     without_hash = {k: v for k, v in record.items() if k != "hash"}
-    assert audit._record_json(record, with_hash=True).decode() == canonical(record)
-    assert audit._record_json(record, with_hash=False).decode() == canonical(without_hash)
+    assert _record_json(record, with_hash=True).decode() == canonical(record)
+    assert _record_json(record, with_hash=False).decode() == canonical(without_hash)
 
 
 def test_append_has_no_field_for_plaintext_or_key_material() -> None:
@@ -528,8 +530,8 @@ def test_forged_checkpoint_is_refused(standard_log: Path, signer: InMemorySigner
     index = next(i for i, line in enumerate(lines) if json.loads(line).get("count") == 2)
     checkpoint = json.loads(lines[index])
     checkpoint["signature"] = other.sign(
-        audit.canonical.signing_input(
-            audit.canonical.PayloadType.AUDIT_CHECKPOINT, audit.checkpoint_digest(checkpoint)
+        signing.signing_input(
+            signing.PayloadType.AUDIT_CHECKPOINT, audit.checkpoint_digest(checkpoint)
         )
     ).hex()
     lines[index] = canonical(checkpoint)
@@ -730,7 +732,7 @@ def _blocking_write(
                 raise OSError(28, "No space left on device")
         return real_write(fd, data)
 
-    monkeypatch.setattr(audit.os, "write", write)
+    monkeypatch.setattr(os, "write", write)
     return entered, release, writes
 
 
@@ -842,7 +844,7 @@ def test_refuses_to_extend_a_broken_tail(standard_log: Path, signer: InMemorySig
     with pytest.raises(AuditLogError, match="record 12 was edited") as caught:
         open_log(standard_log, signer)
     assert isinstance(caught.value, HsmDomainError)
-    assert caught.value.grpc_status.name == "FAILED_PRECONDITION"
+    assert caught.value.status.name == "FAILED_PRECONDITION"
     assert standard_log.read_bytes() == before  # evidence kept
 
 
@@ -870,7 +872,7 @@ def test_write_failure_stops_the_log(
     def full(fd: int, data: Any) -> int:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(audit.os, "write", full)
+    monkeypatch.setattr(os, "write", full)
     with pytest.raises(AuditLogError, match="No space left"):
         log.append(principal="p", operation="Encrypt")
     monkeypatch.undo()

@@ -19,8 +19,8 @@ import pytest
 
 from domain_coordinator.sqlite_store import SqliteStore
 from domain_coordinator.store import AuditHeadRecord
-from domain_core.audit import AuditHead, AuditLog, AuditLogError, head_file
 from domain_core.signers import InMemorySigner, PublicKey, SignatureAlgorithm
+from domain_edge.audit import AuditHead, AuditLog, AuditLogError, head_file
 from hsa_node.audit_heads import PEER_HEADS_FILE, AuditHeadBook, recover_own_heads
 
 pytestmark = pytest.mark.unit

@@ -1,4 +1,4 @@
-"""Tests for the heads of domain_core.audit: the head file beside the log, the checkpoint
+"""Tests for the heads of domain_edge.audit: the head file beside the log, the checkpoint
 timing, published heads and how heads compare.
 
 The attacks: cut the log back to an earlier checkpoint, delete it, empty it, replace it by a
@@ -19,8 +19,11 @@ from typing import Any
 
 import pytest
 
-from domain_core import audit
-from domain_core.audit import (
+from domain_core import canonical
+from domain_core.errors import BadSignatureError, MalformedMessageError
+from domain_core.signers import InMemorySigner, PublicKey, SignatureAlgorithm
+from domain_edge import audit
+from domain_edge.audit import (
     AuditHead,
     AuditLog,
     AuditLogError,
@@ -32,8 +35,6 @@ from domain_core.audit import (
     read_persisted_head,
     verify_audit_log,
 )
-from domain_core.errors import BadSignatureError, MalformedMessageError
-from domain_core.signers import InMemorySigner, PublicKey, SignatureAlgorithm
 
 pytestmark = pytest.mark.unit
 
@@ -314,7 +315,7 @@ def test_background_checkpoints_keep_signing_and_fsync_off_the_appending_threads
         fsyncs.append(threading.current_thread().name)
         real_fsync(fd)
 
-    monkeypatch.setattr(audit.os, "fsync", fsync)
+    monkeypatch.setattr(os, "fsync", fsync)
     log = AuditLog(
         log_path,
         host_id=HOST,
@@ -439,8 +440,8 @@ def make_head(signer: InMemorySigner, *, seq: int, head: str, first: str, count:
         "count": count,
         "time": "2026-01-01T00:00:00.000Z",
     }
-    message = audit.canonical.signing_input(
-        audit.canonical.PayloadType.AUDIT_CHECKPOINT, audit.checkpoint_digest(fields)
+    message = canonical.signing_input(
+        canonical.PayloadType.AUDIT_CHECKPOINT, audit.checkpoint_digest(fields)
     )
     fields["signature"] = signer.sign(message).hex()
     return AuditHead.parse(canonical_line(fields))

@@ -56,7 +56,7 @@ from bench.report import (
     write_json,
     write_markdown,
 )
-from domain_core.pb import services_pb2
+from domain_proto import services_pb2
 
 pytestmark = pytest.mark.unit
 

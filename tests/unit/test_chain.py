@@ -38,8 +38,8 @@ from domain_core.errors import (
     WrongDomainError,
 )
 from domain_core.model import Proposal, SealedState
-from domain_core.pb import domain_pb2
 from domain_core.signers import SignatureAlgorithm
+from domain_proto import domain_pb2
 
 pytestmark = pytest.mark.unit
 

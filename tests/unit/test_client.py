@@ -15,7 +15,6 @@ from domain_core.changes import (
     set_quorum,
     set_settings,
 )
-from domain_core.client import CoordinatorClient, ProposalView, error_from_rpc
 from domain_core.errors import (
     AlreadyExistsError,
     BadSignatureError,
@@ -30,8 +29,10 @@ from domain_core.errors import (
     UnavailableError,
 )
 from domain_core.model import NONCE_BYTES, Proposal, default_settings, make_operator
-from domain_core.pb import domain_pb2, services_pb2
 from domain_core.signers import InMemorySigner, SignatureAlgorithm
+from domain_edge.client import CoordinatorClient, ProposalView, error_from_rpc
+from domain_edge.status import grpc_status_for
+from domain_proto import domain_pb2, services_pb2
 
 pytestmark = pytest.mark.unit
 
@@ -62,7 +63,7 @@ def test_errors_keep_the_servers_message(code: grpc.StatusCode, cls: type[Except
     error = error_from_rpc(FakeRpcError(code, "already approved by you"), "127.0.0.1:1")
     assert type(error) is cls
     assert str(error) == "already approved by you"
-    assert error.grpc_status is code
+    assert grpc_status_for(error) is code
 
 
 def test_unreachable_names_the_coordinator() -> None:

@@ -17,9 +17,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from deploy.init import add_node, coordinator_pin, init_domain
 from deploy.localdomain import FAST_SCRYPT_N
-from domain_core.config import NodeConfig, TlsFiles
 from domain_core.errors import InvalidInputError, PermissionDeniedError
 from domain_core.pki import DomainCA, PeerIdentity, SpiffeId, certificate_fingerprint
+from domain_edge.config import NodeConfig, TlsFiles
 from hsa_node.servicers import CoordinatorPin
 
 pytestmark = pytest.mark.unit

@@ -31,14 +31,12 @@ from deploy.init import (
 )
 from domain_core import crypto
 from domain_core.chain import TrustedChain
-from domain_core.config import CoordinatorConfig, NodeConfig
 from domain_core.errors import (
     AlreadyExistsError,
     HsmDomainError,
     InvalidInputError,
     NotFoundError,
 )
-from domain_core.identity import HostIdentity
 from domain_core.model import SealedState
 from domain_core.pki import (
     SpiffeId,
@@ -47,7 +45,9 @@ from domain_core.pki import (
     spiffe_id_from_certificate,
     verify_certificate_chain,
 )
-from domain_core.signers import load_file_token
+from domain_edge.config import CoordinatorConfig, NodeConfig
+from domain_edge.file_tokens import load_file_token
+from domain_edge.identity_files import load_host_certificate, load_host_identity
 
 pytestmark = pytest.mark.unit
 
@@ -154,8 +154,8 @@ def test_host_records_match_identities_and_certificates(domain: DomainLayout) ->
     ca_pem = domain.ca_cert.read_bytes()
     for host in state.manifest.message.hosts:
         identity_dir = domain.node_dir(host.host_id) / "identity"
-        identity = HostIdentity.load(identity_dir)
-        cert = identity.load_certificate(identity_dir)
+        identity = load_host_identity(identity_dir)
+        cert = load_host_certificate(identity, identity_dir)
         assert identity.signing_public_key.spki_der == host.signing_public_key
         assert identity.agreement_public_key == host.agreement_public_key
         assert certificate_fingerprint(cert) == host.tls_certificate_fingerprint
@@ -272,7 +272,7 @@ def test_add_node_creates_an_enrollment_that_verifies(domain_copy: DomainLayout)
     assert mode(layout.node_dir("hsa-4") / "identity" / "tls.key") == 0o600
 
     host = read_enrollment(path, layout.ca_cert.read_bytes(), "local", NOW).host
-    identity = HostIdentity.load(layout.node_dir("hsa-4") / "identity")
+    identity = load_host_identity(layout.node_dir("hsa-4") / "identity")
     assert host.host_id == "hsa-4"
     assert host.signing_public_key == identity.signing_public_key.spki_der
     assert host.agreement_public_key == identity.agreement_public_key

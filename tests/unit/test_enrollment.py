@@ -30,10 +30,11 @@ from domain_core.errors import (
     MalformedMessageError,
     TokenError,
 )
-from domain_core.identity import AGREEMENT_KEY_FILE, HostIdentity
-from domain_core.pb import domain_pb2
+from domain_core.identity import HostIdentity
 from domain_core.pki import DomainCA, SpiffeId
 from domain_core.signers import InMemorySigner, SignatureAlgorithm
+from domain_edge.identity_files import AGREEMENT_KEY_FILE, load_host_identity, save_host_identity
+from domain_proto import domain_pb2
 from operator_tool._review import review, review_lines
 
 pytestmark = pytest.mark.unit
@@ -112,10 +113,10 @@ def test_an_identity_whose_agreement_key_is_not_derived_is_refused(tmp_path: Pat
     stray, _ = crypto.x25519_generate()
     with pytest.raises(ValueError, match="not the one derived from the signing key"):
         HostIdentity("hsa-1", identity.signer, stray, identity.tls_private_key)  # type: ignore[arg-type]
-    identity.save(tmp_path)
+    save_host_identity(identity, tmp_path)
     (tmp_path / AGREEMENT_KEY_FILE).write_bytes(base64.b64encode(stray) + b"\n")
     with pytest.raises(TokenError, match="not the one derived"):
-        HostIdentity.load(tmp_path)
+        load_host_identity(tmp_path)
 
 
 # --- the attack of issue 21: a real certificate, the attacker's keys ----------------------

@@ -24,6 +24,7 @@ from domain_core.envelope import (
     seal_envelope,
 )
 from domain_core.errors import InvalidCiphertextError, LimitExceededError
+from domain_edge.envelope_files import decrypt_to_file
 
 pytestmark = pytest.mark.unit
 
@@ -365,14 +366,14 @@ def test_encryptor_rejects_misuse() -> None:
         encryptor.finalize()
 
 
-# --- decrypting to a file ------------------------------------------------------------------
+# --- decrypting to a file (domain_edge.envelope_files) ---------------------------------
 
 
 def test_decrypt_to_path_renames_only_on_success(tmp_path: Path) -> None:
     target = tmp_path / "out.bin"
     reader = io.BytesIO(SEALED)
     header = parse_envelope_header(reader)
-    assert decrypt_stream(reader, target, DATA_KEY, header) == len(PLAINTEXT)
+    assert decrypt_to_file(reader, target, DATA_KEY, header) == len(PLAINTEXT)
     assert target.read_bytes() == PLAINTEXT
     assert target.stat().st_mode & 0o077 == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]
@@ -385,14 +386,14 @@ def test_decrypt_to_path_leaves_nothing_on_failure(tmp_path: Path, cut: int) -> 
     reader = io.BytesIO(truncated)
     header = parse_envelope_header(reader)
     with pytest.raises(InvalidCiphertextError):
-        decrypt_stream(reader, target, DATA_KEY, header)
+        decrypt_to_file(reader, target, DATA_KEY, header)
     assert list(tmp_path.iterdir()) == []
     # An existing file is left as it was.
     target.write_bytes(b"previous")
     reader = io.BytesIO(truncated)
     header = parse_envelope_header(reader)
     with pytest.raises(InvalidCiphertextError):
-        decrypt_stream(reader, str(target), DATA_KEY, header)
+        decrypt_to_file(reader, str(target), DATA_KEY, header)
     assert target.read_bytes() == b"previous"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]
 

@@ -1,4 +1,5 @@
-"""domain_core.errors: one hierarchy, one gRPC status per class, no detail in crypto errors."""
+"""domain_core.errors and domain_edge.status: one hierarchy, one status per class (one gRPC
+status through the edge's one table), no detail in crypto errors."""
 
 from __future__ import annotations
 
@@ -8,33 +9,35 @@ import grpc
 import pytest
 
 from domain_core import errors
-from domain_core.errors import HsmDomainError, status_for
+from domain_core.errors import HsmDomainError, Status, status_for
+from domain_edge.status import GRPC_STATUS, grpc_status_for
 
 pytestmark = pytest.mark.unit
 
 
 # Library modules whose error classes must follow the rules too (import-safe, no I/O).
-DOMAIN_CORE_MODULES = (
-    "errors",
-    "canonical",
-    "crypto",
-    "model",
-    "quorum",
-    "transition",
-    "sealing",
-    "chain",
-    "genesis",
-    "limits",
-    "signers",
-    "identity",
-    "pki",
+LIBRARY_MODULES = (
+    "domain_core.errors",
+    "domain_core.canonical",
+    "domain_core.crypto",
+    "domain_core.model",
+    "domain_core.quorum",
+    "domain_core.transition",
+    "domain_core.sealing",
+    "domain_core.chain",
+    "domain_core.genesis",
+    "domain_core.limits",
+    "domain_core.signers",
+    "domain_core.identity",
+    "domain_core.pki",
+    "domain_edge.audit",
 )
 
 
-def _import_domain_core_modules() -> None:
-    """Subclasses defined elsewhere in domain_core count, not just those in errors.py."""
-    for name in DOMAIN_CORE_MODULES:
-        importlib.import_module(f"domain_core.{name}")
+def _import_library_modules() -> None:
+    """Subclasses defined elsewhere in the core and the edge count, not just those in errors.py."""
+    for name in LIBRARY_MODULES:
+        importlib.import_module(name)
 
 
 def _all_subclasses(cls: type) -> list[type]:
@@ -46,11 +49,15 @@ def _all_subclasses(cls: type) -> list[type]:
     return found
 
 
-_import_domain_core_modules()
-# Only domain_core's own classes: which other packages happen to be imported depends on which
-# tests ran first, and a parametrization must not change with that.
+_import_library_modules()
+# Only the core's and the edge's own classes: which other packages happen to be imported
+# depends on which tests ran first, and a parametrization must not change with that.
 ALL_ERRORS = sorted(
-    {c for c in _all_subclasses(HsmDomainError) if c.__module__.startswith("domain_core.")},
+    {
+        c
+        for c in _all_subclasses(HsmDomainError)
+        if c.__module__.startswith(("domain_core.", "domain_edge."))
+    },
     key=lambda c: c.__qualname__,
 )
 
@@ -68,11 +75,12 @@ def test_hierarchy_is_not_empty() -> None:
 
 @pytest.mark.parametrize("cls", ALL_ERRORS, ids=lambda c: c.__qualname__)
 def test_every_error_maps_to_one_status(cls: type[HsmDomainError]) -> None:
-    assert isinstance(cls.grpc_status, grpc.StatusCode)
+    assert isinstance(cls.status, Status)
     # INTERNAL is for bugs, not for errors the domain raises on purpose.
-    assert cls.grpc_status is not grpc.StatusCode.INTERNAL, f"{cls.__name__} maps to INTERNAL"
+    assert cls.status is not Status.INTERNAL, f"{cls.__name__} maps to INTERNAL"
     error = cls.__new__(cls)  # whatever its constructor needs, the status is per class
-    assert status_for(error) is cls.grpc_status
+    assert status_for(error) is cls.status
+    assert grpc_status_for(error) is GRPC_STATUS[cls.status]
     assert not isinstance(error, ValueError | TypeError | RuntimeError)
     assert (cls.__doc__ or "").strip(), f"{cls.__name__} has no docstring"
 
@@ -124,8 +132,16 @@ EXPECTED = {
 @pytest.mark.parametrize(("name", "status"), sorted(EXPECTED.items()))
 def test_status_table(name: str, status: grpc.StatusCode) -> None:
     cls = getattr(errors, name)
-    assert cls.grpc_status is status
-    assert status_for(_instance(cls)) is status
+    assert cls.status.name == status.name
+    assert status_for(_instance(cls)) is cls.status
+    assert grpc_status_for(_instance(cls)) is status
+
+
+def test_the_edge_maps_every_status_to_the_grpc_code_of_its_name() -> None:
+    assert set(GRPC_STATUS) == set(Status)
+    for status, code in GRPC_STATUS.items():
+        assert code is grpc.StatusCode[status.name]
+        assert status.value == status.name
 
 
 @pytest.mark.parametrize(
@@ -172,8 +188,10 @@ def test_message_is_the_string() -> None:
     "error", [ValueError(), TypeError("x"), RuntimeError(), KeyError("k"), Exception()]
 )
 def test_foreign_errors_are_internal(error: BaseException) -> None:
-    assert status_for(error) is grpc.StatusCode.INTERNAL
+    assert status_for(error) is Status.INTERNAL
+    assert grpc_status_for(error) is grpc.StatusCode.INTERNAL
 
 
 def test_base_error_is_internal() -> None:
-    assert status_for(HsmDomainError("bug")) is grpc.StatusCode.INTERNAL
+    assert status_for(HsmDomainError("bug")) is Status.INTERNAL
+    assert grpc_status_for(HsmDomainError("bug")) is grpc.StatusCode.INTERNAL

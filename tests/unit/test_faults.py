@@ -10,7 +10,7 @@ import logging
 
 import pytest
 
-from domain_core import faults
+from domain_edge import faults
 
 pytestmark = pytest.mark.unit
 

@@ -13,7 +13,7 @@ from domain_core.errors import (
     TransitionMismatchError,
     UnknownSignerError,
 )
-from domain_core.pb import domain_pb2
+from domain_proto import domain_pb2
 
 pytestmark = pytest.mark.unit
 

@@ -15,16 +15,22 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from domain_core.errors import TokenError, TokenNotFoundError
 from domain_core.identity import (
-    AGREEMENT_KEY_FILE,
-    HOST_FILE,
-    SIGNING_KEY_FILE,
-    TLS_CERTIFICATE_FILE,
-    TLS_KEY_FILE,
     HostIdentity,
     validate_host_id,
 )
 from domain_core.pki import DomainCA
 from domain_core.signers import InMemorySigner, SignatureAlgorithm
+from domain_edge.identity_files import (
+    AGREEMENT_KEY_FILE,
+    HOST_FILE,
+    SIGNING_KEY_FILE,
+    TLS_CERTIFICATE_FILE,
+    TLS_KEY_FILE,
+    load_host_certificate,
+    load_host_identity,
+    save_host_certificate,
+    save_host_identity,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -44,7 +50,7 @@ def identity() -> HostIdentity:
 @pytest.fixture
 def saved(tmp_path: Path, identity: HostIdentity) -> Path:
     directory = tmp_path / "hsa-1"
-    identity.save(directory)
+    save_host_identity(identity, directory)
     return directory
 
 
@@ -87,7 +93,7 @@ def test_valid_host_ids(host_id: str) -> None:
 
 
 def test_save_load_roundtrip(saved: Path, identity: HostIdentity) -> None:
-    loaded = HostIdentity.load(saved)
+    loaded = load_host_identity(saved)
     assert loaded.host_id == identity.host_id
     assert loaded.signing_public_key == identity.signing_public_key
     assert loaded.agreement_public_key == identity.agreement_public_key
@@ -119,19 +125,19 @@ def test_public_file_holds_no_secret(saved: Path, identity: HostIdentity) -> Non
 def test_load_refuses_secret_file_open_to_others(saved: Path, name: str, loose: int) -> None:
     os.chmod(saved / name, loose)
     with pytest.raises(TokenError, match="chmod 600"):
-        HostIdentity.load(saved)
+        load_host_identity(saved)
 
 
 def test_load_accepts_0400(saved: Path) -> None:
     for name in SECRET_FILES:
         os.chmod(saved / name, 0o400)
-    HostIdentity.load(saved)
+    load_host_identity(saved)
 
 
 def test_save_refuses_to_overwrite(saved: Path) -> None:
     before = {p.name: p.read_bytes() for p in saved.iterdir()}
     with pytest.raises(ValueError, match="refusing to overwrite"):
-        HostIdentity.generate("hsa-1").save(saved)
+        save_host_identity(HostIdentity.generate("hsa-1"), saved)
     assert {p.name: p.read_bytes() for p in saved.iterdir()} == before
 
 
@@ -139,13 +145,13 @@ def test_save_refuses_to_overwrite(saved: Path) -> None:
 def test_save_refuses_if_any_file_exists(tmp_path: Path, name: str) -> None:
     (tmp_path / name).write_bytes(b"old")
     with pytest.raises(ValueError, match="refusing to overwrite"):
-        HostIdentity.generate("hsa-1").save(tmp_path)
+        save_host_identity(HostIdentity.generate("hsa-1"), tmp_path)
     assert (tmp_path / name).read_bytes() == b"old"
 
 
 def test_save_into_existing_directory_keeps_its_mode(tmp_path: Path) -> None:
     os.chmod(tmp_path, 0o755)  # noqa: S103 (a shared parent directory, on purpose)
-    HostIdentity.generate("hsa-1").save(tmp_path)
+    save_host_identity(HostIdentity.generate("hsa-1"), tmp_path)
     assert mode(tmp_path) == 0o755
     assert all(mode(tmp_path / name) == 0o600 for name in SECRET_FILES)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
@@ -155,32 +161,32 @@ def test_save_into_existing_directory_keeps_its_mode(tmp_path: Path) -> None:
 def test_load_missing_file(saved: Path, name: str) -> None:
     (saved / name).unlink()
     with pytest.raises(TokenNotFoundError):
-        HostIdentity.load(saved)
+        load_host_identity(saved)
 
 
 def test_load_missing_directory(tmp_path: Path) -> None:
     with pytest.raises(TokenNotFoundError):
-        HostIdentity.load(tmp_path / "nothing")
+        load_host_identity(tmp_path / "nothing")
 
 
 @pytest.mark.parametrize("field", ["signing_public_key", "agreement_public_key", "tls_public_key"])
 def test_load_refuses_public_file_not_matching_keys(saved: Path, field: str) -> None:
     other = HostIdentity.generate("hsa-1")
     other_dir = saved.parent / "other"
-    other.save(other_dir)
+    save_host_identity(other, other_dir)
     document = json.loads((saved / HOST_FILE).read_text())
     document[field] = json.loads((other_dir / HOST_FILE).read_text())[field]
     (saved / HOST_FILE).write_text(json.dumps(document))
     with pytest.raises(TokenError, match=field):
-        HostIdentity.load(saved)
+        load_host_identity(saved)
 
 
 def test_load_refuses_swapped_secret_file(saved: Path) -> None:
     other_dir = saved.parent / "other"
-    HostIdentity.generate("hsa-1").save(other_dir)
+    save_host_identity(HostIdentity.generate("hsa-1"), other_dir)
     os.replace(other_dir / TLS_KEY_FILE, saved / TLS_KEY_FILE)
     with pytest.raises(TokenError, match="tls_public_key"):
-        HostIdentity.load(saved)
+        load_host_identity(saved)
 
 
 @pytest.mark.parametrize(
@@ -197,7 +203,7 @@ def test_load_refuses_swapped_secret_file(saved: Path) -> None:
 def test_load_refuses_malformed_files(saved: Path, name: str, content: bytes) -> None:
     (saved / name).write_bytes(content)
     with pytest.raises(TokenError) as info:
-        HostIdentity.load(saved)
+        load_host_identity(saved)
     assert "garbage" not in str(info.value)
 
 
@@ -206,7 +212,7 @@ def test_load_refuses_wrong_key_types(saved: Path) -> None:
     pem = InMemorySigner.generate(SignatureAlgorithm.ECDSA_P256).private_pkcs8_pem()
     (saved / SIGNING_KEY_FILE).write_bytes(pem)
     with pytest.raises(TokenError, match="Ed25519"):
-        HostIdentity.load(saved)
+        load_host_identity(saved)
 
 
 def test_load_refuses_edited_host_id(saved: Path) -> None:
@@ -214,7 +220,7 @@ def test_load_refuses_edited_host_id(saved: Path) -> None:
     document["host_id"] = "Bad Host"
     (saved / HOST_FILE).write_text(json.dumps(document))
     with pytest.raises(TokenError, match="host id"):
-        HostIdentity.load(saved)
+        load_host_identity(saved)
 
 
 def test_repr_holds_no_secret(identity: HostIdentity) -> None:
@@ -227,13 +233,13 @@ def test_repr_holds_no_secret(identity: HostIdentity) -> None:
 def test_certificate_save_and_load(saved: Path, identity: HostIdentity) -> None:
     ca = DomainCA.create("example.org", now=NOW)
     cert = ca.issue(identity.spiffe_id("example.org"), identity.tls_public_key, now=NOW)
-    identity.save_certificate(saved, cert)
+    save_host_certificate(identity, saved, cert)
     assert mode(saved / TLS_CERTIFICATE_FILE) == 0o644
-    assert identity.load_certificate(saved) == cert
+    assert load_host_certificate(identity, saved) == cert
     # renewal replaces the old certificate
     renewed = ca.issue(identity.spiffe_id("example.org"), identity.tls_public_key, now=NOW)
-    identity.save_certificate(saved, renewed)
-    assert HostIdentity.load(saved).load_certificate(saved) == renewed
+    save_host_certificate(identity, saved, renewed)
+    assert load_host_certificate(load_host_identity(saved), saved) == renewed
 
 
 def test_certificate_for_another_key_is_refused(saved: Path, identity: HostIdentity) -> None:
@@ -241,12 +247,12 @@ def test_certificate_for_another_key_is_refused(saved: Path, identity: HostIdent
     stranger = ec.generate_private_key(ec.SECP256R1()).public_key()
     cert = ca.issue(identity.spiffe_id("example.org"), stranger, now=NOW)
     with pytest.raises(ValueError, match="not for this host"):
-        identity.save_certificate(saved, cert)
+        save_host_certificate(identity, saved, cert)
     (saved / TLS_CERTIFICATE_FILE).write_bytes(cert)
     with pytest.raises(TokenError, match="not a certificate for this host"):
-        identity.load_certificate(saved)
+        load_host_certificate(identity, saved)
 
 
 def test_missing_certificate(saved: Path, identity: HostIdentity) -> None:
     with pytest.raises(TokenNotFoundError, match="enroll"):
-        identity.load_certificate(saved)
+        load_host_certificate(identity, saved)

@@ -19,8 +19,8 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from domain_core import crypto, keytokens, policy
 from domain_core.errors import FailedPreconditionError, UnavailableError
-from domain_core.pb import keys_pb2
 from domain_core.signers import InMemorySigner
+from domain_proto import keys_pb2
 from hsa_node.keycache import KeyCache
 from hsa_node.keyfloors import FloorChange, KeyRollbackError, MetadataVersionFloor
 from hsa_node.node import DomainKeys

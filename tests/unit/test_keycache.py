@@ -24,8 +24,8 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from domain_core import crypto, keytokens, policy
 from domain_core.errors import FailedPreconditionError, PermissionDeniedError, UnavailableError
-from domain_core.pb import keys_pb2
 from domain_core.signers import InMemorySigner
+from domain_proto import keys_pb2
 from hsa_node.keycache import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_ENTRIES,

@@ -30,8 +30,8 @@ from domain_core.keylifecycle import (
     set_state,
 )
 from domain_core.limits import Limits
-from domain_core.pb import keys_pb2
 from domain_core.policy import default_policy
+from domain_proto import keys_pb2
 
 pytestmark = pytest.mark.unit
 

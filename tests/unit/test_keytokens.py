@@ -30,9 +30,9 @@ from domain_core.keytokens import (
     verify_key_record_signature,
     wrap_backing_key,
 )
-from domain_core.pb import keys_pb2
 from domain_core.policy import default_policy
 from domain_core.signers import InMemorySigner, PublicKey
+from domain_proto import keys_pb2
 
 pytestmark = pytest.mark.unit
 

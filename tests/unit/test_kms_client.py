@@ -29,8 +29,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from domain_core import ciphertext, crypto, envelope, kms_cli
-from domain_core.client import error_from_rpc
+from domain_core import ciphertext, crypto, envelope
 from domain_core.errors import (
     ConflictError,
     FailedPreconditionError,
@@ -43,7 +42,9 @@ from domain_core.errors import (
     StaleProposalError,
     UnavailableError,
 )
-from domain_core.kms_client import (
+from domain_core.pki import DomainCA, SpiffeId
+from domain_edge.client import error_from_rpc
+from domain_edge.kms_client import (
     ADMIN_METHODS,
     IDEMPOTENT_METHODS,
     KeyClient,
@@ -55,9 +56,9 @@ from domain_core.kms_client import (
     policy_to_json,
     retryable,
 )
-from domain_core.pb import keys_pb2, services_pb2, services_pb2_grpc
-from domain_core.pki import DomainCA, SpiffeId
-from domain_core.transport import TlsMaterial, make_server, server_credentials
+from domain_edge.transport import TlsMaterial, make_server, server_credentials
+from domain_proto import keys_pb2, services_pb2, services_pb2_grpc
+from kms_tool import cli as kms_cli
 
 unit = pytest.mark.unit
 integration = pytest.mark.integration

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from domain_core.config import CoordinatorConfig, NodeConfig
 from domain_core.errors import InvalidInputError
-from domain_core.limits import DEFAULT_LIMITS, Limits, RateLimiter
+from domain_core.limits import DEFAULT_LIMITS, Limits
+from domain_edge.config import CoordinatorConfig, NodeConfig
+from domain_edge.rate_limit import RateLimiter
 
 pytestmark = pytest.mark.unit
 

@@ -17,8 +17,8 @@ from domain_core.canonical import PayloadType
 from domain_core.errors import InvalidInputError, LimitExceededError, MalformedMessageError
 from domain_core.limits import DEFAULT_LIMITS, Limits
 from domain_core.model import Manifest, Proposal, SealedState
-from domain_core.pb import domain_pb2
 from domain_core.signers import InMemorySigner, SignatureAlgorithm
+from domain_proto import domain_pb2
 
 pytestmark = pytest.mark.unit
 

@@ -32,7 +32,7 @@ from domain_core.errors import (
     UnknownSignerError,
 )
 from domain_core.model import Proposal, SealedState, default_settings
-from domain_core.pb import domain_pb2
+from domain_proto import domain_pb2
 from operator_tool._render import (
     change_json,
     change_lines,

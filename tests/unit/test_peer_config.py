@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from domain_core.config import NodeConfig, TlsFiles
 from domain_core.errors import InvalidInputError
+from domain_edge.config import NodeConfig, TlsFiles
 
 pytestmark = pytest.mark.unit
 

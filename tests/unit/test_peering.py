@@ -20,7 +20,7 @@ from domain_core.errors import (
     MalformedMessageError,
     UnknownSignerError,
 )
-from domain_core.pb import services_pb2
+from domain_proto import services_pb2
 
 pytestmark = pytest.mark.unit
 

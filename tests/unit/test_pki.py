@@ -26,8 +26,6 @@ from domain_core.errors import (
     WrongPassphraseError,
 )
 from domain_core.pki import (
-    CA_CERTIFICATE_FILE,
-    CA_KEY_FILE,
     DomainCA,
     PeerIdentity,
     SpiffeId,
@@ -40,6 +38,12 @@ from domain_core.pki import (
     spiffe_id_from_certificate,
     spiffe_id_from_san_values,
     verify_certificate_chain,
+)
+from domain_edge.ca_files import (
+    CA_CERTIFICATE_FILE,
+    CA_KEY_FILE,
+    load_domain_ca,
+    save_domain_ca,
 )
 
 pytestmark = pytest.mark.unit
@@ -495,6 +499,7 @@ def test_peer_identity_cache_never_answers_for_another_certificate(ca: DomainCA)
 
 def test_peer_identity_cache_is_bounded_and_keeps_no_failure(ca: DomainCA) -> None:
     from domain_core import pki
+    from domain_core.pki import _certificates
 
     bad = self_signed([x509.DNSName("localhost")])
     for _ in range(2):  # a refusal is not remembered: it is refused again, with its reason
@@ -502,7 +507,7 @@ def test_peer_identity_cache_is_bounded_and_keeps_no_failure(ca: DomainCA) -> No
             peer_identity({"x509_pem_cert": [bad]})
     with pytest.raises(UnauthenticatedError, match="does not parse"):
         peer_identity({"x509_pem_cert": [b"-----BEGIN CERTIFICATE-----\ngarbage"]})
-    info = pki._identity_of_certificate.cache_info()
+    info = _certificates._identity_of_certificate.cache_info()
     assert info.maxsize == pki.PEER_IDENTITY_CACHE_ENTRIES
     assert info.currsize <= info.maxsize
 
@@ -577,11 +582,11 @@ def mode(path: Path) -> int:
 
 def test_ca_save_load_roundtrip(tmp_path: Path, ca: DomainCA) -> None:
     directory = tmp_path / "ca"
-    ca.save(directory)
+    save_domain_ca(ca, directory)
     assert mode(directory) == 0o700
     assert mode(directory / CA_KEY_FILE) == 0o600
     assert mode(directory / CA_CERTIFICATE_FILE) == 0o644
-    loaded = DomainCA.load(directory)
+    loaded = load_domain_ca(directory)
     assert loaded.certificate_pem == ca.certificate_pem
     assert loaded.domain_id == DOMAIN
     pem = loaded.issue(SpiffeId(DOMAIN, "client", "c"), p256_public(), now=NOW)
@@ -589,48 +594,48 @@ def test_ca_save_load_roundtrip(tmp_path: Path, ca: DomainCA) -> None:
 
 
 def test_ca_save_refuses_to_overwrite(tmp_path: Path, ca: DomainCA) -> None:
-    ca.save(tmp_path)
+    save_domain_ca(ca, tmp_path)
     before = (tmp_path / CA_KEY_FILE).read_bytes()
     with pytest.raises(ValueError, match="refusing to overwrite"):
-        DomainCA.create(DOMAIN, now=NOW).save(tmp_path)
+        save_domain_ca(DomainCA.create(DOMAIN, now=NOW), tmp_path)
     assert (tmp_path / CA_KEY_FILE).read_bytes() == before
 
 
 def test_ca_load_refuses_loose_key_file(tmp_path: Path, ca: DomainCA) -> None:
-    ca.save(tmp_path)
+    save_domain_ca(ca, tmp_path)
     os.chmod(tmp_path / CA_KEY_FILE, 0o644)
     with pytest.raises(TokenError, match="chmod 600"):
-        DomainCA.load(tmp_path)
+        load_domain_ca(tmp_path)
 
 
 def test_ca_load_missing(tmp_path: Path, ca: DomainCA) -> None:
     with pytest.raises(TokenNotFoundError):
-        DomainCA.load(tmp_path)
-    ca.save(tmp_path)
+        load_domain_ca(tmp_path)
+    save_domain_ca(ca, tmp_path)
     (tmp_path / CA_KEY_FILE).unlink()
     with pytest.raises(TokenNotFoundError):
-        DomainCA.load(tmp_path)
+        load_domain_ca(tmp_path)
 
 
 def test_ca_load_refuses_mismatched_key(tmp_path: Path, ca: DomainCA, other_ca: DomainCA) -> None:
-    ca.save(tmp_path / "a")
-    other_ca.save(tmp_path / "b")
+    save_domain_ca(ca, tmp_path / "a")
+    save_domain_ca(other_ca, tmp_path / "b")
     os.replace(tmp_path / "b" / CA_KEY_FILE, tmp_path / "a" / CA_KEY_FILE)
     with pytest.raises(TokenError, match="does not match"):
-        DomainCA.load(tmp_path / "a")
+        load_domain_ca(tmp_path / "a")
 
 
 def test_ca_with_passphrase(tmp_path: Path, ca: DomainCA) -> None:
     passphrase = b"ca passphrase 91c2e"
-    ca.save(tmp_path, passphrase=passphrase)
+    save_domain_ca(ca, tmp_path, passphrase=passphrase)
     assert passphrase not in (tmp_path / CA_KEY_FILE).read_bytes()
     assert b"ENCRYPTED PRIVATE KEY" in (tmp_path / CA_KEY_FILE).read_bytes()
     with pytest.raises(TokenError, match="encrypted"):
-        DomainCA.load(tmp_path)
+        load_domain_ca(tmp_path)
     with pytest.raises(WrongPassphraseError) as info:
-        DomainCA.load(tmp_path, passphrase=b"wrong")
+        load_domain_ca(tmp_path, passphrase=b"wrong")
     assert passphrase.decode() not in str(info.value)
-    assert DomainCA.load(tmp_path, passphrase=lambda: passphrase).domain_id == DOMAIN
+    assert load_domain_ca(tmp_path, passphrase=lambda: passphrase).domain_id == DOMAIN
 
 
 def test_ca_repr_has_no_key(ca: DomainCA) -> None:

@@ -10,7 +10,6 @@ from hypothesis import strategies as st
 
 from domain_core.errors import InvalidInputError, LimitExceededError, PermissionDeniedError
 from domain_core.limits import Limits
-from domain_core.pb import keys_pb2
 from domain_core.policy import (
     ALL_OPERATIONS,
     allowed,
@@ -21,6 +20,7 @@ from domain_core.policy import (
     require_granted,
     validate_policy,
 )
+from domain_proto import keys_pb2
 
 pytestmark = pytest.mark.unit
 

@@ -8,7 +8,7 @@ from support.simulator import SimulatedDomain
 
 from domain_core import producing, sealing
 from domain_core.errors import FailedPreconditionError, QuorumNotMetError, RotationNotDueError
-from domain_core.pb import domain_pb2
+from domain_proto import domain_pb2
 
 pytestmark = pytest.mark.unit
 

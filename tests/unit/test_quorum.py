@@ -21,8 +21,8 @@ from domain_core.errors import (
     WrongDomainError,
 )
 from domain_core.model import Proposal, change_type_name, operator_public_key
-from domain_core.pb import domain_pb2
 from domain_core.signers import SignatureAlgorithm
+from domain_proto import domain_pb2
 
 pytestmark = pytest.mark.unit
 

@@ -24,18 +24,20 @@ from support.simulator import SimulatedDomain
 from bench.verification import ChainBuilder
 from deploy.localdomain import FAST_SCRYPT_N
 from domain_core import ciphertext, crypto
-from domain_core.audit import AuditLog
 from domain_core.envelope import EnvelopeDecryptor, EnvelopeEncryptor, parse_envelope_header
 from domain_core.identity import HostIdentity
-from domain_core.pb import keys_pb2
 from domain_core.pki import DomainCA
 from domain_core.signers import (
     InMemorySigner,
     SignatureAlgorithm,
+)
+from domain_edge.audit import AuditLog
+from domain_edge.file_tokens import (
     create_file_token,
     load_file_token,
 )
-from domain_core.transport import TlsMaterial
+from domain_edge.transport import TlsMaterial
+from domain_proto import keys_pb2
 from hsa_node.keycache import CachedKey
 from hsa_node.node import DomainKeys, SigningSnapshot
 

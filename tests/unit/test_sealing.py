@@ -12,7 +12,7 @@ from support.simulator import MaliciousCoordinator, SimulatedDomain, flip_bit, n
 from domain_core import crypto, sealing
 from domain_core.errors import InvalidKeyTokenError, UnknownHostError
 from domain_core.model import SealedState, state_hash
-from domain_core.pb import domain_pb2
+from domain_proto import domain_pb2
 
 pytestmark = pytest.mark.unit
 

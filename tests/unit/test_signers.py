@@ -37,11 +37,13 @@ from domain_core.errors import (
     WrongPassphraseError,
 )
 from domain_core.signers import (
-    DEFAULT_SCRYPT_N,
-    FileTokenSigner,
     InMemorySigner,
     PublicKey,
     SignatureAlgorithm,
+)
+from domain_edge.file_tokens import (
+    DEFAULT_SCRYPT_N,
+    FileTokenSigner,
     create_file_token,
     load_file_token,
     read_file_token_public,

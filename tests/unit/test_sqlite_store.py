@@ -589,7 +589,7 @@ def test_closed_proposals_are_purged_after_the_retention_once_expired(
 
 
 def test_proposals_of_an_older_store_file_get_their_columns(db_path: Path) -> None:
-    from domain_core.pb import domain_pb2
+    from domain_proto import domain_pb2
 
     def proposal(proposer: str, version: int) -> bytes:
         return domain_pb2.Proposal(

@@ -18,12 +18,14 @@ from domain_core.errors import (
     WrongPassphraseError,
 )
 from domain_core.signers import (
-    FileTokenSigner,
     InMemorySigner,
     SignatureAlgorithm,
+)
+from domain_edge.file_tokens import (
+    FileTokenSigner,
     create_file_token,
 )
-from domain_core.tokens import (
+from domain_edge.tokens import (
     MODULE_ENV,
     OPERATOR_PUBLIC_FORMAT,
     FileTokenRef,

@@ -26,8 +26,8 @@ from domain_core.errors import (
 )
 from domain_core.limits import Limits
 from domain_core.model import Proposal
-from domain_core.pb import domain_pb2
 from domain_core.signers import SignatureAlgorithm
+from domain_proto import domain_pb2
 
 pytestmark = pytest.mark.unit
 

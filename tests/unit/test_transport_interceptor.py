@@ -1,4 +1,4 @@
-"""domain_core.transport.ErrorMappingInterceptor: one status per error, wrapped handlers reused.
+"""domain_edge.transport.ErrorMappingInterceptor: one status per error, wrapped handlers reused.
 
 The interceptor runs for every call; it keeps the wrapped handler of a method with the very
 handler object it wraps, so these tests check that it is reused only for that object, and
@@ -15,8 +15,8 @@ import grpc
 import pytest
 
 from domain_core.errors import NotFoundError, PermissionDeniedError
-from domain_core.pb import services_pb2
-from domain_core.transport import ErrorMappingInterceptor
+from domain_edge.transport import ErrorMappingInterceptor
+from domain_proto import services_pb2
 
 pytestmark = pytest.mark.unit
 

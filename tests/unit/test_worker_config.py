@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from deploy.cluster import read_ready_file
-from domain_core.config import MAX_KEY_SERVICE_WORKERS, NodeConfig, TlsFiles, check_worker_count
 from domain_core.errors import InvalidInputError
+from domain_edge.config import MAX_KEY_SERVICE_WORKERS, NodeConfig, TlsFiles, check_worker_count
 from hsa_node.__main__ import main
 
 pytestmark = pytest.mark.unit

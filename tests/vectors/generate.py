@@ -16,8 +16,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from domain_core import canonical, crypto, enrollment, model, quorum
 from domain_core.canonical import PayloadType
-from domain_core.pb import domain_pb2
 from domain_core.signers import InMemorySigner
+from domain_proto import domain_pb2
 
 OUT = Path(__file__).with_name("canonical.json")
 

@@ -16,8 +16,8 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from domain_core import ciphertext, envelope, keytokens
-from domain_core.pb import keys_pb2
 from domain_core.signers import InMemorySigner
+from domain_proto import keys_pb2
 
 OUT = Path(__file__).with_name("ciphertext_vectors.json")
 

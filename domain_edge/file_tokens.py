@@ -1,0 +1,345 @@
+"""File tokens: an operator's signing key in a passphrase-encrypted file (`signers.Signer`).
+
+Invariants kept here:
+- a file token is a JSON header plus AES-256-GCM ciphertext of the PKCS#8 private key under a
+  scrypt-derived key, with every header field bound as associated data, so an edited name,
+  algorithm, public key or KDF parameter is detected; a hostile file cannot make loading cost
+  more than scrypt with n = 2**20;
+- a token file is created 0600 with O_EXCL and fsynced, and never overwrites another file;
+- the file is checked before the passphrase is asked for, and the passphrase comes as bytes or
+  through a callback called once;
+- no key or passphrase ever appears in a message, repr or log.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from cryptography.exceptions import InvalidTag, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+
+from domain_core.errors import (
+    AlreadyExistsError,
+    InvalidInputError,
+    MalformedMessageError,
+    TokenError,
+    TokenNotFoundError,
+    WrongPassphraseError,
+)
+from domain_core.signers import InMemorySigner, PublicKey, SignatureAlgorithm
+
+__all__ = [
+    "DEFAULT_SCRYPT_N",
+    "FILE_TOKEN_FORMAT",
+    "FILE_TOKEN_VERSION",
+    "MAX_SCRYPT_N",
+    "MIN_SCRYPT_N",
+    "FileTokenSigner",
+    "create_file_token",
+    "load_file_token",
+    "read_file_token_public",
+]
+
+_PrivateKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey
+
+FILE_TOKEN_FORMAT: Final = "hsm-domain-file-token"  # noqa: S105 (a format tag, not a secret)
+FILE_TOKEN_VERSION: Final = 1
+MIN_SCRYPT_N: Final = 2**14
+MAX_SCRYPT_N: Final = 2**20
+# The cost of new tokens: 128 MiB and a few tenths of a second per opening. A token keeps the
+# n it was made with (its header), so older tokens open as before; tests pass a cheaper n.
+DEFAULT_SCRYPT_N: Final = 2**17
+_SCRYPT_R: Final = 8
+_SCRYPT_P: Final = 1
+_SALT_SIZE: Final = 16
+_NONCE_SIZE: Final = 12
+_MAX_TOKEN_FILE_SIZE: Final = 64 * 1024
+_MAX_NAME_LENGTH: Final = 128
+_HEADER_KEYS: Final = frozenset(
+    {"format", "version", "name", "algorithm", "public_key", "kdf", "nonce", "ciphertext"}
+)
+_KDF_KEYS: Final = frozenset({"name", "n", "r", "p", "salt"})
+
+
+class FileTokenSigner(InMemorySigner):
+    """An opened file token: an in-memory signer that remembers its name and file."""
+
+    __slots__ = ("name", "path")
+
+    def __init__(self, private_key: _PrivateKey, *, name: str, path: Path) -> None:
+        super().__init__(private_key)
+        self.name = name
+        self.path = path
+
+    def __repr__(self) -> str:
+        return f"FileTokenSigner({self.name!r}, {self.algorithm.value}, key_id={self.key_id[:16]})"
+
+
+def _canonical_json(value: object) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def _check_token_name(name: str) -> None:
+    if not isinstance(name, str):
+        raise TypeError("name must be a str")
+    if not 1 <= len(name) <= _MAX_NAME_LENGTH or not name.isprintable():
+        raise InvalidInputError(f"token name must be 1 to {_MAX_NAME_LENGTH} printable characters")
+
+
+def _check_passphrase(passphrase: object) -> bytes:
+    if not isinstance(passphrase, bytes):
+        raise TypeError("the passphrase must be bytes")
+    return passphrase
+
+
+def _derive_file_key(passphrase: bytes, salt: bytes, n: int) -> bytes:
+    return Scrypt(salt=salt, length=32, n=n, r=_SCRYPT_R, p=_SCRYPT_P).derive(passphrase)
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def create_file_token(
+    path: Path,
+    algorithm: SignatureAlgorithm,
+    passphrase: bytes,
+    *,
+    name: str,
+    scrypt_n: int = DEFAULT_SCRYPT_N,
+) -> PublicKey:
+    """Create a passphrase-encrypted key file with a fresh key at `path`; return its public key.
+
+    The file is created 0600 and never overwrites an existing one (AlreadyExistsError).
+    `scrypt_n` is the key derivation's cost (a power of two, 2**14 to 2**20); anything below
+    the default is for tests and throwaway demos only.
+    """
+    path = Path(path)
+    algorithm = SignatureAlgorithm(algorithm)
+    _check_token_name(name)
+    _check_passphrase(passphrase)
+    if not passphrase:
+        raise InvalidInputError("the passphrase is empty; choose a non-empty passphrase")
+    if (
+        isinstance(scrypt_n, bool)
+        or not isinstance(scrypt_n, int)
+        or not MIN_SCRYPT_N <= scrypt_n <= MAX_SCRYPT_N
+        or scrypt_n & (scrypt_n - 1)
+    ):
+        raise ValueError(f"scrypt_n must be a power of two in [2**14, 2**20], not {scrypt_n!r}")
+    signer = InMemorySigner.generate(algorithm)
+    salt = secrets.token_bytes(_SALT_SIZE)
+    nonce = secrets.token_bytes(_NONCE_SIZE)
+    header: dict[str, object] = {
+        "format": FILE_TOKEN_FORMAT,
+        "version": FILE_TOKEN_VERSION,
+        "name": name,
+        "algorithm": algorithm.value,
+        "public_key": _b64(signer.public_key.spki_der),
+        "kdf": {
+            "name": "scrypt",
+            "n": scrypt_n,
+            "r": _SCRYPT_R,
+            "p": _SCRYPT_P,
+            "salt": _b64(salt),
+        },
+        "nonce": _b64(nonce),
+    }
+    file_key = _derive_file_key(passphrase, salt, scrypt_n)
+    ciphertext = AESGCM(file_key).encrypt(
+        nonce, signer.private_pkcs8_der(), _canonical_json(header)
+    )
+    document = dict(header, ciphertext=_b64(ciphertext))
+    content = (json.dumps(document, indent=2, sort_keys=True) + "\n").encode("ascii")
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    except FileExistsError:
+        raise AlreadyExistsError(
+            f"a file exists already at {path}; choose another path (tokens are never overwritten)"
+        ) from None
+    try:
+        with os.fdopen(fd, "wb") as out:
+            os.fchmod(out.fileno(), 0o600)
+            out.write(content)
+            out.flush()
+            os.fsync(out.fileno())
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return signer.public_key
+
+
+@dataclass(frozen=True)
+class _TokenHeader:
+    name: str
+    public_key: PublicKey
+    scrypt_n: int
+    salt: bytes
+    nonce: bytes
+    ciphertext: bytes
+    associated_data: bytes
+
+
+def _read_token_header(path: Path) -> _TokenHeader:
+    """Read and validate a token file's header; nothing here needs the passphrase."""
+    path = Path(path)
+    data = _read_token_bytes(path)
+
+    def bad(what: str) -> TokenError:
+        return TokenError(f"token file {path} is malformed: {what}")
+
+    try:
+        document = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        raise bad("not JSON") from None
+    if not isinstance(document, dict):
+        raise bad("not a JSON object")
+    if document.get("format") != FILE_TOKEN_FORMAT:
+        raise bad(f"format is not {FILE_TOKEN_FORMAT!r}")
+    version = document.get("version")
+    if type(version) is not int or version != FILE_TOKEN_VERSION:
+        raise bad(f"version is not {FILE_TOKEN_VERSION}")
+    if set(document) != _HEADER_KEYS:
+        missing = sorted(_HEADER_KEYS - set(document))
+        extra = sorted(str(k)[:40] for k in set(document) - _HEADER_KEYS)
+        raise bad(f"fields missing {missing}, unexpected {extra}")
+    name, public_key = _token_identity(document, bad)
+    n, salt = _token_kdf(document["kdf"], bad)
+    nonce = _b64field(document["nonce"], "nonce", bad)
+    if len(nonce) != _NONCE_SIZE:
+        raise bad(f"nonce is not {_NONCE_SIZE} bytes")
+    ciphertext = _b64field(document["ciphertext"], "ciphertext", bad)
+    if len(ciphertext) <= 16:
+        raise bad("ciphertext is too short")
+    header = {k: v for k, v in document.items() if k != "ciphertext"}
+    return _TokenHeader(
+        name=name,
+        public_key=public_key,
+        scrypt_n=n,
+        salt=salt,
+        nonce=nonce,
+        ciphertext=ciphertext,
+        associated_data=_canonical_json(header),
+    )
+
+
+def _read_token_bytes(path: Path) -> bytes:
+    """A token file's bytes, at most `_MAX_TOKEN_FILE_SIZE` of them."""
+    try:
+        with path.open("rb") as f:
+            data = f.read(_MAX_TOKEN_FILE_SIZE + 1)
+    except FileNotFoundError:
+        raise TokenNotFoundError(
+            f"no token file at {path}; check the path or create one with `hsm-operator`"
+        ) from None
+    except OSError as exc:
+        raise TokenError(f"cannot read token file {path}: {exc.strerror}") from None
+    if len(data) > _MAX_TOKEN_FILE_SIZE:
+        raise TokenError(f"token file {path} is larger than {_MAX_TOKEN_FILE_SIZE} bytes")
+    return data
+
+
+def _b64field(value: object, label: str, bad: Callable[[str], TokenError]) -> bytes:
+    """A base64 field of a token file's header; `bad(what)` makes the error."""
+    if not isinstance(value, str):
+        raise bad(f"{label} is not a base64 string")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise bad(f"{label} is not valid base64") from None
+
+
+def _token_identity(
+    document: dict[str, Any], bad: Callable[[str], TokenError]
+) -> tuple[str, PublicKey]:
+    """The name and public key a token file's header claims (unauthenticated until the key
+    is opened)."""
+    name = document["name"]
+    if (
+        not isinstance(name, str)
+        or not 1 <= len(name) <= _MAX_NAME_LENGTH
+        or not name.isprintable()
+    ):
+        raise bad(f"name is not a string of 1 to {_MAX_NAME_LENGTH} printable characters")
+    algorithm_value = document["algorithm"]
+    try:
+        algorithm = SignatureAlgorithm(algorithm_value)
+    except ValueError:
+        raise bad(f"unknown algorithm {str(algorithm_value)[:40]!r}") from None
+    try:
+        public_key = PublicKey(algorithm, _b64field(document["public_key"], "public_key", bad))
+    except MalformedMessageError as exc:
+        raise bad(f"public_key: {exc.message}") from None
+    return name, public_key
+
+
+def _token_kdf(kdf: object, bad: Callable[[str], TokenError]) -> tuple[int, bytes]:
+    """The scrypt cost `n` and salt of a token file's header, within the bounds that keep a
+    hostile file from costing more than scrypt with n = 2**20."""
+    if not isinstance(kdf, dict) or set(kdf) != _KDF_KEYS:
+        raise bad(f"kdf must be an object with exactly {sorted(_KDF_KEYS)}")
+    if kdf["name"] != "scrypt":
+        raise bad("kdf name is not 'scrypt'")
+    n, r, p = kdf["n"], kdf["r"], kdf["p"]
+    if type(n) is not int or not MIN_SCRYPT_N <= n <= MAX_SCRYPT_N or n & (n - 1):
+        raise bad("scrypt n must be a power of two between 2**14 and 2**20")
+    if type(r) is not int or r != _SCRYPT_R or type(p) is not int or p != _SCRYPT_P:
+        raise bad(f"scrypt r and p must be {_SCRYPT_R} and {_SCRYPT_P}")
+    salt = _b64field(kdf["salt"], "kdf salt", bad)
+    if len(salt) != _SALT_SIZE:
+        raise bad(f"kdf salt is not {_SALT_SIZE} bytes")
+    return n, salt
+
+
+def read_file_token_public(path: Path) -> tuple[str, PublicKey]:
+    """The (name, public key) a token file claims, without the passphrase.
+
+    Unauthenticated: only `load_file_token` proves the header belongs to the encrypted key.
+    """
+    header = _read_token_header(path)
+    return header.name, header.public_key
+
+
+def load_file_token(path: Path, passphrase: bytes | Callable[[], bytes]) -> FileTokenSigner:
+    """Open a file token with its passphrase (or a callback that asks for it, called once).
+
+    The file is checked before the passphrase is asked for. Raises TokenNotFoundError,
+    TokenError (malformed or inconsistent file) or WrongPassphraseError.
+    """
+    path = Path(path)
+    header = _read_token_header(path)
+    secret = _check_passphrase(passphrase() if callable(passphrase) else passphrase)
+    file_key = _derive_file_key(secret, header.salt, header.scrypt_n)
+    try:
+        pkcs8 = AESGCM(file_key).decrypt(header.nonce, header.ciphertext, header.associated_data)
+    except InvalidTag:
+        raise WrongPassphraseError(
+            f"the passphrase does not open token {path}; check it "
+            "(if it is right, the file was altered)"
+        ) from None
+    try:
+        key = serialization.load_der_private_key(pkcs8, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise TokenError(f"token file {path} holds no valid private key") from None
+    if not isinstance(key, ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey):
+        raise TokenError(f"token file {path} holds a key that is neither Ed25519 nor EC P-256")
+    try:
+        signer = FileTokenSigner(key, name=header.name, path=path)
+    except ValueError:
+        raise TokenError(f"token file {path} holds an EC key on a curve other than P-256") from None
+    if signer.public_key != header.public_key:
+        raise TokenError(
+            f"token file {path} is inconsistent: its private key does not match its public key"
+        )
+    return signer

@@ -1,0 +1,220 @@
+"""Client channels: TLS material, the server a channel expects, and reading a failed call.
+
+Invariants: every client channel names the server it expects (`ExpectedServer`: any HSA, one
+HSA, the coordinator) and is built in one place (`secure_channel`, `channel_options`), so the
+TLS handshake accepts only a server whose domain-CA certificate carries the DNS name the CA
+derives from that role or identity; `never_sent`, `wrong_server` and `nothing_applied` are the
+one reading of a failed call's status, details and trailing metadata.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, Literal, cast
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from domain_core.errors import UnauthenticatedError
+from domain_core.limits import DEFAULT_LIMITS, Limits
+from domain_core.pki import (
+    SERVER_KINDS,
+    SpiffeId,
+    ca_trust_domain,
+    identity_dns_name,
+    is_valid_name,
+    role_dns_name,
+)
+
+DEFAULT_DEADLINE_SECONDS = 5.0
+_CHANNEL_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.enable_retries", 0),  # retries are ours (tenacity), only where safe
+]
+
+
+@dataclass(frozen=True)
+class TlsMaterial:
+    """A process's TLS identity: the domain CA certificate and its own certificate and key."""
+
+    ca_pem: bytes
+    cert_pem: bytes
+    key_pem: bytes
+
+    @classmethod
+    def from_files(cls, ca: Path, cert: Path, key: Path) -> TlsMaterial:
+        """Read PEM files (the key file must not be readable by others)."""
+        if key.stat().st_mode & 0o077:
+            raise UnauthenticatedError(f"{key} is readable by others; chmod 600 it")
+        return cls(ca_pem=ca.read_bytes(), cert_pem=cert.read_bytes(), key_pem=key.read_bytes())
+
+    def __repr__(self) -> str:
+        return "TlsMaterial(<redacted>)"
+
+
+def server_credentials(
+    tls: TlsMaterial, *, server_auth_only: bool = False
+) -> grpc.ServerCredentials:
+    """Server credentials; client certificates from the CA are required unless told otherwise."""
+    return grpc.ssl_server_credentials(
+        [(tls.key_pem, tls.cert_pem)],
+        root_certificates=tls.ca_pem,
+        require_client_auth=not server_auth_only,
+    )
+
+
+def channel_credentials(
+    ca_pem: bytes, cert_pem: bytes | None = None, key_pem: bytes | None = None
+) -> grpc.ChannelCredentials:
+    """Channel credentials; with a certificate and key the channel authenticates as that peer."""
+    return grpc.ssl_channel_credentials(
+        root_certificates=ca_pem, private_key=key_pem, certificate_chain=cert_pem
+    )
+
+
+# gRPC checks the server certificate's DNS names against this name instead of the dialled host.
+_SERVER_NAME_OPTION: Final = "grpc.ssl_target_name_override"
+# The words gRPC's TLS stack uses when the server certificate lacks the expected name.
+_WRONG_SERVER_WORDS: Final = "Hostname Verification Check failed"
+_ROLE_WORDS: Final = {"hsa": "an HSA", "coordinator": "a coordinator"}
+
+
+@dataclass(frozen=True)
+class ExpectedServer:
+    """Whom a client channel may talk to: any server of one SPIFFE kind of the domain (`name`
+    None, e.g. any HSA), or exactly one identity (an HSA whose host id the caller knows).
+
+    The domain is the one the channel's CA certificate names, so a certificate of another
+    domain never passes. See the package docstring for how the handshake enforces it.
+    """
+
+    kind: Literal["hsa", "coordinator"]
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in SERVER_KINDS:
+            raise ValueError(f"a server is of kind {' or '.join(SERVER_KINDS)}, not {self.kind!r}")
+        if self.name is not None and not is_valid_name(self.name):
+            raise ValueError(f"invalid server name {str(self.name)[:80]!r}")
+
+    def tls_name(self, domain: str) -> str:
+        """The DNS name the server's certificate must carry in trust domain `domain`."""
+        if self.name is None:
+            return role_dns_name(domain, self.kind)
+        return identity_dns_name(SpiffeId(domain, self.kind, self.name))
+
+    def describe(self, domain: str) -> str:
+        """How messages name the expected server ("an HSA of domain d", or its SPIFFE id)."""
+        if self.name is None:
+            return f"{_ROLE_WORDS[self.kind]} of domain {domain}"
+        return SpiffeId(domain, self.kind, self.name).uri
+
+
+ANY_HSA: Final = ExpectedServer("hsa")
+"""Any HSA of the domain: what applications dial (every HSA serves the whole key service)."""
+COORDINATOR: Final = ExpectedServer("coordinator")
+"""Any coordinator of the domain (replicas share one role)."""
+
+
+def hsa_host(host_id: str) -> ExpectedServer:
+    """Exactly the HSA `host_id` (for callers that know which host they dial)."""
+    return ExpectedServer("hsa", host_id)
+
+
+def server_name_option(ca_pem: bytes, server: ExpectedServer) -> tuple[str, str]:
+    """The channel option that makes gRPC accept only `server` (domain from `ca_pem`)."""
+    if not isinstance(server, ExpectedServer):
+        raise TypeError("server must be an ExpectedServer (ANY_HSA, COORDINATOR, hsa_host(...))")
+    return (_SERVER_NAME_OPTION, server.tls_name(ca_trust_domain(ca_pem)))
+
+
+def channel_options(
+    ca_pem: bytes, server: ExpectedServer, limits: Limits = DEFAULT_LIMITS
+) -> list[tuple[str, str | int]]:
+    """Every option of a client channel to `server`: fast reconnects, the message-size limits,
+    and the expected server name (for grpc.aio channels; sync ones use `secure_channel`)."""
+    return [*_CHANNEL_OPTIONS, *limits.grpc_options(), server_name_option(ca_pem, server)]
+
+
+def secure_channel(
+    target: str,
+    ca_pem: bytes,
+    server: ExpectedServer,
+    *,
+    cert_pem: bytes | None = None,
+    key_pem: bytes | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+) -> grpc.Channel:
+    """A TLS channel to `target` (host:port) that talks only to `server` (see the module
+    docstring); with `cert_pem` and `key_pem` it authenticates as their holder (mutual TLS)."""
+    if (cert_pem is None) != (key_pem is None):
+        raise ValueError("give both cert_pem and key_pem, or neither")
+    return grpc.secure_channel(
+        target,
+        channel_credentials(ca_pem, cert_pem, key_pem),
+        options=channel_options(ca_pem, server, limits),
+    )
+
+
+def mtls_channel(
+    target: str, tls: TlsMaterial, server: ExpectedServer, limits: Limits = DEFAULT_LIMITS
+) -> grpc.Channel:
+    """A mutually authenticated channel as the holder of `tls`, to `server` only."""
+    return secure_channel(
+        target, tls.ca_pem, server, cert_pem=tls.cert_pem, key_pem=tls.key_pem, limits=limits
+    )
+
+
+# gRPC's own messages when no connection could be made: the request was never sent.
+_NOT_SENT_PREFIXES: Final = ("failed to connect to all addresses", "DNS resolution failed")
+
+
+def never_sent(code: grpc.StatusCode | None, details: str) -> bool:
+    """Whether gRPC reports that the call found no connection, so no server saw it.
+
+    Only gRPC's own "failed to connect" / DNS failures qualify (a refused handshake too: a
+    server of the wrong identity gets nothing). A server could send the same words as its own
+    UNAVAILABLE message; ours never do, and a server that lies so gains nothing it could not
+    get by answering wrongly.
+    """
+    return code is grpc.StatusCode.UNAVAILABLE and details.startswith(_NOT_SENT_PREFIXES)
+
+
+def wrong_server(code: grpc.StatusCode | None, details: str) -> bool:
+    """Whether a failed call means the server's certificate is not the expected server's (the
+    handshake refused it, so nothing was sent): gRPC's own connection failure, for that
+    reason."""
+    return never_sent(code, details) and _WRONG_SERVER_WORDS in details
+
+
+NOTHING_APPLIED_KEY: Final = "hsm-nothing-applied"
+"""Trailing metadata key that marks an error after which nothing was applied (value "true")."""
+_NOTHING_APPLIED: Final = ((NOTHING_APPLIED_KEY, "true"),)
+
+
+def nothing_applied(error: grpc.RpcError) -> bool:
+    """Whether the server marked a failed call as having changed nothing (`NotAppliedError`).
+
+    Only a server's own answer carries trailing metadata: a connection lost mid-call or a
+    deadline passed never does, so those stay "outcome unknown".
+    """
+    call = cast(Any, error)
+    try:
+        metadata = call.trailing_metadata() if hasattr(call, "trailing_metadata") else None
+    except Exception:  # a call object that cannot say
+        return False
+    return any(key == NOTHING_APPLIED_KEY and value == "true" for key, value in (metadata or ()))
+
+
+def check_health(channel: grpc.Channel, service: str = "", timeout: float = 2.0) -> bool:
+    """True if the server behind `channel` reports SERVING for `service`."""
+    stub = health_pb2_grpc.HealthStub(channel)
+    try:
+        response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+    except grpc.RpcError:
+        return False
+    return bool(response.status == health_pb2.HealthCheckResponse.SERVING)
