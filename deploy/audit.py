@@ -44,6 +44,7 @@ from deploy.init import COORDINATOR_NAME, DomainLayout, load_layout
 from domain_core.errors import (
     BadSignatureError,
     HsmDomainError,
+    LimitExceededError,
     MalformedMessageError,
     TokenError,
 )
@@ -55,9 +56,11 @@ from domain_edge.audit import (
     HSA_LOG_NAME,
     AuditHead,
     AuditReport,
+    read_head_file,
     verify_audit_log,
 )
 from domain_edge.config import NodeConfig
+from domain_edge.files import read_limited
 from domain_edge.identity_files import HOST_FILE
 from domain_proto import services_pb2, services_pb2_grpc
 
@@ -240,7 +243,13 @@ def host_signing_key(layout: DomainLayout, host_id: str) -> PublicKey:
     config = NodeConfig.load(layout.node_configs[host_id])
     path = config.path(config.identity_dir) / HOST_FILE
     try:
-        document = json.loads(path.read_bytes()[:_MAX_HOST_FILE])
+        document = json.loads(
+            read_limited(
+                path,
+                _MAX_HOST_FILE,
+                lambda: TokenError(f"{path} is larger than {_MAX_HOST_FILE} bytes"),
+            )
+        )
     except FileNotFoundError:
         raise TokenError(f"no host identity at {path}") from None
     except (ValueError, UnicodeDecodeError):
@@ -307,10 +316,10 @@ def _peer_copies(layout: DomainLayout, found: PublishedHeads) -> None:
         if data_dir is None:
             continue
         try:
-            document = json.loads((data_dir / _PEER_HEADS_FILE).read_bytes()[:_MAX_HEADS_FILE])
+            document = json.loads(read_limited(data_dir / _PEER_HEADS_FILE, _MAX_HEADS_FILE))
         except FileNotFoundError:
             continue
-        except (OSError, ValueError, UnicodeDecodeError):
+        except (OSError, ValueError, UnicodeDecodeError, LimitExceededError):
             found.sources.append(f"{host_id}'s copy of its peers' heads is unreadable")
             continue
         entries = document.get("heads") if isinstance(document, dict) else None
@@ -336,8 +345,8 @@ def _head_files(layout: DomainLayout, found: PublishedHeads) -> None:
                 name[: -len(HEAD_FILE_SUFFIX)]
             ):
                 try:
-                    raw = entry.read_bytes()[:4096].rstrip(b"\n")
-                except OSError:
+                    raw = read_head_file(entry)
+                except (OSError, MalformedMessageError):
                     continue
                 count += found.add(HEAD_FILE_SOURCE, raw)
     found.sources.append(f"head files ({count})")

@@ -38,6 +38,7 @@ from domain_core.errors import (
     WrongPassphraseError,
 )
 from domain_core.signers import InMemorySigner, PublicKey, SignatureAlgorithm
+from domain_edge.files import read_limited
 
 __all__ = [
     "DEFAULT_SCRYPT_N",
@@ -237,17 +238,17 @@ def _read_token_header(path: Path) -> _TokenHeader:
 def _read_token_bytes(path: Path) -> bytes:
     """A token file's bytes, at most `_MAX_TOKEN_FILE_SIZE` of them."""
     try:
-        with path.open("rb") as f:
-            data = f.read(_MAX_TOKEN_FILE_SIZE + 1)
+        return read_limited(
+            path,
+            _MAX_TOKEN_FILE_SIZE,
+            lambda: TokenError(f"token file {path} is larger than {_MAX_TOKEN_FILE_SIZE} bytes"),
+        )
     except FileNotFoundError:
         raise TokenNotFoundError(
             f"no token file at {path}; check the path or create one with `hsm-operator`"
         ) from None
     except OSError as exc:
         raise TokenError(f"cannot read token file {path}: {exc.strerror}") from None
-    if len(data) > _MAX_TOKEN_FILE_SIZE:
-        raise TokenError(f"token file {path} is larger than {_MAX_TOKEN_FILE_SIZE} bytes")
-    return data
 
 
 def _b64field(value: object, label: str, bad: Callable[[str], TokenError]) -> bytes:

@@ -30,7 +30,7 @@ from domain_core.errors import MalformedMessageError, TokenError, TokenNotFoundE
 from domain_core.identity import HostIdentity
 from domain_core.pki import is_valid_name
 from domain_core.signers import InMemorySigner
-from domain_edge.files import fsync_directory, read_secret_file, replace_file
+from domain_edge.files import fsync_directory, read_limited, read_secret_file, replace_file
 
 __all__ = [
     "AGREEMENT_KEY_FILE",
@@ -111,7 +111,13 @@ def load_host_identity(directory: Path) -> HostIdentity:
     directory = Path(directory)
     host_path = directory / HOST_FILE
     try:
-        document = json.loads(host_path.read_bytes()[:_MAX_FILE_SIZE])
+        document = json.loads(
+            read_limited(
+                host_path,
+                _MAX_FILE_SIZE,
+                lambda: TokenError(f"{host_path} is larger than {_MAX_FILE_SIZE} bytes"),
+            )
+        )
     except FileNotFoundError:
         raise TokenNotFoundError(
             f"no host identity in {directory} ({HOST_FILE} is missing)"

@@ -38,6 +38,7 @@ from domain_core.errors import (
 from domain_core.limits import DEFAULT_LIMITS
 from domain_core.signers import PublicKey, SignatureAlgorithm, Signer
 from domain_edge.file_tokens import load_file_token
+from domain_edge.files import read_limited
 from domain_edge.pkcs11_signer import Pkcs11Signer, format_cka_id
 
 __all__ = [
@@ -358,14 +359,15 @@ def read_operator_public(path: Path) -> tuple[str, PublicKey]:
     """
     path = Path(path)
     try:
-        with path.open("rb") as f:
-            data = f.read(_MAX_PUBLIC_FILE_SIZE + 1)
+        data = read_limited(
+            path,
+            _MAX_PUBLIC_FILE_SIZE,
+            lambda: MalformedMessageError(
+                f"{path} is larger than {_MAX_PUBLIC_FILE_SIZE} bytes; not an operator public key"
+            ),
+        )
     except FileNotFoundError:
         raise NotFoundError(f"no operator public key file at {path}") from None
-    if len(data) > _MAX_PUBLIC_FILE_SIZE:
-        raise MalformedMessageError(
-            f"{path} is larger than {_MAX_PUBLIC_FILE_SIZE} bytes; not an operator public key"
-        )
 
     def bad(what: str) -> MalformedMessageError:
         return MalformedMessageError(f"operator public key file {path}: {what}")

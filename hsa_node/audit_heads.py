@@ -33,7 +33,7 @@ from typing import Any, Final, cast
 
 import grpc
 
-from domain_core.errors import BadSignatureError, MalformedMessageError
+from domain_core.errors import BadSignatureError, LimitExceededError, MalformedMessageError
 from domain_core.limits import DEFAULT_LIMITS, Limits
 from domain_core.signers import PublicKey
 from domain_edge import transport
@@ -45,7 +45,9 @@ from domain_edge.audit import (
     compare_heads,
     describe_refusal,
     raise_persisted_head,
+    read_head_file,
 )
+from domain_edge.files import read_limited
 from domain_edge.transport import TlsMaterial
 from domain_proto import services_pb2, services_pb2_grpc
 from hsa_node._logging import ThrottledLog
@@ -94,10 +96,10 @@ class AuditHeadBook:
 
     def _load(self) -> dict[tuple[str, str], AuditHead]:
         try:
-            document = json.loads(self._path.read_bytes()[:_MAX_FILE])
+            document = json.loads(read_limited(self._path, _MAX_FILE))
         except FileNotFoundError:
             return {}
-        except (OSError, ValueError, UnicodeDecodeError) as error:
+        except (OSError, ValueError, UnicodeDecodeError, LimitExceededError) as error:
             log.warning("%s is unreadable (%s); starting from no peer heads", self._path, error)
             return {}
         kept: dict[tuple[str, str], AuditHead] = {}
@@ -132,7 +134,7 @@ class AuditHeadBook:
             if not HSA_LOG_NAME.fullmatch(name[: -len(HEAD_FILE_SUFFIX)]):
                 continue
             try:
-                head = AuditHead.parse(entry.read_bytes()[:4096].rstrip(b"\n"))
+                head = AuditHead.parse(read_head_file(entry))
                 if head.host != self._host_id or head.log + HEAD_FILE_SUFFIX != name:
                     raise MalformedMessageError(f"it is the head of {head.host} {head.log}")
                 head.verify(self._own_key)

@@ -52,10 +52,17 @@ from typing import TYPE_CHECKING, Any, Final
 import grpc
 
 from domain_core import peering as signed
-from domain_core.errors import HsmDomainError, InvalidInputError, NotAppliedError, UnavailableError
+from domain_core.errors import (
+    HsmDomainError,
+    InvalidInputError,
+    LimitExceededError,
+    NotAppliedError,
+    UnavailableError,
+)
 from domain_core.limits import DEFAULT_LIMITS, Limits
 from domain_core.model import SealedState
 from domain_edge.config import FLOORS_COMPLETE_FILE
+from domain_edge.files import read_limited
 from domain_edge.transport import TlsMaterial
 from domain_proto import domain_pb2, services_pb2
 from hsa_node._logging import ThrottledLog
@@ -87,6 +94,8 @@ STANDING_SECONDS: Final = 0.5
 WAITING_ROUND_SECONDS: Final = 0.25
 _CANDIDATES_PER_ROUND: Final = 3
 _SHOWN: Final = 160
+# The genesis marker holds one hash in hex and a newline.
+_MAX_MARKER_FILE: Final = 200
 
 
 # --- the main process ----------------------------------------------------------------------------
@@ -175,9 +184,11 @@ class Peering:
         later is not taken for complete."""
         path = self._store.data_dir / FLOORS_COMPLETE_FILE
         try:
-            text = path.read_bytes()[:200].decode("ascii", "replace").strip()
+            text = read_limited(path, _MAX_MARKER_FILE).decode("ascii", "replace").strip()
         except FileNotFoundError:
             return
+        except LimitExceededError:
+            text = ""  # names no genesis: ignored and removed below
         genesis = self._node.states_after(0, 1)[0].hash.hex()
         if text == genesis:
             if not self._floor.complete:

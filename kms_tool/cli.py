@@ -41,7 +41,7 @@ from domain_core.errors import (
     LimitExceededError,
 )
 from domain_edge.cli_support import exit_code, print_error, quiet_broken_pipe
-from domain_edge.files import SECRET_MODE, replace_file, write_new_file
+from domain_edge.files import SECRET_MODE, read_limited, replace_file, write_new_file
 from domain_edge.kms_client import (
     OPERATION_NAMES,
     KeyClient,
@@ -109,14 +109,10 @@ def parse_context(items: Sequence[str]) -> dict[str, str]:
 
 def _read_input(path: str, limit: int, what: str, hint: str = "") -> bytes:
     """All of a file (or stdin for '-'), refused beyond `limit` bytes."""
-    if path == STDIO:
-        data = sys.stdin.buffer.read(limit + 1)
-    else:
-        with Path(path).open("rb") as source:
-            data = source.read(limit + 1)
-    if len(data) > limit:
-        raise LimitExceededError(f"{what} is more than {limit} bytes{hint}")
-    return data
+    source = sys.stdin.buffer if path == STDIO else Path(path)
+    return read_limited(
+        source, limit, lambda: LimitExceededError(f"{what} is more than {limit} bytes{hint}")
+    )
 
 
 @contextlib.contextmanager

@@ -49,6 +49,7 @@ from domain_core.errors import (
 from domain_core.limits import DEFAULT_LIMITS
 from domain_core.model import SealedState
 from domain_edge.client import CoordinatorClient, ProposalView
+from domain_edge.files import read_limited
 from operator_tool._review import Review, review
 from operator_tool.cli import CommandContext, UsageError
 
@@ -148,13 +149,13 @@ def add_state_option(parser: Any, help: str, *, required: bool = False) -> None:
 
 def _read_small(path: Path, limit: int, what: str) -> bytes:
     try:
-        with path.open("rb") as f:
-            data = f.read(limit + 1)
+        return read_limited(
+            path,
+            limit,
+            lambda: InvalidInputError(f"{path} is larger than {limit} bytes; it is not a {what}"),
+        )
     except FileNotFoundError:
         raise NotFoundError(f"no {what} at {path}") from None
-    if len(data) > limit:
-        raise InvalidInputError(f"{path} is larger than {limit} bytes; it is not a {what}")
-    return data
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:

@@ -38,6 +38,7 @@ from domain_core.display import escape_lines
 from domain_core.errors import HsmDomainError, TokenError
 from domain_core.signers import Signer
 from domain_edge.cli_support import exit_code, one_line, print_error
+from domain_edge.files import read_limited
 from domain_edge.tokens import FileTokenRef, TokenRef, open_token, parse_token_uri
 
 __all__ = [
@@ -199,10 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
 def read_secret_file(path: str | Path, what: str) -> bytes:
     """A secret from a file: its bytes, without one trailing newline; TokenError if empty."""
     path = Path(path)
-    with path.open("rb") as f:
-        data = f.read(_MAX_SECRET_FILE_SIZE + 1)
-    if len(data) > _MAX_SECRET_FILE_SIZE:
-        raise TokenError(f"{what} file {path} is larger than {_MAX_SECRET_FILE_SIZE} bytes")
+    data = read_limited(
+        path,
+        _MAX_SECRET_FILE_SIZE,
+        lambda: TokenError(f"{what} file {path} is larger than {_MAX_SECRET_FILE_SIZE} bytes"),
+    )
     if data.endswith(b"\r\n"):
         data = data[:-2]
     elif data.endswith(b"\n"):

@@ -52,7 +52,7 @@ from domain_core.errors import (
     WrongDomainError,
 )
 from domain_core.model import OPERATOR_ID_PATTERN, Proposal, SealedState
-from domain_edge.files import write_new_file
+from domain_edge.files import read_limited, write_new_file
 from domain_proto import domain_pb2
 from operator_tool._render import iso
 from operator_tool._review import review, review_lines
@@ -164,12 +164,13 @@ def write_document(path: Path, document: dict[str, Any]) -> None:
 
 def _load(path: Path, what: str, limit: int) -> dict[str, Any]:
     try:
-        with path.open("rb") as f:
-            data = f.read(limit + 1)
+        data = read_limited(
+            path,
+            limit,
+            lambda: InvalidInputError(f"{path} is larger than {limit} bytes; not a {what}"),
+        )
     except FileNotFoundError:
         raise InvalidInputError(f"no {what} at {path}") from None
-    if len(data) > limit:
-        raise InvalidInputError(f"{path} is larger than {limit} bytes; not a {what}")
     try:
         document = json.loads(data)
     except (ValueError, UnicodeDecodeError):

@@ -77,6 +77,7 @@ from domain_edge.audit._heads import (
     head_file,
     persist_head,
     raise_persisted_head,
+    read_head_file,
     read_persisted_head,
 )
 from domain_edge.audit._verify import AuditReport, verify_audit_log
@@ -102,6 +103,7 @@ __all__ = [
     "head_file",
     "persist_head",
     "raise_persisted_head",
+    "read_head_file",
     "read_persisted_head",
     "record_hash",
     "verify_audit_log",

@@ -32,7 +32,7 @@ from domain_edge.audit._encoding import (
     _is_int,
     checkpoint_digest,
 )
-from domain_edge.files import replace_file
+from domain_edge.files import read_limited, replace_file
 
 # --- heads -------------------------------------------------------------------------------------
 
@@ -174,6 +174,20 @@ def head_file(log_path: Path) -> Path:
     return log_path.with_name(log_path.name + HEAD_FILE_SUFFIX)
 
 
+def read_head_file(path: Path) -> bytes:
+    """The checkpoint line a head file holds, without its newline (not parsed).
+
+    MalformedMessageError if the file is longer than a head and its newline (at most that
+    much is read); FileNotFoundError or OSError if it cannot be read.
+    """
+    raw = read_limited(
+        path,
+        MAX_HEAD_BYTES + 1,
+        lambda: MalformedMessageError(f"an audit head is longer than {MAX_HEAD_BYTES} bytes"),
+    )
+    return raw.rstrip(b"\n")
+
+
 def read_persisted_head(log_path: Path, public_key: PublicKey, host_id: str) -> AuditHead | None:
     """The head kept beside `log_path`, verified; None without one.
 
@@ -182,17 +196,14 @@ def read_persisted_head(log_path: Path, public_key: PublicKey, host_id: str) -> 
     """
     path = head_file(log_path)
     try:
-        with open(path, "rb") as stream:
-            raw = stream.read(MAX_HEAD_BYTES + 2)
+        head = AuditHead.parse(read_head_file(path))
+        if head.host != host_id or head.log != log_path.name:
+            raise MalformedMessageError(f"it is the head of {head.host} {head.log}")
+        head.verify(public_key)
     except FileNotFoundError:
         return None
     except OSError as error:
         raise AuditLogError(f"cannot read {path}: {error.strerror or error}") from None
-    try:
-        head = AuditHead.parse(raw.rstrip(b"\n"))
-        if head.host != host_id or head.log != log_path.name:
-            raise MalformedMessageError(f"it is the head of {head.host} {head.log}")
-        head.verify(public_key)
     except (MalformedMessageError, BadSignatureError) as error:
         raise AuditLogError(
             f"{path} does not hold a signed checkpoint of {log_path.name} by {host_id} "
