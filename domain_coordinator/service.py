@@ -137,6 +137,7 @@ from domain_edge.audit import (
     describe_refusal,
 )
 from domain_edge.faults import unsafe_crash_point, warn_if_enabled
+from domain_edge.throttled_log import ThrottledLog
 from domain_proto import domain_pb2, keys_pb2, services_pb2, services_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -252,30 +253,6 @@ def _stale_detail(head_version: int, proposal_version: int) -> str:
     )
 
 
-class _ThrottledLog:
-    """Logs a repeated message once, and again only when it changes or after a while."""
-
-    def __init__(self, interval: float = 60.0) -> None:
-        self._last: dict[str, tuple[str, float]] = {}
-        self._interval = interval
-        self._lock = threading.Lock()
-
-    def warning(self, topic: str, message: str, *, any_message: bool = False) -> None:
-        """Log `message` unless the same one was logged under `topic` a while ago (with
-        `any_message`, unless anything was)."""
-        now = time.monotonic()
-        with self._lock:
-            previous = self._last.get(topic)
-            if (
-                previous is not None
-                and (any_message or previous[0] == message)
-                and now - previous[1] < self._interval
-            ):
-                return
-            self._last[topic] = (message, now)
-        log.warning("%s", message)
-
-
 class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
     """The servicer and the quorum flow behind it (see the module invariants)."""
 
@@ -316,7 +293,7 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
         self._repair_detail = ""
         self._stopping = threading.Event()
         self._sweeper: threading.Thread | None = None
-        self._throttled = _ThrottledLog()
+        self._throttled = ThrottledLog(log)
         self._tombstone_seconds = tombstone_seconds
         self._proposal_retention_seconds = proposal_retention_seconds
         self._evaluations: OrderedDict[tuple[bytes, bytes, int, int], tuple[int, str]] = (
@@ -379,7 +356,9 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
         refusal = self._host_refusal(identity, access)
         if refusal:
             self._charge(context)
-            self._throttled.warning(f"refused:{identity.spiffe.uri}", f"refused: {refusal}")
+            self._throttled.warning(
+                f"refused: {refusal}", key=f"refused:{identity.spiffe.uri}", again_if_changed=True
+            )
             raise PermissionDeniedError(refusal)
         return identity
 
@@ -944,7 +923,9 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
                 )
                 self._store.set_proposal_state(proposal.id, ProposalState.PENDING, detail)
                 self._throttled.warning(
-                    f"apply:{proposal.id.hex()}", f"proposal {proposal.id.hex()[:16]}: {detail}"
+                    f"proposal {proposal.id.hex()[:16]}: {detail}",
+                    key=f"apply:{proposal.id.hex()}",
+                    again_if_changed=True,
                 )
             return self._load(proposal.id)
 
@@ -1191,9 +1172,10 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
             known = self._chain.known_hash(version)
         if known is not None and known != state_hash:
             self._throttled.warning(
-                f"fork:{host_id}",
                 f"{host_id} reports state {state_hash.hex()[:16]} at version {version}, but "
                 f"this coordinator's chain has {known.hex()[:16]} there: a fork; investigate",
+                key=f"fork:{host_id}",
+                again_if_changed=True,
             )
 
     # --- a store behind the HSAs -----------------------------------------------------------
@@ -1207,10 +1189,11 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
         if version <= head_version:
             return
         self._throttled.warning(
-            "store-behind",
             f"store behind the HSAs: {host_id} reports version {version} ({how}), but this "
             f"coordinator's store is at version {head_version} (restored from an old copy?); "
             "fetching the newer states from the HSAs, verifying and appending them",
+            key="store-behind",
+            again_if_changed=True,
         )
         self._start_repair()
 
@@ -1295,7 +1278,9 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
                 f"the repair stopped at version {head.version}: "
                 + ("; ".join(failures) or "no HSA served the newer states")
             )[:1000]
-            self._throttled.warning("repair", f"store behind the HSAs: {self._repair_detail}")
+            self._throttled.warning(
+                f"store behind the HSAs: {self._repair_detail}", key="repair", again_if_changed=True
+            )
 
     def _fetch_from(self, source: HsaRecord) -> None:
         """Page through `source`'s states after the head; verify and append each one."""
@@ -1359,9 +1344,10 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
                         self._chain.update(state)
                 except HsmDomainError as error:
                     self._throttled.warning(
-                        "refresh",
                         f"the store holds a state after version {self.head.version} that does "
                         f"not verify: {error}; not serving it",
+                        key="refresh",
+                        again_if_changed=True,
                     )
                     return
                 with self._state_changed:
@@ -1402,9 +1388,10 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
                 )
                 what = "waits" if outcome.deferred_by else "failed"
                 self._throttled.warning(
-                    "rotation",
                     f"scheduled domain key rotation is due but {what}: {reason}"
                     + (f"; retrying{retry}" if retry else ""),
+                    key="rotation",
+                    again_if_changed=True,
                 )
                 return
             self._deferrals.pop("rotation", None)
@@ -1640,7 +1627,7 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
                 refused.append(reason)
                 if key is not None:  # (a host being added reports again once a member)
                     where = " ".join(reason.split()[:2]).rstrip(":")  # "hsa-1 audit.log"
-                    self._throttled.warning(f"audit-head:{where}", reason, any_message=True)
+                    self._throttled.warning(reason, key=f"audit-head:{where}")
         return refused
 
     def _keep_audit_head(self, host_id: str, raw: bytes, key: PublicKey | None) -> str:

@@ -48,9 +48,9 @@ from domain_edge.audit import (
     read_head_file,
 )
 from domain_edge.files import read_limited
+from domain_edge.throttled_log import ThrottledLog
 from domain_edge.transport import TlsMaterial
 from domain_proto import services_pb2, services_pb2_grpc
-from hsa_node._logging import ThrottledLog
 from hsa_node.storage import Peer, write_atomically
 
 __all__ = [

@@ -45,8 +45,8 @@ from domain_core.errors import (
     UnavailableError,
 )
 from domain_core.model import SealedState
+from domain_edge.throttled_log import ThrottledLog
 from domain_proto import services_pb2
-from hsa_node._logging import ThrottledLog
 from hsa_node.keyfloors import FloorChange, MetadataVersionFloor
 from hsa_node.node import DomainNode
 from hsa_node.peer_addresses import AddressBook

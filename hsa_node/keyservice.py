@@ -60,8 +60,8 @@ from domain_core.errors import (
 from domain_core.keylifecycle import KeyChange, iso_date, require_enabled
 from domain_core.limits import DEFAULT_LIMITS, Limits
 from domain_edge.rate_limit import RateLimiter
+from domain_edge.throttled_log import ThrottledLog
 from domain_proto import keys_pb2, services_pb2, services_pb2_grpc
-from hsa_node._logging import ThrottledLog
 from hsa_node.keycache import CachedKey, KeyCache
 from hsa_node.keycalls import AuditSink, CallFrame, KeyCall, PeerGate
 from hsa_node.keyrecords import CoordinatorUnreachableError, parse_metadata

@@ -50,8 +50,8 @@ from domain_core.model import SealedState
 from domain_core.pki import certificate_fingerprint
 from domain_core.signers import PublicKey
 from domain_edge.faults import unsafe_crash_point
+from domain_edge.throttled_log import ThrottledLog
 from domain_proto import domain_pb2
-from hsa_node._logging import ThrottledLog
 from hsa_node.storage import NodeStore
 
 __all__ = ["DomainKeys", "DomainNode", "NodeStatus", "PeerStanding", "StoredStateError"]

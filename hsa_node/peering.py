@@ -63,9 +63,9 @@ from domain_core.limits import DEFAULT_LIMITS, Limits
 from domain_core.model import SealedState
 from domain_edge.config import FLOORS_COMPLETE_FILE
 from domain_edge.files import read_limited
+from domain_edge.throttled_log import ThrottledLog
 from domain_edge.transport import TlsMaterial
 from domain_proto import domain_pb2, services_pb2
-from hsa_node._logging import ThrottledLog
 from hsa_node.floor_exchange import FloorExchange
 from hsa_node.keyfloors import MetadataVersionFloor
 from hsa_node.node import DomainNode, PeerStanding
