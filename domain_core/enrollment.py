@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from domain_core import canonical, crypto, model
-from domain_core.canonical import PayloadType
+from domain_core.contexts import PayloadType
 from domain_core.errors import (
     BadSignatureError,
     EnrollmentError,

@@ -31,8 +31,9 @@ from typing import Final
 from google.protobuf.message import DecodeError
 
 from domain_core import crypto
-from domain_core.canonical import DIGEST_BYTES, PayloadType, digest, signing_input
+from domain_core.canonical import DIGEST_BYTES, digest, signing_input
 from domain_core.ciphertext import validate_key_id
+from domain_core.contexts import PayloadType
 from domain_core.errors import (
     InvalidInputError,
     MalformedMessageError,

@@ -18,11 +18,11 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 from domain_core import canonical
+from domain_core.contexts import AUDIT_RECORD_CONTEXT, PayloadType
 from domain_core.errors import HsmDomainError, Status
 
 AUDIT_LOG_FILE: Final = "audit.log"
 HEAD_FILE_SUFFIX: Final = ".head"
-RECORD_HASH_CONTEXT: Final = b"hsm-domain/v1 audit-record\x00"
 GENESIS_PREV: Final = "0" * 64
 CHECKPOINT_TYPE: Final = "checkpoint"
 RECOVERY_OPERATION: Final = "audit.recover"
@@ -150,7 +150,7 @@ def _record_json(record: Mapping[str, Any], *, with_hash: bool) -> bytes:
 
 
 def _hash_of_unhashed(unhashed: bytes) -> str:
-    return hashlib.sha256(RECORD_HASH_CONTEXT + unhashed).hexdigest()
+    return hashlib.sha256(AUDIT_RECORD_CONTEXT + unhashed).hexdigest()
 
 
 def record_hash(record: Mapping[str, Any]) -> str:
@@ -164,7 +164,7 @@ def checkpoint_digest(checkpoint: Mapping[str, Any]) -> bytes:
     """The 32-byte digest a checkpoint signs: every field but `signature`, canonical JSON,
     domain-separated as an AUDIT_CHECKPOINT payload."""
     fields = {k: v for k, v in checkpoint.items() if k != "signature"}
-    return canonical.digest(canonical.PayloadType.AUDIT_CHECKPOINT, _canonical_json(fields))
+    return canonical.digest(PayloadType.AUDIT_CHECKPOINT, _canonical_json(fields))
 
 
 def format_time(seconds: float) -> str:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from domain_core import canonical
+from domain_core.contexts import PayloadType
 from domain_core.errors import BadSignatureError, MalformedMessageError
 from domain_core.signers import PublicKey
 from domain_edge.audit._encoding import (
@@ -113,9 +114,7 @@ class AuditHead:
         try:
             public_key.verify(
                 bytes.fromhex(self.signature),
-                canonical.signing_input(
-                    canonical.PayloadType.AUDIT_CHECKPOINT, checkpoint_digest(fields)
-                ),
+                canonical.signing_input(PayloadType.AUDIT_CHECKPOINT, checkpoint_digest(fields)),
             )
         except (ValueError, BadSignatureError):
             raise BadSignatureError(

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from domain_core import canonical
+from domain_core.contexts import PayloadType
 from domain_core.errors import BadSignatureError, MalformedMessageError
 from domain_core.signers import PublicKey
 from domain_edge.audit._encoding import (
@@ -231,7 +232,7 @@ class _ChainVerifier:
             self.public_key.verify(
                 signature,
                 canonical.signing_input(
-                    canonical.PayloadType.AUDIT_CHECKPOINT, checkpoint_digest(checkpoint)
+                    PayloadType.AUDIT_CHECKPOINT, checkpoint_digest(checkpoint)
                 ),
             )
         except (ValueError, BadSignatureError):

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from domain_core import canonical
+from domain_core.contexts import PayloadType
 from domain_core.errors import BadSignatureError, MalformedMessageError
 from domain_core.signers import InMemorySigner, PublicKey, SignatureAlgorithm
 from domain_edge import audit
@@ -440,9 +441,7 @@ def make_head(signer: InMemorySigner, *, seq: int, head: str, first: str, count:
         "count": count,
         "time": "2026-01-01T00:00:00.000Z",
     }
-    message = canonical.signing_input(
-        canonical.PayloadType.AUDIT_CHECKPOINT, audit.checkpoint_digest(fields)
-    )
+    message = canonical.signing_input(PayloadType.AUDIT_CHECKPOINT, audit.checkpoint_digest(fields))
     fields["signature"] = signer.sign(message).hex()
     return AuditHead.parse(canonical_line(fields))
 

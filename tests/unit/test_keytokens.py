@@ -20,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from domain_core import canonical, crypto, keytokens
+from domain_core.contexts import KEY_TOKEN_KEY_CONTEXT, PayloadType
 from domain_core.errors import BadSignatureError, InvalidKeyTokenError, UnknownSignerError
 from domain_core.keytokens import (
     RecordSigner,
@@ -125,9 +126,7 @@ def test_each_token_has_its_own_key_derived_from_the_domain_key() -> None:
     # HKDF-SHA256(domain key, salt = the token's salt, info = context || binding).
     token = wrap_backing_key(DOMAIN_KEYS[1], 1, b"m", KEY_ID, 1, BACKING_KEYS[1])
     binding = keytokens.key_token_binding(KEY_ID, 1, 1, b"m")
-    key = crypto.hkdf_sha256(
-        DOMAIN_KEYS[1], salt=token.salt, info=keytokens.KEY_TOKEN_KEY_CONTEXT + binding
-    )
+    key = crypto.hkdf_sha256(DOMAIN_KEYS[1], salt=token.salt, info=KEY_TOKEN_KEY_CONTEXT + binding)
     assert keytokens.token_key(DOMAIN_KEYS[1], token.salt, binding) == key
     assert crypto.aes_gcm_open(key, token.ciphertext, binding, token.nonce) == BACKING_KEYS[1]
     with pytest.raises(InvalidKeyTokenError):  # not under the domain key itself
@@ -427,7 +426,7 @@ def test_a_sealed_record_is_signed_by_its_writer() -> None:
     assert verify_key_record_signature(RECORD, DOMAIN, HOST_KEYS) == "hsa-1"
     digest = keytokens.key_record_digest(RECORD, DOMAIN)
     HOST_KEYS["hsa-1"].verify(
-        RECORD.signature, canonical.signing_input(canonical.PayloadType.KEY_RECORD, digest)
+        RECORD.signature, canonical.signing_input(PayloadType.KEY_RECORD, digest)
     )
 
 
@@ -442,7 +441,7 @@ def test_the_digest_is_made_of_the_fields_in_backing_version_order() -> None:
             token.nonce,
             token.ciphertext,
         ]
-    expected = canonical.digest(canonical.PayloadType.KEY_RECORD, *parts)
+    expected = canonical.digest(PayloadType.KEY_RECORD, *parts)
     assert keytokens.key_record_digest(RECORD, DOMAIN) == expected
     reordered = _copy(RECORD)
     del reordered.tokens[:]

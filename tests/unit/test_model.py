@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from support.simulator import SimulatedDomain, forge_enrollment, new_host, new_operator
 
 from domain_core import canonical, model
-from domain_core.canonical import PayloadType
+from domain_core.contexts import PayloadType
 from domain_core.errors import InvalidInputError, LimitExceededError, MalformedMessageError
 from domain_core.limits import DEFAULT_LIMITS, Limits
 from domain_core.model import Manifest, Proposal, SealedState

@@ -15,7 +15,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from domain_core import canonical, crypto, enrollment, model, quorum
-from domain_core.canonical import PayloadType
+from domain_core.contexts import PayloadType
 from domain_core.signers import InMemorySigner
 from domain_proto import domain_pb2
 
