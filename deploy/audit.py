@@ -48,6 +48,7 @@ from domain_core.errors import (
     MalformedMessageError,
     TokenError,
 )
+from domain_core.limits import MAX_HOST_IDENTITY_FILE_BYTES, MAX_PEER_HEADS_FILE_BYTES
 from domain_core.model import SealedState
 from domain_core.signers import PublicKey, SignatureAlgorithm
 from domain_edge.audit import (
@@ -76,8 +77,6 @@ __all__ = [
     "verify_node_audits",
 ]
 
-_MAX_HOST_FILE: Final = 64 * 1024
-_MAX_HEADS_FILE: Final = 4 * 1024 * 1024
 _WORKER_LOG: Final = re.compile(r"^audit-worker-([1-9][0-9]{0,3})\.log$")
 _PEER_HEADS_FILE: Final = "peer-audit-heads.json"  # hsa_node.audit_heads.PEER_HEADS_FILE
 _COORDINATOR_DEADLINE_SECONDS: Final = 3.0
@@ -246,8 +245,8 @@ def host_signing_key(layout: DomainLayout, host_id: str) -> PublicKey:
         document = json.loads(
             read_limited(
                 path,
-                _MAX_HOST_FILE,
-                lambda: TokenError(f"{path} is larger than {_MAX_HOST_FILE} bytes"),
+                MAX_HOST_IDENTITY_FILE_BYTES,
+                lambda: TokenError(f"{path} is larger than {MAX_HOST_IDENTITY_FILE_BYTES} bytes"),
             )
         )
     except FileNotFoundError:
@@ -316,7 +315,9 @@ def _peer_copies(layout: DomainLayout, found: PublishedHeads) -> None:
         if data_dir is None:
             continue
         try:
-            document = json.loads(read_limited(data_dir / _PEER_HEADS_FILE, _MAX_HEADS_FILE))
+            document = json.loads(
+                read_limited(data_dir / _PEER_HEADS_FILE, MAX_PEER_HEADS_FILE_BYTES)
+            )
         except FileNotFoundError:
             continue
         except (OSError, ValueError, UnicodeDecodeError, LimitExceededError):

@@ -41,8 +41,9 @@ from deploy.init import (
 from deploy.status import DomainReport, collect_status, coordinator_members
 from domain_core.display import escape
 from domain_core.errors import HsmDomainError
+from domain_core.limits import MAX_KEY_SERVICE_WORKERS
 from domain_edge.cli_support import exit_code, print_error, quiet_broken_pipe
-from domain_edge.config import MAX_KEY_SERVICE_WORKERS, NodeConfig
+from domain_edge.config import NodeConfig
 
 DEFAULT_DIR: Final = Path("hsm-cluster")
 PROG: Final = "hsm-domain"

@@ -125,7 +125,7 @@ from domain_core.errors import (
     UnknownSignerError,
     VerificationError,
 )
-from domain_core.limits import DEFAULT_LIMITS, Limits
+from domain_core.limits import DEFAULT_LIMITS, MAX_KEY_PAGE, MAX_PROPOSAL_PAGE, Limits
 from domain_core.model import Manifest, Proposal, SealedState, added_host
 from domain_core.pki import PeerIdentity, peer_identity
 from domain_core.signers import PublicKey
@@ -736,11 +736,11 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
         """One page of proposals, newest first (pending ones, or all with `include_closed`).
 
         At most `limit` (default `check.DEFAULT_PROPOSAL_PAGE`, at most
-        `check.MAX_PROPOSAL_PAGE`) and never more than fits in one message; `next_page_token`
+        `MAX_PROPOSAL_PAGE`) and never more than fits in one message; `next_page_token`
         continues after the last one listed (empty: nothing older). A page costs the caller's
         quota by the proposals it may hold.
         """
-        limit = check.page_size(request.limit, check.DEFAULT_PROPOSAL_PAGE, check.MAX_PROPOSAL_PAGE)
+        limit = check.page_size(request.limit, check.DEFAULT_PROPOSAL_PAGE, MAX_PROPOSAL_PAGE)
         before = check.proposal_page_token(request.page_token)
         available = self._store.count_proposals(include_closed=request.include_closed)
         self._admit(
@@ -1806,7 +1806,7 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
         self, request: services_pb2.ListKeyRecordsRequest, context: grpc.ServicerContext
     ) -> services_pb2.ListKeyRecordsResponse:
         self._require_host(context, HostAccess.MEMBER)
-        limit = check.page_size(request.limit, check.DEFAULT_KEY_PAGE, check.MAX_KEY_PAGE)
+        limit = check.page_size(request.limit, check.DEFAULT_KEY_PAGE, MAX_KEY_PAGE)
         after = check.key_id(request.page_token, "page_token") if request.page_token else ""
         entries = self._store.list_keys(limit + 1, after)
         response = services_pb2.ListKeyRecordsResponse()

@@ -40,7 +40,6 @@ from domain_core.errors import (
     MalformedMessageError,
 )
 from domain_core.identity import HostIdentity
-from domain_core.model import MAX_ENROLLMENT_BYTES
 from domain_core.pki import (
     SpiffeId,
     certificate_der,
@@ -52,7 +51,6 @@ from domain_core.signers import PublicKey, SignatureAlgorithm
 from domain_proto import domain_pb2
 
 __all__ = [
-    "MAX_ENROLLMENT_BYTES",
     "VerifiedEnrollment",
     "enrollment_digest",
     "enrollment_signing_input",

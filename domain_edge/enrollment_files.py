@@ -12,7 +12,7 @@ from pathlib import Path
 
 from domain_core.enrollment import VerifiedEnrollment, verify_enrollment
 from domain_core.errors import LimitExceededError, NotFoundError
-from domain_core.model import MAX_ENROLLMENT_BYTES
+from domain_core.limits import MAX_ENROLLMENT_BYTES
 from domain_edge.files import read_limited
 
 __all__ = ["read_enrollment", "read_enrollment_file"]

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from domain_core.errors import LimitExceededError, TokenError, TokenNotFoundError
+from domain_core.limits import MAX_KEY_FILE_BYTES
 
 SECRET_MODE = 0o600
 PUBLIC_MODE = 0o644
@@ -95,7 +96,7 @@ def read_limited(
     return data
 
 
-def read_secret_file(path: Path, max_size: int = 1 << 20) -> bytes:
+def read_secret_file(path: Path, max_size: int = MAX_KEY_FILE_BYTES) -> bytes:
     """Read a key file (at most `max_size` bytes), refusing one that group or others may
     access."""
     try:

@@ -34,7 +34,12 @@ from typing import Any, Final, cast
 import grpc
 
 from domain_core.errors import BadSignatureError, LimitExceededError, MalformedMessageError
-from domain_core.limits import DEFAULT_LIMITS, Limits
+from domain_core.limits import (
+    DEFAULT_LIMITS,
+    MAX_PEER_HEADS_FILE_BYTES,
+    MAX_PEER_HEADS_KEPT,
+    Limits,
+)
 from domain_core.signers import PublicKey
 from domain_edge import transport
 from domain_edge.audit import (
@@ -65,8 +70,6 @@ log = logging.getLogger(__name__)
 
 PEER_HEADS_FILE: Final = "peer-audit-heads.json"
 RECOVERY_DEADLINE_SECONDS: Final = 2.0
-_MAX_FILE: Final = 4 * 1024 * 1024
-_MAX_KEPT: Final = 4096  # hosts x logs; far above any domain's
 
 
 def _is_log_head(head: AuditHead) -> bool:
@@ -96,7 +99,7 @@ class AuditHeadBook:
 
     def _load(self) -> dict[tuple[str, str], AuditHead]:
         try:
-            document = json.loads(read_limited(self._path, _MAX_FILE))
+            document = json.loads(read_limited(self._path, MAX_PEER_HEADS_FILE_BYTES))
         except FileNotFoundError:
             return {}
         except (OSError, ValueError, UnicodeDecodeError, LimitExceededError) as error:
@@ -168,7 +171,7 @@ class AuditHeadBook:
                 known = self._kept.get((head.host, head.log))
                 order = compare_heads(known, head)
                 if order is HeadOrder.NEWER:
-                    if len(self._kept) >= _MAX_KEPT and known is None:
+                    if len(self._kept) >= MAX_PEER_HEADS_KEPT and known is None:
                         continue
                     self._kept[(head.host, head.log)] = head
                     changed += 1

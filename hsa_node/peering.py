@@ -59,7 +59,7 @@ from domain_core.errors import (
     NotAppliedError,
     UnavailableError,
 )
-from domain_core.limits import DEFAULT_LIMITS, Limits
+from domain_core.limits import DEFAULT_LIMITS, MAX_GENESIS_MARKER_FILE_BYTES, Limits
 from domain_core.model import SealedState
 from domain_edge.config import FLOORS_COMPLETE_FILE
 from domain_edge.files import read_limited
@@ -94,8 +94,6 @@ STANDING_SECONDS: Final = 0.5
 WAITING_ROUND_SECONDS: Final = 0.25
 _CANDIDATES_PER_ROUND: Final = 3
 _SHOWN: Final = 160
-# The genesis marker holds one hash in hex and a newline.
-_MAX_MARKER_FILE: Final = 200
 
 
 # --- the main process ----------------------------------------------------------------------------
@@ -184,7 +182,9 @@ class Peering:
         later is not taken for complete."""
         path = self._store.data_dir / FLOORS_COMPLETE_FILE
         try:
-            text = read_limited(path, _MAX_MARKER_FILE).decode("ascii", "replace").strip()
+            text = (
+                read_limited(path, MAX_GENESIS_MARKER_FILE_BYTES).decode("ascii", "replace").strip()
+            )
         except FileNotFoundError:
             return
         except LimitExceededError:

@@ -40,6 +40,7 @@ from domain_core.errors import (
     InvalidInputError,
     LimitExceededError,
 )
+from domain_core.limits import MAX_CHUNK_SIZE, MAX_POLICY_FILE_BYTES
 from domain_edge.cli_support import exit_code, print_error, quiet_broken_pipe
 from domain_edge.files import SECRET_MODE, read_limited, replace_file, write_new_file
 from domain_edge.kms_client import (
@@ -58,7 +59,6 @@ __all__ = ["build_parser", "main", "parse_context"]
 PROG: Final = "hsm-kms"
 CLUSTER_ENV: Final = "HSM_CLUSTER"
 STDIO: Final = "-"
-_MAX_POLICY_BYTES: Final = 1 << 20
 _MAX_U32: Final = 0xFFFFFFFF
 # Options holding encryption contexts: lists of (key, value) pairs, made dicts before use.
 _CONTEXT_OPTIONS: Final = ("context", "source_context", "destination_context")
@@ -205,7 +205,7 @@ def _print_metadata(metadata: KeyMetadata, as_json: bool) -> None:
 
 
 def _read_policy(path: str) -> dict[str, Any]:
-    raw = _read_input(path, _MAX_POLICY_BYTES, f"policy file {path}")
+    raw = _read_input(path, MAX_POLICY_FILE_BYTES, f"policy file {path}")
     try:
         document = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as error:
@@ -503,8 +503,8 @@ def _seconds(text: str) -> float:
 
 def _chunk_size(text: str) -> int:
     value = _positive(text)
-    if value > envelope.MAX_CHUNK_SIZE:
-        raise argparse.ArgumentTypeError(f"the chunk size is at most {envelope.MAX_CHUNK_SIZE}")
+    if value > MAX_CHUNK_SIZE:
+        raise argparse.ArgumentTypeError(f"the chunk size is at most {MAX_CHUNK_SIZE}")
     return value
 
 

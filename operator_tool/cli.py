@@ -36,6 +36,7 @@ from typing import Any, Final, Protocol, TextIO
 
 from domain_core.display import escape_lines
 from domain_core.errors import HsmDomainError, TokenError
+from domain_core.limits import MAX_SECRET_INPUT_FILE_BYTES
 from domain_core.signers import Signer
 from domain_edge.cli_support import exit_code, one_line, print_error
 from domain_edge.files import read_limited
@@ -67,7 +68,6 @@ COMMAND_MODULES: Final[tuple[str, ...]] = (
 TOKEN_ENV: Final = "HSM_TOKEN"  # noqa: S105 (names a variable, holds no secret)
 PASSPHRASE_FILE_ENV: Final = "HSM_TOKEN_PASSPHRASE_FILE"  # noqa: S105 (a variable name)
 PIN_FILE_ENV: Final = "HSM_TOKEN_PIN_FILE"
-_MAX_SECRET_FILE_SIZE: Final = 4096
 
 Subparsers = Any  # argparse._SubParsersAction[argparse.ArgumentParser] (a private class)
 
@@ -202,8 +202,10 @@ def read_secret_file(path: str | Path, what: str) -> bytes:
     path = Path(path)
     data = read_limited(
         path,
-        _MAX_SECRET_FILE_SIZE,
-        lambda: TokenError(f"{what} file {path} is larger than {_MAX_SECRET_FILE_SIZE} bytes"),
+        MAX_SECRET_INPUT_FILE_BYTES,
+        lambda: TokenError(
+            f"{what} file {path} is larger than {MAX_SECRET_INPUT_FILE_BYTES} bytes"
+        ),
     )
     if data.endswith(b"\r\n"):
         data = data[:-2]

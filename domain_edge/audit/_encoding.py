@@ -59,8 +59,6 @@ _MAX_CONTEXT_ENTRIES: Final = 64
 _MAX_CONTEXT_KEY: Final = 256
 _MAX_CONTEXT_VALUE: Final = 1024
 _TRUNCATED: Final = "...(truncated)"
-# A line longer than this cannot come from the writer; the verifier refuses to buffer it.
-MAX_LINE_BYTES: Final = 1 << 20
 _TAIL_CHUNK: Final = 64 * 1024
 _HEX64: Final = re.compile(r"[0-9a-f]{64}")
 _HEX: Final = re.compile(r"(?:[0-9a-f]{2}){1,256}")
@@ -69,9 +67,6 @@ _TIME: Final = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z")
 _LOG_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 # The names of an HSA's audit logs: its own, and each key service worker's.
 HSA_LOG_NAME: Final = re.compile(r"audit(?:-worker-[1-9][0-9]{0,3})?\.log")
-_MAX_HOST: Final = 256
-# A published head is one checkpoint line; nothing longer comes from the writer.
-MAX_HEAD_BYTES: Final = 2048
 
 
 class AuditLogError(HsmDomainError):

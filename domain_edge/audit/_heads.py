@@ -17,17 +17,16 @@ from pathlib import Path
 from domain_core import canonical
 from domain_core.contexts import PayloadType
 from domain_core.errors import BadSignatureError, MalformedMessageError
+from domain_core.limits import MAX_AUDIT_HOST_CHARS, MAX_HEAD_BYTES
 from domain_core.signers import PublicKey
 from domain_edge.audit._encoding import (
     _HEX,
     _HEX64,
     _LOG_NAME,
-    _MAX_HOST,
     _TIME,
     CHECKPOINT_FIELDS,
     CHECKPOINT_TYPE,
     HEAD_FILE_SUFFIX,
-    MAX_HEAD_BYTES,
     AuditLogError,
     _canonical_json,
     _is_int,
@@ -85,7 +84,7 @@ class AuditHead:
             if not _is_int(value[name]) or value[name] < 1:
                 raise MalformedMessageError(f"an audit head's {name} is not a positive integer")
         host, log_name = value["host"], value["log"]
-        if not isinstance(host, str) or not 0 < len(host) <= _MAX_HOST:
+        if not isinstance(host, str) or not 0 < len(host) <= MAX_AUDIT_HOST_CHARS:
             raise MalformedMessageError("an audit head's host is not a short string")
         if not isinstance(log_name, str) or not _LOG_NAME.fullmatch(log_name):
             raise MalformedMessageError("an audit head's log is not a file name")

@@ -19,6 +19,7 @@ import grpc
 from grpc_health.v1 import health
 
 from domain_core.errors import HsmDomainError
+from domain_core.limits import HEALTH_REQUEST_BYTES
 from domain_edge.status import grpc_status_for
 from domain_edge.throttled_log import ThrottledLog
 from domain_edge.transport._channels import _NOTHING_APPLIED
@@ -27,7 +28,6 @@ log = logging.getLogger(__name__)
 
 # The default byte limits of requests the interceptor refuses unparsed: health checks, which
 # anyone may send.
-HEALTH_REQUEST_BYTES: Final = 1024
 HEALTH_REQUEST_LIMITS: Final[Mapping[str, int]] = {
     f"/{health.SERVICE_NAME}/Check": HEALTH_REQUEST_BYTES,
     f"/{health.SERVICE_NAME}/Watch": HEALTH_REQUEST_BYTES,

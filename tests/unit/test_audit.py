@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from domain_core import canonical as signing
 from domain_core.contexts import AUDIT_RECORD_CONTEXT
 from domain_core.errors import HsmDomainError
+from domain_core.limits import MAX_AUDIT_LINE_BYTES
 from domain_core.signers import InMemorySigner, SignatureAlgorithm, Signer
 from domain_edge import audit
 from domain_edge.audit import (
@@ -600,7 +601,7 @@ def test_truncation_back_to_a_checkpoint_is_a_valid_shorter_log(
 
 def test_overlong_line_is_reported_not_buffered(standard_log: Path, signer: InMemorySigner) -> None:
     with standard_log.open("ab") as out:
-        out.write(b"x" * (audit.MAX_LINE_BYTES + 10) + b"\n")
+        out.write(b"x" * (MAX_AUDIT_LINE_BYTES + 10) + b"\n")
     report = verify(standard_log, signer)
     assert (report.ok, report.first_bad_seq) == (False, 11)
 

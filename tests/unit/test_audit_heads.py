@@ -22,6 +22,7 @@ import pytest
 from domain_core import canonical
 from domain_core.contexts import PayloadType
 from domain_core.errors import BadSignatureError, MalformedMessageError
+from domain_core.limits import MAX_HEAD_BYTES
 from domain_core.signers import InMemorySigner, PublicKey, SignatureAlgorithm
 from domain_edge import audit
 from domain_edge.audit import (
@@ -416,7 +417,7 @@ def test_head_parse_refuses_what_the_writer_never_writes(ten_records: Path) -> N
     cases = {
         "legacy (no log, no first)": canonical_line(legacy),
         "not canonical": json.dumps(value).encode(),
-        "too long": raw + b" " * audit.MAX_HEAD_BYTES,
+        "too long": raw + b" " * MAX_HEAD_BYTES,
         "a record": canonical_line({**value, "type": "record"}),
         "seq zero": canonical_line({**value, "seq": 0}),
         "log with a path": canonical_line({**value, "log": "../audit.log"}),

@@ -8,22 +8,13 @@ import itertools
 from pathlib import Path
 
 import pytest
+from support.repository import ROOT, production_modules, relative
 
 from domain_core import contexts
 from domain_core.contexts import PayloadType
 
 pytestmark = pytest.mark.unit
 
-ROOT = Path(__file__).resolve().parents[2]
-PRODUCTION_PACKAGES = (
-    "domain_core",
-    "domain_edge",
-    "hsa_node",
-    "domain_coordinator",
-    "operator_tool",
-    "deploy",
-    "kms_tool",
-)
 
 # Part of the wire and file formats: a change here breaks every signature, token, ciphertext,
 # envelope and audit log made before it.
@@ -96,11 +87,11 @@ def _spelled_labels(path: Path) -> list[int]:
 
 def test_only_contexts_spells_out_a_label() -> None:
     home = ROOT / "domain_core" / "contexts.py"
-    offenders = []
-    for package in PRODUCTION_PACKAGES:
-        for path in sorted((ROOT / package).rglob("*.py")):
-            if path == home:
-                continue
-            offenders += [f"{path.relative_to(ROOT)}:{line}" for line in _spelled_labels(path)]
+    offenders = [
+        f"{relative(path)}:{line}"
+        for path in production_modules()
+        if path != home
+        for line in _spelled_labels(path)
+    ]
     assert offenders == [], "import domain-separation labels from domain_core.contexts"
     assert len(_spelled_labels(home)) == len(GOLDEN_CONTEXTS)

@@ -24,6 +24,7 @@ from domain_core.envelope import (
     seal_envelope,
 )
 from domain_core.errors import InvalidCiphertextError, LimitExceededError
+from domain_core.limits import MAX_CHUNK_SIZE
 from domain_edge.envelope_files import decrypt_to_file
 
 pytestmark = pytest.mark.unit
@@ -338,7 +339,7 @@ def _header_with(
         _header_with(context=b"\x00\x00\x00\x01"),
         _header_with(context=b"\xff\xff\xff\xff"),
         _header_with(chunk_size=0),
-        _header_with(chunk_size=envelope.MAX_CHUNK_SIZE + 1),
+        _header_with(chunk_size=MAX_CHUNK_SIZE + 1),
     ],
 )
 def test_malformed_headers_fail(blob: bytes) -> None:

@@ -15,7 +15,7 @@ from support.simulator import SimulatedDomain, forge_enrollment, new_host, new_o
 from domain_core import canonical, model
 from domain_core.contexts import PayloadType
 from domain_core.errors import InvalidInputError, LimitExceededError, MalformedMessageError
-from domain_core.limits import DEFAULT_LIMITS, Limits
+from domain_core.limits import DEFAULT_LIMITS, MAX_ENROLLMENT_BYTES, Limits
 from domain_core.model import Manifest, Proposal, SealedState
 from domain_core.signers import InMemorySigner, SignatureAlgorithm
 from domain_proto import domain_pb2
@@ -313,7 +313,7 @@ def test_an_enrollment_above_its_size_limit_is_refused() -> None:
     _enrollment_field("address", "")(message)
     padded = message.changes[I_ADD_HOST].add_host.enrollment + b"\xa0\x06\x01" * 3000
     message.changes[I_ADD_HOST].add_host.enrollment = padded
-    assert len(padded) > model.MAX_ENROLLMENT_BYTES
+    assert len(padded) > MAX_ENROLLMENT_BYTES
     with pytest.raises(LimitExceededError, match="at most 8192 bytes"):
         Proposal.from_bytes(_ser(message))
 
