@@ -1,7 +1,7 @@
 """Generate the golden vectors of the wire formats from fixed keys and fixed inputs.
 
 Run `python tests/vectors/generate.py` to rewrite tests/vectors/canonical.json; the test
-tests/unit/test_vectors.py regenerates them in memory and compares byte for byte, so a change
+tests/unit/core/test_vectors.py regenerates them in memory and compares byte for byte, so a change
 of a signed format (context strings, digests, proposal encoding, sealing) cannot go unnoticed.
 """
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support.repository import VECTORS
 
 from domain_core import canonical, crypto, keytokens
 from domain_core.contexts import KEY_TOKEN_KEY_CONTEXT, PayloadType
@@ -37,7 +37,6 @@ from domain_proto import keys_pb2
 
 pytestmark = pytest.mark.unit
 
-VECTORS = Path(__file__).resolve().parents[1] / "vectors"
 KEY_ID = "0f5a3c9e-1b2d-4e6f-8a7b-9c0d1e2f3a4b"
 OTHER_KEY_ID = "9a8b7c6d-5e4f-4a3b-8c2d-1e0f9a8b7c6d"
 APP = "spiffe://test/client/app"

@@ -7,16 +7,16 @@ from __future__ import annotations
 
 import os
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
+from support.repository import TESTS
 
 pytest_plugins = ["pytester"]
 pytestmark = pytest.mark.unit
 
 REQUIRE_ALL_ENV = "HSM_REQUIRE_ALL"
 
-CONFTEST = Path(__file__).resolve().parents[1] / "conftest.py"
+CONFTEST = TESTS / "conftest.py"
 
 SKIPPING_SUITE = """
 import pytest

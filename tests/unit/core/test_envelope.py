@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support.repository import VECTORS
 
 from domain_core import ciphertext, envelope
 from domain_core.envelope import (
@@ -29,7 +30,6 @@ from domain_edge.envelope_files import decrypt_to_file
 
 pytestmark = pytest.mark.unit
 
-VECTORS = Path(__file__).resolve().parents[1] / "vectors"
 BACKING_KEY = bytes(range(32))
 KEY_ID = "0f5a3c9e-1b2d-4e6f-8a7b-9c0d1e2f3a4b"
 CONTEXT = {"bucket": "backups", "object": "db-2026-01-01.tar"}
