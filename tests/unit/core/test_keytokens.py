@@ -231,14 +231,17 @@ def test_metadata_is_serialized_once_and_deterministically() -> None:
 
 
 def test_verify_only_needs_the_generations_in_use() -> None:
-    verify_key_record(RECORD, {2: DOMAIN_KEYS[2]}, KEY_ID)
+    metadata, backing_keys = verify_key_record(RECORD, {2: DOMAIN_KEYS[2]}, KEY_ID)
+    assert metadata.key_id == KEY_ID
+    assert backing_keys == BACKING_KEYS
     _expect_invalid(RECORD, {1: DOMAIN_KEYS[1], 3: DOMAIN_KEYS[3]})
 
 
 def test_record_of_another_key_fails() -> None:
     other = _record(OTHER_KEY_ID)
     _expect_invalid(other)
-    verify_key_record(other, DOMAIN_KEYS, OTHER_KEY_ID)
+    metadata, backing_keys = verify_key_record(other, DOMAIN_KEYS, OTHER_KEY_ID)
+    assert (metadata.key_id, backing_keys) == (OTHER_KEY_ID, BACKING_KEYS)
 
 
 def test_metadata_naming_another_key_fails_even_with_matching_tokens() -> None:

@@ -305,7 +305,11 @@ def test_proposal_from_bytes_accepts_boundaries(
 ) -> None:
     message = _proposal_message()
     mutation(message)
-    Proposal.from_bytes(_ser(message))
+    raw = _ser(message)
+    proposal = Proposal.from_bytes(raw)
+    assert proposal.raw == raw
+    assert proposal.message == message  # every field as set, the boundary value included
+    assert proposal.id == hashlib.sha256(raw).digest()
 
 
 def test_an_enrollment_above_its_size_limit_is_refused() -> None:
