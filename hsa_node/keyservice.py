@@ -1,4 +1,4 @@
-"""The KeyService of an HSA: customer keys for applications, as DESIGN.md "Keys for applications".
+"""The KeyService of an HSA: customer keys for applications (docs/runtime.md, "The key service").
 
 Applications call it over mutual TLS with client certificates; the principal is the caller's
 SPIFFE URI (`spiffe://<domain>/client/<name>`). Every call runs in one frame

@@ -34,10 +34,9 @@ find_softhsm2_module() {
   return 1
 }
 
-banner "system tools: softhsm2, etcd"
+banner "system tools: softhsm2"
 missing=()
 command -v softhsm2-util >/dev/null 2>&1 && find_softhsm2_module >/dev/null || missing+=(softhsm2)
-command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
 if [ ${#missing[@]} -gt 0 ]; then
   if ! hsm_apt_install "${missing[@]}"; then
     hsm_say "continuing without ${missing[*]}: the tests that need them will skip" \
@@ -49,7 +48,6 @@ if module=$(find_softhsm2_module); then
 fi
 hsm_say "softhsm2-util: $(command -v softhsm2-util || echo missing)"
 hsm_say "libsofthsm2.so: ${HSM_SOFTHSM2_MODULE:-missing}"
-hsm_say "etcd: $(command -v etcd || echo missing)"
 
 banner "python venv: .venv"
 hsm_ensure_venv '.[test]'

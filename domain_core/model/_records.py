@@ -282,7 +282,7 @@ def make_host(
 
 
 def default_settings() -> domain_pb2.DomainSettings:
-    """The settings of DESIGN.md: 24 h rotation, 7 generations, 7-day proposals."""
+    """The default domain settings: 24 h rotation, 7 generations, 7-day proposals."""
     return domain_pb2.DomainSettings(
         key_rotation_interval_seconds=DEFAULT_ROTATION_INTERVAL_SECONDS,
         key_generations_retained=DEFAULT_GENERATIONS_RETAINED,
