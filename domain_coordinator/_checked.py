@@ -90,13 +90,19 @@ class CheckedProposal:
         )
 
     def with_cancel_vote(self, vote: domain_pb2.CancelVote) -> CheckedProposal:
-        """This proposal with `vote` added after the stored votes (as the store adds it). The
-        approvals' counts are kept; the votes are counted anew."""
+        """This proposal with `vote` after the others' votes to cancel (its operator's stored
+        one, if any, left out): what the store holds once the vote is added. The approvals'
+        counts are kept; the votes are counted anew."""
+        kept = [
+            (v, raw)
+            for v, raw in zip(self.cancel_votes, self._vote_bytes, strict=True)
+            if v.operator_id != vote.operator_id
+        ]
         approvals = {k: v for k, v in self._counts.items() if k[0] == _APPROVALS}
         return CheckedProposal(
             self.proposal,
             list(zip(self.approvals, self._approval_bytes, strict=True)),
-            [*zip(self.cancel_votes, self._vote_bytes, strict=True), (vote, _serialized(vote))],
+            [*kept, (vote, _serialized(vote))],
             approvals,
         )
 

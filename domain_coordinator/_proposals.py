@@ -112,7 +112,11 @@ class ProposalBook:
 
     def load(self, proposal_id: bytes) -> ProposalRecord:
         """The stored proposal; NOT_FOUND naming it if there is none."""
-        record = self.store.get_proposal(proposal_id)
+        return self.found(self.store.get_proposal(proposal_id), proposal_id)
+
+    @staticmethod
+    def found(record: ProposalRecord | None, proposal_id: bytes) -> ProposalRecord:
+        """`record`, the stored proposal `proposal_id`; NOT_FOUND naming it if it is None."""
         if record is None:
             raise NotFoundError(
                 f"no proposal {proposal_id.hex()[:16]}... at this coordinator; check the id "

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from domain_coordinator._admission import PendingAdditions
 from domain_coordinator._applying import Applier
 from domain_coordinator._checked import CheckedProposal
-from domain_coordinator._proposals import ProposalBook, cancel_standing, refuse_closed
+from domain_coordinator._proposals import ProposalBook, cancel_standing, closing, refuse_closed
 from domain_coordinator._verified_chain import VerifiedChain
 from domain_coordinator.store import CoordinatorStore, ProposalRecord, ProposalState
 from domain_core import quorum, transition
@@ -176,21 +176,16 @@ class QuorumFlow:
             head = self.chain.head
             manifest = head.manifest
             name = operator_name(manifest, operator_id)
-            try:
-                quorum.verify_cancel_signature(
-                    vote, proposal_id, manifest.operator_keys[operator_id]
-                )
-            except BadSignatureError:
-                raise BadSignatureError(
-                    f"the cancel signature does not verify under the key of operator {name}: "
-                    "sign the cancel message of this proposal with your own token"
-                ) from None
-            record = self.book.close_if_due(self.book.load(proposal_id), self.now())
+            stored = self.store.get_proposal(proposal_id)
+            view = self._open(stored, head)
+            voted = self._verified_vote(vote, view, head, name)
+            record = self.book.close_if_due(self.book.found(stored, proposal_id), self.now())
             if record.state.closed:
                 raise FailedPreconditionError(
                     f"the proposal is {record.state.value} already; there is nothing to cancel"
                 )
-            view = CheckedProposal.from_record(record, self.limits)
+            if view is None:  # it was due a moment ago, and is not now: the clock moved back
+                view = CheckedProposal.from_record(record, self.limits)
             if view.proposal.base_state_hash != head.hash:
                 raise ConflictError(
                     "the domain moved on while the cancel was checked; look at the proposal "
@@ -199,7 +194,7 @@ class QuorumFlow:
             if operator_id == view.proposal.proposer_id:
                 detail = f"cancelled by operator {name}, who proposed it"
             else:
-                record, view = self._add_vote(view, vote, name)
+                record, view = self._add_vote(view, voted, vote, name)
                 result = view.cancel_votes_under(head)
                 if not result.met:
                     log.info(
@@ -217,8 +212,46 @@ class QuorumFlow:
         log.info("proposal %s %s", proposal_id.hex()[:16], detail)
         return self.book.status(self.book.load(proposal_id), view)
 
+    def _open(self, stored: ProposalRecord | None, head: SealedState) -> CheckedProposal | None:
+        """The stored proposal, parsed, if it is pending and neither expired nor stale."""
+        if stored is None or stored.state is not ProposalState.PENDING:
+            return None
+        due = closing(
+            stored.expires_at, stored.base_version, stored.base_state_hash, head, self.now()
+        )
+        return CheckedProposal.from_record(stored, self.limits) if due is None else None
+
+    @staticmethod
+    def _verified_vote(
+        vote: domain_pb2.CancelVote, view: CheckedProposal | None, head: SealedState, name: str
+    ) -> CheckedProposal | None:
+        """Verify a vote to cancel (BadSignatureError if it does not verify): in the count of
+        the votes, with the stored ones (its operator's own left out), when it is one for an
+        open proposal, which is returned with the vote; on its own otherwise (the proposer's,
+        or one for a proposal that is about to be refused anyway)."""
+        if view is not None and vote.operator_id != view.proposal.proposer_id:
+            voted = view.with_cancel_vote(vote)
+            if vote.operator_id in voted.cancel_votes_under(head).approved_by:
+                return voted
+        else:
+            key = head.manifest.operator_keys[vote.operator_id]
+            try:
+                quorum.verify_cancel_signature(vote, vote.proposal_id, key)
+            except BadSignatureError:
+                pass
+            else:
+                return None
+        raise BadSignatureError(
+            f"the cancel signature does not verify under the key of operator {name}: "
+            "sign the cancel message of this proposal with your own token"
+        )
+
     def _add_vote(
-        self, view: CheckedProposal, vote: domain_pb2.CancelVote, name: str
+        self,
+        view: CheckedProposal,
+        voted: CheckedProposal | None,
+        vote: domain_pb2.CancelVote,
+        name: str,
     ) -> tuple[ProposalRecord, CheckedProposal]:
         """Store another operator's verified vote to cancel (ALREADY_EXISTS with where the
         votes stand if they voted already); the record and the proposal with the vote."""
@@ -231,7 +264,6 @@ class QuorumFlow:
                 f"{cancel_standing(votes)}"
             )
         record = self.book.load(vote.proposal_id)
-        voted = view.with_cancel_vote(vote)
-        if not voted.matches(record):
+        if voted is None or not voted.matches(record):
             voted = CheckedProposal.from_record(record, self.limits)
         return record, voted
