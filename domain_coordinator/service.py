@@ -182,6 +182,7 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
     def submit_proposal(
         self, request: services_pb2.SubmitProposalRequest, caller: Caller
     ) -> services_pb2.ProposalStatus:
+        """A new proposal with its proposer's approval (`_quorum_flow.QuorumFlow.submit`)."""
         raw = check.serialized(request.proposal, "proposal", self._limits)
         if not request.HasField("proposer_approval"):
             raise InvalidInputError(
@@ -193,6 +194,7 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
     def submit_approval(
         self, request: services_pb2.SubmitApprovalRequest, caller: Caller
     ) -> services_pb2.ProposalStatus:
+        """One operator's approval (`_quorum_flow.QuorumFlow.approve`)."""
         if not request.HasField("approval"):
             raise InvalidInputError("approval is missing")
         return self._flow.approve(check.approval(request.approval))
@@ -200,6 +202,7 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
     def get_proposal(
         self, request: services_pb2.ProposalIdRequest, caller: Caller
     ) -> services_pb2.ProposalStatus:
+        """A stored proposal as it stands now (closed first if its time or base passed)."""
         proposal_id = check.proposal_id(request.proposal_id)
         return self._book.status(self._book.close_if_due(self._book.load(proposal_id), self._now()))
 
@@ -236,11 +239,13 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
     def get_latest_state(
         self, request: services_pb2.LatestStateRequest, caller: Caller
     ) -> domain_pb2.SealedState:
+        """The verified head."""
         return self._chain.head.message
 
     def get_states_after(
         self, request: services_pb2.StatesAfterRequest, caller: Caller
     ) -> services_pb2.StatesResponse:
+        """A page of verified states after a version (its cost was charged by its size)."""
         maximum = self._limits.max_states_per_response
         limit = check.page_size(request.limit, maximum, maximum)
         return self._relay.page(request.after_version, limit)
@@ -248,11 +253,13 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
     def watch_states(
         self, request: services_pb2.WatchStatesRequest, caller: Caller
     ) -> Iterator[domain_pb2.SealedState]:
+        """Verified states after a version, then each new one (`_streams.StateRelay.watch`)."""
         return self._relay.watch(caller.host, request.after_version, caller.context)
 
     def get_domain_status(
         self, request: services_pb2.DomainStatusRequest, caller: Caller
     ) -> services_pb2.DomainStatusResponse:
+        """The head, the HSAs as they report themselves, the pending count, a store behind."""
         head = self._chain.head
         hsas = self._store.list_hsas()
         return services_pb2.DomainStatusResponse(
@@ -269,6 +276,7 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
     def register_hsa(
         self, request: services_pb2.RegisterHsaRequest, caller: Caller
     ) -> services_pb2.RegisterHsaResponse:
+        """Where the calling HSA listens, what it reports and its audit heads."""
         host_id = check.host_id(request.host_id)
         address = check.address(request.address)
         self._registry.check_registrant(caller.host, host_id)
@@ -279,6 +287,7 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
     def list_hsas(
         self, request: services_pb2.ListHsasRequest, caller: Caller
     ) -> services_pb2.ListHsasResponse:
+        """Every registered HSA with what it last reported (relayed, not verified)."""
         return services_pb2.ListHsasResponse(hsas=self._registry.endpoints())
 
     def get_audit_heads(
@@ -292,6 +301,7 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
     # --- key records -----------------------------------------------------------------------
 
     def get_key(self, request: services_pb2.GetKeyRequest, caller: Caller) -> keys_pb2.KeyRecord:
+        """The stored record of a live key, with its revision."""
         return self._keys.get(check.key_id(request.key_id))
 
     def put_key(
@@ -307,6 +317,7 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
     def list_key_records(
         self, request: services_pb2.ListKeyRecordsRequest, caller: Caller
     ) -> services_pb2.ListKeyRecordsResponse:
+        """A page of live key records, by key id."""
         limit = check.page_size(request.limit, check.DEFAULT_KEY_PAGE, check.MAX_KEY_PAGE)
         after = check.key_id(request.page_token, "page_token") if request.page_token else ""
         return self._keys.page(limit, after)
