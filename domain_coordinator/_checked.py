@@ -19,7 +19,8 @@ Invariants:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import TypeVar
 
 from domain_coordinator.store import ProposalRecord
 from domain_core import quorum
@@ -34,6 +35,18 @@ _CANCEL_VOTES = "cancel votes"
 def _serialized(message: domain_pb2.Approval | domain_pb2.CancelVote) -> bytes:
     """The bytes the store keeps for an approval or a vote."""
     return message.SerializeToString(deterministic=True)
+
+
+_Signed = TypeVar("_Signed", domain_pb2.Approval, domain_pb2.CancelVote)
+
+
+def _adding(stored: Iterable[tuple[_Signed, bytes]], new: _Signed) -> list[tuple[_Signed, bytes]]:
+    """The stored approvals (or votes) but the new one's operator's, then the new one."""
+    kept: list[tuple[_Signed, bytes]] = [
+        (signed, raw) for signed, raw in stored if signed.operator_id != new.operator_id
+    ]
+    kept.append((new, _serialized(new)))
+    return kept
 
 
 class CheckedProposal:
@@ -76,34 +89,22 @@ class CheckedProposal:
         """This proposal with `approval` after the others' approvals (its operator's stored
         one, if any, left out): what the store holds once the approval is added. The votes'
         counts are kept; the approvals are counted anew."""
-        kept = [
-            (a, raw)
-            for a, raw in zip(self.approvals, self._approval_bytes, strict=True)
-            if a.operator_id != approval.operator_id
-        ]
-        votes = {k: v for k, v in self._counts.items() if k[0] == _CANCEL_VOTES}
         return CheckedProposal(
             self.proposal,
-            [*kept, (approval, _serialized(approval))],
+            _adding(zip(self.approvals, self._approval_bytes, strict=True), approval),
             list(zip(self.cancel_votes, self._vote_bytes, strict=True)),
-            votes,
+            {k: v for k, v in self._counts.items() if k[0] == _CANCEL_VOTES},
         )
 
     def with_cancel_vote(self, vote: domain_pb2.CancelVote) -> CheckedProposal:
         """This proposal with `vote` after the others' votes to cancel (its operator's stored
         one, if any, left out): what the store holds once the vote is added. The approvals'
         counts are kept; the votes are counted anew."""
-        kept = [
-            (v, raw)
-            for v, raw in zip(self.cancel_votes, self._vote_bytes, strict=True)
-            if v.operator_id != vote.operator_id
-        ]
-        approvals = {k: v for k, v in self._counts.items() if k[0] == _APPROVALS}
         return CheckedProposal(
             self.proposal,
             list(zip(self.approvals, self._approval_bytes, strict=True)),
-            [*kept, (vote, _serialized(vote))],
-            approvals,
+            _adding(zip(self.cancel_votes, self._vote_bytes, strict=True), vote),
+            {k: v for k, v in self._counts.items() if k[0] == _APPROVALS},
         )
 
     def matches(self, record: ProposalRecord) -> bool:

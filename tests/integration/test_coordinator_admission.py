@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 from google.protobuf import message_factory
-from test_coordinator import make_domain
+from test_coordinator import Domain, make_domain
 
 from domain_coordinator.server import CoordinatorServer
 from domain_core.config import CoordinatorConfig
@@ -32,12 +33,26 @@ SERVICE = services_pb2.DESCRIPTOR.services_by_name["Coordinator"]
 REFUSED = re.compile(r"too many calls to the coordinator from 127\.0\.0\.1: .*; retry in \d+ s")
 
 
+@dataclass
+class Running:
+    domain: Domain
+    operator_address: str
+
+
 @pytest.fixture
-def cleanup() -> Iterator[list[Callable[[], None]]]:
-    stack: list[Callable[[], None]] = []
-    yield stack
-    for action in reversed(stack):
-        action()
+def running(tmp_path: Path) -> Iterator[Running]:
+    """A coordinator whose quota holds one call per address (and refills very slowly)."""
+    domain = make_domain(tmp_path / "d")
+    config = CoordinatorConfig.load(domain.layout.coordinator_config)
+    limits = dataclasses.replace(
+        config.effective_limits(), coordinator_read_burst=1, coordinator_reads_per_second=0.001
+    )
+    coordinator = CoordinatorServer(config, limits=limits, sweep_interval=3600.0)
+    addresses = coordinator.start()
+    try:
+        yield Running(domain, addresses.operator_address)
+    finally:
+        coordinator.stop()
 
 
 def _call(channel: grpc.Channel, method: Any) -> None:
@@ -53,27 +68,15 @@ def _call(channel: grpc.Channel, method: Any) -> None:
         unary(request, timeout=DEADLINE)
 
 
-def test_every_method_admits_its_caller_before_anything_else(
-    tmp_path: Path, cleanup: list[Callable[[], None]]
-) -> None:
-    domain = make_domain(tmp_path / "d")
-    config = CoordinatorConfig.load(domain.layout.coordinator_config)
-    limits = dataclasses.replace(
-        config.effective_limits(), coordinator_read_burst=1, coordinator_reads_per_second=0.001
-    )
-    coordinator = CoordinatorServer(config, limits=limits, sweep_interval=3600.0)
-    addresses = coordinator.start()
-    cleanup.append(coordinator.stop)
-    channel = secure_channel(addresses.operator_address, domain.ca_pem, COORDINATOR)
-    cleanup.append(channel.close)
-
-    get_latest = next(m for m in SERVICE.methods if m.name == "GetLatestState")
-    _call(channel, get_latest)  # the one call the bucket holds
+def test_every_method_admits_its_caller_before_anything_else(running: Running) -> None:
     answers: dict[str, tuple[grpc.StatusCode | None, str]] = {}
-    for method in SERVICE.methods:
-        with pytest.raises(grpc.RpcError) as refused:
-            _call(channel, method)
-        answers[method.name] = (refused.value.code(), str(refused.value.details()))
+    with secure_channel(running.operator_address, running.domain.ca_pem, COORDINATOR) as channel:
+        get_latest = next(m for m in SERVICE.methods if m.name == "GetLatestState")
+        _call(channel, get_latest)  # the one call the bucket holds
+        for method in SERVICE.methods:
+            with pytest.raises(grpc.RpcError) as refused:
+                _call(channel, method)
+            answers[method.name] = (refused.value.code(), str(refused.value.details()))
     assert sorted(answers) == sorted(m.name for m in SERVICE.methods)
     for name, (code, details) in answers.items():
         assert code is grpc.StatusCode.RESOURCE_EXHAUSTED, (name, code, details)
