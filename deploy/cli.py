@@ -43,6 +43,7 @@ from domain_core.display import escape
 from domain_core.errors import HsmDomainError
 from domain_edge.cli_support import exit_code, print_error, quiet_broken_pipe
 from domain_edge.config import MAX_KEY_SERVICE_WORKERS, NodeConfig
+from domain_edge.layout import DomainPaths
 
 DEFAULT_DIR: Final = Path("hsm-cluster")
 PROG: Final = "hsm-domain"
@@ -312,11 +313,11 @@ def _print_next_steps(
     print(f"  hsm-domain status {directory}")
     print(
         f"  hsm-kms --help        application keys (create, encrypt, decrypt) as the demo "
-        f"client in {directory}/clients/demo-app"
+        f"client in {directory}/{layout.client_dir.relative_to(layout.root)}"
     )
     print(
         f"  hsm-operator --help   propose and approve changes with the tokens in "
-        f"{directory}/operators"
+        f"{directory}/{layout.operators_dir.relative_to(layout.root)}"
     )
     print(f"  hsm-domain add-node {directory} --start")
     if ctrl_c_stops is None:
@@ -409,7 +410,7 @@ def _up_json(
 def _up(args: argparse.Namespace) -> int:
     directory = Path(args.directory) if args.directory else DEFAULT_DIR
     progress = _Progress(sys.stdout, quiet=args.json)
-    if not (directory / "domain.json").exists():
+    if not DomainPaths(directory).domain_file.exists():
         _check_counts(args.nodes, args.operators, args.quorum, args.workers)
         progress.step(f"initialising a new domain in {directory} ...")
         init_domain(

@@ -73,13 +73,13 @@ from domain_edge.client import CoordinatorClient
 from domain_edge.config import NodeConfig
 from domain_edge.file_tokens import load_file_token
 from domain_edge.kms_client import KeyClient
+from domain_edge.layout import DomainPaths
 from domain_edge.transport import TlsMaterial
 
 __all__ = ["ChaosInterrupted", "ChaosOptions", "ChaosRunner", "run_chaos"]
 
 log = logging.getLogger(__name__)
 
-CHAOS_DIR: Final = "chaos"
 _KEY_CHECK_PLAINTEXT: Final = b"chaos key check"
 _FINAL_WORKERS: Final = 6
 
@@ -103,7 +103,7 @@ class ChaosOptions:
         """Where the history goes (default DIR/chaos/history-<seed>.jsonl)."""
         if self.history_path is not None:
             return self.history_path
-        return Path(self.directory).absolute() / CHAOS_DIR / f"history-{self.seed}.jsonl"
+        return DomainPaths(Path(self.directory).absolute()).chaos_dir / f"history-{self.seed}.jsonl"
 
 
 class ChaosInterrupted(Exception):
@@ -322,7 +322,7 @@ def _operator_signers(layout: DomainLayout) -> list[tuple[str, Signer]]:
             signers.append((name, load_file_token(token, read_passphrase(passphrase_file))))
     if not signers:
         raise InvalidInputError(
-            f"{layout.root}/operators holds no token with a passphrase file: the control "
+            f"{layout.operators_dir} holds no token with a passphrase file: the control "
             "workload needs the demo operators of `hsm-domain init`"
         )
     return signers
@@ -551,7 +551,7 @@ def run_chaos(options: ChaosOptions, out: TextIO) -> ChaosReport:
 def _run_chaos(layout: DomainLayout, options: ChaosOptions, out: TextIO) -> ChaosReport:
     signers = _operator_signers(layout)
     history_path = options.history_file()
-    chaos_dir = layout.root / CHAOS_DIR
+    chaos_dir = layout.chaos_dir
     make_private_dir(chaos_dir)
     token_dir = chaos_dir / f"operators-{options.seed}"
     stop_faults = threading.Event()
