@@ -48,10 +48,11 @@ from domain_core.errors import (
 )
 from domain_core.limits import DEFAULT_LIMITS
 from domain_core.model import SealedState
+from domain_edge.cli import UsageError
 from domain_edge.client import CoordinatorClient, ProposalView
 from domain_edge.layout import COORDINATOR_NAME, DomainPaths
+from operator_tool._context import CommandContext
 from operator_tool._review import Review, review
-from operator_tool.cli import CommandContext, UsageError
 
 __all__ = [
     "CLUSTER_ENV",

@@ -13,13 +13,16 @@ machine for `sign-offline --state`, and what `--state` pins on a connected one.
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from domain_core import transition
 from domain_core.display import escape
 from domain_core.errors import AlreadyExistsError
+from domain_edge.cli import Command, Group
 from domain_edge.files import write_new_file
+from operator_tool._context import CommandContext
 from operator_tool._render import (
     HostRow,
     OperatorRow,
@@ -30,9 +33,8 @@ from operator_tool._render import (
     table,
 )
 from operator_tool._where import add_domain_options, connect
-from operator_tool.cli import CommandContext, Subparsers, add_command, add_group
 
-__all__ = ["register"]
+__all__ = ["COMMANDS"]
 
 
 def _status(ctx: CommandContext) -> int:
@@ -156,34 +158,39 @@ def _export_state(ctx: CommandContext) -> int:
     return 0
 
 
-def register(subparsers: Subparsers) -> None:
-    """Add `domain status` and `domain export-state` to the `hsm-operator` parser."""
-    domain = add_group(
-        subparsers,
+def _export_state_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, metavar="FILE", help="file to create")
+    add_domain_options(parser)
+
+
+COMMANDS: Final = (
+    Group(
         "domain",
         help="the domain's verified state: hosts, operators, quorum",
         description="Read the domain's state, verified from your trust anchor.",
         example="hsm-operator domain status --cluster hsm-cluster",
-    )
-    parser = add_command(
-        domain,
-        "status",
-        _status,
-        help="show the verified head: hosts, operators, quorum, settings, domain key",
-        description="Verify the coordinator's chain from your trust anchor and show the head: "
-        "hosts (and whether each is registered with the coordinator), operators, quorum, "
-        "settings and domain key generation, with the coordinator's own report beside it.",
-        example="hsm-operator domain status --cluster hsm-cluster --json",
-    )
-    add_domain_options(parser)
-    parser = add_command(
-        domain,
-        "export-state",
-        _export_state,
-        help="write the verified head state to a file (for sign-offline --state)",
-        description="Write the head state, verified from your trust anchor, to a new file: "
-        "take it to an air-gapped machine for `sign-offline --state`, or pin it with --state.",
-        example="hsm-operator domain export-state --out v5.state --cluster hsm-cluster",
-    )
-    parser.add_argument("--out", required=True, metavar="FILE", help="file to create")
-    add_domain_options(parser)
+        commands=(
+            Command(
+                "status",
+                help="show the verified head: hosts, operators, quorum, settings, domain key",
+                description="Verify the coordinator's chain from your trust anchor and show the "
+                "head: hosts (and whether each is registered with the coordinator), operators, "
+                "quorum, settings and domain key generation, with the coordinator's own report "
+                "beside it.",
+                run=_status,
+                example="hsm-operator domain status --cluster hsm-cluster --json",
+                arguments=add_domain_options,
+            ),
+            Command(
+                "export-state",
+                help="write the verified head state to a file (for sign-offline --state)",
+                description="Write the head state, verified from your trust anchor, to a new "
+                "file: take it to an air-gapped machine for `sign-offline --state`, or pin it "
+                "with --state.",
+                run=_export_state,
+                example="hsm-operator domain export-state --out v5.state --cluster hsm-cluster",
+                arguments=_export_state_arguments,
+            ),
+        ),
+    ),
+)

@@ -30,6 +30,7 @@ submitted by `approvals submit` on a connected machine.
 
 from __future__ import annotations
 
+import argparse
 import base64
 import binascii
 import json
@@ -52,8 +53,10 @@ from domain_core.errors import (
     WrongDomainError,
 )
 from domain_core.model import OPERATOR_ID_PATTERN, Proposal, SealedState
+from domain_edge.cli import Command, UsageError
 from domain_edge.files import write_new_file
 from domain_proto import domain_pb2
+from operator_tool._context import CommandContext
 from operator_tool._render import iso
 from operator_tool._review import review, review_lines
 from operator_tool._signing import add_yes_option, confirm, operator_token
@@ -64,10 +67,10 @@ from operator_tool._where import (
     parse_genesis_hash,
     read_state_file,
 )
-from operator_tool.cli import CommandContext, Subparsers, UsageError, add_command
 
 __all__ = [
     "APPROVAL_FORMAT",
+    "COMMANDS",
     "EXPORT_FORMAT",
     "OfflineBundle",
     "approval_document",
@@ -75,7 +78,6 @@ __all__ = [
     "export_proposal",
     "read_approval_file",
     "read_export_file",
-    "register",
     "verify_bundle",
     "write_document",
 ]
@@ -514,23 +516,7 @@ def _sign_offline(ctx: CommandContext) -> int:
     return 0
 
 
-def register(subparsers: Subparsers) -> None:
-    """Add `sign-offline` to the `hsm-operator` parser."""
-    parser = add_command(
-        subparsers,
-        "sign-offline",
-        _sign_offline,
-        help="review and sign an exported proposal on a machine with no network",
-        description="Verify an exported proposal offline: the bytes hash to the id; the chain "
-        "of states in the file verifies from the genesis hash you pin (--genesis-hash, given "
-        "to you out of band) and ends at the proposal's base state; show the diff and the "
-        "approvals computed from that verified state; sign; write an approval file for "
-        "`approvals submit`. Nothing is shown before the chain verifies. Opens no network "
-        "connection.",
-        example="hsm-operator sign-offline proposal.json --genesis-hash "
-        "95a5fa778048ba7d0f8e4c2b6a1d3e5f7a9b1c3d5e7f9a1b3c5d7e9f1a3b5c7d --out approval.json "
-        "--token 'pkcs11:token=bob;object=operator?module-path=/usr/lib/softhsm/libsofthsm2.so'",
-    )
+def _sign_offline_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", metavar="FILE", help="the file `proposals export` wrote")
     parser.add_argument(
         "--genesis-hash",
@@ -545,3 +531,22 @@ def register(subparsers: Subparsers) -> None:
     )
     parser.add_argument("--out", required=True, metavar="APPROVAL", help="approval file to create")
     add_yes_option(parser, "sign")
+
+
+COMMANDS: Final = (
+    Command(
+        "sign-offline",
+        help="review and sign an exported proposal on a machine with no network",
+        description="Verify an exported proposal offline: the bytes hash to the id; the chain "
+        "of states in the file verifies from the genesis hash you pin (--genesis-hash, given "
+        "to you out of band) and ends at the proposal's base state; show the diff and the "
+        "approvals computed from that verified state; sign; write an approval file for "
+        "`approvals submit`. Nothing is shown before the chain verifies. Opens no network "
+        "connection.",
+        run=_sign_offline,
+        example="hsm-operator sign-offline proposal.json --genesis-hash "
+        "95a5fa778048ba7d0f8e4c2b6a1d3e5f7a9b1c3d5e7f9a1b3c5d7e9f1a3b5c7d --out approval.json "
+        "--token 'pkcs11:token=bob;object=operator?module-path=/usr/lib/softhsm/libsofthsm2.so'",
+        arguments=_sign_offline_arguments,
+    ),
+)

@@ -1,4 +1,4 @@
-"""domain_edge.cli_support: the one-line cause and the exit codes every CLI shares."""
+"""domain_edge.cli: the one-line cause and the exit codes every CLI shares."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import io
 import pytest
 
 from domain_core.errors import NotFoundError
-from domain_edge.cli_support import exit_code, one_line, print_error
+from domain_edge.cli import exit_code, one_line, print_error
 
 pytestmark = pytest.mark.unit
 
