@@ -313,6 +313,17 @@ def read_export_file(
     return proposal, chain, approvals
 
 
+def _verified_chain(
+    domain_id: str, genesis_hash: bytes, states: list[SealedState], failure: str, advice: str
+) -> TrustedChain:
+    """`verify_chain` of `states` from `genesis_hash`; a failure keeps its class and says
+    `FAILURE: why; ADVICE` (what did not verify, and what the operator must not do)."""
+    try:
+        return verify_chain(domain_id, genesis_hash, states)
+    except (ChainError, VerificationError) as error:
+        raise type(error)(f"{failure}: {error.message}; {advice}") from None
+
+
 # --- proposals export (online) -------------------------------------------------------------
 
 
@@ -339,13 +350,13 @@ def _chain_to(conn: Connection, base: SealedState) -> tuple[list[SealedState], b
             break
     chain = [states[v] for v in sorted(states)]
     genesis_hash = anchor.genesis_hash or (chain[0].hash if chain else b"")
-    try:
-        verified = verify_chain(anchor.domain_id, genesis_hash, chain)
-    except (ChainError, VerificationError) as error:
-        raise type(error)(
-            f"the coordinator's states from the genesis to version {base.version} do not "
-            f"verify: {error.message}; do not export from it"
-        ) from None
+    verified = _verified_chain(
+        anchor.domain_id,
+        genesis_hash,
+        chain,
+        f"the coordinator's states from the genesis to version {base.version} do not verify",
+        "do not export from it",
+    )
     if verified.known_hash(anchor.start.version) != anchor.start.hash or (
         verified.head.hash != base.hash
     ):
@@ -457,13 +468,14 @@ def verify_bundle(
     module invariants); raises before anything could be shown."""
     proposal, states, approvals = read_export_file(path)
     where = str(path)
-    try:
-        chain = verify_chain(proposal.domain_id, genesis_hash, states)
-    except (ChainError, VerificationError) as error:
-        raise type(error)(
-            f"the states in {where} do not verify from the genesis you pinned "
-            f"({genesis_hash.hex()[:16]}): {error.message}; do not sign anything it shows"
-        ) from None
+    chain = _verified_chain(
+        proposal.domain_id,
+        genesis_hash,
+        states,
+        f"the states in {where} do not verify from the genesis you pinned "
+        f"({genesis_hash.hex()[:16]})",
+        "do not sign anything it shows",
+    )
     _check_base(proposal, chain.head, where)
     bundle = OfflineBundle(proposal, chain, {s.version: s for s in states}, approvals)
     if own_state is not None:

@@ -14,8 +14,9 @@ import sys
 from pathlib import Path
 from typing import Any, Final
 
+from deploy.chaos.experiment import ChaosInterrupted, run_chaos
 from deploy.chaos.faults import FAULT_TYPES, FaultConfig, parse_fault_types
-from deploy.chaos.runner import ChaosInterrupted, ChaosOptions, run_chaos
+from deploy.chaos.runner import ChaosOptions
 from deploy.chaos.workload import WorkloadConfig
 from domain_edge.cli import Command, UsageError
 
