@@ -8,7 +8,9 @@ Invariants kept here:
 - a foreground `up` stops on Ctrl-C (or SIGTERM) only what it started, nodes first, then its
   coordinator; a detached one leaves them running, recorded in pid files for `down`;
 - stopping the processes is never interrupted by a second signal (they are ignored while
-  `up` stops what it started).
+  `up` stops what it started);
+- the commands it prints to try next work pasted into a new shell: the tools are named by
+  their path when they run from a virtual environment (`domain_edge.cli.console_command`).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from typing import Any, Final
 from deploy import cluster
 from deploy.init import COORDINATOR_NAME, DomainLayout, init_domain, load_layout
 from deploy.status import coordinator_members
-from domain_edge.cli import Progress, UsageError
+from domain_edge.cli import Progress, UsageError, console_command, shell_path
 from domain_edge.config import MAX_KEY_SERVICE_WORKERS, NodeConfig
 from domain_edge.layout import DomainPaths
 
@@ -200,36 +202,41 @@ def _print_next_steps(
         address = endpoints.get(host, {}).get("address", "?")
         note = "  not a member: add it with an add-host proposal" if host in others else ""
         print(f"  {host:<12} {address}{note}")
-    directory = _shell_path(layout.root)
+    directory = shell_path(layout.root)
     print("credentials:")
     print(f"  CA {layout.ca_cert}")
     print(f"  demo client {layout.client_cert} / {layout.client_key}")
+    domain, kms, operator = (console_command(n) for n in ("hsm-domain", "hsm-kms", "hsm-operator"))
     print("what to try next:")
-    print(f"  hsm-domain status {directory}")
+    print(f"  {domain} status {directory}")
     print(
-        f"  hsm-kms --help        application keys (create, encrypt, decrypt) as the demo "
+        f"  {kms} --help        application keys (create, encrypt, decrypt) as the demo "
         f"client in {directory}/{layout.client_dir.relative_to(layout.root)}"
     )
     print(
-        f"  hsm-operator --help   propose and approve changes with the tokens in "
+        f"  {operator} --help   propose and approve changes with the tokens in "
         f"{directory}/{layout.operators_dir.relative_to(layout.root)}"
     )
-    print(f"  hsm-domain add-node {directory} --start")
+    print(f"  {domain} add-node {directory} --start")
     if ctrl_c_stops is None:
-        print(f"  hsm-domain down {directory}")
+        print(f"  {domain} down {directory}")
     elif ctrl_c_stops == "the domain":
-        print(f"  Ctrl-C here (or hsm-domain down {directory}) stops the domain")
+        print(f"  Ctrl-C here (or {domain} down {directory}) stops the domain")
     else:
-        print(f"  Ctrl-C here stops {ctrl_c_stops}; hsm-domain down {directory} stops the domain")
+        print(f"  Ctrl-C here stops {ctrl_c_stops}; {domain} down {directory} stops the domain")
+    activate = _activate_hint(domain)
+    if activate:
+        print(f"  ({activate})")
     sys.stdout.flush()
 
 
-def _shell_path(path: Path) -> str:
-    try:
-        relative = path.relative_to(Path.cwd())
-    except ValueError:
-        return str(path)
-    return str(relative) if str(relative) != "." else "."
+def _activate_hint(domain_command: str) -> str:
+    """How to type the commands without their path, when they carry one (a virtual
+    environment's `bin/activate` puts its scripts on PATH)."""
+    scripts = domain_command.rpartition("/")[0]
+    if not scripts:
+        return ""
+    return f"or run `source {scripts}/activate` once, then type the commands without {scripts}/"
 
 
 def _install_stop_handlers() -> dict[int, Any]:

@@ -15,6 +15,7 @@ cannot forge lines or drive the terminal; `--json` escapes as JSON does.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -30,7 +31,15 @@ from deploy.init import DomainLayout, add_node, init_domain, load_layout
 from deploy.status import DomainReport, collect_status
 from domain_core.display import escape
 from domain_core.errors import HsmDomainError
-from domain_edge.cli import Command, Group, Progress, Tool, print_json, run_tool
+from domain_edge.cli import (
+    Command,
+    Group,
+    Progress,
+    Tool,
+    console_command,
+    print_json,
+    run_tool,
+)
 
 __all__ = ["COMMANDS", "TOOL", "build_parser", "main"]
 
@@ -88,7 +97,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
     print(f"  nodes         {', '.join(layout.node_configs)}")
     print(f"  operators     {names} (quorum {layout.quorum} of {len(layout.operator_tokens)})")
     print("  the operators/*.passphrase files are for this local demo only")
-    print(f"next: hsm-domain up {args.directory}")
+    print(f"next: {console_command('hsm-domain')} up {shlex.quote(args.directory)}")
     return 0
 
 
@@ -216,7 +225,10 @@ def _cmd_add_node(args: argparse.Namespace) -> int:
         "the node then follows the new state"
     )
     if not args.start:
-        print(f"start it with: hsm-domain up {directory} (or add-node --start next time)")
+        print(
+            f"start it with: {console_command('hsm-domain')} up {shlex.quote(str(directory))} "
+            "(or add-node --start next time)"
+        )
     return 0
 
 

@@ -14,8 +14,10 @@ command raised to an exit status and one line on stderr:
     KeyboardInterrupt          130  `PROG: interrupted`
 
 Anything else is a bug and shows its traceback. Output helpers: `print_json` (one JSON
-document), `Progress` (one updating line on a terminal, one line per step otherwise) and
-`Spinner` (a wait on a terminal).
+document), `Progress` (one updating line on a terminal, one line per step otherwise),
+`Spinner` (a wait on a terminal), and `console_command` / `shell_path` for the commands a tool
+prints for a person to paste (they work in a new shell: a virtual environment's scripts are
+named by their path).
 
 Invariants: the cause is one line (whitespace runs, newlines included, become one space) with
 every other character a terminal would act on escaped (`domain_core.display.escape`: a
@@ -31,13 +33,16 @@ import contextlib
 import itertools
 import json
 import os
+import shlex
 import sys
+import sysconfig
 import textwrap
 import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Final, TextIO
 
 from domain_core.display import escape
@@ -54,6 +59,7 @@ __all__ = [
     "Spinner",
     "Tool",
     "UsageError",
+    "console_command",
     "epilog",
     "exit_code",
     "one_line",
@@ -61,6 +67,7 @@ __all__ = [
     "print_json",
     "quiet_broken_pipe",
     "run_tool",
+    "shell_path",
 ]
 
 EXIT_OK: Final = 0
@@ -229,6 +236,31 @@ class Spinner:
         if self._tty and self._last:
             self._stream.write("\r\x1b[K")
             self._stream.flush()
+
+
+def shell_path(path: Path) -> str:
+    """`path` as a person types it here: relative to the working directory when it is under
+    it ("." for the directory itself), else absolute; quoted for a shell where needed."""
+    try:
+        relative = path.relative_to(Path.cwd())
+    except ValueError:
+        return shlex.quote(str(path))
+    return shlex.quote(str(relative)) if str(relative) != "." else "."
+
+
+def console_command(name: str) -> str:
+    """How to run the console script `name` (`hsm-domain`, ...) pasted into a new shell.
+
+    A new shell does not have a virtual environment's scripts on its PATH: when this program
+    runs from one, the script's path (relative to the working directory when under it, e.g.
+    `.venv/bin/hsm-domain`); otherwise (or if the script is not there) the bare name."""
+    if sys.prefix == sys.base_prefix:
+        return name
+    script = Path(sysconfig.get_path("scripts")) / name
+    if not script.is_file():
+        return name
+    typed = shell_path(script)
+    return typed if "/" in typed else f"./{typed}"
 
 
 # --- parsers from tables -------------------------------------------------------------------------

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import io
+import sys
+import sysconfig
+from pathlib import Path
 
 import pytest
 
 from domain_core.errors import NotFoundError
-from domain_edge.cli import exit_code, one_line, print_error
+from domain_edge.cli import console_command, exit_code, one_line, print_error, shell_path
 
 pytestmark = pytest.mark.unit
 
@@ -63,3 +66,34 @@ def test_print_error_prints_one_line_and_the_traceback_only_when_verbose() -> No
     assert quiet.getvalue() == "tool: error: no such thing\n"
     assert "Traceback (most recent call last)" in loud.getvalue()
     assert loud.getvalue().endswith("tool: error: no such thing\n")
+
+
+def test_a_printed_command_names_a_virtual_environments_script_by_its_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A new shell has no virtual environment on its PATH: `hsm-domain` alone would fail.
+    scripts = tmp_path / ".venv" / "bin"
+    scripts.mkdir(parents=True)
+    (scripts / "hsm-domain").write_text("#!/bin/sh\n")
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / ".venv"))
+    monkeypatch.setattr(sys, "base_prefix", "/usr")
+    monkeypatch.setattr(sysconfig, "get_path", lambda name: str(scripts))
+    monkeypatch.chdir(tmp_path)
+    assert console_command("hsm-domain") == ".venv/bin/hsm-domain"
+    monkeypatch.chdir(scripts)
+    assert console_command("hsm-domain") == "./hsm-domain"  # a path, never a PATH lookup
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert console_command("hsm-domain") == str(scripts / "hsm-domain")
+    assert console_command("hsm-kms") == "hsm-kms"  # not installed there: the bare name
+    monkeypatch.setattr(sys, "base_prefix", sys.prefix)
+    assert console_command("hsm-domain") == "hsm-domain"  # not a venv: on PATH already
+
+
+def test_a_printed_path_is_relative_when_under_the_working_directory_and_quoted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert shell_path(tmp_path) == "."
+    assert shell_path(tmp_path / "hsm-cluster") == "hsm-cluster"
+    assert shell_path(Path("/elsewhere/my domain")) == "'/elsewhere/my domain'"
