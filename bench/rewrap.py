@@ -52,6 +52,8 @@ from domain_core.model import Proposal, SealedState
 from domain_edge import transport
 from domain_edge.config import NodeConfig
 from domain_edge.file_tokens import load_file_token
+from domain_edge.identity_files import TLS_CERTIFICATE_FILE, TLS_KEY_FILE
+from domain_edge.layout import DEMO_CLIENT
 from domain_edge.transport import CertificatePeerContext, TlsMaterial
 from domain_proto import keys_pb2, services_pb2, services_pb2_grpc
 from hsa_node.keycache import KeyCache
@@ -90,8 +92,10 @@ _PASS_LINE: Final = re.compile(
 
 def host_tls(layout: DomainLayout, host: str) -> TlsMaterial:
     """The TLS identity of HSA `host` (to call the coordinator as that host)."""
-    identity = layout.node_dir(host) / "identity"
-    return TlsMaterial.from_files(layout.ca_cert, identity / "tls.crt", identity / "tls.key")
+    identity = layout.node_identity_dir(host)
+    return TlsMaterial.from_files(
+        layout.ca_cert, identity / TLS_CERTIFICATE_FILE, identity / TLS_KEY_FILE
+    )
 
 
 def load_host(layout: DomainLayout, host: str) -> LoadedNode:
@@ -116,7 +120,7 @@ def create_records(
     signed: records with policies beyond today's limits, as written before them)."""
     keys = loaded.node.domain_keys()
     domain_key = keys.keys[keys.generation]
-    creator = f"spiffe://{layout.domain_id}/client/demo-app"
+    creator = f"spiffe://{layout.domain_id}/client/{DEMO_CLIENT}"
     signer = keytokens.RecordSigner(
         layout.domain_id, loaded.node.host_id, loaded.node.identity.signer
     )
@@ -226,7 +230,7 @@ def _rotate_in_process(layout: DomainLayout, loaded: LoadedNode) -> int:
         nonce=crypto.random_bytes(16),
     )
     approvals = [quorum.approve(proposal, signer) for signer in signers]
-    coordinator_cert = (layout.coordinator_config.parent / "tls.crt").read_bytes()
+    coordinator_cert = layout.coordinator_cert.read_bytes()
 
     def no_catch_up() -> int:
         return 0

@@ -26,6 +26,7 @@ from bench._core import BenchConfig, BenchError, Figure
 from bench._stats import median
 from deploy import cluster as runner
 from deploy.init import load_layout
+from domain_edge.layout import DomainPaths
 
 NAME: Final = "startup"
 TITLE: Final = "hsm-domain up (fresh directory, 3 nodes) to all-healthy, and down"
@@ -51,7 +52,7 @@ def hsm_domain_executable() -> str:
 
 def _cleanup(directory: Path) -> None:
     """Stop whatever `up` left running in `directory` (by its pid files)."""
-    if (directory / "domain.json").exists():
+    if DomainPaths(directory).domain_file.exists():
         runner.stop_recorded(load_layout(directory), grace=3.0)
 
 

@@ -1,7 +1,8 @@
 """The local cluster launcher behind `hsm-domain`: init, up, down, status, add-node, audit
 verify and chaos.
 
-Public API: `init_domain`, `load_layout`, `add_node`, `DomainLayout` (files of a local domain),
+Public API: `init_domain`, `load_layout`, `add_node`, `DomainLayout` (a local domain read back:
+its paths, from `domain_edge.layout.DomainPaths`, and what `domain.json` pins),
 `read_enrollment` (verify a new host's enrollment), `deploy.cluster` for running the
 processes, and `deploy.localdomain.LocalDomain` for a whole local domain driven from Python
 (benchmarks, tests). This package imports only `domain_core`, `domain_edge` and

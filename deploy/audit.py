@@ -60,19 +60,20 @@ from domain_edge.audit import (
     read_head_file,
     verify_audit_log,
 )
+from domain_edge.cli import Command, print_json
 from domain_edge.config import NodeConfig
 from domain_edge.files import read_limited
 from domain_edge.identity_files import HOST_FILE
 from domain_proto import services_pb2, services_pb2_grpc
 
 __all__ = [
+    "VERIFY_COMMAND",
     "NodeAudit",
     "PublishedHeads",
     "audit_log_path",
     "audit_log_paths",
     "collect_published_heads",
     "host_signing_key",
-    "register",
     "verify_domain_audit",
     "verify_node_audits",
 ]
@@ -492,7 +493,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     published = collect_published_heads(layout)
     results = verify_domain_audit(layout, published)
     if args.json:
-        print(json.dumps([r.to_json() for r in results], indent=2))
+        print_json([r.to_json() for r in results])
     else:
         print(f"published heads: {'; '.join(published.sources)}")
         if not results:
@@ -503,27 +504,24 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0 if all(r.ok for r in results) else 1
 
 
-def register(parser: argparse.ArgumentParser, parents: list[argparse.ArgumentParser]) -> None:
-    """Add the `audit` subcommands (`verify`) to the `audit` command's parser."""
-    sub = parser.add_subparsers(dest="audit_command", metavar="AUDIT_COMMAND", required=True)
-    help_text = (
-        "verify every node's audit logs (the HSA's and its workers'): hashes, links, "
-        "sequence, signed checkpoints, and the heads published at the coordinator and peers"
-    )
-    verify = sub.add_parser(
-        "verify",
-        help=help_text,
-        description=help_text,
-        parents=parents,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=(
-            "example:\n"
-            "  hsm-domain audit verify ./demo\n"
-            "  hsm-domain audit verify ./demo --json | jq '.[] | {host_id, ok, first_bad_seq}'\n"
-            "exit status 0 if every log verifies and reaches every published head of it (a\n"
-            "node that never ran may have no log), 1 otherwise"
-        ),
-    )
-    verify.add_argument("directory", metavar="DIR", help="domain directory")
-    verify.add_argument("--json", action="store_true", help="a JSON list of per-log reports")
-    verify.set_defaults(handler=_cmd_verify)
+def _verify_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("directory", metavar="DIR", help="domain directory")
+    parser.add_argument("--json", action="store_true", help="a JSON list of per-log reports")
+
+
+#: `hsm-domain audit verify DIR` (in the `audit` group of `deploy.cli`).
+VERIFY_COMMAND: Final = Command(
+    "verify",
+    "verify every node's audit logs (the HSA's and its workers'): hashes, links, "
+    "sequence, signed checkpoints, and the heads published at the coordinator and peers",
+    _cmd_verify,
+    """
+    hsm-domain audit verify ./demo
+    hsm-domain audit verify ./demo --json | jq '.[] | {host_id, ok, first_bad_seq}'
+    """,
+    notes="""
+    exit status 0 if every log verifies and reaches every published head of it (a
+    node that never ran may have no log), 1 otherwise
+    """,
+    arguments=_verify_arguments,
+)

@@ -8,7 +8,8 @@ Invariants kept here:
   process's) and answers health checks SERVING; if it dies first, the error names its log file
   and quotes the log's last lines;
 - a pid file is trusted only while the process it names is alive and its command line still
-  names the config file it was started with (a recycled pid is never signalled);
+  names the config file it was started with (a recycled pid is never signalled; the run files
+  and the domain lock are `deploy._runfiles`, re-exported here);
 - the run files (pid, ready) of a process that is alive and ours are never removed: they are
   the only record of a detached process, and `hsm-domain down` finds it through them
   (`remove_run_files` skips them, whoever asks);
@@ -24,24 +25,33 @@ Invariants kept here:
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Final
 
 import grpc
 
 from deploy._files import make_private_dir, replace_file
+from deploy._runfiles import (
+    ReadyInfo,
+    config_of,
+    domain_lock,
+    is_alive,
+    is_ours,
+    live_pids,
+    log_tail,
+    read_pid_file,
+    read_ready_file,
+)
 from deploy.init import COORDINATOR_NAME, DomainLayout
-from domain_core.errors import InvalidInputError, UnavailableError
+from domain_core.errors import UnavailableError
 from domain_edge import transport
 from domain_edge.config import CoordinatorConfig, NodeConfig
 from domain_edge.transport import TlsMaterial
@@ -58,10 +68,12 @@ __all__ = [
     "domain_lock",
     "is_alive",
     "live_pids",
+    "log_tail",
     "node_channel",
     "node_status",
     "process_channel",
     "read_ready_file",
+    "remove_run_files",
     "set_coordinator_address",
     "start_coordinator",
     "start_node",
@@ -77,7 +89,6 @@ NODE_MODULE: Final = "hsa_node"
 STOP_GRACE_SECONDS: Final = 5.0
 DEFAULT_START_TIMEOUT: Final = 30.0
 _POLL_SECONDS: Final = 0.05
-_LOG_TAIL_LINES: Final = 15
 
 
 class ProcessStartError(UnavailableError):
@@ -87,133 +98,6 @@ class ProcessStartError(UnavailableError):
         super().__init__(message)
         self.log_file = log_file
         self.log_tail = list(log_tail)
-
-
-@dataclass(frozen=True)
-class ReadyInfo:
-    """What a process wrote to its ready file once serving."""
-
-    name: str
-    pid: int
-    address: str
-    operator_address: str = ""
-    workers: tuple[str, ...] = ()  # an HSA's key service worker addresses, by index
-
-
-# --- files ------------------------------------------------------------------------------------
-
-
-def read_ready_file(path: Path) -> ReadyInfo | None:
-    """The ready file's content, or None if it is absent or not (yet) a complete document."""
-    try:
-        document = json.loads(Path(path).read_text())
-        workers = document.get("workers", [])
-        if not isinstance(workers, list):
-            return None
-        return ReadyInfo(
-            name=str(document["name"]),
-            pid=int(document["pid"]),
-            address=str(document["address"]),
-            operator_address=str(document.get("operator_address", "")),
-            workers=tuple(str(w) for w in workers),
-        )
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def log_tail(path: Path, lines: int = _LOG_TAIL_LINES) -> list[str]:
-    """The last `lines` lines of a log file (empty if there is none)."""
-    try:
-        with Path(path).open("rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - 64 * 1024))
-            text = f.read().decode("utf-8", errors="replace")
-    except OSError:
-        return []
-    return text.splitlines()[-lines:]
-
-
-def _read_pid_file(path: Path) -> int | None:
-    try:
-        return int(path.read_text().strip())
-    except (OSError, ValueError):
-        return None
-
-
-def is_alive(pid: int) -> bool:
-    """Whether a process with this pid exists and is not a zombie."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    stat = Path(f"/proc/{pid}/stat")
-    with contextlib.suppress(OSError):
-        # The state is the field after the parenthesised command name.
-        return stat.read_text().rpartition(")")[2].split()[0] != "Z"
-    return True
-
-
-def _runs_config(pid: int, config: Path) -> bool:
-    """Whether process `pid` was started with `config` (checked where /proc exists)."""
-    cmdline = Path(f"/proc/{pid}/cmdline")
-    try:
-        arguments = cmdline.read_bytes().split(b"\0")
-    except FileNotFoundError:
-        return not Path("/proc/self").exists()
-    except OSError:
-        return False
-    return str(config).encode() in arguments
-
-
-def _config_of(layout: DomainLayout, name: str) -> Path:
-    if name == COORDINATOR_NAME:
-        return layout.coordinator_config
-    try:
-        return layout.node_configs[name]
-    except KeyError:
-        raise InvalidInputError(
-            f"{layout.root} has no node {name!r}; nodes: {', '.join(layout.node_configs)}"
-        ) from None
-
-
-def _is_ours(layout: DomainLayout, name: str, pid: int | None) -> bool:
-    """Whether `pid` is a live process running `name`'s config of this domain."""
-    return pid is not None and is_alive(pid) and _runs_config(pid, _config_of(layout, name))
-
-
-def live_pids(layout: DomainLayout) -> dict[str, int]:
-    """The processes named by pid files in DIR/run that are alive and still ours."""
-    found: dict[str, int] = {}
-    for name in layout.process_names:
-        pid = _read_pid_file(layout.pid_file(name))
-        if pid is not None and _is_ours(layout, name, pid):
-            found[name] = pid
-    return found
-
-
-@contextlib.contextmanager
-def domain_lock(layout: DomainLayout, command: str) -> Iterator[None]:
-    """Hold the domain's lock while `command` checks what runs and starts processes.
-
-    Refuses at once (InvalidInputError) while another command holds it. An flock on the domain
-    directory: released when the holder exits, however it exits; the processes it starts do
-    not inherit it (the descriptor is not inheritable and `_spawn` closes the others).
-    """
-    descriptor = os.open(layout.root, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise InvalidInputError(
-                f"{layout.root} is busy: another hsm-domain command (up, add-node --start or "
-                f"chaos) is starting or running its processes; run {command} once it is done"
-            ) from None
-        yield
-    finally:
-        os.close(descriptor)
 
 
 # --- TLS and channels -------------------------------------------------------------------------
@@ -446,7 +330,7 @@ def start_node(
     A node that is not (yet) a member of the domain never becomes SERVING: start it with
     `wait_for_health=False`. With `detach`, its pid goes to DIR/run/<host>.pid.
     """
-    config = _config_of(layout, host_id)
+    config = config_of(layout, host_id)
     log_file = (log_dir or layout.log_dir) / f"{host_id}.log"
     ready = ready_file or layout.ready_file(host_id)
     deadline = time.monotonic() + timeout
@@ -513,10 +397,10 @@ def remove_run_files(layout: DomainLayout, names: Iterable[str]) -> None:
     """Remove the pid and ready files of these processes, but never one that names a process
     that is still alive and ours (it is that process's only record)."""
     for name in names:
-        if not _is_ours(layout, name, _read_pid_file(layout.pid_file(name))):
+        if not is_ours(layout, name, read_pid_file(layout.pid_file(name))):
             layout.pid_file(name).unlink(missing_ok=True)
         info = read_ready_file(layout.ready_file(name))
-        if not _is_ours(layout, name, info.pid if info is not None else None):
+        if not is_ours(layout, name, info.pid if info is not None else None):
             layout.ready_file(name).unlink(missing_ok=True)
 
 

@@ -1,8 +1,9 @@
 """`hsm-domain init`: create every file of a local domain, genesis ceremony included.
 
 Invariants kept here:
-- the tree is exactly the one docs/runtime.md lists ("Files of a local domain"); paths inside
-  config files are relative to the config file, so a domain directory can be moved;
+- the tree is exactly the one docs/runtime.md lists ("Files of a local domain"), every path
+  taken from `domain_edge.layout.DomainPaths`; paths inside config files are relative to the
+  config file, so a domain directory can be moved;
 - every private key, token and passphrase file is created 0600 and never overwritten; the
   domain directory and every directory holding secrets is 0700;
 - a domain directory appears complete or not at all: a new one is built in a temporary
@@ -69,6 +70,7 @@ from domain_edge.identity_files import (
     save_host_certificate,
     save_host_identity,
 )
+from domain_edge.layout import COORDINATOR_NAME, DEMO_CLIENT, DOMAIN_FILE, DomainPaths
 from domain_proto import domain_pb2
 
 __all__ = [
@@ -84,11 +86,6 @@ __all__ = [
     "read_passphrase",
 ]
 
-DOMAIN_FILE: Final = "domain.json"
-GENESIS_FILE: Final = "genesis.state"
-ENROLLMENT_FILE: Final = "enrollment.bin"
-COORDINATOR_NAME: Final = "coordinator"
-DEMO_CLIENT: Final = "demo-app"
 _OPERATOR_NAMES: Final = (
     "alice",
     "bob",
@@ -117,64 +114,20 @@ def read_passphrase(path: Path) -> bytes:
 
 
 @dataclass(frozen=True)
-class DomainLayout:
-    """Where everything of one local domain lives; read back with `load_layout`.
+class DomainLayout(DomainPaths):
+    """A local domain as `load_layout` reads it back: where its files live (`DomainPaths`),
+    what `domain.json` pins, and which nodes have a config.
 
     `node_configs` lists every node that has a config: the genesis hosts in order, then the
     hosts added later with `add_node` (which join the domain only once operators approve).
     """
 
-    root: Path
     domain_id: str
     genesis_hash: bytes
-    coordinator_config: Path
     node_configs: dict[str, Path]
     operator_tokens: dict[str, tuple[Path, Path]]
-    client_dir: Path
-    ca_cert: Path
     genesis_nodes: tuple[str, ...] = ()
     quorum: int = 0
-
-    @property
-    def genesis_state(self) -> Path:
-        """The serialized genesis SealedState."""
-        return self.root / GENESIS_FILE
-
-    @property
-    def run_dir(self) -> Path:
-        """Ready files and pid files of running processes."""
-        return self.root / "run"
-
-    @property
-    def log_dir(self) -> Path:
-        """One log per process."""
-        return self.root / "logs"
-
-    @property
-    def client_cert(self) -> Path:
-        """The demo application's TLS certificate (spiffe://<domain>/client/demo-app)."""
-        return self.client_dir / "tls.crt"
-
-    @property
-    def client_key(self) -> Path:
-        """The demo application's TLS key (0600)."""
-        return self.client_dir / "tls.key"
-
-    def ready_file(self, name: str) -> Path:
-        """The ready file a process writes once serving (`coordinator` or a host id)."""
-        return self.run_dir / f"{name}.json"
-
-    def pid_file(self, name: str) -> Path:
-        """The pid file of a detached process."""
-        return self.run_dir / f"{name}.pid"
-
-    def log_file(self, name: str) -> Path:
-        """Where a process's stdout and stderr go."""
-        return self.log_dir / f"{name}.log"
-
-    def node_dir(self, host_id: str) -> Path:
-        """The directory of one node (its config, identity and data)."""
-        return self.root / "nodes" / host_id
 
     @property
     def process_names(self) -> list[str]:
@@ -207,7 +160,8 @@ def _check_target(directory: Path) -> None:
         if not directory.is_dir():
             raise AlreadyExistsError(f"{directory} exists and is not a directory")
         if any(directory.iterdir()):
-            what = "a domain" if (directory / DOMAIN_FILE).exists() else "files (it is not empty)"
+            has_domain = DomainPaths(directory).domain_file.exists()
+            what = "a domain" if has_domain else "files (it is not empty)"
             raise AlreadyExistsError(
                 f"{directory} holds {what} already; choose a new directory "
                 "(init never overwrites a domain)"
@@ -241,7 +195,7 @@ class PinnedCoordinator:
 
 def coordinator_pin(root: Path) -> PinnedCoordinator:
     """The pin of the local domain's coordinator, from its certificate in `root/coordinator/`."""
-    path = root / COORDINATOR_NAME / TLS_CERTIFICATE_FILE
+    path = DomainPaths(root).coordinator_cert
     try:
         return PinnedCoordinator.of_certificate(path.read_bytes())
     except FileNotFoundError:
@@ -250,7 +204,13 @@ def coordinator_pin(root: Path) -> PinnedCoordinator:
         ) from None
 
 
+def _relative(path: Path, start: Path) -> str:
+    """`path` as a config file in `start` names it (configs hold relative paths)."""
+    return os.path.relpath(path, start)
+
+
 def _node_config(
+    paths: DomainPaths,
     domain_id: str,
     genesis_hash: bytes,
     host_id: str,
@@ -258,17 +218,19 @@ def _node_config(
     pin: PinnedCoordinator,
     workers: int = 0,
 ) -> NodeConfig:
+    node_dir = paths.node_dir(host_id)
+    identity = paths.node_identity_dir(host_id)
     return NodeConfig(
         domain_id=domain_id,
         genesis_hash=genesis_hash.hex(),
         host_id=host_id,
-        identity_dir="identity",
-        data_dir="data",
-        genesis_state=f"../../{GENESIS_FILE}",
+        identity_dir=_relative(identity, node_dir),
+        data_dir=_relative(paths.node_data_dir(host_id), node_dir),
+        genesis_state=_relative(paths.genesis_state, node_dir),
         tls=TlsFiles(
-            ca="../../ca/ca.crt",
-            cert=f"identity/{TLS_CERTIFICATE_FILE}",
-            key=f"identity/{TLS_KEY_FILE}",
+            ca=_relative(paths.ca_cert, node_dir),
+            cert=_relative(identity / TLS_CERTIFICATE_FILE, node_dir),
+            key=_relative(identity / TLS_KEY_FILE, node_dir),
         ),
         coordinator=coordinator,
         key_service_workers=workers,
@@ -277,24 +239,55 @@ def _node_config(
     )
 
 
+def _coordinator_config(
+    paths: DomainPaths, domain_id: str, genesis_hash: bytes
+) -> CoordinatorConfig:
+    where = paths.coordinator_dir
+    return CoordinatorConfig(
+        domain_id=domain_id,
+        genesis_hash=genesis_hash.hex(),
+        name=COORDINATOR_NAME,
+        genesis_state=_relative(paths.genesis_state, where),
+        tls=TlsFiles(
+            ca=_relative(paths.ca_cert, where),
+            cert=_relative(paths.coordinator_cert, where),
+            key=_relative(where / TLS_KEY_FILE, where),
+        ),
+        store="sqlite:coordinator.db",
+    )
+
+
 def _create_host(
-    root: Path, ca: DomainCA, domain_id: str, host_id: str, now: datetime
+    paths: DomainPaths, ca: DomainCA, domain_id: str, host_id: str, now: datetime
 ) -> tuple[HostIdentity, VerifiedEnrollment]:
     """Identity, CA-issued TLS certificate and enrollment (`enrollment.bin`) of one new node
-    under `root`; the enrollment is verified against the CA before it is written."""
-    node_dir = make_private_dir(root / "nodes" / host_id)
-    identity_dir = node_dir / "identity"
+    under `paths`; the enrollment is verified against the CA before it is written."""
+    make_private_dir(paths.node_dir(host_id))
+    identity_dir = paths.node_identity_dir(host_id)
     identity = HostIdentity.generate(host_id)
     save_host_identity(identity, identity_dir)
     cert_pem = ca.issue(identity.spiffe_id(domain_id), identity.tls_public_key, now=now)
     save_host_certificate(identity, identity_dir, cert_pem)
-    make_private_dir(node_dir / "data")
+    make_private_dir(paths.node_data_dir(host_id))
     raw = make_enrollment(identity, domain_id, cert_pem)
     enrollment = verify_enrollment(
         raw, domain_id=domain_id, ca_certificate=ca.certificate_der, now=now
     )
-    replace_file(node_dir / ENROLLMENT_FILE, raw)
+    replace_file(paths.enrollment_file(host_id), raw)
     return identity, enrollment
+
+
+@dataclass(frozen=True)
+class _Request:
+    """What `init_domain` was asked to create."""
+
+    nodes: int
+    operators: int
+    quorum: int
+    domain_id: str
+    now: datetime
+    scrypt_n: int
+    workers: int
 
 
 def init_domain(
@@ -320,6 +313,7 @@ def init_domain(
     now = now or datetime.now(UTC)
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
+    request = _Request(nodes, operators, quorum, domain_id, now, scrypt_n, workers)
     directory = Path(directory).absolute()
     _check_target(directory)
     if directory.exists():
@@ -327,7 +321,7 @@ def init_domain(
         # again on failure, rather than replaced.
         directory.chmod(0o700)
         try:
-            _build(directory, nodes, operators, quorum, domain_id, now, scrypt_n, workers)
+            _build(DomainPaths(directory), request)
         except BaseException:
             for child in directory.iterdir():
                 if child.is_dir() and not child.is_symlink():
@@ -340,7 +334,7 @@ def init_domain(
     staging = directory.parent / f".{directory.name}.init-{secrets.token_hex(4)}"
     make_private_dir(staging)
     try:
-        _build(staging, nodes, operators, quorum, domain_id, now, scrypt_n, workers)
+        _build(DomainPaths(staging), request)
         os.rename(staging, directory)  # refuses a non-empty directory that appeared meanwhile
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -348,67 +342,90 @@ def init_domain(
     return load_layout(directory)
 
 
-def _build(
-    root: Path,
-    node_count: int,
-    operator_count: int,
-    threshold: int,
-    domain_id: str,
-    now: datetime,
-    scrypt_n: int,
-    workers: int,
-) -> None:
+def _build(paths: DomainPaths, request: _Request) -> None:
+    """Every file of a new domain under `paths.root`, in the order a real ceremony makes them:
+    CA, hosts, TLS files, operator tokens, the genesis, then the configs and `domain.json`."""
+    domain_id, now = request.domain_id, request.now
     ca = DomainCA.create(domain_id, now=now)
-    save_domain_ca(ca, root / "ca")
-
+    save_domain_ca(ca, paths.ca_dir)
     identities: dict[str, HostIdentity] = {}
     enrollments: list[VerifiedEnrollment] = []
-    for index in range(1, node_count + 1):
+    for index in range(1, request.nodes + 1):
         host_id = f"{_HOST_PREFIX}{index}"
-        identity, enrollment = _create_host(root, ca, domain_id, host_id, now)
-        identities[host_id] = identity
+        identities[host_id], enrollment = _create_host(paths, ca, domain_id, host_id, now)
         enrollments.append(enrollment)
-    hosts = [e.host for e in enrollments]
-
-    _issue_client_files(
-        ca,
-        SpiffeId(domain_id, "coordinator", COORDINATOR_NAME),
-        root / COORDINATOR_NAME,
-        now,
+    coordinator = SpiffeId(domain_id, "coordinator", COORDINATOR_NAME)
+    _issue_client_files(ca, coordinator, paths.coordinator_dir, now)
+    _issue_client_files(ca, SpiffeId(domain_id, "client", DEMO_CLIENT), paths.client_dir, now)
+    tokens = _create_operator_tokens(paths, request)
+    state = _genesis_ceremony(ca, enrollments, identities, tokens, request)
+    replace_file(paths.genesis_state, state.to_bytes())
+    _write_configs(paths, [e.host.host_id for e in enrollments], state.hash, request)
+    write_json(
+        paths.domain_file,
+        {
+            "format": _DOMAIN_FORMAT,
+            "domain_id": domain_id,
+            "genesis_hash": state.hash.hex(),
+            "nodes": [e.host.host_id for e in enrollments],
+            "operators": [
+                {"name": t.record.name, "operator_id": t.record.operator_id} for t in tokens
+            ],
+            "quorum": request.quorum,
+        },
     )
-    _issue_client_files(
-        ca, SpiffeId(domain_id, "client", DEMO_CLIENT), root / "clients" / DEMO_CLIENT, now
-    )
 
-    operators_dir = make_private_dir(root / "operators")
-    tokens: list[tuple[str, Path, bytes]] = []
-    records: list[domain_pb2.Operator] = []
-    for name in operator_names(operator_count):
+
+@dataclass(frozen=True)
+class _DemoToken:
+    """An operator token `init` made, and the passphrase it holds for the ceremony."""
+
+    record: domain_pb2.Operator
+    path: Path
+    passphrase: bytes
+
+
+def _create_operator_tokens(paths: DomainPaths, request: _Request) -> list[_DemoToken]:
+    """A file token and a demo passphrase file (0600) for each operator."""
+    make_private_dir(paths.operators_dir)
+    tokens: list[_DemoToken] = []
+    for name in operator_names(request.operators):
         passphrase = secrets.token_urlsafe(32).encode("ascii")
-        token_path = operators_dir / f"{name}.token"
-        write_secret_file(operators_dir / f"{name}.passphrase", passphrase + b"\n")
+        token_path = paths.operator_token(name)
+        write_secret_file(paths.operator_passphrase(name), passphrase + b"\n")
         public_key = create_file_token(
-            token_path, SignatureAlgorithm.ED25519, passphrase, name=name, scrypt_n=scrypt_n
+            token_path,
+            SignatureAlgorithm.ED25519,
+            passphrase,
+            name=name,
+            scrypt_n=request.scrypt_n,
         )
-        records.append(model.make_operator(name, public_key))
-        tokens.append((name, token_path, passphrase))
+        tokens.append(_DemoToken(model.make_operator(name, public_key), token_path, passphrase))
+    return tokens
 
-    # The ceremony: every operator opens their token and approves; hsa-1 seals.
-    timestamp = int(now.timestamp())
+
+def _genesis_ceremony(
+    ca: DomainCA,
+    enrollments: list[VerifiedEnrollment],
+    identities: dict[str, HostIdentity],
+    tokens: list[_DemoToken],
+    request: _Request,
+) -> SealedState:
+    """The genesis: every operator opens their token and approves; the first host seals; the
+    state is verified against its own hash before anything pins it."""
+    timestamp = int(request.now.timestamp())
+    records = [t.record for t in tokens]
     proposal = genesis.genesis_proposal(
-        domain_id,
+        request.domain_id,
         [e.raw for e in enrollments],
         records,
-        threshold,
+        request.quorum,
         ca_certificate=ca.certificate_der,
         proposer_id=records[0].operator_id,
         now=timestamp,
     )
-    approvals = [
-        quorum.approve(proposal, load_file_token(path, passphrase))
-        for _, path, passphrase in tokens
-    ]
-    first = hosts[0].host_id
+    approvals = [quorum.approve(proposal, load_file_token(t.path, t.passphrase)) for t in tokens]
+    first = enrollments[0].host.host_id
     state = genesis.seal_genesis(
         proposal,
         approvals,
@@ -416,43 +433,34 @@ def _build(
         producer=identities[first].signer,
         now=timestamp,
     )
-    TrustedChain.from_genesis(domain_id, state.hash, SealedState.from_bytes(state.to_bytes()))
-    replace_file(root / GENESIS_FILE, state.to_bytes())
+    TrustedChain.from_genesis(
+        request.domain_id, state.hash, SealedState.from_bytes(state.to_bytes())
+    )
+    return state
 
-    pin = coordinator_pin(root)
-    for host in hosts:
-        config = _node_config(domain_id, state.hash, host.host_id, "", pin, workers)
-        config.save(root / "nodes" / host.host_id / "config.json")
+
+def _write_configs(
+    paths: DomainPaths, hosts: list[str], genesis_hash: bytes, request: _Request
+) -> None:
+    """Every node's config, the coordinator's config, and the run and log directories."""
+    pin = coordinator_pin(paths.root)
+    for host_id in hosts:
+        config = _node_config(
+            paths, request.domain_id, genesis_hash, host_id, "", pin, request.workers
+        )
+        config.save(paths.node_config(host_id))
         # No key exists yet: every genesis host starts with a complete (empty) floor table.
         replace_file(
-            root / "nodes" / host.host_id / "data" / FLOORS_COMPLETE_FILE,
-            (state.hash.hex() + "\n").encode(),
+            paths.node_data_dir(host_id) / FLOORS_COMPLETE_FILE,
+            (genesis_hash.hex() + "\n").encode(),
         )
-    CoordinatorConfig(
-        domain_id=domain_id,
-        genesis_hash=state.hash.hex(),
-        name=COORDINATOR_NAME,
-        genesis_state=f"../{GENESIS_FILE}",
-        tls=TlsFiles(ca="../ca/ca.crt", cert=TLS_CERTIFICATE_FILE, key=TLS_KEY_FILE),
-        store="sqlite:coordinator.db",
-    ).save(root / COORDINATOR_NAME / "config.json")
-    for name in ("run", "logs"):
-        make_private_dir(root / name)
-    write_json(
-        root / DOMAIN_FILE,
-        {
-            "format": _DOMAIN_FORMAT,
-            "domain_id": domain_id,
-            "genesis_hash": state.hash.hex(),
-            "nodes": [host.host_id for host in hosts],
-            "operators": [{"name": r.name, "operator_id": r.operator_id} for r in records],
-            "quorum": threshold,
-        },
-    )
+    _coordinator_config(paths, request.domain_id, genesis_hash).save(paths.coordinator_config)
+    for directory in (paths.run_dir, paths.log_dir):
+        make_private_dir(directory)
 
 
 def _read_domain_file(root: Path) -> dict[str, Any]:
-    path = root / DOMAIN_FILE
+    path = DomainPaths(root).domain_file
     try:
         document = json.loads(path.read_text())
     except FileNotFoundError:
@@ -475,39 +483,30 @@ def _host_sort_key(host_id: str) -> tuple[int, str]:
 
 def load_layout(directory: Path) -> DomainLayout:
     """Read `domain.json` of a domain made by `init_domain` and locate its files."""
-    root = Path(directory).absolute()
-    document = _read_domain_file(root)
+    paths = DomainPaths(Path(directory).absolute())
+    document = _read_domain_file(paths.root)
     try:
         genesis_hash = bytes.fromhex(str(document["genesis_hash"]))
         genesis_nodes = tuple(str(n) for n in document["nodes"])
         operator_list = [str(o["name"]) for o in document["operators"]]
         threshold = int(document["quorum"])
     except (ValueError, TypeError, KeyError) as error:
-        raise InvalidInputError(f"{root / DOMAIN_FILE} is malformed: {error}") from None
+        raise InvalidInputError(f"{paths.domain_file} is malformed: {error}") from None
     if len(genesis_hash) != canonical.DIGEST_BYTES:
-        raise InvalidInputError(f"{root / DOMAIN_FILE}: genesis_hash is not 64 hex characters")
-    nodes_dir = root / "nodes"
-    found = (
-        sorted((p.parent.name for p in nodes_dir.glob("*/config.json")), key=_host_sort_key)
-        if nodes_dir.is_dir()
-        else []
-    )
+        raise InvalidInputError(f"{paths.domain_file}: genesis_hash is not 64 hex characters")
+    found = sorted(paths.configured_hosts(), key=_host_sort_key)
     ordered = [h for h in genesis_nodes if h in found] + [
         h for h in found if h not in genesis_nodes
     ]
-    operators_dir = root / "operators"
     return DomainLayout(
-        root=root,
+        root=paths.root,
         domain_id=str(document["domain_id"]),
         genesis_hash=genesis_hash,
-        coordinator_config=root / COORDINATOR_NAME / "config.json",
-        node_configs={h: nodes_dir / h / "config.json" for h in ordered},
+        node_configs={h: paths.node_config(h) for h in ordered},
         operator_tokens={
-            name: (operators_dir / f"{name}.token", operators_dir / f"{name}.passphrase")
+            name: (paths.operator_token(name), paths.operator_passphrase(name))
             for name in operator_list
         },
-        client_dir=root / "clients" / DEMO_CLIENT,
-        ca_cert=root / "ca" / "ca.crt",
         genesis_nodes=genesis_nodes,
         quorum=threshold,
     )
@@ -515,8 +514,8 @@ def load_layout(directory: Path) -> DomainLayout:
 
 def _next_host_id(layout: DomainLayout) -> str:
     taken = set(layout.node_configs) | set(layout.genesis_nodes)
-    if (layout.root / "nodes").is_dir():
-        taken |= {p.name for p in (layout.root / "nodes").iterdir()}
+    if layout.nodes_dir.is_dir():
+        taken |= {p.name for p in layout.nodes_dir.iterdir()}
     numbers = [int(m.group(1)) for h in taken if (m := _HOST_NUMBER.match(h))]
     return f"{_HOST_PREFIX}{max(numbers, default=0) + 1}"
 
@@ -539,7 +538,7 @@ def add_node(directory: Path, host_id: str | None = None, *, now: datetime | Non
     node_dir = layout.node_dir(host_id)
     if node_dir.exists():
         raise AlreadyExistsError(f"{node_dir} exists already; choose another host id")
-    ca = load_domain_ca(layout.root / "ca")
+    ca = load_domain_ca(layout.ca_dir)
     coordinator, workers = "", 0
     for path in layout.node_configs.values():
         existing = NodeConfig.load(path)
@@ -547,12 +546,12 @@ def add_node(directory: Path, host_id: str | None = None, *, now: datetime | Non
         if coordinator:
             break
     try:
-        _create_host(layout.root, ca, layout.domain_id, host_id, now)
+        _create_host(layout, ca, layout.domain_id, host_id, now)
         pin = coordinator_pin(layout.root)
         _node_config(
-            layout.domain_id, layout.genesis_hash, host_id, coordinator, pin, workers
-        ).save(node_dir / "config.json")
+            layout, layout.domain_id, layout.genesis_hash, host_id, coordinator, pin, workers
+        ).save(layout.node_config(host_id))
     except BaseException:
         shutil.rmtree(node_dir, ignore_errors=True)
         raise
-    return node_dir / ENROLLMENT_FILE
+    return layout.enrollment_file(host_id)

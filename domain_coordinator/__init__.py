@@ -2,8 +2,9 @@
 
 It keeps pending proposals and approvals, the chain of sealed domain states, key records, the
 registry of HSA addresses and the HSAs' signed audit heads; it believes nothing it is told
-without verification and holds nothing secret. `CoordinatorStore` is its storage interface
-and `SqliteStore` the default backend (exported here); `service.CoordinatorService` is the
+without verification and holds nothing secret. `CoordinatorStore` is its storage interface,
+`SqliteStore` the default backend and `open_store` opens the one a config names (exported
+here); `service.CoordinatorService` is the
 gRPC servicer, `server.CoordinatorServer` one running process and `__main__.main` the
 `domain-coordinator` command (imported from their modules, so that using the store does not
 load gRPC servers).
@@ -22,8 +23,8 @@ from domain_coordinator.store import (
     KeyEntry,
     ProposalRecord,
     ProposalState,
-    open_store,
 )
+from domain_coordinator.store_spec import open_store
 
 __all__ = [
     "AuditHeadRecord",

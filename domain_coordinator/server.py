@@ -35,7 +35,8 @@ from domain_coordinator.service import (
     SERVICE_NAME,
     CoordinatorService,
 )
-from domain_coordinator.store import CoordinatorStore, open_store, state_directory
+from domain_coordinator.store import CoordinatorStore
+from domain_coordinator.store_spec import open_store, state_directory
 from domain_core.errors import InvalidInputError
 from domain_core.limits import Limits
 from domain_edge.config import CoordinatorConfig

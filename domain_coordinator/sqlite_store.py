@@ -16,6 +16,10 @@ Invariants (on top of those of `domain_coordinator.store`):
   state, expiry and closing time, so that counting, listing a page, finding what is due and
   purging never read the bytes of proposals they do not return;
 - one connection shared by all threads, serialised by a lock.
+
+The schema and its upgrades are in `_sqlite_schema`, the SQL of proposals in
+`_sqlite_proposals`; the arguments are checked by the interface (`store.CoordinatorStore`)
+before any primitive here runs.
 """
 
 from __future__ import annotations
@@ -23,21 +27,25 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from google.protobuf.message import DecodeError
-
+from domain_coordinator import _sqlite_proposals as proposals
+from domain_coordinator import _sqlite_schema as schema
 from domain_coordinator.store import (
     AuditHeadRecord,
+    CoordinatorStore,
     DeletedKey,
     HsaRecord,
     KeyEntry,
+    NewProposal,
     PendingSummary,
+    ProposalCaps,
     ProposalRecord,
     ProposalState,
+    Signed,
+    StateChange,
     iso_date,
 )
 from domain_core.errors import (
@@ -46,168 +54,12 @@ from domain_core.errors import (
     NotFoundError,
     ResourceExhaustedError,
 )
-from domain_proto import domain_pb2
 
-# 2: key records have tombstones (`deleted_at`) and a `creator`; a schema-1 file is upgraded
-# on open, and an older coordinator (which would serve tombstones as keys) refuses the file.
-# 3: proposals carry their proposer, base and closing time in columns (the sweeper and the
-# caps read them); an older coordinator would store proposals without them, so it refuses the
-# file.
-SCHEMA_VERSION = 3
-_UPGRADABLE_SCHEMAS = frozenset({"1", "2"})
+SCHEMA_VERSION = schema.SCHEMA_VERSION
 _BUSY_TIMEOUT_MS = 10_000
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (
-    name TEXT PRIMARY KEY,
-    value TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS states (
-    version INTEGER PRIMARY KEY,
-    state BLOB NOT NULL
-);
-CREATE TABLE IF NOT EXISTS proposals (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    proposal_id BLOB NOT NULL UNIQUE,
-    proposal BLOB NOT NULL,
-    state TEXT NOT NULL,
-    detail TEXT NOT NULL DEFAULT '',
-    applied_version INTEGER NOT NULL DEFAULT 0,
-    created_at INTEGER NOT NULL,
-    expires_at INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS proposals_by_state ON proposals (state, seq);
-CREATE TABLE IF NOT EXISTS approvals (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    proposal_id BLOB NOT NULL REFERENCES proposals (proposal_id),
-    operator_id TEXT NOT NULL,
-    approval BLOB NOT NULL,
-    UNIQUE (proposal_id, operator_id)
-);
-CREATE TABLE IF NOT EXISTS cancel_votes (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    proposal_id BLOB NOT NULL REFERENCES proposals (proposal_id),
-    operator_id TEXT NOT NULL,
-    vote BLOB NOT NULL,
-    UNIQUE (proposal_id, operator_id)
-);
-CREATE TABLE IF NOT EXISTS hsas (
-    host_id TEXT PRIMARY KEY,
-    address TEXT NOT NULL,
-    registered_at INTEGER NOT NULL,
-    version INTEGER NOT NULL DEFAULT 0,
-    state_hash BLOB NOT NULL DEFAULT x'',
-    reported_at INTEGER NOT NULL DEFAULT 0
-);
-CREATE TABLE IF NOT EXISTS keys (
-    key_id TEXT PRIMARY KEY,
-    record BLOB NOT NULL,
-    revision INTEGER NOT NULL
-);
-"""
 
-# Tables added after schema 1 was first released (cancel_votes) are created by the
-# idempotent script above when a file made by an older coordinator is opened; an older
-# coordinator ignores them.
-# Columns added after schema 1 was first released, each with a default, so that a file made
-# by an older coordinator gains them on open (ALTER TABLE ... ADD COLUMN) and an older
-# coordinator still reads and writes a file that has them: the schema number stays 1.
-_ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
-    ("hsas", "version", "INTEGER NOT NULL DEFAULT 0"),
-    ("hsas", "state_hash", "BLOB NOT NULL DEFAULT x''"),
-    ("hsas", "reported_at", "INTEGER NOT NULL DEFAULT 0"),
-    ("keys", "creator", "TEXT NOT NULL DEFAULT ''"),
-    ("keys", "deleted_at", "INTEGER NOT NULL DEFAULT 0"),
-    ("proposals", "proposer", "TEXT NOT NULL DEFAULT ''"),
-    ("proposals", "base_version", "INTEGER NOT NULL DEFAULT 0"),
-    ("proposals", "base_state_hash", "BLOB NOT NULL DEFAULT x''"),
-    ("proposals", "closed_at", "INTEGER NOT NULL DEFAULT 0"),
-)
-# After the added columns exist.
-_INDEXES = """
-CREATE INDEX IF NOT EXISTS keys_by_creator ON keys (creator, deleted_at);
-CREATE INDEX IF NOT EXISTS keys_by_deletion ON keys (deleted_at);
-CREATE INDEX IF NOT EXISTS proposals_by_proposer ON proposals (proposer, state);
-CREATE INDEX IF NOT EXISTS proposals_by_expiry ON proposals (state, expires_at);
-CREATE INDEX IF NOT EXISTS proposals_by_base ON proposals (state, base_version);
-CREATE INDEX IF NOT EXISTS proposals_by_closing ON proposals (closed_at);
-"""
-_MAX_SQLITE_INTEGER = 2**63 - 1
-# Tables added after schema 1 was first released (created if missing; the number stays 1).
-_ADDED_TABLES = """
-CREATE TABLE IF NOT EXISTS audit_heads (
-    host_id TEXT NOT NULL,
-    log TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    checkpoint BLOB NOT NULL,
-    reported_at INTEGER NOT NULL,
-    PRIMARY KEY (host_id, log)
-);
-"""
-
-
-def _fill_proposal_columns(db: sqlite3.Connection) -> None:
-    """Fill the proposer, base and closing-time columns of rows an older coordinator stored.
-
-    They are read from the proposal's own bytes; a row whose bytes do not parse keeps an empty
-    base (the sweeper then closes it as stale, which is what it is: it can never apply). A
-    closed row gets its expiry as its closing time: a proposal closes at the latest when it
-    expires, so this never purges one earlier than its retention allows.
-    """
-    rows = db.execute(
-        "SELECT proposal_id, proposal FROM proposals WHERE base_state_hash = x'' AND proposer = ''"
-    ).fetchall()
-    for proposal_id, raw in rows:
-        try:
-            message = domain_pb2.Proposal.FromString(bytes(raw))
-        except DecodeError:
-            continue
-        db.execute(
-            "UPDATE proposals SET proposer = ?, base_version = ?, base_state_hash = ? "
-            "WHERE proposal_id = ?",
-            (
-                message.proposer_id[:128],
-                min(int(message.base_version), _MAX_SQLITE_INTEGER),
-                bytes(message.base_state_hash),
-                proposal_id,
-            ),
-        )
-    db.execute(
-        "UPDATE proposals SET closed_at = expires_at WHERE state != ? AND closed_at = 0",
-        (ProposalState.PENDING.value,),
-    )
-
-
-def _check_report(version: int, state_hash: bytes, when: int) -> None:
-    for value in (version, when):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError("a reported version and time are integers")
-        if not 0 <= value <= _MAX_SQLITE_INTEGER:
-            raise ValueError("a reported version or time is out of range")
-    if not isinstance(state_hash, bytes):
-        raise TypeError("a reported state hash is bytes")
-
-
-def _timestamp(value: int | None) -> int:
-    """A unix time for a store column: `value`, or now when None."""
-    if value is None:
-        return int(time.time())
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError("a time is a unix time in whole seconds")
-    return value
-
-
-def _check_bytes(value: object, what: str) -> None:
-    if not isinstance(value, bytes) or not value:
-        raise TypeError(f"{what} must be non-empty bytes")
-
-
-def _check_version(version: object) -> None:
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise ValueError("a state version is an integer of at least 1")
-
-
-class SqliteStore:
+class SqliteStore(CoordinatorStore):
     """A `CoordinatorStore` in one SQLite file (see the module invariants)."""
 
     def __init__(self, path: Path) -> None:
@@ -239,32 +91,10 @@ class SqliteStore:
 
     def _create_schema(self) -> None:
         with self._lock:
-            # executescript commits on its own; every statement is idempotent.
-            self._db.executescript(_SCHEMA)
-            self._db.executescript(_ADDED_TABLES)
+            for script in schema.SCRIPTS:  # each commits on its own; all are idempotent
+                self._db.executescript(script)
             with self._tx_unlocked() as db:
-                for table, column, definition in _ADDED_COLUMNS:
-                    present = {str(r[1]) for r in db.execute(f"PRAGMA table_info({table})")}
-                    if column not in present:
-                        db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
-                for statement in filter(None, (s.strip() for s in _INDEXES.split(";"))):
-                    db.execute(statement)
-                _fill_proposal_columns(db)
-                row = db.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()
-                if row is None:
-                    db.execute(
-                        "INSERT INTO meta (name, value) VALUES ('schema', ?)",
-                        (str(SCHEMA_VERSION),),
-                    )
-                elif row[0] in _UPGRADABLE_SCHEMAS:
-                    db.execute(
-                        "UPDATE meta SET value = ? WHERE name = 'schema'", (str(SCHEMA_VERSION),)
-                    )
-                elif row[0] != str(SCHEMA_VERSION):
-                    raise RuntimeError(
-                        f"{self.path} has store schema {row[0]}, this coordinator "
-                        f"understands {SCHEMA_VERSION}"
-                    )
+                schema.upgrade(db, self.path)
 
     @contextmanager
     def _tx_unlocked(self) -> Iterator[sqlite3.Connection]:
@@ -328,398 +158,80 @@ class SqliteStore:
             ).fetchall()
         return [bytes(row[0]) for row in rows]
 
-    @staticmethod
-    def _append(db: sqlite3.Connection, version: int, state: bytes) -> None:
-        latest = SqliteStore._latest_version(db)
-        if version != latest + 1:
-            raise ConflictError(
-                f"cannot store state version {version}: the store is at version {latest}"
-            )
-        db.execute("INSERT INTO states (version, state) VALUES (?, ?)", (version, state))
-
-    def append_state(self, version: int, state: bytes) -> None:
-        _check_version(version)
-        _check_bytes(state, "state")
-        with self._transaction() as db:
-            self._append(db, version, state)
-
-    def append_state_and_close_proposal(
-        self, version: int, state: bytes, proposal_id: bytes, *, closed_at: int | None = None
+    def _append_state(
+        self, version: int, state: bytes, applied: bytes | None, closed_at: int
     ) -> None:
-        _check_version(version)
-        _check_bytes(state, "state")
-        _check_bytes(proposal_id, "proposal_id")
-        when = _timestamp(closed_at)
         with self._transaction() as db:
-            row = db.execute(
-                "SELECT 1 FROM proposals WHERE proposal_id = ?", (proposal_id,)
-            ).fetchone()
-            if row is None:
-                raise NotFoundError(f"no proposal {proposal_id.hex()} in the store")
-            self._append(db, version, state)
-            db.execute(
-                "UPDATE proposals SET state = ?, detail = '', applied_version = ?, closed_at = ? "
-                "WHERE proposal_id = ?",
-                (ProposalState.APPLIED.value, version, when, proposal_id),
-            )
+            if applied is not None:
+                proposals.require(db, applied)
+            latest = self._latest_version(db)
+            if version != latest + 1:
+                raise ConflictError(
+                    f"cannot store state version {version}: the store is at version {latest}"
+                )
+            db.execute("INSERT INTO states (version, state) VALUES (?, ?)", (version, state))
+            if applied is not None:
+                proposals.mark_applied(db, applied, version, closed_at)
 
-    # --- proposals and approvals -----------------------------------------------------------
+    # --- proposals and approvals (the SQL is in `_sqlite_proposals`) -----------------------
 
-    def put_proposal(
-        self,
-        proposal_id: bytes,
-        proposal: bytes,
-        created_at: int,
-        expires_at: int,
-        approvals: Sequence[tuple[str, bytes]] = (),
-        *,
-        proposer: str = "",
-        base_version: int = 0,
-        base_state_hash: bytes = b"",
-        max_pending: int = 0,
-        max_pending_per_proposer: int = 0,
-        max_stored_per_proposer: int = 0,
-        now: int = 0,
+    def _put_proposal(self, new: NewProposal, caps: ProposalCaps) -> bool:
+        with self._transaction() as db:
+            return proposals.insert(db, new, caps)
+
+    def _add_signed(
+        self, kind: Signed, proposal_id: bytes, operator_id: str, signed: bytes
     ) -> bool:
-        _check_bytes(proposal_id, "proposal_id")
-        _check_bytes(proposal, "proposal")
-        _check_report(base_version, base_state_hash, 0)
-        pending = ProposalState.PENDING.value
         with self._transaction() as db:
-            exists = db.execute(
-                "SELECT 1 FROM proposals WHERE proposal_id = ?", (proposal_id,)
-            ).fetchone()
-            if exists is not None:
-                return False
-            if max_pending:
-                count = int(
-                    db.execute(
-                        "SELECT COUNT(*) FROM proposals WHERE state = ?", (pending,)
-                    ).fetchone()[0]
-                )
-                if count >= max_pending:
-                    raise ResourceExhaustedError(
-                        f"{count} proposals are pending already, the most this coordinator "
-                        f"keeps ({max_pending}); approve, cancel or let some expire first"
-                    )
-            if max_pending_per_proposer and proposer:
-                count = int(
-                    db.execute(
-                        "SELECT COUNT(*) FROM proposals WHERE proposer = ? AND state = ?",
-                        (proposer, pending),
-                    ).fetchone()[0]
-                )
-                if count >= max_pending_per_proposer:
-                    raise ResourceExhaustedError(
-                        f"you have {count} pending proposals already, the most one operator may "
-                        f"have ({max_pending_per_proposer}); cancel some of yours (or wait for "
-                        "them to be applied or to expire) first"
-                    )
-            if max_stored_per_proposer and proposer:
-                self._make_room(db, proposer, max_stored_per_proposer, now)
-            db.execute(
-                "INSERT INTO proposals (proposal_id, proposal, state, created_at, expires_at, "
-                "proposer, base_version, base_state_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    proposal_id,
-                    proposal,
-                    pending,
-                    created_at,
-                    expires_at,
-                    proposer,
-                    base_version,
-                    base_state_hash,
-                ),
-            )
-            seen: set[str] = set()
-            for operator_id, approval in approvals:
-                _check_bytes(approval, "approval")
-                if operator_id in seen:
-                    raise ValueError("two initial approvals from one operator")
-                seen.add(operator_id)
-                db.execute(
-                    "INSERT INTO approvals (proposal_id, operator_id, approval) VALUES (?, ?, ?)",
-                    (proposal_id, operator_id, approval),
-                )
-        return True
-
-    def add_approval(self, proposal_id: bytes, operator_id: str, approval: bytes) -> bool:
-        _check_bytes(proposal_id, "proposal_id")
-        _check_bytes(approval, "approval")
-        if not isinstance(operator_id, str) or not operator_id:
-            raise TypeError("operator_id must be a non-empty string")
-        with self._transaction() as db:
-            exists = db.execute(
-                "SELECT 1 FROM proposals WHERE proposal_id = ?", (proposal_id,)
-            ).fetchone()
-            if exists is None:
-                raise NotFoundError(f"no proposal {proposal_id.hex()} in the store")
-            cursor = db.execute(
-                "INSERT OR IGNORE INTO approvals (proposal_id, operator_id, approval) "
-                "VALUES (?, ?, ?)",
-                (proposal_id, operator_id, approval),
-            )
-            return cursor.rowcount == 1
-
-    def add_cancel_vote(self, proposal_id: bytes, operator_id: str, vote: bytes) -> bool:
-        _check_bytes(proposal_id, "proposal_id")
-        _check_bytes(vote, "vote")
-        if not isinstance(operator_id, str) or not operator_id:
-            raise TypeError("operator_id must be a non-empty string")
-        with self._transaction() as db:
-            exists = db.execute(
-                "SELECT 1 FROM proposals WHERE proposal_id = ?", (proposal_id,)
-            ).fetchone()
-            if exists is None:
-                raise NotFoundError(f"no proposal {proposal_id.hex()} in the store")
-            cursor = db.execute(
-                "INSERT OR IGNORE INTO cancel_votes (proposal_id, operator_id, vote) "
-                "VALUES (?, ?, ?)",
-                (proposal_id, operator_id, vote),
-            )
-            return cursor.rowcount == 1
-
-    @staticmethod
-    def _make_room(db: sqlite3.Connection, proposer: str, most: int, now: int) -> None:
-        """Purge `proposer`'s oldest closed proposals that expired before `now` until one more
-        fits under `most` stored; ResourceExhaustedError when not enough of them can go."""
-        stored = int(
-            db.execute("SELECT COUNT(*) FROM proposals WHERE proposer = ?", (proposer,)).fetchone()[
-                0
-            ]
-        )
-        excess = stored - most + 1
-        if excess <= 0:
-            return
-        doomed = [
-            bytes(r[0])
-            for r in db.execute(
-                "SELECT proposal_id FROM proposals WHERE proposer = ? AND state != ? "
-                "AND expires_at < ? ORDER BY closed_at, seq LIMIT ?",
-                (proposer, ProposalState.PENDING.value, now, excess),
-            )
-        ]
-        if len(doomed) < excess:
-            raise ResourceExhaustedError(
-                f"you have {stored} proposals at this coordinator, the most one operator may keep "
-                f"({most}), and too few of them are closed and expired to make room: wait for "
-                "some to expire"
-            )
-        for table in ("approvals", "cancel_votes", "proposals"):
-            db.executemany(
-                f"DELETE FROM {table} WHERE proposal_id = ?",  # noqa: S608
-                [(proposal_id,) for proposal_id in doomed],
-            )
-
-    @staticmethod
-    def _record(db: sqlite3.Connection, row: tuple[object, ...]) -> ProposalRecord:
-        proposal_id = bytes(row[0])  # type: ignore[call-overload]
-        approvals = db.execute(
-            "SELECT approval FROM approvals WHERE proposal_id = ? ORDER BY seq", (proposal_id,)
-        ).fetchall()
-        votes = db.execute(
-            "SELECT vote FROM cancel_votes WHERE proposal_id = ? ORDER BY seq", (proposal_id,)
-        ).fetchall()
-        return ProposalRecord(
-            proposal_id=proposal_id,
-            proposal=bytes(row[1]),  # type: ignore[call-overload]
-            approvals=tuple(bytes(a[0]) for a in approvals),
-            state=ProposalState(str(row[2])),
-            detail=str(row[3]),
-            applied_version=int(row[4]),  # type: ignore[call-overload]
-            created_at=int(row[5]),  # type: ignore[call-overload]
-            expires_at=int(row[6]),  # type: ignore[call-overload]
-            cancel_votes=tuple(bytes(v[0]) for v in votes),
-            seq=int(row[7]),  # type: ignore[call-overload]
-            proposer=str(row[8]),
-            base_version=int(row[9]),  # type: ignore[call-overload]
-            base_state_hash=bytes(row[10]),  # type: ignore[call-overload]
-            closed_at=int(row[11]),  # type: ignore[call-overload]
-        )
-
-    _COLUMNS = (
-        "proposal_id, proposal, state, detail, applied_version, created_at, expires_at, seq, "
-        "proposer, base_version, base_state_hash, closed_at"
-    )
+            return proposals.add_signed(db, kind, proposal_id, operator_id, signed)
 
     def get_proposal(self, proposal_id: bytes) -> ProposalRecord | None:
         with self._read() as db:
-            row = db.execute(
-                f"SELECT {self._COLUMNS} FROM proposals WHERE proposal_id = ?",  # noqa: S608
-                (proposal_id,),
-            ).fetchone()
-            return self._record(db, row) if row is not None else None
+            return proposals.get(db, proposal_id)
 
     def list_proposals(
         self, include_closed: bool = False, *, limit: int, before: int = 0
     ) -> list[ProposalRecord]:
         if limit < 1:
             return []
-        before = before if before > 0 else _MAX_SQLITE_INTEGER
         with self._read() as db:
-            if include_closed:
-                rows = db.execute(
-                    f"SELECT {self._COLUMNS} FROM proposals WHERE seq < ? "  # noqa: S608
-                    "ORDER BY seq DESC LIMIT ?",
-                    (before, limit),
-                ).fetchall()
-            else:
-                rows = db.execute(
-                    f"SELECT {self._COLUMNS} FROM proposals WHERE state = ? "  # noqa: S608
-                    "AND seq < ? ORDER BY seq DESC LIMIT ?",
-                    (ProposalState.PENDING.value, before, limit),
-                ).fetchall()
-            return [self._record(db, row) for row in rows]
+            return proposals.page(db, include_closed, limit, before)
 
     def count_proposals(self, include_closed: bool = False, proposer: str = "") -> int:
-        where, arguments = [], []
-        if not include_closed:
-            where.append("state = ?")
-            arguments.append(ProposalState.PENDING.value)
-        if proposer:
-            where.append("proposer = ?")
-            arguments.append(proposer)
-        clause = f" WHERE {' AND '.join(where)}" if where else ""
         with self._read() as db:
-            row = db.execute(
-                f"SELECT COUNT(*) FROM proposals{clause}",  # noqa: S608
-                arguments,
-            ).fetchone()
-        return int(row[0])
+            return proposals.count(db, include_closed, proposer)
 
     def due_proposals(
         self, now: int, base_version: int, base_state_hash: bytes, limit: int
     ) -> list[PendingSummary]:
         if limit < 1:
             return []
-        pending = ProposalState.PENDING.value
         with self._read() as db:
-            # Two indexed selections (by expiry, by base), merged: an OR across two indexes
-            # would make SQLite scan every pending proposal.
-            rows = db.execute(
-                "SELECT seq, proposal_id, expires_at, base_version, base_state_hash "
-                "FROM proposals WHERE state = ? AND expires_at <= ? "
-                "UNION "
-                "SELECT seq, proposal_id, expires_at, base_version, base_state_hash "
-                "FROM proposals WHERE state = ? AND base_version < ? "
-                "UNION "
-                "SELECT seq, proposal_id, expires_at, base_version, base_state_hash "
-                "FROM proposals WHERE state = ? AND base_version > ? "
-                "UNION "
-                "SELECT seq, proposal_id, expires_at, base_version, base_state_hash "
-                "FROM proposals WHERE state = ? AND base_version = ? AND base_state_hash != ? "
-                "ORDER BY seq LIMIT ?",
-                (
-                    pending,
-                    now,
-                    pending,
-                    base_version,
-                    pending,
-                    base_version,
-                    pending,
-                    base_version,
-                    base_state_hash,
-                    limit,
-                ),
-            ).fetchall()
-        return [PendingSummary(bytes(r[1]), int(r[2]), int(r[3]), bytes(r[4])) for r in rows]
+            return proposals.due(db, now, base_version, base_state_hash, limit)
 
     def pending_with_approvals(self, at_least: int, limit: int) -> list[bytes]:
         if limit < 1:
             return []
         with self._read() as db:
-            rows = db.execute(
-                "SELECT p.proposal_id FROM proposals AS p WHERE p.state = ? AND "
-                "(SELECT COUNT(*) FROM approvals AS a WHERE a.proposal_id = p.proposal_id) >= ? "
-                "ORDER BY p.seq LIMIT ?",
-                (ProposalState.PENDING.value, max(at_least, 0), limit),
-            ).fetchall()
-        return [bytes(r[0]) for r in rows]
+            return proposals.with_approvals(db, at_least, limit)
 
-    def set_proposal_state(
-        self,
-        proposal_id: bytes,
-        state: ProposalState,
-        detail: str = "",
-        applied_version: int = 0,
-        *,
-        closed_at: int | None = None,
-    ) -> bool:
-        state = ProposalState(state)
-        when = _timestamp(closed_at) if state.closed else 0
+    def _set_proposal_state(self, proposal_id: bytes, change: StateChange) -> bool:
         with self._transaction() as db:
-            row = db.execute(
-                "SELECT state FROM proposals WHERE proposal_id = ?", (proposal_id,)
-            ).fetchone()
-            if row is None:
-                raise NotFoundError(f"no proposal {proposal_id.hex()} in the store")
-            if ProposalState(str(row[0])).closed:
-                return False
-            db.execute(
-                "UPDATE proposals SET state = ?, detail = ?, applied_version = ?, closed_at = ? "
-                "WHERE proposal_id = ?",
-                (state.value, detail, applied_version, when, proposal_id),
-            )
-        return True
+            return proposals.set_state(db, proposal_id, change)
 
-    def close_proposals(
+    def _close_proposals(
         self, closings: Sequence[tuple[bytes, ProposalState, str]], closed_at: int
     ) -> list[bytes]:
-        when = _timestamp(closed_at)
-        closed: list[bytes] = []
-        if not closings:
-            return closed
         with self._transaction() as db:
-            for proposal_id, state, detail in closings:
-                if not ProposalState(state).closed:
-                    raise ValueError("close_proposals takes final states only")
-                cursor = db.execute(
-                    "UPDATE proposals SET state = ?, detail = ?, closed_at = ? "
-                    "WHERE proposal_id = ? AND state = ?",
-                    (
-                        ProposalState(state).value,
-                        detail,
-                        when,
-                        proposal_id,
-                        ProposalState.PENDING.value,
-                    ),
-                )
-                if cursor.rowcount == 1:
-                    closed.append(proposal_id)
-        return closed
+            return proposals.close(db, closings, closed_at)
 
     def purge_closed_proposals(self, closed_before: int, expired_before: int) -> int:
         with self._transaction() as db:
-            doomed = (
-                "SELECT proposal_id FROM proposals WHERE closed_at > 0 AND closed_at < ? "
-                "AND expires_at < ? AND state != ?"
-            )
-            arguments = (closed_before, expired_before, ProposalState.PENDING.value)
-            db.execute(
-                f"DELETE FROM approvals WHERE proposal_id IN ({doomed})",  # noqa: S608
-                arguments,
-            )
-            db.execute(
-                f"DELETE FROM cancel_votes WHERE proposal_id IN ({doomed})",  # noqa: S608
-                arguments,
-            )
-            cursor = db.execute(
-                f"DELETE FROM proposals WHERE proposal_id IN ({doomed})",  # noqa: S608
-                arguments,
-            )
-            return int(cursor.rowcount)
+            return proposals.purge(db, closed_before, expired_before)
 
     # --- HSA registry ----------------------------------------------------------------------
 
-    def register_hsa(
-        self,
-        host_id: str,
-        address: str,
-        registered_at: int = 0,
-        version: int = 0,
-        state_hash: bytes = b"",
-    ) -> None:
-        _check_report(version, state_hash, registered_at)
+    def _register_hsa(self, record: HsaRecord) -> None:
         with self._transaction() as db:
             db.execute(
                 "INSERT INTO hsas (host_id, address, registered_at, version, state_hash, "
@@ -728,24 +240,27 @@ class SqliteStore:
                 "registered_at = excluded.registered_at, version = excluded.version, "
                 "state_hash = excluded.state_hash, reported_at = excluded.reported_at",
                 (
-                    host_id,
-                    address,
-                    registered_at,
-                    version,
-                    state_hash,
-                    registered_at if version else 0,
+                    record.host_id,
+                    record.address,
+                    record.registered_at,
+                    record.version,
+                    record.state_hash,
+                    record.reported_at,
                 ),
             )
 
-    def record_hsa_version(
-        self, host_id: str, version: int, state_hash: bytes, reported_at: int
-    ) -> bool:
-        _check_report(version, state_hash, reported_at)
+    def _record_hsa_version(self, report: HsaRecord) -> bool:
         with self._transaction() as db:
             cursor = db.execute(
                 "UPDATE hsas SET version = ?, state_hash = ?, reported_at = ? "
                 "WHERE host_id = ? AND version <= ?",
-                (version, state_hash, reported_at, host_id, version),
+                (
+                    report.version,
+                    report.state_hash,
+                    report.reported_at,
+                    report.host_id,
+                    report.version,
+                ),
             )
             return cursor.rowcount > 0
 
@@ -773,9 +288,7 @@ class SqliteStore:
             return None
         return AuditHeadRecord(host_id, log, int(row[0]), bytes(row[1]), int(row[2]))
 
-    def put_audit_head(self, head: AuditHeadRecord, expected: bytes | None) -> bool:
-        _check_bytes(head.checkpoint, "checkpoint")
-        _check_report(head.seq, b"", head.reported_at)
+    def _put_audit_head(self, head: AuditHeadRecord, expected: bytes | None) -> bool:
         with self._transaction() as db:
             row = db.execute(
                 "SELECT checkpoint FROM audit_heads WHERE host_id = ? AND log = ?",
@@ -813,20 +326,8 @@ class SqliteStore:
             ).fetchone()
         return KeyEntry(key_id, bytes(row[0]), int(row[1])) if row is not None else None
 
-    def put_key(
-        self,
-        key_id: str,
-        record: bytes,
-        expected_revision: int,
-        *,
-        creator: str = "",
-        creator_limit: int = 0,
-    ) -> int:
-        if not isinstance(key_id, str) or not key_id:
-            raise TypeError("key_id must be a non-empty string")
-        _check_bytes(record, "record")
-        if expected_revision < 0:
-            raise ValueError("expected_revision is 0 (create) or a stored revision")
+    def _put_key(self, entry: KeyEntry, creator: str, creator_limit: int) -> int:
+        key_id, expected_revision = entry.key_id, entry.revision
         with self._transaction() as db:
             row = db.execute(
                 "SELECT revision, deleted_at FROM keys WHERE key_id = ?", (key_id,)
@@ -840,34 +341,44 @@ class SqliteStore:
                 if row is not None:
                     raise AlreadyExistsError(f"key {key_id} exists already")
                 if creator and creator_limit:
-                    count = db.execute(
-                        "SELECT COUNT(*) FROM keys WHERE creator = ? AND deleted_at = 0",
-                        (creator,),
-                    ).fetchone()
-                    if int(count[0]) >= creator_limit:
-                        raise ResourceExhaustedError(
-                            f"{creator[:200]} has created {int(count[0])} keys, the most one "
-                            f"principal may have ({creator_limit}); schedule the deletion of "
-                            "keys it no longer needs"
-                        )
+                    self._check_creator_limit(db, creator, creator_limit)
                 db.execute(
                     "INSERT INTO keys (key_id, record, revision, creator) VALUES (?, ?, 1, ?)",
-                    (key_id, record, creator),
+                    (key_id, entry.record, creator),
                 )
                 return 1
-            if row is None or int(row[1]):
-                raise NotFoundError(f"key {key_id} does not exist")
-            current = int(row[0])
-            if current != expected_revision:
-                raise ConflictError(
-                    f"key {key_id} is at revision {current}, not {expected_revision}: "
-                    "it changed meanwhile; read it again and retry"
-                )
+            current = self._live_revision(row, key_id, expected_revision)
             db.execute(
                 "UPDATE keys SET record = ?, revision = ? WHERE key_id = ?",
-                (record, current + 1, key_id),
+                (entry.record, current + 1, key_id),
             )
             return current + 1
+
+    @staticmethod
+    def _check_creator_limit(db: sqlite3.Connection, creator: str, creator_limit: int) -> None:
+        count = db.execute(
+            "SELECT COUNT(*) FROM keys WHERE creator = ? AND deleted_at = 0", (creator,)
+        ).fetchone()
+        if int(count[0]) >= creator_limit:
+            raise ResourceExhaustedError(
+                f"{creator[:200]} has created {int(count[0])} keys, the most one "
+                f"principal may have ({creator_limit}); schedule the deletion of "
+                "keys it no longer needs"
+            )
+
+    @staticmethod
+    def _live_revision(row: tuple[int, int] | None, key_id: str, expected: int) -> int:
+        """The revision of a live key row (revision, deleted_at); NotFoundError for none or a
+        tombstone, ConflictError unless it is `expected`."""
+        if row is None or int(row[1]):
+            raise NotFoundError(f"key {key_id} does not exist")
+        current = int(row[0])
+        if current != expected:
+            raise ConflictError(
+                f"key {key_id} is at revision {current}, not {expected}: "
+                "it changed meanwhile; read it again and retry"
+            )
+        return current
 
     def list_keys(self, limit: int, after_key_id: str = "") -> list[KeyEntry]:
         if limit < 1:
@@ -887,25 +398,12 @@ class SqliteStore:
             ).fetchone()
         return int(row[0])
 
-    def delete_key(self, key_id: str, expected_revision: int, deleted_at: int) -> None:
-        if not isinstance(key_id, str) or not key_id:
-            raise TypeError("key_id must be a non-empty string")
-        if expected_revision < 1:
-            raise ValueError("expected_revision is the stored revision the caller read")
-        if isinstance(deleted_at, bool) or not isinstance(deleted_at, int) or deleted_at < 1:
-            raise ValueError("deleted_at is a unix time")
+    def _delete_key(self, key_id: str, expected_revision: int, deleted_at: int) -> None:
         with self._transaction() as db:
             row = db.execute(
                 "SELECT revision, deleted_at FROM keys WHERE key_id = ?", (key_id,)
             ).fetchone()
-            if row is None or int(row[1]):
-                raise NotFoundError(f"key {key_id} does not exist")
-            current = int(row[0])
-            if current != expected_revision:
-                raise ConflictError(
-                    f"key {key_id} is at revision {current}, not {expected_revision}: "
-                    "it changed meanwhile; read it again and retry"
-                )
+            current = self._live_revision(row, key_id, expected_revision)
             db.execute(
                 "UPDATE keys SET deleted_at = ?, revision = ? WHERE key_id = ?",
                 (deleted_at, current + 1, key_id),

@@ -42,19 +42,23 @@ Invariants every implementation keeps:
   compare-and-swap on the stored checkpoint bytes, so a concurrent report never overwrites a
   head it did not see (the coordinator raises a head, never lowers it).
 
-`SqliteStore` (one file) is the default; an etcd implementation fits the same interface.
+`CoordinatorStore` is an abstract base: its public methods check their arguments (the types
+and ranges every backend needs, so a programming error is a TypeError or ValueError whatever
+the backend) and call the backend's primitives, the methods whose names start with `_`.
+`sqlite_store.SqliteStore` (one file) is the default backend and imports this module, never
+the other way round; `store_spec.open_store` opens the backend a config names.
 """
 
 from __future__ import annotations
 
 import enum
+import time
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import Protocol, runtime_checkable
 
-from domain_core.errors import InvalidInputError
+MAX_STORED_INTEGER = 2**63 - 1  # what a 64-bit signed integer column holds
 
 
 class ProposalState(enum.StrEnum):
@@ -162,31 +166,114 @@ def iso_date(timestamp: int) -> str:
     return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-@runtime_checkable
-class CoordinatorStore(Protocol):
+@dataclass(frozen=True)
+class NewProposal:
+    """A proposal to store as PENDING: its signed bytes, the copies of its own fields that the
+    store keeps in columns, and its first approvals ((operator id, serialized Approval))."""
+
+    proposal_id: bytes
+    proposal: bytes
+    created_at: int
+    expires_at: int
+    approvals: tuple[tuple[str, bytes], ...]
+    proposer: str
+    base_version: int
+    base_state_hash: bytes
+
+
+@dataclass(frozen=True)
+class ProposalCaps:
+    """The caps `put_proposal` counts in its own transaction (0: no cap), and the time (unix
+    seconds) before which a closed proposal must have expired to be purged to make room."""
+
+    max_pending: int = 0
+    max_pending_per_proposer: int = 0
+    max_stored_per_proposer: int = 0
+    now: int = 0
+
+
+@dataclass(frozen=True)
+class StateChange:
+    """Where `set_proposal_state` moves a PENDING proposal, with its closing time (0 while it
+    stays PENDING)."""
+
+    state: ProposalState
+    detail: str
+    applied_version: int
+    closed_at: int
+
+
+class Signed(enum.Enum):
+    """What one operator signs about a stored proposal, at most once: an approval or a vote to
+    cancel (kept beside the approvals)."""
+
+    APPROVAL = "approval"
+    CANCEL_VOTE = "vote"
+
+
+# --- argument checks, the same for every backend ---------------------------------------------
+
+
+def _check_bytes(value: object, what: str) -> None:
+    if not isinstance(value, bytes) or not value:
+        raise TypeError(f"{what} must be non-empty bytes")
+
+
+def _check_text(value: object, what: str) -> None:
+    if not isinstance(value, str) or not value:
+        raise TypeError(f"{what} must be a non-empty string")
+
+
+def _check_version(version: object) -> None:
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ValueError("a state version is an integer of at least 1")
+
+
+def _check_report(version: int, state_hash: bytes, when: int) -> None:
+    for value in (version, when):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError("a reported version and time are integers")
+        if not 0 <= value <= MAX_STORED_INTEGER:
+            raise ValueError("a reported version or time is out of range")
+    if not isinstance(state_hash, bytes):
+        raise TypeError("a reported state hash is bytes")
+
+
+def _timestamp(value: int | None) -> int:
+    """A unix time for a store column: `value`, or now when None."""
+    if value is None:
+        return int(time.time())
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError("a time is a unix time in whole seconds")
+    return value
+
+
+class CoordinatorStore(ABC):
     """What the coordinator needs from durable storage; see the module invariants."""
 
     # --- the chain of sealed states --------------------------------------------------------
 
+    @abstractmethod
     def latest_version(self) -> int:
         """The version of the newest stored state, 0 when the store is empty."""
-        ...
 
+    @abstractmethod
     def latest_state(self) -> bytes | None:
         """The newest stored state (serialized SealedState), or None when empty."""
-        ...
 
+    @abstractmethod
     def get_state(self, version: int) -> bytes | None:
         """The stored state with this version, or None."""
-        ...
 
+    @abstractmethod
     def states_after(self, version: int, limit: int) -> list[bytes]:
         """Up to `limit` states with versions above `version`, oldest first."""
-        ...
 
     def append_state(self, version: int, state: bytes) -> None:
         """Store the state `version`; ConflictError unless it is latest + 1 (genesis: 1)."""
-        ...
+        _check_version(version)
+        _check_bytes(state, "state")
+        self._append_state(version, state, None, 0)
 
     def append_state_and_close_proposal(
         self, version: int, state: bytes, proposal_id: bytes, *, closed_at: int | None = None
@@ -197,7 +284,18 @@ class CoordinatorStore(Protocol):
         ConflictError if the version is not latest + 1; NotFoundError if the proposal is
         unknown. Either both writes happen or neither does.
         """
-        ...
+        _check_version(version)
+        _check_bytes(state, "state")
+        _check_bytes(proposal_id, "proposal_id")
+        self._append_state(version, state, proposal_id, _timestamp(closed_at))
+
+    @abstractmethod
+    def _append_state(
+        self, version: int, state: bytes, applied: bytes | None, closed_at: int
+    ) -> None:
+        """Append the state (compare-and-swap on the version); with `applied`, mark that
+        proposal APPLIED (closed at `closed_at`) in the same transaction, NotFoundError first
+        if it is unknown."""
 
     # --- proposals and approvals -----------------------------------------------------------
 
@@ -227,7 +325,27 @@ class CoordinatorStore(Protocol):
         to make room, their oldest closed ones that expired before `now` are purged (in the
         same transaction); if none can go, ResourceExhaustedError.
         """
-        ...
+        _check_bytes(proposal_id, "proposal_id")
+        _check_bytes(proposal, "proposal")
+        _check_report(base_version, base_state_hash, 0)
+        seen: set[str] = set()
+        for operator_id, approval in approvals:
+            _check_bytes(approval, "approval")
+            if operator_id in seen:
+                raise ValueError("two initial approvals from one operator")
+            seen.add(operator_id)
+        new = NewProposal(
+            proposal_id,
+            proposal,
+            created_at,
+            expires_at,
+            tuple(approvals),
+            proposer,
+            base_version,
+            base_state_hash,
+        )
+        caps = ProposalCaps(max_pending, max_pending_per_proposer, max_stored_per_proposer, now)
+        return self._put_proposal(new, caps)
 
     def add_approval(self, proposal_id: bytes, operator_id: str, approval: bytes) -> bool:
         """Add one operator's approval; False if that operator already approved.
@@ -235,7 +353,10 @@ class CoordinatorStore(Protocol):
         NotFoundError if the proposal is unknown. Does not look at the proposal's state: the
         caller checks that it is PENDING.
         """
-        ...
+        _check_bytes(proposal_id, "proposal_id")
+        _check_bytes(approval, "approval")
+        _check_text(operator_id, "operator_id")
+        return self._add_signed(Signed.APPROVAL, proposal_id, operator_id, approval)
 
     def add_cancel_vote(self, proposal_id: bytes, operator_id: str, vote: bytes) -> bool:
         """Add one operator's vote to cancel; False if that operator already voted.
@@ -243,35 +364,38 @@ class CoordinatorStore(Protocol):
         NotFoundError if the proposal is unknown. Like `add_approval`, it does not look at
         the proposal's state: the caller checks that it is PENDING.
         """
-        ...
+        _check_bytes(proposal_id, "proposal_id")
+        _check_bytes(vote, "vote")
+        _check_text(operator_id, "operator_id")
+        return self._add_signed(Signed.CANCEL_VOTE, proposal_id, operator_id, vote)
 
+    @abstractmethod
     def get_proposal(self, proposal_id: bytes) -> ProposalRecord | None:
         """The stored proposal with its approvals and cancel votes, or None."""
-        ...
 
+    @abstractmethod
     def list_proposals(
         self, include_closed: bool = False, *, limit: int, before: int = 0
     ) -> list[ProposalRecord]:
         """Up to `limit` proposals, newest first, with `seq` below `before` (0: from the
         newest); only PENDING ones unless `include_closed`."""
-        ...
 
+    @abstractmethod
     def count_proposals(self, include_closed: bool = False, proposer: str = "") -> int:
         """How many proposals are PENDING (all stored ones with `include_closed`); only
         `proposer`'s when given."""
-        ...
 
+    @abstractmethod
     def due_proposals(
         self, now: int, base_version: int, base_state_hash: bytes, limit: int
     ) -> list[PendingSummary]:
         """Up to `limit` PENDING proposals that expired by `now` or are not for this base
         (stale), oldest first: the ones the sweeper must close."""
-        ...
 
+    @abstractmethod
     def pending_with_approvals(self, at_least: int, limit: int) -> list[bytes]:
         """The ids of up to `limit` PENDING proposals with at least `at_least` approvals
         stored, oldest first: the only ones that may have a quorum."""
-        ...
 
     def set_proposal_state(
         self,
@@ -288,19 +412,49 @@ class CoordinatorStore(Protocol):
         Returns False, changing nothing, when the proposal is already closed (final).
         NotFoundError if the proposal is unknown.
         """
-        ...
+        state = ProposalState(state)
+        when = _timestamp(closed_at) if state.closed else 0
+        return self._set_proposal_state(
+            proposal_id, StateChange(state, detail, applied_version, when)
+        )
 
     def close_proposals(
         self, closings: Sequence[tuple[bytes, ProposalState, str]], closed_at: int
     ) -> list[bytes]:
         """Move each (id, final state, detail) that is still PENDING to its state, in one
         transaction; the ids it closed (unknown or closed ones are left alone)."""
-        ...
+        when = _timestamp(closed_at)
+        if not closings:
+            return []
+        final = [(i, ProposalState(state), detail) for i, state, detail in closings]
+        if any(not state.closed for _, state, _ in final):
+            raise ValueError("close_proposals takes final states only")
+        return self._close_proposals(final, when)
 
+    @abstractmethod
     def purge_closed_proposals(self, closed_before: int, expired_before: int) -> int:
         """Delete the proposals closed before `closed_before` that also expired before
         `expired_before`, with their approvals and votes to cancel; how many."""
-        ...
+
+    @abstractmethod
+    def _put_proposal(self, new: NewProposal, caps: ProposalCaps) -> bool:
+        """`put_proposal` with checked arguments."""
+
+    @abstractmethod
+    def _add_signed(
+        self, kind: Signed, proposal_id: bytes, operator_id: str, signed: bytes
+    ) -> bool:
+        """`add_approval` or `add_cancel_vote` with checked arguments."""
+
+    @abstractmethod
+    def _set_proposal_state(self, proposal_id: bytes, change: StateChange) -> bool:
+        """`set_proposal_state` with its closing time decided."""
+
+    @abstractmethod
+    def _close_proposals(
+        self, closings: Sequence[tuple[bytes, ProposalState, str]], closed_at: int
+    ) -> list[bytes]:
+        """`close_proposals` with at least one closing, every state final."""
 
     # --- HSA registry ----------------------------------------------------------------------
 
@@ -315,7 +469,17 @@ class CoordinatorStore(Protocol):
         """Record (or replace) where an HSA listens, when (unix seconds) it said so, and the
         version and state hash it reported with it (`reported_at` becomes `registered_at`, or
         0 with version 0: an HSA that reports no version)."""
-        ...
+        _check_report(version, state_hash, registered_at)
+        self._register_hsa(
+            HsaRecord(
+                host_id,
+                address,
+                registered_at,
+                version,
+                state_hash,
+                registered_at if version else 0,
+            )
+        )
 
     def record_hsa_version(
         self, host_id: str, version: int, state_hash: bytes, reported_at: int
@@ -325,36 +489,48 @@ class CoordinatorStore(Protocol):
         Changes nothing, returning False, for an unregistered host or a version below the
         one recorded, so a late answer to an older push never hides a newer report.
         """
-        ...
+        _check_report(version, state_hash, reported_at)
+        return self._record_hsa_version(HsaRecord(host_id, "", 0, version, state_hash, reported_at))
 
+    @abstractmethod
     def list_hsas(self) -> list[HsaRecord]:
         """Every registered HSA, by host id."""
-        ...
+
+    @abstractmethod
+    def _register_hsa(self, record: HsaRecord) -> None:
+        """Insert or replace the HSA's whole record."""
+
+    @abstractmethod
+    def _record_hsa_version(self, report: HsaRecord) -> bool:
+        """Raise the registered HSA's version, state hash and report time to `report`'s, if
+        its version is not below the recorded one (its address is not used)."""
 
     # --- audit heads -----------------------------------------------------------------------
 
+    @abstractmethod
     def get_audit_head(self, host_id: str, log: str) -> AuditHeadRecord | None:
         """The stored head of one log of one host, or None."""
-        ...
 
-    def put_audit_head(
-        self,
-        head: AuditHeadRecord,
-        expected: bytes | None,
-    ) -> bool:
+    def put_audit_head(self, head: AuditHeadRecord, expected: bytes | None) -> bool:
         """Store `head` for its host and log if the stored checkpoint is still `expected`
         (None: none stored); False, changing nothing, if it changed meanwhile."""
-        ...
+        _check_bytes(head.checkpoint, "checkpoint")
+        _check_report(head.seq, b"", head.reported_at)
+        return self._put_audit_head(head, expected)
 
+    @abstractmethod
     def list_audit_heads(self, host_id: str = "") -> list[AuditHeadRecord]:
         """Stored heads by host and log; only `host_id`'s when given."""
-        ...
+
+    @abstractmethod
+    def _put_audit_head(self, head: AuditHeadRecord, expected: bytes | None) -> bool:
+        """`put_audit_head` with a checked head."""
 
     # --- key records -----------------------------------------------------------------------
 
+    @abstractmethod
     def get_key(self, key_id: str) -> KeyEntry | None:
         """The stored (live) key record and its revision, or None (also for a tombstone)."""
-        ...
 
     def put_key(
         self,
@@ -372,15 +548,19 @@ class CoordinatorStore(Protocol):
         when both are given); otherwise it must equal the stored revision (ConflictError if it
         does not, NotFoundError if the key does not exist or was deleted).
         """
-        ...
+        _check_text(key_id, "key_id")
+        _check_bytes(record, "record")
+        if expected_revision < 0:
+            raise ValueError("expected_revision is 0 (create) or a stored revision")
+        return self._put_key(KeyEntry(key_id, record, expected_revision), creator, creator_limit)
 
+    @abstractmethod
     def list_keys(self, limit: int, after_key_id: str = "") -> list[KeyEntry]:
         """Up to `limit` live key records with ids above `after_key_id`, ordered by key id."""
-        ...
 
+    @abstractmethod
     def count_keys(self, creator: str) -> int:
         """How many live keys `creator` created."""
-        ...
 
     def delete_key(self, key_id: str, expected_revision: int, deleted_at: int) -> None:
         """Make a key record a tombstone (deleted at `deleted_at`, unix seconds) with a
@@ -390,53 +570,29 @@ class CoordinatorStore(Protocol):
         the stored revision is not `expected_revision` (the record changed since the caller
         read it).
         """
-        ...
+        _check_text(key_id, "key_id")
+        if expected_revision < 1:
+            raise ValueError("expected_revision is the stored revision the caller read")
+        if isinstance(deleted_at, bool) or not isinstance(deleted_at, int) or deleted_at < 1:
+            raise ValueError("deleted_at is a unix time")
+        self._delete_key(key_id, expected_revision, deleted_at)
 
+    @abstractmethod
     def deleted_key(self, key_id: str) -> DeletedKey | None:
         """The tombstone of a deleted key, or None (for recovery and for tests)."""
-        ...
 
+    @abstractmethod
     def purge_deleted_keys(self, deleted_before: int) -> int:
         """Remove the tombstones of keys deleted before `deleted_before`; how many."""
-        ...
 
+    @abstractmethod
+    def _put_key(self, entry: KeyEntry, creator: str, creator_limit: int) -> int:
+        """`put_key` with checked arguments; `entry.revision` is the expected revision."""
+
+    @abstractmethod
+    def _delete_key(self, key_id: str, expected_revision: int, deleted_at: int) -> None:
+        """`delete_key` with checked arguments."""
+
+    @abstractmethod
     def close(self) -> None:
         """Release the store's resources; later calls are programming errors."""
-        ...
-
-
-def open_store(spec: str, base_dir: Path) -> CoordinatorStore:
-    """Open the store named by a config's `store` value, e.g. "sqlite:coordinator.db".
-
-    Relative paths are relative to `base_dir` (the config file's directory).
-    """
-    scheme, sep, rest = spec.partition(":")
-    if not sep or not rest:
-        raise InvalidInputError(
-            f"store {spec[:120]!r} is not of the form SCHEME:VALUE, e.g. sqlite:coordinator.db"
-        )
-    if scheme == "sqlite":
-        from domain_coordinator.sqlite_store import SqliteStore
-
-        path = Path(rest)
-        if not path.is_absolute():
-            path = Path(base_dir) / path
-        return SqliteStore(path)
-    if scheme == "etcd":
-        raise InvalidInputError(
-            f"store {spec[:120]!r}: the etcd store is not available in this build; use sqlite:PATH"
-        )
-    raise InvalidInputError(
-        f"store {spec[:120]!r}: unknown scheme {scheme[:20]!r}; use sqlite:PATH"
-    )
-
-
-def state_directory(spec: str, base_dir: Path) -> Path:
-    """Where a coordinator keeps its small local files (remembered addresses): next to the db."""
-    scheme, _, rest = spec.partition(":")
-    if scheme == "sqlite" and rest:
-        path = Path(rest)
-        if not path.is_absolute():
-            path = Path(base_dir) / path
-        return path.parent
-    return Path(base_dir)

@@ -13,9 +13,10 @@ Two kinds live here:
   others.
 
 What does not live here, because it bounds nothing a process accepts:
-- bounds an encoding fixes (the largest u32 in `keytokens`, `ciphertext` and `kms_tool.cli`;
+- bounds an encoding fixes (the largest u32 in `keytokens`, `ciphertext` and `kms_tool._args`;
   a one-byte key id length and the 2**32 chunk counter of `ciphertext` and `envelope`; what a
-  64-bit integer column holds in the coordinator's store and `_requests.MAX_REPORTED_VERSION`);
+  64-bit integer column holds in the coordinator's store: `store.MAX_STORED_INTEGER`,
+  `_requests.MAX_REPORTED_VERSION`);
 - the audit record's clipping widths (`domain_edge.audit._encoding`): longer values are cut and
   marked, never refused, since an audit record must be written whatever a caller sent;
 - caps on a process's own bookkeeping (`ThrottledLog`'s remembered keys, the interceptor's

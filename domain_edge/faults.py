@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 ENVIRONMENT_VARIABLE: Final = "HSM_UNSAFE_FAULT_POINT"
 
 FAULT_POINTS: Final[Mapping[str, str]] = {
-    # The coordinator (domain_coordinator/service.py).
+    # The coordinator (domain_coordinator/_quorum_flow.py, _applying.py, _publish.py).
     "after_approval_stored": "SubmitApproval stored the approval, before answering or applying",
     "after_quorum_before_apply": "a proposal has its quorum, before an HSA is asked to apply it",
     "after_apply_before_store": "an HSA returned the sealed state, before the store has it",

@@ -217,6 +217,55 @@ def _stale_detail(proposal: Proposal, head: SealedState) -> str:
     )
 
 
+def _judge(
+    proposal: Proposal,
+    head: SealedState,
+    successor: SealedState | None,
+    applied: bool,
+    now: int,
+    coordinator_state: str,
+    coordinator_detail: str,
+) -> tuple[str, str, int]:
+    """(state, detail, applied version) of a proposal, judged here: applied only if the
+    verified chain holds its state; the coordinator's word only ever closes it."""
+    if applied:
+        assert successor is not None
+        return "applied", f"applied as version {successor.version}", successor.version
+    if coordinator_state in ("cancelled", "rejected"):
+        return coordinator_state, coordinator_detail or coordinator_state, 0
+    if proposal.base_version != head.version or proposal.base_state_hash != head.hash:
+        return "stale", _stale_detail(proposal, head), 0
+    if now >= proposal.expires_at:
+        detail = (
+            f"the proposal expired at {iso(proposal.expires_at)} "
+            f"({relative(proposal.expires_at, now)}): propose again"
+        )
+        return "expired", detail, 0
+    if coordinator_state in CLOSING_STATES:
+        return coordinator_state, coordinator_detail or coordinator_state, 0
+    return "pending", "", 0
+
+
+def _diff(
+    proposal: Proposal, base: SealedState | None, applied_state: SealedState | None, now: int
+) -> tuple[ManifestDiff | None, str]:
+    """(diff, why there is none) of a proposal on its verified base state: the state it
+    produced if it applied, else `transition.apply_changes` here."""
+    if base is None:
+        return None, (
+            f"the base state (version {proposal.base_version}) is not in the chain verified from "
+            "your trust anchor, so the change cannot be shown"
+        )
+    try:
+        if applied_state is not None:
+            after = applied_state.manifest.message
+        else:
+            after, _ = transition.apply_changes(base.manifest.message, proposal, now=now)
+        return manifest_diff(base.manifest.message, after), ""
+    except HsmDomainError as error:
+        return None, f"the changes do not apply to version {base.version}: {error.message}"
+
+
 def review(
     proposal: Proposal,
     approvals: Sequence[domain_pb2.Approval],
@@ -239,57 +288,11 @@ def review(
         and successor.proposal is not None
         and successor.proposal.id == proposal.id
     )
-    at_head = proposal.base_version == head.version and proposal.base_state_hash == head.hash
-    if applied:
-        assert successor is not None
-        state, detail, applied_version = (
-            "applied",
-            f"applied as version {successor.version}",
-            successor.version,
-        )
-    elif coordinator_state in ("cancelled", "rejected"):
-        state, detail, applied_version = (
-            coordinator_state,
-            coordinator_detail or coordinator_state,
-            0,
-        )
-    elif not at_head:
-        state, detail, applied_version = "stale", _stale_detail(proposal, head), 0
-    elif now >= proposal.expires_at:
-        state = "expired"
-        detail = (
-            f"the proposal expired at {iso(proposal.expires_at)} "
-            f"({relative(proposal.expires_at, now)}): propose again"
-        )
-        applied_version = 0
-    elif coordinator_state in CLOSING_STATES:
-        state, detail, applied_version = (
-            coordinator_state,
-            coordinator_detail or coordinator_state,
-            0,
-        )
-    else:
-        state, detail, applied_version = "pending", "", 0
-
-    diff: ManifestDiff | None = None
-    diff_error = ""
-    if base is None:
-        diff_error = (
-            f"the base state (version {proposal.base_version}) is not in the chain verified from "
-            "your trust anchor, so the change cannot be shown"
-        )
-    else:
-        try:
-            if applied and successor is not None:
-                after = successor.manifest.message
-            else:
-                after, _ = transition.apply_changes(base.manifest.message, proposal, now=now)
-            diff = manifest_diff(base.manifest.message, after)
-        except HsmDomainError as error:
-            diff_error = f"the changes do not apply to version {base.version}: {error.message}"
+    state, detail, applied_version = _judge(
+        proposal, head, successor, applied, now, coordinator_state, coordinator_detail
+    )
+    diff, diff_error = _diff(proposal, base, successor if applied else None, now)
     voters = base.manifest if base is not None else head.manifest
-    result = quorum.evaluate(voters, proposal, approvals)
-    cancel_result = quorum.evaluate_cancel(voters, proposal, cancel_votes)
     seen = [s for s in (base, head, successor) if s is not None]
     return Review(
         proposal=proposal,
@@ -300,11 +303,11 @@ def review(
         base=base,
         diff=diff,
         diff_error=diff_error,
-        result=result,
+        result=quorum.evaluate(voters, proposal, approvals),
         applied_version=applied_version,
         names=operator_names(seen, proposal),
         now=now,
-        cancel_result=cancel_result,
+        cancel_result=quorum.evaluate_cancel(voters, proposal, cancel_votes),
         # An applied proposal's enrollments are judged when its state was made (as every HSA
         # judges them), so a certificate that expired since does not make it look forged.
         enrollment_problems=enrollment_problems(

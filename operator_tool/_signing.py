@@ -3,7 +3,7 @@
 Invariants: nothing is signed without a "yes" typed on a terminal or `--yes` on the command
 line (without a terminal and without `--yes` the command is a usage error, so a script never
 signs by accident); the token is opened only after that "yes" where the command allows it,
-and closed on every path; a token's secret is never echoed (see `operator_tool.cli`).
+and closed on every path; a token's secret is never echoed (see `operator_tool._context`).
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from typing import Final
 
 from domain_core.errors import InvalidInputError, TokenNotFoundError, WrongPassphraseError
 from domain_core.signers import Signer
+from domain_edge.cli import UsageError
 from domain_edge.tokens import FileTokenRef
-from operator_tool.cli import CommandContext, UsageError
+from operator_tool._context import CommandContext
 
 __all__ = [
     "DEFAULT_EXPIRES_IN",

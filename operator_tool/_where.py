@@ -53,10 +53,12 @@ from domain_core.limits import (
     MIN_PROPOSAL_ID_PREFIX_CHARS,
 )
 from domain_core.model import SealedState
+from domain_edge.cli import UsageError
 from domain_edge.client import CoordinatorClient, ProposalView
 from domain_edge.files import read_limited
+from domain_edge.layout import COORDINATOR_NAME, DomainPaths
+from operator_tool._context import CommandContext
 from operator_tool._review import Review, review
-from operator_tool.cli import CommandContext, UsageError
 
 __all__ = [
     "CLUSTER_ENV",
@@ -194,17 +196,18 @@ def parse_genesis_hash(text: str) -> bytes:
 
 def _cluster_files(directory: Path) -> tuple[str, bytes, Path, Path, Path]:
     """(domain id, genesis hash, genesis file, CA file, coordinator ready file) of DIR."""
-    document = _read_json(directory / "domain.json", "local domain file (domain.json)")
+    paths = DomainPaths(directory)
+    document = _read_json(paths.domain_file, "local domain file (domain.json)")
     domain_id = document.get("domain_id")
     genesis_hex = document.get("genesis_hash")
     if not isinstance(domain_id, str) or not isinstance(genesis_hex, str):
-        raise InvalidInputError(f"{directory / 'domain.json'} has no domain_id and genesis_hash")
+        raise InvalidInputError(f"{paths.domain_file} has no domain_id and genesis_hash")
     return (
         domain_id,
         parse_genesis_hash(genesis_hex),
-        directory / "genesis.state",
-        directory / "ca" / "ca.crt",
-        directory / "run" / "coordinator.json",
+        paths.genesis_state,
+        paths.ca_cert,
+        paths.ready_file(COORDINATOR_NAME),
     )
 
 

@@ -32,17 +32,18 @@ each HSA of a local domain directly.
 from __future__ import annotations
 
 import argparse
-import itertools
 import time
 from collections.abc import Sequence
-from typing import Any, Final, TextIO
+from typing import Any, Final
 
 from domain_core import quorum
 from domain_core.display import escape
 from domain_core.errors import BadSignatureError, UnavailableError, UnknownSignerError
 from domain_core.model import SealedState
+from domain_edge.cli import Command, Group, Spinner
 from domain_edge.client import ProposalView
 from domain_proto import domain_pb2, services_pb2
+from operator_tool._context import CommandContext
 from operator_tool._review import Review, review_lines, summary_json
 from operator_tool._signing import add_yes_option, confirm, operator_token
 from operator_tool._where import (
@@ -53,39 +54,13 @@ from operator_tool._where import (
     proposal_key,
     require_full_id_unless_confirmed,
 )
-from operator_tool.cli import CommandContext, Subparsers, add_command, add_group
 from operator_tool.offline import read_approval_file
 from operator_tool.proposal_commands import submitted_text
 
-__all__ = ["hosts_behind", "register", "wait_applied"]
+__all__ = ["COMMANDS", "hosts_behind", "wait_applied"]
 
 DEFAULT_WAIT_SECONDS: Final = 60.0
 _POLL_SECONDS: Final = 0.25
-_FRAMES: Final = "|/-\\"
-
-
-class _Progress:
-    """A spinner on a terminal; otherwise one line per change of what is being waited for."""
-
-    def __init__(self, stream: TextIO) -> None:
-        self._stream = stream
-        self._tty = stream.isatty()
-        self._frames = itertools.cycle(_FRAMES)
-        self._last = ""
-
-    def update(self, text: str) -> None:
-        text = escape(text)  # it holds relayed facts; the spinner's own codes stay
-        if self._tty:
-            self._stream.write(f"\r{next(self._frames)} {text}\x1b[K")
-        elif text != self._last:
-            self._stream.write(f"waiting: {text}\n")
-        self._last = text
-        self._stream.flush()
-
-    def done(self) -> None:
-        if self._tty and self._last:
-            self._stream.write("\r\x1b[K")
-            self._stream.flush()
 
 
 def _age(reported_at: int, now: float) -> str:
@@ -128,7 +103,7 @@ def wait_applied(
 ) -> dict[str, Any]:
     """Poll until the proposal is applied everywhere (module docstring); its facts as JSON."""
     deadline = time.monotonic() + timeout
-    progress = _Progress(ctx.stderr)
+    progress = Spinner(ctx.stderr)
     try:
         while True:
             last_round = time.monotonic() >= deadline
@@ -310,64 +285,74 @@ _PREFIX_NOTES = """
     """
 
 
-def register(subparsers: Subparsers) -> None:
-    """Add `approve`, `cancel` and `approvals submit` to the `hsm-operator` parser."""
-    parser = add_command(
-        subparsers,
+def _id_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "id", metavar="ID", help="proposal id; 6+ leading hex digits only without --yes"
+    )
+
+
+def _approve_arguments(parser: argparse.ArgumentParser) -> None:
+    _id_argument(parser)
+    add_yes_option(parser, "approve")
+    _wait_options(parser)
+    add_domain_options(parser)
+
+
+def _cancel_arguments(parser: argparse.ArgumentParser) -> None:
+    _id_argument(parser)
+    add_yes_option(parser, "cancel")
+    add_domain_options(parser)
+
+
+def _submit_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", metavar="APPROVAL", help="the approval file sign-offline wrote")
+    _wait_options(parser)
+    add_domain_options(parser)
+
+
+COMMANDS: Final = (
+    Command(
         "approve",
-        _approve,
         help="review a proposal and approve it with your token",
         description="Show what the proposal changes (computed here from the verified state), "
         "ask for confirmation unless --yes, sign it with your token and submit the approval.",
+        run=_approve,
         example="hsm-operator approve 3f2a9c1e --cluster hsm-cluster --token bob.token --wait\n"
         "hsm-operator approve "
         "3f2a9c1e8b7d6a5f4e3d2c1b0a9f8e7d6c5b4a3f2e1d0c9b8a7f6e5d4c3b2a1f "
         "--cluster hsm-cluster --token bob.token --yes --wait",
         notes=_WAIT_NOTES + _PREFIX_NOTES,
-    )
-    parser.add_argument(
-        "id", metavar="ID", help="proposal id; 6+ leading hex digits only without --yes"
-    )
-    add_yes_option(parser, "approve")
-    _wait_options(parser)
-    add_domain_options(parser)
-
-    parser = add_command(
-        subparsers,
+        arguments=_approve_arguments,
+    ),
+    Command(
         "cancel",
-        _cancel,
         help="cancel a pending proposal (the proposer at once; others by a quorum of votes)",
         description="Cancel a pending proposal: your token signs the cancel message. The "
         "proposer's signature cancels it at once; any other operator's is a vote, and the "
         "proposal is cancelled once the votes reach the threshold it needs to apply. An "
         "approval cannot be withdrawn: vote to cancel instead.",
+        run=_cancel,
         example="hsm-operator cancel 3f2a9c1e --cluster hsm-cluster --token alice.token",
         notes=_PREFIX_NOTES,
-    )
-    parser.add_argument(
-        "id", metavar="ID", help="proposal id; 6+ leading hex digits only without --yes"
-    )
-    add_yes_option(parser, "cancel")
-    add_domain_options(parser)
-
-    approvals = add_group(
-        subparsers,
+        arguments=_cancel_arguments,
+    ),
+    Group(
         "approvals",
         help="submit an approval signed offline",
         description="Relay approvals made with `sign-offline` on an air-gapped machine.",
         example="hsm-operator approvals submit approval.json --cluster hsm-cluster",
-    )
-    parser = add_command(
-        approvals,
-        "submit",
-        _submit,
-        help="check an approval file and submit it to the coordinator",
-        description="Check an approval file from `sign-offline` (its signature under a current "
-        "operator's key, for a pending proposal of the verified head) and submit it. Needs no "
-        "token: the signature was made offline.",
-        example="hsm-operator approvals submit approval.json --cluster hsm-cluster --wait",
-        notes=_WAIT_NOTES,
-    )
-    parser.add_argument("file", metavar="APPROVAL", help="the approval file sign-offline wrote")
-    _wait_options(parser)
-    add_domain_options(parser)
+        commands=(
+            Command(
+                "submit",
+                help="check an approval file and submit it to the coordinator",
+                description="Check an approval file from `sign-offline` (its signature under a "
+                "current operator's key, for a pending proposal of the verified head) and "
+                "submit it. Needs no token: the signature was made offline.",
+                run=_submit,
+                example="hsm-operator approvals submit approval.json --cluster hsm-cluster --wait",
+                notes=_WAIT_NOTES,
+                arguments=_submit_arguments,
+            ),
+        ),
+    ),
+)

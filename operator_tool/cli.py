@@ -1,378 +1,79 @@
 """`hsm-operator`: an operator's tool for tokens, proposals and approvals.
 
-Command groups live in their own modules, each exposing `register(subparsers)`; this module
-holds what they share: the parser with its global options, how a token is named and opened,
-where secrets come from, how results are printed, and `main`.
+The tool is the table of commands each command module exports (`COMMANDS`: tokens,
+proposals, approvals, offline signing, the domain's state), run by the one skeleton of the
+three tools (`domain_edge.cli`). What a command gets (its arguments, the operator's secrets
+and token, how it prints) is `operator_tool._context.CommandContext`. The command modules
+never import this module: it imports them, plainly, and nothing imports it back.
 
 Exit status: 0 on success, 1 when the command was refused or failed (a one-line cause on
-stderr; `-v` adds the traceback), 2 on a usage error. Only `domain_core.errors.HsmDomainError`
-and `OSError` are caught, once, in `main`; anything else is a bug and shows its traceback.
-
-Secrets (file token passphrase, PKCS#11 PIN) come from a file named on the command line or in
-the environment, or from a prompt on a terminal; never from an argument, and a passphrase file
-is never used as a PIN (a wrong PIN counts towards locking a smart card). Nothing printed here
-holds a key, passphrase or PIN.
-
-Output: text for a person goes out through `CommandContext.emit` or `CommandContext.show`,
-which escape every character a terminal would act on except the program's own line breaks
-(`domain_core.display.escape_lines`), on top of the renderers' own escaping of each line;
-`--json` documents escape them as JSON does (`\u001b`).
+stderr; `-v` adds the traceback), 2 on a usage error (after the command's usage line), 130
+when interrupted. Only `domain_core.errors.HsmDomainError` and `OSError` are caught, once;
+anything else is a bug and shows its traceback. Secrets never come from an argument, and
+nothing printed holds a key, passphrase or PIN (see `operator_tool._context`).
 """
 
 from __future__ import annotations
 
 import argparse
-import getpass
-import importlib
-import json
 import os
-import sys
-import textwrap
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Final, Protocol, TextIO
+from collections.abc import Sequence
+from typing import Final
 
-from domain_core.display import escape_lines
-from domain_core.errors import HsmDomainError, TokenError
-from domain_core.limits import MAX_SECRET_INPUT_FILE_BYTES
-from domain_core.signers import Signer
-from domain_edge.cli_support import exit_code, one_line, print_error
-from domain_edge.files import read_limited
-from domain_edge.tokens import FileTokenRef, TokenRef, open_token, parse_token_uri
+from domain_edge.cli import Command, Group, Tool, UsageError, run_tool
+from operator_tool import (
+    approval_commands,
+    domain_commands,
+    offline,
+    proposal_commands,
+    token_commands,
+)
+from operator_tool._context import CommandContext, Handler, read_secret_file, shared_options
 
-__all__ = [
-    "COMMAND_MODULES",
-    "PROG",
-    "CommandContext",
-    "UsageError",
-    "add_command",
-    "add_group",
-    "build_parser",
-    "main",
-    "read_secret_file",
-]
+__all__ = ["COMMANDS", "PROG", "TOOL", "UsageError", "build_parser", "main", "read_secret_file"]
 
 PROG: Final = "hsm-operator"
 
-# Each module exposes `register(subparsers)`; a new command group is one more entry here.
-COMMAND_MODULES: Final[tuple[str, ...]] = (
-    "operator_tool.token_commands",
-    "operator_tool.proposal_commands",
-    "operator_tool.approval_commands",
-    "operator_tool.offline",
-    "operator_tool.domain_commands",
+# In the order `--help` lists them; a new command group is one more module's table here.
+COMMANDS: Final[tuple[Command | Group, ...]] = (
+    *token_commands.COMMANDS,
+    *proposal_commands.COMMANDS,
+    *approval_commands.COMMANDS,
+    *offline.COMMANDS,
+    *domain_commands.COMMANDS,
 )
 
-TOKEN_ENV: Final = "HSM_TOKEN"  # noqa: S105 (names a variable, holds no secret)
-PASSPHRASE_FILE_ENV: Final = "HSM_TOKEN_PASSPHRASE_FILE"  # noqa: S105 (a variable name)
-PIN_FILE_ENV: Final = "HSM_TOKEN_PIN_FILE"
 
-Subparsers = Any  # argparse._SubParsersAction[argparse.ArgumentParser] (a private class)
-
-
-class UsageError(Exception):
-    """The command line is inconsistent in a way argparse cannot see; exit status 2."""
+def _run(args: argparse.Namespace) -> int:
+    """Run the chosen command with its context (arguments, environment, streams)."""
+    handler: Handler = args._run
+    return handler(CommandContext.from_args(args, os.environ))
 
 
-class Handler(Protocol):
-    def __call__(self, ctx: CommandContext) -> int: ...
-
-
-# --- parser ----------------------------------------------------------------------------------
-
-
-def _global_options(*, suppress_defaults: bool) -> argparse.ArgumentParser:
-    """Options accepted before or after the command (`hsm-operator --json token show` or
-    `hsm-operator token show --json`). Defaults are applied once, after parsing."""
-    default: Any = argparse.SUPPRESS if suppress_defaults else None
-    options = argparse.ArgumentParser(add_help=False)
-    group = options.add_argument_group("global options")
-    group.add_argument(
-        "--json", action="store_true", default=default or False, help="print JSON for scripts"
-    )
-    group.add_argument(
-        "-v",
-        "--verbose",
-        action="store_true",
-        default=default or False,
-        help="show the traceback of a failure",
-    )
-    group.add_argument(
-        "--token",
-        metavar="REF",
-        default=default,
-        help=f"your token: a file path, file:PATH or pkcs11: URI (default: ${TOKEN_ENV})",
-    )
-    group.add_argument(
-        "--passphrase-file",
-        metavar="FILE",
-        default=default,
-        help=f"read a file token's passphrase from FILE (default: ${PASSPHRASE_FILE_ENV}; "
-        "otherwise asked on the terminal)",
-    )
-    group.add_argument(
-        "--pin-file",
-        metavar="FILE",
-        default=default,
-        help=f"read a PKCS#11 token's PIN from FILE (default: ${PIN_FILE_ENV}; otherwise asked "
-        "on the terminal)",
-    )
-    return options
-
-
-def _epilog(example: str, more: str = "") -> str:
-    text = "Example:\n" + textwrap.indent(textwrap.dedent(example).strip(), "  ")
-    if more:
-        text += "\n\n" + textwrap.dedent(more).strip()
-    return text
-
-
-def add_group(
-    subparsers: Subparsers, name: str, *, help: str, description: str, example: str
-) -> Subparsers:
-    """Add a command group (`hsm-operator NAME ...`); returns its subparsers for `add_command`."""
-    parser = subparsers.add_parser(
-        name,
-        help=help,
-        description=description,
-        epilog=_epilog(example),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        parents=[_global_options(suppress_defaults=True)],
-    )
-    parser.set_defaults(_parser=parser)
-    return parser.add_subparsers(dest=f"{name}_command", metavar="COMMAND", required=True)
-
-
-def add_command(
-    subparsers: Subparsers,
-    name: str,
-    handler: Handler,
-    *,
-    help: str,
-    description: str,
-    example: str,
-    notes: str = "",
-) -> argparse.ArgumentParser:
-    """Add a command that runs `handler(ctx)`; `example` is shown under "Example:" in --help."""
-    parser: argparse.ArgumentParser = subparsers.add_parser(
-        name,
-        help=help,
-        description=description,
-        epilog=_epilog(example, notes),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        parents=[_global_options(suppress_defaults=True)],
-    )
-    parser.set_defaults(_handler=handler, _parser=parser)
-    return parser
+TOOL: Final = Tool(
+    prog=PROG,
+    description="Hold an operator token and approve changes of an HSM domain with it.",
+    example="""
+        hsm-operator token init --out alice.token --name alice
+        hsm-operator --token alice.token token export-public --out alice.pub.json
+        """,
+    notes="""
+        Exit status: 0 success, 1 refused or failed (cause on stderr), 2 usage error.
+        Secrets come from --passphrase-file / --pin-file or a terminal prompt, never
+        from an argument.
+        """,
+    commands=COMMANDS,
+    shared_options=shared_options,
+    run=_run,
+    usage_on_error=True,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The whole `hsm-operator` parser, every command group registered."""
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description="Hold an operator token and approve changes of an HSM domain with it.",
-        epilog=_epilog(
-            """
-            hsm-operator token init --out alice.token --name alice
-            hsm-operator --token alice.token token export-public --out alice.pub.json
-            """,
-            """
-            Exit status: 0 success, 1 refused or failed (cause on stderr), 2 usage error.
-            Secrets come from --passphrase-file / --pin-file or a terminal prompt, never
-            from an argument.
-            """,
-        ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        parents=[_global_options(suppress_defaults=False)],
-    )
-    parser.set_defaults(_parser=parser)
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module_name in COMMAND_MODULES:
-        importlib.import_module(module_name).register(subparsers)
-    return parser
-
-
-# --- secrets ---------------------------------------------------------------------------------
-
-
-def read_secret_file(path: str | Path, what: str) -> bytes:
-    """A secret from a file: its bytes, without one trailing newline; TokenError if empty."""
-    path = Path(path)
-    data = read_limited(
-        path,
-        MAX_SECRET_INPUT_FILE_BYTES,
-        lambda: TokenError(
-            f"{what} file {path} is larger than {MAX_SECRET_INPUT_FILE_BYTES} bytes"
-        ),
-    )
-    if data.endswith(b"\r\n"):
-        data = data[:-2]
-    elif data.endswith(b"\n"):
-        data = data[:-1]
-    if not data:
-        raise TokenError(f"{what} file {path} is empty")
-    return data
-
-
-def _prompt(prompt: str, missing: str, stdin: TextIO) -> bytes:
-    if not stdin.isatty():
-        raise TokenError(missing)
-    value = getpass.getpass(prompt)
-    if not value:
-        raise TokenError(f"nothing was entered at {prompt.strip()!r}; nothing was done")
-    return value.encode("utf-8")
-
-
-# --- what a command gets -------------------------------------------------------------------
-
-
-@dataclass
-class CommandContext:
-    """Parsed arguments plus the shared plumbing every command uses."""
-
-    args: argparse.Namespace
-    json: bool
-    verbose: bool
-    token: str | None
-    passphrase_file: str | None
-    pin_file: str | None
-    environ: Mapping[str, str]
-    stdin: TextIO = field(default_factory=lambda: sys.stdin)
-    stdout: TextIO = field(default_factory=lambda: sys.stdout)
-    stderr: TextIO = field(default_factory=lambda: sys.stderr)
-
-    @classmethod
-    def from_args(
-        cls,
-        args: argparse.Namespace,
-        environ: Mapping[str, str],
-        *,
-        stdin: TextIO | None = None,
-        stdout: TextIO | None = None,
-        stderr: TextIO | None = None,
-    ) -> CommandContext:
-        def option(name: str, env: str) -> str | None:
-            value = getattr(args, name, None)
-            return value if value else (environ.get(env) or None)
-
-        return cls(
-            args=args,
-            json=bool(getattr(args, "json", False)),
-            verbose=bool(getattr(args, "verbose", False)),
-            token=option("token", TOKEN_ENV),
-            passphrase_file=option("passphrase_file", PASSPHRASE_FILE_ENV),
-            pin_file=option("pin_file", PIN_FILE_ENV),
-            environ=environ,
-            stdin=stdin or sys.stdin,
-            stdout=stdout or sys.stdout,
-            stderr=stderr or sys.stderr,
-        )
-
-    # secrets
-
-    def passphrase_callback(self, prompt: str = "Token passphrase: ") -> Callable[[], bytes]:
-        """Returns a file token's passphrase: --passphrase-file, else a terminal prompt."""
-
-        def secret() -> bytes:
-            if self.passphrase_file:
-                return read_secret_file(self.passphrase_file, "passphrase")
-            return _prompt(
-                prompt, "no passphrase: use --passphrase-file or run in a terminal", self.stdin
-            )
-
-        return secret
-
-    def new_passphrase(self) -> bytes:
-        """A passphrase for a new file token: --passphrase-file, else asked twice."""
-        if self.passphrase_file:
-            return read_secret_file(self.passphrase_file, "passphrase")
-        missing = "no passphrase: use --passphrase-file or run in a terminal"
-        first = _prompt("Passphrase for the new token: ", missing, self.stdin)
-        second = _prompt("Repeat the passphrase: ", missing, self.stdin)
-        if first != second:
-            raise TokenError("the two passphrases differ; nothing was created")
-        return first
-
-    def pin_callback(self, token_label: str) -> Callable[[], bytes]:
-        """Returns a PKCS#11 token's PIN: --pin-file, else a terminal prompt."""
-
-        def secret() -> bytes:
-            if self.pin_file:
-                return read_secret_file(self.pin_file, "PIN")
-            return _prompt(
-                f"PIN for token {token_label}: ",
-                "no PIN: use --pin-file or run in a terminal",
-                self.stdin,
-            )
-
-        return secret
-
-    # tokens
-
-    def token_ref(self) -> TokenRef:
-        """The token named by --token or $HSM_TOKEN, parsed (UsageError if none)."""
-        if not self.token:
-            raise UsageError(f"no token: use --token REF or set {TOKEN_ENV}")
-        return parse_token_uri(self.token, environ=self.environ)
-
-    @contextmanager
-    def opened_token(self, ref: TokenRef | None = None) -> Iterator[Signer]:
-        """Open the operator's token (asking for its secret) and close it afterwards."""
-        ref = self.token_ref() if ref is None else ref
-        if isinstance(ref, FileTokenRef):
-            secret = self.passphrase_callback(f"Passphrase for token {ref.path}: ")
-        else:
-            secret = self.pin_callback(ref.token_label)
-        signer = open_token(ref, secret, environ=self.environ)
-        try:
-            yield signer
-        finally:
-            close = getattr(signer, "close", None)
-            if callable(close):
-                close()
-
-    # output
-
-    def emit(self, document: Mapping[str, Any], text: str) -> None:
-        """Print `document` as JSON under --json, else `text` (escaped, see the module)."""
-        if self.json:
-            self.stdout.write(json.dumps(document, indent=2, sort_keys=True) + "\n")
-        else:
-            self.stdout.write(escape_lines(text.rstrip("\n")) + "\n")
-        self.stdout.flush()
-
-    def show(self, text: str) -> None:
-        """Text for a person before a question (a review): on stdout, or on stderr when
-        stdout carries --json; escaped like `emit`."""
-        stream = self.stderr if self.json else self.stdout
-        stream.write(escape_lines(text.rstrip("\n")) + "\n")
-        stream.flush()
-
-
-# --- main ------------------------------------------------------------------------------------
+    """The whole `hsm-operator` parser, every command group added."""
+    return TOOL.parser()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one `hsm-operator` command; return its exit status (0, 1 or 2)."""
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse: 0 after --help, 2 on a usage error
-        return exit_code(exc)
-    ctx = CommandContext.from_args(args, os.environ)
-    handler: Handler = args._handler
-    try:
-        return int(handler(ctx))
-    except UsageError as exc:
-        command_parser: argparse.ArgumentParser = args._parser
-        command_parser.print_usage(sys.stderr)
-        print(f"{command_parser.prog}: error: {one_line(exc)}", file=sys.stderr)
-        return 2
-    except (HsmDomainError, OSError) as exc:
-        print_error(PROG, exc, verbose=ctx.verbose)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+    """Run one `hsm-operator` command; return its exit status (0, 1, 2 or 130)."""
+    return run_tool(TOOL, argv)

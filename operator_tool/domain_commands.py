@@ -13,13 +13,19 @@ machine for `sign-offline --state`, and what `--state` pins on a connected one.
 
 from __future__ import annotations
 
+import argparse
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from domain_core import transition
 from domain_core.display import escape
 from domain_core.errors import AlreadyExistsError
+from domain_core.model import SealedState
+from domain_edge.cli import Command, Group
 from domain_edge.files import write_new_file
+from domain_proto import domain_pb2, services_pb2
+from operator_tool._context import CommandContext
 from operator_tool._render import (
     HostRow,
     OperatorRow,
@@ -30,32 +36,66 @@ from operator_tool._render import (
     table,
 )
 from operator_tool._where import add_domain_options, connect
-from operator_tool.cli import CommandContext, Subparsers, add_command, add_group
 
-__all__ = ["register"]
+__all__ = ["COMMANDS"]
 
 
-def _status(ctx: CommandContext) -> int:
-    with connect(ctx) as conn:
-        domain = conn.verified()
-        reported = conn.client.domain_status()
-    head = domain.head
-    manifest = head.manifest.message
-    registered = {e.host_id: e.address for e in reported.hsas}
-    said = {e.host_id: int(e.version) for e in reported.hsas}  # self-reports, relayed
-    hosts = [HostRow.of(h) for h in manifest.hosts]
-    operators = [OperatorRow.of(o) for o in manifest.operators]
-    quorum = quorum_view(manifest)
+@dataclass(frozen=True)
+class _Status:
+    """The verified head beside what the coordinator reports (relayed, unverified)."""
+
+    head: SealedState
+    verified_from: str
+    coordinator: str
+    reported: services_pb2.DomainStatusResponse
+
+    @property
+    def manifest(self) -> domain_pb2.Manifest:
+        return self.head.manifest.message
+
+    @property
+    def registered(self) -> dict[str, str]:
+        """Host id: address, of every HSA registered with the coordinator."""
+        return {e.host_id: e.address for e in self.reported.hsas}
+
+    @property
+    def said(self) -> dict[str, int]:
+        """Host id: the version it reports (its own words, relayed)."""
+        return {e.host_id: int(e.version) for e in self.reported.hsas}
+
+    @property
+    def hosts(self) -> list[HostRow]:
+        return [HostRow.of(h) for h in self.manifest.hosts]
+
+    @property
+    def operators(self) -> list[OperatorRow]:
+        return [OperatorRow.of(o) for o in self.manifest.operators]
+
+    @property
+    def agrees(self) -> bool:
+        """Whether the coordinator reports the verified head."""
+        reported = self.reported
+        return reported.version == self.head.version and (
+            bytes(reported.state_hash) == self.head.hash
+        )
+
+    @property
+    def others(self) -> dict[str, str]:
+        """Registered HSAs that are not hosts of the verified head."""
+        hosts = self.head.manifest.hosts_by_id
+        return {h: a for h, a in self.registered.items() if h not in hosts}
+
+
+def _status_json(status: _Status) -> dict[str, Any]:
+    manifest, head, reported = status.manifest, status.head, status.reported
+    registered, said = status.registered, status.said
     generation = manifest.key_generations[-1]
-    rotation_due = transition.rotation_due_at(head.manifest)
-    agrees = reported.version == head.version and bytes(reported.state_hash) == head.hash
-    others = {h: a for h, a in registered.items() if h not in head.manifest.hosts_by_id}
-    document: dict[str, Any] = {
+    return {
         "domain_id": manifest.domain_id,
         "version": head.version,
         "state_hash": head.hash.hex(),
         "created_at": iso(manifest.created_at),
-        "verified_from": domain.anchor.source,
+        "verified_from": status.verified_from,
         "hosts": [
             {
                 **row.to_json(),
@@ -63,74 +103,91 @@ def _status(ctx: CommandContext) -> int:
                 "address": registered.get(row.host_id),
                 "reported_version": said.get(row.host_id) or None,
             }
-            for row in hosts
+            for row in status.hosts
         ],
-        "other_registered_hsas": [{"host_id": h, "address": a} for h, a in sorted(others.items())],
-        "operators": [row.to_json() for row in operators],
-        "quorum": quorum.to_json(),
+        "other_registered_hsas": [
+            {"host_id": h, "address": a} for h, a in sorted(status.others.items())
+        ],
+        "operators": [row.to_json() for row in status.operators],
+        "quorum": quorum_view(manifest).to_json(),
         "settings": settings_view(manifest.settings),
         "key_generation": {
             "current": generation.generation,
             "created_at": iso(generation.created_at),
             "retained": [g.generation for g in manifest.key_generations],
-            "rotation_due_at": iso(rotation_due),
+            "rotation_due_at": iso(transition.rotation_due_at(head.manifest)),
         },
         "coordinator": {
-            "address": conn.location.coordinator,
+            "address": status.coordinator,
             "version": reported.version,
             "state_hash": bytes(reported.state_hash).hex(),
-            "agrees": agrees,
+            "agrees": status.agrees,
             "pending_proposals": reported.pending_proposals,
             # "store behind the HSAs: ..." when HSAs report newer versions (relayed, unverified)
             "store_behind": reported.store_behind,
         },
     }
-    agreement = (
-        "agrees"
-        if agrees
-        else f"reports version {reported.version} ({bytes(reported.state_hash).hex()[:16]})"
-    )
-    lines = [
-        f"domain {manifest.domain_id}, version {head.version} (state {head.hash.hex()[:16]}), "
-        f"verified from {domain.anchor.source}",
-        f"coordinator {conn.location.coordinator}: {agreement}; "
-        f"{reported.pending_proposals} pending proposal(s)",
-        *([f"WARNING: {escape(reported.store_behind)}"] if reported.store_behind else []),
-        "",
-        f"hosts ({len(hosts)}):",
-        *table(
-            [["HOST", "REGISTERED", "ADDRESS", "REPORTS VERSION", "TLS CERTIFICATE"]]
-            + [
-                [
-                    row.host_id,
-                    "yes" if row.host_id in registered else "no",
-                    registered.get(row.host_id, "-"),
-                    str(said.get(row.host_id) or "-"),
-                    row.tls_fingerprint[:16],
-                ]
-                for row in hosts
-            ],
-            indent="  ",
-        ),
+
+
+def _host_lines(status: _Status) -> list[str]:
+    registered, said, hosts = status.registered, status.said, status.hosts
+    rows = [["HOST", "REGISTERED", "ADDRESS", "REPORTS VERSION", "TLS CERTIFICATE"]] + [
+        [
+            row.host_id,
+            "yes" if row.host_id in registered else "no",
+            registered.get(row.host_id, "-"),
+            str(said.get(row.host_id) or "-"),
+            row.tls_fingerprint[:16],
+        ]
+        for row in hosts
     ]
+    lines = [f"hosts ({len(hosts)}):", *table(rows, indent="  ")]
+    others = status.others
     if others:
         lines.append(
             "  registered but not in the domain: "
             + ", ".join(f"{escape(h)} ({escape(a)})" for h, a in sorted(others.items()))
         )
-    lines += [
+    return lines
+
+
+def _status_lines(status: _Status) -> list[str]:
+    manifest, head, reported = status.manifest, status.head, status.reported
+    operators = status.operators
+    generation = manifest.key_generations[-1]
+    agreement = (
+        "agrees"
+        if status.agrees
+        else f"reports version {reported.version} ({bytes(reported.state_hash).hex()[:16]})"
+    )
+    settings = manifest.settings
+    return [
+        f"domain {manifest.domain_id}, version {head.version} (state {head.hash.hex()[:16]}), "
+        f"verified from {status.verified_from}",
+        f"coordinator {status.coordinator}: {agreement}; "
+        f"{reported.pending_proposals} pending proposal(s)",
+        *([f"WARNING: {escape(reported.store_behind)}"] if reported.store_behind else []),
+        "",
+        *_host_lines(status),
         f"operators ({len(operators)}):",
         *table([["NAME", "OPERATOR ID", "ALGORITHM"]] + [r.cells() for r in operators], "  "),
         "quorum:",
-        *(f"  {line}" for line in quorum.lines()),
+        *(f"  {line}" for line in quorum_view(manifest).lines()),
         f"domain key: generation {generation.generation} since {iso(generation.created_at)}; "
-        f"scheduled rotation due {iso(rotation_due)}",
+        f"scheduled rotation due {iso(transition.rotation_due_at(head.manifest))}",
         "settings: "
-        f"key rotation every {format_duration(manifest.settings.key_rotation_interval_seconds)}, "
-        f"{manifest.settings.key_generations_retained} generations kept, proposals live at most "
-        f"{format_duration(manifest.settings.max_proposal_lifetime_seconds)}",
+        f"key rotation every {format_duration(settings.key_rotation_interval_seconds)}, "
+        f"{settings.key_generations_retained} generations kept, proposals live at most "
+        f"{format_duration(settings.max_proposal_lifetime_seconds)}",
     ]
-    ctx.emit(document, "\n".join(lines))
+
+
+def _status(ctx: CommandContext) -> int:
+    with connect(ctx) as conn:
+        domain = conn.verified()
+        reported = conn.client.domain_status()
+    status = _Status(domain.head, domain.anchor.source, conn.location.coordinator, reported)
+    ctx.emit(_status_json(status), "\n".join(_status_lines(status)))
     return 0
 
 
@@ -156,34 +213,39 @@ def _export_state(ctx: CommandContext) -> int:
     return 0
 
 
-def register(subparsers: Subparsers) -> None:
-    """Add `domain status` and `domain export-state` to the `hsm-operator` parser."""
-    domain = add_group(
-        subparsers,
+def _export_state_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, metavar="FILE", help="file to create")
+    add_domain_options(parser)
+
+
+COMMANDS: Final = (
+    Group(
         "domain",
         help="the domain's verified state: hosts, operators, quorum",
         description="Read the domain's state, verified from your trust anchor.",
         example="hsm-operator domain status --cluster hsm-cluster",
-    )
-    parser = add_command(
-        domain,
-        "status",
-        _status,
-        help="show the verified head: hosts, operators, quorum, settings, domain key",
-        description="Verify the coordinator's chain from your trust anchor and show the head: "
-        "hosts (and whether each is registered with the coordinator), operators, quorum, "
-        "settings and domain key generation, with the coordinator's own report beside it.",
-        example="hsm-operator domain status --cluster hsm-cluster --json",
-    )
-    add_domain_options(parser)
-    parser = add_command(
-        domain,
-        "export-state",
-        _export_state,
-        help="write the verified head state to a file (for sign-offline --state)",
-        description="Write the head state, verified from your trust anchor, to a new file: "
-        "take it to an air-gapped machine for `sign-offline --state`, or pin it with --state.",
-        example="hsm-operator domain export-state --out v5.state --cluster hsm-cluster",
-    )
-    parser.add_argument("--out", required=True, metavar="FILE", help="file to create")
-    add_domain_options(parser)
+        commands=(
+            Command(
+                "status",
+                help="show the verified head: hosts, operators, quorum, settings, domain key",
+                description="Verify the coordinator's chain from your trust anchor and show the "
+                "head: hosts (and whether each is registered with the coordinator), operators, "
+                "quorum, settings and domain key generation, with the coordinator's own report "
+                "beside it.",
+                run=_status,
+                example="hsm-operator domain status --cluster hsm-cluster --json",
+                arguments=add_domain_options,
+            ),
+            Command(
+                "export-state",
+                help="write the verified head state to a file (for sign-offline --state)",
+                description="Write the head state, verified from your trust anchor, to a new "
+                "file: take it to an air-gapped machine for `sign-offline --state`, or pin it "
+                "with --state.",
+                run=_export_state,
+                example="hsm-operator domain export-state --out v5.state --cluster hsm-cluster",
+                arguments=_export_state_arguments,
+            ),
+        ),
+    ),
+)

@@ -30,6 +30,7 @@ submitted by `approvals submit` on a connected machine.
 
 from __future__ import annotations
 
+import argparse
 import base64
 import binascii
 import json
@@ -58,8 +59,10 @@ from domain_core.limits import (
     MAX_EXPORTED_STATE_BYTES,
 )
 from domain_core.model import OPERATOR_ID_PATTERN, Proposal, SealedState
+from domain_edge.cli import Command, UsageError
 from domain_edge.files import read_limited, write_new_file
 from domain_proto import domain_pb2
+from operator_tool._context import CommandContext
 from operator_tool._render import iso
 from operator_tool._review import review, review_lines
 from operator_tool._signing import add_yes_option, confirm, operator_token
@@ -70,10 +73,10 @@ from operator_tool._where import (
     parse_genesis_hash,
     read_state_file,
 )
-from operator_tool.cli import CommandContext, Subparsers, UsageError, add_command
 
 __all__ = [
     "APPROVAL_FORMAT",
+    "COMMANDS",
     "EXPORT_FORMAT",
     "OfflineBundle",
     "approval_document",
@@ -81,7 +84,6 @@ __all__ = [
     "export_proposal",
     "read_approval_file",
     "read_export_file",
-    "register",
     "verify_bundle",
     "write_document",
 ]
@@ -315,6 +317,17 @@ def read_export_file(
     return proposal, chain, approvals
 
 
+def _verified_chain(
+    domain_id: str, genesis_hash: bytes, states: list[SealedState], failure: str, advice: str
+) -> TrustedChain:
+    """`verify_chain` of `states` from `genesis_hash`; a failure keeps its class and says
+    `FAILURE: why; ADVICE` (what did not verify, and what the operator must not do)."""
+    try:
+        return verify_chain(domain_id, genesis_hash, states)
+    except (ChainError, VerificationError) as error:
+        raise type(error)(f"{failure}: {error.message}; {advice}") from None
+
+
 # --- proposals export (online) -------------------------------------------------------------
 
 
@@ -341,13 +354,13 @@ def _chain_to(conn: Connection, base: SealedState) -> tuple[list[SealedState], b
             break
     chain = [states[v] for v in sorted(states)]
     genesis_hash = anchor.genesis_hash or (chain[0].hash if chain else b"")
-    try:
-        verified = verify_chain(anchor.domain_id, genesis_hash, chain)
-    except (ChainError, VerificationError) as error:
-        raise type(error)(
-            f"the coordinator's states from the genesis to version {base.version} do not "
-            f"verify: {error.message}; do not export from it"
-        ) from None
+    verified = _verified_chain(
+        anchor.domain_id,
+        genesis_hash,
+        chain,
+        f"the coordinator's states from the genesis to version {base.version} do not verify",
+        "do not export from it",
+    )
     if verified.known_hash(anchor.start.version) != anchor.start.hash or (
         verified.head.hash != base.hash
     ):
@@ -459,13 +472,14 @@ def verify_bundle(
     module invariants); raises before anything could be shown."""
     proposal, states, approvals = read_export_file(path)
     where = str(path)
-    try:
-        chain = verify_chain(proposal.domain_id, genesis_hash, states)
-    except (ChainError, VerificationError) as error:
-        raise type(error)(
-            f"the states in {where} do not verify from the genesis you pinned "
-            f"({genesis_hash.hex()[:16]}): {error.message}; do not sign anything it shows"
-        ) from None
+    chain = _verified_chain(
+        proposal.domain_id,
+        genesis_hash,
+        states,
+        f"the states in {where} do not verify from the genesis you pinned "
+        f"({genesis_hash.hex()[:16]})",
+        "do not sign anything it shows",
+    )
     _check_base(proposal, chain.head, where)
     bundle = OfflineBundle(proposal, chain, {s.version: s for s in states}, approvals)
     if own_state is not None:
@@ -518,23 +532,7 @@ def _sign_offline(ctx: CommandContext) -> int:
     return 0
 
 
-def register(subparsers: Subparsers) -> None:
-    """Add `sign-offline` to the `hsm-operator` parser."""
-    parser = add_command(
-        subparsers,
-        "sign-offline",
-        _sign_offline,
-        help="review and sign an exported proposal on a machine with no network",
-        description="Verify an exported proposal offline: the bytes hash to the id; the chain "
-        "of states in the file verifies from the genesis hash you pin (--genesis-hash, given "
-        "to you out of band) and ends at the proposal's base state; show the diff and the "
-        "approvals computed from that verified state; sign; write an approval file for "
-        "`approvals submit`. Nothing is shown before the chain verifies. Opens no network "
-        "connection.",
-        example="hsm-operator sign-offline proposal.json --genesis-hash "
-        "95a5fa778048ba7d0f8e4c2b6a1d3e5f7a9b1c3d5e7f9a1b3c5d7e9f1a3b5c7d --out approval.json "
-        "--token 'pkcs11:token=bob;object=operator?module-path=/usr/lib/softhsm/libsofthsm2.so'",
-    )
+def _sign_offline_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", metavar="FILE", help="the file `proposals export` wrote")
     parser.add_argument(
         "--genesis-hash",
@@ -549,3 +547,22 @@ def register(subparsers: Subparsers) -> None:
     )
     parser.add_argument("--out", required=True, metavar="APPROVAL", help="approval file to create")
     add_yes_option(parser, "sign")
+
+
+COMMANDS: Final = (
+    Command(
+        "sign-offline",
+        help="review and sign an exported proposal on a machine with no network",
+        description="Verify an exported proposal offline: the bytes hash to the id; the chain "
+        "of states in the file verifies from the genesis hash you pin (--genesis-hash, given "
+        "to you out of band) and ends at the proposal's base state; show the diff and the "
+        "approvals computed from that verified state; sign; write an approval file for "
+        "`approvals submit`. Nothing is shown before the chain verifies. Opens no network "
+        "connection.",
+        run=_sign_offline,
+        example="hsm-operator sign-offline proposal.json --genesis-hash "
+        "95a5fa778048ba7d0f8e4c2b6a1d3e5f7a9b1c3d5e7f9a1b3c5d7e9f1a3b5c7d --out approval.json "
+        "--token 'pkcs11:token=bob;object=operator?module-path=/usr/lib/softhsm/libsofthsm2.so'",
+        arguments=_sign_offline_arguments,
+    ),
+)

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from domain_core import crypto, quorum, transition
 from domain_core.changes import (
@@ -42,10 +42,12 @@ from domain_core.model import (
     SealedState,
     make_operator,
 )
+from domain_edge.cli import Command, Group, UsageError
 from domain_edge.enrollment_files import read_enrollment
 from domain_edge.tokens import read_operator_public
 from domain_proto import domain_pb2
 from operator_tool import offline
+from operator_tool._context import CommandContext, Handler
 from operator_tool._render import (
     change_lines,
     change_short,
@@ -64,16 +66,8 @@ from operator_tool._signing import (
     parse_duration,
 )
 from operator_tool._where import Connection, add_domain_options, connect
-from operator_tool.cli import (
-    CommandContext,
-    Handler,
-    Subparsers,
-    UsageError,
-    add_command,
-    add_group,
-)
 
-__all__ = ["register", "resolve_operator", "submitted_text"]
+__all__ = ["COMMANDS", "resolve_operator", "submitted_text"]
 
 ChangeBuilder = Callable[[CommandContext, Connection, SealedState], list[domain_pb2.Change]]
 
@@ -317,7 +311,7 @@ def _show(ctx: CommandContext) -> int:
     return 0
 
 
-# --- registration ----------------------------------------------------------------------------
+# --- the table -------------------------------------------------------------------------------
 
 _PROPOSE_NOTES = """
     The proposal is built against the head verified from your trust anchor, its effect is
@@ -326,79 +320,51 @@ _PROPOSE_NOTES = """
     """
 
 
-def register(subparsers: Subparsers) -> None:
-    """Add `propose ...` and `proposals list|show|export` to the `hsm-operator` parser."""
-    propose = add_group(
-        subparsers,
-        "propose",
-        help="propose a change of the domain (signed by you as its first approval)",
-        description="Propose a change of the domain's hosts, operators, quorum, settings or "
-        "domain key. Your token signs the proposal; the other operators approve it.",
-        example="hsm-operator propose add-operator --public-key dave.pub.json --cluster DIR",
+def _proposal(
+    name: str,
+    build: ChangeBuilder,
+    help: str,
+    example: str,
+    arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> Command:
+    """A `propose NAME` command: its own arguments, then what every proposal takes."""
+
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        if arguments is not None:
+            arguments(parser)
+        _proposal_options(parser)
+
+    return Command(
+        name,
+        help=help,
+        description=help[0].upper() + help[1:] + ".",
+        run=_handler(build),
+        example=example,
+        notes=_PROPOSE_NOTES,
+        arguments=add_arguments,
     )
 
-    def command(
-        name: str, build: ChangeBuilder, help: str, example: str
-    ) -> argparse.ArgumentParser:
-        parser = add_command(
-            propose,
-            name,
-            _handler(build),
-            help=help,
-            description=help[0].upper() + help[1:] + ".",
-            example=example,
-            notes=_PROPOSE_NOTES,
-        )
-        return parser
 
-    parser = command(
-        "add-host",
-        _add_host,
-        "trust a new host, from its enrollment file (verified against the domain CA)",
-        "hsm-operator propose add-host --enrollment hsm-cluster/nodes/hsa-4/enrollment.bin "
-        "--cluster hsm-cluster --token alice.token --reason 'capacity'",
-    )
+def _add_host_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--enrollment", required=True, metavar="FILE", help="the host's enrollment")
-    _proposal_options(parser)
 
-    parser = command(
-        "remove-host",
-        _remove_host,
-        "stop trusting a host (the domain key rotates in the same change)",
-        "hsm-operator propose remove-host hsa-2 --cluster hsm-cluster --token alice.token",
-    )
+
+def _remove_host_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("host_id", metavar="HOST_ID", help="the host to remove")
-    _proposal_options(parser)
 
-    parser = command(
-        "add-operator",
-        _add_operator,
-        "add an operator from their public key document (token export-public)",
-        "hsm-operator propose add-operator --public-key dave.pub.json --name dave "
-        "--cluster hsm-cluster --token alice.token --yes --json",
-    )
+
+def _add_operator_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--public-key", required=True, metavar="FILE", help="the new operator's public key file"
     )
     parser.add_argument("--name", metavar="NAME", help="their name (default: the file's name)")
-    _proposal_options(parser)
 
-    parser = command(
-        "remove-operator",
-        _remove_operator,
-        "remove an operator (by name, id, or a unique id prefix)",
-        "hsm-operator propose remove-operator carol --cluster hsm-cluster --token alice.token",
-    )
+
+def _remove_operator_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("operator", metavar="ID", help="the operator's id, id prefix or name")
-    _proposal_options(parser)
 
-    parser = command(
-        "set-quorum",
-        _set_quorum,
-        "set the default threshold M, or the threshold of one change type (--for)",
-        "hsm-operator propose set-quorum 3 --cluster hsm-cluster --token alice.token\n"
-        "hsm-operator propose set-quorum 3 --for add-host --cluster hsm-cluster",
-    )
+
+def _set_quorum_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "threshold",
         metavar="M",
@@ -412,69 +378,128 @@ def register(subparsers: Subparsers) -> None:
         choices=sorted(CHANGE_TYPES_BY_NAME),
         help=f"only for this change type ({', '.join(sorted(CHANGE_TYPES_BY_NAME))})",
     )
-    _proposal_options(parser)
 
-    parser = command(
-        "set-settings",
-        _set_settings,
-        "change domain settings (rotation interval, generations kept, proposal lifetime)",
-        "hsm-operator propose set-settings --key-rotation-interval 12h --cluster hsm-cluster",
-    )
+
+def _set_settings_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--key-rotation-interval", metavar="DURATION")
     parser.add_argument("--generations-retained", metavar="N", type=int)
     parser.add_argument("--max-proposal-lifetime", metavar="DURATION")
-    _proposal_options(parser)
 
-    parser = command(
-        "rotate-domain-key",
-        _rotate,
-        "rotate the domain key now, before the scheduled rotation",
-        "hsm-operator propose rotate-domain-key --cluster hsm-cluster --token alice.token",
-    )
-    _proposal_options(parser)
 
-    proposals = add_group(
-        subparsers,
-        "proposals",
-        help="list, show and export proposals",
-        description="Look at proposals: every state, approval and diff shown is computed here "
-        "from states verified against your trust anchor.",
-        example="hsm-operator proposals list --cluster hsm-cluster",
-    )
-    parser = add_command(
-        proposals,
-        "list",
-        _list,
-        help="list pending proposals (--all: closed ones too)",
-        description="List the pending proposals (with --all also applied, expired, stale, "
-        "cancelled and rejected ones): id, state, changes, approvals, expiry, proposer.",
-        example="hsm-operator proposals list --cluster hsm-cluster --json",
-    )
+def _list_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--all", action="store_true", help="include closed proposals")
     add_domain_options(parser)
 
-    parser = add_command(
-        proposals,
-        "show",
-        _show,
-        help="show a proposal: what changes, who approved, who still can, when it expires",
-        description="Show a proposal with a before/after diff of hosts, operators, quorum and "
-        "settings, computed here from the verified base state; who approved, who still can, "
-        "how many more are needed and when it expires.",
-        example="hsm-operator proposals show 3f2a9c1e --cluster hsm-cluster",
-    )
+
+def _show_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("id", metavar="ID", help="proposal id (or 6+ leading hex digits)")
     add_domain_options(parser)
 
-    parser = add_command(
-        proposals,
-        "export",
-        offline.export_proposal,
-        help="write a proposal to a file for an operator who signs offline",
-        description="Write the exact proposal bytes, the base state's manifest and the "
-        "approvals so far to a file for `sign-offline` on an air-gapped machine.",
-        example="hsm-operator proposals export 3f2a9c1e --out proposal.json --cluster hsm-cluster",
-    )
+
+def _export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("id", metavar="ID", help="proposal id (or 6+ leading hex digits)")
     parser.add_argument("--out", required=True, metavar="FILE", help="file to create")
     add_domain_options(parser)
+
+
+_PROPOSE = Group(
+    "propose",
+    help="propose a change of the domain (signed by you as its first approval)",
+    description="Propose a change of the domain's hosts, operators, quorum, settings or "
+    "domain key. Your token signs the proposal; the other operators approve it.",
+    example="hsm-operator propose add-operator --public-key dave.pub.json --cluster DIR",
+    commands=(
+        _proposal(
+            "add-host",
+            _add_host,
+            "trust a new host, from its enrollment file (verified against the domain CA)",
+            "hsm-operator propose add-host --enrollment hsm-cluster/nodes/hsa-4/enrollment.bin "
+            "--cluster hsm-cluster --token alice.token --reason 'capacity'",
+            _add_host_arguments,
+        ),
+        _proposal(
+            "remove-host",
+            _remove_host,
+            "stop trusting a host (the domain key rotates in the same change)",
+            "hsm-operator propose remove-host hsa-2 --cluster hsm-cluster --token alice.token",
+            _remove_host_arguments,
+        ),
+        _proposal(
+            "add-operator",
+            _add_operator,
+            "add an operator from their public key document (token export-public)",
+            "hsm-operator propose add-operator --public-key dave.pub.json --name dave "
+            "--cluster hsm-cluster --token alice.token --yes --json",
+            _add_operator_arguments,
+        ),
+        _proposal(
+            "remove-operator",
+            _remove_operator,
+            "remove an operator (by name, id, or a unique id prefix)",
+            "hsm-operator propose remove-operator carol --cluster hsm-cluster --token alice.token",
+            _remove_operator_arguments,
+        ),
+        _proposal(
+            "set-quorum",
+            _set_quorum,
+            "set the default threshold M, or the threshold of one change type (--for)",
+            "hsm-operator propose set-quorum 3 --cluster hsm-cluster --token alice.token\n"
+            "hsm-operator propose set-quorum 3 --for add-host --cluster hsm-cluster",
+            _set_quorum_arguments,
+        ),
+        _proposal(
+            "set-settings",
+            _set_settings,
+            "change domain settings (rotation interval, generations kept, proposal lifetime)",
+            "hsm-operator propose set-settings --key-rotation-interval 12h --cluster hsm-cluster",
+            _set_settings_arguments,
+        ),
+        _proposal(
+            "rotate-domain-key",
+            _rotate,
+            "rotate the domain key now, before the scheduled rotation",
+            "hsm-operator propose rotate-domain-key --cluster hsm-cluster --token alice.token",
+        ),
+    ),
+)
+
+_PROPOSALS = Group(
+    "proposals",
+    help="list, show and export proposals",
+    description="Look at proposals: every state, approval and diff shown is computed here "
+    "from states verified against your trust anchor.",
+    example="hsm-operator proposals list --cluster hsm-cluster",
+    commands=(
+        Command(
+            "list",
+            help="list pending proposals (--all: closed ones too)",
+            description="List the pending proposals (with --all also applied, expired, stale, "
+            "cancelled and rejected ones): id, state, changes, approvals, expiry, proposer.",
+            run=_list,
+            example="hsm-operator proposals list --cluster hsm-cluster --json",
+            arguments=_list_arguments,
+        ),
+        Command(
+            "show",
+            help="show a proposal: what changes, who approved, who still can, when it expires",
+            description="Show a proposal with a before/after diff of hosts, operators, quorum "
+            "and settings, computed here from the verified base state; who approved, who still "
+            "can, how many more are needed and when it expires.",
+            run=_show,
+            example="hsm-operator proposals show 3f2a9c1e --cluster hsm-cluster",
+            arguments=_show_arguments,
+        ),
+        Command(
+            "export",
+            help="write a proposal to a file for an operator who signs offline",
+            description="Write the exact proposal bytes, the base state's manifest and the "
+            "approvals so far to a file for `sign-offline` on an air-gapped machine.",
+            run=offline.export_proposal,
+            example="hsm-operator proposals export 3f2a9c1e --out proposal.json "
+            "--cluster hsm-cluster",
+            arguments=_export_arguments,
+        ),
+    ),
+)
+
+COMMANDS: Final = (_PROPOSE, _PROPOSALS)

@@ -13,6 +13,7 @@ Invariants kept here:
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shlex
@@ -25,6 +26,7 @@ from domain_core.signers import (
     SignatureAlgorithm,
     Signer,
 )
+from domain_edge.cli import Command, Group, UsageError
 from domain_edge.file_tokens import (
     FileTokenSigner,
     create_file_token,
@@ -38,9 +40,9 @@ from domain_edge.tokens import (
     read_operator_public,
     write_operator_public,
 )
-from operator_tool.cli import CommandContext, Subparsers, UsageError, add_command, add_group
+from operator_tool._context import CommandContext
 
-__all__ = ["fingerprint", "read_operator_public", "register"]
+__all__ = ["COMMANDS", "fingerprint", "read_operator_public"]
 
 _ALGORITHMS: Final = [a.value for a in SignatureAlgorithm]
 _SELF_TEST_MESSAGE: Final = b"hsm-operator export-public self-test"
@@ -214,78 +216,80 @@ def _export_public(ctx: CommandContext) -> int:
     return 0
 
 
-# --- registration ----------------------------------------------------------------------------
+# --- the table -------------------------------------------------------------------------------
 
 
-def register(subparsers: Subparsers) -> None:
-    """Add `token init|show|export-public` to the `hsm-operator` parser."""
-    token = add_group(
-        subparsers,
+def _init_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pkcs11", action="store_true", help="generate the key on a PKCS#11 token")
+    parser.add_argument("--out", type=Path, metavar="FILE", help="file token to create")
+    parser.add_argument("--name", metavar="NAME", help="your operator name (file token)")
+    parser.add_argument(
+        "--algorithm",
+        choices=_ALGORITHMS,
+        help="signature algorithm (file token default: ed25519)",
+    )
+    parser.add_argument("--module", metavar="PATH", help=f"PKCS#11 module (default: ${MODULE_ENV})")
+    parser.add_argument("--token-label", metavar="LABEL", help="label of the PKCS#11 token")
+    parser.add_argument("--key-label", metavar="LABEL", help="label to give the new key")
+
+
+def _export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--name", metavar="NAME", help="operator name (default: a file token's own name)"
+    )
+    parser.add_argument(
+        "--out", required=True, metavar="FILE", help="file to create ('-': standard output)"
+    )
+
+
+COMMANDS: Final = (
+    Group(
         "token",
         help="create and inspect your operator token",
         description="Create an operator token (a key file or a key on a PKCS#11 device), "
         "show it, and export its public key for the other operators.",
         example="hsm-operator token init --out alice.token --name alice",
-    )
-
-    init = add_command(
-        token,
-        "init",
-        _init,
-        help="create a file token, or generate a key on a PKCS#11 token",
-        description="Create a passphrase-encrypted file token (never overwrites a file), or "
-        "with --pkcs11 generate a key pair on a PKCS#11 token (sensitive, not extractable) "
-        "and print the pkcs11: URI to use as --token.",
-        example="""
-            hsm-operator token init --out alice.token --name alice
-            hsm-operator token init --pkcs11 --module /usr/lib/softhsm/libsofthsm2.so \\
-                --token-label alice --key-label operator --pin-file pin.txt
-            """,
-        notes="""
-            File tokens: the passphrase is read from --passphrase-file, or asked twice.
-            PKCS#11: the PIN is read from --pin-file, or asked; --algorithm defaults to
-            ed25519 if the token offers CKM_EDDSA, else ecdsa-p256.
-            """,
-    )
-    init.add_argument("--pkcs11", action="store_true", help="generate the key on a PKCS#11 token")
-    init.add_argument("--out", type=Path, metavar="FILE", help="file token to create")
-    init.add_argument("--name", metavar="NAME", help="your operator name (file token)")
-    init.add_argument(
-        "--algorithm",
-        choices=_ALGORITHMS,
-        help="signature algorithm (file token default: ed25519)",
-    )
-    init.add_argument("--module", metavar="PATH", help=f"PKCS#11 module (default: ${MODULE_ENV})")
-    init.add_argument("--token-label", metavar="LABEL", help="label of the PKCS#11 token")
-    init.add_argument("--key-label", metavar="LABEL", help="label to give the new key")
-
-    add_command(
-        token,
-        "show",
-        _show,
-        help="show your token's operator id, fingerprint and public key",
-        description="Open the token (asking for its passphrase or PIN) and show the operator "
-        "id (SHA-256 of the public key), fingerprint, algorithm and public key.",
-        example="""
-            hsm-operator token show --token alice.token --json
-            hsm-operator token show --token 'pkcs11:token=alice;object=operator?module-path=/usr/lib/softhsm/libsofthsm2.so'
-            """,  # noqa: E501
-    )
-
-    export = add_command(
-        token,
-        "export-public",
-        _export_public,
-        help="write the public key document other operators need to add you",
-        description="Open the token, prove it signs, and write a JSON document (name, "
-        "algorithm, PEM public key, operator id) for `propose add-operator --public-key`.",
-        example="""
-            hsm-operator token export-public --token alice.token --out alice.pub.json
-            """,
-    )
-    export.add_argument(
-        "--name", metavar="NAME", help="operator name (default: a file token's own name)"
-    )
-    export.add_argument(
-        "--out", required=True, metavar="FILE", help="file to create ('-': standard output)"
-    )
+        commands=(
+            Command(
+                "init",
+                help="create a file token, or generate a key on a PKCS#11 token",
+                description="Create a passphrase-encrypted file token (never overwrites a "
+                "file), or with --pkcs11 generate a key pair on a PKCS#11 token (sensitive, "
+                "not extractable) and print the pkcs11: URI to use as --token.",
+                run=_init,
+                example="""
+                    hsm-operator token init --out alice.token --name alice
+                    hsm-operator token init --pkcs11 --module /usr/lib/softhsm/libsofthsm2.so \\
+                        --token-label alice --key-label operator --pin-file pin.txt
+                    """,
+                notes="""
+                    File tokens: the passphrase is read from --passphrase-file, or asked twice.
+                    PKCS#11: the PIN is read from --pin-file, or asked; --algorithm defaults to
+                    ed25519 if the token offers CKM_EDDSA, else ecdsa-p256.
+                    """,
+                arguments=_init_arguments,
+            ),
+            Command(
+                "show",
+                help="show your token's operator id, fingerprint and public key",
+                description="Open the token (asking for its passphrase or PIN) and show the "
+                "operator id (SHA-256 of the public key), fingerprint, algorithm and public key.",
+                run=_show,
+                example="""
+                    hsm-operator token show --token alice.token --json
+                    hsm-operator token show --token 'pkcs11:token=alice;object=operator?module-path=/usr/lib/softhsm/libsofthsm2.so'
+                    """,  # noqa: E501
+            ),
+            Command(
+                "export-public",
+                help="write the public key document other operators need to add you",
+                description="Open the token, prove it signs, and write a JSON document (name, "
+                "algorithm, PEM public key, operator id) for `propose add-operator "
+                "--public-key`.",
+                run=_export_public,
+                example="hsm-operator token export-public --token alice.token --out alice.pub.json",
+                arguments=_export_arguments,
+            ),
+        ),
+    ),
+)

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Install the project into ./.venv and start a local domain: `hsm-domain up`.
 # Usage: bash scripts/up.sh [hsm-domain up ARGS...]
+# The tools land in .venv/bin, not on a new shell's PATH: what `up` prints to try next names
+# them by that path (relative to the repository root, where this script runs them), and
+# `source .venv/bin/activate` puts them on PATH.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # shellcheck source=scripts/_venv.sh

@@ -3,17 +3,19 @@
 Modules: `proxy` (a TCP forwarder that cuts and delays links), `history` (every operation as
 JSON lines), `workload` (data-plane clients, quorum-approved changes, the status sampler),
 `faults` (the seeded fault injector), `checker` (pure invariant checks), `report`, `runner`
-(owns the processes of the run) and `cli` (the command). docs/chaos.md explains the tool.
+(owns the processes of the run), `final` (what the run observes at its end), `experiment`
+(one run: load, faults, settling, checks) and `cli` (the command). docs/chaos.md explains the tool.
 """
 
 from __future__ import annotations
 
 from deploy.chaos.checker import InvariantResult, check_all
+from deploy.chaos.experiment import run_chaos
 from deploy.chaos.faults import FAULT_TYPES, FaultConfig
 from deploy.chaos.history import History
 from deploy.chaos.proxy import LinkMode, TcpProxy
 from deploy.chaos.report import ChaosReport
-from deploy.chaos.runner import ChaosOptions, run_chaos
+from deploy.chaos.runner import ChaosOptions
 from deploy.chaos.workload import WorkloadConfig
 
 __all__ = [

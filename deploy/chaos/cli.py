@@ -1,7 +1,8 @@
 """The `hsm-domain chaos` command: arguments, the run, the report and the exit status.
 
 Exit status: 0 when every invariant held, 1 when one broke (or the run could not be made),
-2 on a usage error. The report goes to stdout; `--json FILE` writes it as JSON as well.
+2 on a usage error (through `domain_edge.cli`, like every command). The report goes to
+stdout; `--json FILE` writes it as JSON as well.
 """
 
 from __future__ import annotations
@@ -11,24 +12,19 @@ import json
 import secrets
 import sys
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
+from deploy.chaos.experiment import ChaosInterrupted, run_chaos
 from deploy.chaos.faults import FAULT_TYPES, FaultConfig, parse_fault_types
-from deploy.chaos.runner import ChaosInterrupted, ChaosOptions, run_chaos
+from deploy.chaos.runner import ChaosOptions
 from deploy.chaos.workload import WorkloadConfig
+from domain_edge.cli import Command, UsageError
 
-__all__ = ["EXIT_BROKEN", "EXIT_HELD", "EXIT_USAGE", "register"]
+__all__ = ["COMMAND", "EXIT_BROKEN", "EXIT_HELD", "EXIT_USAGE"]
 
 EXIT_HELD: Final = 0
 EXIT_BROKEN: Final = 1
 EXIT_USAGE: Final = 2
-
-EXAMPLES: Final = """\
-example:
-  hsm-domain init ./demo && hsm-domain chaos ./demo --duration 60 --seed 7
-  hsm-domain chaos ./demo --duration 300 --seed 1 --faults kill,partition --json report.json
-exit status 0 if every invariant held, 1 if one broke, 2 on a usage error.
-The history (every operation and fault, JSON lines) goes to DIR/chaos/history-<seed>.jsonl."""
 
 
 def _positive(text: str) -> float:
@@ -78,111 +74,141 @@ def _fault_types(text: str) -> tuple[str, ...]:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def register(parser: argparse.ArgumentParser) -> None:
-    """Add the `chaos` arguments to its parser (made by `hsm-domain`'s main parser)."""
-    parser.epilog = EXAMPLES
-    parser.add_argument("directory", metavar="DIR", help="domain directory (not running)")
-    parser.add_argument(
+# Every option of `chaos` but DIR: (flag, add_argument keywords).
+_OPTIONS: Final[tuple[tuple[str, dict[str, Any]], ...]] = (
+    (
         "--duration",
-        type=_positive,
-        default=60.0,
-        metavar="S",
-        help="seconds of faults (default 60)",
-    )
-    parser.add_argument(
+        {
+            "type": _positive,
+            "default": 60.0,
+            "metavar": "S",
+            "help": "seconds of faults (default 60)",
+        },
+    ),
+    (
         "--seed",
-        type=int,
-        default=None,
-        metavar="N",
-        help="seed of the fault schedule and the workload (default: a new one, printed)",
-    )
-    parser.add_argument(
+        {
+            "type": int,
+            "default": None,
+            "metavar": "N",
+            "help": "seed of the fault schedule and the workload (default: a new one, printed)",
+        },
+    ),
+    (
         "--faults",
-        type=_fault_types,
-        default=FAULT_TYPES,
-        metavar="LIST",
-        help=f"comma-separated fault types: {','.join(FAULT_TYPES)} (default all)",
-    )
-    parser.add_argument(
+        {
+            "type": _fault_types,
+            "default": FAULT_TYPES,
+            "metavar": "LIST",
+            "help": f"comma-separated fault types: {','.join(FAULT_TYPES)} (default all)",
+        },
+    ),
+    (
         "--fault-interval",
-        type=_positive,
-        default=2.0,
-        metavar="S",
-        help="mean seconds between two faults (default 2)",
-    )
-    parser.add_argument(
+        {
+            "type": _positive,
+            "default": 2.0,
+            "metavar": "S",
+            "help": "mean seconds between two faults (default 2)",
+        },
+    ),
+    (
         "--fault-duration",
-        type=_positive,
-        nargs=2,
-        metavar=("MIN", "MAX"),
-        default=(0.5, 3.0),
-        help="how long a fault lasts before it is repaired, in seconds (default 0.5 3)",
-    )
-    parser.add_argument(
+        {
+            "type": _positive,
+            "nargs": 2,
+            "metavar": ("MIN", "MAX"),
+            "default": (0.5, 3.0),
+            "help": "how long a fault lasts before it is repaired, in seconds (default 0.5 3)",
+        },
+    ),
+    (
         "--max-down",
-        type=_count,
-        default=None,
-        metavar="N",
-        help="HSAs unreachable by clients at once (default: all but one)",
-    )
-    parser.add_argument(
+        {
+            "type": _count,
+            "default": None,
+            "metavar": "N",
+            "help": "HSAs unreachable by clients at once (default: all but one)",
+        },
+    ),
+    (
         "--clients",
-        type=_count,
-        default=3,
-        metavar="N",
-        help="data-plane client threads (default 3)",
-    )
-    parser.add_argument(
+        {
+            "type": _count,
+            "default": 3,
+            "metavar": "N",
+            "help": "data-plane client threads (default 3)",
+        },
+    ),
+    (
         "--control-interval",
-        type=_positive,
-        default=2.0,
-        metavar="S",
-        help="seconds between two quorum-approved domain changes (default 2)",
-    )
-    parser.add_argument(
+        {
+            "type": _positive,
+            "default": 2.0,
+            "metavar": "S",
+            "help": "seconds between two quorum-approved domain changes (default 2)",
+        },
+    ),
+    (
         "--client-timeout",
-        type=_positive,
-        default=2.0,
-        metavar="S",
-        help="seconds per client attempt before failing over (default 2)",
-    )
-    parser.add_argument(
+        {
+            "type": _positive,
+            "default": 2.0,
+            "metavar": "S",
+            "help": "seconds per client attempt before failing over (default 2)",
+        },
+    ),
+    (
         "--think-time",
-        type=_non_negative,
-        default=0.005,
-        metavar="S",
-        help="seconds a client waits between operations (default 0.005)",
-    )
-    parser.add_argument(
+        {
+            "type": _non_negative,
+            "default": 0.005,
+            "metavar": "S",
+            "help": "seconds a client waits between operations (default 0.005)",
+        },
+    ),
+    (
         "--settle-timeout",
-        type=_positive,
-        default=30.0,
-        metavar="S",
-        help="bound on convergence after the faults stop, in seconds (default 30)",
-    )
-    parser.add_argument(
+        {
+            "type": _positive,
+            "default": 30.0,
+            "metavar": "S",
+            "help": "bound on convergence after the faults stop, in seconds (default 30)",
+        },
+    ),
+    (
         "--min-availability",
-        type=_fraction,
-        default=0.9,
-        metavar="F",
-        help="fraction of data-plane operations that must succeed while an HSA is "
-        "reachable (default 0.9)",
-    )
-    parser.add_argument(
-        "--history", type=Path, default=None, metavar="FILE", help="history file (JSON lines)"
-    )
-    parser.add_argument(
-        "--json", type=Path, default=None, metavar="FILE", help="write the report as JSON"
-    )
-    parser.set_defaults(handler=_cmd_chaos)
+        {
+            "type": _fraction,
+            "default": 0.9,
+            "metavar": "F",
+            "help": "fraction of data-plane operations that must succeed "
+            "while an HSA is reachable (default 0.9)",
+        },
+    ),
+    (
+        "--history",
+        {"type": Path, "default": None, "metavar": "FILE", "help": "history file (JSON lines)"},
+    ),
+    (
+        "--json",
+        {"type": Path, "default": None, "metavar": "FILE", "help": "write the report as JSON"},
+    ),
+)
+
+
+def _arguments(parser: argparse.ArgumentParser) -> None:
+    """The `chaos` arguments: DIR, then `_OPTIONS`."""
+    parser.add_argument("directory", metavar="DIR", help="domain directory (not running)")
+    for flag, options in _OPTIONS:
+        parser.add_argument(flag, **options)
 
 
 def _cmd_chaos(args: argparse.Namespace) -> int:
     directory = Path(args.directory)
     low, high = args.fault_duration
     if low > high:
-        print("hsm-domain chaos: error: --fault-duration MIN must not exceed MAX", file=sys.stderr)
-        return EXIT_USAGE
+        raise UsageError("--fault-duration MIN must not exceed MAX")
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
     options = ChaosOptions(
         directory=directory,
@@ -214,3 +240,21 @@ def _cmd_chaos(args: argparse.Namespace) -> int:
     if args.json is not None:
         args.json.write_text(json.dumps(report.to_json(), indent=2) + "\n")
     return EXIT_HELD if report.held else EXIT_BROKEN
+
+
+#: `hsm-domain chaos DIR ...` (in the table of `deploy.cli`).
+COMMAND: Final = Command(
+    "chaos",
+    "run the domain under load and faults (kill, pause, coordinator, partition), "
+    "then check its invariants",
+    _cmd_chaos,
+    """
+    hsm-domain init ./demo && hsm-domain chaos ./demo --duration 60 --seed 7
+    hsm-domain chaos ./demo --duration 300 --seed 1 --faults kill,partition --json report.json
+    """,
+    notes="""
+    exit status 0 if every invariant held, 1 if one broke, 2 on a usage error.
+    The history (every operation and fault, JSON lines) goes to DIR/chaos/history-<seed>.jsonl.
+    """,
+    arguments=_arguments,
+)

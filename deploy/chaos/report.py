@@ -8,15 +8,14 @@ here sees a plaintext: it reads counts and the checker's verdicts only.
 
 from __future__ import annotations
 
-import threading
-import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, TextIO
+from typing import TYPE_CHECKING, Any, Final
 
 from deploy.chaos.checker import AvailabilityFigures, InvariantResult, completions
+from domain_edge.cli import Progress
 
 if TYPE_CHECKING:
     from deploy.chaos.faults import Nemesis
@@ -25,7 +24,6 @@ if TYPE_CHECKING:
 __all__ = ["ChaosReport", "ProgressLine", "operations_by_outcome"]
 
 _OUTCOMES: Final = ("ok", "fail", "unknown")
-_NON_TTY_EVERY: Final = 5.0
 
 
 def operations_by_outcome(events: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, int]]:
@@ -164,55 +162,13 @@ class ChaosReport:
         return "\n".join(lines)
 
 
-class ProgressLine:
-    """One updating line on a terminal; otherwise one line every few seconds."""
-
-    def __init__(self, stream: TextIO, *, quiet: bool = False) -> None:
-        self._stream = stream
-        self.tty = stream.isatty()
-        self._quiet = quiet
-        self._open = False
-        self._last = 0.0
-        self._lock = threading.Lock()
-
-    def _write(self, text: str, *, final: bool) -> None:
-        if self._quiet:
-            return
-        with self._lock:
-            if self.tty:
-                self._stream.write(f"\r\033[K{text}" + ("\n" if final else ""))
-                self._open = not final
-            else:
-                self._stream.write(text + "\n")
-            self._stream.flush()
-
-    def step(self, text: str) -> None:
-        """An intermediate step (replaced by the next one on a terminal)."""
-        self._write(text, final=False)
-
-    def done(self, text: str) -> None:
-        """A line that stays."""
-        self._write(text, final=True)
-
-    def clear(self) -> None:
-        """Remove an open progress line (terminal only)."""
-        with self._lock:
-            if self.tty and self._open and not self._quiet:
-                self._stream.write("\r\033[K")
-                self._stream.flush()
-                self._open = False
-
-    def update(self, text: str) -> None:
-        """Like `step`, but at most every few seconds when the stream is not a terminal."""
-        now = time.monotonic()
-        if not self.tty and now - self._last < _NON_TTY_EVERY:
-            return
-        self._last = now
-        self.step(text)
+class ProgressLine(Progress):
+    """The run's progress (`domain_edge.cli.Progress`: one updating line on a terminal;
+    otherwise one line every few seconds), with the running figures of the experiment."""
 
     def tick(self, elapsed: float, duration: float, history: History, nemesis: Nemesis) -> None:
         """The running figures: elapsed time, outcomes so far, faults, what is down."""
-        if not self.tty and time.monotonic() - self._last < _NON_TTY_EVERY:
+        if not self.due():
             return
         counts = history.counts()
         injected = nemesis.figures.injected

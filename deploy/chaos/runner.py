@@ -1,4 +1,5 @@
-"""`hsm-domain chaos DIR`: run a local domain under load while faults are injected, then check.
+"""`hsm-domain chaos DIR`: the processes, proxies and configs of a run (`ChaosRunner`); the
+run itself (load, faults, checks) is `deploy.chaos.experiment`.
 
 The runner owns the domain's processes for the run. It refuses a domain that is running
 already, starts the coordinator and every member HSA itself (with pid files, so
@@ -14,7 +15,8 @@ The status sampler and every final check talk to each process directly, not thro
 
 Invariants: a domain that runs already (any process with a live pid file) is refused before
 anything is touched (no file written, no process signalled), and so is one that another
-command is starting (the domain lock, `cluster.domain_lock`, held for the whole run); every
+command is starting (the domain lock, `cluster.domain_lock`, held by `run_chaos` for the whole
+run); every
 process and proxy the runner started is stopped, paused processes are resumed first, only the
 run files of the processes it started are removed, and the node configs are restored byte
 for byte, whatever happens (normal end, error, Ctrl-C); the run's files live in DIR/chaos/
@@ -28,60 +30,30 @@ import concurrent.futures
 import contextlib
 import logging
 import os
-import random
-import shutil
 import signal
 import subprocess
 import threading
-import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from types import FrameType
-from typing import Any, Final, TextIO
 
 from deploy import cluster
-from deploy._files import make_private_dir, replace_file
-from deploy.chaos.checker import (
-    ChainEntry,
-    DecryptObservation,
-    FinalObservations,
-    KeyObservation,
-    availability,
-    check_all,
-    completions,
-)
-from deploy.chaos.faults import FaultConfig, Nemesis
+from deploy._files import replace_file
+from deploy.chaos.faults import FaultConfig
 from deploy.chaos.history import History
 from deploy.chaos.proxy import LinkMode, TcpProxy
-from deploy.chaos.report import ChaosReport, ProgressLine, operations_by_outcome
 from deploy.chaos.workload import (
-    AckedCiphertext,
-    ControlClient,
-    DataClient,
-    KeyRing,
-    Sampler,
     WorkloadConfig,
-    create_bootstrap_key,
 )
-from deploy.init import COORDINATOR_NAME, DomainLayout, load_layout, read_passphrase
-from domain_core.chain import TrustedChain
-from domain_core.errors import HsmDomainError, InvalidInputError, UnavailableError
-from domain_core.model import SealedState
-from domain_core.signers import Signer
+from deploy.init import COORDINATOR_NAME, DomainLayout
+from domain_core.errors import InvalidInputError, UnavailableError
 from domain_edge.client import CoordinatorClient
 from domain_edge.config import NodeConfig
-from domain_edge.file_tokens import load_file_token
-from domain_edge.kms_client import KeyClient
+from domain_edge.layout import DomainPaths
 from domain_edge.transport import TlsMaterial
 
-__all__ = ["ChaosInterrupted", "ChaosOptions", "ChaosRunner", "run_chaos"]
+__all__ = ["ChaosOptions", "ChaosRunner", "refuse_if_running"]
 
 log = logging.getLogger(__name__)
-
-CHAOS_DIR: Final = "chaos"
-_KEY_CHECK_PLAINTEXT: Final = b"chaos key check"
-_FINAL_WORKERS: Final = 6
 
 
 @dataclass(frozen=True)
@@ -103,11 +75,7 @@ class ChaosOptions:
         """Where the history goes (default DIR/chaos/history-<seed>.jsonl)."""
         if self.history_path is not None:
             return self.history_path
-        return Path(self.directory).absolute() / CHAOS_DIR / f"history-{self.seed}.jsonl"
-
-
-class ChaosInterrupted(Exception):
-    """A second SIGINT/SIGTERM: the run stops at once, without its checks."""
+        return DomainPaths(Path(self.directory).absolute()).chaos_dir / f"history-{self.seed}.jsonl"
 
 
 class ChaosRunner:
@@ -314,216 +282,6 @@ class ChaosRunner:
 # --- observing the end ------------------------------------------------------------------------
 
 
-def _operator_signers(layout: DomainLayout) -> list[tuple[str, Signer]]:
-    """Open the demo operator tokens with their passphrase files (LOCAL DEMO ONLY)."""
-    signers: list[tuple[str, Signer]] = []
-    for name, (token, passphrase_file) in layout.operator_tokens.items():
-        if token.exists() and passphrase_file.exists():
-            signers.append((name, load_file_token(token, read_passphrase(passphrase_file))))
-    if not signers:
-        raise InvalidInputError(
-            f"{layout.root}/operators holds no token with a passphrase file: the control "
-            "workload needs the demo operators of `hsm-domain init`"
-        )
-    return signers
-
-
-def wait_for_convergence(
-    runner: ChaosRunner, timeout: float
-) -> tuple[float | None, dict[str, tuple[int, str]], tuple[int, str] | None, str]:
-    """Poll until every member HSA is healthy on the coordinator's head.
-
-    Returns (seconds taken or None, heads of the nodes, coordinator head, last problem).
-    """
-    began = time.monotonic()
-    deadline = began + timeout
-    heads: dict[str, tuple[int, str]] = {}
-    coordinator: tuple[int, str] | None = None
-    problem = "nothing observed yet"
-    with CoordinatorClient(
-        runner.stable_operator_address, runner.layout.ca_cert.read_bytes(), timeout=2.0
-    ) as client:
-        while True:
-            problems: list[str] = []
-            try:
-                status = client.domain_status()
-                coordinator = (status.version, status.state_hash.hex())
-            except HsmDomainError as error:
-                problems.append(f"coordinator: {error.message}")
-            for host in runner.members:
-                try:
-                    node = cluster.node_status(runner.layout, host, timeout=1.0)
-                except UnavailableError as error:
-                    problems.append(error.message)
-                    heads.pop(host, None)
-                    continue
-                heads[host] = (node.version, node.state_hash.hex())
-                if not node.healthy:
-                    problems.append(f"{host} is not healthy: {node.detail or 'no detail'}")
-                elif heads[host] != coordinator:
-                    problems.append(
-                        f"{host} is at version {node.version}, the coordinator at "
-                        f"{coordinator[0] if coordinator else '?'}"
-                    )
-            if not problems:
-                return time.monotonic() - began, heads, coordinator, ""
-            problem = "; ".join(problems)
-            if time.monotonic() > deadline:
-                return None, heads, coordinator, problem
-            time.sleep(0.1)
-
-
-def final_chain(runner: ChaosRunner) -> tuple[list[ChainEntry], str]:
-    """The coordinator's chain, verified from the pinned genesis; (entries, error)."""
-    layout = runner.layout
-    entries: list[ChainEntry] = []
-    try:
-        genesis = SealedState.from_bytes(layout.genesis_state.read_bytes())
-        chain = TrustedChain.from_genesis(layout.domain_id, layout.genesis_hash, genesis)
-        entries.append(ChainEntry(1, genesis.hash.hex(), ""))
-        with CoordinatorClient(
-            runner.stable_operator_address, layout.ca_cert.read_bytes(), timeout=10.0
-        ) as client:
-            while True:
-                batch = client.states_after(chain.version)
-                batch = [s for s in batch if s.version > chain.version]
-                if not batch:
-                    break
-                for state in batch:
-                    chain.update(state, now=int(time.time()))
-                    entries.append(
-                        ChainEntry(
-                            state.version,
-                            state.hash.hex(),
-                            state.proposal.id.hex() if state.proposal is not None else "",
-                        )
-                    )
-    except HsmDomainError as error:
-        return entries, f"{type(error).__name__}: {error.message}"
-    return entries, ""
-
-
-@contextlib.contextmanager
-def _direct_clients(runner: ChaosRunner) -> Iterator[dict[str, KeyClient]]:
-    tls = runner.tls
-    clients = {
-        host: KeyClient(
-            [address],
-            ca_pem=tls.ca_pem,
-            cert_pem=tls.cert_pem,
-            key_pem=tls.key_pem,
-            timeout=5.0,
-            attempts=4,
-            total_timeout=20.0,
-        )
-        for host, address in runner.node_addresses().items()
-    }
-    try:
-        yield clients
-    finally:
-        for client in clients.values():
-            client.close()
-
-
-def final_decrypts(
-    runner: ChaosRunner, acked: list[AckedCiphertext], progress: ProgressLine | None = None
-) -> dict[int, dict[str, DecryptObservation]]:
-    """Decrypt every acknowledged ciphertext on every node, directly."""
-    observed: dict[int, dict[str, DecryptObservation]] = {a.op_id: {} for a in acked}
-    lock = threading.Lock()
-    done = 0
-    with _direct_clients(runner) as clients:
-        total = len(acked) * len(clients)
-
-        def one(item: tuple[str, AckedCiphertext]) -> None:
-            host, ciphertext = item
-            try:
-                plaintext = clients[host].decrypt(ciphertext.blob, ciphertext.context)
-                seen = DecryptObservation(plaintext)
-            except HsmDomainError as error:
-                seen = DecryptObservation(None, f"{type(error).__name__}: {error.message[:200]}")
-            nonlocal done
-            with lock:
-                observed[ciphertext.op_id][host] = seen
-                done += 1
-                count = done
-            if progress is not None and count % 200 == 0:
-                progress.update(f"final decrypts: {count}/{total} ...")
-
-        work = [(host, a) for a in acked for host in clients]
-        with concurrent.futures.ThreadPoolExecutor(max_workers=_FINAL_WORKERS) as pool:
-            list(pool.map(one, work))
-    return observed
-
-
-def final_keys(runner: ChaosRunner, key_ids: list[str]) -> dict[str, dict[str, KeyObservation]]:
-    """Describe every acknowledged key and round-trip data with it, on every node."""
-    observed: dict[str, dict[str, KeyObservation]] = {k: {} for k in key_ids}
-    lock = threading.Lock()
-    with _direct_clients(runner) as clients:
-
-        def one(item: tuple[str, str]) -> None:
-            host, key_id = item
-            client = clients[host]
-            try:
-                client.describe_key(key_id)
-            except HsmDomainError as error:
-                seen = KeyObservation(False, False, f"{type(error).__name__}: {error.message}")
-            else:
-                try:
-                    blob = client.encrypt(key_id, _KEY_CHECK_PLAINTEXT)
-                    ok = client.decrypt(blob) == _KEY_CHECK_PLAINTEXT
-                    seen = KeyObservation(True, ok, "" if ok else "decrypt returned other bytes")
-                except HsmDomainError as error:
-                    seen = KeyObservation(True, False, f"{type(error).__name__}: {error.message}")
-            with lock:
-                observed[key_id][host] = seen
-
-        work = [(host, k) for k in key_ids for host in clients]
-        with concurrent.futures.ThreadPoolExecutor(max_workers=_FINAL_WORKERS) as pool:
-            list(pool.map(one, work))
-    return observed
-
-
-# --- the run ----------------------------------------------------------------------------------
-
-
-def _acked_keys(events: list[dict[str, Any]]) -> list[str]:
-    return [
-        str(done["result"]["key_id"])
-        for invoke, done in completions(events)
-        if invoke["op"] == "create_key" and done["phase"] == "ok"
-    ]
-
-
-class _Signals:
-    """First SIGINT/SIGTERM ends the faults early (then settle and check); a second aborts."""
-
-    def __init__(self, stop: threading.Event) -> None:
-        self._stop = stop
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> _Signals:
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self._stop.is_set():
-            raise ChaosInterrupted(signal.Signals(signum).name)
-        self._stop.set()
-
-    def ignore(self) -> None:
-        """Ignore further signals (while the processes are being stopped)."""
-        for signum in self._previous:
-            signal.signal(signum, signal.SIG_IGN)
-
-    def __exit__(self, *exc: object) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-
-
 def refuse_if_running(layout: DomainLayout) -> None:
     """InvalidInputError (one line) if any process of the domain runs: the chaos run starts,
     kills and restarts the processes itself, so it never takes over (or loses track of) ones
@@ -535,241 +293,3 @@ def refuse_if_running(layout: DomainLayout) -> None:
             f"{layout.root} is running already ({names}); chaos starts its own processes: "
             f"stop it first: hsm-domain down {layout.root}"
         )
-
-
-def run_chaos(options: ChaosOptions, out: TextIO) -> ChaosReport:
-    """Run one chaos experiment on the domain in `options.directory`; return its report.
-
-    A running domain (or one another command is starting) is refused before anything is
-    written or started."""
-    layout = load_layout(Path(options.directory))
-    with cluster.domain_lock(layout, f"hsm-domain chaos {layout.root}"):
-        refuse_if_running(layout)
-        return _run_chaos(layout, options, out)
-
-
-def _run_chaos(layout: DomainLayout, options: ChaosOptions, out: TextIO) -> ChaosReport:
-    signers = _operator_signers(layout)
-    history_path = options.history_file()
-    chaos_dir = layout.root / CHAOS_DIR
-    make_private_dir(chaos_dir)
-    token_dir = chaos_dir / f"operators-{options.seed}"
-    stop_faults = threading.Event()
-    progress = ProgressLine(out)
-    with History(history_path) as history, _Signals(stop_faults) as signals:
-        runner = ChaosRunner(layout, options, history)
-        try:
-            progress.step("starting the domain ...")
-            runner.start()
-            history.info(
-                "runner",
-                "start",
-                seed=options.seed,
-                nodes=runner.members,
-                faults=list(options.faults.types),
-                clients=options.workload.clients,
-                duration=options.duration,
-            )
-            progress.done(
-                f"domain up: coordinator and {len(runner.members)} HSAs "
-                f"({', '.join(runner.members)}), proxies in place"
-            )
-            return _experiment(runner, options, history, signers, token_dir, stop_faults, progress)
-        finally:
-            signals.ignore()
-            progress.step("stopping the domain ...")
-            runner.stop()
-            shutil.rmtree(token_dir, ignore_errors=True)
-            progress.clear()
-
-
-def _experiment(
-    runner: ChaosRunner,
-    options: ChaosOptions,
-    history: History,
-    signers: list[tuple[str, Signer]],
-    token_dir: Path,
-    stop_faults: threading.Event,
-    progress: ProgressLine,
-) -> ChaosReport:
-    workload = options.workload
-    run_tag = f"seed-{options.seed}"
-    ring = KeyRing()
-    if workload.clients > 0:
-        create_bootstrap_key(runner.client_endpoints, runner.tls, ring, history, run_tag)
-    rng = random.Random(options.seed)  # noqa: S311 - a reproducible schedule, not a secret
-    stop_sampler = threading.Event()
-    sampler = Sampler(
-        runner.node_addresses,
-        runner.stable_operator_address,
-        runner.tls,
-        history,
-        stop_sampler,
-        options.sample_interval,
-    )
-    sampler.start()
-    stop_load = threading.Event()
-    clients = [
-        DataClient(
-            i,
-            runner.client_endpoints,
-            runner.tls,
-            ring,
-            history,
-            workload,
-            options.seed,
-            stop_load,
-            run_tag,
-        )
-        for i in range(workload.clients)
-    ]
-    control = ControlClient(
-        runner.stable_operator_address,
-        runner.layout.ca_cert.read_bytes(),
-        signers,
-        token_dir,
-        history,
-        workload,
-        options.seed,
-        stop_load,
-    )
-    nemesis = Nemesis(runner, runner.members, options.faults, rng, history)
-    nemesis_crash: list[BaseException] = []
-
-    def run_nemesis() -> None:
-        try:
-            nemesis.run(stop_faults)
-        except BaseException as error:  # recorded and reported: the run is then not valid
-            nemesis_crash.append(error)
-            log.exception("the fault injector crashed")
-            history.info("nemesis", "crashed", error=f"{type(error).__name__}: {error}"[:500])
-
-    nemesis_thread = threading.Thread(target=run_nemesis, name="chaos-nemesis", daemon=True)
-    threads: list[threading.Thread] = [*clients, control]
-    try:
-        began = time.monotonic()
-        for thread in threads:
-            thread.start()
-        nemesis_thread.start()
-        while not stop_faults.wait(0.25 if progress.tty else 1.0):
-            elapsed = time.monotonic() - began
-            if elapsed >= options.duration:
-                break
-            progress.tick(elapsed, options.duration, history, nemesis)
-        stop_faults.set()
-        stop_load.set()
-        faults_for = time.monotonic() - began
-        progress.step("faults stopped: healing ...")
-        nemesis_thread.join()
-        unhealed = nemesis.heal(timeout=max(30.0, options.settle_timeout))
-        history.info("runner", "faults-stopped", unhealed=unhealed, seconds=round(faults_for, 3))
-        # Convergence is timed from the end of the repairs, while the workload's last
-        # operations finish; once they have, the heads are read again for the checks (a
-        # domain change acknowledged meanwhile must reach every node too).
-        progress.step("waiting for the nodes to converge ...")
-        converged_after, heads, coordinator_head, detail = wait_for_convergence(
-            runner, options.settle_timeout
-        )
-        history.info(
-            "runner",
-            "converged" if converged_after is not None else "not-converged",
-            seconds=None if converged_after is None else round(converged_after, 3),
-            detail=detail[:500],
-        )
-        progress.step("waiting for the workload to finish its last operations ...")
-        for thread in threads:
-            thread.join(timeout=workload.resolve_timeout + 3 * workload.client_timeout + 5)
-        if converged_after is not None:
-            settled, heads, coordinator_head, detail = wait_for_convergence(
-                runner, options.settle_timeout
-            )
-            if settled is None:
-                converged_after = None
-                detail = f"after the workload's last operations: {detail}"
-    finally:
-        stop_faults.set()
-        stop_load.set()
-        stop_sampler.set()
-    sampler.join(timeout=10)
-    for host, (version, state_hash) in heads.items():
-        history.info("final", "status", host=host, version=version, state_hash=state_hash)
-    progress.step("checking the final chain ...")
-    chain, chain_error = final_chain(runner)
-    events = history.events()
-    acked = ring.ciphertexts()
-    progress.step(f"decrypting {len(acked)} acknowledged ciphertexts on every node ...")
-    decrypts = final_decrypts(runner, acked, progress)
-    key_ids = _acked_keys(events)
-    progress.step(f"checking {len(key_ids)} acknowledged keys on every node ...")
-    keys = final_keys(runner, key_ids)
-    final = FinalObservations(
-        nodes=runner.members,
-        decrypts=decrypts,
-        keys=keys,
-        chain=chain,
-        chain_error=chain_error,
-        converged_after=converged_after,
-        heads=heads,
-        coordinator_head=coordinator_head,
-        convergence_detail=detail,
-    )
-    events = history.events()
-    results = check_all(
-        events,
-        history.plaintexts(),
-        final,
-        convergence_bound=options.settle_timeout,
-        min_availability=options.min_availability,
-        expect_data_plane=workload.clients > 0,
-    )
-    for result in results:
-        history.info("checker", "invariant", **result.to_json())
-    crashed = [t.name for t in threads if getattr(t, "crashed", None) is not None]
-    if nemesis_crash:
-        crashed.append(nemesis_thread.name)
-    return ChaosReport(
-        seed=options.seed,
-        duration=options.duration,
-        faults_seconds=faults_for,
-        nodes=list(runner.members),
-        clients=workload.clients,
-        fault_types=list(options.faults.types),
-        faults=_fault_counts(events),
-        partitions=_partition_counts(events),
-        repairs_failed=nemesis.figures.repairs_failed,
-        operations=operations_by_outcome(events),
-        availability=availability(events, runner.members),
-        min_availability=options.min_availability,
-        convergence_seconds=converged_after,
-        final_version=coordinator_head[0] if coordinator_head else None,
-        invariants=results,
-        history_path=history.path,
-        samples=sampler.samples,
-        crashed_threads=crashed,
-        unhealed=unhealed,
-        unfinished=history.pending(),
-    )
-
-
-def _partition_counts(events: list[dict[str, Any]]) -> dict[str, int]:
-    """Link cuts by link and mode ("client/refuse", ...)."""
-    counts: dict[str, int] = {}
-    for event in events:
-        if event["phase"] == "info" and event["process"] == "nemesis" and event["op"] == "cut":
-            name = f"{event['args'].get('link')}/{event['args'].get('mode')}"
-            counts[name] = counts.get(name, 0) + 1
-    return dict(sorted(counts.items()))
-
-
-def _fault_counts(events: list[dict[str, Any]]) -> dict[str, int]:
-    names = {
-        "kill": "kill",
-        "pause": "pause",
-        "kill-coordinator": "coordinator",
-        "cut": "partition",
-    }
-    counts = dict.fromkeys(names.values(), 0)
-    for event in events:
-        if event["phase"] == "info" and event["process"] == "nemesis" and event["op"] in names:
-            counts[names[event["op"]]] += 1
-    return counts

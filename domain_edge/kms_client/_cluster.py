@@ -15,14 +15,15 @@ from domain_core.errors import (
     NotFoundError,
     UnavailableError,
 )
+from domain_edge.layout import DomainPaths
 from domain_edge.transport import TlsMaterial
 
 
 def read_cluster(directory: str | os.PathLike[str]) -> tuple[list[str], TlsMaterial]:
     """The node addresses and the demo application's TLS identity of a local domain.
 
-    Layout (docs/runtime.md): DIR/ca/ca.crt, DIR/clients/demo-app/tls.crt and tls.key, and
-    DIR/run/<host>.json, the ready file of every running node of DIR/nodes/<host>/: its
+    Files (`domain_edge.layout.DomainPaths`): the CA certificate, the demo application's
+    TLS certificate and key, and the ready file of every running node that has a config: its
     address, then the addresses of its key service workers, if it has any.
     """
     root = Path(directory)
@@ -36,25 +37,22 @@ def read_cluster(directory: str | os.PathLike[str]) -> tuple[list[str], TlsMater
 
 
 def _read_cluster(root: Path) -> tuple[list[str], TlsMaterial]:
-    if not (root / "domain.json").is_file():
+    paths = DomainPaths(root)
+    if not paths.domain_file.is_file():
         raise NotFoundError(
             f"{root} holds no local domain (no domain.json); create one with "
             f"`hsm-domain init {root}`"
         )
-    client_dir = root / "clients" / "demo-app"
     try:
-        tls = TlsMaterial.from_files(
-            root / "ca" / "ca.crt", client_dir / "tls.crt", client_dir / "tls.key"
-        )
+        tls = TlsMaterial.from_files(paths.ca_cert, paths.client_cert, paths.client_key)
     except FileNotFoundError as error:
         raise NotFoundError(
             f"{error.filename} is missing: {root} is not a complete local domain"
         ) from None
-    hosts = sorted(p.parent.name for p in (root / "nodes").glob("*/config.json"))
     endpoints: list[str] = []
-    for host in hosts:
+    for host in paths.configured_hosts():
         try:
-            document = json.loads((root / "run" / f"{host}.json").read_text())
+            document = json.loads(paths.ready_file(host).read_text())
             address = document["address"]
         except (OSError, ValueError, KeyError, TypeError):
             continue  # not running (or still writing its ready file)
@@ -66,7 +64,7 @@ def _read_cluster(root: Path) -> tuple[list[str], TlsMaterial]:
                 endpoints += [w for w in workers if isinstance(w, str) and w]
     if not endpoints:
         raise UnavailableError(
-            f"no node of the domain in {root} is running (no ready file in {root / 'run'}); "
+            f"no node of the domain in {root} is running (no ready file in {paths.run_dir}); "
             f"start them with `hsm-domain up {root}`"
         )
     return endpoints, tls

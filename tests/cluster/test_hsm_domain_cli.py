@@ -64,6 +64,34 @@ def mode(path: Path) -> int:
     return stat.S_IMODE(os.stat(path).st_mode)
 
 
+def next_steps(stdout: str) -> dict[str, str]:
+    """The commands `up` printed under "what to try next", by what they do (`status`,
+    `down`, ..., `activate`), each as a person would paste it."""
+    lines = stdout.split("what to try next:\n", 1)[1].splitlines()
+    commands: dict[str, str] = {}
+    for line in (line.strip() for line in lines if line.startswith("  ")):
+        if line.startswith("(or run `source "):
+            commands["activate"] = line.split("`")[1]
+        elif " --help " in line:
+            command = line.split(" --help ")[0]
+            commands[command.rpartition("/")[2]] = f"{command} --help"
+        elif not line.startswith("Ctrl-C"):
+            commands[line.split()[1]] = line
+    return commands
+
+
+def paste(command: str) -> subprocess.CompletedProcess[str]:
+    """`command` pasted into a new login shell with an empty environment: no virtual
+    environment on PATH, nothing inherited from this test."""
+    return subprocess.run(
+        ["env", "-i", "bash", "-lc", command],
+        capture_output=True,
+        text=True,
+        timeout=UP_TIMEOUT,
+        check=False,
+    )
+
+
 def recorded_pids(directory: Path) -> dict[str, int]:
     """Pids named by the pid and ready files of a domain directory."""
     pids: dict[str, int] = {}
@@ -216,13 +244,28 @@ def test_up_detached_status_and_down(
     assert "all healthy" in text.stdout
     assert f"  hsa-2 reports version 1, state {report['genesis_hash'][:12]}" in text.stdout
 
+    # What `up` says to try next works pasted into a new shell, as printed (issue 14).
+    steps = next_steps(up.stdout)
+    assert set(steps) >= {"status", "hsm-kms", "hsm-operator", "add-node", "down"}
+    pasted = paste(steps["status"])
+    assert pasted.returncode == 0, pasted.stdout + pasted.stderr
+    assert "all healthy" in pasted.stdout
+    for tool in ("hsm-kms", "hsm-operator"):
+        pasted = paste(steps[tool])
+        assert pasted.returncode == 0, pasted.stdout + pasted.stderr
+        assert f"usage: {tool}" in pasted.stdout
+    if "activate" in steps:  # the tools run from a virtual environment: its activate works
+        pasted = paste(f"{steps['activate']} && hsm-domain status {directory}")
+        assert pasted.returncode == 0, pasted.stdout + pasted.stderr
+        assert "all healthy" in pasted.stdout
+
     again = run("up", directory, "--detach")
     assert again.returncode == 0, again.stdout + again.stderr
     assert "nothing to start: every process runs already" in again.stdout
     assert "3/3 nodes healthy on version 1" in again.stdout
     assert recorded_pids(directory) == pids  # nothing restarted, nothing forgotten
 
-    down = run("down", directory)
+    down = paste(steps["down"])
     assert down.returncode == 0, down.stderr
     assert "stopped 4 processes" in down.stdout
     assert wait_gone(pids) == []

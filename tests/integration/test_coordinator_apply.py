@@ -341,7 +341,7 @@ def test_each_hsas_reported_version_is_listed_for_operators(
         assert reported() == (1, genesis.hash)
 
         # A report that contradicts the coordinator's chain is relayed as said, and logged.
-        with caplog.at_level("WARNING", logger="domain_coordinator.service"):
+        with caplog.at_level("WARNING", logger="domain_coordinator._reports"):
             register(2, b"\x07" * 32)
         assert reported() == (2, b"\x07" * 32)
         assert "hsa-1 reports state 0707070707070707 at version 2" in caplog.text

@@ -88,7 +88,7 @@ def test_a_deferred_scheduled_rotation_is_logged_with_its_reason(
     setup = start(tmp_path, cleanup, clock=clock, hsa_type=DeferringHsa)
     hsa = setup.hsa
     assert isinstance(hsa, DeferringHsa)
-    caplog.set_level(logging.WARNING, logger="domain_coordinator.service")
+    caplog.set_level(logging.WARNING, logger="domain_coordinator._applying")
     due = transition.rotation_due_at(setup.client.latest_state().manifest)
     clock.offset = due - time.time() + 1  # the rotation is due now
     wait_for("the rotation to be asked for", lambda: hsa.rotations >= 1)

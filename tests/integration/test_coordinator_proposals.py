@@ -28,7 +28,6 @@ import pytest
 from test_coordinator import CoordinatorProcess, Domain, make_domain, operator_stub
 
 from domain_coordinator import server as server_module
-from domain_coordinator import service as service_module
 from domain_coordinator.server import CoordinatorServer
 from domain_coordinator.store import CoordinatorStore, ProposalRecord
 from domain_core import quorum
@@ -343,13 +342,13 @@ def test_the_sweeper_and_the_calls_read_only_the_proposals_they_need(
     assert store.loaded == []
     # Listing the same page again counts no approval again; a new approval is counted.
     evaluations: list[bytes] = []
-    real_evaluate = service_module.quorum.evaluate
+    real_evaluate = quorum.evaluate
 
     def counting(manifest: Any, proposal: Any, approvals: Any) -> Any:
         evaluations.append(proposal.id)
         return real_evaluate(manifest, proposal, approvals)
 
-    monkeypatch.setattr(service_module.quorum, "evaluate", counting)
+    monkeypatch.setattr(quorum, "evaluate", counting)
     first = client.proposals_page(limit=5)[0]
     again = client.proposals_page(limit=5)[0]
     assert evaluations == []  # listed once above already

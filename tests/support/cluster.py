@@ -37,6 +37,7 @@ from deploy.localdomain import FAST_SCRYPT_N, LocalDomain
 from domain_core.errors import UnavailableError
 from domain_edge.client import CoordinatorClient
 from domain_edge.file_tokens import FileTokenSigner
+from domain_edge.layout import DomainPaths
 from domain_proto import services_pb2
 
 __all__ = ["FAST_SCRYPT_N", "LocalCluster", "close_clusters", "local_cluster", "terminal_stream"]
@@ -84,7 +85,7 @@ class LocalCluster(LocalDomain):
 
     def init(self) -> DomainLayout:
         """Create the domain directory (fast scrypt) unless it exists already."""
-        if (self.directory / "domain.json").exists():
+        if DomainPaths(self.directory).domain_file.exists():
             self._layout = load_layout(self.directory)
             return self._layout
         return super().init()

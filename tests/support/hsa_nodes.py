@@ -33,12 +33,14 @@ from domain_core.signers import Signer
 from domain_edge import transport
 from domain_edge.config import NodeConfig
 from domain_edge.file_tokens import load_file_token
+from domain_edge.identity_files import TLS_CERTIFICATE_FILE, TLS_KEY_FILE
+from domain_edge.layout import COORDINATOR_NAME, DEMO_CLIENT
 from domain_edge.transport import TlsMaterial
 from domain_proto import domain_pb2, services_pb2, services_pb2_grpc
 from hsa_node.servicers import CoordinatorPin
 
 HOSTS = ("hsa-1", "hsa-2", "hsa-3")
-COORDINATOR = "coordinator"
+COORDINATOR = COORDINATOR_NAME
 DEADLINE = 5.0
 START_TIMEOUT = 20.0
 REPO = Path(__file__).resolve().parents[2]
@@ -60,17 +62,16 @@ class Domain:
         return self.layout.node_dir(host)
 
     def data_dir(self, host: str) -> Path:
-        return self.node_dir(host) / "data"
+        return self.layout.node_data_dir(host)
 
     def tls(self, who: str) -> TlsMaterial:
         """TLS material of the coordinator, the demo app, or a host."""
-        root = self.layout.root
         directory = {
-            COORDINATOR: root / COORDINATOR,
-            "demo-app": self.layout.client_dir,
-        }.get(who, self.node_dir(who) / "identity")
+            COORDINATOR: self.layout.coordinator_dir,
+            DEMO_CLIENT: self.layout.client_dir,
+        }.get(who, self.layout.node_identity_dir(who))
         return TlsMaterial.from_files(
-            self.layout.ca_cert, directory / "tls.crt", directory / "tls.key"
+            self.layout.ca_cert, directory / TLS_CERTIFICATE_FILE, directory / TLS_KEY_FILE
         )
 
     def coordinator_pin(self) -> CoordinatorPin:

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from domain_coordinator.sqlite_store import SqliteStore
-from domain_coordinator.store import CoordinatorStore, ProposalState, open_store
+from domain_coordinator.store import CoordinatorStore, ProposalState
+from domain_coordinator.store_spec import open_store
 from domain_core.errors import (
     AlreadyExistsError,
     ConflictError,

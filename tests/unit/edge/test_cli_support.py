@@ -1,13 +1,26 @@
-"""domain_edge.cli_support: the one-line cause and the exit codes every CLI shares."""
+"""domain_edge.cli: what every CLI shares: the one-line cause, the exit codes, the progress
+helpers and the commands printed for a person to paste."""
 
 from __future__ import annotations
 
 import io
+import sys
+import sysconfig
+import time
+from pathlib import Path
 
 import pytest
 
 from domain_core.errors import NotFoundError
-from domain_edge.cli_support import exit_code, one_line, print_error
+from domain_edge.cli import (
+    Progress,
+    Spinner,
+    console_command,
+    exit_code,
+    one_line,
+    print_error,
+    shell_path,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -63,3 +76,91 @@ def test_print_error_prints_one_line_and_the_traceback_only_when_verbose() -> No
     assert quiet.getvalue() == "tool: error: no such thing\n"
     assert "Traceback (most recent call last)" in loud.getvalue()
     assert loud.getvalue().endswith("tool: error: no such thing\n")
+
+
+def test_a_printed_command_names_a_virtual_environments_script_by_its_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A new shell has no virtual environment on its PATH: `hsm-domain` alone would fail.
+    scripts = tmp_path / ".venv" / "bin"
+    scripts.mkdir(parents=True)
+    (scripts / "hsm-domain").write_text("#!/bin/sh\n")
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / ".venv"))
+    monkeypatch.setattr(sys, "base_prefix", "/usr")
+    monkeypatch.setattr(sysconfig, "get_path", lambda name: str(scripts))
+    monkeypatch.chdir(tmp_path)
+    assert console_command("hsm-domain") == ".venv/bin/hsm-domain"
+    monkeypatch.chdir(scripts)
+    assert console_command("hsm-domain") == "./hsm-domain"  # a path, never a PATH lookup
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert console_command("hsm-domain") == str(scripts / "hsm-domain")
+    assert console_command("hsm-kms") == "hsm-kms"  # not installed there: the bare name
+    monkeypatch.setattr(sys, "base_prefix", sys.prefix)
+    assert console_command("hsm-domain") == "hsm-domain"  # not a venv: on PATH already
+
+
+def test_a_printed_path_is_relative_when_under_the_working_directory_and_quoted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert shell_path(tmp_path) == "."
+    assert shell_path(tmp_path / "hsm-cluster") == "hsm-cluster"
+    assert shell_path(Path("/elsewhere/my domain")) == "'/elsewhere/my domain'"
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_is_one_line_per_step_in_a_log_and_one_updating_line_on_a_terminal() -> None:
+    log = io.StringIO()
+    progress = Progress(log)
+    progress.step("starting ...")
+    progress.done("started")
+    progress.clear()
+    assert log.getvalue() == "starting ...\nstarted\n"
+
+    terminal = _Terminal()
+    progress = Progress(terminal)
+    progress.step("1/3")
+    progress.step("2/3")
+    progress.done("3/3 started")
+    progress.done("ready")
+    assert terminal.getvalue() == "\r\x1b[K1/3\r\x1b[K2/3\r\x1b[K3/3 started\nready\n"
+
+    quiet = io.StringIO()
+    progress = Progress(quiet, quiet=True)
+    progress.step("x")
+    progress.done("y")
+    assert quiet.getvalue() == ""
+
+
+def test_progress_updates_a_log_only_every_few_seconds(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [100.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    log = io.StringIO()
+    progress = Progress(log, every=5.0)
+    progress.update("a")
+    now[0] += 1
+    progress.update("b")  # too soon: not written
+    now[0] += 5
+    progress.update("c")
+    assert log.getvalue() == "a\nc\n"
+
+
+def test_a_spinner_escapes_what_it_waits_for_and_repeats_nothing_in_a_log() -> None:
+    log = io.StringIO()
+    spinner = Spinner(log)
+    spinner.update("1 of 2 approvals")
+    spinner.update("1 of 2 approvals")
+    spinner.update("hsa-2\x1b[2J behind")
+    spinner.done()
+    assert log.getvalue() == ("waiting: 1 of 2 approvals\nwaiting: hsa-2\\x1b[2J behind\n")
+    terminal = _Terminal()
+    spinner = Spinner(terminal)
+    spinner.update("a")
+    spinner.update("b")
+    spinner.done()
+    assert terminal.getvalue() == "\r| a\x1b[K\r/ b\x1b[K\r\x1b[K"

@@ -26,14 +26,14 @@ NOT_INPUT_LIMITS: dict[str, dict[str, str]] = {
         "_MAX_KEY_ID_BYTES": "a key id's length is one byte in the blob format",
     },
     "domain_core/envelope.py": {"_MAX_CHUNKS": "the chunk counter is a u32 in every nonce"},
-    "kms_tool/cli.py": {"_MAX_U32": "the largest u32 a backing version can be"},
+    "kms_tool/_args.py": {"_MAX_U32": "the largest u32 a backing version can be"},
     "domain_coordinator/_requests.py": {
         "MAX_REPORTED_VERSION": "what the store's 64-bit integer columns hold"
     },
-    "domain_coordinator/sqlite_store.py": {
-        "_MAX_SQLITE_INTEGER": "what a 64-bit signed integer column holds"
+    "domain_coordinator/store.py": {
+        "MAX_STORED_INTEGER": "what a 64-bit signed integer column holds"
     },
-    "domain_coordinator/service.py": {
+    "domain_coordinator/_producer.py": {
         "MAX_DEFER_SECONDS": "back-off tuning of the coordinator's retries"
     },
     "domain_coordinator/server.py": {

@@ -1,0 +1,189 @@
+"""The layout of a local domain (`hsm-domain init DIR`): which file lives where under DIR.
+
+The one place that spells the tree docs/runtime.md lists ("Files of a local domain"):
+
+    DIR/domain.json                   what `init` pinned: domain id, genesis hash, nodes, ...
+    DIR/genesis.state                 the genesis SealedState
+    DIR/ca/ca.crt (and ca.key)        the domain CA
+    DIR/coordinator/config.json       the coordinator's config; tls.crt, tls.key beside it
+    DIR/nodes/<host>/config.json      a node's config; identity/, data/, enrollment.bin
+    DIR/operators/<name>.token        an operator's file token (and <name>.passphrase)
+    DIR/clients/demo-app/             the demo application's tls.crt and tls.key
+    DIR/run/<name>.json, <name>.pid   ready and pid files of running processes
+    DIR/logs/<name>.log               each process's output
+    DIR/chaos/                        what `hsm-domain chaos` keeps of its runs
+
+The launcher (`deploy`), the tools (`hsm-kms --cluster`, `hsm-operator --cluster`), the
+benchmarks and the tests find every file through `DomainPaths`, so the tree is spelled once.
+
+Invariants: `DomainPaths` is path arithmetic only: it reads, writes and checks nothing, and
+its paths are under `root` as given (relative if `root` is). The one method that looks at the
+disk, `configured_hosts`, only lists the nodes that have a config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from domain_edge.ca_files import CA_CERTIFICATE_FILE
+from domain_edge.identity_files import TLS_CERTIFICATE_FILE, TLS_KEY_FILE
+
+__all__ = [
+    "CONFIG_FILE",
+    "COORDINATOR_NAME",
+    "DATA_DIR",
+    "DEMO_CLIENT",
+    "DOMAIN_FILE",
+    "ENROLLMENT_FILE",
+    "GENESIS_FILE",
+    "IDENTITY_DIR",
+    "DomainPaths",
+]
+
+DOMAIN_FILE: Final = "domain.json"
+GENESIS_FILE: Final = "genesis.state"
+CONFIG_FILE: Final = "config.json"
+ENROLLMENT_FILE: Final = "enrollment.bin"
+IDENTITY_DIR: Final = "identity"
+DATA_DIR: Final = "data"
+COORDINATOR_NAME: Final = "coordinator"
+DEMO_CLIENT: Final = "demo-app"
+
+
+@dataclass(frozen=True)
+class DomainPaths:
+    """Where each file of the local domain in `root` lives (see the module docstring)."""
+
+    root: Path
+
+    # --- the domain ---------------------------------------------------------------------------
+
+    @property
+    def domain_file(self) -> Path:
+        """`domain.json`: what `init` pinned (domain id, genesis hash, nodes, operators)."""
+        return self.root / DOMAIN_FILE
+
+    @property
+    def genesis_state(self) -> Path:
+        """The serialized genesis SealedState."""
+        return self.root / GENESIS_FILE
+
+    @property
+    def ca_dir(self) -> Path:
+        """The domain CA's directory (its certificate, and its key in a local demo)."""
+        return self.root / "ca"
+
+    @property
+    def ca_cert(self) -> Path:
+        """The domain CA certificate (PEM)."""
+        return self.ca_dir / CA_CERTIFICATE_FILE
+
+    # --- the coordinator ----------------------------------------------------------------------
+
+    @property
+    def coordinator_dir(self) -> Path:
+        """The coordinator's directory: its config, TLS files and store."""
+        return self.root / COORDINATOR_NAME
+
+    @property
+    def coordinator_config(self) -> Path:
+        """The coordinator's config file."""
+        return self.coordinator_dir / CONFIG_FILE
+
+    @property
+    def coordinator_cert(self) -> Path:
+        """The coordinator's TLS certificate (what every node config pins)."""
+        return self.coordinator_dir / TLS_CERTIFICATE_FILE
+
+    # --- nodes --------------------------------------------------------------------------------
+
+    @property
+    def nodes_dir(self) -> Path:
+        """The directory holding one directory per node."""
+        return self.root / "nodes"
+
+    def node_dir(self, host_id: str) -> Path:
+        """The directory of one node (its config, identity and data)."""
+        return self.nodes_dir / host_id
+
+    def node_config(self, host_id: str) -> Path:
+        """A node's config file."""
+        return self.node_dir(host_id) / CONFIG_FILE
+
+    def node_identity_dir(self, host_id: str) -> Path:
+        """A node's identity: its keys and its CA-issued TLS certificate."""
+        return self.node_dir(host_id) / IDENTITY_DIR
+
+    def node_data_dir(self, host_id: str) -> Path:
+        """A node's data directory (docs/runtime.md, "An HSA's data directory")."""
+        return self.node_dir(host_id) / DATA_DIR
+
+    def enrollment_file(self, host_id: str) -> Path:
+        """A node's enrollment (`HostEnrollment`), for the genesis or an add-host proposal."""
+        return self.node_dir(host_id) / ENROLLMENT_FILE
+
+    def configured_hosts(self) -> list[str]:
+        """The host ids of the nodes that have a config, sorted by name (none if there is
+        no nodes directory)."""
+        return sorted(p.parent.name for p in self.nodes_dir.glob(f"*/{CONFIG_FILE}"))
+
+    # --- operators and the demo application ---------------------------------------------------
+
+    @property
+    def operators_dir(self) -> Path:
+        """The demo operators' tokens and passphrase files."""
+        return self.root / "operators"
+
+    def operator_token(self, name: str) -> Path:
+        """Operator `name`'s file token."""
+        return self.operators_dir / f"{name}.token"
+
+    def operator_passphrase(self, name: str) -> Path:
+        """Operator `name`'s passphrase file (LOCAL DEMO ONLY)."""
+        return self.operators_dir / f"{name}.passphrase"
+
+    @property
+    def client_dir(self) -> Path:
+        """The demo application's TLS files (spiffe://<domain>/client/demo-app)."""
+        return self.root / "clients" / DEMO_CLIENT
+
+    @property
+    def client_cert(self) -> Path:
+        """The demo application's TLS certificate."""
+        return self.client_dir / TLS_CERTIFICATE_FILE
+
+    @property
+    def client_key(self) -> Path:
+        """The demo application's TLS key (0600)."""
+        return self.client_dir / TLS_KEY_FILE
+
+    # --- running processes --------------------------------------------------------------------
+
+    @property
+    def run_dir(self) -> Path:
+        """Ready files and pid files of running processes."""
+        return self.root / "run"
+
+    @property
+    def log_dir(self) -> Path:
+        """One log per process."""
+        return self.root / "logs"
+
+    def ready_file(self, name: str) -> Path:
+        """The ready file a process writes once serving (`coordinator` or a host id)."""
+        return self.run_dir / f"{name}.json"
+
+    def pid_file(self, name: str) -> Path:
+        """The pid file of a detached process."""
+        return self.run_dir / f"{name}.pid"
+
+    def log_file(self, name: str) -> Path:
+        """Where a process's stdout and stderr go."""
+        return self.log_dir / f"{name}.log"
+
+    @property
+    def chaos_dir(self) -> Path:
+        """What `hsm-domain chaos` keeps: histories, and its throwaway operator tokens."""
+        return self.root / "chaos"

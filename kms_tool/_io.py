@@ -1,0 +1,159 @@
+"""What `hsm-kms` reads and writes: inputs, binary outputs, key metadata and policy files.
+
+Invariants kept here:
+- binary data goes to files or pipes as raw bytes, or base64 inside `--json` output; binary
+  is never written raw to a terminal (`refuse_terminal`);
+- an output file appears whole or not at all (a temporary file in the same directory,
+  renamed into place once everything is written and, for decryption, verified); outputs
+  are 0600, since they may hold plaintext;
+- an input is read up to its limit and refused beyond it.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any, Final
+
+from domain_core.errors import InvalidInputError, LimitExceededError
+from domain_core.limits import MAX_POLICY_FILE_BYTES
+from domain_edge.cli import UsageError, print_json
+from domain_edge.files import SECRET_MODE, read_limited, replace_file
+from domain_edge.kms_client import KeyMetadata, policy_from_json
+
+__all__ = [
+    "STDIO",
+    "atomic_output",
+    "b64",
+    "open_input",
+    "print_document",
+    "print_metadata",
+    "read_input",
+    "read_policy",
+    "refuse_terminal",
+    "write_output",
+]
+
+STDIO: Final = "-"
+
+
+def read_input(path: str, limit: int, what: str, hint: str = "") -> bytes:
+    """All of a file (or stdin for '-'), refused beyond `limit` bytes."""
+    source = sys.stdin.buffer if path == STDIO else Path(path)
+    return read_limited(
+        source, limit, lambda: LimitExceededError(f"{what} is more than {limit} bytes{hint}")
+    )
+
+
+@contextlib.contextmanager
+def open_input(path: str) -> Iterator[IO[bytes]]:
+    """A file opened for reading, or stdin for '-'."""
+    if path == STDIO:
+        yield sys.stdin.buffer
+    else:
+        with Path(path).open("rb") as source:
+            yield source
+
+
+def refuse_terminal(what: str, option: str = "--out") -> None:
+    """UsageError if stdout is a terminal: binary output goes to a file or a pipe."""
+    if sys.stdout.isatty():
+        raise UsageError(
+            f"{what} is binary: give {option} FILE, pipe it to a program, or use --json (base64)"
+        )
+
+
+def write_output(path: str, data: bytes, what: str) -> None:
+    """Raw bytes to stdout ('-', never a terminal) or atomically to a file (0600)."""
+    if path == STDIO:
+        refuse_terminal(what)
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+    else:
+        replace_file(Path(path), data, SECRET_MODE)
+
+
+@contextlib.contextmanager
+def atomic_output(path: str) -> Iterator[IO[bytes]]:
+    """A file that replaces `path` only if the block completes (fsynced, 0600); stdout for
+    '-'. On failure the temporary file is removed and `path` is left alone."""
+    if path == STDIO:
+        yield sys.stdout.buffer
+        sys.stdout.buffer.flush()
+        return
+    target = Path(path)
+    handle = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed below, renamed or removed
+        mode="wb", dir=target.parent, prefix=f".{target.name}.", suffix=".partial", delete=False
+    )
+    try:
+        with handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(handle.name, target)
+    except BaseException:
+        Path(handle.name).unlink(missing_ok=True)
+        raise
+
+
+def b64(data: bytes) -> str:
+    """Binary data inside a `--json` document."""
+    return base64.b64encode(data).decode("ascii")
+
+
+def print_document(document: Any) -> None:
+    """A `--json` document (keys sorted)."""
+    print_json(document, sort_keys=True)
+
+
+def _time(seconds: int) -> str:
+    if not seconds:
+        return "-"
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def print_metadata(metadata: KeyMetadata, as_json: bool) -> None:
+    """A key's metadata and policy, as text or as its JSON document."""
+    if as_json:
+        print_document(metadata.to_json())
+        return
+    rotation = (
+        f"every {metadata.rotation_period_days} days, next {_time(metadata.next_rotation_at)}"
+        if metadata.rotation_enabled
+        else "off"
+    )
+    lines = [
+        f"key id:          {metadata.key_id}",
+        f"state:           {metadata.state}",
+        f"description:     {metadata.description}",
+        f"created:         {_time(metadata.created_at)} by {metadata.creator or '-'}",
+        f"backing version: {metadata.current_backing_version}",
+        f"rotation:        {rotation}",
+    ]
+    if metadata.deletion_at:
+        lines.append(f"deletion at:     {_time(metadata.deletion_at)}")
+    for number, grant in enumerate(metadata.policy, start=1):
+        lines.append(
+            f"grant {number}:         {', '.join(grant.principals)}: {', '.join(grant.operations)}"
+        )
+    print("\n".join(lines))
+
+
+def read_policy(path: str) -> dict[str, Any]:
+    """A key policy document from a file ('-': stdin), refused before any call if bad."""
+    raw = read_input(path, MAX_POLICY_FILE_BYTES, f"policy file {path}")
+    try:
+        document = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise InvalidInputError(f"policy file {path} is not valid JSON: {error}") from None
+    policy_from_json(document)  # refuse a bad document before any call
+    if not isinstance(document, dict):
+        raise InvalidInputError(f"policy file {path} must hold a JSON object")
+    return document
