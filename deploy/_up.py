@@ -32,8 +32,9 @@ from typing import Any, Final
 from deploy import cluster
 from deploy.init import COORDINATOR_NAME, DomainLayout, init_domain, load_layout
 from deploy.status import coordinator_members
+from domain_core.limits import MAX_KEY_SERVICE_WORKERS
 from domain_edge.cli import Progress, UsageError, console_command, shell_path
-from domain_edge.config import MAX_KEY_SERVICE_WORKERS, NodeConfig
+from domain_edge.config import NodeConfig
 from domain_edge.layout import DomainPaths
 
 __all__ = ["DEFAULT_DIR", "check_counts", "cmd_up"]

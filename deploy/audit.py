@@ -44,9 +44,11 @@ from deploy.init import COORDINATOR_NAME, DomainLayout, load_layout
 from domain_core.errors import (
     BadSignatureError,
     HsmDomainError,
+    LimitExceededError,
     MalformedMessageError,
     TokenError,
 )
+from domain_core.limits import MAX_HOST_IDENTITY_FILE_BYTES, MAX_PEER_HEADS_FILE_BYTES
 from domain_core.model import SealedState
 from domain_core.signers import PublicKey, SignatureAlgorithm
 from domain_edge.audit import (
@@ -55,10 +57,12 @@ from domain_edge.audit import (
     HSA_LOG_NAME,
     AuditHead,
     AuditReport,
+    read_head_file,
     verify_audit_log,
 )
 from domain_edge.cli import Command, print_json
 from domain_edge.config import NodeConfig
+from domain_edge.files import read_limited
 from domain_edge.identity_files import HOST_FILE
 from domain_proto import services_pb2, services_pb2_grpc
 
@@ -74,8 +78,6 @@ __all__ = [
     "verify_node_audits",
 ]
 
-_MAX_HOST_FILE: Final = 64 * 1024
-_MAX_HEADS_FILE: Final = 4 * 1024 * 1024
 _WORKER_LOG: Final = re.compile(r"^audit-worker-([1-9][0-9]{0,3})\.log$")
 _PEER_HEADS_FILE: Final = "peer-audit-heads.json"  # hsa_node.audit_heads.PEER_HEADS_FILE
 _COORDINATOR_DEADLINE_SECONDS: Final = 3.0
@@ -241,7 +243,13 @@ def host_signing_key(layout: DomainLayout, host_id: str) -> PublicKey:
     config = NodeConfig.load(layout.node_configs[host_id])
     path = config.path(config.identity_dir) / HOST_FILE
     try:
-        document = json.loads(path.read_bytes()[:_MAX_HOST_FILE])
+        document = json.loads(
+            read_limited(
+                path,
+                MAX_HOST_IDENTITY_FILE_BYTES,
+                lambda: TokenError(f"{path} is larger than {MAX_HOST_IDENTITY_FILE_BYTES} bytes"),
+            )
+        )
     except FileNotFoundError:
         raise TokenError(f"no host identity at {path}") from None
     except (ValueError, UnicodeDecodeError):
@@ -308,10 +316,12 @@ def _peer_copies(layout: DomainLayout, found: PublishedHeads) -> None:
         if data_dir is None:
             continue
         try:
-            document = json.loads((data_dir / _PEER_HEADS_FILE).read_bytes()[:_MAX_HEADS_FILE])
+            document = json.loads(
+                read_limited(data_dir / _PEER_HEADS_FILE, MAX_PEER_HEADS_FILE_BYTES)
+            )
         except FileNotFoundError:
             continue
-        except (OSError, ValueError, UnicodeDecodeError):
+        except (OSError, ValueError, UnicodeDecodeError, LimitExceededError):
             found.sources.append(f"{host_id}'s copy of its peers' heads is unreadable")
             continue
         entries = document.get("heads") if isinstance(document, dict) else None
@@ -337,8 +347,8 @@ def _head_files(layout: DomainLayout, found: PublishedHeads) -> None:
                 name[: -len(HEAD_FILE_SUFFIX)]
             ):
                 try:
-                    raw = entry.read_bytes()[:4096].rstrip(b"\n")
-                except OSError:
+                    raw = read_head_file(entry)
+                except (OSError, MalformedMessageError):
                     continue
                 count += found.add(HEAD_FILE_SOURCE, raw)
     found.sources.append(f"head files ({count})")

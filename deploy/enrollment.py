@@ -5,7 +5,6 @@ package)."""
 from __future__ import annotations
 
 from domain_core.enrollment import (
-    MAX_ENROLLMENT_BYTES,
     VerifiedEnrollment,
     enrollment_signing_input,
     host_key_fingerprints,
@@ -18,7 +17,6 @@ from domain_edge.enrollment_files import (
 )
 
 __all__ = [
-    "MAX_ENROLLMENT_BYTES",
     "VerifiedEnrollment",
     "enrollment_signing_input",
     "host_key_fingerprints",

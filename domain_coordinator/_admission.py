@@ -36,14 +36,14 @@ import grpc
 
 from domain_coordinator import _requests as check
 from domain_coordinator._quota import AddressQuota, client_address
-from domain_coordinator._throttle import ThrottledLog
 from domain_coordinator._verified_chain import VerifiedChain
 from domain_coordinator.store import CoordinatorStore, ProposalRecord
 from domain_core import crypto
 from domain_core.errors import HsmDomainError, PermissionDeniedError, ResourceExhaustedError
-from domain_core.limits import Limits
+from domain_core.limits import MAX_PROPOSAL_PAGE, Limits
 from domain_core.model import Proposal, SealedState, added_host
 from domain_core.pki import PeerIdentity, peer_identity
+from domain_edge.throttled_log import ThrottledLog
 from domain_proto import services_pb2
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ class Rule:
 
 def _proposal_page_price(admission: Admission, request: services_pb2.ListProposalsRequest) -> float:
     """A ListProposals page costs by the proposals it may hold."""
-    limit = check.page_size(request.limit, check.DEFAULT_PROPOSAL_PAGE, check.MAX_PROPOSAL_PAGE)
+    limit = check.page_size(request.limit, check.DEFAULT_PROPOSAL_PAGE, MAX_PROPOSAL_PAGE)
     check.proposal_page_token(request.page_token)
     available = admission.store.count_proposals(include_closed=request.include_closed)
     return 1.0 + min(limit, available) / admission.limits.coordinator_proposals_per_token
@@ -274,7 +274,9 @@ class Admission:
         refusal = self.host_refusal(identity, access)
         if refusal:
             self._charge(context)
-            self._throttled.warning(f"refused:{identity.spiffe.uri}", f"refused: {refusal}")
+            self._throttled.warning(
+                f"refused: {refusal}", key=f"refused:{identity.spiffe.uri}", again_if_changed=True
+            )
             raise PermissionDeniedError(refusal)
         return identity
 

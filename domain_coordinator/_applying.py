@@ -29,7 +29,6 @@ from domain_coordinator._hsa import HsaConnections
 from domain_coordinator._producer import ROTATION, Deferrals, Outcome, StateProducer
 from domain_coordinator._proposals import ProposalBook
 from domain_coordinator._publish import Publisher
-from domain_coordinator._throttle import ThrottledLog
 from domain_coordinator._verified_chain import VerifiedChain
 from domain_coordinator.store import CoordinatorStore, ProposalRecord, ProposalState
 from domain_core import transition
@@ -37,6 +36,7 @@ from domain_core.errors import ConflictError
 from domain_core.limits import Limits
 from domain_core.model import SealedState
 from domain_edge.faults import unsafe_crash_point
+from domain_edge.throttled_log import ThrottledLog
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,9 @@ class Applier:
             detail = f"no HSA could apply it yet: {outcome.reason}; the coordinator retries{retry}"
             self.store.set_proposal_state(proposal.id, ProposalState.PENDING, detail)
             self._throttled.warning(
-                f"apply:{proposal.id.hex()}", f"proposal {proposal.id.hex()[:16]}: {detail}"
+                f"proposal {proposal.id.hex()[:16]}: {detail}",
+                key=f"apply:{proposal.id.hex()}",
+                again_if_changed=True,
             )
 
     def _store_applied(self, proposal_id: bytes, state: SealedState) -> None:
@@ -217,7 +219,8 @@ class ScheduledRotation:
         )
         what = "waits" if outcome.deferred_by else "failed"
         self._throttled.warning(
-            "rotation",
             f"scheduled domain key rotation is due but {what}: {reason}"
             + (f"; retrying{retry}" if retry else ""),
+            key="rotation",
+            again_if_changed=True,
         )

@@ -15,13 +15,13 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from domain_coordinator._throttle import ThrottledLog
 from domain_coordinator._verified_chain import VerifiedChain
 from domain_coordinator.store import AuditHeadRecord, CoordinatorStore
 from domain_core.errors import BadSignatureError, MalformedMessageError
 from domain_core.limits import Limits
 from domain_core.signers import PublicKey
 from domain_edge.audit import HSA_LOG_NAME, AuditHead, HeadOrder, compare_heads, describe_refusal
+from domain_edge.throttled_log import ThrottledLog
 from domain_proto import services_pb2
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ class AuditHeadBook:
                 refused.append(reason)
                 if key is not None:  # (a host being added reports again once a member)
                     where = " ".join(reason.split()[:2]).rstrip(":")  # "hsa-1 audit.log"
-                    self._throttled.warning(f"audit-head:{where}", reason, any_message=True)
+                    self._throttled.warning(reason, key=f"audit-head:{where}")
         return refused
 
     def _keep_one(self, host_id: str, raw: bytes, key: PublicKey | None) -> str:

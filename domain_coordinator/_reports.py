@@ -30,13 +30,13 @@ from domain_coordinator import _requests as check
 from domain_coordinator._hsa import HsaConnections, describe_rpc_error
 from domain_coordinator._proposals import ProposalBook
 from domain_coordinator._publish import Pusher
-from domain_coordinator._throttle import ThrottledLog
 from domain_coordinator._verified_chain import VerifiedChain
 from domain_coordinator.store import CoordinatorStore, HsaRecord
 from domain_core.chain import verify_successor
 from domain_core.errors import ConflictError, ForkError, HsmDomainError, InvalidInputError
 from domain_core.limits import Limits
 from domain_core.model import SealedState
+from domain_edge.throttled_log import ThrottledLog
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +76,10 @@ class HsaReports:
         known = self.chain.known_hash(version)
         if known is not None and known != state_hash:
             self._throttled.warning(
-                f"fork:{host_id}",
                 f"{host_id} reports state {state_hash.hex()[:16]} at version {version}, but "
                 f"this coordinator's chain has {known.hex()[:16]} there: a fork; investigate",
+                key=f"fork:{host_id}",
+                again_if_changed=True,
             )
 
     def note_report(self, host_id: str, version: int, how: str) -> None:
@@ -90,10 +91,11 @@ class HsaReports:
         if version <= head_version:
             return
         self._throttled.warning(
-            "store-behind",
             f"store behind the HSAs: {host_id} reports version {version} ({how}), but this "
             f"coordinator's store is at version {head_version} (restored from an old copy?); "
             "fetching the newer states from the HSAs, verifying and appending them",
+            key="store-behind",
+            again_if_changed=True,
         )
         self.start_repair()
 
@@ -182,7 +184,9 @@ class HsaReports:
             f"the repair stopped at version {head.version}: "
             + ("; ".join(failures) or "no HSA served the newer states")
         )[:1000]
-        self._throttled.warning("repair", f"store behind the HSAs: {self._repair_detail}")
+        self._throttled.warning(
+            f"store behind the HSAs: {self._repair_detail}", key="repair", again_if_changed=True
+        )
 
     def _fetch_from(self, source: HsaRecord) -> None:
         """Page through `source`'s states after the head; verify and append each one."""

@@ -13,24 +13,24 @@ from collections.abc import Sequence
 from google.protobuf.message import DecodeError
 
 from domain_core.errors import InvalidInputError, LimitExceededError, WrongDomainError
-from domain_core.limits import Limits
+from domain_core.limits import (
+    MAX_ADDRESS_CHARS,
+    MAX_AUDIT_HEADS_PER_REPORT,
+    MAX_HEAD_BYTES,
+    MAX_KEY_RECORD_BYTES,
+    MAX_PAGE_TOKEN_CHARS,
+    MAX_SIGNATURE_BYTES,
+    MAX_TOKENS_PER_KEY,
+    Limits,
+)
 from domain_core.model import HOST_ID_PATTERN, OPERATOR_ID_PATTERN
-from domain_edge.audit import MAX_HEAD_BYTES
 from domain_proto import domain_pb2, keys_pb2, services_pb2
 
 PROPOSAL_ID_BYTES = 32
 STATE_HASH_BYTES = 32
 MAX_REPORTED_VERSION = 2**63 - 1  # what the store's integer columns hold
-MAX_SIGNATURE_BYTES = 512
-MAX_ADDRESS_CHARS = 255
-MAX_KEY_RECORD_BYTES = 1024 * 1024
-MAX_TOKENS_PER_KEY = 4096
 DEFAULT_KEY_PAGE = 100
-MAX_KEY_PAGE = 1000
 DEFAULT_PROPOSAL_PAGE = 50
-MAX_PROPOSAL_PAGE = 200
-_MAX_PAGE_TOKEN_CHARS = 19  # a positive 63-bit integer in decimal
-MAX_AUDIT_HEADS_PER_REPORT = 64  # an HSA's own log and up to 16 workers' fit with room
 
 KEY_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 _ADDRESS_PATTERN = re.compile(
@@ -158,7 +158,7 @@ def proposal_page_token(value: str, field: str = "page_token") -> int:
     (the decimal place of the last proposal listed)."""
     if not value:
         return 0
-    if len(value) > _MAX_PAGE_TOKEN_CHARS or not value.isascii() or not value.isdigit():
+    if len(value) > MAX_PAGE_TOKEN_CHARS or not value.isascii() or not value.isdigit():
         raise InvalidInputError(
             f"{field} {value[:24]!r} is not a page token this coordinator gave; pass the "
             "next_page_token of the previous answer, or none for the first page"

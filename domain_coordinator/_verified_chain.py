@@ -15,12 +15,12 @@ import logging
 import threading
 from collections.abc import Callable
 
-from domain_coordinator._throttle import ThrottledLog
 from domain_coordinator.store import CoordinatorStore
 from domain_core.chain import TrustedChain
 from domain_core.errors import HsmDomainError
 from domain_core.limits import Limits
 from domain_core.model import SealedState
+from domain_edge.throttled_log import ThrottledLog
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +69,10 @@ class VerifiedChain:
                         self._chain.update(state)
                 except HsmDomainError as error:
                     self._throttled.warning(
-                        "refresh",
                         f"the store holds a state after version {self.head.version} that does "
                         f"not verify: {error}; not serving it",
+                        key="refresh",
+                        again_if_changed=True,
                     )
                     return
                 self.wake()

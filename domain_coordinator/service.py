@@ -45,7 +45,7 @@ from domain_coordinator._wiring import Settings, build
 from domain_coordinator.store import CoordinatorStore
 from domain_core.chain import TrustedChain
 from domain_core.errors import InvalidInputError
-from domain_core.limits import DEFAULT_LIMITS, Limits
+from domain_core.limits import DEFAULT_LIMITS, MAX_KEY_PAGE, MAX_PROPOSAL_PAGE, Limits
 from domain_core.model import SealedState
 from domain_edge.faults import warn_if_enabled
 from domain_proto import domain_pb2, keys_pb2, services_pb2, services_pb2_grpc
@@ -212,11 +212,11 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
         """One page of proposals, newest first (pending ones, or all with `include_closed`).
 
         At most `limit` (default `check.DEFAULT_PROPOSAL_PAGE`, at most
-        `check.MAX_PROPOSAL_PAGE`) and never more than fits in one message; `next_page_token`
+        `MAX_PROPOSAL_PAGE`) and never more than fits in one message; `next_page_token`
         continues after the last one listed (empty: nothing older). A page costs the caller's
         quota by the proposals it may hold.
         """
-        limit = check.page_size(request.limit, check.DEFAULT_PROPOSAL_PAGE, check.MAX_PROPOSAL_PAGE)
+        limit = check.page_size(request.limit, check.DEFAULT_PROPOSAL_PAGE, MAX_PROPOSAL_PAGE)
         before = check.proposal_page_token(request.page_token)
         return self._book.page(request.include_closed, limit, before)
 
@@ -318,7 +318,7 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
         self, request: services_pb2.ListKeyRecordsRequest, caller: Caller
     ) -> services_pb2.ListKeyRecordsResponse:
         """A page of live key records, by key id."""
-        limit = check.page_size(request.limit, check.DEFAULT_KEY_PAGE, check.MAX_KEY_PAGE)
+        limit = check.page_size(request.limit, check.DEFAULT_KEY_PAGE, MAX_KEY_PAGE)
         after = check.key_id(request.page_token, "page_token") if request.page_token else ""
         return self._keys.page(limit, after)
 

@@ -5,32 +5,19 @@ Invariants:
   32-byte digest of the payload bytes as they were received: never a re-serialized object;
 - a digest for one purpose can never be confused with one for another (type is bound in);
 - a proposal's id is the plain SHA-256 of its serialized bytes.
+
+The context strings and payload types are `domain_core.contexts`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import struct
-from enum import StrEnum
 
-HASH_CONTEXT = b"hsm-domain/v1 digest\x00"
-SIGNATURE_CONTEXT = b"hsm-domain/v1 signature\x00"
+from domain_core.contexts import HASH_CONTEXT, SIGNATURE_CONTEXT, PayloadType
+
 DIGEST_BYTES = 32
 ZERO_HASH = bytes(DIGEST_BYTES)
-
-
-class PayloadType(StrEnum):
-    """What a digest or signature is about. Values are part of the wire format: never change."""
-
-    MANIFEST = "manifest"
-    SEALED_STATE = "sealed-state"
-    PROPOSAL_APPROVAL = "proposal-approval"
-    PROPOSAL_CANCEL = "proposal-cancel"
-    HOST_ENROLLMENT = "host-enrollment"
-    AUDIT_CHECKPOINT = "audit-checkpoint"
-    KEY_RECORD = "key-record"
-    HEAD_CONFIRMATION = "head-confirmation"
-    KEY_FLOORS = "key-floors"
 
 
 def _length_prefixed(data: bytes) -> bytes:

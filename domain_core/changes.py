@@ -100,7 +100,8 @@ def set_settings(
 
     Pass the current manifest's settings as `base`: they carry the domain CA certificate the
     genesis pinned, which a set-settings must keep (the transition refuses one that drops or
-    replaces it). Without `base` the defaults of DESIGN.md fill the unnamed values and no CA.
+    replaces it). Without `base` the defaults (`model.default_settings`) fill the unnamed values
+    and no CA.
     """
     settings = domain_pb2.DomainSettings()
     settings.CopyFrom(base if base is not None else default_settings())

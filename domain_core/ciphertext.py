@@ -38,12 +38,12 @@ from dataclasses import dataclass
 from typing import Final
 
 from domain_core import crypto
+from domain_core.contexts import ENCRYPT_INFO
 from domain_core.errors import InvalidCiphertextError, InvalidInputError, LimitExceededError
 from domain_core.limits import DEFAULT_LIMITS, Limits
 
 __all__ = [
     "BACKING_KEY_BYTES",
-    "ENCRYPT_INFO",
     "FORMAT_VERSION",
     "IV_BYTES",
     "MAGIC",
@@ -68,8 +68,6 @@ NONCE_BYTES: Final = 32
 IV_BYTES: Final = crypto.GCM_NONCE_BYTES
 TAG_BYTES: Final = crypto.GCM_TAG_BYTES
 BACKING_KEY_BYTES: Final = crypto.AES_KEY_BYTES
-# HKDF info context; the blob prefix follows it. Part of the format: never change.
-ENCRYPT_INFO: Final = b"hsm-domain/v1 encrypt\x00"
 
 _MAX_KEY_ID_BYTES: Final = 255
 _MAX_U32: Final = 0xFFFFFFFF

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from domain_core import canonical, crypto, model
-from domain_core.canonical import PayloadType
+from domain_core.contexts import PayloadType
 from domain_core.errors import (
     BadSignatureError,
     EnrollmentError,
@@ -40,7 +40,6 @@ from domain_core.errors import (
     MalformedMessageError,
 )
 from domain_core.identity import HostIdentity
-from domain_core.model import MAX_ENROLLMENT_BYTES
 from domain_core.pki import (
     SpiffeId,
     certificate_der,
@@ -52,7 +51,6 @@ from domain_core.signers import PublicKey, SignatureAlgorithm
 from domain_proto import domain_pb2
 
 __all__ = [
-    "MAX_ENROLLMENT_BYTES",
     "VerifiedEnrollment",
     "enrollment_digest",
     "enrollment_signing_input",

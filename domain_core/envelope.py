@@ -49,15 +49,14 @@ from typing import Final, Protocol
 
 from domain_core import crypto
 from domain_core.ciphertext import decode_context, encode_context, parse_header
+from domain_core.contexts import ENVELOPE_CONTEXT
 from domain_core.errors import InvalidCiphertextError
-from domain_core.limits import DEFAULT_LIMITS, Limits
+from domain_core.limits import DEFAULT_LIMITS, MAX_CHUNK_SIZE, Limits
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
-    "ENVELOPE_CONTEXT",
     "FORMAT_VERSION",
     "MAGIC",
-    "MAX_CHUNK_SIZE",
     "NONCE_PREFIX_BYTES",
     "ByteReader",
     "ByteWriter",
@@ -75,9 +74,6 @@ MAGIC: Final = b"HSME"
 FORMAT_VERSION: Final = 1
 NONCE_PREFIX_BYTES: Final = 8
 DEFAULT_CHUNK_SIZE: Final = 64 * 1024
-MAX_CHUNK_SIZE: Final = 16 * 1024 * 1024
-# Hashed before the header to make the header digest. Part of the format: never change.
-ENVELOPE_CONTEXT: Final = b"hsm-domain/v1 envelope\x00"
 
 _U32: Final = struct.Struct(">I")
 _MAX_CHUNKS: Final = 1 << 32

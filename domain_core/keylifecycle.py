@@ -39,18 +39,21 @@ from typing import Final
 
 from domain_core import crypto, policy
 from domain_core.errors import FailedPreconditionError, InvalidInputError, LimitExceededError
-from domain_core.limits import DEFAULT_LIMITS, Limits
+from domain_core.limits import (
+    DEFAULT_LIMITS,
+    MAX_BACKING_VERSIONS,
+    MAX_DELETION_WINDOW_DAYS,
+    MAX_ROTATION_PERIOD_DAYS,
+    MIN_DELETION_WINDOW_DAYS,
+    MIN_ROTATION_PERIOD_DAYS,
+    Limits,
+)
 from domain_proto import keys_pb2
 
 __all__ = [
     "DAY_SECONDS",
     "DEFAULT_DELETION_WINDOW_DAYS",
     "DEFAULT_ROTATION_PERIOD_DAYS",
-    "MAX_BACKING_VERSIONS",
-    "MAX_DELETION_WINDOW_DAYS",
-    "MAX_ROTATION_PERIOD_DAYS",
-    "MIN_DELETION_WINDOW_DAYS",
-    "MIN_ROTATION_PERIOD_DAYS",
     "KeyChange",
     "NewKey",
     "TransitionTarget",
@@ -72,13 +75,7 @@ __all__ = [
 
 DAY_SECONDS: Final = 86_400
 DEFAULT_ROTATION_PERIOD_DAYS: Final = 365
-MIN_ROTATION_PERIOD_DAYS: Final = 90
-MAX_ROTATION_PERIOD_DAYS: Final = 2560
 DEFAULT_DELETION_WINDOW_DAYS: Final = 30
-MIN_DELETION_WINDOW_DAYS: Final = 7
-MAX_DELETION_WINDOW_DAYS: Final = 30
-# The coordinator stores at most 4096 tokens per key; stay well below.
-MAX_BACKING_VERSIONS: Final = 1000
 
 KeyChange = Callable[[keys_pb2.KeyMetadata, dict[int, bytes], int], bool]
 """A change of a key: it edits a copy of the metadata and of the backing keys in place, given

@@ -56,15 +56,13 @@ from typing import Final
 from google.protobuf.message import DecodeError
 
 from domain_core import canonical, crypto
-from domain_core.canonical import PayloadType
 from domain_core.ciphertext import validate_key_id
+from domain_core.contexts import KEY_TOKEN_CONTEXT, KEY_TOKEN_KEY_CONTEXT, PayloadType
 from domain_core.errors import BadSignatureError, InvalidKeyTokenError, UnknownSignerError
 from domain_core.signers import PublicKey, Signer
 from domain_proto import keys_pb2
 
 __all__ = [
-    "KEY_TOKEN_CONTEXT",
-    "KEY_TOKEN_KEY_CONTEXT",
     "TOKEN_SALT_BYTES",
     "RecordSigner",
     "key_record_digest",
@@ -80,9 +78,6 @@ __all__ = [
     "wrap_backing_key",
 ]
 
-# Part of the format: never change.
-KEY_TOKEN_CONTEXT: Final = b"hsm-domain/v1 key-token\x00"
-KEY_TOKEN_KEY_CONTEXT: Final = b"hsm-domain/v1 key-token-key\x00"
 TOKEN_SALT_BYTES: Final = 32
 
 _MAX_U32: Final = 0xFFFFFFFF

@@ -1,11 +1,30 @@
-"""Every input limit and quota in one place, mirrored in gRPC server and channel options.
+"""Every input limit in one place: how large, how many and (for settings) how far what a
+process accepts from outside may be; mirrored in gRPC server and channel options.
 
-Values only: the token buckets that enforce the rate quotas at run time (a lock, a clock)
-are `domain_edge.rate_limit.RateLimiter`.
+Two kinds live here:
+- `Limits`, the limits and quotas an operator may tune: a process takes them from its config
+  file (`limits`: a JSON object of field names to values, over these defaults;
+  `Limits.with_overrides`), so an unknown name or a value of the wrong kind is a clear error at
+  start. The token buckets that enforce the rate quotas at run time (a lock, a clock) are
+  `domain_edge.rate_limit.RateLimiter`.
+- fixed limits (module constants, grouped below, one line each on what they bound): sizes of
+  request fields, files and tokens, pages and counts per request, the ranges of settings a
+  proposal, a key or a config file may set, and how many items of a kind a process keeps from
+  others.
 
-A process takes its limits from its config file (`limits`: a JSON object of field names to
-values, over these defaults; `Limits.with_overrides`), so an unknown name or a value of the
-wrong kind is a clear error at start.
+What does not live here, because it bounds nothing a process accepts:
+- bounds an encoding fixes (the largest u32 in `keytokens`, `ciphertext` and `kms_tool._args`;
+  a one-byte key id length and the 2**32 chunk counter of `ciphertext` and `envelope`; what a
+  64-bit integer column holds in the coordinator's store: `store.MAX_STORED_INTEGER`,
+  `_requests.MAX_REPORTED_VERSION`);
+- the audit record's clipping widths (`domain_edge.audit._encoding`): longer values are cut and
+  marked, never refused, since an audit record must be written whatever a caller sent;
+- caps on a process's own bookkeeping (`ThrottledLog`'s remembered keys, the interceptor's
+  wrapped methods) and tuning (retry doublings, deferral back-off, thread pools);
+- the sizing of a server, set where it is built: threads, concurrent calls (the coordinator's
+  `MAX_CONCURRENT_RPCS` and `OPERATOR_MAX_CONCURRENT_RPCS`), stream quotas
+  (`domain_edge.transport.StreamLimits`), and constructor defaults that tests override
+  (`DEFAULT_MAX_STREAMS`, `DEFAULT_MAX_ADDRESSES`).
 """
 
 from __future__ import annotations
@@ -13,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Final
 
 from domain_core.errors import InvalidInputError
 
@@ -105,3 +125,139 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
+
+
+# --- requests to the coordinator ----------------------------------------------------------
+# A signature carried in a request (approval, cancel, key record, head confirmation).
+MAX_SIGNATURE_BYTES: Final = 512
+# An address an HSA reports for itself ("host:port").
+MAX_ADDRESS_CHARS: Final = 255
+# A stored key record (metadata, tokens, signature); also capped by max_message_bytes.
+MAX_KEY_RECORD_BYTES: Final = 1024 * 1024
+# Key tokens in one key record (one per backing version).
+MAX_TOKENS_PER_KEY: Final = 4096
+# Key records in one page of ListKeyRecords.
+MAX_KEY_PAGE: Final = 1000
+# Proposals in one page of ListProposals.
+MAX_PROPOSAL_PAGE: Final = 200
+# A page token (a positive 63-bit integer in decimal).
+MAX_PAGE_TOKEN_CHARS: Final = 19
+# Audit heads in one HSA report (its own log and up to 16 workers' fit with room).
+MAX_AUDIT_HEADS_PER_REPORT: Final = 64
+# A health check request, which anyone may send to any server.
+HEALTH_REQUEST_BYTES: Final = 1024
+
+# --- requests between HSAs and to the key service -------------------------------------------
+# Keys in one page of ListKeys (its `limit`).
+MAX_LIST_KEYS_LIMIT: Final = 1000
+# A peering challenge's nonce.
+MIN_PEERING_NONCE_BYTES: Final = 16
+MAX_PEERING_NONCE_BYTES: Final = 64
+# Key floors in one page a peer serves or is taken from.
+MAX_FLOORS_PER_PAGE: Final = 1000
+# Keys whose floors one request asks for.
+MAX_FLOOR_KEYS_PER_REQUEST: Final = 100
+# Pages of key floors taken from one peer in one exchange round.
+MAX_FLOOR_PAGES_PER_ROUND: Final = 100
+# Addresses kept per host from peers' hints.
+MAX_ADDRESS_HINTS_PER_HOST: Final = 8
+# Distinct (version, peer) forks an HSA remembers (the first one is shown).
+MAX_FORKS_KEPT: Final = 64
+# Audit heads an HSA keeps from its peers (hosts x logs; far above any domain's).
+MAX_PEER_HEADS_KEPT: Final = 4096
+# Proposals a client fetches for `list_proposals` (newest first).
+MAX_LISTED_PROPOSALS: Final = 1000
+
+# --- what a proposal, a key and an envelope may set -----------------------------------------
+# An enrollment (a host record, a certificate and two signatures: about 1 KiB).
+MAX_ENROLLMENT_BYTES: Final = 8 * 1024
+# The domain key rotation interval a proposal may set.
+MIN_ROTATION_INTERVAL_SECONDS: Final = 60
+# Domain key generations kept; a rotation must keep the generation key records are sealed
+# under until re-wrap moves them.
+MIN_GENERATIONS_RETAINED: Final = 2
+MAX_GENERATIONS_RETAINED: Final = 100
+# The proposal lifetime a domain's settings may allow.
+MIN_PROPOSAL_LIFETIME_SECONDS: Final = 60
+MAX_PROPOSAL_LIFETIME_SECONDS: Final = 30 * 24 * 3600
+# A customer key's automatic rotation period (AWS KMS allows 90 to 2560 days).
+MIN_ROTATION_PERIOD_DAYS: Final = 90
+MAX_ROTATION_PERIOD_DAYS: Final = 2560
+# The waiting period before a key scheduled for deletion is deleted.
+MIN_DELETION_WINDOW_DAYS: Final = 7
+MAX_DELETION_WINDOW_DAYS: Final = 30
+# Backing versions of one key (the coordinator stores at most 4096 tokens per key).
+MAX_BACKING_VERSIONS: Final = 1000
+# An envelope's chunk size.
+MAX_CHUNK_SIZE: Final = 16 * 1024 * 1024
+# A DNS name in a certificate, and a SPIFFE trust domain (RFC 1035).
+MAX_DNS_NAME_CHARS: Final = 253
+MAX_TRUST_DOMAIN_CHARS: Final = 253
+
+# --- audit logs -----------------------------------------------------------------------------
+# A log line (the writer never writes a longer one; the verifier refuses to buffer it).
+MAX_AUDIT_LINE_BYTES: Final = 1 << 20
+# A published head: one checkpoint line.
+MAX_HEAD_BYTES: Final = 2048
+# The host named in a head.
+MAX_AUDIT_HOST_CHARS: Final = 256
+
+# --- operator tokens and PKCS#11 ------------------------------------------------------------
+# A PKCS#11 token label (CK_TOKEN_INFO.label is 32 bytes, blank padded).
+MAX_TOKEN_LABEL_BYTES: Final = 32
+# A PKCS#11 key label (CKA_LABEL), in a token reference or when generating.
+MAX_KEY_LABEL_CHARS: Final = 256
+# A PKCS#11 key id (CKA_ID).
+MAX_CKA_ID_BYTES: Final = 128
+# A token reference (pkcs11: URI or file path).
+MAX_TOKEN_REFERENCE_CHARS: Final = 4096
+# A file token's name.
+MAX_FILE_TOKEN_NAME_CHARS: Final = 128
+# A file token's scrypt cost parameter N (a power of two).
+MIN_SCRYPT_N: Final = 2**14
+MAX_SCRYPT_N: Final = 2**20
+
+# --- files a process reads ------------------------------------------------------------------
+# A private key file (the CA's key).
+MAX_KEY_FILE_BYTES: Final = 1 << 20
+# A host identity's files (host.json and its key files).
+MAX_HOST_IDENTITY_FILE_BYTES: Final = 64 * 1024
+# A file token.
+MAX_TOKEN_FILE_BYTES: Final = 64 * 1024
+# An operator public key document.
+MAX_OPERATOR_PUBLIC_FILE_BYTES: Final = 64 * 1024
+# A passphrase or PIN file.
+MAX_SECRET_INPUT_FILE_BYTES: Final = 4096
+# An HSA's small state files (a worker's ready file, the cached peer list).
+MAX_NODE_SMALL_FILE_BYTES: Final = 1024 * 1024
+# An HSA's remembered address.
+MAX_ADDRESS_FILE_BYTES: Final = 256
+# The genesis marker `hsm-domain init` leaves for an HSA (one hash in hex and a newline).
+MAX_GENESIS_MARKER_FILE_BYTES: Final = 200
+# An HSA's copy of its peers' audit heads.
+MAX_PEER_HEADS_FILE_BYTES: Final = 4 * 1024 * 1024
+# A JSON file an operator passes to hsm-operator (cluster file, coordinator pin).
+MAX_OPERATOR_JSON_FILE_BYTES: Final = 1 << 20
+# The hex digits of a proposal id an operator must type at least (a prefix names one).
+MIN_PROPOSAL_ID_PREFIX_CHARS: Final = 6
+# A CA certificate file passed to hsm-operator.
+MAX_CA_CERT_FILE_BYTES: Final = 1 << 16
+# An offline approval file.
+MAX_APPROVAL_FILE_BYTES: Final = 1 << 20
+# A proposal export file (the chain grows by a few KiB per state: ~1.2 MiB a year with daily
+# rotations).
+MAX_EXPORT_FILE_BYTES: Final = 64 << 20
+# One state or proposal inside an export file.
+MAX_EXPORTED_STATE_BYTES: Final = 4 << 20
+# One signature inside an export or approval file.
+MAX_EXPORTED_SIGNATURE_BYTES: Final = 256
+# A key policy file passed to hsm-kms.
+MAX_POLICY_FILE_BYTES: Final = 1 << 20
+
+# --- an HSA's config file -------------------------------------------------------------------
+# head_confirmation_seconds.
+MAX_HEAD_CONFIRMATION_SECONDS: Final = 86_400.0
+# key_cache_mib.
+MAX_KEY_CACHE_MIB: Final = 65_536
+# key_service_workers.
+MAX_KEY_SERVICE_WORKERS: Final = 16

@@ -31,21 +31,21 @@ from typing import Final
 from google.protobuf.message import DecodeError
 
 from domain_core import crypto
-from domain_core.canonical import DIGEST_BYTES, PayloadType, digest, signing_input
+from domain_core.canonical import DIGEST_BYTES, digest, signing_input
 from domain_core.ciphertext import validate_key_id
+from domain_core.contexts import PayloadType
 from domain_core.errors import (
     InvalidInputError,
     MalformedMessageError,
     UnknownSignerError,
 )
+from domain_core.limits import MAX_FLOORS_PER_PAGE, MAX_PEERING_NONCE_BYTES, MIN_PEERING_NONCE_BYTES
 from domain_core.model import Manifest
 from domain_core.signers import PublicKey, Signer
 from domain_proto import services_pb2
 
 __all__ = [
     "FLOOR_EPOCH_BYTES",
-    "MAX_FLOORS_PER_PAGE",
-    "MAX_FLOOR_KEYS_PER_REQUEST",
     "NONCE_BYTES",
     "PeerHead",
     "check_floor",
@@ -60,11 +60,7 @@ __all__ = [
 ]
 
 NONCE_BYTES: Final = 32
-_MIN_NONCE_BYTES: Final = 16
-_MAX_NONCE_BYTES: Final = 64
 FLOOR_EPOCH_BYTES: Final = 16
-MAX_FLOORS_PER_PAGE: Final = 1000
-MAX_FLOOR_KEYS_PER_REQUEST: Final = 100
 
 
 def _u64(value: int) -> bytes:
@@ -78,9 +74,10 @@ def new_nonce() -> bytes:
 
 def check_nonce(nonce: bytes) -> bytes:
     """`nonce` if it is 16 to 64 bytes long, else InvalidInputError."""
-    if not _MIN_NONCE_BYTES <= len(nonce) <= _MAX_NONCE_BYTES:
+    if not MIN_PEERING_NONCE_BYTES <= len(nonce) <= MAX_PEERING_NONCE_BYTES:
         raise InvalidInputError(
-            f"nonce must be {_MIN_NONCE_BYTES} to {_MAX_NONCE_BYTES} bytes, not {len(nonce)}"
+            f"nonce must be {MIN_PEERING_NONCE_BYTES} to {MAX_PEERING_NONCE_BYTES} bytes, "
+            f"not {len(nonce)}"
         )
     return nonce
 

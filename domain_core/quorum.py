@@ -32,7 +32,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final, TypeVar
 
-from domain_core.canonical import PayloadType, signing_input
+from domain_core.canonical import signing_input
+from domain_core.contexts import PayloadType
 from domain_core.errors import (
     BadSignatureError,
     MalformedMessageError,

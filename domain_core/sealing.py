@@ -18,7 +18,8 @@ from collections.abc import Mapping, Sequence
 from google.protobuf.message import DecodeError
 
 from domain_core import crypto
-from domain_core.canonical import PayloadType, signing_input
+from domain_core.canonical import signing_input
+from domain_core.contexts import PayloadType
 from domain_core.errors import InvalidKeyTokenError, UnknownHostError
 from domain_core.model import Manifest, Proposal, SealedState, state_hash
 from domain_core.signers import Signer

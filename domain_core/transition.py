@@ -44,7 +44,15 @@ from domain_core.errors import (
     UnknownHostError,
     UnknownOperatorError,
 )
-from domain_core.limits import DEFAULT_LIMITS, Limits
+from domain_core.limits import (
+    DEFAULT_LIMITS,
+    MAX_GENERATIONS_RETAINED,
+    MAX_PROPOSAL_LIFETIME_SECONDS,
+    MIN_GENERATIONS_RETAINED,
+    MIN_PROPOSAL_LIFETIME_SECONDS,
+    MIN_ROTATION_INTERVAL_SECONDS,
+    Limits,
+)
 from domain_core.model import (
     Manifest,
     Proposal,
@@ -63,13 +71,6 @@ from domain_core.quorum import (
     verify_quorum,
 )
 from domain_proto import domain_pb2
-
-MIN_ROTATION_INTERVAL_SECONDS = 60
-# A rotation must keep the generation key records are sealed under until re-wrap moves them.
-MIN_GENERATIONS_RETAINED = 2
-MAX_GENERATIONS_RETAINED = 100
-MIN_PROPOSAL_LIFETIME_SECONDS = 60
-MAX_PROPOSAL_LIFETIME_SECONDS = 30 * 24 * 3600
 
 
 @dataclass(frozen=True)

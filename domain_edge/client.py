@@ -46,7 +46,7 @@ from domain_core.errors import (
     UnauthenticatedError,
     UnavailableError,
 )
-from domain_core.limits import DEFAULT_LIMITS, Limits
+from domain_core.limits import DEFAULT_LIMITS, MAX_LISTED_PROPOSALS, Limits
 from domain_core.model import NONCE_BYTES, Proposal, SealedState
 from domain_core.signers import Signer
 from domain_edge.transport import COORDINATOR, secure_channel, wrong_server
@@ -67,7 +67,6 @@ __all__ = [
 
 DEFAULT_PROPOSAL_LIFETIME_SECONDS = 3600
 READ_ATTEMPTS = 3
-MAX_LISTED_PROPOSALS = 1000  # what `list_proposals` fetches at most, newest first
 PROPOSAL_PAGE = 200  # proposals asked for per ListProposals call (the coordinator's maximum)
 
 _ERRORS_BY_CODE: dict[grpc.StatusCode, type[HsmDomainError]] = {

@@ -14,7 +14,13 @@ from pathlib import Path
 from typing import Any, Final, TypeVar
 
 from domain_core.errors import InvalidInputError
-from domain_core.limits import DEFAULT_LIMITS, Limits
+from domain_core.limits import (
+    DEFAULT_LIMITS,
+    MAX_HEAD_CONFIRMATION_SECONDS,
+    MAX_KEY_CACHE_MIB,
+    MAX_KEY_SERVICE_WORKERS,
+    Limits,
+)
 from domain_core.model import validate_domain_id
 from domain_core.pki import SpiffeId
 from domain_edge.files import replace_file
@@ -30,8 +36,6 @@ DEFAULT_HEAD_CONFIRMATION_SECONDS: Final = 30.0
 # The HSA marks its floor table complete and removes the file at its first start.
 FLOORS_COMPLETE_FILE: Final = "key_versions.complete"
 HEAD_CONFIRMATION_ROUNDS: Final = 5
-MAX_HEAD_CONFIRMATION_SECONDS: Final = 86_400.0
-MAX_KEY_CACHE_MIB: Final = 65_536
 
 
 @dataclass(frozen=True)
@@ -224,9 +228,6 @@ def _limits(overrides: object) -> Limits:
             f"limits must be a JSON object of limit names to numbers, not {overrides!r}"
         )
     return DEFAULT_LIMITS.with_overrides(overrides, "limits")
-
-
-MAX_KEY_SERVICE_WORKERS: Final = 16
 
 
 def _check_addresses(value: object) -> tuple[str, ...]:

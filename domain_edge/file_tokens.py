@@ -37,14 +37,19 @@ from domain_core.errors import (
     TokenNotFoundError,
     WrongPassphraseError,
 )
+from domain_core.limits import (
+    MAX_FILE_TOKEN_NAME_CHARS,
+    MAX_SCRYPT_N,
+    MAX_TOKEN_FILE_BYTES,
+    MIN_SCRYPT_N,
+)
 from domain_core.signers import InMemorySigner, PublicKey, SignatureAlgorithm
+from domain_edge.files import read_limited
 
 __all__ = [
     "DEFAULT_SCRYPT_N",
     "FILE_TOKEN_FORMAT",
     "FILE_TOKEN_VERSION",
-    "MAX_SCRYPT_N",
-    "MIN_SCRYPT_N",
     "FileTokenSigner",
     "create_file_token",
     "load_file_token",
@@ -55,8 +60,6 @@ _PrivateKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey
 
 FILE_TOKEN_FORMAT: Final = "hsm-domain-file-token"  # noqa: S105 (a format tag, not a secret)
 FILE_TOKEN_VERSION: Final = 1
-MIN_SCRYPT_N: Final = 2**14
-MAX_SCRYPT_N: Final = 2**20
 # The cost of new tokens: 128 MiB and a few tenths of a second per opening. A token keeps the
 # n it was made with (its header), so older tokens open as before; tests pass a cheaper n.
 DEFAULT_SCRYPT_N: Final = 2**17
@@ -64,8 +67,6 @@ _SCRYPT_R: Final = 8
 _SCRYPT_P: Final = 1
 _SALT_SIZE: Final = 16
 _NONCE_SIZE: Final = 12
-_MAX_TOKEN_FILE_SIZE: Final = 64 * 1024
-_MAX_NAME_LENGTH: Final = 128
 _HEADER_KEYS: Final = frozenset(
     {"format", "version", "name", "algorithm", "public_key", "kdf", "nonce", "ciphertext"}
 )
@@ -93,8 +94,10 @@ def _canonical_json(value: object) -> bytes:
 def _check_token_name(name: str) -> None:
     if not isinstance(name, str):
         raise TypeError("name must be a str")
-    if not 1 <= len(name) <= _MAX_NAME_LENGTH or not name.isprintable():
-        raise InvalidInputError(f"token name must be 1 to {_MAX_NAME_LENGTH} printable characters")
+    if not 1 <= len(name) <= MAX_FILE_TOKEN_NAME_CHARS or not name.isprintable():
+        raise InvalidInputError(
+            f"token name must be 1 to {MAX_FILE_TOKEN_NAME_CHARS} printable characters"
+        )
 
 
 def _check_passphrase(passphrase: object) -> bytes:
@@ -235,19 +238,19 @@ def _read_token_header(path: Path) -> _TokenHeader:
 
 
 def _read_token_bytes(path: Path) -> bytes:
-    """A token file's bytes, at most `_MAX_TOKEN_FILE_SIZE` of them."""
+    """A token file's bytes, at most `MAX_TOKEN_FILE_BYTES` of them."""
     try:
-        with path.open("rb") as f:
-            data = f.read(_MAX_TOKEN_FILE_SIZE + 1)
+        return read_limited(
+            path,
+            MAX_TOKEN_FILE_BYTES,
+            lambda: TokenError(f"token file {path} is larger than {MAX_TOKEN_FILE_BYTES} bytes"),
+        )
     except FileNotFoundError:
         raise TokenNotFoundError(
             f"no token file at {path}; check the path or create one with `hsm-operator`"
         ) from None
     except OSError as exc:
         raise TokenError(f"cannot read token file {path}: {exc.strerror}") from None
-    if len(data) > _MAX_TOKEN_FILE_SIZE:
-        raise TokenError(f"token file {path} is larger than {_MAX_TOKEN_FILE_SIZE} bytes")
-    return data
 
 
 def _b64field(value: object, label: str, bad: Callable[[str], TokenError]) -> bytes:
@@ -268,10 +271,10 @@ def _token_identity(
     name = document["name"]
     if (
         not isinstance(name, str)
-        or not 1 <= len(name) <= _MAX_NAME_LENGTH
+        or not 1 <= len(name) <= MAX_FILE_TOKEN_NAME_CHARS
         or not name.isprintable()
     ):
-        raise bad(f"name is not a string of 1 to {_MAX_NAME_LENGTH} printable characters")
+        raise bad(f"name is not a string of 1 to {MAX_FILE_TOKEN_NAME_CHARS} printable characters")
     algorithm_value = document["algorithm"]
     try:
         algorithm = SignatureAlgorithm(algorithm_value)

@@ -6,6 +6,8 @@ Invariants:
 - a replaced file is written to a temp file in the same directory, fsynced and renamed over
   its name, then the directory is fsynced: a reader sees the old or the new content, never a
   torn one, also after a crash;
+- a file is read through `read_limited`: never more than its limit plus one byte is read,
+  whatever the file's size, and a larger file is refused, never cut short;
 - a secret file that group or others may access is refused when read.
 """
 
@@ -13,9 +15,12 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
-from domain_core.errors import TokenError, TokenNotFoundError
+from domain_core.errors import LimitExceededError, TokenError, TokenNotFoundError
+from domain_core.limits import MAX_KEY_FILE_BYTES
 
 SECRET_MODE = 0o600
 PUBLIC_MODE = 0o644
@@ -64,8 +69,36 @@ def make_private_dir(path: Path) -> Path:
     return path
 
 
-def read_secret_file(path: Path, max_size: int = 1 << 20) -> bytes:
-    """Read a key file, refusing one that group or others may access."""
+def read_limited(
+    source: Path | str | BinaryIO,
+    limit: int,
+    too_large: Callable[[], Exception] | None = None,
+) -> bytes:
+    """All the bytes of `source` (a path, or an open binary file such as stdin), at most `limit`.
+
+    Reads at most `limit + 1` bytes, so that a huge file costs no memory; a larger source raises
+    `too_large()` (the caller's error, which says what the file should have been), by default
+    LimitExceededError. Opening a path may raise FileNotFoundError or OSError: the caller says
+    what is missing.
+    """
+    if limit < 0:
+        raise ValueError("a read limit is 0 or more bytes")
+    if isinstance(source, Path | str):
+        with Path(source).open("rb") as stream:
+            data = stream.read(limit + 1)
+    else:
+        data = source.read(limit + 1)
+    if len(data) > limit:
+        if too_large is not None:
+            raise too_large()
+        name = source if isinstance(source, Path | str) else "the input"
+        raise LimitExceededError(f"{name} is larger than {limit} bytes")
+    return data
+
+
+def read_secret_file(path: Path, max_size: int = MAX_KEY_FILE_BYTES) -> bytes:
+    """Read a key file (at most `max_size` bytes), refusing one that group or others may
+    access."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
@@ -79,4 +112,6 @@ def read_secret_file(path: Path, max_size: int = 1 << 20) -> bytes:
                 f"key file {path} is accessible by group or others (mode {mode:04o}); "
                 f"run `chmod 600 {path}`"
             )
-        return f.read(max_size)
+        return read_limited(
+            f, max_size, lambda: TokenError(f"key file {path} is larger than {max_size} bytes")
+        )

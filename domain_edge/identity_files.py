@@ -28,9 +28,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from domain_core.errors import MalformedMessageError, TokenError, TokenNotFoundError
 from domain_core.identity import HostIdentity
+from domain_core.limits import MAX_HOST_IDENTITY_FILE_BYTES
 from domain_core.pki import is_valid_name
 from domain_core.signers import InMemorySigner
-from domain_edge.files import fsync_directory, read_secret_file, replace_file
+from domain_edge.files import fsync_directory, read_limited, read_secret_file, replace_file
 
 __all__ = [
     "AGREEMENT_KEY_FILE",
@@ -63,7 +64,6 @@ _HOST_KEYS: Final = frozenset(
     }
 )
 _X25519_KEY_SIZE: Final = 32
-_MAX_FILE_SIZE: Final = 64 * 1024
 
 
 def _public_document(identity: HostIdentity) -> dict[str, object]:
@@ -111,7 +111,15 @@ def load_host_identity(directory: Path) -> HostIdentity:
     directory = Path(directory)
     host_path = directory / HOST_FILE
     try:
-        document = json.loads(host_path.read_bytes()[:_MAX_FILE_SIZE])
+        document = json.loads(
+            read_limited(
+                host_path,
+                MAX_HOST_IDENTITY_FILE_BYTES,
+                lambda: TokenError(
+                    f"{host_path} is larger than {MAX_HOST_IDENTITY_FILE_BYTES} bytes"
+                ),
+            )
+        )
     except FileNotFoundError:
         raise TokenNotFoundError(
             f"no host identity in {directory} ({HOST_FILE} is missing)"
@@ -126,9 +134,9 @@ def load_host_identity(directory: Path) -> HostIdentity:
     if not is_valid_name(host_id):
         raise TokenError(f"{host_path} holds an invalid host id")
 
-    signing_pem = read_secret_file(directory / SIGNING_KEY_FILE, _MAX_FILE_SIZE)
-    agreement_text = read_secret_file(directory / AGREEMENT_KEY_FILE, _MAX_FILE_SIZE)
-    tls_pem = read_secret_file(directory / TLS_KEY_FILE, _MAX_FILE_SIZE)
+    signing_pem = read_secret_file(directory / SIGNING_KEY_FILE, MAX_HOST_IDENTITY_FILE_BYTES)
+    agreement_text = read_secret_file(directory / AGREEMENT_KEY_FILE, MAX_HOST_IDENTITY_FILE_BYTES)
+    tls_pem = read_secret_file(directory / TLS_KEY_FILE, MAX_HOST_IDENTITY_FILE_BYTES)
     try:
         signer = InMemorySigner.from_pkcs8(signing_pem)
     except MalformedMessageError:

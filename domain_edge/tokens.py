@@ -35,9 +35,17 @@ from domain_core.errors import (
     MalformedMessageError,
     NotFoundError,
 )
-from domain_core.limits import DEFAULT_LIMITS
+from domain_core.limits import (
+    DEFAULT_LIMITS,
+    MAX_CKA_ID_BYTES,
+    MAX_KEY_LABEL_CHARS,
+    MAX_OPERATOR_PUBLIC_FILE_BYTES,
+    MAX_TOKEN_LABEL_BYTES,
+    MAX_TOKEN_REFERENCE_CHARS,
+)
 from domain_core.signers import PublicKey, SignatureAlgorithm, Signer
 from domain_edge.file_tokens import load_file_token
+from domain_edge.files import read_limited
 from domain_edge.pkcs11_signer import Pkcs11Signer, format_cka_id
 
 __all__ = [
@@ -59,12 +67,6 @@ MODULE_ENV: Final = "HSM_PKCS11_MODULE"
 OPERATOR_PUBLIC_FORMAT: Final = "hsm-domain-operator-public-key"
 OPERATOR_PUBLIC_VERSION: Final = 1
 
-_MAX_TOKEN_LABEL_BYTES: Final = 32  # CK_TOKEN_INFO.label is 32 bytes, blank padded
-_MAX_KEY_LABEL_CHARS: Final = 256
-_MAX_CKA_ID_BYTES: Final = 128
-_MAX_REFERENCE_CHARS: Final = 4096
-_MAX_PUBLIC_FILE_SIZE: Final = 64 * 1024
-_MAX_OPERATOR_NAME_CHARS: Final = DEFAULT_LIMITS.max_name_chars
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")
 _PIN_VALUE = re.compile(r"(pin-value=)[^&;?#]*")
 _HEX_ID = re.compile(r"^[0-9a-f]{64}$")
@@ -201,18 +203,18 @@ def _parse_pkcs11(reference: str, environ: Mapping[str, str]) -> Pkcs11TokenRef:
     if "token" not in path_attrs:
         raise _bad(reference, "token=LABEL is missing (the token's label)")
     token_label = _text(reference, "token", path_attrs["token"])
-    if len(token_label.encode("utf-8")) > _MAX_TOKEN_LABEL_BYTES:
-        raise _bad(reference, f"token= is longer than {_MAX_TOKEN_LABEL_BYTES} bytes")
+    if len(token_label.encode("utf-8")) > MAX_TOKEN_LABEL_BYTES:
+        raise _bad(reference, f"token= is longer than {MAX_TOKEN_LABEL_BYTES} bytes")
     key_label = None
     if "object" in path_attrs:
         key_label = _text(reference, "object", path_attrs["object"])
-        if len(key_label) > _MAX_KEY_LABEL_CHARS:
-            raise _bad(reference, f"object= is longer than {_MAX_KEY_LABEL_CHARS} characters")
+        if len(key_label) > MAX_KEY_LABEL_CHARS:
+            raise _bad(reference, f"object= is longer than {MAX_KEY_LABEL_CHARS} characters")
     cka_id = None
     if "id" in path_attrs:
         cka_id = _decode(reference, "id", path_attrs["id"])
-        if not cka_id or len(cka_id) > _MAX_CKA_ID_BYTES:
-            raise _bad(reference, f"id= must be 1 to {_MAX_CKA_ID_BYTES} bytes (e.g. id=%01%02)")
+        if not cka_id or len(cka_id) > MAX_CKA_ID_BYTES:
+            raise _bad(reference, f"id= must be 1 to {MAX_CKA_ID_BYTES} bytes (e.g. id=%01%02)")
 
     if "module-path" in query_attrs:
         module_path = _text(reference, "module-path", query_attrs["module-path"])
@@ -242,8 +244,10 @@ def parse_token_uri(reference: str, *, environ: Mapping[str, str] | None = None)
         raise TypeError("a token reference is a str")
     if not reference.strip():
         raise InvalidInputError("the token reference is empty; give a file path or pkcs11: URI")
-    if len(reference) > _MAX_REFERENCE_CHARS:
-        raise InvalidInputError(f"the token reference is longer than {_MAX_REFERENCE_CHARS} chars")
+    if len(reference) > MAX_TOKEN_REFERENCE_CHARS:
+        raise InvalidInputError(
+            f"the token reference is longer than {MAX_TOKEN_REFERENCE_CHARS} chars"
+        )
     if "\x00" in reference:
         raise _bad(reference, "it holds a NUL character")
     if reference.startswith("pkcs11:"):
@@ -342,10 +346,9 @@ def write_operator_public(path: Path, name: str, public_key: PublicKey) -> None:
 
 
 def _check_operator_name(name: object, error: type[InvalidInputError]) -> str:
-    if not isinstance(name, str) or not (
-        1 <= len(name) <= _MAX_OPERATOR_NAME_CHARS and name.isprintable()
-    ):
-        raise error(f"operator name must be 1 to {_MAX_OPERATOR_NAME_CHARS} printable characters")
+    longest = DEFAULT_LIMITS.max_name_chars
+    if not isinstance(name, str) or not (1 <= len(name) <= longest and name.isprintable()):
+        raise error(f"operator name must be 1 to {longest} printable characters")
     return name
 
 
@@ -358,14 +361,16 @@ def read_operator_public(path: Path) -> tuple[str, PublicKey]:
     """
     path = Path(path)
     try:
-        with path.open("rb") as f:
-            data = f.read(_MAX_PUBLIC_FILE_SIZE + 1)
+        data = read_limited(
+            path,
+            MAX_OPERATOR_PUBLIC_FILE_BYTES,
+            lambda: MalformedMessageError(
+                f"{path} is larger than {MAX_OPERATOR_PUBLIC_FILE_BYTES} bytes; "
+                "not an operator public key"
+            ),
+        )
     except FileNotFoundError:
         raise NotFoundError(f"no operator public key file at {path}") from None
-    if len(data) > _MAX_PUBLIC_FILE_SIZE:
-        raise MalformedMessageError(
-            f"{path} is larger than {_MAX_PUBLIC_FILE_SIZE} bytes; not an operator public key"
-        )
 
     def bad(what: str) -> MalformedMessageError:
         return MalformedMessageError(f"operator public key file {path}: {what}")

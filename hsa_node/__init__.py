@@ -3,9 +3,10 @@ in memory, seals quorum-approved transitions, and serves peers and the coordinat
 
 Public API: `DomainNode` (the verified state of one HSA; every state enters through
 `DomainNode.offer`), `NodeStore` (its files), `Syncer` (the stream, pull and gossip threads),
-`HsaServer` / `load_node` (one process), and `main` (the `hsa-node` command). The key service:
-`KeyServiceServicer` (the KeyService of DESIGN.md), `KeyCache` (verified key records from the
-coordinator), `KeyMaintainer` (re-wrap, automatic rotation and deletion in the background).
+`HsaServer` / `load_node` (one process), and `main` (the `hsa-node` command). The key service
+(docs/runtime.md, "The key service"): `KeyServiceServicer`, `KeyCache` (verified key records
+from the coordinator), `KeyMaintainer` (re-wrap, automatic rotation and deletion in the
+background).
 Key service workers (more cores for one host's data plane): `hsa_node.worker` (one worker
 process, following the main process's store read-only) and `hsa_node.supervisor` (the main
 process starts, restarts and stops them).

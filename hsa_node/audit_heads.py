@@ -33,8 +33,13 @@ from typing import Any, Final, cast
 
 import grpc
 
-from domain_core.errors import BadSignatureError, MalformedMessageError
-from domain_core.limits import DEFAULT_LIMITS, Limits
+from domain_core.errors import BadSignatureError, LimitExceededError, MalformedMessageError
+from domain_core.limits import (
+    DEFAULT_LIMITS,
+    MAX_PEER_HEADS_FILE_BYTES,
+    MAX_PEER_HEADS_KEPT,
+    Limits,
+)
 from domain_core.signers import PublicKey
 from domain_edge import transport
 from domain_edge.audit import (
@@ -45,10 +50,12 @@ from domain_edge.audit import (
     compare_heads,
     describe_refusal,
     raise_persisted_head,
+    read_head_file,
 )
+from domain_edge.files import read_limited
+from domain_edge.throttled_log import ThrottledLog
 from domain_edge.transport import TlsMaterial
 from domain_proto import services_pb2, services_pb2_grpc
-from hsa_node._logging import ThrottledLog
 from hsa_node.storage import Peer, write_atomically
 
 __all__ = [
@@ -63,8 +70,6 @@ log = logging.getLogger(__name__)
 
 PEER_HEADS_FILE: Final = "peer-audit-heads.json"
 RECOVERY_DEADLINE_SECONDS: Final = 2.0
-_MAX_FILE: Final = 4 * 1024 * 1024
-_MAX_KEPT: Final = 4096  # hosts x logs; far above any domain's
 
 
 def _is_log_head(head: AuditHead) -> bool:
@@ -94,10 +99,10 @@ class AuditHeadBook:
 
     def _load(self) -> dict[tuple[str, str], AuditHead]:
         try:
-            document = json.loads(self._path.read_bytes()[:_MAX_FILE])
+            document = json.loads(read_limited(self._path, MAX_PEER_HEADS_FILE_BYTES))
         except FileNotFoundError:
             return {}
-        except (OSError, ValueError, UnicodeDecodeError) as error:
+        except (OSError, ValueError, UnicodeDecodeError, LimitExceededError) as error:
             log.warning("%s is unreadable (%s); starting from no peer heads", self._path, error)
             return {}
         kept: dict[tuple[str, str], AuditHead] = {}
@@ -132,7 +137,7 @@ class AuditHeadBook:
             if not HSA_LOG_NAME.fullmatch(name[: -len(HEAD_FILE_SUFFIX)]):
                 continue
             try:
-                head = AuditHead.parse(entry.read_bytes()[:4096].rstrip(b"\n"))
+                head = AuditHead.parse(read_head_file(entry))
                 if head.host != self._host_id or head.log + HEAD_FILE_SUFFIX != name:
                     raise MalformedMessageError(f"it is the head of {head.host} {head.log}")
                 head.verify(self._own_key)
@@ -166,7 +171,7 @@ class AuditHeadBook:
                 known = self._kept.get((head.host, head.log))
                 order = compare_heads(known, head)
                 if order is HeadOrder.NEWER:
-                    if len(self._kept) >= _MAX_KEPT and known is None:
+                    if len(self._kept) >= MAX_PEER_HEADS_KEPT and known is None:
                         continue
                     self._kept[(head.host, head.log)] = head
                     changed += 1

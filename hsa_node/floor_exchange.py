@@ -44,9 +44,14 @@ from domain_core.errors import (
     PermissionDeniedError,
     UnavailableError,
 )
+from domain_core.limits import (
+    MAX_FLOOR_KEYS_PER_REQUEST,
+    MAX_FLOOR_PAGES_PER_ROUND,
+    MAX_FLOORS_PER_PAGE,
+)
 from domain_core.model import SealedState
+from domain_edge.throttled_log import ThrottledLog
 from domain_proto import services_pb2
-from hsa_node._logging import ThrottledLog
 from hsa_node.keyfloors import FloorChange, MetadataVersionFloor
 from hsa_node.node import DomainNode
 from hsa_node.peer_addresses import AddressBook
@@ -69,7 +74,6 @@ PUSH_DEADLINE_SECONDS: Final = 1.0
 # How long a key change waits for a first peer to take its floor before it is acknowledged.
 ANNOUNCE_DEADLINE_SECONDS: Final = 0.5
 LEARN_DEADLINE_SECONDS: Final = 1.0
-_MAX_PAGES_PER_ROUND: Final = 100
 
 
 @dataclass
@@ -145,7 +149,7 @@ class FloorExchange:
             epoch, after = target.floor_epoch, 0
         result = _Sync()
         head = self._node.head
-        for _ in range(_MAX_PAGES_PER_ROUND):
+        for _ in range(MAX_FLOOR_PAGES_PER_ROUND):
             if after >= target.floor_sequence:
                 result.complete = True
                 return result
@@ -209,9 +213,7 @@ class FloorExchange:
         current = self._floor.sequence()
         if current <= after:
             return after
-        entries, more = self._floor.changes_after(
-            after, signed.MAX_FLOORS_PER_PAGE, local_only=True
-        )
+        entries, more = self._floor.changes_after(after, MAX_FLOORS_PER_PAGE, local_only=True)
         found = peers_of(self._node)
         if entries and found is not None:
             request = services_pb2.PushKeyFloorsRequest(floors=[floor_message(e) for e in entries])
@@ -276,7 +278,7 @@ class FloorExchange:
         head, peers = found
         if not peers:
             return
-        ids = list(dict.fromkeys(key_ids))[: signed.MAX_FLOOR_KEYS_PER_REQUEST]
+        ids = list(dict.fromkeys(key_ids))[:MAX_FLOOR_KEYS_PER_REQUEST]
         futures = {
             host: self._pool.submit(self._ask_floors, host, address, head, ids)
             for host in peers
@@ -326,10 +328,8 @@ class FloorExchange:
         """A signed page of floors: of the keys asked for, or changed after a sequence."""
         nonce = signed.check_nonce(request.nonce)
         key_ids = list(request.key_ids)
-        if len(key_ids) > signed.MAX_FLOOR_KEYS_PER_REQUEST:
-            raise LimitExceededError(
-                f"at most {signed.MAX_FLOOR_KEYS_PER_REQUEST} key ids per request"
-            )
+        if len(key_ids) > MAX_FLOOR_KEYS_PER_REQUEST:
+            raise LimitExceededError(f"at most {MAX_FLOOR_KEYS_PER_REQUEST} key ids per request")
         for key_id in key_ids:
             validate_key_id(key_id)
         if request.consult_peers:
@@ -342,7 +342,7 @@ class FloorExchange:
         if key_ids:
             page.floors.extend(floor_message(e) for e in self._floor.floors_of(key_ids))
         else:
-            maximum = signed.MAX_FLOORS_PER_PAGE
+            maximum = MAX_FLOORS_PER_PAGE
             limit = min(request.limit, maximum) if request.limit else maximum
             after = request.after_sequence if request.epoch == self._floor.epoch else 0
             entries, more = self._floor.changes_after(after, limit)
@@ -363,8 +363,8 @@ class FloorExchange:
         """Take floors a host of the head pushed (the servicer checked its fingerprint)."""
         if caller_host == self._node.host_id:
             raise PermissionDeniedError("an HSA does not push key floors to itself")
-        if len(request.floors) > signed.MAX_FLOORS_PER_PAGE:
-            raise LimitExceededError(f"at most {signed.MAX_FLOORS_PER_PAGE} floors per push")
+        if len(request.floors) > MAX_FLOORS_PER_PAGE:
+            raise LimitExceededError(f"at most {MAX_FLOORS_PER_PAGE} floors per push")
         floors = [signed.check_floor(f) for f in request.floors]
         raised = self._take(floors, caller_host)
         return services_pb2.PushKeyFloorsResponse(raised=len(raised))

@@ -48,8 +48,8 @@ from typing import Final
 
 from domain_core import keytokens, policy
 from domain_core.errors import NotFoundError, UnavailableError
+from domain_edge.throttled_log import ThrottledLog
 from domain_proto import keys_pb2
-from hsa_node._logging import ThrottledLog
 from hsa_node.keyfloors import (
     FloorSource,
     KeyRollbackError,

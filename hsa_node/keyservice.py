@@ -1,4 +1,4 @@
-"""The KeyService of an HSA: customer keys for applications, as DESIGN.md "Keys for applications".
+"""The KeyService of an HSA: customer keys for applications (docs/runtime.md, "The key service").
 
 Applications call it over mutual TLS with client certificates; the principal is the caller's
 SPIFFE URI (`spiffe://<domain>/client/<name>`). Every call runs in one frame
@@ -58,10 +58,10 @@ from domain_core.errors import (
     UnavailableError,
 )
 from domain_core.keylifecycle import KeyChange, iso_date, require_enabled
-from domain_core.limits import DEFAULT_LIMITS, Limits
+from domain_core.limits import DEFAULT_LIMITS, MAX_LIST_KEYS_LIMIT, Limits
 from domain_edge.rate_limit import RateLimiter
+from domain_edge.throttled_log import ThrottledLog
 from domain_proto import keys_pb2, services_pb2, services_pb2_grpc
-from hsa_node._logging import ThrottledLog
 from hsa_node.keycache import CachedKey, KeyCache
 from hsa_node.keycalls import AuditSink, CallFrame, KeyCall, PeerGate
 from hsa_node.keyrecords import CoordinatorUnreachableError, parse_metadata
@@ -74,7 +74,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_DATA_KEY_BYTES: Final = 32
 DEFAULT_LIST_LIMIT: Final = 100
-MAX_LIST_LIMIT: Final = 1000
 
 
 # --- the servicer --------------------------------------------------------------------------
@@ -337,8 +336,10 @@ class KeyServiceServicer(services_pb2_grpc.KeyServiceServicer):
 
         def body(call: KeyCall) -> services_pb2.ListKeysResponse:
             limit = request.limit or DEFAULT_LIST_LIMIT
-            if limit > MAX_LIST_LIMIT:
-                raise InvalidInputError(f"limit {limit} is above the maximum of {MAX_LIST_LIMIT}")
+            if limit > MAX_LIST_KEYS_LIMIT:
+                raise InvalidInputError(
+                    f"limit {limit} is above the maximum of {MAX_LIST_KEYS_LIMIT}"
+                )
             if request.page_token:
                 try:
                     ciphertext.validate_key_id(request.page_token)

@@ -37,8 +37,8 @@ from domain_core.errors import (
     UnavailableError,
     UnknownSignerError,
 )
+from domain_edge.throttled_log import ThrottledLog
 from domain_proto import keys_pb2
-from hsa_node._logging import ThrottledLog
 from hsa_node.keyfloors import FloorSource, MetadataVersionFloor, metadata_digest
 from hsa_node.keyrecords import parse_metadata
 from hsa_node.node import DomainKeys

@@ -45,20 +45,18 @@ from domain_core.errors import (
     UnavailableError,
 )
 from domain_core.identity import HostIdentity
-from domain_core.limits import DEFAULT_LIMITS, Limits
+from domain_core.limits import DEFAULT_LIMITS, MAX_FORKS_KEPT, Limits
 from domain_core.model import SealedState
 from domain_core.pki import certificate_fingerprint
 from domain_core.signers import PublicKey
 from domain_edge.faults import unsafe_crash_point
+from domain_edge.throttled_log import ThrottledLog
 from domain_proto import domain_pb2
-from hsa_node._logging import ThrottledLog
 from hsa_node.storage import NodeStore
 
 __all__ = ["DomainKeys", "DomainNode", "NodeStatus", "PeerStanding", "StoredStateError"]
 
 log = logging.getLogger(__name__)
-
-_MAX_FORKS_KEPT = 64  # distinct (version, peer) forks remembered; the first one is shown
 
 
 class StoredStateError(ChainError):
@@ -339,7 +337,7 @@ class DomainNode:
         logged at ERROR the first time it is seen and shown in the status detail.
         """
         with self._lock:
-            if (version, peer_host_id) in self._forks or len(self._forks) >= _MAX_FORKS_KEPT:
+            if (version, peer_host_id) in self._forks or len(self._forks) >= MAX_FORKS_KEPT:
                 return
             self._forks[(version, peer_host_id)] = None
             ours = self._chain.known_hash(version)

@@ -16,16 +16,14 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
-from typing import Final
 
+from domain_core.limits import MAX_ADDRESS_HINTS_PER_HOST
 from hsa_node.storage import NodeStore, Peer
 
 __all__ = ["AddressBook"]
 
 # These lines keep the logger name they have always had.
 log = logging.getLogger("hsa_node.peering")
-
-_MAX_HINTS_PER_HOST: Final = 8
 
 
 class AddressBook:
@@ -54,7 +52,7 @@ class AddressBook:
                 hints.insert(0, address)
             return False
         hints.insert(0, address) if first else hints.append(address)
-        del hints[_MAX_HINTS_PER_HOST:]
+        del hints[MAX_ADDRESS_HINTS_PER_HOST:]
         return True
 
     def hint(self, host_id: str, address: str, *, first: bool = False) -> bool:

@@ -52,13 +52,20 @@ from typing import TYPE_CHECKING, Any, Final
 import grpc
 
 from domain_core import peering as signed
-from domain_core.errors import HsmDomainError, InvalidInputError, NotAppliedError, UnavailableError
-from domain_core.limits import DEFAULT_LIMITS, Limits
+from domain_core.errors import (
+    HsmDomainError,
+    InvalidInputError,
+    LimitExceededError,
+    NotAppliedError,
+    UnavailableError,
+)
+from domain_core.limits import DEFAULT_LIMITS, MAX_GENESIS_MARKER_FILE_BYTES, Limits
 from domain_core.model import SealedState
 from domain_edge.config import FLOORS_COMPLETE_FILE
+from domain_edge.files import read_limited
+from domain_edge.throttled_log import ThrottledLog
 from domain_edge.transport import TlsMaterial
 from domain_proto import domain_pb2, services_pb2
-from hsa_node._logging import ThrottledLog
 from hsa_node.floor_exchange import FloorExchange
 from hsa_node.keyfloors import MetadataVersionFloor
 from hsa_node.node import DomainNode, PeerStanding
@@ -175,9 +182,13 @@ class Peering:
         later is not taken for complete."""
         path = self._store.data_dir / FLOORS_COMPLETE_FILE
         try:
-            text = path.read_bytes()[:200].decode("ascii", "replace").strip()
+            text = (
+                read_limited(path, MAX_GENESIS_MARKER_FILE_BYTES).decode("ascii", "replace").strip()
+            )
         except FileNotFoundError:
             return
+        except LimitExceededError:
+            text = ""  # names no genesis: ignored and removed below
         genesis = self._node.states_after(0, 1)[0].hash.hex()
         if text == genesis:
             if not self._floor.complete:

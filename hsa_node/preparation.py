@@ -43,8 +43,8 @@ from domain_core.errors import (
     UnavailableError,
 )
 from domain_core.keylifecycle import TransitionTarget
+from domain_edge.throttled_log import ThrottledLog
 from domain_proto import keys_pb2
-from hsa_node._logging import ThrottledLog
 from hsa_node.keycache import KeyCache
 from hsa_node.keyrecords import parse_metadata
 from hsa_node.node import DomainKeys, DomainNode

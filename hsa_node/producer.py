@@ -32,8 +32,8 @@ from domain_core.keylifecycle import TransitionTarget
 from domain_core.limits import DEFAULT_LIMITS, Limits
 from domain_core.model import Proposal, SealedState
 from domain_edge.faults import unsafe_crash_point
+from domain_edge.throttled_log import ThrottledLog
 from domain_proto import domain_pb2
-from hsa_node._logging import ThrottledLog
 from hsa_node.node import DomainNode
 
 __all__ = ["CatchUp", "KeyRecordPreparer", "StateProducer", "try_catch_up"]

@@ -27,10 +27,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from domain_core.errors import FailedPreconditionError, MalformedMessageError
-from domain_core.limits import DEFAULT_LIMITS, Limits
+from domain_core.errors import FailedPreconditionError, LimitExceededError, MalformedMessageError
+from domain_core.limits import (
+    DEFAULT_LIMITS,
+    MAX_ADDRESS_FILE_BYTES,
+    MAX_NODE_SMALL_FILE_BYTES,
+    Limits,
+)
 from domain_core.model import SealedState
-from domain_edge.files import replace_file
+from domain_edge.files import read_limited, replace_file
 
 __all__ = [
     "NodeStore",
@@ -49,7 +54,6 @@ REMOVAL_FILE: Final = "removal.state"
 ADDRESS_FILE: Final = "address"
 PEERS_FILE: Final = "peers.json"
 _STATE_NAME: Final = re.compile(r"^(\d{12})\.state$")
-_MAX_SMALL_FILE: Final = 1024 * 1024
 _FILE_MODE: Final = 0o600
 _DIR_MODE: Final = 0o700
 
@@ -87,11 +91,11 @@ def write_worker_ready(path: Path, ready: WorkerReady) -> None:
 def read_worker_ready(path: Path) -> WorkerReady | None:
     """A worker's ready file; None if absent or not a complete document."""
     try:
-        document = json.loads(path.read_bytes()[:_MAX_SMALL_FILE])
+        document = json.loads(read_limited(path, MAX_NODE_SMALL_FILE_BYTES))
         return WorkerReady(
             pid=int(document["pid"]), address=str(document["address"]), index=int(document["index"])
         )
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, LimitExceededError):
         return None
 
 
@@ -190,8 +194,8 @@ class NodeStore:
         """The address the server bound last time, if remembered."""
         path = self.data_dir / ADDRESS_FILE
         try:
-            text = path.read_bytes()[:256].decode("ascii").strip()
-        except (FileNotFoundError, UnicodeDecodeError):
+            text = read_limited(path, MAX_ADDRESS_FILE_BYTES).decode("ascii").strip()
+        except (FileNotFoundError, UnicodeDecodeError, LimitExceededError):
             return None
         return text or None
 
@@ -204,8 +208,8 @@ class NodeStore:
         """The cached peer list; empty when missing or unreadable (it is only a hint)."""
         path = self.data_dir / PEERS_FILE
         try:
-            document = json.loads(path.read_bytes()[:_MAX_SMALL_FILE])
-        except (FileNotFoundError, ValueError, UnicodeDecodeError):
+            document = json.loads(read_limited(path, MAX_NODE_SMALL_FILE_BYTES))
+        except (FileNotFoundError, ValueError, UnicodeDecodeError, LimitExceededError):
             return []
         entries = document.get("peers") if isinstance(document, dict) else None
         if not isinstance(entries, list):

@@ -49,9 +49,9 @@ from domain_core.errors import (
 from domain_core.limits import DEFAULT_LIMITS, Limits
 from domain_core.model import SealedState
 from domain_edge import transport
+from domain_edge.throttled_log import ThrottledLog
 from domain_edge.transport import TlsMaterial
 from domain_proto import domain_pb2, services_pb2, services_pb2_grpc
-from hsa_node._logging import ThrottledLog
 from hsa_node.audit_heads import AuditHeadBook
 from hsa_node.node import DomainNode
 from hsa_node.storage import NodeStore

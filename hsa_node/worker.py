@@ -36,10 +36,10 @@ import threading
 from typing import Final
 
 from domain_core.errors import ChainGapError, HsmDomainError, InvalidInputError
-from domain_core.limits import Limits
-from domain_edge.config import MAX_KEY_SERVICE_WORKERS, NodeConfig
+from domain_core.limits import MAX_KEY_SERVICE_WORKERS, Limits
+from domain_edge.config import NodeConfig
+from domain_edge.throttled_log import ThrottledLog
 from domain_proto import services_pb2
-from hsa_node._logging import ThrottledLog
 from hsa_node.keyfloors import MetadataVersionFloor
 from hsa_node.keyhost import KeyServiceHost
 from hsa_node.node import DomainNode

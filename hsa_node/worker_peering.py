@@ -22,9 +22,8 @@ from typing import Final
 
 import grpc
 
-from domain_core import peering as signed
 from domain_core.errors import NotAppliedError, UnavailableError
-from domain_core.limits import DEFAULT_LIMITS, Limits
+from domain_core.limits import DEFAULT_LIMITS, MAX_FLOOR_KEYS_PER_REQUEST, Limits
 from domain_edge.transport import TlsMaterial
 from hsa_node.floor_exchange import LEARN_DEADLINE_SECONDS
 from hsa_node.keyfloors import MetadataVersionFloor
@@ -141,7 +140,7 @@ class WorkerPeering:
         if not address:
             raise UnavailableError(f"{self._node.host_id}'s main process address is not known")
         self._main_address = address
-        ids = list(dict.fromkeys(key_ids))[: signed.MAX_FLOOR_KEYS_PER_REQUEST]
+        ids = list(dict.fromkeys(key_ids))[:MAX_FLOOR_KEYS_PER_REQUEST]
         try:
             # Written to the shared table by the main process already; checked all the same.
             get_key_floors(

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
 
-from domain_core import envelope
+from domain_core.limits import MAX_CHUNK_SIZE
 from domain_edge.cli import UsageError
 from domain_edge.kms_client import KeyClient, read_cluster
 from domain_edge.transport import TlsMaterial
@@ -108,8 +108,8 @@ def _seconds(text: str) -> float:
 def chunk_size(text: str) -> int:
     """An envelope's plaintext bytes per chunk."""
     value = positive(text)
-    if value > envelope.MAX_CHUNK_SIZE:
-        raise argparse.ArgumentTypeError(f"the chunk size is at most {envelope.MAX_CHUNK_SIZE}")
+    if value > MAX_CHUNK_SIZE:
+        raise argparse.ArgumentTypeError(f"the chunk size is at most {MAX_CHUNK_SIZE}")
     return value
 
 

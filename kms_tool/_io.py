@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import IO, Any, Final
 
 from domain_core.errors import InvalidInputError, LimitExceededError
+from domain_core.limits import MAX_POLICY_FILE_BYTES
 from domain_edge.cli import UsageError, print_json
-from domain_edge.files import SECRET_MODE, replace_file
+from domain_edge.files import SECRET_MODE, read_limited, replace_file
 from domain_edge.kms_client import KeyMetadata, policy_from_json
 
 __all__ = [
@@ -41,19 +42,14 @@ __all__ = [
 ]
 
 STDIO: Final = "-"
-_MAX_POLICY_BYTES: Final = 1 << 20
 
 
 def read_input(path: str, limit: int, what: str, hint: str = "") -> bytes:
     """All of a file (or stdin for '-'), refused beyond `limit` bytes."""
-    if path == STDIO:
-        data = sys.stdin.buffer.read(limit + 1)
-    else:
-        with Path(path).open("rb") as source:
-            data = source.read(limit + 1)
-    if len(data) > limit:
-        raise LimitExceededError(f"{what} is more than {limit} bytes{hint}")
-    return data
+    source = sys.stdin.buffer if path == STDIO else Path(path)
+    return read_limited(
+        source, limit, lambda: LimitExceededError(f"{what} is more than {limit} bytes{hint}")
+    )
 
 
 @contextlib.contextmanager
@@ -152,7 +148,7 @@ def print_metadata(metadata: KeyMetadata, as_json: bool) -> None:
 
 def read_policy(path: str) -> dict[str, Any]:
     """A key policy document from a file ('-': stdin), refused before any call if bad."""
-    raw = read_input(path, _MAX_POLICY_BYTES, f"policy file {path}")
+    raw = read_input(path, MAX_POLICY_FILE_BYTES, f"policy file {path}")
     try:
         document = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as error:

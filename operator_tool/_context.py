@@ -25,8 +25,10 @@ from typing import Any, Final, Protocol, TextIO
 
 from domain_core.display import escape_lines
 from domain_core.errors import TokenError
+from domain_core.limits import MAX_SECRET_INPUT_FILE_BYTES
 from domain_core.signers import Signer
 from domain_edge.cli import UsageError, print_json
+from domain_edge.files import read_limited
 from domain_edge.tokens import FileTokenRef, TokenRef, open_token, parse_token_uri
 
 __all__ = [
@@ -42,7 +44,6 @@ __all__ = [
 TOKEN_ENV: Final = "HSM_TOKEN"  # noqa: S105 (names a variable, holds no secret)
 PASSPHRASE_FILE_ENV: Final = "HSM_TOKEN_PASSPHRASE_FILE"  # noqa: S105 (a variable name)
 PIN_FILE_ENV: Final = "HSM_TOKEN_PIN_FILE"
-_MAX_SECRET_FILE_SIZE: Final = 4096
 
 
 class Handler(Protocol):
@@ -97,10 +98,13 @@ def shared_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
 def read_secret_file(path: str | Path, what: str) -> bytes:
     """A secret from a file: its bytes, without one trailing newline; TokenError if empty."""
     path = Path(path)
-    with path.open("rb") as f:
-        data = f.read(_MAX_SECRET_FILE_SIZE + 1)
-    if len(data) > _MAX_SECRET_FILE_SIZE:
-        raise TokenError(f"{what} file {path} is larger than {_MAX_SECRET_FILE_SIZE} bytes")
+    data = read_limited(
+        path,
+        MAX_SECRET_INPUT_FILE_BYTES,
+        lambda: TokenError(
+            f"{what} file {path} is larger than {MAX_SECRET_INPUT_FILE_BYTES} bytes"
+        ),
+    )
     if data.endswith(b"\r\n"):
         data = data[:-2]
     elif data.endswith(b"\n"):

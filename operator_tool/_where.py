@@ -46,10 +46,16 @@ from domain_core.errors import (
     UnavailableError,
     VerificationError,
 )
-from domain_core.limits import DEFAULT_LIMITS
+from domain_core.limits import (
+    DEFAULT_LIMITS,
+    MAX_CA_CERT_FILE_BYTES,
+    MAX_OPERATOR_JSON_FILE_BYTES,
+    MIN_PROPOSAL_ID_PREFIX_CHARS,
+)
 from domain_core.model import SealedState
 from domain_edge.cli import UsageError
 from domain_edge.client import CoordinatorClient, ProposalView
+from domain_edge.files import read_limited
 from domain_edge.layout import COORDINATOR_NAME, DomainPaths
 from operator_tool._context import CommandContext
 from operator_tool._review import Review, review
@@ -73,10 +79,7 @@ __all__ = [
 
 CLUSTER_ENV: Final = "HSM_CLUSTER"
 COORDINATOR_ENV: Final = "HSM_COORDINATOR"
-_MAX_JSON_BYTES: Final = 1 << 20
-_MAX_CERT_BYTES: Final = 1 << 16
 _HEX_ID: Final = re.compile(r"^[0-9a-f]{4,64}$")
-_MIN_PREFIX: Final = 6
 
 
 @dataclass(frozen=True)
@@ -150,17 +153,17 @@ def add_state_option(parser: Any, help: str, *, required: bool = False) -> None:
 
 def _read_small(path: Path, limit: int, what: str) -> bytes:
     try:
-        with path.open("rb") as f:
-            data = f.read(limit + 1)
+        return read_limited(
+            path,
+            limit,
+            lambda: InvalidInputError(f"{path} is larger than {limit} bytes; it is not a {what}"),
+        )
     except FileNotFoundError:
         raise NotFoundError(f"no {what} at {path}") from None
-    if len(data) > limit:
-        raise InvalidInputError(f"{path} is larger than {limit} bytes; it is not a {what}")
-    return data
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
-    data = _read_small(path, _MAX_JSON_BYTES, what)
+    data = _read_small(path, MAX_OPERATOR_JSON_FILE_BYTES, what)
     try:
         document = json.loads(data)
     except (ValueError, UnicodeDecodeError):
@@ -251,7 +254,7 @@ def locate(ctx: CommandContext) -> DomainLocation:
         )
     if ca_file is None:
         raise UsageError("--coordinator needs --ca FILE (the domain CA certificate)")
-    ca_pem = _read_small(ca_file, _MAX_CERT_BYTES, "CA certificate")
+    ca_pem = _read_small(ca_file, MAX_CA_CERT_FILE_BYTES, "CA certificate")
     anchor = _anchor(domain_id, genesis_file, genesis_hash, state_file)
     return DomainLocation(coordinator=coordinator, ca_pem=ca_pem, anchor=anchor)
 
@@ -381,8 +384,10 @@ class Connection:
         key = proposal_key(text)
         if is_full_id(key):
             return self.client.get_proposal(bytes.fromhex(key))
-        if len(key) < _MIN_PREFIX:
-            raise InvalidInputError(f"give at least {_MIN_PREFIX} hex digits of the proposal id")
+        if len(key) < MIN_PROPOSAL_ID_PREFIX_CHARS:
+            raise InvalidInputError(
+                f"give at least {MIN_PROPOSAL_ID_PREFIX_CHARS} hex digits of the proposal id"
+            )
         matches = [
             v
             for v in self.client.list_proposals(include_closed=True)

@@ -52,9 +52,15 @@ from domain_core.errors import (
     VerificationError,
     WrongDomainError,
 )
+from domain_core.limits import (
+    MAX_APPROVAL_FILE_BYTES,
+    MAX_EXPORT_FILE_BYTES,
+    MAX_EXPORTED_SIGNATURE_BYTES,
+    MAX_EXPORTED_STATE_BYTES,
+)
 from domain_core.model import OPERATOR_ID_PATTERN, Proposal, SealedState
 from domain_edge.cli import Command, UsageError
-from domain_edge.files import write_new_file
+from domain_edge.files import read_limited, write_new_file
 from domain_proto import domain_pb2
 from operator_tool._context import CommandContext
 from operator_tool._render import iso
@@ -102,11 +108,6 @@ _EXPORT_KEYS: Final = frozenset(
     }
 )
 _APPROVAL_KEYS: Final = frozenset({"format", "version", "proposal_id", "operator_id", "signature"})
-_MAX_APPROVAL_FILE_BYTES: Final = 1 << 20
-# The chain grows by a few KiB per state (about 1.2 MiB a year with daily rotations).
-_MAX_EXPORT_FILE_BYTES: Final = 64 << 20
-_MAX_STATE_BYTES: Final = 4 << 20
-_MAX_SIGNATURE_BYTES: Final = 256
 
 
 # --- documents -------------------------------------------------------------------------------
@@ -166,12 +167,13 @@ def write_document(path: Path, document: dict[str, Any]) -> None:
 
 def _load(path: Path, what: str, limit: int) -> dict[str, Any]:
     try:
-        with path.open("rb") as f:
-            data = f.read(limit + 1)
+        data = read_limited(
+            path,
+            limit,
+            lambda: InvalidInputError(f"{path} is larger than {limit} bytes; not a {what}"),
+        )
     except FileNotFoundError:
         raise InvalidInputError(f"no {what} at {path}") from None
-    if len(data) > limit:
-        raise InvalidInputError(f"{path} is larger than {limit} bytes; not a {what}")
     try:
         document = json.loads(data)
     except (ValueError, UnicodeDecodeError):
@@ -237,12 +239,12 @@ def _operator_id(path: Path, value: object) -> str:
 def read_approval_file(path: str | Path) -> domain_pb2.Approval:
     """An approval from an approval file (shape checked; the signature is checked later)."""
     path = Path(path)
-    document = _load(path, "approval file", _MAX_APPROVAL_FILE_BYTES)
+    document = _load(path, "approval file", MAX_APPROVAL_FILE_BYTES)
     _check_shape(path, document, APPROVAL_FORMAT, _APPROVAL_KEYS, "approval file")
     return domain_pb2.Approval(
         proposal_id=_hex(path, document, "proposal_id", canonical.DIGEST_BYTES),
         operator_id=_operator_id(path, document["operator_id"]),
-        signature=_base64(path, document["signature"], "signature", _MAX_SIGNATURE_BYTES),
+        signature=_base64(path, document["signature"], "signature", MAX_EXPORTED_SIGNATURE_BYTES),
     )
 
 
@@ -256,7 +258,7 @@ def read_export_file(
     `verify_bundle` verifies the chain from the operator's pinned genesis.
     """
     path = Path(path)
-    document = _load(path, "proposal export file", _MAX_EXPORT_FILE_BYTES)
+    document = _load(path, "proposal export file", MAX_EXPORT_FILE_BYTES)
     _check_shape(
         path,
         document,
@@ -266,7 +268,7 @@ def read_export_file(
         EXPORT_VERSION,
     )
     proposal_id = _hex(path, document, "proposal_id", canonical.DIGEST_BYTES)
-    raw = _base64(path, document["proposal"], "proposal", _MAX_STATE_BYTES)
+    raw = _base64(path, document["proposal"], "proposal", MAX_EXPORTED_STATE_BYTES)
     if canonical.proposal_id(raw) != proposal_id:
         raise BadSignatureError(
             f"{path}: the proposal bytes do not hash to the proposal id it names; the file was "
@@ -289,7 +291,7 @@ def read_export_file(
         raise MalformedMessageError(f"{path}: chain is not a list of states from the genesis")
     chain = []
     for index, entry in enumerate(entries):
-        state_raw = _base64(path, entry, f"chain[{index}]", _MAX_STATE_BYTES)
+        state_raw = _base64(path, entry, f"chain[{index}]", MAX_EXPORTED_STATE_BYTES)
         try:
             chain.append(SealedState.from_bytes(state_raw))
         except HsmDomainError as error:
@@ -307,7 +309,9 @@ def read_export_file(
             domain_pb2.Approval(
                 proposal_id=proposal_id,
                 operator_id=_operator_id(path, entry["operator_id"]),
-                signature=_base64(path, entry["signature"], "signature", _MAX_SIGNATURE_BYTES),
+                signature=_base64(
+                    path, entry["signature"], "signature", MAX_EXPORTED_SIGNATURE_BYTES
+                ),
             )
         )
     return proposal, chain, approvals

@@ -1,6 +1,6 @@
 """Shared fixtures, and the CI rule that no test may be skipped.
 
-A test that needs an external tool (etcd, softhsm2-util, libsofthsm2.so) asks for it with
+A test that needs an external tool (softhsm2-util, libsofthsm2.so) asks for it with
 `require_tool`: when the tool is missing the test skips, or fails when `HSM_REQUIRE_ALL=1`.
 Under `HSM_REQUIRE_ALL=1` (set by `.ci/run`) every skip, wherever it comes from (a skip mark,
 `pytest.skip` in a test or fixture, `pytest.importorskip` at import), is reported as a failure,
@@ -74,12 +74,6 @@ def require_tool(name: str, why: str) -> str:
 def _require_tool_fixture() -> Callable[[str, str], str]:
     """Fixture form of `require_tool`, for tests that cannot import from conftest."""
     return require_tool
-
-
-@pytest.fixture
-def etcd_bin() -> str:
-    """Path of the etcd server binary."""
-    return require_tool("etcd", "run an etcd server for the coordinator's etcd store")
 
 
 @pytest.fixture

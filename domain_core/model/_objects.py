@@ -14,7 +14,7 @@ from types import MappingProxyType
 from google.protobuf.message import DecodeError
 
 from domain_core import canonical, display
-from domain_core.canonical import PayloadType
+from domain_core.contexts import PayloadType
 from domain_core.errors import LimitExceededError, MalformedMessageError
 from domain_core.limits import DEFAULT_LIMITS, Limits
 from domain_core.model._records import (

@@ -15,7 +15,7 @@ from google.protobuf.message import DecodeError
 
 from domain_core import display
 from domain_core.errors import LimitExceededError, MalformedMessageError
-from domain_core.limits import DEFAULT_LIMITS, Limits
+from domain_core.limits import DEFAULT_LIMITS, MAX_ENROLLMENT_BYTES, Limits
 from domain_core.signers import PublicKey, SignatureAlgorithm
 from domain_proto import domain_pb2
 
@@ -175,8 +175,6 @@ def validate_host(host: domain_pb2.Host, domain_id: str) -> None:
     )
 
 
-# An enrollment is a host record, a certificate and two signatures: about 1 KiB.
-MAX_ENROLLMENT_BYTES = 8 * 1024
 _ADDRESS_HINT = re.compile(r"[A-Za-z0-9.:_\[\]-]{0,255}")
 
 
@@ -284,7 +282,7 @@ def make_host(
 
 
 def default_settings() -> domain_pb2.DomainSettings:
-    """The settings of DESIGN.md: 24 h rotation, 7 generations, 7-day proposals."""
+    """The default domain settings: 24 h rotation, 7 generations, 7-day proposals."""
     return domain_pb2.DomainSettings(
         key_rotation_interval_seconds=DEFAULT_ROTATION_INTERVAL_SECONDS,
         key_generations_retained=DEFAULT_GENERATIONS_RETAINED,

@@ -17,10 +17,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from domain_core.limits import MAX_DNS_NAME_CHARS
 from domain_core.pki._certificates import _basic_constraints, _ca_trust_domains
 from domain_core.pki._names import (
     _BACKDATE,
-    _MAX_DNS_NAME_LENGTH,
     _SPIFFE_PREFIX,
     SERVER_KINDS,
     SpiffeId,
@@ -271,10 +271,10 @@ def _subject_alt_names(
     names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(spiffe.uri)]
     if spiffe.kind in SERVER_KINDS:
         derived = [identity_dns_name(spiffe), role_dns_name(spiffe.domain, spiffe.kind)]
-        if max(len(d) for d in derived) > _MAX_DNS_NAME_LENGTH:
+        if max(len(d) for d in derived) > MAX_DNS_NAME_CHARS:
             raise ValueError(
                 f"{spiffe.uri} is too long for its DNS names (at most "
-                f"{_MAX_DNS_NAME_LENGTH} characters): use a shorter trust domain"
+                f"{MAX_DNS_NAME_CHARS} characters): use a shorter trust domain"
             )
         names += [x509.DNSName(d) for d in derived]
     names += [x509.DNSName(name) for name in dns_names]

@@ -15,15 +15,14 @@ from typing import Final, Literal, cast, get_args
 from domain_core.errors import (
     InvalidInputError,
 )
+from domain_core.limits import MAX_TRUST_DOMAIN_CHARS
 
 SpiffeKind = Literal["hsa", "coordinator", "client"]
 SPIFFE_KINDS: Final[tuple[str, ...]] = get_args(SpiffeKind)
 # The kinds that serve: their certificates carry the role and identity DNS names.
 SERVER_KINDS: Final[tuple[str, ...]] = ("hsa", "coordinator")
-_MAX_DNS_NAME_LENGTH: Final = 253
 
 _BACKDATE: Final = timedelta(minutes=5)
-_MAX_TRUST_DOMAIN_LENGTH: Final = 253
 _LABEL: Final = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
 _NAME_RE: Final = re.compile(_LABEL)
 _TRUST_DOMAIN_RE: Final = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
@@ -41,7 +40,7 @@ def is_valid_trust_domain(domain: object) -> bool:
     """Whether `domain` is a valid trust domain: dot-separated lower-case DNS labels."""
     return (
         isinstance(domain, str)
-        and len(domain) <= _MAX_TRUST_DOMAIN_LENGTH
+        and len(domain) <= MAX_TRUST_DOMAIN_CHARS
         and _TRUST_DOMAIN_RE.fullmatch(domain) is not None
     )
 

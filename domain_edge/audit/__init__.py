@@ -61,8 +61,6 @@ from domain_edge.audit._encoding import (
     CHECKPOINT_FIELDS,
     HEAD_FILE_SUFFIX,
     HSA_LOG_NAME,
-    MAX_HEAD_BYTES,
-    MAX_LINE_BYTES,
     RECORD_FIELDS,
     AuditLogError,
     checkpoint_digest,
@@ -77,6 +75,7 @@ from domain_edge.audit._heads import (
     head_file,
     persist_head,
     raise_persisted_head,
+    read_head_file,
     read_persisted_head,
 )
 from domain_edge.audit._verify import AuditReport, verify_audit_log
@@ -87,8 +86,6 @@ __all__ = [
     "CHECKPOINT_FIELDS",
     "HEAD_FILE_SUFFIX",
     "HSA_LOG_NAME",
-    "MAX_HEAD_BYTES",
-    "MAX_LINE_BYTES",
     "RECORD_FIELDS",
     "AuditHead",
     "AuditLog",
@@ -102,6 +99,7 @@ __all__ = [
     "head_file",
     "persist_head",
     "raise_persisted_head",
+    "read_head_file",
     "read_persisted_head",
     "record_hash",
     "verify_audit_log",

@@ -18,11 +18,11 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 from domain_core import canonical
+from domain_core.contexts import AUDIT_RECORD_CONTEXT, PayloadType
 from domain_core.errors import HsmDomainError, Status
 
 AUDIT_LOG_FILE: Final = "audit.log"
 HEAD_FILE_SUFFIX: Final = ".head"
-RECORD_HASH_CONTEXT: Final = b"hsm-domain/v1 audit-record\x00"
 GENESIS_PREV: Final = "0" * 64
 CHECKPOINT_TYPE: Final = "checkpoint"
 RECOVERY_OPERATION: Final = "audit.recover"
@@ -59,8 +59,6 @@ _MAX_CONTEXT_ENTRIES: Final = 64
 _MAX_CONTEXT_KEY: Final = 256
 _MAX_CONTEXT_VALUE: Final = 1024
 _TRUNCATED: Final = "...(truncated)"
-# A line longer than this cannot come from the writer; the verifier refuses to buffer it.
-MAX_LINE_BYTES: Final = 1 << 20
 _TAIL_CHUNK: Final = 64 * 1024
 _HEX64: Final = re.compile(r"[0-9a-f]{64}")
 _HEX: Final = re.compile(r"(?:[0-9a-f]{2}){1,256}")
@@ -69,9 +67,6 @@ _TIME: Final = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z")
 _LOG_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 # The names of an HSA's audit logs: its own, and each key service worker's.
 HSA_LOG_NAME: Final = re.compile(r"audit(?:-worker-[1-9][0-9]{0,3})?\.log")
-_MAX_HOST: Final = 256
-# A published head is one checkpoint line; nothing longer comes from the writer.
-MAX_HEAD_BYTES: Final = 2048
 
 
 class AuditLogError(HsmDomainError):
@@ -150,7 +145,7 @@ def _record_json(record: Mapping[str, Any], *, with_hash: bool) -> bytes:
 
 
 def _hash_of_unhashed(unhashed: bytes) -> str:
-    return hashlib.sha256(RECORD_HASH_CONTEXT + unhashed).hexdigest()
+    return hashlib.sha256(AUDIT_RECORD_CONTEXT + unhashed).hexdigest()
 
 
 def record_hash(record: Mapping[str, Any]) -> str:
@@ -164,7 +159,7 @@ def checkpoint_digest(checkpoint: Mapping[str, Any]) -> bytes:
     """The 32-byte digest a checkpoint signs: every field but `signature`, canonical JSON,
     domain-separated as an AUDIT_CHECKPOINT payload."""
     fields = {k: v for k, v in checkpoint.items() if k != "signature"}
-    return canonical.digest(canonical.PayloadType.AUDIT_CHECKPOINT, _canonical_json(fields))
+    return canonical.digest(PayloadType.AUDIT_CHECKPOINT, _canonical_json(fields))
 
 
 def format_time(seconds: float) -> str:

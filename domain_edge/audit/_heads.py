@@ -15,24 +15,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from domain_core import canonical
+from domain_core.contexts import PayloadType
 from domain_core.errors import BadSignatureError, MalformedMessageError
+from domain_core.limits import MAX_AUDIT_HOST_CHARS, MAX_HEAD_BYTES
 from domain_core.signers import PublicKey
 from domain_edge.audit._encoding import (
     _HEX,
     _HEX64,
     _LOG_NAME,
-    _MAX_HOST,
     _TIME,
     CHECKPOINT_FIELDS,
     CHECKPOINT_TYPE,
     HEAD_FILE_SUFFIX,
-    MAX_HEAD_BYTES,
     AuditLogError,
     _canonical_json,
     _is_int,
     checkpoint_digest,
 )
-from domain_edge.files import replace_file
+from domain_edge.files import read_limited, replace_file
 
 # --- heads -------------------------------------------------------------------------------------
 
@@ -84,7 +84,7 @@ class AuditHead:
             if not _is_int(value[name]) or value[name] < 1:
                 raise MalformedMessageError(f"an audit head's {name} is not a positive integer")
         host, log_name = value["host"], value["log"]
-        if not isinstance(host, str) or not 0 < len(host) <= _MAX_HOST:
+        if not isinstance(host, str) or not 0 < len(host) <= MAX_AUDIT_HOST_CHARS:
             raise MalformedMessageError("an audit head's host is not a short string")
         if not isinstance(log_name, str) or not _LOG_NAME.fullmatch(log_name):
             raise MalformedMessageError("an audit head's log is not a file name")
@@ -113,9 +113,7 @@ class AuditHead:
         try:
             public_key.verify(
                 bytes.fromhex(self.signature),
-                canonical.signing_input(
-                    canonical.PayloadType.AUDIT_CHECKPOINT, checkpoint_digest(fields)
-                ),
+                canonical.signing_input(PayloadType.AUDIT_CHECKPOINT, checkpoint_digest(fields)),
             )
         except (ValueError, BadSignatureError):
             raise BadSignatureError(
@@ -174,6 +172,20 @@ def head_file(log_path: Path) -> Path:
     return log_path.with_name(log_path.name + HEAD_FILE_SUFFIX)
 
 
+def read_head_file(path: Path) -> bytes:
+    """The checkpoint line a head file holds, without its newline (not parsed).
+
+    MalformedMessageError if the file is longer than a head and its newline (at most that
+    much is read); FileNotFoundError or OSError if it cannot be read.
+    """
+    raw = read_limited(
+        path,
+        MAX_HEAD_BYTES + 1,
+        lambda: MalformedMessageError(f"an audit head is longer than {MAX_HEAD_BYTES} bytes"),
+    )
+    return raw.rstrip(b"\n")
+
+
 def read_persisted_head(log_path: Path, public_key: PublicKey, host_id: str) -> AuditHead | None:
     """The head kept beside `log_path`, verified; None without one.
 
@@ -182,17 +194,14 @@ def read_persisted_head(log_path: Path, public_key: PublicKey, host_id: str) -> 
     """
     path = head_file(log_path)
     try:
-        with open(path, "rb") as stream:
-            raw = stream.read(MAX_HEAD_BYTES + 2)
+        head = AuditHead.parse(read_head_file(path))
+        if head.host != host_id or head.log != log_path.name:
+            raise MalformedMessageError(f"it is the head of {head.host} {head.log}")
+        head.verify(public_key)
     except FileNotFoundError:
         return None
     except OSError as error:
         raise AuditLogError(f"cannot read {path}: {error.strerror or error}") from None
-    try:
-        head = AuditHead.parse(raw.rstrip(b"\n"))
-        if head.host != host_id or head.log != log_path.name:
-            raise MalformedMessageError(f"it is the head of {head.host} {head.log}")
-        head.verify(public_key)
     except (MalformedMessageError, BadSignatureError) as error:
         raise AuditLogError(
             f"{path} does not hold a signed checkpoint of {log_path.name} by {host_id} "

@@ -11,11 +11,11 @@ import json
 import os
 from collections.abc import Iterator
 
+from domain_core.limits import MAX_AUDIT_LINE_BYTES
 from domain_edge.audit._encoding import (
     _HEX64,
     _TAIL_CHUNK,
     CHECKPOINT_TYPE,
-    MAX_LINE_BYTES,
     _is_int,
 )
 
@@ -95,7 +95,7 @@ def _record_hash_at(fd: int, size: int, seq: int) -> str | None:
 
 def _first_hash(fd: int) -> str | None:
     """The hash of record 1 from the file's first line (a record, or a checkpoint naming it)."""
-    data = os.pread(fd, MAX_LINE_BYTES + 1, 0)
+    data = os.pread(fd, MAX_AUDIT_LINE_BYTES + 1, 0)
     end = data.find(b"\n")
     if end < 0:
         return None

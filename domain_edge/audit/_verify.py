@@ -2,7 +2,7 @@
 
 Invariants: the verifier names the first sequence number at which the file departs from a
 valid chain, with a reason a person can act on; it never buffers a line longer than
-`MAX_LINE_BYTES`; damage is reported, never raised; a published head is believed only under
+`MAX_AUDIT_LINE_BYTES`; damage is reported, never raised; a published head is believed only under
 the host's key, and a log that does not reach it (cut) or holds another record there
 (rewritten) fails.
 """
@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from domain_core import canonical
+from domain_core.contexts import PayloadType
 from domain_core.errors import BadSignatureError, MalformedMessageError
+from domain_core.limits import MAX_AUDIT_LINE_BYTES
 from domain_core.signers import PublicKey
 from domain_edge.audit._encoding import (
     _HEX,
@@ -27,7 +29,6 @@ from domain_edge.audit._encoding import (
     CHECKPOINT_TYPE,
     GENESIS_PREV,
     LEGACY_CHECKPOINT_FIELDS,
-    MAX_LINE_BYTES,
     RECORD_FIELDS,
     _canonical_json,
     _is_int,
@@ -231,7 +232,7 @@ class _ChainVerifier:
             self.public_key.verify(
                 signature,
                 canonical.signing_input(
-                    canonical.PayloadType.AUDIT_CHECKPOINT, checkpoint_digest(checkpoint)
+                    PayloadType.AUDIT_CHECKPOINT, checkpoint_digest(checkpoint)
                 ),
             )
         except (ValueError, BadSignatureError):
@@ -319,13 +320,13 @@ def _check_checkpoint_shape(checkpoint: dict[str, Any], where: str, after: int) 
 def _lines(stream: Any) -> Iterator[tuple[bytes, bool]]:
     """(line without newline, complete) for every line; the last may be incomplete."""
     while True:
-        line: bytes = stream.readline(MAX_LINE_BYTES + 1)
+        line: bytes = stream.readline(MAX_AUDIT_LINE_BYTES + 1)
         if not line:
             return
         if line.endswith(b"\n"):
             yield line[:-1], True
-        elif len(line) > MAX_LINE_BYTES:
-            raise MalformedMessageError(f"a line is longer than {MAX_LINE_BYTES} bytes")
+        elif len(line) > MAX_AUDIT_LINE_BYTES:
+            raise MalformedMessageError(f"a line is longer than {MAX_AUDIT_LINE_BYTES} bytes")
         else:
             yield line, False
 

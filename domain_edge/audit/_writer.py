@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from domain_core import canonical
+from domain_core.contexts import PayloadType
 from domain_core.errors import MalformedMessageError
 from domain_core.signers import Signer
 from domain_edge.audit._encoding import (
@@ -430,7 +431,7 @@ class AuditLog:
             checkpoint["log"] = self._path.name
             checkpoint["first"] = self._first
         message = canonical.signing_input(
-            canonical.PayloadType.AUDIT_CHECKPOINT, checkpoint_digest(checkpoint)
+            PayloadType.AUDIT_CHECKPOINT, checkpoint_digest(checkpoint)
         )
         checkpoint["signature"] = self._signer.sign(message).hex()
         line = _canonical_json(checkpoint)

@@ -20,13 +20,13 @@ from domain_core.errors import (
     InvalidInputError,
     TokenError,
 )
+from domain_core.limits import MAX_KEY_LABEL_CHARS
 from domain_core.signers import PublicKey, SignatureAlgorithm
 from domain_edge.pkcs11_signer._keys import _attribute, _describe_key, _read_public_key
 from domain_edge.pkcs11_signer._signer import Pkcs11Signer, _close_quietly
 from domain_edge.pkcs11_signer._token import (
     _ED25519_NAME_PARAMS,
     _ED25519_OID_PARAMS,
-    _MAX_LABEL_CHARS,
     _MECHANISMS,
     _P256_PARAMS,
     PinCallback,
@@ -71,8 +71,8 @@ def generate_pkcs11_key(
     must not be in use on the token (AlreadyExistsError). Labels are not unique on tokens:
     open the key by its id afterwards. The new key signs once, and is checked, before return.
     """
-    if not isinstance(key_label, str) or not key_label or len(key_label) > _MAX_LABEL_CHARS:
-        raise InvalidInputError(f"the key label must be 1 to {_MAX_LABEL_CHARS} characters")
+    if not isinstance(key_label, str) or not key_label or len(key_label) > MAX_KEY_LABEL_CHARS:
+        raise InvalidInputError(f"the key label must be 1 to {MAX_KEY_LABEL_CHARS} characters")
     if cka_id is None:
         cka_id = new_cka_id()
     if not isinstance(cka_id, bytes) or not cka_id:

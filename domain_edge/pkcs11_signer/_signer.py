@@ -24,6 +24,7 @@ from domain_core.errors import (
     InvalidInputError,
     TokenError,
 )
+from domain_core.limits import MAX_KEY_LABEL_CHARS
 from domain_core.signers import PublicKey, SignatureAlgorithm, Signer
 from domain_edge.pkcs11_signer._keys import (
     _attribute,
@@ -34,7 +35,6 @@ from domain_edge.pkcs11_signer._keys import (
 )
 from domain_edge.pkcs11_signer._token import (
     _ED25519_SIGNATURE_SIZE,
-    _MAX_LABEL_CHARS,
     _MECHANISMS,
     _P256_RAW_SIGNATURE_SIZE,
     PinCallback,
@@ -97,9 +97,9 @@ class Pkcs11Signer(Signer):
         PIN), TokenError (several keys match, unsupported key, device failure).
         """
         if key_label is not None and (
-            not isinstance(key_label, str) or not key_label or len(key_label) > _MAX_LABEL_CHARS
+            not isinstance(key_label, str) or not key_label or len(key_label) > MAX_KEY_LABEL_CHARS
         ):
-            raise InvalidInputError(f"the key label must be 1 to {_MAX_LABEL_CHARS} characters")
+            raise InvalidInputError(f"the key label must be 1 to {MAX_KEY_LABEL_CHARS} characters")
         if cka_id is not None and (not isinstance(cka_id, bytes) or not cka_id):
             raise InvalidInputError("the key id (CKA_ID) must be non-empty bytes")
         module_path = os.path.abspath(module)

@@ -44,7 +44,6 @@ _P256_COMPRESSED_SIZE: Final = 33
 _ED25519_KEY_SIZE: Final = 32
 _ED25519_SIGNATURE_SIZE: Final = 64
 _P256_RAW_SIGNATURE_SIZE: Final = 64
-_MAX_LABEL_CHARS: Final = 256
 
 # What each algorithm needs from the token: (key-pair generation, signing) mechanisms.
 _MECHANISMS: Final = {

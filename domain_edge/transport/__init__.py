@@ -61,7 +61,6 @@ from domain_edge.transport._channels import (
     wrong_server,
 )
 from domain_edge.transport._interceptor import (
-    HEALTH_REQUEST_BYTES,
     HEALTH_REQUEST_LIMITS,
     ErrorMappingInterceptor,
 )
@@ -83,7 +82,6 @@ __all__ = [
     "COORDINATOR",
     "DEFAULT_DEADLINE_SECONDS",
     "DEFAULT_STREAM_LIMITS",
-    "HEALTH_REQUEST_BYTES",
     "HEALTH_REQUEST_LIMITS",
     "NOTHING_APPLIED_KEY",
     "CertificatePeerContext",

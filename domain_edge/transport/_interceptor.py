@@ -10,7 +10,6 @@ INVALID_ARGUMENT before the servicer sees it.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent import futures
 from dataclasses import dataclass
@@ -20,14 +19,15 @@ import grpc
 from grpc_health.v1 import health
 
 from domain_core.errors import HsmDomainError
+from domain_core.limits import HEALTH_REQUEST_BYTES
 from domain_edge.status import grpc_status_for
+from domain_edge.throttled_log import ThrottledLog
 from domain_edge.transport._channels import _NOTHING_APPLIED
 
 log = logging.getLogger(__name__)
 
 # The default byte limits of requests the interceptor refuses unparsed: health checks, which
 # anyone may send.
-HEALTH_REQUEST_BYTES: Final = 1024
 HEALTH_REQUEST_LIMITS: Final[Mapping[str, int]] = {
     f"/{health.SERVICE_NAME}/Check": HEALTH_REQUEST_BYTES,
     f"/{health.SERVICE_NAME}/Watch": HEALTH_REQUEST_BYTES,
@@ -87,8 +87,8 @@ def _tolerant(
     return parse
 
 
-_UNPARSED_LOG_INTERVAL_SECONDS = 60.0
-_unparsed_logged: dict[str, float] = {}
+# One warning a minute per method, whatever the callers send.
+_unparsed_log = ThrottledLog(log)
 
 
 def _refuse_unparsed(request: Any, context: grpc.ServicerContext, method: str) -> None:
@@ -100,12 +100,7 @@ def _refuse_unparsed(request: Any, context: grpc.ServicerContext, method: str) -
         message = f"the request does not parse as {request.type_name}"
     else:
         return
-    now = time.monotonic()
-    if now - _unparsed_logged.get(method, -_UNPARSED_LOG_INTERVAL_SECONDS) >= (
-        _UNPARSED_LOG_INTERVAL_SECONDS
-    ):
-        _unparsed_logged[method] = now
-        log.warning("refused a call to %s: %s", method, message)
+    _unparsed_log.warning(f"refused a call to {method}: {message}", key=method)
     context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
 
 

@@ -20,6 +20,7 @@ from typing import Any, Final, cast
 import grpc
 
 from domain_core.errors import ResourceExhaustedError
+from domain_edge.throttled_log import ThrottledLog
 from domain_edge.transport._callers import caller_spiffe
 from domain_edge.transport._interceptor import _abort_for, _is_non_blocking, _mark_non_blocking
 
@@ -50,8 +51,6 @@ class StreamLimits:
 
 
 DEFAULT_STREAM_LIMITS: Final = StreamLimits()
-_REFUSAL_LOG_INTERVAL_SECONDS: Final = 60.0
-_MAX_LOGGED_PEERS: Final = 1024
 
 
 def stream_peer(context: grpc.ServicerContext) -> str:
@@ -186,7 +185,7 @@ class StreamQuota(grpc.ServerInterceptor):  # type: ignore[type-arg]
             max_workers=limits.blocking, thread_name_prefix="grpc-stream"
         )
         self._reaper: threading.Thread | None = None
-        self._refusals_logged: dict[str, float] = {}
+        self._refusal_log = ThrottledLog(log)  # one warning a minute per peer
 
     def open_streams(self, peer: str | None = None) -> int:
         """Streams open now, of one peer or of the whole server."""
@@ -341,12 +340,4 @@ class StreamQuota(grpc.ServerInterceptor):  # type: ignore[type-arg]
                     log.debug("ended an idle stream of %s", stream.peer)
 
     def _log_refusal(self, peer: str, refusal: str) -> None:
-        now = time.monotonic()
-        with self._lock:
-            last = self._refusals_logged.get(peer)
-            if last is not None and now - last < _REFUSAL_LOG_INTERVAL_SECONDS:
-                return
-            if len(self._refusals_logged) >= _MAX_LOGGED_PEERS:
-                self._refusals_logged.clear()
-            self._refusals_logged[peer] = now
-        log.warning("refused a stream: %s", refusal)
+        self._refusal_log.warning(f"refused a stream: {refusal}", key=peer)

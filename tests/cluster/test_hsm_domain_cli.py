@@ -475,7 +475,7 @@ def test_commands_on_a_directory_without_a_domain_fail_with_one_line(tmp_path: P
 
 
 def test_the_installed_script_shows_help_with_an_example() -> None:
-    """(Every command's help is checked in-process by tests/unit/test_deploy_init.py.)"""
+    """(Every command's help is checked in-process by tests/unit/deploy/test_deploy_init.py.)"""
     result = run("up", "--help")
     assert result.returncode == 0
     assert "example:" in result.stdout

@@ -33,7 +33,6 @@ from domain_edge.config import NodeConfig
 from domain_edge.identity_files import load_host_identity
 from domain_edge.transport import CertificatePeerContext
 from domain_proto import domain_pb2, services_pb2
-from hsa_node._logging import ThrottledLog
 from hsa_node.server import LoadedNode, load_node
 from hsa_node.servicers import HsaAdminServicer, HsaPeerServicer
 from hsa_node.sync import pull_states
@@ -171,28 +170,6 @@ def test_peer_service_serves_only_hosts_of_the_verified_state(domain: Domain) ->
     for outsider in ("coordinator", "demo-app"):
         with pytest.raises(PermissionDeniedError):
             peer.GetLatestState(services_pb2.LatestStateRequest(), as_caller(domain, outsider))
-
-
-def test_throttled_log_writes_each_distinct_message_once_per_window(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    now = [1000.0]
-    throttled = ThrottledLog(logging.getLogger("test.throttled"), window=60, clock=lambda: now[0])
-    with caplog.at_level(logging.INFO, logger="test.throttled"):
-        assert throttled.warning("peer hsa-2: UNAVAILABLE")
-        assert not throttled.warning("peer hsa-2: UNAVAILABLE")
-        assert throttled.warning("peer hsa-3: UNAVAILABLE")
-        now[0] += 59
-        assert not throttled.warning("peer hsa-2: UNAVAILABLE")
-        now[0] += 2
-        assert throttled.warning("peer hsa-2: UNAVAILABLE")
-    assert caplog.text.count("peer hsa-2: UNAVAILABLE") == 2
-    assert caplog.text.count("peer hsa-3: UNAVAILABLE") == 1
-    # With a key, messages that differ (a record number that grows) count as one.
-    with caplog.at_level(logging.INFO, logger="test.throttled"):
-        assert throttled.warning("hsa-1 audit.log: record 5 refused", key="hsa-1 audit.log")
-        assert not throttled.warning("hsa-1 audit.log: record 9 refused", key="hsa-1 audit.log")
-        assert throttled.warning("hsa-1 audit-worker-1.log: refused", key="worker 1")
 
 
 def test_loading_twice_replays_the_stored_chain(domain: Domain) -> None:

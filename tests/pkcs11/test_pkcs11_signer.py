@@ -232,7 +232,7 @@ def test_open_token_takes_the_module_from_the_environment(softhsm: SoftHsm) -> N
 
 
 def test_pin_may_be_bytes_or_str(softhsm: SoftHsm) -> None:
-    _, cka_id = softhsm.generate(SignatureAlgorithm.ED25519, "pin-types")
+    public_key, cka_id = softhsm.generate(SignatureAlgorithm.ED25519, "pin-types")
     pins: list[bytes | str] = [PIN, PIN.encode()]
     for pin in pins:
 
@@ -242,7 +242,12 @@ def test_pin_may_be_bytes_or_str(softhsm: SoftHsm) -> None:
         with Pkcs11Signer.open(
             softhsm.module, softhsm.token_label, None, cka_id, pin_callback=callback
         ) as signer:
-            signer.sign(b"x")
+            assert signer.public_key == public_key
+            message = f"signed after logging in with a {type(pin).__name__} PIN".encode()
+            signature = signer.sign(message)
+            public_key.verify(signature, message)  # the token's key signed it
+            with pytest.raises(BadSignatureError):
+                public_key.verify(signature, message + b"!")
 
 
 def test_sign_is_thread_safe(softhsm: SoftHsm) -> None:

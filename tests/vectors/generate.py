@@ -1,7 +1,7 @@
 """Generate the golden vectors of the wire formats from fixed keys and fixed inputs.
 
 Run `python tests/vectors/generate.py` to rewrite tests/vectors/canonical.json; the test
-tests/unit/test_vectors.py regenerates them in memory and compares byte for byte, so a change
+tests/unit/core/test_vectors.py regenerates them in memory and compares byte for byte, so a change
 of a signed format (context strings, digests, proposal encoding, sealing) cannot go unnoticed.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from domain_core import canonical, crypto, enrollment, model, quorum
-from domain_core.canonical import PayloadType
+from domain_core.contexts import PayloadType
 from domain_core.signers import InMemorySigner
 from domain_proto import domain_pb2
 

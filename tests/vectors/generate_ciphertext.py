@@ -16,6 +16,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from domain_core import ciphertext, envelope, keytokens
+from domain_core.contexts import ENCRYPT_INFO
 from domain_core.signers import InMemorySigner
 from domain_proto import keys_pb2
 
@@ -46,7 +47,7 @@ def _ciphertext_case(
         "iv": iv.hex(),
         "prefix": header.prefix.hex(),
         "header": header.header.hex(),
-        "hkdf_info": (ciphertext.ENCRYPT_INFO + header.prefix).hex(),
+        "hkdf_info": (ENCRYPT_INFO + header.prefix).hex(),
         "one_time_key": ciphertext.derive_one_time_key(BACKING_KEY, nonce, header.prefix).hex(),
         "encoded_context": encoded_context.hex(),
         "associated_data": (header.header + encoded_context).hex(),

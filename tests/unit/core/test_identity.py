@@ -128,10 +128,16 @@ def test_load_refuses_secret_file_open_to_others(saved: Path, name: str, loose: 
         load_host_identity(saved)
 
 
-def test_load_accepts_0400(saved: Path) -> None:
+def test_load_accepts_0400(saved: Path, identity: HostIdentity) -> None:
     for name in SECRET_FILES:
         os.chmod(saved / name, 0o400)
-    load_host_identity(saved)
+    loaded = load_host_identity(saved)
+    assert loaded.host_id == identity.host_id
+    assert loaded.signing_public_key == identity.signing_public_key
+    assert loaded.agreement_private_key == identity.agreement_private_key
+    assert loaded.tls_public_key == identity.tls_public_key
+    identity.signing_public_key.verify(loaded.signer.sign(b"x"), b"x")
+    assert all(mode(saved / name) == 0o400 for name in SECRET_FILES)  # read, never changed
 
 
 def test_save_refuses_to_overwrite(saved: Path) -> None:

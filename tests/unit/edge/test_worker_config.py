@@ -11,7 +11,8 @@ import pytest
 
 from deploy.cluster import read_ready_file
 from domain_core.errors import InvalidInputError
-from domain_edge.config import MAX_KEY_SERVICE_WORKERS, NodeConfig, TlsFiles, check_worker_count
+from domain_core.limits import MAX_KEY_SERVICE_WORKERS
+from domain_edge.config import NodeConfig, TlsFiles, check_worker_count
 from hsa_node.__main__ import main
 
 pytestmark = pytest.mark.unit

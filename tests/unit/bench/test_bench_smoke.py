@@ -22,6 +22,7 @@ import types
 from pathlib import Path
 
 import pytest
+from support.repository import ROOT
 
 from bench import BENCHMARK_MODULES, audit_append, envelope, idle_streams, keyservice, kms_latency
 from bench._core import (
@@ -60,7 +61,7 @@ from domain_proto import services_pb2
 
 pytestmark = pytest.mark.unit
 
-REPOSITORY = Path(__file__).resolve().parents[2]
+REPOSITORY = ROOT
 
 
 def _bench_cli(*arguments: str, module: str = "bench") -> subprocess.CompletedProcess[str]:

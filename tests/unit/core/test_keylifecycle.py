@@ -13,7 +13,6 @@ from domain_core import keylifecycle
 from domain_core.errors import FailedPreconditionError, InvalidInputError, LimitExceededError
 from domain_core.keylifecycle import (
     DAY_SECONDS,
-    MAX_BACKING_VERSIONS,
     TransitionTarget,
     apply_change,
     cancel_deletion,
@@ -29,7 +28,7 @@ from domain_core.keylifecycle import (
     schedule_deletion,
     set_state,
 )
-from domain_core.limits import Limits
+from domain_core.limits import MAX_BACKING_VERSIONS, Limits
 from domain_core.policy import default_policy
 from domain_proto import keys_pb2
 

@@ -11,15 +11,16 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support.repository import VECTORS
 
 from domain_core import canonical, crypto, keytokens
+from domain_core.contexts import KEY_TOKEN_KEY_CONTEXT, PayloadType
 from domain_core.errors import BadSignatureError, InvalidKeyTokenError, UnknownSignerError
 from domain_core.keytokens import (
     RecordSigner,
@@ -36,7 +37,6 @@ from domain_proto import keys_pb2
 
 pytestmark = pytest.mark.unit
 
-VECTORS = Path(__file__).resolve().parents[1] / "vectors"
 KEY_ID = "0f5a3c9e-1b2d-4e6f-8a7b-9c0d1e2f3a4b"
 OTHER_KEY_ID = "9a8b7c6d-5e4f-4a3b-8c2d-1e0f9a8b7c6d"
 APP = "spiffe://test/client/app"
@@ -125,9 +125,7 @@ def test_each_token_has_its_own_key_derived_from_the_domain_key() -> None:
     # HKDF-SHA256(domain key, salt = the token's salt, info = context || binding).
     token = wrap_backing_key(DOMAIN_KEYS[1], 1, b"m", KEY_ID, 1, BACKING_KEYS[1])
     binding = keytokens.key_token_binding(KEY_ID, 1, 1, b"m")
-    key = crypto.hkdf_sha256(
-        DOMAIN_KEYS[1], salt=token.salt, info=keytokens.KEY_TOKEN_KEY_CONTEXT + binding
-    )
+    key = crypto.hkdf_sha256(DOMAIN_KEYS[1], salt=token.salt, info=KEY_TOKEN_KEY_CONTEXT + binding)
     assert keytokens.token_key(DOMAIN_KEYS[1], token.salt, binding) == key
     assert crypto.aes_gcm_open(key, token.ciphertext, binding, token.nonce) == BACKING_KEYS[1]
     with pytest.raises(InvalidKeyTokenError):  # not under the domain key itself
@@ -233,14 +231,17 @@ def test_metadata_is_serialized_once_and_deterministically() -> None:
 
 
 def test_verify_only_needs_the_generations_in_use() -> None:
-    verify_key_record(RECORD, {2: DOMAIN_KEYS[2]}, KEY_ID)
+    metadata, backing_keys = verify_key_record(RECORD, {2: DOMAIN_KEYS[2]}, KEY_ID)
+    assert metadata.key_id == KEY_ID
+    assert backing_keys == BACKING_KEYS
     _expect_invalid(RECORD, {1: DOMAIN_KEYS[1], 3: DOMAIN_KEYS[3]})
 
 
 def test_record_of_another_key_fails() -> None:
     other = _record(OTHER_KEY_ID)
     _expect_invalid(other)
-    verify_key_record(other, DOMAIN_KEYS, OTHER_KEY_ID)
+    metadata, backing_keys = verify_key_record(other, DOMAIN_KEYS, OTHER_KEY_ID)
+    assert (metadata.key_id, backing_keys) == (OTHER_KEY_ID, BACKING_KEYS)
 
 
 def test_metadata_naming_another_key_fails_even_with_matching_tokens() -> None:
@@ -427,7 +428,7 @@ def test_a_sealed_record_is_signed_by_its_writer() -> None:
     assert verify_key_record_signature(RECORD, DOMAIN, HOST_KEYS) == "hsa-1"
     digest = keytokens.key_record_digest(RECORD, DOMAIN)
     HOST_KEYS["hsa-1"].verify(
-        RECORD.signature, canonical.signing_input(canonical.PayloadType.KEY_RECORD, digest)
+        RECORD.signature, canonical.signing_input(PayloadType.KEY_RECORD, digest)
     )
 
 
@@ -442,7 +443,7 @@ def test_the_digest_is_made_of_the_fields_in_backing_version_order() -> None:
             token.nonce,
             token.ciphertext,
         ]
-    expected = canonical.digest(canonical.PayloadType.KEY_RECORD, *parts)
+    expected = canonical.digest(PayloadType.KEY_RECORD, *parts)
     assert keytokens.key_record_digest(RECORD, DOMAIN) == expected
     reordered = _copy(RECORD)
     del reordered.tokens[:]

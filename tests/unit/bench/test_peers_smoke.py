@@ -24,6 +24,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
+from support.repository import ROOT
 
 import bench.peers as peers
 from bench._core import BenchConfig, BenchError, Benchmark, Figure, Report, Target
@@ -49,7 +50,7 @@ from bench.peers.pykmip import CIPHER_SUITE, make_pki, server_config, ttlv_lengt
 
 pytestmark = pytest.mark.unit
 
-REPOSITORY = Path(__file__).resolve().parents[2]
+REPOSITORY = ROOT
 
 
 # --- /proc -----------------------------------------------------------------------------------

@@ -11,15 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from domain_core import canonical
-from domain_core.canonical import (
-    DIGEST_BYTES,
-    HASH_CONTEXT,
-    SIGNATURE_CONTEXT,
-    PayloadType,
-    digest,
-    proposal_id,
-    signing_input,
-)
+from domain_core.canonical import DIGEST_BYTES, digest, proposal_id, signing_input
+from domain_core.contexts import HASH_CONTEXT, SIGNATURE_CONTEXT, PayloadType
 
 pytestmark = pytest.mark.unit
 

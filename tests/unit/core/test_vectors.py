@@ -5,18 +5,16 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
+from support.repository import VECTORS
 
 from domain_core import crypto, enrollment, quorum
 from domain_core.model import Proposal
 from domain_core.signers import PublicKey, SignatureAlgorithm
 
 pytestmark = pytest.mark.unit
-
-VECTORS = Path(__file__).resolve().parents[1] / "vectors"
 
 
 def _generator() -> Any:

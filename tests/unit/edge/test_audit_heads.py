@@ -20,7 +20,9 @@ from typing import Any
 import pytest
 
 from domain_core import canonical
+from domain_core.contexts import PayloadType
 from domain_core.errors import BadSignatureError, MalformedMessageError
+from domain_core.limits import MAX_HEAD_BYTES
 from domain_core.signers import InMemorySigner, PublicKey, SignatureAlgorithm
 from domain_edge import audit
 from domain_edge.audit import (
@@ -415,7 +417,7 @@ def test_head_parse_refuses_what_the_writer_never_writes(ten_records: Path) -> N
     cases = {
         "legacy (no log, no first)": canonical_line(legacy),
         "not canonical": json.dumps(value).encode(),
-        "too long": raw + b" " * audit.MAX_HEAD_BYTES,
+        "too long": raw + b" " * MAX_HEAD_BYTES,
         "a record": canonical_line({**value, "type": "record"}),
         "seq zero": canonical_line({**value, "seq": 0}),
         "log with a path": canonical_line({**value, "log": "../audit.log"}),
@@ -440,9 +442,7 @@ def make_head(signer: InMemorySigner, *, seq: int, head: str, first: str, count:
         "count": count,
         "time": "2026-01-01T00:00:00.000Z",
     }
-    message = canonical.signing_input(
-        canonical.PayloadType.AUDIT_CHECKPOINT, audit.checkpoint_digest(fields)
-    )
+    message = canonical.signing_input(PayloadType.AUDIT_CHECKPOINT, audit.checkpoint_digest(fields))
     fields["signature"] = signer.sign(message).hex()
     return AuditHead.parse(canonical_line(fields))
 

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support.repository import VECTORS
 
 from domain_core import ciphertext, envelope
 from domain_core.envelope import (
@@ -24,11 +25,11 @@ from domain_core.envelope import (
     seal_envelope,
 )
 from domain_core.errors import InvalidCiphertextError, LimitExceededError
+from domain_core.limits import MAX_CHUNK_SIZE
 from domain_edge.envelope_files import decrypt_to_file
 
 pytestmark = pytest.mark.unit
 
-VECTORS = Path(__file__).resolve().parents[1] / "vectors"
 BACKING_KEY = bytes(range(32))
 KEY_ID = "0f5a3c9e-1b2d-4e6f-8a7b-9c0d1e2f3a4b"
 CONTEXT = {"bucket": "backups", "object": "db-2026-01-01.tar"}
@@ -338,7 +339,7 @@ def _header_with(
         _header_with(context=b"\x00\x00\x00\x01"),
         _header_with(context=b"\xff\xff\xff\xff"),
         _header_with(chunk_size=0),
-        _header_with(chunk_size=envelope.MAX_CHUNK_SIZE + 1),
+        _header_with(chunk_size=MAX_CHUNK_SIZE + 1),
     ],
 )
 def test_malformed_headers_fail(blob: bytes) -> None:

@@ -163,8 +163,26 @@ def test_operation_names() -> None:
 # --- validation ----------------------------------------------------------------------------
 
 
-def test_valid_policy_passes() -> None:
-    validate_policy(POLICY, domain_id=DOMAIN)
+def test_valid_policy_passes_unchanged() -> None:
+    before = POLICY.SerializeToString(deterministic=True)
+    assert validate_policy(POLICY, domain_id=DOMAIN) is None
+    assert POLICY.SerializeToString(deterministic=True) == before
+    assert granted_operations(POLICY) == {
+        APP: frozenset({ENCRYPT, DECRYPT}),
+        OPS: frozenset({DESCRIBE, ADMIN}),
+        AUDITOR: frozenset({DESCRIBE}),
+    }
+
+
+def test_valid_policy_passes_at_its_limits() -> None:
+    # POLICY has 3 grants, at most 2 principals in one: it passes at exactly those limits and
+    # is refused one below, so "passes" is not "nothing is checked".
+    exact = Limits(max_policy_grants=3, max_principals_per_grant=2)
+    assert validate_policy(POLICY, domain_id=DOMAIN, limits=exact) is None
+    with pytest.raises(LimitExceededError, match="3 grants"):
+        validate_policy(POLICY, domain_id=DOMAIN, limits=Limits(max_policy_grants=2))
+    with pytest.raises(LimitExceededError):
+        validate_policy(POLICY, domain_id=DOMAIN, limits=Limits(max_principals_per_grant=1))
 
 
 @pytest.mark.parametrize(

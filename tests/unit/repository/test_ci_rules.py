@@ -7,16 +7,16 @@ from __future__ import annotations
 
 import os
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
+from support.repository import TESTS
 
 pytest_plugins = ["pytester"]
 pytestmark = pytest.mark.unit
 
 REQUIRE_ALL_ENV = "HSM_REQUIRE_ALL"
 
-CONFTEST = Path(__file__).resolve().parents[1] / "conftest.py"
+CONFTEST = TESTS / "conftest.py"
 
 SKIPPING_SUITE = """
 import pytest
@@ -25,7 +25,7 @@ def test_runs():
     pass
 
 def test_skips():
-    pytest.skip("no etcd here")
+    pytest.skip("no softhsm2 here")
 """
 
 
@@ -46,7 +46,7 @@ def test_skip_passes_without_require_all(suite: pytest.Pytester) -> None:
     result = suite.runpytest(*FAST, "-rs")
     result.assert_outcomes(passed=1, skipped=1)
     assert result.ret == pytest.ExitCode.OK
-    result.stdout.fnmatch_lines(["*no etcd here*"])
+    result.stdout.fnmatch_lines(["*no softhsm2 here*"])
 
 
 def test_skip_fails_under_require_all(
@@ -59,7 +59,7 @@ def test_skip_fails_under_require_all(
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     result.stdout.fnmatch_lines(
         [
-            "*HSM_REQUIRE_ALL=1 forbids skipped tests, and this was skipped: no etcd here*",
+            "*HSM_REQUIRE_ALL=1 forbids skipped tests, and this was skipped: no softhsm2 here*",
             "*HSM_REQUIRE_ALL=1: 1 skip(s) reported as failures*",
         ]
     )

@@ -23,7 +23,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from domain_core import canonical as signing
+from domain_core.contexts import AUDIT_RECORD_CONTEXT
 from domain_core.errors import HsmDomainError
+from domain_core.limits import MAX_AUDIT_LINE_BYTES
 from domain_core.signers import InMemorySigner, SignatureAlgorithm, Signer
 from domain_edge import audit
 from domain_edge.audit import (
@@ -35,7 +37,7 @@ from domain_edge.audit import (
     record_hash,
     verify_audit_log,
 )
-from domain_edge.audit._encoding import RECORD_HASH_CONTEXT, _record_json
+from domain_edge.audit._encoding import _record_json
 
 pytestmark = pytest.mark.unit
 
@@ -195,7 +197,7 @@ def test_record_hash_is_domain_separated_and_covers_every_field() -> None:
     without_hash = {k: v for k, v in record.items() if k != "hash"}
     plain = hashlib.sha256(canonical(without_hash).encode())
     assert base != plain.hexdigest()
-    separated = hashlib.sha256(RECORD_HASH_CONTEXT + canonical(without_hash).encode())
+    separated = hashlib.sha256(AUDIT_RECORD_CONTEXT + canonical(without_hash).encode())
     assert base == separated.hexdigest()
 
 
@@ -599,7 +601,7 @@ def test_truncation_back_to_a_checkpoint_is_a_valid_shorter_log(
 
 def test_overlong_line_is_reported_not_buffered(standard_log: Path, signer: InMemorySigner) -> None:
     with standard_log.open("ab") as out:
-        out.write(b"x" * (audit.MAX_LINE_BYTES + 10) + b"\n")
+        out.write(b"x" * (MAX_AUDIT_LINE_BYTES + 10) + b"\n")
     report = verify(standard_log, signer)
     assert (report.ok, report.first_bad_seq) == (False, 11)
 

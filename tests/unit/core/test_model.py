@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 from support.simulator import SimulatedDomain, forge_enrollment, new_host, new_operator
 
 from domain_core import canonical, model
-from domain_core.canonical import PayloadType
+from domain_core.contexts import PayloadType
 from domain_core.errors import InvalidInputError, LimitExceededError, MalformedMessageError
-from domain_core.limits import DEFAULT_LIMITS, Limits
+from domain_core.limits import DEFAULT_LIMITS, MAX_ENROLLMENT_BYTES, Limits
 from domain_core.model import Manifest, Proposal, SealedState
 from domain_core.signers import InMemorySigner, SignatureAlgorithm
 from domain_proto import domain_pb2
@@ -305,7 +305,11 @@ def test_proposal_from_bytes_accepts_boundaries(
 ) -> None:
     message = _proposal_message()
     mutation(message)
-    Proposal.from_bytes(_ser(message))
+    raw = _ser(message)
+    proposal = Proposal.from_bytes(raw)
+    assert proposal.raw == raw
+    assert proposal.message == message  # every field as set, the boundary value included
+    assert proposal.id == hashlib.sha256(raw).digest()
 
 
 def test_an_enrollment_above_its_size_limit_is_refused() -> None:
@@ -313,7 +317,7 @@ def test_an_enrollment_above_its_size_limit_is_refused() -> None:
     _enrollment_field("address", "")(message)
     padded = message.changes[I_ADD_HOST].add_host.enrollment + b"\xa0\x06\x01" * 3000
     message.changes[I_ADD_HOST].add_host.enrollment = padded
-    assert len(padded) > model.MAX_ENROLLMENT_BYTES
+    assert len(padded) > MAX_ENROLLMENT_BYTES
     with pytest.raises(LimitExceededError, match="at most 8192 bytes"):
         Proposal.from_bytes(_ser(message))
 

@@ -24,7 +24,7 @@ from domain_core.errors import (
     UnknownHostError,
     UnknownOperatorError,
 )
-from domain_core.limits import Limits
+from domain_core.limits import MAX_PROPOSAL_LIFETIME_SECONDS, Limits
 from domain_core.model import Proposal
 from domain_core.signers import SignatureAlgorithm
 from domain_proto import domain_pb2
@@ -33,7 +33,7 @@ pytestmark = pytest.mark.unit
 
 ADD_HOST = domain_pb2.CHANGE_TYPE_ADD_HOST
 DAY = 24 * 3600
-MAX_LIFETIME = transition.MAX_PROPOSAL_LIFETIME_SECONDS
+MAX_LIFETIME = MAX_PROPOSAL_LIFETIME_SECONDS
 
 
 @pytest.fixture(scope="module")

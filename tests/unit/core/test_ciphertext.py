@@ -11,12 +11,12 @@ import json
 import struct
 import sys
 import uuid
-from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support.repository import VECTORS
 
 from domain_core import ciphertext, crypto
 from domain_core.ciphertext import decrypt, encrypt, parse_header
@@ -25,7 +25,6 @@ from domain_core.limits import Limits
 
 pytestmark = pytest.mark.unit
 
-VECTORS = Path(__file__).resolve().parents[1] / "vectors"
 KEY = bytes(range(32))
 OTHER_KEY = bytes(range(1, 33))
 KEY_ID = "0f5a3c9e-1b2d-4e6f-8a7b-9c0d1e2f3a4b"
