@@ -193,7 +193,7 @@ class CoordinatorConfig(_ConfigBase):
     name: str
     genesis_state: str
     tls: TlsFiles
-    store: str = "sqlite:coordinator.db"  # "sqlite:PATH" now; "etcd:HOST:PORT" later
+    store: str = "sqlite:coordinator.db"  # "sqlite:PATH" (the only backend today)
     listen: str = "127.0.0.1:0"  # mutual TLS: HSAs
     operator_listen: str = "127.0.0.1:0"  # server-auth TLS: operators sign what they submit
     hsa_call_timeout_seconds: float = 10.0
