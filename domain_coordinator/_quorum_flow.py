@@ -233,18 +233,13 @@ class QuorumFlow:
             voted = view.with_cancel_vote(vote)
             if vote.operator_id in voted.cancel_votes_under(head).approved_by:
                 return voted
-        else:
-            key = head.manifest.operator_keys[vote.operator_id]
-            try:
-                quorum.verify_cancel_signature(vote, vote.proposal_id, key)
-            except BadSignatureError:
-                pass
-            else:
-                return None
-        raise BadSignatureError(
-            f"the cancel signature does not verify under the key of operator {name}: "
-            "sign the cancel message of this proposal with your own token"
-        )
+            raise _bad_vote(name)
+        key = head.manifest.operator_keys[vote.operator_id]
+        try:
+            quorum.verify_cancel_signature(vote, vote.proposal_id, key)
+        except BadSignatureError:
+            raise _bad_vote(name) from None
+        return None
 
     def _add_vote(
         self,
@@ -267,3 +262,11 @@ class QuorumFlow:
         if voted is None or not voted.matches(record):
             voted = CheckedProposal.from_record(record, self.limits)
         return record, voted
+
+
+def _bad_vote(name: str) -> BadSignatureError:
+    """The refusal of a vote to cancel whose signature does not verify."""
+    return BadSignatureError(
+        f"the cancel signature does not verify under the key of operator {name}: "
+        "sign the cancel message of this proposal with your own token"
+    )
