@@ -54,6 +54,7 @@ from domain_core.errors import (
     NotFoundError,
     ResourceExhaustedError,
 )
+from domain_edge.sqlite_tx import immediate_transaction
 
 SCHEMA_VERSION = schema.SCHEMA_VERSION
 _BUSY_TIMEOUT_MS = 10_000
@@ -101,13 +102,8 @@ class SqliteStore(CoordinatorStore):
         """One immediate (write-locking) transaction; the caller holds `_lock`."""
         if self._closed:
             raise RuntimeError("the store is closed")
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+        with immediate_transaction(self._db) as db:
+            yield db
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:

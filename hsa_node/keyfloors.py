@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Final, Protocol
 
 from domain_core.errors import FailedPreconditionError
+from domain_edge.sqlite_tx import immediate_transaction
 from domain_proto import keys_pb2
 
 __all__ = [
@@ -169,13 +170,8 @@ class MetadataVersionFloor:
         with self._lock:
             if self._closed:
                 raise RuntimeError("the version floor is closed")
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+            with immediate_transaction(self._db) as db:
+                yield db
 
     @contextmanager
     def _reading(self) -> Iterator[sqlite3.Connection]:
