@@ -10,8 +10,10 @@ and envelope formats (`ciphertext`, `envelope`), key policies (`policy`), the si
 between peers (`peering`), crypto primitives (`crypto`), the in-memory signer and verifier
 types (`signers`: `Signer`, `InMemorySigner`, `PublicKey`), a host's keys in memory
 (`identity.HostIdentity`), SPIFFE ids, certificates and the domain CA in memory (`pki`),
-input limits as values (`limits`), terminal-safe text (`display`) and the one error hierarchy
-(`errors`, each class with one `Status`).
+input limits as values (`limits`), the domain-separation labels of every signature
+(`contexts`), the key-lifecycle rules (`keylifecycle`), how the next state is produced from a
+proposal or a scheduled rotation (`producing`), terminal-safe text (`display`) and the one error
+hierarchy (`errors`, each class with one `Status`).
 
 What it does not do: no network, file, process or lock I/O, and no grpc: it reads the
 generated protobuf messages (`domain_proto.*_pb2`) but never the gRPC stubs. Its only
