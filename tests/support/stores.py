@@ -1,0 +1,64 @@
+"""The coordinator's store backends as the shared contract suite sees them.
+
+A `StoreBackend` is one backing (a SQLite file, or a prefix of a real etcd cluster) on which the
+suite opens as many `CoordinatorStore`s as it needs: a second one is a reopen after a restart,
+or a second coordinator replica sharing the store. `raw_signature_count` looks under the
+interface, so that a test can check that a purge left no approval or vote behind.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+from domain_coordinator.sqlite_store import SqliteStore
+from domain_coordinator.store import CoordinatorStore
+
+
+class StoreBackend(ABC):
+    """One backing store; `open` gives another `CoordinatorStore` on it."""
+
+    name: str
+
+    def __init__(self) -> None:
+        self._opened: list[CoordinatorStore] = []
+
+    def open(self) -> CoordinatorStore:
+        """A new store on this backing (a reopen, or another replica); closed by `close_all`."""
+        store = self._open()
+        self._opened.append(store)
+        return store
+
+    @abstractmethod
+    def _open(self) -> CoordinatorStore: ...
+
+    @abstractmethod
+    def raw_signature_count(self) -> tuple[int, int]:
+        """How many approvals and votes to cancel are stored, read under the interface."""
+
+    def close_all(self) -> None:
+        """Close every store `open` gave (closing twice is allowed)."""
+        for store in self._opened:
+            store.close()
+        self._opened.clear()
+
+
+class SqliteBackend(StoreBackend):
+    """One SQLite file."""
+
+    name = "sqlite"
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = path
+
+    def _open(self) -> CoordinatorStore:
+        return SqliteStore(self.path)
+
+    def raw_signature_count(self) -> tuple[int, int]:
+        with sqlite3.connect(self.path) as db:
+            approvals = int(db.execute("SELECT COUNT(*) FROM approvals").fetchone()[0])
+            votes = int(db.execute("SELECT COUNT(*) FROM cancel_votes").fetchone()[0])
+        db.close()
+        return approvals, votes
