@@ -112,6 +112,11 @@ CREATE TABLE IF NOT EXISTS audit_heads (
     reported_at INTEGER NOT NULL,
     PRIMARY KEY (host_id, log)
 );
+CREATE TABLE IF NOT EXISTS fences (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    revision INTEGER NOT NULL,
+    value BLOB NOT NULL
+);
 """
 
 

@@ -6,9 +6,11 @@ Invariants (on top of those of `domain_coordinator.store`):
 - every write runs in its own `BEGIN IMMEDIATE` transaction and is committed, with
   `synchronous=FULL`, before the method returns: an acknowledged write survives a crash or a
   power loss;
-- compare-and-swap checks (state version, key revision, one approval or cancel vote per
-  operator) and the per-creator key count run inside the same transaction as the write they
-  guard, so they hold across threads and processes;
+- compare-and-swap checks (state version, key revision, fences revision, one approval or
+  cancel vote per operator) and the per-creator key count run inside the same transaction as
+  the write they guard, so they hold across threads and processes;
+- the fences are one row (`fences`); a fenced key write checks their revision first, in its
+  own transaction; `subscribe` never calls back (a file has one coordinator);
 - a deleted key record stays in the `keys` table as a tombstone (`deleted_at` set) until it
   is purged; nothing that reads live keys sees it, and its key id cannot be created again;
 - a proposal's proposer, base version and base state hash are columns beside its bytes
@@ -27,7 +29,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -35,8 +37,11 @@ from domain_coordinator import _sqlite_proposals as proposals
 from domain_coordinator import _sqlite_schema as schema
 from domain_coordinator.store import (
     AuditHeadRecord,
+    ChangeKind,
     CoordinatorStore,
     DeletedKey,
+    FenceRecord,
+    FencesChangedError,
     HsaRecord,
     KeyEntry,
     NewProposal,
@@ -313,6 +318,51 @@ class SqliteStore(CoordinatorStore):
             AuditHeadRecord(str(r[0]), str(r[1]), int(r[2]), bytes(r[3]), int(r[4])) for r in rows
         ]
 
+    # --- fences and change notices ---------------------------------------------------------
+
+    def get_fences(self) -> FenceRecord:
+        with self._read() as db:
+            return self._fences(db)
+
+    @staticmethod
+    def _fences(db: sqlite3.Connection) -> FenceRecord:
+        row = db.execute("SELECT value, revision FROM fences WHERE id = 1").fetchone()
+        return FenceRecord(bytes(row[0]), int(row[1])) if row is not None else FenceRecord(b"", 0)
+
+    def _set_fences(self, value: bytes, expected_revision: int) -> int:
+        with self._transaction() as db:
+            current = self._fences(db).revision
+            if current != expected_revision:
+                raise ConflictError(
+                    f"the fences are at revision {current}, not {expected_revision}: another "
+                    "coordinator set them meanwhile; read them again and retry"
+                )
+            db.execute(
+                "INSERT INTO fences (id, revision, value) VALUES (1, ?, ?) ON CONFLICT (id) "
+                "DO UPDATE SET revision = excluded.revision, value = excluded.value",
+                (current + 1, value),
+            )
+            return current + 1
+
+    def _check_fences(self, db: sqlite3.Connection, fences_revision: int | None) -> None:
+        """FencesChangedError unless the fences are at `fences_revision` (None: no check)."""
+        if fences_revision is None:
+            return
+        current = self._fences(db).revision
+        if current != fences_revision:
+            raise FencesChangedError(
+                f"the fences are at revision {current}, not {fences_revision}: a fence was set "
+                "meanwhile; nothing was written: check the write against the fences again"
+            )
+
+    def subscribe(self, on_change: Callable[[ChangeKind], None]) -> Callable[[], None]:
+        """A store file has one coordinator: nobody else changes it, so this never calls back."""
+
+        def unsubscribe() -> None:
+            """Nothing to end."""
+
+        return unsubscribe
+
     # --- key records -----------------------------------------------------------------------
 
     def get_key(self, key_id: str) -> KeyEntry | None:
@@ -322,9 +372,12 @@ class SqliteStore(CoordinatorStore):
             ).fetchone()
         return KeyEntry(key_id, bytes(row[0]), int(row[1])) if row is not None else None
 
-    def _put_key(self, entry: KeyEntry, creator: str, creator_limit: int) -> int:
+    def _put_key(
+        self, entry: KeyEntry, creator: str, creator_limit: int, fences_revision: int | None
+    ) -> int:
         key_id, expected_revision = entry.key_id, entry.revision
         with self._transaction() as db:
+            self._check_fences(db, fences_revision)
             row = db.execute(
                 "SELECT revision, deleted_at FROM keys WHERE key_id = ?", (key_id,)
             ).fetchone()
@@ -394,8 +447,11 @@ class SqliteStore(CoordinatorStore):
             ).fetchone()
         return int(row[0])
 
-    def _delete_key(self, key_id: str, expected_revision: int, deleted_at: int) -> None:
+    def _delete_key(
+        self, key_id: str, expected_revision: int, deleted_at: int, fences_revision: int | None
+    ) -> None:
         with self._transaction() as db:
+            self._check_fences(db, fences_revision)
             row = db.execute(
                 "SELECT revision, deleted_at FROM keys WHERE key_id = ?", (key_id,)
             ).fetchone()

@@ -40,212 +40,80 @@ Invariants every implementation keeps:
   answer only raises it): informational, never used for a trust decision;
 - an audit head (a signed checkpoint, per host and log) is replaced only with a
   compare-and-swap on the stored checkpoint bytes, so a concurrent report never overwrites a
-  head it did not see (the coordinator raises a head, never lowers it).
+  head it did not see (the coordinator raises a head, never lowers it);
+- the fences (one opaque value the coordinator writes) change only with a compare-and-swap on
+  their revision, and a key write or deletion given `fences_revision` happens, in the same
+  transaction, only while the fences are still at that revision (else `FencesChangedError`,
+  nothing changed): a key write on one replica never slips past a fence another replica set;
+- `subscribe` tells a coordinator which part of the store (`ChangeKind`) another writer
+  changed, from a background thread, so that a replica re-reads instead of polling; a notice
+  says "re-read", never what changed (a spurious one costs a read, a store with one writer
+  sends none).
 
 `CoordinatorStore` is an abstract base: its public methods check their arguments (the types
 and ranges every backend needs, so a programming error is a TypeError or ValueError whatever
-the backend) and call the backend's primitives, the methods whose names start with `_`.
-`sqlite_store.SqliteStore` (one file) is the default backend and imports this module, never
+the backend) and call the backend's primitives, the methods whose names start with `_`. The
+records it stores and returns are in `_store_records` (re-exported here).
+`sqlite_store.SqliteStore` (one file) is the default backend, `etcd_store.EtcdStore` (a prefix
+of an etcd cluster, shared by coordinator replicas) the other; both import this module, never
 the other way round; `store_spec.open_store` opens the backend a config names.
 """
 
 from __future__ import annotations
 
-import enum
-import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from collections.abc import Callable, Sequence
 
-MAX_STORED_INTEGER = 2**63 - 1  # what a 64-bit signed integer column holds
+from domain_coordinator._store_records import (
+    MAX_STORED_INTEGER,
+    AuditHeadRecord,
+    ChangeKind,
+    DeletedKey,
+    FenceRecord,
+    HsaRecord,
+    KeyEntry,
+    NewProposal,
+    PendingSummary,
+    ProposalCaps,
+    ProposalRecord,
+    ProposalState,
+    Signed,
+    StateChange,
+    check_bytes,
+    check_report,
+    check_revision,
+    check_text,
+    check_version,
+    iso_date,
+    timestamp,
+)
+from domain_core.errors import ConflictError
 
-
-class ProposalState(enum.StrEnum):
-    """Where a stored proposal stands. Everything but PENDING is final."""
-
-    PENDING = "pending"
-    APPLIED = "applied"
-    EXPIRED = "expired"
-    CANCELLED = "cancelled"
-    STALE = "stale"
-    REJECTED = "rejected"
-
-    @property
-    def closed(self) -> bool:
-        """True for every final state."""
-        return self is not ProposalState.PENDING
-
-
-@dataclass(frozen=True)
-class ProposalRecord:
-    """A stored proposal: the signed bytes, its approvals in arrival order, and its state.
-
-    `proposer`, `base_version` and `base_state_hash` are copies of the proposal's own fields
-    (taken from the parsed bytes when it was stored), kept in columns so the store can count
-    and select without reading the bytes; `seq` is its place in arrival order (the listing's
-    cursor) and `closed_at` when it left PENDING (0 while pending).
-    """
-
-    proposal_id: bytes
-    proposal: bytes
-    approvals: tuple[bytes, ...]  # serialized hsmdomain.v1.Approval messages
-    state: ProposalState
-    detail: str
-    applied_version: int
-    created_at: int
-    expires_at: int
-    cancel_votes: tuple[bytes, ...] = ()  # serialized hsmdomain.v1.CancelVote messages
-    seq: int = 0
-    proposer: str = ""
-    base_version: int = 0
-    base_state_hash: bytes = b""
-    closed_at: int = 0
-
-
-@dataclass(frozen=True)
-class PendingSummary:
-    """What the sweeper needs of a pending proposal, without its bytes or approvals."""
-
-    proposal_id: bytes
-    expires_at: int
-    base_version: int
-    base_state_hash: bytes
+__all__ = [
+    "MAX_STORED_INTEGER",
+    "AuditHeadRecord",
+    "ChangeKind",
+    "CoordinatorStore",
+    "DeletedKey",
+    "FenceRecord",
+    "FencesChangedError",
+    "HsaRecord",
+    "KeyEntry",
+    "NewProposal",
+    "PendingSummary",
+    "ProposalCaps",
+    "ProposalRecord",
+    "ProposalState",
+    "Signed",
+    "StateChange",
+    "iso_date",
+]
 
 
-@dataclass(frozen=True)
-class HsaRecord:
-    """One registered HSA: where its services listen, when it last registered, and the
-    state it last said it has installed.
-
-    `version`, `state_hash` and `reported_at` are the HSA's own report (0, b"" and 0 until it
-    made one), kept for operators to see; the coordinator relays them and nobody bases a
-    trust decision on them.
-    """
-
-    host_id: str
-    address: str
-    registered_at: int
-    version: int = 0
-    state_hash: bytes = b""
-    reported_at: int = 0
-
-
-@dataclass(frozen=True)
-class AuditHeadRecord:
-    """The highest audit head stored for one log of one host: the signed checkpoint bytes as
-    the HSA sent them (verified by the coordinator before storing, and by every reader), its
-    record number, and when it arrived (unix seconds)."""
-
-    host_id: str
-    log: str
-    seq: int
-    checkpoint: bytes
-    reported_at: int
-
-
-@dataclass(frozen=True)
-class KeyEntry:
-    """A stored key record (serialized KeyRecord, as the HSA put it) and its revision."""
-
-    key_id: str
-    record: bytes
-    revision: int
-
-
-@dataclass(frozen=True)
-class DeletedKey:
-    """A tombstone: the last record of a deleted key and when (unix seconds) it was deleted."""
-
-    entry: KeyEntry
-    deleted_at: int
-
-
-def iso_date(timestamp: int) -> str:
-    """A unix time as an ISO 8601 UTC date and time, for messages."""
-    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-@dataclass(frozen=True)
-class NewProposal:
-    """A proposal to store as PENDING: its signed bytes, the copies of its own fields that the
-    store keeps in columns, and its first approvals ((operator id, serialized Approval))."""
-
-    proposal_id: bytes
-    proposal: bytes
-    created_at: int
-    expires_at: int
-    approvals: tuple[tuple[str, bytes], ...]
-    proposer: str
-    base_version: int
-    base_state_hash: bytes
-
-
-@dataclass(frozen=True)
-class ProposalCaps:
-    """The caps `put_proposal` counts in its own transaction (0: no cap), and the time (unix
-    seconds) before which a closed proposal must have expired to be purged to make room."""
-
-    max_pending: int = 0
-    max_pending_per_proposer: int = 0
-    max_stored_per_proposer: int = 0
-    now: int = 0
-
-
-@dataclass(frozen=True)
-class StateChange:
-    """Where `set_proposal_state` moves a PENDING proposal, with its closing time (0 while it
-    stays PENDING)."""
-
-    state: ProposalState
-    detail: str
-    applied_version: int
-    closed_at: int
-
-
-class Signed(enum.Enum):
-    """What one operator signs about a stored proposal, at most once: an approval or a vote to
-    cancel (kept beside the approvals)."""
-
-    APPROVAL = "approval"
-    CANCEL_VOTE = "vote"
-
-
-# --- argument checks, the same for every backend ---------------------------------------------
-
-
-def _check_bytes(value: object, what: str) -> None:
-    if not isinstance(value, bytes) or not value:
-        raise TypeError(f"{what} must be non-empty bytes")
-
-
-def _check_text(value: object, what: str) -> None:
-    if not isinstance(value, str) or not value:
-        raise TypeError(f"{what} must be a non-empty string")
-
-
-def _check_version(version: object) -> None:
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise ValueError("a state version is an integer of at least 1")
-
-
-def _check_report(version: int, state_hash: bytes, when: int) -> None:
-    for value in (version, when):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError("a reported version and time are integers")
-        if not 0 <= value <= MAX_STORED_INTEGER:
-            raise ValueError("a reported version or time is out of range")
-    if not isinstance(state_hash, bytes):
-        raise TypeError("a reported state hash is bytes")
-
-
-def _timestamp(value: int | None) -> int:
-    """A unix time for a store column: `value`, or now when None."""
-    if value is None:
-        return int(time.time())
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError("a time is a unix time in whole seconds")
-    return value
+class FencesChangedError(ConflictError):
+    """A fenced key write or deletion found the fences at another revision than the one it was
+    checked against: another replica set a fence meanwhile. Nothing changed; re-read the fences,
+    check the write against them, and retry."""
 
 
 class CoordinatorStore(ABC):
@@ -271,8 +139,8 @@ class CoordinatorStore(ABC):
 
     def append_state(self, version: int, state: bytes) -> None:
         """Store the state `version`; ConflictError unless it is latest + 1 (genesis: 1)."""
-        _check_version(version)
-        _check_bytes(state, "state")
+        check_version(version)
+        check_bytes(state, "state")
         self._append_state(version, state, None, 0)
 
     def append_state_and_close_proposal(
@@ -284,10 +152,10 @@ class CoordinatorStore(ABC):
         ConflictError if the version is not latest + 1; NotFoundError if the proposal is
         unknown. Either both writes happen or neither does.
         """
-        _check_version(version)
-        _check_bytes(state, "state")
-        _check_bytes(proposal_id, "proposal_id")
-        self._append_state(version, state, proposal_id, _timestamp(closed_at))
+        check_version(version)
+        check_bytes(state, "state")
+        check_bytes(proposal_id, "proposal_id")
+        self._append_state(version, state, proposal_id, timestamp(closed_at))
 
     @abstractmethod
     def _append_state(
@@ -325,12 +193,12 @@ class CoordinatorStore(ABC):
         to make room, their oldest closed ones that expired before `now` are purged (in the
         same transaction); if none can go, ResourceExhaustedError.
         """
-        _check_bytes(proposal_id, "proposal_id")
-        _check_bytes(proposal, "proposal")
-        _check_report(base_version, base_state_hash, 0)
+        check_bytes(proposal_id, "proposal_id")
+        check_bytes(proposal, "proposal")
+        check_report(base_version, base_state_hash, 0)
         seen: set[str] = set()
         for operator_id, approval in approvals:
-            _check_bytes(approval, "approval")
+            check_bytes(approval, "approval")
             if operator_id in seen:
                 raise ValueError("two initial approvals from one operator")
             seen.add(operator_id)
@@ -353,9 +221,9 @@ class CoordinatorStore(ABC):
         NotFoundError if the proposal is unknown. Does not look at the proposal's state: the
         caller checks that it is PENDING.
         """
-        _check_bytes(proposal_id, "proposal_id")
-        _check_bytes(approval, "approval")
-        _check_text(operator_id, "operator_id")
+        check_bytes(proposal_id, "proposal_id")
+        check_bytes(approval, "approval")
+        check_text(operator_id, "operator_id")
         return self._add_signed(Signed.APPROVAL, proposal_id, operator_id, approval)
 
     def add_cancel_vote(self, proposal_id: bytes, operator_id: str, vote: bytes) -> bool:
@@ -364,9 +232,9 @@ class CoordinatorStore(ABC):
         NotFoundError if the proposal is unknown. Like `add_approval`, it does not look at
         the proposal's state: the caller checks that it is PENDING.
         """
-        _check_bytes(proposal_id, "proposal_id")
-        _check_bytes(vote, "vote")
-        _check_text(operator_id, "operator_id")
+        check_bytes(proposal_id, "proposal_id")
+        check_bytes(vote, "vote")
+        check_text(operator_id, "operator_id")
         return self._add_signed(Signed.CANCEL_VOTE, proposal_id, operator_id, vote)
 
     @abstractmethod
@@ -413,7 +281,7 @@ class CoordinatorStore(ABC):
         NotFoundError if the proposal is unknown.
         """
         state = ProposalState(state)
-        when = _timestamp(closed_at) if state.closed else 0
+        when = timestamp(closed_at) if state.closed else 0
         return self._set_proposal_state(
             proposal_id, StateChange(state, detail, applied_version, when)
         )
@@ -423,7 +291,7 @@ class CoordinatorStore(ABC):
     ) -> list[bytes]:
         """Move each (id, final state, detail) that is still PENDING to its state, in one
         transaction; the ids it closed (unknown or closed ones are left alone)."""
-        when = _timestamp(closed_at)
+        when = timestamp(closed_at)
         if not closings:
             return []
         final = [(i, ProposalState(state), detail) for i, state, detail in closings]
@@ -469,7 +337,7 @@ class CoordinatorStore(ABC):
         """Record (or replace) where an HSA listens, when (unix seconds) it said so, and the
         version and state hash it reported with it (`reported_at` becomes `registered_at`, or
         0 with version 0: an HSA that reports no version)."""
-        _check_report(version, state_hash, registered_at)
+        check_report(version, state_hash, registered_at)
         self._register_hsa(
             HsaRecord(
                 host_id,
@@ -489,7 +357,7 @@ class CoordinatorStore(ABC):
         Changes nothing, returning False, for an unregistered host or a version below the
         one recorded, so a late answer to an older push never hides a newer report.
         """
-        _check_report(version, state_hash, reported_at)
+        check_report(version, state_hash, reported_at)
         return self._record_hsa_version(HsaRecord(host_id, "", 0, version, state_hash, reported_at))
 
     @abstractmethod
@@ -514,8 +382,8 @@ class CoordinatorStore(ABC):
     def put_audit_head(self, head: AuditHeadRecord, expected: bytes | None) -> bool:
         """Store `head` for its host and log if the stored checkpoint is still `expected`
         (None: none stored); False, changing nothing, if it changed meanwhile."""
-        _check_bytes(head.checkpoint, "checkpoint")
-        _check_report(head.seq, b"", head.reported_at)
+        check_bytes(head.checkpoint, "checkpoint")
+        check_report(head.seq, b"", head.reported_at)
         return self._put_audit_head(head, expected)
 
     @abstractmethod
@@ -525,6 +393,33 @@ class CoordinatorStore(ABC):
     @abstractmethod
     def _put_audit_head(self, head: AuditHeadRecord, expected: bytes | None) -> bool:
         """`put_audit_head` with a checked head."""
+
+    # --- fences and change notices ---------------------------------------------------------
+
+    @abstractmethod
+    def get_fences(self) -> FenceRecord:
+        """The stored fences and their revision (b"" at revision 0 when never set)."""
+
+    def set_fences(self, value: bytes, expected_revision: int) -> int:
+        """Store `value` as the fences if their revision is still `expected_revision` (0: never
+        set); returns the new revision. ConflictError, changing nothing, if another writer
+        changed them since the caller read them."""
+        if not isinstance(value, bytes):
+            raise TypeError("fences are bytes")
+        check_revision(expected_revision, "expected_revision")
+        return self._set_fences(value, expected_revision)
+
+    @abstractmethod
+    def _set_fences(self, value: bytes, expected_revision: int) -> int:
+        """`set_fences` with checked arguments."""
+
+    @abstractmethod
+    def subscribe(self, on_change: Callable[[ChangeKind], None]) -> Callable[[], None]:
+        """Call `on_change(kind)` from a background thread whenever another writer changed the
+        `kind` part of the store (states, proposals, keys, fences); returns a function that
+        ends the subscription. A store that only this coordinator writes never calls back.
+        `on_change` must return quickly (re-read later, elsewhere); what it raises is logged.
+        """
 
     # --- key records -----------------------------------------------------------------------
 
@@ -540,19 +435,26 @@ class CoordinatorStore(ABC):
         *,
         creator: str = "",
         creator_limit: int = 0,
+        fences_revision: int | None = None,
     ) -> int:
         """Write a key record with a compare-and-swap; returns the new revision.
 
         `expected_revision` 0 creates the key (AlreadyExistsError if it exists or has a
         tombstone; ResourceExhaustedError if `creator` has `creator_limit` live keys already,
         when both are given); otherwise it must equal the stored revision (ConflictError if it
-        does not, NotFoundError if the key does not exist or was deleted).
+        does not, NotFoundError if the key does not exist or was deleted). With
+        `fences_revision`, the write happens only if the fences are still at that revision
+        (FencesChangedError, checked first, otherwise).
         """
-        _check_text(key_id, "key_id")
-        _check_bytes(record, "record")
+        check_text(key_id, "key_id")
+        check_bytes(record, "record")
         if expected_revision < 0:
             raise ValueError("expected_revision is 0 (create) or a stored revision")
-        return self._put_key(KeyEntry(key_id, record, expected_revision), creator, creator_limit)
+        if fences_revision is not None:
+            check_revision(fences_revision, "fences_revision")
+        return self._put_key(
+            KeyEntry(key_id, record, expected_revision), creator, creator_limit, fences_revision
+        )
 
     @abstractmethod
     def list_keys(self, limit: int, after_key_id: str = "") -> list[KeyEntry]:
@@ -562,20 +464,30 @@ class CoordinatorStore(ABC):
     def count_keys(self, creator: str) -> int:
         """How many live keys `creator` created."""
 
-    def delete_key(self, key_id: str, expected_revision: int, deleted_at: int) -> None:
+    def delete_key(
+        self,
+        key_id: str,
+        expected_revision: int,
+        deleted_at: int,
+        *,
+        fences_revision: int | None = None,
+    ) -> None:
         """Make a key record a tombstone (deleted at `deleted_at`, unix seconds) with a
         compare-and-swap on its revision.
 
         NotFoundError if the key does not exist (or is a tombstone already); ConflictError if
         the stored revision is not `expected_revision` (the record changed since the caller
-        read it).
+        read it). With `fences_revision`, only while the fences are at that revision
+        (FencesChangedError, checked first, otherwise).
         """
-        _check_text(key_id, "key_id")
+        check_text(key_id, "key_id")
         if expected_revision < 1:
             raise ValueError("expected_revision is the stored revision the caller read")
         if isinstance(deleted_at, bool) or not isinstance(deleted_at, int) or deleted_at < 1:
             raise ValueError("deleted_at is a unix time")
-        self._delete_key(key_id, expected_revision, deleted_at)
+        if fences_revision is not None:
+            check_revision(fences_revision, "fences_revision")
+        self._delete_key(key_id, expected_revision, deleted_at, fences_revision)
 
     @abstractmethod
     def deleted_key(self, key_id: str) -> DeletedKey | None:
@@ -586,11 +498,15 @@ class CoordinatorStore(ABC):
         """Remove the tombstones of keys deleted before `deleted_before`; how many."""
 
     @abstractmethod
-    def _put_key(self, entry: KeyEntry, creator: str, creator_limit: int) -> int:
+    def _put_key(
+        self, entry: KeyEntry, creator: str, creator_limit: int, fences_revision: int | None
+    ) -> int:
         """`put_key` with checked arguments; `entry.revision` is the expected revision."""
 
     @abstractmethod
-    def _delete_key(self, key_id: str, expected_revision: int, deleted_at: int) -> None:
+    def _delete_key(
+        self, key_id: str, expected_revision: int, deleted_at: int, fences_revision: int | None
+    ) -> None:
         """`delete_key` with checked arguments."""
 
     @abstractmethod

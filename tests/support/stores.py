@@ -20,6 +20,8 @@ class StoreBackend(ABC):
     """One backing store; `open` gives another `CoordinatorStore` on it."""
 
     name: str
+    shared: bool
+    """True when other writers can change the backing (coordinator replicas)."""
 
     def __init__(self) -> None:
         self._opened: list[CoordinatorStore] = []
@@ -48,6 +50,7 @@ class SqliteBackend(StoreBackend):
     """One SQLite file."""
 
     name = "sqlite"
+    shared = False
 
     def __init__(self, path: Path) -> None:
         super().__init__()
