@@ -36,9 +36,10 @@ find_softhsm2_module() {
   return 1
 }
 
-banner "system tools: softhsm2"
+banner "system tools: softhsm2, etcd"
 missing=()
 command -v softhsm2-util >/dev/null 2>&1 && find_softhsm2_module >/dev/null || missing+=(softhsm2)
+command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
 if [ ${#missing[@]} -gt 0 ]; then
   if ! hsm_apt_install "${missing[@]}"; then
     hsm_say "continuing without ${missing[*]}: the tests that need them will skip" \
@@ -50,6 +51,11 @@ if module=$(find_softhsm2_module); then
 fi
 hsm_say "softhsm2-util: $(command -v softhsm2-util || echo missing)"
 hsm_say "libsofthsm2.so: ${HSM_SOFTHSM2_MODULE:-missing}"
+if command -v etcd >/dev/null 2>&1; then
+  hsm_say "etcd: $(command -v etcd) ($(etcd --version 2>/dev/null | awk 'NR == 1' || echo 'version unknown'))"
+else
+  hsm_say "etcd: missing"
+fi
 
 banner "python venv: .venv"
 hsm_ensure_venv '.[test]'
