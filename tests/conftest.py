@@ -1,10 +1,11 @@
 """Shared fixtures, and the CI rule that no test may be skipped.
 
-A test that needs an external tool (softhsm2-util, libsofthsm2.so) asks for it with
+A test that needs an external tool (softhsm2-util, libsofthsm2.so, etcd) asks for it with
 `require_tool`: when the tool is missing the test skips, or fails when `HSM_REQUIRE_ALL=1`.
 Under `HSM_REQUIRE_ALL=1` (set by `.ci/run`) every skip, wherever it comes from (a skip mark,
 `pytest.skip` in a test or fixture, `pytest.importorskip` at import), is reported as a failure,
-so a green CI run means that every test ran.
+so a green CI run means that every test ran. Real etcd clusters (`etcd_cluster`,
+`etcd_factory`) are fixtures here so that every folder shares the session's one.
 """
 
 from __future__ import annotations
@@ -12,10 +13,15 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
 from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from support.etcd import LocalEtcd
 
 REQUIRE_ALL_ENV = "HSM_REQUIRE_ALL"
 
@@ -86,6 +92,35 @@ def softhsm2_util_bin() -> str:
 def softhsm2_module() -> str:
     """Path of the SoftHSM2 PKCS#11 module, libsofthsm2.so."""
     return require_tool("libsofthsm2.so", "load the SoftHSM2 PKCS#11 module")
+
+
+@pytest.fixture(scope="session")
+def etcd_bin() -> str:
+    """Path of etcd (the etcd store's tests run real clusters: `support.etcd`)."""
+    return require_tool("etcd", "run a real etcd cluster for the etcd store's tests")
+
+
+@pytest.fixture(scope="session")
+def etcd_cluster(tmp_path_factory: pytest.TempPathFactory, etcd_bin: str) -> Iterator[LocalEtcd]:
+    """One real 3-member etcd cluster for the whole session, shared under fresh key prefixes
+    (`support.etcd.fresh_prefix`); never faulted (see `etcd_factory`)."""
+    from support.etcd import local_etcd
+
+    with local_etcd(tmp_path_factory.mktemp("etcd"), 3, etcd_bin) as local:
+        yield local
+
+
+@pytest.fixture
+def etcd_factory(tmp_path: Path, etcd_bin: str) -> Iterator[Callable[[int], LocalEtcd]]:
+    """Start etcd clusters of N members for one test (to kill, pause, restart); all are
+    stopped after it."""
+    from support.etcd import cluster_factory
+
+    make, stop_all = cluster_factory(tmp_path, etcd_bin)
+    try:
+        yield make
+    finally:
+        stop_all()
 
 
 @pytest.fixture
