@@ -38,6 +38,7 @@ from typing import Final
 from deploy._files import make_private_dir
 from deploy._runfiles import is_alive, log_tail, read_pid_file
 from deploy.cluster import ProcessStartError, stop_process
+from domain_core.limits import Limits
 
 __all__ = [
     "LOOPBACK",
@@ -52,9 +53,9 @@ __all__ = [
 ]
 
 LOOPBACK: Final = "127.0.0.1"
-# A sealed state may take 4 MiB (domain_core.limits.Limits.max_message_bytes); etcd's default
-# request limit is 1.5 MiB.
-MAX_REQUEST_BYTES: Final = 10 * 1024 * 1024
+# What one request to etcd may carry: a sealed state takes up to the message limit (4 MiB),
+# and etcd's default (1.5 MiB) is below it. Not an input limit: the store's callers are.
+REQUEST_BYTES: Final = 2 * Limits().max_message_bytes + 2 * 1024 * 1024
 DEFAULT_START_TIMEOUT: Final = 30.0
 _HEALTH_TIMEOUT: Final = 2.0
 _POLL_SECONDS: Final = 0.05
@@ -133,7 +134,7 @@ class EtcdCluster:
             "--initial-cluster", initial,
             "--initial-cluster-state", "new",
             "--initial-cluster-token", self.token,
-            "--max-request-bytes", str(MAX_REQUEST_BYTES),
+            "--max-request-bytes", str(REQUEST_BYTES),
             # Keep an hour of history (watches resume from a recent revision), not forever.
             "--auto-compaction-mode", "periodic",
             "--auto-compaction-retention", "1h",

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from deploy.etcd import EtcdCluster, EtcdMember
+from domain_core.limits import Limits
 
 pytestmark = pytest.mark.unit
 
@@ -47,8 +48,8 @@ def test_every_member_listens_on_loopback_only(tmp_path: Path) -> None:
             "new",
             "tok",
         )
-        # A 4 MiB sealed state fits in one request.
-        assert int(flags["--max-request-bytes"]) > 4 * 1024 * 1024 * 2
+        # The largest sealed state fits in one request.
+        assert int(flags["--max-request-bytes"]) > 2 * Limits().max_message_bytes
 
 
 def test_endpoints_and_store_spec(tmp_path: Path) -> None:
