@@ -56,6 +56,9 @@ LOOPBACK: Final = "127.0.0.1"
 # What one request to etcd may carry: a sealed state takes up to the message limit (4 MiB),
 # and etcd's default (1.5 MiB) is below it. Not an input limit: the store's callers are.
 REQUEST_BYTES: Final = 2 * Limits().max_message_bytes + 2 * 1024 * 1024
+# Operations in one transaction: a proposal stored with all its initial approvals (up to
+# Limits.max_approvals_per_proposal) is one transaction of the etcd store.
+TXN_OPS: Final = 1024
 DEFAULT_START_TIMEOUT: Final = 30.0
 _HEALTH_TIMEOUT: Final = 2.0
 _POLL_SECONDS: Final = 0.05
@@ -135,6 +138,8 @@ class EtcdCluster:
             "--initial-cluster-state", "new",
             "--initial-cluster-token", self.token,
             "--max-request-bytes", str(REQUEST_BYTES),
+            # A proposal with many initial approvals is one transaction (etcd's default: 128).
+            "--max-txn-ops", str(TXN_OPS),
             # Keep an hour of history (watches resume from a recent revision), not forever.
             "--auto-compaction-mode", "periodic",
             "--auto-compaction-retention", "1h",

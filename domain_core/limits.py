@@ -261,3 +261,9 @@ MAX_HEAD_CONFIRMATION_SECONDS: Final = 86_400.0
 MAX_KEY_CACHE_MIB: Final = 65_536
 # key_service_workers.
 MAX_KEY_SERVICE_WORKERS: Final = 16
+
+# --- the coordinator's etcd store (its `store` spec) -----------------------------------------
+# Members named in an etcd store spec (`etcd:HOST:PORT,...`).
+MAX_ETCD_ENDPOINTS: Final = 16
+# The key prefix of an etcd store spec (`.../PREFIX`).
+MAX_ETCD_PREFIX_CHARS: Final = 128

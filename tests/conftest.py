@@ -162,6 +162,8 @@ def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     report = yield
+    # Fixtures read the outcome in their teardown (e.g. to print a server's log on failure).
+    setattr(item, f"rep_{report.when}", report)
     # An xfail is reported as skipped with `wasxfail`; it is an expected failure, not a skip.
     if report.skipped and require_all() and not hasattr(report, "wasxfail"):
         _fail_instead_of_skip(item.config, report)

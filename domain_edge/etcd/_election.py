@@ -1,0 +1,257 @@
+"""A leader election and a distributed lock, both a key held under a lease.
+
+Invariants:
+- the key is created only if absent, attached to a fresh lease, in one transaction: at most
+  one holder at a time, whatever the number of candidates and however their calls interleave;
+- a holder holds only while its lease is alive (`Lease.alive`, conservative) and its key is
+  still its own (a watch on the key); when either ends without `release`, it stops holding at
+  once and `on_lost` runs, once, in a thread;
+- the key goes with the lease: a holder that dies is replaced once its lease expires (its TTL),
+  a holder that releases at once;
+- releasing deletes the key only if it is still this holder's (compared on its create
+  revision), then revokes the lease; a failed candidate revokes the lease it took;
+- not re-entrant: a second `acquire` by the holder is a programming error.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Final
+
+from domain_core.errors import UnavailableError
+from domain_edge.etcd._client import EtcdClient
+from domain_edge.etcd._lease import Lease, grant_lease
+from domain_edge.etcd._types import (
+    Compare,
+    Delete,
+    KeyValue,
+    Put,
+    Range,
+    RangeResult,
+    Result,
+    Target,
+)
+from domain_edge.etcd._watch import Watch, WatchBatch, watch_key
+
+DEFAULT_TTL: Final = 5
+# A candidate also tries again this often even without a deletion event (belt and braces).
+_RETRY_SECONDS: Final = 1.0
+
+
+class LeasedKey:
+    """A key held under a lease by one holder at a time (see the module invariants)."""
+
+    def __init__(
+        self,
+        client: EtcdClient,
+        key: bytes,
+        value: bytes,
+        ttl: int = DEFAULT_TTL,
+        *,
+        on_lost: Callable[[], None] | None = None,
+    ) -> None:
+        self.client = client
+        self.key = key
+        self.value = value
+        self.ttl = ttl
+        self._on_lost = on_lost
+        self._lock = threading.Lock()
+        self._lease: Lease | None = None
+        self._created = 0
+        self._watch: Watch | None = None
+        self._lost_key = threading.Event()
+
+    @property
+    def held(self) -> bool:
+        """Whether this holder surely holds the key now."""
+        lease = self._lease
+        return lease is not None and lease.alive and not self._lost_key.is_set()
+
+    def try_acquire(self) -> tuple[bool, int]:
+        """One attempt: (won, the store revision it read or wrote)."""
+        with self._lock:
+            if self._lease is not None:
+                raise RuntimeError(f"{self.key!r} is held by this holder already")
+            lease = grant_lease(self.client, self.ttl, on_lost=self._lease_lost)
+            result = self.client.txn(
+                [Compare.absent(self.key)],
+                [Put(self.key, self.value, lease.id)],
+                [Range(self.key)],
+                retry_safe=True,
+            )
+            created = result.revision
+            if not result.succeeded:
+                current = _first(result.results[0])
+                if not (result.uncertain and current is not None and current.lease == lease.id):
+                    lease.revoke()
+                    return False, result.revision
+                created = current.create_revision  # our first attempt won: its answer was lost
+            self._lease, self._created = lease, created
+            self._lost_key.clear()
+            self._watch = watch_key(self.client, self.key, created + 1, self._key_changed)
+            return True, created
+
+    def acquire(self, timeout: float | None) -> bool:
+        """Try until won or `timeout` seconds passed (None: forever); whether it was won."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            won, revision = self.try_acquire()
+            if won:
+                return True
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return False
+            self._wait_for_release(revision, remaining)
+
+    def _wait_for_release(self, revision: int, remaining: float | None) -> None:
+        released = threading.Event()
+
+        def seen(batch: WatchBatch) -> None:
+            if batch.compacted or any(e.deleted for e in batch.events):
+                released.set()
+
+        watch = watch_key(self.client, self.key, revision + 1, seen)
+        try:
+            wait = _RETRY_SECONDS if remaining is None else min(_RETRY_SECONDS, remaining)
+            released.wait(max(0.0, wait))
+        finally:
+            watch.cancel()
+
+    def holder(self) -> bytes | None:
+        """The value of whoever holds the key now (None: nobody)."""
+        current = self.client.get(self.key)
+        return current.value if current is not None else None
+
+    def release(self) -> None:
+        """Delete the key if it is still ours, revoke the lease; nothing if not held."""
+        with self._lock:
+            lease, watch, created = self._lease, self._watch, self._created
+            self._lease, self._watch = None, None
+        if watch is not None:
+            watch.cancel()
+        if lease is None:
+            return
+        try:
+            self.client.txn(
+                [Compare(self.key, Target.CREATE, Result.EQUAL, created)],
+                [Delete(self.key)],
+                retry_safe=True,
+            )
+        finally:
+            lease.revoke()
+
+    def _lease_lost(self) -> None:
+        self._lose()
+
+    def _key_changed(self, batch: WatchBatch) -> None:
+        if batch.compacted or any(e.deleted or e.value != self.value for e in batch.events):
+            self._lost_key.set()
+            self._lose()
+
+    def _lose(self) -> None:
+        with self._lock:
+            lease, watch = self._lease, self._watch
+            self._lease, self._watch = None, None
+        if lease is None:
+            return  # released meanwhile, or lost already
+        self._lost_key.set()
+        if watch is not None:
+            threading.Thread(target=watch.cancel, daemon=True).start()
+        if self._on_lost is not None:
+            self._on_lost()
+
+
+def _first(result: object) -> KeyValue | None:
+    return result.first() if isinstance(result, RangeResult) else None
+
+
+class Election:
+    """A leader election on one key: candidates campaign, one leads until it resigns, dies or
+    loses its lease; anyone may ask who leads and observe changes."""
+
+    def __init__(
+        self,
+        client: EtcdClient,
+        key: bytes,
+        identity: bytes,
+        ttl: int = DEFAULT_TTL,
+        *,
+        on_lost: Callable[[], None] | None = None,
+    ) -> None:
+        if not identity:
+            raise ValueError("a candidate needs an identity")
+        self.identity = identity
+        self._key = LeasedKey(client, key, identity, ttl, on_lost=on_lost)
+
+    @property
+    def is_leader(self) -> bool:
+        return self._key.held
+
+    def campaign(self, timeout: float | None = None) -> bool:
+        """Become the leader, waiting at most `timeout` seconds (None: until it happens)."""
+        return self._key.acquire(timeout)
+
+    def try_campaign(self) -> bool:
+        """One attempt to become the leader, without waiting."""
+        return self._key.try_acquire()[0]
+
+    def leader(self) -> bytes | None:
+        """The identity of the current leader, or None."""
+        return self._key.holder()
+
+    def observe(self, on_change: Callable[[bytes | None], None]) -> Callable[[], None]:
+        """Call `on_change(identity or None)` now and whenever the leader changes (in a thread);
+        returns the function that stops observing."""
+        client, key = self._key.client, self._key.key
+        current = client.range(Range(key))
+        on_change(current.kvs[0].value if current.kvs else None)
+
+        def changed(batch: WatchBatch) -> None:
+            if batch.compacted:
+                now = client.get(key)
+                on_change(now.value if now is not None else None)
+                return
+            last = batch.events[-1]
+            on_change(None if last.deleted else last.value)
+
+        return watch_key(client, key, current.revision + 1, changed).cancel
+
+    def resign(self) -> None:
+        """Stop leading (at once: the next candidate need not wait for the lease to expire)."""
+        self._key.release()
+
+
+class Lock:
+    """A distributed lock: one holder at a time, released by `release`, or by the holder's
+    death once its lease expires. Not re-entrant."""
+
+    def __init__(self, client: EtcdClient, key: bytes, ttl: int = DEFAULT_TTL) -> None:
+        self._key = LeasedKey(client, key, uuid.uuid4().hex.encode(), ttl)
+
+    @property
+    def held(self) -> bool:
+        return self._key.held
+
+    def acquire(self, timeout: float | None = None) -> bool:
+        return self._key.acquire(timeout)
+
+    def release(self) -> None:
+        self._key.release()
+
+    def hold(self, timeout: float) -> Lock:
+        """Acquire within `timeout` seconds (UnavailableError otherwise), for a `with` block."""
+        if not self.acquire(timeout):
+            raise UnavailableError(
+                f"the lock {self._key.key!r} is held by another process for more than "
+                f"{timeout:.0f} s; retry later"
+            )
+        return self
+
+    def __enter__(self) -> Lock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
