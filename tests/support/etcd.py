@@ -96,12 +96,14 @@ class LocalEtcd:
     def resume(self, index: int) -> None:
         self.processes[index].resume()
 
-    def restart(self, index: int) -> None:
-        """Start member `index` again on its data and ports; wait until it is healthy."""
+    def restart(self, index: int, *, wait: bool = True) -> None:
+        """Start member `index` again on its data and ports; wait until it is healthy (it
+        cannot be without a majority: `wait=False` then)."""
         if self.processes[index].is_running():
             self.processes[index].stop()
         self.processes[index] = self._spawn(index)
-        wait_healthy([self.processes[index]], timeout=_START_TIMEOUT)
+        if wait:
+            wait_healthy([self.processes[index]], timeout=_START_TIMEOUT)
 
     def stop(self) -> None:
         """Stop every member (paused ones too); safe to call twice."""

@@ -12,8 +12,10 @@ import sqlite3
 from abc import ABC, abstractmethod
 from pathlib import Path
 
+from domain_coordinator.etcd_store import EtcdStore
 from domain_coordinator.sqlite_store import SqliteStore
 from domain_coordinator.store import CoordinatorStore
+from domain_edge.etcd import EtcdClient, Range
 
 
 class StoreBackend(ABC):
@@ -64,4 +66,26 @@ class SqliteBackend(StoreBackend):
             approvals = int(db.execute("SELECT COUNT(*) FROM approvals").fetchone()[0])
             votes = int(db.execute("SELECT COUNT(*) FROM cancel_votes").fetchone()[0])
         db.close()
+        return approvals, votes
+
+
+class EtcdBackend(StoreBackend):
+    """One key prefix of a real etcd cluster (fresh per test, so tests share a cluster)."""
+
+    name = "etcd"
+    shared = True
+
+    def __init__(self, endpoints: list[str], prefix: str) -> None:
+        super().__init__()
+        self.endpoints = endpoints
+        self.prefix = prefix
+
+    def _open(self) -> CoordinatorStore:
+        return EtcdStore.open(self.endpoints, self.prefix)
+
+    def raw_signature_count(self) -> tuple[int, int]:
+        root = f"{self.prefix}/proposals/".encode()
+        with EtcdClient(self.endpoints) as client:
+            approvals = client.range(Range.prefix(root + b"approval/", count_only=True)).count
+            votes = client.range(Range.prefix(root + b"vote/", count_only=True)).count
         return approvals, votes

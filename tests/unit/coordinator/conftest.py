@@ -11,21 +11,34 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support.stores import SqliteBackend, StoreBackend
+from support.etcd import fresh_prefix
+from support.stores import EtcdBackend, SqliteBackend, StoreBackend
 
 from domain_coordinator.store import CoordinatorStore
 
-BACKENDS = [pytest.param("sqlite", marks=pytest.mark.unit)]
+BACKENDS = [
+    pytest.param("sqlite", marks=pytest.mark.unit),
+    pytest.param("etcd", marks=[pytest.mark.etcd, pytest.mark.integration]),
+]
 
 
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreBackend]:
-    """One empty backing store of each kind."""
-    made: StoreBackend = SqliteBackend(tmp_path / "coordinator.db")
+    """One empty backing store of each kind (etcd: a fresh prefix on the session's cluster;
+    the members' log tails are printed when the test fails)."""
+    made: StoreBackend
+    if request.param == "etcd":
+        cluster = request.getfixturevalue("etcd_cluster")
+        made = EtcdBackend(cluster.endpoints, fresh_prefix())
+    else:
+        made = SqliteBackend(tmp_path / "coordinator.db")
     try:
         yield made
     finally:
         made.close_all()
+        report = getattr(request.node, "rep_call", None)
+        if request.param == "etcd" and report is not None and report.failed:
+            print(cluster.log_tails())
 
 
 @pytest.fixture
