@@ -59,6 +59,9 @@ _CHANNEL_OPTIONS: Final = {
     "grpc.min_reconnect_backoff_ms": 100,
     "grpc.max_reconnect_backoff_ms": 1000,
 }
+# Reads a snapshot of the latest makes in one read-only transaction (etcd's default limit of
+# operations per transaction is 128).
+_SNAPSHOT_TXN_READS: Final = 64
 _BACKOFF_FIRST: Final = 0.05
 _BACKOFF_MOST: Final = 0.5
 ABORTABLE: Final = (grpc.aio.AioRpcError, aetcd.ClientError, TimeoutError)
@@ -201,10 +204,18 @@ class EtcdClient:
         return self.range(Range(key)).first()
 
     def snapshot(self, requests: Sequence[Range], revision: int = 0) -> tuple[RangeResult, ...]:
-        """Several reads of one consistent view, at `revision` (0: the first read fixes it as
-        the latest), the others concurrently. ConflictError if that revision was compacted."""
+        """Several reads of one consistent view: the latest (one read-only transaction, one
+        round trip, when there are at most `_SNAPSHOT_TXN_READS` of them), or `revision`
+        (concurrent reads at it). ConflictError if that revision was compacted."""
         if not requests:
             return ()
+        if not revision and len(requests) <= _SNAPSHOT_TXN_READS:
+
+            async def in_one() -> tuple[RangeResult, ...]:
+                result = await self.txn_async([], requests)
+                return tuple(r for r in result.results if isinstance(r, RangeResult))
+
+            return self.run(in_one())
 
         async def read_all() -> tuple[RangeResult, ...]:
             at = revision
