@@ -221,20 +221,24 @@ class ProposalWrites:
         revision: int,
     ) -> Transition:
         """Move each (facts, new status): the statuses, index entries and counts, compared
-        against what was read (the statuses; the guard if any count changes)."""
+        against what was read: the statuses, and the guard whenever a state or a closing time
+        changes (so that an insert's purge to make room, or a purge, which read the closed
+        proposals' index entries under the guard, never works on moved ones)."""
         keys = self.keys
         compare: list[Compare] = []
         ops: list[Operation] = []
         pending_delta: dict[str, int] = {}
+        moved = False
         for facts, after in moves:
             before = facts.status
             compare.append(Compare.mod_revision(keys.status(facts.pid), facts.status_revision))
             ops.append(Put(keys.status(facts.pid), encode(after)))
             ops += index_changes(keys.entries(facts, before), keys.entries(facts, after))
+            moved |= (before["state"], before["closed_at"]) != (after["state"], after["closed_at"])
             delta = int(after["state"] == PENDING) - int(before["state"] == PENDING)
             if delta:
                 pending_delta[facts.proposer] = pending_delta.get(facts.proposer, 0) + delta
-        if pending_delta:
+        if moved:
             compare.append(_same(keys.guard, guard_kv))
             guard = Counts.of(guard_kv)
             ops.append(Put(keys.guard, guard.plus(sum(pending_delta.values()), 0).value(True)))
@@ -343,31 +347,38 @@ class ProposalWrites:
     def purge(self, closed_before: int, expired_before: int) -> int:
         keys = self.keys
         found = self.client.range(Range(keys.closed, keys.closed + number(closed_before)))
-        doomed = [
-            facts
-            for facts in (Facts.closed(kv, "") for kv in found.kvs)
-            if facts.expires_at < expired_before
-        ]
+        marks = [Facts.closed(kv, "") for kv in found.kvs]
+        doomed = [m.pid for m in marks if m.expires_at < expired_before]
         purged = 0
         for chunk in _chunks(doomed, _BATCH):
-            purged += cas("purging proposals", self._purging(chunk))
+            purged += cas("purging proposals", self._purging(chunk, closed_before, expired_before))
         return purged
 
-    def _purging(self, chunk: Sequence[Facts]) -> Callable[[], int | Retry]:
-        return lambda: self._purge(chunk)
+    def _purging(
+        self, chunk: Sequence[bytes], closed_before: int, expired_before: int
+    ) -> Callable[[], int | Retry]:
+        return lambda: self._purge(chunk, closed_before, expired_before)
 
-    def _purge(self, chunk: Sequence[Facts]) -> int | Retry:
-        guard_kv, facts, revision = self._facts([f.pid for f in chunk])
-        present = [f for f in chunk if f.pid in facts and not facts[f.pid].pending]
+    def _purge(
+        self, chunk: Sequence[bytes], closed_before: int, expired_before: int
+    ) -> int | Retry:
+        """Purge those of `chunk` that are (still) closed before `closed_before` and expired
+        before `expired_before`, as read now, with their signatures and index entries."""
+        guard_kv, facts, revision = self._facts(chunk)
+        present = [
+            f
+            for f in facts.values()
+            if not f.pending
+            and 0 < int(f.status["closed_at"]) < closed_before
+            and f.expires_at < expired_before
+        ]
         if not present:
             return 0
         compare = [_same(self.keys.guard, guard_kv)]
         ops: list[Operation] = []
         stored: dict[str, int] = {}
         for old in present:
-            compare.append(
-                Compare.mod_revision(self.keys.status(old.pid), facts[old.pid].status_revision)
-            )
+            compare.append(Compare.mod_revision(self.keys.status(old.pid), old.status_revision))
             ops += self.keys.purge(old)
             if old.proposer:
                 stored[old.proposer] = stored.get(old.proposer, 0) - 1

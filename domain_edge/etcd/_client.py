@@ -119,6 +119,11 @@ class EtcdClient:
     def __repr__(self) -> str:
         return f"EtcdClient({','.join(map(str, self.endpoints))})"
 
+    @property
+    def closed(self) -> bool:
+        """Whether `close` was called (watches and keep-alives on this client then stop)."""
+        return self._closed
+
     # --- the loop side ----------------------------------------------------------------------
 
     async def member_client(self, index: int) -> Any:

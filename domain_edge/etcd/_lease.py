@@ -81,6 +81,9 @@ class Lease:
             await asyncio.sleep(interval)
             if self._stopped.is_set():
                 return
+            if self.client.closed:  # nobody can refresh it any more: it lapses
+                self._lose()
+                return
             sent = time.monotonic()
             try:
                 ttl = await self._refresh()

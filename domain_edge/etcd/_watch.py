@@ -87,7 +87,7 @@ class Watch:
             raise _Compacted(int(error.compacted_revision)) from error
 
     async def _stream(self) -> None:
-        while not self._cancelled.is_set():
+        while not self._cancelled.is_set() and not self._client.closed:
             try:
                 stream, _ = await self._client.failover("a watch", self._open, resend_unknown=True)
                 try:

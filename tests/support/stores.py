@@ -41,6 +41,11 @@ class StoreBackend(ABC):
     def raw_signature_count(self) -> tuple[int, int]:
         """How many approvals and votes to cancel are stored, read under the interface."""
 
+    @abstractmethod
+    def raw_proposal_rows(self) -> int:
+        """How many rows (keys) of proposals, their signatures and indexes are stored, read
+        under the interface (counters excepted): 0 once every proposal is purged."""
+
     def close_all(self) -> None:
         """Close every store `open` gave (closing twice is allowed)."""
         for store in self._opened:
@@ -68,6 +73,15 @@ class SqliteBackend(StoreBackend):
         db.close()
         return approvals, votes
 
+    def raw_proposal_rows(self) -> int:
+        with sqlite3.connect(self.path) as db:
+            rows = sum(
+                int(db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])  # noqa: S608
+                for table in ("proposals", "approvals", "cancel_votes")
+            )
+        db.close()
+        return rows
+
 
 class EtcdBackend(StoreBackend):
     """One key prefix of a real etcd cluster (fresh per test, so tests share a cluster)."""
@@ -89,3 +103,11 @@ class EtcdBackend(StoreBackend):
             approvals = client.range(Range.prefix(root + b"approval/", count_only=True)).count
             votes = client.range(Range.prefix(root + b"vote/", count_only=True)).count
         return approvals, votes
+
+    def raw_proposal_rows(self) -> int:
+        root = f"{self.prefix}/proposals/".encode()
+        with EtcdClient(self.endpoints) as client:
+            found = client.range(Range.prefix(root, keys_only=True))
+        return sum(
+            1 for kv in found.kvs if kv.key != root + b"guard" and not kv.key.endswith(b"/count")
+        )

@@ -323,3 +323,42 @@ def test_submitting_and_cancelling_in_a_loop_cannot_grow_the_store(
     assert _put(store, 21, proposer="pending-only", expires_at=50, **caps, now=60)
     with pytest.raises(ResourceExhaustedError, match="you have 2 pending proposals already"):
         _put(store, 22, proposer="pending-only", expires_at=50, **caps, now=60)
+
+
+def test_a_closed_proposal_applied_later_is_purged_by_its_new_closing_time(
+    backend: StoreBackend,
+) -> None:
+    """A state that carries a proposal closed meanwhile (a repair from the HSAs) marks it
+    APPLIED at the state's closing time: purges then go by that time, and leave nothing."""
+    store = backend.open()
+    store.append_state(1, b"genesis")
+    _put(store, 1, expires_at=150, approvals=2)
+    store.add_cancel_vote(_pid(1), "op-9", b"vote")
+    store.set_proposal_state(_pid(1), ProposalState.STALE, "moved on", closed_at=100)
+    store.append_state_and_close_proposal(2, b"two", _pid(1), closed_at=500)
+    record = store.get_proposal(_pid(1))
+    assert record is not None
+    assert (record.state, record.closed_at, record.applied_version) == (
+        ProposalState.APPLIED,
+        500,
+        2,
+    )
+    assert store.purge_closed_proposals(closed_before=200, expired_before=10**6) == 0
+    assert store.purge_closed_proposals(closed_before=501, expired_before=10**6) == 1
+    assert store.count_proposals(include_closed=True) == 0
+    assert store.count_proposals(include_closed=True, proposer="op-a") == 0
+    assert backend.raw_proposal_rows() == 0
+
+
+def test_purges_leave_no_row_behind(backend: StoreBackend) -> None:
+    store = backend.open()
+    for index in range(25):
+        _put(store, index, proposer=f"op-{index % 4}", approvals=3, expires_at=100)
+        store.add_cancel_vote(_pid(index), "op-x", b"vote")
+    store.close_proposals([(_pid(i), ProposalState.EXPIRED, "") for i in range(25)], 150)
+    assert store.purge_closed_proposals(closed_before=151, expired_before=101) == 25
+    assert backend.raw_proposal_rows() == 0
+    assert backend.raw_signature_count() == (0, 0)
+    assert all(
+        store.count_proposals(include_closed=True, proposer=f"op-{i}") == 0 for i in range(4)
+    )
