@@ -67,9 +67,15 @@ def encode(fields: dict[str, Any], blob: bytes = b"") -> bytes:
 def decode(value: bytes) -> tuple[dict[str, Any], bytes]:
     """The fields and the blob of a value `encode` made."""
     header, sep, blob = value.partition(b"\0")
-    fields = json.loads(header)
+    try:
+        fields = json.loads(header)
+    except ValueError:
+        fields = None
     if not sep or not isinstance(fields, dict):
-        raise RuntimeError("the etcd store holds a value it did not write")
+        raise RuntimeError(
+            "the etcd store holds a value it did not write: is another program using its "
+            "prefix? Give this store a prefix of its own (store = etcd:.../PREFIX)"
+        )
     return fields, blob
 
 
