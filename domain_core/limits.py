@@ -130,6 +130,8 @@ DEFAULT_LIMITS = Limits()
 # --- requests to the coordinator ----------------------------------------------------------
 # A signature carried in a request (approval, cancel, key record, head confirmation).
 MAX_SIGNATURE_BYTES: Final = 512
+# A CreateKey idempotency key: printable ASCII the client chose (a UUID is 36).
+MAX_IDEMPOTENCY_KEY_CHARS: Final = 64
 # An address an HSA reports for itself ("host:port").
 MAX_ADDRESS_CHARS: Final = 255
 # A stored key record (metadata, tokens, signature); also capped by max_message_bytes.
