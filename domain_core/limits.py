@@ -130,6 +130,8 @@ DEFAULT_LIMITS = Limits()
 # --- requests to the coordinator ----------------------------------------------------------
 # A signature carried in a request (approval, cancel, key record, head confirmation).
 MAX_SIGNATURE_BYTES: Final = 512
+# How many addresses one client channel may be given (a coordinator's replicas).
+MAX_CHANNEL_ADDRESSES: Final = 16
 # A CreateKey idempotency key: printable ASCII the client chose (a UUID is 36).
 MAX_IDEMPOTENCY_KEY_CHARS: Final = 64
 # An address an HSA reports for itself ("host:port").

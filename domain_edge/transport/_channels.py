@@ -19,7 +19,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from domain_core.errors import InvalidInputError, UnauthenticatedError
-from domain_core.limits import DEFAULT_LIMITS, Limits
+from domain_core.limits import DEFAULT_LIMITS, MAX_CHANNEL_ADDRESSES, Limits
 from domain_core.pki import (
     SERVER_KINDS,
     SpiffeId,
@@ -142,16 +142,12 @@ def channel_options(
     return [*_CHANNEL_OPTIONS, *limits.grpc_options(), server_name_option(ca_pem, server)]
 
 
-MAX_ADDRESSES: Final = 16
-"""How many addresses one channel may be given (the replicas of a coordinator)."""
-
-
 def split_addresses(addresses: str) -> tuple[str, ...]:
     """ "host:port" or "host:port,host:port,..." as a tuple of "host:port" strings;
     InvalidInputError, saying which part is wrong, when one is not of that form."""
     parts = tuple(part.strip() for part in addresses.split(","))
-    if not 1 <= len(parts) <= MAX_ADDRESSES:
-        raise InvalidInputError(f"give 1 to {MAX_ADDRESSES} addresses, comma-separated")
+    if not 1 <= len(parts) <= MAX_CHANNEL_ADDRESSES:
+        raise InvalidInputError(f"give 1 to {MAX_CHANNEL_ADDRESSES} addresses, comma-separated")
     for part in parts:
         host, sep, port = part.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
