@@ -292,10 +292,15 @@ class KeyClient:
         last = self._error(method, failover.error, failover.endpoint)
         addresses = ", ".join(dict.fromkeys(e.address for e in tried))
         attempts = len(tried)
+        summary = f"{method} failed on every attempt ({attempts} on {addresses}); last: "
+        if not definite and method in KEYED_METHODS:
+            # An earlier attempt may have been applied, whatever the last one said.
+            return UnavailableError(
+                f"{summary}{last.message}. An earlier attempt may have been applied: send it "
+                "again with the same idempotency key and you get what it made, never a second"
+            )
         cls = NotAppliedError if definite and type(last) is UnavailableError else type(last)
-        return cls(
-            f"{method} failed on every attempt ({attempts} on {addresses}); last: {last.message}"
-        )
+        return cls(f"{summary}{last.message}")
 
     # --- keys --------------------------------------------------------------------------------
 
