@@ -31,7 +31,7 @@ from typing import Any, Final
 
 import grpc
 
-from deploy._runfiles import live_pids, read_ready_file
+from deploy._runfiles import read_ready_file, running_processes
 from deploy.init import DomainLayout
 from domain_core import peering
 from domain_core.backup import KeyFacts
@@ -84,7 +84,7 @@ class FloorCheck:
 
     def collect(self) -> None:
         """Ask every running HSA for its floors (see the module invariants)."""
-        running = live_pids(self.layout)
+        running = running_processes(self.layout)
         chain = TrustedChain.from_genesis(
             self.layout.domain_id, self.layout.genesis_hash, self.genesis
         )

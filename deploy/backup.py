@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from deploy._floors import FloorCheck, KeyBehind
-from deploy._runfiles import domain_lock, live_pids
+from deploy._runfiles import domain_lock, running_processes
 from deploy._store_admin import run_store_tool
 from deploy.init import DomainLayout, load_layout
 from domain_core.backup import BackupSummary, StoreCounts
@@ -55,7 +55,7 @@ def _say(progress: Progress) -> Any:
 
 def _stopped_coordinator(layout: DomainLayout, command: str) -> None:
     """FailedPreconditionError while a coordinator of the domain runs."""
-    running = {n: p for n, p in live_pids(layout).items() if n not in layout.node_configs}
+    running = {n: p for n, p in running_processes(layout).items() if n not in layout.node_configs}
     if running:
         names = ", ".join(f"{name} (pid {pid})" for name, pid in sorted(running.items()))
         raise FailedPreconditionError(
