@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
@@ -31,10 +32,12 @@ from deploy._store_admin import run_store_tool
 from deploy.init import DomainLayout, load_layout
 from domain_core.backup import BackupSummary, StoreCounts
 from domain_core.display import escape
-from domain_core.errors import FailedPreconditionError
+from domain_core.errors import FailedPreconditionError, LimitExceededError
+from domain_core.limits import DEFAULT_LIMITS
 from domain_core.model import SealedState
 from domain_edge.backup_files import verify_backup
 from domain_edge.cli import Command, Group, Progress, UsageError, console_command, print_json
+from domain_edge.files import read_limited
 
 __all__ = ["BACKUP_COMMAND", "RESTORE_COMMAND", "STORE_GROUP"]
 
@@ -49,8 +52,17 @@ def _holds(counts: dict[str, int]) -> str:
     return StoreCounts(**counts).describe()
 
 
-def _say(progress: Progress) -> Any:
+def _say(progress: Progress) -> Callable[[str], None]:
+    """Progress lines of a long step (escaped: they may quote relayed text)."""
     return lambda text: progress.update(escape(text))
+
+
+def _read_genesis(path: Path) -> bytes:
+    """The genesis state file a backup is checked against, within the size of a state."""
+    limit = DEFAULT_LIMITS.max_message_bytes
+    return read_limited(
+        path, limit, lambda: LimitExceededError(f"{path} is larger than a state ({limit} bytes)")
+    )
 
 
 def _stopped_coordinator(layout: DomainLayout, command: str) -> None:
@@ -102,7 +114,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         )
     path = Path(args.file)
     progress = Progress(sys.stderr if args.json else sys.stdout)
-    genesis = Path(args.genesis).read_bytes()
+    genesis = _read_genesis(Path(args.genesis))
     summary = verify_backup(path, genesis, progress=_say(progress))
     progress.clear()
     if args.json:
@@ -168,7 +180,7 @@ def _cmd_restore(args: argparse.Namespace) -> int:
                 f"{_holds(contents['counts'])}; restore only into an empty store (move the old "
                 "one aside first, e.g. rename DIR/coordinator/coordinator.db and its -wal file)"
             )
-        genesis = layout.genesis_state.read_bytes()
+        genesis = _read_genesis(layout.genesis_state)
         check = FloorCheck(layout, SealedState.from_bytes(genesis))
         progress.step("asking the HSAs for their key floors (the files of stopped ones)")
         check.collect()
