@@ -41,8 +41,7 @@ Invariants every implementation keeps:
 - an audit head (a signed checkpoint, per host and log) is replaced only with a
   compare-and-swap on the stored checkpoint bytes, so a concurrent report never overwrites a
   head it did not see (the coordinator raises a head, never lowers it);
-- a snapshot is one point in time, streamed; a snapshot is loaded only into an empty store,
-  all or nothing (the invariants of `snapshots`).
+- snapshots are one point in time, loads go into empty stores only (see `snapshots`).
 
 `CoordinatorStore` is an abstract base: its public methods check their arguments (the types
 and ranges every backend needs, so a programming error is a TypeError or ValueError whatever
@@ -61,13 +60,20 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from domain_coordinator import _store_checks as _checks
+from domain_coordinator._store_checks import (
+    MAX_STORED_INTEGER as MAX_STORED_INTEGER,  # re-exported: the backends import it here
+)
+from domain_coordinator._store_checks import (
+    check_bytes,
+    check_report,
+    check_text,
+    check_version,
+    timestamp,
+)
 from domain_core.backup import StoreCounts
 
 if TYPE_CHECKING:
     from domain_coordinator.snapshots import SnapshotItem, StoreSnapshot
-
-MAX_STORED_INTEGER = _checks.MAX_STORED_INTEGER  # what a 64-bit signed integer column holds
 
 
 class ProposalState(enum.StrEnum):
@@ -243,8 +249,8 @@ class CoordinatorStore(ABC):
 
     def append_state(self, version: int, state: bytes) -> None:
         """Store the state `version`; ConflictError unless it is latest + 1 (genesis: 1)."""
-        _checks.check_version(version)
-        _checks.check_bytes(state, "state")
+        check_version(version)
+        check_bytes(state, "state")
         self._append_state(version, state, None, 0)
 
     def append_state_and_close_proposal(
@@ -256,10 +262,10 @@ class CoordinatorStore(ABC):
         ConflictError if the version is not latest + 1; NotFoundError if the proposal is
         unknown. Either both writes happen or neither does.
         """
-        _checks.check_version(version)
-        _checks.check_bytes(state, "state")
-        _checks.check_bytes(proposal_id, "proposal_id")
-        self._append_state(version, state, proposal_id, _checks.timestamp(closed_at))
+        check_version(version)
+        check_bytes(state, "state")
+        check_bytes(proposal_id, "proposal_id")
+        self._append_state(version, state, proposal_id, timestamp(closed_at))
 
     @abstractmethod
     def _append_state(
@@ -297,12 +303,12 @@ class CoordinatorStore(ABC):
         to make room, their oldest closed ones that expired before `now` are purged (in the
         same transaction); if none can go, ResourceExhaustedError.
         """
-        _checks.check_bytes(proposal_id, "proposal_id")
-        _checks.check_bytes(proposal, "proposal")
-        _checks.check_report(base_version, base_state_hash, 0)
+        check_bytes(proposal_id, "proposal_id")
+        check_bytes(proposal, "proposal")
+        check_report(base_version, base_state_hash, 0)
         seen: set[str] = set()
         for operator_id, approval in approvals:
-            _checks.check_bytes(approval, "approval")
+            check_bytes(approval, "approval")
             if operator_id in seen:
                 raise ValueError("two initial approvals from one operator")
             seen.add(operator_id)
@@ -325,9 +331,9 @@ class CoordinatorStore(ABC):
         NotFoundError if the proposal is unknown. Does not look at the proposal's state: the
         caller checks that it is PENDING.
         """
-        _checks.check_bytes(proposal_id, "proposal_id")
-        _checks.check_bytes(approval, "approval")
-        _checks.check_text(operator_id, "operator_id")
+        check_bytes(proposal_id, "proposal_id")
+        check_bytes(approval, "approval")
+        check_text(operator_id, "operator_id")
         return self._add_signed(Signed.APPROVAL, proposal_id, operator_id, approval)
 
     def add_cancel_vote(self, proposal_id: bytes, operator_id: str, vote: bytes) -> bool:
@@ -336,9 +342,9 @@ class CoordinatorStore(ABC):
         NotFoundError if the proposal is unknown. Like `add_approval`, it does not look at
         the proposal's state: the caller checks that it is PENDING.
         """
-        _checks.check_bytes(proposal_id, "proposal_id")
-        _checks.check_bytes(vote, "vote")
-        _checks.check_text(operator_id, "operator_id")
+        check_bytes(proposal_id, "proposal_id")
+        check_bytes(vote, "vote")
+        check_text(operator_id, "operator_id")
         return self._add_signed(Signed.CANCEL_VOTE, proposal_id, operator_id, vote)
 
     @abstractmethod
@@ -385,7 +391,7 @@ class CoordinatorStore(ABC):
         NotFoundError if the proposal is unknown.
         """
         state = ProposalState(state)
-        when = _checks.timestamp(closed_at) if state.closed else 0
+        when = timestamp(closed_at) if state.closed else 0
         return self._set_proposal_state(
             proposal_id, StateChange(state, detail, applied_version, when)
         )
@@ -395,7 +401,7 @@ class CoordinatorStore(ABC):
     ) -> list[bytes]:
         """Move each (id, final state, detail) that is still PENDING to its state, in one
         transaction; the ids it closed (unknown or closed ones are left alone)."""
-        when = _checks.timestamp(closed_at)
+        when = timestamp(closed_at)
         if not closings:
             return []
         final = [(i, ProposalState(state), detail) for i, state, detail in closings]
@@ -441,7 +447,7 @@ class CoordinatorStore(ABC):
         """Record (or replace) where an HSA listens, when (unix seconds) it said so, and the
         version and state hash it reported with it (`reported_at` becomes `registered_at`, or
         0 with version 0: an HSA that reports no version)."""
-        _checks.check_report(version, state_hash, registered_at)
+        check_report(version, state_hash, registered_at)
         self._register_hsa(
             HsaRecord(
                 host_id,
@@ -461,7 +467,7 @@ class CoordinatorStore(ABC):
         Changes nothing, returning False, for an unregistered host or a version below the
         one recorded, so a late answer to an older push never hides a newer report.
         """
-        _checks.check_report(version, state_hash, reported_at)
+        check_report(version, state_hash, reported_at)
         return self._record_hsa_version(HsaRecord(host_id, "", 0, version, state_hash, reported_at))
 
     @abstractmethod
@@ -486,8 +492,8 @@ class CoordinatorStore(ABC):
     def put_audit_head(self, head: AuditHeadRecord, expected: bytes | None) -> bool:
         """Store `head` for its host and log if the stored checkpoint is still `expected`
         (None: none stored); False, changing nothing, if it changed meanwhile."""
-        _checks.check_bytes(head.checkpoint, "checkpoint")
-        _checks.check_report(head.seq, b"", head.reported_at)
+        check_bytes(head.checkpoint, "checkpoint")
+        check_report(head.seq, b"", head.reported_at)
         return self._put_audit_head(head, expected)
 
     @abstractmethod
@@ -520,8 +526,8 @@ class CoordinatorStore(ABC):
         when both are given); otherwise it must equal the stored revision (ConflictError if it
         does not, NotFoundError if the key does not exist or was deleted).
         """
-        _checks.check_text(key_id, "key_id")
-        _checks.check_bytes(record, "record")
+        check_text(key_id, "key_id")
+        check_bytes(record, "record")
         if expected_revision < 0:
             raise ValueError("expected_revision is 0 (create) or a stored revision")
         return self._put_key(KeyEntry(key_id, record, expected_revision), creator, creator_limit)
@@ -542,7 +548,7 @@ class CoordinatorStore(ABC):
         the stored revision is not `expected_revision` (the record changed since the caller
         read it).
         """
-        _checks.check_text(key_id, "key_id")
+        check_text(key_id, "key_id")
         if expected_revision < 1:
             raise ValueError("expected_revision is the stored revision the caller read")
         if isinstance(deleted_at, bool) or not isinstance(deleted_at, int) or deleted_at < 1:
