@@ -40,7 +40,8 @@ Invariants every implementation keeps:
   answer only raises it): informational, never used for a trust decision;
 - an audit head (a signed checkpoint, per host and log) is replaced only with a
   compare-and-swap on the stored checkpoint bytes, so a concurrent report never overwrites a
-  head it did not see (the coordinator raises a head, never lowers it).
+  head it did not see (the coordinator raises a head, never lowers it);
+- snapshots are one point in time, loads go into empty stores only (see `snapshots`).
 
 `CoordinatorStore` is an abstract base: its public methods check their arguments (the types
 and ranges every backend needs, so a programming error is a TypeError or ValueError whatever
@@ -52,13 +53,27 @@ the other way round; `store_spec.open_store` opens the backend a config names.
 from __future__ import annotations
 
 import enum
-import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
-MAX_STORED_INTEGER = 2**63 - 1  # what a 64-bit signed integer column holds
+from domain_coordinator._store_checks import (
+    MAX_STORED_INTEGER as MAX_STORED_INTEGER,  # re-exported: the backends import it here
+)
+from domain_coordinator._store_checks import (
+    check_bytes,
+    check_report,
+    check_text,
+    check_version,
+    timestamp,
+)
+from domain_core.backup import StoreCounts
+
+if TYPE_CHECKING:
+    from domain_coordinator.snapshots import SnapshotItem, StoreSnapshot
 
 
 class ProposalState(enum.StrEnum):
@@ -211,43 +226,6 @@ class Signed(enum.Enum):
     CANCEL_VOTE = "vote"
 
 
-# --- argument checks, the same for every backend ---------------------------------------------
-
-
-def _check_bytes(value: object, what: str) -> None:
-    if not isinstance(value, bytes) or not value:
-        raise TypeError(f"{what} must be non-empty bytes")
-
-
-def _check_text(value: object, what: str) -> None:
-    if not isinstance(value, str) or not value:
-        raise TypeError(f"{what} must be a non-empty string")
-
-
-def _check_version(version: object) -> None:
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise ValueError("a state version is an integer of at least 1")
-
-
-def _check_report(version: int, state_hash: bytes, when: int) -> None:
-    for value in (version, when):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError("a reported version and time are integers")
-        if not 0 <= value <= MAX_STORED_INTEGER:
-            raise ValueError("a reported version or time is out of range")
-    if not isinstance(state_hash, bytes):
-        raise TypeError("a reported state hash is bytes")
-
-
-def _timestamp(value: int | None) -> int:
-    """A unix time for a store column: `value`, or now when None."""
-    if value is None:
-        return int(time.time())
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError("a time is a unix time in whole seconds")
-    return value
-
-
 class CoordinatorStore(ABC):
     """What the coordinator needs from durable storage; see the module invariants."""
 
@@ -271,8 +249,8 @@ class CoordinatorStore(ABC):
 
     def append_state(self, version: int, state: bytes) -> None:
         """Store the state `version`; ConflictError unless it is latest + 1 (genesis: 1)."""
-        _check_version(version)
-        _check_bytes(state, "state")
+        check_version(version)
+        check_bytes(state, "state")
         self._append_state(version, state, None, 0)
 
     def append_state_and_close_proposal(
@@ -284,10 +262,10 @@ class CoordinatorStore(ABC):
         ConflictError if the version is not latest + 1; NotFoundError if the proposal is
         unknown. Either both writes happen or neither does.
         """
-        _check_version(version)
-        _check_bytes(state, "state")
-        _check_bytes(proposal_id, "proposal_id")
-        self._append_state(version, state, proposal_id, _timestamp(closed_at))
+        check_version(version)
+        check_bytes(state, "state")
+        check_bytes(proposal_id, "proposal_id")
+        self._append_state(version, state, proposal_id, timestamp(closed_at))
 
     @abstractmethod
     def _append_state(
@@ -325,12 +303,12 @@ class CoordinatorStore(ABC):
         to make room, their oldest closed ones that expired before `now` are purged (in the
         same transaction); if none can go, ResourceExhaustedError.
         """
-        _check_bytes(proposal_id, "proposal_id")
-        _check_bytes(proposal, "proposal")
-        _check_report(base_version, base_state_hash, 0)
+        check_bytes(proposal_id, "proposal_id")
+        check_bytes(proposal, "proposal")
+        check_report(base_version, base_state_hash, 0)
         seen: set[str] = set()
         for operator_id, approval in approvals:
-            _check_bytes(approval, "approval")
+            check_bytes(approval, "approval")
             if operator_id in seen:
                 raise ValueError("two initial approvals from one operator")
             seen.add(operator_id)
@@ -353,9 +331,9 @@ class CoordinatorStore(ABC):
         NotFoundError if the proposal is unknown. Does not look at the proposal's state: the
         caller checks that it is PENDING.
         """
-        _check_bytes(proposal_id, "proposal_id")
-        _check_bytes(approval, "approval")
-        _check_text(operator_id, "operator_id")
+        check_bytes(proposal_id, "proposal_id")
+        check_bytes(approval, "approval")
+        check_text(operator_id, "operator_id")
         return self._add_signed(Signed.APPROVAL, proposal_id, operator_id, approval)
 
     def add_cancel_vote(self, proposal_id: bytes, operator_id: str, vote: bytes) -> bool:
@@ -364,9 +342,9 @@ class CoordinatorStore(ABC):
         NotFoundError if the proposal is unknown. Like `add_approval`, it does not look at
         the proposal's state: the caller checks that it is PENDING.
         """
-        _check_bytes(proposal_id, "proposal_id")
-        _check_bytes(vote, "vote")
-        _check_text(operator_id, "operator_id")
+        check_bytes(proposal_id, "proposal_id")
+        check_bytes(vote, "vote")
+        check_text(operator_id, "operator_id")
         return self._add_signed(Signed.CANCEL_VOTE, proposal_id, operator_id, vote)
 
     @abstractmethod
@@ -413,7 +391,7 @@ class CoordinatorStore(ABC):
         NotFoundError if the proposal is unknown.
         """
         state = ProposalState(state)
-        when = _timestamp(closed_at) if state.closed else 0
+        when = timestamp(closed_at) if state.closed else 0
         return self._set_proposal_state(
             proposal_id, StateChange(state, detail, applied_version, when)
         )
@@ -423,7 +401,7 @@ class CoordinatorStore(ABC):
     ) -> list[bytes]:
         """Move each (id, final state, detail) that is still PENDING to its state, in one
         transaction; the ids it closed (unknown or closed ones are left alone)."""
-        when = _timestamp(closed_at)
+        when = timestamp(closed_at)
         if not closings:
             return []
         final = [(i, ProposalState(state), detail) for i, state, detail in closings]
@@ -469,7 +447,7 @@ class CoordinatorStore(ABC):
         """Record (or replace) where an HSA listens, when (unix seconds) it said so, and the
         version and state hash it reported with it (`reported_at` becomes `registered_at`, or
         0 with version 0: an HSA that reports no version)."""
-        _check_report(version, state_hash, registered_at)
+        check_report(version, state_hash, registered_at)
         self._register_hsa(
             HsaRecord(
                 host_id,
@@ -489,7 +467,7 @@ class CoordinatorStore(ABC):
         Changes nothing, returning False, for an unregistered host or a version below the
         one recorded, so a late answer to an older push never hides a newer report.
         """
-        _check_report(version, state_hash, reported_at)
+        check_report(version, state_hash, reported_at)
         return self._record_hsa_version(HsaRecord(host_id, "", 0, version, state_hash, reported_at))
 
     @abstractmethod
@@ -514,8 +492,8 @@ class CoordinatorStore(ABC):
     def put_audit_head(self, head: AuditHeadRecord, expected: bytes | None) -> bool:
         """Store `head` for its host and log if the stored checkpoint is still `expected`
         (None: none stored); False, changing nothing, if it changed meanwhile."""
-        _check_bytes(head.checkpoint, "checkpoint")
-        _check_report(head.seq, b"", head.reported_at)
+        check_bytes(head.checkpoint, "checkpoint")
+        check_report(head.seq, b"", head.reported_at)
         return self._put_audit_head(head, expected)
 
     @abstractmethod
@@ -548,8 +526,8 @@ class CoordinatorStore(ABC):
         when both are given); otherwise it must equal the stored revision (ConflictError if it
         does not, NotFoundError if the key does not exist or was deleted).
         """
-        _check_text(key_id, "key_id")
-        _check_bytes(record, "record")
+        check_text(key_id, "key_id")
+        check_bytes(record, "record")
         if expected_revision < 0:
             raise ValueError("expected_revision is 0 (create) or a stored revision")
         return self._put_key(KeyEntry(key_id, record, expected_revision), creator, creator_limit)
@@ -570,7 +548,7 @@ class CoordinatorStore(ABC):
         the stored revision is not `expected_revision` (the record changed since the caller
         read it).
         """
-        _check_text(key_id, "key_id")
+        check_text(key_id, "key_id")
         if expected_revision < 1:
             raise ValueError("expected_revision is the stored revision the caller read")
         if isinstance(deleted_at, bool) or not isinstance(deleted_at, int) or deleted_at < 1:
@@ -592,6 +570,29 @@ class CoordinatorStore(ABC):
     @abstractmethod
     def _delete_key(self, key_id: str, expected_revision: int, deleted_at: int) -> None:
         """`delete_key` with checked arguments."""
+
+    # --- backup and restore ----------------------------------------------------------------
+
+    @abstractmethod
+    def contents(self) -> StoreCounts:
+        """How many items of each kind the store holds (all zero: empty)."""
+
+    @abstractmethod
+    def snapshot(self) -> AbstractContextManager[StoreSnapshot]:
+        """A consistent snapshot, streamed while writers go on (`snapshots.StoreSnapshot`)."""
+
+    def load_snapshot(self, items: Iterable[SnapshotItem]) -> StoreCounts:
+        """Load a snapshot's items into this empty store, all or nothing (FailedPrecondition
+        naming what is there if it is not empty); what was loaded. See `snapshots`."""
+        from domain_coordinator.snapshots import checked_items  # it imports this module
+
+        return self._load_snapshot(checked_items(items))
+
+    @abstractmethod
+    def _load_snapshot(self, items: Iterator[SnapshotItem]) -> StoreCounts:
+        """`load_snapshot` with checked items: refuse a non-empty store inside the same write
+        (`snapshots.refuse_unless_empty`), restore revisions, states, closing times and
+        tombstones exactly, keep the arrival order of proposals; roll back if `items` raises."""
 
     @abstractmethod
     def close(self) -> None:

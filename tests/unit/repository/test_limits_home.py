@@ -30,9 +30,10 @@ NOT_INPUT_LIMITS: dict[str, dict[str, str]] = {
     "domain_coordinator/_requests.py": {
         "MAX_REPORTED_VERSION": "what the store's 64-bit integer columns hold"
     },
-    "domain_coordinator/store.py": {
-        "MAX_STORED_INTEGER": "what a 64-bit signed integer column holds"
+    "domain_coordinator/_store_checks.py": {
+        "MAX_STORED_INTEGER": "what a 64-bit signed integer column holds (store.py re-exports it)"
     },
+    "domain_core/backup.py": {"_MAX_STORED": "what the store's 64-bit integer columns hold"},
     "domain_coordinator/_producer.py": {
         "MAX_DEFER_SECONDS": "back-off tuning of the coordinator's retries"
     },
