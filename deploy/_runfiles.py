@@ -32,6 +32,7 @@ __all__ = [
     "log_tail",
     "read_pid_file",
     "read_ready_file",
+    "running_processes",
 ]
 
 _LOG_TAIL_LINES: Final = 15
@@ -129,6 +130,19 @@ def config_of(layout: DomainLayout, name: str) -> Path:
 def is_ours(layout: DomainLayout, name: str, pid: int | None) -> bool:
     """Whether `pid` is a live process running `name`'s config of this domain."""
     return pid is not None and is_alive(pid) and _runs_config(pid, config_of(layout, name))
+
+
+def running_processes(layout: DomainLayout) -> dict[str, int]:
+    """Every process of the domain that runs, whoever started it (`up`, a test harness): named
+    by its pid file or by its ready file (every process writes one once serving), alive and
+    still running its config of this domain."""
+    found: dict[str, int] = {}
+    for name in layout.process_names:
+        info = read_ready_file(layout.ready_file(name))
+        for pid in (read_pid_file(layout.pid_file(name)), info.pid if info else None):
+            if pid is not None and is_ours(layout, name, pid):
+                found[name] = pid
+    return found
 
 
 def live_pids(layout: DomainLayout) -> dict[str, int]:

@@ -8,6 +8,10 @@ Invariants:
   retired. It never replaces a stored record with a lower metadata version, nor with the
   same version and other metadata bytes (a re-wrap keeps the metadata and may change tokens
   and signature). A create counts the creator's live keys (`Limits.max_keys_per_principal`);
+- a write is idempotent: its key is the signed record and the revision it expected. A retry
+  of a write that was stored (its answer lost) finds those very bytes stored at the next
+  revision and gets that revision, never a second write; anything else is a conflict as
+  before;
 - the fences (`_fences`) are checked with the write under one lock: a host being removed
   writes nothing, nothing is stored under a generation being retired;
 - `delete` deletes only a stored record whose signature verifies and whose signed metadata
@@ -28,6 +32,7 @@ from domain_coordinator._verified_chain import VerifiedChain
 from domain_coordinator.store import CoordinatorStore, iso_date
 from domain_core import keytokens
 from domain_core.errors import (
+    AlreadyExistsError,
     BadSignatureError,
     ConflictError,
     FailedPreconditionError,
@@ -102,13 +107,26 @@ class KeyRecords:
                 )
             if expected:
                 self._check_replacement(key_id, expected, metadata, record.metadata)
-            revision = self.store.put_key(
-                key_id,
-                raw,
-                expected,
-                creator=metadata.creator if expected == 0 else "",
-                creator_limit=self.limits.max_keys_per_principal,
-            )
+            try:
+                revision = self.store.put_key(
+                    key_id,
+                    raw,
+                    expected,
+                    creator=metadata.creator if expected == 0 else "",
+                    creator_limit=self.limits.max_keys_per_principal,
+                )
+            except (AlreadyExistsError, ConflictError):
+                replayed = self.store.get_key(key_id)
+                if (
+                    replayed is None
+                    or replayed.record != raw
+                    or replayed.revision != expected + 1  # the very write it asked for
+                ):
+                    raise
+                # A retry after a lost answer (perhaps to another replica): this very
+                # signed record is stored; answer as the first call would have.
+                log.info("key %s: a retried write, stored already", key_id)
+                return services_pb2.PutKeyResponse(revision=replayed.revision)
         log.info(
             "key %s stored at revision %d (metadata version %d) by %s",
             key_id,

@@ -90,6 +90,9 @@ class QuorumFlow:
         """Check and store a new proposal with its proposer's approval; apply it if that is
         quorum enough."""
         proposal = Proposal.from_bytes(raw, self.limits)
+        replayed = self._replayed(proposal.id, approval, raw)
+        if replayed is not None:
+            return replayed
         now = self.now()
         head = self.chain.head
         quorum.check_applicable(
@@ -143,6 +146,9 @@ class QuorumFlow:
     def approve(self, approval: domain_pb2.Approval) -> services_pb2.ProposalStatus:
         """Verify and store one operator's approval of a pending proposal; apply the proposal
         if that makes its quorum."""
+        replayed = self._replayed(approval.proposal_id, approval)
+        if replayed is not None:
+            return replayed
         record = self.book.close_if_due(self.book.load(approval.proposal_id), self.now())
         refuse_closed(record)
         # Counted with the stored approvals (its operator's own left out): one count says
@@ -161,6 +167,30 @@ class QuorumFlow:
         unsafe_crash_point("after_approval_stored")
         log.info("proposal %s approved by %s", approval.proposal_id.hex()[:16], name)
         return self.book.status(*self.applier.apply_if_met(approval.proposal_id, view))
+
+    def _replayed(
+        self, proposal_id: bytes, approval: domain_pb2.Approval, raw: bytes | None = None
+    ) -> services_pb2.ProposalStatus | None:
+        """The answer to a submission or approval that is stored already, byte for byte (a
+        retry after a lost answer, perhaps to another replica): the proposal as it stands
+        now, whatever happened to it since. None when it is not a replay.
+
+        A submission's idempotency key is its proposal id (the hash of its bytes) and the
+        proposer's signed approval; an approval's is the proposal id and the operator's
+        signed approval. Both were verified when first stored, so answering changes nothing
+        and tells nothing GetProposal would not.
+        """
+        stored = self.store.get_proposal(proposal_id)
+        if stored is None or (raw is not None and stored.proposal != raw):
+            return None
+        if approval.SerializeToString(deterministic=True) not in stored.approvals:
+            return None
+        log.info(
+            "proposal %s: a retried %s, stored already; answered as it stands",
+            proposal_id.hex()[:16],
+            "submission" if raw is not None else "approval",
+        )
+        return self.book.status(self.book.close_if_due(stored, self.now()))
 
     def cancel(self, vote: domain_pb2.CancelVote) -> services_pb2.ProposalStatus:
         """The proposer cancels at once; any other current operator's signature is a vote.

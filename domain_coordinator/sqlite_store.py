@@ -17,7 +17,9 @@ Invariants (on top of those of `domain_coordinator.store`):
   (filled from the bytes for rows of older files when the file is opened), indexed with its
   state, expiry and closing time, so that counting, listing a page, finding what is due and
   purging never read the bytes of proposals they do not return;
-- one connection shared by all threads, serialised by a lock.
+- one connection shared by all threads, serialised by a lock; a snapshot reads through a
+  connection of its own (one read transaction), so it never holds the lock or blocks writers,
+  and a load runs in one write transaction (`_sqlite_snapshot`).
 
 The schema and its upgrades are in `_sqlite_schema`, the SQL of proposals in
 `_sqlite_proposals`; the arguments are checked by the interface (`store.CoordinatorStore`)
@@ -35,6 +37,8 @@ from pathlib import Path
 
 from domain_coordinator import _sqlite_proposals as proposals
 from domain_coordinator import _sqlite_schema as schema
+from domain_coordinator import _sqlite_snapshot as snapshot_sql
+from domain_coordinator.snapshots import SnapshotItem, StoreCounts, StoreSnapshot
 from domain_coordinator.store import (
     AuditHeadRecord,
     ChangeKind,
@@ -477,6 +481,23 @@ class SqliteStore(CoordinatorStore):
                 "DELETE FROM keys WHERE deleted_at > 0 AND deleted_at < ?", (deleted_before,)
             )
             return int(cursor.rowcount)
+
+    # --- backup and restore (the SQL is in `_sqlite_snapshot`) -----------------------------
+
+    def contents(self) -> StoreCounts:
+        with self._read() as db:
+            return snapshot_sql.count_contents(db)
+
+    @contextmanager
+    def snapshot(self) -> Iterator[StoreSnapshot]:
+        if self._closed:
+            raise RuntimeError("the store is closed")
+        with snapshot_sql.open_snapshot(self.path) as snapshot:
+            yield snapshot
+
+    def _load_snapshot(self, items: Iterator[SnapshotItem]) -> StoreCounts:
+        with self._transaction() as db:
+            return snapshot_sql.load(db, items, f"the store {self.path}")
 
     def close(self) -> None:
         with self._lock:

@@ -48,7 +48,8 @@ Invariants every implementation keeps:
 - `subscribe` tells a coordinator which part of the store (`ChangeKind`) another writer
   changed, from a background thread, so that a replica re-reads instead of polling; a notice
   says "re-read", never what changed (a spurious one costs a read, a store with one writer
-  sends none).
+  sends none);
+- snapshots are one point in time, loads go into empty stores only (see `snapshots`).
 
 `CoordinatorStore` is an abstract base: its public methods check their arguments (the types
 and ranges every backend needs, so a programming error is a TypeError or ValueError whatever
@@ -62,7 +63,9 @@ the other way round; `store_spec.open_store` opens the backend a config names.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING
 
 from domain_coordinator._store_records import (
     MAX_STORED_INTEGER,
@@ -87,7 +90,11 @@ from domain_coordinator._store_records import (
     iso_date,
     timestamp,
 )
+from domain_core.backup import StoreCounts
 from domain_core.errors import ConflictError
+
+if TYPE_CHECKING:
+    from domain_coordinator.snapshots import SnapshotItem, StoreSnapshot
 
 __all__ = [
     "MAX_STORED_INTEGER",
@@ -508,6 +515,29 @@ class CoordinatorStore(ABC):
         self, key_id: str, expected_revision: int, deleted_at: int, fences_revision: int | None
     ) -> None:
         """`delete_key` with checked arguments."""
+
+    # --- backup and restore ----------------------------------------------------------------
+
+    @abstractmethod
+    def contents(self) -> StoreCounts:
+        """How many items of each kind the store holds (all zero: empty)."""
+
+    @abstractmethod
+    def snapshot(self) -> AbstractContextManager[StoreSnapshot]:
+        """A consistent snapshot, streamed while writers go on (`snapshots.StoreSnapshot`)."""
+
+    def load_snapshot(self, items: Iterable[SnapshotItem]) -> StoreCounts:
+        """Load a snapshot's items into this empty store, all or nothing (FailedPrecondition
+        naming what is there if it is not empty); what was loaded. See `snapshots`."""
+        from domain_coordinator.snapshots import checked_items  # it imports this module
+
+        return self._load_snapshot(checked_items(items))
+
+    @abstractmethod
+    def _load_snapshot(self, items: Iterator[SnapshotItem]) -> StoreCounts:
+        """`load_snapshot` with checked items: refuse a non-empty store inside the same write
+        (`snapshots.refuse_unless_empty`), restore revisions, states, closing times and
+        tombstones exactly, keep the arrival order of proposals; roll back if `items` raises."""
 
     @abstractmethod
     def close(self) -> None:

@@ -37,10 +37,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
-from domain_core import crypto
-from domain_core.contexts import ENCRYPT_INFO
+from domain_core import canonical, crypto
+from domain_core.contexts import ENCRYPT_INFO, PayloadType
 from domain_core.errors import InvalidCiphertextError, InvalidInputError, LimitExceededError
-from domain_core.limits import DEFAULT_LIMITS, Limits
+from domain_core.limits import DEFAULT_LIMITS, MAX_IDEMPOTENCY_KEY_CHARS, Limits
 
 __all__ = [
     "BACKING_KEY_BYTES",
@@ -84,6 +84,30 @@ _KEY_ID_RE: Final = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}
 def new_key_id() -> str:
     """A fresh key id: a random (version 4) UUID in canonical lower-case form."""
     return str(uuid.uuid4())
+
+
+def idempotent_key_id(domain_id: str, principal: str, idempotency_key: str) -> str:
+    """The key id of a CreateKey sent with `idempotency_key` by `principal`: a version 4 UUID
+    taken from a digest of the three (`PayloadType.CREATE_KEY_ID`), so every retry of one
+    creation, to any HSA, names the same key, and no other principal's can.
+
+    InvalidInputError unless the idempotency key is 1 to `MAX_IDEMPOTENCY_KEY_CHARS` printable
+    ASCII characters.
+    """
+    key = idempotency_key
+    if (
+        not isinstance(key, str)
+        or not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY_CHARS
+        or not all("!" <= c <= "~" for c in key)
+    ):
+        raise InvalidInputError(
+            f"an idempotency key is 1 to {MAX_IDEMPOTENCY_KEY_CHARS} printable ASCII characters "
+            "without spaces (a UUID, say), the same in every retry of one CreateKey"
+        )
+    digest = canonical.digest(
+        PayloadType.CREATE_KEY_ID, domain_id.encode(), principal.encode(), key.encode()
+    )
+    return str(uuid.UUID(bytes=digest[:16], version=4))
 
 
 def validate_key_id(key_id: str) -> str:

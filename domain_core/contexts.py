@@ -47,6 +47,7 @@ class PayloadType(StrEnum):
     KEY_RECORD = "key-record"
     HEAD_CONFIRMATION = "head-confirmation"
     KEY_FLOORS = "key-floors"
+    CREATE_KEY_ID = "create-key-id"
 
 
 # --- key tokens (domain_core.keytokens) ----------------------------------------------------

@@ -149,6 +149,13 @@ class TransitionMismatchError(ChainError):
     """A state's manifest is not what its proposal produces from the previous state."""
 
 
+class BackupError(VerificationError):
+    """A backup file that does not verify: cut short, damaged, larger than its limits, of
+    another domain, or holding something forged. Nothing of it may be restored."""
+
+    status = Status.FAILED_PRECONDITION
+
+
 # --- proposals -------------------------------------------------------------------------------
 
 

@@ -130,6 +130,10 @@ DEFAULT_LIMITS = Limits()
 # --- requests to the coordinator ----------------------------------------------------------
 # A signature carried in a request (approval, cancel, key record, head confirmation).
 MAX_SIGNATURE_BYTES: Final = 512
+# How many addresses one client channel may be given (a coordinator's replicas).
+MAX_CHANNEL_ADDRESSES: Final = 16
+# A CreateKey idempotency key: printable ASCII the client chose (a UUID is 36).
+MAX_IDEMPOTENCY_KEY_CHARS: Final = 64
 # An address an HSA reports for itself ("host:port").
 MAX_ADDRESS_CHARS: Final = 255
 # A stored key record (metadata, tokens, signature); also capped by max_message_bytes.
@@ -253,6 +257,21 @@ MAX_EXPORTED_STATE_BYTES: Final = 4 << 20
 MAX_EXPORTED_SIGNATURE_BYTES: Final = 256
 # A key policy file passed to hsm-kms.
 MAX_POLICY_FILE_BYTES: Final = 1 << 20
+# The header frame of a backup file (domain id, hashes, counts).
+MAX_BACKUP_HEADER_BYTES: Final = 4096
+# One record frame of a backup file: a state (at most max_message_bytes), a key record (at most
+# MAX_KEY_RECORD_BYTES) or a proposal with its approvals and votes, with room for its fields.
+MAX_BACKUP_RECORD_BYTES: Final = 8 << 20
+# The operator id an approval or vote is kept under in a backup (64 hex characters).
+MAX_BACKUP_OPERATOR_ID_CHARS: Final = 64
+# The detail of a stored proposal in a backup (why it closed).
+MAX_BACKUP_DETAIL_CHARS: Final = 4096
+# An audit log name in a backup.
+MAX_BACKUP_LOG_NAME_CHARS: Final = 64
+# Key floors a restore takes from the HSAs of a domain, in all (one per key).
+MAX_FLOORS_TAKEN: Final = 10_000_000
+# One JSON line the coordinator's store tool writes to the program that runs it.
+MAX_STORE_TOOL_LINE_BYTES: Final = 1 << 20
 
 # --- an HSA's config file -------------------------------------------------------------------
 # head_confirmation_seconds.

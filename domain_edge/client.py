@@ -2,8 +2,12 @@
 
 Used by the operator CLI and by tests. Invariants:
 - one channel per client, reused; every call carries a deadline;
-- only idempotent reads are retried (tenacity, a few attempts with short backoff) and only on
-  UNAVAILABLE; a submission is never retried behind the caller's back;
+- only idempotent calls are retried (tenacity, a few attempts with short backoff) and only on
+  UNAVAILABLE: reads, and submissions and approvals, whose idempotency key is what they carry
+  (the proposal id and the signed approval: a replica that has them stored answers with the
+  proposal as it stands, never storing them twice). A vote to cancel is not retried;
+- `address` may name several replicas (host:port,host:port): one channel over all of them
+  (`transport.channel_target`) fails over to a replica that is up;
 - `approve` signs only a proposal whose bytes it checked against the id it was asked to
   approve (SHA-256), so a coordinator cannot swap what an operator signs;
 - the coordinator is untrusted: states it returns are parsed and structurally validated here
@@ -235,7 +239,9 @@ class CoordinatorClient:
             raise error_from_rpc(error, self.address) from None
 
     def _read(self, method: str, request: Any) -> Any:
-        """An idempotent read, retried a few times on UNAVAILABLE only."""
+        """An idempotent call (a read, or a submission or approval: the coordinator answers a
+        replayed one as it stands, `QuorumFlow._replayed`), retried a few times on UNAVAILABLE
+        only; with several replicas the channel sends each attempt to one that is up."""
         call: Callable[[Any], Any] = getattr(self._stub, method)
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception(_unavailable),
@@ -303,7 +309,7 @@ class CoordinatorClient:
 
     def submit_proposal(self, proposal: Proposal, approval: domain_pb2.Approval) -> ProposalView:
         """Submit a signed proposal with its proposer's approval (e.g. signed offline)."""
-        status = self._call(
+        status = self._read(
             "SubmitProposal",
             services_pb2.SubmitProposalRequest(proposal=proposal.raw, proposer_approval=approval),
         )
@@ -358,7 +364,7 @@ class CoordinatorClient:
 
     def submit_approval(self, approval: domain_pb2.Approval) -> ProposalView:
         """Submit an approval (e.g. signed offline with `quorum.approve`)."""
-        status = self._call("SubmitApproval", services_pb2.SubmitApprovalRequest(approval=approval))
+        status = self._read("SubmitApproval", services_pb2.SubmitApprovalRequest(approval=approval))
         return self._view(status, approval.proposal_id)
 
     def cancel(self, proposal_id: bytes, signer: Signer) -> ProposalView:

@@ -24,6 +24,7 @@ from domain_core.limits import (
 from domain_core.model import validate_domain_id
 from domain_core.pki import SpiffeId
 from domain_edge.files import replace_file
+from domain_edge.transport import split_addresses
 
 _C = TypeVar("_C", bound="_ConfigBase")
 
@@ -106,7 +107,8 @@ class NodeConfig(_ConfigBase):
     genesis_state: str  # serialized genesis SealedState
     tls: TlsFiles
     listen: str = "127.0.0.1:0"
-    coordinator: str = ""  # host:port of the coordinator's mutual-TLS listener
+    # host:port of the coordinator's mutual-TLS listener; of every replica, comma-separated
+    coordinator: str = ""
     pull_interval_seconds: float = 2.0
     gossip_interval_seconds: float = 2.0
     # Data-plane worker processes serving KeyService beside the main process (0: none).
@@ -134,6 +136,11 @@ class NodeConfig(_ConfigBase):
         validate_domain_id(self.domain_id)
         _check_hash(self.genesis_hash)
         check_worker_count(self.key_service_workers)
+        if self.coordinator:
+            try:
+                split_addresses(self.coordinator)
+            except InvalidInputError as error:
+                raise InvalidInputError(f"coordinator: {error.message}") from None
         mib = self.key_cache_mib
         if isinstance(mib, bool) or not isinstance(mib, int) or not 1 <= mib <= MAX_KEY_CACHE_MIB:
             raise InvalidInputError(

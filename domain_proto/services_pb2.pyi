@@ -28,16 +28,18 @@ PROPOSAL_STATE_STALE: ProposalState
 PROPOSAL_STATE_REJECTED: ProposalState
 
 class CreateKeyRequest(_message.Message):
-    __slots__ = ("description", "policy", "enable_rotation", "rotation_period_days")
+    __slots__ = ("description", "policy", "enable_rotation", "rotation_period_days", "idempotency_key")
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     ENABLE_ROTATION_FIELD_NUMBER: _ClassVar[int]
     ROTATION_PERIOD_DAYS_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     description: str
     policy: _keys_pb2.KeyPolicy
     enable_rotation: bool
     rotation_period_days: int
-    def __init__(self, description: _Optional[str] = ..., policy: _Optional[_Union[_keys_pb2.KeyPolicy, _Mapping]] = ..., enable_rotation: _Optional[bool] = ..., rotation_period_days: _Optional[int] = ...) -> None: ...
+    idempotency_key: str
+    def __init__(self, description: _Optional[str] = ..., policy: _Optional[_Union[_keys_pb2.KeyPolicy, _Mapping]] = ..., enable_rotation: _Optional[bool] = ..., rotation_period_days: _Optional[int] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class KeyIdRequest(_message.Message):
     __slots__ = ("key_id",)

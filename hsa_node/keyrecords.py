@@ -6,8 +6,9 @@ key token per backing version) and is not trusted: nothing read here is believed
 DeleteKeyRecord over mutual TLS as this host, each with a deadline.
 
 Invariants:
-- every call has a deadline, and nothing is retried here: callers decide (only idempotent
-  calls may be retried);
+- every call has a deadline; only PutKey is sent again here (the same bytes, a bounded number
+  of times, when no answer came): the coordinator answers a replayed record with the stored
+  revision, so a retry after a lost answer never writes twice. Callers decide the rest;
 - every failure is a domain error; `CoordinatorUnreachableError` when the coordinator did not
   answer (a write may still have reached it), and its subclass `CoordinatorNotReachedError`
   only when the request surely never left (no connection could be made, or no coordinator is
@@ -20,6 +21,7 @@ from __future__ import annotations
 from typing import Any, Final, cast
 
 import grpc
+import tenacity
 from google.protobuf.message import DecodeError
 
 from domain_core.errors import (
@@ -43,6 +45,8 @@ __all__ = [
 ]
 
 CALL_DEADLINE_SECONDS: Final = 3.0
+PUT_ATTEMPTS: Final = 3  # PutKey sent at most this often when no answer came (idempotent)
+PUT_BACKOFF_SECONDS: Final = 0.1
 _SHOWN: Final = 200
 
 
@@ -87,7 +91,7 @@ class KeyRecordClient:
     refuses this host, e.g. while it is being removed: use another HSA), anything else
     (unreachable, deadline exceeded, internal) -> CoordinatorUnreachableError, or
     CoordinatorNotReachedError when gRPC says no connection was made (nothing was sent).
-    Nothing is retried here: callers decide (only idempotent calls may be retried).
+    Only PutKey (idempotent) is sent again here; callers decide the rest.
     """
 
     def __init__(
@@ -163,12 +167,21 @@ class KeyRecordClient:
 
     def put(self, record: keys_pb2.KeyRecord, expected_revision: int) -> int:
         """Store `record` if the stored revision is `expected_revision` (0: create); the new
-        revision, once the coordinator committed it."""
-        response: services_pb2.PutKeyResponse = self._call(
-            "PutKey",
-            services_pb2.PutKeyRequest(record=record, expected_revision=expected_revision),
-            None,
+        revision, once the coordinator committed it.
+
+        PutKey is idempotent (its key is the signed record: a replica that finds these very
+        bytes stored answers with their revision), so when no answer came the same request is
+        sent again, `PUT_ATTEMPTS` times at most, to whichever replica is up; the last
+        CoordinatorUnreachableError is raised when none answered.
+        """
+        request = services_pb2.PutKeyRequest(record=record, expected_revision=expected_revision)
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type(CoordinatorUnreachableError),
+            stop=tenacity.stop_after_attempt(PUT_ATTEMPTS),
+            wait=tenacity.wait_exponential(multiplier=PUT_BACKOFF_SECONDS, max=1.0),
+            reraise=True,
         )
+        response: services_pb2.PutKeyResponse = retrying(self._call, "PutKey", request, None)
         return int(response.revision)
 
     def list(self, limit: int, page_token: str = "") -> tuple[list[keys_pb2.KeyRecord], str]:

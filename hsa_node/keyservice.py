@@ -407,10 +407,18 @@ class KeyServiceServicer(services_pb2_grpc.KeyServiceServicer):
                 limits=self._limits,
             )
             self._frame.require_head_confirmed("CreateKey")
-            metadata = key.metadata(ciphertext.new_key_id(), int(self._clock()))
-            call.key_id = metadata.key_id
-            entry = self._writer.create(metadata, call.principal)
-            return services_pb2.KeyMetadataResponse(metadata=entry.metadata)
+            idempotent = bool(request.idempotency_key)
+            key_id = (
+                ciphertext.idempotent_key_id(
+                    self._domain_id, call.principal, request.idempotency_key
+                )
+                if idempotent
+                else ciphertext.new_key_id()
+            )
+            call.key_id = key_id
+            metadata = key.metadata(key_id, int(self._clock()))
+            created = self._writer.create(metadata, call.principal, idempotent=idempotent)
+            return services_pb2.KeyMetadataResponse(metadata=created)
 
         return self._frame.run("CreateKey", context, body)
 

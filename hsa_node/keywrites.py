@@ -25,10 +25,17 @@ from collections.abc import Callable
 from typing import Final
 
 from domain_core import crypto, keylifecycle, policy
-from domain_core.errors import ConflictError, NotAppliedError, NotFoundError, UnavailableError
+from domain_core.errors import (
+    AlreadyExistsError,
+    ConflictError,
+    FailedPreconditionError,
+    NotAppliedError,
+    NotFoundError,
+    UnavailableError,
+)
 from domain_core.keylifecycle import KeyChange
 from domain_proto import keys_pb2
-from hsa_node.keycache import CachedKey, KeyCache
+from hsa_node.keycache import KeyCache
 from hsa_node.keyrecords import CoordinatorNotReachedError, CoordinatorUnreachableError
 
 __all__ = ["CONFLICT_RETRIES", "KeyWriter"]
@@ -47,10 +54,21 @@ class KeyWriter:
         self._cache = cache
         self._clock = clock
 
-    def create(self, metadata: keys_pb2.KeyMetadata, principal: str) -> CachedKey:
-        """Store a new key (its first metadata) with a fresh 256-bit backing key."""
+    def create(
+        self, metadata: keys_pb2.KeyMetadata, principal: str, *, idempotent: bool = False
+    ) -> keys_pb2.KeyMetadata:
+        """Store a new key (its first metadata) with a fresh 256-bit backing key; its metadata.
+
+        With `idempotent` (the key id was derived from the caller's idempotency key), a key
+        that exists already under that id is the one an earlier attempt of this very creation
+        made: its metadata now is the answer, and nothing new is stored.
+        """
         try:
             entry = self._cache.store(metadata, {1: crypto.new_aes_key()}, 0)
+        except AlreadyExistsError:
+            if not idempotent:
+                raise
+            return self._created_before(metadata.key_id, principal)
         except CoordinatorNotReachedError:
             raise NotAppliedError(
                 "the coordinator is unreachable; CreateKey needs it and created nothing: retry"
@@ -61,7 +79,29 @@ class KeyWriter:
                 "look for it (ListKeys) before creating another"
             ) from None
         log.info("key %s created by %s", entry.key_id, principal)
-        return entry
+        return entry.metadata
+
+    def _created_before(self, key_id: str, principal: str) -> keys_pb2.KeyMetadata:
+        """The key an earlier attempt of an idempotent CreateKey made, as it is now (read
+        fresh and verified); FailedPreconditionError if it was deleted since."""
+        try:
+            entry = self._cache.get(key_id, fresh=True)
+        except NotFoundError:
+            raise FailedPreconditionError(
+                f"this idempotency key created key {key_id} before, which was deleted since: "
+                "use a new idempotency key to create another"
+            ) from None
+        except CoordinatorUnreachableError:
+            raise UnavailableError(
+                "the coordinator is unreachable; the key this idempotency key names exists, "
+                "but cannot be read now: retry with the same idempotency key"
+            ) from None
+        if entry.metadata.creator != principal:  # the id binds the principal: a faulty HSA's
+            raise FailedPreconditionError(
+                f"key {key_id} was not created by you; use another idempotency key"
+            )
+        log.info("key %s: a retried CreateKey by %s, created before", key_id, principal)
+        return entry.metadata
 
     def change(
         self, operation: str, key_id: str, change: KeyChange, principal: str

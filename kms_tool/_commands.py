@@ -68,6 +68,7 @@ def create_key(args: argparse.Namespace, client: KeyClient) -> int:
         policy=policy,
         enable_rotation=args.enable_rotation,
         rotation_period_days=args.rotation_period_days,
+        idempotency_key=args.idempotency_key,
     )
     if args.json:
         print_document(metadata.to_json())

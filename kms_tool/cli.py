@@ -65,6 +65,12 @@ def _create_key_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="rotation period (90 to 2560; default 365)",
     )
+    parser.add_argument(
+        "--idempotency-key",
+        metavar="KEY",
+        help="1 to 64 printable characters naming this creation (default: a fresh UUID); run "
+        "again with the same KEY after a failure and you get the key it made, never a second",
+    )
 
 
 def _list_keys_arguments(parser: argparse.ArgumentParser) -> None:

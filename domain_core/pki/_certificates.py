@@ -67,6 +67,8 @@ def _spiffe_uris(cert: x509.Certificate) -> list[str]:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         return []
+    except ValueError:
+        raise MalformedMessageError("the certificate's extensions do not parse") from None
     return [
         uri
         for uri in san.get_values_for_type(x509.UniformResourceIdentifier)
@@ -233,10 +235,14 @@ def check_domain_ca(ca_cert_pem_or_der: bytes, domain_id: str) -> None:
 
 
 def _basic_constraints(cert: x509.Certificate) -> x509.BasicConstraints | None:
+    """The certificate's basic constraints (None: it has none); MalformedMessageError when its
+    extensions do not parse (cryptography parses them lazily, here)."""
     try:
         return cert.extensions.get_extension_for_class(x509.BasicConstraints).value
     except x509.ExtensionNotFound:
         return None
+    except ValueError:
+        raise MalformedMessageError("the certificate's extensions do not parse") from None
 
 
 def _common_name(cert: x509.Certificate) -> str:

@@ -19,12 +19,15 @@ Invariants kept here:
   endpoint was tried, bounded in attempts AND in total time) only when that is safe:
   * calls that change nothing (Encrypt, Decrypt, ReEncrypt, GenerateDataKey[WithoutPlaintext],
     GenerateRandom, DescribeKey, ListKeys) on UNAVAILABLE or DEADLINE_EXCEEDED;
-  * any call, CreateKey and the admin calls included, only when gRPC reports that it could not
+  * CreateKey like those: it always carries an idempotency key (`create_key`'s, or a fresh
+    UUID), from which the HSA derives the key id, so a retry returns the key the first attempt
+    made;
+  * any call, the admin calls included, only when gRPC reports that it could not
     connect at all ("failed to connect to all addresses": the request was never sent), or when
     the HSA answered that it changed nothing (`NotAppliedError`, marked in the trailing
     metadata by the HSA's transport: e.g. CreateKey while the HSA cannot reach the
     coordinator). When every attempt failed so, the caller gets `NotAppliedError`: a definite
-    failure, safe to send again. Any other failure of CreateKey or an admin call (a
+    failure, safe to send again. Any other failure of an admin call (a
     connection lost mid-call, a deadline, an UNAVAILABLE without that mark) may have reached
     a server and is NOT retried: the caller gets `UnavailableError` ("may have been applied")
     and must check (DescribeKey, ListKeys) before trying again;
@@ -69,6 +72,7 @@ from domain_edge.kms_client._retry import (
     ADMIN_METHODS,
     DEFAULT_ATTEMPTS,
     IDEMPOTENT_METHODS,
+    KEYED_METHODS,
     backoff_delay,
     retryable,
 )
@@ -80,6 +84,7 @@ __all__ = [
     "DEFAULT_PAGE_SIZE",
     "DEFAULT_TIMEOUT",
     "IDEMPOTENT_METHODS",
+    "KEYED_METHODS",
     "OPERATION_NAMES",
     "KeyClient",
     "KeyMetadata",

@@ -11,6 +11,7 @@ import itertools
 import os
 import threading
 import time
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -42,6 +43,7 @@ from domain_edge.kms_client._retry import (
     _MAX_DOUBLINGS,
     ADMIN_METHODS,
     DEFAULT_ATTEMPTS,
+    KEYED_METHODS,
     _status,
     backoff_delay,
     retryable,
@@ -268,6 +270,13 @@ class KeyClient:
             overrides=_KEY_SERVICE_CODES,
             expected=self._expected,
         )
+        if method in KEYED_METHODS and code in _FAILOVER_CODES and not never_sent(code, details):
+            return type(mapped)(
+                f"{mapped.message}. {method} may have been applied: send it again with the same "
+                "idempotency key (create_key(idempotency_key=...), hsm-kms create-key "
+                "--idempotency-key KEY) and you get the key the first attempt made, never a "
+                "second"
+            )
         if method in ADMIN_METHODS and code in _FAILOVER_CODES and not never_sent(code, details):
             return type(mapped)(
                 f"{mapped.message}. {method} is not sent again because it may have been "
@@ -283,10 +292,15 @@ class KeyClient:
         last = self._error(method, failover.error, failover.endpoint)
         addresses = ", ".join(dict.fromkeys(e.address for e in tried))
         attempts = len(tried)
+        summary = f"{method} failed on every attempt ({attempts} on {addresses}); last: "
+        if not definite and method in KEYED_METHODS:
+            # An earlier attempt may have been applied, whatever the last one said.
+            return UnavailableError(
+                f"{summary}{last.message}. An earlier attempt may have been applied: send it "
+                "again with the same idempotency key and you get what it made, never a second"
+            )
         cls = NotAppliedError if definite and type(last) is UnavailableError else type(last)
-        return cls(
-            f"{method} failed on every attempt ({attempts} on {addresses}); last: {last.message}"
-        )
+        return cls(f"{summary}{last.message}")
 
     # --- keys --------------------------------------------------------------------------------
 
@@ -300,11 +314,15 @@ class KeyClient:
         policy: keys_pb2.KeyPolicy | Mapping[str, Any] | None = None,
         enable_rotation: bool = False,
         rotation_period_days: int = 0,
+        *,
+        idempotency_key: str | None = None,
     ) -> KeyMetadata:
         """Create a customer key. Without a policy the caller gets every operation on it.
 
-        Not retried once it may have reached a server: after an UnavailableError, look for
-        the key (list_keys) before creating another.
+        Every call carries an idempotency key (`idempotency_key`, or a fresh random UUID), so
+        it is retried on another HSA when no answer came, and the retry returns the key the
+        first attempt created. Pass the same `idempotency_key` again to retry a call that
+        failed with UnavailableError: one key comes of it, never two.
         """
         return self._metadata(
             "CreateKey",
@@ -313,6 +331,7 @@ class KeyClient:
                 policy=_policy_message(policy),
                 enable_rotation=enable_rotation,
                 rotation_period_days=rotation_period_days,
+                idempotency_key=idempotency_key or str(uuid.uuid4()),
             ),
         )
 

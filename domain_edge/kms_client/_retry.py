@@ -27,10 +27,12 @@ IDEMPOTENT_METHODS: Final = frozenset(
         "GenerateRandom",
     }
 )
+# Calls that change something but carry an idempotency key (`KeyClient.create_key` always
+# sends one): sent again like the calls above, and applied once however often they arrive.
+KEYED_METHODS: Final = frozenset({"CreateKey"})
 # Calls that change a key: sent again only when the first attempt surely never left.
 ADMIN_METHODS: Final = frozenset(
     {
-        "CreateKey",
         "RotateKey",
         "PutKeyPolicy",
         "EnableKey",
@@ -65,7 +67,8 @@ def retryable(
     nothing (`transport.nothing_applied`). See the package docstring for the rules."""
     if never_sent(code, details) or applied_nothing:
         return True
-    return method in IDEMPOTENT_METHODS and code in _FAILOVER_CODES
+    safe = method in IDEMPOTENT_METHODS or method in KEYED_METHODS
+    return safe and code in _FAILOVER_CODES
 
 
 def backoff_delay(first: float, maximum: float, step: int) -> float:

@@ -50,6 +50,7 @@ from domain_edge.transport._channels import (
     TlsMaterial,
     channel_credentials,
     channel_options,
+    channel_target,
     check_health,
     hsa_host,
     mtls_channel,
@@ -58,6 +59,7 @@ from domain_edge.transport._channels import (
     secure_channel,
     server_credentials,
     server_name_option,
+    split_addresses,
     wrong_server,
 )
 from domain_edge.transport._interceptor import (
@@ -96,6 +98,7 @@ __all__ = [
     "caller_spiffe",
     "channel_credentials",
     "channel_options",
+    "channel_target",
     "check_health",
     "hsa_host",
     "make_server",
@@ -108,6 +111,7 @@ __all__ = [
     "server_credentials",
     "server_name_option",
     "set_serving",
+    "split_addresses",
     "stream_peer",
     "wrong_server",
 ]

@@ -9,6 +9,8 @@ one reading of a failed call's status, details and trailing metadata.
 
 from __future__ import annotations
 
+import ipaddress
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal, cast
@@ -16,8 +18,8 @@ from typing import Any, Final, Literal, cast
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from domain_core.errors import UnauthenticatedError
-from domain_core.limits import DEFAULT_LIMITS, Limits
+from domain_core.errors import InvalidInputError, UnauthenticatedError
+from domain_core.limits import DEFAULT_LIMITS, MAX_CHANNEL_ADDRESSES, Limits
 from domain_core.pki import (
     SERVER_KINDS,
     SpiffeId,
@@ -140,6 +142,59 @@ def channel_options(
     return [*_CHANNEL_OPTIONS, *limits.grpc_options(), server_name_option(ca_pem, server)]
 
 
+def split_addresses(addresses: str) -> tuple[str, ...]:
+    """ "host:port" or "host:port,host:port,..." as a tuple of "host:port" strings;
+    InvalidInputError, saying which part is wrong, when one is not of that form."""
+    parts = tuple(part.strip() for part in addresses.split(","))
+    if not 1 <= len(parts) <= MAX_CHANNEL_ADDRESSES:
+        raise InvalidInputError(f"give 1 to {MAX_CHANNEL_ADDRESSES} addresses, comma-separated")
+    for part in parts:
+        host, sep, port = part.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+            raise InvalidInputError(
+                f"{part[:80]!r} is not an address of the form host:port (several: "
+                "host:port,host:port)"
+            )
+    return parts
+
+
+def _literal(address: str) -> tuple[str, str]:
+    """("ipv4" or "ipv6", "ip:port") for one "host:port", resolving a host name once."""
+    host, _, port = address.rpartition(":")
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        ip = ipaddress.ip_address(bare)
+    except ValueError:
+        try:
+            found = socket.getaddrinfo(bare, int(port), type=socket.SOCK_STREAM)
+        except OSError as error:
+            raise InvalidInputError(f"cannot resolve {bare[:80]!r}: {error}") from None
+        ip = ipaddress.ip_address(str(found[0][4][0]))
+    if ip.version == 6:
+        return "ipv6", f"[{ip}]:{port}"
+    return "ipv4", f"{ip}:{port}"
+
+
+def channel_target(addresses: str) -> tuple[str, list[tuple[str, str]]]:
+    """The gRPC target for one address or several, and the options it needs.
+
+    One address is dialled as given. Several (the replicas of a coordinator) become one
+    channel over all of them (`ipv4:` / `ipv6:` target, host names resolved once here) that
+    spreads calls round-robin over the replicas that are up and stops using one while it is
+    down, so a caller fails over without code of its own; a call in flight on a replica that
+    dies still fails (UNAVAILABLE), and the caller retries it only where that is safe.
+    """
+    parts = split_addresses(addresses)
+    if len(parts) == 1:
+        return parts[0], []
+    literals = [_literal(part) for part in parts]
+    families = {family for family, _ in literals}
+    if len(families) != 1:
+        raise InvalidInputError("give the replicas' addresses all as IPv4 or all as IPv6")
+    target = f"{families.pop()}:{','.join(address for _, address in literals)}"
+    return target, [("grpc.lb_policy_name", "round_robin")]
+
+
 def secure_channel(
     target: str,
     ca_pem: bytes,
@@ -149,14 +204,16 @@ def secure_channel(
     key_pem: bytes | None = None,
     limits: Limits = DEFAULT_LIMITS,
 ) -> grpc.Channel:
-    """A TLS channel to `target` (host:port) that talks only to `server` (see the module
-    docstring); with `cert_pem` and `key_pem` it authenticates as their holder (mutual TLS)."""
+    """A TLS channel to `target` (host:port, or several comma-separated: `channel_target`)
+    that talks only to `server` (see the module docstring); with `cert_pem` and `key_pem` it
+    authenticates as their holder (mutual TLS)."""
     if (cert_pem is None) != (key_pem is None):
         raise ValueError("give both cert_pem and key_pem, or neither")
+    dialled, extra = channel_target(target)
     return grpc.secure_channel(
-        target,
+        dialled,
         channel_credentials(ca_pem, cert_pem, key_pem),
-        options=channel_options(ca_pem, server, limits),
+        options=[*channel_options(ca_pem, server, limits), *extra],
     )
 
 

@@ -69,6 +69,9 @@ def test_keys_encrypt_decrypt_and_refusals(
     # Plain output is the key id alone, for shell scripts.
     other = _ok(_run(["create-key"], cluster)).decode().strip()
     assert len(other) == 36
+    # Run again with the same idempotency key (after a failure, say): the same key, not another.
+    once = ["create-key", "--idempotency-key", "cli-run-7"]
+    assert _ok(_run(once, cluster)) == _ok(_run(once, cluster))
 
     # stdin -> file -> stdout, binary-safe, with a context whose value holds '='.
     secret = b"\x00\xffbinary secret\n"

@@ -11,6 +11,7 @@ import os
 import signal
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -303,17 +304,59 @@ def test_create_key_without_the_coordinator_is_a_definite_retryable_failure(
 
         # Paused, the coordinator holds the HSA's write unanswered: the outcome is unknown.
         coordinator = cluster.pid("coordinator")
+        idempotency_key = str(uuid.uuid4())
         os.kill(coordinator, signal.SIGSTOP)
         try:
             with pytest.raises(UnavailableError, match="may have been applied") as unknown:
-                client.create_key(description="while the coordinator is paused")
+                client.create_key(description="paused", idempotency_key=idempotency_key)
             assert not isinstance(unknown.value, NotAppliedError)
         finally:
             os.kill(coordinator, signal.SIGCONT)
+        # Retried with the same idempotency key once it is back: one key, whether the held
+        # write landed or not, and a further retry names the same key.
+        retried = cluster.wait_for(
+            lambda: _try_create(client, "paused", idempotency_key),
+            timeout=30,
+            what="the retried CreateKey",
+        )
+        assert client.create_key(description="paused", idempotency_key=idempotency_key).key_id == (
+            retried
+        )
+        paused = [k.key_id for k in client.list_keys() if k.description == "paused"]
+        assert paused == [retried]
 
 
-def _try_create(client: KeyClient) -> str | None:
+def test_a_create_key_retried_with_its_idempotency_key_creates_one_key(
+    local_cluster: Callable[..., LocalCluster],
+) -> None:
+    """CreateKey's idempotency key names the key (derived with the caller's identity), so a
+    retry on another HSA after a lost answer returns the first attempt's key."""
+    cluster = local_cluster(nodes=2)
+    addresses = cluster.node_addresses()
+    idempotency_key = str(uuid.uuid4())
+    with (
+        _client(cluster, [addresses["hsa-1"]]) as first,
+        _client(cluster, [addresses["hsa-2"]]) as second,
+    ):
+        made = first.create_key(description="once", idempotency_key=idempotency_key)
+        again = second.create_key(description="once", idempotency_key=idempotency_key)
+        assert again.key_id == made.key_id
+        assert again.created_at == made.created_at
+        other = second.create_key(description="once", idempotency_key=str(uuid.uuid4()))
+        assert other.key_id != made.key_id
+        assert sorted(k.key_id for k in first.list_keys() if k.description == "once") == sorted(
+            [made.key_id, other.key_id]
+        )
+        # A retry never undoes what happened to the key since: it answers with the key as is.
+        first.schedule_key_deletion(made.key_id, days=7)
+        late = second.create_key(description="once", idempotency_key=idempotency_key)
+        assert (late.key_id, late.state) == (made.key_id, "pending-deletion")
+
+
+def _try_create(
+    client: KeyClient, description: str = "after", idempotency_key: str | None = None
+) -> str | None:
     try:
-        return client.create_key(description="after").key_id
-    except NotAppliedError:
+        return client.create_key(description=description, idempotency_key=idempotency_key).key_id
+    except (NotAppliedError, UnavailableError):
         return None

@@ -261,16 +261,24 @@ def test_propose_then_quorum_without_hsas_stays_pending(
     assert view.proposal_id in listed
 
 
-def test_duplicate_approval_is_refused(domain: Domain, client: CoordinatorClient) -> None:
+def test_a_retried_approval_is_answered_and_counted_once(
+    domain: Domain, client: CoordinatorClient
+) -> None:
+    """An approval's idempotency key is the signed approval itself: sent again (an answer
+    lost, perhaps to another replica) it gets the proposal as it stands, and counts once."""
     alice, carol = domain.operators["alice"], domain.operators["carol"]
     view = client.propose([quorum_change()], carol)
-    with pytest.raises(AlreadyExistsError, match="already approved by you"):
-        client.approve(view.proposal_id, carol)
-    view = client.get_proposal(view.proposal_id)
-    assert view.approved_by == (carol.public_key.key_id,)
-    client.approve(view.proposal_id, alice)
-    with pytest.raises(AlreadyExistsError, match="already approved by you"):
-        client.approve(view.proposal_id, alice)
+    # Carol's approval was stored with her proposal; signing again gives the same bytes
+    # (Ed25519 is deterministic): a replay, answered, not stored again.
+    again = client.approve(view.proposal_id, carol)
+    assert again.approved_by == (carol.public_key.key_id,)
+    approval = quorum.approve(view.proposal, alice)
+    first = client.submit_approval(approval)
+    second = client.submit_approval(approval)
+    assert first.approved_by == second.approved_by
+    assert sorted(second.approved_by) == sorted([carol.public_key.key_id, alice.public_key.key_id])
+    assert (second.state, second.detail) == (first.state, first.detail)
+    assert len(client.get_proposal(view.proposal_id).approved_by) == 2
 
 
 def test_forged_approval_is_refused_with_its_reason(
@@ -328,8 +336,16 @@ def test_proposer_approval_must_be_the_proposers(domain: Domain, client: Coordin
         client.submit_proposal(proposal, quorum.approve(proposal, bob))
     view = client.submit_proposal(proposal, quorum.approve(proposal, alice))
     assert view.state == "pending"
-    with pytest.raises(AlreadyExistsError, match="submitted already"):
-        client.submit_proposal(proposal, quorum.approve(proposal, alice))
+    # Submitted again (a retry after a lost answer): answered as it stands, stored once.
+    again = client.submit_proposal(proposal, quorum.approve(proposal, alice))
+    assert (again.proposal_id, again.state, again.approved_by) == (
+        view.proposal_id,
+        "pending",
+        (alice.public_key.key_id,),
+    )
+    # The same proposal with another operator's approval is no replay: refused as before.
+    with pytest.raises(InvalidInputError, match="signed by the proposer"):
+        client.submit_proposal(proposal, quorum.approve(proposal, bob))
 
 
 def _hand_made(client: CoordinatorClient, proposer: Signer, reason: str = "") -> Proposal:
@@ -624,8 +640,15 @@ def test_key_records_for_hsas(domain: Domain, coordinator: CoordinatorProcess) -
         stub = services_pb2_grpc.CoordinatorStub(channel)  # type: ignore[no-untyped-call]
         put = stub.PutKey(services_pb2.PutKeyRequest(record=record), timeout=5)
         assert put.revision == 1
+        # The same signed record again (a retry after a lost answer): its revision, no write.
+        replay = stub.PutKey(services_pb2.PutKeyRequest(record=record), timeout=5)
+        assert replay.revision == 1
+        other = keys_pb2.KeyRecord()
+        other.CopyFrom(record)
+        other.tokens[0].nonce = b"m" * 12
+        RecordSigner("local", "hsa-1", host.signer).sign(other)
         with pytest.raises(grpc.RpcError) as exists:
-            stub.PutKey(services_pb2.PutKeyRequest(record=record), timeout=5)
+            stub.PutKey(services_pb2.PutKeyRequest(record=other), timeout=5)
         assert exists.value.code() is grpc.StatusCode.ALREADY_EXISTS
         with pytest.raises(grpc.RpcError) as conflict:
             stub.PutKey(services_pb2.PutKeyRequest(record=record, expected_revision=5), timeout=5)
@@ -762,12 +785,27 @@ def test_restart_keeps_everything_and_tampering_is_refused(tmp_path: Path) -> No
             assert applied.approved_by == pending.approved_by
             assert applied.proposal.message.reason == "keep me"
             assert client.get_proposal(cancelled.proposal_id).state == "cancelled"
-            # A proposal made for version 1 is now stale.
+            # The cancelled proposal sent again is a replay: answered as it stands.
+            replay = client.submit_proposal(
+                cancelled.proposal, quorum.approve(cancelled.proposal, bob)
+            )
+            assert replay.state == "cancelled"
+            # A new proposal made for version 1 is now stale.
+            old = Proposal.create(
+                domain_id="local",
+                base_version=1,
+                base_state_hash=genesis.hash,
+                changes=[quorum_change()],
+                proposer_id=bob.public_key.key_id,
+                created_at=now(),
+                expires_at=now() + 600,
+                nonce=crypto.random_bytes(NONCE_BYTES),
+            )
             with pytest.raises(
                 StaleProposalError,
                 match="domain is at version 2, this proposal is for 1: propose again",
             ):
-                client.submit_proposal(cancelled.proposal, quorum.approve(cancelled.proposal, bob))
+                client.submit_proposal(old, quorum.approve(old, bob))
         assert process.stop() == 0
 
         # Tamper with state 2 in the database: the coordinator refuses to start.

@@ -119,7 +119,9 @@ def test_approve_refuses_bytes_that_do_not_match_the_id(running: Running) -> Non
     assert "SubmitApproval" not in running.servicer.calls
 
 
-def test_reads_are_retried_on_unavailable_submissions_are_not(running: Running) -> None:
+def test_reads_submissions_and_approvals_are_retried_on_unavailable(running: Running) -> None:
+    """Submissions and approvals are idempotent (a replica answers a replay with the proposal
+    as it stands), so they are retried like reads, a bounded number of times."""
     served = running.servicer.served
     running.servicer.unavailable_reads = 2
     view = running.client.get_proposal(served.id)
@@ -134,4 +136,4 @@ def test_reads_are_retried_on_unavailable_submissions_are_not(running: Running) 
     signer = InMemorySigner.generate(SignatureAlgorithm.ED25519)
     with pytest.raises(UnavailableError, match="restarting"):
         running.client.submit_approval(quorum.approve(served, signer))
-    assert running.servicer.calls["SubmitApproval"] == 1
+    assert running.servicer.calls["SubmitApproval"] == 3  # READ_ATTEMPTS, then give up

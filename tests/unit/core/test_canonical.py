@@ -41,6 +41,7 @@ def test_payload_type_values_are_wire_format() -> None:
         "KEY_RECORD": "key-record",
         "HEAD_CONFIRMATION": "head-confirmation",
         "KEY_FLOORS": "key-floors",
+        "CREATE_KEY_ID": "create-key-id",
     }
 
 

@@ -37,6 +37,7 @@ GOLDEN_PAYLOAD_TYPES = {
     "KEY_RECORD": "key-record",
     "HEAD_CONFIRMATION": "head-confirmation",
     "KEY_FLOORS": "key-floors",
+    "CREATE_KEY_ID": "create-key-id",
 }
 
 

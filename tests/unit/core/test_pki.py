@@ -691,3 +691,18 @@ def test_san_values_and_certificate_give_the_same_id(ca: DomainCA) -> None:
         for v in san.get_values_for_type(t)
     )
     assert spiffe_id_from_san_values(values) == spiffe_id_from_certificate(pem)
+
+
+def test_a_ca_certificate_whose_extensions_do_not_parse_is_a_domain_error(ca: DomainCA) -> None:
+    """A flipped byte inside an extension (a genesis's CA certificate is not covered by the
+    state hash) is refused as malformed, never an exception from the X.509 library."""
+    from domain_core.errors import MalformedMessageError
+    from domain_core.pki import check_domain_ca
+
+    der = ca.certificate_der
+    oid = der.index(bytes.fromhex("551d13"))  # id-ce-basicConstraints
+    value = der.index(b"\x04", oid + 3)  # the extension's OCTET STRING, after "critical"
+    ca_true = der.index(bytes.fromhex("0101ff"), value)  # BOOLEAN TRUE inside it
+    broken = der[:ca_true] + bytes.fromhex("0102ff") + der[ca_true + 3 :]
+    with pytest.raises(MalformedMessageError, match="extensions do not parse"):
+        check_domain_ca(broken, DOMAIN)

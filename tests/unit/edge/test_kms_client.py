@@ -47,6 +47,7 @@ from domain_edge.client import error_from_rpc
 from domain_edge.kms_client import (
     ADMIN_METHODS,
     IDEMPOTENT_METHODS,
+    KEYED_METHODS,
     KeyClient,
     backoff_delay,
     decrypt_envelope,
@@ -68,7 +69,7 @@ CONNECT_FAILED = (
     "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:9: "
     "Failed to connect to remote host: Connection refused"
 )
-ALL_METHODS = sorted(IDEMPOTENT_METHODS | ADMIN_METHODS)
+ALL_METHODS = sorted(IDEMPOTENT_METHODS | KEYED_METHODS | ADMIN_METHODS)
 
 
 # --- the rules, as a table -------------------------------------------------------------------
@@ -77,9 +78,11 @@ ALL_METHODS = sorted(IDEMPOTENT_METHODS | ADMIN_METHODS)
 @unit
 def test_every_key_service_call_is_classified_once() -> None:
     rpcs = set(services_pb2.DESCRIPTOR.services_by_name["KeyService"].methods_by_name)
-    assert rpcs == IDEMPOTENT_METHODS | ADMIN_METHODS
+    assert rpcs == IDEMPOTENT_METHODS | KEYED_METHODS | ADMIN_METHODS
     assert not IDEMPOTENT_METHODS & ADMIN_METHODS
-    assert {"CreateKey", "RotateKey", "PutKeyPolicy", "ScheduleKeyDeletion"} <= ADMIN_METHODS
+    assert not KEYED_METHODS & (IDEMPOTENT_METHODS | ADMIN_METHODS)
+    assert {"CreateKey"} == KEYED_METHODS
+    assert {"RotateKey", "PutKeyPolicy", "ScheduleKeyDeletion"} <= ADMIN_METHODS
 
 
 @unit
@@ -114,7 +117,8 @@ def test_retry_rules(
     idempotent_retries: bool,
     admin_retries: bool,
 ) -> None:
-    expected = idempotent_retries if method in IDEMPOTENT_METHODS else admin_retries
+    safe = method in IDEMPOTENT_METHODS or method in KEYED_METHODS
+    expected = idempotent_retries if safe else admin_retries
     assert retryable(method, code, details) is expected
     # The HSA's own word that nothing was applied makes any call safe to send again.
     assert retryable(method, code, details, applied_nothing=True)
@@ -389,6 +393,7 @@ class ScriptedKeyService(services_pb2_grpc.KeyServiceServicer):
     def __init__(self, keys: Keys) -> None:
         self.keys = keys
         self.calls: Counter[str] = Counter()
+        self.idempotency_keys: list[str] = []  # of every CreateKey, in arrival order
         self.script: dict[str, list[Action]] = {}
         self.lock = threading.Lock()
         self.entered = threading.Event()
@@ -432,6 +437,8 @@ class ScriptedKeyService(services_pb2_grpc.KeyServiceServicer):
         )
 
     def CreateKey(self, request: Any, context: grpc.ServicerContext) -> Any:
+        with self.lock:
+            self.idempotency_keys.append(request.idempotency_key)
         self._enter("CreateKey", context)
         return self._metadata(self.keys.create())
 
@@ -696,7 +703,6 @@ def test_admin_calls_that_reached_a_server_are_not_sent_again(domain: Domain, me
         service.calls.clear()
         service.script[method] = [("abort", Code.UNAVAILABLE, "connection reset mid-call")]
     calls: dict[str, Callable[[], Any]] = {
-        "CreateKey": lambda: client.create_key(),
         "RotateKey": lambda: client.rotate_key(key_id),
         "PutKeyPolicy": lambda: client.put_key_policy(
             key_id,
@@ -715,15 +721,43 @@ def test_admin_calls_that_reached_a_server_are_not_sent_again(domain: Domain, me
 @integration
 def test_an_admin_call_past_its_deadline_is_not_sent_again(domain: Domain) -> None:
     client = domain.client(timeout=0.3)
+    key_id = client.create_key().key_id
     for service in domain.services:
-        service.script["CreateKey"] = [("sleep", 1.0)]
+        service.script["DisableKey"] = [("sleep", 1.0)]
     with pytest.raises(UnavailableError, match=r"did not answer in time.*may have been applied"):
-        client.create_key()
-    assert sum(s.calls["CreateKey"] for s in domain.services) == 1
+        client.disable_key(key_id)
+    assert sum(s.calls["DisableKey"] for s in domain.services) == 1
 
 
 @integration
-@pytest.mark.parametrize("method", sorted(ADMIN_METHODS))
+def test_a_create_key_lost_mid_call_is_sent_again_with_its_idempotency_key(
+    domain: Domain,
+) -> None:
+    """CreateKey carries an idempotency key, so an attempt lost mid-call (or past its
+    deadline) goes to the next HSA with the same key; when none answers, the caller is told
+    to send it again with that key."""
+    client = domain.client(timeout=0.3, attempts=3)
+    for service in domain.services:
+        service.calls.clear()
+        service.idempotency_keys.clear()
+    domain.services[0].script["CreateKey"] = [("abort", Code.UNAVAILABLE, "connection reset")]
+    domain.services[1].script["CreateKey"] = [("sleep", 1.0)]
+    for _ in range(3):
+        client.create_key()
+    sent = [k for s in domain.services for k in s.idempotency_keys]
+    assert all(sent)
+    assert len(sent) > 3  # the failed attempts were sent again ...
+    assert len(set(sent)) == 3  # ... with their call's key: three creations
+    for service in domain.services:
+        service.script["CreateKey"] = [("abort", Code.UNAVAILABLE, "connection reset")] * 3
+    with pytest.raises(UnavailableError, match="same idempotency key") as lost:
+        client.create_key(idempotency_key="mine-1")
+    assert "may have been applied" in str(lost.value)
+    assert domain.services[0].idempotency_keys[-1] == "mine-1"
+
+
+@integration
+@pytest.mark.parametrize("method", sorted(ADMIN_METHODS | KEYED_METHODS))
 def test_an_hsa_that_says_nothing_was_applied_gives_a_definite_retryable_failure(
     domain: Domain, method: str
 ) -> None:
@@ -760,14 +794,15 @@ def test_an_unavailable_hsa_without_the_mark_leaves_the_outcome_open(domain: Dom
     """The same words from the server, without the "nothing applied" mark (a plain
     UnavailableError: the write may have reached the coordinator), are not sent again."""
     client = domain.client(timeout=2)
+    key_id = client.create_key().key_id
     for service in domain.services:
-        service.script["CreateKey"] = [
-            ("raise", UnavailableError("the coordinator did not confirm the new key"))
+        service.script["DisableKey"] = [
+            ("raise", UnavailableError("the coordinator did not confirm the change"))
         ]
     with pytest.raises(UnavailableError, match="may have been applied") as refused:
-        client.create_key()
+        client.disable_key(key_id)
     assert not isinstance(refused.value, NotAppliedError)
-    assert sum(s.calls["CreateKey"] for s in domain.services) == 1
+    assert sum(s.calls["DisableKey"] for s in domain.services) == 1
 
 
 def _admin_calls(client: KeyClient, key_id: str) -> dict[str, Callable[[], Any]]:

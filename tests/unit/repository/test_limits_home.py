@@ -33,6 +33,7 @@ NOT_INPUT_LIMITS: dict[str, dict[str, str]] = {
     "domain_coordinator/_store_records.py": {
         "MAX_STORED_INTEGER": "what a 64-bit signed integer column holds"
     },
+    "domain_core/backup.py": {"_MAX_STORED": "what the store's 64-bit integer columns hold"},
     "domain_coordinator/_producer.py": {
         "MAX_DEFER_SECONDS": "back-off tuning of the coordinator's retries"
     },
