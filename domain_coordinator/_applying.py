@@ -19,11 +19,11 @@ Invariants:
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from domain_coordinator._checked import CheckedProposal
+from domain_coordinator._coordination import WriteLock
 from domain_coordinator._fences import Fences
 from domain_coordinator._hsa import HsaConnections
 from domain_coordinator._producer import ROTATION, Deferrals, Outcome, StateProducer
@@ -55,7 +55,7 @@ class Applier:
     publisher: Publisher
     limits: Limits
     now: Callable[[], int]
-    writes: threading.RLock
+    writes: WriteLock
     _throttled: ThrottledLog = field(init=False, default_factory=lambda: ThrottledLog(log))
 
     def apply_if_met(
@@ -170,7 +170,7 @@ class ScheduledRotation:
     deferrals: Deferrals
     publisher: Publisher
     now: Callable[[], int]
-    writes: threading.RLock
+    writes: WriteLock
     _throttled: ThrottledLog = field(init=False, default_factory=lambda: ThrottledLog(log))
 
     def rotate_if_due(self) -> None:

@@ -7,10 +7,19 @@ to produce its state (`fence`), and a write is checked against the fences with t
 under one lock (`held`), so the records the producing HSA lists are all there are
 (`hsa_node.rewrap`). The fences are recomputed from the head, the quorate pending proposals
 and a due rotation at start and on every sweep (`refresh`), so those of closed changes go.
+
+The fences live in the store (`CoordinatorStore.get_fences`), shared by every replica: a
+change of them is a compare-and-swap on their revision, and a key write names the revision it
+was checked against (`put_key(fences_revision=...)`), so a write checked on one replica never
+lands after another replica fenced it (`FencesChangedError`: re-read, check again). Each
+replica keeps the last fences it read; a notice that another replica changed them
+(`mark_stale`) or a refused write makes it read them again.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -19,10 +28,11 @@ from dataclasses import dataclass, field
 from google.protobuf.message import DecodeError
 
 from domain_coordinator._checked import CheckedProposal
+from domain_coordinator._coordination import WriteLock
 from domain_coordinator._verified_chain import VerifiedChain
 from domain_coordinator.store import CoordinatorStore, ProposalState
 from domain_core import transition
-from domain_core.errors import HsmDomainError
+from domain_core.errors import ConflictError, HsmDomainError
 from domain_core.limits import Limits
 from domain_core.model import Proposal, SealedState
 from domain_proto import domain_pb2
@@ -40,6 +50,32 @@ class FenceSet:
 
 _NO_FENCES = FenceSet({}, {})
 _Strands = tuple[dict[str, str], dict[int, str]]
+_SET_ATTEMPTS = 16  # compare-and-swap rounds against other replicas before giving up
+
+log = logging.getLogger(__name__)
+
+
+def encode_fences(fences: FenceSet) -> bytes:
+    """The stored form of a fence set: canonical JSON."""
+    document = {
+        "hosts": dict(sorted(fences.hosts.items())),
+        "generations": {str(g): why for g, why in sorted(fences.generations.items())},
+    }
+    return json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
+
+
+def decode_fences(value: bytes) -> FenceSet:
+    """A stored fence set (none for b""); ValueError when the bytes are not one."""
+    if not value:
+        return _NO_FENCES
+    document = json.loads(value)
+    hosts, generations = document["hosts"], document["generations"]
+    if not isinstance(hosts, dict) or not isinstance(generations, dict):
+        raise ValueError("fences are two objects")
+    return FenceSet(
+        {str(h): str(why) for h, why in hosts.items()},
+        {int(g): str(why) for g, why in generations.items()},
+    )
 
 
 @dataclass(eq=False, repr=False)
@@ -50,16 +86,58 @@ class Fences:
     store: CoordinatorStore
     limits: Limits
     now: Callable[[], int]
-    writes: threading.RLock
+    writes: WriteLock
     _lock: threading.Lock = field(init=False, default_factory=threading.Lock)
     _fences: FenceSet = field(init=False, default=_NO_FENCES)
+    _revision: int = field(init=False, default=-1)  # -1: not read yet, or stale
 
     @contextmanager
-    def held(self) -> Iterator[FenceSet]:
-        """The fences, held (no change sets a fence) until the block ends: check a write
-        against them and make it inside."""
+    def held(self) -> Iterator[tuple[FenceSet, int]]:
+        """The fences and their stored revision, held (no change on this replica sets a
+        fence) until the block ends: check a write against them and make it inside, naming the
+        revision (`put_key(fences_revision=...)`)."""
         with self._lock:
-            yield self._fences
+            if self._revision < 0:
+                self._read()
+            yield self._fences, self._revision
+
+    def mark_stale(self) -> None:
+        """Read the fences again before the next write is checked (another replica changed
+        them, or a write found them changed)."""
+        with self._lock:
+            self._revision = -1
+
+    def _read(self) -> None:
+        """Take the stored fences (with `_lock` held)."""
+        record = self.store.get_fences()
+        try:
+            fences = decode_fences(record.value)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            # Only a hostile or broken store holds these; the next refresh writes them anew.
+            log.warning(
+                "the stored fences (revision %d) do not parse; ignoring them", record.revision
+            )
+            fences = _NO_FENCES
+        self._fences, self._revision = fences, record.revision
+
+    def _change(self, change: Callable[[FenceSet], FenceSet]) -> None:
+        """Store `change(current)` with a compare-and-swap, re-reading after a lost race."""
+        with self._lock:
+            for _ in range(_SET_ATTEMPTS):
+                self._read()
+                wanted = change(self._fences)
+                if wanted == self._fences:
+                    return
+                try:
+                    revision = self.store.set_fences(encode_fences(wanted), self._revision)
+                except ConflictError:
+                    continue
+                self._fences, self._revision = wanted, revision
+                return
+            raise ConflictError(
+                "the fences changed on every attempt (other coordinator replicas keep changing "
+                "them); retry"
+            )
 
     def fence(self, head: SealedState, proposal: Proposal | None) -> None:
         """Add the fences of one change (a proposal, or the scheduled rotation for None)."""
@@ -70,11 +148,11 @@ class Fences:
         )
         if not hosts and not generations:
             return
-        with self._lock:
-            current = self._fences
-            self._fences = FenceSet(
+        self._change(
+            lambda current: FenceSet(
                 {**hosts, **current.hosts}, {**generations, **current.generations}
             )
+        )
 
     def refresh(self, candidates: Sequence[bytes]) -> dict[bytes, CheckedProposal]:
         """Recompute the fences from the head, the candidates that have a quorum and a due
@@ -98,8 +176,8 @@ class Fences:
                 more_hosts, more_generations = self._proposal_fences(head, view.proposal)
                 hosts.update(more_hosts)
                 generations.update(more_generations)
-            with self._lock:
-                self._fences = FenceSet(hosts, generations)
+            computed = FenceSet(hosts, generations)
+            self._change(lambda _: computed)
             return counted
 
     @staticmethod

@@ -29,7 +29,7 @@ from google.protobuf.message import DecodeError
 
 from domain_coordinator._fences import Fences
 from domain_coordinator._verified_chain import VerifiedChain
-from domain_coordinator.store import CoordinatorStore, iso_date
+from domain_coordinator.store import CoordinatorStore, FencesChangedError, iso_date
 from domain_core import keytokens
 from domain_core.errors import (
     AlreadyExistsError,
@@ -46,6 +46,8 @@ from domain_core.model import SealedState
 from domain_proto import keys_pb2, services_pb2
 
 log = logging.getLogger(__name__)
+
+FENCE_ATTEMPTS = 8  # checks against fences another replica keeps changing, before giving up
 
 
 @dataclass(kw_only=True, eq=False, repr=False)
@@ -78,7 +80,7 @@ class KeyRecords:
         """Store a record the calling host signed (`checked`: its key id, bytes to store and
         metadata, from `_requests.key_record`), with a compare-and-swap on its revision
         (0: create)."""
-        key_id, raw, metadata = checked
+        key_id, _, metadata = checked
         head = self.chain.head
         self._check_signature(record, key_id, head, writer=caller)
         generations = {t.domain_key_generation for t in record.tokens}
@@ -91,7 +93,37 @@ class KeyRecords:
                 f"{min(generations)}, which the domain retired (it holds {oldest} and newer at "
                 f"version {head.version}): the writing HSA is behind; it catches up, retry"
             )
-        with self.fences.held() as fences:
+        for _ in range(FENCE_ATTEMPTS):
+            try:
+                revision = self._put_fenced(caller, record, checked, expected, generations)
+            except FencesChangedError:
+                self.fences.mark_stale()  # another replica fenced meanwhile: check again
+                continue
+            break
+        else:
+            raise ConflictError(f"the fences changed on every attempt to store key {key_id}; retry")
+        log.info(
+            "key %s stored at revision %d (metadata version %d) by %s",
+            key_id,
+            revision,
+            metadata.metadata_version,
+            caller,
+        )
+        return services_pb2.PutKeyResponse(revision=revision)
+
+    def _put_fenced(
+        self,
+        caller: str,
+        record: keys_pb2.KeyRecord,
+        checked: tuple[str, bytes, keys_pb2.KeyMetadata],
+        expected: int,
+        generations: set[int],
+    ) -> int:
+        """Check the write against the fences and store it, naming the fences' revision (the
+        store refuses it with FencesChangedError if another replica changed them since); a
+        replay of a stored write gets its revision."""
+        key_id, raw, metadata = checked
+        with self.fences.held() as (fences, fences_revision):
             if caller in fences.hosts:
                 raise PermissionDeniedError(
                     f"{caller} is being removed from the domain ({fences.hosts[caller]}): it "
@@ -108,13 +140,16 @@ class KeyRecords:
             if expected:
                 self._check_replacement(key_id, expected, metadata, record.metadata)
             try:
-                revision = self.store.put_key(
+                return self.store.put_key(
                     key_id,
                     raw,
                     expected,
                     creator=metadata.creator if expected == 0 else "",
                     creator_limit=self.limits.max_keys_per_principal,
+                    fences_revision=fences_revision,
                 )
+            except FencesChangedError:
+                raise
             except (AlreadyExistsError, ConflictError):
                 replayed = self.store.get_key(key_id)
                 if (
@@ -126,15 +161,7 @@ class KeyRecords:
                 # A retry after a lost answer (perhaps to another replica): this very
                 # signed record is stored; answer as the first call would have.
                 log.info("key %s: a retried write, stored already", key_id)
-                return services_pb2.PutKeyResponse(revision=replayed.revision)
-        log.info(
-            "key %s stored at revision %d (metadata version %d) by %s",
-            key_id,
-            revision,
-            metadata.metadata_version,
-            caller,
-        )
-        return services_pb2.PutKeyResponse(revision=revision)
+                return replayed.revision
 
     def _check_signature(
         self, record: keys_pb2.KeyRecord, key_id: str, head: SealedState, *, writer: str = ""

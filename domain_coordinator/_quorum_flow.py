@@ -23,13 +23,13 @@ Invariants:
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from domain_coordinator._admission import PendingAdditions
 from domain_coordinator._applying import Applier
 from domain_coordinator._checked import CheckedProposal
+from domain_coordinator._coordination import WriteLock
 from domain_coordinator._proposals import ProposalBook, cancel_standing, closing, refuse_closed
 from domain_coordinator._verified_chain import VerifiedChain
 from domain_coordinator.store import CoordinatorStore, ProposalRecord, ProposalState
@@ -84,7 +84,7 @@ class QuorumFlow:
     additions: PendingAdditions
     limits: Limits
     now: Callable[[], int]
-    writes: threading.RLock
+    writes: WriteLock
 
     def submit(self, raw: bytes, approval: domain_pb2.Approval) -> services_pb2.ProposalStatus:
         """Check and store a new proposal with its proposer's approval; apply it if that is

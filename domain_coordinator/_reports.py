@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from domain_coordinator import _requests as check
+from domain_coordinator._coordination import WriteLock
 from domain_coordinator._hsa import HsaConnections, describe_rpc_error
 from domain_coordinator._proposals import ProposalBook
 from domain_coordinator._publish import Pusher
@@ -52,7 +53,7 @@ class HsaReports:
     pusher: Pusher
     limits: Limits
     now: Callable[[], int]
-    writes: threading.RLock
+    writes: WriteLock
     stopping: threading.Event
     _repairing: threading.Lock = field(init=False, default_factory=threading.Lock)
     _repair_detail: str = field(init=False, default="")

@@ -1,6 +1,7 @@
 """The sweeper: the coordinator's periodic pass over the chain, the proposals and the keys.
 
-Invariants: each pass adopts states another coordinator stored, starts the repair when an HSA
+Invariants: each pass adopts states another coordinator stored; on the replica that leads
+(`_coordination`) only, it then starts the repair when an HSA
 reports a version above the head, closes the proposals whose expiry or base passed, recomputes
 the fences, retries the proposals that may have a quorum (deferred ones after their back-off),
 rotates the domain key when due, and hourly purges old tombstones and closed proposals. It
@@ -14,6 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from domain_coordinator._applying import Applier, ScheduledRotation
@@ -46,6 +48,7 @@ class Sweeper:
     interval: float
     proposal_retention_seconds: int
     stopping: threading.Event
+    leads: Callable[[], bool] = lambda: True
     _next_purge: float = field(init=False, default=0.0)
     _thread: threading.Thread | None = field(init=False, default=None)
 
@@ -63,8 +66,11 @@ class Sweeper:
             self._thread.join(timeout=10)
 
     def sweep_once(self) -> None:
-        """One pass (see the module invariants)."""
+        """One pass (see the module invariants); on a replica that does not lead, only the
+        adoption of stored states."""
         self.chain.refresh()
+        if not self.leads():
+            return
         head = self.chain.head
         if any(h.version > head.version for h in self.store.list_hsas()):
             self.reports.start_repair()

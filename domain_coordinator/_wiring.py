@@ -15,9 +15,11 @@ from dataclasses import dataclass
 from domain_coordinator._admission import Admission, PendingAdditions
 from domain_coordinator._applying import Applier, ScheduledRotation
 from domain_coordinator._audit_heads import AuditHeadBook
+from domain_coordinator._coordination import Coordination, WriteLock
 from domain_coordinator._fences import Fences
 from domain_coordinator._hsa import HsaConnections
 from domain_coordinator._key_records import KeyRecords
+from domain_coordinator._notices import StoreNotices
 from domain_coordinator._producer import Deferrals, StateProducer
 from domain_coordinator._proposals import ProposalBook
 from domain_coordinator._publish import Publisher, Pusher
@@ -51,7 +53,7 @@ class _Shared:
     store: CoordinatorStore
     hsas: HsaConnections
     settings: Settings
-    writes: threading.RLock
+    writes: WriteLock
     stopping: threading.Event
 
 
@@ -70,6 +72,7 @@ class CoordinatorParts:
     keys: KeyRecords
     fences: Fences
     sweeper: Sweeper
+    notices: StoreNotices
 
 
 @dataclass(frozen=True)
@@ -89,9 +92,10 @@ def build(
     hsas: HsaConnections,
     settings: Settings,
     stopping: threading.Event,
+    coordination: Coordination,
 ) -> CoordinatorParts:
     """Every part of one coordinator, sharing the objects named in the module invariant."""
-    shared = _Shared(chain, store, hsas, settings, threading.RLock(), stopping)
+    shared = _Shared(chain, store, hsas, settings, coordination.writes, stopping)
     limits, now = settings.limits, settings.now
     additions = PendingAdditions(chain, store, limits, now)
     admission = Admission(chain, store, additions, limits, stopping)
@@ -144,6 +148,7 @@ def build(
         interval=settings.sweep_interval,
         proposal_retention_seconds=settings.proposal_retention_seconds,
         stopping=stopping,
+        leads=lambda: coordination.is_leader,
     )
     return CoordinatorParts(
         chain,
@@ -157,6 +162,7 @@ def build(
         keys,
         changes.fences,
         sweeper,
+        StoreNotices(chain, changes.fences, store, stopping),
     )
 
 

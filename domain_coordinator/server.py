@@ -36,7 +36,7 @@ from domain_coordinator.service import (
     CoordinatorService,
 )
 from domain_coordinator.store import CoordinatorStore
-from domain_coordinator.store_spec import open_store, state_directory
+from domain_coordinator.store_spec import open_coordination, open_store, state_directory
 from domain_core.errors import InvalidInputError
 from domain_core.limits import Limits
 from domain_edge.config import CoordinatorConfig
@@ -211,6 +211,7 @@ class CoordinatorServer:
                 sweep_interval=self._sweep_interval,
                 tombstone_seconds=config.key_tombstone_days * 86_400,
                 proposal_retention_seconds=config.proposal_retention_days * 86_400,
+                coordination=open_coordination(store, config.name),
             )
             self._service = service
             hsa_server, hsa_health = self._hsa_server(service)

@@ -39,6 +39,7 @@ import grpc
 
 from domain_coordinator import _requests as check
 from domain_coordinator._admission import RULES, Caller, Rule
+from domain_coordinator._coordination import Coordination, SoleCoordination
 from domain_coordinator._hsa import HsaConnections
 from domain_coordinator._verified_chain import VerifiedChain
 from domain_coordinator._wiring import Settings, build
@@ -124,7 +125,11 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
         sweep_interval: float = DEFAULT_SWEEP_INTERVAL_SECONDS,
         tombstone_seconds: int = DEFAULT_TOMBSTONE_SECONDS,
         proposal_retention_seconds: int = DEFAULT_PROPOSAL_RETENTION_SECONDS,
+        coordination: Coordination | None = None,
     ) -> None:
+        """`coordination`: how this coordinator shares the store with its replicas (None: it
+        is the only one, `SoleCoordination`)."""
+
         def now() -> int:
             return int(clock())
 
@@ -136,7 +141,15 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
         settings = Settings(
             limits, now, max_streams, sweep_interval, tombstone_seconds, proposal_retention_seconds
         )
-        parts = build(VerifiedChain(chain, store, limits), store, hsas, settings, self._stopping)
+        self.coordination = coordination or SoleCoordination("coordinator")
+        parts = build(
+            VerifiedChain(chain, store, limits),
+            store,
+            hsas,
+            settings,
+            self._stopping,
+            self.coordination,
+        )
         self._chain = parts.chain
         self._admission = parts.admission
         self._book = parts.book
@@ -147,6 +160,7 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
         self._audit_heads = parts.audit_heads
         self._keys = parts.keys
         self._sweeper = parts.sweeper
+        self._notices = parts.notices
         # The fences of changes under way (after a restart: before any key record is put).
         parts.fences.refresh(parts.book.quorum_candidates())
         warn_if_enabled(log)
@@ -154,7 +168,10 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
     # --- lifecycle -----------------------------------------------------------------------
 
     def start_background(self) -> None:
-        """Start the sweeper: retries, expiry, staleness, scheduled rotation, chain refresh."""
+        """Start the sweeper (retries, expiry, staleness, scheduled rotation, chain refresh),
+        the store's notices, and this replica's campaign for the leadership."""
+        self._notices.start()
+        self.coordination.start()
         self._sweeper.start()
 
     def stop(self) -> None:
@@ -162,6 +179,8 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
         self._stopping.set()
         self._chain.wake()
         self._sweeper.join()
+        self._notices.stop()
+        self.coordination.close()
 
     @property
     def head(self) -> SealedState:

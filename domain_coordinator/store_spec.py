@@ -20,6 +20,7 @@ import re
 from pathlib import Path
 from typing import Final
 
+from domain_coordinator._coordination import Coordination, ReplicaCoordination, SoleCoordination
 from domain_coordinator.etcd_store import DEFAULT_PREFIX, EtcdStore
 from domain_coordinator.sqlite_store import SqliteStore
 from domain_coordinator.store import CoordinatorStore
@@ -77,3 +78,11 @@ def state_directory(spec: str, base_dir: Path) -> Path:
             path = Path(base_dir) / path
         return path.parent
     return Path(base_dir)
+
+
+def open_coordination(store: CoordinatorStore, name: str) -> Coordination:
+    """How a coordinator named `name` shares `store`: with its replicas on an etcd store (a
+    shared write lock and a leader election under the store's prefix), alone on any other."""
+    if isinstance(store, EtcdStore):
+        return ReplicaCoordination(store.client, store.prefix, name)
+    return SoleCoordination(name)
