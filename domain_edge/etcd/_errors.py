@@ -77,7 +77,7 @@ def short(error: BaseException) -> str:
 def final_error(error: BaseException) -> HsmDomainError | Exception:
     """The error a final refusal becomes (a RuntimeError for a request we built wrong)."""
     code, details = status_of(error)
-    if "request is too large" in details:
+    if "request is too large" in details or "grpc: received message larger than max" in details:
         return LimitExceededError(
             "etcd refused a request as too large (its --max-request-bytes): start etcd with a "
             "larger limit (hsm-domain's members take 10 MiB)"
