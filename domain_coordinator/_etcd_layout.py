@@ -13,6 +13,7 @@ Every key is under the store's prefix P (from the store spec, e.g. `hsm-domain/`
 | `P/keys/deleted/{deleted_at:020}/{hex key id}` | index of tombstones by deletion time |
 | `P/keys/creators/c{hex creator}` | how many live keys the creator has (decimal) |
 | `P/proposals/...` | proposals, their status, signatures and indexes (`_etcd_proposals`) |
+| `P/load` | only while a snapshot is being loaded: the load's id and batch (`_etcd_load`) |
 
 Ids are hex-encoded in keys, so any text is a safe key segment and keys sort as the ids'
 UTF-8 bytes do (as SQLite sorts text); numbers are zero-padded to 20 digits, so keys sort as the
@@ -35,6 +36,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Final, TypeVar
 
+from domain_coordinator._store_records import AuditHeadRecord, HsaRecord
 from domain_core.errors import ConflictError
 from domain_edge.etcd import KeyValue, RangeResult, TxnResult, prefix_end
 
@@ -77,6 +79,44 @@ def decode(value: bytes) -> tuple[dict[str, Any], bytes]:
             "prefix? Give this store a prefix of its own (store = etcd:.../PREFIX)"
         )
     return fields, blob
+
+
+def hsa_value(record: HsaRecord, w: str) -> bytes:
+    """The value of an HSA's registration (`w`: the write id, "" for one loaded)."""
+    return encode(
+        {
+            "address": record.address,
+            "registered_at": record.registered_at,
+            "version": record.version,
+            "state_hash": record.state_hash.hex(),
+            "reported_at": record.reported_at,
+            "w": w,
+        }
+    )
+
+
+def hsa_record(host_id: str, value: bytes) -> HsaRecord:
+    """The registration `hsa_value` stored for `host_id`."""
+    fields, _ = decode(value)
+    return HsaRecord(
+        host_id,
+        str(fields["address"]),
+        int(fields["registered_at"]),
+        int(fields["version"]),
+        bytes.fromhex(fields["state_hash"]),
+        int(fields["reported_at"]),
+    )
+
+
+def head_value(head: AuditHeadRecord, w: str) -> bytes:
+    """The value of an audit head (`w`: the write id, "" for one loaded)."""
+    return encode({"seq": head.seq, "reported_at": head.reported_at, "w": w}, head.checkpoint)
+
+
+def head_record(host_id: str, log: str, value: bytes) -> AuditHeadRecord:
+    """The audit head `head_value` stored for `host_id`'s `log`."""
+    fields, checkpoint = decode(value)
+    return AuditHeadRecord(host_id, log, int(fields["seq"]), checkpoint, int(fields["reported_at"]))
 
 
 def write_id() -> str:
@@ -141,6 +181,7 @@ class Layout:
         self.deleted = prefix + b"keys/deleted/"
         self.creators = prefix + b"keys/creators/"
         self.proposals = prefix + b"proposals/"
+        self.load_marker = prefix + b"load"
 
     def state(self, version: int) -> bytes:
         return self.states + number(version)

@@ -117,10 +117,10 @@ class ProposalKeys:
         root = layout.proposals
         self.root = root
         self.guard = root + b"guard"
-        self._rec = root + b"rec/"
-        self._status = root + b"status/"
-        self._approval = root + b"approval/"
-        self._vote = root + b"vote/"
+        self.records = root + b"rec/"
+        self.statuses = root + b"status/"
+        self.approvals = root + b"approval/"
+        self.votes = root + b"vote/"
         self.all = root + b"all/"
         self.pending = root + b"pending/"
         self.expiry = root + b"expiry/"
@@ -130,14 +130,14 @@ class ProposalKeys:
         self._proposer = root + b"proposer/"
 
     def rec(self, pid: bytes) -> bytes:
-        return self._rec + pid.hex().encode()
+        return self.records + pid.hex().encode()
 
     def status(self, pid: bytes) -> bytes:
-        return self._status + pid.hex().encode()
+        return self.statuses + pid.hex().encode()
 
     def signatures(self, kind: str, pid: bytes) -> bytes:
         """The prefix of a proposal's approvals (`kind` "approval") or votes ("vote")."""
-        return (self._approval if kind == "approval" else self._vote) + pid.hex().encode() + b"/"
+        return (self.approvals if kind == "approval" else self.votes) + pid.hex().encode() + b"/"
 
     def signature(self, kind: str, pid: bytes, operator_id: str) -> bytes:
         return self.signatures(kind, pid) + hexed(operator_id)

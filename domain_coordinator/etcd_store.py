@@ -16,6 +16,9 @@ Invariants (on top of those of `domain_coordinator.store`):
 - `subscribe` watches the prefix and maps each changed key to its part of the store; changes
   this store made itself are skipped when their revision is known in time (a notice may still
   come for one: a notice means "re-read", never what changed);
+- a snapshot reads every part at one etcd revision, in pages (`_etcd_snapshot`); a load goes
+  into an empty prefix only, in batched transactions, rebuilds every derived key, and removes
+  what it wrote if it fails (`_etcd_load`);
 - nothing here makes a decision on what it stores: states, proposals and records are relayed
   as the coordinator checked them; the layout is in `_etcd_layout`.
 
@@ -27,7 +30,8 @@ from __future__ import annotations
 
 import collections
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 from domain_coordinator._etcd_keys import KeyRecords
 from domain_coordinator._etcd_layout import (
@@ -38,13 +42,20 @@ from domain_coordinator._etcd_layout import (
     decode,
     encode,
     first,
+    head_record,
+    head_value,
+    hsa_record,
+    hsa_value,
     unhexed,
     won,
     write_id,
 )
+from domain_coordinator._etcd_load import Loader
 from domain_coordinator._etcd_proposal_keys import ProposalKeys
 from domain_coordinator._etcd_proposal_reads import ProposalReads
 from domain_coordinator._etcd_proposals import ProposalWrites
+from domain_coordinator._etcd_snapshot import EtcdSnapshot, count_contents
+from domain_coordinator.snapshots import SnapshotItem, StoreCounts, StoreSnapshot
 from domain_coordinator.store import (
     AuditHeadRecord,
     ChangeKind,
@@ -88,6 +99,7 @@ class EtcdStore(CoordinatorStore):
         self.prefix = prefix
         self.layout = Layout(prefix.encode() + b"/")
         keys = ProposalKeys(self.layout)
+        self._proposal_keys = keys
         self._reads = ProposalReads(client, keys)
         self._writes = ProposalWrites(client, keys, self._note)
         self._keys = KeyRecords(client, self.layout, self._note)
@@ -240,23 +252,10 @@ class EtcdStore(CoordinatorStore):
 
     # --- HSA registry -----------------------------------------------------------------------
 
-    @staticmethod
-    def _hsa_value(record: HsaRecord, w: str) -> bytes:
-        return encode(
-            {
-                "address": record.address,
-                "registered_at": record.registered_at,
-                "version": record.version,
-                "state_hash": record.state_hash.hex(),
-                "reported_at": record.reported_at,
-                "w": w,
-            }
-        )
-
     def _register_hsa(self, record: HsaRecord) -> None:
         self._check_open()
         # The HSA's own word replaces whatever is stored: sending it again is harmless.
-        value = self._hsa_value(record, "")
+        value = hsa_value(record, "")
         self.client.txn([], [Put(self.layout.hsa(record.host_id), value)], retry_safe=True)
 
     def _record_hsa_version(self, report: HsaRecord) -> bool:
@@ -278,7 +277,7 @@ class EtcdStore(CoordinatorStore):
         )  # fmt: skip
         result = self.client.txn(
             [Compare.mod_revision(key, current.mod_revision)],
-            [Put(key, self._hsa_value(raised, w))],
+            [Put(key, hsa_value(raised, w))],
             [Range(key)],
             retry_safe=True,
         )
@@ -288,34 +287,14 @@ class EtcdStore(CoordinatorStore):
         self._check_open()
         hsas = self.layout.hsas
         found = self.client.range(Range.prefix(hsas))
-        records = []
-        for kv in found.kvs:
-            fields, _ = decode(kv.value)
-            records.append(
-                HsaRecord(
-                    unhexed(kv.key[len(hsas) :]),
-                    str(fields["address"]),
-                    int(fields["registered_at"]),
-                    int(fields["version"]),
-                    bytes.fromhex(fields["state_hash"]),
-                    int(fields["reported_at"]),
-                )
-            )
-        return records
+        return [hsa_record(unhexed(kv.key[len(hsas) :]), kv.value) for kv in found.kvs]
 
     # --- audit heads ------------------------------------------------------------------------
 
     def get_audit_head(self, host_id: str, log: str) -> AuditHeadRecord | None:
         self._check_open()
         found = self.client.get(self.layout.audit_head(host_id, log))
-        return self._head(host_id, log, found.value) if found is not None else None
-
-    @staticmethod
-    def _head(host_id: str, log: str, value: bytes) -> AuditHeadRecord:
-        fields, checkpoint = decode(value)
-        return AuditHeadRecord(
-            host_id, log, int(fields["seq"]), checkpoint, int(fields["reported_at"])
-        )
+        return head_record(host_id, log, found.value) if found is not None else None
 
     def _put_audit_head(self, head: AuditHeadRecord, expected: bytes | None) -> bool:
         self._check_open()
@@ -328,7 +307,7 @@ class EtcdStore(CoordinatorStore):
         if stored != expected:
             return False
         w = write_id()
-        value = encode({"seq": head.seq, "reported_at": head.reported_at, "w": w}, head.checkpoint)
+        value = head_value(head, w)
         read = Compare.mod_revision(key, current.mod_revision if current is not None else 0)
         result = self.client.txn([read], [Put(key, value)], [Range(key)], retry_safe=True)
         return True if won(result, 0, w) else RETRY
@@ -339,7 +318,7 @@ class EtcdStore(CoordinatorStore):
         heads = []
         for kv in self.client.range(Range.prefix(prefix)).kvs:
             host, log = kv.key[len(self.layout.audit) :].split(b"/", 1)
-            heads.append(self._head(unhexed(host), unhexed(log), kv.value))
+            heads.append(head_record(unhexed(host), unhexed(log), kv.value))
         return heads
 
     # --- fences and change notices ----------------------------------------------------------
@@ -446,6 +425,23 @@ class EtcdStore(CoordinatorStore):
     def purge_deleted_keys(self, deleted_before: int) -> int:
         self._check_open()
         return self._keys.purge(deleted_before)
+
+    # --- backup and restore (in `_etcd_snapshot` and `_etcd_load`) ---------------------------
+
+    def contents(self) -> StoreCounts:
+        self._check_open()
+        return count_contents(self.client, self.layout, self._proposal_keys)
+
+    @contextmanager
+    def snapshot(self) -> Iterator[StoreSnapshot]:
+        self._check_open()
+        yield EtcdSnapshot(self.client, self.layout, self._proposal_keys)
+
+    def _load_snapshot(self, items: Iterator[SnapshotItem]) -> StoreCounts:
+        self._check_open()
+        where = f"the etcd store {self.prefix}/ on {','.join(map(str, self.client.endpoints))}"
+        Loader(self.client, self.layout, self._note).load(items, where)
+        return self.contents()
 
     def close(self) -> None:
         if self._closed:

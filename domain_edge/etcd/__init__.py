@@ -15,8 +15,9 @@ replicated coordinator needs:
 Invariants (each module states its own): a call is sent again to another member only when that
 cannot apply it twice (reads; writes no member received; transactions their caller declared
 retry-safe); every failure is a `domain_core.errors` class naming the endpoints tried and what
-to do; endpoints are on loopback unless the caller opts into `unsafe_remote_plaintext` (aetcd
-speaks plaintext gRPC).
+to do (a read at a revision etcd compacted is `CompactedError`, a ConflictError); endpoints
+are on loopback unless the caller opts into `unsafe_remote_plaintext` (aetcd speaks plaintext
+gRPC).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from domain_edge.etcd._cluster import (
 )
 from domain_edge.etcd._election import Election, LeasedKey, Lock
 from domain_edge.etcd._endpoints import Endpoint, parse_endpoints
-from domain_edge.etcd._errors import EtcdUnavailableError
+from domain_edge.etcd._errors import CompactedError, EtcdUnavailableError
 from domain_edge.etcd._lease import Lease, grant_lease
 from domain_edge.etcd._loop import EventLoopThread, shared_loop
 from domain_edge.etcd._types import (
@@ -56,6 +57,7 @@ from domain_edge.etcd._watch import Watch, WatchBatch, WatchEvent, watch_key, wa
 __all__ = [
     "DEFAULT_ATTEMPT_TIMEOUT",
     "DEFAULT_TIMEOUT",
+    "CompactedError",
     "Compare",
     "Delete",
     "DeleteResult",

@@ -77,7 +77,7 @@ def short(error: BaseException) -> str:
 def final_error(error: BaseException) -> HsmDomainError | Exception:
     """The error a final refusal becomes (a RuntimeError for a request we built wrong)."""
     code, details = status_of(error)
-    if "request is too large" in details:
+    if "request is too large" in details or "grpc: received message larger than max" in details:
         return LimitExceededError(
             "etcd refused a request as too large (its --max-request-bytes): start etcd with a "
             "larger limit (hsm-domain's members take 10 MiB)"
@@ -93,7 +93,7 @@ def final_error(error: BaseException) -> HsmDomainError | Exception:
             "its --quota-backend-bytes, then disarm the alarm"
         )
     if "compacted" in details:
-        return ConflictError(
+        return CompactedError(
             "etcd no longer holds the revision this read asked for (compacted): read again"
         )
     if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
@@ -102,6 +102,11 @@ def final_error(error: BaseException) -> HsmDomainError | Exception:
             "give it an etcd cluster of its own, without auth, on loopback"
         )
     return RuntimeError(f"etcd refused a request: {short(error)}")
+
+
+class CompactedError(ConflictError):
+    """A read at a past revision that etcd compacted away meanwhile: what was at that revision
+    cannot be read any more; read again at a newer one."""
 
 
 def _tried(attempts: Sequence[tuple[str, BaseException]]) -> str:

@@ -50,17 +50,25 @@ class Result(enum.Enum):
 
 @dataclass(frozen=True)
 class Compare:
-    """One condition of a transaction on one key."""
+    """One condition of a transaction on one key, or on every key in [key, end) (etcd compares
+    each key of the range; an empty range compares as one absent key, and fails a value
+    comparison)."""
 
     key: bytes
     target: Target
     result: Result
     operand: int | bytes
+    end: bytes = b""
 
     @classmethod
     def absent(cls, key: bytes) -> Compare:
         """The key does not exist (it was never created, or was deleted)."""
         return cls(key, Target.CREATE, Result.EQUAL, 0)
+
+    @classmethod
+    def none_under(cls, prefix: bytes) -> Compare:
+        """No key starts with `prefix` (every key of the range was never created)."""
+        return cls(prefix, Target.CREATE, Result.EQUAL, 0, prefix_end(prefix))
 
     @classmethod
     def present(cls, key: bytes) -> Compare:
@@ -77,7 +85,9 @@ class Compare:
         return cls(key, Target.VALUE, Result.EQUAL, value)
 
     def message(self) -> Any:
-        compare = rpc.Compare(key=self.key, target=self.target.value, result=self.result.value)
+        compare = rpc.Compare(
+            key=self.key, range_end=self.end, target=self.target.value, result=self.result.value
+        )
         if self.target is Target.VALUE:
             if not isinstance(self.operand, bytes):
                 raise TypeError("a value comparison takes bytes")

@@ -149,3 +149,20 @@ def cluster_factory(root: Path, etcd: str) -> tuple[Callable[[int], LocalEtcd], 
 def fresh_prefix() -> str:
     """A key prefix nobody used, so that tests can share one cluster."""
     return f"test/{uuid.uuid4().hex}"
+
+
+def compact(endpoints: list[str], revision: int) -> None:
+    """Compact the cluster's history below `revision` (what `etcdctl compact` and etcd's
+    auto-compaction do): reads at an older revision fail from then on."""
+    from aetcd import rpc
+
+    from domain_edge.etcd import EtcdClient
+
+    with EtcdClient(endpoints) as client:
+
+        async def call() -> None:
+            member = await client.member_client(0)
+            request = rpc.CompactionRequest(revision=revision, physical=True)
+            await member.kvstub.Compact(request, timeout=10)
+
+        client.run(call())

@@ -2,7 +2,8 @@
 
 A `StoreBackend` is one backing (a SQLite file, or a prefix of a real etcd cluster) on which the
 suite opens as many `CoordinatorStore`s as it needs: a second one is a reopen after a restart,
-or a second coordinator replica sharing the store. `raw_signature_count` looks under the
+or a second coordinator replica sharing the store; `sibling` gives another empty backing of
+the same kind (where a snapshot is loaded). `raw_signature_count` looks under the
 interface, so that a test can check that a purge left no approval or vote behind.
 """
 
@@ -27,6 +28,17 @@ class StoreBackend(ABC):
 
     def __init__(self) -> None:
         self._opened: list[CoordinatorStore] = []
+        self._siblings: list[StoreBackend] = []
+
+    def sibling(self, name: str) -> StoreBackend:
+        """Another empty backing of the same kind, named after `name` (a restore's or a
+        migration's target); closed with this one."""
+        made = self._sibling(name)
+        self._siblings.append(made)
+        return made
+
+    @abstractmethod
+    def _sibling(self, name: str) -> StoreBackend: ...
 
     def open(self) -> CoordinatorStore:
         """A new store on this backing (a reopen, or another replica); closed by `close_all`."""
@@ -51,6 +63,8 @@ class StoreBackend(ABC):
         for store in self._opened:
             store.close()
         self._opened.clear()
+        for sibling in self._siblings:
+            sibling.close_all()
 
 
 class SqliteBackend(StoreBackend):
@@ -65,6 +79,9 @@ class SqliteBackend(StoreBackend):
 
     def _open(self) -> CoordinatorStore:
         return SqliteStore(self.path)
+
+    def _sibling(self, name: str) -> StoreBackend:
+        return SqliteBackend(self.path.with_name(f"{name}.db"))
 
     def raw_signature_count(self) -> tuple[int, int]:
         with sqlite3.connect(self.path) as db:
@@ -96,6 +113,16 @@ class EtcdBackend(StoreBackend):
 
     def _open(self) -> CoordinatorStore:
         return EtcdStore.open(self.endpoints, self.prefix)
+
+    def _sibling(self, name: str) -> StoreBackend:
+        # Beside the prefix, never under it (`P/` would cover `P/name/`).
+        return EtcdBackend(self.endpoints, f"{self.prefix}-{name}")
+
+    def raw_keys(self) -> list[bytes]:
+        """Every key under the store's prefix, whatever wrote it."""
+        with EtcdClient(self.endpoints) as client:
+            found = client.range(Range.prefix(f"{self.prefix}/".encode(), keys_only=True))
+        return [kv.key for kv in found.kvs]
 
     def raw_signature_count(self) -> tuple[int, int]:
         root = f"{self.prefix}/proposals/".encode()

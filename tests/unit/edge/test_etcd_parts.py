@@ -11,12 +11,14 @@ import grpc
 import pytest
 
 from domain_core.errors import (
+    ConflictError,
     InvalidInputError,
     LimitExceededError,
     ResourceExhaustedError,
     UnavailableError,
 )
 from domain_edge.etcd import (
+    CompactedError,
     Compare,
     Endpoint,
     EtcdUnavailableError,
@@ -91,6 +93,8 @@ def test_comparisons_and_ranges_become_etcd_messages() -> None:
     )
     assert Compare.value(b"k", b"v").message().value == b"v"
     assert Compare.mod_revision(b"k", 7).message().mod_revision == 7
+    empty = Compare.none_under(b"p/").message()
+    assert (empty.key, empty.range_end, empty.create_revision) == (b"p/", b"p0", 0)
     with pytest.raises(TypeError):
         Compare(b"k", Target.VALUE, Result.EQUAL, 3).message()
     with pytest.raises(TypeError):
@@ -137,6 +141,22 @@ def test_final_refusals_say_what_to_change() -> None:
     )
     assert isinstance(too_large, LimitExceededError)
     assert "--max-request-bytes" in str(too_large)
+    # Larger still: etcd's gRPC server refuses it before etcd itself looks at it.
+    too_large_for_grpc = final_error(
+        _RpcError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "grpc: received message larger than max (11534697 vs. 11010048)",
+        )
+    )
+    assert isinstance(too_large_for_grpc, LimitExceededError)
+    assert "--max-request-bytes" in str(too_large_for_grpc)
+    compacted = final_error(
+        _RpcError(
+            grpc.StatusCode.OUT_OF_RANGE, "etcdserver: mvcc: required revision has been compacted"
+        )
+    )
+    assert isinstance(compacted, CompactedError)
+    assert isinstance(compacted, ConflictError)
     full = final_error(
         _RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, "etcdserver: mvcc: database space exceeded")
     )
