@@ -10,7 +10,9 @@ Invariants:
 - `writes` is re-entrant within a thread and held by one thread of one replica at a time: a
   replica takes its own lock first, then (outermost only) the shared one; a shared lock it
   cannot get within `WRITE_LOCK_WAIT_SECONDS` is UnavailableError ("retry"), never a write
-  without it;
+  without it; having taken the shared lock, a replica first adopts the states the previous
+  holder stored (`WriteLock.when_acquired`: `VerifiedChain.refresh`), so it never produces a
+  state from a head that another replica has already moved past;
 - a store written by one coordinator only (`SoleCoordination`, SQLite) needs no shared lock and
   that coordinator always leads;
 - on etcd (`ReplicaCoordination`) the lock and the leadership are keys held under leases
@@ -26,6 +28,7 @@ from __future__ import annotations
 import logging
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from types import TracebackType
 from typing import Final
 
@@ -48,6 +51,12 @@ class WriteLock:
         self._local = threading.RLock()
         self._shared = shared
         self._depth = 0  # changed only by the thread holding `_local`
+        self._acquired: Callable[[], None] | None = None
+
+    def when_acquired(self, catch_up: Callable[[], None]) -> None:
+        """Run `catch_up` each time the shared lock is taken (the outermost entry), before
+        the block runs: a replica adopts what the previous holder stored before it writes."""
+        self._acquired = catch_up
 
     def __enter__(self) -> WriteLock:
         self._local.acquire()
@@ -63,6 +72,13 @@ class WriteLock:
                     "another coordinator replica has been changing the domain for more than "
                     f"{WRITE_LOCK_WAIT_SECONDS:.0f} s; retry"
                 )
+            if self._acquired is not None:
+                try:
+                    self._acquired()
+                except BaseException:
+                    self._shared.release()
+                    self._local.release()
+                    raise
         self._depth += 1
         return self
 

@@ -95,6 +95,7 @@ def build(
     coordination: Coordination,
 ) -> CoordinatorParts:
     """Every part of one coordinator, sharing the objects named in the module invariant."""
+    coordination.writes.when_acquired(chain.refresh)
     shared = _Shared(chain, store, hsas, settings, coordination.writes, stopping)
     limits, now = settings.limits, settings.now
     additions = PendingAdditions(chain, store, limits, now)
