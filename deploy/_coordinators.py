@@ -26,13 +26,13 @@ from pathlib import Path
 from typing import Final
 
 from domain_core.errors import InvalidInputError, NotFoundError
+from domain_core.limits import MAX_LOCAL_COORDINATORS
 from domain_core.pki import certificate_fingerprint, spiffe_id_from_certificate
 from domain_edge.config import CoordinatorConfig, TlsFiles
 from domain_edge.layout import COORDINATOR_NAME, DomainPaths, replica_name
 
 __all__ = [
     "ETCD",
-    "MAX_COORDINATORS",
     "SQLITE",
     "SQLITE_STORE",
     "STORES",
@@ -48,7 +48,6 @@ ETCD: Final = "etcd"
 STORES: Final = (SQLITE, ETCD)
 # The one coordinator's SQLite file, beside its config.
 SQLITE_STORE: Final = "sqlite:coordinator.db"
-MAX_COORDINATORS: Final = 9
 
 
 def check_coordinators(count: int, store: str | None) -> str:
@@ -57,9 +56,9 @@ def check_coordinators(count: int, store: str | None) -> str:
     together."""
     if isinstance(count, bool) or not isinstance(count, int):
         raise InvalidInputError(f"--coordinators must be a whole number, not {count!r}")
-    if not 1 <= count <= MAX_COORDINATORS:
+    if not 1 <= count <= MAX_LOCAL_COORDINATORS:
         raise InvalidInputError(
-            f"--coordinators must be between 1 and {MAX_COORDINATORS}, not {count}"
+            f"--coordinators must be between 1 and {MAX_LOCAL_COORDINATORS}, not {count}"
         )
     if store is None:
         return ETCD if count > 1 else SQLITE

@@ -29,7 +29,7 @@ from typing import Any, Final
 
 from deploy._files import make_private_dir, write_json
 from domain_core.errors import InvalidInputError, NotFoundError
-from domain_core.limits import Limits
+from domain_core.limits import MAX_LOCAL_ETCD_MEMBERS, Limits
 from domain_edge.layout import DomainPaths
 
 __all__ = [
@@ -207,8 +207,10 @@ class DomainEtcd:
     def create(cls, paths: DomainPaths, members: int = DEFAULT_MEMBERS) -> DomainEtcd:
         """A new cluster for the domain in `paths`: free ports now, a fresh token, empty data
         directories (0700); written to its file."""
-        if not 1 <= members <= 9:
-            raise InvalidInputError(f"an etcd cluster of 1 to 9 members, not {members}")
+        if not 1 <= members <= MAX_LOCAL_ETCD_MEMBERS:
+            raise InvalidInputError(
+                f"an etcd cluster of 1 to {MAX_LOCAL_ETCD_MEMBERS} members, not {members}"
+            )
         token = f"hsm-domain-{secrets.token_hex(8)}"
         chosen = cls(_cluster_on(paths, free_ports(2 * members), token))
         chosen.save(paths)
@@ -285,8 +287,11 @@ def _parse(paths: DomainPaths, document: Any) -> DomainEtcd:
     dots = any(segment in (".", "..") for segment in prefix.split("/"))
     if not _TOKEN.match(token) or not _PREFIX.match(prefix) or dots:
         raise ValueError("token or prefix is malformed")
+    entries = document["members"]
+    if not isinstance(entries, list) or not 1 <= len(entries) <= MAX_LOCAL_ETCD_MEMBERS:
+        raise ValueError(f"members must be a list of 1 to {MAX_LOCAL_ETCD_MEMBERS}")
     members = []
-    for entry in document["members"]:
+    for entry in entries:
         name = str(entry["name"])
         client, peer = int(entry["client_port"]), int(entry["peer_port"])
         if not _MEMBER_NAME.match(name) or not all(0 < p < 65536 for p in (client, peer)):

@@ -281,6 +281,12 @@ MAX_KEY_CACHE_MIB: Final = 65_536
 # key_service_workers.
 MAX_KEY_SERVICE_WORKERS: Final = 16
 
+# --- a local domain (`hsm-domain init`) ------------------------------------------------------
+# Coordinator replicas of a local domain (`--coordinators N`).
+MAX_LOCAL_COORDINATORS: Final = 9
+# Members of a local domain's etcd cluster (`DIR/etcd/cluster.json`).
+MAX_LOCAL_ETCD_MEMBERS: Final = 9
+
 # --- the coordinator's etcd store (its `store` spec) -----------------------------------------
 # Members named in an etcd store spec (`etcd:HOST:PORT,...`).
 MAX_ETCD_ENDPOINTS: Final = 16

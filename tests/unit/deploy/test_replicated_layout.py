@@ -13,13 +13,15 @@ import os
 import shutil
 import socket
 import stat
+import subprocess
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from deploy import cli
+from deploy import cli, cluster
 from deploy._coordinators import check_coordinators, coordinator_pin
 from deploy._etcd_members import DomainEtcd
 from deploy.init import DomainLayout, add_node, init_domain, load_layout
@@ -310,3 +312,45 @@ def test_cli_impossible_coordinators_are_usage_errors(
     assert cli.main(["init", str(tmp_path / "x"), *extra]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()
+
+
+def _sleeper(*arguments: str) -> subprocess.Popen[bytes]:
+    """A process whose command line names `arguments`, as an etcd member's or a replica's
+    would (their data directory, their config)."""
+    return subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)", *arguments],
+        start_new_session=True,
+    )
+
+
+def test_pid_files_of_members_and_replicas_count_only_for_their_own_processes(
+    tmp_path: Path,
+) -> None:
+    """A pid file naming some other live process (a recycled pid, another member's) is not
+    that member's: `down` never signals it; the member's own process is found and stopped
+    after the replicas."""
+    layout = init_domain(
+        tmp_path / "d", nodes=1, operators=1, quorum=1, coordinators=2, scrypt_n=FAST_SCRYPT_N
+    )
+    member = _sleeper("--data-dir", str(layout.etcd_member_dir("etcd-2")))
+    replica = _sleeper("--config", str(layout.coordinator_config_of("coordinator-2")))
+    stranger = _sleeper("--data-dir", str(tmp_path / "elsewhere"))
+    try:
+        layout.run_dir.mkdir(exist_ok=True)
+        (layout.run_dir / "etcd-1.pid").write_text(f"{stranger.pid}\n")
+        (layout.run_dir / "etcd-3.pid").write_text(f"{member.pid}\n")  # etcd-2's process
+        (layout.run_dir / "coordinator-1.pid").write_text(f"{os.getpid()}\n")
+        assert cluster.live_pids(layout) == {}
+        (layout.run_dir / "etcd-2.pid").write_text(f"{member.pid}\n")
+        (layout.run_dir / "coordinator-2.pid").write_text(f"{replica.pid}\n")
+        assert cluster.live_pids(layout) == {"etcd-2": member.pid, "coordinator-2": replica.pid}
+        stopped: list[str] = []
+        cluster.stop_recorded(layout, progress=stopped.append)
+        assert [line.split()[0] for line in stopped] == ["coordinator-2", "etcd-2"]
+        assert member.wait(timeout=10) == -15
+        assert replica.wait(timeout=10) == -15
+        assert stranger.poll() is None
+    finally:
+        for process in (member, replica, stranger):
+            process.kill()
+            process.wait()
