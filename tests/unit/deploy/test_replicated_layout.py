@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from deploy import cli, cluster
 from deploy._coordinators import check_coordinators, coordinator_pin
+from deploy._domain_etcd import ensure_free_ports
 from deploy._etcd_members import DomainEtcd
 from deploy.init import DomainLayout, add_node, init_domain, load_layout
 from deploy.localdomain import FAST_SCRYPT_N
@@ -354,3 +355,30 @@ def test_pid_files_of_members_and_replicas_count_only_for_their_own_processes(
         for process in (member, replica, stranger):
             process.kill()
             process.wait()
+
+
+def test_up_moves_a_never_started_cluster_off_a_taken_port_and_every_replica_follows(
+    tmp_path: Path,
+) -> None:
+    layout = init_domain(
+        tmp_path / "d", nodes=1, operators=1, quorum=1, coordinators=2, scrypt_n=FAST_SCRYPT_N
+    )
+    assert layout.etcd is not None
+    taken = layout.etcd.cluster.members[2].peer_port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as squatter:
+        squatter.bind(("127.0.0.1", taken))
+        squatter.listen()
+        # A member that runs (say, started by hand) keeps the ports: nothing moves.
+        assert ensure_free_ports(layout, {"etcd-1": os.getpid()}) is layout
+        moved = ensure_free_ports(layout, {})
+    assert moved.etcd is not None
+    assert taken not in [
+        p for m in moved.etcd.cluster.members for p in (m.client_port, m.peer_port)
+    ]
+    assert load_layout(layout.root).etcd == moved.etcd
+    for name in moved.coordinators:
+        assert (
+            CoordinatorConfig.load(moved.coordinator_config_of(name)).store == moved.etcd.store_spec
+        )
+    # Nothing taken: the same layout.
+    assert ensure_free_ports(moved, {}) is moved
