@@ -186,8 +186,16 @@ def test_restore_with_the_domain_down_and_a_migration(
     cluster.start_coordinator()
     cluster.wait_converged(hosts=("hsa-1",))
     assert head(cluster) == 1
-    with (
-        client_on(cluster, "hsa-1") as client,
-        pytest.raises(FailedPreconditionError, match="older record of key"),
-    ):
-        client.describe_key(key_id)
+    with client_on(cluster, "hsa-1") as client:
+
+        def refusal() -> str:
+            # hsa-1 started before the coordinator: until its channel has reconnected (its
+            # back-off), the key it never cached is UnavailableError, which `wait_for` retries.
+            try:
+                client.describe_key(key_id)
+            except FailedPreconditionError as error:
+                return str(error)
+            return "the older record was served"
+
+        refused_record = cluster.wait_for(refusal, timeout=30, what="hsa-1 reading the key")
+        assert "older record of key" in refused_record
