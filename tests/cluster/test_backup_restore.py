@@ -192,11 +192,19 @@ def test_restore_with_the_domain_down_and_a_migration(
     cluster.start_coordinator()
     cluster.wait_converged(hosts=("hsa-1",))
     assert head(cluster) == 1
-    with (
-        client_on(cluster, "hsa-1") as client,
-        pytest.raises(FailedPreconditionError, match="older record of key"),
-    ):
-        client.describe_key(key_id)
+    with client_on(cluster, "hsa-1") as client:
+
+        def refusal() -> str:
+            # hsa-1 started before the coordinator: until its channel has reconnected (its
+            # back-off), the key it never cached is UnavailableError, which `wait_for` retries.
+            try:
+                client.describe_key(key_id)
+            except FailedPreconditionError as error:
+                return str(error)
+            return "the older record was served"
+
+        refused_record = cluster.wait_for(refusal, timeout=30, what="hsa-1 reading the key")
+        assert "older record of key" in refused_record
 
 
 def snapshot_items(store: CoordinatorStore) -> list[object]:
@@ -258,7 +266,12 @@ def test_a_sqlite_domain_migrates_to_etcd_and_the_coordinator_serves_it(
     assert view.applied_version == 3, view.detail
     cluster.wait_converged()
     with client_on(cluster, "hsa-2") as second:  # hsa-2 never read these keys itself
-        assert second.describe_key(kept).key_id == kept
+        # Its channel to the restarted coordinator may still be in its reconnect back-off:
+        # until then the key it never cached is UnavailableError, which `wait_for` retries.
+        described = cluster.wait_for(
+            lambda: second.describe_key(kept), timeout=30, what="hsa-2 reading a migrated key"
+        )
+        assert described.key_id == kept
         assert second.decrypt(blob) == b"payroll"
         created = second.create_key(description="after the migration").key_id
     etcd_store = open_store(spec, directory)
