@@ -2,7 +2,8 @@
 
 Invariants kept here:
 - a pid file is trusted only while the process it names is alive and its command line still
-  names the config file it was started with (a recycled pid is never signalled): `is_ours`;
+  names the config file it was started with, or for an etcd member its data directory (a
+  recycled pid is never signalled): `is_ours`;
 - a ready file counts only once it is a complete document (a process writes it when serving);
 - commands that check what runs and then start processes hold the domain's lock
   (`domain_lock`, an flock on DIR, one command at a time, released however the holder exits).
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from deploy.init import COORDINATOR_NAME, DomainLayout
+from deploy.init import DomainLayout
 from domain_core.errors import InvalidInputError
 
 __all__ = [
@@ -104,7 +105,8 @@ def is_alive(pid: int) -> bool:
 
 
 def _runs_config(pid: int, config: Path) -> bool:
-    """Whether process `pid` was started with `config` (checked where /proc exists)."""
+    """Whether process `pid` was started with `config` as an argument (checked where /proc
+    exists)."""
     cmdline = Path(f"/proc/{pid}/cmdline")
     try:
         arguments = cmdline.read_bytes().split(b"\0")
@@ -116,9 +118,9 @@ def _runs_config(pid: int, config: Path) -> bool:
 
 
 def config_of(layout: DomainLayout, name: str) -> Path:
-    """The config file process `name` (the coordinator or a host id) runs with."""
-    if name == COORDINATOR_NAME:
-        return layout.coordinator_config
+    """The config file process `name` (a coordinator or a host id) runs with."""
+    if name in layout.coordinators:
+        return layout.coordinator_config_of(name)
     try:
         return layout.node_configs[name]
     except KeyError:
@@ -127,9 +129,18 @@ def config_of(layout: DomainLayout, name: str) -> Path:
         ) from None
 
 
+def _command_marker(layout: DomainLayout, name: str) -> Path:
+    """The path that the command line of process `name` names: its config file, or an etcd
+    member's data directory."""
+    if name in layout.etcd_members:
+        return layout.etcd_member_dir(name)
+    return config_of(layout, name)
+
+
 def is_ours(layout: DomainLayout, name: str, pid: int | None) -> bool:
-    """Whether `pid` is a live process running `name`'s config of this domain."""
-    return pid is not None and is_alive(pid) and _runs_config(pid, config_of(layout, name))
+    """Whether `pid` is a live process running `name` of this domain (its config; for an etcd
+    member, its data directory)."""
+    return pid is not None and is_alive(pid) and _runs_config(pid, _command_marker(layout, name))
 
 
 def running_processes(layout: DomainLayout) -> dict[str, int]:

@@ -5,8 +5,11 @@ Invariants kept here:
   (`cluster.domain_lock`): no other command starts a process of this domain meanwhile;
 - `up` starts exactly what is not running and leaves the rest (its pid and ready files
   untouched), saying which is which;
+- on a domain on etcd it starts the etcd members first and waits until every one is healthy,
+  then the coordinator replicas (and waits until one leads), then the nodes;
 - a foreground `up` stops on Ctrl-C (or SIGTERM) only what it started, nodes first, then its
-  coordinator; a detached one leaves them running, recorded in pid files for `down`;
+  coordinators, then its etcd members; a detached one leaves them running, recorded in pid
+  files for `down`;
 - stopping the processes is never interrupted by a second signal (they are ignored while
   `up` stops what it started);
 - the commands it prints to try next work pasted into a new shell: the tools are named by
@@ -29,9 +32,11 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Final
 
-from deploy import cluster
-from deploy.init import COORDINATOR_NAME, DomainLayout, init_domain, load_layout
+from deploy import _domain_etcd, cluster
+from deploy._coordinators import check_coordinators
+from deploy.init import DomainLayout, init_domain, load_layout
 from deploy.status import coordinator_members
+from domain_core.errors import InvalidInputError
 from domain_core.limits import MAX_KEY_SERVICE_WORKERS
 from domain_edge.cli import Progress, UsageError, console_command, shell_path
 from domain_edge.config import NodeConfig
@@ -46,8 +51,19 @@ class _StopRequested(Exception):
     """SIGINT or SIGTERM arrived while `up` was running."""
 
 
-def check_counts(nodes: int, operators: int, quorum: int, workers: int = 0) -> None:
-    """UsageError unless the counts of a new domain make sense together."""
+def check_counts(
+    nodes: int,
+    operators: int,
+    quorum: int,
+    workers: int = 0,
+    coordinators: int = 1,
+    store: str | None = None,
+) -> None:
+    """UsageError unless the counts (and the store) of a new domain make sense together."""
+    try:
+        check_coordinators(coordinators, store)
+    except InvalidInputError as error:
+        raise UsageError(error.message) from None
     if not 0 <= workers <= MAX_KEY_SERVICE_WORKERS:
         raise UsageError(
             f"--workers must be between 0 and {MAX_KEY_SERVICE_WORKERS}, not {workers}"
@@ -82,59 +98,109 @@ class _Runner:
             self.processes[name] = process
 
     def stop_all(self) -> None:
-        """Stop the nodes this `up` started (in parallel), then its coordinator; remove their
-        run files.
+        """Stop the nodes this `up` started, then its coordinators, then its etcd members (each
+        kind in parallel); remove their run files.
 
         A process spawned but not yet registered (a stop signal arrived while it started) is
         found through its pid file, which is written right after the spawn.
         """
         with self._lock:
             processes = dict(self.processes)
-        nodes = [p for name, p in processes.items() if name != COORDINATOR_NAME]
-        with ThreadPoolExecutor(max_workers=max(1, len(nodes))) as pool:
-            list(pool.map(cluster.stop_process, nodes))
-        if COORDINATOR_NAME in processes:
-            cluster.stop_process(processes[COORDINATOR_NAME])
-        cluster.stop_recorded(self.layout, names=self.names)
+        layout = self.layout
+        for kind in (layout.node_configs, layout.coordinators, layout.etcd_members):
+            group = [p for name, p in processes.items() if name in kind]
+            with ThreadPoolExecutor(max_workers=max(1, len(group))) as pool:
+                list(pool.map(cluster.stop_process, group))
+        cluster.stop_recorded(layout, names=self.names)
 
 
-def _start_coordinator(
+def _start_etcd(
     layout: DomainLayout, runner: _Runner, running: Mapping[str, int], timeout: float
-) -> cluster.ReadyInfo | None:
-    """Start the coordinator unless it runs; its ready file's content."""
+) -> DomainLayout:
+    """Start the etcd members that do not run and wait until all are healthy; the layout to
+    go on with (its etcd ports re-chosen if the cluster never ran and one was taken)."""
     progress = runner.progress
-    if COORDINATOR_NAME in running:
-        info = cluster.read_ready_file(layout.ready_file(COORDINATOR_NAME))
-        where = f" at {info.address}" if info else ""
-        progress.done(f"coordinator running already (pid {running[COORDINATOR_NAME]}){where}")
-        return info
+    assert layout.etcd is not None
+    for name in layout.etcd.names:
+        if name in running:
+            progress.done(f"{name} running already (pid {running[name]})")
+    moved = _domain_etcd.ensure_free_ports(layout, running)
+    if moved.etcd != layout.etcd:
+        progress.done("etcd: a port chosen at init is taken and the cluster never ran: new ports")
+    runner.layout = layout = moved
+    assert layout.etcd is not None
+    wanted = [n for n in layout.etcd.names if n not in running]
     began = time.monotonic()
-    looked_for = {h: NodeConfig.load(layout.node_configs[h]).coordinator for h in running}
-    progress.step("starting the coordinator ...")
-    # Pid files are written in both modes: `up` and `down` find every process through them.
-    process = cluster.start_coordinator(layout, detach=True, timeout=timeout)
-    runner.add(COORDINATOR_NAME, process)
-    info = cluster.read_ready_file(layout.ready_file(COORDINATOR_NAME))
-    address = info.address if info else "?"
-    progress.done(f"coordinator serving at {address} ({time.monotonic() - began:.1f} s)")
-    stale = sorted(h for h, old in looked_for.items() if old and old != address)
-    if stale:
+    if wanted:
+        progress.step(f"starting etcd members {', '.join(wanted)} ...")
+    else:
+        progress.step("waiting until every etcd member is healthy ...")
+    _domain_etcd.start_members(
+        layout, running, timeout=timeout, on_start=lambda n, p: runner.add(n, p.process)
+    )
+    progress.done(
+        f"etcd: {len(layout.etcd.names)}/{len(layout.etcd.names)} members healthy at "
+        f"{','.join(layout.etcd.cluster.endpoints)} ({time.monotonic() - began:.1f} s)"
+    )
+    return layout
+
+
+def _start_coordinators(
+    layout: DomainLayout, runner: _Runner, running: Mapping[str, int], timeout: float
+) -> None:
+    """Start every coordinator that does not run (replicas in parallel); on etcd, wait until
+    one of them leads."""
+    progress = runner.progress
+    for name in layout.coordinators:
+        if name in running:
+            info = cluster.read_ready_file(layout.ready_file(name))
+            where = f" at {info.address}" if info else ""
+            progress.done(f"{name} running already (pid {running[name]}){where}")
+    wanted = [n for n in layout.coordinators if n not in running]
+    looked_for = {
+        h: NodeConfig.load(layout.node_configs[h]).coordinator
+        for h in running
+        if h in layout.node_configs
+    }
+    began = time.monotonic()
+    if wanted:
+        progress.step(f"starting {', '.join(wanted)} ...")
+
+    def start(name: str) -> str:
+        # Pid files are written in both modes: `up` and `down` find every process through them.
+        runner.add(name, cluster.start_coordinator(layout, name=name, detach=True, timeout=timeout))
+        return name
+
+    with ThreadPoolExecutor(max_workers=max(1, len(wanted))) as pool:
+        for future in as_completed([pool.submit(start, name) for name in wanted]):
+            name = future.result()
+            info = cluster.read_ready_file(layout.ready_file(name))
+            address = info.address if info else "?"
+            progress.done(f"{name} serving at {address} ({time.monotonic() - began:.1f} s)")
+    addresses = cluster.coordinator_addresses(layout)
+    stale = sorted(h for h, old in looked_for.items() if old and old != addresses)
+    if stale and wanted:
         progress.done(
             f"warning: {', '.join(stale)} (running) still look for the coordinator at its old "
             f"address: restart them (hsm-domain down {layout.root}, then up)"
         )
-    return info
+    if layout.replicated:
+        progress.step("waiting until a coordinator replica leads ...")
+        leader = _domain_etcd.wait_for_leader(layout, timeout)
+        progress.done(f"{leader} leads the coordinator replicas")
 
 
 def _start_domain(
     layout: DomainLayout, runner: _Runner, running: Mapping[str, int], *, timeout: float
 ) -> tuple[list[str], list[str], int]:
-    """Start the coordinator and every node that is not `running`, then wait until every
-    member is healthy on one version; return (members, others, version)."""
+    """Start the etcd members, the coordinators and every node that is not `running`, then
+    wait until every member is healthy on one version; return (members, others, version)."""
     progress = runner.progress
     began = time.monotonic()
-    info = _start_coordinator(layout, runner, running, timeout)
-    operator_address = info.operator_address if info else ""
+    if layout.etcd is not None:
+        layout = _start_etcd(layout, runner, running, timeout)
+    _start_coordinators(layout, runner, running, timeout)
+    operator_address = cluster.coordinator_operator_addresses(layout)
     found = coordinator_members(layout, operator_address) if operator_address else None
     members = [h for h in layout.node_configs if h in set(found or layout.genesis_nodes)]
     others = [h for h in layout.node_configs if h not in members]
@@ -177,6 +243,10 @@ def _start_domain(
 
 def _endpoints(layout: DomainLayout) -> dict[str, dict[str, str]]:
     result: dict[str, dict[str, str]] = {}
+    if layout.etcd is not None:
+        pids = cluster.live_pids(layout)
+        for member in layout.etcd.cluster.members:
+            result[member.name] = {"address": member.endpoint, "pid": str(pids.get(member.name))}
     for name in layout.process_names:
         info = cluster.read_ready_file(layout.ready_file(name))
         if info is not None:
@@ -193,16 +263,19 @@ def _print_next_steps(
     """Endpoints, credentials and what to try next; `ctrl_c_stops` says what Ctrl-C stops
     (None: nothing, this command leaves)."""
     endpoints = _endpoints(layout)
-    coordinator = endpoints.get(COORDINATOR_NAME, {})
     print("endpoints:")
-    print(
-        f"  coordinator  {coordinator.get('address', '?')} (HSAs, mutual TLS)  "
-        f"{coordinator.get('operator_address', '?')} (operators, TLS)"
-    )
+    for name in layout.etcd_members:
+        print(f"  {name:<14} {endpoints.get(name, {}).get('address', '?')} (etcd, clients)")
+    for name in layout.coordinators:
+        coordinator = endpoints.get(name, {})
+        print(
+            f"  {name:<14} {coordinator.get('address', '?')} (HSAs, mutual TLS)  "
+            f"{coordinator.get('operator_address', '?')} (operators, TLS)"
+        )
     for host in layout.node_configs:
         address = endpoints.get(host, {}).get("address", "?")
         note = "  not a member: add it with an add-host proposal" if host in others else ""
-        print(f"  {host:<12} {address}{note}")
+        print(f"  {host:<14} {address}{note}")
     directory = shell_path(layout.root)
     print("credentials:")
     print(f"  CA {layout.ca_cert}")
@@ -315,18 +388,22 @@ def _up(args: argparse.Namespace) -> int:
     directory = Path(args.directory) if args.directory else DEFAULT_DIR
     progress = Progress(sys.stdout, quiet=args.json)
     if not DomainPaths(directory).domain_file.exists():
-        check_counts(args.nodes, args.operators, args.quorum, args.workers)
+        check_counts(
+            args.nodes, args.operators, args.quorum, args.workers, args.coordinators, args.store
+        )
         progress.step(f"initialising a new domain in {directory} ...")
-        init_domain(
+        created = init_domain(
             directory,
             nodes=args.nodes,
             operators=args.operators,
             quorum=args.quorum,
             workers=args.workers,
+            coordinators=args.coordinators,
+            store=args.store,
         )
         progress.done(
             f"initialised {directory}: {args.nodes} nodes, {args.operators} operators, "
-            f"quorum {args.quorum}"
+            f"quorum {args.quorum}, {_coordinators_text(created)}"
         )
     layout = load_layout(directory)
     lock = contextlib.ExitStack()
@@ -343,6 +420,7 @@ def _up(args: argparse.Namespace) -> int:
         cluster.remove_run_files(layout, missing)  # stale ones; a live process's are kept
         runner = _Runner(layout, progress, missing)
         _, others, version = _start_domain(layout, runner, running, timeout=args.timeout)
+        layout = runner.layout  # the etcd ports may have been chosen again
         lock.close()  # what had to start runs and is recorded: others may act now
         started = [name for name in layout.process_names if name in runner.processes]
         if args.json:
@@ -371,6 +449,15 @@ def _up(args: argparse.Namespace) -> int:
             if stopped_by is not None:
                 progress.done("stopped")
         lock.close()
+
+
+def _coordinators_text(layout: DomainLayout) -> str:
+    """ "1 coordinator on SQLite", or "3 coordinator replicas on a 3-member etcd cluster"."""
+    if layout.etcd is None:
+        return "1 coordinator on SQLite"
+    count = len(layout.coordinators)
+    noun = "coordinator replica" if count == 1 else "coordinator replicas"
+    return f"{count} {noun} on a {len(layout.etcd.names)}-member etcd cluster"
 
 
 def _start_summary(started: Sequence[str], running: Mapping[str, int]) -> str:

@@ -39,8 +39,8 @@ from typing import Any, Final, cast
 
 import grpc
 
-from deploy.cluster import coordinator_operator_channel, is_alive, read_ready_file
-from deploy.init import COORDINATOR_NAME, DomainLayout, load_layout
+from deploy.cluster import coordinator_operator_addresses, coordinator_operator_channel
+from deploy.init import DomainLayout, load_layout
 from domain_core.errors import (
     BadSignatureError,
     HsmDomainError,
@@ -290,12 +290,12 @@ def _node_ran(layout: DomainLayout, host_id: str) -> bool:
 
 
 def _coordinator_heads(layout: DomainLayout, found: PublishedHeads) -> None:
-    info = read_ready_file(layout.ready_file(COORDINATOR_NAME))
-    if info is None or not is_alive(info.pid) or not info.operator_address:
+    operator_address = coordinator_operator_addresses(layout)  # any replica answers
+    if not operator_address:
         found.sources.append("the coordinator is not running")
         return
     try:
-        with coordinator_operator_channel(layout, info.operator_address) as channel:
+        with coordinator_operator_channel(layout, operator_address) as channel:
             stub = services_pb2_grpc.CoordinatorStub(channel)  # type: ignore[no-untyped-call]
             response = stub.GetAuditHeads(
                 services_pb2.AuditHeadsRequest(), timeout=_COORDINATOR_DEADLINE_SECONDS
@@ -303,10 +303,10 @@ def _coordinator_heads(layout: DomainLayout, found: PublishedHeads) -> None:
     except grpc.RpcError as error:
         call = cast(Any, error)
         code = call.code().name if hasattr(call, "code") else "ERROR"
-        found.sources.append(f"the coordinator at {info.operator_address} did not answer ({code})")
+        found.sources.append(f"the coordinator at {operator_address} did not answer ({code})")
         return
     count = sum(found.add(COORDINATOR_SOURCE, bytes(h.checkpoint)) for h in response.heads)
-    found.sources.append(f"the coordinator at {info.operator_address} ({count} heads)")
+    found.sources.append(f"the coordinator at {operator_address} ({count} heads)")
 
 
 def _peer_copies(layout: DomainLayout, found: PublishedHeads) -> None:

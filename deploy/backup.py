@@ -67,7 +67,7 @@ def _read_genesis(path: Path) -> bytes:
 
 def _stopped_coordinator(layout: DomainLayout, command: str) -> None:
     """FailedPreconditionError while a coordinator of the domain runs."""
-    running = {n: p for n, p in running_processes(layout).items() if n not in layout.node_configs}
+    running = {n: p for n, p in running_processes(layout).items() if n in layout.coordinators}
     if running:
         names = ", ".join(f"{name} (pid {pid})" for name, pid in sorted(running.items()))
         raise FailedPreconditionError(
@@ -88,7 +88,7 @@ def _cmd_backup(args: argparse.Namespace) -> int:
     progress = Progress(sys.stderr if args.json else sys.stdout)
     target = Path(args.file).absolute()
     result = run_store_tool(
-        ["backup", "--config", str(layout.coordinator_config), str(target)], _say(progress)
+        ["backup", "--config", str(layout.store_config), str(target)], _say(progress)
     )
     progress.clear()
     if args.json:
@@ -170,7 +170,7 @@ def _cmd_restore(args: argparse.Namespace) -> int:
     layout = load_layout(Path(args.directory))
     path = Path(args.file).absolute()
     progress = Progress(sys.stderr if args.json else sys.stdout)
-    config = str(layout.coordinator_config)
+    config = str(layout.store_config)
     with domain_lock(layout, f"hsm-domain restore {layout.root}"):
         _stopped_coordinator(layout, "restore")
         contents = run_store_tool(["contents", "--config", config], _say(progress))
@@ -216,7 +216,7 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
     with domain_lock(layout, f"hsm-domain store migrate {layout.root}"):
         _stopped_coordinator(layout, "store migrate")
         result = run_store_tool(
-            ["migrate", "--config", str(layout.coordinator_config), "--to", args.to],
+            ["migrate", "--config", str(layout.store_config), "--to", args.to],
             _say(progress),
         )
     progress.clear()

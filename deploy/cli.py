@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Final, TextIO
 
 from deploy import audit, backup, cluster
+from deploy._coordinators import STORES
 from deploy._up import check_counts, cmd_up
 from deploy.chaos import cli as chaos_cli
 from deploy.cluster import ProcessStartError
@@ -71,7 +72,17 @@ def _layout_json(layout: DomainLayout) -> dict[str, Any]:
             for name, (token, passphrase) in layout.operator_tokens.items()
         },
         "quorum": layout.quorum,
-        "coordinator_config": str(layout.coordinator_config),
+        "store": "etcd" if layout.etcd is not None else "sqlite",
+        "coordinators": {
+            name: str(layout.coordinator_config_of(name)) for name in layout.coordinators
+        },
+        "etcd": None
+        if layout.etcd is None
+        else {
+            "cluster_file": str(layout.etcd_cluster_file),
+            "members": {m.name: m.endpoint for m in layout.etcd.cluster.members},
+            "store": layout.etcd.store_spec,
+        },
         "ca_certificate": str(layout.ca_cert),
         "client_certificate": str(layout.client_cert),
         "client_key": str(layout.client_key),
@@ -79,7 +90,9 @@ def _layout_json(layout: DomainLayout) -> dict[str, Any]:
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
-    check_counts(args.nodes, args.operators, args.quorum, args.workers)
+    check_counts(
+        args.nodes, args.operators, args.quorum, args.workers, args.coordinators, args.store
+    )
     layout = init_domain(
         Path(args.directory),
         nodes=args.nodes,
@@ -87,6 +100,8 @@ def _cmd_init(args: argparse.Namespace) -> int:
         quorum=args.quorum,
         domain_id=args.domain_id,
         workers=args.workers,
+        coordinators=args.coordinators,
+        store=args.store,
     )
     if args.json:
         print_json(_layout_json(layout))
@@ -96,6 +111,11 @@ def _cmd_init(args: argparse.Namespace) -> int:
     print(f"  genesis hash  {layout.genesis_hash.hex()}")
     print(f"  nodes         {', '.join(layout.node_configs)}")
     print(f"  operators     {names} (quorum {layout.quorum} of {len(layout.operator_tokens)})")
+    print(f"  coordinators  {', '.join(layout.coordinators)}")
+    if layout.etcd is not None:
+        print(f"  store         etcd: {', '.join(layout.etcd.cluster.endpoints)} (up starts it)")
+    else:
+        print("  store         SQLite")
     print("  the operators/*.passphrase files are for this local demo only")
     print(f"next: {console_command('hsm-domain')} up {shlex.quote(args.directory)}")
     return 0
@@ -121,20 +141,43 @@ def _cmd_down(args: argparse.Namespace) -> int:
 # --- status -----------------------------------------------------------------------------------
 
 
+def _etcd_lines(report: DomainReport) -> list[str]:
+    """One line per etcd member, and which coordinator replica leads."""
+    if report.etcd is None:
+        return []
+    lines = []
+    for m in report.etcd.members:
+        healthy = "yes" if m.healthy else ("no" if m.running else "down")
+        line = f"{m.name:<14} {m.endpoint:<22} {healthy:<8} etcd {m.version or '-'}"
+        if m.raft_leader:
+            line += "  (etcd leader)"
+        if not m.healthy:
+            line += f"  ({m.detail})"
+        lines.append(line)
+    if report.etcd.replica_leader:
+        lines.append(f"leader: {report.etcd.replica_leader} leads the coordinator replicas")
+    else:
+        lines.append(f"leader: none ({report.etcd.detail})")
+    return lines
+
+
 def _status_lines(report: DomainReport) -> list[str]:
     """The text of `hsm-domain status`, one line per item; `_print_status` escapes each."""
     lines = [
         f"domain {report.domain_id}  genesis {_short(report.genesis_hash)}  "
         f"quorum {report.quorum} of {report.operators}",
-        f"{'NAME':<12} {'ADDRESS':<22} {'HEALTHY':<8} {'VERSION':<8} {'STATE':<13} MEMBER",
+        f"{'NAME':<14} {'ADDRESS':<22} {'HEALTHY':<8} {'VERSION':<8} {'STATE':<13} MEMBER",
     ]
+    lines += _etcd_lines(report)
     for p in report.processes:
         version = "-" if p.version is None else str(p.version)
         healthy = "yes" if p.healthy else ("no" if p.running else "down")
         line = (
-            f"{p.name:<12} {p.address or '-':<22} {healthy:<8} {version:<8} "
+            f"{p.name:<14} {p.address or '-':<22} {healthy:<8} {version:<8} "
             f"{_short(p.state_hash):<13} {_yes_no(p.member)}"
         )
+        if p.leader:
+            line += "  (leader)"
         if p.detail:  # why it is unhealthy, or a warning it gives while healthy (a fork)
             line += f"  ({p.detail})"
         elif not p.expected:
@@ -257,6 +300,21 @@ def _counts(parser: argparse.ArgumentParser) -> None:
         help="key service worker processes per node, 0-16, written into the node configs "
         "when the domain is created (default 0: the node alone)",
     )
+    parser.add_argument(
+        "--coordinators",
+        type=int,
+        default=1,
+        metavar="N",
+        help="coordinator replicas, 1-9 (default 1); 2 or more imply --store etcd",
+    )
+    parser.add_argument(
+        "--store",
+        choices=STORES,
+        default=None,
+        help="the coordinators' store: sqlite (one file, one coordinator; the default for one) "
+        "or etcd (a 3-member etcd cluster on this host that `up` starts; the default for 2 or "
+        "more coordinators)",
+    )
 
 
 def _directory(parser: argparse.ArgumentParser) -> None:
@@ -305,39 +363,44 @@ COMMANDS: Final[tuple[Command | Group, ...]] = (
         _cmd_init,
         """
         hsm-domain init ./demo --nodes 3 --operators 3 --quorum 2
+        hsm-domain init ./ha --coordinators 3   # 3 replicas on a 3-member etcd cluster
         hsm-domain init ./demo --json | jq .genesis_hash
         """,
         arguments=_init_arguments,
     ),
     Command(
         "up",
-        "start the coordinator and every node that is not running (the rest is left as it "
-        "is); wait for Ctrl-C (or --detach)",
+        "start the etcd members (a domain on etcd), the coordinators and every node that is "
+        "not running (the rest is left as it is); wait for Ctrl-C (or --detach)",
         cmd_up,
         """
         hsm-domain up                 # uses ./hsm-cluster, creating it if needed
         hsm-domain up ./demo --detach # leave it running; stop with hsm-domain down ./demo
         hsm-domain up ./demo --detach # again, after hsa-2 crashed: starts hsa-2 only
+        hsm-domain up ./ha --coordinators 3 --detach  # a new HA domain: etcd, 3 replicas
         """,
         notes="Ctrl-C stops what this command started, not what ran before it.",
         arguments=_up_arguments,
     ),
     Command(
         "down",
-        "stop the processes of a domain started with up (SIGTERM, SIGKILL after 5 s)",
+        "stop the processes of a domain started with up: nodes, coordinators, then etcd "
+        "members (SIGTERM, SIGKILL after 5 s)",
         _cmd_down,
         "hsm-domain down ./demo",
         arguments=_directory,
     ),
     Command(
         "status",
-        "show every process: address, health, version, state hash; and pending proposals",
+        "show every process: address, health, version, state hash; pending proposals; on "
+        "etcd each member's health and which coordinator replica leads",
         _cmd_status,
         """
         hsm-domain status ./demo
         hsm-domain status ./demo --json | jq '.processes[] | {name, healthy, version}'
         """,
-        notes="exit status 0 if every expected process is healthy, 1 otherwise",
+        notes="exit status 0 if every expected process is healthy (on etcd: every member too, "
+        "and one replica leads), 1 otherwise",
         arguments=_status_arguments,
     ),
     Command(

@@ -1,4 +1,4 @@
-"""Start, watch and stop the processes of a local domain (the coordinator and the HSAs).
+"""Start, watch and stop the processes of a local domain (the coordinators and the HSAs).
 
 Invariants kept here:
 - every process runs in its own session (its own process group), with stdout and stderr in
@@ -17,9 +17,13 @@ Invariants kept here:
   do so under the domain's lock (`domain_lock`, an flock on DIR held by one command at a
   time), so no process is ever started twice and a second copy's pid file never replaces the
   first's;
-- the coordinator's ports are pinned in its config after its first start, so that a restarted
+- a coordinator's ports are pinned in its config after its first start, so that a restarted
   coordinator comes back where the HSAs already look for it; every node config names the
-  coordinator's mutual-TLS address before a node starts.
+  mutual-TLS address of every coordinator that has started (comma-separated: the replicas of
+  a domain on etcd), written under one lock, so two replicas starting at once cannot leave a
+  node config naming only one of them;
+- processes stop in the reverse order of kinds: nodes, coordinators, then etcd members (the
+  etcd cluster of a domain on etcd is started by `deploy._domain_etcd`).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
@@ -50,7 +55,7 @@ from deploy._runfiles import (
     read_pid_file,
     read_ready_file,
 )
-from deploy.init import COORDINATOR_NAME, DomainLayout
+from deploy.init import DomainLayout
 from domain_core.errors import UnavailableError
 from domain_edge import transport
 from domain_edge.config import CoordinatorConfig, NodeConfig
@@ -63,7 +68,9 @@ __all__ = [
     "ProcessStartError",
     "ReadyInfo",
     "client_tls",
+    "coordinator_addresses",
     "coordinator_channel",
+    "coordinator_operator_addresses",
     "coordinator_operator_channel",
     "domain_lock",
     "is_alive",
@@ -89,6 +96,8 @@ NODE_MODULE: Final = "hsa_node"
 STOP_GRACE_SECONDS: Final = 5.0
 DEFAULT_START_TIMEOUT: Final = 30.0
 _POLL_SECONDS: Final = 0.05
+# Held while a coordinator's config and the node configs are rewritten after its start.
+_CONFIG_WRITES: Final = threading.Lock()
 
 
 class ProcessStartError(UnavailableError):
@@ -119,14 +128,15 @@ def coordinator_channel(layout: DomainLayout, address: str) -> grpc.Channel:
 
 
 def process_channel(layout: DomainLayout, name: str, address: str) -> grpc.Channel:
-    """A mutual-TLS channel to process `name` (the coordinator or a host id) of the domain."""
-    if name == COORDINATOR_NAME:
+    """A mutual-TLS channel to process `name` (a coordinator or a host id) of the domain."""
+    if name in layout.coordinators:
         return coordinator_channel(layout, address)
     return node_channel(layout, address, name)
 
 
 def coordinator_operator_channel(layout: DomainLayout, operator_address: str) -> grpc.Channel:
-    """A server-authenticated TLS channel to the coordinator's operator listener."""
+    """A server-authenticated TLS channel to the coordinator's operator listener (several
+    comma-separated addresses: one channel over the replicas, `transport.channel_target`)."""
     return transport.secure_channel(
         operator_address, layout.ca_cert.read_bytes(), transport.COORDINATOR
     )
@@ -266,8 +276,37 @@ def _pin_coordinator_ports(path: Path, info: ReadyInfo) -> None:
         replace(config, listen=info.address, operator_listen=info.operator_address).save(path)
 
 
+def _pinned(address: str) -> bool:
+    return not address.endswith(":0")
+
+
+def coordinator_addresses(layout: DomainLayout) -> str:
+    """The mutual-TLS addresses of every coordinator that has started once (pinned in its
+    config), comma-separated, in the order of `layout.coordinators`."""
+    found = []
+    for name in layout.coordinators:
+        path = layout.coordinator_config_of(name)
+        if path.exists():
+            listen = CoordinatorConfig.load(path).listen
+            if _pinned(listen):
+                found.append(listen)
+    return ",".join(found)
+
+
+def coordinator_operator_addresses(layout: DomainLayout) -> str:
+    """The operator addresses of the coordinators that wrote a ready file and run,
+    comma-separated ("" when none runs): a channel over them fails over between replicas."""
+    found = []
+    for name in layout.coordinators:
+        info = read_ready_file(layout.ready_file(name))
+        if info is not None and info.operator_address and is_alive(info.pid):
+            found.append(info.operator_address)
+    return ",".join(found)
+
+
 def set_coordinator_address(layout: DomainLayout, address: str) -> None:
-    """Write the coordinator's mutual-TLS address into every node config that differs."""
+    """Write the coordinator's mutual-TLS address (or every replica's, comma-separated) into
+    every node config that differs."""
     for path in layout.node_configs.values():
         config = NodeConfig.load(path)
         if config.coordinator != address:
@@ -282,22 +321,32 @@ def _write_pid_file(layout: DomainLayout, name: str, pid: int) -> None:
 def start_coordinator(
     layout: DomainLayout,
     *,
+    name: str | None = None,
     log_dir: Path | None = None,
     ready_file: Path | None = None,
     detach: bool = False,
     timeout: float = DEFAULT_START_TIMEOUT,
 ) -> subprocess.Popen[bytes]:
-    """Start the coordinator; return once it is ready and its mutual-TLS port is SERVING.
+    """Start coordinator `name` (default: the domain's only one); return once it is ready and
+    its mutual-TLS port is SERVING.
 
-    Afterwards its ports are pinned in its config and every node config names its address.
-    With `detach`, its pid is recorded in DIR/run/coordinator.pid.
+    Afterwards its ports are pinned in its config and every node config names the addresses
+    of every coordinator started so far. With `detach`, its pid is recorded in
+    DIR/run/<name>.pid.
     """
-    name = COORDINATOR_NAME
+    if name is None:
+        if len(layout.coordinators) != 1:
+            raise ValueError(f"say which coordinator: {', '.join(layout.coordinators)}")
+        name = layout.coordinators[0]
+    if name not in layout.coordinators:
+        raise ValueError(f"{layout.root} has no coordinator {name!r}")
+    config = layout.coordinator_config_of(name)
     log_file = (log_dir or layout.log_dir) / f"{name}.log"
     ready = ready_file or layout.ready_file(name)
-    _prepare_coordinator_config(layout.coordinator_config)
+    with _CONFIG_WRITES:
+        _prepare_coordinator_config(config)
     deadline = time.monotonic() + timeout
-    process = _spawn(COORDINATOR_MODULE, layout.coordinator_config, ready, log_file)
+    process = _spawn(COORDINATOR_MODULE, config, ready, log_file)
     if detach:
         _write_pid_file(layout, name, process.pid)
     info = _wait_ready(name, process, ready, log_file, deadline)
@@ -309,9 +358,10 @@ def start_coordinator(
         name=name,
         log_file=log_file,
     )
-    if info.operator_address:
-        _pin_coordinator_ports(layout.coordinator_config, info)
-    set_coordinator_address(layout, info.address)
+    with _CONFIG_WRITES:
+        if info.operator_address:
+            _pin_coordinator_ports(config, info)
+        set_coordinator_address(layout, coordinator_addresses(layout) or info.address)
     return process
 
 
@@ -411,11 +461,11 @@ def stop_recorded(
     progress: Callable[[str], None] | None = None,
     names: Iterable[str] | None = None,
 ) -> dict[str, int]:
-    """Stop every process named by a live pid file (nodes first; only `names` if given);
-    clean their run files. Returns them."""
+    """Stop every process named by a live pid file (nodes first, then the coordinators, then
+    the etcd members; only `names` if given); clean their run files. Returns them."""
     wanted = set(layout.process_names if names is None else names)
     running = {n: pid for n, pid in live_pids(layout).items() if n in wanted}
-    order = [n for n in layout.process_names if n != COORDINATOR_NAME] + [COORDINATOR_NAME]
+    order = [*layout.node_configs, *layout.coordinators, *layout.etcd_members]
     for name in order:
         if name in running:
             stopped = stop_pid(running[name], grace=grace)

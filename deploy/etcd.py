@@ -4,7 +4,8 @@ The coordinator's etcd store (`domain_coordinator.etcd_store`) needs an etcd clu
 local domain `hsm-domain up` runs one from the system's `etcd` binary (Debian `etcd-server`),
 and the tests run their own. This module knows how to launch and handle the members; which
 ports and directories they get is the caller's choice (etcd needs fixed ports on its command
-line, so they are chosen before the start).
+line, so they are chosen before the start); `EtcdMember` and `EtcdCluster` (what the members
+are, their command line) live in `deploy._etcd_members` and are re-exported here.
 
 Invariants kept here:
 - members listen only on 127.0.0.1, for clients and for peers (plain HTTP: etcd's traffic
@@ -35,10 +36,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from deploy._etcd_members import LOOPBACK, EtcdCluster, EtcdMember
 from deploy._files import make_private_dir
 from deploy._runfiles import is_alive, log_tail, read_pid_file
 from deploy.cluster import ProcessStartError, stop_process
-from domain_core.limits import Limits
 
 __all__ = [
     "LOOPBACK",
@@ -52,100 +53,9 @@ __all__ = [
     "wait_healthy",
 ]
 
-LOOPBACK: Final = "127.0.0.1"
-# What one request to etcd may carry: a sealed state takes up to the message limit (4 MiB),
-# and etcd's default (1.5 MiB) is below it. Not an input limit: the store's callers are.
-REQUEST_BYTES: Final = 2 * Limits().max_message_bytes + 2 * 1024 * 1024
-# Operations in one transaction: a proposal stored with all its initial approvals (up to
-# Limits.max_approvals_per_proposal) is one transaction of the etcd store.
-TXN_OPS: Final = 1024
 DEFAULT_START_TIMEOUT: Final = 30.0
 _HEALTH_TIMEOUT: Final = 2.0
 _POLL_SECONDS: Final = 0.05
-
-
-@dataclass(frozen=True)
-class EtcdMember:
-    """One member of a loopback cluster: its name, ports and data directory."""
-
-    name: str
-    client_port: int
-    peer_port: int
-    data_dir: Path
-
-    @property
-    def endpoint(self) -> str:
-        """HOST:PORT of its client API (what the etcd store and the health check call)."""
-        return f"{LOOPBACK}:{self.client_port}"
-
-    @property
-    def client_url(self) -> str:
-        return f"http://{LOOPBACK}:{self.client_port}"
-
-    @property
-    def peer_url(self) -> str:
-        return f"http://{LOOPBACK}:{self.peer_port}"
-
-
-@dataclass(frozen=True)
-class EtcdCluster:
-    """The members of one loopback cluster, and the token that keeps it apart from others."""
-
-    members: tuple[EtcdMember, ...]
-    token: str
-
-    def __post_init__(self) -> None:
-        if not self.members:
-            raise ValueError("an etcd cluster has at least one member")
-        names = [m.name for m in self.members]
-        ports = [p for m in self.members for p in (m.client_port, m.peer_port)]
-        if len(set(names)) != len(names) or len(set(ports)) != len(ports):
-            raise ValueError("etcd members need distinct names and ports")
-
-    @classmethod
-    def on_ports(
-        cls, root: Path, ports: Sequence[tuple[int, int]], token: str, *, name: str = "etcd"
-    ) -> EtcdCluster:
-        """Members `{name}-1..N` with these (client, peer) ports, data in `root/{name}-N`."""
-        members = tuple(
-            EtcdMember(f"{name}-{index}", client, peer, Path(root) / f"{name}-{index}")
-            for index, (client, peer) in enumerate(ports, start=1)
-        )
-        return cls(members, token)
-
-    @property
-    def endpoints(self) -> list[str]:
-        """Every member's HOST:PORT, in order."""
-        return [m.endpoint for m in self.members]
-
-    def store_spec(self, prefix: str = "") -> str:
-        """The coordinator config's `store` value for this cluster (see `store_spec`)."""
-        spec = "etcd:" + ",".join(self.endpoints)
-        return f"{spec}/{prefix}" if prefix else spec
-
-    def command(self, member: EtcdMember, etcd: str = "etcd") -> list[str]:
-        """The command line that runs `member` (first start and restarts alike)."""
-        initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
-        return [
-            etcd,
-            "--name", member.name,
-            "--data-dir", str(member.data_dir),
-            "--listen-client-urls", member.client_url,
-            "--advertise-client-urls", member.client_url,
-            "--listen-peer-urls", member.peer_url,
-            "--initial-advertise-peer-urls", member.peer_url,
-            "--initial-cluster", initial,
-            "--initial-cluster-state", "new",
-            "--initial-cluster-token", self.token,
-            "--max-request-bytes", str(REQUEST_BYTES),
-            # A proposal with many initial approvals is one transaction (etcd's default: 128).
-            "--max-txn-ops", str(TXN_OPS),
-            # Keep an hour of history (watches resume from a recent revision), not forever.
-            "--auto-compaction-mode", "periodic",
-            "--auto-compaction-retention", "1h",
-            "--logger", "zap",
-            "--log-outputs", "stderr",
-        ]  # fmt: skip
 
 
 @dataclass

@@ -12,9 +12,13 @@ Invariants kept here:
 - the genesis state written is approved by every genesis operator (each token opened with its
   passphrase, as at a real ceremony), sealed by hsa-1, and verified against its own hash
   before `domain.json` pins that hash;
-- every node config (genesis nodes and nodes added later) pins the coordinator: its SPIFFE id
-  and the fingerprint of the certificate issued to it here (`coordinator_identity`,
-  `coordinator_fingerprints`), so an HSA takes HsaAdmin calls from that certificate only.
+- every node config (genesis nodes and nodes added later) pins the coordinators: their one
+  SPIFFE id and the fingerprint of every certificate issued to them here
+  (`coordinator_identity`, `coordinator_fingerprints`; `deploy._coordinators`), so an HSA
+  takes HsaAdmin calls from those certificates only;
+- a domain on SQLite has one coordinator in `DIR/coordinator/`, exactly as before replicas; a
+  domain on etcd has replicas `coordinator-1..N` sharing one etcd cluster, whose members'
+  ports `init` chooses and keeps in `DIR/etcd/cluster.json` (`deploy._etcd_members`).
 
 Passphrase files are a LOCAL DEMO convenience: a real domain never writes them.
 """
@@ -31,6 +35,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
+from deploy._coordinators import (
+    ETCD,
+    SQLITE_STORE,
+    PinnedCoordinator,
+    check_coordinators,
+    coordinator_config,
+    coordinator_names,
+    coordinator_pin,
+)
+from deploy._etcd_members import DomainEtcd
 from deploy._files import make_private_dir, replace_file, write_json, write_secret_file
 from deploy.enrollment import VerifiedEnrollment, make_enrollment, verify_enrollment
 from domain_core import canonical, genesis, model, quorum
@@ -42,10 +56,8 @@ from domain_core.model import SealedState
 from domain_core.pki import (
     DomainCA,
     SpiffeId,
-    certificate_fingerprint,
     is_valid_trust_domain,
     new_tls_key_pem,
-    spiffe_id_from_certificate,
     tls_public_key,
 )
 from domain_core.signers import (
@@ -54,7 +66,6 @@ from domain_core.signers import (
 from domain_edge.ca_files import load_domain_ca, save_domain_ca
 from domain_edge.config import (
     FLOORS_COMPLETE_FILE,
-    CoordinatorConfig,
     NodeConfig,
     TlsFiles,
     check_worker_count,
@@ -120,6 +131,8 @@ class DomainLayout(DomainPaths):
 
     `node_configs` lists every node that has a config: the genesis hosts in order, then the
     hosts added later with `add_node` (which join the domain only once operators approve).
+    `coordinators` lists every coordinator that has a config (`coordinator`, or the replicas
+    `coordinator-1..N`); `etcd` is the domain's etcd cluster when it has one.
     """
 
     domain_id: str
@@ -128,11 +141,30 @@ class DomainLayout(DomainPaths):
     operator_tokens: dict[str, tuple[Path, Path]]
     genesis_nodes: tuple[str, ...] = ()
     quorum: int = 0
+    coordinators: tuple[str, ...] = (COORDINATOR_NAME,)
+    etcd: DomainEtcd | None = None
+
+    @property
+    def etcd_members(self) -> list[str]:
+        """The names of the domain's etcd members (none without an etcd cluster)."""
+        return self.etcd.names if self.etcd is not None else []
 
     @property
     def process_names(self) -> list[str]:
-        """Every process of the domain: the coordinator, then the nodes."""
-        return [COORDINATOR_NAME, *self.node_configs]
+        """Every process of the domain, in the order they start: the etcd members, the
+        coordinators, then the nodes (they stop in the reverse order of kinds)."""
+        return [*self.etcd_members, *self.coordinators, *self.node_configs]
+
+    @property
+    def replicated(self) -> bool:
+        """Whether the coordinators are replicas on etcd (`coordinator-<n>`)."""
+        return self.coordinators != (COORDINATOR_NAME,)
+
+    @property
+    def store_config(self) -> Path:
+        """A coordinator config that names the domain's store (every coordinator's names the
+        same one): what the store tools (backup, restore, migrate) open."""
+        return self.coordinator_config_of(self.coordinators[0])
 
 
 def _validate_counts(nodes: int, operators: int, threshold: int, domain_id: str) -> None:
@@ -177,33 +209,6 @@ def _issue_client_files(ca: DomainCA, spiffe: SpiffeId, directory: Path, now: da
     replace_file(directory / TLS_CERTIFICATE_FILE, cert_pem)
 
 
-@dataclass(frozen=True)
-class PinnedCoordinator:
-    """What a node config pins of its coordinator: the SPIFFE id and certificate fingerprint."""
-
-    identity: str
-    fingerprints: tuple[str, ...]
-
-    @classmethod
-    def of_certificate(cls, cert_pem: bytes) -> PinnedCoordinator:
-        """The pin of the coordinator that holds `cert_pem`."""
-        return cls(
-            identity=spiffe_id_from_certificate(cert_pem).uri,
-            fingerprints=(certificate_fingerprint(cert_pem).hex(),),
-        )
-
-
-def coordinator_pin(root: Path) -> PinnedCoordinator:
-    """The pin of the local domain's coordinator, from its certificate in `root/coordinator/`."""
-    path = DomainPaths(root).coordinator_cert
-    try:
-        return PinnedCoordinator.of_certificate(path.read_bytes())
-    except FileNotFoundError:
-        raise NotFoundError(
-            f"{path} is missing: the coordinator's certificate is what every node pins"
-        ) from None
-
-
 def _relative(path: Path, start: Path) -> str:
     """`path` as a config file in `start` names it (configs hold relative paths)."""
     return os.path.relpath(path, start)
@@ -239,24 +244,6 @@ def _node_config(
     )
 
 
-def _coordinator_config(
-    paths: DomainPaths, domain_id: str, genesis_hash: bytes
-) -> CoordinatorConfig:
-    where = paths.coordinator_dir
-    return CoordinatorConfig(
-        domain_id=domain_id,
-        genesis_hash=genesis_hash.hex(),
-        name=COORDINATOR_NAME,
-        genesis_state=_relative(paths.genesis_state, where),
-        tls=TlsFiles(
-            ca=_relative(paths.ca_cert, where),
-            cert=_relative(paths.coordinator_cert, where),
-            key=_relative(where / TLS_KEY_FILE, where),
-        ),
-        store="sqlite:coordinator.db",
-    )
-
-
 def _create_host(
     paths: DomainPaths, ca: DomainCA, domain_id: str, host_id: str, now: datetime
 ) -> tuple[HostIdentity, VerifiedEnrollment]:
@@ -288,6 +275,8 @@ class _Request:
     now: datetime
     scrypt_n: int
     workers: int
+    coordinators: tuple[str, ...]
+    store: str
 
 
 def init_domain(
@@ -300,20 +289,35 @@ def init_domain(
     now: datetime | None = None,
     scrypt_n: int = DEFAULT_SCRYPT_N,
     workers: int = 0,
+    coordinators: int = 1,
+    store: str | None = None,
 ) -> DomainLayout:
     """Create a local domain in `directory` (absent or empty) and return its layout.
 
-    Creates the CA, `nodes` hosts (hsa-1..hsa-N), the coordinator's and the demo client's TLS
+    Creates the CA, `nodes` hosts (hsa-1..hsa-N), the coordinators' and the demo client's TLS
     files, `operators` file tokens with demo passphrase files, and the genesis state approved
     by every operator and sealed by hsa-1. Refuses a non-empty directory. `workers` is each
     node's number of key service worker processes (`key_service_workers`, 0 to 16).
+    `coordinators` replicas share the `store` ("sqlite" or "etcd"; None: etcd for 2 or more
+    coordinators); on etcd, `init` also chooses the ports of a 3-member etcd cluster.
     """
     _validate_counts(nodes, operators, quorum, domain_id)
     check_worker_count(workers)
+    chosen_store = check_coordinators(coordinators, store)
     now = now or datetime.now(UTC)
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
-    request = _Request(nodes, operators, quorum, domain_id, now, scrypt_n, workers)
+    request = _Request(
+        nodes,
+        operators,
+        quorum,
+        domain_id,
+        now,
+        scrypt_n,
+        workers,
+        tuple(coordinator_names(coordinators, chosen_store)),
+        chosen_store,
+    )
     directory = Path(directory).absolute()
     _check_target(directory)
     if directory.exists():
@@ -354,8 +358,10 @@ def _build(paths: DomainPaths, request: _Request) -> None:
         host_id = f"{_HOST_PREFIX}{index}"
         identities[host_id], enrollment = _create_host(paths, ca, domain_id, host_id, now)
         enrollments.append(enrollment)
+    # Every replica carries the one SPIFFE id of the service, each with a key of its own.
     coordinator = SpiffeId(domain_id, "coordinator", COORDINATOR_NAME)
-    _issue_client_files(ca, coordinator, paths.coordinator_dir, now)
+    for name in request.coordinators:
+        _issue_client_files(ca, coordinator, paths.coordinator_dir_of(name), now)
     _issue_client_files(ca, SpiffeId(domain_id, "client", DEMO_CLIENT), paths.client_dir, now)
     tokens = _create_operator_tokens(paths, request)
     state = _genesis_ceremony(ca, enrollments, identities, tokens, request)
@@ -442,8 +448,9 @@ def _genesis_ceremony(
 def _write_configs(
     paths: DomainPaths, hosts: list[str], genesis_hash: bytes, request: _Request
 ) -> None:
-    """Every node's config, the coordinator's config, and the run and log directories."""
-    pin = coordinator_pin(paths.root)
+    """Every node's config, the coordinators' configs (and on etcd the etcd cluster's file),
+    and the run and log directories."""
+    pin = coordinator_pin(paths.root, request.coordinators)
     for host_id in hosts:
         config = _node_config(
             paths, request.domain_id, genesis_hash, host_id, "", pin, request.workers
@@ -454,7 +461,13 @@ def _write_configs(
             paths.node_data_dir(host_id) / FLOORS_COMPLETE_FILE,
             (genesis_hash.hex() + "\n").encode(),
         )
-    _coordinator_config(paths, request.domain_id, genesis_hash).save(paths.coordinator_config)
+    store = SQLITE_STORE
+    if request.store == ETCD:
+        store = DomainEtcd.create(paths).store_spec
+    for name in request.coordinators:
+        coordinator_config(paths, name, request.domain_id, genesis_hash, store).save(
+            paths.coordinator_config_of(name)
+        )
     for directory in (paths.run_dir, paths.log_dir):
         make_private_dir(directory)
 
@@ -495,6 +508,8 @@ def load_layout(directory: Path) -> DomainLayout:
     if len(genesis_hash) != canonical.DIGEST_BYTES:
         raise InvalidInputError(f"{paths.domain_file}: genesis_hash is not 64 hex characters")
     found = sorted(paths.configured_hosts(), key=_host_sort_key)
+    coordinators = tuple(paths.configured_coordinators()) or (COORDINATOR_NAME,)
+    etcd = DomainEtcd.load(paths) if paths.etcd_cluster_file.exists() else None
     ordered = [h for h in genesis_nodes if h in found] + [
         h for h in found if h not in genesis_nodes
     ]
@@ -509,6 +524,8 @@ def load_layout(directory: Path) -> DomainLayout:
         },
         genesis_nodes=genesis_nodes,
         quorum=threshold,
+        coordinators=coordinators,
+        etcd=etcd,
     )
 
 

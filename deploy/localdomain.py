@@ -4,22 +4,29 @@
         channel = domain.node_channel("hsa-1")
         ...
 
+    with LocalDomain(directory, coordinators=3) as domain:   # etcd, 3 replicas, 3 HSAs
+        domain.kill(domain.leader())
+        ...
+
 The one mechanism behind the benchmarks' `bench._cluster.BenchDomain` and the tests'
 `LocalCluster` (tests/support/cluster.py): it creates the domain with `deploy.init` (cheap
-operator token key derivation) and runs the coordinator and the HSAs through `deploy.cluster`,
-the code `hsm-domain up` uses, so that what runs is the real process model with mutual TLS.
+operator token key derivation) and runs the etcd members (a domain on etcd), the coordinators
+and the HSAs through `deploy._domain_etcd` and `deploy.cluster`, the code `hsm-domain up`
+uses, so that what runs is the real process model with mutual TLS.
 Subclasses choose the policies that really differ (how processes are stopped, whether nodes
 start in parallel, what "started" waits for, what happens when a start fails) through the
 class attributes and hooks below.
 
 Invariants:
 - every process a domain starts is stopped by `stop()` with its whole process group, nodes
-  first, then the coordinator (SIGTERM and SIGKILL after `stop_grace` seconds, or SIGKILL at
-  once when `kill_on_stop`); `stop()` is idempotent and runs when `start()` fails, on leaving
-  the `with` block whether or not its body failed, and, as a last resort, at interpreter exit
-  (atexit, registered at construction);
-- the coordinator is started before any node, and a process that is running is never started
-  a second time;
+  first, then the coordinators, then the etcd members (SIGTERM and SIGKILL after `stop_grace`
+  seconds, or SIGKILL at once when `kill_on_stop`; a paused process is resumed first);
+  `stop()` is idempotent and runs when `start()` fails, on leaving the `with` block whether or
+  not its body failed, and, as a last resort, at interpreter exit (atexit, registered at
+  construction);
+- the etcd members are healthy before any coordinator starts, every coordinator is started
+  (and on etcd one leads) before any node, and a process that is running is never started a
+  second time;
 - operator passphrases are read from the demo passphrase files of the local domain and never
   printed.
 """
@@ -27,6 +34,9 @@ Invariants:
 from __future__ import annotations
 
 import atexit
+import contextlib
+import os
+import signal
 import subprocess
 import time
 from collections.abc import Iterable
@@ -38,10 +48,11 @@ from typing import ClassVar, Final, Self
 
 import grpc
 
+from deploy import _domain_etcd
 from deploy import cluster as runner
 from deploy.enrollment import VerifiedEnrollment, read_enrollment
+from deploy.etcd import EtcdProcess
 from deploy.init import (
-    COORDINATOR_NAME,
     DomainLayout,
     add_node,
     init_domain,
@@ -87,14 +98,19 @@ class LocalDomain:
         domain_id: str = "local",
         start_timeout: float = runner.DEFAULT_START_TIMEOUT,
         workers: int = 0,
+        coordinators: int = 1,
+        store: str | None = None,
     ) -> None:
-        """`workers`: key service worker processes of each node (`key_service_workers`)."""
+        """`workers`: key service worker processes of each node (`key_service_workers`);
+        `coordinators` replicas on `store` (see `deploy.init.init_domain`)."""
         self.directory = Path(directory)
         self.nodes, self.operators, self.quorum = nodes, operators, quorum
         self.domain_id = domain_id
         self.workers = check_worker_count(workers)
+        self.coordinators, self.store = coordinators, store
         self.start_timeout = start_timeout
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self._paused: set[str] = set()
         self._layout: DomainLayout | None = None
         self._stopped = False
         atexit.register(self.stop)
@@ -128,14 +144,19 @@ class LocalDomain:
             domain_id=self.domain_id,
             scrypt_n=FAST_SCRYPT_N,
             workers=self.workers,
+            coordinators=self.coordinators,
+            store=self.store,
         )
         return self._layout
 
     def start(self) -> Self:
-        """Init, start the coordinator and every node, wait until started (`_wait_started`)."""
+        """Init, start the etcd members (on etcd), every coordinator and every node, wait until
+        started (`_wait_started`)."""
         try:
             self.init()
-            self.start_coordinator()
+            if self.layout.etcd is not None:
+                self.start_etcd()
+            self.start_coordinators()
             hosts = list(self.layout.node_configs)
             if self.parallel_start:
                 with ThreadPoolExecutor(max_workers=max(1, len(hosts))) as pool:
@@ -193,19 +214,30 @@ class LocalDomain:
             self._stop_after_failure()
 
     def stop(self) -> None:
-        """Stop every process (nodes in parallel, then the coordinator); idempotent."""
+        """Stop every process (the nodes in parallel, then the coordinators, then the etcd
+        members); idempotent."""
         if self._stopped:
             return
         self._stopped = True
-        nodes = [p for name, p in self.processes.items() if name != COORDINATOR_NAME]
-        with ThreadPoolExecutor(max_workers=max(1, len(nodes))) as pool:
-            list(pool.map(self._stop_process, nodes))
-        coordinator = self.processes.get(COORDINATOR_NAME)
-        if coordinator is not None:
-            self._stop_process(coordinator)
+        for name in list(self._paused):
+            self.resume(name)
+        order = self._stop_order()
+        for kind in order:
+            group = [p for name, p in self.processes.items() if name in kind]
+            with ThreadPoolExecutor(max_workers=max(1, len(group))) as pool:
+                list(pool.map(self._stop_process, group))
+        leftover = [p for name, p in self.processes.items() if not any(name in k for k in order)]
+        for process in leftover:
+            self._stop_process(process)
         if self._layout is not None:
             runner.remove_run_files(self._layout, self._layout.process_names)
         atexit.unregister(self.stop)
+
+    def _stop_order(self) -> list[set[str]]:
+        if self._layout is None:
+            return [set(self.processes)]
+        layout = self._layout
+        return [set(layout.node_configs), set(layout.coordinators), set(layout.etcd_members)]
 
     def _stop_process(self, process: subprocess.Popen[bytes]) -> int:
         return runner.stop_process(process, grace=self.stop_grace, kill=self.kill_on_stop)
@@ -224,20 +256,80 @@ class LocalDomain:
         process = self.processes.get(name)
         return process is not None and process.poll() is None
 
-    def start_coordinator(self) -> None:
-        """Start the coordinator (again); returns once it is SERVING."""
-        self._reap(COORDINATOR_NAME)
-        self.processes[COORDINATOR_NAME] = runner.start_coordinator(
-            self.layout, timeout=self.start_timeout
+    def _coordinator(self, name: str | None) -> str:
+        """`name`, or the domain's only coordinator (ValueError if it has replicas)."""
+        if name is not None:
+            return name
+        if len(self.layout.coordinators) != 1:
+            raise ValueError(f"say which coordinator: {', '.join(self.layout.coordinators)}")
+        return self.layout.coordinators[0]
+
+    def start_coordinator(self, name: str | None = None) -> None:
+        """Start coordinator `name` (default: the only one) again; returns once it is SERVING."""
+        name = self._coordinator(name)
+        self._reap(name)
+        self.processes[name] = runner.start_coordinator(
+            self.layout, name=name, timeout=self.start_timeout
         )
 
-    def stop_coordinator(self, grace: float | None = None) -> int:
-        """SIGTERM the coordinator (SIGKILL after `grace`, default `stop_grace`); its status."""
-        return self._stop(COORDINATOR_NAME, grace=grace, kill=False)
+    def start_coordinators(self) -> None:
+        """Start every coordinator that does not run (replicas in parallel); on etcd, return
+        once one of them leads."""
+        names = [n for n in self.layout.coordinators if not self.is_running(n)]
+        with ThreadPoolExecutor(max_workers=max(1, len(names))) as pool:
+            futures = [pool.submit(self.start_coordinator, name) for name in names]
+        for future in futures:
+            future.result()
+        if self.layout.replicated:
+            _domain_etcd.wait_for_leader(self.layout, self.start_timeout)
 
-    def kill_coordinator(self) -> int:
-        """SIGKILL the coordinator."""
-        return self._stop(COORDINATOR_NAME, grace=None, kill=True)
+    def stop_coordinator(self, grace: float | None = None, name: str | None = None) -> int:
+        """SIGTERM coordinator `name` (default: the only one; SIGKILL after `grace`, default
+        `stop_grace`); its exit status."""
+        return self._stop(self._coordinator(name), grace=grace, kill=False)
+
+    def kill_coordinator(self, name: str | None = None) -> int:
+        """SIGKILL coordinator `name` (default: the only one)."""
+        return self._stop(self._coordinator(name), grace=None, kill=True)
+
+    # --- replicas and etcd (a domain on etcd) ---------------------------------------------------
+
+    def start_etcd(self) -> None:
+        """Start every etcd member that does not run; returns once every member is healthy."""
+        running = {n: self.processes[n].pid for n in self.layout.etcd_members if self.is_running(n)}
+        for name in self.layout.etcd_members:
+            if name not in running:
+                self._reap(name)
+
+        def record(name: str, started: EtcdProcess) -> None:
+            self.processes[name] = started.process
+
+        _domain_etcd.start_members(
+            self.layout, running, timeout=self.start_timeout, on_start=record
+        )
+
+    def leader(self) -> str:
+        """The coordinator replica that leads now ("" if none; the only coordinator on SQLite)."""
+        if not self.layout.replicated:
+            return self.layout.coordinators[0]
+        return _domain_etcd.replica_leader(self.layout)
+
+    def kill(self, name: str) -> int:
+        """SIGKILL process `name` (a node, a coordinator, an etcd member): a crash."""
+        return self._stop(name, grace=None, kill=True)
+
+    def pause(self, name: str) -> None:
+        """SIGSTOP process `name`'s group: alive but silent, as a hung or descheduled host."""
+        os.killpg(self.pid(name), signal.SIGSTOP)
+        self._paused.add(name)
+
+    def resume(self, name: str) -> None:
+        """SIGCONT process `name`'s group after `pause`."""
+        self._paused.discard(name)
+        process = self.processes.get(name)
+        if process is not None and process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGCONT)
 
     def start_node(self, host: str, *, wait_for_health: bool = False) -> None:
         """Start one (stopped) node; returns once it wrote its ready file (or is SERVING)."""
@@ -269,6 +361,8 @@ class LocalDomain:
         return enrollment
 
     def _stop(self, name: str, *, grace: float | None, kill: bool) -> int:
+        if name in self._paused:
+            self.resume(name)
         process = self.processes.pop(name, None)
         if process is None:
             raise RuntimeError(f"{name} is not running in this {self.noun}")
@@ -313,15 +407,28 @@ class LocalDomain:
         """Addresses of the nodes that are running now."""
         return {h: self.address(h) for h in self.layout.node_configs if self.is_running(h)}
 
+    def _coordinator_ready(self) -> list[runner.ReadyInfo]:
+        found = [
+            info
+            for name in self.layout.coordinators
+            if self.is_running(name)
+            and (info := runner.read_ready_file(self.layout.ready_file(name))) is not None
+        ]
+        if not found:
+            raise UnavailableError(f"no coordinator of this {self.noun} is running")
+        return found
+
     @property
     def coordinator_address(self) -> str:
-        """The coordinator's mutual-TLS (HSA-facing) address."""
-        return self.address(COORDINATOR_NAME)
+        """The mutual-TLS (HSA-facing) address of every coordinator that runs, comma-separated
+        (one address for a domain on SQLite)."""
+        return ",".join(info.address for info in self._coordinator_ready())
 
     @property
     def coordinator_operator_address(self) -> str:
-        """The coordinator's server-auth TLS (operator-facing) address."""
-        return self._ready(COORDINATOR_NAME).operator_address
+        """The server-auth TLS (operator-facing) address of every coordinator that runs,
+        comma-separated: a client over them fails over between the replicas."""
+        return ",".join(info.operator_address for info in self._coordinator_ready())
 
     def client_tls(self) -> TlsMaterial:
         """The demo application's TLS identity (spiffe://<domain>/client/demo-app)."""

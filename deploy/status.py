@@ -3,6 +3,12 @@
 Invariant: collecting status never raises because a process is down or slow; an unreachable
 process is reported as down with the reason, and every call has a deadline. Nothing read here
 is trusted for security decisions: it is a display of what each process claims.
+
+Each coordinator (each replica of a domain on etcd) is asked on its own addresses, so that a
+replica that does not answer shows as such; the domain's view (pending proposals, registered
+HSAs) is asked of any replica. On etcd the report also holds each etcd member's health and the
+replica that leads (who holds the election key, `deploy._domain_etcd`); the domain is healthy
+only when every member and every replica is, and one replica leads.
 """
 
 from __future__ import annotations
@@ -12,15 +18,17 @@ from typing import Any
 
 import grpc
 
+from deploy._domain_etcd import EtcdView, etcd_view
 from deploy.cluster import (
     coordinator_channel,
+    coordinator_operator_addresses,
     coordinator_operator_channel,
     is_alive,
     live_pids,
     node_channel,
     read_ready_file,
 )
-from deploy.init import COORDINATOR_NAME, DomainLayout
+from deploy.init import DomainLayout
 from domain_core.errors import HsmDomainError
 from domain_core.model import SealedState
 from domain_edge import transport
@@ -51,6 +59,7 @@ class ProcessReport:
     state_hash: str = ""  # hex
     member: bool | None = None
     expected: bool = True  # whether this process must be healthy for the domain to be
+    leader: bool | None = None  # a coordinator replica on etcd: whether it leads now
     detail: str = ""
 
 
@@ -84,11 +93,16 @@ class DomainReport:
     operators: int
     processes: list[ProcessReport]
     coordinator: CoordinatorView
+    etcd: EtcdView | None = None  # a domain on etcd: its members, and which replica leads
 
     @property
     def all_healthy(self) -> bool:
-        """True if every process that should be serving is healthy."""
-        return all(p.healthy for p in self.processes if p.expected)
+        """True if every process that should be serving is healthy (on etcd: every member
+        too, and one coordinator replica leads)."""
+        processes = all(p.healthy for p in self.processes if p.expected)
+        if self.etcd is None:
+            return processes
+        return processes and self.etcd.all_healthy and bool(self.etcd.replica_leader)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready document (full hashes)."""
@@ -100,6 +114,7 @@ class DomainReport:
             "all_healthy": self.all_healthy,
             "processes": [asdict(p) for p in self.processes],
             "coordinator": asdict(self.coordinator),
+            "etcd": asdict(self.etcd) if self.etcd is not None else None,
         }
 
 
@@ -162,11 +177,12 @@ def _coordinator_view(layout: DomainLayout, operator_address: str) -> Coordinato
     return view
 
 
-def _probe_coordinator(layout: DomainLayout, report: ProcessReport) -> CoordinatorView:
-    info = read_ready_file(layout.ready_file(COORDINATOR_NAME))
+def _probe_coordinator(layout: DomainLayout, report: ProcessReport) -> None:
+    """Health and head of one coordinator, asked on its own addresses."""
+    info = read_ready_file(layout.ready_file(report.name))
     if info is None or not is_alive(info.pid):
         report.detail = "not running"
-        return CoordinatorView(detail="the coordinator is not running")
+        return
     report.running = True
     report.pid = info.pid
     report.address = info.address
@@ -175,12 +191,15 @@ def _probe_coordinator(layout: DomainLayout, report: ProcessReport) -> Coordinat
         report.healthy = transport.check_health(channel, timeout=2.0)
     if not report.healthy:
         report.detail = "health check is not SERVING"
-    view = _coordinator_view(layout, info.operator_address)
-    report.version = view.version
-    report.state_hash = view.state_hash
-    if not view.reachable:
-        report.detail = view.detail
-    return view
+    try:
+        with coordinator_operator_channel(layout, info.operator_address) as channel:
+            stub = services_pb2_grpc.CoordinatorStub(channel)  # type: ignore[no-untyped-call]
+            status = stub.GetDomainStatus(services_pb2.DomainStatusRequest(), timeout=2.0)
+    except grpc.RpcError as error:
+        report.detail = f"operator port {info.operator_address}: {_error_text(error)}"
+        return
+    report.version = int(status.version)
+    report.state_hash = bytes(status.state_hash).hex()
 
 
 def _probe_node(layout: DomainLayout, report: ProcessReport) -> None:
@@ -208,13 +227,24 @@ def _probe_node(layout: DomainLayout, report: ProcessReport) -> None:
 
 def collect_status(layout: DomainLayout, operator_count: int = 0) -> DomainReport:
     """Ask every process of the domain how it is; never raises for a process that is down."""
-    coordinator = ProcessReport(name=COORDINATOR_NAME, kind="coordinator")
-    view = _probe_coordinator(layout, coordinator)
     pids = live_pids(layout)
-    if coordinator.pid is None and COORDINATOR_NAME in pids:
-        coordinator.pid = pids[COORDINATOR_NAME]
+    etcd = etcd_view(layout, pids) if layout.etcd is not None else None
+    processes = []
+    for name in layout.coordinators:
+        coordinator = ProcessReport(name=name, kind="coordinator")
+        _probe_coordinator(layout, coordinator)
+        if coordinator.pid is None and name in pids:
+            coordinator.pid = pids[name]
+        if etcd is not None:
+            coordinator.leader = coordinator.running and name == etcd.replica_leader
+        processes.append(coordinator)
+    operator_addresses = coordinator_operator_addresses(layout)
+    view = (
+        _coordinator_view(layout, operator_addresses)
+        if operator_addresses
+        else CoordinatorView(detail="no coordinator is running")
+    )
     members = set(view.members) if view.members is not None else set(layout.genesis_nodes)
-    processes = [coordinator]
     for host in layout.node_configs:
         report = ProcessReport(name=host, kind="hsa", expected=host in members)
         _probe_node(layout, report)
@@ -228,4 +258,5 @@ def collect_status(layout: DomainLayout, operator_count: int = 0) -> DomainRepor
         operators=operator_count or len(layout.operator_tokens),
         processes=processes,
         coordinator=view,
+        etcd=etcd,
     )

@@ -6,10 +6,15 @@ The one place that spells the tree docs/runtime.md lists ("Files of a local doma
     DIR/genesis.state                 the genesis SealedState
     DIR/ca/ca.crt (and ca.key)        the domain CA
     DIR/coordinator/config.json       the coordinator's config; tls.crt, tls.key beside it
+                                      (a domain on SQLite with one coordinator)
+    DIR/coordinator-<n>/config.json   replica n's config, tls.crt, tls.key (a domain on etcd)
+    DIR/etcd/cluster.json             the domain's etcd members (names, ports), token, prefix
+    DIR/etcd/etcd-<n>/                member n's data directory (0700)
     DIR/nodes/<host>/config.json      a node's config; identity/, data/, enrollment.bin
     DIR/operators/<name>.token        an operator's file token (and <name>.passphrase)
     DIR/clients/demo-app/             the demo application's tls.crt and tls.key
-    DIR/run/<name>.json, <name>.pid   ready and pid files of running processes
+    DIR/run/<name>.json, <name>.pid   ready and pid files of running processes (etcd members:
+                                      pid files only)
     DIR/logs/<name>.log               each process's output
     DIR/chaos/                        what `hsm-domain chaos` keeps of its runs
 
@@ -17,12 +22,16 @@ The launcher (`deploy`), the tools (`hsm-kms --cluster`, `hsm-operator --cluster
 benchmarks and the tests find every file through `DomainPaths`, so the tree is spelled once.
 
 Invariants: `DomainPaths` is path arithmetic only: it reads, writes and checks nothing, and
-its paths are under `root` as given (relative if `root` is). The one method that looks at the
-disk, `configured_hosts`, only lists the nodes that have a config.
+its paths are under `root` as given (relative if `root` is). The two methods that look at the
+disk, `configured_hosts` and `configured_coordinators`, only list the nodes and the
+coordinators that have a config. A coordinator is named `coordinator` (the one coordinator of
+a SQLite domain, as every domain had before replicas) or `coordinator-<n>` (replica n, n >= 1);
+every coordinator directory, config, certificate and key is spelled by `coordinator_*_of(name)`.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -37,9 +46,13 @@ __all__ = [
     "DEMO_CLIENT",
     "DOMAIN_FILE",
     "ENROLLMENT_FILE",
+    "ETCD_CLUSTER_FILE",
     "GENESIS_FILE",
     "IDENTITY_DIR",
+    "REPLICA_PREFIX",
     "DomainPaths",
+    "replica_name",
+    "replica_number",
 ]
 
 DOMAIN_FILE: Final = "domain.json"
@@ -50,6 +63,23 @@ IDENTITY_DIR: Final = "identity"
 DATA_DIR: Final = "data"
 COORDINATOR_NAME: Final = "coordinator"
 DEMO_CLIENT: Final = "demo-app"
+REPLICA_PREFIX: Final = "coordinator-"
+ETCD_CLUSTER_FILE: Final = "cluster.json"
+_REPLICA: Final = re.compile(r"^coordinator-([1-9][0-9]{0,2})$")
+
+
+def replica_name(number: int) -> str:
+    """The name of coordinator replica `number` (1-based): `coordinator-<number>`."""
+    if number < 1:
+        raise ValueError("replicas are numbered from 1")
+    return f"{REPLICA_PREFIX}{number}"
+
+
+def replica_number(name: str) -> int | None:
+    """The number of replica `name` (`coordinator-<n>`); None for any other name (the one
+    coordinator of a SQLite domain is `coordinator`)."""
+    match = _REPLICA.match(name)
+    return int(match.group(1)) if match else None
 
 
 @dataclass(frozen=True)
@@ -80,22 +110,62 @@ class DomainPaths:
         """The domain CA certificate (PEM)."""
         return self.ca_dir / CA_CERTIFICATE_FILE
 
-    # --- the coordinator ----------------------------------------------------------------------
+    # --- coordinators ------------------------------------------------------------------------
 
     @property
     def coordinator_dir(self) -> Path:
-        """The coordinator's directory: its config, TLS files and store."""
-        return self.root / COORDINATOR_NAME
+        """The one coordinator's directory (a SQLite domain): its config, TLS files and store."""
+        return self.coordinator_dir_of(COORDINATOR_NAME)
 
     @property
     def coordinator_config(self) -> Path:
-        """The coordinator's config file."""
-        return self.coordinator_dir / CONFIG_FILE
+        """The one coordinator's config file (a SQLite domain)."""
+        return self.coordinator_config_of(COORDINATOR_NAME)
 
     @property
     def coordinator_cert(self) -> Path:
-        """The coordinator's TLS certificate (what every node config pins)."""
-        return self.coordinator_dir / TLS_CERTIFICATE_FILE
+        """The one coordinator's TLS certificate (a SQLite domain)."""
+        return self.coordinator_cert_of(COORDINATOR_NAME)
+
+    def coordinator_dir_of(self, name: str) -> Path:
+        """The directory of coordinator `name` (`coordinator` or `coordinator-<n>`)."""
+        return self.root / name
+
+    def coordinator_config_of(self, name: str) -> Path:
+        """The config file of coordinator `name`."""
+        return self.coordinator_dir_of(name) / CONFIG_FILE
+
+    def coordinator_cert_of(self, name: str) -> Path:
+        """The TLS certificate of coordinator `name` (what every node config pins)."""
+        return self.coordinator_dir_of(name) / TLS_CERTIFICATE_FILE
+
+    def coordinator_key_of(self, name: str) -> Path:
+        """The TLS key of coordinator `name` (0600)."""
+        return self.coordinator_dir_of(name) / TLS_KEY_FILE
+
+    def configured_coordinators(self) -> list[str]:
+        """The coordinators that have a config: `coordinator`, then the replicas
+        `coordinator-<n>` by number (none if there is no such directory)."""
+        found = [p.parent.name for p in self.root.glob(f"coordinator*/{CONFIG_FILE}")]
+        single = [COORDINATOR_NAME] if COORDINATOR_NAME in found else []
+        numbered = sorted((n, name) for name in found if (n := replica_number(name)) is not None)
+        return single + [name for _, name in numbered]
+
+    # --- the etcd cluster of a domain on etcd --------------------------------------------------
+
+    @property
+    def etcd_dir(self) -> Path:
+        """The domain's etcd cluster: its file and one data directory per member (0700)."""
+        return self.root / "etcd"
+
+    @property
+    def etcd_cluster_file(self) -> Path:
+        """What `init` chose for the etcd cluster: members, ports, token, key prefix."""
+        return self.etcd_dir / ETCD_CLUSTER_FILE
+
+    def etcd_member_dir(self, name: str) -> Path:
+        """The data directory of etcd member `name` (`etcd-<n>`)."""
+        return self.etcd_dir / name
 
     # --- nodes --------------------------------------------------------------------------------
 
@@ -172,7 +242,7 @@ class DomainPaths:
         return self.root / "logs"
 
     def ready_file(self, name: str) -> Path:
-        """The ready file a process writes once serving (`coordinator` or a host id)."""
+        """The ready file a process writes once serving (a coordinator or a host id)."""
         return self.run_dir / f"{name}.json"
 
     def pid_file(self, name: str) -> Path:

@@ -6,7 +6,10 @@ every state the coordinator serves. They come from:
 
 - `--cluster DIR` (or `$HSM_CLUSTER`): a local domain directory made by `hsm-domain init`:
   `DIR/domain.json` (domain id, pinned genesis hash), `DIR/genesis.state`, `DIR/ca/ca.crt`
-  and `DIR/run/coordinator.json` (its `operator_address`, written by the running coordinator);
+  and the ready file of every coordinator (`DIR/run/coordinator.json`, or
+  `DIR/run/coordinator-<n>.json` for each replica of a domain on etcd: its `operator_address`,
+  written by the running coordinator); several replicas' addresses make one channel that fails
+  over between them (`domain_edge.transport.channel_target`);
 - `--coordinator HOST:PORT` and `--ca FILE` for any other domain, with the anchor from
   `--genesis FILE --genesis-hash HEX` (the genesis state and the hash pinned out of band) or
   `--state FILE` (a state this operator verified and exported earlier, `domain
@@ -194,8 +197,8 @@ def parse_genesis_hash(text: str) -> bytes:
     return value
 
 
-def _cluster_files(directory: Path) -> tuple[str, bytes, Path, Path, Path]:
-    """(domain id, genesis hash, genesis file, CA file, coordinator ready file) of DIR."""
+def _cluster_files(directory: Path) -> tuple[str, bytes, Path, Path, list[Path]]:
+    """(domain id, genesis hash, genesis file, CA file, coordinators' ready files) of DIR."""
     paths = DomainPaths(directory)
     document = _read_json(paths.domain_file, "local domain file (domain.json)")
     domain_id = document.get("domain_id")
@@ -207,22 +210,30 @@ def _cluster_files(directory: Path) -> tuple[str, bytes, Path, Path, Path]:
         parse_genesis_hash(genesis_hex),
         paths.genesis_state,
         paths.ca_cert,
-        paths.ready_file(COORDINATOR_NAME),
+        [paths.ready_file(name) for name in paths.configured_coordinators() or [COORDINATOR_NAME]],
     )
 
 
-def _coordinator_from_ready_file(path: Path, directory: Path) -> str:
-    try:
-        document = _read_json(path, "coordinator ready file")
-    except NotFoundError:
+def _coordinator_from_ready_files(paths: list[Path], directory: Path) -> str:
+    """The operator addresses in the coordinators' ready files, comma-separated (a replica
+    whose file is missing is not running: the others are enough)."""
+    addresses = []
+    for path in paths:
+        try:
+            document = _read_json(path, "coordinator ready file")
+        except NotFoundError:
+            continue
+        address = document.get("operator_address")
+        if not isinstance(address, str) or not address:
+            raise UnavailableError(f"{path} names no operator_address; is the coordinator current?")
+        addresses.append(address)
+    if not addresses:
+        missing = ", ".join(str(path) for path in paths)
         raise UnavailableError(
-            f"the coordinator of {directory} is not running ({path} is missing); start the "
+            f"no coordinator of {directory} is running ({missing} missing); start the "
             f"domain with `hsm-domain up {directory}`"
-        ) from None
-    address = document.get("operator_address")
-    if not isinstance(address, str) or not address:
-        raise UnavailableError(f"{path} names no operator_address; is the coordinator current?")
-    return address
+        )
+    return ",".join(addresses)
 
 
 def locate(ctx: CommandContext) -> DomainLocation:
@@ -246,7 +257,7 @@ def locate(ctx: CommandContext) -> DomainLocation:
             genesis_hash, genesis_file = cluster_hash, cluster_genesis
         ca_file = ca_file or cluster_ca
         if coordinator is None:
-            coordinator = _coordinator_from_ready_file(ready, directory)
+            coordinator = _coordinator_from_ready_files(ready, directory)
     if coordinator is None:
         raise UsageError(
             f"where is the domain? give --cluster DIR (or ${CLUSTER_ENV}), or --coordinator "

@@ -2,7 +2,9 @@
 back where an HSA knows a newer version, the restore lists those keys, and a store restored
 behind the HSAs is repaired from them.
 
-Real processes (`LocalCluster`) and the real command (`hsm-domain`, run as a process).
+Real processes (`LocalCluster`) and the real command (`hsm-domain`, run as a process). The
+last test moves a SQLite domain onto the real 3-member etcd cluster (`store migrate`) and runs
+its coordinator there.
 The attack: a backup taken before a key was disabled, another rotated and a third created
 (and before a domain key rotation) is restored into the coordinator's store. The HSAs know
 the newer key records (their floors); a client then asks an HSA that never read these keys
@@ -21,7 +23,11 @@ from typing import Any
 
 import pytest
 from support.cluster import LocalCluster
+from support.etcd import LocalEtcd, fresh_prefix
 
+from domain_coordinator.sqlite_store import SqliteStore
+from domain_coordinator.store import CoordinatorStore
+from domain_coordinator.store_spec import open_store
 from domain_core.errors import FailedPreconditionError, NotFoundError
 from domain_edge.client import rotate_domain_key
 from domain_edge.kms_client import KeyClient
@@ -191,3 +197,80 @@ def test_restore_with_the_domain_down_and_a_migration(
         pytest.raises(FailedPreconditionError, match="older record of key"),
     ):
         client.describe_key(key_id)
+
+
+def snapshot_items(store: CoordinatorStore) -> list[object]:
+    try:
+        with store.snapshot() as snapshot:
+            return list(snapshot.items())
+    finally:
+        store.close()
+
+
+@pytest.mark.etcd
+def test_a_sqlite_domain_migrates_to_etcd_and_the_coordinator_serves_it(
+    local_cluster: Callable[..., LocalCluster], etcd_cluster: LocalEtcd, tmp_path: Path
+) -> None:
+    """`store migrate DIR --to etcd:...` from a SQLite domain onto the real 3-member cluster;
+    the coordinator then starts on etcd and serves the same chain, keys and proposals, and
+    goes on from them: a pending proposal approved, a key created."""
+    cluster = local_cluster(nodes=2)
+    directory = cluster.directory
+    with client_on(cluster, "hsa-1") as first:
+        kept = first.create_key(description="kept").key_id
+        blob = first.encrypt(kept, b"payroll")
+        for index in range(5):
+            first.create_key(description=f"more {index}")
+    assert apply_rotation(cluster) == 2
+    with cluster.coordinator_client() as client:
+        pending = client.propose([rotate_domain_key()], cluster.operator_signer("alice"))
+    cluster.wait_converged()
+    cluster.stop_coordinator()
+    db = cluster.layout.coordinator_dir / "coordinator.db"
+    before = snapshot_items(SqliteStore(db))
+
+    # Into a prefix that holds anything: refused, the config unchanged.
+    occupied = etcd_cluster.store_spec(fresh_prefix())
+    squatter = open_store(occupied, directory)
+    squatter.register_hsa("hsa-9", "127.0.0.1:9009", 1)
+    squatter.close()
+    message = refused("store", "migrate", directory, "--to", occupied)
+    assert "is not empty: it holds 1 registered HSA" in message
+    assert json.loads(cluster.layout.coordinator_config.read_text())["store"] == (
+        "sqlite:coordinator.db"
+    )
+
+    spec = etcd_cluster.store_spec(fresh_prefix())
+    moved = ok("store", "migrate", directory, "--to", spec)
+    assert (moved["old_store"], moved["new_store"]) == ("sqlite:coordinator.db", spec)
+    assert (moved["counts"]["states"], moved["counts"]["keys"]) == (2, 6)
+    assert moved["counts"]["proposals"] == 2
+    assert json.loads(cluster.layout.coordinator_config.read_text())["store"] == spec
+    assert snapshot_items(open_store(spec, directory)) == before
+
+    # The coordinator runs on etcd: the same chain, keys and proposals, and it goes on.
+    cluster.start_coordinator()
+    assert head(cluster) == 2
+    with cluster.coordinator_client() as client:
+        view = client.get_proposal(pending.proposal_id)
+        assert not view.applied
+        view = client.approve(pending.proposal_id, cluster.operator_signer("bob"))
+    assert view.applied_version == 3, view.detail
+    cluster.wait_converged()
+    with client_on(cluster, "hsa-2") as second:  # hsa-2 never read these keys itself
+        assert second.describe_key(kept).key_id == kept
+        assert second.decrypt(blob) == b"payroll"
+        created = second.create_key(description="after the migration").key_id
+    etcd_store = open_store(spec, directory)
+    try:
+        assert etcd_store.latest_version() == 3
+        assert etcd_store.get_key(created) is not None
+        assert etcd_store.contents().keys == 7
+    finally:
+        etcd_store.close()
+    old = SqliteStore(db)
+    try:
+        assert old.latest_version() == 2  # the old store was only read
+        assert old.get_key(created) is None
+    finally:
+        old.close()

@@ -9,6 +9,17 @@ or, in a test, the `local_cluster` fixture (a factory; clusters close at teardow
     def test_x(local_cluster):
         cluster = local_cluster(nodes=3)
 
+A replicated domain (`coordinators=3`: a 3-member etcd cluster of the system's `etcd`,
+replicas coordinator-1..3, needs the `etcd_bin` fixture so that a missing etcd skips, or
+fails under HSM_REQUIRE_ALL), with faults for chaos tests:
+
+    def test_y(local_cluster, etcd_bin):
+        cluster = local_cluster(coordinators=3)
+        killed = cluster.kill_replica("leader")        # SIGKILL whoever leads
+        cluster.wait_for_leader(other_than=killed)     # another takes over
+        cluster.pause_replica("coordinator-2"); cluster.resume_replica("coordinator-2")
+        cluster.kill_etcd_member("etcd-1"); cluster.start_etcd()
+
 A `deploy.localdomain.LocalDomain` (the mechanism the benchmarks' domain shares); what is the
 tests' own: three nodes by default, an existing domain directory reused, nodes started one
 after the other, every process killed (SIGKILL) rather than asked to stop, the processes' logs
@@ -40,7 +51,14 @@ from domain_edge.file_tokens import FileTokenSigner
 from domain_edge.layout import DomainPaths
 from domain_proto import services_pb2
 
-__all__ = ["FAST_SCRYPT_N", "LocalCluster", "close_clusters", "local_cluster", "terminal_stream"]
+__all__ = [
+    "FAST_SCRYPT_N",
+    "LEADER",
+    "LocalCluster",
+    "close_clusters",
+    "local_cluster",
+    "terminal_stream",
+]
 
 T = TypeVar("T")
 
@@ -51,6 +69,7 @@ class _Writer(Protocol):
 
 
 _LOG_LINES = 40
+LEADER = "leader"
 
 
 class LocalCluster(LocalDomain):
@@ -70,6 +89,8 @@ class LocalCluster(LocalDomain):
         domain_id: str = "local",
         start_timeout: float = 30.0,
         workers: int = 0,
+        coordinators: int = 1,
+        store: str | None = None,
     ) -> None:
         super().__init__(
             directory,
@@ -79,6 +100,8 @@ class LocalCluster(LocalDomain):
             domain_id=domain_id,
             start_timeout=start_timeout,
             workers=workers,
+            coordinators=coordinators,
+            store=store,
         )
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -136,6 +159,61 @@ class LocalCluster(LocalDomain):
     def coordinator_client(self, **kwargs: Any) -> CoordinatorClient:
         """A `domain_edge.client.CoordinatorClient` for the operator port."""
         return CoordinatorClient(self.coordinator_operator_address, self.ca_pem(), **kwargs)
+
+    # --- replicas and etcd members (a domain on etcd) ------------------------------------------
+
+    def replica(self, which: str = LEADER) -> str:
+        """Replica `which` by name, or "leader": the one that leads now (waiting for one)."""
+        if which != LEADER:
+            if which not in self.layout.coordinators:
+                raise ValueError(f"no replica {which!r}: {', '.join(self.layout.coordinators)}")
+            return which
+        return self.wait_for_leader()
+
+    def wait_for_leader(self, timeout: float = 30.0, other_than: str = "") -> str:
+        """Wait until a running replica (not `other_than`) leads; its name."""
+
+        def leads() -> str:
+            name = self.leader()
+            return name if name and name != other_than and self.is_running(name) else ""
+
+        return self.wait_for(
+            leads, timeout=timeout, what=f"a replica other than {other_than!r} to lead"
+        )
+
+    def kill_replica(self, which: str = LEADER) -> str:
+        """SIGKILL a coordinator replica (by name, or "leader"); its name."""
+        name = self.replica(which)
+        self.kill(name)
+        return name
+
+    def pause_replica(self, which: str = LEADER) -> str:
+        """SIGSTOP a coordinator replica (by name, or "leader"); its name."""
+        name = self.replica(which)
+        self.pause(name)
+        return name
+
+    def resume_replica(self, name: str) -> None:
+        """SIGCONT a replica paused with `pause_replica`."""
+        self.resume(name)
+
+    def kill_etcd_member(self, name: str) -> None:
+        """SIGKILL one etcd member (`etcd-<n>`); `start_etcd()` starts it again."""
+        self._etcd_member(name)
+        self.kill(name)
+
+    def pause_etcd_member(self, name: str) -> None:
+        """SIGSTOP one etcd member: alive but silent."""
+        self._etcd_member(name)
+        self.pause(name)
+
+    def resume_etcd_member(self, name: str) -> None:
+        """SIGCONT an etcd member paused with `pause_etcd_member`."""
+        self.resume(name)
+
+    def _etcd_member(self, name: str) -> None:
+        if name not in self.layout.etcd_members:
+            raise ValueError(f"no etcd member {name!r}: {', '.join(self.layout.etcd_members)}")
 
     # --- observing ----------------------------------------------------------------------------
 
