@@ -121,7 +121,10 @@ class _Change:
                 never = {"error": "NotFoundError", "detail": "never stored"}
                 raise _Settled("fail", never) from None
             self.resent += 1
-            return self.submit()
+            view = self.submit()
+            if view is None:
+                time.sleep(_RESOLVE_POLL)  # not a busy loop on a coordinator that is down
+            return view
         except UnavailableError as error:
             self.uncertain = error.message
             time.sleep(_RESOLVE_POLL)
