@@ -13,6 +13,9 @@ A step whose answer was lost is followed with GetProposal until `resolve_timeout
 signed bytes: the proposal and its proposer's approval when the coordinator does not know the
 proposal, an approval it made before when the coordinator lacks it. These are the calls'
 idempotency keys (docs/protocol.md, "Retries and idempotency"), so a resend is applied once.
+And a proposal refused as stale (nothing applied: its base moved on, as when a replica that
+lags answered the head) is proposed again on a newer head within the same operation
+(`reproposed`; its result names the proposal that was applied).
 
 Invariants: every change is one operation in the history (invoke, then exactly one of ok /
 fail / unknown, `workload.classify`), carrying its proposal id, how many times a step was
@@ -59,6 +62,10 @@ CHAOS_OPERATOR_PREFIX: Final = "chaos-"
 _RESOLVE_POLL: Final = 0.5
 _HEAD_ATTEMPTS: Final = 6  # reads of the head before a change is given up (replicated)
 _NUDGE_POLL: Final = 0.1
+# A proposal refused as stale (its base moved on) is proposed again on the new head, this
+# many times at most (a domain with replicas: a replica that lags may have given the head).
+_REPROPOSALS: Final = 3
+_STALE: Final = frozenset({"StaleProposalError", "stale"})
 
 
 class _Settled(Exception):
@@ -283,17 +290,11 @@ class ControlClient(threading.Thread):
                 {"operator": name, "operator_id": operator.operator_id},
             )
 
-    def _change(
-        self,
-        client: CoordinatorClient,
-        head: SealedState,
-        kind: str,
-        changes: list[domain_pb2.Change],
-        details: dict[str, str],
-    ) -> None:
-        proposer_name, proposer = self._signers[0]
+    def _proposal(self, head: SealedState, kind: str, changes: list[domain_pb2.Change]) -> Proposal:
+        """A new proposal of `changes` on `head`, by the first operator."""
+        proposer = self._signers[0][1]
         now = int(time.time())
-        proposal = Proposal.create(
+        return Proposal.create(
             domain_id=head.manifest.domain_id,
             base_version=head.version,
             base_state_hash=head.hash,
@@ -304,17 +305,49 @@ class ControlClient(threading.Thread):
             reason=f"chaos run: {kind}",
             nonce=crypto.random_bytes(NONCE_BYTES),
         )
+
+    def _newer_head(self, client: CoordinatorClient, version: int) -> SealedState | None:
+        """A head past `version` (a replica that lags may answer an older one: ask again)."""
+        for _ in range(_HEAD_ATTEMPTS):
+            head = self._head(client)
+            if head is not None and head.version > version:
+                return head
+            time.sleep(_RESOLVE_POLL)
+        return None
+
+    def _change(
+        self,
+        client: CoordinatorClient,
+        head: SealedState,
+        kind: str,
+        changes: list[domain_pb2.Change],
+        details: dict[str, str],
+    ) -> None:
+        proposal = self._proposal(head, kind, changes)
         op_id = self._history.invoke(
             self.process,
             kind,
             proposal_id=proposal.id.hex(),
             base_version=head.version,
-            proposer=proposer_name,
+            proposer=self._signers[0][0],
             **details,
         )
         deadline = time.monotonic() + self._config.resolve_timeout
-        change = _Change(client, proposal, self._signers, deadline, self._config.replicated)
-        phase, result = change.run()
+        reproposed = 0
+        while True:
+            change = _Change(client, proposal, self._signers, deadline, self._config.replicated)
+            phase, result = change.run()
+            stale = phase == "fail" and result.get("error") in _STALE
+            if not (stale and self._config.replicated) or reproposed >= _REPROPOSALS:
+                break
+            # Nothing was applied: the base moved on (a lagging replica gave the head).
+            fresh = self._newer_head(client, proposal.base_version)
+            if fresh is None:
+                break
+            reproposed += 1
+            proposal = self._proposal(fresh, kind, changes)
+        if self._config.replicated:
+            result["reproposed"] = reproposed
         if phase == "ok":
             result["state_hash"] = self._state_hash(client, int(result["version"]), proposal)
         self._history.complete(op_id, phase, **result)

@@ -10,12 +10,17 @@ idempotency key (docs/protocol.md, "Retries and idempotency").
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from deploy.chaos.control import _Change
+from deploy.chaos.control import ControlClient, _Change
+from deploy.chaos.history import History
+from deploy.chaos.workload import WorkloadConfig
 from domain_core import quorum
 from domain_core.changes import rotate_domain_key
 from domain_core.errors import NotFoundError, StaleProposalError, UnavailableError
@@ -68,6 +73,7 @@ class LossyCoordinator:
 
     lose: dict[int, str] = field(default_factory=dict)
     refuse_stale: bool = False
+    stale_below: int = 0  # refuse proposals on a base below this version as stale
     proposals: dict[bytes, Proposal] = field(default_factory=dict)
     approvals: dict[bytes, list[domain_pb2.Approval]] = field(default_factory=dict)
     sent: list[tuple[str, bytes]] = field(default_factory=list)
@@ -98,7 +104,7 @@ class LossyCoordinator:
     def submit_proposal(self, proposal: Proposal, approval: domain_pb2.Approval) -> ProposalView:
         self.calls += 1
         self.sent.append(("submit", proposal.raw + approval.SerializeToString()))
-        if self.refuse_stale:
+        if self.refuse_stale or proposal.base_version < self.stale_below:
             raise StaleProposalError("the domain moved on")
         self._maybe_lose("before")
         self.proposals[proposal.id] = proposal
@@ -185,3 +191,45 @@ def test_a_coordinator_that_never_answers_leaves_the_change_unknown() -> None:
     submits = [sent for kind, sent in coordinator.sent if kind == "submit"]
     assert 2 <= len(submits) <= 5  # sent again, half a second apart: no busy loop
     assert len(set(submits)) == 1  # however often it was sent, always the same bytes
+
+
+def _head(version: int) -> SimpleNamespace:
+    """What a change reads of a head: its version, hash and domain."""
+    return SimpleNamespace(
+        version=version,
+        hash=bytes([version]) * 32,
+        manifest=SimpleNamespace(domain_id="local"),
+    )
+
+
+@pytest.mark.parametrize("replicated", [True, False])
+def test_a_proposal_refused_as_stale_is_proposed_again_on_a_newer_head_with_replicas(
+    replicated: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replica that lags gave the head: the proposal is stale, nothing was applied. With
+    replicas the change goes on, as a new proposal on a newer head, in the same operation."""
+    history = History()
+    control = ControlClient(
+        "127.0.0.1:1",
+        b"",
+        SIGNERS,
+        tmp_path,
+        history,
+        WorkloadConfig(replicated=replicated),
+        seed=1,
+        stop=threading.Event(),
+    )
+    monkeypatch.setattr(control, "_newer_head", lambda client, version: _head(version + 1))
+    monkeypatch.setattr(control, "_state_hash", lambda client, version, proposal: "")
+    coordinator = LossyCoordinator(stale_below=2)
+    control._change(coordinator, _head(1), "rotate-domain-key", [rotate_domain_key()], {})  # type: ignore[arg-type]
+    invoke, done = history.events()
+    if replicated:
+        assert done["phase"] == "ok"
+        assert done["result"]["reproposed"] == 1
+        assert done["result"]["proposal_id"] != invoke["args"]["proposal_id"]
+        assert coordinator.proposals[bytes.fromhex(done["result"]["proposal_id"])].base_version == 2
+    else:
+        assert done["phase"] == "fail"
+        assert done["result"]["error"] == "StaleProposalError"
+        assert "reproposed" not in done["result"]
