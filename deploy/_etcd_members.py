@@ -282,7 +282,8 @@ def _parse(paths: DomainPaths, document: Any) -> DomainEtcd:
     if not isinstance(document, dict) or document.get("format") != _FORMAT:
         raise ValueError(f"format is not {_FORMAT!r}")
     token, prefix = str(document["token"]), str(document["prefix"])
-    if not _TOKEN.match(token) or not _PREFIX.match(prefix):
+    dots = any(segment in (".", "..") for segment in prefix.split("/"))
+    if not _TOKEN.match(token) or not _PREFIX.match(prefix) or dots:
         raise ValueError("token or prefix is malformed")
     members = []
     for entry in document["members"]:

@@ -142,23 +142,35 @@ def _cmd_down(args: argparse.Namespace) -> int:
 
 
 def _etcd_lines(report: DomainReport) -> list[str]:
-    """One line per etcd member, and which coordinator replica leads."""
+    """One line per etcd member (a domain on etcd)."""
     if report.etcd is None:
         return []
     lines = []
     for m in report.etcd.members:
         healthy = "yes" if m.healthy else ("no" if m.running else "down")
-        line = f"{m.name:<14} {m.endpoint:<22} {healthy:<8} etcd {m.version or '-'}"
+        line = f"{m.name:<14} {m.endpoint:<22} {healthy:<8} {'etcd ' + (m.version or '-'):<22}"
         if m.raft_leader:
-            line += "  (etcd leader)"
+            line += " (etcd's raft leader)"
         if not m.healthy:
-            line += f"  ({m.detail})"
-        lines.append(line)
-    if report.etcd.replica_leader:
-        lines.append(f"leader: {report.etcd.replica_leader} leads the coordinator replicas")
-    else:
-        lines.append(f"leader: none ({report.etcd.detail})")
+            line += f" ({m.detail})"
+        lines.append(line.rstrip())
     return lines
+
+
+def _leader_line(report: DomainReport) -> list[str]:
+    """Which coordinator replica leads (a domain on etcd), and whether it still runs."""
+    if report.etcd is None:
+        return []
+    leader = report.etcd.replica_leader
+    if not leader:
+        return [f"leader: none ({report.etcd.detail})"]
+    running = {p.name for p in report.processes if p.kind == "coordinator" and p.running}
+    if leader not in running:
+        return [
+            f"leader: {leader} still holds the leadership but is not running; another replica "
+            "takes over once its etcd lease lapses (within seconds)"
+        ]
+    return [f"leader: {leader} leads the coordinator replicas"]
 
 
 def _status_lines(report: DomainReport) -> list[str]:
@@ -185,6 +197,7 @@ def _status_lines(report: DomainReport) -> list[str]:
         if p.workers:
             line += f"  [key service workers: {', '.join(p.workers)}]"
         lines.append(line)
+    lines += _leader_line(report)
     view = report.coordinator
     if view.reachable:
         lines.append(

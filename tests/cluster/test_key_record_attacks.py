@@ -149,8 +149,10 @@ def write_into_store(cluster: LocalCluster, key_id: str, record: keys_pb2.KeyRec
 
 
 def apply(cluster: LocalCluster, changes: list[Any], approvers: tuple[str, ...]) -> Any:
-    """Propose as the first approver, approve with the rest; the final view."""
-    with cluster.coordinator_client() as client:
+    """Propose as the first approver, approve with the rest; the final view. The approval
+    that makes the quorum waits for the apply (an HSA producing the state), which takes
+    longer than the client's default 5 s deadline on a loaded machine."""
+    with cluster.coordinator_client(timeout=30.0) as client:
         view = client.propose(changes, cluster.operator_signer(approvers[0]), reason="test")
         for name in approvers[1:]:
             view = client.approve(view.proposal_id, cluster.operator_signer(name))
