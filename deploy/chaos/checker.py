@@ -19,10 +19,13 @@ when broken. The invariants:
    two samples;
 6. `no-forks`: no two different state hashes were seen for one version, across every sample,
    acknowledgement and the final chain;
-7. `convergence`: after the faults stopped, every node reached the coordinator's head
-   (version and hash) within the bound;
+7. `convergence`: after the faults stopped, every node (and every coordinator replica)
+   reached the coordinator's head (version and hash) within the bound;
 8. `availability`: of the data-plane operations started while at least one HSA was up and
    reachable, at least the given fraction succeeded.
+
+On a domain with coordinator replicas, `check_all` adds the invariants of `store_checks`
+(9 to 12), checked against the store itself.
 
 Plaintexts are compared in constant time and never appear in a counter-example.
 """
@@ -34,6 +37,18 @@ import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
+
+from deploy.chaos._verdicts import (
+    CONTROL_OPS,
+    ChainEntry,
+    InvariantResult,
+    broken,
+    completions,
+    held,
+    verdict,
+    where,
+)
+from deploy.chaos.store_checks import StoreObservations, check_store
 
 __all__ = [
     "DATA_PLANE_OPS",
@@ -60,34 +75,10 @@ __all__ = [
 
 DATA_PLANE_OPS: Final = frozenset({"encrypt", "decrypt", "generate_data_key"})
 CIPHERTEXT_OPS: Final = frozenset({"encrypt", "generate_data_key"})
-CONTROL_OPS: Final = frozenset({"rotate-domain-key", "add-operator", "remove-operator"})
 # Fault events (info, process "nemesis") that make a host unreachable for clients, and the
 # event that ends each.
 _DOWN_STARTS: Final = {"kill": "restart", "pause": "resume", "cut": "restore"}
 FAULT_OPS: Final = frozenset({"kill", "pause", "cut", "kill-coordinator"})
-
-
-@dataclass(frozen=True)
-class InvariantResult:
-    """One invariant's verdict."""
-
-    name: str
-    description: str
-    held: bool
-    checked: int
-    counterexample: str = ""
-    violations: int = 0
-
-    def to_json(self) -> dict[str, Any]:
-        """A JSON-ready dict."""
-        return {
-            "name": self.name,
-            "description": self.description,
-            "held": self.held,
-            "checked": self.checked,
-            "violations": self.violations,
-            "counterexample": self.counterexample,
-        }
 
 
 @dataclass(frozen=True)
@@ -111,15 +102,6 @@ class KeyObservation:
     error: str = ""
 
 
-@dataclass(frozen=True)
-class ChainEntry:
-    """One state of the final chain (verified from genesis by the runner)."""
-
-    version: int
-    state_hash: str  # hex
-    proposal_id: str  # hex, "" for a scheduled rotation and for genesis
-
-
 @dataclass
 class FinalObservations:
     """What the runner observed once the faults stopped and the domain settled."""
@@ -135,45 +117,9 @@ class FinalObservations:
     heads: Mapping[str, tuple[int, str]] = field(default_factory=dict)  # node -> (v, hash)
     coordinator_head: tuple[int, str] | None = None
     convergence_detail: str = ""
-
-
-def _held(name: str, description: str, checked: int) -> InvariantResult:
-    return InvariantResult(name, description, True, checked)
-
-
-def _broken(
-    name: str, description: str, checked: int, violations: Sequence[str]
-) -> InvariantResult:
-    return InvariantResult(name, description, False, checked, violations[0], len(violations))
-
-
-def _verdict(
-    name: str, description: str, checked: int, violations: Sequence[str]
-) -> InvariantResult:
-    if violations:
-        return _broken(name, description, checked, violations)
-    return _held(name, description, checked)
-
-
-def completions(
-    events: Iterable[Mapping[str, Any]],
-) -> list[tuple[Mapping[str, Any], Mapping[str, Any]]]:
-    """(invoke, completion) pairs of every completed operation, in completion order."""
-    invoked: dict[int, Mapping[str, Any]] = {}
-    pairs: list[tuple[Mapping[str, Any], Mapping[str, Any]]] = []
-    for event in events:
-        phase = event.get("phase")
-        if phase == "invoke":
-            invoked[int(event["id"])] = event
-        elif phase in ("ok", "fail", "unknown"):
-            start = invoked.pop(int(event["id"]), None)
-            if start is not None:
-                pairs.append((start, event))
-    return pairs
-
-
-def _where(invoke: Mapping[str, Any]) -> str:
-    return f"op {invoke['id']} ({invoke['op']} by {invoke['process']} at t={invoke['t']:.3f} s)"
+    # A domain with coordinator replicas: each replica's head at the end, and the store.
+    replica_heads: Mapping[str, tuple[int, str]] = field(default_factory=dict)
+    store: StoreObservations | None = None
 
 
 # --- 1. acknowledged ciphertexts decrypt everywhere --------------------------------------------
@@ -197,24 +143,24 @@ def check_ciphertexts(
         op_id = int(invoke["id"])
         expected = plaintexts.get(op_id)
         if expected is None:
-            violations.append(f"{_where(invoke)}: its plaintext was not kept for the check")
+            violations.append(f"{where(invoke)}: its plaintext was not kept for the check")
             continue
         observed = final.decrypts.get(op_id, {})
         for node in final.nodes:
             checked += 1
             seen = observed.get(node)
             if seen is None:
-                violations.append(f"{_where(invoke)}: not decrypted on {node} at the end")
+                violations.append(f"{where(invoke)}: not decrypted on {node} at the end")
             elif seen.plaintext is None:
                 violations.append(
-                    f"{_where(invoke)}: {node} refused to decrypt it: {seen.error or '?'}"
+                    f"{where(invoke)}: {node} refused to decrypt it: {seen.error or '?'}"
                 )
             elif not hmac.compare_digest(seen.plaintext, expected):
                 violations.append(
-                    f"{_where(invoke)}: {node} returned a different plaintext "
+                    f"{where(invoke)}: {node} returned a different plaintext "
                     f"({len(seen.plaintext)} bytes, expected {len(expected)})"
                 )
-    return _verdict(name, description, checked, violations)
+    return verdict(name, description, checked, violations)
 
 
 # --- 2. decrypts during the run were right ----------------------------------------------------
@@ -235,10 +181,10 @@ def check_online_decrypts(events: Sequence[Mapping[str, Any]]) -> InvariantResul
         if done["result"].get("match") is not True:
             source = invoke["args"].get("source_op", "?")
             violations.append(
-                f"{_where(invoke)}: the plaintext returned for the ciphertext of op {source} "
+                f"{where(invoke)}: the plaintext returned for the ciphertext of op {source} "
                 "is not the one that was encrypted"
             )
-    return _verdict(name, description, checked, violations)
+    return verdict(name, description, checked, violations)
 
 
 # --- 3. acknowledged keys exist and work ------------------------------------------------------
@@ -261,17 +207,17 @@ def check_keys(events: Sequence[Mapping[str, Any]], final: FinalObservations) ->
             checked += 1
             seen = observed.get(node)
             if seen is None:
-                violations.append(f"{_where(invoke)}: key {key_id} was not checked on {node}")
+                violations.append(f"{where(invoke)}: key {key_id} was not checked on {node}")
             elif not seen.described:
                 violations.append(
-                    f"{_where(invoke)}: {node} does not know key {key_id}: {seen.error or '?'}"
+                    f"{where(invoke)}: {node} does not know key {key_id}: {seen.error or '?'}"
                 )
             elif not seen.round_trip:
                 violations.append(
-                    f"{_where(invoke)}: key {key_id} does not round-trip data on {node}: "
+                    f"{where(invoke)}: key {key_id} does not round-trip data on {node}: "
                     f"{seen.error or '?'}"
                 )
-    return _verdict(name, description, checked, violations)
+    return verdict(name, description, checked, violations)
 
 
 # --- 4. acknowledged versions are in the final chain ------------------------------------------
@@ -301,21 +247,21 @@ def check_versions_in_chain(
         if entry is None:
             head = max(by_version, default=0)
             violations.append(
-                f"{_where(invoke)}: acknowledged as version {version}, but the final chain "
+                f"{where(invoke)}: acknowledged as version {version}, but the final chain "
                 f"ends at version {head}"
             )
         elif proposal and entry.proposal_id != proposal:
             violations.append(
-                f"{_where(invoke)}: acknowledged proposal {proposal[:16]}... as version "
+                f"{where(invoke)}: acknowledged proposal {proposal[:16]}... as version "
                 f"{version}, but the final chain has proposal {entry.proposal_id[:16] or '-'} "
                 "there"
             )
         elif state_hash and entry.state_hash != state_hash:
             violations.append(
-                f"{_where(invoke)}: acknowledged version {version} with state hash "
+                f"{where(invoke)}: acknowledged version {version} with state hash "
                 f"{state_hash[:16]}..., the final chain has {entry.state_hash[:16]}..."
             )
-    return _verdict(name, description, checked, violations)
+    return verdict(name, description, checked, violations)
 
 
 # --- 5. and 6. versions never go down; no forks -----------------------------------------------
@@ -350,7 +296,7 @@ def check_monotonic(events: Sequence[Mapping[str, Any]]) -> InvariantResult:
             )
         if previous is None or version >= previous[0]:
             last[who] = (version, float(event["t"]))
-    return _verdict(name, description, checked, violations)
+    return verdict(name, description, checked, violations)
 
 
 def check_no_forks(
@@ -384,13 +330,13 @@ def check_no_forks(
             see(
                 int(done["result"].get("version", 0)),
                 str(done["result"].get("state_hash", "")),
-                f"acknowledged by {_where(invoke)}",
+                f"acknowledged by {where(invoke)}",
             )
     for entry in final.chain:
         see(entry.version, entry.state_hash, "the final chain")
     for node, (version, state_hash) in final.heads.items():
         see(version, state_hash, f"{node} at the end")
-    return _verdict(name, description, checked, violations)
+    return verdict(name, description, checked, violations)
 
 
 # --- 7. convergence ---------------------------------------------------------------------------
@@ -419,6 +365,12 @@ def check_convergence(final: FinalObservations, bound: float) -> InvariantResult
                     f"{node} ended on {shown}, the coordinator on version "
                     f"{final.coordinator_head[0]} ({final.coordinator_head[1][:16]}...)"
                 )
+        for replica, head in final.replica_heads.items():
+            if head != final.coordinator_head:
+                violations.append(
+                    f"replica {replica} ended on version {head[0]} ({head[1][:16]}...), the "
+                    f"coordinator's head is version {final.coordinator_head[0]}"
+                )
         chain_head = final.chain[-1] if final.chain else None
         if (
             chain_head is not None
@@ -432,7 +384,7 @@ def check_convergence(final: FinalObservations, bound: float) -> InvariantResult
                 f"the final chain ends at version {chain_head.version}, the coordinator's "
                 f"head is version {final.coordinator_head[0]}"
             )
-    return _verdict(name, description, checked, violations)
+    return verdict(name, description, checked, violations)
 
 
 # --- 8. availability --------------------------------------------------------------------------
@@ -543,13 +495,13 @@ def check_availability(
     )
     fraction = figures.fraction
     if fraction is None and not expected:
-        return _held(name, description, 0)
+        return held(name, description, 0)
     if fraction is None:
-        return _broken(
+        return broken(
             name, description, 0, ["no data-plane operation was started while an HSA was up"]
         )
     if fraction < minimum:
-        return _broken(
+        return broken(
             name,
             description,
             figures.attempted,
@@ -558,7 +510,7 @@ def check_availability(
                 f"{figures.unknown} unknown, {figures.failed} failed"
             ],
         )
-    return _held(name, description, figures.attempted)
+    return held(name, description, figures.attempted)
 
 
 # --- all --------------------------------------------------------------------------------------
@@ -573,8 +525,9 @@ def check_all(
     min_availability: float,
     expect_data_plane: bool = True,
 ) -> list[InvariantResult]:
-    """Every invariant, in the order of the module docstring."""
-    return [
+    """Every invariant, in the order of the module docstring (and, on a domain with replicas,
+    those of `store_checks`)."""
+    results = [
         check_ciphertexts(events, plaintexts, final),
         check_online_decrypts(events),
         check_keys(events, final),
@@ -586,3 +539,6 @@ def check_all(
             availability(events, final.nodes), min_availability, expected=expect_data_plane
         ),
     ]
+    if final.store is not None:
+        results.extend(check_store(events, final.store))
+    return results

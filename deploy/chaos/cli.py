@@ -15,9 +15,16 @@ from pathlib import Path
 from typing import Any, Final
 
 from deploy.chaos.experiment import ChaosInterrupted, run_chaos
-from deploy.chaos.faults import FAULT_TYPES, FaultConfig, parse_fault_types
+from deploy.chaos.faults import (
+    FAULT_TYPES,
+    REPLICA_FAULT_TYPES,
+    FaultConfig,
+    domain_fault_types,
+    parse_fault_types,
+)
 from deploy.chaos.runner import ChaosOptions
 from deploy.chaos.workload import WorkloadConfig
+from deploy.init import load_layout
 from domain_edge.cli import Command, UsageError
 
 __all__ = ["COMMAND", "EXIT_BROKEN", "EXIT_HELD", "EXIT_USAGE"]
@@ -67,7 +74,7 @@ def _fraction(text: str) -> float:
     return value
 
 
-def _fault_types(text: str) -> tuple[str, ...]:
+def _fault_types(text: str) -> tuple[str, ...] | None:
     try:
         return parse_fault_types(text)
     except ValueError as error:
@@ -98,9 +105,11 @@ _OPTIONS: Final[tuple[tuple[str, dict[str, Any]], ...]] = (
         "--faults",
         {
             "type": _fault_types,
-            "default": FAULT_TYPES,
+            "default": None,
             "metavar": "LIST",
-            "help": f"comma-separated fault types: {','.join(FAULT_TYPES)} (default all)",
+            "help": f"comma-separated fault types: {','.join(FAULT_TYPES)} (one coordinator), "
+            f"kill,pause,partition,{','.join(REPLICA_FAULT_TYPES)} (coordinator replicas on "
+            "etcd) (default all: every type the domain supports)",
         },
     ),
     (
@@ -209,6 +218,10 @@ def _cmd_chaos(args: argparse.Namespace) -> int:
     low, high = args.fault_duration
     if low > high:
         raise UsageError("--fault-duration MIN must not exceed MAX")
+    try:
+        domain_fault_types(args.faults, load_layout(directory).replicated)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
     options = ChaosOptions(
         directory=directory,
@@ -245,16 +258,19 @@ def _cmd_chaos(args: argparse.Namespace) -> int:
 #: `hsm-domain chaos DIR ...` (in the table of `deploy.cli`).
 COMMAND: Final = Command(
     "chaos",
-    "run the domain under load and faults (kill, pause, coordinator, partition), "
-    "then check its invariants",
+    "run the domain under load and faults (kill, pause, coordinator, partition; with "
+    "replicas: replica-kill, replica-pause, etcd-kill, etcd-cut), then check its invariants",
     _cmd_chaos,
     """
     hsm-domain init ./demo && hsm-domain chaos ./demo --duration 60 --seed 7
     hsm-domain chaos ./demo --duration 300 --seed 1 --faults kill,partition --json report.json
+    hsm-domain init ./ha --coordinators 3 && hsm-domain chaos ./ha --duration 300 --seed 1
+    hsm-domain chaos ./ha --faults replica-kill,etcd-kill,etcd-cut --duration 60
     """,
     notes="""
     exit status 0 if every invariant held, 1 if one broke, 2 on a usage error.
-    The history (every operation and fault, JSON lines) goes to DIR/chaos/history-<seed>.jsonl.
+    The history (every operation and fault, JSON lines) goes to DIR/chaos/history-<seed>.jsonl;
+    on a domain with replicas the store's backup read at the end to DIR/chaos/store-<seed>.hsmbk.
     """,
     arguments=_arguments,
 )

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import random
+import secrets
 import shutil
 import signal
 import threading
@@ -29,19 +30,15 @@ from typing import Any, TextIO
 from deploy import cluster
 from deploy._files import make_private_dir
 from deploy.chaos.checker import availability, check_all
-from deploy.chaos.faults import Nemesis
+from deploy.chaos.control import ControlClient
+from deploy.chaos.faults import Nemesis, Replicas, domain_fault_types
 from deploy.chaos.final import Convergence, observe_the_end, wait_for_convergence
 from deploy.chaos.history import History
 from deploy.chaos.report import ChaosReport, ProgressLine, operations_by_outcome
 from deploy.chaos.runner import ChaosOptions, ChaosRunner, refuse_if_running
-from deploy.chaos.workload import (
-    ControlClient,
-    DataClient,
-    KeyRing,
-    Sampler,
-    create_bootstrap_key,
-)
-from deploy.init import DomainLayout, load_layout, read_passphrase
+from deploy.chaos.sampler import Sampler
+from deploy.chaos.workload import DataClient, KeyRing, create_bootstrap_key
+from deploy.init import COORDINATOR_NAME, DomainLayout, load_layout, read_passphrase
 from domain_core.errors import InvalidInputError
 from domain_core.signers import Signer
 from domain_edge.file_tokens import load_file_token
@@ -49,6 +46,9 @@ from domain_edge.file_tokens import load_file_token
 __all__ = ["ChaosInterrupted", "run_chaos"]
 
 log = logging.getLogger(__name__)
+
+# How long the control workload follows an uncertain domain change on a domain with replicas.
+REPLICATED_RESOLVE_SECONDS = 45.0
 
 
 class ChaosInterrupted(Exception):
@@ -111,7 +111,26 @@ def run_chaos(options: ChaosOptions, out: TextIO) -> ChaosReport:
         return _run_chaos(layout, options, out)
 
 
+def for_domain(options: ChaosOptions, layout: DomainLayout) -> ChaosOptions:
+    """The options as this domain runs them: its fault types (InvalidInputError if one asked
+    for does not fit it) and, with replicas, the replicated workload (a longer follow-up of
+    uncertain domain changes: a replica's write lock outlives a killed holder by its lease)."""
+    try:
+        types = domain_fault_types(options.faults.types, layout.replicated)
+    except ValueError as error:
+        raise InvalidInputError(str(error)) from None
+    workload = options.workload
+    if layout.replicated:
+        workload = replace(
+            workload,
+            replicated=True,
+            resolve_timeout=max(workload.resolve_timeout, REPLICATED_RESOLVE_SECONDS),
+        )
+    return replace(options, faults=replace(options.faults, types=types), workload=workload)
+
+
 def _run_chaos(layout: DomainLayout, options: ChaosOptions, out: TextIO) -> ChaosReport:
+    options = for_domain(options, layout)
     signers = _operator_signers(layout)
     history_path = options.history_file()
     chaos_dir = layout.chaos_dir
@@ -129,12 +148,20 @@ def _run_chaos(layout: DomainLayout, options: ChaosOptions, out: TextIO) -> Chao
                 "start",
                 seed=options.seed,
                 nodes=runner.members,
-                faults=list(options.faults.types),
+                coordinators=runner.coordinators,
+                etcd_members=runner.layout.etcd_members,
+                faults=list(options.faults.types or ()),
                 clients=options.workload.clients,
                 duration=options.duration,
             )
+            coordinators = (
+                f"etcd ({len(runner.layout.etcd_members)} members), replicas "
+                f"{', '.join(runner.coordinators)}"
+                if runner.replicated
+                else "coordinator"
+            )
             progress.done(
-                f"domain up: coordinator and {len(runner.members)} HSAs "
+                f"domain up: {coordinators} and {len(runner.members)} HSAs "
                 f"({', '.join(runner.members)}), proxies in place"
             )
             return _experiment(runner, options, history, signers, token_dir, stop_faults, progress)
@@ -194,14 +221,22 @@ def _workload(
     """Build the workload (the sampler already sampling; nothing else started yet)."""
     workload = options.workload
     run_tag = f"seed-{options.seed}"
+    if runner.replicated:
+        # CreateKey idempotency keys are per caller: a new run must not reuse an old run's.
+        run_tag += f"-{secrets.token_hex(3)}"
     ring = KeyRing()
     if workload.clients > 0:
         create_bootstrap_key(runner.client_endpoints, runner.tls, ring, history, run_tag)
     rng = random.Random(options.seed)  # noqa: S311 - a reproducible schedule, not a secret
     stop_sampler = threading.Event()
+    coordinators = (
+        runner.direct_operator_addresses()
+        if runner.replicated
+        else {COORDINATOR_NAME: runner.stable_operator_address}
+    )
     sampler = Sampler(
         runner.node_addresses,
-        runner.stable_operator_address,
+        coordinators,
         runner.tls,
         history,
         stop_sampler,
@@ -233,7 +268,19 @@ def _workload(
         options.seed,
         stop_load,
     )
-    nemesis = Nemesis(runner, runner.members, options.faults, rng, history)
+
+    def on_fault(kind: str, target: str, led: bool) -> None:
+        if kind == "replica-kill" and led:
+            control.nudge()  # a domain change while the leader is down
+
+    replicas = (
+        Replicas(runner, runner.coordinators, runner.layout.etcd_members)
+        if runner.replicated
+        else None
+    )
+    nemesis = Nemesis(
+        runner, runner.members, options.faults, rng, history, replicas=replicas, on_fault=on_fault
+    )
     return _Workload(ring, sampler, clients, control, nemesis, stop_load, stop_sampler)
 
 
@@ -318,7 +365,8 @@ def _experiment(
         load.stop_load.set()
         load.stop_sampler.set()
     load.sampler.join(timeout=10)
-    final = observe_the_end(runner, history, load.ring, convergence, progress)
+    backup = runner.layout.chaos_dir / f"store-{options.seed}.hsmbk" if runner.replicated else None
+    final = observe_the_end(runner, history, load.ring, convergence, progress, backup)
     events = history.events()
     results = check_all(
         events,
@@ -336,8 +384,8 @@ def _experiment(
         faults_seconds=faults_for,
         nodes=list(runner.members),
         clients=options.workload.clients,
-        fault_types=list(options.faults.types),
-        faults=_fault_counts(events),
+        fault_types=list(options.faults.types or ()),
+        faults=_fault_counts(events, domain_fault_types(None, runner.replicated)),
         partitions=_partition_counts(events),
         repairs_failed=load.nemesis.figures.repairs_failed,
         operations=operations_by_outcome(events),
@@ -351,6 +399,9 @@ def _experiment(
         crashed_threads=load.crashed_threads(),
         unhealed=unhealed,
         unfinished=history.pending(),
+        coordinators=list(runner.coordinators) if runner.replicated else [],
+        etcd_members=runner.layout.etcd_members,
+        leader_faults=dict(load.nemesis.figures.leader_faults),
     )
 
 
@@ -364,15 +415,21 @@ def _partition_counts(events: list[dict[str, Any]]) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def _fault_counts(events: list[dict[str, Any]]) -> dict[str, int]:
+def _fault_counts(events: list[dict[str, Any]], types: tuple[str, ...]) -> dict[str, int]:
+    """Faults injected by type (every type of the domain listed, 0 if none)."""
     names = {
         "kill": "kill",
         "pause": "pause",
         "kill-coordinator": "coordinator",
         "cut": "partition",
+        "kill-replica": "replica-kill",
+        "pause-replica": "replica-pause",
+        "kill-etcd": "etcd-kill",
+        "cut-etcd": "etcd-cut",
     }
-    counts = dict.fromkeys(names.values(), 0)
+    counts = dict.fromkeys(types, 0)
     for event in events:
         if event["phase"] == "info" and event["process"] == "nemesis" and event["op"] in names:
-            counts[names[event["op"]]] += 1
+            kind = names[event["op"]]
+            counts[kind] = counts.get(kind, 0) + 1
     return counts

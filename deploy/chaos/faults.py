@@ -1,29 +1,43 @@
 """The fault injector of a chaos run ("nemesis"): kills, pauses and partitions, then heals.
 
-Fault types (`FAULT_TYPES`):
+Fault types of every domain (`FAULT_TYPES` are those of a domain with one coordinator):
 - `kill`: SIGKILL an HSA (its whole process group), restart it after a while;
 - `pause`: SIGSTOP an HSA, SIGCONT it after a while;
-- `coordinator`: SIGKILL the coordinator, restart it after a while;
+- `coordinator`: SIGKILL the coordinator, restart it after a while (one coordinator only);
 - `partition`: cut one link through its TCP proxy (an HSA's client link, or its link to the
   coordinator; `refuse` resets connections, `blackhole` stalls them), restore it after a while.
+Fault types of a domain with coordinator replicas on etcd (`REPLICA_FAULT_TYPES`):
+- `replica-kill`: SIGKILL a coordinator replica, restart it after a while;
+- `replica-pause`: SIGSTOP a coordinator replica, SIGCONT it after a while;
+- `etcd-kill`: SIGKILL an etcd member, restart it (on its data) after a while;
+- `etcd-cut`: cut a replica off from etcd (every one of its etcd links, through the proxies,
+  `refuse` or `blackhole`), restore it after a while.
+The three replica types aim at the leader on purpose half of the time (a seeded draw): the
+nemesis asks etcd who leads (`DomainControl.replica_leader`) and takes that replica if it is
+free; otherwise, and the other half of the time, a free replica drawn at random.
 
 Invariants:
-- every choice (when, which fault, which target, how long, which link and mode) comes from one
-  `random.Random(seed)`, so a seed names a fault schedule (timing still varies with the load);
+- every choice (when, which fault, which target, how long, which link and mode, whether to aim
+  at the leader) comes from one `random.Random(seed)`, drawn in the same order whatever the
+  domain answers, so a seed names a fault schedule (timing and who leads still vary);
 - fault types are drawn in rounds, each a seeded shuffle of the enabled types, so every
   enabled type is injected once before any is injected twice (a short run covers them all);
-- at most one fault holds a host at a time, and at most `max_down` HSAs are unreachable by
-  clients at once (killed, paused or client link cut): by default all but one, so the data
-  plane always has somewhere to go;
+- at most one fault holds a target (an HSA, the coordinator, a replica, an etcd member) at a
+  time; at most `max_down` HSAs are unreachable by clients at once (killed, paused or client
+  link cut): by default all but one, so the data plane always has somewhere to go; at least
+  one replica is up and reaches etcd (at most all but one killed, paused or cut off); at most
+  a minority of the etcd members is down ((members - 1) // 2), so etcd keeps its quorum;
 - each fault and each repair is recorded in the history (`info` events of process
   "nemesis"): a fault before it is applied, a repair after it took effect, so the recorded
-  down windows contain the real ones;
-- `heal` repairs every active fault (restarts, resumes, restores) before it returns; a repair
-  that fails is retried until it succeeds or `heal`'s deadline passes.
+  down windows contain the real ones; a replica fault records whether its target led;
+- `heal` repairs every active fault (resumes and links first, then etcd members, then the
+  coordinators, then the HSAs) before it returns; a repair that fails is retried until it
+  succeeds or `heal`'s deadline passes.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import threading
@@ -36,36 +50,96 @@ from typing import Final, Protocol
 from deploy.chaos.history import History
 
 __all__ = [
+    "ALL_FAULT_TYPES",
     "FAULT_TYPES",
     "LINKS",
     "LINK_MODES",
+    "REPLICA_FAULT_TYPES",
     "DomainControl",
     "FaultConfig",
     "Nemesis",
+    "ReplicaControl",
+    "Replicas",
+    "domain_fault_types",
     "parse_fault_types",
 ]
 
 log = logging.getLogger(__name__)
 
 FAULT_TYPES: Final = ("kill", "pause", "coordinator", "partition")
+REPLICA_FAULT_TYPES: Final = ("replica-kill", "replica-pause", "etcd-kill", "etcd-cut")
+ALL_FAULT_TYPES: Final = (*FAULT_TYPES, *REPLICA_FAULT_TYPES)
+# The types of a domain with replicas: `coordinator` (one coordinator) is `replica-kill` there.
+_REPLICATED_TYPES: Final = ("kill", "pause", "partition", *REPLICA_FAULT_TYPES)
+_REPLICA_KINDS: Final = frozenset({"replica-kill", "replica-pause", "etcd-cut"})
 LINKS: Final = ("client", "coordinator")
 LINK_MODES: Final = ("refuse", "blackhole")
 _RETRY_SECONDS: Final = 1.0
 _TICK: Final = 0.05
+# What the history calls each fault and each repair, by fault type.
+_FAULT_OPS: Final = {
+    "replica-kill": "kill-replica",
+    "replica-pause": "pause-replica",
+    "etcd-kill": "kill-etcd",
+    "etcd-cut": "cut-etcd",
+}
+_REPAIR_OPS: Final = {
+    "kill": "restart",
+    "pause": "resume",
+    "coordinator": "restart-coordinator",
+    "partition": "restore",
+    "replica-kill": "restart-replica",
+    "replica-pause": "resume-replica",
+    "etcd-kill": "restart-etcd",
+    "etcd-cut": "restore-etcd",
+}
+_HEAL_ORDER: Final = {
+    "pause": 0,
+    "replica-pause": 0,
+    "partition": 1,
+    "etcd-cut": 1,
+    "etcd-kill": 2,
+    "coordinator": 3,
+    "replica-kill": 3,
+    "kill": 4,
+}
 
 
-def parse_fault_types(text: str) -> tuple[str, ...]:
-    """Fault types from "kill,pause,..." ("all" for every type); ValueError if unknown."""
+def parse_fault_types(text: str) -> tuple[str, ...] | None:
+    """Fault types from "kill,pause,..." (None for "all": every type the domain supports);
+    ValueError if unknown."""
     names = [n.strip() for n in text.split(",") if n.strip()]
     if names == ["all"]:
-        return FAULT_TYPES
-    unknown = [n for n in names if n not in FAULT_TYPES]
+        return None
+    unknown = [n for n in names if n not in ALL_FAULT_TYPES]
     if unknown or not names:
         raise ValueError(
             f"unknown fault type(s) {', '.join(unknown) or '(none given)'}; "
-            f"choose from {', '.join(FAULT_TYPES)} (or all)"
+            f"choose from {', '.join(ALL_FAULT_TYPES)} (or all)"
         )
     return tuple(dict.fromkeys(names))
+
+
+def domain_fault_types(requested: tuple[str, ...] | None, replicated: bool) -> tuple[str, ...]:
+    """The fault types of a run: `requested` (None: every type the domain supports), checked
+    against the domain; ValueError naming what to use instead."""
+    supported = _REPLICATED_TYPES if replicated else FAULT_TYPES
+    if requested is None:
+        return supported
+    wrong = [t for t in requested if t not in supported]
+    if wrong and replicated:
+        raise ValueError(
+            f"fault type(s) {', '.join(wrong)} are for a domain with one coordinator; this one "
+            f"has coordinator replicas on etcd: choose from {', '.join(supported)} "
+            "(replica-kill kills a replica, the leader included)"
+        )
+    if wrong:
+        raise ValueError(
+            f"fault type(s) {', '.join(wrong)} need coordinator replicas on etcd "
+            f"(hsm-domain init DIR --coordinators 3); this domain has one coordinator: "
+            f"choose from {', '.join(supported)}"
+        )
+    return requested
 
 
 class DomainControl(Protocol):
@@ -96,19 +170,50 @@ class DomainControl(Protocol):
         """Restore `host`'s `link`."""
 
 
+class ReplicaControl(Protocol):
+    """What the nemesis does to coordinator replicas and etcd members (a replicated domain)."""
+
+    def replica_leader(self) -> str:
+        """The replica that leads now, as etcd says ("" if none or etcd cannot say)."""
+
+    def kill_replica(self, name: str) -> None:
+        """SIGKILL the replica `name`."""
+
+    def start_replica(self, name: str) -> None:
+        """Start the replica `name` again; return once it is serving."""
+
+    def pause_replica(self, name: str) -> None:
+        """SIGSTOP the replica `name`."""
+
+    def resume_replica(self, name: str) -> None:
+        """SIGCONT the replica `name`."""
+
+    def cut_etcd(self, name: str, mode: str) -> None:
+        """Cut every etcd link of the replica `name` in `mode`."""
+
+    def restore_etcd(self, name: str) -> None:
+        """Restore the etcd links of the replica `name`."""
+
+    def kill_etcd(self, member: str) -> None:
+        """SIGKILL the etcd member `member`."""
+
+    def start_etcd(self, member: str) -> None:
+        """Start the etcd member `member` again (on its data); return once it is healthy."""
+
+
 @dataclass(frozen=True)
 class FaultConfig:
     """How the nemesis behaves."""
 
-    types: tuple[str, ...] = FAULT_TYPES
+    types: tuple[str, ...] | None = None  # None: every type the domain supports
     interval: float = 2.0  # mean seconds between two faults (uniform in [0.5, 1.5] x interval)
     min_duration: float = 0.5  # how long a fault lasts before its repair
     max_duration: float = 3.0
     max_down: int | None = None  # HSAs unreachable by clients at once (None: all but one)
 
     def __post_init__(self) -> None:
-        if not self.types or set(self.types) - set(FAULT_TYPES):
-            raise ValueError(f"fault types must be among {', '.join(FAULT_TYPES)}")
+        if self.types is not None and (not self.types or set(self.types) - set(ALL_FAULT_TYPES)):
+            raise ValueError(f"fault types must be among {', '.join(ALL_FAULT_TYPES)}")
         if self.interval <= 0:
             raise ValueError("the fault interval must be positive")
         if not 0 < self.min_duration <= self.max_duration:
@@ -117,10 +222,19 @@ class FaultConfig:
             raise ValueError("max_down cannot be negative")
 
 
+@dataclass(frozen=True)
+class Replicas:
+    """The coordinator replicas and etcd members of a replicated domain, and their control."""
+
+    control: ReplicaControl
+    names: Sequence[str]
+    etcd_members: Sequence[str]
+
+
 @dataclass
 class _Active:
-    kind: str  # kill, pause, coordinator, partition
-    target: str  # host id, or "coordinator"
+    kind: str  # one of ALL_FAULT_TYPES
+    target: str  # host id, "coordinator", a replica's or an etcd member's name
     until: float
     link: str = ""
     mode: str = ""
@@ -132,8 +246,13 @@ class NemesisFigures:
     """What the nemesis did."""
 
     injected: Counter[str] = field(default_factory=Counter)
+    leader_faults: Counter[str] = field(default_factory=Counter)  # replica faults on the leader
     repairs_failed: int = 0
     skipped: int = 0  # fault times at which no enabled fault could be applied
+
+
+# Called after a fault took effect: (fault type, target, whether the target led).
+FaultHook = Callable[[str, str, bool], None]
 
 
 class Nemesis:
@@ -146,19 +265,30 @@ class Nemesis:
         config: FaultConfig,
         rng: random.Random,
         history: History,
+        *,
+        replicas: Replicas | None = None,
+        on_fault: FaultHook | None = None,
     ) -> None:
         if not nodes:
             raise ValueError("the nemesis needs at least one node")
         self._control = control
         self._nodes = list(nodes)
+        self._replicas = replicas
+        self._types = domain_fault_types(config.types, replicas is not None)
         self._config = config
         self._rng = rng
         self._history = history
+        self._on_fault = on_fault
         self._max_down = config.max_down if config.max_down is not None else len(nodes) - 1
         self._active: list[_Active] = []
         self._round: list[str] = []
         self._lock = threading.Lock()
         self.figures = NemesisFigures()
+
+    @property
+    def types(self) -> tuple[str, ...]:
+        """The fault types this nemesis injects."""
+        return self._types
 
     # --- observing ----------------------------------------------------------------------------
 
@@ -166,6 +296,11 @@ class Nemesis:
         """HSAs clients cannot reach now (killed, paused, or client link cut)."""
         with self._lock:
             return sorted(a.target for a in self._active if self._blocks_clients(a))
+
+    def replicas_down(self) -> list[str]:
+        """Replicas killed, paused or cut off from etcd now."""
+        with self._lock:
+            return sorted(a.target for a in self._active if a.kind in _REPLICA_KINDS)
 
     def active(self) -> list[str]:
         """A short description of every active fault."""
@@ -203,7 +338,7 @@ class Nemesis:
     def _next_kinds(self) -> list[str]:
         """The fault types to try now: the rest of this round, then a fresh round."""
         if not self._round:
-            self._round = list(self._config.types)
+            self._round = list(self._types)
             self._rng.shuffle(self._round)
         return list(self._round)
 
@@ -216,14 +351,18 @@ class Nemesis:
                 return
         self.figures.skipped += 1
 
-    def _free_nodes(self) -> list[str]:
+    def _free(self, targets: Sequence[str]) -> list[str]:
         with self._lock:
             busy = {a.target for a in self._active}
-        return [n for n in self._nodes if n not in busy]
+        return [t for t in targets if t not in busy]
 
     def _try_inject(self, kind: str) -> bool:
         """Apply one fault of `kind` if the rules allow it now; True if applied."""
-        free = self._free_nodes()
+        if kind in _REPLICA_KINDS:
+            return self._inject_replica(kind)
+        if kind == "etcd-kill":
+            return self._inject_etcd_kill()
+        free = self._free(self._nodes)
         room = len(self.unreachable()) < self._max_down
         if kind == "coordinator":
             with self._lock:
@@ -257,6 +396,64 @@ class Nemesis:
         self._start(_Active(kind, host, until), lambda: action(host))
         return True
 
+    def _leader(self) -> str:
+        """Who leads the replicas now ("" if etcd cannot say)."""
+        assert self._replicas is not None
+        try:
+            return self._replicas.control.replica_leader()
+        except Exception as error:  # the fault then goes to a replica drawn at random
+            log.warning("cannot ask etcd which replica leads: %s", error)
+            return ""
+
+    def _inject_replica(self, kind: str) -> bool:
+        """A replica fault (kill, pause, cut off from etcd), leaving one replica up."""
+        if self._replicas is None:
+            return False
+        names = self._replicas.names
+        free = self._free(names)
+        if not free or len(self.replicas_down()) >= len(names) - 1:
+            return False
+        aim = self._rng.random() < 0.5
+        drawn = self._rng.choice(free)
+        mode = self._rng.choice(LINK_MODES) if kind == "etcd-cut" else ""
+        until = time.monotonic() + self._duration()
+        leader = self._leader()
+        target = leader if aim and leader in free else drawn
+        led = bool(leader) and target == leader
+        args: dict[str, object] = {"target": target, "leader": led, "aimed": aim}
+        if mode:
+            args["mode"] = mode
+        self._history.info("nemesis", _FAULT_OPS[kind], **args)
+        control = self._replicas.control
+        if kind == "etcd-cut":
+            action = functools.partial(control.cut_etcd, target, mode)
+        else:
+            faults = {"replica-kill": control.kill_replica, "replica-pause": control.pause_replica}
+            action = functools.partial(faults[kind], target)
+        self._start(_Active(kind, target, until, mode=mode), action)
+        if led:
+            self.figures.leader_faults[kind] += 1
+        if self._on_fault is not None:
+            self._on_fault(kind, target, led)
+        return True
+
+    def _inject_etcd_kill(self) -> bool:
+        """Kill an etcd member, leaving a majority of them up."""
+        if self._replicas is None:
+            return False
+        members = self._replicas.etcd_members
+        with self._lock:
+            down = sum(1 for a in self._active if a.kind == "etcd-kill")
+        free = self._free(members)
+        if not free or down >= (len(members) - 1) // 2:
+            return False
+        member = self._rng.choice(free)
+        until = time.monotonic() + self._duration()
+        self._history.info("nemesis", "kill-etcd", target=member)
+        control = self._replicas.control
+        self._start(_Active("etcd-kill", member, until), lambda: control.kill_etcd(member))
+        return True
+
     def _start(self, fault: _Active, action: Callable[[], None]) -> None:
         with self._lock:
             self._active.append(fault)
@@ -276,23 +473,33 @@ class Nemesis:
         for fault in due:
             self._repair(fault)
 
+    def _undo(self, fault: _Active) -> None:
+        """The repair of one fault (raises if it did not take effect)."""
+        kind, target = fault.kind, fault.target
+        if kind == "kill":
+            self._control.start_node(target)
+        elif kind == "pause":
+            self._control.resume_node(target)
+        elif kind == "coordinator":
+            self._control.start_coordinator()
+        elif kind == "partition":
+            self._control.restore_link(target, fault.link)
+        else:
+            assert self._replicas is not None
+            control = self._replicas.control
+            {
+                "replica-kill": control.start_replica,
+                "replica-pause": control.resume_replica,
+                "etcd-kill": control.start_etcd,
+                "etcd-cut": control.restore_etcd,
+            }[kind](target)
+
     def _repair(self, fault: _Active) -> bool:
         """Undo one fault; on failure it stays active and is retried a little later."""
         fault.attempts += 1
         began = time.monotonic()
         try:
-            if fault.kind == "kill":
-                self._control.start_node(fault.target)
-                op = "restart"
-            elif fault.kind == "pause":
-                self._control.resume_node(fault.target)
-                op = "resume"
-            elif fault.kind == "coordinator":
-                self._control.start_coordinator()
-                op = "restart-coordinator"
-            else:
-                self._control.restore_link(fault.target, fault.link)
-                op = "restore"
+            self._undo(fault)
         except Exception as error:
             self.figures.repairs_failed += 1
             log.warning("repairing %s of %s failed: %s", fault.kind, fault.target, error)
@@ -314,17 +521,17 @@ class Nemesis:
         }
         if fault.link:
             args["link"] = fault.link
-        self._history.info("nemesis", op, **args)
+        self._history.info("nemesis", _REPAIR_OPS[fault.kind], **args)
         return True
 
     def heal(self, timeout: float = 60.0) -> list[str]:
-        """Repair every active fault (pauses and links first, then processes); returns the
-        faults still active when `timeout` ran out (empty on success)."""
+        """Repair every active fault (pauses and links first, then etcd members, then the
+        coordinators, then the HSAs); returns the faults still active when `timeout` ran out
+        (empty on success)."""
         deadline = time.monotonic() + timeout
-        order = {"pause": 0, "partition": 1, "coordinator": 2, "kill": 3}
         while True:
             with self._lock:
-                remaining = sorted(self._active, key=lambda a: order[a.kind])
+                remaining = sorted(self._active, key=lambda a: _HEAL_ORDER[a.kind])
             if not remaining:
                 return []
             for fault in remaining:

@@ -1,9 +1,11 @@
 """What a chaos run observes at its end, directly from each process (never through a proxy).
 
 Invariants: every observation is made with the demo application's own TLS identity against
-each member HSA's own address, or with the operator port's client against the coordinator; the
-chain is verified from the genesis pinned in domain.json before any entry of it is reported;
-a failure to observe is recorded as what went wrong, never as an observation.
+each member HSA's own address, or with the operator port's client against the coordinators
+(each replica also asked on its own address); the chain is verified from the genesis pinned in
+domain.json before any entry of it is reported; on a domain with replicas the store is read
+too, from a backup that verifies from that genesis (`final_store`); a failure to observe is
+recorded as what went wrong, never as an observation.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import contextlib
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Final, Protocol
 
 from deploy import cluster
@@ -24,6 +27,7 @@ from deploy.chaos.checker import (
     KeyObservation,
     completions,
 )
+from deploy.chaos.final_store import read_store
 from deploy.chaos.history import History
 from deploy.chaos.report import ProgressLine
 from deploy.chaos.workload import AckedCiphertext, KeyRing
@@ -59,31 +63,69 @@ class ObservedDomain(Protocol):
     @property
     def stable_operator_address(self) -> str: ...
 
+    @property
+    def replicated(self) -> bool: ...
+
     def node_addresses(self) -> dict[str, str]: ...
+
+    def direct_operator_addresses(self) -> dict[str, str]: ...
 
 
 @dataclass(frozen=True)
 class Convergence:
     """Where the nodes and the coordinator ended up: `seconds` to converge (None: they did
-    not within the bound), each member's (version, state hash), the coordinator's, and the
-    last problem seen."""
+    not within the bound), each member's (version, state hash), the coordinator's, the last
+    problem seen, and (a domain with replicas) each replica's head."""
 
     seconds: float | None
     heads: dict[str, tuple[int, str]]
     coordinator: tuple[int, str] | None
     detail: str
+    replicas: dict[str, tuple[int, str]] = field(default_factory=dict)
+
+
+def _replica_problems(
+    clients: dict[str, CoordinatorClient],
+    coordinator: tuple[int, str] | None,
+    heads: dict[str, tuple[int, str]],
+) -> list[str]:
+    """Each replica's head, asked of it directly, into `heads`; why one is not on
+    `coordinator`."""
+    problems: list[str] = []
+    for name, client in clients.items():
+        try:
+            status = client.domain_status()
+        except HsmDomainError as error:
+            heads.pop(name, None)
+            problems.append(f"{name}: {error.message}")
+            continue
+        heads[name] = (status.version, status.state_hash.hex())
+        if heads[name] != coordinator:
+            problems.append(
+                f"{name} is at version {status.version}, the coordinator at "
+                f"{coordinator[0] if coordinator else '?'}"
+            )
+    return problems
 
 
 def wait_for_convergence(runner: ObservedDomain, timeout: float) -> Convergence:
-    """Poll until every member HSA is healthy on the coordinator's head (or `timeout`)."""
+    """Poll until every member HSA is healthy on the coordinator's head, and (with replicas)
+    every replica on it too (or `timeout`)."""
     began = time.monotonic()
     deadline = began + timeout
     heads: dict[str, tuple[int, str]] = {}
+    replicas: dict[str, tuple[int, str]] = {}
     coordinator: tuple[int, str] | None = None
-    problem = "nothing observed yet"
-    with CoordinatorClient(
-        runner.stable_operator_address, runner.layout.ca_cert.read_bytes(), timeout=2.0
-    ) as client:
+    ca_pem = runner.layout.ca_cert.read_bytes()
+    with contextlib.ExitStack() as stack:
+        client = stack.enter_context(
+            CoordinatorClient(runner.stable_operator_address, ca_pem, timeout=2.0)
+        )
+        direct = runner.direct_operator_addresses() if runner.replicated else {}
+        each = {
+            name: stack.enter_context(CoordinatorClient(address, ca_pem, timeout=1.0))
+            for name, address in direct.items()
+        }
         while True:
             problems: list[str] = []
             try:
@@ -106,11 +148,11 @@ def wait_for_convergence(runner: ObservedDomain, timeout: float) -> Convergence:
                         f"{host} is at version {node.version}, the coordinator at "
                         f"{coordinator[0] if coordinator else '?'}"
                     )
+            problems += _replica_problems(each, coordinator, replicas)
             if not problems:
-                return Convergence(time.monotonic() - began, heads, coordinator, "")
-            problem = "; ".join(problems)
+                return Convergence(time.monotonic() - began, heads, coordinator, "", replicas)
             if time.monotonic() > deadline:
-                return Convergence(None, heads, coordinator, problem)
+                return Convergence(None, heads, coordinator, "; ".join(problems), replicas)
             time.sleep(0.1)
 
 
@@ -241,13 +283,20 @@ def observe_the_end(
     ring: KeyRing,
     convergence: Convergence,
     progress: ProgressLine,
+    store_backup: Path | None = None,
 ) -> FinalObservations:
     """Everything the checker needs of the end of a run: the verified chain, every
-    acknowledged ciphertext decrypted and every acknowledged key used, on every node."""
-    for host, (version, state_hash) in convergence.heads.items():
+    acknowledged ciphertext decrypted and every acknowledged key used, on every node; with
+    `store_backup` (a domain with replicas), the store itself, backed up there and verified."""
+    for host, (version, state_hash) in {**convergence.heads, **convergence.replicas}.items():
         history.info("final", "status", host=host, version=version, state_hash=state_hash)
     progress.step("checking the final chain ...")
     chain, chain_error = final_chain(runner)
+    store = None
+    if store_backup is not None:
+        progress.step("backing up and verifying the store ...")
+        store = read_store(runner.layout, store_backup, progress.update)
+        history.info("final", "store", backup=str(store_backup), error=store.error)
     events = history.events()
     acked = ring.ciphertexts()
     progress.step(f"decrypting {len(acked)} acknowledged ciphertexts on every node ...")
@@ -265,4 +314,6 @@ def observe_the_end(
         heads=convergence.heads,
         coordinator_head=convergence.coordinator,
         convergence_detail=convergence.detail,
+        replica_heads=convergence.replicas,
+        store=store,
     )

@@ -58,6 +58,9 @@ class ChaosReport:
     crashed_threads: list[str] = field(default_factory=list)
     unhealed: list[str] = field(default_factory=list)
     unfinished: int = 0  # operations invoked whose thread never reported an outcome
+    coordinators: list[str] = field(default_factory=list)  # the replicas (a domain on etcd)
+    etcd_members: list[str] = field(default_factory=list)
+    leader_faults: dict[str, int] = field(default_factory=dict)  # replica faults on the leader
 
     @property
     def held(self) -> bool:
@@ -80,11 +83,14 @@ class ChaosReport:
             "duration_seconds": self.duration,
             "faults_seconds": round(self.faults_seconds, 3),
             "nodes": self.nodes,
+            "coordinators": self.coordinators,
+            "etcd_members": self.etcd_members,
             "clients": self.clients,
             "fault_types": self.fault_types,
             "faults": self.faults,
             "faults_total": sum(self.faults.values()),
             "partitions": self.partitions,
+            "leader_faults": self.leader_faults,
             "repairs_failed": self.repairs_failed,
             "unhealed": self.unhealed,
             "operations": self.operations,
@@ -109,15 +115,24 @@ class ChaosReport:
         lines: list[str] = []
         totals = self.totals()
         total_ops = sum(totals.values())
+        replicas = (
+            f", {len(self.coordinators)} coordinator replicas, {len(self.etcd_members)} etcd "
+            "members"
+            if self.coordinators
+            else ""
+        )
         lines.append(
             f"chaos run: seed {self.seed}, faults for {self.faults_seconds:.1f} s, "
-            f"{len(self.nodes)} HSAs, {self.clients} clients"
+            f"{len(self.nodes)} HSAs{replicas}, {self.clients} clients"
         )
         faults = ", ".join(f"{kind} {count}" for kind, count in self.faults.items())
         lines.append(f"faults injected: {sum(self.faults.values())} ({faults})")
         if self.partitions:
             cuts = ", ".join(f"{name} {count}" for name, count in self.partitions.items())
             lines.append(f"  links cut: {cuts}")
+        if self.leader_faults:
+            aimed = ", ".join(f"{kind} {count}" for kind, count in self.leader_faults.items())
+            lines.append(f"  of which on the leader replica: {aimed}")
         if self.repairs_failed:
             lines.append(f"  repairs that failed and were retried: {self.repairs_failed}")
         if self.unhealed:

@@ -19,14 +19,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.chaos_runs import INVARIANTS, hsm_domain, processes_using, run_chaos
 
 from deploy import cluster
 from deploy.chaos.history import read_history
@@ -36,40 +35,6 @@ from deploy.localdomain import FAST_SCRYPT_N
 pytestmark = pytest.mark.chaos
 
 FAULT_TYPES = ("kill", "pause", "coordinator", "partition")
-RUN_TIMEOUT = 180.0
-INVARIANTS = {
-    "ciphertexts-decrypt",
-    "decrypts-correct",
-    "keys-work",
-    "versions-in-chain",
-    "versions-monotonic",
-    "no-forks",
-    "convergence",
-    "availability",
-}
-
-
-def hsm_domain() -> str:
-    """Path of the installed `hsm-domain` console script."""
-    beside = Path(sys.executable).parent / "hsm-domain"
-    if beside.exists():
-        return str(beside)
-    found = shutil.which("hsm-domain")
-    assert found, "the hsm-domain console script is not installed (pip install -e .)"
-    return found
-
-
-def processes_using(directory: Path) -> list[int]:
-    """Pids of live processes whose command line names a file under `directory`."""
-    needle = str(directory).encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        with contextlib.suppress(OSError):
-            if needle in (entry / "cmdline").read_bytes() and cluster.is_alive(int(entry.name)):
-                found.append(int(entry.name))
-    return found
 
 
 @pytest.fixture
@@ -83,26 +48,6 @@ def domain(tmp_path: Path) -> Iterator[DomainLayout]:
         for pid in processes_using(layout.root):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)
-
-
-def run_chaos(*args: str | Path, timeout: float = RUN_TIMEOUT) -> subprocess.CompletedProcess[str]:
-    """Run `hsm-domain chaos ...` in its own session; kill the session if it overruns."""
-    with subprocess.Popen(
-        [hsm_domain(), "chaos", *map(str, args)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "GRPC_VERBOSITY": "ERROR"},
-        start_new_session=True,
-    ) as process:
-        try:
-            out, _ = process.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            out, _ = process.communicate()
-            pytest.fail(f"hsm-domain chaos ran over {timeout} s; its output:\n{out}")
-        return subprocess.CompletedProcess(process.args, process.returncode, out, "")
 
 
 def test_chaos_run_with_every_fault_type_keeps_every_invariant(

@@ -12,7 +12,15 @@ import time
 
 import pytest
 
-from deploy.chaos.faults import FAULT_TYPES, FaultConfig, Nemesis, parse_fault_types
+from deploy.chaos.faults import (
+    FAULT_TYPES,
+    REPLICA_FAULT_TYPES,
+    FaultConfig,
+    Nemesis,
+    Replicas,
+    domain_fault_types,
+    parse_fault_types,
+)
 from deploy.chaos.history import History
 
 pytestmark = pytest.mark.unit
@@ -190,7 +198,7 @@ def test_a_failed_repair_is_recorded_and_retried() -> None:
 
 
 def test_fault_types_and_config_are_validated() -> None:
-    assert parse_fault_types("all") == FAULT_TYPES
+    assert parse_fault_types("all") is None  # every type the domain supports
     assert parse_fault_types("kill, pause,kill") == ("kill", "pause")
     with pytest.raises(ValueError, match="unknown fault type"):
         parse_fault_types("kill,meteor")
@@ -202,3 +210,212 @@ def test_fault_types_and_config_are_validated() -> None:
         FaultConfig(min_duration=2, max_duration=1)
     with pytest.raises(ValueError, match="positive"):
         FaultConfig(interval=0)
+
+
+# --- a domain with coordinator replicas -------------------------------------------------------
+
+REPLICAS = ("coordinator-1", "coordinator-2", "coordinator-3")
+ETCD = ("etcd-1", "etcd-2", "etcd-3")
+
+
+class FakeReplicas:
+    """Replicas and etcd members as sets; fails the test on what a real domain would not
+    survive (no replica up and reaching etcd, etcd without a majority, a target faulted
+    twice), and says who leads."""
+
+    def __init__(self) -> None:
+        self.killed: set[str] = set()
+        self.paused: set[str] = set()
+        self.cut: dict[str, str] = {}
+        self.etcd_down: set[str] = set()
+        self.leader = "coordinator-2"
+        self.leader_asked = 0
+        self.calls: list[tuple[str, ...]] = []
+        self.errors: list[str] = []
+        self._lock = threading.Lock()
+
+    def _down(self) -> set[str]:
+        return self.killed | self.paused | set(self.cut)
+
+    def _record(self, *call: str) -> None:
+        with self._lock:
+            self.calls.append(call)
+            if len(self._down()) >= len(REPLICAS):
+                self.errors.append(f"no replica up after {call}")
+            if len(self.etcd_down) > (len(ETCD) - 1) // 2:
+                self.errors.append(f"etcd lost its majority after {call}")
+
+    def _fault(self, name: str) -> None:
+        if name in self._down():
+            self.errors.append(f"{name} faulted twice")
+
+    def replica_leader(self) -> str:
+        self.leader_asked += 1
+        return self.leader
+
+    def kill_replica(self, name: str) -> None:
+        self._fault(name)
+        self.killed.add(name)
+        self._record("kill-replica", name)
+
+    def start_replica(self, name: str) -> None:
+        if name not in self.killed:
+            self.errors.append(f"start of {name}, which runs")
+        self.killed.discard(name)
+        self._record("start-replica", name)
+
+    def pause_replica(self, name: str) -> None:
+        self._fault(name)
+        self.paused.add(name)
+        self._record("pause-replica", name)
+
+    def resume_replica(self, name: str) -> None:
+        self.paused.discard(name)
+        self._record("resume-replica", name)
+
+    def cut_etcd(self, name: str, mode: str) -> None:
+        assert mode in ("refuse", "blackhole")
+        self._fault(name)
+        self.cut[name] = mode
+        self._record("cut-etcd", name, mode)
+
+    def restore_etcd(self, name: str) -> None:
+        self.cut.pop(name)
+        self._record("restore-etcd", name)
+
+    def kill_etcd(self, member: str) -> None:
+        if member in self.etcd_down:
+            self.errors.append(f"{member} killed twice")
+        self.etcd_down.add(member)
+        self._record("kill-etcd", member)
+
+    def start_etcd(self, member: str) -> None:
+        self.etcd_down.discard(member)
+        self._record("start-etcd", member)
+
+    @property
+    def healed(self) -> bool:
+        return not (self._down() or self.etcd_down)
+
+
+def _replicated(
+    seed: int, config: FaultConfig, replicas: FakeReplicas, history: History | None = None
+) -> tuple[Nemesis, FakeDomain]:
+    domain = FakeDomain(max_down=2)
+    nemesis = Nemesis(
+        domain,
+        NODES,
+        config,
+        random.Random(seed),
+        history or History(),
+        replicas=Replicas(replicas, REPLICAS, ETCD),
+    )
+    return nemesis, domain
+
+
+def test_replica_faults_keep_a_replica_up_and_etcd_a_majority_and_heal() -> None:
+    replicas = FakeReplicas()
+    history = History()
+    config = FaultConfig(interval=0.01, min_duration=0.01, max_duration=0.1)
+    nemesis, domain = _replicated(4, config, replicas, history)
+    assert nemesis.types == ("kill", "pause", "partition", *REPLICA_FAULT_TYPES)
+    _run(nemesis, 1.5)
+    assert nemesis.heal(timeout=5) == []
+    assert replicas.healed
+    assert domain.healed
+    assert replicas.errors == []
+    assert domain.errors == []
+    assert set(nemesis.figures.injected) == set(nemesis.types)
+    ops = [e["op"] for e in history.events() if e["process"] == "nemesis"]
+    assert ops.count("kill-replica") == ops.count("restart-replica") > 0
+    assert ops.count("pause-replica") == ops.count("resume-replica") > 0
+    assert ops.count("cut-etcd") == ops.count("restore-etcd") > 0
+    assert ops.count("kill-etcd") == ops.count("restart-etcd") > 0
+    assert "kill-coordinator" not in ops  # one coordinator's fault: not on replicas
+
+
+def test_with_every_replica_but_one_down_no_replica_fault_is_injected() -> None:
+    replicas = FakeReplicas()
+    config = FaultConfig(types=("replica-kill", "replica-pause"), interval=0.01, max_duration=60)
+    nemesis, _ = _replicated(2, config, replicas)
+    for _ in range(5):
+        nemesis.inject_one()
+    assert len(replicas.killed | replicas.paused) == len(REPLICAS) - 1
+    assert nemesis.figures.skipped == 3
+    # etcd: one member of three down at most.
+    nemesis, _ = _replicated(2, FaultConfig(types=("etcd-kill",), max_duration=60), replicas)
+    for _ in range(3):
+        nemesis.inject_one()
+    assert len(replicas.etcd_down) == 1
+    assert nemesis.figures.skipped == 2
+    assert replicas.errors == []
+
+
+def test_replica_faults_aim_at_the_leader_etcd_names_and_record_it() -> None:
+    replicas = FakeReplicas()
+    history = History()
+    config = FaultConfig(
+        types=("replica-kill",), interval=0.01, min_duration=0.01, max_duration=0.01
+    )
+    led = 0
+    for seed in range(40):
+        nemesis, _ = _replicated(seed, config, replicas, history)
+        nemesis.inject_one()
+        led += nemesis.figures.leader_faults["replica-kill"]
+        nemesis.heal(timeout=5)
+    kills = [e["args"] for e in history.events() if e["op"] == "kill-replica"]
+    assert len(kills) == 40
+    assert replicas.leader_asked == 40
+    for kill in kills:
+        assert kill["leader"] is (kill["target"] == "coordinator-2")
+        if kill["aimed"]:
+            assert kill["target"] == "coordinator-2"  # the leader etcd named, on purpose
+    aimed = sum(1 for k in kills if k["aimed"])
+    assert 10 < aimed < 30  # a seeded coin, about half of the time
+    assert led == sum(1 for k in kills if k["leader"]) > aimed  # and now and then by chance
+
+
+def test_a_leader_etcd_cannot_name_leaves_the_fault_to_chance() -> None:
+    replicas = FakeReplicas()
+
+    def unavailable() -> str:
+        raise RuntimeError("etcd does not answer")
+
+    replicas.replica_leader = unavailable  # type: ignore[method-assign]
+    history = History()
+    seen: list[tuple[str, str, bool]] = []
+    config = FaultConfig(types=("replica-pause",), max_duration=60)
+    domain = FakeDomain(max_down=2)
+    nemesis = Nemesis(
+        domain,
+        NODES,
+        config,
+        random.Random(1),
+        history,
+        replicas=Replicas(replicas, REPLICAS, ETCD),
+        on_fault=lambda kind, target, leader: seen.append((kind, target, leader)),
+    )
+    nemesis.inject_one()
+    assert len(replicas.paused) == 1
+    assert seen == [("replica-pause", next(iter(replicas.paused)), False)]
+    nemesis.heal(timeout=5)
+    assert replicas.healed
+
+
+def test_fault_types_must_fit_the_domain() -> None:
+    assert domain_fault_types(None, replicated=False) == FAULT_TYPES
+    assert domain_fault_types(None, replicated=True) == (
+        "kill",
+        "pause",
+        "partition",
+        *REPLICA_FAULT_TYPES,
+    )
+    assert parse_fault_types("etcd-kill,kill") == ("etcd-kill", "kill")
+    with pytest.raises(ValueError, match="need coordinator replicas on etcd"):
+        domain_fault_types(("kill", "etcd-cut"), replicated=False)
+    with pytest.raises(ValueError, match="replica-kill kills a replica"):
+        domain_fault_types(("coordinator",), replicated=True)
+    with pytest.raises(ValueError, match="need coordinator replicas"):
+        Nemesis(
+            FakeDomain(1), NODES, FaultConfig(types=("replica-kill",)), random.Random(), History()
+        )
