@@ -40,6 +40,8 @@ class Failure(enum.Enum):
 
 
 _TRY_ANOTHER = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+# What etcd says, with status UNKNOWN, when a request ran out of time inside the cluster.
+_TIMED_OUT = ("context deadline exceeded", "request timed out", "leader changed")
 
 
 def status_of(error: BaseException) -> tuple[grpc.StatusCode | None, str]:
@@ -59,6 +61,10 @@ def classify(error: BaseException) -> Failure:
     if code in _TRY_ANOTHER:
         return Failure.UNKNOWN
     if code is grpc.StatusCode.CANCELLED and "Channel closed" in details:
+        return Failure.UNKNOWN
+    if code is grpc.StatusCode.UNKNOWN and any(words in details for words in _TIMED_OUT):
+        # etcd's own deadline (a member that lost its leader, an election under way): the
+        # outcome is unknown, another member may answer; never a final refusal.
         return Failure.UNKNOWN
     return Failure.FINAL
 

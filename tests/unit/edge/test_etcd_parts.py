@@ -129,6 +129,12 @@ class _RpcError(grpc.RpcError):
         (grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", Failure.UNKNOWN),
         (grpc.StatusCode.INVALID_ARGUMENT, "etcdserver: request is too large", Failure.FINAL),
         (grpc.StatusCode.OUT_OF_RANGE, "etcdserver: mvcc: required revision", Failure.FINAL),
+        # etcd's own deadline inside the cluster (seen in chaos right after a member's kill):
+        # the outcome is unknown and another member may answer, never a final refusal.
+        (grpc.StatusCode.UNKNOWN, "context deadline exceeded", Failure.UNKNOWN),
+        (grpc.StatusCode.UNKNOWN, "etcdserver: request timed out", Failure.UNKNOWN),
+        (grpc.StatusCode.UNKNOWN, "etcdserver: leader changed", Failure.UNKNOWN),
+        (grpc.StatusCode.UNKNOWN, "something else", Failure.FINAL),
     ],
 )
 def test_what_a_failed_call_means(code: grpc.StatusCode, details: str, failure: Failure) -> None:
