@@ -95,6 +95,11 @@ class QuorumFlow:
             return replayed
         now = self.now()
         head = self.chain.head
+        if proposal.base_version > head.version:
+            # Made on a newer head than this replica's: another replica stored it, and its
+            # notice has not come yet. Adopt the stored states before judging the proposal.
+            self.chain.refresh()
+            head = self.chain.head
         quorum.check_applicable(
             head.manifest,
             head.hash,

@@ -19,9 +19,10 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from support.hsa_nodes import Domain, domain, domain_template, propose, remove_host
+from support.hsa_nodes import ROTATE, Domain, domain, domain_template, propose, remove_host
 
 from domain_coordinator import _requests
 from domain_coordinator._chain import load_chain
@@ -30,11 +31,12 @@ from domain_coordinator.service import CoordinatorService
 from domain_coordinator.sqlite_store import SqliteStore
 from domain_coordinator.store import CoordinatorStore
 from domain_coordinator.store_spec import open_store
-from domain_core import crypto, keytokens, policy, sealing
+from domain_core import crypto, keytokens, policy, sealing, transition
 from domain_core.errors import PermissionDeniedError
 from domain_core.limits import DEFAULT_LIMITS
+from domain_core.model import SealedState
 from domain_edge.identity_files import load_host_identity
-from domain_proto import keys_pb2
+from domain_proto import keys_pb2, services_pb2
 
 __all__ = ["domain", "domain_template"]  # fixtures, imported for this module
 
@@ -151,3 +153,43 @@ def test_a_fence_set_on_one_replica_stops_a_write_on_the_other(
     finally:
         first.stop()
         second.stop()
+
+
+def _seal_next(domain: Domain, proposal: Any, approvals: list[Any]) -> bytes:
+    """State 2 as an honest hsa-1 would produce it for `proposal` (on the genesis)."""
+    head = domain.genesis
+    identity = load_host_identity(domain.node_dir("hsa-1") / "identity")
+    keys = sealing.unseal_state(head, "hsa-1", identity.agreement_private_key)
+    manifest, _ = transition.next_manifest(
+        transition.StateHead(head.manifest, head.hash), proposal, approvals, now=int(time.time())
+    )
+    return sealing.seal_state(
+        manifest,
+        sealing.next_domain_keys(keys, manifest),
+        producer_host_id="hsa-1",
+        producer=identity.signer,
+        proposal=proposal,
+        approvals=approvals,
+    ).to_bytes()
+
+
+def test_a_replica_behind_the_store_judges_a_newer_proposal_on_the_newer_head(
+    domain: Domain, open_replica_store: Opener
+) -> None:
+    """Another replica stored state 2 and this one's notice has not come (a SQLite store
+    sends none): a proposal made on version 2 is not refused as stale; the replica adopts the
+    stored states first. (Seen in a chaos run during a leader kill.)"""
+    first_store = open_replica_store()
+    first_store.append_state(1, domain.layout.genesis_state.read_bytes())
+    behind = _replica(domain, open_replica_store())
+    try:
+        assert behind.head.version == 1
+        proposal, approvals = propose(domain, domain.genesis, ROTATE)
+        first_store.append_state(2, _seal_next(domain, proposal, approvals))
+        state2 = SealedState.from_bytes(first_store.get_state(2) or b"")
+        newer, newer_approvals = propose(domain, state2, ROTATE)
+        status = behind._flow.submit(newer.raw, newer_approvals[0])
+        assert status.state == services_pb2.PROPOSAL_STATE_PENDING
+        assert behind.head.version == 2
+    finally:
+        behind.stop()
