@@ -68,6 +68,10 @@ def closing(
     from its stored columns; None while it may still apply."""
     if now >= expires_at:
         return ProposalState.EXPIRED, f"expired at {iso_date(expires_at)}"
+    if base_version > head.version:
+        # Made on a head this coordinator has not adopted yet (another replica stored it):
+        # never stale from here; the caller adopts the stored states first.
+        return None
     if base_version != head.version or not crypto.constant_time_equal(base_state_hash, head.hash):
         return ProposalState.STALE, stale_detail(head.version, base_version)
     return None
@@ -128,6 +132,8 @@ class ProposalBook:
         """Expire or stale a pending proposal whose time or base has passed; the new record."""
         if record.state is not ProposalState.PENDING:
             return record
+        if record.base_version > self.chain.head.version:
+            self.chain.refresh()  # another replica moved the chain; its notice has not come
         due = closing(
             record.expires_at, record.base_version, record.base_state_hash, self.chain.head, now
         )

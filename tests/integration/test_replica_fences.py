@@ -193,3 +193,31 @@ def test_a_replica_behind_the_store_judges_a_newer_proposal_on_the_newer_head(
         assert behind.head.version == 2
     finally:
         behind.stop()
+
+
+def test_a_replica_behind_the_store_never_closes_a_newer_proposal_as_stale(
+    domain: Domain, open_replica_store: Opener
+) -> None:
+    """A proposal stored by a replica on version 2 gets an approval through a replica still
+    on version 1: it is counted on version 2, not closed as stale."""
+    first_store = open_replica_store()
+    first_store.append_state(1, domain.layout.genesis_state.read_bytes())
+    behind = _replica(domain, open_replica_store())
+    proposal, approvals = propose(domain, domain.genesis, ROTATE)
+    first_store.append_state(2, _seal_next(domain, proposal, approvals))
+    current = _replica(domain, first_store)
+    try:
+        state2 = SealedState.from_bytes(first_store.get_state(2) or b"")
+        newer, newer_approvals = propose(domain, state2, ROTATE)
+        current._flow.submit(newer.raw, newer_approvals[0])
+        assert behind.head.version == 1
+        status = behind._flow.approve(newer_approvals[1])
+        assert status.state != services_pb2.PROPOSAL_STATE_STALE, status.detail
+        assert behind.head.version == 2
+        stored = first_store.get_proposal(newer.id)
+        assert stored is not None
+        assert stored.state.value != "stale"
+        assert len(stored.approvals) == 2
+    finally:
+        behind.stop()
+        current.stop()
