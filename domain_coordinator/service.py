@@ -45,7 +45,7 @@ from domain_coordinator._verified_chain import VerifiedChain
 from domain_coordinator._wiring import Settings, build
 from domain_coordinator.store import CoordinatorStore
 from domain_core.chain import TrustedChain
-from domain_core.errors import InvalidInputError
+from domain_core.errors import InvalidInputError, UnavailableError
 from domain_core.limits import DEFAULT_LIMITS, MAX_KEY_PAGE, MAX_PROPOSAL_PAGE, Limits
 from domain_core.model import SealedState
 from domain_edge.faults import warn_if_enabled
@@ -255,11 +255,21 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
 
     # --- the chain -------------------------------------------------------------------------
 
+    def _fresh_head(self) -> SealedState:
+        """The head after adopting what the store holds beyond it: a replica whose notice of
+        another replica's state has not come answers with the newer head (an operator builds a
+        proposal on it). The head it verified when the store cannot be read."""
+        try:
+            self._chain.refresh()
+        except UnavailableError:
+            log.warning("cannot read the store for newer states; answering with the head")
+        return self._chain.head
+
     def get_latest_state(
         self, request: services_pb2.LatestStateRequest, caller: Caller
     ) -> domain_pb2.SealedState:
-        """The verified head."""
-        return self._chain.head.message
+        """The verified head, with whatever another replica stored since adopted first."""
+        return self._fresh_head().message
 
     def get_states_after(
         self, request: services_pb2.StatesAfterRequest, caller: Caller
@@ -279,7 +289,7 @@ class CoordinatorService(services_pb2_grpc.CoordinatorServicer):
         self, request: services_pb2.DomainStatusRequest, caller: Caller
     ) -> services_pb2.DomainStatusResponse:
         """The head, the HSAs as they report themselves, the pending count, a store behind."""
-        head = self._chain.head
+        head = self._fresh_head()
         hsas = self._store.list_hsas()
         return services_pb2.DomainStatusResponse(
             domain_id=self.domain_id,

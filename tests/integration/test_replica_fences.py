@@ -221,3 +221,21 @@ def test_a_replica_behind_the_store_never_closes_a_newer_proposal_as_stale(
     finally:
         behind.stop()
         current.stop()
+
+
+def test_a_replica_behind_the_store_answers_with_the_newer_head(
+    domain: Domain, open_replica_store: Opener
+) -> None:
+    """An operator reading the head from a replica whose notice has not come gets the state
+    another replica stored (and builds its proposal on it), not the older one."""
+    first_store = open_replica_store()
+    first_store.append_state(1, domain.layout.genesis_state.read_bytes())
+    behind = _replica(domain, open_replica_store())
+    try:
+        proposal, approvals = propose(domain, domain.genesis, ROTATE)
+        first_store.append_state(2, _seal_next(domain, proposal, approvals))
+        assert behind.head.version == 1
+        latest = behind.get_latest_state(services_pb2.LatestStateRequest(), None)  # type: ignore[arg-type]
+        assert SealedState.from_message(latest).version == 2
+    finally:
+        behind.stop()
