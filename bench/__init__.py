@@ -46,6 +46,7 @@ BENCHMARK_MODULES: list[str] = [
     "bench.kms_latency",
     "bench.scaling",
     "bench.propagation",
+    "bench.replicas",
     "bench.catchup",
     "bench.verification",
     "bench.startup",

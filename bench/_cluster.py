@@ -71,8 +71,11 @@ class BenchDomain(LocalDomain):
         quorum: int = 2,
         start_timeout: float = 60.0,
         workers: int = 0,
+        coordinators: int = 1,
+        store: str | None = None,
     ) -> None:
-        """`workers`: key service worker processes of each node (`key_service_workers`)."""
+        """`workers`: key service worker processes of each node (`key_service_workers`);
+        `coordinators` replicas on `store` ("sqlite" or "etcd"; more than one implies etcd)."""
         super().__init__(
             directory,
             nodes=nodes,
@@ -80,6 +83,8 @@ class BenchDomain(LocalDomain):
             quorum=quorum,
             start_timeout=start_timeout,
             workers=workers,
+            coordinators=coordinators,
+            store=store,
         )
         self._coordinator_client: CoordinatorClient | None = None
         self._signers: dict[int, FileTokenSigner] = {}

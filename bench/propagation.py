@@ -20,12 +20,12 @@ Targets (issue 7): median under 300 ms for 3 nodes and under 600 ms for 9. Quick
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 from typing import Final
 
 from bench._cluster import AppliedChange, BenchDomain, StatusPoller, apply_change, log_events
 from bench._core import BenchConfig, Curve, Figure, Target
 from bench._stats import median, percentile
-from deploy.init import COORDINATOR_NAME
 from domain_core.changes import rotate_domain_key
 
 NAME: Final = "propagation"
@@ -40,7 +40,7 @@ CHANGE_TIMEOUT: Final = 30.0
 _INSTALLED: Final = re.compile(r"installed state version (\d+) \([0-9a-f]+\)(?: from (.+?))?,")
 _APPLIED: Final = re.compile(r"proposal [0-9a-f]+ applied: version (\d+)")
 
-__all__ = ["NAME", "TARGETS", "TITLE", "measure_nodes", "run"]
+__all__ = ["NAME", "TARGETS", "TITLE", "Followed", "follow_changes", "measure_nodes", "run"]
 
 
 def _log_figures(
@@ -53,9 +53,10 @@ def _log_figures(
         for stamp, match in log_events(domain.layout.log_file(host), _INSTALLED):
             installs.setdefault(int(match[1]), []).append(stamp)
             sources.append(match[2] or "")
-    applied = {
+    applied = {  # whichever replica applied it logged it (the only coordinator on SQLite)
         int(match[1]): stamp
-        for stamp, match in log_events(domain.layout.log_file(COORDINATOR_NAME), _APPLIED)
+        for name in domain.layout.coordinators
+        for stamp, match in log_events(domain.layout.log_file(name), _APPLIED)
     }
     last_install: list[float] = []
     applied_at: list[float] = []
@@ -78,39 +79,57 @@ def _log_figures(
     return figures
 
 
+@dataclass
+class Followed:
+    """What `follow_changes` saw: per change, ms from the final approval to the last node
+    current, to the first node current, and to the coordinator's answer."""
+
+    applied: list[AppliedChange] = field(default_factory=list)
+    totals: list[float] = field(default_factory=list)
+    firsts: list[float] = field(default_factory=list)
+    acks: list[float] = field(default_factory=list)
+
+    def figures(self, domain: BenchDomain, prefix: str) -> dict[str, Figure]:
+        """`<prefix>_median_ms`, p95, max, first node, approval answer, and the log figures."""
+        figures: dict[str, Figure] = {
+            f"{prefix}_changes": len(self.totals),
+            f"{prefix}_median_ms": median(self.totals),
+            f"{prefix}_p95_ms": percentile(self.totals, 95),
+            f"{prefix}_max_ms": max(self.totals),
+            f"{prefix}_first_node_median_ms": median(self.firsts),
+            f"{prefix}_approve_ack_median_ms": median(self.acks),
+        }
+        figures.update(_log_figures(domain, self.applied, prefix))
+        return figures
+
+
+def follow_changes(domain: BenchDomain, changes: int) -> Followed:
+    """Apply `changes` rotate-domain-key changes one after the other on a running domain, each
+    followed until every node reports it."""
+    followed = Followed()
+    poller = StatusPoller(domain, domain.hosts)
+    try:
+        for _ in range(changes):
+            change = apply_change(domain, [rotate_domain_key()])
+            reached = poller.wait_version(
+                domain.hosts, change.version, timeout=CHANGE_TIMEOUT, interval=POLL_INTERVAL
+            )
+            followed.applied.append(change)
+            followed.totals.append((max(reached.values()) - change.started) * 1000)
+            followed.firsts.append((min(reached.values()) - change.started) * 1000)
+            followed.acks.append((change.acknowledged - change.started) * 1000)
+    finally:
+        poller.close()
+    return followed
+
+
 def measure_nodes(
     config: BenchConfig, nodes: int, changes: int
 ) -> tuple[dict[str, Figure], list[float]]:
     """Run `changes` changes on a fresh domain of `nodes` nodes; figures and the samples (ms)."""
-    prefix = f"propagation_{nodes}_nodes"
-    totals: list[float] = []
-    acks: list[float] = []
-    firsts: list[float] = []
-    applied: list[AppliedChange] = []
     with BenchDomain(config.directory(f"propagation-{nodes}"), nodes=nodes) as domain:
-        poller = StatusPoller(domain, domain.hosts)
-        try:
-            for _ in range(changes):
-                change = apply_change(domain, [rotate_domain_key()])
-                reached = poller.wait_version(
-                    domain.hosts, change.version, timeout=CHANGE_TIMEOUT, interval=POLL_INTERVAL
-                )
-                applied.append(change)
-                totals.append((max(reached.values()) - change.started) * 1000)
-                firsts.append((min(reached.values()) - change.started) * 1000)
-                acks.append((change.acknowledged - change.started) * 1000)
-        finally:
-            poller.close()
-        figures: dict[str, Figure] = {
-            f"{prefix}_changes": changes,
-            f"{prefix}_median_ms": median(totals),
-            f"{prefix}_p95_ms": percentile(totals, 95),
-            f"{prefix}_max_ms": max(totals),
-            f"{prefix}_first_node_median_ms": median(firsts),
-            f"{prefix}_approve_ack_median_ms": median(acks),
-        }
-        figures.update(_log_figures(domain, applied, prefix))
-    return figures, totals
+        followed = follow_changes(domain, changes)
+        return followed.figures(domain, f"propagation_{nodes}_nodes"), followed.totals
 
 
 def run(config: BenchConfig) -> dict[str, Figure]:

@@ -3,9 +3,11 @@
 Used by the operator CLI and by tests. Invariants:
 - one channel per client, reused; every call carries a deadline;
 - only idempotent calls are retried (tenacity, a few attempts with short backoff) and only on
-  UNAVAILABLE: reads, and submissions and approvals, whose idempotency key is what they carry
-  (the proposal id and the signed approval: a replica that has them stored answers with the
-  proposal as it stands, never storing them twice). A vote to cancel is not retried;
+  UNAVAILABLE, or also on DEADLINE_EXCEEDED when `address` names several replicas (a hung
+  replica answers nothing; the next attempt goes to another one): reads, and submissions and
+  approvals, whose idempotency key is what they carry (the proposal id and the signed
+  approval: a replica that has them stored answers with the proposal as it stands, never
+  storing them twice). A vote to cancel is not retried;
 - `address` may name several replicas (host:port,host:port): one channel over all of them
   (`transport.channel_target`) fails over to a replica that is up;
 - `approve` signs only a proposal whose bytes it checked against the id it was asked to
@@ -53,7 +55,7 @@ from domain_core.errors import (
 from domain_core.limits import DEFAULT_LIMITS, MAX_LISTED_PROPOSALS, Limits
 from domain_core.model import NONCE_BYTES, Proposal, SealedState
 from domain_core.signers import Signer
-from domain_edge.transport import COORDINATOR, secure_channel, wrong_server
+from domain_edge.transport import COORDINATOR, secure_channel, split_addresses, wrong_server
 from domain_proto import domain_pb2, services_pb2, services_pb2_grpc
 
 __all__ = [
@@ -141,8 +143,19 @@ def error_from_rpc(
     return cls(details or f"{peer} refused the call ({code.name if code else '?'})")
 
 
-def _unavailable(error: BaseException) -> bool:
-    return isinstance(error, grpc.RpcError) and _code(error) is grpc.StatusCode.UNAVAILABLE
+_RETRIED_ALONE: frozenset[grpc.StatusCode] = frozenset({grpc.StatusCode.UNAVAILABLE})
+_RETRIED_REPLICATED: frozenset[grpc.StatusCode] = _RETRIED_ALONE | {
+    grpc.StatusCode.DEADLINE_EXCEEDED
+}
+
+
+def _retried(codes: frozenset[grpc.StatusCode]) -> Callable[[BaseException], bool]:
+    """Whether an idempotent call that failed with `error` is worth another attempt."""
+
+    def check(error: BaseException) -> bool:
+        return isinstance(error, grpc.RpcError) and _code(error) in codes
+
+    return check
 
 
 @dataclass(frozen=True)
@@ -206,6 +219,8 @@ class CoordinatorClient:
             raise ValueError("give both cert_pem and key_pem, or neither")
         self.address = address
         self._timeout = timeout
+        replicated = len(split_addresses(address)) > 1
+        self._retry_on = _retried(_RETRIED_REPLICATED if replicated else _RETRIED_ALONE)
         self._limits = limits
         self._channel = secure_channel(
             address, ca_pem, COORDINATOR, cert_pem=cert_pem, key_pem=key_pem, limits=limits
@@ -241,10 +256,11 @@ class CoordinatorClient:
     def _read(self, method: str, request: Any) -> Any:
         """An idempotent call (a read, or a submission or approval: the coordinator answers a
         replayed one as it stands, `QuorumFlow._replayed`), retried a few times on UNAVAILABLE
-        only; with several replicas the channel sends each attempt to one that is up."""
+        (and, with several replicas, DEADLINE_EXCEEDED); with several replicas the channel
+        sends each attempt to the next one that is up."""
         call: Callable[[Any], Any] = getattr(self._stub, method)
         retrying = tenacity.Retrying(
-            retry=tenacity.retry_if_exception(_unavailable),
+            retry=tenacity.retry_if_exception(self._retry_on),
             stop=tenacity.stop_after_attempt(READ_ATTEMPTS),
             wait=tenacity.wait_exponential(multiplier=0.1, max=1.0),
             reraise=True,

@@ -7,8 +7,10 @@ UNAVAILABLE a few times; submissions never are.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from concurrent import futures
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -46,18 +48,22 @@ def make_proposal(reason: str) -> Proposal:
 
 @dataclass
 class LyingCoordinator(services_pb2_grpc.CoordinatorServicer):
-    """Answers GetProposal with `served` whatever is asked; counts calls; fails on demand."""
+    """Answers GetProposal with `served` whatever is asked; counts calls; fails on demand;
+    with `hung` set, answers nothing until it is released (a paused replica)."""
 
     served: Proposal
     claim_id: bytes | None = None
     unavailable_reads: int = 0
     calls: dict[str, int] = field(default_factory=dict)
+    hung: threading.Event | None = None
 
     def _count(self, name: str) -> None:
         self.calls[name] = self.calls.get(name, 0) + 1
 
     def GetProposal(self, request: Any, context: Any) -> services_pb2.ProposalStatus:
         self._count("GetProposal")
+        if self.hung is not None:
+            self.hung.wait(30)
         if self.unavailable_reads:
             self.unavailable_reads -= 1
             context.abort(grpc.StatusCode.UNAVAILABLE, "restarting")
@@ -80,10 +86,8 @@ class Running:
     client: CoordinatorClient
 
 
-@pytest.fixture
-def running() -> Iterator[Running]:
+def coordinator_tls(ca: DomainCA) -> TlsMaterial:
     now = datetime.now(UTC)
-    ca = DomainCA.create("local", now=now)
     key = ec.generate_private_key(ec.SECP256R1())
     cert = ca.issue(SpiffeId("local", "coordinator", "coordinator"), key.public_key(), now=now)
     key_pem = key.private_bytes(
@@ -91,18 +95,35 @@ def running() -> Iterator[Running]:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    tls = TlsMaterial(ca_pem=ca.certificate_pem, cert_pem=cert, key_pem=key_pem)
-    servicer = LyingCoordinator(served=make_proposal("what the operator reviewed"))
+    return TlsMaterial(ca_pem=ca.certificate_pem, cert_pem=cert, key_pem=key_pem)
+
+
+@contextmanager
+def serving(ca: DomainCA, servicer: LyingCoordinator) -> Iterator[str]:
+    """`servicer` on a loopback port with the coordinator's certificate; its address."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     services_pb2_grpc.add_CoordinatorServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
-    port = server.add_secure_port("127.0.0.1:0", server_credentials(tls, server_auth_only=True))
+    credentials = server_credentials(coordinator_tls(ca), server_auth_only=True)
+    port = server.add_secure_port("127.0.0.1:0", credentials)
     server.start()
-    client = CoordinatorClient(f"127.0.0.1:{port}", ca.certificate_pem, timeout=5)
     try:
-        yield Running(servicer, client)
+        yield f"127.0.0.1:{port}"
     finally:
-        client.close()
+        if servicer.hung is not None:
+            servicer.hung.set()
         server.stop(0).wait()
+
+
+@pytest.fixture
+def running() -> Iterator[Running]:
+    ca = DomainCA.create("local", now=datetime.now(UTC))
+    servicer = LyingCoordinator(served=make_proposal("what the operator reviewed"))
+    with serving(ca, servicer) as address:
+        client = CoordinatorClient(address, ca.certificate_pem, timeout=5)
+        try:
+            yield Running(servicer, client)
+        finally:
+            client.close()
 
 
 def test_approve_refuses_bytes_that_do_not_match_the_id(running: Running) -> None:
@@ -137,3 +158,28 @@ def test_reads_submissions_and_approvals_are_retried_on_unavailable(running: Run
     with pytest.raises(UnavailableError, match="restarting"):
         running.client.submit_approval(quorum.approve(served, signer))
     assert running.servicer.calls["SubmitApproval"] == 3  # READ_ATTEMPTS, then give up
+
+
+def test_a_hung_replica_is_retried_on_another_one_but_a_lone_coordinator_is_not() -> None:
+    """A paused replica accepts connections and answers nothing: with several replicas, an
+    idempotent call that runs out of time there is tried again (the channel sends the next
+    attempt to the next replica); with one coordinator, waiting again would only double the
+    wait, so the call fails after one attempt, saying the coordinator did not answer."""
+    ca = DomainCA.create("local", now=datetime.now(UTC))
+    proposal = make_proposal("reviewed")
+    hung = LyingCoordinator(served=proposal, hung=threading.Event())
+    healthy = LyingCoordinator(served=proposal)
+    with serving(ca, hung) as hung_address, serving(ca, healthy) as healthy_address:
+        with CoordinatorClient(
+            f"{hung_address},{healthy_address}", ca.certificate_pem, timeout=0.5
+        ) as client:
+            for _ in range(4):  # round robin: some first attempts go to the hung replica
+                assert client.get_proposal(proposal.id).proposal.id == proposal.id
+        assert hung.calls.get("GetProposal", 0) >= 1
+        assert healthy.calls["GetProposal"] == 4
+
+        with CoordinatorClient(hung_address, ca.certificate_pem, timeout=0.5) as alone:
+            before = hung.calls["GetProposal"]
+            with pytest.raises(UnavailableError, match="did not answer in time"):
+                alone.get_proposal(proposal.id)
+            assert hung.calls["GetProposal"] == before + 1
