@@ -30,6 +30,7 @@ from typing import Any, Final
 from deploy._files import make_private_dir, write_json
 from domain_core.errors import InvalidInputError, NotFoundError
 from domain_core.limits import MAX_LOCAL_ETCD_MEMBERS, Limits
+from domain_edge.etcd import replica_leader_key
 from domain_edge.layout import DomainPaths
 
 __all__ = [
@@ -195,8 +196,8 @@ class DomainEtcd:
     @property
     def leader_key(self) -> bytes:
         """The key the coordinator replicas' election holds (the leader's name is its value):
-        `PREFIX/coordination/leader`, as `domain_coordinator._coordination` spells it."""
-        return f"{self.prefix}/coordination/leader".encode()
+        `domain_edge.etcd.replica_leader_key`, which the replicas campaign on."""
+        return replica_leader_key(self.prefix)
 
     @property
     def names(self) -> list[str]:

@@ -11,6 +11,9 @@ domain's coordinator store that verify themselves (docs/runtime.md "Backups").
   verified again record by record, all or nothing.
 - `store migrate DIR --to SPEC` copies the store to the empty store SPEC with the coordinator
   stopped, compares the two, and only then switches the coordinator config to SPEC.
+- on a domain with its own etcd cluster (`init --coordinators N`), restore and migrate start
+  the members that do not run (after `down`, or a fresh cluster after the old one was lost)
+  and stop those again when done.
 
 Invariants: the store itself is only touched by the coordinator's store tool, run as a
 process (`_store_admin`); restore and migrate hold the domain's lock (`domain_lock`) so that
@@ -22,13 +25,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final
 
+from deploy import _domain_etcd
 from deploy._floors import FloorCheck, KeyBehind
 from deploy._runfiles import domain_lock, running_processes
 from deploy._store_admin import run_store_tool
+from deploy.cluster import remove_run_files
+from deploy.etcd import EtcdProcess
 from deploy.init import DomainLayout, load_layout
 from domain_core.backup import BackupSummary, StoreCounts
 from domain_core.display import escape
@@ -42,6 +49,13 @@ from domain_edge.files import read_limited
 __all__ = ["BACKUP_COMMAND", "RESTORE_COMMAND", "STORE_GROUP"]
 
 _VERIFY: Final = "verify"
+_ETCD_START_SECONDS: Final = 60.0
+_EMPTYING_HINT: Final = {
+    False: "move the old one aside first, e.g. rename DIR/coordinator/coordinator.db and its "
+    "-wal file",
+    True: "on this domain's etcd cluster: `hsm-domain down DIR`, move DIR/etcd/etcd-*/ aside, "
+    "and restore again; a fresh cluster starts",
+}
 
 
 def _short(value: str) -> str:
@@ -63,6 +77,34 @@ def _read_genesis(path: Path) -> bytes:
     return read_limited(
         path, limit, lambda: LimitExceededError(f"{path} is larger than a state ({limit} bytes)")
     )
+
+
+@contextmanager
+def _store_alone(layout: DomainLayout, command: str, progress: Progress) -> Iterator[None]:
+    """The store with no coordinator on it, for restore and migrate: refuses while a
+    coordinator of the domain runs; for a domain on its own etcd cluster (`init --coordinators
+    N`, which `down` stops with the rest), its members run while the body does, and those
+    started here are stopped again afterwards."""
+    _stopped_coordinator(layout, command)
+    if layout.etcd is None:
+        yield
+        return
+    running = {n: p for n, p in running_processes(layout).items() if n in layout.etcd_members}
+    started: dict[str, EtcdProcess] = {}
+    try:
+        if len(running) < len(layout.etcd_members):
+            progress.step("starting the domain's etcd members (stopped again afterwards)")
+            _domain_etcd.start_members(
+                layout,
+                running,
+                timeout=_ETCD_START_SECONDS,
+                on_start=lambda name, process: started.__setitem__(name, process),
+            )
+        yield
+    finally:
+        for process in started.values():
+            process.stop()
+        remove_run_files(layout, started)
 
 
 def _stopped_coordinator(layout: DomainLayout, command: str) -> None:
@@ -171,14 +213,17 @@ def _cmd_restore(args: argparse.Namespace) -> int:
     path = Path(args.file).absolute()
     progress = Progress(sys.stderr if args.json else sys.stdout)
     config = str(layout.store_config)
-    with domain_lock(layout, f"hsm-domain restore {layout.root}"):
-        _stopped_coordinator(layout, "restore")
+    with (
+        domain_lock(layout, f"hsm-domain restore {layout.root}"),
+        _store_alone(layout, "restore", progress),
+    ):
         contents = run_store_tool(["contents", "--config", config], _say(progress))
         if any(contents["counts"].values()):
             raise FailedPreconditionError(
                 f"the store of {layout.root} ({contents['store']}) is not empty: it holds "
-                f"{_holds(contents['counts'])}; restore only into an empty store (move the old "
-                "one aside first, e.g. rename DIR/coordinator/coordinator.db and its -wal file)"
+                f"{_holds(contents['counts'])}; restore only into an empty store ("
+                + _EMPTYING_HINT[layout.etcd is not None]
+                + ")"
             )
         genesis = _read_genesis(layout.genesis_state)
         check = FloorCheck(layout, SealedState.from_bytes(genesis))
@@ -213,8 +258,10 @@ def _cmd_restore(args: argparse.Namespace) -> int:
 def _cmd_migrate(args: argparse.Namespace) -> int:
     layout = load_layout(Path(args.directory))
     progress = Progress(sys.stderr if args.json else sys.stdout)
-    with domain_lock(layout, f"hsm-domain store migrate {layout.root}"):
-        _stopped_coordinator(layout, "store migrate")
+    with (
+        domain_lock(layout, f"hsm-domain store migrate {layout.root}"),
+        _store_alone(layout, "store migrate", progress),
+    ):
         result = run_store_tool(
             ["migrate", "--config", str(layout.store_config), "--to", args.to],
             _say(progress),

@@ -34,7 +34,7 @@ from typing import Final
 
 from domain_core.errors import UnavailableError
 from domain_edge.etcd import Election as EtcdElection
-from domain_edge.etcd import EtcdClient, Lock
+from domain_edge.etcd import EtcdClient, Lock, replica_leader_key, replica_lock_key
 
 log = logging.getLogger(__name__)
 
@@ -146,14 +146,14 @@ class ReplicaCoordination(Coordination):
     and an election there that this replica joins in a thread of its own."""
 
     def __init__(self, client: EtcdClient, prefix: str, name: str) -> None:
-        base = f"{prefix}/coordination/".encode()
-        super().__init__(WriteLock(Lock(client, base + b"writes", ttl=LEASE_TTL_SECONDS)))
+        lock = Lock(client, replica_lock_key(prefix), ttl=LEASE_TTL_SECONDS)
+        super().__init__(WriteLock(lock))
         self._name = name
         self._stopping = threading.Event()
         self._lost = threading.Event()
         self._election = EtcdElection(
             client,
-            base + b"leader",
+            replica_leader_key(prefix),
             name.encode(),
             ttl=LEASE_TTL_SECONDS,
             on_lost=self._lost.set,

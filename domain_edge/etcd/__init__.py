@@ -30,7 +30,13 @@ from domain_edge.etcd._cluster import (
     member_status,
     members,
 )
-from domain_edge.etcd._election import Election, LeasedKey, Lock
+from domain_edge.etcd._election import (
+    Election,
+    LeasedKey,
+    Lock,
+    replica_leader_key,
+    replica_lock_key,
+)
 from domain_edge.etcd._endpoints import Endpoint, parse_endpoints
 from domain_edge.etcd._errors import CompactedError, EtcdUnavailableError
 from domain_edge.etcd._lease import Lease, grant_lease
@@ -91,6 +97,8 @@ __all__ = [
     "members",
     "parse_endpoints",
     "prefix_end",
+    "replica_leader_key",
+    "replica_lock_key",
     "shared_loop",
     "watch_key",
     "watch_prefix",

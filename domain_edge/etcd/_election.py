@@ -255,3 +255,15 @@ class Lock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def replica_leader_key(prefix: str) -> bytes:
+    """The key the coordinator replicas of a store under `prefix` campaign on (the leader's
+    name is its value); the one spelling for the replicas and for `hsm-domain status`."""
+    return f"{prefix}/coordination/leader".encode()
+
+
+def replica_lock_key(prefix: str) -> bytes:
+    """The key of the lock the coordinator replicas of a store under `prefix` hold while they
+    write the chain."""
+    return f"{prefix}/coordination/writes".encode()

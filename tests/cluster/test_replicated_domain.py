@@ -225,12 +225,41 @@ def test_hsm_domain_runs_a_replicated_domain(ha_directory: Path, tmp_path: Path)
     assert all(p["version"] == 4 for p in replicas(report).values())
     assert len(leaders(report)) == 1
 
+    # A backup while everything runs (a consistent etcd snapshot at one revision).
+    backup = tmp_path / "ha.backup"
+    taken = json.loads(ok("hsm-domain", "backup", directory, backup, "--json"))
+    assert taken["newest_version"] == 4
+
     # `down` stops every process: HSAs, replicas, etcd members.
     out = ok("hsm-domain", "down", directory)
     assert "stopped 9 processes" in out
     order = [line.split()[0] for line in out.splitlines() if "(pid " in line]
     kinds = [name.rpartition("-")[0] for name in order]
     assert kinds == ["hsa"] * 3 + ["coordinator"] * 3 + ["etcd"] * 3, order
+    assert our_processes(directory) == []
+
+    # The etcd cluster is lost whole. `restore` starts a fresh one on the domain's ports, loads
+    # the backup into it, and stops the members it started; `up` serves the restored store.
+    lost = tmp_path / "lost-etcd"
+    lost.mkdir()
+    for name in MEMBERS:
+        (directory / "etcd" / name).rename(lost / name)
+    restored = json.loads(ok("hsm-domain", "restore", directory, backup, "--json"))
+    assert restored["keys_behind"] == []
+    assert our_processes(directory) == []
+    again = run("hsm-domain", "restore", directory, backup)
+    assert again.returncode == 1
+    assert "is not empty" in again.stderr
+    assert "move DIR/etcd/etcd-*/ aside" in again.stderr
+    assert our_processes(directory) == []
+    ok("hsm-domain", "up", directory, "--detach", "--timeout", "90")
+    code, report = status(directory)
+    assert code == 0, report
+    assert all(p["version"] == 4 for p in replicas(report).values())
+    back = ok("hsm-kms", "decrypt", "--in", work / "before.blob", directory=directory)
+    assert back == "secret of before"
+    key_round_trip_by_cli(directory, work, "after-restore")
+    ok("hsm-domain", "down", directory)
     assert our_processes(directory) == []
 
 
