@@ -11,12 +11,12 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from support.cluster import LocalCluster, local_cluster
+from support.tools import console_script
 
 from deploy.audit import audit_log_path
 from deploy.init import DomainLayout, add_node, init_domain, load_layout
@@ -31,13 +31,8 @@ __all__ = ["local_cluster"]  # the fixture, imported for the test that runs a do
 
 
 def hsm_domain() -> str:
-    """Path of the installed `hsm-domain` console script (next to this Python first)."""
-    beside = Path(sys.executable).parent / "hsm-domain"
-    if beside.exists():
-        return str(beside)
-    found = shutil.which("hsm-domain")
-    assert found, "the hsm-domain console script is not installed (pip install -e .)"
-    return found
+    """Path of the installed `hsm-domain` console script."""
+    return console_script("hsm-domain")
 
 
 def audit_verify(directory: Path, *extra: str) -> subprocess.CompletedProcess[str]:

@@ -13,16 +13,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sqlite3
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from support.cluster import LocalCluster, local_cluster
+from support.tools import console_script
 
 from deploy.audit import audit_log_path
 from deploy.cluster import ProcessStartError, coordinator_operator_channel
@@ -38,10 +37,8 @@ HOST = "hsa-1"
 
 
 def hsm_domain() -> str:
-    beside = Path(sys.executable).parent / "hsm-domain"
-    found = str(beside) if beside.exists() else shutil.which("hsm-domain")
-    assert found, "the hsm-domain console script is not installed (pip install -e .)"
-    return found
+    """Path of the installed `hsm-domain` console script."""
+    return console_script("hsm-domain")
 
 
 def audit_verify(directory: Path) -> subprocess.CompletedProcess[str]:

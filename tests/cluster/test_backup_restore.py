@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ from typing import Any
 import pytest
 from support.cluster import LocalCluster
 from support.etcd import LocalEtcd, fresh_prefix
+from support.tools import json_output, one_line_error, run_tool
 
 from domain_coordinator.sqlite_store import SqliteStore
 from domain_coordinator.store import CoordinatorStore
@@ -37,30 +36,14 @@ pytestmark = pytest.mark.cluster
 STORE_FILES = ("coordinator.db", "coordinator.db-wal", "coordinator.db-shm")
 
 
-def hsm_domain(*arguments: str | Path) -> subprocess.CompletedProcess[str]:
-    script = Path(sys.executable).parent / "hsm-domain"
-    return subprocess.run(
-        [str(script), *map(str, arguments)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-
-
 def ok(*arguments: str | Path) -> Any:
-    result = hsm_domain(*arguments, "--json")
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
+    return json_output("hsm-domain", *arguments, timeout=300)
 
 
 def refused(*arguments: str | Path) -> str:
-    result = hsm_domain(*arguments)
-    assert result.returncode == 1, (result.stdout, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("hsm-domain: error: ")
-    return lines[0]
+    line = one_line_error(run_tool("hsm-domain", *arguments, timeout=300))
+    assert line.startswith("hsm-domain: error: ")
+    return line
 
 
 def move_store_aside(cluster: LocalCluster, to: Path) -> None:

@@ -14,7 +14,6 @@ import shutil
 import signal
 import stat
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from support.cluster import LocalCluster, local_cluster
+from support.tools import console_script
 
 from deploy import cluster
 from deploy.init import init_domain, load_layout
@@ -38,12 +38,7 @@ UP_TIMEOUT = 60.0
 
 def hsm_domain() -> str:
     """Path of the installed `hsm-domain` console script."""
-    beside = Path(sys.executable).parent / "hsm-domain"
-    if beside.exists():
-        return str(beside)
-    found = shutil.which("hsm-domain")
-    assert found, "the hsm-domain console script is not installed (pip install -e .)"
-    return found
+    return console_script("hsm-domain")
 
 
 def run(

@@ -15,7 +15,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -27,6 +26,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from support.cluster import LocalCluster, local_cluster
+from support.tools import run_tool
 
 from deploy import cluster as runner
 from deploy.init import DomainLayout, load_layout
@@ -46,27 +46,10 @@ REPLICAS = ["coordinator-1", "coordinator-2", "coordinator-3"]
 MEMBERS = ["etcd-1", "etcd-2", "etcd-3"]
 
 
-def tool(name: str) -> str:
-    path = Path(sys.executable).parent / name
-    assert path.exists(), f"{path} is missing: pip install -e '.[test]'"
-    return str(path)
-
-
 def run(
     name: str, *args: str | Path, directory: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HSM_CLUSTER", "HSM_TOKEN"))}
-    if directory is not None:
-        env["HSM_CLUSTER"] = str(directory)
-    return subprocess.run(
-        [tool(name), *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        env={**env, "GRPC_VERBOSITY": "ERROR"},
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
+    return run_tool(name, *args, cluster=directory, timeout=TIMEOUT)
 
 
 def ok(name: str, *args: str | Path, directory: Path | None = None) -> str:

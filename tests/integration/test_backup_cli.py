@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.tools import json_output, one_line_error, run_tool
 
 from deploy.init import DomainLayout, init_domain
 from deploy.localdomain import FAST_SCRYPT_N
@@ -23,28 +24,15 @@ pytestmark = pytest.mark.integration
 
 
 def run(*arguments: str | Path) -> subprocess.CompletedProcess[str]:
-    script = Path(sys.executable).parent / "hsm-domain"
-    return subprocess.run(
-        [str(script), *map(str, arguments)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    return run_tool("hsm-domain", *arguments)
 
 
 def ok(*arguments: str | Path) -> Any:
-    result = run(*arguments, "--json")
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
+    return json_output("hsm-domain", *arguments)
 
 
 def failed(status: int, *arguments: str | Path) -> str:
-    result = run(*arguments)
-    assert result.returncode == status, (result.stdout, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    return lines[0]
+    return one_line_error(run(*arguments), status)
 
 
 def store_of(layout: DomainLayout) -> SqliteStore:

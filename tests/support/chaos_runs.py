@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 from typing import Final
 
 import pytest
 
 from deploy import cluster
+from support.tools import console_script
 
 __all__ = ["INVARIANTS", "RUN_TIMEOUT", "hsm_domain", "processes_using", "run_chaos"]
 
@@ -40,12 +39,7 @@ INVARIANTS: Final = frozenset(
 
 def hsm_domain() -> str:
     """Path of the installed `hsm-domain` console script."""
-    beside = Path(sys.executable).parent / "hsm-domain"
-    if beside.exists():
-        return str(beside)
-    found = shutil.which("hsm-domain")
-    assert found, "the hsm-domain console script is not installed (pip install -e .)"
-    return found
+    return console_script("hsm-domain")
 
 
 def processes_using(directory: Path) -> list[int]:
