@@ -8,9 +8,9 @@ starts). Figures, issue 15 item 6:
 1. CreateKey (each one a key record stored at the coordinator: an fsync'd SQLite transaction,
    or a compare-and-swap etcd transaction committed by a majority of members) through raw
    stubs round robin over the three HSAs, 1 and 16 callers, the two stores alternating round
-   by round: `create_key_<store>_c<N>_ops_s`, `_p50_ms`, `_p99_ms`, and
-   `create_key_<store>_c<N>_store_cpu_us_per_op` (CPU of every coordinator replica and etcd
-   member per CreateKey).
+   by round: `create_key_<store>_c<N>_ops_s`, `_p50_ms`, `_p99_ms`, and the CPU per CreateKey
+   of the coordinator replicas (`..._coordinator_cpu_us_per_op`, all of them together) and of
+   the etcd members (`..._etcd_cpu_us_per_op`).
 2. Propagation: rotate-domain-key changes, from the final approval to every HSA running the
    new version, on each domain (as `bench.propagation`): `propagation_<store>_3_nodes_*`.
 3. Failover, repeated: kill -9 of the leading replica, then at once and in parallel a quorum
@@ -90,29 +90,34 @@ def _domains(config: BenchConfig) -> Iterator[dict[str, BenchDomain]]:
 
 
 class _StoreMeter:
-    """CPU seconds of every coordinator replica and etcd member (with their children) over a
-    measured window: `start()`, `stop()`, then `seconds`."""
+    """CPU seconds of the coordinator replicas and of the etcd members (each with its
+    children) over a measured window: `start()`, `stop()`, then `seconds[kind]`."""
 
     def __init__(self, domain: BenchDomain) -> None:
-        names = [*domain.layout.coordinators, *domain.layout.etcd_members]
-        self._samples = [
-            CpuSample(pid)
-            for name in names
-            if domain.is_running(name)
-            for pid in tree_pids(domain.pid(name))
-        ]
+        groups = {"coordinator": domain.layout.coordinators, "etcd": domain.layout.etcd_members}
+        self._samples = {
+            kind: [
+                CpuSample(pid)
+                for name in names
+                if domain.is_running(name)
+                for pid in tree_pids(domain.pid(name))
+            ]
+            for kind, names in groups.items()
+        }
 
     def start(self) -> None:
-        for sample in self._samples:
-            sample.start()
+        for samples in self._samples.values():
+            for sample in samples:
+                sample.start()
 
     def stop(self) -> None:
-        for sample in self._samples:
-            sample.stop()
+        for samples in self._samples.values():
+            for sample in samples:
+                sample.stop()
 
     @property
-    def seconds(self) -> float:
-        return sum(sample.seconds for sample in self._samples)
+    def seconds(self) -> dict[str, float]:
+        return {kind: sum(s.seconds for s in samples) for kind, samples in self._samples.items()}
 
 
 def _create_key_call(domain: BenchDomain, stack: ExitStack) -> Callable[[], object]:
@@ -131,7 +136,7 @@ def measure_create_keys(
 ) -> dict[str, Figure]:
     """CreateKey on each store at each concurrency, the stores alternating round by round."""
     results: dict[tuple[str, int], list[LoadResult]] = {}
-    cpu: dict[tuple[str, int], float] = {}
+    cpu: dict[tuple[str, int, str], float] = {}
     with ExitStack() as stack:
         calls = {store: _create_key_call(domain, stack) for store, domain in domains.items()}
         for round_index in range(rounds):
@@ -153,8 +158,9 @@ def measure_create_keys(
                             f"{result.first_error}"
                         )
                     results.setdefault((store, concurrency), []).append(result)
-                    key = (store, concurrency)
-                    cpu[key] = cpu.get(key, 0.0) + meter.seconds
+                    for kind, seconds in meter.seconds.items():
+                        key = (store, concurrency, kind)
+                        cpu[key] = cpu.get(key, 0.0) + seconds
                     config.log(
                         f"   round {round_index + 1}: CreateKey on {store}, {concurrency} "
                         f"caller(s): {result.ops_per_second:,.0f}/s"
@@ -168,9 +174,11 @@ def measure_create_keys(
             merged.elapsed += result.elapsed
         prefix = f"create_key_{store}_c{concurrency}"
         figures.update(merged.figures(prefix))
-        figures[f"{prefix}_store_cpu_us_per_op"] = per_op_us(
-            cpu[(store, concurrency)], merged.operations
-        )
+        for kind in ("coordinator", "etcd"):
+            if store == "etcd" or kind == "coordinator":
+                figures[f"{prefix}_{kind}_cpu_us_per_op"] = per_op_us(
+                    cpu[(store, concurrency, kind)], merged.operations
+                )
         config.add_samples(
             "replicas_create_key",
             f"{store} c{concurrency}",

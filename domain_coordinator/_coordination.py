@@ -146,8 +146,8 @@ class ReplicaCoordination(Coordination):
     and an election there that this replica joins in a thread of its own."""
 
     def __init__(self, client: EtcdClient, prefix: str, name: str) -> None:
-        lock = Lock(client, replica_lock_key(prefix), ttl=LEASE_TTL_SECONDS)
-        super().__init__(WriteLock(lock))
+        self._lock = Lock(client, replica_lock_key(prefix), ttl=LEASE_TTL_SECONDS)
+        super().__init__(WriteLock(self._lock))
         self._name = name
         self._stopping = threading.Event()
         self._lost = threading.Event()
@@ -188,6 +188,10 @@ class ReplicaCoordination(Coordination):
                 self._election.resign()
             except UnavailableError as error:
                 log.warning("could not resign the leadership (it lapses with the lease): %s", error)
+        try:
+            self._lock.close()
+        except UnavailableError as error:
+            log.warning("could not revoke the write lock's lease (it lapses): %s", error)
 
     def _campaign(self) -> None:
         """Campaign until leading; after losing the lead, campaign again; until closed."""

@@ -12,11 +12,17 @@ Invariants (on top of `_etcd_layout`):
 - a deletion moves the record to `keys/dead/` (with its deletion time, at revision + 1) and
   indexes it by deletion time, so purging reads only the tombstones that are due;
 - with `fences_revision`, the transaction also compares the fences' revision key, and the
-  fence check is reported first (FencesChangedError) whatever else failed.
+  fence check is reported first (FencesChangedError) whatever else failed;
+- creates by one creator go one at a time through this process (`_creating`, striped locks):
+  they all compare the one count key, so running them at once here only makes all but one
+  lose and read again; the compare, not the lock, is what keeps the count right (other
+  replicas create too).
 """
 
 from __future__ import annotations
 
+import threading
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -54,6 +60,8 @@ from domain_edge.etcd import (
 
 # Tombstones purged per transaction.
 _PURGE_BATCH = 50
+# Locks that creates by one creator take in turn (a creator maps to one of them).
+_CREATE_STRIPES = 32
 
 
 @dataclass(frozen=True)
@@ -90,6 +98,7 @@ class KeyRecords:
         self.client = client
         self.layout = layout
         self._note = note
+        self._creating = [threading.Lock() for _ in range(_CREATE_STRIPES)]
 
     def _fences(self, fences_revision: int | None) -> tuple[list[Range], list[Compare]]:
         """The read and the comparison of a fenced write (none for an unfenced one)."""
@@ -145,10 +154,12 @@ class KeyRecords:
         self, entry: KeyEntry, creator: str, creator_limit: int, fences_revision: int | None
     ) -> int:
         if entry.revision == 0:
-            return cas(
-                f"creating key {entry.key_id}",
-                lambda: self._create(entry, creator, creator_limit, fences_revision),
-            )
+            stripe = zlib.crc32(creator.encode("utf-8", "surrogatepass")) % _CREATE_STRIPES
+            with self._creating[stripe]:
+                return cas(
+                    f"creating key {entry.key_id}",
+                    lambda: self._create(entry, creator, creator_limit, fences_revision),
+                )
         return cas(f"writing key {entry.key_id}", lambda: self._update(entry, fences_revision))
 
     def _create(

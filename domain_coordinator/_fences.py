@@ -3,8 +3,9 @@
 Invariants: once a proposal that removes host H has its quorum (and until it is closed), H may
 not write key records, and no record is stored under a domain-key generation that a quorate
 proposal or a due scheduled rotation retires. A change's fence is set before any HSA is asked
-to produce its state (`fence`), and a write is checked against the fences with the write
-under one lock (`held`), so the records the producing HSA lists are all there are
+to produce its state (`fence`), and a write is checked against the fences and stored only if
+they are still the ones it was checked against (`current`, then a compare of their revision in
+the write's own transaction), so the records the producing HSA lists are all there are
 (`hsa_node.rewrap`). The fences are recomputed from the head, the quorate pending proposals
 and a due rotation at start and on every sweep (`refresh`), so those of closed changes go.
 
@@ -21,8 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from google.protobuf.message import DecodeError
@@ -91,15 +91,16 @@ class Fences:
     _fences: FenceSet = field(init=False, default=_NO_FENCES)
     _revision: int = field(init=False, default=-1)  # -1: not read yet, or stale
 
-    @contextmanager
-    def held(self) -> Iterator[tuple[FenceSet, int]]:
-        """The fences and their stored revision, held (no change on this replica sets a
-        fence) until the block ends: check a write against them and make it inside, naming the
-        revision (`put_key(fences_revision=...)`)."""
+    def current(self) -> tuple[FenceSet, int]:
+        """The fences as last read and their stored revision: check a write against them and
+        make it naming the revision (`put_key(fences_revision=...)`). The store refuses the
+        write if a fence was set since, on this replica or another (FencesChangedError), so
+        writes are checked in parallel and none lands after a fence it was not checked
+        against."""
         with self._lock:
             if self._revision < 0:
                 self._read()
-            yield self._fences, self._revision
+            return self._fences, self._revision
 
     def mark_stale(self) -> None:
         """Read the fences again before the next write is checked (another replica changed

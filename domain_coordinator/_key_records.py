@@ -12,8 +12,9 @@ Invariants:
   of a write that was stored (its answer lost) finds those very bytes stored at the next
   revision and gets that revision, never a second write; anything else is a conflict as
   before;
-- the fences (`_fences`) are checked with the write under one lock: a host being removed
-  writes nothing, nothing is stored under a generation being retired;
+- the fences (`_fences`) are checked with the write, which the store makes only while they
+  are still at the revision checked (compare-and-swap, no lock held across the write): a host
+  being removed writes nothing, nothing is stored under a generation being retired;
 - `delete` deletes only a stored record whose signature verifies and whose signed metadata
   says PENDING_DELETION with a date that has passed; a deleted record stays as a tombstone
   (never served, its id never created again) for `tombstone_seconds`, then it is purged.
@@ -123,45 +124,45 @@ class KeyRecords:
         store refuses it with FencesChangedError if another replica changed them since); a
         replay of a stored write gets its revision."""
         key_id, raw, metadata = checked
-        with self.fences.held() as (fences, fences_revision):
-            if caller in fences.hosts:
-                raise PermissionDeniedError(
-                    f"{caller} is being removed from the domain ({fences.hosts[caller]}): it "
-                    "may not write key records; use another HSA"
-                )
-            retiring = sorted(generations & fences.generations.keys())
-            if retiring:
-                raise FailedPreconditionError(
-                    f"the record of key {key_id} is sealed under domain key generation "
-                    f"{retiring[0]}, which is being retired "
-                    f"({fences.generations[retiring[0]]}): the writing HSA is behind; it "
-                    "catches up, retry"
-                )
-            if expected:
-                self._check_replacement(key_id, expected, metadata, record.metadata)
-            try:
-                return self.store.put_key(
-                    key_id,
-                    raw,
-                    expected,
-                    creator=metadata.creator if expected == 0 else "",
-                    creator_limit=self.limits.max_keys_per_principal,
-                    fences_revision=fences_revision,
-                )
-            except FencesChangedError:
+        fences, fences_revision = self.fences.current()
+        if caller in fences.hosts:
+            raise PermissionDeniedError(
+                f"{caller} is being removed from the domain ({fences.hosts[caller]}): it "
+                "may not write key records; use another HSA"
+            )
+        retiring = sorted(generations & fences.generations.keys())
+        if retiring:
+            raise FailedPreconditionError(
+                f"the record of key {key_id} is sealed under domain key generation "
+                f"{retiring[0]}, which is being retired "
+                f"({fences.generations[retiring[0]]}): the writing HSA is behind; it "
+                "catches up, retry"
+            )
+        if expected:
+            self._check_replacement(key_id, expected, metadata, record.metadata)
+        try:
+            return self.store.put_key(
+                key_id,
+                raw,
+                expected,
+                creator=metadata.creator if expected == 0 else "",
+                creator_limit=self.limits.max_keys_per_principal,
+                fences_revision=fences_revision,
+            )
+        except FencesChangedError:
+            raise
+        except (AlreadyExistsError, ConflictError):
+            replayed = self.store.get_key(key_id)
+            if (
+                replayed is None
+                or replayed.record != raw
+                or replayed.revision != expected + 1  # the very write it asked for
+            ):
                 raise
-            except (AlreadyExistsError, ConflictError):
-                replayed = self.store.get_key(key_id)
-                if (
-                    replayed is None
-                    or replayed.record != raw
-                    or replayed.revision != expected + 1  # the very write it asked for
-                ):
-                    raise
-                # A retry after a lost answer (perhaps to another replica): this very
-                # signed record is stored; answer as the first call would have.
-                log.info("key %s: a retried write, stored already", key_id)
-                return replayed.revision
+            # A retry after a lost answer (perhaps to another replica): this very
+            # signed record is stored; answer as the first call would have.
+            log.info("key %s: a retried write, stored already", key_id)
+            return replayed.revision
 
     def _check_signature(
         self, record: keys_pb2.KeyRecord, key_id: str, head: SealedState, *, writer: str = ""

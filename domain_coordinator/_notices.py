@@ -42,7 +42,9 @@ class StoreNotices:
             target=self._adopt_loop, name="coordinator-notices", daemon=True
         )
         self._thread.start()
-        self._unsubscribe = self.store.subscribe(self._on_change)
+        self._unsubscribe = self.store.subscribe(
+            self._on_change, kinds=(ChangeKind.STATES, ChangeKind.FENCES)
+        )
 
     def stop(self) -> None:
         """Unsubscribe and end the thread (the caller set `stopping`)."""

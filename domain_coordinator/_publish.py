@@ -80,7 +80,8 @@ class Publisher:
     answers: AnswerSink
 
     def advance(self, state: SealedState) -> None:
-        """Adopt a stored state, stale the proposals it overtook, push it."""
+        """Adopt a stored state, push it, then stale the proposals it overtook (the pushes go
+        out first: the HSAs wait for nothing the store has to find)."""
         self.chain.adopt(state)
-        self.book.close_due()
         self.pusher.push(state, self.answers)
+        self.book.close_due()

@@ -185,6 +185,9 @@ class ChangeKind(enum.StrEnum):
     FENCES = "fences"
 
 
+ALL_CHANGE_KINDS: frozenset[ChangeKind] = frozenset(ChangeKind)
+
+
 # --- argument checks, the same for every backend (used by `store.CoordinatorStore`) ----------
 
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import collections
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 
 from domain_coordinator._etcd_keys import KeyRecords
@@ -57,6 +57,7 @@ from domain_coordinator._etcd_proposals import ProposalWrites
 from domain_coordinator._etcd_snapshot import EtcdSnapshot, count_contents
 from domain_coordinator.snapshots import SnapshotItem, StoreCounts, StoreSnapshot
 from domain_coordinator.store import (
+    ALL_CHANGE_KINDS,
     AuditHeadRecord,
     ChangeKind,
     CoordinatorStore,
@@ -360,37 +361,42 @@ class EtcdStore(CoordinatorStore):
             "and retry"
         )
 
-    def _kind(self, key: bytes) -> ChangeKind | None:
-        layout = self.layout
-        for prefix, kind in (
-            (layout.states, ChangeKind.STATES),
-            (layout.proposals, ChangeKind.PROPOSALS),
-            (layout.keys, ChangeKind.KEYS),
-            (layout.fences, ChangeKind.FENCES),
-        ):
-            if key.startswith(prefix):
-                return kind
-        return None
-
-    def subscribe(self, on_change: Callable[[ChangeKind], None]) -> Callable[[], None]:
+    def subscribe(
+        self,
+        on_change: Callable[[ChangeKind], None],
+        kinds: Collection[ChangeKind] = ALL_CHANGE_KINDS,
+    ) -> Callable[[], None]:
         self._check_open()
-        start = self.client.range(Range(self.layout.fences_revision)).revision + 1
+        layout = self.layout
+        prefixes = {
+            ChangeKind.STATES: layout.states,
+            ChangeKind.PROPOSALS: layout.proposals,
+            ChangeKind.KEYS: layout.keys,
+            ChangeKind.FENCES: layout.fences,
+        }
+        start = self.client.range(Range(layout.fences_revision)).revision + 1
+        cancels: list[Callable[[], None]] = []
 
-        def changed(batch: WatchBatch) -> None:
-            with self._own_lock:
-                own = set(self._own)
-            kinds = set(ChangeKind) if batch.compacted else set()
-            kinds.update(
-                kind
-                for event in batch.events
-                if event.mod_revision not in own and (kind := self._kind(event.key)) is not None
-            )
-            for kind in sorted(kinds):
-                on_change(kind)
+        def watcher(kind: ChangeKind) -> Callable[[WatchBatch], None]:
+            def changed(batch: WatchBatch) -> None:
+                with self._own_lock:
+                    own = set(self._own)
+                if batch.compacted or any(e.mod_revision not in own for e in batch.events):
+                    on_change(kind)
 
-        watch = watch_prefix(self.client, self.layout.root, start, changed)
-        self._unsubscribes.append(watch.cancel)
-        return watch.cancel
+            return changed
+
+        # One watch per part asked for: a part nobody asks for (key records, for the replicas)
+        # sends no event to anyone.
+        for kind in sorted(set(kinds)):
+            cancels.append(watch_prefix(self.client, prefixes[kind], start, watcher(kind)).cancel)
+
+        def unsubscribe() -> None:
+            for cancel in cancels:
+                cancel()
+
+        self._unsubscribes.append(unsubscribe)
+        return unsubscribe
 
     # --- key records (in `_etcd_keys`) ------------------------------------------------------
 

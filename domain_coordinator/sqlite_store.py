@@ -31,7 +31,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -40,6 +40,7 @@ from domain_coordinator import _sqlite_schema as schema
 from domain_coordinator import _sqlite_snapshot as snapshot_sql
 from domain_coordinator.snapshots import SnapshotItem, StoreCounts, StoreSnapshot
 from domain_coordinator.store import (
+    ALL_CHANGE_KINDS,
     AuditHeadRecord,
     ChangeKind,
     CoordinatorStore,
@@ -359,7 +360,11 @@ class SqliteStore(CoordinatorStore):
                 "meanwhile; nothing was written: check the write against the fences again"
             )
 
-    def subscribe(self, on_change: Callable[[ChangeKind], None]) -> Callable[[], None]:
+    def subscribe(
+        self,
+        on_change: Callable[[ChangeKind], None],
+        kinds: Collection[ChangeKind] = ALL_CHANGE_KINDS,
+    ) -> Callable[[], None]:
         """A store file has one coordinator: nobody else changes it, so this never calls back."""
 
         def unsubscribe() -> None:

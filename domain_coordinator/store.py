@@ -63,11 +63,12 @@ the other way round; `store_spec.open_store` opens the backend a config names.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING
 
 from domain_coordinator._store_records import (
+    ALL_CHANGE_KINDS,
     MAX_STORED_INTEGER,
     AuditHeadRecord,
     ChangeKind,
@@ -97,6 +98,7 @@ if TYPE_CHECKING:
     from domain_coordinator.snapshots import SnapshotItem, StoreSnapshot
 
 __all__ = [
+    "ALL_CHANGE_KINDS",
     "MAX_STORED_INTEGER",
     "AuditHeadRecord",
     "ChangeKind",
@@ -421,11 +423,16 @@ class CoordinatorStore(ABC):
         """`set_fences` with checked arguments."""
 
     @abstractmethod
-    def subscribe(self, on_change: Callable[[ChangeKind], None]) -> Callable[[], None]:
+    def subscribe(
+        self,
+        on_change: Callable[[ChangeKind], None],
+        kinds: Collection[ChangeKind] = ALL_CHANGE_KINDS,
+    ) -> Callable[[], None]:
         """Call `on_change(kind)` from a background thread whenever another writer changed the
-        `kind` part of the store (states, proposals, keys, fences); returns a function that
-        ends the subscription. A store that only this coordinator writes never calls back.
-        `on_change` must return quickly (re-read later, elsewhere); what it raises is logged.
+        `kind` part of the store (one of `kinds`: states, proposals, keys, fences); returns a
+        function that ends the subscription. A store that only this coordinator writes never
+        calls back. `on_change` must return quickly (re-read later, elsewhere); what it
+        raises is logged.
         """
 
     # --- key records -----------------------------------------------------------------------

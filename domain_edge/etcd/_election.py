@@ -9,12 +9,19 @@ Invariants:
 - the key goes with the lease: a holder that dies is replaced once its lease expires (its TTL),
   a holder that releases at once;
 - releasing deletes the key only if it is still this holder's (compared on its create
-  revision), then revokes the lease; a failed candidate revokes the lease it took;
+  revision), then revokes the lease; a failed candidate revokes the lease it took. A `Lock`
+  keeps its lease between holds instead (`keep_lease`: no grant and no revocation per hold,
+  two etcd writes fewer each time) and revokes it when a release fails, so a key that could
+  not be deleted still goes with the lease, and on `close`;
+- a watch belongs to one hold (its create revision): an event it reports after that hold
+  ended (a release, then another acquire by the same holder) changes nothing; a release does
+  not wait for its watch to end;
 - not re-entrant: a second `acquire` by the holder is a programming error.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import uuid
@@ -52,17 +59,37 @@ class LeasedKey:
         ttl: int = DEFAULT_TTL,
         *,
         on_lost: Callable[[], None] | None = None,
+        keep_lease: bool = False,
     ) -> None:
         self.client = client
         self.key = key
         self.value = value
         self.ttl = ttl
         self._on_lost = on_lost
+        self._keep_lease = keep_lease
         self._lock = threading.Lock()
-        self._lease: Lease | None = None
+        self._lease: Lease | None = None  # the lease of the current hold
+        self._spare: Lease | None = None  # kept between holds (keep_lease)
         self._created = 0
         self._watch: Watch | None = None
         self._lost_key = threading.Event()
+
+    def _attempt_lease(self) -> Lease:
+        """The lease for one attempt: the kept one while it lives, else a fresh one."""
+        spare = self._spare
+        if spare is not None and spare.alive:
+            return spare
+        lease = grant_lease(self.client, self.ttl, on_lost=self._lease_lost)
+        self._spare = lease if self._keep_lease else None
+        return lease
+
+    def _drop(self, lease: Lease) -> None:
+        """Revoke `lease` (and forget it if kept); a failure to revoke leaves it to expire,
+        since revoking stops its refreshes first."""
+        if self._spare is lease:
+            self._spare = None
+        with contextlib.suppress(Exception):
+            lease.revoke()
 
     @property
     def held(self) -> bool:
@@ -75,7 +102,7 @@ class LeasedKey:
         with self._lock:
             if self._lease is not None:
                 raise RuntimeError(f"{self.key!r} is held by this holder already")
-            lease = grant_lease(self.client, self.ttl, on_lost=self._lease_lost)
+            lease = self._attempt_lease()
             result = self.client.txn(
                 [Compare.absent(self.key)],
                 [Put(self.key, self.value, lease.id)],
@@ -86,12 +113,15 @@ class LeasedKey:
             if not result.succeeded:
                 current = _first(result.results[0])
                 if not (result.uncertain and current is not None and current.lease == lease.id):
-                    lease.revoke()
+                    if not self._keep_lease:
+                        lease.revoke()
                     return False, result.revision
                 created = current.create_revision  # our first attempt won: its answer was lost
             self._lease, self._created = lease, created
             self._lost_key.clear()
-            self._watch = watch_key(self.client, self.key, created + 1, self._key_changed)
+            self._watch = watch_key(
+                self.client, self.key, created + 1, lambda batch: self._key_changed(batch, created)
+            )
             return True, created
 
     def acquire(self, timeout: float | None) -> bool:
@@ -126,12 +156,13 @@ class LeasedKey:
         return current.value if current is not None else None
 
     def release(self) -> None:
-        """Delete the key if it is still ours, revoke the lease; nothing if not held."""
+        """Delete the key if it is still ours, revoke the lease (unless kept); nothing if not
+        held."""
         with self._lock:
             lease, watch, created = self._lease, self._watch, self._created
             self._lease, self._watch = None, None
         if watch is not None:
-            watch.cancel()
+            threading.Thread(target=watch.cancel, daemon=True).start()
         if lease is None:
             return
         try:
@@ -140,24 +171,39 @@ class LeasedKey:
                 [Delete(self.key)],
                 retry_safe=True,
             )
-        finally:
+        except BaseException:
+            self._drop(lease)  # the key, if still there, goes with the lease
+            raise
+        if not self._keep_lease:
             lease.revoke()
 
+    def close(self) -> None:
+        """Release, and revoke a kept lease."""
+        try:
+            self.release()
+        finally:
+            spare = self._spare
+            if spare is not None:
+                self._drop(spare)
+
     def _lease_lost(self) -> None:
-        self._lose()
+        self._lose(None)
 
-    def _key_changed(self, batch: WatchBatch) -> None:
+    def _key_changed(self, batch: WatchBatch, created: int) -> None:
         if batch.compacted or any(e.deleted or e.value != self.value for e in batch.events):
-            self._lost_key.set()
-            self._lose()
+            self._lose(created)
 
-    def _lose(self) -> None:
+    def _lose(self, created: int | None) -> None:
+        """Stop holding: the lease was lost (`created` None), or the key of the hold made at
+        revision `created` changed (nothing if that hold has ended)."""
         with self._lock:
             lease, watch = self._lease, self._watch
+            if lease is None or (created is not None and created != self._created):
+                return  # released meanwhile, lost already, or an event of an earlier hold
             self._lease, self._watch = None, None
-        if lease is None:
-            return  # released meanwhile, or lost already
-        self._lost_key.set()
+            self._lost_key.set()
+        if self._spare is lease and not lease.alive:
+            self._spare = None
         if watch is not None:
             threading.Thread(target=watch.cancel, daemon=True).start()
         if self._on_lost is not None:
@@ -229,7 +275,7 @@ class Lock:
     death once its lease expires. Not re-entrant."""
 
     def __init__(self, client: EtcdClient, key: bytes, ttl: int = DEFAULT_TTL) -> None:
-        self._key = LeasedKey(client, key, uuid.uuid4().hex.encode(), ttl)
+        self._key = LeasedKey(client, key, uuid.uuid4().hex.encode(), ttl, keep_lease=True)
 
     @property
     def held(self) -> bool:
@@ -240,6 +286,10 @@ class Lock:
 
     def release(self) -> None:
         self._key.release()
+
+    def close(self) -> None:
+        """Release if held, and revoke the lease kept between holds."""
+        self._key.close()
 
     def hold(self, timeout: float) -> Lock:
         """Acquire within `timeout` seconds (UnavailableError otherwise), for a `with` block."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from support.etcd import LocalEtcd, fresh_prefix
@@ -22,11 +23,13 @@ from domain_edge.etcd import (
     Range,
     SortBy,
     WatchBatch,
+    WatchEvent,
     cluster_status,
     grant_lease,
     members,
     watch_prefix,
 )
+from domain_edge.etcd import _election as election
 
 pytestmark = [pytest.mark.integration, pytest.mark.etcd]
 
@@ -237,6 +240,51 @@ def test_the_lock_admits_one_holder_at_a_time(client: EtcdClient, prefix: bytes)
         each.join(timeout=60)
     assert most == 1
     assert client.get(prefix + b"lock") is None
+
+
+def test_the_lock_keeps_one_lease_and_an_old_hold_cannot_drop_a_new_one(
+    client: EtcdClient, prefix: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lock keeps its lease between holds (no grant, no revocation per hold); the watch of
+    a hold that ended sees that hold's own deletion, which must not end the next hold; taking
+    the key from a holder still ends its hold; `close` revokes the lease, and the key goes."""
+    key = prefix + b"lock"
+    callbacks: list[Callable[[WatchBatch], None]] = []
+    real_watch_key = election.watch_key
+
+    def recording(client: EtcdClient, key: bytes, start: int, on_batch: Any) -> Any:
+        callbacks.append(on_batch)
+        return real_watch_key(client, key, start, on_batch)
+
+    monkeypatch.setattr(election, "watch_key", recording)
+    lock = Lock(client, key, ttl=5)
+    leases = set()
+    for _ in range(20):  # release and acquire back to back: old watches still report
+        assert lock.acquire(5)
+        held = client.get(key)
+        assert held is not None
+        leases.add(held.lease)
+        lock.release()
+    assert len(leases) == 1
+    assert lock.acquire(5)
+    time.sleep(0.5)  # any event of an earlier hold has arrived by now
+    assert lock.held
+    # The deletion of an earlier hold, reported late by that hold's watch: nothing changes.
+    late = WatchBatch((WatchEvent(key, b"", True, 1),))
+    for report in callbacks[:-1]:
+        report(late)
+    assert lock.held
+    client.delete(key)
+    _wait(lambda: not lock.held, 5, "the hold ended by the deletion")
+    assert lock.acquire(5)
+    lease = client.get(key).lease  # type: ignore[union-attr]
+    assert lease in leases
+    lock.close()
+    assert client.get(key) is None
+    assert not lock.held
+    other = Lock(client, key, ttl=5)
+    assert other.acquire(1)  # free at once
+    other.close()
 
 
 def test_members_and_their_status(etcd_factory: Callable[[int], LocalEtcd]) -> None:

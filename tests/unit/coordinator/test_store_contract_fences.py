@@ -151,6 +151,25 @@ def test_changes_by_another_writer_are_noticed(backend: StoreBackend) -> None:
     unsubscribe()  # a second call is harmless
 
 
+def test_a_subscriber_hears_only_the_kinds_it_asked_for(backend: StoreBackend) -> None:
+    """The replicas ask for states and fences only: key writes (every CreateKey) then cost
+    them no event at all."""
+    watcher, writer = backend.open(), backend.open()
+    notices: queue.Queue[ChangeKind] = queue.Queue()
+    unsubscribe = watcher.subscribe(notices.put, kinds=(ChangeKind.STATES, ChangeKind.FENCES))
+    try:
+        writer.put_key("k", b"v", 0)
+        writer.put_proposal(b"\x02" * 32, b"p", 1, 2)
+        writer.append_state(1, b"genesis")
+        writer.set_fences(b"f", 0)
+        if backend.shared:
+            _wait_for(notices, {ChangeKind.STATES, ChangeKind.FENCES}, timeout=10)
+        writer.put_key("k2", b"v", 0)
+        assert _drain(notices, 1.0) <= {ChangeKind.STATES, ChangeKind.FENCES}
+    finally:
+        unsubscribe()
+
+
 def test_a_subscriber_that_raises_keeps_its_subscription(backend: StoreBackend) -> None:
     watcher, writer = backend.open(), backend.open()
     notices: queue.Queue[ChangeKind] = queue.Queue()
