@@ -202,6 +202,10 @@ class ReplicaCoordination(Coordination):
                 log.warning("cannot campaign for the leadership: %s", error)
                 self._stopping.wait(_CAMPAIGN_RETRY_SECONDS)
                 continue
+            except Exception:  # a bug must not end the campaign for good: log it, go on
+                log.exception("campaigning for the leadership failed; campaigning again")
+                self._stopping.wait(_CAMPAIGN_RETRY_SECONDS)
+                continue
             if not won:
                 continue
             log.info("%s leads the coordinator replicas", self._name)

@@ -16,12 +16,18 @@ Invariants:
 - a watch belongs to one hold (its create revision): an event it reports after that hold
   ended (a release, then another acquire by the same holder) changes nothing; a release does
   not wait for its watch to end;
+- a hold that ends other than by `release` (its lease lapsed, its key changed or a watch lost
+  track) revokes its lease, kept or not, so no key of it outlives the hold: a lease that
+  lapsed locally could otherwise be refreshed again later with nobody holding, and keep the
+  key (and everyone else out) for good. A kept lease that lapsed is likewise revoked before a
+  fresh one replaces it, and an attempt on a hold that lapsed unnoticed ends that hold first;
 - not re-entrant: a second `acquire` by the holder is a programming error.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 import uuid
@@ -42,6 +48,8 @@ from domain_edge.etcd._types import (
     Target,
 )
 from domain_edge.etcd._watch import Watch, WatchBatch, watch_key
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TTL: Final = 5
 # A candidate also tries again this often even without a deletion event (belt and braces).
@@ -75,11 +83,19 @@ class LeasedKey:
         self._lost_key = threading.Event()
 
     def _attempt_lease(self) -> Lease:
-        """The lease for one attempt: the kept one while it lives, else a fresh one."""
+        """The lease for one attempt: the kept one while it lives, else a fresh one (a kept
+        one that lapsed is revoked, so that it never comes back to life unused)."""
         spare = self._spare
-        if spare is not None and spare.alive:
-            return spare
-        lease = grant_lease(self.client, self.ttl, on_lost=self._lease_lost)
+        if spare is not None:
+            if spare.alive:
+                return spare
+            self._spare = None
+            _revoke_later(spare)
+        granted: list[Lease] = []
+        lease = grant_lease(
+            self.client, self.ttl, on_lost=lambda: self._lease_lost(granted[0] if granted else None)
+        )
+        granted.append(lease)
         self._spare = lease if self._keep_lease else None
         return lease
 
@@ -99,6 +115,8 @@ class LeasedKey:
 
     def try_acquire(self) -> tuple[bool, int]:
         """One attempt: (won, the store revision it read or wrote)."""
+        if self._lease is not None and not self.held:
+            self._lose(self._created, "its lease lapsed")  # unnoticed until now
         with self._lock:
             if self._lease is not None:
                 raise RuntimeError(f"{self.key!r} is held by this holder already")
@@ -186,28 +204,48 @@ class LeasedKey:
             if spare is not None:
                 self._drop(spare)
 
-    def _lease_lost(self) -> None:
-        self._lose(None)
+    def _lease_lost(self, lease: Lease | None) -> None:
+        """`lease` was lost: the hold on it ends (a lease of an earlier hold changes nothing)."""
+        with self._lock:
+            created = self._created if lease is not None and self._lease is lease else None
+        if created is not None:
+            self._lose(created, "its lease was lost")
 
     def _key_changed(self, batch: WatchBatch, created: int) -> None:
-        if batch.compacted or any(e.deleted or e.value != self.value for e in batch.events):
-            self._lose(created)
+        if batch.compacted:
+            self._lose(created, "the watch of its key lost track (compacted)")
+        elif any(e.deleted or e.value != self.value for e in batch.events):
+            self._lose(created, "its key was deleted or taken")
 
-    def _lose(self, created: int | None) -> None:
-        """Stop holding: the lease was lost (`created` None), or the key of the hold made at
-        revision `created` changed (nothing if that hold has ended)."""
+    def _lose(self, created: int | None, why: str) -> None:
+        """Stop holding: the lease was lost (`created` None), or the hold made at revision
+        `created` ended without a release (nothing if that hold has ended already). The
+        hold's lease is revoked, so its key goes (see the module invariants)."""
         with self._lock:
             lease, watch = self._lease, self._watch
             if lease is None or (created is not None and created != self._created):
                 return  # released meanwhile, lost already, or an event of an earlier hold
             self._lease, self._watch = None, None
             self._lost_key.set()
-        if self._spare is lease and not lease.alive:
-            self._spare = None
+            if self._spare is lease:
+                self._spare = None
+        log.warning("no longer holding %r: %s", self.key, why)
+        _revoke_later(lease)
         if watch is not None:
             threading.Thread(target=watch.cancel, daemon=True).start()
         if self._on_lost is not None:
             self._on_lost()
+
+
+def _revoke_later(lease: Lease) -> None:
+    """Revoke `lease` in a thread of its own: its refreshes stop at once, and the call itself
+    may wait for an unreachable cluster (the lease then lapses by itself)."""
+
+    def revoke() -> None:
+        with contextlib.suppress(Exception):
+            lease.revoke()
+
+    threading.Thread(target=revoke, name="etcd-lease-revoke", daemon=True).start()
 
 
 def _first(result: object) -> KeyValue | None:

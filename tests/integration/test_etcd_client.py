@@ -278,13 +278,58 @@ def test_the_lock_keeps_one_lease_and_an_old_hold_cannot_drop_a_new_one(
     _wait(lambda: not lock.held, 5, "the hold ended by the deletion")
     assert lock.acquire(5)
     lease = client.get(key).lease  # type: ignore[union-attr]
-    assert lease in leases
+    assert lease not in leases  # a hold that ended without a release took its lease along
     lock.close()
     assert client.get(key) is None
     assert not lock.held
     other = Lock(client, key, ttl=5)
     assert other.acquire(1)  # free at once
     other.close()
+
+
+def test_a_hold_that_ends_without_a_release_takes_its_key_with_it(
+    client: EtcdClient, prefix: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chaos found the write lock held for good: a hold ended without a release (its watch
+    lost track), while the lease it kept between holds went on being refreshed, so its key
+    stayed and every replica waited. A hold that ends so now revokes its lease."""
+    key = prefix + b"lock"
+    callbacks: list[Callable[[WatchBatch], None]] = []
+    real_watch_key = election.watch_key
+
+    def recording(client: EtcdClient, key: bytes, start: int, on_batch: Any) -> Any:
+        callbacks.append(on_batch)
+        return real_watch_key(client, key, start, on_batch)
+
+    monkeypatch.setattr(election, "watch_key", recording)
+    lock = Lock(client, key, ttl=5)
+    assert lock.acquire(5)
+    callbacks[-1](WatchBatch((), compacted=True))  # the watch lost track
+    assert not lock.held
+    other = Lock(client, key, ttl=5)
+    assert other.acquire(3), "the key of the ended hold is still there"
+    other.close()
+    lock.close()
+
+
+def test_a_leader_whose_lease_lapsed_unnoticed_campaigns_again(
+    client: EtcdClient, prefix: bytes
+) -> None:
+    """Chaos found a replica's election thread dead: its lease had passed its local deadline
+    (`is_leader` False) before the keep-alive noticed, and the next campaign refused with
+    "held by this holder already". Now the attempt ends the lapsed hold first."""
+    leader = Election(client, prefix + b"leader", b"replica-1", ttl=5)
+    assert leader.campaign(timeout=5)
+    lease = leader._key._lease
+    assert lease is not None
+    lease._expires = 0.0  # the local deadline passed (as while paused or cut off)
+    assert not leader.is_leader
+    assert leader.campaign(timeout=5)
+    assert leader.is_leader
+    current = client.get(prefix + b"leader")
+    assert current is not None
+    assert current.lease != lease.id
+    leader.resign()
 
 
 def test_members_and_their_status(etcd_factory: Callable[[int], LocalEtcd]) -> None:
