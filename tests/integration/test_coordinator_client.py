@@ -101,7 +101,8 @@ def coordinator_tls(ca: DomainCA) -> TlsMaterial:
 @contextmanager
 def serving(ca: DomainCA, servicer: LyingCoordinator) -> Iterator[str]:
     """`servicer` on a loopback port with the coordinator's certificate; its address."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    # Enough workers that calls parked in a hung handler never keep a new call waiting.
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
     services_pb2_grpc.add_CoordinatorServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     credentials = server_credentials(coordinator_tls(ca), server_auth_only=True)
     port = server.add_secure_port("127.0.0.1:0", credentials)
