@@ -26,6 +26,7 @@ NOT_INPUT_LIMITS: dict[str, dict[str, str]] = {
         "_MAX_KEY_ID_BYTES": "a key id's length is one byte in the blob format",
     },
     "domain_core/envelope.py": {"_MAX_CHUNKS": "the chunk counter is a u32 in every nonce"},
+    "domain_core/recovery_shares.py": {"MAX_SHARES": "SLIP-39 allows at most 16 group members"},
     "kms_tool/_args.py": {"_MAX_U32": "the largest u32 a backing version can be"},
     "domain_coordinator/_requests.py": {
         "MAX_REPORTED_VERSION": "what the store's 64-bit integer columns hold"
