@@ -23,6 +23,7 @@ __all__ = [
     "HASH_CONTEXT",
     "KEY_TOKEN_CONTEXT",
     "KEY_TOKEN_KEY_CONTEXT",
+    "RECOVERY_SHARE_INFO",
     "SIGNATURE_CONTEXT",
     "PayloadType",
 ]
@@ -48,6 +49,8 @@ class PayloadType(StrEnum):
     HEAD_CONFIRMATION = "head-confirmation"
     KEY_FLOORS = "key-floors"
     CREATE_KEY_ID = "create-key-id"
+    RECOVERY_SHARE = "recovery-share"
+    RECOVERY_SECRETS = "recovery-secrets"
 
 
 # --- key tokens (domain_core.keytokens) ----------------------------------------------------
@@ -61,6 +64,11 @@ KEY_TOKEN_KEY_CONTEXT: Final = b"hsm-domain/v1 key-token-key\x00"
 ENCRYPT_INFO: Final = b"hsm-domain/v1 encrypt\x00"
 # Prefixes an envelope's header before hashing it into every chunk's associated data.
 ENVELOPE_CONTEXT: Final = b"hsm-domain/v1 envelope\x00"
+
+# --- recovery (domain_core.recovery_shares) -------------------------------------------------
+# HKDF info that derives the key sealing one recovery share, followed by the ephemeral and the
+# recipient's public keys and the share's context.
+RECOVERY_SHARE_INFO: Final = b"hsm-domain/v1 recovery-share\x00"
 
 # --- audit logs (domain_edge.audit) --------------------------------------------------------
 # Prefixes an audit record's canonical JSON (without its hash) in its chained hash.

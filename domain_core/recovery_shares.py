@@ -28,7 +28,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, x25519
 
 from domain_core import crypto
+from domain_core.contexts import RECOVERY_SHARE_INFO
 from domain_core.errors import FailedPreconditionError, InvalidCiphertextError, InvalidInputError
+from domain_proto import domain_pb2
 
 __all__ = [
     "KEY_BYTES",
@@ -36,6 +38,8 @@ __all__ = [
     "RecoveryAlgorithm",
     "SealedShare",
     "ShareDoesNotOpenError",
+    "algorithm_of",
+    "check_recovery_key",
     "combine_shares",
     "open_share",
     "recipient_public_key",
@@ -46,7 +50,6 @@ __all__ = [
 
 KEY_BYTES: Final = 32
 MAX_SHARES: Final = 16  # SLIP-39's most members in a group
-_SHARE_LABEL: Final = b"hsm-domain recovery share v1\x00"
 _P256_POINT_BYTES: Final = 65  # uncompressed SEC1 point
 _X25519_BYTES: Final = 32
 
@@ -67,6 +70,25 @@ class RecoveryAlgorithm(enum.Enum):
 
     X25519 = "x25519"  # raw 32-byte public key; a file token
     P256 = "p256"  # SubjectPublicKeyInfo DER; a PKCS#11 token (ECDH derive on the token)
+
+
+_FROM_PROTO: Final = {
+    domain_pb2.RECOVERY_ALGORITHM_X25519: RecoveryAlgorithm.X25519,
+    domain_pb2.RECOVERY_ALGORITHM_P256: RecoveryAlgorithm.P256,
+}
+
+
+def algorithm_of(key: domain_pb2.RecoveryKey) -> RecoveryAlgorithm:
+    """The algorithm of an enrolled recovery key (InvalidInputError for an unknown one)."""
+    found = _FROM_PROTO.get(key.algorithm)
+    if found is None:
+        raise InvalidInputError(f"unknown recovery key algorithm {key.algorithm}")
+    return found
+
+
+def check_recovery_key(key: domain_pb2.RecoveryKey) -> None:
+    """A recovery key record names a known algorithm and a well-formed public key for it."""
+    recipient_public_key(algorithm_of(key), key.public_key)
 
 
 @dataclass(frozen=True)
@@ -154,7 +176,7 @@ def recipient_public_key(algorithm: RecoveryAlgorithm, public_key: bytes) -> byt
 
 
 def _share_key(shared_secret: bytes, ephemeral: bytes, recipient: bytes, context: bytes) -> bytes:
-    info = _SHARE_LABEL + ephemeral + recipient + context
+    info = RECOVERY_SHARE_INFO + ephemeral + recipient + context
     return crypto.hkdf_sha256(shared_secret, salt=b"", info=info)
 
 

@@ -24,6 +24,12 @@ class ChangeType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CHANGE_TYPE_SET_QUORUM: _ClassVar[ChangeType]
     CHANGE_TYPE_SET_SETTINGS: _ClassVar[ChangeType]
     CHANGE_TYPE_ROTATE_DOMAIN_KEY: _ClassVar[ChangeType]
+
+class RecoveryAlgorithm(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RECOVERY_ALGORITHM_UNSPECIFIED: _ClassVar[RecoveryAlgorithm]
+    RECOVERY_ALGORITHM_X25519: _ClassVar[RecoveryAlgorithm]
+    RECOVERY_ALGORITHM_P256: _ClassVar[RecoveryAlgorithm]
 SIGNATURE_ALGORITHM_UNSPECIFIED: SignatureAlgorithm
 SIGNATURE_ALGORITHM_ED25519: SignatureAlgorithm
 SIGNATURE_ALGORITHM_ECDSA_P256: SignatureAlgorithm
@@ -35,6 +41,9 @@ CHANGE_TYPE_REMOVE_OPERATOR: ChangeType
 CHANGE_TYPE_SET_QUORUM: ChangeType
 CHANGE_TYPE_SET_SETTINGS: ChangeType
 CHANGE_TYPE_ROTATE_DOMAIN_KEY: ChangeType
+RECOVERY_ALGORITHM_UNSPECIFIED: RecoveryAlgorithm
+RECOVERY_ALGORITHM_X25519: RecoveryAlgorithm
+RECOVERY_ALGORITHM_P256: RecoveryAlgorithm
 
 class Host(_message.Message):
     __slots__ = ("host_id", "signing_public_key", "agreement_public_key", "tls_certificate_fingerprint", "spiffe_id")
@@ -50,17 +59,27 @@ class Host(_message.Message):
     spiffe_id: str
     def __init__(self, host_id: _Optional[str] = ..., signing_public_key: _Optional[bytes] = ..., agreement_public_key: _Optional[bytes] = ..., tls_certificate_fingerprint: _Optional[bytes] = ..., spiffe_id: _Optional[str] = ...) -> None: ...
 
+class RecoveryKey(_message.Message):
+    __slots__ = ("algorithm", "public_key")
+    ALGORITHM_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    algorithm: RecoveryAlgorithm
+    public_key: bytes
+    def __init__(self, algorithm: _Optional[_Union[RecoveryAlgorithm, str]] = ..., public_key: _Optional[bytes] = ...) -> None: ...
+
 class Operator(_message.Message):
-    __slots__ = ("operator_id", "name", "algorithm", "public_key")
+    __slots__ = ("operator_id", "name", "algorithm", "public_key", "recovery_key")
     OPERATOR_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     ALGORITHM_FIELD_NUMBER: _ClassVar[int]
     PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    RECOVERY_KEY_FIELD_NUMBER: _ClassVar[int]
     operator_id: str
     name: str
     algorithm: SignatureAlgorithm
     public_key: bytes
-    def __init__(self, operator_id: _Optional[str] = ..., name: _Optional[str] = ..., algorithm: _Optional[_Union[SignatureAlgorithm, str]] = ..., public_key: _Optional[bytes] = ...) -> None: ...
+    recovery_key: RecoveryKey
+    def __init__(self, operator_id: _Optional[str] = ..., name: _Optional[str] = ..., algorithm: _Optional[_Union[SignatureAlgorithm, str]] = ..., public_key: _Optional[bytes] = ..., recovery_key: _Optional[_Union[RecoveryKey, _Mapping]] = ...) -> None: ...
 
 class ChangeThreshold(_message.Message):
     __slots__ = ("change_type", "threshold")
@@ -71,12 +90,14 @@ class ChangeThreshold(_message.Message):
     def __init__(self, change_type: _Optional[_Union[ChangeType, str]] = ..., threshold: _Optional[int] = ...) -> None: ...
 
 class QuorumPolicy(_message.Message):
-    __slots__ = ("threshold", "change_thresholds")
+    __slots__ = ("threshold", "change_thresholds", "recovery_threshold")
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     CHANGE_THRESHOLDS_FIELD_NUMBER: _ClassVar[int]
+    RECOVERY_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     threshold: int
     change_thresholds: _containers.RepeatedCompositeFieldContainer[ChangeThreshold]
-    def __init__(self, threshold: _Optional[int] = ..., change_thresholds: _Optional[_Iterable[_Union[ChangeThreshold, _Mapping]]] = ...) -> None: ...
+    recovery_threshold: int
+    def __init__(self, threshold: _Optional[int] = ..., change_thresholds: _Optional[_Iterable[_Union[ChangeThreshold, _Mapping]]] = ..., recovery_threshold: _Optional[int] = ...) -> None: ...
 
 class DomainSettings(_message.Message):
     __slots__ = ("key_rotation_interval_seconds", "key_generations_retained", "max_proposal_lifetime_seconds", "domain_ca_certificate")
@@ -246,17 +267,45 @@ class KeyWrap(_message.Message):
     wrapped_key: bytes
     def __init__(self, host_id: _Optional[str] = ..., wrapped_key: _Optional[bytes] = ...) -> None: ...
 
+class SealedRecoveryShare(_message.Message):
+    __slots__ = ("operator_id", "index", "ephemeral_public_key", "nonce", "ciphertext")
+    OPERATOR_ID_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    EPHEMERAL_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    CIPHERTEXT_FIELD_NUMBER: _ClassVar[int]
+    operator_id: str
+    index: int
+    ephemeral_public_key: bytes
+    nonce: bytes
+    ciphertext: bytes
+    def __init__(self, operator_id: _Optional[str] = ..., index: _Optional[int] = ..., ephemeral_public_key: _Optional[bytes] = ..., nonce: _Optional[bytes] = ..., ciphertext: _Optional[bytes] = ...) -> None: ...
+
+class RecoveryPackage(_message.Message):
+    __slots__ = ("threshold", "nonce", "sealed_secrets", "shares")
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    SEALED_SECRETS_FIELD_NUMBER: _ClassVar[int]
+    SHARES_FIELD_NUMBER: _ClassVar[int]
+    threshold: int
+    nonce: bytes
+    sealed_secrets: bytes
+    shares: _containers.RepeatedCompositeFieldContainer[SealedRecoveryShare]
+    def __init__(self, threshold: _Optional[int] = ..., nonce: _Optional[bytes] = ..., sealed_secrets: _Optional[bytes] = ..., shares: _Optional[_Iterable[_Union[SealedRecoveryShare, _Mapping]]] = ...) -> None: ...
+
 class SealedSecrets(_message.Message):
-    __slots__ = ("generation", "nonce", "ciphertext", "wraps")
+    __slots__ = ("generation", "nonce", "ciphertext", "wraps", "recovery")
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     NONCE_FIELD_NUMBER: _ClassVar[int]
     CIPHERTEXT_FIELD_NUMBER: _ClassVar[int]
     WRAPS_FIELD_NUMBER: _ClassVar[int]
+    RECOVERY_FIELD_NUMBER: _ClassVar[int]
     generation: int
     nonce: bytes
     ciphertext: bytes
     wraps: _containers.RepeatedCompositeFieldContainer[KeyWrap]
-    def __init__(self, generation: _Optional[int] = ..., nonce: _Optional[bytes] = ..., ciphertext: _Optional[bytes] = ..., wraps: _Optional[_Iterable[_Union[KeyWrap, _Mapping]]] = ...) -> None: ...
+    recovery: RecoveryPackage
+    def __init__(self, generation: _Optional[int] = ..., nonce: _Optional[bytes] = ..., ciphertext: _Optional[bytes] = ..., wraps: _Optional[_Iterable[_Union[KeyWrap, _Mapping]]] = ..., recovery: _Optional[_Union[RecoveryPackage, _Mapping]] = ...) -> None: ...
 
 class SealedState(_message.Message):
     __slots__ = ("manifest", "secrets", "proposal", "approvals", "producer_host_id", "producer_signature")

@@ -14,8 +14,9 @@ from typing import TypeVar
 from google.protobuf.message import DecodeError
 
 from domain_core import display
-from domain_core.errors import LimitExceededError, MalformedMessageError
+from domain_core.errors import InvalidInputError, LimitExceededError, MalformedMessageError
 from domain_core.limits import DEFAULT_LIMITS, MAX_ENROLLMENT_BYTES, Limits
+from domain_core.recovery_shares import check_recovery_key
 from domain_core.signers import PublicKey, SignatureAlgorithm
 from domain_proto import domain_pb2
 
@@ -248,6 +249,11 @@ def validate_operator(operator: domain_pb2.Operator, limits: Limits = DEFAULT_LI
         operator.operator_id == key.key_id,
         f"operator {operator.name!r}: id must be the SHA-256 of its public key ({key.key_id})",
     )
+    if operator.HasField("recovery_key"):
+        try:
+            check_recovery_key(operator.recovery_key)
+        except InvalidInputError as error:
+            raise MalformedMessageError(f"operator {operator.name!r}: {error}") from None
 
 
 def make_operator(name: str, public_key: PublicKey) -> domain_pb2.Operator:

@@ -42,6 +42,8 @@ def test_payload_type_values_are_wire_format() -> None:
         "HEAD_CONFIRMATION": "head-confirmation",
         "KEY_FLOORS": "key-floors",
         "CREATE_KEY_ID": "create-key-id",
+        "RECOVERY_SHARE": "recovery-share",
+        "RECOVERY_SECRETS": "recovery-secrets",
     }
 
 

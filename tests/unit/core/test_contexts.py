@@ -25,6 +25,7 @@ GOLDEN_CONTEXTS = {
     "HASH_CONTEXT": "68736d2d646f6d61696e2f76312064696765737400",
     "KEY_TOKEN_CONTEXT": "68736d2d646f6d61696e2f7631206b65792d746f6b656e00",
     "KEY_TOKEN_KEY_CONTEXT": "68736d2d646f6d61696e2f7631206b65792d746f6b656e2d6b657900",
+    "RECOVERY_SHARE_INFO": "68736d2d646f6d61696e2f7631207265636f766572792d736861726500",
     "SIGNATURE_CONTEXT": "68736d2d646f6d61696e2f7631207369676e617475726500",
 }
 GOLDEN_PAYLOAD_TYPES = {
@@ -38,6 +39,8 @@ GOLDEN_PAYLOAD_TYPES = {
     "HEAD_CONFIRMATION": "head-confirmation",
     "KEY_FLOORS": "key-floors",
     "CREATE_KEY_ID": "create-key-id",
+    "RECOVERY_SHARE": "recovery-share",
+    "RECOVERY_SECRETS": "recovery-secrets",
 }
 
 
@@ -57,6 +60,7 @@ def test_the_golden_bytes_read_as_their_purpose() -> None:
     assert contexts.ENCRYPT_INFO == b"hsm-domain/v1 encrypt\x00"
     assert contexts.ENVELOPE_CONTEXT == b"hsm-domain/v1 envelope\x00"
     assert contexts.AUDIT_RECORD_CONTEXT == b"hsm-domain/v1 audit-record\x00"
+    assert contexts.RECOVERY_SHARE_INFO == b"hsm-domain/v1 recovery-share\x00"
 
 
 def test_every_payload_type_has_its_golden_value() -> None:

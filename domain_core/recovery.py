@@ -1,0 +1,211 @@
+"""The recovery package of a domain state: its secrets, recoverable by M operators.
+
+A state whose quorum policy names a recovery threshold M carries, inside its sealed secrets
+(so the state hash and the producer's signature cover it, and every backup holds it), the
+domain keys of every generation it lists under a fresh key-encryption key (KEK), and that KEK
+split M-of-N (`recovery_shares`) with one share sealed to each operator that enrolled a
+recovery key. `build_package` makes it (the producing HSA), `check_package` checks its shape
+against the manifest (every HSA that accepts the state), `open_package` rebuilds the domain
+keys from M shares (the recovering HSAs).
+
+Invariants:
+- the recipients are exactly the manifest's operators with a recovery key, in the order of
+  their ids, share i (1-based) to the i-th; M is the policy's recovery threshold, at most N;
+- every share is bound to (domain id, version, manifest hash, operator id, index), and the
+  sealed secrets to the manifest hash: nothing moves to another domain, state or operator;
+- `open_package` returns keys only if they are exactly the manifest's generations, each 32
+  bytes; fewer than M shares or a damaged one give no key at all (`combine_shares`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from google.protobuf.message import DecodeError
+
+from domain_core import canonical, crypto
+from domain_core.contexts import PayloadType
+from domain_core.errors import (
+    InvalidInputError,
+    InvalidKeyTokenError,
+    MalformedMessageError,
+)
+from domain_core.model import Manifest
+from domain_core.recovery_shares import (
+    KEY_BYTES,
+    RecoveryAlgorithm,
+    SealedShare,
+    algorithm_of,
+    combine_shares,
+    seal_share,
+    split_key,
+)
+from domain_proto import domain_pb2
+
+__all__ = [
+    "build_package",
+    "check_package",
+    "open_package",
+    "recipients",
+    "sealed_share",
+    "share_context",
+]
+
+
+def recipients(manifest: Manifest) -> list[domain_pb2.Operator]:
+    """The operators that enrolled a recovery key, in the order of their ids."""
+    return sorted(
+        (o for o in manifest.message.operators if o.HasField("recovery_key")),
+        key=lambda o: o.operator_id,
+    )
+
+
+def share_context(manifest: Manifest, operator_id: str, index: int) -> bytes:
+    """What share `index` of this state's package is bound to."""
+    message = manifest.message
+    return canonical.digest(
+        PayloadType.RECOVERY_SHARE,
+        message.domain_id.encode(),
+        message.version.to_bytes(8, "big"),
+        manifest.hash,
+        operator_id.encode(),
+        index.to_bytes(4, "big"),
+    )
+
+
+def _secrets_context(manifest: Manifest) -> bytes:
+    return canonical.digest(PayloadType.RECOVERY_SECRETS, manifest.hash)
+
+
+def _secrets_plaintext(manifest: Manifest, domain_keys: Mapping[int, bytes]) -> bytes:
+    listed = [g.generation for g in manifest.message.key_generations]
+    if sorted(domain_keys) != listed or any(len(k) != KEY_BYTES for k in domain_keys.values()):
+        raise ValueError("domain keys must match the manifest's key generations exactly")
+    return domain_pb2.DomainSecrets(
+        keys=[domain_pb2.DomainKey(generation=g, key=domain_keys[g]) for g in listed]
+    ).SerializeToString(deterministic=True)
+
+
+def build_package(
+    manifest: Manifest, domain_keys: Mapping[int, bytes]
+) -> domain_pb2.RecoveryPackage | None:
+    """The package for a state with this manifest and these domain keys (None when its
+    policy names no recovery threshold)."""
+    threshold = manifest.message.quorum.recovery_threshold
+    if threshold == 0:
+        return None
+    to = recipients(manifest)
+    if threshold > len(to):
+        raise ValueError(
+            f"the recovery threshold {threshold} exceeds the {len(to)} enrolled recovery keys"
+        )
+    kek = crypto.new_aes_key()
+    nonce = crypto.random_bytes(crypto.GCM_NONCE_BYTES)
+    sealed_secrets = crypto.aes_gcm_seal(
+        kek, _secrets_plaintext(manifest, domain_keys), _secrets_context(manifest), nonce
+    )
+    shares = []
+    for index, (operator, words) in enumerate(
+        zip(to, split_key(kek, threshold, len(to)), strict=True), start=1
+    ):
+        key = operator.recovery_key
+        sealed = seal_share(
+            algorithm_of(key),
+            key.public_key,
+            words,
+            share_context(manifest, operator.operator_id, index),
+        )
+        shares.append(
+            domain_pb2.SealedRecoveryShare(
+                operator_id=operator.operator_id,
+                index=index,
+                ephemeral_public_key=sealed.ephemeral_public_key,
+                nonce=sealed.nonce,
+                ciphertext=sealed.ciphertext,
+            )
+        )
+    return domain_pb2.RecoveryPackage(
+        threshold=threshold, nonce=nonce, sealed_secrets=sealed_secrets, shares=shares
+    )
+
+
+def check_package(manifest: Manifest, secrets: domain_pb2.SealedSecrets) -> None:
+    """The state's package has the shape its manifest requires (MalformedMessageError saying
+    what is wrong): present exactly when the policy names a recovery threshold, that threshold,
+    one share per enrolled recovery key in order, each of a well-formed size."""
+    threshold = manifest.message.quorum.recovery_threshold
+    version = manifest.message.version
+    if threshold == 0:
+        if secrets.HasField("recovery"):
+            raise MalformedMessageError(
+                f"state version {version} carries a recovery package its policy does not ask for"
+            )
+        return
+    if not secrets.HasField("recovery"):
+        raise MalformedMessageError(
+            f"state version {version} has no recovery package; its policy asks for one "
+            f"({threshold} of its operators' recovery keys)"
+        )
+    package = secrets.recovery
+    to = recipients(manifest)
+    if package.threshold != threshold:
+        raise MalformedMessageError(
+            f"the recovery package of version {version} needs {package.threshold} shares; "
+            f"the policy says {threshold}"
+        )
+    if len(package.nonce) != crypto.GCM_NONCE_BYTES or len(package.sealed_secrets) < (
+        crypto.GCM_TAG_BYTES + 2 * KEY_BYTES
+    ):
+        raise MalformedMessageError(f"the recovery package of version {version} is malformed")
+    if [(s.operator_id, s.index) for s in package.shares] != [
+        (o.operator_id, i) for i, o in enumerate(to, start=1)
+    ]:
+        raise MalformedMessageError(
+            f"the recovery package of version {version} does not hold one share for each "
+            f"enrolled recovery key ({len(to)}), in order"
+        )
+    for share, operator in zip(package.shares, to, strict=True):
+        algorithm = algorithm_of(operator.recovery_key)
+        size = 32 if algorithm is RecoveryAlgorithm.X25519 else 65
+        if (
+            len(share.ephemeral_public_key) != size
+            or len(share.nonce) != crypto.GCM_NONCE_BYTES
+            or len(share.ciphertext) <= crypto.GCM_TAG_BYTES
+        ):
+            raise MalformedMessageError(
+                f"share {share.index} of the recovery package of version {version} is malformed"
+            )
+
+
+def sealed_share(package: domain_pb2.RecoveryPackage, operator_id: str) -> tuple[int, SealedShare]:
+    """The index and sealed share of `operator_id` (InvalidInputError if it has none)."""
+    for share in package.shares:
+        if share.operator_id == operator_id:
+            return share.index, SealedShare(
+                share.ephemeral_public_key, share.nonce, share.ciphertext
+            )
+    raise InvalidInputError(f"the recovery package holds no share for operator {operator_id}")
+
+
+def open_package(
+    manifest: Manifest, package: domain_pb2.RecoveryPackage, shares: Sequence[str]
+) -> dict[int, bytes]:
+    """The domain keys of the state, rebuilt from `shares` (SLIP-39 words, at least M)."""
+    kek = combine_shares(shares)
+    plaintext = crypto.aes_gcm_open(
+        kek, package.sealed_secrets, _secrets_context(manifest), package.nonce
+    )
+    secrets = domain_pb2.DomainSecrets()
+    try:
+        secrets.ParseFromString(plaintext)
+    except DecodeError:
+        raise InvalidKeyTokenError() from None
+    keys = {k.generation: k.key for k in secrets.keys}
+    listed = [g.generation for g in manifest.message.key_generations]
+    if (
+        sorted(keys) != listed
+        or len(keys) != len(secrets.keys)
+        or any(len(k) != KEY_BYTES for k in keys.values())
+    ):
+        raise InvalidKeyTokenError()
+    return keys
