@@ -242,13 +242,9 @@ def test_the_lock_admits_one_holder_at_a_time(client: EtcdClient, prefix: bytes)
     assert client.get(prefix + b"lock") is None
 
 
-def test_the_lock_keeps_one_lease_and_an_old_hold_cannot_drop_a_new_one(
-    client: EtcdClient, prefix: bytes, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A lock keeps its lease between holds (no grant, no revocation per hold); the watch of
-    a hold that ended sees that hold's own deletion, which must not end the next hold; taking
-    the key from a holder still ends its hold; `close` revokes the lease, and the key goes."""
-    key = prefix + b"lock"
+def _record_watches(monkeypatch: pytest.MonkeyPatch) -> list[Callable[[WatchBatch], None]]:
+    """Each callback the lock's holds give their key watches, in order (the watches still run),
+    so that a test can report an event to a hold as its watch would, late or not."""
     callbacks: list[Callable[[WatchBatch], None]] = []
     real_watch_key = election.watch_key
 
@@ -257,6 +253,17 @@ def test_the_lock_keeps_one_lease_and_an_old_hold_cannot_drop_a_new_one(
         return real_watch_key(client, key, start, on_batch)
 
     monkeypatch.setattr(election, "watch_key", recording)
+    return callbacks
+
+
+def test_the_lock_keeps_one_lease_and_an_old_hold_cannot_drop_a_new_one(
+    client: EtcdClient, prefix: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lock keeps its lease between holds (no grant, no revocation per hold); the watch of
+    a hold that ended sees that hold's own deletion, which must not end the next hold; taking
+    the key from a holder still ends its hold; `close` revokes the lease, and the key goes."""
+    key = prefix + b"lock"
+    callbacks = _record_watches(monkeypatch)
     lock = Lock(client, key, ttl=5)
     leases = set()
     for _ in range(20):  # release and acquire back to back: old watches still report
@@ -294,14 +301,7 @@ def test_a_hold_that_ends_without_a_release_takes_its_key_with_it(
     lost track), while the lease it kept between holds went on being refreshed, so its key
     stayed and every replica waited. A hold that ends so now revokes its lease."""
     key = prefix + b"lock"
-    callbacks: list[Callable[[WatchBatch], None]] = []
-    real_watch_key = election.watch_key
-
-    def recording(client: EtcdClient, key: bytes, start: int, on_batch: Any) -> Any:
-        callbacks.append(on_batch)
-        return real_watch_key(client, key, start, on_batch)
-
-    monkeypatch.setattr(election, "watch_key", recording)
+    callbacks = _record_watches(monkeypatch)
     lock = Lock(client, key, ttl=5)
     assert lock.acquire(5)
     callbacks[-1](WatchBatch((), compacted=True))  # the watch lost track
