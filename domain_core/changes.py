@@ -17,7 +17,18 @@ from domain_core.model import (
     OPERATOR_ID_PATTERN,
     default_settings,
 )
+from domain_core.recovery_shares import (
+    RecoveryAlgorithm,
+    enrollment_signing_input,
+    recipient_public_key,
+)
+from domain_core.signers import Signer
 from domain_proto import domain_pb2
+
+_RECOVERY_ALGORITHMS = {
+    RecoveryAlgorithm.X25519: domain_pb2.RECOVERY_ALGORITHM_X25519,
+    RecoveryAlgorithm.P256: domain_pb2.RECOVERY_ALGORITHM_P256,
+}
 
 __all__ = [
     "add_host",
@@ -26,6 +37,7 @@ __all__ = [
     "remove_operator",
     "rotate_domain_key",
     "set_quorum",
+    "set_recovery_key",
     "set_settings",
 ]
 
@@ -59,12 +71,23 @@ def remove_operator(operator_id: str) -> domain_pb2.Change:
     return domain_pb2.Change(remove_operator=domain_pb2.RemoveOperator(operator_id=operator_id))
 
 
-def set_quorum(threshold: int, change_type: int | str | None = None) -> domain_pb2.Change:
-    """Set the default threshold, or (with `change_type`) the threshold of one change type.
+def set_quorum(
+    threshold: int, change_type: int | str | None = None, *, recovery: bool = False
+) -> domain_pb2.Change:
+    """Set the default threshold, or (with `change_type`) the threshold of one change type,
+    or (with `recovery`) the recovery threshold M (0 stops recovery packages).
 
     `change_type` is a ChangeType value or its name ("add-host", ...); a threshold of 0 with
     a change type removes that type's own threshold.
     """
+    if recovery:
+        if change_type is not None:
+            raise InvalidInputError("the recovery threshold belongs to no change type")
+        if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 0:
+            raise InvalidInputError("a threshold is a whole number of operators")
+        return domain_pb2.Change(
+            set_quorum=domain_pb2.SetQuorum(threshold=threshold, recovery=True)
+        )
     if isinstance(change_type, str):
         if change_type not in CHANGE_TYPES_BY_NAME:
             raise InvalidInputError(
@@ -112,6 +135,28 @@ def set_settings(
     if max_proposal_lifetime_seconds is not None:
         settings.max_proposal_lifetime_seconds = max_proposal_lifetime_seconds
     return domain_pb2.Change(set_settings=domain_pb2.SetSettings(settings=settings))
+
+
+def set_recovery_key(
+    signer: Signer,
+    *,
+    domain_id: str,
+    algorithm: RecoveryAlgorithm,
+    public_key: bytes,
+) -> domain_pb2.Change:
+    """Enroll `public_key` as the recovery key of the operator whose signing key `signer`
+    holds (their signature over the enrollment input proves it is theirs to enroll)."""
+    recipient_public_key(algorithm, public_key)  # well formed, else InvalidInputError
+    operator_id = signer.public_key.key_id
+    key = domain_pb2.RecoveryKey(
+        algorithm=_RECOVERY_ALGORITHMS[algorithm], public_key=public_key
+    ).SerializeToString(deterministic=True)
+    signature = signer.sign(enrollment_signing_input(domain_id, operator_id, key))
+    return domain_pb2.Change(
+        set_recovery_key=domain_pb2.SetRecoveryKey(
+            operator_id=operator_id, recovery_key=key, signature=signature
+        )
+    )
 
 
 def rotate_domain_key() -> domain_pb2.Change:

@@ -51,6 +51,7 @@ class PayloadType(StrEnum):
     CREATE_KEY_ID = "create-key-id"
     RECOVERY_SHARE = "recovery-share"
     RECOVERY_SECRETS = "recovery-secrets"
+    RECOVERY_KEY_ENROLLMENT = "recovery-key-enrollment"
 
 
 # --- key tokens (domain_core.keytokens) ----------------------------------------------------

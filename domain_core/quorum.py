@@ -121,8 +121,12 @@ def apply_set_quorum(policy: domain_pb2.QuorumPolicy, change: domain_pb2.SetQuor
     """Apply one set-quorum change to `policy` in place (the transition uses this too).
 
     Without a change type it sets the default threshold; with one it sets (or, with 0,
-    removes) that type's own threshold. Type thresholds stay sorted by type.
+    removes) that type's own threshold. Type thresholds stay sorted by type. With `recovery`
+    it sets the recovery threshold.
     """
+    if change.recovery:
+        policy.recovery_threshold = change.threshold
+        return
     if change.change_type == domain_pb2.CHANGE_TYPE_UNSPECIFIED:
         policy.threshold = change.threshold
         return

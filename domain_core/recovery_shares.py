@@ -27,8 +27,8 @@ import shamir_mnemonic
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, x25519
 
-from domain_core import crypto
-from domain_core.contexts import RECOVERY_SHARE_INFO
+from domain_core import canonical, crypto
+from domain_core.contexts import RECOVERY_SHARE_INFO, PayloadType
 from domain_core.errors import FailedPreconditionError, InvalidCiphertextError, InvalidInputError
 from domain_proto import domain_pb2
 
@@ -41,6 +41,7 @@ __all__ = [
     "algorithm_of",
     "check_recovery_key",
     "combine_shares",
+    "enrollment_signing_input",
     "open_share",
     "recipient_public_key",
     "seal_share",
@@ -89,6 +90,20 @@ def algorithm_of(key: domain_pb2.RecoveryKey) -> RecoveryAlgorithm:
 def check_recovery_key(key: domain_pb2.RecoveryKey) -> None:
     """A recovery key record names a known algorithm and a well-formed public key for it."""
     recipient_public_key(algorithm_of(key), key.public_key)
+
+
+def enrollment_signing_input(domain_id: str, operator_id: str, recovery_key: bytes) -> bytes:
+    """What an operator signs with their signing key to enroll `recovery_key` (a serialized
+    RecoveryKey) as their own in domain `domain_id`."""
+    return canonical.signing_input(
+        PayloadType.RECOVERY_KEY_ENROLLMENT,
+        canonical.digest(
+            PayloadType.RECOVERY_KEY_ENROLLMENT,
+            domain_id.encode(),
+            operator_id.encode(),
+            recovery_key,
+        ),
+    )
 
 
 @dataclass(frozen=True)

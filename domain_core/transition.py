@@ -61,6 +61,7 @@ from domain_core.model import (
     change_type_of,
     default_settings,
     operator_public_key,
+    recovery_key_of,
 )
 from domain_core.pki import check_domain_ca
 from domain_core.quorum import (
@@ -70,6 +71,7 @@ from domain_core.quorum import (
     count_approvals,
     verify_quorum,
 )
+from domain_core.recovery_shares import enrollment_signing_input
 from domain_proto import domain_pb2
 
 
@@ -168,6 +170,22 @@ def _remove_operator(manifest: domain_pb2.Manifest, operator_id: str) -> None:
     )
 
 
+def _set_recovery_key(manifest: domain_pb2.Manifest, change: domain_pb2.SetRecoveryKey) -> None:
+    """Enroll an operator's recovery key, which the operator signed as theirs."""
+    for operator in manifest.operators:
+        if operator.operator_id == change.operator_id:
+            break
+    else:
+        raise UnknownOperatorError(
+            f"operator {change.operator_id[:16]} is not in the domain; check `domain status`"
+        )
+    operator_public_key(operator).verify(
+        change.signature,
+        enrollment_signing_input(manifest.domain_id, operator.operator_id, change.recovery_key),
+    )
+    operator.recovery_key.CopyFrom(recovery_key_of(change))
+
+
 def _add_generation(manifest: domain_pb2.Manifest, now: int) -> None:
     """Append a new domain key generation; keep only the newest `retained` generations."""
     newest = manifest.key_generations[-1].generation if manifest.key_generations else 0
@@ -224,6 +242,18 @@ def _check_invariants(
             raise ThresholdOutOfRangeError(
                 f"the {label} threshold {threshold} is above the {count} operators"
             )
+    recovery = manifest.quorum.recovery_threshold
+    enrolled = sum(1 for o in manifest.operators if o.HasField("recovery_key"))
+    if recovery > enrolled:
+        if removed_operators:
+            raise QuorumUnreachableError(
+                f"after the change {enrolled} recovery keys would remain but the recovery "
+                f"threshold is {recovery}: lower the recovery threshold first"
+            )
+        raise ThresholdOutOfRangeError(
+            f"the recovery threshold {recovery} is above the {enrolled} enrolled recovery keys "
+            "(each operator enrolls theirs with set-recovery-key first)"
+        )
     validate_settings(manifest.settings)
     _check_domain_ca(manifest)
 
@@ -260,6 +290,8 @@ def apply_changes(
             _set_settings(manifest, change.set_settings.settings)
         elif kind == domain_pb2.CHANGE_TYPE_ROTATE_DOMAIN_KEY:
             rotate = True
+        elif kind == domain_pb2.CHANGE_TYPE_SET_RECOVERY_KEY:
+            _set_recovery_key(manifest, change.set_recovery_key)
     _check_invariants(manifest, removed_operators, limits)
     for enrollment in enrollments:
         verify_enrollment(

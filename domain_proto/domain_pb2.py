@@ -25,19 +25,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19hsmdomain/v1/domain.proto\x12\x0chsmdomain.v1\"\x89\x01\n\x04Host\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x1a\n\x12signing_public_key\x18\x02 \x01(\x0c\x12\x1c\n\x14\x61greement_public_key\x18\x03 \x01(\x0c\x12#\n\x1btls_certificate_fingerprint\x18\x04 \x01(\x0c\x12\x11\n\tspiffe_id\x18\x05 \x01(\t\"U\n\x0bRecoveryKey\x12\x32\n\talgorithm\x18\x01 \x01(\x0e\x32\x1f.hsmdomain.v1.RecoveryAlgorithm\x12\x12\n\npublic_key\x18\x02 \x01(\x0c\"\xa7\x01\n\x08Operator\x12\x13\n\x0boperator_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x33\n\talgorithm\x18\x03 \x01(\x0e\x32 .hsmdomain.v1.SignatureAlgorithm\x12\x12\n\npublic_key\x18\x04 \x01(\x0c\x12/\n\x0crecovery_key\x18\x05 \x01(\x0b\x32\x19.hsmdomain.v1.RecoveryKey\"S\n\x0f\x43hangeThreshold\x12-\n\x0b\x63hange_type\x18\x01 \x01(\x0e\x32\x18.hsmdomain.v1.ChangeType\x12\x11\n\tthreshold\x18\x02 \x01(\r\"w\n\x0cQuorumPolicy\x12\x11\n\tthreshold\x18\x01 \x01(\r\x12\x38\n\x11\x63hange_thresholds\x18\x02 \x03(\x0b\x32\x1d.hsmdomain.v1.ChangeThreshold\x12\x1a\n\x12recovery_threshold\x18\x03 \x01(\r\"\x9f\x01\n\x0e\x44omainSettings\x12%\n\x1dkey_rotation_interval_seconds\x18\x01 \x01(\x04\x12 \n\x18key_generations_retained\x18\x02 \x01(\r\x12%\n\x1dmax_proposal_lifetime_seconds\x18\x03 \x01(\x04\x12\x1d\n\x15\x64omain_ca_certificate\x18\x04 \x01(\x0c\"7\n\rKeyGeneration\x12\x12\n\ngeneration\x18\x01 \x01(\r\x12\x12\n\ncreated_at\x18\x02 \x01(\x03\"\xd4\x02\n\x08Manifest\x12\x11\n\tdomain_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x1b\n\x13previous_state_hash\x18\x03 \x01(\x0c\x12!\n\x05hosts\x18\x04 \x03(\x0b\x32\x12.hsmdomain.v1.Host\x12)\n\toperators\x18\x05 \x03(\x0b\x32\x16.hsmdomain.v1.Operator\x12*\n\x06quorum\x18\x06 \x01(\x0b\x32\x1a.hsmdomain.v1.QuorumPolicy\x12.\n\x08settings\x18\x07 \x01(\x0b\x32\x1c.hsmdomain.v1.DomainSettings\x12\x34\n\x0fkey_generations\x18\x08 \x03(\x0b\x32\x1b.hsmdomain.v1.KeyGeneration\x12\x12\n\ncreated_at\x18\t \x01(\x03\x12\x13\n\x0bproposal_id\x18\n \x01(\x0c\"#\n\x07\x41\x64\x64Host\x12\x12\n\nenrollment\x18\x02 \x01(\x0cJ\x04\x08\x01\x10\x02\"\x1d\n\nRemoveHost\x12\x0f\n\x07host_id\x18\x01 \x01(\t\"7\n\x0b\x41\x64\x64Operator\x12(\n\x08operator\x18\x01 \x01(\x0b\x32\x16.hsmdomain.v1.Operator\"%\n\x0eRemoveOperator\x12\x13\n\x0boperator_id\x18\x01 \x01(\t\"M\n\tSetQuorum\x12\x11\n\tthreshold\x18\x01 \x01(\r\x12-\n\x0b\x63hange_type\x18\x02 \x01(\x0e\x32\x18.hsmdomain.v1.ChangeType\"=\n\x0bSetSettings\x12.\n\x08settings\x18\x01 \x01(\x0b\x32\x1c.hsmdomain.v1.DomainSettings\"\x11\n\x0fRotateDomainKey\"\xf8\x02\n\x06\x43hange\x12)\n\x08\x61\x64\x64_host\x18\x01 \x01(\x0b\x32\x15.hsmdomain.v1.AddHostH\x00\x12/\n\x0bremove_host\x18\x02 \x01(\x0b\x32\x18.hsmdomain.v1.RemoveHostH\x00\x12\x31\n\x0c\x61\x64\x64_operator\x18\x03 \x01(\x0b\x32\x19.hsmdomain.v1.AddOperatorH\x00\x12\x37\n\x0fremove_operator\x18\x04 \x01(\x0b\x32\x1c.hsmdomain.v1.RemoveOperatorH\x00\x12-\n\nset_quorum\x18\x05 \x01(\x0b\x32\x17.hsmdomain.v1.SetQuorumH\x00\x12\x31\n\x0cset_settings\x18\x06 \x01(\x0b\x32\x19.hsmdomain.v1.SetSettingsH\x00\x12:\n\x11rotate_domain_key\x18\x07 \x01(\x0b\x32\x1d.hsmdomain.v1.RotateDomainKeyH\x00\x42\x08\n\x06\x63hange\"\xcf\x01\n\x08Proposal\x12\x11\n\tdomain_id\x18\x01 \x01(\t\x12\x14\n\x0c\x62\x61se_version\x18\x02 \x01(\x04\x12\x17\n\x0f\x62\x61se_state_hash\x18\x03 \x01(\x0c\x12%\n\x07\x63hanges\x18\x04 \x03(\x0b\x32\x14.hsmdomain.v1.Change\x12\x13\n\x0bproposer_id\x18\x05 \x01(\t\x12\x12\n\ncreated_at\x18\x06 \x01(\x03\x12\x12\n\nexpires_at\x18\x07 \x01(\x03\x12\x0e\n\x06reason\x18\x08 \x01(\t\x12\r\n\x05nonce\x18\t \x01(\x0c\"G\n\x08\x41pproval\x12\x13\n\x0bproposal_id\x18\x01 \x01(\x0c\x12\x13\n\x0boperator_id\x18\x02 \x01(\t\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"I\n\nCancelVote\x12\x13\n\x0bproposal_id\x18\x01 \x01(\x0c\x12\x13\n\x0boperator_id\x18\x02 \x01(\t\x12\x11\n\tsignature\x18\x03 \x01(\x0c\",\n\tDomainKey\x12\x12\n\ngeneration\x18\x01 \x01(\r\x12\x0b\n\x03key\x18\x02 \x01(\x0c\"6\n\rDomainSecrets\x12%\n\x04keys\x18\x01 \x03(\x0b\x32\x17.hsmdomain.v1.DomainKey\"/\n\x07KeyWrap\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x13\n\x0bwrapped_key\x18\x02 \x01(\x0c\"z\n\x13SealedRecoveryShare\x12\x13\n\x0boperator_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x1c\n\x14\x65phemeral_public_key\x18\x03 \x01(\x0c\x12\r\n\x05nonce\x18\x04 \x01(\x0c\x12\x12\n\nciphertext\x18\x05 \x01(\x0c\"~\n\x0fRecoveryPackage\x12\x11\n\tthreshold\x18\x01 \x01(\r\x12\r\n\x05nonce\x18\x02 \x01(\x0c\x12\x16\n\x0esealed_secrets\x18\x03 \x01(\x0c\x12\x31\n\x06shares\x18\x04 \x03(\x0b\x32!.hsmdomain.v1.SealedRecoveryShare\"\x9d\x01\n\rSealedSecrets\x12\x12\n\ngeneration\x18\x01 \x01(\r\x12\r\n\x05nonce\x18\x02 \x01(\x0c\x12\x12\n\nciphertext\x18\x03 \x01(\x0c\x12$\n\x05wraps\x18\x04 \x03(\x0b\x32\x15.hsmdomain.v1.KeyWrap\x12/\n\x08recovery\x18\x05 \x01(\x0b\x32\x1d.hsmdomain.v1.RecoveryPackage\"\xa3\x01\n\x0bSealedState\x12\x10\n\x08manifest\x18\x01 \x01(\x0c\x12\x0f\n\x07secrets\x18\x02 \x01(\x0c\x12\x10\n\x08proposal\x18\x03 \x01(\x0c\x12)\n\tapprovals\x18\x04 \x03(\x0b\x32\x16.hsmdomain.v1.Approval\x12\x18\n\x10producer_host_id\x18\x05 \x01(\t\x12\x1a\n\x12producer_signature\x18\x06 \x01(\x0c\"r\n\x0eHostEnrollment\x12\x0c\n\x04host\x18\x01 \x01(\x0c\x12\x17\n\x0ftls_certificate\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12\x15\n\rtls_signature\x18\x05 \x01(\x0c*~\n\x12SignatureAlgorithm\x12#\n\x1fSIGNATURE_ALGORITHM_UNSPECIFIED\x10\x00\x12\x1f\n\x1bSIGNATURE_ALGORITHM_ED25519\x10\x01\x12\"\n\x1eSIGNATURE_ALGORITHM_ECDSA_P256\x10\x02*\xfc\x01\n\nChangeType\x12\x1b\n\x17\x43HANGE_TYPE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x43HANGE_TYPE_ADD_HOST\x10\x01\x12\x1b\n\x17\x43HANGE_TYPE_REMOVE_HOST\x10\x02\x12\x1c\n\x18\x43HANGE_TYPE_ADD_OPERATOR\x10\x03\x12\x1f\n\x1b\x43HANGE_TYPE_REMOVE_OPERATOR\x10\x04\x12\x1a\n\x16\x43HANGE_TYPE_SET_QUORUM\x10\x05\x12\x1c\n\x18\x43HANGE_TYPE_SET_SETTINGS\x10\x06\x12!\n\x1d\x43HANGE_TYPE_ROTATE_DOMAIN_KEY\x10\x07*s\n\x11RecoveryAlgorithm\x12\"\n\x1eRECOVERY_ALGORITHM_UNSPECIFIED\x10\x00\x12\x1d\n\x19RECOVERY_ALGORITHM_X25519\x10\x01\x12\x1b\n\x17RECOVERY_ALGORITHM_P256\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19hsmdomain/v1/domain.proto\x12\x0chsmdomain.v1\"\x89\x01\n\x04Host\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x1a\n\x12signing_public_key\x18\x02 \x01(\x0c\x12\x1c\n\x14\x61greement_public_key\x18\x03 \x01(\x0c\x12#\n\x1btls_certificate_fingerprint\x18\x04 \x01(\x0c\x12\x11\n\tspiffe_id\x18\x05 \x01(\t\"U\n\x0bRecoveryKey\x12\x32\n\talgorithm\x18\x01 \x01(\x0e\x32\x1f.hsmdomain.v1.RecoveryAlgorithm\x12\x12\n\npublic_key\x18\x02 \x01(\x0c\"\xa7\x01\n\x08Operator\x12\x13\n\x0boperator_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x33\n\talgorithm\x18\x03 \x01(\x0e\x32 .hsmdomain.v1.SignatureAlgorithm\x12\x12\n\npublic_key\x18\x04 \x01(\x0c\x12/\n\x0crecovery_key\x18\x05 \x01(\x0b\x32\x19.hsmdomain.v1.RecoveryKey\"S\n\x0f\x43hangeThreshold\x12-\n\x0b\x63hange_type\x18\x01 \x01(\x0e\x32\x18.hsmdomain.v1.ChangeType\x12\x11\n\tthreshold\x18\x02 \x01(\r\"w\n\x0cQuorumPolicy\x12\x11\n\tthreshold\x18\x01 \x01(\r\x12\x38\n\x11\x63hange_thresholds\x18\x02 \x03(\x0b\x32\x1d.hsmdomain.v1.ChangeThreshold\x12\x1a\n\x12recovery_threshold\x18\x03 \x01(\r\"\x9f\x01\n\x0e\x44omainSettings\x12%\n\x1dkey_rotation_interval_seconds\x18\x01 \x01(\x04\x12 \n\x18key_generations_retained\x18\x02 \x01(\r\x12%\n\x1dmax_proposal_lifetime_seconds\x18\x03 \x01(\x04\x12\x1d\n\x15\x64omain_ca_certificate\x18\x04 \x01(\x0c\"7\n\rKeyGeneration\x12\x12\n\ngeneration\x18\x01 \x01(\r\x12\x12\n\ncreated_at\x18\x02 \x01(\x03\"\xd4\x02\n\x08Manifest\x12\x11\n\tdomain_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x1b\n\x13previous_state_hash\x18\x03 \x01(\x0c\x12!\n\x05hosts\x18\x04 \x03(\x0b\x32\x12.hsmdomain.v1.Host\x12)\n\toperators\x18\x05 \x03(\x0b\x32\x16.hsmdomain.v1.Operator\x12*\n\x06quorum\x18\x06 \x01(\x0b\x32\x1a.hsmdomain.v1.QuorumPolicy\x12.\n\x08settings\x18\x07 \x01(\x0b\x32\x1c.hsmdomain.v1.DomainSettings\x12\x34\n\x0fkey_generations\x18\x08 \x03(\x0b\x32\x1b.hsmdomain.v1.KeyGeneration\x12\x12\n\ncreated_at\x18\t \x01(\x03\x12\x13\n\x0bproposal_id\x18\n \x01(\x0c\"#\n\x07\x41\x64\x64Host\x12\x12\n\nenrollment\x18\x02 \x01(\x0cJ\x04\x08\x01\x10\x02\"\x1d\n\nRemoveHost\x12\x0f\n\x07host_id\x18\x01 \x01(\t\"7\n\x0b\x41\x64\x64Operator\x12(\n\x08operator\x18\x01 \x01(\x0b\x32\x16.hsmdomain.v1.Operator\"%\n\x0eRemoveOperator\x12\x13\n\x0boperator_id\x18\x01 \x01(\t\"_\n\tSetQuorum\x12\x11\n\tthreshold\x18\x01 \x01(\r\x12-\n\x0b\x63hange_type\x18\x02 \x01(\x0e\x32\x18.hsmdomain.v1.ChangeType\x12\x10\n\x08recovery\x18\x03 \x01(\x08\"=\n\x0bSetSettings\x12.\n\x08settings\x18\x01 \x01(\x0b\x32\x1c.hsmdomain.v1.DomainSettings\"\x11\n\x0fRotateDomainKey\"N\n\x0eSetRecoveryKey\x12\x13\n\x0boperator_id\x18\x01 \x01(\t\x12\x14\n\x0crecovery_key\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"\xb2\x03\n\x06\x43hange\x12)\n\x08\x61\x64\x64_host\x18\x01 \x01(\x0b\x32\x15.hsmdomain.v1.AddHostH\x00\x12/\n\x0bremove_host\x18\x02 \x01(\x0b\x32\x18.hsmdomain.v1.RemoveHostH\x00\x12\x31\n\x0c\x61\x64\x64_operator\x18\x03 \x01(\x0b\x32\x19.hsmdomain.v1.AddOperatorH\x00\x12\x37\n\x0fremove_operator\x18\x04 \x01(\x0b\x32\x1c.hsmdomain.v1.RemoveOperatorH\x00\x12-\n\nset_quorum\x18\x05 \x01(\x0b\x32\x17.hsmdomain.v1.SetQuorumH\x00\x12\x31\n\x0cset_settings\x18\x06 \x01(\x0b\x32\x19.hsmdomain.v1.SetSettingsH\x00\x12:\n\x11rotate_domain_key\x18\x07 \x01(\x0b\x32\x1d.hsmdomain.v1.RotateDomainKeyH\x00\x12\x38\n\x10set_recovery_key\x18\x08 \x01(\x0b\x32\x1c.hsmdomain.v1.SetRecoveryKeyH\x00\x42\x08\n\x06\x63hange\"\xcf\x01\n\x08Proposal\x12\x11\n\tdomain_id\x18\x01 \x01(\t\x12\x14\n\x0c\x62\x61se_version\x18\x02 \x01(\x04\x12\x17\n\x0f\x62\x61se_state_hash\x18\x03 \x01(\x0c\x12%\n\x07\x63hanges\x18\x04 \x03(\x0b\x32\x14.hsmdomain.v1.Change\x12\x13\n\x0bproposer_id\x18\x05 \x01(\t\x12\x12\n\ncreated_at\x18\x06 \x01(\x03\x12\x12\n\nexpires_at\x18\x07 \x01(\x03\x12\x0e\n\x06reason\x18\x08 \x01(\t\x12\r\n\x05nonce\x18\t \x01(\x0c\"G\n\x08\x41pproval\x12\x13\n\x0bproposal_id\x18\x01 \x01(\x0c\x12\x13\n\x0boperator_id\x18\x02 \x01(\t\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"I\n\nCancelVote\x12\x13\n\x0bproposal_id\x18\x01 \x01(\x0c\x12\x13\n\x0boperator_id\x18\x02 \x01(\t\x12\x11\n\tsignature\x18\x03 \x01(\x0c\",\n\tDomainKey\x12\x12\n\ngeneration\x18\x01 \x01(\r\x12\x0b\n\x03key\x18\x02 \x01(\x0c\"6\n\rDomainSecrets\x12%\n\x04keys\x18\x01 \x03(\x0b\x32\x17.hsmdomain.v1.DomainKey\"/\n\x07KeyWrap\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x13\n\x0bwrapped_key\x18\x02 \x01(\x0c\"z\n\x13SealedRecoveryShare\x12\x13\n\x0boperator_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x1c\n\x14\x65phemeral_public_key\x18\x03 \x01(\x0c\x12\r\n\x05nonce\x18\x04 \x01(\x0c\x12\x12\n\nciphertext\x18\x05 \x01(\x0c\"~\n\x0fRecoveryPackage\x12\x11\n\tthreshold\x18\x01 \x01(\r\x12\r\n\x05nonce\x18\x02 \x01(\x0c\x12\x16\n\x0esealed_secrets\x18\x03 \x01(\x0c\x12\x31\n\x06shares\x18\x04 \x03(\x0b\x32!.hsmdomain.v1.SealedRecoveryShare\"\x9d\x01\n\rSealedSecrets\x12\x12\n\ngeneration\x18\x01 \x01(\r\x12\r\n\x05nonce\x18\x02 \x01(\x0c\x12\x12\n\nciphertext\x18\x03 \x01(\x0c\x12$\n\x05wraps\x18\x04 \x03(\x0b\x32\x15.hsmdomain.v1.KeyWrap\x12/\n\x08recovery\x18\x05 \x01(\x0b\x32\x1d.hsmdomain.v1.RecoveryPackage\"\xa3\x01\n\x0bSealedState\x12\x10\n\x08manifest\x18\x01 \x01(\x0c\x12\x0f\n\x07secrets\x18\x02 \x01(\x0c\x12\x10\n\x08proposal\x18\x03 \x01(\x0c\x12)\n\tapprovals\x18\x04 \x03(\x0b\x32\x16.hsmdomain.v1.Approval\x12\x18\n\x10producer_host_id\x18\x05 \x01(\t\x12\x1a\n\x12producer_signature\x18\x06 \x01(\x0c\"r\n\x0eHostEnrollment\x12\x0c\n\x04host\x18\x01 \x01(\x0c\x12\x17\n\x0ftls_certificate\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12\x15\n\rtls_signature\x18\x05 \x01(\x0c*~\n\x12SignatureAlgorithm\x12#\n\x1fSIGNATURE_ALGORITHM_UNSPECIFIED\x10\x00\x12\x1f\n\x1bSIGNATURE_ALGORITHM_ED25519\x10\x01\x12\"\n\x1eSIGNATURE_ALGORITHM_ECDSA_P256\x10\x02*\x9e\x02\n\nChangeType\x12\x1b\n\x17\x43HANGE_TYPE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x43HANGE_TYPE_ADD_HOST\x10\x01\x12\x1b\n\x17\x43HANGE_TYPE_REMOVE_HOST\x10\x02\x12\x1c\n\x18\x43HANGE_TYPE_ADD_OPERATOR\x10\x03\x12\x1f\n\x1b\x43HANGE_TYPE_REMOVE_OPERATOR\x10\x04\x12\x1a\n\x16\x43HANGE_TYPE_SET_QUORUM\x10\x05\x12\x1c\n\x18\x43HANGE_TYPE_SET_SETTINGS\x10\x06\x12!\n\x1d\x43HANGE_TYPE_ROTATE_DOMAIN_KEY\x10\x07\x12 \n\x1c\x43HANGE_TYPE_SET_RECOVERY_KEY\x10\x08*s\n\x11RecoveryAlgorithm\x12\"\n\x1eRECOVERY_ALGORITHM_UNSPECIFIED\x10\x00\x12\x1d\n\x19RECOVERY_ALGORITHM_X25519\x10\x01\x12\x1b\n\x17RECOVERY_ALGORITHM_P256\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'hsmdomain.v1.domain_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SIGNATUREALGORITHM']._serialized_start=3115
-  _globals['_SIGNATUREALGORITHM']._serialized_end=3241
-  _globals['_CHANGETYPE']._serialized_start=3244
-  _globals['_CHANGETYPE']._serialized_end=3496
-  _globals['_RECOVERYALGORITHM']._serialized_start=3498
-  _globals['_RECOVERYALGORITHM']._serialized_end=3613
+  _globals['_SIGNATUREALGORITHM']._serialized_start=3271
+  _globals['_SIGNATUREALGORITHM']._serialized_end=3397
+  _globals['_CHANGETYPE']._serialized_start=3400
+  _globals['_CHANGETYPE']._serialized_end=3686
+  _globals['_RECOVERYALGORITHM']._serialized_start=3688
+  _globals['_RECOVERYALGORITHM']._serialized_end=3803
   _globals['_HOST']._serialized_start=44
   _globals['_HOST']._serialized_end=181
   _globals['_RECOVERYKEY']._serialized_start=183
@@ -63,33 +63,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REMOVEOPERATOR']._serialized_start=1333
   _globals['_REMOVEOPERATOR']._serialized_end=1370
   _globals['_SETQUORUM']._serialized_start=1372
-  _globals['_SETQUORUM']._serialized_end=1449
-  _globals['_SETSETTINGS']._serialized_start=1451
-  _globals['_SETSETTINGS']._serialized_end=1512
-  _globals['_ROTATEDOMAINKEY']._serialized_start=1514
-  _globals['_ROTATEDOMAINKEY']._serialized_end=1531
-  _globals['_CHANGE']._serialized_start=1534
-  _globals['_CHANGE']._serialized_end=1910
-  _globals['_PROPOSAL']._serialized_start=1913
-  _globals['_PROPOSAL']._serialized_end=2120
-  _globals['_APPROVAL']._serialized_start=2122
-  _globals['_APPROVAL']._serialized_end=2193
-  _globals['_CANCELVOTE']._serialized_start=2195
-  _globals['_CANCELVOTE']._serialized_end=2268
-  _globals['_DOMAINKEY']._serialized_start=2270
-  _globals['_DOMAINKEY']._serialized_end=2314
-  _globals['_DOMAINSECRETS']._serialized_start=2316
-  _globals['_DOMAINSECRETS']._serialized_end=2370
-  _globals['_KEYWRAP']._serialized_start=2372
-  _globals['_KEYWRAP']._serialized_end=2419
-  _globals['_SEALEDRECOVERYSHARE']._serialized_start=2421
-  _globals['_SEALEDRECOVERYSHARE']._serialized_end=2543
-  _globals['_RECOVERYPACKAGE']._serialized_start=2545
-  _globals['_RECOVERYPACKAGE']._serialized_end=2671
-  _globals['_SEALEDSECRETS']._serialized_start=2674
-  _globals['_SEALEDSECRETS']._serialized_end=2831
-  _globals['_SEALEDSTATE']._serialized_start=2834
-  _globals['_SEALEDSTATE']._serialized_end=2997
-  _globals['_HOSTENROLLMENT']._serialized_start=2999
-  _globals['_HOSTENROLLMENT']._serialized_end=3113
+  _globals['_SETQUORUM']._serialized_end=1467
+  _globals['_SETSETTINGS']._serialized_start=1469
+  _globals['_SETSETTINGS']._serialized_end=1530
+  _globals['_ROTATEDOMAINKEY']._serialized_start=1532
+  _globals['_ROTATEDOMAINKEY']._serialized_end=1549
+  _globals['_SETRECOVERYKEY']._serialized_start=1551
+  _globals['_SETRECOVERYKEY']._serialized_end=1629
+  _globals['_CHANGE']._serialized_start=1632
+  _globals['_CHANGE']._serialized_end=2066
+  _globals['_PROPOSAL']._serialized_start=2069
+  _globals['_PROPOSAL']._serialized_end=2276
+  _globals['_APPROVAL']._serialized_start=2278
+  _globals['_APPROVAL']._serialized_end=2349
+  _globals['_CANCELVOTE']._serialized_start=2351
+  _globals['_CANCELVOTE']._serialized_end=2424
+  _globals['_DOMAINKEY']._serialized_start=2426
+  _globals['_DOMAINKEY']._serialized_end=2470
+  _globals['_DOMAINSECRETS']._serialized_start=2472
+  _globals['_DOMAINSECRETS']._serialized_end=2526
+  _globals['_KEYWRAP']._serialized_start=2528
+  _globals['_KEYWRAP']._serialized_end=2575
+  _globals['_SEALEDRECOVERYSHARE']._serialized_start=2577
+  _globals['_SEALEDRECOVERYSHARE']._serialized_end=2699
+  _globals['_RECOVERYPACKAGE']._serialized_start=2701
+  _globals['_RECOVERYPACKAGE']._serialized_end=2827
+  _globals['_SEALEDSECRETS']._serialized_start=2830
+  _globals['_SEALEDSECRETS']._serialized_end=2987
+  _globals['_SEALEDSTATE']._serialized_start=2990
+  _globals['_SEALEDSTATE']._serialized_end=3153
+  _globals['_HOSTENROLLMENT']._serialized_start=3155
+  _globals['_HOSTENROLLMENT']._serialized_end=3269
 # @@protoc_insertion_point(module_scope)

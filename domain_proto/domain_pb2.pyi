@@ -24,6 +24,7 @@ class ChangeType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CHANGE_TYPE_SET_QUORUM: _ClassVar[ChangeType]
     CHANGE_TYPE_SET_SETTINGS: _ClassVar[ChangeType]
     CHANGE_TYPE_ROTATE_DOMAIN_KEY: _ClassVar[ChangeType]
+    CHANGE_TYPE_SET_RECOVERY_KEY: _ClassVar[ChangeType]
 
 class RecoveryAlgorithm(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -41,6 +42,7 @@ CHANGE_TYPE_REMOVE_OPERATOR: ChangeType
 CHANGE_TYPE_SET_QUORUM: ChangeType
 CHANGE_TYPE_SET_SETTINGS: ChangeType
 CHANGE_TYPE_ROTATE_DOMAIN_KEY: ChangeType
+CHANGE_TYPE_SET_RECOVERY_KEY: ChangeType
 RECOVERY_ALGORITHM_UNSPECIFIED: RecoveryAlgorithm
 RECOVERY_ALGORITHM_X25519: RecoveryAlgorithm
 RECOVERY_ALGORITHM_P256: RecoveryAlgorithm
@@ -168,12 +170,14 @@ class RemoveOperator(_message.Message):
     def __init__(self, operator_id: _Optional[str] = ...) -> None: ...
 
 class SetQuorum(_message.Message):
-    __slots__ = ("threshold", "change_type")
+    __slots__ = ("threshold", "change_type", "recovery")
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     CHANGE_TYPE_FIELD_NUMBER: _ClassVar[int]
+    RECOVERY_FIELD_NUMBER: _ClassVar[int]
     threshold: int
     change_type: ChangeType
-    def __init__(self, threshold: _Optional[int] = ..., change_type: _Optional[_Union[ChangeType, str]] = ...) -> None: ...
+    recovery: bool
+    def __init__(self, threshold: _Optional[int] = ..., change_type: _Optional[_Union[ChangeType, str]] = ..., recovery: _Optional[bool] = ...) -> None: ...
 
 class SetSettings(_message.Message):
     __slots__ = ("settings",)
@@ -185,8 +189,18 @@ class RotateDomainKey(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class SetRecoveryKey(_message.Message):
+    __slots__ = ("operator_id", "recovery_key", "signature")
+    OPERATOR_ID_FIELD_NUMBER: _ClassVar[int]
+    RECOVERY_KEY_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    operator_id: str
+    recovery_key: bytes
+    signature: bytes
+    def __init__(self, operator_id: _Optional[str] = ..., recovery_key: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
 class Change(_message.Message):
-    __slots__ = ("add_host", "remove_host", "add_operator", "remove_operator", "set_quorum", "set_settings", "rotate_domain_key")
+    __slots__ = ("add_host", "remove_host", "add_operator", "remove_operator", "set_quorum", "set_settings", "rotate_domain_key", "set_recovery_key")
     ADD_HOST_FIELD_NUMBER: _ClassVar[int]
     REMOVE_HOST_FIELD_NUMBER: _ClassVar[int]
     ADD_OPERATOR_FIELD_NUMBER: _ClassVar[int]
@@ -194,6 +208,7 @@ class Change(_message.Message):
     SET_QUORUM_FIELD_NUMBER: _ClassVar[int]
     SET_SETTINGS_FIELD_NUMBER: _ClassVar[int]
     ROTATE_DOMAIN_KEY_FIELD_NUMBER: _ClassVar[int]
+    SET_RECOVERY_KEY_FIELD_NUMBER: _ClassVar[int]
     add_host: AddHost
     remove_host: RemoveHost
     add_operator: AddOperator
@@ -201,7 +216,8 @@ class Change(_message.Message):
     set_quorum: SetQuorum
     set_settings: SetSettings
     rotate_domain_key: RotateDomainKey
-    def __init__(self, add_host: _Optional[_Union[AddHost, _Mapping]] = ..., remove_host: _Optional[_Union[RemoveHost, _Mapping]] = ..., add_operator: _Optional[_Union[AddOperator, _Mapping]] = ..., remove_operator: _Optional[_Union[RemoveOperator, _Mapping]] = ..., set_quorum: _Optional[_Union[SetQuorum, _Mapping]] = ..., set_settings: _Optional[_Union[SetSettings, _Mapping]] = ..., rotate_domain_key: _Optional[_Union[RotateDomainKey, _Mapping]] = ...) -> None: ...
+    set_recovery_key: SetRecoveryKey
+    def __init__(self, add_host: _Optional[_Union[AddHost, _Mapping]] = ..., remove_host: _Optional[_Union[RemoveHost, _Mapping]] = ..., add_operator: _Optional[_Union[AddOperator, _Mapping]] = ..., remove_operator: _Optional[_Union[RemoveOperator, _Mapping]] = ..., set_quorum: _Optional[_Union[SetQuorum, _Mapping]] = ..., set_settings: _Optional[_Union[SetSettings, _Mapping]] = ..., rotate_domain_key: _Optional[_Union[RotateDomainKey, _Mapping]] = ..., set_recovery_key: _Optional[_Union[SetRecoveryKey, _Mapping]] = ...) -> None: ...
 
 class Proposal(_message.Message):
     __slots__ = ("domain_id", "base_version", "base_state_hash", "changes", "proposer_id", "created_at", "expires_at", "reason", "nonce")

@@ -21,7 +21,12 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 from domain_core.display import escape
-from domain_core.model import CHANGE_TYPE_NAMES, change_type_name, change_type_of
+from domain_core.model import (
+    CHANGE_TYPE_NAMES,
+    change_type_name,
+    change_type_of,
+    recovery_key_of,
+)
 from domain_proto import domain_pb2
 from operator_tool._enrollment import added_host_id, host_key_json, host_key_lines
 
@@ -45,6 +50,10 @@ __all__ = [
     "table",
 ]
 
+_RECOVERY_ALGORITHM_NAMES: Final[dict[int, str]] = {
+    domain_pb2.RECOVERY_ALGORITHM_X25519: "x25519, a file token",
+    domain_pb2.RECOVERY_ALGORITHM_P256: "p256, a PKCS#11 token",
+}
 _ALGORITHM_NAMES: Final[dict[int, str]] = {
     domain_pb2.SIGNATURE_ALGORITHM_ED25519: "ed25519",
     domain_pb2.SIGNATURE_ALGORITHM_ECDSA_P256: "ecdsa-p256",
@@ -422,6 +431,15 @@ def _one_change(change: domain_pb2.Change, names: Mapping[str, str]) -> tuple[st
         return name, f"remove-operator {_operator_name(operator_id, names)}", ""
     if kind == domain_pb2.CHANGE_TYPE_SET_QUORUM:
         quorum = change.set_quorum
+        if quorum.recovery:
+            if quorum.threshold == 0:
+                return name, "set-quorum: recovery threshold 0 (no recovery package any more)", ""
+            return (
+                name,
+                f"set-quorum: recovery threshold {quorum.threshold} (that many operators' "
+                "recovery shares rebuild the domain)",
+                "",
+            )
         if quorum.change_type == domain_pb2.CHANGE_TYPE_UNSPECIFIED:
             return name, f"set-quorum: default threshold {quorum.threshold}", ""
         target = CHANGE_TYPE_NAMES.get(quorum.change_type, f"type {quorum.change_type}")
@@ -432,7 +450,20 @@ def _one_change(change: domain_pb2.Change, names: Mapping[str, str]) -> tuple[st
         values = settings_view(change.set_settings.settings)
         text = ", ".join(_setting_text(k, v) for k, v in values.items())
         return name, f"set-settings: {text}", ""
-    return name, "rotate-domain-key now", ""
+    if kind == domain_pb2.CHANGE_TYPE_SET_RECOVERY_KEY:
+        enrolled = change.set_recovery_key
+        key = recovery_key_of(enrolled)
+        algorithm = _RECOVERY_ALGORITHM_NAMES.get(key.algorithm, "unknown")
+        digest = hashlib.sha256(key.public_key).hexdigest()
+        return (
+            name,
+            f"set-recovery-key for {_operator_name(enrolled.operator_id, names)} ({algorithm})",
+            f"recovery key fingerprint {fingerprint(digest)} (compare it with the operator's "
+            "`hsm-operator recovery show`)",
+        )
+    if kind == domain_pb2.CHANGE_TYPE_ROTATE_DOMAIN_KEY:
+        return name, "rotate-domain-key now", ""
+    return name, f"{name} (a change this tool does not know: do not approve it)", ""
 
 
 def change_lines(changes: Iterable[domain_pb2.Change], names: Mapping[str, str]) -> list[str]:
@@ -476,8 +507,13 @@ def _short(change: domain_pb2.Change, names: Mapping[str, str]) -> str:
     if kind == domain_pb2.CHANGE_TYPE_REMOVE_OPERATOR:
         operator_id = change.remove_operator.operator_id
         return f"{name} {names.get(operator_id) or operator_id[:SHORT_HEX]}"
+    if kind == domain_pb2.CHANGE_TYPE_SET_RECOVERY_KEY:
+        operator_id = change.set_recovery_key.operator_id
+        return f"{name} {names.get(operator_id) or operator_id[:SHORT_HEX]}"
     if kind == domain_pb2.CHANGE_TYPE_SET_QUORUM:
         quorum = change.set_quorum
+        if quorum.recovery:
+            return f"{name} {quorum.threshold} --recovery"
         if quorum.change_type == domain_pb2.CHANGE_TYPE_UNSPECIFIED:
             return f"{name} {quorum.threshold}"
         target = CHANGE_TYPE_NAMES.get(quorum.change_type, str(quorum.change_type))

@@ -15,7 +15,7 @@ from google.protobuf.message import DecodeError
 
 from domain_core import display
 from domain_core.errors import InvalidInputError, LimitExceededError, MalformedMessageError
-from domain_core.limits import DEFAULT_LIMITS, MAX_ENROLLMENT_BYTES, Limits
+from domain_core.limits import DEFAULT_LIMITS, MAX_ENROLLMENT_BYTES, MAX_SIGNATURE_BYTES, Limits
 from domain_core.recovery_shares import check_recovery_key
 from domain_core.signers import PublicKey, SignatureAlgorithm
 from domain_proto import domain_pb2
@@ -24,7 +24,7 @@ ChangeType = domain_pb2.ChangeType
 _M = TypeVar(
     "_M", domain_pb2.Manifest, domain_pb2.Proposal, domain_pb2.SealedSecrets, domain_pb2.Host
 )
-_E = TypeVar("_E", domain_pb2.HostEnrollment, domain_pb2.Host)
+_E = TypeVar("_E", domain_pb2.HostEnrollment, domain_pb2.Host, domain_pb2.RecoveryKey)
 
 # `\Z`, not `$`: `$` also matches before a trailing newline, which would let "hsa-1\n" pass.
 HOST_ID_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
@@ -44,6 +44,7 @@ CHANGE_TYPE_NAMES: dict[int, str] = {
     domain_pb2.CHANGE_TYPE_SET_QUORUM: "set-quorum",
     domain_pb2.CHANGE_TYPE_SET_SETTINGS: "set-settings",
     domain_pb2.CHANGE_TYPE_ROTATE_DOMAIN_KEY: "rotate-domain-key",
+    domain_pb2.CHANGE_TYPE_SET_RECOVERY_KEY: "set-recovery-key",
 }
 CHANGE_TYPES_BY_NAME: dict[str, int] = {name: value for value, name in CHANGE_TYPE_NAMES.items()}
 
@@ -55,6 +56,7 @@ _ONEOF_TO_TYPE: dict[str, int] = {
     "set_quorum": domain_pb2.CHANGE_TYPE_SET_QUORUM,
     "set_settings": domain_pb2.CHANGE_TYPE_SET_SETTINGS,
     "rotate_domain_key": domain_pb2.CHANGE_TYPE_ROTATE_DOMAIN_KEY,
+    "set_recovery_key": domain_pb2.CHANGE_TYPE_SET_RECOVERY_KEY,
 }
 
 _ALGORITHMS: dict[domain_pb2.SignatureAlgorithm, SignatureAlgorithm] = {
@@ -72,6 +74,12 @@ def change_type_of(change: domain_pb2.Change) -> int:
     if which is None:
         raise MalformedMessageError("a change in the proposal has no type set")
     return _ONEOF_TO_TYPE[which]
+
+
+def recovery_key_of(change: domain_pb2.SetRecoveryKey) -> domain_pb2.RecoveryKey:
+    """The recovery key a set-recovery-key change enrolls (MalformedMessageError unless its
+    bytes are the canonical encoding of a RecoveryKey, with no unknown field)."""
+    return _parse_canonical(domain_pb2.RecoveryKey, change.recovery_key, "set-recovery-key's key")
 
 
 def change_type_name(change_type: int) -> str:
@@ -319,9 +327,30 @@ def _validate_change(change: domain_pb2.Change, domain_id: str, limits: Limits) 
             "set-quorum names an unknown change type",
         )
         _require(
+            not change.set_quorum.recovery
+            or change.set_quorum.change_type == domain_pb2.CHANGE_TYPE_UNSPECIFIED,
+            "set-quorum of the recovery threshold names no change type",
+        )
+        _require(
             change.set_quorum.threshold >= 1
+            or change.set_quorum.recovery
             or change.set_quorum.change_type != domain_pb2.CHANGE_TYPE_UNSPECIFIED,
             "set-quorum needs a threshold of at least 1",
+        )
+    elif kind == domain_pb2.CHANGE_TYPE_SET_RECOVERY_KEY:
+        enrolled = change.set_recovery_key
+        _require(
+            bool(OPERATOR_ID_PATTERN.match(enrolled.operator_id)),
+            "set-recovery-key names no valid operator id (64 hex characters)",
+        )
+        key = recovery_key_of(enrolled)
+        try:
+            check_recovery_key(key)
+        except InvalidInputError as error:
+            raise MalformedMessageError(f"set-recovery-key: {error}") from None
+        _require(
+            0 < len(enrolled.signature) <= MAX_SIGNATURE_BYTES,
+            "set-recovery-key carries no signature of the operator",
         )
     elif kind == domain_pb2.CHANGE_TYPE_SET_SETTINGS:
         _require(change.set_settings.HasField("settings"), "set-settings carries no settings")

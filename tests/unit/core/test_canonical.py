@@ -44,6 +44,7 @@ def test_payload_type_values_are_wire_format() -> None:
         "CREATE_KEY_ID": "create-key-id",
         "RECOVERY_SHARE": "recovery-share",
         "RECOVERY_SECRETS": "recovery-secrets",
+        "RECOVERY_KEY_ENROLLMENT": "recovery-key-enrollment",
     }
 
 

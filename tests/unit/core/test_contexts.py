@@ -41,6 +41,7 @@ GOLDEN_PAYLOAD_TYPES = {
     "CREATE_KEY_ID": "create-key-id",
     "RECOVERY_SHARE": "recovery-share",
     "RECOVERY_SECRETS": "recovery-secrets",
+    "RECOVERY_KEY_ENROLLMENT": "recovery-key-enrollment",
 }
 
 

@@ -12,11 +12,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support.simulator import SimulatedDomain, forge_enrollment, new_host, new_operator
 
-from domain_core import canonical, model
+from domain_core import canonical, changes, model
 from domain_core.contexts import PayloadType
 from domain_core.errors import InvalidInputError, LimitExceededError, MalformedMessageError
 from domain_core.limits import DEFAULT_LIMITS, MAX_ENROLLMENT_BYTES, Limits
 from domain_core.model import Manifest, Proposal, SealedState
+from domain_core.recovery_shares import RecoveryAlgorithm
 from domain_core.signers import InMemorySigner, SignatureAlgorithm
 from domain_proto import domain_pb2
 
@@ -39,6 +40,12 @@ BASE_CHANGES = [
     SIM.set_quorum_change(3, domain_pb2.CHANGE_TYPE_REMOVE_HOST),
     SIM.set_settings_change(),
     SIM.rotate_domain_key_change(),
+    changes.set_recovery_key(
+        SIM.operators[0].signer,
+        domain_id=SIM.domain_id,
+        algorithm=RecoveryAlgorithm.X25519,
+        public_key=b"\x09" * 32,
+    ),
 ]
 BASE_PROPOSAL = SIM.propose(BASE_CHANGES, reason="all change types")
 

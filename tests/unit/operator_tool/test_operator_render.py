@@ -367,6 +367,40 @@ CHANGE_CASES: list[tuple[str, domain_pb2.Change, list[str], str]] = [
         ["rotate-domain-key now"],
         "rotate-domain-key",
     ),
+    (
+        "recovery threshold",
+        domain_pb2.Change(set_quorum=domain_pb2.SetQuorum(threshold=2, recovery=True)),
+        [
+            "set-quorum: recovery threshold 2 (that many operators' recovery shares rebuild "
+            "the domain)"
+        ],
+        "set-quorum 2 --recovery",
+    ),
+    (
+        "recovery threshold off",
+        domain_pb2.Change(set_quorum=domain_pb2.SetQuorum(threshold=0, recovery=True)),
+        ["set-quorum: recovery threshold 0 (no recovery package any more)"],
+        "set-quorum 0 --recovery",
+    ),
+    (
+        "set-recovery-key",
+        domain_pb2.Change(
+            set_recovery_key=domain_pb2.SetRecoveryKey(
+                operator_id="a" * 64,
+                recovery_key=domain_pb2.RecoveryKey(
+                    algorithm=domain_pb2.RECOVERY_ALGORITHM_X25519, public_key=b"\x05" * 32
+                ).SerializeToString(deterministic=True),
+                signature=b"\x01" * 64,
+            )
+        ),
+        [
+            "set-recovery-key for alice (aaaa aaaa aaaa aaaa) (x25519, a file token)",
+            "  recovery key fingerprint f849 d673 25fa cf04 177b c663 b2dc 5440 "
+            "5183 1c58 9ef5 81d4 12f2 eba4 4834 e77c "
+            "(compare it with the operator's `hsm-operator recovery show`)",
+        ],
+        "set-recovery-key alice",
+    ),
 ]
 
 
