@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -183,12 +183,16 @@ class QuorumView:
     threshold: int
     per_change_type: tuple[tuple[str, int], ...]
     operators: int
+    recovery: int = 0  # the recovery threshold (0: no recovery package)
+    recovery_keys: int = 0  # operators with an enrolled recovery key
 
     def lines(self) -> list[str]:
         lines = [f"default: {self.threshold} of {self.operators} operators"]
         lines += [
             f"{name}: {value} of {self.operators} operators" for name, value in self.per_change_type
         ]
+        if self.recovery:
+            lines.append(f"recovery: {self.recovery} of {self.recovery_keys} recovery keys")
         return lines
 
     def to_json(self) -> dict[str, Any]:
@@ -196,6 +200,8 @@ class QuorumView:
             "threshold": self.threshold,
             "per_change_type": dict(self.per_change_type),
             "operators": self.operators,
+            "recovery_threshold": self.recovery,
+            "recovery_keys": self.recovery_keys,
         }
 
 
@@ -208,7 +214,21 @@ def quorum_view(manifest: domain_pb2.Manifest) -> QuorumView:
             for t in sorted(manifest.quorum.change_thresholds, key=lambda t: t.change_type)
         ),
         operators=len(manifest.operators),
+        recovery=manifest.quorum.recovery_threshold,
+        recovery_keys=sum(1 for o in manifest.operators if o.HasField("recovery_key")),
     )
+
+
+def recovery_keys_view(manifest: domain_pb2.Manifest) -> dict[str, str]:
+    """Each operator's enrolled recovery key as shown: algorithm and SHA-256 fingerprint."""
+    return {
+        o.operator_id: (
+            f"{_RECOVERY_ALGORITHM_NAMES.get(o.recovery_key.algorithm, 'unknown')}, "
+            f"{fingerprint(hashlib.sha256(o.recovery_key.public_key).hexdigest(), SHORT_HEX)}"
+        )
+        for o in manifest.operators
+        if o.HasField("recovery_key")
+    }
 
 
 def settings_view(settings: domain_pb2.DomainSettings) -> dict[str, int]:
@@ -240,6 +260,12 @@ class ManifestDiff:
     settings_after: Mapping[str, int]
     generation_before: int
     generation_after: int
+    recovery_before: Mapping[str, str] = field(default_factory=dict)
+    recovery_after: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def recovery_changed(self) -> bool:
+        return dict(self.recovery_before) != dict(self.recovery_after)
 
     @property
     def hosts_added(self) -> tuple[HostRow, ...]:
@@ -280,6 +306,7 @@ class ManifestDiff:
             or self.quorum_changed
             or self.settings_changed
             or self.rotated
+            or self.recovery_changed
         )
 
 
@@ -296,6 +323,8 @@ def manifest_diff(before: domain_pb2.Manifest, after: domain_pb2.Manifest) -> Ma
         settings_after=settings_view(after.settings),
         generation_before=before.key_generations[-1].generation if before.key_generations else 0,
         generation_after=after.key_generations[-1].generation if after.key_generations else 0,
+        recovery_before=recovery_keys_view(before),
+        recovery_after=recovery_keys_view(after),
     )
 
 
@@ -339,6 +368,19 @@ def diff_lines(diff: ManifestDiff) -> list[str]:
         )
     )
     lines += _rows_diff(diff.operators_before, diff.operators_after)
+    if diff.recovery_changed:
+        names = {r.operator_id: r.name for r in (*diff.operators_before, *diff.operators_after)}
+        lines.append("recovery keys:")
+        for operator_id in sorted({*diff.recovery_before, *diff.recovery_after}):
+            old_key = diff.recovery_before.get(operator_id)
+            new_key = diff.recovery_after.get(operator_id)
+            if old_key == new_key:
+                continue
+            name = names.get(operator_id, operator_id[:SHORT_HEX])
+            if old_key is not None:
+                lines.append(f"  - {name}: {old_key}")
+            if new_key is not None:
+                lines.append(f"  + {name}: {new_key}")
     if diff.quorum_changed:
         before, after = diff.quorum_before.lines(), diff.quorum_after.lines()
         lines.append("quorum:")
@@ -395,6 +437,11 @@ def diff_json(diff: ManifestDiff) -> dict[str, Any]:
             "before": diff.generation_before,
             "after": diff.generation_after,
             "rotated": diff.rotated,
+        },
+        "recovery_keys": {
+            "before": dict(diff.recovery_before),
+            "after": dict(diff.recovery_after),
+            "changed": diff.recovery_changed,
         },
     }
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from support.simulator import SimulatedDomain, forge_unchained_state, new_host, new_operator
 
-from domain_core import quorum
+from domain_core import changes, quorum, transition
 from domain_core.errors import (
     AlreadyExistsError,
     BadSignatureError,
@@ -32,6 +32,7 @@ from domain_core.errors import (
     UnknownSignerError,
 )
 from domain_core.model import Proposal, SealedState, default_settings
+from domain_core.recovery_shares import RecoveryAlgorithm
 from domain_proto import domain_pb2
 from operator_tool._render import (
     change_json,
@@ -937,3 +938,33 @@ def test_signing_without_asking_needs_the_full_id(
     full = "9f704d9e" * 8
     assert main([command, full, "--yes", "--cluster", missing]) == 1  # then: no domain there
     assert "needs the full proposal id" not in capsys.readouterr().err
+
+
+def test_the_diff_shows_an_enrolled_recovery_key_and_the_recovery_threshold() -> None:
+    """An approver sees whose recovery key a change enrolls (its fingerprint) and the new
+    recovery threshold, in the text and in the JSON."""
+    sim = SimulatedDomain.create()
+    enroll = changes.set_recovery_key(
+        sim.operators[0].signer,
+        domain_id=sim.domain_id,
+        algorithm=RecoveryAlgorithm.X25519,
+        public_key=b"\x05" * 32,
+    )
+    before = sim.head.manifest.message
+    after, _ = transition.apply_changes(
+        before, sim.propose([enroll, changes.set_quorum(1, recovery=True)]), now=sim.now
+    )
+    diff = manifest_diff(before, after)
+    assert not diff.empty
+    lines = diff_lines(diff)
+    name = sim.operators[0].record.name
+    short = " ".join(hashlib.sha256(b"\x05" * 32).hexdigest()[i : i + 4] for i in (0, 4, 8, 12))
+    assert "recovery keys:" in lines
+    assert f"  + {name}: x25519, a file token, {short}" in lines
+    assert "  + recovery: 1 of 1 recovery keys" in lines
+    document = diff_json(diff)
+    assert document["recovery_keys"]["changed"] is True
+    assert document["recovery_keys"]["after"] == {
+        sim.operators[0].operator_id: f"x25519, a file token, {short}"
+    }
+    assert document["quorum"]["after"]["recovery_threshold"] == 1
