@@ -13,10 +13,7 @@ Invariants kept here:
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
-import os
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,24 +24,30 @@ from cryptography.exceptions import InvalidTag, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from domain_core.errors import (
-    AlreadyExistsError,
     InvalidInputError,
     MalformedMessageError,
     TokenError,
-    TokenNotFoundError,
     WrongPassphraseError,
 )
 from domain_core.limits import (
     MAX_FILE_TOKEN_NAME_CHARS,
-    MAX_SCRYPT_N,
-    MAX_TOKEN_FILE_BYTES,
-    MIN_SCRYPT_N,
 )
 from domain_core.signers import InMemorySigner, PublicKey, SignatureAlgorithm
-from domain_edge.files import read_limited
+from domain_edge.passphrase_files import (
+    NONCE_BYTES,
+    SALT_BYTES,
+    b64,
+    b64_field,
+    canonical_json,
+    check_scrypt_n,
+    derive_key,
+    kdf_header,
+    parse_kdf,
+    read_key_file,
+    write_new_file,
+)
 
 __all__ = [
     "DEFAULT_SCRYPT_N",
@@ -63,14 +66,9 @@ FILE_TOKEN_VERSION: Final = 1
 # The cost of new tokens: 128 MiB and a few tenths of a second per opening. A token keeps the
 # n it was made with (its header), so older tokens open as before; tests pass a cheaper n.
 DEFAULT_SCRYPT_N: Final = 2**17
-_SCRYPT_R: Final = 8
-_SCRYPT_P: Final = 1
-_SALT_SIZE: Final = 16
-_NONCE_SIZE: Final = 12
 _HEADER_KEYS: Final = frozenset(
     {"format", "version", "name", "algorithm", "public_key", "kdf", "nonce", "ciphertext"}
 )
-_KDF_KEYS: Final = frozenset({"name", "n", "r", "p", "salt"})
 
 
 class FileTokenSigner(InMemorySigner):
@@ -87,10 +85,6 @@ class FileTokenSigner(InMemorySigner):
         return f"FileTokenSigner({self.name!r}, {self.algorithm.value}, key_id={self.key_id[:16]})"
 
 
-def _canonical_json(value: object) -> bytes:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
-
-
 def _check_token_name(name: str) -> None:
     if not isinstance(name, str):
         raise TypeError("name must be a str")
@@ -104,14 +98,6 @@ def _check_passphrase(passphrase: object) -> bytes:
     if not isinstance(passphrase, bytes):
         raise TypeError("the passphrase must be bytes")
     return passphrase
-
-
-def _derive_file_key(passphrase: bytes, salt: bytes, n: int) -> bytes:
-    return Scrypt(salt=salt, length=32, n=n, r=_SCRYPT_R, p=_SCRYPT_P).derive(passphrase)
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
 
 
 def create_file_token(
@@ -134,52 +120,23 @@ def create_file_token(
     _check_passphrase(passphrase)
     if not passphrase:
         raise InvalidInputError("the passphrase is empty; choose a non-empty passphrase")
-    if (
-        isinstance(scrypt_n, bool)
-        or not isinstance(scrypt_n, int)
-        or not MIN_SCRYPT_N <= scrypt_n <= MAX_SCRYPT_N
-        or scrypt_n & (scrypt_n - 1)
-    ):
-        raise ValueError(f"scrypt_n must be a power of two in [2**14, 2**20], not {scrypt_n!r}")
+    check_scrypt_n(scrypt_n)
     signer = InMemorySigner.generate(algorithm)
-    salt = secrets.token_bytes(_SALT_SIZE)
-    nonce = secrets.token_bytes(_NONCE_SIZE)
+    salt = secrets.token_bytes(SALT_BYTES)
+    nonce = secrets.token_bytes(NONCE_BYTES)
     header: dict[str, object] = {
         "format": FILE_TOKEN_FORMAT,
         "version": FILE_TOKEN_VERSION,
         "name": name,
         "algorithm": algorithm.value,
-        "public_key": _b64(signer.public_key.spki_der),
-        "kdf": {
-            "name": "scrypt",
-            "n": scrypt_n,
-            "r": _SCRYPT_R,
-            "p": _SCRYPT_P,
-            "salt": _b64(salt),
-        },
-        "nonce": _b64(nonce),
+        "public_key": b64(signer.public_key.spki_der),
+        "kdf": kdf_header(scrypt_n, salt),
+        "nonce": b64(nonce),
     }
-    file_key = _derive_file_key(passphrase, salt, scrypt_n)
-    ciphertext = AESGCM(file_key).encrypt(
-        nonce, signer.private_pkcs8_der(), _canonical_json(header)
-    )
-    document = dict(header, ciphertext=_b64(ciphertext))
-    content = (json.dumps(document, indent=2, sort_keys=True) + "\n").encode("ascii")
-    try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-    except FileExistsError:
-        raise AlreadyExistsError(
-            f"a file exists already at {path}; choose another path (tokens are never overwritten)"
-        ) from None
-    try:
-        with os.fdopen(fd, "wb") as out:
-            os.fchmod(out.fileno(), 0o600)
-            out.write(content)
-            out.flush()
-            os.fsync(out.fileno())
-    except BaseException:
-        path.unlink(missing_ok=True)
-        raise
+    file_key = derive_key(passphrase, salt, scrypt_n)
+    ciphertext = AESGCM(file_key).encrypt(nonce, signer.private_pkcs8_der(), canonical_json(header))
+    document = dict(header, ciphertext=b64(ciphertext))
+    write_new_file(path, (json.dumps(document, indent=2, sort_keys=True) + "\n").encode("ascii"))
     return signer.public_key
 
 
@@ -197,7 +154,7 @@ class _TokenHeader:
 def _read_token_header(path: Path) -> _TokenHeader:
     """Read and validate a token file's header; nothing here needs the passphrase."""
     path = Path(path)
-    data = _read_token_bytes(path)
+    data = read_key_file(path, "token file")
 
     def bad(what: str) -> TokenError:
         return TokenError(f"token file {path} is malformed: {what}")
@@ -218,11 +175,11 @@ def _read_token_header(path: Path) -> _TokenHeader:
         extra = sorted(str(k)[:40] for k in set(document) - _HEADER_KEYS)
         raise bad(f"fields missing {missing}, unexpected {extra}")
     name, public_key = _token_identity(document, bad)
-    n, salt = _token_kdf(document["kdf"], bad)
-    nonce = _b64field(document["nonce"], "nonce", bad)
-    if len(nonce) != _NONCE_SIZE:
-        raise bad(f"nonce is not {_NONCE_SIZE} bytes")
-    ciphertext = _b64field(document["ciphertext"], "ciphertext", bad)
+    n, salt = parse_kdf(document["kdf"], bad)
+    nonce = b64_field(document["nonce"], "nonce", bad)
+    if len(nonce) != NONCE_BYTES:
+        raise bad(f"nonce is not {NONCE_BYTES} bytes")
+    ciphertext = b64_field(document["ciphertext"], "ciphertext", bad)
     if len(ciphertext) <= 16:
         raise bad("ciphertext is too short")
     header = {k: v for k, v in document.items() if k != "ciphertext"}
@@ -233,34 +190,8 @@ def _read_token_header(path: Path) -> _TokenHeader:
         salt=salt,
         nonce=nonce,
         ciphertext=ciphertext,
-        associated_data=_canonical_json(header),
+        associated_data=canonical_json(header),
     )
-
-
-def _read_token_bytes(path: Path) -> bytes:
-    """A token file's bytes, at most `MAX_TOKEN_FILE_BYTES` of them."""
-    try:
-        return read_limited(
-            path,
-            MAX_TOKEN_FILE_BYTES,
-            lambda: TokenError(f"token file {path} is larger than {MAX_TOKEN_FILE_BYTES} bytes"),
-        )
-    except FileNotFoundError:
-        raise TokenNotFoundError(
-            f"no token file at {path}; check the path or create one with `hsm-operator`"
-        ) from None
-    except OSError as exc:
-        raise TokenError(f"cannot read token file {path}: {exc.strerror}") from None
-
-
-def _b64field(value: object, label: str, bad: Callable[[str], TokenError]) -> bytes:
-    """A base64 field of a token file's header; `bad(what)` makes the error."""
-    if not isinstance(value, str):
-        raise bad(f"{label} is not a base64 string")
-    try:
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise bad(f"{label} is not valid base64") from None
 
 
 def _token_identity(
@@ -281,28 +212,10 @@ def _token_identity(
     except ValueError:
         raise bad(f"unknown algorithm {str(algorithm_value)[:40]!r}") from None
     try:
-        public_key = PublicKey(algorithm, _b64field(document["public_key"], "public_key", bad))
+        public_key = PublicKey(algorithm, b64_field(document["public_key"], "public_key", bad))
     except MalformedMessageError as exc:
         raise bad(f"public_key: {exc.message}") from None
     return name, public_key
-
-
-def _token_kdf(kdf: object, bad: Callable[[str], TokenError]) -> tuple[int, bytes]:
-    """The scrypt cost `n` and salt of a token file's header, within the bounds that keep a
-    hostile file from costing more than scrypt with n = 2**20."""
-    if not isinstance(kdf, dict) or set(kdf) != _KDF_KEYS:
-        raise bad(f"kdf must be an object with exactly {sorted(_KDF_KEYS)}")
-    if kdf["name"] != "scrypt":
-        raise bad("kdf name is not 'scrypt'")
-    n, r, p = kdf["n"], kdf["r"], kdf["p"]
-    if type(n) is not int or not MIN_SCRYPT_N <= n <= MAX_SCRYPT_N or n & (n - 1):
-        raise bad("scrypt n must be a power of two between 2**14 and 2**20")
-    if type(r) is not int or r != _SCRYPT_R or type(p) is not int or p != _SCRYPT_P:
-        raise bad(f"scrypt r and p must be {_SCRYPT_R} and {_SCRYPT_P}")
-    salt = _b64field(kdf["salt"], "kdf salt", bad)
-    if len(salt) != _SALT_SIZE:
-        raise bad(f"kdf salt is not {_SALT_SIZE} bytes")
-    return n, salt
 
 
 def read_file_token_public(path: Path) -> tuple[str, PublicKey]:
@@ -323,7 +236,7 @@ def load_file_token(path: Path, passphrase: bytes | Callable[[], bytes]) -> File
     path = Path(path)
     header = _read_token_header(path)
     secret = _check_passphrase(passphrase() if callable(passphrase) else passphrase)
-    file_key = _derive_file_key(secret, header.salt, header.scrypt_n)
+    file_key = derive_key(secret, header.salt, header.scrypt_n)
     try:
         pkcs8 = AESGCM(file_key).decrypt(header.nonce, header.ciphertext, header.associated_data)
     except InvalidTag:
