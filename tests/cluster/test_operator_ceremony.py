@@ -46,7 +46,7 @@ PROPOSAL_FIELDS = {
 SHOW_FIELDS = PROPOSAL_FIELDS | {
     "head_version", "diff", "diff_error", "not_counted", "enrollment_problems",
 }  # fmt: skip
-DIFF_FIELDS = {"hosts", "operators", "quorum", "settings", "key_generation"}
+DIFF_FIELDS = {"hosts", "operators", "quorum", "settings", "key_generation", "recovery_keys"}
 LIST_FIELDS = {"domain_id", "version", "state_hash", "proposals"}
 STATUS_FIELDS = {
     "domain_id", "version", "state_hash", "created_at", "verified_from", "hosts",
