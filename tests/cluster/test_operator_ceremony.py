@@ -217,7 +217,13 @@ def test_ceremony_with_file_tokens_and_a_softhsm2_token(
     )
     ops.ok("approve", quorum, *ops.token("bob"), "--yes")
     ops.ok("approve", quorum, *ops.token("carol"), "--yes", "--wait")
-    assert ops.status()["quorum"] == {"threshold": 3, "per_change_type": {}, "operators": 4}
+    assert ops.status()["quorum"] == {
+        "threshold": 3,
+        "per_change_type": {},
+        "operators": 4,
+        "recovery_threshold": 0,
+        "recovery_keys": 0,
+    }
 
     # remove-operator carol (by name): now three approvals are needed.
     removal = ops.propose("alice", "remove-operator", "carol")
