@@ -8,7 +8,10 @@ only if:
 - it is signed by a host trusted in N;
 - it carries a proposal with a quorum of N's operators and is exactly the manifest that the
   proposal produces from N, or it carries no proposal and is exactly a scheduled rotation of N
-  that was due.
+  that was due;
+- its sealed secrets carry the recovery package its policy asks for, of the right shape
+  (`recovery.check_package`: threshold, one share per enrolled recovery key, in order), and
+  none when the policy asks for none.
 It never goes back, and it remembers the hash of every version it accepted so that a
 different state for a known version is reported as a fork.
 """
@@ -31,6 +34,7 @@ from domain_core.errors import (
 from domain_core.limits import DEFAULT_LIMITS
 from domain_core.model import SealedState
 from domain_core.quorum import QuorumResult
+from domain_core.recovery import check_package
 from domain_core.sealing import state_signing_message
 from domain_core.transition import (
     StateHead,
@@ -83,6 +87,7 @@ def verify_genesis(state: SealedState, domain_id: str, genesis_hash: bytes) -> Q
     if state.proposal is None:
         raise GenesisMismatchError("the genesis state carries no genesis proposal")
     _check_producer(state, None)
+    check_package(state.manifest, state.secrets)
     expected, result = genesis_manifest(
         state.proposal, state.approvals, now=state.manifest.created_at
     )
@@ -126,6 +131,7 @@ def verify_successor(
             f"{head.version}: its previous hash differs (a fork)"
         )
     _check_producer(state, head)
+    check_package(state.manifest, state.secrets)
     now = state.manifest.created_at
     prior = StateHead(head.manifest, head.hash)
     result: QuorumResult | None

@@ -19,7 +19,7 @@ Invariants:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from google.protobuf.message import DecodeError
 
@@ -37,6 +37,7 @@ from domain_core.recovery_shares import (
     SealedShare,
     algorithm_of,
     combine_shares,
+    open_share,
     seal_share,
     split_key,
 )
@@ -45,6 +46,7 @@ from domain_proto import domain_pb2
 __all__ = [
     "build_package",
     "check_package",
+    "open_operator_share",
     "open_package",
     "recipients",
     "sealed_share",
@@ -154,7 +156,7 @@ def check_package(manifest: Manifest, secrets: domain_pb2.SealedSecrets) -> None
             f"the policy says {threshold}"
         )
     if len(package.nonce) != crypto.GCM_NONCE_BYTES or len(package.sealed_secrets) < (
-        crypto.GCM_TAG_BYTES + 2 * KEY_BYTES
+        crypto.GCM_TAG_BYTES + KEY_BYTES
     ):
         raise MalformedMessageError(f"the recovery package of version {version} is malformed")
     if [(s.operator_id, s.index) for s in package.shares] != [
@@ -185,6 +187,33 @@ def sealed_share(package: domain_pb2.RecoveryPackage, operator_id: str) -> tuple
                 share.ephemeral_public_key, share.nonce, share.ciphertext
             )
     raise InvalidInputError(f"the recovery package holds no share for operator {operator_id}")
+
+
+def open_operator_share(
+    manifest: Manifest,
+    package: domain_pb2.RecoveryPackage,
+    operator_id: str,
+    agree: Callable[[bytes], bytes],
+) -> str:
+    """Operator `operator_id`'s share of this state's package, in SLIP-39 words, given the ECDH
+    with their recovery key (`agree`, computed on their token). InvalidInputError when the
+    manifest enrolled no recovery key for them; InvalidCiphertextError when the share does not
+    open (another domain, state or operator, tampered bytes, or not their key)."""
+    operator = next((o for o in recipients(manifest) if o.operator_id == operator_id), None)
+    if operator is None:
+        raise InvalidInputError(
+            f"operator {operator_id} has no recovery key in state version "
+            f"{manifest.message.version}, so holds no share of its package"
+        )
+    index, sealed = sealed_share(package, operator_id)
+    key = operator.recovery_key
+    return open_share(
+        algorithm_of(key),
+        key.public_key,
+        sealed,
+        share_context(manifest, operator_id, index),
+        agree,
+    )
 
 
 def open_package(

@@ -7,6 +7,9 @@ Invariants:
 - the current domain key is wrapped to each trusted host's X25519 key (sealed box), and to no
   one else: a removed host gets no wrap and cannot read what is sealed afterwards;
 - the producing host signs the state hash (manifest + secrets bytes) with its Ed25519 key;
+- a state whose policy names a recovery threshold carries a fresh recovery package inside its
+  sealed secrets (`domain_core.recovery`): the domain keys under a new key-encryption key split
+  among the operators' recovery keys, so every backup of it can be recovered by a quorum;
 - every failure to open collapses into InvalidKeyTokenError (no oracle), except "this host
   has no wrap", which is not secret and tells a removed host why it cannot follow.
 """
@@ -17,7 +20,7 @@ from collections.abc import Mapping, Sequence
 
 from google.protobuf.message import DecodeError
 
-from domain_core import crypto
+from domain_core import crypto, recovery
 from domain_core.canonical import signing_input
 from domain_core.contexts import PayloadType
 from domain_core.errors import InvalidKeyTokenError, UnknownHostError
@@ -51,7 +54,8 @@ def seal_state(
     proposal: Proposal | None,
     approvals: Sequence[domain_pb2.Approval] = (),
 ) -> SealedState:
-    """Serialize the manifest once, seal the domain keys under it, wrap, and sign."""
+    """Serialize the manifest once, seal the domain keys under it, wrap, add the recovery
+    package its policy asks for, and sign."""
     manifest = Manifest.from_message(manifest_message)
     listed = [g.generation for g in manifest.message.key_generations]
     if sorted(domain_keys) != listed:
@@ -76,9 +80,13 @@ def seal_state(
         )
         for host in manifest.message.hosts
     ]
-    secrets_raw = domain_pb2.SealedSecrets(
+    secrets = domain_pb2.SealedSecrets(
         generation=current, nonce=nonce, ciphertext=ciphertext, wraps=wraps
-    ).SerializeToString(deterministic=True)
+    )
+    package = recovery.build_package(manifest, domain_keys)
+    if package is not None:
+        secrets.recovery.CopyFrom(package)
+    secrets_raw = secrets.SerializeToString(deterministic=True)
     signature = producer.sign(state_signing_message(state_hash(manifest.raw, secrets_raw)))
     message = domain_pb2.SealedState(
         manifest=manifest.raw,

@@ -1,4 +1,6 @@
-"""Recovery tokens: an operator's X25519 recovery key in a passphrase-encrypted file.
+"""Recovery tokens: an operator's X25519 recovery key in a passphrase-encrypted file, and
+`open_recovery_key`, which opens either kind of recovery key (such a file, or a P-256 key on a
+PKCS#11 token) behind one interface (`RecoveryKeyHolder`).
 
 Separate from the operator's signing token (its own file, its own passphrase if they wish),
 so that it can be kept offline; the same format machinery (`passphrase_files`): a JSON header
@@ -11,9 +13,10 @@ from __future__ import annotations
 
 import json
 import secrets
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import serialization
@@ -37,12 +40,16 @@ from domain_edge.passphrase_files import (
     read_key_file,
     write_new_file,
 )
+from domain_edge.pkcs11_signer import Pkcs11RecoveryKey
+from domain_edge.tokens import FileTokenRef, TokenRef, parse_token_uri
 
 __all__ = [
     "RECOVERY_TOKEN_FORMAT",
+    "RecoveryKeyHolder",
     "RecoveryToken",
     "create_recovery_token",
     "load_recovery_token",
+    "open_recovery_key",
     "read_recovery_token_public",
 ]
 
@@ -53,6 +60,21 @@ _HEADER_KEYS: Final = frozenset(
     {"format", "version", "name", "algorithm", "public_key", "kdf", "nonce", "ciphertext"}
 )
 _WHAT: Final = "recovery token"
+
+
+class RecoveryKeyHolder(Protocol):
+    """An opened recovery key of either kind: its algorithm and public key (the bytes a
+    RecoveryKey record holds), and the ECDH with its private key, which never leaves it."""
+
+    @property
+    def algorithm(self) -> RecoveryAlgorithm: ...
+
+    @property
+    def public_key(self) -> bytes: ...
+
+    def agree(self, ephemeral_public_key: bytes) -> bytes: ...
+
+    def close(self) -> None: ...
 
 
 class RecoveryToken:
@@ -76,6 +98,9 @@ class RecoveryToken:
             raise InvalidInputError("an X25519 ephemeral public key is 32 bytes")
         peer = x25519.X25519PublicKey.from_public_bytes(ephemeral_public_key)
         return self._key.exchange(peer)
+
+    def close(self) -> None:
+        """Nothing to release (the key lives in this object until it is dropped)."""
 
     def __repr__(self) -> str:
         return f"RecoveryToken({self.name!r}, x25519, public_key={self.public_key.hex()[:16]})"
@@ -202,3 +227,21 @@ def load_recovery_token(path: Path, passphrase: bytes) -> RecoveryToken:
     if token.public_key != header.public_key:
         raise TokenError(f"{_WHAT} {path} is inconsistent: its key does not match its header")
     return token
+
+
+def open_recovery_key(
+    reference: str | TokenRef,
+    secret: Callable[[], bytes],
+    *,
+    environ: Mapping[str, str] | None = None,
+) -> RecoveryKeyHolder:
+    """Open the recovery key a reference names (a recovery token file, or a `pkcs11:` URI of a
+    P-256 key made by `generate_pkcs11_recovery_key`); `secret` returns its passphrase or PIN
+    once the key is located. Close it when done."""
+    ref = parse_token_uri(reference, environ=environ) if isinstance(reference, str) else reference
+    if isinstance(ref, FileTokenRef):
+        read_recovery_token_public(ref.path)  # located and well-formed before asking
+        return load_recovery_token(ref.path, secret())
+    return Pkcs11RecoveryKey.open(
+        ref.module_path, ref.token_label, ref.key_label, ref.cka_id, pin_callback=secret
+    )

@@ -182,6 +182,11 @@ class CommandContext:
 
         return secret
 
+    def prompt_secret(self, prompt: str, missing: str) -> bytes:
+        """A secret typed on the terminal, not echoed (TokenError saying `missing` without a
+        terminal)."""
+        return _prompt(prompt, missing, self.stdin)
+
     def new_passphrase(self) -> bytes:
         """A passphrase for a new file token: --passphrase-file, else asked twice."""
         if self.passphrase_file:

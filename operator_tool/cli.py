@@ -26,6 +26,7 @@ from operator_tool import (
     domain_commands,
     offline,
     proposal_commands,
+    recovery_commands,
     token_commands,
 )
 from operator_tool._context import CommandContext, Handler, read_secret_file, shared_options
@@ -37,6 +38,7 @@ PROG: Final = "hsm-operator"
 # In the order `--help` lists them; a new command group is one more module's table here.
 COMMANDS: Final[tuple[Command | Group, ...]] = (
     *token_commands.COMMANDS,
+    *recovery_commands.COMMANDS,
     *proposal_commands.COMMANDS,
     *approval_commands.COMMANDS,
     *offline.COMMANDS,

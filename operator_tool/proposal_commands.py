@@ -31,6 +31,7 @@ from domain_core.changes import (
     remove_operator,
     rotate_domain_key,
     set_quorum,
+    set_recovery_key,
     set_settings,
 )
 from domain_core.display import escape, printable
@@ -42,12 +43,18 @@ from domain_core.model import (
     SealedState,
     make_operator,
 )
+from domain_core.signers import Signer
 from domain_edge.cli import Command, Group, UsageError
 from domain_edge.enrollment_files import read_enrollment
 from domain_edge.tokens import read_operator_public
 from domain_proto import domain_pb2
 from operator_tool import offline
 from operator_tool._context import CommandContext, Handler
+from operator_tool._recovery_key import (
+    add_recovery_key_options,
+    opened_recovery_key,
+    recovery_key_fields,
+)
 from operator_tool._render import (
     change_lines,
     change_short,
@@ -69,7 +76,7 @@ from operator_tool._where import Connection, add_domain_options, connect
 
 __all__ = ["COMMANDS", "resolve_operator", "submitted_text"]
 
-ChangeBuilder = Callable[[CommandContext, Connection, SealedState], list[domain_pb2.Change]]
+ChangeBuilder = Callable[[CommandContext, Connection, SealedState, Signer], list[domain_pb2.Change]]
 
 
 def submitted_text(r: Review) -> str:
@@ -109,7 +116,6 @@ def _propose(ctx: CommandContext, build: ChangeBuilder) -> int:
                 f"--expires-in {format_duration(expires_in)} is longer than this domain allows "
                 f"({format_duration(settings.max_proposal_lifetime_seconds)})"
             )
-        changes = build(ctx, conn, head)
         with operator_token(ctx) as signer:
             proposer = signer.public_key.key_id
             if proposer not in head.manifest.operators_by_id:
@@ -117,6 +123,7 @@ def _propose(ctx: CommandContext, build: ChangeBuilder) -> int:
                     f"you are not an operator of this domain (operator id {proposer[:16]}... is "
                     f"not in version {head.version})"
                 )
+            changes = build(ctx, conn, head, signer)
             now = int(time.time())
             proposal = Proposal.create(
                 domain_id=head.manifest.domain_id,
@@ -151,7 +158,9 @@ def _propose(ctx: CommandContext, build: ChangeBuilder) -> int:
     return 0
 
 
-def _add_host(ctx: CommandContext, conn: Connection, head: SealedState) -> list[domain_pb2.Change]:
+def _add_host(
+    ctx: CommandContext, conn: Connection, head: SealedState, signer: Signer
+) -> list[domain_pb2.Change]:
     # Verified against the domain CA that the verified head pins (not a local CA file), as
     # every HSA will; `_propose` then shows the host's key fingerprints before signing.
     enrollment = read_enrollment(
@@ -164,13 +173,13 @@ def _add_host(ctx: CommandContext, conn: Connection, head: SealedState) -> list[
 
 
 def _remove_host(
-    ctx: CommandContext, conn: Connection, head: SealedState
+    ctx: CommandContext, conn: Connection, head: SealedState, signer: Signer
 ) -> list[domain_pb2.Change]:
     return [remove_host(ctx.args.host_id)]
 
 
 def _add_operator(
-    ctx: CommandContext, conn: Connection, head: SealedState
+    ctx: CommandContext, conn: Connection, head: SealedState, signer: Signer
 ) -> list[domain_pb2.Change]:
     name, public_key = read_operator_public(Path(ctx.args.public_key))
     return [add_operator(make_operator(ctx.args.name or name, public_key))]
@@ -194,19 +203,43 @@ def resolve_operator(head: SealedState, text: str) -> str:
 
 
 def _remove_operator(
-    ctx: CommandContext, conn: Connection, head: SealedState
+    ctx: CommandContext, conn: Connection, head: SealedState, signer: Signer
 ) -> list[domain_pb2.Change]:
     return [remove_operator(resolve_operator(head, ctx.args.operator))]
 
 
 def _set_quorum(
-    ctx: CommandContext, conn: Connection, head: SealedState
+    ctx: CommandContext, conn: Connection, head: SealedState, signer: Signer
 ) -> list[domain_pb2.Change]:
-    return [set_quorum(ctx.args.threshold, ctx.args.for_type)]
+    if ctx.args.recovery and ctx.args.for_type:
+        raise UsageError("--recovery sets the recovery threshold, which belongs to no --for type")
+    return [set_quorum(ctx.args.threshold, ctx.args.for_type, recovery=ctx.args.recovery)]
+
+
+def _set_recovery_key(
+    ctx: CommandContext, conn: Connection, head: SealedState, signer: Signer
+) -> list[domain_pb2.Change]:
+    # Opened with its secret, so the key enrolled is the one this operator holds.
+    with opened_recovery_key(ctx) as key:
+        algorithm, public_key = key.algorithm, key.public_key
+    fields = recovery_key_fields(algorithm, public_key)
+    ctx.show(
+        f"your recovery key: {fields['algorithm']}, fingerprint {fields['fingerprint']}\n"
+        "your token signs that this key is yours, for this domain only"
+    )
+    confirm(ctx, "Sign the enrollment of this recovery key?")
+    return [
+        set_recovery_key(
+            signer,
+            domain_id=head.manifest.domain_id,
+            algorithm=algorithm,
+            public_key=public_key,
+        )
+    ]
 
 
 def _set_settings(
-    ctx: CommandContext, conn: Connection, head: SealedState
+    ctx: CommandContext, conn: Connection, head: SealedState, signer: Signer
 ) -> list[domain_pb2.Change]:
     args = ctx.args
     values: dict[str, int] = {}
@@ -224,7 +257,9 @@ def _set_settings(
     return [set_settings(base=head.manifest.message.settings, **values)]
 
 
-def _rotate(ctx: CommandContext, conn: Connection, head: SealedState) -> list[domain_pb2.Change]:
+def _rotate(
+    ctx: CommandContext, conn: Connection, head: SealedState, signer: Signer
+) -> list[domain_pb2.Change]:
     return [rotate_domain_key()]
 
 
@@ -378,6 +413,12 @@ def _set_quorum_arguments(parser: argparse.ArgumentParser) -> None:
         choices=sorted(CHANGE_TYPES_BY_NAME),
         help=f"only for this change type ({', '.join(sorted(CHANGE_TYPES_BY_NAME))})",
     )
+    parser.add_argument(
+        "--recovery",
+        action="store_true",
+        help="set the recovery threshold: how many operators' recovery keys rebuild a lost "
+        "domain (0: no recovery packages)",
+    )
 
 
 def _set_settings_arguments(parser: argparse.ArgumentParser) -> None:
@@ -442,10 +483,20 @@ _PROPOSE = Group(
         _proposal(
             "set-quorum",
             _set_quorum,
-            "set the default threshold M, or the threshold of one change type (--for)",
+            "set the default threshold M, the threshold of one change type (--for), or the "
+            "recovery threshold (--recovery)",
             "hsm-operator propose set-quorum 3 --cluster hsm-cluster --token alice.token\n"
-            "hsm-operator propose set-quorum 3 --for add-host --cluster hsm-cluster",
+            "hsm-operator propose set-quorum 3 --for add-host --cluster hsm-cluster\n"
+            "hsm-operator propose set-quorum 2 --recovery --cluster hsm-cluster",
             _set_quorum_arguments,
+        ),
+        _proposal(
+            "set-recovery-key",
+            _set_recovery_key,
+            "enroll your recovery key (your token signs that it is yours)",
+            "hsm-operator propose set-recovery-key --recovery-token alice.recovery "
+            "--cluster hsm-cluster --token alice.token",
+            add_recovery_key_options,
         ),
         _proposal(
             "set-settings",

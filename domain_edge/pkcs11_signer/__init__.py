@@ -23,13 +23,17 @@ Invariants kept here:
 - one session per signer, used under a lock (PKCS#11 sessions are not thread-safe).
 
 The package's modules: `_token` (the module, the token, logging in), `_keys` (key pairs on
-the token), `_signer` (`Pkcs11Signer`) and `_generate` (generating a key pair). This module
-names the public API.
+the token), `_signer` (`Pkcs11Signer`), `_generate` (generating a key pair) and `_recovery`
+(an operator's P-256 recovery key, ECDH on the token). This module names the public API.
 """
 
 from __future__ import annotations
 
 from domain_edge.pkcs11_signer._generate import generate_pkcs11_key
+from domain_edge.pkcs11_signer._recovery import (
+    Pkcs11RecoveryKey,
+    generate_pkcs11_recovery_key,
+)
 from domain_edge.pkcs11_signer._signer import Pkcs11Signer
 from domain_edge.pkcs11_signer._token import (
     CKA_ID_SIZE,
@@ -42,9 +46,11 @@ from domain_edge.pkcs11_signer._token import (
 __all__ = [
     "CKA_ID_SIZE",
     "PinCallback",
+    "Pkcs11RecoveryKey",
     "Pkcs11Signer",
     "format_cka_id",
     "generate_pkcs11_key",
+    "generate_pkcs11_recovery_key",
     "new_cka_id",
     "token_mechanisms",
 ]

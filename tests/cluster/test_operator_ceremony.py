@@ -10,17 +10,13 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import subprocess
-import sys
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 from support.cluster import LocalCluster
+from support.operators import HSM_OPERATOR, Operators
 from support.simulator import forge_unchained_state, new_host
 
 from domain_core import quorum
@@ -32,7 +28,6 @@ from operator_tool.offline import export_document
 
 pytestmark = pytest.mark.cluster
 
-HSM_OPERATOR = Path(sys.executable).parent / "hsm-operator"
 DAVE_PIN = "2468"
 SO_PIN = "13572468"
 
@@ -52,66 +47,6 @@ STATUS_FIELDS = {
     "domain_id", "version", "state_hash", "created_at", "verified_from", "hosts",
     "other_registered_hsas", "operators", "quorum", "settings", "key_generation", "coordinator",
 }  # fmt: skip
-
-
-@dataclass
-class Operators:
-    """Runs `hsm-operator` against one cluster, as its operators would."""
-
-    cluster: LocalCluster
-    workdir: Path
-    env: dict[str, str] = field(default_factory=dict)
-
-    def run(
-        self, *args: str, env: Mapping[str, str] | None = None, cluster: bool = True
-    ) -> subprocess.CompletedProcess[str]:
-        base = {
-            k: v
-            for k, v in os.environ.items()
-            if not k.startswith(("HSM_TOKEN", "HSM_PKCS11", "HSM_CLUSTER", "HSM_COORDINATOR"))
-        }
-        if cluster:
-            base["HSM_CLUSTER"] = str(self.cluster.directory)
-        return subprocess.run(
-            [str(HSM_OPERATOR), *args],
-            env={**base, **self.env, **(env or {})},
-            cwd=self.workdir,
-            stdin=subprocess.DEVNULL,  # no terminal: nothing may be prompted for
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-
-    def ok(self, *args: str, **kwargs: Any) -> str:
-        result = self.run(*args, **kwargs)
-        assert result.returncode == 0, f"{args}: {result.stderr}"
-        return result.stdout
-
-    def json(self, *args: str, **kwargs: Any) -> dict[str, Any]:
-        document: dict[str, Any] = json.loads(self.ok(*args, "--json", **kwargs))
-        return document
-
-    def refused(self, *args: str, status: int = 1, **kwargs: Any) -> str:
-        """Run a command that must fail with `status`; return its one-line cause."""
-        result = self.run(*args, **kwargs)
-        assert result.returncode == status, (result.returncode, result.stdout, result.stderr)
-        lines = result.stderr.strip().splitlines()
-        assert lines, result
-        if status == 1:
-            assert len(lines) == 1, lines
-            assert lines[0].startswith("hsm-operator: error: ")
-        return lines[-1]
-
-    def token(self, name: str) -> tuple[str, ...]:
-        token, passphrase = self.cluster.layout.operator_tokens[name]
-        return ("--token", str(token), "--passphrase-file", str(passphrase))
-
-    def propose(self, name: str, *args: str) -> dict[str, Any]:
-        return self.json("propose", *args, *self.token(name), "--yes")
-
-    def status(self) -> dict[str, Any]:
-        return self.json("domain", "status")
 
 
 @pytest.fixture
@@ -136,22 +71,7 @@ def test_ceremony_with_file_tokens_and_a_softhsm2_token(
     ops: Operators, softhsm2_util_bin: str, softhsm2_module: str, tmp_path: Path
 ) -> None:
     # dave's hardware token: SoftHSM2 in a private token directory.
-    tokens = tmp_path / "softhsm" / "tokens"
-    tokens.mkdir(parents=True)
-    conf = tmp_path / "softhsm" / "softhsm2.conf"
-    conf.write_text(
-        f"directories.tokendir = {tokens}\nobjectstore.backend = file\nlog.level = ERROR\n"
-    )
-    ops.env["SOFTHSM2_CONF"] = str(conf)
-    subprocess.run(
-        [softhsm2_util_bin, "--init-token", "--free", "--label", "dave",
-         "--so-pin", SO_PIN, "--pin", DAVE_PIN],
-        env={**os.environ, "SOFTHSM2_CONF": str(conf)}, check=True, capture_output=True,
-        timeout=60,
-    )  # fmt: skip
-    pin = ops.workdir / "dave.pin"
-    pin.write_text(DAVE_PIN + "\n")
-    pin.chmod(0o600)
+    pin = ops.softhsm_token(softhsm2_util_bin, tmp_path / "softhsm", "dave", DAVE_PIN, SO_PIN)
     created = ops.json(
         "token", "init", "--pkcs11", "--module", softhsm2_module, "--token-label", "dave",
         "--key-label", "operator", "--algorithm", "ecdsa-p256", "--pin-file", str(pin),

@@ -26,13 +26,22 @@ from domain_core import quorum
 from domain_core.errors import (
     AlreadyExistsError,
     BadSignatureError,
+    InvalidCiphertextError,
+    InvalidInputError,
     TokenError,
     TokenNotFoundError,
     WrongPassphraseError,
 )
-from domain_core.model import Proposal, make_operator
-from domain_core.signers import PublicKey, SignatureAlgorithm
-from domain_edge.pkcs11_signer import Pkcs11Signer, generate_pkcs11_key, new_cka_id
+from domain_core.model import Manifest, Proposal, make_operator
+from domain_core.recovery import build_package, open_operator_share, open_package
+from domain_core.signers import InMemorySigner, PublicKey, SignatureAlgorithm
+from domain_edge.pkcs11_signer import (
+    Pkcs11RecoveryKey,
+    Pkcs11Signer,
+    generate_pkcs11_key,
+    generate_pkcs11_recovery_key,
+    new_cka_id,
+)
 from domain_edge.tokens import MODULE_ENV, Pkcs11TokenRef, open_token
 from domain_proto import domain_pb2
 
@@ -367,3 +376,116 @@ def test_generation_refuses_an_id_in_use(softhsm: SoftHsm) -> None:
 def test_generation_with_a_wrong_pin(softhsm: SoftHsm) -> None:
     with pytest.raises(WrongPassphraseError):
         generate_pkcs11_key(softhsm.module, TOKEN_LABEL, "0000", "k", SignatureAlgorithm.ED25519)
+
+
+# --- recovery keys (issue 16): P-256 ECDH on the token ---------------------------------------
+
+
+def _recovery_key(hsm: SoftHsm, label: str) -> tuple[bytes, bytes]:
+    cka_id = new_cka_id()
+    spki = generate_pkcs11_recovery_key(hsm.module, hsm.token_label, hsm.pin, label, cka_id=cka_id)
+    return spki, cka_id
+
+
+def test_a_recovery_key_agrees_on_the_token_and_never_leaves_it(softhsm: SoftHsm) -> None:
+    spki, cka_id = _recovery_key(softhsm, "recovery-1")
+    public = serialization.load_der_public_key(spki)
+    assert isinstance(public, ec.EllipticCurvePublicKey)
+    assert public.curve.name == "secp256r1"
+    session = _raw_session(softhsm)
+    try:
+        (private,) = session.get_objects(
+            {Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.ID: cka_id}
+        )
+        assert private[Attribute.SENSITIVE]
+        assert not private[Attribute.EXTRACTABLE]
+        assert private[Attribute.DERIVE]
+        assert not private[Attribute.SIGN]
+    finally:
+        session.close()
+    ephemeral = ec.generate_private_key(ec.SECP256R1())
+    point = ephemeral.public_key().public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+    )
+    with Pkcs11RecoveryKey.open(
+        softhsm.module, softhsm.token_label, cka_id=cka_id, pin_callback=softhsm.pin_callback
+    ) as key:
+        assert key.public_key == spki
+        assert key.agree(point) == ephemeral.exchange(ec.ECDH(), public)
+        with pytest.raises(InvalidInputError, match="65-byte uncompressed point"):
+            key.agree(point[:33])
+        with pytest.raises(InvalidInputError, match="not a point on P-256"):
+            key.agree(b"\x04" + b"\x01" * 64)
+    session = _raw_session(softhsm)
+    try:  # the derived secrets were session objects, destroyed after reading
+        assert not list(session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY}))
+    finally:
+        session.close()
+
+
+def test_a_share_sealed_to_a_token_key_opens_only_on_that_token(softhsm: SoftHsm) -> None:
+    spki, cka_id = _recovery_key(softhsm, "recovery-2")
+    others = []
+    operators = []
+    for name in ("tok", "a", "b"):
+        operator = make_operator(
+            name, InMemorySigner.generate(SignatureAlgorithm.ED25519).public_key
+        )
+        if name == "tok":
+            key = domain_pb2.RecoveryKey(
+                algorithm=domain_pb2.RECOVERY_ALGORITHM_P256, public_key=spki
+            )
+        else:
+            private = ec.generate_private_key(ec.SECP256R1())
+            others.append(private)
+            key = domain_pb2.RecoveryKey(
+                algorithm=domain_pb2.RECOVERY_ALGORITHM_P256,
+                public_key=private.public_key().public_bytes(
+                    serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+                ),
+            )
+        operator.recovery_key.CopyFrom(key)
+        operators.append(operator)
+    manifest = Manifest.from_message(
+        domain_pb2.Manifest(
+            domain_id="local",
+            version=4,
+            previous_state_hash=b"\x07" * 32,
+            operators=operators,
+            quorum=domain_pb2.QuorumPolicy(threshold=2, recovery_threshold=2),
+            settings=domain_pb2.DomainSettings(key_generations_retained=7),
+            key_generations=[domain_pb2.KeyGeneration(generation=1)],
+            created_at=1_800_000_000,
+        )
+    )
+    keys = {1: os.urandom(32)}
+    package = build_package(manifest, keys)
+    assert package is not None
+    tok_id, other_id = operators[0].operator_id, operators[1].operator_id
+    with Pkcs11RecoveryKey.open(
+        softhsm.module, softhsm.token_label, cka_id=cka_id, pin_callback=softhsm.pin_callback
+    ) as key:
+        mine = open_operator_share(manifest, package, tok_id, key.agree)
+        with pytest.raises(InvalidCiphertextError):  # another operator's share, this token
+            open_operator_share(manifest, package, other_id, key.agree)
+
+    def other_agree(ephemeral: bytes) -> bytes:
+        peer = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), ephemeral)
+        return others[0].exchange(ec.ECDH(), peer)
+
+    theirs = open_operator_share(manifest, package, other_id, other_agree)
+    assert open_package(manifest, package, [mine, theirs]) == keys
+
+
+def test_signing_and_recovery_keys_do_not_stand_in_for_each_other(softhsm: SoftHsm) -> None:
+    _, signing_id = softhsm.generate(SignatureAlgorithm.ECDSA_P256, "sign-not-recovery")
+    _, recovery_id = _recovery_key(softhsm, "recovery-not-sign")
+    with pytest.raises(TokenError, match="not allowed to derive"):
+        Pkcs11RecoveryKey.open(
+            softhsm.module,
+            softhsm.token_label,
+            cka_id=signing_id,
+            pin_callback=softhsm.pin_callback,
+        )
+    with pytest.raises(TokenError, match="not allowed to sign"):
+        softhsm.open(None, recovery_id)
