@@ -5,7 +5,8 @@ only if:
 - its domain id is the pinned one and its version is exactly N+1 (lower: rollback; equal
   with another hash: fork; higher: gap, fetch the missing states first);
 - its previous hash is the hash of N;
-- it is signed by a host trusted in N;
+- it is signed by a host trusted in N, or, for a recover state, by the session host its
+  quorum-approved proposal names;
 - it carries a proposal with a quorum of N's operators and is exactly the manifest that the
   proposal produces from N, or it carries no proposal and is exactly a scheduled rotation of N
   that was due;
@@ -26,6 +27,7 @@ from domain_core.errors import (
     ForkError,
     FutureStateError,
     GenesisMismatchError,
+    MalformedMessageError,
     RollbackError,
     TransitionMismatchError,
     UnknownSignerError,
@@ -33,6 +35,7 @@ from domain_core.errors import (
 )
 from domain_core.limits import DEFAULT_LIMITS
 from domain_core.model import SealedState
+from domain_core.producing import recover_change
 from domain_core.quorum import QuorumResult
 from domain_core.recovery import check_package
 from domain_core.sealing import state_signing_message
@@ -72,6 +75,16 @@ def _check_producer(state: SealedState, trusted_in: SealedState | None) -> None:
         ) from None
 
 
+def _check_evidence(state: SealedState) -> None:
+    """The recovery package the policy asks for, and approvals without recovery shares."""
+    check_package(state.manifest, state.secrets)
+    if any(a.HasField("recovery_contribution") for a in state.approvals):
+        raise MalformedMessageError(
+            f"state version {state.version} keeps a recovery share in an approval: the session "
+            "host drops them before it seals the state"
+        )
+
+
 def verify_genesis(state: SealedState, domain_id: str, genesis_hash: bytes) -> QuorumResult:
     """Verify a genesis state against the pinned domain id and hash."""
     if state.manifest.domain_id != domain_id:
@@ -87,7 +100,7 @@ def verify_genesis(state: SealedState, domain_id: str, genesis_hash: bytes) -> Q
     if state.proposal is None:
         raise GenesisMismatchError("the genesis state carries no genesis proposal")
     _check_producer(state, None)
-    check_package(state.manifest, state.secrets)
+    _check_evidence(state)
     expected, result = genesis_manifest(
         state.proposal, state.approvals, now=state.manifest.created_at
     )
@@ -130,8 +143,16 @@ def verify_successor(
             f"state version {state.version} does not follow the verified state "
             f"{head.version}: its previous hash differs (a fork)"
         )
-    _check_producer(state, head)
-    check_package(state.manifest, state.secrets)
+    recover = recover_change(state.proposal) if state.proposal is not None else None
+    # A recover state is produced by its session host, a host of that state only: the
+    # operators' quorum over the proposal that names it is what it is trusted by.
+    _check_producer(state, head if recover is None else None)
+    if recover is not None and state.message.producer_host_id != recover.session_host_id:
+        raise UnknownSignerError(
+            f"state version {state.version} recovers the domain, so its producer is the "
+            f"session host {recover.session_host_id}, not {state.message.producer_host_id}"
+        )
+    _check_evidence(state)
     now = state.manifest.created_at
     prior = StateHead(head.manifest, head.hash)
     result: QuorumResult | None

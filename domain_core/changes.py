@@ -7,6 +7,7 @@ a reachable quorum, ...) is decided by `transition` when the proposal is checked
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import cast
 
 from domain_core.errors import InvalidInputError
@@ -33,6 +34,7 @@ _RECOVERY_ALGORITHMS = {
 __all__ = [
     "add_host",
     "add_operator",
+    "recover",
     "remove_host",
     "remove_operator",
     "rotate_domain_key",
@@ -155,6 +157,20 @@ def set_recovery_key(
     return domain_pb2.Change(
         set_recovery_key=domain_pb2.SetRecoveryKey(
             operator_id=operator_id, recovery_key=key, signature=signature
+        )
+    )
+
+
+def recover(
+    enrollments: Sequence[bytes], *, session_host_id: str, session_public_key: bytes
+) -> domain_pb2.Change:
+    """Recover a lost domain: add these new hosts (their serialized enrollments); the session
+    host among them rebuilds the domain keys from the shares sealed to `session_public_key`."""
+    return domain_pb2.Change(
+        recover=domain_pb2.Recover(
+            enrollments=list(enrollments),
+            session_host_id=session_host_id,
+            session_public_key=session_public_key,
         )
     )
 

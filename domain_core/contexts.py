@@ -52,6 +52,7 @@ class PayloadType(StrEnum):
     RECOVERY_SHARE = "recovery-share"
     RECOVERY_SECRETS = "recovery-secrets"
     RECOVERY_KEY_ENROLLMENT = "recovery-key-enrollment"
+    RECOVERY_CONTRIBUTION = "recovery-contribution"
 
 
 # --- key tokens (domain_core.keytokens) ----------------------------------------------------

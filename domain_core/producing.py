@@ -9,6 +9,10 @@ change would strand: `hsa_node.producer`):
    generations kept, new ones created, dropped ones gone) to the manifest's hosts and signs
    the state as the producing host (`sealing.seal_state`).
 
+A recover proposal is produced in one step by its session host, which holds no domain key of
+its own: `seal_recovery` rebuilds the keys from the operators' contributions
+(`recovery.rebuild_keys`, checked against the chain) and seals the state.
+
 Pure: no I/O, no gRPC, no threads; the clock is passed in.
 
 Invariants:
@@ -23,10 +27,10 @@ Invariants:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from domain_core import sealing
+from domain_core import crypto, recovery, sealing
 from domain_core.errors import FailedPreconditionError
 from domain_core.limits import DEFAULT_LIMITS, Limits
 from domain_core.model import Proposal, SealedState
@@ -41,7 +45,14 @@ from domain_core.transition import (
 )
 from domain_proto import domain_pb2
 
-__all__ = ["Successor", "for_proposal", "for_scheduled_rotation", "seal"]
+__all__ = [
+    "Successor",
+    "for_proposal",
+    "for_scheduled_rotation",
+    "recover_change",
+    "seal",
+    "seal_recovery",
+]
 
 
 @dataclass(frozen=True)
@@ -123,4 +134,65 @@ def seal(
         producer=producer,
         proposal=successor.proposal,
         approvals=successor.approvals,
+    )
+
+
+def recover_change(proposal: Proposal) -> domain_pb2.Recover | None:
+    """The recover change of a proposal, if it is a recovery (one is alone in its proposal)."""
+    for change in proposal.changes:
+        if change.HasField("recover"):
+            return change.recover
+    return None
+
+
+def seal_recovery(
+    states: Sequence[SealedState],
+    proposal: Proposal,
+    approvals: Sequence[domain_pb2.Approval],
+    *,
+    producer_host_id: str,
+    producer: Signer,
+    session_public_key: bytes,
+    agree: Callable[[bytes], bytes],
+    now: int,
+    limits: Limits = DEFAULT_LIMITS,
+) -> SealedState:
+    """The state a quorum-approved recover proposal makes of the newest of `states` (the
+    verified chain), sealed by its session host `producer_host_id` with the domain keys
+    rebuilt from the contributions of the approvals that count; the approvals it keeps carry
+    no share."""
+    recover = recover_change(proposal)
+    if recover is None:
+        raise FailedPreconditionError("this proposal recovers nothing")
+    head = states[-1]
+    manifest, quorum = next_manifest(
+        StateHead(head.manifest, head.hash), proposal, approvals, now=now, limits=limits
+    )
+    if recover.session_host_id != producer_host_id:
+        raise FailedPreconditionError(
+            f"the session host of this recovery is {recover.session_host_id}, not "
+            f"{producer_host_id}: only it holds the session key"
+        )
+    if not crypto.constant_time_equal(recover.session_public_key, session_public_key):
+        raise FailedPreconditionError(
+            f"{producer_host_id} holds another recovery session key than this proposal names: "
+            "the session was opened again or abandoned; contribute to the current one"
+        )
+    counted = [a for a in approvals if a.operator_id in quorum.approved_by]
+    keys = recovery.rebuild_keys(
+        states, proposal.id, counted, session_public_key=session_public_key, agree=agree
+    )
+    kept = [
+        domain_pb2.Approval(
+            proposal_id=a.proposal_id, operator_id=a.operator_id, signature=a.signature
+        )
+        for a in counted
+    ]
+    return sealing.seal_state(
+        manifest,
+        keys,
+        producer_host_id=producer_host_id,
+        producer=producer,
+        proposal=proposal,
+        approvals=kept,
     )

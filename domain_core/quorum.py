@@ -181,6 +181,16 @@ def required_threshold(
     and in the policy the proposal produces.
     """
     types = {change_type_of(c) for c in changes}
+    if domain_pb2.CHANGE_TYPE_RECOVER in types:
+        top, labels = _highest(_thresholds(policy))
+        recovery = policy.recovery_threshold
+        if recovery > top:
+            top, labels = recovery, "recovery"
+        return RequiredThreshold(
+            top,
+            f"{top}: the highest threshold in the policy ({labels}) and at least the recovery "
+            "threshold, because recover lets new hosts hold the domain keys",
+        )
     governance = types & GOVERNANCE_CHANGE_TYPES
     if governance:
         now_top, now_labels = _highest(_thresholds(policy))

@@ -26,15 +26,17 @@ from google.protobuf.message import DecodeError
 from domain_core import canonical, crypto
 from domain_core.contexts import PayloadType
 from domain_core.errors import (
+    FailedPreconditionError,
     InvalidInputError,
     InvalidKeyTokenError,
     MalformedMessageError,
 )
-from domain_core.model import Manifest
+from domain_core.model import Manifest, SealedState
 from domain_core.recovery_shares import (
     KEY_BYTES,
     RecoveryAlgorithm,
     SealedShare,
+    ShareDoesNotOpenError,
     algorithm_of,
     combine_shares,
     open_share,
@@ -46,11 +48,16 @@ from domain_proto import domain_pb2
 __all__ = [
     "build_package",
     "check_package",
+    "contribution_context",
+    "open_contribution",
     "open_operator_share",
     "open_package",
+    "rebuild_keys",
     "recipients",
+    "seal_contribution",
     "sealed_share",
     "share_context",
+    "verify_keys_against_chain",
 ]
 
 
@@ -237,4 +244,141 @@ def open_package(
         or any(len(k) != KEY_BYTES for k in keys.values())
     ):
         raise InvalidKeyTokenError()
+    return keys
+
+
+# --- the recovery ceremony: shares sealed to a session key, keys checked against the chain ---
+
+
+def contribution_context(domain_id: str, proposal_id: bytes, operator_id: str) -> bytes:
+    """What one operator's contribution to a recover proposal is bound to."""
+    return canonical.digest(
+        PayloadType.RECOVERY_CONTRIBUTION,
+        domain_id.encode(),
+        proposal_id,
+        operator_id.encode(),
+    )
+
+
+def seal_contribution(
+    session_public_key: bytes, share: str, *, domain_id: str, proposal_id: bytes, operator_id: str
+) -> domain_pb2.RecoveryContribution:
+    """`share` (SLIP-39 words) sealed to a recovery session's X25519 key for this proposal and
+    operator: only the session host opens it, and only for them."""
+    sealed = seal_share(
+        RecoveryAlgorithm.X25519,
+        session_public_key,
+        share,
+        contribution_context(domain_id, proposal_id, operator_id),
+    )
+    return domain_pb2.RecoveryContribution(
+        ephemeral_public_key=sealed.ephemeral_public_key,
+        nonce=sealed.nonce,
+        ciphertext=sealed.ciphertext,
+    )
+
+
+def open_contribution(
+    contribution: domain_pb2.RecoveryContribution,
+    session_public_key: bytes,
+    agree: Callable[[bytes], bytes],
+    *,
+    domain_id: str,
+    proposal_id: bytes,
+    operator_id: str,
+) -> str:
+    """The share in a contribution, given the ECDH with the session's private key;
+    ShareDoesNotOpenError when it was sealed for another session, proposal or operator, or
+    changed."""
+    return open_share(
+        RecoveryAlgorithm.X25519,
+        session_public_key,
+        SealedShare(contribution.ephemeral_public_key, contribution.nonce, contribution.ciphertext),
+        contribution_context(domain_id, proposal_id, operator_id),
+        agree,
+    )
+
+
+def verify_keys_against_chain(states: Sequence[SealedState], keys: Mapping[int, bytes]) -> None:
+    """Rebuilt domain keys are the chain's own: for each generation, the newest state whose
+    current generation it is must open under it (AES-GCM over the manifest hash) to exactly
+    these keys of the generations it lists. InvalidKeyTokenError (no detail: no oracle about
+    which key) when one does not; FailedPreconditionError when a generation has no state."""
+    newest: dict[int, SealedState] = {}
+    for state in states:
+        newest[state.manifest.current_generation] = state
+    for generation, key in keys.items():
+        sealed_under = newest.get(generation)
+        if sealed_under is None:
+            raise FailedPreconditionError(
+                f"no state of the chain is sealed under domain key generation {generation}"
+            )
+        plaintext = crypto.aes_gcm_open(
+            key,
+            sealed_under.secrets.ciphertext,
+            sealed_under.manifest.hash,
+            sealed_under.secrets.nonce,
+        )
+        secrets = domain_pb2.DomainSecrets()
+        try:
+            secrets.ParseFromString(plaintext)
+        except DecodeError:
+            raise InvalidKeyTokenError() from None
+        for sealed in secrets.keys:
+            expected = keys.get(sealed.generation)
+            if expected is not None and not crypto.constant_time_equal(expected, sealed.key):
+                raise InvalidKeyTokenError()
+
+
+def rebuild_keys(
+    states: Sequence[SealedState],
+    proposal_id: bytes,
+    approvals: Sequence[domain_pb2.Approval],
+    *,
+    session_public_key: bytes,
+    agree: Callable[[bytes], bytes],
+) -> dict[int, bytes]:
+    """The domain keys of the newest of `states` (the verified chain, oldest first), rebuilt
+    from the shares the approvals of recover proposal `proposal_id` carry, and checked against
+    every state of the chain (`verify_keys_against_chain`).
+
+    ShareDoesNotOpenError names the operator whose contribution does not open (sealed for
+    another session, proposal or operator, or changed); FailedPreconditionError when fewer
+    than the threshold carry one; InvalidInputError when the shares do not combine.
+    """
+    head = states[-1]
+    manifest = head.manifest
+    if not head.secrets.HasField("recovery"):
+        raise FailedPreconditionError(
+            f"state version {head.version} carries no recovery package: it cannot be recovered"
+        )
+    package = head.secrets.recovery
+    shares = []
+    for approval in approvals:
+        if not approval.HasField("recovery_contribution"):
+            continue
+        try:
+            shares.append(
+                open_contribution(
+                    approval.recovery_contribution,
+                    session_public_key,
+                    agree,
+                    domain_id=manifest.domain_id,
+                    proposal_id=proposal_id,
+                    operator_id=approval.operator_id,
+                )
+            )
+        except ShareDoesNotOpenError:
+            raise ShareDoesNotOpenError(
+                f"the recovery share of operator {approval.operator_id[:16]} does not open with "
+                "this session's key: it was sealed for another session, proposal or operator, "
+                "or changed on its way; they contribute again"
+            ) from None
+    if len(shares) < package.threshold:
+        raise FailedPreconditionError(
+            f"{len(shares)} recovery shares were contributed and {package.threshold} are needed; "
+            "nothing is learned from fewer"
+        )
+    keys = open_package(manifest, package, shares)
+    verify_keys_against_chain(states, keys)
     return keys

@@ -61,6 +61,7 @@ from domain_core.model import (
     change_type_of,
     default_settings,
     operator_public_key,
+    recovered_hosts,
     recovery_key_of,
 )
 from domain_core.pki import check_domain_ca
@@ -186,6 +187,20 @@ def _set_recovery_key(manifest: domain_pb2.Manifest, change: domain_pb2.SetRecov
     operator.recovery_key.CopyFrom(recovery_key_of(change))
 
 
+def _recover(manifest: domain_pb2.Manifest, proposal: Proposal, change: domain_pb2.Change) -> None:
+    """Add the new hosts of a recovery; the lost ones stay until a remove-host moves their
+    key records (the domain keys are the ones the session host rebuilt: no rotation here)."""
+    if len(proposal.changes) != 1:
+        raise ProposalError("a recover change is alone in its proposal")
+    if manifest.quorum.recovery_threshold == 0:
+        raise ProposalError(
+            f"version {manifest.version} of domain {manifest.domain_id} carries no recovery "
+            "package (its recovery threshold is 0): it cannot be recovered from this state"
+        )
+    for host in recovered_hosts(change, manifest.domain_id):
+        _add_host(manifest, host)
+
+
 def _add_generation(manifest: domain_pb2.Manifest, now: int) -> None:
     """Append a new domain key generation; keep only the newest `retained` generations."""
     newest = manifest.key_generations[-1].generation if manifest.key_generations else 0
@@ -292,6 +307,9 @@ def apply_changes(
             rotate = True
         elif kind == domain_pb2.CHANGE_TYPE_SET_RECOVERY_KEY:
             _set_recovery_key(manifest, change.set_recovery_key)
+        elif kind == domain_pb2.CHANGE_TYPE_RECOVER:
+            _recover(manifest, proposal, change)
+            enrollments.extend(change.recover.enrollments)
     _check_invariants(manifest, removed_operators, limits)
     for enrollment in enrollments:
         verify_enrollment(

@@ -25,6 +25,7 @@ class ChangeType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CHANGE_TYPE_SET_SETTINGS: _ClassVar[ChangeType]
     CHANGE_TYPE_ROTATE_DOMAIN_KEY: _ClassVar[ChangeType]
     CHANGE_TYPE_SET_RECOVERY_KEY: _ClassVar[ChangeType]
+    CHANGE_TYPE_RECOVER: _ClassVar[ChangeType]
 
 class RecoveryAlgorithm(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -43,6 +44,7 @@ CHANGE_TYPE_SET_QUORUM: ChangeType
 CHANGE_TYPE_SET_SETTINGS: ChangeType
 CHANGE_TYPE_ROTATE_DOMAIN_KEY: ChangeType
 CHANGE_TYPE_SET_RECOVERY_KEY: ChangeType
+CHANGE_TYPE_RECOVER: ChangeType
 RECOVERY_ALGORITHM_UNSPECIFIED: RecoveryAlgorithm
 RECOVERY_ALGORITHM_X25519: RecoveryAlgorithm
 RECOVERY_ALGORITHM_P256: RecoveryAlgorithm
@@ -199,8 +201,18 @@ class SetRecoveryKey(_message.Message):
     signature: bytes
     def __init__(self, operator_id: _Optional[str] = ..., recovery_key: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
+class Recover(_message.Message):
+    __slots__ = ("enrollments", "session_host_id", "session_public_key")
+    ENROLLMENTS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    enrollments: _containers.RepeatedScalarFieldContainer[bytes]
+    session_host_id: str
+    session_public_key: bytes
+    def __init__(self, enrollments: _Optional[_Iterable[bytes]] = ..., session_host_id: _Optional[str] = ..., session_public_key: _Optional[bytes] = ...) -> None: ...
+
 class Change(_message.Message):
-    __slots__ = ("add_host", "remove_host", "add_operator", "remove_operator", "set_quorum", "set_settings", "rotate_domain_key", "set_recovery_key")
+    __slots__ = ("add_host", "remove_host", "add_operator", "remove_operator", "set_quorum", "set_settings", "rotate_domain_key", "set_recovery_key", "recover")
     ADD_HOST_FIELD_NUMBER: _ClassVar[int]
     REMOVE_HOST_FIELD_NUMBER: _ClassVar[int]
     ADD_OPERATOR_FIELD_NUMBER: _ClassVar[int]
@@ -209,6 +221,7 @@ class Change(_message.Message):
     SET_SETTINGS_FIELD_NUMBER: _ClassVar[int]
     ROTATE_DOMAIN_KEY_FIELD_NUMBER: _ClassVar[int]
     SET_RECOVERY_KEY_FIELD_NUMBER: _ClassVar[int]
+    RECOVER_FIELD_NUMBER: _ClassVar[int]
     add_host: AddHost
     remove_host: RemoveHost
     add_operator: AddOperator
@@ -217,7 +230,8 @@ class Change(_message.Message):
     set_settings: SetSettings
     rotate_domain_key: RotateDomainKey
     set_recovery_key: SetRecoveryKey
-    def __init__(self, add_host: _Optional[_Union[AddHost, _Mapping]] = ..., remove_host: _Optional[_Union[RemoveHost, _Mapping]] = ..., add_operator: _Optional[_Union[AddOperator, _Mapping]] = ..., remove_operator: _Optional[_Union[RemoveOperator, _Mapping]] = ..., set_quorum: _Optional[_Union[SetQuorum, _Mapping]] = ..., set_settings: _Optional[_Union[SetSettings, _Mapping]] = ..., rotate_domain_key: _Optional[_Union[RotateDomainKey, _Mapping]] = ..., set_recovery_key: _Optional[_Union[SetRecoveryKey, _Mapping]] = ...) -> None: ...
+    recover: Recover
+    def __init__(self, add_host: _Optional[_Union[AddHost, _Mapping]] = ..., remove_host: _Optional[_Union[RemoveHost, _Mapping]] = ..., add_operator: _Optional[_Union[AddOperator, _Mapping]] = ..., remove_operator: _Optional[_Union[RemoveOperator, _Mapping]] = ..., set_quorum: _Optional[_Union[SetQuorum, _Mapping]] = ..., set_settings: _Optional[_Union[SetSettings, _Mapping]] = ..., rotate_domain_key: _Optional[_Union[RotateDomainKey, _Mapping]] = ..., set_recovery_key: _Optional[_Union[SetRecoveryKey, _Mapping]] = ..., recover: _Optional[_Union[Recover, _Mapping]] = ...) -> None: ...
 
 class Proposal(_message.Message):
     __slots__ = ("domain_id", "base_version", "base_state_hash", "changes", "proposer_id", "created_at", "expires_at", "reason", "nonce")
@@ -242,14 +256,40 @@ class Proposal(_message.Message):
     def __init__(self, domain_id: _Optional[str] = ..., base_version: _Optional[int] = ..., base_state_hash: _Optional[bytes] = ..., changes: _Optional[_Iterable[_Union[Change, _Mapping]]] = ..., proposer_id: _Optional[str] = ..., created_at: _Optional[int] = ..., expires_at: _Optional[int] = ..., reason: _Optional[str] = ..., nonce: _Optional[bytes] = ...) -> None: ...
 
 class Approval(_message.Message):
-    __slots__ = ("proposal_id", "operator_id", "signature")
+    __slots__ = ("proposal_id", "operator_id", "signature", "recovery_contribution")
     PROPOSAL_ID_FIELD_NUMBER: _ClassVar[int]
     OPERATOR_ID_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    RECOVERY_CONTRIBUTION_FIELD_NUMBER: _ClassVar[int]
     proposal_id: bytes
     operator_id: str
     signature: bytes
-    def __init__(self, proposal_id: _Optional[bytes] = ..., operator_id: _Optional[str] = ..., signature: _Optional[bytes] = ...) -> None: ...
+    recovery_contribution: RecoveryContribution
+    def __init__(self, proposal_id: _Optional[bytes] = ..., operator_id: _Optional[str] = ..., signature: _Optional[bytes] = ..., recovery_contribution: _Optional[_Union[RecoveryContribution, _Mapping]] = ...) -> None: ...
+
+class RecoveryContribution(_message.Message):
+    __slots__ = ("ephemeral_public_key", "nonce", "ciphertext")
+    EPHEMERAL_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    CIPHERTEXT_FIELD_NUMBER: _ClassVar[int]
+    ephemeral_public_key: bytes
+    nonce: bytes
+    ciphertext: bytes
+    def __init__(self, ephemeral_public_key: _Optional[bytes] = ..., nonce: _Optional[bytes] = ..., ciphertext: _Optional[bytes] = ...) -> None: ...
+
+class RecoverySession(_message.Message):
+    __slots__ = ("domain_id", "base_version", "base_state_hash", "recover", "created_at")
+    DOMAIN_ID_FIELD_NUMBER: _ClassVar[int]
+    BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    BASE_STATE_HASH_FIELD_NUMBER: _ClassVar[int]
+    RECOVER_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    domain_id: str
+    base_version: int
+    base_state_hash: bytes
+    recover: Recover
+    created_at: int
+    def __init__(self, domain_id: _Optional[str] = ..., base_version: _Optional[int] = ..., base_state_hash: _Optional[bytes] = ..., recover: _Optional[_Union[Recover, _Mapping]] = ..., created_at: _Optional[int] = ...) -> None: ...
 
 class CancelVote(_message.Message):
     __slots__ = ("proposal_id", "operator_id", "signature")

@@ -27,6 +27,7 @@ _M = TypeVar(
 _E = TypeVar("_E", domain_pb2.HostEnrollment, domain_pb2.Host, domain_pb2.RecoveryKey)
 
 # `\Z`, not `$`: `$` also matches before a trailing newline, which would let "hsa-1\n" pass.
+RECOVERY_SESSION_KEY_BYTES = 32  # X25519
 HOST_ID_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
 DOMAIN_ID_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?\Z")
 OPERATOR_ID_PATTERN = re.compile(r"^[0-9a-f]{64}\Z")
@@ -45,6 +46,7 @@ CHANGE_TYPE_NAMES: dict[int, str] = {
     domain_pb2.CHANGE_TYPE_SET_SETTINGS: "set-settings",
     domain_pb2.CHANGE_TYPE_ROTATE_DOMAIN_KEY: "rotate-domain-key",
     domain_pb2.CHANGE_TYPE_SET_RECOVERY_KEY: "set-recovery-key",
+    domain_pb2.CHANGE_TYPE_RECOVER: "recover",
 }
 CHANGE_TYPES_BY_NAME: dict[str, int] = {name: value for value, name in CHANGE_TYPE_NAMES.items()}
 
@@ -57,6 +59,7 @@ _ONEOF_TO_TYPE: dict[str, int] = {
     "set_settings": domain_pb2.CHANGE_TYPE_SET_SETTINGS,
     "rotate_domain_key": domain_pb2.CHANGE_TYPE_ROTATE_DOMAIN_KEY,
     "set_recovery_key": domain_pb2.CHANGE_TYPE_SET_RECOVERY_KEY,
+    "recover": domain_pb2.CHANGE_TYPE_RECOVER,
 }
 
 _ALGORITHMS: dict[domain_pb2.SignatureAlgorithm, SignatureAlgorithm] = {
@@ -233,6 +236,11 @@ def added_host(change: domain_pb2.Change, domain_id: str) -> domain_pb2.Host:
     return parse_enrollment(change.add_host.enrollment, domain_id)[1]
 
 
+def recovered_hosts(change: domain_pb2.Change, domain_id: str) -> list[domain_pb2.Host]:
+    """The host records a recover change adds (from its enrollments, structurally checked)."""
+    return [parse_enrollment(raw, domain_id)[1] for raw in change.recover.enrollments]
+
+
 def operator_public_key(operator: domain_pb2.Operator) -> PublicKey:
     """The verified public key of an operator record."""
     algorithm = _ALGORITHMS.get(operator.algorithm)
@@ -354,3 +362,19 @@ def _validate_change(change: domain_pb2.Change, domain_id: str, limits: Limits) 
         )
     elif kind == domain_pb2.CHANGE_TYPE_SET_SETTINGS:
         _require(change.set_settings.HasField("settings"), "set-settings carries no settings")
+    elif kind == domain_pb2.CHANGE_TYPE_RECOVER:
+        recover = change.recover
+        _require(
+            0 < len(recover.enrollments) <= limits.max_hosts,
+            f"recover names 1 to {limits.max_hosts} new hosts",
+        )
+        ids = [h.host_id for h in recovered_hosts(change, domain_id)]
+        _require(len(set(ids)) == len(ids), "recover names a new host twice")
+        _require(
+            recover.session_host_id in ids,
+            "recover's session host must be one of the new hosts it names",
+        )
+        _require(
+            len(recover.session_public_key) == RECOVERY_SESSION_KEY_BYTES,
+            f"recover's session key is a raw X25519 key of {RECOVERY_SESSION_KEY_BYTES} bytes",
+        )

@@ -45,6 +45,7 @@ def test_payload_type_values_are_wire_format() -> None:
         "RECOVERY_SHARE": "recovery-share",
         "RECOVERY_SECRETS": "recovery-secrets",
         "RECOVERY_KEY_ENROLLMENT": "recovery-key-enrollment",
+        "RECOVERY_CONTRIBUTION": "recovery-contribution",
     }
 
 

@@ -42,6 +42,7 @@ GOLDEN_PAYLOAD_TYPES = {
     "RECOVERY_SHARE": "recovery-share",
     "RECOVERY_SECRETS": "recovery-secrets",
     "RECOVERY_KEY_ENROLLMENT": "recovery-key-enrollment",
+    "RECOVERY_CONTRIBUTION": "recovery-contribution",
 }
 
 

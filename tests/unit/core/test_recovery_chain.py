@@ -18,15 +18,25 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import x25519
 from support.simulator import SimulatedDomain
 
-from domain_core import changes, sealing
+from domain_core import changes, producing, quorum, sealing, transition
 from domain_core.errors import (
+    DuplicateHostError,
     FailedPreconditionError,
     InvalidInputError,
+    InvalidKeyTokenError,
     MalformedMessageError,
+    ProposalError,
+    QuorumNotMetError,
+    UnknownSignerError,
 )
-from domain_core.model import SealedState, state_hash
-from domain_core.recovery import open_operator_share, open_package
-from domain_core.recovery_shares import RecoveryAlgorithm, x25519_agreement
+from domain_core.model import Proposal, SealedState, state_hash
+from domain_core.recovery import (
+    open_operator_share,
+    open_package,
+    seal_contribution,
+    verify_keys_against_chain,
+)
+from domain_core.recovery_shares import RecoveryAlgorithm, ShareDoesNotOpenError, x25519_agreement
 from domain_proto import domain_pb2
 
 pytestmark = pytest.mark.unit
@@ -165,3 +175,196 @@ def test_lowering_the_recovery_threshold_to_zero_stops_the_packages() -> None:
     sim.transition([changes.set_quorum(0, recovery=True)])
     assert not sim.head.secrets.HasField("recovery")
     sim.chain()
+
+
+# --- the recover transition: new hosts, keys rebuilt by the session host ---------------------
+
+
+def _session() -> tuple[bytes, Callable[[bytes], bytes]]:
+    private = x25519.X25519PrivateKey.generate()
+    raw = private.private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    )
+    public = private.public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    )
+    return public, x25519_agreement(raw)
+
+
+def _recover_proposal(sim: SimulatedDomain, session_public: bytes) -> Proposal:
+    new = [sim.new_host("hsa-7"), sim.new_host("hsa-8")]
+    change = changes.recover(
+        [h.enrollment for h in new], session_host_id="hsa-7", session_public_key=session_public
+    )
+    return sim.propose([change])
+
+
+def _contributing(
+    sim: SimulatedDomain,
+    agreements: dict[str, Callable[[bytes], bytes]],
+    proposal: Proposal,
+    session_public: bytes,
+    indexes: list[int],
+    *,
+    base: SealedState | None = None,
+) -> list[domain_pb2.Approval]:
+    """Approvals by these operators, each with their share sealed to the session key."""
+    base = base or sim.head
+    approvals = []
+    for index in indexes:
+        operator_id = sim.operators[index].operator_id
+        share = open_operator_share(
+            base.manifest, base.secrets.recovery, operator_id, agreements[operator_id]
+        )
+        approval = quorum.approve(proposal, sim.operators[index].signer)
+        approval.recovery_contribution.CopyFrom(
+            seal_contribution(
+                session_public,
+                share,
+                domain_id=sim.domain_id,
+                proposal_id=proposal.id,
+                operator_id=operator_id,
+            )
+        )
+        approvals.append(approval)
+    return approvals
+
+
+def _seal_recovery(
+    sim: SimulatedDomain,
+    proposal: Proposal,
+    approvals: list[domain_pb2.Approval],
+    session: tuple[bytes, Callable[[bytes], bytes]],
+    producer: str = "hsa-7",
+) -> SealedState:
+    return producing.seal_recovery(
+        sim.states,
+        proposal,
+        approvals,
+        producer_host_id=producer,
+        producer=sim.hosts[producer].signer,
+        session_public_key=session[0],
+        agree=session[1],
+        now=sim.now,
+    )
+
+
+def test_the_session_host_rebuilds_the_keys_and_the_new_hosts_hold_them() -> None:
+    sim, agreements = _recovery_domain()
+    sim.rotate(now=sim.advance(10**8))  # two generations to rebuild
+    session = _session()
+    proposal = _recover_proposal(sim, session[0])
+    approvals = _contributing(sim, agreements, proposal, session[0], [0, 2])
+    before = sim.keys_at(sim.head, "hsa-1")
+    state = _seal_recovery(sim, proposal, approvals, session)
+    sim.chain().update(state)  # every verifier accepts it
+    assert [h.host_id for h in state.manifest.message.hosts] == [
+        "hsa-1", "hsa-2", "hsa-3", "hsa-7", "hsa-8",
+    ]  # fmt: skip
+    assert state.message.producer_host_id == "hsa-7"
+    for host in ("hsa-7", "hsa-8"):
+        assert sim.keys_at(state, host) == before
+    assert not any(a.HasField("recovery_contribution") for a in state.approvals)
+    assert state.secrets.HasField("recovery")  # a fresh package for the recovered state
+
+
+def test_fewer_contributions_than_the_recovery_threshold_rebuild_nothing() -> None:
+    sim, agreements = _recovery_domain()
+    sim.transition([changes.set_quorum(1)])  # the default threshold alone would be met
+    session = _session()
+    proposal = _recover_proposal(sim, session[0])
+    one = _contributing(sim, agreements, proposal, session[0], [0])
+    with pytest.raises(QuorumNotMetError):
+        _seal_recovery(sim, proposal, one, session)
+    # Two approvals, one share: the quorum is met but the shares are not.
+    plain = quorum.approve(proposal, sim.operators[1].signer)
+    with pytest.raises(FailedPreconditionError, match="1 recovery shares were contributed"):
+        _seal_recovery(sim, proposal, [*one, plain], session)
+
+
+def test_a_share_sealed_for_another_session_or_operator_is_refused_by_name() -> None:
+    sim, agreements = _recovery_domain()
+    session, other = _session(), _session()
+    proposal = _recover_proposal(sim, session[0])
+    approvals = _contributing(sim, agreements, proposal, session[0], [0, 1])
+    replayed = _contributing(sim, agreements, proposal, other[0], [1])  # an older session's
+    approvals[1].recovery_contribution.CopyFrom(replayed[0].recovery_contribution)
+    with pytest.raises(ShareDoesNotOpenError, match=sim.operators[1].operator_id[:16]):
+        _seal_recovery(sim, proposal, approvals, session)
+    moved = _contributing(sim, agreements, proposal, session[0], [0, 1])
+    moved[0].recovery_contribution.CopyFrom(moved[1].recovery_contribution)  # bob's as alice's
+    with pytest.raises(ShareDoesNotOpenError, match=sim.operators[0].operator_id[:16]):
+        _seal_recovery(sim, proposal, moved, session)
+
+
+def test_only_the_session_host_with_the_named_key_produces_a_recovery() -> None:
+    sim, agreements = _recovery_domain()
+    session = _session()
+    proposal = _recover_proposal(sim, session[0])
+    approvals = _contributing(sim, agreements, proposal, session[0], [0, 1])
+    with pytest.raises(FailedPreconditionError, match="session host of this recovery is hsa-7"):
+        _seal_recovery(sim, proposal, approvals, session, producer="hsa-8")
+    with pytest.raises(FailedPreconditionError, match="another recovery session key"):
+        _seal_recovery(sim, proposal, approvals, _session())
+    # A state another host signs for it (a new host, or an old one still trusted) is refused.
+    honest = _seal_recovery(sim, proposal, approvals, session)
+    for signer in ("hsa-8", "hsa-1"):
+        forged = _resigned_by(sim, honest, signer)
+        with pytest.raises(UnknownSignerError, match="session host hsa-7"):
+            sim.chain().update(forged)
+    # The honest state with a contribution put back into one of its approvals.
+    message = domain_pb2.SealedState()
+    message.CopyFrom(honest.message)
+    message.approvals[0].recovery_contribution.CopyFrom(approvals[0].recovery_contribution)
+    with pytest.raises(MalformedMessageError, match="keeps a recovery share"):
+        sim.chain().update(SealedState.from_message(message))
+
+
+def test_recover_needs_a_recovery_policy_and_stands_alone() -> None:
+    sim = SimulatedDomain.create()
+    session = _session()
+    proposal = _recover_proposal(sim, session[0])
+    with pytest.raises(ProposalError, match="recovery threshold is 0"):
+        transition.apply_changes(sim.head.manifest.message, proposal, now=sim.now)
+    sim, _ = _recovery_domain()
+    change = changes.recover(
+        [sim.new_host("hsa-7").enrollment], session_host_id="hsa-7", session_public_key=session[0]
+    )
+    mixed = sim.propose([change, changes.rotate_domain_key()])
+    with pytest.raises(ProposalError, match="alone in its proposal"):
+        transition.apply_changes(sim.head.manifest.message, mixed, now=sim.now)
+    taken = changes.recover(
+        [sim.hosts["hsa-1"].enrollment], session_host_id="hsa-1", session_public_key=session[0]
+    )
+    with pytest.raises(DuplicateHostError):
+        transition.apply_changes(sim.head.manifest.message, sim.propose([taken]), now=sim.now)
+
+
+def test_recover_needs_the_highest_threshold_and_at_least_the_recovery_one() -> None:
+    sim, _ = _recovery_domain()
+    proposal = _recover_proposal(sim, _session()[0])
+    assert quorum.required(sim.head.manifest, proposal).threshold == 2
+    sim.transition([changes.set_quorum(3, "add-host")])
+    proposal = _recover_proposal(sim, _session()[0])
+    need = quorum.required(sim.head.manifest, proposal)
+    assert need.threshold == 3
+    assert "at least the recovery threshold" in need.reason
+
+
+def test_rebuilt_keys_that_do_not_open_the_chain_are_refused() -> None:
+    sim, _ = _recovery_domain()
+    keys = sim.keys_at(sim.head, "hsa-1")
+    verify_keys_against_chain(sim.states, keys)
+    wrong = {g: bytes(32) for g in keys}
+    with pytest.raises(InvalidKeyTokenError):
+        verify_keys_against_chain(sim.states, wrong)
+
+
+def _resigned_by(sim: SimulatedDomain, state: SealedState, host_id: str) -> SealedState:
+    message = domain_pb2.SealedState()
+    message.CopyFrom(state.message)
+    message.producer_host_id = host_id
+    message.producer_signature = sim.hosts[host_id].signer.sign(
+        sealing.state_signing_message(state.hash)
+    )
+    return SealedState.from_message(message)
