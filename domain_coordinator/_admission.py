@@ -7,10 +7,10 @@ built). Invariants:
 - HSA-only methods need an `hsa` certificate of this domain (only the mutual-TLS port carries
   one) whose SHA-256 fingerprint is the one the head lists for that host: key records for
   hosts of the head only (`HostAccess.MEMBER`); `RegisterHsa` and `WatchStates` also for a
-  host that a pending add-host proposal at the head names with that very fingerprint
-  (`HostAccess.MEMBER_OR_JOINING`). Nobody else, a removed host or a CA-issued certificate
-  for another name or with another key included, gets anything but PERMISSION_DENIED naming
-  the caller and why (logged at WARNING, throttled);
+  host that a pending add-host or recover proposal at the head names with that very
+  fingerprint (`HostAccess.MEMBER_OR_JOINING`). Nobody else, a removed host or a CA-issued
+  certificate for another name or with another key included, gets anything but
+  PERMISSION_DENIED naming the caller and why (logged at WARNING, throttled);
 - every other call by anyone who is not such an HSA (the operator port, other identities on
   the mutual-TLS port; refused HSA-only calls too) is charged to a token bucket of its client
   address (`_quota.AddressQuota`): RESOURCE_EXHAUSTED "retry in N s" when it is empty, held
@@ -41,7 +41,7 @@ from domain_coordinator.store import CoordinatorStore, ProposalRecord
 from domain_core import crypto
 from domain_core.errors import HsmDomainError, PermissionDeniedError, ResourceExhaustedError
 from domain_core.limits import MAX_PROPOSAL_PAGE, Limits
-from domain_core.model import Proposal, SealedState, added_host
+from domain_core.model import Proposal, SealedState, added_host, recovered_hosts
 from domain_core.pki import PeerIdentity, peer_identity
 from domain_edge.throttled_log import ThrottledLog
 from domain_proto import services_pb2
@@ -189,7 +189,12 @@ class PendingAdditions:
                 continue
             for change in proposal.changes:
                 if change.HasField("add_host"):
-                    added = added_host(change, proposal.domain_id)
+                    joining = [added_host(change, proposal.domain_id)]
+                elif change.HasField("recover"):
+                    joining = recovered_hosts(change, proposal.domain_id)
+                else:
+                    continue
+                for added in joining:
                     found.setdefault(added.host_id, []).append(
                         _Addition(bytes(added.tls_certificate_fingerprint), proposal.id)
                     )

@@ -35,6 +35,7 @@ from domain_core import transition
 from domain_core.errors import ConflictError
 from domain_core.limits import Limits
 from domain_core.model import SealedState
+from domain_core.recovery import recover_change
 from domain_edge.faults import unsafe_crash_point
 from domain_edge.throttled_log import ThrottledLog
 
@@ -96,6 +97,7 @@ class Applier:
         # A host that the proposal removes must not produce the state that removes it.
         removed = {c.remove_host.host_id for c in proposal.changes if c.HasField("remove_host")}
         key = proposal.id.hex()
+        recover = recover_change(proposal)
         outcome = self.producer.produce(
             head,
             "apply",
@@ -105,6 +107,7 @@ class Applier:
             expect_proposal=proposal.id,
             exclude=removed,
             prefer=self.deferrals.preferred(key),
+            session_host=recover.session_host_id if recover is not None else "",
         )
         if outcome.state is not None:
             self.deferrals.forget(key)

@@ -4,7 +4,8 @@ Invariants:
 - only registered hosts of the head are asked (a removed host left in the registry cannot
   veto a change by refusing it), never one the change removes, in random order (the one that
   deferred the change first); each is asked only if it answers that it is that host, serving,
-  a member, and at the head;
+  a member, and at the head; a recovery is asked of its session host alone (the one host
+  holding the session key), which need only be at the head;
 - a returned state is used only if it verifies as the successor of the head
   (`verify_successor`) and carries the expected proposal (none for a rotation); one that
   does not is logged at ERROR and the next HSA is asked;
@@ -126,21 +127,31 @@ class StateProducer:
         expect_proposal: bytes | None,
         exclude: frozenset[str] | set[str] = frozenset(),
         prefer: str = "",
+        session_host: str = "",
     ) -> Outcome:
         """Ask registered hosts of `head` (but `exclude`), in random order (`prefer` first),
-        for its successor (`call(address, host_id)`)."""
+        for its successor (`call(address, host_id)`); for a recovery, its `session_host`
+        alone (a new host: it need not serve, only be at the head)."""
         members = head.manifest.hosts_by_id
         hsas = [
-            h for h in self.store.list_hsas() if h.host_id in members and h.host_id not in exclude
+            h
+            for h in self.store.list_hsas()
+            if (h.host_id == session_host if session_host else h.host_id in members)
+            and h.host_id not in exclude
         ]
         if not hsas:
+            if session_host:
+                return Outcome(
+                    reason=f"the session host {session_host} of this recovery has not "
+                    "registered with this coordinator (is it running?)"
+                )
             return Outcome(reason="no HSA has registered with this coordinator")
         random.shuffle(hsas)
         hsas.sort(key=lambda h: h.host_id != prefer)
         reasons: list[str] = []
         deferred_by = ""
         for hsa in hsas:
-            reason = self._not_ready(hsa, head)
+            reason = self._not_ready(hsa, head, serving=not session_host)
             if reason:
                 reasons.append(reason)
                 continue
@@ -163,15 +174,16 @@ class StateProducer:
             return Outcome(state=state)
         return Outcome(reason="; ".join(reasons)[:1000], deferred_by=deferred_by)
 
-    def _not_ready(self, hsa: HsaRecord, head: SealedState) -> str:
-        """Why this HSA cannot be asked to produce the head's successor; "" if it can."""
+    def _not_ready(self, hsa: HsaRecord, head: SealedState, *, serving: bool = True) -> str:
+        """Why this HSA cannot be asked to produce the head's successor; "" if it can (with
+        `serving` False, a recovery's session host: at the head is enough)."""
         try:
             status = self.hsas.get_status(hsa.address, host_id=hsa.host_id)
         except grpc.RpcError as error:
             return f"{hsa.host_id} is unreachable ({describe_rpc_error(error)})"
         if status.host_id != hsa.host_id:
             return f"{hsa.address} now serves {status.host_id[:63]!r}"
-        if not (status.healthy and status.member):
+        if serving and not (status.healthy and status.member):
             return f"{hsa.host_id} is not serving ({status.detail[:200]})"
         if status.version != head.version or status.state_hash != head.hash:
             return f"{hsa.host_id} is at version {status.version}, not {head.version}"

@@ -44,6 +44,7 @@ from domain_core.errors import (
 )
 from domain_core.limits import Limits
 from domain_core.model import Manifest, Proposal, SealedState
+from domain_core.recovery import check_contribution
 from domain_edge.faults import unsafe_crash_point
 from domain_proto import domain_pb2, services_pb2
 
@@ -65,6 +66,9 @@ def _verified_approval(view: CheckedProposal, head: SealedState, operator_id: st
     """The name of the current operator whose approval `view` counts, if its signature
     verified in the count under `head`; UnknownSignerError or BadSignatureError if not."""
     name = operator_name(head.manifest, operator_id)
+    for approval in view.approvals:
+        if approval.operator_id == operator_id:
+            check_contribution(view.proposal, approval)
     if operator_id not in view.approvals_under(head).approved_by:
         raise BadSignatureError(
             f"the approval's signature does not verify under the key of operator {name}: "

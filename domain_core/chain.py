@@ -35,9 +35,8 @@ from domain_core.errors import (
 )
 from domain_core.limits import DEFAULT_LIMITS
 from domain_core.model import SealedState
-from domain_core.producing import recover_change
 from domain_core.quorum import QuorumResult
-from domain_core.recovery import check_package
+from domain_core.recovery import check_package, recover_change
 from domain_core.sealing import state_signing_message
 from domain_core.transition import (
     StateHead,

@@ -175,6 +175,9 @@ MAX_LISTED_PROPOSALS: Final = 1000
 # --- what a proposal, a key and an envelope may set -----------------------------------------
 # An enrollment (a host record, a certificate and two signatures: about 1 KiB).
 MAX_ENROLLMENT_BYTES: Final = 8 * 1024
+# A recovery share sealed to a recovery session in an approval: a 32-byte key's SLIP-39 words
+# (33 words) and the GCM tag fit well within it.
+MAX_RECOVERY_CONTRIBUTION_BYTES: Final = 1024
 # The domain key rotation interval a proposal may set.
 MIN_ROTATION_INTERVAL_SECONDS: Final = 60
 # Domain key generations kept; a rotation must keep the generation key records are sealed

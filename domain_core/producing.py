@@ -49,7 +49,6 @@ __all__ = [
     "Successor",
     "for_proposal",
     "for_scheduled_rotation",
-    "recover_change",
     "seal",
     "seal_recovery",
 ]
@@ -137,14 +136,6 @@ def seal(
     )
 
 
-def recover_change(proposal: Proposal) -> domain_pb2.Recover | None:
-    """The recover change of a proposal, if it is a recovery (one is alone in its proposal)."""
-    for change in proposal.changes:
-        if change.HasField("recover"):
-            return change.recover
-    return None
-
-
 def seal_recovery(
     states: Sequence[SealedState],
     proposal: Proposal,
@@ -161,7 +152,7 @@ def seal_recovery(
     verified chain), sealed by its session host `producer_host_id` with the domain keys
     rebuilt from the contributions of the approvals that count; the approvals it keeps carry
     no share."""
-    recover = recover_change(proposal)
+    recover = recovery.recover_change(proposal)
     if recover is None:
         raise FailedPreconditionError("this proposal recovers nothing")
     head = states[-1]

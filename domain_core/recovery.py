@@ -31,7 +31,8 @@ from domain_core.errors import (
     InvalidKeyTokenError,
     MalformedMessageError,
 )
-from domain_core.model import Manifest, SealedState
+from domain_core.limits import MAX_RECOVERY_CONTRIBUTION_BYTES
+from domain_core.model import Manifest, Proposal, SealedState
 from domain_core.recovery_shares import (
     KEY_BYTES,
     RecoveryAlgorithm,
@@ -47,6 +48,7 @@ from domain_proto import domain_pb2
 
 __all__ = [
     "build_package",
+    "check_contribution",
     "check_package",
     "contribution_context",
     "open_contribution",
@@ -54,6 +56,7 @@ __all__ = [
     "open_package",
     "rebuild_keys",
     "recipients",
+    "recover_change",
     "seal_contribution",
     "sealed_share",
     "share_context",
@@ -248,6 +251,38 @@ def open_package(
 
 
 # --- the recovery ceremony: shares sealed to a session key, keys checked against the chain ---
+
+
+def recover_change(proposal: Proposal) -> domain_pb2.Recover | None:
+    """The recover change of a proposal, if it is a recovery (one is alone in its proposal)."""
+    for change in proposal.changes:
+        if change.HasField("recover"):
+            return change.recover
+    return None
+
+
+def check_contribution(proposal: Proposal, approval: domain_pb2.Approval) -> None:
+    """An approval carries a recovery share only for a recover proposal, and one of a
+    well-formed size (InvalidInputError saying which)."""
+    if not approval.HasField("recovery_contribution"):
+        return
+    if recover_change(proposal) is None:
+        raise InvalidInputError(
+            "this approval carries a recovery share, but the proposal recovers nothing: "
+            "approve it without one"
+        )
+    contribution = approval.recovery_contribution
+    if (
+        len(contribution.ephemeral_public_key) != 32
+        or len(contribution.nonce) != crypto.GCM_NONCE_BYTES
+        or not crypto.GCM_TAG_BYTES
+        < len(contribution.ciphertext)
+        <= MAX_RECOVERY_CONTRIBUTION_BYTES
+    ):
+        raise InvalidInputError(
+            "the recovery share in this approval is malformed (an X25519 ephemeral key, a "
+            f"12-byte nonce and at most {MAX_RECOVERY_CONTRIBUTION_BYTES} bytes of ciphertext)"
+        )
 
 
 def contribution_context(domain_id: str, proposal_id: bytes, operator_id: str) -> bytes:

@@ -47,6 +47,7 @@ __all__ = [
     "seal_share",
     "split_key",
     "x25519_agreement",
+    "x25519_public_key",
 ]
 
 KEY_BYTES: Final = 32
@@ -256,3 +257,12 @@ def x25519_agreement(private_key: bytes) -> Callable[[bytes], bytes]:
         return key.exchange(x25519.X25519PublicKey.from_public_bytes(ephemeral))
 
     return agree
+
+
+def x25519_public_key(private_key: bytes) -> bytes:
+    """The raw public key of a raw X25519 private key."""
+    return (
+        x25519.X25519PrivateKey.from_private_bytes(private_key)
+        .public_key()
+        .public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    )

@@ -24,7 +24,7 @@ from typing import Final
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, x25519
 
 from domain_core.errors import MalformedMessageError, TokenError, TokenNotFoundError
 from domain_core.identity import HostIdentity
@@ -36,11 +36,15 @@ from domain_edge.files import fsync_directory, read_limited, read_secret_file, r
 __all__ = [
     "AGREEMENT_KEY_FILE",
     "HOST_FILE",
+    "RECOVERY_SESSION_KEY_FILE",
     "SIGNING_KEY_FILE",
     "TLS_CERTIFICATE_FILE",
     "TLS_KEY_FILE",
     "load_host_certificate",
     "load_host_identity",
+    "load_recovery_session_key",
+    "new_recovery_session_key",
+    "remove_recovery_session_key",
     "save_host_certificate",
     "save_host_identity",
 ]
@@ -50,6 +54,9 @@ SIGNING_KEY_FILE: Final = "signing.key"
 AGREEMENT_KEY_FILE: Final = "agreement.key"
 TLS_KEY_FILE: Final = "tls.key"
 TLS_CERTIFICATE_FILE: Final = "tls.crt"
+# The X25519 key of a recovery session this host runs (docs/disaster-recovery.md): made when
+# the session opens, removed once the host holds the recovered domain keys.
+RECOVERY_SESSION_KEY_FILE: Final = "recovery-session.key"
 _SECRET_FILES: Final = (SIGNING_KEY_FILE, AGREEMENT_KEY_FILE, TLS_KEY_FILE)
 _HOST_FORMAT: Final = "hsm-domain-host-identity"
 _HOST_VERSION: Final = 1
@@ -201,3 +208,45 @@ def _certificate_for_key(identity: HostIdentity, cert_pem: bytes) -> x509.Certif
     if cert.public_key() != identity.tls_public_key:
         return None
     return cert
+
+
+def new_recovery_session_key(directory: Path) -> bytes:
+    """Make a fresh recovery session key in `directory` (0600, replacing an older session's:
+    shares sealed to that one no longer open); its raw X25519 public key."""
+    private = x25519.X25519PrivateKey.generate()
+    raw = private.private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    )
+    replace_file(Path(directory) / RECOVERY_SESSION_KEY_FILE, base64.b64encode(raw) + b"\n", 0o600)
+    fsync_directory(Path(directory))
+    return private.public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    )
+
+
+def load_recovery_session_key(directory: Path) -> bytes | None:
+    """The raw X25519 private key of this host's recovery session, or None when it runs none
+    (TokenError if the file is malformed or readable by others)."""
+    path = Path(directory) / RECOVERY_SESSION_KEY_FILE
+    try:
+        text = read_secret_file(path, MAX_HOST_IDENTITY_FILE_BYTES)
+    except TokenNotFoundError:
+        return None
+    try:
+        raw = base64.b64decode(text.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raw = b""
+    if len(raw) != _X25519_KEY_SIZE:
+        raise TokenError(f"{path} holds no 32-byte X25519 key")
+    return raw
+
+
+def remove_recovery_session_key(directory: Path) -> bool:
+    """End this host's recovery session: remove its key; whether there was one."""
+    path = Path(directory) / RECOVERY_SESSION_KEY_FILE
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    fsync_directory(Path(directory))
+    return True

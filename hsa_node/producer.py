@@ -10,6 +10,10 @@
    `hsa_node.preparation`); until none is left, TransitionDeferredError (UNAVAILABLE) and the
    coordinator retries;
 4. the successor is sealed and signed as this host (`producing.seal`) and returned.
+A recover proposal is produced only by its session host, a new host with no domain key yet:
+it rebuilds the keys from the shares the approvals carry, sealed to the session key it keeps
+in its identity directory (`producing.seal_recovery`); once it holds the recovered keys as a
+member, the session key is removed (`end_recovery_session`).
 
 Invariants: a produced state is never installed here (a state is installed only through
 `InstallState` or the sync paths, all via `DomainNode.offer`); no state that removes hosts or
@@ -24,19 +28,34 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Protocol
 
 from domain_core import producing
-from domain_core.errors import HsmDomainError, LimitExceededError, TransitionDeferredError
+from domain_core.errors import (
+    FailedPreconditionError,
+    HsmDomainError,
+    LimitExceededError,
+    TransitionDeferredError,
+)
 from domain_core.keylifecycle import TransitionTarget
 from domain_core.limits import DEFAULT_LIMITS, Limits
 from domain_core.model import Proposal, SealedState
+from domain_core.recovery import recover_change
+from domain_core.recovery_shares import x25519_agreement, x25519_public_key
 from domain_edge.faults import unsafe_crash_point
+from domain_edge.identity_files import load_recovery_session_key, remove_recovery_session_key
 from domain_edge.throttled_log import ThrottledLog
 from domain_proto import domain_pb2
 from hsa_node.node import DomainNode
 
-__all__ = ["CatchUp", "KeyRecordPreparer", "StateProducer", "try_catch_up"]
+__all__ = [
+    "CatchUp",
+    "KeyRecordPreparer",
+    "StateProducer",
+    "end_recovery_session",
+    "try_catch_up",
+]
 
 # These lines keep the logger name they have always had (they were the servicer's).
 log = logging.getLogger("hsa_node.servicers")
@@ -52,6 +71,17 @@ class KeyRecordPreparer(Protocol):
         """Return once no stored record is stranded by `change` (a proposal id in hex, or
         "rotation") to state `version`; raise TransitionDeferredError while some are."""
         ...
+
+
+def end_recovery_session(node: DomainNode, session_dir: Path) -> None:
+    """Remove this host's recovery session key once it serves as a member (it holds the
+    recovered domain keys: the shares sealed to the session must not open any more)."""
+
+    def on_serving(serving: bool) -> None:
+        if serving and remove_recovery_session_key(session_dir):
+            log.info("recovery done: removed the recovery session key of %s", node.host_id)
+
+    node.add_listener(on_serving)
 
 
 def try_catch_up(catch_up: CatchUp, reason: str) -> None:
@@ -77,9 +107,12 @@ class StateProducer:
         key_records: KeyRecordPreparer | None = None,
         limits: Limits = DEFAULT_LIMITS,
         clock: Callable[[], float] = time.time,
+        session_dir: Path | None = None,
     ) -> None:
-        """`key_records` None: this HSA has no coordinator, hence no stored key records."""
+        """`key_records` None: this HSA has no coordinator, hence no stored key records;
+        `session_dir`: where a recovery session's key would be (the identity directory)."""
         self._node = node
+        self._session_dir = session_dir
         self._catch_up = catch_up
         self._key_records = key_records
         self._limits = limits
@@ -108,6 +141,8 @@ class StateProducer:
         proposal = Proposal.from_bytes(proposal_bytes, self._limits)
         if proposal.base_version > self._node.version:
             try_catch_up(self._catch_up, f"proposal for version {proposal.base_version}")
+        if recover_change(proposal) is not None:
+            return self._for_recovery(proposal, approvals)
         snapshot = self._node.signing_snapshot()
         successor = producing.for_proposal(
             snapshot.head,
@@ -128,6 +163,41 @@ class StateProducer:
             successor.describe(),
         )
         unsafe_crash_point("hsa_apply_after_seal")
+        return sealed
+
+    def _for_recovery(
+        self, proposal: Proposal, approvals: Sequence[domain_pb2.Approval]
+    ) -> SealedState:
+        """Rebuild the domain keys from the approvals' shares and seal the recover state, as
+        this session host (see the module)."""
+        private = (
+            load_recovery_session_key(self._session_dir) if self._session_dir is not None else None
+        )
+        if private is None:
+            raise FailedPreconditionError(
+                f"{self._node.host_id} runs no recovery session (its session key is gone: the "
+                "recovery is done, or it was abandoned); open a new one with `hsm-domain recover`"
+            )
+        agree = x25519_agreement(private)
+        session_public = x25519_public_key(private)
+        sealed = producing.seal_recovery(
+            self._node.states_after(0, self._node.version),
+            proposal,
+            approvals,
+            producer_host_id=self._node.host_id,
+            producer=self._node.identity.signer,
+            session_public_key=session_public,
+            agree=agree,
+            now=int(self._clock()),
+            limits=self._limits,
+        )
+        log.info(
+            "rebuilt the domain keys from %d recovery shares and sealed the recover state "
+            "version %d for proposal %s; not installed",
+            sum(1 for a in approvals if a.HasField("recovery_contribution")),
+            sealed.version,
+            proposal.id.hex()[:16],
+        )
         return sealed
 
     def scheduled_rotation(self) -> SealedState:

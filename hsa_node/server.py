@@ -309,7 +309,12 @@ class HsaServer:
         pin = CoordinatorPin.from_config(loaded.config)
         (log.info if pin.fingerprints else log.warning)("%s", pin.describe())
         admin = HsaAdminServicer(
-            node, catch_up, self._limits, coordinator=pin, key_records=keys.maintainer
+            node,
+            catch_up,
+            self._limits,
+            coordinator=pin,
+            key_records=keys.maintainer,
+            session_dir=config.path(config.identity_dir),
         )
         peer = HsaPeerServicer(node, self._limits, peering, audit_heads=audit_heads)
 

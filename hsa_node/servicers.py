@@ -31,6 +31,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 
@@ -49,7 +50,13 @@ from domain_proto import domain_pb2, services_pb2, services_pb2_grpc
 from hsa_node.audit_heads import AuditHeadBook
 from hsa_node.node import DomainNode
 from hsa_node.peering import Peering
-from hsa_node.producer import CatchUp, KeyRecordPreparer, StateProducer, try_catch_up
+from hsa_node.producer import (
+    CatchUp,
+    KeyRecordPreparer,
+    StateProducer,
+    end_recovery_session,
+    try_catch_up,
+)
 
 __all__ = [
     "CoordinatorPin",
@@ -162,15 +169,24 @@ class HsaAdminServicer(services_pb2_grpc.HsaAdminServicer):
         *,
         coordinator: CoordinatorPin,
         key_records: KeyRecordPreparer | None = None,
+        session_dir: Path | None = None,
     ) -> None:
-        """`key_records` None: this HSA has no coordinator, hence no stored key records."""
+        """`key_records` None: this HSA has no coordinator, hence no stored key records;
+        `session_dir`: where this host keeps a recovery session's key (its identity dir)."""
         self._node = node
         self._catch_up = catch_up
         self._limits = limits
         self._pin = coordinator
         self._producer = StateProducer(
-            node, catch_up, key_records=key_records, limits=limits, clock=clock
+            node,
+            catch_up,
+            key_records=key_records,
+            limits=limits,
+            clock=clock,
+            session_dir=session_dir,
         )
+        if session_dir is not None:
+            end_recovery_session(node, session_dir)
         warn_if_enabled(log)
 
     def _coordinator(self, context: grpc.ServicerContext) -> PeerIdentity:

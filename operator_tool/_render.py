@@ -28,7 +28,7 @@ from domain_core.model import (
     recovery_key_of,
 )
 from domain_proto import domain_pb2
-from operator_tool._enrollment import added_host_id, host_key_json, host_key_lines
+from operator_tool._enrollment import added_host_id, added_host_ids, host_key_json, host_key_lines
 
 __all__ = [
     "HostRow",
@@ -510,6 +510,16 @@ def _one_change(change: domain_pb2.Change, names: Mapping[str, str]) -> tuple[st
         )
     if kind == domain_pb2.CHANGE_TYPE_ROTATE_DOMAIN_KEY:
         return name, "rotate-domain-key now", ""
+    if kind == domain_pb2.CHANGE_TYPE_RECOVER:
+        recover = change.recover
+        session = hashlib.sha256(recover.session_public_key).hexdigest()
+        return (
+            name,
+            f"recover the domain onto new hosts {', '.join(added_host_ids(change))} "
+            f"(session host {recover.session_host_id})",
+            f"session key fingerprint {fingerprint(session)} (compare it with what "
+            "`hsm-domain recover` printed); approving with --recovery-token gives your share",
+        )
     return name, f"{name} (a change this tool does not know: do not approve it)", ""
 
 
@@ -557,6 +567,8 @@ def _short(change: domain_pb2.Change, names: Mapping[str, str]) -> str:
     if kind == domain_pb2.CHANGE_TYPE_SET_RECOVERY_KEY:
         operator_id = change.set_recovery_key.operator_id
         return f"{name} {names.get(operator_id) or operator_id[:SHORT_HEX]}"
+    if kind == domain_pb2.CHANGE_TYPE_RECOVER:
+        return f"{name} {', '.join(added_host_ids(change))}"
     if kind == domain_pb2.CHANGE_TYPE_SET_QUORUM:
         quorum = change.set_quorum
         if quorum.recovery:
