@@ -178,6 +178,8 @@ MAX_ENROLLMENT_BYTES: Final = 8 * 1024
 # A recovery share sealed to a recovery session in an approval: a 32-byte key's SLIP-39 words
 # (33 words) and the GCM tag fit well within it.
 MAX_RECOVERY_CONTRIBUTION_BYTES: Final = 1024
+# A recovery session file: enrollments of at most a domain's hosts (8 KiB each) and a little.
+MAX_RECOVERY_SESSION_FILE_BYTES: Final = 1024 * 1024
 # The domain key rotation interval a proposal may set.
 MIN_ROTATION_INTERVAL_SECONDS: Final = 60
 # Domain key generations kept; a rotation must keep the generation key records are sealed

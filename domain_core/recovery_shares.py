@@ -26,6 +26,7 @@ from typing import Final
 import shamir_mnemonic
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, x25519
+from shamir_mnemonic.share import Share
 
 from domain_core import canonical, crypto
 from domain_core.contexts import RECOVERY_SHARE_INFO, PayloadType
@@ -40,6 +41,7 @@ __all__ = [
     "ShareDoesNotOpenError",
     "algorithm_of",
     "check_recovery_key",
+    "check_share_words",
     "combine_shares",
     "enrollment_signing_input",
     "open_share",
@@ -266,3 +268,15 @@ def x25519_public_key(private_key: bytes) -> bytes:
         .public_key()
         .public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     )
+
+
+def check_share_words(words: str) -> None:
+    """`words` are one SLIP-39 share (InvalidInputError if a word is wrong, missing or extra:
+    the share's checksum catches it)."""
+    try:
+        Share.from_mnemonic(" ".join(words.split()))
+    except (shamir_mnemonic.MnemonicError, ValueError, KeyError):
+        raise InvalidInputError(
+            "this is not a SLIP-39 recovery share: a word is wrong, missing or extra (its "
+            "checksum does not hold)"
+        ) from None

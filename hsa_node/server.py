@@ -274,6 +274,23 @@ class HsaServer:
             lambda host_id: node.head.manifest.host_signing_key(host_id),
         )
 
+    def _admin_servicer(
+        self, node: DomainNode, catch_up: Callable[[], int], keys: KeyServiceHost
+    ) -> HsaAdminServicer:
+        """The pinned coordinator's calls: apply, rotate, install (and, on the session host of
+        a recovery, producing the recover state with the session key of its identity dir)."""
+        config = self._loaded.config
+        pin = CoordinatorPin.from_config(config)
+        (log.info if pin.fingerprints else log.warning)("%s", pin.describe())
+        return HsaAdminServicer(
+            node,
+            catch_up,
+            self._limits,
+            coordinator=pin,
+            key_records=keys.maintainer,
+            session_dir=config.path(config.identity_dir),
+        )
+
     def start(self) -> str:
         """Bind, start serving, start the sync threads; returns the bound address."""
         loaded = self._loaded
@@ -306,16 +323,7 @@ class HsaServer:
         def catch_up() -> int:
             return syncer_ref[0].catch_up_from_coordinator()
 
-        pin = CoordinatorPin.from_config(loaded.config)
-        (log.info if pin.fingerprints else log.warning)("%s", pin.describe())
-        admin = HsaAdminServicer(
-            node,
-            catch_up,
-            self._limits,
-            coordinator=pin,
-            key_records=keys.maintainer,
-            session_dir=config.path(config.identity_dir),
-        )
+        admin = self._admin_servicer(node, catch_up, keys)
         peer = HsaPeerServicer(node, self._limits, peering, audit_heads=audit_heads)
 
         def register_hsa_services(server: grpc.Server) -> None:

@@ -40,10 +40,12 @@ from domain_core import quorum
 from domain_core.display import escape
 from domain_core.errors import BadSignatureError, UnavailableError, UnknownSignerError
 from domain_core.model import SealedState
+from domain_core.recovery import check_contribution
 from domain_edge.cli import Command, Group, Spinner
 from domain_edge.client import ProposalView
 from domain_proto import domain_pb2, services_pb2
 from operator_tool._context import CommandContext
+from operator_tool._contribute import add_contribution_options, attach_contribution
 from operator_tool._review import Review, review_lines, summary_json
 from operator_tool._signing import add_yes_option, confirm, operator_token
 from operator_tool._where import (
@@ -57,7 +59,7 @@ from operator_tool._where import (
 from operator_tool.offline import read_approval_file
 from operator_tool.proposal_commands import submitted_text
 
-__all__ = ["COMMANDS", "hosts_behind", "wait_applied"]
+__all__ = ["COMMANDS", "add_wait_options", "approve", "hosts_behind", "wait_applied"]
 
 DEFAULT_WAIT_SECONDS: Final = 60.0
 _POLL_SECONDS: Final = 0.25
@@ -187,7 +189,9 @@ def _show_and_confirm(ctx: CommandContext, r: Review, verb: str, question: str) 
     confirm(ctx, question)
 
 
-def _approve(ctx: CommandContext) -> int:
+def approve(ctx: CommandContext) -> int:
+    """`approve ID`: review, confirm, sign (with the operator's recovery share for a recover
+    proposal) and submit."""
     require_full_id_unless_confirmed(ctx, ctx.args.id, "approve")
     with connect(ctx) as conn:
         r = conn.review(conn.proposal(ctx.args.id))
@@ -203,6 +207,7 @@ def _approve(ctx: CommandContext) -> int:
             r.require_can_sign(signer.public_key.key_id)
             # The id signed is computed from the bytes the review was made from.
             approval = quorum.approve(r.proposal, signer)
+        attach_contribution(ctx, r.proposal, conn.verified().head, approval)
         return _finish(ctx, conn, conn.client.submit_approval(approval))
 
 
@@ -239,6 +244,7 @@ def _submit(ctx: CommandContext) -> int:
         r.require_pending()
         r.require_enrollments_verify()
         r.require_can_sign(approval.operator_id)
+        check_contribution(r.proposal, approval)
         key = r.voters.operator_keys[approval.operator_id]
         try:
             quorum.verify_approval_signature(approval, r.proposal_id, key)
@@ -250,7 +256,7 @@ def _submit(ctx: CommandContext) -> int:
         return _finish(ctx, conn, conn.client.submit_approval(approval))
 
 
-def _wait_options(parser: argparse.ArgumentParser) -> None:
+def add_wait_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--wait",
         action="store_true",
@@ -294,7 +300,8 @@ def _id_argument(parser: argparse.ArgumentParser) -> None:
 def _approve_arguments(parser: argparse.ArgumentParser) -> None:
     _id_argument(parser)
     add_yes_option(parser, "approve")
-    _wait_options(parser)
+    add_contribution_options(parser)
+    add_wait_options(parser)
     add_domain_options(parser)
 
 
@@ -306,7 +313,7 @@ def _cancel_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _submit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", metavar="APPROVAL", help="the approval file sign-offline wrote")
-    _wait_options(parser)
+    add_wait_options(parser)
     add_domain_options(parser)
 
 
@@ -316,7 +323,7 @@ COMMANDS: Final = (
         help="review a proposal and approve it with your token",
         description="Show what the proposal changes (computed here from the verified state), "
         "ask for confirmation unless --yes, sign it with your token and submit the approval.",
-        run=_approve,
+        run=approve,
         example="hsm-operator approve 3f2a9c1e --cluster hsm-cluster --token bob.token --wait\n"
         "hsm-operator approve "
         "3f2a9c1e8b7d6a5f4e3d2c1b0a9f8e7d6c5b4a3f2e1d0c9b8a7f6e5d4c3b2a1f "

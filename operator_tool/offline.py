@@ -24,8 +24,9 @@ order, before anything is shown or signed:
 - every add-host enrollment verifies against the domain CA of the verified base state (its
   fingerprints are shown; one that fails is shown and nothing is signed).
 Everything shown is escaped (`display.escape`). The approval file (format
-`hsm-domain-approval`, version 1) holds the proposal id, operator id and signature, and is
-submitted by `approvals submit` on a connected machine.
+`hsm-domain-approval`, version 1) holds the proposal id, operator id and signature (and, for a
+recover proposal, the operator's recovery share sealed to the session key:
+`operator_tool._contribute`), and is submitted by `approvals submit` on a connected machine.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ import json
 import time
 from pathlib import Path
 from typing import Any, Final
+
+from google.protobuf.message import DecodeError
 
 from domain_core import canonical, quorum
 from domain_core.chain import TrustedChain, verify_chain
@@ -57,12 +60,14 @@ from domain_core.limits import (
     MAX_EXPORT_FILE_BYTES,
     MAX_EXPORTED_SIGNATURE_BYTES,
     MAX_EXPORTED_STATE_BYTES,
+    MAX_RECOVERY_CONTRIBUTION_BYTES,
 )
 from domain_core.model import OPERATOR_ID_PATTERN, Proposal, SealedState
 from domain_edge.cli import Command, UsageError
 from domain_edge.files import read_limited, write_new_file
 from domain_proto import domain_pb2
 from operator_tool._context import CommandContext
+from operator_tool._contribute import add_contribution_options, attach_contribution
 from operator_tool._render import iso
 from operator_tool._review import review, review_lines
 from operator_tool._signing import add_yes_option, confirm, operator_token
@@ -108,6 +113,7 @@ _EXPORT_KEYS: Final = frozenset(
     }
 )
 _APPROVAL_KEYS: Final = frozenset({"format", "version", "proposal_id", "operator_id", "signature"})
+_CONTRIBUTION: Final = "recovery_contribution"  # optional: an approval of a recover proposal
 
 
 # --- documents -------------------------------------------------------------------------------
@@ -146,14 +152,19 @@ def export_document(
 
 
 def approval_document(approval: domain_pb2.Approval) -> dict[str, Any]:
-    """The approval file's content."""
-    return {
+    """The approval file's content (with the sealed recovery share of a recover proposal)."""
+    document = {
         "format": APPROVAL_FORMAT,
         "version": FORMAT_VERSION,
         "proposal_id": approval.proposal_id.hex(),
         "operator_id": approval.operator_id,
         "signature": _b64(approval.signature),
     }
+    if approval.HasField("recovery_contribution"):
+        document["recovery_contribution"] = _b64(
+            approval.recovery_contribution.SerializeToString(deterministic=True)
+        )
+    return document
 
 
 def write_document(path: Path, document: dict[str, Any]) -> None:
@@ -240,12 +251,24 @@ def read_approval_file(path: str | Path) -> domain_pb2.Approval:
     """An approval from an approval file (shape checked; the signature is checked later)."""
     path = Path(path)
     document = _load(path, "approval file", MAX_APPROVAL_FILE_BYTES)
-    _check_shape(path, document, APPROVAL_FORMAT, _APPROVAL_KEYS, "approval file")
-    return domain_pb2.Approval(
+    keys = _APPROVAL_KEYS | ({_CONTRIBUTION} if _CONTRIBUTION in document else set())
+    _check_shape(path, document, APPROVAL_FORMAT, frozenset(keys), "approval file")
+    approval = domain_pb2.Approval(
         proposal_id=_hex(path, document, "proposal_id", canonical.DIGEST_BYTES),
         operator_id=_operator_id(path, document["operator_id"]),
         signature=_base64(path, document["signature"], "signature", MAX_EXPORTED_SIGNATURE_BYTES),
     )
+    if _CONTRIBUTION in document:
+        raw = _base64(
+            path, document[_CONTRIBUTION], _CONTRIBUTION, 2 * MAX_RECOVERY_CONTRIBUTION_BYTES
+        )
+        try:
+            approval.recovery_contribution.ParseFromString(raw)
+        except DecodeError:
+            raise MalformedMessageError(
+                f"{path}: {_CONTRIBUTION} is not a sealed recovery share"
+            ) from None
+    return approval
 
 
 def read_export_file(
@@ -516,6 +539,7 @@ def _sign_offline(ctx: CommandContext) -> int:
     with operator_token(ctx) as signer:
         r.require_can_sign(signer.public_key.key_id)
         approval = quorum.approve(bundle.proposal, signer)
+    attach_contribution(ctx, bundle.proposal, base, approval)
     write_document(out_path, approval_document(approval))
     name = r.name(approval.operator_id)
     ctx.emit(
@@ -547,6 +571,7 @@ def _sign_offline_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", required=True, metavar="APPROVAL", help="approval file to create")
     add_yes_option(parser, "sign")
+    add_contribution_options(parser)
 
 
 COMMANDS: Final = (

@@ -50,6 +50,7 @@ from domain_edge.tokens import read_operator_public
 from domain_proto import domain_pb2
 from operator_tool import offline
 from operator_tool._context import CommandContext, Handler
+from operator_tool._contribute import attach_contribution
 from operator_tool._recovery_key import (
     add_recovery_key_options,
     opened_recovery_key,
@@ -74,7 +75,7 @@ from operator_tool._signing import (
 )
 from operator_tool._where import Connection, add_domain_options, connect
 
-__all__ = ["COMMANDS", "resolve_operator", "submitted_text"]
+__all__ = ["COMMANDS", "ChangeBuilder", "propose", "resolve_operator", "submitted_text"]
 
 ChangeBuilder = Callable[[CommandContext, Connection, SealedState, Signer], list[domain_pb2.Change]]
 
@@ -97,7 +98,9 @@ def submitted_text(r: Review) -> str:
 # --- propose -------------------------------------------------------------------------------
 
 
-def _propose(ctx: CommandContext, build: ChangeBuilder) -> int:
+def propose(ctx: CommandContext, build: ChangeBuilder) -> int:
+    """Build the changes against the verified head, show them, sign and submit (with the
+    proposer's recovery share for a recover proposal)."""
     args = ctx.args
     expires_in = parse_duration(args.expires_in)
     reason: str = args.reason or ""
@@ -152,6 +155,7 @@ def _propose(ctx: CommandContext, build: ChangeBuilder) -> int:
                 ctx.show("\n".join(lines))
             confirm(ctx, "Sign and submit this proposal?")
             approval = quorum.approve(proposal, signer)
+            attach_contribution(ctx, proposal, head, approval)
         view = conn.client.submit_proposal(proposal, approval)
         result = conn.review(view)
     ctx.emit(summary_json(result), submitted_text(result) + f"\nproposal id: {proposal.id.hex()}")
@@ -265,7 +269,7 @@ def _rotate(
 
 def _handler(build: ChangeBuilder) -> Handler:
     def handler(ctx: CommandContext) -> int:
-        return _propose(ctx, build)
+        return propose(ctx, build)
 
     return handler
 

@@ -22,12 +22,17 @@ from domain_proto import domain_pb2
 
 ChangeType = domain_pb2.ChangeType
 _M = TypeVar(
-    "_M", domain_pb2.Manifest, domain_pb2.Proposal, domain_pb2.SealedSecrets, domain_pb2.Host
+    "_M",
+    domain_pb2.Manifest,
+    domain_pb2.Proposal,
+    domain_pb2.SealedSecrets,
+    domain_pb2.Host,
+    domain_pb2.RecoverySession,
 )
 _E = TypeVar("_E", domain_pb2.HostEnrollment, domain_pb2.Host, domain_pb2.RecoveryKey)
 
-# `\Z`, not `$`: `$` also matches before a trailing newline, which would let "hsa-1\n" pass.
 RECOVERY_SESSION_KEY_BYTES = 32  # X25519
+# `\Z`, not `$`: `$` also matches before a trailing newline, which would let "hsa-1\n" pass.
 HOST_ID_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
 DOMAIN_ID_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?\Z")
 OPERATOR_ID_PATTERN = re.compile(r"^[0-9a-f]{64}\Z")
