@@ -467,3 +467,20 @@ def _start_summary(started: Sequence[str], running: Mapping[str, int]) -> str:
         return f"nothing to start: every process runs already: {already}"
     line = f"started: {', '.join(started)}"
     return f"{line}; running already: {already}" if already else line
+
+
+def start_detached(layout: DomainLayout, progress: Progress, *, timeout: float) -> list[str]:
+    """Start every process of the domain that does not run, detached, as `up --detach` does
+    (members waited for until healthy, other nodes until ready); the names started. What it
+    started is stopped again if it fails."""
+    with cluster.domain_lock(layout, f"hsm-domain up {layout.root}"):
+        running = cluster.live_pids(layout)
+        missing = [name for name in layout.process_names if name not in running]
+        cluster.remove_run_files(layout, missing)
+        runner = _Runner(layout, progress, missing)
+        try:
+            _start_domain(layout, runner, running, timeout=timeout)
+        except BaseException:
+            runner.stop_all()
+            raise
+        return [name for name in runner.layout.process_names if name in runner.processes]

@@ -46,7 +46,14 @@ from domain_edge.backup_files import verify_backup
 from domain_edge.cli import Command, Group, Progress, UsageError, console_command, print_json
 from domain_edge.files import read_limited
 
-__all__ = ["BACKUP_COMMAND", "RESTORE_COMMAND", "STORE_GROUP"]
+__all__ = [
+    "BACKUP_COMMAND",
+    "RESTORE_COMMAND",
+    "STORE_GROUP",
+    "read_genesis",
+    "say",
+    "store_alone",
+]
 
 _VERIFY: Final = "verify"
 _ETCD_START_SECONDS: Final = 60.0
@@ -66,12 +73,12 @@ def _holds(counts: dict[str, int]) -> str:
     return StoreCounts(**counts).describe()
 
 
-def _say(progress: Progress) -> Callable[[str], None]:
+def say(progress: Progress) -> Callable[[str], None]:
     """Progress lines of a long step (escaped: they may quote relayed text)."""
     return lambda text: progress.update(escape(text))
 
 
-def _read_genesis(path: Path) -> bytes:
+def read_genesis(path: Path) -> bytes:
     """The genesis state file a backup is checked against, within the size of a state."""
     limit = DEFAULT_LIMITS.max_message_bytes
     return read_limited(
@@ -80,7 +87,7 @@ def _read_genesis(path: Path) -> bytes:
 
 
 @contextmanager
-def _store_alone(layout: DomainLayout, command: str, progress: Progress) -> Iterator[None]:
+def store_alone(layout: DomainLayout, command: str, progress: Progress) -> Iterator[None]:
     """The store with no coordinator on it, for restore and migrate: refuses while a
     coordinator of the domain runs; for a domain on its own etcd cluster (`init --coordinators
     N`, which `down` stops with the rest), its members run while the body does, and those
@@ -130,7 +137,7 @@ def _cmd_backup(args: argparse.Namespace) -> int:
     progress = Progress(sys.stderr if args.json else sys.stdout)
     target = Path(args.file).absolute()
     result = run_store_tool(
-        ["backup", "--config", str(layout.store_config), str(target)], _say(progress)
+        ["backup", "--config", str(layout.store_config), str(target)], say(progress)
     )
     progress.clear()
     if args.json:
@@ -156,8 +163,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         )
     path = Path(args.file)
     progress = Progress(sys.stderr if args.json else sys.stdout)
-    genesis = _read_genesis(Path(args.genesis))
-    summary = verify_backup(path, genesis, progress=_say(progress))
+    genesis = read_genesis(Path(args.genesis))
+    summary = verify_backup(path, genesis, progress=say(progress))
     progress.clear()
     if args.json:
         print_json({"file": str(path), "verified": True, **summary.to_json()})
@@ -215,9 +222,9 @@ def _cmd_restore(args: argparse.Namespace) -> int:
     config = str(layout.store_config)
     with (
         domain_lock(layout, f"hsm-domain restore {layout.root}"),
-        _store_alone(layout, "restore", progress),
+        store_alone(layout, "restore", progress),
     ):
-        contents = run_store_tool(["contents", "--config", config], _say(progress))
+        contents = run_store_tool(["contents", "--config", config], say(progress))
         if any(contents["counts"].values()):
             raise FailedPreconditionError(
                 f"the store of {layout.root} ({contents['store']}) is not empty: it holds "
@@ -225,14 +232,14 @@ def _cmd_restore(args: argparse.Namespace) -> int:
                 + _EMPTYING_HINT[layout.etcd is not None]
                 + ")"
             )
-        genesis = _read_genesis(layout.genesis_state)
+        genesis = read_genesis(layout.genesis_state)
         check = FloorCheck(layout, SealedState.from_bytes(genesis))
         progress.step("asking the HSAs for their key floors (the files of stopped ones)")
         check.collect()
         progress.step(f"verifying {path.name} against {layout.genesis_state}")
-        summary = verify_backup(path, genesis, on_key=check.compare, progress=_say(progress))
+        summary = verify_backup(path, genesis, on_key=check.compare, progress=say(progress))
         behind = check.finish()
-        result = run_store_tool(["restore", "--config", config, str(path)], _say(progress))
+        result = run_store_tool(["restore", "--config", config, str(path)], say(progress))
     progress.clear()
     if args.json:
         print_json(_restore_json(result, check, behind))
@@ -260,11 +267,11 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
     progress = Progress(sys.stderr if args.json else sys.stdout)
     with (
         domain_lock(layout, f"hsm-domain store migrate {layout.root}"),
-        _store_alone(layout, "store migrate", progress),
+        store_alone(layout, "store migrate", progress),
     ):
         result = run_store_tool(
             ["migrate", "--config", str(layout.store_config), "--to", args.to],
-            _say(progress),
+            say(progress),
         )
     progress.clear()
     if args.json:

@@ -1,7 +1,7 @@
 """`hsm-domain`: create, start, inspect and stop a local HSM domain on this machine.
 
 The tool is a table of commands (`COMMANDS`: init, up, down, status, add-node, audit verify,
-chaos, backup, backup verify, restore, store migrate) run by the one skeleton of the three
+chaos, backup, backup verify, restore, recover, store migrate) run by the one skeleton of the three
 tools (`domain_edge.cli`). Exit status: 0 on success, 1 when the command was refused or failed
 (a one-line cause on stderr, and the last lines of a process's log when it failed to start;
 `-v` adds the traceback), 2 on a usage error. Only `domain_core.errors.HsmDomainError` and
@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, TextIO
 
-from deploy import audit, backup, cluster
+from deploy import audit, backup, cluster, recovery
 from deploy._coordinators import STORES
 from deploy._up import check_counts, cmd_up
 from deploy.chaos import cli as chaos_cli
@@ -436,6 +436,7 @@ COMMANDS: Final[tuple[Command | Group, ...]] = (
     chaos_cli.COMMAND,
     backup.BACKUP_COMMAND,
     backup.RESTORE_COMMAND,
+    recovery.RECOVER_COMMAND,
     backup.STORE_GROUP,
 )
 

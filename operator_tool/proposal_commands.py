@@ -43,6 +43,7 @@ from domain_core.model import (
     SealedState,
     make_operator,
 )
+from domain_core.recovery import recover_change
 from domain_core.signers import Signer
 from domain_edge.cli import Command, Group, UsageError
 from domain_edge.enrollment_files import read_enrollment
@@ -155,7 +156,8 @@ def propose(ctx: CommandContext, build: ChangeBuilder) -> int:
                 ctx.show("\n".join(lines))
             confirm(ctx, "Sign and submit this proposal?")
             approval = quorum.approve(proposal, signer)
-            attach_contribution(ctx, proposal, head, approval)
+            if recover_change(proposal) is not None:  # (set-recovery-key names a key too)
+                attach_contribution(ctx, proposal, head, approval)
         view = conn.client.submit_proposal(proposal, approval)
         result = conn.review(view)
     ctx.emit(summary_json(result), submitted_text(result) + f"\nproposal id: {proposal.id.hex()}")
@@ -179,7 +181,7 @@ def _add_host(
 def _remove_host(
     ctx: CommandContext, conn: Connection, head: SealedState, signer: Signer
 ) -> list[domain_pb2.Change]:
-    return [remove_host(ctx.args.host_id)]
+    return [remove_host(host_id) for host_id in ctx.args.host_id]
 
 
 def _add_operator(
@@ -389,7 +391,9 @@ def _add_host_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _remove_host_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("host_id", metavar="HOST_ID", help="the host to remove")
+    parser.add_argument(
+        "host_id", metavar="HOST_ID", nargs="+", help="the host(s) to remove (one proposal)"
+    )
 
 
 def _add_operator_arguments(parser: argparse.ArgumentParser) -> None:

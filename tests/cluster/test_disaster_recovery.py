@@ -8,16 +8,25 @@ package whose shares, opened with the operators' keys, rebuild that state's doma
 
 from __future__ import annotations
 
+import json
+import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from support.operators import HSM_OPERATOR, Operators
+from support.tools import json_output, run_tool
 
+from deploy.cluster import client_tls as cluster_tls
+from deploy.cluster import read_ready_file
+from deploy.init import load_layout
 from domain_core import crypto
-from domain_core.errors import FailedPreconditionError
+from domain_core.errors import FailedPreconditionError, UnavailableError
 from domain_core.model import SealedState
 from domain_core.recovery import open_operator_share, open_package
+from domain_edge.identity_files import RECOVERY_SESSION_KEY_FILE
+from domain_edge.kms_client import KeyClient
 from domain_edge.recovery_tokens import load_recovery_token
 from domain_proto import domain_pb2
 
@@ -117,3 +126,208 @@ def test_operators_enroll_recovery_keys_and_every_state_carries_a_package(
     crypto.aes_gcm_open(keys[2], head.secrets.ciphertext, head.manifest.hash, head.secrets.nonce)
     with pytest.raises(FailedPreconditionError, match="not enough recovery shares"):
         open_package(head.manifest, package, words[:1])
+
+
+# --- the recovery ceremony --------------------------------------------------------------------
+
+
+def _wipe(ops: Operators) -> None:
+    """Every HSA and the coordinator's store are lost: kill every process, delete every node
+    directory and the store."""
+    cluster = ops.cluster
+    for name in list(cluster.processes):
+        cluster.kill(name)
+    shutil.rmtree(cluster.layout.nodes_dir)
+    for name in ("coordinator.db", "coordinator.db-wal", "coordinator.db-shm"):
+        (cluster.layout.coordinator_dir / name).unlink(missing_ok=True)
+
+
+def _hsm_domain(*arguments: str | Path) -> Any:
+    return json_output("hsm-domain", *arguments, timeout=300)
+
+
+def _client(directory: Path, host: str) -> KeyClient:
+    layout = load_layout(directory)
+    tls = cluster_tls(layout)
+    info = read_ready_file(layout.ready_file(host))
+    assert info is not None, f"{host} is not running"
+    return KeyClient(
+        [info.address], ca_pem=tls.ca_pem, cert_pem=tls.cert_pem, key_pem=tls.key_pem, timeout=10
+    )
+
+
+def _wait_serving(directory: Path, hosts: list[str], timeout: float = 90) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        report = _status(directory)
+        by_name = {p["name"]: p for p in report["processes"]}
+        if all(by_name.get(h, {}).get("healthy") for h in hosts):
+            return by_name
+        assert time.monotonic() < deadline, f"not serving in time: {by_name}"
+        time.sleep(0.5)
+
+
+def _corpus(ops: Operators) -> dict[str, list[tuple[bytes, bytes]]]:
+    """Keys and ciphertexts made before the loss, across two domain key generations and two
+    backing versions of one key."""
+    made: dict[str, list[tuple[bytes, bytes]]] = {}
+    with _client(ops.cluster.directory, "hsa-1") as client:
+        for round_ in range(2):
+            for i in range(3):
+                key_id = client.create_key(description=f"corpus {round_}.{i}").key_id
+                made[key_id] = []
+                for j in range(2):
+                    plaintext = f"record {round_}.{i}.{j}".encode()
+                    made[key_id].append((plaintext, client.encrypt(key_id, plaintext)))
+            if round_ == 0:
+                rotated = next(iter(made))
+                client.rotate_key(rotated)
+                made[rotated].append((b"after rotate", client.encrypt(rotated, b"after rotate")))
+                proposal = ops.propose("alice", "rotate-domain-key")["proposal_id"]
+                ops.ok("approve", proposal, *ops.token("bob"), "--yes", "--wait")
+    return made
+
+
+@pytest.mark.pkcs11
+def test_a_lost_domain_is_recovered_from_a_backup_by_m_of_n_operators(
+    ops: Operators, softhsm2_util_bin: str, softhsm2_module: str, tmp_path: Path
+) -> None:
+    alice = _recovery_file(ops, "alice")
+    bob = _recovery_file(ops, "bob")
+    pin = ops.softhsm_token(softhsm2_util_bin, tmp_path / "softhsm", "carol", CAROL_PIN, SO_PIN)
+    made = ops.json(
+        "recovery", "init", "--pkcs11", "--module", softhsm2_module, "--token-label", "carol",
+        "--key-label", "recovery", "--pin-file", str(pin), cluster=False,
+    )  # fmt: skip
+    carol = ("--recovery-token", made["recovery_token"], "--pin-file", str(pin))
+    _enroll(ops, "alice", "bob", alice)
+    _enroll(ops, "bob", "carol", bob)
+    _enroll(ops, "carol", "alice", carol)
+    threshold = ops.propose("alice", "set-quorum", "2", "--recovery")
+    ops.ok("approve", threshold["proposal_id"], *ops.token("bob"), "--yes", "--wait")
+    corpus = _corpus(ops)
+    directory = ops.cluster.directory
+    backup = tmp_path / "domain.backup"
+    written = _hsm_domain("backup", directory, backup)
+    assert written["counts"]["keys"] == len(corpus)
+
+    _wipe(ops)
+    try:
+        session = _hsm_domain("recover", directory, "--backup", backup)
+        assert session["base_version"] == written["newest_version"]
+        assert [h["host_id"] for h in session["new_hosts"]] == ["hsa-4", "hsa-5", "hsa-6"]
+        assert session["session_host"] == "hsa-4"
+        # No domain key anywhere yet.
+        with pytest.raises(UnavailableError), _client(directory, "hsa-4") as client:
+            client.encrypt(next(iter(corpus)), b"too early")
+
+        # alice proposes the recovery with her share; the proposal shows the new hosts' keys
+        # and the session key's fingerprint, as `recover` printed them.
+        session_file = session["session_file"]
+        first = ops.json(
+            "recovery", "contribute", "--session", session_file, *ops.token("alice"), *alice,
+            "--yes",
+        )  # fmt: skip
+        assert first["state"] == "pending"
+        shown = ops.json("proposals", "show", first["proposal_id"])
+        assert shown["changes"][0]["type"] == "recover"
+        assert _spaced(session["session_key_sha256"]) in shown["changes"][0]["detail"]
+        assert [h["host_id"] for h in shown["changes"][0]["host_keys"]] == [
+            "hsa-4", "hsa-5", "hsa-6",
+        ]  # fmt: skip
+        # carol contributes offline: her share is opened on her SoftHSM2 token from the
+        # exported chain, sealed to the session key, and travels in her approval file.
+        ops.ok("proposals", "export", first["proposal_id"], "--out", "recover.json")
+        genesis = load_layout(directory).genesis_hash.hex()
+        ops.ok(
+            "sign-offline", "recover.json", "--genesis-hash", genesis, "--out", "carol.json",
+            *ops.token("carol"), *carol, "--yes", cluster=False,
+        )  # fmt: skip
+        second = ops.json("approvals", "submit", "carol.json")
+        assert second["proposal_id"] == first["proposal_id"]
+        assert second["state"] == "applied", second
+        _wait_serving(directory, ["hsa-4", "hsa-5", "hsa-6"])
+
+        # Every ciphertext made before the loss decrypts on the new hosts.
+        for host in ("hsa-4", "hsa-6"):
+            with _client(directory, host) as client:
+                for pairs in corpus.values():
+                    for plaintext, blob in pairs:
+                        assert client.decrypt(blob) == plaintext
+
+        # The lost hosts go in one proposal: their key records are signed again by a new host
+        # and the domain key rotates; the corpus still decrypts.
+        removal = ops.propose("alice", "remove-host", "hsa-1", "hsa-2", "hsa-3")
+        done = ops.json("approve", removal["proposal_id"], *ops.token("bob"), "--yes", "--wait")
+        assert done["state"] == "applied"
+        status = ops.status()
+        assert [h["host_id"] for h in status["hosts"]] == ["hsa-4", "hsa-5", "hsa-6"]
+        with _client(directory, "hsa-5") as client:
+            for pairs in corpus.values():
+                plaintext, blob = pairs[0]
+                assert client.decrypt(blob) == plaintext
+        # The session is over: its key is gone from the session host.
+        identity = load_layout(directory).node_identity_dir("hsa-4")
+        assert not (identity / RECOVERY_SESSION_KEY_FILE).exists()
+    finally:
+        run_tool("hsm-domain", "down", directory)
+
+
+def test_fewer_shares_than_the_recovery_threshold_leave_no_domain(
+    local_cluster: Any, tmp_path: Path
+) -> None:
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    ops = Operators(local_cluster(nodes=2, operators=3, quorum=2), workdir)
+    alice = _recovery_file(ops, "alice")
+    bob = _recovery_file(ops, "bob")
+    _enroll(ops, "alice", "bob", alice)
+    _enroll(ops, "bob", "alice", bob)
+    threshold = ops.propose("alice", "set-quorum", "2", "--recovery")
+    ops.ok("approve", threshold["proposal_id"], *ops.token("carol"), "--yes", "--wait")
+    with _client(ops.cluster.directory, "hsa-1") as client:
+        key_id = client.create_key(description="lost with M-1").key_id
+        blob = client.encrypt(key_id, b"stays sealed")
+    directory = ops.cluster.directory
+    backup = tmp_path / "domain.backup"
+    _hsm_domain("backup", directory, backup)
+    _wipe(ops)
+    try:
+        session = _hsm_domain("recover", directory, "--backup", backup)
+        session_file = session["session_file"]
+        # bob holds a share: approving without giving it is refused before anything is signed.
+        pending = ops.json(
+            "recovery", "contribute", "--session", session_file, *ops.token("alice"), *alice,
+            "--yes",
+        )  # fmt: skip
+        cause = ops.refused("approve", pending["proposal_id"], *ops.token("bob"), "--yes", status=2)
+        assert "give your share with --recovery-token" in cause
+        # carol enrolled no recovery key: her approval makes the quorum, but only one share
+        # was given, and the session host refuses; no state, no domain key.
+        done = ops.json("approve", pending["proposal_id"], *ops.token("carol"), "--yes")
+        assert done["state"] == "rejected", done
+        assert "1 recovery shares were contributed and 2 are needed" in done["detail"]
+        report = _status(directory)
+        new = {p["name"]: p for p in report["processes"] if p["name"] in ("hsa-3", "hsa-4")}
+        assert all(
+            p["member"] is False and p["version"] == session["base_version"] for p in new.values()
+        )
+        with pytest.raises(UnavailableError), _client(directory, "hsa-3") as client:
+            client.decrypt(blob)
+        # Abandoning the session removes its key: no share sealed to it opens any more.
+        abandoned = _hsm_domain("recover", directory, "--abandon")
+        assert abandoned["session_key_removed"] is True
+        assert not Path(session_file).exists()
+    finally:
+        run_tool("hsm-domain", "down", directory)
+
+
+def _status(directory: Path) -> Any:
+    """`hsm-domain status --json` (exit status 1 while not all are healthy)."""
+    result = run_tool("hsm-domain", "status", directory, "--json")
+    assert result.returncode in (0, 1), result.stderr
+    return json.loads(result.stdout)
+
+
+def _spaced(hex_text: str) -> str:
+    return " ".join(hex_text[i : i + 4] for i in range(0, len(hex_text), 4))
