@@ -13,8 +13,9 @@
    `hsm-operator recovery contribute --session`), starts the domain detached, and prints
    what each operator compares: the base state, the new hosts' key fingerprints, the session
    key's fingerprint.
-Run again, it resumes: a restored store, the session's nodes and a session key that matches
-the session file are kept (shares given to that session stay good). `--abandon` ends a
+Run again, it resumes: when the session file, the session's nodes and a session key that
+matches the file are there for the backup's newest state, it only starts what does not run
+(shares given to that session stay good). `--abandon` ends a
 session: its key and file are removed, so no share sealed to it opens; nothing else changes.
 Nothing is applied to the domain until a quorum's recover proposal is sealed by the session
 host and stored by the coordinator (one write): an interrupted recovery leaves no half state.
@@ -233,14 +234,15 @@ def _cmd_recover(args: argparse.Namespace) -> int:
     progress.step(f"verifying {backup.name} against {layout.genesis_state}")
     summary = verify_backup(backup, read_genesis(layout.genesis_state), progress=say(progress))
     with domain_lock(layout, f"hsm-domain recover {layout.root}"):
-        _check_lost(layout, summary)
-        restored = _restore(layout, backup, summary, progress)
         session = _resumable(layout, summary)
         if session is None:
+            _check_lost(layout, summary)
+            restored = _restore(layout, backup, summary, progress)
             count = args.nodes or len(summary.hosts)
             session = _open_session(layout, summary, count, progress)
         else:
             progress.step("resuming the recovery session of an earlier run")
+            restored = "restored by an earlier run (resuming its session)"
     layout = load_layout(layout.root)
     progress.step("starting the coordinator and the new nodes")
     started = start_detached(layout, progress, timeout=args.timeout)

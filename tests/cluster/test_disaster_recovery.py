@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from support.operators import HSM_OPERATOR, Operators
-from support.tools import json_output, run_tool
+from support.tools import json_output, one_line_error, run_tool
 
 from deploy.cluster import client_tls as cluster_tls
 from deploy.cluster import read_ready_file
@@ -210,6 +210,18 @@ def test_a_lost_domain_is_recovered_from_a_backup_by_m_of_n_operators(
     backup = tmp_path / "domain.backup"
     written = _hsm_domain("backup", directory, backup)
     assert written["counts"]["keys"] == len(corpus)
+    # alice keeps her share of the backed-up state on paper (SLIP-39 words).
+    paper = ops.json(
+        "recovery", "share", "--format", "slip39", "--out", "alice.words",
+        *ops.token("alice"), *alice,
+    )  # fmt: skip
+    assert paper["version"] == written["newest_version"]
+    words = (ops.workdir / "alice.words").read_text().split()
+    assert len(words) == 33  # a 256-bit secret's SLIP-39 share
+    assert (ops.workdir / "alice.words").stat().st_mode & 0o777 == 0o600
+    # While the domain runs, nothing is lost: recover refuses.
+    cause = one_line_error(run_tool("hsm-domain", "recover", directory, "--backup", backup))
+    assert "are running: a recovery starts from a stopped domain" in cause
 
     _wipe(ops)
     try:
@@ -225,10 +237,15 @@ def test_a_lost_domain_is_recovered_from_a_backup_by_m_of_n_operators(
         # and the session key's fingerprint, as `recover` printed them.
         session_file = session["session_file"]
         first = ops.json(
-            "recovery", "contribute", "--session", session_file, *ops.token("alice"), *alice,
-            "--yes",
+            "recovery", "contribute", "--session", session_file, *ops.token("alice"),
+            "--share-file", "alice.words", "--yes",
         )  # fmt: skip
         assert first["state"] == "pending"
+        # Interrupted: everything stops. Run again, recover resumes the same session.
+        run_tool("hsm-domain", "down", directory)
+        resumed = _hsm_domain("recover", directory, "--backup", backup)
+        assert resumed["session_key_sha256"] == session["session_key_sha256"]
+        assert resumed["store"].startswith("restored by an earlier run")
         shown = ops.json("proposals", "show", first["proposal_id"])
         assert shown["changes"][0]["type"] == "recover"
         assert _spaced(session["session_key_sha256"]) in shown["changes"][0]["detail"]

@@ -31,12 +31,18 @@ from domain_core.errors import (
 )
 from domain_core.model import Proposal, SealedState, state_hash
 from domain_core.recovery import (
+    check_contribution,
     open_operator_share,
     open_package,
     seal_contribution,
     verify_keys_against_chain,
 )
-from domain_core.recovery_shares import RecoveryAlgorithm, ShareDoesNotOpenError, x25519_agreement
+from domain_core.recovery_shares import (
+    RecoveryAlgorithm,
+    ShareDoesNotOpenError,
+    check_share_words,
+    x25519_agreement,
+)
 from domain_proto import domain_pb2
 
 pytestmark = pytest.mark.unit
@@ -368,3 +374,38 @@ def _resigned_by(sim: SimulatedDomain, state: SealedState, host_id: str) -> Seal
         sealing.state_signing_message(state.hash)
     )
     return SealedState.from_message(message)
+
+
+def test_a_share_rides_only_on_an_approval_of_a_recovery_and_has_its_size() -> None:
+    sim, agreements = _recovery_domain()
+    session = _session()
+    recover = _recover_proposal(sim, session[0])
+    (approval,) = _contributing(sim, agreements, recover, session[0], [0])
+    check_contribution(recover, approval)
+    other = sim.propose([changes.rotate_domain_key()])
+    with pytest.raises(InvalidInputError, match="the proposal recovers nothing"):
+        check_contribution(other, approval)
+    for field, value in (
+        ("ephemeral_public_key", b"\x01" * 31),
+        ("nonce", b"\x02" * 11),
+        ("ciphertext", b"\x03" * 16),
+        ("ciphertext", b"\x03" * 1025),
+    ):
+        bad = domain_pb2.Approval()
+        bad.CopyFrom(approval)
+        setattr(bad.recovery_contribution, field, value)
+        with pytest.raises(InvalidInputError, match="is malformed"):
+            check_contribution(recover, bad)
+
+
+def test_paper_words_are_checked_before_use() -> None:
+    sim, agreements = _recovery_domain()
+    words = _shares(sim.head, agreements, [sim.operators[0].operator_id])[0]
+    check_share_words(words)
+    check_share_words("  " + words.replace(" ", "\n") + "\n")  # any whitespace
+    listed = words.split()
+    listed[5] = "academic" if listed[5] != "academic" else "acid"
+    with pytest.raises(InvalidInputError, match="a word is wrong, missing or extra"):
+        check_share_words(" ".join(listed))
+    with pytest.raises(InvalidInputError, match="a word is wrong, missing or extra"):
+        check_share_words(" ".join(words.split()[:-1]))

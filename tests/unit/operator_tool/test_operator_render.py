@@ -7,6 +7,7 @@ offline export and approval files refuse what was altered.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 from dataclasses import dataclass
@@ -699,6 +700,28 @@ def test_approval_file(sim: SimulatedDomain, tmp_path: Path) -> None:
     document["operator_id"] = "Z" * 64
     path.write_text(json.dumps(document))
     with pytest.raises(MalformedMessageError, match="operator_id is not 64 lowercase hex"):
+        read_approval_file(path)
+
+
+def test_an_approval_file_carries_a_recovery_share(sim: SimulatedDomain, tmp_path: Path) -> None:
+    proposal = sim.propose([sim.rotate_domain_key_change()])
+    (approval,) = sim.approve(proposal, [1])
+    approval.recovery_contribution.CopyFrom(
+        domain_pb2.RecoveryContribution(
+            ephemeral_public_key=b"\x01" * 32, nonce=b"\x02" * 12, ciphertext=b"\x03" * 300
+        )
+    )
+    path = tmp_path / "approval.json"
+    write_document(path, approval_document(approval))
+    assert read_approval_file(path) == approval
+    document = json.loads(path.read_text())
+    document["recovery_contribution"] = "not base64!"
+    path.write_text(json.dumps(document))
+    with pytest.raises(MalformedMessageError, match="recovery_contribution is not valid base64"):
+        read_approval_file(path)
+    document["recovery_contribution"] = base64.b64encode(b"\xff\xff\xff").decode()
+    path.write_text(json.dumps(document))
+    with pytest.raises(MalformedMessageError, match="is not a sealed recovery share"):
         read_approval_file(path)
 
 
