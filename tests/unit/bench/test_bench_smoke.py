@@ -97,12 +97,30 @@ def test_list_names_every_registered_benchmark() -> None:
 
 
 @pytest.mark.parametrize(
-    "module", ["bench.kms_latency", "bench.rewrap", "bench.audit_append", "bench.proposals"]
+    "module",
+    [
+        "bench.kms_latency",
+        "bench.rewrap",
+        "bench.audit_append",
+        "bench.proposals",
+        "bench.recovery",
+    ],
 )
 def test_standalone_entry_points_still_work(module: str) -> None:
     result = _bench_cli("--help", module=module)
     assert result.returncode == 0, result.stderr
     assert "--json" in result.stdout
+
+
+def test_the_recovery_benchmark_measures_and_checks_what_it_rebuilt() -> None:
+    from bench import recovery
+
+    figures = recovery.run(1)
+    for count, threshold in recovery.CASES:
+        case = f"n{count}_m{threshold}"
+        assert figures[f"recovery_build_ms_{case}"] > 0
+        assert figures[f"recovery_rebuild_ms_{case}"] > 0
+        assert figures[f"recovery_package_bytes_{case}"] > 100 * count
 
 
 def test_every_registered_module_keeps_the_contract() -> None:
