@@ -21,8 +21,9 @@ from support.tools import json_output, one_line_error, run_tool
 from deploy.cluster import client_tls as cluster_tls
 from deploy.cluster import read_ready_file
 from deploy.init import load_layout
-from domain_core import crypto
-from domain_core.errors import FailedPreconditionError, UnavailableError
+from domain_core import crypto, quorum
+from domain_core.changes import rotate_domain_key
+from domain_core.errors import FailedPreconditionError, InvalidInputError, UnavailableError
 from domain_core.model import SealedState
 from domain_core.recovery import open_operator_share, open_package
 from domain_edge.identity_files import RECOVERY_SESSION_KEY_FILE
@@ -91,6 +92,20 @@ def test_operators_enroll_recovery_keys_and_every_state_carries_a_package(
     assert made["algorithm"] == "p256"
     carol = ("--recovery-token", made["recovery_token"], "--pin-file", str(pin))
 
+    # The coordinator refuses a recovery share on an approval of a proposal that recovers
+    # nothing (it would only be stored and handed out).
+    with ops.cluster.coordinator_client() as client:
+        pending = client.propose([rotate_domain_key()], ops.cluster.operator_signer("alice"))
+        approval = quorum.approve(pending.proposal, ops.cluster.operator_signer("bob"))
+        approval.recovery_contribution.CopyFrom(
+            domain_pb2.RecoveryContribution(
+                ephemeral_public_key=b"\x01" * 32, nonce=b"\x02" * 12, ciphertext=b"\x03" * 64
+            )
+        )
+        with pytest.raises(InvalidInputError, match="the proposal recovers nothing"):
+            client.submit_approval(approval)
+        client.cancel(pending.proposal_id, ops.cluster.operator_signer("alice"))
+
     # A recovery threshold above the enrolled keys is refused before anything is signed.
     cause = ops.refused("propose", "set-quorum", "2", "--recovery", *ops.token("alice"), "--yes")
     assert "recovery threshold 2 is above the 0 enrolled recovery keys" in cause
@@ -100,8 +115,8 @@ def test_operators_enroll_recovery_keys_and_every_state_carries_a_package(
     _enroll(ops, "carol", "alice", carol)
     threshold = ops.propose("alice", "set-quorum", "2", "--recovery")
     ops.ok("approve", threshold["proposal_id"], *ops.token("bob"), "--yes", "--wait")
-    quorum = ops.status()["quorum"]
-    assert (quorum["recovery_threshold"], quorum["recovery_keys"]) == (2, 3)
+    policy = ops.status()["quorum"]
+    assert (policy["recovery_threshold"], policy["recovery_keys"]) == (2, 3)
 
     # A rotation after it: the HSAs seal a fresh package with the new keys.
     rotation = ops.propose("bob", "rotate-domain-key")
