@@ -18,6 +18,7 @@ from types import FrameType
 from domain_coordinator.server import CoordinatorServer, write_ready_file
 from domain_core.errors import HsmDomainError
 from domain_edge.config import CoordinatorConfig
+from domain_edge.logs import add_log_format_option, configure_logging
 
 log = logging.getLogger("domain_coordinator")
 
@@ -39,16 +40,18 @@ def _parser() -> argparse.ArgumentParser:
         "--ready-file", type=Path, help="write this JSON file (pid, addresses) once serving"
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
+    add_log_format_option(parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the coordinator; returns the exit status."""
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s coordinator: %(message)s",
+    configure_logging(
+        "coordinator",
+        verbose=args.verbose,
+        log_format=args.log_format,
+        text_format="%(asctime)s %(levelname)s coordinator: %(message)s",
     )
     stop = threading.Event()
 

@@ -1,5 +1,6 @@
 """`hsa-node --config FILE [--ready-file F] [--workers N]`: run one HSA until SIGTERM or SIGINT.
 
+`--log-format json` logs one JSON object per line (`domain_edge.logs`); workers inherit it.
 `--workers N` (default: `key_service_workers` of the config) starts N key service worker
 processes beside it; each runs as `hsa-node worker --config FILE --index I`, a mode meant only
 for the main HSA process to use (`hsa_node.worker`, `hsa_node.supervisor`).
@@ -22,6 +23,7 @@ from types import FrameType
 
 from domain_core.errors import HsmDomainError
 from domain_edge.config import NodeConfig, check_worker_count
+from domain_edge.logs import add_log_format_option, configure_logging
 from hsa_node.server import serve
 from hsa_node.worker import serve_worker
 
@@ -64,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
         help="key service worker processes (0-16; default: key_service_workers of the config)",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
+    add_log_format_option(parser)
     return parser
 
 
@@ -78,25 +81,25 @@ def _worker_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", required=True, type=Path, help="the node's config.json")
     parser.add_argument("--index", required=True, type=int, help="the worker's number, from 1")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
+    add_log_format_option(parser)
     return parser
 
 
-def _configure_logging(name: str, verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format=f"%(asctime)s {name} %(name)s %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
-
-
-def _run(name: str, verbose: bool, run: Callable[[threading.Event], None]) -> int:
+def _run(
+    name: str, verbose: bool, log_format: str, run: Callable[[threading.Event], None]
+) -> int:
     """Run `run(stop)` with SIGTERM and SIGINT setting `stop`; the exit status."""
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         stop.set()
 
-    _configure_logging(name, verbose)
+    configure_logging(
+        name,
+        verbose=verbose,
+        log_format=log_format,
+        text_format=f"%(asctime)s {name} %(name)s %(levelname)s %(message)s",
+    )
     log = logging.getLogger("hsa_node")
     previous = {
         signum: signal.signal(signum, on_signal) for signum in (signal.SIGTERM, signal.SIGINT)
@@ -123,6 +126,7 @@ def _worker_main(argv: list[str]) -> int:
     return _run(
         f"{config.host_id}/worker-{args.index}",
         args.verbose,
+        args.log_format,
         lambda stop: serve_worker(config, args.index, stop),
     )
 
@@ -144,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     return _run(
         config.host_id,
         args.verbose,
+        args.log_format,
         lambda stop: serve(
             config, args.ready_file, stop, config_path=args.config, verbose=args.verbose
         ),
