@@ -48,6 +48,8 @@ class ReadyInfo:
     address: str
     operator_address: str = ""
     workers: tuple[str, ...] = ()  # an HSA's key service worker addresses, by index
+    metrics: str = ""  # where the process serves its Prometheus metrics ("" for none)
+    worker_metrics: tuple[str, ...] = ()  # where an HSA's workers serve theirs, by index
 
 
 def read_ready_file(path: Path) -> ReadyInfo | None:
@@ -63,6 +65,8 @@ def read_ready_file(path: Path) -> ReadyInfo | None:
             address=str(document["address"]),
             operator_address=str(document.get("operator_address", "")),
             workers=tuple(str(w) for w in workers),
+            metrics=str(document.get("metrics", "")),
+            worker_metrics=tuple(str(m) for m in document.get("worker_metrics", [])),
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None

@@ -32,6 +32,7 @@ from deploy.init import DomainLayout
 from domain_core.errors import HsmDomainError
 from domain_core.model import SealedState
 from domain_edge import transport
+from domain_edge.metrics import metrics_url
 from domain_proto import services_pb2, services_pb2_grpc
 
 __all__ = [
@@ -54,6 +55,8 @@ class ProcessReport:
     address: str = ""
     operator_address: str = ""
     workers: list[str] = field(default_factory=list)  # an HSA's key service workers, ready
+    metrics_url: str = ""  # where Prometheus scrapes this process ("" when it serves none)
+    worker_metrics_urls: list[str] = field(default_factory=list)  # its workers', by index
     healthy: bool = False
     version: int | None = None
     state_hash: str = ""  # hex
@@ -187,6 +190,7 @@ def _probe_coordinator(layout: DomainLayout, report: ProcessReport) -> None:
     report.pid = info.pid
     report.address = info.address
     report.operator_address = info.operator_address
+    report.metrics_url = metrics_url(info.metrics)
     with coordinator_channel(layout, info.address) as channel:
         report.healthy = transport.check_health(channel, timeout=2.0)
     if not report.healthy:
@@ -211,6 +215,8 @@ def _probe_node(layout: DomainLayout, report: ProcessReport) -> None:
     report.pid = info.pid
     report.address = info.address
     report.workers = list(info.workers)
+    report.metrics_url = metrics_url(info.metrics)
+    report.worker_metrics_urls = [metrics_url(m) for m in info.worker_metrics]
     try:
         with node_channel(layout, info.address, report.name) as channel:
             stub = services_pb2_grpc.HsaAdminStub(channel)  # type: ignore[no-untyped-call]

@@ -16,12 +16,13 @@ Invariants:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +41,7 @@ from domain_coordinator.store_spec import open_coordination, open_store, state_d
 from domain_core.errors import InvalidInputError
 from domain_core.limits import Limits
 from domain_edge.config import CoordinatorConfig
+from domain_edge.metrics import PROCESS, Gauge
 from domain_edge.transport import (
     HealthService,
     StreamLimits,
@@ -68,6 +70,16 @@ class BoundAddresses:
 
     address: str  # mutual TLS, for HSAs
     operator_address: str  # server-auth TLS, for operators
+    metrics_address: str = ""  # Prometheus metrics, plain HTTP ("" when not served)
+
+
+def _gauges(service: CoordinatorService, store: CoordinatorStore) -> Iterator[Gauge]:
+    """The coordinator's gauges, read when its metrics are scraped."""
+    yield Gauge("hsm_domain_version", "Version of the verified head", service.head.version)
+    yield Gauge("hsm_coordinator_pending_proposals", "Proposals pending", store.count_proposals())
+    yield Gauge(
+        "hsm_coordinator_registered_hsas", "HSAs registered with the store", len(store.list_hsas())
+    )
 
 
 def _split(address: str) -> tuple[str, int]:
@@ -152,6 +164,7 @@ class CoordinatorServer:
         self._servers: list[grpc.Server] = []
         self._service: CoordinatorService | None = None
         self._health: list[HealthService] = []
+        self._remove_gauges: Callable[[], None] | None = None
         self.addresses: BoundAddresses | None = None
 
     @property
@@ -240,6 +253,11 @@ class CoordinatorServer:
                 address_file,
                 {"listen": addresses.address, "operator_listen": addresses.operator_address},
             )
+            if config.metrics_listen:
+                self._remove_gauges = PROCESS.add_gauges(lambda: _gauges(service, store))
+                addresses = dataclasses.replace(
+                    addresses, metrics_address=PROCESS.serve(config.metrics_listen)
+                )
         except BaseException:
             self.stop(grace=0)
             raise
@@ -283,6 +301,9 @@ class CoordinatorServer:
 
     def stop(self, grace: float = 2.0) -> None:
         """Stop serving (streams end), then close HSA channels and the store."""
+        remove, self._remove_gauges = self._remove_gauges, None
+        if remove is not None:
+            remove()
         for health in self._health:
             health.enter_graceful_shutdown()
         if self._service is not None:
@@ -307,6 +328,7 @@ def write_ready_file(path: Path, name: str, addresses: BoundAddresses) -> None:
             "pid": os.getpid(),
             "address": addresses.address,
             "operator_address": addresses.operator_address,
+            "metrics": addresses.metrics_address,
             "name": name,
         },
     )

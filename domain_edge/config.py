@@ -107,6 +107,9 @@ class NodeConfig(_ConfigBase):
     genesis_state: str  # serialized genesis SealedState
     tls: TlsFiles
     listen: str = "127.0.0.1:0"
+    # Prometheus metrics (plain HTTP, `domain_edge.metrics`): loopback by default; "" for none.
+    # Each key service worker serves its own, on this host with a port of its own.
+    metrics_listen: str = "127.0.0.1:0"
     # host:port of the coordinator's mutual-TLS listener; of every replica, comma-separated
     coordinator: str = ""
     pull_interval_seconds: float = 2.0
@@ -203,6 +206,8 @@ class CoordinatorConfig(_ConfigBase):
     store: str = "sqlite:coordinator.db"  # "sqlite:PATH" (the only backend today)
     listen: str = "127.0.0.1:0"  # mutual TLS: HSAs
     operator_listen: str = "127.0.0.1:0"  # server-auth TLS: operators sign what they submit
+    # Prometheus metrics (plain HTTP, `domain_edge.metrics`): loopback by default; "" for none.
+    metrics_listen: str = "127.0.0.1:0"
     hsa_call_timeout_seconds: float = 10.0
     # How long a deleted key record is kept as a tombstone (recoverable, never reused).
     key_tombstone_days: int = 30

@@ -85,9 +85,7 @@ def _worker_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run(
-    name: str, verbose: bool, log_format: str, run: Callable[[threading.Event], None]
-) -> int:
+def _run(name: str, verbose: bool, log_format: str, run: Callable[[threading.Event], None]) -> int:
     """Run `run(stop)` with SIGTERM and SIGINT setting `stop`; the exit status."""
     stop = threading.Event()
 

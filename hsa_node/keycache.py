@@ -185,6 +185,8 @@ class KeyCache:
             domain_id=domain_id, domain_keys=domain_keys, floor=floor, peer_floors=peer_floors
         )
         self._ttl = ttl
+        self._hits = 0
+        self._lookups = 0
         self._max_entries = max_entries
         self._max_bytes = max_bytes
         self._clock = clock
@@ -194,6 +196,10 @@ class KeyCache:
         self._fetch_locks = [threading.Lock() for _ in range(_FETCH_LOCKS)]
         self._outage_until = 0.0
         self._throttled = ThrottledLog(log)
+
+    def lookups(self) -> tuple[int, int]:
+        """(hits, lookups) of `get` since the start, for the metrics (approximate: unlocked)."""
+        return self._hits, self._lookups
 
     def __len__(self) -> int:
         with self._lock:
@@ -289,9 +295,11 @@ class KeyCache:
         coordinator does not hold; FailedPreconditionError for a record that does not verify.
         """
         entry = self._peek(key_id)
+        self._lookups += 1  # metrics only: counts may miss a few under contention
         if entry is not None and not fresh:
             age = self._clock() - entry.checked_at
             if age < self._ttl:
+                self._hits += 1
                 if age < self._ttl * REFRESH_AHEAD_FRACTION:
                     return entry
                 return self._refresh_ahead(key_id, entry)

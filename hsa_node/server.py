@@ -26,7 +26,7 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,11 +41,13 @@ from domain_core.pki import certificate_fingerprint
 from domain_edge import transport
 from domain_edge.config import NodeConfig
 from domain_edge.identity_files import load_host_certificate, load_host_identity
+from domain_edge.metrics import PROCESS, Gauge
 from domain_edge.transport import TlsMaterial
 from domain_proto import services_pb2, services_pb2_grpc
 from hsa_node.audit_heads import AuditHeadBook, fetch_own_heads, recover_own_heads
 from hsa_node.keyfloors import MetadataVersionFloor
 from hsa_node.keyhost import KeyServiceHost
+from hsa_node.metrics import hsa_gauges
 from hsa_node.node import DomainNode
 from hsa_node.peering import Peering
 from hsa_node.servicers import (
@@ -239,7 +241,16 @@ class HsaServer:
         self._health: transport.HealthService | None = None
         self._keys: KeyServiceHost | None = None
         self._peering: Peering | None = None
+        self._remove_gauges: Callable[[], None] | None = None
         self.address = ""
+        self.metrics_address = ""
+
+    def _serve_metrics(self, read: Callable[[], Iterable[Gauge]]) -> None:
+        """Export this HSA's gauges with the process's metrics, served on `metrics_listen`."""
+        listen = self._loaded.config.metrics_listen
+        if listen:
+            self._remove_gauges = PROCESS.add_gauges(read)
+            self.metrics_address = PROCESS.serve(listen)
 
     def _bind(self, server: grpc.Server) -> str:
         config, store = self._loaded.config, self._loaded.store
@@ -351,6 +362,7 @@ class HsaServer:
         )
         syncer_ref.append(syncer)
         peering.start()  # the key service waits for floors from the first call on
+        self._serve_metrics(lambda: hsa_gauges(node, keys, peering))
         served.start(node)
         self._server, self._syncer, self._health = server, syncer, served.health
         syncer.start()
@@ -370,6 +382,9 @@ class HsaServer:
     def stop(self) -> None:
         """Stop the background threads, then the server (grace 2 s), then the key service's
         files (the audit log gets its final checkpoint)."""
+        remove, self._remove_gauges = self._remove_gauges, None
+        if remove is not None:
+            remove()
         if self._keys is not None:
             self._keys.stop_upkeep()
         if self._syncer is not None:
@@ -386,11 +401,24 @@ class HsaServer:
 
 
 def write_ready_file(
-    path: Path, address: str, name: str, workers: Sequence[str] | None = None
+    path: Path,
+    address: str,
+    name: str,
+    workers: Sequence[str] | None = None,
+    *,
+    metrics: str = "",
+    worker_metrics: Sequence[str] = (),
 ) -> None:
     """The ready file of docs/runtime.md, written atomically (public content); `workers` are
-    the addresses of the key service worker processes (an HSA writes the field, maybe empty)."""
-    document: dict[str, object] = {"pid": os.getpid(), "address": address, "name": name}
+    the addresses of the key service worker processes (an HSA writes the field, maybe empty),
+    `metrics` where this process serves its metrics."""
+    document: dict[str, object] = {
+        "pid": os.getpid(),
+        "address": address,
+        "name": name,
+        "metrics": metrics,
+        "worker_metrics": list(worker_metrics),
+    }
     if workers is not None:
         document["workers"] = list(workers)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -419,7 +447,14 @@ def serve(
 
         def publish(workers: Sequence[str]) -> None:
             if ready_file is not None:
-                write_ready_file(ready_file, address, name, workers)
+                write_ready_file(
+                    ready_file,
+                    address,
+                    name,
+                    workers,
+                    metrics=server.metrics_address,
+                    worker_metrics=supervisor.metrics_addresses() if supervisor else [],
+                )
 
         if config.key_service_workers and config_path is not None:
             supervisor = WorkerSupervisor(

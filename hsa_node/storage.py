@@ -80,11 +80,17 @@ class WorkerReady:
     pid: int
     address: str
     index: int
+    metrics: str = ""  # where the worker serves its Prometheus metrics ("" for none)
 
 
 def write_worker_ready(path: Path, ready: WorkerReady) -> None:
     """Write a worker's ready file atomically."""
-    document = {"pid": ready.pid, "address": ready.address, "index": ready.index}
+    document = {
+        "pid": ready.pid,
+        "address": ready.address,
+        "index": ready.index,
+        "metrics": ready.metrics,
+    }
     write_atomically(path, (json.dumps(document, sort_keys=True) + "\n").encode())
 
 
@@ -93,7 +99,10 @@ def read_worker_ready(path: Path) -> WorkerReady | None:
     try:
         document = json.loads(read_limited(path, MAX_NODE_SMALL_FILE_BYTES))
         return WorkerReady(
-            pid=int(document["pid"]), address=str(document["address"]), index=int(document["index"])
+            pid=int(document["pid"]),
+            address=str(document["address"]),
+            index=int(document["index"]),
+            metrics=str(document.get("metrics", "")),
         )
     except (OSError, ValueError, KeyError, TypeError, LimitExceededError):
         return None

@@ -55,6 +55,7 @@ class _Slot:
     process: subprocess.Popen[bytes] | None = None
     started: float = 0.0
     address: str = ""
+    metrics: str = ""  # where the worker serves its metrics
     backoff: float = _BACKOFF_FIRST
     restart_at: float | None = None
     restarts: int = 0
@@ -121,6 +122,7 @@ class WorkerSupervisor:
         if info is None or info.pid != slot.process.pid:
             return False
         slot.address = info.address
+        slot.metrics = info.metrics
         return True
 
     def start(self) -> list[str]:
@@ -158,6 +160,11 @@ class WorkerSupervisor:
         """The addresses of the workers that are ready now, by index."""
         with self._lock:
             return [slot.address for slot in self._slots if slot.address]
+
+    def metrics_addresses(self) -> list[str]:
+        """Where the ready workers serve their metrics, by index (those that serve them)."""
+        with self._lock:
+            return [slot.metrics for slot in self._slots if slot.address and slot.metrics]
 
     def pids(self) -> list[int]:
         """The process ids of the workers running now."""

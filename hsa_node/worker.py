@@ -33,15 +33,18 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Iterator
 from typing import Final
 
 from domain_core.errors import ChainGapError, HsmDomainError, InvalidInputError
 from domain_core.limits import MAX_KEY_SERVICE_WORKERS, Limits
 from domain_edge.config import NodeConfig
+from domain_edge.metrics import PROCESS, Gauge, parse_listen
 from domain_edge.throttled_log import ThrottledLog
 from domain_proto import services_pb2
 from hsa_node.keyfloors import MetadataVersionFloor
 from hsa_node.keyhost import KeyServiceHost
+from hsa_node.metrics import key_service_gauges
 from hsa_node.node import DomainNode
 from hsa_node.server import (
     SHUTDOWN_GRACE_SECONDS,
@@ -166,6 +169,20 @@ def _watch_parent(stop: threading.Event) -> None:
     threading.Thread(target=poll_parent, name="parent-pid", daemon=True).start()
 
 
+def _serve_metrics(config: NodeConfig, node: DomainNode, keys: KeyServiceHost) -> str:
+    """Serve this worker's metrics on the host of `metrics_listen`, a port of its own; where."""
+    if not config.metrics_listen:
+        return ""
+
+    def read() -> Iterator[Gauge]:
+        yield Gauge("hsm_domain_version", "Version of the verified head", node.version)
+        yield from key_service_gauges(keys)
+
+    PROCESS.add_gauges(read)
+    host = parse_listen(config.metrics_listen)[0]
+    return PROCESS.serve(f"[{host}]:0" if ":" in host else f"{host}:0")
+
+
 def serve_worker(
     config: NodeConfig,
     index: int,
@@ -218,7 +235,10 @@ def serve_worker(
         served.start(node)
         follower.poll()  # catch up with what the main process installed while this one loaded
         follower.start()
-        write_worker_ready(ready_path, WorkerReady(pid=os.getpid(), address=address, index=index))
+        metrics = _serve_metrics(config, node, keys)
+        write_worker_ready(
+            ready_path, WorkerReady(pid=os.getpid(), address=address, index=index, metrics=metrics)
+        )
         status = node.status()
         log.info(
             "worker %d serving the key service on %s: domain %s version %d, healthy %s",

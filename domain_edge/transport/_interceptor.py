@@ -1,4 +1,6 @@
-"""The one place where a servicer's errors become gRPC statuses (`ErrorMappingInterceptor`).
+"""The one place where a servicer's errors become gRPC statuses (`ErrorMappingInterceptor`),
+and where every call is counted, with its status and latency, in the process's metrics
+(`domain_edge.metrics`; a non-blocking response stream is not counted: it has no end here).
 
 Invariants: an `HsmDomainError` is answered with its own status (`domain_edge.status`) and
 message, marked "nothing applied" in the trailing metadata when its class says so; anything
@@ -10,6 +12,7 @@ INVALID_ARGUMENT before the servicer sees it.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent import futures
 from dataclasses import dataclass
@@ -20,6 +23,7 @@ from grpc_health.v1 import health
 
 from domain_core.errors import HsmDomainError
 from domain_core.limits import HEALTH_REQUEST_BYTES
+from domain_edge.metrics import PROCESS
 from domain_edge.status import grpc_status_for
 from domain_edge.throttled_log import ThrottledLog
 from domain_edge.transport._channels import _NOTHING_APPLIED
@@ -104,26 +108,42 @@ def _refuse_unparsed(request: Any, context: grpc.ServicerContext, method: str) -
     context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
 
 
+def _observe(method: str, context: grpc.ServicerContext, began: float) -> None:
+    """Count a finished call with the status it ended with (`metrics.PROCESS.rpc`)."""
+    code = cast(Any, context).code()
+    PROCESS.rpc.observe(
+        method, code.name if code is not None else "OK", time.perf_counter() - began
+    )
+
+
 def _wrap_unary(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
     def wrapper(request: Any, context: grpc.ServicerContext) -> Any:
-        _refuse_unparsed(request, context, method)
+        began = time.perf_counter()
         try:
-            return behavior(request, context)
-        except Exception as error:
-            _abort_for(error, context, method)
-            raise  # unreachable: abort raises
+            _refuse_unparsed(request, context, method)
+            try:
+                return behavior(request, context)
+            except Exception as error:
+                _abort_for(error, context, method)
+                raise  # unreachable: abort raises
+        finally:
+            _observe(method, context, began)
 
     return wrapper
 
 
 def _wrap_stream(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
     def wrapper(request: Any, context: grpc.ServicerContext) -> Any:
-        _refuse_unparsed(request, context, method)
+        began = time.perf_counter()
         try:
-            yield from behavior(request, context)
-        except Exception as error:
-            _abort_for(error, context, method)
-            raise
+            _refuse_unparsed(request, context, method)
+            try:
+                yield from behavior(request, context)
+            except Exception as error:
+                _abort_for(error, context, method)
+                raise
+        finally:
+            _observe(method, context, began)
 
     return wrapper
 
@@ -151,6 +171,7 @@ def _wrap_non_blocking(behavior: Callable[..., Any], method: str) -> Callable[..
 
 def _wrap_bidi(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
     def wrapper(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+        began = time.perf_counter()
         try:
             yield from behavior(requests, context)
         except Exception as error:
@@ -158,6 +179,8 @@ def _wrap_bidi(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
                 raise  # the client left (its request iterator raised): nobody to answer
             _abort_for(error, context, method)
             raise
+        finally:
+            _observe(method, context, began)
 
     return wrapper
 
