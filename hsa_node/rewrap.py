@@ -155,6 +155,11 @@ class _Pass:
 class KeyMaintainer:
     """The background thread of key-record upkeep (see the module invariants)."""
 
+    def progress(self) -> tuple[PassReport | None, PassReport | None]:
+        """(the pass running now, the last one finished), for the metrics (counts only)."""
+        current = self._pass
+        return (current.report if current is not None else None), self.last_report
+
     def __init__(
         self,
         *,

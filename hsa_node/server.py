@@ -362,7 +362,7 @@ class HsaServer:
         )
         syncer_ref.append(syncer)
         peering.start()  # the key service waits for floors from the first call on
-        self._serve_metrics(lambda: hsa_gauges(node, keys, peering))
+        self._serve_metrics(lambda: hsa_gauges(node, keys, peering, syncer))
         served.start(node)
         self._server, self._syncer, self._health = server, syncer, served.health
         syncer.start()

@@ -142,6 +142,8 @@ class Syncer:
         self._limits = limits
         self._stop = threading.Event()
         self._lock = threading.Lock()
+        self._coordinator_head = 0  # the newest version the coordinator was seen to hold
+        self._coordinator_answered = 0.0  # monotonic time of its last answer to a pull
         self._threads: list[threading.Thread] = []
         self._watch_call: Any = None  # the stream call, cancelled on stop
         self._throttled = ThrottledLog(log)
@@ -210,9 +212,21 @@ class Syncer:
                     f"cannot fetch states from the coordinator at {self._coordinator_address}: "
                     f"{_rpc_reason(error)}"
                 ) from None
-            return list(response.states)
+            states = list(response.states)
+            with self._lock:  # the coordinator holds at least these (pages are contiguous)
+                self._coordinator_head = max(self._coordinator_head, after + len(states))
+                self._coordinator_answered = time.monotonic()
+            return states
 
         return pull_states(self._node, fetch, "coordinator")
+
+    def coordinator_lag(self) -> tuple[int, float | None]:
+        """(versions the coordinator named beyond this node's head, seconds since it last
+        answered a pull, None before it ever did): what the metrics say of the sync."""
+        with self._lock:
+            head, answered = self._coordinator_head, self._coordinator_answered
+        since = time.monotonic() - answered if answered else None
+        return max(0, head - self._node.version), since
 
     def _report(self, path: str, message: str) -> None:
         self._throttled.warning(f"{path}: {message}")

@@ -103,6 +103,8 @@ def test_every_process_serves_metrics_that_count_calls_and_say_where_it_stands(
         if "/" not in name:
             assert _value(families, "hsm_domain_member") == 1
             assert _value(families, "hsm_hsa_healthy") == 1
+            assert _value(families, "hsm_sync_lag_versions") == 0
+            assert "hsm_rewrap_running" in families
     assert encrypts == 4
     assert errors >= 1
     assert audited >= 10  # every key service call is audited where it is served
