@@ -36,10 +36,11 @@ find_softhsm2_module() {
   return 1
 }
 
-banner "system tools: softhsm2, etcd"
+banner "system tools: softhsm2, etcd, systemd (its analyze and sysusers tools check the units)"
 missing=()
 command -v softhsm2-util >/dev/null 2>&1 && find_softhsm2_module >/dev/null || missing+=(softhsm2)
 command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
+command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
 if [ ${#missing[@]} -gt 0 ]; then
   if ! hsm_apt_install "${missing[@]}"; then
     hsm_say "continuing without ${missing[*]}: the tests that need them will skip" \
