@@ -253,11 +253,7 @@ class CoordinatorServer:
                 address_file,
                 {"listen": addresses.address, "operator_listen": addresses.operator_address},
             )
-            if config.metrics_listen:
-                self._remove_gauges = PROCESS.add_gauges(lambda: _gauges(service, store))
-                addresses = dataclasses.replace(
-                    addresses, metrics_address=PROCESS.serve(config.metrics_listen)
-                )
+            addresses = self._serve_metrics(addresses, service, store)
         except BaseException:
             self.stop(grace=0)
             raise
@@ -268,6 +264,16 @@ class CoordinatorServer:
             addresses.operator_address,
         )
         return addresses
+
+    def _serve_metrics(
+        self, addresses: BoundAddresses, service: CoordinatorService, store: CoordinatorStore
+    ) -> BoundAddresses:
+        """Export the coordinator's gauges with the process's metrics, on `metrics_listen`."""
+        listen = self.config.metrics_listen
+        if not listen:
+            return addresses
+        self._remove_gauges = PROCESS.add_gauges(lambda: _gauges(service, store))
+        return dataclasses.replace(addresses, metrics_address=PROCESS.serve(listen))
 
     def _hsa_server(self, service: CoordinatorService) -> tuple[grpc.Server, HealthService]:
         """The HSAs' server (mutual TLS): room for every WatchStates stream, each on a thread

@@ -42,6 +42,9 @@ NOT_INPUT_LIMITS: dict[str, dict[str, str]] = {
         "MAX_CONCURRENT_RPCS": "the sizing of the coordinator's server, set where it is built"
     },
     "domain_edge/kms_client/_retry.py": {"_MAX_DOUBLINGS": "back-off tuning of client retries"},
+    "domain_edge/metrics.py": {
+        "_MAX_METHODS": "label sets a process keeps: its servers' own methods, not an input"
+    },
     "domain_edge/transport/_interceptor.py": {
         "_MAX_WRAPPED_METHODS": "a cache of the server's own methods"
     },
