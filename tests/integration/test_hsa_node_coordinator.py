@@ -131,6 +131,12 @@ def test_the_watch_stream_delivers_states_the_coordinator_cannot_push(
         lambda: "hsa-3 watches states" in procs.log_text(COORDINATOR),
         what="hsa-3 to open its stream",
     )
+    # A node registers again when its key service starts serving: wait for that first, or it
+    # would put its own address back over the one below and the push would succeed.
+    wait_for(
+        lambda: not procs.status("hsa-3").key_service_waiting,
+        what="hsa-3's key service to serve",
+    )
     # Register hsa-3 at an address where nothing listens: the coordinator's push fails.
     as_hsa3 = stub(services_pb2_grpc.CoordinatorStub, procs.channel(COORDINATOR, "hsa-3"))
     as_hsa3.RegisterHsa(
