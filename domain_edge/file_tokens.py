@@ -43,6 +43,7 @@ from domain_edge.passphrase_files import (
     canonical_json,
     check_scrypt_n,
     derive_key,
+    header_document,
     kdf_header,
     parse_kdf,
     read_key_file,
@@ -159,21 +160,9 @@ def _read_token_header(path: Path) -> _TokenHeader:
     def bad(what: str) -> TokenError:
         return TokenError(f"token file {path} is malformed: {what}")
 
-    try:
-        document = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
-        raise bad("not JSON") from None
-    if not isinstance(document, dict):
-        raise bad("not a JSON object")
-    if document.get("format") != FILE_TOKEN_FORMAT:
-        raise bad(f"format is not {FILE_TOKEN_FORMAT!r}")
-    version = document.get("version")
-    if type(version) is not int or version != FILE_TOKEN_VERSION:
-        raise bad(f"version is not {FILE_TOKEN_VERSION}")
-    if set(document) != _HEADER_KEYS:
-        missing = sorted(_HEADER_KEYS - set(document))
-        extra = sorted(str(k)[:40] for k in set(document) - _HEADER_KEYS)
-        raise bad(f"fields missing {missing}, unexpected {extra}")
+    document = header_document(
+        data, bad, file_format=FILE_TOKEN_FORMAT, version=FILE_TOKEN_VERSION, keys=_HEADER_KEYS
+    )
     name, public_key = _token_identity(document, bad)
     n, salt = parse_kdf(document["kdf"], bad)
     nonce = b64_field(document["nonce"], "nonce", bad)

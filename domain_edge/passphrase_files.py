@@ -18,7 +18,7 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
@@ -37,6 +37,7 @@ __all__ = [
     "canonical_json",
     "check_scrypt_n",
     "derive_key",
+    "header_document",
     "kdf_header",
     "parse_kdf",
     "read_key_file",
@@ -107,6 +108,34 @@ def parse_kdf(kdf: object, bad: Callable[[str], TokenError]) -> tuple[int, bytes
     if len(salt) != SALT_BYTES:
         raise bad(f"kdf salt is not {SALT_BYTES} bytes")
     return n, salt
+
+
+def header_document(
+    data: bytes,
+    bad: Callable[[str], TokenError],
+    *,
+    file_format: str,
+    version: int,
+    keys: frozenset[str],
+) -> dict[str, Any]:
+    """The JSON object of a key file, checked for its format tag, its version and exactly
+    `keys` (`bad(what)` makes the error); its fields are the caller's to check."""
+    try:
+        document = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        raise bad("not JSON") from None
+    if not isinstance(document, dict):
+        raise bad("not a JSON object")
+    if document.get("format") != file_format:
+        raise bad(f"format is not {file_format!r}")
+    found = document.get("version")
+    if type(found) is not int or found != version:
+        raise bad(f"version is not {version}")
+    if set(document) != keys:
+        missing = sorted(keys - set(document))
+        extra = sorted(str(k)[:40] for k in set(document) - keys)
+        raise bad(f"fields missing {missing}, unexpected {extra}")
+    return document
 
 
 def read_key_file(path: Path, what: str) -> bytes:

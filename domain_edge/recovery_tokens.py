@@ -35,6 +35,7 @@ from domain_edge.passphrase_files import (
     canonical_json,
     check_scrypt_n,
     derive_key,
+    header_document,
     kdf_header,
     parse_kdf,
     read_key_file,
@@ -168,18 +169,9 @@ def _read_header(path: Path) -> _Header:
     def bad(what: str) -> TokenError:
         return TokenError(f"{_WHAT} {path} is malformed: {what}")
 
-    try:
-        document = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
-        raise bad("not JSON") from None
-    if not isinstance(document, dict):
-        raise bad("not a JSON object")
-    if document.get("format") != RECOVERY_TOKEN_FORMAT:
-        raise bad(f"format is not {RECOVERY_TOKEN_FORMAT!r}")
-    if type(document.get("version")) is not int or document["version"] != _VERSION:
-        raise bad(f"version is not {_VERSION}")
-    if set(document) != _HEADER_KEYS:
-        raise bad(f"fields must be exactly {sorted(_HEADER_KEYS)}")
+    document = header_document(
+        data, bad, file_format=RECOVERY_TOKEN_FORMAT, version=_VERSION, keys=_HEADER_KEYS
+    )
     name = document["name"]
     if not isinstance(name, str) or not 1 <= len(name) <= MAX_FILE_TOKEN_NAME_CHARS:
         raise bad("name is not a string of printable characters")
