@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Final, Protocol, TextIO
 
 from domain_core.display import escape_lines
-from domain_core.errors import TokenError
+from domain_core.errors import AlreadyExistsError, TokenError
 from domain_core.limits import MAX_SECRET_INPUT_FILE_BYTES
 from domain_core.signers import Signer
 from domain_edge.cli import UsageError, print_json
@@ -37,6 +37,7 @@ __all__ = [
     "TOKEN_ENV",
     "CommandContext",
     "Handler",
+    "new_token_file",
     "read_secret_file",
     "shared_options",
 ]
@@ -123,6 +124,27 @@ def _prompt(prompt: str, missing: str, stdin: TextIO) -> bytes:
     return value.encode("utf-8")
 
 
+def new_token_file(args: argparse.Namespace, what: str) -> Path:
+    """The `--out` of a new token file (`what`: "a file token", "a recovery token file"):
+    UsageError for a PKCS#11 option or a missing --out/--name, AlreadyExistsError when
+    anything is at that path (tokens are never overwritten)."""
+    for option, value in (
+        ("--module", args.module),
+        ("--token-label", args.token_label),
+        ("--key-label", args.key_label),
+    ):
+        if value is not None:
+            raise UsageError(f"{option} is for PKCS#11 tokens: add --pkcs11")
+    if args.out is None or args.name is None:
+        raise UsageError(f"{what} needs --out FILE and --name NAME (or use --pkcs11)")
+    out: Path = args.out
+    if out.exists() or out.is_symlink():
+        raise AlreadyExistsError(
+            f"a file exists already at {out}; choose another path (tokens are never overwritten)"
+        )
+    return out
+
+
 # --- what a command gets -------------------------------------------------------------------
 
 
@@ -187,12 +209,21 @@ class CommandContext:
         terminal)."""
         return _prompt(prompt, missing, self.stdin)
 
-    def new_passphrase(self) -> bytes:
-        """A passphrase for a new file token: --passphrase-file, else asked twice."""
-        if self.passphrase_file:
-            return read_secret_file(self.passphrase_file, "passphrase")
-        missing = "no passphrase: use --passphrase-file or run in a terminal"
-        first = _prompt("Passphrase for the new token: ", missing, self.stdin)
+    def new_passphrase(
+        self,
+        passphrase_file: str | None = None,
+        *,
+        option: str = "--passphrase-file",
+        kind: str = "token",
+    ) -> bytes:
+        """A passphrase for a new file token: from `passphrase_file` (default
+        --passphrase-file), else asked twice on the terminal; `option` and `kind` name them
+        in the prompts and errors."""
+        path = passphrase_file if passphrase_file is not None else self.passphrase_file
+        if path:
+            return read_secret_file(path, "passphrase")
+        missing = f"no passphrase: use {option} or run in a terminal"
+        first = _prompt(f"Passphrase for the new {kind}: ", missing, self.stdin)
         second = _prompt("Repeat the passphrase: ", missing, self.stdin)
         if first != second:
             raise TokenError("the two passphrases differ; nothing was created")

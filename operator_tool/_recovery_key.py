@@ -31,6 +31,7 @@ __all__ = [
     "opened_recovery_key",
     "recovery_key_fields",
     "recovery_passphrase",
+    "recovery_passphrase_file",
     "recovery_token_ref",
 ]
 
@@ -62,11 +63,17 @@ def recovery_token_ref(ctx: CommandContext) -> TokenRef:
     return parse_token_uri(text, environ=ctx.environ)
 
 
-def recovery_passphrase(ctx: CommandContext, prompt: str) -> Callable[[], bytes]:
-    """A recovery token's passphrase: --recovery-passphrase-file, else a terminal prompt."""
-    path = getattr(ctx.args, "recovery_passphrase_file", None) or ctx.environ.get(
+def recovery_passphrase_file(ctx: CommandContext) -> str | None:
+    """The file named by --recovery-passphrase-file or $HSM_RECOVERY_PASSPHRASE_FILE, if any."""
+    path: str | None = getattr(ctx.args, "recovery_passphrase_file", None) or ctx.environ.get(
         RECOVERY_PASSPHRASE_FILE_ENV
     )
+    return path or None
+
+
+def recovery_passphrase(ctx: CommandContext, prompt: str) -> Callable[[], bytes]:
+    """A recovery token's passphrase: --recovery-passphrase-file, else a terminal prompt."""
+    path = recovery_passphrase_file(ctx)
 
     def secret() -> bytes:
         if path:

@@ -23,7 +23,6 @@ from domain_core.errors import (
     FailedPreconditionError,
     InvalidInputError,
     StaleProposalError,
-    TokenError,
 )
 from domain_core.recovery_shares import RecoveryAlgorithm
 from domain_edge.cli import Command, Group, UsageError
@@ -33,14 +32,13 @@ from domain_edge.recovery_sessions import read_recovery_session
 from domain_edge.recovery_tokens import create_recovery_token
 from domain_edge.tokens import MODULE_ENV, format_pkcs11_uri
 from domain_proto import domain_pb2
-from operator_tool._context import CommandContext
+from operator_tool._context import CommandContext, new_token_file
 from operator_tool._contribute import add_contribution_options
 from operator_tool._recovery_key import (
-    RECOVERY_PASSPHRASE_FILE_ENV,
     add_recovery_key_options,
     opened_recovery_key,
     recovery_key_fields,
-    recovery_passphrase,
+    recovery_passphrase_file,
 )
 from operator_tool._signing import DEFAULT_EXPIRES_IN, add_yes_option, operator_token
 from operator_tool._where import (
@@ -55,20 +53,6 @@ from operator_tool.proposal_commands import propose
 __all__ = ["COMMANDS"]
 
 
-def _new_passphrase(ctx: CommandContext) -> bytes:
-    """The passphrase of a new recovery token: its file, else asked twice."""
-    if getattr(ctx.args, "recovery_passphrase_file", None) or ctx.environ.get(
-        RECOVERY_PASSPHRASE_FILE_ENV
-    ):
-        return recovery_passphrase(ctx, "")()
-    missing = "no passphrase: use --recovery-passphrase-file or run in a terminal"
-    first = ctx.prompt_secret("Passphrase for the new recovery token: ", missing)
-    second = ctx.prompt_secret("Repeat the passphrase: ", missing)
-    if first != second:
-        raise TokenError("the two passphrases differ; nothing was created")
-    return first
-
-
 def _key_text(fields: dict[str, object]) -> list[str]:
     return [
         f"algorithm:    {fields['algorithm']}",
@@ -80,21 +64,12 @@ def _init(ctx: CommandContext) -> int:
     args = ctx.args
     if args.pkcs11:
         return _init_pkcs11(ctx)
-    for option, value in (
-        ("--module", args.module),
-        ("--token-label", args.token_label),
-        ("--key-label", args.key_label),
-    ):
-        if value is not None:
-            raise UsageError(f"{option} is for PKCS#11 tokens: add --pkcs11")
-    if args.out is None or args.name is None:
-        raise UsageError("a recovery token file needs --out FILE and --name NAME (or --pkcs11)")
-    out: Path = args.out
-    if out.exists() or out.is_symlink():
-        raise AlreadyExistsError(
-            f"a file exists already at {out}; choose another path (tokens are never overwritten)"
-        )
-    passphrase = _new_passphrase(ctx)
+    out = new_token_file(args, "a recovery token file")
+    passphrase = ctx.new_passphrase(
+        recovery_passphrase_file(ctx) or "",
+        option="--recovery-passphrase-file",
+        kind="recovery token",
+    )
     public_key = create_recovery_token(out, passphrase, name=args.name)
     del passphrase
     fields = recovery_key_fields(RecoveryAlgorithm.X25519, public_key)

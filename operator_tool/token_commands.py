@@ -40,7 +40,7 @@ from domain_edge.tokens import (
     read_operator_public,
     write_operator_public,
 )
-from operator_tool._context import CommandContext
+from operator_tool._context import CommandContext, new_token_file
 
 __all__ = ["COMMANDS", "fingerprint", "read_operator_public"]
 
@@ -78,20 +78,7 @@ def _init(ctx: CommandContext) -> int:
     args = ctx.args
     if args.pkcs11:
         return _init_pkcs11(ctx)
-    for option, value in (
-        ("--module", args.module),
-        ("--token-label", args.token_label),
-        ("--key-label", args.key_label),
-    ):
-        if value is not None:
-            raise UsageError(f"{option} is for PKCS#11 tokens: add --pkcs11")
-    if args.out is None or args.name is None:
-        raise UsageError("a file token needs --out FILE and --name NAME (or use --pkcs11)")
-    out: Path = args.out
-    if out.exists() or out.is_symlink():
-        raise AlreadyExistsError(
-            f"a file exists already at {out}; choose another path (tokens are never overwritten)"
-        )
+    out = new_token_file(args, "a file token")
     algorithm = SignatureAlgorithm(args.algorithm or SignatureAlgorithm.ED25519)
     passphrase = ctx.new_passphrase()
     public_key = create_file_token(out, algorithm, passphrase, name=args.name)
