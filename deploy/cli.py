@@ -30,7 +30,7 @@ from deploy.cluster import ProcessStartError
 from deploy.enrollment import host_key_fingerprints, read_enrollment
 from deploy.init import DomainLayout, add_node, init_domain, load_layout
 from deploy.status import DomainReport, collect_status
-from domain_core.display import escape
+from domain_core.display import escape, hex_groups
 from domain_core.errors import HsmDomainError
 from domain_edge.cli import (
     Command,
@@ -271,9 +271,7 @@ def _cmd_add_node(args: argparse.Namespace) -> int:
     width = max(len(label) for label, _ in keys)
     for label, digest in keys:
         text = digest.hex()
-        print(
-            f"  {label.ljust(width)}  SHA-256 {' '.join(text[i : i + 4] for i in range(0, 64, 4))}"
-        )
+        print(f"  {label.ljust(width)}  SHA-256 {hex_groups(text)}")
     if args.start:
         print(f"{host} running at {address} (not a member until operators add it)")
     print(

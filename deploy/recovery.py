@@ -38,7 +38,7 @@ from deploy.backup import read_genesis, say, store_alone
 from deploy.enrollment import host_key_fingerprints
 from deploy.init import DomainLayout, add_node, load_layout
 from domain_core.backup import BackupSummary
-from domain_core.display import escape
+from domain_core.display import escape, hex_groups
 from domain_core.errors import FailedPreconditionError, HsmDomainError, InvalidInputError
 from domain_core.model import parse_enrollment
 from domain_core.recovery_shares import x25519_public_key
@@ -58,10 +58,6 @@ __all__ = ["RECOVER_COMMAND", "SESSION_FILE"]
 
 SESSION_FILE: Final = "recovery-session.bin"
 _HOST_NUMBER: Final = re.compile(r"^hsa-(\d+)\Z")
-
-
-def _groups(hex_text: str) -> str:
-    return " ".join(hex_text[i : i + 4] for i in range(0, len(hex_text), 4))
 
 
 def _session_path(layout: DomainLayout) -> Path:
@@ -202,12 +198,12 @@ def _print_session(document: dict[str, Any], restored: str, started: list[str]) 
         f"  base state   version {document['base_version']} "
         f"({document['base_state_hash'][:16]}), the backup's newest"
     )
-    print(f"  session key  SHA-256 {_groups(document['session_key_sha256'])}")
+    print(f"  session key  SHA-256 {hex_groups(document['session_key_sha256'])}")
     print(f"  session host {document['session_host']}")
     for host in document["new_hosts"]:
         print(f"  new host {host['host_id']}:")
         for label, digest in host["key_sha256"].items():
-            print(f"    {label:<22} SHA-256 {_groups(digest)}")
+            print(f"    {label:<22} SHA-256 {hex_groups(digest)}")
     if started:
         print(f"  started      {', '.join(started)}")
     print(

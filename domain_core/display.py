@@ -19,7 +19,7 @@ escape repaints or hides them, a bidi override reorders them. Invariants:
 
 from __future__ import annotations
 
-__all__ = ["escape", "escape_lines", "printable"]
+__all__ = ["escape", "escape_lines", "hex_groups", "printable"]
 
 _NAMED: dict[str, str] = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
@@ -51,3 +51,9 @@ def escape(text: str) -> str:
 def escape_lines(text: str) -> str:
     """`escape` on each line of a block laid out by this program; its line breaks stay."""
     return "\n".join(escape(line) for line in text.split("\n"))
+
+
+def hex_groups(hex_text: str) -> str:
+    """Hex digits in groups of four ("95a5 fa77 ..."), for comparing fingerprints by eye or
+    reading them aloud."""
+    return " ".join(hex_text[i : i + 4] for i in range(0, len(hex_text), 4))

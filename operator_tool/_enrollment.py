@@ -16,6 +16,7 @@ from typing import Any
 
 from google.protobuf.message import DecodeError
 
+from domain_core.display import hex_groups
 from domain_core.enrollment import host_key_fingerprints, verify_enrollment
 from domain_core.errors import EnrollmentError, HsmDomainError
 from domain_core.model import Manifest, Proposal
@@ -34,8 +35,7 @@ _LABEL_WIDTH = max(len(label) for label, _ in host_key_fingerprints(domain_pb2.H
 
 
 def _groups(digest: bytes) -> str:
-    text = digest.hex()
-    return " ".join(text[i : i + 4] for i in range(0, len(text), 4))
+    return hex_groups(digest.hex())
 
 
 def _enrollments(change: domain_pb2.Change) -> list[bytes]:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from domain_core.display import escape
+from domain_core.display import escape, hex_groups
 from domain_core.model import (
     CHANGE_TYPE_NAMES,
     change_type_name,
@@ -71,8 +71,7 @@ SHORT_HEX: Final = 16
 
 def fingerprint(hex_id: str, length: int | None = None) -> str:
     """An id in groups of four hex digits, for comparing by eye or by voice."""
-    text = hex_id if length is None else hex_id[:length]
-    return " ".join(text[i : i + 4] for i in range(0, len(text), 4))
+    return hex_groups(hex_id if length is None else hex_id[:length])
 
 
 def iso(timestamp: int) -> str:

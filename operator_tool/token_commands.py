@@ -20,6 +20,7 @@ import shlex
 from pathlib import Path
 from typing import Any, Final
 
+from domain_core.display import hex_groups
 from domain_core.errors import AlreadyExistsError
 from domain_core.signers import (
     PublicKey,
@@ -50,8 +51,7 @@ _SELF_TEST_MESSAGE: Final = b"hsm-operator export-public self-test"
 
 def fingerprint(public_key: PublicKey) -> str:
     """The key id in groups of four hex digits, for reading aloud and comparing by eye."""
-    key_id = public_key.key_id
-    return " ".join(key_id[i : i + 4] for i in range(0, len(key_id), 4))
+    return hex_groups(public_key.key_id)
 
 
 def _key_fields(public_key: PublicKey) -> dict[str, Any]:
