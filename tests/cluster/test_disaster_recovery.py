@@ -23,6 +23,7 @@ from deploy.cluster import read_ready_file
 from deploy.init import load_layout
 from domain_core import crypto, quorum
 from domain_core.changes import rotate_domain_key
+from domain_core.display import hex_groups
 from domain_core.errors import FailedPreconditionError, InvalidInputError, UnavailableError
 from domain_core.model import SealedState
 from domain_core.recovery import open_operator_share, open_package
@@ -78,19 +79,37 @@ def _enroll(ops: Operators, name: str, approver: str, recovery: tuple[str, ...])
     assert done["state"] == "applied"
 
 
+def _softhsm_recovery_key(
+    ops: Operators, softhsm2_util: str, module: str, tmp_path: Path
+) -> tuple[str, ...]:
+    """carol's P-256 recovery key, generated on her SoftHSM2 token; the options naming it."""
+    pin = ops.softhsm_token(softhsm2_util, tmp_path / "softhsm", "carol", CAROL_PIN, SO_PIN)
+    made = ops.json(
+        "recovery", "init", "--pkcs11", "--module", module, "--token-label", "carol",
+        "--key-label", "recovery", "--pin-file", str(pin), cluster=False,
+    )  # fmt: skip
+    assert made["algorithm"] == "p256"
+    return ("--recovery-token", made["recovery_token"], "--pin-file", str(pin))
+
+
+def _enroll_three(
+    ops: Operators, alice: tuple[str, ...], bob: tuple[str, ...], carol: tuple[str, ...]
+) -> None:
+    """alice, bob and carol enroll their recovery keys; recovery threshold 2."""
+    _enroll(ops, "alice", "bob", alice)
+    _enroll(ops, "bob", "carol", bob)
+    _enroll(ops, "carol", "alice", carol)
+    threshold = ops.propose("alice", "set-quorum", "2", "--recovery")
+    ops.ok("approve", threshold["proposal_id"], *ops.token("bob"), "--yes", "--wait")
+
+
 @pytest.mark.pkcs11
 def test_operators_enroll_recovery_keys_and_every_state_carries_a_package(
     ops: Operators, softhsm2_util_bin: str, softhsm2_module: str, tmp_path: Path
 ) -> None:
     alice = _recovery_file(ops, "alice")
     bob = _recovery_file(ops, "bob")
-    pin = ops.softhsm_token(softhsm2_util_bin, tmp_path / "softhsm", "carol", CAROL_PIN, SO_PIN)
-    made = ops.json(
-        "recovery", "init", "--pkcs11", "--module", softhsm2_module, "--token-label", "carol",
-        "--key-label", "recovery", "--pin-file", str(pin), cluster=False,
-    )  # fmt: skip
-    assert made["algorithm"] == "p256"
-    carol = ("--recovery-token", made["recovery_token"], "--pin-file", str(pin))
+    carol = _softhsm_recovery_key(ops, softhsm2_util_bin, softhsm2_module, tmp_path)
 
     # The coordinator refuses a recovery share on an approval of a proposal that recovers
     # nothing (it would only be stored and handed out).
@@ -110,11 +129,7 @@ def test_operators_enroll_recovery_keys_and_every_state_carries_a_package(
     cause = ops.refused("propose", "set-quorum", "2", "--recovery", *ops.token("alice"), "--yes")
     assert "recovery threshold 2 is above the 0 enrolled recovery keys" in cause
 
-    _enroll(ops, "alice", "bob", alice)
-    _enroll(ops, "bob", "carol", bob)
-    _enroll(ops, "carol", "alice", carol)
-    threshold = ops.propose("alice", "set-quorum", "2", "--recovery")
-    ops.ok("approve", threshold["proposal_id"], *ops.token("bob"), "--yes", "--wait")
+    _enroll_three(ops, alice, bob, carol)
     policy = ops.status()["quorum"]
     assert (policy["recovery_threshold"], policy["recovery_keys"]) == (2, 3)
 
@@ -209,17 +224,8 @@ def test_a_lost_domain_is_recovered_from_a_backup_by_m_of_n_operators(
 ) -> None:
     alice = _recovery_file(ops, "alice")
     bob = _recovery_file(ops, "bob")
-    pin = ops.softhsm_token(softhsm2_util_bin, tmp_path / "softhsm", "carol", CAROL_PIN, SO_PIN)
-    made = ops.json(
-        "recovery", "init", "--pkcs11", "--module", softhsm2_module, "--token-label", "carol",
-        "--key-label", "recovery", "--pin-file", str(pin), cluster=False,
-    )  # fmt: skip
-    carol = ("--recovery-token", made["recovery_token"], "--pin-file", str(pin))
-    _enroll(ops, "alice", "bob", alice)
-    _enroll(ops, "bob", "carol", bob)
-    _enroll(ops, "carol", "alice", carol)
-    threshold = ops.propose("alice", "set-quorum", "2", "--recovery")
-    ops.ok("approve", threshold["proposal_id"], *ops.token("bob"), "--yes", "--wait")
+    carol = _softhsm_recovery_key(ops, softhsm2_util_bin, softhsm2_module, tmp_path)
+    _enroll_three(ops, alice, bob, carol)
     corpus = _corpus(ops)
     directory = ops.cluster.directory
     backup = tmp_path / "domain.backup"
@@ -263,7 +269,7 @@ def test_a_lost_domain_is_recovered_from_a_backup_by_m_of_n_operators(
         assert resumed["store"].startswith("restored by an earlier run")
         shown = ops.json("proposals", "show", first["proposal_id"])
         assert shown["changes"][0]["type"] == "recover"
-        assert _spaced(session["session_key_sha256"]) in shown["changes"][0]["detail"]
+        assert hex_groups(session["session_key_sha256"]) in shown["changes"][0]["detail"]
         assert [h["host_id"] for h in shown["changes"][0]["host_keys"]] == [
             "hsa-4", "hsa-5", "hsa-6",
         ]  # fmt: skip
@@ -372,7 +378,3 @@ def _status(directory: Path) -> Any:
     result = run_tool("hsm-domain", "status", directory, "--json")
     assert result.returncode in (0, 1), result.stderr
     return json.loads(result.stdout)
-
-
-def _spaced(hex_text: str) -> str:
-    return " ".join(hex_text[i : i + 4] for i in range(0, len(hex_text), 4))
