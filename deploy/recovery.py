@@ -40,7 +40,7 @@ from deploy.init import DomainLayout, add_node, load_layout
 from domain_core.backup import BackupSummary
 from domain_core.display import escape, hex_groups
 from domain_core.errors import FailedPreconditionError, HsmDomainError, InvalidInputError
-from domain_core.model import parse_enrollment
+from domain_core.model import recovered_hosts
 from domain_core.recovery_shares import x25519_public_key
 from domain_edge.backup_files import verify_backup
 from domain_edge.cli import Command, Progress, UsageError, console_command, print_json
@@ -117,7 +117,7 @@ def _resumable(layout: DomainLayout, summary: BackupSummary) -> domain_pb2.Recov
     session = read_recovery_session(path)
     host = session.recover.session_host_id
     private = load_recovery_session_key(layout.node_identity_dir(host))
-    hosts = [layout.node_dir(h) for h in _enrollment_hosts(session)]
+    hosts = [layout.node_dir(h.host_id) for h in _new_hosts(session)]
     if (
         session.base_version != summary.newest_version
         or session.base_state_hash != summary.newest_state_hash
@@ -130,10 +130,9 @@ def _resumable(layout: DomainLayout, summary: BackupSummary) -> domain_pb2.Recov
     return session
 
 
-def _enrollment_hosts(session: domain_pb2.RecoverySession) -> list[str]:
-    return [
-        parse_enrollment(raw, session.domain_id)[1].host_id for raw in session.recover.enrollments
-    ]
+def _new_hosts(session: domain_pb2.RecoverySession) -> list[domain_pb2.Host]:
+    """The host records of the session's new hosts (from their enrollments)."""
+    return recovered_hosts(domain_pb2.Change(recover=session.recover), session.domain_id)
 
 
 def _open_session(
@@ -167,16 +166,13 @@ def _open_session(
 
 
 def _session_json(layout: DomainLayout, session: domain_pb2.RecoverySession) -> dict[str, Any]:
-    hosts = []
-    for raw in session.recover.enrollments:
-        record = parse_enrollment(raw, session.domain_id)[1]
-        host = record.host_id
-        hosts.append(
-            {
-                "host_id": host,
-                "key_sha256": {label: d.hex() for label, d in host_key_fingerprints(record)},
-            }
-        )
+    hosts = [
+        {
+            "host_id": record.host_id,
+            "key_sha256": {label: d.hex() for label, d in host_key_fingerprints(record)},
+        }
+        for record in _new_hosts(session)
+    ]
     return {
         "directory": str(layout.root),
         "session_file": str(_session_path(layout)),
