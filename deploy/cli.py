@@ -25,22 +25,31 @@ from typing import Any, Final, TextIO
 from deploy import audit, backup, cluster, recovery
 from deploy._coordinators import STORES
 from deploy._up import check_counts, cmd_up
+from deploy.bundles import hosts_summary
 from deploy.chaos import cli as chaos_cli
 from deploy.cluster import ProcessStartError
 from deploy.enrollment import host_key_fingerprints, read_enrollment
-from deploy.init import DomainLayout, add_node, init_domain, load_layout
+from deploy.init import (
+    DomainLayout,
+    add_node,
+    init_domain,
+    init_domain_across_hosts,
+    load_layout,
+)
 from deploy.status import DomainReport, collect_status
 from domain_core.display import escape, hex_groups
-from domain_core.errors import HsmDomainError
+from domain_core.errors import HsmDomainError, InvalidInputError
 from domain_edge.cli import (
     Command,
     Group,
     Progress,
     Tool,
+    UsageError,
     console_command,
     print_json,
     run_tool,
 )
+from domain_edge.hosts import COORDINATOR_PORT, HSA_PORT, HostAddress, parse_host_option
 
 __all__ = ["COMMANDS", "TOOL", "build_parser", "main"]
 
@@ -89,7 +98,48 @@ def _layout_json(layout: DomainLayout) -> dict[str, Any]:
     }
 
 
+def _init_across_hosts(args: argparse.Namespace) -> int:
+    """`init --host ... --coordinator ADDR`: a domain whose processes run from bundles."""
+    try:
+        hosts = [parse_host_option(text) for text in args.host]
+        coordinator = HostAddress.parse(args.coordinator or "", COORDINATOR_PORT)
+    except InvalidInputError as error:
+        raise UsageError(error.message) from None
+    if args.nodes not in (3, len(hosts)) or args.coordinators != 1 or args.store == "etcd":
+        raise UsageError(
+            "--host names every node (no --nodes) and a domain across hosts has one coordinator "
+            "on SQLite (no --coordinators, --store etcd)"
+        )
+    check_counts(len(hosts), args.operators, args.quorum, args.workers)
+    root = init_domain_across_hosts(
+        Path(args.directory),
+        hosts,
+        coordinator,
+        operators=args.operators,
+        quorum=args.quorum,
+        domain_id=args.domain_id,
+        workers=args.workers,
+        expose_metrics=args.expose_metrics,
+    )
+    summary = hosts_summary(root)
+    if args.json:
+        print_json(summary)
+        return 0
+    print(f"created domain {summary['domain_id']!r} across hosts in {root}")
+    print(f"  genesis hash  {summary['genesis_hash']}")
+    for name, bundle in summary["bundles"].items():
+        print(f"  {name:<13} {summary['listen'][name]:<24} bundle {bundle}")
+    print("  the operators/*.passphrase files are for this demo only")
+    print("next: copy each bundle to its machine and start it there (docs/deploy.md):")
+    print("  hsa-node --config BUNDLE/config.json   domain-coordinator --config BUNDLE/config.json")
+    return 0
+
+
 def _cmd_init(args: argparse.Namespace) -> int:
+    if args.host or args.coordinator:
+        if not args.host or not args.coordinator:
+            raise UsageError("a domain across hosts needs --host for each HSA and --coordinator")
+        return _init_across_hosts(args)
     check_counts(
         args.nodes, args.operators, args.quorum, args.workers, args.coordinators, args.store
     )
@@ -338,6 +388,28 @@ def _init_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--domain-id", default="local", help="domain (trust domain) id, default local"
     )
+    hosts = parser.add_argument_group(
+        "a domain across hosts (each process started from its bundle on its machine)"
+    )
+    hosts.add_argument(
+        "--host",
+        metavar="NAME=ADDR",
+        action="append",
+        default=[],
+        help=f"an HSA and where others reach it: an IP or a DNS name, port {HSA_PORT} unless "
+        "ADDR ends in :PORT (repeat for each HSA)",
+    )
+    hosts.add_argument(
+        "--coordinator",
+        metavar="ADDR",
+        help=f"where HSAs reach the coordinator (port {COORDINATOR_PORT} unless :PORT; "
+        "operators use the next port)",
+    )
+    hosts.add_argument(
+        "--expose-metrics",
+        action="store_true",
+        help="serve each process's metrics (its port + 2000) on its address, not loopback",
+    )
     parser.add_argument("--json", action="store_true", help="print the created files as JSON")
 
 
@@ -376,6 +448,8 @@ COMMANDS: Final[tuple[Command | Group, ...]] = (
         hsm-domain init ./demo --nodes 3 --operators 3 --quorum 2
         hsm-domain init ./ha --coordinators 3   # 3 replicas on a 3-member etcd cluster
         hsm-domain init ./demo --json | jq .genesis_hash
+        hsm-domain init ./prod --host hsa-1=10.0.0.11 --host hsa-2=10.0.0.12 \\
+            --host hsa-3=10.0.0.13 --coordinator 10.0.0.10   # bundles for three machines
         """,
         arguments=_init_arguments,
     ),

@@ -25,18 +25,20 @@ Passphrase files are a LOCAL DEMO convenience: a real domain never writes them.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import secrets
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
+from deploy._ceremony import create_operator_tokens, genesis_ceremony, operator_names
 from deploy._coordinators import (
     ETCD,
+    SQLITE,
     SQLITE_STORE,
     PinnedCoordinator,
     check_coordinators,
@@ -44,24 +46,20 @@ from deploy._coordinators import (
     coordinator_names,
     coordinator_pin,
 )
+from deploy._domain_layout import DomainLayout, load_layout
 from deploy._etcd_members import DomainEtcd
 from deploy._files import make_private_dir, replace_file, write_json, write_secret_file
+from deploy.bundles import check_addresses, domain_addresses, make_bundles
 from deploy.enrollment import VerifiedEnrollment, make_enrollment, verify_enrollment
-from domain_core import canonical, genesis, model, quorum
-from domain_core.chain import TrustedChain
-from domain_core.errors import AlreadyExistsError, InvalidInputError, NotFoundError
+from domain_core.errors import AlreadyExistsError, InvalidInputError
 from domain_core.identity import HostIdentity
 from domain_core.limits import DEFAULT_LIMITS
-from domain_core.model import SealedState
 from domain_core.pki import (
     DomainCA,
     SpiffeId,
     is_valid_trust_domain,
     new_tls_key_pem,
     tls_public_key,
-)
-from domain_core.signers import (
-    SignatureAlgorithm,
 )
 from domain_edge.ca_files import load_domain_ca, save_domain_ca
 from domain_edge.config import (
@@ -72,17 +70,15 @@ from domain_edge.config import (
 )
 from domain_edge.file_tokens import (
     DEFAULT_SCRYPT_N,
-    create_file_token,
-    load_file_token,
 )
+from domain_edge.hosts import HostAddress
 from domain_edge.identity_files import (
     TLS_CERTIFICATE_FILE,
     TLS_KEY_FILE,
     save_host_certificate,
     save_host_identity,
 )
-from domain_edge.layout import COORDINATOR_NAME, DEMO_CLIENT, DOMAIN_FILE, DomainPaths
-from domain_proto import domain_pb2
+from domain_edge.layout import COORDINATOR_NAME, DEMO_CLIENT, DomainPaths
 
 __all__ = [
     "COORDINATOR_NAME",
@@ -92,79 +88,20 @@ __all__ = [
     "add_node",
     "coordinator_pin",
     "init_domain",
+    "init_domain_across_hosts",
     "load_layout",
     "operator_names",
     "read_passphrase",
 ]
 
-_OPERATOR_NAMES: Final = (
-    "alice",
-    "bob",
-    "carol",
-    "dave",
-    "erin",
-    "frank",
-    "grace",
-    "heidi",
-    "ivan",
-    "judy",
-)
 _HOST_PREFIX: Final = "hsa-"
 _HOST_NUMBER: Final = re.compile(r"^hsa-(\d+)$")
 _DOMAIN_FORMAT: Final = "hsm-domain-local"
 
 
-def operator_names(count: int) -> list[str]:
-    """The demo operator names: alice, bob, ... judy, then op-11, op-12, ..."""
-    return [_OPERATOR_NAMES[i] if i < len(_OPERATOR_NAMES) else f"op-{i + 1}" for i in range(count)]
-
-
 def read_passphrase(path: Path) -> bytes:
     """The passphrase stored in a demo passphrase file (surrounding whitespace stripped)."""
     return Path(path).read_bytes().strip()
-
-
-@dataclass(frozen=True)
-class DomainLayout(DomainPaths):
-    """A local domain as `load_layout` reads it back: where its files live (`DomainPaths`),
-    what `domain.json` pins, and which nodes have a config.
-
-    `node_configs` lists every node that has a config: the genesis hosts in order, then the
-    hosts added later with `add_node` (which join the domain only once operators approve).
-    `coordinators` lists every coordinator that has a config (`coordinator`, or the replicas
-    `coordinator-1..N`); `etcd` is the domain's etcd cluster when it has one.
-    """
-
-    domain_id: str
-    genesis_hash: bytes
-    node_configs: dict[str, Path]
-    operator_tokens: dict[str, tuple[Path, Path]]
-    genesis_nodes: tuple[str, ...] = ()
-    quorum: int = 0
-    coordinators: tuple[str, ...] = (COORDINATOR_NAME,)
-    etcd: DomainEtcd | None = None
-
-    @property
-    def etcd_members(self) -> list[str]:
-        """The names of the domain's etcd members (none without an etcd cluster)."""
-        return self.etcd.names if self.etcd is not None else []
-
-    @property
-    def process_names(self) -> list[str]:
-        """Every process of the domain, in the order they start: the etcd members, the
-        coordinators, then the nodes (they stop in the reverse order of kinds)."""
-        return [*self.etcd_members, *self.coordinators, *self.node_configs]
-
-    @property
-    def replicated(self) -> bool:
-        """Whether the coordinators are replicas on etcd (`coordinator-<n>`)."""
-        return self.coordinators != (COORDINATOR_NAME,)
-
-    @property
-    def store_config(self) -> Path:
-        """A coordinator config that names the domain's store (every coordinator's names the
-        same one): what the store tools (backup, restore, migrate) open."""
-        return self.coordinator_config_of(self.coordinators[0])
 
 
 def _validate_counts(nodes: int, operators: int, threshold: int, domain_id: str) -> None:
@@ -200,11 +137,20 @@ def _check_target(directory: Path) -> None:
             )
 
 
-def _issue_client_files(ca: DomainCA, spiffe: SpiffeId, directory: Path, now: datetime) -> None:
+# (DNS names, IP addresses) a certificate carries besides its SPIFFE names: a local domain's.
+_LOCAL_NAMES: Final = (("localhost",), ("127.0.0.1", "::1"))
+_Names = tuple[tuple[str, ...], tuple[str, ...]]
+
+
+def _issue_client_files(
+    ca: DomainCA, spiffe: SpiffeId, directory: Path, now: datetime, names: _Names = _LOCAL_NAMES
+) -> None:
     """A fresh P-256 key (0600) and a CA-issued certificate in `directory`."""
     make_private_dir(directory)
     key_pem = new_tls_key_pem()
-    cert_pem = ca.issue(spiffe, tls_public_key(key_pem), now=now)
+    cert_pem = ca.issue(
+        spiffe, tls_public_key(key_pem), now=now, dns_names=names[0], ip_addresses=names[1]
+    )
     write_secret_file(directory / TLS_KEY_FILE, key_pem)
     replace_file(directory / TLS_CERTIFICATE_FILE, cert_pem)
 
@@ -245,15 +191,27 @@ def _node_config(
 
 
 def _create_host(
-    paths: DomainPaths, ca: DomainCA, domain_id: str, host_id: str, now: datetime
+    paths: DomainPaths,
+    ca: DomainCA,
+    domain_id: str,
+    host_id: str,
+    now: datetime,
+    names: _Names = _LOCAL_NAMES,
 ) -> tuple[HostIdentity, VerifiedEnrollment]:
-    """Identity, CA-issued TLS certificate and enrollment (`enrollment.bin`) of one new node
-    under `paths`; the enrollment is verified against the CA before it is written."""
+    """Identity, CA-issued TLS certificate (naming `names` besides its SPIFFE names) and
+    enrollment (`enrollment.bin`) of one new node under `paths`; the enrollment is verified
+    against the CA before it is written."""
     make_private_dir(paths.node_dir(host_id))
     identity_dir = paths.node_identity_dir(host_id)
     identity = HostIdentity.generate(host_id)
     save_host_identity(identity, identity_dir)
-    cert_pem = ca.issue(identity.spiffe_id(domain_id), identity.tls_public_key, now=now)
+    cert_pem = ca.issue(
+        identity.spiffe_id(domain_id),
+        identity.tls_public_key,
+        now=now,
+        dns_names=names[0],
+        ip_addresses=names[1],
+    )
     save_host_certificate(identity, identity_dir, cert_pem)
     make_private_dir(paths.node_data_dir(host_id))
     raw = make_enrollment(identity, domain_id, cert_pem)
@@ -277,6 +235,25 @@ class _Request:
     workers: int
     coordinators: tuple[str, ...]
     store: str
+    hosts: tuple[tuple[str, HostAddress], ...] = ()
+    coordinator_address: HostAddress | None = None
+    expose_metrics: bool = False
+
+    @property
+    def host_ids(self) -> list[str]:
+        """The genesis hosts: the names given with their addresses, or hsa-1..N."""
+        if self.hosts:
+            return [name for name, _ in self.hosts]
+        return [f"{_HOST_PREFIX}{index}" for index in range(1, self.nodes + 1)]
+
+    def names_of(self, host_id: str | None) -> _Names:
+        """What the certificate of `host_id` (None: a coordinator) names besides its SPIFFE
+        names: its address across hosts, localhost in a local domain."""
+        if self.coordinator_address is None:
+            return _LOCAL_NAMES
+        if host_id is None:
+            return self.coordinator_address.certificate_names
+        return dict(self.hosts)[host_id].certificate_names
 
 
 def init_domain(
@@ -318,7 +295,63 @@ def init_domain(
         tuple(coordinator_names(coordinators, chosen_store)),
         chosen_store,
     )
-    directory = Path(directory).absolute()
+    return load_layout(_create(Path(directory), request))
+
+
+def init_domain_across_hosts(
+    directory: Path,
+    hosts: Sequence[tuple[str, HostAddress]],
+    coordinator: HostAddress,
+    *,
+    operators: int = 3,
+    quorum: int = 2,
+    domain_id: str = "local",
+    now: datetime | None = None,
+    scrypt_n: int = DEFAULT_SCRYPT_N,
+    workers: int = 0,
+    expose_metrics: bool = False,
+) -> Path:
+    """Create a domain whose HSAs (`hosts`: host id, address) and one coordinator (on
+    SQLite) run on machines of their own, and return its directory.
+
+    As `init_domain`, but every certificate names its process's address, and every process's
+    files end up in a bundle to copy to its machine (`deploy.bundles`), not in `nodes/` and
+    `coordinator/`; `domain.json` keeps the addresses for the tools.
+    """
+    if not hosts:
+        raise InvalidInputError("a domain across hosts needs --host NAME=ADDRESS for each HSA")
+    check_addresses(hosts, coordinator)
+    _validate_counts(len(hosts), operators, quorum, domain_id)
+    check_worker_count(workers)
+    for host_id, _ in hosts:
+        try:
+            SpiffeId(domain_id, "hsa", host_id)
+        except InvalidInputError as error:
+            raise InvalidInputError(f"invalid host id: {error.message}") from None
+    now = now or datetime.now(UTC)
+    if now.tzinfo is None:
+        raise ValueError("now must be timezone-aware")
+    request = _Request(
+        len(hosts),
+        operators,
+        quorum,
+        domain_id,
+        now,
+        scrypt_n,
+        workers,
+        (COORDINATOR_NAME,),
+        SQLITE,
+        tuple(hosts),
+        coordinator,
+        expose_metrics,
+    )
+    return _create(Path(directory), request)
+
+
+def _create(directory: Path, request: _Request) -> Path:
+    """Build the domain of `request` in `directory` (absent or empty): complete, or not at
+    all."""
+    directory = directory.absolute()
     _check_target(directory)
     if directory.exists():
         # An existing empty directory (maybe the caller's cwd) is filled in place and emptied
@@ -333,7 +366,7 @@ def init_domain(
                 else:
                     child.unlink(missing_ok=True)
             raise
-        return load_layout(directory)
+        return directory
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = directory.parent / f".{directory.name}.init-{secrets.token_hex(4)}"
     make_private_dir(staging)
@@ -343,7 +376,7 @@ def init_domain(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return load_layout(directory)
+    return directory
 
 
 def _build(paths: DomainPaths, request: _Request) -> None:
@@ -354,22 +387,47 @@ def _build(paths: DomainPaths, request: _Request) -> None:
     save_domain_ca(ca, paths.ca_dir)
     identities: dict[str, HostIdentity] = {}
     enrollments: list[VerifiedEnrollment] = []
-    for index in range(1, request.nodes + 1):
-        host_id = f"{_HOST_PREFIX}{index}"
-        identities[host_id], enrollment = _create_host(paths, ca, domain_id, host_id, now)
+    for host_id in request.host_ids:
+        identities[host_id], enrollment = _create_host(
+            paths, ca, domain_id, host_id, now, request.names_of(host_id)
+        )
         enrollments.append(enrollment)
     # Every replica carries the one SPIFFE id of the service, each with a key of its own.
     coordinator = SpiffeId(domain_id, "coordinator", COORDINATOR_NAME)
     for name in request.coordinators:
-        _issue_client_files(ca, coordinator, paths.coordinator_dir_of(name), now)
+        _issue_client_files(
+            ca, coordinator, paths.coordinator_dir_of(name), now, request.names_of(None)
+        )
     _issue_client_files(ca, SpiffeId(domain_id, "client", DEMO_CLIENT), paths.client_dir, now)
-    tokens = _create_operator_tokens(paths, request)
-    state = _genesis_ceremony(ca, enrollments, identities, tokens, request)
+    tokens = create_operator_tokens(paths, request.operators, request.scrypt_n)
+    state = genesis_ceremony(
+        ca,
+        enrollments,
+        identities,
+        tokens,
+        domain_id=domain_id,
+        threshold=request.quorum,
+        now=now,
+    )
     replace_file(paths.genesis_state, state.to_bytes())
     _write_configs(paths, [e.host.host_id for e in enrollments], state.hash, request)
+    document: dict[str, Any] = {}
+    if request.coordinator_address is not None:
+        make_bundles(
+            paths,
+            request.hosts,
+            request.coordinator_address,
+            genesis_hash=state.hash,
+            domain_id=domain_id,
+            workers=request.workers,
+            expose_metrics=request.expose_metrics,
+        )
+        addresses = domain_addresses(request.hosts, request.coordinator_address)
+        document["addresses"] = addresses.to_json()
     write_json(
         paths.domain_file,
-        {
+        document
+        | {
             "format": _DOMAIN_FORMAT,
             "domain_id": domain_id,
             "genesis_hash": state.hash.hex(),
@@ -380,69 +438,6 @@ def _build(paths: DomainPaths, request: _Request) -> None:
             "quorum": request.quorum,
         },
     )
-
-
-@dataclass(frozen=True)
-class _DemoToken:
-    """An operator token `init` made, and the passphrase it holds for the ceremony."""
-
-    record: domain_pb2.Operator
-    path: Path
-    passphrase: bytes
-
-
-def _create_operator_tokens(paths: DomainPaths, request: _Request) -> list[_DemoToken]:
-    """A file token and a demo passphrase file (0600) for each operator."""
-    make_private_dir(paths.operators_dir)
-    tokens: list[_DemoToken] = []
-    for name in operator_names(request.operators):
-        passphrase = secrets.token_urlsafe(32).encode("ascii")
-        token_path = paths.operator_token(name)
-        write_secret_file(paths.operator_passphrase(name), passphrase + b"\n")
-        public_key = create_file_token(
-            token_path,
-            SignatureAlgorithm.ED25519,
-            passphrase,
-            name=name,
-            scrypt_n=request.scrypt_n,
-        )
-        tokens.append(_DemoToken(model.make_operator(name, public_key), token_path, passphrase))
-    return tokens
-
-
-def _genesis_ceremony(
-    ca: DomainCA,
-    enrollments: list[VerifiedEnrollment],
-    identities: dict[str, HostIdentity],
-    tokens: list[_DemoToken],
-    request: _Request,
-) -> SealedState:
-    """The genesis: every operator opens their token and approves; the first host seals; the
-    state is verified against its own hash before anything pins it."""
-    timestamp = int(request.now.timestamp())
-    records = [t.record for t in tokens]
-    proposal = genesis.genesis_proposal(
-        request.domain_id,
-        [e.raw for e in enrollments],
-        records,
-        request.quorum,
-        ca_certificate=ca.certificate_der,
-        proposer_id=records[0].operator_id,
-        now=timestamp,
-    )
-    approvals = [quorum.approve(proposal, load_file_token(t.path, t.passphrase)) for t in tokens]
-    first = enrollments[0].host.host_id
-    state = genesis.seal_genesis(
-        proposal,
-        approvals,
-        producer_host_id=first,
-        producer=identities[first].signer,
-        now=timestamp,
-    )
-    TrustedChain.from_genesis(
-        request.domain_id, state.hash, SealedState.from_bytes(state.to_bytes())
-    )
-    return state
 
 
 def _write_configs(
@@ -468,65 +463,9 @@ def _write_configs(
         coordinator_config(paths, name, request.domain_id, genesis_hash, store).save(
             paths.coordinator_config_of(name)
         )
-    for directory in (paths.run_dir, paths.log_dir):
-        make_private_dir(directory)
-
-
-def _read_domain_file(root: Path) -> dict[str, Any]:
-    path = DomainPaths(root).domain_file
-    try:
-        document = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise NotFoundError(
-            f"{root} holds no local domain ({DOMAIN_FILE} is missing); "
-            f"create one with `hsm-domain init {root}`"
-        ) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise InvalidInputError(f"{path} is not valid JSON: {error}") from None
-    required = {"domain_id", "genesis_hash", "nodes", "operators", "quorum"}
-    if not isinstance(document, dict) or not required <= set(document):
-        raise InvalidInputError(f"{path} must be an object with {', '.join(sorted(required))}")
-    return document
-
-
-def _host_sort_key(host_id: str) -> tuple[int, str]:
-    match = _HOST_NUMBER.match(host_id)
-    return (int(match.group(1)) if match else 1 << 30, host_id)
-
-
-def load_layout(directory: Path) -> DomainLayout:
-    """Read `domain.json` of a domain made by `init_domain` and locate its files."""
-    paths = DomainPaths(Path(directory).absolute())
-    document = _read_domain_file(paths.root)
-    try:
-        genesis_hash = bytes.fromhex(str(document["genesis_hash"]))
-        genesis_nodes = tuple(str(n) for n in document["nodes"])
-        operator_list = [str(o["name"]) for o in document["operators"]]
-        threshold = int(document["quorum"])
-    except (ValueError, TypeError, KeyError) as error:
-        raise InvalidInputError(f"{paths.domain_file} is malformed: {error}") from None
-    if len(genesis_hash) != canonical.DIGEST_BYTES:
-        raise InvalidInputError(f"{paths.domain_file}: genesis_hash is not 64 hex characters")
-    found = sorted(paths.configured_hosts(), key=_host_sort_key)
-    coordinators = tuple(paths.configured_coordinators()) or (COORDINATOR_NAME,)
-    etcd = DomainEtcd.load(paths) if paths.etcd_cluster_file.exists() else None
-    ordered = [h for h in genesis_nodes if h in found] + [
-        h for h in found if h not in genesis_nodes
-    ]
-    return DomainLayout(
-        root=paths.root,
-        domain_id=str(document["domain_id"]),
-        genesis_hash=genesis_hash,
-        node_configs={h: paths.node_config(h) for h in ordered},
-        operator_tokens={
-            name: (paths.operator_token(name), paths.operator_passphrase(name))
-            for name in operator_list
-        },
-        genesis_nodes=genesis_nodes,
-        quorum=threshold,
-        coordinators=coordinators,
-        etcd=etcd,
-    )
+    if request.coordinator_address is None:  # processes of a local domain run here
+        for directory in (paths.run_dir, paths.log_dir):
+            make_private_dir(directory)
 
 
 def _next_host_id(layout: DomainLayout) -> str:

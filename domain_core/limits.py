@@ -247,6 +247,8 @@ MAX_GENESIS_MARKER_FILE_BYTES: Final = 200
 MAX_PEER_HEADS_FILE_BYTES: Final = 4 * 1024 * 1024
 # A JSON file an operator passes to hsm-operator (cluster file, coordinator pin).
 MAX_OPERATOR_JSON_FILE_BYTES: Final = 1 << 20
+# domain.json of a domain directory (pins, operators, a domain across hosts' addresses).
+MAX_DOMAIN_FILE_BYTES: Final = 1 << 20
 # The hex digits of a proposal id an operator must type at least (a prefix names one).
 MIN_PROPOSAL_ID_PREFIX_CHARS: Final = 6
 # A CA certificate file passed to hsm-operator.

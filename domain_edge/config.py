@@ -107,6 +107,9 @@ class NodeConfig(_ConfigBase):
     genesis_state: str  # serialized genesis SealedState
     tls: TlsFiles
     listen: str = "127.0.0.1:0"
+    # "host:port" others dial to reach this HSA, told to the coordinator and the peers; "": the
+    # address bound (`listen`). Set when listening on every interface (0.0.0.0) under a DNS name.
+    advertise_address: str = ""
     # Prometheus metrics (plain HTTP, `domain_edge.metrics`): loopback by default; "" for none.
     # Each key service worker serves its own, on this host with a port of its own.
     metrics_listen: str = "127.0.0.1:0"
@@ -165,6 +168,8 @@ class NodeConfig(_ConfigBase):
                 "coordinator_fingerprints needs coordinator_identity (the coordinator's SPIFFE id)"
             )
         object.__setattr__(self, "peer_addresses", _check_addresses(self.peer_addresses))
+        if self.advertise_address:
+            _check_addresses([self.advertise_address], "advertise_address")
         bound, gossip = self.head_confirmation_seconds, self.gossip_interval_seconds
         if (
             isinstance(bound, bool)
@@ -242,15 +247,15 @@ def _limits(overrides: object) -> Limits:
     return DEFAULT_LIMITS.with_overrides(overrides, "limits")
 
 
-def _check_addresses(value: object) -> tuple[str, ...]:
+def _check_addresses(value: object, name: str = "peer_addresses") -> tuple[str, ...]:
     """`value` (a list from JSON) as a tuple of "host:port" strings; InvalidInputError if not."""
     if isinstance(value, str) or not isinstance(value, list | tuple):
-        raise InvalidInputError('peer_addresses must be a list of "host:port" strings')
+        raise InvalidInputError(f'{name} must be a list of "host:port" strings')
     for address in value:
         host, sep, port = address.rpartition(":") if isinstance(address, str) else ("", "", "")
         if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
             raise InvalidInputError(
-                f"peer_addresses: {str(address)[:80]!r} is not an address of the form host:port"
+                f"{name}: {str(address)[:80]!r} is not an address of the form host:port"
             )
     return tuple(value)
 

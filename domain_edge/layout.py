@@ -17,6 +17,9 @@ The one place that spells the tree docs/runtime.md lists ("Files of a local doma
                                       pid files only)
     DIR/logs/<name>.log               each process's output
     DIR/chaos/                        what `hsm-domain chaos` keeps of its runs
+    DIR/bundles/<name>/               a domain across hosts (`init --host`): each HSA's and the
+                                      coordinator's files, to copy to its machine; no nodes/
+                                      nor coordinator/ then (docs/deploy.md)
 
 The launcher (`deploy`), the tools (`hsm-kms --cluster`, `hsm-operator --cluster`), the
 benchmarks and the tests find every file through `DomainPaths`, so the tree is spelled once.
@@ -252,6 +255,16 @@ class DomainPaths:
     def log_file(self, name: str) -> Path:
         """Where a process's stdout and stderr go."""
         return self.log_dir / f"{name}.log"
+
+    @property
+    def bundles_dir(self) -> Path:
+        """The bundles of a domain across hosts (`hsm-domain init --host`)."""
+        return self.root / "bundles"
+
+    def bundle_dir(self, name: str) -> Path:
+        """The bundle of one HSA or of the coordinator: its config.json and every file it
+        names, copied as one directory to its machine."""
+        return self.bundles_dir / name
 
     @property
     def chaos_dir(self) -> Path:

@@ -303,7 +303,8 @@ class HsaServer:
         )
 
     def start(self) -> str:
-        """Bind, start serving, start the sync threads; returns the bound address."""
+        """Bind, start serving, start the sync threads; returns the address others dial (the
+        bound one, or `advertise_address`)."""
         loaded = self._loaded
         node, config = loaded.node, loaded.config
         audit_heads = self._audit_heads()
@@ -345,8 +346,9 @@ class HsaServer:
             keys, SERVICE_NAMES, self._limits, register_hsa_services, domain_id=node.domain_id
         )
         server = served.server
-        self.address = self._bind(server)
-        loaded.store.save_address(self.address)
+        bound = self._bind(server)
+        loaded.store.save_address(bound)  # rebound after a restart, when free
+        self.address = config.advertise_address or bound  # where others dial this HSA
         peering.set_address(self.address)
         syncer = Syncer(
             node=node,
@@ -369,8 +371,9 @@ class HsaServer:
         keys.start()
         status = node.status()
         log.info(
-            "serving on %s: domain %s version %d, member %s, healthy %s%s",
-            self.address,
+            "serving on %s%s: domain %s version %d, member %s, healthy %s%s",
+            bound,
+            f" (as {self.address})" if self.address != bound else "",
             status.domain_id,
             status.version,
             status.member,

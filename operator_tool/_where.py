@@ -9,7 +9,8 @@ every state the coordinator serves. They come from:
   and the ready file of every coordinator (`DIR/run/coordinator.json`, or
   `DIR/run/coordinator-<n>.json` for each replica of a domain on etcd: its `operator_address`,
   written by the running coordinator); several replicas' addresses make one channel that fails
-  over between them (`domain_edge.transport.channel_target`);
+  over between them (`domain_edge.transport.channel_target`); of a domain across hosts
+  (`hsm-domain init --host`), the coordinator's operator address in `DIR/domain.json`;
 - `--coordinator HOST:PORT` and `--ca FILE` for any other domain, with the anchor from
   `--genesis FILE --genesis-hash HEX` (the genesis state and the hash pinned out of band) or
   `--state FILE` (a state this operator verified and exported earlier, `domain
@@ -59,6 +60,7 @@ from domain_core.model import SealedState
 from domain_edge.cli import UsageError
 from domain_edge.client import CoordinatorClient, ProposalView
 from domain_edge.files import read_limited
+from domain_edge.hosts import addresses_of
 from domain_edge.layout import COORDINATOR_NAME, DomainPaths
 from operator_tool._context import CommandContext
 from operator_tool._review import Review, review
@@ -257,7 +259,12 @@ def locate(ctx: CommandContext) -> DomainLocation:
             genesis_hash, genesis_file = cluster_hash, cluster_genesis
         ca_file = ca_file or cluster_ca
         if coordinator is None:
-            coordinator = _coordinator_from_ready_files(ready, directory)
+            # A domain across hosts: its coordinator runs elsewhere, where domain.json says.
+            across_hosts = addresses_of(DomainPaths(directory))
+            if across_hosts is not None:
+                coordinator = across_hosts.operator
+            else:
+                coordinator = _coordinator_from_ready_files(ready, directory)
     if coordinator is None:
         raise UsageError(
             f"where is the domain? give --cluster DIR (or ${CLUSTER_ENV}), or --coordinator "

@@ -36,8 +36,9 @@ find_softhsm2_module() {
   return 1
 }
 
-banner "system tools: softhsm2, etcd, systemd (its analyze and sysusers tools check the units)"
+banner "system tools: softhsm2, etcd, systemd (its analyze and sysusers tools check the units), iproute2 (network namespaces)"
 missing=()
+command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 command -v softhsm2-util >/dev/null 2>&1 && find_softhsm2_module >/dev/null || missing+=(softhsm2)
 command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
 command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)

@@ -1,7 +1,8 @@
 """Finding the key service of a local domain (`hsm-domain init DIR`) from its directory.
 
-Invariants: only the ready files of running nodes give addresses; a missing or incomplete
-domain, or one with no node running, is a clear error saying what to do.
+Invariants: only the ready files of running nodes give addresses (of a domain across hosts,
+`domain.json`'s addresses: its nodes run elsewhere); a missing or incomplete domain, or one with
+no node running, is a clear error saying what to do.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from domain_core.errors import (
     NotFoundError,
     UnavailableError,
 )
+from domain_edge.hosts import addresses_of
 from domain_edge.layout import DomainPaths
 from domain_edge.transport import TlsMaterial
 
@@ -49,6 +51,9 @@ def _read_cluster(root: Path) -> tuple[list[str], TlsMaterial]:
         raise NotFoundError(
             f"{error.filename} is missing: {root} is not a complete local domain"
         ) from None
+    across_hosts = addresses_of(paths)
+    if across_hosts is not None:
+        return list(across_hosts.hsas.values()), tls
     endpoints: list[str] = []
     for host in paths.configured_hosts():
         try:

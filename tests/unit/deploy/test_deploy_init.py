@@ -469,7 +469,7 @@ def test_a_failed_init_leaves_nothing_behind(
     def broken_token(*args: object, **kwargs: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("deploy.init.create_file_token", broken_token)
+    monkeypatch.setattr("deploy._ceremony.create_file_token", broken_token)
     with pytest.raises(OSError, match="No space"):
         init_domain(target, scrypt_n=FAST_SCRYPT)
     assert [p.name for p in tmp_path.iterdir()] == (["d"] if exists else [])
