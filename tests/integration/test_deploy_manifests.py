@@ -171,7 +171,7 @@ def test_compose_commands_are_the_packages_console_scripts() -> None:
         command = services[name]["command"]
         assert command == [program, "--config", f"{STATE}/config.json", "--log-format", "json"]
         assert program in scripts
-        port = 9465 if name == "coordinator" else 9464
+        port = 9710 if name == "coordinator" else 9700
         assert f"http://127.0.0.1:{port}/metrics" in " ".join(services[name]["healthcheck"]["test"])
     assert services["tools"]["profiles"] == ["tools"]  # never started by `up`
     assert services["tools"]["command"][0] in scripts
@@ -203,7 +203,7 @@ def test_the_image_runs_unprivileged_and_holds_no_secret() -> None:
     for source in copied:
         assert (REPO / source).exists(), source
         assert not source.startswith((".venv", ".git", "hsm-cluster", "tests")), source
-    for port in (7700, 7710, 7711, 9464, 9465):
+    for port in (7700, 7710, 7711, 9700, 9710):
         assert str(port) in next(line for line in lines if line.startswith("EXPOSE "))
 
 
@@ -376,7 +376,7 @@ def test_every_container_runs_unprivileged(statefulset: str) -> None:
 
 @pytest.mark.parametrize(
     ("statefulset", "secret", "port"),
-    [("hsa", "hsa-bundles", 9464), ("coordinator", "coordinator-bundle", 9465)],
+    [("hsa", "hsa-bundles", 9700), ("coordinator", "coordinator-bundle", 9710)],
 )
 def test_only_the_init_container_reads_the_optional_bundle_secret(
     statefulset: str, secret: str, port: int
@@ -416,7 +416,7 @@ def test_the_hsas_start_together_behind_a_headless_service() -> None:
     assert headless["clusterIP"] == "None"
     assert headless["publishNotReadyAddresses"] is True
     assert headless["selector"] == HSA_LABELS
-    assert {p["name"]: p["port"] for p in headless["ports"]} == {"grpc": 7700, "metrics": 9464}
+    assert {p["name"]: p["port"] for p in headless["ports"]} == {"grpc": 7700, "metrics": 9700}
     kms = _object("Service", "hsa-kms")["spec"]
     assert (kms["selector"], [p["port"] for p in kms["ports"]]) == (HSA_LABELS, [7700])
     coordinator = _object("StatefulSet", "coordinator")["spec"]
@@ -424,7 +424,7 @@ def test_the_hsas_start_together_behind_a_headless_service() -> None:
     service = _object("Service", "coordinator")["spec"]
     assert service["selector"] == COORDINATOR_LABELS
     ports = {p["name"]: p["port"] for p in service["ports"]}
-    assert ports == {"hsa": 7710, "operator": 7711, "metrics": 9465}
+    assert ports == {"hsa": 7710, "operator": 7711, "metrics": 9710}
 
 
 def _ingress_rules_to(port: int) -> list[Doc]:
@@ -452,7 +452,7 @@ def test_network_policies_deny_by_default_and_open_7710_to_hsas_only() -> None:
     assert HSA_LABELS in sources
     assert COORDINATOR_LABELS in sources
     assert {"hsm-domain/kms-client": "true"} in sources
-    for port in (9464, 9465):
+    for port in (9700, 9710):
         (metrics,) = _ingress_rules_to(port)
         (peer,) = metrics["from"]
         assert peer["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}

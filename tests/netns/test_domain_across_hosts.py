@@ -132,16 +132,22 @@ def _scrape(network: Network, machine: str, port: int) -> dict[str, float]:
     }
 
 
+@pytest.mark.parametrize("naming", ["ip", "dns"])
 def test_a_domain_across_namespaces_changes_serves_and_heals_a_cut_link(
-    network: Network, tmp_path: Path
+    network: Network, tmp_path: Path, naming: str
 ) -> None:
-    for name, address in [("coordinator", _COORDINATOR), *_HOSTS.items(), ("client", _CLIENT)]:
-        network.add(name, address)
+    """`ip`: each process is named by its IP and listens on it; `dns`: by a DNS name (each
+    machine's /etc/hosts), listening on every interface and advertising the name."""
+    machines = {"coordinator": _COORDINATOR, **_HOSTS, "client": _CLIENT}
+    names = {f"{name}.hsm.test": address for name, address in machines.items()}
+    for name, address in machines.items():
+        network.add(name, address, names if naming == "dns" else None)
+    named = {m: f"{m}.hsm.test" if naming == "dns" else a for m, a in machines.items()}
     directory, logs = tmp_path / "domain", tmp_path / "logs"
     logs.mkdir()
     made = json_output(
-        "hsm-domain", "init", directory, "--coordinator", _COORDINATOR, "--expose-metrics",
-        *[f"--host={name}={address}" for name, address in _HOSTS.items()],
+        "hsm-domain", "init", directory, "--coordinator", named["coordinator"],
+        "--expose-metrics", *[f"--host={name}={named[name]}" for name in _HOSTS],
     )  # fmt: skip
     assert set(made["bundles"]) == {*_HOSTS, "coordinator"}
     assert not (directory / "nodes").exists(), "host keys must exist once, in the bundles"
@@ -154,7 +160,7 @@ def test_a_domain_across_namespaces_changes_serves_and_heals_a_cut_link(
         lambda: (s := client.status()) and all(h["registered"] for h in s["hosts"]) and s,
     )
     assert {h["host_id"]: h["address"] for h in registered["hosts"]} == {
-        name: f"{address}:7700" for name, address in _HOSTS.items()
+        name: f"{named[name]}:7700" for name in _HOSTS
     }
 
     # KMS round trips across machines: encrypted through one HSA, decrypted through another.

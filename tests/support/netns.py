@@ -4,8 +4,10 @@
 veth pair into the bridge and its own IPv4 address (plus loopback). Processes start inside a
 machine's namespace (`ip netns exec`); `cut` and `heal` take a machine's link down and up on
 the switch side, as pulling its cable would. `close` stops every process it started (SIGTERM,
-then SIGKILL), kills anything left in its namespaces, and deletes them all: the test's
-fixture calls it also when the test fails. Nothing is made in the caller's own namespace, and
+then SIGKILL), kills anything left in its namespaces, and deletes them all with their
+/etc/netns/<namespace> files (`ip netns exec` mounts a namespace's own `hosts` file over
+/etc/hosts: `names` makes the machines' DNS names resolve): the test's fixture calls it also
+when the test fails. Nothing is made in the caller's own namespace, and
 every name carries a random prefix, so runs never meet each other or the host's network.
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 from collections.abc import Sequence
@@ -72,9 +75,15 @@ class Network:
         _ip("-n", self.switch, "link", "set", "br0", "up")
         return self
 
-    def add(self, name: str, address: str) -> Machine:
-        """A machine `name` with `address`/24 on eth0, linked to the switch."""
+    def add(self, name: str, address: str, names: dict[str, str] | None = None) -> Machine:
+        """A machine `name` with `address`/24 on eth0, linked to the switch; `names` (DNS name
+        to address) is its /etc/hosts inside its namespace."""
         namespace = self._namespace(f"{self.prefix}-{name}")
+        if names:
+            etc = Path("/etc/netns") / namespace
+            etc.mkdir(parents=True)
+            lines = ["127.0.0.1 localhost", *(f"{ip} {host}" for host, ip in names.items())]
+            (etc / "hosts").write_text("\n".join(lines) + "\n")
         link = f"v{len(self.machines) + 1}"
         _ip("-n", self.switch, "link", "add", link, "type", "veth", "peer", "name", "eth0",
             "netns", namespace)  # fmt: skip
@@ -141,11 +150,21 @@ class Network:
                 with contextlib.suppress(ProcessLookupError, ValueError):
                     os.kill(int(pid), signal.SIGKILL)
             subprocess.run(["ip", "netns", "del", namespace], capture_output=True, check=False)
+            shutil.rmtree(Path("/etc/netns") / namespace, ignore_errors=True)
         self._namespaces.clear()
+        with contextlib.suppress(OSError):  # only if empty: another user's files stay
+            Path("/etc/netns").rmdir()
 
     def remaining(self) -> list[str]:
-        """The namespaces of this network that still exist (none after `close`)."""
+        """The namespaces (and /etc/netns files) of this network that still exist (none
+        after `close`)."""
         listed = subprocess.run(
             ["ip", "netns", "list"], capture_output=True, text=True, check=False
         ).stdout
-        return [line.split()[0] for line in listed.splitlines() if line.startswith(self.prefix)]
+        etc = Path("/etc/netns")
+        files = [p.name for p in etc.iterdir()] if etc.is_dir() else []
+        return [
+            name
+            for name in [line.split()[0] for line in listed.splitlines() if line] + files
+            if name.startswith(self.prefix)
+        ]
