@@ -55,7 +55,8 @@ _LABEL: Final = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 def _dns_name(text: str) -> str:
     name = text.lower().rstrip(".")
     labels = name.split(".")
-    if not name or len(name) > MAX_DNS_NAME_CHARS or not all(_LABEL.match(label) for label in labels):
+    valid = all(_LABEL.match(label) for label in labels)
+    if not name or len(name) > MAX_DNS_NAME_CHARS or not valid:
         raise InvalidInputError(
             f"{text[:80]!r} is neither an IP address nor a DNS name (letters, digits and '-' "
             "in labels of 1 to 63 characters, separated by dots)"
