@@ -25,10 +25,11 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from deploy._coordinators import SQLITE_STORE, coordinator_pin
+from deploy._coordinators import SQLITE_STORE, PinnedCoordinator, coordinator_pin
 from deploy._domain_layout import read_domain_file
 from deploy._files import make_private_dir
 from domain_core.errors import InvalidInputError
@@ -44,7 +45,14 @@ from domain_edge.layout import (
     DomainPaths,
 )
 
-__all__ = ["check_addresses", "domain_addresses", "hosts_summary", "make_bundles"]
+__all__ = [
+    "BundleSettings",
+    "check_addresses",
+    "domain_addresses",
+    "hosts_summary",
+    "make_bundles",
+    "node_bundle",
+]
 
 _CA_FILE = "ca.crt"
 
@@ -103,6 +111,101 @@ def _copy_public_files(paths: DomainPaths, bundle: Path) -> None:
         (bundle / name).chmod(0o644)
 
 
+@dataclass(frozen=True)
+class BundleSettings:
+    """What every HSA bundle of a domain across hosts shares: the pins, the coordinator's
+    address and certificate pin, the workers and where metrics listen. `domain.json` keeps it
+    (`across_hosts`), so that `hsm-domain add-node --host` makes a bundle like the others."""
+
+    domain_id: str
+    genesis_hash: bytes
+    coordinator: HostAddress
+    pin: PinnedCoordinator
+    workers: int = 0
+    expose_metrics: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        """The `across_hosts` object of `domain.json` (public facts only)."""
+        return {
+            "coordinator_identity": self.pin.identity,
+            "coordinator_fingerprints": list(self.pin.fingerprints),
+            "workers": self.workers,
+            "expose_metrics": self.expose_metrics,
+        }
+
+    @classmethod
+    def from_document(cls, document: dict[str, Any], where: str) -> BundleSettings:
+        """The settings in `domain.json` (`document`) of a domain across hosts."""
+        addresses = DomainAddresses.from_json(document.get("addresses"), where)
+        shared = document.get("across_hosts")
+        refusal = InvalidInputError(
+            f"{where}: across_hosts needs coordinator_identity, coordinator_fingerprints, "
+            "workers and expose_metrics"
+        )
+        if not isinstance(shared, dict):
+            raise refusal
+        identity, fingerprints = (
+            shared.get("coordinator_identity"),
+            shared.get("coordinator_fingerprints"),
+        )
+        workers, expose = shared.get("workers"), shared.get("expose_metrics")
+        if (
+            not isinstance(identity, str)
+            or not isinstance(fingerprints, list)
+            or not all(isinstance(f, str) for f in fingerprints)
+            or isinstance(workers, bool)
+            or not isinstance(workers, int)
+            or not isinstance(expose, bool)
+        ):
+            raise refusal
+        try:
+            genesis_hash = bytes.fromhex(str(document["genesis_hash"]))
+        except (KeyError, ValueError):
+            raise refusal from None
+        return cls(
+            domain_id=str(document.get("domain_id")),
+            genesis_hash=genesis_hash,
+            coordinator=HostAddress.parse(addresses.coordinator, 0),
+            pin=PinnedCoordinator(identity, tuple(fingerprints)),
+            workers=workers,
+            expose_metrics=expose,
+        )
+
+
+def node_bundle(
+    paths: DomainPaths, host_id: str, address: HostAddress, shared: BundleSettings
+) -> Path:
+    """Move node `host_id`'s directory into its bundle, with the public files and a config
+    for `address`; the bundle."""
+    bundle = paths.bundle_dir(host_id)
+    make_private_dir(paths.bundles_dir)
+    os.rename(paths.node_dir(host_id), bundle)
+    _copy_public_files(paths, bundle)
+    NodeConfig(
+        domain_id=shared.domain_id,
+        genesis_hash=shared.genesis_hash.hex(),
+        host_id=host_id,
+        identity_dir=IDENTITY_DIR,
+        data_dir=DATA_DIR,
+        genesis_state=GENESIS_FILE,
+        tls=TlsFiles(
+            ca=_CA_FILE,
+            cert=f"{IDENTITY_DIR}/{TLS_CERTIFICATE_FILE}",
+            key=f"{IDENTITY_DIR}/{TLS_KEY_FILE}",
+        ),
+        listen=address.listen(),
+        advertise_address="" if address.is_ip else address.address,
+        metrics_listen=_metrics_listen(address, shared.expose_metrics),
+        coordinator=shared.coordinator.address,
+        key_service_workers=shared.workers,
+        coordinator_identity=shared.pin.identity,
+        coordinator_fingerprints=shared.pin.fingerprints,
+    ).save(bundle / CONFIG_FILE)
+    if paths.nodes_dir.is_dir() and not any(paths.nodes_dir.iterdir()):
+        paths.nodes_dir.rmdir()
+    return bundle
+
+
 def make_bundles(
     paths: DomainPaths,
     hosts: Sequence[tuple[str, HostAddress]],
@@ -112,37 +215,19 @@ def make_bundles(
     domain_id: str,
     workers: int,
     expose_metrics: bool,
-) -> dict[str, Path]:
+) -> BundleSettings:
     """Move every node directory and the coordinator's into `DIR/bundles/`, each made
-    self-contained with its config for its address; returns the bundles by process name."""
-    pin = coordinator_pin(paths.root, [COORDINATOR_NAME])
-    make_private_dir(paths.bundles_dir)
-    made: dict[str, Path] = {}
+    self-contained with its config for its address; what the HSA bundles share."""
+    shared = BundleSettings(
+        domain_id=domain_id,
+        genesis_hash=genesis_hash,
+        coordinator=coordinator,
+        pin=coordinator_pin(paths.root, [COORDINATOR_NAME]),
+        workers=workers,
+        expose_metrics=expose_metrics,
+    )
     for host_id, address in hosts:
-        bundle = paths.bundle_dir(host_id)
-        os.rename(paths.node_dir(host_id), bundle)
-        _copy_public_files(paths, bundle)
-        NodeConfig(
-            domain_id=domain_id,
-            genesis_hash=genesis_hash.hex(),
-            host_id=host_id,
-            identity_dir=IDENTITY_DIR,
-            data_dir=DATA_DIR,
-            genesis_state=GENESIS_FILE,
-            tls=TlsFiles(
-                ca=_CA_FILE,
-                cert=f"{IDENTITY_DIR}/{TLS_CERTIFICATE_FILE}",
-                key=f"{IDENTITY_DIR}/{TLS_KEY_FILE}",
-            ),
-            listen=address.listen(),
-            advertise_address="" if address.is_ip else address.address,
-            metrics_listen=_metrics_listen(address, expose_metrics),
-            coordinator=coordinator.address,
-            key_service_workers=workers,
-            coordinator_identity=pin.identity,
-            coordinator_fingerprints=pin.fingerprints,
-        ).save(bundle / CONFIG_FILE)
-        made[host_id] = bundle
+        node_bundle(paths, host_id, address, shared)
     bundle = paths.bundle_dir(COORDINATOR_NAME)
     os.rename(paths.coordinator_dir, bundle)
     _copy_public_files(paths, bundle)
@@ -157,10 +242,7 @@ def make_bundles(
         operator_listen=coordinator.listen(coordinator.port + 1),
         metrics_listen=_metrics_listen(coordinator, expose_metrics),
     ).save(bundle / CONFIG_FILE)
-    made[COORDINATOR_NAME] = bundle
-    if paths.nodes_dir.is_dir() and not any(paths.nodes_dir.iterdir()):
-        paths.nodes_dir.rmdir()
-    return made
+    return shared
 
 
 def hosts_summary(root: Path) -> dict[str, Any]:

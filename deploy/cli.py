@@ -24,6 +24,7 @@ from typing import Any, Final, TextIO
 
 from deploy import audit, backup, cluster, recovery
 from deploy._coordinators import STORES
+from deploy._domain_layout import read_domain_file
 from deploy._up import check_counts, cmd_up
 from deploy.bundles import hosts_summary
 from deploy.chaos import cli as chaos_cli
@@ -32,6 +33,7 @@ from deploy.enrollment import host_key_fingerprints, read_enrollment
 from deploy.init import (
     DomainLayout,
     add_node,
+    add_node_across_hosts,
     init_domain,
     init_domain_across_hosts,
     load_layout,
@@ -50,6 +52,7 @@ from domain_edge.cli import (
     run_tool,
 )
 from domain_edge.hosts import COORDINATOR_PORT, HSA_PORT, HostAddress, parse_host_option
+from domain_edge.layout import DomainPaths
 
 __all__ = ["COMMANDS", "TOOL", "build_parser", "main"]
 
@@ -289,7 +292,50 @@ def _cmd_status(args: argparse.Namespace) -> int:
 # --- add-node ---------------------------------------------------------------------------------
 
 
+def _add_host_bundle(args: argparse.Namespace) -> int:
+    """`add-node DIR --host NAME=ADDR`: a new HSA's bundle in a domain across hosts."""
+    if args.host_id or args.start:
+        raise UsageError("--host names the new HSA (no --host-id) and it starts on its machine")
+    try:
+        host, address = parse_host_option(args.host)
+    except InvalidInputError as error:
+        raise UsageError(error.message) from None
+    directory = Path(args.directory)
+    enrollment = add_node_across_hosts(directory, host, address)
+    paths = DomainPaths(directory)
+    domain_id = str(read_domain_file(paths.root)["domain_id"])
+    verified = read_enrollment(enrollment, paths.ca_cert.read_bytes(), domain_id, datetime.now(UTC))
+    keys = host_key_fingerprints(verified.host)
+    if args.json:
+        print_json(
+            {
+                "host_id": host,
+                "enrollment": str(enrollment),
+                "bundle": str(enrollment.parent),
+                "address": address.address,
+                "key_sha256": {label: digest.hex() for label, digest in keys},
+            }
+        )
+        return 0
+    print(f"prepared {host} at {address.address}: bundle {enrollment.parent}")
+    _print_keys(host, keys)
+    print(
+        "next: copy the bundle to its machine and start it there; an operator proposes add-host "
+        f"with {enrollment} and a quorum approves"
+    )
+    return 0
+
+
+def _print_keys(host: str, keys: Sequence[tuple[str, bytes]]) -> None:
+    print(f"{host}'s keys (approvers compare these with you before they approve):")
+    width = max(len(label) for label, _ in keys)
+    for label, digest in keys:
+        print(f"  {label.ljust(width)}  SHA-256 {hex_groups(digest.hex())}")
+
+
 def _cmd_add_node(args: argparse.Namespace) -> int:
+    if args.host:
+        return _add_host_bundle(args)
     directory = Path(args.directory)
     enrollment = add_node(directory, args.host_id)
     host = enrollment.parent.name
@@ -317,11 +363,7 @@ def _cmd_add_node(args: argparse.Namespace) -> int:
         )
         return 0
     print(f"prepared {host}: enrollment {enrollment}")
-    print(f"{host}'s keys (approvers compare these with you before they approve):")
-    width = max(len(label) for label, _ in keys)
-    for label, digest in keys:
-        text = digest.hex()
-        print(f"  {label.ljust(width)}  SHA-256 {hex_groups(text)}")
+    _print_keys(host, keys)
     if args.start:
         print(f"{host} running at {address} (not a member until operators add it)")
     print(
@@ -435,6 +477,12 @@ def _status_arguments(parser: argparse.ArgumentParser) -> None:
 def _add_node_arguments(parser: argparse.ArgumentParser) -> None:
     _directory(parser)
     parser.add_argument("--host-id", help="host id (default: the next free hsa-N)")
+    parser.add_argument(
+        "--host",
+        metavar="NAME=ADDR",
+        help="a domain across hosts (init --host): the new HSA and its address; writes its "
+        "bundle in DIR/bundles/NAME",
+    )
     parser.add_argument("--start", action="store_true", help="start the node (detached) right away")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
 

@@ -46,10 +46,16 @@ from deploy._coordinators import (
     coordinator_names,
     coordinator_pin,
 )
-from deploy._domain_layout import DomainLayout, load_layout
+from deploy._domain_layout import DomainLayout, load_layout, read_domain_file
 from deploy._etcd_members import DomainEtcd
 from deploy._files import make_private_dir, replace_file, write_json, write_secret_file
-from deploy.bundles import check_addresses, domain_addresses, make_bundles
+from deploy.bundles import (
+    BundleSettings,
+    check_addresses,
+    domain_addresses,
+    make_bundles,
+    node_bundle,
+)
 from deploy.enrollment import VerifiedEnrollment, make_enrollment, verify_enrollment
 from domain_core.errors import AlreadyExistsError, InvalidInputError
 from domain_core.identity import HostIdentity
@@ -71,14 +77,14 @@ from domain_edge.config import (
 from domain_edge.file_tokens import (
     DEFAULT_SCRYPT_N,
 )
-from domain_edge.hosts import HostAddress
+from domain_edge.hosts import DomainAddresses, HostAddress
 from domain_edge.identity_files import (
     TLS_CERTIFICATE_FILE,
     TLS_KEY_FILE,
     save_host_certificate,
     save_host_identity,
 )
-from domain_edge.layout import COORDINATOR_NAME, DEMO_CLIENT, DomainPaths
+from domain_edge.layout import COORDINATOR_NAME, DEMO_CLIENT, ENROLLMENT_FILE, DomainPaths
 
 __all__ = [
     "COORDINATOR_NAME",
@@ -86,6 +92,7 @@ __all__ = [
     "DomainLayout",
     "PinnedCoordinator",
     "add_node",
+    "add_node_across_hosts",
     "coordinator_pin",
     "init_domain",
     "init_domain_across_hosts",
@@ -413,7 +420,7 @@ def _build(paths: DomainPaths, request: _Request) -> None:
     _write_configs(paths, [e.host.host_id for e in enrollments], state.hash, request)
     document: dict[str, Any] = {}
     if request.coordinator_address is not None:
-        make_bundles(
+        shared = make_bundles(
             paths,
             request.hosts,
             request.coordinator_address,
@@ -424,6 +431,7 @@ def _build(paths: DomainPaths, request: _Request) -> None:
         )
         addresses = domain_addresses(request.hosts, request.coordinator_address)
         document["addresses"] = addresses.to_json()
+        document["across_hosts"] = shared.to_json()
     write_json(
         paths.domain_file,
         document
@@ -511,3 +519,40 @@ def add_node(directory: Path, host_id: str | None = None, *, now: datetime | Non
         shutil.rmtree(node_dir, ignore_errors=True)
         raise
     return layout.enrollment_file(host_id)
+
+
+def add_node_across_hosts(
+    directory: Path, host_id: str, address: HostAddress, *, now: datetime | None = None
+) -> Path:
+    """Prepare a new HSA of a domain across hosts (not yet in the domain): its bundle, made as
+    `init --host` makes them, and `domain.json` listing its address; returns its enrollment
+    file (in the bundle), which operators turn into an add-host proposal."""
+    paths = DomainPaths(Path(directory).absolute())
+    document = read_domain_file(paths.root)
+    if "addresses" not in document:
+        raise InvalidInputError(
+            f"{paths.root} is a local domain: add a node with `hsm-domain add-node` without --host"
+        )
+    shared = BundleSettings.from_document(document, str(paths.domain_file))
+    addresses = DomainAddresses.from_json(document["addresses"], str(paths.domain_file))
+    try:
+        SpiffeId(shared.domain_id, "hsa", host_id)
+    except InvalidInputError as error:
+        raise InvalidInputError(f"invalid host id: {error.message}") from None
+    taken = set(addresses.hsas) | set(document.get("nodes", []))
+    if host_id in taken or paths.bundle_dir(host_id).exists() or paths.node_dir(host_id).exists():
+        raise AlreadyExistsError(f"{host_id} is a host of this domain already; choose another id")
+    known = [(h, HostAddress.parse(a, 0)) for h, a in addresses.hsas.items()]
+    check_addresses([*known, (host_id, address)], shared.coordinator)
+    ca = load_domain_ca(paths.ca_dir)
+    now = now or datetime.now(UTC)
+    try:
+        _create_host(paths, ca, shared.domain_id, host_id, now, address.certificate_names)
+        bundle = node_bundle(paths, host_id, address, shared)
+        addresses.hsas[host_id] = address.address
+        write_json(paths.domain_file, document | {"addresses": addresses.to_json()})
+    except BaseException:
+        shutil.rmtree(paths.node_dir(host_id), ignore_errors=True)
+        shutil.rmtree(paths.bundle_dir(host_id), ignore_errors=True)
+        raise
+    return bundle / ENROLLMENT_FILE

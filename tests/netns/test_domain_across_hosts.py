@@ -4,7 +4,8 @@ own address, started from the bundle `hsm-domain init --host` wrote for it.
 The operators and the application run from a fifth machine with the ceremony directory only
 (`--cluster DIR`: addresses from domain.json). The test does a quorum change and KMS round
 trips across the machines, pulls one HSA's cable, changes the domain and creates a key while it
-is gone, plugs it back, and checks that it catches up and serves the key made without it.
+is gone, plugs it back, and checks that it catches up and serves the key made without it;
+then adds a fourth host from the bundle `hsm-domain add-node --host` writes.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ pytestmark = pytest.mark.netns
 _HOSTS = {"hsa-1": "10.231.0.11", "hsa-2": "10.231.0.12", "hsa-3": "10.231.0.13"}
 _COORDINATOR = "10.231.0.10"
 _CLIENT = "10.231.0.20"
+_LATER = {"hsa-4": "10.231.0.14"}  # a host the operators add once the domain runs
 _DEADLINE = 90.0
 
 
@@ -97,16 +99,19 @@ class _Client:
 def _start_domain(network: Network, directory: Path, logs: Path) -> None:
     """Start the coordinator and each HSA from its bundle on its machine; wait until each
     wrote its ready file."""
-    bundles = directory / "bundles"
     started = [("coordinator", "domain-coordinator")] + [(h, "hsa-node") for h in _HOSTS]
     for name, tool in started:
-        log = (logs / f"{name}.log").open("wb")
-        ready = logs / f"{name}.ready.json"
-        config = bundles / name / "config.json"
-        argv = [console_script(tool), "--config", str(config), "--ready-file", str(ready)]
-        process = network.start(name, argv, log, _env())
-        _wait(f"{name} to serve", partial(_ready_or_gone, ready, process))
-        assert process.poll() is None, (logs / f"{name}.log").read_text()[-2000:]
+        _start_process(network, logs, name, tool, directory / "bundles" / name)
+
+
+def _start_process(network: Network, logs: Path, name: str, tool: str, bundle: Path) -> None:
+    """Start `tool` from `bundle` on machine `name`; wait until it wrote its ready file."""
+    log = (logs / f"{name}.log").open("wb")
+    ready = logs / f"{name}.ready.json"
+    argv = [console_script(tool), "--config", str(bundle / "config.json"), "--ready-file", ready]
+    process = network.start(name, argv, log, _env())
+    _wait(f"{name} to serve", partial(_ready_or_gone, ready, process))
+    assert process.poll() is None, (logs / f"{name}.log").read_text()[-2000:]
 
 
 def _ready_or_gone(ready: Path, process: subprocess.Popen[bytes]) -> bool:
@@ -139,10 +144,12 @@ def test_a_domain_across_namespaces_changes_serves_and_heals_a_cut_link(
     """`ip`: each process is named by its IP and listens on it; `dns`: by a DNS name (each
     machine's /etc/hosts), listening on every interface and advertising the name."""
     machines = {"coordinator": _COORDINATOR, **_HOSTS, "client": _CLIENT}
-    names = {f"{name}.hsm.test": address for name, address in machines.items()}
+    names = {f"{name}.hsm.test": address for name, address in {**machines, **_LATER}.items()}
     for name, address in machines.items():
         network.add(name, address, names if naming == "dns" else None)
-    named = {m: f"{m}.hsm.test" if naming == "dns" else a for m, a in machines.items()}
+    named = {
+        m: f"{m}.hsm.test" if naming == "dns" else a for m, a in {**machines, **_LATER}.items()
+    }
     directory, logs = tmp_path / "domain", tmp_path / "logs"
     logs.mkdir()
     made = json_output(
@@ -212,3 +219,18 @@ def test_a_domain_across_namespaces_changes_serves_and_heals_a_cut_link(
     )  # fmt: skip
     assert back.read_bytes() == secret.read_bytes()
     assert _scrape(network, _HOSTS["hsa-3"], 9700)["hsm_domain_version"] == cut_version
+
+    # A host added later: its bundle from `add-node --host`, started on a machine of its own,
+    # added by a quorum; it learns the keys from its peers and serves them.
+    network.add("hsa-4", _LATER["hsa-4"], names if naming == "dns" else None)
+    added = json_output("hsm-domain", "add-node", directory, f"--host=hsa-4={named['hsa-4']}")
+    _start_process(network, logs, "hsa-4", "hsa-node", Path(added["bundle"]))
+    enrollment = added["enrollment"]
+    client.change("alice", ["bob"], "add-host", "--enrollment", enrollment, everywhere=True)
+    back = tmp_path / "back-added.txt"
+    _wait(
+        "hsa-4 to decrypt",
+        lambda: client.run("hsm-kms", "--endpoint", f"{_LATER['hsa-4']}:7700", "decrypt",
+                           "--in", str(blob), "--out", str(back), "--json").returncode == 0,
+    )  # fmt: skip
+    assert back.read_bytes() == secret.read_bytes()

@@ -14,9 +14,9 @@ import pytest
 from cryptography import x509
 
 from deploy import cli
-from deploy.init import init_domain_across_hosts, load_layout
-from domain_core.errors import InvalidInputError
-from domain_edge.config import CoordinatorConfig, NodeConfig
+from deploy.init import add_node_across_hosts, init_domain_across_hosts, load_layout
+from domain_core.errors import AlreadyExistsError, InvalidInputError
+from domain_edge.config import FLOORS_COMPLETE_FILE, CoordinatorConfig, NodeConfig
 from domain_edge.hosts import HostAddress, addresses_of, parse_host_option
 from domain_edge.kms_client import read_cluster
 from domain_edge.layout import DomainPaths
@@ -179,3 +179,41 @@ def test_init_across_hosts_prints_each_bundle_as_json(
     assert printed["addresses"]["operator"] == "10.0.0.9:7711"
     config = NodeConfig.load(Path(printed["bundles"]["a"]) / "config.json")
     assert config.metrics_listen == "10.0.0.1:9700"
+
+
+def test_a_host_added_later_gets_a_bundle_like_the_others(tmp_path: Path) -> None:
+    root = init_domain_across_hosts(
+        tmp_path / "d",
+        _HOSTS[:1],
+        HostAddress.parse("10.0.0.10", 7710),
+        now=_NOW,
+        scrypt_n=2**14,
+        workers=2,
+        expose_metrics=True,
+    )
+    enrollment = add_node_across_hosts(root, "hsa-4", HostAddress.parse("hsa-4.example.net", 7700))
+    bundle = enrollment.parent
+    assert bundle == DomainPaths(root).bundle_dir("hsa-4")
+    assert stat.S_IMODE(bundle.stat().st_mode) == 0o700
+    config = NodeConfig.load(bundle / "config.json")
+    first = NodeConfig.load(DomainPaths(root).bundle_dir("hsa-1") / "config.json")
+    assert (config.coordinator, config.coordinator_fingerprints, config.key_service_workers) == (
+        first.coordinator,
+        first.coordinator_fingerprints,
+        2,
+    )
+    assert (config.listen, config.advertise_address, config.metrics_listen) == (
+        "0.0.0.0:7700",
+        "hsa-4.example.net:7700",
+        "0.0.0.0:9700",
+    )
+    assert not (bundle / "data" / FLOORS_COMPLETE_FILE).exists(), "it learns floors from peers"
+    assert (DomainPaths(root).bundle_dir("hsa-1") / "data" / FLOORS_COMPLETE_FILE).exists()
+    endpoints, _ = read_cluster(root)
+    assert endpoints == ["10.0.0.11:7700", "hsa-4.example.net:7700"]
+    with pytest.raises(AlreadyExistsError):
+        add_node_across_hosts(root, "hsa-4", HostAddress.parse("10.0.0.14", 7700))
+    with pytest.raises(InvalidInputError, match="both listen"):
+        add_node_across_hosts(root, "hsa-5", HostAddress.parse("10.0.0.11", 7700))
+    assert not DomainPaths(root).bundle_dir("hsa-5").exists()
+    assert not DomainPaths(root).nodes_dir.exists()
