@@ -91,6 +91,9 @@ class Limits:
     # Keys one principal may have created (counted by the coordinator at create, deleted keys
     # not counted): AWS KMS allows 100,000 per account and region.
     max_keys_per_principal: int = 100_000
+    # Calls of one key-service session (`KeyService.Session`) running or waiting at once;
+    # beyond it the HSA stops reading the stream (HTTP/2 flow control holds the client).
+    max_session_calls_in_flight: int = 64
 
     def grpc_options(self) -> list[tuple[str, int]]:
         """gRPC options that enforce the message limit on servers and channels."""
@@ -245,6 +248,8 @@ MAX_ADDRESS_FILE_BYTES: Final = 256
 MAX_GENESIS_MARKER_FILE_BYTES: Final = 200
 # An HSA's copy of its peers' audit heads.
 MAX_PEER_HEADS_FILE_BYTES: Final = 4 * 1024 * 1024
+# The longest deadline one call of a key-service session may ask for (`timeout_ms`).
+MAX_SESSION_CALL_TIMEOUT_MS: Final = 300_000
 # A JSON file an operator passes to hsm-operator (cluster file, coordinator pin).
 MAX_OPERATOR_JSON_FILE_BYTES: Final = 1 << 20
 # domain.json of a domain directory (pins, operators, a domain across hosts' addresses).

@@ -37,6 +37,11 @@ class KeyServiceStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.Session = channel.stream_stream(
+                '/hsmdomain.v1.KeyService/Session',
+                request_serializer=hsmdomain_dot_v1_dot_services__pb2.SessionRequest.SerializeToString,
+                response_deserializer=hsmdomain_dot_v1_dot_services__pb2.SessionResponse.FromString,
+                _registered_method=True)
         self.CreateKey = channel.unary_unary(
                 '/hsmdomain.v1.KeyService/CreateKey',
                 request_serializer=hsmdomain_dot_v1_dot_services__pb2.CreateKeyRequest.SerializeToString,
@@ -116,6 +121,13 @@ class KeyServiceStub:
 
 class KeyServiceServicer:
     """Missing associated documentation comment in .proto file."""
+
+    def Session(self, request_iterator, context):
+        """Many data-plane calls over one stream (docs/runtime.md "Key-service sessions").
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
 
     def CreateKey(self, request, context):
         """Missing associated documentation comment in .proto file."""
@@ -210,6 +222,11 @@ class KeyServiceServicer:
 
 def add_KeyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'Session': grpc.stream_stream_rpc_method_handler(
+                    servicer.Session,
+                    request_deserializer=hsmdomain_dot_v1_dot_services__pb2.SessionRequest.FromString,
+                    response_serializer=hsmdomain_dot_v1_dot_services__pb2.SessionResponse.SerializeToString,
+            ),
             'CreateKey': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateKey,
                     request_deserializer=hsmdomain_dot_v1_dot_services__pb2.CreateKeyRequest.FromString,
@@ -295,6 +312,33 @@ def add_KeyServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class KeyService:
     """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Session(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/hsmdomain.v1.KeyService/Session',
+            hsmdomain_dot_v1_dot_services__pb2.SessionRequest.SerializeToString,
+            hsmdomain_dot_v1_dot_services__pb2.SessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def CreateKey(request,
@@ -716,6 +760,11 @@ class DiagnosticsStub:
                 request_serializer=hsmdomain_dot_v1_dot_services__pb2.EchoMessage.SerializeToString,
                 response_deserializer=hsmdomain_dot_v1_dot_services__pb2.EchoMessage.FromString,
                 _registered_method=True)
+        self.EchoSession = channel.stream_stream(
+                '/hsmdomain.v1.Diagnostics/EchoSession',
+                request_serializer=hsmdomain_dot_v1_dot_services__pb2.EchoMessage.SerializeToString,
+                response_deserializer=hsmdomain_dot_v1_dot_services__pb2.EchoMessage.FromString,
+                _registered_method=True)
 
 
 class DiagnosticsServicer:
@@ -727,11 +776,23 @@ class DiagnosticsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EchoSession(self, request_iterator, context):
+        """The floor of sessions: each message comes back, over one stream.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DiagnosticsServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Echo': grpc.unary_unary_rpc_method_handler(
                     servicer.Echo,
+                    request_deserializer=hsmdomain_dot_v1_dot_services__pb2.EchoMessage.FromString,
+                    response_serializer=hsmdomain_dot_v1_dot_services__pb2.EchoMessage.SerializeToString,
+            ),
+            'EchoSession': grpc.stream_stream_rpc_method_handler(
+                    servicer.EchoSession,
                     request_deserializer=hsmdomain_dot_v1_dot_services__pb2.EchoMessage.FromString,
                     response_serializer=hsmdomain_dot_v1_dot_services__pb2.EchoMessage.SerializeToString,
             ),
@@ -761,6 +822,33 @@ class Diagnostics:
             request,
             target,
             '/hsmdomain.v1.Diagnostics/Echo',
+            hsmdomain_dot_v1_dot_services__pb2.EchoMessage.SerializeToString,
+            hsmdomain_dot_v1_dot_services__pb2.EchoMessage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EchoSession(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/hsmdomain.v1.Diagnostics/EchoSession',
             hsmdomain_dot_v1_dot_services__pb2.EchoMessage.SerializeToString,
             hsmdomain_dot_v1_dot_services__pb2.EchoMessage.FromString,
             options,

@@ -176,5 +176,6 @@ class KeyServiceHost:
         self.stop_upkeep()
         if self._channel is not None:
             self._channel.close()
+        self.servicer.close()  # the sessions' calls finish before the audit log closes
         self.floor.close()
         self.audit.close()

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Final
 
 import grpc
@@ -65,6 +65,7 @@ from domain_proto import keys_pb2, services_pb2, services_pb2_grpc
 from hsa_node.keycache import CachedKey, KeyCache
 from hsa_node.keycalls import AuditSink, CallFrame, KeyCall, PeerGate
 from hsa_node.keyrecords import CoordinatorUnreachableError, parse_metadata
+from hsa_node.keysession import KeySessions
 from hsa_node.keywrites import KeyWriter
 from hsa_node.node import DomainNode
 
@@ -103,6 +104,17 @@ class KeyServiceServicer(services_pb2_grpc.KeyServiceServicer):
         self._clock = clock
         self._throttled = ThrottledLog(log)
         self._create_limiter = RateLimiter(limits.create_key_per_second, limits.create_key_burst)
+        self._sessions = KeySessions(self, self._frame.principal, limits)
+
+    def close(self) -> None:
+        """Stop the sessions' workers (after the server stopped)."""
+        self._sessions.close()
+
+    def Session(
+        self, request_iterator: Iterator[services_pb2.SessionRequest], context: grpc.ServicerContext
+    ) -> Iterator[services_pb2.SessionResponse]:
+        """Data-plane calls over one stream, each served as its unary call (`keysession`)."""
+        return self._sessions.serve(request_iterator, context)
 
     # --- helpers of the call bodies ------------------------------------------------------
 

@@ -47,6 +47,7 @@ from domain_proto import services_pb2, services_pb2_grpc
 from hsa_node.audit_heads import AuditHeadBook, fetch_own_heads, recover_own_heads
 from hsa_node.keyfloors import MetadataVersionFloor
 from hsa_node.keyhost import KeyServiceHost
+from hsa_node.keysession import SESSION_STREAMS
 from hsa_node.metrics import hsa_gauges
 from hsa_node.node import DomainNode
 from hsa_node.peering import Peering
@@ -168,12 +169,14 @@ def make_node_server(
     both so the two cannot drift: the transport's interceptors and the key service's, the key
     service, `register`'s servicers (the HSA's admin and peer services), Diagnostics, then
     health and reflection for `service_names`. Bind it (`bind_server`), then `start` it."""
-    server = transport.make_server(limits=limits, interceptors=keys.interceptors())
+    server = transport.make_server(
+        limits=limits, interceptors=keys.interceptors(), streams=SESSION_STREAMS
+    )
     keys.register(server)
     if register is not None:
         register(server)
     services_pb2_grpc.add_DiagnosticsServicer_to_server(  # type: ignore[no-untyped-call]
-        DiagnosticsServicer(domain_id), server
+        DiagnosticsServicer(domain_id, limits), server
     )
     health_servicer = transport.add_health_and_reflection(server, service_names)
     return NodeGrpcServer(server, health_servicer, tuple(service_names))

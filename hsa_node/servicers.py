@@ -27,11 +27,14 @@ TransitionDeferredError (UNAVAILABLE, the coordinator retries) until then.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -48,6 +51,7 @@ from domain_edge.config import NodeConfig, coordinator_spiffe_id
 from domain_edge.faults import warn_if_enabled
 from domain_proto import domain_pb2, services_pb2, services_pb2_grpc
 from hsa_node.audit_heads import AuditHeadBook
+from hsa_node.keysession import SESSION_WORKERS, SessionCall, serve_stream
 from hsa_node.node import DomainNode
 from hsa_node.peering import Peering
 from hsa_node.producer import (
@@ -351,18 +355,51 @@ class HsaPeerServicer(services_pb2_grpc.HsaPeerServicer):
 
 class DiagnosticsServicer(services_pb2_grpc.DiagnosticsServicer):
     """The transport floor for benchmarks: same server stack, no work; for the applications
-    of this domain, as the key service (the same identity check, so the floor stays fair)."""
+    of this domain, as the key service (the same identity check, so the floor stays fair).
+    `EchoSession` is the floor of key-service sessions: the same session machinery
+    (`keysession.serve_stream`: reader, workers, in-flight bound), each message answered as
+    it is."""
 
-    def __init__(self, domain_id: str) -> None:
+    def __init__(self, domain_id: str, limits: Limits = DEFAULT_LIMITS) -> None:
         self._domain_id = domain_id
+        self._limits = limits
+        self._pool = futures.ThreadPoolExecutor(
+            max_workers=SESSION_WORKERS, thread_name_prefix="echo-session"
+        )
 
-    def Echo(
-        self, request: services_pb2.EchoMessage, context: grpc.ServicerContext
-    ) -> services_pb2.EchoMessage:
-        """Return the payload to an application of this domain."""
+    def _check(self, context: grpc.ServicerContext) -> None:
         spiffe = transport.require_caller_spiffe(context, "client")
         if spiffe.domain != self._domain_id:
             raise PermissionDeniedError(
                 f"{spiffe.uri} belongs to another trust domain than {self._domain_id}"
             )
+
+    def Echo(
+        self, request: services_pb2.EchoMessage, context: grpc.ServicerContext
+    ) -> services_pb2.EchoMessage:
+        """Return the payload to an application of this domain."""
+        self._check(context)
         return services_pb2.EchoMessage(payload=request.payload)
+
+    def EchoSession(
+        self, request_iterator: Iterator[services_pb2.EchoMessage], context: grpc.ServicerContext
+    ) -> Iterator[services_pb2.EchoMessage]:
+        """Return every payload, through the machinery of key-service sessions."""
+        self._check(context)
+        numbers = itertools.count()
+
+        def admit(request: Any) -> SessionCall:
+            return SessionCall(next(numbers), "echo", request, None)
+
+        def run(call: SessionCall, context: grpc.ServicerContext) -> services_pb2.EchoMessage:
+            self._check(context)  # per message, as a key-service call checks its caller
+            return services_pb2.EchoMessage(payload=call.request.payload)
+
+        yield from serve_stream(
+            request_iterator,
+            context,
+            admit=admit,
+            run=run,
+            pool=self._pool,
+            in_flight=self._limits.max_session_calls_in_flight,
+        )

@@ -48,6 +48,7 @@ from domain_edge.kms_client._retry import (
     backoff_delay,
     retryable,
 )
+from domain_edge.kms_client._session import SESSION_FIELDS, KeySession, SessionCallError
 from domain_edge.transport import (
     ANY_HSA,
     never_sent,
@@ -62,6 +63,12 @@ DEFAULT_PAGE_SIZE: Final = 100
 _KEY_SERVICE_CODES: Final[Mapping[grpc.StatusCode, type[HsmDomainError]]] = {
     grpc.StatusCode.ABORTED: ConflictError,
 }
+# A session refused before any call was served: the HSA has no sessions (UNIMPLEMENTED) or is
+# at its cap of streams (RESOURCE_EXHAUSTED); its calls then go unary for a while.
+_SESSION_REFUSALS: Final = frozenset(
+    {grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+)
+_UNARY_FOR_SECONDS: Final = 30.0
 
 
 @dataclass(eq=False)
@@ -69,8 +76,12 @@ class _Endpoint:
     address: str
     channel: grpc.Channel
     stub: Any
+    session: KeySession | None = None
     failures: int = 0
     down_until: float = 0.0
+    # Until when this endpoint's data-plane calls go unary: it refused a session (an HSA
+    # without sessions, or at its cap of streams).
+    unary_until: float = 0.0
 
 
 class _Failover(Exception):
@@ -110,9 +121,13 @@ class KeyClient:
         limits: Limits = DEFAULT_LIMITS,
         attempts: int = DEFAULT_ATTEMPTS,
         total_timeout: float | None = None,
+        sessions: bool = True,
     ) -> None:
         """`timeout` bounds each attempt; `attempts` and `total_timeout` (default three times
-        `timeout`) bound a call with its retries."""
+        `timeout`) bound a call with its retries. With `sessions` (the default) the data-plane
+        calls (Encrypt, Decrypt, ReEncrypt, GenerateDataKey[WithoutPlaintext]) of every thread
+        travel over one key-service session per endpoint (`KeyService.Session`), with the same
+        retry and fail-over rules; an HSA that refuses a session gets unary calls for a while."""
         if isinstance(endpoints, str):
             raise TypeError("endpoints is a sequence of host:port strings, not one string")
         addresses = list(dict.fromkeys(endpoints))
@@ -132,7 +147,8 @@ class KeyClient:
                 address, ca_pem, ANY_HSA, cert_pem=cert_pem, key_pem=key_pem, limits=limits
             )
             stub = services_pb2_grpc.KeyServiceStub(channel)  # type: ignore[no-untyped-call]
-            self._endpoints.append(_Endpoint(address, channel, stub))
+            session = KeySession(channel) if sessions else None
+            self._endpoints.append(_Endpoint(address, channel, stub, session))
         self._next = itertools.count()
         self._lock = threading.Lock()
         self._closed = False
@@ -168,6 +184,8 @@ class KeyClient:
             return
         self._closed = True
         for endpoint in self._endpoints:
+            if endpoint.session is not None:
+                endpoint.session.close()
             endpoint.channel.close()
 
     # --- calling -----------------------------------------------------------------------------
@@ -220,7 +238,7 @@ class KeyClient:
             tried.append(endpoint)
             timeout = max(0.05, min(self._timeout, deadline - time.monotonic()))
             try:
-                response = getattr(endpoint.stub, method)(request, timeout=timeout)
+                response = self._send(endpoint, method, request, timeout)
             except grpc.RpcError as error:
                 code, details = _status(error)
                 answered_nothing = nothing_applied(error)
@@ -254,6 +272,22 @@ class KeyClient:
             return retrying(attempt)
         except _Failover as failover:
             raise self._unavailable(method, failover, tried, all(definite)) from None
+
+    def _send(self, endpoint: _Endpoint, method: str, request: Any, timeout: float) -> Any:
+        """One attempt on `endpoint`: over its session when the call travels in one and the
+        HSA takes sessions, else unary."""
+        session = endpoint.session
+        usable = endpoint.unary_until <= time.monotonic()
+        if session is not None and method in SESSION_FIELDS and usable:
+            try:
+                return session.call(method, request, timeout)
+            except SessionCallError:
+                raise  # the call's own answer, or its session ended: as a unary call's
+            except grpc.RpcError as error:  # the stream was refused
+                if _status(error)[0] not in _SESSION_REFUSALS:
+                    raise
+                endpoint.unary_until = time.monotonic() + _UNARY_FOR_SECONDS
+        return getattr(endpoint.stub, method)(request, timeout=timeout)
 
     def _error(self, method: str, error: grpc.RpcError, endpoint: _Endpoint) -> HsmDomainError:
         """The domain error of a failed attempt that is not sent again."""

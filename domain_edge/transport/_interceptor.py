@@ -169,11 +169,19 @@ def _wrap_non_blocking(behavior: Callable[..., Any], method: str) -> Callable[..
     return wrapper
 
 
+def _checked(requests: Iterator[Any], context: grpc.ServicerContext, method: str) -> Iterator[Any]:
+    """A stream's requests, each refused as a unary request would be if it did not parse or is
+    over the byte limit: the stream ends with INVALID_ARGUMENT (whichever thread reads it)."""
+    for request in requests:
+        _refuse_unparsed(request, context, method)
+        yield request
+
+
 def _wrap_bidi(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
     def wrapper(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
         began = time.perf_counter()
         try:
-            yield from behavior(requests, context)
+            yield from behavior(_checked(requests, context, method), context)
         except Exception as error:
             if not context.is_active():
                 raise  # the client left (its request iterator raised): nobody to answer
@@ -258,7 +266,7 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
         if handler.stream_stream is not None and not _is_non_blocking(handler.stream_stream):
             return grpc.stream_stream_rpc_method_handler(
                 _wrap_bidi(handler.stream_stream, method),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         return handler

@@ -1,0 +1,172 @@
+"""One key-service session of the key client (`KeyClient`): a `KeyService.Session` stream on
+one endpoint's channel that every thread of the client shares, each call matched to its answer
+by request id.
+
+A call's failure is raised as the `grpc.RpcError` its unary call would have raised (its code,
+details, and the "nothing applied" mark as trailing metadata), so that the client's retry and
+fail-over rules apply unchanged (`_retry`). A stream that ends fails every call still waiting
+with its status (UNAVAILABLE when it simply ended): for the data-plane calls a session carries
+(all idempotent) that is what a lost unary call would have said.
+
+Invariants: at most one stream per session object at a time, opened on first use and again
+after it ended; a call never waits past its own timeout; `close` fails whatever still waits.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+from collections.abc import Iterator
+from typing import Any, Final
+
+import grpc
+
+from domain_edge.transport import NOTHING_APPLIED_KEY
+from domain_proto import services_pb2, services_pb2_grpc
+
+__all__ = ["SESSION_FIELDS", "KeySession", "SessionCallError"]
+
+# The unary method of each call a session carries, by its field in SessionRequest.
+SESSION_FIELDS: Final[dict[str, str]] = {
+    "Encrypt": "encrypt",
+    "Decrypt": "decrypt",
+    "ReEncrypt": "re_encrypt",
+    "GenerateDataKey": "generate_data_key",
+    "GenerateDataKeyWithoutPlaintext": "generate_data_key_without_plaintext",
+}
+_CODES: Final = {code.value[0]: code for code in grpc.StatusCode}
+_END: Final = object()
+
+
+class SessionCallError(grpc.RpcError):
+    """A session call's error, as its unary call would have raised it."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, nothing_applied: bool = False) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self._code = code
+        self._details = details
+        self._nothing_applied = nothing_applied
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+    def trailing_metadata(self) -> Any:
+        """The "nothing applied" mark, where a unary call carries it."""
+        return ((NOTHING_APPLIED_KEY, "true"),) if self._nothing_applied else ()
+
+
+class _Waiting:
+    """One call waiting for its answer."""
+
+    __slots__ = ("answer", "done", "error")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.answer: Any = None
+        self.error: grpc.RpcError | None = None
+
+
+class _Stream:
+    """One open Session stream: its requests' queue, the calls waiting, its reader."""
+
+    def __init__(self, stub: Any) -> None:
+        self.requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.waiting: dict[int, _Waiting] = {}
+        self.lock = threading.Lock()
+        self.ended: grpc.RpcError | None = None
+        self.responses = stub.Session(self._outgoing())
+        self.reader = threading.Thread(target=self._read, name="key-session", daemon=True)
+        self.reader.start()
+
+    def _outgoing(self) -> Iterator[Any]:
+        while True:
+            request = self.requests.get()
+            if request is _END:
+                return
+            yield request
+
+    def _read(self) -> None:
+        error: grpc.RpcError = SessionCallError(
+            grpc.StatusCode.UNAVAILABLE, "the key-service session ended; send the call again"
+        )
+        try:
+            for response in self.responses:
+                with self.lock:
+                    waiting = self.waiting.pop(response.request_id, None)
+                if waiting is not None:
+                    waiting.answer = response
+                    waiting.done.set()
+        except grpc.RpcError as failure:
+            error = failure
+        with self.lock:
+            self.ended = error
+            left, self.waiting = list(self.waiting.values()), {}
+        for waiting in left:
+            waiting.error = error
+            waiting.done.set()
+
+    def close(self) -> None:
+        self.requests.put(_END)
+        self.responses.cancel()
+
+
+class KeySession:
+    """The session of one endpoint: `call("Encrypt", request, timeout)` returns the
+    EncryptResponse or raises the RpcError the unary Encrypt would have raised."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        self._stub: Any = services_pb2_grpc.KeyServiceStub(channel)  # type: ignore[no-untyped-call]
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._stream: _Stream | None = None
+        self._closed = False
+
+    def _open(self) -> _Stream:
+        with self._lock:
+            if self._closed:
+                raise ValueError("the session is closed")
+            stream = self._stream
+            if stream is None or stream.ended is not None:
+                stream = self._stream = _Stream(self._stub)
+            return stream
+
+    def call(self, method: str, request: Any, timeout: float) -> Any:
+        """One call over the session (opened on first use, and again after it ended)."""
+        field = SESSION_FIELDS[method]
+        stream = self._open()
+        number = next(self._ids)
+        waiting = _Waiting()
+        with stream.lock:
+            if stream.ended is not None:
+                raise stream.ended
+            stream.waiting[number] = waiting
+        stream.requests.put(
+            services_pb2.SessionRequest(
+                request_id=number, timeout_ms=max(1, int(timeout * 1000)), **{field: request}
+            )
+        )
+        if not waiting.done.wait(timeout):
+            with stream.lock:
+                stream.waiting.pop(number, None)
+            raise SessionCallError(
+                grpc.StatusCode.DEADLINE_EXCEEDED, f"{method} got no answer within {timeout:g} s"
+            )
+        if waiting.error is not None:
+            raise waiting.error
+        answer = waiting.answer
+        if answer.code:
+            code = _CODES.get(answer.code, grpc.StatusCode.UNKNOWN)
+            raise SessionCallError(code, answer.message, answer.nothing_applied)
+        return getattr(answer, field)
+
+    def close(self) -> None:
+        """End the stream; calls still waiting fail."""
+        with self._lock:
+            self._closed = True
+            stream, self._stream = self._stream, None
+        if stream is not None:
+            stream.close()

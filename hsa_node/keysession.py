@@ -1,0 +1,333 @@
+"""Key-service sessions: many data-plane calls over one bidirectional stream
+(`KeyService.Session`, docs/runtime.md "Key-service sessions").
+
+A unary call pays gRPC's per-call cost (a new HTTP/2 stream, metadata, a worker hand-off)
+before the key service does anything; a session pays it once. Each `SessionRequest` carries
+one call (Encrypt, Decrypt, ReEncrypt, GenerateDataKey, GenerateDataKeyWithoutPlaintext) and
+an id the client chose; it is served by the unary method of the same name, with the stream's
+context, so its caller, gates, policy checks, limits and audit record are exactly the unary
+call's; its answer, or its error as the status the unary call would have ended with, comes
+back tagged with the id as soon as it completes, in any order.
+
+Invariants:
+- the stream is admitted only for a `client` of this domain (PERMISSION_DENIED ends it at
+  once), and then counts against the server's stream quota like any stream;
+- a failed call is answered in its own response (its status, message, "nothing applied");
+  the stream goes on. Only what has no id to answer ends it: a request that does not parse
+  or is over the message limit (INVALID_ARGUMENT);
+- at most `Limits.max_session_calls_in_flight` calls of one stream run or wait at once;
+  beyond that the stream is not read, so HTTP/2 flow control holds the client back;
+- an id already in flight on the stream, or a request without a call, is answered
+  INVALID_ARGUMENT; a call whose deadline (`timeout_ms` from its arrival, within the stream's
+  own) passed before it ran is answered DEADLINE_EXCEEDED and nothing was applied;
+- responses go out one at a time (gRPC allows one send in flight per call), from the
+  stream's own thread; when the client half-closes, every call in flight is answered first;
+  when it cancels, the calls still waiting are dropped unrun;
+- every call is counted in the process's metrics as `KeyService/Session/<call>`, with its
+  status and latency; never a plaintext or key in a message or a log line.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from dataclasses import dataclass
+from typing import Any, Final
+
+import grpc
+
+from domain_core.errors import HsmDomainError
+from domain_core.limits import MAX_SESSION_CALL_TIMEOUT_MS, Limits
+from domain_edge import transport
+from domain_edge.metrics import PROCESS
+from domain_edge.status import grpc_status_for
+from domain_proto import services_pb2
+
+__all__ = [
+    "SESSION_CALLS",
+    "SESSION_STREAMS",
+    "SESSION_WORKERS",
+    "KeySessions",
+    "SessionCall",
+    "serve_stream",
+]
+
+log = logging.getLogger(__name__)
+
+# The calls a session carries: the request field, and the unary method that serves it (the
+# response field has the same name).
+SESSION_CALLS: Final[dict[str, str]] = {
+    "encrypt": "Encrypt",
+    "decrypt": "Decrypt",
+    "re_encrypt": "ReEncrypt",
+    "generate_data_key": "GenerateDataKey",
+    "generate_data_key_without_plaintext": "GenerateDataKeyWithoutPlaintext",
+}
+# Threads of one HSA process that run the calls of all its sessions.
+SESSION_WORKERS: Final = 4
+# The streams of an HSA's server, sessions included: each session holds two threads (its
+# answers and its reader), so they are capped per caller (one SPIFFE id, however many
+# processes share it) and per server; a client refused a session uses unary calls.
+SESSION_STREAMS: Final = transport.StreamLimits(per_peer=16, total=64, blocking=48)
+_METRIC_PREFIX: Final = "/hsmdomain.v1.KeyService/Session/"
+_DONE: Final = object()
+import os as _os
+_INLINE = _os.environ.get("HSM_SESSION_INLINE") == "1"
+
+
+@dataclass
+class SessionCall:
+    """One call of a session, from its arrival to its answer: its id (unique among the
+    stream's calls in flight), which call it is, its request, and its deadline."""
+
+    request_id: int
+    field: str
+    request: Any
+    deadline: float | None  # time.monotonic(); None: the stream's own
+
+
+def _status_response(
+    request_id: int, code: grpc.StatusCode, message: str, *, nothing_applied: bool = False
+) -> services_pb2.SessionResponse:
+    return services_pb2.SessionResponse(
+        request_id=request_id,
+        code=code.value[0],
+        message=message,
+        nothing_applied=nothing_applied,
+    )
+
+
+class KeySessions:
+    """Serves `KeyService.Session` with the unary methods of `servicer`.
+
+    `principal(context)` checks the caller (the key service's frame); `limits` bounds the
+    calls in flight per stream and their messages.
+    """
+
+    def __init__(
+        self,
+        servicer: Any,
+        principal: Callable[[grpc.ServicerContext], str],
+        limits: Limits,
+        workers: int = SESSION_WORKERS,
+    ) -> None:
+        self._methods: dict[str, Callable[[Any, grpc.ServicerContext], Any]] = {
+            field: getattr(servicer, method) for field, method in SESSION_CALLS.items()
+        }
+        self._principal = principal
+        self._limits = limits
+        self._pool = futures.ThreadPoolExecutor(
+            max_workers=workers, thread_name_prefix="key-session"
+        )
+
+    def close(self) -> None:
+        """Stop the workers once the calls they run are answered (after the server stopped:
+        no new call comes); calls still waiting are dropped."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def serve(
+        self, requests: Iterator[Any], context: grpc.ServicerContext
+    ) -> Iterator[services_pb2.SessionResponse]:
+        """The stream's responses, as its calls complete (the generator of `Session`)."""
+        self._principal(context)  # a caller that may not call the key service gets no stream
+        yield from serve_stream(
+            requests,
+            context,
+            admit=self._admit,
+            run=self._run,
+            pool=self._pool,
+            in_flight=self._limits.max_session_calls_in_flight,
+        )
+
+    # --- one call ------------------------------------------------------------------------
+
+    def _run(
+        self, call: SessionCall, context: grpc.ServicerContext
+    ) -> services_pb2.SessionResponse:
+        """Serve one call with its unary method; its response, or its error as a status."""
+        method = SESSION_CALLS[call.field]
+        began = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            if call.deadline is not None and time.monotonic() >= call.deadline:
+                code = grpc.StatusCode.DEADLINE_EXCEEDED
+                return _status_response(
+                    call.request_id,
+                    code,
+                    f"{method} waited past its deadline in the session; it was not run",
+                    nothing_applied=True,
+                )
+            result = self._methods[call.field](call.request, context)
+            response = services_pb2.SessionResponse(request_id=call.request_id)
+            getattr(response, call.field).CopyFrom(result)
+            return response
+        except HsmDomainError as error:
+            code = grpc_status_for(error)
+            return _status_response(
+                call.request_id, code, error.message, nothing_applied=error.nothing_applied
+            )
+        except Exception:
+            code = grpc.StatusCode.INTERNAL
+            log.exception("internal error in a session's %s", method)
+            return _status_response(
+                call.request_id, code, "internal error; the server logged the details"
+            )
+        finally:
+            PROCESS.rpc.observe(_METRIC_PREFIX + method, code.name, time.perf_counter() - began)
+
+    def _admit(self, request: Any) -> SessionCall | services_pb2.SessionResponse:
+        """The call a request carries, or the response that refuses it at once (a request that
+        did not parse never comes here: the transport ends the stream, there is no id to
+        answer)."""
+        request_id = int(request.request_id)
+        field = request.WhichOneof("call")
+        if field not in SESSION_CALLS:
+            return _status_response(
+                request_id,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "a session request carries one call: encrypt, decrypt, re_encrypt, "
+                "generate_data_key or generate_data_key_without_plaintext",
+                nothing_applied=True,
+            )
+        timeout_ms = int(request.timeout_ms)
+        if timeout_ms > MAX_SESSION_CALL_TIMEOUT_MS:
+            return _status_response(
+                request_id,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"timeout_ms is {timeout_ms}; at most {MAX_SESSION_CALL_TIMEOUT_MS} (0: the "
+                "stream's deadline)",
+                nothing_applied=True,
+            )
+        deadline = time.monotonic() + timeout_ms / 1000 if timeout_ms else None
+        return SessionCall(request_id, field, getattr(request, field), deadline)
+
+
+def serve_stream(
+    requests: Iterator[Any],
+    context: grpc.ServicerContext,
+    *,
+    admit: Callable[[Any], SessionCall | Any],
+    run: Callable[[SessionCall, grpc.ServicerContext], Any],
+    pool: futures.ThreadPoolExecutor,
+    in_flight: int,
+) -> Iterator[Any]:
+    """The responses of one session stream: `admit` turns each request into a call (or into
+    the response that refuses it at once; it raises to end the stream), `pool` runs the calls
+    with `run`, at most `in_flight` at once. The key service's sessions and the sessions of
+    Diagnostics (the floor) are the same machinery."""
+    stream = _Stream(requests, context, admit, run, pool, in_flight)
+    stream.start()
+    try:
+        yield from stream.responses()
+    finally:
+        stream.stop()
+
+
+class _Stream:
+    """One session: a reader thread admits requests and hands their calls to the workers;
+    the stream's own thread (the generator) sends the answers."""
+
+    def __init__(
+        self,
+        requests: Iterator[Any],
+        context: grpc.ServicerContext,
+        admit: Callable[[Any], SessionCall | Any],
+        run: Callable[[SessionCall, grpc.ServicerContext], Any],
+        pool: futures.ThreadPoolExecutor,
+        in_flight: int,
+    ) -> None:
+        self._requests = requests
+        self._context = context
+        self._admit = admit
+        self._run = run
+        self._pool = pool
+        self._in_flight_limit = in_flight
+        self._answers: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._slots = threading.BoundedSemaphore(in_flight)
+        self._lock = threading.Lock()
+        self._in_flight: set[int] = set()
+        self._stopping = threading.Event()
+        self._reader = threading.Thread(target=self._read, name="key-session-reader", daemon=True)
+        self._ending: BaseException | None = None
+
+    def start(self) -> None:
+        self._reader.start()
+
+    def stop(self) -> None:
+        """The stream ended (answered, failed or cancelled): the reader stops taking calls."""
+        self._stopping.set()
+
+    def responses(self) -> Iterator[services_pb2.SessionResponse]:
+        """Every answer, then the end: after the client half-closed and every call in flight
+        was answered, or at once when the reader failed (its error ends the stream)."""
+        while True:
+            answer = self._answers.get()
+            if answer is _DONE:
+                if self._ending is not None:
+                    raise self._ending
+                return
+            yield answer
+
+    def _read(self) -> None:
+        context = self._context
+        try:
+            for request in self._requests:
+                if self._stopping.is_set():
+                    break
+                admitted = self._admit(request)
+                if not isinstance(admitted, SessionCall):
+                    self._answers.put(admitted)
+                    continue
+                with self._lock:
+                    duplicate = admitted.request_id in self._in_flight
+                    if not duplicate:
+                        self._in_flight.add(admitted.request_id)
+                if duplicate:
+                    self._answers.put(
+                        _status_response(
+                            admitted.request_id,
+                            grpc.StatusCode.INVALID_ARGUMENT,
+                            f"request id {admitted.request_id} is in flight on this session "
+                            "already; give each call its own id",
+                            nothing_applied=True,
+                        )
+                    )
+                    continue
+                self._slots.acquire()  # back-pressure: no more reading until a slot frees
+                if self._stopping.is_set():
+                    self._slots.release()
+                    break
+                if _INLINE:
+                    self._serve(admitted)
+                else:
+                    self._pool.submit(self._serve, admitted)
+        except Exception as error:  # the client left, or a request that cannot be answered
+            if context.is_active():
+                self._ending = error
+        finally:
+            self._drain_then_end()
+
+    def _serve(self, call: SessionCall) -> None:
+        try:
+            if self._stopping.is_set() or not self._context.is_active():
+                return  # the stream ended: nobody to answer
+            answer = self._run(call, self._context)
+            if self._context.is_active():  # (a client that left gets nothing more)
+                self._answers.put(answer)
+        finally:
+            with self._lock:
+                self._in_flight.discard(call.request_id)
+            self._slots.release()
+
+    def _drain_then_end(self) -> None:
+        """Wait until every call in flight is answered, then end the responses."""
+        limit = self._in_flight_limit
+        for _ in range(limit):
+            self._slots.acquire()
+        for _ in range(limit):
+            self._slots.release()
+        self._answers.put(_DONE)
