@@ -259,6 +259,15 @@ class KeyCache:
         self._entries[entry.key_id] = entry
         self._bytes += entry.size
 
+    def is_fresh(self, key_id: str) -> bool:
+        """Whether a use of `key_id` now would be served from the cache without asking the
+        coordinator (cached, and younger than the refresh-ahead age). A hint for scheduling
+        (`keysession`): the entry may age or go meanwhile; nothing is counted or moved."""
+        entry = self._entries.get(key_id)  # one dict read: atomic, no lock needed
+        if entry is None:
+            return False
+        return self._clock() - entry.checked_at < self._ttl * REFRESH_AHEAD_FRACTION
+
     def cached(self, key_id: str) -> CachedKey | None:
         """The cached entry of `key_id` as it is (however old), or None."""
         return self._peek(key_id)

@@ -104,7 +104,9 @@ class KeyServiceServicer(services_pb2_grpc.KeyServiceServicer):
         self._clock = clock
         self._throttled = ThrottledLog(log)
         self._create_limiter = RateLimiter(limits.create_key_per_second, limits.create_key_burst)
-        self._sessions = KeySessions(self, self._frame.principal, limits)
+        self._sessions = KeySessions(
+            self, self._frame.principal, limits, fresh=self._cache.is_fresh
+        )
 
     def close(self) -> None:
         """Stop the sessions' workers (after the server stopped)."""

@@ -20,6 +20,9 @@ Invariants:
 - an id already in flight on the stream, or a request without a call, is answered
   INVALID_ARGUMENT; a call whose deadline (`timeout_ms` from its arrival, within the stream's
   own) passed before it ran is answered DEADLINE_EXCEEDED and nothing was applied;
+- a call whose keys are fresh in the cache runs on the stream's reader at once (no hand-off:
+  the common case); any other (a key to read from the coordinator, to refresh) runs on one
+  of the process's workers, so that no wait on the coordinator holds the stream up;
 - responses go out one at a time (gRPC allows one send in flight per call), from the
   stream's own thread; when the client half-closes, every call in flight is answered first;
   when it cancels, the calls still waiting are dropped unrun;
@@ -40,6 +43,7 @@ from typing import Any, Final
 
 import grpc
 
+from domain_core import ciphertext
 from domain_core.errors import HsmDomainError
 from domain_core.limits import MAX_SESSION_CALL_TIMEOUT_MS, Limits
 from domain_edge import transport
@@ -75,8 +79,6 @@ SESSION_WORKERS: Final = 4
 SESSION_STREAMS: Final = transport.StreamLimits(per_peer=16, total=64, blocking=48)
 _METRIC_PREFIX: Final = "/hsmdomain.v1.KeyService/Session/"
 _DONE: Final = object()
-import os as _os
-_INLINE = _os.environ.get("HSM_SESSION_INLINE") == "1"
 
 
 @dataclass
@@ -88,6 +90,9 @@ class SessionCall:
     field: str
     request: Any
     deadline: float | None  # time.monotonic(); None: the stream's own
+    # Run by the stream's reader itself (its key is fresh in the cache: no wait on the
+    # coordinator can hold the stream up); else by a worker, and answered when done.
+    inline: bool = False
 
 
 def _status_response(
@@ -114,12 +119,15 @@ class KeySessions:
         principal: Callable[[grpc.ServicerContext], str],
         limits: Limits,
         workers: int = SESSION_WORKERS,
+        *,
+        fresh: Callable[[str], bool] = lambda key_id: False,
     ) -> None:
         self._methods: dict[str, Callable[[Any, grpc.ServicerContext], Any]] = {
             field: getattr(servicer, method) for field, method in SESSION_CALLS.items()
         }
         self._principal = principal
         self._limits = limits
+        self._fresh = fresh
         self._pool = futures.ThreadPoolExecutor(
             max_workers=workers, thread_name_prefix="key-session"
         )
@@ -203,7 +211,23 @@ class KeySessions:
                 nothing_applied=True,
             )
         deadline = time.monotonic() + timeout_ms / 1000 if timeout_ms else None
-        return SessionCall(request_id, field, getattr(request, field), deadline)
+        call = getattr(request, field)
+        return SessionCall(request_id, field, call, deadline, self._inline(field, call))
+
+    def _inline(self, field: str, call: Any) -> bool:
+        """Whether every key `call` uses is fresh in the cache, so that it runs without waiting
+        on anything (a blob that does not parse fails at once, inline too)."""
+        try:
+            if field == "decrypt":
+                keys = [ciphertext.parse_header(call.ciphertext_blob, self._limits).key_id]
+            elif field == "re_encrypt":
+                source = ciphertext.parse_header(call.ciphertext_blob, self._limits).key_id
+                keys = [source, call.destination_key_id]
+            else:
+                keys = [call.key_id]
+        except HsmDomainError:
+            return True
+        return all(self._fresh(key) for key in keys)
 
 
 def serve_stream(
@@ -301,8 +325,8 @@ class _Stream:
                 if self._stopping.is_set():
                     self._slots.release()
                     break
-                if _INLINE:
-                    self._serve(admitted)
+                if admitted.inline:
+                    self._serve(admitted)  # the common case: no hand-off
                 else:
                     self._pool.submit(self._serve, admitted)
         except Exception as error:  # the client left, or a request that cannot be answered

@@ -389,7 +389,7 @@ class DiagnosticsServicer(services_pb2_grpc.DiagnosticsServicer):
         numbers = itertools.count()
 
         def admit(request: Any) -> SessionCall:
-            return SessionCall(next(numbers), "echo", request, None)
+            return SessionCall(next(numbers), "echo", request, None, inline=True)
 
         def run(call: SessionCall, context: grpc.ServicerContext) -> services_pb2.EchoMessage:
             self._check(context)  # per message, as a key-service call checks its caller
