@@ -38,8 +38,8 @@ _NOTES: Final = """\
   (`hsm-domain session`) or one unary call each (`hsm-domain unary`); aiohttp with one keep-alive
   HTTP/1.1 connection per caller for OpenBao (C-accelerated HTTP parsing; httpx's pure-Python
   HTTP/1.1 would make the client an even larger share of the two cores); and one TLS
-  connection per caller for PyKMIP (KMIP carries one request at a time per connection). Requests are built once; every response
-  is parsed.
+  connection per caller for PyKMIP (KMIP carries one request at a time per connection).
+  Requests are built once; every response is parsed.
 - **Security of the channel.** Ours: mutual TLS 1.3 (P-256), every caller identified by its
   certificate, every call audited (one JSON line per call, hash-chained, periodically signed
   checkpoints). OpenBao dev mode: TLS with a server certificate only (`-dev-tls`); the caller

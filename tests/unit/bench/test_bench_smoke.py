@@ -687,6 +687,45 @@ def test_kms_latency_figures_follow_the_runner_names() -> None:
     assert figures["keyclient_encrypt_1k_3node_c16_p99_floor_ratio"] == pytest.approx(2.0)
 
 
+def test_kms_latency_compares_keyclient_with_raw_sessions_round_by_round() -> None:
+    def cell(mode: str, operation: str, throughput: float, round_: int) -> kms_latency.Cell:
+        return kms_latency.Cell(
+            mode, operation, 16, 100, 0.1, throughput, 2.0, 3.0, 2.5, 300.0, round=round_
+        )
+
+    # Round 2 ran on a machine half as fast: each round's ratio stays 0.8 and 0.9.
+    cells = [
+        cell("threads", "encrypt", 800.0, 1),
+        cell("asyncio-session", "encrypt", 1000.0, 1),
+        cell("threads", "encrypt", 450.0, 2),
+        cell("asyncio-session", "encrypt", 500.0, 2),
+        cell("threads", "encrypt", 1000.0, 3),  # no session cell in round 3: left out
+        cell("threads-unary", "decrypt", 500.0, 1),  # no KeyClient-over-session pair
+        cell("asyncio-session", "decrypt", 1000.0, 1),
+    ]
+    figures = kms_latency.figures_of(cells)
+    assert figures["keyclient_over_session_raw_encrypt_c16_ratio"] == pytest.approx(0.85)
+    assert figures["keyclient_over_session_raw_encrypt_c16_low_ratio"] == pytest.approx(0.8)
+    assert figures["keyclient_over_session_raw_encrypt_c16_high_ratio"] == pytest.approx(0.9)
+    assert not any(key.startswith("keyclient_over_session_raw_decrypt") for key in figures)
+    # Every mode has its figure name; the unary KeyClient and raw sessions among them.
+    assert figures["async_session_raw_encrypt_1k_3node_c16_ops_s"] == 750.0
+    assert figures["keyclient_unary_decrypt_1k_3node_c16_ops_s"] == 500.0
+    assert set(kms_latency.FIGURE_MODES) == set(kms_latency.MODES)
+    assert kms_latency.FIGURE_MODES["threads"] == "keyclient"  # KeyClient's default: sessions
+    # Quick runs measure exactly what the ratio needs, and the targets read that ratio.
+    assert {kms_latency.FIGURE_MODES[m] for m in kms_latency.QUICK_MODES} == {
+        "keyclient",
+        "async_session_raw",
+    }
+    assert {t.figure for t in kms_latency.TARGETS} == {
+        "keyclient_over_session_raw_encrypt_c16_ratio",
+        "keyclient_over_session_raw_decrypt_c16_ratio",
+    }
+    assert all(t.check(figures).met is not False for t in kms_latency.TARGETS[1:])
+    assert kms_latency.TARGETS[0].check(figures).met is False  # 0.85 < 0.9
+
+
 def test_raw_aes_gcm_baseline_round_trips_and_detects_tampering(tmp_path: Path) -> None:
     from cryptography.exceptions import InvalidTag
 
