@@ -12,6 +12,7 @@ the audit-log benchmark end to end.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import math
@@ -19,7 +20,9 @@ import os
 import subprocess
 import sys
 import types
+from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 from support.repository import ROOT
@@ -657,7 +660,8 @@ def test_keyservice_schedule_puts_a_floor_run_beside_each_targeted_run() -> None
     operations = [operation("encrypt_1k"), operation("decrypt_1k"), operation("create_key")]
 
     def names(round_: int, with_floor: keyservice.Operation | None) -> list[list[str]]:
-        groups = keyservice._schedule(operations, with_floor, round_)
+        floors = {} if with_floor is None else {"encrypt_1k": with_floor, "decrypt_1k": with_floor}
+        groups = keyservice._schedule(operations, floors, round_)
         return [[op.name for op in group] for group in groups]
 
     assert names(0, floor) == [
@@ -671,6 +675,53 @@ def test_keyservice_schedule_puts_a_floor_run_beside_each_targeted_run() -> None
         ["encrypt_1k", "echo_1k"],
     ]
     assert names(0, None) == [["encrypt_1k"], ["decrypt_1k"], ["create_key"]]
+
+
+def test_keyservice_session_calls_are_paired_with_the_floor_of_sessions() -> None:
+    from bench._cluster import BenchDomain
+
+    class _Stub:
+        def __init__(self, channel: object) -> None:
+            del channel
+
+        def Encrypt(self, request: object, timeout: float) -> object:
+            return services_pb2.EncryptResponse(ciphertext_blob=b"blob")
+
+        def CreateKey(self, request: object, timeout: float) -> object:
+            return services_pb2.KeyMetadataResponse()
+
+    class _Domain:
+        hosts = ("hsa-1",)
+
+        @contextlib.contextmanager
+        def node_channel(self, host: str) -> Iterator[object]:
+            yield object()
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(keyservice.services_pb2_grpc, "KeyServiceStub", _Stub)
+        domain = cast(BenchDomain, _Domain())
+        floors, operations = keyservice._operations(domain, suffix="", full_set=True)
+        _, three_nodes = keyservice._operations(domain, suffix="_3node", full_set=False)
+    by_name = {op.name: op for op in operations}
+    assert by_name["encrypt_1k_session"].session == "encrypt"
+    assert by_name["decrypt_1k_session"].session == "decrypt"
+    assert floors["encrypt_1k_session"].name == "echo_1k_session"
+    assert floors["encrypt_1k_session"].session == keyservice.SESSION_ECHO
+    assert floors["decrypt_1k_session"] is floors["encrypt_1k_session"]
+    assert {name for name, f in floors.items() if f.name == "echo_1k"} == set(keyservice.TARGETED)
+    assert "create_key" not in floors
+    assert not any(op.session for op in three_nodes)  # sessions: one node only
+    # A session run's pairs give `<op>_session_c<N>_floor_ratio` and the rest.
+    pairs = {
+        ("encrypt_1k_session", 16): [
+            keyservice.FloorPair(
+                floor=_measured(1000, 1.0, 4.0, 0.25), operation=_measured(900, 1.0, 6.0, 0.45)
+            )
+        ]
+    }
+    figures = keyservice.paired_floor_figures(pairs)
+    assert figures["encrypt_1k_session_c16_floor_ratio"] == pytest.approx(0.9)
+    assert figures["encrypt_1k_session_c16_p99_floor_ratio"] == pytest.approx(1.5)
 
 
 def test_kms_latency_figures_follow_the_runner_names() -> None:
