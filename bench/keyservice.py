@@ -8,6 +8,13 @@ What is measured, each at concurrency 1 and 16, with the audit log on (as always
 - against a three-node domain, the client spreading calls round-robin over the three HSAs:
   `encrypt_1k_3node`, `decrypt_1k_3node`, `generate_data_key_3node`.
 
+Through key-service sessions (one node): `encrypt_1k_session` and `decrypt_1k_session`, the
+same calls over one `KeyService.Session` stream per node (`bench._sessions.AioSession`, asyncio
+tasks at every concurrency), each against the floor of sessions, `echo_1k_session`
+(`Diagnostics.EchoSession` of 1 KiB, the same session machinery doing no work), paired as the
+unary calls are with theirs: `<op>_session_c<N>_floor_ratio` and the rest below. A session
+stream is opened for its run only (before the warm-up) and closed after it.
+
 The floor itself (`echo_1k`: `Diagnostics.Echo` of 1 KiB on the one-node domain, same client)
 is measured in the same rounds, a floor run right beside every run of a targeted operation
 (Encrypt, Decrypt, GenerateDataKey, ReEncrypt). On this machine the CPU's speed moves by up to
@@ -43,9 +50,11 @@ Quick mode: one round of 0.3 s.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -56,6 +65,7 @@ from bench._cluster import BenchDomain
 from bench._core import BenchConfig, Figure, Target
 from bench._load import LoadResult, aio_mtls_channel, round_robin, run_tasks, run_threads
 from bench._proc import CpuMeter, per_op_us
+from bench._sessions import AioEchoSession, AioSession
 from bench._stats import median, paired_ratios, percentile
 from deploy.init import COORDINATOR_NAME
 from domain_proto import services_pb2, services_pb2_grpc
@@ -76,6 +86,8 @@ P99_GOAL: Final = 1.5
 # The data-plane operations the issue's floor targets apply to (one node, like the floor).
 TARGETED: Final = ("encrypt_1k", "decrypt_1k", "generate_data_key", "re_encrypt_1k")
 FLOOR_ECHO: Final = "echo_1k"  # the in-run floor's figure prefix, as the floor benchmark's
+FLOOR_ECHO_SESSION: Final = "echo_1k_session"  # the floor of sessions (EchoSession)
+SESSION_ECHO: Final = "echo"  # `Operation.session` of the floor of sessions
 
 
 def _targets() -> tuple[Target, ...]:
@@ -130,6 +142,7 @@ class Operation:
     request: Message
     max_ops: int = MAX_OPS
     service: str = "KeyService"  # or "Diagnostics" (the floor's Echo)
+    session: str = ""  # over a session: the SessionRequest field, or SESSION_ECHO (EchoSession)
 
 
 @dataclass
@@ -275,8 +288,8 @@ class _Clients:
         warmup: float,
         meters: CpuMeter,
     ) -> LoadResult:
-        """One closed-loop run of `operation` from `concurrency` callers of kind `client`."""
-        call = _round_robin(self.stubs[client], operation)
+        """One closed-loop run of `operation` from `concurrency` callers of kind `client`
+        (asyncio tasks over session streams, whatever `client`, for a session operation)."""
         bounds: dict[str, Any] = {
             "concurrency": concurrency,
             "duration": duration,
@@ -285,9 +298,36 @@ class _Clients:
             "on_start": meters.start,
             "on_stop": meters.stop,
         }
+        if operation.session:
+            return self._runner.run(self._over_sessions(operation, bounds))
+        call = _round_robin(self.stubs[client], operation)
         if client == "sync":
             return run_threads(call, **bounds)
         return self._runner.run(run_tasks(call, **bounds))
+
+    async def _over_sessions(self, operation: Operation, bounds: dict[str, Any]) -> LoadResult:
+        """The run of a session operation over one stream per node, opened for this run."""
+        request: Any = operation.request
+        field_name = operation.session
+        turn = itertools.count()
+        async with contextlib.AsyncExitStack() as stack:
+            if field_name == SESSION_ECHO:
+                opened = [AioEchoSession(channel).open() for channel in self._aio]
+                echoes = [await stack.enter_async_context(s) for s in opened]
+
+                def call() -> Awaitable[object]:
+                    echo = echoes[next(turn) % len(echoes)]
+                    return echo.echo(request.payload, CALL_TIMEOUT)
+
+            else:
+                streams = [AioSession(channel).open() for channel in self._aio]
+                sessions = [await stack.enter_async_context(s) for s in streams]
+
+                def call() -> Awaitable[object]:
+                    session = sessions[next(turn) % len(sessions)]
+                    return session.call(field_name, request, CALL_TIMEOUT)
+
+            return await run_tasks(call, **bounds)
 
     def close(self) -> None:
         """Close every channel."""
@@ -311,15 +351,16 @@ class Measurement:
 
 
 def _schedule(
-    operations: Sequence[Operation], floor: Operation | None, round_: int
+    operations: Sequence[Operation], floors: Mapping[str, Operation], round_: int
 ) -> list[tuple[Operation, ...]]:
-    """One round's runs in order, grouped: a targeted operation with a floor run right beside
-    it (before it in even rounds, after it in odd ones), any other operation alone. The order
-    of the operations alternates from round to round too."""
+    """One round's runs in order, grouped: an operation with a floor (`floors`, by operation
+    name) with a run of it right beside it (before it in even rounds, after it in odd ones),
+    any other operation alone. The order of the operations alternates from round to round."""
     order = operations if round_ % 2 == 0 else list(reversed(operations))
     groups: list[tuple[Operation, ...]] = []
     for operation in order:
-        if floor is None or operation.name not in TARGETED:
+        floor = floors.get(operation.name)
+        if floor is None:
             groups.append((operation,))
         else:
             groups.append((floor, operation) if round_ % 2 == 0 else (operation, floor))
@@ -335,14 +376,16 @@ def measure(
     duration: float,
     warmup: float,
     log: Callable[[str], None],
-    floor: Operation | None = None,
+    floors: Mapping[str, Operation] | None = None,
 ) -> Measurement:
     """Run every operation at every concurrency in `clients`, `rounds` times, interleaved;
-    with `floor`, a floor run beside every targeted operation in every round (a `FloorPair`),
-    each also pooled into the floor's own cell."""
+    with `floors` (a floor by operation name), a run of its floor beside each such operation
+    in every round (a `FloorPair`), each also pooled into the floor's own cell."""
     found = Measurement()
+    floors = floors or {}
+    kinds = set(clients.values()) | ({"async"} if any(op.session for op in operations) else set())
     with asyncio.Runner() as runner:
-        stubs = _Clients(domain, set(clients.values()), runner)
+        stubs = _Clients(domain, kinds, runner)
 
         def run(operation: Operation, client: str, concurrency: int) -> Measured:
             meters = CpuMeter(
@@ -360,7 +403,7 @@ def measure(
             found.cells.setdefault((operation.name, concurrency), Cell()).add(load, meters)
             failed = f", {load.errors} failed: {load.first_error}" * bool(load.errors)
             log(
-                f"   {operation.name} {client} c{concurrency}: "
+                f"   {operation.name} {'session' if operation.session else client} c{concurrency}: "
                 f"{load.ops_per_second:,.0f} ops/s{failed}"
             )
             return Measured(load, meters.hsa_seconds)
@@ -368,12 +411,12 @@ def measure(
         try:
             for round_ in range(rounds):
                 for concurrency, client in clients.items():
-                    for group in _schedule(operations, floor, round_):
+                    for group in _schedule(operations, floors, round_):
                         runs = {op.name: run(op, client, concurrency) for op in group}
-                        if floor is not None and len(group) == 2:
-                            (name,) = set(runs) - {floor.name}
+                        if len(group) == 2:
+                            (name,) = (op.name for op in group if op.name in floors)
                             found.pairs.setdefault((name, concurrency), []).append(
-                                FloorPair(floor=runs[floor.name], operation=runs[name])
+                                FloorPair(floor=runs[floors[name].name], operation=runs[name])
                             )
         finally:
             stubs.close()
@@ -389,9 +432,9 @@ def _create_key(stub: Any, description: str) -> str:
 
 def _operations(
     domain: BenchDomain, *, suffix: str, full_set: bool
-) -> tuple[Operation | None, list[Operation]]:
-    """The floor (in the full set) and the calls to measure on `domain`, with the keys and
-    ciphertexts they need (made here, through the first node)."""
+) -> tuple[dict[str, Operation], list[Operation]]:
+    """The floors by operation name (in the full set) and the calls to measure on `domain`,
+    with the keys and ciphertexts they need (made here, through the first node)."""
     payload = os.urandom(PAYLOAD_BYTES)
     with domain.node_channel(domain.hosts[0]) as channel:
         stub: Any = services_pb2_grpc.KeyServiceStub(channel)  # type: ignore[no-untyped-call]
@@ -403,28 +446,20 @@ def _operations(
             timeout=CALL_TIMEOUT,
         ).ciphertext_blob
         destination = _create_key(stub, "bench keyservice re-encrypt destination")
-    # The floor, beside the key service's runs on the same node and client: the ratios then
+    # The floors, beside the key service's runs on the same node and client: the ratios then
     # compare calls made seconds apart (`paired_floor_figures`), not minutes.
-    floor = (
-        Operation(
-            FLOOR_ECHO, "Echo", services_pb2.EchoMessage(payload=payload), service="Diagnostics"
-        )
-        if full_set
-        else None
+    echo = services_pb2.EchoMessage(payload=payload)
+    floor = Operation(FLOOR_ECHO, "Echo", echo, service="Diagnostics")
+    session_floor = Operation(
+        FLOOR_ECHO_SESSION, "EchoSession", echo, service="Diagnostics", session=SESSION_ECHO
     )
+    encrypt = services_pb2.EncryptRequest(
+        key_id=key_id, plaintext=payload, encryption_context=CONTEXT
+    )
+    decrypt = services_pb2.DecryptRequest(ciphertext_blob=blob, encryption_context=CONTEXT)
     operations = [
-        Operation(
-            f"encrypt_1k{suffix}",
-            "Encrypt",
-            services_pb2.EncryptRequest(
-                key_id=key_id, plaintext=payload, encryption_context=CONTEXT
-            ),
-        ),
-        Operation(
-            f"decrypt_1k{suffix}",
-            "Decrypt",
-            services_pb2.DecryptRequest(ciphertext_blob=blob, encryption_context=CONTEXT),
-        ),
+        Operation(f"encrypt_1k{suffix}", "Encrypt", encrypt),
+        Operation(f"decrypt_1k{suffix}", "Decrypt", decrypt),
         Operation(
             f"generate_data_key{suffix}",
             "GenerateDataKey",
@@ -433,26 +468,34 @@ def _operations(
             ),
         ),
     ]
-    if full_set:
-        operations += [
-            Operation(
-                f"re_encrypt_1k{suffix}",
-                "ReEncrypt",
-                services_pb2.ReEncryptRequest(
-                    ciphertext_blob=blob,
-                    source_encryption_context=CONTEXT,
-                    destination_key_id=destination,
-                    destination_encryption_context=CONTEXT,
-                ),
+    if not full_set:
+        return {}, operations
+    sessions = [
+        Operation("encrypt_1k_session", "Encrypt", encrypt, session="encrypt"),
+        Operation("decrypt_1k_session", "Decrypt", decrypt, session="decrypt"),
+    ]
+    operations += [
+        *sessions,
+        Operation(
+            f"re_encrypt_1k{suffix}",
+            "ReEncrypt",
+            services_pb2.ReEncryptRequest(
+                ciphertext_blob=blob,
+                source_encryption_context=CONTEXT,
+                destination_key_id=destination,
+                destination_encryption_context=CONTEXT,
             ),
-            Operation(
-                f"create_key{suffix}",
-                "CreateKey",
-                services_pb2.CreateKeyRequest(description="bench keyservice create"),
-                max_ops=MAX_CREATES,
-            ),
-        ]
-    return floor, operations
+        ),
+        Operation(
+            f"create_key{suffix}",
+            "CreateKey",
+            services_pb2.CreateKeyRequest(description="bench keyservice create"),
+            max_ops=MAX_CREATES,
+        ),
+    ]
+    floors = {op.name: floor for op in operations if op.name in TARGETED}
+    floors |= {op.name: session_floor for op in sessions}
+    return floors, operations
 
 
 def _figures(found: Measurement) -> dict[str, Figure]:
@@ -477,7 +520,10 @@ def _plot_samples(config: BenchConfig, cells: dict[tuple[str, int], Cell]) -> No
         if operation.endswith("_3node"):
             config.add_samples("keyservice_3node", f"{operation} c{concurrency}", latencies)
             continue
-        label = "floor (Echo, same rounds)" if operation == FLOOR_ECHO else operation
+        label = {
+            FLOOR_ECHO: "floor (Echo, same rounds)",
+            FLOOR_ECHO_SESSION: "floor of sessions (EchoSession, same rounds)",
+        }.get(operation, operation)
         config.add_samples(f"keyservice_c{concurrency}", label, latencies)
 
 
@@ -496,12 +542,12 @@ def run(config: BenchConfig) -> dict[str, Figure]:
     found = Measurement()
     for nodes, suffix in ((1, ""), (3, "_3node")):
         with BenchDomain(config.directory(f"keyservice-{nodes}"), nodes=nodes) as domain:
-            floor, operations = _operations(domain, suffix=suffix, full_set=nodes == 1)
+            floors, operations = _operations(domain, suffix=suffix, full_set=nodes == 1)
             # CreateKey's durable writes slow the machine for seconds after them, so its rounds
             # come after the data plane's, never between a pair of runs.
             data_plane = [op for op in operations if not op.name.startswith("create_key")]
             creates = [op for op in operations if op.name.startswith("create_key")]
-            for batch, beside in ((data_plane, floor), (creates, None)):
+            for batch, beside in ((data_plane, floors), (creates, {})):
                 if not batch:
                     continue
                 measured = measure(
@@ -512,7 +558,7 @@ def run(config: BenchConfig) -> dict[str, Figure]:
                     duration=duration,
                     warmup=warmup,
                     log=config.log,
-                    floor=beside,
+                    floors=beside,
                 )
                 found.cells.update(measured.cells)
                 found.pairs.update(measured.pairs)

@@ -7,10 +7,16 @@ Starts a coordinator and three HSAs (`bench._cluster.BenchDomain`) in a temporar
 creates one key, and measures, per mode, operation and concurrency, throughput and p50/p99
 latency of calls spread over the three HSAs:
 
-- `threads`: `KeyClient` (the library applications use: round-robin, deadlines, retry rules)
-  shared by N threads;
-- `asyncio`: N coroutines on `grpc.aio` channels (one per HSA, the same mutual TLS
-  identity), round-robin, without KeyClient's retry layer: what an asyncio client could get.
+- `threads` (figures `keyclient`): `KeyClient` (the library applications use: round-robin,
+  deadlines, retry rules) shared by N threads, with its default: every data-plane call over
+  one key-service session per HSA (`KeyService.Session`);
+- `threads-unary` (`keyclient_unary`): the same with `KeyClient(sessions=False)`, unary calls;
+- `sync-raw` (`sync_raw`): N threads on plain sync unary stubs, one channel per HSA;
+- `asyncio` (`async_raw`): N coroutines on `grpc.aio` unary stubs (one channel per HSA, the
+  same mutual TLS identity), round-robin, without KeyClient's retry layer;
+- `asyncio-session` (`async_session_raw`): N coroutines on raw `grpc.aio` session streams
+  (`bench._sessions.AioSession`, one session per HSA channel), round-robin: what the servers
+  give through sessions, the yardstick of `KeyClient` (issue 18: at least 0.9 of it).
 
 Each cell is bounded by a number of calls (`--ops`) and a time budget (`--seconds`), after a
 short warm-up; `--rounds R` repeats all cells interleaved and reports medians (this machine is
@@ -18,10 +24,13 @@ shared and noisy). The domain is stopped and the directory removed whatever happ
 servers share this machine's cores, so the client's own cost is part of every figure.
 
 As a module of the `python -m bench` runner (NAME, TITLE, run) the figures are
-`<mode>_<op>_1k_3node_c<N>_*` with modes `keyclient`, `sync_raw` and `async_raw`, and their
-ratios to the floor (a one-node Echo, so these compare a 3-node domain and a client library
-with the bare transport): full runs take every mode, 3 rounds of at most 1,000 calls or 5 s
-per cell; quick runs only `keyclient`, one round of at most 150 calls or 0.5 s per cell.
+`<mode>_<op>_1k_3node_c<N>_*` with the figure modes above, and their ratios to the floor (a
+one-node unary Echo, so these compare a 3-node domain and a client library with the bare
+transport); `keyclient_over_session_raw_<op>_c<N>_ratio` is KeyClient's throughput over the
+raw session streams', the median of each round's ratio (`_low_ratio` / `_high_ratio`: the
+lowest and highest round), the two modes measured one right after the other. Full runs take
+every mode, 3 rounds of at most 1,000 calls or 5 s per cell; quick runs only `keyclient` and
+`async_session_raw` (what that ratio needs), one round of at most 150 calls or 0.5 s per cell.
 `bench.keyservice` measures the servers' side (raw stubs, server CPU); this measures what an
 application gets through the client library.
 """
@@ -34,24 +43,25 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import argparse  # after GRPC_VERBOSITY, which grpc reads when it is imported
 import asyncio
+import contextlib
 import itertools
 import json
 import platform
-import statistics
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Final
 
 import grpc
 
 from bench._cluster import BenchDomain
-from bench._core import BenchConfig, Figure
-from bench._stats import percentile
+from bench._core import BenchConfig, Figure, Target
+from bench._kms_cells import Cell, measure_async, measure_threads, medians, table
+from bench._sessions import AioSession
+from bench._stats import paired_ratios
 from domain_core.limits import DEFAULT_LIMITS
 from domain_edge.kms_client import KeyClient
 from domain_edge.transport import (
@@ -69,15 +79,35 @@ FLOOR_RATIOS: Final = True
 
 PAYLOAD_BYTES = 1024
 CONTEXT = {"bench": "kms-latency"}
-WARMUP_CALLS = 30
 NODES = 3
 # Figure names of the modes (`<mode>_<op>_1k_3node_c<N>_*`).
-FIGURE_MODES: Final = {"threads": "keyclient", "sync-raw": "sync_raw", "asyncio": "async_raw"}
+FIGURE_MODES: Final = {
+    "threads": "keyclient",
+    "threads-unary": "keyclient_unary",
+    "sync-raw": "sync_raw",
+    "asyncio": "async_raw",
+    "asyncio-session": "async_session_raw",
+}
+# KeyClient's throughput over raw session streams' (issue 18: at least 0.9 at 16 callers).
+CLIENT_MODE: Final = "threads"
+SESSION_RAW_MODE: Final = "asyncio-session"
+CLIENT_GOAL: Final = 0.9
+TARGETS: Final = tuple(
+    Target(
+        f"keyclient_over_session_raw_{operation}_c16_ratio",
+        ">=",
+        CLIENT_GOAL,
+        f"KeyClient {operation} through 3 HSAs at 16 callers: at least 0.9 of raw session "
+        "streams' throughput (median of each round's ratio)",
+    )
+    for operation in ("encrypt", "decrypt")
+)
 
 __all__ = [
     "FLOOR_RATIOS",
     "MODES",
     "NAME",
+    "TARGETS",
     "TITLE",
     "Cell",
     "Endpoints",
@@ -85,49 +115,8 @@ __all__ = [
     "main",
     "measure",
     "run",
+    "session_ratio_figures",
 ]
-
-
-@dataclass(frozen=True)
-class Cell:
-    """The figures of one (mode, operation, concurrency)."""
-
-    mode: str
-    operation: str
-    concurrency: int
-    calls: int
-    seconds: float
-    throughput: float
-    p50_ms: float
-    p99_ms: float
-    mean_ms: float
-    client_cpu_us: float
-    """CPU time of this (client) process per call, all threads, in microseconds."""
-
-
-def _cell(
-    mode: str,
-    operation: str,
-    concurrency: int,
-    latencies: list[float],
-    elapsed: float,
-    cpu: float,
-) -> Cell:
-    if not latencies:
-        raise RuntimeError(f"no {operation} call completed ({mode}, {concurrency} callers)")
-    ms = [latency * 1000 for latency in latencies]
-    return Cell(
-        mode=mode,
-        operation=operation,
-        concurrency=concurrency,
-        calls=len(ms),
-        seconds=round(elapsed, 3),
-        throughput=round(len(ms) / elapsed, 1),
-        p50_ms=round(percentile(ms, 50), 3),
-        p99_ms=round(percentile(ms, 99), 3),
-        mean_ms=round(statistics.fmean(ms), 3),
-        client_cpu_us=round(cpu / len(ms) * 1e6, 1),
-    )
 
 
 # --- the domain ------------------------------------------------------------------------------
@@ -149,59 +138,38 @@ class Endpoints:
 # --- threads through KeyClient ---------------------------------------------------------------
 
 
-def _run_threads(
-    call: Callable[[], object], concurrency: int, ops: int, seconds: float
-) -> tuple[list[float], float]:
-    """`ops` calls (or fewer, when `seconds` run out) from `concurrency` threads."""
-    counter = itertools.count()
-    deadline = time.monotonic() + seconds
-    results: list[list[float]] = [[] for _ in range(concurrency)]
-    errors: list[BaseException] = []
-
-    def worker(latencies: list[float]) -> None:
-        try:
-            while next(counter) < ops and time.monotonic() < deadline:
-                started = time.perf_counter()
-                call()
-                latencies.append(time.perf_counter() - started)
-        except BaseException as error:
-            errors.append(error)
-
-    threads = [threading.Thread(target=worker, args=(r,)) for r in results]
-    started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    elapsed = time.perf_counter() - started
-    if errors:
-        raise errors[0]
-    return [latency for r in results for latency in r], elapsed
-
-
 def bench_threads(
-    domain: Endpoints, key_id: str, blob: bytes, concurrency: int, ops: int, seconds: float
+    domain: Endpoints,
+    key_id: str,
+    blob: bytes,
+    concurrency: int,
+    ops: int,
+    seconds: float,
+    *,
+    sessions: bool = True,
 ) -> list[Cell]:
-    """Encrypt and Decrypt through one shared KeyClient."""
+    """Encrypt and Decrypt through one shared KeyClient (its sessions, or unary calls)."""
     payload = os.urandom(PAYLOAD_BYTES)
-    cells = []
+    mode = "threads" if sessions else "threads-unary"
     with KeyClient(
         domain.addresses,
         ca_pem=domain.tls.ca_pem,
         cert_pem=domain.tls.cert_pem,
         key_pem=domain.tls.key_pem,
+        sessions=sessions,
     ) as client:
         operations: dict[str, Callable[[], object]] = {
             "encrypt": lambda: client.encrypt(key_id, payload, CONTEXT),
             "decrypt": lambda: client.decrypt(blob, CONTEXT),
         }
-        for name, call in operations.items():
-            _run_threads(call, concurrency, WARMUP_CALLS, seconds)
-            cpu = time.process_time()
-            latencies, elapsed = _run_threads(call, concurrency, ops, seconds)
-            cpu = time.process_time() - cpu
-            cells.append(_cell("threads", name, concurrency, latencies, elapsed, cpu))
-    return cells
+        return measure_threads(mode, operations, concurrency, ops, seconds)
+
+
+def bench_threads_unary(
+    domain: Endpoints, key_id: str, blob: bytes, concurrency: int, ops: int, seconds: float
+) -> list[Cell]:
+    """`bench_threads` with `KeyClient(sessions=False)`: unary calls."""
+    return bench_threads(domain, key_id, blob, concurrency, ops, seconds, sessions=False)
 
 
 def _requests(
@@ -235,51 +203,31 @@ def bench_sync_raw(
         "encrypt": lambda: stub().Encrypt(encrypt, timeout=5.0),
         "decrypt": lambda: stub().Decrypt(decrypt, timeout=5.0),
     }
-    cells = []
     try:
-        for name, call in operations.items():
-            _run_threads(call, concurrency, WARMUP_CALLS, seconds)
-            cpu = time.process_time()
-            latencies, elapsed = _run_threads(call, concurrency, ops, seconds)
-            cpu = time.process_time() - cpu
-            cells.append(_cell("sync-raw", name, concurrency, latencies, elapsed, cpu))
+        return measure_threads("sync-raw", operations, concurrency, ops, seconds)
     finally:
         for channel in channels:
             channel.close()
-    return cells
 
 
 # --- asyncio with grpc.aio -------------------------------------------------------------------
 
 
-async def _run_async(
-    call: Callable[[], Awaitable[object]], concurrency: int, ops: int, seconds: float
-) -> tuple[list[float], float]:
-    counter = itertools.count()
-    deadline = time.monotonic() + seconds
-    latencies: list[float] = []
-
-    async def worker() -> None:
-        while next(counter) < ops and time.monotonic() < deadline:
-            started = time.perf_counter()
-            await call()
-            latencies.append(time.perf_counter() - started)
-
-    started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return latencies, time.perf_counter() - started
-
-
-async def _bench_async(
-    domain: Endpoints, key_id: str, blob: bytes, concurrency: int, ops: int, seconds: float
-) -> list[Cell]:
+def _aio_channels(domain: Endpoints) -> list[grpc.aio.Channel]:
+    """One `grpc.aio` channel per HSA, without gRPC's own retries (inside the event loop)."""
     credentials = channel_credentials(domain.tls.ca_pem, domain.tls.cert_pem, domain.tls.key_pem)
     options = [
         ("grpc.enable_retries", 0),
         *DEFAULT_LIMITS.grpc_options(),
         server_name_option(domain.tls.ca_pem, ANY_HSA),
     ]
-    channels = [grpc.aio.secure_channel(a, credentials, options=options) for a in domain.addresses]
+    return [grpc.aio.secure_channel(a, credentials, options=options) for a in domain.addresses]
+
+
+async def _bench_async(
+    domain: Endpoints, key_id: str, blob: bytes, concurrency: int, ops: int, seconds: float
+) -> list[Cell]:
+    channels = _aio_channels(domain)
     stubs: list[Any] = [
         services_pb2_grpc.KeyServiceStub(c)  # type: ignore[no-untyped-call]
         for c in channels
@@ -294,18 +242,34 @@ async def _bench_async(
         "encrypt": lambda: stub().Encrypt(encrypt, timeout=5.0),
         "decrypt": lambda: stub().Decrypt(decrypt, timeout=5.0),
     }
-    cells = []
     try:
-        for name, call in operations.items():
-            await _run_async(call, concurrency, WARMUP_CALLS, seconds)
-            cpu = time.process_time()
-            latencies, elapsed = await _run_async(call, concurrency, ops, seconds)
-            cpu = time.process_time() - cpu
-            cells.append(_cell("asyncio", name, concurrency, latencies, elapsed, cpu))
+        return await measure_async("asyncio", operations, concurrency, ops, seconds)
     finally:
         for channel in channels:
             await channel.close(None)
-    return cells
+
+
+async def _bench_async_session(
+    domain: Endpoints, key_id: str, blob: bytes, concurrency: int, ops: int, seconds: float
+) -> list[Cell]:
+    channels = _aio_channels(domain)
+    turn = itertools.count()
+    encrypt, decrypt = _requests(key_id, blob)
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            sessions = [await stack.enter_async_context(AioSession(c).open()) for c in channels]
+
+            def session() -> AioSession:
+                return sessions[next(turn) % len(sessions)]
+
+            operations: dict[str, Callable[[], Awaitable[object]]] = {
+                "encrypt": lambda: session().call("encrypt", encrypt, 5.0),
+                "decrypt": lambda: session().call("decrypt", decrypt, 5.0),
+            }
+            return await measure_async("asyncio-session", operations, concurrency, ops, seconds)
+    finally:
+        for channel in channels:
+            await channel.close(None)
 
 
 def bench_asyncio(
@@ -315,46 +279,24 @@ def bench_asyncio(
     return asyncio.run(_bench_async(domain, key_id, blob, concurrency, ops, seconds))
 
 
+def bench_asyncio_session(
+    domain: Endpoints, key_id: str, blob: bytes, concurrency: int, ops: int, seconds: float
+) -> list[Cell]:
+    """Encrypt and Decrypt from coroutines over raw session streams, one per HSA."""
+    return asyncio.run(_bench_async_session(domain, key_id, blob, concurrency, ops, seconds))
+
+
 # --- main ------------------------------------------------------------------------------------
 
 MODES: dict[str, Callable[[Endpoints, str, bytes, int, int, float], list[Cell]]] = {
     "threads": bench_threads,
+    "asyncio-session": bench_asyncio_session,  # right after KeyClient: the ratio's pair
+    "threads-unary": bench_threads_unary,
     "sync-raw": bench_sync_raw,
     "asyncio": bench_asyncio,
 }
-
-
-def _medians(cells: list[Cell]) -> list[Cell]:
-    """One cell per (mode, operation, concurrency): the medians over the rounds."""
-    groups: dict[tuple[str, str, int], list[Cell]] = {}
-    for cell in cells:
-        groups.setdefault((cell.mode, cell.operation, cell.concurrency), []).append(cell)
-    return [
-        Cell(
-            mode=mode,
-            operation=operation,
-            concurrency=concurrency,
-            calls=sum(c.calls for c in group),
-            seconds=round(sum(c.seconds for c in group), 3),
-            throughput=round(statistics.median(c.throughput for c in group), 1),
-            p50_ms=round(statistics.median(c.p50_ms for c in group), 3),
-            p99_ms=round(statistics.median(c.p99_ms for c in group), 3),
-            mean_ms=round(statistics.median(c.mean_ms for c in group), 3),
-            client_cpu_us=round(statistics.median(c.client_cpu_us for c in group), 1),
-        )
-        for (mode, operation, concurrency), group in groups.items()
-    ]
-
-
-def _table(cells: list[Cell]) -> str:
-    header = ("mode", "op", "callers", "calls", "ops/s", "p50 ms", "p99 ms", "client us")
-    lines = ["{:<9} {:<8} {:>7} {:>6} {:>8} {:>8} {:>8} {:>9}".format(*header)]
-    for c in cells:
-        lines.append(
-            f"{c.mode:<9} {c.operation:<8} {c.concurrency:>7} {c.calls:>6} {c.throughput:>8.1f} "
-            f"{c.p50_ms:>8.2f} {c.p99_ms:>8.2f} {c.client_cpu_us:>9.0f}"
-        )
-    return "\n".join(lines)
+# Quick runs: only what `keyclient_over_session_raw_*` needs.
+QUICK_MODES: Final = (CLIENT_MODE, SESSION_RAW_MODE)
 
 
 def measure(
@@ -383,20 +325,46 @@ def measure(
         for concurrency in concurrencies:
             for mode in modes:
                 log(f"   round {round_number}: {mode}, {concurrency} caller(s)")
-                cells += MODES[mode](endpoints, key_id, blob, concurrency, ops, seconds)
+                found = MODES[mode](endpoints, key_id, blob, concurrency, ops, seconds)
+                cells += [replace(cell, round=round_number) for cell in found]
     return cells
 
 
 def figures_of(cells: Sequence[Cell]) -> dict[str, Figure]:
     """The medians of `cells` as runner figures, `<mode>_<op>_1k_3node_c<N>_*`."""
     figures: dict[str, Figure] = {"payload_bytes": PAYLOAD_BYTES, "nodes": NODES}
-    for cell in _medians(list(cells)):
+    for cell in medians(list(cells)):
         prefix = f"{FIGURE_MODES[cell.mode]}_{cell.operation}_1k_3node_c{cell.concurrency}"
         figures[f"{prefix}_p50_ms"] = cell.p50_ms
         figures[f"{prefix}_p99_ms"] = cell.p99_ms
         figures[f"{prefix}_mean_ms"] = cell.mean_ms
         figures[f"{prefix}_ops_s"] = cell.throughput
         figures[f"{prefix}_client_cpu_us_per_op"] = cell.client_cpu_us
+    figures.update(session_ratio_figures(cells))
+    return figures
+
+
+def session_ratio_figures(cells: Sequence[Cell]) -> dict[str, Figure]:
+    """`keyclient_over_session_raw_<op>_c<N>_ratio`: KeyClient's throughput (`threads`) over
+    the raw session streams' (`asyncio-session`), the median of each round's ratio, with
+    `_low_ratio` / `_high_ratio` (the lowest and highest round); only where a round measured
+    both."""
+    by_round = {(c.mode, c.operation, c.concurrency, c.round): c for c in cells}
+    rounds: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    for (mode, operation, concurrency, round_), cell in by_round.items():
+        raw = by_round.get((SESSION_RAW_MODE, operation, concurrency, round_))
+        if mode == CLIENT_MODE and raw is not None:
+            pair = (cell.throughput, raw.throughput)
+            rounds.setdefault((operation, concurrency), []).append(pair)
+    figures: dict[str, Figure] = {}
+    for (operation, concurrency), pairs in sorted(rounds.items()):
+        spread = paired_ratios(pairs)
+        if spread is None:
+            continue
+        name = f"keyclient_over_session_raw_{operation}_c{concurrency}"
+        figures[f"{name}_ratio"] = spread.median
+        figures[f"{name}_low_ratio"] = spread.low
+        figures[f"{name}_high_ratio"] = spread.high
     return figures
 
 
@@ -405,7 +373,7 @@ def run(config: BenchConfig) -> dict[str, Figure]:
     with BenchDomain(config.directory(NAME), nodes=NODES) as domain:
         cells = measure(
             domain,
-            modes=config.pick(["threads"], list(MODES)),
+            modes=config.pick(list(QUICK_MODES), list(MODES)),
             concurrencies=(1, 16),
             ops=int(config.pick(150, 1000)),
             seconds=float(config.pick(0.5, 5.0)),
@@ -460,8 +428,11 @@ def main(argv: list[str] | None = None) -> int:
             rounds=args.rounds,
             log=log,
         )
-    summary = _medians(cells)
-    print(_table(summary))
+    summary = medians(cells)
+    ratios = session_ratio_figures(cells)
+    print(table(summary))
+    for name, value in ratios.items():
+        print(f"{name} {value:.3f}")
     if args.json:
         document = {
             "benchmark": "kms_latency",
@@ -477,6 +448,7 @@ def main(argv: list[str] | None = None) -> int:
             "total_seconds": round(time.monotonic() - started, 1),
             "rounds": args.rounds,
             "cells": [asdict(c) for c in summary],
+            "ratios": ratios,
             "every_round": [asdict(c) for c in cells],
         }
         Path(args.json).write_text(json.dumps(document, indent=2) + "\n")

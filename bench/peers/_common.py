@@ -44,6 +44,7 @@ __all__ = [
     "cell_figures",
     "cell_prefix",
     "descendants",
+    "floor_ratio_figures",
     "free_port",
     "measure_cell",
     "paired_cpu_ratio_figures",
@@ -388,4 +389,43 @@ def paired_cpu_ratio_figures(
                 out[f"{name}_high_ratio"] = spread.high
         if medians:
             out[f"cpu_{ours}_over_{other}_paired_max_ratio"] = max(medians)
+    return out
+
+
+def floor_ratio_figures(
+    runs: Mapping[str, Sequence[CellRun]],
+    *,
+    labels: Sequence[str],
+    floor: str,
+    operations: Sequence[str] = OPERATIONS,
+    concurrencies: Sequence[int] = CONCURRENCIES,
+) -> dict[str, Figure]:
+    """Each of `labels` against its own floor (its `floor` operation's cells), round by round.
+
+    `<label>_<op>_1k_c<N>_floor_ratio`: throughput / the floor's, median of the rounds' ratios
+    (with `_floor_low_ratio` / `_floor_high_ratio`, the lowest and highest round);
+    `<label>_<op>_1k_c<N>_cpu_floor_ratio`: server CPU per call / the floor's, likewise a
+    median. A round counts when both cells were measured in it (`runs` in round order).
+    """
+    out: dict[str, Figure] = {}
+    for label in labels:
+        for concurrency in concurrencies:
+            below = runs.get(cell_prefix(label, floor, concurrency), ())
+            for operation in operations:
+                prefix = cell_prefix(label, operation, concurrency)
+                pairs = list(zip(runs.get(prefix, ()), below, strict=False))
+                speed = paired_ratios(
+                    (m.load.ops_per_second, f.load.ops_per_second) for m, f in pairs
+                )
+                if speed is not None:
+                    out[f"{prefix}_floor_ratio"] = speed.median
+                    out[f"{prefix}_floor_low_ratio"] = speed.low
+                    out[f"{prefix}_floor_high_ratio"] = speed.high
+                cpu = paired_ratios(
+                    (m.server_cpu_us_per_op, f.server_cpu_us_per_op)
+                    for m, f in pairs
+                    if f.server_cpu_s > 0
+                )
+                if cpu is not None:
+                    out[f"{prefix}_cpu_floor_ratio"] = cpu.median
     return out

@@ -17,12 +17,14 @@ from bench.peers._common import CONCURRENCIES, OPERATIONS, cell_prefix
 __all__ = ["PEER_NAMES", "render_markdown", "write_markdown"]
 
 PEER_NAMES: Final = {
-    "ours": "hsm-domain (audit on)",
+    "ours": "hsm-domain session (audit on)",
+    "ours_unary": "hsm-domain unary (audit on)",
     "openbao_audit": "OpenBao, file audit on",
     "openbao_noaudit": "OpenBao, no audit",
     "pykmip": "PyKMIP",
 }
-_PEERS: Final = ("ours", "openbao_audit", "openbao_noaudit", "pykmip")
+_PEERS: Final = ("ours", "ours_unary", "openbao_audit", "openbao_noaudit", "pykmip")
+_OURS: Final = ("ours", "ours_unary")
 _OTHERS: Final = ("openbao_audit", "openbao_noaudit", "pykmip")
 
 _NOTES: Final = """\
@@ -31,12 +33,13 @@ _NOTES: Final = """\
   operation (utime + stime of the server's whole process tree from /proc, over the measured
   window only) does not, which is why the targets are stated on it.
 - **Clients.** All three are asyncio Python clients driven by the same closed-loop generator
-  (`bench._load.run_tasks`), each the most direct one available: raw `grpc.aio` stubs on one
-  HTTP/2 channel for ours, aiohttp with one keep-alive HTTP/1.1 connection per caller for
-  OpenBao (C-accelerated HTTP parsing; httpx's pure-Python HTTP/1.1 would make the client an
-  even larger share of the two cores), and one TLS connection per caller for PyKMIP (KMIP
-  carries one request at a time per connection). Requests are built once; every response
-  is parsed.
+  (`bench._load.run_tasks`), each the most direct one available: for ours, raw `grpc.aio`
+  calls on one HTTP/2 channel, either every call over one key-service session stream
+  (`hsm-domain session`) or one unary call each (`hsm-domain unary`); aiohttp with one keep-alive
+  HTTP/1.1 connection per caller for OpenBao (C-accelerated HTTP parsing; httpx's pure-Python
+  HTTP/1.1 would make the client an even larger share of the two cores); and one TLS
+  connection per caller for PyKMIP (KMIP carries one request at a time per connection).
+  Requests are built once; every response is parsed.
 - **Security of the channel.** Ours: mutual TLS 1.3 (P-256), every caller identified by its
   certificate, every call audited (one JSON line per call, hash-chained, periodically signed
   checkpoints). OpenBao dev mode: TLS with a server certificate only (`-dev-tls`); the caller
@@ -166,25 +169,59 @@ def _paired(figures: Mapping[str, Figure]) -> list[str]:
 
 
 def _floor(figures: Mapping[str, Figure]) -> list[str]:
-    """Our CPU per operation split into the transport floor (Echo) and the rest."""
+    """Our CPU per operation split into the transport floor (its own Echo) and the rest."""
     rows: list[list[str]] = []
-    for operation in OPERATIONS:
-        for concurrency in CONCURRENCIES:
-            cpu = "_server_cpu_us_per_op"
-            ours = _number(figures, cell_prefix("ours", operation, concurrency) + cpu)
-            echo = _number(figures, cell_prefix("ours", "echo", concurrency) + cpu)
-            if ours is None or echo is None:
-                continue
-            rows.append([operation, str(concurrency), _fmt(ours), _fmt(echo), _fmt(ours - echo)])
+    for label in _OURS:
+        for operation in OPERATIONS:
+            for concurrency in CONCURRENCIES:
+                cpu = "_server_cpu_us_per_op"
+                prefix = cell_prefix(label, operation, concurrency)
+                ours = _number(figures, prefix + cpu)
+                echo = _number(figures, cell_prefix(label, "echo", concurrency) + cpu)
+                if ours is None or echo is None:
+                    continue
+                rows.append(
+                    [
+                        PEER_NAMES[label],
+                        operation,
+                        str(concurrency),
+                        _fmt(ours),
+                        _fmt(echo),
+                        _fmt(ours - echo),
+                        _ratio(_number(figures, f"{prefix}_cpu_floor_ratio")),
+                        _ratio(_number(figures, f"{prefix}_floor_ratio")),
+                    ]
+                )
     if not rows:
         return []
     headings = [
+        "client",
         "op",
         "callers",
-        "ours, server CPU µs/op",
-        "Echo (transport floor)",
+        "server CPU µs/op",
+        "its Echo (transport floor)",
         "key service + audit",
+        "CPU / floor",
+        "ops/s / floor",
     ]
+    return _table(headings, rows, left=2)
+
+
+def _sessions(figures: Mapping[str, Figure]) -> list[str]:
+    """Session against unary, same domain, same rounds: what the session buys."""
+    rows: list[list[str]] = []
+    for operation in (*OPERATIONS, "echo"):
+        for concurrency in CONCURRENCIES:
+            cell = f"{operation}_1k_c{concurrency}"
+            cpu = _number(figures, f"cpu_ours_over_ours_unary_{cell}_ratio")
+            ops = _number(figures, f"ops_ours_over_ours_unary_{cell}_ratio")
+            paired = _number(figures, f"cpu_ours_over_ours_unary_{cell}_paired_ratio")
+            if cpu is None and ops is None:
+                continue
+            rows.append([operation, str(concurrency), _ratio(cpu), _ratio(paired), _ratio(ops)])
+    if not rows:
+        return []
+    headings = ["op", "callers", "CPU session / unary", "same, by round", "ops/s session / unary"]
     return _table(headings, rows, left=1)
 
 
@@ -229,11 +266,22 @@ def render_markdown(report: Report, name: str = "peers") -> str:
     floor = _floor(figures)
     if floor:
         lines += [
-            "Where our server CPU goes: `Diagnostics.Echo` of the same 1 KiB through the same "
-            "server stack (mutual TLS, interceptors, thread pool), which does no work, measured "
-            "in the same rounds; the difference is the key service itself with its audit record.",
+            "Where our server CPU goes: each of our clients against its own floor, the same "
+            "1 KiB through the same server stack (mutual TLS, interceptors, thread pool) doing "
+            "no work, measured in the same rounds (`Diagnostics.EchoSession` for the session, "
+            "`Diagnostics.Echo` for unary calls); the difference is the key service itself "
+            "with its audit record. The floor ratios are medians of each round's ratio.",
             "",
             *floor,
+            "",
+        ]
+    sessions = _sessions(figures)
+    if sessions:
+        lines += [
+            "Session against unary calls to the same running domain, in the same rounds "
+            "(CPU below 1: the session spends less; ops/s above 1: it is faster):",
+            "",
+            *sessions,
             "",
         ]
     coordinator = _number(figures, "ours_coordinator_cpu_us_per_op")

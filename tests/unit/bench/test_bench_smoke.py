@@ -12,6 +12,7 @@ the audit-log benchmark end to end.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import math
@@ -19,7 +20,9 @@ import os
 import subprocess
 import sys
 import types
+from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 from support.repository import ROOT
@@ -657,7 +660,8 @@ def test_keyservice_schedule_puts_a_floor_run_beside_each_targeted_run() -> None
     operations = [operation("encrypt_1k"), operation("decrypt_1k"), operation("create_key")]
 
     def names(round_: int, with_floor: keyservice.Operation | None) -> list[list[str]]:
-        groups = keyservice._schedule(operations, with_floor, round_)
+        floors = {} if with_floor is None else {"encrypt_1k": with_floor, "decrypt_1k": with_floor}
+        groups = keyservice._schedule(operations, floors, round_)
         return [[op.name for op in group] for group in groups]
 
     assert names(0, floor) == [
@@ -673,6 +677,53 @@ def test_keyservice_schedule_puts_a_floor_run_beside_each_targeted_run() -> None
     assert names(0, None) == [["encrypt_1k"], ["decrypt_1k"], ["create_key"]]
 
 
+def test_keyservice_session_calls_are_paired_with_the_floor_of_sessions() -> None:
+    from bench._cluster import BenchDomain
+
+    class _Stub:
+        def __init__(self, channel: object) -> None:
+            del channel
+
+        def Encrypt(self, request: object, timeout: float) -> object:
+            return services_pb2.EncryptResponse(ciphertext_blob=b"blob")
+
+        def CreateKey(self, request: object, timeout: float) -> object:
+            return services_pb2.KeyMetadataResponse()
+
+    class _Domain:
+        hosts = ("hsa-1",)
+
+        @contextlib.contextmanager
+        def node_channel(self, host: str) -> Iterator[object]:
+            yield object()
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(keyservice.services_pb2_grpc, "KeyServiceStub", _Stub)
+        domain = cast(BenchDomain, _Domain())
+        floors, operations = keyservice._operations(domain, suffix="", full_set=True)
+        _, three_nodes = keyservice._operations(domain, suffix="_3node", full_set=False)
+    by_name = {op.name: op for op in operations}
+    assert by_name["encrypt_1k_session"].session == "encrypt"
+    assert by_name["decrypt_1k_session"].session == "decrypt"
+    assert floors["encrypt_1k_session"].name == "echo_1k_session"
+    assert floors["encrypt_1k_session"].session == keyservice.SESSION_ECHO
+    assert floors["decrypt_1k_session"] is floors["encrypt_1k_session"]
+    assert {name for name, f in floors.items() if f.name == "echo_1k"} == set(keyservice.TARGETED)
+    assert "create_key" not in floors
+    assert not any(op.session for op in three_nodes)  # sessions: one node only
+    # A session run's pairs give `<op>_session_c<N>_floor_ratio` and the rest.
+    pairs = {
+        ("encrypt_1k_session", 16): [
+            keyservice.FloorPair(
+                floor=_measured(1000, 1.0, 4.0, 0.25), operation=_measured(900, 1.0, 6.0, 0.45)
+            )
+        ]
+    }
+    figures = keyservice.paired_floor_figures(pairs)
+    assert figures["encrypt_1k_session_c16_floor_ratio"] == pytest.approx(0.9)
+    assert figures["encrypt_1k_session_c16_p99_floor_ratio"] == pytest.approx(1.5)
+
+
 def test_kms_latency_figures_follow_the_runner_names() -> None:
     cells = [
         kms_latency.Cell("threads", "encrypt", 16, 100, 0.1, throughput, 2.0, p99, 2.5, 300.0)
@@ -685,6 +736,45 @@ def test_kms_latency_figures_follow_the_runner_names() -> None:
     add_floor_ratios(figures, {"echo_1k_c16_ops_s": 2000.0, "echo_1k_c16_p99_ms": 5.0})
     assert figures["keyclient_encrypt_1k_3node_c16_floor_ratio"] == pytest.approx(0.5)
     assert figures["keyclient_encrypt_1k_3node_c16_p99_floor_ratio"] == pytest.approx(2.0)
+
+
+def test_kms_latency_compares_keyclient_with_raw_sessions_round_by_round() -> None:
+    def cell(mode: str, operation: str, throughput: float, round_: int) -> kms_latency.Cell:
+        return kms_latency.Cell(
+            mode, operation, 16, 100, 0.1, throughput, 2.0, 3.0, 2.5, 300.0, round=round_
+        )
+
+    # Round 2 ran on a machine half as fast: each round's ratio stays 0.8 and 0.9.
+    cells = [
+        cell("threads", "encrypt", 800.0, 1),
+        cell("asyncio-session", "encrypt", 1000.0, 1),
+        cell("threads", "encrypt", 450.0, 2),
+        cell("asyncio-session", "encrypt", 500.0, 2),
+        cell("threads", "encrypt", 1000.0, 3),  # no session cell in round 3: left out
+        cell("threads-unary", "decrypt", 500.0, 1),  # no KeyClient-over-session pair
+        cell("asyncio-session", "decrypt", 1000.0, 1),
+    ]
+    figures = kms_latency.figures_of(cells)
+    assert figures["keyclient_over_session_raw_encrypt_c16_ratio"] == pytest.approx(0.85)
+    assert figures["keyclient_over_session_raw_encrypt_c16_low_ratio"] == pytest.approx(0.8)
+    assert figures["keyclient_over_session_raw_encrypt_c16_high_ratio"] == pytest.approx(0.9)
+    assert not any(key.startswith("keyclient_over_session_raw_decrypt") for key in figures)
+    # Every mode has its figure name; the unary KeyClient and raw sessions among them.
+    assert figures["async_session_raw_encrypt_1k_3node_c16_ops_s"] == 750.0
+    assert figures["keyclient_unary_decrypt_1k_3node_c16_ops_s"] == 500.0
+    assert set(kms_latency.FIGURE_MODES) == set(kms_latency.MODES)
+    assert kms_latency.FIGURE_MODES["threads"] == "keyclient"  # KeyClient's default: sessions
+    # Quick runs measure exactly what the ratio needs, and the targets read that ratio.
+    assert {kms_latency.FIGURE_MODES[m] for m in kms_latency.QUICK_MODES} == {
+        "keyclient",
+        "async_session_raw",
+    }
+    assert {t.figure for t in kms_latency.TARGETS} == {
+        "keyclient_over_session_raw_encrypt_c16_ratio",
+        "keyclient_over_session_raw_decrypt_c16_ratio",
+    }
+    assert all(t.check(figures).met is not False for t in kms_latency.TARGETS[1:])
+    assert kms_latency.TARGETS[0].check(figures).met is False  # 0.85 < 0.9
 
 
 def test_raw_aes_gcm_baseline_round_trips_and_detects_tampering(tmp_path: Path) -> None:

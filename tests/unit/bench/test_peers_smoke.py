@@ -36,6 +36,7 @@ from bench.peers._common import (
     cell_figures,
     cell_prefix,
     descendants,
+    floor_ratio_figures,
     free_port,
     measure_cell,
     paired_cpu_ratio_figures,
@@ -288,6 +289,44 @@ def test_pki_has_an_ecdsa_server_and_a_client_auth_client(tmp_path: Path) -> Non
         assert key.stat().st_mode & 0o777 == 0o600
 
 
+def test_each_of_our_clients_is_judged_against_its_own_floor_round_by_round() -> None:
+    # The session's floor (EchoSession) and the unary floor (Echo) differ; each client's ratios
+    # use its own, and each round's pair divides out that round's machine speed.
+    runs = {
+        cell_prefix("ours", "echo", 16): [_run([1.0] * 10, 1.0, s) for s in (0.002, 0.004)],
+        cell_prefix("ours", "encrypt", 16): [_run([1.0] * 8, 1.0, s) for s in (0.003, 0.006)],
+        cell_prefix("ours_unary", "echo", 16): [_run([1.0] * 5, 1.0, 0.002)],
+        cell_prefix("ours_unary", "encrypt", 16): [_run([1.0] * 4, 1.0, 0.004)],
+        cell_prefix("ours_unary", "decrypt", 16): [_run([1.0] * 4, 1.0, 0.004)],
+    }
+    ratios = floor_ratio_figures(runs, labels=["ours", "ours_unary", "absent"], floor="echo")
+    # ours: 8 vs 10 ops/s in both rounds; CPU 375/200 and 750/400 us per call: 1.875 twice.
+    assert ratios["ours_encrypt_1k_c16_floor_ratio"] == pytest.approx(0.8)
+    assert ratios["ours_encrypt_1k_c16_floor_low_ratio"] == pytest.approx(0.8)
+    assert ratios["ours_encrypt_1k_c16_cpu_floor_ratio"] == pytest.approx(1.875)
+    # ours_unary: 4 vs 5 ops/s; 1000 vs 400 us per call.
+    assert ratios["ours_unary_encrypt_1k_c16_floor_ratio"] == pytest.approx(0.8)
+    assert ratios["ours_unary_encrypt_1k_c16_cpu_floor_ratio"] == pytest.approx(2.5)
+    assert ratios["ours_unary_decrypt_1k_c16_floor_ratio"] == pytest.approx(0.8)
+    # No decrypt for ours, nothing at c1, nothing for a label never measured.
+    assert not any(k.startswith(("ours_decrypt", "absent")) or "_c1_" in k for k in ratios)
+    assert not any("_echo_" in key for key in ratios)  # the floor is not compared with itself
+
+
+def test_ours_is_the_session_and_ours_unary_the_unary_peer_over_the_same_domain() -> None:
+    from bench.peers.ours import OURS, OURS_UNARY, OurDomain
+
+    assert (peers.OURS, peers.OURS_UNARY) == (OURS, OURS_UNARY) == ("ours", "ours_unary")
+    assert peers.OUR_LABELS == ("ours", "ours_unary")
+    assert not set(peers.OUR_LABELS) & set(peers.OTHERS)
+    domain = OurDomain(Path("/nonexistent/peers-ours"))  # nothing starts before `with`
+    unary = domain.unary()
+    assert (domain.label, unary.label) == ("ours", "ours_unary")
+    assert unary.ours is domain  # one domain process set, two clients
+    assert "session" in domain.description
+    assert "unary" in unary.description
+
+
 def test_ttlv_length_reads_the_big_endian_length() -> None:
     header = bytes.fromhex("42007b01") + (1234).to_bytes(4, "big")
     assert ttlv_length(header) == 1234
@@ -350,7 +389,13 @@ def test_page_shows_every_measured_cell_ratios_and_verdicts() -> None:
             f"{prefix}_errors": 0,
         }
     figures[f"{cell_prefix('ours', 'echo', 16)}_server_cpu_us_per_op"] = 200.0
-    figures |= ratio_figures(figures, ours="ours", others=["openbao_audit", "openbao_noaudit"])
+    unary = cell_prefix("ours_unary", "encrypt", 16)
+    figures |= {f"{unary}_ops_s": 500.0, f"{unary}_server_cpu_us_per_op": 600.0}
+    figures[f"{cell_prefix('ours_unary', 'echo', 16)}_server_cpu_us_per_op"] = 400.0
+    figures["ours_encrypt_1k_c16_cpu_floor_ratio"] = 1.5
+    figures |= ratio_figures(
+        figures, ours="ours", others=["openbao_audit", "openbao_noaudit", "ours_unary"]
+    )
     # Two rounds each: ours 300 and 330 us/op; OpenBao with audit 600 and 550, without 400
     # and 300.
     runs = {
@@ -368,10 +413,16 @@ def test_page_shows_every_measured_cell_ratios_and_verdicts() -> None:
     report.results["peers"] = figures
     report.targets = [target.check(figures) for target in peers.TARGETS]
     page = render_markdown(report)
-    assert "| hsm-domain (audit on) | encrypt | 16 | 1,000 | 1.50 | 9.00 | 300 | 100 | 0 |" in page
+    row = "| hsm-domain session (audit on) | encrypt | 16 | 1,000 | 1.50 | 9.00 | 300 | 100 | 0 |"
+    assert row in page
+    assert "| hsm-domain unary (audit on) | encrypt | 16 | 500 | - | - | 600 | - | - |" in page
     assert "| encrypt | 16 | 0.50 | 0.75 | - |" in page  # no PyKMIP cell: a dash
     assert "| decrypt | 1 | - | - | - |" in page
-    assert "| encrypt | 16 | 300 | 200 | 100 |" in page  # ours = Echo floor + key service
+    # Each of ours = its own Echo floor + key service.
+    assert "| hsm-domain session (audit on) | encrypt | 16 | 300 | 200 | 100 | 1.50 | - |" in page
+    assert "| hsm-domain unary (audit on) | encrypt | 16 | 600 | 400 | 200 | - | - |" in page
+    # Session against unary: CPU 300/600, by round not measured, ops/s 1000/500.
+    assert "| encrypt | 16 | 0.50 | - | 2.00 |" in page
     # Round by round: audit 0.50 and 0.60 (median 0.55), no audit 0.75 and 1.10 (0.925).
     assert "| encrypt | 16 | 0.55 (0.50-0.60) | 0.93 (0.75-1.10) | - |" in page
     assert "met" in page
