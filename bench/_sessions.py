@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 import grpc
@@ -20,6 +20,9 @@ import grpc
 from domain_proto import services_pb2, services_pb2_grpc
 
 __all__ = ["AioEchoSession", "AioSession", "SessionCallError"]
+
+# Calls one message carries at most, as `KeyClient`'s sessions send them.
+_MAX_BATCH = 64
 
 
 class SessionCallError(Exception):
@@ -51,48 +54,95 @@ class _Matcher:
         self.waiting.clear()
 
 
-class AioSession:
-    """`KeyService.Session` on one aio channel: `await session.call("encrypt", request)`."""
+class _AioStream:
+    """One aio stream-stream call shared by many tasks: whatever they queued while a message
+    was on its way goes out together in the next one (as `KeyClient`'s sessions batch), and
+    each answer in a response message resolves its caller's future."""
 
-    def __init__(self, channel: grpc.aio.Channel) -> None:
-        self._stub: Any = services_pb2_grpc.KeyServiceStub(channel)  # type: ignore[no-untyped-call]
+    def __init__(
+        self,
+        open_call: Callable[[], Any],
+        pack: Callable[[list[Any]], Any],
+        unpack: Callable[[Any], Iterable[tuple[int, Any]]],
+    ) -> None:
+        self._open_call = open_call
+        self._pack = pack
+        self._unpack = unpack
         self._call: Any = None
         self._matcher = _Matcher()
-        self._reader: asyncio.Task[None] | None = None
-        self._write = asyncio.Lock()
+        self._pending: list[Any] = []
+        self._ready = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
 
     @contextlib.asynccontextmanager
-    async def open(self) -> AsyncIterator[AioSession]:
-        """The open session (closed, and its reader stopped, at the end)."""
-        self._call = self._stub.Session()
-        self._reader = asyncio.create_task(self._read())
+    async def opened(self) -> AsyncIterator[None]:
+        """The open stream (its writer and reader stopped, the call cancelled, at the end)."""
+        self._call = self._open_call()
+        self._tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._write())]
         try:
-            yield self
+            yield
         finally:
-            with contextlib.suppress(Exception):
-                await self._call.done_writing()
             self._call.cancel()
-            with contextlib.suppress(BaseException):
-                await self._reader
+            for task in self._tasks:
+                task.cancel()
+            for task in self._tasks:
+                with contextlib.suppress(BaseException):
+                    await task
+
+    async def _write(self) -> None:
+        while True:
+            await self._ready.wait()
+            self._ready.clear()
+            while self._pending:
+                batch = self._pending[:_MAX_BATCH]
+                del self._pending[:_MAX_BATCH]
+                await self._call.write(self._pack(batch))
 
     async def _read(self) -> None:
         try:
-            async for response in self._call:
-                self._matcher.resolve(response.request_id, response)
+            async for message in self._call:
+                for number, answer in self._unpack(message):
+                    self._matcher.resolve(number, answer)
             self._matcher.fail_all(SessionCallError("the session ended"))
         except BaseException as error:
             self._matcher.fail_all(SessionCallError(f"the session failed: {error}"))
             raise
 
+    async def send(self, make: Callable[[int], Any], timeout: float) -> Any:
+        """Queue the message `make(number)` and wait for the answer numbered so."""
+        number, future = self._matcher.expect()
+        self._pending.append(make(number))
+        self._ready.set()
+        return await asyncio.wait_for(future, timeout)
+
+
+class AioSession:
+    """`KeyService.Session` on one aio channel: `await session.call("encrypt", request)`."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        stub: Any = services_pb2_grpc.KeyServiceStub(channel)  # type: ignore[no-untyped-call]
+        self._stream = _AioStream(
+            stub.Session,
+            lambda calls: services_pb2.SessionRequests(calls=calls),
+            lambda message: ((a.request_id, a) for a in message.answers),
+        )
+
+    @contextlib.asynccontextmanager
+    async def open(self) -> AsyncIterator[AioSession]:
+        """The open session (closed, and its tasks stopped, at the end)."""
+        async with self._stream.opened():
+            yield self
+
     async def call(self, field: str, request: Any, timeout: float) -> Any:
         """One call of the session; its result message (SessionCallError for an error)."""
-        number, future = self._matcher.expect()
-        message = services_pb2.SessionRequest(
-            request_id=number, timeout_ms=int(timeout * 1000), **{field: request}
-        )
-        async with self._write:  # one write at a time on a stream
-            await self._call.write(message)
-        response = await asyncio.wait_for(future, timeout)
+        timeout_ms = int(timeout * 1000)
+
+        def make(number: int) -> Any:
+            return services_pb2.SessionRequest(
+                request_id=number, timeout_ms=timeout_ms, **{field: request}
+            )
+
+        response = await self._stream.send(make, timeout)
         if response.code:
             raise SessionCallError(f"status {response.code}: {response.message[:200]}")
         return getattr(response, field)
@@ -102,39 +152,23 @@ class AioEchoSession:
     """`Diagnostics.EchoSession` on one aio channel, matched by the payload's first 8 bytes."""
 
     def __init__(self, channel: grpc.aio.Channel) -> None:
-        self._stub: Any = services_pb2_grpc.DiagnosticsStub(channel)  # type: ignore[no-untyped-call]
-        self._call: Any = None
-        self._matcher = _Matcher()
-        self._reader: asyncio.Task[None] | None = None
-        self._write = asyncio.Lock()
+        stub: Any = services_pb2_grpc.DiagnosticsStub(channel)  # type: ignore[no-untyped-call]
+        self._stream = _AioStream(
+            stub.EchoSession,
+            lambda messages: services_pb2.EchoMessages(messages=messages),
+            lambda batch: ((int.from_bytes(m.payload[:8], "big"), m) for m in batch.messages),
+        )
 
     @contextlib.asynccontextmanager
     async def open(self) -> AsyncIterator[AioEchoSession]:
         """The open stream (closed at the end)."""
-        self._call = self._stub.EchoSession()
-        self._reader = asyncio.create_task(self._read())
-        try:
+        async with self._stream.opened():
             yield self
-        finally:
-            with contextlib.suppress(Exception):
-                await self._call.done_writing()
-            self._call.cancel()
-            with contextlib.suppress(BaseException):
-                await self._reader
-
-    async def _read(self) -> None:
-        try:
-            async for response in self._call:
-                self._matcher.resolve(int.from_bytes(response.payload[:8], "big"), response)
-            self._matcher.fail_all(SessionCallError("the echo session ended"))
-        except BaseException as error:
-            self._matcher.fail_all(SessionCallError(f"the echo session failed: {error}"))
-            raise
 
     async def echo(self, payload: bytes, timeout: float) -> Any:
         """Send `payload` (its first 8 bytes replaced by the message's number); the echo."""
-        number, future = self._matcher.expect()
-        message = services_pb2.EchoMessage(payload=number.to_bytes(8, "big") + payload[8:])
-        async with self._write:
-            await self._call.write(message)
-        return await asyncio.wait_for(future, timeout)
+        rest = payload[8:]
+        return await self._stream.send(
+            lambda number: services_pb2.EchoMessage(payload=number.to_bytes(8, "big") + rest),
+            timeout,
+        )

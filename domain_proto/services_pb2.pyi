@@ -260,11 +260,29 @@ class SessionResponse(_message.Message):
     generate_data_key_without_plaintext: GenerateDataKeyResponse
     def __init__(self, request_id: _Optional[int] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., nothing_applied: _Optional[bool] = ..., encrypt: _Optional[_Union[EncryptResponse, _Mapping]] = ..., decrypt: _Optional[_Union[DecryptResponse, _Mapping]] = ..., re_encrypt: _Optional[_Union[ReEncryptResponse, _Mapping]] = ..., generate_data_key: _Optional[_Union[GenerateDataKeyResponse, _Mapping]] = ..., generate_data_key_without_plaintext: _Optional[_Union[GenerateDataKeyResponse, _Mapping]] = ...) -> None: ...
 
+class SessionRequests(_message.Message):
+    __slots__ = ("calls",)
+    CALLS_FIELD_NUMBER: _ClassVar[int]
+    calls: _containers.RepeatedCompositeFieldContainer[SessionRequest]
+    def __init__(self, calls: _Optional[_Iterable[_Union[SessionRequest, _Mapping]]] = ...) -> None: ...
+
+class SessionResponses(_message.Message):
+    __slots__ = ("answers",)
+    ANSWERS_FIELD_NUMBER: _ClassVar[int]
+    answers: _containers.RepeatedCompositeFieldContainer[SessionResponse]
+    def __init__(self, answers: _Optional[_Iterable[_Union[SessionResponse, _Mapping]]] = ...) -> None: ...
+
 class EchoMessage(_message.Message):
     __slots__ = ("payload",)
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     payload: bytes
     def __init__(self, payload: _Optional[bytes] = ...) -> None: ...
+
+class EchoMessages(_message.Message):
+    __slots__ = ("messages",)
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    messages: _containers.RepeatedCompositeFieldContainer[EchoMessage]
+    def __init__(self, messages: _Optional[_Iterable[_Union[EchoMessage, _Mapping]]] = ...) -> None: ...
 
 class StatesAfterRequest(_message.Message):
     __slots__ = ("after_version", "limit")

@@ -39,8 +39,8 @@ class KeyServiceStub:
         """
         self.Session = channel.stream_stream(
                 '/hsmdomain.v1.KeyService/Session',
-                request_serializer=hsmdomain_dot_v1_dot_services__pb2.SessionRequest.SerializeToString,
-                response_deserializer=hsmdomain_dot_v1_dot_services__pb2.SessionResponse.FromString,
+                request_serializer=hsmdomain_dot_v1_dot_services__pb2.SessionRequests.SerializeToString,
+                response_deserializer=hsmdomain_dot_v1_dot_services__pb2.SessionResponses.FromString,
                 _registered_method=True)
         self.CreateKey = channel.unary_unary(
                 '/hsmdomain.v1.KeyService/CreateKey',
@@ -224,8 +224,8 @@ def add_KeyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Session': grpc.stream_stream_rpc_method_handler(
                     servicer.Session,
-                    request_deserializer=hsmdomain_dot_v1_dot_services__pb2.SessionRequest.FromString,
-                    response_serializer=hsmdomain_dot_v1_dot_services__pb2.SessionResponse.SerializeToString,
+                    request_deserializer=hsmdomain_dot_v1_dot_services__pb2.SessionRequests.FromString,
+                    response_serializer=hsmdomain_dot_v1_dot_services__pb2.SessionResponses.SerializeToString,
             ),
             'CreateKey': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateKey,
@@ -328,8 +328,8 @@ class KeyService:
             request_iterator,
             target,
             '/hsmdomain.v1.KeyService/Session',
-            hsmdomain_dot_v1_dot_services__pb2.SessionRequest.SerializeToString,
-            hsmdomain_dot_v1_dot_services__pb2.SessionResponse.FromString,
+            hsmdomain_dot_v1_dot_services__pb2.SessionRequests.SerializeToString,
+            hsmdomain_dot_v1_dot_services__pb2.SessionResponses.FromString,
             options,
             channel_credentials,
             insecure,
@@ -762,8 +762,8 @@ class DiagnosticsStub:
                 _registered_method=True)
         self.EchoSession = channel.stream_stream(
                 '/hsmdomain.v1.Diagnostics/EchoSession',
-                request_serializer=hsmdomain_dot_v1_dot_services__pb2.EchoMessage.SerializeToString,
-                response_deserializer=hsmdomain_dot_v1_dot_services__pb2.EchoMessage.FromString,
+                request_serializer=hsmdomain_dot_v1_dot_services__pb2.EchoMessages.SerializeToString,
+                response_deserializer=hsmdomain_dot_v1_dot_services__pb2.EchoMessages.FromString,
                 _registered_method=True)
 
 
@@ -777,7 +777,7 @@ class DiagnosticsServicer:
         raise NotImplementedError('Method not implemented!')
 
     def EchoSession(self, request_iterator, context):
-        """The floor of sessions: each message comes back, over one stream.
+        """The floor of sessions: each message comes back, over one stream, batched as a session's.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -793,8 +793,8 @@ def add_DiagnosticsServicer_to_server(servicer, server):
             ),
             'EchoSession': grpc.stream_stream_rpc_method_handler(
                     servicer.EchoSession,
-                    request_deserializer=hsmdomain_dot_v1_dot_services__pb2.EchoMessage.FromString,
-                    response_serializer=hsmdomain_dot_v1_dot_services__pb2.EchoMessage.SerializeToString,
+                    request_deserializer=hsmdomain_dot_v1_dot_services__pb2.EchoMessages.FromString,
+                    response_serializer=hsmdomain_dot_v1_dot_services__pb2.EchoMessages.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -849,8 +849,8 @@ class Diagnostics:
             request_iterator,
             target,
             '/hsmdomain.v1.Diagnostics/EchoSession',
-            hsmdomain_dot_v1_dot_services__pb2.EchoMessage.SerializeToString,
-            hsmdomain_dot_v1_dot_services__pb2.EchoMessage.FromString,
+            hsmdomain_dot_v1_dot_services__pb2.EchoMessages.SerializeToString,
+            hsmdomain_dot_v1_dot_services__pb2.EchoMessages.FromString,
             options,
             channel_credentials,
             insecure,

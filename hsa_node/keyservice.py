@@ -113,8 +113,10 @@ class KeyServiceServicer(services_pb2_grpc.KeyServiceServicer):
         self._sessions.close()
 
     def Session(
-        self, request_iterator: Iterator[services_pb2.SessionRequest], context: grpc.ServicerContext
-    ) -> Iterator[services_pb2.SessionResponse]:
+        self,
+        request_iterator: Iterator[services_pb2.SessionRequests],
+        context: grpc.ServicerContext,
+    ) -> Iterator[services_pb2.SessionResponses]:
         """Data-plane calls over one stream, each served as its unary call (`keysession`)."""
         return self._sessions.serve(request_iterator, context)
 

@@ -36,7 +36,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
 from typing import Any, Final
@@ -79,6 +79,9 @@ SESSION_WORKERS: Final = 4
 SESSION_STREAMS: Final = transport.StreamLimits(per_peer=16, total=64, blocking=48)
 _METRIC_PREFIX: Final = "/hsmdomain.v1.KeyService/Session/"
 _DONE: Final = object()
+# Answers one response message carries at most (each is at most a few KiB: far below the
+# message limit however many there are).
+_MAX_ANSWERS_PER_MESSAGE: Final = 128
 
 
 @dataclass
@@ -139,7 +142,7 @@ class KeySessions:
 
     def serve(
         self, requests: Iterator[Any], context: grpc.ServicerContext
-    ) -> Iterator[services_pb2.SessionResponse]:
+    ) -> Iterator[services_pb2.SessionResponses]:
         """The stream's responses, as its calls complete (the generator of `Session`)."""
         self._principal(context)  # a caller that may not call the key service gets no stream
         yield from serve_stream(
@@ -149,6 +152,8 @@ class KeySessions:
             run=self._run,
             pool=self._pool,
             in_flight=self._limits.max_session_calls_in_flight,
+            unpack=lambda message: message.calls,
+            pack=lambda answers: services_pb2.SessionResponses(answers=answers),
         )
 
     # --- one call ------------------------------------------------------------------------
@@ -238,22 +243,30 @@ def serve_stream(
     run: Callable[[SessionCall, grpc.ServicerContext], Any],
     pool: futures.ThreadPoolExecutor,
     in_flight: int,
+    unpack: Callable[[Any], Iterable[Any]],
+    pack: Callable[[list[Any]], Any],
 ) -> Iterator[Any]:
-    """The responses of one session stream: `admit` turns each request into a call (or into
-    the response that refuses it at once; it raises to end the stream), `pool` runs the calls
-    with `run`, at most `in_flight` at once. The key service's sessions and the sessions of
-    Diagnostics (the floor) are the same machinery."""
-    stream = _Stream(requests, context, admit, run, pool, in_flight)
+    """The response messages of one session stream.
+
+    Each request message holds a batch (`unpack` gives its requests); `admit` turns each
+    request into a call (or into the answer that refuses it at once; it raises to end the
+    stream); a call runs with `run`, on the reader when it is `inline`, else on `pool`; at
+    most `in_flight` calls at once. Every answer ready when a message goes out travels in it
+    (`pack`), so that under load one message carries many answers. The key service's
+    sessions and the sessions of Diagnostics (the floor) are the same machinery.
+    """
+    stream = _Stream(requests, context, admit, run, pool, in_flight, unpack)
     stream.start()
     try:
-        yield from stream.responses()
+        for answers in stream.responses():
+            yield pack(answers)
     finally:
         stream.stop()
 
 
 class _Stream:
-    """One session: a reader thread admits requests and hands their calls to the workers;
-    the stream's own thread (the generator) sends the answers."""
+    """One session: a reader thread admits requests and runs or hands out their calls; the
+    stream's own thread (the generator) sends the answers, as many at once as are ready."""
 
     def __init__(
         self,
@@ -263,13 +276,16 @@ class _Stream:
         run: Callable[[SessionCall, grpc.ServicerContext], Any],
         pool: futures.ThreadPoolExecutor,
         in_flight: int,
+        unpack: Callable[[Any], Iterable[Any]],
     ) -> None:
         self._requests = requests
         self._context = context
         self._admit = admit
         self._run = run
         self._pool = pool
+        self._unpack = unpack
         self._in_flight_limit = in_flight
+        # Lists of answers ready to go out, then _DONE.
         self._answers: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._slots = threading.BoundedSemaphore(in_flight)
         self._lock = threading.Lock()
@@ -285,63 +301,86 @@ class _Stream:
         """The stream ended (answered, failed or cancelled): the reader stops taking calls."""
         self._stopping.set()
 
-    def responses(self) -> Iterator[services_pb2.SessionResponse]:
-        """Every answer, then the end: after the client half-closed and every call in flight
-        was answered, or at once when the reader failed (its error ends the stream)."""
-        while True:
-            answer = self._answers.get()
-            if answer is _DONE:
-                if self._ending is not None:
-                    raise self._ending
-                return
-            yield answer
+    def responses(self) -> Iterator[list[Any]]:
+        """The answers, every one ready at the time in one list (at most
+        `_MAX_ANSWERS_PER_MESSAGE`), then the end: after the client half-closed and every call
+        in flight was answered, or at once when the reader failed (its error ends it)."""
+        done = False
+        while not done:
+            ready = self._answers.get()
+            if ready is _DONE:
+                break
+            answers = list(ready)
+            while len(answers) < _MAX_ANSWERS_PER_MESSAGE:
+                try:
+                    more = self._answers.get_nowait()
+                except queue.Empty:
+                    break
+                if more is _DONE:
+                    done = True
+                    break
+                answers.extend(more)
+            yield answers
+        if self._ending is not None:
+            raise self._ending
 
     def _read(self) -> None:
         context = self._context
         try:
-            for request in self._requests:
+            for message in self._requests:
+                batch: list[Any] = []  # the answers of this message's inline calls
+                for request in self._unpack(message):
+                    if self._stopping.is_set() or not self._take(request, batch):
+                        break
+                if batch:
+                    self._answers.put(batch)
                 if self._stopping.is_set():
                     break
-                admitted = self._admit(request)
-                if not isinstance(admitted, SessionCall):
-                    self._answers.put(admitted)
-                    continue
-                with self._lock:
-                    duplicate = admitted.request_id in self._in_flight
-                    if not duplicate:
-                        self._in_flight.add(admitted.request_id)
-                if duplicate:
-                    self._answers.put(
-                        _status_response(
-                            admitted.request_id,
-                            grpc.StatusCode.INVALID_ARGUMENT,
-                            f"request id {admitted.request_id} is in flight on this session "
-                            "already; give each call its own id",
-                            nothing_applied=True,
-                        )
-                    )
-                    continue
-                self._slots.acquire()  # back-pressure: no more reading until a slot frees
-                if self._stopping.is_set():
-                    self._slots.release()
-                    break
-                if admitted.inline:
-                    self._serve(admitted)  # the common case: no hand-off
-                else:
-                    self._pool.submit(self._serve, admitted)
         except Exception as error:  # the client left, or a request that cannot be answered
             if context.is_active():
                 self._ending = error
         finally:
             self._drain_then_end()
 
-    def _serve(self, call: SessionCall) -> None:
+    def _take(self, request: Any, batch: list[Any]) -> bool:
+        """Admit one request and run its call (inline: its answer joins `batch`) or hand it
+        to a worker; False when the stream is ending."""
+        admitted = self._admit(request)
+        if not isinstance(admitted, SessionCall):
+            batch.append(admitted)
+            return True
+        with self._lock:
+            duplicate = admitted.request_id in self._in_flight
+            if not duplicate:
+                self._in_flight.add(admitted.request_id)
+        if duplicate:
+            batch.append(
+                _status_response(
+                    admitted.request_id,
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"request id {admitted.request_id} is in flight on this session "
+                    "already; give each call its own id",
+                    nothing_applied=True,
+                )
+            )
+            return True
+        self._slots.acquire()  # back-pressure: no more reading until a slot frees
+        if self._stopping.is_set():
+            self._slots.release()
+            return False
+        if admitted.inline:
+            self._serve(admitted, batch.append)  # the common case: no hand-off
+        else:
+            self._pool.submit(self._serve, admitted, lambda answer: self._answers.put([answer]))
+        return True
+
+    def _serve(self, call: SessionCall, answer_with: Callable[[Any], None]) -> None:
         try:
             if self._stopping.is_set() or not self._context.is_active():
                 return  # the stream ended: nobody to answer
             answer = self._run(call, self._context)
             if self._context.is_active():  # (a client that left gets nothing more)
-                self._answers.put(answer)
+                answer_with(answer)
         finally:
             with self._lock:
                 self._in_flight.discard(call.request_id)

@@ -382,8 +382,8 @@ class DiagnosticsServicer(services_pb2_grpc.DiagnosticsServicer):
         return services_pb2.EchoMessage(payload=request.payload)
 
     def EchoSession(
-        self, request_iterator: Iterator[services_pb2.EchoMessage], context: grpc.ServicerContext
-    ) -> Iterator[services_pb2.EchoMessage]:
+        self, request_iterator: Iterator[services_pb2.EchoMessages], context: grpc.ServicerContext
+    ) -> Iterator[services_pb2.EchoMessages]:
         """Return every payload, through the machinery of key-service sessions."""
         self._check(context)
         numbers = itertools.count()
@@ -402,4 +402,6 @@ class DiagnosticsServicer(services_pb2_grpc.DiagnosticsServicer):
             run=run,
             pool=self._pool,
             in_flight=self._limits.max_session_calls_in_flight,
+            unpack=lambda batch: batch.messages,
+            pack=lambda answers: services_pb2.EchoMessages(messages=answers),
         )

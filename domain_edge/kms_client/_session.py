@@ -8,6 +8,10 @@ fail-over rules apply unchanged (`_retry`). A stream that ends fails every call 
 with its status (UNAVAILABLE when it simply ended): for the data-plane calls a session carries
 (all idempotent) that is what a lost unary call would have said.
 
+Calls queued by several threads while a message is on its way travel together in the next
+one (`SessionRequests`), and the HSA answers in batches likewise: under load one message
+carries many calls, which is where a session saves most; a lone call travels alone.
+
 Invariants: at most one stream per session object at a time, opened on first use and again
 after it ended; a call never waits past its own timeout; `close` fails whatever still waits.
 """
@@ -36,6 +40,8 @@ SESSION_FIELDS: Final[dict[str, str]] = {
     "GenerateDataKeyWithoutPlaintext": "generate_data_key_without_plaintext",
 }
 _CODES: Final = {code.value[0]: code for code in grpc.StatusCode}
+# Calls one message carries at most (each at most a few KiB: far below the message limit).
+_MAX_CALLS_PER_MESSAGE: Final = 64
 _END: Final = object()
 
 
@@ -82,24 +88,40 @@ class _Stream:
         self.reader = threading.Thread(target=self._read, name="key-session", daemon=True)
         self.reader.start()
 
-    def _outgoing(self) -> Iterator[Any]:
+    def _outgoing(self) -> Iterator[services_pb2.SessionRequests]:
+        """The stream's messages: every call queued by the time one goes out travels in it
+        (at most `_MAX_CALLS_PER_MESSAGE`), so concurrent callers share messages."""
         while True:
-            request = self.requests.get()
-            if request is _END:
+            first = self.requests.get()
+            if first is _END:
                 return
-            yield request
+            calls = [first]
+            ending = False
+            while len(calls) < _MAX_CALLS_PER_MESSAGE:
+                try:
+                    more = self.requests.get_nowait()
+                except queue.Empty:
+                    break
+                if more is _END:
+                    ending = True
+                    break
+                calls.append(more)
+            yield services_pb2.SessionRequests(calls=calls)
+            if ending:
+                return
 
     def _read(self) -> None:
         error: grpc.RpcError = SessionCallError(
             grpc.StatusCode.UNAVAILABLE, "the key-service session ended; send the call again"
         )
         try:
-            for response in self.responses:
-                with self.lock:
-                    waiting = self.waiting.pop(response.request_id, None)
-                if waiting is not None:
-                    waiting.answer = response
-                    waiting.done.set()
+            for message in self.responses:
+                for response in message.answers:
+                    with self.lock:
+                        waiting = self.waiting.pop(response.request_id, None)
+                    if waiting is not None:
+                        waiting.answer = response
+                        waiting.done.set()
         except grpc.RpcError as failure:
             error = failure
         with self.lock:

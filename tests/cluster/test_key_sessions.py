@@ -17,8 +17,10 @@ import pytest
 from support.cluster import LocalCluster
 
 from domain_edge import transport
+from domain_edge.kms_client import KeyClient
 from domain_edge.transport import TlsMaterial
 from domain_proto import services_pb2, services_pb2_grpc
+from hsa_node.keysession import SESSION_STREAMS
 
 pytestmark = pytest.mark.cluster
 
@@ -45,9 +47,10 @@ class _Session:
 
     def _read(self) -> None:
         try:
-            for response in self._responses:
+            for message in self._responses:
                 with self._arrived:
-                    self.answers[response.request_id] = response
+                    for response in message.answers:
+                        self.answers[response.request_id] = response
                     self._arrived.notify_all()
         except grpc.RpcError as error:
             self.error = error
@@ -55,7 +58,12 @@ class _Session:
             self._arrived.notify_all()
 
     def send(self, request_id: int, **call: Any) -> None:
-        self._requests.put(services_pb2.SessionRequest(request_id=request_id, **call))
+        request = services_pb2.SessionRequest(request_id=request_id, **call)
+        self._requests.put(services_pb2.SessionRequests(calls=[request]))
+
+    def send_together(self, requests: list[Any]) -> None:
+        """Several calls in one message."""
+        self._requests.put(services_pb2.SessionRequests(calls=requests))
 
     def answer(self, request_id: int) -> Any:
         with self._arrived:
@@ -94,10 +102,12 @@ def test_a_session_serves_every_data_plane_call_as_its_unary_call_would(
     session = _Session(stub)
     try:
         context = {"purpose": "session test"}
-        for n in range(40):
-            plaintext = f"message {n}".encode()
-            session.send(n, encrypt=services_pb2.EncryptRequest(
-                key_id=key_id, plaintext=plaintext, encryption_context=context))  # fmt: skip
+        for start in (0, 20):  # two messages of 20 calls each
+            session.send_together([
+                services_pb2.SessionRequest(request_id=n, encrypt=services_pb2.EncryptRequest(
+                    key_id=key_id, plaintext=f"message {n}".encode(), encryption_context=context))
+                for n in range(start, start + 20)
+            ])  # fmt: skip
         blobs = {n: session.answer(n).encrypt.ciphertext_blob for n in range(40)}
         for n, blob in blobs.items():
             session.send(100 + n, decrypt=services_pb2.DecryptRequest(
@@ -186,8 +196,9 @@ def test_only_applications_of_the_domain_open_a_session(
     )
     channel = _channel(cluster, host_tls)
     try:
+        first = services_pb2.SessionRequests(calls=[services_pb2.SessionRequest(request_id=1)])
         responses = services_pb2_grpc.KeyServiceStub(channel).Session(
-            iter([services_pb2.SessionRequest(request_id=1)]), timeout=DEADLINE
+            iter([first]), timeout=DEADLINE
         )
         with pytest.raises(grpc.RpcError) as refused:
             list(responses)
@@ -204,7 +215,7 @@ def test_a_request_that_does_not_parse_ends_the_session_with_invalid_argument(
         raw = channel.stream_stream(
             "/hsmdomain.v1.KeyService/Session",
             request_serializer=lambda b: b,
-            response_deserializer=services_pb2.SessionResponse.FromString,
+            response_deserializer=services_pb2.SessionResponses.FromString,
         )
         with pytest.raises(grpc.RpcError) as refused:
             list(raw(iter([b"\xff\xff\xff"]), timeout=DEADLINE))
@@ -220,11 +231,40 @@ def test_the_echo_session_answers_every_message(cluster: LocalCluster) -> None:
         echo = services_pb2_grpc.DiagnosticsStub(channel)
         payloads = [bytes([n]) * 1024 for n in range(50)]
 
-        def messages() -> Iterator[services_pb2.EchoMessage]:
-            for payload in payloads:
-                yield services_pb2.EchoMessage(payload=payload)
+        def messages() -> Iterator[services_pb2.EchoMessages]:
+            for start in range(0, len(payloads), 7):  # batches of 7 and a last of 1
+                batch = [services_pb2.EchoMessage(payload=p) for p in payloads[start : start + 7]]
+                yield services_pb2.EchoMessages(messages=batch)
 
-        back = [m.payload for m in echo.EchoSession(messages(), timeout=DEADLINE)]
+        back = [
+            m.payload
+            for batch in echo.EchoSession(messages(), timeout=DEADLINE)
+            for m in batch.messages
+        ]
         assert sorted(back) == sorted(payloads)
     finally:
+        channel.close()
+
+
+def test_a_client_refused_a_session_sends_its_calls_unary(cluster: LocalCluster) -> None:
+    """An HSA serves at most SESSION_STREAMS.per_peer sessions to one identity: KeyClient,
+    refused one, goes on with unary calls on that HSA instead of failing."""
+    channel = _channel(cluster)
+    stub = services_pb2_grpc.KeyServiceStub(channel)
+    key_id = stub.CreateKey(services_pb2.CreateKeyRequest(), timeout=DEADLINE).metadata.key_id
+    held = [_Session(stub) for _ in range(SESSION_STREAMS.per_peer)]
+    try:
+        for number, session in enumerate(held):  # each stream is open: one call answered
+            session.send(number, encrypt=services_pb2.EncryptRequest(key_id=key_id, plaintext=b"x"))
+            assert session.answer(number).code == 0
+        tls = cluster.client_tls()
+        with KeyClient(
+            [cluster.address(HOST)], ca_pem=tls.ca_pem, cert_pem=tls.cert_pem, key_pem=tls.key_pem
+        ) as client:
+            blob = client.encrypt(key_id, b"through unary calls")
+            assert client.decrypt(blob) == b"through unary calls"
+            assert client._endpoints[0].unary_until > 0, "the session was refused"
+    finally:
+        for session in held:
+            session.close()
         channel.close()

@@ -17,7 +17,7 @@ import pytest
 from domain_core.errors import InvalidInputError
 from domain_core.limits import DEFAULT_LIMITS
 from domain_proto import services_pb2
-from hsa_node.keysession import KeySessions, SessionCall, serve_stream
+from hsa_node.keysession import SESSION_CALLS, KeySessions, SessionCall, serve_stream
 
 pytestmark = pytest.mark.unit
 
@@ -91,6 +91,11 @@ class _Calls:
                 self.running.discard(call.request_id)
 
 
+def _one(message: Any) -> list[Any]:
+    """Each test message is a batch of one request."""
+    return [message]
+
+
 @pytest.fixture
 def pool() -> Iterator[futures.ThreadPoolExecutor]:
     executor = futures.ThreadPoolExecutor(max_workers=8)
@@ -107,10 +112,18 @@ def _start(
 
     def collect() -> None:
         try:
-            for answer in serve_stream(
-                requests, context, admit=calls.admit, run=calls.run, pool=pool, in_flight=in_flight
+            for message in serve_stream(
+                requests,
+                context,
+                admit=calls.admit,
+                run=calls.run,
+                pool=pool,
+                in_flight=in_flight,
+                unpack=_one,
+                pack=list,
             ):
-                answers.put(answer)
+                for answer in message:
+                    answers.put(answer)
             answers.put("end")
         except Exception as error:
             answers.put(error)
@@ -193,7 +206,16 @@ def test_a_request_that_cannot_be_answered_ends_the_stream_with_its_error(
     requests.send((1, None))
     requests.send("garbage")
     calls.release.setdefault(1, threading.Event()).set()
-    stream = serve_stream(requests, context, admit=admit, run=calls.run, pool=pool, in_flight=4)
+    stream = serve_stream(
+        requests,
+        context,
+        admit=admit,
+        run=calls.run,
+        pool=pool,
+        in_flight=4,
+        unpack=_one,
+        pack=list,
+    )
     with pytest.raises(InvalidInputError, match="does not parse"):
         list(stream)
     assert calls.ran == [1], "the call before it was answered first"
@@ -250,8 +272,13 @@ def test_each_call_gets_its_own_answer_or_status_and_the_stream_goes_on() -> Non
         _session_request(4, b"late", timeout_ms=DEFAULT_LIMITS.max_message_bytes),
         _session_request(5, b"good"),
     ]
+    batch = services_pb2.SessionRequests(calls=requests)
     try:
-        answers = {a.request_id: a for a in sessions.serve(iter(requests), _Context())}
+        answers = {
+            a.request_id: a
+            for message in sessions.serve(iter([batch]), _Context())
+            for a in message.answers
+        }
     finally:
         sessions.close()
     assert answers[1].code == 0
@@ -299,3 +326,36 @@ def test_an_id_in_flight_twice_is_refused_and_the_first_goes_on(
     assert answers.get(timeout=_WAIT) == 5
     requests.close()
     assert answers.get(timeout=_WAIT) == "end"
+
+
+def test_the_server_serves_every_call_a_session_request_can_carry() -> None:
+    fields = {f.name for f in services_pb2.SessionRequest.DESCRIPTOR.oneofs_by_name["call"].fields}
+    assert set(SESSION_CALLS) == fields
+    methods = services_pb2.DESCRIPTOR.services_by_name["KeyService"].methods_by_name
+    assert set(SESSION_CALLS.values()) <= set(methods)
+
+
+def test_answers_ready_together_travel_in_one_message(pool: futures.ThreadPoolExecutor) -> None:
+    """A batch of inline calls is answered in one message; so are answers that piled up while
+    the stream's thread was busy."""
+    calls = _Calls()
+    for number in range(6):
+        calls.release[number].set()
+    requests, context = _Requests(), _Context()
+
+    def admit(request: Any) -> SessionCall:
+        number = request
+        return SessionCall(number, "echo", number, None, inline=True)
+
+    requests.send([0, 1, 2])
+    requests.send([3, 4, 5])
+    requests.close()
+    messages = list(
+        serve_stream(
+            requests, context, admit=admit, run=calls.run, pool=pool, in_flight=8,
+            unpack=lambda batch: batch, pack=list,
+        )
+    )  # fmt: skip
+    assert sorted(a for m in messages for a in m) == list(range(6))
+    assert len(messages) <= 2
+    assert messages[0][:3] == [0, 1, 2]
