@@ -44,7 +44,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
-from typing import Final
+from typing import Any, Final
 
 import grpc
 
@@ -116,9 +116,14 @@ class KeyServiceServicer(services_pb2_grpc.KeyServiceServicer):
         self,
         request_iterator: Iterator[services_pb2.SessionRequests],
         context: grpc.ServicerContext,
-    ) -> Iterator[services_pb2.SessionResponses]:
-        """Data-plane calls over one stream, each served as its unary call (`keysession`)."""
-        return self._sessions.serve(request_iterator, context)
+        send_response_callback: Callable[[Any], None] | None = None,
+    ) -> None:
+        """Data-plane calls over one stream, each served as its unary call (`keysession`);
+        non-blocking: a reader thread of the session's own serves it."""
+        self._sessions.serve(request_iterator, context, send_response_callback)
+
+    Session.experimental_non_blocking = True  # type: ignore[attr-defined]
+    Session.experimental_thread_pool = None  # type: ignore[attr-defined]
 
     # --- helpers of the call bodies ------------------------------------------------------
 

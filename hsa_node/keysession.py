@@ -33,13 +33,12 @@ Invariants:
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import grpc
 
@@ -78,7 +77,6 @@ SESSION_WORKERS: Final = 4
 # processes share it) and per server; a client refused a session uses unary calls.
 SESSION_STREAMS: Final = transport.StreamLimits(per_peer=16, total=64, blocking=48)
 _METRIC_PREFIX: Final = "/hsmdomain.v1.KeyService/Session/"
-_DONE: Final = object()
 # Answers one response message carries at most (each is at most a few KiB: far below the
 # message limit however many there are).
 _MAX_ANSWERS_PER_MESSAGE: Final = 128
@@ -141,13 +139,20 @@ class KeySessions:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     def serve(
-        self, requests: Iterator[Any], context: grpc.ServicerContext
-    ) -> Iterator[services_pb2.SessionResponses]:
-        """The stream's responses, as its calls complete (the generator of `Session`)."""
+        self,
+        requests: Iterator[Any],
+        context: grpc.ServicerContext,
+        send_response_callback: Callable[[Any], None] | None = None,
+    ) -> None:
+        """Serve one `Session` stream (non-blocking: returns at once, answers through
+        `send_response_callback`)."""
+        if send_response_callback is None:
+            raise RuntimeError("gRPC did not serve a session as a non-blocking stream")
         self._principal(context)  # a caller that may not call the key service gets no stream
-        yield from serve_stream(
+        serve_stream(
             requests,
             context,
+            send_response_callback,
             admit=self._admit,
             run=self._run,
             pool=self._pool,
@@ -238,6 +243,7 @@ class KeySessions:
 def serve_stream(
     requests: Iterator[Any],
     context: grpc.ServicerContext,
+    send: Callable[[Any], None],
     *,
     admit: Callable[[Any], SessionCall | Any],
     run: Callable[[SessionCall, grpc.ServicerContext], Any],
@@ -245,87 +251,67 @@ def serve_stream(
     in_flight: int,
     unpack: Callable[[Any], Iterable[Any]],
     pack: Callable[[list[Any]], Any],
-) -> Iterator[Any]:
-    """The response messages of one session stream.
+) -> None:
+    """Serve one session stream, from a reader thread of its own; returns at once.
 
     Each request message holds a batch (`unpack` gives its requests); `admit` turns each
     request into a call (or into the answer that refuses it at once; it raises to end the
-    stream); a call runs with `run`, on the reader when it is `inline`, else on `pool`; at
-    most `in_flight` calls at once. Every answer ready when a message goes out travels in it
-    (`pack`), so that under load one message carries many answers. The key service's
-    sessions and the sessions of Diagnostics (the floor) are the same machinery.
+    stream); a call runs with `run`, on the reader when it is `inline` (its answers go back
+    together, `pack`ed into one message, once the batch is done), else on `pool` (answered
+    alone when done); at most `in_flight` calls at once. Every response goes through `send`,
+    one at a time, and `send(None)` ends the stream. The key service's sessions and the
+    sessions of Diagnostics (the floor) are the same machinery.
     """
-    stream = _Stream(requests, context, admit, run, pool, in_flight, unpack)
-    stream.start()
-    try:
-        for answers in stream.responses():
-            yield pack(answers)
-    finally:
-        stream.stop()
+    _Stream(requests, context, send, admit, run, pool, in_flight, unpack, pack).start()
 
 
 class _Stream:
-    """One session: a reader thread admits requests and runs or hands out their calls; the
-    stream's own thread (the generator) sends the answers, as many at once as are ready."""
+    """One session: its reader thread reads, admits, runs the inline calls and sends their
+    answers; workers run the others and send theirs; one lock keeps the sends one at a time."""
 
     def __init__(
         self,
         requests: Iterator[Any],
         context: grpc.ServicerContext,
+        send: Callable[[Any], None],
         admit: Callable[[Any], SessionCall | Any],
         run: Callable[[SessionCall, grpc.ServicerContext], Any],
         pool: futures.ThreadPoolExecutor,
         in_flight: int,
         unpack: Callable[[Any], Iterable[Any]],
+        pack: Callable[[list[Any]], Any],
     ) -> None:
         self._requests = requests
         self._context = context
+        self._send = send
         self._admit = admit
         self._run = run
         self._pool = pool
         self._unpack = unpack
+        self._pack = pack
         self._in_flight_limit = in_flight
-        # Lists of answers ready to go out, then _DONE.
-        self._answers: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._slots = threading.BoundedSemaphore(in_flight)
         self._lock = threading.Lock()
+        self._sending = threading.Lock()
         self._in_flight: set[int] = set()
         self._stopping = threading.Event()
-        self._reader = threading.Thread(target=self._read, name="key-session-reader", daemon=True)
-        self._ending: BaseException | None = None
+        self._reader = threading.Thread(target=self._read, name="key-session", daemon=True)
 
     def start(self) -> None:
+        if not self._context.add_callback(self._stopping.set):
+            self._stopping.set()  # (the call ended already)
         self._reader.start()
 
-    def stop(self) -> None:
-        """The stream ended (answered, failed or cancelled): the reader stops taking calls."""
-        self._stopping.set()
-
-    def responses(self) -> Iterator[list[Any]]:
-        """The answers, every one ready at the time in one list (at most
-        `_MAX_ANSWERS_PER_MESSAGE`), then the end: after the client half-closed and every call
-        in flight was answered, or at once when the reader failed (its error ends it)."""
-        done = False
-        while not done:
-            ready = self._answers.get()
-            if ready is _DONE:
-                break
-            answers = list(ready)
-            while len(answers) < _MAX_ANSWERS_PER_MESSAGE:
-                try:
-                    more = self._answers.get_nowait()
-                except queue.Empty:
-                    break
-                if more is _DONE:
-                    done = True
-                    break
-                answers.extend(more)
-            yield answers
-        if self._ending is not None:
-            raise self._ending
+    def _emit(self, answers: list[Any]) -> None:
+        """Send answers (at most `_MAX_ANSWERS_PER_MESSAGE` a message), unless the client left."""
+        for start in range(0, len(answers), _MAX_ANSWERS_PER_MESSAGE):
+            if self._stopping.is_set():
+                return
+            with self._sending:
+                self._send(self._pack(answers[start : start + _MAX_ANSWERS_PER_MESSAGE]))
 
     def _read(self) -> None:
-        context = self._context
+        ending: BaseException | None = None
         try:
             for message in self._requests:
                 batch: list[Any] = []  # the answers of this message's inline calls
@@ -333,14 +319,29 @@ class _Stream:
                     if self._stopping.is_set() or not self._take(request, batch):
                         break
                 if batch:
-                    self._answers.put(batch)
+                    self._emit(batch)
                 if self._stopping.is_set():
                     break
         except Exception as error:  # the client left, or a request that cannot be answered
-            if context.is_active():
-                self._ending = error
+            ending = error
         finally:
-            self._drain_then_end()
+            self._drain()
+            self._end(ending)
+
+    def _end(self, error: BaseException | None) -> None:
+        """The final status: OK after a half-close, the error of a request that ended the
+        stream, nothing for a client that left."""
+        context = self._context
+        if error is not None and context.is_active() and cast(Any, context).code() is None:
+            if isinstance(error, HsmDomainError):
+                context.set_code(grpc_status_for(error))
+                context.set_details(error.message)
+            else:
+                log.error("a session ended on %s", type(error).__name__)
+                context.set_code(grpc.StatusCode.INTERNAL)
+                context.set_details("internal error; the server logged the details")
+        with self._sending:
+            self._send(None)
 
     def _take(self, request: Any, batch: list[Any]) -> bool:
         """Admit one request and run its call (inline: its answer joins `batch`) or hand it
@@ -371,26 +372,25 @@ class _Stream:
         if admitted.inline:
             self._serve(admitted, batch.append)  # the common case: no hand-off
         else:
-            self._pool.submit(self._serve, admitted, lambda answer: self._answers.put([answer]))
+            self._pool.submit(self._serve, admitted, lambda answer: self._emit([answer]))
         return True
 
     def _serve(self, call: SessionCall, answer_with: Callable[[Any], None]) -> None:
         try:
-            if self._stopping.is_set() or not self._context.is_active():
+            if self._stopping.is_set():
                 return  # the stream ended: nobody to answer
             answer = self._run(call, self._context)
-            if self._context.is_active():  # (a client that left gets nothing more)
+            if not self._stopping.is_set():  # (a client that left gets nothing more)
                 answer_with(answer)
         finally:
             with self._lock:
                 self._in_flight.discard(call.request_id)
             self._slots.release()
 
-    def _drain_then_end(self) -> None:
-        """Wait until every call in flight is answered, then end the responses."""
+    def _drain(self) -> None:
+        """Wait until every call in flight is answered."""
         limit = self._in_flight_limit
         for _ in range(limit):
             self._slots.acquire()
         for _ in range(limit):
             self._slots.release()
-        self._answers.put(_DONE)

@@ -382,9 +382,15 @@ class DiagnosticsServicer(services_pb2_grpc.DiagnosticsServicer):
         return services_pb2.EchoMessage(payload=request.payload)
 
     def EchoSession(
-        self, request_iterator: Iterator[services_pb2.EchoMessages], context: grpc.ServicerContext
-    ) -> Iterator[services_pb2.EchoMessages]:
-        """Return every payload, through the machinery of key-service sessions."""
+        self,
+        request_iterator: Iterator[services_pb2.EchoMessages],
+        context: grpc.ServicerContext,
+        send_response_callback: Callable[[Any], None] | None = None,
+    ) -> None:
+        """Return every payload, through the machinery of key-service sessions (non-blocking,
+        as `KeyService.Session`)."""
+        if send_response_callback is None:
+            raise RuntimeError("gRPC did not serve EchoSession as a non-blocking stream")
         self._check(context)
         numbers = itertools.count()
 
@@ -395,9 +401,10 @@ class DiagnosticsServicer(services_pb2_grpc.DiagnosticsServicer):
             self._check(context)  # per message, as a key-service call checks its caller
             return services_pb2.EchoMessage(payload=call.request.payload)
 
-        yield from serve_stream(
+        serve_stream(
             request_iterator,
             context,
+            send_response_callback,
             admit=admit,
             run=run,
             pool=self._pool,
@@ -405,3 +412,6 @@ class DiagnosticsServicer(services_pb2_grpc.DiagnosticsServicer):
             unpack=lambda batch: batch.messages,
             pack=lambda answers: services_pb2.EchoMessages(messages=answers),
         )
+
+    EchoSession.experimental_non_blocking = True  # type: ignore[attr-defined]
+    EchoSession.experimental_thread_pool = None  # type: ignore[attr-defined]

@@ -193,6 +193,36 @@ def _wrap_bidi(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
     return wrapper
 
 
+def _wrap_non_blocking_bidi(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
+    """The wrapper of a non-blocking bidirectional stream (it returns at once, reads its
+    requests on a thread of its own and answers through `send_response_callback`, None last):
+    its requests checked as `_wrap_bidi` checks them, its end counted in the metrics."""
+
+    def wrapper(
+        requests: Iterator[Any],
+        context: grpc.ServicerContext,
+        send_response_callback: Callable[[Any], None] | None = None,
+    ) -> None:
+        if send_response_callback is None:
+            raise RuntimeError("gRPC did not serve a non-blocking stream as one")
+        began = time.perf_counter()
+        send = send_response_callback
+
+        def observed(response: Any) -> None:
+            if response is None:
+                _observe(method, context, began)
+            send(response)
+
+        try:
+            behavior(_checked(requests, context, method), context, send_response_callback=observed)
+        except Exception as error:
+            _abort_for(error, context, method)
+            raise
+
+    _mark_non_blocking(wrapper, getattr(behavior, "experimental_thread_pool", None))
+    return wrapper
+
+
 def _mark_non_blocking(
     behavior: Callable[..., Any], pool: futures.ThreadPoolExecutor | None = None
 ) -> None:
@@ -263,9 +293,12 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
                 request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
-        if handler.stream_stream is not None and not _is_non_blocking(handler.stream_stream):
+        if handler.stream_stream is not None:
+            behavior = handler.stream_stream
             return grpc.stream_stream_rpc_method_handler(
-                _wrap_bidi(handler.stream_stream, method),
+                _wrap_non_blocking_bidi(behavior, method)
+                if _is_non_blocking(behavior)
+                else _wrap_bidi(behavior, method),
                 request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )

@@ -29,9 +29,31 @@ class _Context:
 
     def __init__(self) -> None:
         self.active = True
+        self.status: tuple[grpc.StatusCode, str] | None = None
+        self._callbacks: list[Any] = []
 
     def is_active(self) -> bool:
         return self.active
+
+    def add_callback(self, callback: Any) -> bool:
+        self._callbacks.append(callback)
+        return True
+
+    def leave(self) -> None:
+        """The client cancels: the call ends (its callbacks run)."""
+        self.active = False
+        for callback in self._callbacks:
+            callback()
+
+    def code(self) -> grpc.StatusCode | None:
+        return self.status[0] if self.status else None
+
+    def set_code(self, code: grpc.StatusCode) -> None:
+        self.status = (code, self.status[1] if self.status else "")
+
+    def set_details(self, details: str) -> None:
+        assert self.status is not None
+        self.status = (self.status[0], details)
 
 
 class _Requests:
@@ -105,32 +127,36 @@ def pool() -> Iterator[futures.ThreadPoolExecutor]:
 
 def _start(
     calls: _Calls, pool: futures.ThreadPoolExecutor, in_flight: int
-) -> tuple[_Requests, _Context, queue.SimpleQueue[Any], threading.Thread]:
-    """A session whose answers a thread collects; the request feed, context, answers."""
+) -> tuple[_Requests, _Context, queue.SimpleQueue[Any]]:
+    """A session whose answers (then "end") a send callback collects; the request feed,
+    context, answers."""
     requests, context = _Requests(), _Context()
     answers: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    serve_stream(
+        requests,
+        context,
+        _collector(answers),
+        admit=calls.admit,
+        run=calls.run,
+        pool=pool,
+        in_flight=in_flight,
+        unpack=_one,
+        pack=list,
+    )
+    return requests, context, answers
 
-    def collect() -> None:
-        try:
-            for message in serve_stream(
-                requests,
-                context,
-                admit=calls.admit,
-                run=calls.run,
-                pool=pool,
-                in_flight=in_flight,
-                unpack=_one,
-                pack=list,
-            ):
-                for answer in message:
-                    answers.put(answer)
+
+def _collector(answers: queue.SimpleQueue[Any]) -> Any:
+    """A send callback that puts each answer, then "end", into `answers`."""
+
+    def send(message: Any) -> None:
+        if message is None:
             answers.put("end")
-        except Exception as error:
-            answers.put(error)
+            return
+        for answer in message:
+            answers.put(answer)
 
-    collector = threading.Thread(target=collect, daemon=True)
-    collector.start()
-    return requests, context, answers, collector
+    return send
 
 
 def _wait_until(check: Any) -> None:
@@ -144,7 +170,7 @@ def test_calls_are_answered_as_they_complete_not_as_they_came(
     pool: futures.ThreadPoolExecutor,
 ) -> None:
     calls = _Calls()
-    requests, _, answers, _ = _start(calls, pool, in_flight=8)
+    requests, _, answers = _start(calls, pool, in_flight=8)
     for number in (1, 2, 3):
         requests.send((number, None))
     _wait_until(lambda: calls.running == {1, 2, 3})
@@ -159,7 +185,7 @@ def test_no_more_than_the_bound_runs_and_the_stream_is_not_read_beyond_it(
     pool: futures.ThreadPoolExecutor,
 ) -> None:
     calls = _Calls()
-    requests, _, answers, _ = _start(calls, pool, in_flight=3)
+    requests, _, answers = _start(calls, pool, in_flight=3)
     for number in range(10):
         requests.send((number, None))
     _wait_until(lambda: len(calls.running) == 3)
@@ -179,7 +205,7 @@ def test_half_close_answers_every_call_in_flight_before_the_end(
     pool: futures.ThreadPoolExecutor,
 ) -> None:
     calls = _Calls()
-    requests, _, answers, collector = _start(calls, pool, in_flight=4)
+    requests, _, answers = _start(calls, pool, in_flight=4)
     requests.send((7, None))
     requests.send((8, None))
     requests.close()
@@ -189,7 +215,6 @@ def test_half_close_answers_every_call_in_flight_before_the_end(
     calls.release[7].set()
     assert {answers.get(timeout=_WAIT), answers.get(timeout=_WAIT)} == {7, 8}
     assert answers.get(timeout=_WAIT) == "end"
-    collector.join(_WAIT)
 
 
 def test_a_request_that_cannot_be_answered_ends_the_stream_with_its_error(
@@ -203,38 +228,32 @@ def test_a_request_that_cannot_be_answered_ends_the_stream_with_its_error(
         return calls.admit(request)
 
     requests, context = _Requests(), _Context()
+    answers: queue.SimpleQueue[Any] = queue.SimpleQueue()
     requests.send((1, None))
     requests.send("garbage")
-    calls.release.setdefault(1, threading.Event()).set()
-    stream = serve_stream(
-        requests,
-        context,
-        admit=admit,
-        run=calls.run,
-        pool=pool,
-        in_flight=4,
-        unpack=_one,
-        pack=list,
-    )
-    with pytest.raises(InvalidInputError, match="does not parse"):
-        list(stream)
-    assert calls.ran == [1], "the call before it was answered first"
+    calls.release[1].set()
+    serve_stream(
+        requests, context, _collector(answers), admit=admit, run=calls.run, pool=pool,
+        in_flight=4, unpack=_one, pack=list,
+    )  # fmt: skip
+    assert answers.get(timeout=_WAIT) == 1, "the call before it was answered first"
+    assert answers.get(timeout=_WAIT) == "end"
+    assert context.status == (grpc.StatusCode.INVALID_ARGUMENT, "the request does not parse")
 
 
 def test_a_client_that_leaves_ends_the_stream_quietly_and_waiting_calls_are_dropped(
     pool: futures.ThreadPoolExecutor,
 ) -> None:
     calls = _Calls()
-    requests, context, answers, collector = _start(calls, pool, in_flight=1)
+    requests, context, answers = _start(calls, pool, in_flight=1)
     requests.send((1, None))
     requests.send((2, None))
     _wait_until(lambda: calls.running == {1})
-    context.active = False
+    context.leave()
     requests.fail(grpc.RpcError())  # what gRPC's iterator raises when the call is cancelled
     calls.release[1].set()
     calls.release[2].set()
     assert answers.get(timeout=_WAIT) == "end"
-    collector.join(_WAIT)
     assert 2 not in calls.ran
 
 
@@ -273,14 +292,15 @@ def test_each_call_gets_its_own_answer_or_status_and_the_stream_goes_on() -> Non
         _session_request(5, b"good"),
     ]
     batch = services_pb2.SessionRequests(calls=requests)
+    sent: queue.SimpleQueue[Any] = queue.SimpleQueue()
     try:
-        answers = {
-            a.request_id: a
-            for message in sessions.serve(iter([batch]), _Context())
-            for a in message.answers
-        }
+        sessions.serve(iter([batch]), _Context(), sent.put)
+        messages = []
+        while (message := sent.get(timeout=_WAIT)) is not None:
+            messages.append(message)
     finally:
         sessions.close()
+    answers = {a.request_id: a for message in messages for a in message.answers}
     assert answers[1].code == 0
     assert answers[1].encrypt.ciphertext_blob == b"sealed"
     assert (answers[2].code, answers[2].message) == (
@@ -313,7 +333,7 @@ def test_an_id_in_flight_twice_is_refused_and_the_first_goes_on(
     pool: futures.ThreadPoolExecutor,
 ) -> None:
     calls = _Calls()
-    requests, _, answers, _ = _start(calls, pool, in_flight=4)
+    requests, _, answers = _start(calls, pool, in_flight=4)
     requests.send((5, None))
     _wait_until(lambda: calls.running == {5})
     requests.send((5, None))
@@ -335,9 +355,9 @@ def test_the_server_serves_every_call_a_session_request_can_carry() -> None:
     assert set(SESSION_CALLS.values()) <= set(methods)
 
 
-def test_answers_ready_together_travel_in_one_message(pool: futures.ThreadPoolExecutor) -> None:
-    """A batch of inline calls is answered in one message; so are answers that piled up while
-    the stream's thread was busy."""
+def test_the_answers_of_a_message_of_inline_calls_travel_in_one_message(
+    pool: futures.ThreadPoolExecutor,
+) -> None:
     calls = _Calls()
     for number in range(6):
         calls.release[number].set()
@@ -350,12 +370,11 @@ def test_answers_ready_together_travel_in_one_message(pool: futures.ThreadPoolEx
     requests.send([0, 1, 2])
     requests.send([3, 4, 5])
     requests.close()
-    messages = list(
-        serve_stream(
-            requests, context, admit=admit, run=calls.run, pool=pool, in_flight=8,
-            unpack=lambda batch: batch, pack=list,
-        )
+    sent: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    serve_stream(
+        requests, context, sent.put, admit=admit, run=calls.run, pool=pool, in_flight=8,
+        unpack=lambda batch: batch, pack=list,
     )  # fmt: skip
-    assert sorted(a for m in messages for a in m) == list(range(6))
-    assert len(messages) <= 2
-    assert messages[0][:3] == [0, 1, 2]
+    assert sent.get(timeout=_WAIT) == [0, 1, 2]
+    assert sent.get(timeout=_WAIT) == [3, 4, 5]
+    assert sent.get(timeout=_WAIT) is None
