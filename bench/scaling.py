@@ -9,11 +9,14 @@ proportionally more throughput, whatever this box can show.
 
 Configurations, each a fresh domain: 1, 2 and 3 nodes with no workers (the client spreads
 calls round-robin over the nodes), and one node with 1 and 2 worker processes (the client
-spreads over the node's address and its workers'). In each: `Diagnostics.Echo` (the floor) and
-`KeyService.Encrypt` of 1 KiB at concurrency 16 from N asyncio tasks on one `grpc.aio`
-channel per endpoint (the cheapest client here), interleaved rounds.
+spreads over the node's address and its workers'), and one node with 4 workers in full runs.
+In each: `Diagnostics.Echo` (the floor), `KeyService.Encrypt` of 1 KiB, and the same Encrypt
+through one key-service session per endpoint (`encrypt_1k_session`, batched as KeyClient
+batches), at concurrency 16 from N asyncio tasks on one `grpc.aio` channel per endpoint (the
+cheapest client here), interleaved rounds.
 
-Figures per configuration `n<nodes>_w<workers>` and operation (`echo_1k`, `encrypt_1k`):
+Figures per configuration `n<nodes>_w<workers>` and operation (`echo_1k`, `encrypt_1k`,
+`encrypt_1k_session`):
 `scaling_<op>_<config>_ops_s` (median over rounds), `_p50_ms`, `_p99_ms`,
 `_server_cpu_us_per_op`, `_client_cpu_us_per_op`, `_ops_per_server_cpu_s`,
 `_ops_per_cpu_s` (client and servers together) and `_cores_busy` (client + servers CPU
@@ -25,6 +28,8 @@ Invariants: every run is bounded in time and calls; each domain is stopped whate
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -36,6 +41,7 @@ from bench._cluster import BenchDomain
 from bench._core import BenchConfig, Curve, Figure
 from bench._load import LoadResult, aio_mtls_channel, round_robin, run_tasks
 from bench._proc import CpuMeter
+from bench._sessions import AioSession
 from bench._stats import median
 from domain_proto import services_pb2, services_pb2_grpc
 
@@ -48,8 +54,10 @@ CONTEXT: Final = {"purpose": "bench-scaling"}
 CALL_TIMEOUT: Final = 10.0
 MAX_OPS: Final = 200_000
 # (nodes, worker processes per node); quick runs keep the two ends of each axis.
-CONFIGURATIONS: Final = ((1, 0), (2, 0), (3, 0), (1, 1), (1, 2))
+CONFIGURATIONS: Final = ((1, 0), (2, 0), (3, 0), (1, 1), (1, 2), (1, 4))
 QUICK_CONFIGURATIONS: Final = ((1, 0), (3, 0), (1, 2))
+# Echo (the floor), unary Encrypt, and Encrypt through one key-service session per endpoint.
+OPERATIONS: Final = ("echo_1k", "encrypt_1k", "encrypt_1k_session")
 
 __all__ = ["CONFIGURATIONS", "NAME", "TITLE", "run"]
 
@@ -103,11 +111,22 @@ def measure_configuration(
     key_id = _key(domain)
     endpoints = [address for host in domain.hosts for address in domain.key_endpoints(host)]
     tls = domain.client_tls()
-    windows: dict[str, _Window] = {"echo_1k": _Window(), "encrypt_1k": _Window()}
+    windows: dict[str, _Window] = {name: _Window() for name in OPERATIONS}
 
     async def main() -> None:
         channels: list[grpc.aio.Channel] = [aio_mtls_channel(a, tls) for a in endpoints]
+        stack = contextlib.AsyncExitStack()
         try:
+            sessions = [await stack.enter_async_context(AioSession(c).open()) for c in channels]
+            encrypt_request = services_pb2.EncryptRequest(
+                key_id=key_id, plaintext=payload, encryption_context=CONTEXT
+            )
+            turn = itertools.count()
+
+            def session_encrypt() -> Any:
+                session = sessions[next(turn) % len(sessions)]
+                return session.call("encrypt", encrypt_request, CALL_TIMEOUT)
+
             echo = [
                 services_pb2_grpc.DiagnosticsStub(c).Echo  # type: ignore[no-untyped-call]
                 for c in channels
@@ -120,13 +139,8 @@ def measure_configuration(
                 "echo_1k": round_robin(
                     echo, services_pb2.EchoMessage(payload=payload), CALL_TIMEOUT
                 ),
-                "encrypt_1k": round_robin(
-                    encrypt,
-                    services_pb2.EncryptRequest(
-                        key_id=key_id, plaintext=payload, encryption_context=CONTEXT
-                    ),
-                    CALL_TIMEOUT,
-                ),
+                "encrypt_1k": round_robin(encrypt, encrypt_request, CALL_TIMEOUT),
+                "encrypt_1k_session": session_encrypt,
             }
             for round_ in range(rounds):
                 names = list(calls) if round_ % 2 == 0 else list(reversed(calls))
@@ -148,6 +162,7 @@ def measure_configuration(
                     window.client_cpu_s += meters.client_seconds
                     window.server_cpu_s += meters.hsa_seconds
         finally:
+            await stack.aclose()
             for channel in channels:
                 await channel.close(None)
 
@@ -193,7 +208,7 @@ def _curves(
             continue
         xs = [float(n if axis == "nodes" else w) for n, w in points]
         series: dict[str, tuple[list[float], list[float]]] = {}
-        for operation in ("echo_1k", "encrypt_1k"):
+        for operation in OPERATIONS:
             for measure, what in (("ops_s", "ops/s"), ("ops_per_server_cpu_s", "ops/server CPU s")):
                 ys = [float(figures[f"scaling_{operation}_n{n}_w{w}_{measure}"]) for n, w in points]
                 series[f"{operation} {what}"] = (xs, ys)

@@ -72,10 +72,11 @@ SESSION_CALLS: Final[dict[str, str]] = {
 }
 # Threads of one HSA process that run the calls of all its sessions.
 SESSION_WORKERS: Final = 4
-# The streams of an HSA's server, sessions included: each session holds two threads (its
-# answers and its reader), so they are capped per caller (one SPIFFE id, however many
-# processes share it) and per server; a client refused a session uses unary calls.
-SESSION_STREAMS: Final = transport.StreamLimits(per_peer=16, total=64, blocking=48)
+# The streams of an HSA's server, sessions included: each session holds one thread (its
+# reader), so they are capped per caller (one SPIFFE id, however many processes share it) and
+# per server; a client refused a session uses unary calls. (Sessions are non-blocking
+# streams: they take none of the 4 threads the quota keeps for generator streams.)
+SESSION_STREAMS: Final = transport.StreamLimits(per_peer=16, total=64, blocking=4)
 _METRIC_PREFIX: Final = "/hsmdomain.v1.KeyService/Session/"
 # Answers one response message carries at most (each is at most a few KiB: far below the
 # message limit however many there are).
