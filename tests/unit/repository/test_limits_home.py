@@ -26,6 +26,12 @@ NOT_INPUT_LIMITS: dict[str, dict[str, str]] = {
         "_MAX_KEY_ID_BYTES": "a key id's length is one byte in the blob format",
     },
     "domain_core/envelope.py": {"_MAX_CHUNKS": "the chunk counter is a u32 in every nonce"},
+    "hsa_node/keysession.py": {
+        "_MAX_ANSWERS_PER_MESSAGE": "how many answers the HSA packs into one message it sends"
+    },
+    "domain_edge/kms_client/_session.py": {
+        "_MAX_CALLS_PER_MESSAGE": "how many calls the client packs into one message it sends"
+    },
     "domain_core/recovery_shares.py": {"MAX_SHARES": "SLIP-39 allows at most 16 group members"},
     "kms_tool/_args.py": {"_MAX_U32": "the largest u32 a backing version can be"},
     "domain_coordinator/_requests.py": {
