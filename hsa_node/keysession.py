@@ -13,8 +13,9 @@ Invariants:
 - the stream is admitted only for a `client` of this domain (PERMISSION_DENIED ends it at
   once), and then counts against the server's stream quota like any stream;
 - a failed call is answered in its own response (its status, message, "nothing applied");
-  the stream goes on. Only what has no id to answer ends it: a request that does not parse
-  or is over the message limit (INVALID_ARGUMENT);
+  the stream goes on. Only what has no id to answer ends it: a request message that does not
+  parse, is over the message limit, or carries more calls than one session may have in
+  flight (INVALID_ARGUMENT), so that no message can make the HSA hold an unbounded batch;
 - at most `Limits.max_session_calls_in_flight` calls of one stream run or wait at once;
   beyond that the stream is not read, so HTTP/2 flow control holds the client back;
 - an id already in flight on the stream, or a request without a call, is answered
@@ -35,7 +36,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from typing import Any, Final, cast
@@ -43,7 +44,7 @@ from typing import Any, Final, cast
 import grpc
 
 from domain_core import ciphertext
-from domain_core.errors import HsmDomainError
+from domain_core.errors import HsmDomainError, InvalidInputError
 from domain_core.limits import MAX_SESSION_CALL_TIMEOUT_MS, Limits
 from domain_edge import transport
 from domain_edge.metrics import PROCESS
@@ -250,7 +251,7 @@ def serve_stream(
     run: Callable[[SessionCall, grpc.ServicerContext], Any],
     pool: futures.ThreadPoolExecutor,
     in_flight: int,
-    unpack: Callable[[Any], Iterable[Any]],
+    unpack: Callable[[Any], Sequence[Any]],
     pack: Callable[[list[Any]], Any],
 ) -> None:
     """Serve one session stream, from a reader thread of its own; returns at once.
@@ -279,7 +280,7 @@ class _Stream:
         run: Callable[[SessionCall, grpc.ServicerContext], Any],
         pool: futures.ThreadPoolExecutor,
         in_flight: int,
-        unpack: Callable[[Any], Iterable[Any]],
+        unpack: Callable[[Any], Sequence[Any]],
         pack: Callable[[list[Any]], Any],
     ) -> None:
         self._requests = requests
@@ -315,8 +316,14 @@ class _Stream:
         ending: BaseException | None = None
         try:
             for message in self._requests:
+                requests = self._unpack(message)
+                if len(requests) > self._in_flight_limit:
+                    raise InvalidInputError(
+                        f"a session message carries {len(requests)} calls; at most "
+                        f"{self._in_flight_limit} (the calls one session may have in flight)"
+                    )
                 batch: list[Any] = []  # the answers of this message's inline calls
-                for request in self._unpack(message):
+                for request in requests:
                     if self._stopping.is_set() or not self._take(request, batch):
                         break
                 if batch:

@@ -378,3 +378,22 @@ def test_the_answers_of_a_message_of_inline_calls_travel_in_one_message(
     assert sent.get(timeout=_WAIT) == [0, 1, 2]
     assert sent.get(timeout=_WAIT) == [3, 4, 5]
     assert sent.get(timeout=_WAIT) is None
+
+
+def test_a_message_with_more_calls_than_may_be_in_flight_ends_the_stream() -> None:
+    """No message makes the HSA hold an unbounded batch of answers (or run one)."""
+    servicer = _Servicer()
+    sessions = KeySessions(servicer, lambda context: "p", DEFAULT_LIMITS)
+    limit = DEFAULT_LIMITS.max_session_calls_in_flight
+    calls = [_session_request(n, b"good") for n in range(limit + 1)]
+    context = _Context()
+    sent: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    try:
+        sessions.serve(iter([services_pb2.SessionRequests(calls=calls)]), context, sent.put)
+        assert sent.get(timeout=_WAIT) is None
+    finally:
+        sessions.close()
+    assert context.status is not None
+    assert context.status[0] == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"at most {limit}" in context.status[1]
+    assert servicer.seen == []
