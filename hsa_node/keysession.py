@@ -27,8 +27,8 @@ Invariants:
 - responses go out one at a time (gRPC allows one send in flight per call), from the
   stream's own thread; when the client half-closes, every call in flight is answered first;
   when it cancels, the calls still waiting are dropped unrun;
-- every call is counted in the process's metrics as `KeyService/Session/<call>`, with its
-  status and latency; never a plaintext or key in a message or a log line.
+- every call is counted in the process's metrics as its unary method (`KeyService/<Call>`),
+  with its status and latency; never a plaintext or key in a message or a log line.
 """
 
 from __future__ import annotations
@@ -78,7 +78,9 @@ SESSION_WORKERS: Final = 4
 # per server; a client refused a session uses unary calls. (Sessions are non-blocking
 # streams: they take none of the 4 threads the quota keeps for generator streams.)
 SESSION_STREAMS: Final = transport.StreamLimits(per_peer=16, total=64, blocking=4)
-_METRIC_PREFIX: Final = "/hsmdomain.v1.KeyService/Session/"
+# A session's call is counted as the unary call it is (an Encrypt is an Encrypt, whichever
+# way it came: dashboards and alerts see every one); the stream itself as `.../Session`.
+_METRIC_PREFIX: Final = "/hsmdomain.v1.KeyService/"
 # Answers one response message carries at most (each is at most a few KiB: far below the
 # message limit however many there are).
 _MAX_ANSWERS_PER_MESSAGE: Final = 128
