@@ -2,7 +2,9 @@
 (`KeyService.Session`, docs/runtime.md "Key-service sessions").
 
 A unary call pays gRPC's per-call cost (a new HTTP/2 stream, metadata, a worker hand-off)
-before the key service does anything; a session pays it once. Each `SessionRequest` carries
+before the key service does anything; a session pays it once, and gRPC's per-message cost once
+per batch: a message (`SessionRequests`) carries every call the client had ready, and the
+answers ready together go back in one (`SessionResponses`). Each `SessionRequest` carries
 one call (Encrypt, Decrypt, ReEncrypt, GenerateDataKey, GenerateDataKeyWithoutPlaintext) and
 an id the client chose; it is served by the unary method of the same name, with the stream's
 context, so its caller, gates, policy checks, limits and audit record are exactly the unary
@@ -24,9 +26,10 @@ Invariants:
 - a call whose keys are fresh in the cache runs on the stream's reader at once (no hand-off:
   the common case); any other (a key to read from the coordinator, to refresh) runs on one
   of the process's workers, so that no wait on the coordinator holds the stream up;
-- responses go out one at a time (gRPC allows one send in flight per call), from the
-  stream's own thread; when the client half-closes, every call in flight is answered first;
-  when it cancels, the calls still waiting are dropped unrun;
+- a session is a non-blocking stream: it holds no thread of the server's pools, only its
+  reader; responses go out one at a time (gRPC allows one send in flight per call; a lock),
+  from the reader or the worker that answers; when the client half-closes, every call in
+  flight is answered first; when it cancels, the calls still waiting are dropped unrun;
 - every call is counted in the process's metrics as its unary method (`KeyService/<Call>`),
   with its status and latency; never a plaintext or key in a message or a log line.
 """
