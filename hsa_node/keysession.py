@@ -60,6 +60,7 @@ __all__ = [
     "SESSION_WORKERS",
     "KeySessions",
     "SessionCall",
+    "SessionRules",
     "serve_stream",
 ]
 
@@ -139,6 +140,14 @@ class KeySessions:
         self._pool = futures.ThreadPoolExecutor(
             max_workers=workers, thread_name_prefix="key-session"
         )
+        self._rules = SessionRules(
+            admit=self._admit,
+            run=self._run,
+            in_flight=limits.max_session_calls_in_flight,
+            unpack=lambda message: message.calls,
+            pack=lambda answers: services_pb2.SessionResponses(answers=answers),
+            pool=self._pool,
+        )
 
     def close(self) -> None:
         """Stop the workers once the calls they run are answered (after the server stopped:
@@ -156,17 +165,7 @@ class KeySessions:
         if send_response_callback is None:
             raise RuntimeError("gRPC did not serve a session as a non-blocking stream")
         self._principal(context)  # a caller that may not call the key service gets no stream
-        serve_stream(
-            requests,
-            context,
-            send_response_callback,
-            admit=self._admit,
-            run=self._run,
-            pool=self._pool,
-            in_flight=self._limits.max_session_calls_in_flight,
-            unpack=lambda message: message.calls,
-            pack=lambda answers: services_pb2.SessionResponses(answers=answers),
-        )
+        serve_stream(requests, context, send_response_callback, self._rules)
 
     # --- one call ------------------------------------------------------------------------
 
@@ -247,29 +246,39 @@ class KeySessions:
         return all(self._fresh(key) for key in keys)
 
 
+@dataclass(frozen=True)
+class SessionRules:
+    """What one kind of session does with its stream (the key service's, or the echo floor's).
+
+    `unpack` gives a request message's requests (a batch); `admit` turns each into a call, or
+    into the answer that refuses it at once (it raises to end the stream); `run` answers a
+    call; at most `in_flight` calls at once; `pack` makes one response message of answers.
+    A call that is not `inline` runs on `pool` (None: every call runs inline).
+    """
+
+    admit: Callable[[Any], SessionCall | Any]
+    run: Callable[[SessionCall, grpc.ServicerContext], Any]
+    in_flight: int
+    unpack: Callable[[Any], Sequence[Any]]
+    pack: Callable[[list[Any]], Any]
+    pool: futures.ThreadPoolExecutor | None = None
+
+
 def serve_stream(
     requests: Iterator[Any],
     context: grpc.ServicerContext,
     send: Callable[[Any], None],
-    *,
-    admit: Callable[[Any], SessionCall | Any],
-    run: Callable[[SessionCall, grpc.ServicerContext], Any],
-    pool: futures.ThreadPoolExecutor,
-    in_flight: int,
-    unpack: Callable[[Any], Sequence[Any]],
-    pack: Callable[[list[Any]], Any],
+    rules: SessionRules,
 ) -> None:
-    """Serve one session stream, from a reader thread of its own; returns at once.
+    """Serve one session stream by `rules`, from a reader thread of its own; returns at once.
 
-    Each request message holds a batch (`unpack` gives its requests); `admit` turns each
-    request into a call (or into the answer that refuses it at once; it raises to end the
-    stream); a call runs with `run`, on the reader when it is `inline` (its answers go back
-    together, `pack`ed into one message, once the batch is done), else on `pool` (answered
-    alone when done); at most `in_flight` calls at once. Every response goes through `send`,
-    one at a time, and `send(None)` ends the stream. The key service's sessions and the
-    sessions of Diagnostics (the floor) are the same machinery.
+    A call runs on the reader when it is `inline` (the answers of one request message go back
+    together, in one message, once its batch is done), else on the rules' pool (answered alone
+    when done). Every response goes through `send`, one at a time, and `send(None)` ends the
+    stream. The key service's sessions and the sessions of Diagnostics (the floor) are the
+    same machinery.
     """
-    _Stream(requests, context, send, admit, run, pool, in_flight, unpack, pack).start()
+    _Stream(requests, context, send, rules).start()
 
 
 class _Stream:
@@ -281,23 +290,13 @@ class _Stream:
         requests: Iterator[Any],
         context: grpc.ServicerContext,
         send: Callable[[Any], None],
-        admit: Callable[[Any], SessionCall | Any],
-        run: Callable[[SessionCall, grpc.ServicerContext], Any],
-        pool: futures.ThreadPoolExecutor,
-        in_flight: int,
-        unpack: Callable[[Any], Sequence[Any]],
-        pack: Callable[[list[Any]], Any],
+        rules: SessionRules,
     ) -> None:
         self._requests = requests
         self._context = context
         self._send = send
-        self._admit = admit
-        self._run = run
-        self._pool = pool
-        self._unpack = unpack
-        self._pack = pack
-        self._in_flight_limit = in_flight
-        self._slots = threading.BoundedSemaphore(in_flight)
+        self._rules = rules
+        self._slots = threading.BoundedSemaphore(rules.in_flight)
         self._lock = threading.Lock()
         self._sending = threading.Lock()
         self._in_flight: set[int] = set()
@@ -315,17 +314,18 @@ class _Stream:
             if self._stopping.is_set():
                 return
             with self._sending:
-                self._send(self._pack(answers[start : start + _MAX_ANSWERS_PER_MESSAGE]))
+                self._send(self._rules.pack(answers[start : start + _MAX_ANSWERS_PER_MESSAGE]))
 
     def _read(self) -> None:
         ending: BaseException | None = None
         try:
             for message in self._requests:
-                requests = self._unpack(message)
-                if len(requests) > self._in_flight_limit:
+                requests = self._rules.unpack(message)
+                limit = self._rules.in_flight
+                if len(requests) > limit:
                     raise InvalidInputError(
                         f"a session message carries {len(requests)} calls; at most "
-                        f"{self._in_flight_limit} (the calls one session may have in flight)"
+                        f"{limit} (the calls one session may have in flight)"
                     )
                 batch: list[Any] = []  # the answers of this message's inline calls
                 for request in requests:
@@ -359,7 +359,7 @@ class _Stream:
     def _take(self, request: Any, batch: list[Any]) -> bool:
         """Admit one request and run its call (inline: its answer joins `batch`) or hand it
         to a worker; False when the stream is ending."""
-        admitted = self._admit(request)
+        admitted = self._rules.admit(request)
         if not isinstance(admitted, SessionCall):
             batch.append(admitted)
             return True
@@ -382,17 +382,18 @@ class _Stream:
         if self._stopping.is_set():
             self._slots.release()
             return False
-        if admitted.inline:
+        pool = self._rules.pool
+        if admitted.inline or pool is None:
             self._serve(admitted, batch.append)  # the common case: no hand-off
         else:
-            self._pool.submit(self._serve, admitted, lambda answer: self._emit([answer]))
+            pool.submit(self._serve, admitted, lambda answer: self._emit([answer]))
         return True
 
     def _serve(self, call: SessionCall, answer_with: Callable[[Any], None]) -> None:
         try:
             if self._stopping.is_set():
                 return  # the stream ended: nobody to answer
-            answer = self._run(call, self._context)
+            answer = self._rules.run(call, self._context)
             if not self._stopping.is_set():  # (a client that left gets nothing more)
                 answer_with(answer)
         finally:
@@ -402,7 +403,7 @@ class _Stream:
 
     def _drain(self) -> None:
         """Wait until every call in flight is answered."""
-        limit = self._in_flight_limit
+        limit = self._rules.in_flight
         for _ in range(limit):
             self._slots.acquire()
         for _ in range(limit):

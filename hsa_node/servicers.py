@@ -31,7 +31,6 @@ import itertools
 import logging
 import time
 from collections.abc import Callable, Iterator
-from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,7 +50,7 @@ from domain_edge.config import NodeConfig, coordinator_spiffe_id
 from domain_edge.faults import warn_if_enabled
 from domain_proto import domain_pb2, services_pb2, services_pb2_grpc
 from hsa_node.audit_heads import AuditHeadBook
-from hsa_node.keysession import SESSION_WORKERS, SessionCall, serve_stream
+from hsa_node.keysession import SessionCall, SessionRules, serve_stream
 from hsa_node.node import DomainNode
 from hsa_node.peering import Peering
 from hsa_node.producer import (
@@ -357,15 +356,12 @@ class DiagnosticsServicer(services_pb2_grpc.DiagnosticsServicer):
     """The transport floor for benchmarks: same server stack, no work; for the applications
     of this domain, as the key service (the same identity check, so the floor stays fair).
     `EchoSession` is the floor of key-service sessions: the same session machinery
-    (`keysession.serve_stream`: reader, workers, in-flight bound), each message answered as
-    it is."""
+    (`keysession.serve_stream`: reader, batches, in-flight bound), each message answered on
+    the reader as a key-service call whose key is cached is."""
 
     def __init__(self, domain_id: str, limits: Limits = DEFAULT_LIMITS) -> None:
         self._domain_id = domain_id
         self._limits = limits
-        self._pool = futures.ThreadPoolExecutor(
-            max_workers=SESSION_WORKERS, thread_name_prefix="echo-session"
-        )
 
     def _check(self, context: grpc.ServicerContext) -> None:
         spiffe = transport.require_caller_spiffe(context, "client")
@@ -395,23 +391,20 @@ class DiagnosticsServicer(services_pb2_grpc.DiagnosticsServicer):
         numbers = itertools.count()
 
         def admit(request: Any) -> SessionCall:
-            return SessionCall(next(numbers), "echo", request, None, inline=True)
+            return SessionCall(next(numbers), "echo", request, None)  # no pool: all inline
 
         def run(call: SessionCall, context: grpc.ServicerContext) -> services_pb2.EchoMessage:
             self._check(context)  # per message, as a key-service call checks its caller
             return services_pb2.EchoMessage(payload=call.request.payload)
 
-        serve_stream(
-            request_iterator,
-            context,
-            send_response_callback,
+        rules = SessionRules(
             admit=admit,
             run=run,
-            pool=self._pool,
             in_flight=self._limits.max_session_calls_in_flight,
             unpack=lambda batch: batch.messages,
             pack=lambda answers: services_pb2.EchoMessages(messages=answers),
         )
+        serve_stream(request_iterator, context, send_response_callback, rules)
 
     EchoSession.experimental_non_blocking = True  # type: ignore[attr-defined]
     EchoSession.experimental_thread_pool = None  # type: ignore[attr-defined]

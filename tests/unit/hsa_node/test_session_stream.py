@@ -17,7 +17,13 @@ import pytest
 from domain_core.errors import InvalidInputError
 from domain_core.limits import DEFAULT_LIMITS
 from domain_proto import services_pb2
-from hsa_node.keysession import SESSION_CALLS, KeySessions, SessionCall, serve_stream
+from hsa_node.keysession import (
+    SESSION_CALLS,
+    KeySessions,
+    SessionCall,
+    SessionRules,
+    serve_stream,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -136,12 +142,7 @@ def _start(
         requests,
         context,
         _collector(answers),
-        admit=calls.admit,
-        run=calls.run,
-        pool=pool,
-        in_flight=in_flight,
-        unpack=_one,
-        pack=list,
+        SessionRules(calls.admit, calls.run, in_flight, _one, list, pool),
     )
     return requests, context, answers
 
@@ -233,9 +234,8 @@ def test_a_request_that_cannot_be_answered_ends_the_stream_with_its_error(
     requests.send("garbage")
     calls.release[1].set()
     serve_stream(
-        requests, context, _collector(answers), admit=admit, run=calls.run, pool=pool,
-        in_flight=4, unpack=_one, pack=list,
-    )  # fmt: skip
+        requests, context, _collector(answers), SessionRules(admit, calls.run, 4, _one, list, pool)
+    )
     assert answers.get(timeout=_WAIT) == 1, "the call before it was answered first"
     assert answers.get(timeout=_WAIT) == "end"
     assert context.status == (grpc.StatusCode.INVALID_ARGUMENT, "the request does not parse")
@@ -372,9 +372,8 @@ def test_the_answers_of_a_message_of_inline_calls_travel_in_one_message(
     requests.close()
     sent: queue.SimpleQueue[Any] = queue.SimpleQueue()
     serve_stream(
-        requests, context, sent.put, admit=admit, run=calls.run, pool=pool, in_flight=8,
-        unpack=lambda batch: batch, pack=list,
-    )  # fmt: skip
+        requests, context, sent.put, SessionRules(admit, calls.run, 8, lambda b: b, list, pool)
+    )
     assert sent.get(timeout=_WAIT) == [0, 1, 2]
     assert sent.get(timeout=_WAIT) == [3, 4, 5]
     assert sent.get(timeout=_WAIT) is None
