@@ -134,9 +134,11 @@ class BundleSettings:
         }
 
     @classmethod
-    def from_document(cls, document: dict[str, Any], where: str) -> BundleSettings:
-        """The settings in `domain.json` (`document`) of a domain across hosts."""
-        addresses = DomainAddresses.from_json(document.get("addresses"), where)
+    def from_document(
+        cls, document: dict[str, Any], addresses: DomainAddresses, where: str
+    ) -> BundleSettings:
+        """The settings in `domain.json` (`document`, its `addresses` already read) of a
+        domain across hosts."""
         shared = document.get("across_hosts")
         refusal = InvalidInputError(
             f"{where}: across_hosts needs coordinator_identity, coordinator_fingerprints, "

@@ -131,6 +131,22 @@ def _validate_counts(nodes: int, operators: int, threshold: int, domain_id: str)
         )
 
 
+def _aware(now: datetime | None) -> datetime:
+    """`now`, or the current time; ValueError for a naive datetime."""
+    now = now or datetime.now(UTC)
+    if now.tzinfo is None:
+        raise ValueError("now must be timezone-aware")
+    return now
+
+
+def _check_host_id(domain_id: str, host_id: str) -> None:
+    """InvalidInputError unless `host_id` makes a valid SPIFFE id of an HSA of the domain."""
+    try:
+        SpiffeId(domain_id, "hsa", host_id)
+    except InvalidInputError as error:
+        raise InvalidInputError(f"invalid host id: {error.message}") from None
+
+
 def _check_target(directory: Path) -> None:
     if directory.exists():
         if not directory.is_dir():
@@ -288,15 +304,12 @@ def init_domain(
     _validate_counts(nodes, operators, quorum, domain_id)
     check_worker_count(workers)
     chosen_store = check_coordinators(coordinators, store)
-    now = now or datetime.now(UTC)
-    if now.tzinfo is None:
-        raise ValueError("now must be timezone-aware")
     request = _Request(
         nodes,
         operators,
         quorum,
         domain_id,
-        now,
+        _aware(now),
         scrypt_n,
         workers,
         tuple(coordinator_names(coordinators, chosen_store)),
@@ -331,19 +344,13 @@ def init_domain_across_hosts(
     _validate_counts(len(hosts), operators, quorum, domain_id)
     check_worker_count(workers)
     for host_id, _ in hosts:
-        try:
-            SpiffeId(domain_id, "hsa", host_id)
-        except InvalidInputError as error:
-            raise InvalidInputError(f"invalid host id: {error.message}") from None
-    now = now or datetime.now(UTC)
-    if now.tzinfo is None:
-        raise ValueError("now must be timezone-aware")
+        _check_host_id(domain_id, host_id)
     request = _Request(
         len(hosts),
         operators,
         quorum,
         domain_id,
-        now,
+        _aware(now),
         scrypt_n,
         workers,
         (COORDINATOR_NAME,),
@@ -495,10 +502,7 @@ def add_node(directory: Path, host_id: str | None = None, *, now: datetime | Non
     now = now or datetime.now(UTC)
     if host_id is None:
         host_id = _next_host_id(layout)
-    try:
-        SpiffeId(layout.domain_id, "hsa", host_id)
-    except InvalidInputError as error:
-        raise InvalidInputError(f"invalid host id: {error.message}") from None
+    _check_host_id(layout.domain_id, host_id)
     node_dir = layout.node_dir(host_id)
     if node_dir.exists():
         raise AlreadyExistsError(f"{node_dir} exists already; choose another host id")
@@ -533,19 +537,16 @@ def add_node_across_hosts(
         raise InvalidInputError(
             f"{paths.root} is a local domain: add a node with `hsm-domain add-node` without --host"
         )
-    shared = BundleSettings.from_document(document, str(paths.domain_file))
     addresses = DomainAddresses.from_json(document["addresses"], str(paths.domain_file))
-    try:
-        SpiffeId(shared.domain_id, "hsa", host_id)
-    except InvalidInputError as error:
-        raise InvalidInputError(f"invalid host id: {error.message}") from None
+    shared = BundleSettings.from_document(document, addresses, str(paths.domain_file))
+    _check_host_id(shared.domain_id, host_id)
     taken = set(addresses.hsas) | set(document.get("nodes", []))
     if host_id in taken or paths.bundle_dir(host_id).exists() or paths.node_dir(host_id).exists():
         raise AlreadyExistsError(f"{host_id} is a host of this domain already; choose another id")
     known = [(h, HostAddress.parse(a, 0)) for h, a in addresses.hsas.items()]
     check_addresses([*known, (host_id, address)], shared.coordinator)
     ca = load_domain_ca(paths.ca_dir)
-    now = now or datetime.now(UTC)
+    now = _aware(now)
     try:
         _create_host(paths, ca, shared.domain_id, host_id, now, address.certificate_names)
         bundle = node_bundle(paths, host_id, address, shared)
