@@ -60,7 +60,7 @@ from domain_core.model import SealedState
 from domain_edge.cli import UsageError
 from domain_edge.client import CoordinatorClient, ProposalView
 from domain_edge.files import read_limited
-from domain_edge.hosts import addresses_of
+from domain_edge.hosts import DomainAddresses
 from domain_edge.layout import COORDINATOR_NAME, DomainPaths
 from operator_tool._context import CommandContext
 from operator_tool._review import Review, review
@@ -199,20 +199,40 @@ def parse_genesis_hash(text: str) -> bytes:
     return value
 
 
-def _cluster_files(directory: Path) -> tuple[str, bytes, Path, Path, list[Path]]:
-    """(domain id, genesis hash, genesis file, CA file, coordinators' ready files) of DIR."""
+@dataclass(frozen=True)
+class _ClusterFiles:
+    """What a domain directory says of the domain: its pins, where its genesis and CA
+    certificate are, the coordinators' ready files, and (a domain across hosts) the
+    coordinator's operator address from `domain.json`."""
+
+    domain_id: str
+    genesis_hash: bytes
+    genesis: Path
+    ca: Path
+    ready_files: list[Path]
+    operator_address: str | None
+
+
+def _cluster_files(directory: Path) -> _ClusterFiles:
+    """The files of the domain directory DIR (`domain.json` read once)."""
     paths = DomainPaths(directory)
     document = _read_json(paths.domain_file, "local domain file (domain.json)")
     domain_id = document.get("domain_id")
     genesis_hex = document.get("genesis_hash")
     if not isinstance(domain_id, str) or not isinstance(genesis_hex, str):
         raise InvalidInputError(f"{paths.domain_file} has no domain_id and genesis_hash")
-    return (
-        domain_id,
-        parse_genesis_hash(genesis_hex),
-        paths.genesis_state,
-        paths.ca_cert,
-        [paths.ready_file(name) for name in paths.configured_coordinators() or [COORDINATOR_NAME]],
+    across_hosts = None
+    if "addresses" in document:
+        across_hosts = DomainAddresses.from_json(document["addresses"], str(paths.domain_file))
+    return _ClusterFiles(
+        domain_id=domain_id,
+        genesis_hash=parse_genesis_hash(genesis_hex),
+        genesis=paths.genesis_state,
+        ca=paths.ca_cert,
+        ready_files=[
+            paths.ready_file(name) for name in paths.configured_coordinators() or [COORDINATOR_NAME]
+        ],
+        operator_address=across_hosts.operator if across_hosts is not None else None,
     )
 
 
@@ -253,18 +273,16 @@ def locate(ctx: CommandContext) -> DomainLocation:
         genesis_hash = parse_genesis_hash(genesis_hex)
     if cluster:
         directory = Path(cluster).expanduser().absolute()
-        cluster_domain, cluster_hash, cluster_genesis, cluster_ca, ready = _cluster_files(directory)
-        domain_id = cluster_domain
+        files = _cluster_files(directory)
+        domain_id = files.domain_id
         if genesis_hash is None and genesis_file is None:
-            genesis_hash, genesis_file = cluster_hash, cluster_genesis
-        ca_file = ca_file or cluster_ca
+            genesis_hash, genesis_file = files.genesis_hash, files.genesis
+        ca_file = ca_file or files.ca
         if coordinator is None:
             # A domain across hosts: its coordinator runs elsewhere, where domain.json says.
-            across_hosts = addresses_of(DomainPaths(directory))
-            if across_hosts is not None:
-                coordinator = across_hosts.operator
-            else:
-                coordinator = _coordinator_from_ready_files(ready, directory)
+            coordinator = files.operator_address or _coordinator_from_ready_files(
+                files.ready_files, directory
+            )
     if coordinator is None:
         raise UsageError(
             f"where is the domain? give --cluster DIR (or ${CLUSTER_ENV}), or --coordinator "
