@@ -14,9 +14,12 @@ latency of calls spread over the three HSAs:
 - `sync-raw` (`sync_raw`): N threads on plain sync unary stubs, one channel per HSA;
 - `asyncio` (`async_raw`): N coroutines on `grpc.aio` unary stubs (one channel per HSA, the
   same mutual TLS identity), round-robin, without KeyClient's retry layer;
+- `asyncio-keyclient` (`async_keyclient`): `AsyncKeyClient` (the asyncio library, same rules
+  as `KeyClient`) shared by N coroutines, over its sessions;
 - `asyncio-session` (`async_session_raw`): N coroutines on raw `grpc.aio` session streams
-  (`bench._sessions.AioSession`, one session per HSA channel), round-robin: what the servers
-  give through sessions, the yardstick of `KeyClient` (issue 18: at least 0.9 of it).
+  (`bench._sessions.AioSession`, one session per HSA channel, written separately from the
+  library so that the yardstick does not move with it), round-robin: what the servers give
+  through sessions, the yardstick of the clients (issue 18: at least 0.9 of it).
 
 Each cell is bounded by a number of calls (`--ops`) and a time budget (`--seconds`), after a
 short warm-up; `--rounds R` repeats all cells interleaved and reports medians (this machine is
@@ -27,10 +30,11 @@ As a module of the `python -m bench` runner (NAME, TITLE, run) the figures are
 `<mode>_<op>_1k_3node_c<N>_*` with the figure modes above, and their ratios to the floor (a
 one-node unary Echo, so these compare a 3-node domain and a client library with the bare
 transport); `keyclient_over_session_raw_<op>_c<N>_ratio` is KeyClient's throughput over the
-raw session streams', the median of each round's ratio (`_low_ratio` / `_high_ratio`: the
-lowest and highest round), the two modes measured one right after the other. Full runs take
-every mode, 3 rounds of at most 1,000 calls or 5 s per cell; quick runs only `keyclient` and
-`async_session_raw` (what that ratio needs), one round of at most 150 calls or 0.5 s per cell.
+raw session streams', and `async_keyclient_over_session_raw_...` AsyncKeyClient's, each the
+median of each round's ratio (`_low_ratio` / `_high_ratio`: the lowest and highest round),
+measured right after one another. Full runs take every mode, 3 rounds of at most 1,000 calls
+or 5 s per cell; quick runs only the two clients and `async_session_raw` (what the ratios
+need), one round of at most 150 calls or 0.5 s per cell.
 `bench.keyservice` measures the servers' side (raw stubs, server CPU); this measures what an
 application gets through the client library.
 """
@@ -63,7 +67,7 @@ from bench._kms_cells import Cell, measure_async, measure_threads, medians, tabl
 from bench._sessions import AioSession
 from bench._stats import paired_ratios
 from domain_core.limits import DEFAULT_LIMITS
-from domain_edge.kms_client import KeyClient
+from domain_edge.kms_client import AsyncKeyClient, KeyClient
 from domain_edge.transport import (
     ANY_HSA,
     TlsMaterial,
@@ -87,19 +91,21 @@ FIGURE_MODES: Final = {
     "sync-raw": "sync_raw",
     "asyncio": "async_raw",
     "asyncio-session": "async_session_raw",
+    "asyncio-keyclient": "async_keyclient",
 }
-# KeyClient's throughput over raw session streams' (issue 18: at least 0.9 at 16 callers).
-CLIENT_MODE: Final = "threads"
+# The clients' throughput over raw session streams' (issue 18: at least 0.9 at 16 callers).
+CLIENT_MODES: Final = {"threads": "KeyClient", "asyncio-keyclient": "AsyncKeyClient"}
 SESSION_RAW_MODE: Final = "asyncio-session"
 CLIENT_GOAL: Final = 0.9
 TARGETS: Final = tuple(
     Target(
-        f"keyclient_over_session_raw_{operation}_c16_ratio",
+        f"{FIGURE_MODES[mode]}_over_session_raw_{operation}_c16_ratio",
         ">=",
         CLIENT_GOAL,
-        f"KeyClient {operation} through 3 HSAs at 16 callers: at least 0.9 of raw session "
+        f"{client} {operation} through 3 HSAs at 16 callers: at least 0.9 of raw session "
         "streams' throughput (median of each round's ratio)",
     )
+    for mode, client in CLIENT_MODES.items()
     for operation in ("encrypt", "decrypt")
 )
 
@@ -272,6 +278,30 @@ async def _bench_async_session(
             await channel.close(None)
 
 
+async def _bench_async_keyclient(
+    domain: Endpoints, key_id: str, blob: bytes, concurrency: int, ops: int, seconds: float
+) -> list[Cell]:
+    payload = os.urandom(PAYLOAD_BYTES)
+    async with AsyncKeyClient(
+        domain.addresses,
+        ca_pem=domain.tls.ca_pem,
+        cert_pem=domain.tls.cert_pem,
+        key_pem=domain.tls.key_pem,
+    ) as client:
+        operations: dict[str, Callable[[], Awaitable[object]]] = {
+            "encrypt": lambda: client.encrypt(key_id, payload, CONTEXT),
+            "decrypt": lambda: client.decrypt(blob, CONTEXT),
+        }
+        return await measure_async("asyncio-keyclient", operations, concurrency, ops, seconds)
+
+
+def bench_asyncio_keyclient(
+    domain: Endpoints, key_id: str, blob: bytes, concurrency: int, ops: int, seconds: float
+) -> list[Cell]:
+    """Encrypt and Decrypt from coroutines through one shared AsyncKeyClient."""
+    return asyncio.run(_bench_async_keyclient(domain, key_id, blob, concurrency, ops, seconds))
+
+
 def bench_asyncio(
     domain: Endpoints, key_id: str, blob: bytes, concurrency: int, ops: int, seconds: float
 ) -> list[Cell]:
@@ -290,13 +320,14 @@ def bench_asyncio_session(
 
 MODES: dict[str, Callable[[Endpoints, str, bytes, int, int, float], list[Cell]]] = {
     "threads": bench_threads,
-    "asyncio-session": bench_asyncio_session,  # right after KeyClient: the ratio's pair
+    "asyncio-session": bench_asyncio_session,  # between the clients: the ratios' yardstick
+    "asyncio-keyclient": bench_asyncio_keyclient,
     "threads-unary": bench_threads_unary,
     "sync-raw": bench_sync_raw,
     "asyncio": bench_asyncio,
 }
-# Quick runs: only what `keyclient_over_session_raw_*` needs.
-QUICK_MODES: Final = (CLIENT_MODE, SESSION_RAW_MODE)
+# Quick runs: only what the `*_over_session_raw_*` ratios need.
+QUICK_MODES: Final = ("threads", SESSION_RAW_MODE, "asyncio-keyclient")
 
 
 def measure(
@@ -345,23 +376,23 @@ def figures_of(cells: Sequence[Cell]) -> dict[str, Figure]:
 
 
 def session_ratio_figures(cells: Sequence[Cell]) -> dict[str, Figure]:
-    """`keyclient_over_session_raw_<op>_c<N>_ratio`: KeyClient's throughput (`threads`) over
-    the raw session streams' (`asyncio-session`), the median of each round's ratio, with
-    `_low_ratio` / `_high_ratio` (the lowest and highest round); only where a round measured
-    both."""
+    """`<client>_over_session_raw_<op>_c<N>_ratio`: a client's throughput (`keyclient`:
+    KeyClient on threads, `async_keyclient`: AsyncKeyClient) over the raw session streams'
+    (`asyncio-session`), the median of each round's ratio, with `_low_ratio` / `_high_ratio`
+    (the lowest and highest round); only where a round measured both."""
     by_round = {(c.mode, c.operation, c.concurrency, c.round): c for c in cells}
-    rounds: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    rounds: dict[tuple[str, str, int], list[tuple[float, float]]] = {}
     for (mode, operation, concurrency, round_), cell in by_round.items():
         raw = by_round.get((SESSION_RAW_MODE, operation, concurrency, round_))
-        if mode == CLIENT_MODE and raw is not None:
+        if mode in CLIENT_MODES and raw is not None:
             pair = (cell.throughput, raw.throughput)
-            rounds.setdefault((operation, concurrency), []).append(pair)
+            rounds.setdefault((mode, operation, concurrency), []).append(pair)
     figures: dict[str, Figure] = {}
-    for (operation, concurrency), pairs in sorted(rounds.items()):
+    for (mode, operation, concurrency), pairs in sorted(rounds.items()):
         spread = paired_ratios(pairs)
         if spread is None:
             continue
-        name = f"keyclient_over_session_raw_{operation}_c{concurrency}"
+        name = f"{FIGURE_MODES[mode]}_over_session_raw_{operation}_c{concurrency}"
         figures[f"{name}_ratio"] = spread.median
         figures[f"{name}_low_ratio"] = spread.low
         figures[f"{name}_high_ratio"] = spread.high

@@ -53,13 +53,11 @@ The package's modules: `_client` (`KeyClient`), `_retry` (what may be sent again
 
 from __future__ import annotations
 
-from domain_edge.kms_client._client import (
-    DEFAULT_PAGE_SIZE,
-    DEFAULT_TIMEOUT,
-    KeyClient,
-    checked_context,
-)
+from domain_edge.kms_client._aio import AsyncKeyClient
+from domain_edge.kms_client._calls import DEFAULT_PAGE_SIZE
+from domain_edge.kms_client._client import KeyClient
 from domain_edge.kms_client._cluster import read_cluster
+from domain_edge.kms_client._core import DEFAULT_TIMEOUT, checked_context
 from domain_edge.kms_client._envelopes import decrypt_envelope, encrypt_envelope
 from domain_edge.kms_client._policies import (
     OPERATION_NAMES,
@@ -86,6 +84,7 @@ __all__ = [
     "IDEMPOTENT_METHODS",
     "KEYED_METHODS",
     "OPERATION_NAMES",
+    "AsyncKeyClient",
     "KeyClient",
     "KeyMetadata",
     "PolicyGrant",

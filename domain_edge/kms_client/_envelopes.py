@@ -16,7 +16,8 @@ from typing import cast, overload
 from domain_core import crypto, envelope
 from domain_core.errors import InvalidCiphertextError
 from domain_edge.envelope_files import decrypt_to_file
-from domain_edge.kms_client._client import KeyClient, checked_context
+from domain_edge.kms_client._client import KeyClient
+from domain_edge.kms_client._core import checked_context
 
 
 def _reader(source: envelope.ByteReader | bytes) -> envelope.ByteReader:

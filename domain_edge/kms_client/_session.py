@@ -29,7 +29,7 @@ import grpc
 from domain_edge.transport import NOTHING_APPLIED_KEY
 from domain_proto import services_pb2, services_pb2_grpc
 
-__all__ = ["SESSION_FIELDS", "KeySession", "SessionCallError"]
+__all__ = ["CODES", "SESSION_FIELDS", "KeySession", "SessionCallError"]
 
 # The unary method of each call a session carries, by its field in SessionRequest.
 SESSION_FIELDS: Final[dict[str, str]] = {
@@ -39,7 +39,8 @@ SESSION_FIELDS: Final[dict[str, str]] = {
     "GenerateDataKey": "generate_data_key",
     "GenerateDataKeyWithoutPlaintext": "generate_data_key_without_plaintext",
 }
-_CODES: Final = {code.value[0]: code for code in grpc.StatusCode}
+# gRPC status codes by number (a session's answer carries the number).
+CODES: Final = {code.value[0]: code for code in grpc.StatusCode}
 # Calls one message carries at most (each at most a few KiB: far below the message limit).
 _MAX_CALLS_PER_MESSAGE: Final = 64
 _END: Final = object()
@@ -181,7 +182,7 @@ class KeySession:
             raise waiting.error
         answer = waiting.answer
         if answer.code:
-            code = _CODES.get(answer.code, grpc.StatusCode.UNKNOWN)
+            code = CODES.get(answer.code, grpc.StatusCode.UNKNOWN)
             raise SessionCallError(code, answer.message, answer.nothing_applied)
         return getattr(answer, field)
 

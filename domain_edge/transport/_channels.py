@@ -207,14 +207,41 @@ def secure_channel(
     """A TLS channel to `target` (host:port, or several comma-separated: `channel_target`)
     that talks only to `server` (see the module docstring); with `cert_pem` and `key_pem` it
     authenticates as their holder (mutual TLS)."""
+    return grpc.secure_channel(
+        *_secure_channel_arguments(target, ca_pem, server, cert_pem, key_pem, limits)
+    )
+
+
+def secure_aio_channel(
+    target: str,
+    ca_pem: bytes,
+    server: ExpectedServer,
+    *,
+    cert_pem: bytes | None = None,
+    key_pem: bytes | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+) -> grpc.aio.Channel:
+    """`secure_channel` for asyncio: the same target, credentials and options on a
+    `grpc.aio` channel (which belongs to the event loop that uses it first)."""
+    return grpc.aio.secure_channel(
+        *_secure_channel_arguments(target, ca_pem, server, cert_pem, key_pem, limits)
+    )
+
+
+def _secure_channel_arguments(
+    target: str,
+    ca_pem: bytes,
+    server: ExpectedServer,
+    cert_pem: bytes | None,
+    key_pem: bytes | None,
+    limits: Limits,
+) -> tuple[str, grpc.ChannelCredentials, list[tuple[str, str | int]]]:
+    """The dialled target, the credentials and the options of a channel to `server`."""
     if (cert_pem is None) != (key_pem is None):
         raise ValueError("give both cert_pem and key_pem, or neither")
     dialled, extra = channel_target(target)
-    return grpc.secure_channel(
-        dialled,
-        channel_credentials(ca_pem, cert_pem, key_pem),
-        options=[*channel_options(ca_pem, server, limits), *extra],
-    )
+    options: list[tuple[str, str | int]] = [*channel_options(ca_pem, server, limits), *extra]
+    return dialled, channel_credentials(ca_pem, cert_pem, key_pem), options
 
 
 def mtls_channel(

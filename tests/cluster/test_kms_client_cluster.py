@@ -6,6 +6,7 @@ whatever the outcome.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import signal
@@ -27,7 +28,13 @@ from domain_core.errors import (
     PermissionDeniedError,
     UnavailableError,
 )
-from domain_edge.kms_client import KeyClient, decrypt_envelope, encrypt_envelope, read_cluster
+from domain_edge.kms_client import (
+    AsyncKeyClient,
+    KeyClient,
+    decrypt_envelope,
+    encrypt_envelope,
+    read_cluster,
+)
 
 pytestmark = pytest.mark.cluster
 
@@ -77,6 +84,68 @@ def test_a_ciphertext_made_on_one_hsa_decrypts_after_that_hsa_dies(
         assert {key.key_id, *(c.key_id for c in created)} <= ids
         with pytest.raises(NotFoundError):
             everywhere.describe_key("1b4e28ba-2fa1-41d2-883f-0016d3cca427")
+
+
+def test_the_asyncio_client_shares_sessions_fails_over_and_reopens_them(
+    local_cluster: Callable[..., LocalCluster],
+) -> None:
+    """AsyncKeyClient (issue 18): many tasks' calls travel over one session per HSA, a bad
+    call fails alone, an HSA's death fails its calls over to the other, and once it is back
+    a client of it alone reopens its session and is served again."""
+    cluster = local_cluster(nodes=2)
+    addresses = cluster.node_addresses()
+    tls = cluster.client_tls()
+    context = {"app": "asyncio"}
+
+    async def scenario() -> None:
+        async with (
+            AsyncKeyClient.from_cluster(cluster.directory, timeout=5) as everywhere,
+            AsyncKeyClient(
+                [addresses["hsa-1"]],
+                ca_pem=tls.ca_pem,
+                cert_pem=tls.cert_pem,
+                key_pem=tls.key_pem,
+                timeout=2,
+                attempts=2,
+            ) as on_first,
+        ):
+            key_id = (await everywhere.create_key(description="asyncio")).key_id
+            texts = [f"task {n}".encode() for n in range(200)]
+            blobs = await asyncio.gather(*(everywhere.encrypt(key_id, t, context) for t in texts))
+            bad, *good = await asyncio.gather(
+                everywhere.decrypt(blobs[0], {"app": "other"}),
+                *(everywhere.decrypt(b, context) for b in blobs),
+                return_exceptions=True,
+            )
+            assert isinstance(bad, InvalidCiphertextError)
+            assert good == texts
+            # Both endpoints served the calls, each over its one open session.
+            for endpoint in everywhere._endpoints:
+                assert endpoint.unary_until == 0
+                assert endpoint.session._stream is not None
+                assert endpoint.session._stream.ended is None
+            assert await on_first.decrypt(blobs[1], context) == texts[1]
+
+            await asyncio.to_thread(cluster.kill_node, "hsa-1")
+            again = await asyncio.gather(*(everywhere.decrypt(b, context) for b in blobs[:50]))
+            assert again == texts[:50]
+            with pytest.raises((UnavailableError, NotAppliedError)):
+                await on_first.decrypt(blobs[2], context)
+
+            await asyncio.to_thread(cluster.start_node, "hsa-1")
+            deadline = time.monotonic() + 30
+            while True:  # the endpoint cools down (at most 5 s), then its session reopens
+                try:
+                    assert await on_first.decrypt(blobs[3], context) == texts[3]
+                    break
+                except (UnavailableError, NotAppliedError):
+                    assert time.monotonic() < deadline, "hsa-1 never served the client again"
+                    await asyncio.sleep(0.2)
+            stream = on_first._endpoints[0].session._stream
+            assert stream is not None
+            assert stream.ended is None
+
+    asyncio.run(scenario())
 
 
 def test_policies_decide_who_may_do_what(local_cluster: Callable[..., LocalCluster]) -> None:

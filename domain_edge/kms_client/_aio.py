@@ -1,0 +1,265 @@
+"""The key service client for asyncio (`AsyncKeyClient`): `KeyClient`'s methods as
+coroutines, over `grpc.aio` channels and one key-service session per endpoint.
+
+An asyncio application gets here what the servers give: no thread per waiting call, and the
+calls of every task batched into each endpoint's session. The rules are `KeyClient`'s, from
+the same code: the calls and their checks (`_calls`), the endpoint choice, cool-downs and
+error shaping (`_core`), and what may be sent again (`_retry`); only the waiting is awaited.
+
+Invariants: see the package docstring; in addition, a client belongs to the event loop it is
+first used in (as its `grpc.aio` channels do), and `close` (or `async with`) ends its sessions
+and channels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+
+from domain_core.limits import DEFAULT_LIMITS, Limits
+from domain_edge.kms_client import _calls as calls
+from domain_edge.kms_client._aio_session import AsyncKeySession
+from domain_edge.kms_client._calls import DEFAULT_PAGE_SIZE, Call
+from domain_edge.kms_client._cluster import read_cluster
+from domain_edge.kms_client._core import (
+    DEFAULT_TIMEOUT,
+    ClientCore,
+    ClientSettings,
+    Endpoint,
+)
+from domain_edge.kms_client._policies import KeyMetadata
+from domain_edge.kms_client._retry import DEFAULT_ATTEMPTS
+from domain_edge.kms_client._session import SESSION_FIELDS, SessionCallError
+from domain_edge.transport import ANY_HSA, secure_aio_channel
+from domain_proto import keys_pb2, services_pb2_grpc
+
+T = TypeVar("T")
+
+
+class AsyncKeyClient(ClientCore):
+    """`KeyClient` for asyncio: the same methods, awaited, with the same retry and fail-over
+    rules. Use it as an async context manager or await `close`."""
+
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        *,
+        ca_pem: bytes,
+        cert_pem: bytes,
+        key_pem: bytes,
+        timeout: float = DEFAULT_TIMEOUT,
+        limits: Limits = DEFAULT_LIMITS,
+        attempts: int = DEFAULT_ATTEMPTS,
+        total_timeout: float | None = None,
+        sessions: bool = True,
+    ) -> None:
+        """The arguments are `KeyClient`'s. Channels connect lazily, in the event loop of the
+        first call."""
+        settings = ClientSettings.of(endpoints, ca_pem, timeout, limits, attempts, total_timeout)
+        made: list[Endpoint] = []
+        for address in settings.addresses:
+            channel = secure_aio_channel(
+                address, ca_pem, ANY_HSA, cert_pem=cert_pem, key_pem=key_pem, limits=limits
+            )
+            stub = services_pb2_grpc.KeyServiceStub(channel)  # type: ignore[no-untyped-call]
+            session = AsyncKeySession(channel) if sessions else None
+            made.append(Endpoint(address, channel, stub, session))
+        super().__init__(settings, made)
+
+    @classmethod
+    def from_cluster(cls, directory: str | os.PathLike[str], **kwargs: Any) -> AsyncKeyClient:
+        """A client of a local domain as its demo application (`KeyClient.from_cluster`)."""
+        endpoints, tls = read_cluster(directory)
+        return cls(
+            endpoints, ca_pem=tls.ca_pem, cert_pem=tls.cert_pem, key_pem=tls.key_pem, **kwargs
+        )
+
+    async def __aenter__(self) -> AsyncKeyClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """End every session and close every channel (calls in flight fail)."""
+        if self._closed:
+            return
+        self._closed = True
+        for endpoint in self._endpoints:
+            if endpoint.session is not None:
+                await endpoint.session.close()
+            await endpoint.channel.close(None)
+
+    # --- calling -----------------------------------------------------------------------------
+
+    async def _run(self, call: Call[T]) -> T:
+        return call.shape(await self._invoke(call.method, call.request))
+
+    async def _invoke(self, method: str, request: Any) -> Any:
+        """One logical call: attempts on the endpoints under the retry rules (`KeyClient`'s:
+        at most `attempts`, within `total_timeout`, backing off once every endpoint failed)."""
+        self._check_open()
+        tried: list[Endpoint] = []
+        definite: list[bool] = []  # whether each failed attempt surely changed nothing
+        deadline = time.monotonic() + self._total_timeout
+        while True:
+            endpoint = self._pick(tried)
+            tried.append(endpoint)
+            try:
+                response = await self._send(
+                    endpoint, method, request, self._attempt_timeout(deadline)
+                )
+            except grpc.RpcError as error:
+                failover = self._failed(method, error, endpoint, definite)
+            except ValueError:
+                self._check_open()  # closed meanwhile
+                raise
+            else:
+                self._mark_up(endpoint)
+                return response
+            left = deadline - time.monotonic()
+            if len(tried) >= self._attempts or left <= 0:
+                raise self._unavailable(method, failover, tried, definite)
+            await asyncio.sleep(min(self._backoff(tried), left))
+
+    async def _send(self, endpoint: Endpoint, method: str, request: Any, timeout: float) -> Any:
+        """One attempt on `endpoint`: over its session when the call travels in one and the
+        HSA takes sessions, else unary."""
+        if method in SESSION_FIELDS and endpoint.session_usable():
+            try:
+                return await endpoint.session.call(method, request, timeout)
+            except SessionCallError:
+                raise  # the call's own answer, or its session ended: as a unary call's
+            except grpc.RpcError as error:  # the stream was refused
+                if not endpoint.refused_session(error):
+                    raise
+        return await getattr(endpoint.stub, method)(request, timeout=timeout)
+
+    # --- keys (see KeyClient for what each does) ---------------------------------------------
+
+    async def create_key(
+        self,
+        description: str = "",
+        policy: keys_pb2.KeyPolicy | Mapping[str, Any] | None = None,
+        enable_rotation: bool = False,
+        rotation_period_days: int = 0,
+        *,
+        idempotency_key: str | None = None,
+    ) -> KeyMetadata:
+        """Create a customer key, always with an idempotency key (`KeyClient.create_key`)."""
+        return await self._run(
+            calls.create_key(
+                description, policy, enable_rotation, rotation_period_days, idempotency_key
+            )
+        )
+
+    async def describe_key(self, key_id: str) -> KeyMetadata:
+        """A key's metadata."""
+        return await self._run(calls.describe_key(key_id))
+
+    async def list_key_pages(
+        self, page_size: int = DEFAULT_PAGE_SIZE
+    ) -> AsyncIterator[list[KeyMetadata]]:
+        """The keys, one page (at most `page_size`) at a time; pages are fetched lazily."""
+        token = ""
+        while True:
+            page, token = await self._run(calls.list_keys_page(page_size, token))
+            yield page
+            if not token:
+                return
+
+    async def list_keys(self, page_size: int = DEFAULT_PAGE_SIZE) -> AsyncIterator[KeyMetadata]:
+        """Every key the caller may see, following the pages lazily."""
+        async for page in self.list_key_pages(page_size):
+            for key in page:
+                yield key
+
+    async def rotate_key(self, key_id: str) -> KeyMetadata:
+        """Add a backing key version. Not retried once sent."""
+        return await self._run(calls.rotate_key(key_id))
+
+    async def put_key_policy(
+        self, key_id: str, policy: keys_pb2.KeyPolicy | Mapping[str, Any]
+    ) -> KeyMetadata:
+        """Replace a key's policy (which must keep an admin). Not retried once sent."""
+        return await self._run(calls.put_key_policy(key_id, policy))
+
+    async def enable_key(self, key_id: str) -> KeyMetadata:
+        """Enable a key. Not retried once sent."""
+        return await self._run(calls.enable_key(key_id))
+
+    async def disable_key(self, key_id: str) -> KeyMetadata:
+        """Disable a key. Not retried once sent."""
+        return await self._run(calls.disable_key(key_id))
+
+    async def schedule_key_deletion(self, key_id: str, days: int = 30) -> KeyMetadata:
+        """Schedule a key's deletion after `days` (7 to 30). Not retried once sent."""
+        return await self._run(calls.schedule_key_deletion(key_id, days))
+
+    async def cancel_key_deletion(self, key_id: str) -> KeyMetadata:
+        """Cancel a scheduled deletion (the key comes back disabled). Not retried once sent."""
+        return await self._run(calls.cancel_key_deletion(key_id))
+
+    # --- cryptographic operations (see KeyClient) --------------------------------------------
+
+    async def encrypt(
+        self, key_id: str, plaintext: bytes, context: Mapping[str, str] | None = None
+    ) -> bytes:
+        """Encrypt at most `limits.max_plaintext_bytes` under a key; returns the blob."""
+        return await self._run(calls.encrypt(self._limits, key_id, plaintext, context))
+
+    async def decrypt(
+        self,
+        blob: bytes,
+        context: Mapping[str, str] | None = None,
+        key_id: str | None = None,
+    ) -> bytes:
+        """The plaintext of a blob; any failure about the blob is "invalid ciphertext"."""
+        return await self._run(calls.decrypt(self._limits, blob, context, key_id))
+
+    async def re_encrypt(
+        self,
+        blob: bytes,
+        destination_key_id: str,
+        source_context: Mapping[str, str] | None = None,
+        destination_context: Mapping[str, str] | None = None,
+    ) -> bytes:
+        """A blob's plaintext encrypted under another key or context, inside an HSA."""
+        return await self._run(
+            calls.re_encrypt(
+                self._limits, blob, destination_key_id, source_context, destination_context
+            )
+        )
+
+    async def generate_data_key(
+        self, key_id: str, context: Mapping[str, str] | None = None, number_of_bytes: int = 32
+    ) -> tuple[bytes, bytes]:
+        """A fresh data key: (plaintext key, its blob under `key_id`)."""
+        return await self._run(
+            calls.generate_data_key(self._limits, key_id, context, number_of_bytes)
+        )
+
+    async def generate_data_key_without_plaintext(
+        self, key_id: str, context: Mapping[str, str] | None = None, number_of_bytes: int = 32
+    ) -> bytes:
+        """Only the blob of a fresh data key."""
+        return await self._run(
+            calls.generate_data_key_without_plaintext(
+                self._limits, key_id, context, number_of_bytes
+            )
+        )
+
+    async def generate_random(self, number_of_bytes: int) -> bytes:
+        """`number_of_bytes` (1 to 1024) random bytes from an HSA's CSPRNG."""
+        return await self._run(calls.generate_random(number_of_bytes))
