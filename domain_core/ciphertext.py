@@ -361,6 +361,16 @@ def _max_blob_bytes(limits: Limits) -> int:
     )
 
 
+def peek_key_id(blob: bytes) -> str:
+    """The key id a blob's header names, read without checking anything ("" when the blob is
+    too short to name one). A hint for scheduling only (which key a call will need): the
+    call itself parses the header (`parse_header`) and refuses what does not hold."""
+    if len(blob) <= _FIXED_START:
+        return ""
+    end = _FIXED_START + blob[len(MAGIC) + 1]
+    return blob[_FIXED_START:end].decode("ascii", "replace") if end <= len(blob) else ""
+
+
 def parse_header(blob: bytes, limits: Limits = DEFAULT_LIMITS) -> CiphertextHeader:
     """Read a blob's header without opening it; InvalidCiphertextError if it is malformed.
 

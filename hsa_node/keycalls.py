@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 
@@ -31,7 +31,7 @@ from domain_core.errors import HsmDomainError, PermissionDeniedError, Unavailabl
 from domain_edge import transport
 from hsa_node.node import DomainNode
 
-__all__ = ["AuditSink", "CallFrame", "KeyCall", "PeerGate"]
+__all__ = ["AuditSink", "CallFrame", "KeyCall", "PeerGate", "StreamCaller"]
 
 # The key service's lines keep the logger name they have always had.
 log = logging.getLogger("hsa_node.keyservice")
@@ -75,6 +75,21 @@ class KeyCall:
     detail: str = ""
 
 
+class StreamCaller:
+    """The context of the calls a key-service session carries: the stream's gRPC context
+    (every attribute is the context's), with its caller's principal as checked once when the
+    stream opened. One stream is one TLS connection's, whose client certificate cannot change
+    for its life, so the check holds for every call on it; the frame takes it from here
+    instead of reading the certificate again per call."""
+
+    def __init__(self, context: grpc.ServicerContext, principal: str) -> None:
+        self._context = context
+        self.principal = principal
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+
 class CallFrame:
     """Authenticates, gates and audits each KeyService call (see the module invariants)."""
 
@@ -88,8 +103,11 @@ class CallFrame:
         self._audit = audit
         self._peers = peers
 
-    def principal(self, context: grpc.ServicerContext) -> str:
-        """The caller's SPIFFE URI, if it is a client of this domain."""
+    def principal(self, context: grpc.ServicerContext | StreamCaller) -> str:
+        """The caller's SPIFFE URI, if it is a client of this domain (for a session's call,
+        as the session checked it when its stream opened: `StreamCaller`)."""
+        if isinstance(context, StreamCaller):
+            return context.principal
         spiffe = transport.require_caller_spiffe(context, "client")
         if spiffe.domain != self._domain_id:
             raise PermissionDeniedError(

@@ -53,6 +53,7 @@ from domain_edge import transport
 from domain_edge.metrics import PROCESS
 from domain_edge.status import grpc_status_for
 from domain_proto import services_pb2
+from hsa_node.keycalls import StreamCaller
 
 __all__ = [
     "SESSION_CALLS",
@@ -164,8 +165,12 @@ class KeySessions:
         `send_response_callback`)."""
         if send_response_callback is None:
             raise RuntimeError("gRPC did not serve a session as a non-blocking stream")
-        self._principal(context)  # a caller that may not call the key service gets no stream
-        serve_stream(requests, context, send_response_callback, self._rules)
+        # A caller that may not call the key service gets no stream; the stream's calls are
+        # the checked caller's (`StreamCaller`: one TLS connection, one identity).
+        caller = StreamCaller(context, self._principal(context))
+        serve_stream(
+            requests, cast(grpc.ServicerContext, caller), send_response_callback, self._rules
+        )
 
     # --- one call ------------------------------------------------------------------------
 
@@ -232,18 +237,16 @@ class KeySessions:
 
     def _inline(self, field: str, call: Any) -> bool:
         """Whether every key `call` uses is fresh in the cache, so that it runs without waiting
-        on anything (a blob that does not parse fails at once, inline too)."""
-        try:
-            if field == "decrypt":
-                keys = [ciphertext.parse_header(call.ciphertext_blob, self._limits).key_id]
-            elif field == "re_encrypt":
-                source = ciphertext.parse_header(call.ciphertext_blob, self._limits).key_id
-                keys = [source, call.destination_key_id]
-            else:
-                keys = [call.key_id]
-        except HsmDomainError:
-            return True
-        return all(self._fresh(key) for key in keys)
+        on anything. The blob's key id is only peeked at (the call parses its header once,
+        and refuses a bad one): a blob naming no fresh key goes to a worker, which fails it as
+        fast."""
+        fresh = self._fresh
+        if field == "decrypt":
+            return fresh(ciphertext.peek_key_id(call.ciphertext_blob))
+        if field == "re_encrypt":
+            source = ciphertext.peek_key_id(call.ciphertext_blob)
+            return fresh(source) and fresh(call.destination_key_id)
+        return fresh(call.key_id)
 
 
 @dataclass(frozen=True)

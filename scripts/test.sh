@@ -86,13 +86,23 @@ step "mypy" "$py" -m mypy
 step "import rules (lint-imports, contracts in pyproject.toml)" \
   "$HSM_VENV/bin/lint-imports" --no-cache --no-logo
 
-banner "pytest"
+# Tests run in HSM_TEST_WORKERS processes (pytest-xdist; default 2, the cores CI has; 0 runs
+# them in this process). Most of a cluster test's time is spent waiting on the processes it
+# started, so two workers halve the run. A module's tests stay on one worker (loadscope):
+# module fixtures are made once. Every test starts its processes on ports the OS chooses and
+# in directories of its own, so workers never share anything.
+workers=${HSM_TEST_WORKERS:-2}
+banner "pytest ($workers worker processes; HSM_TEST_WORKERS=0 for none)"
 coverage=(--cov --cov-report=term)
 if [ $# -gt 0 ]; then
   coverage+=(--cov-fail-under=0) # a part of the suite covers less: report, do not enforce
 fi
+parallel=()
+if [ "$workers" != 0 ]; then
+  parallel=(-n "$workers" --dist loadscope)
+fi
 rc=0
-"$py" -m pytest -p no:cacheprovider "${coverage[@]}" "$@" || rc=$?
+"$py" -m pytest -p no:cacheprovider "${coverage[@]}" "${parallel[@]}" "$@" || rc=$?
 if [ "$rc" -eq 5 ]; then
   printf '\nFAILED: pytest collected no tests (exit 5)\n' >&2
   exit 5

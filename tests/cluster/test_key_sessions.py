@@ -85,10 +85,14 @@ def _channel(cluster: LocalCluster, tls: TlsMaterial | None = None) -> grpc.Chan
     )
 
 
-def _audit_operations(cluster: LocalCluster) -> list[tuple[str, str]]:
+def _audit_records(cluster: LocalCluster) -> list[dict[str, Any]]:
     log = cluster.layout.node_dir(HOST) / "data" / "audit.log"
     records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-    return [(r["operation"], r["result"]) for r in records if "operation" in r]
+    return [r for r in records if "operation" in r]
+
+
+def _audit_operations(cluster: LocalCluster) -> list[tuple[str, str]]:
+    return [(r["operation"], r["result"]) for r in _audit_records(cluster)]
 
 
 def test_a_session_serves_every_data_plane_call_as_its_unary_call_would(
@@ -135,6 +139,9 @@ def test_a_session_serves_every_data_plane_call_as_its_unary_call_would(
         session.close()
         channel.close()
     assert session.error is None
+    # Every call is audited as the stream's caller (checked once, when the stream opened).
+    principals = {r["principal"] for r in _audit_records(cluster)[len(before) :]}
+    assert principals == {f"spiffe://{cluster.domain_id}/client/demo-app"}, principals
     added = _audit_operations(cluster)[len(before) :]
     assert sorted(added) == sorted(
         [("Encrypt", "ok")] * 40 + [("Decrypt", "ok")] * 41  # (one of them the unary one)

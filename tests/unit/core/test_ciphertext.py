@@ -469,3 +469,18 @@ def test_wycheproof_aes_256_gcm(case: dict[str, Any]) -> None:
         with pytest.raises(InvalidCiphertextError) as info:
             crypto.aes_gcm_open(key, sealed, aad, iv, error=InvalidCiphertextError)
         _assert_no_detail(info.value)
+
+
+@given(st.binary(max_size=200), st.integers(min_value=0, max_value=4096))
+def test_peek_key_id_never_raises_and_agrees_with_the_parser(noise: bytes, size: int) -> None:
+    """`peek_key_id` (a scheduling hint) reads any bytes without raising, and names the key
+    `parse_header` finds in every blob that parses."""
+    key_id = str(uuid.uuid4())
+    blob = encrypt(bytes(32), key_id, 3, bytes(size % 64), {"a": "b"})
+    assert ciphertext.peek_key_id(blob) == parse_header(blob).key_id == key_id
+    for candidate in (
+        noise,
+        blob[: len(noise) % len(blob)],
+        ciphertext.MAGIC + b"\x01\xff" + noise,
+    ):
+        assert isinstance(ciphertext.peek_key_id(candidate), str)
