@@ -15,6 +15,8 @@ import contextlib
 import fcntl
 import json
 import os
+import signal
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,6 +107,36 @@ def is_alive(pid: int) -> bool:
     with contextlib.suppress(OSError):
         # The state is the field after the parenthesised command name.
         return stat.read_text().rpartition(")")[2].split()[0] != "Z"
+    return True
+
+
+def stop_and_wait(pid: int, *, group: bool = False, timeout: float = 5.0) -> None:
+    """SIGSTOP a process (its whole group with `group`) and return once every thread of it is
+    stopped, or after `timeout`: the signal takes effect asynchronously, and a thread that is
+    still running may answer one more request meanwhile (a pause must be silent at once)."""
+    if group:
+        os.killpg(pid, signal.SIGSTOP)
+    else:
+        os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not _all_threads_stopped(pid):
+        time.sleep(0.005)
+
+
+def _all_threads_stopped(pid: int) -> bool:
+    """Whether every thread of `pid` is stopped (or the process is gone)."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return True
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/stat", "rb") as stat:
+                state = stat.read().rsplit(b")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue  # the thread ended
+        if state not in (b"T", b"t", b"Z", b"X"):
+            return False
     return True
 
 

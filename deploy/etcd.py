@@ -38,7 +38,7 @@ from typing import Final
 
 from deploy._etcd_members import LOOPBACK, EtcdCluster, EtcdMember
 from deploy._files import make_private_dir
-from deploy._runfiles import is_alive, log_tail, read_pid_file
+from deploy._runfiles import is_alive, log_tail, read_pid_file, stop_and_wait
 from deploy.cluster import ProcessStartError, stop_process
 
 __all__ = [
@@ -85,7 +85,7 @@ class EtcdProcess:
     def pause(self) -> None:
         """SIGSTOP: alive but silent (its peers and clients see timeouts, not a refusal)."""
         if self.is_running():
-            os.kill(self.process.pid, signal.SIGSTOP)
+            stop_and_wait(self.process.pid)
 
     def resume(self) -> None:
         """SIGCONT after `pause`."""

@@ -50,6 +50,7 @@ import grpc
 
 from deploy import _domain_etcd
 from deploy import cluster as runner
+from deploy._runfiles import stop_and_wait
 from deploy.enrollment import VerifiedEnrollment, read_enrollment
 from deploy.etcd import EtcdProcess
 from deploy.init import (
@@ -320,7 +321,7 @@ class LocalDomain:
 
     def pause(self, name: str) -> None:
         """SIGSTOP process `name`'s group: alive but silent, as a hung or descheduled host."""
-        os.killpg(self.pid(name), signal.SIGSTOP)
+        stop_and_wait(self.pid(name), group=True)
         self._paused.add(name)
 
     def resume(self, name: str) -> None:
