@@ -98,6 +98,15 @@ class _AioStream:
                 await task
 
 
+def _expire(future: asyncio.Future[Any], method: str, timeout: float) -> None:
+    if not future.done():
+        future.set_exception(
+            SessionCallError(
+                grpc.StatusCode.DEADLINE_EXCEEDED, f"{method} got no answer within {timeout:g} s"
+            )
+        )
+
+
 class AsyncKeySession:
     """The session of one endpoint: `await call("Encrypt", request, timeout)` returns the
     EncryptResponse or raises the RpcError the unary Encrypt would have raised."""
@@ -121,7 +130,8 @@ class AsyncKeySession:
         field = SESSION_FIELDS[method]
         stream = self._open()
         number = next(self._ids)
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
         stream.waiting[number] = future
         stream.pending.append(
             services_pb2.SessionRequest(
@@ -129,14 +139,13 @@ class AsyncKeySession:
             )
         )
         stream.ready.set()
+        # The call's own deadline: one timer that fails the future (cheaper per call than an
+        # `asyncio.timeout` scope, which this path would pay on every call).
+        expiry = loop.call_later(timeout, _expire, future, method, timeout)
         try:
-            async with asyncio.timeout(timeout):
-                answer = await future
-        except TimeoutError:
-            raise SessionCallError(
-                grpc.StatusCode.DEADLINE_EXCEEDED, f"{method} got no answer within {timeout:g} s"
-            ) from None
+            answer = await future
         finally:
+            expiry.cancel()
             stream.waiting.pop(number, None)  # answered, timed out or cancelled: not waiting
         if answer.code:
             code = CODES.get(answer.code, grpc.StatusCode.UNKNOWN)

@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import grpc
 
@@ -96,14 +96,39 @@ class Failover(Exception):
         self.endpoint = endpoint
 
 
+# Encryption contexts that passed the check lately, by their entries and the limits they
+# passed (by identity: the entry holds the limits, so no other object takes their id while it
+# lives): an application sends the same few contexts again and again, and the check (a
+# canonical encoding) costs more per call than looking one up. Bounded; cleared when full.
+_CHECKED_CONTEXTS: dict[tuple[frozenset[tuple[str, str]], int], Limits] = {}
+_MAX_CHECKED_CONTEXTS: Final = 1024
+
+
 def checked_context(
     context: Mapping[str, str] | None, limits: Limits = DEFAULT_LIMITS
 ) -> dict[str, str]:
     """A copy of an encryption context, checked as the service will (non-empty UTF-8 keys
     and values, within limits), so that bad input fails before any call is made."""
     checked = dict(context or {})
-    encode_context(checked, limits)
+    if not checked:
+        return checked
+    seen = _context_key(checked, limits)
+    if seen is None or _CHECKED_CONTEXTS.get(seen) is not limits:
+        encode_context(checked, limits)  # (an unhashable value: the check says what is wrong)
+        if seen is not None:
+            if len(_CHECKED_CONTEXTS) >= _MAX_CHECKED_CONTEXTS:
+                _CHECKED_CONTEXTS.clear()
+            _CHECKED_CONTEXTS[seen] = limits
     return checked
+
+
+def _context_key(
+    context: Mapping[str, object], limits: Limits
+) -> tuple[frozenset[tuple[str, str]], int] | None:
+    try:
+        return frozenset(cast(Mapping[str, str], context).items()), id(limits)
+    except TypeError:
+        return None
 
 
 @dataclass(frozen=True)

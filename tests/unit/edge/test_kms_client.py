@@ -38,6 +38,7 @@ from domain_core.errors import (
     StaleProposalError,
     UnavailableError,
 )
+from domain_core.limits import Limits
 from domain_edge.client import error_from_rpc
 from domain_edge.kms_client import (
     ADMIN_METHODS,
@@ -45,6 +46,7 @@ from domain_edge.kms_client import (
     KEYED_METHODS,
     KeyClient,
     backoff_delay,
+    checked_context,
     decrypt_envelope,
     encrypt_envelope,
     never_sent,
@@ -858,3 +860,19 @@ def test_cli_envelope_and_json(
     assert kms_cli.main([*refused, "--out", str(tmp_path / "never.hsme")]) == 1
     assert "does not exist [NOT_FOUND]" in capsysbinary.readouterr().err.decode()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.bin", "in.hsme", "pem"]
+
+
+@unit
+def test_a_context_checked_once_is_still_refused_when_it_changes() -> None:
+    """`checked_context` remembers contexts that passed (the check per call costs more than
+    the lookup); a context is only ever remembered whole, with the limits it passed."""
+    good = {"tenant": "a", "purpose": "checked-context-test"}
+    assert checked_context(good) == good
+    assert checked_context(dict(good)) == good  # remembered: the same answer
+    with pytest.raises(InvalidInputError):
+        checked_context({**good, "": "empty key"})
+    tight = Limits(max_encryption_context_entries=1)
+    with pytest.raises(LimitExceededError):
+        checked_context(good, tight)  # passed under the defaults, not under these
+    with pytest.raises(TypeError):
+        checked_context({"k": 5})  # type: ignore[dict-item]

@@ -48,6 +48,9 @@ NOT_INPUT_LIMITS: dict[str, dict[str, str]] = {
         "MAX_CONCURRENT_RPCS": "the sizing of the coordinator's server, set where it is built"
     },
     "domain_edge/kms_client/_retry.py": {"_MAX_DOUBLINGS": "back-off tuning of client retries"},
+    "domain_edge/kms_client/_core.py": {
+        "_MAX_CHECKED_CONTEXTS": "a client's memory of contexts it checked, not an input"
+    },
     "domain_edge/metrics.py": {
         "_MAX_METHODS": "label sets a process keeps: its servers' own methods, not an input"
     },
