@@ -52,6 +52,7 @@ BENCHMARK_MODULES: list[str] = [
     "bench.startup",
     "bench.memory",
     "bench.audit_append",
+    "bench.quotas",
     "bench.rewrap",
     "bench.idle_streams",
     "bench.proposals",

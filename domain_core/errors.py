@@ -265,6 +265,17 @@ class ResourceExhaustedError(HsmDomainError):
     status = Status.RESOURCE_EXHAUSTED
 
 
+class ThrottledError(ResourceExhaustedError):
+    """A caller over its request-rate quota: nothing was done; send the call again after
+    `retry_after` seconds (a client honours it with back-off)."""
+
+    nothing_applied = True
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = max(0.0, float(retry_after))
+
+
 class UnavailableError(HsmDomainError):
     """A service this call needs cannot be reached now; retry later or use another node."""
 

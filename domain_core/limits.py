@@ -91,6 +91,20 @@ class Limits:
     # Keys one principal may have created (counted by the coordinator at create, deleted keys
     # not counted): AWS KMS allows 100,000 per account and region.
     max_keys_per_principal: int = 100_000
+    # Request-rate quotas of the key service per principal and class of operation, for the
+    # whole domain (token buckets: a rate per second, and the burst a bucket holds). Each HSA
+    # process enforces its share, the domain's rate divided among the key-service processes
+    # of the domain (hsa_node.quotas, docs/runtime.md "Request quotas"). Modelled on AWS KMS:
+    # cryptographic operations (symmetric) 10,000/s (5,500-50,000 by region), DescribeKey
+    # 2,000/s, ListKeys 100/s, key administration (EnableKey, DisableKey, ...) 5-15/s.
+    crypto_requests_per_second: float = 10_000.0
+    crypto_request_burst: int = 10_000
+    read_requests_per_second: float = 2_000.0
+    read_request_burst: int = 2_000
+    list_requests_per_second: float = 100.0
+    list_request_burst: int = 100
+    admin_requests_per_second: float = 15.0
+    admin_request_burst: int = 60
     # Calls of one key-service session (`KeyService.Session`) running or waiting at once;
     # beyond it the HSA stops reading the stream (HTTP/2 flow control holds the client).
     max_session_calls_in_flight: int = 64
@@ -250,6 +264,9 @@ MAX_GENESIS_MARKER_FILE_BYTES: Final = 200
 MAX_PEER_HEADS_FILE_BYTES: Final = 4 * 1024 * 1024
 # The longest deadline one call of a key-service session may ask for (`timeout_ms`).
 MAX_SESSION_CALL_TIMEOUT_MS: Final = 300_000
+# The longest retry delay a client believes of a server that refused a call for its caller's
+# request rate (`retry-after`; the client still bounds its wait by its own deadline).
+MAX_RETRY_AFTER_MS: Final = 60_000
 # A JSON file an operator passes to hsm-operator (cluster file, coordinator pin).
 MAX_OPERATOR_JSON_FILE_BYTES: Final = 1 << 20
 # domain.json of a domain directory (pins, operators, a domain across hosts' addresses).

@@ -239,11 +239,12 @@ class SessionRequest(_message.Message):
     def __init__(self, request_id: _Optional[int] = ..., timeout_ms: _Optional[int] = ..., encrypt: _Optional[_Union[EncryptRequest, _Mapping]] = ..., decrypt: _Optional[_Union[DecryptRequest, _Mapping]] = ..., re_encrypt: _Optional[_Union[ReEncryptRequest, _Mapping]] = ..., generate_data_key: _Optional[_Union[GenerateDataKeyRequest, _Mapping]] = ..., generate_data_key_without_plaintext: _Optional[_Union[GenerateDataKeyRequest, _Mapping]] = ...) -> None: ...
 
 class SessionResponse(_message.Message):
-    __slots__ = ("request_id", "code", "message", "nothing_applied", "encrypt", "decrypt", "re_encrypt", "generate_data_key", "generate_data_key_without_plaintext")
+    __slots__ = ("request_id", "code", "message", "nothing_applied", "retry_after_ms", "encrypt", "decrypt", "re_encrypt", "generate_data_key", "generate_data_key_without_plaintext")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     NOTHING_APPLIED_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
     ENCRYPT_FIELD_NUMBER: _ClassVar[int]
     DECRYPT_FIELD_NUMBER: _ClassVar[int]
     RE_ENCRYPT_FIELD_NUMBER: _ClassVar[int]
@@ -253,12 +254,13 @@ class SessionResponse(_message.Message):
     code: int
     message: str
     nothing_applied: bool
+    retry_after_ms: int
     encrypt: EncryptResponse
     decrypt: DecryptResponse
     re_encrypt: ReEncryptResponse
     generate_data_key: GenerateDataKeyResponse
     generate_data_key_without_plaintext: GenerateDataKeyResponse
-    def __init__(self, request_id: _Optional[int] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., nothing_applied: _Optional[bool] = ..., encrypt: _Optional[_Union[EncryptResponse, _Mapping]] = ..., decrypt: _Optional[_Union[DecryptResponse, _Mapping]] = ..., re_encrypt: _Optional[_Union[ReEncryptResponse, _Mapping]] = ..., generate_data_key: _Optional[_Union[GenerateDataKeyResponse, _Mapping]] = ..., generate_data_key_without_plaintext: _Optional[_Union[GenerateDataKeyResponse, _Mapping]] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[int] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., nothing_applied: _Optional[bool] = ..., retry_after_ms: _Optional[int] = ..., encrypt: _Optional[_Union[EncryptResponse, _Mapping]] = ..., decrypt: _Optional[_Union[DecryptResponse, _Mapping]] = ..., re_encrypt: _Optional[_Union[ReEncryptResponse, _Mapping]] = ..., generate_data_key: _Optional[_Union[GenerateDataKeyResponse, _Mapping]] = ..., generate_data_key_without_plaintext: _Optional[_Union[GenerateDataKeyResponse, _Mapping]] = ...) -> None: ...
 
 class SessionRequests(_message.Message):
     __slots__ = ("calls",)

@@ -7,7 +7,8 @@ caller's SPIFFE URI from its client certificate, refuses while this HSA does not
 
 Invariants:
 - every call is from a `client` identity of this domain, else PERMISSION_DENIED, checked
-  before anything else;
+  before anything else; then it takes a token of its caller's quota for its class
+  (`hsa_node.quotas`), else RESOURCE_EXHAUSTED with a retry delay, nothing done;
 - no key call is served while the node is not serving, or before the HSA took the key
   metadata floors of a peer (`PeerGate.require_ready`): UNAVAILABLE with the reason;
 - every call appends exactly one audit record (principal, operation, key id, encryption
@@ -30,6 +31,7 @@ import grpc
 from domain_core.errors import HsmDomainError, PermissionDeniedError, UnavailableError, status_for
 from domain_edge import transport
 from hsa_node.node import DomainNode
+from hsa_node.quotas import Quotas
 
 __all__ = ["AuditSink", "CallFrame", "KeyCall", "PeerGate", "StreamCaller"]
 
@@ -94,14 +96,20 @@ class CallFrame:
     """Authenticates, gates and audits each KeyService call (see the module invariants)."""
 
     def __init__(
-        self, *, node: DomainNode, audit: AuditSink | None, peers: PeerGate | None
+        self,
+        *,
+        node: DomainNode,
+        audit: AuditSink | None,
+        peers: PeerGate | None,
+        quotas: Quotas | None = None,
     ) -> None:
         """`audit` None: no records (benchmarks); `peers` None: no peering gate (outside an
-        HSA process)."""
+        HSA process); `quotas` None: no request-rate quotas."""
         self._node = node
         self._domain_id = node.domain_id
         self._audit = audit
         self._peers = peers
+        self._quotas = quotas
 
     def principal(self, context: grpc.ServicerContext | StreamCaller) -> str:
         """The caller's SPIFFE URI, if it is a client of this domain (for a session's call,
@@ -121,6 +129,8 @@ class CallFrame:
         call = KeyCall(operation)
         try:
             call.principal = self.principal(context)
+            if self._quotas is not None:
+                self._quotas.admit(call.principal, operation)
             if not self._node.serving:
                 raise UnavailableError(
                     f"{self._node.host_id} is not serving keys (not a member of the domain, or "

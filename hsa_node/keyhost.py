@@ -39,6 +39,7 @@ from hsa_node.keyfloors import FLOOR_FILE, FloorSource, MetadataVersionFloor
 from hsa_node.keyrecords import KeyRecordClient
 from hsa_node.keyservice import KeyServiceServicer
 from hsa_node.node import DomainNode
+from hsa_node.quotas import Quotas
 from hsa_node.rewrap import KeyMaintainer
 
 __all__ = ["KeyPeers", "KeyServiceHost"]
@@ -127,8 +128,12 @@ class KeyServiceHost:
                 cache.mark_stale(key_id)  # re-read at the next use, not at the end of the TTL
 
         peering.listen_floors(raised)
+        # Each key-service process of the domain enforces its share of the quotas: the
+        # domain's hosts, each running this host's count of processes (docs/runtime.md).
+        processes = 1 + config.key_service_workers
+        quotas = Quotas(limits, lambda: len(node.head.manifest.hosts_by_id) * processes)
         servicer = KeyServiceServicer(
-            node=node, cache=cache, audit=audit, limits=limits, peers=peering
+            node=node, cache=cache, audit=audit, limits=limits, peers=peering, quotas=quotas
         )
         maintainer = (
             KeyMaintainer(node=node, cache=cache, audit=audit, peers=peering)

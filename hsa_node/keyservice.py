@@ -25,10 +25,11 @@ Invariants:
   HSA within the cache's TTL) makes an authorised caller's call re-read the key first, so a
   valid ciphertext is never reported invalid for being too new;
 - ReEncrypt opens and seals inside the HSA: the plaintext never leaves it;
-- CreateKey is rate limited per principal on each HSA process (a token bucket,
-  `Limits.create_key_per_second` and `create_key_burst`): beyond it, RESOURCE_EXHAUSTED
-  before anything is created; the coordinator caps the keys one principal created
-  (`Limits.max_keys_per_principal`, RESOURCE_EXHAUSTED too);
+- every call counts against its caller's request-rate quota for its class of operation
+  (`hsa_node.quotas`; CreateKey's bucket is per process, `Limits.create_key_per_second`):
+  beyond it, RESOURCE_EXHAUSTED with a retry delay before anything is done; the coordinator
+  caps the keys one principal created (`Limits.max_keys_per_principal`, RESOURCE_EXHAUSTED
+  too);
 - no key call is served before the HSA took the key metadata floors of a peer, and no key
   administration (CreateKey and the metadata changes) while no peer confirmed its head within
   the bound (`PeerGate`, `hsa_node.peering`): both UNAVAILABLE with the reason;
@@ -54,12 +55,10 @@ from domain_core.errors import (
     InvalidCiphertextError,
     InvalidInputError,
     LimitExceededError,
-    ResourceExhaustedError,
     UnavailableError,
 )
 from domain_core.keylifecycle import KeyChange, iso_date, require_enabled
 from domain_core.limits import DEFAULT_LIMITS, MAX_LIST_KEYS_LIMIT, Limits
-from domain_edge.rate_limit import RateLimiter
 from domain_edge.throttled_log import ThrottledLog
 from domain_proto import keys_pb2, services_pb2, services_pb2_grpc
 from hsa_node.keycache import CachedKey, KeyCache
@@ -68,6 +67,7 @@ from hsa_node.keyrecords import CoordinatorUnreachableError, parse_metadata
 from hsa_node.keysession import KeySessions
 from hsa_node.keywrites import KeyWriter
 from hsa_node.node import DomainNode
+from hsa_node.quotas import Quotas
 
 __all__ = ["DEFAULT_DATA_KEY_BYTES", "KeyServiceServicer"]
 
@@ -92,10 +92,15 @@ class KeyServiceServicer(services_pb2_grpc.KeyServiceServicer):
         limits: Limits = DEFAULT_LIMITS,
         clock: Callable[[], float] = time.time,
         peers: PeerGate | None = None,
+        quotas: Quotas | None = None,
     ) -> None:
         """`peers` gates serving on the HSA's peers (floors taken, head confirmed); every HSA
-        process has one (None only outside an HSA: benchmarks, in-process tests)."""
-        self._frame = CallFrame(node=node, audit=audit, peers=peers)
+        process has one (None only outside an HSA: benchmarks, in-process tests). `quotas`
+        are this process's request-rate buckets (default: the whole quota of `limits`, as
+        for a domain of one process)."""
+        self._frame = CallFrame(
+            node=node, audit=audit, peers=peers, quotas=quotas or Quotas(limits)
+        )
         self._domain_id = node.domain_id
         self._cache = cache
         self._records = cache.records
@@ -103,7 +108,6 @@ class KeyServiceServicer(services_pb2_grpc.KeyServiceServicer):
         self._limits = limits
         self._clock = clock
         self._throttled = ThrottledLog(log)
-        self._create_limiter = RateLimiter(limits.create_key_per_second, limits.create_key_burst)
         self._sessions = KeySessions(
             self, self._frame.principal, limits, fresh=self._cache.is_fresh
         )
@@ -411,13 +415,6 @@ class KeyServiceServicer(services_pb2_grpc.KeyServiceServicer):
         """A new key with a fresh 256-bit backing key, stored at the coordinator first."""
 
         def body(call: KeyCall) -> services_pb2.KeyMetadataResponse:
-            wait = self._create_limiter.acquire(call.principal)
-            if wait:
-                limiter = self._create_limiter
-                raise ResourceExhaustedError(
-                    f"{call.principal} may create at most {limiter.rate:g} keys per second on "
-                    f"this HSA (bursts of {limiter.burst}): retry in {wait:.1f} s"
-                )
             key = keylifecycle.new_key(
                 description=request.description,
                 key_policy=request.policy if request.HasField("policy") else None,

@@ -47,7 +47,7 @@ from typing import Any, Final, cast
 import grpc
 
 from domain_core import ciphertext
-from domain_core.errors import HsmDomainError, InvalidInputError
+from domain_core.errors import HsmDomainError, InvalidInputError, ThrottledError
 from domain_core.limits import MAX_SESSION_CALL_TIMEOUT_MS, Limits
 from domain_edge import transport
 from domain_edge.metrics import PROCESS
@@ -196,9 +196,12 @@ class KeySessions:
             return response
         except HsmDomainError as error:
             code = grpc_status_for(error)
-            return _status_response(
+            answer = _status_response(
                 call.request_id, code, error.message, nothing_applied=error.nothing_applied
             )
+            if isinstance(error, ThrottledError):  # as the unary call's `retry-after`
+                answer.retry_after_ms = transport.retry_after_ms(error)
+            return answer
         except Exception:
             code = grpc.StatusCode.INTERNAL
             log.exception("internal error in a session's %s", method)

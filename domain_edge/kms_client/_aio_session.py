@@ -25,7 +25,6 @@ import grpc
 
 from domain_edge.kms_client._session import (
     _MAX_CALLS_PER_MESSAGE,
-    CODES,
     SESSION_FIELDS,
     SessionCallError,
 )
@@ -148,8 +147,7 @@ class AsyncKeySession:
             expiry.cancel()
             stream.waiting.pop(number, None)  # answered, timed out or cancelled: not waiting
         if answer.code:
-            code = CODES.get(answer.code, grpc.StatusCode.UNKNOWN)
-            raise SessionCallError(code, answer.message, answer.nothing_applied)
+            raise SessionCallError.of_answer(answer)
         return getattr(answer, field)
 
     async def close(self) -> None:

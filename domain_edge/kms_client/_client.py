@@ -133,12 +133,16 @@ class KeyClient(ClientCore):
         except Failover as failover:
             if self._attempts == 1 or time.monotonic() >= deadline:
                 raise self._unavailable(method, failover, tried, definite) from None
-        time.sleep(min(self._backoff(tried), max(0.0, deadline - time.monotonic())))
+
+        def wait(*_: object) -> float:  # never past the call's deadline (a retry delay may be)
+            return min(self._backoff(tried), max(0.0, deadline - time.monotonic()))
+
+        time.sleep(wait())
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception_type(Failover),
             stop=tenacity.stop_after_attempt(self._attempts - 1)
             | tenacity.stop_after_delay(max(0.0, deadline - time.monotonic())),
-            wait=lambda _: self._backoff(tried),
+            wait=wait,
             reraise=True,
         )
         try:

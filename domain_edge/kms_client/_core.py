@@ -26,6 +26,7 @@ from domain_core.errors import (
     ConflictError,
     HsmDomainError,
     NotAppliedError,
+    ThrottledError,
     UnavailableError,
 )
 from domain_core.limits import DEFAULT_LIMITS, Limits
@@ -44,7 +45,7 @@ from domain_edge.kms_client._retry import (
     backoff_delay,
     retryable,
 )
-from domain_edge.transport import ANY_HSA, never_sent, nothing_applied
+from domain_edge.transport import ANY_HSA, never_sent, nothing_applied, retry_after
 
 DEFAULT_TIMEOUT: Final = 5.0
 # The key service's own status meanings, where they differ from the coordinator's.
@@ -73,6 +74,13 @@ class Endpoint:
     # Until when this endpoint's data-plane calls go unary: it refused a session (an HSA
     # without sessions, or at its cap of streams).
     unary_until: float = 0.0
+    # Until when this endpoint said the caller is over its request-rate quota (its retry
+    # delay): calls go elsewhere meanwhile, or wait for it. Not a failure of the endpoint.
+    throttled_until: float = 0.0
+
+    def free_at(self) -> float:
+        """When this endpoint takes calls again (its cool-down or its retry delay)."""
+        return max(self.down_until, self.throttled_until)
 
     def session_usable(self) -> bool:
         """Whether data-plane calls travel in this endpoint's session now."""
@@ -211,21 +219,28 @@ class ClientCore:
         now = time.monotonic()
         for i in range(count):
             endpoint = endpoints[(start + i) % count]
-            if endpoint.down_until <= now and endpoint not in tried:
+            if endpoint.free_at() <= now and endpoint not in tried:
                 return endpoint
         untried = [e for e in endpoints if e not in tried] or endpoints
-        return min(untried, key=lambda e: e.down_until)
+        return min(untried, key=Endpoint.free_at)
 
     def _attempt_timeout(self, deadline: float) -> float:
         """One attempt's timeout: the per-attempt one, within the call's whole deadline."""
         return max(0.05, min(self._timeout, deadline - time.monotonic()))
 
     def _backoff(self, tried: Sequence[Endpoint]) -> float:
-        """No wait while an endpoint is left untried; then short exponential steps (bounded)."""
+        """No wait while an endpoint is left untried; then short exponential steps (bounded),
+        and at least until the first endpoint's retry delay ends when every endpoint said the
+        caller is over its quota (the server's `retry-after`, honoured)."""
         rounds = len(tried) - len(self._endpoints)
         if rounds < 0 or len({id(e) for e in tried}) < len(self._endpoints):
             return 0.0
-        return backoff_delay(_BACKOFF_FIRST, _BACKOFF_MAX, rounds)
+        wait = backoff_delay(_BACKOFF_FIRST, _BACKOFF_MAX, rounds)
+        now = time.monotonic()
+        throttled = [e.throttled_until - now for e in self._endpoints]
+        if all(left > 0 for left in throttled):
+            wait = max(wait, min(throttled))
+        return wait
 
     def _mark_down(self, endpoint: Endpoint) -> None:
         """Set a failed endpoint aside: 0.25 s, doubling per consecutive failure, at most 5 s."""
@@ -251,6 +266,9 @@ class ClientCore:
         definite.append(answered_nothing or never_sent(code, details))
         if code in _FAILOVER_CODES and not answered_nothing:
             self._mark_down(endpoint)
+        delay = _throttle_delay(code, error)
+        if delay is not None:
+            endpoint.throttled_until = time.monotonic() + delay
         if retryable(method, code, details, applied_nothing=answered_nothing):
             return Failover(error, endpoint)
         raise self._error(method, error, endpoint) from None
@@ -258,6 +276,13 @@ class ClientCore:
     def _error(self, method: str, error: grpc.RpcError, endpoint: Endpoint) -> HsmDomainError:
         """The domain error of a failed attempt that is not sent again."""
         code, details = _status(error)
+        delay = _throttle_delay(code, error)
+        if delay is not None:
+            return ThrottledError(
+                f"the HSA at {endpoint.address} answered {details[:300]!r}; {method} changed "
+                f"nothing: send it again after {delay:g} s",
+                delay,
+            )
         if nothing_applied(error):
             return NotAppliedError(
                 f"{method} was not applied: the HSA at {endpoint.address} answered "
@@ -299,5 +324,15 @@ class ClientCore:
                 f"{summary}{last.message}. An earlier attempt may have been applied: send it "
                 "again with the same idempotency key and you get what it made, never a second"
             )
+        if isinstance(last, ThrottledError):
+            return ThrottledError(f"{summary}{last.message}", last.retry_after)
         cls = NotAppliedError if all(definite) and type(last) is UnavailableError else type(last)
         return cls(f"{summary}{last.message}")
+
+
+def _throttle_delay(code: grpc.StatusCode | None, error: grpc.RpcError) -> float | None:
+    """The retry delay of a call refused for the caller's request rate (RESOURCE_EXHAUSTED
+    with the HSA's `retry-after`), else None."""
+    if code is not grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return None
+    return retry_after(error)

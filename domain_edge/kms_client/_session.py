@@ -26,7 +26,7 @@ from typing import Any, Final
 
 import grpc
 
-from domain_edge.transport import NOTHING_APPLIED_KEY
+from domain_edge.transport import NOTHING_APPLIED_KEY, RETRY_AFTER_KEY
 from domain_proto import services_pb2, services_pb2_grpc
 
 __all__ = ["CODES", "SESSION_FIELDS", "KeySession", "SessionCallError"]
@@ -49,11 +49,24 @@ _END: Final = object()
 class SessionCallError(grpc.RpcError):
     """A session call's error, as its unary call would have raised it."""
 
-    def __init__(self, code: grpc.StatusCode, details: str, nothing_applied: bool = False) -> None:
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        details: str,
+        nothing_applied: bool = False,
+        retry_after_ms: int = 0,
+    ) -> None:
         super().__init__(f"{code.name}: {details}")
         self._code = code
         self._details = details
         self._nothing_applied = nothing_applied
+        self._retry_after_ms = retry_after_ms
+
+    @classmethod
+    def of_answer(cls, answer: Any) -> SessionCallError:
+        """The error a session's answer (`SessionResponse`) carries."""
+        code = CODES.get(answer.code, grpc.StatusCode.UNKNOWN)
+        return cls(code, answer.message, answer.nothing_applied, answer.retry_after_ms)
 
     def code(self) -> grpc.StatusCode:
         return self._code
@@ -62,8 +75,13 @@ class SessionCallError(grpc.RpcError):
         return self._details
 
     def trailing_metadata(self) -> Any:
-        """The "nothing applied" mark, where a unary call carries it."""
-        return ((NOTHING_APPLIED_KEY, "true"),) if self._nothing_applied else ()
+        """The "nothing applied" mark and the retry delay, where a unary call carries them."""
+        marks: tuple[tuple[str, str], ...] = (
+            ((NOTHING_APPLIED_KEY, "true"),) if self._nothing_applied else ()
+        )
+        if self._retry_after_ms:
+            marks += ((RETRY_AFTER_KEY, str(self._retry_after_ms)),)
+        return marks
 
 
 class _Waiting:
@@ -182,8 +200,7 @@ class KeySession:
             raise waiting.error
         answer = waiting.answer
         if answer.code:
-            code = CODES.get(answer.code, grpc.StatusCode.UNKNOWN)
-            raise SessionCallError(code, answer.message, answer.nothing_applied)
+            raise SessionCallError.of_answer(answer)
         return getattr(answer, field)
 
     def close(self) -> None:

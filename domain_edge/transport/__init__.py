@@ -25,7 +25,8 @@ Invariants:
   fails UNAVAILABLE before a byte of the request is sent;
 - an error whose class says that nothing was applied (`HsmDomainError.nothing_applied`) is
   marked so in the call's trailing metadata (`NOTHING_APPLIED_KEY`), so a client can tell a
-  definite failure from a call that may have been applied (`nothing_applied`).
+  definite failure from a call that may have been applied (`nothing_applied`); a call refused
+  for its caller's request rate carries its retry delay too (`retry_after`).
 
 The package's modules: `_channels` (client channels and reading failed calls), `_callers`
 (who is calling), `_interceptor` (errors to statuses), `_streams` (the stream quota) and
@@ -46,6 +47,7 @@ from domain_edge.transport._channels import (
     COORDINATOR,
     DEFAULT_DEADLINE_SECONDS,
     NOTHING_APPLIED_KEY,
+    RETRY_AFTER_KEY,
     ExpectedServer,
     TlsMaterial,
     channel_credentials,
@@ -56,6 +58,8 @@ from domain_edge.transport._channels import (
     mtls_channel,
     never_sent,
     nothing_applied,
+    retry_after,
+    retry_after_ms,
     secure_aio_channel,
     secure_channel,
     server_credentials,
@@ -87,6 +91,7 @@ __all__ = [
     "DEFAULT_STREAM_LIMITS",
     "HEALTH_REQUEST_LIMITS",
     "NOTHING_APPLIED_KEY",
+    "RETRY_AFTER_KEY",
     "CertificatePeerContext",
     "ErrorMappingInterceptor",
     "ExpectedServer",
@@ -108,6 +113,8 @@ __all__ = [
     "nothing_applied",
     "require_caller",
     "require_caller_spiffe",
+    "retry_after",
+    "retry_after_ms",
     "secure_aio_channel",
     "secure_channel",
     "server_credentials",

@@ -18,8 +18,13 @@ from typing import Any, Final, Literal, cast
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from domain_core.errors import InvalidInputError, UnauthenticatedError
-from domain_core.limits import DEFAULT_LIMITS, MAX_CHANNEL_ADDRESSES, Limits
+from domain_core.errors import (
+    HsmDomainError,
+    InvalidInputError,
+    ThrottledError,
+    UnauthenticatedError,
+)
+from domain_core.limits import DEFAULT_LIMITS, MAX_CHANNEL_ADDRESSES, MAX_RETRY_AFTER_MS, Limits
 from domain_core.pki import (
     SERVER_KINDS,
     SpiffeId,
@@ -278,6 +283,32 @@ def wrong_server(code: grpc.StatusCode | None, details: str) -> bool:
 NOTHING_APPLIED_KEY: Final = "hsm-nothing-applied"
 """Trailing metadata key that marks an error after which nothing was applied (value "true")."""
 _NOTHING_APPLIED: Final = ((NOTHING_APPLIED_KEY, "true"),)
+RETRY_AFTER_KEY: Final = "hsm-retry-after-ms"
+"""Trailing metadata key of a call refused for its caller's request rate: after how many
+milliseconds to send it again (`domain_core.errors.ThrottledError`)."""
+
+
+def error_metadata(error: HsmDomainError) -> tuple[tuple[str, str], ...]:
+    """The trailing metadata of a call that failed with `error`: the nothing-applied mark,
+    and a throttled call's retry delay."""
+    marks: tuple[tuple[str, str], ...] = _NOTHING_APPLIED if error.nothing_applied else ()
+    if isinstance(error, ThrottledError):
+        marks += ((RETRY_AFTER_KEY, str(retry_after_ms(error))),)
+    return marks
+
+
+def retry_after_ms(error: ThrottledError) -> int:
+    """A throttled call's retry delay as sent: whole milliseconds, 1 to a minute."""
+    return min(MAX_RETRY_AFTER_MS, max(1, round(error.retry_after * 1000)))
+
+
+def retry_after(error: grpc.RpcError) -> float | None:
+    """The retry delay (seconds) a server put on a failed call, if any and if it reads as a
+    whole number of milliseconds (at most a minute is believed)."""
+    for key, value in _trailing(error):
+        if key == RETRY_AFTER_KEY and isinstance(value, str) and value.isdigit():
+            return min(MAX_RETRY_AFTER_MS, int(value)) / 1000
+    return None
 
 
 def nothing_applied(error: grpc.RpcError) -> bool:
@@ -286,12 +317,17 @@ def nothing_applied(error: grpc.RpcError) -> bool:
     Only a server's own answer carries trailing metadata: a connection lost mid-call or a
     deadline passed never does, so those stay "outcome unknown".
     """
+    return any(key == NOTHING_APPLIED_KEY and value == "true" for key, value in _trailing(error))
+
+
+def _trailing(error: grpc.RpcError) -> tuple[tuple[str, Any], ...]:
+    """A failed call's trailing metadata (none for a call object that cannot say)."""
     call = cast(Any, error)
     try:
         metadata = call.trailing_metadata() if hasattr(call, "trailing_metadata") else None
-    except Exception:  # a call object that cannot say
-        return False
-    return any(key == NOTHING_APPLIED_KEY and value == "true" for key, value in (metadata or ()))
+        return tuple((str(key), value) for key, value in (metadata or ()))
+    except Exception:
+        return ()
 
 
 def check_health(channel: grpc.Channel, service: str = "", timeout: float = 2.0) -> bool:

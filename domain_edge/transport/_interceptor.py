@@ -26,7 +26,7 @@ from domain_core.limits import HEALTH_REQUEST_BYTES
 from domain_edge.metrics import PROCESS
 from domain_edge.status import grpc_status_for
 from domain_edge.throttled_log import ThrottledLog
-from domain_edge.transport._channels import _NOTHING_APPLIED
+from domain_edge.transport._channels import error_metadata
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +41,9 @@ HEALTH_REQUEST_LIMITS: Final[Mapping[str, int]] = {
 def _abort_for(error: Exception, context: grpc.ServicerContext, method: str) -> None:
     """Abort the call with the status `error` maps to; re-raise an abort already under way."""
     if isinstance(error, HsmDomainError):
-        if error.nothing_applied:
-            context.set_trailing_metadata(_NOTHING_APPLIED)
+        marks = error_metadata(error)
+        if marks:
+            context.set_trailing_metadata(marks)
         context.abort(grpc_status_for(error), error.message)
     if cast(Any, context).code() is not None:
         # The servicer aborted with its own status (context.abort raises a bare Exception).

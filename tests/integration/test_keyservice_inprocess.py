@@ -41,6 +41,7 @@ from domain_core.errors import (
     NotFoundError,
     PermissionDeniedError,
     ResourceExhaustedError,
+    ThrottledError,
     TransitionDeferredError,
     UnavailableError,
 )
@@ -673,6 +674,42 @@ def test_create_key_is_rate_limited_per_principal(
     assert hsa.decrypt(hsa.encrypt(created[0].key_id).ciphertext_blob) == b"data"
     time.sleep(2.1)  # one token back
     hsa.create()
+
+
+def test_a_throttled_principal_is_refused_while_another_is_served(
+    domain: Domain, make_hsa: Callable[..., Hsa]
+) -> None:
+    """Issue 19: a principal over its request-rate quota gets RESOURCE_EXHAUSTED with a retry
+    delay, nothing done and the refusal audited, while another principal at the same moment
+    is served; the throttled one is served again once a token is back."""
+    hsa = make_hsa("hsa-1", limits=Limits(crypto_requests_per_second=2, crypto_request_burst=3))
+    me, other_name = "spiffe://local/client/demo-app", "spiffe://local/client/other"
+    key = hsa.create(
+        policy=keys_pb2.KeyPolicy(
+            grants=[
+                keys_pb2.PolicyGrant(principals=[me], operations=[keys_pb2.KEY_OPERATION_ADMIN]),
+                keys_pb2.PolicyGrant(
+                    principals=[me, other_name], operations=[keys_pb2.KEY_OPERATION_ENCRYPT]
+                ),
+            ]
+        )
+    )
+    for _ in range(3):  # the burst
+        hsa.encrypt(key.key_id)
+    audited = len(hsa.audit.records)
+    with pytest.raises(ThrottledError, match="over its quota of cryptographic operations") as got:
+        hsa.encrypt(key.key_id)
+    assert 0 < got.value.retry_after <= 0.5
+    refused = hsa.audit.records[audited:]
+    assert [(r["operation"], r["result"]) for r in refused] == [("Encrypt", "RESOURCE_EXHAUSTED")]
+    other = CertificatePeerContext(issue_client_cert(domain, "other"))
+    for _ in range(3):  # the same moment: a bucket of its own
+        hsa.service.Encrypt(
+            services_pb2.EncryptRequest(key_id=key.key_id, plaintext=b"x"),
+            other,  # type: ignore[arg-type]
+        )
+    time.sleep(got.value.retry_after + 0.05)
+    assert hsa.encrypt(key.key_id).ciphertext_blob
 
 
 def issue_client_cert(domain: Domain, name: str) -> bytes:

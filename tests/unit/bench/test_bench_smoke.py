@@ -105,6 +105,7 @@ def test_list_names_every_registered_benchmark() -> None:
         "bench.kms_latency",
         "bench.rewrap",
         "bench.audit_append",
+        "bench.quotas",
         "bench.proposals",
         "bench.recovery",
     ],
@@ -842,3 +843,12 @@ def test_idle_streams_figures_take_ratios_round_by_round() -> None:
     result = _bench_cli("--help", module="bench.idle_streams")
     assert result.returncode == 0, result.stderr
     assert "--json" in result.stdout
+
+
+def test_the_quota_benchmark_measures_every_cell() -> None:
+    from bench import quotas
+
+    figures = quotas.measure(400)
+    cells = [k for k in figures if k.startswith("admit_us_")]
+    assert len(cells) == 4
+    assert all(0 < float(figures[k]) < 10_000 for k in cells)

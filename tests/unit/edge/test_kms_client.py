@@ -36,6 +36,7 @@ from domain_core.errors import (
     NotFoundError,
     PermissionDeniedError,
     StaleProposalError,
+    ThrottledError,
     UnavailableError,
 )
 from domain_core.limits import Limits
@@ -876,3 +877,37 @@ def test_a_context_checked_once_is_still_refused_when_it_changes() -> None:
         checked_context(good, tight)  # passed under the defaults, not under these
     with pytest.raises(TypeError):
         checked_context({"k": 5})  # type: ignore[dict-item]
+
+
+@integration
+def test_a_throttled_call_waits_for_the_retry_delay_then_is_served(domain: Domain) -> None:
+    """Issue 19: an HSA that refuses a caller over its quota says when to come back; the
+    client tries the other HSAs (each holds a share of the quota) and, when every one said
+    so, waits for the first delay to end before sending the call again."""
+    client = domain.client(timeout=2)
+    key_id = client.create_key().key_id
+    for service in domain.services:
+        service.calls.clear()
+        service.script["Encrypt"] = [("raise", ThrottledError("over its quota", 0.4))]
+    started = time.monotonic()
+    assert client.encrypt(key_id, b"x")
+    assert time.monotonic() - started >= 0.35  # it waited for the delay, not less
+    assert sum(s.calls["Encrypt"] for s in domain.services) == 4  # 3 refusals, then served
+
+
+@integration
+def test_a_caller_throttled_everywhere_gets_the_delay_within_its_deadline(domain: Domain) -> None:
+    key_id = domain.client().create_key().key_id
+    client = domain.client(timeout=0.5, total_timeout=1.0)
+    for service in domain.services:
+        service.calls.clear()
+        service.script["DescribeKey"] = [("raise", ThrottledError("over its quota", 30.0))] * 9
+        service.script["RotateKey"] = [("raise", ThrottledError("over its quota", 0.05))]
+    started = time.monotonic()
+    with pytest.raises(ThrottledError, match="send it again after 30 s") as got:
+        client.describe_key(key_id)
+    assert got.value.retry_after == 30.0
+    assert time.monotonic() - started < 1.6  # its own deadline, not the server's delay
+    # An administration call refused so changed nothing: it is sent again, as a read is.
+    assert client.rotate_key(key_id).key_id == key_id
+    assert sum(s.calls["RotateKey"] for s in domain.services) == 4  # 3 refused, 1 served
