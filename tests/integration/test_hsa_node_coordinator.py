@@ -9,6 +9,7 @@ the coordinator cannot push to).
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -137,12 +138,20 @@ def test_the_watch_stream_delivers_states_the_coordinator_cannot_push(
         lambda: not procs.status("hsa-3").key_service_waiting,
         what="hsa-3's key service to serve",
     )
-    # Register hsa-3 at an address where nothing listens: the coordinator's push fails.
+    # Register hsa-3 at an address where nothing listens: the coordinator's push fails. (A
+    # registration of hsa-3's own still in flight may land after ours: register again until
+    # ours holds for a moment.)
     as_hsa3 = stub(services_pb2_grpc.CoordinatorStub, procs.channel(COORDINATOR, "hsa-3"))
-    as_hsa3.RegisterHsa(
-        services_pb2.RegisterHsaRequest(host_id="hsa-3", address="127.0.0.1:9"),
-        timeout=DEADLINE,
-    )
+
+    def nowhere_holds() -> bool:
+        as_hsa3.RegisterHsa(
+            services_pb2.RegisterHsaRequest(host_id="hsa-3", address="127.0.0.1:9"),
+            timeout=DEADLINE,
+        )
+        time.sleep(0.5)
+        return registered(procs)["hsa-3"] == "127.0.0.1:9"
+
+    wait_for(nowhere_holds, what="hsa-3 to stay registered where nothing listens")
 
     proposal, approvals = propose(domain, domain.genesis, ROTATE)
     submit(procs, proposal, approvals)
