@@ -84,7 +84,12 @@ def root_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[io.StringIO]:
     root.setLevel(saved[1])
 
 
-def test_configure_logging_in_both_formats(root_logging: io.StringIO) -> None:
+def test_configure_logging_in_both_formats(
+    root_logging: io.StringIO, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # configure_logging sets the variable for the processes it starts: restored after the
+    # test, or every process later tests of this worker start would log JSON.
+    monkeypatch.delenv(LOG_FORMAT_ENV, raising=False)
     configure_logging(
         "hsa-1",
         verbose=False,
