@@ -333,9 +333,17 @@ def test_background_checkpoints_keep_signing_and_fsync_off_the_appending_threads
     while (head := log.latest_head) is None or head.seq < 120:
         assert time.monotonic() < deadline, "no checkpoint within 5 s"
         time.sleep(0.01)
+
     # The head file is written by the log's thread right after the checkpoint it names is
-    # durable, which may be a moment after `latest_head` moved: wait for it too (bounded).
-    while head_of(log_path).seq < 120:
+    # durable, which may be a moment after `latest_head` moved (the first one: the file is
+    # not there yet): wait for it too (bounded).
+    def written() -> int:
+        try:
+            return head_of(log_path).seq
+        except FileNotFoundError:
+            return 0
+
+    while written() < 120:
         assert time.monotonic() < deadline, "the head file did not reach the checkpoint in 5 s"
         time.sleep(0.01)
     assert head_of(log_path).seq == 120
