@@ -101,10 +101,10 @@ class CallFrame:
         node: DomainNode,
         audit: AuditSink | None,
         peers: PeerGate | None,
-        quotas: Quotas | None = None,
+        quotas: Quotas,
     ) -> None:
         """`audit` None: no records (benchmarks); `peers` None: no peering gate (outside an
-        HSA process); `quotas` None: no request-rate quotas."""
+        HSA process); `quotas`: this process's request-rate buckets."""
         self._node = node
         self._domain_id = node.domain_id
         self._audit = audit
@@ -129,8 +129,7 @@ class CallFrame:
         call = KeyCall(operation)
         try:
             call.principal = self.principal(context)
-            if self._quotas is not None:
-                self._quotas.admit(call.principal, operation)
+            self._quotas.admit(call.principal, operation)
             if not self._node.serving:
                 raise UnavailableError(
                     f"{self._node.host_id} is not serving keys (not a member of the domain, or "

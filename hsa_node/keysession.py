@@ -119,8 +119,8 @@ def _status_response(
 class KeySessions:
     """Serves `KeyService.Session` with the unary methods of `servicer`.
 
-    `principal(context)` checks the caller (the key service's frame); `limits` bounds the
-    calls in flight per stream and their messages.
+    `principal(context)` checks the caller (the key service's frame), once per stream;
+    `limits` bounds the calls in flight per stream.
     """
 
     def __init__(
@@ -136,7 +136,6 @@ class KeySessions:
             field: getattr(servicer, method) for field, method in SESSION_CALLS.items()
         }
         self._principal = principal
-        self._limits = limits
         self._fresh = fresh
         self._pool = futures.ThreadPoolExecutor(
             max_workers=workers, thread_name_prefix="key-session"

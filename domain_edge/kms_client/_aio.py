@@ -14,7 +14,6 @@ and channels.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from types import TracebackType
@@ -26,7 +25,6 @@ from domain_core.limits import DEFAULT_LIMITS, Limits
 from domain_edge.kms_client import _calls as calls
 from domain_edge.kms_client._aio_session import AsyncKeySession
 from domain_edge.kms_client._calls import DEFAULT_PAGE_SIZE, Call
-from domain_edge.kms_client._cluster import read_cluster
 from domain_edge.kms_client._core import (
     DEFAULT_TIMEOUT,
     ClientCore,
@@ -37,7 +35,7 @@ from domain_edge.kms_client._policies import KeyMetadata
 from domain_edge.kms_client._retry import DEFAULT_ATTEMPTS
 from domain_edge.kms_client._session import SESSION_FIELDS, SessionCallError
 from domain_edge.transport import ANY_HSA, secure_aio_channel
-from domain_proto import keys_pb2, services_pb2_grpc
+from domain_proto import keys_pb2
 
 T = TypeVar("T")
 
@@ -62,22 +60,12 @@ class AsyncKeyClient(ClientCore):
         """The arguments are `KeyClient`'s. Channels connect lazily, in the event loop of the
         first call."""
         settings = ClientSettings.of(endpoints, ca_pem, timeout, limits, attempts, total_timeout)
-        made: list[Endpoint] = []
-        for address in settings.addresses:
-            channel = secure_aio_channel(
+        super().__init__(
+            settings,
+            lambda address: secure_aio_channel(
                 address, ca_pem, ANY_HSA, cert_pem=cert_pem, key_pem=key_pem, limits=limits
-            )
-            stub = services_pb2_grpc.KeyServiceStub(channel)  # type: ignore[no-untyped-call]
-            session = AsyncKeySession(channel) if sessions else None
-            made.append(Endpoint(address, channel, stub, session))
-        super().__init__(settings, made)
-
-    @classmethod
-    def from_cluster(cls, directory: str | os.PathLike[str], **kwargs: Any) -> AsyncKeyClient:
-        """A client of a local domain as its demo application (`KeyClient.from_cluster`)."""
-        endpoints, tls = read_cluster(directory)
-        return cls(
-            endpoints, ca_pem=tls.ca_pem, cert_pem=tls.cert_pem, key_pem=tls.key_pem, **kwargs
+            ),
+            AsyncKeySession if sessions else None,
         )
 
     async def __aenter__(self) -> AsyncKeyClient:

@@ -25,8 +25,11 @@ import grpc
 
 from domain_edge.kms_client._session import (
     _MAX_CALLS_PER_MESSAGE,
-    SESSION_FIELDS,
     SessionCallError,
+    no_answer,
+    session_ended,
+    session_request,
+    session_result,
 )
 from domain_proto import services_pb2, services_pb2_grpc
 
@@ -62,9 +65,7 @@ class _AioStream:
                     return  # the stream ended: the reader fails every waiting call
 
     async def _read(self) -> None:
-        error: grpc.RpcError = SessionCallError(
-            grpc.StatusCode.UNAVAILABLE, "the key-service session ended; send the call again"
-        )
+        error: grpc.RpcError = session_ended()
         try:
             async for message in self.call:
                 for response in message.answers:
@@ -73,9 +74,8 @@ class _AioStream:
                         future.set_result(response)
         except grpc.RpcError as failure:
             error = failure
-        except asyncio.CancelledError:
-            pass
-        self.end(error)
+        finally:  # (a cancelled reader ends the stream too, and stays cancelled)
+            self.end(error)
 
     def end(self, error: grpc.RpcError) -> None:
         """Mark the stream ended and fail every call still waiting with `error`."""
@@ -99,11 +99,7 @@ class _AioStream:
 
 def _expire(future: asyncio.Future[Any], method: str, timeout: float) -> None:
     if not future.done():
-        future.set_exception(
-            SessionCallError(
-                grpc.StatusCode.DEADLINE_EXCEEDED, f"{method} got no answer within {timeout:g} s"
-            )
-        )
+        future.set_exception(no_answer(method, timeout))
 
 
 class AsyncKeySession:
@@ -126,17 +122,12 @@ class AsyncKeySession:
 
     async def call(self, method: str, request: Any, timeout: float) -> Any:
         """One call over the session (opened on first use, and again after it ended)."""
-        field = SESSION_FIELDS[method]
         stream = self._open()
         number = next(self._ids)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         stream.waiting[number] = future
-        stream.pending.append(
-            services_pb2.SessionRequest(
-                request_id=number, timeout_ms=max(1, int(timeout * 1000)), **{field: request}
-            )
-        )
+        stream.pending.append(session_request(number, method, request, timeout))
         stream.ready.set()
         # The call's own deadline: one timer that fails the future (cheaper per call than an
         # `asyncio.timeout` scope, which this path would pay on every call).
@@ -146,9 +137,7 @@ class AsyncKeySession:
         finally:
             expiry.cancel()
             stream.waiting.pop(number, None)  # answered, timed out or cancelled: not waiting
-        if answer.code:
-            raise SessionCallError.of_answer(answer)
-        return getattr(answer, field)
+        return session_result(method, answer)
 
     async def close(self) -> None:
         """End the stream; calls still waiting fail."""

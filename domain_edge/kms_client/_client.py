@@ -8,7 +8,6 @@ of the domain; round-robin over endpoints not cooling down; every failure one
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from types import TracebackType
@@ -20,7 +19,6 @@ import tenacity
 from domain_core.limits import DEFAULT_LIMITS, Limits
 from domain_edge.kms_client import _calls as calls
 from domain_edge.kms_client._calls import DEFAULT_PAGE_SIZE, Call
-from domain_edge.kms_client._cluster import read_cluster
 from domain_edge.kms_client._core import (
     DEFAULT_TIMEOUT,
     ClientCore,
@@ -32,7 +30,7 @@ from domain_edge.kms_client._policies import KeyMetadata
 from domain_edge.kms_client._retry import DEFAULT_ATTEMPTS
 from domain_edge.kms_client._session import SESSION_FIELDS, KeySession, SessionCallError
 from domain_edge.transport import ANY_HSA, secure_channel
-from domain_proto import keys_pb2, services_pb2_grpc
+from domain_proto import keys_pb2
 
 T = TypeVar("T")
 
@@ -63,22 +61,12 @@ class KeyClient(ClientCore):
         travel over one key-service session per endpoint (`KeyService.Session`), with the same
         retry and fail-over rules; an HSA that refuses a session gets unary calls for a while."""
         settings = ClientSettings.of(endpoints, ca_pem, timeout, limits, attempts, total_timeout)
-        made: list[Endpoint] = []
-        for address in settings.addresses:
-            channel = secure_channel(
+        super().__init__(
+            settings,
+            lambda address: secure_channel(
                 address, ca_pem, ANY_HSA, cert_pem=cert_pem, key_pem=key_pem, limits=limits
-            )
-            stub = services_pb2_grpc.KeyServiceStub(channel)  # type: ignore[no-untyped-call]
-            made.append(Endpoint(address, channel, stub, KeySession(channel) if sessions else None))
-        super().__init__(settings, made)
-
-    @classmethod
-    def from_cluster(cls, directory: str | os.PathLike[str], **kwargs: Any) -> KeyClient:
-        """A client of a local domain (`hsm-domain init DIR`, `hsm-domain up DIR`) as its demo
-        application (spiffe://<domain>/client/demo-app), over every node running now."""
-        endpoints, tls = read_cluster(directory)
-        return cls(
-            endpoints, ca_pem=tls.ca_pem, cert_pem=tls.cert_pem, key_pem=tls.key_pem, **kwargs
+            ),
+            KeySession if sessions else None,
         )
 
     def __enter__(self) -> KeyClient:

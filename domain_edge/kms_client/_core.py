@@ -13,11 +13,12 @@ cool-down bounded at any count of failures; every failure one `domain_core.error
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, cast
+from typing import Any, Final, Self, cast
 
 import grpc
 
@@ -32,6 +33,7 @@ from domain_core.errors import (
 from domain_core.limits import DEFAULT_LIMITS, Limits
 from domain_core.pki import ca_trust_domain
 from domain_edge.client import error_from_rpc
+from domain_edge.kms_client._cluster import read_cluster
 from domain_edge.kms_client._retry import (
     _BACKOFF_FIRST,
     _BACKOFF_MAX,
@@ -46,6 +48,7 @@ from domain_edge.kms_client._retry import (
     retryable,
 )
 from domain_edge.transport import ANY_HSA, never_sent, nothing_applied, retry_after
+from domain_proto import services_pb2_grpc
 
 DEFAULT_TIMEOUT: Final = 5.0
 # The key service's own status meanings, where they differ from the coordinator's.
@@ -184,8 +187,20 @@ class ClientSettings:
 class ClientCore:
     """Endpoint choice, cool-downs and error shaping for one client's endpoints."""
 
-    def __init__(self, settings: ClientSettings, endpoints: list[Endpoint]) -> None:
-        self._settings = settings
+    def __init__(
+        self,
+        settings: ClientSettings,
+        make_channel: Callable[[str], Any],
+        make_session: Callable[[Any], Any] | None,
+    ) -> None:
+        """One endpoint per address of `settings`: its channel `make_channel(address)`, a
+        key-service stub on it, and `make_session(channel)` (None: unary calls only)."""
+        endpoints = []
+        for address in settings.addresses:
+            channel = make_channel(address)
+            stub = services_pb2_grpc.KeyServiceStub(channel)  # type: ignore[no-untyped-call]
+            session = make_session(channel) if make_session is not None else None
+            endpoints.append(Endpoint(address, channel, stub, session))
         self._timeout = settings.timeout
         self._total_timeout = settings.total_timeout
         self._attempts = settings.attempts
@@ -195,6 +210,16 @@ class ClientCore:
         self._next = itertools.count()
         self._lock = threading.Lock()
         self._closed = False
+
+    @classmethod
+    def from_cluster(cls, directory: str | os.PathLike[str], **kwargs: Any) -> Self:
+        """A client of a local domain (`hsm-domain init DIR`, `hsm-domain up DIR`) as its demo
+        application (spiffe://<domain>/client/demo-app), over every node running now."""
+        endpoints, tls = read_cluster(directory)
+        client: Self = cast(Any, cls)(  # (each client's own constructor: the same arguments)
+            endpoints, ca_pem=tls.ca_pem, cert_pem=tls.cert_pem, key_pem=tls.key_pem, **kwargs
+        )
+        return client
 
     @property
     def endpoints(self) -> list[str]:

@@ -29,7 +29,16 @@ import grpc
 from domain_edge.transport import NOTHING_APPLIED_KEY, RETRY_AFTER_KEY
 from domain_proto import services_pb2, services_pb2_grpc
 
-__all__ = ["CODES", "SESSION_FIELDS", "KeySession", "SessionCallError"]
+__all__ = [
+    "CODES",
+    "SESSION_FIELDS",
+    "KeySession",
+    "SessionCallError",
+    "no_answer",
+    "session_ended",
+    "session_request",
+    "session_result",
+]
 
 # The unary method of each call a session carries, by its field in SessionRequest.
 SESSION_FIELDS: Final[dict[str, str]] = {
@@ -84,6 +93,37 @@ class SessionCallError(grpc.RpcError):
         return marks
 
 
+def session_request(number: int, method: str, request: Any, timeout: float) -> Any:
+    """The `SessionRequest` of one call: its id, its deadline in ms, its request."""
+    return services_pb2.SessionRequest(
+        request_id=number,
+        timeout_ms=max(1, int(timeout * 1000)),
+        **{SESSION_FIELDS[method]: request},
+    )
+
+
+def session_result(method: str, answer: Any) -> Any:
+    """A call's response from its session answer, or the error it carries, raised."""
+    if answer.code:
+        raise SessionCallError.of_answer(answer)
+    return getattr(answer, SESSION_FIELDS[method])
+
+
+def no_answer(method: str, timeout: float) -> SessionCallError:
+    """The error of a call that got no answer within its timeout."""
+    return SessionCallError(
+        grpc.StatusCode.DEADLINE_EXCEEDED, f"{method} got no answer within {timeout:g} s"
+    )
+
+
+def session_ended() -> SessionCallError:
+    """The error of the calls still waiting when a stream simply ended (it may have served
+    them: the outcome is open, as a lost unary call's)."""
+    return SessionCallError(
+        grpc.StatusCode.UNAVAILABLE, "the key-service session ended; send the call again"
+    )
+
+
 class _Waiting:
     """One call waiting for its answer."""
 
@@ -130,9 +170,7 @@ class _Stream:
                 return
 
     def _read(self) -> None:
-        error: grpc.RpcError = SessionCallError(
-            grpc.StatusCode.UNAVAILABLE, "the key-service session ended; send the call again"
-        )
+        error: grpc.RpcError = session_ended()
         try:
             for message in self.responses:
                 for response in message.answers:
@@ -177,7 +215,6 @@ class KeySession:
 
     def call(self, method: str, request: Any, timeout: float) -> Any:
         """One call over the session (opened on first use, and again after it ended)."""
-        field = SESSION_FIELDS[method]
         stream = self._open()
         number = next(self._ids)
         waiting = _Waiting()
@@ -185,23 +222,14 @@ class KeySession:
             if stream.ended is not None:
                 raise stream.ended
             stream.waiting[number] = waiting
-        stream.requests.put(
-            services_pb2.SessionRequest(
-                request_id=number, timeout_ms=max(1, int(timeout * 1000)), **{field: request}
-            )
-        )
+        stream.requests.put(session_request(number, method, request, timeout))
         if not waiting.done.wait(timeout):
             with stream.lock:
                 stream.waiting.pop(number, None)
-            raise SessionCallError(
-                grpc.StatusCode.DEADLINE_EXCEEDED, f"{method} got no answer within {timeout:g} s"
-            )
+            raise no_answer(method, timeout)
         if waiting.error is not None:
             raise waiting.error
-        answer = waiting.answer
-        if answer.code:
-            raise SessionCallError.of_answer(answer)
-        return getattr(answer, field)
+        return session_result(method, waiting.answer)
 
     def close(self) -> None:
         """End the stream; calls still waiting fail."""
