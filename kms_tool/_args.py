@@ -209,4 +209,7 @@ def connect(args: argparse.Namespace) -> KeyClient:
         cert_pem=tls.cert_pem,
         key_pem=tls.key_pem,
         timeout=getattr(args, "timeout", None) or 5.0,
+        # A command makes one or two calls: unary calls suit it (a session stream is for
+        # many concurrent calls), and no stream is left to end when the process exits.
+        sessions=False,
     )

@@ -53,6 +53,9 @@ CODES: Final = {code.value[0]: code for code in grpc.StatusCode}
 # Calls one message carries at most (each at most a few KiB: far below the message limit).
 _MAX_CALLS_PER_MESSAGE: Final = 64
 _END: Final = object()
+# How long closing a session waits for its reader thread to see the stream end (it ends
+# within milliseconds once cancelled; the bound keeps close from hanging on a stuck peer).
+_READER_JOIN_SECONDS: Final = 2.0
 
 
 class SessionCallError(grpc.RpcError):
@@ -189,8 +192,12 @@ class _Stream:
             waiting.done.set()
 
     def close(self) -> None:
+        """End the stream and wait (briefly) for its reader to finish: a process that exits
+        right after closing its client then has no stream left running in gRPC's threads."""
         self.requests.put(_END)
         self.responses.cancel()
+        if self.reader is not threading.current_thread():
+            self.reader.join(_READER_JOIN_SECONDS)
 
 
 class KeySession:
