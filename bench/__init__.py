@@ -53,6 +53,7 @@ BENCHMARK_MODULES: list[str] = [
     "bench.memory",
     "bench.audit_append",
     "bench.quotas",
+    "bench.keyspecs",
     "bench.rewrap",
     "bench.idle_streams",
     "bench.proposals",

@@ -1,7 +1,9 @@
 """Cryptographic primitives the domain uses, in one place.
 
-Only this module and `signers` import `cryptography.hazmat` or `nacl`. Every failure to open
-sealed data raises one exception type with no detail, so callers cannot build an oracle.
+The symmetric primitives (AES-GCM, HKDF, hashes, randomness) live here; the asymmetric ones
+where they are used: `signers` (the domain's own signatures), `pki` (certificates),
+`keyspecs` (customer keys of AWS KMS's key specs). Every failure to open sealed data raises
+one exception type with no detail, so callers cannot build an oracle.
 """
 
 from __future__ import annotations

@@ -12,13 +12,17 @@ Invariants kept here:
 - an error class that says the call changed nothing (`nothing_applied`, e.g. `NotAppliedError`)
   is marked so on the wire by the transport, so that a client can tell it from a call whose
   outcome is unknown (a connection lost, a deadline passed);
+- the classes of `WIRE_KINDS` travel by name beside their status (the transport's error kind),
+  so that a client raises the same class the server did where one status covers several
+  meanings (INVALID_ARGUMENT: a bad argument, or a key of the wrong usage);
 - programming errors are `TypeError` / `ValueError` / `RuntimeError`, never a domain error.
 """
 
 from __future__ import annotations
 
 import enum
-from typing import ClassVar
+from collections.abc import Mapping
+from typing import ClassVar, Final
 
 
 class Status(enum.Enum):
@@ -82,6 +86,16 @@ class InvalidCiphertextError(InvalidInputError):
 
     def __init__(self, message: str = "invalid ciphertext") -> None:
         super().__init__(message)
+
+
+class InvalidKeyUsageError(InvalidInputError):
+    """A key asked for an operation its key spec or usage does not allow (Sign with an
+    encryption key, an algorithm of another key type); AWS KMS's InvalidKeyUsageException."""
+
+
+class UnsupportedOperationError(InvalidInputError):
+    """An operation this key's spec does not offer at all (e.g. rotating an asymmetric key);
+    AWS KMS's UnsupportedOperationException."""
 
 
 class InvalidKeyTokenError(InvalidInputError):
@@ -319,3 +333,9 @@ def status_for(error: BaseException) -> Status:
     if isinstance(error, HsmDomainError):
         return error.status
     return Status.INTERNAL
+
+
+# The classes whose name a server sends beside the status (see the module invariants).
+WIRE_KINDS: Final[Mapping[str, type[HsmDomainError]]] = {
+    cls.__name__: cls for cls in (InvalidKeyUsageError, UnsupportedOperationError)
+}

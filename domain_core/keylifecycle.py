@@ -23,9 +23,13 @@ Invariants:
 - a rotation adds backing version current + 1 with a fresh 256-bit key and keeps every older
   version (old ciphertexts keep decrypting), up to `MAX_BACKING_VERSIONS`; an automatic one
   moves the next rotation date one period on, an on-demand one leaves the schedule alone;
-- a new key (`new_key`) has a description within the limit, a valid policy that gives someone
-  ADMIN (or, without one, the creator may do everything: `policy.default_policy`), a rotation
-  period of 90 to 2560 days, backing version 1 and metadata version 1;
+- only symmetric keys rotate, automatically or on demand (as AWS KMS): an asymmetric or HMAC
+  key keeps its one backing version for life (`UnsupportedOperationError` otherwise);
+- a new key (`new_key`) has a key spec and usage AWS KMS allows together
+  (`keyspecs.check_spec_usage`), fixed for its life, a description within the limit, a valid
+  policy that gives someone ADMIN (or, without one, the creator may do everything:
+  `policy.default_policy`), a rotation period of 90 to 2560 days, backing version 1 and
+  metadata version 1;
 - what the upkeep reads from an unverified record (`needs_upkeep`, `TransitionTarget.strands`)
   only decides whether to look closer; every write acts on a verified record.
 """
@@ -35,10 +39,15 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Final
+from typing import Final, cast
 
-from domain_core import crypto, policy
-from domain_core.errors import FailedPreconditionError, InvalidInputError, LimitExceededError
+from domain_core import crypto, keyspecs, policy
+from domain_core.errors import (
+    FailedPreconditionError,
+    InvalidInputError,
+    LimitExceededError,
+    UnsupportedOperationError,
+)
 from domain_core.limits import (
     DEFAULT_LIMITS,
     MAX_BACKING_VERSIONS,
@@ -118,6 +127,8 @@ class NewKey:
     rotation_period_days: int
     creator: str
     domain_id: str
+    key_spec: int = keys_pb2.KEY_SPEC_SYMMETRIC_DEFAULT
+    key_usage: int = keys_pb2.KEY_USAGE_ENCRYPT_DECRYPT
 
     def metadata(self, key_id: str, now: int) -> keys_pb2.KeyMetadata:
         """The key's first metadata: ENABLED, backing version 1, metadata version 1, created
@@ -138,6 +149,8 @@ class NewKey:
             creator=self.creator,
             metadata_version=1,
             domain_id=self.domain_id,
+            key_spec=cast("keys_pb2.KeySpec", self.key_spec),
+            key_usage=cast("keys_pb2.KeyUsage", self.key_usage),
         )
 
 
@@ -150,9 +163,19 @@ def new_key(
     creator: str,
     domain_id: str,
     limits: Limits = DEFAULT_LIMITS,
+    key_spec: int = keys_pb2.KEY_SPEC_SYMMETRIC_DEFAULT,
+    key_usage: int = keys_pb2.KEY_USAGE_ENCRYPT_DECRYPT,
 ) -> NewKey:
-    """Check what a caller asks of a new key: the description's length, then the policy (None
-    or no grants: `creator` may do everything), then the rotation period (0: the default)."""
+    """Check what a caller asks of a new key: the key spec and usage (a pair AWS KMS allows),
+    the description's length, then the policy (None or no grants: `creator` may do
+    everything), then the rotation period (0: the default). Automatic rotation is for
+    symmetric keys only, as in AWS KMS."""
+    keyspecs.check_spec_usage(key_spec, key_usage)
+    if enable_rotation and not keyspecs.is_symmetric(key_spec):
+        raise UnsupportedOperationError(
+            f"automatic rotation is for symmetric encryption keys only, not for a "
+            f"{keyspecs.spec_name(key_spec)} key; create it without enable_rotation"
+        )
     limit = limits.max_key_description_chars
     if len(description) > limit:
         raise LimitExceededError(
@@ -175,6 +198,8 @@ def new_key(
         rotation_period_days=period,
         creator=creator,
         domain_id=domain_id,
+        key_spec=key_spec,
+        key_usage=key_usage,
     )
 
 
@@ -217,6 +242,12 @@ def rotate_backing_key(
     leaves the schedule alone (as KMS).
     """
     require_enabled(metadata)
+    if not keyspecs.is_symmetric(metadata.key_spec):
+        raise UnsupportedOperationError(
+            f"key {metadata.key_id} is a {keyspecs.spec_name(metadata.key_spec)} key: only "
+            "symmetric encryption keys rotate (as in AWS KMS); to replace it, create a new "
+            "key and move its users to it"
+        )
     current = int(metadata.current_backing_version)
     if current >= MAX_BACKING_VERSIONS:
         raise FailedPreconditionError(

@@ -1,8 +1,10 @@
 """Exported key tokens (EKTs) and signed key records: how a backing key leaves an HSA, and
 how a key record is checked.
 
-A token is AES-256-GCM of one 32-byte backing key under a one-time *token key*, with a fresh
-12-byte random nonce, and with associated data
+A token is AES-256-GCM of one backing key (a key's material of one version: 32 bytes for a
+symmetric key, the HMAC key, or the PKCS#8 DER private key of an asymmetric key, at most
+`MAX_KEY_MATERIAL_BYTES`) under a one-time *token key*, with a fresh 12-byte random nonce,
+and with associated data
 
     binding   = SHA-256( KEY_TOKEN_CONTEXT
                          || lp(key id, UTF-8) || lp(u32 backing version)
@@ -27,7 +29,9 @@ Invariants kept here:
   version, relabelling its generation, or changing the stored metadata (the policy, the state,
   anything) makes it fail. So every metadata change re-seals the record (`seal_record`);
 - a key record verifies only if its metadata names the expected key and it holds exactly one
-  token for each backing version 1..current_backing_version, every one of which opens. This is
+  token for each backing version 1..current_backing_version, every one of which opens, and
+  whose material fits the key spec its metadata names (the length of a symmetric or HMAC key;
+  an asymmetric key's DER is parsed where it is first used, `hsa_node.keyaccess`). This is
   how an HSA catches a coordinator that swaps tokens between keys or edits a stored policy;
 - every record this module writes (`seal_record`, `rewrap_record`) is signed with the writing
   host's key; `verify_key_record_signature` accepts it only under the key of a host the caller
@@ -55,14 +59,20 @@ from typing import Final
 
 from google.protobuf.message import DecodeError
 
-from domain_core import canonical, crypto
+from domain_core import canonical, crypto, keyspecs
 from domain_core.ciphertext import validate_key_id
 from domain_core.contexts import KEY_TOKEN_CONTEXT, KEY_TOKEN_KEY_CONTEXT, PayloadType
-from domain_core.errors import BadSignatureError, InvalidKeyTokenError, UnknownSignerError
+from domain_core.errors import (
+    BadSignatureError,
+    InvalidInputError,
+    InvalidKeyTokenError,
+    UnknownSignerError,
+)
 from domain_core.signers import PublicKey, Signer
 from domain_proto import keys_pb2
 
 __all__ = [
+    "MAX_KEY_MATERIAL_BYTES",
     "TOKEN_SALT_BYTES",
     "RecordSigner",
     "key_record_digest",
@@ -81,7 +91,8 @@ __all__ = [
 TOKEN_SALT_BYTES: Final = 32
 
 _MAX_U32: Final = 0xFFFFFFFF
-_SEALED_BYTES: Final = crypto.AES_KEY_BYTES + crypto.GCM_TAG_BYTES
+# The largest material a token seals: an RSA-4096 PKCS#8 DER key is about 2,400 bytes.
+MAX_KEY_MATERIAL_BYTES: Final = 4096
 
 
 def _lp(data: bytes) -> bytes:
@@ -98,6 +109,22 @@ def _check_u32(value: int, what: str) -> None:
 def _check_key(key: bytes, what: str) -> None:
     if not isinstance(key, bytes) or len(key) != crypto.AES_KEY_BYTES:
         raise ValueError(f"{what} must be {crypto.AES_KEY_BYTES} bytes")
+
+
+def _check_material(material: bytes) -> None:
+    if not isinstance(material, bytes) or not 1 <= len(material) <= MAX_KEY_MATERIAL_BYTES:
+        raise ValueError(f"backing_key must be 1 to {MAX_KEY_MATERIAL_BYTES} bytes")
+
+
+def _material_fits(metadata: keys_pb2.KeyMetadata, material: bytes) -> bool:
+    """Whether `material` can be a key of the spec `metadata` names (cheap checks only: an
+    asymmetric key's DER is parsed once, where it is first used)."""
+    try:
+        if not keyspecs.is_asymmetric(metadata.key_spec):
+            keyspecs.check_material(metadata.key_spec, material)
+    except (ValueError, InvalidInputError):
+        return False
+    return True
 
 
 def key_token_binding(
@@ -135,7 +162,7 @@ def wrap_backing_key(
     unset so that a fresh random nonce and salt are drawn for every token.
     """
     _check_key(domain_key, "domain_key")
-    _check_key(backing_key, "backing_key")
+    _check_material(backing_key)
     _check_u32(generation, "generation")
     _check_u32(backing_version, "backing_version")
     if not isinstance(metadata_bytes, bytes):
@@ -185,7 +212,9 @@ def unwrap_backing_key(
         or len(domain_key) != crypto.AES_KEY_BYTES
         or len(token.nonce) != crypto.GCM_NONCE_BYTES
         or len(token.salt) != TOKEN_SALT_BYTES
-        or len(token.ciphertext) != _SEALED_BYTES
+        or not crypto.GCM_TAG_BYTES
+        < len(token.ciphertext)
+        <= MAX_KEY_MATERIAL_BYTES + crypto.GCM_TAG_BYTES
     ):
         raise InvalidKeyTokenError()
     binding = key_token_binding(
@@ -323,6 +352,8 @@ def verify_key_record(
         )
         for version in range(1, current + 1)
     }
+    if not all(_material_fits(metadata, key) for key in backing_keys.values()):
+        raise InvalidKeyTokenError()
     return metadata, backing_keys
 
 

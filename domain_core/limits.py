@@ -105,6 +105,13 @@ class Limits:
     list_request_burst: int = 100
     admin_requests_per_second: float = 15.0
     admin_request_burst: int = 60
+    # Sign, Verify and GenerateDataKeyPair[WithoutPlaintext] (an RSA or ECC operation costs
+    # 10-1000 times a symmetric one): AWS KMS allows 500/s for RSA keys, 300/s for ECC keys.
+    asymmetric_requests_per_second: float = 500.0
+    asymmetric_request_burst: int = 500
+    # A signature, a MAC or an RSA ciphertext a caller sends (RSA-4096: 512 bytes; ECDSA
+    # P-521: at most 139 bytes DER; HMAC-SHA-512: 64 bytes).
+    max_asymmetric_blob_bytes: int = 1024
     # Calls of one key-service session (`KeyService.Session`) running or waiting at once;
     # beyond it the HSA stops reading the stream (HTTP/2 flow control holds the client).
     max_session_calls_in_flight: int = 64
@@ -142,6 +149,13 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
+
+
+# --- key service requests -------------------------------------------------------------------
+# The message of Sign, Verify, GenerateMac and VerifyMac, as AWS KMS bounds it (1 to 4096
+# bytes; a longer message is signed as its DIGEST).
+MIN_KMS_MESSAGE_BYTES: Final = 1
+MAX_KMS_MESSAGE_BYTES: Final = 4096
 
 
 # --- requests to the coordinator ----------------------------------------------------------

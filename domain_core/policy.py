@@ -48,6 +48,12 @@ _OPERATION_NAMES: Final[dict[int, str]] = {
     keys_pb2.KEY_OPERATION_GENERATE_DATA_KEY: "generate data keys",
     keys_pb2.KEY_OPERATION_DESCRIBE: "describe",
     keys_pb2.KEY_OPERATION_ADMIN: "administer",
+    keys_pb2.KEY_OPERATION_SIGN: "sign",
+    keys_pb2.KEY_OPERATION_VERIFY: "verify",
+    keys_pb2.KEY_OPERATION_GET_PUBLIC_KEY: "get the public key",
+    keys_pb2.KEY_OPERATION_GENERATE_MAC: "generate MACs",
+    keys_pb2.KEY_OPERATION_VERIFY_MAC: "verify MACs",
+    keys_pb2.KEY_OPERATION_GENERATE_DATA_KEY_PAIR: "generate data key pairs",
 }
 
 # Every operation a grant may name, in enum order (UNSPECIFIED is not one).

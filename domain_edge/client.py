@@ -55,7 +55,13 @@ from domain_core.errors import (
 from domain_core.limits import DEFAULT_LIMITS, MAX_LISTED_PROPOSALS, Limits
 from domain_core.model import NONCE_BYTES, Proposal, SealedState
 from domain_core.signers import Signer
-from domain_edge.transport import COORDINATOR, secure_channel, split_addresses, wrong_server
+from domain_edge.transport import (
+    COORDINATOR,
+    error_kind,
+    secure_channel,
+    split_addresses,
+    wrong_server,
+)
 from domain_proto import domain_pb2, services_pb2, services_pb2_grpc
 
 __all__ = [
@@ -119,7 +125,8 @@ def error_from_rpc(
     `peer` names the server in messages ("the coordinator", "the HSA"); `overrides` replaces
     the class of some codes for a service whose codes mean something else (ABORTED is a stale
     proposal at the coordinator, a lost compare-and-swap at the key service). The fixed
-    "invalid ciphertext" message comes back as `InvalidCiphertextError`, with no more detail.
+    "invalid ciphertext" message comes back as `InvalidCiphertextError`, with no more detail;
+    an error kind the server named (`transport.error_kind`) as its class, if the status fits.
     """
     code = _code(error)
     call = cast(Any, error)
@@ -140,6 +147,9 @@ def error_from_rpc(
         return HsmDomainError(f"{peer} at {address} failed: {name}: {details[:300]}")
     if issubclass(InvalidCiphertextError, cls) and details == InvalidCiphertextError().message:
         return InvalidCiphertextError()
+    kind = error_kind(error)
+    if kind is not None and issubclass(kind, cls):
+        cls = kind
     return cls(details or f"{peer} refused the call ({code.name if code else '?'})")
 
 

@@ -25,6 +25,64 @@ class KeyOperation(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     KEY_OPERATION_GENERATE_DATA_KEY: _ClassVar[KeyOperation]
     KEY_OPERATION_DESCRIBE: _ClassVar[KeyOperation]
     KEY_OPERATION_ADMIN: _ClassVar[KeyOperation]
+    KEY_OPERATION_SIGN: _ClassVar[KeyOperation]
+    KEY_OPERATION_VERIFY: _ClassVar[KeyOperation]
+    KEY_OPERATION_GET_PUBLIC_KEY: _ClassVar[KeyOperation]
+    KEY_OPERATION_GENERATE_MAC: _ClassVar[KeyOperation]
+    KEY_OPERATION_VERIFY_MAC: _ClassVar[KeyOperation]
+    KEY_OPERATION_GENERATE_DATA_KEY_PAIR: _ClassVar[KeyOperation]
+
+class KeySpec(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    KEY_SPEC_SYMMETRIC_DEFAULT: _ClassVar[KeySpec]
+    KEY_SPEC_RSA_2048: _ClassVar[KeySpec]
+    KEY_SPEC_RSA_3072: _ClassVar[KeySpec]
+    KEY_SPEC_RSA_4096: _ClassVar[KeySpec]
+    KEY_SPEC_ECC_NIST_P256: _ClassVar[KeySpec]
+    KEY_SPEC_ECC_NIST_P384: _ClassVar[KeySpec]
+    KEY_SPEC_ECC_NIST_P521: _ClassVar[KeySpec]
+    KEY_SPEC_HMAC_224: _ClassVar[KeySpec]
+    KEY_SPEC_HMAC_256: _ClassVar[KeySpec]
+    KEY_SPEC_HMAC_384: _ClassVar[KeySpec]
+    KEY_SPEC_HMAC_512: _ClassVar[KeySpec]
+
+class KeyUsage(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    KEY_USAGE_ENCRYPT_DECRYPT: _ClassVar[KeyUsage]
+    KEY_USAGE_SIGN_VERIFY: _ClassVar[KeyUsage]
+    KEY_USAGE_GENERATE_VERIFY_MAC: _ClassVar[KeyUsage]
+
+class SigningAlgorithm(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SIGNING_ALGORITHM_UNSPECIFIED: _ClassVar[SigningAlgorithm]
+    SIGNING_ALGORITHM_RSASSA_PSS_SHA_256: _ClassVar[SigningAlgorithm]
+    SIGNING_ALGORITHM_RSASSA_PSS_SHA_384: _ClassVar[SigningAlgorithm]
+    SIGNING_ALGORITHM_RSASSA_PSS_SHA_512: _ClassVar[SigningAlgorithm]
+    SIGNING_ALGORITHM_RSASSA_PKCS1_V1_5_SHA_256: _ClassVar[SigningAlgorithm]
+    SIGNING_ALGORITHM_RSASSA_PKCS1_V1_5_SHA_384: _ClassVar[SigningAlgorithm]
+    SIGNING_ALGORITHM_RSASSA_PKCS1_V1_5_SHA_512: _ClassVar[SigningAlgorithm]
+    SIGNING_ALGORITHM_ECDSA_SHA_256: _ClassVar[SigningAlgorithm]
+    SIGNING_ALGORITHM_ECDSA_SHA_384: _ClassVar[SigningAlgorithm]
+    SIGNING_ALGORITHM_ECDSA_SHA_512: _ClassVar[SigningAlgorithm]
+
+class EncryptionAlgorithm(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ENCRYPTION_ALGORITHM_SYMMETRIC_DEFAULT: _ClassVar[EncryptionAlgorithm]
+    ENCRYPTION_ALGORITHM_RSAES_OAEP_SHA_1: _ClassVar[EncryptionAlgorithm]
+    ENCRYPTION_ALGORITHM_RSAES_OAEP_SHA_256: _ClassVar[EncryptionAlgorithm]
+
+class MacAlgorithm(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MAC_ALGORITHM_UNSPECIFIED: _ClassVar[MacAlgorithm]
+    MAC_ALGORITHM_HMAC_SHA_224: _ClassVar[MacAlgorithm]
+    MAC_ALGORITHM_HMAC_SHA_256: _ClassVar[MacAlgorithm]
+    MAC_ALGORITHM_HMAC_SHA_384: _ClassVar[MacAlgorithm]
+    MAC_ALGORITHM_HMAC_SHA_512: _ClassVar[MacAlgorithm]
+
+class MessageType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MESSAGE_TYPE_RAW: _ClassVar[MessageType]
+    MESSAGE_TYPE_DIGEST: _ClassVar[MessageType]
 KEY_STATE_UNSPECIFIED: KeyState
 KEY_STATE_ENABLED: KeyState
 KEY_STATE_DISABLED: KeyState
@@ -37,6 +95,46 @@ KEY_OPERATION_RE_ENCRYPT_TO: KeyOperation
 KEY_OPERATION_GENERATE_DATA_KEY: KeyOperation
 KEY_OPERATION_DESCRIBE: KeyOperation
 KEY_OPERATION_ADMIN: KeyOperation
+KEY_OPERATION_SIGN: KeyOperation
+KEY_OPERATION_VERIFY: KeyOperation
+KEY_OPERATION_GET_PUBLIC_KEY: KeyOperation
+KEY_OPERATION_GENERATE_MAC: KeyOperation
+KEY_OPERATION_VERIFY_MAC: KeyOperation
+KEY_OPERATION_GENERATE_DATA_KEY_PAIR: KeyOperation
+KEY_SPEC_SYMMETRIC_DEFAULT: KeySpec
+KEY_SPEC_RSA_2048: KeySpec
+KEY_SPEC_RSA_3072: KeySpec
+KEY_SPEC_RSA_4096: KeySpec
+KEY_SPEC_ECC_NIST_P256: KeySpec
+KEY_SPEC_ECC_NIST_P384: KeySpec
+KEY_SPEC_ECC_NIST_P521: KeySpec
+KEY_SPEC_HMAC_224: KeySpec
+KEY_SPEC_HMAC_256: KeySpec
+KEY_SPEC_HMAC_384: KeySpec
+KEY_SPEC_HMAC_512: KeySpec
+KEY_USAGE_ENCRYPT_DECRYPT: KeyUsage
+KEY_USAGE_SIGN_VERIFY: KeyUsage
+KEY_USAGE_GENERATE_VERIFY_MAC: KeyUsage
+SIGNING_ALGORITHM_UNSPECIFIED: SigningAlgorithm
+SIGNING_ALGORITHM_RSASSA_PSS_SHA_256: SigningAlgorithm
+SIGNING_ALGORITHM_RSASSA_PSS_SHA_384: SigningAlgorithm
+SIGNING_ALGORITHM_RSASSA_PSS_SHA_512: SigningAlgorithm
+SIGNING_ALGORITHM_RSASSA_PKCS1_V1_5_SHA_256: SigningAlgorithm
+SIGNING_ALGORITHM_RSASSA_PKCS1_V1_5_SHA_384: SigningAlgorithm
+SIGNING_ALGORITHM_RSASSA_PKCS1_V1_5_SHA_512: SigningAlgorithm
+SIGNING_ALGORITHM_ECDSA_SHA_256: SigningAlgorithm
+SIGNING_ALGORITHM_ECDSA_SHA_384: SigningAlgorithm
+SIGNING_ALGORITHM_ECDSA_SHA_512: SigningAlgorithm
+ENCRYPTION_ALGORITHM_SYMMETRIC_DEFAULT: EncryptionAlgorithm
+ENCRYPTION_ALGORITHM_RSAES_OAEP_SHA_1: EncryptionAlgorithm
+ENCRYPTION_ALGORITHM_RSAES_OAEP_SHA_256: EncryptionAlgorithm
+MAC_ALGORITHM_UNSPECIFIED: MacAlgorithm
+MAC_ALGORITHM_HMAC_SHA_224: MacAlgorithm
+MAC_ALGORITHM_HMAC_SHA_256: MacAlgorithm
+MAC_ALGORITHM_HMAC_SHA_384: MacAlgorithm
+MAC_ALGORITHM_HMAC_SHA_512: MacAlgorithm
+MESSAGE_TYPE_RAW: MessageType
+MESSAGE_TYPE_DIGEST: MessageType
 
 class PolicyGrant(_message.Message):
     __slots__ = ("principals", "operations")
@@ -63,7 +161,7 @@ class RotationSettings(_message.Message):
     def __init__(self, enabled: _Optional[bool] = ..., period_days: _Optional[int] = ..., next_rotation_at: _Optional[int] = ...) -> None: ...
 
 class KeyMetadata(_message.Message):
-    __slots__ = ("key_id", "description", "state", "created_at", "deletion_at", "policy", "rotation", "current_backing_version", "creator", "metadata_version", "domain_id")
+    __slots__ = ("key_id", "description", "state", "created_at", "deletion_at", "policy", "rotation", "current_backing_version", "creator", "metadata_version", "domain_id", "key_spec", "key_usage")
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +173,8 @@ class KeyMetadata(_message.Message):
     CREATOR_FIELD_NUMBER: _ClassVar[int]
     METADATA_VERSION_FIELD_NUMBER: _ClassVar[int]
     DOMAIN_ID_FIELD_NUMBER: _ClassVar[int]
+    KEY_SPEC_FIELD_NUMBER: _ClassVar[int]
+    KEY_USAGE_FIELD_NUMBER: _ClassVar[int]
     key_id: str
     description: str
     state: KeyState
@@ -86,7 +186,9 @@ class KeyMetadata(_message.Message):
     creator: str
     metadata_version: int
     domain_id: str
-    def __init__(self, key_id: _Optional[str] = ..., description: _Optional[str] = ..., state: _Optional[_Union[KeyState, str]] = ..., created_at: _Optional[int] = ..., deletion_at: _Optional[int] = ..., policy: _Optional[_Union[KeyPolicy, _Mapping]] = ..., rotation: _Optional[_Union[RotationSettings, _Mapping]] = ..., current_backing_version: _Optional[int] = ..., creator: _Optional[str] = ..., metadata_version: _Optional[int] = ..., domain_id: _Optional[str] = ...) -> None: ...
+    key_spec: KeySpec
+    key_usage: KeyUsage
+    def __init__(self, key_id: _Optional[str] = ..., description: _Optional[str] = ..., state: _Optional[_Union[KeyState, str]] = ..., created_at: _Optional[int] = ..., deletion_at: _Optional[int] = ..., policy: _Optional[_Union[KeyPolicy, _Mapping]] = ..., rotation: _Optional[_Union[RotationSettings, _Mapping]] = ..., current_backing_version: _Optional[int] = ..., creator: _Optional[str] = ..., metadata_version: _Optional[int] = ..., domain_id: _Optional[str] = ..., key_spec: _Optional[_Union[KeySpec, str]] = ..., key_usage: _Optional[_Union[KeyUsage, str]] = ...) -> None: ...
 
 class KeyToken(_message.Message):
     __slots__ = ("key_id", "backing_version", "domain_key_generation", "nonce", "ciphertext", "salt")

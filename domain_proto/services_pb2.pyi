@@ -28,18 +28,22 @@ PROPOSAL_STATE_STALE: ProposalState
 PROPOSAL_STATE_REJECTED: ProposalState
 
 class CreateKeyRequest(_message.Message):
-    __slots__ = ("description", "policy", "enable_rotation", "rotation_period_days", "idempotency_key")
+    __slots__ = ("description", "policy", "enable_rotation", "rotation_period_days", "idempotency_key", "key_spec", "key_usage")
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     ENABLE_ROTATION_FIELD_NUMBER: _ClassVar[int]
     ROTATION_PERIOD_DAYS_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    KEY_SPEC_FIELD_NUMBER: _ClassVar[int]
+    KEY_USAGE_FIELD_NUMBER: _ClassVar[int]
     description: str
     policy: _keys_pb2.KeyPolicy
     enable_rotation: bool
     rotation_period_days: int
     idempotency_key: str
-    def __init__(self, description: _Optional[str] = ..., policy: _Optional[_Union[_keys_pb2.KeyPolicy, _Mapping]] = ..., enable_rotation: _Optional[bool] = ..., rotation_period_days: _Optional[int] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+    key_spec: _keys_pb2.KeySpec
+    key_usage: _keys_pb2.KeyUsage
+    def __init__(self, description: _Optional[str] = ..., policy: _Optional[_Union[_keys_pb2.KeyPolicy, _Mapping]] = ..., enable_rotation: _Optional[bool] = ..., rotation_period_days: _Optional[int] = ..., idempotency_key: _Optional[str] = ..., key_spec: _Optional[_Union[_keys_pb2.KeySpec, str]] = ..., key_usage: _Optional[_Union[_keys_pb2.KeyUsage, str]] = ...) -> None: ...
 
 class KeyIdRequest(_message.Message):
     __slots__ = ("key_id",)
@@ -78,7 +82,7 @@ class EncryptionContextEntry(_message.Message):
     def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
 
 class EncryptRequest(_message.Message):
-    __slots__ = ("key_id", "plaintext", "encryption_context")
+    __slots__ = ("key_id", "plaintext", "encryption_context", "encryption_algorithm")
     class EncryptionContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -89,23 +93,27 @@ class EncryptRequest(_message.Message):
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     PLAINTEXT_FIELD_NUMBER: _ClassVar[int]
     ENCRYPTION_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    ENCRYPTION_ALGORITHM_FIELD_NUMBER: _ClassVar[int]
     key_id: str
     plaintext: bytes
     encryption_context: _containers.ScalarMap[str, str]
-    def __init__(self, key_id: _Optional[str] = ..., plaintext: _Optional[bytes] = ..., encryption_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    encryption_algorithm: _keys_pb2.EncryptionAlgorithm
+    def __init__(self, key_id: _Optional[str] = ..., plaintext: _Optional[bytes] = ..., encryption_context: _Optional[_Mapping[str, str]] = ..., encryption_algorithm: _Optional[_Union[_keys_pb2.EncryptionAlgorithm, str]] = ...) -> None: ...
 
 class EncryptResponse(_message.Message):
-    __slots__ = ("key_id", "ciphertext_blob", "backing_version")
+    __slots__ = ("key_id", "ciphertext_blob", "backing_version", "encryption_algorithm")
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     CIPHERTEXT_BLOB_FIELD_NUMBER: _ClassVar[int]
     BACKING_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ENCRYPTION_ALGORITHM_FIELD_NUMBER: _ClassVar[int]
     key_id: str
     ciphertext_blob: bytes
     backing_version: int
-    def __init__(self, key_id: _Optional[str] = ..., ciphertext_blob: _Optional[bytes] = ..., backing_version: _Optional[int] = ...) -> None: ...
+    encryption_algorithm: _keys_pb2.EncryptionAlgorithm
+    def __init__(self, key_id: _Optional[str] = ..., ciphertext_blob: _Optional[bytes] = ..., backing_version: _Optional[int] = ..., encryption_algorithm: _Optional[_Union[_keys_pb2.EncryptionAlgorithm, str]] = ...) -> None: ...
 
 class DecryptRequest(_message.Message):
-    __slots__ = ("ciphertext_blob", "encryption_context", "key_id")
+    __slots__ = ("ciphertext_blob", "encryption_context", "key_id", "encryption_algorithm")
     class EncryptionContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -116,18 +124,22 @@ class DecryptRequest(_message.Message):
     CIPHERTEXT_BLOB_FIELD_NUMBER: _ClassVar[int]
     ENCRYPTION_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    ENCRYPTION_ALGORITHM_FIELD_NUMBER: _ClassVar[int]
     ciphertext_blob: bytes
     encryption_context: _containers.ScalarMap[str, str]
     key_id: str
-    def __init__(self, ciphertext_blob: _Optional[bytes] = ..., encryption_context: _Optional[_Mapping[str, str]] = ..., key_id: _Optional[str] = ...) -> None: ...
+    encryption_algorithm: _keys_pb2.EncryptionAlgorithm
+    def __init__(self, ciphertext_blob: _Optional[bytes] = ..., encryption_context: _Optional[_Mapping[str, str]] = ..., key_id: _Optional[str] = ..., encryption_algorithm: _Optional[_Union[_keys_pb2.EncryptionAlgorithm, str]] = ...) -> None: ...
 
 class DecryptResponse(_message.Message):
-    __slots__ = ("key_id", "plaintext")
+    __slots__ = ("key_id", "plaintext", "encryption_algorithm")
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     PLAINTEXT_FIELD_NUMBER: _ClassVar[int]
+    ENCRYPTION_ALGORITHM_FIELD_NUMBER: _ClassVar[int]
     key_id: str
     plaintext: bytes
-    def __init__(self, key_id: _Optional[str] = ..., plaintext: _Optional[bytes] = ...) -> None: ...
+    encryption_algorithm: _keys_pb2.EncryptionAlgorithm
+    def __init__(self, key_id: _Optional[str] = ..., plaintext: _Optional[bytes] = ..., encryption_algorithm: _Optional[_Union[_keys_pb2.EncryptionAlgorithm, str]] = ...) -> None: ...
 
 class ReEncryptRequest(_message.Message):
     __slots__ = ("ciphertext_blob", "source_encryption_context", "destination_key_id", "destination_encryption_context")
@@ -192,6 +204,141 @@ class GenerateDataKeyResponse(_message.Message):
     ciphertext_blob: bytes
     def __init__(self, key_id: _Optional[str] = ..., plaintext: _Optional[bytes] = ..., ciphertext_blob: _Optional[bytes] = ...) -> None: ...
 
+class SignRequest(_message.Message):
+    __slots__ = ("key_id", "message", "message_type", "signing_algorithm")
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_TYPE_FIELD_NUMBER: _ClassVar[int]
+    SIGNING_ALGORITHM_FIELD_NUMBER: _ClassVar[int]
+    key_id: str
+    message: bytes
+    message_type: _keys_pb2.MessageType
+    signing_algorithm: _keys_pb2.SigningAlgorithm
+    def __init__(self, key_id: _Optional[str] = ..., message: _Optional[bytes] = ..., message_type: _Optional[_Union[_keys_pb2.MessageType, str]] = ..., signing_algorithm: _Optional[_Union[_keys_pb2.SigningAlgorithm, str]] = ...) -> None: ...
+
+class SignResponse(_message.Message):
+    __slots__ = ("key_id", "signature", "signing_algorithm")
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    SIGNING_ALGORITHM_FIELD_NUMBER: _ClassVar[int]
+    key_id: str
+    signature: bytes
+    signing_algorithm: _keys_pb2.SigningAlgorithm
+    def __init__(self, key_id: _Optional[str] = ..., signature: _Optional[bytes] = ..., signing_algorithm: _Optional[_Union[_keys_pb2.SigningAlgorithm, str]] = ...) -> None: ...
+
+class VerifyRequest(_message.Message):
+    __slots__ = ("key_id", "message", "message_type", "signature", "signing_algorithm")
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_TYPE_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    SIGNING_ALGORITHM_FIELD_NUMBER: _ClassVar[int]
+    key_id: str
+    message: bytes
+    message_type: _keys_pb2.MessageType
+    signature: bytes
+    signing_algorithm: _keys_pb2.SigningAlgorithm
+    def __init__(self, key_id: _Optional[str] = ..., message: _Optional[bytes] = ..., message_type: _Optional[_Union[_keys_pb2.MessageType, str]] = ..., signature: _Optional[bytes] = ..., signing_algorithm: _Optional[_Union[_keys_pb2.SigningAlgorithm, str]] = ...) -> None: ...
+
+class VerifyResponse(_message.Message):
+    __slots__ = ("key_id", "signature_valid", "signing_algorithm")
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_VALID_FIELD_NUMBER: _ClassVar[int]
+    SIGNING_ALGORITHM_FIELD_NUMBER: _ClassVar[int]
+    key_id: str
+    signature_valid: bool
+    signing_algorithm: _keys_pb2.SigningAlgorithm
+    def __init__(self, key_id: _Optional[str] = ..., signature_valid: _Optional[bool] = ..., signing_algorithm: _Optional[_Union[_keys_pb2.SigningAlgorithm, str]] = ...) -> None: ...
+
+class GetPublicKeyResponse(_message.Message):
+    __slots__ = ("key_id", "public_key", "key_spec", "key_usage", "signing_algorithms", "encryption_algorithms")
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    KEY_SPEC_FIELD_NUMBER: _ClassVar[int]
+    KEY_USAGE_FIELD_NUMBER: _ClassVar[int]
+    SIGNING_ALGORITHMS_FIELD_NUMBER: _ClassVar[int]
+    ENCRYPTION_ALGORITHMS_FIELD_NUMBER: _ClassVar[int]
+    key_id: str
+    public_key: bytes
+    key_spec: _keys_pb2.KeySpec
+    key_usage: _keys_pb2.KeyUsage
+    signing_algorithms: _containers.RepeatedScalarFieldContainer[_keys_pb2.SigningAlgorithm]
+    encryption_algorithms: _containers.RepeatedScalarFieldContainer[_keys_pb2.EncryptionAlgorithm]
+    def __init__(self, key_id: _Optional[str] = ..., public_key: _Optional[bytes] = ..., key_spec: _Optional[_Union[_keys_pb2.KeySpec, str]] = ..., key_usage: _Optional[_Union[_keys_pb2.KeyUsage, str]] = ..., signing_algorithms: _Optional[_Iterable[_Union[_keys_pb2.SigningAlgorithm, str]]] = ..., encryption_algorithms: _Optional[_Iterable[_Union[_keys_pb2.EncryptionAlgorithm, str]]] = ...) -> None: ...
+
+class GenerateMacRequest(_message.Message):
+    __slots__ = ("key_id", "message", "mac_algorithm")
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    MAC_ALGORITHM_FIELD_NUMBER: _ClassVar[int]
+    key_id: str
+    message: bytes
+    mac_algorithm: _keys_pb2.MacAlgorithm
+    def __init__(self, key_id: _Optional[str] = ..., message: _Optional[bytes] = ..., mac_algorithm: _Optional[_Union[_keys_pb2.MacAlgorithm, str]] = ...) -> None: ...
+
+class GenerateMacResponse(_message.Message):
+    __slots__ = ("key_id", "mac", "mac_algorithm")
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    MAC_FIELD_NUMBER: _ClassVar[int]
+    MAC_ALGORITHM_FIELD_NUMBER: _ClassVar[int]
+    key_id: str
+    mac: bytes
+    mac_algorithm: _keys_pb2.MacAlgorithm
+    def __init__(self, key_id: _Optional[str] = ..., mac: _Optional[bytes] = ..., mac_algorithm: _Optional[_Union[_keys_pb2.MacAlgorithm, str]] = ...) -> None: ...
+
+class VerifyMacRequest(_message.Message):
+    __slots__ = ("key_id", "message", "mac", "mac_algorithm")
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    MAC_FIELD_NUMBER: _ClassVar[int]
+    MAC_ALGORITHM_FIELD_NUMBER: _ClassVar[int]
+    key_id: str
+    message: bytes
+    mac: bytes
+    mac_algorithm: _keys_pb2.MacAlgorithm
+    def __init__(self, key_id: _Optional[str] = ..., message: _Optional[bytes] = ..., mac: _Optional[bytes] = ..., mac_algorithm: _Optional[_Union[_keys_pb2.MacAlgorithm, str]] = ...) -> None: ...
+
+class VerifyMacResponse(_message.Message):
+    __slots__ = ("key_id", "mac_valid", "mac_algorithm")
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    MAC_VALID_FIELD_NUMBER: _ClassVar[int]
+    MAC_ALGORITHM_FIELD_NUMBER: _ClassVar[int]
+    key_id: str
+    mac_valid: bool
+    mac_algorithm: _keys_pb2.MacAlgorithm
+    def __init__(self, key_id: _Optional[str] = ..., mac_valid: _Optional[bool] = ..., mac_algorithm: _Optional[_Union[_keys_pb2.MacAlgorithm, str]] = ...) -> None: ...
+
+class GenerateDataKeyPairRequest(_message.Message):
+    __slots__ = ("key_id", "encryption_context", "key_pair_spec")
+    class EncryptionContextEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    ENCRYPTION_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    KEY_PAIR_SPEC_FIELD_NUMBER: _ClassVar[int]
+    key_id: str
+    encryption_context: _containers.ScalarMap[str, str]
+    key_pair_spec: _keys_pb2.KeySpec
+    def __init__(self, key_id: _Optional[str] = ..., encryption_context: _Optional[_Mapping[str, str]] = ..., key_pair_spec: _Optional[_Union[_keys_pb2.KeySpec, str]] = ...) -> None: ...
+
+class GenerateDataKeyPairResponse(_message.Message):
+    __slots__ = ("key_id", "private_key_plaintext", "private_key_ciphertext_blob", "public_key", "key_pair_spec")
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    PRIVATE_KEY_PLAINTEXT_FIELD_NUMBER: _ClassVar[int]
+    PRIVATE_KEY_CIPHERTEXT_BLOB_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    KEY_PAIR_SPEC_FIELD_NUMBER: _ClassVar[int]
+    key_id: str
+    private_key_plaintext: bytes
+    private_key_ciphertext_blob: bytes
+    public_key: bytes
+    key_pair_spec: _keys_pb2.KeySpec
+    def __init__(self, key_id: _Optional[str] = ..., private_key_plaintext: _Optional[bytes] = ..., private_key_ciphertext_blob: _Optional[bytes] = ..., public_key: _Optional[bytes] = ..., key_pair_spec: _Optional[_Union[_keys_pb2.KeySpec, str]] = ...) -> None: ...
+
 class GenerateRandomRequest(_message.Message):
     __slots__ = ("number_of_bytes",)
     NUMBER_OF_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -239,12 +386,13 @@ class SessionRequest(_message.Message):
     def __init__(self, request_id: _Optional[int] = ..., timeout_ms: _Optional[int] = ..., encrypt: _Optional[_Union[EncryptRequest, _Mapping]] = ..., decrypt: _Optional[_Union[DecryptRequest, _Mapping]] = ..., re_encrypt: _Optional[_Union[ReEncryptRequest, _Mapping]] = ..., generate_data_key: _Optional[_Union[GenerateDataKeyRequest, _Mapping]] = ..., generate_data_key_without_plaintext: _Optional[_Union[GenerateDataKeyRequest, _Mapping]] = ...) -> None: ...
 
 class SessionResponse(_message.Message):
-    __slots__ = ("request_id", "code", "message", "nothing_applied", "retry_after_ms", "encrypt", "decrypt", "re_encrypt", "generate_data_key", "generate_data_key_without_plaintext")
+    __slots__ = ("request_id", "code", "message", "nothing_applied", "retry_after_ms", "error_kind", "encrypt", "decrypt", "re_encrypt", "generate_data_key", "generate_data_key_without_plaintext")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     NOTHING_APPLIED_FIELD_NUMBER: _ClassVar[int]
     RETRY_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_KIND_FIELD_NUMBER: _ClassVar[int]
     ENCRYPT_FIELD_NUMBER: _ClassVar[int]
     DECRYPT_FIELD_NUMBER: _ClassVar[int]
     RE_ENCRYPT_FIELD_NUMBER: _ClassVar[int]
@@ -255,12 +403,13 @@ class SessionResponse(_message.Message):
     message: str
     nothing_applied: bool
     retry_after_ms: int
+    error_kind: str
     encrypt: EncryptResponse
     decrypt: DecryptResponse
     re_encrypt: ReEncryptResponse
     generate_data_key: GenerateDataKeyResponse
     generate_data_key_without_plaintext: GenerateDataKeyResponse
-    def __init__(self, request_id: _Optional[int] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., nothing_applied: _Optional[bool] = ..., retry_after_ms: _Optional[int] = ..., encrypt: _Optional[_Union[EncryptResponse, _Mapping]] = ..., decrypt: _Optional[_Union[DecryptResponse, _Mapping]] = ..., re_encrypt: _Optional[_Union[ReEncryptResponse, _Mapping]] = ..., generate_data_key: _Optional[_Union[GenerateDataKeyResponse, _Mapping]] = ..., generate_data_key_without_plaintext: _Optional[_Union[GenerateDataKeyResponse, _Mapping]] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[int] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., nothing_applied: _Optional[bool] = ..., retry_after_ms: _Optional[int] = ..., error_kind: _Optional[str] = ..., encrypt: _Optional[_Union[EncryptResponse, _Mapping]] = ..., decrypt: _Optional[_Union[DecryptResponse, _Mapping]] = ..., re_encrypt: _Optional[_Union[ReEncryptResponse, _Mapping]] = ..., generate_data_key: _Optional[_Union[GenerateDataKeyResponse, _Mapping]] = ..., generate_data_key_without_plaintext: _Optional[_Union[GenerateDataKeyResponse, _Mapping]] = ...) -> None: ...
 
 class SessionRequests(_message.Message):
     __slots__ = ("calls",)

@@ -87,6 +87,41 @@ class KeyServiceStub:
                 request_serializer=hsmdomain_dot_v1_dot_services__pb2.GenerateRandomRequest.SerializeToString,
                 response_deserializer=hsmdomain_dot_v1_dot_services__pb2.GenerateRandomResponse.FromString,
                 _registered_method=True)
+        self.Sign = channel.unary_unary(
+                '/hsmdomain.v1.KeyService/Sign',
+                request_serializer=hsmdomain_dot_v1_dot_services__pb2.SignRequest.SerializeToString,
+                response_deserializer=hsmdomain_dot_v1_dot_services__pb2.SignResponse.FromString,
+                _registered_method=True)
+        self.Verify = channel.unary_unary(
+                '/hsmdomain.v1.KeyService/Verify',
+                request_serializer=hsmdomain_dot_v1_dot_services__pb2.VerifyRequest.SerializeToString,
+                response_deserializer=hsmdomain_dot_v1_dot_services__pb2.VerifyResponse.FromString,
+                _registered_method=True)
+        self.GetPublicKey = channel.unary_unary(
+                '/hsmdomain.v1.KeyService/GetPublicKey',
+                request_serializer=hsmdomain_dot_v1_dot_services__pb2.KeyIdRequest.SerializeToString,
+                response_deserializer=hsmdomain_dot_v1_dot_services__pb2.GetPublicKeyResponse.FromString,
+                _registered_method=True)
+        self.GenerateMac = channel.unary_unary(
+                '/hsmdomain.v1.KeyService/GenerateMac',
+                request_serializer=hsmdomain_dot_v1_dot_services__pb2.GenerateMacRequest.SerializeToString,
+                response_deserializer=hsmdomain_dot_v1_dot_services__pb2.GenerateMacResponse.FromString,
+                _registered_method=True)
+        self.VerifyMac = channel.unary_unary(
+                '/hsmdomain.v1.KeyService/VerifyMac',
+                request_serializer=hsmdomain_dot_v1_dot_services__pb2.VerifyMacRequest.SerializeToString,
+                response_deserializer=hsmdomain_dot_v1_dot_services__pb2.VerifyMacResponse.FromString,
+                _registered_method=True)
+        self.GenerateDataKeyPair = channel.unary_unary(
+                '/hsmdomain.v1.KeyService/GenerateDataKeyPair',
+                request_serializer=hsmdomain_dot_v1_dot_services__pb2.GenerateDataKeyPairRequest.SerializeToString,
+                response_deserializer=hsmdomain_dot_v1_dot_services__pb2.GenerateDataKeyPairResponse.FromString,
+                _registered_method=True)
+        self.GenerateDataKeyPairWithoutPlaintext = channel.unary_unary(
+                '/hsmdomain.v1.KeyService/GenerateDataKeyPairWithoutPlaintext',
+                request_serializer=hsmdomain_dot_v1_dot_services__pb2.GenerateDataKeyPairRequest.SerializeToString,
+                response_deserializer=hsmdomain_dot_v1_dot_services__pb2.GenerateDataKeyPairResponse.FromString,
+                _registered_method=True)
         self.RotateKey = channel.unary_unary(
                 '/hsmdomain.v1.KeyService/RotateKey',
                 request_serializer=hsmdomain_dot_v1_dot_services__pb2.KeyIdRequest.SerializeToString,
@@ -183,6 +218,48 @@ class KeyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Sign(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Verify(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPublicKey(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GenerateMac(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def VerifyMac(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GenerateDataKeyPair(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GenerateDataKeyPairWithoutPlaintext(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def RotateKey(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -271,6 +348,41 @@ def add_KeyServiceServicer_to_server(servicer, server):
                     servicer.GenerateRandom,
                     request_deserializer=hsmdomain_dot_v1_dot_services__pb2.GenerateRandomRequest.FromString,
                     response_serializer=hsmdomain_dot_v1_dot_services__pb2.GenerateRandomResponse.SerializeToString,
+            ),
+            'Sign': grpc.unary_unary_rpc_method_handler(
+                    servicer.Sign,
+                    request_deserializer=hsmdomain_dot_v1_dot_services__pb2.SignRequest.FromString,
+                    response_serializer=hsmdomain_dot_v1_dot_services__pb2.SignResponse.SerializeToString,
+            ),
+            'Verify': grpc.unary_unary_rpc_method_handler(
+                    servicer.Verify,
+                    request_deserializer=hsmdomain_dot_v1_dot_services__pb2.VerifyRequest.FromString,
+                    response_serializer=hsmdomain_dot_v1_dot_services__pb2.VerifyResponse.SerializeToString,
+            ),
+            'GetPublicKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPublicKey,
+                    request_deserializer=hsmdomain_dot_v1_dot_services__pb2.KeyIdRequest.FromString,
+                    response_serializer=hsmdomain_dot_v1_dot_services__pb2.GetPublicKeyResponse.SerializeToString,
+            ),
+            'GenerateMac': grpc.unary_unary_rpc_method_handler(
+                    servicer.GenerateMac,
+                    request_deserializer=hsmdomain_dot_v1_dot_services__pb2.GenerateMacRequest.FromString,
+                    response_serializer=hsmdomain_dot_v1_dot_services__pb2.GenerateMacResponse.SerializeToString,
+            ),
+            'VerifyMac': grpc.unary_unary_rpc_method_handler(
+                    servicer.VerifyMac,
+                    request_deserializer=hsmdomain_dot_v1_dot_services__pb2.VerifyMacRequest.FromString,
+                    response_serializer=hsmdomain_dot_v1_dot_services__pb2.VerifyMacResponse.SerializeToString,
+            ),
+            'GenerateDataKeyPair': grpc.unary_unary_rpc_method_handler(
+                    servicer.GenerateDataKeyPair,
+                    request_deserializer=hsmdomain_dot_v1_dot_services__pb2.GenerateDataKeyPairRequest.FromString,
+                    response_serializer=hsmdomain_dot_v1_dot_services__pb2.GenerateDataKeyPairResponse.SerializeToString,
+            ),
+            'GenerateDataKeyPairWithoutPlaintext': grpc.unary_unary_rpc_method_handler(
+                    servicer.GenerateDataKeyPairWithoutPlaintext,
+                    request_deserializer=hsmdomain_dot_v1_dot_services__pb2.GenerateDataKeyPairRequest.FromString,
+                    response_serializer=hsmdomain_dot_v1_dot_services__pb2.GenerateDataKeyPairResponse.SerializeToString,
             ),
             'RotateKey': grpc.unary_unary_rpc_method_handler(
                     servicer.RotateKey,
@@ -573,6 +685,195 @@ class KeyService:
             '/hsmdomain.v1.KeyService/GenerateRandom',
             hsmdomain_dot_v1_dot_services__pb2.GenerateRandomRequest.SerializeToString,
             hsmdomain_dot_v1_dot_services__pb2.GenerateRandomResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Sign(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hsmdomain.v1.KeyService/Sign',
+            hsmdomain_dot_v1_dot_services__pb2.SignRequest.SerializeToString,
+            hsmdomain_dot_v1_dot_services__pb2.SignResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Verify(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hsmdomain.v1.KeyService/Verify',
+            hsmdomain_dot_v1_dot_services__pb2.VerifyRequest.SerializeToString,
+            hsmdomain_dot_v1_dot_services__pb2.VerifyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPublicKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hsmdomain.v1.KeyService/GetPublicKey',
+            hsmdomain_dot_v1_dot_services__pb2.KeyIdRequest.SerializeToString,
+            hsmdomain_dot_v1_dot_services__pb2.GetPublicKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateMac(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hsmdomain.v1.KeyService/GenerateMac',
+            hsmdomain_dot_v1_dot_services__pb2.GenerateMacRequest.SerializeToString,
+            hsmdomain_dot_v1_dot_services__pb2.GenerateMacResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VerifyMac(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hsmdomain.v1.KeyService/VerifyMac',
+            hsmdomain_dot_v1_dot_services__pb2.VerifyMacRequest.SerializeToString,
+            hsmdomain_dot_v1_dot_services__pb2.VerifyMacResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateDataKeyPair(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hsmdomain.v1.KeyService/GenerateDataKeyPair',
+            hsmdomain_dot_v1_dot_services__pb2.GenerateDataKeyPairRequest.SerializeToString,
+            hsmdomain_dot_v1_dot_services__pb2.GenerateDataKeyPairResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateDataKeyPairWithoutPlaintext(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hsmdomain.v1.KeyService/GenerateDataKeyPairWithoutPlaintext',
+            hsmdomain_dot_v1_dot_services__pb2.GenerateDataKeyPairRequest.SerializeToString,
+            hsmdomain_dot_v1_dot_services__pb2.GenerateDataKeyPairResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -46,7 +46,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Final
 
-from domain_core import keytokens, policy
+from domain_core import keyspecs, keytokens, policy
 from domain_core.errors import NotFoundError, UnavailableError
 from domain_edge.throttled_log import ThrottledLog
 from domain_proto import keys_pb2
@@ -110,10 +110,14 @@ class CachedKey:
     """The key policy's decisions (`policy.granted_operations`), made once per entry."""
     size: int = field(init=False, repr=False, compare=False)
     """What this entry takes in memory, estimated from the record and the decisions (bytes)."""
+    loaded: dict[int, keyspecs.AsymmetricKey] = field(init=False, repr=False, compare=False)
+    """An asymmetric key's parsed private key by backing version, filled on first use
+    (`keyaccess`): parsing a DER key costs far more than using it."""
 
     def __post_init__(self) -> None:
         grants = policy.granted_operations(self.metadata.policy)
         object.__setattr__(self, "grants", grants)
+        object.__setattr__(self, "loaded", {})
         object.__setattr__(
             self,
             "size",

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from typing import Any, Final
 
 import grpc
@@ -62,9 +62,10 @@ from domain_core.limits import DEFAULT_LIMITS, MAX_LIST_KEYS_LIMIT, Limits
 from domain_edge.throttled_log import ThrottledLog
 from domain_proto import keys_pb2, services_pb2, services_pb2_grpc
 from hsa_node.keycache import CachedKey, KeyCache
-from hsa_node.keycalls import AuditSink, CallFrame, KeyCall, PeerGate
+from hsa_node.keycalls import AuditSink, KeyCall, PeerGate
 from hsa_node.keyrecords import CoordinatorUnreachableError, parse_metadata
 from hsa_node.keysession import KeySessions
+from hsa_node.keyspec_calls import SYMMETRIC_OR_RSA, SpecCalls
 from hsa_node.keywrites import KeyWriter
 from hsa_node.node import DomainNode
 from hsa_node.quotas import Quotas
@@ -80,7 +81,7 @@ DEFAULT_LIST_LIMIT: Final = 100
 # --- the servicer --------------------------------------------------------------------------
 
 
-class KeyServiceServicer(services_pb2_grpc.KeyServiceServicer):
+class KeyServiceServicer(SpecCalls, services_pb2_grpc.KeyServiceServicer):
     """Customer-key operations for client principals (see the module invariants)."""
 
     def __init__(
@@ -94,19 +95,17 @@ class KeyServiceServicer(services_pb2_grpc.KeyServiceServicer):
         peers: PeerGate | None = None,
         quotas: Quotas | None = None,
     ) -> None:
-        """`peers` gates serving on the HSA's peers (floors taken, head confirmed); every HSA
-        process has one (None only outside an HSA: benchmarks, in-process tests). `quotas`
-        are this process's request-rate buckets (default: the whole quota of `limits`, as
-        for a domain of one process)."""
-        self._frame = CallFrame(
-            node=node, audit=audit, peers=peers, quotas=quotas or Quotas(limits)
+        """See `KeyAccess`."""
+        super().__init__(
+            node=node,
+            cache=cache,
+            audit=audit,
+            limits=limits,
+            clock=clock,
+            peers=peers,
+            quotas=quotas,
         )
-        self._domain_id = node.domain_id
-        self._cache = cache
-        self._records = cache.records
         self._writer = KeyWriter(cache, clock)
-        self._limits = limits
-        self._clock = clock
         self._throttled = ThrottledLog(log)
         self._sessions = KeySessions(
             self, self._frame.principal, limits, fresh=self._cache.is_fresh
@@ -130,38 +129,6 @@ class KeyServiceServicer(services_pb2_grpc.KeyServiceServicer):
     Session.experimental_thread_pool = None  # type: ignore[attr-defined]
 
     # --- helpers of the call bodies ------------------------------------------------------
-
-    def _authorize(self, entry: CachedKey, call: KeyCall, operation: int) -> None:
-        policy.require_granted(entry.grants, call.principal, operation, entry.key_id)
-
-    def _usable(self, key_id: str, call: KeyCall, operation: int) -> CachedKey:
-        """The key, if the caller may do `operation` with it and it is enabled."""
-        entry = self._cache.get(key_id)
-        self._authorize(entry, call, operation)
-        require_enabled(entry.metadata)
-        return entry
-
-    def _context(self, call: KeyCall, values: Mapping[str, str]) -> bytes:
-        """The request's encryption context, recorded for the audit; its canonical encoding
-        (which checks it), encoded once per call."""
-        context = dict(values)
-        call.context = context
-        return ciphertext.encode_context(context, self._limits)
-
-    def _key_id(self, call: KeyCall, value: str, what: str = "key_id") -> str:
-        try:
-            key_id = ciphertext.validate_key_id(value)
-        except InvalidInputError as error:
-            raise InvalidInputError(f"{what}: {error.message}") from None
-        call.key_id = key_id
-        return key_id
-
-    def _byte_count(self, value: int, default: int | None) -> int:
-        maximum = self._limits.max_random_bytes
-        count = value or (default or 0)
-        if not 1 <= count <= maximum:
-            raise InvalidInputError(f"number_of_bytes must be between 1 and {maximum}, not {value}")
-        return count
 
     def _open(
         self,
@@ -205,9 +172,12 @@ class KeyServiceServicer(services_pb2_grpc.KeyServiceServicer):
     def Encrypt(
         self, request: services_pb2.EncryptRequest, context: grpc.ServicerContext
     ) -> services_pb2.EncryptResponse:
-        """Seal up to 4096 bytes under the key's current backing version."""
+        """Seal up to 4096 bytes under the key's current backing version (or, with an RSA
+        algorithm, up to what RSA-OAEP allows under an RSA key: `SpecCalls`)."""
 
         def body(call: KeyCall) -> services_pb2.EncryptResponse:
+            if request.encryption_algorithm != keys_pb2.ENCRYPTION_ALGORITHM_SYMMETRIC_DEFAULT:
+                return self._encrypt_rsa(call, request)
             key_id = self._key_id(call, request.key_id)
             encoded_context = self._context(call, request.encryption_context)
             if len(request.plaintext) > self._limits.max_plaintext_bytes:
@@ -216,7 +186,9 @@ class KeyServiceServicer(services_pb2_grpc.KeyServiceServicer):
                     f"{self._limits.max_plaintext_bytes} (use envelope encryption with "
                     "GenerateDataKey for more)"
                 )
-            entry = self._usable(key_id, call, keys_pb2.KEY_OPERATION_ENCRYPT)
+            entry = self._usable(
+                key_id, call, keys_pb2.KEY_OPERATION_ENCRYPT, needs=SYMMETRIC_OR_RSA
+            )
             blob = self._seal(entry, request.plaintext, encoded_context)
             call.detail = f"backing version {entry.current_version}"
             return services_pb2.EncryptResponse(
@@ -228,9 +200,12 @@ class KeyServiceServicer(services_pb2_grpc.KeyServiceServicer):
     def Decrypt(
         self, request: services_pb2.DecryptRequest, context: grpc.ServicerContext
     ) -> services_pb2.DecryptResponse:
-        """Open a blob; the key comes from its header (`key_id`, if given, must match)."""
+        """Open a blob; the key comes from its header (`key_id`, if given, must match). An
+        RSA-OAEP blob (an RSA algorithm given) is opened by `SpecCalls`."""
 
         def body(call: KeyCall) -> services_pb2.DecryptResponse:
+            if request.encryption_algorithm != keys_pb2.ENCRYPTION_ALGORITHM_SYMMETRIC_DEFAULT:
+                return self._decrypt_rsa(call, request)
             encoded_context = self._context(call, request.encryption_context)
             expected = ""
             if request.key_id:
@@ -412,7 +387,8 @@ class KeyServiceServicer(services_pb2_grpc.KeyServiceServicer):
     def CreateKey(
         self, request: services_pb2.CreateKeyRequest, context: grpc.ServicerContext
     ) -> services_pb2.KeyMetadataResponse:
-        """A new key with a fresh 256-bit backing key, stored at the coordinator first."""
+        """A new key of the asked key spec and usage (default: symmetric, with a fresh 256-bit
+        backing key), stored at the coordinator first."""
 
         def body(call: KeyCall) -> services_pb2.KeyMetadataResponse:
             key = keylifecycle.new_key(
@@ -420,6 +396,8 @@ class KeyServiceServicer(services_pb2_grpc.KeyServiceServicer):
                 key_policy=request.policy if request.HasField("policy") else None,
                 enable_rotation=request.enable_rotation,
                 rotation_period_days=request.rotation_period_days,
+                key_spec=request.key_spec,
+                key_usage=request.key_usage,
                 creator=call.principal,
                 domain_id=self._domain_id,
                 limits=self._limits,

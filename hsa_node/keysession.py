@@ -200,6 +200,7 @@ class KeySessions:
             )
             if isinstance(error, ThrottledError):  # as the unary call's `retry-after`
                 answer.retry_after_ms = transport.retry_after_ms(error)
+            answer.error_kind = transport.wire_kind(error) or ""
             return answer
         except Exception:
             code = grpc.StatusCode.INTERNAL

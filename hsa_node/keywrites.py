@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from typing import Final
 
-from domain_core import crypto, keylifecycle, policy
+from domain_core import keylifecycle, keyspecs, policy
 from domain_core.errors import (
     AlreadyExistsError,
     ConflictError,
@@ -57,14 +57,15 @@ class KeyWriter:
     def create(
         self, metadata: keys_pb2.KeyMetadata, principal: str, *, idempotent: bool = False
     ) -> keys_pb2.KeyMetadata:
-        """Store a new key (its first metadata) with a fresh 256-bit backing key; its metadata.
+        """Store a new key (its first metadata) with fresh material of its key spec (a 256-bit
+        backing key for a symmetric key); its metadata.
 
         With `idempotent` (the key id was derived from the caller's idempotency key), a key
         that exists already under that id is the one an earlier attempt of this very creation
         made: its metadata now is the answer, and nothing new is stored.
         """
         try:
-            entry = self._cache.store(metadata, {1: crypto.new_aes_key()}, 0)
+            entry = self._cache.store(metadata, {1: keyspecs.new_material(metadata.key_spec)}, 0)
         except AlreadyExistsError:
             if not idempotent:
                 raise

@@ -2,8 +2,10 @@
 (docs/runtime.md "Request quotas").
 
 Every KeyService call belongs to one class (`QUOTA_CLASSES`): cryptographic operations,
-reads, listings, key administration, key creation. A class has a rate and a burst for the
-whole domain (`Limits`); each HSA process enforces its share of them, the domain's figures
+asymmetric ones (Sign, Verify, data key pairs; RSA-OAEP Encrypt and Decrypt count as
+cryptographic operations, since the class is chosen before the key is read), reads,
+listings, key administration, key creation. A class has a rate and a burst for the whole
+domain (`Limits`); each HSA process enforces its share of them, the domain's figures
 divided by the key-service processes of the domain (hosts times the processes each runs,
 `shares`), so the domain never serves a principal more than its quota however the calls are
 spread, and a client that spreads them (as `KeyClient` does, round-robin) gets all of it. Key
@@ -44,6 +46,7 @@ class QuotaClass:
 
 
 CRYPTO: Final = QuotaClass("crypto", "cryptographic operations")
+ASYMMETRIC: Final = QuotaClass("asymmetric", "asymmetric cryptographic operations")
 READ: Final = QuotaClass("read", "key reads")
 LIST: Final = QuotaClass("list", "key listings")
 ADMIN: Final = QuotaClass("admin", "key administration calls")
@@ -57,6 +60,13 @@ QUOTA_CLASSES: Final[Mapping[str, QuotaClass]] = {
     "GenerateDataKey": CRYPTO,
     "GenerateDataKeyWithoutPlaintext": CRYPTO,
     "GenerateRandom": CRYPTO,
+    "GenerateMac": CRYPTO,
+    "VerifyMac": CRYPTO,
+    "Sign": ASYMMETRIC,
+    "Verify": ASYMMETRIC,
+    "GenerateDataKeyPair": ASYMMETRIC,
+    "GenerateDataKeyPairWithoutPlaintext": ASYMMETRIC,
+    "GetPublicKey": READ,
     "DescribeKey": READ,
     "ListKeys": LIST,
     "RotateKey": ADMIN,
@@ -75,6 +85,8 @@ def _figures(limits: Limits, quota: QuotaClass) -> tuple[float, int]:
     """The domain's (rate per second, burst) of a class."""
     if quota is CRYPTO:
         return limits.crypto_requests_per_second, limits.crypto_request_burst
+    if quota is ASYMMETRIC:
+        return limits.asymmetric_requests_per_second, limits.asymmetric_request_burst
     if quota is READ:
         return limits.read_requests_per_second, limits.read_request_burst
     if quota is LIST:

@@ -54,7 +54,7 @@ The package's modules: `_client` (`KeyClient`), `_retry` (what may be sent again
 from __future__ import annotations
 
 from domain_edge.kms_client._aio import AsyncKeyClient
-from domain_edge.kms_client._calls import DEFAULT_PAGE_SIZE
+from domain_edge.kms_client._calls import DEFAULT_PAGE_SIZE, DataKeyPair, PublicKey
 from domain_edge.kms_client._client import KeyClient
 from domain_edge.kms_client._cluster import read_cluster
 from domain_edge.kms_client._core import DEFAULT_TIMEOUT, checked_context
@@ -85,9 +85,11 @@ __all__ = [
     "KEYED_METHODS",
     "OPERATION_NAMES",
     "AsyncKeyClient",
+    "DataKeyPair",
     "KeyClient",
     "KeyMetadata",
     "PolicyGrant",
+    "PublicKey",
     "backoff_delay",
     "checked_context",
     "decrypt_envelope",

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final, Generic, TypeVar
 
+from domain_core import keyspecs
 from domain_core.ciphertext import parse_header
 from domain_core.errors import HsmDomainError, InvalidCiphertextError, LimitExceededError
 from domain_core.limits import Limits
@@ -25,6 +26,7 @@ from domain_proto import keys_pb2, services_pb2
 
 T = TypeVar("T")
 DEFAULT_PAGE_SIZE: Final = 100
+_SYMMETRIC: Final = "SYMMETRIC_DEFAULT"
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +36,12 @@ class Call(Generic[T]):
     method: str
     request: Any
     shape: Callable[[Any], T]
+
+
+def _enum(number: int) -> Any:
+    """A proto enum field's value from a number `keyspecs` checked (the stubs type the fields
+    as their enum classes)."""
+    return number
 
 
 def _metadata(response: services_pb2.KeyMetadataResponse) -> KeyMetadata:
@@ -68,6 +76,8 @@ def create_key(
     enable_rotation: bool,
     rotation_period_days: int,
     idempotency_key: str | None,
+    key_spec: str = "SYMMETRIC_DEFAULT",
+    key_usage: str = "ENCRYPT_DECRYPT",
 ) -> Call[KeyMetadata]:
     """CreateKey, always with an idempotency key (the given one or a fresh UUID)."""
     request = services_pb2.CreateKeyRequest(
@@ -76,6 +86,8 @@ def create_key(
         enable_rotation=enable_rotation,
         rotation_period_days=rotation_period_days,
         idempotency_key=idempotency_key or str(uuid.uuid4()),
+        key_spec=_enum(keyspecs.spec_from_name(key_spec)),
+        key_usage=_enum(keyspecs.usage_from_name(key_usage)),
     )
     return Call("CreateKey", request, _metadata)
 
@@ -126,9 +138,14 @@ def list_keys_page(page_size: int, token: str) -> Call[tuple[list[KeyMetadata], 
 
 
 def encrypt(
-    limits: Limits, key_id: str, plaintext: bytes, context: Mapping[str, str] | None
+    limits: Limits,
+    key_id: str,
+    plaintext: bytes,
+    context: Mapping[str, str] | None,
+    algorithm: str | None = None,
 ) -> Call[bytes]:
-    """Encrypt at most `limits.max_plaintext_bytes`; the result is the checked blob."""
+    """Encrypt at most `limits.max_plaintext_bytes`; the result is the checked blob (with an
+    RSA `algorithm`, the bare RSA-OAEP ciphertext)."""
     _bytes(plaintext, "plaintext")
     if len(plaintext) > limits.max_plaintext_bytes:
         raise LimitExceededError(
@@ -138,18 +155,28 @@ def encrypt(
     request = services_pb2.EncryptRequest(
         key_id=key_id, plaintext=plaintext, encryption_context=checked_context(context, limits)
     )
-    return Call("Encrypt", request, _blob_of("Encrypt", limits))
+    if algorithm is None or algorithm == _SYMMETRIC:
+        return Call("Encrypt", request, _blob_of("Encrypt", limits))
+    request.encryption_algorithm = _enum(keyspecs.encryption_algorithm_from_name(algorithm))
+    return Call("Encrypt", request, lambda response: bytes(response.ciphertext_blob))
 
 
 def decrypt(
-    limits: Limits, blob: bytes, context: Mapping[str, str] | None, key_id: str | None
+    limits: Limits,
+    blob: bytes,
+    context: Mapping[str, str] | None,
+    key_id: str | None,
+    algorithm: str | None = None,
 ) -> Call[bytes]:
-    """Decrypt a blob (with `key_id`, only a blob of that key); the result is the plaintext."""
+    """Decrypt a blob (with `key_id`, only a blob of that key; an RSA `algorithm` needs it);
+    the result is the plaintext."""
     request = services_pb2.DecryptRequest(
         ciphertext_blob=_bytes(blob, "blob"),
         encryption_context=checked_context(context, limits),
         key_id=key_id or "",
     )
+    if algorithm is not None:
+        request.encryption_algorithm = _enum(keyspecs.encryption_algorithm_from_name(algorithm))
     return Call("Decrypt", request, lambda response: bytes(response.plaintext))
 
 
@@ -219,3 +246,140 @@ def generate_random(number_of_bytes: int) -> Call[bytes]:
 
     request = services_pb2.GenerateRandomRequest(number_of_bytes=number_of_bytes)
     return Call("GenerateRandom", request, shape)
+
+
+# --- key specs other than symmetric encryption (docs/kms-client.md "Key specs") ----------
+
+
+@dataclass(frozen=True)
+class PublicKey:
+    """An asymmetric key's public half as GetPublicKey gives it (names as AWS KMS's)."""
+
+    key_id: str
+    public_key: bytes
+    """DER SubjectPublicKeyInfo (`cryptography`'s `load_der_public_key`, `openssl pkey
+    -pubin -inform DER`)."""
+    key_spec: str
+    key_usage: str
+    signing_algorithms: tuple[str, ...]
+    encryption_algorithms: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class DataKeyPair:
+    """A key pair GenerateDataKeyPair made: the private key (PKCS#8 DER; empty without
+    plaintext), its blob under the symmetric key (Decrypt gives the DER back), the public key
+    (DER SubjectPublicKeyInfo)."""
+
+    key_id: str
+    private_key: bytes = field(repr=False)
+    private_key_blob: bytes
+    public_key: bytes
+    key_pair_spec: str
+
+
+def _message(value: object, name: str, limits: Limits) -> bytes:
+    data = _bytes(value, name)
+    if not 1 <= len(data) <= limits.max_plaintext_bytes:
+        raise LimitExceededError(
+            f"{name} must be 1 to {limits.max_plaintext_bytes} bytes, not {len(data)}"
+        )
+    return data
+
+
+def sign(limits: Limits, key_id: str, message: bytes, algorithm: str, digest: bool) -> Call[bytes]:
+    """Sign a message (or, with `digest`, its digest); the result is the signature."""
+    request = services_pb2.SignRequest(
+        key_id=key_id,
+        message=_message(message, "message", limits),
+        message_type=keys_pb2.MESSAGE_TYPE_DIGEST if digest else keys_pb2.MESSAGE_TYPE_RAW,
+        signing_algorithm=_enum(keyspecs.signing_algorithm_from_name(algorithm)),
+    )
+    return Call("Sign", request, lambda response: bytes(response.signature))
+
+
+def verify(
+    limits: Limits, key_id: str, message: bytes, signature: bytes, algorithm: str, digest: bool
+) -> Call[bool]:
+    """Verify a signature; the result is whether it verifies."""
+    request = services_pb2.VerifyRequest(
+        key_id=key_id,
+        message=_message(message, "message", limits),
+        message_type=keys_pb2.MESSAGE_TYPE_DIGEST if digest else keys_pb2.MESSAGE_TYPE_RAW,
+        signature=_bytes(signature, "signature"),
+        signing_algorithm=_enum(keyspecs.signing_algorithm_from_name(algorithm)),
+    )
+    return Call("Verify", request, lambda response: bool(response.signature_valid))
+
+
+def get_public_key(key_id: str) -> Call[PublicKey]:
+    """GetPublicKey; the result names the spec, usage and algorithms as AWS KMS does."""
+
+    def shape(response: services_pb2.GetPublicKeyResponse) -> PublicKey:
+        return PublicKey(
+            key_id=response.key_id,
+            public_key=bytes(response.public_key),
+            key_spec=keyspecs.spec_name(response.key_spec),
+            key_usage=keyspecs.usage_name(response.key_usage),
+            signing_algorithms=tuple(
+                keyspecs.signing_algorithm_name(a) for a in response.signing_algorithms
+            ),
+            encryption_algorithms=tuple(
+                keyspecs.encryption_algorithm_name(a) for a in response.encryption_algorithms
+            ),
+        )
+
+    return Call("GetPublicKey", services_pb2.KeyIdRequest(key_id=key_id), shape)
+
+
+def generate_mac(limits: Limits, key_id: str, message: bytes, algorithm: str) -> Call[bytes]:
+    """GenerateMac; the result is the MAC."""
+    request = services_pb2.GenerateMacRequest(
+        key_id=key_id,
+        message=_message(message, "message", limits),
+        mac_algorithm=_enum(keyspecs.mac_algorithm_from_name(algorithm)),
+    )
+    return Call("GenerateMac", request, lambda response: bytes(response.mac))
+
+
+def verify_mac(
+    limits: Limits, key_id: str, message: bytes, mac: bytes, algorithm: str
+) -> Call[bool]:
+    """VerifyMac; the result is whether the MAC matches."""
+    request = services_pb2.VerifyMacRequest(
+        key_id=key_id,
+        message=_message(message, "message", limits),
+        mac=_bytes(mac, "mac"),
+        mac_algorithm=_enum(keyspecs.mac_algorithm_from_name(algorithm)),
+    )
+    return Call("VerifyMac", request, lambda response: bool(response.mac_valid))
+
+
+def generate_data_key_pair(
+    limits: Limits,
+    key_id: str,
+    key_pair_spec: str,
+    context: Mapping[str, str] | None,
+    *,
+    with_plaintext: bool,
+) -> Call[DataKeyPair]:
+    """GenerateDataKeyPair[WithoutPlaintext]; the result is the pair, its blob checked."""
+    method = "GenerateDataKeyPair" + ("" if with_plaintext else "WithoutPlaintext")
+
+    def shape(response: services_pb2.GenerateDataKeyPairResponse) -> DataKeyPair:
+        if with_plaintext == (not response.private_key_plaintext):
+            raise HsmDomainError(f"{method} returned a private key where it should not, or none")
+        return DataKeyPair(
+            key_id=response.key_id,
+            private_key=bytes(response.private_key_plaintext),
+            private_key_blob=_checked_blob(response.private_key_ciphertext_blob, limits, method),
+            public_key=bytes(response.public_key),
+            key_pair_spec=keyspecs.spec_name(response.key_pair_spec),
+        )
+
+    request = services_pb2.GenerateDataKeyPairRequest(
+        key_id=key_id,
+        encryption_context=checked_context(context, limits),
+        key_pair_spec=_enum(keyspecs.spec_from_name(key_pair_spec)),
+    )
+    return Call(method, request, shape)

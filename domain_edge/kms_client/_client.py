@@ -18,7 +18,7 @@ import tenacity
 
 from domain_core.limits import DEFAULT_LIMITS, Limits
 from domain_edge.kms_client import _calls as calls
-from domain_edge.kms_client._calls import DEFAULT_PAGE_SIZE, Call
+from domain_edge.kms_client._calls import DEFAULT_PAGE_SIZE, Call, DataKeyPair, PublicKey
 from domain_edge.kms_client._core import (
     DEFAULT_TIMEOUT,
     ClientCore,
@@ -161,6 +161,8 @@ class KeyClient(ClientCore):
         rotation_period_days: int = 0,
         *,
         idempotency_key: str | None = None,
+        key_spec: str = "SYMMETRIC_DEFAULT",
+        key_usage: str = "ENCRYPT_DECRYPT",
     ) -> KeyMetadata:
         """Create a customer key. Without a policy the caller gets every operation on it.
 
@@ -171,7 +173,13 @@ class KeyClient(ClientCore):
         """
         return self._run(
             calls.create_key(
-                description, policy, enable_rotation, rotation_period_days, idempotency_key
+                description,
+                policy,
+                enable_rotation,
+                rotation_period_days,
+                idempotency_key,
+                key_spec,
+                key_usage,
             )
         )
 
@@ -223,23 +231,36 @@ class KeyClient(ClientCore):
     # --- cryptographic operations ------------------------------------------------------------
 
     def encrypt(
-        self, key_id: str, plaintext: bytes, context: Mapping[str, str] | None = None
+        self,
+        key_id: str,
+        plaintext: bytes,
+        context: Mapping[str, str] | None = None,
+        *,
+        encryption_algorithm: str | None = None,
     ) -> bytes:
         """Encrypt at most `limits.max_plaintext_bytes` (4 KiB) under a key; returns the blob.
 
         For larger data use `encrypt_envelope`. The same context must be given to decrypt.
+        With an RSA key of usage ENCRYPT_DECRYPT, give `encryption_algorithm`
+        ("RSAES_OAEP_SHA_1" or "RSAES_OAEP_SHA_256"): the blob is the bare RSA ciphertext,
+        and no context is taken.
         """
-        return self._run(calls.encrypt(self._limits, key_id, plaintext, context))
+        return self._run(
+            calls.encrypt(self._limits, key_id, plaintext, context, encryption_algorithm)
+        )
 
     def decrypt(
         self,
         blob: bytes,
         context: Mapping[str, str] | None = None,
         key_id: str | None = None,
+        *,
+        encryption_algorithm: str | None = None,
     ) -> bytes:
         """The plaintext of a blob (the blob names its key). With `key_id`, the service refuses
-        a blob of another key. Any failure about the blob is "invalid ciphertext"."""
-        return self._run(calls.decrypt(self._limits, blob, context, key_id))
+        a blob of another key. Any failure about the blob is "invalid ciphertext". An RSA
+        ciphertext needs its `encryption_algorithm` and `key_id`."""
+        return self._run(calls.decrypt(self._limits, blob, context, key_id, encryption_algorithm))
 
     def re_encrypt(
         self,
@@ -276,3 +297,63 @@ class KeyClient(ClientCore):
     def generate_random(self, number_of_bytes: int) -> bytes:
         """`number_of_bytes` (1 to 1024) random bytes from an HSA's CSPRNG."""
         return self._run(calls.generate_random(number_of_bytes))
+
+    # --- key specs other than symmetric encryption (docs/kms-client.md "Key specs") -----
+
+    def sign(
+        self, key_id: str, message: bytes, signing_algorithm: str, *, digest: bool = False
+    ) -> bytes:
+        """Sign `message` (1 to 4096 bytes; hashed by the HSA) or, with `digest`, its digest
+        under a key of usage SIGN_VERIFY; `signing_algorithm` as AWS KMS names it
+        ("ECDSA_SHA_256", "RSASSA_PSS_SHA_256", ...). ECDSA signatures are DER."""
+        return self._run(calls.sign(self._limits, key_id, message, signing_algorithm, digest))
+
+    def verify(
+        self,
+        key_id: str,
+        message: bytes,
+        signature: bytes,
+        signing_algorithm: str,
+        *,
+        digest: bool = False,
+    ) -> bool:
+        """Whether `signature` of `message` (or its digest) verifies under the key."""
+        return self._run(
+            calls.verify(self._limits, key_id, message, signature, signing_algorithm, digest)
+        )
+
+    def get_public_key(self, key_id: str) -> PublicKey:
+        """An RSA or ECC key's public key (DER SubjectPublicKeyInfo) and its algorithms."""
+        return self._run(calls.get_public_key(key_id))
+
+    def generate_mac(self, key_id: str, message: bytes, mac_algorithm: str) -> bytes:
+        """The HMAC of `message` (1 to 4096 bytes) under an HMAC key; `mac_algorithm` is the
+        key's ("HMAC_SHA_256" for an HMAC_256 key)."""
+        return self._run(calls.generate_mac(self._limits, key_id, message, mac_algorithm))
+
+    def verify_mac(self, key_id: str, message: bytes, mac: bytes, mac_algorithm: str) -> bool:
+        """Whether `mac` is the HMAC of `message` under the key (compared in the HSA in
+        constant time)."""
+        return self._run(calls.verify_mac(self._limits, key_id, message, mac, mac_algorithm))
+
+    def generate_data_key_pair(
+        self, key_id: str, key_pair_spec: str, context: Mapping[str, str] | None = None
+    ) -> DataKeyPair:
+        """A fresh RSA or ECC key pair ("RSA_2048", "ECC_NIST_P256", ...): private key
+        (PKCS#8 DER), its blob under the symmetric key `key_id` (`decrypt` gives it back with
+        the same context) and public key."""
+        return self._run(
+            calls.generate_data_key_pair(
+                self._limits, key_id, key_pair_spec, context, with_plaintext=True
+            )
+        )
+
+    def generate_data_key_pair_without_plaintext(
+        self, key_id: str, key_pair_spec: str, context: Mapping[str, str] | None = None
+    ) -> DataKeyPair:
+        """As `generate_data_key_pair`, with `private_key` empty (only its blob)."""
+        return self._run(
+            calls.generate_data_key_pair(
+                self._limits, key_id, key_pair_spec, context, with_plaintext=False
+            )
+        )

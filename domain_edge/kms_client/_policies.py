@@ -21,6 +21,15 @@ _STATE_NAMES: Final[dict[int, str]] = {
 }
 
 
+def _enum_name(enum: Any, number: int, prefix: str) -> str:
+    """A proto enum value's name without its prefix (a number this client does not know, as
+    "unknown-N": a newer service may have more)."""
+    try:
+        return str(enum.Name(number)).removeprefix(prefix)
+    except ValueError:
+        return f"unknown-{int(number)}"
+
+
 # The operation names of the policy JSON (docs/kms-client.md), in enum order.
 OPERATION_NAMES: Final[dict[str, int]] = {
     "encrypt": keys_pb2.KEY_OPERATION_ENCRYPT,
@@ -30,6 +39,12 @@ OPERATION_NAMES: Final[dict[str, int]] = {
     "generate-data-key": keys_pb2.KEY_OPERATION_GENERATE_DATA_KEY,
     "describe": keys_pb2.KEY_OPERATION_DESCRIBE,
     "admin": keys_pb2.KEY_OPERATION_ADMIN,
+    "sign": keys_pb2.KEY_OPERATION_SIGN,
+    "verify": keys_pb2.KEY_OPERATION_VERIFY,
+    "get-public-key": keys_pb2.KEY_OPERATION_GET_PUBLIC_KEY,
+    "generate-mac": keys_pb2.KEY_OPERATION_GENERATE_MAC,
+    "verify-mac": keys_pb2.KEY_OPERATION_VERIFY_MAC,
+    "generate-data-key-pair": keys_pb2.KEY_OPERATION_GENERATE_DATA_KEY_PAIR,
 }
 _NAME_OF_OPERATION: Final = {number: name for name, number in OPERATION_NAMES.items()}
 
@@ -134,6 +149,10 @@ class KeyMetadata:
     creator: str
     metadata_version: int
     domain_id: str
+    key_spec: str
+    """AWS KMS's name: "SYMMETRIC_DEFAULT", "RSA_2048", "ECC_NIST_P256", "HMAC_256", ..."""
+    key_usage: str
+    """"ENCRYPT_DECRYPT", "SIGN_VERIFY" or "GENERATE_VERIFY_MAC"."""
     message: keys_pb2.KeyMetadata = field(repr=False, compare=False)
     """The message as received."""
 
@@ -158,6 +177,8 @@ class KeyMetadata:
             creator=message.creator,
             metadata_version=message.metadata_version,
             domain_id=message.domain_id,
+            key_spec=_enum_name(keys_pb2.KeySpec, message.key_spec, "KEY_SPEC_"),
+            key_usage=_enum_name(keys_pb2.KeyUsage, message.key_usage, "KEY_USAGE_"),
             message=message,
         )
 
@@ -179,4 +200,6 @@ class KeyMetadata:
             "creator": self.creator,
             "metadata_version": self.metadata_version,
             "domain_id": self.domain_id,
+            "key_spec": self.key_spec,
+            "key_usage": self.key_usage,
         }

@@ -25,6 +25,13 @@ IDEMPOTENT_METHODS: Final = frozenset(
         "GenerateDataKey",
         "GenerateDataKeyWithoutPlaintext",
         "GenerateRandom",
+        "Sign",
+        "Verify",
+        "GetPublicKey",
+        "GenerateMac",
+        "VerifyMac",
+        "GenerateDataKeyPair",
+        "GenerateDataKeyPairWithoutPlaintext",
     }
 )
 # Calls that change something but carry an idempotency key (`KeyClient.create_key` always

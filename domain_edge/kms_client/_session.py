@@ -26,7 +26,7 @@ from typing import Any, Final
 
 import grpc
 
-from domain_edge.transport import NOTHING_APPLIED_KEY, RETRY_AFTER_KEY
+from domain_edge.transport import ERROR_KIND_KEY, NOTHING_APPLIED_KEY, RETRY_AFTER_KEY
 from domain_proto import services_pb2, services_pb2_grpc
 
 __all__ = [
@@ -67,18 +67,22 @@ class SessionCallError(grpc.RpcError):
         details: str,
         nothing_applied: bool = False,
         retry_after_ms: int = 0,
+        kind: str = "",
     ) -> None:
         super().__init__(f"{code.name}: {details}")
         self._code = code
         self._details = details
         self._nothing_applied = nothing_applied
         self._retry_after_ms = retry_after_ms
+        self._kind = kind
 
     @classmethod
     def of_answer(cls, answer: Any) -> SessionCallError:
         """The error a session's answer (`SessionResponse`) carries."""
         code = CODES.get(answer.code, grpc.StatusCode.UNKNOWN)
-        return cls(code, answer.message, answer.nothing_applied, answer.retry_after_ms)
+        return cls(
+            code, answer.message, answer.nothing_applied, answer.retry_after_ms, answer.error_kind
+        )
 
     def code(self) -> grpc.StatusCode:
         return self._code
@@ -87,12 +91,15 @@ class SessionCallError(grpc.RpcError):
         return self._details
 
     def trailing_metadata(self) -> Any:
-        """The "nothing applied" mark and the retry delay, where a unary call carries them."""
+        """The "nothing applied" mark, the retry delay and the error's kind, where a unary
+        call carries them."""
         marks: tuple[tuple[str, str], ...] = (
             ((NOTHING_APPLIED_KEY, "true"),) if self._nothing_applied else ()
         )
         if self._retry_after_ms:
             marks += ((RETRY_AFTER_KEY, str(self._retry_after_ms)),)
+        if self._kind:
+            marks += ((ERROR_KIND_KEY, self._kind),)
         return marks
 
 

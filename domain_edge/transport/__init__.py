@@ -46,6 +46,7 @@ from domain_edge.transport._channels import (
     ANY_HSA,
     COORDINATOR,
     DEFAULT_DEADLINE_SECONDS,
+    ERROR_KIND_KEY,
     NOTHING_APPLIED_KEY,
     RETRY_AFTER_KEY,
     ExpectedServer,
@@ -54,6 +55,7 @@ from domain_edge.transport._channels import (
     channel_options,
     channel_target,
     check_health,
+    error_kind,
     hsa_host,
     mtls_channel,
     never_sent,
@@ -65,6 +67,7 @@ from domain_edge.transport._channels import (
     server_credentials,
     server_name_option,
     split_addresses,
+    wire_kind,
     wrong_server,
 )
 from domain_edge.transport._interceptor import (
@@ -89,6 +92,7 @@ __all__ = [
     "COORDINATOR",
     "DEFAULT_DEADLINE_SECONDS",
     "DEFAULT_STREAM_LIMITS",
+    "ERROR_KIND_KEY",
     "HEALTH_REQUEST_LIMITS",
     "NOTHING_APPLIED_KEY",
     "RETRY_AFTER_KEY",
@@ -106,6 +110,7 @@ __all__ = [
     "channel_options",
     "channel_target",
     "check_health",
+    "error_kind",
     "hsa_host",
     "make_server",
     "mtls_channel",
@@ -122,5 +127,6 @@ __all__ = [
     "set_serving",
     "split_addresses",
     "stream_peer",
+    "wire_kind",
     "wrong_server",
 ]

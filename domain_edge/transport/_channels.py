@@ -19,6 +19,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from domain_core.errors import (
+    WIRE_KINDS,
     HsmDomainError,
     InvalidInputError,
     ThrottledError,
@@ -288,13 +289,35 @@ RETRY_AFTER_KEY: Final = "hsm-retry-after-ms"
 milliseconds to send it again (`domain_core.errors.ThrottledError`)."""
 
 
+ERROR_KIND_KEY: Final = "hsm-error-kind"
+"""Trailing metadata key naming the error's class, for the classes of
+`domain_core.errors.WIRE_KINDS` (one status, several meanings)."""
+
+
 def error_metadata(error: HsmDomainError) -> tuple[tuple[str, str], ...]:
     """The trailing metadata of a call that failed with `error`: the nothing-applied mark,
-    and a throttled call's retry delay."""
+    a throttled call's retry delay, and the error's kind where its status says too little."""
     marks: tuple[tuple[str, str], ...] = _NOTHING_APPLIED if error.nothing_applied else ()
     if isinstance(error, ThrottledError):
         marks += ((RETRY_AFTER_KEY, str(retry_after_ms(error))),)
+    if (kind := wire_kind(error)) is not None:
+        marks += ((ERROR_KIND_KEY, kind),)
     return marks
+
+
+def wire_kind(error: HsmDomainError) -> str | None:
+    """The kind a server sends beside `error`'s status (`WIRE_KINDS`), or None."""
+    name = type(error).__name__
+    return name if WIRE_KINDS.get(name) is type(error) else None
+
+
+def error_kind(error: grpc.RpcError) -> type[HsmDomainError] | None:
+    """The error class a server named beside a failed call's status, if it is one of
+    `WIRE_KINDS` (anything else is ignored)."""
+    for key, value in _trailing(error):
+        if key == ERROR_KIND_KEY and isinstance(value, str):
+            return WIRE_KINDS.get(value)
+    return None
 
 
 def retry_after_ms(error: ThrottledError) -> int:

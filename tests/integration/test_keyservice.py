@@ -44,6 +44,12 @@ ALL_OPERATIONS = [
     keys_pb2.KEY_OPERATION_GENERATE_DATA_KEY,
     keys_pb2.KEY_OPERATION_DESCRIBE,
     keys_pb2.KEY_OPERATION_ADMIN,
+    keys_pb2.KEY_OPERATION_SIGN,
+    keys_pb2.KEY_OPERATION_VERIFY,
+    keys_pb2.KEY_OPERATION_GET_PUBLIC_KEY,
+    keys_pb2.KEY_OPERATION_GENERATE_MAC,
+    keys_pb2.KEY_OPERATION_VERIFY_MAC,
+    keys_pb2.KEY_OPERATION_GENERATE_DATA_KEY_PAIR,
 ]
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 # The key id inside a blob: magic (4), version (1), length (1), then 36 ASCII characters.

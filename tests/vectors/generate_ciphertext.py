@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric import ed25519
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from domain_core import ciphertext, envelope, keytokens
 from domain_core.contexts import ENCRYPT_INFO
@@ -175,6 +176,7 @@ def build() -> dict[str, Any]:
             "token": token.SerializeToString(deterministic=True).hex(),
             "ciphertext": token.ciphertext.hex(),
         },
+        "spec_tokens": spec_tokens(),
         "key_record": {
             "domain_id": "vectors",
             "signer_public_key": host.public_key.spki_der.hex(),
@@ -184,6 +186,68 @@ def build() -> dict[str, Any]:
             "record": record.SerializeToString(deterministic=True).hex(),
         },
     }
+
+
+# Tokens of keys of other specs (issue 19): the same format sealing other material. The P-256
+# private key is the one of keyspec_vectors.json (its fixed scalar).
+_P256_SCALAR = 0x0351A18F3EEFE54DC0796FC55BB13A415F90EFE9CF2BDAD69696FCCF9DF9545A
+
+
+def _spec_token(name: str, spec: int, usage: int, material: bytes) -> dict[str, Any]:
+    metadata = keys_pb2.KeyMetadata(
+        key_id=KEY_ID,
+        description=f"golden vector {name} key",
+        state=keys_pb2.KEY_STATE_ENABLED,
+        created_at=1_767_225_600,
+        current_backing_version=1,
+        creator="spiffe://vectors/client/app",
+        metadata_version=1,
+        domain_id="vectors",
+        key_spec=spec,  # type: ignore[arg-type]
+        key_usage=usage,  # type: ignore[arg-type]
+    )
+    metadata_bytes = metadata.SerializeToString(deterministic=True)
+    nonce, salt = bytes(range(0x30, 0x3C)), bytes(range(0x50, 0x70))
+    token = keytokens.wrap_backing_key(
+        DOMAIN_KEY,
+        DOMAIN_KEY_GENERATION,
+        metadata_bytes,
+        KEY_ID,
+        1,
+        material,
+        nonce=nonce,
+        salt=salt,
+    )
+    return {
+        "key_spec": name,
+        "material": material.hex(),
+        "metadata": metadata_bytes.hex(),
+        "token": token.SerializeToString(deterministic=True).hex(),
+    }
+
+
+def spec_tokens() -> list[dict[str, Any]]:
+    """Key tokens of an HMAC_384 key and an ECC_NIST_P256 key (PKCS#8 DER material)."""
+    p256 = ec.derive_private_key(_P256_SCALAR, ec.SECP256R1())
+    p256_der = p256.private_bytes(
+        serialization.Encoding.DER,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return [
+        _spec_token(
+            "HMAC_384",
+            keys_pb2.KEY_SPEC_HMAC_384,
+            keys_pb2.KEY_USAGE_GENERATE_VERIFY_MAC,
+            bytes(range(0x60, 0x90)),
+        ),
+        _spec_token(
+            "ECC_NIST_P256",
+            keys_pb2.KEY_SPEC_ECC_NIST_P256,
+            keys_pb2.KEY_USAGE_SIGN_VERIFY,
+            p256_der,
+        ),
+    ]
 
 
 def main() -> int:

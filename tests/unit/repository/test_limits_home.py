@@ -20,7 +20,11 @@ pytestmark = pytest.mark.unit
 LIMITS_MODULE = "domain_core/limits.py"
 
 NOT_INPUT_LIMITS: dict[str, dict[str, str]] = {
-    "domain_core/keytokens.py": {"_MAX_U32": "the largest u32 of the token encoding"},
+    "domain_core/keytokens.py": {
+        "_MAX_U32": "the largest u32 of the token encoding",
+        "MAX_KEY_MATERIAL_BYTES": "the largest material a token seals (an HSA's own keys, "
+        "never a caller's input)",
+    },
     "domain_core/ciphertext.py": {
         "_MAX_U32": "the largest u32 of the blob encoding",
         "_MAX_KEY_ID_BYTES": "a key id's length is one byte in the blob format",
