@@ -21,8 +21,11 @@ __all__ = [
     "ENCRYPT_INFO",
     "ENVELOPE_CONTEXT",
     "HASH_CONTEXT",
+    "IMPORT_TOKEN_CONTEXT",
+    "IMPORT_TOKEN_KEY_CONTEXT",
     "KEY_TOKEN_CONTEXT",
     "KEY_TOKEN_KEY_CONTEXT",
+    "MATERIAL_COMMITMENT_CONTEXT",
     "RECOVERY_SHARE_INFO",
     "SIGNATURE_CONTEXT",
     "PayloadType",
@@ -60,6 +63,15 @@ class PayloadType(StrEnum):
 KEY_TOKEN_CONTEXT: Final = b"hsm-domain/v1 key-token\x00"
 # HKDF info that derives the key wrapping a backing key, followed by the binding.
 KEY_TOKEN_KEY_CONTEXT: Final = b"hsm-domain/v1 key-token-key\x00"
+
+# --- imported key material (domain_core.importtokens) ---------------------------------------
+# Prefixes an import token's binding hash (domain, key id, generation, expiry, parameters).
+IMPORT_TOKEN_CONTEXT: Final = b"hsm-domain/v1 import-token\x00"
+# HKDF info that derives the key sealing an import token's wrapping key, followed by the binding.
+IMPORT_TOKEN_KEY_CONTEXT: Final = b"hsm-domain/v1 import-token-key\x00"
+# HMAC-SHA-256 message of an imported material's commitment (key check value), followed by
+# the key id: only the same material may be imported again.
+MATERIAL_COMMITMENT_CONTEXT: Final = b"hsm-domain/v1 material-commitment\x00"
 
 # --- ciphertexts (domain_core.ciphertext, domain_core.envelope) ----------------------------
 # HKDF info that derives a blob's one-time key, followed by the blob's prefix.

@@ -98,6 +98,23 @@ class UnsupportedOperationError(InvalidInputError):
     AWS KMS's UnsupportedOperationException."""
 
 
+class InvalidImportTokenError(InvalidInputError):
+    """An import token that does not open (any reason: no oracle); AWS KMS's
+    InvalidImportTokenException."""
+
+    def __init__(self, message: str = "invalid import token") -> None:
+        super().__init__(message)
+
+
+class ExpiredImportTokenError(InvalidInputError):
+    """An import token past its expiry; AWS KMS's ExpiredImportTokenException."""
+
+
+class IncorrectKeyMaterialError(InvalidInputError):
+    """Material that is not the key's earlier material; AWS KMS's
+    IncorrectKeyMaterialException."""
+
+
 class InvalidKeyTokenError(InvalidInputError):
     """A key token or sealed secret that does not open. Carries no detail (no oracle)."""
 
@@ -337,5 +354,12 @@ def status_for(error: BaseException) -> Status:
 
 # The classes whose name a server sends beside the status (see the module invariants).
 WIRE_KINDS: Final[Mapping[str, type[HsmDomainError]]] = {
-    cls.__name__: cls for cls in (InvalidKeyUsageError, UnsupportedOperationError)
+    cls.__name__: cls
+    for cls in (
+        InvalidKeyUsageError,
+        UnsupportedOperationError,
+        InvalidImportTokenError,
+        ExpiredImportTokenError,
+        IncorrectKeyMaterialError,
+    )
 }

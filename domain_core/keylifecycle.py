@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Final, cast
 
-from domain_core import crypto, keyspecs, policy
+from domain_core import crypto, keyimport, keyspecs, policy
 from domain_core.errors import (
     FailedPreconditionError,
     InvalidInputError,
@@ -111,6 +111,11 @@ def require_enabled(metadata: keys_pb2.KeyMetadata) -> None:
             f"key {key_id} is pending deletion (deletion on {iso_date(metadata.deletion_at)}); "
             "cancel the deletion with CancelKeyDeletion to use it again"
         )
+    if metadata.state == keys_pb2.KEY_STATE_PENDING_IMPORT:
+        raise FailedPreconditionError(
+            f"key {key_id} has no key material: import it (GetParametersForImport, then "
+            "ImportKeyMaterial) to use the key"
+        )
     raise FailedPreconditionError(f"key {key_id} is in an unknown state ({int(metadata.state)})")
 
 
@@ -129,15 +134,24 @@ class NewKey:
     domain_id: str
     key_spec: int = keys_pb2.KEY_SPEC_SYMMETRIC_DEFAULT
     key_usage: int = keys_pb2.KEY_USAGE_ENCRYPT_DECRYPT
+    origin: int = keys_pb2.KEY_ORIGIN_DOMAIN
+
+    @property
+    def external(self) -> bool:
+        """Whether the key's material is to be imported (it starts without any)."""
+        return self.origin == keys_pb2.KEY_ORIGIN_EXTERNAL
 
     def metadata(self, key_id: str, now: int) -> keys_pb2.KeyMetadata:
-        """The key's first metadata: ENABLED, backing version 1, metadata version 1, created
-        `now`, its first automatic rotation one period on (when enabled)."""
+        """The key's first metadata: ENABLED with backing version 1 (PENDING_IMPORT with none,
+        for origin EXTERNAL), metadata version 1, created `now`, its first automatic rotation
+        one period on (when enabled)."""
         period = self.rotation_period_days
         return keys_pb2.KeyMetadata(
             key_id=key_id,
             description=self.description,
-            state=keys_pb2.KEY_STATE_ENABLED,
+            state=keys_pb2.KEY_STATE_PENDING_IMPORT
+            if self.external
+            else keys_pb2.KEY_STATE_ENABLED,
             created_at=now,
             policy=self.policy,
             rotation=keys_pb2.RotationSettings(
@@ -145,12 +159,13 @@ class NewKey:
                 period_days=period,
                 next_rotation_at=now + period * DAY_SECONDS if self.rotation_enabled else 0,
             ),
-            current_backing_version=1,
+            current_backing_version=0 if self.external else 1,
             creator=self.creator,
             metadata_version=1,
             domain_id=self.domain_id,
             key_spec=cast("keys_pb2.KeySpec", self.key_spec),
             key_usage=cast("keys_pb2.KeyUsage", self.key_usage),
+            origin=cast("keys_pb2.KeyOrigin", self.origin),
         )
 
 
@@ -165,16 +180,24 @@ def new_key(
     limits: Limits = DEFAULT_LIMITS,
     key_spec: int = keys_pb2.KEY_SPEC_SYMMETRIC_DEFAULT,
     key_usage: int = keys_pb2.KEY_USAGE_ENCRYPT_DECRYPT,
+    origin: int = keys_pb2.KEY_ORIGIN_DOMAIN,
 ) -> NewKey:
     """Check what a caller asks of a new key: the key spec and usage (a pair AWS KMS allows),
     the description's length, then the policy (None or no grants: `creator` may do
     everything), then the rotation period (0: the default). Automatic rotation is for
     symmetric keys only, as in AWS KMS."""
     keyspecs.check_spec_usage(key_spec, key_usage)
+    if origin not in (keys_pb2.KEY_ORIGIN_DOMAIN, keys_pb2.KEY_ORIGIN_EXTERNAL):
+        raise InvalidInputError("origin must be DOMAIN (the default) or EXTERNAL")
     if enable_rotation and not keyspecs.is_symmetric(key_spec):
         raise UnsupportedOperationError(
             f"automatic rotation is for symmetric encryption keys only, not for a "
             f"{keyspecs.spec_name(key_spec)} key; create it without enable_rotation"
+        )
+    if enable_rotation and origin == keys_pb2.KEY_ORIGIN_EXTERNAL:
+        raise UnsupportedOperationError(
+            "keys of imported material do not rotate (as in AWS KMS); create it without "
+            "enable_rotation"
         )
     limit = limits.max_key_description_chars
     if len(description) > limit:
@@ -200,6 +223,7 @@ def new_key(
         domain_id=domain_id,
         key_spec=key_spec,
         key_usage=key_usage,
+        origin=origin,
     )
 
 
@@ -242,6 +266,11 @@ def rotate_backing_key(
     leaves the schedule alone (as KMS).
     """
     require_enabled(metadata)
+    if metadata.origin == keys_pb2.KEY_ORIGIN_EXTERNAL:
+        raise UnsupportedOperationError(
+            f"key {metadata.key_id} holds imported material, which does not rotate here; "
+            "import into a new key and move the key's users to it"
+        )
     if not keyspecs.is_symmetric(metadata.key_spec):
         raise UnsupportedOperationError(
             f"key {metadata.key_id} is a {keyspecs.spec_name(metadata.key_spec)} key: only "
@@ -312,6 +341,10 @@ def set_state(metadata: keys_pb2.KeyMetadata, target: keys_pb2.KeyState) -> bool
         raise FailedPreconditionError(
             _pending_deletion_message(metadata, "cancel the deletion first")
         )
+    if metadata.state == keys_pb2.KEY_STATE_PENDING_IMPORT:
+        raise FailedPreconditionError(
+            f"key {metadata.key_id} is pending import: import its material first"
+        )
     if metadata.state == target:
         return False
     metadata.state = target
@@ -335,10 +368,15 @@ def schedule_deletion(metadata: keys_pb2.KeyMetadata, days: int, now: int) -> bo
 
 
 def cancel_deletion(metadata: keys_pb2.KeyMetadata) -> bool:
-    """CancelKeyDeletion: PENDING_DELETION -> DISABLED (as KMS): enable it to use it again."""
+    """CancelKeyDeletion: PENDING_DELETION -> DISABLED (as KMS): enable it to use it again;
+    a key without material (its import deleted or never made) -> PENDING_IMPORT."""
     if metadata.state != keys_pb2.KEY_STATE_PENDING_DELETION:
         raise FailedPreconditionError(f"key {metadata.key_id} is not pending deletion")
-    metadata.state = keys_pb2.KEY_STATE_DISABLED
+    metadata.state = (
+        keys_pb2.KEY_STATE_DISABLED
+        if metadata.current_backing_version
+        else keys_pb2.KEY_STATE_PENDING_IMPORT
+    )
     metadata.deletion_at = 0
     return True
 
@@ -369,7 +407,7 @@ def needs_upkeep(
         return True
     if metadata.state == keys_pb2.KEY_STATE_PENDING_DELETION:
         return 0 < metadata.deletion_at <= now
-    return rotation_due(metadata, now)
+    return rotation_due(metadata, now) or keyimport.material_expired(metadata, now)
 
 
 @dataclass(frozen=True)

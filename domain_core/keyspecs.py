@@ -172,7 +172,8 @@ def message_type_from_name(name: str) -> int:
 class _Hmac(NamedTuple):
     algorithm: int  # the one MacAlgorithm of the spec
     hash_name: str  # hashlib's name of its hash
-    key_bytes: int  # AWS's key length for the spec
+    key_bytes: int  # AWS's key length for the spec (what a new key of the spec has)
+    max_bytes: int  # the longest imported key AWS takes for the spec (the shortest: key_bytes)
 
 
 class _Signing(NamedTuple):
@@ -192,10 +193,10 @@ _ECC: Final[dict[int, tuple[ec.EllipticCurve, int]]] = {
     keys_pb2.KEY_SPEC_ECC_NIST_P521: (ec.SECP521R1(), keys_pb2.SIGNING_ALGORITHM_ECDSA_SHA_512),
 }
 _HMACS: Final[dict[int, _Hmac]] = {
-    keys_pb2.KEY_SPEC_HMAC_224: _Hmac(keys_pb2.MAC_ALGORITHM_HMAC_SHA_224, "sha224", 28),
-    keys_pb2.KEY_SPEC_HMAC_256: _Hmac(keys_pb2.MAC_ALGORITHM_HMAC_SHA_256, "sha256", 32),
-    keys_pb2.KEY_SPEC_HMAC_384: _Hmac(keys_pb2.MAC_ALGORITHM_HMAC_SHA_384, "sha384", 48),
-    keys_pb2.KEY_SPEC_HMAC_512: _Hmac(keys_pb2.MAC_ALGORITHM_HMAC_SHA_512, "sha512", 64),
+    keys_pb2.KEY_SPEC_HMAC_224: _Hmac(keys_pb2.MAC_ALGORITHM_HMAC_SHA_224, "sha224", 28, 64),
+    keys_pb2.KEY_SPEC_HMAC_256: _Hmac(keys_pb2.MAC_ALGORITHM_HMAC_SHA_256, "sha256", 32, 64),
+    keys_pb2.KEY_SPEC_HMAC_384: _Hmac(keys_pb2.MAC_ALGORITHM_HMAC_SHA_384, "sha384", 48, 128),
+    keys_pb2.KEY_SPEC_HMAC_512: _Hmac(keys_pb2.MAC_ALGORITHM_HMAC_SHA_512, "sha512", 64, 128),
 }
 _SIGNING_SCHEMES: Final[dict[int, _Signing]] = {
     keys_pb2.SIGNING_ALGORITHM_RSASSA_PSS_SHA_256: _Signing("PSS", hashes.SHA256()),
@@ -361,11 +362,18 @@ def check_material(spec: int, material: bytes) -> None:
     """Raise ValueError when `material` does not fit `spec` (its length, or its key type, size
     and curve): stored material that does not is an internal inconsistency."""
     label = spec_name(spec)
-    if spec == keys_pb2.KEY_SPEC_SYMMETRIC_DEFAULT or spec in _HMACS:
-        expected = _HMACS[spec].key_bytes if spec in _HMACS else _SYMMETRIC_KEY_BYTES
-        if len(material) != expected:
+    if spec in _HMACS:  # imported HMAC keys may be longer, as AWS KMS allows
+        low, high = _HMACS[spec].key_bytes, _HMACS[spec].max_bytes
+        if not low <= len(material) <= high:
             raise ValueError(
-                f"material of key spec {label} must be {expected} bytes, not {len(material)}"
+                f"material of key spec {label} must be {low} to {high} bytes, not {len(material)}"
+            )
+        return
+    if spec == keys_pb2.KEY_SPEC_SYMMETRIC_DEFAULT:
+        if len(material) != _SYMMETRIC_KEY_BYTES:
+            raise ValueError(
+                f"material of key spec {label} must be {_SYMMETRIC_KEY_BYTES} bytes, "
+                f"not {len(material)}"
             )
         return
     _load_private(spec, material)

@@ -116,6 +116,22 @@ def _check_material(material: bytes) -> None:
         raise ValueError(f"backing_key must be 1 to {MAX_KEY_MATERIAL_BYTES} bytes")
 
 
+def _versions_fit(metadata: keys_pb2.KeyMetadata) -> bool:
+    """Whether a key's backing version fits its state: none (0, no token) only for a key of
+    imported material that has none (pending import, or scheduled for deletion so), and a
+    key pending import never holds one."""
+    if metadata.state == keys_pb2.KEY_STATE_PENDING_IMPORT:
+        return metadata.current_backing_version == 0 and (
+            metadata.origin == keys_pb2.KEY_ORIGIN_EXTERNAL
+        )
+    if metadata.current_backing_version == 0:
+        return (
+            metadata.origin == keys_pb2.KEY_ORIGIN_EXTERNAL
+            and metadata.state == keys_pb2.KEY_STATE_PENDING_DELETION
+        )
+    return True
+
+
 def _material_fits(metadata: keys_pb2.KeyMetadata, material: bytes) -> bool:
     """Whether `material` can be a key of the spec `metadata` names (cheap checks only: an
     asymmetric key's DER is parsed once, where it is first used)."""
@@ -337,7 +353,7 @@ def verify_key_record(
     if (
         not expected_key_id
         or metadata.key_id != expected_key_id
-        or current == 0
+        or not _versions_fit(metadata)
         or len(record.tokens) != current
     ):
         raise InvalidKeyTokenError()
@@ -377,7 +393,7 @@ def seal_record(
         raise TypeError("metadata must be a KeyMetadata")
     validate_key_id(metadata.key_id)
     current = metadata.current_backing_version
-    if current == 0 or set(backing_keys) != set(range(1, current + 1)):
+    if not _versions_fit(metadata) or set(backing_keys) != set(range(1, current + 1)):
         raise ValueError(
             "backing_keys must hold exactly the versions 1..current_backing_version "
             f"(1..{current}), got {sorted(backing_keys)[:10]}"

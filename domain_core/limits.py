@@ -156,6 +156,9 @@ DEFAULT_LIMITS = Limits()
 # bytes; a longer message is signed as its DIGEST).
 MIN_KMS_MESSAGE_BYTES: Final = 1
 MAX_KMS_MESSAGE_BYTES: Final = 4096
+# An import token and wrapped key material a caller sends to ImportKeyMaterial (an RSA-4096
+# wrapping key sealed is about 2,500 bytes; wrapped material at most 512 + a 4 KiB key wrap).
+MAX_IMPORT_BYTES: Final = 8192
 
 
 # --- requests to the coordinator ----------------------------------------------------------

@@ -25,29 +25,33 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17hsmdomain/v1/keys.proto\x12\x0chsmdomain.v1\"Q\n\x0bPolicyGrant\x12\x12\n\nprincipals\x18\x01 \x03(\t\x12.\n\noperations\x18\x02 \x03(\x0e\x32\x1a.hsmdomain.v1.KeyOperation\"6\n\tKeyPolicy\x12)\n\x06grants\x18\x01 \x03(\x0b\x32\x19.hsmdomain.v1.PolicyGrant\"R\n\x10RotationSettings\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\x13\n\x0bperiod_days\x18\x02 \x01(\r\x12\x18\n\x10next_rotation_at\x18\x03 \x01(\x03\"\x90\x03\n\x0bKeyMetadata\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12%\n\x05state\x18\x03 \x01(\x0e\x32\x16.hsmdomain.v1.KeyState\x12\x12\n\ncreated_at\x18\x04 \x01(\x03\x12\x13\n\x0b\x64\x65letion_at\x18\x05 \x01(\x03\x12\'\n\x06policy\x18\x06 \x01(\x0b\x32\x17.hsmdomain.v1.KeyPolicy\x12\x30\n\x08rotation\x18\x07 \x01(\x0b\x32\x1e.hsmdomain.v1.RotationSettings\x12\x1f\n\x17\x63urrent_backing_version\x18\x08 \x01(\r\x12\x0f\n\x07\x63reator\x18\t \x01(\t\x12\x18\n\x10metadata_version\x18\n \x01(\x04\x12\x11\n\tdomain_id\x18\x0b \x01(\t\x12\'\n\x08key_spec\x18\x0c \x01(\x0e\x32\x15.hsmdomain.v1.KeySpec\x12)\n\tkey_usage\x18\r \x01(\x0e\x32\x16.hsmdomain.v1.KeyUsage\"\x83\x01\n\x08KeyToken\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x17\n\x0f\x62\x61\x63king_version\x18\x02 \x01(\r\x12\x1d\n\x15\x64omain_key_generation\x18\x03 \x01(\r\x12\r\n\x05nonce\x18\x04 \x01(\x0c\x12\x12\n\nciphertext\x18\x05 \x01(\x0c\x12\x0c\n\x04salt\x18\x06 \x01(\x0c\"\x82\x01\n\tKeyRecord\x12\x10\n\x08metadata\x18\x01 \x01(\x0c\x12&\n\x06tokens\x18\x02 \x03(\x0b\x32\x16.hsmdomain.v1.KeyToken\x12\x10\n\x08revision\x18\x03 \x01(\x04\x12\x16\n\x0esigner_host_id\x18\x04 \x01(\t\x12\x11\n\tsignature\x18\x05 \x01(\x0c*t\n\x08KeyState\x12\x19\n\x15KEY_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11KEY_STATE_ENABLED\x10\x01\x12\x16\n\x12KEY_STATE_DISABLED\x10\x02\x12\x1e\n\x1aKEY_STATE_PENDING_DELETION\x10\x03*\xbd\x03\n\x0cKeyOperation\x12\x1d\n\x19KEY_OPERATION_UNSPECIFIED\x10\x00\x12\x19\n\x15KEY_OPERATION_ENCRYPT\x10\x01\x12\x19\n\x15KEY_OPERATION_DECRYPT\x10\x02\x12!\n\x1dKEY_OPERATION_RE_ENCRYPT_FROM\x10\x03\x12\x1f\n\x1bKEY_OPERATION_RE_ENCRYPT_TO\x10\x04\x12#\n\x1fKEY_OPERATION_GENERATE_DATA_KEY\x10\x05\x12\x1a\n\x16KEY_OPERATION_DESCRIBE\x10\x06\x12\x17\n\x13KEY_OPERATION_ADMIN\x10\x07\x12\x16\n\x12KEY_OPERATION_SIGN\x10\x08\x12\x18\n\x14KEY_OPERATION_VERIFY\x10\t\x12 \n\x1cKEY_OPERATION_GET_PUBLIC_KEY\x10\n\x12\x1e\n\x1aKEY_OPERATION_GENERATE_MAC\x10\x0b\x12\x1c\n\x18KEY_OPERATION_VERIFY_MAC\x10\x0c\x12(\n$KEY_OPERATION_GENERATE_DATA_KEY_PAIR\x10\r*\x9e\x02\n\x07KeySpec\x12\x1e\n\x1aKEY_SPEC_SYMMETRIC_DEFAULT\x10\x00\x12\x15\n\x11KEY_SPEC_RSA_2048\x10\x01\x12\x15\n\x11KEY_SPEC_RSA_3072\x10\x02\x12\x15\n\x11KEY_SPEC_RSA_4096\x10\x03\x12\x1a\n\x16KEY_SPEC_ECC_NIST_P256\x10\x04\x12\x1a\n\x16KEY_SPEC_ECC_NIST_P384\x10\x05\x12\x1a\n\x16KEY_SPEC_ECC_NIST_P521\x10\x06\x12\x15\n\x11KEY_SPEC_HMAC_224\x10\x07\x12\x15\n\x11KEY_SPEC_HMAC_256\x10\x08\x12\x15\n\x11KEY_SPEC_HMAC_384\x10\t\x12\x15\n\x11KEY_SPEC_HMAC_512\x10\n*g\n\x08KeyUsage\x12\x1d\n\x19KEY_USAGE_ENCRYPT_DECRYPT\x10\x00\x12\x19\n\x15KEY_USAGE_SIGN_VERIFY\x10\x01\x12!\n\x1dKEY_USAGE_GENERATE_VERIFY_MAC\x10\x02*\xb5\x03\n\x10SigningAlgorithm\x12!\n\x1dSIGNING_ALGORITHM_UNSPECIFIED\x10\x00\x12(\n$SIGNING_ALGORITHM_RSASSA_PSS_SHA_256\x10\x01\x12(\n$SIGNING_ALGORITHM_RSASSA_PSS_SHA_384\x10\x02\x12(\n$SIGNING_ALGORITHM_RSASSA_PSS_SHA_512\x10\x03\x12/\n+SIGNING_ALGORITHM_RSASSA_PKCS1_V1_5_SHA_256\x10\x04\x12/\n+SIGNING_ALGORITHM_RSASSA_PKCS1_V1_5_SHA_384\x10\x05\x12/\n+SIGNING_ALGORITHM_RSASSA_PKCS1_V1_5_SHA_512\x10\x06\x12#\n\x1fSIGNING_ALGORITHM_ECDSA_SHA_256\x10\x07\x12#\n\x1fSIGNING_ALGORITHM_ECDSA_SHA_384\x10\x08\x12#\n\x1fSIGNING_ALGORITHM_ECDSA_SHA_512\x10\t*\x99\x01\n\x13\x45ncryptionAlgorithm\x12*\n&ENCRYPTION_ALGORITHM_SYMMETRIC_DEFAULT\x10\x00\x12)\n%ENCRYPTION_ALGORITHM_RSAES_OAEP_SHA_1\x10\x01\x12+\n\'ENCRYPTION_ALGORITHM_RSAES_OAEP_SHA_256\x10\x02*\xad\x01\n\x0cMacAlgorithm\x12\x1d\n\x19MAC_ALGORITHM_UNSPECIFIED\x10\x00\x12\x1e\n\x1aMAC_ALGORITHM_HMAC_SHA_224\x10\x01\x12\x1e\n\x1aMAC_ALGORITHM_HMAC_SHA_256\x10\x02\x12\x1e\n\x1aMAC_ALGORITHM_HMAC_SHA_384\x10\x03\x12\x1e\n\x1aMAC_ALGORITHM_HMAC_SHA_512\x10\x04*<\n\x0bMessageType\x12\x14\n\x10MESSAGE_TYPE_RAW\x10\x00\x12\x17\n\x13MESSAGE_TYPE_DIGEST\x10\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17hsmdomain/v1/keys.proto\x12\x0chsmdomain.v1\"Q\n\x0bPolicyGrant\x12\x12\n\nprincipals\x18\x01 \x03(\t\x12.\n\noperations\x18\x02 \x03(\x0e\x32\x1a.hsmdomain.v1.KeyOperation\"6\n\tKeyPolicy\x12)\n\x06grants\x18\x01 \x03(\x0b\x32\x19.hsmdomain.v1.PolicyGrant\"R\n\x10RotationSettings\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\x13\n\x0bperiod_days\x18\x02 \x01(\r\x12\x18\n\x10next_rotation_at\x18\x03 \x01(\x03\"\xf3\x03\n\x0bKeyMetadata\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12%\n\x05state\x18\x03 \x01(\x0e\x32\x16.hsmdomain.v1.KeyState\x12\x12\n\ncreated_at\x18\x04 \x01(\x03\x12\x13\n\x0b\x64\x65letion_at\x18\x05 \x01(\x03\x12\'\n\x06policy\x18\x06 \x01(\x0b\x32\x17.hsmdomain.v1.KeyPolicy\x12\x30\n\x08rotation\x18\x07 \x01(\x0b\x32\x1e.hsmdomain.v1.RotationSettings\x12\x1f\n\x17\x63urrent_backing_version\x18\x08 \x01(\r\x12\x0f\n\x07\x63reator\x18\t \x01(\t\x12\x18\n\x10metadata_version\x18\n \x01(\x04\x12\x11\n\tdomain_id\x18\x0b \x01(\t\x12\'\n\x08key_spec\x18\x0c \x01(\x0e\x32\x15.hsmdomain.v1.KeySpec\x12)\n\tkey_usage\x18\r \x01(\x0e\x32\x16.hsmdomain.v1.KeyUsage\x12\'\n\x06origin\x18\x0e \x01(\x0e\x32\x17.hsmdomain.v1.KeyOrigin\x12\x1b\n\x13material_expires_at\x18\x0f \x01(\x03\x12\x1b\n\x13material_commitment\x18\x10 \x01(\x0c\"\xf0\x01\n\x0bImportToken\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x1d\n\x15\x64omain_key_generation\x18\x02 \x01(\r\x12\x12\n\nexpires_at\x18\x03 \x01(\x03\x12;\n\x12wrapping_algorithm\x18\x04 \x01(\x0e\x32\x1f.hsmdomain.v1.WrappingAlgorithm\x12\x30\n\x11wrapping_key_spec\x18\x05 \x01(\x0e\x32\x15.hsmdomain.v1.KeySpec\x12\x0c\n\x04salt\x18\x06 \x01(\x0c\x12\r\n\x05nonce\x18\x07 \x01(\x0c\x12\x12\n\nciphertext\x18\x08 \x01(\x0c\"\x83\x01\n\x08KeyToken\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x17\n\x0f\x62\x61\x63king_version\x18\x02 \x01(\r\x12\x1d\n\x15\x64omain_key_generation\x18\x03 \x01(\r\x12\r\n\x05nonce\x18\x04 \x01(\x0c\x12\x12\n\nciphertext\x18\x05 \x01(\x0c\x12\x0c\n\x04salt\x18\x06 \x01(\x0c\"\x82\x01\n\tKeyRecord\x12\x10\n\x08metadata\x18\x01 \x01(\x0c\x12&\n\x06tokens\x18\x02 \x03(\x0b\x32\x16.hsmdomain.v1.KeyToken\x12\x10\n\x08revision\x18\x03 \x01(\x04\x12\x16\n\x0esigner_host_id\x18\x04 \x01(\t\x12\x11\n\tsignature\x18\x05 \x01(\x0c*\x92\x01\n\x08KeyState\x12\x19\n\x15KEY_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11KEY_STATE_ENABLED\x10\x01\x12\x16\n\x12KEY_STATE_DISABLED\x10\x02\x12\x1e\n\x1aKEY_STATE_PENDING_DELETION\x10\x03\x12\x1c\n\x18KEY_STATE_PENDING_IMPORT\x10\x04*;\n\tKeyOrigin\x12\x15\n\x11KEY_ORIGIN_DOMAIN\x10\x00\x12\x17\n\x13KEY_ORIGIN_EXTERNAL\x10\x01*\xbc\x01\n\x11WrappingAlgorithm\x12\"\n\x1eWRAPPING_ALGORITHM_UNSPECIFIED\x10\x00\x12\'\n#WRAPPING_ALGORITHM_RSAES_OAEP_SHA_1\x10\x01\x12)\n%WRAPPING_ALGORITHM_RSAES_OAEP_SHA_256\x10\x02\x12/\n+WRAPPING_ALGORITHM_RSA_AES_KEY_WRAP_SHA_256\x10\x03*\xbd\x03\n\x0cKeyOperation\x12\x1d\n\x19KEY_OPERATION_UNSPECIFIED\x10\x00\x12\x19\n\x15KEY_OPERATION_ENCRYPT\x10\x01\x12\x19\n\x15KEY_OPERATION_DECRYPT\x10\x02\x12!\n\x1dKEY_OPERATION_RE_ENCRYPT_FROM\x10\x03\x12\x1f\n\x1bKEY_OPERATION_RE_ENCRYPT_TO\x10\x04\x12#\n\x1fKEY_OPERATION_GENERATE_DATA_KEY\x10\x05\x12\x1a\n\x16KEY_OPERATION_DESCRIBE\x10\x06\x12\x17\n\x13KEY_OPERATION_ADMIN\x10\x07\x12\x16\n\x12KEY_OPERATION_SIGN\x10\x08\x12\x18\n\x14KEY_OPERATION_VERIFY\x10\t\x12 \n\x1cKEY_OPERATION_GET_PUBLIC_KEY\x10\n\x12\x1e\n\x1aKEY_OPERATION_GENERATE_MAC\x10\x0b\x12\x1c\n\x18KEY_OPERATION_VERIFY_MAC\x10\x0c\x12(\n$KEY_OPERATION_GENERATE_DATA_KEY_PAIR\x10\r*\x9e\x02\n\x07KeySpec\x12\x1e\n\x1aKEY_SPEC_SYMMETRIC_DEFAULT\x10\x00\x12\x15\n\x11KEY_SPEC_RSA_2048\x10\x01\x12\x15\n\x11KEY_SPEC_RSA_3072\x10\x02\x12\x15\n\x11KEY_SPEC_RSA_4096\x10\x03\x12\x1a\n\x16KEY_SPEC_ECC_NIST_P256\x10\x04\x12\x1a\n\x16KEY_SPEC_ECC_NIST_P384\x10\x05\x12\x1a\n\x16KEY_SPEC_ECC_NIST_P521\x10\x06\x12\x15\n\x11KEY_SPEC_HMAC_224\x10\x07\x12\x15\n\x11KEY_SPEC_HMAC_256\x10\x08\x12\x15\n\x11KEY_SPEC_HMAC_384\x10\t\x12\x15\n\x11KEY_SPEC_HMAC_512\x10\n*g\n\x08KeyUsage\x12\x1d\n\x19KEY_USAGE_ENCRYPT_DECRYPT\x10\x00\x12\x19\n\x15KEY_USAGE_SIGN_VERIFY\x10\x01\x12!\n\x1dKEY_USAGE_GENERATE_VERIFY_MAC\x10\x02*\xb5\x03\n\x10SigningAlgorithm\x12!\n\x1dSIGNING_ALGORITHM_UNSPECIFIED\x10\x00\x12(\n$SIGNING_ALGORITHM_RSASSA_PSS_SHA_256\x10\x01\x12(\n$SIGNING_ALGORITHM_RSASSA_PSS_SHA_384\x10\x02\x12(\n$SIGNING_ALGORITHM_RSASSA_PSS_SHA_512\x10\x03\x12/\n+SIGNING_ALGORITHM_RSASSA_PKCS1_V1_5_SHA_256\x10\x04\x12/\n+SIGNING_ALGORITHM_RSASSA_PKCS1_V1_5_SHA_384\x10\x05\x12/\n+SIGNING_ALGORITHM_RSASSA_PKCS1_V1_5_SHA_512\x10\x06\x12#\n\x1fSIGNING_ALGORITHM_ECDSA_SHA_256\x10\x07\x12#\n\x1fSIGNING_ALGORITHM_ECDSA_SHA_384\x10\x08\x12#\n\x1fSIGNING_ALGORITHM_ECDSA_SHA_512\x10\t*\x99\x01\n\x13\x45ncryptionAlgorithm\x12*\n&ENCRYPTION_ALGORITHM_SYMMETRIC_DEFAULT\x10\x00\x12)\n%ENCRYPTION_ALGORITHM_RSAES_OAEP_SHA_1\x10\x01\x12+\n\'ENCRYPTION_ALGORITHM_RSAES_OAEP_SHA_256\x10\x02*\xad\x01\n\x0cMacAlgorithm\x12\x1d\n\x19MAC_ALGORITHM_UNSPECIFIED\x10\x00\x12\x1e\n\x1aMAC_ALGORITHM_HMAC_SHA_224\x10\x01\x12\x1e\n\x1aMAC_ALGORITHM_HMAC_SHA_256\x10\x02\x12\x1e\n\x1aMAC_ALGORITHM_HMAC_SHA_384\x10\x03\x12\x1e\n\x1aMAC_ALGORITHM_HMAC_SHA_512\x10\x04*<\n\x0bMessageType\x12\x14\n\x10MESSAGE_TYPE_RAW\x10\x00\x12\x17\n\x13MESSAGE_TYPE_DIGEST\x10\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'hsmdomain.v1.keys_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_KEYSTATE']._serialized_start=934
-  _globals['_KEYSTATE']._serialized_end=1050
-  _globals['_KEYOPERATION']._serialized_start=1053
-  _globals['_KEYOPERATION']._serialized_end=1498
-  _globals['_KEYSPEC']._serialized_start=1501
-  _globals['_KEYSPEC']._serialized_end=1787
-  _globals['_KEYUSAGE']._serialized_start=1789
-  _globals['_KEYUSAGE']._serialized_end=1892
-  _globals['_SIGNINGALGORITHM']._serialized_start=1895
-  _globals['_SIGNINGALGORITHM']._serialized_end=2332
-  _globals['_ENCRYPTIONALGORITHM']._serialized_start=2335
-  _globals['_ENCRYPTIONALGORITHM']._serialized_end=2488
-  _globals['_MACALGORITHM']._serialized_start=2491
-  _globals['_MACALGORITHM']._serialized_end=2664
-  _globals['_MESSAGETYPE']._serialized_start=2666
-  _globals['_MESSAGETYPE']._serialized_end=2726
+  _globals['_KEYSTATE']._serialized_start=1277
+  _globals['_KEYSTATE']._serialized_end=1423
+  _globals['_KEYORIGIN']._serialized_start=1425
+  _globals['_KEYORIGIN']._serialized_end=1484
+  _globals['_WRAPPINGALGORITHM']._serialized_start=1487
+  _globals['_WRAPPINGALGORITHM']._serialized_end=1675
+  _globals['_KEYOPERATION']._serialized_start=1678
+  _globals['_KEYOPERATION']._serialized_end=2123
+  _globals['_KEYSPEC']._serialized_start=2126
+  _globals['_KEYSPEC']._serialized_end=2412
+  _globals['_KEYUSAGE']._serialized_start=2414
+  _globals['_KEYUSAGE']._serialized_end=2517
+  _globals['_SIGNINGALGORITHM']._serialized_start=2520
+  _globals['_SIGNINGALGORITHM']._serialized_end=2957
+  _globals['_ENCRYPTIONALGORITHM']._serialized_start=2960
+  _globals['_ENCRYPTIONALGORITHM']._serialized_end=3113
+  _globals['_MACALGORITHM']._serialized_start=3116
+  _globals['_MACALGORITHM']._serialized_end=3289
+  _globals['_MESSAGETYPE']._serialized_start=3291
+  _globals['_MESSAGETYPE']._serialized_end=3351
   _globals['_POLICYGRANT']._serialized_start=41
   _globals['_POLICYGRANT']._serialized_end=122
   _globals['_KEYPOLICY']._serialized_start=124
@@ -55,9 +59,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ROTATIONSETTINGS']._serialized_start=180
   _globals['_ROTATIONSETTINGS']._serialized_end=262
   _globals['_KEYMETADATA']._serialized_start=265
-  _globals['_KEYMETADATA']._serialized_end=665
-  _globals['_KEYTOKEN']._serialized_start=668
-  _globals['_KEYTOKEN']._serialized_end=799
-  _globals['_KEYRECORD']._serialized_start=802
-  _globals['_KEYRECORD']._serialized_end=932
+  _globals['_KEYMETADATA']._serialized_end=764
+  _globals['_IMPORTTOKEN']._serialized_start=767
+  _globals['_IMPORTTOKEN']._serialized_end=1007
+  _globals['_KEYTOKEN']._serialized_start=1010
+  _globals['_KEYTOKEN']._serialized_end=1141
+  _globals['_KEYRECORD']._serialized_start=1144
+  _globals['_KEYRECORD']._serialized_end=1274
 # @@protoc_insertion_point(module_scope)

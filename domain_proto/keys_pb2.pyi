@@ -14,6 +14,19 @@ class KeyState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     KEY_STATE_ENABLED: _ClassVar[KeyState]
     KEY_STATE_DISABLED: _ClassVar[KeyState]
     KEY_STATE_PENDING_DELETION: _ClassVar[KeyState]
+    KEY_STATE_PENDING_IMPORT: _ClassVar[KeyState]
+
+class KeyOrigin(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    KEY_ORIGIN_DOMAIN: _ClassVar[KeyOrigin]
+    KEY_ORIGIN_EXTERNAL: _ClassVar[KeyOrigin]
+
+class WrappingAlgorithm(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    WRAPPING_ALGORITHM_UNSPECIFIED: _ClassVar[WrappingAlgorithm]
+    WRAPPING_ALGORITHM_RSAES_OAEP_SHA_1: _ClassVar[WrappingAlgorithm]
+    WRAPPING_ALGORITHM_RSAES_OAEP_SHA_256: _ClassVar[WrappingAlgorithm]
+    WRAPPING_ALGORITHM_RSA_AES_KEY_WRAP_SHA_256: _ClassVar[WrappingAlgorithm]
 
 class KeyOperation(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -87,6 +100,13 @@ KEY_STATE_UNSPECIFIED: KeyState
 KEY_STATE_ENABLED: KeyState
 KEY_STATE_DISABLED: KeyState
 KEY_STATE_PENDING_DELETION: KeyState
+KEY_STATE_PENDING_IMPORT: KeyState
+KEY_ORIGIN_DOMAIN: KeyOrigin
+KEY_ORIGIN_EXTERNAL: KeyOrigin
+WRAPPING_ALGORITHM_UNSPECIFIED: WrappingAlgorithm
+WRAPPING_ALGORITHM_RSAES_OAEP_SHA_1: WrappingAlgorithm
+WRAPPING_ALGORITHM_RSAES_OAEP_SHA_256: WrappingAlgorithm
+WRAPPING_ALGORITHM_RSA_AES_KEY_WRAP_SHA_256: WrappingAlgorithm
 KEY_OPERATION_UNSPECIFIED: KeyOperation
 KEY_OPERATION_ENCRYPT: KeyOperation
 KEY_OPERATION_DECRYPT: KeyOperation
@@ -161,7 +181,7 @@ class RotationSettings(_message.Message):
     def __init__(self, enabled: _Optional[bool] = ..., period_days: _Optional[int] = ..., next_rotation_at: _Optional[int] = ...) -> None: ...
 
 class KeyMetadata(_message.Message):
-    __slots__ = ("key_id", "description", "state", "created_at", "deletion_at", "policy", "rotation", "current_backing_version", "creator", "metadata_version", "domain_id", "key_spec", "key_usage")
+    __slots__ = ("key_id", "description", "state", "created_at", "deletion_at", "policy", "rotation", "current_backing_version", "creator", "metadata_version", "domain_id", "key_spec", "key_usage", "origin", "material_expires_at", "material_commitment")
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -175,6 +195,9 @@ class KeyMetadata(_message.Message):
     DOMAIN_ID_FIELD_NUMBER: _ClassVar[int]
     KEY_SPEC_FIELD_NUMBER: _ClassVar[int]
     KEY_USAGE_FIELD_NUMBER: _ClassVar[int]
+    ORIGIN_FIELD_NUMBER: _ClassVar[int]
+    MATERIAL_EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    MATERIAL_COMMITMENT_FIELD_NUMBER: _ClassVar[int]
     key_id: str
     description: str
     state: KeyState
@@ -188,7 +211,30 @@ class KeyMetadata(_message.Message):
     domain_id: str
     key_spec: KeySpec
     key_usage: KeyUsage
-    def __init__(self, key_id: _Optional[str] = ..., description: _Optional[str] = ..., state: _Optional[_Union[KeyState, str]] = ..., created_at: _Optional[int] = ..., deletion_at: _Optional[int] = ..., policy: _Optional[_Union[KeyPolicy, _Mapping]] = ..., rotation: _Optional[_Union[RotationSettings, _Mapping]] = ..., current_backing_version: _Optional[int] = ..., creator: _Optional[str] = ..., metadata_version: _Optional[int] = ..., domain_id: _Optional[str] = ..., key_spec: _Optional[_Union[KeySpec, str]] = ..., key_usage: _Optional[_Union[KeyUsage, str]] = ...) -> None: ...
+    origin: KeyOrigin
+    material_expires_at: int
+    material_commitment: bytes
+    def __init__(self, key_id: _Optional[str] = ..., description: _Optional[str] = ..., state: _Optional[_Union[KeyState, str]] = ..., created_at: _Optional[int] = ..., deletion_at: _Optional[int] = ..., policy: _Optional[_Union[KeyPolicy, _Mapping]] = ..., rotation: _Optional[_Union[RotationSettings, _Mapping]] = ..., current_backing_version: _Optional[int] = ..., creator: _Optional[str] = ..., metadata_version: _Optional[int] = ..., domain_id: _Optional[str] = ..., key_spec: _Optional[_Union[KeySpec, str]] = ..., key_usage: _Optional[_Union[KeyUsage, str]] = ..., origin: _Optional[_Union[KeyOrigin, str]] = ..., material_expires_at: _Optional[int] = ..., material_commitment: _Optional[bytes] = ...) -> None: ...
+
+class ImportToken(_message.Message):
+    __slots__ = ("key_id", "domain_key_generation", "expires_at", "wrapping_algorithm", "wrapping_key_spec", "salt", "nonce", "ciphertext")
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    DOMAIN_KEY_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    WRAPPING_ALGORITHM_FIELD_NUMBER: _ClassVar[int]
+    WRAPPING_KEY_SPEC_FIELD_NUMBER: _ClassVar[int]
+    SALT_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    CIPHERTEXT_FIELD_NUMBER: _ClassVar[int]
+    key_id: str
+    domain_key_generation: int
+    expires_at: int
+    wrapping_algorithm: WrappingAlgorithm
+    wrapping_key_spec: KeySpec
+    salt: bytes
+    nonce: bytes
+    ciphertext: bytes
+    def __init__(self, key_id: _Optional[str] = ..., domain_key_generation: _Optional[int] = ..., expires_at: _Optional[int] = ..., wrapping_algorithm: _Optional[_Union[WrappingAlgorithm, str]] = ..., wrapping_key_spec: _Optional[_Union[KeySpec, str]] = ..., salt: _Optional[bytes] = ..., nonce: _Optional[bytes] = ..., ciphertext: _Optional[bytes] = ...) -> None: ...
 
 class KeyToken(_message.Message):
     __slots__ = ("key_id", "backing_version", "domain_key_generation", "nonce", "ciphertext", "salt")

@@ -28,7 +28,7 @@ PROPOSAL_STATE_STALE: ProposalState
 PROPOSAL_STATE_REJECTED: ProposalState
 
 class CreateKeyRequest(_message.Message):
-    __slots__ = ("description", "policy", "enable_rotation", "rotation_period_days", "idempotency_key", "key_spec", "key_usage")
+    __slots__ = ("description", "policy", "enable_rotation", "rotation_period_days", "idempotency_key", "key_spec", "key_usage", "origin")
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     ENABLE_ROTATION_FIELD_NUMBER: _ClassVar[int]
@@ -36,6 +36,7 @@ class CreateKeyRequest(_message.Message):
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     KEY_SPEC_FIELD_NUMBER: _ClassVar[int]
     KEY_USAGE_FIELD_NUMBER: _ClassVar[int]
+    ORIGIN_FIELD_NUMBER: _ClassVar[int]
     description: str
     policy: _keys_pb2.KeyPolicy
     enable_rotation: bool
@@ -43,7 +44,8 @@ class CreateKeyRequest(_message.Message):
     idempotency_key: str
     key_spec: _keys_pb2.KeySpec
     key_usage: _keys_pb2.KeyUsage
-    def __init__(self, description: _Optional[str] = ..., policy: _Optional[_Union[_keys_pb2.KeyPolicy, _Mapping]] = ..., enable_rotation: _Optional[bool] = ..., rotation_period_days: _Optional[int] = ..., idempotency_key: _Optional[str] = ..., key_spec: _Optional[_Union[_keys_pb2.KeySpec, str]] = ..., key_usage: _Optional[_Union[_keys_pb2.KeyUsage, str]] = ...) -> None: ...
+    origin: _keys_pb2.KeyOrigin
+    def __init__(self, description: _Optional[str] = ..., policy: _Optional[_Union[_keys_pb2.KeyPolicy, _Mapping]] = ..., enable_rotation: _Optional[bool] = ..., rotation_period_days: _Optional[int] = ..., idempotency_key: _Optional[str] = ..., key_spec: _Optional[_Union[_keys_pb2.KeySpec, str]] = ..., key_usage: _Optional[_Union[_keys_pb2.KeyUsage, str]] = ..., origin: _Optional[_Union[_keys_pb2.KeyOrigin, str]] = ...) -> None: ...
 
 class KeyIdRequest(_message.Message):
     __slots__ = ("key_id",)
@@ -338,6 +340,40 @@ class GenerateDataKeyPairResponse(_message.Message):
     public_key: bytes
     key_pair_spec: _keys_pb2.KeySpec
     def __init__(self, key_id: _Optional[str] = ..., private_key_plaintext: _Optional[bytes] = ..., private_key_ciphertext_blob: _Optional[bytes] = ..., public_key: _Optional[bytes] = ..., key_pair_spec: _Optional[_Union[_keys_pb2.KeySpec, str]] = ...) -> None: ...
+
+class GetParametersForImportRequest(_message.Message):
+    __slots__ = ("key_id", "wrapping_algorithm", "wrapping_key_spec")
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    WRAPPING_ALGORITHM_FIELD_NUMBER: _ClassVar[int]
+    WRAPPING_KEY_SPEC_FIELD_NUMBER: _ClassVar[int]
+    key_id: str
+    wrapping_algorithm: _keys_pb2.WrappingAlgorithm
+    wrapping_key_spec: _keys_pb2.KeySpec
+    def __init__(self, key_id: _Optional[str] = ..., wrapping_algorithm: _Optional[_Union[_keys_pb2.WrappingAlgorithm, str]] = ..., wrapping_key_spec: _Optional[_Union[_keys_pb2.KeySpec, str]] = ...) -> None: ...
+
+class GetParametersForImportResponse(_message.Message):
+    __slots__ = ("key_id", "import_token", "public_key", "parameters_valid_to")
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    IMPORT_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_VALID_TO_FIELD_NUMBER: _ClassVar[int]
+    key_id: str
+    import_token: bytes
+    public_key: bytes
+    parameters_valid_to: int
+    def __init__(self, key_id: _Optional[str] = ..., import_token: _Optional[bytes] = ..., public_key: _Optional[bytes] = ..., parameters_valid_to: _Optional[int] = ...) -> None: ...
+
+class ImportKeyMaterialRequest(_message.Message):
+    __slots__ = ("key_id", "import_token", "encrypted_key_material", "valid_to")
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    IMPORT_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    ENCRYPTED_KEY_MATERIAL_FIELD_NUMBER: _ClassVar[int]
+    VALID_TO_FIELD_NUMBER: _ClassVar[int]
+    key_id: str
+    import_token: bytes
+    encrypted_key_material: bytes
+    valid_to: int
+    def __init__(self, key_id: _Optional[str] = ..., import_token: _Optional[bytes] = ..., encrypted_key_material: _Optional[bytes] = ..., valid_to: _Optional[int] = ...) -> None: ...
 
 class GenerateRandomRequest(_message.Message):
     __slots__ = ("number_of_bytes",)

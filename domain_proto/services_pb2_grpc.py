@@ -152,6 +152,21 @@ class KeyServiceStub:
                 request_serializer=hsmdomain_dot_v1_dot_services__pb2.KeyIdRequest.SerializeToString,
                 response_deserializer=hsmdomain_dot_v1_dot_services__pb2.KeyMetadataResponse.FromString,
                 _registered_method=True)
+        self.GetParametersForImport = channel.unary_unary(
+                '/hsmdomain.v1.KeyService/GetParametersForImport',
+                request_serializer=hsmdomain_dot_v1_dot_services__pb2.GetParametersForImportRequest.SerializeToString,
+                response_deserializer=hsmdomain_dot_v1_dot_services__pb2.GetParametersForImportResponse.FromString,
+                _registered_method=True)
+        self.ImportKeyMaterial = channel.unary_unary(
+                '/hsmdomain.v1.KeyService/ImportKeyMaterial',
+                request_serializer=hsmdomain_dot_v1_dot_services__pb2.ImportKeyMaterialRequest.SerializeToString,
+                response_deserializer=hsmdomain_dot_v1_dot_services__pb2.KeyMetadataResponse.FromString,
+                _registered_method=True)
+        self.DeleteImportedKeyMaterial = channel.unary_unary(
+                '/hsmdomain.v1.KeyService/DeleteImportedKeyMaterial',
+                request_serializer=hsmdomain_dot_v1_dot_services__pb2.KeyIdRequest.SerializeToString,
+                response_deserializer=hsmdomain_dot_v1_dot_services__pb2.KeyMetadataResponse.FromString,
+                _registered_method=True)
 
 
 class KeyServiceServicer:
@@ -296,6 +311,24 @@ class KeyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetParametersForImport(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImportKeyMaterial(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteImportedKeyMaterial(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KeyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -411,6 +444,21 @@ def add_KeyServiceServicer_to_server(servicer, server):
             ),
             'CancelKeyDeletion': grpc.unary_unary_rpc_method_handler(
                     servicer.CancelKeyDeletion,
+                    request_deserializer=hsmdomain_dot_v1_dot_services__pb2.KeyIdRequest.FromString,
+                    response_serializer=hsmdomain_dot_v1_dot_services__pb2.KeyMetadataResponse.SerializeToString,
+            ),
+            'GetParametersForImport': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetParametersForImport,
+                    request_deserializer=hsmdomain_dot_v1_dot_services__pb2.GetParametersForImportRequest.FromString,
+                    response_serializer=hsmdomain_dot_v1_dot_services__pb2.GetParametersForImportResponse.SerializeToString,
+            ),
+            'ImportKeyMaterial': grpc.unary_unary_rpc_method_handler(
+                    servicer.ImportKeyMaterial,
+                    request_deserializer=hsmdomain_dot_v1_dot_services__pb2.ImportKeyMaterialRequest.FromString,
+                    response_serializer=hsmdomain_dot_v1_dot_services__pb2.KeyMetadataResponse.SerializeToString,
+            ),
+            'DeleteImportedKeyMaterial': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteImportedKeyMaterial,
                     request_deserializer=hsmdomain_dot_v1_dot_services__pb2.KeyIdRequest.FromString,
                     response_serializer=hsmdomain_dot_v1_dot_services__pb2.KeyMetadataResponse.SerializeToString,
             ),
@@ -1034,6 +1082,87 @@ class KeyService:
             request,
             target,
             '/hsmdomain.v1.KeyService/CancelKeyDeletion',
+            hsmdomain_dot_v1_dot_services__pb2.KeyIdRequest.SerializeToString,
+            hsmdomain_dot_v1_dot_services__pb2.KeyMetadataResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetParametersForImport(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hsmdomain.v1.KeyService/GetParametersForImport',
+            hsmdomain_dot_v1_dot_services__pb2.GetParametersForImportRequest.SerializeToString,
+            hsmdomain_dot_v1_dot_services__pb2.GetParametersForImportResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportKeyMaterial(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hsmdomain.v1.KeyService/ImportKeyMaterial',
+            hsmdomain_dot_v1_dot_services__pb2.ImportKeyMaterialRequest.SerializeToString,
+            hsmdomain_dot_v1_dot_services__pb2.KeyMetadataResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteImportedKeyMaterial(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hsmdomain.v1.KeyService/DeleteImportedKeyMaterial',
             hsmdomain_dot_v1_dot_services__pb2.KeyIdRequest.SerializeToString,
             hsmdomain_dot_v1_dot_services__pb2.KeyMetadataResponse.FromString,
             options,

@@ -14,13 +14,16 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 
+import grpc
+
 from domain_core import ciphertext, keyspecs, policy
 from domain_core.errors import InvalidInputError, InvalidKeyTokenError, InvalidKeyUsageError
-from domain_core.keylifecycle import require_enabled
+from domain_core.keylifecycle import KeyChange, require_enabled
 from domain_core.limits import DEFAULT_LIMITS, Limits
-from domain_proto import keys_pb2
+from domain_proto import keys_pb2, services_pb2
 from hsa_node.keycache import CachedKey, KeyCache
 from hsa_node.keycalls import AuditSink, CallFrame, KeyCall, PeerGate
+from hsa_node.keywrites import KeyWriter
 from hsa_node.node import DomainNode
 from hsa_node.quotas import Quotas
 
@@ -59,6 +62,7 @@ class KeyAccess:
         self._records = cache.records
         self._limits = limits
         self._clock = clock
+        self._writer = KeyWriter(cache, clock)
 
     def _authorize(self, entry: CachedKey, call: KeyCall, operation: int) -> None:
         policy.require_granted(entry.grants, call.principal, operation, entry.key_id)
@@ -144,3 +148,28 @@ class KeyAccess:
             encoded_context,
             limits=self._limits,
         )
+
+    def _change(
+        self,
+        operation: str,
+        key_id_value: str,
+        context: grpc.ServicerContext,
+        change: KeyChange,
+        detail: Callable[[keys_pb2.KeyMetadata], str] = lambda _: "",
+    ) -> services_pb2.KeyMetadataResponse:
+        """Read the key fresh, check ADMIN, apply `change` and write it back
+        (`KeyWriter.change`); `detail` adds to the audit record of a change."""
+
+        def body(call: KeyCall) -> services_pb2.KeyMetadataResponse:
+            key_id = self._key_id(call, key_id_value)
+            self._frame.require_head_confirmed(operation)
+            metadata, changed = self._writer.change(operation, key_id, change, call.principal)
+            if not changed:
+                call.detail = "no change"
+            else:
+                call.detail = f"metadata version {metadata.metadata_version}" + (
+                    f", {extra}" if (extra := detail(metadata)) else ""
+                )
+            return services_pb2.KeyMetadataResponse(metadata=metadata)
+
+        return self._frame.run(operation, context, body)

@@ -57,16 +57,16 @@ from domain_core.errors import (
     LimitExceededError,
     UnavailableError,
 )
-from domain_core.keylifecycle import KeyChange, iso_date, require_enabled
+from domain_core.keylifecycle import iso_date, require_enabled
 from domain_core.limits import DEFAULT_LIMITS, MAX_LIST_KEYS_LIMIT, Limits
 from domain_edge.throttled_log import ThrottledLog
 from domain_proto import keys_pb2, services_pb2, services_pb2_grpc
 from hsa_node.keycache import CachedKey, KeyCache
 from hsa_node.keycalls import AuditSink, KeyCall, PeerGate
+from hsa_node.keyimport_calls import ImportCalls
 from hsa_node.keyrecords import CoordinatorUnreachableError, parse_metadata
 from hsa_node.keysession import KeySessions
 from hsa_node.keyspec_calls import SYMMETRIC_OR_RSA, SpecCalls
-from hsa_node.keywrites import KeyWriter
 from hsa_node.node import DomainNode
 from hsa_node.quotas import Quotas
 
@@ -81,7 +81,7 @@ DEFAULT_LIST_LIMIT: Final = 100
 # --- the servicer --------------------------------------------------------------------------
 
 
-class KeyServiceServicer(SpecCalls, services_pb2_grpc.KeyServiceServicer):
+class KeyServiceServicer(SpecCalls, ImportCalls, services_pb2_grpc.KeyServiceServicer):
     """Customer-key operations for client principals (see the module invariants)."""
 
     def __init__(
@@ -105,7 +105,6 @@ class KeyServiceServicer(SpecCalls, services_pb2_grpc.KeyServiceServicer):
             peers=peers,
             quotas=quotas,
         )
-        self._writer = KeyWriter(cache, clock)
         self._throttled = ThrottledLog(log)
         self._sessions = KeySessions(
             self, self._frame.principal, limits, fresh=self._cache.is_fresh
@@ -398,6 +397,7 @@ class KeyServiceServicer(SpecCalls, services_pb2_grpc.KeyServiceServicer):
                 rotation_period_days=request.rotation_period_days,
                 key_spec=request.key_spec,
                 key_usage=request.key_usage,
+                origin=request.origin,
                 creator=call.principal,
                 domain_id=self._domain_id,
                 limits=self._limits,
@@ -417,31 +417,6 @@ class KeyServiceServicer(SpecCalls, services_pb2_grpc.KeyServiceServicer):
             return services_pb2.KeyMetadataResponse(metadata=created)
 
         return self._frame.run("CreateKey", context, body)
-
-    def _change(
-        self,
-        operation: str,
-        key_id_value: str,
-        context: grpc.ServicerContext,
-        change: KeyChange,
-        detail: Callable[[keys_pb2.KeyMetadata], str] = lambda _: "",
-    ) -> services_pb2.KeyMetadataResponse:
-        """Read the key fresh, check ADMIN, apply `change` and write it back
-        (`KeyWriter.change`); `detail` adds to the audit record of a change."""
-
-        def body(call: KeyCall) -> services_pb2.KeyMetadataResponse:
-            key_id = self._key_id(call, key_id_value)
-            self._frame.require_head_confirmed(operation)
-            metadata, changed = self._writer.change(operation, key_id, change, call.principal)
-            if not changed:
-                call.detail = "no change"
-            else:
-                call.detail = f"metadata version {metadata.metadata_version}" + (
-                    f", {extra}" if (extra := detail(metadata)) else ""
-                )
-            return services_pb2.KeyMetadataResponse(metadata=metadata)
-
-        return self._frame.run(operation, context, body)
 
     def RotateKey(
         self, request: services_pb2.KeyIdRequest, context: grpc.ServicerContext

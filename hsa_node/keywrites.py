@@ -58,14 +58,20 @@ class KeyWriter:
         self, metadata: keys_pb2.KeyMetadata, principal: str, *, idempotent: bool = False
     ) -> keys_pb2.KeyMetadata:
         """Store a new key (its first metadata) with fresh material of its key spec (a 256-bit
-        backing key for a symmetric key); its metadata.
+        backing key for a symmetric key; none for a key of origin EXTERNAL, whose material
+        is imported later); its metadata.
 
         With `idempotent` (the key id was derived from the caller's idempotency key), a key
         that exists already under that id is the one an earlier attempt of this very creation
         made: its metadata now is the answer, and nothing new is stored.
         """
         try:
-            entry = self._cache.store(metadata, {1: keyspecs.new_material(metadata.key_spec)}, 0)
+            material = (
+                {}
+                if metadata.origin == keys_pb2.KEY_ORIGIN_EXTERNAL
+                else {1: keyspecs.new_material(metadata.key_spec)}
+            )
+            entry = self._cache.store(metadata, material, 0)
         except AlreadyExistsError:
             if not idempotent:
                 raise

@@ -75,6 +75,9 @@ QUOTA_CLASSES: Final[Mapping[str, QuotaClass]] = {
     "DisableKey": ADMIN,
     "ScheduleKeyDeletion": ADMIN,
     "CancelKeyDeletion": ADMIN,
+    "GetParametersForImport": ADMIN,
+    "ImportKeyMaterial": ADMIN,
+    "DeleteImportedKeyMaterial": ADMIN,
     "CreateKey": CREATE,
 }
 # How often the share is recomputed from the domain's size (hosts come and go rarely).

@@ -5,6 +5,8 @@ for each record that verifies:
 - deletes it (`DeleteKeyRecord`) when it is PENDING_DELETION and its deletion date passed;
 - rotates it (a new backing version) when it is ENABLED, automatic rotation is on, and its
   next rotation date passed;
+- deletes its imported material (back to PENDING_IMPORT) when the material's expiry passed
+  (`keyimport.material_expired`), as DeleteImportedKeyMaterial does;
 - re-wraps it (`keytokens.rewrap_record`) when any token is sealed under an older domain key
   generation than the current one, so that old generations can be retired, and signs it again
   as this host. A node that has not installed the newest generation yet leaves records sealed
@@ -47,7 +49,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
-from domain_core import ciphertext, keylifecycle, keytokens
+from domain_core import ciphertext, keyimport, keylifecycle, keytokens
 from domain_core.errors import (
     ConflictError,
     FailedPreconditionError,
@@ -102,6 +104,8 @@ class PassReport:
     rewrapped: int = 0
     rotated: int = 0
     deleted: int = 0
+    expired: int = 0
+    """Keys whose imported material expired (and was deleted)."""
     conflicts: int = 0
     failed: int = 0
     elsewhere: int = 0
@@ -119,7 +123,8 @@ class PassReport:
         return (
             f"{'takeover' if self.full else 'shard'} pass: scanned {self.scanned}, re-wrapped "
             f"{self.rewrapped} to domain key generation {self.generation}, rotated "
-            f"{self.rotated}, deleted {self.deleted}, {self.conflicts} lost to concurrent "
+            f"{self.rotated}, deleted {self.deleted}, expired the imported material of "
+            f"{self.expired}, {self.conflicts} lost to concurrent "
             f"writers, {self.failed} refused, {self.elsewhere} left to other HSAs"
         )
 
@@ -133,6 +138,7 @@ class PassReport:
             rewrapped=self.rewrapped + other.rewrapped,
             rotated=self.rotated + other.rotated,
             deleted=self.deleted + other.deleted,
+            expired=self.expired + other.expired,
             conflicts=self.conflicts + other.conflicts,
             failed=self.failed + other.failed,
             elsewhere=other.elsewhere,
@@ -339,7 +345,9 @@ class KeyMaintainer:
         self._last_generation = report.generation
         self._last_pass_end = time.monotonic()
         self.last_report = report
-        worked = report.rewrapped or report.rotated or report.deleted or report.elsewhere
+        worked = (
+            report.rewrapped or report.rotated or report.deleted or report.expired
+        ) or report.elsewhere
         level = logging.INFO if worked else logging.DEBUG
         log.log(level, "key pass done in %.1f s: %s", report.seconds, report.describe())
         if report.elsewhere and not report.full:
@@ -413,6 +421,20 @@ class KeyMaintainer:
                     "RotateKey",
                     key_id,
                     f"automatic rotation to backing version {rotated.current_backing_version}",
+                )
+            elif keyimport.material_expired(verified, now):
+                expired = keylifecycle.apply_change(
+                    verified, backing_keys, keyimport.delete_material, now
+                )
+                if expired is None:  # material_expired says there is some: cannot happen
+                    return
+                self._cache.store(expired[0], expired[1], record.revision)
+                report.expired += 1
+                log.info("key %s: its imported material expired and was deleted", key_id)
+                self._audited(
+                    "DeleteImportedKeyMaterial",
+                    key_id,
+                    f"the material expired on {iso_date(verified.material_expires_at)}",
                 )
             elif keytokens.needs_rewrap(record, keys.generation):
                 rewrapped = keytokens.rewrap_record(

@@ -15,15 +15,26 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
 
+from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
+
+from domain_core import keyspecs
 from domain_core.limits import MAX_CHUNK_SIZE
 from domain_edge.cli import UsageError
 from domain_edge.kms_client import KeyClient, read_cluster
 from domain_edge.transport import TlsMaterial
+from domain_proto import keys_pb2
 from kms_tool._io import STDIO
 
 __all__ = [
     "CLUSTER_ENV",
     "CONTEXT_OPTIONS",
+    "ENCRYPTION_ALGORITHMS",
+    "KEY_PAIR_SPECS",
+    "KEY_SPECS",
+    "KEY_USAGES",
+    "MAC_ALGORITHMS",
+    "SIGNING_ALGORITHMS",
+    "add_choice",
     "add_context",
     "add_in_out",
     "chunk_size",
@@ -39,6 +50,21 @@ CLUSTER_ENV: Final = "HSM_CLUSTER"
 _MAX_U32: Final = 0xFFFFFFFF
 # Options holding encryption contexts: lists of (key, value) pairs, made dicts before use.
 CONTEXT_OPTIONS: Final = ("context", "source_context", "destination_context")
+
+
+def _names(enum: EnumTypeWrapper, prefix: str) -> tuple[str, ...]:
+    """AWS KMS's names of a proto enum's values: its names less `prefix`, UNSPECIFIED left out."""
+    names = (name for name, _ in enum.items() if name != prefix + "UNSPECIFIED")
+    return tuple(name.removeprefix(prefix) for name in names)
+
+
+# The names the key spec options take, from the enums (as `domain_core.keyspecs` names them).
+KEY_SPECS: Final = _names(keys_pb2.KeySpec, "KEY_SPEC_")
+KEY_USAGES: Final = _names(keys_pb2.KeyUsage, "KEY_USAGE_")
+SIGNING_ALGORITHMS: Final = _names(keys_pb2.SigningAlgorithm, "SIGNING_ALGORITHM_")
+ENCRYPTION_ALGORITHMS: Final = _names(keys_pb2.EncryptionAlgorithm, "ENCRYPTION_ALGORITHM_")
+MAC_ALGORITHMS: Final = _names(keys_pb2.MacAlgorithm, "MAC_ALGORITHM_")
+KEY_PAIR_SPECS: Final = tuple(keyspecs.spec_name(spec) for spec in keyspecs.DATA_KEY_PAIR_SPECS)
 
 
 def _context_entry(text: str) -> tuple[str, str]:
@@ -170,6 +196,28 @@ def add_context(parser: argparse.ArgumentParser, flag: str = "--context", what: 
         action="extend",
         nargs="+",
         help=f"{what or 'encryption context'} entries (repeatable; split at the first '=')",
+    )
+
+
+def add_choice(
+    parser: argparse.ArgumentParser,
+    flag: str,
+    choices: Sequence[str],
+    what: str,
+    default: str | None = None,
+    required: bool = False,
+    note: str = "",
+) -> None:
+    """An option taking one of AWS KMS's names (`choices`), all of them listed in its help
+    (then `note`)."""
+    suffix = (f"; default {default}" if default else "") + note
+    parser.add_argument(
+        flag,
+        choices=choices,
+        default=default,
+        required=required,
+        metavar=flag.removeprefix("--").split("-")[-1].upper(),
+        help=f"{what}: {', '.join(choices)}{suffix}",
     )
 
 

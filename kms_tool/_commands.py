@@ -8,7 +8,12 @@ Invariants kept here (see also `kms_tool._io`):
   an envelope's plaintext is released chunk by chunk as it verifies, and a later failure
   says to discard what was written;
 - plaintext and keys never appear in a message (encryption context values may: they are
-  not secret, they are authenticated data).
+  not secret, they are authenticated data);
+- an RSA-OAEP ciphertext (`--encryption-algorithm RSAES_OAEP_*`) names no key and binds no
+  context: its key id comes from --key-id, and --context is refused with it before any call.
+
+The commands of keys other than symmetric encryption keys (sign, MACs, data key pairs) are in
+`kms_tool._spec_commands`.
 """
 
 from __future__ import annotations
@@ -19,8 +24,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from domain_core import keyspecs
 from domain_core.ciphertext import parse_header
-from domain_core.errors import InvalidCiphertextError
+from domain_core.errors import InvalidCiphertextError, InvalidInputError
 from domain_edge.cli import UsageError
 from domain_edge.files import SECRET_MODE, replace_file, write_new_file
 from domain_edge.kms_client import KeyClient, decrypt_envelope, encrypt_envelope
@@ -39,6 +45,9 @@ from kms_tool._io import (
 
 __all__ = [
     "Handler",
+    "check_create_key",
+    "check_decrypt",
+    "check_encrypt",
     "check_envelope_decrypt",
     "check_envelope_encrypt",
     "check_generate_data_key",
@@ -60,6 +69,22 @@ __all__ = [
 Handler = Callable[[argparse.Namespace, KeyClient], int]
 
 
+def check_create_key(args: argparse.Namespace) -> None:
+    """A key spec and usage AWS KMS pairs, and rotation only for a symmetric key."""
+    spec = keyspecs.spec_from_name(args.key_spec)
+    try:
+        keyspecs.check_spec_usage(spec, keyspecs.usage_from_name(args.key_usage))
+    except InvalidInputError as error:
+        raise UsageError(f"{error.message} (--key-usage)") from None
+    if args.enable_rotation and not keyspecs.is_symmetric(spec):
+        raise UsageError(
+            f"only SYMMETRIC_DEFAULT keys rotate; a {args.key_spec} key keeps its material for "
+            "life: leave out --enable-rotation"
+        )
+    if args.enable_rotation and args.origin == "EXTERNAL":
+        raise UsageError("keys of imported material do not rotate: leave out --enable-rotation")
+
+
 def create_key(args: argparse.Namespace, client: KeyClient) -> int:
     """`create-key`: print the new key's id (or its metadata under --json)."""
     policy = read_policy(args.policy) if args.policy else None
@@ -69,6 +94,9 @@ def create_key(args: argparse.Namespace, client: KeyClient) -> int:
         enable_rotation=args.enable_rotation,
         rotation_period_days=args.rotation_period_days,
         idempotency_key=args.idempotency_key,
+        origin=args.origin,
+        key_spec=args.key_spec,
+        key_usage=args.key_usage,
     )
     if args.json:
         print_document(metadata.to_json())
@@ -115,11 +143,47 @@ def schedule_key_deletion(args: argparse.Namespace, client: KeyClient) -> int:
     return 0
 
 
+def _rsa(args: argparse.Namespace) -> bool:
+    """Whether the command encrypts or decrypts with RSA-OAEP (not the symmetric default)."""
+    return getattr(args, "encryption_algorithm", None) not in (None, "SYMMETRIC_DEFAULT")
+
+
+def _key_id_of(args: argparse.Namespace, blob: bytes) -> str:
+    """The key of a blob: its header's, or --key-id's for an RSA ciphertext (no header)."""
+    return str(args.key_id) if _rsa(args) else parse_header(blob).key_id
+
+
+def _check_rsa(args: argparse.Namespace) -> None:
+    if _rsa(args) and args.context:
+        raise UsageError(
+            f"{args.encryption_algorithm} takes no --context (RSA-OAEP binds none); leave it "
+            "out, or use a symmetric key"
+        )
+
+
+def check_encrypt(args: argparse.Namespace) -> None:
+    """An RSA-OAEP encryption takes no context."""
+    _check_rsa(args)
+
+
+def check_decrypt(args: argparse.Namespace) -> None:
+    """An RSA-OAEP ciphertext takes no context and needs --key-id (it names no key)."""
+    _check_rsa(args)
+    if _rsa(args) and not args.key_id:
+        raise UsageError(
+            f"decrypting with {args.encryption_algorithm} needs --key-id: an RSA ciphertext "
+            "does not name its key"
+        )
+
+
 def _blob_output(args: argparse.Namespace, blob: bytes, what: str) -> None:
-    """A ciphertext blob: raw to --out, or base64 in the JSON (with its key id)."""
-    key_id = parse_header(blob).key_id
+    """A ciphertext blob: raw to --out, or base64 in the JSON (with its key id, and the
+    encryption algorithm when one was given)."""
+    key_id = _key_id_of(args, blob)
     if args.json:
         document: dict[str, Any] = {"key_id": key_id}
+        if getattr(args, "encryption_algorithm", None):
+            document["encryption_algorithm"] = args.encryption_algorithm
         if args.out == STDIO:
             document["ciphertext_blob"] = b64(blob)
         else:
@@ -134,7 +198,9 @@ def encrypt(args: argparse.Namespace, client: KeyClient) -> int:
     """`encrypt`: a ciphertext blob of at most 4 KiB of plaintext."""
     limit = client.limits.max_plaintext_bytes
     plaintext = read_input(args.input, limit, "the input", "; use envelope-encrypt for larger data")
-    blob = client.encrypt(args.key_id, plaintext, args.context)
+    blob = client.encrypt(
+        args.key_id, plaintext, args.context, encryption_algorithm=args.encryption_algorithm
+    )
     _blob_output(args, blob, "the ciphertext blob")
     return 0
 
@@ -146,9 +212,11 @@ def _read_blob(args: argparse.Namespace, client: KeyClient) -> bytes:
 def decrypt(args: argparse.Namespace, client: KeyClient) -> int:
     """`decrypt`: the plaintext of a blob (raw, to a file, or base64 under --json)."""
     blob = _read_blob(args, client)
-    plaintext = client.decrypt(blob, args.context, key_id=args.key_id)
+    plaintext = client.decrypt(
+        blob, args.context, key_id=args.key_id, encryption_algorithm=args.encryption_algorithm
+    )
     if args.json:
-        document: dict[str, Any] = {"key_id": parse_header(blob).key_id}
+        document: dict[str, Any] = {"key_id": _key_id_of(args, blob)}
         if args.out == STDIO:
             document["plaintext"] = b64(plaintext)
         else:

@@ -6,7 +6,8 @@ Invariants kept here:
 - an output file appears whole or not at all (a temporary file in the same directory,
   renamed into place once everything is written and, for decryption, verified); outputs
   are 0600, since they may hold plaintext;
-- an input is read up to its limit and refused beyond it.
+- an input is read up to its limit and refused beyond it; a message to sign or MAC beyond
+  4096 bytes is a usage error (`read_message`), since its digest is what to send instead.
 """
 
 from __future__ import annotations
@@ -23,25 +24,31 @@ from pathlib import Path
 from typing import IO, Any, Final
 
 from domain_core.errors import InvalidInputError, LimitExceededError
-from domain_core.limits import MAX_POLICY_FILE_BYTES
+from domain_core.limits import MAX_KMS_MESSAGE_BYTES, MAX_POLICY_FILE_BYTES, MIN_KMS_MESSAGE_BYTES
 from domain_edge.cli import UsageError, print_json
 from domain_edge.files import SECRET_MODE, read_limited, replace_file
 from domain_edge.kms_client import KeyMetadata, policy_from_json
 
 __all__ = [
+    "PROG",
     "STDIO",
     "atomic_output",
     "b64",
     "open_input",
+    "pem_public_key",
     "print_document",
+    "print_failure",
     "print_metadata",
     "read_input",
+    "read_message",
     "read_policy",
     "refuse_terminal",
     "write_output",
 ]
 
+PROG: Final = "hsm-kms"
 STDIO: Final = "-"
+_PEM_LINE: Final = 64  # base64 characters per line of a PEM body (RFC 7468)
 
 
 def read_input(path: str, limit: int, what: str, hint: str = "") -> bytes:
@@ -50,6 +57,19 @@ def read_input(path: str, limit: int, what: str, hint: str = "") -> bytes:
     return read_limited(
         source, limit, lambda: LimitExceededError(f"{what} is more than {limit} bytes{hint}")
     )
+
+
+def read_message(path: str, hint: str = "") -> bytes:
+    """A message for Sign, Verify, GenerateMac or VerifyMac: 1 to 4096 bytes of a file (or
+    stdin for '-'); an empty or longer one is a usage error (`hint` says what to do)."""
+    source = sys.stdin.buffer if path == STDIO else Path(path)
+    limit = MAX_KMS_MESSAGE_BYTES
+    message = read_limited(
+        source, limit, lambda: UsageError(f"the message is more than {limit} bytes{hint}")
+    )
+    if len(message) < MIN_KMS_MESSAGE_BYTES:
+        raise UsageError(f"the message is empty: give {MIN_KMS_MESSAGE_BYTES} to {limit} bytes")
+    return message
 
 
 @contextlib.contextmanager
@@ -103,6 +123,19 @@ def atomic_output(path: str) -> Iterator[IO[bytes]]:
         raise
 
 
+def print_failure(cause: str) -> None:
+    """`hsm-kms: error: CAUSE` on stderr, for a command that fails without an exception (a
+    signature or MAC that does not verify)."""
+    print(f"{PROG}: error: {cause}", file=sys.stderr)
+
+
+def pem_public_key(der: bytes) -> bytes:
+    """A DER SubjectPublicKeyInfo as a PEM "PUBLIC KEY" block (what `openssl` reads)."""
+    body = base64.b64encode(der)
+    lines = [body[i : i + _PEM_LINE] for i in range(0, len(body), _PEM_LINE)]
+    return b"\n".join([b"-----BEGIN PUBLIC KEY-----", *lines, b"-----END PUBLIC KEY-----", b""])
+
+
 def b64(data: bytes) -> str:
     """Binary data inside a `--json` document."""
     return base64.b64encode(data).decode("ascii")
@@ -133,6 +166,8 @@ def print_metadata(metadata: KeyMetadata, as_json: bool) -> None:
         f"key id:          {metadata.key_id}",
         f"state:           {metadata.state}",
         f"description:     {metadata.description}",
+        f"key spec:        {metadata.key_spec}",
+        f"key usage:       {metadata.key_usage}",
         f"created:         {_time(metadata.created_at)} by {metadata.creator or '-'}",
         f"backing version: {metadata.current_backing_version}",
         f"rotation:        {rotation}",

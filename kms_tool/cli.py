@@ -22,9 +22,15 @@ from domain_core import envelope
 from domain_edge.cli import Command, Tool, run_tool
 from domain_edge.kms_client import OPERATION_NAMES
 from kms_tool import _commands as commands
+from kms_tool import _spec_args as spec_args
+from kms_tool import _spec_commands as spec_commands
 from kms_tool._args import (
     CLUSTER_ENV,
     CONTEXT_OPTIONS,
+    ENCRYPTION_ALGORITHMS,
+    KEY_SPECS,
+    KEY_USAGES,
+    add_choice,
     add_context,
     add_in_out,
     chunk_size,
@@ -35,11 +41,9 @@ from kms_tool._args import (
     positive,
     shared_options,
 )
-from kms_tool._io import STDIO, refuse_terminal
+from kms_tool._io import PROG, STDIO, refuse_terminal
 
-__all__ = ["CLUSTER_ENV", "COMMANDS", "TOOL", "build_parser", "main", "parse_context"]
-
-PROG: Final = "hsm-kms"
+__all__ = ["CLUSTER_ENV", "COMMANDS", "PROG", "TOOL", "build_parser", "main", "parse_context"]
 
 
 # --- each command's arguments ------------------------------------------------------------------
@@ -51,13 +55,25 @@ def _key_id(parser: argparse.ArgumentParser) -> None:
 
 def _create_key_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--description", default="", help="free text")
+    add_choice(parser, "--key-spec", KEY_SPECS, "key spec", "SYMMETRIC_DEFAULT")
+    add_choice(parser, "--key-usage", KEY_USAGES, "key usage", "ENCRYPT_DECRYPT")
+    add_choice(
+        parser,
+        "--origin",
+        ("DOMAIN", "EXTERNAL"),
+        "where the material comes from",
+        "DOMAIN",
+        note=" (EXTERNAL: none until import-key-material)",
+    )
     parser.add_argument(
         "--policy",
         metavar="FILE",
         help=f"key policy JSON ('-': stdin); operations: {', '.join(OPERATION_NAMES)}. "
         "Default: the creator may do everything",
     )
-    parser.add_argument("--enable-rotation", action="store_true", help="rotate the key yearly")
+    parser.add_argument(
+        "--enable-rotation", action="store_true", help="rotate the key yearly (symmetric keys)"
+    )
     parser.add_argument(
         "--rotation-period-days",
         type=not_negative,
@@ -79,16 +95,31 @@ def _list_keys_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _encryption_algorithm(parser: argparse.ArgumentParser) -> None:
+    add_choice(
+        parser,
+        "--encryption-algorithm",
+        ENCRYPTION_ALGORITHMS,
+        "encryption algorithm",
+        note="; RSAES_OAEP_* for an RSA key of usage ENCRYPT_DECRYPT (a bare RSA ciphertext, "
+        "no context; default SYMMETRIC_DEFAULT)",
+    )
+
+
 def _encrypt_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--key-id", required=True, help="the key to encrypt under")
     add_in_out(parser, "plaintext", "ciphertext blob")
     add_context(parser)
+    _encryption_algorithm(parser)
 
 
 def _decrypt_arguments(parser: argparse.ArgumentParser) -> None:
     add_in_out(parser, "ciphertext blob", "plaintext")
     add_context(parser)
-    parser.add_argument("--key-id", help="refuse a blob of any other key")
+    parser.add_argument(
+        "--key-id", help="refuse a blob of any other key (needed for an RSA ciphertext)"
+    )
+    _encryption_algorithm(parser)
 
 
 def _re_encrypt_arguments(parser: argparse.ArgumentParser) -> None:
@@ -178,8 +209,11 @@ COMMANDS: Final[tuple[Command, ...]] = (
         """
           hsm-kms create-key --description "orders database" --enable-rotation
           hsm-kms create-key --policy policy.json --json | jq -r .key_id
+          hsm-kms create-key --key-spec ECC_NIST_P256 --key-usage SIGN_VERIFY
+          hsm-kms create-key --origin EXTERNAL --key-spec HMAC_256 --key-usage GENERATE_VERIFY_MAC
         """,
         arguments=_create_key_arguments,
+        defaults=_checks(commands.check_create_key),
     ),
     Command(
         "describe-key",
@@ -202,9 +236,11 @@ COMMANDS: Final[tuple[Command, ...]] = (
         """
           echo -n 's3cret' | hsm-kms encrypt --key-id $KEY --context app=orders --out s.bin
           hsm-kms encrypt --key-id $KEY --in token.txt --json
+          hsm-kms encrypt --key-id $RSA_KEY --encryption-algorithm RSAES_OAEP_SHA_256 \\
+              --in pin.txt --out pin.bin
         """,
         arguments=_encrypt_arguments,
-        defaults=_checks(binary_output="out"),
+        defaults=_checks(commands.check_encrypt, "out"),
     ),
     Command(
         "decrypt",
@@ -213,8 +249,10 @@ COMMANDS: Final[tuple[Command, ...]] = (
         """
           hsm-kms decrypt --in s.bin --context app=orders
           hsm-kms decrypt --in s.bin --context app=orders --json | jq -r .plaintext | base64 -d
+          hsm-kms decrypt --in rsa.bin --key-id $RSA_KEY --encryption-algorithm RSAES_OAEP_SHA_256
         """,
         arguments=_decrypt_arguments,
+        defaults=_checks(commands.check_decrypt),
     ),
     Command(
         "re-encrypt",
@@ -248,6 +286,100 @@ COMMANDS: Final[tuple[Command, ...]] = (
         "hsm-kms generate-random --bytes 32 --json",
         arguments=_generate_random_arguments,
         defaults=_checks(binary_output="out"),
+    ),
+    Command(
+        "sign",
+        "sign up to 4 KiB (or its digest) with an RSA or ECC key of usage SIGN_VERIFY",
+        spec_commands.sign,
+        """
+          hsm-kms sign --key-id $KEY --signing-algorithm ECDSA_SHA_256 --in msg --out msg.sig
+          openssl dgst -sha256 -binary big.iso | hsm-kms sign --key-id $KEY --digest \\
+              --signing-algorithm RSASSA_PSS_SHA_256 --json | jq -r .signature
+        A longer message is signed as its digest (--digest). ECDSA signatures are DER; RSASSA-PSS
+        salts are as long as the digest.
+        """,
+        arguments=spec_args.sign_arguments,
+        defaults=_checks(binary_output="out"),
+    ),
+    Command(
+        "verify",
+        "verify a signature: prints valid (exit 0), or says it is not (exit 1)",
+        spec_commands.verify,
+        """
+          hsm-kms verify --key-id $KEY --signing-algorithm ECDSA_SHA_256 --in msg \\
+              --signature msg.sig
+        """,
+        arguments=spec_args.verify_arguments,
+        defaults=_checks(spec_commands.check_verify),
+    ),
+    Command(
+        "get-public-key",
+        "an RSA or ECC key's public key (PEM by default)",
+        spec_commands.get_public_key,
+        """
+          hsm-kms get-public-key $KEY --out pub.pem
+          openssl dgst -sha256 -verify pub.pem -signature msg.sig msg
+          hsm-kms get-public-key $KEY --json | jq -r .signing_algorithms[]
+        """,
+        arguments=spec_args.get_public_key_arguments,
+        defaults=_checks(spec_commands.check_get_public_key),
+    ),
+    Command(
+        "generate-mac",
+        "the HMAC of up to 4 KiB under an HMAC key",
+        spec_commands.generate_mac,
+        """
+          hsm-kms generate-mac --key-id $KEY --mac-algorithm HMAC_SHA_256 --in msg --out msg.mac
+        """,
+        arguments=spec_args.mac_arguments,
+        defaults=_checks(binary_output="out"),
+    ),
+    Command(
+        "verify-mac",
+        "verify an HMAC: prints valid (exit 0), or says it is not (exit 1)",
+        spec_commands.verify_mac,
+        """
+          hsm-kms verify-mac --key-id $KEY --mac-algorithm HMAC_SHA_256 --in msg --mac msg.mac
+        """,
+        arguments=spec_args.verify_mac_arguments,
+        defaults=_checks(spec_commands.check_verify_mac),
+    ),
+    Command(
+        "generate-data-key-pair",
+        "make an RSA or ECC key pair: its private key, that key encrypted under a key, its "
+        "public key",
+        spec_commands.generate_data_key_pair,
+        """
+          hsm-kms generate-data-key-pair --key-id $KEY --key-pair-spec ECC_NIST_P256 \\
+              --out-private-key priv.der --out-private-key-ciphertext priv.bin \\
+              --out-public-key pub.der --context app=signer
+          hsm-kms decrypt --in priv.bin --context app=signer --out priv.der
+        A private key is never written to a terminal (--out-private-key - needs a pipe, or
+        --json to print it base64-encoded on purpose); its file is created 0600 and never
+        overwrites an existing one. With --without-plaintext only its encrypted form is made.
+        """,
+        arguments=spec_args.generate_data_key_pair_arguments,
+        defaults=_checks(spec_commands.check_generate_data_key_pair),
+    ),
+    Command(
+        "import-key-material",
+        "import your own material into a key created with --origin EXTERNAL",
+        spec_commands.import_key_material,
+        """
+          KEY=$(hsm-kms create-key --origin EXTERNAL --key-spec HMAC_256 \\
+              --key-usage GENERATE_VERIFY_MAC)
+          hsm-kms import-key-material $KEY --material hmac.key --valid-to 1798761600
+        The material is wrapped here under a fresh wrapping key of the domain
+        (GetParametersForImport) and travels only wrapped; once a key held material, only the
+        same material is taken again.
+        """,
+        arguments=spec_args.import_key_material_arguments,
+        defaults=_checks(spec_commands.check_import_key_material),
+    ),
+    _key_admin(
+        "delete-imported-key-material",
+        "delete_imported_key_material",
+        "delete a key's imported material (pending import until the same material comes back)",
     ),
     _key_admin(
         "rotate-key", "rotate_key", "add a backing key version (old ciphertexts keep working)"

@@ -54,7 +54,13 @@ The package's modules: `_client` (`KeyClient`), `_retry` (what may be sent again
 from __future__ import annotations
 
 from domain_edge.kms_client._aio import AsyncKeyClient
-from domain_edge.kms_client._calls import DEFAULT_PAGE_SIZE, DataKeyPair, PublicKey
+from domain_edge.kms_client._calls import (
+    DEFAULT_PAGE_SIZE,
+    DataKeyPair,
+    ImportParameters,
+    PublicKey,
+    wrap_key_material,
+)
 from domain_edge.kms_client._client import KeyClient
 from domain_edge.kms_client._cluster import read_cluster
 from domain_edge.kms_client._core import DEFAULT_TIMEOUT, checked_context
@@ -86,6 +92,7 @@ __all__ = [
     "OPERATION_NAMES",
     "AsyncKeyClient",
     "DataKeyPair",
+    "ImportParameters",
     "KeyClient",
     "KeyMetadata",
     "PolicyGrant",
@@ -99,4 +106,5 @@ __all__ = [
     "policy_to_json",
     "read_cluster",
     "retryable",
+    "wrap_key_material",
 ]

@@ -24,7 +24,14 @@ import grpc
 from domain_core.limits import DEFAULT_LIMITS, Limits
 from domain_edge.kms_client import _calls as calls
 from domain_edge.kms_client._aio_session import AsyncKeySession
-from domain_edge.kms_client._calls import DEFAULT_PAGE_SIZE, Call, DataKeyPair, PublicKey
+from domain_edge.kms_client._calls import (
+    DEFAULT_PAGE_SIZE,
+    Call,
+    DataKeyPair,
+    ImportParameters,
+    PublicKey,
+    wrap_key_material,
+)
 from domain_edge.kms_client._core import (
     DEFAULT_TIMEOUT,
     ClientCore,
@@ -146,6 +153,7 @@ class AsyncKeyClient(ClientCore):
         idempotency_key: str | None = None,
         key_spec: str = "SYMMETRIC_DEFAULT",
         key_usage: str = "ENCRYPT_DECRYPT",
+        origin: str = "DOMAIN",
     ) -> KeyMetadata:
         """Create a customer key, always with an idempotency key (`KeyClient.create_key`)."""
         return await self._run(
@@ -157,6 +165,7 @@ class AsyncKeyClient(ClientCore):
                 idempotency_key,
                 key_spec,
                 key_usage,
+                origin,
             )
         )
 
@@ -338,3 +347,34 @@ class AsyncKeyClient(ClientCore):
                 self._limits, key_id, key_pair_spec, context, with_plaintext=False
             )
         )
+
+    # --- imported key material (docs/kms-client.md "Importing key material") -----------
+
+    async def get_parameters_for_import(
+        self,
+        key_id: str,
+        wrapping_algorithm: str = "RSAES_OAEP_SHA_256",
+        wrapping_key_spec: str = "RSA_2048",
+    ) -> ImportParameters:
+        """A wrapping public key and import token (valid 24 hours) for a key created with
+        origin "EXTERNAL"."""
+        return await self._run(
+            calls.get_parameters_for_import(key_id, wrapping_algorithm, wrapping_key_spec)
+        )
+
+    async def import_key_material(
+        self, key_id: str, parameters: ImportParameters, material: bytes, valid_to: int = 0
+    ) -> KeyMetadata:
+        """Wrap `material` here under `parameters` and import it into the key, which becomes
+        ENABLED; `valid_to` (unix seconds, 0: never) is when the domain deletes it again.
+        Only the key's earlier material is taken again once it had some. Not retried once
+        sent."""
+        wrapped = wrap_key_material(parameters, material)
+        return await self._run(
+            calls.import_key_material(key_id, parameters.import_token, wrapped, valid_to)
+        )
+
+    async def delete_imported_key_material(self, key_id: str) -> KeyMetadata:
+        """Delete a key's imported material (PENDING_IMPORT until it is imported again). Not
+        retried once sent."""
+        return await self._run(calls.delete_imported_key_material(key_id))

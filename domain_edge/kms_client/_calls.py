@@ -16,9 +16,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Generic, TypeVar
 
-from domain_core import keyspecs
+from domain_core import importtokens, keyspecs
 from domain_core.ciphertext import parse_header
-from domain_core.errors import HsmDomainError, InvalidCiphertextError, LimitExceededError
+from domain_core.errors import (
+    HsmDomainError,
+    InvalidCiphertextError,
+    InvalidInputError,
+    LimitExceededError,
+)
 from domain_core.limits import Limits
 from domain_edge.kms_client._core import checked_context
 from domain_edge.kms_client._policies import KeyMetadata, _policy_message
@@ -78,6 +83,7 @@ def create_key(
     idempotency_key: str | None,
     key_spec: str = "SYMMETRIC_DEFAULT",
     key_usage: str = "ENCRYPT_DECRYPT",
+    origin: str = "DOMAIN",
 ) -> Call[KeyMetadata]:
     """CreateKey, always with an idempotency key (the given one or a fresh UUID)."""
     request = services_pb2.CreateKeyRequest(
@@ -88,8 +94,15 @@ def create_key(
         idempotency_key=idempotency_key or str(uuid.uuid4()),
         key_spec=_enum(keyspecs.spec_from_name(key_spec)),
         key_usage=_enum(keyspecs.usage_from_name(key_usage)),
+        origin=_enum(_origin(origin)),
     )
     return Call("CreateKey", request, _metadata)
+
+
+def _origin(name: str) -> int:
+    if name not in ("DOMAIN", "EXTERNAL"):
+        raise InvalidInputError("origin must be DOMAIN (material made in the domain) or EXTERNAL")
+    return keys_pb2.KEY_ORIGIN_EXTERNAL if name == "EXTERNAL" else keys_pb2.KEY_ORIGIN_DOMAIN
 
 
 def describe_key(key_id: str) -> Call[KeyMetadata]:
@@ -383,3 +396,83 @@ def generate_data_key_pair(
         key_pair_spec=_enum(keyspecs.spec_from_name(key_pair_spec)),
     )
     return Call(method, request, shape)
+
+
+# --- imported key material (docs/kms-client.md "Importing key material") ------------------
+
+
+@dataclass(frozen=True)
+class ImportParameters:
+    """What GetParametersForImport gives: wrap the material under `public_key` (DER
+    SubjectPublicKeyInfo) with `wrapping_algorithm` (`wrap_key_material` does it) and send it
+    with `import_token` before `valid_to` (unix seconds)."""
+
+    key_id: str
+    import_token: bytes = field(repr=False)
+    public_key: bytes
+    wrapping_algorithm: str
+    valid_to: int
+
+
+_WRAPPING: Final = {
+    name.removeprefix("WRAPPING_ALGORITHM_"): number
+    for name, number in keys_pb2.WrappingAlgorithm.items()
+    if number
+}
+
+
+def wrapping_algorithm(name: str) -> int:
+    """The number of a wrapping algorithm named as AWS KMS names it."""
+    number = _WRAPPING.get(name)
+    if number is None:
+        raise InvalidInputError(f"wrapping algorithm must be one of {', '.join(_WRAPPING)}")
+    return number
+
+
+def get_parameters_for_import(
+    key_id: str, algorithm: str, wrapping_key_spec: str
+) -> Call[ImportParameters]:
+    """GetParametersForImport; the result keeps the algorithm's name beside the token."""
+    request = services_pb2.GetParametersForImportRequest(
+        key_id=key_id,
+        wrapping_algorithm=_enum(wrapping_algorithm(algorithm)),
+        wrapping_key_spec=_enum(keyspecs.spec_from_name(wrapping_key_spec)),
+    )
+
+    def shape(response: services_pb2.GetParametersForImportResponse) -> ImportParameters:
+        return ImportParameters(
+            key_id=response.key_id,
+            import_token=bytes(response.import_token),
+            public_key=bytes(response.public_key),
+            wrapping_algorithm=algorithm,
+            valid_to=int(response.parameters_valid_to),
+        )
+
+    return Call("GetParametersForImport", request, shape)
+
+
+def import_key_material(
+    key_id: str, import_token: bytes, encrypted_key_material: bytes, valid_to: int
+) -> Call[KeyMetadata]:
+    """ImportKeyMaterial; the result is the key's metadata (ENABLED)."""
+    request = services_pb2.ImportKeyMaterialRequest(
+        key_id=key_id,
+        import_token=_bytes(import_token, "import_token"),
+        encrypted_key_material=_bytes(encrypted_key_material, "encrypted_key_material"),
+        valid_to=valid_to,
+    )
+    return Call("ImportKeyMaterial", request, _metadata)
+
+
+def delete_imported_key_material(key_id: str) -> Call[KeyMetadata]:
+    return _key_call("DeleteImportedKeyMaterial", key_id)
+
+
+def wrap_key_material(parameters: ImportParameters, material: bytes) -> bytes:
+    """`material` wrapped for ImportKeyMaterial under `parameters` (as its owner does it:
+    never sent in the clear)."""
+    return importtokens.wrap_material(
+        parameters.public_key,
+        wrapping_algorithm(parameters.wrapping_algorithm),
+        _bytes(material, "material"),
+    )

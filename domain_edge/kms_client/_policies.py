@@ -18,6 +18,7 @@ _STATE_NAMES: Final[dict[int, str]] = {
     keys_pb2.KEY_STATE_ENABLED: "enabled",
     keys_pb2.KEY_STATE_DISABLED: "disabled",
     keys_pb2.KEY_STATE_PENDING_DELETION: "pending-deletion",
+    keys_pb2.KEY_STATE_PENDING_IMPORT: "pending-import",
 }
 
 
@@ -153,6 +154,10 @@ class KeyMetadata:
     """AWS KMS's name: "SYMMETRIC_DEFAULT", "RSA_2048", "ECC_NIST_P256", "HMAC_256", ..."""
     key_usage: str
     """"ENCRYPT_DECRYPT", "SIGN_VERIFY" or "GENERATE_VERIFY_MAC"."""
+    origin: str
+    """"DOMAIN" (material made by an HSA) or "EXTERNAL" (imported)."""
+    material_expires_at: int
+    """Imported material: when the domain deletes it (0: never)."""
     message: keys_pb2.KeyMetadata = field(repr=False, compare=False)
     """The message as received."""
 
@@ -179,6 +184,8 @@ class KeyMetadata:
             domain_id=message.domain_id,
             key_spec=_enum_name(keys_pb2.KeySpec, message.key_spec, "KEY_SPEC_"),
             key_usage=_enum_name(keys_pb2.KeyUsage, message.key_usage, "KEY_USAGE_"),
+            origin=_enum_name(keys_pb2.KeyOrigin, message.origin, "KEY_ORIGIN_"),
+            material_expires_at=message.material_expires_at,
             message=message,
         )
 
@@ -202,4 +209,6 @@ class KeyMetadata:
             "domain_id": self.domain_id,
             "key_spec": self.key_spec,
             "key_usage": self.key_usage,
+            "origin": self.origin,
+            "material_expires_at": self.material_expires_at,
         }

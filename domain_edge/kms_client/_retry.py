@@ -32,6 +32,7 @@ IDEMPOTENT_METHODS: Final = frozenset(
         "VerifyMac",
         "GenerateDataKeyPair",
         "GenerateDataKeyPairWithoutPlaintext",
+        "GetParametersForImport",
     }
 )
 # Calls that change something but carry an idempotency key (`KeyClient.create_key` always
@@ -46,6 +47,8 @@ ADMIN_METHODS: Final = frozenset(
         "DisableKey",
         "ScheduleKeyDeletion",
         "CancelKeyDeletion",
+        "ImportKeyMaterial",
+        "DeleteImportedKeyMaterial",
     }
 )
 DEFAULT_ATTEMPTS: Final = 4

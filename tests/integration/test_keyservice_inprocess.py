@@ -31,7 +31,7 @@ from support.hsa_nodes import (
 )
 
 from domain_coordinator.sqlite_store import SqliteStore
-from domain_core import ciphertext, keytokens
+from domain_core import ciphertext, importtokens, keytokens
 from domain_core.changes import set_settings
 from domain_core.errors import (
     AlreadyExistsError,
@@ -367,6 +367,66 @@ def test_automatic_rotation_when_due(make_hsa: Callable[..., Hsa]) -> None:
         "RotateKey"
     ]
     assert hsa.maintainer.run_pass().rotated == 0
+
+
+def test_imported_material_is_deleted_by_the_upkeep_once_it_expires(
+    make_hsa: Callable[..., Hsa],
+) -> None:
+    """Keys of imported material with an expiry (imported a day ago): the upkeep deletes the
+    material of the one whose expiry passed (PENDING_IMPORT, no token left, audited), which
+    then refuses use until the same material is imported again, and leaves the other alone."""
+    now = time.time()
+    hsa = make_hsa("hsa-1", clock=Clock(now - DAY))
+    material = bytes(range(32))
+
+    def imported(valid_to: int) -> keys_pb2.KeyMetadata:
+        key = hsa.create(origin=keys_pb2.KEY_ORIGIN_EXTERNAL)
+        assert (key.state, key.current_backing_version) == (keys_pb2.KEY_STATE_PENDING_IMPORT, 0)
+        return _import(hsa, key.key_id, material, valid_to)
+
+    expiring = imported(int(now) - 60)
+    lasting = imported(int(now) + DAY)
+    assert expiring.state == lasting.state == keys_pb2.KEY_STATE_ENABLED
+    blob = hsa.encrypt(expiring.key_id, b"until a minute ago").ciphertext_blob
+    report = hsa.maintainer.run_pass()
+    assert report.expired == 1
+    expired = hsa.cache.get(expiring.key_id, fresh=True)
+    assert expired.metadata.state == keys_pb2.KEY_STATE_PENDING_IMPORT
+    assert (expired.metadata.current_backing_version, len(expired.record.tokens)) == (0, 0)
+    assert expired.metadata.material_commitment == expiring.material_commitment
+    assert hsa.cache.get(lasting.key_id, fresh=True).metadata.state == keys_pb2.KEY_STATE_ENABLED
+    with pytest.raises(FailedPreconditionError, match="no key material"):
+        hsa.decrypt(blob)
+    upkeep = [r for r in hsa.audit.records if r["principal"].endswith("/hsa/hsa-1")]
+    assert [(r["operation"], r["key_id"]) for r in upkeep] == [
+        ("DeleteImportedKeyMaterial", expiring.key_id)
+    ]
+    assert hsa.maintainer.run_pass().expired == 0
+    # The same material again (no expiry): the old ciphertext opens again.
+    assert _import(hsa, expiring.key_id, material, 0).material_expires_at == 0
+    assert hsa.decrypt(blob) == b"until a minute ago"
+
+
+def _import(hsa: Hsa, key_id: str, material: bytes, valid_to: int) -> keys_pb2.KeyMetadata:
+    """GetParametersForImport, the material wrapped as its owner would, ImportKeyMaterial."""
+    algorithm = keys_pb2.WRAPPING_ALGORITHM_RSAES_OAEP_SHA_256
+    parameters = hsa.service.GetParametersForImport(
+        services_pb2.GetParametersForImportRequest(key_id=key_id, wrapping_algorithm=algorithm),
+        hsa.app,  # type: ignore[arg-type]
+    )
+    response = hsa.service.ImportKeyMaterial(
+        services_pb2.ImportKeyMaterialRequest(
+            key_id=key_id,
+            import_token=parameters.import_token,
+            encrypted_key_material=importtokens.wrap_material(
+                parameters.public_key, algorithm, material
+            ),
+            valid_to=valid_to,
+        ),
+        hsa.app,  # type: ignore[arg-type]
+    )
+    metadata: keys_pb2.KeyMetadata = response.metadata
+    return metadata
 
 
 # --- re-wrapping after a domain key rotation -----------------------------------------------

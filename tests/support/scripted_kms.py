@@ -210,6 +210,12 @@ class ScriptedKeyService(services_pb2_grpc.KeyServiceServicer):
     def CancelKeyDeletion(self, request: Any, context: grpc.ServicerContext) -> Any:
         return self._admin("CancelKeyDeletion", request, context)
 
+    def ImportKeyMaterial(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return self._admin("ImportKeyMaterial", request, context)
+
+    def DeleteImportedKeyMaterial(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return self._admin("DeleteImportedKeyMaterial", request, context)
+
 
 def _pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(

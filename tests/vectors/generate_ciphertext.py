@@ -16,7 +16,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
-from domain_core import ciphertext, envelope, keytokens
+from domain_core import ciphertext, envelope, importtokens, keytokens
 from domain_core.contexts import ENCRYPT_INFO
 from domain_core.signers import InMemorySigner
 from domain_proto import keys_pb2
@@ -177,6 +177,7 @@ def build() -> dict[str, Any]:
             "ciphertext": token.ciphertext.hex(),
         },
         "spec_tokens": spec_tokens(),
+        "import_token": import_token(),
         "key_record": {
             "domain_id": "vectors",
             "signer_public_key": host.public_key.spki_der.hex(),
@@ -248,6 +249,32 @@ def spec_tokens() -> list[dict[str, Any]]:
             p256_der,
         ),
     ]
+
+
+def import_token() -> dict[str, Any]:
+    """An import token sealing the RSA-2048 key of keyspec_vectors.json (as a wrapping key),
+    and material wrapped under it with RSAES_OAEP_SHA_256 (randomized: opened, not compared)."""
+    keyspecs_vectors = json.loads(OUT.with_name("keyspec_vectors.json").read_text("utf-8"))
+    private_der = bytes.fromhex(keyspecs_vectors["rsa_2048"]["private_key_pkcs8"])
+    expires_at = 1_767_312_000
+    token = importtokens.seal_wrapping_key(
+        domain_id="vectors",
+        key_id=KEY_ID,
+        domain_key=DOMAIN_KEY,
+        generation=DOMAIN_KEY_GENERATION,
+        algorithm=keys_pb2.WRAPPING_ALGORITHM_RSAES_OAEP_SHA_256,
+        wrapping_key_spec=keys_pb2.KEY_SPEC_RSA_2048,
+        expires_at=expires_at,
+        private_der=private_der,
+        salt=bytes(range(0x70, 0x90)),
+        nonce=bytes(range(0x90, 0x9C)),
+    )
+    return {
+        "domain_id": "vectors",
+        "expires_at": expires_at,
+        "token": token.hex(),
+        "commitment_of_backing_key": importtokens.material_commitment(BACKING_KEY, KEY_ID).hex(),
+    }
 
 
 def main() -> int:

@@ -315,18 +315,25 @@ def test_ecc_specs_sign_with_their_own_hash() -> None:
 # --- material --------------------------------------------------------------------------------
 
 
+# The longest HMAC key AWS KMS imports for each HMAC spec (a new key has the shortest).
+HMAC_LONGEST: dict[int, int] = dict(zip(HMAC_SPECS, (64, 64, 128, 128), strict=True))
+
+
 @pytest.mark.parametrize(
-    ("spec", "size"),
-    [(SYMMETRIC, 32), *zip(HMAC_SPECS, (28, 32, 48, 64), strict=True)],
+    ("spec", "size", "longest"),
+    [(SYMMETRIC, 32, 32), *zip(HMAC_SPECS, (28, 32, 48, 64), (64, 64, 128, 128), strict=True)],
     ids=["SYMMETRIC_DEFAULT", "HMAC_224", "HMAC_256", "HMAC_384", "HMAC_512"],
 )
-def test_symmetric_material_has_aws_lengths(spec: int, size: int) -> None:
+def test_symmetric_material_has_aws_lengths(spec: int, size: int, longest: int) -> None:
+    """A new key has AWS KMS's length for its spec; imported HMAC keys may be longer, up to
+    AWS's bound; nothing shorter or longer passes."""
     material = keyspecs.new_material(spec)
     assert len(material) == size
     assert keyspecs.new_material(spec) != material
     keyspecs.check_material(spec, material)
-    for wrong in (material[:-1], material + b"\x00", b""):
-        with pytest.raises(ValueError, match=f"must be {size} bytes") as info:
+    keyspecs.check_material(spec, material + bytes(longest - size))
+    for wrong in (material[:-1], material + bytes(longest - size + 1), b""):
+        with pytest.raises(ValueError, match="must be") as info:
             keyspecs.check_material(spec, wrong)
         _assert_clean(info.value, material)
 
@@ -767,7 +774,7 @@ def test_a_mac_algorithm_of_another_spec_is_refused(spec: int) -> None:
     with pytest.raises(InvalidInputError, match="MAC algorithm"):
         keyspecs.generate_mac(spec, key, keys_pb2.MAC_ALGORITHM_UNSPECIFIED, MESSAGE)
     with pytest.raises(ValueError, match="bytes"):
-        keyspecs.generate_mac(spec, key + b"\x00", own, MESSAGE)
+        keyspecs.generate_mac(spec, key + bytes(HMAC_LONGEST[spec] - len(key) + 1), own, MESSAGE)
 
 
 def test_only_hmac_specs_make_macs() -> None:
@@ -790,7 +797,7 @@ def test_no_error_message_shows_material_or_message(
     calls: list[tuple[Callable[[], object], tuple[bytes, ...]]] = [
         (lambda: keyspecs.check_material(ECC_SPECS[1], p256), (p256,)),
         (lambda: keyspecs.check_material(RSA_SPECS[1], rsa2048), (rsa2048,)),
-        (lambda: keyspecs.check_material(HMAC_SPECS[0], hmac_key), (hmac_key,)),
+        (lambda: keyspecs.check_material(HMAC_SPECS[3], hmac_key), (hmac_key,)),
         (lambda: AsymmetricKey.load(RSA_SPECS[0], SIGN, rsa2048[:-3]), (rsa2048,)),
         (lambda: signers[RSA_SPECS[0]].sign(RSA_SIGNING[0], long_message, RAW), (long_message,)),
         (lambda: signers[ECC_SPECS[0]].sign(ALL_SIGNING[7], MESSAGE, RAW), (MESSAGE,)),

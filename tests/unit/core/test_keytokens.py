@@ -229,24 +229,31 @@ def test_sealed_record_verifies() -> None:
 
 
 @pytest.mark.parametrize(
-    ("spec", "length"),
+    ("spec", "length", "longest"),
     [
-        (keys_pb2.KEY_SPEC_HMAC_224, 28),
-        (keys_pb2.KEY_SPEC_HMAC_256, 32),
-        (keys_pb2.KEY_SPEC_HMAC_384, 48),
-        (keys_pb2.KEY_SPEC_HMAC_512, 64),
+        (keys_pb2.KEY_SPEC_HMAC_224, 28, 64),
+        (keys_pb2.KEY_SPEC_HMAC_256, 32, 64),
+        (keys_pb2.KEY_SPEC_HMAC_384, 48, 128),
+        (keys_pb2.KEY_SPEC_HMAC_512, 64, 128),
     ],
 )
-def test_material_must_fit_the_key_spec_the_metadata_names(spec: int, length: int) -> None:
+def test_material_must_fit_the_key_spec_the_metadata_names(
+    spec: int, length: int, longest: int
+) -> None:
     """A token seals any material, but a record verifies only if every version's material
-    is of the length its key spec has: a symmetric key's 32 bytes cannot pass for an HMAC_512
-    key, nor an HMAC_384 key's 48 bytes for an AES key."""
+    is of a length its key spec has (an HMAC key: AWS's range, longer when imported): a
+    symmetric key's 32 bytes cannot pass for an HMAC_512 key, nor 48 bytes for an AES key."""
     metadata = _metadata(
         versions=1, key_spec=spec, key_usage=keys_pb2.KEY_USAGE_GENERATE_VERIFY_MAC
     )
     good = seal_record(metadata, {1: b"\x5a" * length}, DOMAIN_KEYS[1], 1, signer=SIGNER)
     assert verify_key_record(good, DOMAIN_KEYS, KEY_ID)[1] == {1: b"\x5a" * length}
-    for wrong in (length - 1, length + 1):
+    assert verify_key_record(
+        seal_record(metadata, {1: b"\x5a" * longest}, DOMAIN_KEYS[1], 1, signer=SIGNER),
+        DOMAIN_KEYS,
+        KEY_ID,
+    )
+    for wrong in (length - 1, longest + 1):
         bad = seal_record(metadata, {1: b"\x5a" * wrong}, DOMAIN_KEYS[1], 1, signer=SIGNER)
         _expect_invalid(bad)
     symmetric = seal_record(

@@ -23,6 +23,8 @@ from typing import Any
 
 import grpc
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from support.scripted_kms import Domain, Pki, free_port_address, make_pki, scripted_domain
 
 from domain_core import ciphertext, envelope
@@ -45,6 +47,7 @@ from domain_edge.kms_client import (
     ADMIN_METHODS,
     IDEMPOTENT_METHODS,
     KEYED_METHODS,
+    ImportParameters,
     KeyClient,
     backoff_delay,
     checked_context,
@@ -300,6 +303,14 @@ COMMANDS = [
     "re-encrypt",
     "generate-data-key",
     "generate-random",
+    "sign",
+    "verify",
+    "get-public-key",
+    "generate-mac",
+    "verify-mac",
+    "generate-data-key-pair",
+    "import-key-material",
+    "delete-imported-key-material",
     "rotate-key",
     "enable-key",
     "disable-key",
@@ -455,6 +466,7 @@ def test_admin_calls_that_reached_a_server_are_not_sent_again(domain: Domain, me
         "DisableKey": lambda: client.disable_key(key_id),
         "ScheduleKeyDeletion": lambda: client.schedule_key_deletion(key_id, 7),
         "CancelKeyDeletion": lambda: client.cancel_key_deletion(key_id),
+        **_import_calls(client, key_id),
     }
     with pytest.raises(UnavailableError, match="may have been applied"):
         calls[method]()
@@ -548,6 +560,29 @@ def test_an_unavailable_hsa_without_the_mark_leaves_the_outcome_open(domain: Dom
     assert sum(s.calls["DisableKey"] for s in domain.services) == 1
 
 
+# Import parameters as GetParametersForImport gives them (the scripted HSAs refuse the
+# import itself before anything would open the token).
+_WRAPPING_PUBLIC_KEY = (
+    rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    .public_key()
+    .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+)
+
+
+def _import_calls(client: KeyClient, key_id: str) -> dict[str, Callable[[], Any]]:
+    parameters = ImportParameters(
+        key_id=key_id,
+        import_token=b"token",
+        public_key=_WRAPPING_PUBLIC_KEY,
+        wrapping_algorithm="RSAES_OAEP_SHA_256",
+        valid_to=0,
+    )
+    return {
+        "ImportKeyMaterial": lambda: client.import_key_material(key_id, parameters, bytes(32)),
+        "DeleteImportedKeyMaterial": lambda: client.delete_imported_key_material(key_id),
+    }
+
+
 def _admin_calls(client: KeyClient, key_id: str) -> dict[str, Callable[[], Any]]:
     return {
         "CreateKey": lambda: client.create_key(),
@@ -560,6 +595,7 @@ def _admin_calls(client: KeyClient, key_id: str) -> dict[str, Callable[[], Any]]
         "DisableKey": lambda: client.disable_key(key_id),
         "ScheduleKeyDeletion": lambda: client.schedule_key_deletion(key_id, 7),
         "CancelKeyDeletion": lambda: client.cancel_key_deletion(key_id),
+        **_import_calls(client, key_id),
     }
 
 
