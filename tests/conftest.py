@@ -140,6 +140,25 @@ def _grpc_quiet() -> None:
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 
+# What a test finds in the environment about the processes it starts: a test (or code a test
+# runs in this process, such as a tool's `main`) that changes it leaves it to every later test
+# of the same worker; `domain_edge.logs.configure_logging` sets HSM_LOG_FORMAT, and a JSON one
+# left behind made later tests' processes log JSON where text was read.
+_INHERITED_ENV = ("HSM_LOG_FORMAT", "HSM_CLUSTER")
+
+
+@pytest.fixture(autouse=True)
+def _inherited_env_restored() -> Iterator[None]:
+    """Restore the variables of `_INHERITED_ENV` after each test, as they were before it."""
+    before = {name: os.environ.get(name) for name in _INHERITED_ENV}
+    yield
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 def _skip_reason(report: pytest.TestReport | pytest.CollectReport) -> str:
     longrepr = report.longrepr
     if isinstance(longrepr, tuple) and len(longrepr) == 3:

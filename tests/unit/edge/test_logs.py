@@ -88,8 +88,10 @@ def test_configure_logging_in_both_formats(
     root_logging: io.StringIO, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # configure_logging sets the variable for the processes it starts: restored after the
-    # test, or every process later tests of this worker start would log JSON.
-    monkeypatch.delenv(LOG_FORMAT_ENV, raising=False)
+    # test, or every process later tests of this worker start would log JSON. (setenv first:
+    # delenv of an unset variable records nothing, and the variable set below would stay.)
+    monkeypatch.setenv(LOG_FORMAT_ENV, "text")
+    monkeypatch.delenv(LOG_FORMAT_ENV)
     configure_logging(
         "hsa-1",
         verbose=False,
@@ -105,6 +107,9 @@ def test_configure_logging_in_both_formats(
     last = json.loads(root_logging.getvalue().splitlines()[-1])
     assert (last["level"], last["event"]) == ("debug", "as json")
     assert os.environ[LOG_FORMAT_ENV] == "json"  # the processes it starts inherit it
+    configure_logging(
+        "hsa-1", verbose=False, log_format="text", text_format="", stream=root_logging
+    )
     with pytest.raises(ValueError, match="not one of text, json"):
         configure_logging("hsa-1", verbose=False, log_format="xml", text_format="")
 
