@@ -20,6 +20,8 @@ __all__ = [
     "AUDIT_RECORD_CONTEXT",
     "ENCRYPT_INFO",
     "ENVELOPE_CONTEXT",
+    "GRANT_TOKEN_CONTEXT",
+    "GRANT_TOKEN_KEY_CONTEXT",
     "HASH_CONTEXT",
     "IMPORT_TOKEN_CONTEXT",
     "IMPORT_TOKEN_KEY_CONTEXT",
@@ -72,6 +74,12 @@ IMPORT_TOKEN_KEY_CONTEXT: Final = b"hsm-domain/v1 import-token-key\x00"
 # HMAC-SHA-256 message of an imported material's commitment (key check value), followed by
 # the key id: only the same material may be imported again.
 MATERIAL_COMMITMENT_CONTEXT: Final = b"hsm-domain/v1 material-commitment\x00"
+
+# --- grant tokens (domain_core.granttokens) -------------------------------------------------
+# Prefixes a grant token's binding hash (domain, key id, metadata version, generation).
+GRANT_TOKEN_CONTEXT: Final = b"hsm-domain/v1 grant-token\x00"
+# HKDF info that derives the key sealing a grant token's grant, followed by the binding.
+GRANT_TOKEN_KEY_CONTEXT: Final = b"hsm-domain/v1 grant-token-key\x00"
 
 # --- ciphertexts (domain_core.ciphertext, domain_core.envelope) ----------------------------
 # HKDF info that derives a blob's one-time key, followed by the blob's prefix.

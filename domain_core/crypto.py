@@ -161,3 +161,27 @@ def open_sealed_box(private_key: bytes, sealed: bytes) -> bytes:
         return bytes(nacl.public.SealedBox(nacl.public.PrivateKey(private_key)).decrypt(sealed))
     except (nacl.exceptions.CryptoError, ValueError, TypeError):
         raise InvalidKeyTokenError() from None
+
+
+def seal_under_domain_key(
+    domain_key: bytes, key_info: bytes, binding: bytes, plaintext: bytes, salt: bytes, nonce: bytes
+) -> bytes:
+    """AES-256-GCM of `plaintext` under a one-time key derived from a domain key (HKDF-SHA256:
+    `salt`, info = `key_info` || `binding`), with `binding` as associated data: how import and
+    grant tokens seal what they carry, as key tokens do."""
+    token_key = hkdf_sha256(domain_key, salt=salt, info=key_info + binding)
+    return aes_gcm_seal(token_key, plaintext, binding, nonce)
+
+
+def open_under_domain_key(
+    domain_key: bytes,
+    key_info: bytes,
+    binding: bytes,
+    sealed: bytes,
+    salt: bytes,
+    nonce: bytes,
+    error: type[Exception],
+) -> bytes:
+    """Open what `seal_under_domain_key` sealed; any failure raises `error()`."""
+    token_key = hkdf_sha256(domain_key, salt=salt, info=key_info + binding)
+    return aes_gcm_open(token_key, sealed, binding, nonce, error=error)

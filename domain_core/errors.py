@@ -106,6 +106,14 @@ class InvalidImportTokenError(InvalidInputError):
         super().__init__(message)
 
 
+class InvalidGrantTokenError(InvalidInputError):
+    """A grant token that does not open (any reason: no oracle); AWS KMS's
+    InvalidGrantTokenException."""
+
+    def __init__(self, message: str = "invalid grant token") -> None:
+        super().__init__(message)
+
+
 class ExpiredImportTokenError(InvalidInputError):
     """An import token past its expiry; AWS KMS's ExpiredImportTokenException."""
 
@@ -361,5 +369,6 @@ WIRE_KINDS: Final[Mapping[str, type[HsmDomainError]]] = {
         InvalidImportTokenError,
         ExpiredImportTokenError,
         IncorrectKeyMaterialError,
+        InvalidGrantTokenError,
     )
 }

@@ -185,7 +185,6 @@ def seal_wrapping_key(
     binding = _binding(domain_id, key_id, generation, expires_at, algorithm, wrapping_key_spec)
     salt = crypto.random_bytes(_SALT_BYTES) if salt is None else salt
     nonce = crypto.random_bytes(crypto.GCM_NONCE_BYTES) if nonce is None else nonce
-    token_key = crypto.hkdf_sha256(domain_key, salt=salt, info=IMPORT_TOKEN_KEY_CONTEXT + binding)
     token = keys_pb2.ImportToken(
         key_id=key_id,
         domain_key_generation=generation,
@@ -194,7 +193,9 @@ def seal_wrapping_key(
         wrapping_key_spec=cast("keys_pb2.KeySpec", wrapping_key_spec),
         salt=salt,
         nonce=nonce,
-        ciphertext=crypto.aes_gcm_seal(token_key, private_der, binding, nonce),
+        ciphertext=crypto.seal_under_domain_key(
+            domain_key, IMPORT_TOKEN_KEY_CONTEXT, binding, private_der, salt, nonce
+        ),
     )
     return token.SerializeToString(deterministic=True)
 
@@ -267,11 +268,14 @@ def open_import_token(
         token.wrapping_algorithm,
         token.wrapping_key_spec,
     )
-    token_key = crypto.hkdf_sha256(
-        domain_key, salt=token.salt, info=IMPORT_TOKEN_KEY_CONTEXT + binding
-    )
-    private_der = crypto.aes_gcm_open(
-        token_key, token.ciphertext, binding, token.nonce, error=InvalidImportTokenError
+    private_der = crypto.open_under_domain_key(
+        domain_key,
+        IMPORT_TOKEN_KEY_CONTEXT,
+        binding,
+        token.ciphertext,
+        token.salt,
+        token.nonce,
+        error=InvalidImportTokenError,
     )
     if now >= token.expires_at:
         raise ExpiredImportTokenError(

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Final, cast
 
-from domain_core import crypto, keyimport, keyspecs, policy
+from domain_core import access, crypto, keyimport, keyspecs, policy
 from domain_core.errors import (
     FailedPreconditionError,
     InvalidInputError,
@@ -206,6 +206,7 @@ def new_key(
         )
     if key_policy is not None and key_policy.grants:
         policy.validate_policy(key_policy, domain_id=domain_id, limits=limits)
+        access.validate_policy_conditions(key_policy, limits)
     else:
         key_policy = policy.default_policy(creator)
     period = rotation_period_days or DEFAULT_ROTATION_PERIOD_DAYS
@@ -321,6 +322,7 @@ def put_policy(
             "at least one principal"
         )
     policy.validate_policy(new_policy, domain_id=domain_id, limits=limits)
+    access.validate_policy_conditions(new_policy, limits)
     if metadata.policy == new_policy:
         return False
     metadata.policy.CopyFrom(new_policy)

@@ -59,6 +59,9 @@ class Limits:
     max_key_description_chars: int = 8192
     max_policy_grants: int = 64
     max_principals_per_grant: int = 64
+    # Grants one key holds (CreateGrant): kept in the key's signed metadata, carried in every
+    # copy of its record (AWS KMS allows 50,000 per key, in its own store).
+    max_grants_per_key: int = 100
     # A key policy's serialized size (AWS KMS caps a key policy at 32 KiB): the policy is
     # carried in every copy of the key's record and parsed into every HSA's key cache.
     max_policy_bytes: int = 32 * 1024
@@ -159,6 +162,12 @@ MAX_KMS_MESSAGE_BYTES: Final = 4096
 # An import token and wrapped key material a caller sends to ImportKeyMaterial (an RSA-4096
 # wrapping key sealed is about 2,500 bytes; wrapped material at most 512 + a 4 KiB key wrap).
 MAX_IMPORT_BYTES: Final = 8192
+# A grant's name (AWS KMS: 256 characters), and a page of ListGrants (AWS KMS: 100).
+MAX_GRANT_NAME_CHARS: Final = 256
+MAX_GRANT_PAGE: Final = 100
+# Grant tokens one call may carry (AWS KMS: 10), and one token's bytes.
+MAX_GRANT_TOKENS: Final = 10
+MAX_GRANT_TOKEN_BYTES: Final = 8192
 
 
 # --- requests to the coordinator ----------------------------------------------------------

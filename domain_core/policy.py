@@ -20,8 +20,6 @@ Invariants kept here:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from types import MappingProxyType
 from typing import Final, cast
 
 from domain_core.errors import InvalidInputError, LimitExceededError, PermissionDeniedError
@@ -32,11 +30,12 @@ from domain_proto import keys_pb2
 __all__ = [
     "ALL_OPERATIONS",
     "allowed",
+    "check_principal",
     "default_policy",
-    "granted_operations",
+    "denied",
+    "is_operation",
     "operation_name",
     "require",
-    "require_granted",
     "validate_policy",
 ]
 
@@ -54,6 +53,9 @@ _OPERATION_NAMES: Final[dict[int, str]] = {
     keys_pb2.KEY_OPERATION_GENERATE_MAC: "generate MACs",
     keys_pb2.KEY_OPERATION_VERIFY_MAC: "verify MACs",
     keys_pb2.KEY_OPERATION_GENERATE_DATA_KEY_PAIR: "generate data key pairs",
+    keys_pb2.KEY_OPERATION_CREATE_GRANT: "create grants",
+    keys_pb2.KEY_OPERATION_LIST_GRANTS: "list grants",
+    keys_pb2.KEY_OPERATION_REVOKE_GRANT: "revoke grants",
 }
 
 # Every operation a grant may name, in enum order (UNSPECIFIED is not one).
@@ -65,6 +67,11 @@ _SHOWN_CHARS: Final = 200
 def operation_name(operation: int) -> str:
     """A short human name for an operation ("decrypt", "administer"), for messages and audit."""
     return _OPERATION_NAMES.get(operation, f"operation {int(operation)}")
+
+
+def is_operation(operation: int) -> bool:
+    """Whether `operation` is a known key operation (UNSPECIFIED is not)."""
+    return operation in _OPERATION_NAMES
 
 
 def allowed(policy: keys_pb2.KeyPolicy, principal: str, operation: int) -> bool:
@@ -79,45 +86,16 @@ def allowed(policy: keys_pb2.KeyPolicy, principal: str, operation: int) -> bool:
 def require(policy: keys_pb2.KeyPolicy, principal: str, operation: int, key_id: str) -> None:
     """Raise PermissionDeniedError unless `principal` may do `operation` with key `key_id`."""
     if not allowed(policy, principal, operation):
-        raise _denied(principal, operation, key_id)
+        raise denied(principal, operation, key_id)
 
 
-def granted_operations(policy: keys_pb2.KeyPolicy) -> Mapping[str, frozenset[int]]:
-    """Each principal the policy names, with the known operations some grant gives it.
-
-    The same decisions as `allowed`, as one look-up: for a policy that is consulted on every
-    call (a cached key's), computed once. The result is as large as the policy's principals.
-    """
-    granted: dict[str, set[int]] = {}
-    for grant in policy.grants:
-        operations = {int(o) for o in grant.operations if o in _OPERATION_NAMES}
-        for principal in grant.principals:
-            if principal:
-                granted.setdefault(principal, set()).update(operations)
-    # Principals with the same operations share one frozenset (a set of 7 costs ~700 bytes).
-    shared: dict[frozenset[int], frozenset[int]] = {}
-    decisions: dict[str, frozenset[int]] = {}
-    for principal, operations in granted.items():
-        if operations:
-            frozen = frozenset(operations)
-            decisions[principal] = shared.setdefault(frozen, frozen)
-    return MappingProxyType(decisions)
-
-
-def require_granted(
-    granted: Mapping[str, frozenset[int]], principal: str, operation: int, key_id: str
-) -> None:
-    """`require`, against what `granted_operations` made of the key's policy."""
-    operations = granted.get(principal)
-    if operations is None or operation not in operations:
-        raise _denied(principal, operation, key_id)
-
-
-def _denied(principal: str, operation: int, key_id: str) -> PermissionDeniedError:
+def denied(principal: str, operation: int, key_id: str) -> PermissionDeniedError:
+    """The refusal of `operation` to `principal` on key `key_id` (no more about the policy)."""
     return PermissionDeniedError(
         f"principal {principal[:_SHOWN_CHARS]} may not {operation_name(operation)} "
-        f"with key {key_id[:_SHOWN_CHARS]}; a principal with the administer permission "
-        "on this key can grant it with PutKeyPolicy"
+        f"with key {key_id[:_SHOWN_CHARS]}; a principal with the administer permission on "
+        "this key can allow it (in this encryption context, where the key's rules set "
+        "conditions) with PutKeyPolicy or CreateGrant"
     )
 
 
@@ -133,6 +111,11 @@ def default_policy(creator: str) -> keys_pb2.KeyPolicy:
             )
         ]
     )
+
+
+def check_principal(principal: str, domain_id: str, where: str) -> None:
+    """InvalidInputError unless `principal` is a client of domain `domain_id`."""
+    _validate_principal(principal, domain_id, where)
 
 
 def _validate_principal(principal: str, domain_id: str, where: str) -> None:

@@ -44,6 +44,9 @@ class KeyOperation(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     KEY_OPERATION_GENERATE_MAC: _ClassVar[KeyOperation]
     KEY_OPERATION_VERIFY_MAC: _ClassVar[KeyOperation]
     KEY_OPERATION_GENERATE_DATA_KEY_PAIR: _ClassVar[KeyOperation]
+    KEY_OPERATION_CREATE_GRANT: _ClassVar[KeyOperation]
+    KEY_OPERATION_LIST_GRANTS: _ClassVar[KeyOperation]
+    KEY_OPERATION_REVOKE_GRANT: _ClassVar[KeyOperation]
 
 class KeySpec(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -121,6 +124,9 @@ KEY_OPERATION_GET_PUBLIC_KEY: KeyOperation
 KEY_OPERATION_GENERATE_MAC: KeyOperation
 KEY_OPERATION_VERIFY_MAC: KeyOperation
 KEY_OPERATION_GENERATE_DATA_KEY_PAIR: KeyOperation
+KEY_OPERATION_CREATE_GRANT: KeyOperation
+KEY_OPERATION_LIST_GRANTS: KeyOperation
+KEY_OPERATION_REVOKE_GRANT: KeyOperation
 KEY_SPEC_SYMMETRIC_DEFAULT: KeySpec
 KEY_SPEC_RSA_2048: KeySpec
 KEY_SPEC_RSA_3072: KeySpec
@@ -156,13 +162,57 @@ MAC_ALGORITHM_HMAC_SHA_512: MacAlgorithm
 MESSAGE_TYPE_RAW: MessageType
 MESSAGE_TYPE_DIGEST: MessageType
 
+class ContextConditions(_message.Message):
+    __slots__ = ("encryption_context_equals", "encryption_context_subset")
+    class EncryptionContextEqualsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class EncryptionContextSubsetEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ENCRYPTION_CONTEXT_EQUALS_FIELD_NUMBER: _ClassVar[int]
+    ENCRYPTION_CONTEXT_SUBSET_FIELD_NUMBER: _ClassVar[int]
+    encryption_context_equals: _containers.ScalarMap[str, str]
+    encryption_context_subset: _containers.ScalarMap[str, str]
+    def __init__(self, encryption_context_equals: _Optional[_Mapping[str, str]] = ..., encryption_context_subset: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class KeyGrant(_message.Message):
+    __slots__ = ("grant_id", "name", "grantee_principal", "retiring_principal", "operations", "constraints", "issuing_principal", "created_at")
+    GRANT_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    GRANTEE_PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
+    RETIRING_PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
+    OPERATIONS_FIELD_NUMBER: _ClassVar[int]
+    CONSTRAINTS_FIELD_NUMBER: _ClassVar[int]
+    ISSUING_PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    grant_id: str
+    name: str
+    grantee_principal: str
+    retiring_principal: str
+    operations: _containers.RepeatedScalarFieldContainer[KeyOperation]
+    constraints: ContextConditions
+    issuing_principal: str
+    created_at: int
+    def __init__(self, grant_id: _Optional[str] = ..., name: _Optional[str] = ..., grantee_principal: _Optional[str] = ..., retiring_principal: _Optional[str] = ..., operations: _Optional[_Iterable[_Union[KeyOperation, str]]] = ..., constraints: _Optional[_Union[ContextConditions, _Mapping]] = ..., issuing_principal: _Optional[str] = ..., created_at: _Optional[int] = ...) -> None: ...
+
 class PolicyGrant(_message.Message):
-    __slots__ = ("principals", "operations")
+    __slots__ = ("principals", "operations", "conditions")
     PRINCIPALS_FIELD_NUMBER: _ClassVar[int]
     OPERATIONS_FIELD_NUMBER: _ClassVar[int]
+    CONDITIONS_FIELD_NUMBER: _ClassVar[int]
     principals: _containers.RepeatedScalarFieldContainer[str]
     operations: _containers.RepeatedScalarFieldContainer[KeyOperation]
-    def __init__(self, principals: _Optional[_Iterable[str]] = ..., operations: _Optional[_Iterable[_Union[KeyOperation, str]]] = ...) -> None: ...
+    conditions: ContextConditions
+    def __init__(self, principals: _Optional[_Iterable[str]] = ..., operations: _Optional[_Iterable[_Union[KeyOperation, str]]] = ..., conditions: _Optional[_Union[ContextConditions, _Mapping]] = ...) -> None: ...
 
 class KeyPolicy(_message.Message):
     __slots__ = ("grants",)
@@ -181,7 +231,7 @@ class RotationSettings(_message.Message):
     def __init__(self, enabled: _Optional[bool] = ..., period_days: _Optional[int] = ..., next_rotation_at: _Optional[int] = ...) -> None: ...
 
 class KeyMetadata(_message.Message):
-    __slots__ = ("key_id", "description", "state", "created_at", "deletion_at", "policy", "rotation", "current_backing_version", "creator", "metadata_version", "domain_id", "key_spec", "key_usage", "origin", "material_expires_at", "material_commitment")
+    __slots__ = ("key_id", "description", "state", "created_at", "deletion_at", "policy", "rotation", "current_backing_version", "creator", "metadata_version", "domain_id", "key_spec", "key_usage", "origin", "material_expires_at", "material_commitment", "grants")
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -198,6 +248,7 @@ class KeyMetadata(_message.Message):
     ORIGIN_FIELD_NUMBER: _ClassVar[int]
     MATERIAL_EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     MATERIAL_COMMITMENT_FIELD_NUMBER: _ClassVar[int]
+    GRANTS_FIELD_NUMBER: _ClassVar[int]
     key_id: str
     description: str
     state: KeyState
@@ -214,7 +265,24 @@ class KeyMetadata(_message.Message):
     origin: KeyOrigin
     material_expires_at: int
     material_commitment: bytes
-    def __init__(self, key_id: _Optional[str] = ..., description: _Optional[str] = ..., state: _Optional[_Union[KeyState, str]] = ..., created_at: _Optional[int] = ..., deletion_at: _Optional[int] = ..., policy: _Optional[_Union[KeyPolicy, _Mapping]] = ..., rotation: _Optional[_Union[RotationSettings, _Mapping]] = ..., current_backing_version: _Optional[int] = ..., creator: _Optional[str] = ..., metadata_version: _Optional[int] = ..., domain_id: _Optional[str] = ..., key_spec: _Optional[_Union[KeySpec, str]] = ..., key_usage: _Optional[_Union[KeyUsage, str]] = ..., origin: _Optional[_Union[KeyOrigin, str]] = ..., material_expires_at: _Optional[int] = ..., material_commitment: _Optional[bytes] = ...) -> None: ...
+    grants: _containers.RepeatedCompositeFieldContainer[KeyGrant]
+    def __init__(self, key_id: _Optional[str] = ..., description: _Optional[str] = ..., state: _Optional[_Union[KeyState, str]] = ..., created_at: _Optional[int] = ..., deletion_at: _Optional[int] = ..., policy: _Optional[_Union[KeyPolicy, _Mapping]] = ..., rotation: _Optional[_Union[RotationSettings, _Mapping]] = ..., current_backing_version: _Optional[int] = ..., creator: _Optional[str] = ..., metadata_version: _Optional[int] = ..., domain_id: _Optional[str] = ..., key_spec: _Optional[_Union[KeySpec, str]] = ..., key_usage: _Optional[_Union[KeyUsage, str]] = ..., origin: _Optional[_Union[KeyOrigin, str]] = ..., material_expires_at: _Optional[int] = ..., material_commitment: _Optional[bytes] = ..., grants: _Optional[_Iterable[_Union[KeyGrant, _Mapping]]] = ...) -> None: ...
+
+class GrantToken(_message.Message):
+    __slots__ = ("key_id", "metadata_version", "domain_key_generation", "salt", "nonce", "ciphertext")
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    METADATA_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DOMAIN_KEY_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    SALT_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    CIPHERTEXT_FIELD_NUMBER: _ClassVar[int]
+    key_id: str
+    metadata_version: int
+    domain_key_generation: int
+    salt: bytes
+    nonce: bytes
+    ciphertext: bytes
+    def __init__(self, key_id: _Optional[str] = ..., metadata_version: _Optional[int] = ..., domain_key_generation: _Optional[int] = ..., salt: _Optional[bytes] = ..., nonce: _Optional[bytes] = ..., ciphertext: _Optional[bytes] = ...) -> None: ...
 
 class ImportToken(_message.Message):
     __slots__ = ("key_id", "domain_key_generation", "expires_at", "wrapping_algorithm", "wrapping_key_spec", "salt", "nonce", "ciphertext")

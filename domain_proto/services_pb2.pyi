@@ -48,10 +48,12 @@ class CreateKeyRequest(_message.Message):
     def __init__(self, description: _Optional[str] = ..., policy: _Optional[_Union[_keys_pb2.KeyPolicy, _Mapping]] = ..., enable_rotation: _Optional[bool] = ..., rotation_period_days: _Optional[int] = ..., idempotency_key: _Optional[str] = ..., key_spec: _Optional[_Union[_keys_pb2.KeySpec, str]] = ..., key_usage: _Optional[_Union[_keys_pb2.KeyUsage, str]] = ..., origin: _Optional[_Union[_keys_pb2.KeyOrigin, str]] = ...) -> None: ...
 
 class KeyIdRequest(_message.Message):
-    __slots__ = ("key_id",)
+    __slots__ = ("key_id", "grant_tokens")
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    GRANT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     key_id: str
-    def __init__(self, key_id: _Optional[str] = ...) -> None: ...
+    grant_tokens: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, key_id: _Optional[str] = ..., grant_tokens: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class KeyMetadataResponse(_message.Message):
     __slots__ = ("metadata",)
@@ -84,7 +86,7 @@ class EncryptionContextEntry(_message.Message):
     def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
 
 class EncryptRequest(_message.Message):
-    __slots__ = ("key_id", "plaintext", "encryption_context", "encryption_algorithm")
+    __slots__ = ("key_id", "plaintext", "encryption_context", "encryption_algorithm", "grant_tokens")
     class EncryptionContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -96,11 +98,13 @@ class EncryptRequest(_message.Message):
     PLAINTEXT_FIELD_NUMBER: _ClassVar[int]
     ENCRYPTION_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     ENCRYPTION_ALGORITHM_FIELD_NUMBER: _ClassVar[int]
+    GRANT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     key_id: str
     plaintext: bytes
     encryption_context: _containers.ScalarMap[str, str]
     encryption_algorithm: _keys_pb2.EncryptionAlgorithm
-    def __init__(self, key_id: _Optional[str] = ..., plaintext: _Optional[bytes] = ..., encryption_context: _Optional[_Mapping[str, str]] = ..., encryption_algorithm: _Optional[_Union[_keys_pb2.EncryptionAlgorithm, str]] = ...) -> None: ...
+    grant_tokens: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, key_id: _Optional[str] = ..., plaintext: _Optional[bytes] = ..., encryption_context: _Optional[_Mapping[str, str]] = ..., encryption_algorithm: _Optional[_Union[_keys_pb2.EncryptionAlgorithm, str]] = ..., grant_tokens: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class EncryptResponse(_message.Message):
     __slots__ = ("key_id", "ciphertext_blob", "backing_version", "encryption_algorithm")
@@ -115,7 +119,7 @@ class EncryptResponse(_message.Message):
     def __init__(self, key_id: _Optional[str] = ..., ciphertext_blob: _Optional[bytes] = ..., backing_version: _Optional[int] = ..., encryption_algorithm: _Optional[_Union[_keys_pb2.EncryptionAlgorithm, str]] = ...) -> None: ...
 
 class DecryptRequest(_message.Message):
-    __slots__ = ("ciphertext_blob", "encryption_context", "key_id", "encryption_algorithm")
+    __slots__ = ("ciphertext_blob", "encryption_context", "key_id", "encryption_algorithm", "grant_tokens")
     class EncryptionContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -127,11 +131,13 @@ class DecryptRequest(_message.Message):
     ENCRYPTION_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     ENCRYPTION_ALGORITHM_FIELD_NUMBER: _ClassVar[int]
+    GRANT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ciphertext_blob: bytes
     encryption_context: _containers.ScalarMap[str, str]
     key_id: str
     encryption_algorithm: _keys_pb2.EncryptionAlgorithm
-    def __init__(self, ciphertext_blob: _Optional[bytes] = ..., encryption_context: _Optional[_Mapping[str, str]] = ..., key_id: _Optional[str] = ..., encryption_algorithm: _Optional[_Union[_keys_pb2.EncryptionAlgorithm, str]] = ...) -> None: ...
+    grant_tokens: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, ciphertext_blob: _Optional[bytes] = ..., encryption_context: _Optional[_Mapping[str, str]] = ..., key_id: _Optional[str] = ..., encryption_algorithm: _Optional[_Union[_keys_pb2.EncryptionAlgorithm, str]] = ..., grant_tokens: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class DecryptResponse(_message.Message):
     __slots__ = ("key_id", "plaintext", "encryption_algorithm")
@@ -144,7 +150,7 @@ class DecryptResponse(_message.Message):
     def __init__(self, key_id: _Optional[str] = ..., plaintext: _Optional[bytes] = ..., encryption_algorithm: _Optional[_Union[_keys_pb2.EncryptionAlgorithm, str]] = ...) -> None: ...
 
 class ReEncryptRequest(_message.Message):
-    __slots__ = ("ciphertext_blob", "source_encryption_context", "destination_key_id", "destination_encryption_context")
+    __slots__ = ("ciphertext_blob", "source_encryption_context", "destination_key_id", "destination_encryption_context", "grant_tokens")
     class SourceEncryptionContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -163,11 +169,13 @@ class ReEncryptRequest(_message.Message):
     SOURCE_ENCRYPTION_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     DESTINATION_KEY_ID_FIELD_NUMBER: _ClassVar[int]
     DESTINATION_ENCRYPTION_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    GRANT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ciphertext_blob: bytes
     source_encryption_context: _containers.ScalarMap[str, str]
     destination_key_id: str
     destination_encryption_context: _containers.ScalarMap[str, str]
-    def __init__(self, ciphertext_blob: _Optional[bytes] = ..., source_encryption_context: _Optional[_Mapping[str, str]] = ..., destination_key_id: _Optional[str] = ..., destination_encryption_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    grant_tokens: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, ciphertext_blob: _Optional[bytes] = ..., source_encryption_context: _Optional[_Mapping[str, str]] = ..., destination_key_id: _Optional[str] = ..., destination_encryption_context: _Optional[_Mapping[str, str]] = ..., grant_tokens: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class ReEncryptResponse(_message.Message):
     __slots__ = ("source_key_id", "key_id", "ciphertext_blob")
@@ -180,7 +188,7 @@ class ReEncryptResponse(_message.Message):
     def __init__(self, source_key_id: _Optional[str] = ..., key_id: _Optional[str] = ..., ciphertext_blob: _Optional[bytes] = ...) -> None: ...
 
 class GenerateDataKeyRequest(_message.Message):
-    __slots__ = ("key_id", "encryption_context", "number_of_bytes")
+    __slots__ = ("key_id", "encryption_context", "number_of_bytes", "grant_tokens")
     class EncryptionContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -191,10 +199,12 @@ class GenerateDataKeyRequest(_message.Message):
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     ENCRYPTION_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     NUMBER_OF_BYTES_FIELD_NUMBER: _ClassVar[int]
+    GRANT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     key_id: str
     encryption_context: _containers.ScalarMap[str, str]
     number_of_bytes: int
-    def __init__(self, key_id: _Optional[str] = ..., encryption_context: _Optional[_Mapping[str, str]] = ..., number_of_bytes: _Optional[int] = ...) -> None: ...
+    grant_tokens: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, key_id: _Optional[str] = ..., encryption_context: _Optional[_Mapping[str, str]] = ..., number_of_bytes: _Optional[int] = ..., grant_tokens: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class GenerateDataKeyResponse(_message.Message):
     __slots__ = ("key_id", "plaintext", "ciphertext_blob")
@@ -207,16 +217,18 @@ class GenerateDataKeyResponse(_message.Message):
     def __init__(self, key_id: _Optional[str] = ..., plaintext: _Optional[bytes] = ..., ciphertext_blob: _Optional[bytes] = ...) -> None: ...
 
 class SignRequest(_message.Message):
-    __slots__ = ("key_id", "message", "message_type", "signing_algorithm")
+    __slots__ = ("key_id", "message", "message_type", "signing_algorithm", "grant_tokens")
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_TYPE_FIELD_NUMBER: _ClassVar[int]
     SIGNING_ALGORITHM_FIELD_NUMBER: _ClassVar[int]
+    GRANT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     key_id: str
     message: bytes
     message_type: _keys_pb2.MessageType
     signing_algorithm: _keys_pb2.SigningAlgorithm
-    def __init__(self, key_id: _Optional[str] = ..., message: _Optional[bytes] = ..., message_type: _Optional[_Union[_keys_pb2.MessageType, str]] = ..., signing_algorithm: _Optional[_Union[_keys_pb2.SigningAlgorithm, str]] = ...) -> None: ...
+    grant_tokens: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, key_id: _Optional[str] = ..., message: _Optional[bytes] = ..., message_type: _Optional[_Union[_keys_pb2.MessageType, str]] = ..., signing_algorithm: _Optional[_Union[_keys_pb2.SigningAlgorithm, str]] = ..., grant_tokens: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class SignResponse(_message.Message):
     __slots__ = ("key_id", "signature", "signing_algorithm")
@@ -229,18 +241,20 @@ class SignResponse(_message.Message):
     def __init__(self, key_id: _Optional[str] = ..., signature: _Optional[bytes] = ..., signing_algorithm: _Optional[_Union[_keys_pb2.SigningAlgorithm, str]] = ...) -> None: ...
 
 class VerifyRequest(_message.Message):
-    __slots__ = ("key_id", "message", "message_type", "signature", "signing_algorithm")
+    __slots__ = ("key_id", "message", "message_type", "signature", "signing_algorithm", "grant_tokens")
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_TYPE_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     SIGNING_ALGORITHM_FIELD_NUMBER: _ClassVar[int]
+    GRANT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     key_id: str
     message: bytes
     message_type: _keys_pb2.MessageType
     signature: bytes
     signing_algorithm: _keys_pb2.SigningAlgorithm
-    def __init__(self, key_id: _Optional[str] = ..., message: _Optional[bytes] = ..., message_type: _Optional[_Union[_keys_pb2.MessageType, str]] = ..., signature: _Optional[bytes] = ..., signing_algorithm: _Optional[_Union[_keys_pb2.SigningAlgorithm, str]] = ...) -> None: ...
+    grant_tokens: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, key_id: _Optional[str] = ..., message: _Optional[bytes] = ..., message_type: _Optional[_Union[_keys_pb2.MessageType, str]] = ..., signature: _Optional[bytes] = ..., signing_algorithm: _Optional[_Union[_keys_pb2.SigningAlgorithm, str]] = ..., grant_tokens: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class VerifyResponse(_message.Message):
     __slots__ = ("key_id", "signature_valid", "signing_algorithm")
@@ -269,14 +283,16 @@ class GetPublicKeyResponse(_message.Message):
     def __init__(self, key_id: _Optional[str] = ..., public_key: _Optional[bytes] = ..., key_spec: _Optional[_Union[_keys_pb2.KeySpec, str]] = ..., key_usage: _Optional[_Union[_keys_pb2.KeyUsage, str]] = ..., signing_algorithms: _Optional[_Iterable[_Union[_keys_pb2.SigningAlgorithm, str]]] = ..., encryption_algorithms: _Optional[_Iterable[_Union[_keys_pb2.EncryptionAlgorithm, str]]] = ...) -> None: ...
 
 class GenerateMacRequest(_message.Message):
-    __slots__ = ("key_id", "message", "mac_algorithm")
+    __slots__ = ("key_id", "message", "mac_algorithm", "grant_tokens")
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     MAC_ALGORITHM_FIELD_NUMBER: _ClassVar[int]
+    GRANT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     key_id: str
     message: bytes
     mac_algorithm: _keys_pb2.MacAlgorithm
-    def __init__(self, key_id: _Optional[str] = ..., message: _Optional[bytes] = ..., mac_algorithm: _Optional[_Union[_keys_pb2.MacAlgorithm, str]] = ...) -> None: ...
+    grant_tokens: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, key_id: _Optional[str] = ..., message: _Optional[bytes] = ..., mac_algorithm: _Optional[_Union[_keys_pb2.MacAlgorithm, str]] = ..., grant_tokens: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class GenerateMacResponse(_message.Message):
     __slots__ = ("key_id", "mac", "mac_algorithm")
@@ -289,16 +305,18 @@ class GenerateMacResponse(_message.Message):
     def __init__(self, key_id: _Optional[str] = ..., mac: _Optional[bytes] = ..., mac_algorithm: _Optional[_Union[_keys_pb2.MacAlgorithm, str]] = ...) -> None: ...
 
 class VerifyMacRequest(_message.Message):
-    __slots__ = ("key_id", "message", "mac", "mac_algorithm")
+    __slots__ = ("key_id", "message", "mac", "mac_algorithm", "grant_tokens")
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     MAC_FIELD_NUMBER: _ClassVar[int]
     MAC_ALGORITHM_FIELD_NUMBER: _ClassVar[int]
+    GRANT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     key_id: str
     message: bytes
     mac: bytes
     mac_algorithm: _keys_pb2.MacAlgorithm
-    def __init__(self, key_id: _Optional[str] = ..., message: _Optional[bytes] = ..., mac: _Optional[bytes] = ..., mac_algorithm: _Optional[_Union[_keys_pb2.MacAlgorithm, str]] = ...) -> None: ...
+    grant_tokens: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, key_id: _Optional[str] = ..., message: _Optional[bytes] = ..., mac: _Optional[bytes] = ..., mac_algorithm: _Optional[_Union[_keys_pb2.MacAlgorithm, str]] = ..., grant_tokens: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class VerifyMacResponse(_message.Message):
     __slots__ = ("key_id", "mac_valid", "mac_algorithm")
@@ -311,7 +329,7 @@ class VerifyMacResponse(_message.Message):
     def __init__(self, key_id: _Optional[str] = ..., mac_valid: _Optional[bool] = ..., mac_algorithm: _Optional[_Union[_keys_pb2.MacAlgorithm, str]] = ...) -> None: ...
 
 class GenerateDataKeyPairRequest(_message.Message):
-    __slots__ = ("key_id", "encryption_context", "key_pair_spec")
+    __slots__ = ("key_id", "encryption_context", "key_pair_spec", "grant_tokens")
     class EncryptionContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -322,10 +340,12 @@ class GenerateDataKeyPairRequest(_message.Message):
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     ENCRYPTION_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     KEY_PAIR_SPEC_FIELD_NUMBER: _ClassVar[int]
+    GRANT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     key_id: str
     encryption_context: _containers.ScalarMap[str, str]
     key_pair_spec: _keys_pb2.KeySpec
-    def __init__(self, key_id: _Optional[str] = ..., encryption_context: _Optional[_Mapping[str, str]] = ..., key_pair_spec: _Optional[_Union[_keys_pb2.KeySpec, str]] = ...) -> None: ...
+    grant_tokens: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, key_id: _Optional[str] = ..., encryption_context: _Optional[_Mapping[str, str]] = ..., key_pair_spec: _Optional[_Union[_keys_pb2.KeySpec, str]] = ..., grant_tokens: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class GenerateDataKeyPairResponse(_message.Message):
     __slots__ = ("key_id", "private_key_plaintext", "private_key_ciphertext_blob", "public_key", "key_pair_spec")
@@ -374,6 +394,72 @@ class ImportKeyMaterialRequest(_message.Message):
     encrypted_key_material: bytes
     valid_to: int
     def __init__(self, key_id: _Optional[str] = ..., import_token: _Optional[bytes] = ..., encrypted_key_material: _Optional[bytes] = ..., valid_to: _Optional[int] = ...) -> None: ...
+
+class CreateGrantRequest(_message.Message):
+    __slots__ = ("key_id", "grantee_principal", "operations", "retiring_principal", "constraints", "name", "grant_tokens")
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    GRANTEE_PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
+    OPERATIONS_FIELD_NUMBER: _ClassVar[int]
+    RETIRING_PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
+    CONSTRAINTS_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    GRANT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    key_id: str
+    grantee_principal: str
+    operations: _containers.RepeatedScalarFieldContainer[_keys_pb2.KeyOperation]
+    retiring_principal: str
+    constraints: _keys_pb2.ContextConditions
+    name: str
+    grant_tokens: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, key_id: _Optional[str] = ..., grantee_principal: _Optional[str] = ..., operations: _Optional[_Iterable[_Union[_keys_pb2.KeyOperation, str]]] = ..., retiring_principal: _Optional[str] = ..., constraints: _Optional[_Union[_keys_pb2.ContextConditions, _Mapping]] = ..., name: _Optional[str] = ..., grant_tokens: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class CreateGrantResponse(_message.Message):
+    __slots__ = ("grant_id", "grant_token")
+    GRANT_ID_FIELD_NUMBER: _ClassVar[int]
+    GRANT_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    grant_id: str
+    grant_token: bytes
+    def __init__(self, grant_id: _Optional[str] = ..., grant_token: _Optional[bytes] = ...) -> None: ...
+
+class ListGrantsRequest(_message.Message):
+    __slots__ = ("key_id", "limit", "page_token", "grant_id", "grantee_principal")
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    GRANT_ID_FIELD_NUMBER: _ClassVar[int]
+    GRANTEE_PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
+    key_id: str
+    limit: int
+    page_token: str
+    grant_id: str
+    grantee_principal: str
+    def __init__(self, key_id: _Optional[str] = ..., limit: _Optional[int] = ..., page_token: _Optional[str] = ..., grant_id: _Optional[str] = ..., grantee_principal: _Optional[str] = ...) -> None: ...
+
+class ListGrantsResponse(_message.Message):
+    __slots__ = ("grants", "next_page_token")
+    GRANTS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    grants: _containers.RepeatedCompositeFieldContainer[_keys_pb2.KeyGrant]
+    next_page_token: str
+    def __init__(self, grants: _Optional[_Iterable[_Union[_keys_pb2.KeyGrant, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class RetireGrantRequest(_message.Message):
+    __slots__ = ("key_id", "grant_id", "grant_token")
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    GRANT_ID_FIELD_NUMBER: _ClassVar[int]
+    GRANT_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    key_id: str
+    grant_id: str
+    grant_token: bytes
+    def __init__(self, key_id: _Optional[str] = ..., grant_id: _Optional[str] = ..., grant_token: _Optional[bytes] = ...) -> None: ...
+
+class RevokeGrantRequest(_message.Message):
+    __slots__ = ("key_id", "grant_id")
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    GRANT_ID_FIELD_NUMBER: _ClassVar[int]
+    key_id: str
+    grant_id: str
+    def __init__(self, key_id: _Optional[str] = ..., grant_id: _Optional[str] = ...) -> None: ...
 
 class GenerateRandomRequest(_message.Message):
     __slots__ = ("number_of_bytes",)

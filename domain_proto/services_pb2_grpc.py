@@ -167,6 +167,26 @@ class KeyServiceStub:
                 request_serializer=hsmdomain_dot_v1_dot_services__pb2.KeyIdRequest.SerializeToString,
                 response_deserializer=hsmdomain_dot_v1_dot_services__pb2.KeyMetadataResponse.FromString,
                 _registered_method=True)
+        self.CreateGrant = channel.unary_unary(
+                '/hsmdomain.v1.KeyService/CreateGrant',
+                request_serializer=hsmdomain_dot_v1_dot_services__pb2.CreateGrantRequest.SerializeToString,
+                response_deserializer=hsmdomain_dot_v1_dot_services__pb2.CreateGrantResponse.FromString,
+                _registered_method=True)
+        self.ListGrants = channel.unary_unary(
+                '/hsmdomain.v1.KeyService/ListGrants',
+                request_serializer=hsmdomain_dot_v1_dot_services__pb2.ListGrantsRequest.SerializeToString,
+                response_deserializer=hsmdomain_dot_v1_dot_services__pb2.ListGrantsResponse.FromString,
+                _registered_method=True)
+        self.RetireGrant = channel.unary_unary(
+                '/hsmdomain.v1.KeyService/RetireGrant',
+                request_serializer=hsmdomain_dot_v1_dot_services__pb2.RetireGrantRequest.SerializeToString,
+                response_deserializer=hsmdomain_dot_v1_dot_services__pb2.KeyMetadataResponse.FromString,
+                _registered_method=True)
+        self.RevokeGrant = channel.unary_unary(
+                '/hsmdomain.v1.KeyService/RevokeGrant',
+                request_serializer=hsmdomain_dot_v1_dot_services__pb2.RevokeGrantRequest.SerializeToString,
+                response_deserializer=hsmdomain_dot_v1_dot_services__pb2.KeyMetadataResponse.FromString,
+                _registered_method=True)
 
 
 class KeyServiceServicer:
@@ -329,6 +349,30 @@ class KeyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateGrant(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListGrants(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RetireGrant(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeGrant(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KeyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -460,6 +504,26 @@ def add_KeyServiceServicer_to_server(servicer, server):
             'DeleteImportedKeyMaterial': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteImportedKeyMaterial,
                     request_deserializer=hsmdomain_dot_v1_dot_services__pb2.KeyIdRequest.FromString,
+                    response_serializer=hsmdomain_dot_v1_dot_services__pb2.KeyMetadataResponse.SerializeToString,
+            ),
+            'CreateGrant': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateGrant,
+                    request_deserializer=hsmdomain_dot_v1_dot_services__pb2.CreateGrantRequest.FromString,
+                    response_serializer=hsmdomain_dot_v1_dot_services__pb2.CreateGrantResponse.SerializeToString,
+            ),
+            'ListGrants': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListGrants,
+                    request_deserializer=hsmdomain_dot_v1_dot_services__pb2.ListGrantsRequest.FromString,
+                    response_serializer=hsmdomain_dot_v1_dot_services__pb2.ListGrantsResponse.SerializeToString,
+            ),
+            'RetireGrant': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetireGrant,
+                    request_deserializer=hsmdomain_dot_v1_dot_services__pb2.RetireGrantRequest.FromString,
+                    response_serializer=hsmdomain_dot_v1_dot_services__pb2.KeyMetadataResponse.SerializeToString,
+            ),
+            'RevokeGrant': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeGrant,
+                    request_deserializer=hsmdomain_dot_v1_dot_services__pb2.RevokeGrantRequest.FromString,
                     response_serializer=hsmdomain_dot_v1_dot_services__pb2.KeyMetadataResponse.SerializeToString,
             ),
     }
@@ -1164,6 +1228,114 @@ class KeyService:
             target,
             '/hsmdomain.v1.KeyService/DeleteImportedKeyMaterial',
             hsmdomain_dot_v1_dot_services__pb2.KeyIdRequest.SerializeToString,
+            hsmdomain_dot_v1_dot_services__pb2.KeyMetadataResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateGrant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hsmdomain.v1.KeyService/CreateGrant',
+            hsmdomain_dot_v1_dot_services__pb2.CreateGrantRequest.SerializeToString,
+            hsmdomain_dot_v1_dot_services__pb2.CreateGrantResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListGrants(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hsmdomain.v1.KeyService/ListGrants',
+            hsmdomain_dot_v1_dot_services__pb2.ListGrantsRequest.SerializeToString,
+            hsmdomain_dot_v1_dot_services__pb2.ListGrantsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetireGrant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hsmdomain.v1.KeyService/RetireGrant',
+            hsmdomain_dot_v1_dot_services__pb2.RetireGrantRequest.SerializeToString,
+            hsmdomain_dot_v1_dot_services__pb2.KeyMetadataResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeGrant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hsmdomain.v1.KeyService/RevokeGrant',
+            hsmdomain_dot_v1_dot_services__pb2.RevokeGrantRequest.SerializeToString,
             hsmdomain_dot_v1_dot_services__pb2.KeyMetadataResponse.FromString,
             options,
             channel_credentials,

@@ -13,13 +13,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import grpc
 
-from domain_core import ciphertext, keyspecs, policy
-from domain_core.errors import InvalidInputError, InvalidKeyTokenError, InvalidKeyUsageError
+from domain_core import ciphertext, granttokens, keyspecs
+from domain_core.errors import (
+    InvalidGrantTokenError,
+    InvalidInputError,
+    InvalidKeyTokenError,
+    InvalidKeyUsageError,
+)
 from domain_core.keylifecycle import KeyChange, require_enabled
-from domain_core.limits import DEFAULT_LIMITS, Limits
+from domain_core.limits import DEFAULT_LIMITS, MAX_GRANT_TOKEN_BYTES, MAX_GRANT_TOKENS, Limits
 from domain_proto import keys_pb2, services_pb2
 from hsa_node.keycache import CachedKey, KeyCache
 from hsa_node.keycalls import AuditSink, CallFrame, KeyCall, PeerGate
@@ -28,6 +34,8 @@ from hsa_node.node import DomainNode
 from hsa_node.quotas import Quotas
 
 __all__ = ["KeyAccess", "describe_kind"]
+
+T = TypeVar("T")
 
 
 def describe_kind(metadata: keys_pb2.KeyMetadata) -> str:
@@ -64,8 +72,57 @@ class KeyAccess:
         self._clock = clock
         self._writer = KeyWriter(cache, clock)
 
-    def _authorize(self, entry: CachedKey, call: KeyCall, operation: int) -> None:
-        policy.require_granted(entry.grants, call.principal, operation, entry.key_id)
+    def _run(
+        self,
+        operation: str,
+        context: grpc.ServicerContext,
+        request: Any,
+        body: Callable[[KeyCall], T],
+    ) -> T:
+        """Run `body` in the call's frame (`CallFrame.run`), with the request's grant tokens
+        (if it has any) on the call for `_authorize`."""
+        tokens = getattr(request, "grant_tokens", ())
+        if not tokens:
+            return self._frame.run(operation, context, body)
+
+        def with_tokens(call: KeyCall) -> T:
+            if len(tokens) > MAX_GRANT_TOKENS:
+                raise InvalidInputError(
+                    f"grant_tokens holds {len(tokens)} tokens; a call takes at most "
+                    f"{MAX_GRANT_TOKENS}"
+                )
+            if any(len(token) > MAX_GRANT_TOKEN_BYTES for token in tokens):
+                raise InvalidGrantTokenError()
+            call.grant_tokens = tuple(bytes(token) for token in tokens)
+            return body(call)
+
+        return self._frame.run(operation, context, with_tokens)
+
+    def _authorize(
+        self,
+        entry: CachedKey,
+        call: KeyCall,
+        operation: int,
+        context: Mapping[str, str] | None = None,
+    ) -> None:
+        """The caller may do `operation` with the key in this call's encryption context
+        (`context`, default the call's), by the key's policy and grants, and by the grants of
+        the call's grant tokens that this HSA has not seen in the key's metadata yet."""
+        rules = entry.access
+        if call.grant_tokens:
+            domain_keys = self._cache.domain_keys().keys
+            pending = []
+            for token in call.grant_tokens:
+                opened = granttokens.open_grant_token(
+                    token, domain_id=self._domain_id, domain_keys=domain_keys
+                )
+                grant = granttokens.pending_grant(opened, entry.metadata)
+                if grant is not None:
+                    pending.append(grant)
+            rules = rules.with_grants(pending)
+        rules.require(
+            call.principal, operation, entry.key_id, call.context if context is None else context
+        )
 
     def _usable(
         self,
@@ -76,12 +133,14 @@ class KeyAccess:
         usage: int | None = keys_pb2.KEY_USAGE_ENCRYPT_DECRYPT,
         symmetric: bool | None = True,
         needs: str = "",
+        context: Mapping[str, str] | None = None,
     ) -> CachedKey:
         """The key, if the caller may do `operation` with it, it is enabled, and it is of
         `usage` (None: any) and symmetric, or asymmetric, as `symmetric` says (None: either).
-        `needs` says what the call needs when the kind is wrong ("an HMAC key")."""
+        `needs` says what the call needs when the kind is wrong ("an HMAC key"); `context`
+        is the encryption context the key's conditions are checked on (default the call's)."""
         entry = self._cache.get(key_id)
-        self._authorize(entry, call, operation)
+        self._authorize(entry, call, operation, context)
         require_enabled(entry.metadata)
         metadata = entry.metadata
         if (

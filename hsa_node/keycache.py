@@ -46,7 +46,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Final
 
-from domain_core import keyspecs, keytokens, policy
+from domain_core import access, keyspecs, keytokens
+from domain_core.access import AccessRules
 from domain_core.errors import NotFoundError, UnavailableError
 from domain_edge.throttled_log import ThrottledLog
 from domain_proto import keys_pb2
@@ -106,8 +107,9 @@ class CachedKey:
     record: keys_pb2.KeyRecord
     checked_at: float
     """When (the cache's monotonic clock) the coordinator last confirmed this record."""
-    grants: Mapping[str, frozenset[int]] = field(init=False, repr=False, compare=False)
-    """The key policy's decisions (`policy.granted_operations`), made once per entry."""
+    access: AccessRules = field(init=False, repr=False, compare=False)
+    """The decisions of the key's policy and grants (`access.access_rules`), made once per
+    entry."""
     size: int = field(init=False, repr=False, compare=False)
     """What this entry takes in memory, estimated from the record and the decisions (bytes)."""
     loaded: dict[int, keyspecs.AsymmetricKey] = field(init=False, repr=False, compare=False)
@@ -115,15 +117,15 @@ class CachedKey:
     (`keyaccess`): parsing a DER key costs far more than using it."""
 
     def __post_init__(self) -> None:
-        grants = policy.granted_operations(self.metadata.policy)
-        object.__setattr__(self, "grants", grants)
+        rules = access.access_rules(self.metadata)
+        object.__setattr__(self, "access", rules)
         object.__setattr__(self, "loaded", {})
         object.__setattr__(
             self,
             "size",
             ENTRY_BYTES
             + RECORD_BYTES_FACTOR * self.record.ByteSize()
-            + PRINCIPAL_BYTES * len(grants),
+            + PRINCIPAL_BYTES * (len(rules.outright) + len(rules.conditional)),
         )
 
     @property

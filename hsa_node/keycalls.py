@@ -75,6 +75,8 @@ class KeyCall:
     key_id: str = ""
     context: dict[str, str] = field(default_factory=dict)
     detail: str = ""
+    grant_tokens: tuple[bytes, ...] = ()
+    """The request's grant tokens (checked for count and size), for the key's authorization."""
 
 
 class StreamCaller:

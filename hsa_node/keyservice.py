@@ -44,12 +44,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Final
 
 import grpc
 
-from domain_core import ciphertext, crypto, keylifecycle, policy
+from domain_core import access, ciphertext, crypto, keylifecycle
 from domain_core.errors import (
     FailedPreconditionError,
     InvalidCiphertextError,
@@ -61,6 +61,7 @@ from domain_core.keylifecycle import iso_date, require_enabled
 from domain_core.limits import DEFAULT_LIMITS, MAX_LIST_KEYS_LIMIT, Limits
 from domain_edge.throttled_log import ThrottledLog
 from domain_proto import keys_pb2, services_pb2, services_pb2_grpc
+from hsa_node.grant_calls import GrantCalls
 from hsa_node.keycache import CachedKey, KeyCache
 from hsa_node.keycalls import AuditSink, KeyCall, PeerGate
 from hsa_node.keyimport_calls import ImportCalls
@@ -81,7 +82,7 @@ DEFAULT_LIST_LIMIT: Final = 100
 # --- the servicer --------------------------------------------------------------------------
 
 
-class KeyServiceServicer(SpecCalls, ImportCalls, services_pb2_grpc.KeyServiceServicer):
+class KeyServiceServicer(SpecCalls, ImportCalls, GrantCalls, services_pb2_grpc.KeyServiceServicer):
     """Customer-key operations for client principals (see the module invariants)."""
 
     def __init__(
@@ -136,19 +137,21 @@ class KeyServiceServicer(SpecCalls, ImportCalls, services_pb2_grpc.KeyServiceSer
         encoded_context: bytes,
         operation: int,
         header: ciphertext.CiphertextHeader | None = None,
+        context: Mapping[str, str] | None = None,
     ) -> tuple[CachedKey, bytes]:
         """Authorise and open a ciphertext blob: (its key, the plaintext). `header`, if given,
-        is what `parse_header` returned for `blob`."""
+        is what `parse_header` returned for `blob`; `context` is the blob's encryption context
+        for the key's conditions (default the call's)."""
         if header is None:
             header = ciphertext.parse_header(blob, self._limits)
         call.key_id = header.key_id
-        entry = self._usable(header.key_id, call, operation)
+        entry = self._usable(header.key_id, call, operation, context=context)
         if header.backing_version > entry.current_version:
             # Rotated through another HSA within the cache's TTL? Only an authorised caller
             # gets this far, so a made-up version cannot turn calls into coordinator calls
             # for anyone else.
             entry = self._cache.get_newer(header.key_id, header.backing_version)
-            self._authorize(entry, call, operation)
+            self._authorize(entry, call, operation, context)
             require_enabled(entry.metadata)
         backing_key = entry.backing_keys.get(header.backing_version)
         if backing_key is None:
@@ -194,7 +197,7 @@ class KeyServiceServicer(SpecCalls, ImportCalls, services_pb2_grpc.KeyServiceSer
                 key_id=key_id, ciphertext_blob=blob, backing_version=entry.current_version
             )
 
-        return self._frame.run("Encrypt", context, body)
+        return self._run("Encrypt", context, request, body)
 
     def Decrypt(
         self, request: services_pb2.DecryptRequest, context: grpc.ServicerContext
@@ -225,7 +228,7 @@ class KeyServiceServicer(SpecCalls, ImportCalls, services_pb2_grpc.KeyServiceSer
             )
             return services_pb2.DecryptResponse(key_id=entry.key_id, plaintext=plaintext)
 
-        return self._frame.run("Decrypt", context, body)
+        return self._run("Decrypt", context, request, body)
 
     def ReEncrypt(
         self, request: services_pb2.ReEncryptRequest, context: grpc.ServicerContext
@@ -246,9 +249,15 @@ class KeyServiceServicer(SpecCalls, ImportCalls, services_pb2_grpc.KeyServiceSer
                 request.ciphertext_blob,
                 encoded_source,
                 keys_pb2.KEY_OPERATION_RE_ENCRYPT_FROM,
+                context=source_context,
             )
             call.key_id = destination_id
-            destination = self._usable(destination_id, call, keys_pb2.KEY_OPERATION_RE_ENCRYPT_TO)
+            destination = self._usable(
+                destination_id,
+                call,
+                keys_pb2.KEY_OPERATION_RE_ENCRYPT_TO,
+                context=destination_context,
+            )
             blob = self._seal(destination, plaintext, encoded_destination)
             call.detail = (
                 f"from key {source.key_id} to backing version {destination.current_version}"
@@ -257,7 +266,7 @@ class KeyServiceServicer(SpecCalls, ImportCalls, services_pb2_grpc.KeyServiceSer
                 source_key_id=source.key_id, key_id=destination_id, ciphertext_blob=blob
             )
 
-        return self._frame.run("ReEncrypt", context, body)
+        return self._run("ReEncrypt", context, request, body)
 
     def _generate_data_key(
         self,
@@ -281,9 +290,10 @@ class KeyServiceServicer(SpecCalls, ImportCalls, services_pb2_grpc.KeyServiceSer
         self, request: services_pb2.GenerateDataKeyRequest, context: grpc.ServicerContext
     ) -> services_pb2.GenerateDataKeyResponse:
         """A fresh data key and its copy encrypted under the key (envelope encryption)."""
-        return self._frame.run(
+        return self._run(
             "GenerateDataKey",
             context,
+            request,
             lambda call: self._generate_data_key(request, call, with_plaintext=True),
         )
 
@@ -291,9 +301,10 @@ class KeyServiceServicer(SpecCalls, ImportCalls, services_pb2_grpc.KeyServiceSer
         self, request: services_pb2.GenerateDataKeyRequest, context: grpc.ServicerContext
     ) -> services_pb2.GenerateDataKeyResponse:
         """As GenerateDataKey, but only the encrypted copy is returned."""
-        return self._frame.run(
+        return self._run(
             "GenerateDataKeyWithoutPlaintext",
             context,
+            request,
             lambda call: self._generate_data_key(request, call, with_plaintext=False),
         )
 
@@ -307,7 +318,7 @@ class KeyServiceServicer(SpecCalls, ImportCalls, services_pb2_grpc.KeyServiceSer
             call.detail = f"{count} bytes"
             return services_pb2.GenerateRandomResponse(random=crypto.random_bytes(count))
 
-        return self._frame.run("GenerateRandom", context, body)
+        return self._run("GenerateRandom", context, request, body)
 
     # --- reading keys --------------------------------------------------------------------
 
@@ -322,7 +333,7 @@ class KeyServiceServicer(SpecCalls, ImportCalls, services_pb2_grpc.KeyServiceSer
             self._authorize(entry, call, keys_pb2.KEY_OPERATION_DESCRIBE)
             return services_pb2.KeyMetadataResponse(metadata=entry.metadata)
 
-        return self._frame.run("DescribeKey", context, body)
+        return self._run("DescribeKey", context, request, body)
 
     def ListKeys(
         self, request: services_pb2.ListKeysRequest, context: grpc.ServicerContext
@@ -364,8 +375,8 @@ class KeyServiceServicer(SpecCalls, ImportCalls, services_pb2_grpc.KeyServiceSer
                         "the coordinator may be compromised"
                     )
                     continue
-                if not policy.allowed(
-                    metadata.policy, call.principal, keys_pb2.KEY_OPERATION_DESCRIBE
+                if not access.access_rules(metadata).allows(
+                    call.principal, keys_pb2.KEY_OPERATION_DESCRIBE, {}
                 ):
                     continue
                 try:
@@ -379,7 +390,7 @@ class KeyServiceServicer(SpecCalls, ImportCalls, services_pb2_grpc.KeyServiceSer
             )
             return response
 
-        return self._frame.run("ListKeys", context, body)
+        return self._run("ListKeys", context, request, body)
 
     # --- changing keys -------------------------------------------------------------------
 
@@ -416,7 +427,7 @@ class KeyServiceServicer(SpecCalls, ImportCalls, services_pb2_grpc.KeyServiceSer
             created = self._writer.create(metadata, call.principal, idempotent=idempotent)
             return services_pb2.KeyMetadataResponse(metadata=created)
 
-        return self._frame.run("CreateKey", context, body)
+        return self._run("CreateKey", context, request, body)
 
     def RotateKey(
         self, request: services_pb2.KeyIdRequest, context: grpc.ServicerContext

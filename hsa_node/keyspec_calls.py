@@ -125,7 +125,7 @@ class SpecCalls(KeyAccess):
                 key_id=key_id, signature=signature, signing_algorithm=algorithm
             )
 
-        return self._frame.run("Sign", context, body)
+        return self._run("Sign", context, request, body)
 
     def Verify(
         self, request: services_pb2.VerifyRequest, context: grpc.ServicerContext
@@ -156,7 +156,7 @@ class SpecCalls(KeyAccess):
                 key_id=key_id, signature_valid=valid, signing_algorithm=algorithm
             )
 
-        return self._frame.run("Verify", context, body)
+        return self._run("Verify", context, request, body)
 
     def GetPublicKey(
         self, request: services_pb2.KeyIdRequest, context: grpc.ServicerContext
@@ -190,7 +190,7 @@ class SpecCalls(KeyAccess):
                 ),
             )
 
-        return self._frame.run("GetPublicKey", context, body)
+        return self._run("GetPublicKey", context, request, body)
 
     # --- MACs ----------------------------------------------------------------------------
 
@@ -221,7 +221,7 @@ class SpecCalls(KeyAccess):
                 key_id=call.key_id, mac=mac, mac_algorithm=algorithm
             )
 
-        return self._frame.run("GenerateMac", context, body)
+        return self._run("GenerateMac", context, request, body)
 
     def VerifyMac(
         self, request: services_pb2.VerifyMacRequest, context: grpc.ServicerContext
@@ -242,7 +242,7 @@ class SpecCalls(KeyAccess):
                 key_id=call.key_id, mac_valid=valid, mac_algorithm=algorithm
             )
 
-        return self._frame.run("VerifyMac", context, body)
+        return self._run("VerifyMac", context, request, body)
 
     # --- data key pairs ------------------------------------------------------------------
 
@@ -276,9 +276,10 @@ class SpecCalls(KeyAccess):
     ) -> services_pb2.GenerateDataKeyPairResponse:
         """A fresh key pair: its public key, its private key, and the private key sealed under
         a symmetric key (Decrypt opens it)."""
-        return self._frame.run(
+        return self._run(
             "GenerateDataKeyPair",
             context,
+            request,
             lambda call: self._data_key_pair(call, request, with_plaintext=True),
         )
 
@@ -286,8 +287,9 @@ class SpecCalls(KeyAccess):
         self, request: services_pb2.GenerateDataKeyPairRequest, context: grpc.ServicerContext
     ) -> services_pb2.GenerateDataKeyPairResponse:
         """As GenerateDataKeyPair, without the private key in the clear."""
-        return self._frame.run(
+        return self._run(
             "GenerateDataKeyPairWithoutPlaintext",
             context,
+            request,
             lambda call: self._data_key_pair(call, request, with_plaintext=False),
         )

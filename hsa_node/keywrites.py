@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from typing import Final
 
-from domain_core import keylifecycle, keyspecs, policy
+from domain_core import keylifecycle, keyspecs
 from domain_core.errors import (
     AlreadyExistsError,
     ConflictError,
@@ -35,7 +35,7 @@ from domain_core.errors import (
 )
 from domain_core.keylifecycle import KeyChange
 from domain_proto import keys_pb2
-from hsa_node.keycache import KeyCache
+from hsa_node.keycache import CachedKey, KeyCache
 from hsa_node.keyrecords import CoordinatorNotReachedError, CoordinatorUnreachableError
 
 __all__ = ["CONFLICT_RETRIES", "KeyWriter"]
@@ -111,10 +111,16 @@ class KeyWriter:
         return entry.metadata
 
     def change(
-        self, operation: str, key_id: str, change: KeyChange, principal: str
+        self,
+        operation: str,
+        key_id: str,
+        change: KeyChange,
+        principal: str,
+        authorize: Callable[[CachedKey], None] | None = None,
     ) -> tuple[keys_pb2.KeyMetadata, bool]:
-        """Read the key fresh, check that `principal` may administer it, apply `change` and
-        write it back with a compare-and-swap (re-read and retry on a conflict).
+        """Read the key fresh, check that `principal` may administer it (or what `authorize`
+        checks instead), apply `change` and write it back with a compare-and-swap (re-read and
+        retry on a conflict).
 
         The key's metadata afterwards, and whether it changed (False: `change` had nothing
         to do, and nothing was written).
@@ -129,9 +135,10 @@ class KeyWriter:
                     f"the coordinator is unreachable; {operation} needs it and changed "
                     "nothing: retry"
                 ) from None
-            policy.require_granted(
-                entry.grants, principal, keys_pb2.KEY_OPERATION_ADMIN, entry.key_id
-            )
+            if authorize is None:
+                entry.access.require(principal, keys_pb2.KEY_OPERATION_ADMIN, entry.key_id, {})
+            else:
+                authorize(entry)
             changed = keylifecycle.apply_change(
                 entry.metadata, entry.backing_keys, change, int(self._clock())
             )

@@ -78,6 +78,10 @@ QUOTA_CLASSES: Final[Mapping[str, QuotaClass]] = {
     "GetParametersForImport": ADMIN,
     "ImportKeyMaterial": ADMIN,
     "DeleteImportedKeyMaterial": ADMIN,
+    "CreateGrant": ADMIN,
+    "RetireGrant": ADMIN,
+    "RevokeGrant": ADMIN,
+    "ListGrants": LIST,
     "CreateKey": CREATE,
 }
 # How often the share is recomputed from the domain's size (hosts come and go rarely).

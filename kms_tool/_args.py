@@ -2,9 +2,10 @@
 
 Invariants: an encryption context is `key=value` entries, split at the first '=', keys and
 values non-empty, no key twice; every number goes through a type that names what is wrong;
-the options saying where the domain is and who we are (`shared_options`) may come before or
-after the command name, and a client is made only from all of --ca, --cert and --key or from
-a local domain directory (`connect`), never from a mix that could pair the wrong files.
+the options saying where the domain is, who we are and which grant tokens every call carries
+(`shared_options`) may come before or after the command name, and a client is made only from
+all of --ca, --cert and --key or from a local domain directory (`connect`), never from a mix
+that could pair the wrong files.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any, Final
 from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
 
 from domain_core import keyspecs
-from domain_core.limits import MAX_CHUNK_SIZE
+from domain_core.limits import MAX_CHUNK_SIZE, MAX_GRANT_TOKENS
 from domain_edge.cli import UsageError
 from domain_edge.kms_client import KeyClient, read_cluster
 from domain_edge.transport import TlsMaterial
@@ -48,8 +49,15 @@ __all__ = [
 
 CLUSTER_ENV: Final = "HSM_CLUSTER"
 _MAX_U32: Final = 0xFFFFFFFF
-# Options holding encryption contexts: lists of (key, value) pairs, made dicts before use.
-CONTEXT_OPTIONS: Final = ("context", "source_context", "destination_context")
+# Options holding encryption contexts: lists of (key, value) pairs, made dicts before use
+# (a grant's constraints are encryption contexts too).
+CONTEXT_OPTIONS: Final = (
+    "context",
+    "source_context",
+    "destination_context",
+    "constraint_equals",
+    "constraint_subset",
+)
 
 
 def _names(enum: EnumTypeWrapper, prefix: str) -> tuple[str, ...]:
@@ -167,6 +175,15 @@ def shared_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
     )
     group.add_argument(
         "--key", metavar="FILE", default=default(None), help="client key (PEM, mode 0600)"
+    )
+    group.add_argument(
+        "--grant-token",
+        metavar="FILE",
+        action="append",
+        default=default(None),
+        help=f"a grant token create-grant wrote (mode 0600; repeatable, at most "
+        f"{MAX_GRANT_TOKENS}): every call carries it, so the grant works on every HSA before "
+        "it reached them all",
     )
     group.add_argument(
         "--timeout",

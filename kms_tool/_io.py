@@ -7,7 +7,10 @@ Invariants kept here:
   renamed into place once everything is written and, for decryption, verified); outputs
   are 0600, since they may hold plaintext;
 - an input is read up to its limit and refused beyond it; a message to sign or MAC beyond
-  4096 bytes is a usage error (`read_message`), since its digest is what to send instead.
+  4096 bytes is a usage error (`read_message`), since its digest is what to send instead;
+- a grant token is a bearer credential, kept like a key file: read only from a file that
+  group and others may not access (`read_grant_tokens`), at most 10 of them, each at most
+  8192 bytes.
 """
 
 from __future__ import annotations
@@ -18,13 +21,20 @@ import json
 import os
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, Final
 
-from domain_core.errors import InvalidInputError, LimitExceededError
-from domain_core.limits import MAX_KMS_MESSAGE_BYTES, MAX_POLICY_FILE_BYTES, MIN_KMS_MESSAGE_BYTES
+from domain_core.display import escape
+from domain_core.errors import InvalidInputError, LimitExceededError, UnauthenticatedError
+from domain_core.limits import (
+    MAX_GRANT_TOKEN_BYTES,
+    MAX_GRANT_TOKENS,
+    MAX_KMS_MESSAGE_BYTES,
+    MAX_POLICY_FILE_BYTES,
+    MIN_KMS_MESSAGE_BYTES,
+)
 from domain_edge.cli import UsageError, print_json
 from domain_edge.files import SECRET_MODE, read_limited, replace_file
 from domain_edge.kms_client import KeyMetadata, policy_from_json
@@ -34,11 +44,13 @@ __all__ = [
     "STDIO",
     "atomic_output",
     "b64",
+    "conditions_text",
     "open_input",
     "pem_public_key",
     "print_document",
     "print_failure",
     "print_metadata",
+    "read_grant_tokens",
     "read_input",
     "read_message",
     "read_policy",
@@ -70,6 +82,34 @@ def read_message(path: str, hint: str = "") -> bytes:
     if len(message) < MIN_KMS_MESSAGE_BYTES:
         raise UsageError(f"the message is empty: give {MIN_KMS_MESSAGE_BYTES} to {limit} bytes")
     return message
+
+
+def _read_grant_token(path: str) -> bytes:
+    with Path(path).open("rb") as source:
+        mode = os.fstat(source.fileno()).st_mode & 0o777
+        if mode & 0o077:
+            raise UnauthenticatedError(
+                f"grant token file {path} is accessible by group or others (mode {mode:04o}): "
+                f"a grant token is a bearer credential; chmod 600 it"
+            )
+        token = read_limited(
+            source,
+            MAX_GRANT_TOKEN_BYTES,
+            lambda: LimitExceededError(
+                f"grant token file {path} is more than {MAX_GRANT_TOKEN_BYTES} bytes: not a "
+                "token create-grant wrote"
+            ),
+        )
+    if not token:
+        raise UsageError(f"grant token file {path} is empty")
+    return token
+
+
+def read_grant_tokens(paths: Sequence[str]) -> list[bytes]:
+    """The tokens of --grant-token files (at most 10; each 0600, 1 to 8192 bytes)."""
+    if len(paths) > MAX_GRANT_TOKENS:
+        raise UsageError(f"give at most {MAX_GRANT_TOKENS} --grant-token files, not {len(paths)}")
+    return [_read_grant_token(path) for path in paths]
 
 
 @contextlib.contextmanager
@@ -175,10 +215,27 @@ def print_metadata(metadata: KeyMetadata, as_json: bool) -> None:
     if metadata.deletion_at:
         lines.append(f"deletion at:     {_time(metadata.deletion_at)}")
     for number, grant in enumerate(metadata.policy, start=1):
+        when = f" when {conditions_text(grant.conditions)}" if grant.conditions else ""
         lines.append(
-            f"grant {number}:         {', '.join(grant.principals)}: {', '.join(grant.operations)}"
+            f"grant {number}:         {', '.join(grant.principals)}: "
+            f"{', '.join(grant.operations)}{when}"
         )
+    if metadata.message.grants:
+        lines.append(f"key grants:      {len(metadata.message.grants)} (list-grants shows them)")
     print("\n".join(lines))
+
+
+def conditions_text(conditions: Mapping[str, Mapping[str, str]]) -> str:
+    """Encryption context conditions (a policy grant's, a key grant's constraints) as text:
+    `context equals a=1,b=2`, `context has tenant=acme` (both: joined by `and`; none: `-`);
+    escaped, since they are the service's data."""
+    words = {"encryption_context_equals": "equals", "encryption_context_subset": "has"}
+    parts = [
+        f"context {words.get(kind, kind)} "
+        + ",".join(f"{key}={value}" for key, value in sorted(mapping.items()))
+        for kind, mapping in conditions.items()
+    ]
+    return escape(" and ".join(parts)) if parts else "-"
 
 
 def read_policy(path: str) -> dict[str, Any]:

@@ -22,6 +22,8 @@ from domain_core import envelope
 from domain_edge.cli import Command, Tool, run_tool
 from domain_edge.kms_client import OPERATION_NAMES
 from kms_tool import _commands as commands
+from kms_tool import _grant_args as grant_args
+from kms_tool import _grant_commands as grant_commands
 from kms_tool import _spec_args as spec_args
 from kms_tool import _spec_commands as spec_commands
 from kms_tool._args import (
@@ -41,7 +43,7 @@ from kms_tool._args import (
     positive,
     shared_options,
 )
-from kms_tool._io import PROG, STDIO, refuse_terminal
+from kms_tool._io import PROG, STDIO, read_grant_tokens, refuse_terminal
 
 __all__ = ["CLUSTER_ENV", "COMMANDS", "PROG", "TOOL", "build_parser", "main", "parse_context"]
 
@@ -407,6 +409,48 @@ COMMANDS: Final[tuple[Command, ...]] = (
         arguments=_schedule_key_deletion_arguments,
     ),
     Command(
+        "create-grant",
+        "let another client use a key (AWS KMS's grants); prints the grant's id",
+        grant_commands.create_grant,
+        """
+          hsm-kms create-grant --key-id $KEY --grantee spiffe://local/client/bob \\
+              --operations encrypt decrypt --constraint-subset tenant=acme --out-token bob.tok
+          hsm-kms --grant-token bob.tok encrypt --key-id $KEY --context tenant=acme --in x \\
+              --out x.bin    # as bob, through any HSA
+        The token (a bearer credential: a new 0600 file, never overwritten, or base64 under
+        --json) lets the grantee's calls use the grant at once on every HSA; without it the
+        grant works once it reached them all.
+        """,
+        arguments=grant_args.create_grant_arguments,
+        defaults=_checks(grant_commands.check_create_grant),
+    ),
+    Command(
+        "list-grants",
+        "list a key's grants: id, grantee, operations, constraints, name",
+        grant_commands.list_grants,
+        "hsm-kms list-grants $KEY --grantee spiffe://local/client/bob --json",
+        arguments=grant_args.list_grants_arguments,
+    ),
+    Command(
+        "retire-grant",
+        "remove a grant as its grantee or retiring principal; prints the key's metadata",
+        grant_commands.retire_grant,
+        """
+          hsm-kms retire-grant --grant-token bob.tok
+          hsm-kms retire-grant --key-id $KEY --grant-id $GRANT
+        Here --grant-token (once) names the grant to retire.
+        """,
+        arguments=grant_args.retire_grant_arguments,
+        defaults=_checks(grant_commands.check_retire_grant),
+    ),
+    Command(
+        "revoke-grant",
+        "remove a grant as a principal that may revoke the key's grants",
+        grant_commands.revoke_grant,
+        "hsm-kms revoke-grant --key-id $KEY --grant-id $GRANT",
+        arguments=grant_args.revoke_grant_arguments,
+    ),
+    Command(
         "envelope-encrypt",
         "encrypt data of any size: a data key from the service, AES-256-GCM here, streamed",
         commands.envelope_encrypt,
@@ -449,11 +493,14 @@ def _check_usage(args: argparse.Namespace) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    """Check the arguments, connect, run the command with the client, close the client."""
+    """Check the arguments, read the grant tokens, connect, run the command with the client
+    (whose calls carry the tokens), close the client."""
     _check_usage(args)
+    tokens = read_grant_tokens(getattr(args, "grant_token", None) or [])
+    args.grant_tokens = tokens
     handler: commands.Handler = args._run
     with connect(args) as client:
-        return handler(args, client)
+        return handler(args, client.with_grant_tokens(tokens) if tokens else client)
 
 
 TOOL: Final = Tool(

@@ -56,6 +56,7 @@ from __future__ import annotations
 from domain_edge.kms_client._aio import AsyncKeyClient
 from domain_edge.kms_client._calls import (
     DEFAULT_PAGE_SIZE,
+    CreatedGrant,
     DataKeyPair,
     ImportParameters,
     PublicKey,
@@ -67,6 +68,7 @@ from domain_edge.kms_client._core import DEFAULT_TIMEOUT, checked_context
 from domain_edge.kms_client._envelopes import decrypt_envelope, encrypt_envelope
 from domain_edge.kms_client._policies import (
     OPERATION_NAMES,
+    Grant,
     KeyMetadata,
     PolicyGrant,
     policy_from_json,
@@ -91,7 +93,9 @@ __all__ = [
     "KEYED_METHODS",
     "OPERATION_NAMES",
     "AsyncKeyClient",
+    "CreatedGrant",
     "DataKeyPair",
+    "Grant",
     "ImportParameters",
     "KeyClient",
     "KeyMetadata",

@@ -27,6 +27,7 @@ from domain_edge.kms_client._aio_session import AsyncKeySession
 from domain_edge.kms_client._calls import (
     DEFAULT_PAGE_SIZE,
     Call,
+    CreatedGrant,
     DataKeyPair,
     ImportParameters,
     PublicKey,
@@ -38,7 +39,7 @@ from domain_edge.kms_client._core import (
     ClientSettings,
     Endpoint,
 )
-from domain_edge.kms_client._policies import KeyMetadata
+from domain_edge.kms_client._policies import Grant, KeyMetadata
 from domain_edge.kms_client._retry import DEFAULT_ATTEMPTS
 from domain_edge.kms_client._session import SESSION_FIELDS, SessionCallError
 from domain_edge.transport import ANY_HSA, secure_aio_channel
@@ -99,7 +100,7 @@ class AsyncKeyClient(ClientCore):
     # --- calling -----------------------------------------------------------------------------
 
     async def _run(self, call: Call[T]) -> T:
-        return call.shape(await self._invoke(call.method, call.request))
+        return call.shape(await self._invoke(call.method, self._prepared(call.request)))
 
     async def _invoke(self, method: str, request: Any) -> Any:
         """One logical call: attempts on the endpoints under the retry rules (`KeyClient`'s:
@@ -378,3 +379,58 @@ class AsyncKeyClient(ClientCore):
         """Delete a key's imported material (PENDING_IMPORT until it is imported again). Not
         retried once sent."""
         return await self._run(calls.delete_imported_key_material(key_id))
+
+    # --- grants (docs/kms-client.md "Grants") ----------------------------------------------
+
+    async def create_grant(
+        self,
+        key_id: str,
+        grantee_principal: str,
+        operations: Sequence[str],
+        *,
+        retiring_principal: str = "",
+        constraints: Mapping[str, Mapping[str, str]] | None = None,
+        name: str = "",
+    ) -> CreatedGrant:
+        """Give `grantee_principal` `operations` (policy names: "encrypt", "decrypt", ...) on
+        the key, optionally only for calls whose encryption context meets `constraints`
+        ({"encryption_context_equals": {...}} or {"encryption_context_subset": {...}}).
+        The grantee may use the grant at once on any HSA with the returned token
+        (`with_grant_tokens`). Not retried once sent."""
+        return await self._run(
+            calls.create_grant(
+                key_id,
+                grantee_principal,
+                operations,
+                retiring_principal=retiring_principal,
+                constraints=constraints,
+                name=name,
+                grant_tokens=self._grant_tokens,
+            )
+        )
+
+    async def list_grants(
+        self, key_id: str, *, grant_id: str = "", grantee_principal: str = "", page_size: int = 50
+    ) -> AsyncIterator[Grant]:
+        """The key's grants (optionally one grant, or one grantee's), following the pages."""
+        token = ""
+        while True:
+            page, token = await self._run(
+                calls.list_grants_page(key_id, page_size, token, grant_id, grantee_principal)
+            )
+            for grant in page:
+                yield grant
+            if not token:
+                return
+
+    async def retire_grant(
+        self, key_id: str = "", grant_id: str = "", *, grant_token: bytes = b""
+    ) -> KeyMetadata:
+        """Remove a grant as its grantee or retiring principal: by key id and grant id, or by
+        its token. Not retried once sent."""
+        return await self._run(calls.retire_grant(key_id, grant_id, grant_token))
+
+    async def revoke_grant(self, key_id: str, grant_id: str) -> KeyMetadata:
+        """Remove a grant as a principal that may revoke the key's grants. Not retried once
+        sent."""
+        return await self._run(calls.revoke_grant(key_id, grant_id))

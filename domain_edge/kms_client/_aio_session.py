@@ -35,6 +35,9 @@ from domain_proto import services_pb2, services_pb2_grpc
 
 __all__ = ["AsyncKeySession"]
 
+# The details of a stream that failed in the client's own gRPC core (`_broken_by_core`).
+_CORE_FAILURE = "Internal error from Core"
+
 
 class _AioStream:
     """One open Session stream: the calls waiting (futures by id), those not yet written,
@@ -73,7 +76,11 @@ class _AioStream:
                     if future is not None and not future.done():
                         future.set_result(response)
         except grpc.RpcError as failure:
-            error = failure
+            # gRPC's core fails a stream whose write met a call the server had already ended
+            # (e.g. UNIMPLEMENTED from an HSA without sessions) with INTERNAL "Internal error
+            # from Core" instead of the server's status: that is this stream breaking, not the
+            # server's answer, so the calls get "the session ended" (and are sent again).
+            error = session_ended() if _broken_by_core(failure) else failure
         finally:  # (a cancelled reader ends the stream too, and stays cancelled)
             self.end(error)
 
@@ -95,6 +102,18 @@ class _AioStream:
         for task in self.tasks:
             with contextlib.suppress(BaseException):
                 await task
+
+
+def _broken_by_core(error: grpc.RpcError) -> bool:
+    """Whether a stream failed in the client's gRPC core rather than by the server's status."""
+    call: Any = error
+    try:
+        return bool(
+            call.code() is grpc.StatusCode.INTERNAL
+            and str(call.details()).startswith(_CORE_FAILURE)
+        )
+    except Exception:
+        return False
 
 
 def _expire(future: asyncio.Future[Any], method: str, timeout: float) -> None:

@@ -12,7 +12,7 @@ no plaintext or data key is ever put in a message.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Generic, TypeVar
 
@@ -26,7 +26,13 @@ from domain_core.errors import (
 )
 from domain_core.limits import Limits
 from domain_edge.kms_client._core import checked_context
-from domain_edge.kms_client._policies import KeyMetadata, _policy_message
+from domain_edge.kms_client._policies import (
+    Grant,
+    KeyMetadata,
+    _policy_message,
+    conditions_from_json,
+    operation_number,
+)
 from domain_proto import keys_pb2, services_pb2
 
 T = TypeVar("T")
@@ -476,3 +482,74 @@ def wrap_key_material(parameters: ImportParameters, material: bytes) -> bytes:
         wrapping_algorithm(parameters.wrapping_algorithm),
         _bytes(material, "material"),
     )
+
+
+# --- grants (docs/kms-client.md "Grants") ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CreatedGrant:
+    """What CreateGrant gives: the grant's id, and its token (pass it in `grant_tokens` of
+    the grantee's calls until the grant has reached every HSA; opaque)."""
+
+    grant_id: str
+    grant_token: bytes = field(repr=False)
+
+
+def create_grant(
+    key_id: str,
+    grantee_principal: str,
+    operations: Sequence[str],
+    *,
+    retiring_principal: str,
+    constraints: Mapping[str, Mapping[str, str]] | None,
+    name: str,
+    grant_tokens: Sequence[bytes],
+) -> Call[CreatedGrant]:
+    """CreateGrant; operations by their policy names ("encrypt", "decrypt", ...)."""
+    request = services_pb2.CreateGrantRequest(
+        key_id=key_id,
+        grantee_principal=grantee_principal,
+        operations=[_enum(operation_number(o, "operations")) for o in operations],
+        retiring_principal=retiring_principal,
+        constraints=conditions_from_json(constraints, "constraints"),
+        name=name,
+        grant_tokens=list(grant_tokens),
+    )
+    return Call(
+        "CreateGrant",
+        request,
+        lambda response: CreatedGrant(response.grant_id, bytes(response.grant_token)),
+    )
+
+
+def list_grants_page(
+    key_id: str, page_size: int, token: str, grant_id: str, grantee_principal: str
+) -> Call[tuple[list[Grant], str]]:
+    """One page of ListGrants: (its grants, the next page's token, "" after the last)."""
+
+    def shape(response: services_pb2.ListGrantsResponse) -> tuple[list[Grant], str]:
+        if response.next_page_token and response.next_page_token == token:
+            raise HsmDomainError("the key service returned the same page token twice")
+        return [Grant.from_message(g) for g in response.grants], response.next_page_token
+
+    request = services_pb2.ListGrantsRequest(
+        key_id=key_id,
+        limit=page_size,
+        page_token=token,
+        grant_id=grant_id,
+        grantee_principal=grantee_principal,
+    )
+    return Call("ListGrants", request, shape)
+
+
+def retire_grant(key_id: str, grant_id: str, grant_token: bytes) -> Call[KeyMetadata]:
+    request = services_pb2.RetireGrantRequest(
+        key_id=key_id, grant_id=grant_id, grant_token=grant_token
+    )
+    return Call("RetireGrant", request, _metadata)
+
+
+def revoke_grant(key_id: str, grant_id: str) -> Call[KeyMetadata]:
+    request = services_pb2.RevokeGrantRequest(key_id=key_id, grant_id=grant_id)
+    return Call("RevokeGrant", request, _metadata)

@@ -12,6 +12,7 @@ cool-down bounded at any count of failures; every failure one `domain_core.error
 
 from __future__ import annotations
 
+import copy
 import itertools
 import os
 import threading
@@ -30,7 +31,7 @@ from domain_core.errors import (
     ThrottledError,
     UnavailableError,
 )
-from domain_core.limits import DEFAULT_LIMITS, Limits
+from domain_core.limits import DEFAULT_LIMITS, MAX_GRANT_TOKENS, Limits
 from domain_core.pki import ca_trust_domain
 from domain_edge.client import error_from_rpc
 from domain_edge.kms_client._cluster import read_cluster
@@ -210,6 +211,7 @@ class ClientCore:
         self._next = itertools.count()
         self._lock = threading.Lock()
         self._closed = False
+        self._grant_tokens: tuple[bytes, ...] = ()
 
     @classmethod
     def from_cluster(cls, directory: str | os.PathLike[str], **kwargs: Any) -> Self:
@@ -220,6 +222,24 @@ class ClientCore:
             endpoints, ca_pem=tls.ca_pem, cert_pem=tls.cert_pem, key_pem=tls.key_pem, **kwargs
         )
         return client
+
+    def with_grant_tokens(self, grant_tokens: Sequence[bytes]) -> Self:
+        """A view of this client whose calls carry `grant_tokens` (from CreateGrant), so that
+        a grant works on every HSA before it has reached them all. The view shares this
+        client's channels: use it while the client is open, and close the client, not it."""
+        if len(grant_tokens) > MAX_GRANT_TOKENS or not all(
+            isinstance(t, bytes) for t in grant_tokens
+        ):
+            raise ValueError(f"grant_tokens: at most {MAX_GRANT_TOKENS} tokens, as bytes")
+        view = copy.copy(self)
+        view._grant_tokens = tuple(grant_tokens)
+        return view
+
+    def _prepared(self, request: Any) -> Any:
+        """`request` with this client's grant tokens, if it takes any."""
+        if self._grant_tokens and "grant_tokens" in request.DESCRIPTOR.fields_by_name:
+            request.grant_tokens.extend(self._grant_tokens)
+        return request
 
     @property
     def endpoints(self) -> list[str]:

@@ -46,8 +46,16 @@ OPERATION_NAMES: Final[dict[str, int]] = {
     "generate-mac": keys_pb2.KEY_OPERATION_GENERATE_MAC,
     "verify-mac": keys_pb2.KEY_OPERATION_VERIFY_MAC,
     "generate-data-key-pair": keys_pb2.KEY_OPERATION_GENERATE_DATA_KEY_PAIR,
+    "create-grant": keys_pb2.KEY_OPERATION_CREATE_GRANT,
+    "list-grants": keys_pb2.KEY_OPERATION_LIST_GRANTS,
+    "revoke-grant": keys_pb2.KEY_OPERATION_REVOKE_GRANT,
 }
 _NAME_OF_OPERATION: Final = {number: name for name, number in OPERATION_NAMES.items()}
+
+
+def operation_number(name: object, where: str) -> int:
+    """The KeyOperation of a policy operation name ("encrypt", "create-grant", ...)."""
+    return _operation_from_name(name, where)
 
 
 def _operation_from_name(name: object, where: str) -> int:
@@ -74,9 +82,12 @@ def policy_from_json(document: object) -> keys_pb2.KeyPolicy:
     policy = keys_pb2.KeyPolicy()
     for number, grant in enumerate(grants, start=1):
         where = f"grant {number}"
-        if not isinstance(grant, Mapping) or set(grant) != {"principals", "operations"}:
+        if not isinstance(grant, Mapping) or not (
+            {"principals", "operations"} <= set(grant) <= {"principals", "operations", "conditions"}
+        ):
             raise InvalidInputError(
-                f'{where}: a grant is {{"principals": [...], "operations": [...]}} and nothing else'
+                f'{where}: a grant is {{"principals": [...], "operations": [...]}}, and '
+                '"conditions" optionally, and nothing else'
             )
         principals, operations = grant["principals"], grant["operations"]
         if not isinstance(principals, list) or not all(isinstance(p, str) for p in principals):
@@ -93,9 +104,41 @@ def policy_from_json(document: object) -> keys_pb2.KeyPolicy:
                     "list[keys_pb2.KeyOperation]",
                     [_operation_from_name(o, where) for o in operations],
                 ),
+                conditions=conditions_from_json(grant.get("conditions"), where),
             )
         )
     return policy
+
+
+_CONDITION_NAMES: Final = ("encryption_context_equals", "encryption_context_subset")
+
+
+def conditions_from_json(document: object, where: str) -> keys_pb2.ContextConditions:
+    """ContextConditions from {"encryption_context_equals": {...},
+    "encryption_context_subset": {...}} (either or both; None: no conditions)."""
+    conditions = keys_pb2.ContextConditions()
+    if document is None:
+        return conditions
+    if not isinstance(document, Mapping) or not set(document) <= set(_CONDITION_NAMES):
+        raise InvalidInputError(
+            f"{where}: conditions are an object with {' and/or '.join(_CONDITION_NAMES)}"
+        )
+    for name, mapping in document.items():
+        if not isinstance(mapping, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()
+        ):
+            raise InvalidInputError(f"{where}: {name} is an object of strings")
+        getattr(conditions, name).update(mapping)
+    return conditions
+
+
+def conditions_to_json(conditions: keys_pb2.ContextConditions) -> dict[str, dict[str, str]]:
+    """The JSON form of ContextConditions (only the kinds it sets)."""
+    return {
+        name: dict(getattr(conditions, name))
+        for name in _CONDITION_NAMES
+        if getattr(conditions, name)
+    }
 
 
 def policy_to_json(policy: keys_pb2.KeyPolicy) -> dict[str, Any]:
@@ -107,6 +150,11 @@ def policy_to_json(policy: keys_pb2.KeyPolicy) -> dict[str, Any]:
                 "operations": [
                     _NAME_OF_OPERATION.get(op, f"operation-{int(op)}") for op in grant.operations
                 ],
+                **(
+                    {"conditions": conditions_to_json(grant.conditions)}
+                    if grant.HasField("conditions") and conditions_to_json(grant.conditions)
+                    else {}
+                ),
             }
             for grant in policy.grants
         ]
@@ -130,6 +178,38 @@ class PolicyGrant:
 
     principals: tuple[str, ...]
     operations: tuple[str, ...]
+    conditions: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    """{"encryption_context_equals": {...}, "encryption_context_subset": {...}}, as set."""
+
+
+@dataclass(frozen=True)
+class Grant:
+    """A grant of a key, as ListGrants gives it (operation names as in a policy)."""
+
+    grant_id: str
+    name: str
+    grantee_principal: str
+    retiring_principal: str
+    operations: tuple[str, ...]
+    constraints: Mapping[str, Mapping[str, str]]
+    issuing_principal: str
+    created_at: int
+
+    @classmethod
+    def from_message(cls, message: keys_pb2.KeyGrant) -> Grant:
+        """Wrap a KeyGrant message."""
+        return cls(
+            grant_id=message.grant_id,
+            name=message.name,
+            grantee_principal=message.grantee_principal,
+            retiring_principal=message.retiring_principal,
+            operations=tuple(
+                _NAME_OF_OPERATION.get(op, f"operation-{int(op)}") for op in message.operations
+            ),
+            constraints=conditions_to_json(message.constraints),
+            issuing_principal=message.issuing_principal,
+            created_at=message.created_at,
+        )
 
 
 @dataclass(frozen=True)
@@ -172,7 +252,7 @@ class KeyMetadata:
             created_at=message.created_at,
             deletion_at=message.deletion_at,
             policy=tuple(
-                PolicyGrant(tuple(g["principals"]), tuple(g["operations"]))
+                PolicyGrant(tuple(g["principals"]), tuple(g["operations"]), g.get("conditions", {}))
                 for g in policy["grants"]
             ),
             rotation_enabled=message.rotation.enabled,

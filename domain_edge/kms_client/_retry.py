@@ -33,6 +33,7 @@ IDEMPOTENT_METHODS: Final = frozenset(
         "GenerateDataKeyPair",
         "GenerateDataKeyPairWithoutPlaintext",
         "GetParametersForImport",
+        "ListGrants",
     }
 )
 # Calls that change something but carry an idempotency key (`KeyClient.create_key` always
@@ -49,6 +50,9 @@ ADMIN_METHODS: Final = frozenset(
         "CancelKeyDeletion",
         "ImportKeyMaterial",
         "DeleteImportedKeyMaterial",
+        "CreateGrant",
+        "RetireGrant",
+        "RevokeGrant",
     }
 )
 DEFAULT_ATTEMPTS: Final = 4

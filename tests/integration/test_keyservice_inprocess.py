@@ -16,6 +16,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,7 @@ from domain_core.errors import (
 from domain_core.keytokens import RecordSigner
 from domain_core.limits import DEFAULT_LIMITS, Limits
 from domain_core.model import SealedState
+from domain_core.pki import SpiffeId, new_tls_key_pem, tls_public_key
 from domain_edge import transport
 from domain_edge.audit import AuditLogError
 from domain_edge.ca_files import load_domain_ca
@@ -427,6 +429,54 @@ def _import(hsa: Hsa, key_id: str, material: bytes, valid_to: int) -> keys_pb2.K
     )
     metadata: keys_pb2.KeyMetadata = response.metadata
     return metadata
+
+
+def test_a_grant_token_works_where_the_grant_has_not_arrived_and_not_after(
+    domain: Domain, make_hsa: Callable[..., Hsa]
+) -> None:
+    """hsa-2 holds an older metadata of the key than the one with the grant: the grantee is
+    refused there without the token and served with it; once hsa-2 holds the metadata without
+    the grant (retired), the token no longer helps; the conditions hold all along."""
+    first, second = make_hsa("hsa-1"), make_hsa("hsa-2")
+    ca = load_domain_ca(domain.layout.root / "ca")
+    bob_key = new_tls_key_pem()
+    bob = CertificatePeerContext(
+        ca.issue(SpiffeId("local", "client", "bob"), tls_public_key(bob_key), now=datetime.now(UTC))
+    )
+    key = first.create()
+    second.encrypt(key.key_id)  # hsa-2 caches the key as it is now
+    created = first.service.CreateGrant(
+        services_pb2.CreateGrantRequest(
+            key_id=key.key_id,
+            grantee_principal="spiffe://local/client/bob",
+            operations=[keys_pb2.KEY_OPERATION_ENCRYPT],
+            constraints=keys_pb2.ContextConditions(encryption_context_subset={"t": "a"}),
+        ),
+        first.app,  # type: ignore[arg-type]
+    )
+
+    def bob_encrypts(context: dict[str, str], tokens: list[bytes]) -> None:
+        second.service.Encrypt(
+            services_pb2.EncryptRequest(
+                key_id=key.key_id, plaintext=b"x", encryption_context=context, grant_tokens=tokens
+            ),
+            bob,  # type: ignore[arg-type]
+        )
+
+    with pytest.raises(PermissionDeniedError):
+        bob_encrypts({"t": "a"}, [])
+    bob_encrypts({"t": "a"}, [created.grant_token])
+    with pytest.raises(PermissionDeniedError):
+        bob_encrypts({"t": "b"}, [created.grant_token])
+    first.service.RetireGrant(
+        services_pb2.RetireGrantRequest(grant_token=created.grant_token),
+        bob,  # type: ignore[arg-type]
+    )
+    second.cache.get(key.key_id, fresh=True)  # hsa-2 reads the key again
+    with pytest.raises(PermissionDeniedError):
+        bob_encrypts({"t": "a"}, [created.grant_token])
+    operations = [r["operation"] for r in second.audit.records if "bob" in r["principal"]]
+    assert operations == ["Encrypt"] * 4
 
 
 # --- re-wrapping after a domain key rotation -----------------------------------------------

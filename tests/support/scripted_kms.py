@@ -216,6 +216,16 @@ class ScriptedKeyService(services_pb2_grpc.KeyServiceServicer):
     def DeleteImportedKeyMaterial(self, request: Any, context: grpc.ServicerContext) -> Any:
         return self._admin("DeleteImportedKeyMaterial", request, context)
 
+    def CreateGrant(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self._admin("CreateGrant", request, context)
+        return services_pb2.CreateGrantResponse(grant_id="ab" * 32, grant_token=b"token")
+
+    def RetireGrant(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return self._admin("RetireGrant", request, context)
+
+    def RevokeGrant(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return self._admin("RevokeGrant", request, context)
+
 
 def _pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(

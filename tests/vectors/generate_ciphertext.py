@@ -16,7 +16,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
-from domain_core import ciphertext, envelope, importtokens, keytokens
+from domain_core import ciphertext, envelope, granttokens, importtokens, keytokens
 from domain_core.contexts import ENCRYPT_INFO
 from domain_core.signers import InMemorySigner
 from domain_proto import keys_pb2
@@ -178,6 +178,7 @@ def build() -> dict[str, Any]:
         },
         "spec_tokens": spec_tokens(),
         "import_token": import_token(),
+        "grant_token": grant_token(),
         "key_record": {
             "domain_id": "vectors",
             "signer_public_key": host.public_key.spki_der.hex(),
@@ -274,6 +275,35 @@ def import_token() -> dict[str, Any]:
         "expires_at": expires_at,
         "token": token.hex(),
         "commitment_of_backing_key": importtokens.material_commitment(BACKING_KEY, KEY_ID).hex(),
+    }
+
+
+def grant_token() -> dict[str, Any]:
+    """A grant token of a fixed grant (fixed salt and nonce), with the grant's bytes."""
+    grant = keys_pb2.KeyGrant(
+        grant_id="ab" * 32,
+        name="vector grant",
+        grantee_principal="spiffe://vectors/client/bob",
+        operations=[keys_pb2.KEY_OPERATION_ENCRYPT, keys_pb2.KEY_OPERATION_DECRYPT],
+        constraints=keys_pb2.ContextConditions(encryption_context_subset={"tenant": "acme"}),
+        issuing_principal="spiffe://vectors/client/app",
+        created_at=1_767_225_600,
+    )
+    token = granttokens.seal_grant_token(
+        domain_id="vectors",
+        key_id=KEY_ID,
+        metadata_version=7,
+        grant=grant,
+        domain_key=DOMAIN_KEY,
+        generation=DOMAIN_KEY_GENERATION,
+        salt=bytes(range(0xA0, 0xC0)),
+        nonce=bytes(range(0xC0, 0xCC)),
+    )
+    return {
+        "domain_id": "vectors",
+        "metadata_version": 7,
+        "grant": grant.SerializeToString(deterministic=True).hex(),
+        "token": token.hex(),
     }
 
 

@@ -8,16 +8,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from domain_core import access
 from domain_core.errors import InvalidInputError, LimitExceededError, PermissionDeniedError
 from domain_core.limits import Limits
 from domain_core.policy import (
     ALL_OPERATIONS,
     allowed,
     default_policy,
-    granted_operations,
     operation_name,
     require,
-    require_granted,
     validate_policy,
 )
 from domain_proto import keys_pb2
@@ -126,25 +125,25 @@ _OPERATIONS = [*ALL_OPERATIONS, UNSPECIFIED, 99]
     principal=st.sampled_from(_PRINCIPALS),
     operation=st.sampled_from(_OPERATIONS),
 )
-def test_granted_operations_decide_as_the_policy_does(
+def test_a_keys_access_rules_decide_as_its_policy_does(
     grants: list[tuple[list[str], list[int]]], principal: str, operation: int
 ) -> None:
     policy = _policy(*grants)
-    granted = granted_operations(policy)
+    rules = access.access_rules(keys_pb2.KeyMetadata(key_id=KEY_ID, policy=policy))
     expected = allowed(policy, principal, operation)
-    assert (operation in granted.get(principal, frozenset())) is expected
+    assert rules.allows(principal, operation, {}) is expected
     if expected:
-        require_granted(granted, principal, operation, KEY_ID)
+        rules.require(principal, operation, KEY_ID, {})
     else:
         with pytest.raises(PermissionDeniedError) as via_set:
-            require_granted(granted, principal, operation, KEY_ID)
+            rules.require(principal, operation, KEY_ID, {})
         with pytest.raises(PermissionDeniedError) as via_policy:
             require(policy, principal, operation, KEY_ID)
         assert str(via_set.value) == str(via_policy.value)
 
 
-def test_granted_operations_cannot_be_changed() -> None:
-    granted = granted_operations(POLICY)
+def test_access_rules_cannot_be_changed() -> None:
+    granted = access.access_rules(keys_pb2.KeyMetadata(policy=POLICY)).outright
     assert dict(granted) == {
         APP: frozenset({ENCRYPT, DECRYPT}),
         OPS: frozenset({DESCRIBE, ADMIN}),
@@ -160,6 +159,11 @@ def test_operation_names() -> None:
     assert operation_name(42) == "operation 42"
 
 
+def _outright(policy: keys_pb2.KeyPolicy) -> dict[str, frozenset[int]]:
+    """The operations each principal has outright, by the key's access rules."""
+    return dict(access.access_rules(keys_pb2.KeyMetadata(policy=policy)).outright)
+
+
 # --- validation ----------------------------------------------------------------------------
 
 
@@ -167,7 +171,7 @@ def test_valid_policy_passes_unchanged() -> None:
     before = POLICY.SerializeToString(deterministic=True)
     assert validate_policy(POLICY, domain_id=DOMAIN) is None
     assert POLICY.SerializeToString(deterministic=True) == before
-    assert granted_operations(POLICY) == {
+    assert _outright(POLICY) == {
         APP: frozenset({ENCRYPT, DECRYPT}),
         OPS: frozenset({DESCRIBE, ADMIN}),
         AUDITOR: frozenset({DESCRIBE}),
@@ -273,6 +277,6 @@ def test_a_policy_is_capped_at_32_kib_serialized() -> None:
 
 
 def test_grants_share_one_set_per_distinct_operations() -> None:
-    granted = granted_operations(_maximal_policy(20))
+    granted = _outright(_maximal_policy(20))
     assert len(granted) == 64 * 64
     assert len({id(operations) for operations in granted.values()}) == 1

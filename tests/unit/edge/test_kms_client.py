@@ -317,6 +317,10 @@ COMMANDS = [
     "cancel-key-deletion",
     "put-key-policy",
     "schedule-key-deletion",
+    "create-grant",
+    "list-grants",
+    "retire-grant",
+    "revoke-grant",
     "envelope-encrypt",
     "envelope-decrypt",
 ]
@@ -580,6 +584,9 @@ def _import_calls(client: KeyClient, key_id: str) -> dict[str, Callable[[], Any]
     return {
         "ImportKeyMaterial": lambda: client.import_key_material(key_id, parameters, bytes(32)),
         "DeleteImportedKeyMaterial": lambda: client.delete_imported_key_material(key_id),
+        "CreateGrant": lambda: client.create_grant(key_id, "spiffe://local/client/x", ["encrypt"]),
+        "RetireGrant": lambda: client.retire_grant(key_id, "ab" * 32),
+        "RevokeGrant": lambda: client.revoke_grant(key_id, "ab" * 32),
     }
 
 

@@ -211,3 +211,53 @@ def test_close_fails_the_waiting_calls_and_refuses_new_ones(side: SyncSide | Asy
     (after,) = side.calls([b"echo:late"])
     assert isinstance(after, ValueError)
     assert "closed" in str(after)
+
+
+class _CoreBrokenCall:
+    """A Session call whose stream gRPC's core broke (as when a write meets a call the server
+    already ended): writes succeed, reading fails with INTERNAL "Internal error from Core"."""
+
+    def __init__(self) -> None:
+        self.cancelled = False
+
+    async def write(self, message: Any) -> None:
+        await asyncio.sleep(0)
+
+    def __aiter__(self) -> _CoreBrokenCall:
+        return self
+
+    async def __anext__(self) -> Any:
+        await asyncio.sleep(0.01)
+        raise SessionCallError(grpc.StatusCode.INTERNAL, "Internal error from Core")
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class _CoreBrokenStub:
+    def Session(self) -> _CoreBrokenCall:
+        return _CoreBrokenCall()
+
+
+def test_a_stream_broken_in_the_clients_core_reads_as_the_session_ended() -> None:
+    """Not as the server's INTERNAL, which no client may send again: the calls get
+    UNAVAILABLE "the key-service session ended" and are sent again by the retry rules."""
+
+    async def run() -> grpc.RpcError:
+        session = AsyncKeySession.__new__(AsyncKeySession)
+        session._stub = _CoreBrokenStub()
+        session._ids = iter(range(1, 100))  # type: ignore[assignment]
+        session._stream = None
+        session._closed = False
+        request = services_pb2.EncryptRequest(key_id="k", plaintext=b"x")
+        try:
+            await session.call("Encrypt", request, 2.0)
+        except grpc.RpcError as error:
+            return error
+        finally:
+            await session.close()
+        raise AssertionError("the call did not fail")
+
+    error = asyncio.run(run())
+    assert error.code() is grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+    assert "session ended" in error.details()  # type: ignore[attr-defined]

@@ -22,7 +22,7 @@ import grpc
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from domain_core import crypto, keytokens, policy
+from domain_core import access, crypto, keytokens, policy
 from domain_core.errors import FailedPreconditionError, PermissionDeniedError, UnavailableError
 from domain_core.signers import InMemorySigner
 from domain_proto import keys_pb2
@@ -81,13 +81,13 @@ def entry(key_policy: keys_pb2.KeyPolicy) -> CachedKey:
     )
 
 
-def test_grants_are_the_policy_decisions_of_the_entry() -> None:
+def test_the_access_rules_are_the_policy_decisions_of_the_entry() -> None:
     cached = entry(policy.default_policy(APP))
     for operation in policy.ALL_OPERATIONS:
-        policy.require_granted(cached.grants, APP, operation, KEY_ID)
+        cached.access.require(APP, operation, KEY_ID, {})
         with pytest.raises(PermissionDeniedError):
-            policy.require_granted(cached.grants, OPS, operation, KEY_ID)
-    assert "grants" not in repr(cached)
+            cached.access.require(OPS, operation, KEY_ID, {})
+    assert "access" not in repr(cached)
     assert "backing" in repr(cached)
 
 
@@ -98,11 +98,11 @@ def test_an_entry_with_other_metadata_carries_its_own_grants() -> None:
     narrowed.policy.CopyFrom(policy.default_policy(OPS))
     changed = replace(cached, metadata=narrowed)
     with pytest.raises(PermissionDeniedError):
-        policy.require_granted(changed.grants, APP, keys_pb2.KEY_OPERATION_ENCRYPT, KEY_ID)
-    policy.require_granted(changed.grants, OPS, keys_pb2.KEY_OPERATION_ENCRYPT, KEY_ID)
+        changed.access.require(APP, keys_pb2.KEY_OPERATION_ENCRYPT, KEY_ID, {})
+    changed.access.require(OPS, keys_pb2.KEY_OPERATION_ENCRYPT, KEY_ID, {})
     # A refresh of the same record (what the cache does every TTL) keeps the same decisions.
     refreshed = replace(cached, checked_at=5.0)
-    assert dict(refreshed.grants) == dict(cached.grants)
+    assert dict(refreshed.access.outright) == dict(cached.access.outright)
 
 
 # --- refresh ahead of the TTL -----------------------------------------------------------------
@@ -501,7 +501,7 @@ def test_an_entrys_size_follows_what_it_holds_in_memory(tmp_path: Path) -> None:
     tracemalloc.start()
     try:
         before = tracemalloc.get_traced_memory()[0]
-        decisions = policy.granted_operations(large_entry.metadata.policy)
+        decisions = access.access_rules(large_entry.metadata).outright
         used = tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()
