@@ -37,11 +37,11 @@ Invariants:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Final, cast
 
-from domain_core import access, crypto, keyimport, keyspecs, policy
+from domain_core import access, crypto, keyimport, keyspecs, keytags, policy
 from domain_core.errors import (
     FailedPreconditionError,
     InvalidInputError,
@@ -53,6 +53,7 @@ from domain_core.limits import (
     MAX_BACKING_VERSIONS,
     MAX_DELETION_WINDOW_DAYS,
     MAX_ROTATION_PERIOD_DAYS,
+    MAX_TAGS_PER_KEY,
     MIN_DELETION_WINDOW_DAYS,
     MIN_ROTATION_PERIOD_DAYS,
     Limits,
@@ -135,6 +136,7 @@ class NewKey:
     key_spec: int = keys_pb2.KEY_SPEC_SYMMETRIC_DEFAULT
     key_usage: int = keys_pb2.KEY_USAGE_ENCRYPT_DECRYPT
     origin: int = keys_pb2.KEY_ORIGIN_DOMAIN
+    tags: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def external(self) -> bool:
@@ -166,6 +168,7 @@ class NewKey:
             key_spec=cast("keys_pb2.KeySpec", self.key_spec),
             key_usage=cast("keys_pb2.KeyUsage", self.key_usage),
             origin=cast("keys_pb2.KeyOrigin", self.origin),
+            tags=dict(self.tags),
         )
 
 
@@ -181,12 +184,17 @@ def new_key(
     key_spec: int = keys_pb2.KEY_SPEC_SYMMETRIC_DEFAULT,
     key_usage: int = keys_pb2.KEY_USAGE_ENCRYPT_DECRYPT,
     origin: int = keys_pb2.KEY_ORIGIN_DOMAIN,
+    tags: Mapping[str, str] | None = None,
 ) -> NewKey:
     """Check what a caller asks of a new key: the key spec and usage (a pair AWS KMS allows),
     the description's length, then the policy (None or no grants: `creator` may do
     everything), then the rotation period (0: the default). Automatic rotation is for
     symmetric keys only, as in AWS KMS."""
     keyspecs.check_spec_usage(key_spec, key_usage)
+    if tags:
+        keytags.check_tags(tags)
+        if len(tags) > MAX_TAGS_PER_KEY:
+            raise LimitExceededError(f"a key holds at most {MAX_TAGS_PER_KEY} tags")
     if origin not in (keys_pb2.KEY_ORIGIN_DOMAIN, keys_pb2.KEY_ORIGIN_EXTERNAL):
         raise InvalidInputError("origin must be DOMAIN (the default) or EXTERNAL")
     if enable_rotation and not keyspecs.is_symmetric(key_spec):
@@ -225,6 +233,7 @@ def new_key(
         key_spec=key_spec,
         key_usage=key_usage,
         origin=origin,
+        tags=dict(tags or {}),
     )
 
 

@@ -162,6 +162,10 @@ MAX_KMS_MESSAGE_BYTES: Final = 4096
 # An import token and wrapped key material a caller sends to ImportKeyMaterial (an RSA-4096
 # wrapping key sealed is about 2,500 bytes; wrapped material at most 512 + a 4 KiB key wrap).
 MAX_IMPORT_BYTES: Final = 8192
+# Tags of one key (AWS KMS: 50), a tag key's and a tag value's characters (128, 256).
+MAX_TAGS_PER_KEY: Final = 50
+MAX_TAG_KEY_CHARS: Final = 128
+MAX_TAG_VALUE_CHARS: Final = 256
 # A grant's name (AWS KMS: 256 characters), and a page of ListGrants (AWS KMS: 100).
 MAX_GRANT_NAME_CHARS: Final = 256
 MAX_GRANT_PAGE: Final = 100

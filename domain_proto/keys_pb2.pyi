@@ -231,7 +231,14 @@ class RotationSettings(_message.Message):
     def __init__(self, enabled: _Optional[bool] = ..., period_days: _Optional[int] = ..., next_rotation_at: _Optional[int] = ...) -> None: ...
 
 class KeyMetadata(_message.Message):
-    __slots__ = ("key_id", "description", "state", "created_at", "deletion_at", "policy", "rotation", "current_backing_version", "creator", "metadata_version", "domain_id", "key_spec", "key_usage", "origin", "material_expires_at", "material_commitment", "grants")
+    __slots__ = ("key_id", "description", "state", "created_at", "deletion_at", "policy", "rotation", "current_backing_version", "creator", "metadata_version", "domain_id", "key_spec", "key_usage", "origin", "material_expires_at", "material_commitment", "grants", "tags")
+    class TagsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -249,6 +256,7 @@ class KeyMetadata(_message.Message):
     MATERIAL_EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     MATERIAL_COMMITMENT_FIELD_NUMBER: _ClassVar[int]
     GRANTS_FIELD_NUMBER: _ClassVar[int]
+    TAGS_FIELD_NUMBER: _ClassVar[int]
     key_id: str
     description: str
     state: KeyState
@@ -266,7 +274,8 @@ class KeyMetadata(_message.Message):
     material_expires_at: int
     material_commitment: bytes
     grants: _containers.RepeatedCompositeFieldContainer[KeyGrant]
-    def __init__(self, key_id: _Optional[str] = ..., description: _Optional[str] = ..., state: _Optional[_Union[KeyState, str]] = ..., created_at: _Optional[int] = ..., deletion_at: _Optional[int] = ..., policy: _Optional[_Union[KeyPolicy, _Mapping]] = ..., rotation: _Optional[_Union[RotationSettings, _Mapping]] = ..., current_backing_version: _Optional[int] = ..., creator: _Optional[str] = ..., metadata_version: _Optional[int] = ..., domain_id: _Optional[str] = ..., key_spec: _Optional[_Union[KeySpec, str]] = ..., key_usage: _Optional[_Union[KeyUsage, str]] = ..., origin: _Optional[_Union[KeyOrigin, str]] = ..., material_expires_at: _Optional[int] = ..., material_commitment: _Optional[bytes] = ..., grants: _Optional[_Iterable[_Union[KeyGrant, _Mapping]]] = ...) -> None: ...
+    tags: _containers.ScalarMap[str, str]
+    def __init__(self, key_id: _Optional[str] = ..., description: _Optional[str] = ..., state: _Optional[_Union[KeyState, str]] = ..., created_at: _Optional[int] = ..., deletion_at: _Optional[int] = ..., policy: _Optional[_Union[KeyPolicy, _Mapping]] = ..., rotation: _Optional[_Union[RotationSettings, _Mapping]] = ..., current_backing_version: _Optional[int] = ..., creator: _Optional[str] = ..., metadata_version: _Optional[int] = ..., domain_id: _Optional[str] = ..., key_spec: _Optional[_Union[KeySpec, str]] = ..., key_usage: _Optional[_Union[KeyUsage, str]] = ..., origin: _Optional[_Union[KeyOrigin, str]] = ..., material_expires_at: _Optional[int] = ..., material_commitment: _Optional[bytes] = ..., grants: _Optional[_Iterable[_Union[KeyGrant, _Mapping]]] = ..., tags: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class GrantToken(_message.Message):
     __slots__ = ("key_id", "metadata_version", "domain_key_generation", "salt", "nonce", "ciphertext")

@@ -28,7 +28,14 @@ PROPOSAL_STATE_STALE: ProposalState
 PROPOSAL_STATE_REJECTED: ProposalState
 
 class CreateKeyRequest(_message.Message):
-    __slots__ = ("description", "policy", "enable_rotation", "rotation_period_days", "idempotency_key", "key_spec", "key_usage", "origin")
+    __slots__ = ("description", "policy", "enable_rotation", "rotation_period_days", "idempotency_key", "key_spec", "key_usage", "origin", "tags")
+    class TagsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     ENABLE_ROTATION_FIELD_NUMBER: _ClassVar[int]
@@ -37,6 +44,7 @@ class CreateKeyRequest(_message.Message):
     KEY_SPEC_FIELD_NUMBER: _ClassVar[int]
     KEY_USAGE_FIELD_NUMBER: _ClassVar[int]
     ORIGIN_FIELD_NUMBER: _ClassVar[int]
+    TAGS_FIELD_NUMBER: _ClassVar[int]
     description: str
     policy: _keys_pb2.KeyPolicy
     enable_rotation: bool
@@ -45,7 +53,8 @@ class CreateKeyRequest(_message.Message):
     key_spec: _keys_pb2.KeySpec
     key_usage: _keys_pb2.KeyUsage
     origin: _keys_pb2.KeyOrigin
-    def __init__(self, description: _Optional[str] = ..., policy: _Optional[_Union[_keys_pb2.KeyPolicy, _Mapping]] = ..., enable_rotation: _Optional[bool] = ..., rotation_period_days: _Optional[int] = ..., idempotency_key: _Optional[str] = ..., key_spec: _Optional[_Union[_keys_pb2.KeySpec, str]] = ..., key_usage: _Optional[_Union[_keys_pb2.KeyUsage, str]] = ..., origin: _Optional[_Union[_keys_pb2.KeyOrigin, str]] = ...) -> None: ...
+    tags: _containers.ScalarMap[str, str]
+    def __init__(self, description: _Optional[str] = ..., policy: _Optional[_Union[_keys_pb2.KeyPolicy, _Mapping]] = ..., enable_rotation: _Optional[bool] = ..., rotation_period_days: _Optional[int] = ..., idempotency_key: _Optional[str] = ..., key_spec: _Optional[_Union[_keys_pb2.KeySpec, str]] = ..., key_usage: _Optional[_Union[_keys_pb2.KeyUsage, str]] = ..., origin: _Optional[_Union[_keys_pb2.KeyOrigin, str]] = ..., tags: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class KeyIdRequest(_message.Message):
     __slots__ = ("key_id", "grant_tokens")
@@ -460,6 +469,55 @@ class RevokeGrantRequest(_message.Message):
     key_id: str
     grant_id: str
     def __init__(self, key_id: _Optional[str] = ..., grant_id: _Optional[str] = ...) -> None: ...
+
+class TagResourceRequest(_message.Message):
+    __slots__ = ("key_id", "tags")
+    class TagsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    TAGS_FIELD_NUMBER: _ClassVar[int]
+    key_id: str
+    tags: _containers.ScalarMap[str, str]
+    def __init__(self, key_id: _Optional[str] = ..., tags: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class UntagResourceRequest(_message.Message):
+    __slots__ = ("key_id", "tag_keys")
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    TAG_KEYS_FIELD_NUMBER: _ClassVar[int]
+    key_id: str
+    tag_keys: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, key_id: _Optional[str] = ..., tag_keys: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Tag(_message.Message):
+    __slots__ = ("key", "value")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    value: str
+    def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+
+class ListResourceTagsRequest(_message.Message):
+    __slots__ = ("key_id", "limit", "page_token")
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    key_id: str
+    limit: int
+    page_token: str
+    def __init__(self, key_id: _Optional[str] = ..., limit: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListResourceTagsResponse(_message.Message):
+    __slots__ = ("tags", "next_page_token")
+    TAGS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    tags: _containers.RepeatedCompositeFieldContainer[Tag]
+    next_page_token: str
+    def __init__(self, tags: _Optional[_Iterable[_Union[Tag, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class GenerateRandomRequest(_message.Message):
     __slots__ = ("number_of_bytes",)

@@ -187,6 +187,21 @@ class KeyServiceStub:
                 request_serializer=hsmdomain_dot_v1_dot_services__pb2.RevokeGrantRequest.SerializeToString,
                 response_deserializer=hsmdomain_dot_v1_dot_services__pb2.KeyMetadataResponse.FromString,
                 _registered_method=True)
+        self.TagResource = channel.unary_unary(
+                '/hsmdomain.v1.KeyService/TagResource',
+                request_serializer=hsmdomain_dot_v1_dot_services__pb2.TagResourceRequest.SerializeToString,
+                response_deserializer=hsmdomain_dot_v1_dot_services__pb2.KeyMetadataResponse.FromString,
+                _registered_method=True)
+        self.UntagResource = channel.unary_unary(
+                '/hsmdomain.v1.KeyService/UntagResource',
+                request_serializer=hsmdomain_dot_v1_dot_services__pb2.UntagResourceRequest.SerializeToString,
+                response_deserializer=hsmdomain_dot_v1_dot_services__pb2.KeyMetadataResponse.FromString,
+                _registered_method=True)
+        self.ListResourceTags = channel.unary_unary(
+                '/hsmdomain.v1.KeyService/ListResourceTags',
+                request_serializer=hsmdomain_dot_v1_dot_services__pb2.ListResourceTagsRequest.SerializeToString,
+                response_deserializer=hsmdomain_dot_v1_dot_services__pb2.ListResourceTagsResponse.FromString,
+                _registered_method=True)
 
 
 class KeyServiceServicer:
@@ -373,6 +388,24 @@ class KeyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TagResource(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UntagResource(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListResourceTags(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KeyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -525,6 +558,21 @@ def add_KeyServiceServicer_to_server(servicer, server):
                     servicer.RevokeGrant,
                     request_deserializer=hsmdomain_dot_v1_dot_services__pb2.RevokeGrantRequest.FromString,
                     response_serializer=hsmdomain_dot_v1_dot_services__pb2.KeyMetadataResponse.SerializeToString,
+            ),
+            'TagResource': grpc.unary_unary_rpc_method_handler(
+                    servicer.TagResource,
+                    request_deserializer=hsmdomain_dot_v1_dot_services__pb2.TagResourceRequest.FromString,
+                    response_serializer=hsmdomain_dot_v1_dot_services__pb2.KeyMetadataResponse.SerializeToString,
+            ),
+            'UntagResource': grpc.unary_unary_rpc_method_handler(
+                    servicer.UntagResource,
+                    request_deserializer=hsmdomain_dot_v1_dot_services__pb2.UntagResourceRequest.FromString,
+                    response_serializer=hsmdomain_dot_v1_dot_services__pb2.KeyMetadataResponse.SerializeToString,
+            ),
+            'ListResourceTags': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListResourceTags,
+                    request_deserializer=hsmdomain_dot_v1_dot_services__pb2.ListResourceTagsRequest.FromString,
+                    response_serializer=hsmdomain_dot_v1_dot_services__pb2.ListResourceTagsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1337,6 +1385,87 @@ class KeyService:
             '/hsmdomain.v1.KeyService/RevokeGrant',
             hsmdomain_dot_v1_dot_services__pb2.RevokeGrantRequest.SerializeToString,
             hsmdomain_dot_v1_dot_services__pb2.KeyMetadataResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TagResource(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hsmdomain.v1.KeyService/TagResource',
+            hsmdomain_dot_v1_dot_services__pb2.TagResourceRequest.SerializeToString,
+            hsmdomain_dot_v1_dot_services__pb2.KeyMetadataResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UntagResource(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hsmdomain.v1.KeyService/UntagResource',
+            hsmdomain_dot_v1_dot_services__pb2.UntagResourceRequest.SerializeToString,
+            hsmdomain_dot_v1_dot_services__pb2.KeyMetadataResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListResourceTags(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hsmdomain.v1.KeyService/ListResourceTags',
+            hsmdomain_dot_v1_dot_services__pb2.ListResourceTagsRequest.SerializeToString,
+            hsmdomain_dot_v1_dot_services__pb2.ListResourceTagsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -49,7 +49,7 @@ from typing import Any, Final
 
 import grpc
 
-from domain_core import access, ciphertext, crypto, keylifecycle
+from domain_core import access, ciphertext, crypto, keylifecycle, keytags
 from domain_core.errors import (
     FailedPreconditionError,
     InvalidCiphertextError,
@@ -58,7 +58,7 @@ from domain_core.errors import (
     UnavailableError,
 )
 from domain_core.keylifecycle import iso_date, require_enabled
-from domain_core.limits import DEFAULT_LIMITS, MAX_LIST_KEYS_LIMIT, Limits
+from domain_core.limits import DEFAULT_LIMITS, MAX_LIST_KEYS_LIMIT, MAX_TAGS_PER_KEY, Limits
 from domain_edge.throttled_log import ThrottledLog
 from domain_proto import keys_pb2, services_pb2, services_pb2_grpc
 from hsa_node.grant_calls import GrantCalls
@@ -77,6 +77,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_DATA_KEY_BYTES: Final = 32
 DEFAULT_LIST_LIMIT: Final = 100
+DEFAULT_TAG_PAGE: Final = 50
 
 
 # --- the servicer --------------------------------------------------------------------------
@@ -409,6 +410,7 @@ class KeyServiceServicer(SpecCalls, ImportCalls, GrantCalls, services_pb2_grpc.K
                 key_spec=request.key_spec,
                 key_usage=request.key_usage,
                 origin=request.origin,
+                tags=dict(request.tags),
                 creator=call.principal,
                 domain_id=self._domain_id,
                 limits=self._limits,
@@ -456,6 +458,61 @@ class KeyServiceServicer(SpecCalls, ImportCalls, GrantCalls, services_pb2_grpc.K
             )
 
         return self._change("PutKeyPolicy", request.key_id, context, change)
+
+    def TagResource(
+        self, request: services_pb2.TagResourceRequest, context: grpc.ServicerContext
+    ) -> services_pb2.KeyMetadataResponse:
+        """Add tags to the key (or replace the values of tag keys it has)."""
+        tags = dict(request.tags)
+        return self._change(
+            "TagResource",
+            request.key_id,
+            context,
+            lambda metadata, keys, now: keytags.tag(metadata, tags),
+            lambda m: f"{len(tags)} tags given, {len(m.tags)} held",
+        )
+
+    def UntagResource(
+        self, request: services_pb2.UntagResourceRequest, context: grpc.ServicerContext
+    ) -> services_pb2.KeyMetadataResponse:
+        """Remove tags from the key by their keys."""
+        tag_keys = list(request.tag_keys)
+        return self._change(
+            "UntagResource",
+            request.key_id,
+            context,
+            lambda metadata, keys, now: keytags.untag(metadata, tag_keys),
+            lambda m: f"{len(m.tags)} tags held",
+        )
+
+    def ListResourceTags(
+        self, request: services_pb2.ListResourceTagsRequest, context: grpc.ServicerContext
+    ) -> services_pb2.ListResourceTagsResponse:
+        """One page of the key's tags, by tag key (the caller may describe the key)."""
+
+        def body(call: KeyCall) -> services_pb2.ListResourceTagsResponse:
+            key_id = self._key_id(call, request.key_id)
+            limit = request.limit or DEFAULT_TAG_PAGE
+            if limit > MAX_TAGS_PER_KEY:
+                raise InvalidInputError(f"limit {limit} is above the maximum of {MAX_TAGS_PER_KEY}")
+            entry = self._cache.get(key_id)
+            self._authorize(entry, call, keys_pb2.KEY_OPERATION_DESCRIBE, {})
+            names = sorted(entry.metadata.tags)
+            start = 0
+            if request.page_token:
+                if request.page_token not in entry.metadata.tags:
+                    raise InvalidInputError(
+                        "page_token is not a token ListResourceTags returned; start without one"
+                    )
+                start = names.index(request.page_token)
+            page = names[start : start + limit]
+            following = names[start + limit] if start + limit < len(names) else ""
+            return services_pb2.ListResourceTagsResponse(
+                tags=[services_pb2.Tag(key=n, value=entry.metadata.tags[n]) for n in page],
+                next_page_token=following,
+            )
+
+        return self._run("ListResourceTags", context, request, body)
 
     def EnableKey(
         self, request: services_pb2.KeyIdRequest, context: grpc.ServicerContext

@@ -82,6 +82,9 @@ QUOTA_CLASSES: Final[Mapping[str, QuotaClass]] = {
     "RetireGrant": ADMIN,
     "RevokeGrant": ADMIN,
     "ListGrants": LIST,
+    "TagResource": ADMIN,
+    "UntagResource": ADMIN,
+    "ListResourceTags": READ,
     "CreateKey": CREATE,
 }
 # How often the share is recomputed from the domain's size (hosts come and go rarely).

@@ -57,6 +57,7 @@ CONTEXT_OPTIONS: Final = (
     "destination_context",
     "constraint_equals",
     "constraint_subset",
+    "tag",
 )
 
 

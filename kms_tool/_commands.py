@@ -61,9 +61,12 @@ __all__ = [
     "generate_random",
     "key_admin",
     "list_keys",
+    "list_resource_tags",
     "put_key_policy",
     "re_encrypt",
     "schedule_key_deletion",
+    "tag_resource",
+    "untag_resource",
 ]
 
 Handler = Callable[[argparse.Namespace, KeyClient], int]
@@ -95,6 +98,7 @@ def create_key(args: argparse.Namespace, client: KeyClient) -> int:
         rotation_period_days=args.rotation_period_days,
         idempotency_key=args.idempotency_key,
         origin=args.origin,
+        tags=args.tag,
         key_spec=args.key_spec,
         key_usage=args.key_usage,
     )
@@ -129,6 +133,31 @@ def key_admin(method: str) -> Handler:
         return 0
 
     return run
+
+
+def tag_resource(args: argparse.Namespace, client: KeyClient) -> int:
+    """`tag-resource`: the key's metadata after tagging."""
+    if not args.tag:
+        raise UsageError("give at least one --tag KEY=VALUE")
+    print_metadata(client.tag_resource(args.key_id, args.tag), args.json)
+    return 0
+
+
+def untag_resource(args: argparse.Namespace, client: KeyClient) -> int:
+    """`untag-resource`: the key's metadata after removing the tags."""
+    print_metadata(client.untag_resource(args.key_id, args.tag_key), args.json)
+    return 0
+
+
+def list_resource_tags(args: argparse.Namespace, client: KeyClient) -> int:
+    """`list-resource-tags`: KEY=VALUE per line, or a JSON object."""
+    tags = client.list_resource_tags(args.key_id)
+    if args.json:
+        print_document(tags)
+    else:
+        for key in sorted(tags):
+            print(f"{key}={tags[key]}")
+    return 0
 
 
 def put_key_policy(args: argparse.Namespace, client: KeyClient) -> int:

@@ -222,6 +222,9 @@ def print_metadata(metadata: KeyMetadata, as_json: bool) -> None:
         )
     if metadata.message.grants:
         lines.append(f"key grants:      {len(metadata.message.grants)} (list-grants shows them)")
+    if metadata.tags:
+        tags = ", ".join(f"{key}={value}" for key, value in sorted(metadata.tags.items()))
+        lines.append(f"tags:            {escape(tags)}")
     print("\n".join(lines))
 
 

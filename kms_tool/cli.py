@@ -57,6 +57,7 @@ def _key_id(parser: argparse.ArgumentParser) -> None:
 
 def _create_key_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--description", default="", help="free text")
+    add_context(parser, "--tag", "the key's first tag")
     add_choice(parser, "--key-spec", KEY_SPECS, "key spec", "SYMMETRIC_DEFAULT")
     add_choice(parser, "--key-usage", KEY_USAGES, "key usage", "ENCRYPT_DECRYPT")
     add_choice(
@@ -150,6 +151,18 @@ def _generate_data_key_arguments(parser: argparse.ArgumentParser) -> None:
 def _generate_random_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bytes", type=positive, default=32, metavar="N", help="1 to 1024")
     parser.add_argument("--out", metavar="FILE", default=STDIO, help="('-': stdout, the default)")
+
+
+def _tag_resource_arguments(parser: argparse.ArgumentParser) -> None:
+    _key_id(parser)
+    add_context(parser, "--tag", "tag")
+
+
+def _untag_resource_arguments(parser: argparse.ArgumentParser) -> None:
+    _key_id(parser)
+    parser.add_argument(
+        "--tag-key", action="extend", nargs="+", required=True, metavar="KEY", help="tag keys"
+    )
 
 
 def _put_key_policy_arguments(parser: argparse.ArgumentParser) -> None:
@@ -385,6 +398,27 @@ COMMANDS: Final[tuple[Command, ...]] = (
     ),
     _key_admin(
         "rotate-key", "rotate_key", "add a backing key version (old ciphertexts keep working)"
+    ),
+    Command(
+        "tag-resource",
+        "add tags to a key (or replace the values of tag keys it has)",
+        commands.tag_resource,
+        "hsm-kms tag-resource $KEY --tag team=payments env=prod",
+        arguments=_tag_resource_arguments,
+    ),
+    Command(
+        "untag-resource",
+        "remove tags from a key",
+        commands.untag_resource,
+        "hsm-kms untag-resource $KEY --tag-key env",
+        arguments=_untag_resource_arguments,
+    ),
+    Command(
+        "list-resource-tags",
+        "a key's tags: one KEY=VALUE per line",
+        commands.list_resource_tags,
+        "hsm-kms list-resource-tags $KEY --json",
+        arguments=_key_id,
     ),
     _key_admin("enable-key", "enable_key", "enable a disabled key"),
     _key_admin("disable-key", "disable_key", "disable a key: every cryptographic call is refused"),

@@ -155,6 +155,7 @@ class AsyncKeyClient(ClientCore):
         key_spec: str = "SYMMETRIC_DEFAULT",
         key_usage: str = "ENCRYPT_DECRYPT",
         origin: str = "DOMAIN",
+        tags: Mapping[str, str] | None = None,
     ) -> KeyMetadata:
         """Create a customer key, always with an idempotency key (`KeyClient.create_key`)."""
         return await self._run(
@@ -167,6 +168,7 @@ class AsyncKeyClient(ClientCore):
                 key_spec,
                 key_usage,
                 origin,
+                tags,
             )
         )
 
@@ -434,3 +436,23 @@ class AsyncKeyClient(ClientCore):
         """Remove a grant as a principal that may revoke the key's grants. Not retried once
         sent."""
         return await self._run(calls.revoke_grant(key_id, grant_id))
+
+    # --- tags ----------------------------------------------------------------------------
+
+    async def tag_resource(self, key_id: str, tags: Mapping[str, str]) -> KeyMetadata:
+        """Add tags to a key (replacing values of tag keys it has). Not retried once sent."""
+        return await self._run(calls.tag_resource(key_id, tags))
+
+    async def untag_resource(self, key_id: str, tag_keys: Sequence[str]) -> KeyMetadata:
+        """Remove a key's tags by their keys. Not retried once sent."""
+        return await self._run(calls.untag_resource(key_id, tag_keys))
+
+    async def list_resource_tags(self, key_id: str) -> dict[str, str]:
+        """Every tag of a key, following the pages."""
+        tags: dict[str, str] = {}
+        token = ""
+        while True:
+            page, token = await self._run(calls.list_resource_tags_page(key_id, token))
+            tags.update(page)
+            if not token:
+                return tags

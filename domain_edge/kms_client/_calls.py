@@ -90,6 +90,7 @@ def create_key(
     key_spec: str = "SYMMETRIC_DEFAULT",
     key_usage: str = "ENCRYPT_DECRYPT",
     origin: str = "DOMAIN",
+    tags: Mapping[str, str] | None = None,
 ) -> Call[KeyMetadata]:
     """CreateKey, always with an idempotency key (the given one or a fresh UUID)."""
     request = services_pb2.CreateKeyRequest(
@@ -101,6 +102,7 @@ def create_key(
         key_spec=_enum(keyspecs.spec_from_name(key_spec)),
         key_usage=_enum(keyspecs.usage_from_name(key_usage)),
         origin=_enum(_origin(origin)),
+        tags=dict(tags or {}),
     )
     return Call("CreateKey", request, _metadata)
 
@@ -553,3 +555,25 @@ def retire_grant(key_id: str, grant_id: str, grant_token: bytes) -> Call[KeyMeta
 def revoke_grant(key_id: str, grant_id: str) -> Call[KeyMetadata]:
     request = services_pb2.RevokeGrantRequest(key_id=key_id, grant_id=grant_id)
     return Call("RevokeGrant", request, _metadata)
+
+
+def tag_resource(key_id: str, tags: Mapping[str, str]) -> Call[KeyMetadata]:
+    request = services_pb2.TagResourceRequest(key_id=key_id, tags=dict(tags))
+    return Call("TagResource", request, _metadata)
+
+
+def untag_resource(key_id: str, tag_keys: Sequence[str]) -> Call[KeyMetadata]:
+    request = services_pb2.UntagResourceRequest(key_id=key_id, tag_keys=list(tag_keys))
+    return Call("UntagResource", request, _metadata)
+
+
+def list_resource_tags_page(key_id: str, token: str) -> Call[tuple[dict[str, str], str]]:
+    """One page of ListResourceTags: (its tags, the next page's token, "" after the last)."""
+
+    def shape(response: services_pb2.ListResourceTagsResponse) -> tuple[dict[str, str], str]:
+        if response.next_page_token and response.next_page_token == token:
+            raise HsmDomainError("the key service returned the same page token twice")
+        return {t.key: t.value for t in response.tags}, response.next_page_token
+
+    request = services_pb2.ListResourceTagsRequest(key_id=key_id, page_token=token)
+    return Call("ListResourceTags", request, shape)

@@ -172,6 +172,7 @@ class KeyClient(ClientCore):
         key_spec: str = "SYMMETRIC_DEFAULT",
         key_usage: str = "ENCRYPT_DECRYPT",
         origin: str = "DOMAIN",
+        tags: Mapping[str, str] | None = None,
     ) -> KeyMetadata:
         """Create a customer key. Without a policy the caller gets every operation on it.
 
@@ -190,6 +191,7 @@ class KeyClient(ClientCore):
                 key_spec,
                 key_usage,
                 origin,
+                tags,
             )
         )
 
@@ -452,3 +454,23 @@ class KeyClient(ClientCore):
         """Remove a grant as a principal that may revoke the key's grants. Not retried once
         sent."""
         return self._run(calls.revoke_grant(key_id, grant_id))
+
+    # --- tags ----------------------------------------------------------------------------
+
+    def tag_resource(self, key_id: str, tags: Mapping[str, str]) -> KeyMetadata:
+        """Add tags to a key (replacing values of tag keys it has). Not retried once sent."""
+        return self._run(calls.tag_resource(key_id, tags))
+
+    def untag_resource(self, key_id: str, tag_keys: Sequence[str]) -> KeyMetadata:
+        """Remove a key's tags by their keys. Not retried once sent."""
+        return self._run(calls.untag_resource(key_id, tag_keys))
+
+    def list_resource_tags(self, key_id: str) -> dict[str, str]:
+        """Every tag of a key, following the pages."""
+        tags: dict[str, str] = {}
+        token = ""
+        while True:
+            page, token = self._run(calls.list_resource_tags_page(key_id, token))
+            tags.update(page)
+            if not token:
+                return tags

@@ -238,6 +238,8 @@ class KeyMetadata:
     """"DOMAIN" (material made by an HSA) or "EXTERNAL" (imported)."""
     material_expires_at: int
     """Imported material: when the domain deletes it (0: never)."""
+    tags: Mapping[str, str]
+    """The key's tags (TagResource)."""
     message: keys_pb2.KeyMetadata = field(repr=False, compare=False)
     """The message as received."""
 
@@ -266,6 +268,7 @@ class KeyMetadata:
             key_usage=_enum_name(keys_pb2.KeyUsage, message.key_usage, "KEY_USAGE_"),
             origin=_enum_name(keys_pb2.KeyOrigin, message.origin, "KEY_ORIGIN_"),
             material_expires_at=message.material_expires_at,
+            tags=dict(message.tags),
             message=message,
         )
 
@@ -291,4 +294,5 @@ class KeyMetadata:
             "key_usage": self.key_usage,
             "origin": self.origin,
             "material_expires_at": self.material_expires_at,
+            "tags": dict(self.tags),
         }

@@ -34,6 +34,7 @@ IDEMPOTENT_METHODS: Final = frozenset(
         "GenerateDataKeyPairWithoutPlaintext",
         "GetParametersForImport",
         "ListGrants",
+        "ListResourceTags",
     }
 )
 # Calls that change something but carry an idempotency key (`KeyClient.create_key` always
@@ -53,6 +54,8 @@ ADMIN_METHODS: Final = frozenset(
         "CreateGrant",
         "RetireGrant",
         "RevokeGrant",
+        "TagResource",
+        "UntagResource",
     }
 )
 DEFAULT_ATTEMPTS: Final = 4

@@ -218,3 +218,38 @@ def test_key_policy_conditions_on_the_encryption_context(clients: dict[str, KeyC
                 ]
             },
         )
+
+
+def test_tags_through_both_hsas(clients: dict[str, KeyClient]) -> None:
+    """Tags at creation, added, replaced and removed (as AWS KMS's TagResource and
+    UntagResource), listed through the other HSA; reserved and oversized tags are refused,
+    and bob, who may not administer the key, may not tag it."""
+    app, other = clients["app-1"], clients["app-2"]
+    key = app.create_key(tags={"team": "payments", "env": "prod"})
+    assert key.tags == {"team": "payments", "env": "prod"}
+    app.tag_resource(key.key_id, {"env": "staging", "owner": "ops"})
+    assert _eventually(
+        lambda: _same(
+            other.list_resource_tags(key.key_id),
+            {"team": "payments", "env": "staging", "owner": "ops"},
+        )
+    )
+    untagged = app.untag_resource(key.key_id, ["owner", "not-there"])
+    assert untagged.tags == {"team": "payments", "env": "staging"}
+    unchanged = app.untag_resource(key.key_id, ["not-there"])
+    assert unchanged.metadata_version == untagged.metadata_version  # nothing changed
+    with pytest.raises(InvalidInputError, match="reserved"):
+        app.tag_resource(key.key_id, {"aws:owner": "x"})
+    with pytest.raises(InvalidInputError, match="128"):
+        app.tag_resource(key.key_id, {"k" * 129: "x"})
+    with pytest.raises(InvalidInputError, match="at most 50"):
+        app.tag_resource(key.key_id, {f"t{n}": "v" for n in range(49)})
+    with pytest.raises(PermissionDeniedError):
+        clients["bob-1"].tag_resource(key.key_id, {"by": "bob"})
+    many = app.create_key(tags={f"t{n:02d}": str(n) for n in range(50)})
+    assert app.list_resource_tags(many.key_id) == {f"t{n:02d}": str(n) for n in range(50)}
+
+
+def _same(found: dict[str, str], expected: dict[str, str]) -> bool:
+    assert found == expected
+    return True

@@ -217,7 +217,7 @@ def _command_names() -> list[str]:
 
 def test_every_help_exits_0_with_an_example() -> None:
     names = _command_names()
-    assert len(names) == 28
+    assert len(names) == 31
     commands = [[], *([c] for c in names)]
     # Independent processes: run a few at a time.
     with ThreadPoolExecutor(max_workers=4) as pool:

@@ -306,3 +306,23 @@ def test_import_key_material_from_a_file(domain: LocalCluster, tmp_path: Path) -
     assert "same material" in err
     _ok(_run(["import-key-material", key_id, "--material", str(material)], domain))
     assert _ok(_run([*mac_args, "--in", str(tmp_path / "msg"), "--out", "-"], domain)) == mac
+
+
+def test_tags_from_the_command_line(domain: LocalCluster) -> None:
+    created = json.loads(_ok(_run(["create-key", "--tag", "team=payments", "--json"], domain)))
+    key_id = created["key_id"]
+    assert created["tags"] == {"team": "payments"}
+    _ok(_run(["tag-resource", key_id, "--tag", "env=prod", "owner=ops"], domain))
+    listed = json.loads(_ok(_run(["list-resource-tags", key_id, "--json"], domain)))
+    assert listed == {"team": "payments", "env": "prod", "owner": "ops"}
+    _ok(_run(["untag-resource", key_id, "--tag-key", "owner"], domain))
+    text = _ok(_run(["list-resource-tags", key_id], domain)).decode()
+    assert text.splitlines() == ["env=prod", "team=payments"]
+    assert (
+        "tags:            env=prod, team=payments"
+        in _ok(_run(["describe-key", key_id], domain)).decode()
+    )
+    assert "reserved" in _one_line_failure(
+        _run(["tag-resource", key_id, "--tag", "aws:x=1"], domain)
+    )
+    _usage_error(_run(["tag-resource", key_id], domain))

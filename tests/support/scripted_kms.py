@@ -226,6 +226,12 @@ class ScriptedKeyService(services_pb2_grpc.KeyServiceServicer):
     def RevokeGrant(self, request: Any, context: grpc.ServicerContext) -> Any:
         return self._admin("RevokeGrant", request, context)
 
+    def TagResource(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return self._admin("TagResource", request, context)
+
+    def UntagResource(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return self._admin("UntagResource", request, context)
+
 
 def _pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(

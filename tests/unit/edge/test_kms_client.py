@@ -311,6 +311,9 @@ COMMANDS = [
     "generate-data-key-pair",
     "import-key-material",
     "delete-imported-key-material",
+    "tag-resource",
+    "untag-resource",
+    "list-resource-tags",
     "rotate-key",
     "enable-key",
     "disable-key",
@@ -587,6 +590,8 @@ def _import_calls(client: KeyClient, key_id: str) -> dict[str, Callable[[], Any]
         "CreateGrant": lambda: client.create_grant(key_id, "spiffe://local/client/x", ["encrypt"]),
         "RetireGrant": lambda: client.retire_grant(key_id, "ab" * 32),
         "RevokeGrant": lambda: client.revoke_grant(key_id, "ab" * 32),
+        "TagResource": lambda: client.tag_resource(key_id, {"team": "payments"}),
+        "UntagResource": lambda: client.untag_resource(key_id, ["team"]),
     }
 
 
