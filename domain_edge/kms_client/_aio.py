@@ -41,7 +41,7 @@ from domain_edge.kms_client._core import (
 )
 from domain_edge.kms_client._policies import Grant, KeyMetadata
 from domain_edge.kms_client._retry import DEFAULT_ATTEMPTS
-from domain_edge.kms_client._session import SESSION_FIELDS, SessionCallError
+from domain_edge.kms_client._session import SESSION_FIELDS, SessionCallError, StreamBrokenError
 from domain_edge.transport import ANY_HSA, secure_aio_channel
 from domain_proto import keys_pb2
 
@@ -135,6 +135,8 @@ class AsyncKeyClient(ClientCore):
         if method in SESSION_FIELDS and endpoint.session_usable():
             try:
                 return await endpoint.session.call(method, request, timeout)
+            except StreamBrokenError:
+                pass  # broken in this client before an answer: sent again unary, below
             except SessionCallError:
                 raise  # the call's own answer, or its session ended: as a unary call's
             except grpc.RpcError as error:  # the stream was refused

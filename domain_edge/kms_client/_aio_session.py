@@ -26,6 +26,7 @@ import grpc
 from domain_edge.kms_client._session import (
     _MAX_CALLS_PER_MESSAGE,
     SessionCallError,
+    StreamBrokenError,
     no_answer,
     session_ended,
     session_request,
@@ -79,8 +80,8 @@ class _AioStream:
             # gRPC's core fails a stream whose write met a call the server had already ended
             # (e.g. UNIMPLEMENTED from an HSA without sessions) with INTERNAL "Internal error
             # from Core" instead of the server's status: that is this stream breaking, not the
-            # server's answer, so the calls get "the session ended" (and are sent again).
-            error = session_ended() if _broken_by_core(failure) else failure
+            # server's answer, so the calls are sent again unary (`StreamBrokenError`).
+            error = StreamBrokenError() if _broken_by_core(failure) else failure
         finally:  # (a cancelled reader ends the stream too, and stays cancelled)
             self.end(error)
 

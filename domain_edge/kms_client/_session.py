@@ -134,6 +134,17 @@ def session_ended() -> SessionCallError:
     )
 
 
+class StreamBrokenError(SessionCallError):
+    """A session stream that gRPC's core in this client broke (a write met a call the server
+    had already ended) before the server answered on it: the call is sent again unary, in the
+    same attempt (every call a session carries is idempotent)."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            grpc.StatusCode.UNAVAILABLE, "the key-service session broke in this client"
+        )
+
+
 class _Waiting:
     """One call waiting for its answer."""
 

@@ -18,8 +18,10 @@ from typing import Any
 import grpc
 import pytest
 
+from domain_edge.kms_client import AsyncKeyClient
 from domain_edge.kms_client._aio_session import AsyncKeySession
-from domain_edge.kms_client._session import KeySession, SessionCallError
+from domain_edge.kms_client._core import Endpoint
+from domain_edge.kms_client._session import KeySession, SessionCallError, StreamBrokenError
 from domain_edge.transport import nothing_applied
 from domain_proto import services_pb2, services_pb2_grpc
 
@@ -239,9 +241,9 @@ class _CoreBrokenStub:
         return _CoreBrokenCall()
 
 
-def test_a_stream_broken_in_the_clients_core_reads_as_the_session_ended() -> None:
-    """Not as the server's INTERNAL, which no client may send again: the calls get
-    UNAVAILABLE "the key-service session ended" and are sent again by the retry rules."""
+def test_a_stream_broken_in_the_clients_core_is_not_the_servers_answer() -> None:
+    """Not the server's INTERNAL, which no client may send again: the calls get
+    `StreamBrokenError` (UNAVAILABLE), which `AsyncKeyClient` sends again unary at once."""
 
     async def run() -> grpc.RpcError:
         session = AsyncKeySession.__new__(AsyncKeySession)
@@ -259,5 +261,29 @@ def test_a_stream_broken_in_the_clients_core_reads_as_the_session_ended() -> Non
         raise AssertionError("the call did not fail")
 
     error = asyncio.run(run())
-    assert error.code() is grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
-    assert "session ended" in error.details()  # type: ignore[attr-defined]
+    assert isinstance(error, StreamBrokenError)
+    assert error.code() is grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_call_whose_session_broke_in_the_client_is_sent_again_unary_at_once() -> None:
+    """`AsyncKeyClient._send`: a `StreamBrokenError` from the session is not the attempt's
+    outcome; the same attempt goes unary (no attempt of the call's budget is spent)."""
+
+    class BrokenSession:
+        async def call(self, method: str, request: Any, timeout: float) -> Any:
+            raise StreamBrokenError()
+
+    class Stub:
+        def __init__(self) -> None:
+            self.calls = 0
+
+        async def Encrypt(self, request: Any, timeout: float) -> Any:
+            self.calls += 1
+            return services_pb2.EncryptResponse(key_id=request.key_id)
+
+    stub = Stub()
+    endpoint = Endpoint("127.0.0.1:1", channel=None, stub=stub, session=BrokenSession())
+    client = AsyncKeyClient.__new__(AsyncKeyClient)
+    request = services_pb2.EncryptRequest(key_id="k", plaintext=b"x")
+    answer = asyncio.run(client._send(endpoint, "Encrypt", request, 1.0))
+    assert (answer.key_id, stub.calls) == ("k", 1)
