@@ -33,6 +33,7 @@ directory removed whatever happens (Ctrl-C and SIGTERM included); the key is a t
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
@@ -59,6 +60,7 @@ from bench._cluster import FAST_SCRYPT_N, BenchDomain
 from bench._load import LoadResult, aio_mtls_channel, run_tasks
 from bench._proc import CpuMeter
 from bench._stats import median, percentile
+from domain_core.limits import DEFAULT_LIMITS
 from domain_edge.transport import CertificatePeerContext
 from domain_proto import keys_pb2, services_pb2, services_pb2_grpc
 
@@ -314,7 +316,14 @@ def measure_in_process(calls: int, *, cprofile: bool = False) -> dict[str, Any]:
                 signer=RecordSigner(node.domain_id, node.host_id, node.identity.signer),
                 ttl=1e9,
             )
-            servicer = KeyServiceServicer(node=node, cache=cache, audit=audit)
+            # Quotas too large to run out: a loop of calls from one principal is far over
+            # the default 10,000/s, and a refusal would measure the refusal instead.
+            unlimited = dataclasses.replace(
+                DEFAULT_LIMITS,
+                crypto_requests_per_second=1e12,
+                crypto_request_burst=10**12,
+            )
+            servicer = KeyServiceServicer(node=node, cache=cache, audit=audit, limits=unlimited)
             context: Any = CertificatePeerContext(runner.client_tls(layout).cert_pem)
             created = servicer.CreateKey(services_pb2.CreateKeyRequest(), context)
             encrypt = services_pb2.EncryptRequest(
